@@ -1,0 +1,127 @@
+//! The attention-backend audit: which kernel computes each branch, for the run log.
+use nsa_sys::SdpaBackend;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::layer::{AttnPath, NsaAttention};
+
+/// The kernel that computes one branch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BranchKernel {
+    /// Explicit mask + softmax over the full score matrix (reference path, libtorch ops).
+    ReferenceMasked,
+    /// `nsa_sys::autograd::span_attention`: chunked over queries, contiguous key span per chunk,
+    /// backward recomputes probabilities from the saved log-sum-exp.
+    ChunkedSpan,
+    /// `nsa_sys::autograd::block_attention`: chunked over queries, per-query gather of the
+    /// selected blocks, backward recomputes probabilities from the saved log-sum-exp.
+    ChunkedBlockGather,
+}
+
+impl std::fmt::Display for BranchKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BranchKernel::ReferenceMasked => "reference masked softmax (libtorch ops)",
+            BranchKernel::ChunkedSpan => "chunked span attention, recompute backward (nsa-sys)",
+            BranchKernel::ChunkedBlockGather => {
+                "chunked block-gather attention, recompute backward (nsa-sys)"
+            }
+        })
+    }
+}
+
+/// Which kernel ran for each branch on a given path, device and dtype; recorded once per run.
+///
+/// None of the NSA branches calls `scaled_dot_product_attention` (no SDPA backend takes
+/// per-query key sets without an O(S²) mask); `dense_sdpa` records what SDPA picks for dense
+/// causal attention of the same shape (the baseline NSA is measured against).
+#[derive(Debug, Clone, Serialize)]
+pub struct AttnAudit {
+    /// `"reference"` or `"lean"`.
+    pub path: &'static str,
+    /// Device, e.g. `cuda:0`.
+    pub device: String,
+    /// Element type, e.g. `bfloat16`.
+    pub dtype: String,
+    /// Compressed-branch kernel.
+    pub compressed: BranchKernel,
+    /// Selected-branch kernel.
+    pub selected: BranchKernel,
+    /// Sliding-window kernel.
+    pub window: BranchKernel,
+    /// SDPA's backend for dense causal attention with this layer's H, Hkv, dk, dv
+    /// (`enable_gqa` when Hkv < H).
+    pub dense_sdpa: SdpaBackend,
+}
+
+impl std::fmt::Display for AttnAudit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "nsa-attn {} path on {} {}: cmp = {}; slc = {}; win = {}; dense SDPA baseline = {}",
+            self.path,
+            self.device,
+            self.dtype,
+            self.compressed,
+            self.selected,
+            self.window,
+            self.dense_sdpa
+        )
+    }
+}
+
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+fn kind_name(kind: Kind) -> String {
+    match kind {
+        Kind::BFloat16 => "bfloat16".into(),
+        Kind::Half => "float16".into(),
+        Kind::Float => "float32".into(),
+        Kind::Double => "float64".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+impl NsaAttention {
+    /// The kernels `path` uses for each branch, and SDPA's choice for the dense baseline of
+    /// this shape on `device` in `kind` (probed with a 256-token input).
+    pub fn audit(&self, path: AttnPath, device: Device, kind: Kind) -> AttnAudit {
+        let c = self.config();
+        let (compressed, selected, window, name) = match path {
+            AttnPath::Reference => (
+                BranchKernel::ReferenceMasked,
+                BranchKernel::ReferenceMasked,
+                BranchKernel::ReferenceMasked,
+                "reference",
+            ),
+            AttnPath::Lean(_) => (
+                BranchKernel::ChunkedSpan,
+                BranchKernel::ChunkedBlockGather,
+                BranchKernel::ChunkedSpan,
+                "lean",
+            ),
+        };
+        let dense_sdpa = tch::no_grad(|| {
+            let s = 256;
+            let q = Tensor::zeros([1, c.heads, s, c.head_dim_k], (kind, device));
+            let k = Tensor::zeros([1, c.kv_heads, s, c.head_dim_k], (kind, device));
+            let v = Tensor::zeros([1, c.kv_heads, s, c.head_dim_v], (kind, device));
+            SdpaBackend::choice(&q, &k, &v, true)
+        });
+        AttnAudit {
+            path: name,
+            device: device_name(device),
+            dtype: kind_name(kind),
+            compressed,
+            selected,
+            window,
+            dense_sdpa,
+        }
+    }
+}

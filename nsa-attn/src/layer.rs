@@ -1,0 +1,597 @@
+//! [`NsaAttention`]: parameters, projections, RoPE, compression φ, gates and the forward pass.
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use crate::config::{AttnError, NsaConfig, Phi};
+use crate::{lean, reference, selection};
+
+/// One of NSA's three attention branches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Branch {
+    /// Attention over compressed block tokens.
+    Compressed,
+    /// Attention over the top-n selected blocks of raw tokens.
+    Selected,
+    /// Attention over the last `w` tokens.
+    Window,
+}
+
+impl Branch {
+    /// All branches in gate order: `[Compressed, Selected, Window]`.
+    pub const ALL: [Branch; 3] = [Branch::Compressed, Branch::Selected, Branch::Window];
+
+    /// The branch's index in the gate tensor's last axis.
+    pub fn gate_index(self) -> i64 {
+        match self {
+            Branch::Compressed => 0,
+            Branch::Selected => 1,
+            Branch::Window => 2,
+        }
+    }
+}
+
+/// How the branch outputs are mixed.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum GateOverride {
+    /// The learned gates `sigmoid(MLP(x))` (training and inference).
+    #[default]
+    Learned,
+    /// Gate 1 on one branch and 0 on the others (tests, ablations).
+    Only(Branch),
+    /// Constant gates `[cmp, slc, win]` for every token and head.
+    Fixed([f64; 3]),
+}
+
+/// Which implementation computes the three branches. Both compute the same function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnPath {
+    /// Explicit masks and softmax over full `[S, S]` score matrices: obviously correct, O(S²)
+    /// memory. For tests and short sequences.
+    #[default]
+    Reference,
+    /// Chunked attention through the custom autograd functions of `nsa_sys::autograd`: never
+    /// allocates O(S²); for long sequences and training.
+    Lean(LeanOpts),
+}
+
+/// Chunk sizes of the lean path (queries per chunk). They trade temporary memory for launch
+/// count and never change results beyond float rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeanOpts {
+    /// Queries per chunk for the compressed branch, the selected branch and the chunked
+    /// selection scores.
+    pub query_chunk: i64,
+    /// Queries per chunk for the sliding window (each chunk reads `window_chunk + w − 1` keys).
+    pub window_chunk: i64,
+}
+
+impl Default for LeanOpts {
+    fn default() -> Self {
+        Self {
+            query_chunk: 256,
+            window_chunk: 512,
+        }
+    }
+}
+
+/// Options of one forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ForwardOpts {
+    /// Reference or lean implementation.
+    pub path: AttnPath,
+    /// Learned or forced gates.
+    pub gates: GateOverride,
+}
+
+/// The per-branch results of a forward pass (for tests and inspection).
+#[derive(Debug)]
+pub struct BranchOutputs {
+    /// Compressed branch, `[B, S, H, dv]`, before gating.
+    pub compressed: Tensor,
+    /// Selected branch, `[B, S, H, dv]`, before gating.
+    pub selected: Tensor,
+    /// Sliding-window branch, `[B, S, H, dv]`, before gating.
+    pub window: Tensor,
+    /// Gates as applied, `[B, S, H, 3]` in [`Branch::ALL`] order.
+    pub gates: Tensor,
+    /// Selected blocks, int64 `[B, S, Hkv, n]`, sorted, `−1` padded (no gradient).
+    pub blocks: Tensor,
+    /// The layer output `W_o(Σ_c g_c · o_c)`, `[B, S, dim]`.
+    pub output: Tensor,
+}
+
+/// The queries, keys and values of every branch for one input (after RoPE and compression).
+#[derive(Debug)]
+pub struct Projections {
+    /// Queries with RoPE, `[B, S, H, dk]`.
+    pub q: Tensor,
+    /// Compressed keys `[B, Nc, Hkv, dk]` (φ of RoPE'd raw keys), `Nc = (S − l)/d + 1` or 0.
+    pub cmp_k: Tensor,
+    /// Compressed values `[B, Nc, Hkv, dv]`.
+    pub cmp_v: Tensor,
+    /// Selected-branch keys with RoPE, `[B, S, Hkv, dk]`.
+    pub slc_k: Tensor,
+    /// Selected-branch values `[B, S, Hkv, dv]`.
+    pub slc_v: Tensor,
+    /// Window keys with RoPE, `[B, S, Hkv, dk]`.
+    pub win_k: Tensor,
+    /// Window values `[B, S, Hkv, dv]`.
+    pub win_v: Tensor,
+}
+
+/// φ applied to one of keys or values.
+#[derive(Debug)]
+enum PhiMap {
+    Mean,
+    Linear(nn::Linear),
+    Mlp(nn::Linear, nn::Linear),
+}
+
+impl PhiMap {
+    /// `output_bias`: whether the last linear map has a bias. Keys get none: a bias shifts every
+    /// compressed key by the same vector, which adds the same `q·b` to all scores of a row and
+    /// cancels in the softmax (its gradient is identically zero).
+    fn new(vs: &nn::Path<'_>, phi: Phi, block_len: i64, width: i64, output_bias: bool) -> Self {
+        let last = nn::LinearConfig {
+            bias: output_bias,
+            ..Default::default()
+        };
+        match phi {
+            Phi::Mean => PhiMap::Mean,
+            Phi::Linear => PhiMap::Linear(nn::linear(vs, block_len * width, width, last)),
+            Phi::Mlp { hidden } => PhiMap::Mlp(
+                nn::linear(vs / "w1", block_len * width, hidden, Default::default()),
+                nn::linear(vs / "w2", hidden, width, last),
+            ),
+        }
+    }
+
+    /// `blocks` `[B, Nc, l, G, d]` → `[B, Nc, G, d]`.
+    fn apply(&self, blocks: &Tensor) -> Tensor {
+        let flat = || {
+            let s = blocks.size();
+            blocks
+                .permute([0, 1, 3, 2, 4])
+                .reshape([s[0], s[1], s[3], s[2] * s[4]])
+        };
+        match self {
+            PhiMap::Mean => blocks.mean_dim(2, false, None),
+            PhiMap::Linear(w) => w.forward(&flat()),
+            PhiMap::Mlp(w1, w2) => w2.forward(&w1.forward(&flat()).gelu("none")),
+        }
+    }
+}
+
+/// One K/V projection pair.
+#[derive(Debug)]
+struct KvProj {
+    wk: nn::Linear,
+    wv: nn::Linear,
+}
+
+impl KvProj {
+    fn new(vs: &nn::Path<'_>, cfg: &NsaConfig) -> Self {
+        let no_bias = nn::LinearConfig {
+            bias: false,
+            ..Default::default()
+        };
+        Self {
+            wk: nn::linear(vs / "wk", cfg.dim, cfg.kv_heads * cfg.head_dim_k, no_bias),
+            wv: nn::linear(vs / "wv", cfg.dim, cfg.kv_heads * cfg.head_dim_v, no_bias),
+        }
+    }
+}
+
+/// Native Sparse Attention layer: `[B, S, dim] → [B, S, dim]`.
+///
+/// Parameters (under the `nn::Path` given to [`NsaAttention::new`]): `wq.weight`,
+/// `{cmp,slc,win}.{wk,wv}.weight` (or `kv.{wk,wv}.weight` with `shared_kv`), `cmp.pos_v`
+/// and, with the MLP φ, `cmp.pos_k` (intra-block position embeddings `[l, Hkv, d]`), `cmp.phi_k.*`, `cmp.phi_v.*`
+/// (φ's weights for the linear and MLP variants), `gate.w1.*`, `gate.w2.*`, `wo.weight`.
+#[derive(Debug)]
+pub struct NsaAttention {
+    cfg: NsaConfig,
+    wq: nn::Linear,
+    /// `[cmp, slc, win]`, or one shared pair.
+    kv: Vec<KvProj>,
+    /// Key-side position embedding; only with the MLP φ (see [`Phi`]).
+    pos_k: Option<Tensor>,
+    pos_v: Tensor,
+    phi_k: PhiMap,
+    phi_v: PhiMap,
+    gate_w1: nn::Linear,
+    gate_w2: nn::Linear,
+    wo: nn::Linear,
+}
+
+impl NsaAttention {
+    /// Creates the layer's parameters under `vs` (e.g. `vs.root() / "attn"`).
+    pub fn new(vs: &nn::Path<'_>, cfg: NsaConfig) -> Result<Self, AttnError> {
+        cfg.validate()?;
+        let no_bias = nn::LinearConfig {
+            bias: false,
+            ..Default::default()
+        };
+        let kv = if cfg.shared_kv {
+            vec![KvProj::new(&(vs / "kv"), &cfg)]
+        } else {
+            ["cmp", "slc", "win"]
+                .iter()
+                .map(|b| KvProj::new(&(vs / *b), &cfg))
+                .collect()
+        };
+        let cmp = vs / "cmp";
+        let pos_init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let (l, g) = (cfg.block_len, cfg.kv_heads);
+        Ok(Self {
+            wq: nn::linear(vs / "wq", cfg.dim, cfg.heads * cfg.head_dim_k, no_bias),
+            kv,
+            // With mean or linear φ a key-side embedding would only shift all compressed keys
+            // alike, which cancels in the softmax: it is created for the MLP φ only.
+            pos_k: matches!(cfg.phi, Phi::Mlp { .. })
+                .then(|| cmp.var("pos_k", &[l, g, cfg.head_dim_k], pos_init)),
+            pos_v: cmp.var("pos_v", &[l, g, cfg.head_dim_v], pos_init),
+            phi_k: PhiMap::new(&(&cmp / "phi_k"), cfg.phi, l, cfg.head_dim_k, false),
+            phi_v: PhiMap::new(&(&cmp / "phi_v"), cfg.phi, l, cfg.head_dim_v, true),
+            gate_w1: nn::linear(
+                vs / "gate" / "w1",
+                cfg.dim,
+                cfg.gate_hidden,
+                Default::default(),
+            ),
+            gate_w2: nn::linear(
+                vs / "gate" / "w2",
+                cfg.gate_hidden,
+                3 * cfg.heads,
+                Default::default(),
+            ),
+            wo: nn::linear(vs / "wo", cfg.heads * cfg.head_dim_v, cfg.dim, no_bias),
+            cfg,
+        })
+    }
+
+    /// The layer's configuration.
+    pub fn config(&self) -> &NsaConfig {
+        &self.cfg
+    }
+
+    fn kv_proj(&self, branch: Branch) -> &KvProj {
+        if self.cfg.shared_kv {
+            &self.kv[0]
+        } else {
+            &self.kv[branch.gate_index() as usize]
+        }
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<(i64, i64), AttnError> {
+        match x.size().as_slice() {
+            &[b, s, d] if d == self.cfg.dim && s > 0 => Ok((b, s)),
+            got => Err(AttnError::Shape {
+                what: "x",
+                expected: format!("[B, S > 0, dim = {}]", self.cfg.dim),
+                got: got.to_vec(),
+            }),
+        }
+    }
+
+    /// Queries, keys and values of all branches for `x` `[B, S, dim]`, token `s` at absolute
+    /// position `s` (RoPE).
+    pub fn project(&self, x: &Tensor) -> Result<Projections, AttnError> {
+        let (b, s) = self.check_input(x)?;
+        let c = &self.cfg;
+        let (h, g, dk, dv) = (c.heads, c.kv_heads, c.head_dim_k, c.head_dim_v);
+        let rope = Rope::new(c.rope_base, dk, s, x.kind(), x.device());
+        let q = rope.apply(&self.wq.forward(x).f_view([b, s, h, dk])?);
+        let keys = |br: Branch| -> Result<(Tensor, Tensor), AttnError> {
+            let p = self.kv_proj(br);
+            let k = rope.apply(&p.wk.forward(x).f_view([b, s, g, dk])?);
+            Ok((k, p.wv.forward(x).f_view([b, s, g, dv])?))
+        };
+        let (raw_cmp_k, raw_cmp_v) = keys(Branch::Compressed)?;
+        let (slc_k, slc_v) = keys(Branch::Selected)?;
+        let (win_k, win_v) = keys(Branch::Window)?;
+        let cmp_k = self.compress(&raw_cmp_k, self.pos_k.as_ref(), &self.phi_k)?;
+        let cmp_v = self.compress(&raw_cmp_v, Some(&self.pos_v), &self.phi_v)?;
+        Ok(Projections {
+            q,
+            cmp_k,
+            cmp_v,
+            slc_k,
+            slc_v,
+            win_k,
+            win_v,
+        })
+    }
+
+    /// φ over the blocks `[i·d, i·d + l)` of `raw` `[B, S, G, d]` → `[B, Nc, G, d]`.
+    fn compress(
+        &self,
+        raw: &Tensor,
+        pos: Option<&Tensor>,
+        phi: &PhiMap,
+    ) -> Result<Tensor, AttnError> {
+        let sz = raw.size();
+        let (b, s, g, d) = (sz[0], sz[1], sz[2], sz[3]);
+        let (l, stride) = (self.cfg.block_len, self.cfg.stride);
+        let blocks = if s < l {
+            // No complete block yet: an empty [B, 0, l, G, d] that still flows through φ, so
+            // every parameter gets a (zero) gradient rather than none.
+            raw.narrow(1, 0, 0)
+                .unsqueeze(2)
+                .expand([b, 0, l, g, d], false)
+        } else {
+            // unfold: [B, Nc, G, d, l] -> [B, Nc, l, G, d]
+            raw.f_unfold(1, l, stride)?.permute([0, 1, 4, 2, 3])
+        };
+        let blocks = match pos {
+            Some(pos) => blocks + pos.to_kind(raw.kind()),
+            None => blocks,
+        };
+        Ok(phi.apply(&blocks))
+    }
+
+    /// Gates `[B, S, H, 3]` in [`Branch::ALL`] order.
+    pub fn gates(&self, x: &Tensor, over: GateOverride) -> Result<Tensor, AttnError> {
+        let (b, s) = self.check_input(x)?;
+        let h = self.cfg.heads;
+        let constant = |vals: [f64; 3]| {
+            Tensor::from_slice(&vals)
+                .to_kind(x.kind())
+                .to_device(x.device())
+                .expand([b, s, h, 3], false)
+        };
+        Ok(match over {
+            GateOverride::Learned => {
+                let hidden = self.gate_w1.forward(x).silu();
+                // heads-major: the gate of (head, branch) is output head * 3 + branch.
+                self.gate_w2
+                    .forward(&hidden)
+                    .sigmoid()
+                    .f_view([b, s, h, 3])?
+            }
+            GateOverride::Only(br) => {
+                let mut vals = [0.0; 3];
+                vals[br.gate_index() as usize] = 1.0;
+                constant(vals)
+            }
+            GateOverride::Fixed(vals) => constant(vals),
+        })
+    }
+
+    /// The layer output `[B, S, dim]` for `x` `[B, S, dim]`.
+    pub fn forward(&self, x: &Tensor, opts: &ForwardOpts) -> Result<Tensor, AttnError> {
+        Ok(self.forward_branches(x, opts)?.output)
+    }
+
+    /// The layer output together with every branch's output, the gates and the selection.
+    pub fn forward_branches(
+        &self,
+        x: &Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<BranchOutputs, AttnError> {
+        let p = self.project(x)?;
+        let blocks = self.select(&p, opts.path)?;
+        self.finish(x, &p, blocks, opts)
+    }
+
+    /// Like [`NsaAttention::forward_branches`] with a given selection `blocks`
+    /// (int64 `[B, S, Hkv, n]`, sorted, `−1` padded, as `nsa-select` returns) instead of
+    /// selecting from the compressed scores: for comparing paths with identical discrete
+    /// choices, and for callers that select themselves.
+    pub fn forward_branches_with_blocks(
+        &self,
+        x: &Tensor,
+        blocks: &Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<BranchOutputs, AttnError> {
+        let (b, s) = self.check_input(x)?;
+        let want = [b, s, self.cfg.kv_heads, self.cfg.top_n];
+        if blocks.size() != want {
+            return Err(AttnError::Shape {
+                what: "blocks",
+                expected: format!("{want:?}"),
+                got: blocks.size(),
+            });
+        }
+        let p = self.project(x)?;
+        self.finish(
+            x,
+            &p,
+            blocks.to_kind(Kind::Int64).to_device(x.device()),
+            opts,
+        )
+    }
+
+    /// Block selection for the projections (no gradient): from the full `p_cmp` on the
+    /// reference path, chunk by chunk on the lean path.
+    pub fn select(&self, p: &Projections, path: AttnPath) -> Result<Tensor, AttnError> {
+        let cfg = &self.cfg;
+        let _no_grad = tch::no_grad_guard();
+        match path {
+            AttnPath::Reference => {
+                let (_, p_cmp) = reference::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg)?;
+                selection::blocks_from_probs(&p_cmp, 0, p.q.size()[1], cfg)
+            }
+            AttnPath::Lean(lo) => {
+                check_chunk("query_chunk", lo.query_chunk)?;
+                selection::blocks_chunked(&p.q, &p.cmp_k, cfg, lo.query_chunk)
+            }
+        }
+    }
+
+    fn finish(
+        &self,
+        x: &Tensor,
+        p: &Projections,
+        blocks: Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<BranchOutputs, AttnError> {
+        let cfg = &self.cfg;
+        let (compressed, selected, window) = match opts.path {
+            AttnPath::Reference => {
+                let (o_cmp, _) = reference::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg)?;
+                let ranges = selection::ranges(&blocks, 0, cfg)?;
+                let o_slc = reference::selected(&p.q, &p.slc_k, &p.slc_v, &ranges)?;
+                let o_win = reference::window(&p.q, &p.win_k, &p.win_v, cfg.window)?;
+                (o_cmp, o_slc, o_win)
+            }
+            AttnPath::Lean(lo) => {
+                check_chunk("query_chunk", lo.query_chunk)?;
+                check_chunk("window_chunk", lo.window_chunk)?;
+                (
+                    lean::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg, lo.query_chunk)?,
+                    lean::selected(&p.q, &p.slc_k, &p.slc_v, &blocks, cfg, lo.query_chunk)?,
+                    lean::window(&p.q, &p.win_k, &p.win_v, cfg, lo.window_chunk)?,
+                )
+            }
+        };
+        let gates = self.gates(x, opts.gates)?;
+        let g = |br: Branch| gates.narrow(3, br.gate_index(), 1);
+        let mixed = &compressed * g(Branch::Compressed)
+            + &selected * g(Branch::Selected)
+            + &window * g(Branch::Window);
+        let sz = x.size();
+        let output =
+            self.wo
+                .forward(&mixed.f_reshape([sz[0], sz[1], cfg.heads * cfg.head_dim_v])?);
+        Ok(BranchOutputs {
+            compressed,
+            selected,
+            window,
+            gates,
+            blocks,
+            output,
+        })
+    }
+}
+
+fn check_chunk(option: &'static str, value: i64) -> Result<(), AttnError> {
+    if value > 0 {
+        Ok(())
+    } else {
+        Err(AttnError::Option {
+            option,
+            reason: format!("must be positive, got {value}"),
+        })
+    }
+}
+
+/// Rotary position embedding (rotate-half form) for positions `0..S` over a head dim `dk`.
+#[derive(Debug)]
+pub(crate) struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// `cos`/`sin` of `s · base^(−2i/dk)`, computed in float64 and stored as `[S, 1, dk/2]` in
+    /// `kind`.
+    pub(crate) fn new(base: f64, dk: i64, s: i64, kind: Kind, device: tch::Device) -> Self {
+        let half = dk / 2;
+        let inv_freq =
+            (Tensor::arange(half, (Kind::Double, device)) * (-2.0 * base.ln() / dk as f64)).exp();
+        let angles = Tensor::arange(s, (Kind::Double, device))
+            .outer(&inv_freq)
+            .unsqueeze(1);
+        Self {
+            cos: angles.cos().to_kind(kind),
+            sin: angles.sin().to_kind(kind),
+        }
+    }
+
+    /// `x` `[B, S, heads, dk]` → same shape, pair (i, i + dk/2) rotated by position.
+    pub(crate) fn apply(&self, x: &Tensor) -> Tensor {
+        let half = x.size()[3] / 2;
+        let x1 = x.narrow(3, 0, half);
+        let x2 = x.narrow(3, half, half);
+        Tensor::cat(
+            &[
+                &x1 * &self.cos - &x2 * &self.sin,
+                &x2 * &self.cos + &x1 * &self.sin,
+            ],
+            3,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn rope_is_identity_at_zero_preserves_norms_and_sees_only_offsets() {
+        let (s, dk) = (9, 8);
+        let rope = Rope::new(10_000.0, dk, s, Kind::Double, Device::Cpu);
+        let q =
+            Tensor::randn([1, 1, 1, dk], (Kind::Double, Device::Cpu)).expand([1, s, 1, dk], false);
+        let k =
+            Tensor::randn([1, 1, 1, dk], (Kind::Double, Device::Cpu)).expand([1, s, 1, dk], false);
+        let (rq, rk) = (rope.apply(&q), rope.apply(&k));
+        let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        assert!(
+            diff(&rq.narrow(1, 0, 1), &q.narrow(1, 0, 1)) < 1e-12,
+            "position 0 is unrotated"
+        );
+        assert!(
+            diff(
+                &rq.square().sum_dim_intlist(-1, false, None),
+                &q.square().sum_dim_intlist(-1, false, None)
+            ) < 1e-10
+        );
+        // <R_m q, R_n k> depends on m − n only.
+        let dot = |m: i64, n: i64| {
+            (rq.get(0).get(m) * rk.get(0).get(n))
+                .sum(Kind::Double)
+                .double_value(&[])
+        };
+        assert!((dot(5, 2) - dot(7, 4)).abs() < 1e-10);
+        assert!((dot(3, 3) - dot(0, 0)).abs() < 1e-10);
+        assert!(
+            (dot(5, 2) - dot(4, 2)).abs() > 1e-6,
+            "different offsets differ"
+        );
+    }
+
+    #[test]
+    fn forced_gates_are_one_hot_and_learned_gates_are_probabilities() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = NsaConfig {
+            heads: 4,
+            kv_heads: 2,
+            head_dim_k: 4,
+            head_dim_v: 2,
+            ..NsaConfig::paper(6)
+        };
+        let attn = NsaAttention::new(&vs.root(), cfg).unwrap();
+        let x = Tensor::randn([2, 3, 6], (Kind::Float, Device::Cpu));
+        let g = attn.gates(&x, GateOverride::Only(Branch::Window)).unwrap();
+        assert_eq!(g.size(), [2, 3, 4, 3]);
+        let want = Tensor::from_slice(&[0.0f32, 0.0, 1.0]);
+        assert!(g.eq_tensor(&want).all().int64_value(&[]) == 1);
+        let g = attn.gates(&x, GateOverride::Learned).unwrap();
+        assert!(g.gt(0.0).logical_and(&g.lt(1.0)).all().int64_value(&[]) == 1);
+        assert!(
+            attn.forward(&x.narrow(2, 0, 5), &ForwardOpts::default())
+                .is_err(),
+            "wrong dim"
+        );
+        let bad = ForwardOpts {
+            path: AttnPath::Lean(LeanOpts {
+                query_chunk: 0,
+                window_chunk: 4,
+            }),
+            ..Default::default()
+        };
+        assert!(matches!(
+            attn.forward(&x, &bad),
+            Err(AttnError::Option {
+                option: "query_chunk",
+                ..
+            })
+        ));
+    }
+}

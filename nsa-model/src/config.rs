@@ -1,0 +1,664 @@
+//! [`ModelConfig`], its presets, validation and closed-form parameter count; [`ModelError`].
+use std::fmt;
+
+use nsa_attn::{AttnError, NsaConfig, Phi};
+use serde::{Deserialize, Serialize};
+use tch::TchError;
+
+/// Which attention every block uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKind {
+    /// Native Sparse Attention (`nsa_attn::NsaAttention`), shaped by [`ModelConfig::nsa`].
+    Nsa,
+    /// Dense causal attention through `scaled_dot_product_attention`, with the same q/k/v
+    /// projection sizes, RoPE and GQA grouping (the baseline NSA is measured against).
+    Dense,
+}
+
+impl fmt::Display for AttentionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttentionKind::Nsa => "nsa",
+            AttentionKind::Dense => "dense",
+        })
+    }
+}
+
+/// NSA's compression function φ, as written in a config file (`"mean" | "linear" | "mlp"`).
+/// The MLP's hidden width is [`NsaParams::phi_hidden`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhiKind {
+    /// Average over the block.
+    Mean,
+    /// One linear map from the flattened block to one key / value.
+    Linear,
+    /// Two linear maps with a GELU between them (the paper's choice).
+    Mlp,
+}
+
+impl fmt::Display for PhiKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PhiKind::Mean => "mean",
+            PhiKind::Linear => "linear",
+            PhiKind::Mlp => "mlp",
+        })
+    }
+}
+
+/// The NSA-specific part of a [`ModelConfig`]: a serde-friendly mirror of the fields of
+/// [`nsa_attn::NsaConfig`] that are not already model-level (width, heads, head dims and the
+/// RoPE base come from [`ModelConfig`]). Converted by [`ModelConfig::nsa_config`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NsaParams {
+    /// l: tokens per compressed token.
+    pub block_len: i64,
+    /// d: stride between compressed tokens (`d | l` and `d | l'`).
+    pub stride: i64,
+    /// l': tokens per selection block.
+    pub select_len: i64,
+    /// n: selected blocks per query and KV group, forced blocks included.
+    pub top_n: i64,
+    /// Local blocks always selected: the current one and the `n_local − 1` before it.
+    pub n_local: i64,
+    /// w: sliding-window length.
+    pub window: i64,
+    /// φ: `"mean"`, `"linear"` or `"mlp"`.
+    pub phi: PhiKind,
+    /// Hidden width of the MLP φ (read only when `phi = "mlp"`).
+    pub phi_hidden: i64,
+    /// One K/V projection pair for all three branches instead of one per branch.
+    pub shared_kv: bool,
+    /// Hidden width of the gate MLP `dim → gate_hidden → 3·H`.
+    pub gate_hidden: i64,
+}
+
+impl NsaParams {
+    /// The paper's lengths: l = 32, d = 16, l' = 64, n = 16, 2 local blocks, w = 512; MLP φ
+    /// with 64 hidden units, separate K/V per branch, gate MLP with 64 hidden units. This is
+    /// also what a config file without an `nsa` section gets.
+    pub fn paper() -> Self {
+        Self {
+            block_len: 32,
+            stride: 16,
+            select_len: 64,
+            top_n: 16,
+            n_local: 2,
+            window: 512,
+            phi: PhiKind::Mlp,
+            phi_hidden: 64,
+            shared_kv: false,
+            gate_hidden: 64,
+        }
+    }
+
+    /// The `nsa_attn` form of φ.
+    pub fn phi(&self) -> Phi {
+        match self.phi {
+            PhiKind::Mean => Phi::Mean,
+            PhiKind::Linear => Phi::Linear,
+            PhiKind::Mlp => Phi::Mlp {
+                hidden: self.phi_hidden,
+            },
+        }
+    }
+}
+
+impl Default for NsaParams {
+    fn default() -> Self {
+        Self::paper()
+    }
+}
+
+/// Shape and initialisation of a decoder (see the crate docs for the architecture).
+///
+/// Serialises with serde (JSON, TOML, …); unknown keys are rejected with their name. The `nsa`
+/// section may be left out and then defaults to [`NsaParams::paper`]; every other field is
+/// required.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// V: vocabulary size (rows of the embedding, columns of the logits).
+    pub vocab_size: i64,
+    /// D: model width.
+    pub dim: i64,
+    /// L: decoder blocks.
+    pub n_layers: i64,
+    /// H: query heads.
+    pub n_heads: i64,
+    /// Hkv: key/value heads (GQA groups); divides `n_heads`.
+    pub n_kv_heads: i64,
+    /// dk: query/key head size (even, for RoPE).
+    pub head_dim_k: i64,
+    /// dv: value head size (may differ from dk).
+    pub head_dim_v: i64,
+    /// F: SwiGLU hidden width.
+    pub mlp_hidden: i64,
+    /// ε of every RMSNorm.
+    pub norm_eps: f64,
+    /// RoPE base θ (both attention kinds).
+    pub rope_base: f64,
+    /// NSA or dense attention in every block.
+    pub attention: AttentionKind,
+    /// NSA lengths and options (validated for both attention kinds, so that flipping
+    /// `attention` never turns a valid config invalid).
+    #[serde(default)]
+    pub nsa: NsaParams,
+    /// σ of the normal init of matrices and the embedding.
+    pub init_std: f64,
+}
+
+/// The preset names [`ModelConfig::preset`] accepts.
+pub const PRESETS: [&str; 3] = ["tiny", "small", "125m"];
+
+impl ModelConfig {
+    /// A named preset with NSA attention (set `attention` to [`AttentionKind::Dense`] for the
+    /// baseline of the same shape):
+    ///
+    /// - `"tiny"`: CPU smoke tests. D = 64, 2 layers, 4 heads / 2 KV heads, dk = dv = 16,
+    ///   F = 176, byte vocabulary (256); NSA lengths scaled down (l = 8, d = 4, l' = 16, n = 4,
+    ///   w = 32) so that all three branches and a real top-n choice happen at S ≥ 96.
+    /// - `"small"`: D = 384, 6 layers, 6 heads / 2 KV heads, dk = dv = 64, F = 1024,
+    ///   vocab 50304, paper NSA lengths.
+    /// - `"125m"`: D = 768, 12 layers, 12 heads / 4 KV heads, dk = dv = 64, F = 2048,
+    ///   vocab 50304, paper NSA lengths.
+    ///
+    /// Exact parameter counts are in the crate docs. An unknown name is an error that lists
+    /// the valid ones.
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        let base = |vocab_size, dim, n_layers, n_heads, n_kv_heads, head_dim, mlp_hidden| Self {
+            vocab_size,
+            dim,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim_k: head_dim,
+            head_dim_v: head_dim,
+            mlp_hidden,
+            norm_eps: 1e-5,
+            rope_base: 10_000.0,
+            attention: AttentionKind::Nsa,
+            nsa: NsaParams::paper(),
+            init_std: 0.02,
+        };
+        match name {
+            "tiny" => Ok(Self {
+                nsa: NsaParams {
+                    block_len: 8,
+                    stride: 4,
+                    select_len: 16,
+                    top_n: 4,
+                    n_local: 2,
+                    window: 32,
+                    phi: PhiKind::Mlp,
+                    phi_hidden: 32,
+                    shared_kv: false,
+                    gate_hidden: 16,
+                },
+                ..base(256, 64, 2, 4, 2, 16, 176)
+            }),
+            "small" => Ok(base(50_304, 384, 6, 6, 2, 64, 1024)),
+            "125m" => Ok(base(50_304, 768, 12, 12, 4, 64, 2048)),
+            other => Err(ModelError::UnknownPreset {
+                name: other.to_string(),
+                valid: PRESETS.join(", "),
+            }),
+        }
+    }
+
+    /// The same config with another attention kind (builder-style convenience).
+    pub fn with_attention(mut self, attention: AttentionKind) -> Self {
+        self.attention = attention;
+        self
+    }
+
+    /// The configuration of one NSA attention layer of this model.
+    pub fn nsa_config(&self) -> NsaConfig {
+        let n = &self.nsa;
+        NsaConfig {
+            dim: self.dim,
+            heads: self.n_heads,
+            kv_heads: self.n_kv_heads,
+            head_dim_k: self.head_dim_k,
+            head_dim_v: self.head_dim_v,
+            block_len: n.block_len,
+            stride: n.stride,
+            select_len: n.select_len,
+            top_n: n.top_n,
+            n_local: n.n_local,
+            window: n.window,
+            phi: n.phi(),
+            shared_kv: n.shared_kv,
+            gate_hidden: n.gate_hidden,
+            rope_base: self.rope_base,
+        }
+    }
+
+    /// Checks every field; the error lists every offending field (not only the first), each
+    /// named as in the config file (`nsa.stride`, …).
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let mut bad = Vec::new();
+        let mut problem = |field: &str, reason: String| {
+            bad.push(FieldError {
+                field: field.to_string(),
+                reason,
+            })
+        };
+        let n = &self.nsa;
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("dim", self.dim),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim_k", self.head_dim_k),
+            ("head_dim_v", self.head_dim_v),
+            ("mlp_hidden", self.mlp_hidden),
+            ("nsa.block_len", n.block_len),
+            ("nsa.stride", n.stride),
+            ("nsa.select_len", n.select_len),
+            ("nsa.top_n", n.top_n),
+            ("nsa.n_local", n.n_local),
+            ("nsa.window", n.window),
+            ("nsa.gate_hidden", n.gate_hidden),
+        ] {
+            if value <= 0 {
+                problem(field, format!("must be positive, got {value}"));
+            }
+        }
+        if n.phi == PhiKind::Mlp && n.phi_hidden <= 0 {
+            problem(
+                "nsa.phi_hidden",
+                format!("must be positive with phi = \"mlp\", got {}", n.phi_hidden),
+            );
+        }
+        if self.n_heads > 0 && self.n_kv_heads > 0 && self.n_heads % self.n_kv_heads != 0 {
+            problem(
+                "n_kv_heads",
+                format!(
+                    "must divide n_heads = {}, got {}",
+                    self.n_heads, self.n_kv_heads
+                ),
+            );
+        }
+        if self.head_dim_k > 0 && self.head_dim_k % 2 != 0 {
+            problem(
+                "head_dim_k",
+                format!("must be even (RoPE rotates pairs), got {}", self.head_dim_k),
+            );
+        }
+        for (field, value, rule) in [
+            ("norm_eps", self.norm_eps, "a finite number > 0"),
+            ("rope_base", self.rope_base, "a finite number > 1"),
+            ("init_std", self.init_std, "a finite number > 0"),
+        ] {
+            let floor = if field == "rope_base" { 1.0 } else { 0.0 };
+            if !(value.is_finite() && value > floor) {
+                problem(field, format!("must be {rule}, got {value}"));
+            }
+        }
+        if n.stride > 0 {
+            for (name, len) in [
+                ("block_len l", n.block_len),
+                ("select_len l'", n.select_len),
+            ] {
+                if len > 0 && len % n.stride != 0 {
+                    problem(
+                        "nsa.stride",
+                        format!("d = {} must divide {name} = {len}", n.stride),
+                    );
+                }
+            }
+        }
+        if n.top_n > 0 && n.n_local > 0 && n.top_n < n.n_local + 1 {
+            problem(
+                "nsa.top_n",
+                format!(
+                    "n = {} must be at least n_local + 1 = {} (block 0 and the local blocks are forced)",
+                    n.top_n,
+                    n.n_local + 1
+                ),
+            );
+        }
+        // nsa-attn is the final word on what its layer accepts; reached only when every rule
+        // above holds, so its (first-error-only) report cannot hide one of ours.
+        if bad.is_empty() {
+            if let Err(e) = self.nsa_config().validate() {
+                let (field, reason) = match e {
+                    AttnError::Config { field, reason } => (nsa_field_name(field), reason),
+                    other => ("nsa".to_string(), other.to_string()),
+                };
+                bad.push(FieldError { field, reason });
+            }
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::Config(bad))
+        }
+    }
+
+    /// Parameters of the model this config builds, in closed form (equal to the sum of the
+    /// element counts of the built model's variables; tested for every preset and both
+    /// attention kinds):
+    ///
+    /// `V·D + L·(2·D + A + 3·D·F) + D`, with the attention's `A` from
+    /// [`ModelConfig::attention_params`].
+    pub fn num_params(&self) -> i64 {
+        let (v, d, l, f) = (self.vocab_size, self.dim, self.n_layers, self.mlp_hidden);
+        v * d + l * (2 * d + self.attention_params() + 3 * d * f) + d
+    }
+
+    /// Parameters of one attention layer.
+    ///
+    /// Dense: `D·H·dk + D·G·(dk + dv) + H·dv·D` (`wq`, `wk`, `wv`, `wo`; G = Hkv).
+    ///
+    /// NSA (as `nsa_attn::NsaAttention` builds it): `wq` `D·H·dk`; K/V projections
+    /// `p·D·G·(dk + dv)` with `p = 3` (one pair per branch) or 1 (`shared_kv`); intra-block
+    /// position embeddings `l·G·dv` (values) plus `l·G·dk` (keys, MLP φ only); φ for keys and
+    /// values (mean: 0; linear: `l·dk·dk` and `l·dv·dv + dv`; MLP with hidden width `m`:
+    /// `l·dk·m + m + m·dk` and `l·dv·m + m + m·dv + dv`); gate MLP `D·g + g + g·3H + 3H`
+    /// (`g = gate_hidden`); `wo` `H·dv·D`.
+    pub fn attention_params(&self) -> i64 {
+        let (d, h, g, dk, dv) = (
+            self.dim,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim_k,
+            self.head_dim_v,
+        );
+        let q_o = d * h * dk + h * dv * d;
+        match self.attention {
+            AttentionKind::Dense => q_o + d * g * (dk + dv),
+            AttentionKind::Nsa => {
+                let n = &self.nsa;
+                let l = n.block_len;
+                let pairs = if n.shared_kv { 1 } else { 3 };
+                let kv = pairs * d * g * (dk + dv);
+                let (pos, phi) = match n.phi {
+                    PhiKind::Mean => (l * g * dv, 0),
+                    PhiKind::Linear => (l * g * dv, l * dk * dk + l * dv * dv + dv),
+                    PhiKind::Mlp => {
+                        let m = n.phi_hidden;
+                        (
+                            l * g * (dk + dv),
+                            (l * dk * m + m + m * dk) + (l * dv * m + m + m * dv + dv),
+                        )
+                    }
+                };
+                let gh = n.gate_hidden;
+                let gate = d * gh + gh + gh * 3 * h + 3 * h;
+                q_o + kv + pos + phi + gate
+            }
+        }
+    }
+}
+
+/// Model-level name of an `nsa_attn::NsaConfig` field.
+fn nsa_field_name(field: &str) -> String {
+    match field {
+        "dim" | "head_dim_k" | "head_dim_v" | "rope_base" => field.to_string(),
+        "heads" => "n_heads".to_string(),
+        "kv_heads" => "n_kv_heads".to_string(),
+        other => format!("nsa.{other}"),
+    }
+}
+
+/// `12,345,678`.
+pub(crate) fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let groups: Vec<&str> = digits
+        .as_bytes()
+        .rchunks(3)
+        .rev()
+        .map(|g| std::str::from_utf8(g).unwrap_or_default())
+        .collect();
+    let sign = if n < 0 { "-" } else { "" };
+    format!("{sign}{}", groups.join(","))
+}
+
+impl fmt::Display for ModelConfig {
+    /// One line, e.g. `nsa decoder: 12 layers, dim 768, heads 12/4 kv, dk 64, dv 64, mlp 2048,
+    /// vocab 50304, nsa(l 32, d 16, l' 64, n 16, local 2, w 512, phi mlp 64), 127,648,944
+    /// parameters (127.6M)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} decoder: {} layers, dim {}, heads {}/{} kv, dk {}, dv {}, mlp {}, vocab {}",
+            self.attention,
+            self.n_layers,
+            self.dim,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim_k,
+            self.head_dim_v,
+            self.mlp_hidden,
+            self.vocab_size
+        )?;
+        if self.attention == AttentionKind::Nsa {
+            let n = &self.nsa;
+            write!(
+                f,
+                ", nsa(l {}, d {}, l' {}, n {}, local {}, w {}, phi {}",
+                n.block_len, n.stride, n.select_len, n.top_n, n.n_local, n.window, n.phi
+            )?;
+            if n.phi == PhiKind::Mlp {
+                write!(f, " {}", n.phi_hidden)?;
+            }
+            if n.shared_kv {
+                f.write_str(", shared kv")?;
+            }
+            f.write_str(")")?;
+        }
+        let p = self.num_params();
+        write!(f, ", {} parameters ({:.1}M)", thousands(p), p as f64 / 1e6)
+    }
+}
+
+/// One invalid config field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field as written in a config file, e.g. `nsa.stride`.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// Errors of `nsa-model`.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// One or more config fields are invalid; all of them are listed.
+    #[error("invalid model config: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Config(Vec<FieldError>),
+    /// [`ModelConfig::preset`] got a name it does not know.
+    #[error("unknown model preset {name:?}; valid presets: {valid}")]
+    UnknownPreset {
+        /// The name asked for.
+        name: String,
+        /// The valid names, comma separated.
+        valid: String,
+    },
+    /// The token batch is not what [`crate::Model::forward`] takes.
+    #[error("tokens: {0}")]
+    Tokens(String),
+    /// Attention inputs with inconsistent shapes (from the public [`crate::dense`] functions).
+    #[error("shape: {0}")]
+    Shape(String),
+    /// A variable the model expected under its path is missing (init bookkeeping).
+    #[error("variable {0} not found in the var store")]
+    MissingVar(String),
+    /// The NSA layer failed.
+    #[error("nsa attention: {0}")]
+    Attn(#[from] AttnError),
+    /// libtorch refused an operation.
+    #[error("libtorch: {0}")]
+    Torch(#[from] TchError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid_and_unknown_names_list_the_valid_ones() {
+        for name in PRESETS {
+            let cfg = ModelConfig::preset(name).unwrap();
+            cfg.validate().unwrap();
+            cfg.with_attention(AttentionKind::Dense).validate().unwrap();
+        }
+        let err = ModelConfig::preset("huge").unwrap_err().to_string();
+        assert!(err.contains("\"huge\""), "{err}");
+        for name in PRESETS {
+            assert!(err.contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let mut cfg = ModelConfig::preset("tiny").unwrap();
+        cfg.vocab_size = 0;
+        cfg.n_kv_heads = 3; // does not divide 4
+        cfg.head_dim_k = 15; // odd
+        cfg.norm_eps = f64::NAN;
+        cfg.rope_base = 1.0;
+        cfg.init_std = -0.1;
+        cfg.mlp_hidden = -1;
+        cfg.nsa.stride = 3; // divides neither l = 8 nor l' = 16
+        cfg.nsa.top_n = 2; // < n_local + 1
+        cfg.nsa.phi_hidden = 0;
+        let Err(ModelError::Config(fields)) = cfg.validate() else {
+            panic!("expected a config error");
+        };
+        let names: Vec<&str> = fields.iter().map(|f| f.field.as_str()).collect();
+        for want in [
+            "vocab_size",
+            "n_kv_heads",
+            "head_dim_k",
+            "norm_eps",
+            "rope_base",
+            "init_std",
+            "mlp_hidden",
+            "nsa.stride",
+            "nsa.top_n",
+            "nsa.phi_hidden",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        // stride breaks two rules, reported separately.
+        assert_eq!(names.iter().filter(|n| **n == "nsa.stride").count(), 2);
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("invalid model config: "), "{msg}");
+        assert!(msg.contains("nsa.top_n: n = 2"), "{msg}");
+    }
+
+    #[test]
+    fn single_bad_fields_are_caught_one_at_a_time() {
+        let good = ModelConfig::preset("small").unwrap();
+        type Spoil = fn(&mut ModelConfig);
+        let cases: [(&str, Spoil); 10] = [
+            ("dim", |c| c.dim = 0),
+            ("n_layers", |c| c.n_layers = 0),
+            ("n_heads", |c| c.n_heads = -2),
+            ("head_dim_v", |c| c.head_dim_v = 0),
+            ("nsa.block_len", |c| c.nsa.block_len = 0),
+            ("nsa.select_len", |c| c.nsa.select_len = 0),
+            ("nsa.window", |c| c.nsa.window = 0),
+            ("nsa.n_local", |c| c.nsa.n_local = 0),
+            ("nsa.gate_hidden", |c| c.nsa.gate_hidden = 0),
+            ("init_std", |c| c.init_std = f64::INFINITY),
+        ];
+        for (field, spoil) in cases {
+            let mut cfg = good;
+            spoil(&mut cfg);
+            let Err(ModelError::Config(fields)) = cfg.validate() else {
+                panic!("{field}: expected a config error");
+            };
+            assert!(
+                fields.iter().any(|f| f.field == field),
+                "{field}: got {fields:?}"
+            );
+        }
+        // phi_hidden is read only by the MLP φ.
+        let mut cfg = good;
+        cfg.nsa.phi = PhiKind::Mean;
+        cfg.nsa.phi_hidden = 0;
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn nsa_config_mirrors_the_model_fields() {
+        let cfg = ModelConfig::preset("125m").unwrap();
+        let n = cfg.nsa_config();
+        assert_eq!(
+            (n.dim, n.heads, n.kv_heads, n.head_dim_k, n.head_dim_v),
+            (768, 12, 4, 64, 64)
+        );
+        assert_eq!(
+            (
+                n.block_len,
+                n.stride,
+                n.select_len,
+                n.top_n,
+                n.n_local,
+                n.window
+            ),
+            (32, 16, 64, 16, 2, 512)
+        );
+        assert_eq!(n.phi, Phi::Mlp { hidden: 64 });
+        assert_eq!(n.rope_base, cfg.rope_base);
+        n.validate().unwrap();
+    }
+
+    #[test]
+    fn display_is_one_line_with_the_count() {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let line = cfg.to_string();
+        assert!(!line.contains('\n'));
+        assert!(line.contains(&thousands(cfg.num_params())), "{line}");
+        assert!(line.starts_with("nsa decoder: 2 layers, dim 64"), "{line}");
+        let dense = cfg.with_attention(AttentionKind::Dense).to_string();
+        assert!(dense.starts_with("dense decoder") && !dense.contains("nsa("));
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(-1000), "-1,000");
+    }
+
+    #[test]
+    fn preset_counts_match_the_crate_docs() {
+        let want = [
+            ("tiny", 147_352, 108_864),
+            ("small", 31_765_740, 28_758_912),
+            ("125m", 127_648_944, 114_150_144),
+        ];
+        for (name, nsa, dense) in want {
+            let cfg = ModelConfig::preset(name).unwrap();
+            assert_eq!(cfg.num_params(), nsa, "{name} nsa");
+            let dense_cfg = cfg.with_attention(AttentionKind::Dense);
+            assert_eq!(dense_cfg.num_params(), dense, "{name} dense");
+        }
+        let line = ModelConfig::preset("125m").unwrap().to_string();
+        assert_eq!(
+            line,
+            "nsa decoder: 12 layers, dim 768, heads 12/4 kv, dk 64, dv 64, mlp 2048, vocab 50304, \
+             nsa(l 32, d 16, l' 64, n 16, local 2, w 512, phi mlp 64), 127,648,944 parameters (127.6M)"
+        );
+    }
+
+    #[test]
+    fn dense_attention_count_is_four_projections() {
+        let cfg = ModelConfig::preset("125m")
+            .unwrap()
+            .with_attention(AttentionKind::Dense);
+        // wq 768x768, wk/wv 768x256, wo 768x768
+        assert_eq!(cfg.attention_params(), 2 * 768 * 768 + 2 * 768 * 256);
+    }
+}

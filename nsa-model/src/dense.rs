@@ -1,0 +1,297 @@
+//! The dense-attention baseline: projections, RoPE and causal attention through libtorch's
+//! `scaled_dot_product_attention` (SDPA), with an explicit-mask twin for tests.
+//!
+//! Layouts: attention inputs are `q` `[B, H, S, dk]`, `k` `[B, Hkv, S, dk]`,
+//! `v` `[B, Hkv, S, dv]`; the output is `[B, H, S, dv]`. Query head `j` reads KV head
+//! `j / (H / Hkv)` (group-major, as SDPA's `enable_gqa` and `nsa-attn`).
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{ModelConfig, ModelError};
+
+/// Rotary position embedding, rotate-half form, for positions `0..S` over head dim `dk`:
+/// pair `(i, i + dk/2)` of a head at position `s` is rotated by `s · base^(−2i/dk)`.
+/// Computed in float64 and stored in the activations' kind. This is the convention of
+/// `nsa-attn`, so NSA and dense models place positions identically (tested: with full-coverage
+/// selection the NSA model equals the dense one).
+#[derive(Debug)]
+pub struct Rope {
+    /// `[S, 1, dk/2]`
+    cos: Tensor,
+    /// `[S, 1, dk/2]`
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for `s` positions.
+    pub fn new(base: f64, dk: i64, s: i64, kind: Kind, device: Device) -> Self {
+        let half = dk / 2;
+        let inv_freq =
+            (Tensor::arange(half, (Kind::Double, device)) * (-2.0 * base.ln() / dk as f64)).exp();
+        let angles = Tensor::arange(s, (Kind::Double, device))
+            .outer(&inv_freq)
+            .unsqueeze(1);
+        Self {
+            cos: angles.cos().to_kind(kind),
+            sin: angles.sin().to_kind(kind),
+        }
+    }
+
+    /// `x` `[B, S, heads, dk]` → the same shape, rotated by position.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let half = x.size()[3] / 2;
+        let x1 = x.f_narrow(3, 0, half)?;
+        let x2 = x.f_narrow(3, half, half)?;
+        Ok(Tensor::f_cat(
+            &[
+                &x1 * &self.cos - &x2 * &self.sin,
+                &x2 * &self.cos + &x1 * &self.sin,
+            ],
+            3,
+        )?)
+    }
+}
+
+/// Causal attention through SDPA (`is_causal = true`, scale `1/√dk`, no dropout), with
+/// `enable_gqa` when `Hkv < H`. Shapes in the module docs.
+///
+/// If a backend rejects the grouped call, the KV heads are expanded with `repeat_interleave`
+/// and SDPA is called again without `enable_gqa` (same result, more memory). On CPU
+/// (libtorch 2.11) the grouped call with `dk ≠ dv` is accepted as is (tested); on the H100 the
+/// project's runtime probe shows cuDNN taking GQA and `dk ≠ dv` directly.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor, ModelError> {
+    let gqa = q.size()[1] != k.size()[1];
+    match sdpa_causal(q, k, v, gqa) {
+        Ok(o) => Ok(o),
+        Err(_) if gqa => causal_attention_expanded(q, k, v),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`causal_attention`]'s fallback: KV heads expanded to `H` with `repeat_interleave` (head
+/// `j` gets KV head `j / (H/Hkv)`), then SDPA without `enable_gqa`.
+pub fn causal_attention_expanded(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor, ModelError> {
+    let (k, v) = expand_kv(q, k, v)?;
+    sdpa_causal(q, &k, &v, false)
+}
+
+fn sdpa_causal(q: &Tensor, k: &Tensor, v: &Tensor, gqa: bool) -> Result<Tensor, ModelError> {
+    Ok(Tensor::f_scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        None::<Tensor>,
+        0.0,
+        true,
+        None,
+        gqa,
+    )?)
+}
+
+/// `k`, `v` with their heads repeated to `q`'s head count (group-major).
+fn expand_kv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+    let (h, hkv) = (q.size()[1], k.size()[1]);
+    if hkv == 0 || h % hkv != 0 {
+        return Err(ModelError::Shape(format!(
+            "attention heads: H = {h} is not a multiple of Hkv = {hkv}"
+        )));
+    }
+    let rep = h / hkv;
+    Ok((
+        k.f_repeat_interleave_self_int(rep, 1, None)?,
+        v.f_repeat_interleave_self_int(rep, 1, None)?,
+    ))
+}
+
+/// The obviously-correct twin of [`causal_attention`]: KV heads expanded, full `[S, S]` score
+/// matrix in float32, explicit causal mask, softmax, weighted sum; result in `q`'s kind.
+/// O(S²) memory: tests and short sequences only.
+pub fn causal_attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<Tensor, ModelError> {
+    let (s, dk) = (q.size()[2], q.size()[3]);
+    let (k, v) = expand_kv(q, k, v)?;
+    let (k, v) = (k.f_to_kind(Kind::Float)?, v.f_to_kind(Kind::Float)?);
+    let scores = q.f_to_kind(Kind::Float)?.f_matmul(&k.f_transpose(2, 3)?)? / (dk as f64).sqrt();
+    let future = Tensor::f_ones([s, s], (Kind::Bool, q.device()))?.f_triu(1)?;
+    let probs = scores
+        .f_masked_fill(&future, f64::NEG_INFINITY)?
+        .f_softmax(-1, Kind::Float)?;
+    Ok(probs.f_matmul(&v)?.f_to_kind(q.kind())?)
+}
+
+/// Dense causal self-attention of a block: `wq`, `wk`, `wv`, `wo` (no biases), RoPE on q and k,
+/// GQA, SDPA. Input and output `[B, S, D]`.
+#[derive(Debug)]
+pub(crate) struct DenseAttention {
+    wq: nn::Linear,
+    wk: nn::Linear,
+    wv: nn::Linear,
+    wo: nn::Linear,
+    heads: i64,
+    kv_heads: i64,
+    dk: i64,
+    dv: i64,
+}
+
+impl DenseAttention {
+    /// Matrices `normal(0, std)`, `wo` `normal(0, out_std)`.
+    pub(crate) fn new(vs: &nn::Path<'_>, cfg: &ModelConfig, std: f64, out_std: f64) -> Self {
+        let lin = |name: &str, i: i64, o: i64, stdev: f64| {
+            nn::linear(
+                vs / name,
+                i,
+                o,
+                nn::LinearConfig {
+                    ws_init: nn::Init::Randn { mean: 0.0, stdev },
+                    bias: false,
+                    ..Default::default()
+                },
+            )
+        };
+        let (d, h, g, dk, dv) = (
+            cfg.dim,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim_k,
+            cfg.head_dim_v,
+        );
+        Self {
+            wq: lin("wq", d, h * dk, std),
+            wk: lin("wk", d, g * dk, std),
+            wv: lin("wv", d, g * dv, std),
+            wo: lin("wo", h * dv, d, out_std),
+            heads: h,
+            kv_heads: g,
+            dk,
+            dv,
+        }
+    }
+
+    /// `x` `[B, S, D]` → `[B, S, D]`; `rope` has at least `S` positions.
+    pub(crate) fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor, ModelError> {
+        let (b, s) = (x.size()[0], x.size()[1]);
+        let heads = |t: Tensor, n: i64, d: i64| t.f_view([b, s, n, d]);
+        let q = rope.apply(&heads(self.wq.forward(x), self.heads, self.dk)?)?;
+        let k = rope.apply(&heads(self.wk.forward(x), self.kv_heads, self.dk)?)?;
+        let v = heads(self.wv.forward(x), self.kv_heads, self.dv)?;
+        let o = causal_attention(
+            &q.f_transpose(1, 2)?,
+            &k.f_transpose(1, 2)?,
+            &v.f_transpose(1, 2)?,
+        )?;
+        let o = o
+            .f_transpose(1, 2)?
+            .f_reshape([b, s, self.heads * self.dv])?;
+        Ok(self.wo.forward(&o))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qkv(h: i64, hkv: i64, s: i64, dk: i64, dv: i64) -> (Tensor, Tensor, Tensor) {
+        let o = (Kind::Float, Device::Cpu);
+        (
+            Tensor::randn([2, h, s, dk], o),
+            Tensor::randn([2, hkv, s, dk], o),
+            Tensor::randn([2, hkv, s, dv], o),
+        )
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn sdpa_matches_the_explicit_mask_twin() {
+        // MHA, GQA, and GQA with dk != dv.
+        for (h, hkv, s, dk, dv) in [(4, 4, 37, 16, 16), (6, 2, 50, 8, 8), (4, 2, 29, 16, 8)] {
+            let (q, k, v) = qkv(h, hkv, s, dk, dv);
+            let fast = causal_attention(&q, &k, &v).unwrap();
+            let expanded = causal_attention_expanded(&q, &k, &v).unwrap();
+            let slow = causal_attention_reference(&q, &k, &v).unwrap();
+            assert_eq!(fast.size(), [2, h, s, dv]);
+            let err = max_diff(&fast, &slow);
+            assert!(err < 1e-5, "H={h} Hkv={hkv} dk={dk} dv={dv}: {err}");
+            let err = max_diff(&expanded, &slow);
+            assert!(
+                err < 1e-5,
+                "expanded, H={h} Hkv={hkv} dk={dk} dv={dv}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn mismatched_head_counts_are_an_error() {
+        let (q, k, v) = qkv(4, 3, 5, 8, 8);
+        let err = causal_attention_reference(&q, &k, &v).unwrap_err();
+        assert!(err.to_string().contains("H = 4"), "{err}");
+        assert!(causal_attention_expanded(&q, &k, &v).is_err());
+    }
+
+    #[test]
+    fn grouped_sdpa_is_accepted_on_cpu_without_expansion() {
+        let (q, k, v) = qkv(4, 2, 9, 16, 8);
+        let _ = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            true,
+            None,
+            true,
+        )
+        .expect("CPU SDPA takes enable_gqa with dk != dv");
+    }
+
+    #[test]
+    fn query_head_j_reads_kv_head_j_over_group_size() {
+        // Zero all but KV head 1: only query heads 2 and 3 (group 1 of H=4, Hkv=2) see it.
+        let (q, k, _) = qkv(4, 2, 6, 8, 8);
+        let v = Tensor::zeros([2, 2, 6, 8], (Kind::Float, Device::Cpu));
+        let _ = v.narrow(1, 1, 1).fill_(1.0);
+        let o = causal_attention(&q, &k, &v).unwrap();
+        let per_head = o
+            .abs()
+            .sum_dim_intlist([0i64, 2, 3].as_slice(), false, Kind::Float);
+        let got: Vec<f64> = Vec::<f64>::try_from(per_head).unwrap();
+        assert_eq!(got[0], 0.0);
+        assert_eq!(got[1], 0.0);
+        assert!(got[2] > 0.0 && got[3] > 0.0, "{got:?}");
+    }
+
+    #[test]
+    fn rope_preserves_norms_and_is_identity_at_position_zero() {
+        let x = Tensor::randn([1, 5, 3, 8], (Kind::Float, Device::Cpu));
+        let r = Rope::new(10_000.0, 8, 5, Kind::Float, Device::Cpu);
+        let y = r.apply(&x).unwrap();
+        assert!(max_diff(&y.narrow(1, 0, 1), &x.narrow(1, 0, 1)) < 1e-7);
+        let n = |t: &Tensor| t.square().sum_dim_intlist(-1, false, Kind::Float);
+        assert!(max_diff(&n(&x), &n(&y)) < 1e-4);
+        // Rotation changes positions > 0.
+        assert!(max_diff(&y.narrow(1, 1, 4), &x.narrow(1, 1, 4)) > 1e-3);
+    }
+
+    #[test]
+    fn rope_scores_depend_on_relative_position_only() {
+        // q at position a, k at position b: the score depends on a − b only.
+        let r = Rope::new(10_000.0, 8, 10, Kind::Float, Device::Cpu);
+        let q =
+            Tensor::randn([1, 1, 1, 8], (Kind::Float, Device::Cpu)).expand([1, 10, 1, 8], false);
+        let k =
+            Tensor::randn([1, 1, 1, 8], (Kind::Float, Device::Cpu)).expand([1, 10, 1, 8], false);
+        let (rq, rk) = (r.apply(&q).unwrap(), r.apply(&k).unwrap());
+        let score = |a: i64, b: i64| {
+            (rq.get(0).get(a) * rk.get(0).get(b))
+                .sum(Kind::Float)
+                .double_value(&[])
+        };
+        assert!((score(5, 2) - score(8, 5)).abs() < 1e-4);
+        assert!((score(3, 3) - score(9, 9)).abs() < 1e-4);
+    }
+}

@@ -1,0 +1,391 @@
+//! [`Model`]: embedding, decoder blocks, final norm, tied head; parameter init; [`decay_groups`].
+use nsa_attn::{ForwardOpts, NsaAttention};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{AttentionKind, ModelConfig, ModelError};
+use crate::dense::{DenseAttention, Rope};
+
+/// RMSNorm: `y = x / sqrt(mean(x²) + ε) · weight`, statistics in float32, result in `x`'s kind.
+/// One variable, `weight` `[D]`, initialised to 1.
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(vs: &nn::Path<'_>, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: vs.var("weight", &[dim], nn::Init::Const(1.0)),
+            eps,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let xf = x.f_to_kind(Kind::Float)?;
+        let ms = xf.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
+        let normed = (xf * (ms + self.eps).f_rsqrt()?).f_to_kind(x.kind())?;
+        Ok(normed * &self.weight)
+    }
+}
+
+/// SwiGLU MLP: `w_down(SiLU(w_gate x) ⊙ w_up x)`, no biases.
+#[derive(Debug)]
+struct Mlp {
+    w_gate: nn::Linear,
+    w_up: nn::Linear,
+    w_down: nn::Linear,
+}
+
+impl Mlp {
+    fn new(vs: &nn::Path<'_>, dim: i64, hidden: i64, std: f64, out_std: f64) -> Self {
+        let lin = |name: &str, i: i64, o: i64, stdev: f64| {
+            nn::linear(
+                vs / name,
+                i,
+                o,
+                nn::LinearConfig {
+                    ws_init: nn::Init::Randn { mean: 0.0, stdev },
+                    bias: false,
+                    ..Default::default()
+                },
+            )
+        };
+        Self {
+            w_gate: lin("w_gate", dim, hidden, std),
+            w_up: lin("w_up", dim, hidden, std),
+            w_down: lin("w_down", hidden, dim, out_std),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.w_down
+            .forward(&(self.w_gate.forward(x).silu() * self.w_up.forward(x)))
+    }
+}
+
+/// The attention of one block.
+#[derive(Debug)]
+enum Attention {
+    Nsa(Box<NsaAttention>),
+    Dense(DenseAttention),
+}
+
+/// `h + attn(attn_norm(h))`, then `h + mlp(mlp_norm(h))`.
+#[derive(Debug)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    mlp_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        h: &Tensor,
+        opts: &ForwardOpts,
+        rope: Option<&Rope>,
+    ) -> Result<Tensor, ModelError> {
+        let x = self.attn_norm.forward(h)?;
+        let a = match (&self.attn, rope) {
+            (Attention::Nsa(attn), _) => attn.forward(&x, opts)?,
+            (Attention::Dense(attn), Some(rope)) => attn.forward(&x, rope)?,
+            (Attention::Dense(_), None) => unreachable!("Model::forward builds RoPE for dense"),
+        };
+        let h = h + a;
+        let m = self.mlp.forward(&self.mlp_norm.forward(&h)?);
+        Ok(h + m)
+    }
+}
+
+/// A LLaMA-style decoder with NSA or dense attention and a tied output head.
+///
+/// See the crate docs for the architecture, variable names and init.
+#[derive(Debug)]
+pub struct Model {
+    cfg: ModelConfig,
+    /// `embed.weight` `[V, D]`, also the output head.
+    embed: Tensor,
+    blocks: Vec<Block>,
+    final_norm: RmsNorm,
+}
+
+impl Model {
+    /// Creates and initialises all variables under `vs` (usually `var_store.root()`), on the
+    /// var store's device and in its kind (convert with `VarStore::bfloat16()` etc. after
+    /// building). Validates `cfg` first.
+    pub fn new(vs: &nn::Path<'_>, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        let std = cfg.init_std;
+        let out_std = std / (2.0 * cfg.n_layers as f64).sqrt();
+        let embed = vs.sub("embed").var(
+            "weight",
+            &[cfg.vocab_size, cfg.dim],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        );
+        let nsa_vars = match cfg.attention {
+            AttentionKind::Nsa => nsa_variable_names(cfg)?,
+            AttentionKind::Dense => Vec::new(),
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layers as usize);
+        for i in 0..cfg.n_layers {
+            let b = vs / "blocks" / i;
+            let attn = match cfg.attention {
+                AttentionKind::Nsa => {
+                    let path = &b / "attn";
+                    let attn = NsaAttention::new(&path, cfg.nsa_config())?;
+                    init_nsa(&path, &nsa_vars, std, out_std)?;
+                    Attention::Nsa(Box::new(attn))
+                }
+                AttentionKind::Dense => {
+                    Attention::Dense(DenseAttention::new(&(&b / "attn"), cfg, std, out_std))
+                }
+            };
+            blocks.push(Block {
+                attn_norm: RmsNorm::new(&(&b / "attn_norm"), cfg.dim, cfg.norm_eps),
+                attn,
+                mlp_norm: RmsNorm::new(&(&b / "mlp_norm"), cfg.dim, cfg.norm_eps),
+                mlp: Mlp::new(&(&b / "mlp"), cfg.dim, cfg.mlp_hidden, std, out_std),
+            });
+        }
+        Ok(Self {
+            cfg: *cfg,
+            embed,
+            blocks,
+            final_norm: RmsNorm::new(&(vs / "final_norm"), cfg.dim, cfg.norm_eps),
+        })
+    }
+
+    /// `tokens` int64 `[B, S]` (values in `0..vocab_size`, on the model's device) → logits
+    /// `[B, S, V]` in the activations' kind (the var store's float kind).
+    ///
+    /// `opts` chooses the NSA path (reference / lean) and gate override; dense attention
+    /// ignores it. Position `t`'s logits depend on tokens `0..=t` only.
+    pub fn forward(&self, tokens: &Tensor, opts: &ForwardOpts) -> Result<Tensor, ModelError> {
+        let s = self.check_tokens(tokens)?;
+        let mut h = Tensor::f_embedding(&self.embed, tokens, -1, false, false)?;
+        let rope = match self.cfg.attention {
+            AttentionKind::Dense => Some(Rope::new(
+                self.cfg.rope_base,
+                self.cfg.head_dim_k,
+                s,
+                h.kind(),
+                h.device(),
+            )),
+            AttentionKind::Nsa => None,
+        };
+        for block in &self.blocks {
+            h = block.forward(&h, opts, rope.as_ref())?;
+        }
+        let h = self.final_norm.forward(&h)?;
+        Ok(h.f_matmul(&self.embed.f_tr()?)?)
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The device of the model's variables.
+    pub fn device(&self) -> Device {
+        self.embed.device()
+    }
+
+    /// Checks shape, kind and range of a token batch; returns S. The range check costs one
+    /// device→host sync (an out-of-range id would otherwise be a device-side assert on CUDA).
+    fn check_tokens(&self, tokens: &Tensor) -> Result<i64, ModelError> {
+        let size = tokens.size();
+        let (b, s) = match size.as_slice() {
+            &[b, s] => (b, s),
+            _ => {
+                return Err(ModelError::Tokens(format!(
+                    "expected shape [B, S], got {size:?}"
+                )))
+            }
+        };
+        if b == 0 || s == 0 {
+            return Err(ModelError::Tokens(format!(
+                "expected a non-empty [B, S], got {size:?}"
+            )));
+        }
+        if tokens.kind() != Kind::Int64 {
+            return Err(ModelError::Tokens(format!(
+                "expected int64, got {:?}",
+                tokens.kind()
+            )));
+        }
+        let v = self.cfg.vocab_size;
+        let bad = tokens.f_lt(0)?.f_logical_or(&tokens.f_ge(v)?)?.f_any()?;
+        if bool::try_from(&bad)? {
+            let (lo, hi) = (
+                tokens.f_min()?.int64_value(&[]),
+                tokens.f_max()?.int64_value(&[]),
+            );
+            return Err(ModelError::Tokens(format!(
+                "ids must lie in 0..{v}, got values from {lo} to {hi}"
+            )));
+        }
+        Ok(s)
+    }
+}
+
+/// Names (relative to the layer's path) and ranks of the variables `NsaAttention::new` creates
+/// for `cfg`, learned from a throw-away CPU var store: the init below then does not depend on
+/// nsa-attn's internal naming beyond the output projection being `wo.weight`.
+fn nsa_variable_names(cfg: &ModelConfig) -> Result<Vec<(String, usize)>, ModelError> {
+    let scratch = nn::VarStore::new(Device::Cpu);
+    let _layer = NsaAttention::new(&scratch.root(), cfg.nsa_config())?;
+    let mut names: Vec<(String, usize)> = scratch
+        .variables()
+        .into_iter()
+        .map(|(name, t)| (name, t.dim()))
+        .collect();
+    names.sort();
+    if !names.iter().any(|(n, _)| n == NSA_OUTPUT) {
+        return Err(ModelError::MissingVar(format!(
+            "{NSA_OUTPUT} (nsa-attn's output projection)"
+        )));
+    }
+    Ok(names)
+}
+
+/// nsa-attn's output projection, relative to the layer path.
+const NSA_OUTPUT: &str = "wo.weight";
+
+/// Re-initialises one NSA layer's variables the model's way: 2-D `*.weight` matrices
+/// `normal(0, std)` (`wo.weight`: `out_std`), biases 0, other variables (the intra-block
+/// position embeddings) as nsa-attn made them.
+fn init_nsa(
+    path: &nn::Path<'_>,
+    names: &[(String, usize)],
+    std: f64,
+    out_std: f64,
+) -> Result<(), ModelError> {
+    let _guard = tch::no_grad_guard();
+    for (name, rank) in names {
+        // `Path::get` takes a single component: walk to the variable's parent first.
+        let (parent, leaf) = match name.rsplit_once('.') {
+            Some((dir, leaf)) => (dir.split('.').fold(path.clone(), |p, c| p.sub(c)), leaf),
+            None => (path.clone(), name.as_str()),
+        };
+        let mut var = parent
+            .get(leaf)
+            .ok_or_else(|| ModelError::MissingVar(parent.path(leaf)))?;
+        if name == NSA_OUTPUT {
+            let _ = var.f_normal_(0.0, out_std)?;
+        } else if *rank == 2 && name.ends_with(".weight") {
+            let _ = var.f_normal_(0.0, std)?;
+        } else if name.ends_with(".bias") {
+            let _ = var.f_zero_()?;
+        }
+    }
+    Ok(())
+}
+
+/// Variables with their var-store names.
+pub type NamedVars = Vec<(String, Tensor)>;
+
+/// Splits `vs`'s trainable variables (those that require grad) into `(decay, no_decay)`,
+/// each sorted by name.
+///
+/// Decay: matrices of linear layers, i.e. 2-D variables named `*.weight` except the embedding
+/// `embed.weight` (which is also the tied head). No decay: the embedding, every norm weight,
+/// every bias, and NSA's intra-block position embeddings (`cmp.pos_k`, `cmp.pos_v`, 3-D).
+pub fn decay_groups(vs: &nn::VarStore) -> (NamedVars, NamedVars) {
+    let mut vars: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.into_iter().partition(|(name, t)| is_decayed(name, t))
+}
+
+fn is_decayed(name: &str, t: &Tensor) -> bool {
+    t.dim() == 2 && name.ends_with(".weight") && name != "embed.weight" && !name.contains("norm")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
+    fn std_of(t: &Tensor) -> f64 {
+        t.to_kind(Kind::Double).std(true).double_value(&[])
+    }
+
+    #[test]
+    fn rms_norm_normalises_rows_and_keeps_the_kind() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let norm = RmsNorm::new(&vs.root(), 8, 1e-6);
+        let x = Tensor::randn([3, 5, 8], (Kind::Float, Device::Cpu)) * 7.0;
+        let y = norm.forward(&x).unwrap();
+        let rms = y.square().mean_dim(-1, false, Kind::Float).sqrt();
+        let err = (rms - 1.0).abs().max().double_value(&[]);
+        assert!(err < 1e-4, "{err}");
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let norm = RmsNorm::new(&vs.root(), 8, 1e-6);
+        vs.bfloat16();
+        let yb = norm.forward(&x.to_kind(Kind::BFloat16)).unwrap();
+        assert_eq!(yb.kind(), Kind::BFloat16);
+        let err = (yb.to_kind(Kind::Float) - y).abs().max().double_value(&[]);
+        assert!(err < 0.05, "{err}");
+    }
+
+    #[test]
+    fn init_follows_the_documented_scheme() {
+        for kind in [AttentionKind::Nsa, AttentionKind::Dense] {
+            let mut cfg = ModelConfig::preset("small").unwrap().with_attention(kind);
+            cfg.n_layers = 2;
+            cfg.vocab_size = 512;
+            let vs = nn::VarStore::new(Device::Cpu);
+            let _m = Model::new(&vs.root(), &cfg).unwrap();
+            let vars = vs.variables();
+            let out_std = cfg.init_std / (2.0 * cfg.n_layers as f64).sqrt();
+            for (name, t) in &vars {
+                if name.contains("norm") {
+                    assert_eq!(
+                        t.ones_like().eq_tensor(t).all().int64_value(&[]),
+                        1,
+                        "{name}"
+                    );
+                } else if name.ends_with(".bias") {
+                    assert_eq!(t.abs().max().double_value(&[]), 0.0, "{name}");
+                } else if t.dim() == 2 && t.numel() >= 10_000 {
+                    let want =
+                        if name.ends_with("attn.wo.weight") || name.ends_with("w_down.weight") {
+                            out_std
+                        } else {
+                            cfg.init_std
+                        };
+                    let got = std_of(t);
+                    assert!(
+                        (got / want - 1.0).abs() < 0.05,
+                        "{kind:?} {name}: std {got}, want {want}"
+                    );
+                    assert!(
+                        t.mean(Kind::Double).double_value(&[]).abs() < 0.1 * want,
+                        "{name}"
+                    );
+                }
+            }
+            assert!(vars.contains_key("blocks.1.attn.wo.weight"));
+        }
+    }
+
+    #[test]
+    fn decayed_means_linear_matrix() {
+        let z = |d: &[i64]| Tensor::zeros(d, (Kind::Float, Device::Cpu));
+        assert!(is_decayed("blocks.0.mlp.w_up.weight", &z(&[4, 4])));
+        assert!(is_decayed("blocks.0.attn.gate.w1.weight", &z(&[4, 4])));
+        assert!(!is_decayed("embed.weight", &z(&[4, 4])));
+        assert!(!is_decayed("blocks.0.attn_norm.weight", &z(&[4])));
+        assert!(!is_decayed("blocks.0.attn.gate.w1.bias", &z(&[4])));
+        assert!(!is_decayed("blocks.0.attn.cmp.pos_v", &z(&[2, 2, 2])));
+    }
+}

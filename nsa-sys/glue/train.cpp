@@ -1,0 +1,121 @@
+// Training-loop facilities tch does not expose: NVTX ranges, bf16 autocast, the Kineto profiler
+// and the CUDA caching allocator's statistics. All entry points catch C++ exceptions and report
+// failure through their return value (exceptions must not cross into Rust).
+#include <ATen/autocast_mode.h>
+#include <c10/core/CachingDeviceAllocator.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
+#include <torch/csrc/profiler/stubs/base.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+
+namespace {
+// The Kineto result between disableProfiler() and save(); one profile at a time.
+std::unique_ptr<torch::autograd::profiler::ProfilerResult> g_profile;
+
+void copy_error(const std::exception& e, char* buf, size_t len) {
+  if (buf && len) {
+    std::strncpy(buf, e.what(), len - 1);
+    buf[len - 1] = '\0';
+  }
+}
+}  // namespace
+
+extern "C" {
+
+// NVTX through libtorch's CUDA profiler stubs (nvtx3 inside libtorch_cuda); no-ops without CUDA.
+void nsa_nvtx_push(const char* name) {
+  try {
+    torch::profiler::impl::cudaStubs()->rangePush(name);
+  } catch (...) {
+  }
+}
+
+void nsa_nvtx_pop() {
+  try {
+    torch::profiler::impl::cudaStubs()->rangePop();
+  } catch (...) {
+  }
+}
+
+// Turns CUDA autocast on (bf16) or off; returns whether it was on before, -1 on error.
+int nsa_autocast_cuda_bf16(int enabled) {
+  try {
+    bool before = at::autocast::is_autocast_enabled(at::kCUDA);
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
+    if (!enabled) {
+      at::autocast::clear_cache();
+    }
+    return before ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Starts the Kineto profiler (CPU, plus CUDA when `cuda`); 0 on success.
+int nsa_profiler_start(int cuda, char* err, size_t err_len) {
+  try {
+    using torch::profiler::impl::ActivityType;
+    std::set<ActivityType> activities{ActivityType::CPU};
+    if (cuda) {
+      activities.insert(ActivityType::CUDA);
+    }
+    torch::profiler::impl::ProfilerConfig config(
+        torch::profiler::impl::ProfilerState::KINETO, /*report_input_shapes=*/true,
+        /*profile_memory=*/false);
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
+    return 0;
+  } catch (const std::exception& e) {
+    copy_error(e, err, err_len);
+    return 1;
+  }
+}
+
+// Stops the profiler and writes a Chrome trace to `path`; 0 on success.
+int nsa_profiler_stop(const char* path, char* err, size_t err_len) {
+  try {
+    g_profile = torch::autograd::profiler::disableProfiler();
+    if (!g_profile) {
+      throw std::runtime_error("profiler returned no result (was it started?)");
+    }
+    g_profile->save(std::string(path));
+    g_profile.reset();
+    return 0;
+  } catch (const std::exception& e) {
+    g_profile.reset();
+    copy_error(e, err, err_len);
+    return 1;
+  }
+}
+
+// CUDA caching-allocator statistics of `device`: current and peak allocated bytes, and
+// reserved bytes. Returns 0 on success, 1 when there is no CUDA allocator.
+int nsa_cuda_memory_stats(int device, long long* allocated, long long* peak_allocated,
+                          long long* reserved) {
+  try {
+    auto* alloc = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    auto stats = alloc->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated = stats.allocated_bytes[agg].current;
+    *peak_allocated = stats.allocated_bytes[agg].peak;
+    *reserved = stats.reserved_bytes[agg].current;
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+int nsa_cuda_reset_peak(int device) {
+  try {
+    auto* alloc = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    alloc->resetPeakStats(static_cast<c10::DeviceIndex>(device));
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+}  // extern "C"

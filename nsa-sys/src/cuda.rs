@@ -1,0 +1,122 @@
+//! Loading libtorch's CUDA backend.
+//!
+//! `libtorch_cuda.so` registers the CUDA hooks from its static initialisers; it must be opened
+//! with `RTLD_GLOBAL` so that the kernels it registers resolve against the already-loaded
+//! `libtorch_cpu.so`. We open it from the folder that holds the `libtorch_cpu.so` this process
+//! already mapped, so the CUDA backend always matches the CPU library (no search path surprises).
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::SysError;
+
+/// What [`load_backend`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CudaBackend {
+    /// `libtorch_cuda.so` was opened; `devices` GPUs are visible.
+    Loaded { library: PathBuf, devices: usize },
+    /// This libtorch has no CUDA backend (a CPU-only build).
+    NotBuilt { libtorch_lib: PathBuf },
+    /// The backend loaded but no GPU is visible (no driver, or `CUDA_VISIBLE_DEVICES` empty).
+    NoDevice { library: PathBuf },
+}
+
+impl CudaBackend {
+    /// Whether CUDA tensors can be created.
+    pub fn has_gpu(&self) -> bool {
+        matches!(self, CudaBackend::Loaded { devices, .. } if *devices > 0)
+    }
+}
+
+impl std::fmt::Display for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CudaBackend::Loaded { library, devices } => {
+                write!(
+                    f,
+                    "CUDA backend loaded from {} ({devices} GPU(s))",
+                    library.display()
+                )
+            }
+            CudaBackend::NotBuilt { libtorch_lib } => {
+                write!(
+                    f,
+                    "CPU-only libtorch at {} (no libtorch_cuda.so)",
+                    libtorch_lib.display()
+                )
+            }
+            CudaBackend::NoDevice { library } => {
+                write!(
+                    f,
+                    "CUDA backend loaded from {} but no GPU is visible",
+                    library.display()
+                )
+            }
+        }
+    }
+}
+
+static BACKEND: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
+
+/// Opens libtorch's CUDA backend once per process; later calls return the first result.
+///
+/// Call it before creating any tensor. On a CPU-only libtorch or a machine without GPUs it
+/// succeeds with [`CudaBackend::NotBuilt`] / [`CudaBackend::NoDevice`].
+pub fn load_backend() -> Result<CudaBackend, SysError> {
+    BACKEND
+        .get_or_init(|| load_once().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|reason| SysError::Load {
+            name: "libtorch_cuda.so".into(),
+            reason,
+        })
+}
+
+fn load_once() -> Result<CudaBackend, SysError> {
+    let cpu = libtorch_cpu_path().ok_or_else(|| SysError::Load {
+        name: "libtorch_cuda.so".into(),
+        reason: "libtorch_cpu.so is not mapped into this process (is tch linked?)".into(),
+    })?;
+    let dir = cpu.parent().map(Path::to_path_buf).unwrap_or_default();
+    let library = dir.join("libtorch_cuda.so");
+    if !library.exists() {
+        return Ok(CudaBackend::NotBuilt { libtorch_lib: dir });
+    }
+    let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL;
+    // SAFETY: opening libtorch_cuda runs its static initialisers, which register CUDA hooks with
+    // the libtorch_cpu already loaded from the same folder (same build). The handle is leaked on
+    // purpose: unloading libtorch_cuda while tensors exist would be unsound.
+    let lib =
+        unsafe { libloading::os::unix::Library::open(Some(&library), flags) }.map_err(|e| {
+            SysError::Load {
+                name: library.display().to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+    std::mem::forget(lib);
+    let devices = crate::glue::cuda_device_count();
+    if devices == 0 {
+        Ok(CudaBackend::NoDevice { library })
+    } else {
+        Ok(CudaBackend::Loaded { library, devices })
+    }
+}
+
+/// Path of the `libtorch_cpu.so` mapped into this process, read from `/proc/self/maps`.
+pub fn libtorch_cpu_path() -> Option<PathBuf> {
+    // libtorch_cpu.so is a DT_NEEDED of every binary that links tch, so it is mapped before
+    // main. Do NOT call into libtorch here to "make sure": any CUDA query before the dlopen
+    // (e.g. tch::utils::has_cuda) makes ATen cache its CPU-only CUDA-hooks stub for good.
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .map(PathBuf::from)
+}
+
+/// The folder of the libtorch this process uses (parent of its `lib/`).
+pub fn libtorch_root() -> Option<PathBuf> {
+    libtorch_cpu_path()?
+        .parent()?
+        .parent()
+        .map(Path::to_path_buf)
+}

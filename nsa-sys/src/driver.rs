@@ -1,0 +1,145 @@
+//! A function table over the CUDA driver API (`libcuda.so.1`) for device facts.
+//!
+//! libtorch exposes device counts but not names, memory or compute capability through tch; the
+//! driver API is stable across CUDA versions, so a handful of `cu*` symbols is all we need.
+use std::os::raw::{c_char, c_int, c_uint};
+
+use serde::Serialize;
+
+use crate::SysError;
+
+type CuResult = c_int;
+
+#[derive(Debug)]
+struct Driver {
+    _lib: libloading::Library,
+    device_get_count: unsafe extern "C" fn(*mut c_int) -> CuResult,
+    device_get_name: unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult,
+    device_total_mem: unsafe extern "C" fn(*mut usize, c_int) -> CuResult,
+    device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
+    driver_get_version: unsafe extern "C" fn(*mut c_int) -> CuResult,
+}
+
+const ATTR_MULTIPROCESSOR_COUNT: c_int = 16;
+const ATTR_CC_MAJOR: c_int = 75;
+const ATTR_CC_MINOR: c_int = 76;
+
+/// One GPU as the driver describes it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub index: usize,
+    pub name: String,
+    pub total_memory_bytes: u64,
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: i32,
+}
+
+/// What the driver reports: its version (e.g. 13000) and the devices.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DriverInfo {
+    pub driver_cuda_version: i32,
+    pub devices: Vec<DeviceInfo>,
+}
+
+fn check(call: &'static str, code: CuResult) -> Result<(), SysError> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(SysError::Call {
+            call,
+            code: code as i64,
+        })
+    }
+}
+
+impl Driver {
+    fn open() -> Result<Self, SysError> {
+        let name = "libcuda.so.1";
+        // SAFETY: libcuda's initialisers have no preconditions.
+        let lib = unsafe { libloading::Library::new(name) }.map_err(|e| SysError::Load {
+            name: name.into(),
+            reason: e.to_string(),
+        })?;
+        macro_rules! sym {
+            ($s:literal) => {{
+                // SAFETY: the declared signature matches the CUDA driver API header.
+                let f = unsafe { lib.get($s.as_bytes()) }.map_err(|e| SysError::Symbol {
+                    library: name.into(),
+                    symbol: $s.into(),
+                    reason: e.to_string(),
+                })?;
+                *f
+            }};
+        }
+        let init: unsafe extern "C" fn(c_uint) -> CuResult = sym!("cuInit");
+        let driver = Driver {
+            device_get_count: sym!("cuDeviceGetCount"),
+            device_get_name: sym!("cuDeviceGetName"),
+            device_total_mem: sym!("cuDeviceTotalMem_v2"),
+            device_get_attribute: sym!("cuDeviceGetAttribute"),
+            driver_get_version: sym!("cuDriverGetVersion"),
+            _lib: lib,
+        };
+        // SAFETY: cuInit(0) is always valid to call, repeatedly too.
+        check("cuInit", unsafe { init(0) })?;
+        Ok(driver)
+    }
+
+    fn info(&self) -> Result<DriverInfo, SysError> {
+        let mut version = 0;
+        let mut count = 0;
+        // SAFETY: out-pointers are valid for the duration of each call.
+        unsafe {
+            check(
+                "cuDriverGetVersion",
+                (self.driver_get_version)(&mut version),
+            )?;
+            check("cuDeviceGetCount", (self.device_get_count)(&mut count))?;
+        }
+        let mut devices = Vec::new();
+        for dev in 0..count {
+            let mut name = [0 as c_char; 256];
+            let mut mem = 0usize;
+            let (mut major, mut minor, mut sms) = (0, 0, 0);
+            // SAFETY: `name` holds 256 bytes and the length passed says so; the other
+            // out-pointers are valid; `dev` < count is a valid ordinal.
+            unsafe {
+                check(
+                    "cuDeviceGetName",
+                    (self.device_get_name)(name.as_mut_ptr(), 256, dev),
+                )?;
+                check("cuDeviceTotalMem", (self.device_total_mem)(&mut mem, dev))?;
+                check(
+                    "cuDeviceGetAttribute",
+                    (self.device_get_attribute)(&mut major, ATTR_CC_MAJOR, dev),
+                )?;
+                check(
+                    "cuDeviceGetAttribute",
+                    (self.device_get_attribute)(&mut minor, ATTR_CC_MINOR, dev),
+                )?;
+                check(
+                    "cuDeviceGetAttribute",
+                    (self.device_get_attribute)(&mut sms, ATTR_MULTIPROCESSOR_COUNT, dev),
+                )?;
+            }
+            // SAFETY: the driver writes a NUL-terminated string into the 256-byte buffer.
+            let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+            devices.push(DeviceInfo {
+                index: dev as usize,
+                name: name.to_string_lossy().into_owned(),
+                total_memory_bytes: mem as u64,
+                compute_capability: (major, minor),
+                multiprocessors: sms,
+            });
+        }
+        Ok(DriverInfo {
+            driver_cuda_version: version,
+            devices,
+        })
+    }
+}
+
+/// Queries the CUDA driver. Errors when `libcuda.so.1` is absent (no NVIDIA driver).
+pub fn driver_info() -> Result<DriverInfo, SysError> {
+    Driver::open()?.info()
+}

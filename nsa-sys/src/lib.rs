@@ -1,0 +1,42 @@
+//! `nsa-sys`: everything unsafe in the workspace lives here.
+//!
+//! - [`cuda`]: loading libtorch's CUDA backend at start-up. torch-sys links only `libtorch_cpu` and
+//!   `libc10` (the linker drops `libtorch_cuda` as unused), so until `libtorch_cuda.so` is opened
+//!   with `RTLD_GLOBAL` libtorch sees no GPU. Call [`cuda::load_backend`] first thing in `main`.
+//! - [`driver`]: a small function table over the CUDA driver (`libcuda.so.1`) for device facts
+//!   (name, memory, compute capability) that tch does not expose.
+//! - [`nccl`]: the NCCL function table, loaded from `libnccl.so.2`.
+//! - [`facts`]: a serialisable snapshot of the runtime (versions, devices, SDPA backend choice),
+//!   the "backend audit" printed by `nsa-train env` and stored with every run.
+//! - [`train`]: NVTX ranges, bf16 autocast, the Kineto profiler, CUDA allocator statistics.
+//! - C++ glue in `glue/*.cpp`, compiled by `build.rs` against the same libtorch headers.
+//!
+//! Tensor layouts: functions that take tensors say so in their doc comment.
+
+pub mod autograd;
+pub mod cuda;
+pub mod driver;
+pub mod facts;
+mod glue;
+pub mod nccl;
+pub mod train;
+
+pub use facts::{GpuFacts, RuntimeFacts, SdpaBackend};
+
+/// Errors from loading native libraries or calling into them.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    /// A shared library could not be opened.
+    #[error("could not load {name}: {reason}")]
+    Load { name: String, reason: String },
+    /// A symbol was missing from a library that did load.
+    #[error("{library} has no symbol {symbol}: {reason}")]
+    Symbol {
+        library: String,
+        symbol: String,
+        reason: String,
+    },
+    /// A native call returned an error code.
+    #[error("{call} failed with code {code}")]
+    Call { call: &'static str, code: i64 },
+}

@@ -1,0 +1,598 @@
+//! `nsa-train bench attn`: one NSA attention layer (lean path) against dense causal SDPA.
+//!
+//! Shape: the paper's attention (H = 64, Hkv = 4, dk = 192, dv = 128, l = 32, d = 16, l' = 64,
+//! n = 16, w = 512, MLP φ) with model width `--dim`, batch `--batch`, for each `--seq` length.
+//!
+//! Cases per sequence length (median of `--repeats` timed runs, after one warm-up run on CUDA,
+//! where the device is synchronised before each clock read):
+//! - `nsa fwd`: the whole layer (projections, compression, selection, three branches, gates,
+//!   output projection) on the lean path, without autograd;
+//! - `nsa fwd+bwd`: the same with autograd, then backward of `Σ out·g` (g fixed random) to the
+//!   input and every parameter;
+//! - `nsa select`: selection alone (chunked `p_cmp` → top-n blocks) from precomputed
+//!   projections, for the "selection ≤ 5 % of the forward" target;
+//! - `dense fwd`, `dense fwd+bwd`: `scaled_dot_product_attention(is_causal)` on q `[B, H, S, dk]`,
+//!   k `[B, Hkv, S, dk]`, v `[B, Hkv, S, dv]` — attention only, no projections. GQA through
+//!   `enable_gqa` when a backend accepts it, else with expanded K/V heads; if no backend takes
+//!   dk ≠ dv, v is zero-padded to dk (the table says which variant ran and its backend).
+//!
+//! Peak memory (CUDA): each case runs in a child process (this binary, hidden `--case`), and the
+//! parent polls `nvidia-smi --query-gpu=memory.used` every 50 ms while it runs; the table shows
+//! the peak minus the reading before the child started. libtorch's caching allocator keeps its
+//! peak reservation until the process exits, so the poll sees the peak; the number includes the
+//! CUDA context (~0.5 GB) and allocator rounding. libtorch's allocator statistics are not exposed
+//! through tch. On CPU everything runs in-process and memory is not measured.
+use std::io::{BufRead as _, Write as _};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use nsa_attn::{AttnPath, ForwardOpts, LeanOpts, NsaAttention, NsaConfig};
+use nsa_sys::SdpaBackend;
+use tch::{nn, Device, Kind, Tensor};
+
+#[derive(Debug, clap::Args)]
+pub struct AttnBenchArgs {
+    /// Device: `cpu`, `cuda` or `cuda:N` [default: cuda when a GPU is visible, else cpu].
+    #[arg(long)]
+    device: Option<String>,
+    /// Sequence lengths, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [8192, 16384, 32768, 65536])]
+    seq: Vec<i64>,
+    /// Timed runs per case; the table shows the median [default: 5 after one warm-up run on
+    /// CUDA; 1 without warm-up on CPU, where the table is a smoke check].
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Element type of parameters and activations.
+    #[arg(long, value_enum, default_value_t = BenchDtype::Bf16)]
+    dtype: BenchDtype,
+    /// Model width (input/output features of the layer).
+    #[arg(long, default_value_t = 1024)]
+    dim: i64,
+    /// Batch size.
+    #[arg(long, default_value_t = 1)]
+    batch: i64,
+    /// Queries per chunk of the lean path (compressed and selected branches, selection).
+    #[arg(long, default_value_t = LeanOpts::default().query_chunk)]
+    chunk: i64,
+    /// Append the Markdown table to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seed of parameters and inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// Internal: run one case at `--seq` (a single length) and print its result as JSON.
+    #[arg(long, hide = true, value_enum)]
+    case: Option<Case>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BenchDtype {
+    Bf16,
+    F32,
+}
+
+impl BenchDtype {
+    fn kind(self) -> Kind {
+        match self {
+            BenchDtype::Bf16 => Kind::BFloat16,
+            BenchDtype::F32 => Kind::Float,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            BenchDtype::Bf16 => "bf16",
+            BenchDtype::F32 => "f32",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Case {
+    NsaFwd,
+    NsaFwdBwd,
+    NsaSelect,
+    DenseFwd,
+    DenseFwdBwd,
+}
+
+impl Case {
+    const ALL: [Case; 5] = [
+        Case::NsaFwd,
+        Case::NsaFwdBwd,
+        Case::NsaSelect,
+        Case::DenseFwd,
+        Case::DenseFwdBwd,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Case::NsaFwd => "nsa fwd",
+            Case::NsaFwdBwd => "nsa fwd+bwd",
+            Case::NsaSelect => "nsa select",
+            Case::DenseFwd => "dense fwd",
+            Case::DenseFwdBwd => "dense fwd+bwd",
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Case::NsaFwd => "nsa-fwd",
+            Case::NsaFwdBwd => "nsa-fwd-bwd",
+            Case::NsaSelect => "nsa-select",
+            Case::DenseFwd => "dense-fwd",
+            Case::DenseFwdBwd => "dense-fwd-bwd",
+        }
+    }
+}
+
+/// What one case reports (the child prints it as one JSON line).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CaseResult {
+    median_ms: f64,
+    /// Kernels / SDPA backend and variant that ran.
+    kernel: String,
+}
+
+/// One line of the table.
+#[derive(Debug)]
+struct Row {
+    seq: i64,
+    case: Case,
+    result: Result<CaseResult, String>,
+    peak_gb: Option<f64>,
+}
+
+fn parse_device(arg: Option<&str>) -> Result<Device> {
+    Ok(match arg {
+        None => Device::cuda_if_available(),
+        Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::Cuda(0),
+        Some(s) => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Device::Cuda(i),
+            _ => bail!("--device must be cpu, cuda or cuda:N, got {s}"),
+        },
+    })
+}
+
+pub fn run(args: AttnBenchArgs) -> Result<()> {
+    let device = parse_device(args.device.as_deref())?;
+    if let Device::Cuda(i) = device {
+        if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
+            bail!("--device cuda:{i}: no such CUDA device is visible to libtorch");
+        }
+    }
+    if args.repeats == Some(0) {
+        bail!("--repeats must be at least 1");
+    }
+    if args.seq.is_empty() || args.seq.iter().any(|&s| s <= 0) {
+        bail!("--seq needs positive lengths, got {:?}", args.seq);
+    }
+    if args.chunk <= 0 || args.dim <= 0 || args.batch <= 0 {
+        bail!("--chunk, --dim and --batch must be positive");
+    }
+    if let Some(case) = args.case {
+        // Child mode: one case, one JSON line on stdout.
+        let &[seq] = args.seq.as_slice() else {
+            bail!("--case takes exactly one --seq")
+        };
+        let result = run_case(case, seq, device, &args)?;
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
+
+    let mut rows = Vec::new();
+    for &seq in &args.seq {
+        for case in Case::ALL {
+            let row = match device {
+                Device::Cuda(index) => run_child(case, seq, index, &args)?,
+                _ => Row {
+                    seq,
+                    case,
+                    result: run_case(case, seq, device, &args).map_err(|e| format!("{e:#}")),
+                    peak_gb: None,
+                },
+            };
+            eprintln!(
+                "S={seq} {}: {}",
+                case.label(),
+                match &row.result {
+                    Ok(r) => format!("{:.2} ms", r.median_ms),
+                    Err(e) => format!("failed: {e}"),
+                }
+            );
+            rows.push(row);
+        }
+    }
+    let table = render(&rows, device, &args);
+    print!("{table}");
+    if let Some(path) = &args.out {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        file.write_all(table.as_bytes())
+            .with_context(|| format!("appending to {}", path.display()))?;
+        println!("appended to {}", path.display());
+    }
+    Ok(())
+}
+
+/// GPU memory in use on device `index` in MiB, from nvidia-smi.
+fn gpu_memory_used_mib(index: usize) -> Option<f64> {
+    let out = Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=memory.used",
+            "--format=csv,noheader,nounits",
+            "-i",
+        ])
+        .arg(index.to_string())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// Runs one case in a child process and polls GPU memory while it runs.
+fn run_child(case: Case, seq: i64, index: usize, args: &AttnBenchArgs) -> Result<Row> {
+    let exe = std::env::current_exe().context("locating the nsa-train binary")?;
+    let baseline = gpu_memory_used_mib(index);
+    let mut child = Command::new(exe)
+        .args(["bench", "attn", "--case", case.flag(), "--device"])
+        .arg(format!("cuda:{index}"))
+        .args([
+            "--seq",
+            &seq.to_string(),
+            "--repeats",
+            &repeats(args, Device::Cuda(index)).to_string(),
+        ])
+        .args(["--dtype", args.dtype.name(), "--dim", &args.dim.to_string()])
+        .args([
+            "--batch",
+            &args.batch.to_string(),
+            "--chunk",
+            &args.chunk.to_string(),
+        ])
+        .args(["--seed", &args.seed.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the benchmark child process")?;
+    let mut peak = baseline;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if let Some(used) = gpu_memory_used_mib(index) {
+            peak = Some(peak.map_or(used, |p: f64| p.max(used)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines() {
+            stdout.push_str(&line?);
+            stdout.push('\n');
+        }
+    }
+    if let Some(err) = child.stderr.take() {
+        for line in std::io::BufReader::new(err).lines() {
+            stderr.push_str(&line?);
+            stderr.push('\n');
+        }
+    }
+    let result = if status.success() {
+        let line = stdout.lines().last().unwrap_or_default();
+        serde_json::from_str::<CaseResult>(line)
+            .map_err(|e| format!("unreadable child output {line:?}: {e}"))
+    } else {
+        let reason = stderr
+            .lines()
+            .find(|l| l.contains("out of memory"))
+            .map(|_| "out of memory".to_string())
+            .or_else(|| {
+                stderr
+                    .lines()
+                    .find(|l| l.starts_with("Error"))
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| format!("exit status {status}"));
+        Err(reason)
+    };
+    let peak_gb = match (peak, baseline) {
+        (Some(p), Some(b)) => Some((p - b) / 1024.0),
+        _ => None,
+    };
+    Ok(Row {
+        seq,
+        case,
+        result,
+        peak_gb,
+    })
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+/// Timed runs of a case on `device`: `--repeats`, or 5 on CUDA and 1 on CPU.
+fn repeats(args: &AttnBenchArgs, device: Device) -> usize {
+    args.repeats.unwrap_or(if device.is_cuda() { 5 } else { 1 })
+}
+
+/// Median wall time in ms of `repeats` runs of `f`, after one warm-up run on CUDA (kernel
+/// loading, allocator growth); CPU runs are not warmed up.
+fn time_median(device: Device, repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    if device.is_cuda() {
+        f()?;
+    }
+    sync(device);
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let start = Instant::now();
+        f()?;
+        sync(device);
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Result<CaseResult> {
+    tch::manual_seed(args.seed);
+    let kind = args.dtype.kind();
+    let cfg = NsaConfig::paper(args.dim);
+    match case {
+        Case::NsaFwd | Case::NsaFwdBwd | Case::NsaSelect => {
+            let mut vs = nn::VarStore::new(device);
+            let attn = NsaAttention::new(&(vs.root() / "attn"), cfg)?;
+            vs.set_kind(kind);
+            let lean = LeanOpts {
+                query_chunk: args.chunk,
+                ..LeanOpts::default()
+            };
+            let path = AttnPath::Lean(lean);
+            let opts = ForwardOpts {
+                path,
+                ..ForwardOpts::default()
+            };
+            let kernel = attn.audit(path, device, kind).to_string();
+            let x = Tensor::f_randn([args.batch, seq, args.dim], (kind, device))?;
+            let median_ms = match case {
+                Case::NsaFwd => time_median(device, repeats(args, device), || {
+                    let _out = tch::no_grad(|| attn.forward(&x, &opts))?;
+                    Ok(())
+                })?,
+                Case::NsaFwdBwd => {
+                    let x = x.set_requires_grad(true);
+                    let g = Tensor::f_randn([args.batch, seq, args.dim], (kind, device))?;
+                    time_median(device, repeats(args, device), || {
+                        let out = attn.forward(&x, &opts)?;
+                        (out * &g).sum(Kind::Float).backward();
+                        Ok(())
+                    })?
+                }
+                _ => {
+                    let p = tch::no_grad(|| attn.project(&x))?;
+                    time_median(device, repeats(args, device), || {
+                        let _blocks = attn.select(&p, path)?;
+                        Ok(())
+                    })?
+                }
+            };
+            Ok(CaseResult { median_ms, kernel })
+        }
+        Case::DenseFwd | Case::DenseFwdBwd => {
+            let (b, h, g) = (args.batch, cfg.heads, cfg.kv_heads);
+            let (dk, dv) = (cfg.head_dim_k, cfg.head_dim_v);
+            let backward = case == Case::DenseFwdBwd;
+            let q = Tensor::f_randn([b, h, seq, dk], (kind, device))?.set_requires_grad(backward);
+            let k = Tensor::f_randn([b, g, seq, dk], (kind, device))?.set_requires_grad(backward);
+            let v = Tensor::f_randn([b, g, seq, dv], (kind, device))?.set_requires_grad(backward);
+            let dense = DenseVariant::choose(&q, &k, &v);
+            let kernel = format!("SDPA {} ({})", dense.backend, dense.description);
+            let grad = Tensor::f_randn([b, h, seq, dv], (kind, device))?;
+            let median_ms = time_median(device, repeats(args, device), || {
+                if backward {
+                    let out = dense.run(&q, &k, &v)?;
+                    (out * &grad).sum(Kind::Float).backward();
+                } else {
+                    let _out = tch::no_grad(|| dense.run(&q, &k, &v))?;
+                }
+                Ok(())
+            })?;
+            Ok(CaseResult { median_ms, kernel })
+        }
+    }
+}
+
+/// How the dense baseline calls SDPA with GQA and dk ≠ dv.
+#[derive(Debug)]
+struct DenseVariant {
+    /// Use `enable_gqa` (else expand K/V to H heads).
+    gqa: bool,
+    /// Zero-pad v to dk (no backend accepted dk ≠ dv).
+    pad_v: bool,
+    backend: SdpaBackend,
+    description: &'static str,
+}
+
+impl DenseVariant {
+    fn choose(q: &Tensor, k: &Tensor, v: &Tensor) -> Self {
+        let _guard = tch::no_grad_guard();
+        let h = q.size()[1];
+        let rep = h / k.size()[1];
+        let expand = |t: &Tensor| t.repeat_interleave_self_int(rep, 1, None);
+        let pad = |t: &Tensor| t.constant_pad_nd([0, q.size()[3] - t.size()[3]]);
+        let candidates = [
+            (true, false, "enable_gqa, dk != dv"),
+            (false, false, "K/V expanded to H heads, dk != dv"),
+            (true, true, "enable_gqa, v zero-padded to dk"),
+            (false, true, "K/V expanded to H heads, v zero-padded to dk"),
+        ];
+        for (gqa, pad_v, description) in candidates {
+            let (kk, vv) = if gqa {
+                (k.shallow_clone(), v.shallow_clone())
+            } else {
+                (expand(k), expand(v))
+            };
+            let vv = if pad_v { pad(&vv) } else { vv };
+            let backend = SdpaBackend::choice(q, &kk, &vv, true);
+            if backend != SdpaBackend::Error {
+                return Self {
+                    gqa,
+                    pad_v,
+                    backend,
+                    description,
+                };
+            }
+        }
+        Self {
+            gqa: true,
+            pad_v: false,
+            backend: SdpaBackend::Error,
+            description: "no backend",
+        }
+    }
+
+    fn run(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let rep = q.size()[1] / k.size()[1];
+        let (k, v) = if self.gqa {
+            (k.shallow_clone(), v.shallow_clone())
+        } else {
+            (
+                k.f_repeat_interleave_self_int(rep, 1, None)?,
+                v.f_repeat_interleave_self_int(rep, 1, None)?,
+            )
+        };
+        let dv = v.size()[3];
+        let v = if self.pad_v {
+            v.f_constant_pad_nd([0, q.size()[3] - dv])?
+        } else {
+            v
+        };
+        let out = Tensor::f_scaled_dot_product_attention(
+            q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            true,
+            None,
+            self.gqa && rep > 1,
+        )?;
+        Ok(if self.pad_v {
+            out.f_narrow(3, 0, dv)?
+        } else {
+            out
+        })
+    }
+}
+
+fn device_description(device: Device) -> String {
+    match device {
+        Device::Cuda(index) => {
+            let name = Command::new("nvidia-smi")
+                .args([
+                    "--query-gpu=name",
+                    "--format=csv,noheader",
+                    "-i",
+                    &index.to_string(),
+                ])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_else(|| "unknown GPU".into());
+            format!("cuda:{index} ({name})")
+        }
+        _ => format!(
+            "cpu ({} threads)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+    }
+}
+
+fn render(rows: &[Row], device: Device, args: &AttnBenchArgs) -> String {
+    let cfg = NsaConfig::paper(args.dim);
+    let mut s = String::new();
+    let seqs: Vec<String> = args.seq.iter().map(|x| x.to_string()).collect();
+    s.push_str(&format!(
+        "\n### NSA attention layer (lean path) vs dense causal SDPA\n\n\
+         Command: `nsa-train bench attn --device {} --seq {} --repeats {} --dtype {} --dim {} \
+         --batch {} --chunk {}`  \n\
+         Device: {}; dtype {}; B = {}, dim = {}, H = {}, Hkv = {}, dk = {}, dv = {}, l = {}, \
+         d = {}, l' = {}, n = {}, w = {}, φ = MLP; median of {} runs{}.  \n\
+         NSA rows time the whole layer (projections, compression, selection, branches, gates, \
+         W_o); dense rows time SDPA alone. Peak memory: nvidia-smi memory.used peak during the \
+         case minus before it (own process per case, includes the CUDA context).\n\n",
+        match device {
+            Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".into(),
+        },
+        seqs.join(","),
+        repeats(args, device),
+        args.dtype.name(),
+        args.dim,
+        args.batch,
+        args.chunk,
+        device_description(device),
+        args.dtype.name(),
+        args.batch,
+        args.dim,
+        cfg.heads,
+        cfg.kv_heads,
+        cfg.head_dim_k,
+        cfg.head_dim_v,
+        cfg.block_len,
+        cfg.stride,
+        cfg.select_len,
+        cfg.top_n,
+        cfg.window,
+        repeats(args, device),
+        if device.is_cuda() {
+            " after one warm-up"
+        } else {
+            ", no warm-up"
+        },
+    ));
+    s.push_str(
+        "| S | case | median ms | dense ms / this | peak GPU mem GB | kernels / SDPA backend |\n",
+    );
+    s.push_str("| ---: | --- | ---: | ---: | ---: | --- |\n");
+    for row in rows {
+        let dense_of = |case: Case| {
+            rows.iter()
+                .find(|r| r.seq == row.seq && r.case == case)
+                .and_then(|r| r.result.as_ref().ok())
+                .map(|r| r.median_ms)
+        };
+        let (ms, ratio, kernel) = match &row.result {
+            Ok(r) => {
+                let baseline = match row.case {
+                    Case::NsaFwd => dense_of(Case::DenseFwd),
+                    Case::NsaFwdBwd => dense_of(Case::DenseFwdBwd),
+                    _ => None,
+                };
+                let ratio = baseline
+                    .map(|d| format!("{:.2}", d / r.median_ms))
+                    .unwrap_or_else(|| "".into());
+                (format!("{:.2}", r.median_ms), ratio, r.kernel.clone())
+            }
+            Err(e) => ("failed".into(), String::new(), e.clone()),
+        };
+        let mem = row.peak_gb.map_or("n/a".to_string(), |g| format!("{g:.2}"));
+        s.push_str(&format!(
+            "| {} | {} | {ms} | {ratio} | {mem} | {kernel} |\n",
+            row.seq,
+            row.case.label()
+        ));
+    }
+    s
+}

@@ -1,0 +1,33 @@
+//! `nsa-train bench …`: each benchmark lives in its own module, prints a Markdown table, and with
+//! `--out FILE` appends it to a file (BENCHMARKS.md takes its tables from these commands).
+use clap::Subcommand;
+
+mod attn;
+mod select;
+mod train;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// nsa-select: reference loops vs vectorized tensor ops, scores -> ranges.
+    Select(select::SelectBenchArgs),
+    /// nsa-attn: one NSA layer (lean path) vs dense SDPA, forward and backward, time and memory.
+    Attn(attn::AttnBenchArgs),
+    /// Whole-model training: tokens/s and peak memory, NSA vs dense; needle accuracy.
+    Train(train::TrainBenchArgs),
+}
+
+pub fn run(what: BenchCommand) -> anyhow::Result<()> {
+    match what {
+        BenchCommand::Select(args) => select::run(args),
+        BenchCommand::Attn(args) => attn::run(args),
+        BenchCommand::Train(args) => train::run(args),
+    }
+}
+
+/// Appends `text` to `path` (creating it), after a blank line.
+pub(crate) fn append(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "\n{text}")?;
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! `nsa-train bench train`: whole-model training throughput and memory, NSA vs dense attention
+//! of the same size, at several sequence lengths with the same tokens per step; and the
+//! synthetic needle task's answer accuracy of both after the same number of steps.
+use anyhow::Result;
+
+use crate::config;
+use crate::train::{self, Launch, Summary};
+
+#[derive(Debug, clap::Args)]
+pub struct TrainBenchArgs {
+    /// Model preset.
+    #[arg(long, default_value = "125m")]
+    preset: String,
+    /// Sequence lengths (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "2048,8192,32768")]
+    seq: Vec<usize>,
+    /// Tokens per optimizer step (batch = tokens / seq, at least 1).
+    #[arg(long, default_value_t = 32768)]
+    tokens_per_step: usize,
+    /// Timed steps per configuration (after 3 warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    steps: u64,
+    /// Steps of the needle comparison (0 = skip it).
+    #[arg(long, default_value_t = 0)]
+    needle_steps: u64,
+    /// Sequence length of the needle comparison.
+    #[arg(long, default_value_t = 2048)]
+    needle_seq: usize,
+    /// Device: auto | cpu | cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Folder for the runs' folders.
+    #[arg(long, default_value = "runs/bench-train")]
+    out_dir: String,
+    /// Append the Markdown table to this file.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// Extra `--set key=value` overrides for every run.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+fn one(a: &TrainBenchArgs, attention: &str, seq: usize, batch: usize, steps: u64, source: &str, extra: &[String]) -> Result<Summary> {
+    let mut sets = vec![
+        format!("run.name=\"{}-{attention}-{source}-s{seq}\"", a.preset),
+        format!("run.out_dir={:?}", a.out_dir),
+        format!("run.steps={steps}"),
+        format!("run.device={:?}", a.device),
+        "run.log_every=1".into(),
+        "run.ckpt_every=0".into(),
+        "run.eval_batches=4".into(),
+        format!("model.preset={:?}", a.preset),
+        format!("model.attention={attention:?}"),
+        format!("data.source={source:?}"),
+        format!("data.seq_len={seq}"),
+        format!("data.batch_size={batch}"),
+        "optim.warmup_steps=3".into(),
+    ];
+    sets.extend(extra.iter().cloned());
+    sets.extend(a.sets.iter().cloned());
+    let cfg = config::resolve(None, &sets, std::iter::empty())?;
+    let backend = nsa_sys::cuda::load_backend()?;
+    train::train(&cfg, &Launch { overwrite: true, ..Default::default() }, backend.has_gpu())
+}
+
+fn median_tokens_per_s(s: &Summary) -> Result<f64> {
+    let lines = crate::metrics::read(&s.run_dir.join("metrics.jsonl"))?;
+    let mut v: Vec<f64> = lines.iter().skip(3).map(|l| l.tokens_per_s).collect();
+    if v.is_empty() {
+        v = lines.iter().map(|l| l.tokens_per_s).collect();
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v.get(v.len() / 2).copied().unwrap_or(0.0))
+}
+
+pub fn run(a: TrainBenchArgs) -> Result<()> {
+    let mut table = String::from(
+        "| preset | S | batch | attention | tokens/s (median) | peak memory (MB) | NSA / dense |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for &seq in &a.seq {
+        let batch = (a.tokens_per_step / seq).max(1);
+        let mut dense_tps = None;
+        for attention in ["dense", "nsa"] {
+            let cell = match one(&a, attention, seq, batch, a.steps + 3, "needle", &[]) {
+                Ok(s) => {
+                    let tps = median_tokens_per_s(&s)?;
+                    let ratio = match (attention, dense_tps) {
+                        ("nsa", Some(d)) if d > 0.0 => format!("{:.2}×", tps / d),
+                        _ => String::new(),
+                    };
+                    if attention == "dense" {
+                        dense_tps = Some(tps);
+                    }
+                    format!("{tps:.0} | {:.0} | {ratio}", s.peak_mem_mb)
+                }
+                Err(e) => format!("failed: {} | | ", format!("{e:#}").lines().next().unwrap_or("").replace('|', "/")),
+            };
+            table.push_str(&format!("| {} | {seq} | {batch} | {attention} | {cell} |\n", a.preset));
+        }
+    }
+    if a.needle_steps > 0 {
+        table.push_str(&format!(
+            "\nNeedle retrieval after {} steps at S = {} (answer accuracy on held-out sequences):\n\n| attention | eval loss | answer accuracy |\n| --- | --- | --- |\n",
+            a.needle_steps, a.needle_seq
+        ));
+        let batch = (a.tokens_per_step / a.needle_seq).max(1);
+        for attention in ["dense", "nsa"] {
+            let row = match one(&a, attention, a.needle_seq, batch, a.needle_steps, "needle", &["run.log_every=10".into(), "run.eval_batches=16".into()]) {
+                Ok(s) => format!("| {attention} | {:.4} | {:.3} |\n", s.eval_loss, s.eval_accuracy),
+                Err(e) => format!("| {attention} | failed: {} | |\n", format!("{e:#}").lines().next().unwrap_or("")),
+            };
+            table.push_str(&row);
+        }
+    }
+    println!("\n{table}");
+    if let Some(path) = &a.out {
+        super::append(path, &table)?;
+    }
+    Ok(())
+}

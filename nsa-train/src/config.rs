@@ -1,0 +1,347 @@
+//! The trainer's configuration: a TOML file, `--set key=value` overrides, and — for users of the
+//! system we replace — its environment names, all resolved in this one place.
+//!
+//! Precedence, lowest first: built-in defaults → environment (`NSA_SEL_RANGES_V2`,
+//! `NSA_DDP_COMPRESS`, `NSA_DDP_BUCKET_MB`, `NSA_NVTX`, `NSA_SDPA_AUDIT`) → the config file →
+//! `--set` flags. Unknown keys anywhere are errors that name the key; so are bad values.
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::data::DataConfig;
+use crate::optim::OptimConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub run: RunConfig,
+    /// `preset` plus any `nsa_model::ModelConfig` field to override.
+    pub model: toml::Table,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    pub fast: FastPaths,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        let mut model = toml::Table::new();
+        model.insert("preset".into(), toml::Value::String("tiny".into()));
+        TrainConfig {
+            run: RunConfig::default(),
+            model,
+            data: DataConfig::default(),
+            optim: OptimConfig::default(),
+            fast: FastPaths::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run folder name under `out_dir` (default: `<preset>-<attention>-<source>`).
+    pub name: Option<String>,
+    pub out_dir: std::path::PathBuf,
+    pub seed: u64,
+    /// `auto` (CUDA when present) | `cpu` | `cuda` | `cuda:N`.
+    pub device: String,
+    /// `auto` (bf16 autocast on CUDA, f32 on CPU) | `f32` | `bf16`.
+    pub precision: String,
+    pub steps: u64,
+    pub log_every: u64,
+    /// Evaluate on held-out batches every N steps (0 = only at the end).
+    pub eval_every: u64,
+    pub eval_batches: u64,
+    /// Checkpoint every N steps (0 = only at the end and on SIGINT/SIGTERM).
+    pub ckpt_every: u64,
+    pub keep_checkpoints: usize,
+    /// Stop after this many non-finite steps in a row.
+    pub max_bad_steps: u64,
+    /// Write a Chrome trace of steps A..B (e.g. "10..12"); empty = off.
+    pub profile: String,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            name: None,
+            out_dir: "runs".into(),
+            seed: 0,
+            device: "auto".into(),
+            precision: "auto".into(),
+            steps: 300,
+            log_every: 10,
+            eval_every: 0,
+            eval_batches: 8,
+            ckpt_every: 100,
+            keep_checkpoints: 2,
+            max_bad_steps: 8,
+            profile: String::new(),
+        }
+    }
+}
+
+/// Switches for every fast path, so any of them can be turned off to compare with its twin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FastPaths {
+    /// `vectorized` | `reference` (env `NSA_SEL_RANGES_V2=1|0`).
+    pub select: String,
+    /// `lean` | `reference`.
+    pub attn_path: String,
+    /// NVTX ranges around forward, branches, backward, sync and optimizer (env `NSA_NVTX`).
+    pub nvtx: bool,
+    /// Record which SDPA backend each attention branch uses (env `NSA_SDPA_AUDIT`).
+    pub sdpa_audit: bool,
+    /// DDP gradient compression `none | bf16 | fp16` (env `NSA_DDP_COMPRESS`).
+    pub ddp_compress: String,
+    /// DDP gradient bucket size in MB (env `NSA_DDP_BUCKET_MB`).
+    pub ddp_bucket_mb: f64,
+}
+
+impl Default for FastPaths {
+    fn default() -> Self {
+        FastPaths {
+            select: "vectorized".into(),
+            attn_path: "lean".into(),
+            nvtx: false,
+            sdpa_audit: true,
+            ddp_compress: "none".into(),
+            ddp_bucket_mb: 25.0,
+        }
+    }
+}
+
+/// The environment names of the system we replace, mapped onto config keys.
+pub const ENV_NAMES: [(&str, &str); 5] = [
+    ("NSA_SEL_RANGES_V2", "fast.select"),
+    ("NSA_DDP_COMPRESS", "fast.ddp_compress"),
+    ("NSA_DDP_BUCKET_MB", "fast.ddp_bucket_mb"),
+    ("NSA_NVTX", "fast.nvtx"),
+    ("NSA_SDPA_AUDIT", "fast.sdpa_audit"),
+];
+
+fn env_value(name: &str, raw: &str) -> Result<toml::Value> {
+    let flag = |raw: &str| match raw {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" | "" => Ok(false),
+        other => bail!("{name}={other:?}: expected 0 or 1"),
+    };
+    Ok(match name {
+        "NSA_SEL_RANGES_V2" => toml::Value::String(if flag(raw)? { "vectorized" } else { "reference" }.into()),
+        "NSA_NVTX" | "NSA_SDPA_AUDIT" => toml::Value::Boolean(flag(raw)?),
+        "NSA_DDP_BUCKET_MB" => toml::Value::Float(
+            raw.parse::<f64>().with_context(|| format!("{name}={raw:?}: expected a number of MB"))?,
+        ),
+        _ => toml::Value::String(raw.to_string()),
+    })
+}
+
+/// Resolves the configuration. `env` yields (name, value) pairs (pass `std::env::vars()`).
+pub fn resolve(
+    file: Option<&Path>,
+    sets: &[String],
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<TrainConfig> {
+    let mut value = toml::Value::try_from(TrainConfig::default())?;
+    for (name, raw) in env {
+        if let Some((_, key)) = ENV_NAMES.iter().find(|(n, _)| *n == name) {
+            set_path(&mut value, key, env_value(&name, &raw)?).with_context(|| format!("environment {name}"))?;
+        }
+    }
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let table: toml::Table = text.parse().with_context(|| format!("parsing config {}", path.display()))?;
+        merge(&mut value, toml::Value::Table(table));
+    }
+    for s in sets {
+        let (key, raw) = s.split_once('=').with_context(|| format!("--set {s:?}: expected key=value"))?;
+        set_path(&mut value, key.trim(), parse_literal(raw.trim())).with_context(|| format!("--set {s}"))?;
+    }
+    let cfg: TrainConfig = value.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("config: {e}"))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// `3` → integer, `0.5` → float, `true` → bool, anything else → string.
+fn parse_literal(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn set_path(root: &mut toml::Value, key: &str, value: toml::Value) -> Result<()> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.len() < 2 {
+        bail!("key {key:?} must name a section and a field, e.g. optim.lr");
+    }
+    let mut node = root;
+    for p in &parts[..parts.len() - 1] {
+        let table = node.as_table_mut().with_context(|| format!("{key}: {p} is not a section"))?;
+        if !table.contains_key(*p) {
+            // Sections exist in the defaults; a missing one is an unknown key.
+            bail!("unknown config key {key:?} (no section {p:?})");
+        }
+        node = table.get_mut(*p).expect("checked above");
+    }
+    let table = node.as_table_mut().with_context(|| format!("{key}: not inside a section"))?;
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+fn merge(dst: &mut toml::Value, src: toml::Value) {
+    match (dst, src) {
+        (toml::Value::Table(d), toml::Value::Table(s)) => {
+            for (k, v) in s {
+                match d.get_mut(&k) {
+                    Some(slot) if slot.is_table() && v.is_table() => merge(slot, v),
+                    _ => {
+                        d.insert(k, v);
+                    }
+                }
+            }
+        }
+        (d, s) => *d = s,
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let r = &self.run;
+        if !["auto", "cpu", "cuda"].contains(&r.device.as_str()) && !r.device.starts_with("cuda:") {
+            bail!("run.device must be auto, cpu, cuda or cuda:N (got {:?})", r.device);
+        }
+        if !["auto", "f32", "bf16"].contains(&r.precision.as_str()) {
+            bail!("run.precision must be auto, f32 or bf16 (got {:?})", r.precision);
+        }
+        if r.steps == 0 {
+            bail!("run.steps must be at least 1");
+        }
+        if r.log_every == 0 {
+            bail!("run.log_every must be at least 1");
+        }
+        if r.keep_checkpoints == 0 {
+            bail!("run.keep_checkpoints must be at least 1");
+        }
+        if !r.profile.is_empty() {
+            self.profile_range()?;
+        }
+        if !["vectorized", "reference"].contains(&self.fast.select.as_str()) {
+            bail!("fast.select must be vectorized or reference (got {:?})", self.fast.select);
+        }
+        if !["lean", "reference"].contains(&self.fast.attn_path.as_str()) {
+            bail!("fast.attn_path must be lean or reference (got {:?})", self.fast.attn_path);
+        }
+        if !["none", "bf16", "fp16"].contains(&self.fast.ddp_compress.as_str()) {
+            bail!("fast.ddp_compress must be none, bf16 or fp16 (got {:?})", self.fast.ddp_compress);
+        }
+        if !(self.fast.ddp_bucket_mb > 0.0) {
+            bail!("fast.ddp_bucket_mb must be > 0 (got {})", self.fast.ddp_bucket_mb);
+        }
+        self.optim.validate()?;
+        Ok(())
+    }
+
+    /// `run.profile` as an inclusive step range.
+    pub fn profile_range(&self) -> Result<Option<(u64, u64)>> {
+        if self.run.profile.is_empty() {
+            return Ok(None);
+        }
+        let (a, b) = self
+            .run
+            .profile
+            .split_once("..")
+            .with_context(|| format!("run.profile {:?}: expected A..B", self.run.profile))?;
+        let (a, b): (u64, u64) = (
+            a.trim().parse().with_context(|| format!("run.profile start {a:?}"))?,
+            b.trim().parse().with_context(|| format!("run.profile end {b:?}"))?,
+        );
+        if a > b {
+            bail!("run.profile {:?}: start after end", self.run.profile);
+        }
+        Ok(Some((a, b)))
+    }
+
+    /// The resolved config as TOML text (printed and saved with the run).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn defaults_resolve() {
+        let c = resolve(None, &[], no_env()).unwrap();
+        assert_eq!(c, TrainConfig::default());
+    }
+
+    #[test]
+    fn sets_override_and_parse_types() {
+        let sets = ["optim.lr=0.01".to_string(), "run.steps=7".into(), "fast.nvtx=true".into(), "model.attention=dense".into()];
+        let c = resolve(None, &sets, no_env()).unwrap();
+        assert_eq!(c.optim.lr, 0.01);
+        assert_eq!(c.run.steps, 7);
+        assert!(c.fast.nvtx);
+        assert_eq!(c.model.get("attention").and_then(|v| v.as_str()), Some("dense"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = resolve(None, &["optim.lrr=1".to_string()], no_env()).unwrap_err();
+        assert!(format!("{e:#}").contains("lrr"), "{e:#}");
+        let e = resolve(None, &["nosuch.x=1".to_string()], no_env()).unwrap_err();
+        assert!(format!("{e:#}").contains("nosuch"), "{e:#}");
+        let dir = std::env::temp_dir().join(format!("nsa-cfg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "[run]\nstepz = 3\n").unwrap();
+        let e = resolve(Some(&f), &[], no_env()).unwrap_err();
+        assert!(format!("{e:#}").contains("stepz"), "{e:#}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = resolve(None, &["run.device=tpu".to_string()], no_env()).unwrap_err();
+        assert!(format!("{e:#}").contains("run.device"), "{e:#}");
+        let e = resolve(None, &["optim.lr=-1".to_string()], no_env()).unwrap_err();
+        assert!(format!("{e:#}").contains("optim.lr"), "{e:#}");
+        let e = resolve(None, &["run.steps=many".to_string()], no_env()).unwrap_err();
+        assert!(format!("{e:#}").contains("steps"), "{e:#}");
+    }
+
+    #[test]
+    fn environment_is_below_file_and_flags() {
+        let env = vec![
+            ("NSA_SEL_RANGES_V2".to_string(), "0".to_string()),
+            ("NSA_DDP_BUCKET_MB".to_string(), "50".to_string()),
+            ("NSA_NVTX".to_string(), "1".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = resolve(None, &[], env.clone()).unwrap();
+        assert_eq!(c.fast.select, "reference");
+        assert_eq!(c.fast.ddp_bucket_mb, 50.0);
+        assert!(c.fast.nvtx);
+        let c = resolve(None, &["fast.select=vectorized".to_string()], env).unwrap();
+        assert_eq!(c.fast.select, "vectorized");
+        let bad = vec![("NSA_NVTX".to_string(), "maybe".to_string())];
+        assert!(format!("{:#}", resolve(None, &[], bad).unwrap_err()).contains("NSA_NVTX"));
+    }
+
+    #[test]
+    fn profile_range_parses() {
+        let c = resolve(None, &["run.profile=\"3..5\"".to_string()], no_env()).unwrap();
+        assert_eq!(c.profile_range().unwrap(), Some((3, 5)));
+        assert!(resolve(None, &["run.profile=\"5..3\"".to_string()], no_env()).is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! `nsa-train`: the command-line front end of the workspace.
+//!
+//! Subcommands: `env` (runtime facts and the SDPA backend audit), `smoke` (a tiny end-to-end
+//! forward+backward on the default device), `bench` (the project's benchmarks).
+#![forbid(unsafe_code)]
+
+mod bench;
+mod checkpoint;
+mod config;
+mod data;
+mod metrics;
+mod optim;
+mod smoke;
+mod snapshot;
+mod train;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nsa-train",
+    version,
+    about = "Native Sparse Attention training on libtorch"
+)]
+struct Cli {
+    /// Without a command: print the runtime facts (as `env`) and the list of commands.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Args)]
+struct TrainArgs {
+    /// TOML config file (sections run, model, data, optim, fast; see README).
+    #[arg(long, short)]
+    config: Option<std::path::PathBuf>,
+    /// Override any key, e.g. `--set optim.lr=1e-3 --set model.attention=dense`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue from the latest checkpoint in the run folder.
+    #[arg(long)]
+    resume: bool,
+    /// Replace an existing run folder of the same name.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// Shorthand for --set run.steps=N.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Shorthand for --set run.device=…
+    #[arg(long)]
+    device: Option<String>,
+    /// Shorthand for --set run.name=…
+    #[arg(long)]
+    name: Option<String>,
+    /// Shorthand for --set fast.nvtx=true.
+    #[arg(long)]
+    nvtx: bool,
+    /// Shorthand for --set run.profile=A..B (Chrome trace of steps A to B).
+    #[arg(long, value_name = "A..B")]
+    profile: Option<String>,
+    /// Print the resolved config and exit.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl TrainArgs {
+    fn resolve(&self) -> anyhow::Result<config::TrainConfig> {
+        let mut sets = self.sets.clone();
+        if let Some(n) = self.steps {
+            sets.push(format!("run.steps={n}"));
+        }
+        if let Some(d) = &self.device {
+            sets.push(format!("run.device={d:?}"));
+        }
+        if let Some(n) = &self.name {
+            sets.push(format!("run.name={n:?}"));
+        }
+        if self.nvtx {
+            sets.push("fast.nvtx=true".into());
+        }
+        if let Some(p) = &self.profile {
+            sets.push(format!("run.profile={p:?}"));
+        }
+        config::resolve(self.config.as_deref(), &sets, std::env::vars())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the environment snapshot: code revision, host, libtorch / CUDA / cuDNN / NCCL
+    /// versions, GPUs and the SDPA backend choice (the attention-backend audit).
+    Env {
+        /// Also write the snapshot as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+    /// Train a model: a TOML config plus overrides; writes a run folder.
+    Train(TrainArgs),
+    /// Evaluate the latest checkpoint of a run folder on held-out synthetic data.
+    Eval {
+        /// The run folder (runs/<name>).
+        run: std::path::PathBuf,
+        /// Held-out batches to average over.
+        #[arg(long, default_value_t = 16)]
+        batches: u64,
+    },
+    /// Train the `tiny` NSA model briefly and check that it learned (loss and accuracy).
+    Smoke(smoke::SmokeArgs),
+    /// Benchmarks; each prints a Markdown table and can append it to a file.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // First thing: make libtorch's CUDA backend visible (see nsa_sys::cuda).
+    let backend = nsa_sys::cuda::load_backend().context("loading libtorch's CUDA backend")?;
+    let Some(command) = cli.command else {
+        print!("{}", snapshot::EnvSnapshot::collect().report());
+        println!("\ncommands: train, eval, smoke, env, bench (see `nsa-train --help`)");
+        return Ok(());
+    };
+    match command {
+        Command::Env { json } => {
+            let facts = snapshot::EnvSnapshot::collect();
+            print!("{}", facts.report());
+            if let Some(path) = json {
+                let text = serde_json::to_string_pretty(&facts)?;
+                write_atomic(&path, text.as_bytes())?;
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Train(args) => {
+            let cfg = args.resolve()?;
+            println!("# resolved config\n{}", cfg.to_toml());
+            if args.dry_run {
+                return Ok(());
+            }
+            let launch = train::Launch {
+                resume: args.resume,
+                overwrite: args.overwrite,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            };
+            train::train(&cfg, &launch, backend.has_gpu()).map(|_| ())
+        }
+        Command::Eval { run, batches } => {
+            train::eval_run(&run, batches, backend.has_gpu()).map(|_| ())
+        }
+        Command::Smoke(args) => smoke::run(args, &backend),
+        Command::Bench { what } => bench::run(what),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
+/// reader never sees a half-written file.
+pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(".".as_ref());
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! End-to-end tests of the `nsa-train` binary on the CPU: training, bit-exact resume, signals,
+//! and the errors a user sees for bad input.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nsa-train"));
+    c.env("RUST_BACKTRACE", "0");
+    // The environment names of the old system must not leak in from the developer's shell.
+    for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("NSA_")) {
+        c.env_remove(name);
+    }
+    c
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nsa-train-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny, fast training config: every NSA branch runs (S = 64 > w = 32 > l' = 16).
+fn tiny(out: &Path, name: &str, steps: u64) -> Vec<String> {
+    [
+        format!("run.out_dir={:?}", out.display().to_string()),
+        format!("run.name={name:?}"),
+        format!("run.steps={steps}"),
+        "run.log_every=1".into(),
+        "run.ckpt_every=3".into(),
+        "run.eval_batches=1".into(),
+        "run.device=\"cpu\"".into(),
+        "data.source=\"recall\"".into(),
+        "data.recall_pairs=4".into(),
+        "data.seq_len=64".into(),
+        "data.batch_size=4".into(),
+    ]
+    .into_iter()
+    .flat_map(|s| ["--set".to_string(), s])
+    .collect()
+}
+
+fn run(args: &[String]) -> Output {
+    bin().args(args).output().expect("nsa-train runs")
+}
+
+fn ok(out: &Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "nsa-train failed:\n{text}");
+    text
+}
+
+fn err(out: &Output) -> String {
+    assert!(!out.status.success(), "nsa-train should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
+    // (step, loss bits): bit-exact comparison.
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap().to_bits())
+        })
+        .collect()
+}
+
+#[test]
+fn resume_continues_bit_exactly() {
+    let out = scratch("resume");
+    let mut a = vec!["train".to_string()];
+    a.extend(tiny(&out, "straight", 6));
+    let text = ok(&run(&a));
+    assert!(text.contains("step      6"), "{text}");
+    let straight = losses(&out.join("straight"));
+    assert_eq!(straight.len(), 6);
+
+    // Same run, then roll back to the step-3 checkpoint as if it had been interrupted there.
+    let mut b = vec!["train".to_string()];
+    b.extend(tiny(&out, "resumed", 6));
+    ok(&run(&b));
+    let dir = out.join("resumed");
+    std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+    let kept: Vec<String> = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().take(3).map(String::from).collect();
+    std::fs::write(dir.join("metrics.jsonl"), kept.join("\n") + "\n").unwrap();
+    b.push("--resume".into());
+    let text = ok(&run(&b));
+    assert!(text.contains("resumed from"), "{text}");
+    assert_eq!(losses(&dir), straight, "loss curve after resume differs from the uninterrupted run");
+    for f in ["config.toml", "env.json", "loss.png", "summary.json", "summary.txt"] {
+        assert!(dir.join(f).is_file(), "run folder lacks {f}");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn sigterm_saves_a_checkpoint_before_exit() {
+    let out = scratch("signal");
+    let mut a = vec!["train".to_string()];
+    a.extend(tiny(&out, "sig", 100_000));
+    let mut child = bin().args(&a).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let metrics = out.join("sig/metrics.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) < 2 {
+        assert!(start.elapsed().as_secs() < 120, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let ckpts: Vec<_> = std::fs::read_dir(out.join("sig/checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!ckpts.is_empty(), "no checkpoint written on SIGTERM");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("sig/summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["interrupted"], true);
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn bad_input_is_named() {
+    let out = scratch("bad");
+    let e = err(&run(&["train".into(), "--set".into(), "optim.lrr=1".into(), "--dry-run".into()]));
+    assert!(e.contains("lrr"), "{e}");
+    let e = err(&run(&["train".into(), "--set".into(), "model.dimm=3".into(), "--steps".into(), "1".into()]));
+    assert!(e.contains("dimm"), "{e}");
+    let e = err(&run(&["train".into(), "--set".into(), "model.preset=\"huge\"".into(), "--steps".into(), "1".into()]));
+    assert!(e.contains("huge") && e.contains("tiny"), "{e}");
+    let cfg = out.join("bad.toml");
+    std::fs::write(&cfg, "[data]\nsource = \"bin\"\npath = \"/nonexistent/shards\"\n").unwrap();
+    let e = err(&run(&["train".into(), "--config".into(), cfg.display().to_string(), "--set".into(), format!("run.out_dir={:?}", out.display().to_string())]));
+    assert!(e.contains("/nonexistent/shards"), "{e}");
+
+    // An existing run folder is never silently overwritten, and a corrupt checkpoint is named.
+    let mut a = vec!["train".to_string()];
+    a.extend(tiny(&out, "exists", 3));
+    ok(&run(&a));
+    let e = err(&run(&a));
+    assert!(e.contains("--resume") && e.contains("--overwrite"), "{e}");
+    std::fs::write(out.join("exists/checkpoints/step-00000003/state.json"), b"garbage").unwrap();
+    a.push("--resume".into());
+    let e = err(&run(&a));
+    assert!(e.contains("state.json is corrupt"), "{e}");
+    // A checkpoint of another model is refused with both configs shown.
+    std::fs::remove_dir_all(out.join("exists")).unwrap();
+    let mut b = vec!["train".to_string()];
+    b.extend(tiny(&out, "exists", 3));
+    ok(&run(&b));
+    b.extend(["--resume".into(), "--set".into(), "model.n_layers=3".into()]);
+    let e = err(&run(&b));
+    assert!(e.contains("another model config"), "{e}");
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -1,0 +1,130 @@
+//! `cargo xtask …`: every piece of project automation, in Rust.
+//!
+//! xtask depends only on xshell, clap and anyhow — never on tch — and `cargo xtask` builds it into
+//! `target/xtask` (see `.cargo/config.toml`), so it works before libtorch exists and running it
+//! never rebuilds torch-sys.
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use xshell::{cmd, Shell};
+
+mod dist;
+mod libtorch;
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "nsa project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Provision libtorch 2.11.0 (venv with the registry's torch wheel, or an existing one)
+    /// and link it at `.libtorch`. Does nothing when it is already there.
+    Setup {
+        /// Re-check and re-link even when `.libtorch` looks fine.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The README's test command: setup if needed, fmt check, clippy -D warnings, all tests.
+    Test {
+        /// Skip fmt and clippy (tests only).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// The README's main command: a real end-to-end run on the default device.
+    Smoke {
+        /// Extra arguments passed to `nsa-train smoke`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark in release mode and append its table to a file (default: print only).
+    Bench {
+        /// Which benchmark: select | attn.
+        what: String,
+        /// Extra arguments for `nsa-train bench <what>`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build release binaries into a relocatable tarball with a launcher that finds libtorch.
+    Dist {
+        /// Output folder for the bundle and tarball.
+        #[arg(long, default_value = "dist")]
+        out: PathBuf,
+    },
+    /// Write an environment snapshot (git, rustc, torch/CUDA/cuDNN/NCCL, GPUs, CPU, SDPA choice).
+    Env {
+        /// Where to write the JSON.
+        #[arg(long, default_value = "runs/env.json")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let sh = Shell::new()?;
+    let root = project_root();
+    sh.change_dir(&root);
+    match cli.command {
+        Command::Setup { force } => libtorch::setup(&sh, &root, force).map(|_| ()),
+        Command::Test { quick } => test(&sh, &root, quick),
+        Command::Smoke { args } => {
+            libtorch::ensure(&sh, &root)?;
+            cmd!(sh, "cargo run -p nsa-train -- smoke {args...}").run()?;
+            Ok(())
+        }
+        Command::Bench { what, args } => {
+            libtorch::ensure(&sh, &root)?;
+            cmd!(
+                sh,
+                "cargo run --release -p nsa-train -- bench {what} {args...}"
+            )
+            .run()?;
+            Ok(())
+        }
+        Command::Dist { out } => {
+            libtorch::ensure(&sh, &root)?;
+            dist::build(&sh, &root, &out)
+        }
+        Command::Env { out } => {
+            libtorch::ensure(&sh, &root)?;
+            let out = root.join(out);
+            let out = out.display().to_string();
+            cmd!(sh, "cargo run -p nsa-train -- env --json {out}").run()?;
+            Ok(())
+        }
+    }
+}
+
+fn test(sh: &Shell, root: &Path, quick: bool) -> Result<()> {
+    let start = std::time::Instant::now();
+    libtorch::ensure(sh, root)?;
+    if !quick {
+        step("cargo fmt --check");
+        cmd!(sh, "cargo fmt --all -- --check")
+            .run()
+            .context("formatting differs: run `cargo fmt --all`")?;
+        step("cargo clippy -D warnings");
+        cmd!(
+            sh,
+            "cargo clippy --workspace --all-targets --locked -- -D warnings"
+        )
+        .run()?;
+    }
+    step("cargo test");
+    cmd!(sh, "cargo test --workspace --locked").run()?;
+    println!("xtask test: all steps passed in {:.0?}", start.elapsed());
+    Ok(())
+}
+
+pub(crate) fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+fn project_root() -> PathBuf {
+    // CARGO_MANIFEST_DIR is xtask/ at compile time; its parent is the workspace root.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+}
