@@ -23,8 +23,14 @@ fn main() {
         "cargo:rustc-env=NSA_RUSTC_VERSION={}",
         output(&rustc, &["--version"])
     );
-    // Re-run when HEAD moves (a commit or a checkout); the index changes on commits too.
-    for p in ["../.git/HEAD", "../.git/index"] {
+    // Re-run when HEAD moves: a checkout rewrites HEAD, a commit moves a ref (loose or packed),
+    // and staging changes the index (the dirty flag).
+    for p in [
+        "../.git/HEAD",
+        "../.git/refs",
+        "../.git/packed-refs",
+        "../.git/index",
+    ] {
         if std::path::Path::new(p).exists() {
             println!("cargo:rerun-if-changed={p}");
         }

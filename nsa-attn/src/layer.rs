@@ -1,4 +1,6 @@
 //! [`NsaAttention`]: parameters, projections, RoPE, compression φ, gates and the forward pass.
+use nsa_select::SelectImpl;
+use nsa_sys::train::NvtxRange;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -81,6 +83,12 @@ pub struct ForwardOpts {
     pub path: AttnPath,
     /// Learned or forced gates.
     pub gates: GateOverride,
+    /// Which nsa-select implementation chooses the blocks and builds the ranges (both give
+    /// identical results; `Reference` is the slow host loop, for comparisons).
+    pub select: SelectImpl,
+    /// Wrap selection and each branch in an NVTX range (`nsa.select`, `nsa.cmp`, `nsa.slc`,
+    /// `nsa.win`, `nsa.gate`) for Nsight timelines. Off costs one branch per range.
+    pub nvtx: bool,
 }
 
 /// The per-branch results of a forward pass (for tests and inspection).
@@ -373,7 +381,10 @@ impl NsaAttention {
         opts: &ForwardOpts,
     ) -> Result<BranchOutputs, AttnError> {
         let p = self.project(x)?;
-        let blocks = self.select(&p, opts.path)?;
+        let blocks = {
+            let _r = NvtxRange::new(opts.nvtx, "nsa.select");
+            self.select(&p, opts.path, opts.select)?
+        };
         self.finish(x, &p, blocks, opts)
     }
 
@@ -407,17 +418,22 @@ impl NsaAttention {
 
     /// Block selection for the projections (no gradient): from the full `p_cmp` on the
     /// reference path, chunk by chunk on the lean path.
-    pub fn select(&self, p: &Projections, path: AttnPath) -> Result<Tensor, AttnError> {
+    pub fn select(
+        &self,
+        p: &Projections,
+        path: AttnPath,
+        imp: SelectImpl,
+    ) -> Result<Tensor, AttnError> {
         let cfg = &self.cfg;
         let _no_grad = tch::no_grad_guard();
         match path {
             AttnPath::Reference => {
                 let (_, p_cmp) = reference::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg)?;
-                selection::blocks_from_probs(&p_cmp, 0, p.q.size()[1], cfg)
+                selection::blocks_from_probs(&p_cmp, 0, p.q.size()[1], cfg, imp)
             }
             AttnPath::Lean(lo) => {
                 check_chunk("query_chunk", lo.query_chunk)?;
-                selection::blocks_chunked(&p.q, &p.cmp_k, cfg, lo.query_chunk)
+                selection::blocks_chunked(&p.q, &p.cmp_k, cfg, lo.query_chunk, imp)
             }
         }
     }
@@ -430,24 +446,37 @@ impl NsaAttention {
         opts: &ForwardOpts,
     ) -> Result<BranchOutputs, AttnError> {
         let cfg = &self.cfg;
+        let range = |name| NvtxRange::new(opts.nvtx, name);
         let (compressed, selected, window) = match opts.path {
             AttnPath::Reference => {
+                let _r = range("nsa.cmp");
                 let (o_cmp, _) = reference::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg)?;
-                let ranges = selection::ranges(&blocks, 0, cfg)?;
+                drop(_r);
+                let _r = range("nsa.slc");
+                let ranges = selection::ranges(&blocks, 0, cfg, opts.select)?;
                 let o_slc = reference::selected(&p.q, &p.slc_k, &p.slc_v, &ranges)?;
+                drop(_r);
+                let _r = range("nsa.win");
                 let o_win = reference::window(&p.q, &p.win_k, &p.win_v, cfg.window)?;
                 (o_cmp, o_slc, o_win)
             }
             AttnPath::Lean(lo) => {
                 check_chunk("query_chunk", lo.query_chunk)?;
                 check_chunk("window_chunk", lo.window_chunk)?;
-                (
-                    lean::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg, lo.query_chunk)?,
-                    lean::selected(&p.q, &p.slc_k, &p.slc_v, &blocks, cfg, lo.query_chunk)?,
-                    lean::window(&p.q, &p.win_k, &p.win_v, cfg, lo.window_chunk)?,
-                )
+                let o_cmp = {
+                    let _r = range("nsa.cmp");
+                    lean::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg, lo.query_chunk)?
+                };
+                let o_slc = {
+                    let _r = range("nsa.slc");
+                    lean::selected(&p.q, &p.slc_k, &p.slc_v, &blocks, cfg, lo.query_chunk)?
+                };
+                let _r = range("nsa.win");
+                let o_win = lean::window(&p.q, &p.win_k, &p.win_v, cfg, lo.window_chunk)?;
+                (o_cmp, o_slc, o_win)
             }
         };
+        let _r = range("nsa.gate");
         let gates = self.gates(x, opts.gates)?;
         let g = |br: Branch| gates.narrow(3, br.gate_index(), 1);
         let mixed = &compressed * g(Branch::Compressed)

@@ -47,16 +47,12 @@ pub fn blocks_from_probs(
     t0: i64,
     seq_len: i64,
     cfg: &NsaConfig,
+    imp: SelectImpl,
 ) -> Result<Tensor, AttnError> {
     let sel = cfg.select_config();
     let num_blocks = sel.num_select_blocks(seq_len);
     let scores = nsa_select::block_scores(p_cmp, cfg.heads_per_group(), num_blocks, &sel)?;
-    Ok(nsa_select::select_blocks(
-        &scores,
-        t0,
-        &sel,
-        SelectImpl::Vectorized,
-    )?)
+    Ok(nsa_select::select_blocks(&scores, t0, &sel, imp)?)
 }
 
 /// Selected blocks `[B, S, G, n]` for the whole sequence, `chunk` queries at a time, so that no
@@ -66,6 +62,7 @@ pub fn blocks_chunked(
     cmp_k: &Tensor,
     cfg: &NsaConfig,
     chunk: i64,
+    imp: SelectImpl,
 ) -> Result<Tensor, AttnError> {
     let s = q.size()[1];
     let mut parts = Vec::with_capacity(((s + chunk - 1) / chunk) as usize);
@@ -73,7 +70,7 @@ pub fn blocks_chunked(
     while t0 < s {
         let t_len = chunk.min(s - t0);
         let p_cmp = compressed_probs(&q.narrow(1, t0, t_len), cmp_k, t0, cfg)?;
-        parts.push(blocks_from_probs(&p_cmp, t0, s, cfg)?);
+        parts.push(blocks_from_probs(&p_cmp, t0, s, cfg, imp)?);
         t0 += t_len;
     }
     Ok(Tensor::f_cat(&parts, 1)?)
@@ -81,9 +78,11 @@ pub fn blocks_chunked(
 
 /// Merged token ranges `[B, T, G, n, 2]` (`[start, end)`, clamped to `end ≤ t + 1`, empty
 /// padding) of `blocks` `[B, T, G, n]` for queries starting at `t0`.
-pub fn ranges(blocks: &Tensor, t0: i64, cfg: &NsaConfig) -> Result<Tensor, AttnError> {
-    Ok(
-        nsa_select::ranges_from_blocks(blocks, t0, &cfg.select_config(), SelectImpl::Vectorized)?
-            .ranges,
-    )
+pub fn ranges(
+    blocks: &Tensor,
+    t0: i64,
+    cfg: &NsaConfig,
+    imp: SelectImpl,
+) -> Result<Tensor, AttnError> {
+    Ok(nsa_select::ranges_from_blocks(blocks, t0, &cfg.select_config(), imp)?.ranges)
 }

@@ -8,6 +8,7 @@ use nsa_attn::{
     reference, AttnPath, Branch, BranchOutputs, ForwardOpts, GateOverride, LeanOpts, NsaAttention,
     NsaConfig, Phi,
 };
+use nsa_select::SelectImpl;
 use tch::{nn, Device, Kind, Tensor};
 
 /// A fresh seed from the clock (or `NSA_TEST_SEED` to replay a failure), applied to libtorch.
@@ -162,6 +163,7 @@ fn full_coverage_selected_branch_equals_dense_causal_attention() {
             let opts = ForwardOpts {
                 path,
                 gates: GateOverride::Only(Branch::Selected),
+                ..Default::default()
             };
             let out = attn.forward_branches(&x, &opts).unwrap();
             let err = max_abs_diff(&out.selected, &dense);
@@ -207,6 +209,7 @@ fn outputs_up_to_t_do_not_depend_on_later_tokens() {
             let opts = ForwardOpts {
                 path,
                 gates: GateOverride::Learned,
+                ..Default::default()
             };
             let a = attn.forward_branches(&x, &opts).unwrap();
             let b = attn.forward_branches(&x2, &opts).unwrap();
@@ -291,6 +294,7 @@ fn each_branch_matches_a_naive_per_token_loop() {
                 &ForwardOpts {
                     path,
                     gates: GateOverride::Learned,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -431,6 +435,7 @@ fn gradients_match_finite_differences_in_float64() {
             let opts = ForwardOpts {
                 path,
                 gates: GateOverride::Learned,
+                ..Default::default()
             };
             let loss = || {
                 let out = attn
@@ -482,7 +487,9 @@ fn all_heads_of_a_group_read_only_the_group_selection() {
     let s = 40;
     let x = Tensor::randn([1, s, cfg.dim], (Kind::Float, Device::Cpu));
     let p = attn.project(&x).unwrap();
-    let blocks = attn.select(&p, AttnPath::Reference).unwrap();
+    let blocks = attn
+        .select(&p, AttnPath::Reference, SelectImpl::Vectorized)
+        .unwrap();
     let t = s - 1;
     for grp in 0..2 {
         let sel: Vec<i64> = host_i64(&blocks.get(0).get(t).get(grp));
@@ -505,7 +512,7 @@ fn all_heads_of_a_group_read_only_the_group_selection() {
                 .get(grp)
                 .copy_(&Tensor::randn([3], (Kind::Float, Device::Cpu)));
         }
-        let ranges = nsa_attn::selection::ranges(&blocks, 0, &cfg).unwrap();
+        let ranges = nsa_attn::selection::ranges(&blocks, 0, &cfg, SelectImpl::Vectorized).unwrap();
         let before = reference::selected(&p.q, &p.slc_k, &p.slc_v, &ranges).unwrap();
         let after = reference::selected(&p.q, &k2, &v2, &ranges).unwrap();
         let lean_before =

@@ -22,6 +22,7 @@
 // Arithmetic: scores, softmax and gradient accumulators in float32 (float64 for float64 inputs);
 // matmuls in the input dtype.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
@@ -303,6 +304,28 @@ void write_error(const char* what, char* err, size_t err_len) {
   err[err_len - 1] = '\0';
 }
 
+// Under CUDA autocast q, k and v can arrive in different dtypes (linear outputs in bf16, RoPE or
+// phi outputs in fp32). The functions compute in one dtype: autocast's when autocast is on for
+// q's device and the promoted type is fp32, else the promoted type. The casts happen outside
+// the Function, so autograd routes each gradient back through its cast to the input's dtype.
+at::ScalarType common_type(const Tensor& q, const Tensor& k, const Tensor& v) {
+  auto dt = at::promote_types(at::promote_types(q.scalar_type(), k.scalar_type()), v.scalar_type());
+  if (q.is_cuda() && dt == at::kFloat && at::autocast::is_autocast_enabled(at::kCUDA)) {
+    dt = at::autocast::get_autocast_dtype(at::kCUDA);
+  }
+  return dt;
+}
+
+// Runs `f(q, k, v)` on inputs cast to their common dtype, with autocast excluded inside so that
+// forward and backward (which autograd runs without autocast) do the same arithmetic.
+template <typename F>
+Tensor with_common_dtype(const Tensor& q, const Tensor& k, const Tensor& v, F f) {
+  auto dt = common_type(q, k, v);
+  auto qc = q.to(dt), kc = k.to(dt), vc = v.to(dt);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return f(qc, kc, vc);
+}
+
 }  // namespace
 
 extern "C" {
@@ -313,7 +336,9 @@ at::Tensor* nsa_span_attention(const at::Tensor* q, const at::Tensor* k, const a
                                int64_t chunk, char* err, size_t err_len) {
   try {
     TORCH_CHECK(chunk > 0, "span attention: chunk must be positive");
-    auto out = SpanAttention::apply(*q, *k, *v, *lo, *hi, scale, chunk);
+    auto out = with_common_dtype(*q, *k, *v, [&](const Tensor& qc, const Tensor& kc, const Tensor& vc) {
+      return SpanAttention::apply(qc, kc, vc, *lo, *hi, scale, chunk);
+    });
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);
@@ -326,7 +351,9 @@ at::Tensor* nsa_block_attention(const at::Tensor* q, const at::Tensor* k, const 
                                 int64_t chunk, char* err, size_t err_len) {
   try {
     TORCH_CHECK(chunk > 0 && block_len > 0, "block attention: chunk and block_len positive");
-    auto out = BlockAttention::apply(*q, *k, *v, *blocks, block_len, scale, chunk);
+    auto out = with_common_dtype(*q, *k, *v, [&](const Tensor& qc, const Tensor& kc, const Tensor& vc) {
+      return BlockAttention::apply(qc, kc, vc, *blocks, block_len, scale, chunk);
+    });
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);

@@ -65,7 +65,9 @@ fn err_buf() -> Vec<c_char> {
 
 fn err_text(buf: &[c_char]) -> String {
     // SAFETY: the C++ side NUL-terminates inside the buffer (it was zeroed too).
-    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Starts libtorch's Kineto profiler (CPU activity, plus CUDA kernels when `cuda`).
@@ -76,7 +78,10 @@ pub fn profiler_start(cuda: bool) -> Result<(), SysError> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(SysError::Load { name: "kineto profiler".into(), reason: err_text(&buf) })
+        Err(SysError::Load {
+            name: "kineto profiler".into(),
+            reason: err_text(&buf),
+        })
     }
 }
 
@@ -92,7 +97,10 @@ pub fn profiler_stop(path: &Path) -> Result<(), SysError> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(SysError::Load { name: "kineto profiler".into(), reason: err_text(&buf) })
+        Err(SysError::Load {
+            name: "kineto profiler".into(),
+            reason: err_text(&buf),
+        })
     }
 }
 
@@ -146,7 +154,10 @@ mod tests {
         profiler_stop(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("traceEvents"), "not a Chrome trace");
-        assert!(text.contains("aten::mm") || text.contains("aten::matmul"), "matmul not traced");
+        assert!(
+            text.contains("aten::mm") || text.contains("aten::matmul"),
+            "matmul not traced"
+        );
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -10,7 +10,11 @@ fn backend_loads_and_facts_agree_with_it() {
     assert_eq!(cuda::load_backend().unwrap(), backend);
     let facts = RuntimeFacts::collect();
     assert_eq!(facts.cuda_available, backend.has_gpu());
-    assert_eq!(facts.cuda_available, tch::Cuda::is_available(), "tch must see what we loaded");
+    assert_eq!(
+        facts.cuda_available,
+        tch::Cuda::is_available(),
+        "tch must see what we loaded"
+    );
     match &backend {
         CudaBackend::Loaded { devices, .. } => {
             assert_eq!(*devices, tch::Cuda::device_count() as usize);
@@ -19,12 +23,18 @@ fn backend_loads_and_facts_agree_with_it() {
         }
         CudaBackend::NoDevice { .. } | CudaBackend::NotBuilt { .. } => {
             assert!(facts.cuda_runtime.is_none());
-            assert!(nsa_sys::train::cuda_memory(0).is_none(), "no CUDA allocator without a GPU");
+            assert!(
+                nsa_sys::train::cuda_memory(0).is_none(),
+                "no CUDA allocator without a GPU"
+            );
         }
     }
     let json = serde_json::to_value(&facts).unwrap();
     for key in ["libtorch_version", "cuda_backend", "gpus", "nccl", "sdpa"] {
         assert!(json.get(key).is_some(), "snapshot lacks {key}");
     }
-    assert!(cuda::libtorch_root().unwrap().join("lib/libtorch_cpu.so").exists());
+    assert!(cuda::libtorch_root()
+        .unwrap()
+        .join("lib/libtorch_cpu.so")
+        .exists());
 }

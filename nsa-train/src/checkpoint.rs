@@ -55,7 +55,9 @@ pub fn save(
 /// Complete checkpoints under `root`, oldest first.
 pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(root) else { return Ok(out) };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(out);
+    };
     for e in entries {
         let p = e?.path();
         let Some(step) = p
@@ -135,6 +137,9 @@ mod tests {
         let e = latest(&root).unwrap_err();
         assert!(format!("{e:#}").contains("state.json is corrupt"), "{e:#}");
         std::fs::remove_dir_all(&root).unwrap();
-        assert!(latest(&root).unwrap_err().to_string().contains("no checkpoint"));
+        assert!(latest(&root)
+            .unwrap_err()
+            .to_string()
+            .contains("no checkpoint"));
     }
 }

@@ -129,10 +129,18 @@ fn env_value(name: &str, raw: &str) -> Result<toml::Value> {
         other => bail!("{name}={other:?}: expected 0 or 1"),
     };
     Ok(match name {
-        "NSA_SEL_RANGES_V2" => toml::Value::String(if flag(raw)? { "vectorized" } else { "reference" }.into()),
+        "NSA_SEL_RANGES_V2" => toml::Value::String(
+            if flag(raw)? {
+                "vectorized"
+            } else {
+                "reference"
+            }
+            .into(),
+        ),
         "NSA_NVTX" | "NSA_SDPA_AUDIT" => toml::Value::Boolean(flag(raw)?),
         "NSA_DDP_BUCKET_MB" => toml::Value::Float(
-            raw.parse::<f64>().with_context(|| format!("{name}={raw:?}: expected a number of MB"))?,
+            raw.parse::<f64>()
+                .with_context(|| format!("{name}={raw:?}: expected a number of MB"))?,
         ),
         _ => toml::Value::String(raw.to_string()),
     })
@@ -147,19 +155,28 @@ pub fn resolve(
     let mut value = toml::Value::try_from(TrainConfig::default())?;
     for (name, raw) in env {
         if let Some((_, key)) = ENV_NAMES.iter().find(|(n, _)| *n == name) {
-            set_path(&mut value, key, env_value(&name, &raw)?).with_context(|| format!("environment {name}"))?;
+            set_path(&mut value, key, env_value(&name, &raw)?)
+                .with_context(|| format!("environment {name}"))?;
         }
     }
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let table: toml::Table = text.parse().with_context(|| format!("parsing config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("parsing config {}", path.display()))?;
         merge(&mut value, toml::Value::Table(table));
     }
     for s in sets {
-        let (key, raw) = s.split_once('=').with_context(|| format!("--set {s:?}: expected key=value"))?;
-        set_path(&mut value, key.trim(), parse_literal(raw.trim())).with_context(|| format!("--set {s}"))?;
+        let (key, raw) = s
+            .split_once('=')
+            .with_context(|| format!("--set {s:?}: expected key=value"))?;
+        set_path(&mut value, key.trim(), parse_literal(raw.trim()))
+            .with_context(|| format!("--set {s}"))?;
     }
-    let cfg: TrainConfig = value.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("config: {e}"))?;
+    let cfg: TrainConfig = value
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("config: {e}"))?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -180,14 +197,18 @@ fn set_path(root: &mut toml::Value, key: &str, value: toml::Value) -> Result<()>
     }
     let mut node = root;
     for p in &parts[..parts.len() - 1] {
-        let table = node.as_table_mut().with_context(|| format!("{key}: {p} is not a section"))?;
+        let table = node
+            .as_table_mut()
+            .with_context(|| format!("{key}: {p} is not a section"))?;
         if !table.contains_key(*p) {
             // Sections exist in the defaults; a missing one is an unknown key.
             bail!("unknown config key {key:?} (no section {p:?})");
         }
         node = table.get_mut(*p).expect("checked above");
     }
-    let table = node.as_table_mut().with_context(|| format!("{key}: not inside a section"))?;
+    let table = node
+        .as_table_mut()
+        .with_context(|| format!("{key}: not inside a section"))?;
     table.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
 }
@@ -212,10 +233,16 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let r = &self.run;
         if !["auto", "cpu", "cuda"].contains(&r.device.as_str()) && !r.device.starts_with("cuda:") {
-            bail!("run.device must be auto, cpu, cuda or cuda:N (got {:?})", r.device);
+            bail!(
+                "run.device must be auto, cpu, cuda or cuda:N (got {:?})",
+                r.device
+            );
         }
         if !["auto", "f32", "bf16"].contains(&r.precision.as_str()) {
-            bail!("run.precision must be auto, f32 or bf16 (got {:?})", r.precision);
+            bail!(
+                "run.precision must be auto, f32 or bf16 (got {:?})",
+                r.precision
+            );
         }
         if r.steps == 0 {
             bail!("run.steps must be at least 1");
@@ -230,16 +257,28 @@ impl TrainConfig {
             self.profile_range()?;
         }
         if !["vectorized", "reference"].contains(&self.fast.select.as_str()) {
-            bail!("fast.select must be vectorized or reference (got {:?})", self.fast.select);
+            bail!(
+                "fast.select must be vectorized or reference (got {:?})",
+                self.fast.select
+            );
         }
         if !["lean", "reference"].contains(&self.fast.attn_path.as_str()) {
-            bail!("fast.attn_path must be lean or reference (got {:?})", self.fast.attn_path);
+            bail!(
+                "fast.attn_path must be lean or reference (got {:?})",
+                self.fast.attn_path
+            );
         }
         if !["none", "bf16", "fp16"].contains(&self.fast.ddp_compress.as_str()) {
-            bail!("fast.ddp_compress must be none, bf16 or fp16 (got {:?})", self.fast.ddp_compress);
+            bail!(
+                "fast.ddp_compress must be none, bf16 or fp16 (got {:?})",
+                self.fast.ddp_compress
+            );
         }
-        if !(self.fast.ddp_bucket_mb > 0.0) {
-            bail!("fast.ddp_bucket_mb must be > 0 (got {})", self.fast.ddp_bucket_mb);
+        if self.fast.ddp_bucket_mb.is_nan() || self.fast.ddp_bucket_mb <= 0.0 {
+            bail!(
+                "fast.ddp_bucket_mb must be > 0 (got {})",
+                self.fast.ddp_bucket_mb
+            );
         }
         self.optim.validate()?;
         Ok(())
@@ -256,8 +295,12 @@ impl TrainConfig {
             .split_once("..")
             .with_context(|| format!("run.profile {:?}: expected A..B", self.run.profile))?;
         let (a, b): (u64, u64) = (
-            a.trim().parse().with_context(|| format!("run.profile start {a:?}"))?,
-            b.trim().parse().with_context(|| format!("run.profile end {b:?}"))?,
+            a.trim()
+                .parse()
+                .with_context(|| format!("run.profile start {a:?}"))?,
+            b.trim()
+                .parse()
+                .with_context(|| format!("run.profile end {b:?}"))?,
         );
         if a > b {
             bail!("run.profile {:?}: start after end", self.run.profile);
@@ -287,12 +330,20 @@ mod tests {
 
     #[test]
     fn sets_override_and_parse_types() {
-        let sets = ["optim.lr=0.01".to_string(), "run.steps=7".into(), "fast.nvtx=true".into(), "model.attention=dense".into()];
+        let sets = [
+            "optim.lr=0.01".to_string(),
+            "run.steps=7".into(),
+            "fast.nvtx=true".into(),
+            "model.attention=dense".into(),
+        ];
         let c = resolve(None, &sets, no_env()).unwrap();
         assert_eq!(c.optim.lr, 0.01);
         assert_eq!(c.run.steps, 7);
         assert!(c.fast.nvtx);
-        assert_eq!(c.model.get("attention").and_then(|v| v.as_str()), Some("dense"));
+        assert_eq!(
+            c.model.get("attention").and_then(|v| v.as_str()),
+            Some("dense")
+        );
     }
 
     #[test]

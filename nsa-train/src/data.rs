@@ -30,7 +30,10 @@ pub struct Batch {
 
 impl Batch {
     pub fn to(&self, device: Device) -> Batch {
-        Batch { input: self.input.to(device), target: self.target.to(device) }
+        Batch {
+            input: self.input.to(device),
+            target: self.target.to(device),
+        }
     }
 }
 
@@ -78,13 +81,30 @@ impl Default for DataConfig {
 
 /// Builds the source the config names. `vocab` is the model's vocabulary size.
 pub fn open(cfg: &DataConfig, vocab: i64, seed: u64) -> Result<Box<dyn TokenSource>> {
-    ensure!(cfg.seq_len >= 2, "data.seq_len must be at least 2 (got {})", cfg.seq_len);
+    ensure!(
+        cfg.seq_len >= 2,
+        "data.seq_len must be at least 2 (got {})",
+        cfg.seq_len
+    );
     ensure!(cfg.batch_size >= 1, "data.batch_size must be at least 1");
     let src: Box<dyn TokenSource> = match cfg.source.as_str() {
-        "needle" => Box::new(Synthetic { task: Task::Needle, vocab, seed, pairs: 1 }),
+        "needle" => Box::new(Synthetic {
+            task: Task::Needle,
+            vocab,
+            seed,
+            pairs: 1,
+        }),
         "recall" => {
-            ensure!(cfg.recall_pairs >= 1, "data.recall_pairs must be at least 1");
-            Box::new(Synthetic { task: Task::Recall, vocab, seed, pairs: cfg.recall_pairs })
+            ensure!(
+                cfg.recall_pairs >= 1,
+                "data.recall_pairs must be at least 1"
+            );
+            Box::new(Synthetic {
+                task: Task::Recall,
+                vocab,
+                seed,
+                pairs: cfg.recall_pairs,
+            })
         }
         "text" => Box::new(TextBytes::open(need_path(cfg)?, seed)?),
         "bin" => Box::new(BinShards::open(need_path(cfg)?, &cfg.format, seed)?),
@@ -155,10 +175,19 @@ impl Synthetic {
     fn ranges(&self) -> ((i64, i64), (i64, i64)) {
         let free = self.vocab - FIRST_FREE;
         let half = free / 2;
-        ((FIRST_FREE, FIRST_FREE + half), (FIRST_FREE + half, self.vocab))
+        (
+            (FIRST_FREE, FIRST_FREE + half),
+            (FIRST_FREE + half, self.vocab),
+        )
     }
 
-    fn sequence(&self, rng: &mut Rng, s: usize, tokens: &mut [i64], target: &mut [i64]) -> Result<()> {
+    fn sequence(
+        &self,
+        rng: &mut Rng,
+        s: usize,
+        tokens: &mut [i64],
+        target: &mut [i64],
+    ) -> Result<()> {
         let ((k0, k1), (v0, v1)) = self.ranges();
         let draw = |rng: &mut Rng, lo: i64, hi: i64| lo + rng.below((hi - lo) as u64) as i64;
         // The sequence is seq_len + 1 tokens; input = [..s], target = [1..].
@@ -184,7 +213,11 @@ impl Synthetic {
                     (k1 - k0) as usize >= n,
                     "recall with {n} pairs needs at least {n} distinct keys: raise model.vocab_size"
                 );
-                ensure!(s + 1 >= 4 * n + 1, "recall with {n} pairs needs seq_len >= {}", 4 * n);
+                ensure!(
+                    s + 1 > 4 * n,
+                    "recall with {n} pairs needs seq_len >= {}",
+                    4 * n
+                );
                 // Distinct keys (partial Fisher-Yates over the key range).
                 let mut keys: Vec<i64> = (k0..k1).collect();
                 for i in 0..n {
@@ -228,7 +261,12 @@ impl TokenSource for Synthetic {
         let mut target = vec![0i64; batch * s];
         for b in 0..batch {
             let mut rng = Rng::new(&[self.seed, step, rank, b as u64]);
-            self.sequence(&mut rng, s, &mut tokens[b * s..(b + 1) * s], &mut target[b * s..(b + 1) * s])?;
+            self.sequence(
+                &mut rng,
+                s,
+                &mut tokens[b * s..(b + 1) * s],
+                &mut target[b * s..(b + 1) * s],
+            )?;
         }
         let shape = [batch as i64, s as i64];
         Ok(Batch {
@@ -264,7 +302,11 @@ fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
         vec![path.to_path_buf()]
     };
     files.sort();
-    ensure!(!files.is_empty(), "data.path {} holds no files", path.display());
+    ensure!(
+        !files.is_empty(),
+        "data.path {} holds no files",
+        path.display()
+    );
     Ok(files)
 }
 
@@ -287,7 +329,10 @@ fn windows(tokens: &[i64], rng_parts: &[u64], batch: usize, s: usize) -> Result<
         target.extend_from_slice(&tokens[at + 1..at + s + 1]);
     }
     let shape = [batch as i64, s as i64];
-    Ok(Batch { input: Tensor::from_slice(&input).view(shape), target: Tensor::from_slice(&target).view(shape) })
+    Ok(Batch {
+        input: Tensor::from_slice(&input).view(shape),
+        target: Tensor::from_slice(&target).view(shape),
+    })
 }
 
 #[derive(Debug)]
@@ -305,7 +350,11 @@ impl TextBytes {
             let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
             tokens.extend(bytes.iter().map(|&b| b as i64));
         }
-        Ok(TextBytes { what: format!("text bytes, {} files, {} tokens", files.len(), tokens.len()), tokens, seed })
+        Ok(TextBytes {
+            what: format!("text bytes, {} files, {} tokens", files.len(), tokens.len()),
+            tokens,
+            seed,
+        })
     }
 }
 
@@ -337,8 +386,13 @@ const MAGIC_U32: i32 = 20240801;
 /// Parses one shard's bytes into tokens. `format` is `llmc` or `raw-u16`.
 pub fn parse_shard(bytes: &[u8], format: &str, name: &str) -> Result<Vec<i64>> {
     let u16s = |b: &[u8]| -> Result<Vec<i64>> {
-        ensure!(b.len() % 2 == 0, "{name}: odd number of bytes for uint16 tokens");
-        Ok(b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as i64).collect())
+        ensure!(
+            b.len().is_multiple_of(2),
+            "{name}: odd number of bytes for uint16 tokens"
+        );
+        Ok(b.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64)
+            .collect())
     };
     match format {
         "raw-u16" => u16s(bytes),
@@ -411,7 +465,11 @@ impl TokenSource for BinShards {
 pub fn answer_accuracy(logits: &Tensor, target: &Tensor) -> (i64, i64) {
     let mask = target.ne(IGNORE);
     let pred = logits.argmax(-1, false);
-    let correct = pred.eq_tensor(target).logical_and(&mask).sum(Kind::Int64).int64_value(&[]);
+    let correct = pred
+        .eq_tensor(target)
+        .logical_and(&mask)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
     (correct, mask.sum(Kind::Int64).int64_value(&[]))
 }
 
@@ -425,21 +483,40 @@ mod tests {
 
     #[test]
     fn batches_are_a_function_of_seed_step_rank() {
-        let cfg = DataConfig { seq_len: 64, batch_size: 3, ..Default::default() };
+        let cfg = DataConfig {
+            seq_len: 64,
+            batch_size: 3,
+            ..Default::default()
+        };
         for source in ["needle", "recall"] {
-            let cfg = DataConfig { source: source.into(), ..cfg.clone() };
+            let cfg = DataConfig {
+                source: source.into(),
+                ..cfg.clone()
+            };
             let a = open(&cfg, 64, 7).unwrap();
             let b = open(&cfg, 64, 7).unwrap();
             let x = a.batch(5, 1, 3, 64).unwrap();
-            assert_eq!(vec_of(&x.input), vec_of(&b.batch(5, 1, 3, 64).unwrap().input));
-            assert_ne!(vec_of(&x.input), vec_of(&a.batch(6, 1, 3, 64).unwrap().input));
-            assert_ne!(vec_of(&x.input), vec_of(&a.batch(5, 0, 3, 64).unwrap().input));
+            assert_eq!(
+                vec_of(&x.input),
+                vec_of(&b.batch(5, 1, 3, 64).unwrap().input)
+            );
+            assert_ne!(
+                vec_of(&x.input),
+                vec_of(&a.batch(6, 1, 3, 64).unwrap().input)
+            );
+            assert_ne!(
+                vec_of(&x.input),
+                vec_of(&a.batch(5, 0, 3, 64).unwrap().input)
+            );
         }
     }
 
     #[test]
     fn needle_answer_is_the_value_after_the_key() {
-        let cfg = DataConfig { seq_len: 40, ..Default::default() };
+        let cfg = DataConfig {
+            seq_len: 40,
+            ..Default::default()
+        };
         let src = open(&cfg, 32, 1).unwrap();
         let b = src.batch(0, 0, 4, 40).unwrap();
         let (inp, tgt) = (vec_of(&b.input), vec_of(&b.target));
@@ -450,14 +527,21 @@ mod tests {
             assert_eq!(scored, vec![39]);
             assert_eq!(row[38], QUERY);
             let key = row[39];
-            let at = (0..37).find(|&t| row[t] == NEEDLE && row[t + 1] == key).expect("needle present");
+            let at = (0..37)
+                .find(|&t| row[t] == NEEDLE && row[t + 1] == key)
+                .expect("needle present");
             assert_eq!(trow[39], row[at + 2]);
         }
     }
 
     #[test]
     fn recall_scores_every_queried_value() {
-        let cfg = DataConfig { source: "recall".into(), seq_len: 64, recall_pairs: 6, ..Default::default() };
+        let cfg = DataConfig {
+            source: "recall".into(),
+            seq_len: 64,
+            recall_pairs: 6,
+            ..Default::default()
+        };
         let src = open(&cfg, 64, 3).unwrap();
         let b = src.batch(2, 0, 2, 64).unwrap();
         let tgt = vec_of(&b.target);
@@ -466,12 +550,29 @@ mod tests {
 
     #[test]
     fn too_small_vocab_or_sequence_is_an_error() {
-        let cfg = DataConfig { source: "recall".into(), seq_len: 64, recall_pairs: 40, ..Default::default() };
+        let cfg = DataConfig {
+            source: "recall".into(),
+            seq_len: 64,
+            recall_pairs: 40,
+            ..Default::default()
+        };
         assert!(open(&cfg, 32, 0).unwrap_err().to_string().contains("vocab"));
-        let cfg = DataConfig { source: "bogus".into(), ..Default::default() };
-        assert!(open(&cfg, 32, 0).unwrap_err().to_string().contains("needle, recall, text or bin"));
-        let cfg = DataConfig { source: "text".into(), ..Default::default() };
-        assert!(open(&cfg, 256, 0).unwrap_err().to_string().contains("needs data.path"));
+        let cfg = DataConfig {
+            source: "bogus".into(),
+            ..Default::default()
+        };
+        assert!(open(&cfg, 32, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("needle, recall, text or bin"));
+        let cfg = DataConfig {
+            source: "text".into(),
+            ..Default::default()
+        };
+        assert!(open(&cfg, 256, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("needs data.path"));
     }
 
     fn llmc(magic: i32, version: i32, count: i32, body: &[u8]) -> Vec<u8> {
@@ -486,17 +587,36 @@ mod tests {
 
     #[test]
     fn llmc_shards_are_checked() {
-        let body: Vec<u8> = [1u16, 2, 65535].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(parse_shard(&llmc(MAGIC_U16, 1, 3, &body), "llmc", "a").unwrap(), vec![1, 2, 65535]);
-        let e = parse_shard(&llmc(MAGIC_U16, 1, 4, &body), "llmc", "a").unwrap_err().to_string();
+        let body: Vec<u8> = [1u16, 2, 65535]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            parse_shard(&llmc(MAGIC_U16, 1, 3, &body), "llmc", "a").unwrap(),
+            vec![1, 2, 65535]
+        );
+        let e = parse_shard(&llmc(MAGIC_U16, 1, 4, &body), "llmc", "a")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("header says 4 tokens"), "{e}");
-        let e = parse_shard(&llmc(123, 1, 3, &body), "llmc", "a").unwrap_err().to_string();
+        let e = parse_shard(&llmc(123, 1, 3, &body), "llmc", "a")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not llm.c's"), "{e}");
         let body32: Vec<u8> = [70000u32, 5].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(parse_shard(&llmc(MAGIC_U32, 7, 2, &body32), "llmc", "b").unwrap(), vec![70000, 5]);
-        assert_eq!(parse_shard(&body, "raw-u16", "c").unwrap(), vec![1, 2, 65535]);
+        assert_eq!(
+            parse_shard(&llmc(MAGIC_U32, 7, 2, &body32), "llmc", "b").unwrap(),
+            vec![70000, 5]
+        );
+        assert_eq!(
+            parse_shard(&body, "raw-u16", "c").unwrap(),
+            vec![1, 2, 65535]
+        );
         assert!(parse_shard(&body[..3], "raw-u16", "c").is_err());
-        assert!(parse_shard(&body, "llmc", "short").unwrap_err().to_string().contains("header"));
+        assert!(parse_shard(&body, "llmc", "short")
+            .unwrap_err()
+            .to_string()
+            .contains("header"));
     }
 
     #[test]
@@ -505,7 +625,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("a.txt");
         std::fs::write(&f, b"abcdefghijklmnopqrstuvwxyz").unwrap();
-        let cfg = DataConfig { source: "text".into(), path: Some(f), seq_len: 8, ..Default::default() };
+        let cfg = DataConfig {
+            source: "text".into(),
+            path: Some(f),
+            seq_len: 8,
+            ..Default::default()
+        };
         let src = open(&cfg, 256, 0).unwrap();
         let b = src.batch(0, 0, 2, 8).unwrap();
         let (i, t) = (vec_of(&b.input), vec_of(&b.target));

@@ -51,11 +51,16 @@ impl MetricsWriter {
 /// Reads `metrics.jsonl`, keeping for each step the last line written (a resumed run may repeat
 /// steps after its checkpoint), ordered by step.
 pub fn read(path: &Path) -> Result<Vec<MetricLine>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut by_step = std::collections::BTreeMap::new();
-    for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let m: MetricLine =
-            serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1))?;
+    for (i, l) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let m: MetricLine = serde_json::from_str(l)
+            .with_context(|| format!("{} line {}", path.display(), i + 1))?;
         by_step.insert(m.step, m);
     }
     Ok(by_step.into_values().collect())
@@ -72,9 +77,18 @@ pub fn plot_loss(lines: &[MetricLine], title: &str, out: &Path) -> Result<()> {
         let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
         let max_step = lines.iter().map(|l| l.step).max().unwrap_or(1).max(1) as f64;
-        let losses = lines.iter().map(|l| l.loss).chain(lines.iter().filter_map(|l| l.eval_loss));
-        let (lo, hi) = losses.filter(|v| v.is_finite()).fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
-        let (lo, hi) = if lo < hi { (lo, hi) } else { (lo - 1.0, lo + 1.0) };
+        let losses = lines
+            .iter()
+            .map(|l| l.loss)
+            .chain(lines.iter().filter_map(|l| l.eval_loss));
+        let (lo, hi) = losses
+            .filter(|v| v.is_finite())
+            .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+        let (lo, hi) = if lo < hi {
+            (lo, hi)
+        } else {
+            (lo - 1.0, lo + 1.0)
+        };
         let pad = (hi - lo) * 0.05;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
@@ -90,14 +104,22 @@ pub fn plot_loss(lines: &[MetricLine], title: &str, out: &Path) -> Result<()> {
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         chart
-            .draw_series(LineSeries::new(lines.iter().map(|l| (l.step as f64, l.loss)), &BLUE))
+            .draw_series(LineSeries::new(
+                lines.iter().map(|l| (l.step as f64, l.loss)),
+                &BLUE,
+            ))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label("train loss")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-        let evals: Vec<(f64, f64)> = lines.iter().filter_map(|l| Some((l.step as f64, l.eval_loss?))).collect();
+        let evals: Vec<(f64, f64)> = lines
+            .iter()
+            .filter_map(|l| Some((l.step as f64, l.eval_loss?)))
+            .collect();
         if !evals.is_empty() {
             chart
-                .draw_series(PointSeries::of_element(evals, 4, &RED, &|c, s, st| Circle::new(c, s, st.filled())))
+                .draw_series(PointSeries::of_element(evals, 4, &RED, &|c, s, st| {
+                    Circle::new(c, s, st.filled())
+                }))
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .label("eval loss")
                 .legend(|(x, y)| Circle::new((x + 10, y), 4, RED.filled()));
@@ -119,7 +141,11 @@ pub fn plot_loss(lines: &[MetricLine], title: &str, out: &Path) -> Result<()> {
 fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
     });
 }
 
@@ -153,7 +179,10 @@ mod tests {
             w.write(&line(s, l)).unwrap();
         }
         let back = read(&path).unwrap();
-        assert_eq!(back.iter().map(|m| m.step).collect::<Vec<_>>(), vec![10, 20, 30]);
+        assert_eq!(
+            back.iter().map(|m| m.step).collect::<Vec<_>>(),
+            vec![10, 20, 30]
+        );
         assert_eq!(back[1].loss, 1.5);
         let png = dir.join("loss.png");
         plot_loss(&back, "test", &png).unwrap();

@@ -43,14 +43,42 @@ impl Default for OptimConfig {
 
 impl OptimConfig {
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.lr > 0.0 && self.lr.is_finite(), "optim.lr must be > 0 (got {})", self.lr);
-        ensure!(self.min_lr >= 0.0 && self.min_lr <= self.lr, "optim.min_lr must be in [0, lr] (got {})", self.min_lr);
-        ensure!((0.0..1.0).contains(&self.beta1), "optim.beta1 must be in [0, 1) (got {})", self.beta1);
-        ensure!((0.0..1.0).contains(&self.beta2), "optim.beta2 must be in [0, 1) (got {})", self.beta2);
+        ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "optim.lr must be > 0 (got {})",
+            self.lr
+        );
+        ensure!(
+            self.min_lr >= 0.0 && self.min_lr <= self.lr,
+            "optim.min_lr must be in [0, lr] (got {})",
+            self.min_lr
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.beta1),
+            "optim.beta1 must be in [0, 1) (got {})",
+            self.beta1
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.beta2),
+            "optim.beta2 must be in [0, 1) (got {})",
+            self.beta2
+        );
         ensure!(self.eps > 0.0, "optim.eps must be > 0 (got {})", self.eps);
-        ensure!(self.weight_decay >= 0.0, "optim.weight_decay must be >= 0 (got {})", self.weight_decay);
-        ensure!(self.grad_clip >= 0.0, "optim.grad_clip must be >= 0 (got {})", self.grad_clip);
-        ensure!(self.grad_accum >= 1, "optim.grad_accum must be >= 1 (got {})", self.grad_accum);
+        ensure!(
+            self.weight_decay >= 0.0,
+            "optim.weight_decay must be >= 0 (got {})",
+            self.weight_decay
+        );
+        ensure!(
+            self.grad_clip >= 0.0,
+            "optim.grad_clip must be >= 0 (got {})",
+            self.grad_clip
+        );
+        ensure!(
+            self.grad_accum >= 1,
+            "optim.grad_accum must be >= 1 (got {})",
+            self.grad_accum
+        );
         Ok(())
     }
 
@@ -61,7 +89,8 @@ impl OptimConfig {
         }
         let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
         let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
-        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        self.min_lr
+            + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 }
 
@@ -85,7 +114,11 @@ pub struct AdamW {
 
 impl AdamW {
     /// `decay` / `no_decay`: (name, parameter) lists, e.g. from `nsa_model::decay_groups`.
-    pub fn new(cfg: OptimConfig, decay: Vec<(String, Tensor)>, no_decay: Vec<(String, Tensor)>) -> Self {
+    pub fn new(
+        cfg: OptimConfig,
+        decay: Vec<(String, Tensor)>,
+        no_decay: Vec<(String, Tensor)>,
+    ) -> Self {
         let slot = |(name, param): (String, Tensor), decay: bool| Slot {
             m: param.zeros_like().to_kind(Kind::Float),
             v: param.zeros_like().to_kind(Kind::Float),
@@ -96,7 +129,11 @@ impl AdamW {
         let mut slots: Vec<Slot> = decay.into_iter().map(|p| slot(p, true)).collect();
         slots.extend(no_decay.into_iter().map(|p| slot(p, false)));
         slots.sort_by(|a, b| a.name.cmp(&b.name));
-        AdamW { cfg, slots, steps: 0 }
+        AdamW {
+            cfg,
+            slots,
+            steps: 0,
+        }
     }
 
     pub fn zero_grad(&mut self) {
@@ -115,20 +152,28 @@ impl AdamW {
             .iter()
             .filter_map(|s| {
                 let g = s.param.grad();
-                g.defined().then(|| g.to_kind(Kind::Float).square().sum(Kind::Float))
+                g.defined()
+                    .then(|| g.to_kind(Kind::Float).square().sum(Kind::Float))
             })
             .collect();
         if norms.is_empty() {
             return 0.0;
         }
-        Tensor::stack(&norms, 0).sum(Kind::Float).sqrt().double_value(&[])
+        Tensor::stack(&norms, 0)
+            .sum(Kind::Float)
+            .sqrt()
+            .double_value(&[])
     }
 
     /// Clips to `grad_clip` given the norm, then takes one AdamW step at learning rate `lr`.
     pub fn step(&mut self, lr: f64, grad_norm: f64) {
         let _guard = tch::no_grad_guard();
         let c = &self.cfg;
-        let clip = if c.grad_clip > 0.0 && grad_norm > c.grad_clip { c.grad_clip / (grad_norm + 1e-6) } else { 1.0 };
+        let clip = if c.grad_clip > 0.0 && grad_norm > c.grad_clip {
+            c.grad_clip / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
         self.steps += 1;
         let t = self.steps as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
@@ -140,7 +185,9 @@ impl AdamW {
             }
             let g = g.to_kind(Kind::Float) * clip;
             let _ = s.m.g_mul_scalar_(c.beta1).g_add_(&(&g * (1.0 - c.beta1)));
-            let _ = s.v.g_mul_scalar_(c.beta2).g_add_(&(g.square() * (1.0 - c.beta2)));
+            let _ =
+                s.v.g_mul_scalar_(c.beta2)
+                    .g_add_(&(g.square() * (1.0 - c.beta2)));
             if s.decay && c.weight_decay > 0.0 {
                 let _ = s.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
             }
@@ -157,19 +204,24 @@ impl AdamW {
             named.push((format!("m.{}", s.name), s.m.to_device(tch::Device::Cpu)));
             named.push((format!("v.{}", s.name), s.v.to_device(tch::Device::Cpu)));
         }
-        Tensor::write_safetensors(&named, path).with_context(|| format!("writing {}", path.display()))
+        Tensor::write_safetensors(&named, path)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Restores the moments saved by [`AdamW::save`]; every parameter must be present with the
     /// same shape, and no unknown names may appear.
     pub fn load(&mut self, path: &Path, steps: u64) -> Result<()> {
-        let named = Tensor::read_safetensors(path).with_context(|| format!("reading optimizer state {}", path.display()))?;
+        let named = Tensor::read_safetensors(path)
+            .with_context(|| format!("reading optimizer state {}", path.display()))?;
         let mut map: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
         for s in &mut self.slots {
             for (prefix, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
                 let key = format!("{prefix}.{}", s.name);
                 let src = map.remove(&key).with_context(|| {
-                    format!("optimizer state {} has no {key}: it belongs to another model", path.display())
+                    format!(
+                        "optimizer state {} has no {key}: it belongs to another model",
+                        path.display()
+                    )
                 })?;
                 if src.size() != dst.size() {
                     bail!(
@@ -184,7 +236,10 @@ impl AdamW {
             }
         }
         if let Some(extra) = map.keys().next() {
-            bail!("optimizer state {} has {extra}, which this model lacks", path.display());
+            bail!(
+                "optimizer state {} has {extra}, which this model lacks",
+                path.display()
+            );
         }
         self.steps = steps;
         Ok(())
@@ -197,7 +252,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_min() {
-        let c = OptimConfig { lr: 1.0, min_lr: 0.1, warmup_steps: 10, ..Default::default() };
+        let c = OptimConfig {
+            lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 10,
+            ..Default::default()
+        };
         assert!((c.lr_at(0, 100) - 0.1).abs() < 1e-12);
         assert!((c.lr_at(9, 100) - 1.0).abs() < 1e-12);
         assert!((c.lr_at(10, 100) - 1.0).abs() < 1e-12);
@@ -208,12 +268,22 @@ mod tests {
     /// One step against the AdamW formula written out by hand.
     #[test]
     fn step_matches_the_formula() {
-        let cfg = OptimConfig { lr: 0.1, weight_decay: 0.5, grad_clip: 0.0, ..Default::default() };
+        let cfg = OptimConfig {
+            lr: 0.1,
+            weight_decay: 0.5,
+            grad_clip: 0.0,
+            ..Default::default()
+        };
         let w = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
         let b = Tensor::from_slice(&[0.5f32]).set_requires_grad(true);
-        let loss = (&w * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float) + (&b * 2.0).sum(Kind::Float);
+        let loss = (&w * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float)
+            + (&b * 2.0).sum(Kind::Float);
         loss.backward();
-        let mut opt = AdamW::new(cfg.clone(), vec![("w".into(), w.shallow_clone())], vec![("b".into(), b.shallow_clone())]);
+        let mut opt = AdamW::new(
+            cfg.clone(),
+            vec![("w".into(), w.shallow_clone())],
+            vec![("b".into(), b.shallow_clone())],
+        );
         let norm = opt.grad_norm();
         assert!((norm - (9.0f64 + 16.0 + 4.0).sqrt()).abs() < 1e-5);
         opt.step(0.1, norm);
@@ -227,7 +297,11 @@ mod tests {
 
     #[test]
     fn clipping_scales_the_gradient() {
-        let cfg = OptimConfig { grad_clip: 1.0, weight_decay: 0.0, ..Default::default() };
+        let cfg = OptimConfig {
+            grad_clip: 1.0,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
         let w = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
         (&w * 100.0).sum(Kind::Float).backward();
         let mut opt = AdamW::new(cfg, vec![], vec![("w".into(), w.shallow_clone())]);
@@ -244,7 +318,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let w = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
         (&w * &w).sum(Kind::Float).backward();
-        let mut a = AdamW::new(OptimConfig::default(), vec![("w".into(), w.shallow_clone())], vec![]);
+        let mut a = AdamW::new(
+            OptimConfig::default(),
+            vec![("w".into(), w.shallow_clone())],
+            vec![],
+        );
         let n = a.grad_norm();
         a.step(0.01, n);
         let path = dir.join("optim.safetensors");
@@ -252,10 +330,31 @@ mod tests {
         let w2 = Tensor::from_slice(&[1.0f32, 2.0]);
         let mut b = AdamW::new(OptimConfig::default(), vec![("w".into(), w2)], vec![]);
         b.load(&path, a.steps).unwrap();
-        assert_eq!(Vec::<f32>::try_from(&b.slots[0].v).unwrap(), Vec::<f32>::try_from(&a.slots[0].v).unwrap());
-        let mut c = AdamW::new(OptimConfig::default(), vec![("other".into(), Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)))], vec![]);
-        assert!(c.load(&path, 1).unwrap_err().to_string().contains("has no m.other"));
-        let mut d = AdamW::new(OptimConfig::default(), vec![("w".into(), Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)))], vec![]);
+        assert_eq!(
+            Vec::<f32>::try_from(&b.slots[0].v).unwrap(),
+            Vec::<f32>::try_from(&a.slots[0].v).unwrap()
+        );
+        let mut c = AdamW::new(
+            OptimConfig::default(),
+            vec![(
+                "other".into(),
+                Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)),
+            )],
+            vec![],
+        );
+        assert!(c
+            .load(&path, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("has no m.other"));
+        let mut d = AdamW::new(
+            OptimConfig::default(),
+            vec![(
+                "w".into(),
+                Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)),
+            )],
+            vec![],
+        );
         assert!(d.load(&path, 1).unwrap_err().to_string().contains("shape"));
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -59,7 +59,14 @@ pub fn run(args: SmokeArgs, backend: &CudaBackend) -> Result<()> {
     let s = train::train(&cfg, &launch, backend.has_gpu())?;
     println!(
         "smoke: {} on {} ({}): loss {:.3} -> {:.3}, answer accuracy {:.3} -> {:.3}, {:.0} tokens/s",
-        s.model, s.device, s.precision, s.first_loss, s.last_loss, s.initial_eval_accuracy, s.eval_accuracy, s.tokens_per_s
+        s.model,
+        s.device,
+        s.precision,
+        s.first_loss,
+        s.last_loss,
+        s.initial_eval_accuracy,
+        s.eval_accuracy,
+        s.tokens_per_s
     );
     ensure!(
         s.last_loss < 0.75 * s.first_loss,

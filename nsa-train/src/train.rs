@@ -79,7 +79,9 @@ pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
     };
     let base = ModelConfig::preset(&preset)?;
     let mut value = toml::Value::try_from(base)?;
-    let root = value.as_table_mut().expect("a struct serialises to a table");
+    let root = value
+        .as_table_mut()
+        .expect("a struct serialises to a table");
     for (k, v) in table {
         match (root.get_mut(&k), v) {
             (Some(toml::Value::Table(dst)), toml::Value::Table(src)) => {
@@ -104,12 +106,25 @@ fn forward_opts(cfg: &TrainConfig) -> ForwardOpts {
         "reference" => AttnPath::Reference,
         _ => AttnPath::Lean(LeanOpts::default()),
     };
-    ForwardOpts { path, ..Default::default() }
+    let select = match cfg.fast.select.as_str() {
+        "reference" => nsa_select::SelectImpl::Reference,
+        _ => nsa_select::SelectImpl::Vectorized,
+    };
+    ForwardOpts {
+        path,
+        select,
+        nvtx: cfg.fast.nvtx,
+        ..Default::default()
+    }
 }
 
 fn run_name(cfg: &TrainConfig, model: &ModelConfig) -> String {
     cfg.run.name.clone().unwrap_or_else(|| {
-        let preset = cfg.model.get("preset").and_then(|v| v.as_str()).unwrap_or("tiny");
+        let preset = cfg
+            .model
+            .get("preset")
+            .and_then(|v| v.as_str())
+            .unwrap_or("tiny");
         format!("{preset}-{}-{}", model.attention, cfg.data.source)
     })
 }
@@ -117,13 +132,10 @@ fn run_name(cfg: &TrainConfig, model: &ModelConfig) -> String {
 /// Cross-entropy over the scored positions (`target != IGNORE`), in fp32.
 fn loss_of(logits: &Tensor, target: &Tensor) -> Tensor {
     let v = logits.size().last().copied().unwrap_or(1);
-    logits.to_kind(Kind::Float).view([-1, v]).cross_entropy_loss::<Tensor>(
-        &target.view([-1]),
-        None,
-        tch::Reduction::Mean,
-        IGNORE,
-        0.0,
-    )
+    logits
+        .to_kind(Kind::Float)
+        .view([-1, v])
+        .cross_entropy_loss::<Tensor>(&target.view([-1]), None, tch::Reduction::Mean, IGNORE, 0.0)
 }
 
 struct Ctx<'a> {
@@ -138,7 +150,11 @@ impl Ctx<'_> {
     fn logits(&self, input: &Tensor) -> Result<Tensor> {
         let _r = NvtxRange::new(self.nvtx, "forward");
         let run = || self.model.forward(input, &self.opts);
-        let out = if self.bf16 { nsa_sys::train::with_bf16_autocast(run) } else { run() };
+        let out = if self.bf16 {
+            nsa_sys::train::with_bf16_autocast(run)
+        } else {
+            run()
+        };
         Ok(out?)
     }
 
@@ -148,14 +164,23 @@ impl Ctx<'_> {
         let (mut loss, mut correct, mut scored) = (0.0, 0i64, 0i64);
         for i in 0..n.max(1) {
             // Held-out: a rank no training process uses.
-            let b = src.batch(i, u64::MAX - 1, cfg.data.batch_size, cfg.data.seq_len)?.to(self.device);
+            let b = src
+                .batch(i, u64::MAX - 1, cfg.data.batch_size, cfg.data.seq_len)?
+                .to(self.device);
             let logits = self.logits(&b.input)?;
             loss += loss_of(&logits, &b.target).double_value(&[]);
             let (c, s) = data::answer_accuracy(&logits, &b.target);
             correct += c;
             scored += s;
         }
-        Ok((loss / n.max(1) as f64, if scored > 0 { correct as f64 / scored as f64 } else { 0.0 }))
+        Ok((
+            loss / n.max(1) as f64,
+            if scored > 0 {
+                correct as f64 / scored as f64
+            } else {
+                0.0
+            },
+        ))
     }
 }
 
@@ -165,7 +190,10 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     let device = parse_device(&cfg.run.device, has_gpu)?;
     let bf16 = match cfg.run.precision.as_str() {
         "bf16" => {
-            ensure!(device.is_cuda(), "run.precision = bf16 needs a CUDA device (bf16 autocast is CUDA-only here)");
+            ensure!(
+                device.is_cuda(),
+                "run.precision = bf16 needs a CUDA device (bf16 autocast is CUDA-only here)"
+            );
             true
         }
         "auto" => device.is_cuda(),
@@ -176,7 +204,8 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     let ckpt_dir = run_dir.join("checkpoints");
     if run_dir.exists() && !launch.resume {
         if launch.overwrite {
-            std::fs::remove_dir_all(&run_dir).with_context(|| format!("removing {}", run_dir.display()))?;
+            std::fs::remove_dir_all(&run_dir)
+                .with_context(|| format!("removing {}", run_dir.display()))?;
         } else {
             bail!(
                 "run folder {} exists: pass --resume to continue it, --overwrite to replace it, or set run.name",
@@ -187,13 +216,20 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     crate::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
     let env = crate::snapshot::EnvSnapshot::collect();
-    crate::write_atomic(&run_dir.join("env.json"), serde_json::to_string_pretty(&env)?.as_bytes())?;
+    crate::write_atomic(
+        &run_dir.join("env.json"),
+        serde_json::to_string_pretty(&env)?.as_bytes(),
+    )?;
 
     // Model and optimizer (fp32 master weights; bf16 only inside autocast).
     tch::manual_seed(cfg.run.seed as i64);
     let mut vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &model_cfg)?;
-    let parameters: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    let parameters: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
     let (decay, no_decay) = nsa_model::decay_groups(&vs);
     let mut opt = AdamW::new(cfg.optim.clone(), decay, no_decay);
     let model_json = serde_json::to_value(model_cfg)?;
@@ -231,13 +267,35 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     }
 
     let src = data::open(&cfg.data, model_cfg.vocab_size, cfg.run.seed)?;
-    let eval_src = data::open(&cfg.data, model_cfg.vocab_size, cfg.run.seed + cfg.data.eval_seed_offset)?;
-    let ctx = Ctx { model: &model, opts: forward_opts(cfg), device, bf16, nvtx: cfg.fast.nvtx };
+    let eval_src = data::open(
+        &cfg.data,
+        model_cfg.vocab_size,
+        cfg.run.seed + cfg.data.eval_seed_offset,
+    )?;
+    let ctx = Ctx {
+        model: &model,
+        opts: forward_opts(cfg),
+        device,
+        bf16,
+        nvtx: cfg.fast.nvtx,
+    };
     let summary_model = format!("{model_cfg}");
     println!("run:     {}", run_dir.display());
     println!("model:   {summary_model}");
-    println!("data:    {}, batch {} × seq {}", src.describe(), cfg.data.batch_size, cfg.data.seq_len);
-    println!("device:  {device:?}, precision {}", if bf16 { "bf16 autocast (fp32 master)" } else { "fp32" });
+    println!(
+        "data:    {}, batch {} × seq {}",
+        src.describe(),
+        cfg.data.batch_size,
+        cfg.data.seq_len
+    );
+    println!(
+        "device:  {device:?}, precision {}",
+        if bf16 {
+            "bf16 autocast (fp32 master)"
+        } else {
+            "fp32"
+        }
+    );
 
     let sdpa_audit = audit(&model_cfg, device, bf16);
     for a in &sdpa_audit {
@@ -251,26 +309,35 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handlers")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
     }
     let mut metrics_out = MetricsWriter::open(&run_dir.join("metrics.jsonl"))?;
     let profile = cfg.profile_range()?;
     let total = cfg.run.steps;
-    let bar = if launch.progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    let bar = if launch.progress {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(state.step);
 
     let save_ckpt = |state: &TrainState, vs: &nn::VarStore, opt: &AdamW| -> Result<PathBuf> {
         checkpoint::save(&ckpt_dir, state, cfg.run.keep_checkpoints, |dir| {
-            vs.save(dir.join("model.safetensors")).context("writing model.safetensors")?;
+            vs.save(dir.join("model.safetensors"))
+                .context("writing model.safetensors")?;
             opt.save(&dir.join("optim.safetensors"))
         })
     };
 
-    let tokens_per_step = cfg.data.batch_size as u64 * cfg.data.seq_len as u64 * cfg.optim.grad_accum;
+    let tokens_per_step =
+        cfg.data.batch_size as u64 * cfg.data.seq_len as u64 * cfg.optim.grad_accum;
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     let mut window_start = Instant::now();
     let mut window_tokens = 0u64;
@@ -289,8 +356,14 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         opt.zero_grad();
         let mut loss_sum = 0.0;
         for micro in 0..cfg.optim.grad_accum {
-            let Batch { input, target } =
-                src.batch(step * cfg.optim.grad_accum + micro, 0, cfg.data.batch_size, cfg.data.seq_len)?.to(device);
+            let Batch { input, target } = src
+                .batch(
+                    step * cfg.optim.grad_accum + micro,
+                    0,
+                    cfg.data.batch_size,
+                    cfg.data.seq_len,
+                )?
+                .to(device);
             let logits = ctx.logits(&input)?;
             let loss = loss_of(&logits, &target) / cfg.optim.grad_accum as f64;
             {
@@ -308,7 +381,9 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         } else {
             state.skipped_steps += 1;
             state.bad_streak += 1;
-            bar.println(format!("step {step}: non-finite loss {loss_sum} or grad norm {grad_norm}; step skipped"));
+            bar.println(format!(
+                "step {step}: non-finite loss {loss_sum} or grad norm {grad_norm}; step skipped"
+            ));
             if state.bad_streak >= cfg.run.max_bad_steps {
                 bar.abandon();
                 bail!(
@@ -323,9 +398,16 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         }
         let step_ms = t0.elapsed().as_secs_f64() * 1e3;
         if profile.is_some_and(|(_, b)| b == step) {
-            let trace = run_dir.join(format!("trace-steps-{}.json", cfg.run.profile.replace("..", "-")));
+            let trace = run_dir.join(format!(
+                "trace-steps-{}.json",
+                cfg.run.profile.replace("..", "-")
+            ));
             nsa_sys::train::profiler_stop(&trace)?;
-            bar.println(format!("profile of steps {} written to {}", cfg.run.profile, trace.display()));
+            bar.println(format!(
+                "profile of steps {} written to {}",
+                cfg.run.profile,
+                trace.display()
+            ));
         }
         state.step += 1;
         state.tokens_seen += tokens_per_step;
@@ -336,14 +418,16 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         if loss_sum.is_finite() {
             last_loss = loss_sum;
         }
-        let eval_now = cfg.run.eval_every > 0 && state.step % cfg.run.eval_every == 0;
+        let eval_now = cfg.run.eval_every > 0 && state.step.is_multiple_of(cfg.run.eval_every);
         if eval_now {
             last_eval = ctx.evaluate(eval_src.as_ref(), cfg, cfg.run.eval_batches)?;
         }
-        if state.step % cfg.run.log_every == 0 || state.step == total || eval_now {
+        if state.step.is_multiple_of(cfg.run.log_every) || state.step == total || eval_now {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let peak_mem_mb = if device.is_cuda() {
-                let m = nsa_sys::train::cuda_memory(device_index(device)).map(|m| m.peak_allocated).unwrap_or(0);
+                let m = nsa_sys::train::cuda_memory(device_index(device))
+                    .map(|m| m.peak_allocated)
+                    .unwrap_or(0);
                 nsa_sys::train::cuda_reset_peak(device_index(device));
                 m as f64 / 1e6
             } else {
@@ -362,7 +446,10 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
                 eval_accuracy: eval_now.then_some(last_eval.1),
             };
             metrics_out.write(&line)?;
-            bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {:.0} tok/s", line.tokens_per_s));
+            bar.set_message(format!(
+                "loss {loss_sum:.4} lr {lr:.2e} {:.0} tok/s",
+                line.tokens_per_s
+            ));
             if !launch.progress {
                 println!(
                     "step {:>6}  loss {loss_sum:.4}  lr {lr:.2e}  |g| {grad_norm:.3}  {:.0} tok/s{}",
@@ -375,7 +462,7 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
             window_tokens = 0;
         }
         bar.set_position(state.step);
-        let ckpt_now = cfg.run.ckpt_every > 0 && state.step % cfg.run.ckpt_every == 0;
+        let ckpt_now = cfg.run.ckpt_every > 0 && state.step.is_multiple_of(cfg.run.ckpt_every);
         if stop.load(Ordering::Relaxed) {
             state.elapsed_s += run_start.elapsed().as_secs_f64();
             let dir = save_ckpt(&state, &vs, &opt)?;
@@ -383,7 +470,9 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
             interrupted = true;
             break;
         }
-        if ckpt_now && state.step < total {
+        // No checkpoints during a run of non-finite steps: they would rotate the last good
+        // checkpoints out (run.keep_checkpoints) while the run may be about to stop.
+        if ckpt_now && state.step < total && state.bad_streak == 0 {
             save_ckpt(&state, &vs, &opt)?;
         }
     }
@@ -398,7 +487,11 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         ctx.evaluate(eval_src.as_ref(), cfg, cfg.run.eval_batches)?
     };
     let lines = metrics::read(&run_dir.join("metrics.jsonl"))?;
-    metrics::plot_loss(&lines, &format!("{name}: {summary_model}"), &run_dir.join("loss.png"))?;
+    metrics::plot_loss(
+        &lines,
+        &format!("{name}: {summary_model}"),
+        &run_dir.join("loss.png"),
+    )?;
     let secs = run_start.elapsed().as_secs_f64().max(1e-9);
     let summary = Summary {
         run_dir: run_dir.clone(),
@@ -410,7 +503,13 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         first_loss,
         last_loss,
         skipped_steps: state.skipped_steps,
-        tokens_per_s: lines.iter().rev().take(5).map(|l| l.tokens_per_s).sum::<f64>() / lines.len().clamp(1, 5) as f64,
+        tokens_per_s: lines
+            .iter()
+            .rev()
+            .take(5)
+            .map(|l| l.tokens_per_s)
+            .sum::<f64>()
+            / lines.len().clamp(1, 5) as f64,
         peak_mem_mb: lines.iter().map(|l| l.peak_mem_mb).fold(0.0, f64::max),
         eval_loss,
         eval_accuracy,
@@ -419,7 +518,10 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         sdpa_audit,
     };
     let _ = secs;
-    crate::write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    crate::write_atomic(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     let text = format!(
         "{}\nsteps {} ({} skipped), loss {:.4} -> {:.4}, eval loss {:.4}, answer accuracy {:.3} (at start {:.3}), {:.0} tokens/s, peak {:.0} MB\n",
         summary.model,
@@ -435,7 +537,10 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     );
     crate::write_atomic(&run_dir.join("summary.txt"), text.as_bytes())?;
     print!("{text}");
-    println!("wrote {}/{{config.toml,env.json,metrics.jsonl,loss.png,summary.json,checkpoints/}}", run_dir.display());
+    println!(
+        "wrote {}/{{config.toml,env.json,metrics.jsonl,loss.png,summary.json,checkpoints/}}",
+        run_dir.display()
+    );
     Ok(summary)
 }
 
@@ -479,11 +584,26 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
     );
     let mut vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &model_cfg)?;
-    vs.load(dir.join("model.safetensors")).with_context(|| format!("loading {}", dir.display()))?;
-    let eval_src = data::open(&cfg.data, model_cfg.vocab_size, cfg.run.seed + cfg.data.eval_seed_offset)?;
+    vs.load(dir.join("model.safetensors"))
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let eval_src = data::open(
+        &cfg.data,
+        model_cfg.vocab_size,
+        cfg.run.seed + cfg.data.eval_seed_offset,
+    )?;
     let bf16 = device.is_cuda() && cfg.run.precision != "f32";
-    let ctx = Ctx { model: &model, opts: forward_opts(&cfg), device, bf16, nvtx: false };
+    let ctx = Ctx {
+        model: &model,
+        opts: forward_opts(&cfg),
+        device,
+        bf16,
+        nvtx: false,
+    };
     let (loss, acc) = ctx.evaluate(eval_src.as_ref(), &cfg, batches)?;
-    println!("{}: step {}, eval loss {loss:.4}, answer accuracy {acc:.3} over {batches} batches", dir.display(), st.step);
+    println!(
+        "{}: step {}, eval loss {loss:.4}, answer accuracy {acc:.3} over {batches} batches",
+        dir.display(),
+        st.step
+    );
     Ok((loss, acc))
 }

@@ -45,7 +45,11 @@ fn run(args: &[String]) -> Output {
 }
 
 fn ok(out: &Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "nsa-train failed:\n{text}");
     text
 }
@@ -62,7 +66,10 @@ fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap().to_bits())
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap().to_bits(),
+            )
         })
         .collect()
 }
@@ -83,13 +90,28 @@ fn resume_continues_bit_exactly() {
     ok(&run(&b));
     let dir = out.join("resumed");
     std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
-    let kept: Vec<String> = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().take(3).map(String::from).collect();
+    let kept: Vec<String> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .take(3)
+        .map(String::from)
+        .collect();
     std::fs::write(dir.join("metrics.jsonl"), kept.join("\n") + "\n").unwrap();
     b.push("--resume".into());
     let text = ok(&run(&b));
     assert!(text.contains("resumed from"), "{text}");
-    assert_eq!(losses(&dir), straight, "loss curve after resume differs from the uninterrupted run");
-    for f in ["config.toml", "env.json", "loss.png", "summary.json", "summary.txt"] {
+    assert_eq!(
+        losses(&dir),
+        straight,
+        "loss curve after resume differs from the uninterrupted run"
+    );
+    for f in [
+        "config.toml",
+        "env.json",
+        "loss.png",
+        "summary.json",
+        "summary.txt",
+    ] {
         assert!(dir.join(f).is_file(), "run folder lacks {f}");
     }
     std::fs::remove_dir_all(out).unwrap();
@@ -100,19 +122,35 @@ fn sigterm_saves_a_checkpoint_before_exit() {
     let out = scratch("signal");
     let mut a = vec!["train".to_string()];
     a.extend(tiny(&out, "sig", 100_000));
-    let mut child = bin().args(&a).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = bin()
+        .args(&a)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let metrics = out.join("sig/metrics.jsonl");
     let start = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) < 2 {
+    while std::fs::read_to_string(&metrics)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
         assert!(start.elapsed().as_secs() < 120, "training never started");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status}");
-    let ckpts: Vec<_> = std::fs::read_dir(out.join("sig/checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let ckpts: Vec<_> = std::fs::read_dir(out.join("sig/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert!(!ckpts.is_empty(), "no checkpoint written on SIGTERM");
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("sig/summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sig/summary.json")).unwrap())
+            .unwrap();
     assert_eq!(summary["interrupted"], true);
     std::fs::remove_dir_all(out).unwrap();
 }
@@ -120,15 +158,42 @@ fn sigterm_saves_a_checkpoint_before_exit() {
 #[test]
 fn bad_input_is_named() {
     let out = scratch("bad");
-    let e = err(&run(&["train".into(), "--set".into(), "optim.lrr=1".into(), "--dry-run".into()]));
+    let e = err(&run(&[
+        "train".into(),
+        "--set".into(),
+        "optim.lrr=1".into(),
+        "--dry-run".into(),
+    ]));
     assert!(e.contains("lrr"), "{e}");
-    let e = err(&run(&["train".into(), "--set".into(), "model.dimm=3".into(), "--steps".into(), "1".into()]));
+    let e = err(&run(&[
+        "train".into(),
+        "--set".into(),
+        "model.dimm=3".into(),
+        "--steps".into(),
+        "1".into(),
+    ]));
     assert!(e.contains("dimm"), "{e}");
-    let e = err(&run(&["train".into(), "--set".into(), "model.preset=\"huge\"".into(), "--steps".into(), "1".into()]));
+    let e = err(&run(&[
+        "train".into(),
+        "--set".into(),
+        "model.preset=\"huge\"".into(),
+        "--steps".into(),
+        "1".into(),
+    ]));
     assert!(e.contains("huge") && e.contains("tiny"), "{e}");
     let cfg = out.join("bad.toml");
-    std::fs::write(&cfg, "[data]\nsource = \"bin\"\npath = \"/nonexistent/shards\"\n").unwrap();
-    let e = err(&run(&["train".into(), "--config".into(), cfg.display().to_string(), "--set".into(), format!("run.out_dir={:?}", out.display().to_string())]));
+    std::fs::write(
+        &cfg,
+        "[data]\nsource = \"bin\"\npath = \"/nonexistent/shards\"\n",
+    )
+    .unwrap();
+    let e = err(&run(&[
+        "train".into(),
+        "--config".into(),
+        cfg.display().to_string(),
+        "--set".into(),
+        format!("run.out_dir={:?}", out.display().to_string()),
+    ]));
     assert!(e.contains("/nonexistent/shards"), "{e}");
 
     // An existing run folder is never silently overwritten, and a corrupt checkpoint is named.
@@ -137,7 +202,11 @@ fn bad_input_is_named() {
     ok(&run(&a));
     let e = err(&run(&a));
     assert!(e.contains("--resume") && e.contains("--overwrite"), "{e}");
-    std::fs::write(out.join("exists/checkpoints/step-00000003/state.json"), b"garbage").unwrap();
+    std::fs::write(
+        out.join("exists/checkpoints/step-00000003/state.json"),
+        b"garbage",
+    )
+    .unwrap();
     a.push("--resume".into());
     let e = err(&run(&a));
     assert!(e.contains("state.json is corrupt"), "{e}");
@@ -149,5 +218,39 @@ fn bad_input_is_named() {
     b.extend(["--resume".into(), "--set".into(), "model.n_layers=3".into()]);
     let e = err(&run(&b));
     assert!(e.contains("another model config"), "{e}");
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn non_finite_steps_are_skipped_then_stop_the_run() {
+    let out = scratch("nan");
+    let mut a = vec!["train".to_string()];
+    a.extend(tiny(&out, "nan", 50));
+    // A learning rate this large makes the parameters overflow after the first update, so
+    // every later loss is NaN: those steps are skipped, and the run stops after three in a row.
+    for s in [
+        "optim.lr=1e30",
+        "optim.min_lr=0",
+        "optim.warmup_steps=0",
+        "optim.grad_clip=0",
+        "run.ckpt_every=1",
+        "run.max_bad_steps=3",
+    ] {
+        a.extend(["--set".to_string(), s.to_string()]);
+    }
+    let e = err(&run(&a));
+    assert!(e.contains("3 non-finite steps in a row"), "{e}");
+    let ckpts: Vec<String> = std::fs::read_dir(out.join("nan/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        ckpts.contains(&"step-00000001".to_string()),
+        "last good checkpoint kept: {ckpts:?}"
+    );
+    assert!(
+        !ckpts.iter().any(|c| c.starts_with('.')),
+        "no half-written checkpoint: {ckpts:?}"
+    );
     std::fs::remove_dir_all(out).unwrap();
 }

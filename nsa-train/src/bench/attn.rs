@@ -381,7 +381,7 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
                 _ => {
                     let p = tch::no_grad(|| attn.project(&x))?;
                     time_median(device, repeats(args, device), || {
-                        let _blocks = attn.select(&p, path)?;
+                        let _blocks = attn.select(&p, path, nsa_select::SelectImpl::Vectorized)?;
                         Ok(())
                     })?
                 }

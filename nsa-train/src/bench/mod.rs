@@ -27,7 +27,10 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
 /// Appends `text` to `path` (creating it), after a blank line.
 pub(crate) fn append(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     writeln!(f, "\n{text}")?;
     Ok(())
 }

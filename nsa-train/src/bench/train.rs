@@ -17,7 +17,7 @@ pub struct TrainBenchArgs {
     /// Tokens per optimizer step (batch = tokens / seq, at least 1).
     #[arg(long, default_value_t = 32768)]
     tokens_per_step: usize,
-    /// Timed steps per configuration (after 3 warm-up steps).
+    /// Timed steps per configuration (after 3 warm-up steps); 0 skips the throughput table.
     #[arg(long, default_value_t = 10)]
     steps: u64,
     /// Steps of the needle comparison (0 = skip it).
@@ -40,7 +40,15 @@ pub struct TrainBenchArgs {
     sets: Vec<String>,
 }
 
-fn one(a: &TrainBenchArgs, attention: &str, seq: usize, batch: usize, steps: u64, source: &str, extra: &[String]) -> Result<Summary> {
+fn one(
+    a: &TrainBenchArgs,
+    attention: &str,
+    seq: usize,
+    batch: usize,
+    steps: u64,
+    source: &str,
+    extra: &[String],
+) -> Result<Summary> {
     let mut sets = vec![
         format!("run.name=\"{}-{attention}-{source}-s{seq}\"", a.preset),
         format!("run.out_dir={:?}", a.out_dir),
@@ -60,7 +68,14 @@ fn one(a: &TrainBenchArgs, attention: &str, seq: usize, batch: usize, steps: u64
     sets.extend(a.sets.iter().cloned());
     let cfg = config::resolve(None, &sets, std::iter::empty())?;
     let backend = nsa_sys::cuda::load_backend()?;
-    train::train(&cfg, &Launch { overwrite: true, ..Default::default() }, backend.has_gpu())
+    train::train(
+        &cfg,
+        &Launch {
+            overwrite: true,
+            ..Default::default()
+        },
+        backend.has_gpu(),
+    )
 }
 
 fn median_tokens_per_s(s: &Summary) -> Result<f64> {
@@ -77,7 +92,8 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
     let mut table = String::from(
         "| preset | S | batch | attention | tokens/s (median) | peak memory (MB) | NSA / dense |\n| --- | --- | --- | --- | --- | --- | --- |\n",
     );
-    for &seq in &a.seq {
+    let seqs: &[usize] = if a.steps == 0 { &[] } else { &a.seq };
+    for &seq in seqs {
         let batch = (a.tokens_per_step / seq).max(1);
         let mut dense_tps = None;
         for attention in ["dense", "nsa"] {
@@ -93,9 +109,19 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                     }
                     format!("{tps:.0} | {:.0} | {ratio}", s.peak_mem_mb)
                 }
-                Err(e) => format!("failed: {} | | ", format!("{e:#}").lines().next().unwrap_or("").replace('|', "/")),
+                Err(e) => format!(
+                    "failed: {} | | ",
+                    format!("{e:#}")
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .replace('|', "/")
+                ),
             };
-            table.push_str(&format!("| {} | {seq} | {batch} | {attention} | {cell} |\n", a.preset));
+            table.push_str(&format!(
+                "| {} | {seq} | {batch} | {attention} | {cell} |\n",
+                a.preset
+            ));
         }
     }
     if a.needle_steps > 0 {
@@ -105,9 +131,23 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
         ));
         let batch = (a.tokens_per_step / a.needle_seq).max(1);
         for attention in ["dense", "nsa"] {
-            let row = match one(&a, attention, a.needle_seq, batch, a.needle_steps, "needle", &["run.log_every=10".into(), "run.eval_batches=16".into()]) {
-                Ok(s) => format!("| {attention} | {:.4} | {:.3} |\n", s.eval_loss, s.eval_accuracy),
-                Err(e) => format!("| {attention} | failed: {} | |\n", format!("{e:#}").lines().next().unwrap_or("")),
+            let row = match one(
+                &a,
+                attention,
+                a.needle_seq,
+                batch,
+                a.needle_steps,
+                "needle",
+                &["run.log_every=10".into(), "run.eval_batches=16".into()],
+            ) {
+                Ok(s) => format!(
+                    "| {attention} | {:.4} | {:.3} |\n",
+                    s.eval_loss, s.eval_accuracy
+                ),
+                Err(e) => format!(
+                    "| {attention} | failed: {} | |\n",
+                    format!("{e:#}").lines().next().unwrap_or("")
+                ),
             };
             table.push_str(&row);
         }
