@@ -389,6 +389,15 @@ mod tests {
         assert!(format!("{:#}", resolve(None, &[], bad).unwrap_err()).contains("NSA_NVTX"));
     }
 
+    /// configs/example.toml documents every key with its default: it must resolve to exactly
+    /// the defaults, so the file and the code cannot drift apart.
+    #[test]
+    fn example_config_lists_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/example.toml");
+        let c = resolve(Some(&path), &[], no_env()).unwrap();
+        assert_eq!(c, TrainConfig::default());
+    }
+
     #[test]
     fn profile_range_parses() {
         let c = resolve(None, &["run.profile=\"3..5\"".to_string()], no_env()).unwrap();

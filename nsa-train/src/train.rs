@@ -297,7 +297,11 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         }
     );
 
-    let sdpa_audit = audit(&model_cfg, device, bf16);
+    let sdpa_audit = if cfg.fast.sdpa_audit {
+        audit(&model_cfg, device, bf16)
+    } else {
+        Vec::new()
+    };
     for a in &sdpa_audit {
         println!("sdpa:    {a}");
     }

@@ -31,11 +31,23 @@ const VERSION_HEADERS: [&str; 3] = [
 /// Sets up libtorch unless `.libtorch` is already good. Used by every other command.
 pub fn ensure(sh: &Shell, root: &Path) -> Result<PathBuf> {
     match check_libtorch(&root.join(LINK)) {
-        Ok(_) if std::env::var_os("LIBTORCH").is_none_or(|v| same_target(root, &v)) => {
+        Ok(_) if user_libtorch(root).is_none_or(|v| same_target(root, v.as_os_str())) => {
             Ok(root.join(LINK))
         }
         _ => setup(sh, root, false),
     }
+}
+
+/// `LIBTORCH` as the user set it. `cargo xtask` itself runs under `cargo run`, which applies
+/// `.cargo/config.toml`'s `[env] LIBTORCH = <root>/.libtorch`; that value is ours, not a
+/// user's choice, so it does not count (on a fresh clone the link does not exist yet).
+fn user_libtorch(root: &Path) -> Option<PathBuf> {
+    user_choice(root, std::env::var_os("LIBTORCH"))
+}
+
+fn user_choice(root: &Path, value: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let v = PathBuf::from(value.filter(|v| !v.is_empty())?);
+    (v != root.join(LINK)).then_some(v)
 }
 
 fn same_target(root: &Path, libtorch: &std::ffi::OsStr) -> bool {
@@ -48,8 +60,7 @@ fn same_target(root: &Path, libtorch: &std::ffi::OsStr) -> bool {
 pub fn setup(sh: &Shell, root: &Path, force: bool) -> Result<PathBuf> {
     let link = root.join(LINK);
     // 1. The user's own libtorch.
-    if let Some(user) = std::env::var_os("LIBTORCH").filter(|v| !v.is_empty()) {
-        let user = PathBuf::from(user);
+    if let Some(user) = user_libtorch(root) {
         if !same_target(root, user.as_os_str()) || force {
             let version = check_libtorch(&user).with_context(|| {
                 format!(
@@ -309,6 +320,20 @@ mod tests {
         let d = tempdir::Dir::new();
         let e = check_libtorch(&d.0).unwrap_err().to_string();
         assert!(e.contains("not a libtorch folder"), "{e}");
+    }
+
+    #[test]
+    fn the_configs_own_libtorch_value_is_not_a_user_choice() {
+        // cargo's [env] sets LIBTORCH=<root>/.libtorch for `cargo xtask`; only another value
+        // is the user's.
+        let root = Path::new("/some/root");
+        assert_eq!(user_choice(root, Some("/some/root/.libtorch".into())), None);
+        assert_eq!(user_choice(root, Some("".into())), None);
+        assert_eq!(user_choice(root, None), None);
+        assert_eq!(
+            user_choice(root, Some("/opt/libtorch".into())),
+            Some(PathBuf::from("/opt/libtorch"))
+        );
     }
 
     #[test]
