@@ -60,11 +60,14 @@ pub enum AttnPath {
 /// count and never change results beyond float rounding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeanOpts {
-    /// Queries per chunk for the compressed branch, the selected branch and the chunked
-    /// selection scores.
+    /// Queries per chunk for the compressed and the selected branch.
     pub query_chunk: i64,
     /// Queries per chunk for the sliding window (each chunk reads `window_chunk + w − 1` keys).
     pub window_chunk: i64,
+    /// Queries per chunk for the block selection (no gradient, nothing saved): its temporary
+    /// `p_cmp` chunk is `B · select_chunk · H · Nc` floats (1 GB at 64k, H = 64, chunk 1024),
+    /// and fewer, larger chunks cut the selection's launch count.
+    pub select_chunk: i64,
 }
 
 impl Default for LeanOpts {
@@ -72,6 +75,7 @@ impl Default for LeanOpts {
         Self {
             query_chunk: 256,
             window_chunk: 512,
+            select_chunk: 1024,
         }
     }
 }
@@ -292,10 +296,10 @@ impl NsaAttention {
         let c = &self.cfg;
         let (h, g, dk, dv) = (c.heads, c.kv_heads, c.head_dim_k, c.head_dim_v);
         let rope = Rope::new(c.rope_base, dk, s, x.kind(), x.device());
-        let q = rope.apply(&self.wq.forward(x).f_view([b, s, h, dk])?);
+        let q = rope.apply(&self.wq.forward(x).f_view([b, s, h, dk])?)?;
         let keys = |br: Branch| -> Result<(Tensor, Tensor), AttnError> {
             let p = self.kv_proj(br);
-            let k = rope.apply(&p.wk.forward(x).f_view([b, s, g, dk])?);
+            let k = rope.apply(&p.wk.forward(x).f_view([b, s, g, dk])?)?;
             Ok((k, p.wv.forward(x).f_view([b, s, g, dv])?))
         };
         let (raw_cmp_k, raw_cmp_v) = keys(Branch::Compressed)?;
@@ -432,8 +436,8 @@ impl NsaAttention {
                 selection::blocks_from_probs(&p_cmp, 0, p.q.size()[1], cfg, imp)
             }
             AttnPath::Lean(lo) => {
-                check_chunk("query_chunk", lo.query_chunk)?;
-                selection::blocks_chunked(&p.q, &p.cmp_k, cfg, lo.query_chunk, imp)
+                check_chunk("select_chunk", lo.select_chunk)?;
+                selection::blocks_chunked(&p.q, &p.cmp_k, cfg, lo.select_chunk, imp)
             }
         }
     }
@@ -508,17 +512,21 @@ fn check_chunk(option: &'static str, value: i64) -> Result<(), AttnError> {
     }
 }
 
-/// Rotary position embedding (rotate-half form) for positions `0..S` over a head dim `dk`.
+/// Rotary position embedding, rotate-half form, for positions `0..S` over head dim `dk`: pair
+/// `(i, i + dk/2)` of a head at position `s` is rotated by `s · base^(−2i/dk)`. Computed in
+/// float64 and stored in the activations' kind. Shared with `nsa-model`'s dense baseline, so
+/// NSA and dense models place positions identically.
 #[derive(Debug)]
-pub(crate) struct Rope {
+pub struct Rope {
+    /// `[S, 1, dk/2]`
     cos: Tensor,
+    /// `[S, 1, dk/2]`
     sin: Tensor,
 }
 
 impl Rope {
-    /// `cos`/`sin` of `s · base^(−2i/dk)`, computed in float64 and stored as `[S, 1, dk/2]` in
-    /// `kind`.
-    pub(crate) fn new(base: f64, dk: i64, s: i64, kind: Kind, device: tch::Device) -> Self {
+    /// Tables for `s` positions.
+    pub fn new(base: f64, dk: i64, s: i64, kind: Kind, device: tch::Device) -> Self {
         let half = dk / 2;
         let inv_freq =
             (Tensor::arange(half, (Kind::Double, device)) * (-2.0 * base.ln() / dk as f64)).exp();
@@ -531,15 +539,15 @@ impl Rope {
         }
     }
 
-    /// `x` `[B, S, heads, dk]` → same shape, pair (i, i + dk/2) rotated by position.
-    pub(crate) fn apply(&self, x: &Tensor) -> Tensor {
-        let half = x.size()[3] / 2;
-        let x1 = x.narrow(3, 0, half);
-        let x2 = x.narrow(3, half, half);
-        Tensor::cat(
+    /// `x` `[B, S, heads, dk]` → the same shape, rotated by position.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        let half = x.size().get(3).copied().unwrap_or(0) / 2;
+        let x1 = x.f_narrow(3, 0, half)?;
+        let x2 = x.f_narrow(3, half, half)?;
+        Tensor::f_cat(
             &[
-                &x1 * &self.cos - &x2 * &self.sin,
-                &x2 * &self.cos + &x1 * &self.sin,
+                x1.f_mul(&self.cos)?.f_sub(&x2.f_mul(&self.sin)?)?,
+                x2.f_mul(&self.cos)?.f_add(&x1.f_mul(&self.sin)?)?,
             ],
             3,
         )
@@ -559,7 +567,7 @@ mod tests {
             Tensor::randn([1, 1, 1, dk], (Kind::Double, Device::Cpu)).expand([1, s, 1, dk], false);
         let k =
             Tensor::randn([1, 1, 1, dk], (Kind::Double, Device::Cpu)).expand([1, s, 1, dk], false);
-        let (rq, rk) = (rope.apply(&q), rope.apply(&k));
+        let (rq, rk) = (rope.apply(&q).unwrap(), rope.apply(&k).unwrap());
         let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
         assert!(
             diff(&rq.narrow(1, 0, 1), &q.narrow(1, 0, 1)) < 1e-12,
@@ -612,6 +620,7 @@ mod tests {
             path: AttnPath::Lean(LeanOpts {
                 query_chunk: 0,
                 window_chunk: 4,
+                select_chunk: 4,
             }),
             ..Default::default()
         };

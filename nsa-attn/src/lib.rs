@@ -65,7 +65,8 @@
 //! queries read), so backward recomputes the chunk's probabilities with exactly the forward
 //! arithmetic and forms the score gradient as `p·(dp − Σ p·dp)`, the formula autograd's softmax
 //! backward uses; nothing that scales with keys-per-query survives the forward pass. Selection
-//! on this path computes `p_cmp` chunk by chunk under `no_grad` and keeps only the block ids.
+//! on this path computes `p_cmp` chunk by chunk (`LeanOpts::select_chunk` queries, default 1024)
+//! under `no_grad` and keeps only the block ids.
 //!
 //! Why a custom autograd function instead of SDPA on tiles: the selected branch reads a
 //! different key set per query; with autograd, every chunk's gathered keys and probabilities
@@ -124,5 +125,6 @@ pub mod selection;
 pub use audit::{AttnAudit, BranchKernel};
 pub use config::{AttnError, NsaConfig, Phi};
 pub use layer::{
-    AttnPath, Branch, BranchOutputs, ForwardOpts, GateOverride, LeanOpts, NsaAttention, Projections,
+    AttnPath, Branch, BranchOutputs, ForwardOpts, GateOverride, LeanOpts, NsaAttention,
+    Projections, Rope,
 };

@@ -21,6 +21,10 @@ fn seed() -> i64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or((nanos % 1_000_000_007) as i64);
+    // Load libtorch's CUDA backend before the first libtorch call: manual_seed asks whether
+    // CUDA exists, and ATen caches a "no CUDA" answer for the whole process (tests run in
+    // parallel threads of one process, so the CUDA test would lose its GPU).
+    nsa_sys::cuda::load_backend().expect("loading libtorch's CUDA backend");
     tch::manual_seed(s);
     s
 }
@@ -81,6 +85,8 @@ fn lean(chunk: i64, window_chunk: i64) -> AttnPath {
     AttnPath::Lean(LeanOpts {
         query_chunk: chunk,
         window_chunk,
+        // Differs from query_chunk so that the two chunkings are tested independently.
+        select_chunk: chunk + 3,
     })
 }
 
@@ -89,6 +95,7 @@ const PATHS: [AttnPath; 2] = [
     AttnPath::Lean(LeanOpts {
         query_chunk: 5,
         window_chunk: 7,
+        select_chunk: 6,
     }),
 ];
 

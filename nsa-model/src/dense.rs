@@ -5,52 +5,13 @@
 //! `v` `[B, Hkv, S, dv]`; the output is `[B, H, S, dv]`. Query head `j` reads KV head
 //! `j / (H / Hkv)` (group-major, as SDPA's `enable_gqa` and `nsa-attn`).
 use tch::nn::{self, Module};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::config::{ModelConfig, ModelError};
 
-/// Rotary position embedding, rotate-half form, for positions `0..S` over head dim `dk`:
-/// pair `(i, i + dk/2)` of a head at position `s` is rotated by `s · base^(−2i/dk)`.
-/// Computed in float64 and stored in the activations' kind. This is the convention of
-/// `nsa-attn`, so NSA and dense models place positions identically (tested: with full-coverage
-/// selection the NSA model equals the dense one).
-#[derive(Debug)]
-pub struct Rope {
-    /// `[S, 1, dk/2]`
-    cos: Tensor,
-    /// `[S, 1, dk/2]`
-    sin: Tensor,
-}
-
-impl Rope {
-    /// Tables for `s` positions.
-    pub fn new(base: f64, dk: i64, s: i64, kind: Kind, device: Device) -> Self {
-        let half = dk / 2;
-        let inv_freq =
-            (Tensor::arange(half, (Kind::Double, device)) * (-2.0 * base.ln() / dk as f64)).exp();
-        let angles = Tensor::arange(s, (Kind::Double, device))
-            .outer(&inv_freq)
-            .unsqueeze(1);
-        Self {
-            cos: angles.cos().to_kind(kind),
-            sin: angles.sin().to_kind(kind),
-        }
-    }
-
-    /// `x` `[B, S, heads, dk]` → the same shape, rotated by position.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let half = x.size()[3] / 2;
-        let x1 = x.f_narrow(3, 0, half)?;
-        let x2 = x.f_narrow(3, half, half)?;
-        Ok(Tensor::f_cat(
-            &[
-                &x1 * &self.cos - &x2 * &self.sin,
-                &x2 * &self.cos + &x1 * &self.sin,
-            ],
-            3,
-        )?)
-    }
-}
+/// Rotary position embedding: the one `nsa-attn` uses, so NSA and dense models place positions
+/// identically (tested: with full-coverage selection the NSA model equals the dense one).
+pub use nsa_attn::Rope;
 
 /// Causal attention through SDPA (`is_causal = true`, scale `1/√dk`, no dropout), with
 /// `enable_gqa` when `Hkv < H`. Shapes in the module docs.
@@ -192,6 +153,7 @@ impl DenseAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     fn qkv(h: i64, hkv: i64, s: i64, dk: i64, dv: i64) -> (Tensor, Tensor, Tensor) {
         let o = (Kind::Float, Device::Cpu);

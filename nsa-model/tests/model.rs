@@ -249,6 +249,7 @@ fn lean_path_matches_reference_path() {
         path: AttnPath::Lean(LeanOpts {
             query_chunk: 32,
             window_chunk: 24,
+            select_chunk: 40,
         }),
         ..Default::default()
     };

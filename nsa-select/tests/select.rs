@@ -18,8 +18,11 @@ use tch::{Device, Kind, Tensor};
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// CPU, plus the first GPU when libtorch can see one.
+/// CPU, plus the first GPU when libtorch can see one. libtorch's CUDA backend is only visible
+/// once nsa-sys has loaded it (a dev-dependency: the library itself stays CUDA-agnostic), so the
+/// same tests run on CUDA on a GPU machine.
 fn devices() -> Vec<Device> {
+    nsa_sys::cuda::load_backend().expect("loading libtorch's CUDA backend");
     let mut devices = vec![Device::Cpu];
     if let Device::Cuda(i) = Device::cuda_if_available() {
         devices.push(Device::Cuda(i));

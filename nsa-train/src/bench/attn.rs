@@ -22,7 +22,7 @@
 //! peak reservation until the process exits, so the poll sees the peak; the number includes the
 //! CUDA context (~0.5 GB) and allocator rounding. libtorch's allocator statistics are not exposed
 //! through tch. On CPU everything runs in-process and memory is not measured.
-use std::io::{BufRead as _, Write as _};
+use std::io::BufRead as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -209,14 +209,7 @@ pub fn run(args: AttnBenchArgs) -> Result<()> {
     let table = render(&rows, device, &args);
     print!("{table}");
     if let Some(path) = &args.out {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        file.write_all(table.as_bytes())
-            .with_context(|| format!("appending to {}", path.display()))?;
-        println!("appended to {}", path.display());
+        super::append(path, &table)?;
     }
     Ok(())
 }
@@ -495,30 +488,6 @@ impl DenseVariant {
     }
 }
 
-fn device_description(device: Device) -> String {
-    match device {
-        Device::Cuda(index) => {
-            let name = Command::new("nvidia-smi")
-                .args([
-                    "--query-gpu=name",
-                    "--format=csv,noheader",
-                    "-i",
-                    &index.to_string(),
-                ])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_else(|| "unknown GPU".into());
-            format!("cuda:{index} ({name})")
-        }
-        _ => format!(
-            "cpu ({} threads)",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        ),
-    }
-}
-
 fn render(rows: &[Row], device: Device, args: &AttnBenchArgs) -> String {
     let cfg = NsaConfig::paper(args.dim);
     let mut s = String::new();
@@ -542,7 +511,7 @@ fn render(rows: &[Row], device: Device, args: &AttnBenchArgs) -> String {
         args.dim,
         args.batch,
         args.chunk,
-        device_description(device),
+        super::device_description(device),
         args.dtype.name(),
         args.batch,
         args.dim,

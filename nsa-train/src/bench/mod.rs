@@ -26,11 +26,29 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
 
 /// Appends `text` to `path` (creating it), after a blank line.
 pub(crate) fn append(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(path)?;
-    writeln!(f, "\n{text}")?;
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "\n{text}").with_context(|| format!("appending to {}", path.display()))?;
+    println!("appended to {}", path.display());
     Ok(())
+}
+
+/// The device as the tables name it: `cuda:N (<GPU name>)` or `cpu (N libtorch threads)`.
+pub(crate) fn device_description(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(index) => {
+            let name = nsa_sys::driver::driver_info()
+                .ok()
+                .and_then(|d| d.devices.into_iter().find(|g| g.index == index))
+                .map(|g| g.name)
+                .unwrap_or_else(|| "unknown GPU".into());
+            format!("cuda:{index} ({name})")
+        }
+        _ => format!("cpu ({} libtorch threads)", tch::get_num_threads()),
+    }
 }

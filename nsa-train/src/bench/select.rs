@@ -19,7 +19,6 @@
 //! 64k rows of all-head `p_cmp` would take 68 GB); each chunk reads only the compressed tokens
 //! and blocks its rows can see, as in the attention layer. The reference loops at long shapes
 //! are timed once (they take seconds), and not at all above `--skip-reference-above`.
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -119,7 +118,7 @@ pub fn run(args: SelectBenchArgs) -> Result<()> {
         println!("{}", measure_pipeline_memory(device, chunk)?);
         return Ok(());
     }
-    let device_name = device_description(device);
+    let device_name = super::device_description(device);
     let mut rows = Vec::new();
     let long = matches!(args.shapes, Shapes::Long | Shapes::All);
     let small = matches!(args.shapes, Shapes::Small | Shapes::All);
@@ -154,14 +153,7 @@ pub fn run(args: SelectBenchArgs) -> Result<()> {
     let table = render(&rows, &device_name, &memory_lines, &args);
     print!("{table}");
     if let Some(path) = &args.out {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        file.write_all(table.as_bytes())
-            .with_context(|| format!("appending to {}", path.display()))?;
-        println!("appended to {}", path.display());
+        super::append(path, &table)?;
     }
     let differing: Vec<&str> = rows
         .iter()
@@ -607,27 +599,6 @@ fn long_pair(
             agrees,
         },
     ])
-}
-
-fn device_description(device: Device) -> String {
-    match device {
-        Device::Cuda(index) => {
-            let name = std::process::Command::new("nvidia-smi")
-                .args([
-                    "--query-gpu=name",
-                    "--format=csv,noheader",
-                    "-i",
-                    &index.to_string(),
-                ])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_else(|| "unknown GPU".into());
-            format!("cuda:{index} ({name})")
-        }
-        _ => format!("cpu ({} libtorch threads)", tch::get_num_threads()),
-    }
 }
 
 fn render(rows: &[Row], device: &str, memory: &[String], args: &SelectBenchArgs) -> String {
