@@ -2,6 +2,126 @@
 //! compression (none / bf16 / fp16), parameter broadcast, rendezvous, and an in-process backend
 //! for tests.
 //!
-//! This crate is empty until the DDP issue lands; the workspace carries it now so that the crate
-//! graph in ARCHITECTURE.md exists from the first commit.
+//! # How a data-parallel run fits together
+//!
+//! Each rank (one process per GPU, or one thread per rank in tests) builds the same model, then:
+//!
+//! 1. **Rendezvous** ([`rendezvous_nccl`]): rank 0 listens on `master_addr:master_port`, waits
+//!    for the other `world − 1` ranks to connect, creates an NCCL unique id and sends its 128
+//!    bytes to each of them.
+//! 2. **Process group** ([`NcclGroup::new`]): every rank calls `ncclCommInitRank` with that id on
+//!    its CUDA device. Tests use [`LocalGroup`] instead: threads of one process on CPU.
+//! 3. **Front** ([`DataParallel::new`]): plans gradient buckets over the trainable parameters.
+//! 4. [`DataParallel::broadcast_parameters`] once, so all ranks start from rank 0's weights.
+//! 5. Every step: forward and backward on this rank's share of the batch, then
+//!    [`DataParallel::sync_gradients`], then the optimizer step. Each rank computes its loss as
+//!    the mean over *its* examples; averaging gradients over ranks then gives the gradient of the
+//!    mean over the whole batch (shards of equal size).
+//! 6. Now and then (e.g. at checkpoints) [`DataParallel::parameter_checksum`], which fails on
+//!    every rank if any rank's parameters drifted from rank 0's.
+//!
+//! The library reads no environment variables: the binary maps its flags or `RANK`,
+//! `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` onto these typed arguments.
+//!
+//! # Gradient buckets
+//!
+//! See [`bucket`]: parameters in reverse order, packed greedily into persistent flat buffers of at
+//! most `bucket_mb` MiB per dtype and device; a parameter larger than the cap gets its own bucket.
+//! Fewer, larger buckets mean fewer collective launches; the cap bounds the extra memory (one flat
+//! buffer per bucket, plus a wire buffer of half the size when compressing fp32 gradients).
+//!
+//! # Compression and its error
+//!
+//! See [`compress`]: with bf16 or fp16 on the wire, the averaged gradient of each element errs by
+//! at most `1.04·u·Σ_r|g_r| + 2η` for up to 8 ranks (`u` = 2⁻⁸ for bf16, 2⁻¹¹ for fp16), i.e.
+//! about `W·u` times the mean per-rank gradient magnitude. fp16 overflows above 65504.
+//!
+//! # Streams (NCCL)
+//!
+//! `tch` never changes libtorch's current CUDA stream, so all libtorch work runs on the legacy
+//! default stream; [`NcclGroup`] enqueues its collectives on that same stream (`nullptr`). Packing,
+//! casting, the all-reduce, dividing and unpacking are thus ordered by the stream alone, with no
+//! events and no host synchronisation until [`Communicator::synchronize`] at the end of
+//! [`DataParallel::sync_gradients`]. Code that runs libtorch on another stream must synchronise
+//! with the default stream before calling into this crate.
+//!
+//! # Timeouts
+//!
+//! Nothing here waits forever:
+//! - [`LocalGroup`]: every collective waits at most the group's timeout for the other ranks, then
+//!   returns [`DdpError::Timeout`] naming the ranks that did not arrive, and breaks the group.
+//! - [`NcclGroup`]: [`Communicator::synchronize`] polls the stream and `ncclCommGetAsyncError`;
+//!   past the timeout (default [`DEFAULT_NCCL_TIMEOUT`], 10 min) it calls `ncclCommAbort` and
+//!   returns an error. Only `ncclCommInitRank` itself cannot time out; the rendezvous before it
+//!   makes sure every rank is alive.
+//! - [`rendezvous`]: connect and read timeouts from [`RendezvousConfig`], reported as
+//!   [`DdpError::RendezvousTimeout`] (naming the ranks rank 0 never heard from).
 #![forbid(unsafe_code)]
+
+pub mod bucket;
+pub mod comm;
+pub mod compress;
+pub mod dp;
+pub mod nccl;
+
+use std::time::Duration;
+
+pub use bucket::{Bucket, BucketEntry, GradBuckets};
+pub use comm::{Communicator, LocalGroup};
+pub use compress::Compression;
+pub use dp::{Checksum, DataParallel};
+pub use nccl::{rendezvous, rendezvous_nccl, NcclGroup, RendezvousConfig, DEFAULT_NCCL_TIMEOUT};
+pub use nsa_sys::nccl::{UniqueId, UNIQUE_ID_BYTES};
+
+/// Errors of the data-parallel layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DdpError {
+    /// A collective did not complete because some ranks never arrived.
+    #[error("rank {rank}: collective #{seq} ({op}) timed out after {waited:?}; ranks that did not arrive: {missing:?}")]
+    Timeout {
+        rank: usize,
+        op: &'static str,
+        seq: u64,
+        waited: Duration,
+        missing: Vec<usize>,
+    },
+    /// Ranks called different collectives or used different sizes; the group is broken.
+    #[error("rank {rank}: collective mismatch: {detail}")]
+    Mismatch { rank: usize, detail: String },
+    /// The group cannot be used any more.
+    #[error("rank {rank}: process group broken: {reason}")]
+    Broken { rank: usize, reason: String },
+    /// Parameter checksums disagree across ranks.
+    #[error("rank {rank}: parameters differ from rank 0's on ranks {differing:?} (checksums by rank: {checksums:?})")]
+    ChecksumMismatch {
+        rank: usize,
+        differing: Vec<usize>,
+        checksums: Vec<Checksum>,
+    },
+    /// Trainable parameters that had no gradient when gradients were synchronised.
+    #[error("rank {rank}: parameters without a gradient at sync_gradients: {names:?}")]
+    MissingGradients { rank: usize, names: Vec<String> },
+    /// An unknown `--grad-compression` value.
+    #[error("unknown gradient compression {0:?}: expected one of none, bf16, fp16")]
+    UnknownCompression(String),
+    /// A rendezvous wait ran out.
+    #[error("rank {rank}: rendezvous timed out after {waited:?} {what}; ranks not heard from: {missing:?}")]
+    RendezvousTimeout {
+        rank: usize,
+        what: String,
+        waited: Duration,
+        missing: Vec<usize>,
+    },
+    /// A rendezvous protocol or network error.
+    #[error("rank {rank}: rendezvous failed: {detail}")]
+    Rendezvous { rank: usize, detail: String },
+    /// An argument out of range.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// NCCL (or loading it) failed.
+    #[error(transparent)]
+    Nccl(#[from] nsa_sys::nccl::NcclError),
+    /// A libtorch operation failed.
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}

@@ -1,18 +1,168 @@
-//! The NCCL function table, loaded from `libnccl.so.2`.
+//! The NCCL function table, loaded from `libnccl.so.2`, and a communicator over it.
 //!
 //! No Rust binding of NCCL exists; we open the library the torch wheel ships (or the system's)
 //! and resolve the symbols we call. Search order: the system loader's paths, then the torch
 //! wheel layout `<site-packages>/nvidia/nccl/lib/` beside the libtorch in use.
-use std::os::raw::c_int;
+//!
+//! Signatures and enum values are those of `nccl.h` (NCCL 2.x):
+//!
+//! | C | here |
+//! | --- | --- |
+//! | `ncclUniqueId` (`char internal[128]`) | [`UniqueId`] |
+//! | `ncclDataType_t`: int64 = 4, float16 = 6, float32 = 7, float64 = 8, bfloat16 = 9 (NCCL ≥ 2.10) | [`DataType`] |
+//! | `ncclRedOp_t`: sum = 0 | (sum is the only reduction we issue) |
+//!
+//! # Streams
+//!
+//! `tch` never changes libtorch's current CUDA stream, so every libtorch op of this process runs
+//! on the *legacy default stream* of its device. [`NcclComm`] therefore issues its collectives on
+//! stream `nullptr` (the legacy default stream), which orders them after the kernels that produced
+//! their inputs and before the kernels that read their outputs, with no events. If a caller ever
+//! makes libtorch run on another stream (a `CUDAStreamGuard` in C++ glue), that caller must
+//! synchronise with the default stream itself.
+//!
+//! # Devices
+//!
+//! NCCL binds a communicator to the CUDA device current at `ncclCommInitRank`. [`NcclComm`] makes
+//! the primary context of its device current on the calling thread (driver API:
+//! `cuDevicePrimaryCtxRetain` + `cuCtxSetCurrent`, what `cudaSetDevice` does) before init and
+//! before every collective, so one process may drive any visible device.
+//!
+//! # Completion and timeouts
+//!
+//! Collectives are enqueued and return at once. [`NcclComm::synchronize`] waits for the default
+//! stream by polling `cuStreamQuery` and `ncclCommGetAsyncError`; past its timeout it calls
+//! `ncclCommAbort` (which unblocks the stuck kernels) and returns [`NcclError::Timeout`]. An
+//! aborted communicator refuses further work. `ncclCommInitRank` itself blocks until every rank
+//! called it; run a rendezvous first so that all ranks are known to be alive.
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int, c_uint, c_void};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
 
 use crate::SysError;
 
-/// An opened `libnccl.so.2`.
+/// Bytes in an `ncclUniqueId`.
+pub const UNIQUE_ID_BYTES: usize = 128;
+
+/// The opaque `ncclUniqueId` that rank 0 creates and every rank passes to `ncclCommInitRank`.
+pub type UniqueId = [u8; UNIQUE_ID_BYTES];
+
+type NcclResult = c_int;
+type RawComm = *mut c_void;
+type Stream = *mut c_void;
+
+/// `typedef struct { char internal[NCCL_UNIQUE_ID_BYTES]; } ncclUniqueId;` — passed by value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawUniqueId {
+    internal: [c_char; UNIQUE_ID_BYTES],
+}
+
+/// `ncclDataType_t` values we use (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    Int64 = 4,
+    Float16 = 6,
+    Float32 = 7,
+    Float64 = 8,
+    /// Needs NCCL ≥ 2.10.
+    Bfloat16 = 9,
+}
+
+impl DataType {
+    /// The NCCL type of a libtorch dtype, if NCCL has one we support.
+    pub fn from_kind(kind: Kind) -> Option<Self> {
+        match kind {
+            Kind::Int64 => Some(Self::Int64),
+            Kind::Half => Some(Self::Float16),
+            Kind::Float => Some(Self::Float32),
+            Kind::Double => Some(Self::Float64),
+            Kind::BFloat16 => Some(Self::Bfloat16),
+            _ => None,
+        }
+    }
+}
+
+/// `ncclSum`.
+const NCCL_SUM: c_int = 0;
+
+/// Errors from the NCCL communicator.
+#[derive(Debug, thiserror::Error)]
+pub enum NcclError {
+    /// Loading NCCL or the CUDA driver failed.
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// An NCCL call returned an error code.
+    #[error("{call} failed: {message} (ncclResult_t {code})")]
+    Call {
+        call: &'static str,
+        code: i64,
+        message: String,
+    },
+    /// A CUDA driver call returned an error code.
+    #[error("{call} failed with CUresult {code}")]
+    Driver { call: &'static str, code: i64 },
+    /// A collective did not complete in time; the communicator was aborted.
+    #[error("NCCL rank {rank}: collectives not complete after {waited:?}; communicator aborted")]
+    Timeout { rank: usize, waited: Duration },
+    /// `ncclCommGetAsyncError` reported a failure; the communicator was aborted.
+    #[error("NCCL rank {rank}: asynchronous error: {message} (ncclResult_t {code}); communicator aborted")]
+    Async {
+        rank: usize,
+        code: i64,
+        message: String,
+    },
+    /// The communicator was aborted earlier and cannot be used.
+    #[error("NCCL rank {rank}: communicator was aborted")]
+    Aborted { rank: usize },
+    /// A tensor that NCCL cannot take as it is.
+    #[error("tensor not usable by NCCL: {0}")]
+    BadTensor(String),
+    /// Arguments out of range (rank ≥ world, bf16 on an old NCCL, ...).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+/// An opened `libnccl.so.2` with its function table.
 #[derive(Debug)]
 pub struct Nccl {
-    lib: libloading::Library,
+    // Never closed: `ncclGetUniqueId` starts a bootstrap thread inside libnccl that outlives the
+    // call (it serves the other ranks' connections); unmapping the library would crash it.
+    lib: std::mem::ManuallyDrop<libloading::Library>,
     path: String,
+}
+
+/// The resolved entry points (valid while the owning [`Nccl`] lives).
+#[derive(Clone, Copy)]
+struct Table {
+    get_unique_id: unsafe extern "C" fn(*mut RawUniqueId) -> NcclResult,
+    comm_init_rank: unsafe extern "C" fn(*mut RawComm, c_int, RawUniqueId, c_int) -> NcclResult,
+    all_reduce: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        RawComm,
+        Stream,
+    ) -> NcclResult,
+    broadcast: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        RawComm,
+        Stream,
+    ) -> NcclResult,
+    comm_destroy: unsafe extern "C" fn(RawComm) -> NcclResult,
+    comm_abort: unsafe extern "C" fn(RawComm) -> NcclResult,
+    comm_get_async_error: unsafe extern "C" fn(RawComm, *mut NcclResult) -> NcclResult,
+    get_error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
 }
 
 impl Nccl {
@@ -24,7 +174,7 @@ impl Nccl {
             match unsafe { libloading::Library::new(&candidate) } {
                 Ok(lib) => {
                     return Ok(Nccl {
-                        lib,
+                        lib: std::mem::ManuallyDrop::new(lib),
                         path: candidate,
                     })
                 }
@@ -42,15 +192,34 @@ impl Nccl {
         &self.path
     }
 
-    /// NCCL's version as (major, minor, patch), from `ncclGetVersion`.
-    pub fn version(&self) -> Result<(i32, i32, i32), SysError> {
-        // SAFETY: signature from nccl.h: ncclResult_t ncclGetVersion(int *version).
-        let f: libloading::Symbol<'_, unsafe extern "C" fn(*mut c_int) -> c_int> =
-            unsafe { self.lib.get(b"ncclGetVersion") }.map_err(|e| SysError::Symbol {
+    fn sym<T: Copy>(&self, name: &'static str) -> Result<T, SysError> {
+        // SAFETY: every caller declares `T` as the signature nccl.h gives for `name`.
+        let f: libloading::Symbol<'_, T> =
+            unsafe { self.lib.get(name.as_bytes()) }.map_err(|e| SysError::Symbol {
                 library: self.path.clone(),
-                symbol: "ncclGetVersion".into(),
+                symbol: name.into(),
                 reason: e.to_string(),
             })?;
+        Ok(*f)
+    }
+
+    fn table(&self) -> Result<Table, SysError> {
+        Ok(Table {
+            get_unique_id: self.sym("ncclGetUniqueId")?,
+            comm_init_rank: self.sym("ncclCommInitRank")?,
+            all_reduce: self.sym("ncclAllReduce")?,
+            broadcast: self.sym("ncclBroadcast")?,
+            comm_destroy: self.sym("ncclCommDestroy")?,
+            comm_abort: self.sym("ncclCommAbort")?,
+            comm_get_async_error: self.sym("ncclCommGetAsyncError")?,
+            get_error_string: self.sym("ncclGetErrorString")?,
+        })
+    }
+
+    /// NCCL's version as (major, minor, patch), from `ncclGetVersion`.
+    pub fn version(&self) -> Result<(i32, i32, i32), SysError> {
+        // Signature from nccl.h: ncclResult_t ncclGetVersion(int *version).
+        let f: unsafe extern "C" fn(*mut c_int) -> c_int = self.sym("ncclGetVersion")?;
         let mut v = 0;
         // SAFETY: `v` is a valid out-pointer.
         let code = unsafe { f(&mut v) };
@@ -62,6 +231,55 @@ impl Nccl {
         }
         // NCCL >= 2.9 encodes major*10000 + minor*100 + patch.
         Ok((v / 10000, (v / 100) % 100, v % 100))
+    }
+
+    /// `ncclGetErrorString` for a result code.
+    pub fn error_string(&self, code: i32) -> String {
+        match self.sym::<unsafe extern "C" fn(NcclResult) -> *const c_char>("ncclGetErrorString") {
+            // SAFETY: NCCL returns a pointer to a static NUL-terminated string (or null).
+            Ok(f) => unsafe { cstr_or(f(code), code) },
+            Err(_) => format!("NCCL error {code}"),
+        }
+    }
+
+    /// A fresh `ncclUniqueId` (`ncclGetUniqueId`). Rank 0 creates it and hands it to the others.
+    /// Needs no GPU: it only picks a bootstrap network interface and port.
+    pub fn unique_id(&self) -> Result<UniqueId, NcclError> {
+        let table = self.table()?;
+        let mut raw = RawUniqueId {
+            internal: [0; UNIQUE_ID_BYTES],
+        };
+        // SAFETY: `raw` is a valid out-pointer to an ncclUniqueId.
+        let code = unsafe { (table.get_unique_id)(&mut raw) };
+        check(&table, "ncclGetUniqueId", code)?;
+        Ok(raw.internal.map(|c| c as u8))
+    }
+}
+
+/// # Safety
+/// `p` must be null or point to a NUL-terminated string.
+unsafe fn cstr_or(p: *const c_char, code: i32) -> String {
+    if p.is_null() {
+        format!("NCCL error {code}")
+    } else {
+        CStr::from_ptr(p).to_string_lossy().into_owned()
+    }
+}
+
+fn error_message(table: &Table, code: NcclResult) -> String {
+    // SAFETY: ncclGetErrorString returns a static string for any code.
+    unsafe { cstr_or((table.get_error_string)(code), code) }
+}
+
+fn check(table: &Table, call: &'static str, code: NcclResult) -> Result<(), NcclError> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(NcclError::Call {
+            call,
+            code: code as i64,
+            message: error_message(table, code),
+        })
     }
 }
 
@@ -75,4 +293,352 @@ fn candidates() -> Vec<String> {
         }
     }
     out
+}
+
+type CuResult = c_int;
+type CuContext = *mut c_void;
+/// `CUDA_ERROR_NOT_READY`.
+const CUDA_ERROR_NOT_READY: CuResult = 600;
+
+/// The few driver calls the communicator needs: device binding and stream polling.
+struct CudaDriver {
+    _lib: std::mem::ManuallyDrop<libloading::Library>,
+    primary_ctx_retain: unsafe extern "C" fn(*mut CuContext, c_int) -> CuResult,
+    ctx_set_current: unsafe extern "C" fn(CuContext) -> CuResult,
+    stream_query: unsafe extern "C" fn(Stream) -> CuResult,
+}
+
+impl CudaDriver {
+    fn open() -> Result<Self, NcclError> {
+        let name = "libcuda.so.1";
+        // SAFETY: libcuda's initialisers have no preconditions.
+        let lib = unsafe { libloading::Library::new(name) }.map_err(|e| SysError::Load {
+            name: name.into(),
+            reason: e.to_string(),
+        })?;
+        macro_rules! sym {
+            ($s:literal) => {{
+                // SAFETY: the declared field signature matches cuda.h for this symbol.
+                let f = unsafe { lib.get($s.as_bytes()) }.map_err(|e| SysError::Symbol {
+                    library: name.into(),
+                    symbol: $s.into(),
+                    reason: e.to_string(),
+                })?;
+                *f
+            }};
+        }
+        let init: unsafe extern "C" fn(c_uint) -> CuResult = sym!("cuInit");
+        // SAFETY: cuInit(0) is always valid to call.
+        let code = unsafe { init(0) };
+        if code != 0 {
+            return Err(NcclError::Driver {
+                call: "cuInit",
+                code: code as i64,
+            });
+        }
+        Ok(CudaDriver {
+            primary_ctx_retain: sym!("cuDevicePrimaryCtxRetain"),
+            ctx_set_current: sym!("cuCtxSetCurrent"),
+            stream_query: sym!("cuStreamQuery"),
+            _lib: std::mem::ManuallyDrop::new(lib),
+        })
+    }
+}
+
+/// One rank's NCCL communicator, bound to one CUDA device (see the module docs for streams,
+/// devices and timeouts).
+pub struct NcclComm {
+    _nccl: Arc<Nccl>,
+    table: Table,
+    driver: CudaDriver,
+    comm: RawComm,
+    ctx: CuContext,
+    rank: usize,
+    world: usize,
+    device: usize,
+    bf16: bool,
+    aborted: bool,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
+// concurrent; `NcclComm` needs `&mut self` for every call, so moving it between threads is sound.
+// The CUDA context handle is process-wide (a primary context).
+unsafe impl Send for NcclComm {}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NcclComm")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("device", &self.device)
+            .field("aborted", &self.aborted)
+            .finish()
+    }
+}
+
+impl NcclComm {
+    /// `ncclCommInitRank` for `rank` of `world` on CUDA device `device`, with the id rank 0 made.
+    /// Blocks until all `world` ranks have called it.
+    pub fn init(
+        nccl: Arc<Nccl>,
+        rank: usize,
+        world: usize,
+        id: &UniqueId,
+        device: usize,
+    ) -> Result<Self, NcclError> {
+        if world == 0 || rank >= world {
+            return Err(NcclError::Invalid(format!(
+                "rank {rank} of world size {world}"
+            )));
+        }
+        let table = nccl.table()?;
+        let bf16 = nccl.version().map(|v| v >= (2, 10, 0)).unwrap_or(false);
+        let driver = CudaDriver::open()?;
+        let mut ctx: CuContext = std::ptr::null_mut();
+        // SAFETY: `ctx` is a valid out-pointer; an invalid ordinal returns an error code.
+        let code = unsafe { (driver.primary_ctx_retain)(&mut ctx, device as c_int) };
+        if code != 0 {
+            return Err(NcclError::Driver {
+                call: "cuDevicePrimaryCtxRetain",
+                code: code as i64,
+            });
+        }
+        let mut raw_id = RawUniqueId {
+            internal: [0; UNIQUE_ID_BYTES],
+        };
+        for (dst, src) in raw_id.internal.iter_mut().zip(id) {
+            *dst = *src as c_char;
+        }
+        let mut out = NcclComm {
+            _nccl: nccl,
+            table,
+            driver,
+            comm: std::ptr::null_mut(),
+            ctx,
+            rank,
+            world,
+            device,
+            bf16,
+            aborted: false,
+        };
+        out.bind_device()?;
+        let mut comm: RawComm = std::ptr::null_mut();
+        // SAFETY: `comm` is a valid out-pointer; the id is passed by value as nccl.h declares.
+        let code =
+            unsafe { (out.table.comm_init_rank)(&mut comm, world as c_int, raw_id, rank as c_int) };
+        check(&out.table, "ncclCommInitRank", code)?;
+        out.comm = comm;
+        Ok(out)
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// The CUDA device this communicator is bound to.
+    pub fn device(&self) -> usize {
+        self.device
+    }
+
+    fn bind_device(&self) -> Result<(), NcclError> {
+        // SAFETY: `ctx` is a retained primary context.
+        let code = unsafe { (self.driver.ctx_set_current)(self.ctx) };
+        if code != 0 {
+            return Err(NcclError::Driver {
+                call: "cuCtxSetCurrent",
+                code: code as i64,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_tensor(&self, t: &Tensor) -> Result<(DataType, usize), NcclError> {
+        if self.aborted {
+            return Err(NcclError::Aborted { rank: self.rank });
+        }
+        if t.device() != Device::Cuda(self.device) {
+            return Err(NcclError::BadTensor(format!(
+                "tensor on {:?}, communicator on cuda:{}",
+                t.device(),
+                self.device
+            )));
+        }
+        if !t.is_contiguous() {
+            return Err(NcclError::BadTensor("tensor is not contiguous".into()));
+        }
+        let kind = t.kind();
+        let dtype = DataType::from_kind(kind)
+            .ok_or_else(|| NcclError::BadTensor(format!("dtype {kind:?} has no NCCL type")))?;
+        if dtype == DataType::Bfloat16 && !self.bf16 {
+            return Err(NcclError::Invalid("bfloat16 needs NCCL >= 2.10".into()));
+        }
+        Ok((dtype, t.numel()))
+    }
+
+    /// Enqueues an in-place sum all-reduce of `t` (contiguous, on this communicator's device) on
+    /// the legacy default stream. The result is visible to later libtorch ops in stream order;
+    /// call [`NcclComm::synchronize`] to learn whether it completed.
+    pub fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<(), NcclError> {
+        let (dtype, count) = self.check_tensor(t)?;
+        self.bind_device()?;
+        let ptr = t.data_ptr();
+        // SAFETY: `ptr` addresses `count` contiguous elements of `dtype` on this device, owned by
+        // `t`, which the caller holds mutably; libtorch frees memory only in default-stream order,
+        // after the collective.
+        let code = unsafe {
+            (self.table.all_reduce)(
+                ptr,
+                ptr,
+                count,
+                dtype as c_int,
+                NCCL_SUM,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        };
+        check(&self.table, "ncclAllReduce", code)
+    }
+
+    /// Enqueues an in-place broadcast of `t` from `root` on the legacy default stream.
+    pub fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<(), NcclError> {
+        if root >= self.world {
+            return Err(NcclError::Invalid(format!(
+                "broadcast root {root} of world size {}",
+                self.world
+            )));
+        }
+        let (dtype, count) = self.check_tensor(t)?;
+        self.bind_device()?;
+        let ptr = t.data_ptr();
+        // SAFETY: as in `all_reduce_sum`.
+        let code = unsafe {
+            (self.table.broadcast)(
+                ptr,
+                ptr,
+                count,
+                dtype as c_int,
+                root as c_int,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        };
+        check(&self.table, "ncclBroadcast", code)
+    }
+
+    /// Waits until the legacy default stream of this device is idle, polling NCCL's asynchronous
+    /// error state. Past `timeout`, or on an asynchronous error, aborts the communicator
+    /// (`ncclCommAbort`) and returns the error.
+    pub fn synchronize(&mut self, timeout: Duration) -> Result<(), NcclError> {
+        if self.aborted {
+            return Err(NcclError::Aborted { rank: self.rank });
+        }
+        self.bind_device()?;
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(20);
+        loop {
+            // SAFETY: the null stream is the legacy default stream of the current context.
+            let q = unsafe { (self.driver.stream_query)(std::ptr::null_mut()) };
+            if q == 0 {
+                return Ok(());
+            }
+            if q != CUDA_ERROR_NOT_READY {
+                self.abort();
+                return Err(NcclError::Driver {
+                    call: "cuStreamQuery",
+                    code: q as i64,
+                });
+            }
+            let mut async_err: NcclResult = 0;
+            // SAFETY: `comm` is live (not aborted) and `async_err` a valid out-pointer.
+            let code = unsafe { (self.table.comm_get_async_error)(self.comm, &mut async_err) };
+            check(&self.table, "ncclCommGetAsyncError", code)?;
+            // ncclInProgress (7) is not a failure.
+            if async_err != 0 && async_err != 7 {
+                let message = error_message(&self.table, async_err);
+                self.abort();
+                return Err(NcclError::Async {
+                    rank: self.rank,
+                    code: async_err as i64,
+                    message,
+                });
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                self.abort();
+                return Err(NcclError::Timeout {
+                    rank: self.rank,
+                    waited,
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    /// `ncclCommAbort`: frees the communicator and unblocks its pending kernels. Idempotent.
+    pub fn abort(&mut self) {
+        if !self.aborted && !self.comm.is_null() {
+            // SAFETY: `comm` is live; after this it is never used again.
+            unsafe { (self.table.comm_abort)(self.comm) };
+        }
+        self.aborted = true;
+    }
+
+    /// Whether the communicator was aborted.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        if !self.aborted && !self.comm.is_null() {
+            // Destroy waits for pending work; a communicator that failed was aborted instead.
+            // SAFETY: `comm` is live and never used after this.
+            unsafe { (self.table.comm_destroy)(self.comm) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datatype_values_match_nccl_h() {
+        assert_eq!(DataType::Int64 as i32, 4);
+        assert_eq!(DataType::Float16 as i32, 6);
+        assert_eq!(DataType::Float32 as i32, 7);
+        assert_eq!(DataType::Float64 as i32, 8);
+        assert_eq!(DataType::Bfloat16 as i32, 9);
+        assert_eq!(
+            DataType::from_kind(Kind::BFloat16),
+            Some(DataType::Bfloat16)
+        );
+        assert_eq!(DataType::from_kind(Kind::Int8), None);
+    }
+
+    #[test]
+    fn unique_id_is_128_bytes_when_nccl_loads() {
+        let nccl = match Nccl::open() {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        nccl.table().expect("all NCCL symbols resolve");
+        let a = nccl.unique_id().expect("ncclGetUniqueId");
+        let b = nccl.unique_id().expect("ncclGetUniqueId");
+        assert_eq!(a.len(), UNIQUE_ID_BYTES);
+        assert!(a.iter().any(|&x| x != 0), "id is all zeros");
+        assert_ne!(a, b, "two ids must differ");
+        assert!(!nccl.error_string(4).is_empty());
+    }
 }

@@ -98,6 +98,9 @@ pub struct FastPaths {
     pub ddp_compress: String,
     /// DDP gradient bucket size in MB (env `NSA_DDP_BUCKET_MB`).
     pub ddp_bucket_mb: f64,
+    /// DDP timeout in seconds: rendezvous, and any collective (a dead or hung rank makes the
+    /// others fail with an error after this long instead of hanging).
+    pub ddp_timeout_s: f64,
 }
 
 impl Default for FastPaths {
@@ -109,6 +112,7 @@ impl Default for FastPaths {
             sdpa_audit: true,
             ddp_compress: "none".into(),
             ddp_bucket_mb: 25.0,
+            ddp_timeout_s: 600.0,
         }
     }
 }
@@ -144,6 +148,63 @@ fn env_value(name: &str, raw: &str) -> Result<toml::Value> {
         ),
         _ => toml::Value::String(raw.to_string()),
     })
+}
+
+/// Where this process sits in a data-parallel run: the usual launcher convention (`RANK`,
+/// `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`, as torchrun and slurm wrappers set
+/// them), read here and nowhere else.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistEnv {
+    pub rank: usize,
+    pub world: usize,
+    /// Index of this rank's GPU on its host.
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+/// The data-parallel position from the environment: `None` when `WORLD_SIZE` is unset.
+pub fn dist_env(env: impl IntoIterator<Item = (String, String)>) -> Result<Option<DistEnv>> {
+    let vars: std::collections::HashMap<String, String> = env.into_iter().collect();
+    let Some(world) = vars.get("WORLD_SIZE") else {
+        return Ok(None);
+    };
+    let num = |name: &str, raw: &str| -> Result<usize> {
+        raw.trim()
+            .parse()
+            .with_context(|| format!("{name}={raw:?}: expected a non-negative integer"))
+    };
+    let world = num("WORLD_SIZE", world)?;
+    let rank = num(
+        "RANK",
+        vars.get("RANK")
+            .context("WORLD_SIZE is set but RANK is not")?,
+    )?;
+    let local_rank = match vars.get("LOCAL_RANK") {
+        Some(v) => num("LOCAL_RANK", v)?,
+        None => rank,
+    };
+    if world == 0 || rank >= world {
+        bail!("RANK={rank} and WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE");
+    }
+    let master_addr = vars
+        .get("MASTER_ADDR")
+        .cloned()
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let master_port = match vars.get("MASTER_PORT") {
+        Some(p) => p
+            .trim()
+            .parse()
+            .with_context(|| format!("MASTER_PORT={p:?}: expected a port number"))?,
+        None => 29500,
+    };
+    Ok(Some(DistEnv {
+        rank,
+        world,
+        local_rank,
+        master_addr,
+        master_port,
+    }))
 }
 
 /// Resolves the configuration. `env` yields (name, value) pairs (pass `std::env::vars()`).
@@ -280,6 +341,12 @@ impl TrainConfig {
                 self.fast.ddp_bucket_mb
             );
         }
+        if self.fast.ddp_timeout_s.is_nan() || self.fast.ddp_timeout_s <= 0.0 {
+            bail!(
+                "fast.ddp_timeout_s must be > 0 (got {})",
+                self.fast.ddp_timeout_s
+            );
+        }
         self.optim.validate()?;
         Ok(())
     }
@@ -396,6 +463,35 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/example.toml");
         let c = resolve(Some(&path), &[], no_env()).unwrap();
         assert_eq!(c, TrainConfig::default());
+    }
+
+    #[test]
+    fn dist_env_follows_the_launcher_convention() {
+        let v = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(dist_env(v(&[])).unwrap(), None);
+        let d = dist_env(v(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "1"),
+            ("MASTER_PORT", "1234"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (d.rank, d.world, d.local_rank, d.master_port),
+            (1, 2, 1, 1234)
+        );
+        assert_eq!(d.master_addr, "127.0.0.1");
+        let e = dist_env(v(&[("WORLD_SIZE", "2")])).unwrap_err();
+        assert!(e.to_string().contains("RANK is not"), "{e}");
+        let e = dist_env(v(&[("WORLD_SIZE", "2"), ("RANK", "2")])).unwrap_err();
+        assert!(e.to_string().contains("RANK < WORLD_SIZE"), "{e}");
+        let e = dist_env(v(&[("WORLD_SIZE", "x"), ("RANK", "0")])).unwrap_err();
+        assert!(format!("{e:#}").contains("WORLD_SIZE"), "{e:#}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod bench;
 mod checkpoint;
 mod config;
 mod data;
+mod launch;
 mod metrics;
 mod optim;
 mod smoke;
@@ -61,6 +62,12 @@ struct TrainArgs {
     /// Print the resolved config and exit.
     #[arg(long)]
     dry_run: bool,
+    /// Start one training process per GPU on this host (data parallel over NCCL). With 1, a
+    /// single rank still syncs gradients through NCCL (measures the sync overhead). Processes
+    /// started by another launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
+    /// instead.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: Option<usize>,
 }
 
 impl TrainArgs {
@@ -139,10 +146,17 @@ fn main() -> anyhow::Result<()> {
             if args.dry_run {
                 return Ok(());
             }
+            let dist = config::dist_env(std::env::vars())?;
+            if let (Some(n), None) = (args.nproc_per_node, &dist) {
+                anyhow::ensure!(n >= 1, "--nproc-per-node must be at least 1");
+                let rest = strip_nproc(std::env::args().skip(1));
+                return launch::spawn_ranks(n, &rest);
+            }
             let launch = train::Launch {
                 resume: args.resume,
                 overwrite: args.overwrite,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+                dist,
             };
             train::train(&cfg, &launch, backend.has_gpu()).map(|_| ())
         }
@@ -152,6 +166,22 @@ fn main() -> anyhow::Result<()> {
         Command::Smoke(args) => smoke::run(args, &backend),
         Command::Bench { what } => bench::run(what),
     }
+}
+
+/// The command line without `--nproc-per-node N` / `--nproc-per-node=N` (for the ranks).
+fn strip_nproc(args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip_next = false;
+    for a in args {
+        if skip_next {
+            skip_next = false;
+        } else if a == "--nproc-per-node" {
+            skip_next = true;
+        } else if !a.starts_with("--nproc-per-node=") {
+            out.push(a);
+        }
+    }
+    out
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a

@@ -21,6 +21,9 @@ pub struct MetricLine {
     pub eval_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_accuracy: Option<f64>,
+    /// Gradient sync time of the logged step, ms (data-parallel runs only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sync_ms: Option<f64>,
 }
 
 /// Appends lines to `metrics.jsonl` (append mode: a resumed run continues the same file).
@@ -138,7 +141,7 @@ pub fn plot_loss(lines: &[MetricLine], title: &str, out: &Path) -> Result<()> {
 
 /// plotters draws text with ab_glyph and needs a font registered once; DejaVu Sans is embedded
 /// so plots never depend on the host's fonts.
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = plotters::style::register_font(
@@ -165,6 +168,7 @@ mod tests {
             skipped_steps: 0,
             eval_loss: (step == 20).then_some(loss + 0.1),
             eval_accuracy: None,
+            sync_ms: None,
         }
     }
 

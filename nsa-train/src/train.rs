@@ -14,7 +14,7 @@ use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::TrainConfig;
+use crate::config::{DistEnv, TrainConfig};
 use crate::data::{self, Batch, TokenSource, IGNORE};
 use crate::metrics::{self, MetricLine, MetricsWriter};
 use crate::optim::AdamW;
@@ -28,6 +28,63 @@ pub struct Launch {
     pub overwrite: bool,
     /// Draw a progress bar (off in tests and when stdout is not a terminal).
     pub progress: bool,
+    /// This process's place in a data-parallel run (`None`: a plain single-process run).
+    pub dist: Option<DistEnv>,
+}
+
+/// The data-parallel side of a run: gradient sync, parameter broadcast and checksums.
+struct Dist {
+    dp: nsa_ddp::DataParallel<Box<dyn nsa_ddp::Communicator>>,
+    world: usize,
+}
+
+impl Dist {
+    fn new(
+        env: &DistEnv,
+        cfg: &TrainConfig,
+        device: Device,
+        params: &[(String, Tensor)],
+    ) -> Result<Self> {
+        let timeout = std::time::Duration::from_secs_f64(cfg.fast.ddp_timeout_s);
+        let comm: Box<dyn nsa_ddp::Communicator> = if device.is_cuda() {
+            let rdv =
+                nsa_ddp::RendezvousConfig::new(env.master_addr.clone(), env.master_port, timeout);
+            let id = nsa_ddp::rendezvous_nccl(&rdv, env.rank, env.world).with_context(|| {
+                format!(
+                    "rank {}: rendezvous at {}:{}",
+                    env.rank, env.master_addr, env.master_port
+                )
+            })?;
+            Box::new(
+                nsa_ddp::NcclGroup::new(env.rank, env.world, &id, env.local_rank)?
+                    .with_timeout(timeout),
+            )
+        } else {
+            ensure!(
+                env.world == 1,
+                "data parallel across {} processes needs CUDA GPUs (NCCL); on the CPU only world size 1 (the in-process backend) runs",
+                env.world
+            );
+            Box::new(
+                nsa_ddp::LocalGroup::new(1, timeout)?
+                    .pop()
+                    .expect("one rank"),
+            )
+        };
+        let compression: nsa_ddp::Compression = cfg.fast.ddp_compress.parse()?;
+        let dp = nsa_ddp::DataParallel::new(comm, params, cfg.fast.ddp_bucket_mb, compression)?;
+        Ok(Dist {
+            dp,
+            world: env.world,
+        })
+    }
+
+    /// Sums `values` over ranks (one small all-reduce on `device`).
+    fn sum(&mut self, values: &[f64], device: Device) -> Result<Vec<f64>> {
+        let mut t = Tensor::from_slice(values).to_device(device);
+        self.dp.comm_mut().all_reduce_sum(&mut t)?;
+        Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu))?)
+    }
 }
 
 /// What a finished run reports (also written as `summary.json`).
@@ -187,7 +244,15 @@ impl Ctx<'_> {
 /// Trains as configured. Returns the summary (also written into the run folder).
 pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summary> {
     let model_cfg = model_config(cfg)?;
-    let device = parse_device(&cfg.run.device, has_gpu)?;
+    let device = match (&launch.dist, parse_device(&cfg.run.device, has_gpu)?) {
+        // Each rank drives the GPU of its local rank.
+        (Some(d), Device::Cuda(_)) => Device::Cuda(d.local_rank),
+        (_, dev) => dev,
+    };
+    let rank = launch.dist.as_ref().map_or(0, |d| d.rank);
+    let world = launch.dist.as_ref().map_or(1, |d| d.world);
+    // Only rank 0 writes: run folder, metrics, plots, checkpoints, summary.
+    let writer = rank == 0;
     let bf16 = match cfg.run.precision.as_str() {
         "bf16" => {
             ensure!(
@@ -202,7 +267,7 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     let name = run_name(cfg, &model_cfg);
     let run_dir = cfg.run.out_dir.join(&name);
     let ckpt_dir = run_dir.join("checkpoints");
-    if run_dir.exists() && !launch.resume {
+    if writer && run_dir.exists() && !launch.resume {
         if launch.overwrite {
             std::fs::remove_dir_all(&run_dir)
                 .with_context(|| format!("removing {}", run_dir.display()))?;
@@ -213,13 +278,16 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
             );
         }
     }
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    crate::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let env = crate::snapshot::EnvSnapshot::collect();
-    crate::write_atomic(
-        &run_dir.join("env.json"),
-        serde_json::to_string_pretty(&env)?.as_bytes(),
-    )?;
+    if writer {
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        crate::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+        let env = crate::snapshot::EnvSnapshot::collect();
+        crate::write_atomic(
+            &run_dir.join("env.json"),
+            serde_json::to_string_pretty(&env)?.as_bytes(),
+        )?;
+    }
 
     // Model and optimizer (fp32 master weights; bf16 only inside autocast).
     tch::manual_seed(cfg.run.seed as i64);
@@ -231,6 +299,13 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         .map(|t| t.numel() as i64)
         .sum();
     let (decay, no_decay) = nsa_model::decay_groups(&vs);
+    let mut named: Vec<(String, Tensor)> = decay
+        .iter()
+        .chain(no_decay.iter())
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    // The same order on every rank.
+    named.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt = AdamW::new(cfg.optim.clone(), decay, no_decay);
     let model_json = serde_json::to_value(model_cfg)?;
 
@@ -266,6 +341,15 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         }
     }
 
+    let mut dist = match &launch.dist {
+        Some(env) => {
+            let mut d = Dist::new(env, cfg, device, &named)?;
+            // Every rank starts from rank 0's parameters (fresh init or the checkpoint).
+            d.dp.broadcast_parameters()?;
+            Some(d)
+        }
+        None => None,
+    };
     let src = data::open(&cfg.data, model_cfg.vocab_size, cfg.run.seed)?;
     let eval_src = data::open(
         &cfg.data,
@@ -280,6 +364,16 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         nvtx: cfg.fast.nvtx,
     };
     let summary_model = format!("{model_cfg}");
+    if let Some(d) = dist.as_ref().filter(|_| writer) {
+        println!(
+            "ddp:     {} rank(s), {} bucket(s) of <= {} MB, compression {}, batch {} per rank",
+            d.world,
+            d.dp.buckets().buckets().len(),
+            cfg.fast.ddp_bucket_mb,
+            cfg.fast.ddp_compress,
+            cfg.data.batch_size
+        );
+    }
     println!("run:     {}", run_dir.display());
     println!("model:   {summary_model}");
     println!(
@@ -306,7 +400,7 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         println!("sdpa:    {a}");
     }
     let (_, initial_eval_accuracy) = if state.step == 0 {
-        ctx.evaluate(eval_src.as_ref(), cfg, cfg.run.eval_batches.min(2))?
+        ctx.evaluate(eval_src.as_ref(), cfg, cfg.run.eval_batches)?
     } else {
         (f64::NAN, f64::NAN)
     };
@@ -316,10 +410,14 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("installing signal handlers")?;
     }
-    let mut metrics_out = MetricsWriter::open(&run_dir.join("metrics.jsonl"))?;
+    let mut metrics_out = if writer {
+        Some(MetricsWriter::open(&run_dir.join("metrics.jsonl"))?)
+    } else {
+        None
+    };
     let profile = cfg.profile_range()?;
     let total = cfg.run.steps;
-    let bar = if launch.progress {
+    let bar = if launch.progress && writer {
         ProgressBar::new(total)
     } else {
         ProgressBar::hidden()
@@ -332,16 +430,28 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     );
     bar.set_position(state.step);
 
-    let save_ckpt = |state: &TrainState, vs: &nn::VarStore, opt: &AdamW| -> Result<PathBuf> {
+    let save_ckpt = |state: &TrainState,
+                     vs: &nn::VarStore,
+                     opt: &AdamW,
+                     dist: &mut Option<Dist>|
+     -> Result<Option<PathBuf>> {
+        if let Some(d) = dist {
+            // Catch a silent desync before it is written down (every rank takes part).
+            d.dp.parameter_checksum()?;
+        }
+        if !writer {
+            return Ok(None);
+        }
         checkpoint::save(&ckpt_dir, state, cfg.run.keep_checkpoints, |dir| {
             vs.save(dir.join("model.safetensors"))
                 .context("writing model.safetensors")?;
             opt.save(&dir.join("optim.safetensors"))
         })
+        .map(Some)
     };
 
     let tokens_per_step =
-        cfg.data.batch_size as u64 * cfg.data.seq_len as u64 * cfg.optim.grad_accum;
+        world as u64 * cfg.data.batch_size as u64 * cfg.data.seq_len as u64 * cfg.optim.grad_accum;
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     let mut window_start = Instant::now();
     let mut window_tokens = 0u64;
@@ -363,7 +473,7 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
             let Batch { input, target } = src
                 .batch(
                     step * cfg.optim.grad_accum + micro,
-                    0,
+                    rank as u64,
                     cfg.data.batch_size,
                     cfg.data.seq_len,
                 )?
@@ -375,6 +485,24 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
                 loss.backward();
             }
             loss_sum += loss.double_value(&[]);
+        }
+        // Gradients are synced once per optimizer step, never on accumulation micro-steps.
+        let mut sync_ms = None;
+        if let Some(d) = dist.as_mut() {
+            let _r = NvtxRange::new(cfg.fast.nvtx, "grad_sync");
+            sync_ms = Some(d.dp.sync_gradients()?.as_secs_f64() * 1e3);
+            // The logged loss is the mean over ranks, and a stop request on any rank stops all
+            // (a rank that stopped alone would leave the others waiting in a collective).
+            let flag = if stop.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            };
+            let sums = d.sum(&[loss_sum, flag], device)?;
+            loss_sum = sums[0] / d.world as f64;
+            if sums[1] > 0.0 {
+                stop.store(true, Ordering::Relaxed);
+            }
         }
         let grad_norm = opt.grad_norm();
         let lr = cfg.optim.lr_at(step, total);
@@ -448,13 +576,16 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
                 skipped_steps: state.skipped_steps,
                 eval_loss: eval_now.then_some(last_eval.0),
                 eval_accuracy: eval_now.then_some(last_eval.1),
+                sync_ms,
             };
-            metrics_out.write(&line)?;
+            if let Some(m) = metrics_out.as_mut() {
+                m.write(&line)?;
+            }
             bar.set_message(format!(
                 "loss {loss_sum:.4} lr {lr:.2e} {:.0} tok/s",
                 line.tokens_per_s
             ));
-            if !launch.progress {
+            if !launch.progress && writer {
                 println!(
                     "step {:>6}  loss {loss_sum:.4}  lr {lr:.2e}  |g| {grad_norm:.3}  {:.0} tok/s{}",
                     state.step,
@@ -469,34 +600,42 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         let ckpt_now = cfg.run.ckpt_every > 0 && state.step.is_multiple_of(cfg.run.ckpt_every);
         if stop.load(Ordering::Relaxed) {
             state.elapsed_s += run_start.elapsed().as_secs_f64();
-            let dir = save_ckpt(&state, &vs, &opt)?;
-            bar.abandon_with_message(format!("interrupted: checkpoint {} written", dir.display()));
+            if let Some(dir) = save_ckpt(&state, &vs, &opt, &mut dist)? {
+                bar.abandon_with_message(format!(
+                    "interrupted: checkpoint {} written",
+                    dir.display()
+                ));
+            }
             interrupted = true;
             break;
         }
         // No checkpoints during a run of non-finite steps: they would rotate the last good
         // checkpoints out (run.keep_checkpoints) while the run may be about to stop.
         if ckpt_now && state.step < total && state.bad_streak == 0 {
-            save_ckpt(&state, &vs, &opt)?;
+            save_ckpt(&state, &vs, &opt, &mut dist)?;
         }
     }
     bar.finish_and_clear();
     if !interrupted {
         state.elapsed_s += run_start.elapsed().as_secs_f64();
-        save_ckpt(&state, &vs, &opt)?;
+        save_ckpt(&state, &vs, &opt, &mut dist)?;
     }
     let (eval_loss, eval_accuracy) = if interrupted {
         (f64::NAN, f64::NAN)
     } else {
         ctx.evaluate(eval_src.as_ref(), cfg, cfg.run.eval_batches)?
     };
-    let lines = metrics::read(&run_dir.join("metrics.jsonl"))?;
-    metrics::plot_loss(
-        &lines,
-        &format!("{name}: {summary_model}"),
-        &run_dir.join("loss.png"),
-    )?;
-    let secs = run_start.elapsed().as_secs_f64().max(1e-9);
+    let lines = if writer {
+        let lines = metrics::read(&run_dir.join("metrics.jsonl"))?;
+        metrics::plot_loss(
+            &lines,
+            &format!("{name}: {summary_model}"),
+            &run_dir.join("loss.png"),
+        )?;
+        lines
+    } else {
+        Vec::new()
+    };
     let summary = Summary {
         run_dir: run_dir.clone(),
         model: summary_model,
@@ -521,7 +660,9 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         interrupted,
         sdpa_audit,
     };
-    let _ = secs;
+    if !writer {
+        return Ok(summary);
+    }
     crate::write_atomic(
         &run_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),

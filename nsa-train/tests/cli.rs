@@ -254,3 +254,30 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     );
     std::fs::remove_dir_all(out).unwrap();
 }
+
+#[test]
+fn data_parallel_world_size_one_matches_a_plain_run() {
+    let out = scratch("ddp1");
+    let mut plain = vec!["train".to_string()];
+    plain.extend(tiny(&out, "plain", 4));
+    ok(&run(&plain));
+    // One rank through the launcher and the in-process backend, gradients packed into small
+    // buckets: the same losses to the bit, and a sync time in every metrics line.
+    let mut ddp = vec!["train".to_string(), "--nproc-per-node".into(), "1".into()];
+    ddp.extend(tiny(&out, "ddp", 4));
+    ddp.extend(["--set".into(), "fast.ddp_bucket_mb=0.05".into()]);
+    let text = ok(&run(&ddp));
+    assert!(text.contains("launched 1 rank"), "{text}");
+    assert_eq!(losses(&out.join("ddp")), losses(&out.join("plain")));
+    let metrics = std::fs::read_to_string(out.join("ddp/metrics.jsonl")).unwrap();
+    assert!(
+        metrics.lines().all(|l| l.contains("\"sync_ms\"")),
+        "{metrics}"
+    );
+    // Several processes need NCCL, which the CPU does not have: a clear error, not a hang.
+    let mut two = vec!["train".to_string(), "--nproc-per-node".into(), "2".into()];
+    two.extend(tiny(&out, "two", 2));
+    let e = err(&run(&two));
+    assert!(e.contains("needs CUDA GPUs"), "{e}");
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -48,6 +48,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Gradient bucket sizes × compression at world size 1 (NCCL on a GPU, the in-process
+    /// backend on the CPU): CSV, PNG and the best setting, under runs/sweep-buckets/.
+    SweepBuckets {
+        /// Extra arguments for `nsa-train bench sweep-buckets` (e.g. --preset tiny --device cpu).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build release binaries into a relocatable tarball with a launcher that finds libtorch.
     Dist {
         /// Output folder for the bundle and tarball.
@@ -80,6 +87,15 @@ fn main() -> Result<()> {
             cmd!(
                 sh,
                 "cargo run --release -p nsa-train -- bench {what} {args...}"
+            )
+            .run()?;
+            Ok(())
+        }
+        Command::SweepBuckets { args } => {
+            libtorch::ensure(&sh, &root)?;
+            cmd!(
+                sh,
+                "cargo run --release -p nsa-train -- bench sweep-buckets {args...}"
             )
             .run()?;
             Ok(())

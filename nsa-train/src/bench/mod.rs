@@ -4,6 +4,7 @@ use clap::Subcommand;
 
 mod attn;
 mod select;
+mod sweep;
 mod train;
 
 #[derive(Debug, Subcommand)]
@@ -14,6 +15,8 @@ pub enum BenchCommand {
     Attn(attn::AttnBenchArgs),
     /// Whole-model training: tokens/s and peak memory, NSA vs dense; needle accuracy.
     Train(train::TrainBenchArgs),
+    /// DDP gradient buckets × compression at world size 1: tokens/s, sync time, CSV and PNG.
+    SweepBuckets(sweep::SweepArgs),
 }
 
 pub fn run(what: BenchCommand) -> anyhow::Result<()> {
@@ -21,6 +24,7 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Select(args) => select::run(args),
         BenchCommand::Attn(args) => attn::run(args),
         BenchCommand::Train(args) => train::run(args),
+        BenchCommand::SweepBuckets(args) => sweep::run(args),
     }
 }
 

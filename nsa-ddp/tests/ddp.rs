@@ -1,0 +1,720 @@
+//! nsa-ddp on CPU: bucket plans, DDP over thread ranks against single-process training,
+//! compression error bounds, broadcast, checksums, timeouts, rendezvous.
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use nsa_ddp::{
+    rendezvous, Communicator, Compression, DataParallel, DdpError, GradBuckets, LocalGroup,
+    RendezvousConfig, UniqueId,
+};
+use tch::{Device, Kind, Tensor};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs `f(rank, group)` on `world` threads and returns the results in rank order.
+fn on_ranks<T: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(usize, LocalGroup) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let f = std::sync::Arc::new(f);
+    let handles: Vec<_> = LocalGroup::new(world, timeout)
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        .map(|(r, g)| {
+            let f = f.clone();
+            std::thread::spawn(move || f(r, g))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Deterministic pseudo-random numbers in [-1, 1) (no global RNG: threads share libtorch's).
+fn lcg(seed: u64, n: usize) -> Vec<f64> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn flat(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.detach().to_kind(Kind::Double).reshape([-1])).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Buckets
+
+#[test]
+fn buckets_cover_every_parameter_once_in_reverse_order() {
+    // A transformer-ish list: embedding (largest), per-layer matrices and vectors.
+    let sizes: Vec<i64> = vec![5000, 64, 1024, 1024, 64, 2048, 2048, 64, 300];
+    let params: Vec<(String, Tensor)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            (
+                format!("p{i}"),
+                Tensor::zeros([n], (Kind::Float, Device::Cpu)),
+            )
+        })
+        .collect();
+    let largest = 5000 * 4;
+    // Caps in bytes: smaller than the largest parameter (twice), around it, and huge.
+    for cap in [4096usize, 10_000, largest, 1 << 30] {
+        let b = GradBuckets::new(&params, cap as f64 / nsa_ddp::bucket::MB).unwrap();
+        let order: Vec<usize> = b
+            .buckets()
+            .iter()
+            .flat_map(|b| b.entries().iter().map(|e| e.param))
+            .collect();
+        let expected: Vec<usize> = (0..sizes.len()).rev().collect();
+        assert_eq!(order, expected, "cap {cap}: every parameter once, reversed");
+        for bucket in b.buckets() {
+            let mut offset = 0;
+            for e in bucket.entries() {
+                assert_eq!(
+                    e.offset, offset,
+                    "cap {cap}: entries are packed back to back"
+                );
+                assert_eq!(e.numel, sizes[e.param]);
+                assert_eq!(e.name, format!("p{}", e.param));
+                offset += e.numel;
+            }
+            assert_eq!(bucket.flat().size(), vec![offset]);
+            assert!(
+                bucket.bytes() <= cap || bucket.entries().len() == 1,
+                "cap {cap}: a bucket over the cap must hold a single parameter"
+            );
+        }
+        // Greedy packing: two consecutive buckets could not have been merged.
+        for w in b.buckets().windows(2) {
+            let next_first = w[1].entries()[0].numel as usize * 4;
+            assert!(
+                w[0].bytes() + next_first > cap,
+                "cap {cap}: bucket closed too early"
+            );
+        }
+        if cap < largest {
+            let own = b
+                .buckets()
+                .iter()
+                .find(|bk| bk.entries().iter().any(|e| e.param == 0))
+                .unwrap();
+            assert_eq!(own.entries().len(), 1, "the oversized parameter is alone");
+        }
+        if cap == 1 << 30 {
+            assert_eq!(b.buckets().len(), 1);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training: DDP on split batches vs one process on the whole batch
+
+const IN: i64 = 6;
+const HID: i64 = 10;
+const OUT: i64 = 3;
+const BATCH: i64 = 8;
+const LR: f64 = 0.1;
+const STEPS: usize = 3;
+const SHAPES: [&[i64]; 4] = [&[HID, IN], &[HID], &[OUT, HID], &[OUT]];
+const NAMES: [&str; 4] = ["l1.weight", "l1.bias", "l2.weight", "l2.bias"];
+
+/// Initial parameters; rank-dependent so that the broadcast has something to do.
+fn init(seed: u64) -> Vec<Vec<f64>> {
+    SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let n = s.iter().product::<i64>() as usize;
+            lcg(seed * 10 + i as u64, n)
+                .into_iter()
+                .map(|x| x * 0.5)
+                .collect()
+        })
+        .collect()
+}
+
+fn data() -> (Vec<f64>, Vec<f64>) {
+    (
+        lcg(1000, (BATCH * IN) as usize),
+        lcg(2000, (BATCH * OUT) as usize),
+    )
+}
+
+fn params_from(values: &[Vec<f64>], kind: Kind) -> Vec<(String, Tensor)> {
+    values
+        .iter()
+        .zip(SHAPES)
+        .zip(NAMES)
+        .map(|((v, s), n)| {
+            let t = Tensor::from_slice(v)
+                .to_kind(kind)
+                .view(s)
+                .set_requires_grad(true);
+            (n.to_string(), t)
+        })
+        .collect()
+}
+
+/// Two linear layers with tanh between, mean-squared error over the rows given.
+fn loss(p: &[(String, Tensor)], x: &Tensor, y: &Tensor) -> Tensor {
+    let h = x.linear(&p[0].1, Some(&p[1].1)).tanh();
+    let out = h.linear(&p[2].1, Some(&p[3].1));
+    (out - y).square().mean(x.kind())
+}
+
+fn sgd(p: &[(String, Tensor)]) {
+    tch::no_grad(|| {
+        for (_, t) in p {
+            let mut t = t.shallow_clone();
+            let g = t.grad();
+            t -= g * LR;
+        }
+    });
+}
+
+fn zero_grads(p: &[(String, Tensor)]) {
+    for (_, t) in p {
+        let mut t = t.shallow_clone();
+        t.zero_grad();
+    }
+}
+
+fn all_grads(p: &[(String, Tensor)]) -> Vec<f64> {
+    p.iter().flat_map(|(_, t)| flat(&t.grad())).collect()
+}
+
+fn all_values(p: &[(String, Tensor)]) -> Vec<f64> {
+    p.iter().flat_map(|(_, t)| flat(t)).collect()
+}
+
+/// One process, whole batch, rank 0's initial parameters.
+fn train_reference(kind: Kind) -> Vec<f64> {
+    let p = params_from(&init(0), kind);
+    let (xv, yv) = data();
+    let x = Tensor::from_slice(&xv).to_kind(kind).view([BATCH, IN]);
+    let y = Tensor::from_slice(&yv).to_kind(kind).view([BATCH, OUT]);
+    for _ in 0..STEPS {
+        zero_grads(&p);
+        loss(&p, &x, &y).backward();
+        sgd(&p);
+    }
+    all_values(&p)
+}
+
+struct RankRun {
+    after_broadcast: Vec<f64>,
+    /// Per step: this rank's own gradients (before sync) and the synchronised ones.
+    local_grads: Vec<Vec<f64>>,
+    synced_grads: Vec<Vec<f64>>,
+    final_params: Vec<f64>,
+}
+
+/// DDP: `world` thread ranks, each on its contiguous shard of the batch.
+fn train_ddp(world: usize, kind: Kind, compression: Compression, bucket_mb: f64) -> Vec<RankRun> {
+    on_ranks(world, TIMEOUT, move |rank, group| {
+        let p = params_from(&init(rank as u64), kind);
+        let mut dp = DataParallel::new(group, &p, bucket_mb, compression).unwrap();
+        dp.broadcast_parameters().unwrap();
+        let after_broadcast = all_values(&p);
+        let (xv, yv) = data();
+        let shard = BATCH / world as i64;
+        let x = Tensor::from_slice(&xv)
+            .to_kind(kind)
+            .view([BATCH, IN])
+            .narrow(0, rank as i64 * shard, shard);
+        let y = Tensor::from_slice(&yv)
+            .to_kind(kind)
+            .view([BATCH, OUT])
+            .narrow(0, rank as i64 * shard, shard);
+        let mut run = RankRun {
+            after_broadcast,
+            local_grads: Vec::new(),
+            synced_grads: Vec::new(),
+            final_params: Vec::new(),
+        };
+        for _ in 0..STEPS {
+            zero_grads(&p);
+            loss(&p, &x, &y).backward();
+            run.local_grads.push(all_grads(&p));
+            dp.sync_gradients().unwrap();
+            run.synced_grads.push(all_grads(&p));
+            sgd(&p);
+        }
+        dp.parameter_checksum().unwrap();
+        run.final_params = all_values(&p);
+        run
+    })
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn ddp_fp64_equals_single_process_training() {
+    let reference = train_reference(Kind::Double);
+    let rank0_init: Vec<f64> = init(0).concat();
+    for world in [2, 4] {
+        // Buckets: 100 bytes splits the 4 parameters over 3 buckets (l1.weight alone, oversized).
+        for bucket_mb in [100.0 / nsa_ddp::bucket::MB, 25.0] {
+            let runs = train_ddp(world, Kind::Double, Compression::None, bucket_mb);
+            for (r, run) in runs.iter().enumerate() {
+                assert_eq!(run.after_broadcast, rank0_init, "rank {r} after broadcast");
+                // Exact up to fp64 rounding: the per-shard means, summed and divided by W, equal
+                // the whole-batch mean; only the order of additions differs (≈ 1e-16 relative).
+                let d = max_abs_diff(&run.final_params, &reference);
+                assert!(d < 1e-13, "world {world}, rank {r}: |ddp − single| = {d:e}");
+                assert_eq!(
+                    run.final_params, runs[0].final_params,
+                    "ranks must agree bitwise"
+                );
+            }
+            // Without compression the synced gradient is exactly Σ_r g_r / W (rank order).
+            for step in 0..STEPS {
+                let avg = exact_average(&runs, step);
+                for run in &runs {
+                    assert_eq!(run.synced_grads[step], avg);
+                }
+            }
+        }
+    }
+    // The test can fail: a single rank's (unsynchronised) gradient is far from the average.
+    let runs = train_ddp(2, Kind::Double, Compression::None, 25.0);
+    assert!(max_abs_diff(&runs[0].local_grads[0], &runs[0].synced_grads[0]) > 1e-3);
+}
+
+fn exact_average(runs: &[RankRun], step: usize) -> Vec<f64> {
+    let w = runs.len() as f64;
+    let n = runs[0].local_grads[step].len();
+    (0..n)
+        .map(|i| runs.iter().map(|r| r.local_grads[step][i]).sum::<f64>() / w)
+        .collect()
+}
+
+/// Checks the bound derived in `nsa_ddp::compress`:
+/// |avg_compressed − ḡ| ≤ 1.04·u·Σ_r|g_r| + 2η  (W ≤ 8), per element, every step and rank.
+/// Returns the largest error seen relative to its bound (to show the bound is not vacuous).
+fn check_compression_bound(runs: &[RankRun], c: Compression) -> f64 {
+    let u = c.unit_roundoff();
+    let eta = c.underflow_error();
+    let mut worst: f64 = 0.0;
+    let mut any_error = false;
+    for step in 0..STEPS {
+        let avg = exact_average(runs, step);
+        for (r, run) in runs.iter().enumerate() {
+            for (i, (&got, &want)) in run.synced_grads[step].iter().zip(&avg).enumerate() {
+                let mag: f64 = runs.iter().map(|q| q.local_grads[step][i].abs()).sum();
+                let bound = 1.04 * u * mag + 2.0 * eta;
+                let err = (got - want).abs();
+                any_error |= err > 0.0;
+                assert!(
+                    err <= bound,
+                    "{c}: step {step}, rank {r}, element {i}: error {err:e} > bound {bound:e}"
+                );
+                if bound > 0.0 {
+                    worst = worst.max(err / bound);
+                }
+            }
+        }
+    }
+    assert!(
+        any_error,
+        "{c}: no rounding at all — was the gradient really compressed?"
+    );
+    worst
+}
+
+#[test]
+fn compressed_gradients_stay_within_the_derived_bound() {
+    for kind in [Kind::Float, Kind::Double] {
+        for c in [Compression::Bf16, Compression::Fp16] {
+            for world in [2, 4] {
+                let runs = train_ddp(world, kind, c, 25.0);
+                let worst = check_compression_bound(&runs, c);
+                eprintln!("{kind:?} {c} W={world}: worst error / bound = {worst:.3}");
+                // The bound is tight to within a small factor (errors of a few ulps show up).
+                assert!(
+                    worst > 0.05,
+                    "{c} W={world}: worst error/bound {worst} suspiciously small"
+                );
+                for run in &runs[1..] {
+                    assert_eq!(
+                        run.final_params, runs[0].final_params,
+                        "ranks agree bitwise"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_keeps_the_range_fp16_overflows() {
+    // bf16 keeps fp32's range: a 1e6 gradient survives. fp16 overflows to inf above 65504.
+    for c in [Compression::Bf16, Compression::Fp16] {
+        let got = on_ranks(2, TIMEOUT, move |_, g| {
+            let p = Tensor::zeros([1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let params = vec![("p".to_string(), p.shallow_clone())];
+            let mut dp = DataParallel::new(g, &params, 1.0, c).unwrap();
+            (&p * 1e6).sum(Kind::Float).backward();
+            dp.sync_gradients().unwrap();
+            flat(&p.grad())[0]
+        });
+        for v in got {
+            match c {
+                Compression::Fp16 => assert!(v.is_infinite(), "fp16 overflows at 1e6: {v}"),
+                _ => assert!(
+                    (v - 1e6).abs() <= 1e6 * 2f64.powi(-8),
+                    "bf16 keeps 1e6: {v}"
+                ),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checksums, missing gradients, timeouts, parsing
+
+#[test]
+fn checksum_catches_a_desynced_rank() {
+    // rank 1: two neighbouring elements swapped (same Σp and Σp²); rank 2: one element nudged.
+    let out = on_ranks(4, TIMEOUT, |rank, g| {
+        let p = params_from(&init(rank as u64), Kind::Float);
+        let mut dp = DataParallel::new(g, &p, 25.0, Compression::None).unwrap();
+        dp.broadcast_parameters().unwrap();
+        let agreed = dp.parameter_checksum().map(|c| c.sum);
+        tch::no_grad(|| {
+            let w = p[0].1.detach();
+            match rank {
+                1 => {
+                    let a = w.get(0).get(0).double_value(&[]);
+                    let b = w.get(0).get(1).double_value(&[]);
+                    let _ = w.get(0).get(0).fill_(b);
+                    let _ = w.get(0).get(1).fill_(a);
+                }
+                2 => {
+                    let _ = w.get(3).get(2).g_add_scalar_(1e-6);
+                }
+                _ => {}
+            }
+        });
+        (agreed, dp.parameter_checksum())
+    });
+    let first = out[0].0.as_ref().unwrap();
+    for (rank, (agreed, after)) in out.iter().enumerate() {
+        assert_eq!(
+            agreed.as_ref().unwrap(),
+            first,
+            "rank {rank}: equal after broadcast"
+        );
+        match after {
+            Err(DdpError::ChecksumMismatch {
+                differing,
+                checksums,
+                ..
+            }) => {
+                assert_eq!(differing, &vec![1, 2], "rank {rank}");
+                assert_eq!(checksums.len(), 4);
+                // The swap leaves the plain sums equal: only the weighted term catches it.
+                assert_eq!(checksums[1].sum, checksums[0].sum);
+                assert_ne!(checksums[1].weighted, checksums[0].weighted);
+                let msg = after.as_ref().unwrap_err().to_string();
+                assert!(msg.contains("[1, 2]"), "{msg}");
+            }
+            other => panic!("rank {rank}: expected a checksum mismatch, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn missing_gradient_is_reported_after_the_collectives() {
+    let out = on_ranks(2, TIMEOUT, |rank, g| {
+        let p = params_from(&init(0), Kind::Double);
+        let mut dp = DataParallel::new(g, &p, 25.0, Compression::None).unwrap();
+        // Rank 1 leaves l2.bias out of its loss; rank 0 uses everything.
+        let x = Tensor::ones([2, IN], (Kind::Double, Device::Cpu));
+        let out = x
+            .linear(&p[0].1, Some(&p[1].1))
+            .tanh()
+            .linear::<&Tensor>(&p[2].1, None);
+        let extra = if rank == 0 {
+            p[3].1.sum(Kind::Double)
+        } else {
+            out.sum(Kind::Double) * 0.0
+        };
+        (out.sum(Kind::Double) + extra).backward();
+        let r = dp.sync_gradients();
+        (r, flat(&p[2].1.grad()))
+    });
+    assert!(out[0].0.is_ok());
+    match &out[1].0 {
+        Err(DdpError::MissingGradients { rank: 1, names }) => {
+            assert_eq!(names, &vec!["l2.bias".to_string()])
+        }
+        other => panic!("expected MissingGradients, got {other:?}"),
+    }
+    // The other gradients were still averaged, identically on both ranks.
+    assert_eq!(out[0].1, out[1].1);
+}
+
+#[test]
+fn a_rank_that_never_arrives_times_out_the_others() {
+    let timeout = Duration::from_millis(300);
+    let start = Instant::now();
+    let out = on_ranks(3, timeout, |rank, g| {
+        if rank == 2 {
+            drop(g); // never joins any collective
+            return None;
+        }
+        let p = params_from(&init(0), Kind::Float);
+        let mut dp = DataParallel::new(g, &p, 25.0, Compression::Bf16).unwrap();
+        let first = dp.broadcast_parameters();
+        let t0 = Instant::now();
+        let later = dp.comm_mut().barrier();
+        Some((first, later, t0.elapsed()))
+    });
+    let elapsed = start.elapsed();
+    assert!(elapsed >= timeout, "{elapsed:?}");
+    assert!(
+        elapsed < timeout * 5,
+        "took {elapsed:?} for a {timeout:?} timeout"
+    );
+    for (rank, r) in out.into_iter().enumerate().take(2) {
+        let (first, later, later_time) = r.unwrap();
+        match first {
+            Err(DdpError::Timeout { missing, op, .. }) => {
+                assert_eq!(missing, vec![2], "rank {rank}");
+                assert_eq!(op, "broadcast");
+            }
+            other => panic!("rank {rank}: expected a timeout, got {other:?}"),
+        }
+        // The group is broken: later collectives fail at once with the same report.
+        assert!(matches!(later, Err(DdpError::Timeout { ref missing, .. }) if missing == &vec![2]));
+        assert!(later_time < Duration::from_millis(50), "{later_time:?}");
+    }
+}
+
+#[test]
+fn compression_parse_errors() {
+    for bad in ["int8", "", "bf 16", "fp32"] {
+        let err = bad.parse::<Compression>().unwrap_err();
+        assert!(matches!(err, DdpError::UnknownCompression(ref s) if s == bad));
+        let msg = err.to_string();
+        assert!(msg.contains("none, bf16, fp16"), "{msg}");
+    }
+    assert_eq!("Fp16".parse::<Compression>().unwrap(), Compression::Fp16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendezvous
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn rendezvous_hands_the_id_to_every_rank() {
+    let cfg = RendezvousConfig::new("127.0.0.1", free_port(), Duration::from_secs(10));
+    let id: UniqueId = std::array::from_fn(|i| (i * 7 + 3) as u8);
+    let handles: Vec<_> = (0..4)
+        .rev() // peers first: they retry until rank 0 listens
+        .map(|rank| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || rendezvous(&cfg, rank, 4, || Ok(id)))
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().unwrap(), id);
+    }
+}
+
+#[test]
+fn rendezvous_times_out_naming_the_missing_rank() {
+    let port = free_port();
+    let cfg = RendezvousConfig::new("127.0.0.1", port, Duration::from_millis(400));
+    let start = Instant::now();
+    // World of 3, rank 2 never comes.
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || rendezvous(&cfg, rank, 3, || Ok([1u8; 128])))
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    match &results[0] {
+        Err(DdpError::RendezvousTimeout {
+            rank: 0, missing, ..
+        }) => assert_eq!(missing, &vec![2]),
+        other => panic!("rank 0: {other:?}"),
+    }
+    // Rank 1 connected, then waited for the id in vain (or saw rank 0 hang up).
+    assert!(results[1].is_err(), "rank 1: {:?}", results[1]);
+
+    // A peer with no rank 0 at all: connect timeout, naming rank 0.
+    let cfg = RendezvousConfig::new("127.0.0.1", free_port(), Duration::from_millis(300));
+    match rendezvous(&cfg, 1, 2, || Ok([0u8; 128])) {
+        Err(DdpError::RendezvousTimeout {
+            rank: 1, missing, ..
+        }) => assert_eq!(missing, vec![0]),
+        other => panic!("peer alone: {other:?}"),
+    }
+}
+
+#[test]
+fn local_group_rejects_an_empty_world_and_serves_a_world_of_one() {
+    assert!(matches!(
+        LocalGroup::new(0, TIMEOUT),
+        Err(DdpError::Invalid(_))
+    ));
+    let mut g = LocalGroup::new(1, TIMEOUT).unwrap().pop().unwrap();
+    let mut t = Tensor::from_slice(&[1.5f64, -2.0]);
+    g.all_reduce_sum(&mut t).unwrap();
+    g.broadcast(&mut t).unwrap();
+    g.barrier().unwrap();
+    assert_eq!(flat(&t), vec![1.5, -2.0]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// NCCL on GPUs (ignored: CI has no GPU). Run on a GPU host with
+//   cargo test -p nsa-ddp --test ddp -- --ignored nccl_on_gpus --nocapture
+// One thread per visible GPU (at most 4), rank r on cuda:r.
+
+#[test]
+#[ignore = "needs CUDA GPUs and NCCL"]
+fn nccl_on_gpus() {
+    use nsa_ddp::{rendezvous_nccl, NcclGroup};
+    let backend = nsa_sys::cuda::load_backend().expect("load libtorch's CUDA backend");
+    if !backend.has_gpu() {
+        eprintln!("skipped: no GPU ({backend})");
+        return;
+    }
+    let world = tch::Cuda::device_count().clamp(1, 4) as usize;
+    let cfg = RendezvousConfig::new("127.0.0.1", free_port(), Duration::from_secs(60));
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let id = rendezvous_nccl(&cfg, rank, world).unwrap();
+                let mut g = NcclGroup::new(rank, world, &id, rank)
+                    .unwrap()
+                    .with_timeout(Duration::from_secs(60));
+                let dev = Device::Cuda(rank);
+                let r = rank as f64;
+                let w = world as f64;
+                // Sum in every dtype NCCL gets from us.
+                for kind in [
+                    Kind::Float,
+                    Kind::Double,
+                    Kind::Half,
+                    Kind::BFloat16,
+                    Kind::Int64,
+                ] {
+                    let mut t = (Tensor::ones([1000], (kind, dev)) * (r + 1.0)).to_kind(kind);
+                    g.all_reduce_sum(&mut t).unwrap();
+                    g.synchronize().unwrap();
+                    let v = flat(&t.to_device(Device::Cpu));
+                    let want = w * (w + 1.0) / 2.0;
+                    assert!(v.iter().all(|&x| x == want), "{kind:?}: {} != {want}", v[0]);
+                }
+                // Broadcast from rank 0.
+                let mut b = Tensor::full([7], r + 5.0, (Kind::Float, dev));
+                g.broadcast(&mut b).unwrap();
+                g.barrier().unwrap();
+                assert_eq!(flat(&b.to_device(Device::Cpu)), vec![5.0; 7]);
+                // Wrong device and non-contiguous tensors are refused, not sent.
+                let mut cpu = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+                assert!(matches!(g.all_reduce_sum(&mut cpu), Err(DdpError::Nccl(_))));
+                // The front on GPU: broadcast, compressed and plain gradient averaging, checksum.
+                let mut results = Vec::new();
+                for c in [Compression::None, Compression::Bf16] {
+                    let p = params_from(&init(rank as u64), Kind::Float);
+                    let p: Vec<(String, Tensor)> = p
+                        .into_iter()
+                        .map(|(n, t)| (n, t.detach().to_device(dev).set_requires_grad(true)))
+                        .collect();
+                    let mut dp = DataParallel::new(g, &p, 100.0 / nsa_ddp::bucket::MB, c).unwrap();
+                    dp.broadcast_parameters().unwrap();
+                    assert_eq!(
+                        all_values(&p),
+                        init(0)
+                            .iter()
+                            .flatten()
+                            .map(|&x| x as f32 as f64)
+                            .collect::<Vec<_>>()
+                    );
+                    let (xv, yv) = data();
+                    let x = Tensor::from_slice(&xv)
+                        .to_kind(Kind::Float)
+                        .view([BATCH, IN])
+                        .to_device(dev);
+                    let y = Tensor::from_slice(&yv)
+                        .to_kind(Kind::Float)
+                        .view([BATCH, OUT])
+                        .to_device(dev);
+                    let shard = BATCH / world as i64;
+                    let (x, y) = (
+                        x.narrow(0, rank as i64 * shard, shard),
+                        y.narrow(0, rank as i64 * shard, shard),
+                    );
+                    loss(&p, &x, &y).backward();
+                    let local = all_grads(&p);
+                    let took = dp.sync_gradients().unwrap();
+                    let synced = all_grads(&p);
+                    dp.parameter_checksum().unwrap();
+                    results.push((local, synced, took));
+                    g = dp.into_comm();
+                }
+                results
+            })
+        })
+        .collect();
+    let per_rank: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (ci, c) in [Compression::None, Compression::Bf16]
+        .into_iter()
+        .enumerate()
+    {
+        let n = per_rank[0][ci].0.len();
+        let u = c.unit_roundoff();
+        for i in 0..n {
+            let sum: f64 = per_rank.iter().map(|r| r[ci].0[i]).sum();
+            let mag: f64 = per_rank.iter().map(|r| r[ci].0[i].abs()).sum();
+            let avg = sum / world as f64;
+            // fp32 sums on the GPU: ring order differs from ours, allow fp32 rounding.
+            let bound = 1.04 * u * mag + 4.0 * f32::EPSILON as f64 * mag;
+            for r in &per_rank {
+                assert!(
+                    (r[ci].1[i] - avg).abs() <= bound,
+                    "{c} element {i}: {} vs {avg}",
+                    r[ci].1[i]
+                );
+            }
+        }
+        eprintln!(
+            "nccl {c}: world {world}, sync_gradients took {:?} on rank 0",
+            per_rank[0][ci].2
+        );
+    }
+}
