@@ -11,14 +11,25 @@ use crate::SysError;
 type CuResult = c_int;
 
 #[derive(Debug)]
-struct Driver {
-    _lib: libloading::Library,
+/// The driver entry points the workspace uses: device facts here, device binding and stream
+/// polling for the NCCL communicator (`crate::nccl`). One table, so libcuda is opened and
+/// checked in one place.
+pub(crate) struct Driver {
+    // Never unloaded: NCCL and libtorch keep using the driver for the process's life.
+    _lib: std::mem::ManuallyDrop<libloading::Library>,
     device_get_count: unsafe extern "C" fn(*mut c_int) -> CuResult,
     device_get_name: unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult,
     device_total_mem: unsafe extern "C" fn(*mut usize, c_int) -> CuResult,
     device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
     driver_get_version: unsafe extern "C" fn(*mut c_int) -> CuResult,
+    pub(crate) primary_ctx_retain: unsafe extern "C" fn(*mut CuContext, c_int) -> CuResult,
+    pub(crate) ctx_set_current: unsafe extern "C" fn(CuContext) -> CuResult,
+    pub(crate) stream_query: unsafe extern "C" fn(CuStream) -> CuResult,
 }
+
+/// `CUcontext` / `CUstream`: opaque driver handles.
+pub(crate) type CuContext = *mut std::os::raw::c_void;
+pub(crate) type CuStream = *mut std::os::raw::c_void;
 
 const ATTR_MULTIPROCESSOR_COUNT: c_int = 16;
 const ATTR_CC_MAJOR: c_int = 75;
@@ -53,7 +64,7 @@ fn check(call: &'static str, code: CuResult) -> Result<(), SysError> {
 }
 
 impl Driver {
-    fn open() -> Result<Self, SysError> {
+    pub(crate) fn open() -> Result<Self, SysError> {
         let name = "libcuda.so.1";
         // SAFETY: libcuda's initialisers have no preconditions.
         let lib = unsafe { libloading::Library::new(name) }.map_err(|e| SysError::Load {
@@ -78,7 +89,10 @@ impl Driver {
             device_total_mem: sym!("cuDeviceTotalMem_v2"),
             device_get_attribute: sym!("cuDeviceGetAttribute"),
             driver_get_version: sym!("cuDriverGetVersion"),
-            _lib: lib,
+            primary_ctx_retain: sym!("cuDevicePrimaryCtxRetain"),
+            ctx_set_current: sym!("cuCtxSetCurrent"),
+            stream_query: sym!("cuStreamQuery"),
+            _lib: std::mem::ManuallyDrop::new(lib),
         };
         // SAFETY: cuInit(0) is always valid to call, repeatedly too.
         check("cuInit", unsafe { init(0) })?;

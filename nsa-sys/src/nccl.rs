@@ -36,13 +36,14 @@
 //! aborted communicator refuses further work. `ncclCommInitRank` itself blocks until every rank
 //! called it; run a rendezvous first so that all ranks are known to be alive.
 use std::ffi::CStr;
-use std::os::raw::{c_char, c_int, c_uint, c_void};
+use std::os::raw::{c_char, c_int, c_void};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
+use crate::driver::{CuContext, Driver as CudaDriver};
 use crate::SysError;
 
 /// Bytes in an `ncclUniqueId`.
@@ -296,54 +297,8 @@ fn candidates() -> Vec<String> {
 }
 
 type CuResult = c_int;
-type CuContext = *mut c_void;
 /// `CUDA_ERROR_NOT_READY`.
 const CUDA_ERROR_NOT_READY: CuResult = 600;
-
-/// The few driver calls the communicator needs: device binding and stream polling.
-struct CudaDriver {
-    _lib: std::mem::ManuallyDrop<libloading::Library>,
-    primary_ctx_retain: unsafe extern "C" fn(*mut CuContext, c_int) -> CuResult,
-    ctx_set_current: unsafe extern "C" fn(CuContext) -> CuResult,
-    stream_query: unsafe extern "C" fn(Stream) -> CuResult,
-}
-
-impl CudaDriver {
-    fn open() -> Result<Self, NcclError> {
-        let name = "libcuda.so.1";
-        // SAFETY: libcuda's initialisers have no preconditions.
-        let lib = unsafe { libloading::Library::new(name) }.map_err(|e| SysError::Load {
-            name: name.into(),
-            reason: e.to_string(),
-        })?;
-        macro_rules! sym {
-            ($s:literal) => {{
-                // SAFETY: the declared field signature matches cuda.h for this symbol.
-                let f = unsafe { lib.get($s.as_bytes()) }.map_err(|e| SysError::Symbol {
-                    library: name.into(),
-                    symbol: $s.into(),
-                    reason: e.to_string(),
-                })?;
-                *f
-            }};
-        }
-        let init: unsafe extern "C" fn(c_uint) -> CuResult = sym!("cuInit");
-        // SAFETY: cuInit(0) is always valid to call.
-        let code = unsafe { init(0) };
-        if code != 0 {
-            return Err(NcclError::Driver {
-                call: "cuInit",
-                code: code as i64,
-            });
-        }
-        Ok(CudaDriver {
-            primary_ctx_retain: sym!("cuDevicePrimaryCtxRetain"),
-            ctx_set_current: sym!("cuCtxSetCurrent"),
-            stream_query: sym!("cuStreamQuery"),
-            _lib: std::mem::ManuallyDrop::new(lib),
-        })
-    }
-}
 
 /// One rank's NCCL communicator, bound to one CUDA device (see the module docs for streams,
 /// devices and timeouts).
