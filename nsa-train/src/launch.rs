@@ -13,11 +13,7 @@ use anyhow::{bail, Context, Result};
 /// Runs this binary `n` times with `args` (the original arguments without `--nproc-per-node`).
 pub fn spawn_ranks(n: usize, args: &[String]) -> Result<()> {
     let exe = std::env::current_exe().context("locating the nsa-train binary")?;
-    // A free port for the rendezvous: bind port 0, read what the OS chose, release it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port for the rendezvous")?
-        .port();
+    let port = free_port()?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
@@ -70,6 +66,14 @@ pub fn spawn_ranks(n: usize, args: &[String]) -> Result<()> {
         bail!("rank {rank} failed ({s}); the other ranks were stopped");
     }
     Ok(())
+}
+
+/// A free local port for a rendezvous: bind port 0, read what the OS chose, release it.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port for the rendezvous")?
+        .port())
 }
 
 /// SIGTERM to every rank still running (std's `Child::kill` is SIGKILL, which leaves no time

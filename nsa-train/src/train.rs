@@ -321,15 +321,7 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     if launch.resume {
         match checkpoint::latest(&ckpt_dir) {
             Ok((dir, st)) => {
-                ensure!(
-                    st.model == model_json,
-                    "checkpoint {} belongs to another model config:\n  checkpoint: {}\n  this run:   {}",
-                    dir.display(),
-                    st.model,
-                    model_json
-                );
-                vs.load(dir.join("model.safetensors"))
-                    .with_context(|| format!("loading {}/model.safetensors", dir.display()))?;
+                load_model(&mut vs, &dir, &st, &model_json)?;
                 opt.load(&dir.join("optim.safetensors"), st.step)?;
                 println!("resumed from {} (step {})", dir.display(), st.step);
                 state = st;
@@ -714,6 +706,25 @@ fn audit(m: &ModelConfig, device: Device, bf16: bool) -> Vec<String> {
     )]
 }
 
+/// Loads a checkpoint's `model.safetensors` into `vs` after checking that the checkpoint was
+/// written for `model_json` (the resolved model config), naming both configs when not.
+fn load_model(
+    vs: &mut nn::VarStore,
+    dir: &Path,
+    st: &TrainState,
+    model_json: &serde_json::Value,
+) -> Result<()> {
+    ensure!(
+        st.model == *model_json,
+        "checkpoint {} belongs to another model config:\n  checkpoint: {}\n  this run:   {}",
+        dir.display(),
+        st.model,
+        model_json
+    );
+    vs.load(dir.join("model.safetensors"))
+        .with_context(|| format!("loading {}/model.safetensors", dir.display()))
+}
+
 /// `nsa-train eval`: loss and answer accuracy of the latest checkpoint of a run folder.
 pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64)> {
     let cfg_path = run_dir.join("config.toml");
@@ -721,16 +732,9 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
     let model_cfg = model_config(&cfg)?;
     let device = parse_device(&cfg.run.device, has_gpu)?;
     let (dir, st) = checkpoint::latest(&run_dir.join("checkpoints"))?;
-    ensure!(
-        st.model == serde_json::to_value(model_cfg)?,
-        "checkpoint {} does not match {}",
-        dir.display(),
-        cfg_path.display()
-    );
     let mut vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &model_cfg)?;
-    vs.load(dir.join("model.safetensors"))
-        .with_context(|| format!("loading {}", dir.display()))?;
+    load_model(&mut vs, &dir, &st, &serde_json::to_value(model_cfg)?)?;
     let eval_src = data::open(
         &cfg.data,
         model_cfg.vocab_size,

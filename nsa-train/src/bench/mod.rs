@@ -56,3 +56,9 @@ pub(crate) fn device_description(device: tch::Device) -> String {
         _ => format!("cpu ({} libtorch threads)", tch::get_num_threads()),
     }
 }
+
+/// The median (upper middle for even counts) of `v`; `None` when empty.
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}

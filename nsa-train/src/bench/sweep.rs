@@ -51,11 +51,6 @@ struct Point {
     sync_ms: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 pub fn run(a: SweepArgs) -> Result<()> {
     let backend = nsa_sys::cuda::load_backend()?;
     let mut points = Vec::new();
@@ -78,9 +73,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
             ];
             sets.extend(a.sets.iter().cloned());
             let cfg = config::resolve(None, &sets, std::iter::empty())?;
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
+            let port = crate::launch::free_port()?;
             let dist = DistEnv {
                 rank: 0,
                 world: 1,
@@ -103,8 +96,10 @@ pub fn run(a: SweepArgs) -> Result<()> {
             points.push(Point {
                 bucket_mb: bucket,
                 compress: compress.clone(),
-                tokens_per_s: median(timed.iter().map(|l| l.tokens_per_s).collect()),
-                sync_ms: median(timed.iter().filter_map(|l| l.sync_ms).collect()),
+                tokens_per_s: super::median(timed.iter().map(|l| l.tokens_per_s).collect())
+                    .unwrap_or(f64::NAN),
+                sync_ms: super::median(timed.iter().filter_map(|l| l.sync_ms).collect())
+                    .unwrap_or(f64::NAN),
             });
         }
     }

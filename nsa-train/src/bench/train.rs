@@ -84,8 +84,7 @@ fn median_tokens_per_s(s: &Summary) -> Result<f64> {
     if v.is_empty() {
         v = lines.iter().map(|l| l.tokens_per_s).collect();
     }
-    v.sort_by(f64::total_cmp);
-    Ok(v.get(v.len() / 2).copied().unwrap_or(0.0))
+    Ok(super::median(v).unwrap_or(0.0))
 }
 
 pub fn run(a: TrainBenchArgs) -> Result<()> {
