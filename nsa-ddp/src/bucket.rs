@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //!
-//! [`GradBuckets::new`] walks the trainable parameters in **reverse** order (the order in which
-//! backward produces their gradients, as PyTorch DDP does) and keeps one *open* bucket per
+//! [`GradBuckets::new`] walks the trainable parameters in **reverse** order (roughly the order in
+//! which backward produces their gradients, as PyTorch DDP does; [`GradBuckets::with_order`] takes
+//! the order explicitly, e.g. the one observed in a backward pass) and keeps one *open* bucket per
 //! (dtype, device). A parameter joins the open bucket of its dtype/device unless that would push
 //! the bucket past `bucket_mb` MiB (2²⁰ bytes); then the open bucket is closed and a new one
 //! started. A parameter larger than the cap closes the open bucket and gets a bucket of its own.
@@ -82,6 +83,8 @@ pub struct GradBuckets {
     params: Vec<(String, Tensor)>,
     buckets: Vec<Bucket>,
     cap_bytes: usize,
+    bucket_mb: f64,
+    order: Vec<usize>,
 }
 
 impl GradBuckets {
@@ -89,6 +92,37 @@ impl GradBuckets {
     /// lists them; only trainable parameters belong here) and allocates their buffers.
     /// The tensors are kept as shallow clones: they share storage with the caller's parameters.
     pub fn new(params: &[(String, Tensor)], bucket_mb: f64) -> Result<Self, DdpError> {
+        let reversed: Vec<usize> = (0..params.len()).rev().collect();
+        Self::with_order(params, bucket_mb, &reversed)
+    }
+
+    /// As [`GradBuckets::new`], but fills the buckets in `order` (indices into `params`, each
+    /// exactly once) instead of reverse order: the order in which backward makes the gradients
+    /// ready, so that the first bucket is complete first.
+    pub fn with_order(
+        params: &[(String, Tensor)],
+        bucket_mb: f64,
+        order: &[usize],
+    ) -> Result<Self, DdpError> {
+        let mut seen = vec![false; params.len()];
+        for &i in order {
+            match seen.get_mut(i) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    return Err(DdpError::Invalid(format!(
+                        "bucket order must list each of the {} parameters once (bad or repeated index {i})",
+                        params.len()
+                    )))
+                }
+            }
+        }
+        if order.len() != params.len() {
+            return Err(DdpError::Invalid(format!(
+                "bucket order lists {} of {} parameters",
+                order.len(),
+                params.len()
+            )));
+        }
         if !(bucket_mb.is_finite() && bucket_mb > 0.0) {
             return Err(DdpError::Invalid(format!(
                 "bucket size must be a positive number of MB, got {bucket_mb}"
@@ -103,7 +137,7 @@ impl GradBuckets {
             open: bool,
         }
         let mut plans: Vec<Plan> = Vec::new();
-        for idx in (0..params.len()).rev() {
+        for &idx in order {
             let t = &params[idx].1;
             let (kind, device) = (t.kind(), t.device());
             let bytes = t.numel() * kind.elt_size_in_bytes();
@@ -167,7 +201,19 @@ impl GradBuckets {
                 .collect(),
             buckets,
             cap_bytes,
+            bucket_mb,
+            order: order.to_vec(),
         })
+    }
+
+    /// The bucket size given to the constructor, in MB.
+    pub fn bucket_mb(&self) -> f64 {
+        self.bucket_mb
+    }
+
+    /// The order in which parameters were packed (reverse order for [`GradBuckets::new`]).
+    pub fn order(&self) -> &[usize] {
+        &self.order
     }
 
     /// The buckets, in communication order.
@@ -303,6 +349,26 @@ mod tests {
         assert_eq!(names(&b), vec![vec!["d", "b"], vec!["c", "a"]]);
         assert_eq!(b.buckets()[0].kind(), Kind::Double);
         assert_eq!(b.buckets()[1].kind(), Kind::Float);
+    }
+
+    #[test]
+    fn explicit_order_fills_buckets_in_that_order() {
+        let params = vec![
+            p("a", 4, Kind::Float),
+            p("b", 4, Kind::Float),
+            p("c", 4, Kind::Float),
+            p("d", 4, Kind::Float),
+        ];
+        // Cap 32 bytes = two parameters per bucket.
+        let b = GradBuckets::with_order(&params, 32.0 / MB, &[2, 0, 3, 1]).unwrap();
+        assert_eq!(names(&b), vec![vec!["c", "a"], vec!["d", "b"]]);
+        assert_eq!(b.order(), &[2, 0, 3, 1]);
+        for bad in [&[0, 1, 2][..], &[0, 1, 2, 2], &[0, 1, 2, 4]] {
+            assert!(matches!(
+                GradBuckets::with_order(&params, 1.0, bad),
+                Err(DdpError::Invalid(_))
+            ));
+        }
     }
 
     #[test]

@@ -9,9 +9,10 @@ use crate::DdpError;
 /// A process group as the data-parallel front sees it: every rank calls the same collectives in
 /// the same order with tensors of the same element count.
 ///
-/// Collectives work in place on `t`. A backend may complete them asynchronously (NCCL does, in
-/// stream order); [`Communicator::synchronize`] waits for everything issued so far and is where
-/// timeouts of such backends surface.
+/// Collectives work in place on `t`. A backend may complete them asynchronously (NCCL does, on a
+/// stream of its own): then `t` must be left alone until [`Communicator::join`], after which
+/// later work on the device sees the result. [`Communicator::synchronize`] joins, waits for
+/// everything issued so far, and is where timeouts of such backends surface.
 pub trait Communicator: Send {
     /// This rank, `0 .. world_size()`.
     fn rank(&self) -> usize;
@@ -23,7 +24,12 @@ pub trait Communicator: Send {
     fn broadcast(&mut self, t: &mut Tensor) -> Result<(), DdpError>;
     /// Returns once every rank has called `barrier` (and issued work has completed).
     fn barrier(&mut self) -> Result<(), DdpError>;
-    /// Waits for collectives issued so far to complete.
+    /// Orders later device work after the collectives issued so far, without blocking the host.
+    /// Backends that complete collectives before returning need not do anything.
+    fn join(&mut self) -> Result<(), DdpError> {
+        Ok(())
+    }
+    /// Waits for collectives issued so far to complete (joining first).
     fn synchronize(&mut self) -> Result<(), DdpError>;
 }
 
@@ -42,6 +48,9 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn barrier(&mut self) -> Result<(), DdpError> {
         (**self).barrier()
+    }
+    fn join(&mut self) -> Result<(), DdpError> {
+        (**self).join()
     }
     fn synchronize(&mut self) -> Result<(), DdpError> {
         (**self).synchronize()

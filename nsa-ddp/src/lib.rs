@@ -11,9 +11,11 @@
 //!    bytes to each of them.
 //! 2. **Process group** ([`NcclGroup::new`]): every rank calls `ncclCommInitRank` with that id on
 //!    its CUDA device. Tests use [`LocalGroup`] instead: threads of one process on CPU.
-//! 3. **Front** ([`DataParallel::new`]): plans gradient buckets over the trainable parameters.
+//! 3. **Front** ([`DataParallel::new`]): plans gradient buckets over the trainable parameters;
+//!    optionally [`DataParallel::enable_overlap`].
 //! 4. [`DataParallel::broadcast_parameters`] once, so all ranks start from rank 0's weights.
-//! 5. Every step: forward and backward on this rank's share of the batch, then
+//! 5. Every step: forward and backward on this rank's share of the batch (with overlap on,
+//!    [`DataParallel::prepare_backward`] right before the last backward of the step), then
 //!    [`DataParallel::sync_gradients`], then the optimizer step. Each rank computes its loss as
 //!    the mean over *its* examples; averaging gradients over ranks then gives the gradient of the
 //!    mean over the whole batch (shards of equal size).
@@ -36,12 +38,26 @@
 //! at most `1.04·u·Σ_r|g_r| + 2η` for up to 8 ranks (`u` = 2⁻⁸ for bf16, 2⁻¹¹ for fp16), i.e.
 //! about `W·u` times the mean per-rank gradient magnitude. fp16 overflows above 65504.
 //!
+//! # Overlap with backward
+//!
+//! With [`DataParallel::enable_overlap`], gradient-ready hooks (C++ post hooks on each
+//! parameter's gradient accumulator, in `nsa_sys::autograd`) tell the front when a gradient is
+//! final during `backward`; each bucket's all-reduce starts as soon as it and the buckets before
+//! it are complete, while backward keeps computing the rest. Buckets launch in bucket order on
+//! every rank (collectives must match), and after the first armed step the buckets are
+//! re-planned in the order gradients became ready on rank 0. Without the hooks (or without
+//! [`DataParallel::prepare_backward`]) everything happens in `sync_gradients`, after backward:
+//! the fallback path, with the same arithmetic.
+//!
 //! # Streams (NCCL)
 //!
 //! `tch` never changes libtorch's current CUDA stream, so all libtorch work runs on the legacy
-//! default stream; [`NcclGroup`] enqueues its collectives on that same stream (`nullptr`). Packing,
-//! casting, the all-reduce, dividing and unpacking are thus ordered by the stream alone, with no
-//! events and no host synchronisation until [`Communicator::synchronize`] at the end of
+//! default stream. [`NcclGroup`] runs collectives on a non-blocking stream of its own, after an
+//! event recorded on the default stream when the collective is issued (so after the packing that
+//! preceded it, even when an autograd worker thread issued it); [`Communicator::join`] makes the
+//! default stream wait for them before the buffers are read back. Packing, casting, the
+//! all-reduce, dividing and unpacking are thus ordered with two events per step and no host
+//! synchronisation until [`Communicator::synchronize`] at the end of
 //! [`DataParallel::sync_gradients`]. Code that runs libtorch on another stream must synchronise
 //! with the default stream before calling into this crate.
 //!
@@ -118,6 +134,12 @@ pub enum DdpError {
     /// An argument out of range.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// Gradient-ready hooks saw something the overlapped sync cannot handle.
+    #[error("rank {rank}: overlapped gradient sync: {detail}")]
+    Overlap { rank: usize, detail: String },
+    /// Registering gradient-ready hooks failed.
+    #[error(transparent)]
+    Hooks(#[from] nsa_sys::autograd::GlueError),
     /// NCCL (or loading it) failed.
     #[error(transparent)]
     Nccl(#[from] nsa_sys::nccl::NcclError),

@@ -15,9 +15,9 @@ pub const DEFAULT_NCCL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One rank of an NCCL process group on one CUDA device.
 ///
-/// Collectives are enqueued on the legacy default CUDA stream (where every libtorch op of a `tch`
-/// program runs), so they are ordered after the kernels that wrote their input and before those
-/// that read their output without any explicit synchronisation; see `nsa_sys::nccl`.
+/// Collectives run on the communicator's own CUDA stream, after the work enqueued on the legacy
+/// default stream (where every libtorch op of a `tch` program runs) before the call;
+/// [`Communicator::join`] makes later default-stream work wait for them (see `nsa_sys::nccl`).
 /// [`Communicator::synchronize`] waits for the stream, checks `ncclCommGetAsyncError`, and past the
 /// timeout aborts the communicator and returns [`DdpError::Nccl`] with a timeout inside. Tensors
 /// must be contiguous, on this group's device, of dtype f32, f64, f16, bf16 or i64.
@@ -79,6 +79,9 @@ impl Communicator for NcclGroup {
             .get_or_insert_with(|| Tensor::zeros([1], (Kind::Float, device)));
         self.comm.all_reduce_sum(scratch)?;
         self.synchronize()
+    }
+    fn join(&mut self) -> Result<(), DdpError> {
+        Ok(self.comm.join()?)
     }
     fn synchronize(&mut self) -> Result<(), DdpError> {
         Ok(self.comm.synchronize(self.timeout)?)

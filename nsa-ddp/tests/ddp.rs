@@ -297,6 +297,188 @@ fn ddp_fp64_equals_single_process_training() {
     assert!(max_abs_diff(&runs[0].local_grads[0], &runs[0].synced_grads[0]) > 1e-3);
 }
 
+/// A communicator that counts the all-reduces issued through it (to see when buckets start).
+struct Counting {
+    inner: LocalGroup,
+    all_reduces: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Communicator for Counting {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<(), DdpError> {
+        self.all_reduces
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.all_reduce_sum(t)
+    }
+    fn broadcast(&mut self, t: &mut Tensor) -> Result<(), DdpError> {
+        self.inner.broadcast(t)
+    }
+    fn barrier(&mut self) -> Result<(), DdpError> {
+        self.inner.barrier()
+    }
+    fn synchronize(&mut self) -> Result<(), DdpError> {
+        self.inner.synchronize()
+    }
+}
+
+struct OverlapRun {
+    final_params: Vec<f64>,
+    /// Per step: all-reduces issued before `sync_gradients` was called (i.e. during backward).
+    during_backward: Vec<usize>,
+    buckets: usize,
+    /// The bucket plan before the first step and after it (re-planned by ready order).
+    plan_before: Vec<Vec<String>>,
+    plan_after: Vec<Vec<String>>,
+}
+
+/// DDP with gradient-ready hooks: `micro` accumulation micro-steps per step, the hooks armed
+/// before the last one. The parameters are handed over in an order whose reverse is *not* the
+/// backward order, so only the re-planning can put the first-ready gradients in bucket 0.
+fn train_ddp_overlapped(world: usize, bucket_mb: f64, micro: i64) -> Vec<OverlapRun> {
+    on_ranks(world, TIMEOUT, move |rank, group| {
+        let p = params_from(&init(rank as u64), Kind::Double);
+        let shuffled: Vec<(String, Tensor)> = [1, 3, 2, 0]
+            .iter()
+            .map(|&i| (p[i].0.clone(), p[i].1.shallow_clone()))
+            .collect();
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let comm = Counting {
+            inner: group,
+            all_reduces: counter.clone(),
+        };
+        let mut dp = DataParallel::new(comm, &shuffled, bucket_mb, Compression::None).unwrap();
+        dp.enable_overlap().unwrap();
+        assert!(dp.overlap_enabled());
+        dp.broadcast_parameters().unwrap();
+        let plan_before = dp.bucket_names().unwrap();
+        let mut plan_after = Vec::new();
+        let (xv, yv) = data();
+        let shard = BATCH / world as i64;
+        let part = shard / micro;
+        let mut during_backward = Vec::new();
+        for step in 0..STEPS {
+            zero_grads(&p);
+            for m in 0..micro {
+                let rows = rank as i64 * shard + m * part;
+                let x = Tensor::from_slice(&xv)
+                    .view([BATCH, IN])
+                    .narrow(0, rows, part);
+                let y = Tensor::from_slice(&yv)
+                    .view([BATCH, OUT])
+                    .narrow(0, rows, part);
+                if m == micro - 1 {
+                    dp.prepare_backward().unwrap();
+                }
+                let before = counter.load(std::sync::atomic::Ordering::SeqCst);
+                (loss(&p, &x, &y) / micro as f64).backward();
+                if m == micro - 1 {
+                    during_backward
+                        .push(counter.load(std::sync::atomic::Ordering::SeqCst) - before);
+                }
+            }
+            dp.sync_gradients().unwrap();
+            sgd(&p);
+            if step == 0 {
+                plan_after = dp.bucket_names().unwrap();
+            }
+        }
+        dp.parameter_checksum().unwrap();
+        OverlapRun {
+            final_params: all_values(&p),
+            during_backward,
+            buckets: dp.bucket_count().unwrap(),
+            plan_before,
+            plan_after,
+        }
+    })
+}
+
+#[test]
+fn overlapped_sync_equals_sync_after_backward() {
+    let reference = train_reference(Kind::Double);
+    for world in [2, 4] {
+        // 100 bytes: every parameter alone in its bucket; 25 MB: one bucket.
+        for bucket_mb in [100.0 / nsa_ddp::bucket::MB, 25.0] {
+            let after = train_ddp(world, Kind::Double, Compression::None, bucket_mb);
+            let overlapped = train_ddp_overlapped(world, bucket_mb, 1);
+            for (r, run) in overlapped.iter().enumerate() {
+                // Per element the same sum and division: bitwise equal to the fallback path.
+                assert_eq!(
+                    run.final_params, after[r].final_params,
+                    "world {world}, {bucket_mb} MB, rank {r}"
+                );
+                // Every bucket was started inside backward (the last one by the last hook).
+                assert_eq!(run.during_backward, vec![run.buckets; STEPS], "rank {r}");
+            }
+            // With accumulation the hooks ignore the first micro-step and the result is still the
+            // whole-batch gradient.
+            for run in train_ddp_overlapped(world, bucket_mb, 2) {
+                let d = max_abs_diff(&run.final_params, &reference);
+                assert!(
+                    d < 1e-13,
+                    "world {world}, accumulation: |ddp − single| = {d:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn buckets_are_replanned_in_the_order_gradients_become_ready() {
+    let runs = train_ddp_overlapped(2, 100.0 / nsa_ddp::bucket::MB, 1);
+    for run in &runs {
+        // Handed over as [l1.bias, l2.bias, l2.weight, l1.weight]: reversed, l1.weight comes
+        // first (and l1.bias in list order), although backward finishes layer 2's gradients
+        // before layer 1's.
+        assert_eq!(run.plan_before[0], vec!["l1.weight".to_string()]);
+        assert!(
+            run.plan_after[0][0].starts_with("l2."),
+            "first bucket after re-planning: {:?}",
+            run.plan_after
+        );
+        let mut names: Vec<String> = run.plan_after.concat();
+        names.sort();
+        assert_eq!(names, ["l1.bias", "l1.weight", "l2.bias", "l2.weight"]);
+        assert_eq!(
+            run.plan_after, runs[0].plan_after,
+            "ranks share rank 0's plan"
+        );
+    }
+}
+
+#[test]
+fn arming_before_an_accumulation_micro_step_is_an_error() {
+    let out = on_ranks(1, TIMEOUT, |_, g| {
+        let p = params_from(&init(0), Kind::Double);
+        let mut dp = DataParallel::new(g, &p, 25.0, Compression::None).unwrap();
+        dp.enable_overlap().unwrap();
+        let x = Tensor::ones([2, IN], (Kind::Double, Device::Cpu));
+        let y = Tensor::zeros([2, OUT], (Kind::Double, Device::Cpu));
+        dp.prepare_backward().unwrap();
+        loss(&p, &x, &y).backward();
+        loss(&p, &x, &y).backward(); // the bucket was already reduced
+        let wrong = dp.sync_gradients();
+        // The next step, armed correctly, works again.
+        zero_grads(&p);
+        dp.prepare_backward().unwrap();
+        loss(&p, &x, &y).backward();
+        (wrong, dp.sync_gradients())
+    });
+    let (wrong, next) = &out[0];
+    match wrong {
+        Err(DdpError::Overlap { detail, .. }) => {
+            assert!(detail.contains("accumulated twice"), "{detail}")
+        }
+        other => panic!("expected an overlap error, got {other:?}"),
+    }
+    assert!(next.is_ok(), "{next:?}");
+}
+
 fn exact_average(runs: &[RankRun], step: usize) -> Vec<f64> {
     let w = runs.len() as f64;
     let n = runs[0].local_grads[step].len();
@@ -484,7 +666,7 @@ fn a_rank_that_never_arrives_times_out_the_others() {
         let mut dp = DataParallel::new(g, &p, 25.0, Compression::Bf16).unwrap();
         let first = dp.broadcast_parameters();
         let t0 = Instant::now();
-        let later = dp.comm_mut().barrier();
+        let later = dp.with_comm(|c| c.barrier()).unwrap();
         Some((first, later, t0.elapsed()))
     });
     let elapsed = start.elapsed();
@@ -602,6 +784,14 @@ fn local_group_rejects_an_empty_world_and_serves_a_world_of_one() {
 //   cargo test -p nsa-ddp --test ddp -- --ignored nccl_on_gpus --nocapture
 // One thread per visible GPU (at most 4), rank r on cuda:r.
 
+/// Compression × overlap settings the GPU test runs.
+const GPU_SETTINGS: [(Compression, bool); 4] = [
+    (Compression::None, false),
+    (Compression::Bf16, false),
+    (Compression::None, true),
+    (Compression::Bf16, true),
+];
+
 #[test]
 #[ignore = "needs CUDA GPUs and NCCL"]
 fn nccl_on_gpus() {
@@ -649,7 +839,7 @@ fn nccl_on_gpus() {
                 assert!(matches!(g.all_reduce_sum(&mut cpu), Err(DdpError::Nccl(_))));
                 // The front on GPU: broadcast, compressed and plain gradient averaging, checksum.
                 let mut results = Vec::new();
-                for c in [Compression::None, Compression::Bf16] {
+                for (c, overlap) in GPU_SETTINGS {
                     let p = params_from(&init(rank as u64), Kind::Float);
                     let p: Vec<(String, Tensor)> = p
                         .into_iter()
@@ -679,23 +869,27 @@ fn nccl_on_gpus() {
                         x.narrow(0, rank as i64 * shard, shard),
                         y.narrow(0, rank as i64 * shard, shard),
                     );
+                    if overlap {
+                        // Hooks on the CUDA autograd thread start the all-reduces in backward.
+                        dp.enable_overlap().unwrap();
+                        dp.prepare_backward().unwrap();
+                    }
                     loss(&p, &x, &y).backward();
+                    // With overlap, buckets are in flight now; .grad still holds this rank's own
+                    // gradient (the hooks only read it; sync_gradients writes the average).
                     let local = all_grads(&p);
                     let took = dp.sync_gradients().unwrap();
                     let synced = all_grads(&p);
                     dp.parameter_checksum().unwrap();
                     results.push((local, synced, took));
-                    g = dp.into_comm();
+                    g = dp.into_comm().unwrap();
                 }
                 results
             })
         })
         .collect();
     let per_rank: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    for (ci, c) in [Compression::None, Compression::Bf16]
-        .into_iter()
-        .enumerate()
-    {
+    for (ci, (c, overlap)) in GPU_SETTINGS.into_iter().enumerate() {
         let n = per_rank[0][ci].0.len();
         let u = c.unit_roundoff();
         for i in 0..n {
@@ -713,7 +907,7 @@ fn nccl_on_gpus() {
             }
         }
         eprintln!(
-            "nccl {c}: world {world}, sync_gradients took {:?} on rank 0",
+            "nccl {c}, overlap {overlap}: world {world}, sync_gradients took {:?} on rank 0",
             per_rank[0][ci].2
         );
     }

@@ -24,9 +24,12 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -360,5 +363,65 @@ at::Tensor* nsa_block_attention(const at::Tensor* q, const at::Tensor* k, const 
     return nullptr;
   }
 }
+
+}  // extern "C"
+
+// Gradient-ready hooks (nsa_sys::autograd::GradReadyHooks): a post hook on each parameter's
+// gradient accumulator, the node that adds a backward pass's gradient into `param.grad`. The
+// engine runs it right after that addition (once per backward, with the gradients of every use
+// of the parameter already summed), on the thread that runs the parameter's device's backward
+// work, with that thread's current CUDA stream being the one the gradient was computed on. This
+// is how PyTorch DDP's reducer learns that a gradient is final.
+typedef void (*nsa_grad_ready_fn)(void* ctx, size_t index);
+
+namespace {
+
+struct GradReadyHook : torch::autograd::FunctionPostHook {
+  GradReadyHook(nsa_grad_ready_fn fn, void* ctx, size_t index) : fn_(fn), ctx_(ctx), index_(index) {}
+  variable_list operator()(const variable_list& outputs, const variable_list& /*inputs*/) override {
+    fn_(ctx_, index_);
+    return outputs;
+  }
+  nsa_grad_ready_fn fn_;
+  void* ctx_;
+  size_t index_;
+};
+
+}  // namespace
+
+// Holds the accumulators (the variables keep only a weak reference; holding them keeps the same
+// node, and so the hook, in every later graph) and removes the hooks when destroyed.
+struct NsaGradHooks {
+  std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks;
+  ~NsaGradHooks() {
+    for (auto& h : hooks) h.first->del_post_hook(h.second);
+  }
+};
+
+extern "C" {
+
+// Registers `fn(ctx, i)` to run when parameter i's gradient has been accumulated. Returns an
+// owner to pass to nsa_grad_hooks_free, or nullptr with a message in err (nothing registered).
+NsaGradHooks* nsa_grad_hooks_new(const at::Tensor* const* params, size_t n, nsa_grad_ready_fn fn,
+                                 void* ctx, char* err, size_t err_len) {
+  try {
+    auto owner = std::make_unique<NsaGradHooks>();
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& p = *params[i];
+      TORCH_CHECK(p.defined() && p.requires_grad() && p.is_leaf(), "parameter ", i,
+                  " is not a leaf tensor that requires grad");
+      auto acc = torch::autograd::impl::grad_accumulator(p);
+      TORCH_CHECK(acc != nullptr, "parameter ", i, " has no gradient accumulator");
+      auto key = acc->add_post_hook(std::make_unique<GradReadyHook>(fn, ctx, i));
+      owner->hooks.emplace_back(std::move(acc), key);
+    }
+    return owner.release();
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+void nsa_grad_hooks_free(NsaGradHooks* owner) { delete owner; }
 
 }  // extern "C"

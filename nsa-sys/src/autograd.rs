@@ -11,7 +11,10 @@
 //! `enable_gqa`). Scores are scaled by `scale`; softmax and gradient accumulation run in float32
 //! (float64 for float64 inputs). Rows that see no key output zeros and get zero gradients.
 //! Gradients flow to `q`, `k` and `v`; index tensors are not differentiable. First-order only.
-use std::os::raw::c_char;
+//!
+//! Also here: [`GradReadyHooks`], a callback when a parameter's gradient is final during
+//! backward (what data parallelism needs to start reducing a bucket before backward ends).
+use std::os::raw::{c_char, c_void};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -39,6 +42,15 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> *mut C_tensor;
+    fn nsa_grad_hooks_new(
+        params: *const *const C_tensor,
+        n: usize,
+        fn_: extern "C" fn(*mut c_void, usize),
+        ctx: *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut c_void;
+    fn nsa_grad_hooks_free(owner: *mut c_void);
 }
 
 /// An exception thrown by libtorch inside the glue (bad shapes, out of memory, …).
@@ -53,13 +65,18 @@ pub struct GlueError {
 
 const ERR_LEN: usize = 4096;
 
+/// The error the glue wrote into `err` (NUL-terminated).
+fn glue_error(call: &'static str, err: &[u8]) -> GlueError {
+    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+    GlueError {
+        call,
+        message: String::from_utf8_lossy(&err[..end]).into_owned(),
+    }
+}
+
 fn finish(call: &'static str, ptr: *mut C_tensor, err: &[u8]) -> Result<Tensor, GlueError> {
     if ptr.is_null() {
-        let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-        return Err(GlueError {
-            call,
-            message: String::from_utf8_lossy(&err[..end]).into_owned(),
-        });
+        return Err(glue_error(call, err));
     }
     // SAFETY: the glue returns a heap-allocated `torch::Tensor*` whose ownership passes to us;
     // tch's `Tensor` frees it on drop.
@@ -128,4 +145,84 @@ pub fn block_attention(
         )
     };
     finish("nsa_block_attention", ptr, &err)
+}
+
+/// The callback of [`GradReadyHooks`].
+type ReadyFn = Box<dyn Fn(usize) + Send + Sync>;
+
+/// Calls `f(i)` each time parameter `i`'s gradient has been accumulated into its `.grad` during a
+/// backward pass: once per backward, after the gradients of all its uses were summed (a post hook
+/// on the parameter's gradient accumulator, as PyTorch DDP's reducer uses).
+///
+/// Where it runs: on the thread that executes the backward work of the parameter's device (for
+/// CUDA parameters an autograd worker thread, not the caller of `backward`), while `backward` is
+/// still running; for CUDA, that thread's current stream is the one the gradient was computed
+/// on (with `tch`, the legacy default stream), so work `f` enqueues there is ordered after the
+/// gradient. `f` must not call `backward`. A panic in `f` is caught and ignored (the hook then
+/// counts as not called), because it must not unwind through libtorch.
+///
+/// Dropping the value removes the hooks. Do not drop it while a backward pass runs.
+pub struct GradReadyHooks {
+    owner: *mut c_void,
+    // Boxed twice so the context pointer handed to C++ is thin and stays put.
+    _callback: Box<ReadyFn>,
+}
+
+// SAFETY: the owner only removes hooks from autograd nodes when dropped (no thread affinity),
+// and the callback is `Send + Sync`.
+unsafe impl Send for GradReadyHooks {}
+
+impl std::fmt::Debug for GradReadyHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GradReadyHooks").finish_non_exhaustive()
+    }
+}
+
+extern "C" fn call_ready(ctx: *mut c_void, index: usize) {
+    // SAFETY: `ctx` is the `Box<ReadyFn>` owned by the `GradReadyHooks` whose hooks call this;
+    // the hooks are removed before that box is freed.
+    let f = unsafe { &*(ctx as *const ReadyFn) };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(index)));
+}
+
+impl GradReadyHooks {
+    /// Registers `f` on every tensor of `params` (leaf tensors that require grad). On error
+    /// nothing stays registered.
+    pub fn new(
+        params: &[Tensor],
+        f: impl Fn(usize) + Send + Sync + 'static,
+    ) -> Result<Self, GlueError> {
+        let callback: Box<ReadyFn> = Box::new(Box::new(f));
+        let ptrs: Vec<*const C_tensor> = params.iter().map(|t| t.as_ptr()).collect();
+        let ctx = &*callback as *const ReadyFn as *mut c_void;
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: `ptrs` point to live tensors borrowed for the call (the glue keeps references
+        // to their gradient accumulators, not to the tensors); `ctx` stays valid until `drop`
+        // removes the hooks; the glue catches every exception and writes at most ERR_LEN bytes.
+        let owner = unsafe {
+            nsa_grad_hooks_new(
+                ptrs.as_ptr(),
+                ptrs.len(),
+                call_ready,
+                ctx,
+                err.as_mut_ptr().cast(),
+                ERR_LEN,
+            )
+        };
+        if owner.is_null() {
+            return Err(glue_error("nsa_grad_hooks_new", &err));
+        }
+        Ok(GradReadyHooks {
+            owner,
+            _callback: callback,
+        })
+    }
+}
+
+impl Drop for GradReadyHooks {
+    fn drop(&mut self) {
+        // SAFETY: `owner` came from nsa_grad_hooks_new and is freed once; the callback box is
+        // dropped after this, when no hook can call it any more.
+        unsafe { nsa_grad_hooks_free(self.owner) };
+    }
 }

@@ -11,8 +11,8 @@ use crate::SysError;
 type CuResult = c_int;
 
 #[derive(Debug)]
-/// The driver entry points the workspace uses: device facts here, device binding and stream
-/// polling for the NCCL communicator (`crate::nccl`). One table, so libcuda is opened and
+/// The driver entry points the workspace uses: device facts here, device binding, the
+/// communication stream and its events for the NCCL communicator (`crate::nccl`). One table, so libcuda is opened and
 /// checked in one place.
 pub(crate) struct Driver {
     // Never unloaded: NCCL and libtorch keep using the driver for the process's life.
@@ -25,11 +25,23 @@ pub(crate) struct Driver {
     pub(crate) primary_ctx_retain: unsafe extern "C" fn(*mut CuContext, c_int) -> CuResult,
     pub(crate) ctx_set_current: unsafe extern "C" fn(CuContext) -> CuResult,
     pub(crate) stream_query: unsafe extern "C" fn(CuStream) -> CuResult,
+    pub(crate) stream_create: unsafe extern "C" fn(*mut CuStream, c_uint) -> CuResult,
+    pub(crate) stream_destroy: unsafe extern "C" fn(CuStream) -> CuResult,
+    pub(crate) stream_wait_event: unsafe extern "C" fn(CuStream, CuEvent, c_uint) -> CuResult,
+    pub(crate) event_create: unsafe extern "C" fn(*mut CuEvent, c_uint) -> CuResult,
+    pub(crate) event_destroy: unsafe extern "C" fn(CuEvent) -> CuResult,
+    pub(crate) event_record: unsafe extern "C" fn(CuEvent, CuStream) -> CuResult,
 }
 
 /// `CUcontext` / `CUstream`: opaque driver handles.
 pub(crate) type CuContext = *mut std::os::raw::c_void;
 pub(crate) type CuStream = *mut std::os::raw::c_void;
+/// `CUevent`: opaque driver handle.
+pub(crate) type CuEvent = *mut std::os::raw::c_void;
+/// `CU_STREAM_NON_BLOCKING`: no implicit synchronisation with the legacy default stream.
+pub(crate) const STREAM_NON_BLOCKING: c_uint = 1;
+/// `CU_EVENT_DISABLE_TIMING`: the cheapest event, for ordering only.
+pub(crate) const EVENT_DISABLE_TIMING: c_uint = 2;
 
 const ATTR_MULTIPROCESSOR_COUNT: c_int = 16;
 const ATTR_CC_MAJOR: c_int = 75;
@@ -52,7 +64,8 @@ pub struct DriverInfo {
     pub devices: Vec<DeviceInfo>,
 }
 
-fn check(call: &'static str, code: CuResult) -> Result<(), SysError> {
+/// `Ok` for `CUDA_SUCCESS`, else the call's name and code.
+pub(crate) fn check(call: &'static str, code: CuResult) -> Result<(), SysError> {
     if code == 0 {
         Ok(())
     } else {
@@ -92,6 +105,12 @@ impl Driver {
             primary_ctx_retain: sym!("cuDevicePrimaryCtxRetain"),
             ctx_set_current: sym!("cuCtxSetCurrent"),
             stream_query: sym!("cuStreamQuery"),
+            stream_create: sym!("cuStreamCreate"),
+            stream_destroy: sym!("cuStreamDestroy_v2"),
+            stream_wait_event: sym!("cuStreamWaitEvent"),
+            event_create: sym!("cuEventCreate"),
+            event_destroy: sym!("cuEventDestroy_v2"),
+            event_record: sym!("cuEventRecord"),
             _lib: std::mem::ManuallyDrop::new(lib),
         };
         // SAFETY: cuInit(0) is always valid to call, repeatedly too.

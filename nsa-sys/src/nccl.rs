@@ -15,11 +15,21 @@
 //! # Streams
 //!
 //! `tch` never changes libtorch's current CUDA stream, so every libtorch op of this process runs
-//! on the *legacy default stream* of its device. [`NcclComm`] therefore issues its collectives on
-//! stream `nullptr` (the legacy default stream), which orders them after the kernels that produced
-//! their inputs and before the kernels that read their outputs, with no events. If a caller ever
-//! makes libtorch run on another stream (a `CUDAStreamGuard` in C++ glue), that caller must
-//! synchronise with the default stream itself.
+//! on the *legacy default stream* of its device. [`NcclComm`] runs its collectives on a stream of
+//! its own (non-blocking, so the default stream's kernels run beside it), ordered by two events:
+//!
+//! - every collective first makes the communication stream wait for an event recorded on the
+//!   default stream at the moment of the call, so it reads its input after the kernels enqueued
+//!   before the call (by any thread, e.g. an autograd worker inside `backward`);
+//! - [`NcclComm::join`] makes the default stream wait for everything issued on the communication
+//!   stream so far, so kernels enqueued after `join` see the results.
+//!
+//! Between a collective and `join`, the default stream keeps computing (this is what lets
+//! gradient buckets be reduced while backward still runs) and must neither read nor write the
+//! tensor. The communicator keeps a reference to each such tensor until `join`, so the caching
+//! allocator cannot hand its memory to other default-stream work meanwhile.
+//! [`NcclComm::synchronize`] joins first. If a caller ever makes libtorch itself run on another
+//! stream (a `CUDAStreamGuard` in C++ glue), that caller must synchronise with the default stream.
 //!
 //! # Devices
 //!
@@ -30,9 +40,10 @@
 //!
 //! # Completion and timeouts
 //!
-//! Collectives are enqueued and return at once. [`NcclComm::synchronize`] waits for the default
-//! stream by polling `cuStreamQuery` and `ncclCommGetAsyncError`; past its timeout it calls
-//! `ncclCommAbort` (which unblocks the stuck kernels) and returns [`NcclError::Timeout`]. An
+//! Collectives are enqueued and return at once. [`NcclComm::synchronize`] joins, then waits for
+//! the default stream by polling `cuStreamQuery` and `ncclCommGetAsyncError`; past its timeout
+//! it calls `ncclCommAbort` (which unblocks the stuck kernels) and returns
+//! [`NcclError::Timeout`]. An
 //! aborted communicator refuses further work. `ncclCommInitRank` itself blocks until every rank
 //! called it; run a rendezvous first so that all ranks are known to be alive.
 use std::ffi::CStr;
@@ -43,7 +54,9 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::driver::{CuContext, Driver as CudaDriver};
+use crate::driver::{
+    CuContext, CuEvent, CuStream, Driver as CudaDriver, EVENT_DISABLE_TIMING, STREAM_NON_BLOCKING,
+};
 use crate::SysError;
 
 /// Bytes in an `ncclUniqueId`.
@@ -297,6 +310,11 @@ fn candidates() -> Vec<String> {
 }
 
 type CuResult = c_int;
+
+fn driver_call(call: &'static str, code: CuResult) -> Result<(), NcclError> {
+    Ok(crate::driver::check(call, code)?)
+}
+
 /// `CUDA_ERROR_NOT_READY`.
 const CUDA_ERROR_NOT_READY: CuResult = 600;
 
@@ -308,6 +326,12 @@ pub struct NcclComm {
     driver: CudaDriver,
     comm: RawComm,
     ctx: CuContext,
+    /// The communication stream and its two ordering events (see the module docs).
+    stream: CuStream,
+    inputs_ready: CuEvent,
+    results_ready: CuEvent,
+    /// Tensors of collectives issued since the last `join`, kept alive until then.
+    in_flight: Vec<Tensor>,
     rank: usize,
     world: usize,
     device: usize,
@@ -351,13 +375,9 @@ impl NcclComm {
         let driver = CudaDriver::open()?;
         let mut ctx: CuContext = std::ptr::null_mut();
         // SAFETY: `ctx` is a valid out-pointer; an invalid ordinal returns an error code.
-        let code = unsafe { (driver.primary_ctx_retain)(&mut ctx, device as c_int) };
-        if code != 0 {
-            return Err(NcclError::Driver {
-                call: "cuDevicePrimaryCtxRetain",
-                code: code as i64,
-            });
-        }
+        driver_call("cuDevicePrimaryCtxRetain", unsafe {
+            (driver.primary_ctx_retain)(&mut ctx, device as c_int)
+        })?;
         let mut raw_id = RawUniqueId {
             internal: [0; UNIQUE_ID_BYTES],
         };
@@ -370,6 +390,10 @@ impl NcclComm {
             driver,
             comm: std::ptr::null_mut(),
             ctx,
+            stream: std::ptr::null_mut(),
+            inputs_ready: std::ptr::null_mut(),
+            results_ready: std::ptr::null_mut(),
+            in_flight: Vec::new(),
             rank,
             world,
             device,
@@ -377,6 +401,22 @@ impl NcclComm {
             aborted: false,
         };
         out.bind_device()?;
+        // SAFETY: valid out-pointers; the primary context of `device` is current. Handles that
+        // were created are destroyed by `Drop` even if a later call fails.
+        unsafe {
+            driver_call(
+                "cuStreamCreate",
+                (out.driver.stream_create)(&mut out.stream, STREAM_NON_BLOCKING),
+            )?;
+            driver_call(
+                "cuEventCreate",
+                (out.driver.event_create)(&mut out.inputs_ready, EVENT_DISABLE_TIMING),
+            )?;
+            driver_call(
+                "cuEventCreate",
+                (out.driver.event_create)(&mut out.results_ready, EVENT_DISABLE_TIMING),
+            )?;
+        }
         let mut comm: RawComm = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out-pointer; the id is passed by value as nccl.h declares.
         let code =
@@ -403,13 +443,56 @@ impl NcclComm {
 
     fn bind_device(&self) -> Result<(), NcclError> {
         // SAFETY: `ctx` is a retained primary context.
-        let code = unsafe { (self.driver.ctx_set_current)(self.ctx) };
-        if code != 0 {
-            return Err(NcclError::Driver {
-                call: "cuCtxSetCurrent",
-                code: code as i64,
-            });
+        driver_call("cuCtxSetCurrent", unsafe {
+            (self.driver.ctx_set_current)(self.ctx)
+        })
+    }
+
+    /// Binds the device and makes the communication stream wait for the work enqueued so far on
+    /// the default stream; returns the communication stream for the collective to run on.
+    fn launch_stream(&mut self, t: &Tensor) -> Result<Stream, NcclError> {
+        self.bind_device()?;
+        // SAFETY: the events and the stream are live handles of this (current) context; the null
+        // stream is the legacy default stream.
+        unsafe {
+            driver_call(
+                "cuEventRecord",
+                (self.driver.event_record)(self.inputs_ready, std::ptr::null_mut()),
+            )?;
+            driver_call(
+                "cuStreamWaitEvent",
+                (self.driver.stream_wait_event)(self.stream, self.inputs_ready, 0),
+            )?;
         }
+        self.in_flight.push(t.shallow_clone());
+        Ok(self.stream)
+    }
+
+    /// Makes the default stream wait for every collective issued so far: kernels enqueued after
+    /// this (by any thread) see their results. Does not block the host. Releases the references
+    /// to the collectives' tensors.
+    pub fn join(&mut self) -> Result<(), NcclError> {
+        if self.aborted {
+            return Err(NcclError::Aborted { rank: self.rank });
+        }
+        if self.in_flight.is_empty() {
+            return Ok(());
+        }
+        self.bind_device()?;
+        // SAFETY: as in `launch_stream`.
+        unsafe {
+            driver_call(
+                "cuEventRecord",
+                (self.driver.event_record)(self.results_ready, self.stream),
+            )?;
+            driver_call(
+                "cuStreamWaitEvent",
+                (self.driver.stream_wait_event)(std::ptr::null_mut(), self.results_ready, 0),
+            )?;
+        }
+        // Later default-stream work is ordered after the collectives, so the allocator may now
+        // reuse this memory for it.
+        self.in_flight.clear();
         Ok(())
     }
 
@@ -437,30 +520,24 @@ impl NcclComm {
     }
 
     /// Enqueues an in-place sum all-reduce of `t` (contiguous, on this communicator's device) on
-    /// the legacy default stream. The result is visible to later libtorch ops in stream order;
-    /// call [`NcclComm::synchronize`] to learn whether it completed.
+    /// the communication stream, after the work already enqueued on the default stream. Leave
+    /// `t` alone until [`NcclComm::join`] (or `synchronize`), after which later libtorch ops see
+    /// the result.
     pub fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<(), NcclError> {
         let (dtype, count) = self.check_tensor(t)?;
-        self.bind_device()?;
+        let stream = self.launch_stream(t)?;
         let ptr = t.data_ptr();
         // SAFETY: `ptr` addresses `count` contiguous elements of `dtype` on this device, owned by
-        // `t`, which the caller holds mutably; libtorch frees memory only in default-stream order,
-        // after the collective.
+        // `t`; `in_flight` keeps the storage alive until `join` orders the default stream (where
+        // libtorch would reuse it) after the collective.
         let code = unsafe {
-            (self.table.all_reduce)(
-                ptr,
-                ptr,
-                count,
-                dtype as c_int,
-                NCCL_SUM,
-                self.comm,
-                std::ptr::null_mut(),
-            )
+            (self.table.all_reduce)(ptr, ptr, count, dtype as c_int, NCCL_SUM, self.comm, stream)
         };
         check(&self.table, "ncclAllReduce", code)
     }
 
-    /// Enqueues an in-place broadcast of `t` from `root` on the legacy default stream.
+    /// Enqueues an in-place broadcast of `t` from `root` on the communication stream (ordered as
+    /// [`NcclComm::all_reduce_sum`]).
     pub fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<(), NcclError> {
         if root >= self.world {
             return Err(NcclError::Invalid(format!(
@@ -469,7 +546,7 @@ impl NcclComm {
             )));
         }
         let (dtype, count) = self.check_tensor(t)?;
-        self.bind_device()?;
+        let stream = self.launch_stream(t)?;
         let ptr = t.data_ptr();
         // SAFETY: as in `all_reduce_sum`.
         let code = unsafe {
@@ -480,19 +557,17 @@ impl NcclComm {
                 dtype as c_int,
                 root as c_int,
                 self.comm,
-                std::ptr::null_mut(),
+                stream,
             )
         };
         check(&self.table, "ncclBroadcast", code)
     }
 
-    /// Waits until the legacy default stream of this device is idle, polling NCCL's asynchronous
-    /// error state. Past `timeout`, or on an asynchronous error, aborts the communicator
-    /// (`ncclCommAbort`) and returns the error.
+    /// Joins (see [`NcclComm::join`]), then waits until the legacy default stream of this device
+    /// is idle, polling NCCL's asynchronous error state. Past `timeout`, or on an asynchronous
+    /// error, aborts the communicator (`ncclCommAbort`) and returns the error.
     pub fn synchronize(&mut self, timeout: Duration) -> Result<(), NcclError> {
-        if self.aborted {
-            return Err(NcclError::Aborted { rank: self.rank });
-        }
+        self.join()?;
         self.bind_device()?;
         let start = Instant::now();
         let mut pause = Duration::from_micros(20);
@@ -557,6 +632,19 @@ impl Drop for NcclComm {
             // Destroy waits for pending work; a communicator that failed was aborted instead.
             // SAFETY: `comm` is live and never used after this.
             unsafe { (self.table.comm_destroy)(self.comm) };
+        }
+        let _ = self.bind_device();
+        // SAFETY: handles created in `init` (null ones were never created), destroyed once.
+        // The driver releases a stream's resources once its pending work is done.
+        unsafe {
+            for event in [self.inputs_ready, self.results_ready] {
+                if !event.is_null() {
+                    (self.driver.event_destroy)(event);
+                }
+            }
+            if !self.stream.is_null() {
+                (self.driver.stream_destroy)(self.stream);
+            }
         }
     }
 }

@@ -98,6 +98,9 @@ pub struct FastPaths {
     pub ddp_compress: String,
     /// DDP gradient bucket size in MB (env `NSA_DDP_BUCKET_MB`).
     pub ddp_bucket_mb: f64,
+    /// DDP: start each gradient bucket's all-reduce during backward, as soon as its gradients are
+    /// ready (false: all buckets after backward).
+    pub ddp_overlap: bool,
     /// DDP timeout in seconds: rendezvous, and any collective (a dead or hung rank makes the
     /// others fail with an error after this long instead of hanging).
     pub ddp_timeout_s: f64,
@@ -112,6 +115,7 @@ impl Default for FastPaths {
             sdpa_audit: true,
             ddp_compress: "none".into(),
             ddp_bucket_mb: 25.0,
+            ddp_overlap: true,
             ddp_timeout_s: 600.0,
         }
     }

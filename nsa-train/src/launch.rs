@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 
 /// Runs this binary `n` times with `args` (the original arguments without `--nproc-per-node`).
 pub fn spawn_ranks(n: usize, args: &[String]) -> Result<()> {
+    anyhow::ensure!(n >= 1, "--nproc-per-node must be at least 1");
     let exe = std::env::current_exe().context("locating the nsa-train binary")?;
     let port = free_port()?;
     let stop = Arc::new(AtomicBool::new(false));

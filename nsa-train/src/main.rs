@@ -148,7 +148,6 @@ fn main() -> anyhow::Result<()> {
             }
             let dist = config::dist_env(std::env::vars())?;
             if let (Some(n), None) = (args.nproc_per_node, &dist) {
-                anyhow::ensure!(n >= 1, "--nproc-per-node must be at least 1");
                 let rest = strip_nproc(std::env::args().skip(1));
                 return launch::spawn_ranks(n, &rest);
             }
@@ -169,7 +168,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The command line without `--nproc-per-node N` / `--nproc-per-node=N` (for the ranks).
-fn strip_nproc(args: impl Iterator<Item = String>) -> Vec<String> {
+pub(crate) fn strip_nproc(args: impl Iterator<Item = String>) -> Vec<String> {
     let mut out = Vec::new();
     let mut skip_next = false;
     for a in args {

@@ -18,6 +18,10 @@ pub struct SmokeArgs {
     /// Extra config overrides (`--set key=value`), as for `train`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// Run data parallel with one process per GPU on this host (as `train --nproc-per-node`):
+    /// each rank trains on its own batch of `data.batch_size`, rank 0 checks and reports.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
 }
 
 /// The smoke configuration: small enough for two CPU cores in a few minutes, long enough
@@ -51,12 +55,22 @@ pub fn run(args: SmokeArgs, backend: &CudaBackend) -> Result<()> {
     let mut sets = smoke_sets(args.steps, &args.device);
     sets.extend(args.sets);
     let cfg = config::resolve(None, &sets, std::iter::empty())?;
+    let dist = config::dist_env(std::env::vars())?;
+    if let (Some(n), None) = (args.nproc_per_node, &dist) {
+        return crate::launch::spawn_ranks(n, &crate::strip_nproc(std::env::args().skip(1)));
+    }
+    let rank = dist.as_ref().map_or(0, |d| d.rank);
     let launch = Launch {
         overwrite: true,
         progress: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        dist,
         ..Default::default()
     };
     let s = train::train(&cfg, &launch, backend.has_gpu())?;
+    if rank != 0 {
+        // Rank 0 judges the run (every rank holds the same parameters after each step).
+        return Ok(());
+    }
     println!(
         "smoke: {} on {} ({}): loss {:.3} -> {:.3}, answer accuracy {:.3} -> {:.3}, {:.0} tokens/s",
         s.model,

@@ -72,7 +72,10 @@ impl Dist {
             )
         };
         let compression: nsa_ddp::Compression = cfg.fast.ddp_compress.parse()?;
-        let dp = nsa_ddp::DataParallel::new(comm, params, cfg.fast.ddp_bucket_mb, compression)?;
+        let mut dp = nsa_ddp::DataParallel::new(comm, params, cfg.fast.ddp_bucket_mb, compression)?;
+        if cfg.fast.ddp_overlap {
+            dp.enable_overlap()?;
+        }
         Ok(Dist {
             dp,
             world: env.world,
@@ -82,7 +85,10 @@ impl Dist {
     /// Sums `values` over ranks (one small all-reduce on `device`).
     fn sum(&mut self, values: &[f64], device: Device) -> Result<Vec<f64>> {
         let mut t = Tensor::from_slice(values).to_device(device);
-        self.dp.comm_mut().all_reduce_sum(&mut t)?;
+        self.dp.with_comm(|c| -> Result<(), nsa_ddp::DdpError> {
+            c.all_reduce_sum(&mut t)?;
+            c.synchronize()
+        })??;
         Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu))?)
     }
 }
@@ -358,11 +364,16 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     let summary_model = format!("{model_cfg}");
     if let Some(d) = dist.as_ref().filter(|_| writer) {
         println!(
-            "ddp:     {} rank(s), {} bucket(s) of <= {} MB, compression {}, batch {} per rank",
+            "ddp:     {} rank(s), {} bucket(s) of <= {} MB, compression {}, {}, batch {} per rank",
             d.world,
-            d.dp.buckets().buckets().len(),
+            d.dp.bucket_count()?,
             cfg.fast.ddp_bucket_mb,
             cfg.fast.ddp_compress,
+            if d.dp.overlap_enabled() {
+                "all-reduce overlapped with backward"
+            } else {
+                "all-reduce after backward"
+            },
             cfg.data.batch_size
         );
     }
@@ -472,6 +483,12 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
                 .to(device);
             let logits = ctx.logits(&input)?;
             let loss = loss_of(&logits, &target) / cfg.optim.grad_accum as f64;
+            if micro + 1 == cfg.optim.grad_accum {
+                if let Some(d) = dist.as_mut() {
+                    // This backward's gradients are final: buckets may be reduced as they fill.
+                    d.dp.prepare_backward()?;
+                }
+            }
             {
                 let _r = NvtxRange::new(cfg.fast.nvtx, "backward");
                 loss.backward();
@@ -482,7 +499,13 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         let mut sync_ms = None;
         if let Some(d) = dist.as_mut() {
             let _r = NvtxRange::new(cfg.fast.nvtx, "grad_sync");
-            sync_ms = Some(d.dp.sync_gradients()?.as_secs_f64() * 1e3);
+            let took = d.dp.sync_gradients().with_context(|| {
+                format!(
+                    "step {step}: gradient sync failed (did another rank die or hang?); the last good checkpoint is in {}",
+                    ckpt_dir.display()
+                )
+            })?;
+            sync_ms = Some(took.as_secs_f64() * 1e3);
             // The logged loss is the mean over ranks, and a stop request on any rank stops all
             // (a rank that stopped alone would leave the others waiting in a collective).
             let flag = if stop.load(Ordering::Relaxed) {

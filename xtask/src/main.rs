@@ -48,8 +48,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Gradient bucket sizes × compression at world size 1 (NCCL on a GPU, the in-process
-    /// backend on the CPU): CSV, PNG and the best setting, under runs/sweep-buckets/.
+    /// Gradient bucket sizes × compression (× overlap) at world size 1 and on every GPU of the
+    /// host (NCCL; the in-process backend on the CPU): CSV, PNG and the best setting, under
+    /// runs/sweep-buckets/.
     SweepBuckets {
         /// Extra arguments for `nsa-train bench sweep-buckets` (e.g. --preset tiny --device cpu).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
