@@ -274,7 +274,10 @@ fn data_parallel_world_size_one_matches_a_plain_run() {
         metrics.lines().all(|l| l.contains("\"sync_ms\"")),
         "{metrics}"
     );
-    assert!(text.contains("all-reduce overlapped with backward"), "{text}");
+    assert!(
+        text.contains("all-reduce overlapped with backward"),
+        "{text}"
+    );
     // The fallback (all-reduce after backward) gives the same losses too.
     let mut after = vec!["train".to_string(), "--nproc-per-node".into(), "1".into()];
     after.extend(tiny(&out, "ddp-after", 4));
@@ -288,7 +291,15 @@ fn data_parallel_world_size_one_matches_a_plain_run() {
     two.extend(tiny(&out, "two", 2));
     let e = err(&run(&two));
     assert!(e.contains("needs CUDA GPUs"), "{e}");
-    let smoke = ["smoke", "--device", "cpu", "--nproc-per-node", "2", "--steps", "1"];
+    let smoke = [
+        "smoke",
+        "--device",
+        "cpu",
+        "--nproc-per-node",
+        "2",
+        "--steps",
+        "1",
+    ];
     let e = err(&run(&smoke.map(String::from)));
     assert!(e.contains("needs CUDA GPUs"), "{e}");
     std::fs::remove_dir_all(out).unwrap();
