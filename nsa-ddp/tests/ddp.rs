@@ -932,3 +932,46 @@ fn nccl_on_gpus() {
         );
     }
 }
+
+/// The timeout path with collectives on NCCL's own stream: a collective queued behind a long run
+/// of default-stream kernels cannot finish within a 1 ms timeout, so `synchronize` must abort
+/// the communicator and return at once, and the group must refuse later work. Run with
+///   cargo test -p nsa-ddp --test ddp -- --ignored nccl_timeout_on_gpu --nocapture
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL"]
+fn nccl_timeout_on_gpu() {
+    use nsa_ddp::{rendezvous_nccl, NcclGroup};
+    let backend = nsa_sys::cuda::load_backend().expect("load libtorch's CUDA backend");
+    if !backend.has_gpu() {
+        eprintln!("skipped: no GPU ({backend})");
+        return;
+    }
+    let cfg = RendezvousConfig::new("127.0.0.1", free_port(), Duration::from_secs(60));
+    let id = rendezvous_nccl(&cfg, 0, 1).unwrap();
+    let mut g = NcclGroup::new(0, 1, &id, 0)
+        .unwrap()
+        .with_timeout(Duration::from_millis(1));
+    let dev = Device::Cuda(0);
+    let a = Tensor::ones([8192, 8192], (Kind::Float, dev));
+    let mut busy = a.shallow_clone();
+    for _ in 0..40 {
+        // About 40 TFLOP of fp32 matmuls: tens of ms on any current GPU.
+        busy = busy.matmul(&a) / 8192.0;
+    }
+    let mut t = busy.narrow(0, 0, 1).contiguous();
+    g.all_reduce_sum(&mut t).unwrap();
+    let start = Instant::now();
+    let r = g.synchronize();
+    let took = start.elapsed();
+    eprintln!("synchronize returned after {took:?}: {r:?}");
+    assert!(
+        matches!(&r, Err(DdpError::Nccl(e)) if e.to_string().contains("not complete")),
+        "{r:?}"
+    );
+    assert!(took < Duration::from_secs(5), "abort took {took:?}");
+    assert!(
+        g.all_reduce_sum(&mut t).is_err(),
+        "an aborted group refuses work"
+    );
+    tch::Cuda::synchronize(0);
+}
