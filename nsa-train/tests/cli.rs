@@ -292,15 +292,17 @@ fn data_parallel_world_size_one_matches_a_plain_run() {
     let e = err(&run(&two));
     assert!(e.contains("needs CUDA GPUs"), "{e}");
     let smoke = [
-        "smoke",
-        "--device",
-        "cpu",
-        "--nproc-per-node",
-        "2",
-        "--steps",
-        "1",
+        "smoke".to_string(),
+        "--device".into(),
+        "cpu".into(),
+        "--nproc-per-node".into(),
+        "2".into(),
+        "--steps".into(),
+        "1".into(),
+        "--set".into(),
+        format!("run.out_dir={:?}", out.display().to_string()),
     ];
-    let e = err(&run(&smoke.map(String::from)));
+    let e = err(&run(&smoke));
     assert!(e.contains("needs CUDA GPUs"), "{e}");
     std::fs::remove_dir_all(out).unwrap();
 }
