@@ -255,15 +255,11 @@ impl<C: Communicator> Core<C> {
     /// Re-plans the buckets in rank 0's observed ready order (a collective: every rank calls
     /// it after the same step).
     fn rebuild_by_ready_order(&mut self) -> Result<(), DdpError> {
-        let n = self.buckets.params().len();
         let mut order: Vec<i64> = self.step.order.iter().map(|&i| i as i64).collect();
         // Parameters whose hooks did not fire (possible only on ranks other than 0 with unused
         // parameters, which fail above) keep their place at the end.
-        let mut seen = vec![false; n];
-        for &i in &self.step.order {
-            seen[i] = true;
-        }
-        order.extend((0..n).filter(|&i| !seen[i]).map(|i| i as i64));
+        let not_ready = (0..self.step.ready.len()).filter(|&i| !self.step.ready[i]);
+        order.extend(not_ready.map(|i| i as i64));
         let mut table = Tensor::from_slice(&order).to_device(self.device());
         self.comm.broadcast(&mut table)?;
         self.comm.synchronize()?;

@@ -452,20 +452,31 @@ impl NcclComm {
     /// the default stream; returns the communication stream for the collective to run on.
     fn launch_stream(&mut self, t: &Tensor) -> Result<Stream, NcclError> {
         self.bind_device()?;
-        // SAFETY: the events and the stream are live handles of this (current) context; the null
-        // stream is the legacy default stream.
+        self.wait_for(self.stream, self.inputs_ready, std::ptr::null_mut())?;
+        self.in_flight.push(t.shallow_clone());
+        Ok(self.stream)
+    }
+
+    /// Makes `waiter` wait for the work enqueued so far on `signaller`, through `event`. The
+    /// null stream is the legacy default stream; the device must be bound.
+    fn wait_for(
+        &self,
+        waiter: CuStream,
+        event: CuEvent,
+        signaller: CuStream,
+    ) -> Result<(), NcclError> {
+        // SAFETY: `event` and the communication stream are live handles of this (current)
+        // context, created in `init`; the null stream is always valid.
         unsafe {
             driver_call(
                 "cuEventRecord",
-                (self.driver.event_record)(self.inputs_ready, std::ptr::null_mut()),
+                (self.driver.event_record)(event, signaller),
             )?;
             driver_call(
                 "cuStreamWaitEvent",
-                (self.driver.stream_wait_event)(self.stream, self.inputs_ready, 0),
-            )?;
+                (self.driver.stream_wait_event)(waiter, event, 0),
+            )
         }
-        self.in_flight.push(t.shallow_clone());
-        Ok(self.stream)
     }
 
     /// Makes the default stream wait for every collective issued so far: kernels enqueued after
@@ -479,17 +490,7 @@ impl NcclComm {
             return Ok(());
         }
         self.bind_device()?;
-        // SAFETY: as in `launch_stream`.
-        unsafe {
-            driver_call(
-                "cuEventRecord",
-                (self.driver.event_record)(self.results_ready, self.stream),
-            )?;
-            driver_call(
-                "cuStreamWaitEvent",
-                (self.driver.stream_wait_event)(std::ptr::null_mut(), self.results_ready, 0),
-            )?;
-        }
+        self.wait_for(std::ptr::null_mut(), self.results_ready, self.stream)?;
         // Later default-stream work is ordered after the collectives, so the allocator may now
         // reuse this memory for it.
         self.in_flight.clear();

@@ -10,8 +10,48 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::config::DistEnv;
+
+/// What this process does in a run started with an optional `--nproc-per-node`.
+pub enum Role {
+    /// It launched the ranks, and they have finished.
+    Launcher,
+    /// It trains: alone (`None`) or as the rank the environment names.
+    Trainer(Option<DistEnv>),
+}
+
+/// With `--nproc-per-node N` and no launcher environment (`WORLD_SIZE` …): starts the ranks and
+/// waits for them ([`Role::Launcher`]). Otherwise this process trains, as the rank the
+/// environment describes if any.
+pub fn role(nproc_per_node: Option<usize>) -> Result<Role> {
+    let dist = crate::config::dist_env(std::env::vars())?;
+    match (nproc_per_node, dist) {
+        (Some(n), None) => {
+            spawn_ranks(n, &strip_nproc(std::env::args().skip(1)))?;
+            Ok(Role::Launcher)
+        }
+        (_, dist) => Ok(Role::Trainer(dist)),
+    }
+}
+
+/// The command line without `--nproc-per-node N` / `--nproc-per-node=N` (for the ranks).
+fn strip_nproc(args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip_next = false;
+    for a in args {
+        if skip_next {
+            skip_next = false;
+        } else if a == "--nproc-per-node" {
+            skip_next = true;
+        } else if !a.starts_with("--nproc-per-node=") {
+            out.push(a);
+        }
+    }
+    out
+}
+
 /// Runs this binary `n` times with `args` (the original arguments without `--nproc-per-node`).
-pub fn spawn_ranks(n: usize, args: &[String]) -> Result<()> {
+fn spawn_ranks(n: usize, args: &[String]) -> Result<()> {
     anyhow::ensure!(n >= 1, "--nproc-per-node must be at least 1");
     let exe = std::env::current_exe().context("locating the nsa-train binary")?;
     let port = free_port()?;

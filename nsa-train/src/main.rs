@@ -146,11 +146,9 @@ fn main() -> anyhow::Result<()> {
             if args.dry_run {
                 return Ok(());
             }
-            let dist = config::dist_env(std::env::vars())?;
-            if let (Some(n), None) = (args.nproc_per_node, &dist) {
-                let rest = strip_nproc(std::env::args().skip(1));
-                return launch::spawn_ranks(n, &rest);
-            }
+            let launch::Role::Trainer(dist) = launch::role(args.nproc_per_node)? else {
+                return Ok(());
+            };
             let launch = train::Launch {
                 resume: args.resume,
                 overwrite: args.overwrite,
@@ -165,22 +163,6 @@ fn main() -> anyhow::Result<()> {
         Command::Smoke(args) => smoke::run(args, &backend),
         Command::Bench { what } => bench::run(what),
     }
-}
-
-/// The command line without `--nproc-per-node N` / `--nproc-per-node=N` (for the ranks).
-pub(crate) fn strip_nproc(args: impl Iterator<Item = String>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut skip_next = false;
-    for a in args {
-        if skip_next {
-            skip_next = false;
-        } else if a == "--nproc-per-node" {
-            skip_next = true;
-        } else if !a.starts_with("--nproc-per-node=") {
-            out.push(a);
-        }
-    }
-    out
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a

@@ -55,10 +55,9 @@ pub fn run(args: SmokeArgs, backend: &CudaBackend) -> Result<()> {
     let mut sets = smoke_sets(args.steps, &args.device);
     sets.extend(args.sets);
     let cfg = config::resolve(None, &sets, std::iter::empty())?;
-    let dist = config::dist_env(std::env::vars())?;
-    if let (Some(n), None) = (args.nproc_per_node, &dist) {
-        return crate::launch::spawn_ranks(n, &crate::strip_nproc(std::env::args().skip(1)));
-    }
+    let crate::launch::Role::Trainer(dist) = crate::launch::role(args.nproc_per_node)? else {
+        return Ok(());
+    };
     let rank = dist.as_ref().map_or(0, |d| d.rank);
     let launch = Launch {
         overwrite: true,

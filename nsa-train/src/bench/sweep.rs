@@ -147,7 +147,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         best.compress,
         best.overlap,
         best.tokens_per_s,
-        super::device_description(if backend.has_gpu() && a.device != "cpu" { tch::Device::Cuda(0) } else { tch::Device::Cpu }),
+        super::device_description(if on_gpu { tch::Device::Cuda(0) } else { tch::Device::Cpu }),
         a.preset,
         a.seq,
         a.batch,
