@@ -347,9 +347,17 @@ impl ModelConfig {
     ///
     /// `V·D + L·(2·D + A + 3·D·F) + D`, with the attention's `A` from
     /// [`ModelConfig::attention_params`].
+    ///
+    /// Computed in f64 (exact below 2^53 parameters) and saturated to `i64::MAX`, so an absurd
+    /// config gives a huge count to reject, never an overflow.
     pub fn num_params(&self) -> i64 {
-        let (v, d, l, f) = (self.vocab_size, self.dim, self.n_layers, self.mlp_hidden);
-        v * d + l * (2 * d + self.attention_params() + 3 * d * f) + d
+        let (v, d, l, f) = (
+            self.vocab_size as f64,
+            self.dim as f64,
+            self.n_layers as f64,
+            self.mlp_hidden as f64,
+        );
+        (v * d + l * (2.0 * d + self.attention_params() as f64 + 3.0 * d * f) + d) as i64
     }
 
     /// Parameters of one attention layer.
@@ -363,37 +371,39 @@ impl ModelConfig {
     /// `l·dk·m + m + m·dk` and `l·dv·m + m + m·dv + dv`); gate MLP `D·g + g + g·3H + 3H`
     /// (`g = gate_hidden`); `wo` `H·dv·D`.
     pub fn attention_params(&self) -> i64 {
+        // f64 for the same reason as `num_params` (the `as i64` below saturates).
         let (d, h, g, dk, dv) = (
-            self.dim,
-            self.n_heads,
-            self.n_kv_heads,
-            self.head_dim_k,
-            self.head_dim_v,
+            self.dim as f64,
+            self.n_heads as f64,
+            self.n_kv_heads as f64,
+            self.head_dim_k as f64,
+            self.head_dim_v as f64,
         );
         let q_o = d * h * dk + h * dv * d;
-        match self.attention {
+        let params = match self.attention {
             AttentionKind::Dense => q_o + d * g * (dk + dv),
             AttentionKind::Nsa => {
                 let n = &self.nsa;
-                let l = n.block_len;
-                let pairs = if n.shared_kv { 1 } else { 3 };
+                let l = n.block_len as f64;
+                let pairs = if n.shared_kv { 1.0 } else { 3.0 };
                 let kv = pairs * d * g * (dk + dv);
                 let (pos, phi) = match n.phi {
-                    PhiKind::Mean => (l * g * dv, 0),
+                    PhiKind::Mean => (l * g * dv, 0.0),
                     PhiKind::Linear => (l * g * dv, l * dk * dk + l * dv * dv + dv),
                     PhiKind::Mlp => {
-                        let m = n.phi_hidden;
+                        let m = n.phi_hidden as f64;
                         (
                             l * g * (dk + dv),
                             (l * dk * m + m + m * dk) + (l * dv * m + m + m * dv + dv),
                         )
                     }
                 };
-                let gh = n.gate_hidden;
-                let gate = d * gh + gh + gh * 3 * h + 3 * h;
+                let gh = n.gate_hidden as f64;
+                let gate = d * gh + gh + gh * 3.0 * h + 3.0 * h;
                 q_o + kv + pos + phi + gate
             }
-        }
+        };
+        params as i64
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`nccl`]: the NCCL function table, loaded from `libnccl.so.2`.
 //! - [`facts`]: a serialisable snapshot of the runtime (versions, devices, SDPA backend choice),
 //!   the "backend audit" printed by `nsa-train env` and stored with every run.
+//! - [`mmap`]: read-only memory maps of data files (token shards read in place).
 //! - [`train`]: NVTX ranges, bf16 autocast, the Kineto profiler, CUDA allocator statistics.
 //! - C++ glue in `glue/*.cpp`, compiled by `build.rs` against the same libtorch headers.
 //!
@@ -18,6 +19,7 @@ pub mod cuda;
 pub mod driver;
 pub mod facts;
 mod glue;
+pub mod mmap;
 pub mod nccl;
 pub mod train;
 

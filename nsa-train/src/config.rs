@@ -236,8 +236,8 @@ pub fn resolve(
         let (key, raw) = s
             .split_once('=')
             .with_context(|| format!("--set {s:?}: expected key=value"))?;
-        set_path(&mut value, key.trim(), parse_literal(raw.trim()))
-            .with_context(|| format!("--set {s}"))?;
+        let literal = parse_literal(raw.trim()).with_context(|| format!("--set {s}"))?;
+        set_path(&mut value, key.trim(), literal).with_context(|| format!("--set {s}"))?;
     }
     let cfg: TrainConfig = value
         .try_into()
@@ -246,13 +246,21 @@ pub fn resolve(
     Ok(cfg)
 }
 
-/// `3` → integer, `0.5` → float, `true` → bool, anything else → string.
-fn parse_literal(raw: &str) -> toml::Value {
-    format!("v = {raw}")
+/// `3` → integer, `0.5` → float, `true` → bool, `"x"` → string, anything else → the bare text
+/// as a string. A value that starts like a TOML string, array or table but does not parse (an
+/// unterminated quote, say) is an error, not a string that keeps the stray quote.
+fn parse_literal(raw: &str) -> Result<toml::Value> {
+    match format!("v = {raw}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+    {
+        Some(v) => Ok(v),
+        None if raw.starts_with(['"', '\'', '[', '{']) => {
+            bail!("{raw} is not a valid TOML value (unbalanced quote or bracket?)")
+        }
+        None => Ok(toml::Value::String(raw.to_string())),
+    }
 }
 
 fn set_path(root: &mut toml::Value, key: &str, value: toml::Value) -> Result<()> {
@@ -261,15 +269,24 @@ fn set_path(root: &mut toml::Value, key: &str, value: toml::Value) -> Result<()>
         bail!("key {key:?} must name a section and a field, e.g. optim.lr");
     }
     let mut node = root;
-    for p in &parts[..parts.len() - 1] {
+    for (depth, p) in parts[..parts.len() - 1].iter().enumerate() {
         let table = node
             .as_table_mut()
             .with_context(|| format!("{key}: {p} is not a section"))?;
         if !table.contains_key(*p) {
-            // Sections exist in the defaults; a missing one is an unknown key.
-            bail!("unknown config key {key:?} (no section {p:?})");
+            // `[model]` holds only the keys given (the preset supplies the rest), so its
+            // sub-tables (`model.nsa.window`) are created here and checked against
+            // `nsa_model::ModelConfig` when the model config is built. Elsewhere sections exist
+            // in the defaults, and a missing one is an unknown key.
+            if depth > 0 && parts[0] == "model" {
+                table.insert(p.to_string(), toml::Value::Table(toml::Table::new()));
+            } else {
+                bail!("unknown config key {key:?} (no section {p:?})");
+            }
         }
-        node = table.get_mut(*p).expect("checked above");
+        node = table
+            .get_mut(*p)
+            .with_context(|| format!("{key}: no section {p:?}"))?;
     }
     let table = node
         .as_table_mut()
@@ -314,6 +331,12 @@ impl TrainConfig {
         }
         if r.log_every == 0 {
             bail!("run.log_every must be at least 1");
+        }
+        if r.eval_batches == 0 {
+            bail!("run.eval_batches must be at least 1");
+        }
+        if let Some(name) = &r.name {
+            crate::run_dir::validate_name(name)?;
         }
         if r.keep_checkpoints == 0 {
             bail!("run.keep_checkpoints must be at least 1");

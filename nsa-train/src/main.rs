@@ -8,9 +8,14 @@ mod bench;
 mod checkpoint;
 mod config;
 mod data;
+#[cfg(test)]
+mod fuzz_tests;
 mod launch;
 mod metrics;
 mod optim;
+mod run_dir;
+mod signals;
+mod sizes;
 mod smoke;
 mod snapshot;
 mod train;
@@ -144,6 +149,12 @@ fn main() -> anyhow::Result<()> {
             let cfg = args.resolve()?;
             println!("# resolved config\n{}", cfg.to_toml());
             if args.dry_run {
+                // Everything that can be checked without data or a device: the model config
+                // and that it fits this machine.
+                let model = train::model_config(&cfg)?;
+                let device = train::parse_device(&cfg.run.device, backend.has_gpu())?;
+                sizes::check(&cfg, &model, sizes::device_memory(device))?;
+                println!("# model: {model}");
                 return Ok(());
             }
             let launch::Role::Trainer(dist) = launch::role(args.nproc_per_node)? else {
@@ -155,14 +166,30 @@ fn main() -> anyhow::Result<()> {
                 progress: std::io::IsTerminal::is_terminal(&std::io::stdout()),
                 dist,
             };
-            train::train(&cfg, &launch, backend.has_gpu()).map(|_| ())
+            let summary = train::train(&cfg, &launch, backend.has_gpu())?;
+            exit_if_stopped(&summary)
         }
         Command::Eval { run, batches } => {
+            anyhow::ensure!(batches >= 1, "--batches must be at least 1");
             train::eval_run(&run, batches, backend.has_gpu()).map(|_| ())
         }
         Command::Smoke(args) => smoke::run(args, &backend),
         Command::Bench { what } => bench::run(what),
     }
+}
+
+/// A run stopped by a signal ends the process with 128 + the signal (130 for SIGINT, 143 for
+/// SIGTERM, 129 for SIGHUP) after its checkpoint is written: 0 means the run finished.
+pub(crate) fn exit_if_stopped(summary: &train::Summary) -> anyhow::Result<()> {
+    if let Some(sig) = summary.stop_signal {
+        eprintln!(
+            "stopped by {} at step {}; resume with --resume",
+            signals::name(sig),
+            summary.steps
+        );
+        std::process::exit(signals::exit_code(sig));
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a

@@ -6,15 +6,23 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+/// One log step. A non-finite number (the loss of a skipped step, say) is written as `null`
+/// (JSON has no NaN) and read back as NaN, so a run can always read its own metrics.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MetricLine {
     pub step: u64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub lr: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub tokens_per_s: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub step_ms: f64,
     /// Peak CUDA memory allocated since the last log line, MB (0 on CPU).
+    #[serde(deserialize_with = "nan_if_null")]
     pub peak_mem_mb: f64,
     pub skipped_steps: u64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -24,6 +32,11 @@ pub struct MetricLine {
     /// Gradient sync time of the logged step, ms (data-parallel runs only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub sync_ms: Option<f64>,
+}
+
+/// `null` (how serde_json writes NaN and infinities) → NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Appends lines to `metrics.jsonl` (append mode: a resumed run continues the same file).
@@ -108,7 +121,10 @@ pub fn plot_loss(lines: &[MetricLine], title: &str, out: &Path) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         chart
             .draw_series(LineSeries::new(
-                lines.iter().map(|l| (l.step as f64, l.loss)),
+                lines
+                    .iter()
+                    .filter(|l| l.loss.is_finite())
+                    .map(|l| (l.step as f64, l.loss)),
                 &BLUE,
             ))
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -116,7 +132,7 @@ pub fn plot_loss(lines: &[MetricLine], title: &str, out: &Path) -> Result<()> {
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
         let evals: Vec<(f64, f64)> = lines
             .iter()
-            .filter_map(|l| Some((l.step as f64, l.eval_loss?)))
+            .filter_map(|l| Some((l.step as f64, l.eval_loss.filter(|v| v.is_finite())?)))
             .collect();
         if !evals.is_empty() {
             chart
@@ -179,15 +195,19 @@ mod tests {
         let path = dir.join("metrics.jsonl");
         let _ = std::fs::remove_file(&path);
         let mut w = MetricsWriter::open(&path).unwrap();
-        for (s, l) in [(10, 3.0), (20, 2.0), (20, 1.5), (30, 1.0)] {
+        for (s, l) in [(10, 3.0), (20, 2.0), (20, 1.5), (30, 1.0), (40, f64::NAN)] {
             w.write(&line(s, l)).unwrap();
         }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"loss\":null"), "{text}");
         let back = read(&path).unwrap();
         assert_eq!(
             back.iter().map(|m| m.step).collect::<Vec<_>>(),
-            vec![10, 20, 30]
+            vec![10, 20, 30, 40]
         );
         assert_eq!(back[1].loss, 1.5);
+        // A skipped step's loss reads back as NaN, and the plot skips it.
+        assert!(back[3].loss.is_nan());
         let png = dir.join("loss.png");
         plot_loss(&back, "test", &png).unwrap();
         let bytes = std::fs::read(&png).unwrap();

@@ -42,10 +42,26 @@ impl Default for OptimConfig {
 }
 
 impl OptimConfig {
+    /// Every hyper-parameter finite and in its range (an infinite `eps` would silently stop
+    /// learning; an `lr` of 1e30 only produces NaN weights).
     pub fn validate(&self) -> Result<()> {
+        for (key, v) in [
+            ("lr", self.lr),
+            ("min_lr", self.min_lr),
+            ("weight_decay", self.weight_decay),
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+            ("eps", self.eps),
+            ("grad_clip", self.grad_clip),
+        ] {
+            ensure!(
+                v.is_finite(),
+                "optim.{key} must be a finite number (got {v})"
+            );
+        }
         ensure!(
-            self.lr > 0.0 && self.lr.is_finite(),
-            "optim.lr must be > 0 (got {})",
+            self.lr > 0.0 && self.lr <= 10.0,
+            "optim.lr must be in (0, 10] (got {})",
             self.lr
         );
         ensure!(
@@ -63,10 +79,14 @@ impl OptimConfig {
             "optim.beta2 must be in [0, 1) (got {})",
             self.beta2
         );
-        ensure!(self.eps > 0.0, "optim.eps must be > 0 (got {})", self.eps);
         ensure!(
-            self.weight_decay >= 0.0,
-            "optim.weight_decay must be >= 0 (got {})",
+            self.eps > 0.0 && self.eps <= 1.0,
+            "optim.eps must be in (0, 1] (got {})",
+            self.eps
+        );
+        ensure!(
+            (0.0..=10.0).contains(&self.weight_decay),
+            "optim.weight_decay must be in [0, 10] (got {})",
             self.weight_decay
         );
         ensure!(
@@ -195,6 +215,20 @@ impl AdamW {
             let update = (&s.m / bc1) / denom * lr;
             let _ = s.param.g_sub_(&update.to_kind(s.param.kind()));
         }
+    }
+
+    /// The first parameter or moment that holds a NaN or infinity, by name (`None`: all finite).
+    /// Checked before a checkpoint is written and after one is loaded.
+    pub fn first_non_finite(&self) -> Result<Option<String>> {
+        let _g = tch::no_grad_guard();
+        for s in &self.slots {
+            for (what, t) in [("", &s.param), ("m.", &s.m), ("v.", &s.v)] {
+                if !bool::try_from(t.f_isfinite()?.f_all()?)? {
+                    return Ok(Some(format!("{what}{}", s.name)));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Writes `m.<name>` and `v.<name>` for every parameter to a safetensors file.

@@ -66,6 +66,7 @@ pub fn run(args: SmokeArgs, backend: &CudaBackend) -> Result<()> {
         ..Default::default()
     };
     let s = train::train(&cfg, &launch, backend.has_gpu())?;
+    crate::exit_if_stopped(&s)?;
     if rank != 0 {
         // Rank 0 judges the run (every rank holds the same parameters after each step).
         return Ok(());

@@ -1,8 +1,6 @@
 //! The training loop: run folder, model and optimizer, data, mixed precision, guards,
 //! checkpoints and resume, signals, metrics, plot, evaluation, NVTX and profiling.
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -18,6 +16,8 @@ use crate::config::{DistEnv, TrainConfig};
 use crate::data::{self, Batch, TokenSource, IGNORE};
 use crate::metrics::{self, MetricLine, MetricsWriter};
 use crate::optim::AdamW;
+use crate::run_dir;
+use crate::signals::{self, StopRequest};
 
 /// Options that are not part of the run's config (how to start, not what to train).
 #[derive(Debug, Clone, Default)]
@@ -111,6 +111,8 @@ pub struct Summary {
     pub eval_accuracy: f64,
     pub initial_eval_accuracy: f64,
     pub interrupted: bool,
+    /// The signal that stopped the run early (the process then exits with 128 + it).
+    pub stop_signal: Option<i32>,
     pub sdpa_audit: Vec<String>,
 }
 
@@ -221,11 +223,21 @@ impl Ctx<'_> {
         Ok(out?)
     }
 
-    /// Mean loss and answer accuracy over `n` held-out batches.
-    fn evaluate(&self, src: &dyn TokenSource, cfg: &TrainConfig, n: u64) -> Result<(f64, f64)> {
+    /// Mean loss and answer accuracy over `n` held-out batches; `None` when a stop request
+    /// arrived before the last batch (checked between batches).
+    fn evaluate(
+        &self,
+        src: &dyn TokenSource,
+        cfg: &TrainConfig,
+        n: u64,
+        stop: Option<&StopRequest>,
+    ) -> Result<Option<(f64, f64)>> {
         let _g = tch::no_grad_guard();
         let (mut loss, mut correct, mut scored) = (0.0, 0i64, 0i64);
-        for i in 0..n.max(1) {
+        for i in 0..n {
+            if stop.is_some_and(|s| s.signal().is_some()) {
+                return Ok(None);
+            }
             // Held-out: a rank no training process uses.
             let b = src
                 .batch(i, u64::MAX - 1, cfg.data.batch_size, cfg.data.seq_len)?
@@ -236,14 +248,14 @@ impl Ctx<'_> {
             correct += c;
             scored += s;
         }
-        Ok((
+        Ok(Some((
             loss / n.max(1) as f64,
             if scored > 0 {
                 correct as f64 / scored as f64
             } else {
                 0.0
             },
-        ))
+        )))
     }
 }
 
@@ -270,30 +282,30 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         "auto" => device.is_cuda(),
         _ => false,
     };
+    crate::sizes::check(cfg, &model_cfg, crate::sizes::device_memory(device))?;
     let name = run_name(cfg, &model_cfg);
-    let run_dir = cfg.run.out_dir.join(&name);
+    let how = match (launch.resume, launch.overwrite) {
+        (true, _) => run_dir::Prepare::Resume,
+        (false, true) => run_dir::Prepare::Overwrite,
+        (false, false) => run_dir::Prepare::Fresh,
+    };
+    // Checked now, touched only after every other check has passed (nothing is deleted or
+    // written for a start that fails).
+    let run_dir = if writer {
+        run_dir::path(&cfg.run.out_dir, &name, how)?
+    } else {
+        run_dir::validate_name(&name)?;
+        cfg.run.out_dir.join(&name)
+    };
     let ckpt_dir = run_dir.join("checkpoints");
-    if writer && run_dir.exists() && !launch.resume {
-        if launch.overwrite {
-            std::fs::remove_dir_all(&run_dir)
-                .with_context(|| format!("removing {}", run_dir.display()))?;
-        } else {
-            bail!(
-                "run folder {} exists: pass --resume to continue it, --overwrite to replace it, or set run.name",
-                run_dir.display()
-            );
-        }
-    }
-    if writer {
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("creating {}", run_dir.display()))?;
-        crate::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
-        let env = crate::snapshot::EnvSnapshot::collect();
-        crate::write_atomic(
-            &run_dir.join("env.json"),
-            serde_json::to_string_pretty(&env)?.as_bytes(),
-        )?;
-    }
+
+    // Data first: a missing or bad data path fails before anything is built or written.
+    let src = data::open(&cfg.data, model_cfg.vocab_size, cfg.run.seed)?;
+    let eval_src = data::open(
+        &cfg.data,
+        model_cfg.vocab_size,
+        cfg.run.seed.wrapping_add(cfg.data.eval_seed_offset),
+    )?;
 
     // Model and optimizer (fp32 master weights; bf16 only inside autocast).
     tch::manual_seed(cfg.run.seed as i64);
@@ -324,18 +336,30 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         model: model_json.clone(),
         elapsed_s: 0.0,
     };
+    let mut resumed_from: Option<PathBuf> = None;
     if launch.resume {
-        match checkpoint::latest(&ckpt_dir) {
-            Ok((dir, st)) => {
-                load_model(&mut vs, &dir, &st, &model_json)?;
+        if checkpoint::list(&ckpt_dir)?.is_empty() {
+            println!(
+                "--resume: no checkpoint under {}; starting from step 0",
+                ckpt_dir.display()
+            );
+        } else {
+            // The newest checkpoint that verifies and holds finite tensors; older ones are
+            // tried when it does not (and the fallback is reported).
+            let (dir, st, ()) = checkpoint::load_latest_good(&ckpt_dir, |dir, st| {
+                load_model(&mut vs, dir, st, &model_json)?;
                 opt.load(&dir.join("optim.safetensors"), st.step)?;
-                println!("resumed from {} (step {})", dir.display(), st.step);
-                state = st;
-            }
-            Err(e) if checkpoint::list(&ckpt_dir)?.is_empty() => {
-                println!("--resume: {e}; starting from step 0");
-            }
-            Err(e) => return Err(e),
+                if let Some(bad) = opt.first_non_finite()? {
+                    bail!(
+                        "checkpoint {} holds non-finite values in {bad}",
+                        dir.display()
+                    );
+                }
+                Ok(())
+            })?;
+            println!("resumed from {} (step {})", dir.display(), st.step);
+            state = st;
+            resumed_from = Some(dir);
         }
     }
 
@@ -348,12 +372,16 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         }
         None => None,
     };
-    let src = data::open(&cfg.data, model_cfg.vocab_size, cfg.run.seed)?;
-    let eval_src = data::open(
-        &cfg.data,
-        model_cfg.vocab_size,
-        cfg.run.seed + cfg.data.eval_seed_offset,
-    )?;
+    if writer {
+        run_dir::prepare(&run_dir, how)?;
+        checkpoint::remove_stale_temporaries(&ckpt_dir)?;
+        crate::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+        let env = crate::snapshot::EnvSnapshot::collect();
+        crate::write_atomic(
+            &run_dir.join("env.json"),
+            serde_json::to_string_pretty(&env)?.as_bytes(),
+        )?;
+    }
     let ctx = Ctx {
         model: &model,
         opts: forward_opts(cfg),
@@ -402,17 +430,13 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     for a in &sdpa_audit {
         println!("sdpa:    {a}");
     }
-    let (_, initial_eval_accuracy) = if state.step == 0 {
-        ctx.evaluate(eval_src.as_ref(), cfg, cfg.run.eval_batches)?
+    let stop = StopRequest::install()?;
+    let initial_eval_accuracy = if state.step == 0 {
+        ctx.evaluate(eval_src.as_ref(), cfg, cfg.run.eval_batches, Some(&stop))?
+            .map_or(f64::NAN, |(_, acc)| acc)
     } else {
-        (f64::NAN, f64::NAN)
+        f64::NAN
     };
-
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("installing signal handlers")?;
-    }
     let mut metrics_out = if writer {
         Some(MetricsWriter::open(&run_dir.join("metrics.jsonl"))?)
     } else {
@@ -436,7 +460,8 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     let save_ckpt = |state: &TrainState,
                      vs: &nn::VarStore,
                      opt: &AdamW,
-                     dist: &mut Option<Dist>|
+                     dist: &mut Option<Dist>,
+                     protect: Option<&Path>|
      -> Result<Option<PathBuf>> {
         if let Some(d) = dist {
             // Catch a silent desync before it is written down (every rank takes part).
@@ -445,7 +470,16 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         if !writer {
             return Ok(None);
         }
-        checkpoint::save(&ckpt_dir, state, cfg.run.keep_checkpoints, |dir| {
+        // Never write NaN or infinity: a checkpoint must be a good one to fall back to, and
+        // rotation must never push the last finite checkpoint out.
+        if let Some(bad) = opt.first_non_finite()? {
+            println!(
+                "warning: step {}: {bad} holds non-finite values; checkpoint not written",
+                state.step
+            );
+            return Ok(None);
+        }
+        checkpoint::save(&ckpt_dir, state, cfg.run.keep_checkpoints, protect, |dir| {
             vs.save(dir.join("model.safetensors"))
                 .context("writing model.safetensors")?;
             opt.save(&dir.join("optim.safetensors"))
@@ -453,18 +487,49 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         .map(Some)
     };
 
-    let tokens_per_step =
-        world as u64 * cfg.data.batch_size as u64 * cfg.data.seq_len as u64 * cfg.optim.grad_accum;
+    let tokens_per_step = [
+        cfg.data.batch_size as u64,
+        cfg.data.seq_len as u64,
+        cfg.optim.grad_accum,
+    ]
+    .into_iter()
+    .try_fold(world as u64, u64::checked_mul)
+    .context("world size × data.batch_size × data.seq_len × optim.grad_accum overflows 64 bits")?;
+    // The newest checkpoint whose weights have since given a finite step (finite tensors are
+    // not enough: weights about to overflow still are), named when the run fails and never
+    // rotated out; and the newest one written but not yet confirmed so.
+    let mut last_good = resumed_from;
+    let mut unconfirmed: Option<PathBuf> = None;
+    let last_good_note = |g: &Option<PathBuf>| match g {
+        Some(d) => format!("the last good checkpoint is {}", d.display()),
+        None => format!(
+            "no good checkpoint was written under {}",
+            ckpt_dir.display()
+        ),
+    };
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     let mut window_start = Instant::now();
     let mut window_tokens = 0u64;
-    let mut interrupted = false;
+    let mut interrupted: Option<i32> = None;
     let mut last_eval = (f64::NAN, f64::NAN);
     let run_start = Instant::now();
     if device.is_cuda() {
         nsa_sys::train::cuda_reset_peak(device_index(device));
     }
     while state.step < total {
+        // Checked at every step (every rank agrees) and between micro-steps below.
+        if let Some(sig) = agreed_stop(&stop, dist.as_mut(), device)? {
+            state.elapsed_s += run_start.elapsed().as_secs_f64();
+            if let Some(dir) = save_ckpt(&state, &vs, &opt, &mut dist, last_good.as_deref())? {
+                bar.abandon_with_message(format!(
+                    "interrupted by {}: checkpoint {} written",
+                    signals::name(sig),
+                    dir.display()
+                ));
+            }
+            interrupted = Some(sig);
+            break;
+        }
         let step = state.step;
         if profile.is_some_and(|(a, _)| a == step) {
             nsa_sys::train::profiler_start(device.is_cuda())?;
@@ -472,7 +537,14 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         let t0 = Instant::now();
         opt.zero_grad();
         let mut loss_sum = 0.0;
+        let mut abandoned = false;
         for micro in 0..cfg.optim.grad_accum {
+            // A stop request between micro-steps abandons this step (its gradients are
+            // discarded; the checkpoint holds the last completed step).
+            if micro > 0 && agreed_stop(&stop, dist.as_mut(), device)?.is_some() {
+                abandoned = true;
+                break;
+            }
             let Batch { input, target } = src
                 .batch(
                     step * cfg.optim.grad_accum + micro,
@@ -495,29 +567,22 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
             }
             loss_sum += loss.double_value(&[]);
         }
+        if abandoned {
+            continue;
+        }
         // Gradients are synced once per optimizer step, never on accumulation micro-steps.
         let mut sync_ms = None;
         if let Some(d) = dist.as_mut() {
             let _r = NvtxRange::new(cfg.fast.nvtx, "grad_sync");
             let took = d.dp.sync_gradients().with_context(|| {
                 format!(
-                    "step {step}: gradient sync failed (did another rank die or hang?); the last good checkpoint is in {}",
-                    ckpt_dir.display()
+                    "step {step}: gradient sync failed (did another rank die or hang?); {}",
+                    last_good_note(&last_good)
                 )
             })?;
             sync_ms = Some(took.as_secs_f64() * 1e3);
-            // The logged loss is the mean over ranks, and a stop request on any rank stops all
-            // (a rank that stopped alone would leave the others waiting in a collective).
-            let flag = if stop.load(Ordering::Relaxed) {
-                1.0
-            } else {
-                0.0
-            };
-            let sums = d.sum(&[loss_sum, flag], device)?;
-            loss_sum = sums[0] / d.world as f64;
-            if sums[1] > 0.0 {
-                stop.store(true, Ordering::Relaxed);
-            }
+            // The logged loss is the mean over ranks (and every rank skips a non-finite step).
+            loss_sum = d.sum(&[loss_sum], device)?[0] / d.world as f64;
         }
         let grad_norm = opt.grad_norm();
         let lr = cfg.optim.lr_at(step, total);
@@ -525,6 +590,9 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
             let _r = NvtxRange::new(cfg.fast.nvtx, "optimizer");
             opt.step(lr, grad_norm);
             state.bad_streak = 0;
+            if let Some(dir) = unconfirmed.take() {
+                last_good = Some(dir);
+            }
         } else {
             state.skipped_steps += 1;
             state.bad_streak += 1;
@@ -533,10 +601,22 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
             ));
             if state.bad_streak >= cfg.run.max_bad_steps {
                 bar.abandon();
+                // A checkpoint written after the last good step holds the weights that went bad:
+                // kept for inspection, but out of reach of --resume and eval.
+                if let Some(dir) = unconfirmed.take() {
+                    let aside = dir.with_extension("diverged");
+                    std::fs::rename(&dir, &aside)
+                        .with_context(|| format!("renaming {}", dir.display()))?;
+                    println!(
+                        "checkpoint {} gave only non-finite steps; moved to {}",
+                        dir.display(),
+                        aside.display()
+                    );
+                }
                 bail!(
-                    "stopping: {} non-finite steps in a row (run.max_bad_steps); the last good checkpoint is in {}",
+                    "stopping: {} non-finite steps in a row (run.max_bad_steps); {}",
                     state.bad_streak,
-                    ckpt_dir.display()
+                    last_good_note(&last_good)
                 );
             }
         }
@@ -567,7 +647,11 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         }
         let eval_now = cfg.run.eval_every > 0 && state.step.is_multiple_of(cfg.run.eval_every);
         if eval_now {
-            last_eval = ctx.evaluate(eval_src.as_ref(), cfg, cfg.run.eval_batches)?;
+            match ctx.evaluate(eval_src.as_ref(), cfg, cfg.run.eval_batches, Some(&stop))? {
+                Some(e) => last_eval = e,
+                // Interrupted: the next turn of the loop writes the checkpoint and stops.
+                None => continue,
+            }
         }
         if state.step.is_multiple_of(cfg.run.log_every) || state.step == total || eval_now {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
@@ -613,32 +697,28 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         }
         bar.set_position(state.step);
         let ckpt_now = cfg.run.ckpt_every > 0 && state.step.is_multiple_of(cfg.run.ckpt_every);
-        if stop.load(Ordering::Relaxed) {
-            state.elapsed_s += run_start.elapsed().as_secs_f64();
-            if let Some(dir) = save_ckpt(&state, &vs, &opt, &mut dist)? {
-                bar.abandon_with_message(format!(
-                    "interrupted: checkpoint {} written",
-                    dir.display()
-                ));
-            }
-            interrupted = true;
-            break;
-        }
         // No checkpoints during a run of non-finite steps: they would rotate the last good
         // checkpoints out (run.keep_checkpoints) while the run may be about to stop.
         if ckpt_now && state.step < total && state.bad_streak == 0 {
-            save_ckpt(&state, &vs, &opt, &mut dist)?;
+            if let Some(dir) = save_ckpt(&state, &vs, &opt, &mut dist, last_good.as_deref())? {
+                unconfirmed = Some(dir);
+            }
         }
     }
     bar.finish_and_clear();
-    if !interrupted {
+    if interrupted.is_none() {
         state.elapsed_s += run_start.elapsed().as_secs_f64();
-        save_ckpt(&state, &vs, &opt, &mut dist)?;
+        save_ckpt(&state, &vs, &opt, &mut dist, last_good.as_deref())?;
     }
-    let (eval_loss, eval_accuracy) = if interrupted {
-        (f64::NAN, f64::NAN)
-    } else {
-        ctx.evaluate(eval_src.as_ref(), cfg, cfg.run.eval_batches)?
+    let (eval_loss, eval_accuracy) = match interrupted {
+        Some(_) => (f64::NAN, f64::NAN),
+        None => match ctx.evaluate(eval_src.as_ref(), cfg, cfg.run.eval_batches, Some(&stop))? {
+            Some(e) => e,
+            None => {
+                interrupted = stop.signal();
+                (f64::NAN, f64::NAN)
+            }
+        },
     };
     let lines = if writer {
         let lines = metrics::read(&run_dir.join("metrics.jsonl"))?;
@@ -672,7 +752,8 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         eval_loss,
         eval_accuracy,
         initial_eval_accuracy,
-        interrupted,
+        interrupted: interrupted.is_some(),
+        stop_signal: interrupted,
         sdpa_audit,
     };
     if !writer {
@@ -702,6 +783,24 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         run_dir.display()
     );
     Ok(summary)
+}
+
+/// The stop request every rank agrees on: in a data-parallel run a request on any rank stops
+/// all of them at the same point (a rank that stopped alone would leave the others waiting in a
+/// collective), at the cost of one tiny all-reduce.
+fn agreed_stop(stop: &StopRequest, dist: Option<&mut Dist>, device: Device) -> Result<Option<i32>> {
+    let local = stop.signal();
+    let Some(d) = dist else {
+        return Ok(local);
+    };
+    let any = d.sum(&[f64::from(u8::from(local.is_some()))], device)?[0] > 0.0;
+    if !any {
+        return Ok(None);
+    }
+    // Another rank's request: the launcher forwards SIGTERM, so that is what this rank reports.
+    let sig = local.unwrap_or(signal_hook::consts::SIGTERM);
+    stop.request(sig);
+    Ok(Some(sig))
 }
 
 fn device_index(d: Device) -> usize {
@@ -754,14 +853,26 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
     let cfg = crate::config::resolve(Some(&cfg_path), &[], std::iter::empty())?;
     let model_cfg = model_config(&cfg)?;
     let device = parse_device(&cfg.run.device, has_gpu)?;
-    let (dir, st) = checkpoint::latest(&run_dir.join("checkpoints"))?;
     let mut vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &model_cfg)?;
-    load_model(&mut vs, &dir, &st, &serde_json::to_value(model_cfg)?)?;
+    let model_json = serde_json::to_value(model_cfg)?;
+    // The newest checkpoint that verifies and holds finite weights (older ones as fallback).
+    let (dir, st, ()) = checkpoint::load_latest_good(&run_dir.join("checkpoints"), |dir, st| {
+        load_model(&mut vs, dir, st, &model_json)?;
+        let _g = tch::no_grad_guard();
+        for (name, t) in vs.variables() {
+            ensure!(
+                bool::try_from(t.f_isfinite()?.f_all()?)?,
+                "checkpoint {} holds non-finite values in {name}",
+                dir.display()
+            );
+        }
+        Ok(())
+    })?;
     let eval_src = data::open(
         &cfg.data,
         model_cfg.vocab_size,
-        cfg.run.seed + cfg.data.eval_seed_offset,
+        cfg.run.seed.wrapping_add(cfg.data.eval_seed_offset),
     )?;
     let bf16 = device.is_cuda() && cfg.run.precision != "f32";
     let ctx = Ctx {
@@ -771,7 +882,9 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
         bf16,
         nvtx: false,
     };
-    let (loss, acc) = ctx.evaluate(eval_src.as_ref(), &cfg, batches)?;
+    let (loss, acc) = ctx
+        .evaluate(eval_src.as_ref(), &cfg, batches, None)?
+        .context("evaluation produced no result")?;
     println!(
         "{}: step {}, eval loss {loss:.4}, answer accuracy {acc:.3} over {batches} batches",
         dir.display(),

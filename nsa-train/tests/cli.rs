@@ -1,62 +1,17 @@
 //! End-to-end tests of the `nsa-train` binary on the CPU: training, bit-exact resume, signals,
 //! and the errors a user sees for bad input.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nsa-train"));
-    c.env("RUST_BACKTRACE", "0");
-    // The environment names of the old system must not leak in from the developer's shell.
-    for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("NSA_")) {
-        c.env_remove(name);
-    }
-    c
-}
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{bin, err, ok, run, strs, tiny};
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("nsa-train-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// A tiny, fast training config: every NSA branch runs (S = 64 > w = 32 > l' = 16).
-fn tiny(out: &Path, name: &str, steps: u64) -> Vec<String> {
-    [
-        format!("run.out_dir={:?}", out.display().to_string()),
-        format!("run.name={name:?}"),
-        format!("run.steps={steps}"),
-        "run.log_every=1".into(),
-        "run.ckpt_every=3".into(),
-        "run.eval_batches=1".into(),
-        "run.device=\"cpu\"".into(),
-        "data.source=\"recall\"".into(),
-        "data.recall_pairs=4".into(),
-        "data.seq_len=64".into(),
-        "data.batch_size=4".into(),
-    ]
-    .into_iter()
-    .flat_map(|s| ["--set".to_string(), s])
-    .collect()
-}
-
-fn run(args: &[String]) -> Output {
-    bin().args(args).output().expect("nsa-train runs")
-}
-
-fn ok(out: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "nsa-train failed:\n{text}");
-    text
-}
-
-fn err(out: &Output) -> String {
-    assert!(!out.status.success(), "nsa-train should have failed");
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
@@ -142,7 +97,11 @@ fn sigterm_saves_a_checkpoint_before_exit() {
         .status()
         .unwrap();
     let status = child.wait().unwrap();
-    assert!(status.success(), "exit status after SIGTERM: {status}");
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "exit status after SIGTERM: {status}"
+    );
     let ckpts: Vec<_> = std::fs::read_dir(out.join("sig/checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -158,28 +117,23 @@ fn sigterm_saves_a_checkpoint_before_exit() {
 #[test]
 fn bad_input_is_named() {
     let out = scratch("bad");
-    let e = err(&run(&[
-        "train".into(),
-        "--set".into(),
-        "optim.lrr=1".into(),
-        "--dry-run".into(),
-    ]));
+    let e = err(&run(&strs(&["train", "--set", "optim.lrr=1", "--dry-run"])));
     assert!(e.contains("lrr"), "{e}");
-    let e = err(&run(&[
-        "train".into(),
-        "--set".into(),
-        "model.dimm=3".into(),
-        "--steps".into(),
-        "1".into(),
-    ]));
+    let e = err(&run(&strs(&[
+        "train",
+        "--set",
+        "model.dimm=3",
+        "--steps",
+        "1",
+    ])));
     assert!(e.contains("dimm"), "{e}");
-    let e = err(&run(&[
-        "train".into(),
-        "--set".into(),
-        "model.preset=\"huge\"".into(),
-        "--steps".into(),
-        "1".into(),
-    ]));
+    let e = err(&run(&strs(&[
+        "train",
+        "--set",
+        "model.preset=\"huge\"",
+        "--steps",
+        "1",
+    ])));
     assert!(e.contains("huge") && e.contains("tiny"), "{e}");
     let cfg = out.join("bad.toml");
     std::fs::write(
@@ -209,7 +163,7 @@ fn bad_input_is_named() {
     .unwrap();
     a.push("--resume".into());
     let e = err(&run(&a));
-    assert!(e.contains("state.json is corrupt"), "{e}");
+    assert!(e.contains("state.json does not match its checksum"), "{e}");
     // A checkpoint of another model is refused with both configs shown.
     std::fs::remove_dir_all(out.join("exists")).unwrap();
     let mut b = vec!["train".to_string()];
@@ -218,40 +172,6 @@ fn bad_input_is_named() {
     b.extend(["--resume".into(), "--set".into(), "model.n_layers=3".into()]);
     let e = err(&run(&b));
     assert!(e.contains("another model config"), "{e}");
-    std::fs::remove_dir_all(out).unwrap();
-}
-
-#[test]
-fn non_finite_steps_are_skipped_then_stop_the_run() {
-    let out = scratch("nan");
-    let mut a = vec!["train".to_string()];
-    a.extend(tiny(&out, "nan", 50));
-    // A learning rate this large makes the parameters overflow after the first update, so
-    // every later loss is NaN: those steps are skipped, and the run stops after three in a row.
-    for s in [
-        "optim.lr=1e30",
-        "optim.min_lr=0",
-        "optim.warmup_steps=0",
-        "optim.grad_clip=0",
-        "run.ckpt_every=1",
-        "run.max_bad_steps=3",
-    ] {
-        a.extend(["--set".to_string(), s.to_string()]);
-    }
-    let e = err(&run(&a));
-    assert!(e.contains("3 non-finite steps in a row"), "{e}");
-    let ckpts: Vec<String> = std::fs::read_dir(out.join("nan/checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        ckpts.contains(&"step-00000001".to_string()),
-        "last good checkpoint kept: {ckpts:?}"
-    );
-    assert!(
-        !ckpts.iter().any(|c| c.starts_with('.')),
-        "no half-written checkpoint: {ckpts:?}"
-    );
     std::fs::remove_dir_all(out).unwrap();
 }
 

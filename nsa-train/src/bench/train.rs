@@ -88,6 +88,18 @@ fn median_tokens_per_s(s: &Summary) -> Result<f64> {
 }
 
 pub fn run(a: TrainBenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.seq.iter().all(|&s| s >= 2),
+        "--seq: every sequence length must be at least 2 (got {:?})",
+        a.seq
+    );
+    anyhow::ensure!(
+        a.tokens_per_step >= 1,
+        "--tokens-per-step must be at least 1"
+    );
+    anyhow::ensure!(a.needle_seq >= 2, "--needle-seq must be at least 2");
+    // Every row is printed; the command still fails when any configuration did.
+    let mut failures = 0usize;
     let mut table = String::from(
         "| preset | S | batch | attention | tokens/s (median) | peak memory (MB) | NSA / dense |\n| --- | --- | --- | --- | --- | --- | --- |\n",
     );
@@ -108,14 +120,17 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                     }
                     format!("{tps:.0} | {:.0} | {ratio}", s.peak_mem_mb)
                 }
-                Err(e) => format!(
-                    "failed: {} | | ",
-                    format!("{e:#}")
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .replace('|', "/")
-                ),
+                Err(e) => {
+                    failures += 1;
+                    format!(
+                        "failed: {} | | ",
+                        format!("{e:#}")
+                            .lines()
+                            .next()
+                            .unwrap_or("")
+                            .replace('|', "/")
+                    )
+                }
             };
             table.push_str(&format!(
                 "| {} | {seq} | {batch} | {attention} | {cell} |\n",
@@ -143,10 +158,13 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                     "| {attention} | {:.4} | {:.3} |\n",
                     s.eval_loss, s.eval_accuracy
                 ),
-                Err(e) => format!(
-                    "| {attention} | failed: {} | |\n",
-                    format!("{e:#}").lines().next().unwrap_or("")
-                ),
+                Err(e) => {
+                    failures += 1;
+                    format!(
+                        "| {attention} | failed: {} | |\n",
+                        format!("{e:#}").lines().next().unwrap_or("")
+                    )
+                }
             };
             table.push_str(&row);
         }
@@ -155,5 +173,9 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
     if let Some(path) = &a.out {
         super::append(path, &table)?;
     }
+    anyhow::ensure!(
+        failures == 0,
+        "{failures} benchmark configuration(s) failed (see the table)"
+    );
     Ok(())
 }

@@ -1,0 +1,294 @@
+//! Training data: three sources behind one trait.
+//!
+//! - [`synthetic`]: the long-context tasks `needle` and `recall` (the default; no files).
+//! - [`files`]: raw text files as byte tokens (vocab 256), and pre-tokenized shards (llm.c's
+//!   `.bin` format or nanoGPT's headerless uint16), memory-mapped.
+//!
+//! Every batch is a pure function of (seed, step, rank): a resumed run, or rank r of a
+//! data-parallel run, reads exactly the batches it would have read otherwise.
+mod files;
+mod synthetic;
+
+use std::path::{Path, PathBuf};
+
+#[cfg(test)]
+pub use files::shard_layout;
+use files::{BinShards, TextBytes};
+use synthetic::{Synthetic, Task};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// Target value that the loss ignores (positions that are not answers).
+pub const IGNORE: i64 = -100;
+
+/// One batch: `input` and `target` are `[B, S]` int64; `target` is [`IGNORE`] where not scored.
+#[derive(Debug)]
+pub struct Batch {
+    pub input: Tensor,
+    pub target: Tensor,
+}
+
+impl Batch {
+    pub fn to(&self, device: Device) -> Batch {
+        Batch {
+            input: self.input.to(device),
+            target: self.target.to(device),
+        }
+    }
+}
+
+/// A deterministic source of batches.
+pub trait TokenSource: Send + std::fmt::Debug {
+    /// The batch for (`step`, `rank`), `batch` sequences of `seq_len` tokens, on the CPU.
+    fn batch(&self, step: u64, rank: u64, batch: usize, seq_len: usize) -> Result<Batch>;
+    /// Smallest vocabulary the tokens fit in.
+    fn vocab_needed(&self) -> i64;
+    /// Short description for logs.
+    fn describe(&self) -> String;
+}
+
+/// Which source, as written in the config's `[data]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `needle` | `recall` | `text` | `bin`.
+    pub source: String,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    /// Files for `text` / `bin` (a file or a folder of files).
+    pub path: Option<PathBuf>,
+    /// For `bin`: `llmc` (header checked) or `raw-u16` (nanoGPT).
+    pub format: String,
+    /// For `recall`: number of (key, value) pairs per sequence.
+    pub recall_pairs: usize,
+    /// Seed offset for held-out evaluation batches (evaluation uses seed + this).
+    pub eval_seed_offset: u64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            source: "needle".into(),
+            seq_len: 256,
+            batch_size: 16,
+            path: None,
+            format: "llmc".into(),
+            recall_pairs: 8,
+            eval_seed_offset: 1_000_003,
+        }
+    }
+}
+
+/// Builds the source the config names. `vocab` is the model's vocabulary size.
+pub fn open(cfg: &DataConfig, vocab: i64, seed: u64) -> Result<Box<dyn TokenSource>> {
+    ensure!(
+        cfg.seq_len >= 2,
+        "data.seq_len must be at least 2 (got {})",
+        cfg.seq_len
+    );
+    ensure!(cfg.batch_size >= 1, "data.batch_size must be at least 1");
+    let src: Box<dyn TokenSource> = match cfg.source.as_str() {
+        "needle" => Box::new(Synthetic {
+            task: Task::Needle,
+            vocab,
+            seed,
+            pairs: 1,
+        }),
+        "recall" => {
+            ensure!(
+                cfg.recall_pairs >= 1,
+                "data.recall_pairs must be at least 1"
+            );
+            Box::new(Synthetic {
+                task: Task::Recall,
+                vocab,
+                seed,
+                pairs: cfg.recall_pairs,
+            })
+        }
+        "text" => Box::new(TextBytes::open(need_path(cfg)?, seed)?),
+        "bin" => Box::new(BinShards::open(need_path(cfg)?, &cfg.format, seed)?),
+        other => bail!("data.source must be needle, recall, text or bin (got {other:?})"),
+    };
+    ensure!(
+        src.vocab_needed() <= vocab,
+        "data source {} needs a vocabulary of {} but model.vocab_size is {vocab}",
+        src.describe(),
+        src.vocab_needed()
+    );
+    Ok(src)
+}
+
+fn need_path(cfg: &DataConfig) -> Result<&Path> {
+    cfg.path
+        .as_deref()
+        .with_context(|| format!("data.source = {:?} needs data.path", cfg.source))
+}
+
+/// SplitMix64: a tiny, well-mixed generator; batches must not depend on libtorch's global RNG.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(parts: &[u64]) -> Self {
+        let mut r = Rng(0x9E37_79B9_7F4A_7C15);
+        for p in parts {
+            r.0 ^= p.wrapping_mul(0xD1B5_4A32_D192_ED03);
+            r.next();
+        }
+        r
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+/// Accuracy of argmax predictions on scored positions: (correct, scored).
+pub fn answer_accuracy(logits: &Tensor, target: &Tensor) -> (i64, i64) {
+    let mask = target.ne(IGNORE);
+    let pred = logits.argmax(-1, false);
+    let correct = pred
+        .eq_tensor(target)
+        .logical_and(&mask)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    (correct, mask.sum(Kind::Int64).int64_value(&[]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::synthetic::{NEEDLE, QUERY};
+    use super::*;
+
+    fn vec_of(t: &Tensor) -> Vec<i64> {
+        Vec::<i64>::try_from(t.flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn batches_are_a_function_of_seed_step_rank() {
+        let cfg = DataConfig {
+            seq_len: 64,
+            batch_size: 3,
+            ..Default::default()
+        };
+        for source in ["needle", "recall"] {
+            let cfg = DataConfig {
+                source: source.into(),
+                ..cfg.clone()
+            };
+            let a = open(&cfg, 64, 7).unwrap();
+            let b = open(&cfg, 64, 7).unwrap();
+            let x = a.batch(5, 1, 3, 64).unwrap();
+            assert_eq!(
+                vec_of(&x.input),
+                vec_of(&b.batch(5, 1, 3, 64).unwrap().input)
+            );
+            assert_ne!(
+                vec_of(&x.input),
+                vec_of(&a.batch(6, 1, 3, 64).unwrap().input)
+            );
+            assert_ne!(
+                vec_of(&x.input),
+                vec_of(&a.batch(5, 0, 3, 64).unwrap().input)
+            );
+        }
+    }
+
+    #[test]
+    fn needle_answer_is_the_value_after_the_key() {
+        let cfg = DataConfig {
+            seq_len: 40,
+            ..Default::default()
+        };
+        let src = open(&cfg, 32, 1).unwrap();
+        let b = src.batch(0, 0, 4, 40).unwrap();
+        let (inp, tgt) = (vec_of(&b.input), vec_of(&b.target));
+        for r in 0..4 {
+            let row = &inp[r * 40..(r + 1) * 40];
+            let trow = &tgt[r * 40..(r + 1) * 40];
+            let scored: Vec<usize> = (0..40).filter(|&t| trow[t] != IGNORE).collect();
+            assert_eq!(scored, vec![39]);
+            assert_eq!(row[38], QUERY);
+            let key = row[39];
+            let at = (0..37)
+                .find(|&t| row[t] == NEEDLE && row[t + 1] == key)
+                .expect("needle present");
+            assert_eq!(trow[39], row[at + 2]);
+        }
+    }
+
+    #[test]
+    fn recall_scores_every_queried_value() {
+        let cfg = DataConfig {
+            source: "recall".into(),
+            seq_len: 64,
+            recall_pairs: 6,
+            ..Default::default()
+        };
+        let src = open(&cfg, 64, 3).unwrap();
+        let b = src.batch(2, 0, 2, 64).unwrap();
+        let tgt = vec_of(&b.target);
+        assert_eq!(tgt.iter().filter(|&&t| t != IGNORE).count(), 12);
+    }
+
+    #[test]
+    fn too_small_vocab_or_sequence_is_an_error() {
+        let cfg = DataConfig {
+            source: "recall".into(),
+            seq_len: 64,
+            recall_pairs: 40,
+            ..Default::default()
+        };
+        assert!(open(&cfg, 32, 0).unwrap_err().to_string().contains("vocab"));
+        let cfg = DataConfig {
+            source: "bogus".into(),
+            ..Default::default()
+        };
+        assert!(open(&cfg, 32, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("needle, recall, text or bin"));
+        let cfg = DataConfig {
+            source: "text".into(),
+            ..Default::default()
+        };
+        assert!(open(&cfg, 256, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("needs data.path"));
+    }
+
+    #[test]
+    fn windows_come_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("nsa-data-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("a.txt");
+        std::fs::write(&f, b"abcdefghijklmnopqrstuvwxyz").unwrap();
+        let cfg = DataConfig {
+            source: "text".into(),
+            path: Some(f),
+            seq_len: 8,
+            ..Default::default()
+        };
+        let src = open(&cfg, 256, 0).unwrap();
+        let b = src.batch(0, 0, 2, 8).unwrap();
+        let (i, t) = (vec_of(&b.input), vec_of(&b.target));
+        for k in 0..16 {
+            if k % 8 != 7 {
+                assert_eq!(i[k + 1], t[k]);
+            }
+            assert!((b'a' as i64..=b'z' as i64).contains(&i[k]));
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
