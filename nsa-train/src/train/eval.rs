@@ -1,0 +1,144 @@
+//! Forward passes outside the step loop's bookkeeping: logits under the run's precision, the
+//! loss, held-out evaluation, `nsa-train eval`, and the attention-backend audit.
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use nsa_attn::ForwardOpts;
+use nsa_model::{Model, ModelConfig};
+use nsa_sys::train::NvtxRange;
+use tch::{nn, Device, Kind, Tensor};
+
+use super::{forward_opts, load_model, model_config, parse_device};
+use crate::checkpoint;
+use crate::config::TrainConfig;
+use crate::data::{self, TokenSource, IGNORE};
+use crate::signals::StopRequest;
+
+/// Cross-entropy over the scored positions (`target != IGNORE`), in fp32.
+pub(super) fn loss_of(logits: &Tensor, target: &Tensor) -> Tensor {
+    let v = logits.size().last().copied().unwrap_or(1);
+    logits
+        .to_kind(Kind::Float)
+        .view([-1, v])
+        .cross_entropy_loss::<Tensor>(&target.view([-1]), None, tch::Reduction::Mean, IGNORE, 0.0)
+}
+
+/// How a run computes logits: path options, device and precision.
+pub(super) struct Forward {
+    pub(super) opts: ForwardOpts,
+    pub(super) device: Device,
+    pub(super) bf16: bool,
+    pub(super) nvtx: bool,
+}
+
+impl Forward {
+    pub(super) fn logits(&self, model: &Model, input: &Tensor) -> Result<Tensor> {
+        let _r = NvtxRange::new(self.nvtx, "forward");
+        let run = || model.forward(input, &self.opts);
+        let out = if self.bf16 {
+            nsa_sys::train::with_bf16_autocast(run)
+        } else {
+            run()
+        };
+        Ok(out?)
+    }
+
+    /// Mean loss and answer accuracy over `n` held-out batches; `None` when a stop request
+    /// arrived before the last batch (checked between batches).
+    pub(super) fn evaluate(
+        &self,
+        model: &Model,
+        src: &dyn TokenSource,
+        cfg: &TrainConfig,
+        n: u64,
+        stop: Option<&StopRequest>,
+    ) -> Result<Option<(f64, f64)>> {
+        let _g = tch::no_grad_guard();
+        let (mut loss, mut correct, mut scored) = (0.0, 0i64, 0i64);
+        for i in 0..n {
+            if stop.is_some_and(|s| s.signal().is_some()) {
+                return Ok(None);
+            }
+            // Held-out: a rank no training process uses.
+            let b = src
+                .batch(i, u64::MAX - 1, cfg.data.batch_size, cfg.data.seq_len)?
+                .to(self.device);
+            let logits = self.logits(model, &b.input)?;
+            loss += loss_of(&logits, &b.target).double_value(&[]);
+            let (c, s) = data::answer_accuracy(&logits, &b.target);
+            correct += c;
+            scored += s;
+        }
+        Ok(Some((
+            loss / n.max(1) as f64,
+            if scored > 0 {
+                correct as f64 / scored as f64
+            } else {
+                0.0
+            },
+        )))
+    }
+}
+
+/// `nsa-train eval`: loss and answer accuracy of the newest good checkpoint of a run folder.
+pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64)> {
+    let cfg_path = run_dir.join("config.toml");
+    let cfg = crate::config::resolve(Some(&cfg_path), &[], std::iter::empty())?;
+    let model_cfg = model_config(&cfg)?;
+    let device = parse_device(&cfg.run.device, has_gpu)?;
+    let mut vs = nn::VarStore::new(device);
+    let model = Model::new(&vs.root(), &model_cfg)?;
+    let model_json = serde_json::to_value(model_cfg)?;
+    // The newest checkpoint that verifies and holds finite weights (older ones as fallback).
+    let (dir, st, ()) = checkpoint::load_latest_good(&run_dir.join("checkpoints"), |dir, st| {
+        load_model(&mut vs, dir, st, &model_json)?;
+        let _g = tch::no_grad_guard();
+        for (name, t) in vs.variables() {
+            ensure!(
+                bool::try_from(t.f_isfinite()?.f_all()?)?,
+                "checkpoint {} holds non-finite values in {name}",
+                dir.display()
+            );
+        }
+        Ok(())
+    })?;
+    let eval_src = data::open(
+        &cfg.data,
+        model_cfg.vocab_size,
+        cfg.run.seed.wrapping_add(cfg.data.eval_seed_offset),
+    )?;
+    let bf16 = device.is_cuda() && cfg.run.precision != "f32";
+    let fwd = Forward {
+        opts: forward_opts(&cfg),
+        device,
+        bf16,
+        nvtx: false,
+    };
+    let (loss, acc) = fwd
+        .evaluate(&model, eval_src.as_ref(), &cfg, batches, None)?
+        .context("evaluation produced no result")?;
+    println!(
+        "{}: step {}, eval loss {loss:.4}, answer accuracy {acc:.3} over {batches} batches",
+        dir.display(),
+        st.step
+    );
+    Ok((loss, acc))
+}
+
+/// The attention-backend audit: which SDPA kernel the dense attention of this model's shape
+/// would use on this device (NSA's lean path computes its branches with its own chunked ops).
+pub(super) fn audit(m: &ModelConfig, device: Device, bf16: bool) -> Vec<String> {
+    let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
+    let _g = tch::no_grad_guard();
+    let (h, hk) = (m.n_heads, m.n_kv_heads);
+    let q = Tensor::randn([1, h, 128, m.head_dim_k], (kind, device));
+    let k = Tensor::randn([1, hk, 128, m.head_dim_k], (kind, device));
+    let v = Tensor::randn([1, hk, 128, m.head_dim_v], (kind, device));
+    vec![format!(
+        "{} attention; dense causal SDPA for H={h} Hkv={hk} dk={} dv={} {kind:?} picks {}",
+        m.attention,
+        m.head_dim_k,
+        m.head_dim_v,
+        nsa_sys::SdpaBackend::choice(&q, &k, &v, true)
+    )]
+}

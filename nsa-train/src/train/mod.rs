@@ -1,0 +1,282 @@
+//! The training loop, in three stages:
+//!
+//! 1. [`session`]: every check and every build before the first step (config, sizes, run-folder
+//!    plan, data, model and optimizer, resume, data-parallel group); only then is the run folder
+//!    created and written.
+//! 2. [`steps`]: the step loop (micro-steps, gradient sync, guard, update, evaluation, metrics,
+//!    checkpoints through [`saver`], stop requests).
+//! 3. [`train`]'s end: the final checkpoint and evaluation, the plot and the summary.
+//!
+//! Beside them: [`eval`] (held-out evaluation, `nsa-train eval`, the backend audit) and
+//! [`dist`] (the data-parallel side).
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use nsa_attn::{AttnPath, ForwardOpts, LeanOpts};
+use nsa_model::ModelConfig;
+use serde::Serialize;
+use tch::{nn, Device};
+
+use crate::checkpoint::TrainState;
+use crate::config::{DistEnv, TrainConfig};
+use crate::metrics;
+use crate::signals::StopRequest;
+
+mod dist;
+mod eval;
+mod saver;
+mod session;
+mod steps;
+
+pub use eval::eval_run;
+use session::Session;
+
+/// Options that are not part of the run's config (how to start, not what to train).
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Continue from the latest checkpoint of the run folder.
+    pub resume: bool,
+    /// Replace an existing run folder of the same name.
+    pub overwrite: bool,
+    /// Draw a progress bar (off in tests and when stdout is not a terminal).
+    pub progress: bool,
+    /// This process's place in a data-parallel run (`None`: a plain single-process run).
+    pub dist: Option<DistEnv>,
+}
+
+/// What a finished run reports (also written as `summary.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub model: String,
+    pub parameters: i64,
+    pub device: String,
+    pub precision: String,
+    pub steps: u64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub skipped_steps: u64,
+    pub tokens_per_s: f64,
+    pub peak_mem_mb: f64,
+    pub eval_loss: f64,
+    pub eval_accuracy: f64,
+    pub initial_eval_accuracy: f64,
+    pub interrupted: bool,
+    /// The signal that stopped the run early (the process then exits with 128 + it).
+    pub stop_signal: Option<i32>,
+    pub sdpa_audit: Vec<String>,
+}
+
+pub fn parse_device(name: &str, has_gpu: bool) -> Result<Device> {
+    Ok(match name {
+        "auto" if has_gpu => Device::Cuda(0),
+        "auto" | "cpu" => Device::Cpu,
+        "cuda" if has_gpu => Device::Cuda(0),
+        d if d.starts_with("cuda") => {
+            ensure!(has_gpu, "run.device = {d:?} but no GPU is visible");
+            let idx: usize = d
+                .strip_prefix("cuda:")
+                .with_context(|| format!("run.device {d:?}: expected cuda:N"))?
+                .parse()
+                .with_context(|| format!("run.device {d:?}: expected cuda:N"))?;
+            Device::Cuda(idx)
+        }
+        other => bail!("run.device must be auto, cpu, cuda or cuda:N (got {other:?})"),
+    })
+}
+
+/// The model config: the preset named in `[model]`, with every other `[model]` key applied.
+pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
+    let mut table = cfg.model.clone();
+    let preset = match table.remove("preset") {
+        Some(toml::Value::String(s)) => s,
+        Some(other) => bail!("model.preset must be a string (got {other})"),
+        None => "tiny".to_string(),
+    };
+    let base = ModelConfig::preset(&preset)?;
+    let mut value = toml::Value::try_from(base)?;
+    let root = value
+        .as_table_mut()
+        .expect("a struct serialises to a table");
+    for (k, v) in table {
+        match (root.get_mut(&k), v) {
+            (Some(toml::Value::Table(dst)), toml::Value::Table(src)) => {
+                for (kk, vv) in src {
+                    dst.insert(kk, vv);
+                }
+            }
+            (_, v) => {
+                root.insert(k, v);
+            }
+        }
+    }
+    let model: ModelConfig = value
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("model config: {e}"))?;
+    model.validate()?;
+    Ok(model)
+}
+
+fn forward_opts(cfg: &TrainConfig) -> ForwardOpts {
+    let path = match cfg.fast.attn_path.as_str() {
+        "reference" => AttnPath::Reference,
+        _ => AttnPath::Lean(LeanOpts::default()),
+    };
+    let select = match cfg.fast.select.as_str() {
+        "reference" => nsa_select::SelectImpl::Reference,
+        _ => nsa_select::SelectImpl::Vectorized,
+    };
+    ForwardOpts {
+        path,
+        select,
+        nvtx: cfg.fast.nvtx,
+        ..Default::default()
+    }
+}
+
+fn run_name(cfg: &TrainConfig, model: &ModelConfig) -> String {
+    cfg.run.name.clone().unwrap_or_else(|| {
+        let preset = cfg
+            .model
+            .get("preset")
+            .and_then(|v| v.as_str())
+            .unwrap_or("tiny");
+        format!("{preset}-{}-{}", model.attention, cfg.data.source)
+    })
+}
+
+/// Trains as configured. Returns the summary (also written into the run folder).
+pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summary> {
+    let mut run = Session::start(cfg, launch, has_gpu)?;
+    let stop = StopRequest::install()?;
+    let initial_eval_accuracy = if run.state.step == 0 {
+        run.fwd
+            .evaluate(
+                &run.model,
+                run.eval_src.as_ref(),
+                cfg,
+                cfg.run.eval_batches,
+                Some(&stop),
+            )?
+            .map_or(f64::NAN, |(_, acc)| acc)
+    } else {
+        f64::NAN
+    };
+    let end = run.step_loop(&stop)?;
+    let mut interrupted = end.interrupted;
+    if interrupted.is_none() {
+        run.saver
+            .save(&run.state, &run.vs, &run.opt, run.dist.as_mut())?;
+    }
+    let (eval_loss, eval_accuracy) = match interrupted {
+        Some(_) => (f64::NAN, f64::NAN),
+        None => match run.fwd.evaluate(
+            &run.model,
+            run.eval_src.as_ref(),
+            cfg,
+            cfg.run.eval_batches,
+            Some(&stop),
+        )? {
+            Some(e) => e,
+            None => {
+                interrupted = stop.signal();
+                (f64::NAN, f64::NAN)
+            }
+        },
+    };
+    let summary_model = format!("{}", run.model_cfg);
+    let run_dir = run.run_dir.clone();
+    let lines = if run.writer {
+        let lines = metrics::read(&run_dir.join("metrics.jsonl"))?;
+        metrics::plot_loss(
+            &lines,
+            &format!("{}: {summary_model}", run.name),
+            &run_dir.join("loss.png"),
+        )?;
+        lines
+    } else {
+        Vec::new()
+    };
+    let summary = Summary {
+        run_dir: run_dir.clone(),
+        model: summary_model,
+        parameters: run.parameters,
+        device: format!("{:?}", run.device),
+        precision: if run.fwd.bf16 {
+            "bf16".into()
+        } else {
+            "f32".into()
+        },
+        steps: run.state.step,
+        first_loss: end.first_loss,
+        last_loss: end.last_loss,
+        skipped_steps: run.state.skipped_steps,
+        tokens_per_s: lines
+            .iter()
+            .rev()
+            .take(5)
+            .map(|l| l.tokens_per_s)
+            .sum::<f64>()
+            / lines.len().clamp(1, 5) as f64,
+        peak_mem_mb: lines.iter().map(|l| l.peak_mem_mb).fold(0.0, f64::max),
+        eval_loss,
+        eval_accuracy,
+        initial_eval_accuracy,
+        interrupted: interrupted.is_some(),
+        stop_signal: interrupted,
+        sdpa_audit: run.sdpa_audit.clone(),
+    };
+    if !run.writer {
+        return Ok(summary);
+    }
+    crate::write_atomic(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    let text = format!(
+        "{}\nsteps {} ({} skipped), loss {:.4} -> {:.4}, eval loss {:.4}, answer accuracy {:.3} (at start {:.3}), {:.0} tokens/s, peak {:.0} MB\n",
+        summary.model,
+        summary.steps,
+        summary.skipped_steps,
+        summary.first_loss,
+        summary.last_loss,
+        summary.eval_loss,
+        summary.eval_accuracy,
+        summary.initial_eval_accuracy,
+        summary.tokens_per_s,
+        summary.peak_mem_mb
+    );
+    crate::write_atomic(&run_dir.join("summary.txt"), text.as_bytes())?;
+    print!("{text}");
+    println!(
+        "wrote {}/{{config.toml,env.json,metrics.jsonl,loss.png,summary.json,checkpoints/}}",
+        run_dir.display()
+    );
+    Ok(summary)
+}
+
+fn device_index(d: Device) -> usize {
+    match d {
+        Device::Cuda(i) => i,
+        _ => 0,
+    }
+}
+
+/// Loads a checkpoint's `model.safetensors` into `vs` after checking that the checkpoint was
+/// written for `model_json` (the resolved model config), naming both configs when not.
+fn load_model(
+    vs: &mut nn::VarStore,
+    dir: &Path,
+    st: &TrainState,
+    model_json: &serde_json::Value,
+) -> Result<()> {
+    ensure!(
+        st.model == *model_json,
+        "checkpoint {} belongs to another model config:\n  checkpoint: {}\n  this run:   {}",
+        dir.display(),
+        st.model,
+        model_json
+    );
+    vs.load(dir.join("model.safetensors"))
+        .with_context(|| format!("loading {}/model.safetensors", dir.display()))
+}
