@@ -8,6 +8,8 @@
 //! - [`nccl`]: the NCCL function table, loaded from `libnccl.so.2`.
 //! - [`facts`]: a serialisable snapshot of the runtime (versions, devices, SDPA backend choice),
 //!   the "backend audit" printed by `nsa-train env` and stored with every run.
+//! - [`store`]: libtorch's c10d TCPStore (host or client), the key-value store of the
+//!   data-parallel rendezvous (torchrun's agent hosts one for its workers).
 //! - [`train`]: NVTX ranges, bf16 autocast, the Kineto profiler, CUDA allocator statistics.
 //! - C++ glue in `glue/*.cpp`, compiled by `build.rs` against the same libtorch headers.
 //!
@@ -19,6 +21,7 @@ pub mod driver;
 pub mod facts;
 mod glue;
 pub mod nccl;
+pub mod store;
 pub mod train;
 
 pub use facts::{GpuFacts, RuntimeFacts, SdpaBackend};

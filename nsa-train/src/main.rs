@@ -62,12 +62,9 @@ struct TrainArgs {
     /// Print the resolved config and exit.
     #[arg(long)]
     dry_run: bool,
-    /// Start one training process per GPU on this host (data parallel over NCCL). With 1, a
-    /// single rank still syncs gradients through NCCL (measures the sync overhead). Processes
-    /// started by another launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
-    /// instead.
-    #[arg(long, value_name = "N")]
-    nproc_per_node: Option<usize>,
+    /// Data parallel: our launcher's flags (torchrun and srun need none; see README).
+    #[command(flatten)]
+    launch: config::LaunchFlags,
 }
 
 impl TrainArgs {
@@ -118,6 +115,19 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Meet the other ranks through the rendezvous store and print what rank 0 sent, as `train`
+    /// would before building its NCCL group: checks a launcher setup without a GPU.
+    #[command(hide = true)]
+    Rendezvous {
+        #[command(flatten)]
+        launch: config::LaunchFlags,
+        /// Seconds each rendezvous wait lasts.
+        #[arg(long, default_value_t = 60.0)]
+        timeout_s: f64,
+        /// Exchange a real NCCL unique id (needs libnccl) instead of random bytes.
+        #[arg(long)]
+        nccl: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -146,7 +156,7 @@ fn main() -> anyhow::Result<()> {
             if args.dry_run {
                 return Ok(());
             }
-            let launch::Role::Trainer(dist) = launch::role(args.nproc_per_node)? else {
+            let launch::Role::Trainer(dist) = launch::role_with(&args.launch)? else {
                 return Ok(());
             };
             let launch = train::Launch {
@@ -162,6 +172,17 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Smoke(args) => smoke::run(args, &backend),
         Command::Bench { what } => bench::run(what),
+        Command::Rendezvous {
+            launch,
+            timeout_s,
+            nccl,
+        } => {
+            anyhow::ensure!(
+                timeout_s.is_finite() && timeout_s > 0.0,
+                "--timeout-s {timeout_s}: expected a positive number of seconds"
+            );
+            launch::check_rendezvous(&launch, std::time::Duration::from_secs_f64(timeout_s), nccl)
+        }
     }
 }
 
