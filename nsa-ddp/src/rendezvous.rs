@@ -15,6 +15,8 @@
 //! - `ns/payload`: rank 0's bytes, set once every rank has arrived with the right world size.
 //! - `ns/ack/R`: rank R read the payload. A rank 0 that hosts the store waits for these before
 //!   returning (dropping the host stops the server).
+//! - `ns/heard`: a counter of peers done with the store, successful or not: a failing rank 0
+//!   that hosts the store keeps it up until the peers that arrived have read `ns/error`.
 //!
 //! Since rank 0 sets the payload only when all ranks are there, the rendezvous is also a
 //! barrier: after it every rank is alive, so `ncclCommInitRank` will not wait for a missing one.
@@ -87,6 +89,8 @@ impl RendezvousConfig {
 
 /// How often a waiting rank looks at the store again.
 const POLL: Duration = Duration::from_millis(10);
+/// How long a failing rank 0 that hosts the store keeps it up for the peers to read why.
+const LINGER: Duration = Duration::from_secs(5);
 
 /// Rank `rank` of `world` meets the others; rank 0 calls `make` (once everyone is there) and
 /// every rank returns its bytes. See the module docs for the protocol.
@@ -283,9 +287,37 @@ impl Meeting<'_> {
         Ok(out)
     }
 
-    /// Rank 0: waits for every peer (checking its world size as it arrives), then publishes the
-    /// payload and, if it hosts the store, waits until every peer has read it.
+    /// Rank 0: [`Meeting::lead_steps`]; on failure it records the error for the peers (unless it
+    /// came from one of them) and, if it hosts the store, keeps the store up until the peers
+    /// that arrived have heard (at most [`LINGER`]), so they fail with the reason rather than
+    /// with a lost connection.
     fn lead(&self, make: impl FnOnce() -> Result<Vec<u8>, DdpError>) -> Result<Vec<u8>, DdpError> {
+        let result = self.lead_steps(make);
+        if let Err(e) = &result {
+            if !matches!(self.reported_error(), Ok(Some(_))) {
+                let _ = self.store.set(&self.key("error"), e.to_string().as_bytes());
+            }
+            if self.store.is_host() {
+                let until = Instant::now() + self.cfg.timeout.min(LINGER);
+                while Instant::now() < until {
+                    let heard = self.store.add(&self.key("heard"), 0).unwrap_or(i64::MAX);
+                    let arrived = self.store.add(&self.key("arrived"), 0).unwrap_or(0);
+                    if heard >= arrived - 1 {
+                        break;
+                    }
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
+        result
+    }
+
+    /// Waits for every peer (checking its world size as it arrives), then publishes the payload
+    /// and, if this rank hosts the store, waits until every peer has read it.
+    fn lead_steps(
+        &self,
+        make: impl FnOnce() -> Result<Vec<u8>, DdpError>,
+    ) -> Result<Vec<u8>, DdpError> {
         let deadline = self.start + self.cfg.timeout;
         let mut waiting: Vec<usize> = (1..self.world).collect();
         let mut seen = 0i64;
@@ -349,8 +381,16 @@ impl Meeting<'_> {
         Ok(payload)
     }
 
-    /// A peer: checks its world size against rank 0's, then waits for the payload.
+    /// A peer: [`Meeting::follow_steps`], then tells rank 0 it is done with the store, whatever
+    /// the outcome (see [`Meeting::lead`]).
     fn follow(&self) -> Result<Vec<u8>, DdpError> {
+        let result = self.follow_steps();
+        let _ = self.store.add(&self.key("heard"), 1);
+        result
+    }
+
+    /// Checks this rank's world size against rank 0's, then waits for the payload.
+    fn follow_steps(&self) -> Result<Vec<u8>, DdpError> {
         let deadline = self.start + self.cfg.timeout;
         let world0 = self.key("world/0");
         let payload = self.key("payload");

@@ -201,7 +201,30 @@ impl TcpStore {
     /// Connects to a store hosted at `host:port`, retrying until `timeout` (the host may start
     /// later); `timeout` also applies to later waits.
     pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Self, StoreError> {
-        Self::open(host, port, false, timeout)
+        c_string("connecting to a TCPStore", "host name", host)?;
+        let started = Instant::now();
+        // Wait until the port accepts connections before libtorch's client tries: after a
+        // refused attempt the client sleeps about a second before the next one, which would
+        // add that second to every rendezvous whose peers start before its host.
+        let mut last = String::new();
+        let ready = loop {
+            match std::net::TcpStream::connect((host, port)) {
+                Ok(_) => break true,
+                Err(e) => last = e.to_string(),
+            }
+            if started.elapsed() >= timeout {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if !ready {
+            return Err(StoreError::Timeout {
+                call: "connecting to a TCPStore",
+                waited: started.elapsed(),
+                message: format!("nothing accepts connections at {host}:{port} ({last})"),
+            });
+        }
+        Self::open(host, port, false, timeout.saturating_sub(started.elapsed()))
     }
 
     /// The port the store listens on (the chosen one when hosted with port 0).

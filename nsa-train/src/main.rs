@@ -132,9 +132,19 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The rendezvous check touches no tensor: it skips loading the CUDA backend (the slowest
+    // part of starting up), so launcher tests that start many ranks stay quick.
+    let command = match cli.command {
+        Some(Command::Rendezvous {
+            launch,
+            timeout_s,
+            nccl,
+        }) => return rendezvous_command(&launch, timeout_s, nccl),
+        other => other,
+    };
     // First thing: make libtorch's CUDA backend visible (see nsa_sys::cuda).
     let backend = nsa_sys::cuda::load_backend().context("loading libtorch's CUDA backend")?;
-    let Some(command) = cli.command else {
+    let Some(command) = command else {
         print!("{}", snapshot::EnvSnapshot::collect().report());
         println!("\ncommands: train, eval, smoke, env, bench (see `nsa-train --help`)");
         return Ok(());
@@ -176,14 +186,25 @@ fn main() -> anyhow::Result<()> {
             launch,
             timeout_s,
             nccl,
-        } => {
-            anyhow::ensure!(
-                timeout_s.is_finite() && timeout_s > 0.0,
-                "--timeout-s {timeout_s}: expected a positive number of seconds"
-            );
-            launch::check_rendezvous(&launch, std::time::Duration::from_secs_f64(timeout_s), nccl)
-        }
+        } => rendezvous_command(&launch, timeout_s, nccl),
     }
+}
+
+/// The hidden `rendezvous` command (see [`launch::check_rendezvous`]).
+fn rendezvous_command(
+    launch: &config::LaunchFlags,
+    timeout_s: f64,
+    nccl: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        timeout_s.is_finite() && timeout_s > 0.0,
+        "--timeout-s {timeout_s}: expected a positive number of seconds"
+    );
+    if nccl {
+        // The real id comes from the NCCL that libtorch's CUDA backend ships with.
+        nsa_sys::cuda::load_backend().context("loading libtorch's CUDA backend")?;
+    }
+    launch::check_rendezvous(launch, std::time::Duration::from_secs_f64(timeout_s), nccl)
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
