@@ -9,7 +9,7 @@
 //! 1. **Rendezvous** ([`rendezvous_nccl`]): every rank meets in a c10d TCPStore at
 //!    `master_addr:master_port` (hosted by rank 0, or by the launcher: torchrun's agent store);
 //!    rank 0 waits for the other `world − 1` ranks, checks their world sizes, creates an NCCL
-//!    unique id and publishes its 128 bytes, which every rank reads (see [`rendezvous`]).
+//!    unique id and publishes its 128 bytes, which every rank reads (see [`rendezvous()`]).
 //! 2. **Process group** ([`NcclGroup::new`]): every rank calls `ncclCommInitRank` with that id on
 //!    its CUDA device. Tests use [`LocalGroup`] instead: threads of one process on CPU.
 //! 3. **Front** ([`DataParallel::new`]): plans gradient buckets over the trainable parameters;

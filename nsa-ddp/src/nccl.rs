@@ -1,5 +1,5 @@
 //! The NCCL backend ([`NcclGroup`]) and [`rendezvous_nccl`], which hands rank 0's NCCL unique id
-//! to the other ranks through the store rendezvous ([`crate::rendezvous`]).
+//! to the other ranks through the store rendezvous ([`mod@crate::rendezvous`]).
 use std::sync::Arc;
 use std::time::Duration;
 
