@@ -6,9 +6,10 @@
 //!
 //! Each rank (one process per GPU, or one thread per rank in tests) builds the same model, then:
 //!
-//! 1. **Rendezvous** ([`rendezvous_nccl`]): rank 0 listens on `master_addr:master_port`, waits
-//!    for the other `world − 1` ranks to connect, creates an NCCL unique id and sends its 128
-//!    bytes to each of them.
+//! 1. **Rendezvous** ([`rendezvous_nccl`]): every rank meets in a c10d TCPStore at
+//!    `master_addr:master_port` (hosted by rank 0, or by the launcher: torchrun's agent store);
+//!    rank 0 waits for the other `world − 1` ranks, checks their world sizes, creates an NCCL
+//!    unique id and publishes its 128 bytes, which every rank reads (see [`rendezvous()`]).
 //! 2. **Process group** ([`NcclGroup::new`]): every rank calls `ncclCommInitRank` with that id on
 //!    its CUDA device. Tests use [`LocalGroup`] instead: threads of one process on CPU.
 //! 3. **Front** ([`DataParallel::new`]): plans gradient buckets over the trainable parameters;
@@ -70,8 +71,8 @@
 //!   past the timeout (default [`DEFAULT_NCCL_TIMEOUT`], 10 min) it calls `ncclCommAbort` and
 //!   returns an error. Only `ncclCommInitRank` itself cannot time out; the rendezvous before it
 //!   makes sure every rank is alive.
-//! - [`rendezvous`]: connect and read timeouts from [`RendezvousConfig`], reported as
-//!   [`DdpError::RendezvousTimeout`] (naming the ranks rank 0 never heard from).
+//! - [`rendezvous()`]: every wait is bounded by [`RendezvousConfig::timeout`], reported as
+//!   [`DdpError::RendezvousTimeout`] (naming the ranks not heard from).
 #![forbid(unsafe_code)]
 
 pub mod bucket;
@@ -79,6 +80,7 @@ pub mod comm;
 pub mod compress;
 pub mod dp;
 pub mod nccl;
+pub mod rendezvous;
 
 use std::time::Duration;
 
@@ -86,8 +88,9 @@ pub use bucket::{Bucket, BucketEntry, GradBuckets};
 pub use comm::{Communicator, LocalGroup};
 pub use compress::Compression;
 pub use dp::{Checksum, DataParallel};
-pub use nccl::{rendezvous, rendezvous_nccl, NcclGroup, RendezvousConfig, DEFAULT_NCCL_TIMEOUT};
+pub use nccl::{rendezvous_nccl, NcclGroup, DEFAULT_NCCL_TIMEOUT};
 pub use nsa_sys::nccl::{UniqueId, UNIQUE_ID_BYTES};
+pub use rendezvous::{rendezvous, RendezvousConfig, StoreHost};
 
 /// Errors of the data-parallel layer.
 #[derive(Debug, thiserror::Error)]

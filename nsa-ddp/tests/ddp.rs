@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use nsa_ddp::{
     rendezvous, Communicator, Compression, DataParallel, DdpError, GradBuckets, LocalGroup,
-    RendezvousConfig, UniqueId,
+    RendezvousConfig, StoreHost, UniqueId,
 };
+use nsa_sys::store::TcpStore;
 use tch::{Device, Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -732,57 +733,151 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Runs `rendezvous` for `ranks` (rank, world) on threads, peers first (they retry until rank
+/// 0's store is up), and returns the results in the order given.
+fn meet(
+    cfg: &RendezvousConfig,
+    ranks: &[(usize, usize)],
+    payload: &[u8],
+) -> Vec<Result<Vec<u8>, DdpError>> {
+    let handles: Vec<_> = ranks
+        .iter()
+        .rev()
+        .map(|&(rank, world)| {
+            let (cfg, payload) = (cfg.clone(), payload.to_vec());
+            std::thread::spawn(move || rendezvous(&cfg, rank, world, || Ok(payload)))
+        })
+        .collect();
+    let mut out: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    out.reverse();
+    out
+}
+
 #[test]
 fn rendezvous_hands_the_id_to_every_rank() {
     let cfg = RendezvousConfig::new("127.0.0.1", free_port(), Duration::from_secs(10));
     let id: UniqueId = std::array::from_fn(|i| (i * 7 + 3) as u8);
-    let handles: Vec<_> = (0..4)
-        .rev() // peers first: they retry until rank 0 listens
-        .map(|rank| {
-            let cfg = cfg.clone();
-            std::thread::spawn(move || rendezvous(&cfg, rank, 4, || Ok(id)))
-        })
-        .collect();
-    for h in handles {
-        assert_eq!(h.join().unwrap().unwrap(), id);
+    for r in meet(&cfg, &[(0, 4), (1, 4), (2, 4), (3, 4)], &id) {
+        assert_eq!(r.unwrap(), id.to_vec());
+    }
+}
+
+#[test]
+fn rendezvous_through_a_store_the_launcher_hosts() {
+    // As under torchrun: the launcher's store is up first, every rank is a client, and a second
+    // rendezvous in another namespace of the same store (a restart) gets its own payload.
+    let store = TcpStore::host("127.0.0.1", 0, Duration::from_secs(10)).unwrap();
+    let cfg = RendezvousConfig::new("127.0.0.1", store.port(), Duration::from_secs(10))
+        .with_store(StoreHost::Launcher)
+        .with_namespace("attempt-0");
+    for r in meet(&cfg, &[(0, 2), (1, 2)], b"first") {
+        assert_eq!(r.unwrap(), b"first");
+    }
+    let cfg = cfg.with_namespace("attempt-1");
+    for r in meet(&cfg, &[(0, 3), (1, 3), (2, 3)], b"second") {
+        assert_eq!(r.unwrap(), b"second");
     }
 }
 
 #[test]
 fn rendezvous_times_out_naming_the_missing_rank() {
     let port = free_port();
-    let cfg = RendezvousConfig::new("127.0.0.1", port, Duration::from_millis(400));
+    let cfg = RendezvousConfig::new("127.0.0.1", port, Duration::from_millis(600));
     let start = Instant::now();
     // World of 3, rank 2 never comes.
-    let handles: Vec<_> = (0..2)
-        .map(|rank| {
-            let cfg = cfg.clone();
-            std::thread::spawn(move || rendezvous(&cfg, rank, 3, || Ok([1u8; 128])))
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let results = meet(&cfg, &[(0, 3), (1, 3)], &[1u8; 128]);
     assert!(
-        start.elapsed() < Duration::from_secs(3),
+        start.elapsed() < Duration::from_secs(4),
         "{:?}",
         start.elapsed()
     );
     match &results[0] {
-        Err(DdpError::RendezvousTimeout {
-            rank: 0, missing, ..
-        }) => assert_eq!(missing, &vec![2]),
+        Err(e @ DdpError::RendezvousTimeout { missing, .. }) => {
+            assert_eq!(missing, &vec![2]);
+            let msg = e.to_string();
+            assert!(msg.contains("rank 0: rendezvous timed out after"), "{msg}");
+            assert!(msg.contains("waiting for 1 of 2 peers"), "{msg}");
+        }
         other => panic!("rank 0: {other:?}"),
     }
-    // Rank 1 connected, then waited for the id in vain (or saw rank 0 hang up).
-    assert!(results[1].is_err(), "rank 1: {:?}", results[1]);
+    // Rank 1 arrived, then waited for the payload in vain: it names rank 2 too, by its own
+    // timeout or by rank 0's, which rank 0 leaves in the store before it closes it.
+    match &results[1] {
+        Err(e @ (DdpError::RendezvousTimeout { .. } | DdpError::Rendezvous { .. })) => {
+            assert!(e.to_string().contains("not heard from: [2]"), "{e}")
+        }
+        other => panic!("rank 1: {other:?}"),
+    }
 
     // A peer with no rank 0 at all: connect timeout, naming rank 0.
-    let cfg = RendezvousConfig::new("127.0.0.1", free_port(), Duration::from_millis(300));
-    match rendezvous(&cfg, 1, 2, || Ok([0u8; 128])) {
+    let cfg = RendezvousConfig::new("127.0.0.1", free_port(), Duration::from_millis(500));
+    let start = Instant::now();
+    match rendezvous(&cfg, 1, 2, || Ok(vec![0u8; 128])) {
         Err(DdpError::RendezvousTimeout {
             rank: 1, missing, ..
         }) => assert_eq!(missing, vec![0]),
         other => panic!("peer alone: {other:?}"),
     }
+    assert!(start.elapsed() < Duration::from_secs(4));
+}
+
+#[test]
+fn rendezvous_rejects_a_wrong_world_size_at_once() {
+    // Rank 1 thinks the world has 3 ranks, rank 0 says 2: both fail long before the timeout,
+    // naming the rank and both sizes.
+    let cfg = RendezvousConfig::new("127.0.0.1", free_port(), Duration::from_secs(20));
+    let start = Instant::now();
+    let results = meet(&cfg, &[(0, 2), (1, 3)], b"id");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    for (rank, r) in results.iter().enumerate() {
+        match r {
+            Err(DdpError::Rendezvous { detail, .. }) => assert!(
+                detail.contains("rank 1 has world size 3, rank 0 has 2"),
+                "rank {rank}: {detail}"
+            ),
+            other => panic!("rank {rank}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn rendezvous_rejects_a_rank_claimed_twice_and_a_taken_port() {
+    let cfg = RendezvousConfig::new("127.0.0.1", free_port(), Duration::from_secs(20));
+    let results = meet(&cfg, &[(0, 3), (1, 3), (1, 3)], b"id");
+    assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+    let claimed = results
+        .iter()
+        .filter(|r| matches!(r, Err(DdpError::Rendezvous { detail, .. }) if detail.contains("two processes claim rank 1")))
+        .count();
+    assert_eq!(claimed, 3, "{results:?}");
+
+    // Rank 0 cannot host where another store already listens (what happens under torchrun if
+    // the agent store is not used).
+    let other = TcpStore::host("127.0.0.1", 0, Duration::from_secs(10)).unwrap();
+    let cfg = RendezvousConfig::new("127.0.0.1", other.port(), Duration::from_secs(10));
+    match rendezvous(&cfg, 0, 2, || Ok(vec![1])) {
+        Err(DdpError::Rendezvous { rank: 0, detail }) => {
+            assert!(detail.contains("cannot host the store"), "{detail}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn rendezvous_checks_its_arguments_and_needs_no_store_alone() {
+    let cfg = RendezvousConfig::new("127.0.0.1", free_port(), Duration::from_millis(100));
+    assert!(matches!(
+        rendezvous(&cfg, 2, 2, || Ok(vec![])),
+        Err(DdpError::Invalid(_))
+    ));
+    assert_eq!(
+        rendezvous(&cfg, 0, 1, || Ok(vec![5, 6])).unwrap(),
+        vec![5, 6]
+    );
 }
 
 #[test]

@@ -9,6 +9,8 @@
 //! - [`facts`]: a serialisable snapshot of the runtime (versions, devices, SDPA backend choice),
 //!   the "backend audit" printed by `nsa-train env` and stored with every run.
 //! - [`mmap`]: read-only memory maps of data files (token shards read in place).
+//! - [`store`]: libtorch's c10d TCPStore (host or client), the key-value store of the
+//!   data-parallel rendezvous (torchrun's agent hosts one for its workers).
 //! - [`train`]: NVTX ranges, bf16 autocast, the Kineto profiler, CUDA allocator statistics.
 //! - C++ glue in `glue/*.cpp`, compiled by `build.rs` against the same libtorch headers.
 //!
@@ -21,6 +23,7 @@ pub mod facts;
 mod glue;
 pub mod mmap;
 pub mod nccl;
+pub mod store;
 pub mod train;
 
 pub use facts::{GpuFacts, RuntimeFacts, SdpaBackend};

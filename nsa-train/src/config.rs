@@ -154,61 +154,364 @@ fn env_value(name: &str, raw: &str) -> Result<toml::Value> {
     })
 }
 
-/// Where this process sits in a data-parallel run: the usual launcher convention (`RANK`,
-/// `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`, as torchrun and slurm wrappers set
-/// them), read here and nowhere else.
+/// Which launcher's convention placed this process in a data-parallel run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launcher {
+    /// `RANK` / `WORLD_SIZE` / … set by `nsa-train --nproc-per-node` or any launcher that
+    /// follows PyTorch's convention.
+    Env,
+    /// torchrun (its `TORCHELASTIC_*` variables are set).
+    Torchrun,
+    /// A Slurm step (`srun`): `SLURM_PROCID`, `SLURM_NTASKS`, …
+    Slurm,
+    /// `--nnodes` / `--node-rank` / `--master-addr` / `--master-port` flags alone.
+    Flags,
+}
+
+impl std::fmt::Display for Launcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Launcher::Env => "launcher environment",
+            Launcher::Torchrun => "torchrun",
+            Launcher::Slurm => "Slurm",
+            Launcher::Flags => "flags",
+        })
+    }
+}
+
+/// Where this process sits in a data-parallel run, whoever launched it (see [`dist_plan`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DistEnv {
     pub rank: usize,
     pub world: usize,
     /// Index of this rank's GPU on its host.
     pub local_rank: usize,
+    /// The rendezvous store's host and port.
     pub master_addr: String,
     pub master_port: u16,
+    /// Who hosts the rendezvous store: rank 0, or the launcher (torchrun's agent store).
+    pub store: nsa_ddp::StoreHost,
+    /// Key prefix of the rendezvous (one per torchrun restart: the agent's store outlives it).
+    pub namespace: String,
+    pub launcher: Launcher,
 }
 
-/// The data-parallel position from the environment: `None` when `WORLD_SIZE` is unset.
-pub fn dist_env(env: impl IntoIterator<Item = (String, String)>) -> Result<Option<DistEnv>> {
+impl DistEnv {
+    /// A process that is a whole data-parallel run by itself (world size 1; no store is used).
+    pub fn solo(master_port: u16) -> Self {
+        DistEnv {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port,
+            store: nsa_ddp::StoreHost::Rank0,
+            namespace: DEFAULT_NAMESPACE.into(),
+            launcher: Launcher::Env,
+        }
+    }
+
+    /// The rendezvous of this rank, every wait bounded by `timeout`.
+    pub fn rendezvous(&self, timeout: std::time::Duration) -> nsa_ddp::RendezvousConfig {
+        nsa_ddp::RendezvousConfig::new(self.master_addr.clone(), self.master_port, timeout)
+            .with_store(self.store)
+            .with_namespace(self.namespace.clone())
+    }
+}
+
+const DEFAULT_NAMESPACE: &str = "nsa-ddp";
+/// torchrun's and PyTorch's default `MASTER_PORT`.
+pub const DEFAULT_MASTER_PORT: u16 = 29500;
+
+/// Our own launcher's flags (`train` and the hidden `rendezvous` command).
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+pub struct LaunchFlags {
+    /// Start N training processes on this host, one per GPU (data parallel over NCCL). With 1, a
+    /// single rank still syncs gradients through NCCL (measures the sync overhead). Processes
+    /// started by torchrun, Slurm's srun or any launcher that sets RANK / WORLD_SIZE /
+    /// LOCAL_RANK / MASTER_ADDR / MASTER_PORT need no flag.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
+    /// Hosts taking part, each running `--nproc-per-node N` (default 1; under srun with one task
+    /// per node: SLURM_NNODES).
+    #[arg(long, value_name = "N", requires = "nproc_per_node")]
+    pub nnodes: Option<usize>,
+    /// This host's index among the `--nnodes` (default 0; under srun: SLURM_PROCID).
+    #[arg(long, value_name = "R", requires = "nproc_per_node")]
+    pub node_rank: Option<usize>,
+    /// Host of node rank 0, where rank 0 hosts the rendezvous store (default: MASTER_ADDR, the
+    /// first host of Slurm's node list, or 127.0.0.1 on one node).
+    #[arg(long, value_name = "HOST")]
+    pub master_addr: Option<String>,
+    /// Port of the rendezvous store (default: MASTER_PORT; under Slurm 29500 + SLURM_JOB_ID mod
+    /// 1000; on several nodes 29500; on one node a free port).
+    #[arg(long, value_name = "PORT")]
+    pub master_port: Option<u16>,
+}
+
+/// Our launcher's part on this node: start `nproc_per_node` ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeLaunch {
+    pub nproc_per_node: usize,
+    pub nnodes: usize,
+    pub node_rank: usize,
+    pub master_addr: String,
+    /// `None`: a free local port (one node only).
+    pub master_port: Option<u16>,
+    /// Where `nnodes` / `node_rank` / the master came from.
+    pub launcher: Launcher,
+}
+
+/// What this process does in a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DistPlan {
+    /// Trains alone.
+    Single,
+    /// Trains as one rank of a data-parallel run.
+    Rank(DistEnv),
+    /// Starts the ranks of this node (our launcher), then waits for them.
+    Launch(NodeLaunch),
+}
+
+/// The one place that maps launchers' environments and our launcher flags onto a [`DistPlan`].
+/// `env` yields (name, value) pairs (pass `std::env::vars()`).
+///
+/// Precedence: flags > torchrun's convention (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+/// `MASTER_ADDR`, `MASTER_PORT`, also set by our own launcher for its ranks) > Slurm's
+/// (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_STEP_NODELIST`, … read only inside an
+/// srun step, i.e. with `SLURM_STEP_ID` set; the batch script itself is not a launcher).
+/// - `WORLD_SIZE` set: this process is rank `RANK`. Under torchrun with
+///   `TORCHELASTIC_USE_AGENT_STORE=True` the agent hosts the store at `MASTER_ADDR:MASTER_PORT`
+///   and every rank is its client (unless `--master-addr`/`--master-port` move the store
+///   elsewhere: then rank 0 hosts it there). Launcher flags are an error here: the launcher
+///   already started the processes.
+/// - In an srun step without `--nproc-per-node`: rank `SLURM_PROCID` of `SLURM_NTASKS` (one task
+///   per GPU), master = first host of the step's node list; a one-task step trains alone.
+///   With `--nproc-per-node`: one task per node, each our launcher for its node.
+/// - Otherwise `--nproc-per-node` starts our launcher, `None` trains alone.
+pub fn dist_plan(
+    flags: &LaunchFlags,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<DistPlan> {
     let vars: std::collections::HashMap<String, String> = env.into_iter().collect();
-    let Some(world) = vars.get("WORLD_SIZE") else {
-        return Ok(None);
-    };
+    let get = |name: &str| vars.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
     let num = |name: &str, raw: &str| -> Result<usize> {
-        raw.trim()
-            .parse()
+        raw.parse()
             .with_context(|| format!("{name}={raw:?}: expected a non-negative integer"))
     };
-    let world = num("WORLD_SIZE", world)?;
-    let rank = num(
-        "RANK",
-        vars.get("RANK")
-            .context("WORLD_SIZE is set but RANK is not")?,
-    )?;
-    let local_rank = match vars.get("LOCAL_RANK") {
-        Some(v) => num("LOCAL_RANK", v)?,
-        None => rank,
+    let port = |name: &str, raw: &str| -> Result<u16> {
+        raw.parse()
+            .with_context(|| format!("{name}={raw:?}: expected a port number"))
     };
-    if world == 0 || rank >= world {
-        bail!("RANK={rank} and WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE");
+    let env_port = get("MASTER_PORT")
+        .map(|p| port("MASTER_PORT", p))
+        .transpose()?;
+    let master_addr = flags
+        .master_addr
+        .clone()
+        .or_else(|| get("MASTER_ADDR").map(str::to_string));
+    let master_port = flags.master_port.or(env_port);
+    let launching = flags.nproc_per_node.is_some();
+    for (name, v) in [
+        ("--nproc-per-node", flags.nproc_per_node),
+        ("--nnodes", flags.nnodes),
+    ] {
+        if v == Some(0) {
+            bail!("{name} must be at least 1");
+        }
     }
-    let master_addr = vars
-        .get("MASTER_ADDR")
-        .cloned()
-        .unwrap_or_else(|| "127.0.0.1".into());
-    let master_port = match vars.get("MASTER_PORT") {
-        Some(p) => p
-            .trim()
-            .parse()
-            .with_context(|| format!("MASTER_PORT={p:?}: expected a port number"))?,
-        None => 29500,
+
+    if let Some(world) = get("WORLD_SIZE") {
+        let world = num("WORLD_SIZE", world)?;
+        let rank = num(
+            "RANK",
+            get("RANK").context("WORLD_SIZE is set but RANK is not")?,
+        )?;
+        if world == 0 || rank >= world {
+            bail!("RANK={rank} and WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE");
+        }
+        if launching {
+            bail!(
+                "--nproc-per-node/--nnodes/--node-rank: this process is already rank {rank} of \
+                 {world} started by a launcher (WORLD_SIZE is set); leave starting processes to it"
+            );
+        }
+        let local_rank = get("LOCAL_RANK")
+            .map(|v| num("LOCAL_RANK", v))
+            .transpose()?
+            .unwrap_or(rank);
+        let torchrun = get("TORCHELASTIC_RUN_ID").is_some()
+            || get("TORCHELASTIC_RESTART_COUNT").is_some()
+            || get("TORCHELASTIC_USE_AGENT_STORE").is_some();
+        let agent_store = get("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+            && flags.master_addr.is_none()
+            && flags.master_port.is_none();
+        let attempt = get("TORCHELASTIC_RESTART_COUNT")
+            .map(|v| num("TORCHELASTIC_RESTART_COUNT", v))
+            .transpose()?;
+        return Ok(DistPlan::Rank(DistEnv {
+            rank,
+            world,
+            local_rank,
+            master_addr: master_addr.unwrap_or_else(|| "127.0.0.1".into()),
+            master_port: master_port.unwrap_or(DEFAULT_MASTER_PORT),
+            store: if agent_store {
+                nsa_ddp::StoreHost::Launcher
+            } else {
+                nsa_ddp::StoreHost::Rank0
+            },
+            namespace: match attempt {
+                Some(a) => format!("{DEFAULT_NAMESPACE}/attempt-{a}"),
+                None => DEFAULT_NAMESPACE.into(),
+            },
+            launcher: if torchrun {
+                Launcher::Torchrun
+            } else {
+                Launcher::Env
+            },
+        }));
+    }
+
+    let in_srun_step = get("SLURM_STEP_ID").or(get("SLURM_STEPID")).is_some();
+    if let (true, Some(procid)) = (in_srun_step, get("SLURM_PROCID")) {
+        let procid = num("SLURM_PROCID", procid)?;
+        let (tasks_name, tasks) = ["SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"]
+            .into_iter()
+            .find_map(|n| get(n).map(|v| (n, v)))
+            .context("SLURM_PROCID is set but neither SLURM_STEP_NUM_TASKS nor SLURM_NTASKS")?;
+        let tasks = num(tasks_name, tasks)?;
+        if procid >= tasks {
+            bail!("SLURM_PROCID={procid} and {tasks_name}={tasks}: need SLURM_PROCID < tasks");
+        }
+        if tasks == 1 && flags.nproc_per_node.is_none() {
+            return Ok(DistPlan::Single);
+        }
+        let nodelist = [
+            "SLURM_STEP_NODELIST",
+            "SLURM_JOB_NODELIST",
+            "SLURM_NODELIST",
+        ]
+        .into_iter()
+        .find_map(|n| get(n).map(|v| (n, v)));
+        let master_addr = match (master_addr, nodelist) {
+            (Some(a), _) => a,
+            (None, Some((name, list))) => first_host(list)
+                .with_context(|| format!("{name}={list:?}: cannot read its first host"))?,
+            (None, None) => bail!(
+                "in a Slurm step without a node list (SLURM_STEP_NODELIST): pass --master-addr \
+                 or set MASTER_ADDR"
+            ),
+        };
+        let master_port = match (master_port, get("SLURM_JOB_ID")) {
+            (Some(p), _) => p,
+            (None, Some(job)) => DEFAULT_MASTER_PORT + (num("SLURM_JOB_ID", job)? % 1000) as u16,
+            (None, None) => DEFAULT_MASTER_PORT,
+        };
+        if let Some(nproc_per_node) = flags.nproc_per_node {
+            let (nodes_name, nodes) = ["SLURM_STEP_NUM_NODES", "SLURM_NNODES"]
+                .into_iter()
+                .find_map(|n| get(n).map(|v| (n, v)))
+                .unwrap_or(("SLURM_NNODES", "1"));
+            let nodes = num(nodes_name, nodes)?;
+            if tasks != nodes && flags.nnodes.is_none() {
+                bail!(
+                    "--nproc-per-node under srun: run one task per node (srun \
+                     --ntasks-per-node=1), not {tasks_name}={tasks} on {nodes_name}={nodes}; or \
+                     let srun start one task per GPU without --nproc-per-node"
+                );
+            }
+            let nnodes = flags.nnodes.unwrap_or(nodes);
+            let node_rank = flags.node_rank.unwrap_or(procid);
+            if node_rank >= nnodes {
+                bail!("node rank {node_rank} of {nnodes} nodes: need node rank < nodes");
+            }
+            return Ok(DistPlan::Launch(NodeLaunch {
+                nproc_per_node,
+                nnodes,
+                node_rank,
+                master_addr,
+                master_port: Some(master_port),
+                launcher: Launcher::Slurm,
+            }));
+        }
+        let local_rank = get("SLURM_LOCALID")
+            .map(|v| num("SLURM_LOCALID", v))
+            .transpose()?
+            .unwrap_or(0);
+        return Ok(DistPlan::Rank(DistEnv {
+            rank: procid,
+            world: tasks,
+            local_rank,
+            master_addr,
+            master_port,
+            store: nsa_ddp::StoreHost::Rank0,
+            namespace: DEFAULT_NAMESPACE.into(),
+            launcher: Launcher::Slurm,
+        }));
+    }
+
+    let Some(nproc_per_node) = flags.nproc_per_node else {
+        return Ok(DistPlan::Single);
     };
-    Ok(Some(DistEnv {
-        rank,
-        world,
-        local_rank,
+    let nnodes = flags.nnodes.unwrap_or(1);
+    let node_rank = flags.node_rank.unwrap_or(0);
+    if node_rank >= nnodes {
+        bail!("--node-rank {node_rank} with --nnodes {nnodes}: need node rank < nodes");
+    }
+    let master_addr = match master_addr {
+        Some(a) => a,
+        None if nnodes == 1 => "127.0.0.1".into(),
+        None => bail!(
+            "--nnodes {nnodes}: pass --master-addr (or set MASTER_ADDR), the host of node rank 0"
+        ),
+    };
+    Ok(DistPlan::Launch(NodeLaunch {
+        nproc_per_node,
+        nnodes,
+        node_rank,
         master_addr,
-        master_port,
+        master_port: master_port.or((nnodes > 1).then_some(DEFAULT_MASTER_PORT)),
+        launcher: if nnodes > 1 {
+            Launcher::Flags
+        } else {
+            Launcher::Env
+        },
     }))
+}
+
+/// The first host of a Slurm host list: `node[07-09,12],gpu5` → `node07`; `a[1-2]-b[3,4]` →
+/// `a1-b3`. Zero padding is kept. `None` when the list is malformed.
+pub fn first_host(list: &str) -> Option<String> {
+    let mut depth = 0i32;
+    let end = list
+        .char_indices()
+        .find(|&(_, c)| {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                _ => {}
+            }
+            c == ',' && depth == 0
+        })
+        .map_or(list.len(), |(i, _)| i);
+    let mut rest = list[..end].trim();
+    let mut out = String::new();
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..open]);
+        let close = open + rest[open..].find(']')?;
+        let first = rest[open + 1..close].split(',').next()?.split('-').next()?;
+        if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        out.push_str(first);
+        rest = &rest[close + 1..];
+    }
+    if rest.contains(']') {
+        return None;
+    }
+    out.push_str(rest);
+    (!out.is_empty()).then_some(out)
 }
 
 /// Resolves the configuration. `env` yields (name, value) pairs (pass `std::env::vars()`).
@@ -492,33 +795,221 @@ mod tests {
         assert_eq!(c, TrainConfig::default());
     }
 
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    fn rank_of(flags: &LaunchFlags, pairs: &[(&str, &str)]) -> DistEnv {
+        match dist_plan(flags, vars(pairs)).unwrap() {
+            DistPlan::Rank(d) => d,
+            other => panic!("expected a rank, got {other:?}"),
+        }
+    }
+
+    fn launch_of(flags: &LaunchFlags, pairs: &[(&str, &str)]) -> NodeLaunch {
+        match dist_plan(flags, vars(pairs)).unwrap() {
+            DistPlan::Launch(l) => l,
+            other => panic!("expected a launch, got {other:?}"),
+        }
+    }
+
+    fn plan_err(flags: &LaunchFlags, pairs: &[(&str, &str)]) -> String {
+        format!("{:#}", dist_plan(flags, vars(pairs)).unwrap_err())
+    }
+
     #[test]
-    fn dist_env_follows_the_launcher_convention() {
-        let v = |pairs: &[(&str, &str)]| {
-            pairs
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(dist_env(v(&[])).unwrap(), None);
-        let d = dist_env(v(&[
-            ("WORLD_SIZE", "2"),
-            ("RANK", "1"),
-            ("MASTER_PORT", "1234"),
-        ]))
-        .unwrap()
-        .unwrap();
+    fn dist_plan_follows_the_launcher_convention() {
+        let none = LaunchFlags::default();
+        assert_eq!(dist_plan(&none, vars(&[])).unwrap(), DistPlan::Single);
+        let d = rank_of(
+            &none,
+            &[("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_PORT", "1234")],
+        );
         assert_eq!(
             (d.rank, d.world, d.local_rank, d.master_port),
             (1, 2, 1, 1234)
         );
         assert_eq!(d.master_addr, "127.0.0.1");
-        let e = dist_env(v(&[("WORLD_SIZE", "2")])).unwrap_err();
-        assert!(e.to_string().contains("RANK is not"), "{e}");
-        let e = dist_env(v(&[("WORLD_SIZE", "2"), ("RANK", "2")])).unwrap_err();
-        assert!(e.to_string().contains("RANK < WORLD_SIZE"), "{e}");
-        let e = dist_env(v(&[("WORLD_SIZE", "x"), ("RANK", "0")])).unwrap_err();
-        assert!(format!("{e:#}").contains("WORLD_SIZE"), "{e:#}");
+        assert_eq!(d.store, nsa_ddp::StoreHost::Rank0);
+        assert_eq!(d.launcher, Launcher::Env);
+        let e = plan_err(&none, &[("WORLD_SIZE", "2")]);
+        assert!(e.contains("RANK is not"), "{e}");
+        let e = plan_err(&none, &[("WORLD_SIZE", "2"), ("RANK", "2")]);
+        assert!(e.contains("RANK < WORLD_SIZE"), "{e}");
+        let e = plan_err(&none, &[("WORLD_SIZE", "x"), ("RANK", "0")]);
+        assert!(e.contains("WORLD_SIZE"), "{e}");
+        let e = plan_err(
+            &none,
+            &[("WORLD_SIZE", "1"), ("RANK", "0"), ("MASTER_PORT", "x")],
+        );
+        assert!(e.contains("MASTER_PORT"), "{e}");
+    }
+
+    #[test]
+    fn torchrun_workers_are_clients_of_the_agent_store() {
+        let env = [
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("GROUP_RANK", "1"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29400"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+            ("TORCHELASTIC_RUN_ID", "none"),
+            // Slurm's variables lose to torchrun's.
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+        ];
+        let none = LaunchFlags::default();
+        let d = rank_of(&none, &env);
+        assert_eq!((d.rank, d.world, d.local_rank), (3, 4, 1));
+        assert_eq!((d.master_addr.as_str(), d.master_port), ("node0", 29400));
+        assert_eq!(d.store, nsa_ddp::StoreHost::Launcher);
+        assert_eq!(d.launcher, Launcher::Torchrun);
+        assert_eq!(d.namespace, "nsa-ddp/attempt-2");
+        let rdv = d.rendezvous(std::time::Duration::from_secs(7));
+        assert_eq!(rdv.store, nsa_ddp::StoreHost::Launcher);
+        assert_eq!(rdv.timeout, std::time::Duration::from_secs(7));
+        assert_eq!(rdv.namespace, "nsa-ddp/attempt-2");
+        // Flags win: a store moved elsewhere is hosted by rank 0 there.
+        let moved = LaunchFlags {
+            master_port: Some(1111),
+            ..Default::default()
+        };
+        let d = rank_of(&moved, &env);
+        assert_eq!((d.master_port, d.store), (1111, nsa_ddp::StoreHost::Rank0));
+        // The agent already started the processes.
+        let twice = LaunchFlags {
+            nproc_per_node: Some(2),
+            ..Default::default()
+        };
+        assert!(plan_err(&twice, &env).contains("already rank 3 of 4"));
+    }
+
+    #[test]
+    fn slurm_steps_map_onto_ranks_or_node_launchers() {
+        let step = [
+            ("SLURM_JOB_ID", "4242"),
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NNODES", "2"),
+            ("SLURM_STEP_NODELIST", "gpu[07-08]"),
+            ("SLURM_JOB_NODELIST", "gpu[01-08]"),
+        ];
+        let none = LaunchFlags::default();
+        let d = rank_of(&none, &step);
+        assert_eq!((d.rank, d.world, d.local_rank), (5, 8, 1));
+        assert_eq!(d.master_addr, "gpu07");
+        assert_eq!(d.master_port, 29500 + 242);
+        assert_eq!(d.store, nsa_ddp::StoreHost::Rank0);
+        assert_eq!(d.launcher, Launcher::Slurm);
+        // MASTER_ADDR / MASTER_PORT (torchrun's names) beat the node list; flags beat both.
+        let mut env = step.to_vec();
+        env.extend([("MASTER_ADDR", "head"), ("MASTER_PORT", "7000")]);
+        let d = rank_of(&none, &env);
+        assert_eq!((d.master_addr.as_str(), d.master_port), ("head", 7000));
+        let flags = LaunchFlags {
+            master_addr: Some("flag-host".into()),
+            ..Default::default()
+        };
+        assert_eq!(rank_of(&flags, &env).master_addr, "flag-host");
+
+        // One task per node, each our launcher for 4 GPUs.
+        let per_node = [
+            ("SLURM_STEP_ID", "1"),
+            ("SLURM_PROCID", "1"),
+            ("SLURM_STEP_NUM_TASKS", "2"),
+            ("SLURM_STEP_NUM_NODES", "2"),
+            ("SLURM_STEP_NODELIST", "n[3,9]"),
+        ];
+        let four = LaunchFlags {
+            nproc_per_node: Some(4),
+            ..Default::default()
+        };
+        let l = launch_of(&four, &per_node);
+        assert_eq!((l.nproc_per_node, l.nnodes, l.node_rank), (4, 2, 1));
+        assert_eq!((l.master_addr.as_str(), l.master_port), ("n3", Some(29500)));
+        assert!(plan_err(&four, &step).contains("one task per node"));
+
+        // The batch script (no step) and a one-task step are no launchers.
+        let batch = [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8")];
+        assert_eq!(dist_plan(&none, vars(&batch)).unwrap(), DistPlan::Single);
+        let one = [
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "1"),
+        ];
+        assert_eq!(dist_plan(&none, vars(&one)).unwrap(), DistPlan::Single);
+        let e = plan_err(
+            &none,
+            &[
+                ("SLURM_STEP_ID", "0"),
+                ("SLURM_PROCID", "0"),
+                ("SLURM_NTASKS", "2"),
+            ],
+        );
+        assert!(e.contains("--master-addr"), "{e}");
+    }
+
+    #[test]
+    fn our_launcher_flags_cover_several_nodes() {
+        let single = LaunchFlags {
+            nproc_per_node: Some(2),
+            ..Default::default()
+        };
+        let l = launch_of(&single, &[]);
+        assert_eq!((l.nnodes, l.node_rank, l.master_port), (1, 0, None));
+        assert_eq!(l.master_addr, "127.0.0.1");
+        let multi = LaunchFlags {
+            nproc_per_node: Some(8),
+            nnodes: Some(2),
+            node_rank: Some(1),
+            master_addr: Some("10.0.0.1".into()),
+            master_port: None,
+        };
+        let l = launch_of(&multi, &[]);
+        assert_eq!((l.nnodes, l.node_rank, l.master_port), (2, 1, Some(29500)));
+        assert_eq!(l.launcher, Launcher::Flags);
+        // MASTER_ADDR / MASTER_PORT fill in what the flags leave out.
+        let bare = LaunchFlags {
+            master_addr: None,
+            ..multi.clone()
+        };
+        let l = launch_of(&bare, &[("MASTER_ADDR", "h0"), ("MASTER_PORT", "6000")]);
+        assert_eq!((l.master_addr.as_str(), l.master_port), ("h0", Some(6000)));
+        assert!(plan_err(&bare, &[]).contains("--master-addr"));
+        let bad = LaunchFlags {
+            node_rank: Some(2),
+            ..multi
+        };
+        assert!(plan_err(&bad, &[]).contains("need node rank < nodes"));
+        let zero = LaunchFlags {
+            nproc_per_node: Some(0),
+            ..Default::default()
+        };
+        assert!(plan_err(&zero, &[]).contains("at least 1"));
+    }
+
+    #[test]
+    fn slurm_host_lists_give_their_first_host() {
+        assert_eq!(first_host("node17").as_deref(), Some("node17"));
+        assert_eq!(first_host("a,b").as_deref(), Some("a"));
+        assert_eq!(first_host("node[07-09,12],gpu5").as_deref(), Some("node07"));
+        assert_eq!(first_host("gpu[3,1]").as_deref(), Some("gpu3"));
+        assert_eq!(first_host("r[1-2]-n[003-004]").as_deref(), Some("r1-n003"));
+        assert_eq!(first_host("127.0.0.[1-2]").as_deref(), Some("127.0.0.1"));
+        assert_eq!(first_host(""), None);
+        assert_eq!(first_host("node[07"), None);
+        assert_eq!(first_host("node[]"), None);
+        assert_eq!(first_host("node]"), None);
     }
 
     #[test]

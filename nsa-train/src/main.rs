@@ -67,12 +67,9 @@ struct TrainArgs {
     /// Print the resolved config and exit.
     #[arg(long)]
     dry_run: bool,
-    /// Start one training process per GPU on this host (data parallel over NCCL). With 1, a
-    /// single rank still syncs gradients through NCCL (measures the sync overhead). Processes
-    /// started by another launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
-    /// instead.
-    #[arg(long, value_name = "N")]
-    nproc_per_node: Option<usize>,
+    /// Data parallel: our launcher's flags (torchrun and srun need none; see README).
+    #[command(flatten)]
+    launch: config::LaunchFlags,
 }
 
 impl TrainArgs {
@@ -123,13 +120,36 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Meet the other ranks through the rendezvous store and print what rank 0 sent, as `train`
+    /// would before building its NCCL group: checks a launcher setup without a GPU.
+    #[command(hide = true)]
+    Rendezvous {
+        #[command(flatten)]
+        launch: config::LaunchFlags,
+        /// Seconds each rendezvous wait lasts.
+        #[arg(long, default_value_t = 60.0)]
+        timeout_s: f64,
+        /// Exchange a real NCCL unique id (needs libnccl) instead of random bytes.
+        #[arg(long)]
+        nccl: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The rendezvous check touches no tensor: it skips loading the CUDA backend (the slowest
+    // part of starting up), so launcher tests that start many ranks stay quick.
+    let command = match cli.command {
+        Some(Command::Rendezvous {
+            launch,
+            timeout_s,
+            nccl,
+        }) => return rendezvous_command(&launch, timeout_s, nccl),
+        other => other,
+    };
     // First thing: make libtorch's CUDA backend visible (see nsa_sys::cuda).
     let backend = nsa_sys::cuda::load_backend().context("loading libtorch's CUDA backend")?;
-    let Some(command) = cli.command else {
+    let Some(command) = command else {
         print!("{}", snapshot::EnvSnapshot::collect().report());
         println!("\ncommands: train, eval, smoke, env, bench (see `nsa-train --help`)");
         return Ok(());
@@ -157,7 +177,7 @@ fn main() -> anyhow::Result<()> {
                 println!("# model: {model}");
                 return Ok(());
             }
-            let launch::Role::Trainer(dist) = launch::role(args.nproc_per_node)? else {
+            let launch::Role::Trainer(dist) = launch::role_with(&args.launch)? else {
                 return Ok(());
             };
             let launch = train::Launch {
@@ -175,6 +195,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Smoke(args) => smoke::run(args, &backend),
         Command::Bench { what } => bench::run(what),
+        Command::Rendezvous {
+            launch,
+            timeout_s,
+            nccl,
+        } => rendezvous_command(&launch, timeout_s, nccl),
     }
 }
 
@@ -190,6 +215,23 @@ pub(crate) fn exit_if_stopped(summary: &train::Summary) -> anyhow::Result<()> {
         std::process::exit(signals::exit_code(sig));
     }
     Ok(())
+}
+
+/// The hidden `rendezvous` command (see [`launch::check_rendezvous`]).
+fn rendezvous_command(
+    launch: &config::LaunchFlags,
+    timeout_s: f64,
+    nccl: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        timeout_s.is_finite() && timeout_s > 0.0,
+        "--timeout-s {timeout_s}: expected a positive number of seconds"
+    );
+    if nccl {
+        // The real id comes from the NCCL that libtorch's CUDA backend ships with.
+        nsa_sys::cuda::load_backend().context("loading libtorch's CUDA backend")?;
+    }
+    launch::check_rendezvous(launch, std::time::Duration::from_secs_f64(timeout_s), nccl)
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a

@@ -303,6 +303,26 @@ fn signals_stop_within_a_micro_step_and_exit_with_their_status() {
         "SIGINT took {secs:.1} s (the step takes minutes)"
     );
     assert_eq!(checkpoints(&out.join("int")), vec!["step-00000000"]);
+    // Through our launcher: the signal is passed on to the rank, which writes its checkpoint;
+    // rank and launcher exit 130.
+    let l = train(
+        out,
+        1000,
+        &[
+            "--name",
+            "launched",
+            "--nproc-per-node",
+            "1",
+            "--set",
+            "optim.grad_accum=10000",
+            "--set",
+            "run.eval_batches=1",
+        ],
+    );
+    let (code, secs) = interrupt(&l, &out.join("launched/config.toml"), "INT");
+    assert_eq!(code, Some(130), "SIGINT to the launcher");
+    assert!(secs < 20.0, "the launcher took {secs:.1} s");
+    assert_eq!(checkpoints(&out.join("launched")), vec!["step-00000000"]);
     // SIGHUP (a closed terminal) inside a long evaluation (the one before the first step).
     let b = train(
         out,

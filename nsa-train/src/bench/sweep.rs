@@ -193,13 +193,7 @@ fn sweep_point(
     sets.extend(a.sets.iter().cloned());
     let cfg = config::resolve(None, &sets, std::iter::empty())?;
     let run_dir = if world == 1 {
-        let dist = DistEnv {
-            rank: 0,
-            world: 1,
-            local_rank: 0,
-            master_addr: "127.0.0.1".into(),
-            master_port: crate::launch::free_port()?,
-        };
+        let dist = DistEnv::solo(crate::launch::free_port()?);
         let launch = Launch {
             overwrite: true,
             dist: Some(dist),

@@ -20,8 +20,7 @@ impl Dist {
     ) -> Result<Self> {
         let timeout = std::time::Duration::from_secs_f64(cfg.fast.ddp_timeout_s);
         let comm: Box<dyn nsa_ddp::Communicator> = if device.is_cuda() {
-            let rdv =
-                nsa_ddp::RendezvousConfig::new(env.master_addr.clone(), env.master_port, timeout);
+            let rdv = env.rendezvous(timeout);
             let id = nsa_ddp::rendezvous_nccl(&rdv, env.rank, env.world).with_context(|| {
                 format!(
                     "rank {}: rendezvous at {}:{}",
