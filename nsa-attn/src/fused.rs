@@ -158,7 +158,8 @@ struct Case {
 }
 
 /// The cases [`gpu_check`] runs: both dtypes; heads per group 1, 2, 3, 4, 8, 16; head sizes
-/// 64 / 128 / 192 with `dk ≠ dv`; `S` not a multiple of `l'` and `S < l'`; batch 2.
+/// 64 / 128 / 192 with `dk ≠ dv` (and 32 / 48, which take the SIMT forward in bf16 too); `S`
+/// not a multiple of `l'` and `S < l'`; batch 2.
 fn cases() -> Vec<Case> {
     let dims = [
         (64, 128),
@@ -184,6 +185,18 @@ fn cases() -> Vec<Case> {
                 n: 4,
             });
         }
+        // Head sizes without a tensor-core instantiation (the SIMT forward in bf16 too).
+        out.push(Case {
+            kind,
+            b: 2,
+            s: 45,
+            hkv: 2,
+            hpg: 2,
+            dk: 32,
+            dv: 48,
+            block_len: 8,
+            n: 3,
+        });
         // S < l', and a long-ish row count with a larger l' and n.
         out.push(Case {
             kind,
