@@ -172,19 +172,8 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
       launch(tab, tab->dq[type_index(q)], "nsa_slc_dq", S, Hkv, B, smem, stream, args);
     }
 
-    // Inverse index. Entries in row-major (b, t, g, slot) order; a stable sort by the segment
-    // key (b, g, j) keeps the tokens of each segment ascending.
-    auto ids64 = ids.to(at::kLong);
-    auto valid = ids64.ge(0);
-    auto lopts = ids64.options();
-    auto seg_key = (at::arange(B, lopts).view({B, 1, 1, 1}) * Hkv +
-                    at::arange(Hkv, lopts).view({1, 1, Hkv, 1})) * NB + ids64;
-    auto keys = seg_key.masked_select(valid);
-    auto toks = at::arange(S, lopts).view({1, S, 1, 1}).expand_as(ids64).masked_select(valid);
-    auto order = std::get<1>(keys.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-    auto inv_tok = toks.index_select(0, order).to(at::kInt).contiguous();
-    auto counts = at::bincount(keys, {}, B * Hkv * NB);
-    auto seg = at::cat({at::zeros({1}, lopts), counts.cumsum(0)}).contiguous();
+    // Inverse index block -> tokens (blocks.h), deterministic.
+    auto [inv_tok, seg] = nsa_glue::inverse_index(ids, NB);
 
     auto dk_t = at::empty_like(k);
     auto dv_t = at::empty_like(v);
@@ -252,6 +241,23 @@ at::ScalarType common_type(const Tensor& q, const Tensor& k, const Tensor& v) {
 }  // namespace
 
 extern "C" {
+
+// The backward's inverse index of `blocks` (cleaned first) as new tensors, for tests; returns 0
+// or -1 with a message in err.
+int nsa_fused_inverse_index(const at::Tensor* blocks, int64_t block_len, at::Tensor** tokens,
+                            at::Tensor** starts, char* err, size_t err_len) {
+  try {
+    int64_t S = blocks->size(1);
+    auto ids = nsa_glue::clean_block_ids(*blocks, block_len, S);
+    auto [t, s] = nsa_glue::inverse_index(ids, (S + block_len - 1) / block_len);
+    *tokens = new at::Tensor(std::move(t));
+    *starts = new at::Tensor(std::move(s));
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return -1;
+  }
+}
 
 // The dtype the fused functions compute q, k, v in: 1 = fp32, 2 = bf16, 0 = anything else.
 int nsa_fused_compute_dtype(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v) {

@@ -230,6 +230,14 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
 }
 
 extern "C" {
+    fn nsa_fused_inverse_index(
+        blocks: *const C_tensor,
+        block_len: i64,
+        tokens: *mut *mut C_tensor,
+        starts: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> std::os::raw::c_int;
     fn nsa_fused_compute_dtype(
         q: *const C_tensor,
         k: *const C_tensor,
@@ -331,17 +339,67 @@ fn check_qkv(
     Ok((device, [b, s, h, hkv, dk, dv]))
 }
 
+fn glue_err(call: &'static str, err: &[u8]) -> FusedError {
+    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+    GlueError {
+        call,
+        message: String::from_utf8_lossy(&err[..end]).into_owned(),
+    }
+    .into()
+}
+
 fn finish(call: &'static str, ptr: *mut C_tensor, err: &[u8]) -> Result<Tensor, FusedError> {
     if ptr.is_null() {
-        let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-        return Err(GlueError {
-            call,
-            message: String::from_utf8_lossy(&err[..end]).into_owned(),
-        }
-        .into());
+        return Err(glue_err(call, err));
     }
     // SAFETY: the glue returns a heap-allocated `at::Tensor*` whose ownership passes to us.
     Ok(unsafe { Tensor::from_ptr(ptr) })
+}
+
+/// The inverse index the selected branch's backward builds from `blocks` (int `[B, S, Hkv, n]`,
+/// any device, block length `block_len`), exposed for tests and inspection: after cleaning the
+/// ids (duplicates once, ids outside `[0, ⌊t/l'⌋]` dropped), `tokens` (int32 `[E]`) lists for
+/// every segment `(b, g, j)`, in that order, the tokens that selected block `j`, ascending;
+/// segment `(b, g, j)` is `tokens[starts[i] .. starts[i + 1]]` with `i = (b·Hkv + g)·NB + j`
+/// (`starts` int64 `[B·Hkv·NB + 1]`, `NB = ⌈S/l'⌉`).
+pub fn inverse_index(blocks: &Tensor, block_len: i64) -> Result<(Tensor, Tensor), FusedError> {
+    let size = blocks.size();
+    if size.len() != 4 || !matches!(blocks.kind(), Kind::Int64 | Kind::Int) {
+        return Err(input(
+            "blocks",
+            format!(
+                "int64 or int32 [B, S, Hkv, n], got {:?} {size:?}",
+                blocks.kind()
+            ),
+        ));
+    }
+    if block_len < 1 {
+        return Err(input(
+            "block_len",
+            format!("must be positive, got {block_len}"),
+        ));
+    }
+    let mut err = vec![0u8; ERR_LEN];
+    let (mut tokens, mut starts) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: `blocks` is a live tensor borrowed for the call; on success the glue stores two
+    // heap-allocated tensors whose ownership passes to us; it catches every exception.
+    let rc = unsafe {
+        nsa_fused_inverse_index(
+            blocks.as_ptr(),
+            block_len,
+            &mut tokens,
+            &mut starts,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    if rc != 0 {
+        return Err(glue_err("nsa_fused_inverse_index", &err));
+    }
+    Ok((
+        finish("nsa_fused_inverse_index", tokens, &err)?,
+        finish("nsa_fused_inverse_index", starts, &err)?,
+    ))
 }
 
 /// The dtype the fused functions compute `q`, `k`, `v` in: their promoted type, or autocast's

@@ -81,3 +81,57 @@ fn kernels_load_once_per_device_through_the_cache() {
         "both families cached"
     );
 }
+
+fn host_i64(t: &Tensor) -> Vec<i64> {
+    let t = t.to_kind(Kind::Int64).contiguous().view([-1]);
+    let n = t.numel();
+    let mut v = vec![0i64; n];
+    t.copy_data(&mut v, n);
+    v
+}
+
+/// The backward's inverse index (CPU; the same ATen code runs on the GPU): every segment
+/// (b, g, j) lists exactly the tokens whose cleaned ids contain j, ascending, for random ids
+/// with duplicates and out-of-range values.
+#[test]
+fn inverse_index_lists_each_blocks_tokens_in_order() {
+    backend();
+    for (seed, (b, s, g, n, l)) in [
+        (1, 3, 1, 1, 1),
+        (2, 37, 3, 4, 5),
+        (1, 64, 2, 6, 16),
+        (2, 9, 1, 3, 16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        tch::manual_seed(seed as i64);
+        let nb = (s + l - 1) / l;
+        let blocks = Tensor::randint_low(-3, nb + 3, [b, s, g, n], (Kind::Int64, Device::Cpu));
+        let (tokens, starts) = fused::inverse_index(&blocks.to_kind(Kind::Int), l).unwrap();
+        assert_eq!(tokens.kind(), Kind::Int);
+        let (tokens, starts, ids) = (host_i64(&tokens), host_i64(&starts), host_i64(&blocks));
+        assert_eq!(starts.len() as i64, b * g * nb + 1);
+        assert_eq!(*starts.last().unwrap() as usize, tokens.len());
+        for bi in 0..b {
+            for gi in 0..g {
+                for j in 0..nb {
+                    let want: Vec<i64> = (0..s)
+                        .filter(|&t| {
+                            j <= t / l
+                                && (0..n)
+                                    .any(|k| ids[(((bi * s + t) * g + gi) * n + k) as usize] == j)
+                        })
+                        .collect();
+                    let i = ((bi * g + gi) * nb + j) as usize;
+                    let got = &tokens[starts[i] as usize..starts[i + 1] as usize];
+                    assert_eq!(got, want.as_slice(), "b {bi} g {gi} block {j}");
+                }
+            }
+        }
+    }
+    assert!(matches!(
+        fused::inverse_index(&Tensor::zeros([2, 3], (Kind::Int64, Device::Cpu)), 4),
+        Err(FusedError::Input { .. })
+    ));
+}
