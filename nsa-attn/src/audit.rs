@@ -17,6 +17,11 @@ pub enum BranchKernel {
     /// `nsa_sys::autograd::block_attention`: chunked over queries, per-query gather of the
     /// selected blocks, backward recomputes probabilities from the saved log-sum-exp.
     ChunkedBlockGather,
+    /// `nsa_sys::fused::selected_attention`: the NVRTC selected-branch kernels (tensor-core
+    /// bf16 forward, SIMT fp32; dQ and inverse-index dK/dV backward).
+    FusedSelected,
+    /// `nsa_sys::fused::window_attention`: libtorch's flash-attention kernel with its window.
+    FlashWindow,
 }
 
 impl std::fmt::Display for BranchKernel {
@@ -27,6 +32,8 @@ impl std::fmt::Display for BranchKernel {
             BranchKernel::ChunkedBlockGather => {
                 "chunked block-gather attention, recompute backward (nsa-sys)"
             }
+            BranchKernel::FusedSelected => "fused selected-block kernels (NVRTC, nsa-sys)",
+            BranchKernel::FlashWindow => "flash attention with a sliding window (libtorch)",
         })
     }
 }
@@ -38,7 +45,7 @@ impl std::fmt::Display for BranchKernel {
 /// causal attention of the same shape (the baseline NSA is measured against).
 #[derive(Debug, Clone, Serialize)]
 pub struct AttnAudit {
-    /// `"reference"` or `"lean"`.
+    /// `"reference"`, `"lean"` or `"fused"`.
     pub path: &'static str,
     /// Device, e.g. `cuda:0`.
     pub device: String,
@@ -106,6 +113,24 @@ impl NsaAttention {
                 BranchKernel::ChunkedSpan,
                 "lean",
             ),
+            AttnPath::Fused(_) => {
+                // The same rule as `crate::fused::{selected,window}_supported` for inputs of
+                // this kind on this device.
+                let cuda = matches!(device, Device::Cuda(_));
+                let selected = if cuda && matches!(kind, Kind::BFloat16 | Kind::Float) {
+                    BranchKernel::FusedSelected
+                } else {
+                    BranchKernel::ChunkedBlockGather
+                };
+                let (dk, dv) = (c.head_dim_k, c.head_dim_v);
+                let window =
+                    if cuda && kind == Kind::BFloat16 && dk == dv && dk <= 256 && dk % 8 == 0 {
+                        BranchKernel::FlashWindow
+                    } else {
+                        BranchKernel::ChunkedSpan
+                    };
+                (BranchKernel::ChunkedSpan, selected, window, "fused")
+            }
         };
         let dense_sdpa = tch::no_grad(|| {
             let s = 256;

@@ -215,6 +215,9 @@ pub enum AttnError {
     /// The lean path's custom autograd glue failed.
     #[error("lean attention: {0}")]
     Glue(#[from] nsa_sys::autograd::GlueError),
+    /// The fused CUDA functions refused an input or failed (`nsa_sys::fused`).
+    #[error("fused attention: {0}")]
+    Fused(#[from] nsa_sys::fused::FusedError),
     /// libtorch refused an operation.
     #[error("libtorch: {0}")]
     Torch(#[from] TchError),

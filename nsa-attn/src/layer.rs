@@ -5,7 +5,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::config::{AttnError, NsaConfig, Phi};
-use crate::{lean, reference, selection};
+use crate::{fused, lean, reference, selection};
 
 /// One of NSA's three attention branches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +54,11 @@ pub enum AttnPath {
     /// Chunked attention through the custom autograd functions of `nsa_sys::autograd`: never
     /// allocates O(S²); for long sequences and training.
     Lean(LeanOpts),
+    /// The fused CUDA kernels (`crate::fused`) for the selected branch (bf16 / fp32) and the
+    /// sliding window (bf16, `dk == dv`); everything else, the compressed branch and selection
+    /// included, runs as on [`AttnPath::Lean`] with these chunk sizes (so on the CPU this path
+    /// is the lean path).
+    Fused(LeanOpts),
 }
 
 /// Chunk sizes of the lean path (queries per chunk). They trade temporary memory for launch
@@ -435,7 +440,7 @@ impl NsaAttention {
                 let (_, p_cmp) = reference::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg)?;
                 selection::blocks_from_probs(&p_cmp, 0, p.q.size()[1], cfg, imp)
             }
-            AttnPath::Lean(lo) => {
+            AttnPath::Lean(lo) | AttnPath::Fused(lo) => {
                 check_chunk("select_chunk", lo.select_chunk)?;
                 selection::blocks_chunked(&p.q, &p.cmp_k, cfg, lo.select_chunk, imp)
             }
@@ -477,6 +482,21 @@ impl NsaAttention {
                 };
                 let _r = range("nsa.win");
                 let o_win = lean::window(&p.q, &p.win_k, &p.win_v, cfg, lo.window_chunk)?;
+                (o_cmp, o_slc, o_win)
+            }
+            AttnPath::Fused(lo) => {
+                check_chunk("query_chunk", lo.query_chunk)?;
+                check_chunk("window_chunk", lo.window_chunk)?;
+                let o_cmp = {
+                    let _r = range("nsa.cmp");
+                    lean::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg, lo.query_chunk)?
+                };
+                let o_slc = {
+                    let _r = range("nsa.slc");
+                    fused::selected(&p.q, &p.slc_k, &p.slc_v, &blocks, cfg, lo.query_chunk)?
+                };
+                let _r = range("nsa.win");
+                let o_win = fused::window(&p.q, &p.win_k, &p.win_v, cfg, lo.window_chunk)?;
                 (o_cmp, o_slc, o_win)
             }
         };

@@ -30,6 +30,7 @@ pub fn compressed(
 }
 
 /// Selected branch: block attention over `blocks` `[B, S, G, n]` (blocks of l' tokens, keys ≤ t).
+/// A repeated id counts once and ids outside `[0, ⌊t/l'⌋]` are ignored, as on every path.
 pub fn selected(
     q: &Tensor,
     k: &Tensor,

@@ -95,6 +95,16 @@
 //! and 4.3 s forward + backward against 0.15 s / 0.65 s for dense SDPA; fused kernels are the
 //! fast path still to come.
 //!
+//! [`AttnPath::Fused`] ([`mod@fused`]) runs the selected branch on fused CUDA kernels compiled
+//! at run time by NVRTC (`nsa_sys::fused`; tensor-core bf16 forward, fp32 SIMT, dQ and a
+//! deterministic inverse-index dK/dV backward) and the sliding window on libtorch's
+//! flash-attention kernel with its window parameters (bf16, `dk == dv`); the compressed branch,
+//! selection, and anything on the CPU or in other dtypes run as on the lean path.
+//! [`fused::gpu_check`] runs its parity checks against the reference path.
+//!
+//! Block ids handed to any path are deduplicated (a repeated id counts once) and ids outside
+//! `[0, ⌊t/l'⌋]` are ignored.
+//!
 //! # Audit
 //!
 //! [`NsaAttention::audit`] reports which kernel computes each branch on a path (and what SDPA
@@ -117,6 +127,7 @@
 
 mod audit;
 mod config;
+pub mod fused;
 mod layer;
 pub mod lean;
 pub mod reference;

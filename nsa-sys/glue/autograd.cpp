@@ -16,7 +16,8 @@
 //   heads): the sliding window and the compressed branch.
 // Block attention: query t of batch b, group g reads the blocks blocks[b, t, g, :] (int64
 //   [B, S, G, n], -1 = unused slot), keys [j * L, (j + 1) * L) of block j, limited to keys <= t:
-//   the selected branch.
+//   the selected branch. Ids are cleaned first (blocks.h): duplicates count once, ids outside
+//   [0, t / L] are ignored.
 //
 // Rows with no visible key output zeros and get zero gradients.
 // Arithmetic: scores, softmax and gradient accumulators in float32 (float64 for float64 inputs);
@@ -26,6 +27,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
+
+#include "blocks.h"
 
 #include <algorithm>
 #include <limits>
@@ -228,13 +231,10 @@ struct BlockAttention : public torch::autograd::Function<BlockAttention> {
                 "block attention: blocks must be [B, S, G, n]");
     auto kc_all = k.contiguous();
     auto vc_all = v.contiguous();
-    // Ids of blocks that start after the query read nothing; mark them -1, then sort each
-    // row descending so its valid ids come before the padding, whatever order the caller
-    // used. block_rows relies on both to skip slots that cannot be valid.
-    auto blk = blocks.to(q.device()).to(at::kLong);
-    auto t_pos = at::arange(S, blk.options()).view({1, S, 1, 1});
-    blk = blk.masked_fill(blk.mul(block_len).gt(t_pos), -1);
-    blk = std::get<0>(blk.sort(-1, /*descending=*/true)).contiguous();
+    // Each row's distinct valid ids first (descending), -1 after: a repeated id counts once
+    // and ids outside [0, t / L] are ignored, whatever the caller passed. block_rows relies on
+    // this to read only the first t / L + 1 slots of a row.
+    auto blk = nsa_glue::clean_block_ids(blocks.to(q.device()), block_len, Sk);
     auto kflat = kc_all.view({B * Sk * G, dk});
     auto vflat = vc_all.view({B * Sk * G, dv});
     auto out = at::zeros({B, S, H, dv}, v.options());

@@ -118,7 +118,8 @@ pub fn span_attention(
 
 /// Block attention: query `t` of batch `b`, key group `g` attends the keys of blocks
 /// `blocks[b, t, g, :]` (int64 `[B, S, G, n]`, `-1` = unused slot); block `j` holds keys
-/// `j·block_len .. (j+1)·block_len`, and only keys `≤ t` (and `< Sk`) are attended. Temporaries of
+/// `j·block_len .. (j+1)·block_len`, and only keys `≤ t` (and `< Sk`) are attended. A repeated id
+/// counts once and ids outside `[0, ⌊t/block_len⌋]` are ignored (any order, any values). Temporaries of
 /// one chunk are O(chunk · G · n · block_len · (dk + dv)) for the gathered keys.
 pub fn block_attention(
     q: &Tensor,

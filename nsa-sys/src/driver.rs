@@ -1,8 +1,10 @@
-//! A function table over the CUDA driver API (`libcuda.so.1`) for device facts.
+//! A function table over the CUDA driver API (`libcuda.so.1`): device facts, the NCCL
+//! communicator's stream and events, and module load / kernel launch for the NVRTC kernels.
 //!
 //! libtorch exposes device counts but not names, memory or compute capability through tch; the
 //! driver API is stable across CUDA versions, so a handful of `cu*` symbols is all we need.
-use std::os::raw::{c_char, c_int, c_uint};
+use std::os::raw::{c_char, c_int, c_uint, c_void};
+use std::sync::OnceLock;
 
 use serde::Serialize;
 
@@ -20,7 +22,7 @@ pub(crate) struct Driver {
     device_get_count: unsafe extern "C" fn(*mut c_int) -> CuResult,
     device_get_name: unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult,
     device_total_mem: unsafe extern "C" fn(*mut usize, c_int) -> CuResult,
-    device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
+    pub(crate) device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
     driver_get_version: unsafe extern "C" fn(*mut c_int) -> CuResult,
     pub(crate) primary_ctx_retain: unsafe extern "C" fn(*mut CuContext, c_int) -> CuResult,
     pub(crate) ctx_set_current: unsafe extern "C" fn(CuContext) -> CuResult,
@@ -31,7 +33,37 @@ pub(crate) struct Driver {
     pub(crate) event_create: unsafe extern "C" fn(*mut CuEvent, c_uint) -> CuResult,
     pub(crate) event_destroy: unsafe extern "C" fn(CuEvent) -> CuResult,
     pub(crate) event_record: unsafe extern "C" fn(CuEvent, CuStream) -> CuResult,
+    pub(crate) module_load_data: unsafe extern "C" fn(*mut CuModule, *const c_void) -> CuResult,
+    pub(crate) module_get_function:
+        unsafe extern "C" fn(*mut CuFunction, CuModule, *const c_char) -> CuResult,
+    pub(crate) func_set_attribute: unsafe extern "C" fn(CuFunction, c_int, c_int) -> CuResult,
+    /// `cuLaunchKernel`; handed to the C++ glue, which launches the fused kernels with it.
+    pub(crate) launch_kernel: LaunchKernelFn,
 }
+
+/// `CUresult cuLaunchKernel(CUfunction f, unsigned gridX, gridY, gridZ, blockX, blockY, blockZ,
+/// unsigned sharedMemBytes, CUstream, void **kernelParams, void **extra)`.
+pub(crate) type LaunchKernelFn = unsafe extern "C" fn(
+    CuFunction,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    CuStream,
+    *mut *mut c_void,
+    *mut *mut c_void,
+) -> CuResult;
+
+/// `CUmodule` / `CUfunction`: opaque driver handles.
+pub(crate) type CuModule = *mut c_void;
+pub(crate) type CuFunction = *mut c_void;
+/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
+pub(crate) const FUNC_ATTR_MAX_DYNAMIC_SHARED: c_int = 8;
+/// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`.
+pub(crate) const ATTR_MAX_SHARED_OPTIN: c_int = 97;
 
 /// `CUcontext` / `CUstream`: opaque driver handles.
 pub(crate) type CuContext = *mut std::os::raw::c_void;
@@ -44,8 +76,8 @@ pub(crate) const STREAM_NON_BLOCKING: c_uint = 1;
 pub(crate) const EVENT_DISABLE_TIMING: c_uint = 2;
 
 const ATTR_MULTIPROCESSOR_COUNT: c_int = 16;
-const ATTR_CC_MAJOR: c_int = 75;
-const ATTR_CC_MINOR: c_int = 76;
+pub(crate) const ATTR_CC_MAJOR: c_int = 75;
+pub(crate) const ATTR_CC_MINOR: c_int = 76;
 
 /// One GPU as the driver describes it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -111,6 +143,10 @@ impl Driver {
             event_create: sym!("cuEventCreate"),
             event_destroy: sym!("cuEventDestroy_v2"),
             event_record: sym!("cuEventRecord"),
+            module_load_data: sym!("cuModuleLoadData"),
+            module_get_function: sym!("cuModuleGetFunction"),
+            func_set_attribute: sym!("cuFuncSetAttribute"),
+            launch_kernel: sym!("cuLaunchKernel"),
             _lib: std::mem::ManuallyDrop::new(lib),
         };
         // SAFETY: cuInit(0) is always valid to call, repeatedly too.
@@ -170,6 +206,20 @@ impl Driver {
             devices,
         })
     }
+}
+
+static SHARED: OnceLock<Result<Driver, String>> = OnceLock::new();
+
+/// One driver table for the process (opened on first use), for callers that keep handles
+/// (modules, functions) for the process's life.
+pub(crate) fn shared() -> Result<&'static Driver, SysError> {
+    SHARED
+        .get_or_init(|| Driver::open().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|reason| SysError::Load {
+            name: "libcuda.so.1".into(),
+            reason: reason.clone(),
+        })
 }
 
 /// Queries the CUDA driver. Errors when `libcuda.so.1` is absent (no NVIDIA driver).

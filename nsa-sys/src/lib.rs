@@ -4,8 +4,12 @@
 //!   `libc10` (the linker drops `libtorch_cuda` as unused), so until `libtorch_cuda.so` is opened
 //!   with `RTLD_GLOBAL` libtorch sees no GPU. Call [`cuda::load_backend`] first thing in `main`.
 //! - [`driver`]: a small function table over the CUDA driver (`libcuda.so.1`) for device facts
-//!   (name, memory, compute capability) that tch does not expose.
+//!   (name, memory, compute capability) that tch does not expose, and module load / launch.
 //! - [`nccl`]: the NCCL function table, loaded from `libnccl.so.2`.
+//! - [`nvrtc`]: run-time compilation of the CUDA kernels in `kernels/` (NVRTC from the torch
+//!   wheel) with an on-disk CUBIN cache.
+//! - [`fused`]: the fused NSA attention functions (selected branch on the NVRTC kernels, window
+//!   on libtorch's flash kernel), custom autograd functions on libtorch's current stream.
 //! - [`facts`]: a serialisable snapshot of the runtime (versions, devices, SDPA backend choice),
 //!   the "backend audit" printed by `nsa-train env` and stored with every run.
 //! - [`mmap`]: read-only memory maps of data files (token shards read in place).
@@ -20,9 +24,11 @@ pub mod autograd;
 pub mod cuda;
 pub mod driver;
 pub mod facts;
+pub mod fused;
 mod glue;
 pub mod mmap;
 pub mod nccl;
+pub mod nvrtc;
 pub mod store;
 pub mod train;
 

@@ -88,7 +88,8 @@ impl Default for RunConfig {
 pub struct FastPaths {
     /// `vectorized` | `reference` (env `NSA_SEL_RANGES_V2=1|0`).
     pub select: String,
-    /// `lean` | `reference`.
+    /// `fused` (the CUDA kernels for the selected and window branches; the lean path on the
+    /// CPU and for the compressed branch) | `lean` | `reference`.
     pub attn_path: String,
     /// NVTX ranges around forward, branches, backward, sync and optimizer (env `NSA_NVTX`).
     pub nvtx: bool,
@@ -110,7 +111,7 @@ impl Default for FastPaths {
     fn default() -> Self {
         FastPaths {
             select: "vectorized".into(),
-            attn_path: "lean".into(),
+            attn_path: "fused".into(),
             nvtx: false,
             sdpa_audit: true,
             ddp_compress: "none".into(),
@@ -653,9 +654,9 @@ impl TrainConfig {
                 self.fast.select
             );
         }
-        if !["lean", "reference"].contains(&self.fast.attn_path.as_str()) {
+        if !["fused", "lean", "reference"].contains(&self.fast.attn_path.as_str()) {
             bail!(
-                "fast.attn_path must be lean or reference (got {:?})",
+                "fast.attn_path must be fused, lean or reference (got {:?})",
                 self.fast.attn_path
             );
         }

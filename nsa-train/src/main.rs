@@ -120,6 +120,16 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Check this install on its GPU: parity of every fused kernel against the reference path
+    /// on fresh random inputs (outputs and gradients, bf16 and fp32), as a pass/fail table.
+    Check {
+        /// Run the GPU checks (the only kind there is; the flag says what runs).
+        #[arg(long, required = true)]
+        gpu: bool,
+        /// Also write the rows as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
     /// Meet the other ranks through the rendezvous store and print what rank 0 sent, as `train`
     /// would before building its NCCL group: checks a launcher setup without a GPU.
     #[command(hide = true)]
@@ -151,7 +161,7 @@ fn main() -> anyhow::Result<()> {
     let backend = nsa_sys::cuda::load_backend().context("loading libtorch's CUDA backend")?;
     let Some(command) = command else {
         print!("{}", snapshot::EnvSnapshot::collect().report());
-        println!("\ncommands: train, eval, smoke, env, bench (see `nsa-train --help`)");
+        println!("\ncommands: train, eval, smoke, check, env, bench (see `nsa-train --help`)");
         return Ok(());
     };
     match command {
@@ -194,6 +204,7 @@ fn main() -> anyhow::Result<()> {
             train::eval_run(&run, batches, backend.has_gpu()).map(|_| ())
         }
         Command::Smoke(args) => smoke::run(args, &backend),
+        Command::Check { gpu: _, json } => gpu_check(json.as_deref()),
         Command::Bench { what } => bench::run(what),
         Command::Rendezvous {
             launch,
@@ -201,6 +212,32 @@ fn main() -> anyhow::Result<()> {
             nccl,
         } => rendezvous_command(&launch, timeout_s, nccl),
     }
+}
+
+/// `nsa-train check --gpu`: the fused kernels' parity table; fails when any row failed.
+fn gpu_check(json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let rows = nsa_attn::fused::gpu_check()?;
+    println!("| check | max rel err | tolerance | result |\n| --- | ---: | ---: | --- |");
+    for r in &rows {
+        println!(
+            "| {} | {:.2e} | {:.0e} | {} |",
+            r.name,
+            r.max_rel_err,
+            r.tolerance,
+            if r.passed {
+                "pass".to_string()
+            } else {
+                format!("FAIL: {}", r.detail)
+            }
+        );
+    }
+    if let Some(path) = json {
+        write_atomic(path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+    }
+    let failed = rows.iter().filter(|r| !r.passed).count();
+    anyhow::ensure!(failed == 0, "{failed} of {} GPU checks failed", rows.len());
+    println!("{} GPU checks passed", rows.len());
+    Ok(())
 }
 
 /// A run stopped by a signal ends the process with 128 + the signal (130 for SIGINT, 143 for

@@ -3,6 +3,7 @@
 use clap::Subcommand;
 
 mod attn;
+mod branches;
 mod select;
 mod sweep;
 mod train;
@@ -13,6 +14,8 @@ pub enum BenchCommand {
     Select(select::SelectBenchArgs),
     /// nsa-attn: one NSA layer (lean path) vs dense SDPA, forward and backward, time and memory.
     Attn(attn::AttnBenchArgs),
+    /// The selected and window branches alone: fused kernels vs the lean path, TFLOP/s, GB/s.
+    Branches(branches::BranchBenchArgs),
     /// Whole-model training: tokens/s and peak memory, NSA vs dense; needle accuracy.
     Train(train::TrainBenchArgs),
     /// DDP gradient buckets × compression at world size 1: tokens/s, sync time, CSV and PNG.
@@ -23,6 +26,7 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
     match what {
         BenchCommand::Select(args) => select::run(args),
         BenchCommand::Attn(args) => attn::run(args),
+        BenchCommand::Branches(args) => branches::run(args),
         BenchCommand::Train(args) => train::run(args),
         BenchCommand::SweepBuckets(args) => sweep::run(args),
     }

@@ -120,7 +120,8 @@ pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
 fn forward_opts(cfg: &TrainConfig) -> ForwardOpts {
     let path = match cfg.fast.attn_path.as_str() {
         "reference" => AttnPath::Reference,
-        _ => AttnPath::Lean(LeanOpts::default()),
+        "lean" => AttnPath::Lean(LeanOpts::default()),
+        _ => AttnPath::Fused(LeanOpts::default()),
     };
     let select = match cfg.fast.select.as_str() {
         "reference" => nsa_select::SelectImpl::Reference,

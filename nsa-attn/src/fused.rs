@@ -1,0 +1,483 @@
+//! The fused path: the selected branch on the NVRTC kernels of `nsa-sys` and the sliding window
+//! on libtorch's flash-attention kernel (with its window parameters), on CUDA; the same
+//! signatures and semantics as [`crate::lean`], which they fall back to where they do not apply
+//! (CPU tensors, dtypes other than bf16/fp32, and for the window fp32 or `dk ≠ dv`). The
+//! compressed branch stays on the lean path.
+//!
+//! [`gpu_check`] runs the parity checks of the fused functions against the reference path on
+//! fresh random inputs and returns one [`CheckRow`] per case (for `nsa-train check --gpu`).
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{AttnError, NsaConfig};
+use crate::{lean, reference};
+use nsa_sys::fused as sys;
+
+fn scale(q: &Tensor) -> f64 {
+    1.0 / (q.size()[3] as f64).sqrt()
+}
+
+fn fused_err(e: sys::FusedError) -> AttnError {
+    AttnError::Fused(e)
+}
+
+/// Whether [`selected`] runs the fused kernels for these inputs (CUDA, computed in bf16 or
+/// fp32) rather than the lean path.
+pub fn selected_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    matches!(q.device(), Device::Cuda(_))
+        && k.device() == q.device()
+        && v.device() == q.device()
+        && matches!(
+            sys::compute_kind(q, k, v),
+            Some(Kind::BFloat16 | Kind::Float)
+        )
+}
+
+/// The head size the flash window kernel runs at: `max(dk, dv)` rounded up to a multiple of 8
+/// (flash needs equal q/k and v head sizes; [`window`] zero-pads the smaller ones).
+fn window_head_dim(dk: i64, dv: i64) -> i64 {
+    (dk.max(dv) + 7) / 8 * 8
+}
+
+/// Whether [`window`] runs libtorch's flash kernel for these inputs (CUDA, computed in bf16,
+/// head sizes padded to at most 256) rather than the lean path.
+pub fn window_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let (dk, dv) = (q.size()[3], v.size()[3]);
+    matches!(q.device(), Device::Cuda(_))
+        && k.device() == q.device()
+        && v.device() == q.device()
+        && window_head_dim(dk, dv) <= 256
+        && sys::compute_kind(q, k, v) == Some(Kind::BFloat16)
+}
+
+/// Selected branch: query `t` of group `g` attends the keys `≤ t` of the blocks
+/// `blocks[b, t, g, :]` (int64 or int32 `[B, S, Hkv, n]`; duplicates count once, ids outside
+/// `[0, ⌊t/l'⌋]` are ignored). Layouts as [`lean::selected`]; `chunk` is used only on the lean
+/// fallback.
+pub fn selected(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    blocks: &Tensor,
+    cfg: &NsaConfig,
+    chunk: i64,
+) -> Result<Tensor, AttnError> {
+    if !selected_supported(q, k, v) {
+        return lean::selected(q, k, v, blocks, cfg, chunk);
+    }
+    let blocks = blocks.f_to_device(q.device())?.f_contiguous()?;
+    sys::selected_attention(
+        &q.f_contiguous()?,
+        &k.f_contiguous()?,
+        &v.f_contiguous()?,
+        &blocks,
+        cfg.select_len,
+        scale(q),
+    )
+    .map_err(fused_err)
+}
+
+/// Sliding window: query `t` attends keys `t − w + 1 ..= t`. Layouts as [`lean::window`];
+/// `chunk` is used only on the lean fallback.
+pub fn window(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cfg: &NsaConfig,
+    chunk: i64,
+) -> Result<Tensor, AttnError> {
+    if !window_supported(q, k, v) {
+        return lean::window(q, k, v, cfg, chunk);
+    }
+    // Zero columns change no score (q·k) and no output column that is kept, so padding q/k and
+    // v to one head size and narrowing the output is exact; autograd carries the gradients
+    // back through the pads. The scale stays 1/√dk of the real dk.
+    let (dk, dv) = (q.size()[3], v.size()[3]);
+    let d = window_head_dim(dk, dv);
+    let pad = |t: &Tensor, from: i64| -> Result<Tensor, AttnError> {
+        Ok(if from == d {
+            t.f_contiguous()?
+        } else {
+            t.f_constant_pad_nd([0, d - from])?.f_contiguous()?
+        })
+    };
+    let out = sys::window_attention(
+        &pad(q, dk)?,
+        &pad(k, dk)?,
+        &pad(v, dv)?,
+        cfg.window,
+        scale(q),
+    )
+    .map_err(fused_err)?;
+    Ok(if dv == d {
+        out
+    } else {
+        out.f_narrow(3, 0, dv)?
+    })
+}
+
+/// The selected branch's visibility from block ids, for the reference path: bool
+/// `[B, S, G, S]`, true where key `s` lies in one of the blocks `blocks[b, t, g, :]` and
+/// `s ≤ t`. Duplicate and out-of-range ids change nothing, by construction.
+pub fn block_mask(blocks: &Tensor, block_len: i64) -> Result<Tensor, AttnError> {
+    let s = blocks.size()[1];
+    let dev = blocks.device();
+    let key_block = Tensor::arange(s, (Kind::Int64, dev))
+        .f_div_scalar_mode(block_len, "floor")?
+        .f_view([1, 1, 1, 1, s])?;
+    let hit = blocks
+        .f_to_kind(Kind::Int64)?
+        .f_unsqueeze(-1)?
+        .f_eq_tensor(&key_block)?
+        .f_any_dims(&[3i64][..], false)?;
+    let t = Tensor::arange(s, (Kind::Int64, dev)).f_view([s, 1])?;
+    let key = Tensor::arange(s, (Kind::Int64, dev)).f_view([1, s])?;
+    let causal = key.f_le_tensor(&t)?.f_view([1, s, 1, s])?;
+    Ok(hit.f_logical_and(&causal)?)
+}
+
+/// The reference twin of [`selected`]: explicit-mask softmax over [`block_mask`].
+pub fn reference_selected(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    blocks: &Tensor,
+    block_len: i64,
+) -> Result<Tensor, AttnError> {
+    let mask = block_mask(&blocks.f_to_device(q.device())?, block_len)?;
+    Ok(reference::masked_attention(q, k, v, &mask)?.0)
+}
+
+/// One parity check of [`gpu_check`].
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckRow {
+    /// What was checked, e.g. `selected bf16 B=2 S=77 H=6 Hkv=2 dk=64 dv=128 l'=16 n=4`.
+    pub name: String,
+    /// Largest relative error over the output and the gradients of q, k, v
+    /// (`max |fused − ref| / max |ref|`, reference in float64).
+    pub max_rel_err: f64,
+    /// The tolerance (1e-2 for bf16, 1e-4 for fp32).
+    pub tolerance: f64,
+    /// Whether the check passed (finite, within tolerance, deterministic where checked).
+    pub passed: bool,
+    /// Which tensor was worst, or the error that stopped the case.
+    pub detail: String,
+}
+
+/// One case of the parity checks.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    kind: Kind,
+    b: i64,
+    s: i64,
+    hkv: i64,
+    hpg: i64,
+    dk: i64,
+    dv: i64,
+    block_len: i64,
+    n: i64,
+}
+
+/// The cases [`gpu_check`] runs: both dtypes; heads per group 1, 2, 3, 4, 8, 16; head sizes
+/// 64 / 128 / 192 with `dk ≠ dv` (and 32 / 48, which take the SIMT forward in bf16 too); `S`
+/// not a multiple of `l'` and `S < l'`; batch 2.
+fn cases() -> Vec<Case> {
+    let dims = [
+        (64, 128),
+        (128, 64),
+        (192, 128),
+        (64, 192),
+        (128, 128),
+        (192, 192),
+    ];
+    let mut out = Vec::new();
+    for kind in [Kind::Float, Kind::BFloat16] {
+        for (i, hpg) in [1, 2, 3, 4, 8, 16].into_iter().enumerate() {
+            let (dk, dv) = dims[i];
+            out.push(Case {
+                kind,
+                b: 2,
+                s: 77 + 64 * (i as i64 % 2),
+                hkv: 2,
+                hpg,
+                dk,
+                dv,
+                block_len: 16,
+                n: 4,
+            });
+        }
+        // Head sizes without a tensor-core instantiation (the SIMT forward in bf16 too).
+        out.push(Case {
+            kind,
+            b: 2,
+            s: 45,
+            hkv: 2,
+            hpg: 2,
+            dk: 32,
+            dv: 48,
+            block_len: 8,
+            n: 3,
+        });
+        // S < l', and a long-ish row count with a larger l' and n.
+        out.push(Case {
+            kind,
+            b: 2,
+            s: 11,
+            hkv: 1,
+            hpg: 3,
+            dk: 64,
+            dv: 64,
+            block_len: 16,
+            n: 3,
+        });
+        out.push(Case {
+            kind,
+            b: 1,
+            s: 300,
+            hkv: 2,
+            hpg: 4,
+            dk: 128,
+            dv: 192,
+            block_len: 32,
+            n: 5,
+        });
+    }
+    out
+}
+
+/// Fills the CUDA caching allocator's free blocks with NaN, so outputs and gradients that a
+/// kernel fails to write come out as NaN instead of plausible stale values. (No-op on the CPU.)
+fn poison(device: Device) {
+    if !matches!(device, Device::Cuda(_)) {
+        return;
+    }
+    for elems in [1i64 << 17, 1 << 24] {
+        // Best effort: a failed allocation only means less poisoned memory.
+        drop(Tensor::f_full([elems], f64::NAN, (Kind::Float, device)));
+    }
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64, AttnError> {
+    let a = a.f_to_kind(Kind::Double)?;
+    let denom = b.f_abs()?.f_max()?.f_double_value(&[])?.max(1e-30);
+    let d = a.f_sub(b)?.f_abs()?.f_max()?.f_double_value(&[])?;
+    Ok(if d.is_finite() {
+        d / denom
+    } else {
+        f64::INFINITY
+    })
+}
+
+/// Random ids in `[-2, ⌊S/l'⌋ + 2)`, with duplicates and out-of-range values on purpose.
+fn random_ids(c: &Case, device: Device) -> Result<Tensor, AttnError> {
+    let nb = (c.s + c.block_len - 1) / c.block_len;
+    Ok(Tensor::f_randint_low(
+        -2,
+        nb + 2,
+        [c.b, c.s, c.hkv, c.n],
+        (Kind::Int64, device),
+    )?)
+}
+
+/// Output and gradients of q, k, v of `f` for the output gradient `dout`: `f` applied to fresh
+/// leaves, backward through `Σ out · dout` (so the output gradient is exactly `dout`).
+fn out_and_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor, AttnError>,
+) -> Result<[Tensor; 4], AttnError> {
+    let leaf = |t: &Tensor| t.f_detach()?.f_set_requires_grad(true);
+    let (lq, lk, lv) = (leaf(q)?, leaf(k)?, leaf(v)?);
+    poison(q.device());
+    let out = f(&lq, &lk, &lv)?;
+    poison(q.device());
+    let loss = out
+        .f_to_kind(Kind::Double)?
+        .f_mul(&dout.f_to_kind(Kind::Double)?)?
+        .f_sum(Kind::Double)?;
+    let g = Tensor::f_run_backward(&[&loss], &[&lq, &lk, &lv], false, false)?;
+    let [gq, gk, gv]: [Tensor; 3] = g.try_into().map_err(|_| AttnError::Option {
+        option: "gpu_check",
+        reason: "backward returned the wrong number of gradients".into(),
+    })?;
+    Ok([out.f_detach()?, gq, gk, gv])
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    if kind == Kind::BFloat16 {
+        "bf16"
+    } else {
+        "fp32"
+    }
+}
+
+/// Compares `fused` (run twice, with NaN-poisoned memory) with `reference` (float64 inputs).
+fn compare(
+    name: String,
+    tolerance: f64,
+    fused: [[Tensor; 4]; 2],
+    reference: &[Tensor; 4],
+    check_determinism: bool,
+) -> Result<CheckRow, AttnError> {
+    let names = ["out", "dq", "dk", "dv"];
+    let mut worst = (0.0f64, "out");
+    for ((f, r), name) in fused[0].iter().zip(reference).zip(names) {
+        let e = rel_err(f, r)?;
+        if e.is_nan() || e > worst.0 {
+            worst = (e, name);
+        }
+    }
+    let mut deterministic = true;
+    if check_determinism {
+        for (a, b) in fused[0][2..].iter().zip(&fused[1][2..]) {
+            deterministic &= a.f_equal(b)?;
+        }
+    }
+    let within = worst.0.is_finite() && worst.0 <= tolerance;
+    Ok(CheckRow {
+        name,
+        max_rel_err: worst.0,
+        tolerance,
+        passed: within && deterministic,
+        detail: if deterministic {
+            format!("worst: {}", worst.1)
+        } else {
+            format!(
+                "worst: {}; dk/dv differ between two identical runs",
+                worst.1
+            )
+        },
+    })
+}
+
+fn run_selected_case(c: &Case, device: Device) -> Result<CheckRow, AttnError> {
+    let h = c.hkv * c.hpg;
+    let opts = (c.kind, device);
+    let q = Tensor::f_randn([c.b, c.s, h, c.dk], opts)?;
+    let k = Tensor::f_randn([c.b, c.s, c.hkv, c.dk], opts)?;
+    let v = Tensor::f_randn([c.b, c.s, c.hkv, c.dv], opts)?;
+    let ids = random_ids(c, device)?;
+    let dout = Tensor::f_randn([c.b, c.s, h, c.dv], opts)?;
+    let name = format!(
+        "selected {} B={} S={} H={h} Hkv={} dk={} dv={} l'={} n={}",
+        kind_name(c.kind),
+        c.b,
+        c.s,
+        c.hkv,
+        c.dk,
+        c.dv,
+        c.block_len,
+        c.n
+    );
+    let tolerance = if c.kind == Kind::BFloat16 { 1e-2 } else { 1e-4 };
+    let dbl = |t: &Tensor| t.f_to_kind(Kind::Double);
+    let reference = out_and_grads(&dbl(&q)?, &dbl(&k)?, &dbl(&v)?, &dout, |q, k, v| {
+        reference_selected(q, k, v, &ids, c.block_len)
+    })?;
+    let run = || {
+        out_and_grads(&q, &k, &v, &dout, |q, k, v| {
+            sys::selected_attention(q, k, v, &ids, c.block_len, scale(q)).map_err(fused_err)
+        })
+    };
+    let fused = [run()?, run()?];
+    compare(name, tolerance, fused, &reference, true)
+}
+
+fn run_window_case(
+    dk: i64,
+    dv: i64,
+    w: i64,
+    s: i64,
+    device: Device,
+) -> Result<CheckRow, AttnError> {
+    let (b, hkv, hpg) = (2, 2, 3);
+    let opts = (Kind::BFloat16, device);
+    let q = Tensor::f_randn([b, s, hkv * hpg, dk], opts)?;
+    let k = Tensor::f_randn([b, s, hkv, dk], opts)?;
+    let v = Tensor::f_randn([b, s, hkv, dv], opts)?;
+    let dout = Tensor::f_randn([b, s, hkv * hpg, dv], opts)?;
+    if !window_supported(&q, &k, &v) {
+        return Err(AttnError::Option {
+            option: "gpu_check",
+            reason: format!("the flash window does not take dk {dk}, dv {dv}"),
+        });
+    }
+    let cfg = NsaConfig {
+        window: w,
+        ..NsaConfig::paper(64)
+    };
+    let dbl = |t: &Tensor| t.f_to_kind(Kind::Double);
+    let reference = out_and_grads(&dbl(&q)?, &dbl(&k)?, &dbl(&v)?, &dout, |q, k, v| {
+        reference::window(q, k, v, w)
+    })?;
+    let run = || out_and_grads(&q, &k, &v, &dout, |q, k, v| window(q, k, v, &cfg, 8));
+    let fused = [run()?, run()?];
+    compare(
+        format!(
+            "window bf16 B={b} S={s} H={} Hkv={hkv} dk={dk} dv={dv} w={w}",
+            hkv * hpg
+        ),
+        1e-2,
+        fused,
+        &reference,
+        false,
+    )
+}
+
+/// Runs the fused functions against the reference path on CUDA device 0 with fresh random
+/// inputs (ids include duplicates and out-of-range values) and returns one row per case:
+/// the selected branch in fp32 (tolerance 1e-4) and bf16 (1e-2) for 1, 2, 3, 4, 8 and 16 heads
+/// per group, head sizes 64 / 128 / 192 with `dk ≠ dv`, `S` not a multiple of `l'`, `S < l'`,
+/// batch 2, including that dK/dV are bitwise equal over two runs; and the flash window in
+/// bf16 with `S` not a multiple of `w`. A case that errors is a failed row naming the error.
+/// Without a CUDA device: [`AttnError::Option`] (`gpu_check`).
+pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
+    let backend = nsa_sys::cuda::load_backend().map_err(|e| AttnError::Option {
+        option: "gpu_check",
+        reason: e.to_string(),
+    })?;
+    if !backend.has_gpu() {
+        return Err(AttnError::Option {
+            option: "gpu_check",
+            reason: format!("needs a CUDA device: {backend}"),
+        });
+    }
+    let device = Device::Cuda(0);
+    let failed = |name: String, e: AttnError| CheckRow {
+        name,
+        max_rel_err: f64::INFINITY,
+        tolerance: 0.0,
+        passed: false,
+        detail: e.to_string(),
+    };
+    let mut rows = Vec::new();
+    for c in cases() {
+        let row = run_selected_case(&c, device).unwrap_or_else(|e| {
+            failed(
+                format!(
+                    "selected {} hpg={} dk={} dv={}",
+                    kind_name(c.kind),
+                    c.hpg,
+                    c.dk,
+                    c.dv
+                ),
+                e,
+            )
+        });
+        rows.push(row);
+    }
+    // Equal head sizes, and dk ≠ dv (zero-padded to one head size for flash).
+    for (dk, dv, w, s) in [
+        (64, 64, 32, 101),
+        (128, 128, 48, 77),
+        (192, 128, 40, 90),
+        (64, 128, 32, 70),
+    ] {
+        let row = run_window_case(dk, dv, w, s, device)
+            .unwrap_or_else(|e| failed(format!("window dk={dk} dv={dv} w={w} S={s}"), e));
+        rows.push(row);
+    }
+    Ok(rows)
+}

@@ -1,0 +1,313 @@
+// Custom autograd functions for nsa-attn's fused (CUDA) path.
+//
+// Selected branch: the NVRTC kernels of nsa-sys/kernels/selected_{fwd,bwd}.cu, launched here
+// with the cuLaunchKernel pointer and CUfunction handles that Rust loaded (NsaSlcTable), on
+// libtorch's current CUDA stream of the tensors' device, on the memory of the tensors.
+//   forward:  out [B, S, H, dv] and lse fp32 [B, S, H] (saved for backward);
+//   backward: D = rowsum(dout * out) (ATen), dq by the dq kernel (the forward's gathers), an
+//             inverse index block -> tokens built on the device (stable sort of the
+//             (b, g, block) keys of every valid id, a count by bincount and a scan by cumsum;
+//             integer only, so deterministic), then dk / dv by the dkdv kernel, one CTA per key
+//             chunk walking its block's tokens in ascending order: deterministic, no float
+//             atomics.
+// Window branch: libtorch's own flash-attention kernel with its sliding-window parameters
+//   (window_size_left = w - 1, right = 0, causal), bf16, dk == dv.
+//
+// Layouts: q [B, S, H, dk], k [B, S, Hkv, dk], v [B, S, Hkv, dv], blocks [B, S, Hkv, n] (int32
+// or int64), out [B, S, H, dv]; query head h reads key head h / (H / Hkv).
+//
+// The CUDA stream is reached through c10's device-guard interface (libc10), so this file
+// links against libtorch_cpu / libc10 only, like the rest of the glue.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "blocks.h"
+
+// Mirror of nsa_sys::fused::SlcTable (#[repr(C)]): the driver's cuLaunchKernel and the
+// CUfunction handles of one device. Index of fwd_mma: 3 * dk_index + dv_index over
+// {64, 128, 192}; of the others: 0 = fp32, 1 = bf16.
+struct NsaSlcTable {
+  void* launch;
+  void* fwd_mma[9];
+  void* fwd_simt[2];
+  void* dq[2];
+  void* dkdv[2];
+  int32_t max_smem;
+};
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+typedef int (*LaunchFn)(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned smem, void* stream, void** args, void** extra);
+
+constexpr int kThreads = 128;  // NSA_THREADS in the kernels
+constexpr int64_t kKc = 16;    // NSA_KC
+constexpr int64_t kM = 64;     // NSA_M, rows per CTA of the tensor-core forward
+constexpr int64_t kBk = 64;    // NSA_BK, keys per tile of the tensor-core forward
+
+void* current_stream(const c10::Device& device) {
+  const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  return impl->getStream(device).native_handle();
+}
+
+void launch(const NsaSlcTable* tab, void* fn, const char* what, int64_t gx, int64_t gy,
+            int64_t gz, int64_t smem, void* stream, void** args) {
+  TORCH_CHECK(fn != nullptr, what, ": kernel not loaded");
+  TORCH_CHECK(smem <= tab->max_smem, what, ": needs ", smem,
+              " bytes of shared memory per block, the device allows ", tab->max_smem,
+              " (head sizes or n too large for this kernel)");
+  TORCH_CHECK(gx > 0 && gx < (int64_t(1) << 31) && gy > 0 && gy < 65536 && gz > 0 && gz < 65536,
+              what, ": grid (", gx, ", ", gy, ", ", gz, ") out of range");
+  int rc = reinterpret_cast<LaunchFn>(tab->launch)(fn, unsigned(gx), unsigned(gy), unsigned(gz),
+                                                    kThreads, 1, 1, unsigned(smem), stream, args,
+                                                    nullptr);
+  TORCH_CHECK(rc == 0, "cuLaunchKernel(", what, ") failed with CUDA driver error ", rc);
+}
+
+int dim_index(int64_t d) { return d == 64 ? 0 : d == 128 ? 1 : d == 192 ? 2 : -1; }
+
+int64_t next_pow2(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+// Shared memory of the tensor-core forward (must match slc_fwd_mma's carve-up).
+int64_t mma_smem(int64_t dk, int64_t dv, int64_t hpg, int64_t n, int64_t P) {
+  int64_t bq = kM / hpg;
+  int64_t halfs = kM * (dk + 8) + kBk * (dk + 8) + dv * (kBk + 8);
+  int64_t ints = bq * n + 2 * P + bq * (P / 32) + bq * 2 + kBk + kBk + 1;
+  return halfs * 2 + ints * 4;
+}
+
+Tensor aligned(const Tensor& x) {
+  auto c = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+int type_index(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? 1 : 0; }
+
+struct SelectedFused : public torch::autograd::Function<SelectedFused> {
+  static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, Tensor ids,
+                        int64_t block_len, double scale, int64_t table) {
+    const auto* tab = reinterpret_cast<const NsaSlcTable*>(table);
+    c10::DeviceGuard guard(q.device());
+    q = aligned(q);
+    k = aligned(k);
+    v = aligned(v);
+    int64_t B = q.size(0), S = q.size(1), H = q.size(2), dk = q.size(3);
+    int64_t Hkv = k.size(2), dv = v.size(3), n = ids.size(3), hpg = H / Hkv;
+    auto out = at::empty({B, S, H, dv}, v.options());
+    auto lse = at::empty({B, S, H}, q.options().dtype(at::kFloat));
+    void* stream = current_stream(q.device());
+    void *qp = q.data_ptr(), *kp = k.data_ptr(), *vp = v.data_ptr(), *ip = ids.data_ptr();
+    void *op = out.data_ptr(), *lp = lse.data_ptr();
+    int iS = int(S), iHkv = int(Hkv), ihpg = int(hpg), idk = int(dk), idv = int(dv), in_ = int(n),
+        iL = int(block_len);
+    float fscale = float(scale);
+    int di = dim_index(dk), vi = dim_index(dv);
+    bool mma = q.scalar_type() == at::kBFloat16 && di >= 0 && vi >= 0 && hpg <= kM &&
+               tab->fwd_mma[3 * std::max(di, 0) + std::max(vi, 0)] != nullptr;
+    int64_t bq = mma ? kM / hpg : 1;
+    int64_t P = next_pow2(std::max<int64_t>(32, bq * n));
+    if (mma && mma_smem(dk, dv, hpg, n, P) > tab->max_smem) mma = false;
+    if (mma) {
+      int iP = int(P);
+      void* args[] = {&qp, &kp, &vp, &ip, &op, &lp, &iS, &iHkv, &ihpg, &in_, &iL, &fscale, &iP};
+      launch(tab, tab->fwd_mma[3 * di + vi], "nsa_slc_fwd_mma", (S + bq - 1) / bq, Hkv, B,
+             mma_smem(dk, dv, hpg, n, P), stream, args);
+    } else {
+      int64_t smem = 4 * (hpg * dk + kKc * dk + kKc * dv + hpg * dv + hpg * kKc + 3 * hpg + n);
+      void* args[] = {&qp, &kp, &vp, &ip, &op, &lp, &iS, &iHkv, &ihpg, &idk, &idv, &in_, &iL,
+                      &fscale};
+      launch(tab, tab->fwd_simt[type_index(q)], "nsa_slc_fwd_simt", S, Hkv, B, smem, stream,
+             args);
+    }
+    ctx->save_for_backward({q, k, v, ids, out, lse});
+    ctx->saved_data["block_len"] = block_len;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["table"] = table;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto q = saved[0], k = saved[1], v = saved[2], ids = saved[3], out = saved[4], lse = saved[5];
+    int64_t block_len = ctx->saved_data["block_len"].toInt();
+    double scale = ctx->saved_data["scale"].toDouble();
+    const auto* tab = reinterpret_cast<const NsaSlcTable*>(ctx->saved_data["table"].toInt());
+    c10::DeviceGuard guard(q.device());
+    auto dout = grads[0].to(out.scalar_type()).contiguous();
+    int64_t B = q.size(0), S = q.size(1), H = q.size(2), dk = q.size(3);
+    int64_t Hkv = k.size(2), dv = v.size(3), n = ids.size(3), hpg = H / Hkv;
+    int64_t NB = (S + block_len - 1) / block_len;
+    auto D = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();  // [B, S, H]
+    void* stream = current_stream(q.device());
+    int iS = int(S), iHkv = int(Hkv), ihpg = int(hpg), idk = int(dk), idv = int(dv), in_ = int(n),
+        iL = int(block_len), iNB = int(NB);
+    float fscale = float(scale);
+    void *qp = q.data_ptr(), *kp = k.data_ptr(), *vp = v.data_ptr(), *ip = ids.data_ptr();
+    void *dop = dout.data_ptr(), *lp = lse.data_ptr(), *Dp = D.data_ptr();
+
+    auto dq = at::empty_like(q);
+    void* dqp = dq.data_ptr();
+    {
+      int64_t smem = 4 * (2 * hpg * dk + hpg * dv + kKc * dk + kKc * dv + hpg * kKc + 2 * hpg + n);
+      void* args[] = {&qp, &kp, &vp, &ip, &dop, &lp, &Dp, &dqp, &iS, &iHkv, &ihpg, &idk, &idv,
+                      &in_, &iL, &fscale};
+      launch(tab, tab->dq[type_index(q)], "nsa_slc_dq", S, Hkv, B, smem, stream, args);
+    }
+
+    // Inverse index block -> tokens (blocks.h), deterministic.
+    auto [inv_tok, seg] = nsa_glue::inverse_index(ids, NB);
+
+    auto dk_t = at::empty_like(k);
+    auto dv_t = at::empty_like(v);
+    {
+      void *tp = inv_tok.data_ptr(), *sp = seg.data_ptr();
+      void *dkp = dk_t.data_ptr(), *dvp = dv_t.data_ptr();
+      int64_t smem =
+          4 * (2 * kKc * dk + 2 * kKc * dv + hpg * dk + hpg * dv + 2 * hpg * kKc + 2 * hpg);
+      void* args[] = {&qp, &kp,  &vp, &dop,  &lp,  &Dp,   &tp,  &sp,  &dkp,
+                      &dvp, &iS, &iHkv, &ihpg, &idk, &idv, &iL, &iNB, &fscale};
+      int64_t chunks = (block_len + kKc - 1) / kKc;
+      launch(tab, tab->dkdv[type_index(q)], "nsa_slc_dkdv", NB * chunks, Hkv, B, smem, stream,
+             args);
+    }
+    return {dq, dk_t, dv_t, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct WindowFlash : public torch::autograd::Function<WindowFlash> {
+  static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, int64_t window,
+                        double scale) {
+    q = q.contiguous();
+    k = k.contiguous();
+    v = v.contiguous();
+    int64_t S = q.size(1), Sk = k.size(1);
+    auto res = at::_flash_attention_forward(q, k, v, std::nullopt, std::nullopt, S, Sk, 0.0,
+                                            /*is_causal=*/true, /*return_debug_mask=*/false,
+                                            scale, window - 1, 0);
+    auto out = std::get<0>(res);
+    ctx->save_for_backward({q, k, v, out, std::get<1>(res), std::get<2>(res), std::get<3>(res)});
+    ctx->saved_data["window"] = window;
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    int64_t window = ctx->saved_data["window"].toInt();
+    double scale = ctx->saved_data["scale"].toDouble();
+    auto dout = grads[0].to(s[3].scalar_type()).contiguous();
+    auto res = at::_flash_attention_backward(dout, s[0], s[1], s[2], s[3], s[4], Tensor(),
+                                             Tensor(), s[0].size(1), s[1].size(1), 0.0,
+                                             /*is_causal=*/true, s[5], s[6], scale, window - 1, 0);
+    return {std::get<0>(res), std::get<1>(res), std::get<2>(res), Tensor(), Tensor()};
+  }
+};
+
+void write_error(const char* what, char* err, size_t err_len) {
+  if (err == nullptr || err_len == 0) return;
+  std::strncpy(err, what, err_len - 1);
+  err[err_len - 1] = '\0';
+}
+
+// Under CUDA autocast q, k, v may differ in dtype (bf16 projections, fp32 RoPE output): compute
+// in autocast's dtype when the promoted type is fp32, as the lean functions do. The casts stay
+// outside the Function so autograd routes each gradient back to its input's dtype.
+at::ScalarType common_type(const Tensor& q, const Tensor& k, const Tensor& v) {
+  auto dt = at::promote_types(at::promote_types(q.scalar_type(), k.scalar_type()), v.scalar_type());
+  if (q.is_cuda() && dt == at::kFloat && at::autocast::is_autocast_enabled(at::kCUDA)) {
+    dt = at::autocast::get_autocast_dtype(at::kCUDA);
+  }
+  return dt;
+}
+
+}  // namespace
+
+extern "C" {
+
+// The backward's inverse index of `blocks` (cleaned first) as new tensors, for tests; returns 0
+// or -1 with a message in err.
+int nsa_fused_inverse_index(const at::Tensor* blocks, int64_t block_len, at::Tensor** tokens,
+                            at::Tensor** starts, char* err, size_t err_len) {
+  try {
+    int64_t S = blocks->size(1);
+    auto ids = nsa_glue::clean_block_ids(*blocks, block_len, S);
+    auto [t, s] = nsa_glue::inverse_index(ids, (S + block_len - 1) / block_len);
+    *tokens = new at::Tensor(std::move(t));
+    *starts = new at::Tensor(std::move(s));
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return -1;
+  }
+}
+
+// The dtype the fused functions compute q, k, v in: 1 = fp32, 2 = bf16, 0 = anything else.
+int nsa_fused_compute_dtype(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v) {
+  try {
+    auto dt = common_type(*q, *k, *v);
+    return dt == at::kFloat ? 1 : dt == at::kBFloat16 ? 2 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+// Returns a new at::Tensor* (ownership passes to the caller) or nullptr with a message in err.
+at::Tensor* nsa_fused_selected(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                               const at::Tensor* blocks, int64_t block_len, double scale,
+                               const NsaSlcTable* table, char* err, size_t err_len) {
+  try {
+    TORCH_CHECK(table != nullptr, "fused selected attention: no kernel table");
+    TORCH_CHECK(q->is_cuda(), "fused selected attention: CUDA tensors only");
+    auto dt = common_type(*q, *k, *v);
+    TORCH_CHECK(dt == at::kBFloat16 || dt == at::kFloat,
+                "fused selected attention: bf16 or fp32 inputs, got ", dt);
+    auto ids = nsa_glue::clean_block_ids(blocks->to(q->device()), block_len, k->size(1))
+                   .to(at::kInt)
+                   .contiguous();
+    auto qc = q->to(dt), kc = k->to(dt), vc = v->to(dt);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto out = SelectedFused::apply(qc, kc, vc, ids, block_len, scale,
+                                    reinterpret_cast<int64_t>(table));
+    return new at::Tensor(std::move(out));
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                             int64_t window, double scale, char* err, size_t err_len) {
+  try {
+    TORCH_CHECK(window > 0, "fused window attention: window must be positive");
+    TORCH_CHECK(q->is_cuda(), "fused window attention: CUDA tensors only");
+    auto dt = common_type(*q, *k, *v);
+    TORCH_CHECK(dt == at::kBFloat16, "fused window attention: bf16 only, got ", dt);
+    auto qc = q->to(dt), kc = k->to(dt), vc = v->to(dt);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto out = WindowFlash::apply(qc, kc, vc, window, scale);
+    return new at::Tensor(std::move(out));
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+}  // extern "C"

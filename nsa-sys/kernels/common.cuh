@@ -1,0 +1,35 @@
+// Helpers shared by the NSA kernels (included by name through NVRTC's header list).
+//
+// Element access for the two input types (bf16 and fp32; every kernel accumulates in fp32),
+// the block-id rules every path agrees on, and small warp reductions.
+#pragma once
+#include <cuda_bf16.h>
+
+namespace nsa {
+
+// No <math.h> under NVRTC: +infinity from its bit pattern.
+#define INFINITY __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Block ids arrive already cleaned by the host glue: int32 [B, S, Hkv, n], each row's distinct
+// valid ids (0 <= j <= t / L, j * L < S) first in descending order, -1 after them. Kernels
+// still treat any id outside [0, t / L] as a skipped slot, so a stray value can never read
+// outside K / V.
+__device__ __forceinline__ bool id_ok(int j, long long t, int L) {
+  return j >= 0 && (long long)j * L <= t;
+}
+
+}  // namespace nsa

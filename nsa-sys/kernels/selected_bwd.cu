@@ -1,0 +1,215 @@
+// Selected-branch attention, backward.
+//
+// Equations (forward in selected_fwd.cu; K(t) the keys token t reads, p the probabilities
+// recomputed from the saved log-sum-exp, D the row dot product of the output gradient):
+//   p[t, h, s]  = exp(scale * q[t, h] . k[s] - lse[t, h])                 for s in K(t)
+//   D[t, h]     = do[t, h] . o[t, h]                                     (computed by the glue)
+//   ds[t, h, s] = p[t, h, s] * (do[t, h] . v[s] - D[t, h])
+//   dq[t, h]    = scale * sum_{s in K(t)} ds[t, h, s] * k[s]
+//   dk[s]       = scale * sum_{(t, h) : s in K(t)} ds[t, h, s] * q[t, h]
+//   dv[s]       = sum_{(t, h) : s in K(t)} p[t, h, s] * do[t, h]
+// (batch b and group g fixed throughout; h runs over the group's hpg heads.)
+//
+// Layouts: as the forward, plus do [B, S, H, dv] (input type), lse and D fp32 [B, S, H],
+// dq [B, S, H, dk], dk [B, S, Hkv, dk], dv [B, S, Hkv, dv] in the input type.
+// Inverse index (built by the glue from the cleaned ids with a stable device sort, a count
+// and a scan): inv_tok int32 [E] lists, for every (b, g, block j) in that order, the tokens
+// that selected block j in ascending order; seg int64 [B * Hkv * NB + 1] holds the segment
+// starts (NB = ceil(S / L) blocks).
+//
+// nsa_slc_dq_{f32,bf16}: one CTA of 128 threads per (token, group, batch), the forward's
+//   gather of the selected blocks in chunks of KC = 16 keys; dq accumulated in fp32 shared
+//   memory. Shared: q, dq [hpg][dk], do [hpg][dv], K/V chunk [KC][dk | dv], ds [hpg][KC],
+//   lse, D [hpg], ids [n].
+// nsa_slc_dkdv_{f32,bf16}: one CTA per (key chunk of KC keys inside block j, group, batch),
+//   grid x = NB * ceil(L / KC). It walks the tokens that selected block j in ascending order
+//   (the inverse index), so every key's gradient is summed by one CTA in a fixed order:
+//   deterministic, no float atomics, and every key of the sequence is written exactly once
+//   (zeros for keys nobody read). Shared: K/V chunk and dK/dV accumulators [KC][dk | dv],
+//   q [hpg][dk], do [hpg][dv], p and ds [hpg][KC], lse, D [hpg].
+// Both are plain fp32 SIMT kernels for either input type.
+#include "common.cuh"
+
+#define NSA_KC 16
+#define NSA_THREADS 128
+
+namespace nsa {
+
+template <typename T>
+__device__ void slc_dq(const T* __restrict__ q, const T* __restrict__ k,
+                       const T* __restrict__ v, const int* __restrict__ ids,
+                       const T* __restrict__ dout, const float* __restrict__ lse,
+                       const float* __restrict__ D, T* __restrict__ dq, int S, int Hkv, int hpg,
+                       int dk, int dv, int n, int L, float scale) {
+  extern __shared__ float sm[];
+  const int t = blockIdx.x, g = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const int H = Hkv * hpg;
+  float* qs = sm;                 // [hpg][dk]
+  float* dqs = qs + hpg * dk;     // [hpg][dk]
+  float* dos = dqs + hpg * dk;    // [hpg][dv]
+  float* ks = dos + hpg * dv;     // [KC][dk]
+  float* vs = ks + NSA_KC * dk;   // [KC][dv]
+  float* dss = vs + NSA_KC * dv;  // [hpg][KC]
+  float* lses = dss + hpg * NSA_KC;
+  float* Ds = lses + hpg;
+  int* idl = (int*)(Ds + hpg);
+  const long long row = ((long long)b * S + t) * H + (long long)g * hpg;
+  for (int e = tid; e < hpg * dk; e += NSA_THREADS) {
+    qs[e] = to_f(q[row * dk + e]);
+    dqs[e] = 0.f;
+  }
+  for (int e = tid; e < hpg * dv; e += NSA_THREADS) dos[e] = to_f(dout[row * dv + e]);
+  for (int h = tid; h < hpg; h += NSA_THREADS) {
+    lses[h] = lse[row + h];
+    Ds[h] = D[row + h];
+  }
+  for (int e = tid; e < n; e += NSA_THREADS) idl[e] = ids[(((long long)b * S + t) * Hkv + g) * n + e];
+  __syncthreads();
+  for (int slot = 0; slot < n; ++slot) {
+    const int j = idl[slot];
+    if (!id_ok(j, t, L)) continue;
+    const int s_end = min(min(j * L + L, t + 1), S);
+    for (int c0 = j * L; c0 < s_end; c0 += NSA_KC) {
+      const int nk = min(NSA_KC, s_end - c0);
+      for (int e = tid; e < nk * dk; e += NSA_THREADS) {
+        const int kk = e / dk, d = e % dk;
+        ks[e] = to_f(k[(((long long)b * S + c0 + kk) * Hkv + g) * dk + d]);
+      }
+      for (int e = tid; e < nk * dv; e += NSA_THREADS) {
+        const int kk = e / dv, d = e % dv;
+        vs[e] = to_f(v[(((long long)b * S + c0 + kk) * Hkv + g) * dv + d]);
+      }
+      __syncthreads();
+      for (int e = tid; e < hpg * NSA_KC; e += NSA_THREADS) {
+        const int h = e / NSA_KC, kk = e % NSA_KC;
+        float ds = 0.f;
+        if (kk < nk) {
+          float s = 0.f, dp = 0.f;
+          for (int d = 0; d < dk; ++d) s = fmaf(qs[h * dk + d], ks[kk * dk + d], s);
+          for (int d = 0; d < dv; ++d) dp = fmaf(dos[h * dv + d], vs[kk * dv + d], dp);
+          const float p = __expf(s * scale - lses[h]);
+          ds = p * (dp - Ds[h]) * scale;
+        }
+        dss[e] = ds;
+      }
+      __syncthreads();
+      for (int e = tid; e < hpg * dk; e += NSA_THREADS) {
+        const int h = e / dk, d = e % dk;
+        float acc = dqs[e];
+        for (int kk = 0; kk < nk; ++kk) acc = fmaf(dss[h * NSA_KC + kk], ks[kk * dk + d], acc);
+        dqs[e] = acc;
+      }
+      __syncthreads();
+    }
+  }
+  for (int e = tid; e < hpg * dk; e += NSA_THREADS) dq[row * dk + e] = from_f<T>(dqs[e]);
+}
+
+template <typename T>
+__device__ void slc_dkdv(const T* __restrict__ q, const T* __restrict__ k,
+                         const T* __restrict__ v, const T* __restrict__ dout,
+                         const float* __restrict__ lse, const float* __restrict__ D,
+                         const int* __restrict__ inv_tok, const long long* __restrict__ seg,
+                         T* __restrict__ dk_out, T* __restrict__ dv_out, int S, int Hkv,
+                         int hpg, int dk, int dv, int L, int NB, float scale) {
+  extern __shared__ float sm[];
+  const int nchunks = (L + NSA_KC - 1) / NSA_KC;
+  const int j = blockIdx.x / nchunks, chunk = blockIdx.x % nchunks;
+  const int g = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const int H = Hkv * hpg;
+  const long long c0 = (long long)j * L + chunk * NSA_KC;
+  const int nk = (int)max(0LL, min((long long)min(NSA_KC, L - chunk * NSA_KC), S - c0));
+  if (j >= NB || nk <= 0) return;  // uniform over the CTA: no barrier is skipped by some only
+  float* ks = sm;                    // [KC][dk]
+  float* vs = ks + NSA_KC * dk;      // [KC][dv]
+  float* dks = vs + NSA_KC * dv;     // [KC][dk]
+  float* dvs = dks + NSA_KC * dk;    // [KC][dv]
+  float* qs = dvs + NSA_KC * dv;     // [hpg][dk]
+  float* dos = qs + hpg * dk;        // [hpg][dv]
+  float* ps = dos + hpg * dv;        // [hpg][KC]
+  float* dss = ps + hpg * NSA_KC;    // [hpg][KC]
+  float* lses = dss + hpg * NSA_KC;  // [hpg]
+  float* Ds = lses + hpg;            // [hpg]
+  for (int e = tid; e < NSA_KC * dk; e += NSA_THREADS) {
+    const int kk = e / dk, d = e % dk;
+    ks[e] = kk < nk ? to_f(k[(((long long)b * S + c0 + kk) * Hkv + g) * dk + d]) : 0.f;
+    dks[e] = 0.f;
+  }
+  for (int e = tid; e < NSA_KC * dv; e += NSA_THREADS) {
+    const int kk = e / dv, d = e % dv;
+    vs[e] = kk < nk ? to_f(v[(((long long)b * S + c0 + kk) * Hkv + g) * dv + d]) : 0.f;
+    dvs[e] = 0.f;
+  }
+  const long long sidx = ((long long)b * Hkv + g) * NB + j;
+  const long long e0 = seg[sidx], e1 = seg[sidx + 1];
+  __syncthreads();
+  for (long long ei = e0; ei < e1; ++ei) {
+    const int t = inv_tok[ei];
+    const long long row = ((long long)b * S + t) * H + (long long)g * hpg;
+    for (int e = tid; e < hpg * dk; e += NSA_THREADS) qs[e] = to_f(q[row * dk + e]);
+    for (int e = tid; e < hpg * dv; e += NSA_THREADS) dos[e] = to_f(dout[row * dv + e]);
+    for (int h = tid; h < hpg; h += NSA_THREADS) {
+      lses[h] = lse[row + h];
+      Ds[h] = D[row + h];
+    }
+    __syncthreads();
+    for (int e = tid; e < hpg * NSA_KC; e += NSA_THREADS) {
+      const int h = e / NSA_KC, kk = e % NSA_KC;
+      float p = 0.f, ds = 0.f;
+      if (kk < nk && c0 + kk <= t) {
+        float s = 0.f, dp = 0.f;
+        for (int d = 0; d < dk; ++d) s = fmaf(qs[h * dk + d], ks[kk * dk + d], s);
+        for (int d = 0; d < dv; ++d) dp = fmaf(dos[h * dv + d], vs[kk * dv + d], dp);
+        p = __expf(s * scale - lses[h]);
+        ds = p * (dp - Ds[h]) * scale;
+      }
+      ps[e] = p;
+      dss[e] = ds;
+    }
+    __syncthreads();
+    for (int e = tid; e < NSA_KC * dv; e += NSA_THREADS) {
+      const int kk = e / dv, d = e % dv;
+      float acc = dvs[e];
+      for (int h = 0; h < hpg; ++h) acc = fmaf(ps[h * NSA_KC + kk], dos[h * dv + d], acc);
+      dvs[e] = acc;
+    }
+    for (int e = tid; e < NSA_KC * dk; e += NSA_THREADS) {
+      const int kk = e / dk, d = e % dk;
+      float acc = dks[e];
+      for (int h = 0; h < hpg; ++h) acc = fmaf(dss[h * NSA_KC + kk], qs[h * dk + d], acc);
+      dks[e] = acc;
+    }
+    __syncthreads();
+  }
+  for (int e = tid; e < nk * dk; e += NSA_THREADS) {
+    const int kk = e / dk, d = e % dk;
+    dk_out[(((long long)b * S + c0 + kk) * Hkv + g) * dk + d] = from_f<T>(dks[e]);
+  }
+  for (int e = tid; e < nk * dv; e += NSA_THREADS) {
+    const int kk = e / dv, d = e % dv;
+    dv_out[(((long long)b * S + c0 + kk) * Hkv + g) * dv + d] = from_f<T>(dvs[e]);
+  }
+}
+
+}  // namespace nsa
+
+#define NSA_DQ(NAME, T)                                                                        \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS)                                    \
+      NAME(const T* q, const T* k, const T* v, const int* ids, const T* dout,                  \
+           const float* lse, const float* D, T* dq, int S, int Hkv, int hpg, int dk, int dv,   \
+           int n, int L, float scale) {                                                        \
+    nsa::slc_dq<T>(q, k, v, ids, dout, lse, D, dq, S, Hkv, hpg, dk, dv, n, L, scale);         \
+  }
+NSA_DQ(nsa_slc_dq_f32, float)
+NSA_DQ(nsa_slc_dq_bf16, __nv_bfloat16)
+
+#define NSA_DKDV(NAME, T)                                                                      \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS)                                    \
+      NAME(const T* q, const T* k, const T* v, const T* dout, const float* lse,                \
+           const float* D, const int* inv_tok, const long long* seg, T* dk_out, T* dv_out,     \
+           int S, int Hkv, int hpg, int dk, int dv, int L, int NB, float scale) {              \
+    nsa::slc_dkdv<T>(q, k, v, dout, lse, D, inv_tok, seg, dk_out, dv_out, S, Hkv, hpg, dk, dv, \
+                     L, NB, scale);                                                            \
+  }
+NSA_DKDV(nsa_slc_dkdv_f32, float)
+NSA_DKDV(nsa_slc_dkdv_bf16, __nv_bfloat16)

@@ -1,0 +1,423 @@
+// Selected-branch attention, forward (NSA §3.3.2, the "slc" branch).
+//
+// Equation. For batch b, token t, key group g with heads h = g*hpg .. g*hpg + hpg - 1 and the
+// cleaned block ids J(b, t, g) (distinct, 0 <= j <= t / L):
+//   keys K(t) = { s : s / L in J(b, t, g), s <= t },
+//   o[b, t, h, :]  = sum_{s in K(t)} softmax_s(scale * q[b, t, h] . k[b, s, g]) * v[b, s, g, :],
+//   lse[b, t, h]   = log sum_{s in K(t)} exp(scale * q[b, t, h] . k[b, s, g])   (natural log),
+// accumulated in fp32 with an online softmax. Rows with no key (never, once ids are cleaned,
+// since block t / L is always valid) would get o = 0 and lse = +inf.
+//
+// Layouts (row-major, contiguous): q [B, S, H, dk], k [B, S, Hkv, dk], v [B, S, Hkv, dv],
+// ids int32 [B, S, Hkv, n] (cleaned by the host glue: distinct valid ids first, -1 after),
+// out [B, S, H, dv] in the input type, lse fp32 [B, S, H]. H = Hkv * hpg; query head h reads
+// key head h / hpg.
+//
+// Two kernels:
+//
+// nsa_slc_fwd_mma_dk{DK}_dv{DV} (bf16 only, tensor cores through mma.sync m16n8k16):
+//   one CTA of 4 warps per (tile of BQ = 64 / hpg consecutive tokens, group g, batch b); its
+//   M = BQ * hpg <= 64 rows are (token, head) pairs, row r = token (r / hpg), head (r % hpg),
+//   16 rows per warp. The CTA reads the union of its tokens' selected blocks (sorted, deduped
+//   in shared memory), flattened into key tiles of BK = 64 keys, so every K/V tile it loads
+//   serves all hpg heads of all BQ tokens (group-centric, and M stays 64 when hpg is small);
+//   a per-(token, key) bit mask built per tile from a token x union membership bitmap keeps
+//   each row to its own blocks and to keys <= t. S = Q K^T and O += P V run on tensor cores
+//   with fp32 accumulators in registers (flash-attention-2 style register reuse of the score
+//   fragment as the A operand of P V). Shared memory (dynamic): Q [64][DK+8], K [64][DK+8],
+//   V^T [DV][64+8] (bf16, rows padded by 16 bytes against bank conflicts), ids [BQ][n],
+//   candidate and union lists [P] each (P = next power of two >= max(32, BQ * n)),
+//   membership bits [BQ][P/32], key mask [BQ][2], key positions and union slots [64].
+//
+// nsa_slc_fwd_simt_{f32,bf16} (any dk, dv): one CTA of 128 threads per (token, group, batch)
+//   (the paper's kernel shape), keys of each selected block in chunks of KC = 16 loaded once
+//   for all hpg heads; plain fp32 FMAs. The exact fp32 path (and the bf16 fallback for head
+//   sizes without an mma instantiation). Shared memory: q, o [hpg][dk | dv], K/V chunk
+//   [KC][dk | dv], p [hpg][KC], running max / sum / rescale [hpg], ids [n] (floats, ints).
+#include "common.cuh"
+
+#define NSA_KC 16
+#define NSA_THREADS 128
+
+namespace nsa {
+
+template <typename T>
+__device__ void slc_fwd_simt(const T* __restrict__ q, const T* __restrict__ k,
+                             const T* __restrict__ v, const int* __restrict__ ids,
+                             T* __restrict__ out, float* __restrict__ lse, int S, int Hkv,
+                             int hpg, int dk, int dv, int n, int L, float scale) {
+  extern __shared__ float sm[];
+  const int t = blockIdx.x, g = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const int H = Hkv * hpg;
+  float* qs = sm;                   // [hpg][dk]
+  float* ks = qs + hpg * dk;        // [KC][dk]
+  float* vs = ks + NSA_KC * dk;     // [KC][dv]
+  float* os = vs + NSA_KC * dv;     // [hpg][dv]
+  float* ps = os + hpg * dv;        // [hpg][KC]
+  float* ms = ps + hpg * NSA_KC;    // [hpg]
+  float* ls = ms + hpg;             // [hpg]
+  float* as = ls + hpg;             // [hpg]
+  int* idl = (int*)(as + hpg);      // [n]
+  const long long row = ((long long)b * S + t) * H + (long long)g * hpg;  // first head's row
+  for (int e = tid; e < hpg * dk; e += NSA_THREADS) qs[e] = to_f(q[row * dk + e]);
+  for (int e = tid; e < hpg * dv; e += NSA_THREADS) os[e] = 0.f;
+  for (int e = tid; e < hpg; e += NSA_THREADS) {
+    ms[e] = -INFINITY;
+    ls[e] = 0.f;
+  }
+  for (int e = tid; e < n; e += NSA_THREADS) idl[e] = ids[(((long long)b * S + t) * Hkv + g) * n + e];
+  __syncthreads();
+  for (int slot = 0; slot < n; ++slot) {
+    const int j = idl[slot];
+    if (!id_ok(j, t, L)) continue;
+    const int s_end = min(min(j * L + L, t + 1), S);
+    for (int c0 = j * L; c0 < s_end; c0 += NSA_KC) {
+      const int nk = min(NSA_KC, s_end - c0);
+      for (int e = tid; e < nk * dk; e += NSA_THREADS) {
+        const int kk = e / dk, d = e % dk;
+        ks[e] = to_f(k[(((long long)b * S + c0 + kk) * Hkv + g) * dk + d]);
+      }
+      for (int e = tid; e < nk * dv; e += NSA_THREADS) {
+        const int kk = e / dv, d = e % dv;
+        vs[e] = to_f(v[(((long long)b * S + c0 + kk) * Hkv + g) * dv + d]);
+      }
+      __syncthreads();
+      for (int e = tid; e < hpg * NSA_KC; e += NSA_THREADS) {
+        const int h = e / NSA_KC, kk = e % NSA_KC;
+        float acc = -INFINITY;
+        if (kk < nk) {
+          acc = 0.f;
+          for (int d = 0; d < dk; ++d) acc = fmaf(qs[h * dk + d], ks[kk * dk + d], acc);
+          acc *= scale;
+        }
+        ps[e] = acc;
+      }
+      __syncthreads();
+      for (int h = tid; h < hpg; h += NSA_THREADS) {
+        float mx = ms[h];
+        for (int kk = 0; kk < nk; ++kk) mx = fmaxf(mx, ps[h * NSA_KC + kk]);
+        // mx is finite: the chunk holds at least one key.
+        const float alpha = __expf(ms[h] - mx);  // exp(-inf) = 0 on the first chunk
+        float sum = 0.f;
+        for (int kk = 0; kk < NSA_KC; ++kk) {
+          const float p = kk < nk ? __expf(ps[h * NSA_KC + kk] - mx) : 0.f;
+          ps[h * NSA_KC + kk] = p;
+          sum += p;
+        }
+        ls[h] = ls[h] * alpha + sum;
+        ms[h] = mx;
+        as[h] = alpha;
+      }
+      __syncthreads();
+      for (int e = tid; e < hpg * dv; e += NSA_THREADS) {
+        const int h = e / dv, d = e % dv;
+        float acc = os[e] * as[h];
+        for (int kk = 0; kk < nk; ++kk) acc = fmaf(ps[h * NSA_KC + kk], vs[kk * dv + d], acc);
+        os[e] = acc;
+      }
+      __syncthreads();
+    }
+  }
+  for (int e = tid; e < hpg * dv; e += NSA_THREADS) {
+    const int h = e / dv;
+    const float l = ls[h];
+    out[row * dv + e] = from_f<T>(l > 0.f ? os[e] / l : 0.f);
+  }
+  for (int h = tid; h < hpg; h += NSA_THREADS) {
+    const float l = ls[h];
+    lse[row + h] = l > 0.f ? ms[h] + logf(l) : INFINITY;
+  }
+}
+
+// ---- tensor-core forward (bf16) ------------------------------------------------------------
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+  __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&x);
+}
+
+// d += a * b for one m16n8k16 tile (A row-major 16x16, B "col" 16x8, fp32 accumulators).
+__device__ __forceinline__ void mma_bf16(float* d, unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+#define NSA_BK 64
+#define NSA_M 64
+
+template <int DK, int DV>
+__device__ void slc_fwd_mma(const __nv_bfloat16* __restrict__ q,
+                            const __nv_bfloat16* __restrict__ k,
+                            const __nv_bfloat16* __restrict__ v, const int* __restrict__ ids,
+                            __nv_bfloat16* __restrict__ out, float* __restrict__ lse, int S,
+                            int Hkv, int hpg, int n, int L, float scale, int P) {
+  static_assert(DK % 16 == 0 && DV % 16 == 0, "head sizes must be multiples of 16");
+  constexpr int QS = DK + 8;      // row stride of Q and K tiles (elements)
+  constexpr int VS = NSA_BK + 8;  // row stride of V^T
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smraw);
+  __nv_bfloat16* Ks = Qs + NSA_M * QS;
+  __nv_bfloat16* Vt = Ks + NSA_BK * QS;
+  int* ids_s = reinterpret_cast<int*>(Vt + DV * VS);
+  const int BQ = NSA_M / hpg;
+  int* cand = ids_s + BQ * n;
+  int* uni = cand + P;
+  const int PW = P / 32;
+  unsigned* mbits = reinterpret_cast<unsigned*>(uni + P);
+  unsigned* kmask = mbits + BQ * PW;
+  int* colpos = reinterpret_cast<int*>(kmask + BQ * 2);
+  int* colu = colpos + NSA_BK;
+  int* ucount = colu + NSA_BK;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gq = lane / 4, tig = lane % 4;
+  const int t0 = blockIdx.x * BQ, g = blockIdx.y, b = blockIdx.z;
+  const int H = Hkv * hpg, nrows = BQ * hpg;
+
+  // Q rows (token, head) -> shared, zeros for rows past the tile or the sequence.
+  for (int e = tid; e < NSA_M * (DK / 8); e += NSA_THREADS) {
+    const int r = e / (DK / 8), ch = e % (DK / 8);
+    const int t = t0 + r / hpg;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (r < nrows && t < S) {
+      const long long off = (((long long)b * S + t) * H + g * hpg + r % hpg) * DK + ch * 8;
+      val = *reinterpret_cast<const uint4*>(q + off);
+    }
+    *reinterpret_cast<uint4*>(Qs + r * QS + ch * 8) = val;
+  }
+  // Ids of the tile's tokens, and the candidate list for the union.
+  for (int e = tid; e < P; e += NSA_THREADS) {
+    int j = -1;
+    if (e < BQ * n) {
+      const int i = e / n, slot = e % n, t = t0 + i;
+      if (t < S) {
+        j = ids[(((long long)b * S + t) * Hkv + g) * n + slot];
+        if (!id_ok(j, t, L)) j = -1;
+      }
+      ids_s[e] = j;
+    }
+    cand[e] = j < 0 ? 0x7fffffff : j;
+  }
+  __syncthreads();
+  // Bitonic sort of the candidates (P is a power of two).
+  for (int kk = 2; kk <= P; kk <<= 1) {
+    for (int jj = kk >> 1; jj > 0; jj >>= 1) {
+      for (int i = tid; i < P; i += NSA_THREADS) {
+        const int ixj = i ^ jj;
+        if (ixj > i) {
+          const int a = cand[i], c = cand[ixj];
+          const bool up = (i & kk) == 0;
+          if ((a > c) == up) {
+            cand[i] = c;
+            cand[ixj] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // Distinct ids in ascending order -> uni[0 .. U).
+  if (warp == 0) {
+    int base = 0;
+    for (int c0 = 0; c0 < P; c0 += 32) {
+      const int i = c0 + lane;
+      const int x = cand[i];
+      const bool keep = x != 0x7fffffff && (i == 0 || cand[i - 1] != x);
+      const unsigned m = __ballot_sync(0xffffffffu, keep);
+      if (keep) uni[base + __popc(m & ((1u << lane) - 1u))] = x;
+      base += __popc(m);
+    }
+    if (lane == 0) *ucount = base;
+  }
+  for (int e = tid; e < BQ * PW; e += NSA_THREADS) mbits[e] = 0u;
+  __syncthreads();
+  const int U = *ucount;
+  // Membership: token i selected union entry u.
+  for (int e = tid; e < BQ * n; e += NSA_THREADS) {
+    const int j = ids_s[e];
+    if (j < 0) continue;
+    int lo = 0, hi = U - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (uni[mid] < j) lo = mid + 1; else hi = mid;
+    }
+    atomicOr(&mbits[(e / n) * PW + lo / 32], 1u << (lo % 32));
+  }
+  __syncthreads();
+
+  const int r0 = warp * 16 + gq, r1 = r0 + 8;
+  const int i0 = r0 / hpg, i1 = r1 / hpg;
+  const bool ok0 = r0 < nrows && t0 + i0 < S, ok1 = r1 < nrows && t0 + i1 < S;
+  const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[DV / 8][4];
+#pragma unroll
+  for (int nv = 0; nv < DV / 8; ++nv) o[nv][0] = o[nv][1] = o[nv][2] = o[nv][3] = 0.f;
+
+  const long long F = (long long)U * L;
+  for (long long f0 = 0; f0 < F; f0 += NSA_BK) {
+    for (int c = tid; c < NSA_BK; c += NSA_THREADS) {
+      const long long f = f0 + c;
+      int p = -1, u = 0;
+      if (f < F) {
+        u = (int)(f / L);
+        const long long pos = (long long)uni[u] * L + f % L;
+        if (pos < S) p = (int)pos;
+      }
+      colpos[c] = p;
+      colu[c] = u;
+    }
+    __syncthreads();
+    for (int e = tid; e < NSA_BK * (DK / 8); e += NSA_THREADS) {
+      const int c = e / (DK / 8), ch = e % (DK / 8), p = colpos[c];
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (p >= 0) val = *reinterpret_cast<const uint4*>(k + (((long long)b * S + p) * Hkv + g) * DK + ch * 8);
+      *reinterpret_cast<uint4*>(Ks + c * QS + ch * 8) = val;
+    }
+    for (int e = tid; e < NSA_BK * (DV / 8); e += NSA_THREADS) {
+      const int c = e / (DV / 8), ch = e % (DV / 8), p = colpos[c];
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (p >= 0) val = *reinterpret_cast<const uint4*>(v + (((long long)b * S + p) * Hkv + g) * DV + ch * 8);
+      const __nv_bfloat16* x = reinterpret_cast<const __nv_bfloat16*>(&val);
+#pragma unroll
+      for (int y = 0; y < 8; ++y) Vt[(ch * 8 + y) * VS + c] = x[y];
+    }
+    for (int i = warp; i < BQ; i += NSA_THREADS / 32) {
+      const int t = t0 + i;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int c = half * 32 + lane, p = colpos[c], u = colu[c];
+        const bool vis = t < S && p >= 0 && p <= t && ((mbits[i * PW + u / 32] >> (u % 32)) & 1u);
+        const unsigned bits = __ballot_sync(0xffffffffu, vis);
+        if (lane == 0) kmask[i * 2 + half] = bits;
+      }
+    }
+    __syncthreads();
+
+    float sacc[NSA_BK / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < NSA_BK / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
+#pragma unroll
+    for (int kt = 0; kt < DK / 16; ++kt) {
+      const unsigned* qa = reinterpret_cast<const unsigned*>(Qs + r0 * QS + kt * 16 + tig * 2);
+      const unsigned* qb = reinterpret_cast<const unsigned*>(Qs + r1 * QS + kt * 16 + tig * 2);
+      const unsigned a0 = qa[0], a1 = qb[0], a2 = qa[4], a3 = qb[4];
+#pragma unroll
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+        const unsigned* kb = reinterpret_cast<const unsigned*>(Ks + (nt * 8 + gq) * QS + kt * 16 + tig * 2);
+        mma_bf16(sacc[nt], a0, a1, a2, a3, kb[0], kb[4]);
+      }
+    }
+    // Mask, online softmax (rows r0: elements 0, 1; r1: elements 2, 3).
+    const unsigned mk0[2] = {ok0 ? kmask[i0 * 2] : 0u, ok0 ? kmask[i0 * 2 + 1] : 0u};
+    const unsigned mk1[2] = {ok1 ? kmask[i1 * 2] : 0u, ok1 ? kmask[i1 * 2 + 1] : 0u};
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = nt * 8 + tig * 2 + (e & 1);
+        const unsigned* mk = e < 2 ? mk0 : mk1;
+        const bool vis = (mk[c / 32] >> (c % 32)) & 1u;
+        const float s = vis ? sacc[nt][e] * sl2 : -INFINITY;
+        sacc[nt][e] = s;
+        mx[e / 2] = fmaxf(mx[e / 2], s);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 1));
+      mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 2));
+      // All-masked so far: keep the reference at 0 so exp2(-inf - 0) = 0, never NaN.
+      const float ref = mx[rh] == -INFINITY ? 0.f : mx[rh];
+      alpha[rh] = exp2f(m[rh] - ref);
+      m[rh] = mx[rh];
+      mx[rh] = ref;
+    }
+    float lsum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(sacc[nt][e] - mx[e / 2]);
+        sacc[nt][e] = p;
+        lsum[e / 2] += p;
+      }
+    }
+    l[0] = l[0] * alpha[0] + lsum[0];
+    l[1] = l[1] * alpha[1] + lsum[1];
+#pragma unroll
+    for (int nv = 0; nv < DV / 8; ++nv) {
+      o[nv][0] *= alpha[0];
+      o[nv][1] *= alpha[0];
+      o[nv][2] *= alpha[1];
+      o[nv][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kk = 0; kk < NSA_BK / 16; ++kk) {
+      const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
+      const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
+      const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
+      const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
+#pragma unroll
+      for (int nv = 0; nv < DV / 8; ++nv) {
+        const unsigned* vb = reinterpret_cast<const unsigned*>(Vt + (nv * 8 + gq) * VS + kk * 16 + tig * 2);
+        mma_bf16(o[nv], a0, a1, a2, a3, vb[0], vb[4]);
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 1);
+    l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 2);
+  }
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int r = rh == 0 ? r0 : r1;
+    if (!(rh == 0 ? ok0 : ok1)) continue;
+    const int t = t0 + r / hpg;
+    const long long orow = ((long long)b * S + t) * H + g * hpg + r % hpg;
+    const float inv = l[rh] > 0.f ? 1.f / l[rh] : 0.f;
+#pragma unroll
+    for (int nv = 0; nv < DV / 8; ++nv) {
+      __nv_bfloat162 pair = __floats2bfloat162_rn(o[nv][2 * rh] * inv, o[nv][2 * rh + 1] * inv);
+      *reinterpret_cast<__nv_bfloat162*>(out + orow * DV + nv * 8 + tig * 2) = pair;
+    }
+    if (tig == 0) lse[orow] = l[rh] > 0.f ? (m[rh] + log2f(l[rh])) * 0.6931471805599453f : INFINITY;
+  }
+}
+
+}  // namespace nsa
+
+#define NSA_SIMT_FWD(NAME, T)                                                                  \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS)                                    \
+      NAME(const T* q, const T* k, const T* v, const int* ids, T* out, float* lse, int S,      \
+           int Hkv, int hpg, int dk, int dv, int n, int L, float scale) {                      \
+    nsa::slc_fwd_simt<T>(q, k, v, ids, out, lse, S, Hkv, hpg, dk, dv, n, L, scale);           \
+  }
+NSA_SIMT_FWD(nsa_slc_fwd_simt_f32, float)
+NSA_SIMT_FWD(nsa_slc_fwd_simt_bf16, __nv_bfloat16)
+
+#define NSA_MMA_FWD(DK, DV)                                                                    \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS) nsa_slc_fwd_mma_dk##DK##_dv##DV(  \
+      const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const int* ids, \
+      __nv_bfloat16* out, float* lse, int S, int Hkv, int hpg, int n, int L, float scale,      \
+      int P) {                                                                                 \
+    nsa::slc_fwd_mma<DK, DV>(q, k, v, ids, out, lse, S, Hkv, hpg, n, L, scale, P);            \
+  }
+NSA_MMA_FWD(64, 64)
+NSA_MMA_FWD(64, 128)
+NSA_MMA_FWD(64, 192)
+NSA_MMA_FWD(128, 64)
+NSA_MMA_FWD(128, 128)
+NSA_MMA_FWD(128, 192)
+NSA_MMA_FWD(192, 64)
+NSA_MMA_FWD(192, 128)
+NSA_MMA_FWD(192, 192)

@@ -1,0 +1,511 @@
+//! Fused NSA attention on CUDA: the selected branch through the NVRTC kernels of
+//! `nsa-sys/kernels/selected_{fwd,bwd}.cu`, the sliding window through libtorch's own
+//! flash-attention kernel with its window parameters. Both are custom autograd functions in
+//! `glue/fused.cpp`; kernels run on libtorch's current CUDA stream, on the tensors' memory.
+//!
+//! Kernels are compiled per device architecture on first use (NVRTC, [`crate::nvrtc`]),
+//! loaded into the device's primary context (the one libtorch uses) and kept for the life of
+//! the process. [`configure`] sets the compile options (the CUBIN cache folder) for devices
+//! loaded afterwards.
+//!
+//! Layouts: `q` `[B, S, H, dk]`, `k` `[B, S, Hkv, dk]`, `v` `[B, S, Hkv, dv]`, output
+//! `[B, S, H, dv]`; query head `j` reads key head `j / (H / Hkv)`; block ids int64 or int32
+//! `[B, S, Hkv, n]`. Semantics as `crate::autograd::block_attention`: token `t` reads the keys
+//! `≤ t` of its selected blocks (block `j` = keys `j·L .. (j+1)·L`); ids are deduplicated and ids
+//! outside `[0, ⌊t/L⌋]` are ignored (any value is accepted; none reads out of bounds).
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void, CString};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+use crate::autograd::GlueError;
+use crate::driver::{self, check, CuContext, CuFunction, CuModule};
+use crate::nvrtc::{Nvrtc, NvrtcError, SELECTED_BWD, SELECTED_FWD};
+use crate::SysError;
+
+/// Options of the fused kernels' compilation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FusedOptions {
+    /// Folder of the CUBIN cache (created if missing). `None`: compile in memory at every
+    /// process start.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Errors of the fused attention functions.
+#[derive(Debug, thiserror::Error)]
+pub enum FusedError {
+    /// An input the fused kernels do not take (dtype, device, shape, contiguity).
+    #[error("fused attention: {what}: {reason}")]
+    Input { what: &'static str, reason: String },
+    /// Compiling the kernels failed.
+    #[error(transparent)]
+    Nvrtc(#[from] NvrtcError),
+    /// The CUDA driver failed (no driver, module load, …).
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// libtorch raised inside the glue (launch failure, out of memory, …).
+    #[error(transparent)]
+    Glue(#[from] GlueError),
+}
+
+/// Mirror of `NsaSlcTable` in `glue/fused.cpp`.
+#[repr(C)]
+#[derive(Debug)]
+struct SlcTable {
+    launch: *const c_void,
+    fwd_mma: [CuFunction; 9],
+    fwd_simt: [CuFunction; 2],
+    dq: [CuFunction; 2],
+    dkdv: [CuFunction; 2],
+    max_smem: i32,
+}
+
+/// The selected-branch kernels loaded on one device.
+#[derive(Debug)]
+pub struct SelectedKernels {
+    table: SlcTable,
+    device: usize,
+    arch: (i32, i32),
+    from_cache: bool,
+}
+
+// SAFETY: the table holds driver function handles of modules that are never unloaded, valid in
+// the device's primary context from any thread, and the address of cuLaunchKernel.
+unsafe impl Send for SelectedKernels {}
+// SAFETY: as above; nothing in it is mutated after loading.
+unsafe impl Sync for SelectedKernels {}
+
+impl SelectedKernels {
+    /// The CUDA device ordinal the kernels are loaded on.
+    pub fn device(&self) -> usize {
+        self.device
+    }
+    /// The compute capability they were compiled for.
+    pub fn arch(&self) -> (i32, i32) {
+        self.arch
+    }
+    /// Whether both CUBIN images came from the disk cache.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+    /// Largest dynamic shared memory per block the kernels may use (bytes).
+    pub fn max_shared_memory(&self) -> i32 {
+        self.table.max_smem
+    }
+}
+
+/// Head sizes with a tensor-core (bf16) forward instantiation.
+pub const MMA_HEAD_DIMS: [i64; 3] = [64, 128, 192];
+
+static OPTIONS: Mutex<Option<FusedOptions>> = Mutex::new(None);
+static LOADED: Mutex<Option<HashMap<usize, &'static SelectedKernels>>> = Mutex::new(None);
+static NVRTC: Mutex<Option<&'static Nvrtc>> = Mutex::new(None);
+
+/// Sets the compile options for devices whose kernels are loaded after this call.
+pub fn configure(options: FusedOptions) {
+    *OPTIONS.lock().unwrap_or_else(|e| e.into_inner()) = Some(options);
+}
+
+fn nvrtc() -> Result<&'static Nvrtc, NvrtcError> {
+    let mut slot = NVRTC.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = *slot {
+        return Ok(n);
+    }
+    let n: &'static Nvrtc = Box::leak(Box::new(Nvrtc::open()?));
+    *slot = Some(n);
+    Ok(n)
+}
+
+/// The selected-branch kernels of CUDA device `device`, compiled and loaded on first use
+/// (with the options of [`configure`]), then shared.
+pub fn kernels(device: usize) -> Result<&'static SelectedKernels, FusedError> {
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    let map = loaded.get_or_insert_with(HashMap::new);
+    if let Some(k) = map.get(&device) {
+        return Ok(k);
+    }
+    let opts = OPTIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default();
+    let k: &'static SelectedKernels = Box::leak(Box::new(load(device, &opts)?));
+    map.insert(device, k);
+    Ok(k)
+}
+
+fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedError> {
+    let drv = driver::shared()?;
+    let dev = device as i32;
+    let mut ctx: CuContext = std::ptr::null_mut();
+    let (mut major, mut minor, mut max_smem) = (0, 0, 0);
+    // SAFETY: valid out-pointers; an invalid ordinal returns an error code. The primary context
+    // is the one libtorch's runtime uses, so handles loaded into it serve libtorch's streams.
+    unsafe {
+        check(
+            "cuDevicePrimaryCtxRetain",
+            (drv.primary_ctx_retain)(&mut ctx, dev),
+        )?;
+        check("cuCtxSetCurrent", (drv.ctx_set_current)(ctx))?;
+        check(
+            "cuDeviceGetAttribute",
+            (drv.device_get_attribute)(&mut major, driver::ATTR_CC_MAJOR, dev),
+        )?;
+        check(
+            "cuDeviceGetAttribute",
+            (drv.device_get_attribute)(&mut minor, driver::ATTR_CC_MINOR, dev),
+        )?;
+        check(
+            "cuDeviceGetAttribute",
+            (drv.device_get_attribute)(&mut max_smem, driver::ATTR_MAX_SHARED_OPTIN, dev),
+        )?;
+    }
+    let arch = (major, minor);
+    let nv = nvrtc()?;
+    let fwd = nv.compile_cached(&SELECTED_FWD, arch, opts.cache_dir.as_deref())?;
+    let bwd = nv.compile_cached(&SELECTED_BWD, arch, opts.cache_dir.as_deref())?;
+    let load_module = |image: &[u8]| -> Result<CuModule, SysError> {
+        let mut m: CuModule = std::ptr::null_mut();
+        // SAFETY: `image` is a complete CUBIN for this device's architecture, alive for the
+        // call; the module is never unloaded (its functions are kept for the process's life).
+        check("cuModuleLoadData", unsafe {
+            (drv.module_load_data)(&mut m, image.as_ptr().cast())
+        })?;
+        Ok(m)
+    };
+    let fwd_mod = load_module(&fwd.cubin)?;
+    let bwd_mod = load_module(&bwd.cubin)?;
+    let func = |m: CuModule, name: &str| -> Result<CuFunction, SysError> {
+        let cname = CString::new(name).map_err(|_| SysError::Call {
+            call: "cuModuleGetFunction",
+            code: -1,
+        })?;
+        let mut f: CuFunction = std::ptr::null_mut();
+        // SAFETY: live module, NUL-terminated name, valid out-pointer; then the attribute call
+        // on the function just returned.
+        unsafe {
+            check(
+                "cuModuleGetFunction",
+                (drv.module_get_function)(&mut f, m, cname.as_ptr()),
+            )?;
+            check(
+                "cuFuncSetAttribute",
+                (drv.func_set_attribute)(f, driver::FUNC_ATTR_MAX_DYNAMIC_SHARED, max_smem),
+            )?;
+        }
+        Ok(f)
+    };
+    let mut fwd_mma = [std::ptr::null_mut(); 9];
+    for (i, dk) in MMA_HEAD_DIMS.iter().enumerate() {
+        for (j, dv) in MMA_HEAD_DIMS.iter().enumerate() {
+            fwd_mma[3 * i + j] = func(fwd_mod, &format!("nsa_slc_fwd_mma_dk{dk}_dv{dv}"))?;
+        }
+    }
+    let table = SlcTable {
+        launch: drv.launch_kernel as *const c_void,
+        fwd_mma,
+        fwd_simt: [
+            func(fwd_mod, "nsa_slc_fwd_simt_f32")?,
+            func(fwd_mod, "nsa_slc_fwd_simt_bf16")?,
+        ],
+        dq: [
+            func(bwd_mod, "nsa_slc_dq_f32")?,
+            func(bwd_mod, "nsa_slc_dq_bf16")?,
+        ],
+        dkdv: [
+            func(bwd_mod, "nsa_slc_dkdv_f32")?,
+            func(bwd_mod, "nsa_slc_dkdv_bf16")?,
+        ],
+        max_smem,
+    };
+    Ok(SelectedKernels {
+        table,
+        device,
+        arch,
+        from_cache: fwd.cached && bwd.cached,
+    })
+}
+
+extern "C" {
+    fn nsa_fused_inverse_index(
+        blocks: *const C_tensor,
+        block_len: i64,
+        tokens: *mut *mut C_tensor,
+        starts: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> std::os::raw::c_int;
+    fn nsa_fused_compute_dtype(
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+    ) -> std::os::raw::c_int;
+    fn nsa_fused_selected(
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        blocks: *const C_tensor,
+        block_len: i64,
+        scale: f64,
+        table: *const SlcTable,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn nsa_fused_window(
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        window: i64,
+        scale: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+}
+
+const ERR_LEN: usize = 4096;
+
+fn input(what: &'static str, reason: impl Into<String>) -> FusedError {
+    FusedError::Input {
+        what,
+        reason: reason.into(),
+    }
+}
+
+/// Checks `t` for the fused functions: on `device`, 4-d, contiguous, one of `kinds`.
+fn check_tensor(
+    what: &'static str,
+    t: &Tensor,
+    device: Device,
+    kinds: &[Kind],
+) -> Result<Vec<i64>, FusedError> {
+    if t.device() != device {
+        return Err(input(
+            what,
+            format!("on {:?}, expected {device:?}", t.device()),
+        ));
+    }
+    let size = t.size();
+    if size.len() != 4 {
+        return Err(input(what, format!("must be 4-d, got {size:?}")));
+    }
+    if !kinds.contains(&t.kind()) {
+        return Err(input(
+            what,
+            format!("dtype {:?}, expected one of {kinds:?}", t.kind()),
+        ));
+    }
+    if !t.is_contiguous() {
+        return Err(input(what, "must be contiguous"));
+    }
+    Ok(size)
+}
+
+/// Shapes `(B, S, H, Hkv, dk, dv)` of valid `q`, `k`, `v` on one CUDA device.
+fn check_qkv(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kinds: &[Kind],
+) -> Result<(Device, [i64; 6]), FusedError> {
+    let device = q.device();
+    if !matches!(device, Device::Cuda(_)) {
+        return Err(input("q", format!("on {device:?}: CUDA tensors only")));
+    }
+    let qs = check_tensor("q", q, device, kinds)?;
+    let ks = check_tensor("k", k, device, kinds)?;
+    let vs = check_tensor("v", v, device, kinds)?;
+    let (b, s, h, dk) = (qs[0], qs[1], qs[2], qs[3]);
+    let (hkv, dv) = (ks[2], vs[3]);
+    if ks != [b, s, hkv, dk] || vs != [b, s, hkv, dv] {
+        return Err(input(
+            "k, v",
+            format!(
+                "q {qs:?} needs k [B, S, Hkv, dk] and v [B, S, Hkv, dv], got {ks:?} and {vs:?}"
+            ),
+        ));
+    }
+    if b < 1 || s < 1 || hkv < 1 || h % hkv != 0 || dk < 1 || dv < 1 {
+        return Err(input(
+            "q, k",
+            format!("need B, S ≥ 1 and H a multiple of Hkv, got q {qs:?}, k {ks:?}"),
+        ));
+    }
+    if i32::try_from(s).is_err() {
+        return Err(input("q", format!("sequence length {s} exceeds i32")));
+    }
+    Ok((device, [b, s, h, hkv, dk, dv]))
+}
+
+fn glue_err(call: &'static str, err: &[u8]) -> FusedError {
+    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+    GlueError {
+        call,
+        message: String::from_utf8_lossy(&err[..end]).into_owned(),
+    }
+    .into()
+}
+
+fn finish(call: &'static str, ptr: *mut C_tensor, err: &[u8]) -> Result<Tensor, FusedError> {
+    if ptr.is_null() {
+        return Err(glue_err(call, err));
+    }
+    // SAFETY: the glue returns a heap-allocated `at::Tensor*` whose ownership passes to us.
+    Ok(unsafe { Tensor::from_ptr(ptr) })
+}
+
+/// The inverse index the selected branch's backward builds from `blocks` (int `[B, S, Hkv, n]`,
+/// any device, block length `block_len`), exposed for tests and inspection: after cleaning the
+/// ids (duplicates once, ids outside `[0, ⌊t/l'⌋]` dropped), `tokens` (int32 `[E]`) lists for
+/// every segment `(b, g, j)`, in that order, the tokens that selected block `j`, ascending;
+/// segment `(b, g, j)` is `tokens[starts[i] .. starts[i + 1]]` with `i = (b·Hkv + g)·NB + j`
+/// (`starts` int64 `[B·Hkv·NB + 1]`, `NB = ⌈S/l'⌉`).
+pub fn inverse_index(blocks: &Tensor, block_len: i64) -> Result<(Tensor, Tensor), FusedError> {
+    let size = blocks.size();
+    if size.len() != 4 || !matches!(blocks.kind(), Kind::Int64 | Kind::Int) {
+        return Err(input(
+            "blocks",
+            format!(
+                "int64 or int32 [B, S, Hkv, n], got {:?} {size:?}",
+                blocks.kind()
+            ),
+        ));
+    }
+    if block_len < 1 {
+        return Err(input(
+            "block_len",
+            format!("must be positive, got {block_len}"),
+        ));
+    }
+    let mut err = vec![0u8; ERR_LEN];
+    let (mut tokens, mut starts) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: `blocks` is a live tensor borrowed for the call; on success the glue stores two
+    // heap-allocated tensors whose ownership passes to us; it catches every exception.
+    let rc = unsafe {
+        nsa_fused_inverse_index(
+            blocks.as_ptr(),
+            block_len,
+            &mut tokens,
+            &mut starts,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    if rc != 0 {
+        return Err(glue_err("nsa_fused_inverse_index", &err));
+    }
+    Ok((
+        finish("nsa_fused_inverse_index", tokens, &err)?,
+        finish("nsa_fused_inverse_index", starts, &err)?,
+    ))
+}
+
+/// The dtype the fused functions compute `q`, `k`, `v` in: their promoted type, or autocast's
+/// dtype when CUDA autocast is on and the promoted type is fp32. `None` for anything but bf16
+/// and fp32 (the fused functions reject those).
+pub fn compute_kind(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Kind> {
+    // SAFETY: live tensors borrowed for the call; the glue catches every exception.
+    match unsafe { nsa_fused_compute_dtype(q.as_ptr(), k.as_ptr(), v.as_ptr()) } {
+        1 => Some(Kind::Float),
+        2 => Some(Kind::BFloat16),
+        _ => None,
+    }
+}
+
+/// Selected-branch attention (forward and backward fused kernels; see the module doc for the
+/// semantics and layouts). `q`, `k`, `v`: bf16 or fp32, contiguous, on one CUDA device (mixed
+/// bf16 / fp32 are computed in the common type, or autocast's when it is on); `blocks`: int64
+/// or int32 `[B, S, Hkv, n]` on the same device; `block_len` = l'; `scale` multiplies the
+/// scores. Differentiable in `q`, `k`, `v`; dK/dV are deterministic.
+pub fn selected_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    blocks: &Tensor,
+    block_len: i64,
+    scale: f64,
+) -> Result<Tensor, FusedError> {
+    let (device, [b, s, _, hkv, _, _]) = check_qkv(q, k, v, &[Kind::BFloat16, Kind::Float])?;
+    let bs = check_tensor("blocks", blocks, device, &[Kind::Int64, Kind::Int])?;
+    if bs[..3] != [b, s, hkv] || bs[3] < 1 {
+        return Err(input(
+            "blocks",
+            format!("must be [B, S, Hkv, n ≥ 1] = [{b}, {s}, {hkv}, n], got {bs:?}"),
+        ));
+    }
+    if block_len < 1 || i32::try_from(block_len).is_err() {
+        return Err(input(
+            "block_len",
+            format!("must be in 1..2^31, got {block_len}"),
+        ));
+    }
+    if !scale.is_finite() {
+        return Err(input("scale", format!("must be finite, got {scale}")));
+    }
+    let Device::Cuda(ordinal) = device else {
+        return Err(input("q", "CUDA tensors only"));
+    };
+    let kernels = kernels(ordinal)?;
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: tensor pointers come from live tch tensors borrowed for the call; `table` points
+    // to a leaked (process-lifetime) table; the glue catches every exception and writes at most
+    // ERR_LEN bytes (NUL-terminated) into `err`.
+    let ptr = unsafe {
+        nsa_fused_selected(
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            blocks.as_ptr(),
+            block_len,
+            scale,
+            &kernels.table,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    finish("nsa_fused_selected", ptr, &err)
+}
+
+/// Sliding-window attention through libtorch's flash-attention kernel: query `t` reads keys
+/// `t − window + 1 ..= t`. Computed in bf16 only ([`compute_kind`] must be bf16), `dk == dv` (≤ 256, a multiple of 8), CUDA; other inputs
+/// get [`FusedError::Input`] (callers fall back to the lean path). Differentiable in `q`, `k`, `v`.
+pub fn window_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: i64,
+    scale: f64,
+) -> Result<Tensor, FusedError> {
+    let (_, [_, _, _, _, dk, dv]) = check_qkv(q, k, v, &[Kind::BFloat16, Kind::Float])?;
+    if compute_kind(q, k, v) != Some(Kind::BFloat16) {
+        return Err(input(
+            "q, k, v",
+            "the flash window kernel computes in bf16 only (bf16 inputs or bf16 autocast)",
+        ));
+    }
+    if dk != dv || dk > 256 || dk % 8 != 0 {
+        return Err(input(
+            "q, v",
+            format!("flash attention needs dk == dv ≤ 256, a multiple of 8; got dk {dk}, dv {dv}"),
+        ));
+    }
+    if window < 1 {
+        return Err(input("window", format!("must be positive, got {window}")));
+    }
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: as in `selected_attention`.
+    let ptr = unsafe {
+        nsa_fused_window(
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            window,
+            scale,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    finish("nsa_fused_window", ptr, &err)
+}

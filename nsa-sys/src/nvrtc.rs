@@ -1,0 +1,423 @@
+//! Run-time compilation of the CUDA kernels in `nsa-sys/kernels/` with NVRTC, and an on-disk
+//! cache of the resulting CUBIN.
+//!
+//! NVRTC (`libnvrtc.so.13`) comes with the torch wheel, next to libtorch:
+//! `<site-packages>/torch` is libtorch's root and `<site-packages>/nvidia/cu13/{lib,include}`
+//! hold NVRTC, its builtins library and the CUDA headers (`cuda_bf16.h`). NVRTC itself needs no
+//! GPU, so every kernel is compiled by a CPU test for sm_80 and sm_90.
+//!
+//! Compilation: `--gpu-architecture=sm_XY -std=c++17 -lineinfo -I<cu13/include>`, the kernel
+//! family's source plus the shared header `common.cuh`, output CUBIN for exactly that
+//! architecture. The cache file is `<dir>/<family>-sm_XY-<sha256>.cubin`, the hash taken over
+//! (source, headers, options, architecture, NVRTC version), written under a temporary name and
+//! renamed, so concurrent processes never read a half-written file and a second start
+//! compiles nothing.
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::SysError;
+
+/// One kernel family: a `.cu` file of `nsa-sys/kernels/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSource {
+    /// File name, e.g. `selected_fwd.cu` (also the name in NVRTC's messages).
+    pub name: &'static str,
+    /// The CUDA C++ text.
+    pub source: &'static str,
+}
+
+/// Headers every kernel may include by name.
+pub const HEADERS: [(&str, &str); 1] = [("common.cuh", include_str!("../kernels/common.cuh"))];
+
+/// Selected-branch forward (tensor-core bf16 kernel and SIMT kernels).
+pub const SELECTED_FWD: KernelSource = KernelSource {
+    name: "selected_fwd.cu",
+    source: include_str!("../kernels/selected_fwd.cu"),
+};
+
+/// Selected-branch backward (dQ and the inverse-index dK/dV kernels).
+pub const SELECTED_BWD: KernelSource = KernelSource {
+    name: "selected_bwd.cu",
+    source: include_str!("../kernels/selected_bwd.cu"),
+};
+
+/// Every kernel family in the repository (the CPU test compiles all of them).
+pub const ALL_SOURCES: [KernelSource; 2] = [SELECTED_FWD, SELECTED_BWD];
+
+/// Errors of loading NVRTC, compiling, and the CUBIN cache.
+#[derive(Debug, thiserror::Error)]
+pub enum NvrtcError {
+    /// `libnvrtc.so.13` (or its builtins, or the CUDA headers) could not be found or opened.
+    #[error(transparent)]
+    Load(#[from] SysError),
+    /// An NVRTC call other than the compilation itself failed.
+    #[error("{call} failed: {message} (code {code})")]
+    Call {
+        call: &'static str,
+        code: i32,
+        message: String,
+    },
+    /// The kernel did not compile; `log` is NVRTC's full program log.
+    #[error("kernel {kernel} did not compile for {arch}:\n{log}")]
+    Compile {
+        kernel: &'static str,
+        arch: String,
+        log: String,
+    },
+    /// Reading or writing the CUBIN cache failed.
+    #[error("kernel cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+type NvrtcResult = c_int;
+type Program = *mut c_void;
+
+/// The NVRTC function table.
+#[derive(Debug)]
+pub struct Nvrtc {
+    // Never unloaded: cheap to keep, and programs must not outlive the library.
+    _lib: std::mem::ManuallyDrop<libloading::Library>,
+    lib_path: PathBuf,
+    include_dir: PathBuf,
+    version: (i32, i32),
+    create_program: unsafe extern "C" fn(
+        *mut Program,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> NvrtcResult,
+    compile_program: unsafe extern "C" fn(Program, c_int, *const *const c_char) -> NvrtcResult,
+    destroy_program: unsafe extern "C" fn(*mut Program) -> NvrtcResult,
+    get_log_size: unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult,
+    get_log: unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult,
+    get_cubin_size: unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult,
+    get_cubin: unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult,
+    get_error_string: unsafe extern "C" fn(NvrtcResult) -> *const c_char,
+}
+
+/// A compiled kernel family.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// The CUBIN image for the requested architecture.
+    pub cubin: Vec<u8>,
+    /// NVRTC's log (warnings), empty for a clean compile or a cache hit.
+    pub log: String,
+    /// Whether the image came from the disk cache.
+    pub cached: bool,
+}
+
+/// The folder of the CUDA 13 libraries of the torch wheel that provides this process's
+/// libtorch: `<site-packages>/nvidia/cu13/lib`, or `None` if libtorch is not mapped.
+pub fn cu13_lib_dir() -> Option<PathBuf> {
+    let torch = crate::cuda::libtorch_root()?;
+    // `.libtorch` may be a symlink to `<site-packages>/torch`: resolve it first.
+    let torch = torch.canonicalize().unwrap_or(torch);
+    Some(torch.parent()?.join("nvidia/cu13/lib"))
+}
+
+impl Nvrtc {
+    /// Opens NVRTC from the torch wheel next to this process's libtorch ([`cu13_lib_dir`]).
+    pub fn open() -> Result<Self, NvrtcError> {
+        let dir = cu13_lib_dir().ok_or_else(|| SysError::Load {
+            name: "libnvrtc.so.13".into(),
+            reason: "libtorch_cpu.so is not mapped into this process (is tch linked?)".into(),
+        })?;
+        Self::open_in(&dir)
+    }
+
+    /// Opens `libnvrtc.so.13` from `lib_dir`; the headers are taken from `lib_dir/../include`.
+    pub fn open_in(lib_dir: &Path) -> Result<Self, NvrtcError> {
+        let load_err = |name: &Path, reason: String| SysError::Load {
+            name: name.display().to_string(),
+            reason,
+        };
+        let include_dir = lib_dir.parent().unwrap_or(lib_dir).join("include");
+        if !include_dir.join("cuda_bf16.h").exists() {
+            return Err(load_err(&include_dir, "no cuda_bf16.h there".into()).into());
+        }
+        // NVRTC dlopens its builtins by soname, which is not on the search path: load it first
+        // by full path (global), so that lookup finds the already-mapped library.
+        let builtins = std::fs::read_dir(lib_dir)
+            .map_err(|e| load_err(lib_dir, e.to_string()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libnvrtc-builtins.so.13"))
+            })
+            .ok_or_else(|| load_err(lib_dir, "no libnvrtc-builtins.so.13.*".into()))?;
+        let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL;
+        // SAFETY: the builtins library has no initialisers with preconditions; it stays loaded
+        // for the life of the process (NVRTC uses it on every compile).
+        let b = unsafe { libloading::os::unix::Library::open(Some(&builtins), flags) }
+            .map_err(|e| load_err(&builtins, e.to_string()))?;
+        std::mem::forget(b);
+        let lib_path = lib_dir.join("libnvrtc.so.13");
+        // SAFETY: NVRTC's initialisers have no preconditions.
+        let lib = unsafe { libloading::Library::new(&lib_path) }
+            .map_err(|e| load_err(&lib_path, e.to_string()))?;
+        macro_rules! sym {
+            ($s:literal) => {{
+                // SAFETY: the declared signature matches nvrtc.h.
+                let f = unsafe { lib.get($s.as_bytes()) }.map_err(|e| SysError::Symbol {
+                    library: lib_path.display().to_string(),
+                    symbol: $s.into(),
+                    reason: e.to_string(),
+                })?;
+                *f
+            }};
+        }
+        let version_fn: unsafe extern "C" fn(*mut c_int, *mut c_int) -> NvrtcResult =
+            sym!("nvrtcVersion");
+        let mut table = Nvrtc {
+            create_program: sym!("nvrtcCreateProgram"),
+            compile_program: sym!("nvrtcCompileProgram"),
+            destroy_program: sym!("nvrtcDestroyProgram"),
+            get_log_size: sym!("nvrtcGetProgramLogSize"),
+            get_log: sym!("nvrtcGetProgramLog"),
+            get_cubin_size: sym!("nvrtcGetCUBINSize"),
+            get_cubin: sym!("nvrtcGetCUBIN"),
+            get_error_string: sym!("nvrtcGetErrorString"),
+            _lib: std::mem::ManuallyDrop::new(lib),
+            lib_path,
+            include_dir,
+            version: (0, 0),
+        };
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: valid out-pointers.
+        table.check("nvrtcVersion", unsafe {
+            version_fn(&mut major, &mut minor)
+        })?;
+        table.version = (major, minor);
+        Ok(table)
+    }
+
+    /// NVRTC's version (major, minor), e.g. (13, 0).
+    pub fn version(&self) -> (i32, i32) {
+        self.version
+    }
+
+    /// Where `libnvrtc.so.13` was loaded from.
+    pub fn library(&self) -> &Path {
+        &self.lib_path
+    }
+
+    fn check(&self, call: &'static str, code: NvrtcResult) -> Result<(), NvrtcError> {
+        if code == 0 {
+            return Ok(());
+        }
+        // SAFETY: nvrtcGetErrorString returns a static string for any code.
+        let msg = unsafe { (self.get_error_string)(code) };
+        let message = if msg.is_null() {
+            "unknown error".to_string()
+        } else {
+            // SAFETY: non-null, NUL-terminated, static.
+            unsafe { CStr::from_ptr(msg) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        Err(NvrtcError::Call {
+            call,
+            code,
+            message,
+        })
+    }
+
+    /// The options a family is compiled with for compute capability `arch`.
+    pub fn options(&self, arch: (i32, i32)) -> Vec<String> {
+        vec![
+            format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
+            "-std=c++17".into(),
+            "-lineinfo".into(),
+            format!("-I{}", self.include_dir.display()),
+        ]
+    }
+
+    /// Compiles `src` for compute capability `arch` (no cache). A failed compile is
+    /// [`NvrtcError::Compile`] naming the family and carrying the log.
+    pub fn compile(&self, src: &KernelSource, arch: (i32, i32)) -> Result<Compiled, NvrtcError> {
+        let cstr = |s: &str| {
+            CString::new(s).map_err(|_| NvrtcError::Call {
+                call: "nvrtcCreateProgram",
+                code: -1,
+                message: format!("{}: text contains a NUL byte", src.name),
+            })
+        };
+        let source = cstr(src.source)?;
+        let name = cstr(src.name)?;
+        let header_text = HEADERS
+            .iter()
+            .map(|(_, t)| cstr(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let header_names = HEADERS
+            .iter()
+            .map(|(n, _)| cstr(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let hp: Vec<*const c_char> = header_text.iter().map(|c| c.as_ptr()).collect();
+        let hn: Vec<*const c_char> = header_names.iter().map(|c| c.as_ptr()).collect();
+        let opts = self
+            .options(arch)
+            .iter()
+            .map(|o| cstr(o))
+            .collect::<Result<Vec<_>, _>>()?;
+        let op: Vec<*const c_char> = opts.iter().map(|c| c.as_ptr()).collect();
+        let mut prog: Program = std::ptr::null_mut();
+        // SAFETY: every pointer refers to a live NUL-terminated string for the call; the
+        // counts match the arrays.
+        self.check("nvrtcCreateProgram", unsafe {
+            (self.create_program)(
+                &mut prog,
+                source.as_ptr(),
+                name.as_ptr(),
+                hp.len() as c_int,
+                hp.as_ptr(),
+                hn.as_ptr(),
+            )
+        })?;
+        let guard = ProgramGuard { nvrtc: self, prog };
+        // SAFETY: `prog` is a live program; `op` holds `op.len()` valid strings.
+        let rc = unsafe { (self.compile_program)(guard.prog, op.len() as c_int, op.as_ptr()) };
+        let log = guard.log()?;
+        if rc != 0 {
+            return Err(NvrtcError::Compile {
+                kernel: src.name,
+                arch: format!("sm_{}{}", arch.0, arch.1),
+                log: if log.is_empty() {
+                    format!("(no log; nvrtcCompileProgram returned {rc})")
+                } else {
+                    log
+                },
+            });
+        }
+        let mut size = 0usize;
+        // SAFETY: live program, valid out-pointer.
+        self.check("nvrtcGetCUBINSize", unsafe {
+            (self.get_cubin_size)(guard.prog, &mut size)
+        })?;
+        let mut cubin = vec![0u8; size];
+        // SAFETY: `cubin` holds exactly the size NVRTC reported.
+        self.check("nvrtcGetCUBIN", unsafe {
+            (self.get_cubin)(guard.prog, cubin.as_mut_ptr().cast())
+        })?;
+        Ok(Compiled {
+            cubin,
+            log,
+            cached: false,
+        })
+    }
+
+    /// The cache key of `src` for `arch`: SHA-256 over source, headers, options, architecture
+    /// and NVRTC version, in hex.
+    pub fn cache_key(&self, src: &KernelSource, arch: (i32, i32)) -> String {
+        let mut h = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        field(src.name.as_bytes());
+        field(src.source.as_bytes());
+        for (n, t) in HEADERS {
+            field(n.as_bytes());
+            field(t.as_bytes());
+        }
+        for o in self.options(arch) {
+            field(o.as_bytes());
+        }
+        field(
+            format!(
+                "sm_{}{} nvrtc {}.{}",
+                arch.0, arch.1, self.version.0, self.version.1
+            )
+            .as_bytes(),
+        );
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Like [`Nvrtc::compile`], through the CUBIN cache in `cache_dir` when given (created if
+    /// missing). A cache hit compiles nothing.
+    pub fn compile_cached(
+        &self,
+        src: &KernelSource,
+        arch: (i32, i32),
+        cache_dir: Option<&Path>,
+    ) -> Result<Compiled, NvrtcError> {
+        let Some(dir) = cache_dir else {
+            return self.compile(src, arch);
+        };
+        let stem = src.name.trim_end_matches(".cu");
+        let path = dir.join(format!(
+            "{stem}-sm_{}{}-{}.cubin",
+            arch.0,
+            arch.1,
+            self.cache_key(src, arch)
+        ));
+        let cache_err = |path: &Path, source| NvrtcError::Cache {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::read(&path) {
+            Ok(cubin) if !cubin.is_empty() => {
+                return Ok(Compiled {
+                    cubin,
+                    log: String::new(),
+                    cached: true,
+                })
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(cache_err(&path, e)),
+        }
+        let compiled = self.compile(src, arch)?;
+        std::fs::create_dir_all(dir).map_err(|e| cache_err(dir, e))?;
+        // Unique temporary name in the same folder, then an atomic rename.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tmp = dir.join(format!(
+            ".{stem}.{}.{}.tmp",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::write(&tmp, &compiled.cubin).map_err(|e| cache_err(&tmp, e))?;
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(cache_err(&path, e));
+        }
+        Ok(compiled)
+    }
+}
+
+/// Destroys an NVRTC program on every exit path.
+struct ProgramGuard<'a> {
+    nvrtc: &'a Nvrtc,
+    prog: Program,
+}
+
+impl ProgramGuard<'_> {
+    fn log(&self) -> Result<String, NvrtcError> {
+        let mut size = 0usize;
+        // SAFETY: live program, valid out-pointer.
+        self.nvrtc.check("nvrtcGetProgramLogSize", unsafe {
+            (self.nvrtc.get_log_size)(self.prog, &mut size)
+        })?;
+        let mut buf = vec![0u8; size.max(1)];
+        // SAFETY: `buf` holds the size NVRTC reported (which includes the NUL).
+        self.nvrtc.check("nvrtcGetProgramLog", unsafe {
+            (self.nvrtc.get_log)(self.prog, buf.as_mut_ptr().cast())
+        })?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..end]).trim().to_string())
+    }
+}
+
+impl Drop for ProgramGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `prog` came from nvrtcCreateProgram and is destroyed once.
+        unsafe { (self.nvrtc.destroy_program)(&mut self.prog) };
+    }
+}

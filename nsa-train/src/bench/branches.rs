@@ -1,0 +1,246 @@
+//! `nsa-train bench branches`: the selected and sliding-window branches alone, fused kernels
+//! against the lean path, forward and forward + backward, with achieved TFLOP/s and GB/s.
+//!
+//! Shapes: the paper's attention (H = 64, Hkv = 4, G = 16, dk = 192, dv = 128, l' = 64, n = 16,
+//! w = 512) and the `125m` preset's (G = 3). Inputs: q, k, v random in bf16; the block ids are
+//! those the NSA layer itself selects (nsa-select on the layer's own compressed attention, random
+//! weights), so the forced first, current and local blocks are shared the way they are in
+//! training.
+//!
+//! Work counted: "pairs" are (query, key, head) triples actually attended (duplicates and ids
+//! beyond ⌊t/l'⌋ dropped, keys > t masked); forward FLOPs = pairs · 2 (dk + dv), backward FLOPs
+//! = pairs · (6 dk + 4 dv) (`../shared/KERNELS.md`). Bytes: the K/V rows a (token, group) reads
+//! — each once for all G heads (group-centric loads) — plus q, the output and its gradients;
+//! the gathers are what bounds the selected branch (KERNELS.md, "Where the bytes bite").
+//! Each cell: median of `--repeats` runs after one warm-up, with min and max; the device is
+//! synchronised around every run.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use nsa_attn::{fused, lean, AttnPath, ForwardOpts, LeanOpts, NsaAttention, NsaConfig};
+use tch::{nn, Device, Kind, Tensor};
+
+#[derive(Debug, clap::Args)]
+pub struct BranchBenchArgs {
+    /// Sequence lengths, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [8192, 16384, 32768, 65536, 131072])]
+    seq: Vec<i64>,
+    /// Shapes: `paper` (G = 16) and/or `125m` (G = 3), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = ["paper".to_string(), "125m".to_string()])]
+    shape: Vec<String>,
+    /// Timed runs per cell after one warm-up run.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Append the Markdown table to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Median, min and max of runs, ms.
+struct Timing {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Timing {
+    fn cell(&self) -> String {
+        format!("{:.2} ({:.2}–{:.2})", self.median, self.min, self.max)
+    }
+}
+
+fn time(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    f()?;
+    tch::Cuda::synchronize(0);
+    let mut v = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let start = Instant::now();
+        f()?;
+        tch::Cuda::synchronize(0);
+        v.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(Timing {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+    })
+}
+
+fn shape_config(name: &str) -> Result<NsaConfig> {
+    Ok(match name {
+        "paper" => NsaConfig::paper(1024),
+        "125m" => nsa_model::ModelConfig::preset("125m")?.nsa_config(),
+        other => bail!("--shape must be paper or 125m (got {other:?})"),
+    })
+}
+
+/// (query, key) pairs per group the selected branch attends: distinct valid ids, keys ≤ t.
+fn selected_pairs(blocks: &Tensor, block_len: i64) -> Result<f64> {
+    let s = blocks.size()[1];
+    let (sorted, _) = blocks.f_sort(-1, false)?;
+    let n = sorted.size()[3];
+    let first = sorted
+        .f_narrow(3, 0, 1)?
+        .f_ones_like()?
+        .f_to_kind(Kind::Bool)?;
+    let distinct = Tensor::f_cat(
+        &[
+            first,
+            sorted
+                .f_narrow(3, 1, n - 1)?
+                .f_ne_tensor(&sorted.f_narrow(3, 0, n - 1)?)?,
+        ],
+        3,
+    )?;
+    let t = Tensor::arange(s, (Kind::Int64, blocks.device())).f_view([1, s, 1, 1])?;
+    let keys = (&t + 1 - &sorted * block_len).f_clamp(0, block_len)?;
+    let valid = sorted.f_ge(0)?.f_logical_and(&distinct)?;
+    Ok(keys
+        .f_mul(&valid)?
+        .f_sum(Kind::Double)?
+        .f_double_value(&[])?)
+}
+
+struct Inputs {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grad: Tensor,
+}
+
+fn inputs(cfg: &NsaConfig, s: i64, dev: Device) -> Inputs {
+    let opt = (Kind::BFloat16, dev);
+    let q = Tensor::randn([1, s, cfg.heads, cfg.head_dim_k], opt);
+    let k = Tensor::randn([1, s, cfg.kv_heads, cfg.head_dim_k], opt);
+    let v = Tensor::randn([1, s, cfg.kv_heads, cfg.head_dim_v], opt);
+    let grad = Tensor::randn([1, s, cfg.heads, cfg.head_dim_v], opt);
+    Inputs { q, k, v, grad }
+}
+
+/// Forward, and forward + backward of `Σ out · grad` to q, k and v.
+fn fwd_and_bwd(
+    x: &Inputs,
+    repeats: usize,
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<(Timing, Timing)> {
+    let fwd = time(repeats, || {
+        let _g = tch::no_grad_guard();
+        f(&x.q, &x.k, &x.v).map(drop)
+    })?;
+    let both = time(repeats, || {
+        let (q, k, v) = (
+            x.q.detach().requires_grad_(true),
+            x.k.detach().requires_grad_(true),
+            x.v.detach().requires_grad_(true),
+        );
+        let out = f(&q, &k, &v)?;
+        out.f_mul(&x.grad)?.f_sum(Kind::Float)?.backward();
+        Ok(())
+    })?;
+    Ok((fwd, both))
+}
+
+pub fn run(a: BranchBenchArgs) -> Result<()> {
+    let backend = nsa_sys::cuda::load_backend()?;
+    ensure!(
+        backend.has_gpu(),
+        "bench branches times the fused CUDA kernels: it needs a GPU"
+    );
+    ensure!(
+        a.seq.iter().all(|&s| s >= 2),
+        "--seq: lengths must be at least 2"
+    );
+    let dev = Device::Cuda(0);
+    let mut table = format!(
+        "Device: {}. Cells: ms, median (min–max) of {} runs. TFLOP/s and GB/s from the median.\n\n| shape | S | branch | path | fwd ms | fwd+bwd ms | fwd TFLOP/s | bwd TFLOP/s | fwd GB/s |\n| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        super::device_description(dev),
+        a.repeats
+    );
+    for shape in &a.shape {
+        let cfg = shape_config(shape)?;
+        let (dk, dv) = (cfg.head_dim_k as f64, cfg.head_dim_v as f64);
+        let h = (cfg.heads / cfg.kv_heads) as f64;
+        for &s in &a.seq {
+            tch::manual_seed(0);
+            // The layer's own selection for this length.
+            let blocks = {
+                let _g = tch::no_grad_guard();
+                let vs = nn::VarStore::new(dev);
+                let layer = NsaAttention::new(&(vs.root() / "attn"), cfg)?;
+                let x = Tensor::randn([1, s, cfg.dim], (Kind::Float, dev));
+                let opts = ForwardOpts {
+                    path: AttnPath::Lean(LeanOpts::default()),
+                    ..Default::default()
+                };
+                layer
+                    .forward_branches(&x, &opts)
+                    .context("selecting blocks")?
+                    .blocks
+            };
+            let x = inputs(&cfg, s, dev);
+            let slc_pairs = selected_pairs(&blocks, cfg.select_len)? * h;
+            let win_pairs: f64 =
+                (0..s).map(|t| (t + 1).min(cfg.window) as f64).sum::<f64>() * cfg.heads as f64;
+            let chunk = LeanOpts::default().query_chunk;
+            let wchunk = LeanOpts::default().window_chunk;
+            type Branch<'a> = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a>;
+            let rows: [(&str, &str, f64, Branch<'_>); 4] = [
+                (
+                    "selected",
+                    "fused",
+                    slc_pairs,
+                    Box::new(|q, k, v| Ok(fused::selected(q, k, v, &blocks, &cfg, chunk)?)),
+                ),
+                (
+                    "selected",
+                    "lean",
+                    slc_pairs,
+                    Box::new(|q, k, v| Ok(lean::selected(q, k, v, &blocks, &cfg, chunk)?)),
+                ),
+                (
+                    "window",
+                    "fused",
+                    win_pairs,
+                    Box::new(|q, k, v| Ok(fused::window(q, k, v, &cfg, wchunk)?)),
+                ),
+                (
+                    "window",
+                    "lean",
+                    win_pairs,
+                    Box::new(|q, k, v| Ok(lean::window(q, k, v, &cfg, wchunk)?)),
+                ),
+            ];
+            for (branch, path, pairs, f) in rows {
+                let (fwd, both) = match fwd_and_bwd(&x, a.repeats, f) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        table.push_str(&format!(
+                            "| {shape} | {s} | {branch} | {path} | failed: {} | | | | |\n",
+                            format!("{e:#}").lines().next().unwrap_or("")
+                        ));
+                        continue;
+                    }
+                };
+                let bwd_ms = (both.median - fwd.median).max(1e-9);
+                // K/V rows read once per (token, group), q read and the output written once.
+                let bytes = 2.0 * (pairs / h * (dk + dv) + s as f64 * cfg.heads as f64 * (dk + dv));
+                table.push_str(&format!(
+                    "| {shape} | {s} | {branch} | {path} | {} | {} | {:.1} | {:.1} | {:.0} |\n",
+                    fwd.cell(),
+                    both.cell(),
+                    pairs * 2.0 * (dk + dv) / (fwd.median * 1e-3) / 1e12,
+                    pairs * (6.0 * dk + 4.0 * dv) / (bwd_ms * 1e-3) / 1e12,
+                    bytes / (fwd.median * 1e-3) / 1e9,
+                ));
+                println!("{}", table.lines().last().unwrap_or(""));
+            }
+        }
+    }
+    println!("\n{table}");
+    if let Some(path) = &a.out {
+        super::append(path, &table)?;
+    }
+    Ok(())
+}
