@@ -55,4 +55,46 @@ inline std::tuple<at::Tensor, at::Tensor> inverse_index(const at::Tensor& ids, i
   return {tokens, starts};
 }
 
+// How the dK/dV kernel splits the inverse index's segments (starts int64 [nseg + 1]) into
+// pieces of at most `piece` tokens, so that a block every token selects (block 0) is summed by
+// many CTAs instead of one. Work items in segment order, pieces of a segment consecutive:
+//   seg, a, b  int64 [W]: the piece's segment and its range of the token list;
+//   slot       int32 [W]: scratch slot of a piece of a split segment (segments of more than
+//              one piece), -1 for a segment of one piece (written directly);
+//   red_seg int64 [R], red_slot0, red_count int32 [R]: each split segment, its first slot
+//              and its piece count (its pieces hold slots red_slot0 .. red_slot0 + count);
+//   slots: the number of scratch slots.
+// Every segment gets at least one work item (an empty one writes zero gradients).
+struct DkdvPlan {
+  at::Tensor seg, a, b, slot, red_seg, red_slot0, red_count;
+  int64_t slots;
+};
+
+inline DkdvPlan plan_dkdv(const at::Tensor& starts, int64_t piece) {
+  TORCH_CHECK(piece > 0, "piece must be positive");
+  int64_t nseg = starts.numel() - 1;
+  auto opts = starts.options();
+  auto counts = starts.narrow(0, 1, nseg) - starts.narrow(0, 0, nseg);
+  auto pieces = counts.add(piece - 1).div(piece, "floor").clamp_min(1);
+  auto ends = pieces.cumsum(0);
+  int64_t W = ends[nseg - 1].item<int64_t>();
+  auto seg_ids = at::arange(nseg, opts);
+  DkdvPlan p;
+  p.seg = at::repeat_interleave(seg_ids, pieces, 0, W).contiguous();
+  auto local = at::arange(W, opts) - (ends - pieces).index_select(0, p.seg);
+  p.a = (starts.index_select(0, p.seg) + local * piece).contiguous();
+  p.b = at::minimum(p.a + piece, starts.index_select(0, p.seg + 1)).contiguous();
+  auto split = pieces.gt(1);
+  auto split_w = split.index_select(0, p.seg);
+  p.slot = (split_w.to(at::kLong).cumsum(0) - 1).masked_fill(split_w.logical_not(), -1)
+               .to(at::kInt)
+               .contiguous();
+  p.slots = split_w.sum().item<int64_t>();
+  p.red_seg = seg_ids.masked_select(split).contiguous();
+  auto split_pieces = pieces.masked_select(split);
+  p.red_slot0 = (split_pieces.cumsum(0) - split_pieces).to(at::kInt).contiguous();
+  p.red_count = split_pieces.to(at::kInt).contiguous();
+  return p;
+}
+
 }  // namespace nsa_glue

@@ -7,9 +7,11 @@
 //   backward: D = rowsum(dout * out) (ATen), dq by the dq kernel (the forward's gathers), an
 //             inverse index block -> tokens built on the device (stable sort of the
 //             (b, g, block) keys of every valid id, a count by bincount and a scan by cumsum;
-//             integer only, so deterministic), then dk / dv by the dkdv kernel, one CTA per key
-//             chunk walking its block's tokens in ascending order: deterministic, no float
-//             atomics.
+//             integer only, so deterministic), then dk / dv by the dkdv kernel: one CTA per
+//             (piece of a block's token list, key chunk), walking its tokens in ascending order;
+//             a block whose list is split into several pieces (block 0, which every token
+//             selects) is finished by the reduce kernel, which adds the pieces' fp32 partials in
+//             piece order: deterministic, no float atomics.
 // Window branch: libtorch's own flash-attention kernel with its sliding-window parameters
 //   (window_size_left = w - 1, right = 0, causal), bf16, dk == dv.
 //
@@ -41,6 +43,7 @@ struct NsaSlcTable {
   void* fwd_simt[2];
   void* dq[2];
   void* dkdv[2];
+  void* dkdv_reduce[2];
   int32_t max_smem;
 };
 
@@ -175,18 +178,34 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     // Inverse index block -> tokens (blocks.h), deterministic.
     auto [inv_tok, seg] = nsa_glue::inverse_index(ids, NB);
 
+    // Pieces of at most `piece` tokens per work item: small problems split early (so the split
+    // path is exercised by small checks), large ones cap the scratch at about
+    // E / 1024 * L * (dk + dv) floats.
+    int64_t entries = inv_tok.numel();
+    int64_t piece = std::min<int64_t>(1024, std::max<int64_t>(64, entries / 4096));
+    auto plan = nsa_glue::plan_dkdv(seg, piece);
+    auto scratch = at::empty({std::max<int64_t>(plan.slots, 1), block_len, dk + dv},
+                             q.options().dtype(at::kFloat));
     auto dk_t = at::empty_like(k);
     auto dv_t = at::empty_like(v);
+    void *dkp = dk_t.data_ptr(), *dvp = dv_t.data_ptr(), *scp = scratch.data_ptr();
     {
-      void *tp = inv_tok.data_ptr(), *sp = seg.data_ptr();
-      void *dkp = dk_t.data_ptr(), *dvp = dv_t.data_ptr();
+      void *tp = inv_tok.data_ptr(), *wsp = plan.seg.data_ptr(), *wap = plan.a.data_ptr();
+      void *wbp = plan.b.data_ptr(), *wlp = plan.slot.data_ptr();
       int64_t smem =
           4 * (2 * kKc * dk + 2 * kKc * dv + hpg * dk + hpg * dv + 2 * hpg * kKc + 2 * hpg);
-      void* args[] = {&qp, &kp,  &vp, &dop,  &lp,  &Dp,   &tp,  &sp,  &dkp,
-                      &dvp, &iS, &iHkv, &ihpg, &idk, &idv, &iL, &iNB, &fscale};
+      void* args[] = {&qp,  &kp,  &vp,  &dop, &lp,  &Dp,   &tp,   &wsp, &wap,  &wbp,   &wlp,
+                      &scp, &dkp, &dvp, &iS,  &iHkv, &ihpg, &idk, &idv, &iL, &iNB, &fscale};
       int64_t chunks = (block_len + kKc - 1) / kKc;
-      launch(tab, tab->dkdv[type_index(q)], "nsa_slc_dkdv", NB * chunks, Hkv, B, smem, stream,
-             args);
+      launch(tab, tab->dkdv[type_index(q)], "nsa_slc_dkdv", plan.seg.numel() * chunks, 1, 1,
+             smem, stream, args);
+    }
+    if (plan.red_seg.numel() > 0) {
+      void *rsp = plan.red_seg.data_ptr(), *r0p = plan.red_slot0.data_ptr();
+      void* rcp = plan.red_count.data_ptr();
+      void* args[] = {&scp, &rsp, &r0p, &rcp, &dkp, &dvp, &iS, &iHkv, &idk, &idv, &iL, &iNB};
+      launch(tab, tab->dkdv_reduce[type_index(q)], "nsa_slc_dkdv_reduce", plan.red_seg.numel(), 1,
+             1, 0, stream, args);
     }
     return {dq, dk_t, dv_t, Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -252,6 +271,25 @@ int nsa_fused_inverse_index(const at::Tensor* blocks, int64_t block_len, at::Ten
     auto [t, s] = nsa_glue::inverse_index(ids, (S + block_len - 1) / block_len);
     *tokens = new at::Tensor(std::move(t));
     *starts = new at::Tensor(std::move(s));
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return -1;
+  }
+}
+
+// The dK/dV work plan (blocks.h) for segment starts `starts` (int64 [nseg + 1]) and pieces of
+// at most `piece` tokens, for tests: out[0..7] = seg, a, b, slot, red_seg, red_slot0, red_count
+// (new tensors, ownership to the caller), *slots = scratch slots. Returns 0, or -1 with err.
+int nsa_fused_dkdv_plan(const at::Tensor* starts, int64_t piece, at::Tensor** out,
+                        int64_t* slots, char* err, size_t err_len) {
+  try {
+    TORCH_CHECK(starts->dim() == 1 && starts->numel() >= 2 && starts->scalar_type() == at::kLong,
+                "starts must be int64 [nseg + 1] with nseg >= 1");
+    auto p = nsa_glue::plan_dkdv(*starts, piece);
+    at::Tensor parts[7] = {p.seg, p.a, p.b, p.slot, p.red_seg, p.red_slot0, p.red_count};
+    for (int i = 0; i < 7; ++i) out[i] = new at::Tensor(std::move(parts[i]));
+    *slots = p.slots;
     return 0;
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);

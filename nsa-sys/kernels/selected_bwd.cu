@@ -13,20 +13,28 @@
 // Layouts: as the forward, plus do [B, S, H, dv] (input type), lse and D fp32 [B, S, H],
 // dq [B, S, H, dk], dk [B, S, Hkv, dk], dv [B, S, Hkv, dv] in the input type.
 // Inverse index (built by the glue from the cleaned ids with a stable device sort, a count
-// and a scan): inv_tok int32 [E] lists, for every (b, g, block j) in that order, the tokens
-// that selected block j in ascending order; seg int64 [B * Hkv * NB + 1] holds the segment
-// starts (NB = ceil(S / L) blocks).
+// and a scan): inv_tok int32 [E] lists, for every segment (b, g, block j) in that order, the
+// tokens that selected block j in ascending order (NB = ceil(S / L) blocks). Work plan (glue):
+// work_seg, work_a, work_b int64 [W] (segment id (b * Hkv + g) * NB + j and token range of each
+// piece), work_slot int32 [W] (scratch slot, -1 for single-piece segments); red_seg int64,
+// red_slot0 and red_count int32 [R] for the R split segments.
 //
 // nsa_slc_dq_{f32,bf16}: one CTA of 128 threads per (token, group, batch), the forward's
 //   gather of the selected blocks in chunks of KC = 16 keys; dq accumulated in fp32 shared
 //   memory. Shared: q, dq [hpg][dk], do [hpg][dv], K/V chunk [KC][dk | dv], ds [hpg][KC],
 //   lse, D [hpg], ids [n].
-// nsa_slc_dkdv_{f32,bf16}: one CTA per (key chunk of KC keys inside block j, group, batch),
-//   grid x = NB * ceil(L / KC). It walks the tokens that selected block j in ascending order
-//   (the inverse index), so every key's gradient is summed by one CTA in a fixed order:
-//   deterministic, no float atomics, and every key of the sequence is written exactly once
-//   (zeros for keys nobody read). Shared: K/V chunk and dK/dV accumulators [KC][dk | dv],
-//   q [hpg][dk], do [hpg][dv], p and ds [hpg][KC], lse, D [hpg].
+// nsa_slc_dkdv_{f32,bf16}: one CTA per (work item w, key chunk of KC keys), grid x =
+//   W * ceil(L / KC). A work item is a piece of one segment (b, g, j): the tokens
+//   inv_tok[work_a[w] .. work_b[w]) (at most `piece` of them, planned by the glue), walked in
+//   ascending order, so every partial sum has a fixed order. A segment of one piece writes
+//   dK/dV of its keys directly; the pieces of a longer segment (block 0, which every token
+//   selects) write fp32 partials to scratch [slot][L][dk + dv] (slot = work_slot[w]), which
+//   nsa_slc_dkdv_reduce_* then adds in piece order. Deterministic, no float atomics, and every
+//   key of the sequence is written exactly once (zeros for keys nobody read). Shared: K/V chunk
+//   and dK/dV accumulators [KC][dk | dv], q [hpg][dk], do [hpg][dv], p and ds [hpg][KC], lse,
+//   D [hpg].
+// nsa_slc_dkdv_reduce_{f32,bf16}: one CTA per split segment (red_seg), summing its red_count
+//   partials from slot red_slot0 in order into dK/dV of the block's keys.
 // Both are plain fp32 SIMT kernels for either input type.
 #include "common.cuh"
 
@@ -109,17 +117,23 @@ template <typename T>
 __device__ void slc_dkdv(const T* __restrict__ q, const T* __restrict__ k,
                          const T* __restrict__ v, const T* __restrict__ dout,
                          const float* __restrict__ lse, const float* __restrict__ D,
-                         const int* __restrict__ inv_tok, const long long* __restrict__ seg,
+                         const int* __restrict__ inv_tok, const long long* __restrict__ work_seg,
+                         const long long* __restrict__ work_a,
+                         const long long* __restrict__ work_b,
+                         const int* __restrict__ work_slot, float* __restrict__ scratch,
                          T* __restrict__ dk_out, T* __restrict__ dv_out, int S, int Hkv,
                          int hpg, int dk, int dv, int L, int NB, float scale) {
   extern __shared__ float sm[];
   const int nchunks = (L + NSA_KC - 1) / NSA_KC;
-  const int j = blockIdx.x / nchunks, chunk = blockIdx.x % nchunks;
-  const int g = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const long long w = blockIdx.x / nchunks;
+  const int chunk = blockIdx.x % nchunks, tid = threadIdx.x;
+  const long long seg = work_seg[w];
+  const int j = (int)(seg % NB);
+  const int g = (int)((seg / NB) % Hkv), b = (int)(seg / NB / Hkv);
   const int H = Hkv * hpg;
   const long long c0 = (long long)j * L + chunk * NSA_KC;
   const int nk = (int)max(0LL, min((long long)min(NSA_KC, L - chunk * NSA_KC), S - c0));
-  if (j >= NB || nk <= 0) return;  // uniform over the CTA: no barrier is skipped by some only
+  if (nk <= 0) return;  // uniform over the CTA: no barrier is skipped by some threads only
   float* ks = sm;                    // [KC][dk]
   float* vs = ks + NSA_KC * dk;      // [KC][dv]
   float* dks = vs + NSA_KC * dv;     // [KC][dk]
@@ -140,8 +154,7 @@ __device__ void slc_dkdv(const T* __restrict__ q, const T* __restrict__ k,
     vs[e] = kk < nk ? to_f(v[(((long long)b * S + c0 + kk) * Hkv + g) * dv + d]) : 0.f;
     dvs[e] = 0.f;
   }
-  const long long sidx = ((long long)b * Hkv + g) * NB + j;
-  const long long e0 = seg[sidx], e1 = seg[sidx + 1];
+  const long long e0 = work_a[w], e1 = work_b[w];
   __syncthreads();
   for (long long ei = e0; ei < e1; ++ei) {
     const int t = inv_tok[ei];
@@ -181,13 +194,54 @@ __device__ void slc_dkdv(const T* __restrict__ q, const T* __restrict__ k,
     }
     __syncthreads();
   }
-  for (int e = tid; e < nk * dk; e += NSA_THREADS) {
-    const int kk = e / dk, d = e % dk;
-    dk_out[(((long long)b * S + c0 + kk) * Hkv + g) * dk + d] = from_f<T>(dks[e]);
+  const int slot = work_slot[w];
+  if (slot < 0) {
+    for (int e = tid; e < nk * dk; e += NSA_THREADS) {
+      const int kk = e / dk, d = e % dk;
+      dk_out[(((long long)b * S + c0 + kk) * Hkv + g) * dk + d] = from_f<T>(dks[e]);
+    }
+    for (int e = tid; e < nk * dv; e += NSA_THREADS) {
+      const int kk = e / dv, d = e % dv;
+      dv_out[(((long long)b * S + c0 + kk) * Hkv + g) * dv + d] = from_f<T>(dvs[e]);
+    }
+  } else {
+    const int width = dk + dv;
+    float* part = scratch + ((long long)slot * L + chunk * NSA_KC) * width;
+    for (int e = tid; e < nk * dk; e += NSA_THREADS) {
+      const int kk = e / dk, d = e % dk;
+      part[(long long)kk * width + d] = dks[e];
+    }
+    for (int e = tid; e < nk * dv; e += NSA_THREADS) {
+      const int kk = e / dv, d = e % dv;
+      part[(long long)kk * width + dk + d] = dvs[e];
+    }
   }
-  for (int e = tid; e < nk * dv; e += NSA_THREADS) {
-    const int kk = e / dv, d = e % dv;
-    dv_out[(((long long)b * S + c0 + kk) * Hkv + g) * dv + d] = from_f<T>(dvs[e]);
+}
+
+template <typename T>
+__device__ void slc_dkdv_reduce(const float* __restrict__ scratch,
+                                const long long* __restrict__ red_seg,
+                                const int* __restrict__ red_slot0,
+                                const int* __restrict__ red_count, T* __restrict__ dk_out,
+                                T* __restrict__ dv_out, int S, int Hkv, int dk, int dv, int L,
+                                int NB) {
+  const long long seg = red_seg[blockIdx.x];
+  const int j = (int)(seg % NB);
+  const int g = (int)((seg / NB) % Hkv), b = (int)(seg / NB / Hkv);
+  const int slot0 = red_slot0[blockIdx.x], count = red_count[blockIdx.x];
+  const int width = dk + dv;
+  const long long c0 = (long long)j * L;
+  const int nk = (int)min((long long)L, S - c0);
+  for (int e = threadIdx.x; e < nk * width; e += NSA_THREADS) {
+    const int kk = e / width, d = e % width;
+    float acc = 0.f;
+    for (int pc = 0; pc < count; ++pc) acc += scratch[((long long)(slot0 + pc) * L + kk) * width + d];
+    const long long key = ((long long)b * S + c0 + kk) * Hkv + g;
+    if (d < dk) {
+      dk_out[key * dk + d] = from_f<T>(acc);
+    } else {
+      dv_out[key * dv + (d - dk)] = from_f<T>(acc);
+    }
   }
 }
 
@@ -206,10 +260,23 @@ NSA_DQ(nsa_slc_dq_bf16, __nv_bfloat16)
 #define NSA_DKDV(NAME, T)                                                                      \
   extern "C" __global__ void __launch_bounds__(NSA_THREADS)                                    \
       NAME(const T* q, const T* k, const T* v, const T* dout, const float* lse,                \
-           const float* D, const int* inv_tok, const long long* seg, T* dk_out, T* dv_out,     \
-           int S, int Hkv, int hpg, int dk, int dv, int L, int NB, float scale) {              \
-    nsa::slc_dkdv<T>(q, k, v, dout, lse, D, inv_tok, seg, dk_out, dv_out, S, Hkv, hpg, dk, dv, \
-                     L, NB, scale);                                                            \
+           const float* D, const int* inv_tok, const long long* work_seg,                      \
+           const long long* work_a, const long long* work_b, const int* work_slot,             \
+           float* scratch, T* dk_out, T* dv_out, int S, int Hkv, int hpg, int dk, int dv,      \
+           int L, int NB, float scale) {                                                       \
+    nsa::slc_dkdv<T>(q, k, v, dout, lse, D, inv_tok, work_seg, work_a, work_b, work_slot,     \
+                     scratch, dk_out, dv_out, S, Hkv, hpg, dk, dv, L, NB, scale);              \
   }
 NSA_DKDV(nsa_slc_dkdv_f32, float)
 NSA_DKDV(nsa_slc_dkdv_bf16, __nv_bfloat16)
+
+#define NSA_DKDV_REDUCE(NAME, T)                                                               \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS)                                    \
+      NAME(const float* scratch, const long long* red_seg, const int* red_slot0,               \
+           const int* red_count, T* dk_out, T* dv_out, int S, int Hkv, int dk, int dv, int L,  \
+           int NB) {                                                                           \
+    nsa::slc_dkdv_reduce<T>(scratch, red_seg, red_slot0, red_count, dk_out, dv_out, S, Hkv,   \
+                            dk, dv, L, NB);                                                    \
+  }
+NSA_DKDV_REDUCE(nsa_slc_dkdv_reduce_f32, float)
+NSA_DKDV_REDUCE(nsa_slc_dkdv_reduce_bf16, __nv_bfloat16)

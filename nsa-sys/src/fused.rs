@@ -60,6 +60,7 @@ struct SlcTable {
     fwd_simt: [CuFunction; 2],
     dq: [CuFunction; 2],
     dkdv: [CuFunction; 2],
+    dkdv_reduce: [CuFunction; 2],
     max_smem: i32,
 }
 
@@ -219,6 +220,10 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
             func(bwd_mod, "nsa_slc_dkdv_f32")?,
             func(bwd_mod, "nsa_slc_dkdv_bf16")?,
         ],
+        dkdv_reduce: [
+            func(bwd_mod, "nsa_slc_dkdv_reduce_f32")?,
+            func(bwd_mod, "nsa_slc_dkdv_reduce_bf16")?,
+        ],
         max_smem,
     };
     Ok(SelectedKernels {
@@ -230,6 +235,14 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
 }
 
 extern "C" {
+    fn nsa_fused_dkdv_plan(
+        starts: *const C_tensor,
+        piece: i64,
+        out: *mut *mut C_tensor,
+        slots: *mut i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> std::os::raw::c_int;
     fn nsa_fused_inverse_index(
         blocks: *const C_tensor,
         block_len: i64,
@@ -400,6 +413,67 @@ pub fn inverse_index(blocks: &Tensor, block_len: i64) -> Result<(Tensor, Tensor)
         finish("nsa_fused_inverse_index", tokens, &err)?,
         finish("nsa_fused_inverse_index", starts, &err)?,
     ))
+}
+
+/// How the dK/dV kernel splits the inverse index's segments into pieces of at most `piece`
+/// tokens (see [`dkdv_plan`]). Work items come in segment order, the pieces of a segment
+/// consecutive and in token order.
+#[derive(Debug)]
+pub struct DkdvPlan {
+    /// Segment id of each work item, int64 `[W]`.
+    pub seg: Tensor,
+    /// Start of each work item's range of the token list, int64 `[W]`.
+    pub a: Tensor,
+    /// End (exclusive) of each work item's range, int64 `[W]`.
+    pub b: Tensor,
+    /// Scratch slot of each work item of a split segment, `-1` otherwise, int32 `[W]`.
+    pub slot: Tensor,
+    /// The split segments (more than one piece), ascending, int64 `[R]`.
+    pub red_seg: Tensor,
+    /// First scratch slot of each split segment, int32 `[R]`.
+    pub red_slot0: Tensor,
+    /// Number of pieces of each split segment, int32 `[R]`.
+    pub red_count: Tensor,
+    /// Scratch slots in all.
+    pub slots: i64,
+}
+
+/// The dK/dV work plan the backward uses for segment starts `starts` (int64 `[nseg + 1]`, as
+/// [`inverse_index`] returns) and pieces of at most `piece` tokens; exposed for tests.
+pub fn dkdv_plan(starts: &Tensor, piece: i64) -> Result<DkdvPlan, FusedError> {
+    if piece < 1 {
+        return Err(input("piece", format!("must be positive, got {piece}")));
+    }
+    let mut err = vec![0u8; ERR_LEN];
+    let mut out = [std::ptr::null_mut::<C_tensor>(); 7];
+    let mut slots = 0i64;
+    // SAFETY: `starts` is live for the call; on success the glue stores seven heap-allocated
+    // tensors whose ownership passes to us; it catches every exception.
+    let rc = unsafe {
+        nsa_fused_dkdv_plan(
+            starts.as_ptr(),
+            piece,
+            out.as_mut_ptr(),
+            &mut slots,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    if rc != 0 {
+        return Err(glue_err("nsa_fused_dkdv_plan", &err));
+    }
+    let call = "nsa_fused_dkdv_plan";
+    let [seg, a, b, slot, red_seg, red_slot0, red_count] = out.map(|p| finish(call, p, &err));
+    Ok(DkdvPlan {
+        seg: seg?,
+        a: a?,
+        b: b?,
+        slot: slot?,
+        red_seg: red_seg?,
+        red_slot0: red_slot0?,
+        red_count: red_count?,
+        slots,
+    })
 }
 
 /// The dtype the fused functions compute `q`, `k`, `v` in: their promoted type, or autocast's

@@ -135,3 +135,62 @@ fn inverse_index_lists_each_blocks_tokens_in_order() {
         Err(FusedError::Input { .. })
     ));
 }
+
+/// The dK/dV work plan (CPU): each segment's token range is cut into consecutive pieces of at
+/// most `piece` tokens, in order; single-piece segments write directly (slot -1), split ones own
+/// consecutive scratch slots listed once in the reduce arrays.
+#[test]
+fn dkdv_plan_cuts_every_segment_into_ordered_pieces() {
+    backend();
+    // Segment sizes 0, 1, 7, 3, 12, 0, 4 (starts are their prefix sums).
+    let sizes = [0i64, 1, 7, 3, 12, 0, 4];
+    let mut starts = vec![0i64];
+    for s in sizes {
+        starts.push(starts.last().unwrap() + s);
+    }
+    for piece in [1, 3, 4, 100] {
+        let plan = fused::dkdv_plan(&Tensor::from_slice(&starts), piece).unwrap();
+        let (seg, a, b, slot) = (
+            host_i64(&plan.seg),
+            host_i64(&plan.a),
+            host_i64(&plan.b),
+            host_i64(&plan.slot),
+        );
+        let (red_seg, red_slot0, red_count) = (
+            host_i64(&plan.red_seg),
+            host_i64(&plan.red_slot0),
+            host_i64(&plan.red_count),
+        );
+        let mut w = 0;
+        let mut next_slot = 0;
+        let mut red = 0;
+        for (s, &size) in sizes.iter().enumerate() {
+            let pieces = ((size + piece - 1) / piece).max(1);
+            let mut pos = starts[s];
+            if pieces > 1 {
+                assert_eq!(red_seg[red], s as i64, "piece {piece}");
+                assert_eq!(red_slot0[red], next_slot);
+                assert_eq!(red_count[red], pieces);
+                red += 1;
+            }
+            for _ in 0..pieces {
+                assert_eq!(seg[w], s as i64, "piece {piece} work {w}");
+                assert_eq!(a[w], pos);
+                assert!(b[w] - a[w] <= piece && b[w] <= starts[s + 1]);
+                pos = b[w];
+                if pieces > 1 {
+                    assert_eq!(slot[w], next_slot);
+                    next_slot += 1;
+                } else {
+                    assert_eq!(slot[w], -1);
+                }
+                w += 1;
+            }
+            assert_eq!(pos, starts[s + 1], "segment {s} covered");
+        }
+        assert_eq!(w, seg.len());
+        assert_eq!(red, red_seg.len());
+        assert_eq!(plan.slots, next_slot);
+    }
+    assert!(fused::dkdv_plan(&Tensor::from_slice(&starts), 0).is_err());
+}
