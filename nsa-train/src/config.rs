@@ -515,6 +515,20 @@ pub fn first_host(list: &str) -> Option<String> {
     (!out.is_empty()).then_some(out)
 }
 
+/// Where compiled CUDA kernels are cached between runs: `$XDG_CACHE_HOME/nsa/kernels`, else
+/// `$HOME/.cache/nsa/kernels` (`None` without either: kernels compile in memory at each start).
+pub fn kernel_cache_dir(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Option<std::path::PathBuf> {
+    let vars: std::collections::HashMap<String, String> = env.into_iter().collect();
+    let base = match (vars.get("XDG_CACHE_HOME"), vars.get("HOME")) {
+        (Some(x), _) if !x.is_empty() => std::path::PathBuf::from(x),
+        (_, Some(h)) if !h.is_empty() => std::path::Path::new(h).join(".cache"),
+        _ => return None,
+    };
+    Some(base.join("nsa").join("kernels"))
+}
+
 /// Resolves the configuration. `env` yields (name, value) pairs (pass `std::env::vars()`).
 pub fn resolve(
     file: Option<&Path>,

@@ -159,6 +159,10 @@ fn main() -> anyhow::Result<()> {
     };
     // First thing: make libtorch's CUDA backend visible (see nsa_sys::cuda).
     let backend = nsa_sys::cuda::load_backend().context("loading libtorch's CUDA backend")?;
+    // Compiled kernels are kept on disk, so a second start compiles nothing.
+    nsa_sys::fused::configure(nsa_sys::fused::FusedOptions {
+        cache_dir: config::kernel_cache_dir(std::env::vars()),
+    });
     let Some(command) = command else {
         print!("{}", snapshot::EnvSnapshot::collect().report());
         println!("\ncommands: train, eval, smoke, check, env, bench (see `nsa-train --help`)");
