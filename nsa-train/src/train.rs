@@ -7,14 +7,14 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use nsa_attn::{AttnPath, ForwardOpts, LeanOpts};
+use nsa_attn::ForwardOpts;
 use nsa_model::{Model, ModelConfig};
 use nsa_sys::train::NvtxRange;
 use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::{DistEnv, TrainConfig};
+use crate::config::{DeviceChoice, DistEnv, Precision, TrainConfig};
 use crate::data::{self, Batch, TokenSource, IGNORE};
 use crate::metrics::{self, MetricLine, MetricsWriter};
 use crate::optim::AdamW;
@@ -71,7 +71,7 @@ impl Dist {
                     .expect("one rank"),
             )
         };
-        let compression: nsa_ddp::Compression = cfg.fast.ddp_compress.parse()?;
+        let compression = cfg.fast.ddp_compress;
         let mut dp = nsa_ddp::DataParallel::new(comm, params, cfg.fast.ddp_bucket_mb, compression)?;
         if cfg.fast.ddp_overlap {
             dp.enable_overlap()?;
@@ -114,22 +114,8 @@ pub struct Summary {
     pub sdpa_audit: Vec<String>,
 }
 
-pub fn parse_device(name: &str, has_gpu: bool) -> Result<Device> {
-    Ok(match name {
-        "auto" if has_gpu => Device::Cuda(0),
-        "auto" | "cpu" => Device::Cpu,
-        "cuda" if has_gpu => Device::Cuda(0),
-        d if d.starts_with("cuda") => {
-            ensure!(has_gpu, "run.device = {d:?} but no GPU is visible");
-            let idx: usize = d
-                .strip_prefix("cuda:")
-                .with_context(|| format!("run.device {d:?}: expected cuda:N"))?
-                .parse()
-                .with_context(|| format!("run.device {d:?}: expected cuda:N"))?;
-            Device::Cuda(idx)
-        }
-        other => bail!("run.device must be auto, cpu, cuda or cuda:N (got {other:?})"),
-    })
+pub fn parse_device(choice: DeviceChoice, has_gpu: bool) -> Result<Device> {
+    choice.resolve(has_gpu)
 }
 
 /// The model config: the preset named in `[model]`, with every other `[model]` key applied.
@@ -165,17 +151,9 @@ pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
 }
 
 fn forward_opts(cfg: &TrainConfig) -> ForwardOpts {
-    let path = match cfg.fast.attn_path.as_str() {
-        "reference" => AttnPath::Reference,
-        _ => AttnPath::Lean(LeanOpts::default()),
-    };
-    let select = match cfg.fast.select.as_str() {
-        "reference" => nsa_select::SelectImpl::Reference,
-        _ => nsa_select::SelectImpl::Vectorized,
-    };
     ForwardOpts {
-        path,
-        select,
+        path: cfg.fast.attn_path.path(),
+        select: cfg.fast.select,
         nvtx: cfg.fast.nvtx,
         ..Default::default()
     }
@@ -250,7 +228,7 @@ impl Ctx<'_> {
 /// Trains as configured. Returns the summary (also written into the run folder).
 pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summary> {
     let model_cfg = model_config(cfg)?;
-    let device = match (&launch.dist, parse_device(&cfg.run.device, has_gpu)?) {
+    let device = match (&launch.dist, parse_device(cfg.run.device, has_gpu)?) {
         // Each rank drives the GPU of its local rank.
         (Some(d), Device::Cuda(_)) => Device::Cuda(d.local_rank),
         (_, dev) => dev,
@@ -259,16 +237,16 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     let world = launch.dist.as_ref().map_or(1, |d| d.world);
     // Only rank 0 writes: run folder, metrics, plots, checkpoints, summary.
     let writer = rank == 0;
-    let bf16 = match cfg.run.precision.as_str() {
-        "bf16" => {
+    let bf16 = match cfg.run.precision {
+        Precision::Bf16 => {
             ensure!(
                 device.is_cuda(),
                 "run.precision = bf16 needs a CUDA device (bf16 autocast is CUDA-only here)"
             );
             true
         }
-        "auto" => device.is_cuda(),
-        _ => false,
+        Precision::Auto => device.is_cuda(),
+        Precision::F32 => false,
     };
     let name = run_name(cfg, &model_cfg);
     let run_dir = cfg.run.out_dir.join(&name);
@@ -753,7 +731,7 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
     let cfg_path = run_dir.join("config.toml");
     let cfg = crate::config::resolve(Some(&cfg_path), &[], std::iter::empty())?;
     let model_cfg = model_config(&cfg)?;
-    let device = parse_device(&cfg.run.device, has_gpu)?;
+    let device = parse_device(cfg.run.device, has_gpu)?;
     let (dir, st) = checkpoint::latest(&run_dir.join("checkpoints"))?;
     let mut vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &model_cfg)?;
@@ -763,7 +741,7 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
         model_cfg.vocab_size,
         cfg.run.seed + cfg.data.eval_seed_offset,
     )?;
-    let bf16 = device.is_cuda() && cfg.run.precision != "f32";
+    let bf16 = device.is_cuda() && cfg.run.precision != Precision::F32;
     let ctx = Ctx {
         model: &model,
         opts: forward_opts(&cfg),
