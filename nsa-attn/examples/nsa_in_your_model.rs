@@ -2,7 +2,7 @@
 //! optimizer, on the CPU or the first GPU.
 //!
 //! The toy model is `embedding → NSA attention → linear head`, trained for a few steps to copy
-//! the token 8 positions back (a task that needs attention). Run:
+//! the token 4 positions back (a task that needs attention). Run:
 //! `cargo run --release -p nsa-attn --example nsa_in_your_model` (add `-- cuda` for the GPU).
 use nsa_attn::{AttnPath, ForwardOpts, LeanOpts, NsaAttention, NsaConfig, NsaParams, SelectConfig};
 use tch::nn::{self, Module, OptimizerConfig};
@@ -64,17 +64,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..NsaParams::paper()
         },
     };
-    let (vocab, batch, seq, lag) = (32, 8, 128, 8);
+    let (vocab, batch, seq, lag) = (16, 16, 64, 4);
     let vs = nn::VarStore::new(device);
     let model = TinyModel::new(&vs.root(), vocab, cfg)?;
-    let mut opt = nn::Adam::default().build(&vs, 3e-3)?;
+    let mut opt = nn::Adam::default().build(&vs, 1e-2)?;
     // The lean path never allocates an [S, S] matrix; AttnPath::Reference is its readable twin.
     let opts = ForwardOpts {
         path: AttnPath::Lean(LeanOpts::default()),
         ..Default::default()
     };
 
-    for step in 1..=60 {
+    for step in 1..=100 {
         let tokens = Tensor::f_randint(vocab, [batch, seq], (Kind::Int64, device))?;
         let logits = model.forward(&tokens, &opts)?;
         // Predict the token `lag` positions back, from position `lag` on.

@@ -256,8 +256,9 @@ impl NsaAttention {
             // With mean or linear φ a key-side embedding would only shift all compressed keys
             // alike, which cancels in the softmax: it is created for the MLP φ only.
             pos_k: (cfg.nsa.phi == Phi::Mlp)
-                .then(|| cmp.var("pos_k", &[l, g, cfg.head_dim_k], pos_init)),
-            pos_v: cmp.var("pos_v", &[l, g, cfg.head_dim_v], pos_init),
+                .then(|| cmp.f_var("pos_k", &[l, g, cfg.head_dim_k], pos_init))
+                .transpose()?,
+            pos_v: cmp.f_var("pos_v", &[l, g, cfg.head_dim_v], pos_init)?,
             phi_k: PhiMap::new(&(&cmp / "phi_k"), &cfg.nsa, cfg.head_dim_k, false),
             phi_v: PhiMap::new(&(&cmp / "phi_v"), &cfg.nsa, cfg.head_dim_v, true),
             gate_w1: nn::linear(

@@ -16,13 +16,14 @@ fn train(
 ) -> Result<f64, Box<dyn std::error::Error>> {
     let vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), cfg)?;
+    // The split an optimizer with parameter groups would use (tch's AdamW below decays all).
     let (decay, no_decay) = nsa_model::decay_groups(&vs);
     println!(
-        "{cfg}\n  {} tensors with weight decay, {} without",
+        "{cfg}\n  decay_groups: {} tensors to decay, {} not",
         decay.len(),
         no_decay.len()
     );
-    let mut opt = nn::AdamW::default().build(&vs, 3e-3)?;
+    let mut opt = nn::Adam::default().build(&vs, 1e-2)?;
     let (batch, seq, motif) = (8, 128, 16);
     let mut loss_value = f64::NAN;
     for step in 1..=steps {
@@ -61,8 +62,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut cfg = ModelConfig::preset("tiny")?;
     cfg.vocab_size = 64;
     cfg.validate()?;
-    let nsa = train(&cfg, device, 40)?;
-    let dense = train(&cfg.with_attention(AttentionKind::Dense), device, 40)?;
+    let nsa = train(&cfg, device, 100)?;
+    let dense = train(&cfg.with_attention(AttentionKind::Dense), device, 100)?;
     println!(
         "last loss: NSA {nsa:.3}, dense {dense:.3} (chance: {:.3})",
         64f64.ln()
