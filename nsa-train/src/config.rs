@@ -168,7 +168,7 @@ impl TryFrom<String> for DeviceChoice {
     type Error = String;
 
     fn try_from(s: String) -> Result<Self, String> {
-        let bad = || format!("run.device: expected auto, cpu, cuda or cuda:N, got {s:?}");
+        let bad = || format!("expected auto, cpu, cuda or cuda:N, got {s:?}");
         Ok(match s.as_str() {
             "auto" => DeviceChoice::Auto,
             "cpu" => DeviceChoice::Cpu,
