@@ -25,12 +25,12 @@
 //!    per (query, group) (Eq. 11)
 //!    with block 0 and the `n_local` local blocks forced → int64 `[B, S, Hkv, n]`, sorted, `−1`
 //!    padded. All heads of a group read the same blocks.
-//! 4. **Selected branch** (Eq. 12). Query `t` attends the raw `slc` keys of its selected blocks, only
-//!    those `≤ t`.
+//! 4. **Selected branch** (Eq. 12). Query `t` attends the raw `slc` keys of its selected
+//!    blocks, only those `≤ t`.
 //! 5. **Sliding window.** Query `t` attends `win` keys `t − w + 1 ..= t`.
 //! 6. **Gates** (Eq. 5). `g = sigmoid(W_2 SiLU(W_1 x))` `[B, S, H, 3]` (order cmp, slc, win;
-//!    `gate.w1`, `gate.w2`), `o = Σ_c g_c · o_c`, output `W_o o` (`wo`). [`GateOverride`] forces gates
-//!    (e.g. `Only(Branch::Selected)`).
+//!    `gate.w1`, `gate.w2`), `o = Σ_c g_c · o_c`, output `W_o o` (`wo`). [`GateOverride`]
+//!    forces gates (e.g. `Only(Branch::Selected)`).
 //!
 //! All attention uses the scale `1/√dk`. With `n·l' ≥ S` and the gate forced to the selected
 //! branch the layer equals dense causal attention (tested).

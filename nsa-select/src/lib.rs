@@ -14,13 +14,13 @@
 //!    `t` iff `i·d + l − 1 ≤ t`, Eq. 7: [`SelectConfig::num_visible_compressed`],
 //!    [`visible_compressed`]). The attention layer computes the same probabilities for its
 //!    compressed branch and may pass its own instead.
-//! 2. [`block_scores`]: the probabilities of the `h` heads of each GQA group are added (Eq. 10), then
-//!    mapped onto selection blocks (block `j` covers `[j·l', (j+1)·l')`) with the overlap form of
-//!    Eq. 9: `score[j] = Σ_i p[i] · |[i·d, i·d + l) ∩ [j·l', (j+1)·l')| / d`. For the paper's
-//!    (l, d, l') = (32, 16, 64) these weights are `[1, 2, 2, 2, 1]` on compressed tokens
-//!    `4j − 1 … 4j + 3` ([`SelectConfig::overlap_taps`]).
-//! 3. [`select_blocks`] (Eq. 11): per (batch, query, group) the candidates are the blocks that have
-//!    started, `j·l' ≤ t`. Block 0 and the `n_local` newest candidates (the current block
+//! 2. [`block_scores`]: the probabilities of the `h` heads of each GQA group are added
+//!    (Eq. 10), then mapped onto selection blocks (block `j` covers `[j·l', (j+1)·l')`) with the
+//!    overlap form of Eq. 9: `score[j] = Σ_i p[i] · |[i·d, i·d + l) ∩ [j·l', (j+1)·l')| / d`.
+//!    For the paper's (l, d, l') = (32, 16, 64) these weights are `[1, 2, 2, 2, 1]` on
+//!    compressed tokens `4j − 1 … 4j + 3` ([`SelectConfig::overlap_taps`]).
+//! 3. [`select_blocks`] (Eq. 11): per (batch, query, group) the candidates are the blocks that
+//!    have started, `j·l' ≤ t`. Block 0 and the `n_local` newest candidates (the current block
 //!    `⌊t/l'⌋` and the `n_local − 1` before it) are always taken and count toward `n`; the rest
 //!    of the `n` are the highest scores. Scores are compared after −0.0 → +0.0 in
 //!    `f32::total_cmp` order; equal scores go to the lower block index. With at most `n`
@@ -326,7 +326,8 @@ pub fn select_blocks(
     }
 }
 
-/// Block ids → merged token ranges for a chunk of queries.
+/// Block ids → merged token ranges for a chunk of queries: the keys the selected branch reads
+/// (Eq. 12).
 ///
 /// - `blocks`: `[B, T, G, m]` i64 block ids of the queries at `t0 .. t0 + T`, in any order,
 ///   duplicates allowed; negative ids are padding and ids of blocks that start after `t`
