@@ -260,7 +260,9 @@ fn env_value(name: &str, raw: &str) -> Result<toml::Value> {
             raw.parse::<f64>()
                 .with_context(|| format!("{name}={raw:?}: expected a number of MB"))?,
         ),
-        _ => toml::Value::String(raw.to_string()),
+        // Parsed into `Compression` with the rest of the config (an unknown value names the key).
+        "NSA_DDP_COMPRESS" => toml::Value::String(raw.to_string()),
+        other => bail!("{other} is not one of the environment names in ENV_NAMES"),
     })
 }
 
@@ -565,10 +567,12 @@ mod tests {
             ("NSA_SEL_RANGES_V2".to_string(), "0".to_string()),
             ("NSA_DDP_BUCKET_MB".to_string(), "50".to_string()),
             ("NSA_NVTX".to_string(), "1".to_string()),
+            ("NSA_DDP_COMPRESS".to_string(), "bf16".to_string()),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
         let c = resolve(None, &[], env.clone()).unwrap();
         assert_eq!(c.fast.select, SelectImpl::Reference);
+        assert_eq!(c.fast.ddp_compress, Compression::Bf16);
         assert_eq!(c.fast.ddp_bucket_mb, 50.0);
         assert!(c.fast.nvtx);
         let c = resolve(None, &["fast.select=vectorized".to_string()], env).unwrap();
