@@ -891,3 +891,24 @@ fn lean_matches_reference_on_cuda() {
         assert!(err < 1e-4, "seed {s0}: gradient of {name} differs by {err}");
     }
 }
+
+/// The layer's p_cmp (Eq. 8: `reference::masked_probs`, shared with its compressed branch) and
+/// nsa-select's standalone `compressed_probs` are the same probabilities up to float rounding,
+/// for chunks that start anywhere (including rows that see no compressed token yet).
+#[test]
+fn layer_p_cmp_matches_nsa_select() {
+    let s0 = seed();
+    let cfg = config(4, 2, 8, 6, (4, 2, 8), 3, 6, Phi::Mlp);
+    let (_vs, attn) = layer(cfg, Kind::Float);
+    let s = 37;
+    let x = Tensor::randn([2, s, cfg.dim], (Kind::Float, Device::Cpu));
+    let p = attn.project(&x).unwrap();
+    for t0 in [0, 2, 5, 20] {
+        let q = p.q.narrow(1, t0, s - t0);
+        let ours = nsa_attn::selection::compressed_probs(&q, &p.cmp_k, t0, &cfg).unwrap();
+        let theirs = nsa_select::compressed_probs(&q, &p.cmp_k, t0, &cfg.select_config()).unwrap();
+        assert_eq!(ours.size(), theirs.size());
+        let err = max_abs_diff(&ours, &theirs);
+        assert!(err < 1e-6, "seed {s0} t0 {t0}: {err}");
+    }
+}
