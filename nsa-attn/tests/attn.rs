@@ -898,11 +898,12 @@ fn lean_matches_reference_on_cuda() {
 #[test]
 fn layer_p_cmp_matches_nsa_select() {
     let s0 = seed();
-    let cfg = config(4, 2, 8, 6, (4, 2, 8), 3, 6, Phi::Mlp);
-    let (_vs, attn) = layer(cfg, Kind::Float);
-    let s = 37;
-    let x = Tensor::randn([2, s, cfg.dim], (Kind::Float, Device::Cpu));
-    let p = attn.project(&x).unwrap();
+    // One KV group of three heads, l = 6 with stride 3: rows t < 5 see no compressed token.
+    let (cfg, s) = (config(3, 1, 8, 6, (6, 3, 6), 3, 6, Phi::Linear), 37);
+    let p = layer(cfg, Kind::Float)
+        .1
+        .project(&Tensor::randn([2, s, cfg.dim], (Kind::Float, Device::Cpu)))
+        .unwrap();
     for t0 in [0, 2, 5, 20] {
         let q = p.q.narrow(1, t0, s - t0);
         let ours = nsa_attn::selection::compressed_probs(&q, &p.cmp_k, t0, &cfg).unwrap();
