@@ -3,6 +3,7 @@ use nsa_sys::SdpaBackend;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::config::AttnError;
 use crate::layer::{AttnPath, NsaAttention};
 
 /// The kernel that computes one branch.
@@ -11,11 +12,12 @@ use crate::layer::{AttnPath, NsaAttention};
 pub enum BranchKernel {
     /// Explicit mask + softmax over the full score matrix (reference path, libtorch ops).
     ReferenceMasked,
-    /// `nsa_sys::autograd::span_attention`: chunked over queries, contiguous key span per chunk,
-    /// backward recomputes probabilities from the saved log-sum-exp.
+    /// `nsa_sys::autograd::span_attention`: chunked over queries, contiguous key span per chunk;
+    /// only the inputs are saved, and backward recomputes each chunk's probabilities from them.
     ChunkedSpan,
     /// `nsa_sys::autograd::block_attention`: chunked over queries, per-query gather of the
-    /// selected blocks, backward recomputes probabilities from the saved log-sum-exp.
+    /// selected blocks; only the inputs are saved, and backward recomputes each chunk's
+    /// probabilities from them.
     ChunkedBlockGather,
     /// `nsa_sys::fused::selected_attention`: the NVRTC selected-branch kernels (tensor-core
     /// bf16 forward, SIMT fp32; dQ and inverse-index dK/dV backward).
@@ -98,7 +100,12 @@ fn kind_name(kind: Kind) -> String {
 impl NsaAttention {
     /// The kernels `path` uses for each branch, and SDPA's choice for the dense baseline of
     /// this shape on `device` in `kind` (probed with a 256-token input).
-    pub fn audit(&self, path: AttnPath, device: Device, kind: Kind) -> AttnAudit {
+    pub fn audit(
+        &self,
+        path: AttnPath,
+        device: Device,
+        kind: Kind,
+    ) -> Result<AttnAudit, AttnError> {
         let c = self.config();
         let (compressed, selected, window, name) = match path {
             AttnPath::Reference => (
@@ -132,14 +139,14 @@ impl NsaAttention {
                 (BranchKernel::ChunkedSpan, selected, window, "fused")
             }
         };
-        let dense_sdpa = tch::no_grad(|| {
+        let dense_sdpa = tch::no_grad(|| -> Result<SdpaBackend, AttnError> {
             let s = 256;
-            let q = Tensor::zeros([1, c.heads, s, c.head_dim_k], (kind, device));
-            let k = Tensor::zeros([1, c.kv_heads, s, c.head_dim_k], (kind, device));
-            let v = Tensor::zeros([1, c.kv_heads, s, c.head_dim_v], (kind, device));
-            SdpaBackend::choice(&q, &k, &v, true)
-        });
-        AttnAudit {
+            let q = Tensor::f_zeros([1, c.heads, s, c.head_dim_k], (kind, device))?;
+            let k = Tensor::f_zeros([1, c.kv_heads, s, c.head_dim_k], (kind, device))?;
+            let v = Tensor::f_zeros([1, c.kv_heads, s, c.head_dim_v], (kind, device))?;
+            Ok(SdpaBackend::choice(&q, &k, &v, true))
+        })?;
+        Ok(AttnAudit {
             path: name,
             device: device_name(device),
             dtype: kind_name(kind),
@@ -147,6 +154,6 @@ impl NsaAttention {
             selected,
             window,
             dense_sdpa,
-        }
+        })
     }
 }

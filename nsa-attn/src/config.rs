@@ -1,34 +1,129 @@
-//! [`NsaConfig`]: the shape of one NSA attention layer, and [`AttnError`].
+//! [`NsaConfig`] (one NSA layer: its shape plus [`NsaParams`], which nests nsa-select's
+//! [`SelectConfig`]), the one place their rules are checked, and [`AttnError`].
+use std::fmt;
+
 use nsa_select::{SelectConfig, SelectError};
+use serde::{Deserialize, Serialize};
 use tch::TchError;
 
 /// The compression function φ that maps a block of `l` keys (or values), each plus a learned
-/// intra-block position embedding, to one compressed key (value).
+/// intra-block position embedding, to one compressed key (value) (Eq. 7). Written in a config
+/// file as `"mean"`, `"linear"` or `"mlp"`; the MLP's hidden width is
+/// [`NsaParams::phi_hidden`].
 ///
 /// Only the MLP variant lets a key-side position embedding change anything: mean and linear φ
 /// would turn it into the same shift of every compressed key, which cancels in the softmax.
 /// So `cmp.pos_k` exists with the MLP φ only; `cmp.pos_v` always (with mean or linear φ it acts
 /// as a bias of the compressed values).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Phi {
     /// Average over the block.
     Mean,
     /// One linear map from the flattened block `[l · d]` to `[d]`, shared by the key heads (with
     /// a bias for values; none for keys, where it would cancel in the softmax).
     Linear,
-    /// Two linear maps with a GELU between them: `[l · d] → [hidden] → [d]`.
-    Mlp {
-        /// Width of the hidden layer.
-        hidden: i64,
-    },
+    /// Two linear maps with a GELU between them: `[l · d] → [phi_hidden] → [d]` (the paper's
+    /// choice).
+    Mlp,
 }
 
-/// Configuration of one [`crate::NsaAttention`] layer.
+impl fmt::Display for Phi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phi::Mean => "mean",
+            Phi::Linear => "linear",
+            Phi::Mlp => "mlp",
+        })
+    }
+}
+
+/// NSA's own hyperparameters: the selection lengths (nsa-select's [`SelectConfig`], nested),
+/// the window, φ and the gate. The one NSA configuration of the workspace: `nsa-model` keeps it
+/// as `ModelConfig::nsa`, the trainer reads it from the `[model.nsa]` table of its config file.
+///
+/// Serialises with serde as one flat table (`block_len`, `stride`, `select_len`, `top_n`,
+/// `n_local`, `window`, `phi`, `phi_hidden`, `shared_kv`, `gate_hidden`); unknown keys are
+/// rejected with their name. Rules are checked by [`NsaParams::problems`] (through
+/// [`NsaConfig::validate`] for a layer).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NsaParams {
+    /// l, d, l', n and n_local: what block selection depends on.
+    #[serde(flatten)]
+    pub select: SelectConfig,
+    /// w: sliding-window length (keys `t − w + 1 ..= t`).
+    pub window: i64,
+    /// φ, the compression function.
+    pub phi: Phi,
+    /// Hidden width of the MLP φ (read only when `phi` is [`Phi::Mlp`]).
+    pub phi_hidden: i64,
+    /// One K/V projection pair for all three branches (`kv.wk`, `kv.wv`) instead of one pair
+    /// per branch (`cmp.*`, `slc.*`, `win.*`, the paper's default).
+    pub shared_kv: bool,
+    /// Hidden width of the gate MLP `dim → gate_hidden → 3·H`.
+    pub gate_hidden: i64,
+}
+
+impl NsaParams {
+    /// The paper's lengths (l = 32, d = 16, l' = 64, n = 16, 2 local blocks, w = 512) with the
+    /// MLP φ of 64 hidden units, separate K/V per branch and a gate MLP of 64 hidden units: what
+    /// the `small` and `125m` model presets and a config file without an `nsa` section use.
+    pub fn paper() -> Self {
+        Self {
+            select: SelectConfig::paper(),
+            window: 512,
+            phi: Phi::Mlp,
+            phi_hidden: 64,
+            shared_kv: false,
+            gate_hidden: 64,
+        }
+    }
+
+    /// Every broken rule, each field named as in a config file with an `nsa.` prefix
+    /// (`nsa.stride`, …): nsa-select's rules for the lengths ([`SelectConfig::problems`]), then
+    /// `window`, `gate_hidden` and, for the MLP φ, `phi_hidden` positive.
+    pub fn problems(&self) -> Vec<ConfigProblem> {
+        let mut found: Vec<ConfigProblem> = self
+            .select
+            .problems()
+            .into_iter()
+            .map(|e| ConfigProblem {
+                field: format!("nsa.{}", e.field().unwrap_or("select")),
+                reason: e.to_string(),
+            })
+            .collect();
+        let mut positive = |field: &str, value: i64, when: &str| {
+            if value <= 0 {
+                found.push(ConfigProblem {
+                    field: format!("nsa.{field}"),
+                    reason: format!("must be positive{when}, got {value}"),
+                });
+            }
+        };
+        positive("window", self.window, "");
+        positive("gate_hidden", self.gate_hidden, "");
+        if self.phi == Phi::Mlp {
+            positive("phi_hidden", self.phi_hidden, " with phi = \"mlp\"");
+        }
+        found
+    }
+}
+
+impl Default for NsaParams {
+    /// [`NsaParams::paper`].
+    fn default() -> Self {
+        Self::paper()
+    }
+}
+
+/// Configuration of one [`crate::NsaAttention`] layer: its shape and [`NsaParams`].
 ///
 /// Letters are the paper's: `H` query heads in `Hkv` key/value groups, key dim `dk`, value dim
-/// `dv` (may differ), compression block `l` with stride `d`, selection block `l'`, `n` selected
-/// blocks of which `n_local` are local, window `w`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// `dv` (may differ); `nsa` holds the compression block `l` with stride `d`, selection block
+/// `l'`, `n` selected blocks of which `n_local` are local, window `w`, φ and the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NsaConfig {
     /// Model width: input and output feature size.
     pub dim: i64,
@@ -40,32 +135,15 @@ pub struct NsaConfig {
     pub head_dim_k: i64,
     /// dv: value head size.
     pub head_dim_v: i64,
-    /// l: tokens per compressed token.
-    pub block_len: i64,
-    /// d: stride between compressed tokens (`d | l`, `d | l'`).
-    pub stride: i64,
-    /// l': tokens per selection block.
-    pub select_len: i64,
-    /// n: selected blocks per query and group (forced blocks included).
-    pub top_n: i64,
-    /// Local blocks always selected: the current one and the `n_local − 1` before it.
-    pub n_local: i64,
-    /// w: sliding-window length (keys `t − w + 1 ..= t`).
-    pub window: i64,
-    /// φ, the compression function.
-    pub phi: Phi,
-    /// One K/V projection pair for all three branches (`kv.wk`, `kv.wv`) instead of one pair
-    /// per branch (`cmp.*`, `slc.*`, `win.*`, the paper's default).
-    pub shared_kv: bool,
-    /// Hidden width of the gate MLP `dim → gate_hidden → 3·H`.
-    pub gate_hidden: i64,
     /// RoPE base θ.
     pub rope_base: f64,
+    /// NSA's lengths, window, φ and gate.
+    pub nsa: NsaParams,
 }
 
 impl NsaConfig {
-    /// The paper's attention shape (H = 64, Hkv = 4, dk = 192, dv = 128, l = 32, d = 16,
-    /// l' = 64, n = 16, w = 512) for a model of width `dim`, with the MLP φ.
+    /// The paper's attention shape (H = 64, Hkv = 4, dk = 192, dv = 128) for a model of width
+    /// `dim`, with [`NsaParams::paper`].
     pub fn paper(dim: i64) -> Self {
         Self {
             dim,
@@ -73,16 +151,8 @@ impl NsaConfig {
             kv_heads: 4,
             head_dim_k: 192,
             head_dim_v: 128,
-            block_len: 32,
-            stride: 16,
-            select_len: 64,
-            top_n: 16,
-            n_local: 2,
-            window: 512,
-            phi: Phi::Mlp { hidden: 256 },
-            shared_kv: false,
-            gate_hidden: 64,
             rope_base: 10_000.0,
+            nsa: NsaParams::paper(),
         }
     }
 
@@ -93,109 +163,86 @@ impl NsaConfig {
 
     /// The lengths selection depends on, as `nsa-select` takes them.
     pub fn select_config(&self) -> SelectConfig {
-        SelectConfig {
-            block_len: self.block_len,
-            stride: self.stride,
-            select_len: self.select_len,
-            top_n: self.top_n,
-            n_local: self.n_local,
+        self.nsa.select
+    }
+
+    /// Checks every rule the layer relies on; the error names the first offending field
+    /// ([`NsaConfig::problems`] lists all of them).
+    pub fn validate(&self) -> Result<(), AttnError> {
+        match self.problems().into_iter().next() {
+            Some(ConfigProblem { field, reason }) => Err(AttnError::Config { field, reason }),
+            None => Ok(()),
         }
     }
 
-    /// Checks every rule the layer relies on; the error names the offending field.
-    pub fn validate(&self) -> Result<(), AttnError> {
-        let bad = |field: &'static str, reason: String| Err(AttnError::Config { field, reason });
+    /// Every broken rule: the shape's (`dim`, `heads`, `kv_heads`, `head_dim_k`, `head_dim_v`
+    /// positive; `kv_heads` divides `heads`; `head_dim_k` even; `rope_base` finite and > 1),
+    /// then [`NsaParams::problems`]. Empty when the layer can be built.
+    pub fn problems(&self) -> Vec<ConfigProblem> {
+        let mut found = Vec::new();
+        let mut bad = |field: &str, reason: String| {
+            found.push(ConfigProblem {
+                field: field.to_string(),
+                reason,
+            })
+        };
         for (field, value) in [
             ("dim", self.dim),
             ("heads", self.heads),
             ("kv_heads", self.kv_heads),
             ("head_dim_k", self.head_dim_k),
             ("head_dim_v", self.head_dim_v),
-            ("block_len", self.block_len),
-            ("stride", self.stride),
-            ("select_len", self.select_len),
-            ("top_n", self.top_n),
-            ("n_local", self.n_local),
-            ("window", self.window),
-            ("gate_hidden", self.gate_hidden),
         ] {
             if value <= 0 {
-                return bad(field, format!("must be positive, got {value}"));
+                bad(field, format!("must be positive, got {value}"));
             }
         }
-        if self.heads % self.kv_heads != 0 {
-            return bad(
-                "heads",
-                format!(
-                    "H = {} is not divisible by kv_heads = {}",
-                    self.heads, self.kv_heads
-                ),
+        if self.heads > 0 && self.kv_heads > 0 && self.heads % self.kv_heads != 0 {
+            bad(
+                "kv_heads",
+                format!("must divide heads = {}, got {}", self.heads, self.kv_heads),
             );
         }
-        if self.head_dim_k % 2 != 0 {
-            return bad(
+        if self.head_dim_k > 0 && self.head_dim_k % 2 != 0 {
+            bad(
                 "head_dim_k",
-                format!("must be even for RoPE, got {}", self.head_dim_k),
-            );
-        }
-        if self.block_len % self.stride != 0 {
-            return bad(
-                "stride",
-                format!(
-                    "d = {} must divide block_len l = {}",
-                    self.stride, self.block_len
-                ),
-            );
-        }
-        if self.select_len % self.stride != 0 {
-            return bad(
-                "stride",
-                format!(
-                    "d = {} must divide select_len l' = {}",
-                    self.stride, self.select_len
-                ),
-            );
-        }
-        if self.top_n < self.n_local + 1 {
-            return bad(
-                "top_n",
-                format!(
-                    "n = {} must be at least n_local + 1 = {} (block 0 and the local blocks are forced)",
-                    self.top_n,
-                    self.n_local + 1
-                ),
+                format!("must be even (RoPE rotates pairs), got {}", self.head_dim_k),
             );
         }
         if !(self.rope_base.is_finite() && self.rope_base > 1.0) {
-            return bad(
+            bad(
                 "rope_base",
                 format!("must be a finite number > 1, got {}", self.rope_base),
             );
         }
-        if let Phi::Mlp { hidden } = self.phi {
-            if hidden <= 0 {
-                return bad(
-                    "phi",
-                    format!("MLP hidden width must be positive, got {hidden}"),
-                );
-            }
-        }
-        // Anything nsa-select checks beyond the rules above is still reported.
-        self.select_config()
-            .validate()
-            .map_err(|e| AttnError::Config {
-                field: "select_config",
-                reason: e.to_string(),
-            })
+        found.extend(self.nsa.problems());
+        found
+    }
+}
+
+/// One broken configuration rule: which field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The field: an [`NsaConfig`] shape field (`heads`, …) or `nsa.<key>` for [`NsaParams`]
+    /// (`nsa.stride`, …), as a config file names it.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
     }
 }
 
 /// Errors of `nsa-attn`.
 #[derive(Debug, thiserror::Error)]
 pub enum AttnError {
-    /// A configuration value breaks a rule; `field` is the [`NsaConfig`] field.
+    /// A configuration value breaks a rule; `field` is the [`NsaConfig`] field as
+    /// [`ConfigProblem::field`] names it (the first of [`NsaConfig::problems`]).
     #[error("invalid NSA config: {field}: {reason}")]
-    Config { field: &'static str, reason: String },
+    Config { field: String, reason: String },
     /// An input tensor has the wrong shape.
     #[error("{what}: expected {expected}, got shape {got:?}")]
     Shape {
@@ -228,89 +275,67 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paper_config_is_valid_and_mirrors_select_lengths() {
+    fn paper_config_is_valid_and_nests_the_select_lengths() {
         let cfg = NsaConfig::paper(512);
         cfg.validate().unwrap();
         assert_eq!(cfg.heads_per_group(), 16);
-        let sel = cfg.select_config();
-        assert_eq!(
-            (
-                sel.block_len,
-                sel.stride,
-                sel.select_len,
-                sel.top_n,
-                sel.n_local
-            ),
-            (32, 16, 64, 16, 2)
-        );
+        assert_eq!(cfg.select_config(), SelectConfig::paper());
+        assert_eq!((cfg.nsa.phi, cfg.nsa.phi_hidden), (Phi::Mlp, 64));
+    }
+
+    #[test]
+    fn params_serialise_as_one_flat_table() {
+        let json = serde_json::to_value(NsaParams::paper()).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        for key in [
+            "block_len",
+            "stride",
+            "select_len",
+            "top_n",
+            "n_local",
+            "window",
+            "phi",
+            "phi_hidden",
+            "shared_kv",
+            "gate_hidden",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        assert_eq!(keys.len(), 10, "{keys:?}");
+        let back: NsaParams = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, NsaParams::paper());
+        let mut extra = json;
+        extra["strid"] = serde_json::json!(3);
+        let e = serde_json::from_value::<NsaParams>(extra).unwrap_err();
+        assert!(e.to_string().contains("strid"), "{e}");
     }
 
     #[test]
     fn each_broken_rule_names_its_field() {
         let base = NsaConfig::paper(512);
-        let cases = [
-            ("dim", NsaConfig { dim: 0, ..base }),
-            (
-                "kv_heads",
-                NsaConfig {
-                    kv_heads: -1,
-                    ..base
-                },
-            ),
-            (
-                "heads",
-                NsaConfig {
-                    kv_heads: 5,
-                    ..base
-                },
-            ),
-            (
-                "head_dim_v",
-                NsaConfig {
-                    head_dim_v: 0,
-                    ..base
-                },
-            ),
-            (
-                "head_dim_k",
-                NsaConfig {
-                    head_dim_k: 191,
-                    ..base
-                },
-            ),
-            ("stride", NsaConfig { stride: 5, ..base }),
-            (
-                "stride",
-                NsaConfig {
-                    select_len: 72 + 4,
-                    ..base
-                },
-            ),
-            ("window", NsaConfig { window: 0, ..base }),
-            ("top_n", NsaConfig { top_n: 2, ..base }),
-            (
-                "gate_hidden",
-                NsaConfig {
-                    gate_hidden: 0,
-                    ..base
-                },
-            ),
-            (
-                "rope_base",
-                NsaConfig {
-                    rope_base: f64::NAN,
-                    ..base
-                },
-            ),
-            (
-                "phi",
-                NsaConfig {
-                    phi: Phi::Mlp { hidden: 0 },
-                    ..base
-                },
-            ),
+        type Spoil = fn(&mut NsaConfig);
+        let cases: [(&str, Spoil); 12] = [
+            ("dim", |c| c.dim = 0),
+            ("kv_heads", |c| c.kv_heads = -1),
+            ("kv_heads", |c| c.kv_heads = 5),
+            ("head_dim_v", |c| c.head_dim_v = 0),
+            ("head_dim_k", |c| c.head_dim_k = 191),
+            ("nsa.stride", |c| c.nsa.select.stride = 5),
+            ("nsa.stride", |c| c.nsa.select.select_len = 72 + 4),
+            ("nsa.window", |c| c.nsa.window = 0),
+            ("nsa.top_n", |c| c.nsa.select.top_n = 2),
+            ("nsa.gate_hidden", |c| c.nsa.gate_hidden = 0),
+            ("rope_base", |c| c.rope_base = f64::NAN),
+            ("nsa.phi_hidden", |c| c.nsa.phi_hidden = 0),
         ];
-        for (field, cfg) in cases {
+        for (field, spoil) in cases {
+            let mut cfg = base;
+            spoil(&mut cfg);
             match cfg.validate() {
                 Err(AttnError::Config { field: f, reason }) => {
                     assert_eq!(f, field, "{reason}");
@@ -319,5 +344,26 @@ mod tests {
                 other => panic!("{cfg:?}: expected an error on {field}, got {other:?}"),
             }
         }
+        // phi_hidden is read only by the MLP φ.
+        let mean = NsaParams {
+            phi: Phi::Mean,
+            phi_hidden: 0,
+            ..NsaParams::paper()
+        };
+        assert_eq!(mean.problems(), []);
+    }
+
+    #[test]
+    fn every_broken_rule_is_listed() {
+        let mut cfg = NsaConfig::paper(512);
+        cfg.heads = 6; // kv_heads = 4 does not divide it
+        cfg.nsa.select.stride = 12; // divides neither l = 32 nor l' = 64
+        cfg.nsa.window = -1;
+        let fields: Vec<String> = cfg.problems().into_iter().map(|p| p.field).collect();
+        assert_eq!(
+            fields,
+            ["kv_heads", "nsa.stride", "nsa.stride", "nsa.window"],
+            "{fields:?}"
+        );
     }
 }

@@ -71,7 +71,7 @@ pub fn selected(
         &k.f_contiguous()?,
         &v.f_contiguous()?,
         &blocks,
-        cfg.select_len,
+        cfg.nsa.select.select_len,
         scale(q),
     )
     .map_err(fused_err)
@@ -105,7 +105,7 @@ pub fn window(
         &pad(q, dk)?,
         &pad(k, dk)?,
         &pad(v, dv)?,
-        cfg.window,
+        cfg.nsa.window,
         scale(q),
     )
     .map_err(fused_err)?;
@@ -404,10 +404,8 @@ fn run_window_case(
             reason: format!("the flash window does not take dk {dk}, dv {dv}"),
         });
     }
-    let cfg = NsaConfig {
-        window: w,
-        ..NsaConfig::paper(64)
-    };
+    let mut cfg = NsaConfig::paper(64);
+    cfg.nsa.window = w;
     let dbl = |t: &Tensor| t.f_to_kind(Kind::Double);
     let reference = out_and_grads(&dbl(&q)?, &dbl(&k)?, &dbl(&v)?, &dout, |q, k, v| {
         reference::window(q, k, v, w)

@@ -1,10 +1,10 @@
 //! [`NsaAttention`]: parameters, projections, RoPE, compression φ, gates and the forward pass.
 use nsa_select::SelectImpl;
 use nsa_sys::train::NvtxRange;
-use tch::nn::{self, Module};
-use tch::{Kind, Tensor};
+use tch::nn;
+use tch::{Kind, TchError, Tensor};
 
-use crate::config::{AttnError, NsaConfig, Phi};
+use crate::config::{AttnError, NsaConfig, NsaParams, Phi};
 use crate::{fused, lean, reference, selection};
 
 /// One of NSA's three attention branches.
@@ -148,35 +148,47 @@ impl PhiMap {
     /// `output_bias`: whether the last linear map has a bias. Keys get none: a bias shifts every
     /// compressed key by the same vector, which adds the same `q·b` to all scores of a row and
     /// cancels in the softmax (its gradient is identically zero).
-    fn new(vs: &nn::Path<'_>, phi: Phi, block_len: i64, width: i64, output_bias: bool) -> Self {
+    fn new(vs: &nn::Path<'_>, nsa: &NsaParams, width: i64, output_bias: bool) -> Self {
+        let block_len = nsa.select.block_len;
         let last = nn::LinearConfig {
             bias: output_bias,
             ..Default::default()
         };
-        match phi {
+        match nsa.phi {
             Phi::Mean => PhiMap::Mean,
             Phi::Linear => PhiMap::Linear(nn::linear(vs, block_len * width, width, last)),
-            Phi::Mlp { hidden } => PhiMap::Mlp(
-                nn::linear(vs / "w1", block_len * width, hidden, Default::default()),
-                nn::linear(vs / "w2", hidden, width, last),
+            Phi::Mlp => PhiMap::Mlp(
+                nn::linear(
+                    vs / "w1",
+                    block_len * width,
+                    nsa.phi_hidden,
+                    Default::default(),
+                ),
+                nn::linear(vs / "w2", nsa.phi_hidden, width, last),
             ),
         }
     }
 
-    /// `blocks` `[B, Nc, l, G, d]` → `[B, Nc, G, d]`.
-    fn apply(&self, blocks: &Tensor) -> Tensor {
+    /// `blocks` `[B, Nc, l, G, d]` → `[B, Nc, G, d]` (φ of Eq. 7).
+    fn apply(&self, blocks: &Tensor) -> Result<Tensor, TchError> {
         let flat = || {
             let s = blocks.size();
             blocks
-                .permute([0, 1, 3, 2, 4])
-                .reshape([s[0], s[1], s[3], s[2] * s[4]])
+                .f_permute([0, 1, 3, 2, 4])?
+                .f_reshape([s[0], s[1], s[3], s[2] * s[4]])
         };
         match self {
-            PhiMap::Mean => blocks.mean_dim(2, false, None),
-            PhiMap::Linear(w) => w.forward(&flat()),
-            PhiMap::Mlp(w1, w2) => w2.forward(&w1.forward(&flat()).gelu("none")),
+            PhiMap::Mean => blocks.f_mean_dim(2, false, None),
+            PhiMap::Linear(w) => linear(w, &flat()?),
+            PhiMap::Mlp(w1, w2) => linear(w2, &linear(w1, &flat()?)?.f_gelu("none")?),
         }
     }
+}
+
+/// `l.forward(x)` through tch's fallible `f_linear`, so a libtorch error is returned, not a
+/// panic.
+fn linear(l: &nn::Linear, x: &Tensor) -> Result<Tensor, TchError> {
+    x.f_linear(&l.ws, l.bs.as_ref())
 }
 
 /// One K/V projection pair.
@@ -229,7 +241,7 @@ impl NsaAttention {
             bias: false,
             ..Default::default()
         };
-        let kv = if cfg.shared_kv {
+        let kv = if cfg.nsa.shared_kv {
             vec![KvProj::new(&(vs / "kv"), &cfg)]
         } else {
             ["cmp", "slc", "win"]
@@ -242,26 +254,27 @@ impl NsaAttention {
             mean: 0.0,
             stdev: 0.02,
         };
-        let (l, g) = (cfg.block_len, cfg.kv_heads);
+        let (l, g) = (cfg.nsa.select.block_len, cfg.kv_heads);
         Ok(Self {
             wq: nn::linear(vs / "wq", cfg.dim, cfg.heads * cfg.head_dim_k, no_bias),
             kv,
             // With mean or linear φ a key-side embedding would only shift all compressed keys
             // alike, which cancels in the softmax: it is created for the MLP φ only.
-            pos_k: matches!(cfg.phi, Phi::Mlp { .. })
-                .then(|| cmp.var("pos_k", &[l, g, cfg.head_dim_k], pos_init)),
-            pos_v: cmp.var("pos_v", &[l, g, cfg.head_dim_v], pos_init),
-            phi_k: PhiMap::new(&(&cmp / "phi_k"), cfg.phi, l, cfg.head_dim_k, false),
-            phi_v: PhiMap::new(&(&cmp / "phi_v"), cfg.phi, l, cfg.head_dim_v, true),
+            pos_k: (cfg.nsa.phi == Phi::Mlp)
+                .then(|| cmp.f_var("pos_k", &[l, g, cfg.head_dim_k], pos_init))
+                .transpose()?,
+            pos_v: cmp.f_var("pos_v", &[l, g, cfg.head_dim_v], pos_init)?,
+            phi_k: PhiMap::new(&(&cmp / "phi_k"), &cfg.nsa, cfg.head_dim_k, false),
+            phi_v: PhiMap::new(&(&cmp / "phi_v"), &cfg.nsa, cfg.head_dim_v, true),
             gate_w1: nn::linear(
                 vs / "gate" / "w1",
                 cfg.dim,
-                cfg.gate_hidden,
+                cfg.nsa.gate_hidden,
                 Default::default(),
             ),
             gate_w2: nn::linear(
                 vs / "gate" / "w2",
-                cfg.gate_hidden,
+                cfg.nsa.gate_hidden,
                 3 * cfg.heads,
                 Default::default(),
             ),
@@ -276,7 +289,7 @@ impl NsaAttention {
     }
 
     fn kv_proj(&self, branch: Branch) -> &KvProj {
-        if self.cfg.shared_kv {
+        if self.cfg.nsa.shared_kv {
             &self.kv[0]
         } else {
             &self.kv[branch.gate_index() as usize]
@@ -300,12 +313,12 @@ impl NsaAttention {
         let (b, s) = self.check_input(x)?;
         let c = &self.cfg;
         let (h, g, dk, dv) = (c.heads, c.kv_heads, c.head_dim_k, c.head_dim_v);
-        let rope = Rope::new(c.rope_base, dk, s, x.kind(), x.device());
-        let q = rope.apply(&self.wq.forward(x).f_view([b, s, h, dk])?)?;
+        let rope = Rope::new(c.rope_base, dk, s, x.kind(), x.device())?;
+        let q = rope.apply(&linear(&self.wq, x)?.f_view([b, s, h, dk])?)?;
         let keys = |br: Branch| -> Result<(Tensor, Tensor), AttnError> {
             let p = self.kv_proj(br);
-            let k = rope.apply(&p.wk.forward(x).f_view([b, s, g, dk])?)?;
-            Ok((k, p.wv.forward(x).f_view([b, s, g, dv])?))
+            let k = rope.apply(&linear(&p.wk, x)?.f_view([b, s, g, dk])?)?;
+            Ok((k, linear(&p.wv, x)?.f_view([b, s, g, dv])?))
         };
         let (raw_cmp_k, raw_cmp_v) = keys(Branch::Compressed)?;
         let (slc_k, slc_v) = keys(Branch::Selected)?;
@@ -332,22 +345,23 @@ impl NsaAttention {
     ) -> Result<Tensor, AttnError> {
         let sz = raw.size();
         let (b, s, g, d) = (sz[0], sz[1], sz[2], sz[3]);
-        let (l, stride) = (self.cfg.block_len, self.cfg.stride);
+        let sel = &self.cfg.nsa.select;
+        let (l, stride) = (sel.block_len, sel.stride);
         let blocks = if s < l {
             // No complete block yet: an empty [B, 0, l, G, d] that still flows through φ, so
             // every parameter gets a (zero) gradient rather than none.
-            raw.narrow(1, 0, 0)
-                .unsqueeze(2)
-                .expand([b, 0, l, g, d], false)
+            raw.f_narrow(1, 0, 0)?
+                .f_unsqueeze(2)?
+                .f_expand([b, 0, l, g, d], false)?
         } else {
             // unfold: [B, Nc, G, d, l] -> [B, Nc, l, G, d]
-            raw.f_unfold(1, l, stride)?.permute([0, 1, 4, 2, 3])
+            raw.f_unfold(1, l, stride)?.f_permute([0, 1, 4, 2, 3])?
         };
         let blocks = match pos {
-            Some(pos) => blocks + pos.to_kind(raw.kind()),
+            Some(pos) => blocks.f_add(&pos.f_to_kind(raw.kind())?)?,
             None => blocks,
         };
-        Ok(phi.apply(&blocks))
+        Ok(phi.apply(&blocks)?)
     }
 
     /// Gates `[B, S, H, 3]` in [`Branch::ALL`] order.
@@ -355,26 +369,25 @@ impl NsaAttention {
         let (b, s) = self.check_input(x)?;
         let h = self.cfg.heads;
         let constant = |vals: [f64; 3]| {
-            Tensor::from_slice(&vals)
-                .to_kind(x.kind())
-                .to_device(x.device())
-                .expand([b, s, h, 3], false)
+            Tensor::f_from_slice(&vals)?
+                .f_to_kind(x.kind())?
+                .f_to_device(x.device())?
+                .f_expand([b, s, h, 3], false)
         };
         Ok(match over {
             GateOverride::Learned => {
-                let hidden = self.gate_w1.forward(x).silu();
+                let hidden = linear(&self.gate_w1, x)?.f_silu()?;
                 // heads-major: the gate of (head, branch) is output head * 3 + branch.
-                self.gate_w2
-                    .forward(&hidden)
-                    .sigmoid()
+                linear(&self.gate_w2, &hidden)?
+                    .f_sigmoid()?
                     .f_view([b, s, h, 3])?
             }
             GateOverride::Only(br) => {
                 let mut vals = [0.0; 3];
                 vals[br.gate_index() as usize] = 1.0;
-                constant(vals)
+                constant(vals)?
             }
-            GateOverride::Fixed(vals) => constant(vals),
+            GateOverride::Fixed(vals) => constant(vals)?,
         })
     }
 
@@ -408,7 +421,7 @@ impl NsaAttention {
         opts: &ForwardOpts,
     ) -> Result<BranchOutputs, AttnError> {
         let (b, s) = self.check_input(x)?;
-        let want = [b, s, self.cfg.kv_heads, self.cfg.top_n];
+        let want = [b, s, self.cfg.kv_heads, self.cfg.nsa.select.top_n];
         if blocks.size() != want {
             return Err(AttnError::Shape {
                 what: "blocks",
@@ -420,7 +433,7 @@ impl NsaAttention {
         self.finish(
             x,
             &p,
-            blocks.to_kind(Kind::Int64).to_device(x.device()),
+            blocks.f_to_kind(Kind::Int64)?.f_to_device(x.device())?,
             opts,
         )
     }
@@ -466,7 +479,7 @@ impl NsaAttention {
                 let o_slc = reference::selected(&p.q, &p.slc_k, &p.slc_v, &ranges)?;
                 drop(_r);
                 let _r = range("nsa.win");
-                let o_win = reference::window(&p.q, &p.win_k, &p.win_v, cfg.window)?;
+                let o_win = reference::window(&p.q, &p.win_k, &p.win_v, cfg.nsa.window)?;
                 (o_cmp, o_slc, o_win)
             }
             AttnPath::Lean(lo) => {
@@ -502,14 +515,17 @@ impl NsaAttention {
         };
         let _r = range("nsa.gate");
         let gates = self.gates(x, opts.gates)?;
-        let g = |br: Branch| gates.narrow(3, br.gate_index(), 1);
-        let mixed = &compressed * g(Branch::Compressed)
-            + &selected * g(Branch::Selected)
-            + &window * g(Branch::Window);
+        let g = |br: Branch| gates.f_narrow(3, br.gate_index(), 1);
+        // o = Σ_c g_c · o_c (Eq. 5)
+        let mixed = compressed
+            .f_mul(&g(Branch::Compressed)?)?
+            .f_add(&selected.f_mul(&g(Branch::Selected)?)?)?
+            .f_add(&window.f_mul(&g(Branch::Window)?)?)?;
         let sz = x.size();
-        let output =
-            self.wo
-                .forward(&mixed.f_reshape([sz[0], sz[1], cfg.heads * cfg.head_dim_v])?);
+        let output = linear(
+            &self.wo,
+            &mixed.f_reshape([sz[0], sz[1], cfg.heads * cfg.head_dim_v])?,
+        )?;
         Ok(BranchOutputs {
             compressed,
             selected,
@@ -546,17 +562,24 @@ pub struct Rope {
 
 impl Rope {
     /// Tables for `s` positions.
-    pub fn new(base: f64, dk: i64, s: i64, kind: Kind, device: tch::Device) -> Self {
+    pub fn new(
+        base: f64,
+        dk: i64,
+        s: i64,
+        kind: Kind,
+        device: tch::Device,
+    ) -> Result<Self, TchError> {
         let half = dk / 2;
-        let inv_freq =
-            (Tensor::arange(half, (Kind::Double, device)) * (-2.0 * base.ln() / dk as f64)).exp();
-        let angles = Tensor::arange(s, (Kind::Double, device))
-            .outer(&inv_freq)
-            .unsqueeze(1);
-        Self {
-            cos: angles.cos().to_kind(kind),
-            sin: angles.sin().to_kind(kind),
-        }
+        let inv_freq = Tensor::f_arange(half, (Kind::Double, device))?
+            .f_mul_scalar(-2.0 * base.ln() / dk as f64)?
+            .f_exp()?;
+        let angles = Tensor::f_arange(s, (Kind::Double, device))?
+            .f_outer(&inv_freq)?
+            .f_unsqueeze(1)?;
+        Ok(Self {
+            cos: angles.f_cos()?.f_to_kind(kind)?,
+            sin: angles.f_sin()?.f_to_kind(kind)?,
+        })
     }
 
     /// `x` `[B, S, heads, dk]` → the same shape, rotated by position.
@@ -582,7 +605,7 @@ mod tests {
     #[test]
     fn rope_is_identity_at_zero_preserves_norms_and_sees_only_offsets() {
         let (s, dk) = (9, 8);
-        let rope = Rope::new(10_000.0, dk, s, Kind::Double, Device::Cpu);
+        let rope = Rope::new(10_000.0, dk, s, Kind::Double, Device::Cpu).unwrap();
         let q =
             Tensor::randn([1, 1, 1, dk], (Kind::Double, Device::Cpu)).expand([1, s, 1, dk], false);
         let k =
@@ -623,6 +646,7 @@ mod tests {
             head_dim_v: 2,
             ..NsaConfig::paper(6)
         };
+        assert_eq!(cfg.nsa.phi, Phi::Mlp);
         let attn = NsaAttention::new(&vs.root(), cfg).unwrap();
         let x = Tensor::randn([2, 3, 6], (Kind::Float, Device::Cpu));
         let g = attn.gates(&x, GateOverride::Only(Branch::Window)).unwrap();

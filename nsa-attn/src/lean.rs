@@ -9,7 +9,7 @@ fn scale(q: &Tensor) -> f64 {
     1.0 / (q.size()[3] as f64).sqrt()
 }
 
-/// Compressed branch: span attention with `lo = 0`, `hi = #visible compressed tokens`.
+/// Compressed branch: span attention with `lo = 0`, `hi = #visible compressed tokens` (Eq. 7).
 pub fn compressed(
     q: &Tensor,
     cmp_k: &Tensor,
@@ -29,8 +29,9 @@ pub fn compressed(
     )?)
 }
 
-/// Selected branch: block attention over `blocks` `[B, S, G, n]` (blocks of l' tokens, keys ≤ t).
-/// A repeated id counts once and ids outside `[0, ⌊t/l'⌋]` are ignored, as on every path.
+/// Selected branch (Eq. 12): block attention over `blocks` `[B, S, G, n]` (blocks of l' tokens,
+/// keys ≤ t). A repeated id counts once and ids outside `[0, ⌊t/l'⌋]` are ignored, as on every
+/// path.
 pub fn selected(
     q: &Tensor,
     k: &Tensor,
@@ -44,7 +45,7 @@ pub fn selected(
         k,
         v,
         blocks,
-        cfg.select_len,
+        cfg.nsa.select.select_len,
         scale(q),
         chunk,
     )?)
@@ -58,7 +59,7 @@ pub fn window(
     cfg: &NsaConfig,
     chunk: i64,
 ) -> Result<Tensor, AttnError> {
-    let (lo, hi) = window_key_limits(q.size()[1], cfg.window);
+    let (lo, hi) = window_key_limits(q.size()[1], cfg.nsa.window)?;
     Ok(autograd::span_attention(
         q,
         k,
@@ -71,37 +72,34 @@ pub fn window(
 }
 
 /// Key limits `[lo, hi)` per query of the compressed branch, int64 `[S]` on the CPU: `lo = 0`,
-/// `hi = #{i < Nc : i·d + l − 1 ≤ t}`.
+/// `hi = #{i < Nc : i·d + l − 1 ≤ t}` (Eq. 7, nsa-select's
+/// [`nsa_select::visible_compressed_counts`]).
 pub fn compressed_key_limits(
     s: i64,
     nc: i64,
     cfg: &NsaConfig,
 ) -> Result<(Tensor, Tensor), AttnError> {
-    let t = Tensor::arange(s, (Kind::Int64, tch::Device::Cpu));
-    // For t ≥ l − 1: ⌊(t − l + 1)/d⌋ + 1 (non-negative operands, so no rounding question);
-    // before the first complete block: 0.
-    let complete = t.ge(cfg.block_len - 1);
-    let count = (&t - (cfg.block_len - 1))
-        .clamp_min(0)
-        .f_div_scalar_mode(cfg.stride, "floor")?
-        .f_add_scalar(1)?;
-    let hi = count
-        .where_self(&complete, &Tensor::zeros_like(&count))
-        .clamp_max(nc);
-    Ok((Tensor::zeros([s], (Kind::Int64, tch::Device::Cpu)), hi))
+    let cpu = tch::Device::Cpu;
+    let hi =
+        nsa_select::visible_compressed_counts(0, s, &cfg.select_config(), cpu)?.f_clamp_max(nc)?;
+    Ok((Tensor::f_zeros([s], (Kind::Int64, cpu))?, hi))
 }
 
 /// Key limits `[lo, hi)` per query of the sliding window, int64 `[S]` on the CPU:
 /// `lo = max(0, t − w + 1)`, `hi = t + 1`.
-pub fn window_key_limits(s: i64, window: i64) -> (Tensor, Tensor) {
-    let t = Tensor::arange(s, (Kind::Int64, tch::Device::Cpu));
-    ((&t - (window - 1)).clamp_min(0), &t + 1)
+pub fn window_key_limits(s: i64, window: i64) -> Result<(Tensor, Tensor), AttnError> {
+    let t = Tensor::f_arange(s, (Kind::Int64, tch::Device::Cpu))?;
+    Ok((
+        t.f_sub_scalar(window - 1)?.f_clamp_min(0)?,
+        t.f_add_scalar(1)?,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::Phi;
+    use nsa_select::SelectConfig;
 
     fn host(t: &Tensor) -> Vec<i64> {
         let n = t.numel();
@@ -113,13 +111,14 @@ mod tests {
     #[test]
     fn compressed_limits_count_the_complete_visible_blocks() {
         for (l, d) in [(32, 16), (4, 2), (3, 1), (8, 8)] {
-            let cfg = NsaConfig {
+            let mut cfg = NsaConfig::paper(8);
+            cfg.nsa.select = SelectConfig {
                 block_len: l,
                 stride: d,
                 select_len: l,
-                phi: Phi::Mean,
-                ..NsaConfig::paper(8)
+                ..cfg.nsa.select
             };
+            cfg.nsa.phi = Phi::Mean;
             let s = 100;
             let nc = cfg.select_config().num_compressed(s);
             let (lo, hi) = compressed_key_limits(s, nc, &cfg).unwrap();
@@ -133,7 +132,7 @@ mod tests {
 
     #[test]
     fn window_limits_cover_the_last_w_keys() {
-        let (lo, hi) = window_key_limits(10, 3);
+        let (lo, hi) = window_key_limits(10, 3).unwrap();
         assert_eq!(host(&lo), [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]);
         assert_eq!(host(&hi), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     }

@@ -6,28 +6,31 @@
 //!
 //! 1. **Projections.** `q = RoPE(W_q x)` `[B, S, H, dk]`, shared by the branches. Each branch has
 //!    its own key/value projection (`cmp.wk/wv`, `slc.wk/wv`, `win.wk/wv`, paper §3.3.3), or one
-//!    shared pair `kv.wk/wv` with [`NsaConfig::shared_kv`]. Keys `[B, S, Hkv, dk]` get RoPE,
+//!    shared pair `kv.wk/wv` with [`NsaParams::shared_kv`]. Keys `[B, S, Hkv, dk]` get RoPE,
 //!    values `[B, S, Hkv, dv]` do not. `dk ≠ dv` is allowed. Query head `j` belongs to group
 //!    `j / (H / Hkv)` (group-major, as SDPA's `enable_gqa`).
-//! 2. **Compressed branch.** Compressed token `i` summarises tokens `[i·d, i·d + l)`:
+//! 2. **Compressed branch** (Eq. 7). Compressed token `i` summarises tokens `[i·d, i·d + l)`:
 //!    `k̃_i = φ(k_{i·d} + p_0, …, k_{i·d+l−1} + p_{l−1})` with a learned intra-block position
 //!    embedding `p` (`cmp.pos_v`; `cmp.pos_k` with the MLP φ only, see [`Phi`]) and
 //!    φ ∈ {mean, linear, MLP}.
 //!    *RoPE choice:* φ is applied to keys that already carry RoPE at their own token positions,
 //!    so a compressed key mixes the rotations of the tokens it covers; no separate position is
 //!    assigned to compressed tokens. Both paths share this code, so they agree by construction.
-//!    Query `t` attends `k̃_i` iff `i·d + l − 1 ≤ t`; before the first block is complete
-//!    (`t < l − 1`) the branch outputs zeros. Its probabilities are `p_cmp` `[B, S, H, Nc]`.
+//!    Query `t` attends `k̃_i` iff `i·d + l − 1 ≤ t` (nsa-select's
+//!    [`SelectConfig::num_visible_compressed`], the one place this rule is written); before the
+//!    first block is complete (`t < l − 1`) the branch outputs zeros. Its probabilities are
+//!    `p_cmp` `[B, S, H, Nc]` (Eq. 8), computed once by [`reference::masked_probs`].
 //! 3. **Selection** (`nsa-select`, no gradient): `p_cmp` → overlap-weighted block scores for
-//!    blocks of `l'` tokens → sum over the heads of a group → top-`n` blocks per (query, group)
+//!    blocks of `l'` tokens (Eq. 9) → sum over the heads of a group (Eq. 10) → top-`n` blocks
+//!    per (query, group) (Eq. 11)
 //!    with block 0 and the `n_local` local blocks forced → int64 `[B, S, Hkv, n]`, sorted, `−1`
 //!    padded. All heads of a group read the same blocks.
-//! 4. **Selected branch.** Query `t` attends the raw `slc` keys of its selected blocks, only
-//!    those `≤ t`.
+//! 4. **Selected branch** (Eq. 12). Query `t` attends the raw `slc` keys of its selected
+//!    blocks, only those `≤ t`.
 //! 5. **Sliding window.** Query `t` attends `win` keys `t − w + 1 ..= t`.
-//! 6. **Gates.** `g = sigmoid(W_2 SiLU(W_1 x))` `[B, S, H, 3]` (order cmp, slc, win; `gate.w1`,
-//!    `gate.w2`), `o = Σ_c g_c · o_c`, output `W_o o` (`wo`). [`GateOverride`] forces gates
-//!    (e.g. `Only(Branch::Selected)`).
+//! 6. **Gates** (Eq. 5). `g = sigmoid(W_2 SiLU(W_1 x))` `[B, S, H, 3]` (order cmp, slc, win;
+//!    `gate.w1`, `gate.w2`), `o = Σ_c g_c · o_c`, output `W_o o` (`wo`). [`GateOverride`]
+//!    forces gates (e.g. `Only(Branch::Selected)`).
 //!
 //! All attention uses the scale `1/√dk`. With `n·l' ≥ S` and the gate forced to the selected
 //! branch the layer equals dense causal attention (tested).
@@ -89,11 +92,9 @@
 //! compressed branch and the selection scores, `16·c_w·H·(c_w + w)` for the window.
 //!
 //! At the paper shape (H = 64, Hkv = 4, dk = 192, dv = 128, n·l' = 1024), dim = 1024, bf16,
-//! S = 64k, `c = 256`: ≈ 9 GB held by the formula; measured on an H100 (`nsa-train bench
-//! attn`): 15.3 GB peak for forward + backward (12.1 GB forward only), dense SDPA (cuDNN)
-//! 19.8 GB. This path is about memory and exactness, not speed: the same run took 1.6 s forward
-//! and 4.3 s forward + backward against 0.15 s / 0.65 s for dense SDPA; fused kernels are the
-//! fast path still to come.
+//! S = 64k, `c = 256` the formula gives ≈ 9 GB. This path is about memory and exactness, not
+//! speed: measured peaks and times (`nsa-train bench attn`, against dense SDPA) are in the
+//! repository's BENCHMARKS.md, not here, so they cannot go stale in the docs.
 //!
 //! [`AttnPath::Fused`] ([`mod@fused`]) runs the selected branch on fused CUDA kernels compiled
 //! at run time by NVRTC (`nsa_sys::fused`; tensor-core bf16 forward, fp32 SIMT, dQ and a
@@ -110,20 +111,38 @@
 //! [`NsaAttention::audit`] reports which kernel computes each branch on a path (and what SDPA
 //! would choose for the dense baseline of the same shape), for the run log.
 //!
-//! # Example
+//! # Quick start
+//!
+//! Add `nsa-attn` and `tch` to your crate, build the layer in your own `VarStore` (its
+//! variables join your model's, so your optimizer and checkpoints cover them), and call it like
+//! any module. If you use CUDA, call `nsa_sys::cuda::load_backend()` before any other libtorch
+//! call: `tch` alone does not load libtorch's CUDA backend, and a CUDA query made earlier
+//! (even `tch::manual_seed`) makes ATen remember "no CUDA" for the whole process.
 //!
 //! ```no_run
-//! use nsa_attn::{ForwardOpts, NsaAttention, NsaConfig, AttnPath, LeanOpts};
+//! use nsa_attn::{AttnPath, ForwardOpts, LeanOpts, NsaAttention, NsaConfig};
 //! use tch::{nn, Device, Kind, Tensor};
 //!
-//! let vs = nn::VarStore::new(Device::Cpu);
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let backend = nsa_sys::cuda::load_backend()?; // first, before other libtorch calls
+//! let device = if backend.has_gpu() { Device::Cuda(0) } else { Device::Cpu };
+//! let vs = nn::VarStore::new(device);
+//! // The paper's layer shape for width 1024; every field can be changed, and
+//! // `NsaAttention::new` validates them all (the error names the field).
 //! let attn = NsaAttention::new(&(vs.root() / "attn"), NsaConfig::paper(1024))?;
-//! let x = Tensor::randn([1, 4096, 1024], (Kind::Float, Device::Cpu));
+//! let x = Tensor::randn([1, 4096, 1024], (Kind::Float, device)).set_requires_grad(true);
 //! let opts = ForwardOpts { path: AttnPath::Lean(LeanOpts::default()), ..Default::default() };
 //! let y = attn.forward(&x, &opts)?; // [1, 4096, 1024]
-//! # Ok::<(), nsa_attn::AttnError>(())
+//! y.sum(Kind::Float).backward(); // gradients reach x and every variable of the layer
+//! # Ok(())
+//! # }
 //! ```
+//!
+//! `examples/nsa_in_your_model.rs` trains a small model with an NSA layer end to end
+//! (`cargo run --release -p nsa-attn --example nsa_in_your_model`). The doc examples are
+//! `no_run`: doctest binaries are linked without libtorch's library path.
 #![forbid(unsafe_code)]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 mod audit;
 mod config;
@@ -134,8 +153,9 @@ pub mod reference;
 pub mod selection;
 
 pub use audit::{AttnAudit, BranchKernel};
-pub use config::{AttnError, NsaConfig, Phi};
+pub use config::{AttnError, ConfigProblem, NsaConfig, NsaParams, Phi};
 pub use layer::{
     AttnPath, Branch, BranchOutputs, ForwardOpts, GateOverride, LeanOpts, NsaAttention,
     Projections, Rope,
 };
+pub use nsa_select::{SelectConfig, SelectImpl};

@@ -6,9 +6,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use nsa_attn::{
     reference, AttnPath, Branch, BranchOutputs, ForwardOpts, GateOverride, LeanOpts, NsaAttention,
-    NsaConfig, Phi,
+    NsaConfig, NsaParams, Phi,
 };
-use nsa_select::SelectImpl;
+use nsa_select::{SelectConfig, SelectImpl};
 use tch::{nn, Device, Kind, Tensor};
 
 /// A fresh seed from the clock (or `NSA_TEST_SEED` to replay a failure), applied to libtorch.
@@ -28,6 +28,9 @@ fn seed() -> i64 {
     tch::manual_seed(s);
     s
 }
+
+/// The MLP φ's hidden width in these tests.
+const PHI_HIDDEN: i64 = 5;
 
 /// A small, deterministic generator for choosing configs (independent of libtorch's RNG).
 struct Pick(u64);
@@ -61,16 +64,21 @@ fn config(
         kv_heads,
         head_dim_k: dk,
         head_dim_v: dv,
-        block_len: l,
-        stride: d,
-        select_len: l_sel,
-        top_n,
-        n_local: 2,
-        window,
-        phi,
-        shared_kv: false,
-        gate_hidden: 5,
         rope_base: 10_000.0,
+        nsa: NsaParams {
+            select: SelectConfig {
+                block_len: l,
+                stride: d,
+                select_len: l_sel,
+                top_n,
+                n_local: 2,
+            },
+            window,
+            phi,
+            phi_hidden: PHI_HIDDEN,
+            shared_kv: false,
+            gate_hidden: 5,
+        },
     }
 }
 
@@ -202,7 +210,7 @@ fn attn_wo(vs: &nn::VarStore) -> Tensor {
 #[test]
 fn outputs_up_to_t_do_not_depend_on_later_tokens() {
     let s0 = seed();
-    let cfg = config(4, 2, 8, 6, (4, 2, 4), 3, 5, Phi::Mlp { hidden: 7 });
+    let cfg = config(4, 2, 8, 6, (4, 2, 4), 3, 5, Phi::Mlp);
     let (_vs, attn) = layer(cfg, Kind::Float);
     let s = 41;
     let x = Tensor::randn([2, s, cfg.dim], (Kind::Float, Device::Cpu));
@@ -422,14 +430,10 @@ fn mean_compression_averages_rope_keys_and_embedded_values() {
 #[test]
 fn gradients_match_finite_differences_in_float64() {
     let s0 = seed();
-    for (phi, shared) in [
-        (Phi::Linear, false),
-        (Phi::Mlp { hidden: 3 }, true),
-        (Phi::Mean, false),
-    ] {
+    for (phi, shared) in [(Phi::Linear, false), (Phi::Mlp, true), (Phi::Mean, false)] {
         let mut cfg = config(2, 1, 4, 2, (4, 2, 4), 3, 3, phi);
         cfg.dim = 6;
-        cfg.shared_kv = shared;
+        cfg.nsa.shared_kv = shared;
         let (vs, attn) = layer(cfg, Kind::Double);
         let x = Tensor::randn([1, 13, 6], (Kind::Double, Device::Cpu)).set_requires_grad(true);
         let r = Tensor::randn([1, 13, 6], (Kind::Double, Device::Cpu));
@@ -569,7 +573,7 @@ fn shapes_dtypes_batches_and_short_sequences() {
         (Kind::BFloat16, 2, 45),
         (Kind::BFloat16, 1, 5),
     ] {
-        let cfg = config(4, 2, 8, 6, (4, 2, 8), 3, 6, Phi::Mlp { hidden: 5 });
+        let cfg = config(4, 2, 8, 6, (4, 2, 8), 3, 6, Phi::Mlp);
         let (vs, attn) = layer(cfg, kind);
         let x = Tensor::randn([bsz, s, cfg.dim], (kind, Device::Cpu)).set_requires_grad(true);
         let mut outs: Vec<BranchOutputs> = Vec::new();
@@ -591,7 +595,7 @@ fn shapes_dtypes_batches_and_short_sequences() {
             }
             assert_eq!(out.gates.size(), [bsz, s, 4, 3]);
             assert_eq!(out.blocks.size(), [bsz, s, 2, 3]);
-            if s < cfg.block_len {
+            if s < cfg.nsa.select.block_len {
                 // No complete compression block: the compressed branch is zero.
                 assert_eq!(
                     out.compressed.abs().max().double_value(&[]),
@@ -639,10 +643,10 @@ fn lean_path_matches_reference_on_random_configs() {
         let n_local = pick.of(&[1, 2]);
         let top_n = n_local + 1 + pick.of(&[0, 1, 3]) as i64;
         let w = pick.of(&[1, 3, 9]);
-        let phi = pick.of(&[Phi::Mean, Phi::Linear, Phi::Mlp { hidden: 4 }]);
+        let phi = pick.of(&[Phi::Mean, Phi::Linear, Phi::Mlp]);
         let mut cfg = config(h as i64, g as i64, dk, dv, (l, d, l_sel), top_n, w, phi);
-        cfg.n_local = n_local;
-        cfg.shared_kv = pick.next(2) == 0;
+        cfg.nsa.select.n_local = n_local;
+        cfg.nsa.shared_kv = pick.next(2) == 0;
         let bsz = pick.of(&[1, 2]);
         let s = 1 + pick.next(70) as i64;
         let chunk = pick.of(&[1, 3, 16, 64]);
@@ -748,34 +752,22 @@ fn lean_path_matches_reference_on_random_configs() {
 #[test]
 fn invalid_configs_name_the_field() {
     let base = config(4, 2, 8, 6, (4, 2, 8), 3, 6, Phi::Mean);
-    let cases: [(&str, NsaConfig); 7] = [
-        ("heads", NsaConfig { heads: 5, ..base }),
-        ("stride", NsaConfig { stride: 3, ..base }),
-        (
-            "stride",
-            NsaConfig {
-                select_len: 9,
-                ..base
-            },
-        ),
-        ("window", NsaConfig { window: 0, ..base }),
-        (
-            "head_dim_k",
-            NsaConfig {
-                head_dim_k: 7,
-                ..base
-            },
-        ),
-        ("top_n", NsaConfig { top_n: 2, ..base }),
-        (
-            "phi",
-            NsaConfig {
-                phi: Phi::Mlp { hidden: 0 },
-                ..base
-            },
-        ),
+    type Spoil = fn(&mut NsaConfig);
+    let cases: [(&str, Spoil); 7] = [
+        ("kv_heads", |c| c.heads = 5),
+        ("nsa.stride", |c| c.nsa.select.stride = 3),
+        ("nsa.stride", |c| c.nsa.select.select_len = 9),
+        ("nsa.window", |c| c.nsa.window = 0),
+        ("head_dim_k", |c| c.head_dim_k = 7),
+        ("nsa.top_n", |c| c.nsa.select.top_n = 2),
+        ("nsa.phi_hidden", |c| {
+            c.nsa.phi = Phi::Mlp;
+            c.nsa.phi_hidden = 0;
+        }),
     ];
-    for (field, cfg) in cases {
+    for (field, spoil) in cases {
+        let mut cfg = base;
+        spoil(&mut cfg);
         let vs = nn::VarStore::new(Device::Cpu);
         match NsaAttention::new(&vs.root(), cfg) {
             Err(nsa_attn::AttnError::Config { field: f, .. }) => assert_eq!(f, field, "{cfg:?}"),
@@ -786,7 +778,7 @@ fn invalid_configs_name_the_field() {
 
 #[test]
 fn parameters_have_readable_names_and_audit_reports_kernels() {
-    let cfg = config(4, 2, 8, 6, (4, 2, 8), 3, 6, Phi::Mlp { hidden: 5 });
+    let cfg = config(4, 2, 8, 6, (4, 2, 8), 3, 6, Phi::Mlp);
     let (vs, attn) = layer(cfg, Kind::Float);
     let mut names: Vec<String> = vs.variables().into_keys().collect();
     names.sort();
@@ -811,11 +803,13 @@ fn parameters_have_readable_names_and_audit_reports_kernels() {
             "missing {want} in {names:?}"
         );
     }
-    let audit = attn.audit(lean(16, 16), Device::Cpu, Kind::Float);
+    let audit = attn.audit(lean(16, 16), Device::Cpu, Kind::Float).unwrap();
     assert_eq!(audit.path, "lean");
     assert_eq!(audit.selected, nsa_attn::BranchKernel::ChunkedBlockGather);
     assert!(audit.to_string().contains("block-gather"));
-    let audit = attn.audit(AttnPath::Reference, Device::Cpu, Kind::Float);
+    let audit = attn
+        .audit(AttnPath::Reference, Device::Cpu, Kind::Float)
+        .unwrap();
     assert_eq!(audit.window, nsa_attn::BranchKernel::ReferenceMasked);
 }
 
@@ -835,16 +829,18 @@ fn lean_matches_reference_on_cuda() {
         kv_heads: 4,
         head_dim_k: 48,
         head_dim_v: 32,
-        block_len: 32,
-        stride: 16,
-        select_len: 64,
-        top_n: 8,
-        n_local: 2,
-        window: 256,
-        phi: Phi::Mlp { hidden: 64 },
-        shared_kv: false,
-        gate_hidden: 32,
         rope_base: 10_000.0,
+        nsa: NsaParams {
+            select: SelectConfig {
+                top_n: 8,
+                ..SelectConfig::paper()
+            },
+            window: 256,
+            phi: Phi::Mlp,
+            phi_hidden: 64,
+            shared_kv: false,
+            gate_hidden: 32,
+        },
     };
     let mut vs = nn::VarStore::new(device);
     let attn = NsaAttention::new(&(vs.root() / "attn"), cfg).unwrap();
@@ -893,5 +889,27 @@ fn lean_matches_reference_on_cuda() {
         let err = scaled_diff(a, b);
         eprintln!("cuda gradient {name}: scaled difference {err:.2e}");
         assert!(err < 1e-4, "seed {s0}: gradient of {name} differs by {err}");
+    }
+}
+
+/// The layer's p_cmp (Eq. 8: `reference::masked_probs`, shared with its compressed branch) and
+/// nsa-select's standalone `compressed_probs` are the same probabilities up to float rounding,
+/// for chunks that start anywhere (including rows that see no compressed token yet).
+#[test]
+fn layer_p_cmp_matches_nsa_select() {
+    let s0 = seed();
+    // One KV group of three heads, l = 6 with stride 3: rows t < 5 see no compressed token.
+    let (cfg, s) = (config(3, 1, 8, 6, (6, 3, 6), 3, 6, Phi::Linear), 37);
+    let p = layer(cfg, Kind::Float)
+        .1
+        .project(&Tensor::randn([2, s, cfg.dim], (Kind::Float, Device::Cpu)))
+        .unwrap();
+    for t0 in [0, 2, 5, 20] {
+        let q = p.q.narrow(1, t0, s - t0);
+        let ours = nsa_attn::selection::compressed_probs(&q, &p.cmp_k, t0, &cfg).unwrap();
+        let theirs = nsa_select::compressed_probs(&q, &p.cmp_k, t0, &cfg.select_config()).unwrap();
+        assert_eq!(ours.size(), theirs.size());
+        let err = max_abs_diff(&ours, &theirs);
+        assert!(err < 1e-6, "seed {s0} t0 {t0}: {err}");
     }
 }

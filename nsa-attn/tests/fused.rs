@@ -2,8 +2,10 @@
 //! checks of the fused kernels (ignored without a GPU: `cargo test -p nsa-attn --test fused --
 //! --ignored`).
 use nsa_attn::{
-    fused, lean, AttnPath, ForwardOpts, GateOverride, LeanOpts, NsaAttention, NsaConfig, Phi,
+    fused, lean, AttnPath, ForwardOpts, GateOverride, LeanOpts, NsaAttention, NsaConfig, NsaParams,
+    Phi,
 };
+use nsa_select::SelectConfig;
 use proptest::prelude::*;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -19,16 +21,21 @@ fn cfg_with(select_len: i64) -> NsaConfig {
         kv_heads: 1,
         head_dim_k: 4,
         head_dim_v: 3,
-        block_len: 4,
-        stride: 2,
-        select_len,
-        top_n: 3,
-        n_local: 2,
-        window: 4,
-        phi: Phi::Mean,
-        shared_kv: false,
-        gate_hidden: 5,
         rope_base: 10_000.0,
+        nsa: NsaParams {
+            select: SelectConfig {
+                block_len: 4,
+                stride: 2,
+                select_len,
+                top_n: 3,
+                n_local: 2,
+            },
+            window: 4,
+            phi: Phi::Mean,
+            phi_hidden: 0,
+            shared_kv: false,
+            gate_hidden: 5,
+        },
     }
 }
 
@@ -141,10 +148,7 @@ fn fused_path_falls_back_to_lean_on_the_cpu() {
     backend();
     tch::manual_seed(11);
     let vs = nn::VarStore::new(Device::Cpu);
-    let cfg = NsaConfig {
-        select_len: 4,
-        ..cfg_with(4)
-    };
+    let cfg = cfg_with(4);
     let attn = NsaAttention::new(&(vs.root() / "attn"), cfg).unwrap();
     let x = Tensor::randn([2, 19, 12], (Kind::Float, Device::Cpu));
     let lo = LeanOpts {
@@ -162,7 +166,9 @@ fn fused_path_falls_back_to_lean_on_the_cpu() {
     };
     let (a, b) = (run(AttnPath::Lean(lo)), run(AttnPath::Fused(lo)));
     assert!(a.equal(&b), "fused path on the CPU must be the lean path");
-    let audit = attn.audit(AttnPath::Fused(lo), Device::Cpu, Kind::Float);
+    let audit = attn
+        .audit(AttnPath::Fused(lo), Device::Cpu, Kind::Float)
+        .unwrap();
     assert_eq!(audit.path, "fused");
     assert_eq!(audit.selected, nsa_attn::BranchKernel::ChunkedBlockGather);
 }
@@ -206,16 +212,21 @@ fn fused_layer_matches_reference_on_cuda() {
             kv_heads: 2,
             head_dim_k: dk,
             head_dim_v: dv,
-            block_len: 8,
-            stride: 4,
-            select_len: 16,
-            top_n: 3,
-            n_local: 2,
-            window: 24,
-            phi: Phi::Mean,
-            shared_kv: false,
-            gate_hidden: 8,
             rope_base: 10_000.0,
+            nsa: NsaParams {
+                select: SelectConfig {
+                    block_len: 8,
+                    stride: 4,
+                    select_len: 16,
+                    top_n: 3,
+                    n_local: 2,
+                },
+                window: 24,
+                phi: Phi::Mean,
+                phi_hidden: 0,
+                shared_kv: false,
+                gate_hidden: 8,
+            },
         };
         let mut vs = nn::VarStore::new(dev);
         let attn = NsaAttention::new(&(vs.root() / "attn"), cfg).unwrap();

@@ -47,6 +47,13 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// Entry `e`'s slice of the flat buffer, shaped like its parameter.
+    fn entry_view(&self, e: &BucketEntry) -> Result<Tensor, tch::TchError> {
+        self.flat
+            .f_narrow(0, e.offset, e.numel)?
+            .f_view(&e.shape[..])
+    }
+
     /// The dtype of the buffer (and of every parameter in it).
     pub fn kind(&self) -> Kind {
         self.kind
@@ -185,15 +192,15 @@ impl GradBuckets {
                             e
                         })
                         .collect();
-                    Bucket {
+                    Ok(Bucket {
                         kind: plan.kind,
                         device: plan.device,
-                        flat: Tensor::zeros([offset], (plan.kind, plan.device)),
+                        flat: Tensor::f_zeros([offset], (plan.kind, plan.device))?,
                         entries,
-                    }
+                    })
                 })
-                .collect()
-        });
+                .collect::<Result<Vec<_>, DdpError>>()
+        })?;
         Ok(GradBuckets {
             params: params
                 .iter()
@@ -238,61 +245,65 @@ impl GradBuckets {
 
     /// Copies the gradients of bucket `i`'s parameters into its flat buffer. A parameter with
     /// no gradient contributes zeros; its name is returned so the caller can report it.
-    pub fn pack(&mut self, i: usize) -> Vec<String> {
+    pub fn pack(&mut self, i: usize) -> Result<Vec<String>, DdpError> {
         let mut missing = Vec::new();
         let bucket = &mut self.buckets[i];
-        tch::no_grad(|| {
+        tch::no_grad(|| -> Result<(), DdpError> {
             for e in &bucket.entries {
-                let grad = self.params[e.param].1.grad();
-                let mut dst = bucket.flat.narrow(0, e.offset, e.numel);
+                let grad = self.params[e.param].1.f_grad()?;
+                let mut dst = bucket.flat.f_narrow(0, e.offset, e.numel)?;
                 if grad.defined() {
-                    dst.copy_(&grad.reshape([-1]));
+                    dst.f_copy_(&grad.f_reshape([-1])?)?;
                 } else {
-                    let _ = dst.zero_();
+                    let _ = dst.f_zero_()?;
                     missing.push(e.name.clone());
                 }
             }
-        });
-        missing
+            Ok(())
+        })?;
+        Ok(missing)
     }
 
     /// Copies bucket `i`'s flat buffer back into its parameters' gradients (those that have one).
-    pub fn unpack(&mut self, i: usize) {
+    pub fn unpack(&mut self, i: usize) -> Result<(), DdpError> {
         let bucket = &self.buckets[i];
         tch::no_grad(|| {
             for e in &bucket.entries {
-                let mut grad = self.params[e.param].1.grad();
+                let mut grad = self.params[e.param].1.f_grad()?;
                 if grad.defined() {
-                    grad.copy_(&bucket.flat.narrow(0, e.offset, e.numel).view(&e.shape[..]));
+                    grad.f_copy_(&bucket.entry_view(e)?)?;
                 }
             }
-        });
+            Ok(())
+        })
     }
 
     /// Copies the *values* of bucket `i`'s parameters into its flat buffer (for broadcasts and
     /// checksums).
-    pub fn pack_values(&mut self, i: usize) {
+    pub fn pack_values(&mut self, i: usize) -> Result<(), DdpError> {
         let bucket = &mut self.buckets[i];
         tch::no_grad(|| {
             for e in &bucket.entries {
                 let p = &self.params[e.param].1;
                 bucket
                     .flat
-                    .narrow(0, e.offset, e.numel)
-                    .copy_(&p.detach().reshape([-1]));
+                    .f_narrow(0, e.offset, e.numel)?
+                    .f_copy_(&p.f_detach()?.f_reshape([-1])?)?;
             }
-        });
+            Ok(())
+        })
     }
 
     /// Copies bucket `i`'s flat buffer into its parameters' values (in place, without autograd).
-    pub fn unpack_values(&mut self, i: usize) {
+    pub fn unpack_values(&mut self, i: usize) -> Result<(), DdpError> {
         let bucket = &self.buckets[i];
         tch::no_grad(|| {
             for e in &bucket.entries {
-                let mut p = self.params[e.param].1.detach();
-                p.copy_(&bucket.flat.narrow(0, e.offset, e.numel).view(&e.shape[..]));
+                let mut p = self.params[e.param].1.f_detach()?;
+                p.f_copy_(&bucket.entry_view(e)?)?;
             }
-        });
+            Ok(())
+        })
     }
 }
 
@@ -392,19 +403,19 @@ mod tests {
         let params = vec![("w".to_string(), w.shallow_clone()), ("u".into(), unused)];
         let mut b = GradBuckets::new(&params, 1.0).unwrap();
         assert_eq!(b.buckets().len(), 1);
-        let missing = b.pack(0);
+        let missing = b.pack(0).unwrap();
         assert_eq!(missing, vec!["u".to_string()]);
         // Order: u (reversed first) at 0..3, then w at 3..7.
         let flat = Vec::<f32>::try_from(b.buckets()[0].flat()).unwrap();
         assert_eq!(flat, vec![0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0]);
         let _ = b.buckets_mut()[0].flat_mut().g_mul_scalar_(0.5);
-        b.unpack(0);
+        b.unpack(0).unwrap();
         let g = Vec::<f32>::try_from(w.grad().reshape([-1])).unwrap();
         assert_eq!(g, vec![1.0, 2.0, 3.0, 4.0]);
         // Values: pack, change, unpack.
-        b.pack_values(0);
+        b.pack_values(0).unwrap();
         let _ = b.buckets_mut()[0].flat_mut().g_add_scalar_(1.0);
-        b.unpack_values(0);
+        b.unpack_values(0).unwrap();
         let v = Vec::<f32>::try_from(w.detach().reshape([-1])).unwrap();
         assert_eq!(v, vec![2.0, 3.0, 4.0, 5.0]);
     }

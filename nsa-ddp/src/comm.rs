@@ -267,18 +267,18 @@ impl LocalGroup {
 
 fn to_f64(t: &Tensor) -> Result<Vec<f64>, DdpError> {
     let flat = t
-        .detach()
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Double)
-        .reshape([-1]);
+        .f_detach()?
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(Kind::Double)?
+        .f_reshape([-1])?;
     Ok(Vec::<f64>::try_from(&flat)?)
 }
 
 fn write_back(t: &mut Tensor, values: &[f64]) -> Result<(), DdpError> {
-    let src = Tensor::from_slice(values)
-        .to_kind(t.kind())
-        .to_device(t.device())
-        .view(&t.size()[..]);
+    let src = Tensor::f_from_slice(values)?
+        .f_to_kind(t.kind())?
+        .f_to_device(t.device())?
+        .f_view(&t.size()[..])?;
     tch::no_grad(|| t.f_copy_(&src))?;
     Ok(())
 }

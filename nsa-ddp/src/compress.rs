@@ -34,8 +34,10 @@ use tch::Kind;
 
 use crate::DdpError;
 
-/// How gradients travel: as they are, or cast to bf16 / fp16.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How gradients travel: as they are, or cast to bf16 / fp16. Serialises (serde) and parses
+/// ([`FromStr`]) as `"none"`, `"bf16"` or `"fp16"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Compression {
     /// Communicate in the gradient's own dtype.
     #[default]

@@ -97,7 +97,7 @@ struct StepState {
 }
 
 impl<C: Communicator> Core<C> {
-    fn new(comm: C, buckets: GradBuckets, compression: Compression) -> Self {
+    fn new(comm: C, buckets: GradBuckets, compression: Compression) -> Result<Self, DdpError> {
         let mut core = Core {
             comm,
             buckets,
@@ -107,12 +107,12 @@ impl<C: Communicator> Core<C> {
             step: StepState::default(),
             rebuild_pending: false,
         };
-        core.index_buckets();
-        core
+        core.index_buckets()?;
+        Ok(core)
     }
 
     /// Wire buffers and the parameter → bucket map for the current plan.
-    fn index_buckets(&mut self) {
+    fn index_buckets(&mut self) -> Result<(), DdpError> {
         let compression = self.compression;
         self.wire = self
             .buckets
@@ -121,15 +121,17 @@ impl<C: Communicator> Core<C> {
             .map(|b| {
                 let kind = compression.wire_kind(b.kind());
                 (kind != b.kind())
-                    .then(|| tch::no_grad(|| Tensor::zeros([b.numel()], (kind, b.device()))))
+                    .then(|| tch::no_grad(|| Tensor::f_zeros([b.numel()], (kind, b.device()))))
+                    .transpose()
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         self.bucket_of = vec![0; self.buckets.params().len()];
         for (i, b) in self.buckets.buckets().iter().enumerate() {
             for e in b.entries() {
                 self.bucket_of[e.param] = i;
             }
         }
+        Ok(())
     }
 
     /// Where the buffers live (collective scratch tensors go there too).
@@ -162,7 +164,7 @@ impl<C: Communicator> Core<C> {
 
     /// Packs bucket `i`, casts it to the wire dtype and issues its all-reduce.
     fn launch(&mut self, i: usize) -> Result<(), DdpError> {
-        self.step.missing.extend(self.buckets.pack(i));
+        self.step.missing.extend(self.buckets.pack(i)?);
         let flat = self.buckets.buckets_mut()[i].flat_mut();
         tch::no_grad(|| match &mut self.wire[i] {
             None => self.comm.all_reduce_sum(flat),
@@ -235,7 +237,7 @@ impl<C: Communicator> Core<C> {
                 let _ = flat.f_div_scalar_(world)?;
                 Ok(())
             })?;
-            self.buckets.unpack(i);
+            self.buckets.unpack(i)?;
         }
         self.comm.synchronize()?;
         let missing = std::mem::take(&mut self.step.missing);
@@ -260,17 +262,17 @@ impl<C: Communicator> Core<C> {
         // parameters, which fail above) keep their place at the end.
         let not_ready = (0..self.step.ready.len()).filter(|&i| !self.step.ready[i]);
         order.extend(not_ready.map(|i| i as i64));
-        let mut table = Tensor::from_slice(&order).to_device(self.device());
+        let mut table = Tensor::f_from_slice(&order)?.f_to_device(self.device())?;
         self.comm.broadcast(&mut table)?;
         self.comm.synchronize()?;
-        let order: Vec<usize> = Vec::<i64>::try_from(table.to_device(Device::Cpu))?
+        let order: Vec<usize> = Vec::<i64>::try_from(table.f_to_device(Device::Cpu)?)?
             .into_iter()
             .map(|i| i as usize)
             .collect();
         if order != self.buckets.order() {
             self.buckets =
                 GradBuckets::with_order(self.buckets.params(), self.buckets.bucket_mb(), &order)?;
-            self.index_buckets();
+            self.index_buckets()?;
         }
         Ok(())
     }
@@ -301,7 +303,7 @@ impl<C: Communicator + 'static> DataParallel<C> {
         let (rank, world) = (comm.rank(), comm.world_size());
         Ok(DataParallel {
             hooks: None,
-            core: Arc::new(Mutex::new(Core::new(comm, buckets, compression))),
+            core: Arc::new(Mutex::new(Core::new(comm, buckets, compression)?)),
             rank,
             world,
             compression,
@@ -413,12 +415,12 @@ impl<C: Communicator + 'static> DataParallel<C> {
         let mut core = self.core()?;
         let core = &mut *core;
         for i in 0..core.buckets.buckets().len() {
-            core.buckets.pack_values(i);
+            core.buckets.pack_values(i)?;
             core.comm
                 .broadcast(core.buckets.buckets_mut()[i].flat_mut())?;
             // The flat buffer is read back below: order that after the broadcast.
             core.comm.join()?;
-            core.buckets.unpack_values(i);
+            core.buckets.unpack_values(i)?;
         }
         core.comm.synchronize()
     }
@@ -454,9 +456,9 @@ impl<C: Communicator + 'static> DataParallel<C> {
                     .f_fmod(97)?
                     .f_add_scalar(1.0)?;
                 c.sum += v.f_sum(Kind::Double)?.f_double_value(&[])?;
-                c.sum_sq += (&v * &v).f_sum(Kind::Double)?.f_double_value(&[])?;
+                c.sum_sq += v.f_mul(&v)?.f_sum(Kind::Double)?.f_double_value(&[])?;
                 c.weighted +=
-                    (k + 1) as f64 * (&v * &ramp).f_sum(Kind::Double)?.f_double_value(&[])?;
+                    (k + 1) as f64 * v.f_mul(&ramp)?.f_sum(Kind::Double)?.f_double_value(&[])?;
             }
             Ok(c)
         })
@@ -472,10 +474,10 @@ impl<C: Communicator + 'static> DataParallel<C> {
         let mut core = self.core()?;
         let mut row = vec![0.0f64; world * 3];
         row[rank * 3..rank * 3 + 3].copy_from_slice(&mine.as_array());
-        let mut table = Tensor::from_slice(&row).to_device(core.device());
+        let mut table = Tensor::f_from_slice(&row)?.f_to_device(core.device())?;
         core.comm.all_reduce_sum(&mut table)?;
         core.comm.synchronize()?;
-        let all = Vec::<f64>::try_from(table.to_device(Device::Cpu))?;
+        let all = Vec::<f64>::try_from(table.f_to_device(Device::Cpu)?)?;
         let checksums: Vec<Checksum> = all
             .chunks(3)
             .map(|c| Checksum {

@@ -26,6 +26,34 @@
 //! The library reads no environment variables: the binary maps its flags or `RANK`,
 //! `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` onto these typed arguments.
 //!
+//! # Quick start
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use nsa_ddp::{Compression, DataParallel, LocalGroup};
+//! use tch::{nn, Device};
+//!
+//! # fn main() -> Result<(), nsa_ddp::DdpError> {
+//! // One rank per thread on the CPU; with GPUs: one process per GPU, `rendezvous_nccl` and
+//! // `NcclGroup::new` (after `nsa_sys::cuda::load_backend()`), the rest unchanged.
+//! let mut ranks = LocalGroup::new(1, Duration::from_secs(30))?;
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let _layer = nn::linear(vs.root() / "l", 4, 4, Default::default());
+//! let mut params: Vec<_> = vs.variables().into_iter().collect();
+//! params.sort_by(|a, b| a.0.cmp(&b.0)); // the same order on every rank
+//! let mut dp = DataParallel::new(ranks.remove(0), &params, 25.0, Compression::Bf16)?;
+//! dp.broadcast_parameters()?;
+//! // every step: forward, backward on this rank's shard, then
+//! dp.sync_gradients()?;
+//! // then the optimizer step
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `examples/local_data_parallel.rs` trains a small model on two thread ranks and checks that
+//! they stay identical (`cargo run -p nsa-ddp --example local_data_parallel`). Doc examples are
+//! `no_run`: doctest binaries are linked without libtorch's library path.
+//!
 //! # Gradient buckets
 //!
 //! See [`bucket`]: parameters in reverse order, packed greedily into persistent flat buffers of at
@@ -74,6 +102,7 @@
 //! - [`rendezvous()`]: every wait is bounded by [`RendezvousConfig::timeout`], reported as
 //!   [`DdpError::RendezvousTimeout`] (naming the ranks not heard from).
 #![forbid(unsafe_code)]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod bucket;
 pub mod comm;
@@ -120,7 +149,8 @@ pub enum DdpError {
     /// Trainable parameters that had no gradient when gradients were synchronised.
     #[error("rank {rank}: parameters without a gradient at sync_gradients: {names:?}")]
     MissingGradients { rank: usize, names: Vec<String> },
-    /// An unknown `--grad-compression` value.
+    /// A gradient compression name [`Compression`]'s `FromStr` does not know (the trainer's
+    /// config key is `fast.ddp_compress`).
     #[error("unknown gradient compression {0:?}: expected one of none, bf16, fp16")]
     UnknownCompression(String),
     /// A rendezvous wait ran out.

@@ -72,9 +72,13 @@ impl Communicator for NcclGroup {
     }
     fn barrier(&mut self) -> Result<(), DdpError> {
         let device = self.device();
-        let scratch = self
-            .scratch
-            .get_or_insert_with(|| Tensor::zeros([1], (Kind::Float, device)));
+        if self.scratch.is_none() {
+            self.scratch = Some(Tensor::f_zeros([1], (Kind::Float, device))?);
+        }
+        let scratch = self.scratch.as_mut().ok_or_else(|| DdpError::Broken {
+            rank: self.comm.rank(),
+            reason: "barrier scratch buffer missing".into(),
+        })?;
         self.comm.all_reduce_sum(scratch)?;
         self.synchronize()
     }

@@ -1,7 +1,8 @@
 //! [`ModelConfig`], its presets, validation and closed-form parameter count; [`ModelError`].
 use std::fmt;
 
-use nsa_attn::{AttnError, NsaConfig, Phi};
+use nsa_attn::SelectConfig;
+use nsa_attn::{AttnError, ConfigProblem, NsaConfig, NsaParams, Phi};
 use serde::{Deserialize, Serialize};
 use tch::TchError;
 
@@ -22,94 +23,6 @@ impl fmt::Display for AttentionKind {
             AttentionKind::Nsa => "nsa",
             AttentionKind::Dense => "dense",
         })
-    }
-}
-
-/// NSA's compression function φ, as written in a config file (`"mean" | "linear" | "mlp"`).
-/// The MLP's hidden width is [`NsaParams::phi_hidden`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PhiKind {
-    /// Average over the block.
-    Mean,
-    /// One linear map from the flattened block to one key / value.
-    Linear,
-    /// Two linear maps with a GELU between them (the paper's choice).
-    Mlp,
-}
-
-impl fmt::Display for PhiKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PhiKind::Mean => "mean",
-            PhiKind::Linear => "linear",
-            PhiKind::Mlp => "mlp",
-        })
-    }
-}
-
-/// The NSA-specific part of a [`ModelConfig`]: a serde-friendly mirror of the fields of
-/// [`nsa_attn::NsaConfig`] that are not already model-level (width, heads, head dims and the
-/// RoPE base come from [`ModelConfig`]). Converted by [`ModelConfig::nsa_config`].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NsaParams {
-    /// l: tokens per compressed token.
-    pub block_len: i64,
-    /// d: stride between compressed tokens (`d | l` and `d | l'`).
-    pub stride: i64,
-    /// l': tokens per selection block.
-    pub select_len: i64,
-    /// n: selected blocks per query and KV group, forced blocks included.
-    pub top_n: i64,
-    /// Local blocks always selected: the current one and the `n_local − 1` before it.
-    pub n_local: i64,
-    /// w: sliding-window length.
-    pub window: i64,
-    /// φ: `"mean"`, `"linear"` or `"mlp"`.
-    pub phi: PhiKind,
-    /// Hidden width of the MLP φ (read only when `phi = "mlp"`).
-    pub phi_hidden: i64,
-    /// One K/V projection pair for all three branches instead of one per branch.
-    pub shared_kv: bool,
-    /// Hidden width of the gate MLP `dim → gate_hidden → 3·H`.
-    pub gate_hidden: i64,
-}
-
-impl NsaParams {
-    /// The paper's lengths: l = 32, d = 16, l' = 64, n = 16, 2 local blocks, w = 512; MLP φ
-    /// with 64 hidden units, separate K/V per branch, gate MLP with 64 hidden units. This is
-    /// also what a config file without an `nsa` section gets.
-    pub fn paper() -> Self {
-        Self {
-            block_len: 32,
-            stride: 16,
-            select_len: 64,
-            top_n: 16,
-            n_local: 2,
-            window: 512,
-            phi: PhiKind::Mlp,
-            phi_hidden: 64,
-            shared_kv: false,
-            gate_hidden: 64,
-        }
-    }
-
-    /// The `nsa_attn` form of φ.
-    pub fn phi(&self) -> Phi {
-        match self.phi {
-            PhiKind::Mean => Phi::Mean,
-            PhiKind::Linear => Phi::Linear,
-            PhiKind::Mlp => Phi::Mlp {
-                hidden: self.phi_hidden,
-            },
-        }
-    }
-}
-
-impl Default for NsaParams {
-    fn default() -> Self {
-        Self::paper()
     }
 }
 
@@ -143,8 +56,8 @@ pub struct ModelConfig {
     pub rope_base: f64,
     /// NSA or dense attention in every block.
     pub attention: AttentionKind,
-    /// NSA lengths and options (validated for both attention kinds, so that flipping
-    /// `attention` never turns a valid config invalid).
+    /// NSA lengths and options, nsa-attn's one NSA configuration (validated for both attention
+    /// kinds, so that flipping `attention` never turns a valid config invalid).
     #[serde(default)]
     pub nsa: NsaParams,
     /// σ of the normal init of matrices and the embedding.
@@ -187,13 +100,15 @@ impl ModelConfig {
         match name {
             "tiny" => Ok(Self {
                 nsa: NsaParams {
-                    block_len: 8,
-                    stride: 4,
-                    select_len: 16,
-                    top_n: 4,
-                    n_local: 2,
+                    select: SelectConfig {
+                        block_len: 8,
+                        stride: 4,
+                        select_len: 16,
+                        top_n: 4,
+                        n_local: 2,
+                    },
                     window: 32,
-                    phi: PhiKind::Mlp,
+                    phi: Phi::Mlp,
                     phi_hidden: 32,
                     shared_kv: false,
                     gate_hidden: 16,
@@ -217,123 +132,52 @@ impl ModelConfig {
 
     /// The configuration of one NSA attention layer of this model.
     pub fn nsa_config(&self) -> NsaConfig {
-        let n = &self.nsa;
         NsaConfig {
             dim: self.dim,
             heads: self.n_heads,
             kv_heads: self.n_kv_heads,
             head_dim_k: self.head_dim_k,
             head_dim_v: self.head_dim_v,
-            block_len: n.block_len,
-            stride: n.stride,
-            select_len: n.select_len,
-            top_n: n.top_n,
-            n_local: n.n_local,
-            window: n.window,
-            phi: n.phi(),
-            shared_kv: n.shared_kv,
-            gate_hidden: n.gate_hidden,
             rope_base: self.rope_base,
+            nsa: self.nsa,
         }
     }
 
     /// Checks every field; the error lists every offending field (not only the first), each
-    /// named as in the config file (`nsa.stride`, …).
+    /// named as in the config file (`nsa.stride`, …). The model's own fields are checked here;
+    /// the attention shape and the `nsa` section by nsa-attn's [`NsaConfig::problems`] (which
+    /// hands the selection lengths to nsa-select), so each rule is written once.
     pub fn validate(&self) -> Result<(), ModelError> {
         let mut bad = Vec::new();
-        let mut problem = |field: &str, reason: String| {
-            bad.push(FieldError {
-                field: field.to_string(),
-                reason,
-            })
-        };
-        let n = &self.nsa;
         for (field, value) in [
             ("vocab_size", self.vocab_size),
-            ("dim", self.dim),
             ("n_layers", self.n_layers),
-            ("n_heads", self.n_heads),
-            ("n_kv_heads", self.n_kv_heads),
-            ("head_dim_k", self.head_dim_k),
-            ("head_dim_v", self.head_dim_v),
             ("mlp_hidden", self.mlp_hidden),
-            ("nsa.block_len", n.block_len),
-            ("nsa.stride", n.stride),
-            ("nsa.select_len", n.select_len),
-            ("nsa.top_n", n.top_n),
-            ("nsa.n_local", n.n_local),
-            ("nsa.window", n.window),
-            ("nsa.gate_hidden", n.gate_hidden),
         ] {
             if value <= 0 {
-                problem(field, format!("must be positive, got {value}"));
+                bad.push(FieldError {
+                    field: field.to_string(),
+                    reason: format!("must be positive, got {value}"),
+                });
             }
         }
-        if n.phi == PhiKind::Mlp && n.phi_hidden <= 0 {
-            problem(
-                "nsa.phi_hidden",
-                format!("must be positive with phi = \"mlp\", got {}", n.phi_hidden),
-            );
-        }
-        if self.n_heads > 0 && self.n_kv_heads > 0 && self.n_heads % self.n_kv_heads != 0 {
-            problem(
-                "n_kv_heads",
-                format!(
-                    "must divide n_heads = {}, got {}",
-                    self.n_heads, self.n_kv_heads
-                ),
-            );
-        }
-        if self.head_dim_k > 0 && self.head_dim_k % 2 != 0 {
-            problem(
-                "head_dim_k",
-                format!("must be even (RoPE rotates pairs), got {}", self.head_dim_k),
-            );
-        }
-        for (field, value, rule) in [
-            ("norm_eps", self.norm_eps, "a finite number > 0"),
-            ("rope_base", self.rope_base, "a finite number > 1"),
-            ("init_std", self.init_std, "a finite number > 0"),
-        ] {
-            let floor = if field == "rope_base" { 1.0 } else { 0.0 };
-            if !(value.is_finite() && value > floor) {
-                problem(field, format!("must be {rule}, got {value}"));
+        for (field, value) in [("norm_eps", self.norm_eps), ("init_std", self.init_std)] {
+            if !(value.is_finite() && value > 0.0) {
+                bad.push(FieldError {
+                    field: field.to_string(),
+                    reason: format!("must be a finite number > 0, got {value}"),
+                });
             }
         }
-        if n.stride > 0 {
-            for (name, len) in [
-                ("block_len l", n.block_len),
-                ("select_len l'", n.select_len),
-            ] {
-                if len > 0 && len % n.stride != 0 {
-                    problem(
-                        "nsa.stride",
-                        format!("d = {} must divide {name} = {len}", n.stride),
-                    );
-                }
-            }
-        }
-        if n.top_n > 0 && n.n_local > 0 && n.top_n < n.n_local + 1 {
-            problem(
-                "nsa.top_n",
-                format!(
-                    "n = {} must be at least n_local + 1 = {} (block 0 and the local blocks are forced)",
-                    n.top_n,
-                    n.n_local + 1
-                ),
-            );
-        }
-        // nsa-attn is the final word on what its layer accepts; reached only when every rule
-        // above holds, so its (first-error-only) report cannot hide one of ours.
-        if bad.is_empty() {
-            if let Err(e) = self.nsa_config().validate() {
-                let (field, reason) = match e {
-                    AttnError::Config { field, reason } => (nsa_field_name(field), reason),
-                    other => ("nsa".to_string(), other.to_string()),
-                };
-                bad.push(FieldError { field, reason });
-            }
-        }
+        bad.extend(
+            self.nsa_config()
+                .problems()
+                .into_iter()
+                .map(|p| FieldError {
+                    field: nsa_field_name(&p.field),
+                    reason: p.reason,
+                }),
+        );
         if bad.is_empty() {
             Ok(())
         } else {
@@ -384,13 +228,13 @@ impl ModelConfig {
             AttentionKind::Dense => q_o + d * g * (dk + dv),
             AttentionKind::Nsa => {
                 let n = &self.nsa;
-                let l = n.block_len as f64;
+                let l = n.select.block_len as f64;
                 let pairs = if n.shared_kv { 1.0 } else { 3.0 };
                 let kv = pairs * d * g * (dk + dv);
                 let (pos, phi) = match n.phi {
-                    PhiKind::Mean => (l * g * dv, 0.0),
-                    PhiKind::Linear => (l * g * dv, l * dk * dk + l * dv * dv + dv),
-                    PhiKind::Mlp => {
+                    Phi::Mean => (l * g * dv, 0.0),
+                    Phi::Linear => (l * g * dv, l * dk * dk + l * dv * dv + dv),
+                    Phi::Mlp => {
                         let m = n.phi_hidden as f64;
                         (
                             l * g * (dk + dv),
@@ -407,13 +251,12 @@ impl ModelConfig {
     }
 }
 
-/// Model-level name of an `nsa_attn::NsaConfig` field.
+/// Model-level name of an `nsa_attn::NsaConfig` field (`nsa.*` and the others keep theirs).
 fn nsa_field_name(field: &str) -> String {
     match field {
-        "dim" | "head_dim_k" | "head_dim_v" | "rope_base" => field.to_string(),
         "heads" => "n_heads".to_string(),
         "kv_heads" => "n_kv_heads".to_string(),
-        other => format!("nsa.{other}"),
+        other => other.to_string(),
     }
 }
 
@@ -449,13 +292,13 @@ impl fmt::Display for ModelConfig {
             self.vocab_size
         )?;
         if self.attention == AttentionKind::Nsa {
-            let n = &self.nsa;
+            let (n, sel) = (&self.nsa, &self.nsa.select);
             write!(
                 f,
                 ", nsa(l {}, d {}, l' {}, n {}, local {}, w {}, phi {}",
-                n.block_len, n.stride, n.select_len, n.top_n, n.n_local, n.window, n.phi
+                sel.block_len, sel.stride, sel.select_len, sel.top_n, sel.n_local, n.window, n.phi
             )?;
-            if n.phi == PhiKind::Mlp {
+            if n.phi == Phi::Mlp {
                 write!(f, " {}", n.phi_hidden)?;
             }
             if n.shared_kv {
@@ -468,20 +311,9 @@ impl fmt::Display for ModelConfig {
     }
 }
 
-/// One invalid config field and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// The field as written in a config file, e.g. `nsa.stride`.
-    pub field: String,
-    /// What is wrong with it.
-    pub reason: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.reason)
-    }
-}
+/// One invalid config field and why: nsa-attn's [`ConfigProblem`], with the field named as in
+/// a model config file (`n_kv_heads`, `nsa.stride`, …).
+pub type FieldError = ConfigProblem;
 
 /// Errors of `nsa-model`.
 #[derive(Debug, thiserror::Error)]
@@ -542,8 +374,8 @@ mod tests {
         cfg.rope_base = 1.0;
         cfg.init_std = -0.1;
         cfg.mlp_hidden = -1;
-        cfg.nsa.stride = 3; // divides neither l = 8 nor l' = 16
-        cfg.nsa.top_n = 2; // < n_local + 1
+        cfg.nsa.select.stride = 3; // divides neither l = 8 nor l' = 16
+        cfg.nsa.select.top_n = 2; // < n_local + 1
         cfg.nsa.phi_hidden = 0;
         let Err(ModelError::Config(fields)) = cfg.validate() else {
             panic!("expected a config error");
@@ -579,10 +411,10 @@ mod tests {
             ("n_layers", |c| c.n_layers = 0),
             ("n_heads", |c| c.n_heads = -2),
             ("head_dim_v", |c| c.head_dim_v = 0),
-            ("nsa.block_len", |c| c.nsa.block_len = 0),
-            ("nsa.select_len", |c| c.nsa.select_len = 0),
+            ("nsa.block_len", |c| c.nsa.select.block_len = 0),
+            ("nsa.select_len", |c| c.nsa.select.select_len = 0),
             ("nsa.window", |c| c.nsa.window = 0),
-            ("nsa.n_local", |c| c.nsa.n_local = 0),
+            ("nsa.n_local", |c| c.nsa.select.n_local = 0),
             ("nsa.gate_hidden", |c| c.nsa.gate_hidden = 0),
             ("init_std", |c| c.init_std = f64::INFINITY),
         ];
@@ -599,7 +431,7 @@ mod tests {
         }
         // phi_hidden is read only by the MLP φ.
         let mut cfg = good;
-        cfg.nsa.phi = PhiKind::Mean;
+        cfg.nsa.phi = Phi::Mean;
         cfg.nsa.phi_hidden = 0;
         cfg.validate().unwrap();
     }
@@ -612,18 +444,9 @@ mod tests {
             (n.dim, n.heads, n.kv_heads, n.head_dim_k, n.head_dim_v),
             (768, 12, 4, 64, 64)
         );
-        assert_eq!(
-            (
-                n.block_len,
-                n.stride,
-                n.select_len,
-                n.top_n,
-                n.n_local,
-                n.window
-            ),
-            (32, 16, 64, 16, 2, 512)
-        );
-        assert_eq!(n.phi, Phi::Mlp { hidden: 64 });
+        assert_eq!(n.nsa.select, SelectConfig::paper());
+        assert_eq!(n.nsa.window, 512);
+        assert_eq!((n.nsa.phi, n.nsa.phi_hidden), (Phi::Mlp, 64));
         assert_eq!(n.rope_base, cfg.rope_base);
         n.validate().unwrap();
     }

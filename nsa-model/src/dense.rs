@@ -4,10 +4,11 @@
 //! Layouts: attention inputs are `q` `[B, H, S, dk]`, `k` `[B, Hkv, S, dk]`,
 //! `v` `[B, Hkv, S, dv]`; the output is `[B, H, S, dv]`. Query head `j` reads KV head
 //! `j / (H / Hkv)` (group-major, as SDPA's `enable_gqa` and `nsa-attn`).
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Kind, Tensor};
 
 use crate::config::{ModelConfig, ModelError};
+use crate::model::linear;
 
 /// Rotary position embedding: the one `nsa-attn` uses, so NSA and dense models place positions
 /// identically (tested: with full-coverage selection the NSA model equals the dense one).
@@ -75,7 +76,10 @@ pub fn causal_attention_reference(
     let (s, dk) = (q.size()[2], q.size()[3]);
     let (k, v) = expand_kv(q, k, v)?;
     let (k, v) = (k.f_to_kind(Kind::Float)?, v.f_to_kind(Kind::Float)?);
-    let scores = q.f_to_kind(Kind::Float)?.f_matmul(&k.f_transpose(2, 3)?)? / (dk as f64).sqrt();
+    let scores = q
+        .f_to_kind(Kind::Float)?
+        .f_matmul(&k.f_transpose(2, 3)?)?
+        .f_div_scalar((dk as f64).sqrt())?;
     let future = Tensor::f_ones([s, s], (Kind::Bool, q.device()))?.f_triu(1)?;
     let probs = scores
         .f_masked_fill(&future, f64::NEG_INFINITY)?
@@ -135,9 +139,9 @@ impl DenseAttention {
     pub(crate) fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor, ModelError> {
         let (b, s) = (x.size()[0], x.size()[1]);
         let heads = |t: Tensor, n: i64, d: i64| t.f_view([b, s, n, d]);
-        let q = rope.apply(&heads(self.wq.forward(x), self.heads, self.dk)?)?;
-        let k = rope.apply(&heads(self.wk.forward(x), self.kv_heads, self.dk)?)?;
-        let v = heads(self.wv.forward(x), self.kv_heads, self.dv)?;
+        let q = rope.apply(&heads(linear(&self.wq, x)?, self.heads, self.dk)?)?;
+        let k = rope.apply(&heads(linear(&self.wk, x)?, self.kv_heads, self.dk)?)?;
+        let v = heads(linear(&self.wv, x)?, self.kv_heads, self.dv)?;
         let o = causal_attention(
             &q.f_transpose(1, 2)?,
             &k.f_transpose(1, 2)?,
@@ -146,7 +150,7 @@ impl DenseAttention {
         let o = o
             .f_transpose(1, 2)?
             .f_reshape([b, s, self.heads * self.dv])?;
-        Ok(self.wo.forward(&o))
+        Ok(linear(&self.wo, &o)?)
     }
 }
 
@@ -230,7 +234,7 @@ mod tests {
     #[test]
     fn rope_preserves_norms_and_is_identity_at_position_zero() {
         let x = Tensor::randn([1, 5, 3, 8], (Kind::Float, Device::Cpu));
-        let r = Rope::new(10_000.0, 8, 5, Kind::Float, Device::Cpu);
+        let r = Rope::new(10_000.0, 8, 5, Kind::Float, Device::Cpu).unwrap();
         let y = r.apply(&x).unwrap();
         assert!(max_diff(&y.narrow(1, 0, 1), &x.narrow(1, 0, 1)) < 1e-7);
         let n = |t: &Tensor| t.square().sum_dim_intlist(-1, false, Kind::Float);
@@ -242,7 +246,7 @@ mod tests {
     #[test]
     fn rope_scores_depend_on_relative_position_only() {
         // q at position a, k at position b: the score depends on a − b only.
-        let r = Rope::new(10_000.0, 8, 10, Kind::Float, Device::Cpu);
+        let r = Rope::new(10_000.0, 8, 10, Kind::Float, Device::Cpu).unwrap();
         let q =
             Tensor::randn([1, 1, 1, 8], (Kind::Float, Device::Cpu)).expand([1, 10, 1, 8], false);
         let k =

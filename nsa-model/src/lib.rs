@@ -101,7 +101,13 @@
 //! `invalid model config: n_kv_heads: must divide n_heads = 4, got 3; nsa.top_n: …`.
 //! `Display` prints a one-line summary with the parameter count.
 //!
-//! # Example
+//! # Quick start
+//!
+//! Add `nsa-model`, `nsa-attn` (for [`nsa_attn::ForwardOpts`]) and `tch` to your crate. On a
+//! GPU, call `nsa_sys::cuda::load_backend()` before any other libtorch call (a CUDA query made
+//! earlier makes ATen remember "no CUDA" for the whole process). `examples/tiny_decoder.rs`
+//! trains the `tiny` preset and its dense baseline for a few steps
+//! (`cargo run --release -p nsa-model --example tiny_decoder`).
 //!
 //! (`no_run`: doctest binaries are linked without libtorch's library path; the same steps
 //! run in `tests/model.rs`.)
@@ -123,10 +129,12 @@
 //! # Ok::<(), nsa_model::ModelError>(())
 //! ```
 #![forbid(unsafe_code)]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 mod config;
 pub mod dense;
 mod model;
 
-pub use config::{AttentionKind, FieldError, ModelConfig, ModelError, NsaParams, PhiKind, PRESETS};
+pub use config::{AttentionKind, FieldError, ModelConfig, ModelError, PRESETS};
 pub use model::{decay_groups, Model, NamedVars};
+pub use nsa_attn::{NsaParams, Phi};

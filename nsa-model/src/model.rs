@@ -1,7 +1,7 @@
 //! [`Model`]: embedding, decoder blocks, final norm, tied head; parameter init; [`decay_groups`].
 use nsa_attn::{ForwardOpts, NsaAttention};
-use tch::nn::{self, Module};
-use tch::{Device, Kind, Tensor};
+use tch::nn;
+use tch::{Device, Kind, TchError, Tensor};
 
 use crate::config::{AttentionKind, ModelConfig, ModelError};
 use crate::dense::{DenseAttention, Rope};
@@ -15,18 +15,20 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(vs: &nn::Path<'_>, dim: i64, eps: f64) -> Self {
-        Self {
-            weight: vs.var("weight", &[dim], nn::Init::Const(1.0)),
+    fn new(vs: &nn::Path<'_>, dim: i64, eps: f64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: vs.f_var("weight", &[dim], nn::Init::Const(1.0))?,
             eps,
-        }
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let xf = x.f_to_kind(Kind::Float)?;
         let ms = xf.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
-        let normed = (xf * (ms + self.eps).f_rsqrt()?).f_to_kind(x.kind())?;
-        Ok(normed * &self.weight)
+        let normed = xf
+            .f_mul(&ms.f_add_scalar(self.eps)?.f_rsqrt()?)?
+            .f_to_kind(x.kind())?;
+        Ok(normed.f_mul(&self.weight)?)
     }
 }
 
@@ -59,10 +61,17 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.w_down
-            .forward(&(self.w_gate.forward(x).silu() * self.w_up.forward(x)))
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let gated = linear(&self.w_gate, x)?
+            .f_silu()?
+            .f_mul(&linear(&self.w_up, x)?)?;
+        linear(&self.w_down, &gated)
     }
+}
+
+/// `l.forward(x)` through tch's fallible `f_linear`: a libtorch error is returned, not a panic.
+pub(crate) fn linear(l: &nn::Linear, x: &Tensor) -> Result<Tensor, TchError> {
+    x.f_linear(&l.ws, l.bs.as_ref())
 }
 
 /// The attention of one block.
@@ -92,11 +101,15 @@ impl Block {
         let a = match (&self.attn, rope) {
             (Attention::Nsa(attn), _) => attn.forward(&x, opts)?,
             (Attention::Dense(attn), Some(rope)) => attn.forward(&x, rope)?,
-            (Attention::Dense(_), None) => unreachable!("Model::forward builds RoPE for dense"),
+            (Attention::Dense(_), None) => {
+                return Err(ModelError::Shape(
+                    "dense attention needs the RoPE tables Model::forward builds".into(),
+                ))
+            }
         };
-        let h = h + a;
-        let m = self.mlp.forward(&self.mlp_norm.forward(&h)?);
-        Ok(h + m)
+        let h = h.f_add(&a)?;
+        let m = self.mlp.forward(&self.mlp_norm.forward(&h)?)?;
+        Ok(h.f_add(&m)?)
     }
 }
 
@@ -120,14 +133,14 @@ impl Model {
         cfg.validate()?;
         let std = cfg.init_std;
         let out_std = std / (2.0 * cfg.n_layers as f64).sqrt();
-        let embed = vs.sub("embed").var(
+        let embed = vs.sub("embed").f_var(
             "weight",
             &[cfg.vocab_size, cfg.dim],
             nn::Init::Randn {
                 mean: 0.0,
                 stdev: std,
             },
-        );
+        )?;
         let nsa_vars = match cfg.attention {
             AttentionKind::Nsa => nsa_variable_names(cfg)?,
             AttentionKind::Dense => Vec::new(),
@@ -147,9 +160,9 @@ impl Model {
                 }
             };
             blocks.push(Block {
-                attn_norm: RmsNorm::new(&(&b / "attn_norm"), cfg.dim, cfg.norm_eps),
+                attn_norm: RmsNorm::new(&(&b / "attn_norm"), cfg.dim, cfg.norm_eps)?,
                 attn,
-                mlp_norm: RmsNorm::new(&(&b / "mlp_norm"), cfg.dim, cfg.norm_eps),
+                mlp_norm: RmsNorm::new(&(&b / "mlp_norm"), cfg.dim, cfg.norm_eps)?,
                 mlp: Mlp::new(&(&b / "mlp"), cfg.dim, cfg.mlp_hidden, std, out_std),
             });
         }
@@ -157,7 +170,7 @@ impl Model {
             cfg: *cfg,
             embed,
             blocks,
-            final_norm: RmsNorm::new(&(vs / "final_norm"), cfg.dim, cfg.norm_eps),
+            final_norm: RmsNorm::new(&(vs / "final_norm"), cfg.dim, cfg.norm_eps)?,
         })
     }
 
@@ -176,7 +189,7 @@ impl Model {
                 s,
                 h.kind(),
                 h.device(),
-            )),
+            )?),
             AttentionKind::Nsa => None,
         };
         for block in &self.blocks {
@@ -223,8 +236,8 @@ impl Model {
         let bad = tokens.f_lt(0)?.f_logical_or(&tokens.f_ge(v)?)?.f_any()?;
         if bool::try_from(&bad)? {
             let (lo, hi) = (
-                tokens.f_min()?.int64_value(&[]),
-                tokens.f_max()?.int64_value(&[]),
+                tokens.f_min()?.f_int64_value(&[])?,
+                tokens.f_max()?.f_int64_value(&[])?,
             );
             return Err(ModelError::Tokens(format!(
                 "ids must lie in 0..{v}, got values from {lo} to {hi}"
@@ -322,14 +335,14 @@ mod tests {
     #[test]
     fn rms_norm_normalises_rows_and_keeps_the_kind() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let norm = RmsNorm::new(&vs.root(), 8, 1e-6);
+        let norm = RmsNorm::new(&vs.root(), 8, 1e-6).unwrap();
         let x = Tensor::randn([3, 5, 8], (Kind::Float, Device::Cpu)) * 7.0;
         let y = norm.forward(&x).unwrap();
         let rms = y.square().mean_dim(-1, false, Kind::Float).sqrt();
         let err = (rms - 1.0).abs().max().double_value(&[]);
         assert!(err < 1e-4, "{err}");
         let mut vs = nn::VarStore::new(Device::Cpu);
-        let norm = RmsNorm::new(&vs.root(), 8, 1e-6);
+        let norm = RmsNorm::new(&vs.root(), 8, 1e-6).unwrap();
         vs.bfloat16();
         let yb = norm.forward(&x.to_kind(Kind::BFloat16)).unwrap();
         assert_eq!(yb.kind(), Kind::BFloat16);

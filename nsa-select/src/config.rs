@@ -1,6 +1,9 @@
-//! [`SelectConfig`]: the NSA lengths that selection depends on, and the arithmetic derived from
-//! them (how many compressed tokens and selection blocks a sequence has, and the overlap weights
-//! of Eq. 9).
+//! [`SelectConfig`]: the NSA lengths that selection depends on, the one place their rules are
+//! checked, and the arithmetic derived from them (how many compressed tokens and selection blocks
+//! a sequence has, which compressed tokens a query sees (Eq. 7), and the overlap weights of
+//! Eq. 9).
+use serde::{Deserialize, Serialize};
+
 use crate::SelectError;
 
 /// Block lengths and counts of NSA's compressed and selected branches.
@@ -15,7 +18,10 @@ use crate::SelectError;
 /// The fields are public so that callers can read them; every function of this crate checks
 /// them again with [`SelectConfig::validate`], so a hand-built invalid value is reported as a
 /// [`SelectError`], never acted upon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Serialises with serde under the field names (`block_len`, `stride`, `select_len`, `top_n`,
+/// `n_local`); `nsa-attn`'s `NsaParams` flattens it into its own section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SelectConfig {
     /// l: tokens per compressed token.
     pub block_len: i64,
@@ -70,7 +76,21 @@ impl SelectConfig {
     /// Checks the rules every function relies on: all values positive, `d | l` (hence
     /// `l ≥ d`), `d | l'` (the overlap form of Eq. 9 needs both), `n_local ≥ 1` and
     /// `top_n ≥ n_local + 1` (block 0 and the `n_local` local blocks must fit into `n`).
+    /// Returns the first broken rule; [`SelectConfig::problems`] lists all of them.
     pub fn validate(&self) -> Result<(), SelectError> {
+        match self.problems().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every broken rule of [`SelectConfig::validate`], in the order it checks them (empty when
+    /// the configuration is valid). A rule that compares two values is checked only when both
+    /// are positive, so one bad value is reported once. [`SelectError::field`] names the field
+    /// each error is about. The single place these rules are written: `nsa-attn` and
+    /// `nsa-model` report them through this list.
+    pub fn problems(&self) -> Vec<SelectError> {
+        let mut found = Vec::new();
         for (name, value) in [
             ("block_len (l)", self.block_len),
             ("stride (d)", self.stride),
@@ -79,34 +99,35 @@ impl SelectConfig {
             ("n_local", self.n_local),
         ] {
             if value <= 0 {
-                return Err(SelectError::NonPositive { name, value });
+                found.push(SelectError::NonPositive { name, value });
             }
         }
-        if self.block_len % self.stride != 0 {
-            return Err(SelectError::StrideDoesNotDivide {
-                stride: self.stride,
-                name: "block_len (l)",
-                value: self.block_len,
-            });
+        if self.stride > 0 {
+            for (name, value) in [
+                ("block_len (l)", self.block_len),
+                ("select_len (l')", self.select_len),
+            ] {
+                if value > 0 && value % self.stride != 0 {
+                    found.push(SelectError::StrideDoesNotDivide {
+                        stride: self.stride,
+                        name,
+                        value,
+                    });
+                }
+            }
         }
-        if self.select_len % self.stride != 0 {
-            return Err(SelectError::StrideDoesNotDivide {
-                stride: self.stride,
-                name: "select_len (l')",
-                value: self.select_len,
-            });
-        }
-        if self.top_n < self.n_local + 1 {
-            return Err(SelectError::ForcedBlocksDoNotFit {
+        if self.top_n > 0 && self.n_local > 0 && self.top_n < self.n_local + 1 {
+            found.push(SelectError::ForcedBlocksDoNotFit {
                 top_n: self.top_n,
                 n_local: self.n_local,
             });
         }
-        Ok(())
+        found
     }
 
     /// Nc: compressed tokens of a sequence of `seq_len` tokens, `0` if `seq_len < l`, else
-    /// `(seq_len − l)/d + 1` (only complete blocks are compressed).
+    /// `(seq_len − l)/d + 1` (only complete blocks are compressed; Eq. 7's
+    /// `0 ≤ i ≤ ⌊(t − l)/d⌋`).
     pub fn num_compressed(&self, seq_len: i64) -> i64 {
         if seq_len < self.block_len {
             0
@@ -121,8 +142,10 @@ impl SelectConfig {
         (seq_len.max(0) + self.select_len - 1) / self.select_len
     }
 
-    /// Compressed tokens visible to query `t`: those with `i·d + l − 1 ≤ t`, i.e.
-    /// `num_compressed(t + 1)`.
+    /// Compressed tokens visible to query `t` (Eq. 7): those with `i·d + l − 1 ≤ t`, i.e.
+    /// `num_compressed(t + 1)`; they are tokens `0 .. num_visible_compressed(t)`. This is the
+    /// causal rule of the compressed branch; [`crate::visible_compressed_counts`] is the same
+    /// rule for a range of queries as a tensor, and every path of `nsa-attn` reads one of them.
     pub fn num_visible_compressed(&self, t: i64) -> i64 {
         self.num_compressed(t + 1)
     }
@@ -132,7 +155,7 @@ impl SelectConfig {
         t / self.select_len
     }
 
-    /// The overlap mapping of Eq. 9 as taps: selection block `j` receives compressed tokens
+    /// The overlap mapping (Eq. 9) as taps: selection block `j` receives compressed tokens
     /// `i = j·a − b + 1 + k` for `k` in `0..weights.len()` (with `a = l'/d`, `b = l/d`), with
     /// weight `weights[k] = |[i·d, i·d + l) ∩ [j·l', (j+1)·l')| / d`, an integer that depends on
     /// `k` only. For (l, d, l') = (32, 16, 64) the weights are `[1, 2, 2, 2, 1]` on
@@ -154,7 +177,7 @@ impl SelectConfig {
     }
 }
 
-/// The overlap mapping of Eq. 9 written as a strided window over compressed tokens; see
+/// The overlap mapping (Eq. 9) written as a strided window over compressed tokens; see
 /// [`SelectConfig::overlap_taps`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverlapTaps {

@@ -16,7 +16,7 @@ pub enum SelectError {
         value: i64,
     },
     /// Block 0 and the `n_local` local blocks do not fit into the `top_n` selected blocks.
-    #[error("top_n (n) = {top_n} must be at least n_local + 1 = {} (block 0 and the n_local local blocks are always selected)", n_local + 1)]
+    #[error("n = {top_n} (top_n) must be at least n_local + 1 = {} (block 0 and the n_local local blocks are always selected)", n_local + 1)]
     ForcedBlocksDoNotFit { top_n: i64, n_local: i64 },
     /// A query position below zero.
     #[error("t0 (position of the first query row) must be >= 0, got {t0}")]
@@ -61,4 +61,22 @@ pub enum SelectError {
     /// libtorch refused an operation.
     #[error("libtorch: {0}")]
     Torch(#[from] TchError),
+}
+
+impl SelectError {
+    /// The [`crate::SelectConfig`] field a configuration error is about (`"block_len"`,
+    /// `"stride"`, `"select_len"`, `"top_n"` or `"n_local"`); `None` for every other error.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            SelectError::NonPositive { name, .. } => {
+                let field = name.split(' ').next().unwrap_or(name);
+                ["block_len", "stride", "select_len", "top_n", "n_local"]
+                    .contains(&field)
+                    .then_some(field)
+            }
+            SelectError::StrideDoesNotDivide { .. } => Some("stride"),
+            SelectError::ForcedBlocksDoNotFit { .. } => Some("top_n"),
+            _ => None,
+        }
+    }
 }

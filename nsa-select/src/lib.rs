@@ -9,17 +9,18 @@
 //!
 //! ## The steps
 //!
-//! 1. [`compressed_probs`]: `p_cmp = softmax(q·k̃ / √dk)` over the compressed keys a query may
-//!    see (compressed token `i` covers tokens `[i·d, i·d + l)` and is visible to query `t` iff
-//!    `i·d + l − 1 ≤ t`). The attention layer computes the same probabilities for its
+//! 1. [`compressed_probs`]: `p_cmp = softmax(q·k̃ / √dk)` (Eq. 8) over the compressed keys a
+//!    query may see (compressed token `i` covers tokens `[i·d, i·d + l)` and is visible to query
+//!    `t` iff `i·d + l − 1 ≤ t`, Eq. 7: [`SelectConfig::num_visible_compressed`],
+//!    [`visible_compressed`]). The attention layer computes the same probabilities for its
 //!    compressed branch and may pass its own instead.
-//! 2. [`block_scores`]: the probabilities of the `h` heads of each GQA group are added, then
-//!    mapped onto selection blocks (block `j` covers `[j·l', (j+1)·l')`) with the overlap form of
-//!    Eq. 9: `score[j] = Σ_i p[i] · |[i·d, i·d + l) ∩ [j·l', (j+1)·l')| / d`. For the paper's
-//!    (l, d, l') = (32, 16, 64) these weights are `[1, 2, 2, 2, 1]` on compressed tokens
-//!    `4j − 1 … 4j + 3` ([`SelectConfig::overlap_taps`]).
-//! 3. [`select_blocks`]: per (batch, query, group) the candidates are the blocks that have
-//!    started, `j·l' ≤ t`. Block 0 and the `n_local` newest candidates (the current block
+//! 2. [`block_scores`]: the probabilities of the `h` heads of each GQA group are added
+//!    (Eq. 10), then mapped onto selection blocks (block `j` covers `[j·l', (j+1)·l')`) with the
+//!    overlap form of Eq. 9: `score[j] = Σ_i p[i] · |[i·d, i·d + l) ∩ [j·l', (j+1)·l')| / d`.
+//!    For the paper's (l, d, l') = (32, 16, 64) these weights are `[1, 2, 2, 2, 1]` on
+//!    compressed tokens `4j − 1 … 4j + 3` ([`SelectConfig::overlap_taps`]).
+//! 3. [`select_blocks`] (Eq. 11): per (batch, query, group) the candidates are the blocks that
+//!    have started, `j·l' ≤ t`. Block 0 and the `n_local` newest candidates (the current block
 //!    `⌊t/l'⌋` and the `n_local − 1` before it) are always taken and count toward `n`; the rest
 //!    of the `n` are the highest scores. Scores are compared after −0.0 → +0.0 in
 //!    `f32::total_cmp` order; equal scores go to the lower block index. With at most `n`
@@ -30,7 +31,8 @@
 //!    empty range `(0, 0)`; a count of valid ranges comes with each row.
 //!
 //! [`select_ranges`] runs 2–4 on one chunk of query rows; [`select_chunked`] and
-//! [`select_for_sequence`] run them over a whole sequence, chunk by chunk. Selection is
+//! [`select_for_sequence`] run them over a whole sequence, chunk by chunk
+//! ([`select_blocks_chunked`]: steps 2–3 only). Selection is
 //! discrete: nothing here is differentiable, and no gradient flows through it.
 //!
 //! ## Exactness
@@ -109,7 +111,13 @@
 //! would be 68 GB. The reference path copies each chunk to the host and allocates the same
 //! outputs there.
 //!
-//! ## Example
+//! ## Quick start
+//!
+//! Add `nsa-select` and `tch` to your crate. The crate itself never touches CUDA; if your
+//! tensors live on a GPU, call `nsa_sys::cuda::load_backend()` before any other libtorch call
+//! (a CUDA query made earlier makes ATen remember "no CUDA" for the whole process).
+//! `examples/select_blocks.rs` runs the whole pipeline on random queries and prints what each
+//! query reads (`cargo run -p nsa-select --example select_blocks`).
 //!
 //! (`no_run` because doctest binaries are linked outside `target/` and cannot find libtorch
 //! through the workspace's rpath; the same code runs as the `crate_docs_example` test.)
@@ -137,6 +145,7 @@
 //! # }
 //! ```
 #![forbid(unsafe_code)]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 mod check;
 mod config;
@@ -157,8 +166,12 @@ pub use error::SelectError;
 /// crate docs). `nsa-train bench select` times 1024, 4096 and 16384 on the GPU.
 pub const DEFAULT_CHUNK: i64 = 4096;
 
-/// Which implementation of the selection steps to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// Which implementation of the selection steps to run. Serialises as `"reference"` or
+/// `"vectorized"`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum SelectImpl {
     /// [`reference`](mod@reference): host loops, obviously correct, slow.
     Reference,
@@ -188,7 +201,43 @@ pub struct Selection {
     pub counts: Tensor,
 }
 
-/// Compressed-attention probabilities of a chunk of queries.
+/// How many compressed tokens each query of a chunk sees (Eq. 7): int64 `[T]` on `device`,
+/// entry `r` = [`SelectConfig::num_visible_compressed`]`(t0 + r)`, i.e. the query at `t` sees
+/// compressed tokens `0 .. count` (those with `i·d + l − 1 ≤ t`). Built on the host from that
+/// one scalar rule, then copied to `device`.
+pub fn visible_compressed_counts(
+    t0: i64,
+    rows: i64,
+    cfg: &SelectConfig,
+    device: tch::Device,
+) -> Result<Tensor, SelectError> {
+    if t0 < 0 {
+        return Err(SelectError::NegativeStart { t0 });
+    }
+    let counts: Vec<i64> = (t0..t0 + rows.max(0))
+        .map(|t| cfg.num_visible_compressed(t))
+        .collect();
+    Ok(Tensor::f_from_slice(&counts)?.f_to_device(device)?)
+}
+
+/// Which compressed tokens each query of a chunk sees (Eq. 7), as a bool mask `[T, Nc]` on
+/// `device`: `mask[r, i]` iff `i < `[`SelectConfig::num_visible_compressed`]`(t0 + r)`, i.e.
+/// `i·d + l − 1 ≤ t`. The compressed branch of every `nsa-attn` path and [`compressed_probs`]
+/// use this mask.
+pub fn visible_compressed(
+    t0: i64,
+    rows: i64,
+    num_cmp: i64,
+    cfg: &SelectConfig,
+    device: tch::Device,
+) -> Result<Tensor, SelectError> {
+    let counts = visible_compressed_counts(t0, rows, cfg, device)?.f_view([rows.max(0), 1])?;
+    Ok(Tensor::f_arange(num_cmp, (Kind::Int64, device))?
+        .f_view([1, num_cmp])?
+        .f_lt_tensor(&counts)?)
+}
+
+/// Compressed-attention probabilities of a chunk of queries, `p_cmp` (Eq. 8).
 ///
 /// - `q`: `[B, T, H, dk]`, the queries at positions `t0 .. t0 + T`;
 /// - `k_cmp`: `[B, Nc, Hkv, dk]`, compressed keys (token `i` covers `[i·d, i·d + l)`);
@@ -221,14 +270,10 @@ pub fn compressed_probs(
         .f_reshape([batch, kv_heads, rows, heads_per_group, num_cmp])?
         .f_permute([0, 2, 1, 3, 4])?
         .f_reshape([batch, rows, heads, num_cmp])?;
-    // hidden[t, i] iff i·d + l − 1 > t, as [1, T, 1, Nc].
-    let positions =
-        Tensor::f_arange_start(t0, t0 + rows, (Kind::Int64, device))?.f_view([1, rows, 1, 1])?;
-    let hidden = Tensor::f_arange(num_cmp, (Kind::Int64, device))?
-        .f_mul_scalar(cfg.stride)?
-        .f_add_scalar(cfg.block_len - 1)?
-        .f_view([1, 1, 1, num_cmp])?
-        .f_gt_tensor(&positions)?;
+    // hidden[t, i]: compressed token i is not visible to query t (Eq. 7), as [1, T, 1, Nc].
+    let hidden = visible_compressed(t0, rows, num_cmp, cfg, device)?
+        .f_logical_not()?
+        .f_view([1, rows, 1, num_cmp])?;
     let _ = logits.f_masked_fill_(&hidden, f64::NEG_INFINITY)?;
     let mut probs = logits.f_softmax(-1, Kind::Float)?;
     drop(logits);
@@ -237,7 +282,7 @@ pub fn compressed_probs(
     Ok(probs)
 }
 
-/// Block scores of a chunk: group sum over heads, then the overlap mapping (Eq. 9).
+/// Block scores of a chunk: group sum over heads (Eq. 10), then the overlap mapping (Eq. 9).
 ///
 /// - `p_cmp`: `[B, T, H, Nc]` compressed-attention probabilities (any floating dtype, computed
 ///   in f32); compressed tokens `i ≥ Nc` count as zero, so a chunk may pass only the tokens
@@ -258,7 +303,7 @@ pub fn block_scores(
     vectorized::block_scores(p_cmp, heads_per_group, num_blocks, cfg)
 }
 
-/// Causal top-n block choice for a chunk of queries.
+/// Causal top-n block choice for a chunk of queries (Eq. 11).
 ///
 /// - `scores`: `[B, T, G, Nb]` f32 block scores of the queries at `t0 .. t0 + T`; `Nb` must
 ///   reach the current block of the last row (`Nb ≥ ⌊(t0 + T − 1)/l'⌋ + 1`); blocks past a
@@ -281,7 +326,8 @@ pub fn select_blocks(
     }
 }
 
-/// Block ids → merged token ranges for a chunk of queries.
+/// Block ids → merged token ranges for a chunk of queries: the keys the selected branch reads
+/// (Eq. 12).
 ///
 /// - `blocks`: `[B, T, G, m]` i64 block ids of the queries at `t0 .. t0 + T`, in any order,
 ///   duplicates allowed; negative ids are padding and ids of blocks that start after `t`
@@ -344,8 +390,35 @@ pub fn select_chunked<E, F>(
     heads_per_group: i64,
     cfg: &SelectConfig,
     imp: SelectImpl,
-    mut p_cmp_rows: F,
+    p_cmp_rows: F,
 ) -> Result<Selection, E>
+where
+    E: From<SelectError>,
+    F: FnMut(i64, i64) -> Result<Tensor, E>,
+{
+    let blocks = select_blocks_chunked(seq_len, chunk, heads_per_group, cfg, imp, p_cmp_rows)?;
+    // Ranges in one call for the whole sequence: their working set is O(B·S·G·n) like the
+    // outputs, and one call instead of one per chunk saves ~40 kernel launches per chunk.
+    let Ranges { ranges, counts } = ranges_from_blocks(&blocks, 0, cfg, imp)?;
+    Ok(Selection {
+        blocks,
+        ranges,
+        counts,
+    })
+}
+
+/// The block choice of [`select_chunked`] without the ranges: block ids `[B, S, G, n]` (sorted,
+/// −1 padded) for a sequence of `seq_len` queries, `chunk` rows at a time, from the same
+/// `p_cmp_rows(t0, t1)` callback. For callers that read the blocks themselves (`nsa-attn`'s
+/// lean path), so no range tensors are built.
+pub fn select_blocks_chunked<E, F>(
+    seq_len: i64,
+    chunk: i64,
+    heads_per_group: i64,
+    cfg: &SelectConfig,
+    imp: SelectImpl,
+    mut p_cmp_rows: F,
+) -> Result<Tensor, E>
 where
     E: From<SelectError>,
     F: FnMut(i64, i64) -> Result<Tensor, E>,
@@ -412,14 +485,7 @@ where
         copy_rows(&mut blocks, &part, t0, (t0 + chunk).min(seq_len) - t0)?;
         t0 += chunk;
     }
-    // Ranges in one call for the whole sequence: their working set is O(B·S·G·n) like the
-    // outputs, and one call instead of one per chunk saves ~40 kernel launches per chunk.
-    let Ranges { ranges, counts } = ranges_from_blocks(&blocks, 0, cfg, imp)?;
-    Ok(Selection {
-        blocks,
-        ranges,
-        counts,
-    })
+    Ok(blocks)
 }
 
 fn copy_rows(whole: &mut Tensor, part: &Tensor, t0: i64, rows: i64) -> Result<(), SelectError> {

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::interval_overlap;
 use crate::{check, Ranges, SelectConfig, SelectError, Selection};
 
-/// Block scores from compressed-attention probabilities, by loops; see
+/// Block scores (Eqs. 9 and 10) from compressed-attention probabilities, by loops; see
 /// [`crate::block_scores`] for the details.
 ///
 /// Layout: `p_cmp` `[B, T, H, Nc]` (any float dtype) → `[B, T, G, Nb]` f32, `G = H / h`.
@@ -77,7 +77,7 @@ pub fn block_scores(
     )
 }
 
-/// Causal top-n block choice, by loops; see [`crate::select_blocks`] for the
+/// Causal top-n block choice (Eq. 11), by loops; see [`crate::select_blocks`] for the
 /// rules.
 ///
 /// Layout: `scores` `[B, T, G, Nb]` f32 for queries `t0 .. t0 + T` → `[B, T, G, n]` i64,

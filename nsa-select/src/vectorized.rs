@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::{check, Ranges, SelectConfig, SelectError, Selection};
 
-/// Block scores from compressed-attention probabilities, with tensor ops; see
+/// Block scores (Eqs. 9 and 10) from compressed-attention probabilities, with tensor ops; see
 /// [`crate::block_scores`] for the details.
 ///
 /// Layout: `p_cmp` `[B, T, H, Nc]` (any float dtype) → `[B, T, G, Nb]` f32, `G = H / h`.
@@ -83,7 +83,7 @@ const FORCED_KEY: i64 = 1 << 62;
 /// Offset that sinks non-candidate blocks below every score key.
 const NON_CANDIDATE_KEY: i64 = i64::MIN;
 
-/// Causal top-n block choice with tensor ops; see [`crate::select_blocks`] for the
+/// Causal top-n block choice (Eq. 11) with tensor ops; see [`crate::select_blocks`] for the
 /// rules.
 ///
 /// Layout: `scores` `[B, T, G, Nb]` f32 for queries `t0 .. t0 + T` → `[B, T, G, n]` i64,

@@ -4,10 +4,14 @@
 //! Precedence, lowest first: built-in defaults → environment (`NSA_SEL_RANGES_V2`,
 //! `NSA_DDP_COMPRESS`, `NSA_DDP_BUCKET_MB`, `NSA_NVTX`, `NSA_SDPA_AUDIT`) → the config file →
 //! `--set` flags. Unknown keys anywhere are errors that name the key; so are bad values.
+use std::fmt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use nsa_ddp::Compression;
+use nsa_select::SelectImpl;
 use serde::{Deserialize, Serialize};
+use tch::Device;
 
 use crate::data::DataConfig;
 use crate::optim::OptimConfig;
@@ -45,9 +49,9 @@ pub struct RunConfig {
     pub out_dir: std::path::PathBuf,
     pub seed: u64,
     /// `auto` (CUDA when present) | `cpu` | `cuda` | `cuda:N`.
-    pub device: String,
+    pub device: DeviceChoice,
     /// `auto` (bf16 autocast on CUDA, f32 on CPU) | `f32` | `bf16`.
-    pub precision: String,
+    pub precision: Precision,
     pub steps: u64,
     pub log_every: u64,
     /// Evaluate on held-out batches every N steps (0 = only at the end).
@@ -68,8 +72,8 @@ impl Default for RunConfig {
             name: None,
             out_dir: "runs".into(),
             seed: 0,
-            device: "auto".into(),
-            precision: "auto".into(),
+            device: DeviceChoice::Auto,
+            precision: Precision::Auto,
             steps: 300,
             log_every: 10,
             eval_every: 0,
@@ -87,16 +91,16 @@ impl Default for RunConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct FastPaths {
     /// `vectorized` | `reference` (env `NSA_SEL_RANGES_V2=1|0`).
-    pub select: String,
+    pub select: SelectImpl,
     /// `fused` (the CUDA kernels for the selected and window branches; the lean path on the
     /// CPU and for the compressed branch) | `lean` | `reference`.
-    pub attn_path: String,
+    pub attn_path: AttnPathChoice,
     /// NVTX ranges around forward, branches, backward, sync and optimizer (env `NSA_NVTX`).
     pub nvtx: bool,
     /// Record which SDPA backend each attention branch uses (env `NSA_SDPA_AUDIT`).
     pub sdpa_audit: bool,
     /// DDP gradient compression `none | bf16 | fp16` (env `NSA_DDP_COMPRESS`).
-    pub ddp_compress: String,
+    pub ddp_compress: Compression,
     /// DDP gradient bucket size in MB (env `NSA_DDP_BUCKET_MB`).
     pub ddp_bucket_mb: f64,
     /// DDP: start each gradient bucket's all-reduce during backward, as soon as its gradients are
@@ -110,14 +114,124 @@ pub struct FastPaths {
 impl Default for FastPaths {
     fn default() -> Self {
         FastPaths {
-            select: "vectorized".into(),
-            attn_path: "fused".into(),
+            select: SelectImpl::Vectorized,
+            attn_path: AttnPathChoice::Fused,
             nvtx: false,
             sdpa_audit: true,
-            ddp_compress: "none".into(),
+            ddp_compress: Compression::None,
             ddp_bucket_mb: 25.0,
             ddp_overlap: true,
             ddp_timeout_s: 600.0,
+        }
+    }
+}
+
+/// `run.device`: where the run computes. Written `auto`, `cpu`, `cuda` or `cuda:N`; anything
+/// else is an error that lists these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceChoice {
+    /// The first GPU when one is visible, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// GPU `N` (`cuda` is `cuda:0`).
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    /// The libtorch device; an error when a GPU is asked for but none is visible.
+    pub fn resolve(self, has_gpu: bool) -> Result<Device> {
+        Ok(match self {
+            DeviceChoice::Auto if has_gpu => Device::Cuda(0),
+            DeviceChoice::Auto | DeviceChoice::Cpu => Device::Cpu,
+            DeviceChoice::Cuda(i) => {
+                if !has_gpu {
+                    bail!("run.device = \"{self}\" but no GPU is visible");
+                }
+                Device::Cuda(i)
+            }
+        })
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceChoice {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("expected auto, cpu, cuda or cuda:N, got {s:?}");
+        Ok(match s.as_str() {
+            "auto" => DeviceChoice::Auto,
+            "cpu" => DeviceChoice::Cpu,
+            "cuda" => DeviceChoice::Cuda(0),
+            other => DeviceChoice::Cuda(
+                other
+                    .strip_prefix("cuda:")
+                    .and_then(|i| i.parse().ok())
+                    .ok_or_else(bad)?,
+            ),
+        })
+    }
+}
+
+impl From<DeviceChoice> for String {
+    fn from(d: DeviceChoice) -> String {
+        d.to_string()
+    }
+}
+
+/// `run.precision`: `auto` (bf16 autocast on CUDA, f32 on CPU), `f32` or `bf16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 autocast on CUDA, f32 on the CPU.
+    Auto,
+    /// f32 everywhere.
+    F32,
+    /// bf16 autocast (CUDA only).
+    Bf16,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// `fast.attn_path`: which `nsa_attn::AttnPath` computes the NSA layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttnPathChoice {
+    /// `AttnPath::Reference`: explicit masks, O(S²) memory.
+    Reference,
+    /// `AttnPath::Lean` with the default chunk sizes.
+    Lean,
+    /// `AttnPath::Fused`: the CUDA kernels (selected branch, flash window), the lean path
+    /// elsewhere (CPU, the compressed branch).
+    Fused,
+}
+
+impl AttnPathChoice {
+    /// The `nsa_attn` path this choice names.
+    pub fn path(self) -> nsa_attn::AttnPath {
+        match self {
+            AttnPathChoice::Reference => nsa_attn::AttnPath::Reference,
+            AttnPathChoice::Lean => nsa_attn::AttnPath::Lean(nsa_attn::LeanOpts::default()),
+            AttnPathChoice::Fused => nsa_attn::AttnPath::Fused(nsa_attn::LeanOpts::default()),
         }
     }
 }
@@ -151,7 +265,9 @@ fn env_value(name: &str, raw: &str) -> Result<toml::Value> {
             raw.parse::<f64>()
                 .with_context(|| format!("{name}={raw:?}: expected a number of MB"))?,
         ),
-        _ => toml::Value::String(raw.to_string()),
+        // Parsed into `Compression` with the rest of the config (an unknown value names the key).
+        "NSA_DDP_COMPRESS" => toml::Value::String(raw.to_string()),
+        other => bail!("{other} is not one of the environment names in ENV_NAMES"),
     })
 }
 
@@ -632,18 +748,6 @@ fn merge(dst: &mut toml::Value, src: toml::Value) {
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let r = &self.run;
-        if !["auto", "cpu", "cuda"].contains(&r.device.as_str()) && !r.device.starts_with("cuda:") {
-            bail!(
-                "run.device must be auto, cpu, cuda or cuda:N (got {:?})",
-                r.device
-            );
-        }
-        if !["auto", "f32", "bf16"].contains(&r.precision.as_str()) {
-            bail!(
-                "run.precision must be auto, f32 or bf16 (got {:?})",
-                r.precision
-            );
-        }
         if r.steps == 0 {
             bail!("run.steps must be at least 1");
         }
@@ -661,24 +765,6 @@ impl TrainConfig {
         }
         if !r.profile.is_empty() {
             self.profile_range()?;
-        }
-        if !["vectorized", "reference"].contains(&self.fast.select.as_str()) {
-            bail!(
-                "fast.select must be vectorized or reference (got {:?})",
-                self.fast.select
-            );
-        }
-        if !["fused", "lean", "reference"].contains(&self.fast.attn_path.as_str()) {
-            bail!(
-                "fast.attn_path must be fused, lean or reference (got {:?})",
-                self.fast.attn_path
-            );
-        }
-        if !["none", "bf16", "fp16"].contains(&self.fast.ddp_compress.as_str()) {
-            bail!(
-                "fast.ddp_compress must be none, bf16 or fp16 (got {:?})",
-                self.fast.ddp_compress
-            );
         }
         if self.fast.ddp_bucket_mb.is_nan() || self.fast.ddp_bucket_mb <= 0.0 {
             bail!(
@@ -784,19 +870,58 @@ mod tests {
     }
 
     #[test]
+    fn enum_values_are_typed_and_unknown_ones_list_the_allowed() {
+        let sets = [
+            "run.device=\"cuda:3\"".to_string(),
+            "run.precision=\"bf16\"".into(),
+            "fast.select=\"reference\"".into(),
+            "fast.attn_path=\"reference\"".into(),
+            "fast.ddp_compress=\"fp16\"".into(),
+        ];
+        let c = resolve(None, &sets, no_env()).unwrap();
+        assert_eq!(c.run.device, DeviceChoice::Cuda(3));
+        assert_eq!(c.run.precision, Precision::Bf16);
+        assert_eq!(c.fast.select, SelectImpl::Reference);
+        assert_eq!(c.fast.attn_path, AttnPathChoice::Reference);
+        assert_eq!(c.fast.ddp_compress, Compression::Fp16);
+        // The resolved config renders back to the same values.
+        let text = c.to_toml();
+        assert!(text.contains("device = \"cuda:3\""), "{text}");
+        assert!(text.contains("ddp_compress = \"fp16\""), "{text}");
+        for (key, value, allowed) in [
+            ("run.device", "tpu", ["auto", "cpu", "cuda"].as_slice()),
+            ("run.device", "cuda:x", &["cuda:N"]),
+            ("run.precision", "fp8", &["auto", "f32", "bf16"]),
+            ("fast.select", "fast", &["vectorized", "reference"]),
+            ("fast.attn_path", "fused2", &["lean", "reference"]),
+            ("fast.ddp_compress", "int8", &["none", "bf16", "fp16"]),
+        ] {
+            let e = resolve(None, &[format!("{key}=\"{value}\"")], no_env()).unwrap_err();
+            let msg = format!("{e:#}");
+            let field = key.rsplit('.').next().unwrap();
+            assert!(msg.contains(field) && msg.contains(value), "{key}: {msg}");
+            for a in allowed {
+                assert!(msg.contains(a), "{key}: {a} missing from {msg}");
+            }
+        }
+    }
+
+    #[test]
     fn environment_is_below_file_and_flags() {
         let env = vec![
             ("NSA_SEL_RANGES_V2".to_string(), "0".to_string()),
             ("NSA_DDP_BUCKET_MB".to_string(), "50".to_string()),
             ("NSA_NVTX".to_string(), "1".to_string()),
+            ("NSA_DDP_COMPRESS".to_string(), "bf16".to_string()),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
         let c = resolve(None, &[], env.clone()).unwrap();
-        assert_eq!(c.fast.select, "reference");
+        assert_eq!(c.fast.select, SelectImpl::Reference);
+        assert_eq!(c.fast.ddp_compress, Compression::Bf16);
         assert_eq!(c.fast.ddp_bucket_mb, 50.0);
         assert!(c.fast.nvtx);
         let c = resolve(None, &["fast.select=vectorized".to_string()], env).unwrap();
-        assert_eq!(c.fast.select, "vectorized");
+        assert_eq!(c.fast.select, SelectImpl::Vectorized);
         let bad = vec![("NSA_NVTX".to_string(), "maybe".to_string())];
         assert!(format!("{:#}", resolve(None, &[], bad).unwrap_err()).contains("NSA_NVTX"));
     }

@@ -186,7 +186,7 @@ fn main() -> anyhow::Result<()> {
                 // Everything that can be checked without data or a device: the model config
                 // and that it fits this machine.
                 let model = train::model_config(&cfg)?;
-                let device = train::parse_device(&cfg.run.device, backend.has_gpu())?;
+                let device = train::parse_device(cfg.run.device, backend.has_gpu())?;
                 sizes::check(&cfg, &model, sizes::device_memory(device))?;
                 println!("# model: {model}");
                 return Ok(());

@@ -28,7 +28,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// The README's test command: setup if needed, fmt check, clippy -D warnings, all tests.
+    /// The README's test command: setup if needed, fmt check, clippy -D warnings, the library
+    /// crates' docs, all tests (which also build every crate's examples).
     Test {
         /// Skip fmt and clippy (tests only).
         #[arg(long)]
@@ -128,6 +129,14 @@ fn test(sh: &Shell, root: &Path, quick: bool) -> Result<()> {
             sh,
             "cargo clippy --workspace --all-targets --locked -- -D warnings"
         )
+        .run()?;
+        // The reusable crates' docs are part of their interface: no warnings, no broken links.
+        step("cargo doc (library crates, warnings denied)");
+        cmd!(
+            sh,
+            "cargo doc --no-deps --locked -p nsa-select -p nsa-attn -p nsa-model -p nsa-ddp"
+        )
+        .env("RUSTDOCFLAGS", "-D warnings")
         .run()?;
     }
     step("cargo test");

@@ -180,9 +180,11 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                     .blocks
             };
             let x = inputs(&cfg, s, dev);
-            let slc_pairs = selected_pairs(&blocks, cfg.select_len)? * h;
-            let win_pairs: f64 =
-                (0..s).map(|t| (t + 1).min(cfg.window) as f64).sum::<f64>() * cfg.heads as f64;
+            let slc_pairs = selected_pairs(&blocks, cfg.nsa.select.select_len)? * h;
+            let win_pairs: f64 = (0..s)
+                .map(|t| (t + 1).min(cfg.nsa.window) as f64)
+                .sum::<f64>()
+                * cfg.heads as f64;
             let chunk = LeanOpts::default().query_chunk;
             let wchunk = LeanOpts::default().window_chunk;
             type Branch<'a> = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a>;

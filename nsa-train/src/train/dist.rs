@@ -43,7 +43,7 @@ impl Dist {
                     .context("the in-process backend made no rank")?,
             )
         };
-        let compression: nsa_ddp::Compression = cfg.fast.ddp_compress.parse()?;
+        let compression = cfg.fast.ddp_compress;
         let mut dp = nsa_ddp::DataParallel::new(comm, params, cfg.fast.ddp_bucket_mb, compression)?;
         if cfg.fast.ddp_overlap {
             dp.enable_overlap()?;

@@ -10,7 +10,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::{forward_opts, load_model, model_config, parse_device};
 use crate::checkpoint;
-use crate::config::TrainConfig;
+use crate::config::{Precision, TrainConfig};
 use crate::data::{self, TokenSource, IGNORE};
 use crate::signals::StopRequest;
 
@@ -85,7 +85,7 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
     let cfg_path = run_dir.join("config.toml");
     let cfg = crate::config::resolve(Some(&cfg_path), &[], std::iter::empty())?;
     let model_cfg = model_config(&cfg)?;
-    let device = parse_device(&cfg.run.device, has_gpu)?;
+    let device = parse_device(cfg.run.device, has_gpu)?;
     let mut vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &model_cfg)?;
     let model_json = serde_json::to_value(model_cfg)?;
@@ -107,7 +107,7 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
         model_cfg.vocab_size,
         cfg.run.seed.wrapping_add(cfg.data.eval_seed_offset),
     )?;
-    let bf16 = device.is_cuda() && cfg.run.precision != "f32";
+    let bf16 = device.is_cuda() && cfg.run.precision != Precision::F32;
     let fwd = Forward {
         opts: forward_opts(&cfg),
         device,

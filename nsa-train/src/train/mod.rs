@@ -12,13 +12,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use nsa_attn::{AttnPath, ForwardOpts, LeanOpts};
+use nsa_attn::ForwardOpts;
 use nsa_model::ModelConfig;
 use serde::Serialize;
 use tch::{nn, Device};
 
 use crate::checkpoint::TrainState;
-use crate::config::{DistEnv, TrainConfig};
+use crate::config::{DeviceChoice, DistEnv, TrainConfig};
 use crate::metrics;
 use crate::signals::StopRequest;
 
@@ -67,22 +67,8 @@ pub struct Summary {
     pub sdpa_audit: Vec<String>,
 }
 
-pub fn parse_device(name: &str, has_gpu: bool) -> Result<Device> {
-    Ok(match name {
-        "auto" if has_gpu => Device::Cuda(0),
-        "auto" | "cpu" => Device::Cpu,
-        "cuda" if has_gpu => Device::Cuda(0),
-        d if d.starts_with("cuda") => {
-            ensure!(has_gpu, "run.device = {d:?} but no GPU is visible");
-            let idx: usize = d
-                .strip_prefix("cuda:")
-                .with_context(|| format!("run.device {d:?}: expected cuda:N"))?
-                .parse()
-                .with_context(|| format!("run.device {d:?}: expected cuda:N"))?;
-            Device::Cuda(idx)
-        }
-        other => bail!("run.device must be auto, cpu, cuda or cuda:N (got {other:?})"),
-    })
+pub fn parse_device(choice: DeviceChoice, has_gpu: bool) -> Result<Device> {
+    choice.resolve(has_gpu)
 }
 
 /// The model config: the preset named in `[model]`, with every other `[model]` key applied.
@@ -118,18 +104,9 @@ pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
 }
 
 fn forward_opts(cfg: &TrainConfig) -> ForwardOpts {
-    let path = match cfg.fast.attn_path.as_str() {
-        "reference" => AttnPath::Reference,
-        "lean" => AttnPath::Lean(LeanOpts::default()),
-        _ => AttnPath::Fused(LeanOpts::default()),
-    };
-    let select = match cfg.fast.select.as_str() {
-        "reference" => nsa_select::SelectImpl::Reference,
-        _ => nsa_select::SelectImpl::Vectorized,
-    };
     ForwardOpts {
-        path,
-        select,
+        path: cfg.fast.attn_path.path(),
+        select: cfg.fast.select,
         nvtx: cfg.fast.nvtx,
         ..Default::default()
     }

@@ -13,7 +13,7 @@ use super::eval::{audit, Forward};
 use super::saver::Saver;
 use super::{forward_opts, load_model, model_config, parse_device, run_name, Launch};
 use crate::checkpoint::{self, TrainState};
-use crate::config::TrainConfig;
+use crate::config::{Precision, TrainConfig};
 use crate::data::{self, TokenSource};
 use crate::optim::AdamW;
 use crate::run_dir;
@@ -46,7 +46,7 @@ pub(super) struct Session<'a> {
 impl<'a> Session<'a> {
     pub(super) fn start(cfg: &'a TrainConfig, launch: &'a Launch, has_gpu: bool) -> Result<Self> {
         let model_cfg = model_config(cfg)?;
-        let device = match (&launch.dist, parse_device(&cfg.run.device, has_gpu)?) {
+        let device = match (&launch.dist, parse_device(cfg.run.device, has_gpu)?) {
             // Each rank drives the GPU of its local rank.
             (Some(d), Device::Cuda(_)) => Device::Cuda(d.local_rank),
             (_, dev) => dev,
@@ -54,16 +54,16 @@ impl<'a> Session<'a> {
         let rank = launch.dist.as_ref().map_or(0, |d| d.rank);
         let world = launch.dist.as_ref().map_or(1, |d| d.world);
         let writer = rank == 0;
-        let bf16 = match cfg.run.precision.as_str() {
-            "bf16" => {
+        let bf16 = match cfg.run.precision {
+            Precision::Bf16 => {
                 ensure!(
                     device.is_cuda(),
                     "run.precision = bf16 needs a CUDA device (bf16 autocast is CUDA-only here)"
                 );
                 true
             }
-            "auto" => device.is_cuda(),
-            _ => false,
+            Precision::Auto => device.is_cuda(),
+            Precision::F32 => false,
         };
         crate::sizes::check(cfg, &model_cfg, crate::sizes::device_memory(device))?;
         let name = run_name(cfg, &model_cfg);
