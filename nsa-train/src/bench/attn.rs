@@ -1,4 +1,5 @@
-//! `nsa-train bench attn`: one NSA attention layer (lean path) against dense causal SDPA.
+//! `nsa-train bench attn`: one NSA attention layer (`--path lean` or `fused`) against dense
+//! causal SDPA.
 //!
 //! Shape: the paper's attention (H = 64, Hkv = 4, dk = 192, dv = 128, l = 32, d = 16, l' = 64,
 //! n = 16, w = 512, MLP φ) with model width `--dim`, batch `--batch`, for each `--seq` length.
@@ -6,7 +7,7 @@
 //! Cases per sequence length (median of `--repeats` timed runs, after one warm-up run on CUDA,
 //! where the device is synchronised before each clock read):
 //! - `nsa fwd`: the whole layer (projections, compression, selection, three branches, gates,
-//!   output projection) on the lean path, without autograd;
+//!   output projection) on the chosen path, without autograd;
 //! - `nsa fwd+bwd`: the same with autograd, then backward of `Σ out·g` (g fixed random) to the
 //!   input and every parameter;
 //! - `nsa select`: selection alone (chunked `p_cmp` → top-n blocks) from precomputed
@@ -16,16 +17,14 @@
 //!   `enable_gqa` when a backend accepts it, else with expanded K/V heads; if no backend takes
 //!   dk ≠ dv, v is zero-padded to dk (the table says which variant ran and its backend).
 //!
-//! Peak memory (CUDA): each case runs in a child process (this binary, hidden `--case`), and the
-//! parent polls `nvidia-smi --query-gpu=memory.used` every 50 ms while it runs; the table shows
-//! the peak minus the reading before the child started. libtorch's caching allocator keeps its
-//! peak reservation until the process exits, so the poll sees the peak; the number includes the
-//! CUDA context (~0.5 GB) and allocator rounding. libtorch's allocator statistics are not exposed
-//! through tch. On CPU everything runs in-process and memory is not measured.
+//! Peak memory (CUDA): each case runs in a child process (this binary, hidden `--case`: a fresh
+//! allocator per case, and an out-of-memory failure stays the case's own), which reports the peak
+//! of libtorch's caching allocator during the case minus what was allocated before it (the
+//! benchmarks' one memory probe, `super::peak_cuda_bytes`; the CUDA context is not counted). On
+//! CPU everything runs in-process and memory is not measured.
 use std::io::BufRead as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
@@ -63,9 +62,28 @@ pub struct AttnBenchArgs {
     /// Seed of parameters and inputs.
     #[arg(long, default_value_t = 0)]
     seed: i64,
+    /// The NSA layer's path: `lean` (chunked libtorch ops) or `fused` (the CUDA kernels for the
+    /// selected and window branches, lean for the rest).
+    #[arg(long, value_enum, default_value_t = BenchPath::Lean)]
+    path: BenchPath,
     /// Internal: run one case at `--seq` (a single length) and print its result as JSON.
     #[arg(long, hide = true, value_enum)]
     case: Option<Case>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BenchPath {
+    Lean,
+    Fused,
+}
+
+impl BenchPath {
+    fn name(self) -> &'static str {
+        match self {
+            BenchPath::Lean => "lean",
+            BenchPath::Fused => "fused",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -134,6 +152,9 @@ struct CaseResult {
     median_ms: f64,
     /// Kernels / SDPA backend and variant that ran.
     kernel: String,
+    /// Peak of libtorch's CUDA allocator during the case minus before it, GB (CUDA only).
+    #[serde(default)]
+    peak_gb: Option<f64>,
 }
 
 /// One line of the table.
@@ -145,25 +166,8 @@ struct Row {
     peak_gb: Option<f64>,
 }
 
-fn parse_device(arg: Option<&str>) -> Result<Device> {
-    Ok(match arg {
-        None => Device::cuda_if_available(),
-        Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::Cuda(0),
-        Some(s) => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Device::Cuda(i),
-            _ => bail!("--device must be cpu, cuda or cuda:N, got {s}"),
-        },
-    })
-}
-
 pub fn run(args: AttnBenchArgs) -> Result<()> {
-    let device = parse_device(args.device.as_deref())?;
-    if let Device::Cuda(i) = device {
-        if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
-            bail!("--device cuda:{i}: no such CUDA device is visible to libtorch");
-        }
-    }
+    let device = super::bench_device(args.device.as_deref())?;
     if args.repeats == Some(0) {
         bail!("--repeats must be at least 1");
     }
@@ -178,7 +182,16 @@ pub fn run(args: AttnBenchArgs) -> Result<()> {
         let &[seq] = args.seq.as_slice() else {
             bail!("--case takes exactly one --seq")
         };
-        let result = run_case(case, seq, device, &args)?;
+        let mut result = match device {
+            Device::Cuda(index) => {
+                let (mut r, peak) =
+                    super::peak_cuda_bytes(index, || run_case(case, seq, device, &args))?;
+                r.peak_gb = Some(peak as f64 / 1e9);
+                r
+            }
+            _ => run_case(case, seq, device, &args)?,
+        };
+        result.kernel = result.kernel.replace('|', "/");
         println!("{}", serde_json::to_string(&result)?);
         return Ok(());
     }
@@ -214,25 +227,10 @@ pub fn run(args: AttnBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// GPU memory in use on device `index` in MiB, from nvidia-smi.
-fn gpu_memory_used_mib(index: usize) -> Option<f64> {
-    let out = Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=memory.used",
-            "--format=csv,noheader,nounits",
-            "-i",
-        ])
-        .arg(index.to_string())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
-
-/// Runs one case in a child process and polls GPU memory while it runs.
+/// Runs one case in a child process (a fresh allocator and CUDA context per case, and an
+/// out-of-memory failure stays the case's own), which reports its time and allocator peak.
 fn run_child(case: Case, seq: i64, index: usize, args: &AttnBenchArgs) -> Result<Row> {
     let exe = std::env::current_exe().context("locating the nsa-train binary")?;
-    let baseline = gpu_memory_used_mib(index);
     let mut child = Command::new(exe)
         .args(["bench", "attn", "--case", case.flag(), "--device"])
         .arg(format!("cuda:{index}"))
@@ -250,20 +248,12 @@ fn run_child(case: Case, seq: i64, index: usize, args: &AttnBenchArgs) -> Result
             &args.chunk.to_string(),
         ])
         .args(["--seed", &args.seed.to_string()])
+        .args(["--path", args.path.name()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("starting the benchmark child process")?;
-    let mut peak = baseline;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if let Some(used) = gpu_memory_used_mib(index) {
-            peak = Some(peak.map_or(used, |p: f64| p.max(used)));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = child.wait()?;
     let mut stdout = String::new();
     let mut stderr = String::new();
     if let Some(out) = child.stdout.take() {
@@ -296,10 +286,7 @@ fn run_child(case: Case, seq: i64, index: usize, args: &AttnBenchArgs) -> Result
             .unwrap_or_else(|| format!("exit status {status}"));
         Err(reason)
     };
-    let peak_gb = match (peak, baseline) {
-        (Some(p), Some(b)) => Some((p - b) / 1024.0),
-        _ => None,
-    };
+    let peak_gb = result.as_ref().ok().and_then(|r| r.peak_gb);
     Ok(Row {
         seq,
         case,
@@ -308,33 +295,17 @@ fn run_child(case: Case, seq: i64, index: usize, args: &AttnBenchArgs) -> Result
     })
 }
 
-fn sync(device: Device) {
-    if let Device::Cuda(index) = device {
-        tch::Cuda::synchronize(index as i64);
-    }
-}
-
 /// Timed runs of a case on `device`: `--repeats`, or 5 on CUDA and 1 on CPU.
 fn repeats(args: &AttnBenchArgs, device: Device) -> usize {
     args.repeats.unwrap_or(if device.is_cuda() { 5 } else { 1 })
 }
 
-/// Median wall time in ms of `repeats` runs of `f`, after one warm-up run on CUDA (kernel
-/// loading, allocator growth); CPU runs are not warmed up.
-fn time_median(device: Device, repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    if device.is_cuda() {
-        f()?;
-    }
-    sync(device);
-    let mut times = Vec::with_capacity(repeats);
-    for _ in 0..repeats {
-        let start = Instant::now();
-        f()?;
-        sync(device);
-        times.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+/// Median wall time in ms of the case's runs, after one warm-up run on CUDA (kernel loading,
+/// allocator growth); CPU runs are not warmed up.
+fn time_median(device: Device, repeats: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    Ok(super::time_runs(device, repeats, device.is_cuda(), f)?
+        .0
+        .median)
 }
 
 /// The benchmarked layer: the paper's shape with the MLP φ 256 wide, the width BENCHMARKS.md's
@@ -358,7 +329,10 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
                 query_chunk: args.chunk,
                 ..LeanOpts::default()
             };
-            let path = AttnPath::Lean(lean);
+            let path = match args.path {
+                BenchPath::Lean => AttnPath::Lean(lean),
+                BenchPath::Fused => AttnPath::Fused(lean),
+            };
             let opts = ForwardOpts {
                 path,
                 ..ForwardOpts::default()
@@ -387,7 +361,11 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
                     })?
                 }
             };
-            Ok(CaseResult { median_ms, kernel })
+            Ok(CaseResult {
+                median_ms,
+                kernel,
+                peak_gb: None,
+            })
         }
         Case::DenseFwd | Case::DenseFwdBwd => {
             let (b, h, g) = (args.batch, cfg.heads, cfg.kv_heads);
@@ -408,7 +386,11 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
                 }
                 Ok(())
             })?;
-            Ok(CaseResult { median_ms, kernel })
+            Ok(CaseResult {
+                median_ms,
+                kernel,
+                peak_gb: None,
+            })
         }
     }
 }
@@ -501,14 +483,16 @@ fn render(rows: &[Row], device: Device, args: &AttnBenchArgs) -> String {
     let mut s = String::new();
     let seqs: Vec<String> = args.seq.iter().map(|x| x.to_string()).collect();
     s.push_str(&format!(
-        "\n### NSA attention layer (lean path) vs dense causal SDPA\n\n\
-         Command: `nsa-train bench attn --device {} --seq {} --repeats {} --dtype {} --dim {} \
-         --batch {} --chunk {}`  \n\
+        "\n### NSA attention layer ({} path) vs dense causal SDPA\n\n\
+         Command: `nsa-train bench attn --path {} --device {} --seq {} --repeats {} --dtype {} \
+         --dim {} --batch {} --chunk {}`  \n\
          Device: {}; dtype {}; B = {}, dim = {}, H = {}, Hkv = {}, dk = {}, dv = {}, l = {}, \
          d = {}, l' = {}, n = {}, w = {}, φ = MLP; median of {} runs{}.  \n\
          NSA rows time the whole layer (projections, compression, selection, branches, gates, \
-         W_o); dense rows time SDPA alone. Peak memory: nvidia-smi memory.used peak during the \
-         case minus before it (own process per case, includes the CUDA context).\n\n",
+         W_o); dense rows time SDPA alone. Peak memory: libtorch's CUDA allocator peak during \
+         the case minus before it (own process per case; the CUDA context is not included).\n\n",
+        args.path.name(),
+        args.path.name(),
         match device {
             Device::Cuda(i) => format!("cuda:{i}"),
             _ => "cpu".into(),

@@ -15,11 +15,12 @@
 //! Each cell: median of `--repeats` runs after one warm-up, with min and max; the device is
 //! synchronised around every run.
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use nsa_attn::{fused, lean, AttnPath, ForwardOpts, LeanOpts, NsaAttention, NsaConfig};
 use tch::{nn, Device, Kind, Tensor};
+
+use super::{time_runs, Timing};
 
 #[derive(Debug, clap::Args)]
 pub struct BranchBenchArgs {
@@ -29,43 +30,15 @@ pub struct BranchBenchArgs {
     /// Shapes: `paper` (G = 16) and/or `125m` (G = 3), comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = ["paper".to_string(), "125m".to_string()])]
     shape: Vec<String>,
+    /// Branches: `selected` and/or `window`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = ["selected".to_string(), "window".to_string()])]
+    branch: Vec<String>,
     /// Timed runs per cell after one warm-up run.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Append the Markdown table to this file.
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-/// Median, min and max of runs, ms.
-struct Timing {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Timing {
-    fn cell(&self) -> String {
-        format!("{:.2} ({:.2}–{:.2})", self.median, self.min, self.max)
-    }
-}
-
-fn time(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
-    f()?;
-    tch::Cuda::synchronize(0);
-    let mut v = Vec::with_capacity(repeats);
-    for _ in 0..repeats.max(1) {
-        let start = Instant::now();
-        f()?;
-        tch::Cuda::synchronize(0);
-        v.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    v.sort_by(f64::total_cmp);
-    Ok(Timing {
-        median: v[v.len() / 2],
-        min: v[0],
-        max: v[v.len() - 1],
-    })
 }
 
 fn shape_config(name: &str) -> Result<NsaConfig> {
@@ -125,11 +98,12 @@ fn fwd_and_bwd(
     repeats: usize,
     f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<(Timing, Timing)> {
-    let fwd = time(repeats, || {
+    let dev = x.q.device();
+    let (fwd, ()) = time_runs(dev, repeats, true, || {
         let _g = tch::no_grad_guard();
         f(&x.q, &x.k, &x.v).map(drop)
     })?;
-    let both = time(repeats, || {
+    let (both, ()) = time_runs(dev, repeats, true, || {
         let (q, k, v) = (
             x.q.detach().requires_grad_(true),
             x.k.detach().requires_grad_(true),
@@ -152,6 +126,13 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
         a.seq.iter().all(|&s| s >= 2),
         "--seq: lengths must be at least 2"
     );
+    if let Some(b) = a
+        .branch
+        .iter()
+        .find(|b| !["selected", "window"].contains(&b.as_str()))
+    {
+        bail!("--branch must be selected or window (got {b:?})");
+    }
     let dev = Device::Cuda(0);
     let mut table = format!(
         "Device: {}. Cells: ms, median (min–max) of {} runs. TFLOP/s and GB/s from the median.\n\n| shape | S | branch | path | fwd ms | fwd+bwd ms | fwd TFLOP/s | bwd TFLOP/s | fwd GB/s |\n| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
@@ -215,6 +196,9 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                 ),
             ];
             for (branch, path, pairs, f) in rows {
+                if !a.branch.iter().any(|b| b == branch) {
+                    continue;
+                }
                 let (fwd, both) = match fwd_and_bwd(&x, a.repeats, f) {
                     Ok(t) => t,
                     Err(e) => {

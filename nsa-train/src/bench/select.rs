@@ -20,9 +20,8 @@
 //! and blocks its rows can see, as in the attention layer. The reference loops at long shapes
 //! are timed once (they take seconds), and not at all above `--skip-reference-above`.
 use std::path::PathBuf;
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::ValueEnum;
 use nsa_select::{
     pipeline_peak_bytes, ranges_from_blocks, select_blocks, select_chunked, SelectConfig,
@@ -32,9 +31,10 @@ use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, clap::Args)]
 pub struct SelectBenchArgs {
-    /// Device to time on [default: cuda when a GPU is visible, else cpu].
-    #[arg(long, value_enum)]
-    device: Option<BenchDevice>,
+    /// Device to time on: auto, cpu, cuda or cuda:N [default: auto, CUDA when a GPU is
+    /// visible].
+    #[arg(long)]
+    device: Option<String>,
     /// Timed runs per measurement, after one warm-up run; the table shows the median.
     #[arg(long, default_value_t = 10)]
     repeats: usize,
@@ -62,12 +62,6 @@ pub struct SelectBenchArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum BenchDevice {
-    Cpu,
-    Cuda,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Shapes {
     /// B = 2, S = 256, G = 4, n = 32.
     Small,
@@ -90,16 +84,7 @@ struct Row {
 }
 
 pub fn run(args: SelectBenchArgs) -> Result<()> {
-    let device = match args.device {
-        Some(BenchDevice::Cpu) => Device::Cpu,
-        Some(BenchDevice::Cuda) => {
-            if !tch::Cuda::is_available() {
-                bail!("--device cuda: no CUDA device is visible to libtorch");
-            }
-            Device::Cuda(0)
-        }
-        None => Device::cuda_if_available(),
-    };
+    let device = super::bench_device(args.device.as_deref())?;
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
@@ -367,8 +352,8 @@ fn memory_line(device: Device, chunk: i64) -> String {
     }
 }
 
-/// Peak extra memory of the vectorized 64k all-head pipeline: measured on CUDA as the growth of
-/// this process's GPU memory (nvidia-smi) over one run, and the crate's formula.
+/// Peak extra memory of the vectorized 64k all-head pipeline: measured on CUDA with the
+/// allocator's peak over one run, and the crate's formula.
 fn measure_pipeline_memory(device: Device, chunk: i64) -> Result<String> {
     let cfg = SelectConfig::paper();
     let (seq_len, groups, heads) = (65536, 4, 64);
@@ -389,35 +374,28 @@ fn measure_pipeline_memory(device: Device, chunk: i64) -> Result<String> {
     // Load the kernels and create the context first (lazy module loading also costs memory).
     run_pipeline_once(device, 1024, 256, &cfg)?;
     let p_cmp = Tensor::f_rand([1, chunk, heads, num_cmp], (Kind::Float, device))?;
-    tch::Cuda::synchronize(index as i64);
-    let Some((before, source)) = gpu_memory_used(index) else {
-        line.push_str("; measured: n/a (nvidia-smi not available)");
-        return Ok(line);
-    };
-    select_chunked(
-        seq_len,
-        chunk,
-        heads / groups,
-        &cfg,
-        SelectImpl::Vectorized,
-        |t0, t1| {
-            Ok::<_, SelectError>(p_cmp.f_narrow(1, 0, t1 - t0)?.f_narrow(
-                3,
-                0,
-                cfg.num_compressed(t1),
-            )?)
-        },
-    )?;
-    tch::Cuda::synchronize(index as i64);
-    match gpu_memory_used(index) {
-        Some((after, _)) => line.push_str(&format!(
-            "; measured peak extra GPU memory {:.3} GB (growth of {source} over one run: \
-             libtorch's caching allocator keeps its peak reserved, so this includes its \
-             rounding and fragmentation)",
-            gb((after - before) * 1024 * 1024)
-        )),
-        None => line.push_str("; measured: n/a (nvidia-smi failed after the run)"),
-    }
+    let ((), peak) = super::peak_cuda_bytes(index, || {
+        select_chunked(
+            seq_len,
+            chunk,
+            heads / groups,
+            &cfg,
+            SelectImpl::Vectorized,
+            |t0, t1| {
+                Ok::<_, SelectError>(p_cmp.f_narrow(1, 0, t1 - t0)?.f_narrow(
+                    3,
+                    0,
+                    cfg.num_compressed(t1),
+                )?)
+            },
+        )?;
+        Ok(())
+    })?;
+    line.push_str(&format!(
+        "; measured peak extra GPU memory {:.3} GB (libtorch's CUDA allocator peak during one \
+         run minus what was allocated before it)",
+        gb(peak as i64)
+    ));
     Ok(line)
 }
 
@@ -437,55 +415,6 @@ fn run_pipeline_once(device: Device, seq_len: i64, chunk: i64, cfg: &SelectConfi
     Ok(())
 }
 
-/// GPU memory in MiB used by this process (or, where nvidia-smi cannot see our pid, e.g. in a
-/// container, by the whole GPU), and which of the two it is.
-fn gpu_memory_used(index: usize) -> Option<(i64, &'static str)> {
-    let query = |args: &[&str]| -> Option<String> {
-        let output = std::process::Command::new("nvidia-smi")
-            .args(args)
-            .output()
-            .ok()?;
-        output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
-    };
-    let pid = std::process::id().to_string();
-    if let Some(apps) = query(&[
-        "--query-compute-apps=pid,used_memory",
-        "--format=csv,noheader,nounits",
-    ]) {
-        let ours = apps.lines().find_map(|line| {
-            let (p, mib) = line.split_once(',')?;
-            (p.trim() == pid)
-                .then(|| mib.trim().parse::<i64>().ok())
-                .flatten()
-        });
-        if let Some(mib) = ours {
-            return Some((
-                mib,
-                "this process's memory.used (nvidia-smi --query-compute-apps)",
-            ));
-        }
-    }
-    // nvidia-smi numbers GPUs ignoring CUDA_VISIBLE_DEVICES; map our index through it.
-    let physical = std::env::var("CUDA_VISIBLE_DEVICES")
-        .ok()
-        .and_then(|v| v.split(',').nth(index).map(|s| s.trim().to_string()))
-        .unwrap_or_else(|| index.to_string());
-    let total = query(&[
-        "--query-gpu=memory.used",
-        "--format=csv,noheader,nounits",
-        "-i",
-        &physical,
-    ])?;
-    let mib = total.trim().parse().ok()?;
-    Some((
-        mib,
-        "the GPU's memory.used (nvidia-smi --query-gpu; other processes included)",
-    ))
-}
-
 fn gb(bytes: i64) -> f64 {
     bytes as f64 / 1e9
 }
@@ -497,34 +426,17 @@ struct Timed {
     outputs: Outputs,
 }
 
-/// Median wall time in ms of `repeats` runs of `f`, after one untimed warm-up if `warm_up`.
+/// Median wall time in ms of `repeats` runs of `f` (after one untimed warm-up if `warm_up`),
+/// and the outputs of the last run.
 fn time_median(
     device: Device,
     repeats: usize,
     warm_up: bool,
-    mut f: impl FnMut() -> Result<Outputs>,
+    f: impl FnMut() -> Result<Outputs>,
 ) -> Result<Timed> {
-    let sync = || {
-        if let Device::Cuda(index) = device {
-            tch::Cuda::synchronize(index as i64);
-        }
-    };
-    if warm_up {
-        drop(f()?);
-    }
-    sync();
-    let mut times = Vec::with_capacity(repeats);
-    let mut outputs = None;
-    for _ in 0..repeats {
-        let start = Instant::now();
-        outputs = Some(f()?);
-        sync();
-        times.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    let outputs = outputs.context("at least one timed run")?;
+    let (timing, outputs) = super::time_runs(device, repeats, warm_up, f)?;
     Ok(Timed {
-        median_ms: times[times.len() / 2],
+        median_ms: timing.median,
         outputs,
     })
 }
