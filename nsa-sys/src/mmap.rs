@@ -38,7 +38,8 @@ mod tests {
 
     #[test]
     fn maps_files_and_empty_files() {
-        let dir = std::env::temp_dir().join(format!("nsa-mmap-{}", std::process::id()));
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("a"), b"hello").unwrap();
         std::fs::write(dir.join("empty"), b"").unwrap();

@@ -147,7 +147,8 @@ mod tests {
     #[test]
     fn profiler_writes_a_chrome_trace() {
         let _ = crate::cuda::load_backend();
-        let path = std::env::temp_dir().join(format!("nsa-trace-{}.json", std::process::id()));
+        let scratch = tempfile::tempdir().unwrap();
+        let path = scratch.path().join("trace.json");
         profiler_start(false).unwrap();
         let a = tch::Tensor::randn([64, 64], (tch::Kind::Float, tch::Device::Cpu));
         let _ = a.matmul(&a).sum(tch::Kind::Float);

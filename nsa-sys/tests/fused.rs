@@ -68,7 +68,8 @@ fn bad_inputs_are_typed_errors() {
 #[ignore = "needs a CUDA device"]
 fn kernels_load_once_per_device_through_the_cache() {
     assert!(backend().has_gpu());
-    let dir = std::env::temp_dir().join(format!("nsa-fused-cache-{}", std::process::id()));
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     fused::configure(fused::FusedOptions {
         cache_dir: Some(dir.clone()),
     });

@@ -59,8 +59,8 @@ fn compile_errors_name_the_kernel_and_carry_the_log() {
 #[test]
 fn the_cubin_cache_serves_the_second_compile() {
     let nv = nvrtc();
-    let dir = std::env::temp_dir().join(format!("nsa-nvrtc-cache-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("cache");
     let src = KernelSource {
         name: "tiny.cu",
         source: "extern \"C\" __global__ void tiny(float* x) { x[threadIdx.x] *= 2.f; }\n",

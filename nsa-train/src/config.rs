@@ -850,7 +850,8 @@ mod tests {
         assert!(format!("{e:#}").contains("lrr"), "{e:#}");
         let e = resolve(None, &["nosuch.x=1".to_string()], no_env()).unwrap_err();
         assert!(format!("{e:#}").contains("nosuch"), "{e:#}");
-        let dir = std::env::temp_dir().join(format!("nsa-cfg-test-{}", std::process::id()));
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("c.toml");
         std::fs::write(&f, "[run]\nstepz = 3\n").unwrap();

@@ -190,7 +190,8 @@ mod tests {
 
     #[test]
     fn jsonl_round_trips_and_later_lines_win() {
-        let dir = std::env::temp_dir().join(format!("nsa-metrics-test-{}", std::process::id()));
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("metrics.jsonl");
         let _ = std::fs::remove_file(&path);

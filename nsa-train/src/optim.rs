@@ -348,7 +348,8 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_mismatches_are_named() {
-        let dir = std::env::temp_dir().join(format!("nsa-optim-test-{}", std::process::id()));
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         let w = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
         (&w * &w).sum(Kind::Float).backward();

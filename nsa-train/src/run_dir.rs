@@ -56,7 +56,7 @@ const RUN_FILES: [&str; 8] = [
 fn is_run_entry(name: &str) -> bool {
     RUN_FILES.contains(&name)
         || (name.starts_with("trace-steps-") && name.ends_with(".json"))
-        // write_atomic's temporaries (`.<file>.tmp-<pid>`) and the plot's (`loss.png.tmp.png`).
+        // write_atomic's temporaries (`.<file>.tmp…`) and the plot's (`loss.png.tmp.png`).
         || (name.starts_with('.') && name.contains(".tmp"))
         || name == "loss.png.tmp.png"
 }

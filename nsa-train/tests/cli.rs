@@ -2,17 +2,10 @@
 //! and the errors a user sees for bad input.
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::{bin, err, ok, run, strs, tiny};
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("nsa-train-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
     // (step, loss bits): bit-exact comparison.
@@ -31,7 +24,11 @@ fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
 
 #[test]
 fn resume_continues_bit_exactly() {
-    let out = scratch("resume");
+    let tmp = tempfile::Builder::new()
+        .prefix("nsa-train-cli-resume-")
+        .tempdir()
+        .unwrap();
+    let out = tmp.path().to_path_buf();
     let mut a = vec!["train".to_string()];
     a.extend(tiny(&out, "straight", 6));
     let text = ok(&run(&a));
@@ -69,12 +66,15 @@ fn resume_continues_bit_exactly() {
     ] {
         assert!(dir.join(f).is_file(), "run folder lacks {f}");
     }
-    std::fs::remove_dir_all(out).unwrap();
 }
 
 #[test]
 fn sigterm_saves_a_checkpoint_before_exit() {
-    let out = scratch("signal");
+    let tmp = tempfile::Builder::new()
+        .prefix("nsa-train-cli-signal-")
+        .tempdir()
+        .unwrap();
+    let out = tmp.path().to_path_buf();
     let mut a = vec!["train".to_string()];
     a.extend(tiny(&out, "sig", 100_000));
     let mut child = bin()
@@ -111,12 +111,15 @@ fn sigterm_saves_a_checkpoint_before_exit() {
         serde_json::from_str(&std::fs::read_to_string(out.join("sig/summary.json")).unwrap())
             .unwrap();
     assert_eq!(summary["interrupted"], true);
-    std::fs::remove_dir_all(out).unwrap();
 }
 
 #[test]
 fn bad_input_is_named() {
-    let out = scratch("bad");
+    let tmp = tempfile::Builder::new()
+        .prefix("nsa-train-cli-bad-")
+        .tempdir()
+        .unwrap();
+    let out = tmp.path().to_path_buf();
     let e = err(&run(&strs(&["train", "--set", "optim.lrr=1", "--dry-run"])));
     assert!(e.contains("lrr"), "{e}");
     let e = err(&run(&strs(&[
@@ -172,12 +175,15 @@ fn bad_input_is_named() {
     b.extend(["--resume".into(), "--set".into(), "model.n_layers=3".into()]);
     let e = err(&run(&b));
     assert!(e.contains("another model config"), "{e}");
-    std::fs::remove_dir_all(out).unwrap();
 }
 
 #[test]
 fn data_parallel_world_size_one_matches_a_plain_run() {
-    let out = scratch("ddp1");
+    let tmp = tempfile::Builder::new()
+        .prefix("nsa-train-cli-ddp1-")
+        .tempdir()
+        .unwrap();
+    let out = tmp.path().to_path_buf();
     let mut plain = vec!["train".to_string()];
     plain.extend(tiny(&out, "plain", 4));
     ok(&run(&plain));
@@ -224,5 +230,4 @@ fn data_parallel_world_size_one_matches_a_plain_run() {
     ];
     let e = err(&run(&smoke));
     assert!(e.contains("needs CUDA GPUs"), "{e}");
-    std::fs::remove_dir_all(out).unwrap();
 }

@@ -270,7 +270,8 @@ mod tests {
 
     #[test]
     fn windows_come_from_the_file() {
-        let dir = std::env::temp_dir().join(format!("nsa-data-test-{}", std::process::id()));
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("a.txt");
         std::fs::write(&f, b"abcdefghijklmnopqrstuvwxyz").unwrap();
