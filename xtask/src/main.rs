@@ -30,7 +30,7 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// The README's test command: setup if needed, fmt check, clippy -D warnings, the library
+    /// The README's test command: tidy, setup if needed, fmt check, clippy -D warnings, the library
     /// crates' docs, all tests (which also build every crate's examples).
     Test {
         /// Skip fmt and clippy (tests only).
