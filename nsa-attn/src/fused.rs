@@ -122,7 +122,7 @@ pub fn window(
 pub fn block_mask(blocks: &Tensor, block_len: i64) -> Result<Tensor, AttnError> {
     let s = blocks.size()[1];
     let dev = blocks.device();
-    let key_block = Tensor::arange(s, (Kind::Int64, dev))
+    let key_block = Tensor::f_arange(s, (Kind::Int64, dev))?
         .f_div_scalar_mode(block_len, "floor")?
         .f_view([1, 1, 1, 1, s])?;
     let hit = blocks
@@ -130,8 +130,8 @@ pub fn block_mask(blocks: &Tensor, block_len: i64) -> Result<Tensor, AttnError> 
         .f_unsqueeze(-1)?
         .f_eq_tensor(&key_block)?
         .f_any_dims(&[3i64][..], false)?;
-    let t = Tensor::arange(s, (Kind::Int64, dev)).f_view([s, 1])?;
-    let key = Tensor::arange(s, (Kind::Int64, dev)).f_view([1, s])?;
+    let t = Tensor::f_arange(s, (Kind::Int64, dev))?.f_view([s, 1])?;
+    let key = Tensor::f_arange(s, (Kind::Int64, dev))?.f_view([1, s])?;
     let causal = key.f_le_tensor(&t)?.f_view([1, s, 1, s])?;
     Ok(hit.f_logical_and(&causal)?)
 }

@@ -3,6 +3,7 @@
 //! xtask depends only on xshell, clap and anyhow — never on tch — and `cargo xtask` builds it into
 //! `target/xtask` (see `.cargo/config.toml`), so it works before libtorch exists and running it
 //! never rebuilds torch-sys.
+#![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -11,6 +12,7 @@ use xshell::{cmd, Shell};
 
 mod dist;
 mod libtorch;
+mod tidy;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "nsa project automation")]
@@ -28,13 +30,16 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// The README's test command: setup if needed, fmt check, clippy -D warnings, the library
+    /// The README's test command: tidy, setup if needed, fmt check, clippy -D warnings, the library
     /// crates' docs, all tests (which also build every crate's examples).
     Test {
         /// Skip fmt and clippy (tests only).
         #[arg(long)]
         quick: bool,
     },
+    /// Check the repository's rules: unsafe only in nsa-sys, environment reads, fallible tch
+    /// calls in libraries, Markdown links, documented flags, file length (no build needed).
+    Tidy,
     /// The README's main command: a real end-to-end run on the default device.
     Smoke {
         /// Extra arguments passed to `nsa-train smoke`.
@@ -79,6 +84,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Setup { force } => libtorch::setup(&sh, &root, force).map(|_| ()),
         Command::Test { quick } => test(&sh, &root, quick),
+        Command::Tidy => tidy::run(&root),
         Command::Smoke { args } => {
             libtorch::ensure(&sh, &root)?;
             cmd!(sh, "cargo run -p nsa-train -- smoke {args...}").run()?;
@@ -118,6 +124,9 @@ fn main() -> Result<()> {
 
 fn test(sh: &Shell, root: &Path, quick: bool) -> Result<()> {
     let start = std::time::Instant::now();
+    // First: it needs no build and fails in a second.
+    step("cargo xtask tidy");
+    tidy::run(root)?;
     libtorch::ensure(sh, root)?;
     if !quick {
         step("cargo fmt --check");
