@@ -44,10 +44,6 @@ const ENV_ALLOWLIST: &[(&str, &str)] = &[
         "nsa-train/src/launch.rs",
         "hands `std::env::vars()` to config::dist_plan, which interprets it",
     ),
-    (
-        "nsa-train/src/bench/select.rs",
-        "maps a CUDA device index through CUDA_VISIBLE_DEVICES to nvidia-smi's numbering (a benchmark's memory report)",
-    ),
 ];
 
 /// tch methods that panic on a libtorch error and have a fallible `f_` twin. Library code must
