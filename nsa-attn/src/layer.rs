@@ -1,10 +1,15 @@
-//! [`NsaAttention`]: parameters, projections, RoPE, compression φ, gates and the forward pass.
+//! [`NsaAttention`]: the layer's assembly (parameters, projections, output projection) and the
+//! dispatch of its three branches over [`AttnPath`]. RoPE is in [`crate::rope`], compression φ
+//! in [`crate::phi`], the gates in [`crate::gates`].
 use nsa_select::SelectImpl;
 use nsa_sys::train::NvtxRange;
 use tch::nn;
 use tch::{Kind, TchError, Tensor};
 
-use crate::config::{AttnError, NsaConfig, NsaParams, Phi};
+use crate::config::{AttnError, NsaConfig};
+use crate::gates::{self, GateOverride, Gates};
+use crate::phi::Compression;
+use crate::rope::Rope;
 use crate::{fused, lean, reference, selection};
 
 /// One of NSA's three attention branches.
@@ -30,18 +35,6 @@ impl Branch {
             Branch::Window => 2,
         }
     }
-}
-
-/// How the branch outputs are mixed.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub enum GateOverride {
-    /// The learned gates `sigmoid(MLP(x))` (training and inference).
-    #[default]
-    Learned,
-    /// Gate 1 on one branch and 0 on the others (tests, ablations).
-    Only(Branch),
-    /// Constant gates `[cmp, slc, win]` for every token and head.
-    Fixed([f64; 3]),
 }
 
 /// Which implementation computes the three branches. Both compute the same function.
@@ -136,58 +129,9 @@ pub struct Projections {
     pub win_v: Tensor,
 }
 
-/// φ applied to one of keys or values.
-#[derive(Debug)]
-enum PhiMap {
-    Mean,
-    Linear(nn::Linear),
-    Mlp(nn::Linear, nn::Linear),
-}
-
-impl PhiMap {
-    /// `output_bias`: whether the last linear map has a bias. Keys get none: a bias shifts every
-    /// compressed key by the same vector, which adds the same `q·b` to all scores of a row and
-    /// cancels in the softmax (its gradient is identically zero).
-    fn new(vs: &nn::Path<'_>, nsa: &NsaParams, width: i64, output_bias: bool) -> Self {
-        let block_len = nsa.select.block_len;
-        let last = nn::LinearConfig {
-            bias: output_bias,
-            ..Default::default()
-        };
-        match nsa.phi {
-            Phi::Mean => PhiMap::Mean,
-            Phi::Linear => PhiMap::Linear(nn::linear(vs, block_len * width, width, last)),
-            Phi::Mlp => PhiMap::Mlp(
-                nn::linear(
-                    vs / "w1",
-                    block_len * width,
-                    nsa.phi_hidden,
-                    Default::default(),
-                ),
-                nn::linear(vs / "w2", nsa.phi_hidden, width, last),
-            ),
-        }
-    }
-
-    /// `blocks` `[B, Nc, l, G, d]` → `[B, Nc, G, d]` (φ of Eq. 7).
-    fn apply(&self, blocks: &Tensor) -> Result<Tensor, TchError> {
-        let flat = || {
-            let s = blocks.size();
-            blocks
-                .f_permute([0, 1, 3, 2, 4])?
-                .f_reshape([s[0], s[1], s[3], s[2] * s[4]])
-        };
-        match self {
-            PhiMap::Mean => blocks.f_mean_dim(2, false, None),
-            PhiMap::Linear(w) => linear(w, &flat()?),
-            PhiMap::Mlp(w1, w2) => linear(w2, &linear(w1, &flat()?)?.f_gelu("none")?),
-        }
-    }
-}
-
 /// `l.forward(x)` through tch's fallible `f_linear`, so a libtorch error is returned, not a
 /// panic.
-fn linear(l: &nn::Linear, x: &Tensor) -> Result<Tensor, TchError> {
+pub(crate) fn linear(l: &nn::Linear, x: &Tensor) -> Result<Tensor, TchError> {
     x.f_linear(&l.ws, l.bs.as_ref())
 }
 
@@ -223,13 +167,9 @@ pub struct NsaAttention {
     wq: nn::Linear,
     /// `[cmp, slc, win]`, or one shared pair.
     kv: Vec<KvProj>,
-    /// Key-side position embedding; only with the MLP φ (see [`Phi`]).
-    pos_k: Option<Tensor>,
-    pos_v: Tensor,
-    phi_k: PhiMap,
-    phi_v: PhiMap,
-    gate_w1: nn::Linear,
-    gate_w2: nn::Linear,
+    /// Position embeddings and φ of the compressed branch.
+    cmp: Compression,
+    gates: Gates,
     wo: nn::Linear,
 }
 
@@ -249,35 +189,13 @@ impl NsaAttention {
                 .map(|b| KvProj::new(&(vs / *b), &cfg))
                 .collect()
         };
-        let cmp = vs / "cmp";
-        let pos_init = nn::Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        };
-        let (l, g) = (cfg.nsa.select.block_len, cfg.kv_heads);
+        // Variables are created in this order (it fixes their random initialisation for a
+        // given seed): branch K/V, wq, the compression's, the gates', wo.
         Ok(Self {
             wq: nn::linear(vs / "wq", cfg.dim, cfg.heads * cfg.head_dim_k, no_bias),
             kv,
-            // With mean or linear φ a key-side embedding would only shift all compressed keys
-            // alike, which cancels in the softmax: it is created for the MLP φ only.
-            pos_k: (cfg.nsa.phi == Phi::Mlp)
-                .then(|| cmp.f_var("pos_k", &[l, g, cfg.head_dim_k], pos_init))
-                .transpose()?,
-            pos_v: cmp.f_var("pos_v", &[l, g, cfg.head_dim_v], pos_init)?,
-            phi_k: PhiMap::new(&(&cmp / "phi_k"), &cfg.nsa, cfg.head_dim_k, false),
-            phi_v: PhiMap::new(&(&cmp / "phi_v"), &cfg.nsa, cfg.head_dim_v, true),
-            gate_w1: nn::linear(
-                vs / "gate" / "w1",
-                cfg.dim,
-                cfg.nsa.gate_hidden,
-                Default::default(),
-            ),
-            gate_w2: nn::linear(
-                vs / "gate" / "w2",
-                cfg.nsa.gate_hidden,
-                3 * cfg.heads,
-                Default::default(),
-            ),
+            cmp: Compression::new(&(vs / "cmp"), &cfg)?,
+            gates: Gates::new(&(vs / "gate"), &cfg),
             wo: nn::linear(vs / "wo", cfg.heads * cfg.head_dim_v, cfg.dim, no_bias),
             cfg,
         })
@@ -323,8 +241,7 @@ impl NsaAttention {
         let (raw_cmp_k, raw_cmp_v) = keys(Branch::Compressed)?;
         let (slc_k, slc_v) = keys(Branch::Selected)?;
         let (win_k, win_v) = keys(Branch::Window)?;
-        let cmp_k = self.compress(&raw_cmp_k, self.pos_k.as_ref(), &self.phi_k)?;
-        let cmp_v = self.compress(&raw_cmp_v, Some(&self.pos_v), &self.phi_v)?;
+        let (cmp_k, cmp_v) = self.cmp.apply(&raw_cmp_k, &raw_cmp_v)?;
         Ok(Projections {
             q,
             cmp_k,
@@ -336,59 +253,10 @@ impl NsaAttention {
         })
     }
 
-    /// φ over the blocks `[i·d, i·d + l)` of `raw` `[B, S, G, d]` → `[B, Nc, G, d]`.
-    fn compress(
-        &self,
-        raw: &Tensor,
-        pos: Option<&Tensor>,
-        phi: &PhiMap,
-    ) -> Result<Tensor, AttnError> {
-        let sz = raw.size();
-        let (b, s, g, d) = (sz[0], sz[1], sz[2], sz[3]);
-        let sel = &self.cfg.nsa.select;
-        let (l, stride) = (sel.block_len, sel.stride);
-        let blocks = if s < l {
-            // No complete block yet: an empty [B, 0, l, G, d] that still flows through φ, so
-            // every parameter gets a (zero) gradient rather than none.
-            raw.f_narrow(1, 0, 0)?
-                .f_unsqueeze(2)?
-                .f_expand([b, 0, l, g, d], false)?
-        } else {
-            // unfold: [B, Nc, G, d, l] -> [B, Nc, l, G, d]
-            raw.f_unfold(1, l, stride)?.f_permute([0, 1, 4, 2, 3])?
-        };
-        let blocks = match pos {
-            Some(pos) => blocks.f_add(&pos.f_to_kind(raw.kind())?)?,
-            None => blocks,
-        };
-        Ok(phi.apply(&blocks)?)
-    }
-
     /// Gates `[B, S, H, 3]` in [`Branch::ALL`] order.
     pub fn gates(&self, x: &Tensor, over: GateOverride) -> Result<Tensor, AttnError> {
         let (b, s) = self.check_input(x)?;
-        let h = self.cfg.heads;
-        let constant = |vals: [f64; 3]| {
-            Tensor::f_from_slice(&vals)?
-                .f_to_kind(x.kind())?
-                .f_to_device(x.device())?
-                .f_expand([b, s, h, 3], false)
-        };
-        Ok(match over {
-            GateOverride::Learned => {
-                let hidden = linear(&self.gate_w1, x)?.f_silu()?;
-                // heads-major: the gate of (head, branch) is output head * 3 + branch.
-                linear(&self.gate_w2, &hidden)?
-                    .f_sigmoid()?
-                    .f_view([b, s, h, 3])?
-            }
-            GateOverride::Only(br) => {
-                let mut vals = [0.0; 3];
-                vals[br.gate_index() as usize] = 1.0;
-                constant(vals)?
-            }
-            GateOverride::Fixed(vals) => constant(vals)?,
-        })
+        self.gates.apply(x, over, (b, s, self.cfg.heads))
     }
 
     /// The layer output `[B, S, dim]` for `x` `[B, S, dim]`.
@@ -515,12 +383,7 @@ impl NsaAttention {
         };
         let _r = range("nsa.gate");
         let gates = self.gates(x, opts.gates)?;
-        let g = |br: Branch| gates.f_narrow(3, br.gate_index(), 1);
-        // o = Σ_c g_c · o_c (Eq. 5)
-        let mixed = compressed
-            .f_mul(&g(Branch::Compressed)?)?
-            .f_add(&selected.f_mul(&g(Branch::Selected)?)?)?
-            .f_add(&window.f_mul(&g(Branch::Window)?)?)?;
+        let mixed = gates::mix(&gates, &compressed, &selected, &window)?;
         let sz = x.size();
         let output = linear(
             &self.wo,
@@ -548,93 +411,11 @@ fn check_chunk(option: &'static str, value: i64) -> Result<(), AttnError> {
     }
 }
 
-/// Rotary position embedding, rotate-half form, for positions `0..S` over head dim `dk`: pair
-/// `(i, i + dk/2)` of a head at position `s` is rotated by `s · base^(−2i/dk)`. Computed in
-/// float64 and stored in the activations' kind. Shared with `nsa-model`'s dense baseline, so
-/// NSA and dense models place positions identically.
-#[derive(Debug)]
-pub struct Rope {
-    /// `[S, 1, dk/2]`
-    cos: Tensor,
-    /// `[S, 1, dk/2]`
-    sin: Tensor,
-}
-
-impl Rope {
-    /// Tables for `s` positions.
-    pub fn new(
-        base: f64,
-        dk: i64,
-        s: i64,
-        kind: Kind,
-        device: tch::Device,
-    ) -> Result<Self, TchError> {
-        let half = dk / 2;
-        let inv_freq = Tensor::f_arange(half, (Kind::Double, device))?
-            .f_mul_scalar(-2.0 * base.ln() / dk as f64)?
-            .f_exp()?;
-        let angles = Tensor::f_arange(s, (Kind::Double, device))?
-            .f_outer(&inv_freq)?
-            .f_unsqueeze(1)?;
-        Ok(Self {
-            cos: angles.f_cos()?.f_to_kind(kind)?,
-            sin: angles.f_sin()?.f_to_kind(kind)?,
-        })
-    }
-
-    /// `x` `[B, S, heads, dk]` → the same shape, rotated by position.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        let half = x.size().get(3).copied().unwrap_or(0) / 2;
-        let x1 = x.f_narrow(3, 0, half)?;
-        let x2 = x.f_narrow(3, half, half)?;
-        Tensor::f_cat(
-            &[
-                x1.f_mul(&self.cos)?.f_sub(&x2.f_mul(&self.sin)?)?,
-                x2.f_mul(&self.cos)?.f_add(&x1.f_mul(&self.sin)?)?,
-            ],
-            3,
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Phi;
     use tch::Device;
-
-    #[test]
-    fn rope_is_identity_at_zero_preserves_norms_and_sees_only_offsets() {
-        let (s, dk) = (9, 8);
-        let rope = Rope::new(10_000.0, dk, s, Kind::Double, Device::Cpu).unwrap();
-        let q =
-            Tensor::randn([1, 1, 1, dk], (Kind::Double, Device::Cpu)).expand([1, s, 1, dk], false);
-        let k =
-            Tensor::randn([1, 1, 1, dk], (Kind::Double, Device::Cpu)).expand([1, s, 1, dk], false);
-        let (rq, rk) = (rope.apply(&q).unwrap(), rope.apply(&k).unwrap());
-        let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
-        assert!(
-            diff(&rq.narrow(1, 0, 1), &q.narrow(1, 0, 1)) < 1e-12,
-            "position 0 is unrotated"
-        );
-        assert!(
-            diff(
-                &rq.square().sum_dim_intlist(-1, false, None),
-                &q.square().sum_dim_intlist(-1, false, None)
-            ) < 1e-10
-        );
-        // <R_m q, R_n k> depends on m − n only.
-        let dot = |m: i64, n: i64| {
-            (rq.get(0).get(m) * rk.get(0).get(n))
-                .sum(Kind::Double)
-                .double_value(&[])
-        };
-        assert!((dot(5, 2) - dot(7, 4)).abs() < 1e-10);
-        assert!((dot(3, 3) - dot(0, 0)).abs() < 1e-10);
-        assert!(
-            (dot(5, 2) - dot(4, 2)).abs() > 1e-6,
-            "different offsets differ"
-        );
-    }
 
     #[test]
     fn forced_gates_are_one_hot_and_learned_gates_are_probabilities() {

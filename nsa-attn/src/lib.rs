@@ -147,15 +147,19 @@
 mod audit;
 mod config;
 pub mod fused;
+mod gates;
 mod layer;
 pub mod lean;
+mod phi;
 pub mod reference;
+mod rope;
 pub mod selection;
 
 pub use audit::{AttnAudit, BranchKernel};
 pub use config::{AttnError, ConfigProblem, NsaConfig, NsaParams, Phi};
+pub use gates::GateOverride;
 pub use layer::{
-    AttnPath, Branch, BranchOutputs, ForwardOpts, GateOverride, LeanOpts, NsaAttention,
-    Projections, Rope,
+    AttnPath, Branch, BranchOutputs, ForwardOpts, LeanOpts, NsaAttention, Projections,
 };
 pub use nsa_select::{SelectConfig, SelectImpl};
+pub use rope::Rope;

@@ -1,0 +1,97 @@
+//! Rotary position embedding (RoPE) of queries and keys, rotate-half form.
+//!
+//! [`Rope`] holds cos/sin tables `[S, 1, dk/2]` for positions `0..S` and rotates a tensor
+//! `[B, S, heads, dk]` (queries `[B, S, H, dk]` or keys `[B, S, Hkv, dk]`) to the same shape:
+//! pair `(i, i + dk/2)` of a head at position `s` turns by the angle `s · base^(−2i/dk)`. Values
+//! get no RoPE. Compressed keys get none of their own either: φ ([`crate::phi`]) mixes the
+//! already rotated keys of the tokens a block covers.
+use tch::{Kind, TchError, Tensor};
+
+/// Rotary position embedding, rotate-half form, for positions `0..S` over head dim `dk`: pair
+/// `(i, i + dk/2)` of a head at position `s` is rotated by `s · base^(−2i/dk)`. Computed in
+/// float64 and stored in the activations' kind. Shared with `nsa-model`'s dense baseline, so
+/// NSA and dense models place positions identically.
+#[derive(Debug)]
+pub struct Rope {
+    /// `[S, 1, dk/2]`
+    cos: Tensor,
+    /// `[S, 1, dk/2]`
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for `s` positions.
+    pub fn new(
+        base: f64,
+        dk: i64,
+        s: i64,
+        kind: Kind,
+        device: tch::Device,
+    ) -> Result<Self, TchError> {
+        let half = dk / 2;
+        let inv_freq = Tensor::f_arange(half, (Kind::Double, device))?
+            .f_mul_scalar(-2.0 * base.ln() / dk as f64)?
+            .f_exp()?;
+        let angles = Tensor::f_arange(s, (Kind::Double, device))?
+            .f_outer(&inv_freq)?
+            .f_unsqueeze(1)?;
+        Ok(Self {
+            cos: angles.f_cos()?.f_to_kind(kind)?,
+            sin: angles.f_sin()?.f_to_kind(kind)?,
+        })
+    }
+
+    /// `x` `[B, S, heads, dk]` → the same shape, rotated by position.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        let half = x.size().get(3).copied().unwrap_or(0) / 2;
+        let x1 = x.f_narrow(3, 0, half)?;
+        let x2 = x.f_narrow(3, half, half)?;
+        Tensor::f_cat(
+            &[
+                x1.f_mul(&self.cos)?.f_sub(&x2.f_mul(&self.sin)?)?,
+                x2.f_mul(&self.cos)?.f_add(&x1.f_mul(&self.sin)?)?,
+            ],
+            3,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn rope_is_identity_at_zero_preserves_norms_and_sees_only_offsets() {
+        let (s, dk) = (9, 8);
+        let rope = Rope::new(10_000.0, dk, s, Kind::Double, Device::Cpu).unwrap();
+        let q =
+            Tensor::randn([1, 1, 1, dk], (Kind::Double, Device::Cpu)).expand([1, s, 1, dk], false);
+        let k =
+            Tensor::randn([1, 1, 1, dk], (Kind::Double, Device::Cpu)).expand([1, s, 1, dk], false);
+        let (rq, rk) = (rope.apply(&q).unwrap(), rope.apply(&k).unwrap());
+        let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        assert!(
+            diff(&rq.narrow(1, 0, 1), &q.narrow(1, 0, 1)) < 1e-12,
+            "position 0 is unrotated"
+        );
+        assert!(
+            diff(
+                &rq.square().sum_dim_intlist(-1, false, None),
+                &q.square().sum_dim_intlist(-1, false, None)
+            ) < 1e-10
+        );
+        // <R_m q, R_n k> depends on m − n only.
+        let dot = |m: i64, n: i64| {
+            (rq.get(0).get(m) * rk.get(0).get(n))
+                .sum(Kind::Double)
+                .double_value(&[])
+        };
+        assert!((dot(5, 2) - dot(7, 4)).abs() < 1e-10);
+        assert!((dot(3, 3) - dot(0, 0)).abs() < 1e-10);
+        assert!(
+            (dot(5, 2) - dot(4, 2)).abs() > 1e-6,
+            "different offsets differ"
+        );
+    }
+}
