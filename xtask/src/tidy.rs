@@ -110,7 +110,6 @@ const LONG_FILES: &[(&str, &str)] = &[
         "nsa-ddp/tests/ddp.rs",
         "test file with many cases (collectives, buckets, overlap)",
     ),
-    ("nsa-attn/src/layer.rs", "being split"),
 ];
 
 /// Markdown files whose relative links must resolve (plus every crate's README.md).
