@@ -9,7 +9,7 @@
 //!
 //! Work counted: "pairs" are (query, key, head) triples actually attended (duplicates and ids
 //! beyond ⌊t/l'⌋ dropped, keys > t masked); forward FLOPs = pairs · 2 (dk + dv), backward FLOPs
-//! = pairs · (6 dk + 4 dv) (`../shared/KERNELS.md`). Bytes: the K/V rows a (token, group) reads
+//! = pairs · (6 dk + 4 dv) (the design notes' kernel budget sheet). Bytes: the K/V rows a (token, group) reads
 //! — each once for all G heads (group-centric loads) — plus q, the output and its gradients;
 //! the gathers are what bounds the selected branch (KERNELS.md, "Where the bytes bite").
 //! Each cell: median of `--repeats` runs after one warm-up, with min and max; the device is
