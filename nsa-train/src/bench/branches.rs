@@ -9,9 +9,9 @@
 //!
 //! Work counted: "pairs" are (query, key, head) triples actually attended (duplicates and ids
 //! beyond ⌊t/l'⌋ dropped, keys > t masked); forward FLOPs = pairs · 2 (dk + dv), backward FLOPs
-//! = pairs · (6 dk + 4 dv) (the design notes' kernel budget sheet). Bytes: the K/V rows a (token, group) reads
-//! — each once for all G heads (group-centric loads) — plus q, the output and its gradients;
-//! the gathers are what bounds the selected branch (KERNELS.md, "Where the bytes bite").
+//! = pairs · (6 dk + 4 dv) (the design notes' kernel budget sheet). Bytes: the K/V rows a
+//! (token, group) reads — each once for all G heads (group-centric loads) — plus q and the
+//! output; those gathers are what bounds the selected branch.
 //! Each cell: median of `--repeats` runs after one warm-up, with min and max; the device is
 //! synchronised around every run.
 use std::path::PathBuf;
