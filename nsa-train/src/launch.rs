@@ -12,6 +12,7 @@
 //!   launcher then exits with 128 + the signal, as the ranks do.
 //! - [`check_rendezvous`]: the hidden `nsa-train rendezvous` command, which only meets the other
 //!   ranks and prints what rank 0 sent (a launcher check that needs no GPU).
+use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -124,6 +125,10 @@ fn spawn_ranks(node: &NodeLaunch, args: &[String]) -> Result<()> {
             .env("GROUP_RANK", node.node_rank.to_string())
             .env("MASTER_ADDR", &node.master_addr)
             .env("MASTER_PORT", port.to_string())
+            // A process group of its own: Ctrl-C in a terminal reaches the launcher alone, which
+            // passes it on once (a rank that got it twice would take the second as "exit now",
+            // before its checkpoint).
+            .process_group(0)
             // Our ranks host their own store (rank 0); nothing of an outer torchrun applies.
             .env_remove("TORCHELASTIC_USE_AGENT_STORE")
             .env_remove("TORCHELASTIC_RESTART_COUNT")
