@@ -32,4 +32,23 @@ __device__ __forceinline__ bool id_ok(int j, long long t, int L) {
   return j >= 0 && (long long)j * L <= t;
 }
 
+// Loads keys c0 .. c0 + nk - 1 of group g of batch b into fp32 shared memory, ks [nk][dk] and
+// vs [nk][dv], with the block's `threads` threads striding over the elements (k [B, S, Hkv, dk],
+// v [B, S, Hkv, dv]). The SIMT forward and both backward kernels read K/V chunks this way; the
+// caller synchronises before use.
+template <typename T>
+__device__ __forceinline__ void load_kv_chunk(float* __restrict__ ks, float* __restrict__ vs,
+                                              const T* __restrict__ k, const T* __restrict__ v,
+                                              int b, int S, int Hkv, int g, int c0, int nk,
+                                              int dk, int dv, int tid, int threads) {
+  for (int e = tid; e < nk * dk; e += threads) {
+    const int kk = e / dk, d = e % dk;
+    ks[e] = to_f(k[(((long long)b * S + c0 + kk) * Hkv + g) * dk + d]);
+  }
+  for (int e = tid; e < nk * dv; e += threads) {
+    const int kk = e / dv, d = e % dv;
+    vs[e] = to_f(v[(((long long)b * S + c0 + kk) * Hkv + g) * dv + d]);
+  }
+}
+
 }  // namespace nsa

@@ -79,14 +79,7 @@ __device__ void slc_dq(const T* __restrict__ q, const T* __restrict__ k,
     const int s_end = min(min(j * L + L, t + 1), S);
     for (int c0 = j * L; c0 < s_end; c0 += NSA_KC) {
       const int nk = min(NSA_KC, s_end - c0);
-      for (int e = tid; e < nk * dk; e += NSA_THREADS) {
-        const int kk = e / dk, d = e % dk;
-        ks[e] = to_f(k[(((long long)b * S + c0 + kk) * Hkv + g) * dk + d]);
-      }
-      for (int e = tid; e < nk * dv; e += NSA_THREADS) {
-        const int kk = e / dv, d = e % dv;
-        vs[e] = to_f(v[(((long long)b * S + c0 + kk) * Hkv + g) * dv + d]);
-      }
+      load_kv_chunk(ks, vs, k, v, b, S, Hkv, g, c0, nk, dk, dv, tid, NSA_THREADS);
       __syncthreads();
       for (int e = tid; e < hpg * NSA_KC; e += NSA_THREADS) {
         const int h = e / NSA_KC, kk = e % NSA_KC;
