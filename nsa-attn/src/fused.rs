@@ -50,6 +50,20 @@ pub fn window_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && sys::compute_kind(q, k, v) == Some(Kind::BFloat16)
 }
 
+/// The largest group (query heads per K/V head) for which the fused selected branch also runs
+/// when gradients are needed. Its backward is SIMT (no tensor cores yet) and, at G = 16, 4.4×
+/// slower than the lean path's (BENCHMARKS.md, "Fused kernels"), while at G = 3 the fused branch
+/// wins forward and backward; inference takes the fused forward at any G.
+const MAX_GROUP_FOR_FUSED_BACKWARD: i64 = 8;
+
+/// Whether a differentiable call at this group size is faster on the lean path (under
+/// `no_grad` the projections' outputs do not require gradients, so inference stays fused).
+fn lean_backward_is_faster(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let wants_grad = q.requires_grad() || k.requires_grad() || v.requires_grad();
+    let group = q.size()[2] / k.size()[2].max(1);
+    wants_grad && group > MAX_GROUP_FOR_FUSED_BACKWARD
+}
+
 /// Selected branch: query `t` of group `g` attends the keys `≤ t` of the blocks
 /// `blocks[b, t, g, :]` (int64 or int32 `[B, S, Hkv, n]`; duplicates count once, ids outside
 /// `[0, ⌊t/l'⌋]` are ignored). Layouts as [`lean::selected`]; `chunk` is used only on the lean
@@ -62,7 +76,7 @@ pub fn selected(
     cfg: &NsaConfig,
     chunk: i64,
 ) -> Result<Tensor, AttnError> {
-    if !selected_supported(q, k, v) {
+    if !selected_supported(q, k, v) || lean_backward_is_faster(q, k, v) {
         return lean::selected(q, k, v, blocks, cfg, chunk);
     }
     let blocks = blocks.f_to_device(q.device())?.f_contiguous()?;
