@@ -63,10 +63,11 @@ pub struct GlueError {
     pub message: String,
 }
 
-const ERR_LEN: usize = 4096;
+/// Bytes of the error buffer every glue call may fill (NUL-terminated).
+pub(crate) const ERR_LEN: usize = 4096;
 
 /// The error the glue wrote into `err` (NUL-terminated).
-fn glue_error(call: &'static str, err: &[u8]) -> GlueError {
+pub(crate) fn glue_error(call: &'static str, err: &[u8]) -> GlueError {
     let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
     GlueError {
         call,
@@ -74,7 +75,12 @@ fn glue_error(call: &'static str, err: &[u8]) -> GlueError {
     }
 }
 
-fn finish(call: &'static str, ptr: *mut C_tensor, err: &[u8]) -> Result<Tensor, GlueError> {
+/// The tensor a glue call returned, or the error it wrote into `err` when it returned null.
+pub(crate) fn finish(
+    call: &'static str,
+    ptr: *mut C_tensor,
+    err: &[u8],
+) -> Result<Tensor, GlueError> {
     if ptr.is_null() {
         return Err(glue_error(call, err));
     }

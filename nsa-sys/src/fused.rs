@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
-use crate::autograd::GlueError;
+use crate::autograd::{self, GlueError, ERR_LEN};
 use crate::driver::{self, check, CuContext, CuFunction, CuModule};
 use crate::nvrtc::{Nvrtc, NvrtcError, SELECTED_BWD, SELECTED_FWD};
 use crate::SysError;
@@ -278,8 +278,6 @@ extern "C" {
     ) -> *mut C_tensor;
 }
 
-const ERR_LEN: usize = 4096;
-
 fn input(what: &'static str, reason: impl Into<String>) -> FusedError {
     FusedError::Input {
         what,
@@ -353,20 +351,11 @@ fn check_qkv(
 }
 
 fn glue_err(call: &'static str, err: &[u8]) -> FusedError {
-    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-    GlueError {
-        call,
-        message: String::from_utf8_lossy(&err[..end]).into_owned(),
-    }
-    .into()
+    autograd::glue_error(call, err).into()
 }
 
 fn finish(call: &'static str, ptr: *mut C_tensor, err: &[u8]) -> Result<Tensor, FusedError> {
-    if ptr.is_null() {
-        return Err(glue_err(call, err));
-    }
-    // SAFETY: the glue returns a heap-allocated `at::Tensor*` whose ownership passes to us.
-    Ok(unsafe { Tensor::from_ptr(ptr) })
+    Ok(autograd::finish(call, ptr, err)?)
 }
 
 /// The inverse index the selected branch's backward builds from `blocks` (int `[B, S, Hkv, n]`,
