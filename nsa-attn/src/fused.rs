@@ -51,17 +51,23 @@ pub fn window_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 }
 
 /// The largest group (query heads per K/V head) for which the fused selected branch also runs
-/// when gradients are needed. Its backward is SIMT (no tensor cores yet) and, at G = 16, 4.4×
-/// slower than the lean path's (BENCHMARKS.md, "Fused kernels"), while at G = 3 the fused branch
-/// wins forward and backward; inference takes the fused forward at any G.
-const MAX_GROUP_FOR_FUSED_BACKWARD: i64 = 8;
+/// when gradients are needed and its backward would be the SIMT kernels (fp32, or head sizes
+/// without a tensor-core instantiation): at G = 16 the SIMT backward was 4.4× slower than the
+/// lean path's (BENCHMARKS.md, "Fused kernels"), while at G = 3 it wins. The tensor-core
+/// backward (bf16, dk and dv in [`sys::MMA_HEAD_DIMS`], G ≤ 64) has no such limit; inference
+/// takes the fused forward at any G.
+const MAX_GROUP_FOR_SIMT_BACKWARD: i64 = 8;
 
-/// Whether a differentiable call at this group size is faster on the lean path (under
-/// `no_grad` the projections' outputs do not require gradients, so inference stays fused).
+/// Whether a differentiable call is faster on the lean path (under `no_grad` the projections'
+/// outputs do not require gradients, so inference stays fused).
 fn lean_backward_is_faster(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let wants_grad = q.requires_grad() || k.requires_grad() || v.requires_grad();
     let group = q.size()[2] / k.size()[2].max(1);
-    wants_grad && group > MAX_GROUP_FOR_FUSED_BACKWARD
+    let tensor_cores = sys::compute_kind(q, k, v) == Some(Kind::BFloat16)
+        && sys::MMA_HEAD_DIMS.contains(&q.size()[3])
+        && sys::MMA_HEAD_DIMS.contains(&v.size()[3])
+        && group <= 64;
+    wants_grad && !tensor_cores && group > MAX_GROUP_FOR_SIMT_BACKWARD
 }
 
 /// Selected branch: query `t` of group `g` attends the keys `≤ t` of the blocks
@@ -254,6 +260,42 @@ fn cases() -> Vec<Case> {
             dv: 192,
             block_len: 32,
             n: 5,
+        });
+        // The paper's l' = 64 with many tokens per block (split dK/dV pieces, several row
+        // tiles per piece), a group that does not divide the 64-row tiles, and l' = 128 (two
+        // key chunks per block in the tensor-core dK/dV kernel).
+        out.push(Case {
+            kind,
+            b: 1,
+            s: 1000,
+            hkv: 2,
+            hpg: 16,
+            dk: 192,
+            dv: 128,
+            block_len: 64,
+            n: 6,
+        });
+        out.push(Case {
+            kind,
+            b: 2,
+            s: 400,
+            hkv: 1,
+            hpg: 5,
+            dk: 64,
+            dv: 128,
+            block_len: 32,
+            n: 4,
+        });
+        out.push(Case {
+            kind,
+            b: 1,
+            s: 700,
+            hkv: 2,
+            hpg: 3,
+            dk: 128,
+            dv: 64,
+            block_len: 128,
+            n: 3,
         });
     }
     out

@@ -35,8 +35,8 @@
 #include "blocks.h"
 
 // Mirror of nsa_sys::fused::SlcTable (#[repr(C)]): the driver's cuLaunchKernel and the
-// CUfunction handles of one device. Index of fwd_mma: 3 * dk_index + dv_index over
-// {64, 128, 192}; of the others: 0 = fp32, 1 = bf16.
+// CUfunction handles of one device. Index of fwd_mma, dq_mma, dkdv_mma: 3 * dk_index + dv_index
+// over {64, 128, 192}; of the others: 0 = fp32, 1 = bf16.
 struct NsaSlcTable {
   void* launch;
   void* fwd_mma[9];
@@ -44,6 +44,8 @@ struct NsaSlcTable {
   void* dq[2];
   void* dkdv[2];
   void* dkdv_reduce[2];
+  void* dq_mma[9];
+  void* dkdv_mma[9];
   int32_t max_smem;
 };
 
@@ -88,12 +90,30 @@ int64_t next_pow2(int64_t x) {
   return p;
 }
 
-// Shared memory of the tensor-core forward (must match slc_fwd_mma's carve-up).
-int64_t mma_smem(int64_t dk, int64_t dv, int64_t hpg, int64_t n, int64_t P) {
-  int64_t bq = kM / hpg;
-  int64_t halfs = kM * (dk + 8) + kBk * (dk + 8) + dv * (kBk + 8);
-  int64_t ints = bq * n + 2 * P + bq * (P / 32) + bq * 2 + kBk + kBk + 1;
-  return halfs * 2 + ints * 4;
+// Ints of the union tile (mma.cuh, union_ints) for bq tokens of n ids, candidate list of P.
+int64_t union_ints(int64_t bq, int64_t n, int64_t P) {
+  return bq * n + 2 * P + bq * (P / 32) + bq * 2 + kBk + kBk + 1;
+}
+
+// Shared memory of the tensor-core kernels (must match their carve-ups): tiles of 64 rows or
+// keys of width dk or dv, each row padded by 8 elements.
+int64_t tile_bytes(int64_t width) { return kM * (width + 8) * 2; }
+int64_t fwd_mma_smem(int64_t dk, int64_t dv, int64_t hpg, int64_t n, int64_t P) {
+  return 2 * tile_bytes(dk) + tile_bytes(dv) + 4 * union_ints(kM / hpg, n, P);
+}
+int64_t dq_mma_smem(int64_t dk, int64_t dv, int64_t hpg, int64_t n, int64_t P) {
+  return 2 * tile_bytes(dk) + 2 * tile_bytes(dv) + 4 * 2 * kM + 4 * union_ints(kM / hpg, n, P);
+}
+int64_t dkdv_mma_smem(int64_t dk, int64_t dv) {
+  return 2 * tile_bytes(dk) + 2 * tile_bytes(dv) + 4 * 3 * kM;
+}
+
+// Index of the tensor-core instantiation for (dk, dv), or -1 (no instantiation, or the group
+// does not fit the 64-row tiles).
+int mma_index(const Tensor& q, int64_t dk, int64_t dv, int64_t hpg) {
+  int di = dim_index(dk), vi = dim_index(dv);
+  if (q.scalar_type() != at::kBFloat16 || di < 0 || vi < 0 || hpg > kM) return -1;
+  return 3 * di + vi;
 }
 
 Tensor aligned(const Tensor& x) {
@@ -122,17 +142,16 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     int iS = int(S), iHkv = int(Hkv), ihpg = int(hpg), idk = int(dk), idv = int(dv), in_ = int(n),
         iL = int(block_len);
     float fscale = float(scale);
-    int di = dim_index(dk), vi = dim_index(dv);
-    bool mma = q.scalar_type() == at::kBFloat16 && di >= 0 && vi >= 0 && hpg <= kM &&
-               tab->fwd_mma[3 * std::max(di, 0) + std::max(vi, 0)] != nullptr;
-    int64_t bq = mma ? kM / hpg : 1;
+    int mi = mma_index(q, dk, dv, hpg);
+    int64_t bq = mi >= 0 ? kM / hpg : 1;
     int64_t P = next_pow2(std::max<int64_t>(32, bq * n));
-    if (mma && mma_smem(dk, dv, hpg, n, P) > tab->max_smem) mma = false;
-    if (mma) {
+    if (mi >= 0 && (tab->fwd_mma[mi] == nullptr || fwd_mma_smem(dk, dv, hpg, n, P) > tab->max_smem))
+      mi = -1;
+    if (mi >= 0) {
       int iP = int(P);
       void* args[] = {&qp, &kp, &vp, &ip, &op, &lp, &iS, &iHkv, &ihpg, &in_, &iL, &fscale, &iP};
-      launch(tab, tab->fwd_mma[3 * di + vi], "nsa_slc_fwd_mma", (S + bq - 1) / bq, Hkv, B,
-             mma_smem(dk, dv, hpg, n, P), stream, args);
+      launch(tab, tab->fwd_mma[mi], "nsa_slc_fwd_mma", (S + bq - 1) / bq, Hkv, B,
+             fwd_mma_smem(dk, dv, hpg, n, P), stream, args);
     } else {
       int64_t smem = 4 * (hpg * dk + kKc * dk + kKc * dv + hpg * dv + hpg * kKc + 3 * hpg + n);
       void* args[] = {&qp, &kp, &vp, &ip, &op, &lp, &iS, &iHkv, &ihpg, &idk, &idv, &in_, &iL,
@@ -166,9 +185,23 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     void *qp = q.data_ptr(), *kp = k.data_ptr(), *vp = v.data_ptr(), *ip = ids.data_ptr();
     void *dop = dout.data_ptr(), *lp = lse.data_ptr(), *Dp = D.data_ptr();
 
+    // Tensor-core kernels for bf16 at the instantiated head sizes, SIMT kernels otherwise.
+    int mi = mma_index(q, dk, dv, hpg);
+    int64_t bq = kM / std::min<int64_t>(hpg, kM);
+    int64_t P = next_pow2(std::max<int64_t>(32, bq * n));
+    bool dq_mma = mi >= 0 && tab->dq_mma[mi] != nullptr &&
+                  dq_mma_smem(dk, dv, hpg, n, P) <= tab->max_smem;
+    bool dkdv_mma = mi >= 0 && tab->dkdv_mma[mi] != nullptr &&
+                    dkdv_mma_smem(dk, dv) <= tab->max_smem;
     auto dq = at::empty_like(q);
     void* dqp = dq.data_ptr();
-    {
+    if (dq_mma) {
+      int iP = int(P);
+      void* args[] = {&qp, &kp, &vp, &ip, &dop, &lp, &Dp, &dqp, &iS, &iHkv, &ihpg, &in_, &iL,
+                      &fscale, &iP};
+      launch(tab, tab->dq_mma[mi], "nsa_slc_dq_mma", (S + bq - 1) / bq, Hkv, B,
+             dq_mma_smem(dk, dv, hpg, n, P), stream, args);
+    } else {
       int64_t smem = 4 * (2 * hpg * dk + hpg * dv + kKc * dk + kKc * dv + hpg * kKc + 2 * hpg + n);
       void* args[] = {&qp, &kp, &vp, &ip, &dop, &lp, &Dp, &dqp, &iS, &iHkv, &ihpg, &idk, &idv,
                       &in_, &iL, &fscale};
@@ -192,13 +225,22 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     {
       void *tp = inv_tok.data_ptr(), *wsp = plan.seg.data_ptr(), *wap = plan.a.data_ptr();
       void *wbp = plan.b.data_ptr(), *wlp = plan.slot.data_ptr();
-      int64_t smem =
-          4 * (2 * kKc * dk + 2 * kKc * dv + hpg * dk + hpg * dv + 2 * hpg * kKc + 2 * hpg);
       void* args[] = {&qp,  &kp,  &vp,  &dop, &lp,  &Dp,   &tp,   &wsp, &wap,  &wbp,   &wlp,
                       &scp, &dkp, &dvp, &iS,  &iHkv, &ihpg, &idk, &idv, &iL, &iNB, &fscale};
-      int64_t chunks = (block_len + kKc - 1) / kKc;
-      launch(tab, tab->dkdv[type_index(q)], "nsa_slc_dkdv", plan.seg.numel() * chunks, 1, 1,
-             smem, stream, args);
+      if (dkdv_mma) {
+        // The same arguments less dk, dv (compile-time in the tensor-core kernel).
+        void* margs[] = {&qp,  &kp,  &vp,  &dop,  &lp,   &Dp, &tp,  &wsp,   &wap, &wbp,
+                         &wlp, &scp, &dkp, &dvp,  &iS,   &iHkv, &ihpg, &iL, &iNB, &fscale};
+        int64_t chunks = (block_len + kBk - 1) / kBk;
+        launch(tab, tab->dkdv_mma[mi], "nsa_slc_dkdv_mma", plan.seg.numel() * chunks, 1, 1,
+               dkdv_mma_smem(dk, dv), stream, margs);
+      } else {
+        int64_t smem =
+            4 * (2 * kKc * dk + 2 * kKc * dv + hpg * dk + hpg * dv + 2 * hpg * kKc + 2 * hpg);
+        int64_t chunks = (block_len + kKc - 1) / kKc;
+        launch(tab, tab->dkdv[type_index(q)], "nsa_slc_dkdv", plan.seg.numel() * chunks, 1, 1,
+               smem, stream, args);
+      }
     }
     if (plan.red_seg.numel() > 0) {
       void *rsp = plan.red_seg.data_ptr(), *r0p = plan.red_slot0.data_ptr();

@@ -24,17 +24,16 @@
 //   a per-(token, key) bit mask built per tile from a token x union membership bitmap keeps
 //   each row to its own blocks and to keys <= t. S = Q K^T and O += P V run on tensor cores
 //   with fp32 accumulators in registers (flash-attention-2 style register reuse of the score
-//   fragment as the A operand of P V). Shared memory (dynamic): Q [64][DK+8], K [64][DK+8],
-//   V^T [DV][64+8] (bf16, rows padded by 16 bytes against bank conflicts), ids [BQ][n],
-//   candidate and union lists [P] each (P = next power of two >= max(32, BQ * n)),
-//   membership bits [BQ][P/32], key mask [BQ][2], key positions and union slots [64].
+//   fragment as the A operand of P V; V's fragments come from its natural [key][d] tile by
+//   ldmatrix .trans). Shared memory (dynamic): Q [64][DK+8], K [64][DK+8], V [64][DV+8] (bf16,
+//   rows padded by 16 bytes against bank conflicts), then the union tile of mma.cuh.
 //
 // nsa_slc_fwd_simt_{f32,bf16} (any dk, dv): one CTA of 128 threads per (token, group, batch)
 //   (the paper's kernel shape), keys of each selected block in chunks of KC = 16 loaded once
 //   for all hpg heads; plain fp32 FMAs. The exact fp32 path (and the bf16 fallback for head
 //   sizes without an mma instantiation). Shared memory: q, o [hpg][dk | dv], K/V chunk
 //   [KC][dk | dv], p [hpg][KC], running max / sum / rescale [hpg], ids [n] (floats, ints).
-#include "common.cuh"
+#include "mma.cuh"
 
 #define NSA_KC 16
 #define NSA_THREADS 128
@@ -124,21 +123,6 @@ __device__ void slc_fwd_simt(const T* __restrict__ q, const T* __restrict__ k,
 
 // ---- tensor-core forward (bf16) ------------------------------------------------------------
 
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-  __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&x);
-}
-
-// d += a * b for one m16n8k16 tile (A row-major 16x16, B "col" 16x8, fp32 accumulators).
-__device__ __forceinline__ void mma_bf16(float* d, unsigned a0, unsigned a1, unsigned a2,
-                                         unsigned a3, unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 #define NSA_BK 64
 #define NSA_M 64
 
@@ -149,22 +133,14 @@ __device__ void slc_fwd_mma(const __nv_bfloat16* __restrict__ q,
                             __nv_bfloat16* __restrict__ out, float* __restrict__ lse, int S,
                             int Hkv, int hpg, int n, int L, float scale, int P) {
   static_assert(DK % 16 == 0 && DV % 16 == 0, "head sizes must be multiples of 16");
-  constexpr int QS = DK + 8;      // row stride of Q and K tiles (elements)
-  constexpr int VS = NSA_BK + 8;  // row stride of V^T
+  constexpr int QS = DK + 8;  // row stride of the Q and K tiles (elements)
+  constexpr int VS = DV + 8;  // row stride of the V tile
   extern __shared__ __align__(16) unsigned char smraw[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smraw);
   __nv_bfloat16* Ks = Qs + NSA_M * QS;
-  __nv_bfloat16* Vt = Ks + NSA_BK * QS;
-  int* ids_s = reinterpret_cast<int*>(Vt + DV * VS);
+  __nv_bfloat16* Vs = Ks + NSA_BK * QS;
   const int BQ = NSA_M / hpg;
-  int* cand = ids_s + BQ * n;
-  int* uni = cand + P;
-  const int PW = P / 32;
-  unsigned* mbits = reinterpret_cast<unsigned*>(uni + P);
-  unsigned* kmask = mbits + BQ * PW;
-  int* colpos = reinterpret_cast<int*>(kmask + BQ * 2);
-  int* colu = colpos + NSA_BK;
-  int* ucount = colu + NSA_BK;
+  const UnionTile un = carve_union(reinterpret_cast<int*>(Vs + NSA_BK * VS), BQ, n, P);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gq = lane / 4, tig = lane % 4;
@@ -172,75 +148,12 @@ __device__ void slc_fwd_mma(const __nv_bfloat16* __restrict__ q,
   const int H = Hkv * hpg, nrows = BQ * hpg;
 
   // Q rows (token, head) -> shared, zeros for rows past the tile or the sequence.
-  for (int e = tid; e < NSA_M * (DK / 8); e += NSA_THREADS) {
-    const int r = e / (DK / 8), ch = e % (DK / 8);
+  copy_rows<DK>(Qs, QS, NSA_M, [&](int r) -> const __nv_bfloat16* {
     const int t = t0 + r / hpg;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r < nrows && t < S) {
-      const long long off = (((long long)b * S + t) * H + g * hpg + r % hpg) * DK + ch * 8;
-      val = *reinterpret_cast<const uint4*>(q + off);
-    }
-    *reinterpret_cast<uint4*>(Qs + r * QS + ch * 8) = val;
-  }
-  // Ids of the tile's tokens, and the candidate list for the union.
-  for (int e = tid; e < P; e += NSA_THREADS) {
-    int j = -1;
-    if (e < BQ * n) {
-      const int i = e / n, slot = e % n, t = t0 + i;
-      if (t < S) {
-        j = ids[(((long long)b * S + t) * Hkv + g) * n + slot];
-        if (!id_ok(j, t, L)) j = -1;
-      }
-      ids_s[e] = j;
-    }
-    cand[e] = j < 0 ? 0x7fffffff : j;
-  }
-  __syncthreads();
-  // Bitonic sort of the candidates (P is a power of two).
-  for (int kk = 2; kk <= P; kk <<= 1) {
-    for (int jj = kk >> 1; jj > 0; jj >>= 1) {
-      for (int i = tid; i < P; i += NSA_THREADS) {
-        const int ixj = i ^ jj;
-        if (ixj > i) {
-          const int a = cand[i], c = cand[ixj];
-          const bool up = (i & kk) == 0;
-          if ((a > c) == up) {
-            cand[i] = c;
-            cand[ixj] = a;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
-  // Distinct ids in ascending order -> uni[0 .. U).
-  if (warp == 0) {
-    int base = 0;
-    for (int c0 = 0; c0 < P; c0 += 32) {
-      const int i = c0 + lane;
-      const int x = cand[i];
-      const bool keep = x != 0x7fffffff && (i == 0 || cand[i - 1] != x);
-      const unsigned m = __ballot_sync(0xffffffffu, keep);
-      if (keep) uni[base + __popc(m & ((1u << lane) - 1u))] = x;
-      base += __popc(m);
-    }
-    if (lane == 0) *ucount = base;
-  }
-  for (int e = tid; e < BQ * PW; e += NSA_THREADS) mbits[e] = 0u;
-  __syncthreads();
-  const int U = *ucount;
-  // Membership: token i selected union entry u.
-  for (int e = tid; e < BQ * n; e += NSA_THREADS) {
-    const int j = ids_s[e];
-    if (j < 0) continue;
-    int lo = 0, hi = U - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (uni[mid] < j) lo = mid + 1; else hi = mid;
-    }
-    atomicOr(&mbits[(e / n) * PW + lo / 32], 1u << (lo % 32));
-  }
-  __syncthreads();
+    if (r >= nrows || t >= S) return nullptr;
+    return q + (((long long)b * S + t) * H + g * hpg + r % hpg) * DK;
+  }, tid, NSA_THREADS);
+  const int U = build_union(un, ids, b, S, Hkv, g, t0, BQ, n, L, P, tid, NSA_THREADS);
 
   const int r0 = warp * 16 + gq, r1 = r0 + 8;
   const int i0 = r0 / hpg, i1 = r1 / hpg;
@@ -253,42 +166,17 @@ __device__ void slc_fwd_mma(const __nv_bfloat16* __restrict__ q,
 
   const long long F = (long long)U * L;
   for (long long f0 = 0; f0 < F; f0 += NSA_BK) {
-    for (int c = tid; c < NSA_BK; c += NSA_THREADS) {
-      const long long f = f0 + c;
-      int p = -1, u = 0;
-      if (f < F) {
-        u = (int)(f / L);
-        const long long pos = (long long)uni[u] * L + f % L;
-        if (pos < S) p = (int)pos;
-      }
-      colpos[c] = p;
-      colu[c] = u;
-    }
+    union_columns(un, f0, F, L, S, tid, NSA_THREADS);
     __syncthreads();
-    for (int e = tid; e < NSA_BK * (DK / 8); e += NSA_THREADS) {
-      const int c = e / (DK / 8), ch = e % (DK / 8), p = colpos[c];
-      uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (p >= 0) val = *reinterpret_cast<const uint4*>(k + (((long long)b * S + p) * Hkv + g) * DK + ch * 8);
-      *reinterpret_cast<uint4*>(Ks + c * QS + ch * 8) = val;
-    }
-    for (int e = tid; e < NSA_BK * (DV / 8); e += NSA_THREADS) {
-      const int c = e / (DV / 8), ch = e % (DV / 8), p = colpos[c];
-      uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (p >= 0) val = *reinterpret_cast<const uint4*>(v + (((long long)b * S + p) * Hkv + g) * DV + ch * 8);
-      const __nv_bfloat16* x = reinterpret_cast<const __nv_bfloat16*>(&val);
-#pragma unroll
-      for (int y = 0; y < 8; ++y) Vt[(ch * 8 + y) * VS + c] = x[y];
-    }
-    for (int i = warp; i < BQ; i += NSA_THREADS / 32) {
-      const int t = t0 + i;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int c = half * 32 + lane, p = colpos[c], u = colu[c];
-        const bool vis = t < S && p >= 0 && p <= t && ((mbits[i * PW + u / 32] >> (u % 32)) & 1u);
-        const unsigned bits = __ballot_sync(0xffffffffu, vis);
-        if (lane == 0) kmask[i * 2 + half] = bits;
-      }
-    }
+    const auto key_row = [&](const __nv_bfloat16* base, int width) {
+      return [=](int c) -> const __nv_bfloat16* {
+        const int p = un.colpos[c];
+        return p < 0 ? nullptr : base + (((long long)b * S + p) * Hkv + g) * width;
+      };
+    };
+    copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
+    copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
+    union_mask(un, t0, BQ, S, tid, NSA_THREADS);
     __syncthreads();
 
     float sacc[NSA_BK / 8][4];
@@ -296,26 +184,25 @@ __device__ void slc_fwd_mma(const __nv_bfloat16* __restrict__ q,
     for (int nt = 0; nt < NSA_BK / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
 #pragma unroll
     for (int kt = 0; kt < DK / 16; ++kt) {
-      const unsigned* qa = reinterpret_cast<const unsigned*>(Qs + r0 * QS + kt * 16 + tig * 2);
-      const unsigned* qb = reinterpret_cast<const unsigned*>(Qs + r1 * QS + kt * 16 + tig * 2);
-      const unsigned a0 = qa[0], a1 = qb[0], a2 = qa[4], a3 = qb[4];
+      unsigned a[4];
+      load_a(a, Qs, QS, warp * 16 + gq, kt * 16, tig);
 #pragma unroll
       for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-        const unsigned* kb = reinterpret_cast<const unsigned*>(Ks + (nt * 8 + gq) * QS + kt * 16 + tig * 2);
-        mma_bf16(sacc[nt], a0, a1, a2, a3, kb[0], kb[4]);
+        unsigned b0, b1;
+        load_b(b0, b1, Ks, QS, nt * 8 + gq, kt * 16, tig);
+        mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
       }
     }
     // Mask, online softmax (rows r0: elements 0, 1; r1: elements 2, 3).
-    const unsigned mk0[2] = {ok0 ? kmask[i0 * 2] : 0u, ok0 ? kmask[i0 * 2 + 1] : 0u};
-    const unsigned mk1[2] = {ok1 ? kmask[i1 * 2] : 0u, ok1 ? kmask[i1 * 2 + 1] : 0u};
+    const unsigned mk0[2] = {ok0 ? un.kmask[i0 * 2] : 0u, ok0 ? un.kmask[i0 * 2 + 1] : 0u};
+    const unsigned mk1[2] = {ok1 ? un.kmask[i1 * 2] : 0u, ok1 ? un.kmask[i1 * 2 + 1] : 0u};
     float mx[2] = {m[0], m[1]};
 #pragma unroll
     for (int nt = 0; nt < NSA_BK / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = nt * 8 + tig * 2 + (e & 1);
-        const unsigned* mk = e < 2 ? mk0 : mk1;
-        const bool vis = (mk[c / 32] >> (c % 32)) & 1u;
+        const bool vis = col_visible(e < 2 ? mk0 : mk1, c);
         const float s = vis ? sacc[nt][e] * sl2 : -INFINITY;
         sacc[nt][e] = s;
         mx[e / 2] = fmaxf(mx[e / 2], s);
@@ -358,9 +245,11 @@ __device__ void slc_fwd_mma(const __nv_bfloat16* __restrict__ q,
       const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
       const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
 #pragma unroll
-      for (int nv = 0; nv < DV / 8; ++nv) {
-        const unsigned* vb = reinterpret_cast<const unsigned*>(Vt + (nv * 8 + gq) * VS + kk * 16 + tig * 2);
-        mma_bf16(o[nv], a0, a1, a2, a3, vb[0], vb[4]);
+      for (int nv = 0; nv < DV / 16; ++nv) {
+        unsigned vb[4];
+        load_b_trans_x2(vb, Vs, VS, kk * 16, nv * 16, lane);
+        mma_bf16(o[2 * nv], a0, a1, a2, a3, vb[0], vb[1]);
+        mma_bf16(o[2 * nv + 1], a0, a1, a2, a3, vb[2], vb[3]);
       }
     }
     __syncthreads();

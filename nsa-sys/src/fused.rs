@@ -61,6 +61,8 @@ struct SlcTable {
     dq: [CuFunction; 2],
     dkdv: [CuFunction; 2],
     dkdv_reduce: [CuFunction; 2],
+    dq_mma: [CuFunction; 9],
+    dkdv_mma: [CuFunction; 9],
     max_smem: i32,
 }
 
@@ -98,7 +100,7 @@ impl SelectedKernels {
     }
 }
 
-/// Head sizes with a tensor-core (bf16) forward instantiation.
+/// Head sizes with tensor-core (bf16) forward and backward instantiations.
 pub const MMA_HEAD_DIMS: [i64; 3] = [64, 128, 192];
 
 static OPTIONS: Mutex<Option<FusedOptions>> = Mutex::new(None);
@@ -199,15 +201,19 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
         }
         Ok(f)
     };
-    let mut fwd_mma = [std::ptr::null_mut(); 9];
-    for (i, dk) in MMA_HEAD_DIMS.iter().enumerate() {
-        for (j, dv) in MMA_HEAD_DIMS.iter().enumerate() {
-            fwd_mma[3 * i + j] = func(fwd_mod, &format!("nsa_slc_fwd_mma_dk{dk}_dv{dv}"))?;
+    // The tensor-core instantiations of one family, indexed 3 * dk_index + dv_index.
+    let mma_family = |m: CuModule, prefix: &str| -> Result<[CuFunction; 9], SysError> {
+        let mut fns = [std::ptr::null_mut(); 9];
+        for (i, dk) in MMA_HEAD_DIMS.iter().enumerate() {
+            for (j, dv) in MMA_HEAD_DIMS.iter().enumerate() {
+                fns[3 * i + j] = func(m, &format!("{prefix}_dk{dk}_dv{dv}"))?;
+            }
         }
-    }
+        Ok(fns)
+    };
     let table = SlcTable {
         launch: drv.launch_kernel as *const c_void,
-        fwd_mma,
+        fwd_mma: mma_family(fwd_mod, "nsa_slc_fwd_mma")?,
         fwd_simt: [
             func(fwd_mod, "nsa_slc_fwd_simt_f32")?,
             func(fwd_mod, "nsa_slc_fwd_simt_bf16")?,
@@ -224,6 +230,8 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
             func(bwd_mod, "nsa_slc_dkdv_reduce_f32")?,
             func(bwd_mod, "nsa_slc_dkdv_reduce_bf16")?,
         ],
+        dq_mma: mma_family(bwd_mod, "nsa_slc_dq_mma")?,
+        dkdv_mma: mma_family(bwd_mod, "nsa_slc_dkdv_mma")?,
         max_smem,
     };
     Ok(SelectedKernels {

@@ -7,7 +7,7 @@
 //! GPU, so every kernel is compiled by a CPU test for sm_80 and sm_90.
 //!
 //! Compilation: `--gpu-architecture=sm_XY -std=c++17 -lineinfo -I<cu13/include>`, the kernel
-//! family's source plus the shared header `common.cuh`, output CUBIN for exactly that
+//! family's source plus the shared headers (`common.cuh`, `mma.cuh`), output CUBIN for exactly that
 //! architecture. The cache file is `<dir>/<family>-sm_XY-<sha256>.cubin`, the hash taken over
 //! (source, headers, options, architecture, NVRTC version), written under a temporary name and
 //! renamed, so concurrent processes never read a half-written file and a second start
@@ -29,7 +29,10 @@ pub struct KernelSource {
 }
 
 /// Headers every kernel may include by name.
-pub const HEADERS: [(&str, &str); 1] = [("common.cuh", include_str!("../kernels/common.cuh"))];
+pub const HEADERS: [(&str, &str); 2] = [
+    ("common.cuh", include_str!("../kernels/common.cuh")),
+    ("mma.cuh", include_str!("../kernels/mma.cuh")),
+];
 
 /// Selected-branch forward (tensor-core bf16 kernel and SIMT kernels).
 pub const SELECTED_FWD: KernelSource = KernelSource {

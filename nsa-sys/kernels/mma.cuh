@@ -1,0 +1,226 @@
+// Tensor-core building blocks of the selected-branch kernels (bf16 in, fp32 accumulate), and the
+// "union tile" that lets one CTA serve several query tokens from one stream of K/V tiles.
+//
+// Fragments (PTX ISA, mma.m16n8k16 with .row.col): in a warp, lane = 4 * gq + tig.
+//   A (16 x 16, row-major): a0 = A[gq][2tig, 2tig+1], a1 = A[gq+8][2tig..], a2 = A[gq][8+2tig..],
+//     a3 = A[gq+8][8+2tig..] (each a pair of bf16 in one 32-bit register);
+//   B (16 x 8, "col"): b0 = B[2tig, 2tig+1][gq], b1 = B[8+2tig, 8+2tig+1][gq];
+//   C/D (16 x 8, fp32): c0, c1 = C[gq][2tig, 2tig+1], c2, c3 = C[gq+8][2tig, 2tig+1].
+// So two neighbouring C tiles (n = 0..7 and 8..15) of one row block are, packed to bf16, the A
+// fragment of the next product over k = those 16 columns (flash-attention-2's register reuse).
+// A B operand whose k index runs along the rows of a row-major shared tile (P V: k = key, the
+// tile is V [key][d]) is loaded with ldmatrix .trans; one whose k runs along the columns
+// (Q K^T: k = d, the tile is K [key][d]) is read directly, two 32-bit words per fragment.
+#pragma once
+#include "common.cuh"
+
+namespace nsa {
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+  __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&x);
+}
+
+// d += a * b for one m16n8k16 tile (A row-major 16x16, B "col" 16x8, fp32 accumulators).
+__device__ __forceinline__ void mma_bf16(float* d, unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A fragment of rows r0 = 16-row block + gq and r1 = r0 + 8, columns c .. c + 15 of a row-major
+// bf16 shared tile with row stride `stride` elements.
+__device__ __forceinline__ void load_a(unsigned (&a)[4], const __nv_bfloat16* tile, int stride,
+                                       int r0, int c, int tig) {
+  const unsigned* x = reinterpret_cast<const unsigned*>(tile + r0 * stride + c + tig * 2);
+  const unsigned* y = reinterpret_cast<const unsigned*>(tile + (r0 + 8) * stride + c + tig * 2);
+  a[0] = x[0];
+  a[1] = y[0];
+  a[2] = x[4];
+  a[3] = y[4];
+}
+
+// B fragment with n = tile row n0 + gq and k = columns c .. c + 15 (B[k][n] = tile[n][k]).
+__device__ __forceinline__ void load_b(unsigned& b0, unsigned& b1, const __nv_bfloat16* tile,
+                                       int stride, int n_row, int c, int tig) {
+  const unsigned* x = reinterpret_cast<const unsigned*>(tile + n_row * stride + c + tig * 2);
+  b0 = x[0];
+  b1 = x[4];
+}
+
+// Two B fragments (n tiles n0 .. n0 + 7 and n0 + 8 .. n0 + 15) with k = tile rows k0 .. k0 + 15
+// and n = tile columns (B[k][n] = tile[k0 + k][n0 + n]), by ldmatrix .x4 .trans: lanes 8m .. 8m+7
+// address the rows of 8x8 matrix m (m & 1: k half, m >> 1: n half).
+__device__ __forceinline__ void load_b_trans_x2(unsigned (&b)[4], const __nv_bfloat16* tile,
+                                                int stride, int k0, int n0, int lane) {
+  const int m = lane >> 3, r = lane & 7;
+  const __nv_bfloat16* p = tile + (k0 + (m & 1) * 8 + r) * stride + n0 + (m >> 1) * 8;
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(addr));
+}
+
+// Copies `rows` rows of `width` bf16 (a multiple of 8) from global (row pointers given by
+// `src_row(r)`, nullptr = zeros) into a shared tile with row stride `stride`, 16 bytes a thread.
+template <int WIDTH, typename RowFn>
+__device__ __forceinline__ void copy_rows(__nv_bfloat16* tile, int stride, int rows,
+                                          RowFn src_row, int tid, int threads) {
+  for (int e = tid; e < rows * (WIDTH / 8); e += threads) {
+    const int r = e / (WIDTH / 8), ch = e % (WIDTH / 8);
+    const __nv_bfloat16* src = src_row(r);
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (src != nullptr) val = *reinterpret_cast<const uint4*>(src + ch * 8);
+    *reinterpret_cast<uint4*>(tile + r * stride + ch * 8) = val;
+  }
+}
+
+// ---- union tile ------------------------------------------------------------------------------
+//
+// A CTA of the query-outer kernels serves BQ consecutive tokens t0 .. t0 + BQ - 1 of one group.
+// It reads the union of their selected blocks (ascending, distinct) as a flat stream of key
+// "columns" f = u * L + i (key uni[u] * L + i), in tiles of 64 columns; per tile, bit c of
+// kmask[token][c / 32] says whether the token reads column c (it selected block uni[u] and the
+// key is <= t and < S). Shared memory (ints), P = next power of two >= max(32, BQ * n):
+//   ids [BQ][n], cand [P], uni [P], membership bits [BQ][P / 32], kmask [BQ][2], colpos [64],
+//   colu [64], count [1].
+struct UnionTile {
+  int* ids;
+  int* cand;
+  int* uni;
+  unsigned* mbits;
+  unsigned* kmask;
+  int* colpos;
+  int* colu;
+  int* count;
+  int words;  // P / 32
+};
+
+// Ints of shared memory a UnionTile takes (the glue's smem formulas use the same count).
+__device__ __forceinline__ int union_ints(int bq, int n, int P) {
+  return bq * n + 2 * P + bq * (P / 32) + bq * 2 + 64 + 64 + 1;
+}
+
+__device__ __forceinline__ UnionTile carve_union(int* base, int bq, int n, int P) {
+  UnionTile u;
+  u.ids = base;
+  u.cand = u.ids + bq * n;
+  u.uni = u.cand + P;
+  u.words = P / 32;
+  u.mbits = reinterpret_cast<unsigned*>(u.uni + P);
+  u.kmask = u.mbits + bq * u.words;
+  u.colpos = reinterpret_cast<int*>(u.kmask + bq * 2);
+  u.colu = u.colpos + 64;
+  u.count = u.colu + 64;
+  return u;
+}
+
+// Builds the union of the tile's tokens' valid ids and the membership bits; returns its size U.
+// Every thread of the CTA calls it (it synchronises).
+__device__ int build_union(const UnionTile& u, const int* __restrict__ ids, int b, int S, int Hkv,
+                           int g, int t0, int bq, int n, int L, int P, int tid, int threads) {
+  const int warp = tid / 32, lane = tid % 32;
+  for (int e = tid; e < P; e += threads) {
+    int j = -1;
+    if (e < bq * n) {
+      const int i = e / n, slot = e % n, t = t0 + i;
+      if (t < S) {
+        j = ids[(((long long)b * S + t) * Hkv + g) * n + slot];
+        if (!id_ok(j, t, L)) j = -1;
+      }
+      u.ids[e] = j;
+    }
+    u.cand[e] = j < 0 ? 0x7fffffff : j;
+  }
+  __syncthreads();
+  // Bitonic sort of the candidates (P is a power of two).
+  for (int kk = 2; kk <= P; kk <<= 1) {
+    for (int jj = kk >> 1; jj > 0; jj >>= 1) {
+      for (int i = tid; i < P; i += threads) {
+        const int ixj = i ^ jj;
+        if (ixj > i) {
+          const int a = u.cand[i], c = u.cand[ixj];
+          const bool up = (i & kk) == 0;
+          if ((a > c) == up) {
+            u.cand[i] = c;
+            u.cand[ixj] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // Distinct ids in ascending order -> uni[0 .. U).
+  if (warp == 0) {
+    int base = 0;
+    for (int c0 = 0; c0 < P; c0 += 32) {
+      const int i = c0 + lane;
+      const int x = u.cand[i];
+      const bool keep = x != 0x7fffffff && (i == 0 || u.cand[i - 1] != x);
+      const unsigned m = __ballot_sync(0xffffffffu, keep);
+      if (keep) u.uni[base + __popc(m & ((1u << lane) - 1u))] = x;
+      base += __popc(m);
+    }
+    if (lane == 0) *u.count = base;
+  }
+  for (int e = tid; e < bq * u.words; e += threads) u.mbits[e] = 0u;
+  __syncthreads();
+  const int U = *u.count;
+  // Membership: token i selected union entry lo.
+  for (int e = tid; e < bq * n; e += threads) {
+    const int j = u.ids[e];
+    if (j < 0) continue;
+    int lo = 0, hi = U - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (u.uni[mid] < j) lo = mid + 1; else hi = mid;
+    }
+    atomicOr(&u.mbits[(e / n) * u.words + lo / 32], 1u << (lo % 32));
+  }
+  __syncthreads();
+  return U;
+}
+
+// Key position (or -1 past the stream / the sequence) and union slot of the tile's 64 columns
+// starting at column f0 of F = U * L. The caller synchronises before reading them.
+__device__ __forceinline__ void union_columns(const UnionTile& u, long long f0, long long F,
+                                              int L, int S, int tid, int threads) {
+  for (int c = tid; c < 64; c += threads) {
+    const long long f = f0 + c;
+    int p = -1, slot = 0;
+    if (f < F) {
+      slot = (int)(f / L);
+      const long long pos = (long long)u.uni[slot] * L + f % L;
+      if (pos < S) p = (int)pos;
+    }
+    u.colpos[c] = p;
+    u.colu[c] = slot;
+  }
+}
+
+// kmask for the tile's tokens (after union_columns and a barrier); the caller synchronises.
+__device__ __forceinline__ void union_mask(const UnionTile& u, int t0, int bq, int S, int tid,
+                                           int threads) {
+  const int warp = tid / 32, lane = tid % 32;
+  for (int i = warp; i < bq; i += threads / 32) {
+    const int t = t0 + i;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int c = half * 32 + lane, p = u.colpos[c], s = u.colu[c];
+      const bool vis =
+          t < S && p >= 0 && p <= t && ((u.mbits[i * u.words + s / 32] >> (s % 32)) & 1u);
+      const unsigned bits = __ballot_sync(0xffffffffu, vis);
+      if (lane == 0) u.kmask[i * 2 + half] = bits;
+    }
+  }
+}
+
+// Whether row r's token (bit c of its kmask words mk) reads column c.
+__device__ __forceinline__ bool col_visible(const unsigned (&mk)[2], int c) {
+  return (mk[c / 32] >> (c % 32)) & 1u;
+}
+
+}  // namespace nsa
