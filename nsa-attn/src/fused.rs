@@ -2,7 +2,8 @@
 //! on libtorch's flash-attention kernel (with its window parameters), on CUDA; the same
 //! signatures and semantics as [`crate::lean`], which they fall back to where they do not apply
 //! (CPU tensors, dtypes other than bf16/fp32, and for the window fp32 or `dk ≠ dv`). The
-//! compressed branch stays on the lean path.
+//! compressed branch and block selection run on the kernels of [`compressed`]'s module
+//! (selection always, the branch's output at inference; in training it is the lean path's).
 //!
 //! [`gpu_check`] runs the parity checks of the fused functions against the reference path on
 //! fresh random inputs and returns one [`CheckRow`] per case (for `nsa-train check --gpu`).
@@ -12,6 +13,9 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{AttnError, NsaConfig};
 use crate::{lean, reference};
 use nsa_sys::fused as sys;
+
+mod compressed;
+pub use compressed::{compressed, compressed_supported, select_blocks, select_params};
 
 fn scale(q: &Tensor) -> f64 {
     1.0 / (q.size()[3] as f64).sqrt()
@@ -313,6 +317,32 @@ fn poison(device: Device) {
     }
 }
 
+/// One check row over pairs (kernel result, reference): the worst relative error against
+/// `tolerance`.
+fn compare_rows(
+    name: String,
+    tolerance: f64,
+    pairs: &[(Tensor, Tensor)],
+) -> Result<CheckRow, AttnError> {
+    let mut worst = 0.0f64;
+    let mut which = 0;
+    for (i, (got, want)) in pairs.iter().enumerate() {
+        let e = rel_err(got, want)?;
+        if e.is_nan() || e > worst {
+            worst = e;
+            which = i;
+        }
+    }
+    let within = worst.is_finite() && worst <= tolerance;
+    Ok(CheckRow {
+        name,
+        max_rel_err: worst,
+        tolerance,
+        passed: within,
+        detail: format!("worst: output {which}"),
+    })
+}
+
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64, AttnError> {
     let a = a.f_to_kind(Kind::Double)?;
     let denom = b.f_abs()?.f_max()?.f_double_value(&[])?.max(1e-30);
@@ -533,5 +563,6 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
             .unwrap_or_else(|e| failed(format!("window dk={dk} dv={dv} w={w} S={s}"), e));
         rows.push(row);
     }
+    rows.extend(compressed::check_rows(device));
     Ok(rows)
 }

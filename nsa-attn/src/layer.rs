@@ -307,7 +307,8 @@ impl NsaAttention {
     }
 
     /// Block selection for the projections (no gradient): from the full `p_cmp` on the
-    /// reference path, chunk by chunk on the lean path.
+    /// reference path, chunk by chunk on the lean path, in the selection kernel (from the
+    /// compressed kernel's log-sum-exp) on the fused path where it applies.
     pub fn select(
         &self,
         p: &Projections,
@@ -321,9 +322,13 @@ impl NsaAttention {
                 let (_, p_cmp) = reference::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg)?;
                 selection::blocks_from_probs(&p_cmp, 0, p.q.size()[1], cfg, imp)
             }
-            AttnPath::Lean(lo) | AttnPath::Fused(lo) => {
+            AttnPath::Lean(lo) => {
                 check_chunk("select_chunk", lo.select_chunk)?;
                 selection::blocks_chunked(&p.q, &p.cmp_k, cfg, lo.select_chunk, imp)
+            }
+            AttnPath::Fused(lo) => {
+                check_chunk("select_chunk", lo.select_chunk)?;
+                fused::select_blocks(&p.q, &p.cmp_k, &p.cmp_v, cfg, lo.select_chunk, imp)
             }
         }
     }
@@ -370,7 +375,7 @@ impl NsaAttention {
                 check_chunk("window_chunk", lo.window_chunk)?;
                 let o_cmp = {
                     let _r = range("nsa.cmp");
-                    lean::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg, lo.query_chunk)?
+                    fused::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg, lo.query_chunk)?
                 };
                 let o_slc = {
                     let _r = range("nsa.slc");

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "blocks.h"
@@ -46,7 +47,22 @@ struct NsaSlcTable {
   void* dkdv_reduce[2];
   void* dq_mma[9];
   void* dkdv_mma[9];
+  void* cmp_fwd_mma[9];
+  void* cmp_dq_mma[9];
+  void* cmp_dkdv_mma[9];
+  void* cmp_select[6];  // bf16 dk 64, 128, 192, then fp32 dk 64, 128, 192
   int32_t max_smem;
+};
+
+// Mirrors of compressed.cu's kernel parameter structs.
+constexpr int kMaxTaps = 32;  // NSA_MAX_TAPS
+struct NsaTaps {
+  int32_t first, step, count;
+  int32_t w[kMaxTaps];
+};
+struct NsaSelectArgs {
+  int32_t L, n, n_local, Nb, bq;
+  NsaTaps taps;
 };
 
 namespace {
@@ -282,6 +298,148 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
   }
 };
 
+// The compressed-branch forward kernel: (out, lse) for bf16 q [B, S, H, dk], ck [B, Nc, Hkv, dk],
+// cv [B, Nc, Hkv, dv] (aligned, contiguous) with a tensor-core instantiation.
+std::tuple<Tensor, Tensor> cmp_forward(const NsaSlcTable* tab, const Tensor& q, const Tensor& ck,
+                                       const Tensor& cv, int64_t cl, int64_t cd, double scale) {
+  int64_t B = q.size(0), S = q.size(1), H = q.size(2), dk = q.size(3);
+  int64_t Nc = ck.size(1), Hkv = ck.size(2), dv = cv.size(3), hpg = H / Hkv;
+  int mi = mma_index(q, dk, dv, hpg);
+  TORCH_CHECK(mi >= 0 && tab->cmp_fwd_mma[mi] != nullptr,
+              "fused compressed attention: bf16 with dk, dv in {64, 128, 192} and at most 64 "
+              "heads per group only");
+  auto out = at::empty({B, S, H, dv}, cv.options());
+  auto lse = at::empty({B, S, H}, q.options().dtype(at::kFloat));
+  if (S > 0 && B > 0) {
+    void* stream = current_stream(q.device());
+    void *qp = q.data_ptr(), *kp = ck.data_ptr(), *vp = cv.data_ptr(), *op = out.data_ptr(),
+         *lp = lse.data_ptr();
+    int iS = int(S), iNc = int(Nc), iHkv = int(Hkv), ihpg = int(hpg), icl = int(cl),
+        icd = int(cd);
+    float fscale = float(scale);
+    void* args[] = {&qp, &kp, &vp, &op, &lp, &iS, &iNc, &iHkv, &ihpg, &icl, &icd, &fscale};
+    int64_t bq = kM / hpg;
+    launch(tab, tab->cmp_fwd_mma[mi], "nsa_cmp_fwd_mma", (S + bq - 1) / bq, Hkv, B,
+           fwd_mma_smem(dk, dv, hpg, 0, 32), stream, args);
+  }
+  return {out, lse};
+}
+
+// A host-built int tensor on `device` without a host synchronisation (pinned staging, copied
+// asynchronously on the current stream; the caching host allocator keeps the staging alive).
+template <typename T>
+Tensor to_device(const std::vector<T>& v, at::ScalarType type, const c10::Device& device) {
+  auto host = at::empty({int64_t(v.size())}, at::TensorOptions().dtype(type).pinned_memory(true));
+  if (!v.empty()) std::memcpy(host.data_ptr(), v.data(), v.size() * sizeof(T));
+  return host.to(device, /*non_blocking=*/true);
+}
+
+// Compressed branch: forward kernel; backward = dq kernel (query-outer) and the dK/dV kernel
+// over tiles of 64 compressed tokens (key-outer), each tile's readers (tokens from
+// tile * 64 * d + l - 1 on) split into pieces; split tiles are summed by the reduce kernel in
+// piece order. The plan depends on the shapes only, so it is built on the host without a
+// device synchronisation. Deterministic, no float atomics.
+struct CompressedFused : public torch::autograd::Function<CompressedFused> {
+  static Tensor forward(AutogradContext* ctx, Tensor q, Tensor ck, Tensor cv, int64_t cl,
+                        int64_t cd, double scale, int64_t table) {
+    const auto* tab = reinterpret_cast<const NsaSlcTable*>(table);
+    c10::DeviceGuard guard(q.device());
+    q = aligned(q);
+    ck = aligned(ck);
+    cv = aligned(cv);
+    auto [out, lse] = cmp_forward(tab, q, ck, cv, cl, cd, scale);
+    ctx->save_for_backward({q, ck, cv, out, lse});
+    ctx->saved_data["cl"] = cl;
+    ctx->saved_data["cd"] = cd;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["table"] = table;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto q = saved[0], ck = saved[1], cv = saved[2], out = saved[3], lse = saved[4];
+    int64_t cl = ctx->saved_data["cl"].toInt(), cd = ctx->saved_data["cd"].toInt();
+    double scale = ctx->saved_data["scale"].toDouble();
+    const auto* tab = reinterpret_cast<const NsaSlcTable*>(ctx->saved_data["table"].toInt());
+    c10::DeviceGuard guard(q.device());
+    auto dout = aligned(grads[0].to(out.scalar_type()));
+    int64_t B = q.size(0), S = q.size(1), H = q.size(2), dk = q.size(3);
+    int64_t Nc = ck.size(1), Hkv = ck.size(2), dv = cv.size(3), hpg = H / Hkv;
+    int mi = mma_index(q, dk, dv, hpg);
+    auto D = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+    if (B == 0 || S == 0 || Nc == 0) {
+      return {at::zeros_like(q), at::zeros_like(ck), at::zeros_like(cv), Tensor(), Tensor(),
+              Tensor(), Tensor()};
+    }
+    // Every key is written exactly once (by its tile's one piece, or by the reduce kernel).
+    auto dq = at::empty_like(q);
+    auto dk_t = at::empty_like(ck);
+    auto dv_t = at::empty_like(cv);
+    void* stream = current_stream(q.device());
+    int iS = int(S), iNc = int(Nc), iHkv = int(Hkv), ihpg = int(hpg), icl = int(cl), icd = int(cd);
+    float fscale = float(scale);
+    void *qp = q.data_ptr(), *kp = ck.data_ptr(), *vp = cv.data_ptr(), *dop = dout.data_ptr();
+    void *lp = lse.data_ptr(), *Dp = D.data_ptr(), *dqp = dq.data_ptr();
+    {
+      void* args[] = {&qp, &kp, &vp, &dop, &lp, &Dp, &dqp, &iS, &iNc, &iHkv, &ihpg, &icl, &icd,
+                      &fscale};
+      int64_t bq = kM / hpg;
+      launch(tab, tab->cmp_dq_mma[mi], "nsa_cmp_dq_mma", (S + bq - 1) / bq, Hkv, B,
+             dq_mma_smem(dk, dv, hpg, 0, 32), stream, args);
+    }
+    // Plan: segments (b, g, tile), pieces of at most `piece` reading tokens.
+    int64_t NT = (Nc + kBk - 1) / kBk;
+    int64_t piece = std::max<int64_t>(128, (S + 31) / 32);
+    std::vector<int64_t> w_seg, w_a, w_b, red_seg;
+    std::vector<int32_t> w_slot, red_slot0, red_count;
+    int32_t slots = 0;
+    for (int64_t bg = 0; bg < B * Hkv; ++bg) {
+      for (int64_t tile = 0; tile < NT; ++tile) {
+        int64_t first = std::min<int64_t>(S, tile * kBk * cd + cl - 1);
+        int64_t count = S - first;
+        int64_t pieces = std::max<int64_t>(1, (count + piece - 1) / piece);
+        int64_t seg = bg * NT + tile;
+        if (pieces > 1) {
+          red_seg.push_back(seg);
+          red_slot0.push_back(slots);
+          red_count.push_back(int32_t(pieces));
+        }
+        for (int64_t p = 0; p < pieces; ++p) {
+          w_seg.push_back(seg);
+          w_a.push_back(first + p * piece);
+          w_b.push_back(std::min<int64_t>(S, first + (p + 1) * piece));
+          w_slot.push_back(pieces > 1 ? slots++ : -1);
+        }
+      }
+    }
+    auto dev = q.device();
+    auto seg_t = to_device(w_seg, at::kLong, dev), a_t = to_device(w_a, at::kLong, dev);
+    auto b_t = to_device(w_b, at::kLong, dev), slot_t = to_device(w_slot, at::kInt, dev);
+    auto scratch = at::empty({std::max<int64_t>(slots, 1), kBk, dk + dv}, q.options().dtype(at::kFloat));
+    void *wsp = seg_t.data_ptr(), *wap = a_t.data_ptr(), *wbp = b_t.data_ptr();
+    void *wlp = slot_t.data_ptr(), *scp = scratch.data_ptr();
+    void *dkp = dk_t.data_ptr(), *dvp = dv_t.data_ptr();
+    int iNT = int(NT);
+    {
+      void* args[] = {&qp,  &kp,  &vp,  &dop, &lp, &Dp, &wsp, &wap, &wbp,  &wlp, &scp,
+                      &dkp, &dvp, &iS,  &iNc, &iHkv, &ihpg, &iNT, &icl, &icd, &fscale};
+      launch(tab, tab->cmp_dkdv_mma[mi], "nsa_cmp_dkdv_mma", int64_t(w_seg.size()), 1, 1,
+             dkdv_mma_smem(dk, dv), stream, args);
+    }
+    if (!red_seg.empty()) {
+      auto rs = to_device(red_seg, at::kLong, dev), r0 = to_device(red_slot0, at::kInt, dev);
+      auto rc = to_device(red_count, at::kInt, dev);
+      void *rsp = rs.data_ptr(), *r0p = r0.data_ptr(), *rcp = rc.data_ptr();
+      int idk = int(dk), idv = int(dv), iL = int(kBk);
+      void* args[] = {&scp, &rsp, &r0p, &rcp, &dkp, &dvp, &iNc, &iHkv, &idk, &idv, &iL, &iNT};
+      launch(tab, tab->dkdv_reduce[1], "nsa_slc_dkdv_reduce (compressed)", int64_t(red_seg.size()),
+             1, 1, 0, stream, args);
+    }
+    return {dq, dk_t, dv_t, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
 void write_error(const char* what, char* err, size_t err_len) {
   if (err == nullptr || err_len == 0) return;
   std::strncpy(err, what, err_len - 1);
@@ -384,6 +542,117 @@ at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at:
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto out = WindowFlash::apply(qc, kc, vc, window, scale);
     return new at::Tensor(std::move(out));
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+// Compressed-branch forward without autograd (selection, inference): out [B, S, H, dv] bf16 and
+// lse fp32 [B, S, H] as new tensors. q [B, S, H, dk], ck [B, Nc, Hkv, dk], cv [B, Nc, Hkv, dv],
+// bf16, dk and dv in {64, 128, 192}. Returns 0, or -1 with a message in err.
+int nsa_fused_compressed_fwd(const at::Tensor* q_in, const at::Tensor* ck_in,
+                             const at::Tensor* cv_in, int64_t cl, int64_t cd, double scale,
+                             const NsaSlcTable* tab, at::Tensor** out_p, at::Tensor** lse_p,
+                             char* err, size_t err_len) {
+  try {
+    TORCH_CHECK(tab != nullptr, "fused compressed attention: no kernel table");
+    TORCH_CHECK(q_in->is_cuda(), "fused compressed attention: CUDA tensors only");
+    TORCH_CHECK(cl > 0 && cd > 0, "fused compressed attention: l and d must be positive");
+    c10::DeviceGuard guard(q_in->device());
+    auto [out, lse] = cmp_forward(tab, aligned(*q_in), aligned(*ck_in), aligned(*cv_in), cl, cd,
+                                  scale);
+    *out_p = new at::Tensor(std::move(out));
+    *lse_p = new at::Tensor(std::move(lse));
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return -1;
+  }
+}
+
+// The compressed branch with autograd (CompressedFused): a new tensor [B, S, H, dv], or nullptr
+// with a message in err. Same inputs as nsa_fused_compressed_fwd.
+at::Tensor* nsa_fused_compressed(const at::Tensor* q, const at::Tensor* ck, const at::Tensor* cv,
+                                 int64_t cl, int64_t cd, double scale, const NsaSlcTable* table,
+                                 char* err, size_t err_len) {
+  try {
+    TORCH_CHECK(table != nullptr, "fused compressed attention: no kernel table");
+    TORCH_CHECK(q->is_cuda(), "fused compressed attention: CUDA tensors only");
+    TORCH_CHECK(cl > 0 && cd > 0, "fused compressed attention: l and d must be positive");
+    auto dt = common_type(*q, *ck, *cv);
+    TORCH_CHECK(dt == at::kBFloat16, "fused compressed attention: computes in bf16 only, got ", dt);
+    auto qc = q->to(dt), kc = ck->to(dt), vc = cv->to(dt);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto out = CompressedFused::apply(qc, kc, vc, cl, cd, scale, reinterpret_cast<int64_t>(table));
+    return new at::Tensor(std::move(out));
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+// Block selection from the compressed branch's lse (compressed.cu, nsa_cmp_select_*): ids int64
+// [B, S, Hkv, n] (ascending, -1 padded) as a new tensor. q and ck bf16 or fp32 (one type),
+// dk in {64, 128, 192}; lse fp32 [B, S, H]; taps: Eq. 9's overlap (first, step, count weights).
+at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
+                             const at::Tensor* lse_in, int64_t cl, int64_t cd, int64_t L,
+                             int64_t n, int64_t n_local, int64_t tap_first, int64_t tap_step,
+                             const int64_t* tap_w, int64_t tap_count, double scale,
+                             const NsaSlcTable* tab, char* err, size_t err_len) {
+  try {
+    TORCH_CHECK(tab != nullptr, "fused selection: no kernel table");
+    TORCH_CHECK(q_in->is_cuda(), "fused selection: CUDA tensors only");
+    TORCH_CHECK(q_in->scalar_type() == ck_in->scalar_type() &&
+                    (q_in->scalar_type() == at::kBFloat16 || q_in->scalar_type() == at::kFloat),
+                "fused selection: q and compressed keys must both be bf16 or both fp32");
+    TORCH_CHECK(tap_count >= 1 && tap_count <= kMaxTaps, "fused selection: 1 to ", kMaxTaps,
+                " overlap taps, got ", tap_count);
+    TORCH_CHECK(cl > 0 && cd > 0 && L > 0 && n > 0 && n_local >= 0 && tap_step > 0,
+                "fused selection: bad selection parameters");
+    c10::DeviceGuard guard(q_in->device());
+    auto q = aligned(*q_in), ck = aligned(*ck_in);
+    auto lse = lse_in->to(at::kFloat).contiguous();
+    int64_t B = q.size(0), S = q.size(1), H = q.size(2), dk = q.size(3);
+    int64_t Nc = ck.size(1), Hkv = ck.size(2), hpg = H / Hkv;
+    TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, S, H}), "fused selection: lse must be [B, S, H]");
+    int di = dim_index(dk);
+    bool bf = q.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(di >= 0 && hpg <= kM, "fused selection: dk in {64, 128, 192} and at most 64 "
+                "heads per group only");
+    void* fn = tab->cmp_select[(bf ? 0 : 3) + di];
+    TORCH_CHECK(fn != nullptr, "fused selection: kernel not loaded");
+    int64_t Nb = (S + L - 1) / L;
+    NsaSelectArgs sa{};
+    sa.L = int(L);
+    sa.n = int(n);
+    sa.n_local = int(n_local);
+    sa.Nb = int(Nb);
+    sa.taps.first = int(tap_first);
+    sa.taps.step = int(tap_step);
+    sa.taps.count = int(tap_count);
+    for (int64_t i = 0; i < tap_count; ++i) sa.taps.w[i] = int(tap_w[i]);
+    int64_t qs = bf ? dk + 8 : dk + 1, esz = bf ? 2 : 4;
+    auto smem = [&](int64_t bq) {
+      return 2 * kM * qs * esz + 4 * (kM + kM * 65 + bq * 64 + bq * Nb) +
+             4 * union_ints(bq, 0, 32);
+    };
+    int64_t bq = kM / hpg;
+    while (bq > 1 && smem(bq) > tab->max_smem) --bq;
+    TORCH_CHECK(smem(bq) <= tab->max_smem, "fused selection: ", Nb,
+                " selection blocks do not fit in shared memory (sequence too long)");
+    sa.bq = int(bq);
+    auto ids = at::empty({B, S, Hkv, n}, q.options().dtype(at::kLong));
+    if (S > 0 && B > 0) {
+      void* stream = current_stream(q.device());
+      void *qp = q.data_ptr(), *kp = ck.data_ptr(), *lp = lse.data_ptr(), *ip = ids.data_ptr();
+      int iS = int(S), iNc = int(Nc), iHkv = int(Hkv), ihpg = int(hpg), icl = int(cl),
+          icd = int(cd);
+      float fscale = float(scale);
+      void* args[] = {&qp, &kp, &lp, &ip, &iS, &iNc, &iHkv, &ihpg, &icl, &icd, &fscale, &sa};
+      launch(tab, fn, "nsa_cmp_select", (S + bq - 1) / bq, Hkv, B, smem(bq), stream, args);
+    }
+    return new at::Tensor(std::move(ids));
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);
     return nullptr;

@@ -33,10 +33,9 @@
 //   for all hpg heads; plain fp32 FMAs. The exact fp32 path (and the bf16 fallback for head
 //   sizes without an mma instantiation). Shared memory: q, o [hpg][dk | dv], K/V chunk
 //   [KC][dk | dv], p [hpg][KC], running max / sum / rescale [hpg], ids [n] (floats, ints).
-#include "mma.cuh"
+#include "attend.cuh"
 
 #define NSA_KC 16
-#define NSA_THREADS 128
 
 namespace nsa {
 
@@ -121,161 +120,6 @@ __device__ void slc_fwd_simt(const T* __restrict__ q, const T* __restrict__ k,
   }
 }
 
-// ---- tensor-core forward (bf16) ------------------------------------------------------------
-
-#define NSA_BK 64
-#define NSA_M 64
-
-template <int DK, int DV>
-__device__ void slc_fwd_mma(const __nv_bfloat16* __restrict__ q,
-                            const __nv_bfloat16* __restrict__ k,
-                            const __nv_bfloat16* __restrict__ v, const int* __restrict__ ids,
-                            __nv_bfloat16* __restrict__ out, float* __restrict__ lse, int S,
-                            int Hkv, int hpg, int n, int L, float scale, int P) {
-  static_assert(DK % 16 == 0 && DV % 16 == 0, "head sizes must be multiples of 16");
-  constexpr int QS = DK + 8;  // row stride of the Q and K tiles (elements)
-  constexpr int VS = DV + 8;  // row stride of the V tile
-  extern __shared__ __align__(16) unsigned char smraw[];
-  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smraw);
-  __nv_bfloat16* Ks = Qs + NSA_M * QS;
-  __nv_bfloat16* Vs = Ks + NSA_BK * QS;
-  const int BQ = NSA_M / hpg;
-  const UnionTile un = carve_union(reinterpret_cast<int*>(Vs + NSA_BK * VS), BQ, n, P);
-
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int gq = lane / 4, tig = lane % 4;
-  const int t0 = blockIdx.x * BQ, g = blockIdx.y, b = blockIdx.z;
-  const int H = Hkv * hpg, nrows = BQ * hpg;
-
-  // Q rows (token, head) -> shared, zeros for rows past the tile or the sequence.
-  copy_rows<DK>(Qs, QS, NSA_M, [&](int r) -> const __nv_bfloat16* {
-    const int t = t0 + r / hpg;
-    if (r >= nrows || t >= S) return nullptr;
-    return q + (((long long)b * S + t) * H + g * hpg + r % hpg) * DK;
-  }, tid, NSA_THREADS);
-  const int U = build_union(un, ids, b, S, Hkv, g, t0, BQ, n, L, P, tid, NSA_THREADS);
-
-  const int r0 = warp * 16 + gq, r1 = r0 + 8;
-  const int i0 = r0 / hpg, i1 = r1 / hpg;
-  const bool ok0 = r0 < nrows && t0 + i0 < S, ok1 = r1 < nrows && t0 + i1 < S;
-  const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float o[DV / 8][4];
-#pragma unroll
-  for (int nv = 0; nv < DV / 8; ++nv) o[nv][0] = o[nv][1] = o[nv][2] = o[nv][3] = 0.f;
-
-  const long long F = (long long)U * L;
-  for (long long f0 = 0; f0 < F; f0 += NSA_BK) {
-    union_columns(un, f0, F, L, S, tid, NSA_THREADS);
-    __syncthreads();
-    const auto key_row = [&](const __nv_bfloat16* base, int width) {
-      return [=](int c) -> const __nv_bfloat16* {
-        const int p = un.colpos[c];
-        return p < 0 ? nullptr : base + (((long long)b * S + p) * Hkv + g) * width;
-      };
-    };
-    copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
-    copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
-    union_mask(un, t0, BQ, S, tid, NSA_THREADS);
-    __syncthreads();
-
-    float sacc[NSA_BK / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < NSA_BK / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
-#pragma unroll
-    for (int kt = 0; kt < DK / 16; ++kt) {
-      unsigned a[4];
-      load_a(a, Qs, QS, warp * 16 + gq, kt * 16, tig);
-#pragma unroll
-      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-        unsigned b0, b1;
-        load_b(b0, b1, Ks, QS, nt * 8 + gq, kt * 16, tig);
-        mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
-      }
-    }
-    // Mask, online softmax (rows r0: elements 0, 1; r1: elements 2, 3).
-    const unsigned mk0[2] = {ok0 ? un.kmask[i0 * 2] : 0u, ok0 ? un.kmask[i0 * 2 + 1] : 0u};
-    const unsigned mk1[2] = {ok1 ? un.kmask[i1 * 2] : 0u, ok1 ? un.kmask[i1 * 2 + 1] : 0u};
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = nt * 8 + tig * 2 + (e & 1);
-        const bool vis = col_visible(e < 2 ? mk0 : mk1, c);
-        const float s = vis ? sacc[nt][e] * sl2 : -INFINITY;
-        sacc[nt][e] = s;
-        mx[e / 2] = fmaxf(mx[e / 2], s);
-      }
-    }
-    float alpha[2];
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 1));
-      mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 2));
-      // All-masked so far: keep the reference at 0 so exp2(-inf - 0) = 0, never NaN.
-      const float ref = mx[rh] == -INFINITY ? 0.f : mx[rh];
-      alpha[rh] = exp2f(m[rh] - ref);
-      m[rh] = mx[rh];
-      mx[rh] = ref;
-    }
-    float lsum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(sacc[nt][e] - mx[e / 2]);
-        sacc[nt][e] = p;
-        lsum[e / 2] += p;
-      }
-    }
-    l[0] = l[0] * alpha[0] + lsum[0];
-    l[1] = l[1] * alpha[1] + lsum[1];
-#pragma unroll
-    for (int nv = 0; nv < DV / 8; ++nv) {
-      o[nv][0] *= alpha[0];
-      o[nv][1] *= alpha[0];
-      o[nv][2] *= alpha[1];
-      o[nv][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int kk = 0; kk < NSA_BK / 16; ++kk) {
-      const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
-      const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
-      const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
-      const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
-#pragma unroll
-      for (int nv = 0; nv < DV / 16; ++nv) {
-        unsigned vb[4];
-        load_b_trans_x2(vb, Vs, VS, kk * 16, nv * 16, lane);
-        mma_bf16(o[2 * nv], a0, a1, a2, a3, vb[0], vb[1]);
-        mma_bf16(o[2 * nv + 1], a0, a1, a2, a3, vb[2], vb[3]);
-      }
-    }
-    __syncthreads();
-  }
-
-#pragma unroll
-  for (int rh = 0; rh < 2; ++rh) {
-    l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 1);
-    l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 2);
-  }
-#pragma unroll
-  for (int rh = 0; rh < 2; ++rh) {
-    const int r = rh == 0 ? r0 : r1;
-    if (!(rh == 0 ? ok0 : ok1)) continue;
-    const int t = t0 + r / hpg;
-    const long long orow = ((long long)b * S + t) * H + g * hpg + r % hpg;
-    const float inv = l[rh] > 0.f ? 1.f / l[rh] : 0.f;
-#pragma unroll
-    for (int nv = 0; nv < DV / 8; ++nv) {
-      __nv_bfloat162 pair = __floats2bfloat162_rn(o[nv][2 * rh] * inv, o[nv][2 * rh + 1] * inv);
-      *reinterpret_cast<__nv_bfloat162*>(out + orow * DV + nv * 8 + tig * 2) = pair;
-    }
-    if (tig == 0) lse[orow] = l[rh] > 0.f ? (m[rh] + log2f(l[rh])) * 0.6931471805599453f : INFINITY;
-  }
-}
-
 }  // namespace nsa
 
 #define NSA_SIMT_FWD(NAME, T)                                                                  \
@@ -292,7 +136,8 @@ NSA_SIMT_FWD(nsa_slc_fwd_simt_bf16, __nv_bfloat16)
       const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const int* ids, \
       __nv_bfloat16* out, float* lse, int S, int Hkv, int hpg, int n, int L, float scale,      \
       int P) {                                                                                 \
-    nsa::slc_fwd_mma<DK, DV>(q, k, v, ids, out, lse, S, Hkv, hpg, n, L, scale, P);            \
+    nsa::fwd_mma<DK, DV>(q, k, v, nsa::selected_keys(ids, n, L, P, S), out, lse, S, Hkv, hpg,  \
+                         scale);                                                               \
   }
 NSA_MMA_FWD(64, 64)
 NSA_MMA_FWD(64, 128)

@@ -23,8 +23,11 @@ use torch_sys::C_tensor;
 
 use crate::autograd::{self, GlueError, ERR_LEN};
 use crate::driver::{self, check, CuContext, CuFunction, CuModule};
-use crate::nvrtc::{Nvrtc, NvrtcError, SELECTED_BWD, SELECTED_FWD};
+use crate::nvrtc::{Nvrtc, NvrtcError, COMPRESSED, SELECTED_BWD, SELECTED_FWD};
 use crate::SysError;
+
+mod compressed;
+pub use compressed::{compressed_attention, compressed_forward, select_blocks, SelectParams};
 
 /// Options of the fused kernels' compilation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -63,6 +66,10 @@ struct SlcTable {
     dkdv_reduce: [CuFunction; 2],
     dq_mma: [CuFunction; 9],
     dkdv_mma: [CuFunction; 9],
+    cmp_fwd_mma: [CuFunction; 9],
+    cmp_dq_mma: [CuFunction; 9],
+    cmp_dkdv_mma: [CuFunction; 9],
+    cmp_select: [CuFunction; 6],
     max_smem: i32,
 }
 
@@ -170,6 +177,7 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
     let nv = nvrtc()?;
     let fwd = nv.compile_cached(&SELECTED_FWD, arch, opts.cache_dir.as_deref())?;
     let bwd = nv.compile_cached(&SELECTED_BWD, arch, opts.cache_dir.as_deref())?;
+    let cmp = nv.compile_cached(&COMPRESSED, arch, opts.cache_dir.as_deref())?;
     let load_module = |image: &[u8]| -> Result<CuModule, SysError> {
         let mut m: CuModule = std::ptr::null_mut();
         // SAFETY: `image` is a complete CUBIN for this device's architecture, alive for the
@@ -181,6 +189,7 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
     };
     let fwd_mod = load_module(&fwd.cubin)?;
     let bwd_mod = load_module(&bwd.cubin)?;
+    let cmp_mod = load_module(&cmp.cubin)?;
     let func = |m: CuModule, name: &str| -> Result<CuFunction, SysError> {
         let cname = CString::new(name).map_err(|_| SysError::Call {
             call: "cuModuleGetFunction",
@@ -232,13 +241,24 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
         ],
         dq_mma: mma_family(bwd_mod, "nsa_slc_dq_mma")?,
         dkdv_mma: mma_family(bwd_mod, "nsa_slc_dkdv_mma")?,
+        cmp_fwd_mma: mma_family(cmp_mod, "nsa_cmp_fwd_mma")?,
+        cmp_dq_mma: mma_family(cmp_mod, "nsa_cmp_dq_mma")?,
+        cmp_dkdv_mma: mma_family(cmp_mod, "nsa_cmp_dkdv_mma")?,
+        cmp_select: [
+            func(cmp_mod, "nsa_cmp_select_bf16_dk64")?,
+            func(cmp_mod, "nsa_cmp_select_bf16_dk128")?,
+            func(cmp_mod, "nsa_cmp_select_bf16_dk192")?,
+            func(cmp_mod, "nsa_cmp_select_f32_dk64")?,
+            func(cmp_mod, "nsa_cmp_select_f32_dk128")?,
+            func(cmp_mod, "nsa_cmp_select_f32_dk192")?,
+        ],
         max_smem,
     };
     Ok(SelectedKernels {
         table,
         device,
         arch,
-        from_cache: fwd.cached && bwd.cached,
+        from_cache: fwd.cached && bwd.cached && cmp.cached,
     })
 }
 

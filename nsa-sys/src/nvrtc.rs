@@ -7,7 +7,7 @@
 //! GPU, so every kernel is compiled by a CPU test for sm_80 and sm_90.
 //!
 //! Compilation: `--gpu-architecture=sm_XY -std=c++17 -lineinfo -I<cu13/include>`, the kernel
-//! family's source plus the shared headers (`common.cuh`, `mma.cuh`), output CUBIN for exactly that
+//! family's source plus the shared headers (`common.cuh`, `mma.cuh`, `attend.cuh`), output CUBIN for exactly that
 //! architecture. The cache file is `<dir>/<family>-sm_XY-<sha256>.cubin`, the hash taken over
 //! (source, headers, options, architecture, NVRTC version), written under a temporary name and
 //! renamed, so concurrent processes never read a half-written file and a second start
@@ -29,9 +29,10 @@ pub struct KernelSource {
 }
 
 /// Headers every kernel may include by name.
-pub const HEADERS: [(&str, &str); 2] = [
+pub const HEADERS: [(&str, &str); 3] = [
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("mma.cuh", include_str!("../kernels/mma.cuh")),
+    ("attend.cuh", include_str!("../kernels/attend.cuh")),
 ];
 
 /// Selected-branch forward (tensor-core bf16 kernel and SIMT kernels).
@@ -46,8 +47,14 @@ pub const SELECTED_BWD: KernelSource = KernelSource {
     source: include_str!("../kernels/selected_bwd.cu"),
 };
 
+/// Compressed branch (forward, dQ) and block selection from its log-sum-exp.
+pub const COMPRESSED: KernelSource = KernelSource {
+    name: "compressed.cu",
+    source: include_str!("../kernels/compressed.cu"),
+};
+
 /// Every kernel family in the repository (the CPU test compiles all of them).
-pub const ALL_SOURCES: [KernelSource; 2] = [SELECTED_FWD, SELECTED_BWD];
+pub const ALL_SOURCES: [KernelSource; 3] = [SELECTED_FWD, SELECTED_BWD, COMPRESSED];
 
 /// Errors of loading NVRTC, compiling, and the CUBIN cache.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,302 @@
+//! The compressed branch and block selection on the fused kernels (`nsa-sys/kernels/
+//! compressed.cu`): one kernel computes the compressed attention and its log-sum-exp, a second
+//! recomputes the probabilities from that log-sum-exp, folds them into selection-block scores
+//! (Eqs. 8–10) and takes the top n (Eq. 11) without an `[S, Nc]` or `[S, Nb]` tensor. Where the
+//! kernels do not apply (CPU, fp32 compute, head sizes without an instantiation, more than 64
+//! heads per group) the lean path runs instead. The branch's backward has kernels too (dQ
+//! query-outer, dK/dV key-outer over tiles of compressed tokens, deterministic).
+use nsa_select::SelectImpl;
+use tch::{Device, Kind, Tensor};
+
+use super::{compare, compare_rows, fused_err, out_and_grads, scale, CheckRow};
+use crate::config::{AttnError, NsaConfig};
+use crate::{lean, reference, selection};
+use nsa_sys::fused as sys;
+
+/// Whether the compressed-branch kernels take these inputs: CUDA, computed in bf16, dk and dv
+/// with a tensor-core instantiation, at most 64 query heads per key head.
+pub fn compressed_supported(q: &Tensor, cmp_k: &Tensor, cmp_v: &Tensor) -> bool {
+    let group = q.size()[2] / cmp_k.size()[2].max(1);
+    matches!(q.device(), Device::Cuda(_))
+        && cmp_k.device() == q.device()
+        && cmp_v.device() == q.device()
+        && sys::compute_kind(q, cmp_k, cmp_v) == Some(Kind::BFloat16)
+        && sys::MMA_HEAD_DIMS.contains(&q.size()[3])
+        && sys::MMA_HEAD_DIMS.contains(&cmp_v.size()[3])
+        && group <= 64
+}
+
+/// The selection parameters of `cfg` for the kernels (Eq. 9's taps from nsa-select).
+pub fn select_params(cfg: &NsaConfig) -> sys::SelectParams {
+    let sel = cfg.select_config();
+    let taps = sel.overlap_taps();
+    sys::SelectParams {
+        block_len: sel.block_len,
+        stride: sel.stride,
+        select_len: sel.select_len,
+        top_n: sel.top_n,
+        n_local: sel.n_local,
+        tap_first: taps.first_offset,
+        tap_step: taps.step,
+        tap_weights: taps.weights,
+    }
+}
+
+fn bf16(t: &Tensor) -> Result<Tensor, AttnError> {
+    Ok(t.f_to_kind(Kind::BFloat16)?.f_contiguous()?)
+}
+
+/// The compressed branch's output and log-sum-exp without autograd, on the kernels.
+fn forward_no_grad(
+    q: &Tensor,
+    cmp_k: &Tensor,
+    cmp_v: &Tensor,
+    cfg: &NsaConfig,
+) -> Result<(Tensor, Tensor), AttnError> {
+    let _g = tch::no_grad_guard();
+    let sel = cfg.select_config();
+    sys::compressed_forward(
+        &bf16(q)?,
+        &bf16(cmp_k)?,
+        &bf16(cmp_v)?,
+        sel.block_len,
+        sel.stride,
+        scale(q),
+    )
+    .map_err(fused_err)
+}
+
+/// Compressed branch (Eq. 7 attention over the compressed tokens) on the kernels (forward, dQ
+/// and dK/dV; deterministic), or [`lean::compressed`] (with `chunk`) where
+/// [`compressed_supported`] is false.
+pub fn compressed(
+    q: &Tensor,
+    cmp_k: &Tensor,
+    cmp_v: &Tensor,
+    cfg: &NsaConfig,
+    chunk: i64,
+) -> Result<Tensor, AttnError> {
+    if !compressed_supported(q, cmp_k, cmp_v) {
+        return lean::compressed(q, cmp_k, cmp_v, cfg, chunk);
+    }
+    let sel = cfg.select_config();
+    sys::compressed_attention(
+        &bf16(q)?,
+        &bf16(cmp_k)?,
+        &bf16(cmp_v)?,
+        sel.block_len,
+        sel.stride,
+        scale(q),
+    )
+    .map_err(fused_err)
+}
+
+/// Selected blocks `[B, S, Hkv, n]` (ascending, `−1` padded) for the whole sequence: the
+/// compressed kernel's log-sum-exp, then the selection kernel. Falls back to
+/// [`selection::blocks_chunked`] (with `chunk` and `imp`) where [`compressed_supported`] is
+/// false.
+pub fn select_blocks(
+    q: &Tensor,
+    cmp_k: &Tensor,
+    cmp_v: &Tensor,
+    cfg: &NsaConfig,
+    chunk: i64,
+    imp: SelectImpl,
+) -> Result<Tensor, AttnError> {
+    if !compressed_supported(q, cmp_k, cmp_v) {
+        return selection::blocks_chunked(q, cmp_k, cfg, chunk, imp);
+    }
+    let _g = tch::no_grad_guard();
+    let (_, lse) = forward_no_grad(q, cmp_k, cmp_v, cfg)?;
+    sys::select_blocks(
+        &bf16(q)?,
+        &bf16(cmp_k)?,
+        &lse,
+        &select_params(cfg),
+        scale(q),
+    )
+    .map_err(fused_err)
+}
+
+/// Row-wise log-sum-exp of the scaled compressed scores (`−inf` where nothing is visible), in
+/// the inputs' dtype, for the checks.
+fn reference_lse(q: &Tensor, cmp_k: &Tensor, cfg: &NsaConfig) -> Result<Tensor, AttnError> {
+    let (s, nc) = (q.size()[1], cmp_k.size()[1]);
+    let hpg = q.size()[2] / cmp_k.size()[2];
+    let visible = nsa_select::visible_compressed(0, s, nc, &cfg.select_config(), q.device())?;
+    let k_h = cmp_k.f_repeat_interleave_self_int(hpg, 2, None)?;
+    let scores = Tensor::f_einsum("bshd,bkhd->bshk", &[q, &k_h], None::<i64>)?
+        .f_mul_scalar(scale(q))?
+        .f_masked_fill(
+            &visible.f_view([1, s, 1, nc])?.f_logical_not()?,
+            f64::NEG_INFINITY,
+        )?;
+    Ok(scores.f_logsumexp(&[-1][..], false)?)
+}
+
+/// Ids of `a` and `b` (`[B, S, G, n]`) compared row by row: (rows, rows that differ).
+fn differing_rows(a: &Tensor, b: &Tensor) -> Result<(i64, i64), AttnError> {
+    let n = a.size()[3];
+    let rows = a.numel() as i64 / n.max(1);
+    let differ = a
+        .f_ne_tensor(b)?
+        .f_any_dim(3, false)?
+        .f_sum(Kind::Int64)?
+        .f_int64_value(&[])?;
+    Ok((rows, differ))
+}
+
+/// GPU check rows of the compressed kernels: the forward against the reference branch
+/// (bf16, tolerance 1e-2), and selection against nsa-select on the same inputs — fp32 (the
+/// ids must be equal) and bf16 (the fraction of differing rows is reported; near-equal block
+/// scores may order differently after bf16 rounding of the recomputed probabilities).
+pub fn check_rows(device: Device) -> Vec<CheckRow> {
+    let mut rows = Vec::new();
+    // (B, S, Hkv, hpg, dk, dv, l, d, l', n, n_local)
+    let cases: [[i64; 11]; 4] = [
+        [2, 333, 2, 16, 192, 128, 32, 16, 64, 6, 2],
+        [1, 517, 2, 3, 64, 64, 16, 8, 32, 5, 1],
+        [2, 150, 1, 5, 128, 192, 32, 32, 32, 4, 2],
+        [1, 20, 2, 4, 64, 128, 32, 16, 64, 3, 2],
+    ];
+    for [b, s, hkv, hpg, dk, dv, l, d, lp, n, n_local] in cases {
+        let name = format!(
+            "compressed+select B={b} S={s} H={} Hkv={hkv} dk={dk} dv={dv} l={l} d={d} l'={lp} n={n}",
+            hkv * hpg
+        );
+        let mut cfg = NsaConfig::paper(64);
+        cfg.heads = hkv * hpg;
+        cfg.kv_heads = hkv;
+        cfg.head_dim_k = dk;
+        cfg.head_dim_v = dv;
+        cfg.nsa.select.block_len = l;
+        cfg.nsa.select.stride = d;
+        cfg.nsa.select.select_len = lp;
+        cfg.nsa.select.top_n = n;
+        cfg.nsa.select.n_local = n_local;
+        let nc = cfg.select_config().num_compressed(s);
+        match check_case(&cfg, b, s, nc.max(1), device) {
+            Ok(mut r) => rows.append(&mut r),
+            Err(e) => rows.push(CheckRow {
+                name,
+                max_rel_err: f64::INFINITY,
+                tolerance: 0.0,
+                passed: false,
+                detail: e.to_string(),
+            }),
+        }
+    }
+    rows
+}
+
+fn check_case(
+    cfg: &NsaConfig,
+    b: i64,
+    s: i64,
+    nc: i64,
+    device: Device,
+) -> Result<Vec<CheckRow>, AttnError> {
+    let (h, hkv, dk, dv) = (cfg.heads, cfg.kv_heads, cfg.head_dim_k, cfg.head_dim_v);
+    let shape = format!(
+        "B={b} S={s} H={h} Hkv={hkv} dk={dk} dv={dv} l={} d={} l'={} n={}",
+        cfg.nsa.select.block_len,
+        cfg.nsa.select.stride,
+        cfg.nsa.select.select_len,
+        cfg.nsa.select.top_n
+    );
+    let _g = tch::no_grad_guard();
+    let f32o = (Kind::Float, device);
+    let q = Tensor::f_randn([b, s, h, dk], f32o)?;
+    let ck = Tensor::f_randn([b, nc, hkv, dk], f32o)?;
+    let cv = Tensor::f_randn([b, nc, hkv, dv], f32o)?;
+    let mut rows = Vec::new();
+
+    // Forward (bf16) against the reference branch in double on the same rounded inputs.
+    let (qb, kb, vb) = (bf16(&q)?, bf16(&ck)?, bf16(&cv)?);
+    super::poison(device);
+    let (out, lse) = sys::compressed_forward(
+        &qb,
+        &kb,
+        &vb,
+        cfg.nsa.select.block_len,
+        cfg.nsa.select.stride,
+        scale(&q),
+    )
+    .map_err(fused_err)?;
+    let dbl = |t: &Tensor| t.f_to_kind(Kind::Double);
+    let (ref_out, _) = reference::compressed(&dbl(&qb)?, &dbl(&kb)?, &dbl(&vb)?, cfg)?;
+    let ref_lse = reference_lse(&dbl(&qb)?, &dbl(&kb)?, cfg)?;
+    // Rows that see nothing: output 0 on both paths; lse +inf (kernel) vs −inf (reference).
+    let seen = ref_lse.f_isfinite()?;
+    let lse_k = lse
+        .f_to_kind(Kind::Double)?
+        .f_where_self(&seen, &ref_lse.f_zeros_like()?)?;
+    let lse_r = ref_lse.f_where_self(&seen, &ref_lse.f_zeros_like()?)?;
+    rows.push(compare_rows(
+        format!("compressed fwd bf16 {shape}"),
+        1e-2,
+        &[(out, ref_out), (lse_k, lse_r)],
+    )?);
+
+    // Forward and backward with autograd, twice (dK/dV bitwise equal), against the reference.
+    let dout = Tensor::f_randn([b, s, h, dv], (Kind::BFloat16, device))?;
+    let reference = tch::with_grad(|| {
+        out_and_grads(&dbl(&qb)?, &dbl(&kb)?, &dbl(&vb)?, &dout, |q, k, v| {
+            Ok(reference::compressed(q, k, v, cfg)?.0)
+        })
+    })?;
+    let run = || {
+        tch::with_grad(|| {
+            out_and_grads(&qb, &kb, &vb, &dout, |q, k, v| {
+                let sel = cfg.select_config();
+                sys::compressed_attention(q, k, v, sel.block_len, sel.stride, scale(q))
+                    .map_err(fused_err)
+            })
+        })
+    };
+    let fused = [run()?, run()?];
+    rows.push(compare(
+        format!("compressed fwd+bwd bf16 {shape}"),
+        1e-2,
+        fused,
+        &reference,
+        true,
+    )?);
+
+    // Selection, fp32: kernel ids vs nsa-select's (lean chunked selection) on the same inputs.
+    let lse32 = reference_lse(&q, &ck, cfg)?;
+    let params = select_params(cfg);
+    let ids = sys::select_blocks(&q, &ck, &lse32, &params, scale(&q)).map_err(fused_err)?;
+    let want = selection::blocks_chunked(&q, &ck, cfg, 97, SelectImpl::Vectorized)?;
+    let (n_rows, differ) = differing_rows(&ids, &want)?;
+    rows.push(CheckRow {
+        name: format!("select fp32 {shape}"),
+        max_rel_err: differ as f64 / n_rows as f64,
+        tolerance: 0.0,
+        passed: differ == 0,
+        detail: format!("{differ} of {n_rows} rows differ from nsa-select"),
+    });
+
+    // Selection, bf16: the layer's own path (forward lse, then the kernel) vs nsa-select on
+    // the bf16-rounded inputs in fp32.
+    let ids_b = select_blocks(&qb, &kb, &vb, cfg, 97, SelectImpl::Vectorized)?;
+    let want_b = selection::blocks_chunked(
+        &qb.f_to_kind(Kind::Float)?,
+        &kb.f_to_kind(Kind::Float)?,
+        cfg,
+        97,
+        SelectImpl::Vectorized,
+    )?;
+    let (n_rows, differ) = differing_rows(&ids_b, &want_b)?;
+    let frac = differ as f64 / n_rows as f64;
+    rows.push(CheckRow {
+        name: format!("select bf16 {shape}"),
+        max_rel_err: frac,
+        tolerance: 0.05,
+        passed: frac <= 0.05,
+        detail: format!(
+            "{differ} of {n_rows} rows differ from nsa-select on fp32 (bf16 probabilities reorder near-equal block scores)"
+        ),
+    });
+    Ok(rows)
+}

@@ -1,0 +1,597 @@
+// The query-outer tensor-core kernels shared by the selected and the compressed branch: a CTA
+// of 4 warps serves the M = 64 rows (token, head) of BQ = 64 / hpg consecutive tokens of one
+// key group and streams "key columns" in tiles of 64, with a per-(token, column) visibility
+// mask. The two branches differ only in where the columns come from (KeySpec):
+//   selected   (KEYS_SELECTED): the union of the tokens' selected blocks (mma.cuh, UnionTile),
+//              column = a key position in [0, S); token t reads it iff it selected the block
+//              and the position is <= t;
+//   compressed (KEYS_COMPRESSED): compressed tokens 0 .. F - 1 with F the count visible to the
+//              tile's last token; token t reads compressed token i iff i < nvis(t), where
+//              nvis(t) = (t - l + 1) / d + 1 for t >= l - 1, else 0 (Eq. 7: i d + l - 1 <= t).
+// K / V rows of a column live at [b, column, g] of tensors with kv_len rows per batch (S for the
+// selected branch, Nc for the compressed one).
+//
+// fwd_mma: S = Q K^T, online softmax (log2 units), O += P V; out [B, S, H, DV] bf16 and lse
+//   (natural log, +inf for a row that reads nothing, whose output is 0). Shared: Q, K [64][DK+8],
+//   V [64][DV+8] (bf16), then the union tile.
+#pragma once
+#include "mma.cuh"
+
+#define NSA_BK 64
+#define NSA_M 64
+#define NSA_THREADS 128
+
+namespace nsa {
+
+#define KEYS_SELECTED 0
+#define KEYS_COMPRESSED 1
+
+struct KeySpec {
+  int mode;        // KEYS_SELECTED or KEYS_COMPRESSED
+  int kv_len;      // K / V rows per batch
+  const int* ids;  // selected: cleaned ids [B, S, Hkv, n]
+  int n, L, P;     // selected: ids per token, block length l', union candidate list length
+  int cl, cd;      // compressed: block length l and stride d
+};
+
+__device__ __forceinline__ KeySpec selected_keys(const int* ids, int n, int L, int P, int S) {
+  KeySpec ks;
+  ks.mode = KEYS_SELECTED;
+  ks.kv_len = S;
+  ks.ids = ids;
+  ks.n = n;
+  ks.L = L;
+  ks.P = P;
+  ks.cl = ks.cd = 1;
+  return ks;
+}
+
+__device__ __forceinline__ KeySpec compressed_keys(int Nc, int cl, int cd) {
+  KeySpec ks;
+  ks.mode = KEYS_COMPRESSED;
+  ks.kv_len = Nc;
+  ks.ids = nullptr;
+  ks.n = 0;
+  ks.L = 1;
+  ks.P = 32;
+  ks.cl = cl;
+  ks.cd = cd;
+  return ks;
+}
+
+// Compressed tokens visible to query t (Eq. 7), at most Nc.
+__device__ __forceinline__ int num_visible_compressed(const KeySpec& ks, long long t) {
+  if (t < ks.cl - 1) return 0;
+  return (int)min((long long)ks.kv_len, (t - ks.cl + 1) / ks.cd + 1);
+}
+
+// Sets up the CTA's column stream (the union for the selected branch) and returns its length F.
+// Every thread calls it; it synchronises.
+__device__ __forceinline__ long long key_columns_begin(const KeySpec& ks, const UnionTile& un,
+                                                       int b, int S, int Hkv, int g, int t0,
+                                                       int bq, int tid, int threads) {
+  if (ks.mode == KEYS_SELECTED) {
+    const int U = build_union(un, ks.ids, b, S, Hkv, g, t0, bq, ks.n, ks.L, ks.P, tid, threads);
+    return (long long)U * ks.L;
+  }
+  __syncthreads();
+  return num_visible_compressed(ks, min(t0 + bq, S) - 1);
+}
+
+// colpos (K / V row, or -1) and colu of the 64 columns from f0; the caller synchronises.
+__device__ __forceinline__ void key_columns(const KeySpec& ks, const UnionTile& un, long long f0,
+                                            long long F, int S, int tid, int threads) {
+  if (ks.mode == KEYS_SELECTED) {
+    union_columns(un, f0, F, ks.L, S, tid, threads);
+    return;
+  }
+  for (int c = tid; c < 64; c += threads) {
+    un.colpos[c] = f0 + c < F ? (int)(f0 + c) : -1;
+    un.colu[c] = 0;
+  }
+}
+
+// kmask of the tile's tokens (after key_columns and a barrier); the caller synchronises.
+__device__ __forceinline__ void key_mask(const KeySpec& ks, const UnionTile& un, int t0, int bq,
+                                         int S, int tid, int threads) {
+  if (ks.mode == KEYS_SELECTED) {
+    union_mask(un, t0, bq, S, tid, threads);
+    return;
+  }
+  const int warp = tid / 32, lane = tid % 32;
+  for (int i = warp; i < bq; i += threads / 32) {
+    const int t = t0 + i;
+    const int nv = t < S ? num_visible_compressed(ks, t) : 0;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int p = un.colpos[half * 32 + lane];
+      const unsigned bits = __ballot_sync(0xffffffffu, p >= 0 && p < nv);
+      if (lane == 0) un.kmask[i * 2 + half] = bits;
+    }
+  }
+}
+
+template <int DK, int DV>
+__device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                        const __nv_bfloat16* __restrict__ v, const KeySpec ks,
+                        __nv_bfloat16* __restrict__ out, float* __restrict__ lse, int S, int Hkv,
+                        int hpg, float scale) {
+  static_assert(DK % 16 == 0 && DV % 16 == 0, "head sizes must be multiples of 16");
+  constexpr int QS = DK + 8;  // row stride of the Q and K tiles (elements)
+  constexpr int VS = DV + 8;  // row stride of the V tile
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smraw);
+  __nv_bfloat16* Ks = Qs + NSA_M * QS;
+  __nv_bfloat16* Vs = Ks + NSA_BK * QS;
+  const int BQ = NSA_M / hpg;
+  const UnionTile un = carve_union(reinterpret_cast<int*>(Vs + NSA_BK * VS), BQ, ks.n, ks.P);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gq = lane / 4, tig = lane % 4;
+  const int t0 = blockIdx.x * BQ, g = blockIdx.y, b = blockIdx.z;
+  const int H = Hkv * hpg, nrows = BQ * hpg;
+
+  // Q rows (token, head) -> shared, zeros for rows past the tile or the sequence.
+  copy_rows<DK>(Qs, QS, NSA_M, [&](int r) -> const __nv_bfloat16* {
+    const int t = t0 + r / hpg;
+    if (r >= nrows || t >= S) return nullptr;
+    return q + (((long long)b * S + t) * H + g * hpg + r % hpg) * DK;
+  }, tid, NSA_THREADS);
+  const long long F = key_columns_begin(ks, un, b, S, Hkv, g, t0, BQ, tid, NSA_THREADS);
+
+  const int r0 = warp * 16 + gq, r1 = r0 + 8;
+  const int i0 = r0 / hpg, i1 = r1 / hpg;
+  const bool ok0 = r0 < nrows && t0 + i0 < S, ok1 = r1 < nrows && t0 + i1 < S;
+  const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[DV / 8][4];
+#pragma unroll
+  for (int nv = 0; nv < DV / 8; ++nv) o[nv][0] = o[nv][1] = o[nv][2] = o[nv][3] = 0.f;
+
+  for (long long f0 = 0; f0 < F; f0 += NSA_BK) {
+    key_columns(ks, un, f0, F, S, tid, NSA_THREADS);
+    __syncthreads();
+    const auto key_row = [&](const __nv_bfloat16* base, int width) {
+      return [=](int c) -> const __nv_bfloat16* {
+        const int p = un.colpos[c];
+        return p < 0 ? nullptr : base + (((long long)b * ks.kv_len + p) * Hkv + g) * width;
+      };
+    };
+    copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
+    copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
+    key_mask(ks, un, t0, BQ, S, tid, NSA_THREADS);
+    __syncthreads();
+
+    float sacc[NSA_BK / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < NSA_BK / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
+#pragma unroll
+    for (int kt = 0; kt < DK / 16; ++kt) {
+      unsigned a[4];
+      load_a(a, Qs, QS, warp * 16 + gq, kt * 16, tig);
+#pragma unroll
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+        unsigned b0, b1;
+        load_b(b0, b1, Ks, QS, nt * 8 + gq, kt * 16, tig);
+        mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+      }
+    }
+    // Mask, online softmax (rows r0: elements 0, 1; r1: elements 2, 3).
+    const unsigned mk0[2] = {ok0 ? un.kmask[i0 * 2] : 0u, ok0 ? un.kmask[i0 * 2 + 1] : 0u};
+    const unsigned mk1[2] = {ok1 ? un.kmask[i1 * 2] : 0u, ok1 ? un.kmask[i1 * 2 + 1] : 0u};
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = nt * 8 + tig * 2 + (e & 1);
+        const bool vis = col_visible(e < 2 ? mk0 : mk1, c);
+        const float s = vis ? sacc[nt][e] * sl2 : -INFINITY;
+        sacc[nt][e] = s;
+        mx[e / 2] = fmaxf(mx[e / 2], s);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 1));
+      mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 2));
+      // All-masked so far: keep the reference at 0 so exp2(-inf - 0) = 0, never NaN.
+      const float ref = mx[rh] == -INFINITY ? 0.f : mx[rh];
+      alpha[rh] = exp2f(m[rh] - ref);
+      m[rh] = mx[rh];
+      mx[rh] = ref;
+    }
+    float lsum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(sacc[nt][e] - mx[e / 2]);
+        sacc[nt][e] = p;
+        lsum[e / 2] += p;
+      }
+    }
+    l[0] = l[0] * alpha[0] + lsum[0];
+    l[1] = l[1] * alpha[1] + lsum[1];
+#pragma unroll
+    for (int nv = 0; nv < DV / 8; ++nv) {
+      o[nv][0] *= alpha[0];
+      o[nv][1] *= alpha[0];
+      o[nv][2] *= alpha[1];
+      o[nv][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kk = 0; kk < NSA_BK / 16; ++kk) {
+      const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
+      const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
+      const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
+      const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
+#pragma unroll
+      for (int nv = 0; nv < DV / 16; ++nv) {
+        unsigned vb[4];
+        load_b_trans_x2(vb, Vs, VS, kk * 16, nv * 16, lane);
+        mma_bf16(o[2 * nv], a0, a1, a2, a3, vb[0], vb[1]);
+        mma_bf16(o[2 * nv + 1], a0, a1, a2, a3, vb[2], vb[3]);
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 1);
+    l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 2);
+  }
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int r = rh == 0 ? r0 : r1;
+    if (!(rh == 0 ? ok0 : ok1)) continue;
+    const int t = t0 + r / hpg;
+    const long long orow = ((long long)b * S + t) * H + g * hpg + r % hpg;
+    const float inv = l[rh] > 0.f ? 1.f / l[rh] : 0.f;
+#pragma unroll
+    for (int nv = 0; nv < DV / 8; ++nv) {
+      __nv_bfloat162 pair = __floats2bfloat162_rn(o[nv][2 * rh] * inv, o[nv][2 * rh + 1] * inv);
+      *reinterpret_cast<__nv_bfloat162*>(out + orow * DV + nv * 8 + tig * 2) = pair;
+    }
+    if (tig == 0) lse[orow] = l[rh] > 0.f ? (m[rh] + log2f(l[rh])) * 0.6931471805599453f : INFINITY;
+  }
+}
+
+
+// dq, query-outer, over the forward's key columns: rows (token, head) as the forward;
+// per key tile S = Q K^T and dP = dO V^T on tensor cores, p = exp2(S * scale * log2 e - lse2),
+// ds = p (dP - D) scale, dq += ds K (ds re-used from registers as the A operand, K's fragments
+// by ldmatrix .trans). Shared: Q [64][DK+8], dO [64][DV+8], K [64][DK+8], V [64][DV+8] (bf16),
+// lse2, D [64] (fp32), then the union tile.
+template <int DK, int DV>
+__device__ void dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                       const __nv_bfloat16* __restrict__ v, const KeySpec ks,
+                       const __nv_bfloat16* __restrict__ dout, const float* __restrict__ lse,
+                       const float* __restrict__ D, __nv_bfloat16* __restrict__ dq, int S, int Hkv,
+                       int hpg, float scale) {
+  constexpr int QS = DK + 8, VS = DV + 8;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smraw);
+  __nv_bfloat16* dOs = Qs + NSA_M * QS;
+  __nv_bfloat16* Ks = dOs + NSA_M * VS;
+  __nv_bfloat16* Vs = Ks + NSA_BK * QS;
+  float* lse2s = reinterpret_cast<float*>(Vs + NSA_BK * VS);
+  float* Dsm = lse2s + NSA_M;
+  const int BQ = NSA_M / hpg;
+  const UnionTile un = carve_union(reinterpret_cast<int*>(Dsm + NSA_M), BQ, ks.n, ks.P);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gq = lane / 4, tig = lane % 4;
+  const int t0 = blockIdx.x * BQ, g = blockIdx.y, b = blockIdx.z;
+  const int H = Hkv * hpg, nrows = BQ * hpg;
+  const auto row_of = [&](int r) -> long long {  // global (b, t, head) row, or -1
+    const int t = t0 + r / hpg;
+    if (r >= nrows || t >= S) return -1;
+    return ((long long)b * S + t) * H + g * hpg + r % hpg;
+  };
+  copy_rows<DK>(Qs, QS, NSA_M, [&](int r) -> const __nv_bfloat16* {
+    const long long row = row_of(r);
+    return row < 0 ? nullptr : q + row * DK;
+  }, tid, NSA_THREADS);
+  copy_rows<DV>(dOs, VS, NSA_M, [&](int r) -> const __nv_bfloat16* {
+    const long long row = row_of(r);
+    return row < 0 ? nullptr : dout + row * DV;
+  }, tid, NSA_THREADS);
+  for (int r = tid; r < NSA_M; r += NSA_THREADS) {
+    const long long row = row_of(r);
+    lse2s[r] = row < 0 ? INFINITY : lse[row] * 1.4426950408889634f;
+    Dsm[r] = row < 0 ? 0.f : D[row];
+  }
+  const long long F = key_columns_begin(ks, un, b, S, Hkv, g, t0, BQ, tid, NSA_THREADS);
+
+  const int r0 = warp * 16 + gq, r1 = r0 + 8;
+  const int i0 = r0 / hpg, i1 = r1 / hpg;
+  const bool ok0 = r0 < nrows && t0 + i0 < S, ok1 = r1 < nrows && t0 + i1 < S;
+  const float sl2 = scale * 1.4426950408889634f;
+  const float lr[2] = {lse2s[r0], lse2s[r1]}, dr[2] = {Dsm[r0], Dsm[r1]};
+  float acc[DK / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < DK / 8; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.f;
+
+  for (long long f0 = 0; f0 < F; f0 += NSA_BK) {
+    key_columns(ks, un, f0, F, S, tid, NSA_THREADS);
+    __syncthreads();
+    const auto key_row = [&](const __nv_bfloat16* base, int width) {
+      return [=](int c) -> const __nv_bfloat16* {
+        const int p = un.colpos[c];
+        return p < 0 ? nullptr : base + (((long long)b * ks.kv_len + p) * Hkv + g) * width;
+      };
+    };
+    copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
+    copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
+    key_mask(ks, un, t0, BQ, S, tid, NSA_THREADS);
+    __syncthreads();
+
+    float sacc[NSA_BK / 8][4], dpacc[NSA_BK / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sacc[nt][e] = dpacc[nt][e] = 0.f;
+    }
+#pragma unroll
+    for (int kt = 0; kt < DK / 16; ++kt) {
+      unsigned a[4];
+      load_a(a, Qs, QS, warp * 16 + gq, kt * 16, tig);
+#pragma unroll
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+        unsigned b0, b1;
+        load_b(b0, b1, Ks, QS, nt * 8 + gq, kt * 16, tig);
+        mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+      }
+    }
+#pragma unroll
+    for (int kt = 0; kt < DV / 16; ++kt) {
+      unsigned a[4];
+      load_a(a, dOs, VS, warp * 16 + gq, kt * 16, tig);
+#pragma unroll
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+        unsigned b0, b1;
+        load_b(b0, b1, Vs, VS, nt * 8 + gq, kt * 16, tig);
+        mma_bf16(dpacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+      }
+    }
+    const unsigned mk0[2] = {ok0 ? un.kmask[i0 * 2] : 0u, ok0 ? un.kmask[i0 * 2 + 1] : 0u};
+    const unsigned mk1[2] = {ok1 ? un.kmask[i1 * 2] : 0u, ok1 ? un.kmask[i1 * 2 + 1] : 0u};
+#pragma unroll
+    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = nt * 8 + tig * 2 + (e & 1);
+        const bool vis = col_visible(e < 2 ? mk0 : mk1, c);
+        const float p = vis ? exp2f(sacc[nt][e] * sl2 - lr[e / 2]) : 0.f;
+        sacc[nt][e] = p * (dpacc[nt][e] - dr[e / 2]) * scale;  // ds
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < NSA_BK / 16; ++kk) {
+      const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
+      const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
+      const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
+      const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd = 0; nd < DK / 16; ++nd) {
+        unsigned kb[4];
+        load_b_trans_x2(kb, Ks, QS, kk * 16, nd * 16, lane);
+        mma_bf16(acc[2 * nd], a0, a1, a2, a3, kb[0], kb[1]);
+        mma_bf16(acc[2 * nd + 1], a0, a1, a2, a3, kb[2], kb[3]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const long long row = row_of(rh == 0 ? r0 : r1);
+    if (row < 0) continue;
+#pragma unroll
+    for (int nd = 0; nd < DK / 8; ++nd) {
+      __nv_bfloat162 pair = __floats2bfloat162_rn(acc[nd][2 * rh], acc[nd][2 * rh + 1]);
+      *reinterpret_cast<__nv_bfloat162*>(dq + row * DK + nd * 8 + tig * 2) = pair;
+    }
+  }
+}
+
+// dK / dV, key-outer, over a work plan of (segment, token range) items: one CTA per (work item
+// w, chunk of 64 keys of the item's segment). Selected branch: a segment is (b, g, block j)
+// with the tokens that selected it listed in inv_tok[work_a .. work_b) (the SIMT kernel's
+// plan); compressed branch: a segment is (b, g, tile j of 64 compressed tokens) and the item's
+// tokens are work_a .. work_b themselves (inv_tok unused), key i being visible to token t iff
+// i d + l - 1 <= t. Warp w owns keys 16w .. 16w + 15 of the chunk and keeps their
+// dK [16][DK] and dV [16][DV] in registers. The item's tokens are taken 64 / hpg at a time
+// (rows (token, head), ascending), and per 16-row slice S^T = K Q^T, dP^T = V dO^T,
+// p^T = exp2(S^T scale log2 e - lse2[row]) (the key's first reader <= t), ds^T = p^T (dP^T - D[row]) scale, then
+// dV += p^T dO and dK += ds^T Q (p^T, ds^T re-used from registers, dO and Q fragments by
+// ldmatrix .trans). Fixed order, no atomics: deterministic. Shared: K [64][DK+8], V [64][DV+8],
+// Q [64][DK+8], dO [64][DV+8] (bf16), lse2, D [64] (fp32), token [64] (int).
+struct DkdvKeys {
+  int mode;            // KEYS_SELECTED or KEYS_COMPRESSED
+  int kv_len;          // K / V rows per batch (S or Nc)
+  int L;               // keys per segment (l', or 64 compressed tokens)
+  int NB;              // segments per (b, g)
+  int cl, cd;          // compressed: l and d
+  const int* inv_tok;  // selected: token lists
+};
+
+template <int DK, int DV>
+__device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
+                             const __nv_bfloat16* __restrict__ k,
+                             const __nv_bfloat16* __restrict__ v,
+                             const __nv_bfloat16* __restrict__ dout,
+                             const float* __restrict__ lse, const float* __restrict__ D,
+                             const DkdvKeys dk_keys,
+                             const long long* __restrict__ work_seg,
+                             const long long* __restrict__ work_a,
+                             const long long* __restrict__ work_b,
+                             const int* __restrict__ work_slot, float* __restrict__ scratch,
+                             __nv_bfloat16* __restrict__ dk_out, __nv_bfloat16* __restrict__ dv_out,
+                             int S, int Hkv, int hpg, float scale) {
+  const int L = dk_keys.L, NB = dk_keys.NB, KV = dk_keys.kv_len;
+  const bool sel = dk_keys.mode == KEYS_SELECTED;
+  constexpr int QS = DK + 8, VS = DV + 8;
+  const int nchunks = (L + NSA_BK - 1) / NSA_BK;
+  const long long w = blockIdx.x / nchunks;
+  const int chunk = blockIdx.x % nchunks;
+  const long long seg = work_seg[w];
+  const int j = (int)(seg % NB);
+  const int g = (int)((seg / NB) % Hkv), b = (int)(seg / NB / Hkv);
+  const int H = Hkv * hpg;
+  const long long c0 = (long long)j * L + chunk * NSA_BK;
+  const int nk = (int)max(0LL, min((long long)min(NSA_BK, L - chunk * NSA_BK), KV - c0));
+  if (nk <= 0) return;  // uniform over the CTA
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smraw);
+  __nv_bfloat16* Vs = Ks + NSA_BK * QS;
+  __nv_bfloat16* Qs = Vs + NSA_BK * VS;
+  __nv_bfloat16* dOs = Qs + NSA_M * QS;
+  float* lse2s = reinterpret_cast<float*>(dOs + NSA_M * VS);
+  float* Dsm = lse2s + NSA_M;
+  int* toks = reinterpret_cast<int*>(Dsm + NSA_M);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gq = lane / 4, tig = lane % 4;
+  const auto key_row = [&](const __nv_bfloat16* base, int width) {
+    return [=](int c) -> const __nv_bfloat16* {
+      return c < nk ? base + (((long long)b * KV + c0 + c) * Hkv + g) * width : nullptr;
+    };
+  };
+  copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
+  copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
+
+  const int kr0 = warp * 16 + gq, kr1 = kr0 + 8;  // this thread's two keys (chunk-relative)
+  // The first token that reads each of this thread's two keys.
+  const auto first_reader = [&](long long key) {
+    return sel ? key : key * dk_keys.cd + dk_keys.cl - 1;
+  };
+  const long long kp[2] = {first_reader(c0 + kr0), first_reader(c0 + kr1)};
+  const bool kok[2] = {kr0 < nk, kr1 < nk};
+  const float sl2 = scale * 1.4426950408889634f;
+  float dka[DK / 8][4], dva[DV / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < DK / 8; ++nd) dka[nd][0] = dka[nd][1] = dka[nd][2] = dka[nd][3] = 0.f;
+#pragma unroll
+  for (int nd = 0; nd < DV / 8; ++nd) dva[nd][0] = dva[nd][1] = dva[nd][2] = dva[nd][3] = 0.f;
+
+  const int BT = NSA_M / hpg;
+  const long long e0 = work_a[w], e1 = work_b[w];
+  for (long long ei = e0; ei < e1; ei += BT) {
+    const int ntok = (int)min((long long)BT, e1 - ei), nrows = ntok * hpg;
+    __syncthreads();  // the previous slice's readers are done with Q / dO
+    const auto row_of = [&](int r) -> long long {
+      if (r >= nrows) return -1;
+      const long long t = sel ? dk_keys.inv_tok[ei + r / hpg] : ei + r / hpg;
+      return ((long long)b * S + t) * H + g * hpg + r % hpg;
+    };
+    copy_rows<DK>(Qs, QS, NSA_M, [&](int r) -> const __nv_bfloat16* {
+      const long long row = row_of(r);
+      return row < 0 ? nullptr : q + row * DK;
+    }, tid, NSA_THREADS);
+    copy_rows<DV>(dOs, VS, NSA_M, [&](int r) -> const __nv_bfloat16* {
+      const long long row = row_of(r);
+      return row < 0 ? nullptr : dout + row * DV;
+    }, tid, NSA_THREADS);
+    for (int r = tid; r < NSA_M; r += NSA_THREADS) {
+      const long long row = row_of(r);
+      lse2s[r] = row < 0 ? INFINITY : lse[row] * 1.4426950408889634f;
+      Dsm[r] = row < 0 ? 0.f : D[row];
+      toks[r] = row < 0 ? -1 : (int)(sel ? dk_keys.inv_tok[ei + r / hpg] : ei + r / hpg);
+    }
+    __syncthreads();
+    for (int rc = 0; rc * 16 < nrows; ++rc) {  // 16-row slices (uniform over the CTA)
+      float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      float dpt[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int kt = 0; kt < DK / 16; ++kt) {
+        unsigned a[4];
+        load_a(a, Ks, QS, warp * 16 + gq, kt * 16, tig);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          unsigned b0, b1;
+          load_b(b0, b1, Qs, QS, rc * 16 + nt * 8 + gq, kt * 16, tig);
+          mma_bf16(st[nt], a[0], a[1], a[2], a[3], b0, b1);
+        }
+      }
+#pragma unroll
+      for (int kt = 0; kt < DV / 16; ++kt) {
+        unsigned a[4];
+        load_a(a, Vs, VS, warp * 16 + gq, kt * 16, tig);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          unsigned b0, b1;
+          load_b(b0, b1, dOs, VS, rc * 16 + nt * 8 + gq, kt * 16, tig);
+          mma_bf16(dpt[nt], a[0], a[1], a[2], a[3], b0, b1);
+        }
+      }
+      // Elements: key kr0 (e < 2) or kr1, row rc * 16 + nt * 8 + 2 tig + (e & 1).
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = rc * 16 + nt * 8 + tig * 2 + (e & 1);
+          const int t = toks[r];
+          const bool vis = t >= 0 && kok[e / 2] && kp[e / 2] <= t;
+          const float p = vis ? exp2f(st[nt][e] * sl2 - lse2s[r]) : 0.f;
+          st[nt][e] = p;
+          dpt[nt][e] = p * (dpt[nt][e] - Dsm[r]) * scale;  // ds^T
+        }
+      }
+      const unsigned pa0 = pack_bf16(st[0][0], st[0][1]), pa1 = pack_bf16(st[0][2], st[0][3]);
+      const unsigned pa2 = pack_bf16(st[1][0], st[1][1]), pa3 = pack_bf16(st[1][2], st[1][3]);
+      const unsigned sa0 = pack_bf16(dpt[0][0], dpt[0][1]), sa1 = pack_bf16(dpt[0][2], dpt[0][3]);
+      const unsigned sa2 = pack_bf16(dpt[1][0], dpt[1][1]), sa3 = pack_bf16(dpt[1][2], dpt[1][3]);
+#pragma unroll
+      for (int nd = 0; nd < DV / 16; ++nd) {
+        unsigned ob[4];
+        load_b_trans_x2(ob, dOs, VS, rc * 16, nd * 16, lane);
+        mma_bf16(dva[2 * nd], pa0, pa1, pa2, pa3, ob[0], ob[1]);
+        mma_bf16(dva[2 * nd + 1], pa0, pa1, pa2, pa3, ob[2], ob[3]);
+      }
+#pragma unroll
+      for (int nd = 0; nd < DK / 16; ++nd) {
+        unsigned qb[4];
+        load_b_trans_x2(qb, Qs, QS, rc * 16, nd * 16, lane);
+        mma_bf16(dka[2 * nd], sa0, sa1, sa2, sa3, qb[0], qb[1]);
+        mma_bf16(dka[2 * nd + 1], sa0, sa1, sa2, sa3, qb[2], qb[3]);
+      }
+    }
+  }
+  const int slot = work_slot[w];
+  const int width = DK + DV;
+#pragma unroll
+  for (int kh = 0; kh < 2; ++kh) {
+    if (!kok[kh]) continue;
+    const int kr = kh == 0 ? kr0 : kr1;
+    const long long key = ((long long)b * KV + c0 + kr) * Hkv + g;
+    float* part = slot < 0 ? nullptr
+                           : scratch + ((long long)slot * L + chunk * NSA_BK + kr) * width;
+#pragma unroll
+    for (int nd = 0; nd < DK / 8; ++nd) {
+      const int col = nd * 8 + tig * 2;
+      if (part == nullptr) {
+        *reinterpret_cast<__nv_bfloat162*>(dk_out + key * DK + col) =
+            __floats2bfloat162_rn(dka[nd][2 * kh], dka[nd][2 * kh + 1]);
+      } else {
+        part[col] = dka[nd][2 * kh];
+        part[col + 1] = dka[nd][2 * kh + 1];
+      }
+    }
+#pragma unroll
+    for (int nd = 0; nd < DV / 8; ++nd) {
+      const int col = nd * 8 + tig * 2;
+      if (part == nullptr) {
+        *reinterpret_cast<__nv_bfloat162*>(dv_out + key * DV + col) =
+            __floats2bfloat162_rn(dva[nd][2 * kh], dva[nd][2 * kh + 1]);
+      } else {
+        part[DK + col] = dva[nd][2 * kh];
+        part[DK + col + 1] = dva[nd][2 * kh + 1];
+      }
+    }
+  }
+}
+
+}  // namespace nsa

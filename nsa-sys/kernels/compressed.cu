@@ -1,0 +1,284 @@
+// Compressed-branch attention (NSA §3.3.1, the "cmp" branch) and block selection from it
+// (§3.3.2, Eqs. 8-11), without ever holding an [S, Nc] or [S, Nb] tensor in device memory.
+//
+// Layouts (row-major, contiguous): q [B, S, H, dk], compressed keys ck [B, Nc, Hkv, dk] and
+// values cv [B, Nc, Hkv, dv], out [B, S, H, dv], lse fp32 [B, S, H] (natural log), block ids
+// int64 [B, S, Hkv, n]. Query head h reads key head h / hpg. Token t sees compressed tokens
+// i < nvis(t) (attend.cuh, Eq. 7).
+//
+// nsa_cmp_fwd_mma_dk{DK}_dv{DV}: attend.cuh's fwd_mma over the compressed columns (bf16, tensor
+//   cores): out, and the lse that selection and the backward reuse.
+// nsa_cmp_dq_mma_dk{DK}_dv{DV}: attend.cuh's dq_mma over the compressed columns.
+// nsa_cmp_dkdv_mma_dk{DK}_dv{DV}: attend.cuh's dkdv_mma over tiles of 64 compressed tokens,
+//   each tile's readers (tokens from tile * 64 * d + l - 1 on) split into pieces by the host
+//   plan; split tiles are summed by selected_bwd.cu's reduce kernel (deterministic).
+// nsa_cmp_select_{bf16_dk64, bf16_dk128, bf16_dk192, f32}: one CTA of 4 warps per (tile of BQ
+//   tokens, group g, batch b), BQ * hpg <= 64 rows (token, head), BQ chosen by the host so the
+//   block scores fit in shared memory. Per tile of 64 compressed tokens: scores q . k (tensor
+//   cores for bf16, fp32 FMAs for fp32), p = exp(scale q . k - lse) (Eq. 8, recomputed from
+//   the forward's lse), summed over the group's heads (Eq. 10) into ps [BQ][64], then folded
+//   into the selection-block scores [BQ][Nb] with Eq. 9's overlap taps (block j receives
+//   compressed token j * step + first + k with integer weight w[k]); each (token, block) score
+//   is updated by one thread per tile, in tile order, so the sums are deterministic. Then one
+//   warp per token takes the top n (Eq. 11) as nsa-select does: block 0 and the n_local blocks
+//   ending at the current one floor(t / l') first (ascending), then the other candidates
+//   (blocks <= the current one) by score, ties to the lower index; padding -1; written
+//   ascending. Shared: Q, K tiles [64][DK + pad] (bf16 or fp32), lse2 [64], p [64][65],
+//   ps [BQ][64], scores [BQ][Nb], then the union tile's mask words.
+#include "attend.cuh"
+
+#define NSA_MAX_TAPS 32
+
+namespace nsa {
+
+// Eq. 9 as taps (nsa-select's SelectConfig::overlap_taps).
+struct Taps {
+  int first, step, count;
+  int w[NSA_MAX_TAPS];
+};
+
+struct SelectArgs {
+  int L;        // selection block length l'
+  int n;        // blocks per token
+  int n_local;  // local blocks forced (ending at the current block)
+  int Nb;       // selection blocks of the sequence
+  int bq;       // tokens per CTA
+  Taps taps;
+};
+
+template <typename T, int DK>
+__device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
+                           const float* __restrict__ lse, long long* __restrict__ out_ids,
+                           int S, int Nc, int Hkv, int hpg, int cl, int cd, float scale,
+                           const SelectArgs sa) {
+  constexpr bool MMA = sizeof(T) == 2;
+  constexpr int QS = MMA ? DK + 8 : DK + 1;  // fp32: odd stride, conflict-free column reads
+  extern __shared__ __align__(16) unsigned char smraw[];
+  T* Qs = reinterpret_cast<T*>(smraw);
+  T* Ks = Qs + NSA_M * QS;
+  float* lse2s = reinterpret_cast<float*>(Ks + NSA_BK * QS);
+  float* pt = lse2s + NSA_M;        // [64][65]
+  float* ps = pt + NSA_M * 65;      // [BQ][64]
+  const int BQ = sa.bq;
+  float* scores = ps + BQ * 64;     // [BQ][Nb]
+  const UnionTile un = carve_union(reinterpret_cast<int*>(scores + BQ * sa.Nb), BQ, 0, 32);
+  const KeySpec ks = compressed_keys(Nc, cl, cd);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int t0 = blockIdx.x * BQ, g = blockIdx.y, b = blockIdx.z;
+  const int H = Hkv * hpg, nrows = BQ * hpg;
+  const auto row_of = [&](int r) -> long long {
+    const int t = t0 + r / hpg;
+    if (r >= nrows || t >= S) return -1;
+    return ((long long)b * S + t) * H + g * hpg + r % hpg;
+  };
+  if constexpr (MMA) {
+    copy_rows<DK>(reinterpret_cast<__nv_bfloat16*>(Qs), QS, NSA_M, [&](int r) {
+      const long long row = row_of(r);
+      return row < 0 ? nullptr : reinterpret_cast<const __nv_bfloat16*>(q) + row * DK;
+    }, tid, NSA_THREADS);
+  } else {
+    for (int e = tid; e < NSA_M * DK; e += NSA_THREADS) {
+      const int r = e / DK, d = e % DK;
+      const long long row = row_of(r);
+      Qs[r * QS + d] = row < 0 ? from_f<T>(0.f) : q[row * DK + d];
+    }
+  }
+  for (int r = tid; r < NSA_M; r += NSA_THREADS) {
+    const long long row = row_of(r);
+    lse2s[r] = row < 0 ? INFINITY : lse[row] * 1.4426950408889634f;
+  }
+  for (int e = tid; e < BQ * sa.Nb; e += NSA_THREADS) scores[e] = 0.f;
+  const long long F = key_columns_begin(ks, un, b, S, Hkv, g, t0, BQ, tid, NSA_THREADS);
+  const float sl2 = scale * 1.4426950408889634f;
+
+  for (long long f0 = 0; f0 < F; f0 += NSA_BK) {
+    key_columns(ks, un, f0, F, S, tid, NSA_THREADS);
+    __syncthreads();
+    if constexpr (MMA) {
+      copy_rows<DK>(reinterpret_cast<__nv_bfloat16*>(Ks), QS, NSA_BK, [&](int c) {
+        const int p = un.colpos[c];
+        return p < 0 ? nullptr
+                     : reinterpret_cast<const __nv_bfloat16*>(ck) + (((long long)b * Nc + p) * Hkv + g) * DK;
+      }, tid, NSA_THREADS);
+    } else {
+      for (int e = tid; e < NSA_BK * DK; e += NSA_THREADS) {
+        const int c = e / DK, d = e % DK, p = un.colpos[c];
+        Ks[c * QS + d] = p < 0 ? from_f<T>(0.f) : ck[(((long long)b * Nc + p) * Hkv + g) * DK + d];
+      }
+    }
+    key_mask(ks, un, t0, BQ, S, tid, NSA_THREADS);
+    __syncthreads();
+    if constexpr (MMA) {
+      const int gq = lane / 4, tig = lane % 4;
+      const __nv_bfloat16* Qb = reinterpret_cast<const __nv_bfloat16*>(Qs);
+      const __nv_bfloat16* Kb = reinterpret_cast<const __nv_bfloat16*>(Ks);
+      float sacc[NSA_BK / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
+#pragma unroll
+      for (int kt = 0; kt < DK / 16; ++kt) {
+        unsigned a[4];
+        load_a(a, Qb, QS, warp * 16 + gq, kt * 16, tig);
+#pragma unroll
+        for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+          unsigned b0, b1;
+          load_b(b0, b1, Kb, QS, nt * 8 + gq, kt * 16, tig);
+          mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = warp * 16 + gq + (e / 2) * 8, c = nt * 8 + tig * 2 + (e & 1);
+          const int i = r / hpg;
+          const bool vis = r < nrows && i < BQ && ((un.kmask[i * 2 + c / 32] >> (c % 32)) & 1u);
+          pt[r * 65 + c] = vis ? exp2f(sacc[nt][e] * sl2 - lse2s[r]) : 0.f;
+        }
+      }
+    } else {
+      for (int e = tid; e < NSA_M * NSA_BK; e += NSA_THREADS) {
+        const int r = e / NSA_BK, c = e % NSA_BK, i = r / hpg;
+        float p = 0.f;
+        if (r < nrows && ((un.kmask[i * 2 + c / 32] >> (c % 32)) & 1u)) {
+          float s = 0.f;
+          for (int d = 0; d < DK; ++d) s = fmaf(to_f(Qs[r * QS + d]), to_f(Ks[c * QS + d]), s);
+          p = exp2f(s * sl2 - lse2s[r]);
+        }
+        pt[r * 65 + c] = p;
+      }
+    }
+    __syncthreads();
+    // Eq. 10: the group's heads, in head order.
+    for (int e = tid; e < BQ * NSA_BK; e += NSA_THREADS) {
+      const int i = e / NSA_BK, c = e % NSA_BK;
+      float acc = 0.f;
+      for (int h = 0; h < hpg; ++h) acc += pt[(i * hpg + h) * 65 + c];
+      ps[e] = acc;
+    }
+    __syncthreads();
+    // Eq. 9: blocks whose taps reach into columns f0 .. f0 + 63.
+    const Taps& tp = sa.taps;
+    long long jlo = f0 - tp.first - (tp.count - 1);
+    jlo = jlo <= 0 ? 0 : (jlo + tp.step - 1) / tp.step;
+    const long long jhi = min((long long)sa.Nb - 1, (f0 + NSA_BK - 1 - tp.first) / tp.step);
+    const int nj = jhi >= jlo ? (int)(jhi - jlo + 1) : 0;
+    for (int e = tid; e < BQ * nj; e += NSA_THREADS) {
+      const int i = e / nj;
+      const long long j = jlo + e % nj;
+      float acc = 0.f;
+      for (int kk = 0; kk < tp.count; ++kk) {
+        const long long ci = j * tp.step + tp.first + kk - f0;
+        if (ci >= 0 && ci < NSA_BK) acc += (float)tp.w[kk] * ps[i * NSA_BK + ci];
+      }
+      scores[i * sa.Nb + j] += acc;
+    }
+    __syncthreads();
+  }
+
+  // Eq. 11, one warp per token.
+  for (int i = warp; i < BQ; i += NSA_THREADS / 32) {
+    const int t = t0 + i;
+    if (t >= S) break;
+    float* sc = scores + i * sa.Nb;
+    const int cur = t / sa.L;
+    const int kmax = min(sa.n, sa.Nb);
+    long long mine = -1;  // lane s < kmax holds pick s
+    int count = 0;
+    // Forced: block 0, then the local band max(1, cur - n_local + 1) .. cur, ascending.
+    const int band0 = max(1, cur - sa.n_local + 1);
+    for (int j = -1; j <= cur - band0 && count < kmax; ++j) {
+      const int blk = j < 0 ? 0 : band0 + j;
+      if (lane == count) mine = blk;
+      if (lane == 0) sc[blk] = -1.f;
+      ++count;
+    }
+    __syncwarp();
+    while (count < kmax) {
+      float best = -1.f;
+      int bj = 0x7fffffff;
+      for (int j = 1 + lane; j <= cur; j += 32) {
+        const float v = sc[j];
+        if (v > best || (v == best && j < bj)) {
+          best = v;
+          bj = j;
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oj = __shfl_xor_sync(0xffffffffu, bj, o);
+        if (ov > best || (ov == best && oj < bj)) {
+          best = ov;
+          bj = oj;
+        }
+      }
+      if (best < 0.f) break;  // no candidate left
+      if (lane == count) mine = bj;
+      if (lane == 0) sc[bj] = -1.f;
+      __syncwarp();
+      ++count;
+    }
+    // Ascending, padding last: rank of each pick among the picks.
+    const long long key = lane < count ? mine : 0x7fffffffffffffffLL;
+    int rank = 0;
+    for (int o = 0; o < 32; ++o) {
+      const long long other = __shfl_sync(0xffffffffu, key, o);
+      rank += other < key || (other == key && o < lane);
+    }
+    long long* dst = out_ids + (((long long)b * S + t) * Hkv + g) * sa.n;
+    if (lane < count) dst[rank] = mine;
+    for (int s = count + lane; s < sa.n; s += 32) dst[s] = -1;
+  }
+}
+
+}  // namespace nsa
+
+#define NSA_CMP_MMA(DK, DV)                                                                    \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS) nsa_cmp_fwd_mma_dk##DK##_dv##DV(  \
+      const __nv_bfloat16* q, const __nv_bfloat16* ck, const __nv_bfloat16* cv,               \
+      __nv_bfloat16* out, float* lse, int S, int Nc, int Hkv, int hpg, int cl, int cd,         \
+      float scale) {                                                                           \
+    nsa::fwd_mma<DK, DV>(q, ck, cv, nsa::compressed_keys(Nc, cl, cd), out, lse, S, Hkv, hpg,  \
+                         scale);                                                               \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS) nsa_cmp_dq_mma_dk##DK##_dv##DV(   \
+      const __nv_bfloat16* q, const __nv_bfloat16* ck, const __nv_bfloat16* cv,               \
+      const __nv_bfloat16* dout, const float* lse, const float* D, __nv_bfloat16* dq, int S,   \
+      int Nc, int Hkv, int hpg, int cl, int cd, float scale) {                                 \
+    nsa::dq_mma<DK, DV>(q, ck, cv, nsa::compressed_keys(Nc, cl, cd), dout, lse, D, dq, S, Hkv, \
+                        hpg, scale);                                                           \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS) nsa_cmp_dkdv_mma_dk##DK##_dv##DV( \
+      const __nv_bfloat16* q, const __nv_bfloat16* ck, const __nv_bfloat16* cv,               \
+      const __nv_bfloat16* dout, const float* lse, const float* D, const long long* work_seg,  \
+      const long long* work_a, const long long* work_b, const int* work_slot, float* scratch,  \
+      __nv_bfloat16* dk_out, __nv_bfloat16* dv_out, int S, int Nc, int Hkv, int hpg, int NT,   \
+      int cl, int cd, float scale) {                                                           \
+    const nsa::DkdvKeys keys = {KEYS_COMPRESSED, Nc, NSA_BK, NT, cl, cd, nullptr};             \
+    nsa::dkdv_mma<DK, DV>(q, ck, cv, dout, lse, D, keys, work_seg, work_a, work_b, work_slot, \
+                          scratch, dk_out, dv_out, S, Hkv, hpg, scale);                       \
+  }
+NSA_CMP_MMA(64, 64)
+NSA_CMP_MMA(64, 128)
+NSA_CMP_MMA(64, 192)
+NSA_CMP_MMA(128, 64)
+NSA_CMP_MMA(128, 128)
+NSA_CMP_MMA(128, 192)
+NSA_CMP_MMA(192, 64)
+NSA_CMP_MMA(192, 128)
+NSA_CMP_MMA(192, 192)
+
+#define NSA_CMP_SELECT(NAME, T, DK)                                                            \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS)                                    \
+      NAME(const T* q, const T* ck, const float* lse, long long* ids, int S, int Nc, int Hkv,  \
+           int hpg, int cl, int cd, float scale, nsa::SelectArgs sa) {                         \
+    nsa::cmp_select<T, DK>(q, ck, lse, ids, S, Nc, Hkv, hpg, cl, cd, scale, sa);              \
+  }
+NSA_CMP_SELECT(nsa_cmp_select_bf16_dk64, __nv_bfloat16, 64)
+NSA_CMP_SELECT(nsa_cmp_select_bf16_dk128, __nv_bfloat16, 128)
+NSA_CMP_SELECT(nsa_cmp_select_bf16_dk192, __nv_bfloat16, 192)
+NSA_CMP_SELECT(nsa_cmp_select_f32_dk64, float, 64)
+NSA_CMP_SELECT(nsa_cmp_select_f32_dk128, float, 128)
+NSA_CMP_SELECT(nsa_cmp_select_f32_dk192, float, 192)

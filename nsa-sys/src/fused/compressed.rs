@@ -1,0 +1,281 @@
+//! The compressed branch's forward and block selection on CUDA: the kernels of
+//! `nsa-sys/kernels/compressed.cu`, launched by `glue/fused.cpp` on libtorch's current stream.
+//!
+//! Layouts: `q` `[B, S, H, dk]`, compressed keys `ck` `[B, Nc, Hkv, dk]` and values `cv`
+//! `[B, Nc, Hkv, dv]`; token `t` attends compressed token `i` iff `i·d + l − 1 ≤ t` (Eq. 7).
+use std::ffi::c_char;
+
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+use super::{check_tensor, finish, glue_err, input, kernels, FusedError, SlcTable};
+use crate::autograd::ERR_LEN;
+
+/// Selection's lengths and counts (nsa-select's `SelectConfig`) and Eq. 9's overlap taps
+/// (`SelectConfig::overlap_taps`): selection block `j` receives compressed token
+/// `j·tap_step + tap_first + k` with weight `tap_weights[k]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectParams {
+    /// l: tokens per compressed token.
+    pub block_len: i64,
+    /// d: stride of the compressed tokens.
+    pub stride: i64,
+    /// l': tokens per selection block.
+    pub select_len: i64,
+    /// n: blocks per (token, group).
+    pub top_n: i64,
+    /// Forced local blocks (the current one and the `n_local − 1` before it), plus block 0.
+    pub n_local: i64,
+    /// Offset of block 0's first tap.
+    pub tap_first: i64,
+    /// Taps move by this many compressed tokens per block.
+    pub tap_step: i64,
+    /// Integer weight of each tap (1 to 32 taps).
+    pub tap_weights: Vec<i64>,
+}
+
+extern "C" {
+    fn nsa_fused_compressed_fwd(
+        q: *const C_tensor,
+        ck: *const C_tensor,
+        cv: *const C_tensor,
+        cl: i64,
+        cd: i64,
+        scale: f64,
+        table: *const SlcTable,
+        out: *mut *mut C_tensor,
+        lse: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    fn nsa_fused_compressed(
+        q: *const C_tensor,
+        ck: *const C_tensor,
+        cv: *const C_tensor,
+        cl: i64,
+        cd: i64,
+        scale: f64,
+        table: *const SlcTable,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn nsa_fused_select(
+        q: *const C_tensor,
+        ck: *const C_tensor,
+        lse: *const C_tensor,
+        cl: i64,
+        cd: i64,
+        select_len: i64,
+        n: i64,
+        n_local: i64,
+        tap_first: i64,
+        tap_step: i64,
+        tap_w: *const i64,
+        tap_count: i64,
+        scale: f64,
+        table: *const SlcTable,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+}
+
+/// Shapes `(B, S, H, Nc, Hkv, dk)` of `q` and `ck` (and the device), checked.
+fn check_q_ck(q: &Tensor, ck: &Tensor, kinds: &[Kind]) -> Result<(usize, [i64; 6]), FusedError> {
+    let device = q.device();
+    let Device::Cuda(ordinal) = device else {
+        return Err(input("q", format!("on {device:?}: CUDA tensors only")));
+    };
+    let qs = check_tensor("q", q, device, kinds)?;
+    let ks = check_tensor("compressed keys", ck, device, &[q.kind()])?;
+    let (b, s, h, dk) = (qs[0], qs[1], qs[2], qs[3]);
+    let (nc, hkv) = (ks[1], ks[2]);
+    if ks[0] != b || ks[3] != dk || hkv < 1 || h % hkv != 0 || b < 1 || s < 1 {
+        return Err(input(
+            "q, compressed keys",
+            format!("q {qs:?} needs compressed keys [B, Nc, Hkv, dk] with H a multiple of Hkv, got {ks:?}"),
+        ));
+    }
+    if i32::try_from(s).is_err() || i32::try_from(nc).is_err() {
+        return Err(input("q", format!("sequence length {s} exceeds i32")));
+    }
+    Ok((ordinal, [b, s, h, nc, hkv, dk]))
+}
+
+fn check_lengths(block_len: i64, stride: i64) -> Result<(), FusedError> {
+    if block_len < 1 || stride < 1 || i32::try_from(block_len.max(stride)).is_err() {
+        return Err(input(
+            "block_len, stride",
+            format!("must be in 1..2^31, got l = {block_len}, d = {stride}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Shapes checked for the compressed branch: `q`, `ck`, `cv` (of `kinds`) and `l`, `d`, `scale`.
+fn check_compressed(
+    q: &Tensor,
+    ck: &Tensor,
+    cv: &Tensor,
+    kinds: &[Kind],
+    block_len: i64,
+    stride: i64,
+    scale: f64,
+) -> Result<usize, FusedError> {
+    let (ordinal, [b, _, _, nc, hkv, _]) = check_q_ck(q, ck, kinds)?;
+    let vs = check_tensor("compressed values", cv, q.device(), kinds)?;
+    if vs[..3] != [b, nc, hkv] {
+        return Err(input(
+            "compressed values",
+            format!("must be [B, Nc, Hkv, dv] = [{b}, {nc}, {hkv}, dv], got {vs:?}"),
+        ));
+    }
+    check_lengths(block_len, stride)?;
+    if !scale.is_finite() {
+        return Err(input("scale", format!("must be finite, got {scale}")));
+    }
+    Ok(ordinal)
+}
+
+/// The compressed branch with autograd: `[B, S, H, dv]`, differentiable in `q`, `ck`, `cv`
+/// (tensor-core forward, dQ and dK/dV kernels; deterministic). `q`, `ck`, `cv` bf16 or fp32
+/// computed in bf16 ([`super::compute_kind`] must be bf16), dk and dv in
+/// [`super::MMA_HEAD_DIMS`], at most 64 query heads per group.
+pub fn compressed_attention(
+    q: &Tensor,
+    ck: &Tensor,
+    cv: &Tensor,
+    block_len: i64,
+    stride: i64,
+    scale: f64,
+) -> Result<Tensor, FusedError> {
+    let kinds = [Kind::BFloat16, Kind::Float];
+    let ordinal = check_compressed(q, ck, cv, &kinds, block_len, stride, scale)?;
+    let kernels = kernels(ordinal)?;
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: live tensors borrowed for the call, a process-lifetime kernel table; the glue
+    // catches every exception and writes at most ERR_LEN bytes to `err`.
+    let ptr = unsafe {
+        nsa_fused_compressed(
+            q.as_ptr(),
+            ck.as_ptr(),
+            cv.as_ptr(),
+            block_len,
+            stride,
+            scale,
+            &kernels.table,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    finish("nsa_fused_compressed", ptr, &err)
+}
+
+/// The compressed branch's forward without autograd: `(out [B, S, H, dv] bf16, lse fp32
+/// [B, S, H])`, `lse` the natural log-sum-exp of each row's scaled scores (`+inf` for a row that
+/// sees no compressed token, whose output is 0). bf16 `q`, `ck`, `cv` with dk and dv in
+/// [`super::MMA_HEAD_DIMS`] and at most 64 query heads per group; for selection
+/// ([`select_blocks`]) and inference.
+pub fn compressed_forward(
+    q: &Tensor,
+    ck: &Tensor,
+    cv: &Tensor,
+    block_len: i64,
+    stride: i64,
+    scale: f64,
+) -> Result<(Tensor, Tensor), FusedError> {
+    let ordinal = check_compressed(q, ck, cv, &[Kind::BFloat16], block_len, stride, scale)?;
+    let kernels = kernels(ordinal)?;
+    let mut err = vec![0u8; ERR_LEN];
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut lse: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live tensors borrowed for the call, a process-lifetime kernel table, valid
+    // out-pointers; the glue catches every exception and writes at most ERR_LEN bytes to `err`.
+    let rc = unsafe {
+        nsa_fused_compressed_fwd(
+            q.as_ptr(),
+            ck.as_ptr(),
+            cv.as_ptr(),
+            block_len,
+            stride,
+            scale,
+            &kernels.table,
+            &mut out,
+            &mut lse,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    if rc != 0 {
+        return Err(glue_err("nsa_fused_compressed_fwd", &err));
+    }
+    let call = "nsa_fused_compressed_fwd";
+    Ok((finish(call, out, &err)?, finish(call, lse, &err)?))
+}
+
+/// Block selection (Eqs. 8–11) inside one kernel from the compressed branch's `lse`
+/// ([`compressed_forward`]): int64 `[B, S, Hkv, n]`, ascending, `−1` padded, as nsa-select's
+/// `select_blocks` returns. `q`, `ck` both bf16 (scores on tensor cores) or both fp32, dk in
+/// [`super::MMA_HEAD_DIMS`], at most 64 query heads per group; `lse` fp32 `[B, S, H]`.
+pub fn select_blocks(
+    q: &Tensor,
+    ck: &Tensor,
+    lse: &Tensor,
+    params: &SelectParams,
+    scale: f64,
+) -> Result<Tensor, FusedError> {
+    let (ordinal, [b, s, h, _, _, _]) = check_q_ck(q, ck, &[Kind::BFloat16, Kind::Float])?;
+    if lse.device() != q.device() || lse.kind() != Kind::Float || lse.size() != [b, s, h] {
+        return Err(input(
+            "lse",
+            format!(
+                "must be fp32 [B, S, H] = [{b}, {s}, {h}] on {:?}, got {:?} {:?} on {:?}",
+                q.device(),
+                lse.kind(),
+                lse.size(),
+                lse.device()
+            ),
+        ));
+    }
+    let p = params;
+    check_lengths(p.block_len, p.stride)?;
+    let taps = p.tap_weights.len() as i64;
+    if p.select_len < 1
+        || p.top_n < 1
+        || p.n_local < 0
+        || p.tap_step < 1
+        || !(1..=32).contains(&taps)
+    {
+        return Err(input(
+            "params",
+            format!("invalid selection parameters {p:?}"),
+        ));
+    }
+    if !scale.is_finite() {
+        return Err(input("scale", format!("must be finite, got {scale}")));
+    }
+    let kernels = kernels(ordinal)?;
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: as in `compressed_forward`; `tap_weights` outlives the call and holds `taps`
+    // values.
+    let ptr = unsafe {
+        nsa_fused_select(
+            q.as_ptr(),
+            ck.as_ptr(),
+            lse.as_ptr(),
+            p.block_len,
+            p.stride,
+            p.select_len,
+            p.top_n,
+            p.n_local,
+            p.tap_first,
+            p.tap_step,
+            p.tap_weights.as_ptr(),
+            taps,
+            scale,
+            &kernels.table,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    finish("nsa_fused_select", ptr, &err)
+}
