@@ -15,7 +15,9 @@ use crate::{lean, reference};
 use nsa_sys::fused as sys;
 
 mod compressed;
-pub use compressed::{compressed, compressed_supported, select_blocks, select_params};
+pub use compressed::{
+    compressed, compressed_and_select, compressed_supported, select_blocks, select_params,
+};
 
 fn scale(q: &Tensor) -> f64 {
     1.0 / (q.size()[3] as f64).sqrt()

@@ -271,11 +271,21 @@ impl NsaAttention {
         opts: &ForwardOpts,
     ) -> Result<BranchOutputs, AttnError> {
         let p = self.project(x)?;
+        if let AttnPath::Fused(_) = opts.path {
+            // One kernel pass gives the compressed branch and the log-sum-exp selection needs.
+            let both = {
+                let _r = NvtxRange::new(opts.nvtx, "nsa.cmp+select");
+                fused::compressed_and_select(&p.q, &p.cmp_k, &p.cmp_v, &self.cfg)?
+            };
+            if let Some((o_cmp, blocks)) = both {
+                return self.finish(x, &p, blocks, opts, Some(o_cmp));
+            }
+        }
         let blocks = {
             let _r = NvtxRange::new(opts.nvtx, "nsa.select");
             self.select(&p, opts.path, opts.select)?
         };
-        self.finish(x, &p, blocks, opts)
+        self.finish(x, &p, blocks, opts, None)
     }
 
     /// Like [`NsaAttention::forward_branches`] with a given selection `blocks`
@@ -303,6 +313,7 @@ impl NsaAttention {
             &p,
             blocks.f_to_kind(Kind::Int64)?.f_to_device(x.device())?,
             opts,
+            None,
         )
     }
 
@@ -333,12 +344,15 @@ impl NsaAttention {
         }
     }
 
+    /// The branches, gates and output for a selection `blocks`; `o_cmp` is the compressed
+    /// branch's output when the fused path already computed it (with the selection).
     fn finish(
         &self,
         x: &Tensor,
         p: &Projections,
         blocks: Tensor,
         opts: &ForwardOpts,
+        o_cmp: Option<Tensor>,
     ) -> Result<BranchOutputs, AttnError> {
         let cfg = &self.cfg;
         let range = |name| NvtxRange::new(opts.nvtx, name);
@@ -373,9 +387,12 @@ impl NsaAttention {
             AttnPath::Fused(lo) => {
                 check_chunk("query_chunk", lo.query_chunk)?;
                 check_chunk("window_chunk", lo.window_chunk)?;
-                let o_cmp = {
-                    let _r = range("nsa.cmp");
-                    fused::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg, lo.query_chunk)?
+                let o_cmp = match o_cmp {
+                    Some(o) => o,
+                    None => {
+                        let _r = range("nsa.cmp");
+                        fused::compressed(&p.q, &p.cmp_k, &p.cmp_v, cfg, lo.query_chunk)?
+                    }
                 };
                 let o_slc = {
                     let _r = range("nsa.slc");

@@ -340,8 +340,9 @@ Tensor to_device(const std::vector<T>& v, at::ScalarType type, const c10::Device
 // piece order. The plan depends on the shapes only, so it is built on the host without a
 // device synchronisation. Deterministic, no float atomics.
 struct CompressedFused : public torch::autograd::Function<CompressedFused> {
-  static Tensor forward(AutogradContext* ctx, Tensor q, Tensor ck, Tensor cv, int64_t cl,
-                        int64_t cd, double scale, int64_t table) {
+  // Returns {out, lse}; lse (fp32 [B, S, H], for selection) is not differentiable.
+  static variable_list forward(AutogradContext* ctx, Tensor q, Tensor ck, Tensor cv, int64_t cl,
+                               int64_t cd, double scale, int64_t table) {
     const auto* tab = reinterpret_cast<const NsaSlcTable*>(table);
     c10::DeviceGuard guard(q.device());
     q = aligned(q);
@@ -353,7 +354,8 @@ struct CompressedFused : public torch::autograd::Function<CompressedFused> {
     ctx->saved_data["cd"] = cd;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["table"] = table;
-    return out;
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -571,11 +573,12 @@ int nsa_fused_compressed_fwd(const at::Tensor* q_in, const at::Tensor* ck_in,
   }
 }
 
-// The compressed branch with autograd (CompressedFused): a new tensor [B, S, H, dv], or nullptr
-// with a message in err. Same inputs as nsa_fused_compressed_fwd.
-at::Tensor* nsa_fused_compressed(const at::Tensor* q, const at::Tensor* ck, const at::Tensor* cv,
-                                 int64_t cl, int64_t cd, double scale, const NsaSlcTable* table,
-                                 char* err, size_t err_len) {
+// The compressed branch with autograd (CompressedFused): new tensors out [B, S, H, dv]
+// (differentiable) and lse fp32 [B, S, H] (not) in *out_p and *lse_p; returns 0, or -1 with a
+// message in err. Same inputs as nsa_fused_compressed_fwd, computed in bf16.
+int nsa_fused_compressed(const at::Tensor* q, const at::Tensor* ck, const at::Tensor* cv,
+                         int64_t cl, int64_t cd, double scale, const NsaSlcTable* table,
+                         at::Tensor** out_p, at::Tensor** lse_p, char* err, size_t err_len) {
   try {
     TORCH_CHECK(table != nullptr, "fused compressed attention: no kernel table");
     TORCH_CHECK(q->is_cuda(), "fused compressed attention: CUDA tensors only");
@@ -584,11 +587,13 @@ at::Tensor* nsa_fused_compressed(const at::Tensor* q, const at::Tensor* ck, cons
     TORCH_CHECK(dt == at::kBFloat16, "fused compressed attention: computes in bf16 only, got ", dt);
     auto qc = q->to(dt), kc = ck->to(dt), vc = cv->to(dt);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    auto out = CompressedFused::apply(qc, kc, vc, cl, cd, scale, reinterpret_cast<int64_t>(table));
-    return new at::Tensor(std::move(out));
+    auto res = CompressedFused::apply(qc, kc, vc, cl, cd, scale, reinterpret_cast<int64_t>(table));
+    *out_p = new at::Tensor(std::move(res[0]));
+    *lse_p = new at::Tensor(std::move(res[1]));
+    return 0;
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);
-    return nullptr;
+    return -1;
   }
 }
 

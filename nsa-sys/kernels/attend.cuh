@@ -137,6 +137,7 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16
     if (r >= nrows || t >= S) return nullptr;
     return q + (((long long)b * S + t) * H + g * hpg + r % hpg) * DK;
   }, tid, NSA_THREADS);
+  cp_async_wait_all();  // completed for every thread by key_columns_begin's barriers
   const long long F = key_columns_begin(ks, un, b, S, Hkv, g, t0, BQ, tid, NSA_THREADS);
 
   const int r0 = warp * 16 + gq, r1 = r0 + 8;
@@ -160,6 +161,7 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16
     copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
     copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
     key_mask(ks, un, t0, BQ, S, tid, NSA_THREADS);
+    cp_async_wait_all();
     __syncthreads();
 
     float sacc[NSA_BK / 8][4];
@@ -304,6 +306,7 @@ __device__ void dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16*
     lse2s[r] = row < 0 ? INFINITY : lse[row] * 1.4426950408889634f;
     Dsm[r] = row < 0 ? 0.f : D[row];
   }
+  cp_async_wait_all();  // completed for every thread by key_columns_begin's barriers
   const long long F = key_columns_begin(ks, un, b, S, Hkv, g, t0, BQ, tid, NSA_THREADS);
 
   const int r0 = warp * 16 + gq, r1 = r0 + 8;
@@ -327,6 +330,7 @@ __device__ void dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16*
     copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
     copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
     key_mask(ks, un, t0, BQ, S, tid, NSA_THREADS);
+    cp_async_wait_all();
     __syncthreads();
 
     float sacc[NSA_BK / 8][4], dpacc[NSA_BK / 8][4];
@@ -462,6 +466,7 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
   };
   copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
   copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
+  cp_async_wait_all();  // completed for every thread by the loop's barriers
 
   const int kr0 = warp * 16 + gq, kr1 = kr0 + 8;  // this thread's two keys (chunk-relative)
   // The first token that reads each of this thread's two keys.
@@ -501,6 +506,7 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
       Dsm[r] = row < 0 ? 0.f : D[row];
       toks[r] = row < 0 ? -1 : (int)(sel ? dk_keys.inv_tok[ei + r / hpg] : ei + r / hpg);
     }
+    cp_async_wait_all();
     __syncthreads();
     for (int rc = 0; rc * 16 < nrows; ++rc) {  // 16-row slices (uniform over the CTA)
       float st[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};

@@ -77,6 +77,7 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
       const long long row = row_of(r);
       return row < 0 ? nullptr : reinterpret_cast<const __nv_bfloat16*>(q) + row * DK;
     }, tid, NSA_THREADS);
+    cp_async_wait_all();  // completed for every thread by key_columns_begin's barriers
   } else {
     for (int e = tid; e < NSA_M * DK; e += NSA_THREADS) {
       const int r = e / DK, d = e % DK;
@@ -108,6 +109,7 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
       }
     }
     key_mask(ks, un, t0, BQ, S, tid, NSA_THREADS);
+    if constexpr (MMA) cp_async_wait_all();
     __syncthreads();
     if constexpr (MMA) {
       const int gq = lane / 4, tig = lane % 4;

@@ -64,17 +64,32 @@ __device__ __forceinline__ void load_b_trans_x2(unsigned (&b)[4], const __nv_bfl
                : "r"(addr));
 }
 
-// Copies `rows` rows of `width` bf16 (a multiple of 8) from global (row pointers given by
-// `src_row(r)`, nullptr = zeros) into a shared tile with row stride `stride`, 16 bytes a thread.
+// Starts copying `rows` rows of `WIDTH` bf16 (a multiple of 8) from global memory (row pointers
+// given by `src_row(r)`, nullptr = zeros) into a shared tile with row stride `stride`, 16 bytes
+// a thread, with cp.async: every load of the tile is in flight at once and nothing passes
+// through registers. The copy is complete after cp_async_wait_all() by the issuing threads and
+// a barrier.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
 template <int WIDTH, typename RowFn>
 __device__ __forceinline__ void copy_rows(__nv_bfloat16* tile, int stride, int rows,
                                           RowFn src_row, int tid, int threads) {
   for (int e = tid; e < rows * (WIDTH / 8); e += threads) {
     const int r = e / (WIDTH / 8), ch = e % (WIDTH / 8);
     const __nv_bfloat16* src = src_row(r);
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (src != nullptr) val = *reinterpret_cast<const uint4*>(src + ch * 8);
-    *reinterpret_cast<uint4*>(tile + r * stride + ch * 8) = val;
+    __nv_bfloat16* dst = tile + r * stride + ch * 8;
+    if (src != nullptr) {
+      cp_async16(dst, src + ch * 8);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
   }
 }
 

@@ -79,6 +79,15 @@ pub fn compressed(
     if !compressed_supported(q, cmp_k, cmp_v) {
         return lean::compressed(q, cmp_k, cmp_v, cfg, chunk);
     }
+    Ok(attention_and_lse(q, cmp_k, cmp_v, cfg)?.0)
+}
+
+fn attention_and_lse(
+    q: &Tensor,
+    cmp_k: &Tensor,
+    cmp_v: &Tensor,
+    cfg: &NsaConfig,
+) -> Result<(Tensor, Tensor), AttnError> {
     let sel = cfg.select_config();
     sys::compressed_attention(
         &bf16(q)?,
@@ -89,6 +98,31 @@ pub fn compressed(
         scale(q),
     )
     .map_err(fused_err)
+}
+
+/// The compressed branch's output (differentiable, as [`compressed`]) and the selected blocks
+/// computed from that same forward's log-sum-exp (as [`select_blocks`]), so one pass over the
+/// compressed tokens serves both; `None` where [`compressed_supported`] is false.
+pub fn compressed_and_select(
+    q: &Tensor,
+    cmp_k: &Tensor,
+    cmp_v: &Tensor,
+    cfg: &NsaConfig,
+) -> Result<Option<(Tensor, Tensor)>, AttnError> {
+    if !compressed_supported(q, cmp_k, cmp_v) {
+        return Ok(None);
+    }
+    let (out, lse) = attention_and_lse(q, cmp_k, cmp_v, cfg)?;
+    let _g = tch::no_grad_guard();
+    let blocks = sys::select_blocks(
+        &bf16(&q.f_detach()?)?,
+        &bf16(&cmp_k.f_detach()?)?,
+        &lse,
+        &select_params(cfg),
+        scale(q),
+    )
+    .map_err(fused_err)?;
+    Ok(Some((out, blocks)))
 }
 
 /// Selected blocks `[B, S, Hkv, n]` (ascending, `−1` padded) for the whole sequence: the
@@ -249,8 +283,11 @@ fn check_case(
         tch::with_grad(|| {
             out_and_grads(&qb, &kb, &vb, &dout, |q, k, v| {
                 let sel = cfg.select_config();
-                sys::compressed_attention(q, k, v, sel.block_len, sel.stride, scale(q))
-                    .map_err(fused_err)
+                Ok(
+                    sys::compressed_attention(q, k, v, sel.block_len, sel.stride, scale(q))
+                        .map_err(fused_err)?
+                        .0,
+                )
             })
         })
     };

@@ -56,9 +56,11 @@ extern "C" {
         cd: i64,
         scale: f64,
         table: *const SlcTable,
+        out: *mut *mut C_tensor,
+        lse: *mut *mut C_tensor,
         err: *mut c_char,
         err_len: usize,
-    ) -> *mut C_tensor;
+    ) -> i32;
     fn nsa_fused_select(
         q: *const C_tensor,
         ck: *const C_tensor,
@@ -136,10 +138,11 @@ fn check_compressed(
     Ok(ordinal)
 }
 
-/// The compressed branch with autograd: `[B, S, H, dv]`, differentiable in `q`, `ck`, `cv`
-/// (tensor-core forward, dQ and dK/dV kernels; deterministic). `q`, `ck`, `cv` bf16 or fp32
-/// computed in bf16 ([`super::compute_kind`] must be bf16), dk and dv in
-/// [`super::MMA_HEAD_DIMS`], at most 64 query heads per group.
+/// The compressed branch with autograd: `(out [B, S, H, dv], lse fp32 [B, S, H])`, `out`
+/// differentiable in `q`, `ck`, `cv` (tensor-core forward, dQ and dK/dV kernels;
+/// deterministic), `lse` the rows' log-sum-exp (not differentiable; what [`select_blocks`]
+/// needs). `q`, `ck`, `cv` bf16 or fp32 computed in bf16 ([`super::compute_kind`] must be
+/// bf16), dk and dv in [`super::MMA_HEAD_DIMS`], at most 64 query heads per group.
 pub fn compressed_attention(
     q: &Tensor,
     ck: &Tensor,
@@ -147,14 +150,16 @@ pub fn compressed_attention(
     block_len: i64,
     stride: i64,
     scale: f64,
-) -> Result<Tensor, FusedError> {
+) -> Result<(Tensor, Tensor), FusedError> {
     let kinds = [Kind::BFloat16, Kind::Float];
     let ordinal = check_compressed(q, ck, cv, &kinds, block_len, stride, scale)?;
     let kernels = kernels(ordinal)?;
     let mut err = vec![0u8; ERR_LEN];
-    // SAFETY: live tensors borrowed for the call, a process-lifetime kernel table; the glue
-    // catches every exception and writes at most ERR_LEN bytes to `err`.
-    let ptr = unsafe {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut lse: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live tensors borrowed for the call, a process-lifetime kernel table, valid
+    // out-pointers; the glue catches every exception and writes at most ERR_LEN bytes to `err`.
+    let rc = unsafe {
         nsa_fused_compressed(
             q.as_ptr(),
             ck.as_ptr(),
@@ -163,11 +168,17 @@ pub fn compressed_attention(
             stride,
             scale,
             &kernels.table,
+            &mut out,
+            &mut lse,
             err.as_mut_ptr().cast(),
             ERR_LEN,
         )
     };
-    finish("nsa_fused_compressed", ptr, &err)
+    if rc != 0 {
+        return Err(glue_err("nsa_fused_compressed", &err));
+    }
+    let call = "nsa_fused_compressed";
+    Ok((finish(call, out, &err)?, finish(call, lse, &err)?))
 }
 
 /// The compressed branch's forward without autograd: `(out [B, S, H, dv] bf16, lse fp32
