@@ -108,14 +108,15 @@ int64_t next_pow2(int64_t x) {
 
 // Ints of the union tile (mma.cuh, union_ints) for bq tokens of n ids, candidate list of P.
 int64_t union_ints(int64_t bq, int64_t n, int64_t P) {
-  return bq * n + 2 * P + bq * (P / 32) + bq * 2 + kBk + kBk + 1;
+  return bq * n + 2 * P + bq * (P / 32) + 2 * (bq * 2 + kBk + kBk) + 1;
 }
 
 // Shared memory of the tensor-core kernels (must match their carve-ups): tiles of 64 rows or
 // keys of width dk or dv, each row padded by 8 elements.
 int64_t tile_bytes(int64_t width) { return kM * (width + 8) * 2; }
+// The forward double-buffers K and V (two tiles each) so the next tile loads during this one.
 int64_t fwd_mma_smem(int64_t dk, int64_t dv, int64_t hpg, int64_t n, int64_t P) {
-  return 2 * tile_bytes(dk) + tile_bytes(dv) + 4 * union_ints(kM / hpg, n, P);
+  return 3 * tile_bytes(dk) + 2 * tile_bytes(dv) + 4 * union_ints(kM / hpg, n, P);
 }
 int64_t dq_mma_smem(int64_t dk, int64_t dv, int64_t hpg, int64_t n, int64_t P) {
   return 2 * tile_bytes(dk) + 2 * tile_bytes(dv) + 4 * 2 * kM + 4 * union_ints(kM / hpg, n, P);

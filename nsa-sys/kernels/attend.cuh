@@ -12,8 +12,9 @@
 // selected branch, Nc for the compressed one).
 //
 // fwd_mma: S = Q K^T, online softmax (log2 units), O += P V; out [B, S, H, DV] bf16 and lse
-//   (natural log, +inf for a row that reads nothing, whose output is 0). Shared: Q, K [64][DK+8],
-//   V [64][DV+8] (bf16), then the union tile.
+//   (natural log, +inf for a row that reads nothing, whose output is 0). Two-stage pipeline:
+//   the next tile's K / V rows are copied (cp.async) while this one is computed. Shared:
+//   Q [64][DK+8], K [2][64][DK+8], V [2][64][DV+8] (bf16), then the union tile.
 #pragma once
 #include "mma.cuh"
 
@@ -121,10 +122,10 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16
   constexpr int VS = DV + 8;  // row stride of the V tile
   extern __shared__ __align__(16) unsigned char smraw[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smraw);
-  __nv_bfloat16* Ks = Qs + NSA_M * QS;
-  __nv_bfloat16* Vs = Ks + NSA_BK * QS;
+  __nv_bfloat16* Ks = Qs + NSA_M * QS;      // two tiles
+  __nv_bfloat16* Vs = Ks + 2 * NSA_BK * QS;  // two tiles
   const int BQ = NSA_M / hpg;
-  const UnionTile un = carve_union(reinterpret_cast<int*>(Vs + NSA_BK * VS), BQ, ks.n, ks.P);
+  const UnionTile un = carve_union(reinterpret_cast<int*>(Vs + 2 * NSA_BK * VS), BQ, ks.n, ks.P);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gq = lane / 4, tig = lane % 4;
@@ -149,20 +150,41 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16
 #pragma unroll
   for (int nv = 0; nv < DV / 8; ++nv) o[nv][0] = o[nv][1] = o[nv][2] = o[nv][3] = 0.f;
 
-  for (long long f0 = 0; f0 < F; f0 += NSA_BK) {
-    key_columns(ks, un, f0, F, S, tid, NSA_THREADS);
-    __syncthreads();
+  // Two-stage pipeline: tile i + 1's columns are set up and its K / V rows copied (cp.async)
+  // while tile i is computed; buffers alternate (K / V tile bi, column set bi).
+  const auto issue = [&](int bi) {
+    const UnionTile cu = un.with_buf(bi);
     const auto key_row = [&](const __nv_bfloat16* base, int width) {
       return [=](int c) -> const __nv_bfloat16* {
-        const int p = un.colpos[c];
+        const int p = cu.colpos[c];
         return p < 0 ? nullptr : base + (((long long)b * ks.kv_len + p) * Hkv + g) * width;
       };
     };
-    copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
-    copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
-    key_mask(ks, un, t0, BQ, S, tid, NSA_THREADS);
-    cp_async_wait_all();
+    copy_rows<DK>(Ks + bi * NSA_BK * QS, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
+    copy_rows<DV>(Vs + bi * NSA_BK * VS, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
+    cp_async_commit();
+  };
+  if (F > 0) {
+    key_columns(ks, un.with_buf(0), 0, F, S, tid, NSA_THREADS);
     __syncthreads();
+    issue(0);
+  }
+  int bi = 0;
+  for (long long f0 = 0; f0 < F; f0 += NSA_BK, bi ^= 1) {
+    const bool next = f0 + NSA_BK < F;
+    const UnionTile cu = un.with_buf(bi);
+    if (next) key_columns(ks, un.with_buf(bi ^ 1), f0 + NSA_BK, F, S, tid, NSA_THREADS);
+    key_mask(ks, cu, t0, BQ, S, tid, NSA_THREADS);
+    __syncthreads();  // the next tile's columns and this tile's mask are visible
+    if (next) {
+      issue(bi ^ 1);
+      cp_async_wait<1>();  // this tile's copies are done, the next tile's may be in flight
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // every thread's part of this tile is visible
+    const __nv_bfloat16* Kt = Ks + bi * NSA_BK * QS;
+    const __nv_bfloat16* Vt = Vs + bi * NSA_BK * VS;
 
     float sacc[NSA_BK / 8][4];
 #pragma unroll
@@ -174,13 +196,13 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16
 #pragma unroll
       for (int nt = 0; nt < NSA_BK / 8; ++nt) {
         unsigned b0, b1;
-        load_b(b0, b1, Ks, QS, nt * 8 + gq, kt * 16, tig);
+        load_b(b0, b1, Kt, QS, nt * 8 + gq, kt * 16, tig);
         mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
       }
     }
     // Mask, online softmax (rows r0: elements 0, 1; r1: elements 2, 3).
-    const unsigned mk0[2] = {ok0 ? un.kmask[i0 * 2] : 0u, ok0 ? un.kmask[i0 * 2 + 1] : 0u};
-    const unsigned mk1[2] = {ok1 ? un.kmask[i1 * 2] : 0u, ok1 ? un.kmask[i1 * 2 + 1] : 0u};
+    const unsigned mk0[2] = {ok0 ? cu.kmask[i0 * 2] : 0u, ok0 ? cu.kmask[i0 * 2 + 1] : 0u};
+    const unsigned mk1[2] = {ok1 ? cu.kmask[i1 * 2] : 0u, ok1 ? cu.kmask[i1 * 2 + 1] : 0u};
     float mx[2] = {m[0], m[1]};
 #pragma unroll
     for (int nt = 0; nt < NSA_BK / 8; ++nt) {
@@ -232,7 +254,7 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16
 #pragma unroll
       for (int nv = 0; nv < DV / 16; ++nv) {
         unsigned vb[4];
-        load_b_trans_x2(vb, Vs, VS, kk * 16, nv * 16, lane);
+        load_b_trans_x2(vb, Vt, VS, kk * 16, nv * 16, lane);
         mma_bf16(o[2 * nv], a0, a1, a2, a3, vb[0], vb[1]);
         mma_bf16(o[2 * nv + 1], a0, a1, a2, a3, vb[2], vb[3]);
       }

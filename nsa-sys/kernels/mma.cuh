@@ -78,6 +78,16 @@ __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 template <int WIDTH, typename RowFn>
 __device__ __forceinline__ void copy_rows(__nv_bfloat16* tile, int stride, int rows,
                                           RowFn src_row, int tid, int threads) {
@@ -102,6 +112,8 @@ __device__ __forceinline__ void copy_rows(__nv_bfloat16* tile, int stride, int r
 // key is <= t and < S). Shared memory (ints), P = next power of two >= max(32, BQ * n):
 //   ids [BQ][n], cand [P], uni [P], membership bits [BQ][P / 32], kmask [BQ][2], colpos [64],
 //   colu [64], count [1].
+// The per-tile column state (kmask, colpos, colu) exists twice, so a pipelined loop can fill
+// tile i + 1's while tile i's is in use; with_buf(i) views set i through the same fields.
 struct UnionTile {
   int* ids;
   int* cand;
@@ -112,24 +124,36 @@ struct UnionTile {
   int* colu;
   int* count;
   int words;  // P / 32
+  int bq;
+
+  __device__ __forceinline__ UnionTile with_buf(int i) const {
+    UnionTile v = *this;
+    const int stride = bq * 2 + 64 + 64;  // ints per column set
+    v.kmask = kmask + i * stride;
+    v.colpos = colpos + i * stride;
+    v.colu = colu + i * stride;
+    return v;
+  }
 };
 
 // Ints of shared memory a UnionTile takes (the glue's smem formulas use the same count).
 __device__ __forceinline__ int union_ints(int bq, int n, int P) {
-  return bq * n + 2 * P + bq * (P / 32) + bq * 2 + 64 + 64 + 1;
+  return bq * n + 2 * P + bq * (P / 32) + 2 * (bq * 2 + 64 + 64) + 1;
 }
 
 __device__ __forceinline__ UnionTile carve_union(int* base, int bq, int n, int P) {
   UnionTile u;
+  u.bq = bq;
   u.ids = base;
   u.cand = u.ids + bq * n;
   u.uni = u.cand + P;
   u.words = P / 32;
   u.mbits = reinterpret_cast<unsigned*>(u.uni + P);
+  // Column sets: [kmask bq * 2][colpos 64][colu 64], twice.
   u.kmask = u.mbits + bq * u.words;
   u.colpos = reinterpret_cast<int*>(u.kmask + bq * 2);
   u.colu = u.colpos + 64;
-  u.count = u.colu + 64;
+  u.count = u.colu + 64 + (bq * 2 + 64 + 64);
   return u;
 }
 
