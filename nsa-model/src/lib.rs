@@ -136,5 +136,5 @@ pub mod dense;
 mod model;
 
 pub use config::{AttentionKind, FieldError, ModelConfig, ModelError, PRESETS};
-pub use model::{decay_groups, Model, NamedVars};
+pub use model::{decay_groups, DecodeStep, DenseCache, KvCache, Model, NamedVars, Prefilled};
 pub use nsa_attn::{NsaParams, Phi};
