@@ -167,8 +167,11 @@ impl DecodePlan {
 
         let host = Tensor::f_from_slice(&pack.0)?;
         let all = if device.is_cuda() {
-            // Pinned host memory and a non-blocking copy: the step does not wait for the GPU.
-            host.f_pin_memory(device)?
+            // Pinned host memory and a non-blocking copy: the step does not wait for the GPU
+            // (libtorch's caching host allocator keeps the buffer until the copy is done).
+            // `_pin_memory` with the device, not `pin_memory`, which warns on every call that
+            // its device argument is deprecated.
+            host.f_internal_pin_memory(device)?
                 .f_to_device_(device, Kind::Int64, true, false)?
         } else {
             host.f_to_device(device)?
