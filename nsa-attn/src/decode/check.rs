@@ -211,7 +211,11 @@ pub fn decode_check() -> Result<Vec<CheckRow>, AttnError> {
             reason: format!("needs a CUDA device: {backend}"),
         });
     }
-    let device = Device::Cuda(0);
+    Ok(rows_on(Device::Cuda(0)))
+}
+
+/// [`decode_check`]'s rows on `device` (a unit test runs them on the CPU).
+fn rows_on(device: Device) -> Vec<CheckRow> {
     let lengths = [(8, 4, 16, 4, 24), (16, 8, 32, 3, 40)];
     let mut rows = Vec::new();
     for (shared_kv, phi, lens) in [
@@ -258,7 +262,7 @@ pub fn decode_check() -> Result<Vec<CheckRow>, AttnError> {
             }));
         }
     }
-    Ok(rows)
+    rows
 }
 
 fn check_case(
@@ -282,4 +286,20 @@ fn check_case(
         ..Default::default()
     };
     decode_parity(&layer, &x, prompts, &opts, selection)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU check's rows pass on the CPU too (same code, other device).
+    #[test]
+    fn the_check_rows_pass_on_the_cpu() {
+        tch::manual_seed(1);
+        let rows = rows_on(Device::Cpu);
+        assert_eq!(rows.len(), 6);
+        for r in &rows {
+            assert!(r.passed, "{r:?}");
+        }
+    }
 }

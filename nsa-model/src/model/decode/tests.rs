@@ -183,7 +183,8 @@ fn decode_all(
 
 /// `max |a − b| / max(1, max |b|)`.
 fn scaled_err(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let cpu = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+    let (a, b) = (cpu(a), cpu(b));
     let scale = b.abs().max().double_value(&[]).max(1.0);
     (a - b).abs().max().double_value(&[]) / scale
 }
@@ -192,14 +193,18 @@ fn scaled_err(a: &Tensor, b: &Tensor) -> f64 {
 /// decode's selections (< 1e-5); float64, same weights: equal to the plain forward (< 1e-9),
 /// its own selections included.
 fn model_decode_matches_forward_on(c: &Case) -> Result<(), TestCaseError> {
+    model_decode_matches_forward_on_device(c, Device::Cpu)
+}
+
+fn model_decode_matches_forward_on_device(c: &Case, device: Device) -> Result<(), TestCaseError> {
     tch::manual_seed(c.seed);
     let cfg = c.config();
-    let mut vs = nn::VarStore::new(Device::Cpu);
+    let mut vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &cfg).unwrap();
     let tokens = Tensor::randint(
         cfg.vocab_size,
         [c.prompts.len() as i64, c.seq_len],
-        (Kind::Int64, Device::Cpu),
+        (Kind::Int64, device),
     );
     let opts = c.opts();
     let (logits, blocks) = decode_all(&model, &tokens, &c.prompts, &opts);
@@ -299,5 +304,49 @@ fn bad_tokens_are_named_and_leave_the_cache_usable() {
                 0
             }
         );
+    }
+}
+
+/// The same comparisons on CUDA (`cargo test -p nsa-model -- --ignored` on a GPU machine), and a
+/// bf16 model decoding as `nsa-train generate` runs it there.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn prefill_and_decode_equal_the_full_forward_on_cuda() {
+    let backend = nsa_sys::cuda::load_backend().expect("libtorch's CUDA backend");
+    assert!(backend.has_gpu(), "no GPU visible: {backend}");
+    let base = Case {
+        lengths: (8, 4, 16),
+        top_n: 3,
+        window: 12,
+        heads: (4, 2),
+        phi: Phi::Mlp,
+        shared_kv: false,
+        attention: AttentionKind::Nsa,
+        seq_len: 70,
+        prompts: vec![1, 7, 40],
+        lean: true,
+        seed: 3,
+    };
+    let cases = [
+        base.clone(),
+        Case {
+            shared_kv: true,
+            phi: Phi::Linear,
+            ..base.clone()
+        },
+        Case {
+            attention: AttentionKind::Dense,
+            ..base.clone()
+        },
+    ];
+    for c in &cases {
+        model_decode_matches_forward_on_device(c, Device::Cuda(0))
+            .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        let mut vs = nn::VarStore::new(Device::Cuda(0));
+        let model = Model::new(&vs.root(), &c.config()).unwrap();
+        vs.bfloat16();
+        let tokens = Tensor::randint(40, [3, 70], (Kind::Int64, Device::Cuda(0)));
+        let (logits, _) = decode_all(&model, &tokens, &c.prompts, &c.opts());
+        assert!(bool::try_from(logits.isfinite().all()).unwrap(), "{c:?}");
     }
 }
