@@ -129,6 +129,15 @@ pub struct Projections {
     pub win_v: Tensor,
 }
 
+/// Queries and raw per-projection keys/values (see [`NsaAttention::project_raw`]).
+#[derive(Debug)]
+pub(crate) struct RawProjections {
+    /// `[B, S, H, dk]`, with RoPE.
+    pub(crate) q: Tensor,
+    /// `(keys [B, S, Hkv, dk] with RoPE, values [B, S, Hkv, dv])` per K/V projection pair.
+    pub(crate) kv: Vec<(Tensor, Tensor)>,
+}
+
 /// `l.forward(x)` through tch's fallible `f_linear`, so a libtorch error is returned, not a
 /// panic.
 pub(crate) fn linear(l: &nn::Linear, x: &Tensor) -> Result<Tensor, TchError> {
@@ -206,14 +215,6 @@ impl NsaAttention {
         &self.cfg
     }
 
-    fn kv_proj(&self, branch: Branch) -> &KvProj {
-        if self.cfg.nsa.shared_kv {
-            &self.kv[0]
-        } else {
-            &self.kv[branch.gate_index() as usize]
-        }
-    }
-
     fn check_input(&self, x: &Tensor) -> Result<(i64, i64), AttnError> {
         match x.size().as_slice() {
             &[b, s, d] if d == self.cfg.dim && s > 0 => Ok((b, s)),
@@ -228,29 +229,76 @@ impl NsaAttention {
     /// Queries, keys and values of all branches for `x` `[B, S, dim]`, token `s` at absolute
     /// position `s` (RoPE).
     pub fn project(&self, x: &Tensor) -> Result<Projections, AttnError> {
+        let (_, s) = self.check_input(x)?;
+        let c = &self.cfg;
+        let rope = Rope::new(c.rope_base, c.head_dim_k, s, x.kind(), x.device())?;
+        let raw = self.project_raw(x, &rope)?;
+        self.compress_projections(&raw)
+    }
+
+    /// Queries `[B, S, H, dk]` and the raw keys `[B, S, Hkv, dk]` / values `[B, S, Hkv, dv]` of
+    /// each K/V projection pair (`[cmp, slc, win]`, or the one pair with `shared_kv`; index
+    /// with [`NsaAttention::kv_index`]), rotated by `rope` (which fixes the positions): what
+    /// [`NsaAttention::project`] compresses and the decode path (`crate::decode`) caches.
+    pub(crate) fn project_raw(&self, x: &Tensor, rope: &Rope) -> Result<RawProjections, AttnError> {
         let (b, s) = self.check_input(x)?;
         let c = &self.cfg;
         let (h, g, dk, dv) = (c.heads, c.kv_heads, c.head_dim_k, c.head_dim_v);
-        let rope = Rope::new(c.rope_base, dk, s, x.kind(), x.device())?;
         let q = rope.apply(&linear(&self.wq, x)?.f_view([b, s, h, dk])?)?;
-        let keys = |br: Branch| -> Result<(Tensor, Tensor), AttnError> {
-            let p = self.kv_proj(br);
-            let k = rope.apply(&linear(&p.wk, x)?.f_view([b, s, g, dk])?)?;
-            Ok((k, linear(&p.wv, x)?.f_view([b, s, g, dv])?))
-        };
-        let (raw_cmp_k, raw_cmp_v) = keys(Branch::Compressed)?;
-        let (slc_k, slc_v) = keys(Branch::Selected)?;
-        let (win_k, win_v) = keys(Branch::Window)?;
-        let (cmp_k, cmp_v) = self.cmp.apply(&raw_cmp_k, &raw_cmp_v)?;
+        let kv = self
+            .kv
+            .iter()
+            .map(|p| -> Result<(Tensor, Tensor), AttnError> {
+                let k = rope.apply(&linear(&p.wk, x)?.f_view([b, s, g, dk])?)?;
+                Ok((k, linear(&p.wv, x)?.f_view([b, s, g, dv])?))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RawProjections { q, kv })
+    }
+
+    /// [`Projections`] from raw ones: φ over the compressed branch's keys and values.
+    pub(crate) fn compress_projections(
+        &self,
+        raw: &RawProjections,
+    ) -> Result<Projections, AttnError> {
+        let branch = |br: Branch| &raw.kv[self.kv_index(br)];
+        let (raw_cmp_k, raw_cmp_v) = branch(Branch::Compressed);
+        let (cmp_k, cmp_v) = self.cmp.apply(raw_cmp_k, raw_cmp_v)?;
+        let (slc_k, slc_v) = branch(Branch::Selected);
+        let (win_k, win_v) = branch(Branch::Window);
         Ok(Projections {
-            q,
+            q: raw.q.shallow_clone(),
             cmp_k,
             cmp_v,
-            slc_k,
-            slc_v,
-            win_k,
-            win_v,
+            slc_k: slc_k.shallow_clone(),
+            slc_v: slc_v.shallow_clone(),
+            win_k: win_k.shallow_clone(),
+            win_v: win_v.shallow_clone(),
         })
+    }
+
+    /// Which entry of [`RawProjections::kv`] holds `branch`'s keys and values.
+    pub(crate) fn kv_index(&self, branch: Branch) -> usize {
+        if self.cfg.nsa.shared_kv {
+            0
+        } else {
+            branch.gate_index() as usize
+        }
+    }
+
+    /// The compressed branch's φ and position embeddings.
+    pub(crate) fn compression(&self) -> &Compression {
+        &self.cmp
+    }
+
+    /// `W_o` of the gated sum `mixed` `[B, S, H, dv]` → `[B, S, dim]`.
+    pub(crate) fn output_projection(&self, mixed: &Tensor) -> Result<Tensor, AttnError> {
+        let sz = mixed.size();
+        let c = &self.cfg;
+        Ok(linear(
+            &self.wo,
+            &mixed.f_reshape([sz[0], sz[1], c.heads * c.head_dim_v])?,
+        )?)
     }
 
     /// Gates `[B, S, H, 3]` in [`Branch::ALL`] order.
@@ -346,7 +394,7 @@ impl NsaAttention {
 
     /// The branches, gates and output for a selection `blocks`; `o_cmp` is the compressed
     /// branch's output when the fused path already computed it (with the selection).
-    fn finish(
+    pub(crate) fn finish(
         &self,
         x: &Tensor,
         p: &Projections,
@@ -406,11 +454,7 @@ impl NsaAttention {
         let _r = range("nsa.gate");
         let gates = self.gates(x, opts.gates)?;
         let mixed = gates::mix(&gates, &compressed, &selected, &window)?;
-        let sz = x.size();
-        let output = linear(
-            &self.wo,
-            &mixed.f_reshape([sz[0], sz[1], cfg.heads * cfg.head_dim_v])?,
-        )?;
+        let output = self.output_projection(&mixed)?;
         Ok(BranchOutputs {
             compressed,
             selected,

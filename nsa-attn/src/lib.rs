@@ -106,6 +106,17 @@
 //! Block ids handed to any path are deduplicated (a repeated id counts once) and ids outside
 //! `[0, ⌊t/l'⌋]` are ignored.
 //!
+//! # Decoding
+//!
+//! [`NsaAttention::prefill`] runs the forward on a batch of (right-padded) prompts and returns an
+//! [`NsaCache`]; [`NsaAttention::decode_step`] then adds one token per sequence and reads only
+//! what the three branches read: the visible compressed tokens, the `n·l'` keys of the selected
+//! blocks and the last `w` keys ([`StepReads`] counts them). Per branch the cache holds the raw
+//! keys/values selection reads, a ring of the last `w` for the window, the emitted compressed
+//! tokens and the pending raw block φ compresses next; see [`mod@decode`] for its invariants.
+//! Prefill plus decode equals the full-sequence forward at every position (tested on random
+//! configurations; [`decode::decode_check`] on CUDA).
+//!
 //! # Audit
 //!
 //! [`NsaAttention::audit`] reports which kernel computes each branch on a path (and what SDPA
@@ -146,6 +157,7 @@
 
 mod audit;
 mod config;
+pub mod decode;
 pub mod fused;
 mod gates;
 mod layer;
@@ -157,6 +169,7 @@ pub mod selection;
 
 pub use audit::{AttnAudit, BranchKernel};
 pub use config::{AttnError, ConfigProblem, NsaConfig, NsaParams, Phi};
+pub use decode::{DecodePlan, LayerStep, NsaCache, StepReads};
 pub use gates::GateOverride;
 pub use layer::{
     AttnPath, Branch, BranchOutputs, ForwardOpts, LeanOpts, NsaAttention, Projections,

@@ -28,13 +28,33 @@ impl Rope {
         kind: Kind,
         device: tch::Device,
     ) -> Result<Self, TchError> {
-        let half = dk / 2;
-        let inv_freq = Tensor::f_arange(half, (Kind::Double, device))?
-            .f_mul_scalar(-2.0 * base.ln() / dk as f64)?
-            .f_exp()?;
         let angles = Tensor::f_arange(s, (Kind::Double, device))?
-            .f_outer(&inv_freq)?
+            .f_outer(&inverse_frequencies(base, dk, device)?)?
             .f_unsqueeze(1)?;
+        Self::from_angles(&angles, kind)
+    }
+
+    /// Tables for the given absolute positions, int64 `[B, S]` (each sequence of a batch at its
+    /// own positions, as in decoding): [`Rope::apply`] then rotates `[B, S, heads, dk]` with
+    /// row `(b, s)` at position `positions[b, s]`. The angles are computed exactly as in
+    /// [`Rope::new`], so position `p` gets the same bits either way.
+    pub fn at_positions(
+        base: f64,
+        dk: i64,
+        positions: &Tensor,
+        kind: Kind,
+    ) -> Result<Self, TchError> {
+        let inv_freq = inverse_frequencies(base, dk, positions.device())?;
+        // [B, S, 1] · [dk/2] -> [B, S, 1, dk/2]
+        let angles = positions
+            .f_to_kind(Kind::Double)?
+            .f_unsqueeze(-1)?
+            .f_mul(&inv_freq)?
+            .f_unsqueeze(2)?;
+        Self::from_angles(&angles, kind)
+    }
+
+    fn from_angles(angles: &Tensor, kind: Kind) -> Result<Self, TchError> {
         Ok(Self {
             cos: angles.f_cos()?.f_to_kind(kind)?,
             sin: angles.f_sin()?.f_to_kind(kind)?,
@@ -54,6 +74,13 @@ impl Rope {
             3,
         )
     }
+}
+
+/// `base^(−2i/dk)` for `i < dk/2`, float64.
+fn inverse_frequencies(base: f64, dk: i64, device: tch::Device) -> Result<Tensor, TchError> {
+    Tensor::f_arange(dk / 2, (Kind::Double, device))?
+        .f_mul_scalar(-2.0 * base.ln() / dk as f64)?
+        .f_exp()
 }
 
 #[cfg(test)]
@@ -93,5 +120,19 @@ mod tests {
             (dot(5, 2) - dot(4, 2)).abs() > 1e-6,
             "different offsets differ"
         );
+    }
+
+    #[test]
+    fn tables_at_given_positions_equal_the_sequence_tables_bit_for_bit() {
+        let (dk, s) = (8, 40);
+        let whole = Rope::new(10_000.0, dk, s, Kind::Float, Device::Cpu).unwrap();
+        let x = Tensor::randn([1, s, 3, dk], (Kind::Float, Device::Cpu));
+        let rotated = whole.apply(&x).unwrap();
+        // Two sequences at their own positions, one token each.
+        let positions = Tensor::from_slice(&[17i64, 39]).view([2, 1]);
+        let at = Rope::at_positions(10_000.0, dk, &positions, Kind::Float).unwrap();
+        let tokens = Tensor::cat(&[x.narrow(1, 17, 1), x.narrow(1, 39, 1)], 0);
+        let want = Tensor::cat(&[rotated.narrow(1, 17, 1), rotated.narrow(1, 39, 1)], 0);
+        assert!(at.apply(&tokens).unwrap().equal(&want));
     }
 }

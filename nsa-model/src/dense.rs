@@ -137,20 +137,65 @@ impl DenseAttention {
 
     /// `x` `[B, S, D]` → `[B, S, D]`; `rope` has at least `S` positions.
     pub(crate) fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor, ModelError> {
+        let (q, k, v) = self.project(x, rope)?;
+        let o = causal_attention(&q, &k, &v)?;
+        self.output(&o)
+    }
+
+    /// `q` `[B, H, S, dk]`, `k` `[B, Hkv, S, dk]` (both rotated by `rope`, which fixes the
+    /// positions) and `v` `[B, Hkv, S, dv]` of `x` `[B, S, D]`.
+    pub(crate) fn project(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+    ) -> Result<(Tensor, Tensor, Tensor), ModelError> {
         let (b, s) = (x.size()[0], x.size()[1]);
         let heads = |t: Tensor, n: i64, d: i64| t.f_view([b, s, n, d]);
         let q = rope.apply(&heads(linear(&self.wq, x)?, self.heads, self.dk)?)?;
         let k = rope.apply(&heads(linear(&self.wk, x)?, self.kv_heads, self.dk)?)?;
         let v = heads(linear(&self.wv, x)?, self.kv_heads, self.dv)?;
-        let o = causal_attention(
-            &q.f_transpose(1, 2)?,
-            &k.f_transpose(1, 2)?,
-            &v.f_transpose(1, 2)?,
-        )?;
+        Ok((
+            q.f_transpose(1, 2)?,
+            k.f_transpose(1, 2)?,
+            v.f_transpose(1, 2)?,
+        ))
+    }
+
+    /// `W_o` of the attention output `o` `[B, H, S, dv]` → `[B, S, D]`.
+    pub(crate) fn output(&self, o: &Tensor) -> Result<Tensor, ModelError> {
+        let (b, s) = (o.size()[0], o.size()[2]);
         let o = o
             .f_transpose(1, 2)?
             .f_reshape([b, s, self.heads * self.dv])?;
         Ok(linear(&self.wo, &o)?)
+    }
+}
+
+/// Attention of one new query per sequence over its cached keys, through SDPA (not causal: the
+/// cache holds only the past and the token itself). `q` `[B, H, 1, dk]`, `k` `[B, Hkv, L, dk]`,
+/// `v` `[B, Hkv, L, dv]`; `visible` bool `[B, 1, 1, L]` when the sequences hold different
+/// numbers of keys (true = read), `None` when all `L` are valid. Returns `[B, H, 1, dv]`.
+/// GQA as [`causal_attention`] (grouped call, expanded heads if a backend refuses it). The
+/// baseline NSA's decode step is measured against.
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    visible: Option<&Tensor>,
+) -> Result<Tensor, ModelError> {
+    let sdpa = |k: &Tensor, v: &Tensor, gqa: bool| -> Result<Tensor, ModelError> {
+        Ok(Tensor::f_scaled_dot_product_attention(
+            q, k, v, visible, 0.0, false, None, gqa,
+        )?)
+    };
+    let gqa = q.size()[1] != k.size()[1];
+    match sdpa(k, v, gqa) {
+        Ok(o) => Ok(o),
+        Err(_) if gqa => {
+            let (k, v) = expand_kv(q, k, v)?;
+            sdpa(&k, &v, false)
+        }
+        Err(e) => Err(e),
     }
 }
 

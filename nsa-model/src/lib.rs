@@ -93,6 +93,35 @@
 //! and the gate MLP. [`ModelConfig::num_params`] gives these counts in closed form; a test
 //! builds every preset with both attention kinds and compares.
 //!
+//! # Decoding
+//!
+//! [`Model::prefill`] runs the model on a batch of right-padded prompts (with their lengths) and
+//! returns the logits and a [`KvCache`]; [`Model::decode_step`] then takes one token id per
+//! sequence (checked on the host) and returns the logits `[B, V]` of the next one. The cache holds
+//! an `nsa_attn::NsaCache` per NSA block (per-branch state: raw keys, window ring, compressed
+//! tokens, pending block) and the keys and values of every position per dense block ([`DenseCache`];
+//! a step is [`dense::decode_attention`], SDPA of one query). One `nsa_attn::DecodePlan` per step
+//! serves every block. Prefill plus decode gives the logits of [`Model::forward`] at every
+//! position (tested: fp32 against [`Model::forward_with_blocks`] with the decode's selections,
+//! float64 against the plain forward).
+//!
+//! ```no_run
+//! # use nsa_attn::ForwardOpts;
+//! # use nsa_model::{Model, ModelConfig};
+//! # use tch::{nn, Device, Kind, Tensor};
+//! # let cfg = ModelConfig::preset("tiny")?;
+//! # let vs = nn::VarStore::new(Device::Cpu);
+//! # let model = Model::new(&vs.root(), &cfg)?;
+//! let opts = ForwardOpts::default();
+//! let prompts = Tensor::from_slice(&[5i64, 6, 7, 8, 9, 10, 0, 0]).view([2, 4]);
+//! // Sequence 0 has 4 prompt tokens, sequence 1 has 2 (right-padded); room for 16 each.
+//! let mut pre = model.prefill(&prompts, &[4, 2], 16, &opts)?;
+//! let step = model.decode_step(&mut pre.cache, &[11, 12], &opts)?;
+//! assert_eq!(step.logits.size(), [2, cfg.vocab_size]);
+//! assert_eq!(pre.cache.lengths(), [5, 3]);
+//! # Ok::<(), nsa_model::ModelError>(())
+//! ```
+//!
 //! # Config files
 //!
 //! [`ModelConfig`] is serde (`Serialize` + `Deserialize`) with unknown keys rejected by name;
@@ -136,5 +165,5 @@ pub mod dense;
 mod model;
 
 pub use config::{AttentionKind, FieldError, ModelConfig, ModelError, PRESETS};
-pub use model::{decay_groups, Model, NamedVars};
+pub use model::{decay_groups, DecodeStep, DenseCache, KvCache, Model, NamedVars, Prefilled};
 pub use nsa_attn::{NsaParams, Phi};

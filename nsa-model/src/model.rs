@@ -6,6 +6,9 @@ use tch::{Device, Kind, TchError, Tensor};
 use crate::config::{AttentionKind, ModelConfig, ModelError};
 use crate::dense::{DenseAttention, Rope};
 
+mod decode;
+pub use decode::{DecodeStep, DenseCache, KvCache, Prefilled};
+
 /// RMSNorm: `y = x / sqrt(mean(x²) + ε) · weight`, statistics in float32, result in `x`'s kind.
 /// One variable, `weight` `[D]`, initialised to 1.
 #[derive(Debug)]
@@ -107,7 +110,12 @@ impl Block {
                 ))
             }
         };
-        let h = h.f_add(&a)?;
+        self.finish(h, &a)
+    }
+
+    /// The block after its attention: `h + a`, then the MLP's residual.
+    fn finish(&self, h: &Tensor, a: &Tensor) -> Result<Tensor, ModelError> {
+        let h = h.f_add(a)?;
         let m = self.mlp.forward(&self.mlp_norm.forward(&h)?)?;
         Ok(h.f_add(&m)?)
     }
@@ -195,7 +203,12 @@ impl Model {
         for block in &self.blocks {
             h = block.forward(&h, opts, rope.as_ref())?;
         }
-        let h = self.final_norm.forward(&h)?;
+        self.head(&h)
+    }
+
+    /// Final norm and the tied head: hidden states `[B, S, D]` → logits `[B, S, V]`.
+    fn head(&self, h: &Tensor) -> Result<Tensor, ModelError> {
+        let h = self.final_norm.forward(h)?;
         Ok(h.f_matmul(&self.embed.f_tr()?)?)
     }
 

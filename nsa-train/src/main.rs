@@ -1,7 +1,9 @@
 //! `nsa-train`: the command-line front end of the workspace.
 //!
-//! Subcommands: `env` (runtime facts and the SDPA backend audit), `smoke` (a tiny end-to-end
-//! forward+backward on the default device), `bench` (the project's benchmarks).
+//! Subcommands: `train`, `eval` (held-out loss and accuracy; `--task`: retrieval scored by
+//! generation), `generate` (continue a prompt through the decode caches), `env` (runtime facts
+//! and the SDPA backend audit), `smoke` (a tiny end-to-end training check), `check --gpu`,
+//! `bench` (the project's benchmarks).
 #![forbid(unsafe_code)]
 
 mod bench;
@@ -10,6 +12,7 @@ mod config;
 mod data;
 #[cfg(test)]
 mod fuzz_tests;
+mod generate;
 mod launch;
 mod metrics;
 mod optim;
@@ -105,14 +108,30 @@ enum Command {
     },
     /// Train a model: a TOML config plus overrides; writes a run folder.
     Train(TrainArgs),
-    /// Evaluate the latest checkpoint of a run folder on held-out synthetic data.
+    /// Evaluate the latest checkpoint of a run folder on held-out data: loss and answer
+    /// accuracy, or with --task the retrieval accuracy of answers the model generates.
     Eval {
         /// The run folder (runs/<name>).
         run: std::path::PathBuf,
-        /// Held-out batches to average over.
+        /// Held-out batches to average over (without --task).
         #[arg(long, default_value_t = 16)]
         batches: u64,
+        /// Score a synthetic retrieval task by generation: needle or recall.
+        #[arg(long, value_enum, requires = "len")]
+        task: Option<generate::retrieval::RetrievalTask>,
+        /// Sequence length of the --task sequences (may exceed the trained length).
+        #[arg(long)]
+        len: Option<usize>,
+        /// Sequences to score with --task.
+        #[arg(long, default_value_t = 64)]
+        samples: usize,
+        /// Checkpoint for --task: a step number or a checkpoint folder (default: the newest
+        /// that verifies).
+        #[arg(long)]
+        checkpoint: Option<String>,
     },
+    /// Continue a prompt with a run's model: streams tokens as they come, tokens/s at the end.
+    Generate(generate::GenerateArgs),
     /// Train the `tiny` NSA model briefly and check that it learned (loss and accuracy).
     Smoke(smoke::SmokeArgs),
     /// Benchmarks; each prints a Markdown table and can append it to a file.
@@ -121,7 +140,8 @@ enum Command {
         what: bench::BenchCommand,
     },
     /// Check this install on its GPU: parity of every fused kernel against the reference path
-    /// on fresh random inputs (outputs and gradients, bf16 and fp32), as a pass/fail table.
+    /// on fresh random inputs (outputs and gradients, bf16 and fp32), and of prefill + decode
+    /// against the full-sequence forward, as a pass/fail table.
     Check {
         /// Run the GPU checks (the only kind there is; the flag says what runs).
         #[arg(long, required = true)]
@@ -165,7 +185,9 @@ fn main() -> anyhow::Result<()> {
     });
     let Some(command) = command else {
         print!("{}", snapshot::EnvSnapshot::collect().report());
-        println!("\ncommands: train, eval, smoke, check, env, bench (see `nsa-train --help`)");
+        println!(
+            "\ncommands: train, eval, generate, smoke, check, env, bench (see `nsa-train --help`)"
+        );
         return Ok(());
     };
     match command {
@@ -203,10 +225,51 @@ fn main() -> anyhow::Result<()> {
             let summary = train::train(&cfg, &launch, backend.has_gpu())?;
             exit_if_stopped(&summary)
         }
-        Command::Eval { run, batches } => {
+        Command::Eval {
+            run,
+            batches: _,
+            task: Some(task),
+            len,
+            samples,
+            checkpoint,
+        } => {
+            let len = len.context("--task needs --len")?;
+            let mut loaded = train::load_run(&run, None, checkpoint.as_deref(), backend.has_gpu())?;
+            let precision = generate::inference_precision(&mut loaded);
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            let found = generate::retrieval::evaluate(&loaded, task, len, samples, progress)?;
+            let trained = loaded.cfg.data.seq_len;
+            println!(
+                "{}: step {}, {task:?} at length {len}{} on {:?} ({precision}): {} of {} generated answers correct, accuracy {:.3} over {} sequences",
+                loaded.checkpoint.display(),
+                loaded.step,
+                if len > trained {
+                    format!(" ({:.1}x the trained {trained})", len as f64 / trained as f64)
+                } else {
+                    String::new()
+                },
+                loaded.device,
+                found.correct,
+                found.answers,
+                found.accuracy(),
+                found.sequences
+            );
+            Ok(())
+        }
+        Command::Eval {
+            run,
+            batches,
+            checkpoint,
+            ..
+        } => {
             anyhow::ensure!(batches >= 1, "--batches must be at least 1");
+            anyhow::ensure!(
+                checkpoint.is_none(),
+                "--checkpoint goes with --task (plain eval reads the newest good checkpoint)"
+            );
             train::eval_run(&run, batches, backend.has_gpu()).map(|_| ())
         }
+        Command::Generate(args) => generate::run(args, backend.has_gpu()),
         Command::Smoke(args) => smoke::run(args, &backend),
         Command::Check { gpu: _, json } => gpu_check(json.as_deref()),
         Command::Bench { what } => bench::run(what),
@@ -220,7 +283,8 @@ fn main() -> anyhow::Result<()> {
 
 /// `nsa-train check --gpu`: the fused kernels' parity table; fails when any row failed.
 fn gpu_check(json: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let rows = nsa_attn::fused::gpu_check()?;
+    let mut rows = nsa_attn::fused::gpu_check()?;
+    rows.extend(nsa_attn::decode::decode_check()?);
     println!("| check | max rel err | tolerance | result |\n| --- | ---: | ---: | --- |");
     for r in &rows {
         println!(

@@ -41,7 +41,7 @@ pub struct BranchBenchArgs {
     out: Option<PathBuf>,
 }
 
-fn shape_config(name: &str) -> Result<NsaConfig> {
+pub(super) fn shape_config(name: &str) -> Result<NsaConfig> {
     Ok(match name {
         "paper" => NsaConfig::paper(1024),
         "125m" => nsa_model::ModelConfig::preset("125m")?.nsa_config(),

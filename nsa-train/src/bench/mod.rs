@@ -4,6 +4,7 @@ use clap::Subcommand;
 
 mod attn;
 mod branches;
+mod decode;
 mod select;
 mod sweep;
 mod train;
@@ -16,6 +17,9 @@ pub enum BenchCommand {
     Attn(attn::AttnBenchArgs),
     /// The selected and window branches alone: fused kernels vs the lean path, TFLOP/s, GB/s.
     Branches(branches::BranchBenchArgs),
+    /// Decode: one NSA layer step vs dense SDPA over the same cache (8k-128k cached tokens),
+    /// and whole-model generation tokens/s, NSA vs dense.
+    Decode(decode::DecodeBenchArgs),
     /// Whole-model training: tokens/s and peak memory, NSA vs dense; needle accuracy.
     Train(train::TrainBenchArgs),
     /// DDP gradient buckets × compression at world size 1: tokens/s, sync time, CSV and PNG.
@@ -27,6 +31,7 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Select(args) => select::run(args),
         BenchCommand::Attn(args) => attn::run(args),
         BenchCommand::Branches(args) => branches::run(args),
+        BenchCommand::Decode(args) => decode::run(args),
         BenchCommand::Train(args) => train::run(args),
         BenchCommand::SweepBuckets(args) => sweep::run(args),
     }

@@ -2,14 +2,13 @@
 //! loss, held-out evaluation, `nsa-train eval`, and the attention-backend audit.
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use nsa_attn::ForwardOpts;
 use nsa_model::{Model, ModelConfig};
 use nsa_sys::train::NvtxRange;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use super::{forward_opts, load_model, model_config, parse_device};
-use crate::checkpoint;
+use super::forward_opts;
 use crate::config::{Precision, TrainConfig};
 use crate::data::{self, TokenSource, IGNORE};
 use crate::signals::StopRequest;
@@ -82,45 +81,27 @@ impl Forward {
 
 /// `nsa-train eval`: loss and answer accuracy of the newest good checkpoint of a run folder.
 pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64)> {
-    let cfg_path = run_dir.join("config.toml");
-    let cfg = crate::config::resolve(Some(&cfg_path), &[], std::iter::empty())?;
-    let model_cfg = model_config(&cfg)?;
-    let device = parse_device(cfg.run.device, has_gpu)?;
-    let mut vs = nn::VarStore::new(device);
-    let model = Model::new(&vs.root(), &model_cfg)?;
-    let model_json = serde_json::to_value(model_cfg)?;
-    // The newest checkpoint that verifies and holds finite weights (older ones as fallback).
-    let (dir, st, ()) = checkpoint::load_latest_good(&run_dir.join("checkpoints"), |dir, st| {
-        load_model(&mut vs, dir, st, &model_json)?;
-        let _g = tch::no_grad_guard();
-        for (name, t) in vs.variables() {
-            ensure!(
-                bool::try_from(t.f_isfinite()?.f_all()?)?,
-                "checkpoint {} holds non-finite values in {name}",
-                dir.display()
-            );
-        }
-        Ok(())
-    })?;
+    let run = super::load_run(run_dir, None, None, has_gpu)?;
+    let cfg = &run.cfg;
     let eval_src = data::open(
         &cfg.data,
-        model_cfg.vocab_size,
+        run.model_cfg.vocab_size,
         cfg.run.seed.wrapping_add(cfg.data.eval_seed_offset),
     )?;
-    let bf16 = device.is_cuda() && cfg.run.precision != Precision::F32;
+    let bf16 = run.device.is_cuda() && cfg.run.precision != Precision::F32;
     let fwd = Forward {
-        opts: forward_opts(&cfg),
-        device,
+        opts: forward_opts(cfg),
+        device: run.device,
         bf16,
         nvtx: false,
     };
     let (loss, acc) = fwd
-        .evaluate(&model, eval_src.as_ref(), &cfg, batches, None)?
+        .evaluate(&run.model, eval_src.as_ref(), cfg, batches, None)?
         .context("evaluation produced no result")?;
     println!(
         "{}: step {}, eval loss {loss:.4}, answer accuracy {acc:.3} over {batches} batches",
-        dir.display(),
-        st.step
+        run.checkpoint.display(),
+        run.step
     );
     Ok((loss, acc))
 }

@@ -24,11 +24,13 @@ use crate::signals::StopRequest;
 
 mod dist;
 mod eval;
+mod load;
 mod saver;
 mod session;
 mod steps;
 
 pub use eval::eval_run;
+pub use load::{load_run, LoadedRun};
 use session::Session;
 
 /// Options that are not part of the run's config (how to start, not what to train).
@@ -103,7 +105,7 @@ pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
     Ok(model)
 }
 
-fn forward_opts(cfg: &TrainConfig) -> ForwardOpts {
+pub(crate) fn forward_opts(cfg: &TrainConfig) -> ForwardOpts {
     ForwardOpts {
         path: cfg.fast.attn_path.path(),
         select: cfg.fast.select,

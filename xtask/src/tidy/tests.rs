@@ -112,3 +112,26 @@ fn length_rule() {
     assert!(check_length("nsa-train/src/config.rs", &long).is_empty());
     assert!(check_length("nsa-attn/src/new.rs", &"x\n".repeat(MAX_LINES)).is_empty());
 }
+
+#[test]
+fn test_module_files_are_found_from_their_declarations() {
+    let sources = [
+        (
+            "nsa-attn/src/decode.rs".to_string(),
+            "mod cache;\n#[cfg(test)]\nmod tests;\n// #[cfg(test)] mod commented;\n".to_string(),
+        ),
+        (
+            "nsa-attn/src/lib.rs".to_string(),
+            "#[cfg(test)] mod lib_tests ;\n#[cfg(test)]\nmod inline { }\n".to_string(),
+        ),
+    ];
+    let found = test_module_files(&sources);
+    assert!(found.contains("nsa-attn/src/decode/tests.rs"), "{found:?}");
+    assert!(found.contains("nsa-attn/src/lib_tests.rs"), "{found:?}");
+    assert!(
+        !found
+            .iter()
+            .any(|f| f.contains("cache") || f.contains("commented") || f.contains("inline")),
+        "{found:?}"
+    );
+}

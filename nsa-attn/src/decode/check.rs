@@ -1,0 +1,305 @@
+//! Prefill + decode against the full-sequence forward: [`decode_sequence`] (a layer run as a
+//! decoder runs it), [`decode_parity`] (the comparison the tests and the GPU check make) and
+//! [`decode_check`] (the rows of `nsa-train check --gpu`).
+use tch::{nn, Device, Kind, Tensor};
+
+use super::StepReads;
+use crate::config::{AttnError, NsaConfig, NsaParams, Phi};
+use crate::fused::CheckRow;
+use crate::layer::{AttnPath, ForwardOpts, LeanOpts, NsaAttention};
+use nsa_select::SelectConfig;
+
+/// A layer's outputs for whole sequences computed by prefill and step-by-step decode.
+#[derive(Debug)]
+pub struct DecodedSequence {
+    /// `[B, S, dim]`: row `t` of sequence `b` from the prefill (`t < prompt_b`) or from the
+    /// decode step that added token `t`.
+    pub output: Tensor,
+    /// `[B, S, Hkv, n]`: the blocks each row's query read (the prefill's selection, then each
+    /// step's).
+    pub blocks: Tensor,
+    /// Each step's positions (one per sequence; those `≥ S` fed padding) and reads.
+    pub steps: Vec<(Vec<i64>, StepReads)>,
+}
+
+/// Runs `layer` over `x` `[B, S, dim]` as a decoder does: prefill of the first `prompts[b]`
+/// tokens of sequence `b` (`1 ≤ prompts[b] ≤ S`), then one token per sequence per step until
+/// every sequence has had all `S` (a sequence already done is fed zeros, whose outputs are
+/// dropped). The prefill runs on `opts`' path.
+pub fn decode_sequence(
+    layer: &NsaAttention,
+    x: &Tensor,
+    prompts: &[i64],
+    opts: &ForwardOpts,
+) -> Result<DecodedSequence, AttnError> {
+    let _no_grad = tch::no_grad_guard();
+    let sz = x.size();
+    let (b, s, dim) = match sz.as_slice() {
+        &[b, s, dim] if b == prompts.len() as i64 => (b, s, dim),
+        _ => {
+            return Err(AttnError::Shape {
+                what: "x",
+                expected: format!("[B = {}, S, dim]", prompts.len()),
+                got: sz,
+            })
+        }
+    };
+    let longest = prompts.iter().copied().max().unwrap_or(0);
+    let shortest = prompts.iter().copied().min().unwrap_or(0);
+    if shortest < 1 || longest > s {
+        return Err(AttnError::Option {
+            option: "prompts",
+            reason: format!("need lengths in 1..={s}, got {prompts:?}"),
+        });
+    }
+    let capacity = s + (longest - shortest) + 1;
+    let (pre, mut cache) = layer.prefill(&x.f_narrow(1, 0, longest)?, prompts, capacity, opts)?;
+    let cfg = layer.config();
+    let output = Tensor::f_zeros([b, s, dim], (x.kind(), x.device()))?;
+    let blocks = Tensor::f_full(
+        [b, s, cfg.kv_heads, cfg.nsa.select.top_n],
+        -1,
+        (Kind::Int64, x.device()),
+    )?;
+    for (row, &len) in (0..b).zip(prompts) {
+        let rows = |t: &Tensor| t.f_select(0, row)?.f_narrow(0, 0, len);
+        rows(&output)?.f_copy_(&rows(&pre.output)?)?;
+        rows(&blocks)?.f_copy_(&rows(&pre.blocks)?)?;
+    }
+    let mut steps = Vec::new();
+    for k in 0..s - shortest {
+        let positions: Vec<i64> = prompts.iter().map(|p| p + k).collect();
+        let input = Tensor::f_zeros([b, 1, dim], (x.kind(), x.device()))?;
+        for (row, &t) in (0..b).zip(&positions) {
+            if t < s {
+                input
+                    .f_select(0, row)?
+                    .f_copy_(&x.f_select(0, row)?.f_narrow(0, t, 1)?)?;
+            }
+        }
+        let step = layer.decode_step(&input, &mut cache, opts)?;
+        for (row, &t) in (0..b).zip(&positions) {
+            if t < s {
+                let at = |whole: &Tensor| whole.f_select(0, row)?.f_select(0, t);
+                at(&output)?.f_copy_(&step.output.f_select(0, row)?.f_select(0, 0)?)?;
+                at(&blocks)?.f_copy_(&step.reads.blocks.f_select(0, row)?)?;
+            }
+        }
+        steps.push((positions, step.reads));
+    }
+    Ok(DecodedSequence {
+        output,
+        blocks,
+        steps,
+    })
+}
+
+/// Which selection the full-sequence forward uses in [`decode_parity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParitySelection {
+    /// The forward selects its own blocks: equal outputs then also mean equal selections. In
+    /// float32 a near-tie of two block scores may be broken differently by the two
+    /// computations' rounding, so use this in float64.
+    Own,
+    /// The forward reads the blocks the decode selected
+    /// ([`NsaAttention::forward_branches_with_blocks`]): compares everything but the top-n
+    /// choice, immune to near-ties; for float32 and bf16.
+    Decoded,
+}
+
+/// How far prefill + decode is from the full-sequence forward.
+#[derive(Debug, Clone, Copy)]
+pub struct Parity {
+    /// `max |decode − forward|` over every output (infinite if any is NaN).
+    pub max_abs_err: f64,
+    /// `max |forward|`.
+    pub forward_max: f64,
+    /// Whether every row selected the same blocks.
+    pub same_blocks: bool,
+}
+
+impl Parity {
+    /// `max_abs_err / max |forward|`.
+    pub fn rel_err(&self) -> f64 {
+        self.max_abs_err / self.forward_max.max(1e-30)
+    }
+
+    /// `max_abs_err / max(1, max |forward|)`: absolute for outputs of order one, relative for
+    /// larger ones.
+    pub fn scaled_err(&self) -> f64 {
+        self.max_abs_err / self.forward_max.max(1.0)
+    }
+}
+
+/// Compares [`decode_sequence`] of `x` with `layer.forward` over all of `x` (`opts` for both).
+pub fn decode_parity(
+    layer: &NsaAttention,
+    x: &Tensor,
+    prompts: &[i64],
+    opts: &ForwardOpts,
+    selection: ParitySelection,
+) -> Result<Parity, AttnError> {
+    let decoded = decode_sequence(layer, x, prompts, opts)?;
+    let _no_grad = tch::no_grad_guard();
+    let full = match selection {
+        ParitySelection::Own => layer.forward_branches(x, opts)?,
+        ParitySelection::Decoded => layer.forward_branches_with_blocks(x, &decoded.blocks, opts)?,
+    };
+    let want = full.output.f_to_kind(Kind::Double)?;
+    let max_abs_err = decoded
+        .output
+        .f_to_kind(Kind::Double)?
+        .f_sub(&want)?
+        .f_abs()?
+        .f_max()?
+        .f_double_value(&[])?;
+    Ok(Parity {
+        max_abs_err: if max_abs_err.is_nan() {
+            f64::INFINITY
+        } else {
+            max_abs_err
+        },
+        forward_max: want.f_abs()?.f_max()?.f_double_value(&[])?,
+        same_blocks: decoded.blocks.f_equal(&full.blocks)?,
+    })
+}
+
+/// One layer configuration of the checks.
+fn check_config(
+    shared_kv: bool,
+    phi: Phi,
+    (l, d, l_sel, n, w): (i64, i64, i64, i64, i64),
+) -> NsaConfig {
+    NsaConfig {
+        dim: 96,
+        heads: 8,
+        kv_heads: 2,
+        head_dim_k: 64,
+        head_dim_v: 32,
+        rope_base: 10_000.0,
+        nsa: NsaParams {
+            select: SelectConfig {
+                block_len: l,
+                stride: d,
+                select_len: l_sel,
+                top_n: n,
+                n_local: 2,
+            },
+            window: w,
+            phi,
+            phi_hidden: 16,
+            shared_kv,
+            gate_hidden: 16,
+        },
+    }
+}
+
+/// The decode rows of `nsa-train check --gpu`: prefill + decode on CUDA against the
+/// full-sequence forward, on fresh random inputs, for independent and shared K/V with the MLP
+/// and the linear φ, a batch of three sequences with different prompt lengths (1, one shorter
+/// than l, one crossing several blocks): float32 and bf16 against the forward given the
+/// decode's blocks (tolerance 1e-5 and 2e-2, relative to the largest output), float64 against
+/// the forward's own selection (1e-10, and every block equal).
+pub fn decode_check() -> Result<Vec<CheckRow>, AttnError> {
+    let backend = nsa_sys::cuda::load_backend().map_err(|e| AttnError::Option {
+        option: "decode_check",
+        reason: e.to_string(),
+    })?;
+    if !backend.has_gpu() {
+        return Err(AttnError::Option {
+            option: "decode_check",
+            reason: format!("needs a CUDA device: {backend}"),
+        });
+    }
+    Ok(rows_on(Device::Cuda(0)))
+}
+
+/// [`decode_check`]'s rows on `device` (a unit test runs them on the CPU).
+fn rows_on(device: Device) -> Vec<CheckRow> {
+    let lengths = [(8, 4, 16, 4, 24), (16, 8, 32, 3, 40)];
+    let mut rows = Vec::new();
+    for (shared_kv, phi, lens) in [
+        (false, Phi::Mlp, lengths[0]),
+        (true, Phi::Linear, lengths[1]),
+    ] {
+        for (kind, selection, tolerance) in [
+            (Kind::Float, ParitySelection::Decoded, 1e-5),
+            (Kind::BFloat16, ParitySelection::Decoded, 2e-2),
+            (Kind::Double, ParitySelection::Own, 1e-10),
+        ] {
+            let cfg = check_config(shared_kv, phi, lens);
+            let name =
+                format!(
+                "decode {kind:?} {} phi={phi} l={} d={} l'={} n={} w={} B=3 S=150 prompts 1/{}/90",
+                if shared_kv { "shared_kv" } else { "per-branch K/V" },
+                lens.0,
+                lens.1,
+                lens.2,
+                lens.3,
+                lens.4,
+                lens.0 - 1,
+            );
+            let row = check_case(&cfg, kind, selection, &[1, lens.0 - 1, 90], device).map(|p| {
+                let exact = selection == ParitySelection::Decoded || p.same_blocks;
+                CheckRow {
+                    name: name.clone(),
+                    max_rel_err: p.rel_err(),
+                    tolerance,
+                    passed: p.rel_err() <= tolerance && exact,
+                    detail: if exact {
+                        "output".into()
+                    } else {
+                        "selected blocks differ from the forward's".into()
+                    },
+                }
+            });
+            rows.push(row.unwrap_or_else(|e| CheckRow {
+                name,
+                max_rel_err: f64::INFINITY,
+                tolerance,
+                passed: false,
+                detail: e.to_string(),
+            }));
+        }
+    }
+    rows
+}
+
+fn check_case(
+    cfg: &NsaConfig,
+    kind: Kind,
+    selection: ParitySelection,
+    prompts: &[i64],
+    device: Device,
+) -> Result<Parity, AttnError> {
+    let mut vs = nn::VarStore::new(device);
+    let layer = NsaAttention::new(&(vs.root() / "attn"), *cfg)?;
+    vs.set_kind(kind);
+    let x = Tensor::f_randn([prompts.len() as i64, 150, cfg.dim], (kind, device))?;
+    let path = if kind == Kind::Double {
+        AttnPath::Reference
+    } else {
+        AttnPath::Lean(LeanOpts::default())
+    };
+    let opts = ForwardOpts {
+        path,
+        ..Default::default()
+    };
+    decode_parity(&layer, &x, prompts, &opts, selection)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU check's rows pass on the CPU too (same code, other device).
+    #[test]
+    fn the_check_rows_pass_on_the_cpu() {
+        tch::manual_seed(1);
+        let rows = rows_on(Device::Cpu);
+        assert_eq!(rows.len(), 6);
+        for r in &rows {
+            assert!(r.passed, "{r:?}");
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! `nsa-train bench decode`: the decode speed NSA promises.
+//!
+//! **Layer table.** One decode step of an NSA layer (`--shape paper`: H = 64, Hkv = 4,
+//! dk = 192, dv = 128, l = 32, d = 16, l' = 64, n = 16, w = 512, MLP φ, width 1024; or `125m`)
+//! against dense attention over the same cache: libtorch's `scaled_dot_product_attention` with
+//! one query per sequence over the NSA cache's raw keys and values (`nsa_model::dense::
+//! decode_attention`: the backend libtorch picks, GQA through `enable_gqa`). The NSA step is the
+//! whole layer (projections, compression of a completed block, selection, three branches,
+//! gates, output projection, cache writes); the dense cell is the attention alone, so the
+//! ratio understates NSA's advantage. For each `--seq` (cached tokens per sequence) and
+//! `--batch`: median (min–max) of `--repeats` steps after one warm-up, the device synchronised
+//! around each; the keys one step reads per K/V group (`StepReads`: visible compressed tokens,
+//! selected keys and window together) against dense's `S`; the cache's size. The cache holds
+//! random keys and values (`NsaCache::filled_random`): a step's cost does not depend on them.
+//!
+//! **Generation table.** Whole-model greedy generation with `--preset` (default `125m`, random
+//! weights), NSA and dense: prefill of a `--prompt`-token prompt (batch 1; the fused path on
+//! CUDA, lean on the CPU), then `--new-tokens` decode steps, each with the host's greedy pick
+//! (one device→host copy of the logits per token, as `nsa-train generate` does): prefill time
+//! and decode tokens/s.
+//!
+//! bf16 on CUDA, float32 on the CPU.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use nsa_attn::{AttnPath, ForwardOpts, LeanOpts, NsaAttention, NsaCache, NsaConfig};
+use nsa_model::{AttentionKind, Model, ModelConfig};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::time_runs;
+use crate::generate::{host_row, Sampler, Sampling};
+
+#[derive(Debug, clap::Args)]
+pub struct DecodeBenchArgs {
+    /// Device: `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[arg(long)]
+    device: Option<String>,
+    /// Cached tokens per sequence, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [8192, 16384, 32768, 65536, 131072])]
+    seq: Vec<i64>,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 8])]
+    batch: Vec<i64>,
+    /// Timed decode steps per cell after one warm-up step.
+    #[arg(long, default_value_t = 20)]
+    repeats: usize,
+    /// Layer shapes: `paper` (G = 16) and/or `125m`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = ["paper".to_string()])]
+    shape: Vec<String>,
+    /// Model preset of the generation table (`none` skips it).
+    #[arg(long, default_value = "125m")]
+    preset: String,
+    /// Prompt length of the generation table.
+    #[arg(long, default_value_t = 32768)]
+    prompt: i64,
+    /// Tokens generated (timed) per model in the generation table.
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Append the Markdown tables to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// What one invocation measures (parsed arguments; tests build it directly).
+struct Plan {
+    device: Device,
+    kind: Kind,
+    shapes: Vec<(String, NsaConfig)>,
+    seqs: Vec<i64>,
+    batches: Vec<i64>,
+    repeats: usize,
+    models: Vec<(String, ModelConfig)>,
+    prompt: i64,
+    new_tokens: usize,
+}
+
+pub fn run(a: DecodeBenchArgs) -> Result<()> {
+    nsa_sys::cuda::load_backend()?;
+    let device = super::bench_device(a.device.as_deref())?;
+    ensure!(
+        a.seq.iter().all(|&s| s >= 1) && a.batch.iter().all(|&b| b >= 1),
+        "--seq and --batch values must be at least 1"
+    );
+    ensure!(a.repeats >= 1, "--repeats must be at least 1");
+    ensure!(a.prompt >= 1, "--prompt must be at least 1");
+    let shapes = a
+        .shape
+        .iter()
+        .map(|s| Ok((s.clone(), super::branches::shape_config(s)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let models = if a.preset == "none" {
+        Vec::new()
+    } else {
+        let cfg = ModelConfig::preset(&a.preset)?;
+        vec![(a.preset.clone(), cfg)]
+    };
+    let plan = Plan {
+        device,
+        kind: if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        },
+        shapes,
+        seqs: a.seq,
+        batches: a.batch,
+        repeats: a.repeats,
+        models,
+        prompt: a.prompt,
+        new_tokens: a.new_tokens,
+    };
+    let tables = format!("{}\n{}", layer_table(&plan)?, generation_table(&plan)?);
+    println!("\n{tables}");
+    if let Some(path) = &a.out {
+        super::append(path, &tables)?;
+    }
+    Ok(())
+}
+
+/// The layer table: NSA decode step vs dense SDPA over the same cache.
+fn layer_table(p: &Plan) -> Result<String> {
+    let mut table = format!(
+        "Decode step, {}, {:?}. Cells: ms, median (min–max) of {} steps. NSA: the whole layer; dense: SDPA of one query over the same cached keys (attention only). Keys read per K/V group and step.\n\n| shape | cached tokens | batch | NSA layer step ms | dense SDPA ms | dense / NSA | keys read NSA | keys read dense | cache GB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        super::device_description(p.device),
+        p.kind,
+        p.repeats
+    );
+    for (name, cfg) in &p.shapes {
+        let mut vs = nn::VarStore::new(p.device);
+        let layer = NsaAttention::new(&(vs.root() / "attn"), *cfg)?;
+        vs.set_kind(p.kind);
+        for &s in &p.seqs {
+            for &b in &p.batches {
+                let row = layer_row(p, &layer, cfg, s, b)
+                    .with_context(|| format!("{name}, {s} cached tokens, batch {b}"));
+                let line = match row {
+                    Ok(cells) => format!("| {name} | {s} | {b} | {cells} |\n"),
+                    Err(e) => format!(
+                        "| {name} | {s} | {b} | failed: {} | | | | | |\n",
+                        format!("{e:#}").lines().next().unwrap_or("")
+                    ),
+                };
+                print!("{line}");
+                table.push_str(&line);
+            }
+        }
+    }
+    Ok(table)
+}
+
+fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) -> Result<String> {
+    let _no_grad = tch::no_grad_guard();
+    let lengths = vec![s; b as usize];
+    let mut cache =
+        NsaCache::filled_random(cfg, &lengths, s + p.repeats as i64 + 2, p.kind, p.device)?;
+    let x = Tensor::f_randn([b, 1, cfg.dim], (p.kind, p.device))?;
+    let opts = ForwardOpts::default();
+    let (nsa, reads) = time_runs(p.device, p.repeats, true, || {
+        Ok(layer.decode_step(&x, &mut cache, &opts)?.reads)
+    })?;
+    let keys_read = reads
+        .total()?
+        .f_to_kind(Kind::Double)?
+        .f_mean(Kind::Double)?
+        .f_double_value(&[])?;
+    let q = Tensor::f_randn([b, cfg.heads, 1, cfg.head_dim_k], (p.kind, p.device))?;
+    let (k, v) = cache.selected_kv();
+    let (k, v) = (k.f_narrow(2, 0, s)?, v.f_narrow(2, 0, s)?);
+    let (dense, _) = time_runs(p.device, p.repeats, true, || {
+        Ok(nsa_model::dense::decode_attention(&q, &k, &v, None)?)
+    })?;
+    Ok(format!(
+        "{} | {} | {:.2} | {keys_read:.0} | {s} | {:.2}",
+        nsa.cell(),
+        dense.cell(),
+        dense.median / nsa.median,
+        cache.bytes() as f64 / 1e9
+    ))
+}
+
+/// The generation table: prefill time and decode tokens/s of a model, NSA and dense.
+fn generation_table(p: &Plan) -> Result<String> {
+    if p.models.is_empty() {
+        return Ok(String::new());
+    }
+    let mut table = format!(
+        "Generation, {}, {:?}, batch 1, random weights, greedy: prefill of the prompt, then {} decode steps.\n\n| model | attention | prompt | prefill ms | decode ms/token | decode tokens/s |\n| --- | --- | ---: | ---: | ---: | ---: |\n",
+        super::device_description(p.device),
+        p.kind,
+        p.new_tokens
+    );
+    for (name, cfg) in &p.models {
+        for attention in [AttentionKind::Nsa, AttentionKind::Dense] {
+            let line = match generation_row(p, &cfg.with_attention(attention)) {
+                Ok(cells) => format!("| {name} | {attention} | {} | {cells} |\n", p.prompt),
+                Err(e) => format!(
+                    "| {name} | {attention} | {} | failed: {} | | |\n",
+                    p.prompt,
+                    format!("{e:#}").lines().next().unwrap_or("")
+                ),
+            };
+            print!("{line}");
+            table.push_str(&line);
+        }
+    }
+    Ok(table)
+}
+
+fn generation_row(p: &Plan, cfg: &ModelConfig) -> Result<String> {
+    let _no_grad = tch::no_grad_guard();
+    let mut vs = nn::VarStore::new(p.device);
+    let model = Model::new(&vs.root(), cfg)?;
+    vs.set_kind(p.kind);
+    let opts = ForwardOpts {
+        path: if p.device.is_cuda() {
+            AttnPath::Fused(LeanOpts::default())
+        } else {
+            AttnPath::Lean(LeanOpts::default())
+        },
+        ..Default::default()
+    };
+    let sync = || {
+        if let Device::Cuda(i) = p.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let tokens = Tensor::f_randint(cfg.vocab_size, [1, p.prompt], (Kind::Int64, p.device))?;
+    sync();
+    let start = Instant::now();
+    let pre = model.prefill(
+        &tokens,
+        &[p.prompt],
+        p.prompt + p.new_tokens as i64 + 1,
+        &opts,
+    )?;
+    let mut greedy = Sampler::new(Sampling::GREEDY, 0)?;
+    let mut next = greedy.pick(&host_row(&pre.logits.f_select(1, p.prompt - 1)?)?)?;
+    let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
+    let mut cache = pre.cache;
+    // One untimed step (first-call costs), then the timed ones.
+    let mut step = |id: i64| -> Result<i64> {
+        let logits = model.decode_step(&mut cache, &[id], &opts)?.logits;
+        greedy.pick(&host_row(&logits)?)
+    };
+    next = step(next)?;
+    let start = Instant::now();
+    for _ in 0..p.new_tokens {
+        next = step(next)?;
+    }
+    sync();
+    let per_token = start.elapsed().as_secs_f64() * 1e3 / p.new_tokens.max(1) as f64;
+    Ok(format!(
+        "{prefill_ms:.0} | {per_token:.2} | {:.1}",
+        1e3 / per_token
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both tables on the CPU at small sizes: every cell is filled (no `failed`), and the keys
+    /// a step reads follow NSA's count (at most #compressed + n·l' + w per group; the branches
+    /// read some keys twice, so a short cache can count more reads than it holds keys).
+    #[test]
+    fn both_tables_run_on_the_cpu_at_small_sizes() {
+        let tiny = ModelConfig::preset("tiny").unwrap();
+        let plan = Plan {
+            device: Device::Cpu,
+            kind: Kind::Float,
+            shapes: vec![("tiny".into(), tiny.nsa_config())],
+            seqs: vec![7, 100],
+            batches: vec![1, 2],
+            repeats: 1,
+            models: vec![("tiny".into(), tiny)],
+            prompt: 40,
+            new_tokens: 2,
+        };
+        let layers = layer_table(&plan).unwrap();
+        let rows: Vec<&str> = layers.lines().filter(|l| l.starts_with("| tiny")).collect();
+        assert_eq!(rows.len(), 4, "{layers}");
+        let sel = tiny.nsa.select;
+        for row in &rows {
+            assert!(!row.contains("failed"), "{row}");
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let (s, read): (f64, f64) = (cells[2].parse().unwrap(), cells[7].parse().unwrap());
+            // The timed step (after the warm-up one) is at position S + 1.
+            let t = s as i64 + 1;
+            let bound =
+                sel.num_visible_compressed(t) + sel.top_n * sel.select_len + tiny.nsa.window;
+            assert!(read >= 1.0 && read <= bound as f64, "{row}");
+        }
+        let generation = generation_table(&plan).unwrap();
+        let rows: Vec<&str> = generation
+            .lines()
+            .filter(|l| l.starts_with("| tiny"))
+            .collect();
+        assert_eq!(rows.len(), 2, "{generation}");
+        assert!(rows.iter().all(|r| !r.contains("failed")), "{generation}");
+        assert!(rows[0].contains("| nsa |") && rows[1].contains("| dense |"));
+    }
+}
