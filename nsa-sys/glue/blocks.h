@@ -33,12 +33,14 @@ inline at::Tensor clean_block_ids(const at::Tensor& blocks, int64_t block_len, i
 
 // The inverse index of cleaned ids (clean_block_ids' output, any integer type) [B, S, G, n]
 // over NB blocks: for every segment (b, g, j), in that order, the tokens t that selected block j,
-// ascending. Returns (tokens int32 [E], segment starts int64 [B * G * NB + 1]). Integer ops only
-// (a stable sort of the segment keys, a count by bincount and a scan by cumsum), so the result
-// is deterministic on every device.
-inline std::tuple<at::Tensor, at::Tensor> inverse_index(const at::Tensor& ids, int64_t num_blocks) {
+// ascending, and the slot (0 .. n) at which each of them holds j. Returns (tokens int32 [E],
+// slots int32 [E], segment starts int64 [B * G * NB + 1]). Integer ops only (a stable sort of
+// the segment keys, a count by bincount and a scan by cumsum), so the result is deterministic
+// on every device.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> inverse_index_with_slots(
+    const at::Tensor& ids, int64_t num_blocks) {
   TORCH_CHECK(ids.dim() == 4, "block ids must be [B, S, G, n]");
-  int64_t B = ids.size(0), S = ids.size(1), G = ids.size(2);
+  int64_t B = ids.size(0), S = ids.size(1), G = ids.size(2), n = ids.size(3);
   auto ids64 = ids.to(at::kLong);
   auto valid = ids64.ge(0);
   auto opts = ids64.options();
@@ -48,10 +50,18 @@ inline std::tuple<at::Tensor, at::Tensor> inverse_index(const at::Tensor& ids, i
                   at::arange(G, opts).view({1, 1, G, 1})) * num_blocks + ids64;
   auto keys = seg_key.masked_select(valid);
   auto toks = at::arange(S, opts).view({1, S, 1, 1}).expand_as(ids64).masked_select(valid);
+  auto slots = at::arange(n, opts).view({1, 1, 1, n}).expand_as(ids64).masked_select(valid);
   auto order = std::get<1>(keys.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
   auto tokens = toks.index_select(0, order).to(at::kInt).contiguous();
+  auto slot_of = slots.index_select(0, order).to(at::kInt).contiguous();
   auto counts = at::bincount(keys, {}, B * G * num_blocks);
   auto starts = at::cat({at::zeros({1}, opts), counts.cumsum(0)}).contiguous();
+  return {tokens, slot_of, starts};
+}
+
+// inverse_index_with_slots without the slots.
+inline std::tuple<at::Tensor, at::Tensor> inverse_index(const at::Tensor& ids, int64_t num_blocks) {
+  auto [tokens, slots, starts] = inverse_index_with_slots(ids, num_blocks);
   return {tokens, starts};
 }
 

@@ -51,6 +51,8 @@ struct NsaSlcTable {
   void* cmp_dq_mma[9];
   void* cmp_dkdv_mma[9];
   void* cmp_select[6];  // bf16 dk 64, 128, 192, then fp32 dk 64, 128, 192
+  void* fwd_kv[9];
+  void* fwd_combine;
   int32_t max_smem;
 };
 
@@ -141,9 +143,19 @@ Tensor aligned(const Tensor& x) {
 
 int type_index(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? 1 : 0; }
 
+// Tokens per work item of the key-outer kernels' plan (blocks.h, plan_dkdv) for `entries`
+// (token, block) selections: small problems split early (so the split path is exercised by
+// small checks), large ones cap the dK/dV scratch at about entries / 1024 * L * (dk + dv) floats.
+int64_t dkdv_piece(int64_t entries) {
+  return std::min<int64_t>(1024, std::max<int64_t>(64, entries / 4096));
+}
+
 struct SelectedFused : public torch::autograd::Function<SelectedFused> {
+  // strategy: 0 = query-outer over union tiles (tensor cores for bf16 at instantiated head
+  // sizes, SIMT otherwise), 1 = key-outer where it applies (bf16, instantiated head sizes),
+  // else as 0.
   static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, Tensor ids,
-                        int64_t block_len, double scale, int64_t table) {
+                        int64_t block_len, double scale, int64_t table, int64_t strategy) {
     const auto* tab = reinterpret_cast<const NsaSlcTable*>(table);
     c10::DeviceGuard guard(q.device());
     q = aligned(q);
@@ -164,7 +176,29 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     int64_t P = next_pow2(std::max<int64_t>(32, bq * n));
     if (mi >= 0 && (tab->fwd_mma[mi] == nullptr || fwd_mma_smem(dk, dv, hpg, n, P) > tab->max_smem))
       mi = -1;
-    if (mi >= 0) {
+    int64_t kv_smem = 2 * tile_bytes(dk) + tile_bytes(dv) + 4 * 2 * kM;
+    bool key_outer = strategy == 1 && mi >= 0 && tab->fwd_kv[mi] != nullptr &&
+                     tab->fwd_combine != nullptr && kv_smem <= tab->max_smem;
+    if (key_outer) {
+      int64_t NB = (S + block_len - 1) / block_len;
+      auto [inv_tok, inv_slot, seg] = nsa_glue::inverse_index_with_slots(ids, NB);
+      auto plan = nsa_glue::plan_dkdv(seg, dkdv_piece(inv_tok.numel()));
+      int64_t chunks = (block_len + kBk - 1) / kBk, parts = n * chunks;
+      auto part_o = at::empty({B, S, Hkv, parts, hpg, dv}, v.options());
+      auto part_lse = at::full({B, S, Hkv, parts, hpg}, -INFINITY, q.options().dtype(at::kFloat));
+      void *tp = inv_tok.data_ptr(), *sp = inv_slot.data_ptr(), *wsp = plan.seg.data_ptr();
+      void *wap = plan.a.data_ptr(), *wbp = plan.b.data_ptr();
+      void *pop = part_o.data_ptr(), *plp = part_lse.data_ptr();
+      int iNB = int(NB), iparts = int(parts);
+      void* args[] = {&qp, &kp, &vp, &tp, &sp, &wsp, &wap, &wbp, &pop, &plp,
+                      &iS, &iHkv, &ihpg, &in_, &iL, &iNB, &fscale};
+      launch(tab, tab->fwd_kv[mi], "nsa_slc_fwd_kv", plan.seg.numel() * chunks, 1, 1, kv_smem,
+             stream, args);
+      long long rows = B * S * H;
+      void* cargs[] = {&pop, &plp, &op, &lp, &rows, &iHkv, &ihpg, &iparts, &idv};
+      launch(tab, tab->fwd_combine, "nsa_slc_fwd_combine", (rows + 3) / 4, 1, 1, 0, stream,
+             cargs);
+    } else if (mi >= 0) {
       int iP = int(P);
       void* args[] = {&qp, &kp, &vp, &ip, &op, &lp, &iS, &iHkv, &ihpg, &in_, &iL, &fscale, &iP};
       launch(tab, tab->fwd_mma[mi], "nsa_slc_fwd_mma", (S + bq - 1) / bq, Hkv, B,
@@ -231,9 +265,7 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     // Pieces of at most `piece` tokens per work item: small problems split early (so the split
     // path is exercised by small checks), large ones cap the scratch at about
     // E / 1024 * L * (dk + dv) floats.
-    int64_t entries = inv_tok.numel();
-    int64_t piece = std::min<int64_t>(1024, std::max<int64_t>(64, entries / 4096));
-    auto plan = nsa_glue::plan_dkdv(seg, piece);
+    auto plan = nsa_glue::plan_dkdv(seg, dkdv_piece(inv_tok.numel()));
     auto scratch = at::empty({std::max<int64_t>(plan.slots, 1), block_len, dk + dv},
                              q.options().dtype(at::kFloat));
     auto dk_t = at::empty_like(k);
@@ -266,7 +298,7 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
       launch(tab, tab->dkdv_reduce[type_index(q)], "nsa_slc_dkdv_reduce", plan.red_seg.numel(), 1,
              1, 0, stream, args);
     }
-    return {dq, dk_t, dv_t, Tensor(), Tensor(), Tensor(), Tensor()};
+    return {dq, dk_t, dv_t, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -511,9 +543,11 @@ int nsa_fused_compute_dtype(const at::Tensor* q, const at::Tensor* k, const at::
 }
 
 // Returns a new at::Tensor* (ownership passes to the caller) or nullptr with a message in err.
+// strategy: see SelectedFused::forward (0 = query-outer, 1 = key-outer where it applies).
 at::Tensor* nsa_fused_selected(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
                                const at::Tensor* blocks, int64_t block_len, double scale,
-                               const NsaSlcTable* table, char* err, size_t err_len) {
+                               int64_t strategy, const NsaSlcTable* table, char* err,
+                               size_t err_len) {
   try {
     TORCH_CHECK(table != nullptr, "fused selected attention: no kernel table");
     TORCH_CHECK(q->is_cuda(), "fused selected attention: CUDA tensors only");
@@ -526,7 +560,7 @@ at::Tensor* nsa_fused_selected(const at::Tensor* q, const at::Tensor* k, const a
     auto qc = q->to(dt), kc = k->to(dt), vc = v->to(dt);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto out = SelectedFused::apply(qc, kc, vc, ids, block_len, scale,
-                                    reinterpret_cast<int64_t>(table));
+                                    reinterpret_cast<int64_t>(table), strategy);
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);

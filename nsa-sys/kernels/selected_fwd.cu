@@ -120,6 +120,196 @@ __device__ void slc_fwd_simt(const T* __restrict__ q, const T* __restrict__ k,
   }
 }
 
+// ---- key-outer tensor-core forward (bf16) ----------------------------------------------------
+//
+// Flash Sparse Attention's loop order (arXiv 2508.18224): for each selected block, the queries
+// that chose it. One CTA per (work item w, chunk of 64 keys of the item's block) over the
+// backward's work plan (segments (b, g, block j) of the inverse index, split into pieces); its
+// K / V tile is loaded once and the reader rows (token, head) are taken 64 at a time, so no
+// row of a tensor-core tile is padding and no column is masked for being another token's block
+// (the union forward's waste when few heads share a group). Per 16-row slice of a warp: S = Q K^T
+// over the 64 keys, keys > t masked, a local softmax (max m, sum l), O = P V; written as a
+// partial (O / l in bf16, lse = m + log l) at [b, t, g, slot * chunks + chunk, head]. The combine
+// kernel merges each row's partials in slot order: deterministic. Shared: K [64][DK+8],
+// V [64][DV+8], Q [64][DK+8] (bf16), tokens and slots [64].
+template <int DK, int DV>
+__device__ void slc_fwd_kv(const __nv_bfloat16* __restrict__ q,
+                           const __nv_bfloat16* __restrict__ k,
+                           const __nv_bfloat16* __restrict__ v, const int* __restrict__ inv_tok,
+                           const int* __restrict__ inv_slot,
+                           const long long* __restrict__ work_seg,
+                           const long long* __restrict__ work_a,
+                           const long long* __restrict__ work_b,
+                           __nv_bfloat16* __restrict__ part_o, float* __restrict__ part_lse,
+                           int S, int Hkv, int hpg, int n, int L, int NB, float scale) {
+  constexpr int QS = DK + 8, VS = DV + 8;
+  const int nchunks = (L + NSA_BK - 1) / NSA_BK;
+  const long long w = blockIdx.x / nchunks;
+  const int chunk = blockIdx.x % nchunks;
+  const long long seg = work_seg[w];
+  const int j = (int)(seg % NB);
+  const int g = (int)((seg / NB) % Hkv), b = (int)(seg / NB / Hkv);
+  const int H = Hkv * hpg, P = n * nchunks;
+  const long long c0 = (long long)j * L + chunk * NSA_BK;
+  const int nk = (int)max(0LL, min((long long)min(NSA_BK, L - chunk * NSA_BK), S - c0));
+  if (nk <= 0) return;  // uniform over the CTA
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smraw);
+  __nv_bfloat16* Vs = Ks + NSA_BK * QS;
+  __nv_bfloat16* Qs = Vs + NSA_BK * VS;
+  int* toks = reinterpret_cast<int*>(Qs + NSA_M * QS);
+  int* slots = toks + NSA_M;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gq = lane / 4, tig = lane % 4;
+  const auto key_row = [&](const __nv_bfloat16* base, int width) {
+    return [=](int c) -> const __nv_bfloat16* {
+      return c < nk ? base + (((long long)b * S + c0 + c) * Hkv + g) * width : nullptr;
+    };
+  };
+  copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
+  copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
+  cp_async_wait_all();  // completed for every thread by the loop's barriers
+  const float sl2 = scale * 1.4426950408889634f;
+  const int BT = NSA_M / hpg;
+  const long long e0 = work_a[w], e1 = work_b[w];
+  for (long long ei = e0; ei < e1; ei += BT) {
+    const int ntok = (int)min((long long)BT, e1 - ei), nrows = ntok * hpg;
+    __syncthreads();  // the previous slice's readers are done with Q
+    copy_rows<DK>(Qs, QS, NSA_M, [&](int r) -> const __nv_bfloat16* {
+      if (r >= nrows) return nullptr;
+      const int t = inv_tok[ei + r / hpg];
+      return q + (((long long)b * S + t) * H + g * hpg + r % hpg) * DK;
+    }, tid, NSA_THREADS);
+    for (int r = tid; r < NSA_M; r += NSA_THREADS) {
+      toks[r] = r < nrows ? inv_tok[ei + r / hpg] : -1;
+      slots[r] = r < nrows ? inv_slot[ei + r / hpg] : 0;
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    if (warp * 16 >= nrows) continue;  // this warp's rows are all padding (uniform per warp)
+    const int r0 = warp * 16 + gq, r1 = r0 + 8;
+    const int tr[2] = {toks[r0], toks[r1]};
+    float sacc[NSA_BK / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < NSA_BK / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
+#pragma unroll
+    for (int kt = 0; kt < DK / 16; ++kt) {
+      unsigned a[4];
+      load_a(a, Qs, QS, warp * 16 + gq, kt * 16, tig);
+#pragma unroll
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+        unsigned b0, b1;
+        load_b(b0, b1, Ks, QS, nt * 8 + gq, kt * 16, tig);
+        mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+      }
+    }
+    float m[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = nt * 8 + tig * 2 + (e & 1), t = tr[e / 2];
+        const bool vis = t >= 0 && c < nk && c0 + c <= t;
+        const float s2 = vis ? sacc[nt][e] * sl2 : -INFINITY;
+        sacc[nt][e] = s2;
+        m[e / 2] = fmaxf(m[e / 2], s2);
+      }
+    }
+    float l[2] = {0.f, 0.f};
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      m[rh] = fmaxf(m[rh], __shfl_xor_sync(0xffffffffu, m[rh], 1));
+      m[rh] = fmaxf(m[rh], __shfl_xor_sync(0xffffffffu, m[rh], 2));
+    }
+    const float ref[2] = {m[0] == -INFINITY ? 0.f : m[0], m[1] == -INFINITY ? 0.f : m[1]};
+#pragma unroll
+    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(sacc[nt][e] - ref[e / 2]);
+        sacc[nt][e] = p;
+        l[e / 2] += p;
+      }
+    }
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 1);
+      l[rh] += __shfl_xor_sync(0xffffffffu, l[rh], 2);
+    }
+    float o[DV / 8][4];
+#pragma unroll
+    for (int nv = 0; nv < DV / 8; ++nv) o[nv][0] = o[nv][1] = o[nv][2] = o[nv][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < NSA_BK / 16; ++kk) {
+      const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
+      const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
+      const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
+      const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
+#pragma unroll
+      for (int nv = 0; nv < DV / 16; ++nv) {
+        unsigned vb[4];
+        load_b_trans_x2(vb, Vs, VS, kk * 16, nv * 16, lane);
+        mma_bf16(o[2 * nv], a0, a1, a2, a3, vb[0], vb[1]);
+        mma_bf16(o[2 * nv + 1], a0, a1, a2, a3, vb[2], vb[3]);
+      }
+    }
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const int r = rh == 0 ? r0 : r1, t = tr[rh];
+      if (t < 0) continue;
+      const long long pidx =
+          ((((long long)b * S + t) * Hkv + g) * P + slots[r] * nchunks + chunk) * hpg + r % hpg;
+      const float inv = l[rh] > 0.f ? 1.f / l[rh] : 0.f;
+#pragma unroll
+      for (int nv = 0; nv < DV / 8; ++nv) {
+        *reinterpret_cast<__nv_bfloat162*>(part_o + pidx * DV + nv * 8 + tig * 2) =
+            __floats2bfloat162_rn(o[nv][2 * rh] * inv, o[nv][2 * rh + 1] * inv);
+      }
+      if (tig == 0) {
+        part_lse[pidx] = l[rh] > 0.f ? (m[rh] + log2f(l[rh])) * 0.6931471805599453f : -INFINITY;
+      }
+    }
+  }
+}
+
+// Merges the key-outer partials of each row (b, t, head): one warp per row, partials in slot
+// order, lanes over the value dimensions. lse = log sum_i exp(lse_i), out = sum_i
+// exp(lse_i - lse) o_i; a row without partials (never, for cleaned ids) gets out 0, lse +inf.
+__device__ void slc_fwd_combine(const __nv_bfloat16* __restrict__ part_o,
+                                const float* __restrict__ part_lse,
+                                __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                                long long rows, int Hkv, int hpg, int P, int dv) {
+  const long long row = (long long)blockIdx.x * (NSA_THREADS / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int H = Hkv * hpg, h = (int)(row % H);
+  const long long bt = row / H;
+  const long long base = ((bt * Hkv + h / hpg) * P) * hpg + h % hpg;  // partial i: base + i hpg
+  float m = -INFINITY;
+  for (int i = 0; i < P; ++i) m = fmaxf(m, part_lse[base + (long long)i * hpg]);
+  if (m == -INFINITY) {
+    for (int d = lane; d < dv; d += 32) out[row * dv + d] = __float2bfloat16_rn(0.f);
+    if (lane == 0) lse[row] = INFINITY;
+    return;
+  }
+  float sum = 0.f;
+  for (int i = 0; i < P; ++i) {
+    const float li = part_lse[base + (long long)i * hpg];
+    if (li != -INFINITY) sum += __expf(li - m);
+  }
+  for (int d = lane; d < dv; d += 32) {
+    float acc = 0.f;
+    for (int i = 0; i < P; ++i) {
+      const float li = part_lse[base + (long long)i * hpg];
+      if (li == -INFINITY) continue;
+      acc += __expf(li - m) * __bfloat162float(part_o[(base + (long long)i * hpg) * dv + d]);
+    }
+    out[row * dv + d] = __float2bfloat16_rn(acc / sum);
+  }
+  if (lane == 0) lse[row] = m + logf(sum);
+}
+
 }  // namespace nsa
 
 #define NSA_SIMT_FWD(NAME, T)                                                                  \
@@ -148,3 +338,28 @@ NSA_MMA_FWD(128, 192)
 NSA_MMA_FWD(192, 64)
 NSA_MMA_FWD(192, 128)
 NSA_MMA_FWD(192, 192)
+
+#define NSA_KV_FWD(DK, DV)                                                                     \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS) nsa_slc_fwd_kv_dk##DK##_dv##DV(   \
+      const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,                 \
+      const int* inv_tok, const int* inv_slot, const long long* work_seg,                      \
+      const long long* work_a, const long long* work_b, __nv_bfloat16* part_o,                 \
+      float* part_lse, int S, int Hkv, int hpg, int n, int L, int NB, float scale) {           \
+    nsa::slc_fwd_kv<DK, DV>(q, k, v, inv_tok, inv_slot, work_seg, work_a, work_b, part_o,     \
+                            part_lse, S, Hkv, hpg, n, L, NB, scale);                          \
+  }
+NSA_KV_FWD(64, 64)
+NSA_KV_FWD(64, 128)
+NSA_KV_FWD(64, 192)
+NSA_KV_FWD(128, 64)
+NSA_KV_FWD(128, 128)
+NSA_KV_FWD(128, 192)
+NSA_KV_FWD(192, 64)
+NSA_KV_FWD(192, 128)
+NSA_KV_FWD(192, 192)
+
+extern "C" __global__ void __launch_bounds__(NSA_THREADS)
+    nsa_slc_fwd_combine(const __nv_bfloat16* part_o, const float* part_lse, __nv_bfloat16* out,
+                        float* lse, long long rows, int Hkv, int hpg, int P, int dv) {
+  nsa::slc_fwd_combine(part_o, part_lse, out, lse, rows, Hkv, hpg, P, dv);
+}

@@ -70,6 +70,8 @@ struct SlcTable {
     cmp_dq_mma: [CuFunction; 9],
     cmp_dkdv_mma: [CuFunction; 9],
     cmp_select: [CuFunction; 6],
+    fwd_kv: [CuFunction; 9],
+    fwd_combine: CuFunction,
     max_smem: i32,
 }
 
@@ -252,6 +254,8 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
             func(cmp_mod, "nsa_cmp_select_f32_dk128")?,
             func(cmp_mod, "nsa_cmp_select_f32_dk192")?,
         ],
+        fwd_kv: mma_family(fwd_mod, "nsa_slc_fwd_kv")?,
+        fwd_combine: func(fwd_mod, "nsa_slc_fwd_combine")?,
         max_smem,
     };
     Ok(SelectedKernels {
@@ -291,6 +295,7 @@ extern "C" {
         blocks: *const C_tensor,
         block_len: i64,
         scale: f64,
+        strategy: i64,
         table: *const SlcTable,
         err: *mut c_char,
         err_len: usize,
@@ -505,6 +510,20 @@ pub fn compute_kind(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Kind> {
     }
 }
 
+/// How the selected branch's tensor-core forward walks the selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SelectedForward {
+    /// Query-outer: a CTA serves 64 / G consecutive tokens and streams the union of their
+    /// selected blocks (padding columns where tokens chose different blocks).
+    #[default]
+    UnionTiles,
+    /// Key-outer (Flash Sparse Attention's order): a CTA serves one selected block and the
+    /// (token, head) rows that chose it; per-block partial outputs are merged afterwards.
+    /// Memory: `B·S·H·n·⌈l'/64⌉·(2·dv + 4)` bytes of partials. bf16 at tensor-core head sizes
+    /// only; elsewhere the same as [`SelectedForward::UnionTiles`].
+    KeyOuter,
+}
+
 /// Selected-branch attention (forward and backward fused kernels; see the module doc for the
 /// semantics and layouts). `q`, `k`, `v`: bf16 or fp32, contiguous, on one CUDA device (mixed
 /// bf16 / fp32 are computed in the common type, or autocast's when it is on); `blocks`: int64
@@ -517,6 +536,28 @@ pub fn selected_attention(
     blocks: &Tensor,
     block_len: i64,
     scale: f64,
+) -> Result<Tensor, FusedError> {
+    selected_attention_with(
+        q,
+        k,
+        v,
+        blocks,
+        block_len,
+        scale,
+        SelectedForward::default(),
+    )
+}
+
+/// [`selected_attention`] with the forward's loop order chosen ([`SelectedForward`]); the
+/// backward is the same for both.
+pub fn selected_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    blocks: &Tensor,
+    block_len: i64,
+    scale: f64,
+    forward: SelectedForward,
 ) -> Result<Tensor, FusedError> {
     let (device, [b, s, _, hkv, _, _]) = check_qkv(q, k, v, &[Kind::BFloat16, Kind::Float])?;
     let bs = check_tensor("blocks", blocks, device, &[Kind::Int64, Kind::Int])?;
@@ -551,6 +592,10 @@ pub fn selected_attention(
             blocks.as_ptr(),
             block_len,
             scale,
+            match forward {
+                SelectedForward::UnionTiles => 0,
+                SelectedForward::KeyOuter => 1,
+            },
             &kernels.table,
             err.as_mut_ptr().cast(),
             ERR_LEN,
