@@ -87,6 +87,37 @@ const PANICKING_TCH: &[(&str, bool)] = &[
     ("copy_", true),
     ("fill_", true),
     ("zero_", false),
+    // `nn::Path`'s variable constructors (`vs.var(…)`, `vs.zeros(…)` above, …) unwrap too.
+    ("var", true),
+    ("var_copy", true),
+    ("zeros_no_train", true),
+    ("ones_no_train", true),
+    ("randn_standard", true),
+    ("uniform", true),
+    ("kaiming_uniform", true),
+    ("kaiming_normal", true),
+];
+
+/// tch's layer constructors (`nn::linear(…)`, …): they create their variables with the
+/// unwrapping `nn::Path::var` and have no `f_` twin. Library code builds layers with
+/// `nsa_attn::f_linear` or from `nn::Path::f_var`.
+const PANICKING_TCH_LAYERS: &[&str] = &[
+    "linear",
+    "embedding",
+    "layer_norm",
+    "group_norm",
+    "batch_norm1d",
+    "batch_norm2d",
+    "batch_norm3d",
+    "conv",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "lstm",
+    "gru",
 ];
 
 /// Longest source file, in lines, without an entry in [`LONG_FILES`].
@@ -422,8 +453,9 @@ pub(crate) fn check_env(path: &str, src: &str) -> Vec<Violation> {
     v
 }
 
-/// Rule 3: tch's panicking methods ([`PANICKING_TCH`]) called in a library's `src/`, outside
-/// `#[cfg(test)]`, comments and strings. `.name(` and `Tensor::name(` are flagged.
+/// Rule 3: tch's panicking methods ([`PANICKING_TCH`]) and layer constructors
+/// ([`PANICKING_TCH_LAYERS`]) in a library's `src/`, outside `#[cfg(test)]`, comments and
+/// strings. `.name(` and `Tensor::name(` are flagged, and `nn::name(` or a `use` of `nn::name`.
 pub(crate) fn check_panicking_tch(path: &str, src: &str) -> Vec<Violation> {
     if !LIBRARY_CRATES
         .iter()
@@ -446,6 +478,25 @@ pub(crate) fn check_panicking_tch(path: &str, src: &str) -> Vec<Violation> {
                         path,
                         n + 1,
                         format!("`{name}(…)` panics on a libtorch error: use `f_{name}(…)?`"),
+                    ));
+                }
+            }
+        }
+        let imports_nn = line.trim_start().starts_with("use ") && line.contains("nn::");
+        for name in PANICKING_TCH_LAYERS {
+            for at in word_positions(line, name) {
+                let called = line[..at].trim_end().ends_with("nn::")
+                    && line[at + name.len()..].starts_with('(');
+                if called || imports_nn {
+                    let instead = if *name == "linear" {
+                        "nsa_attn::f_linear(…)?"
+                    } else {
+                        "variables from `nn::Path::f_var(…)?`"
+                    };
+                    v.push(Violation::new(
+                        path,
+                        n + 1,
+                        format!("`nn::{name}(…)` panics on a libtorch error (tch creates its variables with an unwrap): use {instead}"),
                     ));
                 }
             }
