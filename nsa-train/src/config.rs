@@ -815,6 +815,7 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::{DataSource, ShardFormat};
 
     fn no_env() -> Vec<(String, String)> {
         Vec::new()
@@ -878,6 +879,8 @@ mod tests {
             "fast.select=\"reference\"".into(),
             "fast.attn_path=\"reference\"".into(),
             "fast.ddp_compress=\"fp16\"".into(),
+            "data.source=\"bin\"".into(),
+            "data.format=\"raw-u16\"".into(),
         ];
         let c = resolve(None, &sets, no_env()).unwrap();
         assert_eq!(c.run.device, DeviceChoice::Cuda(3));
@@ -885,10 +888,14 @@ mod tests {
         assert_eq!(c.fast.select, SelectImpl::Reference);
         assert_eq!(c.fast.attn_path, AttnPathChoice::Reference);
         assert_eq!(c.fast.ddp_compress, Compression::Fp16);
+        assert_eq!(c.data.source, DataSource::Bin);
+        assert_eq!(c.data.format, ShardFormat::RawU16);
         // The resolved config renders back to the same values.
         let text = c.to_toml();
         assert!(text.contains("device = \"cuda:3\""), "{text}");
         assert!(text.contains("ddp_compress = \"fp16\""), "{text}");
+        assert!(text.contains("source = \"bin\""), "{text}");
+        assert!(text.contains("format = \"raw-u16\""), "{text}");
         for (key, value, allowed) in [
             ("run.device", "tpu", ["auto", "cpu", "cuda"].as_slice()),
             ("run.device", "cuda:x", &["cuda:N"]),
@@ -896,6 +903,8 @@ mod tests {
             ("fast.select", "fast", &["vectorized", "reference"]),
             ("fast.attn_path", "fused2", &["lean", "reference"]),
             ("fast.ddp_compress", "int8", &["none", "bf16", "fp16"]),
+            ("data.source", "bogus", &["needle", "recall", "text", "bin"]),
+            ("data.format", "u16", &["llmc", "raw-u16"]),
         ] {
             let e = resolve(None, &[format!("{key}=\"{value}\"")], no_env()).unwrap_err();
             let msg = format!("{e:#}");
