@@ -11,7 +11,6 @@ use anyhow::{bail, Context, Result};
 use nsa_ddp::Compression;
 use nsa_select::SelectImpl;
 use serde::{Deserialize, Serialize};
-use tch::Device;
 
 use crate::data::DataConfig;
 use crate::optim::OptimConfig;
@@ -126,69 +125,10 @@ impl Default for FastPaths {
     }
 }
 
-/// `run.device`: where the run computes. Written `auto`, `cpu`, `cuda` or `cuda:N`; anything
-/// else is an error that lists these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum DeviceChoice {
-    /// The first GPU when one is visible, else the CPU.
-    Auto,
-    /// The CPU.
-    Cpu,
-    /// GPU `N` (`cuda` is `cuda:0`).
-    Cuda(usize),
-}
-
-impl DeviceChoice {
-    /// The libtorch device; an error when a GPU is asked for but none is visible.
-    pub fn resolve(self, has_gpu: bool) -> Result<Device> {
-        Ok(match self {
-            DeviceChoice::Auto if has_gpu => Device::Cuda(0),
-            DeviceChoice::Auto | DeviceChoice::Cpu => Device::Cpu,
-            DeviceChoice::Cuda(i) => {
-                if !has_gpu {
-                    bail!("run.device = \"{self}\" but no GPU is visible");
-                }
-                Device::Cuda(i)
-            }
-        })
-    }
-}
-
-impl fmt::Display for DeviceChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DeviceChoice::Auto => f.write_str("auto"),
-            DeviceChoice::Cpu => f.write_str("cpu"),
-            DeviceChoice::Cuda(i) => write!(f, "cuda:{i}"),
-        }
-    }
-}
-
-impl TryFrom<String> for DeviceChoice {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, String> {
-        let bad = || format!("expected auto, cpu, cuda or cuda:N, got {s:?}");
-        Ok(match s.as_str() {
-            "auto" => DeviceChoice::Auto,
-            "cpu" => DeviceChoice::Cpu,
-            "cuda" => DeviceChoice::Cuda(0),
-            other => DeviceChoice::Cuda(
-                other
-                    .strip_prefix("cuda:")
-                    .and_then(|i| i.parse().ok())
-                    .ok_or_else(bad)?,
-            ),
-        })
-    }
-}
-
-impl From<DeviceChoice> for String {
-    fn from(d: DeviceChoice) -> String {
-        d.to_string()
-    }
-}
+/// `run.device`: where the run computes, written `auto`, `cpu`, `cuda` or `cuda:N` (anything
+/// else is an error that lists these). The type lives in nsa-bench, so the benchmarks' `--device`
+/// and the trainer parse devices by one rule.
+pub use nsa_bench::DeviceChoice;
 
 /// `run.precision`: `auto` (bf16 autocast on CUDA, f32 on CPU), `f32` or `bf16`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -48,7 +48,7 @@ enum Command {
     },
     /// Run a benchmark in release mode and append its table to a file (default: print only).
     Bench {
-        /// Which benchmark: select | attn.
+        /// Which benchmark: select | attn | branches | train | sweep-buckets.
         what: String,
         /// Extra arguments for `nsa-train bench <what>`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -143,7 +143,7 @@ fn test(sh: &Shell, root: &Path, quick: bool) -> Result<()> {
         step("cargo doc (library crates, warnings denied)");
         cmd!(
             sh,
-            "cargo doc --no-deps --locked -p nsa-select -p nsa-attn -p nsa-model -p nsa-ddp"
+            "cargo doc --no-deps --locked -p nsa-select -p nsa-attn -p nsa-model -p nsa-ddp -p nsa-bench"
         )
         .env("RUSTDOCFLAGS", "-D warnings")
         .run()?;
