@@ -1,8 +1,8 @@
 //! `cargo xtask …`: every piece of project automation, in Rust.
 //!
-//! xtask depends only on xshell, clap and anyhow — never on tch — and `cargo xtask` builds it into
-//! `target/xtask` (see `.cargo/config.toml`), so it works before libtorch exists and running it
-//! never rebuilds torch-sys.
+//! xtask depends only on xshell, clap and anyhow (its tests also on tempfile) — never on tch — and
+//! `cargo xtask` builds it into `target/xtask` (see `.cargo/config.toml`), so it works before
+//! libtorch exists and running it never rebuilds torch-sys.
 #![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
 
