@@ -97,6 +97,7 @@ const PANICKING_TCH: &[(&str, bool)] = &[
     ("copy_", true),
     ("fill_", true),
     ("zero_", false),
+    ("detach", false),
     // `nn::Path`'s variable constructors (`vs.var(…)`, `vs.zeros(…)` above, …) unwrap too.
     ("var", true),
     ("var_copy", true),
