@@ -1,7 +1,11 @@
 //! `nsa-train`: the command-line front end of the workspace.
 //!
-//! Subcommands: `env` (runtime facts and the SDPA backend audit), `smoke` (a tiny end-to-end
-//! forward+backward on the default device), `bench` (the project's benchmarks).
+//! Subcommands: `train` (a TOML config plus `--set` overrides → a run folder; `--resume`, data
+//! parallel through our launcher, torchrun or Slurm), `eval` (held-out loss and accuracy of a run's
+//! latest checkpoint), `smoke` (trains the `tiny` NSA model briefly and checks that it learned),
+//! `check --gpu` (every fused kernel against the reference path), `env` (runtime facts and the
+//! SDPA backend audit), `bench` (the benchmarks: nsa-bench's `select`, `attn`, `branches`, and
+//! `train`, `sweep-buckets` here), and the hidden `rendezvous` (a launcher check without a GPU).
 #![forbid(unsafe_code)]
 
 mod bench;
