@@ -10,6 +10,7 @@ use tch::Tensor;
 
 use crate::config::{AttnError, NsaConfig};
 use crate::layer::{linear, Branch};
+use crate::linear::f_linear;
 
 /// How the branch outputs are mixed.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -32,21 +33,21 @@ pub(crate) struct Gates {
 
 impl Gates {
     /// Creates `w1` then `w2` under `gate` (the layer's `gate` path).
-    pub(crate) fn new(gate: &nn::Path<'_>, cfg: &NsaConfig) -> Self {
-        Self {
-            w1: nn::linear(
+    pub(crate) fn new(gate: &nn::Path<'_>, cfg: &NsaConfig) -> Result<Self, AttnError> {
+        Ok(Self {
+            w1: f_linear(
                 gate / "w1",
                 cfg.dim,
                 cfg.nsa.gate_hidden,
                 Default::default(),
-            ),
-            w2: nn::linear(
+            )?,
+            w2: f_linear(
                 gate / "w2",
                 cfg.nsa.gate_hidden,
                 3 * cfg.heads,
                 Default::default(),
-            ),
-        }
+            )?,
+        })
     }
 
     /// Gates `[B, S, h, 3]` for `x` `[B, S, dim]` (shape already checked by the caller).

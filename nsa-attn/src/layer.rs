@@ -8,6 +8,7 @@ use tch::{Kind, TchError, Tensor};
 
 use crate::config::{AttnError, NsaConfig};
 use crate::gates::{self, GateOverride, Gates};
+use crate::linear::f_linear;
 use crate::phi::Compression;
 use crate::rope::Rope;
 use crate::{fused, lean, reference, selection};
@@ -152,15 +153,15 @@ struct KvProj {
 }
 
 impl KvProj {
-    fn new(vs: &nn::Path<'_>, cfg: &NsaConfig) -> Self {
+    fn new(vs: &nn::Path<'_>, cfg: &NsaConfig) -> Result<Self, TchError> {
         let no_bias = nn::LinearConfig {
             bias: false,
             ..Default::default()
         };
-        Self {
-            wk: nn::linear(vs / "wk", cfg.dim, cfg.kv_heads * cfg.head_dim_k, no_bias),
-            wv: nn::linear(vs / "wv", cfg.dim, cfg.kv_heads * cfg.head_dim_v, no_bias),
-        }
+        Ok(Self {
+            wk: f_linear(vs / "wk", cfg.dim, cfg.kv_heads * cfg.head_dim_k, no_bias)?,
+            wv: f_linear(vs / "wv", cfg.dim, cfg.kv_heads * cfg.head_dim_v, no_bias)?,
+        })
     }
 }
 
@@ -191,21 +192,21 @@ impl NsaAttention {
             ..Default::default()
         };
         let kv = if cfg.nsa.shared_kv {
-            vec![KvProj::new(&(vs / "kv"), &cfg)]
+            vec![KvProj::new(&(vs / "kv"), &cfg)?]
         } else {
             ["cmp", "slc", "win"]
                 .iter()
                 .map(|b| KvProj::new(&(vs / *b), &cfg))
-                .collect()
+                .collect::<Result<_, _>>()?
         };
         // Variables are created in this order (it fixes their random initialisation for a
         // given seed): branch K/V, wq, the compression's, the gates', wo.
         Ok(Self {
-            wq: nn::linear(vs / "wq", cfg.dim, cfg.heads * cfg.head_dim_k, no_bias),
+            wq: f_linear(vs / "wq", cfg.dim, cfg.heads * cfg.head_dim_k, no_bias)?,
             kv,
             cmp: Compression::new(&(vs / "cmp"), &cfg)?,
-            gates: Gates::new(&(vs / "gate"), &cfg),
-            wo: nn::linear(vs / "wo", cfg.heads * cfg.head_dim_v, cfg.dim, no_bias),
+            gates: Gates::new(&(vs / "gate"), &cfg)?,
+            wo: f_linear(vs / "wo", cfg.heads * cfg.head_dim_v, cfg.dim, no_bias)?,
             cfg,
         })
     }

@@ -122,6 +122,12 @@
 //! [`NsaAttention::audit`] reports which kernel computes each branch on a path (and what SDPA
 //! would choose for the dense baseline of the same shape), for the run log.
 //!
+//! # Errors, not panics
+//!
+//! Every fallible step returns [`AttnError`]: libtorch calls go through tch's `f_` methods, and
+//! the layer's linear maps are created by [`f_linear`], tch's `nn::linear` (same variables, same
+//! initialisation, bit for bit) without its unwrap. Use it for your own layers too.
+//!
 //! # Quick start
 //!
 //! Add `nsa-attn` and `tch` to your crate, build the layer in your own `VarStore` (its
@@ -162,6 +168,7 @@ pub mod fused;
 mod gates;
 mod layer;
 pub mod lean;
+mod linear;
 mod phi;
 pub mod reference;
 mod rope;
@@ -174,5 +181,6 @@ pub use gates::GateOverride;
 pub use layer::{
     AttnPath, Branch, BranchOutputs, ForwardOpts, LeanOpts, NsaAttention, Projections,
 };
+pub use linear::f_linear;
 pub use nsa_select::{SelectConfig, SelectImpl};
 pub use rope::Rope;

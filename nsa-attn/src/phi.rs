@@ -15,6 +15,7 @@ use tch::{TchError, Tensor};
 
 use crate::config::{AttnError, NsaConfig, NsaParams, Phi};
 use crate::layer::linear;
+use crate::linear::f_linear;
 
 /// φ applied to one of keys or values.
 #[derive(Debug)]
@@ -28,25 +29,30 @@ impl PhiMap {
     /// `output_bias`: whether the last linear map has a bias. Keys get none: a bias shifts every
     /// compressed key by the same vector, which adds the same `q·b` to all scores of a row and
     /// cancels in the softmax (its gradient is identically zero).
-    fn new(vs: &nn::Path<'_>, nsa: &NsaParams, width: i64, output_bias: bool) -> Self {
+    fn new(
+        vs: &nn::Path<'_>,
+        nsa: &NsaParams,
+        width: i64,
+        output_bias: bool,
+    ) -> Result<Self, TchError> {
         let block_len = nsa.select.block_len;
         let last = nn::LinearConfig {
             bias: output_bias,
             ..Default::default()
         };
-        match nsa.phi {
+        Ok(match nsa.phi {
             Phi::Mean => PhiMap::Mean,
-            Phi::Linear => PhiMap::Linear(nn::linear(vs, block_len * width, width, last)),
+            Phi::Linear => PhiMap::Linear(f_linear(vs, block_len * width, width, last)?),
             Phi::Mlp => PhiMap::Mlp(
-                nn::linear(
+                f_linear(
                     vs / "w1",
                     block_len * width,
                     nsa.phi_hidden,
                     Default::default(),
-                ),
-                nn::linear(vs / "w2", nsa.phi_hidden, width, last),
+                )?,
+                f_linear(vs / "w2", nsa.phi_hidden, width, last)?,
             ),
-        }
+        })
     }
 
     /// `blocks` `[B, Nc, l, G, d]` → `[B, Nc, G, d]` (φ of Eq. 7).
@@ -96,8 +102,8 @@ impl Compression {
                 .then(|| cmp.f_var("pos_k", &[l, g, cfg.head_dim_k], pos_init))
                 .transpose()?,
             pos_v: cmp.f_var("pos_v", &[l, g, cfg.head_dim_v], pos_init)?,
-            phi_k: PhiMap::new(&(cmp / "phi_k"), &cfg.nsa, cfg.head_dim_k, false),
-            phi_v: PhiMap::new(&(cmp / "phi_v"), &cfg.nsa, cfg.head_dim_v, true),
+            phi_k: PhiMap::new(&(cmp / "phi_k"), &cfg.nsa, cfg.head_dim_k, false)?,
+            phi_v: PhiMap::new(&(cmp / "phi_v"), &cfg.nsa, cfg.head_dim_v, true)?,
             block_len: l,
             stride: cfg.nsa.select.stride,
         })

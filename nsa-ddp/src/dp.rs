@@ -451,7 +451,7 @@ impl<C: Communicator + 'static> DataParallel<C> {
                 weighted: 0.0,
             };
             for (k, (_, p)) in core.buckets.params().iter().enumerate() {
-                let v = p.detach().f_to_kind(Kind::Double)?.f_reshape([-1])?;
+                let v = p.f_detach()?.f_to_kind(Kind::Double)?.f_reshape([-1])?;
                 let ramp = Tensor::f_arange(v.numel() as i64, (Kind::Double, v.device()))?
                     .f_fmod(97)?
                     .f_add_scalar(1.0)?;

@@ -5,10 +5,10 @@
 //! `v` `[B, Hkv, S, dv]`; the output is `[B, H, S, dv]`. Query head `j` reads KV head
 //! `j / (H / Hkv)` (group-major, as SDPA's `enable_gqa` and `nsa-attn`).
 use tch::nn;
-use tch::{Kind, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 use crate::config::{ModelConfig, ModelError};
-use crate::model::linear;
+use crate::model::{linear, normal_linear};
 
 /// Rotary position embedding: the one `nsa-attn` uses, so NSA and dense models place positions
 /// identically (tested: with full-coverage selection the NSA model equals the dense one).
@@ -103,19 +103,13 @@ pub(crate) struct DenseAttention {
 
 impl DenseAttention {
     /// Matrices `normal(0, std)`, `wo` `normal(0, out_std)`.
-    pub(crate) fn new(vs: &nn::Path<'_>, cfg: &ModelConfig, std: f64, out_std: f64) -> Self {
-        let lin = |name: &str, i: i64, o: i64, stdev: f64| {
-            nn::linear(
-                vs / name,
-                i,
-                o,
-                nn::LinearConfig {
-                    ws_init: nn::Init::Randn { mean: 0.0, stdev },
-                    bias: false,
-                    ..Default::default()
-                },
-            )
-        };
+    pub(crate) fn new(
+        vs: &nn::Path<'_>,
+        cfg: &ModelConfig,
+        std: f64,
+        out_std: f64,
+    ) -> Result<Self, TchError> {
+        let lin = |name: &str, i: i64, o: i64, stdev: f64| normal_linear(&(vs / name), i, o, stdev);
         let (d, h, g, dk, dv) = (
             cfg.dim,
             cfg.n_heads,
@@ -123,16 +117,16 @@ impl DenseAttention {
             cfg.head_dim_k,
             cfg.head_dim_v,
         );
-        Self {
-            wq: lin("wq", d, h * dk, std),
-            wk: lin("wk", d, g * dk, std),
-            wv: lin("wv", d, g * dv, std),
-            wo: lin("wo", h * dv, d, out_std),
+        Ok(Self {
+            wq: lin("wq", d, h * dk, std)?,
+            wk: lin("wk", d, g * dk, std)?,
+            wv: lin("wv", d, g * dv, std)?,
+            wo: lin("wo", h * dv, d, out_std)?,
             heads: h,
             kv_heads: g,
             dk,
             dv,
-        }
+        })
     }
 
     /// `x` `[B, S, D]` → `[B, S, D]`; `rope` has at least `S` positions.

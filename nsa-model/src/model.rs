@@ -1,5 +1,5 @@
 //! [`Model`]: embedding, decoder blocks, final norm, tied head; parameter init; [`decay_groups`].
-use nsa_attn::{ForwardOpts, NsaAttention};
+use nsa_attn::{f_linear, ForwardOpts, NsaAttention};
 use tch::nn;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -44,24 +44,18 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(vs: &nn::Path<'_>, dim: i64, hidden: i64, std: f64, out_std: f64) -> Self {
-        let lin = |name: &str, i: i64, o: i64, stdev: f64| {
-            nn::linear(
-                vs / name,
-                i,
-                o,
-                nn::LinearConfig {
-                    ws_init: nn::Init::Randn { mean: 0.0, stdev },
-                    bias: false,
-                    ..Default::default()
-                },
-            )
-        };
-        Self {
-            w_gate: lin("w_gate", dim, hidden, std),
-            w_up: lin("w_up", dim, hidden, std),
-            w_down: lin("w_down", hidden, dim, out_std),
-        }
+    fn new(
+        vs: &nn::Path<'_>,
+        dim: i64,
+        hidden: i64,
+        std: f64,
+        out_std: f64,
+    ) -> Result<Self, TchError> {
+        Ok(Self {
+            w_gate: normal_linear(&(vs / "w_gate"), dim, hidden, std)?,
+            w_up: normal_linear(&(vs / "w_up"), dim, hidden, std)?,
+            w_down: normal_linear(&(vs / "w_down"), hidden, dim, out_std)?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
@@ -70,6 +64,22 @@ impl Mlp {
             .f_mul(&linear(&self.w_up, x)?)?;
         linear(&self.w_down, &gated)
     }
+}
+
+/// A bias-free linear map whose weight is drawn from `normal(0, stdev)` (the model's init for
+/// every matrix), created through nsa-attn's fallible [`nsa_attn::f_linear`].
+pub(crate) fn normal_linear(
+    vs: &nn::Path<'_>,
+    in_dim: i64,
+    out_dim: i64,
+    stdev: f64,
+) -> Result<nn::Linear, TchError> {
+    let config = nn::LinearConfig {
+        ws_init: nn::Init::Randn { mean: 0.0, stdev },
+        bias: false,
+        ..Default::default()
+    };
+    f_linear(vs, in_dim, out_dim, config)
 }
 
 /// `l.forward(x)` through tch's fallible `f_linear`: a libtorch error is returned, not a panic.
@@ -164,14 +174,14 @@ impl Model {
                     Attention::Nsa(Box::new(attn))
                 }
                 AttentionKind::Dense => {
-                    Attention::Dense(DenseAttention::new(&(&b / "attn"), cfg, std, out_std))
+                    Attention::Dense(DenseAttention::new(&(&b / "attn"), cfg, std, out_std)?)
                 }
             };
             blocks.push(Block {
                 attn_norm: RmsNorm::new(&(&b / "attn_norm"), cfg.dim, cfg.norm_eps)?,
                 attn,
                 mlp_norm: RmsNorm::new(&(&b / "mlp_norm"), cfg.dim, cfg.norm_eps)?,
-                mlp: Mlp::new(&(&b / "mlp"), cfg.dim, cfg.mlp_hidden, std, out_std),
+                mlp: Mlp::new(&(&b / "mlp"), cfg.dim, cfg.mlp_hidden, std, out_std)?,
             });
         }
         Ok(Self {

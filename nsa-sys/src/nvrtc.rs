@@ -386,18 +386,16 @@ impl Nvrtc {
         }
         let compiled = self.compile(src, arch)?;
         std::fs::create_dir_all(dir).map_err(|e| cache_err(dir, e))?;
-        // Unique temporary name in the same folder, then an atomic rename.
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let tmp = dir.join(format!(
-            ".{stem}.{}.{}.tmp",
-            std::process::id(),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::write(&tmp, &compiled.cubin).map_err(|e| cache_err(&tmp, e))?;
-        if let Err(e) = std::fs::rename(&tmp, &path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(cache_err(&path, e));
-        }
+        // A uniquely named temporary file in the same folder, then an atomic rename: readers see
+        // the old entry or the whole new one (a failed write removes the temporary file).
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{stem}."))
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(|e| cache_err(dir, e))?;
+        std::io::Write::write_all(&mut tmp, &compiled.cubin)
+            .map_err(|e| cache_err(tmp.path(), e))?;
+        tmp.persist(&path).map_err(|e| cache_err(&path, e.error))?;
         Ok(compiled)
     }
 }

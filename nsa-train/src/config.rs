@@ -11,7 +11,6 @@ use anyhow::{bail, Context, Result};
 use nsa_ddp::Compression;
 use nsa_select::SelectImpl;
 use serde::{Deserialize, Serialize};
-use tch::Device;
 
 use crate::data::DataConfig;
 use crate::optim::OptimConfig;
@@ -126,69 +125,10 @@ impl Default for FastPaths {
     }
 }
 
-/// `run.device`: where the run computes. Written `auto`, `cpu`, `cuda` or `cuda:N`; anything
-/// else is an error that lists these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum DeviceChoice {
-    /// The first GPU when one is visible, else the CPU.
-    Auto,
-    /// The CPU.
-    Cpu,
-    /// GPU `N` (`cuda` is `cuda:0`).
-    Cuda(usize),
-}
-
-impl DeviceChoice {
-    /// The libtorch device; an error when a GPU is asked for but none is visible.
-    pub fn resolve(self, has_gpu: bool) -> Result<Device> {
-        Ok(match self {
-            DeviceChoice::Auto if has_gpu => Device::Cuda(0),
-            DeviceChoice::Auto | DeviceChoice::Cpu => Device::Cpu,
-            DeviceChoice::Cuda(i) => {
-                if !has_gpu {
-                    bail!("run.device = \"{self}\" but no GPU is visible");
-                }
-                Device::Cuda(i)
-            }
-        })
-    }
-}
-
-impl fmt::Display for DeviceChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DeviceChoice::Auto => f.write_str("auto"),
-            DeviceChoice::Cpu => f.write_str("cpu"),
-            DeviceChoice::Cuda(i) => write!(f, "cuda:{i}"),
-        }
-    }
-}
-
-impl TryFrom<String> for DeviceChoice {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, String> {
-        let bad = || format!("expected auto, cpu, cuda or cuda:N, got {s:?}");
-        Ok(match s.as_str() {
-            "auto" => DeviceChoice::Auto,
-            "cpu" => DeviceChoice::Cpu,
-            "cuda" => DeviceChoice::Cuda(0),
-            other => DeviceChoice::Cuda(
-                other
-                    .strip_prefix("cuda:")
-                    .and_then(|i| i.parse().ok())
-                    .ok_or_else(bad)?,
-            ),
-        })
-    }
-}
-
-impl From<DeviceChoice> for String {
-    fn from(d: DeviceChoice) -> String {
-        d.to_string()
-    }
-}
+/// `run.device`: where the run computes, written `auto`, `cpu`, `cuda` or `cuda:N` (anything
+/// else is an error that lists these). The type lives in nsa-bench, so the benchmarks' `--device`
+/// and the trainer parse devices by one rule.
+pub use nsa_bench::DeviceChoice;
 
 /// `run.precision`: `auto` (bf16 autocast on CUDA, f32 on CPU), `f32` or `bf16`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -815,6 +755,7 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::{DataSource, ShardFormat};
 
     fn no_env() -> Vec<(String, String)> {
         Vec::new()
@@ -878,6 +819,8 @@ mod tests {
             "fast.select=\"reference\"".into(),
             "fast.attn_path=\"reference\"".into(),
             "fast.ddp_compress=\"fp16\"".into(),
+            "data.source=\"bin\"".into(),
+            "data.format=\"raw-u16\"".into(),
         ];
         let c = resolve(None, &sets, no_env()).unwrap();
         assert_eq!(c.run.device, DeviceChoice::Cuda(3));
@@ -885,10 +828,14 @@ mod tests {
         assert_eq!(c.fast.select, SelectImpl::Reference);
         assert_eq!(c.fast.attn_path, AttnPathChoice::Reference);
         assert_eq!(c.fast.ddp_compress, Compression::Fp16);
+        assert_eq!(c.data.source, DataSource::Bin);
+        assert_eq!(c.data.format, ShardFormat::RawU16);
         // The resolved config renders back to the same values.
         let text = c.to_toml();
         assert!(text.contains("device = \"cuda:3\""), "{text}");
         assert!(text.contains("ddp_compress = \"fp16\""), "{text}");
+        assert!(text.contains("source = \"bin\""), "{text}");
+        assert!(text.contains("format = \"raw-u16\""), "{text}");
         for (key, value, allowed) in [
             ("run.device", "tpu", ["auto", "cpu", "cuda"].as_slice()),
             ("run.device", "cuda:x", &["cuda:N"]),
@@ -896,6 +843,8 @@ mod tests {
             ("fast.select", "fast", &["vectorized", "reference"]),
             ("fast.attn_path", "fused2", &["lean", "reference"]),
             ("fast.ddp_compress", "int8", &["none", "bf16", "fp16"]),
+            ("data.source", "bogus", &["needle", "recall", "text", "bin"]),
+            ("data.format", "u16", &["llmc", "raw-u16"]),
         ] {
             let e = resolve(None, &[format!("{key}=\"{value}\"")], no_env()).unwrap_err();
             let msg = format!("{e:#}");

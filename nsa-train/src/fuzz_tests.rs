@@ -9,7 +9,7 @@ use crate::data;
 const EXAMPLE: &str = include_str!("../../configs/example.toml");
 
 /// Values that have broken parsers before: huge, negative, non-finite, wrong types, odd text.
-const VALUES: [&str; 24] = [
+const VALUES: [&str; 25] = [
     "0",
     "-1",
     "1",
@@ -33,10 +33,11 @@ const VALUES: [&str; 24] = [
     "{ a = 1 }",
     "\"dense\"",
     "\"bin\"",
+    "\"raw-u16\"",
     "\"cuda:9\"",
 ];
 
-const KEYS: [&str; 24] = [
+const KEYS: [&str; 25] = [
     "run.name",
     "run.steps",
     "run.seed",
@@ -53,6 +54,7 @@ const KEYS: [&str; 24] = [
     "model.nsa.window",
     "model.nsa.stride",
     "data.source",
+    "data.format",
     "data.seq_len",
     "data.batch_size",
     "data.recall_pairs",
@@ -143,14 +145,14 @@ proptest! {
         bytes[8..12].copy_from_slice(&count.to_le_bytes());
         bytes.extend_from_slice(&body);
         bytes.truncate(cut.max(1));
-        let format = if raw { "raw-u16" } else { "llmc" };
+        let format = if raw { data::ShardFormat::RawU16 } else { data::ShardFormat::Llmc };
         let _ = data::shard_layout(&bytes, format, "fuzz");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("shard.bin"), &bytes).unwrap();
         let cfg = data::DataConfig {
-            source: "bin".into(),
+            source: data::DataSource::Bin,
             path: Some(dir.path().to_path_buf()),
-            format: format.into(),
+            format,
             seq_len: seq,
             batch_size: batch,
             ..Default::default()

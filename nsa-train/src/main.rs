@@ -1,9 +1,13 @@
 //! `nsa-train`: the command-line front end of the workspace.
 //!
-//! Subcommands: `train`, `eval` (held-out loss and accuracy; `--task`: retrieval scored by
-//! generation), `generate` (continue a prompt through the decode caches), `env` (runtime facts
-//! and the SDPA backend audit), `smoke` (a tiny end-to-end training check), `check --gpu`,
-//! `bench` (the project's benchmarks).
+//! Subcommands: `train` (a TOML config plus `--set` overrides → a run folder; `--resume`, data
+//! parallel through our launcher, torchrun or Slurm), `eval` (held-out loss and accuracy of a run's
+//! latest checkpoint; `--task`: retrieval scored by generation), `generate` (continue a prompt
+//! through the decode caches), `smoke` (trains the `tiny` NSA model briefly and checks that it
+//! learned), `check --gpu` (every fused kernel against the reference path, and prefill + decode
+//! against the full forward), `env` (runtime facts and the SDPA backend audit), `bench` (the
+//! benchmarks: nsa-bench's `select`, `attn`, `branches`, and `train`, `decode`, `sweep-buckets`
+//! here), and the hidden `rendezvous` (a launcher check without a GPU).
 #![forbid(unsafe_code)]
 
 mod bench;

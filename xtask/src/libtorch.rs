@@ -253,13 +253,13 @@ fn check_disk_space(sh: &Shell, root: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn fake_libtorch(version: (u32, u32, u32), with_libs: bool) -> tempdir::Dir {
-        let d = tempdir::Dir::new();
-        std::fs::create_dir_all(d.0.join("include/torch/headeronly")).unwrap();
-        std::fs::create_dir_all(d.0.join("lib")).unwrap();
+    fn fake_libtorch(version: (u32, u32, u32), with_libs: bool) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("include/torch/headeronly")).unwrap();
+        std::fs::create_dir_all(d.path().join("lib")).unwrap();
         let (a, b, c) = version;
         std::fs::write(
-            d.0.join("include/torch/headeronly/version.h"),
+            d.path().join("include/torch/headeronly/version.h"),
             format!(
                 "#pragma once\n#define TORCH_VERSION_MAJOR {a}\n#define TORCH_VERSION_MINOR {b}\n\
                  #define TORCH_VERSION_PATCH {c}\n"
@@ -267,58 +267,36 @@ mod tests {
         )
         .unwrap();
         if with_libs {
-            std::fs::write(d.0.join("lib/libtorch_cpu.so"), "").unwrap();
-            std::fs::write(d.0.join("lib/libc10.so"), "").unwrap();
+            std::fs::write(d.path().join("lib/libtorch_cpu.so"), "").unwrap();
+            std::fs::write(d.path().join("lib/libc10.so"), "").unwrap();
         }
         d
-    }
-
-    mod tempdir {
-        pub struct Dir(pub std::path::PathBuf);
-        impl Dir {
-            pub fn new() -> Self {
-                use std::sync::atomic::{AtomicUsize, Ordering};
-                static N: AtomicUsize = AtomicUsize::new(0);
-                let p = std::env::temp_dir().join(format!(
-                    "xtask-test-{}-{}",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::SeqCst)
-                ));
-                std::fs::create_dir_all(&p).unwrap();
-                Dir(p)
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
     }
 
     #[test]
     fn accepts_2_11_0_with_libraries() {
         let d = fake_libtorch((2, 11, 0), true);
-        assert_eq!(check_libtorch(&d.0).unwrap(), "2.11.0");
+        assert_eq!(check_libtorch(d.path()).unwrap(), "2.11.0");
     }
 
     #[test]
     fn rejects_wrong_version_with_advice() {
         let d = fake_libtorch((2, 10, 0), true);
-        let e = check_libtorch(&d.0).unwrap_err().to_string();
+        let e = check_libtorch(d.path()).unwrap_err().to_string();
         assert!(e.contains("2.10.0") && e.contains("needs 2.11.0"), "{e}");
     }
 
     #[test]
     fn rejects_headers_without_libraries() {
         let d = fake_libtorch((2, 11, 0), false);
-        let e = check_libtorch(&d.0).unwrap_err().to_string();
+        let e = check_libtorch(d.path()).unwrap_err().to_string();
         assert!(e.contains("libtorch_cpu.so"), "{e}");
     }
 
     #[test]
     fn rejects_a_folder_that_is_not_libtorch() {
-        let d = tempdir::Dir::new();
-        let e = check_libtorch(&d.0).unwrap_err().to_string();
+        let d = tempfile::tempdir().unwrap();
+        let e = check_libtorch(d.path()).unwrap_err().to_string();
         assert!(e.contains("not a libtorch folder"), "{e}");
     }
 
@@ -340,13 +318,13 @@ mod tests {
     fn relink_replaces_an_existing_link() {
         let a = fake_libtorch((2, 11, 0), true);
         let b = fake_libtorch((2, 11, 0), true);
-        let d = tempdir::Dir::new();
-        let link = d.0.join(".libtorch");
-        relink(&link, &a.0).unwrap();
-        relink(&link, &b.0).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let link = d.path().join(".libtorch");
+        relink(&link, a.path()).unwrap();
+        relink(&link, b.path()).unwrap();
         assert_eq!(
             std::fs::read_link(&link).unwrap(),
-            std::fs::canonicalize(&b.0).unwrap()
+            std::fs::canonicalize(b.path()).unwrap()
         );
     }
 }

@@ -1,8 +1,8 @@
 //! `cargo xtask …`: every piece of project automation, in Rust.
 //!
-//! xtask depends only on xshell, clap and anyhow — never on tch — and `cargo xtask` builds it into
-//! `target/xtask` (see `.cargo/config.toml`), so it works before libtorch exists and running it
-//! never rebuilds torch-sys.
+//! xtask depends only on xshell, clap and anyhow (its tests also on tempfile) — never on tch — and
+//! `cargo xtask` builds it into `target/xtask` (see `.cargo/config.toml`), so it works before
+//! libtorch exists and running it never rebuilds torch-sys.
 #![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
 
@@ -48,7 +48,7 @@ enum Command {
     },
     /// Run a benchmark in release mode and append its table to a file (default: print only).
     Bench {
-        /// Which benchmark: select | attn.
+        /// Which benchmark: select | attn | branches | train | sweep-buckets.
         what: String,
         /// Extra arguments for `nsa-train bench <what>`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -143,7 +143,7 @@ fn test(sh: &Shell, root: &Path, quick: bool) -> Result<()> {
         step("cargo doc (library crates, warnings denied)");
         cmd!(
             sh,
-            "cargo doc --no-deps --locked -p nsa-select -p nsa-attn -p nsa-model -p nsa-ddp"
+            "cargo doc --no-deps --locked -p nsa-select -p nsa-attn -p nsa-model -p nsa-ddp -p nsa-bench"
         )
         .env("RUSTDOCFLAGS", "-D warnings")
         .run()?;

@@ -33,7 +33,17 @@ impl Violation {
 }
 
 /// Library crates: no environment reads, no panicking tch calls in `src/`.
-const LIBRARY_CRATES: [&str; 4] = ["nsa-select", "nsa-attn", "nsa-model", "nsa-ddp"];
+const LIBRARY_CRATES: [&str; 5] = [
+    "nsa-select",
+    "nsa-attn",
+    "nsa-model",
+    "nsa-ddp",
+    "nsa-bench",
+];
+
+/// Crates whose clap flags and subcommands make up the `nsa-train` command line (nsa-bench
+/// holds the flags of `bench select | attn | branches`).
+const TRAIN_CLI_CRATES: [&str; 2] = ["nsa-train", "nsa-bench"];
 
 /// Files of nsa-train's `src/` (besides `config.rs`) that may read the environment, and why.
 const ENV_ALLOWLIST: &[(&str, &str)] = &[
@@ -88,6 +98,38 @@ const PANICKING_TCH: &[(&str, bool)] = &[
     ("copy_", true),
     ("fill_", true),
     ("zero_", false),
+    ("detach", false),
+    // `nn::Path`'s variable constructors (`vs.var(…)`, `vs.zeros(…)` above, …) unwrap too.
+    ("var", true),
+    ("var_copy", true),
+    ("zeros_no_train", true),
+    ("ones_no_train", true),
+    ("randn_standard", true),
+    ("uniform", true),
+    ("kaiming_uniform", true),
+    ("kaiming_normal", true),
+];
+
+/// tch's layer constructors (`nn::linear(…)`, …): they create their variables with the
+/// unwrapping `nn::Path::var` and have no `f_` twin. Library code builds layers with
+/// `nsa_attn::f_linear` or from `nn::Path::f_var`.
+const PANICKING_TCH_LAYERS: &[&str] = &[
+    "linear",
+    "embedding",
+    "layer_norm",
+    "group_norm",
+    "batch_norm1d",
+    "batch_norm2d",
+    "batch_norm3d",
+    "conv",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "lstm",
+    "gru",
 ];
 
 /// Longest source file, in lines, without an entry in [`LONG_FILES`].
@@ -228,7 +270,12 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     // 5. commands and flags named in README.md exist.
     let train_sources: Vec<&str> = sources
         .iter()
-        .filter(|(p, _)| p.starts_with("nsa-train/src/") && p.ends_with(".rs"))
+        .filter(|(p, _)| {
+            TRAIN_CLI_CRATES
+                .iter()
+                .any(|c| p.starts_with(&format!("{c}/src/")))
+                && p.ends_with(".rs")
+        })
         .map(|(_, t)| t.as_str())
         .collect();
     let xtask_sources: Vec<&str> = sources
@@ -425,8 +472,9 @@ pub(crate) fn check_env(path: &str, src: &str) -> Vec<Violation> {
     v
 }
 
-/// Rule 3: tch's panicking methods ([`PANICKING_TCH`]) called in a library's `src/`, outside
-/// `#[cfg(test)]`, comments and strings. `.name(` and `Tensor::name(` are flagged.
+/// Rule 3: tch's panicking methods ([`PANICKING_TCH`]) and layer constructors
+/// ([`PANICKING_TCH_LAYERS`]) in a library's `src/`, outside `#[cfg(test)]`, comments and
+/// strings. `.name(` and `Tensor::name(` are flagged, and `nn::name(` or a `use` of `nn::name`.
 pub(crate) fn check_panicking_tch(path: &str, src: &str) -> Vec<Violation> {
     if !LIBRARY_CRATES
         .iter()
@@ -449,6 +497,25 @@ pub(crate) fn check_panicking_tch(path: &str, src: &str) -> Vec<Violation> {
                         path,
                         n + 1,
                         format!("`{name}(…)` panics on a libtorch error: use `f_{name}(…)?`"),
+                    ));
+                }
+            }
+        }
+        let imports_nn = line.trim_start().starts_with("use ") && line.contains("nn::");
+        for name in PANICKING_TCH_LAYERS {
+            for at in word_positions(line, name) {
+                let called = line[..at].trim_end().ends_with("nn::")
+                    && line[at + name.len()..].starts_with('(');
+                if called || imports_nn {
+                    let instead = if *name == "linear" {
+                        "nsa_attn::f_linear(…)?"
+                    } else {
+                        "variables from `nn::Path::f_var(…)?`"
+                    };
+                    v.push(Violation::new(
+                        path,
+                        n + 1,
+                        format!("`nn::{name}(…)` panics on a libtorch error (tch creates its variables with an unwrap): use {instead}"),
                     ));
                 }
             }

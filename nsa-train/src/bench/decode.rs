@@ -28,7 +28,7 @@ use nsa_attn::{AttnPath, ForwardOpts, LeanOpts, NsaAttention, NsaCache, NsaConfi
 use nsa_model::{AttentionKind, Model, ModelConfig};
 use tch::{nn, Device, Kind, Tensor};
 
-use super::time_runs;
+use nsa_bench::{bench_device, branches::shape_config, time_runs};
 use crate::generate::{host_row, Sampler, Sampling};
 
 #[derive(Debug, clap::Args)]
@@ -77,7 +77,7 @@ struct Plan {
 
 pub fn run(a: DecodeBenchArgs) -> Result<()> {
     nsa_sys::cuda::load_backend()?;
-    let device = super::bench_device(a.device.as_deref())?;
+    let device = bench_device(a.device.as_deref())?;
     ensure!(
         a.seq.iter().all(|&s| s >= 1) && a.batch.iter().all(|&b| b >= 1),
         "--seq and --batch values must be at least 1"
@@ -87,7 +87,7 @@ pub fn run(a: DecodeBenchArgs) -> Result<()> {
     let shapes = a
         .shape
         .iter()
-        .map(|s| Ok((s.clone(), super::branches::shape_config(s)?)))
+        .map(|s| Ok((s.clone(), shape_config(s)?)))
         .collect::<Result<Vec<_>>>()?;
     let models = if a.preset == "none" {
         Vec::new()
@@ -113,7 +113,7 @@ pub fn run(a: DecodeBenchArgs) -> Result<()> {
     let tables = format!("{}\n{}", layer_table(&plan)?, generation_table(&plan)?);
     println!("\n{tables}");
     if let Some(path) = &a.out {
-        super::append(path, &tables)?;
+        nsa_bench::append(path, &tables)?;
     }
     Ok(())
 }
@@ -122,7 +122,7 @@ pub fn run(a: DecodeBenchArgs) -> Result<()> {
 fn layer_table(p: &Plan) -> Result<String> {
     let mut table = format!(
         "Decode step, {}, {:?}. Cells: ms, median (min–max) of {} steps. NSA: the whole layer; dense: SDPA of one query over the same cached keys (attention only). Keys read per K/V group and step.\n\n| shape | cached tokens | batch | NSA layer step ms | dense SDPA ms | dense / NSA | keys read NSA | keys read dense | cache GB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
-        super::device_description(p.device),
+        nsa_bench::device_description(p.device),
         p.kind,
         p.repeats
     );
@@ -186,7 +186,7 @@ fn generation_table(p: &Plan) -> Result<String> {
     }
     let mut table = format!(
         "Generation, {}, {:?}, batch 1, random weights, greedy: prefill of the prompt, then {} decode steps.\n\n| model | attention | prompt | prefill ms | decode ms/token | decode tokens/s |\n| --- | --- | ---: | ---: | ---: | ---: |\n",
-        super::device_description(p.device),
+        nsa_bench::device_description(p.device),
         p.kind,
         p.new_tokens
     );

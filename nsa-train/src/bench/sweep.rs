@@ -147,7 +147,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         best.compress,
         best.overlap,
         best.tokens_per_s,
-        super::device_description(if on_gpu { tch::Device::Cuda(0) } else { tch::Device::Cpu }),
+        nsa_bench::device_description(if on_gpu { tch::Device::Cuda(0) } else { tch::Device::Cpu }),
         a.preset,
         a.seq,
         a.batch,
@@ -159,7 +159,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         png_path.display()
     );
     if let Some(path) = &a.out {
-        super::append(path, &table)?;
+        nsa_bench::append(path, &table)?;
     }
     Ok(())
 }
@@ -227,10 +227,10 @@ fn sweep_point(
         overlap,
         bucket_mb: bucket,
         compress: compress.to_string(),
-        tokens_per_s: super::median(timed.iter().map(|l| l.tokens_per_s).collect())
+        tokens_per_s: nsa_bench::median(timed.iter().map(|l| l.tokens_per_s).collect())
             .unwrap_or(f64::NAN),
-        step_ms: super::median(timed.iter().map(|l| l.step_ms).collect()).unwrap_or(f64::NAN),
-        sync_ms: super::median(timed.iter().filter_map(|l| l.sync_ms).collect())
+        step_ms: nsa_bench::median(timed.iter().map(|l| l.step_ms).collect()).unwrap_or(f64::NAN),
+        sync_ms: nsa_bench::median(timed.iter().filter_map(|l| l.sync_ms).collect())
             .unwrap_or(f64::NAN),
     })
 }

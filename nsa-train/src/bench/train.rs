@@ -84,7 +84,7 @@ fn median_tokens_per_s(s: &Summary) -> Result<f64> {
     if v.is_empty() {
         v = lines.iter().map(|l| l.tokens_per_s).collect();
     }
-    Ok(super::median(v).unwrap_or(0.0))
+    Ok(nsa_bench::median(v).unwrap_or(0.0))
 }
 
 pub fn run(a: TrainBenchArgs) -> Result<()> {
@@ -171,7 +171,7 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
     }
     println!("\n{table}");
     if let Some(path) = &a.out {
-        super::append(path, &table)?;
+        nsa_bench::append(path, &table)?;
     }
     anyhow::ensure!(
         failures == 0,

@@ -8,7 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use nsa_sys::mmap::MappedFile;
 use tch::Tensor;
 
-use super::{Batch, Rng, TokenSource};
+use super::{Batch, Rng, ShardFormat, TokenSource};
 
 /// Every regular file under `path` (or `path` itself), sorted.
 fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
@@ -49,10 +49,10 @@ pub const HEADER_INTS: usize = 256;
 pub const MAGIC_U16: i32 = 20240520;
 pub const MAGIC_U32: i32 = 20240801;
 
-/// Checks one shard's bytes and says where its tokens are. `format` is `llmc` or `raw-u16`.
-pub fn shard_layout(bytes: &[u8], format: &str, name: &str) -> Result<Layout> {
+/// Checks one shard's bytes and says where its tokens are.
+pub fn shard_layout(bytes: &[u8], format: ShardFormat, name: &str) -> Result<Layout> {
     match format {
-        "raw-u16" => {
+        ShardFormat::RawU16 => {
             ensure!(
                 bytes.len().is_multiple_of(2),
                 "{name}: odd number of bytes for uint16 tokens"
@@ -63,7 +63,7 @@ pub fn shard_layout(bytes: &[u8], format: &str, name: &str) -> Result<Layout> {
                 count: bytes.len() / 2,
             })
         }
-        "llmc" => {
+        ShardFormat::Llmc => {
             ensure!(
                 bytes.len() >= HEADER_INTS * 4,
                 "{name}: {} bytes is shorter than llm.c's 1024-byte header (use data.format = \"raw-u16\" for headerless nanoGPT files)",
@@ -99,7 +99,6 @@ pub fn shard_layout(bytes: &[u8], format: &str, name: &str) -> Result<Layout> {
                 count,
             })
         }
-        other => bail!("data.format must be llmc or raw-u16 (got {other:?})"),
     }
 }
 
@@ -227,7 +226,7 @@ pub(super) struct BinShards {
 }
 
 impl BinShards {
-    pub(super) fn open(path: &Path, format: &str, seed: u64) -> Result<Self> {
+    pub(super) fn open(path: &Path, format: ShardFormat, seed: u64) -> Result<Self> {
         let files = list_files(path)?;
         let store = TokenStore::open(&files, |bytes, name| shard_layout(bytes, format, name))?;
         Ok(BinShards {
@@ -266,7 +265,7 @@ mod tests {
     }
 
     /// The tokens of one shard, through the same store the trainer reads.
-    fn tokens(bytes: &[u8], format: &str) -> Result<Vec<i64>> {
+    fn tokens(bytes: &[u8], format: ShardFormat) -> Result<Vec<i64>> {
         let dir = tempfile::tempdir()?;
         let f = dir.path().join("s.bin");
         std::fs::write(&f, bytes)?;
@@ -281,25 +280,28 @@ mod tests {
             .flat_map(|v| v.to_le_bytes())
             .collect();
         assert_eq!(
-            tokens(&llmc(MAGIC_U16, 1, 3, &body), "llmc").unwrap(),
+            tokens(&llmc(MAGIC_U16, 1, 3, &body), ShardFormat::Llmc).unwrap(),
             vec![1, 2, 65535]
         );
-        let e = tokens(&llmc(MAGIC_U16, 1, 4, &body), "llmc")
+        let e = tokens(&llmc(MAGIC_U16, 1, 4, &body), ShardFormat::Llmc)
             .unwrap_err()
             .to_string();
         assert!(e.contains("header says 4 tokens"), "{e}");
-        let e = tokens(&llmc(123, 1, 3, &body), "llmc")
+        let e = tokens(&llmc(123, 1, 3, &body), ShardFormat::Llmc)
             .unwrap_err()
             .to_string();
         assert!(e.contains("not llm.c's"), "{e}");
         let body32: Vec<u8> = [70000u32, 5].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(
-            tokens(&llmc(MAGIC_U32, 7, 2, &body32), "llmc").unwrap(),
+            tokens(&llmc(MAGIC_U32, 7, 2, &body32), ShardFormat::Llmc).unwrap(),
             vec![70000, 5]
         );
-        assert_eq!(tokens(&body, "raw-u16").unwrap(), vec![1, 2, 65535]);
-        assert!(tokens(&body[..3], "raw-u16").is_err());
-        assert!(tokens(&body, "llmc")
+        assert_eq!(
+            tokens(&body, ShardFormat::RawU16).unwrap(),
+            vec![1, 2, 65535]
+        );
+        assert!(tokens(&body[..3], ShardFormat::RawU16).is_err());
+        assert!(tokens(&body, ShardFormat::Llmc)
             .unwrap_err()
             .to_string()
             .contains("header"));
@@ -315,7 +317,7 @@ mod tests {
             std::fs::write(&f, llmc(MAGIC_U16, 1, toks.len() as i32, &body)).unwrap();
             files.push(f);
         }
-        let store = TokenStore::open(&files, |b, n| shard_layout(b, "llmc", n)).unwrap();
+        let store = TokenStore::open(&files, |b, n| shard_layout(b, ShardFormat::Llmc, n)).unwrap();
         assert_eq!(
             (0..store.len()).map(|i| store.get(i)).collect::<Vec<_>>(),
             vec![1, 2, 3, 4, 5]

@@ -16,7 +16,7 @@ pub use files::shard_layout;
 use files::{BinShards, TextBytes};
 use synthetic::{Synthetic, Task};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -49,18 +49,63 @@ pub trait TokenSource: Send + std::fmt::Debug {
     fn describe(&self) -> String;
 }
 
+/// `data.source`: where the batches come from. Written `needle`, `recall`, `text` or `bin`;
+/// anything else is an error that lists these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataSource {
+    /// Synthetic: find the value after a key planted once in noise (no files).
+    Needle,
+    /// Synthetic: recall the values of `data.recall_pairs` (key, value) pairs (no files).
+    Recall,
+    /// The bytes of the text files under `data.path` (vocabulary 256).
+    Text,
+    /// Pre-tokenized shards under `data.path`, laid out as `data.format` says.
+    Bin,
+}
+
+impl std::fmt::Display for DataSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataSource::Needle => "needle",
+            DataSource::Recall => "recall",
+            DataSource::Text => "text",
+            DataSource::Bin => "bin",
+        })
+    }
+}
+
+/// `data.format`: how a `bin` shard stores its tokens. Written `llmc` or `raw-u16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShardFormat {
+    /// llm.c's `.bin`: a 1024-byte header (magic, version, token count, checked), then uint16
+    /// or uint32 tokens.
+    Llmc,
+    /// nanoGPT's headerless little-endian uint16 tokens.
+    RawU16,
+}
+
+impl std::fmt::Display for ShardFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ShardFormat::Llmc => "llmc",
+            ShardFormat::RawU16 => "raw-u16",
+        })
+    }
+}
+
 /// Which source, as written in the config's `[data]` table.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// `needle` | `recall` | `text` | `bin`.
-    pub source: String,
+    pub source: DataSource,
     pub seq_len: usize,
     pub batch_size: usize,
     /// Files for `text` / `bin` (a file or a folder of files).
     pub path: Option<PathBuf>,
-    /// For `bin`: `llmc` (header checked) or `raw-u16` (nanoGPT).
-    pub format: String,
+    /// For `bin`: the shards' layout.
+    pub format: ShardFormat,
     /// For `recall`: number of (key, value) pairs per sequence.
     pub recall_pairs: usize,
     /// Seed offset for held-out evaluation batches (evaluation uses seed + this).
@@ -70,11 +115,11 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
-            source: "needle".into(),
+            source: DataSource::Needle,
             seq_len: 256,
             batch_size: 16,
             path: None,
-            format: "llmc".into(),
+            format: ShardFormat::Llmc,
             recall_pairs: 8,
             eval_seed_offset: 1_000_003,
         }
@@ -89,14 +134,14 @@ pub fn open(cfg: &DataConfig, vocab: i64, seed: u64) -> Result<Box<dyn TokenSour
         cfg.seq_len
     );
     ensure!(cfg.batch_size >= 1, "data.batch_size must be at least 1");
-    let src: Box<dyn TokenSource> = match cfg.source.as_str() {
-        "needle" => Box::new(Synthetic {
+    let src: Box<dyn TokenSource> = match cfg.source {
+        DataSource::Needle => Box::new(Synthetic {
             task: Task::Needle,
             vocab,
             seed,
             pairs: 1,
         }),
-        "recall" => {
+        DataSource::Recall => {
             ensure!(
                 cfg.recall_pairs >= 1,
                 "data.recall_pairs must be at least 1"
@@ -108,9 +153,8 @@ pub fn open(cfg: &DataConfig, vocab: i64, seed: u64) -> Result<Box<dyn TokenSour
                 pairs: cfg.recall_pairs,
             })
         }
-        "text" => Box::new(TextBytes::open(need_path(cfg)?, seed)?),
-        "bin" => Box::new(BinShards::open(need_path(cfg)?, &cfg.format, seed)?),
-        other => bail!("data.source must be needle, recall, text or bin (got {other:?})"),
+        DataSource::Text => Box::new(TextBytes::open(need_path(cfg)?, seed)?),
+        DataSource::Bin => Box::new(BinShards::open(need_path(cfg)?, cfg.format, seed)?),
     };
     ensure!(
         src.vocab_needed() <= vocab,
@@ -124,7 +168,7 @@ pub fn open(cfg: &DataConfig, vocab: i64, seed: u64) -> Result<Box<dyn TokenSour
 fn need_path(cfg: &DataConfig) -> Result<&Path> {
     cfg.path
         .as_deref()
-        .with_context(|| format!("data.source = {:?} needs data.path", cfg.source))
+        .with_context(|| format!("data.source = \"{}\" needs data.path", cfg.source))
 }
 
 /// SplitMix64: a tiny, well-mixed generator; batches must not depend on libtorch's global RNG.
@@ -181,9 +225,9 @@ mod tests {
             batch_size: 3,
             ..Default::default()
         };
-        for source in ["needle", "recall"] {
+        for source in [DataSource::Needle, DataSource::Recall] {
             let cfg = DataConfig {
-                source: source.into(),
+                source,
                 ..cfg.clone()
             };
             let a = open(&cfg, 64, 7).unwrap();
@@ -230,7 +274,7 @@ mod tests {
     #[test]
     fn recall_scores_every_queried_value() {
         let cfg = DataConfig {
-            source: "recall".into(),
+            source: DataSource::Recall,
             seq_len: 64,
             recall_pairs: 6,
             ..Default::default()
@@ -244,22 +288,14 @@ mod tests {
     #[test]
     fn too_small_vocab_or_sequence_is_an_error() {
         let cfg = DataConfig {
-            source: "recall".into(),
+            source: DataSource::Recall,
             seq_len: 64,
             recall_pairs: 40,
             ..Default::default()
         };
         assert!(open(&cfg, 32, 0).unwrap_err().to_string().contains("vocab"));
         let cfg = DataConfig {
-            source: "bogus".into(),
-            ..Default::default()
-        };
-        assert!(open(&cfg, 32, 0)
-            .unwrap_err()
-            .to_string()
-            .contains("needle, recall, text or bin"));
-        let cfg = DataConfig {
-            source: "text".into(),
+            source: DataSource::Text,
             ..Default::default()
         };
         assert!(open(&cfg, 256, 0)
@@ -276,7 +312,7 @@ mod tests {
         let f = dir.join("a.txt");
         std::fs::write(&f, b"abcdefghijklmnopqrstuvwxyz").unwrap();
         let cfg = DataConfig {
-            source: "text".into(),
+            source: DataSource::Text,
             path: Some(f),
             seq_len: 8,
             ..Default::default()

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tch::Tensor;
 
 use super::{host_row, Sampler, Sampling};
-use crate::data::{self, DataConfig, IGNORE};
+use crate::data::{self, DataConfig, DataSource, IGNORE};
 use crate::train::{forward_opts, LoadedRun};
 
 /// The synthetic retrieval tasks.
@@ -25,10 +25,10 @@ pub enum RetrievalTask {
 }
 
 impl RetrievalTask {
-    fn source(self) -> &'static str {
+    fn source(self) -> DataSource {
         match self {
-            RetrievalTask::Needle => "needle",
-            RetrievalTask::Recall => "recall",
+            RetrievalTask::Needle => DataSource::Needle,
+            RetrievalTask::Recall => DataSource::Recall,
         }
     }
 }
@@ -61,7 +61,7 @@ pub fn evaluate(
     ensure!(samples >= 1, "--samples must be at least 1");
     let cfg = &run.cfg;
     let data_cfg = DataConfig {
-        source: task.source().into(),
+        source: task.source(),
         seq_len: len,
         batch_size: cfg.data.batch_size.min(samples),
         ..cfg.data.clone()

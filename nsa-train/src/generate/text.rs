@@ -6,7 +6,7 @@
 //! file will get a [`Tokenizer`] of its own here.
 use anyhow::{bail, Result};
 
-use crate::data::DataConfig;
+use crate::data::{DataConfig, DataSource};
 
 /// How a run's text maps to token ids and back.
 pub trait Tokenizer {
@@ -28,8 +28,8 @@ pub trait TextDecoder {
 
 /// The tokenizer of a run, from its data config.
 pub fn for_run(data: &DataConfig) -> Box<dyn Tokenizer> {
-    match data.source.as_str() {
-        "text" => Box::new(Bytes),
+    match data.source {
+        DataSource::Text => Box::new(Bytes),
         other => Box::new(IdsOnly {
             source: other.to_string(),
         }),

@@ -69,8 +69,12 @@ pub struct Summary {
     pub sdpa_audit: Vec<String>,
 }
 
+/// `run.device` as a libtorch device; an error that names the key when it asks for a GPU and
+/// none is visible.
 pub fn parse_device(choice: DeviceChoice, has_gpu: bool) -> Result<Device> {
-    choice.resolve(has_gpu)
+    choice
+        .resolve(has_gpu)
+        .map_err(|e| anyhow::anyhow!("run.device = {e}"))
 }
 
 /// The model config: the preset named in `[model]`, with every other `[model]` key applied.

@@ -74,6 +74,41 @@ fn panicking_tch_rule() {
 }
 
 #[test]
+fn panicking_tch_constructor_rule() {
+    let bad = "fn f(vs: &nn::Path<'_>) {
+    let l = nn::linear(vs / \"w\", 4, 4, Default::default());
+    let e = tch::nn::embedding(vs, 8, 4, c);
+    let w = vs.var(\"w\", &[4], init);
+    let z = vs.zeros(\"z\", &[4]);
+    let k = vs.kaiming_uniform(\"k\", &[4, 4]);
+}
+use tch::nn::{linear, Linear};
+";
+    let v = check_panicking_tch("nsa-model/src/a.rs", bad);
+    assert_eq!(
+        v.iter().map(|x| x.line).collect::<Vec<_>>(),
+        [2, 3, 4, 5, 6, 8]
+    );
+    assert!(v[0].why.contains("f_linear"));
+    let clean = "fn f(vs: &nn::Path<'_>) -> Result<(), TchError> {
+    let l: nn::Linear = f_linear(&(vs / \"w\"), 4, 4, nn::LinearConfig::default())?;
+    let w = vs.f_var(\"w\", &[4], init)?;
+    let c = nn::LinearConfig { bias: false, ..Default::default() };
+    // nn::linear(vs, 1, 1, c)
+    let v = std::env::var(\"X\");
+    Ok(())
+}
+use tch::nn::{self, Linear};
+#[cfg(test)]
+mod tests {
+    fn t() { nn::linear(vs, 1, 1, c); }
+}
+";
+    assert!(check_panicking_tch("nsa-model/src/a.rs", clean).is_empty());
+    assert!(check_panicking_tch("nsa-train/src/a.rs", bad).is_empty());
+}
+
+#[test]
 fn link_rule() {
     let other = "# Title\n\n## Two commands\n";
     let read = |p: &str| (p == "OTHER.md").then(|| other.to_string());

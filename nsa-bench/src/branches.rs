@@ -1,4 +1,4 @@
-//! `nsa-train bench branches`: the selected and sliding-window branches alone, fused kernels
+//! `bench branches`: the selected and sliding-window branches alone, fused kernels
 //! against the lean path, forward and forward + backward, with achieved TFLOP/s and GB/s.
 //!
 //! Shapes: the paper's attention (H = 64, Hkv = 4, G = 16, dk = 192, dv = 128, l' = 64, n = 16,
@@ -16,12 +16,14 @@
 //! synchronised around every run.
 use std::path::PathBuf;
 
-use anyhow::{bail, ensure, Context, Result};
 use nsa_attn::{fused, lean, AttnPath, ForwardOpts, LeanOpts, NsaAttention, NsaConfig};
 use tch::{nn, Device, Kind, Tensor};
 
-use super::{time_runs, Timing};
+use crate::{time_runs, BenchError, Timing};
 
+type Result<T, E = BenchError> = std::result::Result<T, E>;
+
+/// `bench branches`'s flags.
 #[derive(Debug, clap::Args)]
 pub struct BranchBenchArgs {
     /// Sequence lengths, comma-separated.
@@ -41,11 +43,16 @@ pub struct BranchBenchArgs {
     out: Option<PathBuf>,
 }
 
-pub(super) fn shape_config(name: &str) -> Result<NsaConfig> {
+/// The NSA configuration of a benchmark shape: `paper` (G = 16) or `125m` (G = 3).
+pub fn shape_config(name: &str) -> Result<NsaConfig> {
     Ok(match name {
         "paper" => NsaConfig::paper(1024),
         "125m" => nsa_model::ModelConfig::preset("125m")?.nsa_config(),
-        other => bail!("--shape must be paper or 125m (got {other:?})"),
+        other => {
+            return Err(BenchError::Flag(format!(
+                "--shape must be paper or 125m (got {other:?})"
+            )))
+        }
     })
 }
 
@@ -67,8 +74,11 @@ fn selected_pairs(blocks: &Tensor, block_len: i64) -> Result<f64> {
         ],
         3,
     )?;
-    let t = Tensor::arange(s, (Kind::Int64, blocks.device())).f_view([1, s, 1, 1])?;
-    let keys = (&t + 1 - &sorted * block_len).f_clamp(0, block_len)?;
+    let t = Tensor::f_arange(s, (Kind::Int64, blocks.device()))?.f_view([1, s, 1, 1])?;
+    let keys = t
+        .f_add_scalar(1)?
+        .f_sub(&sorted.f_mul_scalar(block_len)?)?
+        .f_clamp(0, block_len)?;
     let valid = sorted.f_ge(0)?.f_logical_and(&distinct)?;
     Ok(keys
         .f_mul(&valid)?
@@ -83,13 +93,13 @@ struct Inputs {
     grad: Tensor,
 }
 
-fn inputs(cfg: &NsaConfig, s: i64, dev: Device) -> Inputs {
+fn inputs(cfg: &NsaConfig, s: i64, dev: Device) -> Result<Inputs> {
     let opt = (Kind::BFloat16, dev);
-    let q = Tensor::randn([1, s, cfg.heads, cfg.head_dim_k], opt);
-    let k = Tensor::randn([1, s, cfg.kv_heads, cfg.head_dim_k], opt);
-    let v = Tensor::randn([1, s, cfg.kv_heads, cfg.head_dim_v], opt);
-    let grad = Tensor::randn([1, s, cfg.heads, cfg.head_dim_v], opt);
-    Inputs { q, k, v, grad }
+    let q = Tensor::f_randn([1, s, cfg.heads, cfg.head_dim_k], opt)?;
+    let k = Tensor::f_randn([1, s, cfg.kv_heads, cfg.head_dim_k], opt)?;
+    let v = Tensor::f_randn([1, s, cfg.kv_heads, cfg.head_dim_v], opt)?;
+    let grad = Tensor::f_randn([1, s, cfg.heads, cfg.head_dim_v], opt)?;
+    Ok(Inputs { q, k, v, grad })
 }
 
 /// Forward, and forward + backward of `Σ out · grad` to q, k and v.
@@ -105,38 +115,42 @@ fn fwd_and_bwd(
     })?;
     let (both, ()) = time_runs(dev, repeats, true, || {
         let (q, k, v) = (
-            x.q.detach().requires_grad_(true),
-            x.k.detach().requires_grad_(true),
-            x.v.detach().requires_grad_(true),
+            x.q.f_detach()?.f_set_requires_grad(true)?,
+            x.k.f_detach()?.f_set_requires_grad(true)?,
+            x.v.f_detach()?.f_set_requires_grad(true)?,
         );
         let out = f(&q, &k, &v)?;
-        out.f_mul(&x.grad)?.f_sum(Kind::Float)?.backward();
+        out.f_mul(&x.grad)?.f_sum(Kind::Float)?.f_backward()?;
         Ok(())
     })?;
     Ok((fwd, both))
 }
 
+/// Runs the benchmark on `cuda:0` and prints its table (appended to `--out` when given); an
+/// error without a GPU.
 pub fn run(a: BranchBenchArgs) -> Result<()> {
     let backend = nsa_sys::cuda::load_backend()?;
-    ensure!(
-        backend.has_gpu(),
-        "bench branches times the fused CUDA kernels: it needs a GPU"
-    );
-    ensure!(
-        a.seq.iter().all(|&s| s >= 2),
-        "--seq: lengths must be at least 2"
-    );
+    if !backend.has_gpu() {
+        return Err(BenchError::Unavailable(
+            "bench branches times the fused CUDA kernels: it needs a GPU".into(),
+        ));
+    }
+    if !a.seq.iter().all(|&s| s >= 2) {
+        return Err(BenchError::Flag("--seq: lengths must be at least 2".into()));
+    }
     if let Some(b) = a
         .branch
         .iter()
         .find(|b| !["selected", "window"].contains(&b.as_str()))
     {
-        bail!("--branch must be selected or window (got {b:?})");
+        return Err(BenchError::Flag(format!(
+            "--branch must be selected or window (got {b:?})"
+        )));
     }
     let dev = Device::Cuda(0);
     let mut table = format!(
         "Device: {}. Cells: ms, median (min–max) of {} runs. TFLOP/s and GB/s from the median.\n\n| shape | S | branch | path | fwd ms | fwd+bwd ms | fwd TFLOP/s | bwd TFLOP/s | fwd GB/s |\n| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
-        super::device_description(dev),
+        crate::device_description(dev),
         a.repeats
     );
     for shape in &a.shape {
@@ -150,17 +164,14 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                 let _g = tch::no_grad_guard();
                 let vs = nn::VarStore::new(dev);
                 let layer = NsaAttention::new(&(vs.root() / "attn"), cfg)?;
-                let x = Tensor::randn([1, s, cfg.dim], (Kind::Float, dev));
+                let x = Tensor::f_randn([1, s, cfg.dim], (Kind::Float, dev))?;
                 let opts = ForwardOpts {
                     path: AttnPath::Lean(LeanOpts::default()),
                     ..Default::default()
                 };
-                layer
-                    .forward_branches(&x, &opts)
-                    .context("selecting blocks")?
-                    .blocks
+                layer.forward_branches(&x, &opts)?.blocks
             };
-            let x = inputs(&cfg, s, dev);
+            let x = inputs(&cfg, s, dev)?;
             let slc_pairs = selected_pairs(&blocks, cfg.nsa.select.select_len)? * h;
             let win_pairs: f64 = (0..s)
                 .map(|t| (t + 1).min(cfg.nsa.window) as f64)
@@ -226,7 +237,49 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
     }
     println!("\n{table}");
     if let Some(path) = &a.out {
-        super::append(path, &table)?;
+        crate::append(path, &table)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against a naive count: per (batch, t, group), the distinct ids ≥ 0, each contributing the
+    /// keys of its block at or before t. Random ids include duplicates, -1 padding and blocks
+    /// after t.
+    #[test]
+    fn selected_pairs_counts_what_a_loop_counts() {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::from(d.subsec_nanos()));
+        tch::manual_seed(seed);
+        for (b, s, g, n, block_len) in [(1, 37, 2, 4, 8), (2, 64, 3, 5, 4), (1, 5, 1, 1, 16)] {
+            let max_id = s / block_len + 2;
+            let blocks = Tensor::randint_low(-1, max_id, [b, s, g, n], (Kind::Int64, Device::Cpu));
+            let ids = Vec::<i64>::try_from(blocks.flatten(0, -1)).unwrap();
+            let mut naive = 0i64;
+            for bi in 0..b {
+                for t in 0..s {
+                    for gi in 0..g {
+                        let at = (((bi * s + t) * g + gi) * n) as usize;
+                        let mut row: Vec<i64> = ids[at..at + n as usize].to_vec();
+                        row.sort_unstable();
+                        row.dedup();
+                        for id in row.into_iter().filter(|&id| id >= 0) {
+                            naive += (t + 1 - id * block_len).clamp(0, block_len);
+                        }
+                    }
+                }
+            }
+            let counted = selected_pairs(&blocks, block_len).unwrap();
+            assert_eq!(
+                counted,
+                naive as f64,
+                "seed {seed}, shape {:?}",
+                (b, s, g, n)
+            );
+        }
+    }
 }

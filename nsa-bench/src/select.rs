@@ -1,4 +1,4 @@
-//! `nsa-train bench select`: nsa-select's reference loops against its vectorized tensor ops.
+//! `bench select`: nsa-select's reference loops against its vectorized tensor ops.
 //!
 //! Shapes:
 //! - `small`: the configuration of the system we replace, B = 2, S = 256, G = 4, n = 32. With
@@ -21,7 +21,6 @@
 //! are timed once (they take seconds), and not at all above `--skip-reference-above`.
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
 use clap::ValueEnum;
 use nsa_select::{
     pipeline_peak_bytes, ranges_from_blocks, select_blocks, select_chunked, SelectConfig,
@@ -29,6 +28,11 @@ use nsa_select::{
 };
 use tch::{Device, Kind, Tensor};
 
+use crate::{BenchError, Invocation};
+
+type Result<T, E = BenchError> = std::result::Result<T, E>;
+
+/// `bench select`'s flags.
 #[derive(Debug, clap::Args)]
 pub struct SelectBenchArgs {
     /// Device to time on: auto, cpu, cuda or cuda:N [default: auto, CUDA when a GPU is
@@ -83,10 +87,13 @@ struct Row {
     agrees: Option<bool>,
 }
 
-pub fn run(args: SelectBenchArgs) -> Result<()> {
-    let device = super::bench_device(args.device.as_deref())?;
+/// Runs the benchmark and prints its table (appended to `--out` when given). Fails when a
+/// vectorized output differs from the reference's. `host` re-runs the memory probe in a fresh
+/// process on CUDA.
+pub fn run(args: SelectBenchArgs, host: &Invocation) -> Result<()> {
+    let device = crate::bench_device(args.device.as_deref())?;
     if args.repeats == 0 {
-        bail!("--repeats must be at least 1");
+        return Err(BenchError::Flag("--repeats must be at least 1".into()));
     }
     let mut args = args;
     if args.chunk.is_empty() {
@@ -96,19 +103,24 @@ pub fn run(args: SelectBenchArgs) -> Result<()> {
         };
     }
     if let Some(&bad) = args.chunk.iter().find(|&&c| c <= 0) {
-        bail!("--chunk must be positive, got {bad}");
+        return Err(BenchError::Flag(format!(
+            "--chunk must be positive, got {bad}"
+        )));
     }
     tch::manual_seed(args.seed);
     if let Some(chunk) = args.memory_probe {
         println!("{}", measure_pipeline_memory(device, chunk)?);
         return Ok(());
     }
-    let device_name = super::device_description(device);
+    let device_name = crate::device_description(device);
     let mut rows = Vec::new();
     let long = matches!(args.shapes, Shapes::Long | Shapes::All);
     let small = matches!(args.shapes, Shapes::Small | Shapes::All);
     let memory_lines = if long {
-        args.chunk.iter().map(|&c| memory_line(device, c)).collect()
+        args.chunk
+            .iter()
+            .map(|&c| memory_line(device, c, host))
+            .collect()
     } else {
         Vec::new()
     };
@@ -135,10 +147,10 @@ pub fn run(args: SelectBenchArgs) -> Result<()> {
         }
     }
 
-    let table = render(&rows, &device_name, &memory_lines, &args);
+    let table = render(&rows, &device_name, &memory_lines, &args, host);
     print!("{table}");
     if let Some(path) = &args.out {
-        super::append(path, &table)?;
+        crate::append(path, &table)?;
     }
     let differing: Vec<&str> = rows
         .iter()
@@ -146,10 +158,7 @@ pub fn run(args: SelectBenchArgs) -> Result<()> {
         .map(|r| r.shape.as_str())
         .collect();
     if !differing.is_empty() {
-        bail!(
-            "vectorized and reference outputs differ for: {}",
-            differing.join("; ")
-        );
+        return Err(BenchError::OutputsDiffer(differing.join("; ")));
     }
     Ok(())
 }
@@ -195,13 +204,11 @@ fn small_shape(device: Device, repeats: usize) -> Result<Vec<Row>> {
 
     let mut out = Vec::new();
     let select = |imp| select_then_ranges(&scores, 0, &cfg, imp);
-    let reference = time_median(device, repeats, true, || select(SelectImpl::Reference))?;
-    let vectorized = time_median(device, repeats, true, || select(SelectImpl::Vectorized))?;
-    out.extend(pair(
+    out.extend(time_pair(
         format!("{shape}, select+ranges"),
-        reference,
-        vectorized,
+        device,
         repeats,
+        select,
     )?);
 
     let pipeline = |imp| -> Result<Outputs> {
@@ -209,13 +216,11 @@ fn small_shape(device: Device, repeats: usize) -> Result<Vec<Row>> {
             nsa_select::select_ranges(&p_cmp, 0, heads / groups, num_blocks, &cfg, imp)?;
         Ok(outputs_of(selection))
     };
-    let reference = time_median(device, repeats, true, || pipeline(SelectImpl::Reference))?;
-    let vectorized = time_median(device, repeats, true, || pipeline(SelectImpl::Vectorized))?;
-    out.extend(pair(
+    out.extend(time_pair(
         format!("{shape}, pipeline H=16 l=8 d=4 (Nc={num_cmp})"),
-        reference,
-        vectorized,
+        device,
         repeats,
+        pipeline,
     )?);
     Ok(out)
 }
@@ -262,16 +267,7 @@ fn long_shape(
             t0 = t1;
         }
     };
-    let vectorized = time_median(device, args.repeats, true, || {
-        select(SelectImpl::Vectorized)
-    })?;
-    let reference = if run_reference {
-        Some(time_median(device, 1, false, || {
-            select(SelectImpl::Reference)
-        })?)
-    } else {
-        None
-    };
+    let (reference, vectorized) = time_long(device, args.repeats, run_reference, select)?;
     out.extend(long_pair(
         format!("{shape}, select+ranges"),
         reference,
@@ -298,16 +294,7 @@ fn long_shape(
                 })?;
             Ok(outputs_of(selection))
         };
-        let vectorized = time_median(device, args.repeats, true, || {
-            pipeline(SelectImpl::Vectorized)
-        })?;
-        let reference = if run_reference {
-            Some(time_median(device, 1, false, || {
-                pipeline(SelectImpl::Reference)
-            })?)
-        } else {
-            None
-        };
+        let (reference, vectorized) = time_long(device, args.repeats, run_reference, pipeline)?;
         out.extend(long_pair(
             format!("{shape}, {label} (Nc={num_cmp}, Nb={num_blocks})"),
             reference,
@@ -322,23 +309,15 @@ fn long_shape(
 /// The memory line for one chunk size: on CUDA measured in a fresh child process of this
 /// binary (libtorch's caching allocator never returns memory, so a measurement after other
 /// work would read low); on CPU the formula only.
-fn memory_line(device: Device, chunk: i64) -> String {
+fn memory_line(device: Device, chunk: i64, host: &Invocation) -> String {
     if !matches!(device, Device::Cuda(_)) {
         return measure_pipeline_memory(device, chunk)
             .unwrap_or_else(|e| format!("chunk={chunk}: failed: {e:#}"));
     }
-    let child = std::env::current_exe().and_then(|exe| {
-        std::process::Command::new(exe)
-            .args([
-                "bench",
-                "select",
-                "--device",
-                "cuda",
-                "--memory-probe",
-                &chunk.to_string(),
-            ])
-            .output()
-    });
+    let child = host
+        .child("select")
+        .args(["--device", "cuda", "--memory-probe", &chunk.to_string()])
+        .output();
     match child {
         Ok(output) if output.status.success() => {
             let stdout = String::from_utf8_lossy(&output.stdout);
@@ -374,7 +353,7 @@ fn measure_pipeline_memory(device: Device, chunk: i64) -> Result<String> {
     // Load the kernels and create the context first (lazy module loading also costs memory).
     run_pipeline_once(device, 1024, 256, &cfg)?;
     let p_cmp = Tensor::f_rand([1, chunk, heads, num_cmp], (Kind::Float, device))?;
-    let ((), peak) = super::peak_cuda_bytes(index, || {
+    let ((), peak) = crate::peak_cuda_bytes(index, || {
         select_chunked(
             seq_len,
             chunk,
@@ -434,11 +413,28 @@ fn time_median(
     warm_up: bool,
     f: impl FnMut() -> Result<Outputs>,
 ) -> Result<Timed> {
-    let (timing, outputs) = super::time_runs(device, repeats, warm_up, f)?;
+    let (timing, outputs) = crate::time_runs(device, repeats, warm_up, f)?;
     Ok(Timed {
         median_ms: timing.median,
         outputs,
     })
+}
+
+/// A long shape's timings: the vectorized implementation's median of `repeats` runs after a
+/// warm-up and, when `run_reference`, one run of the reference loops (they take seconds).
+fn time_long(
+    device: Device,
+    repeats: usize,
+    run_reference: bool,
+    f: impl Fn(SelectImpl) -> Result<Outputs>,
+) -> Result<(Option<Timed>, Timed)> {
+    let vectorized = time_median(device, repeats, true, || f(SelectImpl::Vectorized))?;
+    let reference = if run_reference {
+        Some(time_median(device, 1, false, || f(SelectImpl::Reference))?)
+    } else {
+        None
+    };
+    Ok((reference, vectorized))
 }
 
 fn agreement_note(reference: &Timed, vectorized: &Timed) -> Result<(Option<bool>, &'static str)> {
@@ -449,7 +445,16 @@ fn agreement_note(reference: &Timed, vectorized: &Timed) -> Result<(Option<bool>
     })
 }
 
-fn pair(shape: String, reference: Timed, vectorized: Timed, repeats: usize) -> Result<Vec<Row>> {
+/// A small shape's two rows: both implementations timed alike (median of `repeats` runs after a
+/// warm-up), the vectorized one's outputs compared with the reference's.
+fn time_pair(
+    shape: String,
+    device: Device,
+    repeats: usize,
+    f: impl Fn(SelectImpl) -> Result<Outputs>,
+) -> Result<Vec<Row>> {
+    let reference = time_median(device, repeats, true, || f(SelectImpl::Reference))?;
+    let vectorized = time_median(device, repeats, true, || f(SelectImpl::Vectorized))?;
     let (agrees, note) = agreement_note(&reference, &vectorized)?;
     Ok(vec![
         Row {
@@ -513,13 +518,18 @@ fn long_pair(
     ])
 }
 
-fn render(rows: &[Row], device: &str, memory: &[String], args: &SelectBenchArgs) -> String {
+fn render(
+    rows: &[Row],
+    device: &str,
+    memory: &[String],
+    args: &SelectBenchArgs,
+    host: &Invocation,
+) -> String {
     let mut text = String::new();
-    let command: Vec<String> = std::env::args().collect();
     text.push_str(&format!(
         "\n### nsa-select: reference loops vs vectorized ({device})\n\n"
     ));
-    text.push_str(&format!("Command: `{}`\n\n", command.join(" ")));
+    text.push_str(&format!("Command: `{}`\n\n", host.command_line));
     text.push_str("| shape | device | impl | median ms | speedup | notes |\n");
     text.push_str("| --- | --- | --- | ---: | ---: | --- |\n");
     for row in rows {

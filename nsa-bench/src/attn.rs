@@ -1,4 +1,4 @@
-//! `nsa-train bench attn`: one NSA attention layer (`--path lean` or `fused`) against dense
+//! `bench attn`: one NSA attention layer (`--path lean` or `fused`) against dense
 //! causal SDPA.
 //!
 //! Shape: the paper's attention (H = 64, Hkv = 4, dk = 192, dv = 128, l = 32, d = 16, l' = 64,
@@ -17,21 +17,25 @@
 //!   `enable_gqa` when a backend accepts it, else with expanded K/V heads; if no backend takes
 //!   dk ≠ dv, v is zero-padded to dk (the table says which variant ran and its backend).
 //!
-//! Peak memory (CUDA): each case runs in a child process (this binary, hidden `--case`: a fresh
-//! allocator per case, and an out-of-memory failure stays the case's own), which reports the peak
-//! of libtorch's caching allocator during the case minus what was allocated before it (the
-//! benchmarks' one memory probe, `super::peak_cuda_bytes`; the CUDA context is not counted). On
-//! CPU everything runs in-process and memory is not measured.
+//! Peak memory (CUDA): each case runs in a child process (the host binary, hidden `--case`: a
+//! fresh allocator per case, and an out-of-memory failure stays the case's own), which reports
+//! the peak of libtorch's caching allocator during the case minus what was allocated before it
+//! (the benchmarks' one memory probe, [`crate::peak_cuda_bytes`]; the CUDA context is not
+//! counted). On CPU everything runs in-process and memory is not measured.
 use std::io::BufRead as _;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use nsa_attn::{AttnPath, ForwardOpts, LeanOpts, NsaAttention, NsaConfig};
 use nsa_sys::SdpaBackend;
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::{BenchError, Invocation};
+
+type Result<T, E = BenchError> = std::result::Result<T, E>;
+
+/// `bench attn`'s flags.
 #[derive(Debug, clap::Args)]
 pub struct AttnBenchArgs {
     /// Device: `cpu`, `cuda` or `cuda:N` [default: cuda when a GPU is visible, else cpu].
@@ -166,26 +170,29 @@ struct Row {
     peak_gb: Option<f64>,
 }
 
-pub fn run(args: AttnBenchArgs) -> Result<()> {
-    let device = super::bench_device(args.device.as_deref())?;
+/// Runs the benchmark and prints its table (appended to `--out` when given). On CUDA each case
+/// runs in a child process started through `host`.
+pub fn run(args: AttnBenchArgs, host: &Invocation) -> Result<()> {
+    let device = crate::bench_device(args.device.as_deref())?;
+    let flag = |message: String| Err(BenchError::Flag(message));
     if args.repeats == Some(0) {
-        bail!("--repeats must be at least 1");
+        return flag("--repeats must be at least 1".into());
     }
     if args.seq.is_empty() || args.seq.iter().any(|&s| s <= 0) {
-        bail!("--seq needs positive lengths, got {:?}", args.seq);
+        return flag(format!("--seq needs positive lengths, got {:?}", args.seq));
     }
     if args.chunk <= 0 || args.dim <= 0 || args.batch <= 0 {
-        bail!("--chunk, --dim and --batch must be positive");
+        return flag("--chunk, --dim and --batch must be positive".into());
     }
     if let Some(case) = args.case {
         // Child mode: one case, one JSON line on stdout.
         let &[seq] = args.seq.as_slice() else {
-            bail!("--case takes exactly one --seq")
+            return flag("--case takes exactly one --seq".into());
         };
         let mut result = match device {
             Device::Cuda(index) => {
                 let (mut r, peak) =
-                    super::peak_cuda_bytes(index, || run_case(case, seq, device, &args))?;
+                    crate::peak_cuda_bytes(index, || run_case(case, seq, device, &args))?;
                 r.peak_gb = Some(peak as f64 / 1e9);
                 r
             }
@@ -200,7 +207,7 @@ pub fn run(args: AttnBenchArgs) -> Result<()> {
     for &seq in &args.seq {
         for case in Case::ALL {
             let row = match device {
-                Device::Cuda(index) => run_child(case, seq, index, &args)?,
+                Device::Cuda(index) => run_child(case, seq, index, &args, host)?,
                 _ => Row {
                     seq,
                     case,
@@ -222,17 +229,27 @@ pub fn run(args: AttnBenchArgs) -> Result<()> {
     let table = render(&rows, device, &args);
     print!("{table}");
     if let Some(path) = &args.out {
-        super::append(path, &table)?;
+        crate::append(path, &table)?;
     }
     Ok(())
 }
 
 /// Runs one case in a child process (a fresh allocator and CUDA context per case, and an
 /// out-of-memory failure stays the case's own), which reports its time and allocator peak.
-fn run_child(case: Case, seq: i64, index: usize, args: &AttnBenchArgs) -> Result<Row> {
-    let exe = std::env::current_exe().context("locating the nsa-train binary")?;
-    let mut child = Command::new(exe)
-        .args(["bench", "attn", "--case", case.flag(), "--device"])
+fn run_child(
+    case: Case,
+    seq: i64,
+    index: usize,
+    args: &AttnBenchArgs,
+    host: &Invocation,
+) -> Result<Row> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |e| BenchError::io(what, e)
+    };
+    let mut child = host
+        .child("attn")
+        .args(["--case", case.flag(), "--device"])
         .arg(format!("cuda:{index}"))
         .args([
             "--seq",
@@ -252,19 +269,21 @@ fn run_child(case: Case, seq: i64, index: usize, args: &AttnBenchArgs) -> Result
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("starting the benchmark child process")?;
-    let status = child.wait()?;
+        .map_err(io("starting the benchmark child process"))?;
+    let status = child
+        .wait()
+        .map_err(io("waiting for the benchmark child process"))?;
     let mut stdout = String::new();
     let mut stderr = String::new();
     if let Some(out) = child.stdout.take() {
         for line in std::io::BufReader::new(out).lines() {
-            stdout.push_str(&line?);
+            stdout.push_str(&line.map_err(io("reading the child's output"))?);
             stdout.push('\n');
         }
     }
     if let Some(err) = child.stderr.take() {
         for line in std::io::BufReader::new(err).lines() {
-            stderr.push_str(&line?);
+            stderr.push_str(&line.map_err(io("reading the child's errors"))?);
             stderr.push('\n');
         }
     }
@@ -303,7 +322,7 @@ fn repeats(args: &AttnBenchArgs, device: Device) -> usize {
 /// Median wall time in ms of the case's runs, after one warm-up run on CUDA (kernel loading,
 /// allocator growth); CPU runs are not warmed up.
 fn time_median(device: Device, repeats: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
-    Ok(super::time_runs(device, repeats, device.is_cuda(), f)?
+    Ok(crate::time_runs(device, repeats, device.is_cuda(), f)?
         .0
         .median)
 }
@@ -345,11 +364,11 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
                     Ok(())
                 })?,
                 Case::NsaFwdBwd => {
-                    let x = x.set_requires_grad(true);
+                    let x = x.f_set_requires_grad(true)?;
                     let g = Tensor::f_randn([args.batch, seq, args.dim], (kind, device))?;
                     time_median(device, repeats(args, device), || {
                         let out = attn.forward(&x, &opts)?;
-                        (out * &g).sum(Kind::Float).backward();
+                        out.f_mul(&g)?.f_sum(Kind::Float)?.f_backward()?;
                         Ok(())
                     })?
                 }
@@ -371,16 +390,19 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
             let (b, h, g) = (args.batch, cfg.heads, cfg.kv_heads);
             let (dk, dv) = (cfg.head_dim_k, cfg.head_dim_v);
             let backward = case == Case::DenseFwdBwd;
-            let q = Tensor::f_randn([b, h, seq, dk], (kind, device))?.set_requires_grad(backward);
-            let k = Tensor::f_randn([b, g, seq, dk], (kind, device))?.set_requires_grad(backward);
-            let v = Tensor::f_randn([b, g, seq, dv], (kind, device))?.set_requires_grad(backward);
-            let dense = DenseVariant::choose(&q, &k, &v);
+            let q =
+                Tensor::f_randn([b, h, seq, dk], (kind, device))?.f_set_requires_grad(backward)?;
+            let k =
+                Tensor::f_randn([b, g, seq, dk], (kind, device))?.f_set_requires_grad(backward)?;
+            let v =
+                Tensor::f_randn([b, g, seq, dv], (kind, device))?.f_set_requires_grad(backward)?;
+            let dense = DenseVariant::choose(&q, &k, &v)?;
             let kernel = format!("SDPA {} ({})", dense.backend, dense.description);
             let grad = Tensor::f_randn([b, h, seq, dv], (kind, device))?;
             let median_ms = time_median(device, repeats(args, device), || {
                 if backward {
                     let out = dense.run(&q, &k, &v)?;
-                    (out * &grad).sum(Kind::Float).backward();
+                    out.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
                 } else {
                     let _out = tch::no_grad(|| dense.run(&q, &k, &v))?;
                 }
@@ -407,12 +429,12 @@ struct DenseVariant {
 }
 
 impl DenseVariant {
-    fn choose(q: &Tensor, k: &Tensor, v: &Tensor) -> Self {
+    fn choose(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
         let _guard = tch::no_grad_guard();
         let h = q.size()[1];
         let rep = h / k.size()[1];
-        let expand = |t: &Tensor| t.repeat_interleave_self_int(rep, 1, None);
-        let pad = |t: &Tensor| t.constant_pad_nd([0, q.size()[3] - t.size()[3]]);
+        let expand = |t: &Tensor| t.f_repeat_interleave_self_int(rep, 1, None);
+        let pad = |t: &Tensor| t.f_constant_pad_nd([0, q.size()[3] - t.size()[3]]);
         let candidates = [
             (true, false, "enable_gqa, dk != dv"),
             (false, false, "K/V expanded to H heads, dk != dv"),
@@ -423,25 +445,25 @@ impl DenseVariant {
             let (kk, vv) = if gqa {
                 (k.shallow_clone(), v.shallow_clone())
             } else {
-                (expand(k), expand(v))
+                (expand(k)?, expand(v)?)
             };
-            let vv = if pad_v { pad(&vv) } else { vv };
+            let vv = if pad_v { pad(&vv)? } else { vv };
             let backend = SdpaBackend::choice(q, &kk, &vv, true);
             if backend != SdpaBackend::Error {
-                return Self {
+                return Ok(Self {
                     gqa,
                     pad_v,
                     backend,
                     description,
-                };
+                });
             }
         }
-        Self {
+        Ok(Self {
             gqa: true,
             pad_v: false,
             backend: SdpaBackend::Error,
             description: "no backend",
-        }
+        })
     }
 
     fn run(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -503,7 +525,7 @@ fn render(rows: &[Row], device: Device, args: &AttnBenchArgs) -> String {
         args.dim,
         args.batch,
         args.chunk,
-        super::device_description(device),
+        crate::device_description(device),
         args.dtype.name(),
         args.batch,
         args.dim,
