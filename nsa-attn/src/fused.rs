@@ -440,7 +440,11 @@ fn compare(
     })
 }
 
-fn run_selected_case(c: &Case, device: Device) -> Result<CheckRow, AttnError> {
+fn run_selected_case(
+    c: &Case,
+    forward: sys::SelectedForward,
+    device: Device,
+) -> Result<CheckRow, AttnError> {
     let h = c.hkv * c.hpg;
     let opts = (c.kind, device);
     let q = Tensor::f_randn([c.b, c.s, h, c.dk], opts)?;
@@ -449,8 +453,13 @@ fn run_selected_case(c: &Case, device: Device) -> Result<CheckRow, AttnError> {
     let ids = random_ids(c, device)?;
     let dout = Tensor::f_randn([c.b, c.s, h, c.dv], opts)?;
     let name = format!(
-        "selected {} B={} S={} H={h} Hkv={} dk={} dv={} l'={} n={}",
+        "selected {}{} B={} S={} H={h} Hkv={} dk={} dv={} l'={} n={}",
         kind_name(c.kind),
+        if forward == sys::SelectedForward::KeyOuter {
+            " key-outer"
+        } else {
+            ""
+        },
         c.b,
         c.s,
         c.hkv,
@@ -466,7 +475,8 @@ fn run_selected_case(c: &Case, device: Device) -> Result<CheckRow, AttnError> {
     })?;
     let run = || {
         out_and_grads(&q, &k, &v, &dout, |q, k, v| {
-            sys::selected_attention(q, k, v, &ids, c.block_len, scale(q)).map_err(fused_err)
+            sys::selected_attention_with(q, k, v, &ids, c.block_len, scale(q), forward)
+                .map_err(fused_err)
         })
     };
     let fused = [run()?, run()?];
@@ -540,19 +550,33 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
     };
     let mut rows = Vec::new();
     for c in cases() {
-        let row = run_selected_case(&c, device).unwrap_or_else(|e| {
-            failed(
-                format!(
-                    "selected {} hpg={} dk={} dv={}",
-                    kind_name(c.kind),
-                    c.hpg,
-                    c.dk,
-                    c.dv
-                ),
-                e,
-            )
-        });
-        rows.push(row);
+        // bf16 at tensor-core head sizes has two forwards (union tiles and key-outer).
+        let key_outer = c.kind == Kind::BFloat16
+            && sys::MMA_HEAD_DIMS.contains(&c.dk)
+            && sys::MMA_HEAD_DIMS.contains(&c.dv);
+        let forwards: &[sys::SelectedForward] = if key_outer {
+            &[
+                sys::SelectedForward::UnionTiles,
+                sys::SelectedForward::KeyOuter,
+            ]
+        } else {
+            &[sys::SelectedForward::UnionTiles]
+        };
+        for &forward in forwards {
+            let row = run_selected_case(&c, forward, device).unwrap_or_else(|e| {
+                failed(
+                    format!(
+                        "selected {} {forward:?} hpg={} dk={} dv={}",
+                        kind_name(c.kind),
+                        c.hpg,
+                        c.dk,
+                        c.dv
+                    ),
+                    e,
+                )
+            });
+            rows.push(row);
+        }
     }
     // Equal head sizes, and dk ≠ dv (zero-padded to one head size for flash).
     for (dk, dv, w, s) in [

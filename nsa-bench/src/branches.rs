@@ -1,5 +1,7 @@
-//! `bench branches`: the selected and sliding-window branches alone, fused kernels
-//! against the lean path, forward and forward + backward, with achieved TFLOP/s and GB/s.
+//! `bench branches`: the selected, sliding-window and compressed branches alone, fused kernels
+//! against the lean path, forward and forward + backward, with achieved TFLOP/s and GB/s. The
+//! selected branch is timed with both tensor-core forwards (union tiles, the default, and
+//! key-outer; the backward is the same).
 //!
 //! Shapes: the paper's attention (H = 64, Hkv = 4, G = 16, dk = 192, dv = 128, l' = 64, n = 16,
 //! w = 512) and the `125m` preset's (G = 3). Inputs: q, k, v random in bf16; the block ids are
@@ -11,7 +13,9 @@
 //! beyond ⌊t/l'⌋ dropped, keys > t masked); forward FLOPs = pairs · 2 (dk + dv), backward FLOPs
 //! = pairs · (6 dk + 4 dv) (the design notes' kernel budget sheet). Bytes: the K/V rows a
 //! (token, group) reads — each once for all G heads (group-centric loads) — plus q and the
-//! output; those gathers are what bounds the selected branch.
+//! output; those gathers are what bounds the selected branch. The compressed branch reads the
+//! first Nc rows of the random k and v as its compressed keys and values (pairs: the compressed
+//! tokens each query sees, Eq. 7).
 //! Each cell: median of `--repeats` runs after one warm-up, with min and max; the device is
 //! synchronised around every run.
 use std::path::PathBuf;
@@ -32,8 +36,8 @@ pub struct BranchBenchArgs {
     /// Shapes: `paper` (G = 16) and/or `125m` (G = 3), comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = ["paper".to_string(), "125m".to_string()])]
     shape: Vec<String>,
-    /// Branches: `selected` and/or `window`, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = ["selected".to_string(), "window".to_string()])]
+    /// Branches: `selected`, `window` and/or `compressed`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = ["selected".to_string(), "window".to_string(), "compressed".to_string()])]
     branch: Vec<String>,
     /// Timed runs per cell after one warm-up run.
     #[arg(long, default_value_t = 5)]
@@ -141,10 +145,10 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
     if let Some(b) = a
         .branch
         .iter()
-        .find(|b| !["selected", "window"].contains(&b.as_str()))
+        .find(|b| !["selected", "window", "compressed"].contains(&b.as_str()))
     {
         return Err(BenchError::Flag(format!(
-            "--branch must be selected or window (got {b:?})"
+            "--branch must be selected, window or compressed (got {b:?})"
         )));
     }
     let dev = Device::Cuda(0);
@@ -179,13 +183,34 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                 * cfg.heads as f64;
             let chunk = LeanOpts::default().query_chunk;
             let wchunk = LeanOpts::default().window_chunk;
+            // The compressed branch reads the first Nc rows of k and v as its compressed keys.
+            let sel = cfg.select_config();
+            let nc = sel.num_compressed(s).max(1);
+            let cmp_pairs: f64 = (0..s)
+                .map(|t| sel.num_visible_compressed(t) as f64)
+                .sum::<f64>()
+                * cfg.heads as f64;
+            let scale = 1.0 / (cfg.head_dim_k as f64).sqrt();
+            let l_sel = cfg.nsa.select.select_len;
             type Branch<'a> = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a>;
-            let rows: [(&str, &str, f64, Branch<'_>); 4] = [
+            let rows: [(&str, &str, f64, Branch<'_>); 7] = [
                 (
                     "selected",
                     "fused",
                     slc_pairs,
                     Box::new(|q, k, v| Ok(fused::selected(q, k, v, &blocks, &cfg, chunk)?)),
+                ),
+                (
+                    "selected",
+                    "fused, key-outer fwd",
+                    slc_pairs,
+                    Box::new(|q, k, v| {
+                        let fwd = nsa_sys::fused::SelectedForward::KeyOuter;
+                        Ok(nsa_sys::fused::selected_attention_with(
+                            q, k, v, &blocks, l_sel, scale, fwd,
+                        )
+                        .map_err(nsa_attn::AttnError::Fused)?)
+                    }),
                 ),
                 (
                     "selected",
@@ -204,6 +229,24 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                     "lean",
                     win_pairs,
                     Box::new(|q, k, v| Ok(lean::window(q, k, v, &cfg, wchunk)?)),
+                ),
+                (
+                    "compressed",
+                    "fused",
+                    cmp_pairs,
+                    Box::new(|q, k, v| {
+                        let (ck, cv) = (k.f_narrow(1, 0, nc)?, v.f_narrow(1, 0, nc)?);
+                        Ok(fused::compressed(q, &ck, &cv, &cfg, chunk)?)
+                    }),
+                ),
+                (
+                    "compressed",
+                    "lean",
+                    cmp_pairs,
+                    Box::new(|q, k, v| {
+                        let (ck, cv) = (k.f_narrow(1, 0, nc)?, v.f_narrow(1, 0, nc)?);
+                        Ok(lean::compressed(q, &ck, &cv, &cfg, chunk)?)
+                    }),
                 ),
             ];
             for (branch, path, pairs, f) in rows {
