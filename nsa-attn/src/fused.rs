@@ -455,10 +455,10 @@ fn run_selected_case(
     let name = format!(
         "selected {}{} B={} S={} H={h} Hkv={} dk={} dv={} l'={} n={}",
         kind_name(c.kind),
-        match forward {
-            sys::SelectedForward::KeyOuter => " key-outer",
-            sys::SelectedForward::UnionTiles => " union",
-            sys::SelectedForward::Auto => "",
+        if forward == sys::SelectedForward::KeyOuter {
+            " key-outer"
+        } else {
+            ""
         },
         c.b,
         c.s,
@@ -560,7 +560,7 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
                 sys::SelectedForward::KeyOuter,
             ]
         } else {
-            &[sys::SelectedForward::Auto]
+            &[sys::SelectedForward::UnionTiles]
         };
         for &forward in forwards {
             let row = run_selected_case(&c, forward, device).unwrap_or_else(|e| {

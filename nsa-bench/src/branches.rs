@@ -1,8 +1,7 @@
 //! `bench branches`: the selected, sliding-window and compressed branches alone, fused kernels
 //! against the lean path, forward and forward + backward, with achieved TFLOP/s and GB/s. The
-//! selected branch is timed as the fused path runs it (auto: key-outer where its partials fit
-//! 4 GiB) and with each tensor-core forward forced (union tiles, key-outer; the backward is the
-//! same).
+//! selected branch is timed with both tensor-core forwards (union tiles, the default, and
+//! key-outer; the backward is the same).
 //!
 //! Shapes: the paper's attention (H = 64, Hkv = 4, G = 16, dk = 192, dv = 128, l' = 64, n = 16,
 //! w = 512) and the `125m` preset's (G = 3). Inputs: q, k, v random in bf16; the block ids are
@@ -194,24 +193,12 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
             let scale = 1.0 / (cfg.head_dim_k as f64).sqrt();
             let l_sel = cfg.nsa.select.select_len;
             type Branch<'a> = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a>;
-            let rows: [(&str, &str, f64, Branch<'_>); 8] = [
+            let rows: [(&str, &str, f64, Branch<'_>); 7] = [
                 (
                     "selected",
-                    "fused (auto)",
+                    "fused",
                     slc_pairs,
                     Box::new(|q, k, v| Ok(fused::selected(q, k, v, &blocks, &cfg, chunk)?)),
-                ),
-                (
-                    "selected",
-                    "fused, union-tile fwd",
-                    slc_pairs,
-                    Box::new(|q, k, v| {
-                        let fwd = nsa_sys::fused::SelectedForward::UnionTiles;
-                        Ok(nsa_sys::fused::selected_attention_with(
-                            q, k, v, &blocks, l_sel, scale, fwd,
-                        )
-                        .map_err(nsa_attn::AttnError::Fused)?)
-                    }),
                 ),
                 (
                     "selected",

@@ -146,20 +146,14 @@ int type_index(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? 1 : 
 // Tokens per work item of the key-outer kernels' plan (blocks.h, plan_dkdv) for `entries`
 // (token, block) selections: small problems split early (so the split path is exercised by
 // small checks), large ones cap the dK/dV scratch at about entries / 1024 * L * (dk + dv) floats.
-// The auto strategy's cap on the key-outer forward's partial outputs (B S H n ceil(l'/64)
-// (2 dv + 4) bytes): measured on the H200 the key-outer forward is faster at G = 3 and G = 16
-// (BENCHMARKS.md), but at the paper shape and S = 64k its partials would take 17 GB.
-constexpr int64_t kKeyOuterPartialBytes = int64_t(4) << 30;
-
 int64_t dkdv_piece(int64_t entries) {
   return std::min<int64_t>(1024, std::max<int64_t>(64, entries / 4096));
 }
 
 struct SelectedFused : public torch::autograd::Function<SelectedFused> {
-  // strategy: 0 = auto (key-outer where it applies and its partials take at most
-  // kKeyOuterPartialBytes, else query-outer), 1 = query-outer over union tiles (tensor cores for
-  // bf16 at instantiated head sizes, SIMT otherwise), 2 = key-outer where it applies (bf16,
-  // instantiated head sizes), else as 1.
+  // strategy: 0 = query-outer over union tiles (tensor cores for bf16 at instantiated head
+  // sizes, SIMT otherwise), 1 = key-outer where it applies (bf16, instantiated head sizes),
+  // else as 0.
   static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, Tensor ids,
                         int64_t block_len, double scale, int64_t table, int64_t strategy) {
     const auto* tab = reinterpret_cast<const NsaSlcTable*>(table);
@@ -183,11 +177,8 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     if (mi >= 0 && (tab->fwd_mma[mi] == nullptr || fwd_mma_smem(dk, dv, hpg, n, P) > tab->max_smem))
       mi = -1;
     int64_t kv_smem = 2 * tile_bytes(dk) + tile_bytes(dv) + 4 * 2 * kM;
-    int64_t kv_parts = n * ((block_len + kBk - 1) / kBk);
-    int64_t partial_bytes = B * S * H * kv_parts * (2 * dv + 4);
-    bool key_outer = (strategy == 2 || (strategy == 0 && partial_bytes <= kKeyOuterPartialBytes)) &&
-                     mi >= 0 && tab->fwd_kv[mi] != nullptr && tab->fwd_combine != nullptr &&
-                     kv_smem <= tab->max_smem;
+    bool key_outer = strategy == 1 && mi >= 0 && tab->fwd_kv[mi] != nullptr &&
+                     tab->fwd_combine != nullptr && kv_smem <= tab->max_smem;
     if (key_outer) {
       int64_t NB = (S + block_len - 1) / block_len;
       auto [inv_tok, inv_slot, seg] = nsa_glue::inverse_index_with_slots(ids, NB);
@@ -552,7 +543,7 @@ int nsa_fused_compute_dtype(const at::Tensor* q, const at::Tensor* k, const at::
 }
 
 // Returns a new at::Tensor* (ownership passes to the caller) or nullptr with a message in err.
-// strategy: see SelectedFused::forward (0 = auto, 1 = query-outer, 2 = key-outer).
+// strategy: see SelectedFused::forward (0 = query-outer, 1 = key-outer where it applies).
 at::Tensor* nsa_fused_selected(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
                                const at::Tensor* blocks, int64_t block_len, double scale,
                                int64_t strategy, const NsaSlcTable* table, char* err,

@@ -513,12 +513,9 @@ pub fn compute_kind(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Kind> {
 /// How the selected branch's tensor-core forward walks the selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SelectedForward {
-    /// [`SelectedForward::KeyOuter`] (measured faster at G = 3 and G = 16 on the H200) where its
-    /// partial outputs take at most 4 GiB, else [`SelectedForward::UnionTiles`].
-    #[default]
-    Auto,
     /// Query-outer: a CTA serves 64 / G consecutive tokens and streams the union of their
     /// selected blocks (padding columns where tokens chose different blocks).
+    #[default]
     UnionTiles,
     /// Key-outer (Flash Sparse Attention's order): a CTA serves one selected block and the
     /// (token, head) rows that chose it; per-block partial outputs are merged afterwards.
@@ -596,9 +593,8 @@ pub fn selected_attention_with(
             block_len,
             scale,
             match forward {
-                SelectedForward::Auto => 0,
-                SelectedForward::UnionTiles => 1,
-                SelectedForward::KeyOuter => 2,
+                SelectedForward::UnionTiles => 0,
+                SelectedForward::KeyOuter => 1,
             },
             &kernels.table,
             err.as_mut_ptr().cast(),
