@@ -24,6 +24,9 @@ pub enum BranchKernel {
     FusedSelected,
     /// `nsa_sys::fused::window_attention`: libtorch's flash-attention kernel with its window.
     FlashWindow,
+    /// `nsa_sys::fused::compressed_attention`: the NVRTC compressed-branch kernels (tensor-core
+    /// forward, dQ, dK/dV), whose log-sum-exp also feeds the selection kernel.
+    FusedCompressed,
 }
 
 impl std::fmt::Display for BranchKernel {
@@ -36,6 +39,9 @@ impl std::fmt::Display for BranchKernel {
             }
             BranchKernel::FusedSelected => "fused selected-block kernels (NVRTC, nsa-sys)",
             BranchKernel::FlashWindow => "flash attention with a sliding window (libtorch)",
+            BranchKernel::FusedCompressed => {
+                "fused compressed-branch and selection kernels (NVRTC, nsa-sys)"
+            }
         })
     }
 }
@@ -130,13 +136,24 @@ impl NsaAttention {
                     BranchKernel::ChunkedBlockGather
                 };
                 let (dk, dv) = (c.head_dim_k, c.head_dim_v);
-                let window =
-                    if cuda && kind == Kind::BFloat16 && dk == dv && dk <= 256 && dk % 8 == 0 {
-                        BranchKernel::FlashWindow
-                    } else {
-                        BranchKernel::ChunkedSpan
-                    };
-                (BranchKernel::ChunkedSpan, selected, window, "fused")
+                let bf16 = cuda && kind == Kind::BFloat16;
+                // Flash runs at max(dk, dv) rounded up to a multiple of 8 (zero-padded).
+                let window = if bf16 && (dk.max(dv) + 7) / 8 * 8 <= 256 {
+                    BranchKernel::FlashWindow
+                } else {
+                    BranchKernel::ChunkedSpan
+                };
+                let mma = nsa_sys::fused::MMA_HEAD_DIMS;
+                let compressed = if bf16
+                    && mma.contains(&dk)
+                    && mma.contains(&dv)
+                    && c.heads / c.kv_heads.max(1) <= 64
+                {
+                    BranchKernel::FusedCompressed
+                } else {
+                    BranchKernel::ChunkedSpan
+                };
+                (compressed, selected, window, "fused")
             }
         };
         let dense_sdpa = tch::no_grad(|| -> Result<SdpaBackend, AttnError> {

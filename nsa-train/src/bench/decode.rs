@@ -28,8 +28,8 @@ use nsa_attn::{AttnPath, ForwardOpts, LeanOpts, NsaAttention, NsaCache, NsaConfi
 use nsa_model::{AttentionKind, Model, ModelConfig};
 use tch::{nn, Device, Kind, Tensor};
 
-use nsa_bench::{bench_device, branches::shape_config, time_runs};
 use crate::generate::{host_row, Sampler, Sampling};
+use nsa_bench::{bench_device, branches::shape_config, time_runs};
 
 #[derive(Debug, clap::Args)]
 pub struct DecodeBenchArgs {
