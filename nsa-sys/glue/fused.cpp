@@ -585,35 +585,16 @@ at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at:
   }
 }
 
-// Compressed-branch forward without autograd (selection, inference): out [B, S, H, dv] bf16 and
-// lse fp32 [B, S, H] as new tensors. q [B, S, H, dk], ck [B, Nc, Hkv, dk], cv [B, Nc, Hkv, dv],
-// bf16, dk and dv in {64, 128, 192}. Returns 0, or -1 with a message in err.
-int nsa_fused_compressed_fwd(const at::Tensor* q_in, const at::Tensor* ck_in,
-                             const at::Tensor* cv_in, int64_t cl, int64_t cd, double scale,
-                             const NsaSlcTable* tab, at::Tensor** out_p, at::Tensor** lse_p,
-                             char* err, size_t err_len) {
-  try {
-    TORCH_CHECK(tab != nullptr, "fused compressed attention: no kernel table");
-    TORCH_CHECK(q_in->is_cuda(), "fused compressed attention: CUDA tensors only");
-    TORCH_CHECK(cl > 0 && cd > 0, "fused compressed attention: l and d must be positive");
-    c10::DeviceGuard guard(q_in->device());
-    auto [out, lse] = cmp_forward(tab, aligned(*q_in), aligned(*ck_in), aligned(*cv_in), cl, cd,
-                                  scale);
-    *out_p = new at::Tensor(std::move(out));
-    *lse_p = new at::Tensor(std::move(lse));
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(e.what(), err, err_len);
-    return -1;
-  }
-}
-
-// The compressed branch with autograd (CompressedFused): new tensors out [B, S, H, dv]
-// (differentiable) and lse fp32 [B, S, H] (not) in *out_p and *lse_p; returns 0, or -1 with a
-// message in err. Same inputs as nsa_fused_compressed_fwd, computed in bf16.
+// The compressed branch: new tensors out [B, S, H, dv] and lse fp32 [B, S, H] (natural log; +inf
+// for a row that sees no compressed token) in *out_p and *lse_p. With autograd != 0 through
+// CompressedFused (out differentiable in q, ck, cv; lse not), else the forward kernel alone (for
+// selection and inference). q [B, S, H, dk], ck [B, Nc, Hkv, dk], cv [B, Nc, Hkv, dv], computed
+// in bf16 (bf16 inputs, or fp32 under bf16 autocast), dk and dv in {64, 128, 192}, at most 64
+// heads per group. Returns 0, or -1 with a message in err.
 int nsa_fused_compressed(const at::Tensor* q, const at::Tensor* ck, const at::Tensor* cv,
-                         int64_t cl, int64_t cd, double scale, const NsaSlcTable* table,
-                         at::Tensor** out_p, at::Tensor** lse_p, char* err, size_t err_len) {
+                         int64_t cl, int64_t cd, double scale, int32_t autograd,
+                         const NsaSlcTable* table, at::Tensor** out_p, at::Tensor** lse_p,
+                         char* err, size_t err_len) {
   try {
     TORCH_CHECK(table != nullptr, "fused compressed attention: no kernel table");
     TORCH_CHECK(q->is_cuda(), "fused compressed attention: CUDA tensors only");
@@ -622,9 +603,17 @@ int nsa_fused_compressed(const at::Tensor* q, const at::Tensor* ck, const at::Te
     TORCH_CHECK(dt == at::kBFloat16, "fused compressed attention: computes in bf16 only, got ", dt);
     auto qc = q->to(dt), kc = ck->to(dt), vc = cv->to(dt);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    auto res = CompressedFused::apply(qc, kc, vc, cl, cd, scale, reinterpret_cast<int64_t>(table));
-    *out_p = new at::Tensor(std::move(res[0]));
-    *lse_p = new at::Tensor(std::move(res[1]));
+    Tensor out, lse;
+    if (autograd != 0) {
+      auto res = CompressedFused::apply(qc, kc, vc, cl, cd, scale, reinterpret_cast<int64_t>(table));
+      out = res[0];
+      lse = res[1];
+    } else {
+      c10::DeviceGuard guard(q->device());
+      std::tie(out, lse) = cmp_forward(table, aligned(qc), aligned(kc), aligned(vc), cl, cd, scale);
+    }
+    *out_p = new at::Tensor(std::move(out));
+    *lse_p = new at::Tensor(std::move(lse));
     return 0;
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);

@@ -35,19 +35,6 @@ pub struct SelectParams {
 }
 
 extern "C" {
-    fn nsa_fused_compressed_fwd(
-        q: *const C_tensor,
-        ck: *const C_tensor,
-        cv: *const C_tensor,
-        cl: i64,
-        cd: i64,
-        scale: f64,
-        table: *const SlcTable,
-        out: *mut *mut C_tensor,
-        lse: *mut *mut C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
     fn nsa_fused_compressed(
         q: *const C_tensor,
         ck: *const C_tensor,
@@ -55,6 +42,7 @@ extern "C" {
         cl: i64,
         cd: i64,
         scale: f64,
+        autograd: i32,
         table: *const SlcTable,
         out: *mut *mut C_tensor,
         lse: *mut *mut C_tensor,
@@ -151,6 +139,33 @@ pub fn compressed_attention(
     stride: i64,
     scale: f64,
 ) -> Result<(Tensor, Tensor), FusedError> {
+    compressed_call(q, ck, cv, block_len, stride, scale, true)
+}
+
+/// The compressed branch's forward kernel alone (no autograd), for selection and inference:
+/// `(out [B, S, H, dv] bf16, lse fp32 [B, S, H])`, `lse` the natural log-sum-exp of each row's
+/// scaled scores (`+inf` for a row that sees no compressed token, whose output is 0). Inputs as
+/// [`compressed_attention`].
+pub fn compressed_forward(
+    q: &Tensor,
+    ck: &Tensor,
+    cv: &Tensor,
+    block_len: i64,
+    stride: i64,
+    scale: f64,
+) -> Result<(Tensor, Tensor), FusedError> {
+    compressed_call(q, ck, cv, block_len, stride, scale, false)
+}
+
+fn compressed_call(
+    q: &Tensor,
+    ck: &Tensor,
+    cv: &Tensor,
+    block_len: i64,
+    stride: i64,
+    scale: f64,
+    autograd: bool,
+) -> Result<(Tensor, Tensor), FusedError> {
     let kinds = [Kind::BFloat16, Kind::Float];
     let ordinal = check_compressed(q, ck, cv, &kinds, block_len, stride, scale)?;
     let kernels = kernels(ordinal)?;
@@ -167,6 +182,7 @@ pub fn compressed_attention(
             block_len,
             stride,
             scale,
+            i32::from(autograd),
             &kernels.table,
             &mut out,
             &mut lse,
@@ -174,52 +190,10 @@ pub fn compressed_attention(
             ERR_LEN,
         )
     };
-    if rc != 0 {
-        return Err(glue_err("nsa_fused_compressed", &err));
-    }
     let call = "nsa_fused_compressed";
-    Ok((finish(call, out, &err)?, finish(call, lse, &err)?))
-}
-
-/// The compressed branch's forward without autograd: `(out [B, S, H, dv] bf16, lse fp32
-/// [B, S, H])`, `lse` the natural log-sum-exp of each row's scaled scores (`+inf` for a row that
-/// sees no compressed token, whose output is 0). bf16 `q`, `ck`, `cv` with dk and dv in
-/// [`super::MMA_HEAD_DIMS`] and at most 64 query heads per group; for selection
-/// ([`select_blocks`]) and inference.
-pub fn compressed_forward(
-    q: &Tensor,
-    ck: &Tensor,
-    cv: &Tensor,
-    block_len: i64,
-    stride: i64,
-    scale: f64,
-) -> Result<(Tensor, Tensor), FusedError> {
-    let ordinal = check_compressed(q, ck, cv, &[Kind::BFloat16], block_len, stride, scale)?;
-    let kernels = kernels(ordinal)?;
-    let mut err = vec![0u8; ERR_LEN];
-    let mut out: *mut C_tensor = std::ptr::null_mut();
-    let mut lse: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: live tensors borrowed for the call, a process-lifetime kernel table, valid
-    // out-pointers; the glue catches every exception and writes at most ERR_LEN bytes to `err`.
-    let rc = unsafe {
-        nsa_fused_compressed_fwd(
-            q.as_ptr(),
-            ck.as_ptr(),
-            cv.as_ptr(),
-            block_len,
-            stride,
-            scale,
-            &kernels.table,
-            &mut out,
-            &mut lse,
-            err.as_mut_ptr().cast(),
-            ERR_LEN,
-        )
-    };
     if rc != 0 {
-        return Err(glue_err("nsa_fused_compressed_fwd", &err));
+        return Err(glue_err(call, &err));
     }
-    let call = "nsa_fused_compressed_fwd";
     Ok((finish(call, out, &err)?, finish(call, lse, &err)?))
 }
 
