@@ -16,6 +16,7 @@ mod generate;
 mod launch;
 mod metrics;
 mod optim;
+mod plot;
 mod run_dir;
 mod signals;
 mod sizes;

@@ -168,7 +168,7 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     let run_dir = run.run_dir.clone();
     let lines = if run.writer {
         let lines = metrics::read(&run_dir.join("metrics.jsonl"))?;
-        metrics::plot_loss(
+        crate::plot::plot_loss(
             &lines,
             &format!("{}: {summary_model}", run.name),
             &run_dir.join("loss.png"),
