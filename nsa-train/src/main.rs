@@ -10,6 +10,7 @@ mod bench;
 mod checkpoint;
 mod config;
 mod data;
+mod flops;
 #[cfg(test)]
 mod fuzz_tests;
 mod generate;
@@ -68,6 +69,10 @@ struct TrainArgs {
     /// Shorthand for --set run.profile=A..B (Chrome trace of steps A to B).
     #[arg(long, value_name = "A..B")]
     profile: Option<String>,
+    /// Shorthand for --set run.peak_tflops=X: one device's peak for the MFU (default: the GPU's
+    /// dense spec sheet at the run's precision; none on the CPU).
+    #[arg(long, value_name = "TFLOPS")]
+    peak_tflops: Option<f64>,
     /// Print the resolved config and exit.
     #[arg(long)]
     dry_run: bool,
@@ -93,6 +98,9 @@ impl TrainArgs {
         }
         if let Some(p) = &self.profile {
             sets.push(format!("run.profile={p:?}"));
+        }
+        if let Some(p) = self.peak_tflops {
+            sets.push(format!("run.peak_tflops={p:?}"));
         }
         config::resolve(self.config.as_deref(), &sets, std::env::vars())
     }

@@ -31,6 +31,10 @@ pub struct MetricLine {
     /// Gradient sync time of the logged step, ms (data-parallel runs only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub sync_ms: Option<f64>,
+    /// Model FLOPs utilisation over the log window, a fraction (absent when no peak is known:
+    /// the CPU, a GPU not in `flops::peak`'s table without `run.peak_tflops`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mfu: Option<f64>,
 }
 
 /// `null` (how serde_json writes NaN and infinities) → NaN.
@@ -99,6 +103,7 @@ pub(crate) fn test_line(step: u64, loss: f64, eval_loss: Option<f64>) -> MetricL
         eval_loss,
         eval_accuracy: None,
         sync_ms: None,
+        mfu: None,
     }
 }
 

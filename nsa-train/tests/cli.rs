@@ -35,11 +35,52 @@ fn resume_continues_bit_exactly() {
     assert!(text.contains("step      6"), "{text}");
     let straight = losses(&out.join("straight"));
     assert_eq!(straight.len(), 6);
+    // tiny NSA at S = 64, by hand (flops.rs's tests do S = 128 step by step): matrices
+    // 6·127360 = 764160; φ 6·2·(15 tokens · 18432)/64 = 51840; attention 1536 FLOPs per key
+    // × (435 compressed + 2080 selected + 1552 window)/64 = 97608. No peak on the CPU: no MFU.
+    let summary = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(name).join("summary.json")).unwrap())
+            .unwrap()
+    };
+    let s = summary("straight");
+    assert_eq!(s["flops_per_token"].as_f64(), Some(913_608.0), "{s}");
+    assert!(s["mfu"].is_null() && s["peak"].is_null(), "{s}");
+    assert!(text.contains("no MFU"), "{text}");
+    let step_lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("step "))
+            .map(String::from)
+            .collect()
+    };
+    assert!(
+        step_lines(&text).iter().all(|l| !l.contains("MFU")),
+        "{text}"
+    );
 
-    // Same run, then roll back to the step-3 checkpoint as if it had been interrupted there.
+    // Same run with a peak given (so with an MFU), then roll back to the step-3 checkpoint as if
+    // it had been interrupted there.
     let mut b = vec!["train".to_string()];
     b.extend(tiny(&out, "resumed", 6));
-    ok(&run(&b));
+    let mut zero_peak = b.clone();
+    zero_peak.extend(strs(&["--peak-tflops", "0"]));
+    let e = err(&run(&zero_peak));
+    assert!(e.contains("run.peak_tflops must be a positive"), "{e}");
+    b.extend(strs(&["--peak-tflops", "0.001"]));
+    let text = ok(&run(&b));
+    let with_mfu = step_lines(&text);
+    assert!(
+        with_mfu.len() == 6
+            && with_mfu
+                .iter()
+                .all(|l| l.contains("% ") || l.ends_with('%')),
+        "{text}"
+    );
+    let s = summary("resumed");
+    assert_eq!(s["peak"]["tflops"].as_f64(), Some(0.001), "{s}");
+    assert_eq!(s["peak"]["source"].as_str(), Some("run.peak_tflops"), "{s}");
+    let want = 913_608.0 * s["tokens_per_s"].as_f64().unwrap() / 1e9;
+    let mfu = s["mfu"].as_f64().unwrap();
+    assert!((mfu - want).abs() <= 1e-9 * want, "{mfu} vs {want}");
     let dir = out.join("resumed");
     std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
     let kept: Vec<String> = std::fs::read_to_string(dir.join("metrics.jsonl"))
