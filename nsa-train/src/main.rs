@@ -3,7 +3,8 @@
 //! Subcommands: `train`, `eval` (held-out loss and accuracy; `--task`: retrieval scored by
 //! generation), `generate` (continue a prompt through the decode caches), `env` (runtime facts
 //! and the SDPA backend audit), `smoke` (a tiny end-to-end training check), `check --gpu`,
-//! `bench` (the project's benchmarks).
+//! `bench` (the project's benchmarks), `tokenizer train` (a byte-level BPE for real text) and
+//! `prepare` (text → llm.c token shards).
 #![forbid(unsafe_code)]
 
 mod bench;
@@ -23,6 +24,7 @@ mod signals;
 mod sizes;
 mod smoke;
 mod snapshot;
+mod tokenize;
 mod train;
 
 use anyhow::Context;
@@ -143,6 +145,14 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Train the `tiny` NSA model briefly and check that it learned (loss and accuracy).
     Smoke(smoke::SmokeArgs),
+    /// Tokenizers for real text: `tokenizer train` fits a byte-level BPE to text files.
+    Tokenizer {
+        #[command(subcommand)]
+        what: TokenizerCommand,
+    },
+    /// Tokenize text files or folders into llm.c token shards (`train/`, `val/`) for
+    /// `data.source = "bin"`: streaming, multi-threaded, with a progress bar.
+    Prepare(tokenize::prepare::PrepareArgs),
     /// Benchmarks; each prints a Markdown table and can append it to a file.
     Bench {
         #[command(subcommand)]
@@ -174,6 +184,12 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE (the `tokenizers` crate) on text files; writes `tokenizer.json`.
+    Train(tokenize::TrainTokenizerArgs),
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The rendezvous check touches no tensor: it skips loading the CUDA backend (the slowest
@@ -184,6 +200,17 @@ fn main() -> anyhow::Result<()> {
             timeout_s,
             nccl,
         }) => return rendezvous_command(&launch, timeout_s, nccl),
+        // Text commands touch no tensor either.
+        Some(Command::Tokenizer {
+            what: TokenizerCommand::Train(mut a),
+        }) => {
+            a.progress = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            return tokenize::train_tokenizer(&a);
+        }
+        Some(Command::Prepare(mut a)) => {
+            a.progress = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            return tokenize::prepare::prepare_command(&a);
+        }
         other => other,
     };
     // First thing: make libtorch's CUDA backend visible (see nsa_sys::cuda).
@@ -195,7 +222,7 @@ fn main() -> anyhow::Result<()> {
     let Some(command) = command else {
         print!("{}", snapshot::EnvSnapshot::collect().report());
         println!(
-            "\ncommands: train, eval, generate, smoke, check, env, bench (see `nsa-train --help`)"
+            "\ncommands: train, eval, generate, smoke, check, env, bench, tokenizer, prepare (see `nsa-train --help`)"
         );
         return Ok(());
     };
@@ -287,6 +314,10 @@ fn main() -> anyhow::Result<()> {
             timeout_s,
             nccl,
         } => rendezvous_command(&launch, timeout_s, nccl),
+        Command::Tokenizer {
+            what: TokenizerCommand::Train(a),
+        } => tokenize::train_tokenizer(&a),
+        Command::Prepare(a) => tokenize::prepare::prepare_command(&a),
     }
 }
 

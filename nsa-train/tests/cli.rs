@@ -509,3 +509,65 @@ fn eval_scores_retrieval_by_generation() {
     assert_eq!(bad.status.code(), Some(2), "clap usage error");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--len"));
 }
+
+/// Real text end to end: train a tokenizer on a text folder, tokenize the folder into shards
+/// (the first 500 tokens into `val/`), then train on the `train/` shards with the `bin` source.
+#[test]
+fn tokenizer_prepare_and_train_on_text() {
+    let tmp = common::scratch("nsa-train-cli-text-");
+    let out = tmp.path().to_path_buf();
+    let corpus = out.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let line =
+        "Native sparse attention selects blocks of keys, compresses the rest and keeps a window.\n";
+    std::fs::write(corpus.join("a.txt"), line.repeat(200)).unwrap();
+    std::fs::write(corpus.join("b.txt"), line.to_uppercase().repeat(100)).unwrap();
+    let tok = out.join("tokenizer.json");
+    let p = |p: &Path| p.display().to_string();
+    let text = ok(&run(&strs(&[
+        "tokenizer",
+        "train",
+        &p(&corpus),
+        "--vocab-size",
+        "300",
+        "--out",
+        &p(&tok),
+    ])));
+    assert!(text.contains("wrote") && tok.is_file(), "{text}");
+    let e = err(&run(&strs(&[
+        "tokenizer",
+        "train",
+        &p(&corpus),
+        "--vocab-size",
+        "100",
+    ])));
+    assert!(e.contains("--vocab-size 100"), "{e}");
+    let shards = out.join("shards");
+    let prepare = strs(&[
+        "prepare",
+        &p(&corpus),
+        "--tokenizer",
+        &p(&tok),
+        "--out",
+        &p(&shards),
+    ]);
+    let sizes = strs(&["--val-tokens", "500", "--shard-tokens", "2000"]);
+    let text = ok(&run(&[prepare.clone(), sizes].concat()));
+    assert!(text.contains("500 validation tokens"), "{text}");
+    assert!(shards.join("val/shard_000000.bin").is_file());
+    assert!(shards.join("train/shard_000001.bin").is_file(), "{text}");
+    let e = err(&run(&prepare));
+    assert!(e.contains("is not empty"), "{e}");
+    let mut a = strs(&["train"]);
+    a.extend(common::tiny(&out, "text", 3));
+    a.extend(strs(&[
+        "--set",
+        "data.source=\"bin\"",
+        "--set",
+        &format!("data.path={:?}", p(&shards.join("train"))),
+        "--set",
+        "model.vocab_size=300",
+    ]));
+    let text = ok(&run(&a));
+    assert!(text.contains("step      3"), "{text}");
+}
