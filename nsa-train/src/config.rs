@@ -63,6 +63,9 @@ pub struct RunConfig {
     pub max_bad_steps: u64,
     /// Write a Chrome trace of steps A..B (e.g. "10..12"); empty = off.
     pub profile: String,
+    /// Peak TFLOP/s of one device for the MFU (default: the GPU's dense spec at the run's
+    /// precision, see `flops::peak`; unset on the CPU and unknown GPUs: no MFU).
+    pub peak_tflops: Option<f64>,
 }
 
 impl Default for RunConfig {
@@ -81,6 +84,7 @@ impl Default for RunConfig {
             keep_checkpoints: 2,
             max_bad_steps: 8,
             profile: String::new(),
+            peak_tflops: None,
         }
     }
 }
@@ -705,6 +709,11 @@ impl TrainConfig {
         }
         if !r.profile.is_empty() {
             self.profile_range()?;
+        }
+        if let Some(p) = r.peak_tflops {
+            if !(p.is_finite() && p > 0.0) {
+                bail!("run.peak_tflops must be a positive number of TFLOP/s (got {p})");
+            }
         }
         if self.fast.ddp_bucket_mb.is_nan() || self.fast.ddp_bucket_mb <= 0.0 {
             bail!(

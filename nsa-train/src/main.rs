@@ -7,24 +7,28 @@
 //! learned), `check --gpu` (every fused kernel against the reference path, and prefill + decode
 //! against the full forward), `env` (runtime facts and the SDPA backend audit), `bench` (the
 //! benchmarks: nsa-bench's `select`, `attn`, `branches`, and `train`, `decode`, `sweep-buckets`
-//! here), and the hidden `rendezvous` (a launcher check without a GPU).
+//! here), `tokenizer train` (a byte-level BPE for real text), `prepare` (text → llm.c token
+//! shards), and the hidden `rendezvous` (a launcher check without a GPU).
 #![forbid(unsafe_code)]
 
 mod bench;
 mod checkpoint;
 mod config;
 mod data;
+mod flops;
 #[cfg(test)]
 mod fuzz_tests;
 mod generate;
 mod launch;
 mod metrics;
 mod optim;
+mod plot;
 mod run_dir;
 mod signals;
 mod sizes;
 mod smoke;
 mod snapshot;
+mod tokenize;
 mod train;
 
 use anyhow::Context;
@@ -71,6 +75,10 @@ struct TrainArgs {
     /// Shorthand for --set run.profile=A..B (Chrome trace of steps A to B).
     #[arg(long, value_name = "A..B")]
     profile: Option<String>,
+    /// Shorthand for --set run.peak_tflops=X: one device's peak for the MFU (default: the GPU's
+    /// dense spec sheet at the run's precision; none on the CPU).
+    #[arg(long, value_name = "TFLOPS")]
+    peak_tflops: Option<f64>,
     /// Print the resolved config and exit.
     #[arg(long)]
     dry_run: bool,
@@ -96,6 +104,9 @@ impl TrainArgs {
         }
         if let Some(p) = &self.profile {
             sets.push(format!("run.profile={p:?}"));
+        }
+        if let Some(p) = self.peak_tflops {
+            sets.push(format!("run.peak_tflops={p:?}"));
         }
         config::resolve(self.config.as_deref(), &sets, std::env::vars())
     }
@@ -138,6 +149,14 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Train the `tiny` NSA model briefly and check that it learned (loss and accuracy).
     Smoke(smoke::SmokeArgs),
+    /// Tokenizers for real text: `tokenizer train` fits a byte-level BPE to text files.
+    Tokenizer {
+        #[command(subcommand)]
+        what: TokenizerCommand,
+    },
+    /// Tokenize text files or folders into llm.c token shards (`train/`, `val/`) for
+    /// `data.source = "bin"`: streaming, multi-threaded, with a progress bar.
+    Prepare(tokenize::prepare::PrepareArgs),
     /// Benchmarks; each prints a Markdown table and can append it to a file.
     Bench {
         #[command(subcommand)]
@@ -169,6 +188,12 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE (the `tokenizers` crate) on text files; writes `tokenizer.json`.
+    Train(tokenize::TrainTokenizerArgs),
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The rendezvous check touches no tensor: it skips loading the CUDA backend (the slowest
@@ -179,6 +204,17 @@ fn main() -> anyhow::Result<()> {
             timeout_s,
             nccl,
         }) => return rendezvous_command(&launch, timeout_s, nccl),
+        // Text commands touch no tensor either.
+        Some(Command::Tokenizer {
+            what: TokenizerCommand::Train(mut a),
+        }) => {
+            a.progress = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            return tokenize::train_tokenizer(&a);
+        }
+        Some(Command::Prepare(mut a)) => {
+            a.progress = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            return tokenize::prepare::prepare_command(&a);
+        }
         other => other,
     };
     // First thing: make libtorch's CUDA backend visible (see nsa_sys::cuda).
@@ -190,7 +226,7 @@ fn main() -> anyhow::Result<()> {
     let Some(command) = command else {
         print!("{}", snapshot::EnvSnapshot::collect().report());
         println!(
-            "\ncommands: train, eval, generate, smoke, check, env, bench (see `nsa-train --help`)"
+            "\ncommands: train, eval, generate, smoke, check, env, bench, tokenizer, prepare (see `nsa-train --help`)"
         );
         return Ok(());
     };
@@ -282,6 +318,10 @@ fn main() -> anyhow::Result<()> {
             timeout_s,
             nccl,
         } => rendezvous_command(&launch, timeout_s, nccl),
+        Command::Tokenizer {
+            what: TokenizerCommand::Train(a),
+        } => tokenize::train_tokenizer(&a),
+        Command::Prepare(a) => tokenize::prepare::prepare_command(&a),
     }
 }
 

@@ -1,9 +1,8 @@
-//! Metrics: one JSON line per log step, and the loss-curve PNG drawn from them at the end.
+//! Metrics: one JSON line per log step (the loss-curve PNG drawn from them is [`crate::plot`]'s).
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// One log step. A non-finite number (the loss of a skipped step, say) is written as `null`
@@ -32,6 +31,10 @@ pub struct MetricLine {
     /// Gradient sync time of the logged step, ms (data-parallel runs only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub sync_ms: Option<f64>,
+    /// Model FLOPs utilisation over the log window, a fraction (absent when no peak is known:
+    /// the CPU, a GPU not in `flops::peak`'s table without `run.peak_tflops`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mfu: Option<f64>,
 }
 
 /// `null` (how serde_json writes NaN and infinities) → NaN.
@@ -82,90 +85,26 @@ pub fn read(path: &Path) -> Result<Vec<MetricLine>> {
     Ok(by_step.into_values().collect())
 }
 
-/// Draws the training loss (and eval loss where present) against the step.
-pub fn plot_loss(lines: &[MetricLine], title: &str, out: &Path) -> Result<()> {
-    if lines.is_empty() {
-        return Ok(());
-    }
-    register_font();
-    let tmp = out.with_extension("png.tmp.png");
-    {
-        let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let max_step = lines.iter().map(|l| l.step).max().unwrap_or(1).max(1) as f64;
-        let losses = lines
-            .iter()
-            .map(|l| l.loss)
-            .chain(lines.iter().filter_map(|l| l.eval_loss));
-        let (lo, hi) = losses
-            .filter(|v| v.is_finite())
-            .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
-        let (lo, hi) = if lo < hi {
-            (lo, hi)
-        } else {
-            (lo - 1.0, lo + 1.0)
-        };
-        let pad = (hi - lo) * 0.05;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc("loss")
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart
-            .draw_series(LineSeries::new(
-                lines
-                    .iter()
-                    .filter(|l| l.loss.is_finite())
-                    .map(|l| (l.step as f64, l.loss)),
-                &BLUE,
-            ))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label("train loss")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-        let evals: Vec<(f64, f64)> = lines
-            .iter()
-            .filter_map(|l| Some((l.step as f64, l.eval_loss.filter(|v| v.is_finite())?)))
-            .collect();
-        if !evals.is_empty() {
-            chart
-                .draw_series(PointSeries::of_element(evals, 4, &RED, &|c, s, st| {
-                    Circle::new(c, s, st.filled())
-                }))
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .label("eval loss")
-                .legend(|(x, y)| Circle::new((x + 10, y), 4, RED.filled()));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    std::fs::rename(&tmp, out)?;
-    Ok(())
-}
+/// The bench plots register the font through here.
+pub(crate) use crate::plot::register_font;
 
-/// plotters draws text with ab_glyph and needs a font registered once; DejaVu Sans is embedded
-/// so plots never depend on the host's fonts.
-pub(crate) fn register_font() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = plotters::style::register_font(
-            "sans-serif",
-            FontStyle::Normal,
-            dejavu::sans::regular(),
-        );
-    });
+/// A metrics line for tests: the given step and losses, plausible constants elsewhere.
+#[cfg(test)]
+pub(crate) fn test_line(step: u64, loss: f64, eval_loss: Option<f64>) -> MetricLine {
+    MetricLine {
+        step,
+        loss,
+        lr: 1e-3,
+        grad_norm: 1.0,
+        tokens_per_s: 100.0,
+        step_ms: 10.0,
+        peak_mem_mb: 0.0,
+        skipped_steps: 0,
+        eval_loss,
+        eval_accuracy: None,
+        sync_ms: None,
+        mfu: None,
+    }
 }
 
 #[cfg(test)]
@@ -173,19 +112,7 @@ mod tests {
     use super::*;
 
     fn line(step: u64, loss: f64) -> MetricLine {
-        MetricLine {
-            step,
-            loss,
-            lr: 1e-3,
-            grad_norm: 1.0,
-            tokens_per_s: 100.0,
-            step_ms: 10.0,
-            peak_mem_mb: 0.0,
-            skipped_steps: 0,
-            eval_loss: (step == 20).then_some(loss + 0.1),
-            eval_accuracy: None,
-            sync_ms: None,
-        }
+        test_line(step, loss, (step == 20).then_some(loss + 0.1))
     }
 
     #[test]
@@ -210,7 +137,7 @@ mod tests {
         // A skipped step's loss reads back as NaN, and the plot skips it.
         assert!(back[3].loss.is_nan());
         let png = dir.join("loss.png");
-        plot_loss(&back, "test", &png).unwrap();
+        crate::plot::plot_loss(&back, "test", &png).unwrap();
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         std::fs::remove_dir_all(dir).unwrap();

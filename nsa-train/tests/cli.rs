@@ -35,11 +35,52 @@ fn resume_continues_bit_exactly() {
     assert!(text.contains("step      6"), "{text}");
     let straight = losses(&out.join("straight"));
     assert_eq!(straight.len(), 6);
+    // tiny NSA at S = 64, by hand (flops.rs's tests do S = 128 step by step): matrices
+    // 6·127360 = 764160; φ 6·2·(15 tokens · 18432)/64 = 51840; attention 1536 FLOPs per key
+    // × (435 compressed + 2080 selected + 1552 window)/64 = 97608. No peak on the CPU: no MFU.
+    let summary = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(name).join("summary.json")).unwrap())
+            .unwrap()
+    };
+    let s = summary("straight");
+    assert_eq!(s["flops_per_token"].as_f64(), Some(913_608.0), "{s}");
+    assert!(s["mfu"].is_null() && s["peak"].is_null(), "{s}");
+    assert!(text.contains("no MFU"), "{text}");
+    let step_lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("step "))
+            .map(String::from)
+            .collect()
+    };
+    assert!(
+        step_lines(&text).iter().all(|l| !l.contains("MFU")),
+        "{text}"
+    );
 
-    // Same run, then roll back to the step-3 checkpoint as if it had been interrupted there.
+    // Same run with a peak given (so with an MFU), then roll back to the step-3 checkpoint as if
+    // it had been interrupted there.
     let mut b = vec!["train".to_string()];
     b.extend(tiny(&out, "resumed", 6));
-    ok(&run(&b));
+    let mut zero_peak = b.clone();
+    zero_peak.extend(strs(&["--peak-tflops", "0"]));
+    let e = err(&run(&zero_peak));
+    assert!(e.contains("run.peak_tflops must be a positive"), "{e}");
+    b.extend(strs(&["--peak-tflops", "0.001"]));
+    let text = ok(&run(&b));
+    let with_mfu = step_lines(&text);
+    assert!(
+        with_mfu.len() == 6
+            && with_mfu
+                .iter()
+                .all(|l| l.contains("% ") || l.ends_with('%')),
+        "{text}"
+    );
+    let s = summary("resumed");
+    assert_eq!(s["peak"]["tflops"].as_f64(), Some(0.001), "{s}");
+    assert_eq!(s["peak"]["source"].as_str(), Some("run.peak_tflops"), "{s}");
+    let want = 913_608.0 * s["tokens_per_s"].as_f64().unwrap() / 1e9;
+    let mfu = s["mfu"].as_f64().unwrap();
+    assert!((mfu - want).abs() <= 1e-9 * want, "{mfu} vs {want}");
     let dir = out.join("resumed");
     std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
     let kept: Vec<String> = std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -467,4 +508,66 @@ fn eval_scores_retrieval_by_generation() {
     let bad = run(&strs(&["eval", &dir, "--task", "needle"]));
     assert_eq!(bad.status.code(), Some(2), "clap usage error");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--len"));
+}
+
+/// Real text end to end: train a tokenizer on a text folder, tokenize the folder into shards
+/// (the first 500 tokens into `val/`), then train on the `train/` shards with the `bin` source.
+#[test]
+fn tokenizer_prepare_and_train_on_text() {
+    let tmp = common::scratch("nsa-train-cli-text-");
+    let out = tmp.path().to_path_buf();
+    let corpus = out.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let line =
+        "Native sparse attention selects blocks of keys, compresses the rest and keeps a window.\n";
+    std::fs::write(corpus.join("a.txt"), line.repeat(200)).unwrap();
+    std::fs::write(corpus.join("b.txt"), line.to_uppercase().repeat(100)).unwrap();
+    let tok = out.join("tokenizer.json");
+    let p = |p: &Path| p.display().to_string();
+    let text = ok(&run(&strs(&[
+        "tokenizer",
+        "train",
+        &p(&corpus),
+        "--vocab-size",
+        "300",
+        "--out",
+        &p(&tok),
+    ])));
+    assert!(text.contains("wrote") && tok.is_file(), "{text}");
+    let e = err(&run(&strs(&[
+        "tokenizer",
+        "train",
+        &p(&corpus),
+        "--vocab-size",
+        "100",
+    ])));
+    assert!(e.contains("--vocab-size 100"), "{e}");
+    let shards = out.join("shards");
+    let prepare = strs(&[
+        "prepare",
+        &p(&corpus),
+        "--tokenizer",
+        &p(&tok),
+        "--out",
+        &p(&shards),
+    ]);
+    let sizes = strs(&["--val-tokens", "500", "--shard-tokens", "2000"]);
+    let text = ok(&run(&[prepare.clone(), sizes].concat()));
+    assert!(text.contains("500 validation tokens"), "{text}");
+    assert!(shards.join("val/shard_000000.bin").is_file());
+    assert!(shards.join("train/shard_000001.bin").is_file(), "{text}");
+    let e = err(&run(&prepare));
+    assert!(e.contains("is not empty"), "{e}");
+    let mut a = strs(&["train"]);
+    a.extend(common::tiny(&out, "text", 3));
+    a.extend(strs(&[
+        "--set",
+        "data.source=\"bin\"",
+        "--set",
+        &format!("data.path={:?}", p(&shards.join("train"))),
+        "--set",
+        "model.vocab_size=300",
+    ]));
+    let text = ok(&run(&a));
+    assert!(text.contains("step      3"), "{text}");
 }

@@ -6,7 +6,7 @@
 //!
 //! Every batch is a pure function of (seed, step, rank): a resumed run, or rank r of a
 //! data-parallel run, reads exactly the batches it would have read otherwise.
-mod files;
+pub(crate) mod files;
 mod synthetic;
 
 use std::path::{Path, PathBuf};

@@ -59,6 +59,12 @@ pub struct Summary {
     pub last_loss: f64,
     pub skipped_steps: u64,
     pub tokens_per_s: f64,
+    /// Model FLOPs per trained token at the run's sequence length (`flops` module docs).
+    pub flops_per_token: f64,
+    /// The peak the MFU is measured against (one device), absent when none is known.
+    pub peak: Option<crate::flops::Peak>,
+    /// `flops_per_token × tokens_per_s / (peak × devices)`, absent without a peak.
+    pub mfu: Option<f64>,
     pub peak_mem_mb: f64,
     pub eval_loss: f64,
     pub eval_accuracy: f64,
@@ -172,7 +178,7 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     let run_dir = run.run_dir.clone();
     let lines = if run.writer {
         let lines = metrics::read(&run_dir.join("metrics.jsonl"))?;
-        metrics::plot_loss(
+        crate::plot::plot_loss(
             &lines,
             &format!("{}: {summary_model}", run.name),
             &run_dir.join("loss.png"),
@@ -181,6 +187,13 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
     } else {
         Vec::new()
     };
+    let tokens_per_s = lines
+        .iter()
+        .rev()
+        .take(5)
+        .map(|l| l.tokens_per_s)
+        .sum::<f64>()
+        / lines.len().clamp(1, 5) as f64;
     let summary = Summary {
         run_dir: run_dir.clone(),
         model: summary_model,
@@ -195,13 +208,13 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         first_loss: end.first_loss,
         last_loss: end.last_loss,
         skipped_steps: run.state.skipped_steps,
-        tokens_per_s: lines
-            .iter()
-            .rev()
-            .take(5)
-            .map(|l| l.tokens_per_s)
-            .sum::<f64>()
-            / lines.len().clamp(1, 5) as f64,
+        tokens_per_s,
+        flops_per_token: run.flops.total(),
+        mfu: run
+            .peak
+            .as_ref()
+            .map(|p| crate::flops::mfu(run.flops.total(), tokens_per_s, p.tflops, run.world)),
+        peak: run.peak.clone(),
         peak_mem_mb: lines.iter().map(|l| l.peak_mem_mb).fold(0.0, f64::max),
         eval_loss,
         eval_accuracy,
@@ -217,8 +230,12 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         &run_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
+    let mfu = summary
+        .mfu
+        .map(|m| format!(" (MFU {:.1}%)", 100.0 * m))
+        .unwrap_or_default();
     let text = format!(
-        "{}\nsteps {} ({} skipped), loss {:.4} -> {:.4}, eval loss {:.4}, answer accuracy {:.3} (at start {:.3}), {:.0} tokens/s, peak {:.0} MB\n",
+        "{}\nsteps {} ({} skipped), loss {:.4} -> {:.4}, eval loss {:.4}, answer accuracy {:.3} (at start {:.3}), {:.0} tokens/s{mfu}, peak {:.0} MB\n",
         summary.model,
         summary.steps,
         summary.skipped_steps,

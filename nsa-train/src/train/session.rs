@@ -15,6 +15,7 @@ use super::{forward_opts, load_model, model_config, parse_device, run_name, Laun
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Precision, TrainConfig};
 use crate::data::{self, TokenSource};
+use crate::flops::{self, FlopsPerToken, Peak};
 use crate::optim::AdamW;
 use crate::run_dir;
 
@@ -41,6 +42,10 @@ pub(super) struct Session<'a> {
     pub(super) saver: Saver,
     pub(super) fwd: Forward,
     pub(super) sdpa_audit: Vec<String>,
+    /// Model FLOPs per trained token at `data.seq_len` (the MFU's numerator per token).
+    pub(super) flops: FlopsPerToken,
+    /// One device's peak for the MFU (rank 0 only: it alone logs); `None`: no MFU.
+    pub(super) peak: Option<Peak>,
 }
 
 impl<'a> Session<'a> {
@@ -150,11 +155,20 @@ impl<'a> Session<'a> {
         };
 
         // Every check has passed: now the run folder may be created, replaced and written.
+        let mut peak = None;
         if writer {
             run_dir::prepare(&run_dir, how)?;
             checkpoint::remove_stale_temporaries(&ckpt_dir)?;
             crate::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
             let env = crate::snapshot::EnvSnapshot::collect();
+            let gpu_name = device.is_cuda().then(|| {
+                env.runtime
+                    .gpus
+                    .iter()
+                    .find(|g| g.index == super::device_index(device))
+                    .map(|g| g.name.as_str())
+            });
+            peak = flops::peak(cfg.run.peak_tflops, gpu_name.flatten(), bf16);
             crate::write_atomic(
                 &run_dir.join("env.json"),
                 serde_json::to_string_pretty(&env)?.as_bytes(),
@@ -165,6 +179,7 @@ impl<'a> Session<'a> {
         } else {
             Vec::new()
         };
+        let per_token = flops::flops_per_token(&model_cfg, cfg.data.seq_len as i64);
         let session = Session {
             cfg,
             launch,
@@ -191,6 +206,8 @@ impl<'a> Session<'a> {
                 nvtx: cfg.fast.nvtx,
             },
             sdpa_audit,
+            flops: per_token,
+            peak,
         };
         session.print_banner()?;
         Ok(session)
@@ -230,6 +247,18 @@ impl<'a> Session<'a> {
             } else {
                 "fp32"
             }
+        );
+        println!(
+            "flops:   {:.3e} per token (6·N_mat {:.3e} + φ {:.3e} + attention {:.3e}), {}",
+            self.flops.total(),
+            self.flops.matrices,
+            self.flops.compression,
+            self.flops.attention,
+            self.peak
+                .as_ref()
+                .map_or("no MFU (no peak known: --peak-tflops)".to_string(), |p| {
+                    format!("MFU against {} TFLOP/s per device ({})", p.tflops, p.source)
+                })
         );
         for a in &self.sdpa_audit {
             println!("sdpa:    {a}");

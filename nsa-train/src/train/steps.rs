@@ -269,29 +269,38 @@ impl Session<'_> {
         } else {
             0.0
         };
+        let tokens_per_s = log.window_tokens as f64 / secs;
         let line = MetricLine {
             step: self.state.step,
             loss: done.loss,
             lr: done.lr,
             grad_norm: done.grad_norm,
-            tokens_per_s: log.window_tokens as f64 / secs,
+            tokens_per_s,
             step_ms: done.step_ms,
             peak_mem_mb,
             skipped_steps: self.state.skipped_steps,
             eval_loss: eval.map(|e| e.0),
             eval_accuracy: eval.map(|e| e.1),
             sync_ms: done.sync_ms,
+            mfu: self
+                .peak
+                .as_ref()
+                .map(|p| crate::flops::mfu(self.flops.total(), tokens_per_s, p.tflops, self.world)),
         };
         if let Some(m) = log.writer.as_mut() {
             m.write(&line)?;
         }
+        let mfu = line
+            .mfu
+            .map(|m| format!("  MFU {:.1}%", 100.0 * m))
+            .unwrap_or_default();
         log.bar.set_message(format!(
-            "loss {:.4} lr {:.2e} {:.0} tok/s",
+            "loss {:.4} lr {:.2e} {:.0} tok/s{mfu}",
             done.loss, done.lr, line.tokens_per_s
         ));
         if !self.launch.progress && self.writer {
             println!(
-                "step {:>6}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{}",
+                "step {:>6}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{mfu}{}",
                 self.state.step,
                 done.loss,
                 done.lr,

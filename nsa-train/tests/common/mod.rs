@@ -67,3 +67,8 @@ pub fn tiny(out: &Path, name: &str, steps: u64) -> Vec<String> {
     .flat_map(|s| ["--set".to_string(), s])
     .collect()
 }
+
+/// A scratch folder for one test, named with `prefix` (removed when dropped).
+pub fn scratch(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
+}
