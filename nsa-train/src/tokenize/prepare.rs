@@ -223,7 +223,8 @@ pub fn prepare_command(a: &PrepareArgs) -> Result<()> {
 pub(crate) fn read_shard(path: &std::path::Path) -> Vec<u32> {
     let bytes = std::fs::read(path).unwrap();
     let name = path.display().to_string();
-    let l = crate::data::files::shard_layout(&bytes, crate::data::ShardFormat::Llmc, &name).unwrap();
+    let l =
+        crate::data::files::shard_layout(&bytes, crate::data::ShardFormat::Llmc, &name).unwrap();
     bytes[l.offset..]
         .chunks_exact(l.width)
         .map(|b| match *b {
