@@ -1,6 +1,7 @@
 // Custom autograd functions for nsa-attn's fused (CUDA) path.
 //
-// Selected branch: the NVRTC kernels of nsa-sys/kernels/selected_{fwd,bwd}.cu, launched here
+// Selected and compressed branches and selection: the NVRTC kernels of nsa-sys/kernels/
+// selected_{fwd,bwd}.cu and compressed.cu. Selected branch: launched here
 // with the cuLaunchKernel pointer and CUfunction handles that Rust loaded (NsaSlcTable), on
 // libtorch's current CUDA stream of the tensors' device, on the memory of the tensors.
 //   forward:  out [B, S, H, dv] and lse fp32 [B, S, H] (saved for backward);
@@ -11,7 +12,12 @@
 //             (piece of a block's token list, key chunk), walking its tokens in ascending order;
 //             a block whose list is split into several pieces (block 0, which every token
 //             selects) is finished by the reduce kernel, which adds the pieces' fp32 partials in
-//             piece order: deterministic, no float atomics.
+//             piece order: deterministic, no float atomics. The forward is the union-tile
+//             kernel, or (strategy 1) the key-outer kernel over the same inverse index plus a
+//             merge of per-block partials.
+// Compressed branch (CompressedFused): forward kernel (out, lse); backward dq kernel and dk / dv
+//   over tiles of 64 compressed tokens with a host-built plan (no device sync), split tiles
+//   summed by the same reduce kernel. Selection (nsa_fused_select) reads the forward's lse.
 // Window branch: libtorch's own flash-attention kernel with its sliding-window parameters
 //   (window_size_left = w - 1, right = 0, causal), bf16, dk == dv.
 //
@@ -36,8 +42,9 @@
 #include "blocks.h"
 
 // Mirror of nsa_sys::fused::SlcTable (#[repr(C)]): the driver's cuLaunchKernel and the
-// CUfunction handles of one device. Index of fwd_mma, dq_mma, dkdv_mma: 3 * dk_index + dv_index
-// over {64, 128, 192}; of the others: 0 = fp32, 1 = bf16.
+// CUfunction handles of one device. Index of the nine-entry tensor-core families (fwd_mma,
+// dq_mma, dkdv_mma, cmp_*_mma, fwd_kv): 3 * dk_index + dv_index over {64, 128, 192}; of
+// fwd_simt, dq, dkdv, dkdv_reduce: 0 = fp32, 1 = bf16; of cmp_select: as commented.
 struct NsaSlcTable {
   void* launch;
   void* fwd_mma[9];

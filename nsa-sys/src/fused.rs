@@ -1,7 +1,9 @@
 //! Fused NSA attention on CUDA: the selected branch through the NVRTC kernels of
-//! `nsa-sys/kernels/selected_{fwd,bwd}.cu`, the sliding window through libtorch's own
-//! flash-attention kernel with its window parameters. Both are custom autograd functions in
-//! `glue/fused.cpp`; kernels run on libtorch's current CUDA stream, on the tensors' memory.
+//! `nsa-sys/kernels/selected_{fwd,bwd}.cu`, the compressed branch and block selection through
+//! those of `kernels/compressed.cu` ([`compressed_attention`], [`select_blocks`]), the sliding
+//! window through libtorch's own flash-attention kernel with its window parameters. The
+//! differentiable ones are custom autograd functions in `glue/fused.cpp`; kernels run on
+//! libtorch's current CUDA stream, on the tensors' memory.
 //!
 //! Kernels are compiled per device architecture on first use (NVRTC, [`crate::nvrtc`]),
 //! loaded into the device's primary context (the one libtorch uses) and kept for the life of
