@@ -137,18 +137,13 @@ impl NsaAttention {
                 };
                 let (dk, dv) = (c.head_dim_k, c.head_dim_v);
                 let bf16 = cuda && kind == Kind::BFloat16;
-                // Flash runs at max(dk, dv) rounded up to a multiple of 8 (zero-padded).
-                let window = if bf16 && (dk.max(dv) + 7) / 8 * 8 <= 256 {
+                let window = if bf16 && crate::fused::window_head_dim(dk, dv) <= 256 {
                     BranchKernel::FlashWindow
                 } else {
                     BranchKernel::ChunkedSpan
                 };
-                let mma = nsa_sys::fused::MMA_HEAD_DIMS;
-                let compressed = if bf16
-                    && mma.contains(&dk)
-                    && mma.contains(&dv)
-                    && c.heads / c.kv_heads.max(1) <= 64
-                {
+                let group = c.heads / c.kv_heads.max(1);
+                let compressed = if bf16 && nsa_sys::fused::tensor_core_shape(dk, dv, group) {
                     BranchKernel::FusedCompressed
                 } else {
                     BranchKernel::ChunkedSpan

@@ -41,7 +41,7 @@ pub fn selected_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 
 /// The head size the flash window kernel runs at: `max(dk, dv)` rounded up to a multiple of 8
 /// (flash needs equal q/k and v head sizes; [`window`] zero-pads the smaller ones).
-fn window_head_dim(dk: i64, dv: i64) -> i64 {
+pub(crate) fn window_head_dim(dk: i64, dv: i64) -> i64 {
     (dk.max(dv) + 7) / 8 * 8
 }
 
@@ -60,7 +60,7 @@ pub fn window_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// when gradients are needed and its backward would be the SIMT kernels (fp32, or head sizes
 /// without a tensor-core instantiation): at G = 16 the SIMT backward was 4.4× slower than the
 /// lean path's (BENCHMARKS.md, "Fused kernels"), while at G = 3 it wins. The tensor-core
-/// backward (bf16, dk and dv in [`sys::MMA_HEAD_DIMS`], G ≤ 64) has no such limit; inference
+/// backward (bf16, [`sys::tensor_core_shape`]) has no such limit; inference
 /// takes the fused forward at any G.
 const MAX_GROUP_FOR_SIMT_BACKWARD: i64 = 8;
 
@@ -70,9 +70,7 @@ fn lean_backward_is_faster(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let wants_grad = q.requires_grad() || k.requires_grad() || v.requires_grad();
     let group = q.size()[2] / k.size()[2].max(1);
     let tensor_cores = sys::compute_kind(q, k, v) == Some(Kind::BFloat16)
-        && sys::MMA_HEAD_DIMS.contains(&q.size()[3])
-        && sys::MMA_HEAD_DIMS.contains(&v.size()[3])
-        && group <= 64;
+        && sys::tensor_core_shape(q.size()[3], v.size()[3], group);
     wants_grad && !tensor_cores && group > MAX_GROUP_FOR_SIMT_BACKWARD
 }
 
@@ -551,9 +549,7 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
     let mut rows = Vec::new();
     for c in cases() {
         // bf16 at tensor-core head sizes has two forwards (union tiles and key-outer).
-        let key_outer = c.kind == Kind::BFloat16
-            && sys::MMA_HEAD_DIMS.contains(&c.dk)
-            && sys::MMA_HEAD_DIMS.contains(&c.dv);
+        let key_outer = c.kind == Kind::BFloat16 && sys::tensor_core_shape(c.dk, c.dv, c.hpg);
         let forwards: &[sys::SelectedForward] = if key_outer {
             &[
                 sys::SelectedForward::UnionTiles,

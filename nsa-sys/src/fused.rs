@@ -114,6 +114,18 @@ impl SelectedKernels {
 /// Head sizes with tensor-core (bf16) forward and backward instantiations.
 pub const MMA_HEAD_DIMS: [i64; 3] = [64, 128, 192];
 
+/// Most query heads per K/V head the tensor-core kernels take (their 64-row tiles hold at least
+/// one token's heads).
+pub const MMA_MAX_GROUP: i64 = 64;
+
+/// Whether the tensor-core kernels have an instantiation for head sizes `dk`, `dv` at `group`
+/// query heads per K/V head (the glue's `mma_index`; the dtype must also compute in bf16).
+pub fn tensor_core_shape(dk: i64, dv: i64, group: i64) -> bool {
+    MMA_HEAD_DIMS.contains(&dk)
+        && MMA_HEAD_DIMS.contains(&dv)
+        && (1..=MMA_MAX_GROUP).contains(&group)
+}
+
 static OPTIONS: Mutex<Option<FusedOptions>> = Mutex::new(None);
 static LOADED: Mutex<Option<HashMap<usize, &'static SelectedKernels>>> = Mutex::new(None);
 static NVRTC: Mutex<Option<&'static Nvrtc>> = Mutex::new(None);

@@ -21,9 +21,7 @@ pub fn compressed_supported(q: &Tensor, cmp_k: &Tensor, cmp_v: &Tensor) -> bool 
         && cmp_k.device() == q.device()
         && cmp_v.device() == q.device()
         && sys::compute_kind(q, cmp_k, cmp_v) == Some(Kind::BFloat16)
-        && sys::MMA_HEAD_DIMS.contains(&q.size()[3])
-        && sys::MMA_HEAD_DIMS.contains(&cmp_v.size()[3])
-        && group <= 64
+        && sys::tensor_core_shape(q.size()[3], cmp_v.size()[3], group)
 }
 
 /// The selection parameters of `cfg` for the kernels (Eq. 9's taps from nsa-select).
@@ -44,26 +42,6 @@ pub fn select_params(cfg: &NsaConfig) -> sys::SelectParams {
 
 fn bf16(t: &Tensor) -> Result<Tensor, AttnError> {
     Ok(t.f_to_kind(Kind::BFloat16)?.f_contiguous()?)
-}
-
-/// The compressed branch's output and log-sum-exp without autograd, on the kernels.
-fn forward_no_grad(
-    q: &Tensor,
-    cmp_k: &Tensor,
-    cmp_v: &Tensor,
-    cfg: &NsaConfig,
-) -> Result<(Tensor, Tensor), AttnError> {
-    let _g = tch::no_grad_guard();
-    let sel = cfg.select_config();
-    sys::compressed_forward(
-        &bf16(q)?,
-        &bf16(cmp_k)?,
-        &bf16(cmp_v)?,
-        sel.block_len,
-        sel.stride,
-        scale(q),
-    )
-    .map_err(fused_err)
 }
 
 /// Compressed branch (Eq. 7 attention over the compressed tokens) on the kernels (forward, dQ
@@ -141,7 +119,7 @@ pub fn select_blocks(
         return selection::blocks_chunked(q, cmp_k, cfg, chunk, imp);
     }
     let _g = tch::no_grad_guard();
-    let (_, lse) = forward_no_grad(q, cmp_k, cmp_v, cfg)?;
+    let (_, lse) = attention_and_lse(q, cmp_k, cmp_v, cfg)?;
     sys::select_blocks(
         &bf16(q)?,
         &bf16(cmp_k)?,
