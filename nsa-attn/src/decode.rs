@@ -60,6 +60,7 @@
 mod attend;
 mod cache;
 mod check;
+mod fused;
 mod plan;
 #[cfg(test)]
 mod tests;
@@ -71,6 +72,7 @@ pub use cache::NsaCache;
 pub use check::{
     decode_check, decode_parity, decode_sequence, DecodedSequence, Parity, ParitySelection,
 };
+pub use fused::kernel_step;
 pub use plan::DecodePlan;
 
 use crate::config::{AttnError, NsaConfig};
@@ -301,8 +303,15 @@ impl NsaAttention {
             )?;
         }
 
-        // 3. Compressed branch over the visible compressed tokens; its probabilities are p_cmp.
         let q = raw.q.f_view([b, g, h, c.head_dim_k])?;
+        let gates = self.gates(x, opts.gates)?;
+        if fused::supported(&c, opts, x.kind(), x.device()) {
+            // 3–7 on the decode kernels.
+            let (mixed, blocks) = fused::attend(&c, &q, cache, plan, &gates)?;
+            return self.finish_step(&mixed, blocks, cache, plan);
+        }
+
+        // 3. Compressed branch over the visible compressed tokens; its probabilities are p_cmp.
         let width = plan.max_visible;
         let (o_cmp, p_cmp) = if width == 0 {
             let zeros = Tensor::f_zeros([b, g, h, c.head_dim_v], (x.kind(), x.device()))?;
@@ -350,11 +359,23 @@ impl NsaAttention {
 
         // 7. Gates (Eq. 5) and the output projection.
         let heads = |o: &Tensor| o.f_reshape([b, 1, c.heads, c.head_dim_v]);
-        let gates = self.gates(x, opts.gates)?;
         let mixed = gates::mix(&gates, &heads(&o_cmp)?, &heads(&o_slc)?, &heads(&o_win)?)?;
-        let output = self.output_projection(&mixed)?;
+        self.finish_step(&mixed, blocks, cache, plan)
+    }
+
+    /// The output projection of the mixed branch outputs `[B, 1, H, dv]` and the step's read
+    /// counts for the `blocks` `[B, Hkv, n]` it selected.
+    fn finish_step(
+        &self,
+        mixed: &Tensor,
+        blocks: Tensor,
+        cache: &NsaCache,
+        plan: &DecodePlan,
+    ) -> Result<LayerStep, AttnError> {
+        let select_len = self.config().nsa.select.select_len;
+        let (_, valid) = selected_slots(&blocks, &plan.dev, select_len, cache.capacity())?;
         Ok(LayerStep {
-            output,
+            output: self.output_projection(mixed)?,
             reads: StepReads {
                 compressed: plan.visible.clone(),
                 selected: valid.f_sum_dim_intlist(-1, false, Kind::Int64)?,

@@ -26,16 +26,9 @@
 //   ascending. Shared: Q, K tiles [64][DK + pad] (bf16 or fp32), lse2 [64], p [64][65],
 //   ps [BQ][64], scores [BQ][Nb], then the union tile's mask words.
 #include "attend.cuh"
-
-#define NSA_MAX_TAPS 32
+#include "select.cuh"
 
 namespace nsa {
-
-// Eq. 9 as taps (nsa-select's SelectConfig::overlap_taps).
-struct Taps {
-  int first, step, count;
-  int w[NSA_MAX_TAPS];
-};
 
 struct SelectArgs {
   int L;        // selection block length l'
@@ -183,55 +176,8 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
   for (int i = warp; i < BQ; i += NSA_THREADS / 32) {
     const int t = t0 + i;
     if (t >= S) break;
-    float* sc = scores + i * sa.Nb;
-    const int cur = t / sa.L;
-    const int kmax = min(sa.n, sa.Nb);
-    long long mine = -1;  // lane s < kmax holds pick s
-    int count = 0;
-    // Forced: block 0, then the local band max(1, cur - n_local + 1) .. cur, ascending.
-    const int band0 = max(1, cur - sa.n_local + 1);
-    for (int j = -1; j <= cur - band0 && count < kmax; ++j) {
-      const int blk = j < 0 ? 0 : band0 + j;
-      if (lane == count) mine = blk;
-      if (lane == 0) sc[blk] = -1.f;
-      ++count;
-    }
-    __syncwarp();
-    while (count < kmax) {
-      float best = -1.f;
-      int bj = 0x7fffffff;
-      for (int j = 1 + lane; j <= cur; j += 32) {
-        const float v = sc[j];
-        if (v > best || (v == best && j < bj)) {
-          best = v;
-          bj = j;
-        }
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        const int oj = __shfl_xor_sync(0xffffffffu, bj, o);
-        if (ov > best || (ov == best && oj < bj)) {
-          best = ov;
-          bj = oj;
-        }
-      }
-      if (best < 0.f) break;  // no candidate left
-      if (lane == count) mine = bj;
-      if (lane == 0) sc[bj] = -1.f;
-      __syncwarp();
-      ++count;
-    }
-    // Ascending, padding last: rank of each pick among the picks.
-    const long long key = lane < count ? mine : 0x7fffffffffffffffLL;
-    int rank = 0;
-    for (int o = 0; o < 32; ++o) {
-      const long long other = __shfl_sync(0xffffffffu, key, o);
-      rank += other < key || (other == key && o < lane);
-    }
-    long long* dst = out_ids + (((long long)b * S + t) * Hkv + g) * sa.n;
-    if (lane < count) dst[rank] = mine;
-    for (int s = count + lane; s < sa.n; s += 32) dst[s] = -1;
+    select_top_n_warp(scores + i * sa.Nb, t, sa.L, sa.n, sa.n_local, sa.Nb,
+                      out_ids + (((long long)b * S + t) * Hkv + g) * sa.n, lane);
   }
 }
 

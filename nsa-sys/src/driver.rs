@@ -39,6 +39,13 @@ pub(crate) struct Driver {
     pub(crate) func_set_attribute: unsafe extern "C" fn(CuFunction, c_int, c_int) -> CuResult,
     /// `cuLaunchKernel`; handed to the C++ glue, which launches the fused kernels with it.
     pub(crate) launch_kernel: LaunchKernelFn,
+    // CUDA graphs of the decode kernels (`crate::fused::DecodeGraph`).
+    pub(crate) stream_begin_capture: unsafe extern "C" fn(CuStream, c_int) -> CuResult,
+    pub(crate) stream_end_capture: unsafe extern "C" fn(CuStream, *mut CuGraph) -> CuResult,
+    pub(crate) graph_instantiate: unsafe extern "C" fn(*mut CuGraphExec, CuGraph, u64) -> CuResult,
+    pub(crate) graph_launch: unsafe extern "C" fn(CuGraphExec, CuStream) -> CuResult,
+    pub(crate) graph_exec_destroy: unsafe extern "C" fn(CuGraphExec) -> CuResult,
+    pub(crate) graph_destroy: unsafe extern "C" fn(CuGraph) -> CuResult,
 }
 
 /// `CUresult cuLaunchKernel(CUfunction f, unsigned gridX, gridY, gridZ, blockX, blockY, blockZ,
@@ -70,6 +77,11 @@ pub(crate) type CuContext = *mut std::os::raw::c_void;
 pub(crate) type CuStream = *mut std::os::raw::c_void;
 /// `CUevent`: opaque driver handle.
 pub(crate) type CuEvent = *mut std::os::raw::c_void;
+/// `CUgraph` / `CUgraphExec`: opaque driver handles.
+pub(crate) type CuGraph = *mut std::os::raw::c_void;
+pub(crate) type CuGraphExec = *mut std::os::raw::c_void;
+/// `CU_STREAM_CAPTURE_MODE_THREAD_LOCAL`: only this thread's unsafe calls end a capture.
+pub(crate) const CAPTURE_MODE_THREAD_LOCAL: c_int = 1;
 /// `CU_STREAM_NON_BLOCKING`: no implicit synchronisation with the legacy default stream.
 pub(crate) const STREAM_NON_BLOCKING: c_uint = 1;
 /// `CU_EVENT_DISABLE_TIMING`: the cheapest event, for ordering only.
@@ -147,6 +159,12 @@ impl Driver {
             module_get_function: sym!("cuModuleGetFunction"),
             func_set_attribute: sym!("cuFuncSetAttribute"),
             launch_kernel: sym!("cuLaunchKernel"),
+            stream_begin_capture: sym!("cuStreamBeginCapture_v2"),
+            stream_end_capture: sym!("cuStreamEndCapture"),
+            graph_instantiate: sym!("cuGraphInstantiateWithFlags"),
+            graph_launch: sym!("cuGraphLaunch"),
+            graph_exec_destroy: sym!("cuGraphExecDestroy"),
+            graph_destroy: sym!("cuGraphDestroy"),
             _lib: std::mem::ManuallyDrop::new(lib),
         };
         // SAFETY: cuInit(0) is always valid to call, repeatedly too.

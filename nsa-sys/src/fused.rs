@@ -29,7 +29,12 @@ use crate::nvrtc::{Nvrtc, NvrtcError, COMPRESSED, SELECTED_BWD, SELECTED_FWD};
 use crate::SysError;
 
 mod compressed;
+mod decode;
 pub use compressed::{compressed_attention, compressed_forward, select_blocks, SelectParams};
+pub use decode::{
+    decode_kernels, DecodeGraph, DecodeInputs, DecodeKernels, DecodeParams, DecodeStep,
+    DECODE_MAX_DV, DECODE_MAX_GROUP, DECODE_MAX_TOP_N,
+};
 
 /// Options of the fused kernels' compilation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -54,6 +59,9 @@ pub enum FusedError {
     /// libtorch raised inside the glue (launch failure, out of memory, …).
     #[error(transparent)]
     Glue(#[from] GlueError),
+    /// A libtorch call made from Rust failed (allocation of a workspace, …).
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
 }
 
 /// Mirror of `NsaSlcTable` in `glue/fused.cpp`.
@@ -163,13 +171,20 @@ pub fn kernels(device: usize) -> Result<&'static SelectedKernels, FusedError> {
     Ok(k)
 }
 
-fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedError> {
+/// A device made ready for loading kernels: its primary context (the one libtorch's runtime
+/// uses, so handles loaded into it serve libtorch's streams) current on this thread, its compute
+/// capability and the dynamic shared memory a block may opt into.
+struct DeviceSetup {
+    arch: (i32, i32),
+    max_smem: i32,
+}
+
+fn device_setup(device: usize) -> Result<DeviceSetup, FusedError> {
     let drv = driver::shared()?;
     let dev = device as i32;
     let mut ctx: CuContext = std::ptr::null_mut();
     let (mut major, mut minor, mut max_smem) = (0, 0, 0);
-    // SAFETY: valid out-pointers; an invalid ordinal returns an error code. The primary context
-    // is the one libtorch's runtime uses, so handles loaded into it serve libtorch's streams.
+    // SAFETY: valid out-pointers; an invalid ordinal returns an error code.
     unsafe {
         check(
             "cuDevicePrimaryCtxRetain",
@@ -189,43 +204,58 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
             (drv.device_get_attribute)(&mut max_smem, driver::ATTR_MAX_SHARED_OPTIN, dev),
         )?;
     }
-    let arch = (major, minor);
+    Ok(DeviceSetup {
+        arch: (major, minor),
+        max_smem,
+    })
+}
+
+/// Loads a CUBIN into the current context; the module is never unloaded.
+fn load_module(image: &[u8]) -> Result<CuModule, SysError> {
+    let drv = driver::shared()?;
+    let mut m: CuModule = std::ptr::null_mut();
+    // SAFETY: `image` is a complete CUBIN for this device's architecture, alive for the call;
+    // the module is never unloaded (its functions are kept for the process's life).
+    check("cuModuleLoadData", unsafe {
+        (drv.module_load_data)(&mut m, image.as_ptr().cast())
+    })?;
+    Ok(m)
+}
+
+/// Kernel `name` of module `m`, allowed `max_smem` bytes of dynamic shared memory.
+fn module_function(m: CuModule, name: &str, max_smem: i32) -> Result<CuFunction, SysError> {
+    let drv = driver::shared()?;
+    let cname = CString::new(name).map_err(|_| SysError::Call {
+        call: "cuModuleGetFunction",
+        code: -1,
+    })?;
+    let mut f: CuFunction = std::ptr::null_mut();
+    // SAFETY: live module, NUL-terminated name, valid out-pointer; then the attribute call on
+    // the function just returned.
+    unsafe {
+        check(
+            "cuModuleGetFunction",
+            (drv.module_get_function)(&mut f, m, cname.as_ptr()),
+        )?;
+        check(
+            "cuFuncSetAttribute",
+            (drv.func_set_attribute)(f, driver::FUNC_ATTR_MAX_DYNAMIC_SHARED, max_smem),
+        )?;
+    }
+    Ok(f)
+}
+
+fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedError> {
+    let drv = driver::shared()?;
+    let DeviceSetup { arch, max_smem } = device_setup(device)?;
     let nv = nvrtc()?;
     let fwd = nv.compile_cached(&SELECTED_FWD, arch, opts.cache_dir.as_deref())?;
     let bwd = nv.compile_cached(&SELECTED_BWD, arch, opts.cache_dir.as_deref())?;
     let cmp = nv.compile_cached(&COMPRESSED, arch, opts.cache_dir.as_deref())?;
-    let load_module = |image: &[u8]| -> Result<CuModule, SysError> {
-        let mut m: CuModule = std::ptr::null_mut();
-        // SAFETY: `image` is a complete CUBIN for this device's architecture, alive for the
-        // call; the module is never unloaded (its functions are kept for the process's life).
-        check("cuModuleLoadData", unsafe {
-            (drv.module_load_data)(&mut m, image.as_ptr().cast())
-        })?;
-        Ok(m)
-    };
     let fwd_mod = load_module(&fwd.cubin)?;
     let bwd_mod = load_module(&bwd.cubin)?;
     let cmp_mod = load_module(&cmp.cubin)?;
-    let func = |m: CuModule, name: &str| -> Result<CuFunction, SysError> {
-        let cname = CString::new(name).map_err(|_| SysError::Call {
-            call: "cuModuleGetFunction",
-            code: -1,
-        })?;
-        let mut f: CuFunction = std::ptr::null_mut();
-        // SAFETY: live module, NUL-terminated name, valid out-pointer; then the attribute call
-        // on the function just returned.
-        unsafe {
-            check(
-                "cuModuleGetFunction",
-                (drv.module_get_function)(&mut f, m, cname.as_ptr()),
-            )?;
-            check(
-                "cuFuncSetAttribute",
-                (drv.func_set_attribute)(f, driver::FUNC_ATTR_MAX_DYNAMIC_SHARED, max_smem),
-            )?;
-        }
-        Ok(f)
-    };
+    let func = |m: CuModule, name: &str| module_function(m, name, max_smem);
     // The tensor-core instantiations of one family, indexed 3 * dk_index + dv_index.
     let mma_family = |m: CuModule, prefix: &str| -> Result<[CuFunction; 9], SysError> {
         let mut fns = [std::ptr::null_mut(); 9];

@@ -29,10 +29,11 @@ pub struct KernelSource {
 }
 
 /// Headers every kernel may include by name.
-pub const HEADERS: [(&str, &str); 3] = [
+pub const HEADERS: [(&str, &str); 4] = [
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("mma.cuh", include_str!("../kernels/mma.cuh")),
     ("attend.cuh", include_str!("../kernels/attend.cuh")),
+    ("select.cuh", include_str!("../kernels/select.cuh")),
 ];
 
 /// Selected-branch forward (tensor-core bf16 kernel and SIMT kernels).
@@ -53,8 +54,14 @@ pub const COMPRESSED: KernelSource = KernelSource {
     source: include_str!("../kernels/compressed.cu"),
 };
 
+/// One decode step of the three branches, selection and the gated mix (split-K tiles).
+pub const DECODE: KernelSource = KernelSource {
+    name: "decode.cu",
+    source: include_str!("../kernels/decode.cu"),
+};
+
 /// Every kernel family in the repository (the CPU test compiles all of them).
-pub const ALL_SOURCES: [KernelSource; 3] = [SELECTED_FWD, SELECTED_BWD, COMPRESSED];
+pub const ALL_SOURCES: [KernelSource; 4] = [SELECTED_FWD, SELECTED_BWD, COMPRESSED, DECODE];
 
 /// Errors of loading NVRTC, compiling, and the CUBIN cache.
 #[derive(Debug, thiserror::Error)]

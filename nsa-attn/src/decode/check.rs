@@ -211,7 +211,9 @@ pub fn decode_check() -> Result<Vec<CheckRow>, AttnError> {
             reason: format!("needs a CUDA device: {backend}"),
         });
     }
-    Ok(rows_on(Device::Cuda(0)))
+    let mut rows = rows_on(Device::Cuda(0));
+    rows.extend(decode_kernel_rows(Device::Cuda(0)));
+    Ok(rows)
 }
 
 /// [`decode_check`]'s rows on `device` (a unit test runs them on the CPU).
@@ -239,7 +241,21 @@ fn rows_on(device: Device) -> Vec<CheckRow> {
                 lens.4,
                 lens.0 - 1,
             );
-            let row = check_case(&cfg, kind, selection, &[1, lens.0 - 1, 90], device).map(|p| {
+            let path = if kind == Kind::Double {
+                AttnPath::Reference
+            } else {
+                AttnPath::Lean(LeanOpts::default())
+            };
+            let row = check_case(
+                &cfg,
+                kind,
+                path,
+                selection,
+                150,
+                &[1, lens.0 - 1, 90],
+                device,
+            )
+            .map(|p| {
                 let exact = selection == ParitySelection::Decoded || p.same_blocks;
                 CheckRow {
                     name: name.clone(),
@@ -268,24 +284,156 @@ fn rows_on(device: Device) -> Vec<CheckRow> {
 fn check_case(
     cfg: &NsaConfig,
     kind: Kind,
+    path: AttnPath,
     selection: ParitySelection,
+    seq: i64,
     prompts: &[i64],
     device: Device,
 ) -> Result<Parity, AttnError> {
     let mut vs = nn::VarStore::new(device);
     let layer = NsaAttention::new(&(vs.root() / "attn"), *cfg)?;
     vs.set_kind(kind);
-    let x = Tensor::f_randn([prompts.len() as i64, 150, cfg.dim], (kind, device))?;
-    let path = if kind == Kind::Double {
-        AttnPath::Reference
-    } else {
-        AttnPath::Lean(LeanOpts::default())
-    };
+    let x = Tensor::f_randn([prompts.len() as i64, seq, cfg.dim], (kind, device))?;
     let opts = ForwardOpts {
         path,
         ..Default::default()
     };
     decode_parity(&layer, &x, prompts, &opts, selection)
+}
+
+/// The decode kernels' rows of `nsa-train check --gpu` (the step on
+/// `nsa_sys::fused::DecodeStep`, taken on the fused path): prefill + decode against the
+/// full-sequence forward given the decoded blocks (float32 1e-4, bf16 2e-2), and, in float32,
+/// the kernels' selection against nsa-select's (the libtorch step's) on every decoded row.
+/// Sequences long enough for several compressed and selection-score tiles (S = 1200), a short
+/// one with shared K/V (the window read from the raw buffer, prompts shorter than l), and a
+/// paper-like group (16 heads, dk 192, dv 128, l 32, d 16, l' 64, n 16, w 512).
+pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
+    let fused = AttnPath::Fused(LeanOpts::default());
+    let paper = NsaConfig {
+        dim: 256,
+        heads: 32,
+        kv_heads: 2,
+        head_dim_k: 192,
+        head_dim_v: 128,
+        ..check_config(false, Phi::Mlp, (32, 16, 64, 16, 512))
+    };
+    let cases = [
+        (
+            "per-branch K/V l=8 d=4 l'=16 n=4 w=24",
+            check_config(false, Phi::Mlp, (8, 4, 16, 4, 24)),
+            1200,
+            vec![1000, 1100, 1150],
+        ),
+        (
+            "shared_kv l=16 d=8 l'=32 n=3 w=40",
+            check_config(true, Phi::Linear, (16, 8, 32, 3, 40)),
+            150,
+            vec![1, 15, 90],
+        ),
+        (
+            "paper-like G=16 dk=192 dv=128",
+            paper,
+            1200,
+            vec![700, 1100, 1150],
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (what, cfg, seq, prompts) in &cases {
+        for (kind, tolerance) in [(Kind::Float, 1e-4), (Kind::BFloat16, 2e-2)] {
+            let name = format!("decode kernels {kind:?} {what} B=3 S={seq} prompts {prompts:?}");
+            let row = check_case(
+                cfg,
+                kind,
+                fused,
+                ParitySelection::Decoded,
+                *seq,
+                prompts,
+                device,
+            )
+            .map(|p| CheckRow {
+                name: name.clone(),
+                max_rel_err: p.rel_err(),
+                tolerance,
+                passed: p.rel_err() <= tolerance,
+                detail: "output vs the forward given the decoded blocks".into(),
+            });
+            rows.push(row.unwrap_or_else(|e| failed_row(name, tolerance, e)));
+        }
+        let name = format!("decode kernels selection Float {what} B=3 S={seq} prompts {prompts:?}");
+        let mut row = selection_case(cfg, *seq, prompts, device)
+            .unwrap_or_else(|e| failed_row(String::new(), 1e-4, e));
+        row.name = name;
+        rows.push(row);
+    }
+    rows
+}
+
+fn failed_row(name: String, tolerance: f64, e: AttnError) -> CheckRow {
+    CheckRow {
+        name,
+        max_rel_err: f64::INFINITY,
+        tolerance,
+        passed: false,
+        detail: e.to_string(),
+    }
+}
+
+/// The same float32 decode on the kernels and on the libtorch step: every decoded row's blocks
+/// equal, outputs within 1e-4 of the larger one.
+fn selection_case(
+    cfg: &NsaConfig,
+    seq: i64,
+    prompts: &[i64],
+    device: Device,
+) -> Result<CheckRow, AttnError> {
+    let mut vs = nn::VarStore::new(device);
+    let layer = NsaAttention::new(&(vs.root() / "attn"), *cfg)?;
+    vs.set_kind(Kind::Float);
+    let x = Tensor::f_randn([prompts.len() as i64, seq, cfg.dim], (Kind::Float, device))?;
+    let run = |path| {
+        let opts = ForwardOpts {
+            path,
+            ..Default::default()
+        };
+        decode_sequence(&layer, &x, prompts, &opts)
+    };
+    let kernels = run(AttnPath::Fused(LeanOpts::default()))?;
+    let ops = run(AttnPath::Lean(LeanOpts::default()))?;
+    let _no_grad = tch::no_grad_guard();
+    // Decoded rows only: t >= prompt_b.
+    let t = Tensor::f_arange(seq, (Kind::Int64, device))?.f_view([1, seq])?;
+    let lens = Tensor::f_from_slice(prompts)?
+        .f_to_device(device)?
+        .f_view([-1, 1])?;
+    let decoded = t.f_ge_tensor(&lens)?;
+    let differ = kernels
+        .blocks
+        .f_ne_tensor(&ops.blocks)?
+        .f_any_dim(-1, false)?
+        .f_any_dim(-1, false)?
+        .f_logical_and(&decoded)?;
+    let (n_differ, n_rows) = (
+        differ.f_sum(Kind::Int64)?.f_int64_value(&[])?,
+        decoded.f_sum(Kind::Int64)?.f_int64_value(&[])?,
+    );
+    let want = ops.output.f_to_kind(Kind::Double)?;
+    let err = kernels
+        .output
+        .f_to_kind(Kind::Double)?
+        .f_sub(&want)?
+        .f_abs()?
+        .f_max()?
+        .f_double_value(&[])?;
+    let rel = err / want.f_abs()?.f_max()?.f_double_value(&[])?.max(1e-30);
+    let rel = if rel.is_nan() { f64::INFINITY } else { rel };
+    Ok(CheckRow {
+        name: String::new(),
+        max_rel_err: rel,
+        tolerance: 1e-4,
+        passed: n_differ == 0 && rel <= 1e-4,
+        detail: format!("{n_differ} of {n_rows} decoded rows select other blocks than nsa-select"),
+    })
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use nsa_model::{AttentionKind, Model, ModelConfig};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::generate::{host_row, Sampler, Sampling};
-use nsa_bench::{bench_device, branches::shape_config, time_runs};
+use nsa_bench::{bench_device, branches::shape_config, time_runs, Timing};
 
 #[derive(Debug, clap::Args)]
 pub struct DecodeBenchArgs {
@@ -121,7 +121,7 @@ pub fn run(a: DecodeBenchArgs) -> Result<()> {
 /// The layer table: NSA decode step vs dense SDPA over the same cache.
 fn layer_table(p: &Plan) -> Result<String> {
     let mut table = format!(
-        "Decode step, {}, {:?}. Cells: ms, median (min–max) of {} steps. NSA: the whole layer; dense: SDPA of one query over the same cached keys (attention only). Keys read per K/V group and step.\n\n| shape | cached tokens | batch | NSA layer step ms | dense SDPA ms | dense / NSA | keys read NSA | keys read dense | cache GB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "Decode step, {}, {:?}. Cells: ms, median (min–max) of {} runs. Layer step: the whole NSA layer (projections, cache writes, compression, attention, gates, output projection), synchronised after each step (latency). Attention: NSA's decode kernels (three branches, selection, gated mix; CUDA only) and dense SDPA of one query over the same cached keys, each given its queries, per step over {STEPS_PER_RUN} steps issued back to back (eager: launched from the host each step; graph: the four kernels replayed as one CUDA graph). dense / NSA: eager SDPA over the NSA graph. Keys read per K/V group and step.\n\n| shape | cached tokens | batch | NSA layer step ms | NSA attention eager ms | NSA attention graph ms | dense SDPA ms | dense / NSA | keys read NSA | keys read dense | cache GB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         nsa_bench::device_description(p.device),
         p.kind,
         p.repeats
@@ -137,7 +137,7 @@ fn layer_table(p: &Plan) -> Result<String> {
                 let line = match row {
                     Ok(cells) => format!("| {name} | {s} | {b} | {cells} |\n"),
                     Err(e) => format!(
-                        "| {name} | {s} | {b} | failed: {} | | | | | |\n",
+                        "| {name} | {s} | {b} | failed: {} | | | | | | | |\n",
                         format!("{e:#}").lines().next().unwrap_or("")
                     ),
                 };
@@ -149,13 +149,39 @@ fn layer_table(p: &Plan) -> Result<String> {
     Ok(table)
 }
 
+/// Steps issued back to back per timed run of the attention columns.
+const STEPS_PER_RUN: usize = 20;
+
+/// Per-step time of `f` run [`STEPS_PER_RUN`] times back to back, synchronised around each run.
+fn per_step(p: &Plan, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    let (t, _) = time_runs(p.device, p.repeats, true, || {
+        for _ in 0..STEPS_PER_RUN {
+            f().map_err(|e| nsa_bench::BenchError::Flag(format!("{e:#}")))?;
+        }
+        Ok(())
+    })?;
+    let k = STEPS_PER_RUN as f64;
+    Ok(Timing {
+        median: t.median / k,
+        min: t.min / k,
+        max: t.max / k,
+    })
+}
+
 fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) -> Result<String> {
     let _no_grad = tch::no_grad_guard();
     let lengths = vec![s; b as usize];
     let mut cache =
         NsaCache::filled_random(cfg, &lengths, s + p.repeats as i64 + 2, p.kind, p.device)?;
     let x = Tensor::f_randn([b, 1, cfg.dim], (p.kind, p.device))?;
-    let opts = ForwardOpts::default();
+    let opts = ForwardOpts {
+        path: if p.device.is_cuda() {
+            AttnPath::Fused(LeanOpts::default())
+        } else {
+            AttnPath::Reference
+        },
+        ..Default::default()
+    };
     let (nsa, reads) = time_runs(p.device, p.repeats, true, || {
         Ok(layer.decode_step(&x, &mut cache, &opts)?.reads)
     })?;
@@ -164,17 +190,37 @@ fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) ->
         .f_to_kind(Kind::Double)?
         .f_mean(Kind::Double)?
         .f_double_value(&[])?;
+    let position = cache.lengths().iter().copied().max().unwrap_or(1) - 1;
+    let (kernels, graph) = if p.device.is_cuda() {
+        let h = cfg.heads_per_group();
+        let q = Tensor::f_randn([b, cfg.kv_heads, h, cfg.head_dim_k], (p.kind, p.device))?;
+        let gates = Tensor::f_rand([b, cfg.heads, 3], (p.kind, p.device))?;
+        let positions = Tensor::f_full([b], position, (Kind::Int64, p.device))?;
+        let step = nsa_attn::decode::kernel_step(&cache, &q, &positions, position, &gates)?;
+        let eager = per_step(p, || Ok(step.launch()?))?;
+        let captured = step.capture()?;
+        let graph = per_step(p, || Ok(captured.replay()?))?;
+        (Some(eager), Some(graph))
+    } else {
+        (None, None)
+    };
     let q = Tensor::f_randn([b, cfg.heads, 1, cfg.head_dim_k], (p.kind, p.device))?;
     let (k, v) = cache.selected_kv();
     let (k, v) = (k.f_narrow(2, 0, s)?, v.f_narrow(2, 0, s)?);
-    let (dense, _) = time_runs(p.device, p.repeats, true, || {
-        Ok(nsa_model::dense::decode_attention(&q, &k, &v, None)?)
+    let dense = per_step(p, || {
+        let _out = nsa_model::dense::decode_attention(&q, &k, &v, None)?;
+        Ok(())
     })?;
+    let cell = |t: &Option<Timing>| t.as_ref().map_or("–".to_string(), Timing::cell);
+    let ratio = graph.as_ref().map_or("–".to_string(), |g| {
+        format!("{:.1}", dense.median / g.median)
+    });
     Ok(format!(
-        "{} | {} | {:.2} | {keys_read:.0} | {s} | {:.2}",
+        "{} | {} | {} | {} | {ratio} | {keys_read:.0} | {s} | {:.2}",
         nsa.cell(),
+        cell(&kernels),
+        cell(&graph),
         dense.cell(),
-        dense.median / nsa.median,
         cache.bytes() as f64 / 1e9
     ))
 }
@@ -284,7 +330,7 @@ mod tests {
         for row in &rows {
             assert!(!row.contains("failed"), "{row}");
             let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-            let (s, read): (f64, f64) = (cells[2].parse().unwrap(), cells[7].parse().unwrap());
+            let (s, read): (f64, f64) = (cells[2].parse().unwrap(), cells[9].parse().unwrap());
             // The timed step (after the warm-up one) is at position S + 1.
             let t = s as i64 + 1;
             let bound =

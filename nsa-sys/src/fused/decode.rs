@@ -1,0 +1,700 @@
+//! One NSA decode step on CUDA: the kernels of `nsa-sys/kernels/decode.cu` (compressed
+//! branch, selection, selected and window branches, gated mix) launched from here on libtorch's
+//! current stream, or replayed as a CUDA graph ([`DecodeStep::capture`]).
+//!
+//! A [`DecodeStep`] holds its inputs (shallow clones: the caller may overwrite them in place
+//! between launches, e.g. the next token's query), its workspace and its outputs, all allocated
+//! once, so a launch allocates nothing and a captured graph stays valid for as long as the step
+//! lives. Every sequence's position must stay `≤ max_position` (the grid and the workspace are
+//! sized for it; a larger position reads nothing out of bounds but attends a clipped prefix).
+//!
+//! Layouts: `q` `[B, Hkv, h, dk]` (query head `g·h + i`); the caches `[B, Hkv, slots, d]`:
+//! raw keys/values (slot = position), compressed (slot = index), the window ring (slot =
+//! position mod `w`; without a ring the window reads the raw buffer); `positions` int64 `[B]`
+//! (`t_b`, the new token's position, already written to every buffer); `gates` `[B, H, 3]`
+//! (cmp, slc, win). Output `[B, H, dv]` in the inputs' kind and the selected blocks int64
+//! `[B, Hkv, n]` (ascending, `−1` padded).
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void};
+use std::sync::Mutex;
+
+use tch::{Device, Kind, Tensor};
+
+use super::{
+    device_setup, input, load_module, module_function, nvrtc, FusedError, SelectParams, OPTIONS,
+};
+use crate::autograd::{glue_error, ERR_LEN};
+use crate::driver::{self, check, CuFunction, CuGraph, CuGraphExec, CuStream};
+use crate::nvrtc::DECODE;
+
+/// Keys per tile of the decode kernels (`NSA_DEC_KEYS`).
+const TILE: i64 = 64;
+/// Threads per CTA (`NSA_THREADS`).
+const THREADS: u32 = 128;
+/// Most query heads per K/V head (four warps of 16 rows).
+pub const DECODE_MAX_GROUP: i64 = 64;
+/// Most blocks per token (`select_top_n_warp`: one lane per pick).
+pub const DECODE_MAX_TOP_N: i64 = 32;
+/// Most overlap taps (`NSA_MAX_TAPS`).
+const MAX_TAPS: usize = 32;
+/// Largest value head size (the combine kernel's thread per four columns).
+pub const DECODE_MAX_DV: i64 = 4 * THREADS as i64;
+
+/// The decode kernels of one device: `cmp` and `attend` indexed bf16 dk 64, 128, 192, then
+/// fp32 (any dk); `combine` bf16, fp32.
+#[derive(Debug)]
+struct DecodeTable {
+    cmp: [CuFunction; 4],
+    attend: [CuFunction; 4],
+    scores: CuFunction,
+    combine: [CuFunction; 2],
+    max_smem: i32,
+}
+
+/// The decode kernels loaded on one device.
+#[derive(Debug)]
+pub struct DecodeKernels {
+    table: DecodeTable,
+    device: usize,
+}
+
+// SAFETY: driver function handles of modules never unloaded, valid in the device's primary
+// context from any thread; nothing is mutated after loading.
+unsafe impl Send for DecodeKernels {}
+// SAFETY: as above.
+unsafe impl Sync for DecodeKernels {}
+
+static LOADED: Mutex<Option<HashMap<usize, &'static DecodeKernels>>> = Mutex::new(None);
+
+/// The decode kernels of CUDA device `device`, compiled (or read from the CUBIN cache) and
+/// loaded on first use.
+pub fn decode_kernels(device: usize) -> Result<&'static DecodeKernels, FusedError> {
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    let map = loaded.get_or_insert_with(HashMap::new);
+    if let Some(k) = map.get(&device) {
+        return Ok(k);
+    }
+    let opts = OPTIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default();
+    let setup = device_setup(device)?;
+    let image = nvrtc()?.compile_cached(&DECODE, setup.arch, opts.cache_dir.as_deref())?;
+    let module = load_module(&image.cubin)?;
+    let func = |name: &str| module_function(module, name, setup.max_smem);
+    let family = |prefix: &str| -> Result<[CuFunction; 4], FusedError> {
+        Ok([
+            func(&format!("{prefix}_bf16_dk64"))?,
+            func(&format!("{prefix}_bf16_dk128"))?,
+            func(&format!("{prefix}_bf16_dk192"))?,
+            func(&format!("{prefix}_f32"))?,
+        ])
+    };
+    let table = DecodeTable {
+        cmp: family("nsa_dec_cmp")?,
+        attend: family("nsa_dec_attend")?,
+        scores: func("nsa_dec_scores")?,
+        combine: [func("nsa_dec_combine_bf16")?, func("nsa_dec_combine_f32")?],
+        max_smem: setup.max_smem,
+    };
+    let k: &'static DecodeKernels = Box::leak(Box::new(DecodeKernels { table, device }));
+    map.insert(device, k);
+    Ok(k)
+}
+
+/// Mirror of `nsa::Taps` (select.cuh).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Taps {
+    first: i32,
+    step: i32,
+    count: i32,
+    w: [i32; MAX_TAPS],
+}
+
+/// Mirror of `nsa::DecodeArgs` (decode.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct DecodeArgs {
+    b: i32,
+    hkv: i32,
+    hpg: i32,
+    dk: i32,
+    dv: i32,
+    cl: i32,
+    cd: i32,
+    select_len: i32,
+    n: i32,
+    n_local: i32,
+    w: i32,
+    chunks_cmp: i32,
+    tpb: i32,
+    chunks_win: i32,
+    nb: i32,
+    nc: i32,
+    cap_raw: i64,
+    cap_cmp: i64,
+    cap_win: i64,
+    scale_log2: f32,
+    taps: Taps,
+}
+
+/// What one decode step attends: the new tokens' queries, the caches, positions and gates
+/// (layouts in the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeInputs<'a> {
+    pub q: &'a Tensor,
+    pub cmp_k: &'a Tensor,
+    pub cmp_v: &'a Tensor,
+    pub raw_k: &'a Tensor,
+    pub raw_v: &'a Tensor,
+    /// The window ring `[B, Hkv, w, d]` (keys, values), or `None`: the window reads the raw
+    /// buffer.
+    pub window: Option<(&'a Tensor, &'a Tensor)>,
+    pub positions: &'a Tensor,
+    pub gates: &'a Tensor,
+}
+
+/// The step's lengths: selection's (`select`), the window `w`, the softmax scale and the
+/// largest position any sequence will have while the step is used.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeParams<'a> {
+    pub select: &'a SelectParams,
+    pub window: i64,
+    pub scale: f64,
+    pub max_position: i64,
+}
+
+/// One launch of the decode kernels: grid x, kernel, shared memory.
+#[derive(Debug, Clone, Copy)]
+struct Launch {
+    grid_x: u32,
+    smem: u32,
+}
+
+/// A decode step ready to launch (see the module docs).
+#[derive(Debug)]
+pub struct DecodeStep {
+    kernels: &'static DecodeKernels,
+    args: DecodeArgs,
+    family: usize,
+    grid_yz: (u32, u32),
+    cmp: Launch,
+    scores: Launch,
+    attend: Launch,
+    combine: Launch,
+    inputs: [Tensor; 9],
+    part_ml: Tensor,
+    part_o: Tensor,
+    score_buf: Tensor,
+    lse2: Tensor,
+    block_scores: Tensor,
+    tickets: Tensor,
+    ids: Tensor,
+    out: Tensor,
+}
+
+fn shape_err(what: &'static str, want: String, got: &Tensor) -> FusedError {
+    input(what, format!("expected {want}, got {:?}", got.size()))
+}
+
+fn i32_of(what: &'static str, x: i64) -> Result<i32, FusedError> {
+    i32::try_from(x).map_err(|_| input(what, format!("{x} exceeds i32")))
+}
+
+/// Compressed tokens visible to position `t` (Eq. 7).
+fn visible(t: i64, l: i64, d: i64) -> i64 {
+    if t + 1 < l {
+        0
+    } else {
+        (t + 1 - l) / d + 1
+    }
+}
+
+impl DecodeStep {
+    /// Checks the inputs, allocates the workspace and outputs, and sizes the grids for
+    /// positions up to `params.max_position`.
+    pub fn new(x: DecodeInputs<'_>, params: DecodeParams<'_>) -> Result<Self, FusedError> {
+        let q = x.q;
+        let Device::Cuda(device) = q.device() else {
+            return Err(input(
+                "q",
+                format!("on {:?}: CUDA tensors only", q.device()),
+            ));
+        };
+        let kind = q.kind();
+        let family_base = match kind {
+            Kind::BFloat16 => 0,
+            Kind::Float => 3,
+            k => {
+                return Err(input(
+                    "q",
+                    format!("dtype {k:?}: the decode kernels take bf16 or float32"),
+                ))
+            }
+        };
+        let sz = q.size();
+        let [b, hkv, hpg, dk] = sz[..] else {
+            return Err(shape_err("q", "[B, Hkv, h, dk]".into(), q));
+        };
+        let dv = x.cmp_v.size().last().copied().unwrap_or(0);
+        let mut tensors = vec![
+            ("q", q),
+            ("compressed keys", x.cmp_k),
+            ("compressed values", x.cmp_v),
+            ("raw keys", x.raw_k),
+            ("raw values", x.raw_v),
+            ("gates", x.gates),
+        ];
+        if let Some((k, v)) = x.window {
+            tensors.push(("window keys", k));
+            tensors.push(("window values", v));
+        }
+        for (what, t) in &tensors {
+            if t.device() != q.device() || t.kind() != kind || !t.is_contiguous() {
+                return Err(input(
+                    what,
+                    format!(
+                        "must be a contiguous {kind:?} tensor on {:?}, got {:?} on {:?}{}",
+                        q.device(),
+                        t.kind(),
+                        t.device(),
+                        if t.is_contiguous() {
+                            ""
+                        } else {
+                            " (not contiguous)"
+                        }
+                    ),
+                ));
+            }
+        }
+        let cache_shape = |what: &'static str, t: &Tensor, d: i64| -> Result<i64, FusedError> {
+            match t.size()[..] {
+                [tb, tg, slots, td] if tb == b && tg == hkv && td == d && slots >= 1 => Ok(slots),
+                _ => Err(shape_err(what, format!("[{b}, {hkv}, slots, {d}]"), t)),
+            }
+        };
+        let cap_cmp = cache_shape("compressed keys", x.cmp_k, dk)?;
+        if cache_shape("compressed values", x.cmp_v, dv)? != cap_cmp {
+            return Err(input("compressed values", "slots differ from the keys'"));
+        }
+        let cap_raw = cache_shape("raw keys", x.raw_k, dk)?;
+        if cache_shape("raw values", x.raw_v, dv)? != cap_raw {
+            return Err(input("raw values", "slots differ from the keys'"));
+        }
+        let w = params.window;
+        let cap_win = match x.window {
+            Some((k, v)) => {
+                let slots = cache_shape("window keys", k, dk)?;
+                if slots != w || cache_shape("window values", v, dv)? != w {
+                    return Err(input("window", format!("the ring must hold w = {w} slots")));
+                }
+                w
+            }
+            None => 0,
+        };
+        if x.gates.size() != [b, hkv * hpg, 3] {
+            return Err(shape_err(
+                "gates",
+                format!("[{b}, {}, 3]", hkv * hpg),
+                x.gates,
+            ));
+        }
+        let pos = x.positions;
+        if pos.device() != q.device() || pos.kind() != Kind::Int64 || pos.size() != [b] {
+            return Err(input(
+                "positions",
+                format!(
+                    "int64 [{b}] on {:?}, got {:?} {:?} on {:?}",
+                    q.device(),
+                    pos.kind(),
+                    pos.size(),
+                    pos.device()
+                ),
+            ));
+        }
+        if !(1..=DECODE_MAX_GROUP).contains(&hpg) || b < 1 || hkv < 1 || dk < 1 || dv < 1 {
+            return Err(input(
+                "q",
+                format!("need B, Hkv, dk, dv ≥ 1 and 1..={DECODE_MAX_GROUP} heads per group, got q {sz:?}, dv {dv}"),
+            ));
+        }
+        let family = if kind == Kind::BFloat16 {
+            let di = match dk {
+                64 => 0,
+                128 => 1,
+                192 => 2,
+                _ => {
+                    return Err(input(
+                        "q",
+                        format!("bf16 decode kernels take dk in {{64, 128, 192}}, got {dk}"),
+                    ))
+                }
+            };
+            if dv % 16 != 0 {
+                return Err(input(
+                    "values",
+                    format!("bf16 decode kernels need dv a multiple of 16, got {dv}"),
+                ));
+            }
+            family_base + di
+        } else {
+            family_base
+        };
+        if dv % 4 != 0 || dv > DECODE_MAX_DV {
+            return Err(input(
+                "values",
+                format!(
+                    "the decode kernels need dv a multiple of 4 up to {DECODE_MAX_DV}, got {dv}"
+                ),
+            ));
+        }
+        let sel = params.select;
+        let (l, d, lsel, n) = (sel.block_len, sel.stride, sel.select_len, sel.top_n);
+        if l < 1 || d < 1 || lsel < 1 || w < 1 || !(1..=DECODE_MAX_TOP_N).contains(&n) {
+            return Err(input(
+                "params",
+                format!("need l, d, l', w ≥ 1 and 1 ≤ n ≤ {DECODE_MAX_TOP_N}, got {sel:?}, w {w}"),
+            ));
+        }
+        if sel.tap_weights.is_empty() || sel.tap_weights.len() > MAX_TAPS || sel.tap_step < 1 {
+            return Err(input(
+                "params",
+                format!("1 to {MAX_TAPS} overlap taps with step ≥ 1, got {sel:?}"),
+            ));
+        }
+        let t_max = params.max_position;
+        if t_max < 0 || t_max >= cap_raw || visible(t_max, l, d) > cap_cmp {
+            return Err(input(
+                "max_position",
+                format!(
+                    "{t_max} does not fit the caches ({cap_raw} raw slots, {cap_cmp} compressed)"
+                ),
+            ));
+        }
+        let kernels = decode_kernels(device)?;
+        let chunks_cmp = ((visible(t_max, l, d) + TILE - 1) / TILE).max(1);
+        let nb = t_max / lsel + 1;
+        let tpb = (lsel + TILE - 1) / TILE;
+        let chunks_win = (w + TILE - 1) / TILE;
+        let chunks = chunks_cmp + n * tpb + chunks_win;
+        let mut w_taps = [0i32; MAX_TAPS];
+        for (slot, &wt) in w_taps.iter_mut().zip(&sel.tap_weights) {
+            *slot = i32_of("tap weight", wt)?;
+        }
+        let args = DecodeArgs {
+            b: i32_of("B", b)?,
+            hkv: i32_of("Hkv", hkv)?,
+            hpg: hpg as i32,
+            dk: i32_of("dk", dk)?,
+            dv: i32_of("dv", dv)?,
+            cl: i32_of("l", l)?,
+            cd: i32_of("d", d)?,
+            select_len: i32_of("l'", lsel)?,
+            n: n as i32,
+            n_local: i32_of("n_local", sel.n_local)?,
+            w: i32_of("w", w)?,
+            chunks_cmp: i32_of("compressed tiles", chunks_cmp)?,
+            tpb: i32_of("tiles per block", tpb)?,
+            chunks_win: i32_of("window tiles", chunks_win)?,
+            nb: i32_of("selection blocks", nb)?,
+            nc: i32_of("compressed tokens", chunks_cmp * TILE)?,
+            cap_raw,
+            cap_cmp,
+            cap_win,
+            scale_log2: (params.scale * std::f64::consts::LOG2_E) as f32,
+            taps: Taps {
+                first: i32_of("tap offset", sel.tap_first)?,
+                step: i32_of("tap step", sel.tap_step)?,
+                count: sel.tap_weights.len() as i32,
+                w: w_taps,
+            },
+        };
+        // Shared memory (decode.cu's carve_tiles and dec_scores).
+        let (es, pad) = if kind == Kind::BFloat16 {
+            (2, 8)
+        } else {
+            (4, 1)
+        };
+        let rows = (hpg + 15) / 16 * 16;
+        let tile_smem = es * ((rows + TILE) * (dk + pad) + TILE * (dv + pad)) + 4 * rows * 65;
+        let span = TILE * sel.tap_step + sel.tap_weights.len() as i64;
+        // lse2 [64], candidates [2][128], then the p sums / block scores.
+        let score_smem = 4 * (DECODE_MAX_GROUP + 2 * i64::from(THREADS) + span.max(nb));
+        // Tile weights [C], then the partial sums [parts][dv].
+        let parts = (i64::from(THREADS) / (dv / 4)).max(1);
+        let combine_smem = 4 * ((chunks + 3) / 4 * 4 + parts * dv);
+        let max_smem = i64::from(kernels.table.max_smem);
+        for (what, bytes) in [
+            ("tile kernels", tile_smem),
+            ("selection kernel", score_smem),
+            ("combine kernel", combine_smem),
+        ] {
+            if bytes > max_smem {
+                return Err(input(
+                    "shape",
+                    format!("the decode {what} need {bytes} bytes of shared memory, the device allows {max_smem}"),
+                ));
+            }
+        }
+        let grid = |what: &'static str, x: i64, smem: i64| -> Result<Launch, FusedError> {
+            Ok(Launch {
+                grid_x: u32::try_from(x).map_err(|_| input(what, format!("grid {x}")))?,
+                smem: smem as u32,
+            })
+        };
+        if b >= 65_536 || hkv >= 65_536 {
+            return Err(input("q", format!("B {b} and Hkv {hkv} must be < 65536")));
+        }
+        let dev = q.device();
+        let f32z = |shape: &[i64]| Tensor::f_zeros(shape, (Kind::Float, dev));
+        let step = DecodeStep {
+            kernels,
+            args,
+            family,
+            grid_yz: (hkv as u32, b as u32),
+            cmp: grid("compressed tiles", chunks_cmp, tile_smem)?,
+            scores: grid("selection blocks", (nb + TILE - 1) / TILE, score_smem)?,
+            attend: grid("selected and window tiles", n * tpb + chunks_win, tile_smem)?,
+            combine: grid("heads", hpg, combine_smem)?,
+            inputs: [
+                q.shallow_clone(),
+                x.cmp_k.shallow_clone(),
+                x.cmp_v.shallow_clone(),
+                x.raw_k.shallow_clone(),
+                x.raw_v.shallow_clone(),
+                x.window
+                    .map_or_else(|| x.raw_k.shallow_clone(), |(k, _)| k.shallow_clone()),
+                x.window
+                    .map_or_else(|| x.raw_v.shallow_clone(), |(_, v)| v.shallow_clone()),
+                pos.shallow_clone(),
+                x.gates.shallow_clone(),
+            ],
+            part_ml: f32z(&[b, hkv, chunks, hpg, 2])?,
+            part_o: f32z(&[b, hkv, chunks, hpg, dv])?,
+            score_buf: f32z(&[b, hkv, hpg, chunks_cmp * TILE])?,
+            lse2: f32z(&[b, hkv, hpg])?,
+            block_scores: f32z(&[b, hkv, nb])?,
+            tickets: Tensor::f_zeros([2, b, hkv], (Kind::Int, dev))?,
+            ids: Tensor::f_full([b, hkv, n], -1, (Kind::Int64, dev))?,
+            out: Tensor::f_zeros([b, hkv * hpg, dv], (kind, dev))?,
+        };
+        Ok(step)
+    }
+
+    /// The mixed output of the last launch, `[B, H, dv]`.
+    pub fn output(&self) -> &Tensor {
+        &self.out
+    }
+
+    /// The blocks the last launch selected, int64 `[B, Hkv, n]`.
+    pub fn blocks(&self) -> &Tensor {
+        &self.ids
+    }
+
+    /// Launches the four kernels on libtorch's current stream of the inputs' device.
+    pub fn launch(&self) -> Result<(), FusedError> {
+        let stream = current_stream(self.kernels.device)?;
+        self.launch_on(stream)
+    }
+
+    fn launch_on(&self, stream: CuStream) -> Result<(), FusedError> {
+        let drv = driver::shared()?;
+        let t = &self.kernels.table;
+        let ptr = |x: &Tensor| x.data_ptr() as u64;
+        let [q, ck, cv, rk, rv, wk, wv, pos, gates] = self.inputs.each_ref().map(ptr);
+        let (ml, po, sc, lse, bs, ids, out) = (
+            ptr(&self.part_ml),
+            ptr(&self.part_o),
+            ptr(&self.score_buf),
+            ptr(&self.lse2),
+            ptr(&self.block_scores),
+            ptr(&self.ids),
+            ptr(&self.out),
+        );
+        let tickets_cmp = ptr(&self.tickets);
+        let tickets_sel = tickets_cmp + 4 * u64::from(self.args.b as u32 * self.args.hkv as u32);
+        let mut args = self.args;
+        let arg = |x: &u64| x as *const u64 as *mut c_void;
+        let args_ptr = &mut args as *mut DecodeArgs as *mut c_void;
+        let (gy, gz) = self.grid_yz;
+        let run = |f: CuFunction, l: Launch, gy: u32, params: &mut [*mut c_void]| {
+            // SAFETY: `f` is a loaded kernel whose parameter list is exactly `params` (pointers
+            // to device addresses of live tensors this step owns, and the args struct, all alive
+            // for the call; the driver copies them); the grid and shared memory were checked
+            // against the device limits in `new`.
+            check("cuLaunchKernel", unsafe {
+                (drv.launch_kernel)(
+                    f,
+                    l.grid_x,
+                    gy,
+                    gz,
+                    THREADS,
+                    1,
+                    1,
+                    l.smem,
+                    stream,
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            })
+        };
+        let combine = if self.family < 3 { 0 } else { 1 };
+        run(
+            t.cmp[self.family],
+            self.cmp,
+            gy,
+            &mut [
+                arg(&q),
+                arg(&ck),
+                arg(&cv),
+                arg(&pos),
+                arg(&ml),
+                arg(&po),
+                arg(&sc),
+                arg(&lse),
+                arg(&tickets_cmp),
+                args_ptr,
+            ],
+        )?;
+        run(
+            t.scores,
+            self.scores,
+            gy,
+            &mut [
+                arg(&pos),
+                arg(&sc),
+                arg(&lse),
+                arg(&bs),
+                arg(&tickets_sel),
+                arg(&ids),
+                args_ptr,
+            ],
+        )?;
+        run(
+            t.attend[self.family],
+            self.attend,
+            gy,
+            &mut [
+                arg(&q),
+                arg(&rk),
+                arg(&rv),
+                arg(&wk),
+                arg(&wv),
+                arg(&pos),
+                arg(&ids),
+                arg(&ml),
+                arg(&po),
+                args_ptr,
+            ],
+        )?;
+        run(
+            t.combine[combine],
+            self.combine,
+            gy,
+            &mut [arg(&ml), arg(&po), arg(&gates), arg(&out), args_ptr],
+        )?;
+        Ok(())
+    }
+
+    /// Captures the four launches as a CUDA graph (on a stream of its own: libtorch's legacy
+    /// default stream cannot capture). Replays read the step's inputs as they are then
+    /// (overwrite them in place to decode the next token).
+    pub fn capture(&self) -> Result<DecodeGraph, FusedError> {
+        let drv = driver::shared()?;
+        let mut stream: CuStream = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the stream is destroyed below.
+        check("cuStreamCreate", unsafe {
+            (drv.stream_create)(&mut stream, driver::STREAM_NON_BLOCKING)
+        })?;
+        let captured = (|| -> Result<CuGraphExec, FusedError> {
+            // SAFETY: `stream` is a live stream of this context.
+            check("cuStreamBeginCapture", unsafe {
+                (drv.stream_begin_capture)(stream, driver::CAPTURE_MODE_THREAD_LOCAL)
+            })?;
+            let launched = self.launch_on(stream);
+            let mut graph: CuGraph = std::ptr::null_mut();
+            // SAFETY: ends the capture begun above (also after a failed launch).
+            let ended = check("cuStreamEndCapture", unsafe {
+                (drv.stream_end_capture)(stream, &mut graph)
+            });
+            launched?;
+            ended?;
+            let mut exec: CuGraphExec = std::ptr::null_mut();
+            // SAFETY: `graph` is the captured graph, destroyed right after instantiation (the
+            // executable does not need it).
+            let inst = check("cuGraphInstantiate", unsafe {
+                (drv.graph_instantiate)(&mut exec, graph, 0)
+            });
+            // SAFETY: as above.
+            unsafe {
+                (drv.graph_destroy)(graph);
+            }
+            inst?;
+            Ok(exec)
+        })();
+        // SAFETY: nothing was launched on the capturing stream outside the capture.
+        unsafe {
+            (drv.stream_destroy)(stream);
+        }
+        Ok(DecodeGraph {
+            exec: captured?,
+            device: self.kernels.device,
+        })
+    }
+}
+
+/// A captured [`DecodeStep`]: its four kernels in one launch.
+#[derive(Debug)]
+pub struct DecodeGraph {
+    exec: CuGraphExec,
+    device: usize,
+}
+
+impl DecodeGraph {
+    /// Replays the graph on libtorch's current stream (ordered after the work queued there).
+    pub fn replay(&self) -> Result<(), FusedError> {
+        let drv = driver::shared()?;
+        let torch = current_stream(self.device)?;
+        // SAFETY: a live executable of this device's context, launched on its stream.
+        check("cuGraphLaunch", unsafe {
+            (drv.graph_launch)(self.exec, torch)
+        })?;
+        Ok(())
+    }
+}
+
+impl Drop for DecodeGraph {
+    fn drop(&mut self) {
+        let Ok(drv) = driver::shared() else { return };
+        // SAFETY: the executable made in `capture`, destroyed once; the driver defers the
+        // destruction until replays already queued have finished.
+        unsafe {
+            (drv.graph_exec_destroy)(self.exec);
+        }
+    }
+}
+
+extern "C" {
+    fn nsa_current_cuda_stream(
+        device: i32,
+        stream: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+}
+
+/// libtorch's current CUDA stream of `device`.
+fn current_stream(device: usize) -> Result<CuStream, FusedError> {
+    let mut err = vec![0u8; ERR_LEN];
+    let mut stream: *mut c_void = std::ptr::null_mut();
+    // SAFETY: valid out-pointer and error buffer of ERR_LEN bytes; the glue catches exceptions.
+    let rc = unsafe {
+        nsa_current_cuda_stream(device as i32, &mut stream, err.as_mut_ptr().cast(), ERR_LEN)
+    };
+    if rc != 0 {
+        return Err(glue_error("nsa_current_cuda_stream", &err).into());
+    }
+    Ok(stream)
+}
