@@ -194,7 +194,9 @@ fn sync_state() -> Result<*mut i32, SysError> {
 pub fn sync_debug_mode() -> Result<SyncDebugMode, SysError> {
     let state = sync_state()?;
     // SAFETY: as in `SyncDebugGuard::new`.
-    Ok(SyncDebugMode::from_code(unsafe { std::ptr::read_volatile(state) }))
+    Ok(SyncDebugMode::from_code(unsafe {
+        std::ptr::read_volatile(state)
+    }))
 }
 
 /// Sets libtorch's [`SyncDebugMode`] for its lifetime and restores the previous mode on drop,

@@ -813,10 +813,18 @@ mod tests {
         assert_eq!(cublas_workspace_for(&cfg(false), no_env()), None);
         assert_eq!(cublas_workspace_for(&cfg(true), no_env()), want);
         for kept in [":4096:8", ":16:8", " :16:8", ":4096:8:16:8"] {
-            assert_eq!(cublas_workspace_for(&cfg(true), env(kept)), None, "{kept:?}");
+            assert_eq!(
+                cublas_workspace_for(&cfg(true), env(kept)),
+                None,
+                "{kept:?}"
+            );
         }
         for replaced in ["", ":4096:2", ":4096:80", "4096:8"] {
-            assert_eq!(cublas_workspace_for(&cfg(true), env(replaced)), want, "{replaced:?}");
+            assert_eq!(
+                cublas_workspace_for(&cfg(true), env(replaced)),
+                want,
+                "{replaced:?}"
+            );
         }
     }
 

@@ -46,8 +46,8 @@ fn losses(run_dir: &Path) -> Result<Losses> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l)
-                .with_context(|| format!("a line of {}", path.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(l).with_context(|| format!("a line of {}", path.display()))?;
             let step = v["step"]
                 .as_u64()
                 .with_context(|| format!("no step in {}", path.display()))?;
@@ -157,7 +157,10 @@ fn roll_back(run_dir: &Path, step: u64) -> Result<()> {
     for entry in std::fs::read_dir(&ckpts).with_context(|| format!("{}", ckpts.display()))? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        match name.strip_prefix("step-").and_then(|n| n.parse::<u64>().ok()) {
+        match name
+            .strip_prefix("step-")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             Some(s) if s > step => std::fs::remove_dir_all(&path)
                 .with_context(|| format!("removing {}", path.display()))?,
             Some(s) if s == step => kept = true,
@@ -303,11 +306,16 @@ pub fn run(args: &DeterminismArgs) -> Result<()> {
             (on / off - 1.0) * 100.0
         );
     }
-    println!("(device {}, {} steps per run; logs and run folders in {}{})",
+    println!(
+        "(device {}, {} steps per run; logs and run folders in {}{})",
         args.device,
         args.steps,
         out.display(),
-        if args.out.is_some() { "" } else { ", removed now" }
+        if args.out.is_some() {
+            ""
+        } else {
+            ", removed now"
+        }
     );
     let failed = rows
         .iter()

@@ -166,7 +166,7 @@ enum Command {
     },
     /// Check this install on its GPU. `--gpu`: parity of every fused kernel against the
     /// reference path on fresh random inputs (outputs and gradients, bf16 and fp32), of prefill
-    /// + decode against the full-sequence forward, and a fused layer's forward and backward
+    /// and decode against the full-sequence forward, and a fused layer's forward and backward
     /// without a host synchronisation, as a pass/fail table. `--determinism`: training with
     /// `run.deterministic = true` twice gives bit-identical losses, a resumed run equals an
     /// uninterrupted one, and the flag's cost in tokens/s.

@@ -613,5 +613,9 @@ fn determinism_check_compares_runs_and_a_resume() {
     // clap's usage error (exit status 2) names the flags that say what to check.
     let none = run(&strs(&["check"]));
     assert_eq!(none.status.code(), Some(2));
-    assert!(common::text(&none).contains("--gpu"), "{}", common::text(&none));
+    assert!(
+        common::text(&none).contains("--gpu"),
+        "{}",
+        common::text(&none)
+    );
 }

@@ -44,7 +44,10 @@ type Shape = (&'static str, [i64; 12]);
 const SHAPES: [Shape; 2] = [
     ("small", [2, 512, 256, 8, 2, 64, 64, 32, 16, 64, 4, 128]),
     // The paper's heads and lengths (H = 64, Hkv = 4, dk = 192, dv = 128, n = 16, w = 512).
-    ("medium", [1, 8192, 1024, 64, 4, 192, 128, 32, 16, 64, 16, 512]),
+    (
+        "medium",
+        [1, 8192, 1024, 64, 4, 192, 128, 32, 16, 64, 16, 512],
+    ),
 ];
 
 /// Rows: the control (the mode trips on `.item()`), then one per shape: forward and backward
@@ -94,7 +97,7 @@ fn first_line(s: &str) -> &str {
 
 fn layer_without_sync(cfg: NsaConfig, b: i64, s: i64, device: Device) -> Result<String, AttnError> {
     let vs = nn::VarStore::new(device);
-    let layer = NsaAttention::new(&vs.root(), cfg.clone())?;
+    let layer = NsaAttention::new(&vs.root(), cfg)?;
     let path = AttnPath::Fused(LeanOpts::default());
     let audit = layer.audit(path, device, Kind::BFloat16)?;
     let fused = [
@@ -119,7 +122,10 @@ fn layer_without_sync(cfg: NsaConfig, b: i64, s: i64, device: Device) -> Result<
     inputs.push(x.shallow_clone());
     let forward = || -> Result<Tensor, AttnError> {
         let out = nsa_sys::train::with_bf16_autocast(|| layer.forward(&x, &opts))?;
-        Ok(out.f_to_kind(Kind::Float)?.f_square()?.f_mean(Kind::Float)?)
+        Ok(out
+            .f_to_kind(Kind::Float)?
+            .f_square()?
+            .f_mean(Kind::Float)?)
     };
     let backward = |loss: &Tensor| -> Result<Vec<Tensor>, AttnError> {
         Ok(Tensor::f_run_backward(&[loss], &inputs, false, false)?)
