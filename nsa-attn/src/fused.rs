@@ -15,6 +15,7 @@ use crate::{lean, reference};
 use nsa_sys::fused as sys;
 
 mod compressed;
+mod sync_check;
 pub use compressed::{
     compressed, compressed_and_select, compressed_supported, select_blocks, select_params,
 };
@@ -525,7 +526,9 @@ fn run_window_case(
 /// the selected branch in fp32 (tolerance 1e-4) and bf16 (1e-2) for 1, 2, 3, 4, 8 and 16 heads
 /// per group, head sizes 64 / 128 / 192 with `dk ≠ dv`, `S` not a multiple of `l'`, `S < l'`,
 /// batch 2, including that dK/dV are bitwise equal over two runs; and the flash window in
-/// bf16 with `S` not a multiple of `w`. A case that errors is a failed row naming the error.
+/// bf16 with `S` not a multiple of `w`; the compressed branch and selection; and a whole fused
+/// layer's forward and backward under libtorch's sync debug mode set to error (no host
+/// synchronisation). A case that errors is a failed row naming the error.
 /// Without a CUDA device: [`AttnError::Option`] (`gpu_check`).
 pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
     let backend = nsa_sys::cuda::load_backend().map_err(|e| AttnError::Option {
@@ -586,5 +589,6 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
         rows.push(row);
     }
     rows.extend(compressed::check_rows(device));
+    rows.extend(sync_check::check_rows(device));
     Ok(rows)
 }

@@ -7,8 +7,10 @@
 //   forward:  out [B, S, H, dv] and lse fp32 [B, S, H] (saved for backward);
 //   backward: D = rowsum(dout * out) (ATen), dq by the dq kernel (the forward's gathers), an
 //             inverse index block -> tokens built on the device (stable sort of the
-//             (b, g, block) keys of every valid id, a count by bincount and a scan by cumsum;
-//             integer only, so deterministic), then dk / dv by the dkdv kernel: one CTA per
+//             (b, g, block) keys of every id, invalid ones last, and a search for the segment
+//             starts; integer only, so deterministic; sized by the shapes, so no host
+//             synchronisation), then dk / dv by the dkdv kernel over a plan whose grid is an
+//             upper bound (padding work items return at once): one CTA per
 //             (piece of a block's token list, key chunk), walking its tokens in ascending order;
 //             a block whose list is split into several pieces (block 0, which every token
 //             selects) is finished by the reduce kernel, which adds the pieces' fp32 partials in
@@ -153,6 +155,8 @@ int type_index(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? 1 : 
 // Tokens per work item of the key-outer kernels' plan (blocks.h, plan_dkdv) for `entries`
 // (token, block) selections: small problems split early (so the split path is exercised by
 // small checks), large ones cap the dK/dV scratch at about entries / 1024 * L * (dk + dv) floats.
+// `entries` is the shape bound of blocks.h's max_index_entries (the layer's E), so the piece,
+// and with it the summation order, depends on the shapes only.
 int64_t dkdv_piece(int64_t entries) {
   return std::min<int64_t>(1024, std::max<int64_t>(64, entries / 4096));
 }
@@ -189,7 +193,8 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     if (key_outer) {
       int64_t NB = (S + block_len - 1) / block_len;
       auto [inv_tok, inv_slot, seg] = nsa_glue::inverse_index_with_slots(ids, NB);
-      auto plan = nsa_glue::plan_dkdv(seg, dkdv_piece(inv_tok.numel()));
+      int64_t entries = nsa_glue::max_index_entries(B, S, Hkv, n, block_len);
+      auto plan = nsa_glue::plan_dkdv(seg, dkdv_piece(entries), entries);
       int64_t chunks = (block_len + kBk - 1) / kBk, parts = n * chunks;
       auto part_o = at::empty({B, S, Hkv, parts, hpg, dv}, v.options());
       auto part_lse = at::full({B, S, Hkv, parts, hpg}, -INFINITY, q.options().dtype(at::kFloat));
@@ -266,13 +271,15 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
       launch(tab, tab->dq[type_index(q)], "nsa_slc_dq", S, Hkv, B, smem, stream, args);
     }
 
-    // Inverse index block -> tokens (blocks.h), deterministic.
+    // Inverse index block -> tokens (blocks.h), deterministic, no host synchronisation.
     auto [inv_tok, seg] = nsa_glue::inverse_index(ids, NB);
 
     // Pieces of at most `piece` tokens per work item: small problems split early (so the split
     // path is exercised by small checks), large ones cap the scratch at about
-    // E / 1024 * L * (dk + dv) floats.
-    auto plan = nsa_glue::plan_dkdv(seg, dkdv_piece(inv_tok.numel()));
+    // 2 E / 1024 * L * (dk + dv) floats. The plan's sizes are bounds from the shapes (E at
+    // most `entries`, reached by the layer's own selection), its real items read on the device.
+    int64_t entries = nsa_glue::max_index_entries(B, S, Hkv, n, block_len);
+    auto plan = nsa_glue::plan_dkdv(seg, dkdv_piece(entries), entries);
     auto scratch = at::empty({std::max<int64_t>(plan.slots, 1), block_len, dk + dv},
                              q.options().dtype(at::kFloat));
     auto dk_t = at::empty_like(k);
@@ -520,15 +527,16 @@ int nsa_fused_inverse_index(const at::Tensor* blocks, int64_t block_len, at::Ten
   }
 }
 
-// The dK/dV work plan (blocks.h) for segment starts `starts` (int64 [nseg + 1]) and pieces of
-// at most `piece` tokens, for tests: out[0..7] = seg, a, b, slot, red_seg, red_slot0, red_count
-// (new tensors, ownership to the caller), *slots = scratch slots. Returns 0, or -1 with err.
-int nsa_fused_dkdv_plan(const at::Tensor* starts, int64_t piece, at::Tensor** out,
-                        int64_t* slots, char* err, size_t err_len) {
+// The dK/dV work plan (blocks.h) for segment starts `starts` (int64 [nseg + 1]), pieces of at
+// most `piece` tokens and at most `max_entries` entries in all, for tests: out[0..7] = seg, a,
+// b, slot, red_seg, red_slot0, red_count (new tensors, ownership to the caller), *slots =
+// scratch slots (all bounds; see blocks.h). Returns 0, or -1 with err.
+int nsa_fused_dkdv_plan(const at::Tensor* starts, int64_t piece, int64_t max_entries,
+                        at::Tensor** out, int64_t* slots, char* err, size_t err_len) {
   try {
     TORCH_CHECK(starts->dim() == 1 && starts->numel() >= 2 && starts->scalar_type() == at::kLong,
                 "starts must be int64 [nseg + 1] with nseg >= 1");
-    auto p = nsa_glue::plan_dkdv(*starts, piece);
+    auto p = nsa_glue::plan_dkdv(*starts, piece, max_entries);
     at::Tensor parts[7] = {p.seg, p.a, p.b, p.slot, p.red_seg, p.red_slot0, p.red_count};
     for (int i = 0; i < 7; ++i) out[i] = new at::Tensor(std::move(parts[i]));
     *slots = p.slots;

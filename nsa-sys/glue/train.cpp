@@ -1,6 +1,7 @@
-// Training-loop facilities tch does not expose: NVTX ranges, bf16 autocast, the Kineto profiler
-// and the CUDA caching allocator's statistics. All entry points catch C++ exceptions and report
+// Training-loop facilities tch does not expose: NVTX ranges, bf16 autocast, the Kineto profiler,
+// the CUDA caching allocator's statistics and libtorch's deterministic-algorithms switches. All entry points catch C++ exceptions and report
 // failure through their return value (exceptions must not cross into Rust).
+#include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
@@ -105,6 +106,34 @@ int nsa_cuda_memory_stats(int device, long long* allocated, long long* peak_allo
     return 0;
   } catch (...) {
     return 1;
+  }
+}
+
+// Deterministic training on (1) or off (0): libtorch's deterministic algorithms (an operation
+// without a deterministic implementation throws instead of running; scatter/index_add and the
+// flash and memory-efficient attention backwards take their deterministic variants, SDPA skips
+// cuDNN attention), cuDNN's deterministic algorithms and no cuDNN benchmarking (autotuning may
+// pick different algorithms per run). Returns 0, or 1 on error.
+int nsa_set_deterministic(int on) {
+  try {
+    auto& ctx = at::globalContext();
+    ctx.setDeterministicAlgorithms(on != 0, /*warn_only=*/false);
+    ctx.setDeterministicCuDNN(on != 0);
+    if (on != 0) {
+      ctx.setBenchmarkCuDNN(false);
+    }
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+// Whether libtorch's deterministic algorithms are on (1), off (0).
+int nsa_deterministic() {
+  try {
+    return at::globalContext().deterministicAlgorithms() ? 1 : 0;
+  } catch (...) {
+    return 0;
   }
 }
 

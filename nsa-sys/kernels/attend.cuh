@@ -464,6 +464,7 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
   const long long w = blockIdx.x / nchunks;
   const int chunk = blockIdx.x % nchunks;
   const long long seg = work_seg[w];
+  if (seg < 0) return;  // a padding item of the plan (uniform over the CTA)
   const int j = (int)(seg % NB);
   const int g = (int)((seg / NB) % Hkv), b = (int)(seg / NB / Hkv);
   const int H = Hkv * hpg;

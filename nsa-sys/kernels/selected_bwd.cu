@@ -17,7 +17,9 @@
 // tokens that selected block j in ascending order (NB = ceil(S / L) blocks). Work plan (glue):
 // work_seg, work_a, work_b int64 [W] (segment id (b * Hkv + g) * NB + j and token range of each
 // piece), work_slot int32 [W] (scratch slot, -1 for single-piece segments); red_seg int64,
-// red_slot0 and red_count int32 [R] for the R split segments.
+// red_slot0 and red_count int32 [R] for the R split segments. W and R are upper bounds from
+// the shapes (so the glue never reads the data's sizes back to the host): work items with
+// work_seg < 0 and reduce items with red_seg < 0 are padding and return at once.
 //
 // nsa_slc_dq_{f32,bf16}: one CTA of 128 threads per (token, group, batch), the forward's
 //   gather of the selected blocks in chunks of KC = 16 keys; dq accumulated in fp32 shared
@@ -120,6 +122,7 @@ __device__ void slc_dkdv(const T* __restrict__ q, const T* __restrict__ k,
   const long long w = blockIdx.x / nchunks;
   const int chunk = blockIdx.x % nchunks, tid = threadIdx.x;
   const long long seg = work_seg[w];
+  if (seg < 0) return;  // a padding item of the plan (uniform over the CTA)
   const int j = (int)(seg % NB);
   const int g = (int)((seg / NB) % Hkv), b = (int)(seg / NB / Hkv);
   const int H = Hkv * hpg;
@@ -218,6 +221,7 @@ __device__ void slc_dkdv_reduce(const float* __restrict__ scratch,
                                 T* __restrict__ dv_out, int S, int Hkv, int dk, int dv, int L,
                                 int NB) {
   const long long seg = red_seg[blockIdx.x];
+  if (seg < 0) return;  // past the real split segments
   const int j = (int)(seg % NB);
   const int g = (int)((seg / NB) % Hkv), b = (int)(seg / NB / Hkv);
   const int slot0 = red_slot0[blockIdx.x], count = red_count[blockIdx.x];

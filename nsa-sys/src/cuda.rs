@@ -120,3 +120,112 @@ pub fn libtorch_root() -> Option<PathBuf> {
         .parent()
         .map(Path::to_path_buf)
 }
+
+/// libtorch's CUDA synchronisation debug mode (PyTorch's `torch.cuda.set_sync_debug_mode`):
+/// what a host-synchronising CUDA call (`.item()`, a blocking copy, `nonzero`, a stream or
+/// device synchronize, …) does while it is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncDebugMode {
+    /// Nothing (libtorch's default).
+    Disabled,
+    /// A warning per synchronising call.
+    Warn,
+    /// The synchronising call throws ("called a synchronizing CUDA operation"), which reaches
+    /// Rust as an error of the tch call that made it.
+    Error,
+}
+
+impl SyncDebugMode {
+    fn from_code(code: i32) -> Self {
+        match code {
+            0 => SyncDebugMode::Disabled,
+            1 => SyncDebugMode::Warn,
+            _ => SyncDebugMode::Error,
+        }
+    }
+
+    fn code(self) -> i32 {
+        // c10::cuda::SyncDebugMode's values (c10/cuda/CUDAFunctions.h).
+        match self {
+            SyncDebugMode::Disabled => 0,
+            SyncDebugMode::Warn => 1,
+            SyncDebugMode::Error => 2,
+        }
+    }
+}
+
+/// Address of c10's `warning_state()` singleton in `libc10_cuda.so` (one process-wide object,
+/// a `STB_GNU_UNIQUE` symbol that libtorch_cuda's inline checks read): the `WarningState`
+/// whose only member is the `SyncDebugMode` (an `enum class`, an `int`).
+static SYNC_STATE: OnceLock<Result<usize, String>> = OnceLock::new();
+
+fn sync_state() -> Result<*mut i32, SysError> {
+    let found = SYNC_STATE.get_or_init(|| {
+        let backend = load_backend().map_err(|e| e.to_string())?;
+        let (CudaBackend::Loaded { library, .. } | CudaBackend::NoDevice { library }) = backend
+        else {
+            return Err(format!("no CUDA backend: {backend}"));
+        };
+        let c10 = library.with_file_name("libc10_cuda.so");
+        let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL;
+        // SAFETY: libtorch_cuda.so already loaded this library (a dependency), so opening it
+        // again only takes a reference; the handle is leaked like the backend's.
+        let lib = unsafe { libloading::os::unix::Library::open(Some(&c10), flags) }
+            .map_err(|e| format!("{}: {e}", c10.display()))?;
+        // SAFETY: a data symbol looked up by its mangled name; we only take its address.
+        let addr = unsafe {
+            lib.get::<*mut i32>(b"_ZZN3c104cuda13warning_stateEvE14warning_state_\0")
+                .map(|s| *s as usize)
+        }
+        .map_err(|e| format!("c10::cuda::warning_state() in {}: {e}", c10.display()))?;
+        std::mem::forget(lib);
+        Ok(addr)
+    });
+    match found {
+        Ok(addr) => Ok(*addr as *mut i32),
+        Err(reason) => Err(SysError::Load {
+            name: "libc10_cuda.so (sync debug mode)".into(),
+            reason: reason.clone(),
+        }),
+    }
+}
+
+/// libtorch's current [`SyncDebugMode`] (an error where its CUDA backend is not loaded).
+pub fn sync_debug_mode() -> Result<SyncDebugMode, SysError> {
+    let state = sync_state()?;
+    // SAFETY: as in `SyncDebugGuard::new`.
+    Ok(SyncDebugMode::from_code(unsafe {
+        std::ptr::read_volatile(state)
+    }))
+}
+
+/// Sets libtorch's [`SyncDebugMode`] for its lifetime and restores the previous mode on drop,
+/// so code between can be checked for host synchronisations: under [`SyncDebugMode::Error`]
+/// any synchronising CUDA call fails with libtorch's message (set
+/// `TORCH_SHOW_CPP_STACKTRACES=1` to see which operation made it). The mode is process-wide
+/// (autograd's device threads see it too); one guard at a time.
+#[derive(Debug)]
+pub struct SyncDebugGuard {
+    state: *mut i32,
+    before: i32,
+}
+
+impl SyncDebugGuard {
+    /// Switches to `mode`; an error where libtorch's CUDA backend is not loaded.
+    pub fn new(mode: SyncDebugMode) -> Result<Self, SysError> {
+        let state = sync_state()?;
+        // SAFETY: `state` is the live, process-lifetime int of c10's warning state; libtorch
+        // itself writes it the same way (a plain store) from torch.cuda.set_sync_debug_mode.
+        let before = unsafe { std::ptr::read_volatile(state) };
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(state, mode.code()) };
+        Ok(Self { state, before })
+    }
+}
+
+impl Drop for SyncDebugGuard {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`.
+        unsafe { std::ptr::write_volatile(self.state, self.before) };
+    }
+}

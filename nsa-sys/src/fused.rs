@@ -314,6 +314,7 @@ extern "C" {
     fn nsa_fused_dkdv_plan(
         starts: *const C_tensor,
         piece: i64,
+        max_entries: i64,
         out: *mut *mut C_tensor,
         slots: *mut i64,
         err: *mut c_char,
@@ -437,10 +438,12 @@ fn finish(call: &'static str, ptr: *mut C_tensor, err: &[u8]) -> Result<Tensor, 
 
 /// The inverse index the selected branch's backward builds from `blocks` (int `[B, S, Hkv, n]`,
 /// any device, block length `block_len`), exposed for tests and inspection: after cleaning the
-/// ids (duplicates once, ids outside `[0, ⌊t/l'⌋]` dropped), `tokens` (int32 `[E]`) lists for
-/// every segment `(b, g, j)`, in that order, the tokens that selected block `j`, ascending;
-/// segment `(b, g, j)` is `tokens[starts[i] .. starts[i + 1]]` with `i = (b·Hkv + g)·NB + j`
-/// (`starts` int64 `[B·Hkv·NB + 1]`, `NB = ⌈S/l'⌉`).
+/// ids (duplicates once, ids outside `[0, ⌊t/l'⌋]` dropped), `tokens` (int32 `[B·S·Hkv·n]`,
+/// of which the first `E = starts[B·Hkv·NB]` entries are the index and the rest padding)
+/// lists for every segment `(b, g, j)`, in that order, the tokens that selected block `j`,
+/// ascending; segment `(b, g, j)` is `tokens[starts[i] .. starts[i + 1]]` with
+/// `i = (b·Hkv + g)·NB + j` (`starts` int64 `[B·Hkv·NB + 1]`, `NB = ⌈S/l'⌉`). Its sizes follow
+/// from the shapes, so building it never waits for the device.
 pub fn inverse_index(blocks: &Tensor, block_len: i64) -> Result<(Tensor, Tensor), FusedError> {
     let size = blocks.size();
     if size.len() != 4 || !matches!(blocks.kind(), Kind::Int64 | Kind::Int) {
@@ -483,32 +486,41 @@ pub fn inverse_index(blocks: &Tensor, block_len: i64) -> Result<(Tensor, Tensor)
 
 /// How the dK/dV kernel splits the inverse index's segments into pieces of at most `piece`
 /// tokens (see [`dkdv_plan`]). Work items come in segment order, the pieces of a segment
-/// consecutive and in token order.
+/// consecutive and in token order. The sizes `W`, `R` and `slots` are upper bounds known from
+/// the shapes (the plan is built on the device without reading anything back); the real items
+/// come first, then padding (`seg`/`red_seg` `-1`), which the kernels skip.
 #[derive(Debug)]
 pub struct DkdvPlan {
-    /// Segment id of each work item, int64 `[W]`.
+    /// Segment id of each work item, `-1` for padding, int64 `[W]`.
     pub seg: Tensor,
-    /// Start of each work item's range of the token list, int64 `[W]`.
+    /// Start of each work item's range of the token list, int64 `[W]` (0 for padding).
     pub a: Tensor,
-    /// End (exclusive) of each work item's range, int64 `[W]`.
+    /// End (exclusive) of each work item's range, int64 `[W]` (0 for padding).
     pub b: Tensor,
     /// Scratch slot of each work item of a split segment, `-1` otherwise, int32 `[W]`.
     pub slot: Tensor,
-    /// The split segments (more than one piece), ascending, int64 `[R]`.
+    /// The split segments (more than one piece), ascending, then `-1`, int64 `[R]`.
     pub red_seg: Tensor,
     /// First scratch slot of each split segment, int32 `[R]`.
     pub red_slot0: Tensor,
     /// Number of pieces of each split segment, int32 `[R]`.
     pub red_count: Tensor,
-    /// Scratch slots in all.
+    /// Scratch slots to allocate (a bound: at least the slots the real items use).
     pub slots: i64,
 }
 
 /// The dK/dV work plan the backward uses for segment starts `starts` (int64 `[nseg + 1]`, as
-/// [`inverse_index`] returns) and pieces of at most `piece` tokens; exposed for tests.
-pub fn dkdv_plan(starts: &Tensor, piece: i64) -> Result<DkdvPlan, FusedError> {
+/// [`inverse_index`] returns), pieces of at most `piece` tokens and at most `max_entries`
+/// tokens in all segments together (the bound that sizes the plan); exposed for tests.
+pub fn dkdv_plan(starts: &Tensor, piece: i64, max_entries: i64) -> Result<DkdvPlan, FusedError> {
     if piece < 1 {
         return Err(input("piece", format!("must be positive, got {piece}")));
+    }
+    if max_entries < 0 {
+        return Err(input(
+            "max_entries",
+            format!("must not be negative, got {max_entries}"),
+        ));
     }
     let mut err = vec![0u8; ERR_LEN];
     let mut out = [std::ptr::null_mut::<C_tensor>(); 7];
@@ -519,6 +531,7 @@ pub fn dkdv_plan(starts: &Tensor, piece: i64) -> Result<DkdvPlan, FusedError> {
         nsa_fused_dkdv_plan(
             starts.as_ptr(),
             piece,
+            max_entries,
             out.as_mut_ptr(),
             &mut slots,
             err.as_mut_ptr().cast(),

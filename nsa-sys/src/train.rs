@@ -19,6 +19,8 @@ extern "C" {
         reserved: *mut c_longlong,
     ) -> c_int;
     fn nsa_cuda_reset_peak(device: c_int) -> c_int;
+    fn nsa_set_deterministic(on: c_int) -> c_int;
+    fn nsa_deterministic() -> c_int;
 }
 
 /// An NVTX range that closes when dropped. When `enabled` is false it costs one branch.
@@ -68,6 +70,31 @@ fn err_text(buf: &[c_char]) -> String {
     unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
         .to_string_lossy()
         .into_owned()
+}
+
+/// Turns deterministic training on or off for the whole process: libtorch's deterministic
+/// algorithms (an operation without a deterministic implementation then fails with an error
+/// naming it instead of running; scatter/index_add, the flash and memory-efficient attention
+/// backwards take their deterministic variants, SDPA skips cuDNN attention, and uninitialised
+/// memory of new tensors is filled), cuDNN's deterministic algorithms and no cuDNN
+/// benchmarking. cuBLAS also needs `CUBLAS_WORKSPACE_CONFIG=:4096:8` (or `:16:8`) in the
+/// environment before its first use, which the binary sets: libtorch refuses cuBLAS calls in
+/// deterministic mode without it.
+pub fn set_deterministic(on: bool) -> Result<(), SysError> {
+    // SAFETY: sets libtorch's global flags; the C++ side catches exceptions.
+    match unsafe { nsa_set_deterministic(c_int::from(on)) } {
+        0 => Ok(()),
+        code => Err(SysError::Call {
+            call: "nsa_set_deterministic",
+            code: i64::from(code),
+        }),
+    }
+}
+
+/// Whether libtorch's deterministic algorithms are on.
+pub fn deterministic() -> bool {
+    // SAFETY: reads a libtorch global flag; the C++ side catches exceptions.
+    unsafe { nsa_deterministic() == 1 }
 }
 
 /// Starts libtorch's Kineto profiler (CPU activity, plus CUDA kernels when `cuda`).
@@ -142,6 +169,16 @@ mod tests {
         }
         let x = with_bf16_autocast(|| 1 + 1);
         assert_eq!(x, 2);
+    }
+
+    #[test]
+    fn deterministic_mode_switches_libtorchs_flag() {
+        let _ = crate::cuda::load_backend();
+        assert!(!deterministic());
+        set_deterministic(true).unwrap();
+        let on = deterministic();
+        set_deterministic(false).unwrap();
+        assert!(on && !deterministic());
     }
 
     #[test]

@@ -113,7 +113,9 @@ fn inverse_index_lists_each_blocks_tokens_in_order() {
         assert_eq!(tokens.kind(), Kind::Int);
         let (tokens, starts, ids) = (host_i64(&tokens), host_i64(&starts), host_i64(&blocks));
         assert_eq!(starts.len() as i64, b * g * nb + 1);
-        assert_eq!(*starts.last().unwrap() as usize, tokens.len());
+        // Sized by the shapes (no host synchronisation): the index, then padding.
+        assert_eq!(tokens.len() as i64, b * s * g * n);
+        assert!(*starts.last().unwrap() as usize <= tokens.len());
         for bi in 0..b {
             for gi in 0..g {
                 for j in 0..nb {
@@ -137,61 +139,84 @@ fn inverse_index_lists_each_blocks_tokens_in_order() {
     ));
 }
 
-/// The dK/dV work plan (CPU): each segment's token range is cut into consecutive pieces of at
-/// most `piece` tokens, in order; single-piece segments write directly (slot -1), split ones own
-/// consecutive scratch slots listed once in the reduce arrays.
-#[test]
-fn dkdv_plan_cuts_every_segment_into_ordered_pieces() {
-    backend();
-    // Segment sizes 0, 1, 7, 3, 12, 0, 4 (starts are their prefix sums).
-    let sizes = [0i64, 1, 7, 3, 12, 0, 4];
-    let mut starts = vec![0i64];
-    for s in sizes {
-        starts.push(starts.last().unwrap() + s);
-    }
-    for piece in [1, 3, 4, 100] {
-        let plan = fused::dkdv_plan(&Tensor::from_slice(&starts), piece).unwrap();
-        let (seg, a, b, slot) = (
-            host_i64(&plan.seg),
-            host_i64(&plan.a),
-            host_i64(&plan.b),
-            host_i64(&plan.slot),
-        );
-        let (red_seg, red_slot0, red_count) = (
-            host_i64(&plan.red_seg),
-            host_i64(&plan.red_slot0),
-            host_i64(&plan.red_count),
-        );
-        let mut w = 0;
-        let mut next_slot = 0;
-        let mut red = 0;
-        for (s, &size) in sizes.iter().enumerate() {
-            let pieces = ((size + piece - 1) / piece).max(1);
-            let mut pos = starts[s];
-            if pieces > 1 {
-                assert_eq!(red_seg[red], s as i64, "piece {piece}");
-                assert_eq!(red_slot0[red], next_slot);
-                assert_eq!(red_count[red], pieces);
-                red += 1;
-            }
-            for _ in 0..pieces {
-                assert_eq!(seg[w], s as i64, "piece {piece} work {w}");
-                assert_eq!(a[w], pos);
-                assert!(b[w] - a[w] <= piece && b[w] <= starts[s + 1]);
-                pos = b[w];
-                if pieces > 1 {
-                    assert_eq!(slot[w], next_slot);
-                    next_slot += 1;
-                } else {
-                    assert_eq!(slot[w], -1);
-                }
-                w += 1;
-            }
-            assert_eq!(pos, starts[s + 1], "segment {s} covered");
+/// The exact dK/dV plan of segment sizes `sizes` with pieces of at most `piece` tokens (the
+/// rule the device-built plan must reproduce as its real prefix): work items `(seg, a, b,
+/// slot)` and split segments `(seg, first slot, pieces)`.
+type ExactPlan = (Vec<[i64; 4]>, Vec<[i64; 3]>);
+fn exact_plan(sizes: &[i64], piece: i64) -> ExactPlan {
+    let (mut items, mut red) = (Vec::new(), Vec::new());
+    let (mut start, mut next_slot) = (0, 0);
+    for (s, &size) in sizes.iter().enumerate() {
+        let pieces = ((size + piece - 1) / piece).max(1);
+        if pieces > 1 {
+            red.push([s as i64, next_slot, pieces]);
         }
-        assert_eq!(w, seg.len());
-        assert_eq!(red, red_seg.len());
-        assert_eq!(plan.slots, next_slot);
+        for p in 0..pieces {
+            let a = start + p * piece;
+            let slot = if pieces > 1 {
+                next_slot += 1;
+                next_slot - 1
+            } else {
+                -1
+            };
+            items.push([s as i64, a, (a + piece).min(start + size), slot]);
+        }
+        start += size;
     }
-    assert!(fused::dkdv_plan(&Tensor::from_slice(&starts), 0).is_err());
+    (items, red)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// The dK/dV work plan (CPU; the same ATen code runs on the GPU), built from the shapes'
+    /// bound without reading the data's sizes: its real items are the exact plan's, in order
+    /// (each segment cut into consecutive pieces of at most `piece` tokens; single-piece
+    /// segments write directly, slot -1; split ones own consecutive scratch slots listed once
+    /// in the reduce arrays), the rest is padding (segment -1), and the bounds hold.
+    #[test]
+    fn dkdv_plan_cuts_every_segment_into_ordered_pieces(
+        sizes in proptest::collection::vec(
+            proptest::prop_oneof![0i64..3, 0i64..40],
+            1..24,
+        ),
+        piece in 1i64..12,
+        slack in 0i64..30,
+    ) {
+        backend();
+        let mut starts = vec![0i64];
+        for s in &sizes {
+            starts.push(starts.last().unwrap() + s);
+        }
+        let entries = starts.last().unwrap() + slack;
+        let plan = fused::dkdv_plan(&Tensor::from_slice(&starts), piece, entries).unwrap();
+        let (items, red) = exact_plan(&sizes, piece);
+        let nseg = sizes.len() as i64;
+        let (seg, a, b, slot) =
+            (host_i64(&plan.seg), host_i64(&plan.a), host_i64(&plan.b), host_i64(&plan.slot));
+        proptest::prop_assert_eq!(seg.len() as i64, nseg + entries / piece);
+        proptest::prop_assert!(items.len() <= seg.len());
+        for (w, item) in items.iter().enumerate() {
+            proptest::prop_assert_eq!([seg[w], a[w], b[w], slot[w]], *item, "work item {}", w);
+        }
+        for w in items.len()..seg.len() {
+            proptest::prop_assert_eq!([seg[w], a[w], b[w], slot[w]], [-1, 0, 0, -1]);
+        }
+        let (red_seg, red_slot0, red_count) =
+            (host_i64(&plan.red_seg), host_i64(&plan.red_slot0), host_i64(&plan.red_count));
+        proptest::prop_assert!(red.len() <= red_seg.len());
+        for (r, want) in red.iter().enumerate() {
+            proptest::prop_assert_eq!([red_seg[r], red_slot0[r], red_count[r]], *want);
+        }
+        proptest::prop_assert!(red_seg[red.len()..].iter().all(|&s| s == -1));
+        let used = items.iter().filter(|i| i[3] >= 0).count() as i64;
+        proptest::prop_assert!(used <= plan.slots, "{} slots used, {} allocated", used, plan.slots);
+    }
+}
+
+#[test]
+fn dkdv_plan_rejects_bad_arguments() {
+    backend();
+    let starts = Tensor::from_slice(&[0i64, 3, 5]);
+    assert!(fused::dkdv_plan(&starts, 0, 5).is_err());
+    assert!(fused::dkdv_plan(&starts, 2, -1).is_err());
 }

@@ -108,3 +108,37 @@ fn grad_ready_hooks_fire_once_per_backward_with_the_final_gradient() {
         assert!(err.to_string().contains("not a leaf"), "{err}");
     }
 }
+
+/// The sync debug guard finds c10's mode in libc10_cuda.so (CPU machines load it too), sets it
+/// and restores the previous one, nested included; with a GPU, a host synchronisation under
+/// `Error` is a tch error and the same call succeeds once the guard is gone.
+#[test]
+fn sync_debug_guard_sets_and_restores_libtorchs_mode() {
+    use cuda::{SyncDebugGuard, SyncDebugMode};
+    let backend = cuda::load_backend().unwrap();
+    if matches!(backend, CudaBackend::NotBuilt { .. }) {
+        assert!(SyncDebugGuard::new(SyncDebugMode::Error).is_err());
+        return;
+    }
+    assert_eq!(cuda::sync_debug_mode().unwrap(), SyncDebugMode::Disabled);
+    {
+        let _outer = SyncDebugGuard::new(SyncDebugMode::Warn).unwrap();
+        assert_eq!(cuda::sync_debug_mode().unwrap(), SyncDebugMode::Warn);
+        {
+            let _inner = SyncDebugGuard::new(SyncDebugMode::Error).unwrap();
+            assert_eq!(cuda::sync_debug_mode().unwrap(), SyncDebugMode::Error);
+        }
+        assert_eq!(cuda::sync_debug_mode().unwrap(), SyncDebugMode::Warn);
+    }
+    assert_eq!(cuda::sync_debug_mode().unwrap(), SyncDebugMode::Disabled);
+    if backend.has_gpu() {
+        let x = tch::Tensor::ones([4], (tch::Kind::Float, tch::Device::Cuda(0)));
+        let under_guard = {
+            let _g = SyncDebugGuard::new(SyncDebugMode::Error).unwrap();
+            x.sum(tch::Kind::Float).f_double_value(&[])
+        };
+        let err = under_guard.expect_err("item() synchronises");
+        assert!(err.to_string().contains("synchroniz"), "{err}");
+        assert_eq!(x.sum(tch::Kind::Float).double_value(&[]), 4.0);
+    }
+}

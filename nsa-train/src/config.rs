@@ -66,6 +66,13 @@ pub struct RunConfig {
     /// Peak TFLOP/s of one device for the MFU (default: the GPU's dense spec at the run's
     /// precision, see `flops::peak`; unset on the CPU and unknown GPUs: no MFU).
     pub peak_tflops: Option<f64>,
+    /// Bit-reproducible training: libtorch's deterministic algorithms (an op without a
+    /// deterministic implementation is an error naming it), cuDNN deterministic without
+    /// benchmarking, `CUBLAS_WORKSPACE_CONFIG=:4096:8` ([`cublas_workspace_for`]); the fused
+    /// kernels' backward is deterministic either way. Two runs of one config then give the same
+    /// losses bit for bit on the same GPU and software, and a resumed run equals an
+    /// uninterrupted one (`nsa-train check --determinism` shows it and the cost in tokens/s).
+    pub deterministic: bool,
 }
 
 impl Default for RunConfig {
@@ -85,6 +92,7 @@ impl Default for RunConfig {
             max_bad_steps: 8,
             profile: String::new(),
             peak_tflops: None,
+            deterministic: false,
         }
     }
 }
@@ -589,6 +597,30 @@ pub fn kernel_cache_dir(
     Some(base.join("nsa").join("kernels"))
 }
 
+/// The cuBLAS setting deterministic training needs, when it is not already in `env`:
+/// `Some(("CUBLAS_WORKSPACE_CONFIG", ":4096:8"))` for a `run.deterministic` config unless the
+/// variable already holds one of cuBLAS's reproducible values (`:4096:8`, `:16:8`, optionally
+/// followed by more `:SIZE:COUNT` pairs). cuBLAS reads it when libtorch creates its first handle
+/// (the first matmul on a device), so the binary sets it before building the model; libtorch
+/// refuses cuBLAS calls in deterministic mode without it.
+pub fn cublas_workspace_for(
+    cfg: &TrainConfig,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Option<(&'static str, &'static str)> {
+    const NAME: &str = "CUBLAS_WORKSPACE_CONFIG";
+    if !cfg.run.deterministic {
+        return None;
+    }
+    let current = env.into_iter().find(|(n, _)| n == NAME).map(|(_, v)| v);
+    let reproducible = current.is_some_and(|v| {
+        let v = v.trim();
+        [":4096:8", ":16:8"]
+            .iter()
+            .any(|p| v == *p || v.starts_with(&format!("{p}:")))
+    });
+    (!reproducible).then_some((NAME, ":4096:8"))
+}
+
 /// Resolves the configuration. `env` yields (name, value) pairs (pass `std::env::vars()`).
 pub fn resolve(
     file: Option<&Path>,
@@ -768,6 +800,32 @@ mod tests {
 
     fn no_env() -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    #[test]
+    fn deterministic_runs_get_a_reproducible_cublas_workspace() {
+        let cfg = |on: bool| {
+            let set = format!("run.deterministic={on}");
+            resolve(None, &[set], no_env()).unwrap()
+        };
+        let env = |v: &str| vec![("CUBLAS_WORKSPACE_CONFIG".to_string(), v.to_string())];
+        let want = Some(("CUBLAS_WORKSPACE_CONFIG", ":4096:8"));
+        assert_eq!(cublas_workspace_for(&cfg(false), no_env()), None);
+        assert_eq!(cublas_workspace_for(&cfg(true), no_env()), want);
+        for kept in [":4096:8", ":16:8", " :16:8", ":4096:8:16:8"] {
+            assert_eq!(
+                cublas_workspace_for(&cfg(true), env(kept)),
+                None,
+                "{kept:?}"
+            );
+        }
+        for replaced in ["", ":4096:2", ":4096:80", "4096:8"] {
+            assert_eq!(
+                cublas_workspace_for(&cfg(true), env(replaced)),
+                want,
+                "{replaced:?}"
+            );
+        }
     }
 
     #[test]

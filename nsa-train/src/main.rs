@@ -4,8 +4,9 @@
 //! parallel through our launcher, torchrun or Slurm), `eval` (held-out loss and accuracy of a run's
 //! latest checkpoint; `--task`: retrieval scored by generation), `generate` (continue a prompt
 //! through the decode caches), `smoke` (trains the `tiny` NSA model briefly and checks that it
-//! learned), `check --gpu` (every fused kernel against the reference path, and prefill + decode
-//! against the full forward), `env` (runtime facts and the SDPA backend audit), `bench` (the
+//! learned), `check --gpu` (every fused kernel against the reference path, prefill + decode
+//! against the full forward, a fused layer without host synchronisation) and `check
+//! --determinism` (bit-identical training with `run.deterministic`), `env` (runtime facts and the SDPA backend audit), `bench` (the
 //! benchmarks: nsa-bench's `select`, `attn`, `branches`, and `train`, `decode`, `sweep-buckets`
 //! here), `tokenizer train` (a byte-level BPE for real text), `prepare` (text → llm.c token
 //! shards), and the hidden `rendezvous` (a launcher check without a GPU).
@@ -15,6 +16,7 @@ mod bench;
 mod checkpoint;
 mod config;
 mod data;
+mod determinism;
 mod flops;
 #[cfg(test)]
 mod fuzz_tests;
@@ -162,16 +164,25 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
-    /// Check this install on its GPU: parity of every fused kernel against the reference path
-    /// on fresh random inputs (outputs and gradients, bf16 and fp32), and of prefill + decode
-    /// against the full-sequence forward, as a pass/fail table.
+    /// Check this install on its GPU. `--gpu`: parity of every fused kernel against the
+    /// reference path on fresh random inputs (outputs and gradients, bf16 and fp32), of prefill
+    /// and decode against the full-sequence forward, and a fused layer's forward and backward
+    /// without a host synchronisation, as a pass/fail table. `--determinism`: training with
+    /// `run.deterministic = true` twice gives bit-identical losses, a resumed run equals an
+    /// uninterrupted one, and the flag's cost in tokens/s.
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["gpu", "determinism"])))]
     Check {
-        /// Run the GPU checks (the only kind there is; the flag says what runs).
-        #[arg(long, required = true)]
+        /// Run the kernel, decode and host-synchronisation checks.
+        #[arg(long)]
         gpu: bool,
-        /// Also write the rows as JSON to this file.
+        /// Also write the `--gpu` rows as JSON to this file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
+        /// Run the reproducibility check (trains small runs in child processes).
+        #[arg(long)]
+        determinism: bool,
+        #[command(flatten)]
+        det: determinism::DeterminismArgs,
     },
     /// Meet the other ranks through the rendezvous store and print what rank 0 sent, as `train`
     /// would before building its NCCL group: checks a launcher setup without a GPU.
@@ -253,6 +264,10 @@ fn main() -> anyhow::Result<()> {
                 println!("# model: {model}");
                 return Ok(());
             }
+            // Before the first cuBLAS handle exists (the model's first matmul).
+            if let Some((name, value)) = config::cublas_workspace_for(&cfg, std::env::vars()) {
+                std::env::set_var(name, value);
+            }
             let launch::Role::Trainer(dist) = launch::role_with(&args.launch)? else {
                 return Ok(());
             };
@@ -311,7 +326,20 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Generate(args) => generate::run(args, backend.has_gpu()),
         Command::Smoke(args) => smoke::run(args, &backend),
-        Command::Check { gpu: _, json } => gpu_check(json.as_deref()),
+        Command::Check {
+            gpu,
+            json,
+            determinism,
+            det,
+        } => {
+            if gpu {
+                gpu_check(json.as_deref())?;
+            }
+            if determinism {
+                determinism::run(&det)?;
+            }
+            Ok(())
+        }
         Command::Bench { what } => bench::run(what),
         Command::Rendezvous {
             launch,

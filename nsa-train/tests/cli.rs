@@ -571,3 +571,51 @@ fn tokenizer_prepare_and_train_on_text() {
     let text = ok(&run(&a));
     assert!(text.contains("step      3"), "{text}");
 }
+
+/// `check --determinism` on the CPU (the machinery; the GPU is where it matters): two runs with
+/// `run.deterministic = true` agree bit for bit, the run resumed from its mid checkpoint equals
+/// the uninterrupted one, and the table and verdict are printed. Bad arguments are errors.
+#[test]
+fn determinism_check_compares_runs_and_a_resume() {
+    let quick = strs(&[
+        "check",
+        "--determinism",
+        "--device",
+        "cpu",
+        "--presets",
+        "tiny",
+        "--steps",
+        "4",
+        "--resume-at",
+        "2",
+        "--set",
+        "data.seq_len=64",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "data.source=\"recall\"",
+        "--set",
+        "data.recall_pairs=4",
+    ]);
+    let text = ok(&run(&quick));
+    for want in [
+        "| tiny: two runs, deterministic | 4 | yes |",
+        "| tiny: resumed at step 2 vs uninterrupted, deterministic | 2 | yes |",
+        "| tiny | ",
+        "determinism: passed",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    let mut late = quick.clone();
+    let at = late.iter().position(|a| a == "--resume-at").unwrap();
+    late[at + 1] = "4".into();
+    assert!(err(&run(&late)).contains("--resume-at"));
+    // clap's usage error (exit status 2) names the flags that say what to check.
+    let none = run(&strs(&["check"]));
+    assert_eq!(none.status.code(), Some(2));
+    assert!(
+        common::text(&none).contains("--gpu"),
+        "{}",
+        common::text(&none)
+    );
+}

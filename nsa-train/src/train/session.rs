@@ -4,7 +4,7 @@
 //! written. A start that fails leaves the disk as it was.
 use std::path::PathBuf;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use nsa_model::{Model, ModelConfig};
 use tch::{nn, Device, Tensor};
 
@@ -90,6 +90,9 @@ impl<'a> Session<'a> {
             cfg.run.seed.wrapping_add(cfg.data.eval_seed_offset),
         )?;
 
+        // Deterministic algorithms (or not) before anything runs on the device.
+        nsa_sys::train::set_deterministic(cfg.run.deterministic)
+            .context("switching libtorch's deterministic algorithms")?;
         // Model and optimizer (fp32 master weights; bf16 only inside autocast).
         tch::manual_seed(cfg.run.seed as i64);
         let mut vs = nn::VarStore::new(device);
@@ -260,6 +263,11 @@ impl<'a> Session<'a> {
                     format!("MFU against {} TFLOP/s per device ({})", p.tflops, p.source)
                 })
         );
+        if cfg.run.deterministic {
+            println!(
+                "determinism: on (libtorch deterministic algorithms, cuDNN deterministic without benchmarking, a reproducible cuBLAS workspace)"
+            );
+        }
         for a in &self.sdpa_audit {
             println!("sdpa:    {a}");
         }
