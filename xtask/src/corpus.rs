@@ -133,7 +133,9 @@ fn prepare_out(out: &Path) -> Result<()> {
     let only_ours = entries
         .iter()
         .all(|e| [".downloads", ".extract", "train", "val", MARKER].contains(&e.as_str()));
-    if !out.join(MARKER).is_file() && !(only_ours && !entries.iter().any(|e| e == "train" || e == "val")) {
+    if !out.join(MARKER).is_file()
+        && !(only_ours && !entries.iter().any(|e| e == "train" || e == "val"))
+    {
         bail!(
             "{} exists and is not a corpus folder of ours (no {MARKER}): give another --out",
             out.display()
@@ -155,7 +157,11 @@ fn prepare_out(out: &Path) -> Result<()> {
 /// The package's `.deb` in `dir`, downloaded unless a copy with the pinned SHA-256 is there.
 fn fetch(sh: &Shell, p: &Package, dir: &Path) -> Result<PathBuf> {
     // apt names the file NAME_VERSION_ARCH.deb with the epoch's ':' written as %3a.
-    let file = dir.join(format!("{}_{}_all.deb", p.name, p.version.replace(':', "%3a")));
+    let file = dir.join(format!(
+        "{}_{}_all.deb",
+        p.name,
+        p.version.replace(':', "%3a")
+    ));
     if file.is_file() && sha256(sh, &file)? == p.sha256 {
         println!("corpus: {} {} already downloaded", p.name, p.version);
         return Ok(file);
@@ -170,7 +176,11 @@ fn fetch(sh: &Shell, p: &Package, dir: &Path) -> Result<PathBuf> {
             p.name
         );
     }
-    ensure!(file.is_file(), "apt-get download did not write {}", file.display());
+    ensure!(
+        file.is_file(),
+        "apt-get download did not write {}",
+        file.display()
+    );
     let got = sha256(sh, &file)?;
     ensure!(
         got == p.sha256,

@@ -131,7 +131,9 @@ pub(crate) fn strip_inline(line: &str) -> String {
         // **strong** and *emphasis*: the asterisks go when they open a word and close one.
         if c == '*' {
             let n = if chars.get(i + 1) == Some(&'*') { 2 } else { 1 };
-            let opens = chars.get(i + n).is_some_and(|c| !c.is_whitespace() && *c != '*')
+            let opens = chars
+                .get(i + n)
+                .is_some_and(|c| !c.is_whitespace() && *c != '*')
                 && (i == 0 || !chars[i - 1].is_alphanumeric());
             if opens {
                 let close = if n == 2 { vec!['*', '*'] } else { vec!['*'] };
@@ -242,7 +244,10 @@ pub fn rst_to_text(rst: &str) -> String {
             }
         }
         let t = line.trim_start();
-        if let Some(rest) = t.strip_prefix("..").filter(|r| r.is_empty() || r.starts_with(' ')) {
+        if let Some(rest) = t
+            .strip_prefix("..")
+            .filter(|r| r.is_empty() || r.starts_with(' '))
+        {
             let keep = match directive(rest) {
                 Some((name, arg)) if !DROPPED_DIRECTIVES.contains(&name) => {
                     if !arg.is_empty() {
@@ -356,13 +361,23 @@ fn documents(root: &Path, skip: &[String]) -> Result<Vec<PathBuf>> {
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
             let p = e?.path();
-            let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().into_owned();
-            if skip.iter().any(|s| rel == *s || rel.starts_with(&format!("{s}/"))) {
+            let rel = p
+                .strip_prefix(root)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .into_owned();
+            if skip
+                .iter()
+                .any(|s| rel == *s || rel.starts_with(&format!("{s}/")))
+            {
                 continue;
             }
             if p.is_dir() {
                 stack.push(p);
-            } else if [".rst.txt", ".rst", ".txt"].iter().any(|e| rel.ends_with(e)) {
+            } else if [".rst.txt", ".rst", ".txt"]
+                .iter()
+                .any(|e| rel.ends_with(e))
+            {
                 found.push(p);
             }
         }
@@ -374,8 +389,16 @@ fn documents(root: &Path, skip: &[String]) -> Result<Vec<PathBuf>> {
 /// Strips every document of `sources` to plain text and writes it to `out/train/NAME` or
 /// `out/val/NAME` ([`is_validation`]); documents under `min_bytes` once stripped (stubs,
 /// indices) are skipped. `out/train` and `out/val` must not exist yet.
-pub fn build(sources: &[Source], out: &Path, val_permille: u32, min_bytes: usize) -> Result<SplitSizes> {
-    ensure!(val_permille <= 1000, "the validation share is at most 1000 per mille");
+pub fn build(
+    sources: &[Source],
+    out: &Path,
+    val_permille: u32,
+    min_bytes: usize,
+) -> Result<SplitSizes> {
+    ensure!(
+        val_permille <= 1000,
+        "the validation share is at most 1000 per mille"
+    );
     let (train_dir, val_dir) = (out.join("train"), out.join("val"));
     for d in [&train_dir, &val_dir] {
         ensure!(!d.exists(), "{} exists already", d.display());
@@ -384,7 +407,8 @@ pub fn build(sources: &[Source], out: &Path, val_permille: u32, min_bytes: usize
     let mut sizes = SplitSizes::default();
     for src in sources {
         for path in documents(&src.root, &src.skip)? {
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             let text = rst_to_text(&String::from_utf8_lossy(&bytes));
             if text.len() < min_bytes {
                 sizes.skipped += 1;
