@@ -68,6 +68,9 @@ if [[ $WHAT == all || $WHAT == recall ]]; then
     recall_runs=()
     evals=()
     for s in 4096 16384; do
+        # About 1000 scored answers per evaluation (64 per sequence at 4096, 128 at 16384):
+        # NSA's decode step is ~12 ms for `small`, so more sequences cost minutes.
+        samples=$((s == 4096 ? 16 : 8))
         for att in nsa dense; do
             name="recall-$att-s$s"
             train "$name" "$CONFIGS/recall-small-s$s.toml" --set "model.attention=\"$att\""
@@ -75,7 +78,7 @@ if [[ $WHAT == all || $WHAT == recall ]]; then
             for x in 1 2 4; do
                 len=$((s * x))
                 echo "== eval $name at $len"
-                "$BIN" eval "$RUNS/$name" --task recall --len "$len" --samples 64 --buckets 8 \
+                "$BIN" eval "$RUNS/$name" --task recall --len "$len" --samples "$samples" --buckets 8 \
                     --json "$OUT/evals/$name-len$len.json" >"$OUT/logs/eval-$name-len$len.log" 2>&1 \
                     || { tail -20 "$OUT/logs/eval-$name-len$len.log"; exit 1; }
                 grep -E "accuracy [0-9.]+ over" "$OUT/logs/eval-$name-len$len.log" | sed 's/^.*: step/  step/'

@@ -6,8 +6,8 @@
 //!
 //! A file source whose `data.path` is a folder holding `train/` and `val/` (the layout `nsa-train
 //! prepare` and `cargo xtask corpus` write) trains on `train/` and evaluates on `val/`
-//! ([`Split`]); any other path serves both, held-out batches then being other random windows of
-//! the same files (drawn with another seed).
+//! ([`Split`]); a folder with only `train/` serves it to both, as any other path serves itself,
+//! held-out batches then being other random windows of the same files (drawn with another seed).
 //!
 //! Every batch is a pure function of (seed, step, rank): a resumed run, or rank r of a
 //! data-parallel run, reads exactly the batches it would have read otherwise.
@@ -157,16 +157,14 @@ pub enum Split {
 }
 
 /// The folder or file a file source of `split` reads: `path/train` or `path/val` when `path`
-/// holds both (the prepared layout), else `path` itself.
+/// holds both (the prepared layout); `path/train` for both when it holds only that (`prepare`
+/// without a validation split); else `path` itself.
 pub fn split_path(path: &Path, split: Split) -> PathBuf {
     let (train, val) = (path.join("train"), path.join("val"));
-    if path.is_dir() && train.is_dir() && val.is_dir() {
-        match split {
-            Split::Train => train,
-            Split::Val => val,
-        }
-    } else {
-        path.to_path_buf()
+    match (path.is_dir() && train.is_dir(), val.is_dir()) {
+        (true, true) if split == Split::Val => val,
+        (true, _) => train,
+        _ => path.to_path_buf(),
     }
 }
 
@@ -355,6 +353,46 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("needs data.path"));
+    }
+
+    /// A prepared folder trains on train/ and evaluates on val/; one without val/ serves train/
+    /// to both; a plain folder serves itself.
+    #[test]
+    fn splits_read_their_own_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (sub, text) in [
+            ("train", "abcdefghijklmnopqrst"),
+            ("val", "ABCDEFGHIJKLMNOPQRST"),
+        ] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+            std::fs::write(root.join(sub).join("x.txt"), text).unwrap();
+        }
+        let cfg = DataConfig {
+            source: DataSource::Text,
+            path: Some(root.to_path_buf()),
+            seq_len: 8,
+            ..Default::default()
+        };
+        let first = |split| {
+            let src = open(&cfg, 256, 0, split).unwrap();
+            assert!(src.describe().contains(match split {
+                Split::Train => "train",
+                Split::Val => "val",
+            }));
+            vec_of(&src.batch(0, 0, 4, 8).unwrap().input)
+        };
+        assert!(first(Split::Train)
+            .iter()
+            .all(|&t| (b'a' as i64..=b'z' as i64).contains(&t)));
+        assert!(first(Split::Val)
+            .iter()
+            .all(|&t| (b'A' as i64..=b'Z' as i64).contains(&t)));
+        assert_eq!(split_path(root, Split::Val), root.join("val"));
+        std::fs::remove_dir_all(root.join("val")).unwrap();
+        assert_eq!(split_path(root, Split::Val), root.join("train"));
+        let plain = root.join("train");
+        assert_eq!(split_path(&plain, Split::Val), plain);
     }
 
     #[test]
