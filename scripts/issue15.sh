@@ -4,24 +4,29 @@
 #   1. real text: `small` at S = 2048 and 8192, NSA and dense (configs/text-small-s*.toml);
 #   2. retrieval: recall at a distance, S = 4096 and 16384, NSA and dense
 #      (configs/recall-small-s*.toml), each evaluated by generation at 1x, 2x and 4x its length;
-#   3. `nsa-train compare` for each: PNGs and Markdown tables under OUT/text and OUT/recall.
+#   3. `nsa-train compare` for each: PNGs and Markdown tables under OUT/text, OUT/recall-s4096
+#      and OUT/recall-s16384.
 #
-# Usage: scripts/issue15.sh SHARDS TOKENIZER OUT [text|recall|all]
+# Usage: scripts/issue15.sh SHARDS TOKENIZER OUT [WHAT [TRAIN_ARGS...]]
 #   SHARDS     folder with train/ and val/ llm.c shards (nsa-train prepare's output)
 #   TOKENIZER  the tokenizer.json the shards were made with
-#   OUT        results folder (runs/, logs/, evals/, text/, recall/)
+#   OUT        results folder (runs/, logs/, evals/, text/, recall-s4096/, recall-s16384/)
+#   WHAT       all (default) | text | recall | text-2048 | text-8192 | recall-4096 | recall-16384
+#   TRAIN_ARGS passed to every `nsa-train train` (e.g. --set run.steps=300)
 # NSA_TRAIN names the binary (default: target/release/nsa-train if built, else nsa-train on PATH).
 # Every run is one process; a failed one stops the script (set -e) with its log in OUT/logs/.
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-    sed -n '2,14p' "$0"
+    sed -n '2,17p' "$0"
     exit 2
 fi
 SHARDS=$1
 TOKENIZER=$2
 OUT=$3
 WHAT=${4:-all}
+shift $(($# < 4 ? $# : 4))
+EXTRA=("$@")
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 CONFIGS=$HERE/configs
 if [[ -n "${NSA_TRAIN:-}" ]]; then
@@ -31,8 +36,18 @@ elif [[ -x "$HERE/target/release/nsa-train" ]]; then
 else
     BIN=nsa-train
 fi
-[[ -d "$SHARDS/train" && -d "$SHARDS/val" ]] || { echo "$SHARDS has no train/ and val/" >&2; exit 2; }
-[[ -f "$TOKENIZER" ]] || { echo "no tokenizer at $TOKENIZER" >&2; exit 2; }
+case $WHAT in
+    all) text_seqs="2048 8192" recall_seqs="4096 16384" ;;
+    text) text_seqs="2048 8192" recall_seqs="" ;;
+    recall) text_seqs="" recall_seqs="4096 16384" ;;
+    text-2048 | text-8192) text_seqs=${WHAT#text-} recall_seqs="" ;;
+    recall-4096 | recall-16384) text_seqs="" recall_seqs=${WHAT#recall-} ;;
+    *) echo "WHAT must be all, text, recall, text-2048, text-8192, recall-4096 or recall-16384" >&2; exit 2 ;;
+esac
+if [[ -n $text_seqs ]]; then
+    [[ -d "$SHARDS/train" && -d "$SHARDS/val" ]] || { echo "$SHARDS has no train/ and val/" >&2; exit 2; }
+    [[ -f "$TOKENIZER" ]] || { echo "no tokenizer at $TOKENIZER" >&2; exit 2; }
+fi
 mkdir -p "$OUT/runs" "$OUT/logs" "$OUT/evals"
 RUNS=$OUT/runs
 
@@ -41,14 +56,14 @@ train() { # NAME CONFIG [--set ...]
     shift 2
     echo "== train $name ($(date +%T))"
     "$BIN" train --config "$config" --name "$name" --overwrite \
-        --set "run.out_dir=\"$RUNS\"" "$@" >"$OUT/logs/$name.log" 2>&1 \
+        --set "run.out_dir=\"$RUNS\"" "$@" ${EXTRA[@]+"${EXTRA[@]}"} >"$OUT/logs/$name.log" 2>&1 \
         || { tail -30 "$OUT/logs/$name.log"; exit 1; }
     tail -3 "$OUT/logs/$name.log"
 }
 
-if [[ $WHAT == all || $WHAT == text ]]; then
+if [[ -n $text_seqs ]]; then
     text_runs=()
-    for s in 2048 8192; do
+    for s in $text_seqs; do
         for att in nsa dense; do
             train "text-$att-s$s" "$CONFIGS/text-small-s$s.toml" \
                 --set "model.attention=\"$att\"" \
@@ -57,17 +72,18 @@ if [[ $WHAT == all || $WHAT == text ]]; then
         done
     done
     "$BIN" compare "${text_runs[@]}" --out "$OUT/text" \
-        --title "small on real text: NSA vs dense at S = 2048 and 8192"
+        --title "small on real text: NSA vs dense at S = ${text_seqs// / and }"
+    first=${text_seqs%% *}
     for att in nsa dense; do
-        "$BIN" generate "$RUNS/text-$att-s2048" --prompt "The kernel" --max-new-tokens 120 \
+        "$BIN" generate "$RUNS/text-$att-s$first" --prompt "The kernel" --max-new-tokens 120 \
             --greedy >"$OUT/text/sample-$att.txt" 2>"$OUT/logs/sample-$att.log" || true
     done
 fi
 
-if [[ $WHAT == all || $WHAT == recall ]]; then
-    recall_runs=()
-    evals=()
-    for s in 4096 16384; do
+if [[ -n $recall_seqs ]]; then
+    for s in $recall_seqs; do
+        recall_runs=()
+        evals=()
         # About 1000 scored answers per evaluation (64 per sequence at 4096, 128 at 16384):
         # NSA's decode step is ~12 ms for `small`, so more sequences cost minutes.
         samples=$((s == 4096 ? 16 : 8))
@@ -75,8 +91,10 @@ if [[ $WHAT == all || $WHAT == recall ]]; then
             name="recall-$att-s$s"
             train "$name" "$CONFIGS/recall-small-s$s.toml" --set "model.attention=\"$att\""
             recall_runs+=("$RUNS/$name")
+            # The length the run trained at (TRAIN_ARGS may have changed it).
+            trained=$(sed -n 's/^seq_len = //p' "$RUNS/$name/config.toml")
             for x in 1 2 4; do
-                len=$((s * x))
+                len=$((trained * x))
                 echo "== eval $name at $len"
                 "$BIN" eval "$RUNS/$name" --task recall --len "$len" --samples "$samples" --buckets 8 \
                     --json "$OUT/evals/$name-len$len.json" >"$OUT/logs/eval-$name-len$len.log" 2>&1 \
@@ -85,8 +103,8 @@ if [[ $WHAT == all || $WHAT == recall ]]; then
                 evals+=(--eval "$OUT/evals/$name-len$len.json")
             done
         done
+        "$BIN" compare "${recall_runs[@]}" "${evals[@]}" --out "$OUT/recall-s$s" \
+            --title "recall at a distance, trained at S = $s: NSA vs dense"
     done
-    "$BIN" compare "${recall_runs[@]}" "${evals[@]}" --out "$OUT/recall" \
-        --title "recall at a distance: NSA vs dense at S = 4096 and 16384"
 fi
-echo "results: $OUT/text/compare.md $OUT/recall/compare.md"
+echo "results: $OUT/text/compare.md $OUT/recall-s4096/compare.md $OUT/recall-s16384/compare.md"

@@ -93,7 +93,7 @@ impl<'a> Session<'a> {
         let tokenizer = crate::tokenize::run::RunTokenizer::check(
             &cfg.data,
             model_cfg.vocab_size,
-            src.vocab_needed() - 1,
+            src.vocab_needed().max(eval_src.vocab_needed()) - 1,
         )?;
 
         // Model and optimizer (fp32 master weights; bf16 only inside autocast).
