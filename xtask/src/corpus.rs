@@ -125,23 +125,20 @@ fn prepare_out(out: &Path) -> Result<()> {
     if !out.exists() {
         return Ok(());
     }
-    // Ours: it has the marker, or holds only what a run writes before its end (downloads).
+    // Ours: it has the marker, or holds only what an unfinished first run leaves (downloads).
     let mut entries = Vec::new();
     for e in std::fs::read_dir(out).with_context(|| format!("{} is not a folder", out.display()))? {
         entries.push(e?.file_name().to_string_lossy().into_owned());
     }
-    let only_ours = entries
-        .iter()
-        .all(|e| [".downloads", ".extract", "train", "val", MARKER].contains(&e.as_str()));
-    if !out.join(MARKER).is_file()
-        && !(only_ours && !entries.iter().any(|e| e == "train" || e == "val"))
-    {
+    let has_marker = out.join(MARKER).is_file();
+    let unfinished = entries.iter().all(|e| e == ".downloads" || e == ".extract");
+    if !has_marker && !unfinished {
         bail!(
             "{} exists and is not a corpus folder of ours (no {MARKER}): give another --out",
             out.display()
         );
     }
-    if !out.join(MARKER).is_file() {
+    if !has_marker {
         return Ok(());
     }
     std::fs::remove_file(out.join(MARKER))?;
@@ -194,4 +191,28 @@ fn fetch(sh: &Shell, p: &Package, dir: &Path) -> Result<PathBuf> {
 fn sha256(sh: &Shell, file: &Path) -> Result<String> {
     let line = cmd!(sh, "sha256sum {file}").read()?;
     Ok(line.split_whitespace().next().unwrap_or("").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The output folder is rebuilt only when it is ours; anything else is left alone.
+    #[test]
+    fn only_our_folders_are_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        prepare_out(&dir.path().join("new")).unwrap();
+        let out = dir.path().join("c");
+        std::fs::create_dir_all(out.join(".downloads")).unwrap();
+        prepare_out(&out).unwrap();
+        std::fs::create_dir_all(out.join("train")).unwrap();
+        std::fs::write(out.join("train/a.txt"), "x").unwrap();
+        let e = prepare_out(&out).unwrap_err().to_string();
+        assert!(e.contains("not a corpus folder of ours"), "{e}");
+        assert!(out.join("train/a.txt").is_file());
+        std::fs::write(out.join(MARKER), "ours").unwrap();
+        prepare_out(&out).unwrap();
+        assert!(!out.join("train").exists() && out.join(".downloads").is_dir());
+        assert!(!out.join(MARKER).exists());
+    }
 }
