@@ -15,6 +15,9 @@
 #   TRAIN_ARGS passed to every `nsa-train train` (e.g. --set run.steps=300)
 # NSA_TRAIN names the binary (default: target/release/nsa-train if built, else nsa-train on PATH).
 # Every run is one process; a failed one stops the script (set -e) with its log in OUT/logs/.
+# Parts can run in separate calls with the same OUT (each part takes a few minutes on one H200);
+# the text comparison then covers every finished text run in OUT. Checkpoints stay under
+# OUT/runs/*/checkpoints (large); everything else in OUT is small.
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
@@ -62,17 +65,25 @@ train() { # NAME CONFIG [--set ...]
 }
 
 if [[ -n $text_seqs ]]; then
-    text_runs=()
     for s in $text_seqs; do
         for att in nsa dense; do
             train "text-$att-s$s" "$CONFIGS/text-small-s$s.toml" \
                 --set "model.attention=\"$att\"" \
                 --set "data.path=\"$SHARDS\"" --set "data.tokenizer=\"$TOKENIZER\""
-            text_runs+=("$RUNS/text-$att-s$s")
+        done
+    done
+    # Every finished text run in OUT (an earlier call's too: text-2048 then text-8192 end with
+    # one comparison of all four).
+    text_runs=()
+    for s in 2048 8192; do
+        for att in nsa dense; do
+            if [[ -f "$RUNS/text-$att-s$s/summary.json" ]]; then
+                text_runs+=("$RUNS/text-$att-s$s")
+            fi
         done
     done
     "$BIN" compare "${text_runs[@]}" --out "$OUT/text" \
-        --title "small on real text: NSA vs dense at S = ${text_seqs// / and }"
+        --title "small on real text: NSA vs dense"
     first=${text_seqs%% *}
     for att in nsa dense; do
         "$BIN" generate "$RUNS/text-$att-s$first" --prompt "The kernel" --max-new-tokens 120 \
