@@ -952,6 +952,25 @@ mod tests {
         assert_eq!(c, TrainConfig::default());
     }
 
+    /// Every experiment config under configs/ resolves and builds its model config (no data
+    /// or device needed), so a script never meets a typo on the GPU host.
+    #[test]
+    fn experiment_configs_resolve() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "toml") {
+                let c = resolve(Some(&path), &[], no_env())
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                crate::train::model_config(&c)
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 5, "{seen} configs");
+    }
+
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()

@@ -37,7 +37,7 @@ const VALUES: [&str; 25] = [
     "\"cuda:9\"",
 ];
 
-const KEYS: [&str; 25] = [
+const KEYS: [&str; 27] = [
     "run.name",
     "run.steps",
     "run.seed",
@@ -58,6 +58,8 @@ const KEYS: [&str; 25] = [
     "data.seq_len",
     "data.batch_size",
     "data.recall_pairs",
+    "data.recall_distance",
+    "data.recall_curriculum_steps",
     "optim.lr",
     "optim.eps",
     "optim.grad_accum",
@@ -157,7 +159,7 @@ proptest! {
             batch_size: batch,
             ..Default::default()
         };
-        if let Ok(src) = data::open(&cfg, 65536, 0) {
+        if let Ok(src) = data::open(&cfg, 65536, 0, data::Split::Train) {
             let _ = src.batch(0, 0, batch, seq);
         }
     }

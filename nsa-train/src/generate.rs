@@ -3,7 +3,7 @@
 //! text as it comes; and the generation side of `nsa-train eval --task` ([`retrieval`]).
 pub mod retrieval;
 mod sample;
-mod text;
+pub mod text;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -26,7 +26,7 @@ pub struct GenerateArgs {
     /// verifies).
     #[arg(long)]
     checkpoint: Option<String>,
-    /// The prompt text (byte-level runs, data.source = "text").
+    /// The prompt text (runs with a recorded tokenizer, and byte-level runs).
     #[arg(long, conflicts_with_all = ["prompt_file", "prompt_ids"])]
     prompt: Option<String>,
     /// Read the prompt text from this file.
@@ -145,7 +145,7 @@ pub fn run(a: GenerateArgs, has_gpu: bool) -> Result<()> {
         .map(|d| DeviceChoice::try_from(d).map_err(|e| anyhow::anyhow!("--device: {e}")))
         .transpose()?;
     let mut run = load_run(&a.run, device, a.checkpoint.as_deref(), has_gpu)?;
-    let tokenizer = text::for_run(&run.cfg.data);
+    let tokenizer = text::for_run(&a.run, &run.cfg.data, run.model_cfg.vocab_size)?;
     let prompt = match (&a.prompt, &a.prompt_file, &a.prompt_ids) {
         (Some(t), _, _) => tokenizer.encode(t)?,
         (_, Some(f), _) => tokenizer.encode(

@@ -9,11 +9,13 @@
 //! --determinism` (bit-identical training with `run.deterministic`), `env` (runtime facts and the SDPA backend audit), `bench` (the
 //! benchmarks: nsa-bench's `select`, `attn`, `branches`, and `train`, `decode`, `sweep-buckets`
 //! here), `tokenizer train` (a byte-level BPE for real text), `prepare` (text → llm.c token
-//! shards), and the hidden `rendezvous` (a launcher check without a GPU).
+//! shards), `compare` (several runs' validation curves and retrieval accuracy side by side),
+//! and the hidden `rendezvous` (a launcher check without a GPU).
 #![forbid(unsafe_code)]
 
 mod bench;
 mod checkpoint;
+mod compare;
 mod config;
 mod data;
 mod determinism;
@@ -142,6 +144,12 @@ enum Command {
         /// Sequences to score with --task.
         #[arg(long, default_value_t = 64)]
         samples: usize,
+        /// With --task: equal-width distance buckets over 0..len for the accuracy table.
+        #[arg(long, default_value_t = 8)]
+        buckets: usize,
+        /// With --task: also write the result (accuracy by distance) as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
         /// Checkpoint for --task: a step number or a checkpoint folder (default: the newest
         /// that verifies).
         #[arg(long)]
@@ -159,6 +167,10 @@ enum Command {
     /// Tokenize text files or folders into llm.c token shards (`train/`, `val/`) for
     /// `data.source = "bin"`: streaming, multi-threaded, with a progress bar.
     Prepare(tokenize::prepare::PrepareArgs),
+    /// Compare runs: validation loss against tokens on one PNG, a Markdown table (attention,
+    /// sequence length, steps, tokens, final validation loss, perplexity, tokens/s), and the
+    /// accuracy by distance of `eval --task … --json` files.
+    Compare(compare::CompareArgs),
     /// Benchmarks; each prints a Markdown table and can append it to a file.
     Bench {
         #[command(subcommand)]
@@ -222,6 +234,7 @@ fn main() -> anyhow::Result<()> {
             a.progress = std::io::IsTerminal::is_terminal(&std::io::stdout());
             return tokenize::train_tokenizer(&a);
         }
+        Some(Command::Compare(a)) => return compare::run(&a),
         Some(Command::Prepare(mut a)) => {
             a.progress = std::io::IsTerminal::is_terminal(&std::io::stdout());
             return tokenize::prepare::prepare_command(&a);
@@ -237,7 +250,7 @@ fn main() -> anyhow::Result<()> {
     let Some(command) = command else {
         print!("{}", snapshot::EnvSnapshot::collect().report());
         println!(
-            "\ncommands: train, eval, generate, smoke, check, env, bench, tokenizer, prepare (see `nsa-train --help`)"
+            "\ncommands: train, eval, generate, smoke, check, env, bench, tokenizer, prepare, compare (see `nsa-train --help`)"
         );
         return Ok(());
     };
@@ -286,13 +299,16 @@ fn main() -> anyhow::Result<()> {
             task: Some(task),
             len,
             samples,
+            buckets,
+            json,
             checkpoint,
         } => {
             let len = len.context("--task needs --len")?;
             let mut loaded = train::load_run(&run, None, checkpoint.as_deref(), backend.has_gpu())?;
             let precision = generate::inference_precision(&mut loaded);
             let progress = std::io::IsTerminal::is_terminal(&std::io::stdout());
-            let found = generate::retrieval::evaluate(&loaded, task, len, samples, progress)?;
+            let found =
+                generate::retrieval::evaluate(&loaded, task, len, samples, buckets, progress)?;
             let trained = loaded.cfg.data.seq_len;
             println!(
                 "{}: step {}, {task:?} at length {len}{} on {:?} ({precision}): {} of {} generated answers correct, accuracy {:.3} over {} sequences",
@@ -309,15 +325,24 @@ fn main() -> anyhow::Result<()> {
                 found.accuracy(),
                 found.sequences
             );
+            let report =
+                generate::retrieval::RetrievalReport::new(&run, &loaded, task, len, &found);
+            print!("{}", report.table());
+            if let Some(path) = json {
+                write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+                println!("wrote {}", path.display());
+            }
             Ok(())
         }
         Command::Eval {
             run,
             batches,
             checkpoint,
+            json,
             ..
         } => {
             anyhow::ensure!(batches >= 1, "--batches must be at least 1");
+            anyhow::ensure!(json.is_none(), "--json goes with --task");
             anyhow::ensure!(
                 checkpoint.is_none(),
                 "--checkpoint goes with --task (plain eval reads the newest good checkpoint)"
@@ -350,6 +375,7 @@ fn main() -> anyhow::Result<()> {
             what: TokenizerCommand::Train(a),
         } => tokenize::train_tokenizer(&a),
         Command::Prepare(a) => tokenize::prepare::prepare_command(&a),
+        Command::Compare(a) => compare::run(&a),
     }
 }
 

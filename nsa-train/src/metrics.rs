@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MetricLine {
     pub step: u64,
+    /// Tokens trained on up to this step, all ranks together (absent in older runs' lines).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tokens: Option<u64>,
     #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
     #[serde(deserialize_with = "nan_if_null")]
@@ -93,6 +96,7 @@ pub(crate) use crate::plot::register_font;
 pub(crate) fn test_line(step: u64, loss: f64, eval_loss: Option<f64>) -> MetricLine {
     MetricLine {
         step,
+        tokens: Some(step * 1000),
         loss,
         lr: 1e-3,
         grad_norm: 1.0,

@@ -42,8 +42,9 @@ pub fn validate_name(name: &str) -> Result<()> {
 
 /// Entries a run writes into its folder (`trace-steps-*.json`, hidden temporary files and the
 /// marker are recognised by pattern).
-const RUN_FILES: [&str; 8] = [
+const RUN_FILES: [&str; 9] = [
     "config.toml",
+    crate::tokenize::run::FILE_NAME,
     "env.json",
     "metrics.jsonl",
     "loss.png",

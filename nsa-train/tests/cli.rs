@@ -501,6 +501,30 @@ fn eval_scores_retrieval_by_generation() {
         .parse()
         .unwrap();
     assert!((0.0..=1.0).contains(&accuracy), "{text}");
+    // Accuracy by distance: a table, and JSON that compare plots.
+    let json = out.join("eval.json");
+    let text = ok(&run(&strs(&[
+        "eval",
+        &dir,
+        "--task",
+        "recall",
+        "--len",
+        "64",
+        "--samples",
+        "4",
+        "--buckets",
+        "4",
+        "--json",
+        &json.display().to_string(),
+    ])));
+    assert!(
+        text.contains("| distance (tokens) | answers |") && text.contains("| 48–64 |"),
+        "{text}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["by_distance"].as_array().unwrap().len(), 4);
+    assert_eq!(report["answers"], 16);
     let e = err(&run(&strs(&[
         "eval", &dir, "--task", "needle", "--len", "5",
     ])));
@@ -570,6 +594,68 @@ fn tokenizer_prepare_and_train_on_text() {
     ]));
     let text = ok(&run(&a));
     assert!(text.contains("step      3"), "{text}");
+    // The prepared folder itself: training reads train/, evaluation val/, and the run records
+    // the tokenizer, so generate takes text and prints text.
+    let mut a = strs(&["train"]);
+    a.extend(common::tiny(&out, "text2", 3));
+    a.extend(strs(&[
+        "--set",
+        "data.source=\"bin\"",
+        "--set",
+        &format!("data.path={:?}", p(&shards)),
+        "--set",
+        &format!("data.tokenizer={:?}", p(&tok)),
+        "--set",
+        "model.vocab_size=300",
+    ]));
+    let text = ok(&run(&a));
+    assert!(
+        text.contains("/shards/train: 8 files") && text.contains("/shards/val: 1 files"),
+        "{text}"
+    );
+    let run_dir = out.join("text2");
+    assert_eq!(
+        std::fs::read(run_dir.join("tokenizer.json")).unwrap(),
+        std::fs::read(&tok).unwrap()
+    );
+    let o = run(&strs(&[
+        "generate",
+        &p(&run_dir),
+        "--prompt",
+        "Native sparse",
+        "--max-new-tokens",
+        "5",
+        "--greedy",
+    ]));
+    let said = ok(&o);
+    assert!(said.starts_with("Native sparse"), "{said}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("tokenizer.json (300 tokens)"));
+    // A tokenizer with a byte-level source, or one too large for the model, is refused.
+    let mut a = strs(&["train"]);
+    a.extend(common::tiny(&out, "text3", 3));
+    a.extend(strs(&[
+        "--set",
+        "data.source=\"text\"",
+        "--set",
+        &format!("data.path={:?}", p(&corpus)),
+        "--set",
+        &format!("data.tokenizer={:?}", p(&tok)),
+    ]));
+    let e = err(&run(&a));
+    assert!(
+        e.contains("data.tokenizer goes with data.source = \"bin\""),
+        "{e}"
+    );
+    let compare_out = out.join("cmp");
+    let text = ok(&run(&strs(&[
+        "compare",
+        &p(&run_dir),
+        &p(&out.join("text")),
+        "--out",
+        &p(&compare_out),
+    ])));
+    assert!(text.contains("| text2 | nsa | 64 | 3 |"), "{text}");
+    assert!(compare_out.join("compare.md").is_file());
 }
 
 /// `check --determinism` on the CPU (the machinery; the GPU is where it matters): two runs with

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use xshell::{cmd, Shell};
 
+mod corpus;
 mod dist;
 mod libtorch;
 mod tidy;
@@ -68,6 +69,16 @@ enum Command {
         #[arg(long, default_value = "dist")]
         out: PathBuf,
     },
+    /// Fetch a real English corpus (pinned Debian documentation packages, checked by SHA-256),
+    /// strip the markup and split it into `<out>/train/*.txt` and `<out>/val/*.txt`.
+    Corpus {
+        /// Output folder (new, empty, or an earlier corpus folder, whose splits are rebuilt).
+        #[arg(long, default_value = "data/corpus")]
+        out: PathBuf,
+        /// Documents for validation, per mille (by a hash of each document's name).
+        #[arg(long, default_value_t = 50)]
+        val_permille: u32,
+    },
     /// Write an environment snapshot (git, rustc, torch/CUDA/cuDNN/NCCL, GPUs, CPU, SDPA choice).
     Env {
         /// Where to write the JSON.
@@ -112,6 +123,7 @@ fn main() -> Result<()> {
             libtorch::ensure(&sh, &root)?;
             dist::build(&sh, &root, &out)
         }
+        Command::Corpus { out, val_permille } => corpus::run(&sh, &root, &out, val_permille),
         Command::Env { out } => {
             libtorch::ensure(&sh, &root)?;
             let out = root.join(out);

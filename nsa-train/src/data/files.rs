@@ -197,7 +197,12 @@ impl TextBytes {
             })
         })?;
         Ok(TextBytes {
-            what: format!("text bytes, {} files, {} tokens", files.len(), store.len()),
+            what: format!(
+                "text bytes in {}: {} files, {} tokens",
+                path.display(),
+                files.len(),
+                store.len()
+            ),
             store,
             seed,
         })
@@ -230,7 +235,12 @@ impl BinShards {
         let files = list_files(path)?;
         let store = TokenStore::open(&files, |bytes, name| shard_layout(bytes, format, name))?;
         Ok(BinShards {
-            what: format!("{} shards ({format}), {} tokens", files.len(), store.len()),
+            what: format!(
+                "token shards ({format}) in {}: {} files, {} tokens",
+                path.display(),
+                files.len(),
+                store.len()
+            ),
             max_token: store.max_token(),
             store,
             seed,

@@ -4,6 +4,11 @@
 //! - [`files`]: raw text files as byte tokens (vocab 256), and pre-tokenized shards (llm.c's
 //!   `.bin` format or nanoGPT's headerless uint16), memory-mapped.
 //!
+//! A file source whose `data.path` is a folder holding `train/` and `val/` (the layout `nsa-train
+//! prepare` and `cargo xtask corpus` write) trains on `train/` and evaluates on `val/`
+//! ([`Split`]); a folder with only `train/` serves it to both, as any other path serves itself,
+//! held-out batches then being other random windows of the same files (drawn with another seed).
+//!
 //! Every batch is a pure function of (seed, step, rank): a resumed run, or rank r of a
 //! data-parallel run, reads exactly the batches it would have read otherwise.
 pub(crate) mod files;
@@ -108,6 +113,19 @@ pub struct DataConfig {
     pub format: ShardFormat,
     /// For `recall`: number of (key, value) pairs per sequence.
     pub recall_pairs: usize,
+    /// For `recall`: the most filler tokens between the block of pairs and the block of
+    /// queries (each sequence draws its gap uniformly from 0 to this, capped by the context).
+    /// 0: the two blocks are adjacent and the filler may hold keys (the original layout); above
+    /// 0, keys, values and filler come from disjoint thirds of the vocabulary.
+    pub recall_distance: usize,
+    /// For `recall` with a distance: training steps over which the largest gap grows linearly
+    /// from 0 to `recall_distance` (a curriculum; 0: the full distance from the start).
+    /// Held-out batches always use the full distance, and end with the queries.
+    pub recall_curriculum_steps: u64,
+    /// The tokenizer that made the `bin` shards (a `tokenizer.json`): copied into the run folder
+    /// at start, so `generate` and `eval` encode and decode text. Its vocabulary must fit
+    /// `model.vocab_size`.
+    pub tokenizer: Option<PathBuf>,
     /// Seed offset for held-out evaluation batches (evaluation uses seed + this).
     pub eval_seed_offset: u64,
 }
@@ -121,40 +139,70 @@ impl Default for DataConfig {
             path: None,
             format: ShardFormat::Llmc,
             recall_pairs: 8,
+            recall_distance: 0,
+            recall_curriculum_steps: 0,
+            tokenizer: None,
             eval_seed_offset: 1_000_003,
         }
     }
 }
 
-/// Builds the source the config names. `vocab` is the model's vocabulary size.
-pub fn open(cfg: &DataConfig, vocab: i64, seed: u64) -> Result<Box<dyn TokenSource>> {
+/// Which side of the data a source serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// The training batches.
+    Train,
+    /// Held-out evaluation (`eval_loss`, `nsa-train eval`): `val/` where the data has one.
+    Val,
+}
+
+/// The folder or file a file source of `split` reads: `path/train` or `path/val` when `path`
+/// holds both (the prepared layout); `path/train` for both when it holds only that (`prepare`
+/// without a validation split); else `path` itself.
+pub fn split_path(path: &Path, split: Split) -> PathBuf {
+    let (train, val) = (path.join("train"), path.join("val"));
+    match (path.is_dir() && train.is_dir(), val.is_dir()) {
+        (true, true) if split == Split::Val => val,
+        (true, _) => train,
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Builds the source the config names for `split`. `vocab` is the model's vocabulary size.
+pub fn open(cfg: &DataConfig, vocab: i64, seed: u64, split: Split) -> Result<Box<dyn TokenSource>> {
     ensure!(
         cfg.seq_len >= 2,
         "data.seq_len must be at least 2 (got {})",
         cfg.seq_len
     );
     ensure!(cfg.batch_size >= 1, "data.batch_size must be at least 1");
+    let synthetic = |task, pairs| Synthetic {
+        task,
+        vocab,
+        seed,
+        pairs,
+        distance: cfg.recall_distance,
+        curriculum_steps: match split {
+            Split::Train => cfg.recall_curriculum_steps,
+            Split::Val => 0,
+        },
+        queries_last: split == Split::Val,
+    };
     let src: Box<dyn TokenSource> = match cfg.source {
-        DataSource::Needle => Box::new(Synthetic {
-            task: Task::Needle,
-            vocab,
-            seed,
-            pairs: 1,
-        }),
+        DataSource::Needle => Box::new(synthetic(Task::Needle, 1)),
         DataSource::Recall => {
             ensure!(
                 cfg.recall_pairs >= 1,
                 "data.recall_pairs must be at least 1"
             );
-            Box::new(Synthetic {
-                task: Task::Recall,
-                vocab,
-                seed,
-                pairs: cfg.recall_pairs,
-            })
+            Box::new(synthetic(Task::Recall, cfg.recall_pairs))
         }
-        DataSource::Text => Box::new(TextBytes::open(need_path(cfg)?, seed)?),
-        DataSource::Bin => Box::new(BinShards::open(need_path(cfg)?, cfg.format, seed)?),
+        DataSource::Text => Box::new(TextBytes::open(&split_path(need_path(cfg)?, split), seed)?),
+        DataSource::Bin => Box::new(BinShards::open(
+            &split_path(need_path(cfg)?, split),
+            cfg.format,
+            seed,
+        )?),
     };
     ensure!(
         src.vocab_needed() <= vocab,
@@ -230,8 +278,8 @@ mod tests {
                 source,
                 ..cfg.clone()
             };
-            let a = open(&cfg, 64, 7).unwrap();
-            let b = open(&cfg, 64, 7).unwrap();
+            let a = open(&cfg, 64, 7, Split::Train).unwrap();
+            let b = open(&cfg, 64, 7, Split::Train).unwrap();
             let x = a.batch(5, 1, 3, 64).unwrap();
             assert_eq!(
                 vec_of(&x.input),
@@ -254,7 +302,7 @@ mod tests {
             seq_len: 40,
             ..Default::default()
         };
-        let src = open(&cfg, 32, 1).unwrap();
+        let src = open(&cfg, 32, 1, Split::Train).unwrap();
         let b = src.batch(0, 0, 4, 40).unwrap();
         let (inp, tgt) = (vec_of(&b.input), vec_of(&b.target));
         for r in 0..4 {
@@ -279,7 +327,7 @@ mod tests {
             recall_pairs: 6,
             ..Default::default()
         };
-        let src = open(&cfg, 64, 3).unwrap();
+        let src = open(&cfg, 64, 3, Split::Train).unwrap();
         let b = src.batch(2, 0, 2, 64).unwrap();
         let tgt = vec_of(&b.target);
         assert_eq!(tgt.iter().filter(|&&t| t != IGNORE).count(), 12);
@@ -293,15 +341,58 @@ mod tests {
             recall_pairs: 40,
             ..Default::default()
         };
-        assert!(open(&cfg, 32, 0).unwrap_err().to_string().contains("vocab"));
+        assert!(open(&cfg, 32, 0, Split::Train)
+            .unwrap_err()
+            .to_string()
+            .contains("vocab"));
         let cfg = DataConfig {
             source: DataSource::Text,
             ..Default::default()
         };
-        assert!(open(&cfg, 256, 0)
+        assert!(open(&cfg, 256, 0, Split::Train)
             .unwrap_err()
             .to_string()
             .contains("needs data.path"));
+    }
+
+    /// A prepared folder trains on train/ and evaluates on val/; one without val/ serves train/
+    /// to both; a plain folder serves itself.
+    #[test]
+    fn splits_read_their_own_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (sub, text) in [
+            ("train", "abcdefghijklmnopqrst"),
+            ("val", "ABCDEFGHIJKLMNOPQRST"),
+        ] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+            std::fs::write(root.join(sub).join("x.txt"), text).unwrap();
+        }
+        let cfg = DataConfig {
+            source: DataSource::Text,
+            path: Some(root.to_path_buf()),
+            seq_len: 8,
+            ..Default::default()
+        };
+        let first = |split| {
+            let src = open(&cfg, 256, 0, split).unwrap();
+            assert!(src.describe().contains(match split {
+                Split::Train => "train",
+                Split::Val => "val",
+            }));
+            vec_of(&src.batch(0, 0, 4, 8).unwrap().input)
+        };
+        assert!(first(Split::Train)
+            .iter()
+            .all(|&t| (b'a' as i64..=b'z' as i64).contains(&t)));
+        assert!(first(Split::Val)
+            .iter()
+            .all(|&t| (b'A' as i64..=b'Z' as i64).contains(&t)));
+        assert_eq!(split_path(root, Split::Val), root.join("val"));
+        std::fs::remove_dir_all(root.join("val")).unwrap();
+        assert_eq!(split_path(root, Split::Val), root.join("train"));
+        let plain = root.join("train");
+        assert_eq!(split_path(&plain, Split::Val), plain);
     }
 
     #[test]
@@ -317,7 +408,7 @@ mod tests {
             seq_len: 8,
             ..Default::default()
         };
-        let src = open(&cfg, 256, 0).unwrap();
+        let src = open(&cfg, 256, 0, Split::Train).unwrap();
         let b = src.batch(0, 0, 2, 8).unwrap();
         let (i, t) = (vec_of(&b.input), vec_of(&b.target));
         for k in 0..16 {

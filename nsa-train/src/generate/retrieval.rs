@@ -7,12 +7,18 @@
 //! batch is prefilled up to the first answer; from there the model decodes one token per step:
 //! where the task expects an answer, the model's greedy choice is scored and fed back in place
 //! of the true value; everywhere else the sequence's own next token is fed.
+//!
+//! Each answer is also counted by its distance: from the key's occurrence in the context (the
+//! needle, or the pair) to the query asking for it, in tokens. A run trained on recall with a
+//! distance (`data.recall_distance` > 0) is evaluated with gaps drawn over the whole `--len`,
+//! so the buckets cover distances up to the evaluated length, beyond the trained one too.
 use anyhow::{ensure, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::{host_row, Sampler, Sampling};
-use crate::data::{self, DataConfig, DataSource, IGNORE};
+use crate::data::{self, DataConfig, DataSource, Split, IGNORE};
 use crate::train::{forward_opts, LoadedRun};
 
 /// The synthetic retrieval tasks.
@@ -33,20 +39,139 @@ impl RetrievalTask {
     }
 }
 
+/// Answers whose distance falls in `[from, to)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DistanceBucket {
+    pub from: usize,
+    pub to: usize,
+    pub answers: i64,
+    pub correct: i64,
+}
+
+impl DistanceBucket {
+    pub fn accuracy(&self) -> Option<f64> {
+        (self.answers > 0).then(|| self.correct as f64 / self.answers as f64)
+    }
+}
+
 /// What a retrieval evaluation found.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Retrieval {
     pub sequences: usize,
     /// Answers generated and scored.
     pub answers: i64,
     /// Of those, correct.
     pub correct: i64,
+    /// The same answers by distance, in equal-width buckets covering `0..len`.
+    pub by_distance: Vec<DistanceBucket>,
 }
 
 impl Retrieval {
     pub fn accuracy(&self) -> f64 {
         self.correct as f64 / self.answers.max(1) as f64
     }
+
+    /// Counts one answer at `distance` tokens from its key.
+    fn record(&mut self, distance: usize, correct: bool) {
+        self.answers += 1;
+        self.correct += i64::from(correct);
+        let b = self
+            .by_distance
+            .iter_mut()
+            .rev()
+            .find(|b| b.from <= distance)
+            .expect("the first bucket starts at 0");
+        b.answers += 1;
+        b.correct += i64::from(correct);
+    }
+}
+
+/// What `nsa-train eval --task … --json FILE` writes (and `nsa-train compare` reads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrievalReport {
+    /// The run folder's name.
+    pub run: String,
+    pub attention: String,
+    pub task: String,
+    pub checkpoint_step: u64,
+    /// The evaluated sequence length and the run's trained one.
+    pub len: usize,
+    pub trained_len: usize,
+    pub sequences: usize,
+    pub answers: i64,
+    pub correct: i64,
+    pub accuracy: f64,
+    pub by_distance: Vec<DistanceBucket>,
+}
+
+impl RetrievalReport {
+    pub fn new(
+        run_dir: &std::path::Path,
+        run: &LoadedRun,
+        task: RetrievalTask,
+        len: usize,
+        found: &Retrieval,
+    ) -> Self {
+        let name = std::path::absolute(run_dir)
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| run_dir.display().to_string());
+        RetrievalReport {
+            run: name,
+            attention: run.model_cfg.attention.to_string(),
+            task: format!("{task:?}").to_lowercase(),
+            checkpoint_step: run.step,
+            len,
+            trained_len: run.cfg.data.seq_len,
+            sequences: found.sequences,
+            answers: found.answers,
+            correct: found.correct,
+            accuracy: found.accuracy(),
+            by_distance: found.by_distance.clone(),
+        }
+    }
+
+    /// Accuracy by distance as a Markdown table.
+    pub fn table(&self) -> String {
+        let mut t = String::from(
+            "| distance (tokens) | answers | correct | accuracy |\n| --- | ---: | ---: | ---: |\n",
+        );
+        for b in &self.by_distance {
+            t.push_str(&format!(
+                "| {}–{} | {} | {} | {} |\n",
+                b.from,
+                b.to,
+                b.answers,
+                b.correct,
+                b.accuracy().map_or("–".to_string(), |a| format!("{a:.3}"))
+            ));
+        }
+        t
+    }
+}
+
+/// `buckets` equal-width buckets covering distances `0..len` (the last one open-ended).
+pub fn distance_buckets(len: usize, buckets: usize) -> Vec<DistanceBucket> {
+    let buckets = buckets.clamp(1, len.max(1));
+    let width = len.div_ceil(buckets).max(1);
+    (0..buckets)
+        .map(|i| DistanceBucket {
+            from: i * width,
+            to: ((i + 1) * width).min(len),
+            answers: 0,
+            correct: 0,
+        })
+        .filter(|b| b.from < b.to)
+        .collect()
+}
+
+/// Where the key an answer at `t` asks for occurred: the latest `p < t - 1` with
+/// `tokens[p] == tokens[t]` (the key, fed at `t`) and `tokens[p + 1] == answer`.
+fn key_position(tokens: &[i64], t: usize, answer: i64) -> Option<usize> {
+    let key = tokens[t];
+    (0..t.saturating_sub(1))
+        .rev()
+        .find(|&p| tokens[p] == key && tokens[p + 1] == answer)
 }
 
 /// Scores `samples` held-out sequences of `len` tokens of `task` by greedy generation, in
@@ -56,20 +181,25 @@ pub fn evaluate(
     task: RetrievalTask,
     len: usize,
     samples: usize,
+    buckets: usize,
     progress: bool,
 ) -> Result<Retrieval> {
     ensure!(samples >= 1, "--samples must be at least 1");
+    ensure!(buckets >= 1, "--buckets must be at least 1");
     let cfg = &run.cfg;
     let data_cfg = DataConfig {
         source: task.source(),
         seq_len: len,
         batch_size: cfg.data.batch_size.min(samples),
+        // Gaps over the whole evaluated length (a run trained with a distance).
+        recall_distance: if cfg.data.recall_distance > 0 { len } else { 0 },
         ..cfg.data.clone()
     };
     let src = data::open(
         &data_cfg,
         run.model_cfg.vocab_size,
         cfg.run.seed.wrapping_add(cfg.data.eval_seed_offset),
+        Split::Val,
     )?;
     let opts = forward_opts(cfg);
     let bar = if progress {
@@ -85,6 +215,7 @@ pub fn evaluate(
         sequences: 0,
         answers: 0,
         correct: 0,
+        by_distance: distance_buckets(len, buckets),
     };
     let mut greedy = Sampler::new(Sampling::GREEDY, 0)?;
     for batch_index in 0u64.. {
@@ -93,9 +224,11 @@ pub fn evaluate(
             break;
         }
         let batch = src.batch(batch_index, u64::MAX - 1, rows, len)?;
-        let (c, a) = score_batch(run, &batch.input, &batch.target, &mut greedy, &opts)?;
-        found.correct += c;
-        found.answers += a;
+        for (distance, correct) in
+            score_batch(run, &batch.input, &batch.target, &mut greedy, &opts)?
+        {
+            found.record(distance, correct);
+        }
         found.sequences += rows;
         bar.set_position(found.sequences as u64);
         bar.set_message(format!("accuracy {:.3}", found.accuracy()));
@@ -104,20 +237,21 @@ pub fn evaluate(
     Ok(found)
 }
 
-/// (correct, scored) answers of one batch, `input` and `target` int64 `[B, L]` on the CPU.
+/// (distance, correct) of every answer of one batch, `input` and `target` int64 `[B, L]` on
+/// the CPU.
 fn score_batch(
     run: &LoadedRun,
     input: &Tensor,
     target: &Tensor,
     greedy: &mut Sampler,
     opts: &nsa_attn::ForwardOpts,
-) -> Result<(i64, i64)> {
+) -> Result<Vec<(usize, bool)>> {
     let (b, len) = (input.size()[0] as usize, input.size()[1] as usize);
     let tokens = Vec::<i64>::try_from(input.f_flatten(0, -1)?)?;
     let targets = Vec::<i64>::try_from(target.f_flatten(0, -1)?)?;
     let scored = |row: usize, t: usize| targets[row * len + t] != IGNORE;
     let Some(first) = (0..len).find(|&t| (0..b).any(|row| scored(row, t))) else {
-        return Ok((0, 0));
+        return Ok(Vec::new());
     };
     // Prefill up to and including the first position whose next token is an answer.
     let prompt = input
@@ -127,7 +261,7 @@ fn score_batch(
     let pre = run.model.prefill(&prompt, &lengths, len as i64, opts)?;
     let mut cache = pre.cache;
     let mut logits = pre.logits.f_select(1, first as i64)?;
-    let (mut correct, mut answers) = (0, 0);
+    let mut scored_answers = Vec::new();
     let vocab = run.model_cfg.vocab_size as usize;
     for t in first..len {
         // One device→host copy of the batch's logits where any row answers.
@@ -140,8 +274,10 @@ fn score_batch(
             .map(|row| -> Result<i64> {
                 if scored(row, t) {
                     let guess = greedy.pick(&host[row * vocab..(row + 1) * vocab])?;
-                    answers += 1;
-                    correct += i64::from(guess == targets[row * len + t]);
+                    let answer = targets[row * len + t];
+                    let row_tokens = &tokens[row * len..(row + 1) * len];
+                    let distance = key_position(row_tokens, t, answer).map_or(0, |p| t - p);
+                    scored_answers.push((distance, guess == answer));
                     Ok(guess)
                 } else if t + 1 < len {
                     Ok(tokens[row * len + t + 1])
@@ -154,5 +290,51 @@ fn score_batch(
             logits = run.model.decode_step(&mut cache, &next, opts)?.logits;
         }
     }
-    Ok((correct, answers))
+    Ok(scored_answers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_the_length_and_answers_land_by_distance() {
+        let b = distance_buckets(1000, 4);
+        let edges: Vec<(usize, usize)> = b.iter().map(|b| (b.from, b.to)).collect();
+        assert_eq!(edges, [(0, 250), (250, 500), (500, 750), (750, 1000)]);
+        assert_eq!(distance_buckets(10, 4).len(), 4);
+        assert_eq!(distance_buckets(3, 8).len(), 3);
+        let mut r = Retrieval {
+            sequences: 1,
+            answers: 0,
+            correct: 0,
+            by_distance: b,
+        };
+        for (d, ok) in [
+            (0, true),
+            (249, false),
+            (250, true),
+            (999, true),
+            (5000, false),
+        ] {
+            r.record(d, ok);
+        }
+        let counts: Vec<(i64, i64)> = r
+            .by_distance
+            .iter()
+            .map(|b| (b.answers, b.correct))
+            .collect();
+        assert_eq!(counts, [(2, 1), (1, 1), (0, 0), (2, 1)]);
+        assert_eq!((r.answers, r.correct), (5, 3));
+        assert_eq!(r.by_distance[2].accuracy(), None);
+    }
+
+    #[test]
+    fn the_key_is_found_where_it_precedes_its_answer() {
+        // key 7 with value 9 at 2..4; a decoy 7 followed by 8 at 5; asked for at 10.
+        let tokens = [1, 1, 7, 9, 1, 7, 8, 1, 1, 1, 7];
+        assert_eq!(key_position(&tokens, 10, 9), Some(2));
+        assert_eq!(key_position(&tokens, 10, 8), Some(5));
+        assert_eq!(key_position(&tokens, 10, 4), None);
+    }
 }

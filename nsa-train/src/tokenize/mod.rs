@@ -18,6 +18,7 @@ use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
 pub mod prepare;
+pub mod run;
 
 /// The end-of-text token: added to every tokenizer we train, and put before each document
 /// (input file) by [`prepare`] when the tokenizer knows it (GPT-2's does).

@@ -17,7 +17,9 @@ use crate::data::files::{HEADER_INTS, MAGIC_U16, MAGIC_U32};
 #[derive(Debug, clap::Args)]
 pub struct PrepareArgs {
     /// Text files, or folders whose files are all text (read in sorted order; each file is a
-    /// document, preceded by the end-of-text token when the tokenizer has one).
+    /// document, preceded by the end-of-text token when the tokenizer has one). A folder that
+    /// holds `train/` and `val/` (`cargo xtask corpus` writes one) keeps its split: its `val/`
+    /// files go to `val/`, its `train/` files to `train/`.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
     /// The tokenizer (`nsa-train tokenizer train`'s, or any `tokenizer.json`).
@@ -30,7 +32,7 @@ pub struct PrepareArgs {
     #[arg(long, default_value_t = 100_000_000)]
     pub shard_tokens: u64,
     /// The first this many tokens of the stream go to `val/` (a deterministic split), the rest
-    /// to `train/`.
+    /// to `train/` (not with inputs that bring their own split).
     #[arg(long, default_value_t = 0)]
     pub val_tokens: u64,
     /// Chunks encoded together (each about 1 MiB of text).
@@ -155,43 +157,53 @@ pub fn prepare(a: &PrepareArgs) -> Result<Prepared> {
     let vocab = tokenizer.get_vocab_size(true);
     let width = if vocab <= 1 << 16 { 2 } else { 4 };
     let eot = tokenizer.token_to_id(END_OF_TEXT);
-    let files = input_files(&a.inputs)?;
-    let total = super::total_bytes(&files)?;
+    let (val_files, files) = split_inputs(&a.inputs)?;
+    ensure!(
+        val_files.is_empty() || a.val_tokens == 0,
+        "--val-tokens {} with inputs that hold their own train/ and val/: use one split or the other",
+        a.val_tokens
+    );
+    let total = super::total_bytes(&files)? + super::total_bytes(&val_files)?;
     let bar = bytes_bar(total, a.progress, "tokenizing");
-    let mut chunks = Chunks::new(files, a.chunk_bytes, bar.clone());
     let mut val = ShardWriter::new(a.out.join("val"), a.shard_tokens, width);
     let mut train = ShardWriter::new(a.out.join("train"), a.shard_tokens, width);
-    loop {
-        let mut batch = Vec::with_capacity(a.batch_chunks);
-        while batch.len() < a.batch_chunks {
-            match chunks.next_chunk()? {
-                Some(c) => batch.push(c),
-                None => break,
+    let encode = |files: Vec<PathBuf>, sink: &mut dyn FnMut(u32) -> Result<()>| -> Result<()> {
+        let mut chunks = Chunks::new(files, a.chunk_bytes, bar.clone());
+        loop {
+            let mut batch = Vec::with_capacity(a.batch_chunks);
+            while batch.len() < a.batch_chunks {
+                match chunks.next_chunk()? {
+                    Some(c) => batch.push(c),
+                    None => break,
+                }
             }
-        }
-        if batch.is_empty() {
-            break;
-        }
-        let texts: Vec<&str> = batch.iter().map(|c| c.text.as_str()).collect();
-        let encoded = tokenizer
-            .encode_batch(texts, false)
-            .map_err(|e| anyhow!("tokenizing: {e}"))?;
-        for (chunk, enc) in batch.iter().zip(&encoded) {
-            let doc_start = eot.filter(|_| chunk.starts_document);
-            for &id in doc_start.iter().chain(enc.get_ids()) {
-                ensure!(
-                    (id as usize) < vocab,
-                    "token id {id} outside the vocabulary of {vocab}"
-                );
-                if val.total < a.val_tokens {
-                    val.push(id)?;
-                } else {
-                    train.push(id)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let texts: Vec<&str> = batch.iter().map(|c| c.text.as_str()).collect();
+            let encoded = tokenizer
+                .encode_batch(texts, false)
+                .map_err(|e| anyhow!("tokenizing: {e}"))?;
+            for (chunk, enc) in batch.iter().zip(&encoded) {
+                let doc_start = eot.filter(|_| chunk.starts_document);
+                for &id in doc_start.iter().chain(enc.get_ids()) {
+                    ensure!(
+                        (id as usize) < vocab,
+                        "token id {id} outside the vocabulary of {vocab}"
+                    );
+                    sink(id)?;
                 }
             }
         }
-        bar.set_message(format!("{} tokens", val.total + train.total));
-    }
+    };
+    encode(val_files, &mut |id| val.push(id))?;
+    encode(files, &mut |id| {
+        if val.total < a.val_tokens {
+            val.push(id)
+        } else {
+            train.push(id)
+        }
+    })?;
     val.flush()?;
     train.flush()?;
     bar.finish_and_clear();
@@ -204,16 +216,38 @@ pub fn prepare(a: &PrepareArgs) -> Result<Prepared> {
     })
 }
 
+/// The inputs as (validation files, training files): a folder holding `train/` and `val/`
+/// gives its `val/` files to the first list and its `train/` files to the second; every other
+/// input goes to the second.
+fn split_inputs(inputs: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (mut val, mut train) = (Vec::new(), Vec::new());
+    for input in inputs {
+        let (t, v) = (input.join("train"), input.join("val"));
+        if input.is_dir() && t.is_dir() && v.is_dir() {
+            val.extend(input_files(&[v])?);
+            train.extend(input_files(&[t])?);
+        } else {
+            train.extend(input_files(std::slice::from_ref(input))?);
+        }
+    }
+    Ok((val, train))
+}
+
 /// `nsa-train prepare` as the command runs it: [`prepare`] and what it wrote.
 pub fn prepare_command(a: &PrepareArgs) -> Result<()> {
     let done = prepare(a)?;
     println!(
-        "wrote {} shard(s) under {}: {} train tokens, {} validation tokens; train with --set data.source=\"bin\" --set data.path={:?}",
+        "wrote {} shard(s) under {}: {} train tokens, {} validation tokens; train with --set data.source=\"bin\" --set data.path={:?}{}",
         done.shards.len(),
         a.out.display(),
         done.train_tokens,
         done.val_tokens,
-        a.out.join("train").display().to_string()
+        a.out.display().to_string(),
+        if done.val_tokens > 0 {
+            " (training reads train/, validation val/)"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

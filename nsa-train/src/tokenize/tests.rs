@@ -230,3 +230,41 @@ fn chunks_cut_only_where_the_pre_tokenizer_splits() {
     let want: Vec<(bool, String)> = want.iter().map(|(s, t)| (*s, t.to_string())).collect();
     assert_eq!(got, want);
 }
+
+/// An input folder with `train/` and `val/` (the corpus layout) keeps its split: val/ shards
+/// hold exactly the tokens of its val/ files, train/ those of its train/ files; mixing that with
+/// --val-tokens is refused.
+#[test]
+fn prepare_keeps_a_corpus_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = train_fixture(dir.path(), 300);
+    let corpus = dir.path().join("split");
+    for (split, seed) in [("train", 5), ("val", 6)] {
+        std::fs::create_dir_all(corpus.join(split)).unwrap();
+        std::fs::write(corpus.join(split).join("d.txt"), fixture_text(seed, 50)).unwrap();
+    }
+    let tok = load(&tok_path).unwrap();
+    let eot = tok.token_to_id(END_OF_TEXT).unwrap();
+    let encode = |seed| -> Vec<u32> {
+        let mut ids = vec![eot];
+        ids.extend(tok.encode(fixture_text(seed, 50), false).unwrap().get_ids());
+        ids
+    };
+    let args = |out: PathBuf, val_tokens| PrepareArgs {
+        inputs: vec![corpus.clone()],
+        tokenizer: tok_path.clone(),
+        out,
+        shard_tokens: 1 << 20,
+        val_tokens,
+        batch_chunks: 4,
+        chunk_bytes: 1 << 20,
+        progress: false,
+    };
+    let out = dir.path().join("shards");
+    let done = prepare(&args(out.clone(), 0)).unwrap();
+    assert_eq!(read_shard(&out.join("val/shard_000000.bin")), encode(6));
+    assert_eq!(read_shard(&out.join("train/shard_000000.bin")), encode(5));
+    assert_eq!(done.val_tokens, encode(6).len() as u64);
+    let e = prepare(&args(dir.path().join("other"), 10)).unwrap_err();
+    assert!(e.to_string().contains("own train/ and val/"), "{e}");
+}

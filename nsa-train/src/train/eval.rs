@@ -87,7 +87,12 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
         &cfg.data,
         run.model_cfg.vocab_size,
         cfg.run.seed.wrapping_add(cfg.data.eval_seed_offset),
+        data::Split::Val,
     )?;
+    println!("eval:    {}", eval_src.describe());
+    // The recorded tokenizer must fit the model (a mismatch is an error here too).
+    let tokens = crate::generate::text::for_run(run_dir, &cfg.data, run.model_cfg.vocab_size)?;
+    println!("tokens:  {}", tokens.describe());
     let bf16 = run.device.is_cuda() && cfg.run.precision != Precision::F32;
     let fwd = Forward {
         opts: forward_opts(cfg),

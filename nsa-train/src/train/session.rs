@@ -14,7 +14,7 @@ use super::saver::Saver;
 use super::{forward_opts, load_model, model_config, parse_device, run_name, Launch};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Precision, TrainConfig};
-use crate::data::{self, TokenSource};
+use crate::data::{self, Split, TokenSource};
 use crate::flops::{self, FlopsPerToken, Peak};
 use crate::optim::AdamW;
 use crate::run_dir;
@@ -83,11 +83,17 @@ impl<'a> Session<'a> {
         let ckpt_dir = run_dir.join("checkpoints");
 
         // Data first: a missing or bad data path fails before anything is built or written.
-        let src = data::open(&cfg.data, model_cfg.vocab_size, cfg.run.seed)?;
+        let src = data::open(&cfg.data, model_cfg.vocab_size, cfg.run.seed, Split::Train)?;
         let eval_src = data::open(
             &cfg.data,
             model_cfg.vocab_size,
             cfg.run.seed.wrapping_add(cfg.data.eval_seed_offset),
+            Split::Val,
+        )?;
+        let tokenizer = crate::tokenize::run::RunTokenizer::check(
+            &cfg.data,
+            model_cfg.vocab_size,
+            src.vocab_needed().max(eval_src.vocab_needed()) - 1,
         )?;
 
         // Deterministic algorithms (or not) before anything runs on the device.
@@ -163,6 +169,9 @@ impl<'a> Session<'a> {
             run_dir::prepare(&run_dir, how)?;
             checkpoint::remove_stale_temporaries(&ckpt_dir)?;
             crate::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+            if let Some(t) = &tokenizer {
+                t.copy_into(&run_dir)?;
+            }
             let env = crate::snapshot::EnvSnapshot::collect();
             let gpu_name = device.is_cuda().then(|| {
                 env.runtime
@@ -242,6 +251,14 @@ impl<'a> Session<'a> {
             cfg.data.batch_size,
             cfg.data.seq_len
         );
+        println!("eval:    {}", self.eval_src.describe());
+        if let Some(t) = &self.cfg.data.tokenizer {
+            println!(
+                "tokens:  {} (copied into the run folder as {})",
+                t.display(),
+                crate::tokenize::run::FILE_NAME
+            );
+        }
         println!(
             "device:  {:?}, precision {}",
             self.device,

@@ -272,6 +272,7 @@ impl Session<'_> {
         let tokens_per_s = log.window_tokens as f64 / secs;
         let line = MetricLine {
             step: self.state.step,
+            tokens: Some(self.state.tokens_seen),
             loss: done.loss,
             lr: done.lr,
             grad_norm: done.grad_norm,

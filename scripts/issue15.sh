@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Issue 15's GPU experiments, end to end, with only the nsa-train binary, a prepared shard folder
+# and its tokenizer.json (no cargo):
+#   1. real text: `small` at S = 2048 and 8192, NSA and dense (configs/text-small-s*.toml);
+#   2. retrieval: recall at a distance, S = 4096 and 16384, NSA and dense
+#      (configs/recall-small-s*.toml), each evaluated by generation at 1x, 2x and 4x its length;
+#   3. `nsa-train compare` for each: PNGs and Markdown tables under OUT/text, OUT/recall-s4096
+#      and OUT/recall-s16384.
+#
+# Usage: scripts/issue15.sh SHARDS TOKENIZER OUT [WHAT [TRAIN_ARGS...]]
+#   SHARDS     folder with train/ and val/ llm.c shards (nsa-train prepare's output)
+#   TOKENIZER  the tokenizer.json the shards were made with
+#   OUT        results folder (runs/, logs/, evals/, text/, recall-s4096/, recall-s16384/)
+#   WHAT       all (default) | text | recall | text-2048 | text-8192 | recall-4096 | recall-16384
+#   TRAIN_ARGS passed to every `nsa-train train` (e.g. --set run.steps=300)
+# NSA_TRAIN names the binary (default: target/release/nsa-train if built, else nsa-train on PATH).
+# Every run is one process; a failed one stops the script (set -e) with its log in OUT/logs/.
+# Parts can run in separate calls with the same OUT (each part takes a few minutes on one H200);
+# the text comparison then covers every finished text run in OUT. Checkpoints stay under
+# OUT/runs/*/checkpoints (large); everything else in OUT is small.
+set -euo pipefail
+
+if [[ $# -lt 3 ]]; then
+    sed -n '2,17p' "$0"
+    exit 2
+fi
+SHARDS=$1
+TOKENIZER=$2
+OUT=$3
+WHAT=${4:-all}
+shift $(($# < 4 ? $# : 4))
+EXTRA=("$@")
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+CONFIGS=$HERE/configs
+if [[ -n "${NSA_TRAIN:-}" ]]; then
+    BIN=$NSA_TRAIN
+elif [[ -x "$HERE/target/release/nsa-train" ]]; then
+    BIN=$HERE/target/release/nsa-train
+else
+    BIN=nsa-train
+fi
+case $WHAT in
+    all) text_seqs="2048 8192" recall_seqs="4096 16384" ;;
+    text) text_seqs="2048 8192" recall_seqs="" ;;
+    recall) text_seqs="" recall_seqs="4096 16384" ;;
+    text-2048 | text-8192) text_seqs=${WHAT#text-} recall_seqs="" ;;
+    recall-4096 | recall-16384) text_seqs="" recall_seqs=${WHAT#recall-} ;;
+    *) echo "WHAT must be all, text, recall, text-2048, text-8192, recall-4096 or recall-16384" >&2; exit 2 ;;
+esac
+if [[ -n $text_seqs ]]; then
+    [[ -d "$SHARDS/train" && -d "$SHARDS/val" ]] || { echo "$SHARDS has no train/ and val/" >&2; exit 2; }
+    [[ -f "$TOKENIZER" ]] || { echo "no tokenizer at $TOKENIZER" >&2; exit 2; }
+fi
+mkdir -p "$OUT/runs" "$OUT/logs" "$OUT/evals"
+RUNS=$OUT/runs
+
+train() { # NAME CONFIG [--set ...]
+    local name=$1 config=$2
+    shift 2
+    echo "== train $name ($(date +%T))"
+    "$BIN" train --config "$config" --name "$name" --overwrite \
+        --set "run.out_dir=\"$RUNS\"" "$@" ${EXTRA[@]+"${EXTRA[@]}"} >"$OUT/logs/$name.log" 2>&1 \
+        || { tail -30 "$OUT/logs/$name.log"; exit 1; }
+    tail -3 "$OUT/logs/$name.log"
+}
+
+if [[ -n $text_seqs ]]; then
+    for s in $text_seqs; do
+        for att in nsa dense; do
+            train "text-$att-s$s" "$CONFIGS/text-small-s$s.toml" \
+                --set "model.attention=\"$att\"" \
+                --set "data.path=\"$SHARDS\"" --set "data.tokenizer=\"$TOKENIZER\""
+        done
+    done
+    # Every finished text run in OUT (an earlier call's too: text-2048 then text-8192 end with
+    # one comparison of all four).
+    text_runs=()
+    for s in 2048 8192; do
+        for att in nsa dense; do
+            if [[ -f "$RUNS/text-$att-s$s/summary.json" ]]; then
+                text_runs+=("$RUNS/text-$att-s$s")
+            fi
+        done
+    done
+    "$BIN" compare "${text_runs[@]}" --out "$OUT/text" \
+        --title "small on real text: NSA vs dense"
+    first=${text_seqs%% *}
+    for att in nsa dense; do
+        "$BIN" generate "$RUNS/text-$att-s$first" --prompt "The kernel" --max-new-tokens 120 \
+            --greedy >"$OUT/text/sample-$att.txt" 2>"$OUT/logs/sample-$att.log" || true
+    done
+fi
+
+if [[ -n $recall_seqs ]]; then
+    for s in $recall_seqs; do
+        recall_runs=()
+        evals=()
+        # About 1000 scored answers per evaluation (64 per sequence at 4096, 128 at 16384):
+        # NSA's decode step is ~12 ms for `small`, so more sequences cost minutes.
+        samples=$((s == 4096 ? 16 : 8))
+        for att in nsa dense; do
+            name="recall-$att-s$s"
+            train "$name" "$CONFIGS/recall-small-s$s.toml" --set "model.attention=\"$att\""
+            recall_runs+=("$RUNS/$name")
+            # The length the run trained at (TRAIN_ARGS may have changed it).
+            trained=$(sed -n 's/^seq_len = //p' "$RUNS/$name/config.toml")
+            for x in 1 2 4; do
+                len=$((trained * x))
+                echo "== eval $name at $len"
+                "$BIN" eval "$RUNS/$name" --task recall --len "$len" --samples "$samples" --buckets 8 \
+                    --json "$OUT/evals/$name-len$len.json" >"$OUT/logs/eval-$name-len$len.log" 2>&1 \
+                    || { tail -20 "$OUT/logs/eval-$name-len$len.log"; exit 1; }
+                grep -E "accuracy [0-9.]+ over" "$OUT/logs/eval-$name-len$len.log" | sed 's/^.*: step/  step/'
+                evals+=(--eval "$OUT/evals/$name-len$len.json")
+            done
+        done
+        "$BIN" compare "${recall_runs[@]}" "${evals[@]}" --out "$OUT/recall-s$s" \
+            --title "recall at a distance, trained at S = $s: NSA vs dense"
+    done
+fi
+echo "results: $OUT/text/compare.md $OUT/recall-s4096/compare.md $OUT/recall-s16384/compare.md"
