@@ -217,12 +217,6 @@ impl DecodeStep {
     /// positions up to `params.max_position`.
     pub fn new(x: DecodeInputs<'_>, params: DecodeParams<'_>) -> Result<Self, FusedError> {
         let q = x.q;
-        let Device::Cuda(device) = q.device() else {
-            return Err(input(
-                "q",
-                format!("on {:?}: CUDA tensors only", q.device()),
-            ));
-        };
         let kind = q.kind();
         let family_base = match kind {
             Kind::BFloat16 => 0,
@@ -288,7 +282,10 @@ impl DecodeStep {
             Some((k, v)) => {
                 let slots = cache_shape("window keys", k, dk)?;
                 if slots != w || cache_shape("window values", v, dv)? != w {
-                    return Err(input("window", format!("the ring must hold w = {w} slots")));
+                    return Err(input(
+                        "window",
+                        format!("the ring must hold w = {w} slots, got {slots}"),
+                    ));
                 }
                 w
             }
@@ -373,6 +370,13 @@ impl DecodeStep {
                 ),
             ));
         }
+        // Every shape and value is checked above, on any device (tests run them on the CPU).
+        let Device::Cuda(device) = q.device() else {
+            return Err(input(
+                "q",
+                format!("on {:?}: CUDA tensors only", q.device()),
+            ));
+        };
         let kernels = decode_kernels(device)?;
         let chunks_cmp = ((visible(t_max, l, d) + TILE - 1) / TILE).max(1);
         let nb = t_max / lsel + 1;
@@ -698,3 +702,6 @@ fn current_stream(device: usize) -> Result<CuStream, FusedError> {
     }
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,171 @@
+//! Input checks of DecodeStep on the CPU: every refusal, before any launch.
+use super::*;
+
+/// Valid inputs of a small step on the CPU: B 2, Hkv 2, 4 heads per group, dk 64, dv 32,
+/// 40 raw slots, 16 compressed slots, a window ring of 8.
+struct Case {
+    q: Tensor,
+    cmp_k: Tensor,
+    cmp_v: Tensor,
+    raw_k: Tensor,
+    raw_v: Tensor,
+    win_k: Tensor,
+    win_v: Tensor,
+    positions: Tensor,
+    gates: Tensor,
+    select: SelectParams,
+    window: i64,
+    max_position: i64,
+}
+
+impl Case {
+    fn new() -> Self {
+        let bf = (Kind::BFloat16, Device::Cpu);
+        Case {
+            q: Tensor::zeros([2, 2, 4, 64], bf),
+            cmp_k: Tensor::zeros([2, 2, 16, 64], bf),
+            cmp_v: Tensor::zeros([2, 2, 16, 32], bf),
+            raw_k: Tensor::zeros([2, 2, 40, 64], bf),
+            raw_v: Tensor::zeros([2, 2, 40, 32], bf),
+            win_k: Tensor::zeros([2, 2, 8, 64], bf),
+            win_v: Tensor::zeros([2, 2, 8, 32], bf),
+            positions: Tensor::from_slice(&[30i64, 31]),
+            gates: Tensor::zeros([2, 8, 3], bf),
+            select: SelectParams {
+                block_len: 8,
+                stride: 4,
+                select_len: 16,
+                top_n: 4,
+                n_local: 2,
+                tap_first: -1,
+                tap_step: 4,
+                tap_weights: vec![1, 2, 2, 2, 1],
+            },
+            window: 8,
+            max_position: 31,
+        }
+    }
+
+    fn step(&self) -> Result<DecodeStep, FusedError> {
+        DecodeStep::new(
+            DecodeInputs {
+                q: &self.q,
+                cmp_k: &self.cmp_k,
+                cmp_v: &self.cmp_v,
+                raw_k: &self.raw_k,
+                raw_v: &self.raw_v,
+                window: Some((&self.win_k, &self.win_v)),
+                positions: &self.positions,
+                gates: &self.gates,
+            },
+            DecodeParams {
+                select: &self.select,
+                window: self.window,
+                scale: 0.125,
+                max_position: self.max_position,
+            },
+        )
+    }
+}
+
+fn input_error(case: &Case) -> (String, String) {
+    match case.step() {
+        Err(FusedError::Input { what, reason }) => (what.to_string(), reason),
+        other => panic!("expected an input error, got {other:?}"),
+    }
+}
+
+/// Valid inputs pass every check and stop only at the device: the kernels are CUDA-only.
+#[test]
+fn valid_inputs_on_the_cpu_stop_at_the_device() {
+    let (what, reason) = input_error(&Case::new());
+    assert_eq!(what, "q");
+    assert!(reason.contains("CUDA tensors only"), "{reason}");
+}
+
+/// One change that makes a valid case invalid.
+type Mutation<'a> = Box<dyn Fn(&mut Case) + 'a>;
+
+/// Each kind of bad input is refused with an error that names it, before any launch.
+#[test]
+fn bad_inputs_get_typed_errors() {
+    let bf = (Kind::BFloat16, Device::Cpu);
+    let cases: Vec<(&str, &str, Mutation<'_>)> = vec![
+        ("q", "dtype", Box::new(|c| c.q = c.q.to_kind(Kind::Half))),
+        (
+            "q",
+            "[B, Hkv, h, dk]",
+            Box::new(|c| c.q = Tensor::zeros([2, 8, 64], bf)),
+        ),
+        (
+            "q",
+            "dk in {64, 128, 192}",
+            Box::new(|c| {
+                c.q = Tensor::zeros([2, 2, 4, 32], bf);
+                c.cmp_k = Tensor::zeros([2, 2, 16, 32], bf);
+                c.raw_k = Tensor::zeros([2, 2, 40, 32], bf);
+                c.win_k = Tensor::zeros([2, 2, 8, 32], bf);
+            }),
+        ),
+        (
+            "compressed keys",
+            "contiguous",
+            Box::new(|c| c.cmp_k = Tensor::zeros([2, 2, 64, 16], bf).transpose(2, 3)),
+        ),
+        (
+            "raw values",
+            "[2, 2, slots, 32]",
+            Box::new(|c| c.raw_v = Tensor::zeros([2, 2, 40, 48], bf)),
+        ),
+        (
+            "raw values",
+            "slots differ",
+            Box::new(|c| c.raw_v = Tensor::zeros([2, 2, 39, 32], bf)),
+        ),
+        ("window", "w = 16 slots, got 8", Box::new(|c| c.window = 16)),
+        (
+            "gates",
+            "[2, 8, 3]",
+            Box::new(|c| c.gates = Tensor::zeros([2, 8, 2], bf)),
+        ),
+        (
+            "gates",
+            "Float",
+            Box::new(|c| c.gates = c.gates.to_kind(Kind::Float)),
+        ),
+        (
+            "positions",
+            "int64 [2]",
+            Box::new(|c| c.positions = Tensor::from_slice(&[3i32, 4])),
+        ),
+        ("params", "n ≤ 32", Box::new(|c| c.select.top_n = 33)),
+        (
+            "params",
+            "overlap taps",
+            Box::new(|c| c.select.tap_weights.clear()),
+        ),
+        (
+            "max_position",
+            "does not fit",
+            Box::new(|c| c.max_position = 40),
+        ),
+        (
+            "max_position",
+            "does not fit",
+            Box::new(|c| {
+                c.cmp_k = Tensor::zeros([2, 2, 4, 64], bf);
+                c.cmp_v = Tensor::zeros([2, 2, 4, 32], bf);
+            }),
+        ),
+    ];
+    for (what, needle, mutate) in cases {
+        let mut case = Case::new();
+        mutate(&mut case);
+        let (got_what, reason) = input_error(&case);
+        assert_eq!(got_what, what, "{needle}: {reason}");
+        assert!(
+            reason.contains(needle),
+            "{what}: expected {needle:?} in {reason:?}"
+        );
+    }
+}
