@@ -308,7 +308,9 @@ impl NsaAttention {
         if fused::supported(&c, opts, x.kind(), x.device()) {
             // 3–7 on the decode kernels.
             let (mixed, blocks) = fused::attend(&c, &q, cache, plan, &gates)?;
-            return self.finish_step(&mixed, blocks, cache, plan);
+            let select_len = c.nsa.select.select_len;
+            let (_, valid) = selected_slots(&blocks, dev, select_len, cache.capacity())?;
+            return self.finish_step(&mixed, blocks, &valid, plan);
         }
 
         // 3. Compressed branch over the visible compressed tokens; its probabilities are p_cmp.
@@ -360,20 +362,19 @@ impl NsaAttention {
         // 7. Gates (Eq. 5) and the output projection.
         let heads = |o: &Tensor| o.f_reshape([b, 1, c.heads, c.head_dim_v]);
         let mixed = gates::mix(&gates, &heads(&o_cmp)?, &heads(&o_slc)?, &heads(&o_win)?)?;
-        self.finish_step(&mixed, blocks, cache, plan)
+        self.finish_step(&mixed, blocks, &valid, plan)
     }
 
     /// The output projection of the mixed branch outputs `[B, 1, H, dv]` and the step's read
-    /// counts for the `blocks` `[B, Hkv, n]` it selected.
+    /// counts: the `blocks` `[B, Hkv, n]` it selected and which of their keys it read (`valid`
+    /// `[B, Hkv, n·l']`, from `selected_slots`).
     fn finish_step(
         &self,
         mixed: &Tensor,
         blocks: Tensor,
-        cache: &NsaCache,
+        valid: &Tensor,
         plan: &DecodePlan,
     ) -> Result<LayerStep, AttnError> {
-        let select_len = self.config().nsa.select.select_len;
-        let (_, valid) = selected_slots(&blocks, &plan.dev, select_len, cache.capacity())?;
         Ok(LayerStep {
             output: self.output_projection(mixed)?,
             reads: StepReads {

@@ -156,7 +156,17 @@ fn nvrtc() -> Result<&'static Nvrtc, NvrtcError> {
 /// The selected-branch kernels of CUDA device `device`, compiled and loaded on first use
 /// (with the options of [`configure`]), then shared.
 pub fn kernels(device: usize) -> Result<&'static SelectedKernels, FusedError> {
-    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    loaded_once(&LOADED, device, load)
+}
+
+/// Kernels loaded per device: `cache`'s entry for `device`, or `load(device, options)` (the
+/// options of [`configure`]) kept for the process's life.
+fn loaded_once<T>(
+    cache: &Mutex<Option<HashMap<usize, &'static T>>>,
+    device: usize,
+    load: impl FnOnce(usize, &FusedOptions) -> Result<T, FusedError>,
+) -> Result<&'static T, FusedError> {
+    let mut loaded = cache.lock().unwrap_or_else(|e| e.into_inner());
     let map = loaded.get_or_insert_with(HashMap::new);
     if let Some(k) = map.get(&device) {
         return Ok(k);
@@ -166,7 +176,7 @@ pub fn kernels(device: usize) -> Result<&'static SelectedKernels, FusedError> {
         .unwrap_or_else(|e| e.into_inner())
         .clone()
         .unwrap_or_default();
-    let k: &'static SelectedKernels = Box::leak(Box::new(load(device, &opts)?));
+    let k: &'static T = Box::leak(Box::new(load(device, &opts)?));
     map.insert(device, k);
     Ok(k)
 }

@@ -145,9 +145,17 @@ pub fn decode_parity(
         ParitySelection::Own => layer.forward_branches(x, opts)?,
         ParitySelection::Decoded => layer.forward_branches_with_blocks(x, &decoded.blocks, opts)?,
     };
-    let want = full.output.f_to_kind(Kind::Double)?;
-    let max_abs_err = decoded
-        .output
+    compare_outputs(
+        &decoded.output,
+        &full.output,
+        decoded.blocks.f_equal(&full.blocks)?,
+    )
+}
+
+/// The [`Parity`] of outputs `got` against `want` (in float64; a NaN gap counts as infinite).
+fn compare_outputs(got: &Tensor, want: &Tensor, same_blocks: bool) -> Result<Parity, AttnError> {
+    let want = want.f_to_kind(Kind::Double)?;
+    let max_abs_err = got
         .f_to_kind(Kind::Double)?
         .f_sub(&want)?
         .f_abs()?
@@ -160,7 +168,7 @@ pub fn decode_parity(
             max_abs_err
         },
         forward_max: want.f_abs()?.f_max()?.f_double_value(&[])?,
-        same_blocks: decoded.blocks.f_equal(&full.blocks)?,
+        same_blocks,
     })
 }
 
@@ -417,16 +425,7 @@ fn selection_case(
         differ.f_sum(Kind::Int64)?.f_int64_value(&[])?,
         decoded.f_sum(Kind::Int64)?.f_int64_value(&[])?,
     );
-    let want = ops.output.f_to_kind(Kind::Double)?;
-    let err = kernels
-        .output
-        .f_to_kind(Kind::Double)?
-        .f_sub(&want)?
-        .f_abs()?
-        .f_max()?
-        .f_double_value(&[])?;
-    let rel = err / want.f_abs()?.f_max()?.f_double_value(&[])?.max(1e-30);
-    let rel = if rel.is_nan() { f64::INFINITY } else { rel };
+    let rel = compare_outputs(&kernels.output, &ops.output, n_differ == 0)?.rel_err();
     Ok(CheckRow {
         name: String::new(),
         max_rel_err: rel,

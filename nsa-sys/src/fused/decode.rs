@@ -21,7 +21,8 @@ use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
 use super::{
-    device_setup, input, load_module, module_function, nvrtc, FusedError, SelectParams, OPTIONS,
+    device_setup, input, load_module, loaded_once, module_function, nvrtc, FusedError,
+    FusedOptions, SelectParams,
 };
 use crate::autograd::{glue_error, ERR_LEN};
 use crate::driver::{self, check, CuFunction, CuGraph, CuGraphExec, CuStream};
@@ -69,16 +70,10 @@ static LOADED: Mutex<Option<HashMap<usize, &'static DecodeKernels>>> = Mutex::ne
 /// The decode kernels of CUDA device `device`, compiled (or read from the CUBIN cache) and
 /// loaded on first use.
 pub fn decode_kernels(device: usize) -> Result<&'static DecodeKernels, FusedError> {
-    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
-    let map = loaded.get_or_insert_with(HashMap::new);
-    if let Some(k) = map.get(&device) {
-        return Ok(k);
-    }
-    let opts = OPTIONS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or_default();
+    loaded_once(&LOADED, device, load)
+}
+
+fn load(device: usize, opts: &FusedOptions) -> Result<DecodeKernels, FusedError> {
     let setup = device_setup(device)?;
     let image = nvrtc()?.compile_cached(&DECODE, setup.arch, opts.cache_dir.as_deref())?;
     let module = load_module(&image.cubin)?;
@@ -98,9 +93,7 @@ pub fn decode_kernels(device: usize) -> Result<&'static DecodeKernels, FusedErro
         combine: [func("nsa_dec_combine_bf16")?, func("nsa_dec_combine_f32")?],
         max_smem: setup.max_smem,
     };
-    let k: &'static DecodeKernels = Box::leak(Box::new(DecodeKernels { table, device }));
-    map.insert(device, k);
-    Ok(k)
+    Ok(DecodeKernels { table, device })
 }
 
 /// Mirror of `nsa::Taps` (select.cuh).
