@@ -1,24 +1,27 @@
 // One decode step of NSA attention (§3, Eqs. 5-11) for one new query token per sequence, over
 // the per-branch caches of nsa-attn's decode path, in four kernels (split-K "flash decoding":
-// every branch's keys are cut into tiles of 64 keys, one CTA per tile, partial softmax states
-// merged at the end, so a handful of groups still fills the GPU):
+// every branch's keys are cut into tiles of 64 keys; a CTA takes `tpc` consecutive tiles of one
+// branch, double-buffering their loads (cp.async) and keeping its heads' softmax state across
+// them, and writes one partial state; the partials are merged at the end). The host picks tpc
+// per launch so that the grid fills the GPU once (many sequences: several tiles per CTA, few
+// partials; one sequence: a tile per CTA, every SM loading):
 //
-// nsa_dec_cmp_{bf16_dk64, bf16_dk128, bf16_dk192, f32}: grid (chunks_cmp, Hkv, B). CTA (c, g, b)
-//   takes compressed tokens c * 64 .. c * 64 + 63 that sequence b's token t sees (i < nvis(t),
+// nsa_dec_cmp_{bf16_dk64, bf16_dk128, bf16_dk192, f32}: grid (parts_cmp, Hkv, B). CTA (x, g, b)
+//   takes compressed tiles x * tpc_cmp .. (tokens i < nvis(t) that sequence b's token t sees,
 //   Eq. 7) and the group's hpg query heads: scores s = scale * log2(e) * q . k (tensor cores for
-//   bf16, fp32 FMAs for fp32), written to `scores` for selection, and the tile's partial state
-//   per head (max m, sum l of exp2(s - m), o = sum exp2(s - m) v) to the partials. The last CTA
-//   of each (b, g) to finish (a ticket counter, reset by that CTA, so the kernel can be
-//   replayed in a CUDA graph) merges the tiles' (m, l) into each head's log2-sum-exp lse2.
+//   bf16, fp32 FMAs for fp32), written to `scores` for selection, and its partial state per head
+//   (max m, sum l of exp2(s - m), o = sum exp2(s - m) v). The last CTA of each (b, g) to finish
+//   (a ticket counter, reset by that CTA, so the kernel can be replayed in a CUDA graph) merges
+//   the partials' (m, l) into each head's log2-sum-exp lse2.
 // nsa_dec_scores: grid (ceil(nb / 64), Hkv, B). Eq. 8 (p = exp2(s - lse2)), Eq. 10 (sum over
 //   the group's heads, in head order) and Eq. 9 (the overlap taps) for 64 selection blocks per
 //   CTA, written to block_scores; the last CTA of each (b, g) takes Eq. 11's top n with the
-//   forced blocks (select.cuh, the rule the training kernel uses) and writes the ids [B, Hkv, n]
-//   ascending, -1 padded.
-// nsa_dec_attend_{bf16_dk64, ..., f32}: grid (n * tiles_per_block + chunks_win, Hkv, B). The
-//   same per-tile partial as the first kernel over 64 keys: selected block ids[x / tpb], keys
-//   id * l' + (x % tpb) * 64 + u <= t (raw buffer), or window tile x - n * tpb: positions
-//   t + 1 - min(w, t + 1) + tile * 64 + u <= t (ring slot p mod w, or the raw buffer).
+//   forced blocks (select.cuh's radix select: the rule the training kernel uses, in a few
+//   CTA-wide passes) and writes the ids [B, Hkv, n] ascending, -1 padded.
+// nsa_dec_attend_{bf16_dk64, ..., f32}: grid (parts_slc + parts_win, Hkv, B). The same partial
+//   over selected tiles (tile y: block ids[y / tpb], keys id * l' + (y % tpb) * 64 + u <= t of
+//   the raw buffer) or window tiles (tile y: positions t + 1 - min(w, t + 1) + y * 64 + u <= t,
+//   ring slot p mod w, or the raw buffer), tpc_att tiles per CTA.
 // nsa_dec_combine_{bf16, f32}: grid (hpg, Hkv, B). Merges each branch's partials (scaled by
 //   exp2(m - max)), divides by the merged sum (a branch without keys gives 0, as the reference
 //   does), mixes the three with the gates (Eq. 5) and writes the output row.
@@ -26,15 +29,17 @@
 // Layouts (contiguous): q [B, Hkv, hpg, dk] (query head g * hpg + h); caches [B, Hkv, slots, d]
 // (raw: slot = position; compressed: slot = index; window ring: slot = position mod w);
 // positions int64 [B] (t_b, the new token's position, already written to every buffer); gates
-// [B, Hkv * hpg, 3] (cmp, slc, win); out [B, Hkv * hpg, dv]; partials: ml fp32 [B, Hkv, C, hpg, 2]
-// and o fp32 [B, Hkv, C, hpg, dv] with C = chunks_cmp + n * tpb + chunks_win tiles (that order);
+// [B, Hkv * hpg, 3] (cmp, slc, win); out [B, Hkv * hpg, dv]; partials: ml fp32 [B, Hkv, P, hpg, 2]
+// and o fp32 [B, Hkv, P, hpg, dv] with P = parts_cmp + parts_slc + parts_win (that order);
 // scores fp32 [B, Hkv, hpg, nc]; lse2 fp32 [B, Hkv, hpg]; block_scores fp32 [B, Hkv, nb];
 // tickets int32 [2, B, Hkv] (zero between launches); ids int64 [B, Hkv, n].
 //
-// Shared memory of the tile kernels (bytes, the host's decode_tile_smem): Q [HR][QS], K [64][QS]
-// (bf16 QS = dk + 8, fp32 dk + 1), V [64][VS] (bf16 dv + 8, fp32 dv + 1), scores [HR][65] fp32,
-// HR = hpg rounded up to 16. 128 threads (4 warps); for bf16 warp w computes Q K^T for query
-// rows 16w .. 16w + 15 (hpg <= 64).
+// Shared memory of the tile kernels (bytes, the host's decode_tile_smem): Q [HR][QS], K
+// [nbuf][64][QS] (bf16 QS = dk + 8, fp32 dk + 1), V [nbuf][64][VS] (bf16 dv + 8, fp32 dv + 1),
+// scores [HR][65] fp32, and with tpc > 1 (nbuf 2, else 1) the running o [HR][dv], m, l and the
+// rescale factor [HR] in fp32; HR = hpg rounded up to 16. 128 threads (4 warps); for bf16 warp w
+// computes Q K^T for keys 16w .. 16w + 15 of every row block, then P V for (row block, 16
+// columns) pairs w, w + 4, ...
 #include "attend.cuh"
 #include "select.cuh"
 
@@ -48,45 +53,40 @@ struct DecodeArgs {
   int cl, cd;                 // compressed block length l and stride d
   int L, n, n_local, w;       // selection block length l', picks, forced local blocks, window
   int chunks_cmp, tpb, chunks_win, nb, nc;  // tiles (see above), block-score and score widths
+  int tpc_cmp, tpc_att;                     // tiles per CTA of the two tile launches
+  int parts_cmp, parts_slc, parts_win;      // partial states per (b, g) of each branch
   long long cap_raw, cap_cmp, cap_win;      // slots per (b, g) of each buffer; cap_win 0: no ring
   float scale_log2;                         // softmax scale * log2(e)
   Taps taps;
 };
 
-__device__ __forceinline__ int dec_chunks(const DecodeArgs& a) {
-  return a.chunks_cmp + a.n * a.tpb + a.chunks_win;
+__device__ __forceinline__ int dec_parts(const DecodeArgs& a) {
+  return a.parts_cmp + a.parts_slc + a.parts_win;
 }
 
 __device__ __forceinline__ int dec_rows(int hpg) { return (hpg + 15) / 16 * 16; }
 
-// The shared tiles of a tile kernel.
+// One tile's keys: the first `keys` rows from buffer row `first` on (modulo `wrap`, the window
+// ring's slots, when nonzero) of the (b, g) slices `k` [rows][dk] and `v` [rows][dv].
 template <typename T>
-struct DecTiles {
-  T* q;
-  T* k;
-  T* v;
-  float* s;  // [HR][65]
-  int qs, vs;
+struct DecTile {
+  const T* k;
+  const T* v;
+  long long first, wrap;
+  int keys;
 };
 
 template <typename T>
-__device__ __forceinline__ DecTiles<T> carve_tiles(const DecodeArgs& a) {
-  extern __shared__ __align__(16) unsigned char smraw[];
-  constexpr bool BF = sizeof(T) == 2;
-  DecTiles<T> d;
-  d.qs = BF ? a.dk + 8 : a.dk + 1;
-  d.vs = BF ? a.dv + 8 : a.dv + 1;
-  const int hr = dec_rows(a.hpg);
-  d.q = reinterpret_cast<T*>(smraw);
-  d.k = d.q + hr * d.qs;
-  d.v = d.k + NSA_DEC_KEYS * d.qs;
-  d.s = reinterpret_cast<float*>(d.v + NSA_DEC_KEYS * d.vs);
-  return d;
+__device__ __forceinline__ const T* tile_row(const DecTile<T>& tl, const T* base, int u,
+                                             int width) {
+  if (u >= tl.keys) return nullptr;
+  const long long r = tl.first + u;
+  return base + (tl.wrap > 0 ? r % tl.wrap : r) * width;
 }
 
 // Copies `rows` rows of `width` elements (row r from src(r), nullptr: zeros) into a shared tile
-// with row stride `stride`: cp.async 16-byte pieces for bf16 (width a multiple of 8), plain
-// loads for fp32. Complete after cp_async_wait_all() and a barrier.
+// with row stride `stride`: cp.async 16-byte pieces for bf16 (width a multiple of 8; the caller
+// commits the group), plain loads for fp32. Complete after the wait and a barrier.
 template <typename T, typename RowFn>
 __device__ __forceinline__ void dec_copy(T* tile, int stride, int rows, int width, RowFn src,
                                          int tid) {
@@ -111,129 +111,443 @@ __device__ __forceinline__ void dec_copy(T* tile, int stride, int rows, int widt
   }
 }
 
-// The partial softmax state of the group's heads over one tile of up to 64 keys: key u's rows
-// come from krow(u) / vrow(u) (nullptr: not a key of this tile). Loads Q (rows of `qg`, the
-// group's [hpg][dk] block), K and V, computes the scores into d.s (log2 units, -inf where no
-// key), calls on_score(h, u, s) for every valid score, then per head m, l and o into ml / o
-// (this tile's slices: ml [hpg][2], o [hpg][dv]).
-template <typename T, int DK, typename KRow, typename VRow, typename OnScore>
-__device__ __forceinline__ void tile_partial(const DecodeArgs& a, const DecTiles<T>& d,
-                                             const T* __restrict__ qg, KRow krow, VRow vrow,
-                                             OnScore on_score, float* __restrict__ ml,
-                                             float* __restrict__ o) {
+// The partial softmax state of the group's heads over `ntiles` tiles of up to 64 keys
+// (tile_of(y) describes tile y; ntiles > 1 needs multi, the running state in shared memory):
+// loads Q (rows of `qg`, the group's [hpg][dk] block) once and the tiles' K and V (the next
+// tile's copy in flight while this one is computed), computes each tile's scores (log2 units),
+// calls on_score(y, h, u, s) for every valid score, and writes per head m, l and o into ml / o
+// (this CTA's slices: ml [hpg][2], o [hpg][dv]). An empty tile (no keys) costs no loads.
+template <typename T, int DK, typename TileOf, typename OnScore>
+__device__ __forceinline__ void tiles_partial(const DecodeArgs& a, int ntiles, bool multi,
+                                              const T* __restrict__ qg, TileOf tile_of,
+                                              OnScore on_score, float* __restrict__ ml,
+                                              float* __restrict__ o) {
+  extern __shared__ __align__(16) unsigned char smraw[];
+  constexpr bool BF = sizeof(T) == 2;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int hr = dec_rows(a.hpg), dk = DK > 0 ? DK : a.dk, dv = a.dv;
-  dec_copy<T>(d.q, d.qs, hr, dk,
+  const int qs = BF ? dk + 8 : dk + 1, vs = BF ? dv + 8 : dv + 1;
+  const int nbuf = multi ? 2 : 1;
+  T* qsm = reinterpret_cast<T*>(smraw);
+  T* kbuf = qsm + hr * qs;
+  T* vbuf = kbuf + nbuf * NSA_DEC_KEYS * qs;
+  float* ssm = reinterpret_cast<float*>(vbuf + nbuf * NSA_DEC_KEYS * vs);
+  float* osm = ssm + hr * 65;  // multi only: o [hr][dv], then m, l, rescale [hr]
+  float* mrun = osm + hr * dv;
+  float* lrun = mrun + hr;
+  float* alpha = lrun + hr;
+  if (multi) {
+    for (int e = tid; e < hr * dv; e += NSA_THREADS) osm[e] = 0.f;
+    for (int h = tid; h < hr; h += NSA_THREADS) {
+      mrun[h] = -INFINITY;
+      lrun[h] = 0.f;
+      alpha[h] = 0.f;
+    }
+  }
+  const auto load = [&](int y, int buf) {
+    const DecTile<T> tl = tile_of(y);
+    if (tl.keys <= 0) return;
+    dec_copy<T>(kbuf + buf * NSA_DEC_KEYS * qs, qs, NSA_DEC_KEYS, dk,
+                [&](int u) { return tile_row(tl, tl.k, u, dk); }, tid);
+    dec_copy<T>(vbuf + buf * NSA_DEC_KEYS * vs, vs, NSA_DEC_KEYS, dv,
+                [&](int u) { return tile_row(tl, tl.v, u, dv); }, tid);
+  };
+  dec_copy<T>(qsm, qs, hr, dk,
               [&](int r) -> const T* { return r < a.hpg ? qg + (long long)r * dk : nullptr; },
               tid);
-  dec_copy<T>(d.k, d.qs, NSA_DEC_KEYS, dk, krow, tid);
-  dec_copy<T>(d.v, d.vs, NSA_DEC_KEYS, dv, vrow, tid);
-  if constexpr (sizeof(T) == 2) cp_async_wait_all();
-  __syncthreads();
+  load(0, 0);
+  if constexpr (BF) cp_async_commit();
 
-  if constexpr (sizeof(T) == 2) {
-    // S = Q K^T on tensor cores: warp w owns query rows 16w .. 16w + 15.
-    if (warp * 16 < hr) {
-      const int gq = lane / 4, tig = lane % 4;
-      const __nv_bfloat16* Qb = reinterpret_cast<const __nv_bfloat16*>(d.q);
-      const __nv_bfloat16* Kb = reinterpret_cast<const __nv_bfloat16*>(d.k);
-      float acc[NSA_DEC_KEYS / 8][4];
+  for (int y = 0; y < ntiles; ++y) {
+    const int buf = multi ? (y & 1) : 0;
+    if (y + 1 < ntiles) {
+      load(y + 1, (y + 1) & 1);
+      if constexpr (BF) {
+        cp_async_commit();
+        cp_async_wait<1>();
+      }
+    } else if constexpr (BF) {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const DecTile<T> tl = tile_of(y);
+    const T* ks = kbuf + buf * NSA_DEC_KEYS * qs;
+    const T* vsm = vbuf + buf * NSA_DEC_KEYS * vs;
+    if (tl.keys > 0) {
+      if constexpr (BF) {
+        // S = Q K^T on tensor cores: warp w owns keys 16w .. 16w + 15 of every row block.
+        const int gq = lane / 4, tig = lane % 4;
+        const __nv_bfloat16* Qb = reinterpret_cast<const __nv_bfloat16*>(qsm);
+        const __nv_bfloat16* Kb = reinterpret_cast<const __nv_bfloat16*>(ks);
+        for (int mt = 0; mt < hr / 16; ++mt) {
+          float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-      for (int nt = 0; nt < NSA_DEC_KEYS / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+          for (int kt = 0; kt < DK / 16; ++kt) {
+            unsigned fa[4];
+            load_a(fa, Qb, qs, mt * 16 + gq, kt * 16, tig);
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+              unsigned b0, b1;
+              load_b(b0, b1, Kb, qs, warp * 16 + nt * 8 + gq, kt * 16, tig);
+              mma_bf16(acc[nt], fa[0], fa[1], fa[2], fa[3], b0, b1);
+            }
+          }
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = mt * 16 + gq + (e / 2) * 8, c = warp * 16 + nt * 8 + tig * 2 + (e & 1);
+              ssm[r * 65 + c] = acc[nt][e] * a.scale_log2;
+            }
+          }
+        }
+      } else {
+        for (int e = tid; e < hr * NSA_DEC_KEYS; e += NSA_THREADS) {
+          const int r = e / NSA_DEC_KEYS, c = e % NSA_DEC_KEYS;
+          float s = 0.f;
+          for (int x = 0; x < dk; ++x) s = fmaf(to_f(qsm[r * qs + x]), to_f(ks[c * qs + x]), s);
+          ssm[r * 65 + c] = s * a.scale_log2;
+        }
+      }
+      __syncthreads();
+
+      // Per head (one warp each): mask, report, the running max, exp2 into the score row, l.
+      for (int h = warp; h < hr; h += NSA_THREADS / 32) {
+        float* srow = ssm + h * 65;
+        if (h >= a.hpg) {  // padding rows of the tensor-core tile: P = 0
+          srow[lane] = srow[lane + 32] = 0.f;
+          if (multi && lane == 0) alpha[h] = 0.f;
+          continue;
+        }
+        float s0 = srow[lane], s1 = srow[lane + 32];
+        const bool v0 = lane < tl.keys, v1 = lane + 32 < tl.keys;
+        if (v0) on_score(y, h, lane, s0);
+        if (v1) on_score(y, h, lane + 32, s1);
+        s0 = v0 ? s0 : -INFINITY;
+        s1 = v1 ? s1 : -INFINITY;
+        float mt = fmaxf(s0, s1);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+        const float m_prev = multi ? mrun[h] : -INFINITY;
+        const float m = fmaxf(m_prev, mt);
+        const float e0 = v0 ? exp2f(s0 - m) : 0.f, e1 = v1 ? exp2f(s1 - m) : 0.f;
+        const float l = warp_sum(e0 + e1);
+        srow[lane] = e0;
+        srow[lane + 32] = e1;
+        if (lane == 0) {
+          if (multi) {
+            const float al = m_prev == -INFINITY ? 0.f : exp2f(m_prev - m);
+            alpha[h] = al;
+            mrun[h] = m;
+            lrun[h] = lrun[h] * al + l;
+          } else {
+            ml[h * 2] = m;
+            ml[h * 2 + 1] = l;
+          }
+        }
+      }
+      __syncthreads();
+
+      // o = P V: bf16 on tensor cores ((row block, 16 columns) pairs w, w + 4, ...; P rounded
+      // to bf16 as the flash kernels do), fp32 with FMAs (thread per (head, column)); with
+      // multi, o = o * rescale + P V in shared memory.
+      if constexpr (BF) {
+        const int gq = lane / 4, tig = lane % 4, cgs = dv / 16;
+        const __nv_bfloat16* Vb = reinterpret_cast<const __nv_bfloat16*>(vsm);
+        for (int pr = warp; pr < (hr / 16) * cgs; pr += NSA_THREADS / 32) {
+          const int mt = pr / cgs, cg = pr % cgs;
+          float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+          const float* p0 = ssm + (mt * 16 + gq) * 65;
+          const float* p1 = p0 + 8 * 65;
+#pragma unroll
+          for (int kk = 0; kk < NSA_DEC_KEYS / 16; ++kk) {
+            const int c = kk * 16 + tig * 2;
+            const unsigned a0 = pack_bf16(p0[c], p0[c + 1]), a1 = pack_bf16(p1[c], p1[c + 1]);
+            const unsigned a2 = pack_bf16(p0[c + 8], p0[c + 9]), a3 = pack_bf16(p1[c + 8], p1[c + 9]);
+            unsigned vb[4];
+            load_b_trans_x2(vb, Vb, vs, kk * 16, cg * 16, lane);
+            mma_bf16(acc[0], a0, a1, a2, a3, vb[0], vb[1]);
+            mma_bf16(acc[1], a0, a1, a2, a3, vb[2], vb[3]);
+          }
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            const int col = cg * 16 + nt * 8 + tig * 2;
+            const int h0 = mt * 16 + gq, h1 = h0 + 8;
+            if (multi) {
+              float2* o0 = reinterpret_cast<float2*>(osm + h0 * dv + col);
+              float2* o1 = reinterpret_cast<float2*>(osm + h1 * dv + col);
+              const float al0 = alpha[h0], al1 = alpha[h1];
+              const float2 x0 = *o0, x1 = *o1;
+              *o0 = make_float2(fmaf(x0.x, al0, acc[nt][0]), fmaf(x0.y, al0, acc[nt][1]));
+              *o1 = make_float2(fmaf(x1.x, al1, acc[nt][2]), fmaf(x1.y, al1, acc[nt][3]));
+            } else {
+              if (h0 < a.hpg) *reinterpret_cast<float2*>(o + (long long)h0 * dv + col) = make_float2(acc[nt][0], acc[nt][1]);
+              if (h1 < a.hpg) *reinterpret_cast<float2*>(o + (long long)h1 * dv + col) = make_float2(acc[nt][2], acc[nt][3]);
+            }
+          }
+        }
+      } else {
+        for (int e = tid; e < a.hpg * dv; e += NSA_THREADS) {
+          const int h = e / dv, col = e % dv;
+          const float* srow = ssm + h * 65;
+          float acc = 0.f;
+          for (int u = 0; u < NSA_DEC_KEYS; ++u) acc = fmaf(srow[u], to_f(vsm[u * vs + col]), acc);
+          if (multi) {
+            osm[h * dv + col] = fmaf(osm[h * dv + col], alpha[h], acc);
+          } else {
+            o[(long long)h * dv + col] = acc;
+          }
+        }
+      }
+    } else if (!multi) {
+      // A tile without keys: m = -inf and l = 0 (the combine skips its o).
+      for (int h = tid; h < a.hpg; h += NSA_THREADS) {
+        ml[h * 2] = -INFINITY;
+        ml[h * 2 + 1] = 0.f;
+      }
+    }
+    __syncthreads();  // this buffer and the score rows are free for the next tile
+  }
+  if (multi) {
+    for (int h = tid; h < a.hpg; h += NSA_THREADS) {
+      ml[h * 2] = mrun[h];  // -inf when no tile had keys (then l = 0 and o = 0)
+      ml[h * 2 + 1] = lrun[h];
+    }
+    for (int e = tid; e < a.hpg * dv / 4; e += NSA_THREADS) {
+      reinterpret_cast<float4*>(o)[e] = reinterpret_cast<const float4*>(osm)[e];
+    }
+  }
+}
+
+// The warp-level form of tiles_partial for bf16 with hpg <= 16 (one m16 row block) and
+// (dk, dv) = (DK, DV) in {64, 128, 192}^2, the shapes of the paper and the presets: warp w takes
+// keys 16w .. 16w + 15 of every tile into stages of its own shared memory (cp.async, the next
+// tile's copy in flight), keeps its rows' running max, sum and o in registers (the score
+// accumulators become P V's A operand without a trip through shared memory, as in
+// FlashAttention-2), and synchronises only with itself; the four warps' states are merged once
+// at the end. Shared: Q [16][DK + 8], then per warp `stages` stages of K [16][DK + 8] and V
+// [16][DV + 8] bf16, reused at the end for the warps' m, l [4][16] and o [4][16][DV] fp32
+// (decode_warp_smem on the host).
+template <int DK, int DV, typename TileOf, typename OnScore>
+__device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntiles, int stages,
+                                                   const __nv_bfloat16* __restrict__ qg,
+                                                   TileOf tile_of, OnScore on_score,
+                                                   float* __restrict__ ml,
+                                                   float* __restrict__ o) {
+  using bf = __nv_bfloat16;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  constexpr int QS = DK + 8, VS = DV + 8, PK = DK / 8, PV = DV / 8;
+  constexpr int STAGE = 16 * (QS + VS);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gq = lane / 4, tig = lane % 4;
+  bf* qsm = reinterpret_cast<bf*>(smraw);
+  bf* wbuf = qsm + 16 * QS + warp * stages * STAGE;
+  for (int e = tid; e < 16 * PK; e += NSA_THREADS) {
+    const int r = e / PK, ch = e % PK;
+    bf* dst = qsm + r * QS + ch * 8;
+    if (r < a.hpg) {
+      cp_async16(dst, qg + (long long)r * DK + ch * 8);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  cp_async_commit();
+  // This warp's 16 rows of tile y into stage st: lane l (and l + 16) finds row l's address
+  // once, the copy loop takes it by a shuffle.
+  const auto load = [&](int y, int st) {
+    const DecTile<bf> tl = tile_of(y);
+    if (tl.keys <= warp * 16) return;
+    const int u = warp * 16 + (lane & 15);
+    const unsigned long long kr = reinterpret_cast<unsigned long long>(tile_row(tl, tl.k, u, DK));
+    const unsigned long long vr = reinterpret_cast<unsigned long long>(tile_row(tl, tl.v, u, DV));
+    bf* kd = wbuf + st * STAGE;
+    bf* vd = kd + 16 * QS;
+#pragma unroll
+    for (int i = 0; i < 16 * PK / 32; ++i) {
+      const int e = i * 32 + lane, r = e / PK, ch = e % PK;
+      const bf* src = reinterpret_cast<const bf*>(__shfl_sync(0xffffffffu, kr, r));
+      bf* dst = kd + r * QS + ch * 8;
+      if (src != nullptr) {
+        cp_async16(dst, src + ch * 8);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 16 * PV / 32; ++i) {
+      const int e = i * 32 + lane, r = e / PV, ch = e % PV;
+      const bf* src = reinterpret_cast<const bf*>(__shfl_sync(0xffffffffu, vr, r));
+      bf* dst = vd + r * VS + ch * 8;
+      if (src != nullptr) {
+        cp_async16(dst, src + ch * 8);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+  };
+  // Rows gq (index 0) and gq + 8 (index 1) of this warp's state.
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  float oacc[DV / 8][4];
+#pragma unroll
+  for (int j = 0; j < DV / 8; ++j) oacc[j][0] = oacc[j][1] = oacc[j][2] = oacc[j][3] = 0.f;
+  load(0, 0);
+  cp_async_commit();
+  for (int y = 0; y < ntiles; ++y) {
+    const int st = stages > 1 ? (y & 1) : 0;
+    if (y + 1 < ntiles) {
+      load(y + 1, (y + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    if (y == 0) {
+      __syncthreads();  // Q, copied by every thread
+    } else {
+      __syncwarp();
+    }
+    const DecTile<bf> tl = tile_of(y);
+    const int kw = min(16, tl.keys - warp * 16);
+    if (kw > 0) {
+      const bf* ks = wbuf + st * STAGE;
+      const bf* vs = ks + 16 * QS;
+      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
       for (int kt = 0; kt < DK / 16; ++kt) {
         unsigned fa[4];
-        load_a(fa, Qb, d.qs, warp * 16 + gq, kt * 16, tig);
-#pragma unroll
-        for (int nt = 0; nt < NSA_DEC_KEYS / 8; ++nt) {
-          unsigned b0, b1;
-          load_b(b0, b1, Kb, d.qs, nt * 8 + gq, kt * 16, tig);
-          mma_bf16(acc[nt], fa[0], fa[1], fa[2], fa[3], b0, b1);
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < NSA_DEC_KEYS / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = warp * 16 + gq + (e / 2) * 8, c = nt * 8 + tig * 2 + (e & 1);
-          d.s[r * 65 + c] = acc[nt][e] * a.scale_log2;
-        }
-      }
-    }
-  } else {
-    for (int e = tid; e < hr * NSA_DEC_KEYS; e += NSA_THREADS) {
-      const int r = e / NSA_DEC_KEYS, c = e % NSA_DEC_KEYS;
-      float s = 0.f;
-      for (int x = 0; x < dk; ++x) s = fmaf(to_f(d.q[r * d.qs + x]), to_f(d.k[c * d.qs + x]), s);
-      d.s[r * 65 + c] = s * a.scale_log2;
-    }
-  }
-  __syncthreads();
-
-  // Per head (one warp each): mask, report, m, exp2 into the score row, l.
-  for (int h = warp; h < hr; h += NSA_THREADS / 32) {
-    float* srow = d.s + h * 65;
-    if (h >= a.hpg) {  // padding rows of the tensor-core tile: P = 0
-      srow[lane] = srow[lane + 32] = 0.f;
-      continue;
-    }
-    float s0 = srow[lane], s1 = srow[lane + 32];
-    const bool v0 = krow(lane) != nullptr, v1 = krow(lane + 32) != nullptr;
-    if (v0) on_score(h, lane, s0);
-    if (v1) on_score(h, lane + 32, s1);
-    s0 = v0 ? s0 : -INFINITY;
-    s1 = v1 ? s1 : -INFINITY;
-    float m = fmaxf(s0, s1);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    const float e0 = v0 ? exp2f(s0 - m) : 0.f, e1 = v1 ? exp2f(s1 - m) : 0.f;
-    const float l = warp_sum(e0 + e1);
-    srow[lane] = e0;
-    srow[lane + 32] = e1;
-    if (lane == 0) {
-      ml[h * 2] = m;  // -inf for a tile without keys (then l = 0 and o = 0)
-      ml[h * 2 + 1] = l;
-    }
-  }
-  __syncthreads();
-
-  // o = P V: bf16 on tensor cores (warp w takes column groups of 16: w, w + 4, ...; P rounded
-  // to bf16 as the flash kernels do), fp32 with FMAs (thread per (head, column)).
-  if constexpr (sizeof(T) == 2) {
-    const int gq = lane / 4, tig = lane % 4;
-    const __nv_bfloat16* Vb = reinterpret_cast<const __nv_bfloat16*>(d.v);
-    for (int cg = warp; cg < dv / 16; cg += NSA_THREADS / 32) {
-      for (int mt = 0; mt < hr / 16; ++mt) {
-        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        const float* p0 = d.s + (mt * 16 + gq) * 65;
-        const float* p1 = p0 + 8 * 65;
-#pragma unroll
-        for (int kk = 0; kk < NSA_DEC_KEYS / 16; ++kk) {
-          const int c = kk * 16 + tig * 2;
-          const unsigned a0 = pack_bf16(p0[c], p0[c + 1]), a1 = pack_bf16(p1[c], p1[c + 1]);
-          const unsigned a2 = pack_bf16(p0[c + 8], p0[c + 9]), a3 = pack_bf16(p1[c + 8], p1[c + 9]);
-          unsigned vb[4];
-          load_b_trans_x2(vb, Vb, d.vs, kk * 16, cg * 16, lane);
-          mma_bf16(acc[0], a0, a1, a2, a3, vb[0], vb[1]);
-          mma_bf16(acc[1], a0, a1, a2, a3, vb[2], vb[3]);
-        }
+        load_a(fa, qsm, QS, gq, kt * 16, tig);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          const int col = cg * 16 + nt * 8 + tig * 2;
-          const int h0 = mt * 16 + gq, h1 = h0 + 8;
-          if (h0 < a.hpg) *reinterpret_cast<float2*>(o + (long long)h0 * dv + col) = make_float2(acc[nt][0], acc[nt][1]);
-          if (h1 < a.hpg) *reinterpret_cast<float2*>(o + (long long)h1 * dv + col) = make_float2(acc[nt][2], acc[nt][3]);
+          unsigned b0, b1;
+          load_b(b0, b1, ks, QS, nt * 8 + gq, kt * 16, tig);
+          mma_bf16(sc[nt], fa[0], fa[1], fa[2], fa[3], b0, b1);
         }
       }
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int u = nt * 8 + tig * 2 + (e & 1), h = gq + (e / 2) * 8;
+          float v = sc[nt][e] * a.scale_log2;
+          if (u < kw) {
+            if (h < a.hpg) on_score(y, h, warp * 16 + u, v);
+          } else {
+            v = -INFINITY;
+          }
+          sc[nt][e] = v;
+          if (e < 2) {
+            mx0 = fmaxf(mx0, v);
+          } else {
+            mx1 = fmaxf(mx1, v);
+          }
+        }
+      }
+#pragma unroll
+      for (int off = 1; off < 4; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+      }
+      const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);  // finite: the warp has keys
+      const float al0 = m0 == -INFINITY ? 0.f : exp2f(m0 - n0);
+      const float al1 = m1 == -INFINITY ? 0.f : exp2f(m1 - n1);
+      m0 = n0;
+      m1 = n1;
+      float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float p = exp2f(sc[nt][e] - (e < 2 ? n0 : n1));  // 0 for masked keys
+          sc[nt][e] = p;
+          if (e < 2) {
+            ps0 += p;
+          } else {
+            ps1 += p;
+          }
+        }
+      }
+      l0 = l0 * al0 + ps0;  // this thread's columns; summed over the quad at the end
+      l1 = l1 * al1 + ps1;
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j) {
+        oacc[j][0] *= al0;
+        oacc[j][1] *= al0;
+        oacc[j][2] *= al1;
+        oacc[j][3] *= al1;
+      }
+      // P (rounded to bf16, as the flash kernels do) as the A operand of P V.
+      const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
+      const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
+#pragma unroll
+      for (int cg = 0; cg < DV / 16; ++cg) {
+        unsigned vb[4];
+        load_b_trans_x2(vb, vs, VS, 0, cg * 16, lane);
+        mma_bf16(oacc[2 * cg], a0, a1, a2, a3, vb[0], vb[1]);
+        mma_bf16(oacc[2 * cg + 1], a0, a1, a2, a3, vb[2], vb[3]);
+      }
     }
+    __syncwarp();  // this stage is free for the copy two tiles on
+  }
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+  }
+  __syncthreads();  // every warp is done with its stages: reuse them for the merge
+  float* wm = reinterpret_cast<float*>(qsm + 16 * QS);
+  float* wl = wm + 64;
+  float* wo = wl + 64;
+  if (tig == 0) {
+    wm[warp * 16 + gq] = m0;
+    wm[warp * 16 + gq + 8] = m1;
+    wl[warp * 16 + gq] = l0;
+    wl[warp * 16 + gq + 8] = l1;
+  }
+#pragma unroll
+  for (int j = 0; j < DV / 8; ++j) {
+    const int col = j * 8 + tig * 2;
+    *reinterpret_cast<float2*>(wo + (warp * 16 + gq) * DV + col) = make_float2(oacc[j][0], oacc[j][1]);
+    *reinterpret_cast<float2*>(wo + (warp * 16 + gq + 8) * DV + col) = make_float2(oacc[j][2], oacc[j][3]);
+  }
+  __syncthreads();
+  for (int e = tid; e < a.hpg * DV; e += NSA_THREADS) {
+    const int h = e / DV, c = e % DV;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, wm[w * 16 + h]);
+    float acc = 0.f;
+    if (mx > -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const float mw = wm[w * 16 + h];
+        if (mw > -INFINITY) acc = fmaf(wo[(w * 16 + h) * DV + c], exp2f(mw - mx), acc);
+      }
+    }
+    o[(long long)h * DV + c] = acc;
+  }
+  for (int h = tid; h < a.hpg; h += NSA_THREADS) {
+    float mx = -INFINITY;
+    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, wm[w * 16 + h]);
+    float l = 0.f;
+    for (int w = 0; w < 4; ++w) {
+      const float mw = wm[w * 16 + h];
+      if (mw > -INFINITY) l = fmaf(wl[w * 16 + h], exp2f(mw - mx), l);
+    }
+    ml[h * 2] = mx;  // -inf when no warp had keys (then l = 0 and o = 0)
+    ml[h * 2 + 1] = l;
+  }
+}
+
+// tiles_partial (DV == 0) or, for its shapes, warp_tiles_partial (DV > 0, T bf16).
+template <typename T, int DK, int DV, typename TileOf, typename OnScore>
+__device__ __forceinline__ void dec_partial(const DecodeArgs& a, int ntiles, int tpc,
+                                            const T* __restrict__ qg, TileOf tile_of,
+                                            OnScore on_score, float* __restrict__ ml,
+                                            float* __restrict__ o) {
+  if constexpr (DV > 0) {
+    warp_tiles_partial<DK, DV>(a, ntiles, tpc > 1 ? 2 : 1, qg, tile_of, on_score, ml, o);
   } else {
-    for (int e = tid; e < a.hpg * dv; e += NSA_THREADS) {
-      const int h = e / dv, col = e % dv;
-      const float* srow = d.s + h * 65;
-      float acc = 0.f;
-      for (int u = 0; u < NSA_DEC_KEYS; ++u) acc = fmaf(srow[u], to_f(d.v[u * d.vs + col]), acc);
-      o[(long long)h * dv + col] = acc;
-    }
+    tiles_partial<T, DK>(a, ntiles, tpc > 1, qg, tile_of, on_score, ml, o);
   }
 }
 
@@ -267,52 +581,53 @@ __device__ __forceinline__ bool last_to_finish(int* ticket, int total) {
   return last;
 }
 
-template <typename T, int DK>
+template <typename T, int DK, int DV>
 __device__ void dec_cmp(const T* __restrict__ q, const T* __restrict__ ck,
                         const T* __restrict__ cv, const long long* __restrict__ positions,
                         float* __restrict__ part_ml, float* __restrict__ part_o,
                         float* __restrict__ scores, float* __restrict__ lse2,
                         int* __restrict__ tickets, const DecodeArgs a) {
-  const int c = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+  const int x = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const long long bg = (long long)b * a.Hkv + g;
   const long long t = positions[b];
   const int nvis = num_visible_compressed(compressed_keys((int)a.cap_cmp, a.cl, a.cd), t);
-  const int i0 = c * NSA_DEC_KEYS;
   const int dk = DK > 0 ? DK : a.dk;
-  const DecTiles<T> d = carve_tiles<T>(a);
-  const int C = dec_chunks(a);
-  const auto row = [&](const T* base, int width) {
-    return [=](int u) -> const T* {
-      const int i = i0 + u;
-      return i < nvis ? base + (bg * a.cap_cmp + i) * width : nullptr;
-    };
-  };
+  const int P = dec_parts(a), y0 = x * a.tpc_cmp;
+  const int ny = min(a.tpc_cmp, a.chunks_cmp - y0);
+  const T* kb = ck + bg * a.cap_cmp * dk;
+  const T* vb = cv + bg * a.cap_cmp * a.dv;
   float* srow = scores + bg * a.hpg * a.nc;
-  tile_partial<T, DK>(
-      a, d, q + bg * a.hpg * dk, row(ck, dk), row(cv, a.dv),
-      [&](int h, int u, float s) { srow[(long long)h * a.nc + i0 + u] = s; },
-      part_ml + (bg * C + c) * a.hpg * 2, part_o + (bg * C + c) * a.hpg * a.dv);
+  dec_partial<T, DK, DV>(
+      a, ny, a.tpc_cmp, q + bg * a.hpg * dk,
+      [&](int y) {
+        const int i0 = (y0 + y) * NSA_DEC_KEYS;
+        return DecTile<T>{kb, vb, i0, 0, max(0, min(NSA_DEC_KEYS, nvis - i0))};
+      },
+      [&](int y, int h, int u, float s) {
+        srow[(long long)h * a.nc + (y0 + y) * NSA_DEC_KEYS + u] = s;
+      },
+      part_ml + (bg * P + x) * a.hpg * 2, part_o + (bg * P + x) * a.hpg * a.dv);
 
-  if (!last_to_finish(tickets + bg, a.chunks_cmp)) return;
-  // lse2 of each head over every compressed tile (one warp per head).
+  if (!last_to_finish(tickets + bg, gridDim.x)) return;
+  // lse2 of each head over every compressed partial (one warp per head).
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int h = warp; h < a.hpg; h += NSA_THREADS / 32) {
-    const float2 st = merge_ml(part_ml + (bg * C * a.hpg + h) * 2, a.chunks_cmp, 2LL * a.hpg, lane);
+    const float2 st = merge_ml(part_ml + (bg * P * a.hpg + h) * 2, a.parts_cmp, 2LL * a.hpg, lane);
     if (lane == 0) lse2[bg * a.hpg + h] = st.x > -INFINITY ? st.x + __log2f(st.y) : -INFINITY;
   }
 }
 
-// Eqs. 8-11 from the scores and lse2 of dec_cmp. Shared: lse2 [hpg], cand [2][4 * 32], then
-// pc [64 * step + count] floats, reused by the last CTA for the block scores [nb].
+// Eqs. 8-11 from the scores and lse2 of dec_cmp. Shared: lse2 [64], the top-n's work
+// [NSA_SELECT_WORK] ints, then pc [64 * step + count] floats, reused by the last CTA for the
+// block scores [nb].
 __device__ void dec_scores(const long long* __restrict__ positions,
                            const float* __restrict__ scores, const float* __restrict__ lse2,
                            float* __restrict__ block_scores, int* __restrict__ tickets,
                            long long* __restrict__ ids, const DecodeArgs a) {
   extern __shared__ __align__(16) unsigned char smraw[];
   float* lse2s = reinterpret_cast<float*>(smraw);
-  float* cand_s = lse2s + DECODE_MAX_HPG;
-  int* cand_j = reinterpret_cast<int*>(cand_s + NSA_THREADS);
-  float* pc = reinterpret_cast<float*>(cand_j + NSA_THREADS);
+  int* work = reinterpret_cast<int*>(lse2s + DECODE_MAX_HPG);
+  float* pc = reinterpret_cast<float*>(work + NSA_SELECT_WORK);
   const int tid = threadIdx.x;
   const int j0 = blockIdx.x * 64, g = blockIdx.y, b = blockIdx.z;
   const long long bg = (long long)b * a.Hkv + g;
@@ -350,11 +665,10 @@ __device__ void dec_scores(const long long* __restrict__ positions,
   float* sc = pc;  // reused: the block scores of blocks 0 .. cur
   for (int j = tid; j <= cur; j += NSA_THREADS) sc[j] = __ldcg(block_scores + bg * a.nb + j);
   __syncthreads();
-  select_top_n_cta(sc, (long long)cur * a.L + (t % a.L), a.L, a.n, a.n_local, cur + 1,
-                   ids + bg * a.n, cand_s, cand_j, NSA_THREADS / 32);
+  select_top_n_radix(sc, cur, a.n, a.n_local, ids + bg * a.n, work);
 }
 
-template <typename T, int DK>
+template <typename T, int DK, int DV>
 __device__ void dec_attend(const T* __restrict__ q, const T* __restrict__ raw_k,
                            const T* __restrict__ raw_v, const T* __restrict__ win_k,
                            const T* __restrict__ win_v, const long long* __restrict__ positions,
@@ -364,46 +678,39 @@ __device__ void dec_attend(const T* __restrict__ q, const T* __restrict__ raw_k,
   const long long bg = (long long)b * a.Hkv + g;
   const long long t = positions[b];
   const int dk = DK > 0 ? DK : a.dk;
-  const DecTiles<T> d = carve_tiles<T>(a);
-  const int C = dec_chunks(a), nslc = a.n * a.tpb;
-  // Key u of this tile: its position p (or -1) and which buffer holds it.
-  long long first = -1;  // position of key 0
-  int keys = 0;          // keys in this tile
-  bool ring = false;
-  if (x < nslc) {
-    const long long j = ids[bg * a.n + x / a.tpb];
-    const long long p0 = j * a.L + (long long)(x % a.tpb) * NSA_DEC_KEYS;
-    if (j >= 0 && p0 <= t) {
-      first = p0;
-      keys = (int)min((long long)min(NSA_DEC_KEYS, a.L - (x % a.tpb) * NSA_DEC_KEYS), t - p0 + 1);
-    }
-  } else {
-    const long long cnt = min((long long)a.w, t + 1);
-    const long long p0 = t + 1 - cnt + (long long)(x - nslc) * NSA_DEC_KEYS;
-    if (p0 <= t) {
-      first = p0;
-      keys = (int)min((long long)NSA_DEC_KEYS, t - p0 + 1);
-      ring = a.cap_win > 0;
-    }
-  }
-  const T* kb = ring ? win_k : raw_k;
-  const T* vb = ring ? win_v : raw_v;
+  const int P = dec_parts(a);
+  const bool slc = x < a.parts_slc;
+  const int y0 = (slc ? x : x - a.parts_slc) * a.tpc_att;
+  const int ny = min(a.tpc_att, (slc ? a.n * a.tpb : a.chunks_win) - y0);
+  const bool ring = !slc && a.cap_win > 0;
   const long long cap = ring ? a.cap_win : a.cap_raw;
-  const auto row = [&](const T* base, int width) {
-    return [=](int u) -> const T* {
-      if (u >= keys) return nullptr;
-      const long long p = first + u;
-      return base + (bg * cap + (ring ? p % a.w : p)) * width;
-    };
-  };
-  tile_partial<T, DK>(a, d, q + bg * a.hpg * dk, row(kb, dk), row(vb, a.dv),
-                      [](int, int, float) {},
-                      part_ml + (bg * C + a.chunks_cmp + x) * a.hpg * 2,
-                      part_o + (bg * C + a.chunks_cmp + x) * a.hpg * a.dv);
+  const T* kb = (ring ? win_k : raw_k) + bg * cap * dk;
+  const T* vb = (ring ? win_v : raw_v) + bg * cap * a.dv;
+  const long long* idrow = ids + bg * a.n;
+  dec_partial<T, DK, DV>(
+      a, ny, a.tpc_att, q + bg * a.hpg * dk,
+      [&](int y) {
+        const int yy = y0 + y;
+        long long first = 0;
+        int keys = 0;
+        if (slc) {
+          const long long j = idrow[yy / a.tpb];
+          const int sub = (yy % a.tpb) * NSA_DEC_KEYS;
+          first = j * a.L + sub;
+          if (j >= 0 && first <= t) keys = (int)min((long long)min(NSA_DEC_KEYS, a.L - sub), t - first + 1);
+        } else {
+          first = t + 1 - min((long long)a.w, t + 1) + (long long)yy * NSA_DEC_KEYS;
+          if (first <= t) keys = (int)min((long long)NSA_DEC_KEYS, t - first + 1);
+        }
+        return DecTile<T>{kb, vb, first, ring ? (long long)a.w : 0LL, keys};
+      },
+      [](int, int, int, float) {},
+      part_ml + (bg * P + a.parts_cmp + x) * a.hpg * 2,
+      part_o + (bg * P + a.parts_cmp + x) * a.hpg * a.dv);
 }
 
-// Shared: weights [C] (exp2(m_x - max) / sum of the tile's branch, times the branch's gate),
-// padded to a multiple of 4, then the partial sums [parts][dv].
+// Shared: weights [P] (exp2(m_x - max) / sum of the partial's branch, times the branch's
+// gate), padded to a multiple of 4, then the partial sums [parts][dv].
 template <typename T>
 __device__ void dec_combine(const float* __restrict__ part_ml, const float* __restrict__ part_o,
                             const T* __restrict__ gates, T* __restrict__ out,
@@ -412,14 +719,14 @@ __device__ void dec_combine(const float* __restrict__ part_ml, const float* __re
   const int h = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const long long bg = (long long)b * a.Hkv + g;
-  const int C = dec_chunks(a), dv = a.dv;
+  const int C = dec_parts(a), dv = a.dv;
   float* wts = reinterpret_cast<float*>(smraw);
   float* red = wts + (C + 3) / 4 * 4;  // 16-byte aligned for the float4 stores
   const long long row = (long long)b * a.Hkv * a.hpg + g * a.hpg + h;
-  const float* ml = part_ml + (bg * C * a.hpg + h) * 2;  // tile x at ml[x * 2 * hpg]
+  const float* ml = part_ml + (bg * C * a.hpg + h) * 2;  // partial x at ml[x * 2 * hpg]
   if (warp < 3) {
-    const int lo = warp == 0 ? 0 : warp == 1 ? a.chunks_cmp : a.chunks_cmp + a.n * a.tpb;
-    const int hi = warp == 0 ? a.chunks_cmp : warp == 1 ? a.chunks_cmp + a.n * a.tpb : C;
+    const int lo = warp == 0 ? 0 : warp == 1 ? a.parts_cmp : a.parts_cmp + a.parts_slc;
+    const int hi = warp == 0 ? a.parts_cmp : warp == 1 ? a.parts_cmp + a.parts_slc : C;
     const float2 st = merge_ml(ml + lo * 2LL * a.hpg, hi - lo, 2LL * a.hpg, lane);
     const float scale = st.y > 0.f ? to_f(gates[row * 3 + warp]) / st.y : 0.f;
     for (int x = lo + lane; x < hi; x += 32) {
@@ -427,7 +734,7 @@ __device__ void dec_combine(const float* __restrict__ part_ml, const float* __re
     }
   }
   __syncthreads();
-  // Thread (part, column group of 4): tiles part, part + parts, ...; then the parts in order.
+  // Thread (part, column group of 4): partials part, part + parts, ...; then the parts in order.
   const int groups = dv / 4, parts = max(1, NSA_THREADS / groups);
   const int cg = tid % groups, part = tid / groups;
   if (part < parts && tid < parts * groups) {
@@ -454,22 +761,35 @@ __device__ void dec_combine(const float* __restrict__ part_ml, const float* __re
 
 }  // namespace nsa
 
-#define NSA_DEC_TILES(SUFFIX, T, DK)                                                            \
+#define NSA_DEC_TILES(SUFFIX, T, DK, DV)                                                        \
   extern "C" __global__ void __launch_bounds__(NSA_THREADS) nsa_dec_cmp_##SUFFIX(               \
       const T* q, const T* ck, const T* cv, const long long* positions, float* part_ml,         \
       float* part_o, float* scores, float* lse2, int* tickets, nsa::DecodeArgs a) {             \
-    nsa::dec_cmp<T, DK>(q, ck, cv, positions, part_ml, part_o, scores, lse2, tickets, a);      \
+    nsa::dec_cmp<T, DK, DV>(q, ck, cv, positions, part_ml, part_o, scores, lse2, tickets, a);  \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(NSA_THREADS) nsa_dec_attend_##SUFFIX(            \
       const T* q, const T* raw_k, const T* raw_v, const T* win_k, const T* win_v,               \
       const long long* positions, const long long* ids, float* part_ml, float* part_o,          \
       nsa::DecodeArgs a) {                                                                      \
-    nsa::dec_attend<T, DK>(q, raw_k, raw_v, win_k, win_v, positions, ids, part_ml, part_o, a); \
+    nsa::dec_attend<T, DK, DV>(q, raw_k, raw_v, win_k, win_v, positions, ids, part_ml, part_o, \
+                               a);                                                              \
   }
-NSA_DEC_TILES(bf16_dk64, __nv_bfloat16, 64)
-NSA_DEC_TILES(bf16_dk128, __nv_bfloat16, 128)
-NSA_DEC_TILES(bf16_dk192, __nv_bfloat16, 192)
-NSA_DEC_TILES(f32, float, 0)
+// Any group up to 64 heads and any dv (CTA-wide tiles).
+NSA_DEC_TILES(bf16_dk64, __nv_bfloat16, 64, 0)
+NSA_DEC_TILES(bf16_dk128, __nv_bfloat16, 128, 0)
+NSA_DEC_TILES(bf16_dk192, __nv_bfloat16, 192, 0)
+NSA_DEC_TILES(f32, float, 0, 0)
+// Groups up to 16 heads (warp-level tiles).
+#define NSA_DEC_WARP(DK, DV) NSA_DEC_TILES(warp_dk##DK##_dv##DV, __nv_bfloat16, DK, DV)
+NSA_DEC_WARP(64, 64)
+NSA_DEC_WARP(64, 128)
+NSA_DEC_WARP(64, 192)
+NSA_DEC_WARP(128, 64)
+NSA_DEC_WARP(128, 128)
+NSA_DEC_WARP(128, 192)
+NSA_DEC_WARP(192, 64)
+NSA_DEC_WARP(192, 128)
+NSA_DEC_WARP(192, 192)
 
 extern "C" __global__ void __launch_bounds__(NSA_THREADS)
     nsa_dec_scores(const long long* positions, const float* scores, const float* lse2,

@@ -95,64 +95,135 @@ __device__ __forceinline__ void select_top_n_warp(float* sc, long long t, int L,
   select_write(mine, count, n, dst, lane);
 }
 
-// select_top_n_warp by a whole CTA of `warps` warps (every thread calls it): each warp takes the
-// best remaining candidates of its contiguous share of blocks 1 .. cur, then warp 0 the best of
-// those (the same picks: the best k of a union are among the best k of each part). Shared:
-// cand_s, cand_j [warps * 32].
-__device__ __forceinline__ void select_top_n_cta(float* sc, long long t, int L, int n,
-                                                 int n_local, int nb, long long* dst,
-                                                 float* cand_s, int* cand_j, int warps) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int cur = (int)(t / L);
-  const int kmax = min(n, nb);
-  long long mine = -1;
-  int count = select_forced(sc, cur, n_local, kmax, mine, lane);  // same count in every warp
-  __syncthreads();  // warp 0's marks seen by all
-  const int rem = kmax - count;
-  const int per = (cur + warps - 1) / warps;
-  const int lo = 1 + warp * per, hi = min(cur, lo + per - 1);
-  cand_s[warp * 32 + lane] = -1.f;
-  cand_j[warp * 32 + lane] = 0x7fffffff;
-  for (int r = 0; r < rem; ++r) {
-    float best = -1.f;
-    int bj = 0x7fffffff;
-    for (int j = lo + lane; j <= hi; j += 32) {
-      const float v = sc[j];
-      if (select_better(v, j, best, bj)) {
-        best = v;
-        bj = j;
-      }
-    }
-    select_warp_best(best, bj);
-    if (best < 0.f) break;
-    if (lane == r) {
-      cand_s[warp * 32 + r] = best;
-      cand_j[warp * 32 + r] = bj;
-    }
-    if (lane == 0) sc[bj] = -1.f;
-    __syncwarp();
+// Exclusive prefix sum of v over the CTA's threads in thread order, and the total. Shared:
+// sums [32]. Every thread calls it; it synchronises.
+__device__ __forceinline__ int cta_exclusive_scan(int v, int* sums, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  int inc = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += y;
   }
+  if (lane == 31) sums[warp] = inc;
   __syncthreads();
-  if (warp != 0) return;
-  for (int r = 0; r < rem; ++r) {
-    float best = -1.f;
-    int bj = 0x7fffffff, slot = -1;
-    for (int e = lane; e < warps * 32; e += 32) {
-      if (select_better(cand_s[e], cand_j[e], best, bj)) {
-        best = cand_s[e];
-        bj = cand_j[e];
-        slot = e;
-      }
-    }
-    const int mj = bj;
-    select_warp_best(best, bj);
-    if (best < 0.f) break;
-    if (bj == mj && slot >= 0) cand_s[slot] = -2.f;  // the owner retires it
-    if (lane == count) mine = bj;
-    __syncwarp();
-    ++count;
+  int before = 0;
+  total = 0;
+  for (int w = 0; w < warps; ++w) {
+    const int x = sums[w];
+    before += w < warp ? x : 0;
+    total += x;
   }
-  select_write(mine, count, n, dst, lane);
+  __syncthreads();  // sums free for the next scan
+  return before + inc - v;
+}
+
+// Ints of shared work select_top_n_radix needs: a 256-bin histogram, the scan's 32 sums, and 4
+// broadcast slots.
+#define NSA_SELECT_WORK (256 + 32 + 4)
+
+// Eq. 11 for one token whose current block is cur, by a whole CTA (every thread calls it; it
+// synchronises), with the picks of select_top_n_warp: the forced blocks (select_forced: block
+// 0, then the local band ascending, at most kmax = min(n, cur + 1) of them), then the best of
+// the other blocks 1 .. cur by score, ties to the lower index, kmax picks at most. `sc` holds
+// the scores of blocks 0 .. cur (>= 0; read only). The rem-th best candidate is found by a
+// radix select on the scores' bits (4 passes of 8 bits: a histogram, then one warp finds the
+// bin), so the cost is a few passes over the blocks instead of a pass per pick; the picks are
+// written ascending by a CTA-wide scan. dst[0 .. n): the picks ascending, then -1. Shared:
+// work [NSA_SELECT_WORK] ints.
+__device__ __forceinline__ void select_top_n_radix(const float* sc, int cur, int n, int n_local,
+                                                   long long* dst, int* work) {
+  const int tid = threadIdx.x, threads = blockDim.x, lane = tid % 32, warp = tid / 32;
+  int* hist = work;
+  int* sums = work + 256;
+  int* bc = work + 288;
+  const int nb = cur + 1, kmax = min(n, nb);
+  const int band0 = max(1, cur - n_local + 1);
+  const int band = max(0, min(cur - band0 + 1, kmax - 1));  // forced band blocks
+  const int rem = kmax - 1 - band;
+  const auto forced = [&](int j) { return j == 0 || (j >= band0 && j < band0 + band); };
+  // A candidate: not forced, block >= 1 with a score (NaN never is, as in select_better).
+  const auto cand = [&](int j) { return j >= 1 && !forced(j) && sc[j] >= 0.f; };
+  const auto key = [&](int j) { const float v = sc[j]; return v > 0.f ? __float_as_uint(v) : 0u; };
+  // Contiguous shares, so that the scans below run in block order.
+  const int per = (nb + threads - 1) / threads;
+  const int lo = min(nb, tid * per), hi = min(nb, lo + per);
+
+  int total = 0;
+  int mine = 0;
+  for (int j = lo; j < hi; ++j) mine += cand(j);
+  cta_exclusive_scan(mine, sums, total);
+  const bool take_all = rem > 0 && total <= rem;
+  unsigned thr = 0u;  // the rem-th best candidate's key
+  int k_eq = 0;       // candidates with key == thr to take (the lowest blocks)
+  if (rem > 0 && !take_all) {
+    unsigned prefix = 0u;
+    int k = rem;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += threads) hist[i] = 0;
+      __syncthreads();
+      const unsigned hmask = shift == 24 ? 0u : 0xffffffffu << (shift + 8);
+      for (int j = lo; j < hi; ++j) {
+        if (!cand(j)) continue;
+        const unsigned kj = key(j);
+        if ((kj & hmask) == prefix) atomicAdd(hist + ((kj >> shift) & 255u), 1);
+      }
+      __syncthreads();
+      if (warp == 0) {
+        // Lane s holds bins 255 - 8s .. 248 - 8s, highest first; an inclusive scan from the top.
+        int cnt[8], local = 0;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          cnt[r] = hist[255 - 8 * lane - r];
+          local += cnt[r];
+        }
+        int inc = local;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int y = __shfl_up_sync(0xffffffffu, inc, o);
+          if (lane >= o) inc += y;
+        }
+        int run = inc - local;
+        if (run < k && k <= inc) {
+#pragma unroll
+          for (int r = 0; r < 8; ++r) {
+            if (run < k && k <= run + cnt[r]) {
+              bc[0] = (int)(prefix | ((unsigned)(255 - 8 * lane - r) << shift));
+              bc[1] = k - run;
+            }
+            run += cnt[r];
+          }
+        }
+      }
+      __syncthreads();
+      prefix = (unsigned)bc[0];
+      k = bc[1];
+    }
+    thr = prefix;
+    k_eq = k;
+  }
+  // Ties at the threshold go to the lowest blocks: rank them in block order.
+  int eq = 0;
+  if (rem > 0 && !take_all) {
+    for (int j = lo; j < hi; ++j) eq += cand(j) && key(j) == thr;
+  }
+  int eq_rank = cta_exclusive_scan(eq, sums, total);
+  const auto picked = [&](int j, int& rank) {
+    if (forced(j)) return true;
+    if (rem <= 0 || !cand(j)) return false;
+    if (take_all) return true;
+    const unsigned kj = key(j);
+    if (kj > thr) return true;
+    return kj == thr && rank++ < k_eq;
+  };
+  int count = 0, r0 = eq_rank;
+  for (int j = lo; j < hi; ++j) count += picked(j, r0);
+  int pos = cta_exclusive_scan(count, sums, total);
+  r0 = eq_rank;
+  for (int j = lo; j < hi; ++j) {
+    if (picked(j, r0)) dst[pos++] = j;
+  }
+  for (int s = total + tid; s < n; s += threads) dst[s] = -1;
 }
 
 }  // namespace nsa

@@ -87,7 +87,9 @@ pub(crate) const STREAM_NON_BLOCKING: c_uint = 1;
 /// `CU_EVENT_DISABLE_TIMING`: the cheapest event, for ordering only.
 pub(crate) const EVENT_DISABLE_TIMING: c_uint = 2;
 
-const ATTR_MULTIPROCESSOR_COUNT: c_int = 16;
+pub(crate) const ATTR_MULTIPROCESSOR_COUNT: c_int = 16;
+/// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR`.
+pub(crate) const ATTR_MAX_SHARED_PER_SM: c_int = 81;
 pub(crate) const ATTR_CC_MAJOR: c_int = 75;
 pub(crate) const ATTR_CC_MINOR: c_int = 76;
 

@@ -186,14 +186,19 @@ fn loaded_once<T>(
 /// capability and the dynamic shared memory a block may opt into.
 struct DeviceSetup {
     arch: (i32, i32),
+    /// Shared memory one CTA may opt into.
     max_smem: i32,
+    /// Streaming multiprocessors and the shared memory of each (the decode kernels size their
+    /// grids to fill the device once).
+    sm_count: i32,
+    smem_per_sm: i32,
 }
 
 fn device_setup(device: usize) -> Result<DeviceSetup, FusedError> {
     let drv = driver::shared()?;
     let dev = device as i32;
     let mut ctx: CuContext = std::ptr::null_mut();
-    let (mut major, mut minor, mut max_smem) = (0, 0, 0);
+    let (mut major, mut minor, mut max_smem, mut sm_count, mut smem_per_sm) = (0, 0, 0, 0, 0);
     // SAFETY: valid out-pointers; an invalid ordinal returns an error code.
     unsafe {
         check(
@@ -213,10 +218,20 @@ fn device_setup(device: usize) -> Result<DeviceSetup, FusedError> {
             "cuDeviceGetAttribute",
             (drv.device_get_attribute)(&mut max_smem, driver::ATTR_MAX_SHARED_OPTIN, dev),
         )?;
+        check(
+            "cuDeviceGetAttribute",
+            (drv.device_get_attribute)(&mut sm_count, driver::ATTR_MULTIPROCESSOR_COUNT, dev),
+        )?;
+        check(
+            "cuDeviceGetAttribute",
+            (drv.device_get_attribute)(&mut smem_per_sm, driver::ATTR_MAX_SHARED_PER_SM, dev),
+        )?;
     }
     Ok(DeviceSetup {
         arch: (major, minor),
         max_smem,
+        sm_count,
+        smem_per_sm,
     })
 }
 
@@ -257,7 +272,7 @@ fn module_function(m: CuModule, name: &str, max_smem: i32) -> Result<CuFunction,
 
 fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedError> {
     let drv = driver::shared()?;
-    let DeviceSetup { arch, max_smem } = device_setup(device)?;
+    let DeviceSetup { arch, max_smem, .. } = device_setup(device)?;
     let nv = nvrtc()?;
     let fwd = nv.compile_cached(&SELECTED_FWD, arch, opts.cache_dir.as_deref())?;
     let bwd = nv.compile_cached(&SELECTED_BWD, arch, opts.cache_dir.as_deref())?;

@@ -314,8 +314,10 @@ fn check_case(
 /// full-sequence forward given the decoded blocks (float32 1e-4, bf16 2e-2), and, in float32,
 /// the kernels' selection against nsa-select's (the libtorch step's) on every decoded row.
 /// Sequences long enough for several compressed and selection-score tiles (S = 1200), a short
-/// one with shared K/V (the window read from the raw buffer, prompts shorter than l), and a
-/// paper-like group (16 heads, dk 192, dv 128, l 32, d 16, l' 64, n 16, w 512).
+/// one with shared K/V (the window read from the raw buffer, prompts shorter than l), a
+/// paper-like group (16 heads, dk 192, dv 128, l 32, d 16, l' 64, n 16, w 512) and a small one
+/// (3 heads, dk = dv = 64); the last two take the warp-level tile kernels in bf16. Then the
+/// tile kernels with several tiles per CTA against one tile per CTA.
 pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
     let fused = AttnPath::Fused(LeanOpts::default());
     let paper = NsaConfig {
@@ -344,6 +346,16 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
             paper,
             1200,
             vec![700, 1100, 1150],
+        ),
+        (
+            "G=3 dk=dv=64 l=16 d=8 l'=32 n=3 w=40",
+            NsaConfig {
+                heads: 6,
+                head_dim_v: 64,
+                ..check_config(false, Phi::Mlp, (16, 8, 32, 3, 40))
+            },
+            700,
+            vec![300, 450, 690],
         ),
     ];
     let mut rows = Vec::new();
@@ -374,7 +386,62 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
         row.name = name;
         rows.push(row);
     }
+    for kind in [Kind::Float, Kind::BFloat16] {
+        for ctas in [1, 20] {
+            let tolerance = if kind == Kind::Float { 1e-5 } else { 2e-2 };
+            let name =
+                format!("decode kernels {kind:?} {TILING_WHAT}, {ctas} CTAs vs one tile per CTA");
+            let row = tiling_case(&paper, kind, ctas, device)
+                .unwrap_or_else(|e| failed_row(String::new(), tolerance, e));
+            rows.push(CheckRow { name, ..row });
+        }
+    }
     rows
+}
+
+const TILING_WHAT: &str = "paper-like G=16 lengths 10000/6100/700";
+
+/// The decode kernels with several tiles per CTA (double-buffered loads, each head's softmax
+/// state kept across tiles, fewer partials) against one tile per CTA, on one random cache of
+/// `cfg` (TILING_WHAT: 157 compressed tiles' worth of sequences) and fresh queries and gates:
+/// outputs within the kind's tolerance of the larger one, and the same blocks. A budget of
+/// `ctas` CTAs per launch: 1 gives each CTA all of a (b, g)'s tiles of a branch, 20 uneven
+/// splits.
+fn tiling_case(
+    cfg: &NsaConfig,
+    kind: Kind,
+    ctas: i64,
+    device: Device,
+) -> Result<CheckRow, AttnError> {
+    let _no_grad = tch::no_grad_guard();
+    let lengths = [10_000i64, 6_100, 700];
+    let b = lengths.len() as i64;
+    let cache = super::NsaCache::filled_random(cfg, &lengths, lengths[0], kind, device)?;
+    let h = cfg.heads_per_group();
+    let q = Tensor::f_randn([b, cfg.kv_heads, h, cfg.head_dim_k], (kind, device))?;
+    let gates = Tensor::f_rand([b, cfg.heads, 3], (kind, device))?;
+    let last: Vec<i64> = lengths.iter().map(|l| l - 1).collect();
+    let positions = Tensor::f_from_slice(&last)?.f_to_device(device)?;
+    let run = |ctas| -> Result<(Tensor, Tensor), AttnError> {
+        let step = super::fused::kernel_step(&cache, &q, &positions, last[0], &gates, ctas)?;
+        step.launch()?;
+        Ok((step.output().shallow_clone(), step.blocks().shallow_clone()))
+    };
+    let (one, one_ids) = run(None)?;
+    let (many, many_ids) = run(Some(ctas))?;
+    let same = one_ids.f_equal(&many_ids)?;
+    let rel = compare_outputs(&many, &one, same)?.rel_err();
+    let tolerance = if kind == Kind::Float { 1e-5 } else { 2e-2 };
+    Ok(CheckRow {
+        name: String::new(),
+        max_rel_err: rel,
+        tolerance,
+        passed: same && rel <= tolerance,
+        detail: format!(
+            "output and blocks vs one tile per CTA ({})",
+            if same { "same blocks" } else { "blocks differ" }
+        ),
+    })
 }
 
 fn failed_row(name: String, tolerance: f64, e: AttnError) -> CheckRow {

@@ -27,13 +27,15 @@ pub(crate) fn supported(cfg: &NsaConfig, opts: &ForwardOpts, kind: Kind, device:
 /// A [`sys::DecodeStep`] over `cache`'s buffers for queries `q` `[B, Hkv, h, dk]` at
 /// `positions` (int64 `[B]` on the cache's device, each `≤ max_position`) with `gates`
 /// `[B, H, 3]` (`q`'s kind): launch it, or capture it as a CUDA graph and replay it after
-/// overwriting `q`, `positions` and `gates` in place.
+/// overwriting `q`, `positions` and `gates` in place. `ctas`: the CTAs each tile launch aims
+/// for (`None`: what the device runs at once; see [`sys::DecodeParams`]).
 pub fn kernel_step(
     cache: &NsaCache,
     q: &Tensor,
     positions: &Tensor,
     max_position: i64,
     gates: &Tensor,
+    ctas: Option<i64>,
 ) -> Result<sys::DecodeStep, AttnError> {
     let cfg = &cache.cfg;
     let select = select_params(cfg);
@@ -54,6 +56,7 @@ pub fn kernel_step(
             window: cfg.nsa.window,
             scale: 1.0 / (cfg.head_dim_k as f64).sqrt(),
             max_position,
+            ctas,
         },
     )?)
 }
@@ -75,7 +78,7 @@ pub(crate) fn attend(
         .f_to_kind(q.kind())?
         .f_contiguous()?;
     let max_position = plan.positions.iter().copied().max().unwrap_or(0);
-    let step = kernel_step(cache, &q, &plan.dev.positions, max_position, &gates)?;
+    let step = kernel_step(cache, &q, &plan.dev.positions, max_position, &gates, None)?;
     step.launch()?;
     Ok((
         step.output().f_view([b, 1, cfg.heads, cfg.head_dim_v])?,

@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{
     device_setup, input, load_module, loaded_once, module_function, nvrtc, FusedError,
-    FusedOptions, SelectParams,
+    FusedOptions, SelectParams, MMA_HEAD_DIMS,
 };
 use crate::autograd::{glue_error, ERR_LEN};
 use crate::driver::{self, check, CuFunction, CuGraph, CuGraphExec, CuStream};
@@ -40,16 +40,56 @@ pub const DECODE_MAX_TOP_N: i64 = 32;
 const MAX_TAPS: usize = 32;
 /// Largest value head size (the combine kernel's thread per four columns).
 pub const DECODE_MAX_DV: i64 = 4 * THREADS as i64;
+/// Shared ints of the top-n (`NSA_SELECT_WORK`, select.cuh).
+const SELECT_WORK: i64 = 256 + 32 + 4;
+/// Most heads per group of the warp-level tile kernels (one 16-row tensor-core block).
+const WARP_MAX_GROUP: i64 = 16;
+
+/// Shared memory of the warp-level tile kernels (decode.cu's warp_tiles_partial): Q, then per
+/// warp `stages` K and V stages, reused by the final merge (m, l and o of the four warps).
+fn warp_tile_smem(dk: i64, dv: i64, stages: i64) -> i64 {
+    2 * 16 * (dk + 8) + (128 * stages * (dk + dv + 16)).max(512 + 256 * dv)
+}
+
+/// Most CTAs of a tile kernel an SM runs at once (its registers allow about this many).
+const TILE_CTAS_PER_SM: i64 = 4;
+
+/// CTAs of the double-buffered tile kernels (`smem` bytes each) resident on the whole device
+/// at once; 0 when one does not fit (then every CTA takes one tile).
+fn resident_ctas(smem: i64, max_smem: i64, sm_count: i64, smem_per_sm: i64) -> i64 {
+    if smem > max_smem {
+        return 0;
+    }
+    // The driver reserves 1 KiB of each CTA's shared memory for itself.
+    let per_sm = (smem_per_sm / (smem + 1024)).min(TILE_CTAS_PER_SM);
+    sm_count.max(0) * per_sm.max(0)
+}
+
+/// Tiles per CTA of a tile launch with `tiles` tiles per (b, g) and `groups` (b, g) pairs:
+/// the fewest that fit the grid into the `resident` CTAs once (fewer partials to merge, each
+/// CTA's loads overlapping its compute), at least 1 (then one tile per CTA, the most CTAs).
+fn tiles_per_cta(tiles: i64, groups: i64, resident: i64) -> i64 {
+    if resident <= 0 || tiles <= 1 {
+        return 1;
+    }
+    let total = tiles * groups;
+    ((total + resident - 1) / resident).clamp(1, tiles)
+}
 
 /// The decode kernels of one device: `cmp` and `attend` indexed bf16 dk 64, 128, 192, then
-/// fp32 (any dk); `combine` bf16, fp32.
+/// fp32 (any dk); their warp-level forms (bf16, groups up to 16 heads) indexed
+/// `3 · dk index + dv index` over [`MMA_HEAD_DIMS`]; `combine` bf16, fp32.
 #[derive(Debug)]
 struct DecodeTable {
     cmp: [CuFunction; 4],
     attend: [CuFunction; 4],
+    cmp_warp: [CuFunction; 9],
+    attend_warp: [CuFunction; 9],
     scores: CuFunction,
     combine: [CuFunction; 2],
     max_smem: i32,
+    sm_count: i32,
+    smem_per_sm: i32,
 }
 
 /// The decode kernels loaded on one device.
@@ -86,12 +126,25 @@ fn load(device: usize, opts: &FusedOptions) -> Result<DecodeKernels, FusedError>
             func(&format!("{prefix}_f32"))?,
         ])
     };
+    let warp_family = |prefix: &str| -> Result<[CuFunction; 9], FusedError> {
+        let mut fns = [std::ptr::null_mut(); 9];
+        for (i, dk) in MMA_HEAD_DIMS.iter().enumerate() {
+            for (j, dv) in MMA_HEAD_DIMS.iter().enumerate() {
+                fns[3 * i + j] = func(&format!("{prefix}_warp_dk{dk}_dv{dv}"))?;
+            }
+        }
+        Ok(fns)
+    };
     let table = DecodeTable {
         cmp: family("nsa_dec_cmp")?,
         attend: family("nsa_dec_attend")?,
+        cmp_warp: warp_family("nsa_dec_cmp")?,
+        attend_warp: warp_family("nsa_dec_attend")?,
         scores: func("nsa_dec_scores")?,
         combine: [func("nsa_dec_combine_bf16")?, func("nsa_dec_combine_f32")?],
         max_smem: setup.max_smem,
+        sm_count: setup.sm_count,
+        smem_per_sm: setup.smem_per_sm,
     };
     Ok(DecodeKernels { table, device })
 }
@@ -126,6 +179,11 @@ struct DecodeArgs {
     chunks_win: i32,
     nb: i32,
     nc: i32,
+    tpc_cmp: i32,
+    tpc_att: i32,
+    parts_cmp: i32,
+    parts_slc: i32,
+    parts_win: i32,
     cap_raw: i64,
     cap_cmp: i64,
     cap_win: i64,
@@ -157,6 +215,10 @@ pub struct DecodeParams<'a> {
     pub window: i64,
     pub scale: f64,
     pub max_position: i64,
+    /// CTAs each tile launch aims for; `None`: as many as the device runs at once. Fewer CTAs
+    /// take more tiles each (double-buffered, their softmax state kept across tiles) and leave
+    /// fewer partials to merge; the checks use it to cover both layouts.
+    pub ctas: Option<i64>,
 }
 
 /// One launch of the decode kernels: grid x, kernel, shared memory.
@@ -172,6 +234,8 @@ pub struct DecodeStep {
     kernels: &'static DecodeKernels,
     args: DecodeArgs,
     family: usize,
+    /// The warp-level tile kernels' index, when the shape has them.
+    warp: Option<usize>,
     grid_yz: (u32, u32),
     cmp: Launch,
     scores: Launch,
@@ -354,6 +418,12 @@ impl DecodeStep {
                 format!("1 to {MAX_TAPS} overlap taps with step ≥ 1, got {sel:?}"),
             ));
         }
+        if params.ctas.is_some_and(|c| c < 1) {
+            return Err(input(
+                "ctas",
+                format!("need at least 1 CTA, got {:?}", params.ctas),
+            ));
+        }
         let t_max = params.max_position;
         if t_max < 0 || t_max >= cap_raw || visible(t_max, l, d) > cap_cmp {
             return Err(input(
@@ -375,12 +445,11 @@ impl DecodeStep {
         let nb = t_max / lsel + 1;
         let tpb = (lsel + TILE - 1) / TILE;
         let chunks_win = (w + TILE - 1) / TILE;
-        let chunks = chunks_cmp + n * tpb + chunks_win;
         let mut w_taps = [0i32; MAX_TAPS];
         for (slot, &wt) in w_taps.iter_mut().zip(&sel.tap_weights) {
             *slot = i32_of("tap weight", wt)?;
         }
-        let args = DecodeArgs {
+        let mut args = DecodeArgs {
             b: i32_of("B", b)?,
             hkv: i32_of("Hkv", hkv)?,
             hpg: hpg as i32,
@@ -397,6 +466,11 @@ impl DecodeStep {
             chunks_win: i32_of("window tiles", chunks_win)?,
             nb: i32_of("selection blocks", nb)?,
             nc: i32_of("compressed tokens", chunks_cmp * TILE)?,
+            tpc_cmp: 1,
+            tpc_att: 1,
+            parts_cmp: 1,
+            parts_slc: 1,
+            parts_win: 1,
             cap_raw,
             cap_cmp,
             cap_win,
@@ -408,23 +482,61 @@ impl DecodeStep {
                 w: w_taps,
             },
         };
-        // Shared memory (decode.cu's carve_tiles and dec_scores).
+        // Shared memory (decode.cu's tiles_partial and dec_scores) and tiles per CTA.
         let (es, pad) = if kind == Kind::BFloat16 {
             (2, 8)
         } else {
             (4, 1)
         };
         let rows = (hpg + 15) / 16 * 16;
-        let tile_smem = es * ((rows + TILE) * (dk + pad) + TILE * (dv + pad)) + 4 * rows * 65;
-        let span = TILE * sel.tap_step + sel.tap_weights.len() as i64;
-        // lse2 [64], candidates [2][128], then the p sums / block scores.
-        let score_smem = 4 * (DECODE_MAX_GROUP + 2 * i64::from(THREADS) + span.max(nb));
-        // Tile weights [C], then the partial sums [parts][dv].
-        let parts = (i64::from(THREADS) / (dv / 4)).max(1);
-        let combine_smem = 4 * ((chunks + 3) / 4 * 4 + parts * dv);
+        let dim_index = |x: i64| MMA_HEAD_DIMS.iter().position(|&m| m == x);
+        let warp = match (dim_index(dk), dim_index(dv)) {
+            (Some(i), Some(j)) if kind == Kind::BFloat16 && hpg <= WARP_MAX_GROUP => {
+                Some(3 * i + j)
+            }
+            _ => None,
+        };
+        let tile_smem = |multi: bool| {
+            let stages = if multi { 2 } else { 1 };
+            if warp.is_some() {
+                return warp_tile_smem(dk, dv, stages);
+            }
+            let running = if multi { 4 * (rows * dv + 3 * rows) } else { 0 };
+            es * ((rows + stages * TILE) * (dk + pad) + stages * TILE * (dv + pad))
+                + 4 * rows * 65
+                + running
+        };
         let max_smem = i64::from(kernels.table.max_smem);
+        let device_ctas = resident_ctas(
+            tile_smem(true),
+            max_smem,
+            i64::from(kernels.table.sm_count),
+            i64::from(kernels.table.smem_per_sm),
+        );
+        // A double-buffered CTA that does not fit the device takes one tile, whatever the ask.
+        let resident = match params.ctas {
+            Some(c) if device_ctas > 0 => c,
+            _ => device_ctas,
+        };
+        let tpc_cmp = tiles_per_cta(chunks_cmp, b * hkv, resident);
+        let tpc_att = tiles_per_cta(n * tpb + chunks_win, b * hkv, resident);
+        let parts_cmp = (chunks_cmp + tpc_cmp - 1) / tpc_cmp;
+        let parts_slc = (n * tpb + tpc_att - 1) / tpc_att;
+        let parts_win = (chunks_win + tpc_att - 1) / tpc_att;
+        let parts = parts_cmp + parts_slc + parts_win;
+        args.tpc_cmp = i32_of("tiles per CTA", tpc_cmp)?;
+        args.tpc_att = i32_of("tiles per CTA", tpc_att)?;
+        args.parts_cmp = i32_of("partials", parts_cmp)?;
+        args.parts_slc = i32_of("partials", parts_slc)?;
+        args.parts_win = i32_of("partials", parts_win)?;
+        let span = TILE * sel.tap_step + sel.tap_weights.len() as i64;
+        // lse2 [64], the top-n's work (NSA_SELECT_WORK ints), then the p sums / block scores.
+        let score_smem = 4 * (DECODE_MAX_GROUP + SELECT_WORK + span.max(nb));
+        // Partial weights [P], then the partial sums [parts][dv].
+        let sums = (i64::from(THREADS) / (dv / 4)).max(1);
+        let combine_smem = 4 * ((parts + 3) / 4 * 4 + sums * dv);
         for (what, bytes) in [
-            ("tile kernels", tile_smem),
+            ("tile kernels", tile_smem(false)),
             ("selection kernel", score_smem),
             ("combine kernel", combine_smem),
         ] {
@@ -450,10 +562,15 @@ impl DecodeStep {
             kernels,
             args,
             family,
+            warp,
             grid_yz: (hkv as u32, b as u32),
-            cmp: grid("compressed tiles", chunks_cmp, tile_smem)?,
+            cmp: grid("compressed tiles", parts_cmp, tile_smem(tpc_cmp > 1))?,
             scores: grid("selection blocks", (nb + TILE - 1) / TILE, score_smem)?,
-            attend: grid("selected and window tiles", n * tpb + chunks_win, tile_smem)?,
+            attend: grid(
+                "selected and window tiles",
+                parts_slc + parts_win,
+                tile_smem(tpc_att > 1),
+            )?,
             combine: grid("heads", hpg, combine_smem)?,
             inputs: [
                 q.shallow_clone(),
@@ -468,8 +585,8 @@ impl DecodeStep {
                 pos.shallow_clone(),
                 x.gates.shallow_clone(),
             ],
-            part_ml: f32z(&[b, hkv, chunks, hpg, 2])?,
-            part_o: f32z(&[b, hkv, chunks, hpg, dv])?,
+            part_ml: f32z(&[b, hkv, parts, hpg, 2])?,
+            part_o: f32z(&[b, hkv, parts, hpg, dv])?,
             score_buf: f32z(&[b, hkv, hpg, chunks_cmp * TILE])?,
             lse2: f32z(&[b, hkv, hpg])?,
             block_scores: f32z(&[b, hkv, nb])?,
@@ -538,8 +655,12 @@ impl DecodeStep {
             })
         };
         let combine = if self.family < 3 { 0 } else { 1 };
+        let (cmp, attend) = match self.warp {
+            Some(i) => (t.cmp_warp[i], t.attend_warp[i]),
+            None => (t.cmp[self.family], t.attend[self.family]),
+        };
         run(
-            t.cmp[self.family],
+            cmp,
             self.cmp,
             gy,
             &mut [
@@ -570,7 +691,7 @@ impl DecodeStep {
             ],
         )?;
         run(
-            t.attend[self.family],
+            attend,
             self.attend,
             gy,
             &mut [

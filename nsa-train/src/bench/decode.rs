@@ -196,7 +196,7 @@ fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) ->
         let q = Tensor::f_randn([b, cfg.kv_heads, h, cfg.head_dim_k], (p.kind, p.device))?;
         let gates = Tensor::f_rand([b, cfg.heads, 3], (p.kind, p.device))?;
         let positions = Tensor::f_full([b], position, (Kind::Int64, p.device))?;
-        let step = nsa_attn::decode::kernel_step(&cache, &q, &positions, position, &gates)?;
+        let step = nsa_attn::decode::kernel_step(&cache, &q, &positions, position, &gates, None)?;
         let eager = per_step(p, || Ok(step.launch()?))?;
         let captured = step.capture()?;
         let graph = per_step(p, || Ok(captured.replay()?))?;

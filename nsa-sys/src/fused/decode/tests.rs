@@ -16,6 +16,7 @@ struct Case {
     select: SelectParams,
     window: i64,
     max_position: i64,
+    ctas: Option<i64>,
 }
 
 impl Case {
@@ -43,6 +44,7 @@ impl Case {
             },
             window: 8,
             max_position: 31,
+            ctas: None,
         }
     }
 
@@ -63,6 +65,7 @@ impl Case {
                 window: self.window,
                 scale: 0.125,
                 max_position: self.max_position,
+                ctas: self.ctas,
             },
         )
     }
@@ -149,6 +152,7 @@ fn bad_inputs_get_typed_errors() {
             "does not fit",
             Box::new(|c| c.max_position = 40),
         ),
+        ("ctas", "at least 1", Box::new(|c| c.ctas = Some(0))),
         (
             "max_position",
             "does not fit",
@@ -168,4 +172,27 @@ fn bad_inputs_get_typed_errors() {
             "{what}: expected {needle:?} in {reason:?}"
         );
     }
+}
+
+#[test]
+fn tiles_per_cta_fill_the_device_once() {
+    // The paper shape at 64k cached tokens on an H200: 64 compressed tiles per (b, g), 4 groups,
+    // 132 SMs with 2 double-buffered CTAs each (105 KB of 228 KB).
+    let resident = resident_ctas(104_960, 232_448, 132, 233_472);
+    assert_eq!(resident, 264);
+    assert_eq!(tiles_per_cta(64, 4, resident), 1); // batch 1: 256 CTAs of one tile
+    assert_eq!(tiles_per_cta(64, 32, resident), 8); // batch 8: 256 CTAs of eight tiles
+    assert_eq!(tiles_per_cta(24, 32, resident), 3);
+    // Never more tiles than a (b, g) has, never fewer than one.
+    assert_eq!(tiles_per_cta(5, 100_000, resident), 5);
+    assert_eq!(tiles_per_cta(1, 100_000, resident), 1);
+    assert_eq!(tiles_per_cta(0, 8, resident), 1);
+    // A double-buffered CTA that does not fit: one tile per CTA.
+    assert_eq!(resident_ctas(300_000, 232_448, 132, 233_472), 0);
+    assert_eq!(tiles_per_cta(64, 32, 0), 1);
+    // More CTAs fit than the registers allow: capped.
+    assert_eq!(
+        resident_ctas(10_000, 232_448, 132, 233_472),
+        132 * TILE_CTAS_PER_SM
+    );
 }
