@@ -13,8 +13,8 @@
 //   (max m, sum l of exp2(s - m), o = sum exp2(s - m) v). The last CTA of each (b, g) to finish
 //   (a ticket counter, reset by that CTA, so the kernel can be replayed in a CUDA graph) merges
 //   the partials' (m, l) into each head's log2-sum-exp lse2.
-// nsa_dec_scores: grid (ceil(nb / 64), Hkv, B). Eq. 8 (p = exp2(s - lse2)), Eq. 10 (sum over
-//   the group's heads, in head order) and Eq. 9 (the overlap taps) for 64 selection blocks per
+// nsa_dec_scores: grid (ceil(nb / 16), Hkv, B). Eq. 8 (p = exp2(s - lse2)), Eq. 10 (sum over
+//   the group's heads, in head order) and Eq. 9 (the overlap taps) for 16 selection blocks per
 //   CTA, written to block_scores; the last CTA of each (b, g) takes Eq. 11's top n with the
 //   forced blocks (select.cuh's radix select: the rule the training kernel uses, in a few
 //   CTA-wide passes) and writes the ids [B, Hkv, n] ascending, -1 padded.
@@ -44,6 +44,7 @@
 #include "select.cuh"
 
 #define NSA_DEC_KEYS 64
+#define NSA_DEC_SCORE_BLOCKS 16  // selection blocks per CTA of nsa_dec_scores
 #define DECODE_MAX_HPG 64
 
 namespace nsa {
@@ -609,16 +610,38 @@ __device__ void dec_cmp(const T* __restrict__ q, const T* __restrict__ ck,
       part_ml + (bg * P + x) * a.hpg * 2, part_o + (bg * P + x) * a.hpg * a.dv);
 
   if (!last_to_finish(tickets + bg, gridDim.x)) return;
-  // lse2 of each head over every compressed partial (one warp per head).
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int h = warp; h < a.hpg; h += NSA_THREADS / 32) {
-    const float2 st = merge_ml(part_ml + (bg * P * a.hpg + h) * 2, a.parts_cmp, 2LL * a.hpg, lane);
-    if (lane == 0) lse2[bg * a.hpg + h] = st.x > -INFINITY ? st.x + __log2f(st.y) : -INFINITY;
+  // lse2 of each head over every compressed partial: tph threads per head (a power of two,
+  // within a warp), each folding its share of partials into a running (m, l), then merged by
+  // shuffles, so the loads of all heads are in flight at once.
+  int tph = 32;
+  while (tph > 1 && tph * a.hpg > NSA_THREADS) tph >>= 1;
+  const int h = threadIdx.x / tph, sub = threadIdx.x % tph;
+  float m = -INFINITY, l = 0.f;
+  if (h < a.hpg) {
+    const float* mlh = part_ml + (bg * P * a.hpg + h) * 2;
+#pragma unroll 4
+    for (int x = sub; x < a.parts_cmp; x += tph) {
+      const float2 st = __ldcg(reinterpret_cast<const float2*>(mlh + x * 2LL * a.hpg));
+      const float mn = fmaxf(m, st.x);
+      if (mn > -INFINITY) {
+        l = l * exp2f(m - mn) + st.y * exp2f(st.x - mn);
+        m = mn;
+      }
+    }
   }
+  for (int off = 1; off < tph; off <<= 1) {
+    const float mo = __shfl_xor_sync(0xffffffffu, m, off), lo = __shfl_xor_sync(0xffffffffu, l, off);
+    const float mn = fmaxf(m, mo);
+    if (mn > -INFINITY) {
+      l = l * exp2f(m - mn) + lo * exp2f(mo - mn);
+      m = mn;
+    }
+  }
+  if (h < a.hpg && sub == 0) lse2[bg * a.hpg + h] = m > -INFINITY ? m + __log2f(l) : -INFINITY;
 }
 
 // Eqs. 8-11 from the scores and lse2 of dec_cmp. Shared: lse2 [64], the top-n's work
-// [NSA_SELECT_WORK] ints, then pc [64 * step + count] floats, reused by the last CTA for the
+// [NSA_SELECT_WORK] ints, then pc [16 * step + count] floats, reused by the last CTA for the
 // block scores [nb].
 __device__ void dec_scores(const long long* __restrict__ positions,
                            const float* __restrict__ scores, const float* __restrict__ lse2,
@@ -629,7 +652,7 @@ __device__ void dec_scores(const long long* __restrict__ positions,
   int* work = reinterpret_cast<int*>(lse2s + DECODE_MAX_HPG);
   float* pc = reinterpret_cast<float*>(work + NSA_SELECT_WORK);
   const int tid = threadIdx.x;
-  const int j0 = blockIdx.x * 64, g = blockIdx.y, b = blockIdx.z;
+  const int j0 = blockIdx.x * NSA_DEC_SCORE_BLOCKS, g = blockIdx.y, b = blockIdx.z;
   const long long bg = (long long)b * a.Hkv + g;
   const long long t = positions[b];
   const int nvis = num_visible_compressed(compressed_keys(a.nc, a.cl, a.cd), t);
@@ -640,19 +663,19 @@ __device__ void dec_scores(const long long* __restrict__ positions,
   // Compressed tokens this CTA's blocks read: base .. base + span - 1; p summed over the
   // group's heads in head order (Eq. 10).
   const long long base = (long long)j0 * tp.step + tp.first;
-  const int span = 64 * tp.step + tp.count;
+  const int span = NSA_DEC_SCORE_BLOCKS * tp.step + tp.count;
   const float* s = scores + bg * a.hpg * a.nc;
   for (int e = tid; e < span; e += NSA_THREADS) {
     const long long i = base + e;
     float acc = 0.f;
     if (i >= 0 && i < nvis) {
-#pragma unroll 8
+#pragma unroll 16
       for (int h = 0; h < a.hpg; ++h) acc += exp2f(__ldg(s + h * (long long)a.nc + i) - lse2s[h]);
     }
     pc[e] = acc;
   }
   __syncthreads();
-  for (int jj = tid; jj < 64; jj += NSA_THREADS) {
+  for (int jj = tid; jj < NSA_DEC_SCORE_BLOCKS; jj += NSA_THREADS) {
     const int j = j0 + jj;
     if (j >= a.nb) break;
     float acc = 0.f;
@@ -663,6 +686,7 @@ __device__ void dec_scores(const long long* __restrict__ positions,
   }
   if (!last_to_finish(tickets + bg, gridDim.x)) return;
   float* sc = pc;  // reused: the block scores of blocks 0 .. cur
+#pragma unroll 8
   for (int j = tid; j <= cur; j += NSA_THREADS) sc[j] = __ldcg(block_scores + bg * a.nb + j);
   __syncthreads();
   select_top_n_radix(sc, cur, a.n, a.n_local, ids + bg * a.n, work);
@@ -739,9 +763,10 @@ __device__ void dec_combine(const float* __restrict__ part_ml, const float* __re
   const int cg = tid % groups, part = tid / groups;
   if (part < parts && tid < parts * groups) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    // Every load issued (a partial without keys has weight 0 and finite o), several in flight.
+#pragma unroll 8
     for (int x = part; x < C; x += parts) {
       const float wx = wts[x];
-      if (wx == 0.f) continue;
       const float4 o = __ldcg(reinterpret_cast<const float4*>(part_o + ((bg * C + x) * a.hpg + h) * dv) + cg);
       acc.x = fmaf(wx, o.x, acc.x);
       acc.y = fmaf(wx, o.y, acc.y);

@@ -163,10 +163,19 @@ __device__ __forceinline__ void select_top_n_radix(const float* sc, int cur, int
       for (int i = tid; i < 256; i += threads) hist[i] = 0;
       __syncthreads();
       const unsigned hmask = shift == 24 ? 0u : 0xffffffffu << (shift + 8);
-      for (int j = lo; j < hi; ++j) {
-        if (!cand(j)) continue;
-        const unsigned kj = key(j);
-        if ((kj & hmask) == prefix) atomicAdd(hist + ((kj >> shift) & 255u), 1);
+      // Lanes with the same bin add once (scores share their high bits: one address would
+      // otherwise take every lane's atomic in turn); every lane runs `per` rounds.
+      for (int i = 0; i < per; ++i) {
+        const int j = lo + i;
+        bool in = j < hi && cand(j);
+        unsigned bin = 256u;
+        if (in) {
+          const unsigned kj = key(j);
+          in = (kj & hmask) == prefix;
+          bin = in ? (kj >> shift) & 255u : 256u;
+        }
+        const unsigned same = __match_any_sync(0xffffffffu, bin);
+        if (in && lane == __ffs(same) - 1) atomicAdd(hist + bin, __popc(same));
       }
       __syncthreads();
       if (warp == 0) {

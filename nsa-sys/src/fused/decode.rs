@@ -30,6 +30,8 @@ use crate::nvrtc::DECODE;
 
 /// Keys per tile of the decode kernels (`NSA_DEC_KEYS`).
 const TILE: i64 = 64;
+/// Selection blocks per CTA of the scores kernel (`NSA_DEC_SCORE_BLOCKS`).
+const SCORE_BLOCKS: i64 = 16;
 /// Threads per CTA (`NSA_THREADS`).
 const THREADS: u32 = 128;
 /// Most query heads per K/V head (four warps of 16 rows).
@@ -529,7 +531,7 @@ impl DecodeStep {
         args.parts_cmp = i32_of("partials", parts_cmp)?;
         args.parts_slc = i32_of("partials", parts_slc)?;
         args.parts_win = i32_of("partials", parts_win)?;
-        let span = TILE * sel.tap_step + sel.tap_weights.len() as i64;
+        let span = SCORE_BLOCKS * sel.tap_step + sel.tap_weights.len() as i64;
         // lse2 [64], the top-n's work (NSA_SELECT_WORK ints), then the p sums / block scores.
         let score_smem = 4 * (DECODE_MAX_GROUP + SELECT_WORK + span.max(nb));
         // Partial weights [P], then the partial sums [parts][dv].
@@ -565,7 +567,11 @@ impl DecodeStep {
             warp,
             grid_yz: (hkv as u32, b as u32),
             cmp: grid("compressed tiles", parts_cmp, tile_smem(tpc_cmp > 1))?,
-            scores: grid("selection blocks", (nb + TILE - 1) / TILE, score_smem)?,
+            scores: grid(
+                "selection blocks",
+                (nb + SCORE_BLOCKS - 1) / SCORE_BLOCKS,
+                score_smem,
+            )?,
             attend: grid(
                 "selected and window tiles",
                 parts_slc + parts_win,
