@@ -44,40 +44,6 @@ const MAX_TAPS: usize = 32;
 pub const DECODE_MAX_DV: i64 = 4 * THREADS as i64;
 /// Shared ints of the top-n (`NSA_SELECT_WORK`, select.cuh).
 const SELECT_WORK: i64 = 256 + 32 + 4;
-/// Most heads per group of the warp-level tile kernels (one 16-row tensor-core block).
-const WARP_MAX_GROUP: i64 = 16;
-
-/// Shared memory of the warp-level tile kernels (decode.cu's warp_tiles_partial): Q, then per
-/// warp `stages` K and V stages, reused by the final merge (m, l and o of the four warps).
-fn warp_tile_smem(dk: i64, dv: i64, stages: i64) -> i64 {
-    2 * 16 * (dk + 8) + (128 * stages * (dk + dv + 16)).max(512 + 256 * dv)
-}
-
-/// Most CTAs of a tile kernel an SM runs at once (its registers allow about this many).
-const TILE_CTAS_PER_SM: i64 = 4;
-
-/// CTAs of the double-buffered tile kernels (`smem` bytes each) resident on the whole device
-/// at once; 0 when one does not fit (then every CTA takes one tile).
-fn resident_ctas(smem: i64, max_smem: i64, sm_count: i64, smem_per_sm: i64) -> i64 {
-    if smem > max_smem {
-        return 0;
-    }
-    // The driver reserves 1 KiB of each CTA's shared memory for itself.
-    let per_sm = (smem_per_sm / (smem + 1024)).min(TILE_CTAS_PER_SM);
-    sm_count.max(0) * per_sm.max(0)
-}
-
-/// Tiles per CTA of a tile launch with `tiles` tiles per (b, g) and `groups` (b, g) pairs:
-/// the fewest that fit the grid into the `resident` CTAs once (fewer partials to merge, each
-/// CTA's loads overlapping its compute), at least 1 (then one tile per CTA, the most CTAs).
-fn tiles_per_cta(tiles: i64, groups: i64, resident: i64) -> i64 {
-    if resident <= 0 || tiles <= 1 {
-        return 1;
-    }
-    let total = tiles * groups;
-    ((total + resident - 1) / resident).clamp(1, tiles)
-}
-
 /// The decode kernels of one device: `cmp` and `attend` indexed bf16 dk 64, 128, 192, then
 /// fp32 (any dk); their warp-level forms (bf16, groups up to 16 heads) indexed
 /// `3 · dk index + dv index` over [`MMA_HEAD_DIMS`]; `combine` bf16, fp32.
@@ -822,6 +788,9 @@ fn current_stream(device: usize) -> Result<CuStream, FusedError> {
     }
     Ok(stream)
 }
+
+mod grid;
+use grid::{resident_ctas, tiles_per_cta, warp_tile_smem, WARP_MAX_GROUP};
 
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,5 @@
 //! Input checks of DecodeStep on the CPU: every refusal, before any launch.
+use super::grid::TILE_CTAS_PER_SM;
 use super::*;
 
 /// Valid inputs of a small step on the CPU: B 2, Hkv 2, 4 heads per group, dk 64, dv 32,

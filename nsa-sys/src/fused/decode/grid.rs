@@ -1,0 +1,36 @@
+//! How the decode step's tile launches fill the device: shared memory of the warp-level tile
+//! kernels, CTAs resident at once, and tiles per CTA.
+
+/// Most heads per group of the warp-level tile kernels (one 16-row tensor-core block).
+pub(super) const WARP_MAX_GROUP: i64 = 16;
+
+/// Shared memory of the warp-level tile kernels (decode.cu's warp_tiles_partial): Q, then per
+/// warp `stages` K and V stages, reused by the final merge (m, l and o of the four warps).
+pub(super) fn warp_tile_smem(dk: i64, dv: i64, stages: i64) -> i64 {
+    2 * 16 * (dk + 8) + (128 * stages * (dk + dv + 16)).max(512 + 256 * dv)
+}
+
+/// Most CTAs of a tile kernel an SM runs at once (its registers allow about this many).
+pub(super) const TILE_CTAS_PER_SM: i64 = 4;
+
+/// CTAs of the double-buffered tile kernels (`smem` bytes each) resident on the whole device
+/// at once; 0 when one does not fit (then every CTA takes one tile).
+pub(super) fn resident_ctas(smem: i64, max_smem: i64, sm_count: i64, smem_per_sm: i64) -> i64 {
+    if smem > max_smem {
+        return 0;
+    }
+    // The driver reserves 1 KiB of each CTA's shared memory for itself.
+    let per_sm = (smem_per_sm / (smem + 1024)).min(TILE_CTAS_PER_SM);
+    sm_count.max(0) * per_sm.max(0)
+}
+
+/// Tiles per CTA of a tile launch with `tiles` tiles per (b, g) and `groups` (b, g) pairs:
+/// the fewest that fit the grid into the `resident` CTAs once (fewer partials to merge, each
+/// CTA's loads overlapping its compute), at least 1 (then one tile per CTA, the most CTAs).
+pub(super) fn tiles_per_cta(tiles: i64, groups: i64, resident: i64) -> i64 {
+    if resident <= 0 || tiles <= 1 {
+        return 1;
+    }
+    let total = tiles * groups;
+    ((total + resident - 1) / resident).clamp(1, tiles)
+}
