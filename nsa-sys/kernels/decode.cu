@@ -14,11 +14,11 @@
 //   (max m, sum l of exp2(s - m), o = sum exp2(s - m) v). The last CTA of each (b, g) to finish
 //   (a ticket counter, reset by that CTA, so the kernel can be replayed in a CUDA graph) merges
 //   the partials' (m, l) into each head's log2-sum-exp lse2.
-// nsa_dec_scores: grid (ceil(nb / 16), Hkv, B). Eq. 8 (p = exp2(s - lse2)), Eq. 10 (sum over
-//   the group's heads, in head order) and Eq. 9 (the overlap taps) for 16 selection blocks per
-//   CTA, written to block_scores; the last CTA of each (b, g) takes Eq. 11's top n with the
-//   forced blocks (select.cuh's radix select: the rule the training kernel uses, in a few
-//   CTA-wide passes) and writes the ids [B, Hkv, n] ascending, -1 padded.
+// nsa_dec_scores: grid (1, Hkv, B), 1024 threads. Eq. 8 (p = exp2(s - lse2)), Eq. 10 (sum over
+//   the group's heads, in head order) and Eq. 9 (the overlap taps) for every selection block
+//   into shared memory, then Eq. 11's top n with the forced blocks (select.cuh's radix select:
+//   the rule the training kernel uses, in a few CTA-wide passes); writes the ids [B, Hkv, n]
+//   ascending, -1 padded.
 // nsa_dec_attend_{bf16_dk64, ..., f32} (and _warp_dk{dk}_dv{dv}): grid (parts_slc + parts_win,
 //   Hkv, B). The same partial over selected tiles (tile y: block ids[y / tpb], keys id * l' + (y % tpb) * 64 + u <= t of
 //   the raw buffer) or window tiles (tile y: positions t + 1 - min(w, t + 1) + y * 64 + u <= t,
@@ -32,8 +32,8 @@
 // positions int64 [B] (t_b, the new token's position, already written to every buffer); gates
 // [B, Hkv * hpg, 3] (cmp, slc, win); out [B, Hkv * hpg, dv]; partials: ml fp32 [B, Hkv, P, hpg, 2]
 // and o fp32 [B, Hkv, P, hpg, dv] with P = parts_cmp + parts_slc + parts_win (that order);
-// scores fp32 [B, Hkv, hpg, nc]; lse2 fp32 [B, Hkv, hpg]; block_scores fp32 [B, Hkv, nb];
-// tickets int32 [2, B, Hkv] (zero between launches); ids int64 [B, Hkv, n].
+// scores fp32 [B, Hkv, hpg, nc]; lse2 fp32 [B, Hkv, hpg]; tickets int32 [B, Hkv] (zero between
+// launches); ids int64 [B, Hkv, n].
 //
 // Shared memory of the CTA-wide tile kernels (bytes, the host's tile_smem; the warp-level ones:
 // decode_tiles.cuh and warp_tile_smem): Q [HR][QS], K [nbuf][64][QS] (bf16 QS = dk + 8, fp32 dk + 1), V [nbuf][64][VS] (bf16 dv + 8, fp32 dv + 1),
@@ -133,54 +133,50 @@ __device__ void dec_cmp(const T* __restrict__ q, const T* __restrict__ ck,
   if (h < a.hpg && sub == 0) lse2[bg * a.hpg + h] = m > -INFINITY ? m + __log2f(l) : -INFINITY;
 }
 
-// Eqs. 8-11 from the scores and lse2 of dec_cmp. Shared: lse2 [64], the top-n's work
-// [NSA_SELECT_WORK] ints, then pc [16 * step + count] floats, reused by the last CTA for the
-// block scores [nb].
+// Eqs. 8-11 from the scores and lse2 of dec_cmp, by one CTA of NSA_DEC_SCORE_THREADS threads
+// per (b, g): no hand-off between CTAs (no fence, no ticket), and the top-n's passes run with a
+// block or two per thread. Blocks 0 .. cur in chunks of NSA_DEC_SCORE_THREADS: the chunk's
+// compressed tokens' p summed over the group's heads in head order (Eq. 10) into pc, then each
+// thread folds its block's taps (Eq. 9) into sc. Shared: lse2 [64], the top-n's work
+// [NSA_SELECT_WORK] ints, pc [NSA_DEC_SCORE_THREADS * step + count], sc [nb] floats.
 __device__ void dec_scores(const long long* __restrict__ positions,
                            const float* __restrict__ scores, const float* __restrict__ lse2,
-                           float* __restrict__ block_scores, int* __restrict__ tickets,
                            long long* __restrict__ ids, const DecodeArgs a) {
   extern __shared__ __align__(16) unsigned char smraw[];
+  constexpr int CH = NSA_DEC_SCORE_THREADS;
   float* lse2s = reinterpret_cast<float*>(smraw);
   int* work = reinterpret_cast<int*>(lse2s + DECODE_MAX_HPG);
   float* pc = reinterpret_cast<float*>(work + NSA_SELECT_WORK);
-  const int tid = threadIdx.x;
-  const int j0 = blockIdx.x * NSA_DEC_SCORE_BLOCKS, g = blockIdx.y, b = blockIdx.z;
+  const Taps& tp = a.taps;
+  float* sc = pc + CH * tp.step + tp.count;
+  const int tid = threadIdx.x, g = blockIdx.y, b = blockIdx.z;
   const long long bg = (long long)b * a.Hkv + g;
   const long long t = positions[b];
   const int nvis = num_visible_compressed(compressed_keys(a.nc, a.cl, a.cd), t);
   const int cur = min((int)(t / a.L), a.nb - 1);
-  const Taps& tp = a.taps;
-  for (int h = tid; h < a.hpg; h += NSA_THREADS) lse2s[h] = lse2[bg * a.hpg + h];
-  __syncthreads();
-  // Compressed tokens this CTA's blocks read: base .. base + span - 1; p summed over the
-  // group's heads in head order (Eq. 10).
-  const long long base = (long long)j0 * tp.step + tp.first;
-  const int span = NSA_DEC_SCORE_BLOCKS * tp.step + tp.count;
+  for (int h = tid; h < a.hpg; h += CH) lse2s[h] = lse2[bg * a.hpg + h];
   const float* s = scores + bg * a.hpg * a.nc;
-  for (int e = tid; e < span; e += NSA_THREADS) {
-    const long long i = base + e;
-    float acc = 0.f;
-    if (i >= 0 && i < nvis) {
+  const int span = CH * tp.step + tp.count;
+  for (int j0 = 0; j0 <= cur; j0 += CH) {
+    __syncthreads();  // lse2s written; the last chunk's pc read
+    const long long base = (long long)j0 * tp.step + tp.first;
+    for (int e = tid; e < span; e += CH) {
+      const long long i = base + e;
+      float acc = 0.f;
+      if (i >= 0 && i < nvis) {
 #pragma unroll 16
-      for (int h = 0; h < a.hpg; ++h) acc += exp2f(__ldg(s + h * (long long)a.nc + i) - lse2s[h]);
+        for (int h = 0; h < a.hpg; ++h) acc += exp2f(__ldg(s + h * (long long)a.nc + i) - lse2s[h]);
+      }
+      pc[e] = acc;
     }
-    pc[e] = acc;
-  }
-  __syncthreads();
-  for (int jj = tid; jj < NSA_DEC_SCORE_BLOCKS; jj += NSA_THREADS) {
-    const int j = j0 + jj;
-    if (j >= a.nb) break;
-    float acc = 0.f;
+    __syncthreads();
+    const int j = j0 + tid;
     if (j <= cur) {
-      for (int k = 0; k < tp.count; ++k) acc += (float)tp.w[k] * pc[jj * tp.step + k];
+      float acc = 0.f;
+      for (int k = 0; k < tp.count; ++k) acc += (float)tp.w[k] * pc[tid * tp.step + k];
+      sc[j] = acc;
     }
-    block_scores[bg * a.nb + j] = acc;
   }
-  if (!last_to_finish(tickets + bg, gridDim.x)) return;
-  float* sc = pc;  // reused: the block scores of blocks 0 .. cur
-#pragma unroll 8
-  for (int j = tid; j <= cur; j += NSA_THREADS) sc[j] = __ldcg(block_scores + bg * a.nb + j);
   __syncthreads();
   select_top_n_radix(sc, cur, a.n, a.n_local, ids + bg * a.n, work);
 }
@@ -309,10 +305,10 @@ NSA_DEC_WARP(192, 64)
 NSA_DEC_WARP(192, 128)
 NSA_DEC_WARP(192, 192)
 
-extern "C" __global__ void __launch_bounds__(NSA_THREADS)
+extern "C" __global__ void __launch_bounds__(NSA_DEC_SCORE_THREADS)
     nsa_dec_scores(const long long* positions, const float* scores, const float* lse2,
-                   float* block_scores, int* tickets, long long* ids, nsa::DecodeArgs a) {
-  nsa::dec_scores(positions, scores, lse2, block_scores, tickets, ids, a);
+                   long long* ids, nsa::DecodeArgs a) {
+  nsa::dec_scores(positions, scores, lse2, ids, a);
 }
 
 #define NSA_DEC_COMBINE(SUFFIX, T)                                                              \

@@ -7,7 +7,7 @@
 #include "select.cuh"
 
 #define NSA_DEC_KEYS 64
-#define NSA_DEC_SCORE_BLOCKS 16  // selection blocks per CTA of nsa_dec_scores
+#define NSA_DEC_SCORE_THREADS 1024  // threads of nsa_dec_scores' one CTA per (b, g)
 #define DECODE_MAX_HPG 64
 
 namespace nsa {

@@ -30,8 +30,8 @@ use crate::nvrtc::DECODE;
 
 /// Keys per tile of the decode kernels (`NSA_DEC_KEYS`).
 const TILE: i64 = 64;
-/// Selection blocks per CTA of the scores kernel (`NSA_DEC_SCORE_BLOCKS`).
-const SCORE_BLOCKS: i64 = 16;
+/// Threads of the scores kernel's one CTA per (b, g) (`NSA_DEC_SCORE_THREADS`).
+const SCORE_THREADS: u32 = 1024;
 /// Threads per CTA (`NSA_THREADS`).
 const THREADS: u32 = 128;
 /// Most query heads per K/V head (four warps of 16 rows).
@@ -193,6 +193,7 @@ pub struct DecodeParams<'a> {
 #[derive(Debug, Clone, Copy)]
 struct Launch {
     grid_x: u32,
+    threads: u32,
     smem: u32,
 }
 
@@ -214,7 +215,6 @@ pub struct DecodeStep {
     part_o: Tensor,
     score_buf: Tensor,
     lse2: Tensor,
-    block_scores: Tensor,
     tickets: Tensor,
     ids: Tensor,
     out: Tensor,
@@ -497,9 +497,9 @@ impl DecodeStep {
         args.parts_cmp = i32_of("partials", parts_cmp)?;
         args.parts_slc = i32_of("partials", parts_slc)?;
         args.parts_win = i32_of("partials", parts_win)?;
-        let span = SCORE_BLOCKS * sel.tap_step + sel.tap_weights.len() as i64;
-        // lse2 [64], the top-n's work (NSA_SELECT_WORK ints), then the p sums / block scores.
-        let score_smem = 4 * (DECODE_MAX_GROUP + SELECT_WORK + span.max(nb));
+        let span = i64::from(SCORE_THREADS) * sel.tap_step + sel.tap_weights.len() as i64;
+        // lse2 [64], the top-n's work (NSA_SELECT_WORK ints), the p sums, the block scores.
+        let score_smem = 4 * (DECODE_MAX_GROUP + SELECT_WORK + span + nb);
         // Partial weights [P], then the partial sums [parts][dv].
         let sums = (i64::from(THREADS) / (dv / 4)).max(1);
         let combine_smem = 4 * ((parts + 3) / 4 * 4 + sums * dv);
@@ -518,6 +518,7 @@ impl DecodeStep {
         let grid = |what: &'static str, x: i64, smem: i64| -> Result<Launch, FusedError> {
             Ok(Launch {
                 grid_x: u32::try_from(x).map_err(|_| input(what, format!("grid {x}")))?,
+                threads: THREADS,
                 smem: smem as u32,
             })
         };
@@ -533,11 +534,11 @@ impl DecodeStep {
             warp,
             grid_yz: (hkv as u32, b as u32),
             cmp: grid("compressed tiles", parts_cmp, tile_smem(tpc_cmp > 1))?,
-            scores: grid(
-                "selection blocks",
-                (nb + SCORE_BLOCKS - 1) / SCORE_BLOCKS,
-                score_smem,
-            )?,
+            scores: Launch {
+                grid_x: 1,
+                threads: SCORE_THREADS,
+                smem: score_smem as u32,
+            },
             attend: grid(
                 "selected and window tiles",
                 parts_slc + parts_win,
@@ -561,8 +562,7 @@ impl DecodeStep {
             part_o: f32z(&[b, hkv, parts, hpg, dv])?,
             score_buf: f32z(&[b, hkv, hpg, chunks_cmp * TILE])?,
             lse2: f32z(&[b, hkv, hpg])?,
-            block_scores: f32z(&[b, hkv, nb])?,
-            tickets: Tensor::f_zeros([2, b, hkv], (Kind::Int, dev))?,
+            tickets: Tensor::f_zeros([b, hkv], (Kind::Int, dev))?,
             ids: Tensor::f_full([b, hkv, n], -1, (Kind::Int64, dev))?,
             out: Tensor::f_zeros([b, hkv * hpg, dv], (kind, dev))?,
         };
@@ -590,17 +590,15 @@ impl DecodeStep {
         let t = &self.kernels.table;
         let ptr = |x: &Tensor| x.data_ptr() as u64;
         let [q, ck, cv, rk, rv, wk, wv, pos, gates] = self.inputs.each_ref().map(ptr);
-        let (ml, po, sc, lse, bs, ids, out) = (
+        let (ml, po, sc, lse, ids, out) = (
             ptr(&self.part_ml),
             ptr(&self.part_o),
             ptr(&self.score_buf),
             ptr(&self.lse2),
-            ptr(&self.block_scores),
             ptr(&self.ids),
             ptr(&self.out),
         );
-        let tickets_cmp = ptr(&self.tickets);
-        let tickets_sel = tickets_cmp + 4 * u64::from(self.args.b as u32 * self.args.hkv as u32);
+        let tickets = ptr(&self.tickets);
         let mut args = self.args;
         let arg = |x: &u64| x as *const u64 as *mut c_void;
         let args_ptr = &mut args as *mut DecodeArgs as *mut c_void;
@@ -616,7 +614,7 @@ impl DecodeStep {
                     l.grid_x,
                     gy,
                     gz,
-                    THREADS,
+                    l.threads,
                     1,
                     1,
                     l.smem,
@@ -644,7 +642,7 @@ impl DecodeStep {
                 arg(&po),
                 arg(&sc),
                 arg(&lse),
-                arg(&tickets_cmp),
+                arg(&tickets),
                 args_ptr,
             ],
         )?;
@@ -652,15 +650,7 @@ impl DecodeStep {
             t.scores,
             self.scores,
             gy,
-            &mut [
-                arg(&pos),
-                arg(&sc),
-                arg(&lse),
-                arg(&bs),
-                arg(&tickets_sel),
-                arg(&ids),
-                args_ptr,
-            ],
+            &mut [arg(&pos), arg(&sc), arg(&lse), arg(&ids), args_ptr],
         )?;
         run(
             attend,
