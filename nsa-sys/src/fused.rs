@@ -198,7 +198,6 @@ fn device_setup(device: usize) -> Result<DeviceSetup, FusedError> {
     let drv = driver::shared()?;
     let dev = device as i32;
     let mut ctx: CuContext = std::ptr::null_mut();
-    let (mut major, mut minor, mut max_smem, mut sm_count, mut smem_per_sm) = (0, 0, 0, 0, 0);
     // SAFETY: valid out-pointers; an invalid ordinal returns an error code.
     unsafe {
         check(
@@ -206,32 +205,23 @@ fn device_setup(device: usize) -> Result<DeviceSetup, FusedError> {
             (drv.primary_ctx_retain)(&mut ctx, dev),
         )?;
         check("cuCtxSetCurrent", (drv.ctx_set_current)(ctx))?;
-        check(
-            "cuDeviceGetAttribute",
-            (drv.device_get_attribute)(&mut major, driver::ATTR_CC_MAJOR, dev),
-        )?;
-        check(
-            "cuDeviceGetAttribute",
-            (drv.device_get_attribute)(&mut minor, driver::ATTR_CC_MINOR, dev),
-        )?;
-        check(
-            "cuDeviceGetAttribute",
-            (drv.device_get_attribute)(&mut max_smem, driver::ATTR_MAX_SHARED_OPTIN, dev),
-        )?;
-        check(
-            "cuDeviceGetAttribute",
-            (drv.device_get_attribute)(&mut sm_count, driver::ATTR_MULTIPROCESSOR_COUNT, dev),
-        )?;
-        check(
-            "cuDeviceGetAttribute",
-            (drv.device_get_attribute)(&mut smem_per_sm, driver::ATTR_MAX_SHARED_PER_SM, dev),
-        )?;
     }
+    let attribute = |attr| -> Result<i32, FusedError> {
+        let mut value = 0;
+        // SAFETY: a valid out-pointer; an invalid ordinal or attribute returns an error code.
+        check("cuDeviceGetAttribute", unsafe {
+            (drv.device_get_attribute)(&mut value, attr, dev)
+        })?;
+        Ok(value)
+    };
     Ok(DeviceSetup {
-        arch: (major, minor),
-        max_smem,
-        sm_count,
-        smem_per_sm,
+        arch: (
+            attribute(driver::ATTR_CC_MAJOR)?,
+            attribute(driver::ATTR_CC_MINOR)?,
+        ),
+        max_smem: attribute(driver::ATTR_MAX_SHARED_OPTIN)?,
+        sm_count: attribute(driver::ATTR_MULTIPROCESSOR_COUNT)?,
+        smem_per_sm: attribute(driver::ATTR_MAX_SHARED_PER_SM)?,
     })
 }
 
