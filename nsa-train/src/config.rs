@@ -73,6 +73,12 @@ pub struct RunConfig {
     /// losses bit for bit on the same GPU and software, and a resumed run equals an
     /// uninterrupted one (`nsa-train check --determinism` shows it and the cost in tokens/s).
     pub deterministic: bool,
+    /// Start from another run's weights: a run folder (its newest checkpoint that verifies) or
+    /// one of its checkpoint folders (`…/checkpoints/step-NNNNNNNN`). The model config must be
+    /// the same; the step count, the optimizer state and the data start afresh, so a run can
+    /// continue another at a new sequence length or on a new task (a curriculum). Ignored when
+    /// `--resume` finds a checkpoint of this run.
+    pub init_from: Option<std::path::PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -93,6 +99,7 @@ impl Default for RunConfig {
             profile: String::new(),
             peak_tflops: None,
             deterministic: false,
+            init_from: None,
         }
     }
 }

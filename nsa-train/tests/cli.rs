@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{bin, err, ok, run, strs, tiny};
+use common::{bin, err, ok, run, scratch, strs, tiny};
 
 fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
     // (step, loss bits): bit-exact comparison.
@@ -704,4 +704,70 @@ fn determinism_check_compares_runs_and_a_resume() {
         "{}",
         common::text(&none)
     );
+}
+
+#[test]
+fn init_from_starts_from_another_runs_weights() {
+    let tmp = scratch("nsa-train-cli-init-");
+    let out = tmp.path();
+    let summary = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(name).join("summary.json")).unwrap())
+            .unwrap()
+    };
+    let train = |name: &str, extra: &[String]| -> std::process::Output {
+        let mut a = vec!["train".to_string()];
+        a.extend(tiny(out, name, 6));
+        a.extend(extra.iter().cloned());
+        run(&a)
+    };
+    let from = |path: &Path| -> Vec<String> {
+        strs(&[
+            "--set",
+            &format!("run.init_from={:?}", path.display().to_string()),
+        ])
+    };
+    ok(&train("base", &[]));
+    let base = summary("base");
+    let fresh = summary("base")["initial_eval_loss"].as_f64().unwrap();
+
+    // From the run folder: the base's final weights, evaluated on the same held-out batches
+    // before the first step, give the base's final held-out loss bit for bit.
+    let text = ok(&train("warm", &from(&out.join("base"))));
+    assert!(text.contains("initialised from"), "{text}");
+    let warm = summary("warm");
+    assert_eq!(
+        warm["initial_eval_loss"].as_f64().unwrap().to_bits(),
+        base["eval_loss"].as_f64().unwrap().to_bits(),
+        "{warm} vs {base}"
+    );
+    assert_ne!(warm["initial_eval_loss"].as_f64(), Some(fresh));
+    assert_eq!(warm["steps"].as_u64(), Some(6), "{warm}");
+
+    // From a checkpoint folder: the weights of step 3, neither the fresh ones nor the final.
+    ok(&train(
+        "from-step-3",
+        &from(&out.join("base/checkpoints/step-00000003")),
+    ));
+    let mid = summary("from-step-3")["initial_eval_loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        mid != fresh && mid != base["eval_loss"].as_f64().unwrap(),
+        "{mid}"
+    );
+
+    // Bad sources: nothing there, and another model's weights.
+    let e = err(&train("none", &from(&out.join("no-such-run"))));
+    assert!(
+        e.contains("run.init_from") && e.contains("neither a run folder"),
+        "{e}"
+    );
+    assert!(
+        !out.join("none").exists(),
+        "a failed start wrote its run folder"
+    );
+    let mut dense = from(&out.join("base"));
+    dense.extend(strs(&["--set", "model.attention=\"dense\""]));
+    let e = err(&train("dense", &dense));
+    assert!(e.contains("another model config"), "{e}");
 }

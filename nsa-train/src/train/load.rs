@@ -49,40 +49,12 @@ pub fn load_run(
     let mut vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &model_cfg)?;
     let model_json = serde_json::to_value(model_cfg)?;
-    let mut load = |dir: &Path, st: &checkpoint::TrainState| -> Result<()> {
-        load_model(&mut vs, dir, st, &model_json)?;
-        let _g = tch::no_grad_guard();
-        for (name, t) in vs.variables() {
-            ensure!(
-                bool::try_from(t.f_isfinite()?.f_all()?)?,
-                "checkpoint {} holds non-finite values in {name}",
-                dir.display()
-            );
-        }
-        Ok(())
-    };
     let root = run_dir.join("checkpoints");
     let (dir, step) = match choice {
-        None => {
-            let (dir, st, ()) = checkpoint::load_latest_good(&root, &mut load)?;
-            (dir, st.step)
-        }
+        None => load_newest(&mut vs, &root, &model_json)?,
         Some(named) => {
             let dir = named_checkpoint(run_dir, &root, named)?;
-            let step = dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix("step-"))
-                .and_then(|n| n.parse::<u64>().ok())
-                .with_context(|| {
-                    format!(
-                        "{} is not a checkpoint folder (step-NNNNNNNN)",
-                        dir.display()
-                    )
-                })?;
-            let (st, _) = checkpoint::verify(&dir, step)?;
-            load(&dir, &st)?;
-            (dir, step)
+            load_folder(&mut vs, &dir, &model_json)?
         }
     };
     Ok(LoadedRun {
@@ -94,6 +66,82 @@ pub fn load_run(
         checkpoint: dir,
         step,
     })
+}
+
+/// Loads `model_json`'s weights from `from` into `vs` (`run.init_from`): a run folder (its
+/// newest checkpoint that verifies and holds finite weights) or a checkpoint folder. Returns
+/// the checkpoint folder and its step.
+pub(crate) fn init_weights(
+    vs: &mut nn::VarStore,
+    from: &Path,
+    model_json: &serde_json::Value,
+) -> Result<(PathBuf, u64)> {
+    if from.join("config.toml").is_file() {
+        load_newest(vs, &from.join("checkpoints"), model_json)
+    } else if from.is_dir() && step_of(from).is_some() {
+        load_folder(vs, from, model_json)
+    } else {
+        bail!(
+            "{} is neither a run folder (with a config.toml) nor a checkpoint folder \
+             (…/checkpoints/step-NNNNNNNN)",
+            from.display()
+        )
+    }
+}
+
+/// The newest checkpoint under `root` that verifies, loaded (older ones as fallback, said so).
+fn load_newest(
+    vs: &mut nn::VarStore,
+    root: &Path,
+    model_json: &serde_json::Value,
+) -> Result<(PathBuf, u64)> {
+    let (dir, st, ()) =
+        checkpoint::load_latest_good(root, |dir, st| load_finite(vs, dir, st, model_json))?;
+    Ok((dir, st.step))
+}
+
+/// Checkpoint folder `dir` (`step-NNNNNNNN`), verified and loaded; no fallback.
+fn load_folder(
+    vs: &mut nn::VarStore,
+    dir: &Path,
+    model_json: &serde_json::Value,
+) -> Result<(PathBuf, u64)> {
+    let step = step_of(dir).with_context(|| {
+        format!(
+            "{} is not a checkpoint folder (step-NNNNNNNN)",
+            dir.display()
+        )
+    })?;
+    let (st, _) = checkpoint::verify(dir, step)?;
+    load_finite(vs, dir, &st, model_json)?;
+    Ok((dir.to_path_buf(), step))
+}
+
+fn step_of(dir: &Path) -> Option<u64> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("step-")?
+        .parse::<u64>()
+        .ok()
+}
+
+/// The checkpoint's weights into `vs`, refused when any is not finite.
+fn load_finite(
+    vs: &mut nn::VarStore,
+    dir: &Path,
+    st: &checkpoint::TrainState,
+    model_json: &serde_json::Value,
+) -> Result<()> {
+    load_model(vs, dir, st, model_json)?;
+    let _g = tch::no_grad_guard();
+    for (name, t) in vs.variables() {
+        ensure!(
+            bool::try_from(t.f_isfinite()?.f_all()?)?,
+            "checkpoint {} holds non-finite values in {name}",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// The folder `--checkpoint` names: a step number, a path, or a path inside the run folder.

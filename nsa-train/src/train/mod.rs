@@ -68,6 +68,8 @@ pub struct Summary {
     pub peak_mem_mb: f64,
     pub eval_loss: f64,
     pub eval_accuracy: f64,
+    /// Held-out loss and answer accuracy before the first step (NaN on a resumed run).
+    pub initial_eval_loss: f64,
     pub initial_eval_accuracy: f64,
     pub interrupted: bool,
     /// The signal that stopped the run early (the process then exits with 128 + it).
@@ -139,7 +141,7 @@ fn run_name(cfg: &TrainConfig, model: &ModelConfig) -> String {
 pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summary> {
     let mut run = Session::start(cfg, launch, has_gpu)?;
     let stop = StopRequest::install()?;
-    let initial_eval_accuracy = if run.state.step == 0 {
+    let (initial_eval_loss, initial_eval_accuracy) = if run.state.step == 0 {
         run.fwd
             .evaluate(
                 &run.model,
@@ -148,9 +150,9 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
                 cfg.run.eval_batches,
                 Some(&stop),
             )?
-            .map_or(f64::NAN, |(_, acc)| acc)
+            .unwrap_or((f64::NAN, f64::NAN))
     } else {
-        f64::NAN
+        (f64::NAN, f64::NAN)
     };
     let end = run.step_loop(&stop)?;
     let mut interrupted = end.interrupted;
@@ -218,6 +220,7 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         peak_mem_mb: lines.iter().map(|l| l.peak_mem_mb).fold(0.0, f64::max),
         eval_loss,
         eval_accuracy,
+        initial_eval_loss,
         initial_eval_accuracy,
         interrupted: interrupted.is_some(),
         stop_signal: interrupted,

@@ -153,6 +153,14 @@ impl<'a> Session<'a> {
                 resumed_from = Some(dir);
             }
         }
+        if let (None, Some(from)) = (&resumed_from, &cfg.run.init_from) {
+            let (dir, step) = super::load::init_weights(&mut vs, from, &model_json)
+                .with_context(|| format!("run.init_from = {}", from.display()))?;
+            println!(
+                "initialised from {} (its step {step}); steps, optimizer and data start afresh",
+                dir.display()
+            );
+        }
         let dist = match &launch.dist {
             Some(env) => {
                 let mut d = Dist::new(env, cfg, device, &named)?;
