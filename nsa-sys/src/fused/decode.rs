@@ -189,7 +189,7 @@ pub struct DecodeParams<'a> {
     pub ctas: Option<i64>,
 }
 
-/// One launch of the decode kernels: grid x, kernel, shared memory.
+/// One launch of the decode kernels: grid x, threads per CTA, shared memory.
 #[derive(Debug, Clone, Copy)]
 struct Launch {
     grid_x: u32,
