@@ -704,6 +704,14 @@ fn determinism_check_compares_runs_and_a_resume() {
         "{}",
         common::text(&none)
     );
+    // `--part` names one part of `--gpu` (kernels or decode), and only with it.
+    for bad in [
+        strs(&["check", "--gpu", "--part", "attention"]),
+        strs(&["check", "--determinism", "--part", "decode"]),
+    ] {
+        let out = run(&bad);
+        assert_eq!(out.status.code(), Some(2), "{}", common::text(&out));
+    }
 }
 
 #[test]
