@@ -189,6 +189,39 @@ pub struct CheckRow {
     pub detail: String,
 }
 
+impl CheckRow {
+    /// The row of a case that stopped with `e` (an infinite error: it fails).
+    pub fn failed(name: String, tolerance: f64, e: AttnError) -> Self {
+        CheckRow {
+            name,
+            max_rel_err: f64::INFINITY,
+            tolerance,
+            passed: false,
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// The layer config of a GPU check case: the paper's NSA defaults at width `dim`, with these
+/// heads, head sizes (dk, dv) and selection lengths (l, d, l', n).
+pub(crate) fn check_layer_config(
+    dim: i64,
+    (heads, kv_heads): (i64, i64),
+    (dk, dv): (i64, i64),
+    (l, d, l_sel, n): (i64, i64, i64, i64),
+) -> NsaConfig {
+    let mut cfg = NsaConfig::paper(dim);
+    cfg.heads = heads;
+    cfg.kv_heads = kv_heads;
+    cfg.head_dim_k = dk;
+    cfg.head_dim_v = dv;
+    cfg.nsa.select.block_len = l;
+    cfg.nsa.select.stride = d;
+    cfg.nsa.select.select_len = l_sel;
+    cfg.nsa.select.top_n = n;
+    cfg
+}
+
 /// One case of the parity checks.
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -542,13 +575,7 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
         });
     }
     let device = Device::Cuda(0);
-    let failed = |name: String, e: AttnError| CheckRow {
-        name,
-        max_rel_err: f64::INFINITY,
-        tolerance: 0.0,
-        passed: false,
-        detail: e.to_string(),
-    };
+    let failed = |name: String, e: AttnError| CheckRow::failed(name, 0.0, e);
     let mut rows = Vec::new();
     for c in cases() {
         // bf16 at tensor-core head sizes has two forwards (union tiles and key-outer).

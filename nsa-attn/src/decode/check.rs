@@ -172,6 +172,22 @@ fn compare_outputs(got: &Tensor, want: &Tensor, same_blocks: bool) -> Result<Par
     })
 }
 
+/// A layer of `cfg` with fresh random weights in `kind` (its variables, kept alive by the
+/// caller) and a random input `[batch, seq, dim]`.
+fn random_layer(
+    cfg: &NsaConfig,
+    kind: Kind,
+    batch: i64,
+    seq: i64,
+    device: Device,
+) -> Result<(nn::VarStore, NsaAttention, Tensor), AttnError> {
+    let mut vs = nn::VarStore::new(device);
+    let layer = NsaAttention::new(&(vs.root() / "attn"), *cfg)?;
+    vs.set_kind(kind);
+    let x = Tensor::f_randn([batch, seq, cfg.dim], (kind, device))?;
+    Ok((vs, layer, x))
+}
+
 /// One layer configuration of the checks.
 fn check_config(
     shared_kv: bool,
@@ -277,13 +293,7 @@ fn rows_on(device: Device) -> Vec<CheckRow> {
                     },
                 }
             });
-            rows.push(row.unwrap_or_else(|e| CheckRow {
-                name,
-                max_rel_err: f64::INFINITY,
-                tolerance,
-                passed: false,
-                detail: e.to_string(),
-            }));
+            rows.push(row.unwrap_or_else(|e| CheckRow::failed(name, tolerance, e)));
         }
     }
     rows
@@ -298,10 +308,7 @@ fn check_case(
     prompts: &[i64],
     device: Device,
 ) -> Result<Parity, AttnError> {
-    let mut vs = nn::VarStore::new(device);
-    let layer = NsaAttention::new(&(vs.root() / "attn"), *cfg)?;
-    vs.set_kind(kind);
-    let x = Tensor::f_randn([prompts.len() as i64, seq, cfg.dim], (kind, device))?;
+    let (_vs, layer, x) = random_layer(cfg, kind, prompts.len() as i64, seq, device)?;
     let opts = ForwardOpts {
         path,
         ..Default::default()
@@ -378,11 +385,11 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
                 passed: p.rel_err() <= tolerance,
                 detail: "output vs the forward given the decoded blocks".into(),
             });
-            rows.push(row.unwrap_or_else(|e| failed_row(name, tolerance, e)));
+            rows.push(row.unwrap_or_else(|e| CheckRow::failed(name, tolerance, e)));
         }
         let name = format!("decode kernels selection Float {what} B=3 S={seq} prompts {prompts:?}");
         let mut row = selection_case(cfg, *seq, prompts, device)
-            .unwrap_or_else(|e| failed_row(String::new(), 1e-4, e));
+            .unwrap_or_else(|e| CheckRow::failed(String::new(), 1e-4, e));
         row.name = name;
         rows.push(row);
     }
@@ -392,7 +399,7 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
             let name =
                 format!("decode kernels {kind:?} {TILING_WHAT}, {ctas} CTAs vs one tile per CTA");
             let row = tiling_case(&paper, kind, ctas, device)
-                .unwrap_or_else(|e| failed_row(String::new(), tolerance, e));
+                .unwrap_or_else(|e| CheckRow::failed(String::new(), tolerance, e));
             rows.push(CheckRow { name, ..row });
         }
     }
@@ -444,16 +451,6 @@ fn tiling_case(
     })
 }
 
-fn failed_row(name: String, tolerance: f64, e: AttnError) -> CheckRow {
-    CheckRow {
-        name,
-        max_rel_err: f64::INFINITY,
-        tolerance,
-        passed: false,
-        detail: e.to_string(),
-    }
-}
-
 /// The same float32 decode on the kernels and on the libtorch step: every decoded row's blocks
 /// equal, outputs within 1e-4 of the larger one.
 fn selection_case(
@@ -462,10 +459,7 @@ fn selection_case(
     prompts: &[i64],
     device: Device,
 ) -> Result<CheckRow, AttnError> {
-    let mut vs = nn::VarStore::new(device);
-    let layer = NsaAttention::new(&(vs.root() / "attn"), *cfg)?;
-    vs.set_kind(Kind::Float);
-    let x = Tensor::f_randn([prompts.len() as i64, seq, cfg.dim], (Kind::Float, device))?;
+    let (_vs, layer, x) = random_layer(cfg, Kind::Float, prompts.len() as i64, seq, device)?;
     let run = |path| {
         let opts = ForwardOpts {
             path,

@@ -176,26 +176,12 @@ pub fn check_rows(device: Device) -> Vec<CheckRow> {
             "compressed+select B={b} S={s} H={} Hkv={hkv} dk={dk} dv={dv} l={l} d={d} l'={lp} n={n}",
             hkv * hpg
         );
-        let mut cfg = NsaConfig::paper(64);
-        cfg.heads = hkv * hpg;
-        cfg.kv_heads = hkv;
-        cfg.head_dim_k = dk;
-        cfg.head_dim_v = dv;
-        cfg.nsa.select.block_len = l;
-        cfg.nsa.select.stride = d;
-        cfg.nsa.select.select_len = lp;
-        cfg.nsa.select.top_n = n;
+        let mut cfg = super::check_layer_config(64, (hkv * hpg, hkv), (dk, dv), (l, d, lp, n));
         cfg.nsa.select.n_local = n_local;
         let nc = cfg.select_config().num_compressed(s);
         match check_case(&cfg, b, s, nc.max(1), device) {
             Ok(mut r) => rows.append(&mut r),
-            Err(e) => rows.push(CheckRow {
-                name,
-                max_rel_err: f64::INFINITY,
-                tolerance: 0.0,
-                passed: false,
-                detail: e.to_string(),
-            }),
+            Err(e) => rows.push(CheckRow::failed(name, 0.0, e)),
         }
     }
     rows

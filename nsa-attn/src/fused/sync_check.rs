@@ -62,15 +62,7 @@ pub fn check_rows(device: Device) -> Vec<CheckRow> {
         let name = format!(
             "layer fwd+bwd, no host sync ({label}) B={b} S={s} H={h} Hkv={hkv} dk={dk} dv={dv} l'={lp} n={n} w={w}"
         );
-        let mut cfg = NsaConfig::paper(dim);
-        cfg.heads = h;
-        cfg.kv_heads = hkv;
-        cfg.head_dim_k = dk;
-        cfg.head_dim_v = dv;
-        cfg.nsa.select.block_len = l;
-        cfg.nsa.select.stride = d;
-        cfg.nsa.select.select_len = lp;
-        cfg.nsa.select.top_n = n;
+        let mut cfg = super::check_layer_config(dim, (h, hkv), (dk, dv), (l, d, lp, n));
         cfg.nsa.window = w;
         rows.push(row(name, layer_without_sync(cfg, b, s, device)));
     }

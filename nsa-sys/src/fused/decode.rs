@@ -413,43 +413,6 @@ impl DecodeStep {
         let nb = t_max / lsel + 1;
         let tpb = (lsel + TILE - 1) / TILE;
         let chunks_win = (w + TILE - 1) / TILE;
-        let mut w_taps = [0i32; MAX_TAPS];
-        for (slot, &wt) in w_taps.iter_mut().zip(&sel.tap_weights) {
-            *slot = i32_of("tap weight", wt)?;
-        }
-        let mut args = DecodeArgs {
-            b: i32_of("B", b)?,
-            hkv: i32_of("Hkv", hkv)?,
-            hpg: hpg as i32,
-            dk: i32_of("dk", dk)?,
-            dv: i32_of("dv", dv)?,
-            cl: i32_of("l", l)?,
-            cd: i32_of("d", d)?,
-            select_len: i32_of("l'", lsel)?,
-            n: n as i32,
-            n_local: i32_of("n_local", sel.n_local)?,
-            w: i32_of("w", w)?,
-            chunks_cmp: i32_of("compressed tiles", chunks_cmp)?,
-            tpb: i32_of("tiles per block", tpb)?,
-            chunks_win: i32_of("window tiles", chunks_win)?,
-            nb: i32_of("selection blocks", nb)?,
-            nc: i32_of("compressed tokens", chunks_cmp * TILE)?,
-            tpc_cmp: 1,
-            tpc_att: 1,
-            parts_cmp: 1,
-            parts_slc: 1,
-            parts_win: 1,
-            cap_raw,
-            cap_cmp,
-            cap_win,
-            scale_log2: (params.scale * std::f64::consts::LOG2_E) as f32,
-            taps: Taps {
-                first: i32_of("tap offset", sel.tap_first)?,
-                step: i32_of("tap step", sel.tap_step)?,
-                count: sel.tap_weights.len() as i32,
-                w: w_taps,
-            },
-        };
         // Shared memory (decode.cu's tiles_partial and dec_scores) and tiles per CTA.
         let (es, pad) = if kind == Kind::BFloat16 {
             (2, 8)
@@ -492,11 +455,6 @@ impl DecodeStep {
         let parts_slc = (n * tpb + tpc_att - 1) / tpc_att;
         let parts_win = (chunks_win + tpc_att - 1) / tpc_att;
         let parts = parts_cmp + parts_slc + parts_win;
-        args.tpc_cmp = i32_of("tiles per CTA", tpc_cmp)?;
-        args.tpc_att = i32_of("tiles per CTA", tpc_att)?;
-        args.parts_cmp = i32_of("partials", parts_cmp)?;
-        args.parts_slc = i32_of("partials", parts_slc)?;
-        args.parts_win = i32_of("partials", parts_win)?;
         let span = i64::from(SCORE_THREADS) * sel.tap_step + sel.tap_weights.len() as i64;
         // lse2 [64], the top-n's work (NSA_SELECT_WORK ints), the p sums, the block scores.
         let score_smem = 4 * (DECODE_MAX_GROUP + SELECT_WORK + span + nb);
@@ -515,6 +473,43 @@ impl DecodeStep {
                 ));
             }
         }
+        let mut w_taps = [0i32; MAX_TAPS];
+        for (slot, &wt) in w_taps.iter_mut().zip(&sel.tap_weights) {
+            *slot = i32_of("tap weight", wt)?;
+        }
+        let args = DecodeArgs {
+            b: i32_of("B", b)?,
+            hkv: i32_of("Hkv", hkv)?,
+            hpg: hpg as i32,
+            dk: i32_of("dk", dk)?,
+            dv: i32_of("dv", dv)?,
+            cl: i32_of("l", l)?,
+            cd: i32_of("d", d)?,
+            select_len: i32_of("l'", lsel)?,
+            n: n as i32,
+            n_local: i32_of("n_local", sel.n_local)?,
+            w: i32_of("w", w)?,
+            chunks_cmp: i32_of("compressed tiles", chunks_cmp)?,
+            tpb: i32_of("tiles per block", tpb)?,
+            chunks_win: i32_of("window tiles", chunks_win)?,
+            nb: i32_of("selection blocks", nb)?,
+            nc: i32_of("compressed tokens", chunks_cmp * TILE)?,
+            tpc_cmp: i32_of("tiles per CTA", tpc_cmp)?,
+            tpc_att: i32_of("tiles per CTA", tpc_att)?,
+            parts_cmp: i32_of("partials", parts_cmp)?,
+            parts_slc: i32_of("partials", parts_slc)?,
+            parts_win: i32_of("partials", parts_win)?,
+            cap_raw,
+            cap_cmp,
+            cap_win,
+            scale_log2: (params.scale * std::f64::consts::LOG2_E) as f32,
+            taps: Taps {
+                first: i32_of("tap offset", sel.tap_first)?,
+                step: i32_of("tap step", sel.tap_step)?,
+                count: sel.tap_weights.len() as i32,
+                w: w_taps,
+            },
+        };
         let grid = |what: &'static str, x: i64, smem: i64| -> Result<Launch, FusedError> {
             Ok(Launch {
                 grid_x: u32::try_from(x).map_err(|_| input(what, format!("grid {x}")))?,
