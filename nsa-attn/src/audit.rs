@@ -24,8 +24,10 @@ pub enum BranchKernel {
     FusedSelected,
     /// `nsa_sys::fused::window_attention`: libtorch's flash-attention kernel with its window.
     FlashWindow,
-    /// `nsa_sys::fused::compressed_attention`: the NVRTC compressed-branch kernels (tensor-core
-    /// forward, dQ, dK/dV), whose log-sum-exp also feeds the selection kernel.
+    /// `nsa_sys::fused::compressed_attention`: cuDNN's fused attention over folded queries
+    /// (the NVRTC compressed-branch kernels where cuDNN does not apply, and their
+    /// deterministic backward under deterministic algorithms), whose log-sum-exp also feeds the
+    /// selection kernel.
     FusedCompressed,
 }
 
@@ -40,7 +42,7 @@ impl std::fmt::Display for BranchKernel {
             BranchKernel::FusedSelected => "fused selected-block kernels (NVRTC, nsa-sys)",
             BranchKernel::FlashWindow => "flash attention with a sliding window (libtorch)",
             BranchKernel::FusedCompressed => {
-                "fused compressed-branch and selection kernels (NVRTC, nsa-sys)"
+                "compressed branch on cuDNN over folded queries, selection kernel (NVRTC, nsa-sys)"
             }
         })
     }

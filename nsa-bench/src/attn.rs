@@ -66,8 +66,9 @@ pub struct AttnBenchArgs {
     /// Seed of parameters and inputs.
     #[arg(long, default_value_t = 0)]
     seed: i64,
-    /// The NSA layer's path: `lean` (chunked libtorch ops) or `fused` (the CUDA kernels for the
-    /// selected and window branches, lean for the rest).
+    /// The NSA layer's path: `lean` (chunked libtorch ops) or `fused` (the CUDA path: cuDNN for
+    /// the compressed branch, NVRTC kernels for the selection and the selected branch, flash for
+    /// the window).
     #[arg(long, value_enum, default_value_t = BenchPath::Lean)]
     path: BenchPath,
     /// Internal: run one case at `--seq` (a single length) and print its result as JSON.

@@ -1,7 +1,8 @@
 //! `bench branches`: the selected, sliding-window and compressed branches alone, fused kernels
 //! against the lean path, forward and forward + backward, with achieved TFLOP/s and GB/s. The
 //! selected branch is timed with both tensor-core forwards (union tiles, the default, and
-//! key-outer; the backward is the same).
+//! key-outer; the backward is the same), the compressed branch on both backends (cuDNN over
+//! folded queries, the default, and the NVRTC kernels).
 //!
 //! Shapes: the paper's attention (H = 64, Hkv = 4, G = 16, dk = 192, dv = 128, l' = 64, n = 16,
 //! w = 512) and the `125m` preset's (G = 3). Inputs: q, k, v random in bf16; the block ids are
@@ -193,7 +194,7 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
             let scale = 1.0 / (cfg.head_dim_k as f64).sqrt();
             let l_sel = cfg.nsa.select.select_len;
             type Branch<'a> = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a>;
-            let rows: [(&str, &str, f64, Branch<'_>); 7] = [
+            let rows: [(&str, &str, f64, Branch<'_>); 8] = [
                 (
                     "selected",
                     "fused",
@@ -237,6 +238,28 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                     Box::new(|q, k, v| {
                         let (ck, cv) = (k.f_narrow(1, 0, nc)?, v.f_narrow(1, 0, nc)?);
                         Ok(fused::compressed(q, &ck, &cv, &cfg, chunk)?)
+                    }),
+                ),
+                (
+                    "compressed",
+                    "fused, NVRTC kernels",
+                    cmp_pairs,
+                    Box::new(|q, k, v| {
+                        let (ck, cv) = (k.f_narrow(1, 0, nc)?, v.f_narrow(1, 0, nc)?);
+                        let (l, d) = (sel.block_len, sel.stride);
+                        let backend = nsa_sys::fused::CompressedBackend::Kernels;
+                        let f = |t: &Tensor| t.f_to_kind(tch::Kind::BFloat16);
+                        Ok(nsa_sys::fused::compressed_attention(
+                            &f(q)?,
+                            &f(&ck)?,
+                            &f(&cv)?,
+                            l,
+                            d,
+                            scale,
+                            backend,
+                        )
+                        .map_err(nsa_attn::AttnError::Fused)?
+                        .0)
                     }),
                 ),
                 (

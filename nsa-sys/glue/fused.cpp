@@ -19,7 +19,9 @@
 //             merge of per-block partials.
 // Compressed branch (CompressedFused): forward kernel (out, lse); backward dq kernel and dk / dv
 //   over tiles of 64 compressed tokens with a host-built plan (no device sync), split tiles
-//   summed by the same reduce kernel. Selection (nsa_fused_select) reads the forward's lse.
+//   summed by the same reduce kernel. Backend 1 (unless deterministic algorithms are on):
+//   forward and backward on cuDNN's fused attention over folded queries (cmp_cudnn.h).
+//   Selection (nsa_fused_select) reads the forward's lse.
 // Window branch: libtorch's own flash-attention kernel with its sliding-window parameters
 //   (window_size_left = w - 1, right = 0, causal), bf16, dk == dv.
 //
@@ -42,6 +44,7 @@
 #include <vector>
 
 #include "blocks.h"
+#include "cmp_cudnn.h"
 
 // Mirror of nsa_sys::fused::SlcTable (#[repr(C)]): the driver's cuLaunchKernel and the
 // CUfunction handles of one device. Index of the nine-entry tensor-core families (fwd_mma,
@@ -381,26 +384,49 @@ Tensor to_device(const std::vector<T>& v, at::ScalarType type, const c10::Device
   return host.to(device, /*non_blocking=*/true);
 }
 
+// Whether the compressed branch runs on cuDNN (cmp_cudnn.h): asked for, libtorch's
+// deterministic algorithms off (cuDNN's backward does not fix its dQ accumulation order; the
+// kernels' does), and cuDNN's fused attention takes the shapes (ck holds every folded row's
+// tokens). The backward follows what the forward ran.
+bool cmp_on_cudnn(int64_t backend, const Tensor& q, const Tensor& ck, int64_t cl, int64_t cd) {
+  return backend == 1 && !at::globalContext().deterministicAlgorithms() &&
+         ck.size(1) >= cmp_cudnn::folds(q.size(1), cl, cd);
+}
+
+// Forward on cuDNN (backend 1, where it applies) or the kernel: (out, lse, what cuDNN's
+// backward needs).
+std::tuple<Tensor, Tensor, cmp_cudnn::Saved> cmp_forward_any(const NsaSlcTable* tab,
+                                                             int64_t backend, const Tensor& q,
+                                                             const Tensor& ck, const Tensor& cv,
+                                                             int64_t cl, int64_t cd,
+                                                             double scale) {
+  if (cmp_on_cudnn(backend, q, ck, cl, cd)) return cmp_cudnn::forward(q, ck, cv, cl, cd, scale);
+  auto [out, lse] = cmp_forward(tab, q, ck, cv, cl, cd, scale);
+  return {out, lse, cmp_cudnn::Saved{}};
+}
+
 // Compressed branch: forward kernel; backward = dq kernel (query-outer) and the dK/dV kernel
 // over tiles of 64 compressed tokens (key-outer), each tile's readers (tokens from
 // tile * 64 * d + l - 1 on) split into pieces; split tiles are summed by the reduce kernel in
 // piece order. The plan depends on the shapes only, so it is built on the host without a
 // device synchronisation. Deterministic, no float atomics.
+// backend 1: forward and backward on cuDNN where cmp_on_cudnn says so.
 struct CompressedFused : public torch::autograd::Function<CompressedFused> {
   // Returns {out, lse}; lse (fp32 [B, S, H], for selection) is not differentiable.
   static variable_list forward(AutogradContext* ctx, Tensor q, Tensor ck, Tensor cv, int64_t cl,
-                               int64_t cd, double scale, int64_t table) {
+                               int64_t cd, double scale, int64_t table, int64_t backend) {
     const auto* tab = reinterpret_cast<const NsaSlcTable*>(table);
     c10::DeviceGuard guard(q.device());
     q = aligned(q);
     ck = aligned(ck);
     cv = aligned(cv);
-    auto [out, lse] = cmp_forward(tab, q, ck, cv, cl, cd, scale);
-    ctx->save_for_backward({q, ck, cv, out, lse});
+    auto [out, lse, cudnn] = cmp_forward_any(tab, backend, q, ck, cv, cl, cd, scale);
+    ctx->save_for_backward({q, ck, cv, out, lse, cudnn.lse_folded, cudnn.seed, cudnn.offset});
     ctx->saved_data["cl"] = cl;
     ctx->saved_data["cd"] = cd;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["table"] = table;
+    ctx->saved_data["cudnn"] = cudnn.lse_folded.defined();
     ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
@@ -413,13 +439,19 @@ struct CompressedFused : public torch::autograd::Function<CompressedFused> {
     const auto* tab = reinterpret_cast<const NsaSlcTable*>(ctx->saved_data["table"].toInt());
     c10::DeviceGuard guard(q.device());
     auto dout = aligned(grads[0].to(out.scalar_type()));
+    if (ctx->saved_data["cudnn"].toBool()) {
+      auto [dq, dk, dv] = cmp_cudnn::backward(dout, q, ck, cv, out,
+                                              cmp_cudnn::Saved{saved[5], saved[6], saved[7]},
+                                              cl, cd, scale);
+      return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
     int64_t B = q.size(0), S = q.size(1), H = q.size(2), dk = q.size(3);
     int64_t Nc = ck.size(1), Hkv = ck.size(2), dv = cv.size(3), hpg = H / Hkv;
     int mi = mma_index(q, dk, dv, hpg);
     auto D = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
     if (B == 0 || S == 0 || Nc == 0) {
       return {at::zeros_like(q), at::zeros_like(ck), at::zeros_like(cv), Tensor(), Tensor(),
-              Tensor(), Tensor()};
+              Tensor(), Tensor(), Tensor()};
     }
     // Every key is written exactly once (by its tile's one piece, or by the reduce kernel).
     auto dq = at::empty_like(q);
@@ -485,7 +517,7 @@ struct CompressedFused : public torch::autograd::Function<CompressedFused> {
       launch(tab, tab->dkdv_reduce[1], "nsa_slc_dkdv_reduce (compressed)", int64_t(red_seg.size()),
              1, 1, 0, stream, args);
     }
-    return {dq, dk_t, dv_t, Tensor(), Tensor(), Tensor(), Tensor()};
+    return {dq, dk_t, dv_t, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -603,12 +635,14 @@ at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at:
 // The compressed branch: new tensors out [B, S, H, dv] and lse fp32 [B, S, H] (natural log; +inf
 // for a row that sees no compressed token) in *out_p and *lse_p. With autograd != 0 through
 // CompressedFused (out differentiable in q, ck, cv; lse not), else the forward kernel alone (for
-// selection and inference). q [B, S, H, dk], ck [B, Nc, Hkv, dk], cv [B, Nc, Hkv, dv], computed
-// in bf16 (bf16 inputs, or fp32 under bf16 autocast), dk and dv in {64, 128, 192}, at most 64
-// heads per group. Returns 0, or -1 with a message in err.
+// selection and inference). backend 0: the kernels; 1: cuDNN where it applies (cmp_on_cudnn),
+// else the kernels. q [B, S, H, dk], ck [B, Nc, Hkv, dk], cv [B, Nc, Hkv, dv], computed in bf16
+// (bf16 inputs, or fp32 under bf16 autocast), dk and dv in {64, 128, 192}, at most 64 heads per
+// group. Returns 0, or -1 with a message in err.
 int nsa_fused_compressed(const at::Tensor* q, const at::Tensor* ck, const at::Tensor* cv,
                          int64_t cl, int64_t cd, double scale, int32_t autograd,
-                         const NsaSlcTable* table, at::Tensor** out_p, at::Tensor** lse_p,
+                         int32_t backend, const NsaSlcTable* table, at::Tensor** out_p,
+                         at::Tensor** lse_p,
                          char* err, size_t err_len) {
   try {
     TORCH_CHECK(table != nullptr, "fused compressed attention: no kernel table");
@@ -620,12 +654,16 @@ int nsa_fused_compressed(const at::Tensor* q, const at::Tensor* ck, const at::Te
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     Tensor out, lse;
     if (autograd != 0) {
-      auto res = CompressedFused::apply(qc, kc, vc, cl, cd, scale, reinterpret_cast<int64_t>(table));
+      auto res = CompressedFused::apply(qc, kc, vc, cl, cd, scale,
+                                        reinterpret_cast<int64_t>(table), int64_t(backend));
       out = res[0];
       lse = res[1];
     } else {
       c10::DeviceGuard guard(q->device());
-      std::tie(out, lse) = cmp_forward(table, aligned(qc), aligned(kc), aligned(vc), cl, cd, scale);
+      auto res = cmp_forward_any(table, backend, aligned(qc), aligned(kc), aligned(vc), cl, cd,
+                                 scale);
+      out = std::get<0>(res);
+      lse = std::get<1>(res);
     }
     *out_p = new at::Tensor(std::move(out));
     *lse_p = new at::Tensor(std::move(lse));

@@ -122,14 +122,19 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
           mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
         }
       }
+      // Rows r0 (elements 0, 1) and r1 (2, 3): their tokens' mask words and lse2, read once.
+      const int r0 = warp * 16 + gq, r1 = r0 + 8;
+      const bool ok0 = r0 < nrows, ok1 = r1 < nrows;
+      const unsigned mk0[2] = {ok0 ? un.kmask[r0 / hpg * 2] : 0u, ok0 ? un.kmask[r0 / hpg * 2 + 1] : 0u};
+      const unsigned mk1[2] = {ok1 ? un.kmask[r1 / hpg * 2] : 0u, ok1 ? un.kmask[r1 / hpg * 2 + 1] : 0u};
+      const float lr[2] = {lse2s[r0], lse2s[r1]};
 #pragma unroll
       for (int nt = 0; nt < NSA_BK / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = warp * 16 + gq + (e / 2) * 8, c = nt * 8 + tig * 2 + (e & 1);
-          const int i = r / hpg;
-          const bool vis = r < nrows && i < BQ && ((un.kmask[i * 2 + c / 32] >> (c % 32)) & 1u);
-          pt[r * 65 + c] = vis ? exp2f(sacc[nt][e] * sl2 - lse2s[r]) : 0.f;
+          const int c = nt * 8 + tig * 2 + (e & 1);
+          const bool vis = col_visible(e < 2 ? mk0 : mk1, c);
+          pt[(e < 2 ? r0 : r1) * 65 + c] = vis ? exp2f(sacc[nt][e] * sl2 - lr[e / 2]) : 0.f;
         }
       }
     } else {

@@ -88,17 +88,28 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Rows 0 .. rows - 1 of WIDTH bf16 from src_row(r) (nullptr: zeros) into tile (row stride
+// `stride`), in 16-byte cp.async chunks. CP threads share a row, thread sub taking chunks sub,
+// sub + CP, ...: src_row (a gather's index arithmetic) runs once per (thread, row) instead of
+// once per chunk, and the CP threads of a row read 16 * CP adjacent bytes per instruction.
+// `threads` must be a multiple of CP.
 template <int WIDTH, typename RowFn>
 __device__ __forceinline__ void copy_rows(__nv_bfloat16* tile, int stride, int rows,
                                           RowFn src_row, int tid, int threads) {
-  for (int e = tid; e < rows * (WIDTH / 8); e += threads) {
-    const int r = e / (WIDTH / 8), ch = e % (WIDTH / 8);
+  constexpr int CH = WIDTH / 8;  // 16-byte chunks per row
+  constexpr int CP = CH % 4 == 0 ? 4 : CH % 2 == 0 ? 2 : 1;
+  const int sub = tid % CP;
+  for (int r = tid / CP; r < rows; r += threads / CP) {
     const __nv_bfloat16* src = src_row(r);
-    __nv_bfloat16* dst = tile + r * stride + ch * 8;
-    if (src != nullptr) {
-      cp_async16(dst, src + ch * 8);
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    __nv_bfloat16* dst = tile + r * stride;
+#pragma unroll
+    for (int k = 0; k < CH / CP; ++k) {
+      const int ch = sub + k * CP;
+      if (src != nullptr) {
+        cp_async16(dst + ch * 8, src + ch * 8);
+      } else {
+        *reinterpret_cast<uint4*>(dst + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
+      }
     }
   }
 }

@@ -1,7 +1,9 @@
 //! Fused NSA attention on CUDA: the selected branch through the NVRTC kernels of
 //! `nsa-sys/kernels/selected_{fwd,bwd}.cu`, the compressed branch and block selection through
-//! those of `kernels/compressed.cu` ([`compressed_attention`], [`select_blocks`]), the sliding
-//! window through libtorch's own flash-attention kernel with its window parameters. The
+//! those of `kernels/compressed.cu` ([`compressed_attention`], [`select_blocks`]) or, for the
+//! compressed attention, cuDNN's fused attention over folded queries ([`CompressedBackend`]),
+//! the sliding window through libtorch's own flash-attention kernel with its window parameters.
+//! The
 //! differentiable ones are custom autograd functions in `glue/fused.cpp`; kernels run on
 //! libtorch's current CUDA stream, on the tensors' memory.
 //!
@@ -30,7 +32,9 @@ use crate::SysError;
 
 mod compressed;
 mod decode;
-pub use compressed::{compressed_attention, compressed_forward, select_blocks, SelectParams};
+pub use compressed::{
+    compressed_attention, compressed_forward, select_blocks, CompressedBackend, SelectParams,
+};
 pub use decode::{
     decode_kernels, DecodeGraph, DecodeInputs, DecodeKernels, DecodeParams, DecodeStep,
     DECODE_MAX_DV, DECODE_MAX_GROUP, DECODE_MAX_TOP_N,

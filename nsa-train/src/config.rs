@@ -110,8 +110,8 @@ impl Default for RunConfig {
 pub struct FastPaths {
     /// `vectorized` | `reference` (env `NSA_SEL_RANGES_V2=1|0`).
     pub select: SelectImpl,
-    /// `fused` (the CUDA kernels for the selected and window branches; the lean path on the
-    /// CPU and for the compressed branch) | `lean` | `reference`.
+    /// `fused` (on CUDA: the compressed branch on cuDNN, the selection and the selected branch
+    /// on NVRTC kernels, the window on flash; the lean path on the CPU) | `lean` | `reference`.
     pub attn_path: AttnPathChoice,
     /// NVTX ranges around forward, branches, backward, sync and optimizer (env `NSA_NVTX`).
     pub nvtx: bool,

@@ -74,6 +74,7 @@ fn attention_and_lse(
         sel.block_len,
         sel.stride,
         scale(q),
+        sys::CompressedBackend::default(),
     )
     .map_err(fused_err)
 }
@@ -209,60 +210,58 @@ fn check_case(
     let cv = Tensor::f_randn([b, nc, hkv, dv], f32o)?;
     let mut rows = Vec::new();
 
-    // Forward (bf16) against the reference branch in double on the same rounded inputs.
+    // Forward (bf16) against the reference branch in double on the same rounded inputs, and
+    // forward + backward with autograd twice, on each backend (the kernels' dK/dV bitwise
+    // equal over the two runs).
     let (qb, kb, vb) = (bf16(&q)?, bf16(&ck)?, bf16(&cv)?);
-    super::poison(device);
-    let (out, lse) = sys::compressed_forward(
-        &qb,
-        &kb,
-        &vb,
-        cfg.nsa.select.block_len,
-        cfg.nsa.select.stride,
-        scale(&q),
-    )
-    .map_err(fused_err)?;
     let dbl = |t: &Tensor| t.f_to_kind(Kind::Double);
     let (ref_out, _) = reference::compressed(&dbl(&qb)?, &dbl(&kb)?, &dbl(&vb)?, cfg)?;
     let ref_lse = reference_lse(&dbl(&qb)?, &dbl(&kb)?, cfg)?;
-    // Rows that see nothing: output 0 on both paths; lse +inf (kernel) vs −inf (reference).
-    let seen = ref_lse.f_isfinite()?;
-    let lse_k = lse
-        .f_to_kind(Kind::Double)?
-        .f_where_self(&seen, &ref_lse.f_zeros_like()?)?;
-    let lse_r = ref_lse.f_where_self(&seen, &ref_lse.f_zeros_like()?)?;
-    rows.push(compare_rows(
-        format!("compressed fwd bf16 {shape}"),
-        1e-2,
-        &[(out, ref_out), (lse_k, lse_r)],
-    )?);
-
-    // Forward and backward with autograd, twice (dK/dV bitwise equal), against the reference.
     let dout = Tensor::f_randn([b, s, h, dv], (Kind::BFloat16, device))?;
     let reference = tch::with_grad(|| {
         out_and_grads(&dbl(&qb)?, &dbl(&kb)?, &dbl(&vb)?, &dout, |q, k, v| {
             Ok(reference::compressed(q, k, v, cfg)?.0)
         })
     })?;
-    let run = || {
-        tch::with_grad(|| {
-            out_and_grads(&qb, &kb, &vb, &dout, |q, k, v| {
-                let sel = cfg.select_config();
-                Ok(
-                    sys::compressed_attention(q, k, v, sel.block_len, sel.stride, scale(q))
+    let sel = cfg.select_config();
+    for (backend, label) in [
+        (sys::CompressedBackend::Kernels, "kernels"),
+        (sys::CompressedBackend::Cudnn, "cudnn"),
+    ] {
+        super::poison(device);
+        let (out, lse) =
+            sys::compressed_forward(&qb, &kb, &vb, sel.block_len, sel.stride, scale(&q), backend)
+                .map_err(fused_err)?;
+        // Rows that see nothing: output 0 on both paths; lse +inf (fused) vs −inf (reference).
+        let seen = ref_lse.f_isfinite()?;
+        let lse_k = lse
+            .f_to_kind(Kind::Double)?
+            .f_where_self(&seen, &ref_lse.f_zeros_like()?)?;
+        let lse_r = ref_lse.f_where_self(&seen, &ref_lse.f_zeros_like()?)?;
+        rows.push(compare_rows(
+            format!("compressed fwd bf16 {label} {shape}"),
+            1e-2,
+            &[(out, ref_out.shallow_clone()), (lse_k, lse_r)],
+        )?);
+        let run = || {
+            tch::with_grad(|| {
+                out_and_grads(&qb, &kb, &vb, &dout, |q, k, v| {
+                    let (l, d) = (sel.block_len, sel.stride);
+                    Ok(sys::compressed_attention(q, k, v, l, d, scale(q), backend)
                         .map_err(fused_err)?
-                        .0,
-                )
+                        .0)
+                })
             })
-        })
-    };
-    let fused = [run()?, run()?];
-    rows.push(compare(
-        format!("compressed fwd+bwd bf16 {shape}"),
-        1e-2,
-        fused,
-        &reference,
-        true,
-    )?);
+        };
+        let fused = [run()?, run()?];
+        rows.push(compare(
+            format!("compressed fwd+bwd bf16 {label} {shape}"),
+            1e-2,
+            fused,
+            &reference,
+            backend == sys::CompressedBackend::Kernels,
+        )?);
+    }
 
     // Selection, fp32: kernel ids vs nsa-select's (lean chunked selection) on the same inputs.
     let lse32 = reference_lse(&q, &ck, cfg)?;

@@ -1,5 +1,7 @@
 //! The compressed branch's forward and block selection on CUDA: the kernels of
-//! `nsa-sys/kernels/compressed.cu`, launched by `glue/fused.cpp` on libtorch's current stream.
+//! `nsa-sys/kernels/compressed.cu`, launched by `glue/fused.cpp` on libtorch's current stream,
+//! or (the branch's attention, [`CompressedBackend::Cudnn`]) cuDNN's fused attention over
+//! folded queries (`glue/cmp_cudnn.h`).
 //!
 //! Layouts: `q` `[B, S, H, dk]`, compressed keys `ck` `[B, Nc, Hkv, dk]` and values `cv`
 //! `[B, Nc, Hkv, dv]`; token `t` attends compressed token `i` iff `i·d + l − 1 ≤ t` (Eq. 7).
@@ -34,6 +36,29 @@ pub struct SelectParams {
     pub tap_weights: Vec<i64>,
 }
 
+/// Where the compressed branch's attention runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompressedBackend {
+    /// cuDNN's fused attention over folded queries (the `d` queries that see the same
+    /// compressed tokens become more query heads of one row; `glue/cmp_cudnn.h`), forward and
+    /// backward. The kernels run instead while libtorch's deterministic algorithms are on
+    /// (cuDNN's backward does not fix its dQ accumulation order) and where the compressed keys
+    /// hold fewer tokens than the queries see.
+    #[default]
+    Cudnn,
+    /// The NVRTC kernels of `kernels/compressed.cu` (deterministic backward).
+    Kernels,
+}
+
+impl CompressedBackend {
+    fn code(self) -> i32 {
+        match self {
+            CompressedBackend::Kernels => 0,
+            CompressedBackend::Cudnn => 1,
+        }
+    }
+}
+
 extern "C" {
     fn nsa_fused_compressed(
         q: *const C_tensor,
@@ -43,6 +68,7 @@ extern "C" {
         cd: i64,
         scale: f64,
         autograd: i32,
+        backend: i32,
         table: *const SlcTable,
         out: *mut *mut C_tensor,
         lse: *mut *mut C_tensor,
@@ -127,10 +153,11 @@ fn check_compressed(
 }
 
 /// The compressed branch with autograd: `(out [B, S, H, dv], lse fp32 [B, S, H])`, `out`
-/// differentiable in `q`, `ck`, `cv` (tensor-core forward, dQ and dK/dV kernels;
-/// deterministic), `lse` the rows' log-sum-exp (not differentiable; what [`select_blocks`]
-/// needs). `q`, `ck`, `cv` bf16 or fp32 computed in bf16 ([`super::compute_kind`] must be
-/// bf16), dk and dv in [`super::MMA_HEAD_DIMS`], at most 64 query heads per group.
+/// differentiable in `q`, `ck`, `cv` (on `backend`: the tensor-core forward, dQ and dK/dV
+/// kernels, deterministic; or cuDNN), `lse` the rows' log-sum-exp (not differentiable; what
+/// [`select_blocks`] needs). `q`, `ck`, `cv` bf16 or fp32 computed in bf16
+/// ([`super::compute_kind`] must be bf16), dk and dv in [`super::MMA_HEAD_DIMS`], at most 64
+/// query heads per group.
 pub fn compressed_attention(
     q: &Tensor,
     ck: &Tensor,
@@ -138,8 +165,9 @@ pub fn compressed_attention(
     block_len: i64,
     stride: i64,
     scale: f64,
+    backend: CompressedBackend,
 ) -> Result<(Tensor, Tensor), FusedError> {
-    compressed_call(q, ck, cv, block_len, stride, scale, true)
+    compressed_call(q, ck, cv, (block_len, stride, scale), true, backend)
 }
 
 /// The compressed branch's forward kernel alone (no autograd), for selection and inference:
@@ -153,18 +181,18 @@ pub fn compressed_forward(
     block_len: i64,
     stride: i64,
     scale: f64,
+    backend: CompressedBackend,
 ) -> Result<(Tensor, Tensor), FusedError> {
-    compressed_call(q, ck, cv, block_len, stride, scale, false)
+    compressed_call(q, ck, cv, (block_len, stride, scale), false, backend)
 }
 
 fn compressed_call(
     q: &Tensor,
     ck: &Tensor,
     cv: &Tensor,
-    block_len: i64,
-    stride: i64,
-    scale: f64,
+    (block_len, stride, scale): (i64, i64, f64),
     autograd: bool,
+    backend: CompressedBackend,
 ) -> Result<(Tensor, Tensor), FusedError> {
     let kinds = [Kind::BFloat16, Kind::Float];
     let ordinal = check_compressed(q, ck, cv, &kinds, block_len, stride, scale)?;
@@ -183,6 +211,7 @@ fn compressed_call(
             stride,
             scale,
             i32::from(autograd),
+            backend.code(),
             &kernels.table,
             &mut out,
             &mut lse,

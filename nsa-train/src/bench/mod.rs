@@ -16,7 +16,7 @@ pub enum BenchCommand {
     Select(select::SelectBenchArgs),
     /// nsa-attn: one NSA layer (lean path) vs dense SDPA, forward and backward, time and memory.
     Attn(attn::AttnBenchArgs),
-    /// The selected and window branches alone: fused kernels vs the lean path, TFLOP/s, GB/s.
+    /// The selected, window and compressed branches alone: fused vs the lean path, TFLOP/s, GB/s.
     Branches(branches::BranchBenchArgs),
     /// Decode: one NSA layer step vs dense SDPA over the same cache (8k-128k cached tokens),
     /// and whole-model generation tokens/s, NSA vs dense.
