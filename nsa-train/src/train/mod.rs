@@ -233,23 +233,7 @@ pub fn train(cfg: &TrainConfig, launch: &Launch, has_gpu: bool) -> Result<Summar
         &run_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
-    let mfu = summary
-        .mfu
-        .map(|m| format!(" (MFU {:.1}%)", 100.0 * m))
-        .unwrap_or_default();
-    let text = format!(
-        "{}\nsteps {} ({} skipped), loss {:.4} -> {:.4}, eval loss {:.4}, answer accuracy {:.3} (at start {:.3}), {:.0} tokens/s{mfu}, peak {:.0} MB\n",
-        summary.model,
-        summary.steps,
-        summary.skipped_steps,
-        summary.first_loss,
-        summary.last_loss,
-        summary.eval_loss,
-        summary.eval_accuracy,
-        summary.initial_eval_accuracy,
-        summary.tokens_per_s,
-        summary.peak_mem_mb
-    );
+    let text = summary_text(&summary);
     crate::write_atomic(&run_dir.join("summary.txt"), text.as_bytes())?;
     print!("{text}");
     println!(
@@ -283,4 +267,98 @@ fn load_model(
     );
     vs.load(dir.join("model.safetensors"))
         .with_context(|| format!("loading {}/model.safetensors", dir.display()))
+}
+
+/// The run's closing lines (printed, and written as `summary.txt`): the model, then steps and
+/// losses, the held-out scores where there are any (a run stopped by a signal skips its final
+/// evaluation; a resumed run has no "at start" score), speed, and the peak of libtorch's CUDA
+/// allocator on a GPU (the CPU has none to report).
+fn summary_text(s: &Summary) -> String {
+    let mut line = format!(
+        "steps {} ({} skipped), loss {:.4} -> {:.4}",
+        s.steps, s.skipped_steps, s.first_loss, s.last_loss
+    );
+    if s.eval_loss.is_finite() {
+        line += &format!(", eval loss {:.4}", s.eval_loss);
+        if s.eval_accuracy.is_finite() {
+            line += &format!(", answer accuracy {:.3}", s.eval_accuracy);
+            if s.initial_eval_accuracy.is_finite() {
+                line += &format!(" (at start {:.3})", s.initial_eval_accuracy);
+            }
+        }
+    } else if let Some(sig) = s.stop_signal {
+        line += &format!(", no final eval (stopped by {})", crate::signals::name(sig));
+    }
+    line += &format!(", {:.0} tokens/s", s.tokens_per_s);
+    if let Some(m) = s.mfu {
+        line += &format!(" (MFU {:.1}%)", 100.0 * m);
+    }
+    if s.peak_mem_mb > 0.0 {
+        line += &format!(", peak {:.0} MB", s.peak_mem_mb);
+    }
+    format!("{}\n{line}\n", s.model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary() -> Summary {
+        Summary {
+            run_dir: PathBuf::from("runs/x"),
+            model: "dense decoder: 2 layers, dim 64".into(),
+            parameters: 108_864,
+            device: "Cuda(0)".into(),
+            precision: "bf16".into(),
+            steps: 3000,
+            first_loss: 5.5628,
+            last_loss: 1.8415,
+            skipped_steps: 0,
+            tokens_per_s: 53458.7,
+            flops_per_token: 1.0e6,
+            peak: None,
+            mfu: Some(0.1234),
+            peak_mem_mb: 1534.2,
+            eval_loss: 1.8449,
+            eval_accuracy: 0.3240,
+            initial_eval_loss: 5.57,
+            initial_eval_accuracy: 0.0,
+            interrupted: false,
+            stop_signal: None,
+            sdpa_audit: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn summary_text_of_a_finished_gpu_run() {
+        insta::assert_snapshot!("summary_finished_gpu", summary_text(&summary()));
+    }
+
+    #[test]
+    fn summary_text_of_a_stopped_resumed_cpu_run_shows_no_nan() {
+        let s = Summary {
+            device: "Cpu".into(),
+            mfu: None,
+            peak_mem_mb: 0.0,
+            eval_loss: f64::NAN,
+            eval_accuracy: f64::NAN,
+            initial_eval_loss: f64::NAN,
+            initial_eval_accuracy: f64::NAN,
+            interrupted: true,
+            stop_signal: Some(15),
+            ..summary()
+        };
+        let text = summary_text(&s);
+        assert!(!text.contains("NaN"), "{text}");
+        insta::assert_snapshot!("summary_stopped_cpu", text);
+    }
+
+    #[test]
+    fn summary_text_of_a_resumed_run_omits_the_start_score() {
+        let s = Summary {
+            initial_eval_accuracy: f64::NAN,
+            ..summary()
+        };
+        insta::assert_snapshot!("summary_resumed", summary_text(&s));
+    }
 }
