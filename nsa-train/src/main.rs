@@ -330,6 +330,13 @@ fn main() -> anyhow::Result<()> {
                 found.accuracy(),
                 found.sequences
             );
+            if task == generate::retrieval::RetrievalTask::Recall {
+                let pairs = loaded.cfg.data.recall_pairs;
+                println!(
+                    "no-binding baseline for {pairs} pairs: {:.3} (guessing among the pairs' values that no earlier query answered)",
+                    generate::retrieval::recall_elimination_baseline(pairs)
+                );
+            }
             let report =
                 generate::retrieval::RetrievalReport::new(&run, &loaded, task, len, &found);
             print!("{}", report.table());

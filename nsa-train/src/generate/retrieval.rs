@@ -39,6 +39,15 @@ impl RetrievalTask {
     }
 }
 
+/// Recall's score without any key–value binding: every key is asked once, in a random order,
+/// so a model can guess uniformly among the pairs' values that no earlier query has answered;
+/// query j of `pairs` then has `pairs − j` candidates, and the expected accuracy is
+/// H(pairs) / pairs (0.340 for 8 pairs, 0.074 for 64). Accuracy means retrieval only above it.
+pub fn recall_elimination_baseline(pairs: usize) -> f64 {
+    let n = pairs.max(1);
+    (1..=n).map(|k| 1.0 / k as f64).sum::<f64>() / n as f64
+}
+
 /// Answers whose distance falls in `[from, to)`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct DistanceBucket {
@@ -327,6 +336,14 @@ mod tests {
         assert_eq!(counts, [(2, 1), (1, 1), (0, 0), (2, 1)]);
         assert_eq!((r.answers, r.correct), (5, 3));
         assert_eq!(r.by_distance[2].accuracy(), None);
+    }
+
+    #[test]
+    fn the_elimination_baseline_is_the_mean_of_one_over_the_candidates_left() {
+        assert_eq!(recall_elimination_baseline(1), 1.0);
+        assert!((recall_elimination_baseline(2) - 0.75).abs() < 1e-12);
+        assert!((recall_elimination_baseline(8) - 0.339_732_142_857).abs() < 1e-9);
+        assert!((recall_elimination_baseline(64) - 0.074_123_295).abs() < 1e-9);
     }
 
     #[test]
