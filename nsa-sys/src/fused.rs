@@ -3,8 +3,7 @@
 //! those of `kernels/compressed.cu` ([`compressed_attention`], [`select_blocks`]) or, for the
 //! compressed attention, cuDNN's fused attention over folded queries ([`CompressedBackend`]),
 //! the sliding window through libtorch's own flash-attention kernel with its window parameters.
-//! The
-//! differentiable ones are custom autograd functions in `glue/fused.cpp`; kernels run on
+//! The differentiable ones are custom autograd functions in `glue/fused.cpp`; kernels run on
 //! libtorch's current CUDA stream, on the tensors' memory.
 //!
 //! Kernels are compiled per device architecture on first use (NVRTC, [`crate::nvrtc`]),

@@ -1,10 +1,12 @@
-//! The compressed branch and block selection on the fused kernels (`nsa-sys/kernels/
-//! compressed.cu`): one kernel computes the compressed attention and its log-sum-exp, a second
-//! recomputes the probabilities from that log-sum-exp, folds them into selection-block scores
-//! (Eqs. 8–10) and takes the top n (Eq. 11) without an `[S, Nc]` or `[S, Nb]` tensor. Where the
-//! kernels do not apply (CPU, fp32 compute, head sizes without an instantiation, more than 64
-//! heads per group) the lean path runs instead. The branch's backward has kernels too (dQ
-//! query-outer, dK/dV key-outer over tiles of compressed tokens, deterministic).
+//! The compressed branch and block selection on CUDA: the compressed attention and its
+//! log-sum-exp on cuDNN's fused attention over folded queries (nsa-sys's
+//! [`sys::CompressedBackend::Cudnn`]; its own kernels of `nsa-sys/kernels/compressed.cu` under
+//! deterministic algorithms: forward, dQ query-outer, dK/dV key-outer over tiles of compressed
+//! tokens, deterministic), then a kernel that recomputes the probabilities from that
+//! log-sum-exp, folds them into selection-block scores (Eqs. 8–10) and takes the top n
+//! (Eq. 11) without an `[S, Nc]` or `[S, Nb]` tensor. Where these do not apply (CPU, fp32
+//! compute, head sizes without an instantiation, more than 64 heads per group) the lean path
+//! runs instead.
 use nsa_select::SelectImpl;
 use tch::{Device, Kind, Tensor};
 
@@ -44,9 +46,9 @@ fn bf16(t: &Tensor) -> Result<Tensor, AttnError> {
     Ok(t.f_to_kind(Kind::BFloat16)?.f_contiguous()?)
 }
 
-/// Compressed branch (Eq. 7 attention over the compressed tokens) on the kernels (forward, dQ
-/// and dK/dV; deterministic), or [`lean::compressed`] (with `chunk`) where
-/// [`compressed_supported`] is false.
+/// Compressed branch (Eq. 7 attention over the compressed tokens) on nsa-sys's default
+/// [`sys::CompressedBackend`] (forward and backward), or [`lean::compressed`] (with `chunk`)
+/// where [`compressed_supported`] is false.
 pub fn compressed(
     q: &Tensor,
     cmp_k: &Tensor,
@@ -223,6 +225,9 @@ fn check_case(
             Ok(reference::compressed(q, k, v, cfg)?.0)
         })
     })?;
+    // Rows that see nothing: output 0 on both paths; lse +inf (fused) vs −inf (reference).
+    let seen = ref_lse.f_isfinite()?;
+    let lse_r = ref_lse.f_where_self(&seen, &ref_lse.f_zeros_like()?)?;
     let sel = cfg.select_config();
     for (backend, label) in [
         (sys::CompressedBackend::Kernels, "kernels"),
@@ -232,16 +237,16 @@ fn check_case(
         let (out, lse) =
             sys::compressed_forward(&qb, &kb, &vb, sel.block_len, sel.stride, scale(&q), backend)
                 .map_err(fused_err)?;
-        // Rows that see nothing: output 0 on both paths; lse +inf (fused) vs −inf (reference).
-        let seen = ref_lse.f_isfinite()?;
         let lse_k = lse
             .f_to_kind(Kind::Double)?
             .f_where_self(&seen, &ref_lse.f_zeros_like()?)?;
-        let lse_r = ref_lse.f_where_self(&seen, &ref_lse.f_zeros_like()?)?;
         rows.push(compare_rows(
             format!("compressed fwd bf16 {label} {shape}"),
             1e-2,
-            &[(out, ref_out.shallow_clone()), (lse_k, lse_r)],
+            &[
+                (out, ref_out.shallow_clone()),
+                (lse_k, lse_r.shallow_clone()),
+            ],
         )?);
         let run = || {
             tch::with_grad(|| {

@@ -170,7 +170,7 @@ pub fn compressed_attention(
     compressed_call(q, ck, cv, (block_len, stride, scale), true, backend)
 }
 
-/// The compressed branch's forward kernel alone (no autograd), for selection and inference:
+/// The compressed branch's forward alone (no autograd; on `backend`), for selection and inference:
 /// `(out [B, S, H, dv] bf16, lse fp32 [B, S, H])`, `lse` the natural log-sum-exp of each row's
 /// scaled scores (`+inf` for a row that sees no compressed token, whose output is 0). Inputs as
 /// [`compressed_attention`].
