@@ -1,7 +1,8 @@
 //! `bench branches`: the selected, sliding-window and compressed branches alone, fused kernels
 //! against the lean path, forward and forward + backward, with achieved TFLOP/s and GB/s. The
-//! selected branch is timed with both tensor-core forwards (union tiles, the default, and
-//! key-outer; the backward is the same), the compressed branch on both backends (cuDNN over
+//! selected branch is timed with the forward the library picks (`SelectedForward::Auto`) and with
+//! each tensor-core forward forced (union tiles, key-outer; the backward is the same), the
+//! compressed branch on both backends (cuDNN over
 //! folded queries, the default, and the NVRTC kernels).
 //!
 //! Shapes: the paper's attention (H = 64, Hkv = 4, G = 16, dk = 192, dv = 128, l' = 64, n = 16,
@@ -194,30 +195,39 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
             let scale = 1.0 / (cfg.head_dim_k as f64).sqrt();
             let l_sel = cfg.nsa.select.select_len;
             type Branch<'a> = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a>;
-            let rows: [(&str, &str, f64, Branch<'_>); 8] = [
+            let blocks = &blocks;
+            let selected_with = |fwd: nsa_sys::fused::SelectedForward| -> Branch<'_> {
+                Box::new(move |q, k, v| {
+                    Ok(
+                        nsa_sys::fused::selected_attention_with(q, k, v, blocks, l_sel, scale, fwd)
+                            .map_err(nsa_attn::AttnError::Fused)?,
+                    )
+                })
+            };
+            let rows: [(&str, &str, f64, Branch<'_>); 9] = [
                 (
                     "selected",
-                    "fused",
+                    "fused (auto fwd)",
                     slc_pairs,
-                    Box::new(|q, k, v| Ok(fused::selected(q, k, v, &blocks, &cfg, chunk)?)),
+                    Box::new(|q, k, v| Ok(fused::selected(q, k, v, blocks, &cfg, chunk)?)),
+                ),
+                (
+                    "selected",
+                    "fused, union-tile fwd",
+                    slc_pairs,
+                    selected_with(nsa_sys::fused::SelectedForward::UnionTiles),
                 ),
                 (
                     "selected",
                     "fused, key-outer fwd",
                     slc_pairs,
-                    Box::new(|q, k, v| {
-                        let fwd = nsa_sys::fused::SelectedForward::KeyOuter;
-                        Ok(nsa_sys::fused::selected_attention_with(
-                            q, k, v, &blocks, l_sel, scale, fwd,
-                        )
-                        .map_err(nsa_attn::AttnError::Fused)?)
-                    }),
+                    selected_with(nsa_sys::fused::SelectedForward::KeyOuter),
                 ),
                 (
                     "selected",
                     "lean",
                     slc_pairs,
-                    Box::new(|q, k, v| Ok(lean::selected(q, k, v, &blocks, &cfg, chunk)?)),
+                    Box::new(|q, k, v| Ok(lean::selected(q, k, v, blocks, &cfg, chunk)?)),
                 ),
                 (
                     "window",

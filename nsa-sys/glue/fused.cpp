@@ -716,7 +716,8 @@ at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
     for (int64_t i = 0; i < tap_count; ++i) sa.taps.w[i] = int(tap_w[i]);
     int64_t qs = bf ? dk + 8 : dk + 1, esz = bf ? 2 : 4;
     auto smem = [&](int64_t bq) {
-      return 2 * kM * qs * esz + 4 * (kM + kM * 65 + bq * 64 + bq * Nb) +
+      int64_t pt = bf && hpg == 16 ? 0 : kM * 65;  // compressed.cu's p tile
+      return 3 * kM * qs * esz + 4 * (kM + pt + bq * 64 + bq * Nb) +  // Q, 2 K tiles
              4 * union_ints(bq, 0, 32);
     };
     int64_t bq = kM / hpg;

@@ -185,80 +185,85 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16
     __syncthreads();  // every thread's part of this tile is visible
     const __nv_bfloat16* Kt = Ks + bi * NSA_BK * QS;
     const __nv_bfloat16* Vt = Vs + bi * NSA_BK * VS;
-
-    float sacc[NSA_BK / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < NSA_BK / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
-#pragma unroll
-    for (int kt = 0; kt < DK / 16; ++kt) {
-      unsigned a[4];
-      load_a(a, Qs, QS, warp * 16 + gq, kt * 16, tig);
-#pragma unroll
-      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-        unsigned b0, b1;
-        load_b(b0, b1, Kt, QS, nt * 8 + gq, kt * 16, tig);
-        mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
-      }
-    }
-    // Mask, online softmax (rows r0: elements 0, 1; r1: elements 2, 3).
     const unsigned mk0[2] = {ok0 ? cu.kmask[i0 * 2] : 0u, ok0 ? cu.kmask[i0 * 2 + 1] : 0u};
     const unsigned mk1[2] = {ok1 ? cu.kmask[i1 * 2] : 0u, ok1 ? cu.kmask[i1 * 2 + 1] : 0u};
-    float mx[2] = {m[0], m[1]};
+    // A warp whose rows read none of the tile's columns skips it: for such rows the tile would
+    // leave m, l and o exactly as they are. Union tiles hold every token's blocks, so at
+    // G = 16 (a warp = one token) a warp computes only the tiles of its own token's blocks.
+    if (__any_sync(0xffffffffu, (mk0[0] | mk0[1] | mk1[0] | mk1[1]) != 0u)) {
+      float sacc[NSA_BK / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = nt * 8 + tig * 2 + (e & 1);
-        const bool vis = col_visible(e < 2 ? mk0 : mk1, c);
-        const float s = vis ? sacc[nt][e] * sl2 : -INFINITY;
-        sacc[nt][e] = s;
-        mx[e / 2] = fmaxf(mx[e / 2], s);
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+        sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
       }
-    }
-    float alpha[2];
 #pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 1));
-      mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 2));
-      // All-masked so far: keep the reference at 0 so exp2(-inf - 0) = 0, never NaN.
-      const float ref = mx[rh] == -INFINITY ? 0.f : mx[rh];
-      alpha[rh] = exp2f(m[rh] - ref);
-      m[rh] = mx[rh];
-      mx[rh] = ref;
-    }
-    float lsum[2] = {0.f, 0.f};
+      for (int kt = 0; kt < DK / 16; ++kt) {
+        unsigned a[4];
+        load_a(a, Qs, QS, warp * 16 + gq, kt * 16, tig);
 #pragma unroll
-    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(sacc[nt][e] - mx[e / 2]);
-        sacc[nt][e] = p;
-        lsum[e / 2] += p;
+        for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+          unsigned b0, b1;
+          load_b(b0, b1, Kt, QS, nt * 8 + gq, kt * 16, tig);
+          mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+        }
       }
-    }
-    l[0] = l[0] * alpha[0] + lsum[0];
-    l[1] = l[1] * alpha[1] + lsum[1];
+      // Mask, online softmax (rows r0: elements 0, 1; r1: elements 2, 3).
+      float mx[2] = {m[0], m[1]};
 #pragma unroll
-    for (int nv = 0; nv < DV / 8; ++nv) {
-      o[nv][0] *= alpha[0];
-      o[nv][1] *= alpha[0];
-      o[nv][2] *= alpha[1];
-      o[nv][3] *= alpha[1];
-    }
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
 #pragma unroll
-    for (int kk = 0; kk < NSA_BK / 16; ++kk) {
-      const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
-      const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
-      const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
-      const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
-#pragma unroll
-      for (int nv = 0; nv < DV / 16; ++nv) {
-        unsigned vb[4];
-        load_b_trans_x2(vb, Vt, VS, kk * 16, nv * 16, lane);
-        mma_bf16(o[2 * nv], a0, a1, a2, a3, vb[0], vb[1]);
-        mma_bf16(o[2 * nv + 1], a0, a1, a2, a3, vb[2], vb[3]);
+        for (int e = 0; e < 4; ++e) {
+          const bool vis = frag_visible(e < 2 ? mk0 : mk1, nt, tig, e & 1);
+          const float s = vis ? sacc[nt][e] * sl2 : -INFINITY;
+          sacc[nt][e] = s;
+          mx[e / 2] = fmaxf(mx[e / 2], s);
+        }
       }
-    }
+      float alpha[2];
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 1));
+        mx[rh] = fmaxf(mx[rh], __shfl_xor_sync(0xffffffffu, mx[rh], 2));
+        // All-masked so far: keep the reference at 0 so exp2(-inf - 0) = 0, never NaN.
+        const float ref = mx[rh] == -INFINITY ? 0.f : mx[rh];
+        alpha[rh] = fast_exp2(m[rh] - ref);
+        m[rh] = mx[rh];
+        mx[rh] = ref;
+      }
+      float lsum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float p = fast_exp2(sacc[nt][e] - mx[e / 2]);
+          sacc[nt][e] = p;
+          lsum[e / 2] += p;
+        }
+      }
+      l[0] = l[0] * alpha[0] + lsum[0];
+      l[1] = l[1] * alpha[1] + lsum[1];
+#pragma unroll
+      for (int nv = 0; nv < DV / 8; ++nv) {
+        o[nv][0] *= alpha[0];
+        o[nv][1] *= alpha[0];
+        o[nv][2] *= alpha[1];
+        o[nv][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int kk = 0; kk < NSA_BK / 16; ++kk) {
+        const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
+        const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
+        const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
+        const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
+#pragma unroll
+        for (int nv = 0; nv < DV / 16; ++nv) {
+          unsigned vb[4];
+          load_b_trans_x2(vb, Vt, VS, kk * 16, nv * 16, lane);
+          mma_bf16(o[2 * nv], a0, a1, a2, a3, vb[0], vb[1]);
+          mma_bf16(o[2 * nv + 1], a0, a1, a2, a3, vb[2], vb[3]);
+        }
+      }
+    }  // the warp reads the tile
     __syncthreads();
   }
 
@@ -354,61 +359,62 @@ __device__ void dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16*
     key_mask(ks, un, t0, BQ, S, tid, NSA_THREADS);
     cp_async_wait_all();
     __syncthreads();
-
-    float sacc[NSA_BK / 8][4], dpacc[NSA_BK / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sacc[nt][e] = dpacc[nt][e] = 0.f;
-    }
-#pragma unroll
-    for (int kt = 0; kt < DK / 16; ++kt) {
-      unsigned a[4];
-      load_a(a, Qs, QS, warp * 16 + gq, kt * 16, tig);
-#pragma unroll
-      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-        unsigned b0, b1;
-        load_b(b0, b1, Ks, QS, nt * 8 + gq, kt * 16, tig);
-        mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
-      }
-    }
-#pragma unroll
-    for (int kt = 0; kt < DV / 16; ++kt) {
-      unsigned a[4];
-      load_a(a, dOs, VS, warp * 16 + gq, kt * 16, tig);
-#pragma unroll
-      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-        unsigned b0, b1;
-        load_b(b0, b1, Vs, VS, nt * 8 + gq, kt * 16, tig);
-        mma_bf16(dpacc[nt], a[0], a[1], a[2], a[3], b0, b1);
-      }
-    }
     const unsigned mk0[2] = {ok0 ? un.kmask[i0 * 2] : 0u, ok0 ? un.kmask[i0 * 2 + 1] : 0u};
     const unsigned mk1[2] = {ok1 ? un.kmask[i1 * 2] : 0u, ok1 ? un.kmask[i1 * 2 + 1] : 0u};
+    // As fwd_mma: a warp whose rows read none of the tile's columns would add only zeros (ds = 0).
+    if (__any_sync(0xffffffffu, (mk0[0] | mk0[1] | mk1[0] | mk1[1]) != 0u)) {
+      float sacc[NSA_BK / 8][4], dpacc[NSA_BK / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = nt * 8 + tig * 2 + (e & 1);
-        const bool vis = col_visible(e < 2 ? mk0 : mk1, c);
-        const float p = vis ? exp2f(sacc[nt][e] * sl2 - lr[e / 2]) : 0.f;
-        sacc[nt][e] = p * (dpacc[nt][e] - dr[e / 2]) * scale;  // ds
+        for (int e = 0; e < 4; ++e) sacc[nt][e] = dpacc[nt][e] = 0.f;
       }
-    }
 #pragma unroll
-    for (int kk = 0; kk < NSA_BK / 16; ++kk) {
-      const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
-      const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
-      const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
-      const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
+      for (int kt = 0; kt < DK / 16; ++kt) {
+        unsigned a[4];
+        load_a(a, Qs, QS, warp * 16 + gq, kt * 16, tig);
 #pragma unroll
-      for (int nd = 0; nd < DK / 16; ++nd) {
-        unsigned kb[4];
-        load_b_trans_x2(kb, Ks, QS, kk * 16, nd * 16, lane);
-        mma_bf16(acc[2 * nd], a0, a1, a2, a3, kb[0], kb[1]);
-        mma_bf16(acc[2 * nd + 1], a0, a1, a2, a3, kb[2], kb[3]);
+        for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+          unsigned b0, b1;
+          load_b(b0, b1, Ks, QS, nt * 8 + gq, kt * 16, tig);
+          mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+        }
       }
-    }
+#pragma unroll
+      for (int kt = 0; kt < DV / 16; ++kt) {
+        unsigned a[4];
+        load_a(a, dOs, VS, warp * 16 + gq, kt * 16, tig);
+#pragma unroll
+        for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+          unsigned b0, b1;
+          load_b(b0, b1, Vs, VS, nt * 8 + gq, kt * 16, tig);
+          mma_bf16(dpacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool vis = frag_visible(e < 2 ? mk0 : mk1, nt, tig, e & 1);
+          const float p = vis ? fast_exp2(sacc[nt][e] * sl2 - lr[e / 2]) : 0.f;
+          sacc[nt][e] = p * (dpacc[nt][e] - dr[e / 2]) * scale;  // ds
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < NSA_BK / 16; ++kk) {
+        const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
+        const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
+        const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
+        const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
+#pragma unroll
+        for (int nd = 0; nd < DK / 16; ++nd) {
+          unsigned kb[4];
+          load_b_trans_x2(kb, Ks, QS, kk * 16, nd * 16, lane);
+          mma_bf16(acc[2 * nd], a0, a1, a2, a3, kb[0], kb[1]);
+          mma_bf16(acc[2 * nd + 1], a0, a1, a2, a3, kb[2], kb[3]);
+        }
+      }
+    }  // the warp reads the tile
     __syncthreads();
   }
 #pragma unroll
@@ -564,7 +570,7 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
           const int r = rc * 16 + nt * 8 + tig * 2 + (e & 1);
           const int t = toks[r];
           const bool vis = t >= 0 && kok[e / 2] && kp[e / 2] <= t;
-          const float p = vis ? exp2f(st[nt][e] * sl2 - lse2s[r]) : 0.f;
+          const float p = vis ? fast_exp2(st[nt][e] * sl2 - lse2s[r]) : 0.f;
           st[nt][e] = p;
           dpt[nt][e] = p * (dpt[nt][e] - Dsm[r]) * scale;  // ds^T
         }

@@ -23,8 +23,11 @@
 //   warp per token takes the top n (Eq. 11) as nsa-select does: block 0 and the n_local blocks
 //   ending at the current one floor(t / l') first (ascending), then the other candidates
 //   (blocks <= the current one) by score, ties to the lower index; padding -1; written
-//   ascending. Shared: Q, K tiles [64][DK + pad] (bf16 or fp32), lse2 [64], p [64][65],
-//   ps [BQ][64], scores [BQ][Nb], then the union tile's mask words.
+//   ascending. The next tile's keys are copied while this one is scored (two K buffers, as
+//   fwd_mma). With bf16 and G = 16 a warp's rows are one token's heads and Eq. 10 is summed in
+//   registers (head_sum16). Shared: Q [64][DK + pad], K [2][64][DK + pad] (bf16 or fp32),
+//   lse2 [64], p [64][65] (not for bf16 with G = 16), ps [BQ][64], scores [BQ][Nb], then the
+//   union tile's column sets.
 #include "attend.cuh"
 #include "select.cuh"
 
@@ -39,6 +42,42 @@ struct SelectArgs {
   Taps taps;
 };
 
+// Column sums over a warp's 16 rows of a 16 x 64 C-fragment tile p (mma.cuh's layout: element
+// (nt, e) of lane 4 gq + tig is row gq + 8 (e / 2), column nt * 8 + 2 tig + (e & 1)). Rows gq
+// and gq + 8 are added in the lane, then the 8 row groups by a reduce-scatter over lane bits
+// 4, 3, 2 (each step halves the values a lane holds; the kept half is v[2 gq + i] after the
+// last): lane 4 gq + tig returns the sums of columns gq * 8 + 2 tig and that + 1, 14 shuffles
+// in all instead of 48. The order of the additions is fixed, so the sums are deterministic.
+__device__ __forceinline__ float2 head_sum16(const float (&p)[NSA_BK / 8][4], int lane) {
+  float v[16];  // v[2 nt + j]: rows gq and gq + 8, column nt * 8 + 2 tig + j
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    v[2 * nt] = p[nt][0] + p[nt][2];
+    v[2 * nt + 1] = p[nt][1] + p[nt][3];
+  }
+  // Step over lane bit 4 (gq bit 2): keep v[8..15] if set, else v[0..7].
+  const bool b4 = lane & 16, b3 = lane & 8, b2 = lane & 4;
+  float w[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float send = b4 ? v[i] : v[i + 8], keep = b4 ? v[i + 8] : v[i];
+    w[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+  }
+  float x[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float send = b3 ? w[i] : w[i + 4], keep = b3 ? w[i + 4] : w[i];
+    x[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+  }
+  float y[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float send = b2 ? x[i] : x[i + 2], keep = b2 ? x[i + 2] : x[i];
+    y[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+  }
+  return make_float2(y[0], y[1]);
+}
+
 template <typename T, int DK>
 __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
                            const float* __restrict__ lse, long long* __restrict__ out_ids,
@@ -48,10 +87,10 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
   constexpr int QS = MMA ? DK + 8 : DK + 1;  // fp32: odd stride, conflict-free column reads
   extern __shared__ __align__(16) unsigned char smraw[];
   T* Qs = reinterpret_cast<T*>(smraw);
-  T* Ks = Qs + NSA_M * QS;
-  float* lse2s = reinterpret_cast<float*>(Ks + NSA_BK * QS);
-  float* pt = lse2s + NSA_M;        // [64][65]
-  float* ps = pt + NSA_M * 65;      // [BQ][64]
+  T* Ks = Qs + NSA_M * QS;  // two tiles
+  float* lse2s = reinterpret_cast<float*>(Ks + 2 * NSA_BK * QS);
+  float* pt = lse2s + NSA_M;        // [64][65], absent when G = 16 (head_sum16 instead)
+  float* ps = pt + (MMA && hpg == 16 ? 0 : NSA_M * 65);  // [BQ][64]
   const int BQ = sa.bq;
   float* scores = ps + BQ * 64;     // [BQ][Nb]
   const UnionTile un = carve_union(reinterpret_cast<int*>(scores + BQ * sa.Nb), BQ, 0, 32);
@@ -86,78 +125,119 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
   const long long F = key_columns_begin(ks, un, b, S, Hkv, g, t0, BQ, tid, NSA_THREADS);
   const float sl2 = scale * 1.4426950408889634f;
 
-  for (long long f0 = 0; f0 < F; f0 += NSA_BK) {
-    key_columns(ks, un, f0, F, S, tid, NSA_THREADS);
-    __syncthreads();
+  // Two-stage pipeline as fwd_mma's: tile i + 1's compressed keys are copied (cp.async for
+  // bf16) into the other K buffer while tile i is scored; column sets alternate with it.
+  const auto issue = [&](int bi) {
+    const UnionTile cu = un.with_buf(bi);
+    T* Kt = Ks + bi * NSA_BK * QS;
     if constexpr (MMA) {
-      copy_rows<DK>(reinterpret_cast<__nv_bfloat16*>(Ks), QS, NSA_BK, [&](int c) {
-        const int p = un.colpos[c];
+      copy_rows<DK>(reinterpret_cast<__nv_bfloat16*>(Kt), QS, NSA_BK, [&](int c) {
+        const int p = cu.colpos[c];
         return p < 0 ? nullptr
                      : reinterpret_cast<const __nv_bfloat16*>(ck) + (((long long)b * Nc + p) * Hkv + g) * DK;
       }, tid, NSA_THREADS);
+      cp_async_commit();
     } else {
       for (int e = tid; e < NSA_BK * DK; e += NSA_THREADS) {
-        const int c = e / DK, d = e % DK, p = un.colpos[c];
-        Ks[c * QS + d] = p < 0 ? from_f<T>(0.f) : ck[(((long long)b * Nc + p) * Hkv + g) * DK + d];
+        const int c = e / DK, d = e % DK, p = cu.colpos[c];
+        Kt[c * QS + d] = p < 0 ? from_f<T>(0.f) : ck[(((long long)b * Nc + p) * Hkv + g) * DK + d];
       }
     }
-    key_mask(ks, un, t0, BQ, S, tid, NSA_THREADS);
-    if constexpr (MMA) cp_async_wait_all();
+  };
+  if (F > 0) {
+    key_columns(ks, un.with_buf(0), 0, F, S, tid, NSA_THREADS);
     __syncthreads();
+    issue(0);
+  }
+  int bi = 0;
+  for (long long f0 = 0; f0 < F; f0 += NSA_BK, bi ^= 1) {
+    const bool next = f0 + NSA_BK < F;
+    const UnionTile cu = un.with_buf(bi);
+    if (next) key_columns(ks, un.with_buf(bi ^ 1), f0 + NSA_BK, F, S, tid, NSA_THREADS);
+    key_mask(ks, cu, t0, BQ, S, tid, NSA_THREADS);
+    __syncthreads();  // the next tile's columns and this tile's mask are visible
+    if (next) {
+      issue(bi ^ 1);
+      if constexpr (MMA) cp_async_wait<1>();  // this tile's copies are done
+    } else if constexpr (MMA) {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // every thread's part of this tile is visible
+    const T* Kt = Ks + bi * NSA_BK * QS;
     if constexpr (MMA) {
       const int gq = lane / 4, tig = lane % 4;
       const __nv_bfloat16* Qb = reinterpret_cast<const __nv_bfloat16*>(Qs);
-      const __nv_bfloat16* Kb = reinterpret_cast<const __nv_bfloat16*>(Ks);
-      float sacc[NSA_BK / 8][4];
-#pragma unroll
-      for (int nt = 0; nt < NSA_BK / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
-#pragma unroll
-      for (int kt = 0; kt < DK / 16; ++kt) {
-        unsigned a[4];
-        load_a(a, Qb, QS, warp * 16 + gq, kt * 16, tig);
-#pragma unroll
-        for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-          unsigned b0, b1;
-          load_b(b0, b1, Kb, QS, nt * 8 + gq, kt * 16, tig);
-          mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
-        }
-      }
+      const __nv_bfloat16* Kb = reinterpret_cast<const __nv_bfloat16*>(Kt);
       // Rows r0 (elements 0, 1) and r1 (2, 3): their tokens' mask words and lse2, read once.
       const int r0 = warp * 16 + gq, r1 = r0 + 8;
       const bool ok0 = r0 < nrows, ok1 = r1 < nrows;
-      const unsigned mk0[2] = {ok0 ? un.kmask[r0 / hpg * 2] : 0u, ok0 ? un.kmask[r0 / hpg * 2 + 1] : 0u};
-      const unsigned mk1[2] = {ok1 ? un.kmask[r1 / hpg * 2] : 0u, ok1 ? un.kmask[r1 / hpg * 2 + 1] : 0u};
+      const unsigned mk0[2] = {ok0 ? cu.kmask[r0 / hpg * 2] : 0u, ok0 ? cu.kmask[r0 / hpg * 2 + 1] : 0u};
+      const unsigned mk1[2] = {ok1 ? cu.kmask[r1 / hpg * 2] : 0u, ok1 ? cu.kmask[r1 / hpg * 2 + 1] : 0u};
+      float sacc[NSA_BK / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < NSA_BK / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
+      // A warp whose rows see none of the tile's columns writes zeros without the products.
+      if (__any_sync(0xffffffffu, (mk0[0] | mk0[1] | mk1[0] | mk1[1]) != 0u)) {
+#pragma unroll
+        for (int kt = 0; kt < DK / 16; ++kt) {
+          unsigned a[4];
+          load_a(a, Qb, QS, warp * 16 + gq, kt * 16, tig);
+#pragma unroll
+          for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+            unsigned b0, b1;
+            load_b(b0, b1, Kb, QS, nt * 8 + gq, kt * 16, tig);
+            mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+          }
+        }
+      }
       const float lr[2] = {lse2s[r0], lse2s[r1]};
 #pragma unroll
       for (int nt = 0; nt < NSA_BK / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int c = nt * 8 + tig * 2 + (e & 1);
-          const bool vis = col_visible(e < 2 ? mk0 : mk1, c);
-          pt[(e < 2 ? r0 : r1) * 65 + c] = vis ? exp2f(sacc[nt][e] * sl2 - lr[e / 2]) : 0.f;
+          const bool vis = frag_visible(e < 2 ? mk0 : mk1, nt, tig, e & 1);
+          sacc[nt][e] = vis ? fast_exp2(sacc[nt][e] * sl2 - lr[e / 2]) : 0.f;
+        }
+      }
+      if (hpg == 16) {
+        // The warp's 16 rows are one token's heads: Eq. 10 in registers, straight into ps.
+        const float2 sum = head_sum16(sacc, lane);
+        if (warp < BQ) {
+          const int c = gq * 8 + tig * 2;  // n tile gq, head_sum16's columns
+          *reinterpret_cast<float2*>(ps + warp * NSA_BK + c) = sum;
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < NSA_BK / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            pt[(e < 2 ? r0 : r1) * 65 + nt * 8 + tig * 2 + (e & 1)] = sacc[nt][e];
+          }
         }
       }
     } else {
       for (int e = tid; e < NSA_M * NSA_BK; e += NSA_THREADS) {
         const int r = e / NSA_BK, c = e % NSA_BK, i = r / hpg;
         float p = 0.f;
-        if (r < nrows && ((un.kmask[i * 2 + c / 32] >> (c % 32)) & 1u)) {
+        if (r < nrows && ((cu.kmask[i * 2 + c / 32] >> (c % 32)) & 1u)) {
           float s = 0.f;
-          for (int d = 0; d < DK; ++d) s = fmaf(to_f(Qs[r * QS + d]), to_f(Ks[c * QS + d]), s);
+          for (int d = 0; d < DK; ++d) s = fmaf(to_f(Qs[r * QS + d]), to_f(Kt[c * QS + d]), s);
           p = exp2f(s * sl2 - lse2s[r]);
         }
         pt[r * 65 + c] = p;
       }
     }
     __syncthreads();
-    // Eq. 10: the group's heads, in head order.
-    for (int e = tid; e < BQ * NSA_BK; e += NSA_THREADS) {
-      const int i = e / NSA_BK, c = e % NSA_BK;
-      float acc = 0.f;
-      for (int h = 0; h < hpg; ++h) acc += pt[(i * hpg + h) * 65 + c];
-      ps[e] = acc;
+    if (!(MMA && hpg == 16)) {
+      // Eq. 10: the group's heads, in head order.
+      for (int e = tid; e < BQ * NSA_BK; e += NSA_THREADS) {
+        const int i = e / NSA_BK, c = e % NSA_BK;
+        float acc = 0.f;
+        for (int h = 0; h < hpg; ++h) acc += pt[(i * hpg + h) * 65 + c];
+        ps[e] = acc;
+      }
+      __syncthreads();
     }
-    __syncthreads();
     // Eq. 9: blocks whose taps reach into columns f0 .. f0 + 63.
     const Taps& tp = sa.taps;
     long long jlo = f0 - tp.first - (tp.count - 1);

@@ -21,6 +21,15 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
   return *reinterpret_cast<unsigned*>(&x);
 }
 
+// 2^x by the SFU alone (ex2.approx.ftz: relative error ~2^-22, results below 2^-126 flushed to
+// 0, 2^-inf = 0). exp2f without fast math adds a range test and a rescale around the same
+// instruction; the bf16 tensor-core kernels round p to bf16 anyway.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // d += a * b for one m16n8k16 tile (A row-major 16x16, B "col" 16x8, fp32 accumulators).
 __device__ __forceinline__ void mma_bf16(float* d, unsigned a0, unsigned a1, unsigned a2,
                                          unsigned a3, unsigned b0, unsigned b1) {
@@ -268,9 +277,12 @@ __device__ __forceinline__ void union_mask(const UnionTile& u, int t0, int bq, i
   }
 }
 
-// Whether row r's token (bit c of its kmask words mk) reads column c.
-__device__ __forceinline__ bool col_visible(const unsigned (&mk)[2], int c) {
-  return (mk[c / 32] >> (c % 32)) & 1u;
+// Whether a row (kmask words mk) reads the tile column of C-fragment element (nt, j): column
+// nt * 8 + 2 * tig + j. With nt unrolled the word is chosen at compile time, so mk stays in
+// registers (an index c / 32 computed at run time put it in local memory).
+__device__ __forceinline__ bool frag_visible(const unsigned (&mk)[2], int nt, int tig, int j) {
+  const unsigned w = nt < 4 ? mk[0] : mk[1];
+  return (w >> ((nt & 3) * 8 + tig * 2 + j)) & 1u;
 }
 
 }  // namespace nsa

@@ -228,7 +228,7 @@ __device__ void slc_fwd_kv(const __nv_bfloat16* __restrict__ q,
     for (int nt = 0; nt < NSA_BK / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(sacc[nt][e] - ref[e / 2]);
+        const float p = fast_exp2(sacc[nt][e] - ref[e / 2]);
         sacc[nt][e] = p;
         l[e / 2] += p;
       }

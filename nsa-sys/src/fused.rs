@@ -588,15 +588,71 @@ pub fn compute_kind(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Kind> {
 /// How the selected branch's tensor-core forward walks the selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SelectedForward {
-    /// Query-outer: a CTA serves 64 / G consecutive tokens and streams the union of their
-    /// selected blocks (padding columns where tokens chose different blocks).
+    /// Chosen from the shapes ([`SelectedForward::resolve`]): key-outer for small groups
+    /// (G ≤ [`KEY_OUTER_MAX_GROUP`]) on long sequences (at least [`KEY_OUTER_MIN_BLOCKS`]
+    /// selection blocks) while its partial outputs take at most
+    /// [`KEY_OUTER_MAX_PARTIAL_BYTES`], union tiles otherwise.
     #[default]
+    Auto,
+    /// Query-outer: a CTA serves 64 / G consecutive tokens and streams the union of their
+    /// selected blocks; a warp skips the tiles none of its rows selected, so at G = 16 (a warp
+    /// = one token) it computes only its own blocks, while at G = 3 a warp spans six tokens.
     UnionTiles,
     /// Key-outer (Flash Sparse Attention's order): a CTA serves one selected block and the
     /// (token, head) rows that chose it; per-block partial outputs are merged afterwards.
     /// Memory: `B·S·H·n·⌈l'/64⌉·(2·dv + 4)` bytes of partials. bf16 at tensor-core head sizes
     /// only; elsewhere the same as [`SelectedForward::UnionTiles`].
     KeyOuter,
+}
+
+/// Largest group (query heads per KV head) that [`SelectedForward::Auto`] runs key-outer: a
+/// union tile holds 64 / G tokens, and with small groups a warp's rows span several tokens
+/// whose blocks differ, so the union's padding is computed; key-outer reads each block once.
+pub const KEY_OUTER_MAX_GROUP: i64 = 8;
+
+/// Fewest selection blocks (`⌈S / l'⌉`) at which [`SelectedForward::Auto`] runs key-outer:
+/// with few blocks the tokens of a union tile pick mostly the same ones, and the union's single
+/// pass beats key-outer's index, partials and merge (measured in BENCHMARKS.md, "Fused kernels,
+/// round 4": at the `125m` shape union tiles win at 8k, key-outer from 16k).
+pub const KEY_OUTER_MIN_BLOCKS: i64 = 256;
+
+/// Bound on the key-outer forward's partial outputs for [`SelectedForward::Auto`]
+/// (`B·S·H·n·⌈l'/64⌉·(2·dv + 4)` bytes, freed when the forward returns): 2 GiB.
+pub const KEY_OUTER_MAX_PARTIAL_BYTES: i64 = 2 << 30;
+
+impl SelectedForward {
+    /// The loop order a call with these shapes runs: `Auto` resolved, the others as given.
+    /// `q_shape` is `[B, S, H, dk]`; `hkv` key heads, `dv` value width, `n` blocks per token,
+    /// `block_len` = l'.
+    pub fn resolve(self, q_shape: [i64; 4], hkv: i64, dv: i64, n: i64, block_len: i64) -> Self {
+        match self {
+            SelectedForward::Auto => {
+                let [b, s, h, _] = q_shape;
+                let chunks = (block_len + 63) / 64;
+                let partial = b
+                    .saturating_mul(s)
+                    .saturating_mul(h)
+                    .saturating_mul(n)
+                    .saturating_mul(chunks)
+                    .saturating_mul(2 * dv + 4);
+                let blocks = if block_len > 0 {
+                    (s + block_len - 1) / block_len
+                } else {
+                    0
+                };
+                if hkv > 0
+                    && h / hkv <= KEY_OUTER_MAX_GROUP
+                    && blocks >= KEY_OUTER_MIN_BLOCKS
+                    && partial <= KEY_OUTER_MAX_PARTIAL_BYTES
+                {
+                    SelectedForward::KeyOuter
+                } else {
+                    SelectedForward::UnionTiles
+                }
+            }
+            other => other,
+        }
+    }
 }
 
 /// Selected-branch attention (forward and backward fused kernels; see the module doc for the
@@ -634,7 +690,7 @@ pub fn selected_attention_with(
     scale: f64,
     forward: SelectedForward,
 ) -> Result<Tensor, FusedError> {
-    let (device, [b, s, _, hkv, _, _]) = check_qkv(q, k, v, &[Kind::BFloat16, Kind::Float])?;
+    let (device, [b, s, h, hkv, dk, dv]) = check_qkv(q, k, v, &[Kind::BFloat16, Kind::Float])?;
     let bs = check_tensor("blocks", blocks, device, &[Kind::Int64, Kind::Int])?;
     if bs[..3] != [b, s, hkv] || bs[3] < 1 {
         return Err(input(
@@ -667,9 +723,9 @@ pub fn selected_attention_with(
             blocks.as_ptr(),
             block_len,
             scale,
-            match forward {
-                SelectedForward::UnionTiles => 0,
+            match forward.resolve([b, s, h, dk], hkv, dv, bs[3], block_len) {
                 SelectedForward::KeyOuter => 1,
+                SelectedForward::UnionTiles | SelectedForward::Auto => 0,
             },
             &kernels.table,
             err.as_mut_ptr().cast(),
@@ -720,3 +776,6 @@ pub fn window_attention(
     };
     finish("nsa_fused_window", ptr, &err)
 }
+
+#[cfg(test)]
+mod tests;

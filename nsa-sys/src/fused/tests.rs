@@ -1,0 +1,37 @@
+//! Unit tests of the fused module's host-side rules.
+
+use super::SelectedForward;
+
+/// `Auto` by shape: the `125m` preset's group of 3 runs key-outer from 256 selection blocks
+/// while the partials stay under the bound; short sequences, the paper's group of 16 and
+/// oversized partials run union tiles; an explicit choice is kept.
+#[test]
+fn auto_forward_follows_group_and_partial_size() {
+    let auto = SelectedForward::Auto;
+    // 125m: H 12, Hkv 4, dk = dv = 64, l' 64, n 16. Partials at 64k: 1.66 GB.
+    let m125 = |b, s| auto.resolve([b, s, 12, 64], 4, 64, 16, 64);
+    assert_eq!(m125(1, 8192), SelectedForward::UnionTiles);
+    assert_eq!(m125(1, 16320), SelectedForward::UnionTiles);
+    assert_eq!(m125(1, 16384), SelectedForward::KeyOuter);
+    assert_eq!(m125(1, 65536), SelectedForward::KeyOuter);
+    assert_eq!(m125(2, 65536), SelectedForward::UnionTiles);
+    // The paper's shape: G = 16.
+    let paper = auto.resolve([1, 32768, 64, 192], 4, 128, 16, 64);
+    assert_eq!(paper, SelectedForward::UnionTiles);
+    // G = 8 is the largest group run key-outer; l' = 128 doubles the partials.
+    assert_eq!(
+        auto.resolve([1, 16384, 32, 64], 4, 64, 16, 64),
+        SelectedForward::KeyOuter
+    );
+    assert_eq!(
+        auto.resolve([1, 16384, 64, 64], 4, 64, 16, 64),
+        SelectedForward::UnionTiles
+    );
+    assert_eq!(
+        auto.resolve([1, 65536, 12, 64], 4, 64, 16, 128),
+        SelectedForward::UnionTiles
+    );
+    for explicit in [SelectedForward::UnionTiles, SelectedForward::KeyOuter] {
+        assert_eq!(explicit.resolve([1, 8192, 12, 64], 4, 64, 16, 64), explicit);
+    }
+}
