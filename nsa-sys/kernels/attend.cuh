@@ -199,12 +199,13 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16
 #pragma unroll
       for (int kt = 0; kt < DK / 16; ++kt) {
         unsigned a[4];
-        load_a(a, Qs, QS, warp * 16 + gq, kt * 16, tig);
+        load_a_x4(a, Qs, QS, warp * 16, kt * 16, lane);
 #pragma unroll
-        for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-          unsigned b0, b1;
-          load_b(b0, b1, Kt, QS, nt * 8 + gq, kt * 16, tig);
-          mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+        for (int nt = 0; nt < NSA_BK / 8; nt += 2) {
+          unsigned bb[4];
+          load_b_x2(bb, Kt, QS, nt * 8, kt * 16, lane);
+          mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], bb[0], bb[1]);
+          mma_bf16(sacc[nt + 1], a[0], a[1], a[2], a[3], bb[2], bb[3]);
         }
       }
       // Mask, online softmax (rows r0: elements 0, 1; r1: elements 2, 3).
@@ -372,23 +373,25 @@ __device__ void dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16*
 #pragma unroll
       for (int kt = 0; kt < DK / 16; ++kt) {
         unsigned a[4];
-        load_a(a, Qs, QS, warp * 16 + gq, kt * 16, tig);
+        load_a_x4(a, Qs, QS, warp * 16, kt * 16, lane);
 #pragma unroll
-        for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-          unsigned b0, b1;
-          load_b(b0, b1, Ks, QS, nt * 8 + gq, kt * 16, tig);
-          mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+        for (int nt = 0; nt < NSA_BK / 8; nt += 2) {
+          unsigned bb[4];
+          load_b_x2(bb, Ks, QS, nt * 8, kt * 16, lane);
+          mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], bb[0], bb[1]);
+          mma_bf16(sacc[nt + 1], a[0], a[1], a[2], a[3], bb[2], bb[3]);
         }
       }
 #pragma unroll
       for (int kt = 0; kt < DV / 16; ++kt) {
         unsigned a[4];
-        load_a(a, dOs, VS, warp * 16 + gq, kt * 16, tig);
+        load_a_x4(a, dOs, VS, warp * 16, kt * 16, lane);
 #pragma unroll
-        for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-          unsigned b0, b1;
-          load_b(b0, b1, Vs, VS, nt * 8 + gq, kt * 16, tig);
-          mma_bf16(dpacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+        for (int nt = 0; nt < NSA_BK / 8; nt += 2) {
+          unsigned bb[4];
+          load_b_x2(bb, Vs, VS, nt * 8, kt * 16, lane);
+          mma_bf16(dpacc[nt], a[0], a[1], a[2], a[3], bb[0], bb[1]);
+          mma_bf16(dpacc[nt + 1], a[0], a[1], a[2], a[3], bb[2], bb[3]);
         }
       }
 #pragma unroll
@@ -542,25 +545,19 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
       float dpt[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
       for (int kt = 0; kt < DK / 16; ++kt) {
-        unsigned a[4];
-        load_a(a, Ks, QS, warp * 16 + gq, kt * 16, tig);
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          unsigned b0, b1;
-          load_b(b0, b1, Qs, QS, rc * 16 + nt * 8 + gq, kt * 16, tig);
-          mma_bf16(st[nt], a[0], a[1], a[2], a[3], b0, b1);
-        }
+        unsigned a[4], bb[4];
+        load_a_x4(a, Ks, QS, warp * 16, kt * 16, lane);
+        load_b_x2(bb, Qs, QS, rc * 16, kt * 16, lane);
+        mma_bf16(st[0], a[0], a[1], a[2], a[3], bb[0], bb[1]);
+        mma_bf16(st[1], a[0], a[1], a[2], a[3], bb[2], bb[3]);
       }
 #pragma unroll
       for (int kt = 0; kt < DV / 16; ++kt) {
-        unsigned a[4];
-        load_a(a, Vs, VS, warp * 16 + gq, kt * 16, tig);
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          unsigned b0, b1;
-          load_b(b0, b1, dOs, VS, rc * 16 + nt * 8 + gq, kt * 16, tig);
-          mma_bf16(dpt[nt], a[0], a[1], a[2], a[3], b0, b1);
-        }
+        unsigned a[4], bb[4];
+        load_a_x4(a, Vs, VS, warp * 16, kt * 16, lane);
+        load_b_x2(bb, dOs, VS, rc * 16, kt * 16, lane);
+        mma_bf16(dpt[0], a[0], a[1], a[2], a[3], bb[0], bb[1]);
+        mma_bf16(dpt[1], a[0], a[1], a[2], a[3], bb[2], bb[3]);
       }
       // Elements: key kr0 (e < 2) or kr1, row rc * 16 + nt * 8 + 2 tig + (e & 1).
 #pragma unroll

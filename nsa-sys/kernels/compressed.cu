@@ -181,12 +181,13 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
 #pragma unroll
         for (int kt = 0; kt < DK / 16; ++kt) {
           unsigned a[4];
-          load_a(a, Qb, QS, warp * 16 + gq, kt * 16, tig);
+          load_a_x4(a, Qb, QS, warp * 16, kt * 16, lane);
 #pragma unroll
-          for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-            unsigned b0, b1;
-            load_b(b0, b1, Kb, QS, nt * 8 + gq, kt * 16, tig);
-            mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], b0, b1);
+          for (int nt = 0; nt < NSA_BK / 8; nt += 2) {
+            unsigned bb[4];
+            load_b_x2(bb, Kb, QS, nt * 8, kt * 16, lane);
+            mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], bb[0], bb[1]);
+            mma_bf16(sacc[nt + 1], a[0], a[1], a[2], a[3], bb[2], bb[3]);
           }
         }
       }

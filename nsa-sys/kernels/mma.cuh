@@ -10,7 +10,10 @@
 // fragment of the next product over k = those 16 columns (flash-attention-2's register reuse).
 // A B operand whose k index runs along the rows of a row-major shared tile (P V: k = key, the
 // tile is V [key][d]) is loaded with ldmatrix .trans; one whose k runs along the columns
-// (Q K^T: k = d, the tile is K [key][d]) is read directly, two 32-bit words per fragment.
+// (Q K^T: k = d, the tile is K [key][d]) with plain ldmatrix (load_b_x2, two n tiles per
+// instruction; load_b reads the same words as two 32-bit loads), A fragments likewise
+// (load_a_x4; load_a). Tiles with a row stride of 16 bytes mod 128 keep ldmatrix free of bank
+// conflicts.
 #pragma once
 #include "common.cuh"
 
@@ -58,6 +61,34 @@ __device__ __forceinline__ void load_b(unsigned& b0, unsigned& b1, const __nv_bf
   const unsigned* x = reinterpret_cast<const unsigned*>(tile + n_row * stride + c + tig * 2);
   b0 = x[0];
   b1 = x[4];
+}
+
+// Four 8x8 bf16 matrices from shared memory (ldmatrix .x4, not transposed): lane l gives the
+// address p of row l % 8 of matrix l / 8 and receives r[i] = row l / 4, columns 2 (l % 4) and
+// 2 (l % 4) + 1 of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const __nv_bfloat16* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// The A fragment of load_a by one ldmatrix .x4 (instead of four 32-bit loads): rows
+// r .. r + 15 (r = the warp's 16-row block, not r0), columns c .. c + 15. Lanes 8m .. 8m + 7
+// address the rows of 8x8 matrix m = a[m]: m & 1 the row half, m >> 1 the column half.
+__device__ __forceinline__ void load_a_x4(unsigned (&a)[4], const __nv_bfloat16* tile,
+                                          int stride, int r, int c, int lane) {
+  const int m = lane >> 3, rr = lane & 7;
+  ldmatrix_x4(a, tile + (r + (m & 1) * 8 + rr) * stride + c + (m >> 1) * 8);
+}
+
+// load_b's fragments of two n tiles, rows n0 .. n0 + 7 (b[0], b[1]) and n0 + 8 .. n0 + 15
+// (b[2], b[3]), k = columns c .. c + 15, by one ldmatrix .x4: matrix m covers rows
+// n0 + (m >> 1) * 8, columns c + (m & 1) * 8.
+__device__ __forceinline__ void load_b_x2(unsigned (&b)[4], const __nv_bfloat16* tile,
+                                          int stride, int n0, int c, int lane) {
+  const int m = lane >> 3, rr = lane & 7;
+  ldmatrix_x4(b, tile + (n0 + (m >> 1) * 8 + rr) * stride + c + (m & 1) * 8);
 }
 
 // Two B fragments (n tiles n0 .. n0 + 7 and n0 + 8 .. n0 + 15) with k = tile rows k0 .. k0 + 15
