@@ -112,6 +112,40 @@ __device__ __forceinline__ void key_mask(const KeySpec& ks, const UnionTile& un,
   }
 }
 
+// The two-stage column pipeline of fwd_mma and the selection kernel (compressed.cu). `issue(bi)`
+// starts copying the K (and V) rows of column set bi into tile buffer bi: with ASYNC, by
+// cp.async committed as one group, which pipeline_step waits for; without, synchronously (the
+// barriers alone make the rows visible). pipeline_start sets up and issues tile 0;
+// pipeline_step, at the top of tile f0 in buffer bi, sets up tile f0 + 64's columns and this
+// tile's mask, issues the next tile into buffer bi ^ 1 and returns once this tile's rows are
+// visible to every thread.
+template <typename Issue>
+__device__ __forceinline__ void pipeline_start(const KeySpec& ks, const UnionTile& un,
+                                               long long F, int S, int tid, Issue issue) {
+  if (F > 0) {
+    key_columns(ks, un.with_buf(0), 0, F, S, tid, NSA_THREADS);
+    __syncthreads();
+    issue(0);
+  }
+}
+
+template <bool ASYNC = true, typename Issue>
+__device__ __forceinline__ void pipeline_step(const KeySpec& ks, const UnionTile& un,
+                                              long long f0, long long F, int bi, int t0, int bq,
+                                              int S, int tid, Issue issue) {
+  const bool next = f0 + NSA_BK < F;
+  if (next) key_columns(ks, un.with_buf(bi ^ 1), f0 + NSA_BK, F, S, tid, NSA_THREADS);
+  key_mask(ks, un.with_buf(bi), t0, bq, S, tid, NSA_THREADS);
+  __syncthreads();  // the next tile's columns and this tile's mask are visible
+  if (next) {
+    issue(bi ^ 1);
+    if constexpr (ASYNC) cp_async_wait<1>();  // this tile's copies are done, the next's may not be
+  } else if constexpr (ASYNC) {
+    cp_async_wait<0>();
+  }
+  __syncthreads();  // every thread's part of this tile is visible
+}
+
 template <int DK, int DV>
 __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                         const __nv_bfloat16* __restrict__ v, const KeySpec ks,
@@ -164,25 +198,11 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16
     copy_rows<DV>(Vs + bi * NSA_BK * VS, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
     cp_async_commit();
   };
-  if (F > 0) {
-    key_columns(ks, un.with_buf(0), 0, F, S, tid, NSA_THREADS);
-    __syncthreads();
-    issue(0);
-  }
+  pipeline_start(ks, un, F, S, tid, issue);
   int bi = 0;
   for (long long f0 = 0; f0 < F; f0 += NSA_BK, bi ^= 1) {
-    const bool next = f0 + NSA_BK < F;
     const UnionTile cu = un.with_buf(bi);
-    if (next) key_columns(ks, un.with_buf(bi ^ 1), f0 + NSA_BK, F, S, tid, NSA_THREADS);
-    key_mask(ks, cu, t0, BQ, S, tid, NSA_THREADS);
-    __syncthreads();  // the next tile's columns and this tile's mask are visible
-    if (next) {
-      issue(bi ^ 1);
-      cp_async_wait<1>();  // this tile's copies are done, the next tile's may be in flight
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // every thread's part of this tile is visible
+    pipeline_step(ks, un, f0, F, bi, t0, BQ, S, tid, issue);
     const __nv_bfloat16* Kt = Ks + bi * NSA_BK * QS;
     const __nv_bfloat16* Vt = Vs + bi * NSA_BK * VS;
     const unsigned mk0[2] = {ok0 ? cu.kmask[i0 * 2] : 0u, ok0 ? cu.kmask[i0 * 2 + 1] : 0u};

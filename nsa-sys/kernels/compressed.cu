@@ -89,8 +89,10 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
   T* Qs = reinterpret_cast<T*>(smraw);
   T* Ks = Qs + NSA_M * QS;  // two tiles
   float* lse2s = reinterpret_cast<float*>(Ks + 2 * NSA_BK * QS);
-  float* pt = lse2s + NSA_M;        // [64][65], absent when G = 16 (head_sum16 instead)
-  float* ps = pt + (MMA && hpg == 16 ? 0 : NSA_M * 65);  // [BQ][64]
+  // bf16 at G = 16: a warp's rows are one token's heads, summed in registers (head_sum16).
+  const bool head_sum_in_regs = MMA && hpg == 16;
+  float* pt = lse2s + NSA_M;  // [64][65], absent with head_sum_in_regs
+  float* ps = pt + (head_sum_in_regs ? 0 : NSA_M * 65);  // [BQ][64]
   const int BQ = sa.bq;
   float* scores = ps + BQ * 64;     // [BQ][Nb]
   const UnionTile un = carve_union(reinterpret_cast<int*>(scores + BQ * sa.Nb), BQ, 0, 32);
@@ -125,8 +127,8 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
   const long long F = key_columns_begin(ks, un, b, S, Hkv, g, t0, BQ, tid, NSA_THREADS);
   const float sl2 = scale * 1.4426950408889634f;
 
-  // Two-stage pipeline as fwd_mma's: tile i + 1's compressed keys are copied (cp.async for
-  // bf16) into the other K buffer while tile i is scored; column sets alternate with it.
+  // attend.cuh's two-stage pipeline: tile i + 1's compressed keys are copied (cp.async for
+  // bf16; fp32 copies synchronously) into the other K buffer while tile i is scored.
   const auto issue = [&](int bi) {
     const UnionTile cu = un.with_buf(bi);
     T* Kt = Ks + bi * NSA_BK * QS;
@@ -144,25 +146,11 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
       }
     }
   };
-  if (F > 0) {
-    key_columns(ks, un.with_buf(0), 0, F, S, tid, NSA_THREADS);
-    __syncthreads();
-    issue(0);
-  }
+  pipeline_start(ks, un, F, S, tid, issue);
   int bi = 0;
   for (long long f0 = 0; f0 < F; f0 += NSA_BK, bi ^= 1) {
-    const bool next = f0 + NSA_BK < F;
     const UnionTile cu = un.with_buf(bi);
-    if (next) key_columns(ks, un.with_buf(bi ^ 1), f0 + NSA_BK, F, S, tid, NSA_THREADS);
-    key_mask(ks, cu, t0, BQ, S, tid, NSA_THREADS);
-    __syncthreads();  // the next tile's columns and this tile's mask are visible
-    if (next) {
-      issue(bi ^ 1);
-      if constexpr (MMA) cp_async_wait<1>();  // this tile's copies are done
-    } else if constexpr (MMA) {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // every thread's part of this tile is visible
+    pipeline_step<MMA>(ks, un, f0, F, bi, t0, BQ, S, tid, issue);
     const T* Kt = Ks + bi * NSA_BK * QS;
     if constexpr (MMA) {
       const int gq = lane / 4, tig = lane % 4;
@@ -200,7 +188,7 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
           sacc[nt][e] = vis ? fast_exp2(sacc[nt][e] * sl2 - lr[e / 2]) : 0.f;
         }
       }
-      if (hpg == 16) {
+      if (head_sum_in_regs) {
         // The warp's 16 rows are one token's heads: Eq. 10 in registers, straight into ps.
         const float2 sum = head_sum16(sacc, lane);
         if (warp < BQ) {
@@ -229,7 +217,7 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
       }
     }
     __syncthreads();
-    if (!(MMA && hpg == 16)) {
+    if (!head_sum_in_regs) {
       // Eq. 10: the group's heads, in head order.
       for (int e = tid; e < BQ * NSA_BK; e += NSA_THREADS) {
         const int i = e / NSA_BK, c = e % NSA_BK;
