@@ -717,8 +717,8 @@ at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
     int64_t qs = bf ? dk + 8 : dk + 1, esz = bf ? 2 : 4;
     auto smem = [&](int64_t bq) {
       int64_t pt = bf && hpg == 16 ? 0 : kM * 65;  // compressed.cu's p tile
-      return 3 * kM * qs * esz + 4 * (kM + pt + bq * 64 + bq * Nb) +  // Q, 2 K tiles
-             4 * union_ints(bq, 0, 32);
+      // 2 K tiles (bf16 stages Q in the second), fp32 a Q tile too; lse2, p, ps, scores, nvis
+      return (bf ? 2 : 3) * kM * qs * esz + 4 * (kM + pt + bq * 64 + bq * Nb + bq);
     };
     int64_t bq = kM / hpg;
     while (bq > 1 && smem(bq) > tab->max_smem) --bq;

@@ -23,11 +23,14 @@
 //   warp per token takes the top n (Eq. 11) as nsa-select does: block 0 and the n_local blocks
 //   ending at the current one floor(t / l') first (ascending), then the other candidates
 //   (blocks <= the current one) by score, ties to the lower index; padding -1; written
-//   ascending. The next tile's keys are copied while this one is scored (two K buffers, as
-//   fwd_mma). With bf16 and G = 16 a warp's rows are one token's heads and Eq. 10 is summed in
-//   registers (head_sum16). Shared: Q [64][DK + pad], K [2][64][DK + pad] (bf16 or fp32),
-//   lse2 [64], p [64][65] (not for bf16 with G = 16), ps [BQ][64], scores [BQ][Nb], then the
-//   union tile's column sets.
+//   ascending. A token's visible compressed tokens are a prefix of the stream (Eq. 7), so
+//   its mask words per tile come from one count (nvis) without a column table. The next
+//   tile's keys are copied while this one is scored (two K buffers). bf16: a warp keeps its
+//   16 rows' A fragments of Q (all of DK) in registers, so Q passes once through the second K
+//   buffer and the tile loop loads only K fragments; with G = 16 a warp's rows are one
+//   token's heads and Eq. 10 is summed in registers (head_sum16). Shared: K [2][64][DK + pad]
+//   (fp32: then Q [64][DK + 1]), lse2 [64], p [64][65] (not for bf16 with G = 16),
+//   ps [BQ][64], scores [BQ][Nb], nvis [BQ]. Two barriers per tile (three with the p tile).
 #include "attend.cuh"
 #include "select.cuh"
 
@@ -78,6 +81,13 @@ __device__ __forceinline__ float2 head_sum16(const float (&p)[NSA_BK / 8][4], in
   return make_float2(y[0], y[1]);
 }
 
+// Mask word `half` (columns half * 32 .. + 31) of a row that reads the first `cnt` columns of
+// the tile (0 <= cnt <= 64): compressed tokens are visible as a prefix (Eq. 7).
+__device__ __forceinline__ unsigned prefix_word(int cnt, int half) {
+  const int c = cnt - half * 32;
+  return c <= 0 ? 0u : c >= 32 ? 0xffffffffu : (1u << c) - 1u;
+}
+
 template <typename T, int DK>
 __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
                            const float* __restrict__ lse, long long* __restrict__ out_ids,
@@ -85,18 +95,19 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
                            const SelectArgs sa) {
   constexpr bool MMA = sizeof(T) == 2;
   constexpr int QS = MMA ? DK + 8 : DK + 1;  // fp32: odd stride, conflict-free column reads
+  static_assert(NSA_M == NSA_BK, "Q is staged in a K tile buffer");
   extern __shared__ __align__(16) unsigned char smraw[];
-  T* Qs = reinterpret_cast<T*>(smraw);
-  T* Ks = Qs + NSA_M * QS;  // two tiles
-  float* lse2s = reinterpret_cast<float*>(Ks + 2 * NSA_BK * QS);
+  T* Ks = reinterpret_cast<T*>(smraw);  // two tiles
+  // bf16: Q passes through K buffer 1 into the warps' registers before the stream starts.
+  T* Qs = Ks + (MMA ? 1 : 2) * NSA_BK * QS;
+  float* lse2s = reinterpret_cast<float*>(Ks + (MMA ? 2 : 3) * NSA_BK * QS);  // [64]
   // bf16 at G = 16: a warp's rows are one token's heads, summed in registers (head_sum16).
   const bool head_sum_in_regs = MMA && hpg == 16;
   float* pt = lse2s + NSA_M;  // [64][65], absent with head_sum_in_regs
   float* ps = pt + (head_sum_in_regs ? 0 : NSA_M * 65);  // [BQ][64]
   const int BQ = sa.bq;
-  float* scores = ps + BQ * 64;     // [BQ][Nb]
-  const UnionTile un = carve_union(reinterpret_cast<int*>(scores + BQ * sa.Nb), BQ, 0, 32);
-  const KeySpec ks = compressed_keys(Nc, cl, cd);
+  float* scores = ps + BQ * 64;                                // [BQ][Nb]
+  int* nvis = reinterpret_cast<int*>(scores + BQ * sa.Nb);  // [BQ]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int t0 = blockIdx.x * BQ, g = blockIdx.y, b = blockIdx.z;
@@ -111,7 +122,7 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
       const long long row = row_of(r);
       return row < 0 ? nullptr : reinterpret_cast<const __nv_bfloat16*>(q) + row * DK;
     }, tid, NSA_THREADS);
-    cp_async_wait_all();  // completed for every thread by key_columns_begin's barriers
+    cp_async_wait_all();
   } else {
     for (int e = tid; e < NSA_M * DK; e += NSA_THREADS) {
       const int r = e / DK, d = e % DK;
@@ -124,62 +135,78 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
     lse2s[r] = row < 0 ? INFINITY : lse[row] * 1.4426950408889634f;
   }
   for (int e = tid; e < BQ * sa.Nb; e += NSA_THREADS) scores[e] = 0.f;
-  const long long F = key_columns_begin(ks, un, b, S, Hkv, g, t0, BQ, tid, NSA_THREADS);
+  // Token t0 + i reads compressed tokens 0 .. nvis[i] - 1 (Eq. 7): a prefix of the stream of
+  // F columns, F = the last token's count, so a tile's mask words follow from nvis alone.
+  const KeySpec ks = compressed_keys(Nc, cl, cd);
+  for (int i = tid; i < BQ; i += NSA_THREADS) {
+    nvis[i] = t0 + i < S ? num_visible_compressed(ks, t0 + i) : 0;
+  }
+  const int F = num_visible_compressed(ks, min(t0 + BQ, S) - 1);
+  __syncthreads();  // Q, lse2s, nvis and the zeroed scores are visible
   const float sl2 = scale * 1.4426950408889634f;
 
-  // attend.cuh's two-stage pipeline: tile i + 1's compressed keys are copied (cp.async for
-  // bf16; fp32 copies synchronously) into the other K buffer while tile i is scored.
-  const auto issue = [&](int bi) {
-    const UnionTile cu = un.with_buf(bi);
-    T* Kt = Ks + bi * NSA_BK * QS;
+  // The warp's rows r0 = warp * 16 + gq (C-fragment elements 0, 1) and r1 = r0 + 8 (2, 3):
+  // their visible counts and lse2, and (bf16) the A fragments of all of Q's DK columns, held
+  // in registers for the whole stream.
+  const int gq = lane / 4, tig = lane % 4;
+  const int r0 = warp * 16 + gq, r1 = r0 + 8;
+  const int nv0 = r0 < nrows ? nvis[r0 / hpg] : 0, nv1 = r1 < nrows ? nvis[r1 / hpg] : 0;
+  const float lr[2] = {lse2s[r0], lse2s[r1]};
+  unsigned qa[MMA ? DK / 16 : 1][4];
+  if constexpr (MMA) {
+#pragma unroll
+    for (int kt = 0; kt < DK / 16; ++kt) {
+      load_a_x4(qa[kt], reinterpret_cast<const __nv_bfloat16*>(Qs), QS, warp * 16, kt * 16, lane);
+    }
+  }
+
+  // Two-stage stream: tile f + 64's compressed keys are copied (cp.async for bf16; fp32 copies
+  // synchronously) into the other buffer while tile f is scored.
+  const auto issue = [&](int f, int buf) {
+    T* Kt = Ks + buf * NSA_BK * QS;
     if constexpr (MMA) {
-      copy_rows<DK>(reinterpret_cast<__nv_bfloat16*>(Kt), QS, NSA_BK, [&](int c) {
-        const int p = cu.colpos[c];
-        return p < 0 ? nullptr
-                     : reinterpret_cast<const __nv_bfloat16*>(ck) + (((long long)b * Nc + p) * Hkv + g) * DK;
-      }, tid, NSA_THREADS);
+      const long long rs = (long long)Hkv * DK;  // compressed token p of (b, g) at ckg + p * rs
+      const __nv_bfloat16* ckg = reinterpret_cast<const __nv_bfloat16*>(ck) + ((long long)b * Nc * Hkv + g) * DK;
+      copy_rows_strided<DK, NSA_BK, NSA_THREADS>(reinterpret_cast<__nv_bfloat16*>(Kt), QS,
+                                                 ckg + f * rs, rs, F - f, tid);
       cp_async_commit();
     } else {
       for (int e = tid; e < NSA_BK * DK; e += NSA_THREADS) {
-        const int c = e / DK, d = e % DK, p = cu.colpos[c];
-        Kt[c * QS + d] = p < 0 ? from_f<T>(0.f) : ck[(((long long)b * Nc + p) * Hkv + g) * DK + d];
+        const int c = e / DK, d = e % DK, p = f + c;
+        Kt[c * QS + d] = p < F ? ck[(((long long)b * Nc + p) * Hkv + g) * DK + d] : from_f<T>(0.f);
       }
     }
   };
-  pipeline_start(ks, un, F, S, tid, issue);
+  if (F > 0) issue(0, 0);  // into buffer 0: Q sits in buffer 1 until the first barrier below
   int bi = 0;
-  for (long long f0 = 0; f0 < F; f0 += NSA_BK, bi ^= 1) {
-    const UnionTile cu = un.with_buf(bi);
-    pipeline_step<MMA>(ks, un, f0, F, bi, t0, BQ, S, tid, issue);
+  for (int f0 = 0; f0 < F; f0 += NSA_BK, bi ^= 1) {
+    if constexpr (MMA) cp_async_wait<0>();
+    // Tile f0 is in buffer bi for every thread; buffer bi ^ 1 (the last tile, or Q), pt and ps
+    // are no longer read.
+    __syncthreads();
+    if (f0 + NSA_BK < F) issue(f0 + NSA_BK, bi ^ 1);
     const T* Kt = Ks + bi * NSA_BK * QS;
     if constexpr (MMA) {
-      const int gq = lane / 4, tig = lane % 4;
-      const __nv_bfloat16* Qb = reinterpret_cast<const __nv_bfloat16*>(Qs);
       const __nv_bfloat16* Kb = reinterpret_cast<const __nv_bfloat16*>(Kt);
-      // Rows r0 (elements 0, 1) and r1 (2, 3): their tokens' mask words and lse2, read once.
-      const int r0 = warp * 16 + gq, r1 = r0 + 8;
-      const bool ok0 = r0 < nrows, ok1 = r1 < nrows;
-      const unsigned mk0[2] = {ok0 ? cu.kmask[r0 / hpg * 2] : 0u, ok0 ? cu.kmask[r0 / hpg * 2 + 1] : 0u};
-      const unsigned mk1[2] = {ok1 ? cu.kmask[r1 / hpg * 2] : 0u, ok1 ? cu.kmask[r1 / hpg * 2 + 1] : 0u};
+      const int n0 = min(max(nv0 - f0, 0), NSA_BK), n1 = min(max(nv1 - f0, 0), NSA_BK);
+      const unsigned mk0[2] = {prefix_word(n0, 0), prefix_word(n0, 1)};
+      const unsigned mk1[2] = {prefix_word(n1, 0), prefix_word(n1, 1)};
       float sacc[NSA_BK / 8][4];
 #pragma unroll
       for (int nt = 0; nt < NSA_BK / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
       // A warp whose rows see none of the tile's columns writes zeros without the products.
-      if (__any_sync(0xffffffffu, (mk0[0] | mk0[1] | mk1[0] | mk1[1]) != 0u)) {
+      if (__any_sync(0xffffffffu, (n0 | n1) != 0)) {
 #pragma unroll
         for (int kt = 0; kt < DK / 16; ++kt) {
-          unsigned a[4];
-          load_a_x4(a, Qb, QS, warp * 16, kt * 16, lane);
 #pragma unroll
           for (int nt = 0; nt < NSA_BK / 8; nt += 2) {
             unsigned bb[4];
             load_b_x2(bb, Kb, QS, nt * 8, kt * 16, lane);
-            mma_bf16(sacc[nt], a[0], a[1], a[2], a[3], bb[0], bb[1]);
-            mma_bf16(sacc[nt + 1], a[0], a[1], a[2], a[3], bb[2], bb[3]);
+            mma_bf16(sacc[nt], qa[kt][0], qa[kt][1], qa[kt][2], qa[kt][3], bb[0], bb[1]);
+            mma_bf16(sacc[nt + 1], qa[kt][0], qa[kt][1], qa[kt][2], qa[kt][3], bb[2], bb[3]);
           }
         }
       }
-      const float lr[2] = {lse2s[r0], lse2s[r1]};
 #pragma unroll
       for (int nt = 0; nt < NSA_BK / 8; ++nt) {
 #pragma unroll
@@ -206,9 +233,9 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
       }
     } else {
       for (int e = tid; e < NSA_M * NSA_BK; e += NSA_THREADS) {
-        const int r = e / NSA_BK, c = e % NSA_BK, i = r / hpg;
+        const int r = e / NSA_BK, c = e % NSA_BK;
         float p = 0.f;
-        if (r < nrows && ((cu.kmask[i * 2 + c / 32] >> (c % 32)) & 1u)) {
+        if (r < nrows && f0 + c < nvis[r / hpg]) {
           float s = 0.f;
           for (int d = 0; d < DK; ++d) s = fmaf(to_f(Qs[r * QS + d]), to_f(Kt[c * QS + d]), s);
           p = exp2f(s * sl2 - lse2s[r]);
@@ -227,24 +254,24 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
       }
       __syncthreads();
     }
-    // Eq. 9: blocks whose taps reach into columns f0 .. f0 + 63.
+    // Eq. 9: blocks whose taps reach into columns f0 .. f0 + 63; one thread per (token, block)
+    // adds the tile's taps in tap order.
     const Taps& tp = sa.taps;
-    long long jlo = f0 - tp.first - (tp.count - 1);
+    int jlo = f0 - tp.first - (tp.count - 1);
     jlo = jlo <= 0 ? 0 : (jlo + tp.step - 1) / tp.step;
-    const long long jhi = min((long long)sa.Nb - 1, (f0 + NSA_BK - 1 - tp.first) / tp.step);
-    const int nj = jhi >= jlo ? (int)(jhi - jlo + 1) : 0;
-    for (int e = tid; e < BQ * nj; e += NSA_THREADS) {
-      const int i = e / nj;
-      const long long j = jlo + e % nj;
-      float acc = 0.f;
-      for (int kk = 0; kk < tp.count; ++kk) {
-        const long long ci = j * tp.step + tp.first + kk - f0;
-        if (ci >= 0 && ci < NSA_BK) acc += (float)tp.w[kk] * ps[i * NSA_BK + ci];
+    const int jhi = min(sa.Nb - 1, (f0 + NSA_BK - 1 - tp.first) / tp.step);
+    for (int i = warp; i < BQ; i += NSA_THREADS / 32) {
+      for (int j = jlo + lane; j <= jhi; j += 32) {
+        float acc = 0.f;
+        for (int kk = 0; kk < tp.count; ++kk) {
+          const int ci = j * tp.step + tp.first + kk - f0;
+          if (ci >= 0 && ci < NSA_BK) acc += (float)tp.w[kk] * ps[i * NSA_BK + ci];
+        }
+        scores[i * sa.Nb + j] += acc;
       }
-      scores[i * sa.Nb + j] += acc;
     }
-    __syncthreads();
   }
+  __syncthreads();  // every tile's Eq. 9 sums are in scores
 
   // Eq. 11, one warp per token.
   for (int i = warp; i < BQ; i += NSA_THREADS / 32) {

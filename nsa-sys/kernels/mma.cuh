@@ -154,6 +154,36 @@ __device__ __forceinline__ void copy_rows(__nv_bfloat16* tile, int stride, int r
   }
 }
 
+// Rows 0 .. ROWS - 1 of a strided source (row r at src + r * src_stride; rows r >= valid are
+// zeros) into tile (row stride `stride`), WIDTH bf16 a row, by THREADS threads in 16-byte
+// cp.async chunks as copy_rows splits them. For contiguous row ranges (the compressed keys of a
+// key group): a thread's row and chunk offsets are fixed, so the address arithmetic is one
+// multiply-add per row instead of copy_rows' per-row gather.
+template <int WIDTH, int ROWS, int THREADS>
+__device__ __forceinline__ void copy_rows_strided(__nv_bfloat16* tile, int stride,
+                                                  const __nv_bfloat16* src, long long src_stride,
+                                                  int valid, int tid) {
+  constexpr int CH = WIDTH / 8;  // 16-byte chunks per row
+  constexpr int CP = CH % 4 == 0 ? 4 : CH % 2 == 0 ? 2 : 1;
+  constexpr int RP = THREADS / CP;  // rows per pass
+  static_assert(THREADS % CP == 0 && ROWS % RP == 0, "whole passes");
+  const int sub = tid % CP, r0 = tid / CP;
+#pragma unroll
+  for (int pass = 0; pass < ROWS / RP; ++pass) {
+    const int r = r0 + pass * RP;
+    const __nv_bfloat16* s = src + r * src_stride + sub * 8;
+    __nv_bfloat16* d = tile + r * stride + sub * 8;
+#pragma unroll
+    for (int k = 0; k < CH / CP; ++k) {
+      if (r < valid) {
+        cp_async16(d + k * CP * 8, s + k * CP * 8);
+      } else {
+        *reinterpret_cast<uint4*>(d + k * CP * 8) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+  }
+}
+
 // ---- union tile ------------------------------------------------------------------------------
 //
 // A CTA of the query-outer kernels serves BQ consecutive tokens t0 .. t0 + BQ - 1 of one group.
