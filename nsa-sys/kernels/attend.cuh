@@ -66,6 +66,22 @@ __device__ __forceinline__ int num_visible_compressed(const KeySpec& ks, long lo
   return (int)min((long long)ks.kv_len, (t - ks.cl + 1) / ks.cd + 1);
 }
 
+// The K or V rows of key group g in batch b of a [B, kv_len, Hkv, width] tensor: row p at
+// base + p * stride. Computed once per CTA, so a tile copy costs one multiply-add per row.
+struct GroupRows {
+  const __nv_bfloat16* base;
+  long long stride;
+  // Row p, or nullptr (a zero row for copy_rows) for p < 0.
+  __device__ __forceinline__ const __nv_bfloat16* operator()(int p) const {
+    return p < 0 ? nullptr : base + p * stride;
+  }
+};
+
+__device__ __forceinline__ GroupRows group_rows(const __nv_bfloat16* t, int b, int kv_len,
+                                                int Hkv, int g, int width) {
+  return {t + ((long long)b * kv_len * Hkv + g) * width, (long long)Hkv * width};
+}
+
 // Sets up the CTA's column stream (the union for the selected branch) and returns its length F.
 // Every thread calls it; it synchronises.
 __device__ __forceinline__ long long key_columns_begin(const KeySpec& ks, const UnionTile& un,
@@ -186,16 +202,14 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16
 
   // Two-stage pipeline: tile i + 1's columns are set up and its K / V rows copied (cp.async)
   // while tile i is computed; buffers alternate (K / V tile bi, column set bi).
+  const GroupRows krows = group_rows(k, b, ks.kv_len, Hkv, g, DK);
+  const GroupRows vrows = group_rows(v, b, ks.kv_len, Hkv, g, DV);
   const auto issue = [&](int bi) {
     const UnionTile cu = un.with_buf(bi);
-    const auto key_row = [&](const __nv_bfloat16* base, int width) {
-      return [=](int c) -> const __nv_bfloat16* {
-        const int p = cu.colpos[c];
-        return p < 0 ? nullptr : base + (((long long)b * ks.kv_len + p) * Hkv + g) * width;
-      };
-    };
-    copy_rows<DK>(Ks + bi * NSA_BK * QS, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
-    copy_rows<DV>(Vs + bi * NSA_BK * VS, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
+    copy_rows<DK>(Ks + bi * NSA_BK * QS, QS, NSA_BK, [&](int c) { return krows(cu.colpos[c]); },
+                  tid, NSA_THREADS);
+    copy_rows<DV>(Vs + bi * NSA_BK * VS, VS, NSA_BK, [&](int c) { return vrows(cu.colpos[c]); },
+                  tid, NSA_THREADS);
     cp_async_commit();
   };
   pipeline_start(ks, un, F, S, tid, issue);
@@ -362,6 +376,8 @@ __device__ void dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16*
   const bool ok0 = r0 < nrows && t0 + i0 < S, ok1 = r1 < nrows && t0 + i1 < S;
   const float sl2 = scale * 1.4426950408889634f;
   const float lr[2] = {lse2s[r0], lse2s[r1]}, dr[2] = {Dsm[r0], Dsm[r1]};
+  const GroupRows krows = group_rows(k, b, ks.kv_len, Hkv, g, DK);
+  const GroupRows vrows = group_rows(v, b, ks.kv_len, Hkv, g, DV);
   float acc[DK / 8][4];
 #pragma unroll
   for (int nd = 0; nd < DK / 8; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.f;
@@ -369,14 +385,8 @@ __device__ void dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16*
   for (long long f0 = 0; f0 < F; f0 += NSA_BK) {
     key_columns(ks, un, f0, F, S, tid, NSA_THREADS);
     __syncthreads();
-    const auto key_row = [&](const __nv_bfloat16* base, int width) {
-      return [=](int c) -> const __nv_bfloat16* {
-        const int p = un.colpos[c];
-        return p < 0 ? nullptr : base + (((long long)b * ks.kv_len + p) * Hkv + g) * width;
-      };
-    };
-    copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
-    copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
+    copy_rows<DK>(Ks, QS, NSA_BK, [&](int c) { return krows(un.colpos[c]); }, tid, NSA_THREADS);
+    copy_rows<DV>(Vs, VS, NSA_BK, [&](int c) { return vrows(un.colpos[c]); }, tid, NSA_THREADS);
     key_mask(ks, un, t0, BQ, S, tid, NSA_THREADS);
     cp_async_wait_all();
     __syncthreads();
@@ -511,13 +521,9 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gq = lane / 4, tig = lane % 4;
-  const auto key_row = [&](const __nv_bfloat16* base, int width) {
-    return [=](int c) -> const __nv_bfloat16* {
-      return c < nk ? base + (((long long)b * KV + c0 + c) * Hkv + g) * width : nullptr;
-    };
-  };
-  copy_rows<DK>(Ks, QS, NSA_BK, key_row(k, DK), tid, NSA_THREADS);
-  copy_rows<DV>(Vs, VS, NSA_BK, key_row(v, DV), tid, NSA_THREADS);
+  const GroupRows krows = group_rows(k, b, KV, Hkv, g, DK), vrows = group_rows(v, b, KV, Hkv, g, DV);
+  copy_rows_strided<DK, NSA_BK, NSA_THREADS>(Ks, QS, krows(c0), krows.stride, nk, tid);
+  copy_rows_strided<DV, NSA_BK, NSA_THREADS>(Vs, VS, vrows(c0), vrows.stride, nk, tid);
   cp_async_wait_all();  // completed for every thread by the loop's barriers
 
   const int kr0 = warp * 16 + gq, kr1 = kr0 + 8;  // this thread's two keys (chunk-relative)

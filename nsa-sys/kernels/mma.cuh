@@ -308,13 +308,15 @@ __device__ int build_union(const UnionTile& u, const int* __restrict__ ids, int 
 // starting at column f0 of F = U * L. The caller synchronises before reading them.
 __device__ __forceinline__ void union_columns(const UnionTile& u, long long f0, long long F,
                                               int L, int S, int tid, int threads) {
+  // A stream has at most P * L columns and positions are below S, so 32-bit arithmetic
+  // suffices (a 64-bit division is a called subroutine per column and tile).
   for (int c = tid; c < 64; c += threads) {
-    const long long f = f0 + c;
+    const int f = (int)f0 + c;
     int p = -1, slot = 0;
-    if (f < F) {
-      slot = (int)(f / L);
-      const long long pos = (long long)u.uni[slot] * L + f % L;
-      if (pos < S) p = (int)pos;
+    if (f < (int)F) {
+      slot = f / L;
+      const int pos = u.uni[slot] * L + (f - slot * L);
+      if (pos < S) p = pos;
     }
     u.colpos[c] = p;
     u.colu[c] = slot;

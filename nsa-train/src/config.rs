@@ -770,7 +770,8 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// `run.profile` as an inclusive step range.
+    /// `run.profile` as an inclusive range of step numbers as the log prints them (the first
+    /// step is 1).
     pub fn profile_range(&self) -> Result<Option<(u64, u64)>> {
         if self.run.profile.is_empty() {
             return Ok(None);
@@ -790,6 +791,13 @@ impl TrainConfig {
         );
         if a > b {
             bail!("run.profile {:?}: start after end", self.run.profile);
+        }
+        if a < 1 || b > self.run.steps {
+            bail!(
+                "run.profile {:?}: steps are numbered as the log numbers them, 1 to run.steps = {}",
+                self.run.profile,
+                self.run.steps
+            );
         }
         Ok(Some((a, b)))
     }
@@ -1200,5 +1208,18 @@ mod tests {
         let c = resolve(None, &["run.profile=\"3..5\"".to_string()], no_env()).unwrap();
         assert_eq!(c.profile_range().unwrap(), Some((3, 5)));
         assert!(resolve(None, &["run.profile=\"5..3\"".to_string()], no_env()).is_err());
+        // Numbered as the log numbers steps: 1 to run.steps.
+        let with = |range: &str| {
+            resolve(
+                None,
+                &["run.steps=5".to_string(), format!("run.profile={range:?}")],
+                no_env(),
+            )
+        };
+        assert_eq!(with("4..5").unwrap().profile_range().unwrap(), Some((4, 5)));
+        for bad in ["0..2", "4..6"] {
+            let err = format!("{:#}", with(bad).unwrap_err());
+            assert!(err.contains("1 to run.steps = 5"), "{bad}: {err}");
+        }
     }
 }

@@ -76,7 +76,7 @@ struct TrainArgs {
     /// Shorthand for --set fast.nvtx=true.
     #[arg(long)]
     nvtx: bool,
-    /// Shorthand for --set run.profile=A..B (Chrome trace of steps A to B).
+    /// Shorthand for --set run.profile=A..B (Chrome trace of steps A to B, numbered as logged: 1 .. run.steps).
     #[arg(long, value_name = "A..B")]
     profile: Option<String>,
     /// Shorthand for --set run.peak_tflops=X: one device's peak for the MFU (default: the GPU's

@@ -409,3 +409,27 @@ fn impossible_sizes_and_small_lies_are_errors() {
     ])));
     assert!(e.contains("failed"), "{e}");
 }
+
+#[test]
+fn profile_through_the_last_step_writes_its_trace_and_exits_cleanly() {
+    let tmp = tempfile::Builder::new()
+        .prefix("nsa-train-cli-profile-")
+        .tempdir()
+        .unwrap();
+    // Steps are numbered as logged (1 .. 3): the range ends on the run's last step, which once
+    // left the profiler running and crashed the process at exit.
+    let mut a = vec!["train".to_string()];
+    a.extend(tiny(tmp.path(), "prof", 3));
+    a.extend(strs(&["--profile", "2..3"]));
+    ok(&run(&a));
+    let dir = tmp.path().join("prof");
+    let trace = std::fs::read_to_string(dir.join("trace-steps-2-3.json")).unwrap();
+    assert!(trace.contains("traceEvents"), "not a Chrome trace");
+    // A range past the run's steps is a configuration error, before anything is written.
+    let mut a = vec!["train".to_string()];
+    a.extend(tiny(tmp.path(), "prof-bad", 3));
+    a.extend(strs(&["--profile", "3..4"]));
+    let e = err(&run(&a));
+    assert!(e.contains("1 to run.steps = 3"), "{e}");
+    assert!(!tmp.path().join("prof-bad").exists());
+}

@@ -58,6 +58,12 @@ impl Session<'_> {
             "world size × data.batch_size × data.seq_len × optim.grad_accum overflows 64 bits",
         )?;
         let profile = cfg.profile_range()?;
+        // Stops the profiler however the loop ends (an interruption, an error), so it never
+        // outlives the run: left running it crashes the process at exit.
+        let mut profiler = Profiler::new(self.run_dir.join(format!(
+            "trace-steps-{}.json",
+            cfg.run.profile.replace("..", "-")
+        )));
         let mut log = Log {
             writer: if self.writer {
                 Some(MetricsWriter::open(&self.run_dir.join("metrics.jsonl"))?)
@@ -106,20 +112,19 @@ impl Session<'_> {
                 end.interrupted = Some(sig);
                 break;
             }
-            let step = self.state.step;
-            if profile.is_some_and(|(a, _)| a == step) {
-                nsa_sys::train::profiler_start(self.device.is_cuda())?;
+            // Steps are numbered as the log numbers them: this one is `number`.
+            let number = self.state.step + 1;
+            if let Some((a, b)) = profile {
+                if (a..=b).contains(&number) && !profiler.active() {
+                    profiler.start(self.device.is_cuda())?;
+                }
             }
             let Some(done) = self.one_step(stop, &log.bar)? else {
                 // Abandoned for a stop request: the next turn writes the checkpoint.
                 continue;
             };
-            if profile.is_some_and(|(_, b)| b == step) {
-                let trace = self.run_dir.join(format!(
-                    "trace-steps-{}.json",
-                    cfg.run.profile.replace("..", "-")
-                ));
-                nsa_sys::train::profiler_stop(&trace)?;
+            if profile.is_some_and(|(_, b)| b == number) {
+                let trace = profiler.stop()?;
                 log.bar.println(format!(
                     "profile of steps {} written to {}",
                     cfg.run.profile,
@@ -314,5 +319,47 @@ impl Session<'_> {
         log.window_start = Instant::now();
         log.window_tokens = 0;
         Ok(())
+    }
+}
+
+/// libtorch's profiler over a range of steps, writing its Chrome trace to `trace` when stopped
+/// or dropped while running.
+struct Profiler {
+    trace: std::path::PathBuf,
+    running: bool,
+}
+
+impl Profiler {
+    fn new(trace: std::path::PathBuf) -> Self {
+        Self {
+            trace,
+            running: false,
+        }
+    }
+
+    fn active(&self) -> bool {
+        self.running
+    }
+
+    fn start(&mut self, cuda: bool) -> Result<()> {
+        nsa_sys::train::profiler_start(cuda)?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// Stops it and writes the trace; returns the trace's path.
+    fn stop(&mut self) -> Result<&std::path::Path> {
+        self.running = false;
+        nsa_sys::train::profiler_stop(&self.trace)?;
+        Ok(&self.trace)
+    }
+}
+
+impl Drop for Profiler {
+    fn drop(&mut self) {
+        if self.running {
+            // Best effort on an early exit: the trace of the steps that ran.
+            let _ = self.stop();
+        }
     }
 }
