@@ -128,13 +128,11 @@ __device__ __forceinline__ void key_mask(const KeySpec& ks, const UnionTile& un,
   }
 }
 
-// The two-stage column pipeline of fwd_mma and the selection kernel (compressed.cu). `issue(bi)`
-// starts copying the K (and V) rows of column set bi into tile buffer bi: with ASYNC, by
-// cp.async committed as one group, which pipeline_step waits for; without, synchronously (the
-// barriers alone make the rows visible). pipeline_start sets up and issues tile 0;
-// pipeline_step, at the top of tile f0 in buffer bi, sets up tile f0 + 64's columns and this
-// tile's mask, issues the next tile into buffer bi ^ 1 and returns once this tile's rows are
-// visible to every thread.
+// The two-stage column pipeline of fwd_mma. `issue(bi)` starts copying the K and V rows of
+// column set bi into tile buffer bi by cp.async, committed as one group, which pipeline_step
+// waits for. pipeline_start sets up and issues tile 0; pipeline_step, at the top of tile f0 in
+// buffer bi, sets up tile f0 + 64's columns and this tile's mask, issues the next tile into
+// buffer bi ^ 1 and returns once this tile's rows are visible to every thread.
 template <typename Issue>
 __device__ __forceinline__ void pipeline_start(const KeySpec& ks, const UnionTile& un,
                                                long long F, int S, int tid, Issue issue) {
@@ -145,7 +143,7 @@ __device__ __forceinline__ void pipeline_start(const KeySpec& ks, const UnionTil
   }
 }
 
-template <bool ASYNC = true, typename Issue>
+template <typename Issue>
 __device__ __forceinline__ void pipeline_step(const KeySpec& ks, const UnionTile& un,
                                               long long f0, long long F, int bi, int t0, int bq,
                                               int S, int tid, Issue issue) {
@@ -155,8 +153,8 @@ __device__ __forceinline__ void pipeline_step(const KeySpec& ks, const UnionTile
   __syncthreads();  // the next tile's columns and this tile's mask are visible
   if (next) {
     issue(bi ^ 1);
-    if constexpr (ASYNC) cp_async_wait<1>();  // this tile's copies are done, the next's may not be
-  } else if constexpr (ASYNC) {
+    cp_async_wait<1>();  // this tile's copies are done, the next's may not be
+  } else {
     cp_async_wait<0>();
   }
   __syncthreads();  // every thread's part of this tile is visible
@@ -284,20 +282,7 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16
         o[nv][2] *= alpha[1];
         o[nv][3] *= alpha[1];
       }
-#pragma unroll
-      for (int kk = 0; kk < NSA_BK / 16; ++kk) {
-        const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
-        const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
-        const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
-        const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
-#pragma unroll
-        for (int nv = 0; nv < DV / 16; ++nv) {
-          unsigned vb[4];
-          load_b_trans_x2(vb, Vt, VS, kk * 16, nv * 16, lane);
-          mma_bf16(o[2 * nv], a0, a1, a2, a3, vb[0], vb[1]);
-          mma_bf16(o[2 * nv + 1], a0, a1, a2, a3, vb[2], vb[3]);
-        }
-      }
+      mma_c_tile<DV>(o, sacc, Vt, VS, lane);  // O += P V
     }  // the warp reads the tile
     __syncthreads();
   }
@@ -433,20 +418,7 @@ __device__ void dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16*
           sacc[nt][e] = p * (dpacc[nt][e] - dr[e / 2]) * scale;  // ds
         }
       }
-#pragma unroll
-      for (int kk = 0; kk < NSA_BK / 16; ++kk) {
-        const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
-        const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
-        const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
-        const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
-#pragma unroll
-        for (int nd = 0; nd < DK / 16; ++nd) {
-          unsigned kb[4];
-          load_b_trans_x2(kb, Ks, QS, kk * 16, nd * 16, lane);
-          mma_bf16(acc[2 * nd], a0, a1, a2, a3, kb[0], kb[1]);
-          mma_bf16(acc[2 * nd + 1], a0, a1, a2, a3, kb[2], kb[3]);
-        }
-      }
+      mma_c_tile<DK>(acc, sacc, Ks, QS, lane);  // dQ += dS K
     }  // the warp reads the tile
     __syncthreads();
   }

@@ -104,6 +104,29 @@ __device__ __forceinline__ void load_b_trans_x2(unsigned (&b)[4], const __nv_bfl
                : "r"(addr));
 }
 
+// acc += C · T for a warp's 16 x 64 C-fragment tile c (scores or dS, mma.cuh's C layout)
+// rounded to bf16 and fed straight back as the A operand (FlashAttention-2's register reuse),
+// and T = tile rows 0 .. 63, columns 0 .. W - 1 (stride `stride`), loaded by ldmatrix .trans:
+// O += P V in the forwards, dQ += dS K in dQ.
+template <int W>
+__device__ __forceinline__ void mma_c_tile(float (&acc)[W / 8][4], const float (&c)[8][4],
+                                           const __nv_bfloat16* tile, int stride, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const unsigned a0 = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+    const unsigned a1 = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+    const unsigned a2 = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    const unsigned a3 = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+#pragma unroll
+    for (int n = 0; n < W / 16; ++n) {
+      unsigned b[4];
+      load_b_trans_x2(b, tile, stride, kk * 16, n * 16, lane);
+      mma_bf16(acc[2 * n], a0, a1, a2, a3, b[0], b[1]);
+      mma_bf16(acc[2 * n + 1], a0, a1, a2, a3, b[2], b[3]);
+    }
+  }
+}
+
 // Starts copying `rows` rows of `WIDTH` bf16 (a multiple of 8) from global memory (row pointers
 // given by `src_row(r)`, nullptr = zeros) into a shared tile with row stride `stride`, 16 bytes
 // a thread, with cp.async: every load of the tile is in flight at once and nothing passes

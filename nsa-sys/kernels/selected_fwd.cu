@@ -241,20 +241,7 @@ __device__ void slc_fwd_kv(const __nv_bfloat16* __restrict__ q,
     float o[DV / 8][4];
 #pragma unroll
     for (int nv = 0; nv < DV / 8; ++nv) o[nv][0] = o[nv][1] = o[nv][2] = o[nv][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < NSA_BK / 16; ++kk) {
-      const unsigned a0 = pack_bf16(sacc[2 * kk][0], sacc[2 * kk][1]);
-      const unsigned a1 = pack_bf16(sacc[2 * kk][2], sacc[2 * kk][3]);
-      const unsigned a2 = pack_bf16(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
-      const unsigned a3 = pack_bf16(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
-#pragma unroll
-      for (int nv = 0; nv < DV / 16; ++nv) {
-        unsigned vb[4];
-        load_b_trans_x2(vb, Vs, VS, kk * 16, nv * 16, lane);
-        mma_bf16(o[2 * nv], a0, a1, a2, a3, vb[0], vb[1]);
-        mma_bf16(o[2 * nv + 1], a0, a1, a2, a3, vb[2], vb[3]);
-      }
-    }
+    mma_c_tile<DV>(o, sacc, Vs, VS, lane);  // O = P V
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
       const int r = rh == 0 ? r0 : r1, t = tr[rh];
