@@ -37,9 +37,15 @@ def kind(name):
 
 
 def main():
+    if len(sys.argv) < 2:
+        sys.exit("usage: trace_summary.py TRACE.json [LABEL]")
     path = sys.argv[1]
     label = sys.argv[2] if len(sys.argv) > 2 else path
-    events = json.load(open(path))["traceEvents"]
+    try:
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"{path}: not a readable Chrome trace with traceEvents ({e})")
     # Nest the CPU ops of each thread by time to find each op's outermost and parent op.
     by_thread = collections.defaultdict(list)
     for e in events:
