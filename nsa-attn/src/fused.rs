@@ -4,6 +4,8 @@
 //! (CPU tensors, dtypes other than bf16/fp32, and for the window fp32 or `dk ≠ dv`). The
 //! compressed branch and block selection run on the kernels of [`compressed`]'s module
 //! (selection always, the branch's output at inference; in training it is the lean path's).
+//! The gated sum of the branches runs on nsa-sys's pointwise kernel (`gate_mix`), as RoPE
+//! does through `crate::rope::Rope::with_kernel`.
 //!
 //! [`gpu_check`] runs the parity checks of the fused functions against the reference path on
 //! fresh random inputs and returns one [`CheckRow`] per case (for `nsa-train check --gpu`).
@@ -15,6 +17,7 @@ use crate::{lean, reference};
 use nsa_sys::fused as sys;
 
 mod compressed;
+mod pointwise_check;
 mod sync_check;
 pub use compressed::{
     compressed, compressed_and_select, compressed_supported, select_blocks, select_params,
@@ -139,6 +142,33 @@ pub fn window(
     } else {
         out.f_narrow(3, 0, dv)?
     })
+}
+
+/// The gated sum of the branch outputs (Eq. 5), as [`crate::gates`]' `mix`: on the fused
+/// pointwise kernel (`nsa_sys::fused::gate_mix`, one pass each way) when all four are bf16 or
+/// all fp32 on one CUDA device, else with libtorch's operators.
+pub(crate) fn gate_mix(
+    gates: &Tensor,
+    compressed: &Tensor,
+    selected: &Tensor,
+    window: &Tensor,
+) -> Result<Tensor, AttnError> {
+    let kind = compressed.kind();
+    let fits = matches!(compressed.device(), Device::Cuda(_))
+        && matches!(kind, Kind::BFloat16 | Kind::Float)
+        && [gates, selected, window]
+            .iter()
+            .all(|t| t.kind() == kind && t.device() == compressed.device());
+    if !fits {
+        return crate::gates::mix(gates, compressed, selected, window);
+    }
+    sys::gate_mix(
+        &compressed.f_contiguous()?,
+        &selected.f_contiguous()?,
+        &window.f_contiguous()?,
+        &gates.f_contiguous()?,
+    )
+    .map_err(fused_err)
 }
 
 /// The selected branch's visibility from block ids, for the reference path: bool
@@ -559,7 +589,9 @@ fn run_window_case(
 /// the selected branch in fp32 (tolerance 1e-4) and bf16 (1e-2) for 1, 2, 3, 4, 8 and 16 heads
 /// per group, head sizes 64 / 128 / 192 with `dk ≠ dv`, `S` not a multiple of `l'`, `S < l'`,
 /// batch 2, including that dK/dV are bitwise equal over two runs; and the flash window in
-/// bf16 with `S` not a multiple of `w`; the compressed branch and selection; and a whole fused
+/// bf16 with `S` not a multiple of `w`; the compressed branch and selection; the pointwise
+/// kernels (RoPE on a strided slice and on a contiguous tensor, the gated sum; outputs and
+/// gradients, fp32 and bf16, bitwise equal over two runs); and a whole fused
 /// layer's forward and backward under libtorch's sync debug mode set to error (no host
 /// synchronisation). A case that errors is a failed row naming the error.
 /// Without a CUDA device: [`AttnError::Option`] (`gpu_check`).
@@ -616,6 +648,7 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
         rows.push(row);
     }
     rows.extend(compressed::check_rows(device));
+    rows.extend(pointwise_check::check_rows(device));
     rows.extend(sync_check::check_rows(device));
     Ok(rows)
 }

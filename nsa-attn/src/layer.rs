@@ -48,10 +48,10 @@ pub enum AttnPath {
     /// Chunked attention through the custom autograd functions of `nsa_sys::autograd`: never
     /// allocates O(S²); for long sequences and training.
     Lean(LeanOpts),
-    /// The fused CUDA kernels (`crate::fused`) for the selected branch (bf16 / fp32) and the
-    /// sliding window (bf16, `dk == dv`); everything else, the compressed branch and selection
-    /// included, runs as on [`AttnPath::Lean`] with these chunk sizes (so on the CPU this path
-    /// is the lean path).
+    /// On CUDA, the fused kernels (`crate::fused`): the compressed branch and selection, the
+    /// selected branch, the sliding window, RoPE and the gated sum, each where it takes the
+    /// dtype and shapes; whatever they do not take runs as on [`AttnPath::Lean`] with these
+    /// chunk sizes (so on the CPU this path is the lean path).
     Fused(LeanOpts),
 }
 
@@ -228,11 +228,19 @@ impl NsaAttention {
     }
 
     /// Queries, keys and values of all branches for `x` `[B, S, dim]`, token `s` at absolute
-    /// position `s` (RoPE).
+    /// position `s` (RoPE), with libtorch's operators (as [`AttnPath::Reference`] projects).
     pub fn project(&self, x: &Tensor) -> Result<Projections, AttnError> {
+        self.project_for(x, AttnPath::Reference)
+    }
+
+    /// [`NsaAttention::project`] as `path` runs it: [`AttnPath::Fused`] rotates with the fused
+    /// RoPE kernel on CUDA ([`Rope::with_kernel`]); the values are the same up to float
+    /// rounding.
+    pub fn project_for(&self, x: &Tensor, path: AttnPath) -> Result<Projections, AttnError> {
         let (_, s) = self.check_input(x)?;
         let c = &self.cfg;
-        let rope = Rope::new(c.rope_base, c.head_dim_k, s, x.kind(), x.device())?;
+        let rope = Rope::new(c.rope_base, c.head_dim_k, s, x.kind(), x.device())?
+            .with_kernel(matches!(path, AttnPath::Fused(_)))?;
         let raw = self.project_raw(x, &rope)?;
         self.compress_projections(&raw)
     }
@@ -241,17 +249,29 @@ impl NsaAttention {
     /// each K/V projection pair (`[cmp, slc, win]`, or the one pair with `shared_kv`; index
     /// with [`NsaAttention::kv_index`]), rotated by `rope` (which fixes the positions): what
     /// [`NsaAttention::project`] compresses and the decode path (`crate::decode`) caches.
+    ///
+    /// One matmul over the stacked weights `[W_q; W_k…; W_v…]` (keys first, so the rotated
+    /// heads are one contiguous column range), split into views: `x` is read once, cast once
+    /// under autocast, and its gradient comes from one matmul instead of the sum of seven.
+    /// The keys and values are strided views of the stacked output.
     pub(crate) fn project_raw(&self, x: &Tensor, rope: &Rope) -> Result<RawProjections, AttnError> {
         let (b, s) = self.check_input(x)?;
         let c = &self.cfg;
         let (h, g, dk, dv) = (c.heads, c.kv_heads, c.head_dim_k, c.head_dim_v);
-        let q = rope.apply(&linear(&self.wq, x)?.f_view([b, s, h, dk])?)?;
-        let kv = self
-            .kv
-            .iter()
-            .map(|p| -> Result<(Tensor, Tensor), AttnError> {
-                let k = rope.apply(&linear(&p.wk, x)?.f_view([b, s, g, dk])?)?;
-                Ok((k, linear(&p.wv, x)?.f_view([b, s, g, dv])?))
+        let mut weights = vec![&self.wq.ws];
+        weights.extend(self.kv.iter().map(|p| &p.wk.ws));
+        weights.extend(self.kv.iter().map(|p| &p.wv.ws));
+        let pairs = self.kv.len();
+        let mut widths = vec![h * dk];
+        widths.extend(std::iter::repeat_n(g * dk, pairs));
+        widths.extend(std::iter::repeat_n(g * dv, pairs));
+        let stacked = x.f_linear::<&Tensor>(&Tensor::f_cat(&weights, 0)?, None)?;
+        let parts = stacked.f_split_with_sizes(&widths, -1)?;
+        let q = rope.apply(&parts[0].f_view([b, s, h, dk])?)?;
+        let kv = (0..pairs)
+            .map(|i| -> Result<(Tensor, Tensor), AttnError> {
+                let k = rope.apply(&parts[1 + i].f_view([b, s, g, dk])?)?;
+                Ok((k, parts[1 + pairs + i].f_view([b, s, g, dv])?))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RawProjections { q, kv })
@@ -319,7 +339,7 @@ impl NsaAttention {
         x: &Tensor,
         opts: &ForwardOpts,
     ) -> Result<BranchOutputs, AttnError> {
-        let p = self.project(x)?;
+        let p = self.project_for(x, opts.path)?;
         if let AttnPath::Fused(_) = opts.path {
             // One kernel pass gives the compressed branch and the log-sum-exp selection needs.
             let both = {
@@ -356,7 +376,7 @@ impl NsaAttention {
                 got: blocks.size(),
             });
         }
-        let p = self.project(x)?;
+        let p = self.project_for(x, opts.path)?;
         self.finish(
             x,
             &p,
@@ -454,7 +474,10 @@ impl NsaAttention {
         };
         let _r = range("nsa.gate");
         let gates = self.gates(x, opts.gates)?;
-        let mixed = gates::mix(&gates, &compressed, &selected, &window)?;
+        let mixed = match opts.path {
+            AttnPath::Fused(_) => fused::gate_mix(&gates, &compressed, &selected, &window)?,
+            _ => gates::mix(&gates, &compressed, &selected, &window)?,
+        };
         let output = self.output_projection(&mixed)?;
         Ok(BranchOutputs {
             compressed,

@@ -5,7 +5,13 @@
 //! pair `(i, i + dk/2)` of a head at position `s` turns by the angle `s · base^(−2i/dk)`. Values
 //! get no RoPE. Compressed keys get none of their own either: φ ([`crate::phi`]) mixes the
 //! already rotated keys of the tokens a block covers.
-use tch::{Kind, TchError, Tensor};
+//!
+//! [`Rope::with_kernel`] rotates CUDA tensors with one fused kernel each way
+//! (`nsa_sys::fused::rope`) instead of libtorch's chain of elementwise operators; the fused
+//! path of the NSA layer and of the dense baseline use it.
+use tch::{Device, Kind, TchError, Tensor};
+
+use crate::config::AttnError;
 
 /// Rotary position embedding, rotate-half form, for positions `0..S` over head dim `dk`: pair
 /// `(i, i + dk/2)` of a head at position `s` is rotated by `s · base^(−2i/dk)`. Computed in
@@ -17,6 +23,8 @@ pub struct Rope {
     cos: Tensor,
     /// `[S, 1, dk/2]`
     sin: Tensor,
+    /// fp32 `[S, dk/2]` cos and sin for the fused kernel (CUDA tables of [`Rope::new`] only).
+    kernel: Option<(Tensor, Tensor)>,
 }
 
 impl Rope {
@@ -58,11 +66,48 @@ impl Rope {
         Ok(Self {
             cos: angles.f_cos()?.f_to_kind(kind)?,
             sin: angles.f_sin()?.f_to_kind(kind)?,
+            kernel: None,
         })
     }
 
+    /// With `on`, [`Rope::apply`] rotates bf16 and fp32 tensors on CUDA with the fused kernel
+    /// (`nsa_sys::fused::rope`: one pass forward, one backward, fp32 arithmetic, the result
+    /// in the input's dtype). Applies to the tables of [`Rope::new`] on a CUDA device; others
+    /// (CPU, [`Rope::at_positions`]) keep libtorch's operators.
+    ///
+    /// What differs from libtorch's operators: the fp32 products are rounded once per output
+    /// element instead of once per operator, and a bf16 input stays bf16 (libtorch promotes it
+    /// to the tables' fp32 when the activations are fp32 under autocast; the attention kernels
+    /// then round it back to bf16).
+    pub fn with_kernel(mut self, on: bool) -> Result<Self, TchError> {
+        self.kernel = None;
+        if on && matches!(self.cos.device(), Device::Cuda(_)) && self.cos.dim() == 3 {
+            let table = |t: &Tensor| -> Result<Tensor, TchError> {
+                t.f_squeeze_dim(1)?.f_to_kind(Kind::Float)?.f_contiguous()
+            };
+            self.kernel = Some((table(&self.cos)?, table(&self.sin)?));
+        }
+        Ok(self)
+    }
+
+    /// The fp32 `[S, dk/2]` cos and sin tables the fused kernel reads (`None` without
+    /// [`Rope::with_kernel`], or where it does not apply).
+    pub(crate) fn kernel_tables(&self) -> Option<(&Tensor, &Tensor)> {
+        self.kernel.as_ref().map(|(c, s)| (c, s))
+    }
+
     /// `x` `[B, S, heads, dk]` → the same shape, rotated by position.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor, AttnError> {
+        if let Some((cos, sin)) = &self.kernel {
+            if x.device() == cos.device() && matches!(x.kind(), Kind::BFloat16 | Kind::Float) {
+                return Ok(nsa_sys::fused::rope(x, cos, sin)?);
+            }
+        }
+        Ok(self.apply_operators(x)?)
+    }
+
+    /// [`Rope::apply`] with libtorch's elementwise operators.
+    fn apply_operators(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let half = x.size().get(3).copied().unwrap_or(0) / 2;
         let x1 = x.f_narrow(3, 0, half)?;
         let x2 = x.f_narrow(3, half, half)?;
@@ -86,7 +131,6 @@ fn inverse_frequencies(base: f64, dk: i64, device: tch::Device) -> Result<Tensor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
 
     #[test]
     fn rope_is_identity_at_zero_preserves_norms_and_sees_only_offsets() {
@@ -120,6 +164,18 @@ mod tests {
             (dot(5, 2) - dot(4, 2)).abs() > 1e-6,
             "different offsets differ"
         );
+    }
+
+    #[test]
+    fn the_kernel_applies_to_cuda_sequence_tables_only() {
+        let on_cpu = Rope::new(10_000.0, 8, 5, Kind::Float, Device::Cpu)
+            .unwrap()
+            .with_kernel(true)
+            .unwrap();
+        assert!(on_cpu.kernel_tables().is_none());
+        let x = Tensor::randn([2, 5, 3, 8], (Kind::Float, Device::Cpu));
+        let plain = Rope::new(10_000.0, 8, 5, Kind::Float, Device::Cpu).unwrap();
+        assert!(on_cpu.apply(&x).unwrap().equal(&plain.apply(&x).unwrap()));
     }
 
     #[test]

@@ -144,10 +144,17 @@ impl DenseAttention {
         rope: &Rope,
     ) -> Result<(Tensor, Tensor, Tensor), ModelError> {
         let (b, s) = (x.size()[0], x.size()[1]);
-        let heads = |t: Tensor, n: i64, d: i64| t.f_view([b, s, n, d]);
-        let q = rope.apply(&heads(linear(&self.wq, x)?, self.heads, self.dk)?)?;
-        let k = rope.apply(&heads(linear(&self.wk, x)?, self.kv_heads, self.dk)?)?;
-        let v = heads(linear(&self.wv, x)?, self.kv_heads, self.dv)?;
+        // One matmul over the stacked weights, as the NSA layer projects (`x` read and cast
+        // once, one gradient matmul), split into views.
+        let (h, g) = (self.heads, self.kv_heads);
+        let stacked = x.f_linear::<&Tensor>(
+            &Tensor::f_cat(&[&self.wq.ws, &self.wk.ws, &self.wv.ws], 0)?,
+            None,
+        )?;
+        let parts = stacked.f_split_with_sizes([h * self.dk, g * self.dk, g * self.dv], -1)?;
+        let q = rope.apply(&parts[0].f_view([b, s, h, self.dk])?)?;
+        let k = rope.apply(&parts[1].f_view([b, s, g, self.dk])?)?;
+        let v = parts[2].f_view([b, s, g, self.dv])?;
         Ok((
             q.f_transpose(1, 2)?,
             k.f_transpose(1, 2)?,

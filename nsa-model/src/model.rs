@@ -1,5 +1,5 @@
 //! [`Model`]: embedding, decoder blocks, final norm, tied head; parameter init; [`decay_groups`].
-use nsa_attn::{f_linear, ForwardOpts, NsaAttention};
+use nsa_attn::{f_linear, AttnPath, ForwardOpts, NsaAttention};
 use tch::nn;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -201,13 +201,17 @@ impl Model {
         let s = self.check_tokens(tokens)?;
         let mut h = Tensor::f_embedding(&self.embed, tokens, -1, false, false)?;
         let rope = match self.cfg.attention {
-            AttentionKind::Dense => Some(Rope::new(
-                self.cfg.rope_base,
-                self.cfg.head_dim_k,
-                s,
-                h.kind(),
-                h.device(),
-            )?),
+            // The fused path rotates with the RoPE kernel, as the NSA layer does on it.
+            AttentionKind::Dense => Some(
+                Rope::new(
+                    self.cfg.rope_base,
+                    self.cfg.head_dim_k,
+                    s,
+                    h.kind(),
+                    h.device(),
+                )?
+                .with_kernel(matches!(opts.path, AttnPath::Fused(_)))?,
+            ),
             AttentionKind::Nsa => None,
         };
         for block in &self.blocks {

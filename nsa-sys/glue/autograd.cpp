@@ -29,6 +29,7 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include "blocks.h"
+#include "launch.h"
 
 #include <algorithm>
 #include <limits>
@@ -38,6 +39,8 @@
 #include <vector>
 
 namespace {
+
+using nsa_glue::write_error;
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
@@ -300,12 +303,6 @@ struct BlockAttention : public torch::autograd::Function<BlockAttention> {
             Tensor()};
   }
 };
-
-void write_error(const char* what, char* err, size_t err_len) {
-  if (err == nullptr || err_len == 0) return;
-  std::strncpy(err, what, err_len - 1);
-  err[err_len - 1] = '\0';
-}
 
 // Under CUDA autocast q, k and v can arrive in different dtypes (linear outputs in bf16, RoPE or
 // phi outputs in fp32). The functions compute in one dtype: autocast's when autocast is on for

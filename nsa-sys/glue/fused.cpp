@@ -45,6 +45,7 @@
 
 #include "blocks.h"
 #include "cmp_cudnn.h"
+#include "launch.h"
 
 // Mirror of nsa_sys::fused::SlcTable (#[repr(C)]): the driver's cuLaunchKernel and the
 // CUfunction handles of one device. Index of the nine-entry tensor-core families (fwd_mma,
@@ -85,18 +86,14 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-typedef int (*LaunchFn)(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                        unsigned bz, unsigned smem, void* stream, void** args, void** extra);
+using nsa_glue::current_stream;
+using nsa_glue::LaunchFn;
+using nsa_glue::write_error;
 
 constexpr int kThreads = 128;  // NSA_THREADS in the kernels
 constexpr int64_t kKc = 16;    // NSA_KC
 constexpr int64_t kM = 64;     // NSA_M, rows per CTA of the tensor-core forward
 constexpr int64_t kBk = 64;    // NSA_BK, keys per tile of the tensor-core forward
-
-void* current_stream(const c10::Device& device) {
-  const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-  return impl->getStream(device).native_handle();
-}
 
 void launch(const NsaSlcTable* tab, void* fn, const char* what, int64_t gx, int64_t gy,
             int64_t gz, int64_t smem, void* stream, void** args) {
@@ -520,12 +517,6 @@ struct CompressedFused : public torch::autograd::Function<CompressedFused> {
     return {dq, dk_t, dv_t, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
-
-void write_error(const char* what, char* err, size_t err_len) {
-  if (err == nullptr || err_len == 0) return;
-  std::strncpy(err, what, err_len - 1);
-  err[err_len - 1] = '\0';
-}
 
 // Under CUDA autocast q, k, v may differ in dtype (bf16 projections, fp32 RoPE output): compute
 // in autocast's dtype when the promoted type is fp32, as the lean functions do. The casts stay

@@ -31,6 +31,7 @@ use crate::SysError;
 
 mod compressed;
 mod decode;
+mod pointwise;
 pub use compressed::{
     compressed_attention, compressed_forward, select_blocks, CompressedBackend, SelectParams,
 };
@@ -38,6 +39,7 @@ pub use decode::{
     decode_kernels, DecodeGraph, DecodeInputs, DecodeKernels, DecodeParams, DecodeStep,
     DECODE_MAX_DV, DECODE_MAX_GROUP, DECODE_MAX_TOP_N,
 };
+pub use pointwise::{gate_mix, pointwise_kernels, rope, PointwiseKernels};
 
 /// Options of the fused kernels' compilation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

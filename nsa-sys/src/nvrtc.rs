@@ -64,8 +64,15 @@ pub const DECODE: KernelSource = KernelSource {
     source: include_str!("../kernels/decode.cu"),
 };
 
+/// Rotary position embedding and the gated sum of the branches (one pass each way).
+pub const POINTWISE: KernelSource = KernelSource {
+    name: "pointwise.cu",
+    source: include_str!("../kernels/pointwise.cu"),
+};
+
 /// Every kernel family in the repository (the CPU test compiles all of them).
-pub const ALL_SOURCES: [KernelSource; 4] = [SELECTED_FWD, SELECTED_BWD, COMPRESSED, DECODE];
+pub const ALL_SOURCES: [KernelSource; 5] =
+    [SELECTED_FWD, SELECTED_BWD, COMPRESSED, DECODE, POINTWISE];
 
 /// Errors of loading NVRTC, compiling, and the CUBIN cache.
 #[derive(Debug, thiserror::Error)]

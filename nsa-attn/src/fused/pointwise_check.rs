@@ -1,0 +1,199 @@
+//! GPU check rows of the pointwise kernels (`nsa_sys::fused::{rope, gate_mix}`), on the
+//! tables of [`Rope::with_kernel`], against libtorch's operators in
+//! float64, output and every gradient, on fresh random inputs, memory NaN-poisoned before each
+//! launch, run twice (the second must equal the first bit for bit).
+use tch::{Device, Kind, Tensor};
+
+use super::{kind_name, poison, rel_err, CheckRow};
+use crate::config::AttnError;
+use crate::rope::Rope;
+use nsa_sys::fused as sys;
+
+/// The rows: RoPE on slices of a stacked projection (strided rows) and on a contiguous tensor,
+/// and the gated sum, each in fp32 and bf16.
+pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
+    let mut rows = Vec::new();
+    for kind in [Kind::Float, Kind::BFloat16] {
+        // (B, S, heads X, dk, columns before the slice, columns after it)
+        for (b, s, x, dk, before, after) in [(2, 37, 5, 64, 96, 64), (1, 130, 3, 192, 0, 0)] {
+            let name = format!(
+                "rope {} B={b} S={s} X={x} dk={dk} {}",
+                kind_name(kind),
+                if before + after > 0 {
+                    "strided"
+                } else {
+                    "contiguous"
+                }
+            );
+            let shape = RopeCase {
+                b,
+                s,
+                x,
+                dk,
+                before,
+                after,
+            };
+            rows.push(
+                rope_case(shape, kind, device)
+                    .map(|(e, det)| row(name.clone(), kind, e, det))
+                    .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
+            );
+        }
+        for (b, s, h, dv) in [(2, 33, 6, 64), (1, 70, 4, 128)] {
+            let name = format!("gate mix {} B={b} S={s} H={h} dv={dv}", kind_name(kind));
+            rows.push(
+                mix_case([b, s, h, dv], kind, device)
+                    .map(|(e, det)| row(name.clone(), kind, e, det))
+                    .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
+            );
+        }
+    }
+    rows
+}
+
+fn tolerance(kind: Kind) -> f64 {
+    if kind == Kind::BFloat16 {
+        1e-2
+    } else {
+        1e-4
+    }
+}
+
+fn row(name: String, kind: Kind, (err, which): (f64, String), deterministic: bool) -> CheckRow {
+    let tol = tolerance(kind);
+    CheckRow {
+        name,
+        max_rel_err: err,
+        tolerance: tol,
+        passed: err.is_finite() && err <= tol && deterministic,
+        detail: if deterministic {
+            format!("worst: {which}")
+        } else {
+            format!("worst: {which}; two runs differ")
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RopeCase {
+    b: i64,
+    s: i64,
+    x: i64,
+    dk: i64,
+    before: i64,
+    after: i64,
+}
+
+/// Output and the gradients of `inputs` of `f`, backward through `Σ out · dout` in float64,
+/// with memory poisoned before the forward and the backward.
+fn run(
+    inputs: &[Tensor],
+    dout: &Tensor,
+    f: impl Fn(&[Tensor]) -> Result<Tensor, AttnError>,
+) -> Result<Vec<Tensor>, AttnError> {
+    let leaves = inputs
+        .iter()
+        .map(|t| t.f_detach()?.f_set_requires_grad(true))
+        .collect::<Result<Vec<_>, _>>()?;
+    poison(dout.device());
+    let out = f(&leaves)?;
+    poison(dout.device());
+    let loss = out
+        .f_to_kind(Kind::Double)?
+        .f_mul(&dout.f_to_kind(Kind::Double)?)?
+        .f_sum(Kind::Double)?;
+    let refs: Vec<&Tensor> = leaves.iter().collect();
+    let mut all = vec![out.f_detach()?];
+    all.extend(Tensor::f_run_backward(&[&loss], &refs, false, false)?);
+    Ok(all)
+}
+
+/// The worst relative error of `got` against `want` (named by `names`), and whether `again`
+/// equals `got` bit for bit.
+fn judge(
+    got: &[Tensor],
+    again: &[Tensor],
+    want: &[Tensor],
+    names: &[&str],
+) -> Result<((f64, String), bool), AttnError> {
+    let mut worst = (0.0f64, names[0].to_string());
+    for ((g, w), name) in got.iter().zip(want).zip(names) {
+        let e = rel_err(g, w)?;
+        if e.is_nan() || e > worst.0 {
+            worst = (e, name.to_string());
+        }
+    }
+    let same = got
+        .iter()
+        .zip(again)
+        .all(|(a, b)| a.size() == b.size() && a.kind() == b.kind() && a.equal(b));
+    Ok((worst, same))
+}
+
+fn rope_case(c: RopeCase, kind: Kind, device: Device) -> Result<((f64, String), bool), AttnError> {
+    let width = c.x * c.dk;
+    // The projection the slice comes from: [B, S, before + X·dk + after].
+    let stacked = Tensor::f_randn(
+        [c.b, c.s, c.before + width + c.after],
+        (Kind::Float, device),
+    )?
+    .f_to_kind(kind)?;
+    let dout = Tensor::f_randn([c.b, c.s, c.x, c.dk], (Kind::Float, device))?;
+    let slice = |t: &Tensor| -> Result<Tensor, AttnError> {
+        Ok(t.f_narrow(2, c.before, width)?
+            .f_view([c.b, c.s, c.x, c.dk])?)
+    };
+    let fused_rope = Rope::new(10_000.0, c.dk, c.s, Kind::Float, device)?.with_kernel(true)?;
+    // The kernel itself on the tables `Rope::apply` hands it (a silent fallback to the
+    // operators would otherwise pass this check).
+    let Some((cos, sin)) = fused_rope.kernel_tables() else {
+        return Err(AttnError::Option {
+            option: "gpu_check",
+            reason: "Rope::with_kernel(true) on CUDA built no kernel tables".into(),
+        });
+    };
+    let fused =
+        |t: &[Tensor]| -> Result<Tensor, AttnError> { Ok(sys::rope(&slice(&t[0])?, cos, sin)?) };
+    let got = run(std::slice::from_ref(&stacked), &dout, fused)?;
+    let again = run(std::slice::from_ref(&stacked), &dout, fused)?;
+    let reference_rope = Rope::new(10_000.0, c.dk, c.s, Kind::Double, device)?;
+    let want = run(&[stacked.f_to_kind(Kind::Double)?], &dout, |t| {
+        reference_rope.apply(&slice(&t[0])?)
+    })?;
+    judge(&got, &again, &want, &["out", "dx"])
+}
+
+fn mix_case(
+    [b, s, h, dv]: [i64; 4],
+    kind: Kind,
+    device: Device,
+) -> Result<((f64, String), bool), AttnError> {
+    let randn = |shape: [i64; 4]| -> Result<Tensor, AttnError> {
+        Ok(Tensor::f_randn(shape, (Kind::Float, device))?.f_to_kind(kind)?)
+    };
+    let inputs = [
+        randn([b, s, h, dv])?,
+        randn([b, s, h, dv])?,
+        randn([b, s, h, dv])?,
+        Tensor::f_rand([b, s, h, 3], (Kind::Float, device))?.f_to_kind(kind)?,
+    ];
+    let dout = Tensor::f_randn([b, s, h, dv], (Kind::Float, device))?;
+    let fused = |t: &[Tensor]| -> Result<Tensor, AttnError> {
+        Ok(sys::gate_mix(&t[0], &t[1], &t[2], &t[3])?)
+    };
+    let got = run(&inputs, &dout, fused)?;
+    let again = run(&inputs, &dout, fused)?;
+    let doubles = inputs
+        .iter()
+        .map(|t| t.f_to_kind(Kind::Double))
+        .collect::<Result<Vec<_>, _>>()?;
+    let want = run(&doubles, &dout, |t| {
+        crate::gates::mix(&t[3], &t[0], &t[1], &t[2])
+    })?;
+    judge(
+        &got,
+        &again,
+        &want,
+        &["out", "d o_cmp", "d o_slc", "d o_win", "d gates"],
+    )
+}

@@ -1,0 +1,189 @@
+// Custom autograd functions over the pointwise kernels of nsa-sys/kernels/pointwise.cu:
+// rotary position embedding (RopeFused) and the gated sum of the three branches (GateMixFused).
+// Launched with the cuLaunchKernel pointer and CUfunction handles Rust loaded
+// (NsaPointwiseTable), on libtorch's current CUDA stream of the tensors' device.
+//
+//   RopeFused:    x [B, S, X, dk] (bf16 or fp32, last axis contiguous, other strides free),
+//                 cos / sin fp32 [S, dk/2] -> y [B, S, X, dk] contiguous in x's dtype.
+//                 Backward: the inverse rotation of dy (any float dtype) -> dx in x's dtype.
+//   GateMixFused: branch outputs oc, os, ow [B, S, H, dv] and gates g [B, S, H, 3], one dtype
+//                 (bf16 or fp32) -> o [B, S, H, dv]. Backward: doc, dos, dow and dg.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "launch.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+// Mirror of nsa_sys::fused::pointwise::PointwiseTable (#[repr(C)]). rope: index
+// 2 * (input is fp32) + (output is fp32) over {bf16, fp32}; mix, mix_bwd: 0 = bf16, 1 = fp32.
+struct NsaPointwiseTable {
+  void* launch;
+  void* rope[4];
+  void* mix[2];
+  void* mix_bwd[2];
+  int32_t sm_count;
+};
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using nsa_glue::LaunchFn;
+using nsa_glue::write_error;
+
+constexpr int64_t kThreads = 256;  // NSA_POINTWISE_THREADS
+
+const NsaPointwiseTable* table_of(int64_t ptr) {
+  return reinterpret_cast<const NsaPointwiseTable*>(ptr);
+}
+
+// Launches `fn` over `work` items with grid-stride loops: enough CTAs to fill the device a
+// few times over, never more than the work needs.
+void launch(const NsaPointwiseTable* tab, void* fn, const char* what, int64_t work,
+            const c10::Device& device, void** args) {
+  TORCH_CHECK(fn != nullptr, what, ": kernel not loaded");
+  if (work == 0) return;
+  int64_t grid = std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(tab->sm_count) * 16);
+  // The kernel handles belong to the device's primary context: make it current.
+  c10::DeviceGuard guard(device);
+  void* stream = nsa_glue::current_stream(device);
+  int rc = reinterpret_cast<LaunchFn>(tab->launch)(fn, unsigned(grid), 1, 1, unsigned(kThreads), 1,
+                                                    1, 0, stream, args, nullptr);
+  TORCH_CHECK(rc == 0, "cuLaunchKernel(", what, ") failed with CUDA driver error ", rc);
+}
+
+int fp32(const Tensor& t) { return t.scalar_type() == at::kFloat ? 1 : 0; }
+
+// y = rotate(x, sign) into a new contiguous tensor of dtype `out_type`.
+Tensor rotate(const NsaPointwiseTable* tab, const Tensor& x, const Tensor& cos_t,
+              const Tensor& sin_t, float sign, at::ScalarType out_type) {
+  auto y = at::empty(x.sizes(), x.options().dtype(out_type));
+  int64_t S = x.size(1), X = x.size(2), half = x.size(3) / 2;
+  int64_t pairs = x.size(0) * S * X * half;
+  long long xb = x.stride(0), xs = x.stride(1), xh = x.stride(2), n = pairs;
+  const void* xp = x.data_ptr();
+  const void* cp = cos_t.data_ptr();
+  const void* sp = sin_t.data_ptr();
+  void* yp = y.data_ptr();
+  int s32 = int(S), x32 = int(X), h32 = int(half);
+  void* args[] = {&xp, &xb, &xs, &xh, &cp, &sp, &sign, &yp, &s32, &x32, &h32, &n};
+  launch(tab, tab->rope[2 * fp32(x) + (out_type == at::kFloat ? 1 : 0)], "nsa_rope", pairs,
+         x.device(), args);
+  return y;
+}
+
+struct RopeFused : public torch::autograd::Function<RopeFused> {
+  static Tensor forward(AutogradContext* ctx, Tensor x, Tensor cos_t, Tensor sin_t,
+                        int64_t table) {
+    ctx->save_for_backward({cos_t, sin_t});
+    ctx->saved_data["table"] = table;
+    ctx->saved_data["fp32"] = int64_t(fp32(x));
+    return rotate(table_of(table), x, cos_t, sin_t, 1.0f, x.scalar_type());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto out_type = ctx->saved_data["fp32"].toInt() != 0 ? at::kFloat : at::kBFloat16;
+    auto dy = grads[0];
+    if (dy.scalar_type() != at::kFloat && dy.scalar_type() != at::kBFloat16) dy = dy.to(out_type);
+    if (dy.stride(3) != 1) dy = dy.contiguous();
+    auto dx = rotate(table_of(ctx->saved_data["table"].toInt()), dy, s[0], s[1], -1.0f, out_type);
+    return {dx, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct GateMixFused : public torch::autograd::Function<GateMixFused> {
+  static Tensor forward(AutogradContext* ctx, Tensor oc, Tensor os, Tensor ow, Tensor g,
+                        int64_t table) {
+    ctx->save_for_backward({oc, os, ow, g});
+    ctx->saved_data["table"] = table;
+    const auto* tab = table_of(table);
+    auto o = at::empty_like(oc);
+    long long n = oc.numel();
+    int dv = int(oc.size(3));
+    const void *pc = oc.data_ptr(), *ps = os.data_ptr(), *pw = ow.data_ptr(), *pg = g.data_ptr();
+    void* po = o.data_ptr();
+    void* args[] = {&pc, &ps, &pw, &pg, &po, &dv, &n};
+    launch(tab, tab->mix[fp32(oc)], "nsa_gate_mix", n, oc.device(), args);
+    return o;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const auto* tab = table_of(ctx->saved_data["table"].toInt());
+    auto dout = grads[0].to(s[0].scalar_type()).contiguous();
+    auto doc = at::empty_like(s[0]), dos = at::empty_like(s[0]), dow = at::empty_like(s[0]);
+    auto dg = at::empty_like(s[3]);
+    int dv = int(s[0].size(3));
+    long long rows = s[0].numel() / dv;
+    const void *pc = s[0].data_ptr(), *ps = s[1].data_ptr(), *pw = s[2].data_ptr(),
+               *pg = s[3].data_ptr(), *pd = dout.data_ptr();
+    void *qc = doc.data_ptr(), *qs = dos.data_ptr(), *qw = dow.data_ptr(), *qg = dg.data_ptr();
+    void* args[] = {&pc, &ps, &pw, &pg, &pd, &qc, &qs, &qw, &qg, &dv, &rows};
+    // One warp per row.
+    launch(tab, tab->mix_bwd[fp32(s[0])], "nsa_gate_mix_bwd", rows * 32, s[0].device(), args);
+    return {doc, dos, dow, dg, Tensor()};
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Rotary embedding of x by the tables (shapes and dtypes checked by the Rust caller, repeated
+// here): a new at::Tensor* (ownership to the caller), or nullptr with a message in err.
+at::Tensor* nsa_fused_rope(const at::Tensor* x, const at::Tensor* cos_t, const at::Tensor* sin_t,
+                           const NsaPointwiseTable* table, char* err, size_t err_len) {
+  try {
+    TORCH_CHECK(table != nullptr, "fused rope: no kernel table");
+    TORCH_CHECK(x->is_cuda() && x->dim() == 4 && x->size(3) % 2 == 0 && x->stride(3) == 1,
+                "fused rope: x must be a CUDA [B, S, X, dk] tensor, dk even, last axis contiguous");
+    TORCH_CHECK(x->scalar_type() == at::kFloat || x->scalar_type() == at::kBFloat16,
+                "fused rope: x must be bf16 or fp32");
+    for (const at::Tensor* t : {cos_t, sin_t}) {
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                      t->size(0) >= x->size(1) && t->size(1) == x->size(3) / 2 &&
+                      t->device() == x->device(),
+                  "fused rope: tables must be contiguous fp32 [>= S, dk/2] on x's device");
+    }
+    auto out = RopeFused::apply(*x, *cos_t, *sin_t, reinterpret_cast<int64_t>(table));
+    return new at::Tensor(std::move(out));
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+// The gated sum of three branch outputs (same dtype, contiguous, [B, S, H, dv]) with gates
+// [B, S, H, 3]: a new at::Tensor* (ownership to the caller), or nullptr with a message in err.
+at::Tensor* nsa_fused_gate_mix(const at::Tensor* oc, const at::Tensor* os, const at::Tensor* ow,
+                               const at::Tensor* g, const NsaPointwiseTable* table, char* err,
+                               size_t err_len) {
+  try {
+    TORCH_CHECK(table != nullptr, "fused gate mix: no kernel table");
+    auto dt = oc->scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "fused gate mix: bf16 or fp32 only");
+    for (const at::Tensor* t : {oc, os, ow, g}) {
+      TORCH_CHECK(t->is_cuda() && t->device() == oc->device() && t->scalar_type() == dt &&
+                      t->is_contiguous() && t->dim() == 4,
+                  "fused gate mix: contiguous 4-d CUDA tensors of one dtype on one device");
+    }
+    TORCH_CHECK(os->sizes() == oc->sizes() && ow->sizes() == oc->sizes() &&
+                    g->sizes().slice(0, 3) == oc->sizes().slice(0, 3) && g->size(3) == 3,
+                "fused gate mix: branch outputs [B, S, H, dv] and gates [B, S, H, 3]");
+    TORCH_CHECK(oc->size(3) > 0 && oc->size(3) < (int64_t(1) << 31),
+                "fused gate mix: dv out of range");
+    auto out = GateMixFused::apply(*oc, *os, *ow, *g, reinterpret_cast<int64_t>(table));
+    return new at::Tensor(std::move(out));
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+}  // extern "C"
