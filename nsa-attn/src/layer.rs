@@ -250,8 +250,8 @@ impl NsaAttention {
     /// with [`NsaAttention::kv_index`]), rotated by `rope` (which fixes the positions): what
     /// [`NsaAttention::project`] compresses and the decode path (`crate::decode`) caches.
     ///
-    /// One matmul over the stacked weights `[W_q; W_k…; W_v…]` (keys first, so the rotated
-    /// heads are one contiguous column range), split into views: `x` is read once, cast once
+    /// One matmul over the stacked weights `[W_q; W_k…; W_v…]` (queries and keys first, so the
+    /// rotated heads are one contiguous column range), split into views: `x` is read once, cast once
     /// under autocast, and its gradient comes from one matmul instead of the sum of seven.
     /// The keys and values are strided views of the stacked output.
     pub(crate) fn project_raw(&self, x: &Tensor, rope: &Rope) -> Result<RawProjections, AttnError> {

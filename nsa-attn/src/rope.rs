@@ -99,7 +99,11 @@ impl Rope {
     /// `x` `[B, S, heads, dk]` → the same shape, rotated by position.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor, AttnError> {
         if let Some((cos, sin)) = &self.kernel {
-            if x.device() == cos.device() && matches!(x.kind(), Kind::BFloat16 | Kind::Float) {
+            let last_contiguous = x.dim() == 4 && x.stride()[3] == 1;
+            if x.device() == cos.device()
+                && matches!(x.kind(), Kind::BFloat16 | Kind::Float)
+                && last_contiguous
+            {
                 return Ok(nsa_sys::fused::rope(x, cos, sin)?);
             }
         }

@@ -195,8 +195,9 @@ impl Model {
     /// `tokens` int64 `[B, S]` (values in `0..vocab_size`, on the model's device) → logits
     /// `[B, S, V]` in the activations' kind (the var store's float kind).
     ///
-    /// `opts` chooses the NSA path (reference / lean) and gate override; dense attention
-    /// ignores it. Position `t`'s logits depend on tokens `0..=t` only.
+    /// `opts` chooses the NSA path (reference / lean / fused) and gate override; dense attention
+    /// reads only whether the path is fused (then RoPE runs on its CUDA kernel). Position `t`'s
+    /// logits depend on tokens `0..=t` only.
     pub fn forward(&self, tokens: &Tensor, opts: &ForwardOpts) -> Result<Tensor, ModelError> {
         let s = self.check_tokens(tokens)?;
         let mut h = Tensor::f_embedding(&self.embed, tokens, -1, false, false)?;

@@ -15,6 +15,7 @@
 //! - [`mmap`]: read-only memory maps of data files (token shards read in place).
 //! - [`store`]: libtorch's c10d TCPStore (host or client), the key-value store of the
 //!   data-parallel rendezvous (torchrun's agent hosts one for its workers).
+//! - [`optim`]: libtorch's multi-tensor optimizer kernels (fused AdamW, gradient norm, zeroing).
 //! - [`train`]: NVTX ranges, bf16 autocast, the Kineto profiler, CUDA allocator statistics.
 //! - C++ glue in `glue/*.cpp`, compiled by `build.rs` against the same libtorch headers.
 //!
@@ -29,6 +30,7 @@ mod glue;
 pub mod mmap;
 pub mod nccl;
 pub mod nvrtc;
+pub mod optim;
 pub mod store;
 pub mod train;
 

@@ -3,6 +3,11 @@
 //!
 //! tch's own optimizers cannot save their state, so resuming with them would restart the moment
 //! estimates; this one keeps `m` and `v` as named fp32 tensors and writes them to safetensors.
+//!
+//! On CUDA the step, the gradient norm and the zeroing run on libtorch's multi-tensor kernels
+//! (`nsa_sys::optim`: `_fused_adamw_`, `_foreach_norm`, `_foreach_zero_`), a few launches for
+//! the whole model instead of about twenty per parameter tensor; on the CPU as per-tensor
+//! operators. Both follow the same formula; they differ in float rounding only.
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -128,6 +133,8 @@ struct Slot {
 pub struct AdamW {
     cfg: OptimConfig,
     slots: Vec<Slot>,
+    /// Step, norm and zeroing on libtorch's multi-tensor kernels (every parameter on CUDA).
+    multi_tensor: bool,
     /// Optimizer steps taken (bias correction uses it).
     pub steps: u64,
 }
@@ -149,24 +156,59 @@ impl AdamW {
         let mut slots: Vec<Slot> = decay.into_iter().map(|p| slot(p, true)).collect();
         slots.extend(no_decay.into_iter().map(|p| slot(p, false)));
         slots.sort_by(|a, b| a.name.cmp(&b.name));
+        let multi_tensor = !slots.is_empty()
+            && slots
+                .iter()
+                .all(|s| matches!(s.param.device(), tch::Device::Cuda(_)));
         AdamW {
             cfg,
             slots,
+            multi_tensor,
             steps: 0,
         }
     }
 
-    pub fn zero_grad(&mut self) {
+    /// Runs the step, norm and zeroing on libtorch's multi-tensor kernels (`on`) or as
+    /// per-tensor operators. [`AdamW::new`] picks the kernels when every parameter is on CUDA;
+    /// libtorch also implements them on the CPU, where tests compare the two.
+    #[cfg(test)]
+    pub fn with_multi_tensor(mut self, on: bool) -> Self {
+        self.multi_tensor = on;
+        self
+    }
+
+    /// The parameters whose gradients are defined.
+    fn with_grads(&self) -> Vec<Tensor> {
+        self.slots
+            .iter()
+            .filter(|s| s.param.grad().defined())
+            .map(|s| s.param.shallow_clone())
+            .collect()
+    }
+
+    pub fn zero_grad(&mut self) -> Result<()> {
+        if self.multi_tensor {
+            let params: Vec<Tensor> = self.slots.iter().map(|s| s.param.shallow_clone()).collect();
+            return Ok(nsa_sys::optim::zero_grads(&params)?);
+        }
         for s in &mut self.slots {
             let mut g = s.param.grad();
             if g.defined() {
-                let _ = g.zero_();
+                let _ = g.f_zero_()?;
             }
         }
+        Ok(())
     }
 
     /// Global L2 norm of all gradients (NaN/inf propagate, so the caller can guard on it).
-    pub fn grad_norm(&self) -> f64 {
+    pub fn grad_norm(&self) -> Result<f64> {
+        if self.multi_tensor {
+            let params = self.with_grads();
+            if params.is_empty() {
+                return Ok(0.0);
+            }
+            return Ok(nsa_sys::optim::grad_norm(&params)?.f_double_value(&[])?);
+        }
         let norms: Vec<Tensor> = self
             .slots
             .iter()
@@ -177,16 +219,16 @@ impl AdamW {
             })
             .collect();
         if norms.is_empty() {
-            return 0.0;
+            return Ok(0.0);
         }
-        Tensor::stack(&norms, 0)
+        Ok(Tensor::stack(&norms, 0)
             .sum(Kind::Float)
             .sqrt()
-            .double_value(&[])
+            .double_value(&[]))
     }
 
     /// Clips to `grad_clip` given the norm, then takes one AdamW step at learning rate `lr`.
-    pub fn step(&mut self, lr: f64, grad_norm: f64) {
+    pub fn step(&mut self, lr: f64, grad_norm: f64) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let c = &self.cfg;
         let clip = if c.grad_clip > 0.0 && grad_norm > c.grad_clip {
@@ -196,6 +238,34 @@ impl AdamW {
         };
         self.steps += 1;
         let t = self.steps as i32;
+        if self.multi_tensor {
+            // One call per weight-decay group, parameters with a gradient only.
+            for decay in [true, false] {
+                let group: Vec<&Slot> = self
+                    .slots
+                    .iter()
+                    .filter(|s| s.decay == decay && s.param.grad().defined())
+                    .collect();
+                let list = |f: fn(&Slot) -> &Tensor| -> Vec<Tensor> {
+                    group.iter().map(|s| f(s).shallow_clone()).collect()
+                };
+                nsa_sys::optim::fused_adamw(
+                    &list(|s| &s.param),
+                    &list(|s| &s.m),
+                    &list(|s| &s.v),
+                    nsa_sys::optim::AdamWStep {
+                        step: self.steps,
+                        lr,
+                        beta1: c.beta1,
+                        beta2: c.beta2,
+                        weight_decay: if decay { c.weight_decay } else { 0.0 },
+                        eps: c.eps,
+                        grad_divisor: 1.0 / clip,
+                    },
+                )?;
+            }
+            return Ok(());
+        }
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         for s in &mut self.slots {
@@ -215,6 +285,7 @@ impl AdamW {
             let update = (&s.m / bc1) / denom * lr;
             let _ = s.param.g_sub_(&update.to_kind(s.param.kind()));
         }
+        Ok(())
     }
 
     /// The first parameter or moment that holds a NaN or infinity, by name (`None`: all finite).
@@ -318,15 +389,69 @@ mod tests {
             vec![("w".into(), w.shallow_clone())],
             vec![("b".into(), b.shallow_clone())],
         );
-        let norm = opt.grad_norm();
+        let norm = opt.grad_norm().unwrap();
         assert!((norm - (9.0f64 + 16.0 + 4.0).sqrt()).abs() < 1e-5);
-        opt.step(0.1, norm);
+        opt.step(0.1, norm).unwrap();
         // Step 1: m̂ = g, v̂ = g², update = lr · g/(|g| + eps) = ±lr; decay multiplies w by 1 - lr·wd.
         let w1 = Vec::<f32>::try_from(&w).unwrap();
         assert!((w1[0] - (1.0 * 0.95 - 0.1)).abs() < 1e-5, "{w1:?}");
         assert!((w1[1] - (-2.0 * 0.95 - 0.1)).abs() < 1e-5, "{w1:?}");
         let b1 = Vec::<f32>::try_from(&b).unwrap();
         assert!((b1[0] - (0.5 - 0.1)).abs() < 1e-5, "no decay on b: {b1:?}");
+    }
+
+    /// The multi-tensor kernels (what CUDA runs; libtorch has them on the CPU too) and the
+    /// per-tensor operators take the same steps: clipping, both decay groups, a parameter
+    /// without a gradient, three steps.
+    #[test]
+    fn multi_tensor_steps_equal_the_per_tensor_ones() {
+        let cfg = OptimConfig {
+            lr: 0.05,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            ..Default::default()
+        };
+        let run = |multi: bool| -> Vec<Vec<f32>> {
+            tch::manual_seed(7);
+            let f = (Kind::Float, tch::Device::Cpu);
+            let w = Tensor::randn([4, 3], f).set_requires_grad(true);
+            let b = Tensor::randn([3], f).set_requires_grad(true);
+            let unused = Tensor::randn([2], f).set_requires_grad(true);
+            let mut opt = AdamW::new(
+                cfg.clone(),
+                vec![("w".into(), w.shallow_clone())],
+                vec![
+                    ("b".into(), b.shallow_clone()),
+                    ("unused".into(), unused.shallow_clone()),
+                ],
+            )
+            .with_multi_tensor(multi);
+            for step in 0..3 {
+                opt.zero_grad().unwrap();
+                let x = Tensor::randn([5, 4], f);
+                let loss = (x.matmul(&w) + &b).square().sum(Kind::Float) * (step + 1) as f64;
+                loss.backward();
+                let n = opt.grad_norm().unwrap();
+                assert!(n > cfg.grad_clip, "the test should clip");
+                opt.step(cfg.lr, n).unwrap();
+            }
+            let mut out: Vec<Vec<f32>> = Vec::new();
+            for s in &opt.slots {
+                for t in [&s.param, &s.m, &s.v] {
+                    out.push(Vec::<f32>::try_from(&t.detach().flatten(0, -1)).unwrap());
+                }
+            }
+            out
+        };
+        let (per_tensor, multi) = (run(false), run(true));
+        for (i, (a, b)) in per_tensor.iter().zip(&multi).enumerate() {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                    "tensor {i}: {x} vs {y}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -339,8 +464,8 @@ mod tests {
         let w = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
         (&w * 100.0).sum(Kind::Float).backward();
         let mut opt = AdamW::new(cfg, vec![], vec![("w".into(), w.shallow_clone())]);
-        let n = opt.grad_norm();
-        opt.step(0.1, n);
+        let n = opt.grad_norm().unwrap();
+        opt.step(0.1, n).unwrap();
         // m = 0.1 · g · clip = 0.1 · 100 · 0.01; Adam's step size is still lr (ratio m̂/√v̂ = 1).
         let m = Vec::<f32>::try_from(&opt.slots[0].m).unwrap()[0];
         assert!((m - 0.1).abs() < 1e-4, "{m}");
@@ -358,8 +483,8 @@ mod tests {
             vec![("w".into(), w.shallow_clone())],
             vec![],
         );
-        let n = a.grad_norm();
-        a.step(0.01, n);
+        let n = a.grad_norm().unwrap();
+        a.step(0.01, n).unwrap();
         let path = dir.join("optim.safetensors");
         a.save(&path).unwrap();
         let w2 = Tensor::from_slice(&[1.0f32, 2.0]);

@@ -185,7 +185,7 @@ impl Session<'_> {
         let cfg = self.cfg;
         let step = self.state.step;
         let t0 = Instant::now();
-        self.opt.zero_grad();
+        self.opt.zero_grad()?;
         let mut loss_sum = 0.0;
         for micro in 0..cfg.optim.grad_accum {
             if micro > 0 && agreed_stop(stop, self.dist.as_mut(), self.device)?.is_some() {
@@ -226,11 +226,11 @@ impl Session<'_> {
             // The logged loss is the mean over ranks (and every rank skips a non-finite step).
             loss_sum = d.sum(&[loss_sum], self.device)?[0] / d.world as f64;
         }
-        let grad_norm = self.opt.grad_norm();
+        let grad_norm = self.opt.grad_norm()?;
         let lr = cfg.optim.lr_at(step, cfg.run.steps);
         if loss_sum.is_finite() && grad_norm.is_finite() {
             let _r = NvtxRange::new(cfg.fast.nvtx, "optimizer");
-            self.opt.step(lr, grad_norm);
+            self.opt.step(lr, grad_norm)?;
             self.state.bad_streak = 0;
             self.saver.confirm();
         } else {
