@@ -130,7 +130,7 @@ __device__ void slc_fwd_simt(const T* __restrict__ q, const T* __restrict__ k,
 // (the union forward's waste when few heads share a group). Per 16-row slice of a warp: S = Q K^T
 // over the 64 keys, keys > t masked, a local softmax (max m, sum l), O = P V; written as a
 // partial (O / l in bf16, lse = m + log l) at [b, t, g, slot * chunks + chunk, head]. The combine
-// kernel merges each row's partials in slot order: deterministic. Shared: K [64][DK+8],
+// kernel merges each row's partials in an order fixed by dv: deterministic. Shared: K [64][DK+8],
 // V [64][DV+8], Q [64][DK+8] (bf16), tokens and slots [64].
 template <int DK, int DV>
 __device__ void slc_fwd_kv(const __nv_bfloat16* __restrict__ q,
@@ -261,9 +261,14 @@ __device__ void slc_fwd_kv(const __nv_bfloat16* __restrict__ q,
   }
 }
 
-// Merges the key-outer partials of each row (b, t, head): one warp per row, partials in slot
-// order, lanes over the value dimensions. lse = log sum_i exp(lse_i), out = sum_i
-// exp(lse_i - lse) o_i; a row without partials (never, for cleaned ids) gets out 0, lse +inf.
+// Merges the key-outer partials of each row (b, t, head): one warp per row. lse = log sum_i
+// exp(lse_i), out = sum_i exp(lse_i - lse) o_i over the partials with lse_i > -inf (the others
+// were never written); a row without partials (never, for cleaned ids) gets out 0, lse +inf.
+// A lane reads 8 consecutive values of a partial (one 16-byte load): dv / 8 lanes cover one
+// partial, so a warp reads 32 / (dv / 8) partials at once (dv 64: 4, 128: 2, 192: 1, lanes
+// 24..31 idle), lane group j taking partials j, j + groups, ...; the groups' sums are then
+// added by a fixed butterfly. The order depends on dv only: deterministic. Needs dv % 8 == 0
+// and dv <= 256 (the tensor-core head sizes the key-outer forward runs at).
 __device__ void slc_fwd_combine(const __nv_bfloat16* __restrict__ part_o,
                                 const float* __restrict__ part_lse,
                                 __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
@@ -276,8 +281,11 @@ __device__ void slc_fwd_combine(const __nv_bfloat16* __restrict__ part_o,
   const long long base = ((bt * Hkv + h / hpg) * P) * hpg + h % hpg;  // partial i: base + i hpg
   float m = -INFINITY;
   for (int i = 0; i < P; ++i) m = fmaxf(m, part_lse[base + (long long)i * hpg]);
+  const int per_part = dv / 8, groups = 32 / per_part;
+  const int group = lane / per_part, col = (lane % per_part) * 8;
+  const bool active = group < groups;
   if (m == -INFINITY) {
-    for (int d = lane; d < dv; d += 32) out[row * dv + d] = __float2bfloat16_rn(0.f);
+    if (active && group == 0) *reinterpret_cast<uint4*>(out + row * dv + col) = make_uint4(0, 0, 0, 0);
     if (lane == 0) lse[row] = INFINITY;
     return;
   }
@@ -286,14 +294,36 @@ __device__ void slc_fwd_combine(const __nv_bfloat16* __restrict__ part_o,
     const float li = part_lse[base + (long long)i * hpg];
     if (li != -INFINITY) sum += __expf(li - m);
   }
-  for (int d = lane; d < dv; d += 32) {
-    float acc = 0.f;
-    for (int i = 0; i < P; ++i) {
+  float acc[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+  if (active) {
+    for (int i = group; i < P; i += groups) {
       const float li = part_lse[base + (long long)i * hpg];
       if (li == -INFINITY) continue;
-      acc += __expf(li - m) * __bfloat162float(part_o[(base + (long long)i * hpg) * dv + d]);
+      const float w = __expf(li - m);
+      const uint4 raw =
+          *reinterpret_cast<const uint4*>(part_o + (base + (long long)i * hpg) * dv + col);
+      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = __bfloat1622float2(pairs[e]);
+        acc[2 * e] += w * f.x;
+        acc[2 * e + 1] += w * f.y;
+      }
     }
-    out[row * dv + d] = __float2bfloat16_rn(acc / sum);
+  }
+  // Lane group j + 2^k adds into group j: groups is 4, 2 or 1, per_part lanes apart.
+  for (int off = per_part; off < groups * per_part; off *= 2) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] += __shfl_down_sync(0xffffffffu, acc[e], off);
+  }
+  if (active && group == 0) {
+    uint4 packed;
+    __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o2[e] = __floats2bfloat162_rn(acc[2 * e] / sum, acc[2 * e + 1] / sum);
+    *reinterpret_cast<uint4*>(out + row * dv + col) = packed;
   }
   if (lane == 0) lse[row] = m + logf(sum);
 }
