@@ -429,8 +429,32 @@ fn random_ids(c: &Case, device: Device) -> Result<Tensor, AttnError> {
     )?)
 }
 
-/// Output and gradients of q, k, v of `f` for the output gradient `dout`: `f` applied to fresh
-/// leaves, backward through `Σ out · dout` (so the output gradient is exactly `dout`).
+/// The output of `f` and the gradients of each of `inputs`, for the output gradient `dout`:
+/// `f` applied to fresh leaves, backward through `Σ out · dout` in float64 (so the output
+/// gradient is exactly `dout`), memory poisoned before the forward and the backward.
+fn outputs_and_grads(
+    inputs: &[Tensor],
+    dout: &Tensor,
+    f: impl Fn(&[Tensor]) -> Result<Tensor, AttnError>,
+) -> Result<Vec<Tensor>, AttnError> {
+    let leaves = inputs
+        .iter()
+        .map(|t| t.f_detach()?.f_set_requires_grad(true))
+        .collect::<Result<Vec<_>, _>>()?;
+    poison(dout.device());
+    let out = f(&leaves)?;
+    poison(dout.device());
+    let loss = out
+        .f_to_kind(Kind::Double)?
+        .f_mul(&dout.f_to_kind(Kind::Double)?)?
+        .f_sum(Kind::Double)?;
+    let refs: Vec<&Tensor> = leaves.iter().collect();
+    let mut all = vec![out.f_detach()?];
+    all.extend(Tensor::f_run_backward(&[&loss], &refs, false, false)?);
+    Ok(all)
+}
+
+/// [`outputs_and_grads`] of an attention function: its output and the gradients of q, k, v.
 fn out_and_grads(
     q: &Tensor,
     k: &Tensor,
@@ -438,21 +462,30 @@ fn out_and_grads(
     dout: &Tensor,
     f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor, AttnError>,
 ) -> Result<[Tensor; 4], AttnError> {
-    let leaf = |t: &Tensor| t.f_detach()?.f_set_requires_grad(true);
-    let (lq, lk, lv) = (leaf(q)?, leaf(k)?, leaf(v)?);
-    poison(q.device());
-    let out = f(&lq, &lk, &lv)?;
-    poison(q.device());
-    let loss = out
-        .f_to_kind(Kind::Double)?
-        .f_mul(&dout.f_to_kind(Kind::Double)?)?
-        .f_sum(Kind::Double)?;
-    let g = Tensor::f_run_backward(&[&loss], &[&lq, &lk, &lv], false, false)?;
-    let [gq, gk, gv]: [Tensor; 3] = g.try_into().map_err(|_| AttnError::Option {
-        option: "gpu_check",
-        reason: "backward returned the wrong number of gradients".into(),
-    })?;
-    Ok([out.f_detach()?, gq, gk, gv])
+    let inputs = [q.shallow_clone(), k.shallow_clone(), v.shallow_clone()];
+    outputs_and_grads(&inputs, dout, |t| f(&t[0], &t[1], &t[2]))?
+        .try_into()
+        .map_err(|_| AttnError::Option {
+            option: "gpu_check",
+            reason: "backward returned the wrong number of gradients".into(),
+        })
+}
+
+/// The largest relative error of `got` against `want`, and the name (from `names`, in the same
+/// order) of the tensor it belongs to; a NaN error counts as the largest.
+fn worst_error(
+    got: &[Tensor],
+    want: &[Tensor],
+    names: &[&'static str],
+) -> Result<(f64, &'static str), AttnError> {
+    let mut worst = (0.0f64, names[0]);
+    for ((g, w), &name) in got.iter().zip(want).zip(names) {
+        let e = rel_err(g, w)?;
+        if e.is_nan() || e > worst.0 {
+            worst = (e, name);
+        }
+    }
+    Ok(worst)
 }
 
 fn kind_name(kind: Kind) -> &'static str {
@@ -471,14 +504,7 @@ fn compare(
     reference: &[Tensor; 4],
     check_determinism: bool,
 ) -> Result<CheckRow, AttnError> {
-    let names = ["out", "dq", "dk", "dv"];
-    let mut worst = (0.0f64, "out");
-    for ((f, r), name) in fused[0].iter().zip(reference).zip(names) {
-        let e = rel_err(f, r)?;
-        if e.is_nan() || e > worst.0 {
-            worst = (e, name);
-        }
-    }
+    let worst = worst_error(&fused[0], reference, &["out", "dq", "dk", "dv"])?;
     let mut deterministic = true;
     if check_determinism {
         for (a, b) in fused[0][2..].iter().zip(&fused[1][2..]) {

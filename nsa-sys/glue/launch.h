@@ -1,4 +1,4 @@
-// What every glue file that launches NVRTC kernels or reports errors to Rust shares: the
+// What the glue files that launch kernels or report errors to Rust share: the
 // signature of the driver's cuLaunchKernel (whose address Rust loaded and hands over in a
 // kernel table), libtorch's current CUDA stream of a device, and the error buffer protocol of
 // the extern "C" functions (a NUL-terminated message of at most err_len bytes).

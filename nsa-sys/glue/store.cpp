@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "launch.h"
+
 namespace {
 
 constexpr int kOk = 0;
@@ -24,11 +26,7 @@ constexpr int kStoreError = 1;
 constexpr int kNetworkError = 2;
 constexpr int kOtherError = 3;
 
-void write_error(const char* what, char* err, size_t err_len) {
-  if (err == nullptr || err_len == 0) return;
-  std::strncpy(err, what, err_len - 1);
-  err[err_len - 1] = '\0';
-}
+using nsa_glue::write_error;
 
 // Runs f, turning an exception into a kind code and a message (c10 errors without their C++
 // backtrace, which would drown the message in a user-facing error).

@@ -1,20 +1,15 @@
 // libtorch's current CUDA stream of a device, for kernels launched from Rust (the decode
-// kernels, nsa_sys::fused::decode). Reached through c10's device-guard interface, so this file
-// links against libc10 only, like the rest of the glue.
-#include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
-
-#include <cstring>
+// kernels, nsa_sys::fused::decode), through launch.h's current_stream (libc10 only).
 #include <exception>
+
+#include "launch.h"
 
 extern "C" int nsa_current_cuda_stream(int device, void** stream, char* err, size_t err_len) {
   try {
-    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-    *stream = impl->getStream(c10::Device(c10::DeviceType::CUDA, device)).native_handle();
+    *stream = nsa_glue::current_stream(c10::Device(c10::DeviceType::CUDA, device));
     return 0;
   } catch (const std::exception& e) {
-    std::strncpy(err, e.what(), err_len - 1);
-    err[err_len - 1] = '\0';
+    nsa_glue::write_error(e.what(), err, err_len);
     return 1;
   }
 }

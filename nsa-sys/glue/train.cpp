@@ -7,20 +7,14 @@
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/csrc/profiler/stubs/base.h>
 
-#include <cstring>
 #include <memory>
 #include <string>
+
+#include "launch.h"
 
 namespace {
 // The Kineto result between disableProfiler() and save(); one profile at a time.
 std::unique_ptr<torch::autograd::profiler::ProfilerResult> g_profile;
-
-void copy_error(const std::exception& e, char* buf, size_t len) {
-  if (buf && len) {
-    std::strncpy(buf, e.what(), len - 1);
-    buf[len - 1] = '\0';
-  }
-}
 }  // namespace
 
 extern "C" {
@@ -70,7 +64,7 @@ int nsa_profiler_start(int cuda, char* err, size_t err_len) {
     torch::autograd::profiler::enableProfiler(config, activities);
     return 0;
   } catch (const std::exception& e) {
-    copy_error(e, err, err_len);
+    nsa_glue::write_error(e.what(), err, err_len);
     return 1;
   }
 }
@@ -87,7 +81,7 @@ int nsa_profiler_stop(const char* path, char* err, size_t err_len) {
     return 0;
   } catch (const std::exception& e) {
     g_profile.reset();
-    copy_error(e, err, err_len);
+    nsa_glue::write_error(e.what(), err, err_len);
     return 1;
   }
 }

@@ -4,7 +4,7 @@
 //! launch, run twice (the second must equal the first bit for bit).
 use tch::{Device, Kind, Tensor};
 
-use super::{kind_name, poison, rel_err, CheckRow};
+use super::{kind_name, outputs_and_grads as run, worst_error, CheckRow};
 use crate::config::AttnError;
 use crate::rope::Rope;
 use nsa_sys::fused as sys;
@@ -84,50 +84,20 @@ struct RopeCase {
     after: i64,
 }
 
-/// Output and the gradients of `inputs` of `f`, backward through `Σ out · dout` in float64,
-/// with memory poisoned before the forward and the backward.
-fn run(
-    inputs: &[Tensor],
-    dout: &Tensor,
-    f: impl Fn(&[Tensor]) -> Result<Tensor, AttnError>,
-) -> Result<Vec<Tensor>, AttnError> {
-    let leaves = inputs
-        .iter()
-        .map(|t| t.f_detach()?.f_set_requires_grad(true))
-        .collect::<Result<Vec<_>, _>>()?;
-    poison(dout.device());
-    let out = f(&leaves)?;
-    poison(dout.device());
-    let loss = out
-        .f_to_kind(Kind::Double)?
-        .f_mul(&dout.f_to_kind(Kind::Double)?)?
-        .f_sum(Kind::Double)?;
-    let refs: Vec<&Tensor> = leaves.iter().collect();
-    let mut all = vec![out.f_detach()?];
-    all.extend(Tensor::f_run_backward(&[&loss], &refs, false, false)?);
-    Ok(all)
-}
-
 /// The worst relative error of `got` against `want` (named by `names`), and whether `again`
 /// equals `got` bit for bit.
 fn judge(
     got: &[Tensor],
     again: &[Tensor],
     want: &[Tensor],
-    names: &[&str],
+    names: &[&'static str],
 ) -> Result<((f64, String), bool), AttnError> {
-    let mut worst = (0.0f64, names[0].to_string());
-    for ((g, w), name) in got.iter().zip(want).zip(names) {
-        let e = rel_err(g, w)?;
-        if e.is_nan() || e > worst.0 {
-            worst = (e, name.to_string());
-        }
-    }
+    let (err, name) = worst_error(got, want, names)?;
     let same = got
         .iter()
         .zip(again)
         .all(|(a, b)| a.size() == b.size() && a.kind() == b.kind() && a.equal(b));
-    Ok((worst, same))
+    Ok(((err, name.to_string()), same))
 }
 
 fn rope_case(c: RopeCase, kind: Kind, device: Device) -> Result<((f64, String), bool), AttnError> {
