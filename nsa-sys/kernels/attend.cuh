@@ -574,20 +574,8 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
       const unsigned pa2 = pack_bf16(st[1][0], st[1][1]), pa3 = pack_bf16(st[1][2], st[1][3]);
       const unsigned sa0 = pack_bf16(dpt[0][0], dpt[0][1]), sa1 = pack_bf16(dpt[0][2], dpt[0][3]);
       const unsigned sa2 = pack_bf16(dpt[1][0], dpt[1][1]), sa3 = pack_bf16(dpt[1][2], dpt[1][3]);
-#pragma unroll
-      for (int nd = 0; nd < DV / 16; ++nd) {
-        unsigned ob[4];
-        load_b_trans_x2(ob, dOs, VS, rc * 16, nd * 16, lane);
-        mma_bf16(dva[2 * nd], pa0, pa1, pa2, pa3, ob[0], ob[1]);
-        mma_bf16(dva[2 * nd + 1], pa0, pa1, pa2, pa3, ob[2], ob[3]);
-      }
-#pragma unroll
-      for (int nd = 0; nd < DK / 16; ++nd) {
-        unsigned qb[4];
-        load_b_trans_x2(qb, Qs, QS, rc * 16, nd * 16, lane);
-        mma_bf16(dka[2 * nd], sa0, sa1, sa2, sa3, qb[0], qb[1]);
-        mma_bf16(dka[2 * nd + 1], sa0, sa1, sa2, sa3, qb[2], qb[3]);
-      }
+      mma_a_rows<DV>(dva, pa0, pa1, pa2, pa3, dOs, VS, rc * 16, lane);
+      mma_a_rows<DK>(dka, sa0, sa1, sa2, sa3, Qs, QS, rc * 16, lane);
     }
   }
   const int slot = work_slot[w];

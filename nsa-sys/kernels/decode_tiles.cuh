@@ -442,13 +442,7 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
       // P (rounded to bf16, as the flash kernels do) as the A operand of P V.
       const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
       const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
-#pragma unroll
-      for (int cg = 0; cg < DV / 16; ++cg) {
-        unsigned vb[4];
-        load_b_trans_x2(vb, vs, VS, 0, cg * 16, lane);
-        mma_bf16(oacc[2 * cg], a0, a1, a2, a3, vb[0], vb[1]);
-        mma_bf16(oacc[2 * cg + 1], a0, a1, a2, a3, vb[2], vb[3]);
-      }
+      mma_a_rows<DV>(oacc, a0, a1, a2, a3, vs, VS, 0, lane);
     }
     __syncwarp();  // this stage is free for the copy two tiles on
   }

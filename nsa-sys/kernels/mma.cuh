@@ -104,6 +104,23 @@ __device__ __forceinline__ void load_b_trans_x2(unsigned (&b)[4], const __nv_bfl
                : "r"(addr));
 }
 
+// acc += A · T for a warp's 16 x 16 A fragment (a0..a3, mma.cuh's A layout) and T = tile rows
+// k0 .. k0 + 15, columns 0 .. W - 1 (stride `stride`), loaded by ldmatrix .trans: the inner
+// product every P V, dS K, dV += P^T dO and dK += dS^T Q of the kernels runs per 16 keys.
+template <int W>
+__device__ __forceinline__ void mma_a_rows(float (&acc)[W / 8][4], unsigned a0, unsigned a1,
+                                           unsigned a2, unsigned a3,
+                                           const __nv_bfloat16* tile, int stride, int k0,
+                                           int lane) {
+#pragma unroll
+  for (int n = 0; n < W / 16; ++n) {
+    unsigned b[4];
+    load_b_trans_x2(b, tile, stride, k0, n * 16, lane);
+    mma_bf16(acc[2 * n], a0, a1, a2, a3, b[0], b[1]);
+    mma_bf16(acc[2 * n + 1], a0, a1, a2, a3, b[2], b[3]);
+  }
+}
+
 // acc += C · T for a warp's 16 x 64 C-fragment tile c (scores or dS, mma.cuh's C layout)
 // rounded to bf16 and fed straight back as the A operand (FlashAttention-2's register reuse),
 // and T = tile rows 0 .. 63, columns 0 .. W - 1 (stride `stride`), loaded by ldmatrix .trans:
@@ -117,13 +134,7 @@ __device__ __forceinline__ void mma_c_tile(float (&acc)[W / 8][4], const float (
     const unsigned a1 = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
     const unsigned a2 = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
     const unsigned a3 = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
-#pragma unroll
-    for (int n = 0; n < W / 16; ++n) {
-      unsigned b[4];
-      load_b_trans_x2(b, tile, stride, kk * 16, n * 16, lane);
-      mma_bf16(acc[2 * n], a0, a1, a2, a3, b[0], b[1]);
-      mma_bf16(acc[2 * n + 1], a0, a1, a2, a3, b[2], b[3]);
-    }
+    mma_a_rows<W>(acc, a0, a1, a2, a3, tile, stride, kk * 16, lane);
   }
 }
 
