@@ -448,6 +448,14 @@ fn check_qkv(
     Ok((device, [b, s, h, hkv, dk, dv]))
 }
 
+/// The CUDA ordinal of `t`, or an input error naming `what`.
+fn cuda_ordinal(what: &'static str, t: &Tensor) -> Result<usize, FusedError> {
+    match t.device() {
+        Device::Cuda(i) => Ok(i),
+        d => Err(input(what, format!("on {d:?}: CUDA tensors only"))),
+    }
+}
+
 fn glue_err(call: &'static str, err: &[u8]) -> FusedError {
     autograd::glue_error(call, err).into()
 }

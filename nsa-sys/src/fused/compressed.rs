@@ -7,10 +7,10 @@
 //! `[B, Nc, Hkv, dv]`; token `t` attends compressed token `i` iff `i·d + l − 1 ≤ t` (Eq. 7).
 use std::ffi::c_char;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
 
-use super::{check_tensor, finish, glue_err, input, kernels, FusedError, SlcTable};
+use super::{check_tensor, cuda_ordinal, finish, glue_err, input, kernels, FusedError, SlcTable};
 use crate::autograd::ERR_LEN;
 
 /// Selection's lengths and counts (nsa-select's `SelectConfig`) and Eq. 9's overlap taps
@@ -98,9 +98,7 @@ extern "C" {
 /// Shapes `(B, S, H, Nc, Hkv, dk)` of `q` and `ck` (and the device), checked.
 fn check_q_ck(q: &Tensor, ck: &Tensor, kinds: &[Kind]) -> Result<(usize, [i64; 6]), FusedError> {
     let device = q.device();
-    let Device::Cuda(ordinal) = device else {
-        return Err(input("q", format!("on {device:?}: CUDA tensors only")));
-    };
+    let ordinal = cuda_ordinal("q", q)?;
     let qs = check_tensor("q", q, device, kinds)?;
     let ks = check_tensor("compressed keys", ck, device, &[q.kind()])?;
     let (b, s, h, dk) = (qs[0], qs[1], qs[2], qs[3]);

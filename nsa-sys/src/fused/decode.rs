@@ -18,11 +18,11 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
 use std::sync::Mutex;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use super::{
-    device_setup, input, load_module, loaded_once, module_function, nvrtc, FusedError,
-    FusedOptions, SelectParams, MMA_HEAD_DIMS,
+    cuda_ordinal, device_setup, input, load_module, loaded_once, module_function, nvrtc,
+    FusedError, FusedOptions, SelectParams, MMA_HEAD_DIMS,
 };
 use crate::autograd::{glue_error, ERR_LEN};
 use crate::driver::{self, check, CuFunction, CuGraph, CuGraphExec, CuStream};
@@ -402,12 +402,7 @@ impl DecodeStep {
             ));
         }
         // Every shape and value is checked above, on any device (tests run them on the CPU).
-        let Device::Cuda(device) = q.device() else {
-            return Err(input(
-                "q",
-                format!("on {:?}: CUDA tensors only", q.device()),
-            ));
-        };
+        let device = cuda_ordinal("q", q)?;
         let kernels = decode_kernels(device)?;
         let chunks_cmp = ((visible(t_max, l, d) + TILE - 1) / TILE).max(1);
         let nb = t_max / lsel + 1;

@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
 use std::sync::Mutex;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
 
-use super::{device_setup, finish, input, load_module, loaded_once, module_function, nvrtc};
+use super::{
+    cuda_ordinal, device_setup, finish, input, load_module, loaded_once, module_function, nvrtc,
+};
 use super::{FusedError, FusedOptions};
 use crate::autograd::ERR_LEN;
 use crate::driver::{self, CuFunction};
@@ -96,14 +98,6 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> *mut C_tensor;
-}
-
-/// The CUDA ordinal of `t`, or an input error naming `what`.
-fn cuda_ordinal(what: &'static str, t: &Tensor) -> Result<usize, FusedError> {
-    match t.device() {
-        Device::Cuda(i) => Ok(i),
-        d => Err(input(what, format!("on {d:?}: CUDA tensors only"))),
-    }
 }
 
 /// Rotary position embedding, rotate-half form, of `x` `[B, S, X, dk]` (bf16 or fp32, on CUDA;
@@ -227,6 +221,7 @@ pub fn gate_mix(oc: &Tensor, os: &Tensor, ow: &Tensor, g: &Tensor) -> Result<Ten
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     fn reason(e: FusedError) -> String {
         match e {

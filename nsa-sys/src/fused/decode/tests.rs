@@ -1,6 +1,7 @@
 //! Input checks of DecodeStep on the CPU: every refusal, before any launch.
 use super::grid::TILE_CTAS_PER_SM;
 use super::*;
+use tch::Device;
 
 /// Valid inputs of a small step on the CPU: B 2, Hkv 2, 4 heads per group, dk 64, dv 32,
 /// 40 raw slots, 16 compressed slots, a window ring of 8.
