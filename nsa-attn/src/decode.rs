@@ -164,7 +164,7 @@ impl NsaAttention {
         let raw = self.project_raw(x, &rope)?;
         let p = self.compress_projections(&raw)?;
         let blocks = self.select(&p, opts.path, opts.select)?;
-        let out = self.finish(x, &p, blocks, opts, None)?;
+        let out = self.finish(x, &p, blocks, opts, None, None)?;
         let cache = NsaCache::from_prefill(
             c,
             &raw,

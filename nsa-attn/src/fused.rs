@@ -162,13 +162,9 @@ pub(crate) fn gate_mix(
     if !fits {
         return crate::gates::mix(gates, compressed, selected, window);
     }
-    sys::gate_mix(
-        &compressed.f_contiguous()?,
-        &selected.f_contiguous()?,
-        &window.f_contiguous()?,
-        &gates.f_contiguous()?,
-    )
-    .map_err(fused_err)
+    // The branch outputs go as they are: the kernel reads rows at a stride (the window
+    // branch's output is a narrowed view of a wider one at dk != dv) and copies any other layout.
+    sys::gate_mix(compressed, selected, window, &gates.f_contiguous()?).map_err(fused_err)
 }
 
 /// The selected branch's visibility from block ids, for the reference path: bool
@@ -571,11 +567,19 @@ fn run_selected_case(
     compare(name, tolerance, fused, &reference, true)
 }
 
+/// Runs `f` with the GQA backward calls that the glue splits by KV heads split into one KV head
+/// each ([`sys::set_head_chunk_bytes`] at its minimum), so the split path runs on check-sized
+/// shapes; the bound is restored after.
+fn with_split_heads<T>(f: impl FnOnce() -> T) -> T {
+    let before = sys::set_head_chunk_bytes(1);
+    let out = f();
+    sys::set_head_chunk_bytes(before);
+    out
+}
+
 fn run_window_case(
-    dk: i64,
-    dv: i64,
-    w: i64,
-    s: i64,
+    (dk, dv, w, s): (i64, i64, i64, i64),
+    split: bool,
     device: Device,
 ) -> Result<CheckRow, AttnError> {
     let (b, hkv, hpg) = (2, 2, 3);
@@ -597,11 +601,16 @@ fn run_window_case(
         reference::window(q, k, v, w)
     })?;
     let run = || out_and_grads(&q, &k, &v, &dout, |q, k, v| window(q, k, v, &cfg, 8));
-    let fused = [run()?, run()?];
+    let fused = if split {
+        with_split_heads(|| -> Result<_, AttnError> { Ok([run()?, run()?]) })?
+    } else {
+        [run()?, run()?]
+    };
     compare(
         format!(
-            "window bf16 B={b} S={s} H={} Hkv={hkv} dk={dk} dv={dv} w={w}",
-            hkv * hpg
+            "window bf16 B={b} S={s} H={} Hkv={hkv} dk={dk} dv={dv} w={w}{}",
+            hkv * hpg,
+            if split { " split by KV head" } else { "" }
         ),
         1e-2,
         fused,
@@ -662,15 +671,23 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
             rows.push(row);
         }
     }
-    // Equal head sizes, and dk ≠ dv (zero-padded to one head size for flash).
-    for (dk, dv, w, s) in [
-        (64, 64, 32, 101),
-        (128, 128, 48, 77),
-        (192, 128, 40, 90),
-        (64, 128, 32, 70),
+    // Equal head sizes, and dk ≠ dv (zero-padded to one head size for flash); two of them
+    // again with the backward split into one call per KV head.
+    for (shape, split) in [
+        ((64, 64, 32, 101), false),
+        ((128, 128, 48, 77), false),
+        ((192, 128, 40, 90), false),
+        ((64, 128, 32, 70), false),
+        ((64, 64, 32, 101), true),
+        ((192, 128, 40, 90), true),
     ] {
-        let row = run_window_case(dk, dv, w, s, device)
-            .unwrap_or_else(|e| failed(format!("window dk={dk} dv={dv} w={w} S={s}"), e));
+        let (dk, dv, w, s) = shape;
+        let row = run_window_case(shape, split, device).unwrap_or_else(|e| {
+            failed(
+                format!("window dk={dk} dv={dv} w={w} S={s} split={split}"),
+                e,
+            )
+        });
         rows.push(row);
     }
     rows.extend(compressed::check_rows(device));

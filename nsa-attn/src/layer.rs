@@ -340,21 +340,32 @@ impl NsaAttention {
         opts: &ForwardOpts,
     ) -> Result<BranchOutputs, AttnError> {
         let p = self.project_for(x, opts.path)?;
-        if let AttnPath::Fused(_) = opts.path {
-            // One kernel pass gives the compressed branch and the log-sum-exp selection needs.
+        if let AttnPath::Fused(lo) = opts.path {
+            // The window branch first (see `finish`), then one kernel pass gives the compressed
+            // branch and the log-sum-exp selection needs.
+            check_chunk("window_chunk", lo.window_chunk)?;
+            let o_win = {
+                let _r = NvtxRange::new(opts.nvtx, "nsa.win");
+                fused::window(&p.q, &p.win_k, &p.win_v, &self.cfg, lo.window_chunk)?
+            };
             let both = {
                 let _r = NvtxRange::new(opts.nvtx, "nsa.cmp+select");
                 fused::compressed_and_select(&p.q, &p.cmp_k, &p.cmp_v, &self.cfg)?
             };
-            if let Some((o_cmp, blocks)) = both {
-                return self.finish(x, &p, blocks, opts, Some(o_cmp));
-            }
+            let (o_cmp, blocks) = match both {
+                Some((o_cmp, blocks)) => (Some(o_cmp), blocks),
+                None => {
+                    let _r = NvtxRange::new(opts.nvtx, "nsa.select");
+                    (None, self.select(&p, opts.path, opts.select)?)
+                }
+            };
+            return self.finish(x, &p, blocks, opts, o_cmp, Some(o_win));
         }
         let blocks = {
             let _r = NvtxRange::new(opts.nvtx, "nsa.select");
             self.select(&p, opts.path, opts.select)?
         };
-        self.finish(x, &p, blocks, opts, None)
+        self.finish(x, &p, blocks, opts, None, None)
     }
 
     /// Like [`NsaAttention::forward_branches`] with a given selection `blocks`
@@ -382,6 +393,7 @@ impl NsaAttention {
             &p,
             blocks.f_to_kind(Kind::Int64)?.f_to_device(x.device())?,
             opts,
+            None,
             None,
         )
     }
@@ -413,8 +425,14 @@ impl NsaAttention {
         }
     }
 
-    /// The branches, gates and output for a selection `blocks`; `o_cmp` is the compressed
-    /// branch's output when the fused path already computed it (with the selection).
+    /// The branches, gates and output for a selection `blocks`; `o_cmp` and `o_win` are the
+    /// compressed and window branches' outputs when the fused path already computed them.
+    ///
+    /// The fused path runs the window branch before the other two. Autograd runs the branches'
+    /// backward nodes latest-created first, so the window's runs last, when the other branches'
+    /// output gradients and saved outputs are already freed: flash attention's backward holds
+    /// the largest temporaries (fp32 dQ accumulator, per-query-head dK/dV before the group sum;
+    /// 6.4 GB at the paper shape and 64k), and this order keeps them off the layer's peak.
     pub(crate) fn finish(
         &self,
         x: &Tensor,
@@ -422,6 +440,7 @@ impl NsaAttention {
         blocks: Tensor,
         opts: &ForwardOpts,
         o_cmp: Option<Tensor>,
+        o_win: Option<Tensor>,
     ) -> Result<BranchOutputs, AttnError> {
         let cfg = &self.cfg;
         let range = |name| NvtxRange::new(opts.nvtx, name);
@@ -456,6 +475,13 @@ impl NsaAttention {
             AttnPath::Fused(lo) => {
                 check_chunk("query_chunk", lo.query_chunk)?;
                 check_chunk("window_chunk", lo.window_chunk)?;
+                let o_win = match o_win {
+                    Some(o) => o,
+                    None => {
+                        let _r = range("nsa.win");
+                        fused::window(&p.q, &p.win_k, &p.win_v, cfg, lo.window_chunk)?
+                    }
+                };
                 let o_cmp = match o_cmp {
                     Some(o) => o,
                     None => {
@@ -467,8 +493,6 @@ impl NsaAttention {
                     let _r = range("nsa.slc");
                     fused::selected(&p.q, &p.slc_k, &p.slc_v, &blocks, cfg, lo.query_chunk)?
                 };
-                let _r = range("nsa.win");
-                let o_win = fused::window(&p.q, &p.win_k, &p.win_v, cfg, lo.window_chunk)?;
                 (o_cmp, o_slc, o_win)
             }
         };

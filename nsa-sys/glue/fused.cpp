@@ -5,8 +5,8 @@
 // with the cuLaunchKernel pointer and CUfunction handles that Rust loaded (NsaSlcTable), on
 // libtorch's current CUDA stream of the tensors' device, on the memory of the tensors.
 //   forward:  out [B, S, H, dv] and lse fp32 [B, S, H] (saved for backward);
-//   backward: D = rowsum(dout * out) (ATen), dq by the dq kernel (the forward's gathers), an
-//             inverse index block -> tokens built on the device (stable sort of the
+//   backward: D = rowsum(dout * out) (nsa_row_dot), dq by the dq kernel (the forward's
+//             gathers), an inverse index block -> tokens built on the device (stable sort of the
 //             (b, g, block) keys of every id, invalid ones last, and a search for the segment
 //             starts; integer only, so deterministic; sized by the shapes, so no host
 //             synchronisation), then dk / dv by the dkdv kernel over a plan whose grid is an
@@ -22,8 +22,7 @@
 //   summed by the same reduce kernel. Backend 1 (unless deterministic algorithms are on):
 //   forward and backward on cuDNN's fused attention over folded queries (cmp_cudnn.h).
 //   Selection (nsa_fused_select) reads the forward's lse.
-// Window branch: libtorch's own flash-attention kernel with its sliding-window parameters
-//   (window_size_left = w - 1, right = 0, causal), bf16, dk == dv.
+// Window branch: window.cpp.
 //
 // Layouts: q [B, S, H, dk], k [B, S, Hkv, dk], v [B, S, Hkv, dv], blocks [B, S, Hkv, n] (int32
 // or int64), out [B, S, H, dv]; query head h reads key head h / (H / Hkv).
@@ -45,6 +44,7 @@
 
 #include "blocks.h"
 #include "cmp_cudnn.h"
+#include "attention.h"
 #include "launch.h"
 
 // Mirror of nsa_sys::fused::SlcTable (#[repr(C)]): the driver's cuLaunchKernel and the
@@ -66,6 +66,9 @@ struct NsaSlcTable {
   void* cmp_select[6];  // bf16 dk 64, 128, 192, then fp32 dk 64, 128, 192
   void* fwd_kv[9];
   void* fwd_combine;
+  void* row_dot[2];
+  void* cmp_fold[2];    // one word, four words per thread
+  void* cmp_unfold[2];  // one word, four words per thread
   int32_t max_smem;
 };
 
@@ -151,6 +154,29 @@ Tensor aligned(const Tensor& x) {
 }
 
 int type_index(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? 1 : 0; }
+
+// D = the row sums of dout * out over the last axis, fp32 [B, S, H], for the backward kernels
+// (nsa_row_dot in selected_bwd.cu): no fp32 copies of either.
+Tensor row_dot(const NsaSlcTable* tab, const Tensor& dout, const Tensor& out, void* stream) {
+  TORCH_CHECK(dout.sizes() == out.sizes() && dout.scalar_type() == out.scalar_type() &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "row dot: dout and out must have one shape and one dtype (bf16 or fp32)");
+  auto a = dout.contiguous(), b = out.contiguous();
+  auto sizes = out.sizes().vec();
+  int dv = int(sizes.back());
+  sizes.pop_back();
+  auto D = at::empty(sizes, out.options().dtype(at::kFloat));
+  long long rows = D.numel();
+  if (rows == 0) return D;
+  if (dv == 0) return D.zero_();
+  const void *ap = a.data_ptr(), *bp = b.data_ptr();
+  void* dp = D.data_ptr();
+  void* args[] = {&ap, &bp, &dp, &dv, &rows};
+  // One warp per row, 4 per CTA; grid-stride beyond 2^20 CTAs.
+  int64_t grid = std::min<int64_t>((rows + 3) / 4, int64_t(1) << 20);
+  launch(tab, tab->row_dot[type_index(out)], "nsa_row_dot", grid, 1, 1, 0, stream, args);
+  return D;
+}
 
 // Tokens per work item of the key-outer kernels' plan (blocks.h, plan_dkdv) for `entries`
 // (token, block) selections: small problems split early (so the split path is exercised by
@@ -240,8 +266,8 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     int64_t B = q.size(0), S = q.size(1), H = q.size(2), dk = q.size(3);
     int64_t Hkv = k.size(2), dv = v.size(3), n = ids.size(3), hpg = H / Hkv;
     int64_t NB = (S + block_len - 1) / block_len;
-    auto D = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();  // [B, S, H]
     void* stream = current_stream(q.device());
+    auto D = row_dot(tab, dout, out, stream);  // [B, S, H]
     int iS = int(S), iHkv = int(Hkv), ihpg = int(hpg), idk = int(dk), idv = int(dv), in_ = int(n),
         iL = int(block_len), iNB = int(NB);
     float fscale = float(scale);
@@ -316,35 +342,6 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
   }
 };
 
-struct WindowFlash : public torch::autograd::Function<WindowFlash> {
-  static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, int64_t window,
-                        double scale) {
-    q = q.contiguous();
-    k = k.contiguous();
-    v = v.contiguous();
-    int64_t S = q.size(1), Sk = k.size(1);
-    auto res = at::_flash_attention_forward(q, k, v, std::nullopt, std::nullopt, S, Sk, 0.0,
-                                            /*is_causal=*/true, /*return_debug_mask=*/false,
-                                            scale, window - 1, 0);
-    auto out = std::get<0>(res);
-    ctx->save_for_backward({q, k, v, out, std::get<1>(res), std::get<2>(res), std::get<3>(res)});
-    ctx->saved_data["window"] = window;
-    ctx->saved_data["scale"] = scale;
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto s = ctx->get_saved_variables();
-    int64_t window = ctx->saved_data["window"].toInt();
-    double scale = ctx->saved_data["scale"].toDouble();
-    auto dout = grads[0].to(s[3].scalar_type()).contiguous();
-    auto res = at::_flash_attention_backward(dout, s[0], s[1], s[2], s[3], s[4], Tensor(),
-                                             Tensor(), s[0].size(1), s[1].size(1), 0.0,
-                                             /*is_causal=*/true, s[5], s[6], scale, window - 1, 0);
-    return {std::get<0>(res), std::get<1>(res), std::get<2>(res), Tensor(), Tensor()};
-  }
-};
-
 // The compressed-branch forward kernel: (out, lse) for bf16 q [B, S, H, dk], ck [B, Nc, Hkv, dk],
 // cv [B, Nc, Hkv, dv] (aligned, contiguous) with a tensor-core instantiation.
 std::tuple<Tensor, Tensor> cmp_forward(const NsaSlcTable* tab, const Tensor& q, const Tensor& ck,
@@ -381,6 +378,11 @@ Tensor to_device(const std::vector<T>& v, at::ScalarType type, const c10::Device
   return host.to(device, /*non_blocking=*/true);
 }
 
+// The fold and unfold kernels of the cuDNN form (cmp_cudnn.h).
+cmp_cudnn::RowCopies row_copies(const NsaSlcTable* tab) {
+  return cmp_cudnn::RowCopies{tab->launch, tab->cmp_fold, tab->cmp_unfold};
+}
+
 // Whether the compressed branch runs on cuDNN (cmp_cudnn.h): asked for, libtorch's
 // deterministic algorithms off (cuDNN's backward does not fix its dQ accumulation order; the
 // kernels' does), and cuDNN's fused attention takes the shapes (ck holds every folded row's
@@ -397,7 +399,9 @@ std::tuple<Tensor, Tensor, cmp_cudnn::Saved> cmp_forward_any(const NsaSlcTable* 
                                                              const Tensor& ck, const Tensor& cv,
                                                              int64_t cl, int64_t cd,
                                                              double scale) {
-  if (cmp_on_cudnn(backend, q, ck, cl, cd)) return cmp_cudnn::forward(q, ck, cv, cl, cd, scale);
+  if (cmp_on_cudnn(backend, q, ck, cl, cd)) {
+    return cmp_cudnn::forward(row_copies(tab), q, ck, cv, cl, cd, scale);
+  }
   auto [out, lse] = cmp_forward(tab, q, ck, cv, cl, cd, scale);
   return {out, lse, cmp_cudnn::Saved{}};
 }
@@ -437,24 +441,26 @@ struct CompressedFused : public torch::autograd::Function<CompressedFused> {
     c10::DeviceGuard guard(q.device());
     auto dout = aligned(grads[0].to(out.scalar_type()));
     if (ctx->saved_data["cudnn"].toBool()) {
-      auto [dq, dk, dv] = cmp_cudnn::backward(dout, q, ck, cv, out,
-                                              cmp_cudnn::Saved{saved[5], saved[6], saved[7]},
-                                              cl, cd, scale);
+      // Folded copies of dout, q, out and cuDNN's folded dQ, all bf16.
+      int64_t temps = q.size(0) * q.size(1) * q.size(2) * (2 * q.size(3) + 2 * cv.size(3)) * 2;
+      auto [dq, dk, dv] = cmp_cudnn::backward(
+          row_copies(tab), dout, q, ck, cv, out, cmp_cudnn::Saved{saved[5], saved[6], saved[7]},
+          cl, cd, scale, nsa_glue::kv_head_chunks(temps, ck.size(2)));
       return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
     int64_t B = q.size(0), S = q.size(1), H = q.size(2), dk = q.size(3);
     int64_t Nc = ck.size(1), Hkv = ck.size(2), dv = cv.size(3), hpg = H / Hkv;
     int mi = mma_index(q, dk, dv, hpg);
-    auto D = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
     if (B == 0 || S == 0 || Nc == 0) {
       return {at::zeros_like(q), at::zeros_like(ck), at::zeros_like(cv), Tensor(), Tensor(),
               Tensor(), Tensor(), Tensor()};
     }
+    void* stream = current_stream(q.device());
+    auto D = row_dot(tab, dout, out, stream);  // [B, S, H]
     // Every key is written exactly once (by its tile's one piece, or by the reduce kernel).
     auto dq = at::empty_like(q);
     auto dk_t = at::empty_like(ck);
     auto dv_t = at::empty_like(cv);
-    void* stream = current_stream(q.device());
     int iS = int(S), iNc = int(Nc), iHkv = int(Hkv), ihpg = int(hpg), icl = int(cl), icd = int(cd);
     float fscale = float(scale);
     void *qp = q.data_ptr(), *kp = ck.data_ptr(), *vp = cv.data_ptr(), *dop = dout.data_ptr();
@@ -518,17 +524,6 @@ struct CompressedFused : public torch::autograd::Function<CompressedFused> {
   }
 };
 
-// Under CUDA autocast q, k, v may differ in dtype (bf16 projections, fp32 RoPE output): compute
-// in autocast's dtype when the promoted type is fp32, as the lean functions do. The casts stay
-// outside the Function so autograd routes each gradient back to its input's dtype.
-at::ScalarType common_type(const Tensor& q, const Tensor& k, const Tensor& v) {
-  auto dt = at::promote_types(at::promote_types(q.scalar_type(), k.scalar_type()), v.scalar_type());
-  if (q.is_cuda() && dt == at::kFloat && at::autocast::is_autocast_enabled(at::kCUDA)) {
-    dt = at::autocast::get_autocast_dtype(at::kCUDA);
-  }
-  return dt;
-}
-
 }  // namespace
 
 extern "C" {
@@ -573,7 +568,7 @@ int nsa_fused_dkdv_plan(const at::Tensor* starts, int64_t piece, int64_t max_ent
 // The dtype the fused functions compute q, k, v in: 1 = fp32, 2 = bf16, 0 = anything else.
 int nsa_fused_compute_dtype(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v) {
   try {
-    auto dt = common_type(*q, *k, *v);
+    auto dt = nsa_glue::common_type(*q, *k, *v);
     return dt == at::kFloat ? 1 : dt == at::kBFloat16 ? 2 : 0;
   } catch (...) {
     return 0;
@@ -589,7 +584,7 @@ at::Tensor* nsa_fused_selected(const at::Tensor* q, const at::Tensor* k, const a
   try {
     TORCH_CHECK(table != nullptr, "fused selected attention: no kernel table");
     TORCH_CHECK(q->is_cuda(), "fused selected attention: CUDA tensors only");
-    auto dt = common_type(*q, *k, *v);
+    auto dt = nsa_glue::common_type(*q, *k, *v);
     TORCH_CHECK(dt == at::kBFloat16 || dt == at::kFloat,
                 "fused selected attention: bf16 or fp32 inputs, got ", dt);
     auto ids = nsa_glue::clean_block_ids(blocks->to(q->device()), block_len, k->size(1))
@@ -599,23 +594,6 @@ at::Tensor* nsa_fused_selected(const at::Tensor* q, const at::Tensor* k, const a
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto out = SelectedFused::apply(qc, kc, vc, ids, block_len, scale,
                                     reinterpret_cast<int64_t>(table), strategy);
-    return new at::Tensor(std::move(out));
-  } catch (const std::exception& e) {
-    write_error(e.what(), err, err_len);
-    return nullptr;
-  }
-}
-
-at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
-                             int64_t window, double scale, char* err, size_t err_len) {
-  try {
-    TORCH_CHECK(window > 0, "fused window attention: window must be positive");
-    TORCH_CHECK(q->is_cuda(), "fused window attention: CUDA tensors only");
-    auto dt = common_type(*q, *k, *v);
-    TORCH_CHECK(dt == at::kBFloat16, "fused window attention: bf16 only, got ", dt);
-    auto qc = q->to(dt), kc = k->to(dt), vc = v->to(dt);
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    auto out = WindowFlash::apply(qc, kc, vc, window, scale);
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);
@@ -639,7 +617,7 @@ int nsa_fused_compressed(const at::Tensor* q, const at::Tensor* ck, const at::Te
     TORCH_CHECK(table != nullptr, "fused compressed attention: no kernel table");
     TORCH_CHECK(q->is_cuda(), "fused compressed attention: CUDA tensors only");
     TORCH_CHECK(cl > 0 && cd > 0, "fused compressed attention: l and d must be positive");
-    auto dt = common_type(*q, *ck, *cv);
+    auto dt = nsa_glue::common_type(*q, *ck, *cv);
     TORCH_CHECK(dt == at::kBFloat16, "fused compressed attention: computes in bf16 only, got ", dt);
     auto qc = q->to(dt), kc = ck->to(dt), vc = cv->to(dt);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);

@@ -7,7 +7,10 @@
 //                 cos / sin fp32 [S, dk/2] -> y [B, S, X, dk] contiguous in x's dtype.
 //                 Backward: the inverse rotation of dy (any float dtype) -> dx in x's dtype.
 //   GateMixFused: branch outputs oc, os, ow [B, S, H, dv] and gates g [B, S, H, 3], one dtype
-//                 (bf16 or fp32) -> o [B, S, H, dv]. Backward: doc, dos, dow and dg.
+//                 (bf16 or fp32) -> o [B, S, H, dv]. Backward: doc, dos, dow and dg. The
+//                 branch outputs are read in place when their rows are evenly spaced with the
+//                 last axis contiguous (row_stride), as a narrowed wider output is; others are
+//                 copied first.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -97,18 +100,44 @@ struct RopeFused : public torch::autograd::Function<RopeFused> {
   }
 };
 
+// The row stride of x [B, S, H, dv] if its rows (b, s, h) are evenly spaced, at least dv
+// apart, with the last axis contiguous (a contiguous tensor: dv; a narrowed view of a
+// contiguous [B, S, H, D]: D); -1 otherwise. Axes of size 1 may have any stride.
+int64_t row_stride(const Tensor& x) {
+  if (x.dim() != 4 || x.stride(3) != 1) return -1;
+  if (x.numel() == 0) return x.size(3);
+  int64_t rs = -1, below = 1;  // below: rows per step of the axis
+  for (int axis = 2; axis >= 0; --axis) {
+    if (x.size(axis) != 1) {
+      if (rs < 0) {
+        if (x.stride(axis) % below != 0) return -1;
+        rs = x.stride(axis) / below;
+      } else if (x.stride(axis) != rs * below) {
+        return -1;
+      }
+    }
+    below *= x.size(axis);
+  }
+  if (rs < 0) rs = x.size(3);  // a single row
+  return rs >= x.size(3) ? rs : -1;
+}
+
+// x itself when row_stride(x) applies, else a contiguous copy.
+Tensor rows_readable(const Tensor& x) { return row_stride(x) >= 0 ? x : x.contiguous(); }
+
 struct GateMixFused : public torch::autograd::Function<GateMixFused> {
   static Tensor forward(AutogradContext* ctx, Tensor oc, Tensor os, Tensor ow, Tensor g,
                         int64_t table) {
     ctx->save_for_backward({oc, os, ow, g});
     ctx->saved_data["table"] = table;
     const auto* tab = table_of(table);
-    auto o = at::empty_like(oc);
+    auto o = at::empty(oc.sizes(), oc.options());
     long long n = oc.numel();
     int dv = int(oc.size(3));
+    long long rc = row_stride(oc), rs = row_stride(os), rw = row_stride(ow);
     const void *pc = oc.data_ptr(), *ps = os.data_ptr(), *pw = ow.data_ptr(), *pg = g.data_ptr();
     void* po = o.data_ptr();
-    void* args[] = {&pc, &ps, &pw, &pg, &po, &dv, &n};
+    void* args[] = {&pc, &ps, &pw, &pg, &po, &dv, &n, &rc, &rs, &rw};
     launch(tab, tab->mix[fp32(oc)], "nsa_gate_mix", n, oc.device(), args);
     return o;
   }
@@ -117,14 +146,17 @@ struct GateMixFused : public torch::autograd::Function<GateMixFused> {
     auto s = ctx->get_saved_variables();
     const auto* tab = table_of(ctx->saved_data["table"].toInt());
     auto dout = grads[0].to(s[0].scalar_type()).contiguous();
-    auto doc = at::empty_like(s[0]), dos = at::empty_like(s[0]), dow = at::empty_like(s[0]);
+    auto opts = s[0].options();
+    auto doc = at::empty(s[0].sizes(), opts), dos = at::empty(s[0].sizes(), opts),
+         dow = at::empty(s[0].sizes(), opts);
     auto dg = at::empty_like(s[3]);
     int dv = int(s[0].size(3));
     long long rows = s[0].numel() / dv;
+    long long rc = row_stride(s[0]), rs = row_stride(s[1]), rw = row_stride(s[2]);
     const void *pc = s[0].data_ptr(), *ps = s[1].data_ptr(), *pw = s[2].data_ptr(),
                *pg = s[3].data_ptr(), *pd = dout.data_ptr();
     void *qc = doc.data_ptr(), *qs = dos.data_ptr(), *qw = dow.data_ptr(), *qg = dg.data_ptr();
-    void* args[] = {&pc, &ps, &pw, &pg, &pd, &qc, &qs, &qw, &qg, &dv, &rows};
+    void* args[] = {&pc, &ps, &pw, &pg, &pd, &qc, &qs, &qw, &qg, &dv, &rows, &rc, &rs, &rw};
     // One warp per row.
     launch(tab, tab->mix_bwd[fp32(s[0])], "nsa_gate_mix_bwd", rows * 32, s[0].device(), args);
     return {doc, dos, dow, dg, Tensor()};
@@ -159,8 +191,9 @@ at::Tensor* nsa_fused_rope(const at::Tensor* x, const at::Tensor* cos_t, const a
   }
 }
 
-// The gated sum of three branch outputs (same dtype, contiguous, [B, S, H, dv]) with gates
-// [B, S, H, 3]: a new at::Tensor* (ownership to the caller), or nullptr with a message in err.
+// The gated sum of three branch outputs (same dtype, [B, S, H, dv], any strides) with gates
+// [B, S, H, 3] (contiguous): a new at::Tensor* (ownership to the caller), or nullptr with a
+// message in err.
 at::Tensor* nsa_fused_gate_mix(const at::Tensor* oc, const at::Tensor* os, const at::Tensor* ow,
                                const at::Tensor* g, const NsaPointwiseTable* table, char* err,
                                size_t err_len) {
@@ -170,15 +203,17 @@ at::Tensor* nsa_fused_gate_mix(const at::Tensor* oc, const at::Tensor* os, const
     TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "fused gate mix: bf16 or fp32 only");
     for (const at::Tensor* t : {oc, os, ow, g}) {
       TORCH_CHECK(t->is_cuda() && t->device() == oc->device() && t->scalar_type() == dt &&
-                      t->is_contiguous() && t->dim() == 4,
-                  "fused gate mix: contiguous 4-d CUDA tensors of one dtype on one device");
+                      t->dim() == 4,
+                  "fused gate mix: 4-d CUDA tensors of one dtype on one device");
     }
+    TORCH_CHECK(g->is_contiguous(), "fused gate mix: the gates must be contiguous");
     TORCH_CHECK(os->sizes() == oc->sizes() && ow->sizes() == oc->sizes() &&
                     g->sizes().slice(0, 3) == oc->sizes().slice(0, 3) && g->size(3) == 3,
                 "fused gate mix: branch outputs [B, S, H, dv] and gates [B, S, H, 3]");
     TORCH_CHECK(oc->size(3) > 0 && oc->size(3) < (int64_t(1) << 31),
                 "fused gate mix: dv out of range");
-    auto out = GateMixFused::apply(*oc, *os, *ow, *g, reinterpret_cast<int64_t>(table));
+    auto out = GateMixFused::apply(rows_readable(*oc), rows_readable(*os), rows_readable(*ow),
+                                   *g, reinterpret_cast<int64_t>(table));
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);

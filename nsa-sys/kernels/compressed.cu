@@ -31,6 +31,17 @@
 //   token's heads and Eq. 10 is summed in registers (head_sum16). Shared: K [2][64][DK + pad]
 //   (fp32: then Q [64][DK + 1]), lse2 [64], p [64][65] (not for bf16 with G = 16),
 //   ps [BQ][64], scores [BQ][Nb], nvis [BQ]. Two barriers per tile (three with the p tile).
+// nsa_cmp_fold_w{1,4}, nsa_cmp_unfold_w{1,4}: the row copies of the cuDNN form of this branch
+//   (glue/cmp_cudnn.h), over rows of `words` 32-bit words, W words per thread (W = 4: 16-byte
+//   accesses, for rows and strides that are multiples of 4 words on 16-byte aligned memory).
+//   Both see H = Hkv * G of the Hs heads of an nsa-layout tensor [B, S, Hs, words]
+//   (contiguous), from head h0 on (the glue folds a group of KV heads at a time).
+//   Fold: dst [B, Hkv, d, G, m, words] (contiguous) row (b, g, r, h, j) = row
+//   (b, t = l - 1 + j * d + r, h0 + g * G + h) of the nsa-layout src, zeros where t >= S.
+//   Unfold, its inverse for cuDNN's outputs: row (b, t, h0 + g * G + h) of the nsa-layout dst =
+//   src row (b, (g * d + r) * G + h, j) at word strides (sb, sh, sm), the `fill` pattern where
+//   t < l - 1. One thread per W words in a grid-stride loop: both sides coalesced along the
+//   row. libtorch's copy of the same strided 6-d views ran at about 0.6 TB/s.
 #include "attend.cuh"
 #include "select.cuh"
 
@@ -282,7 +293,85 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
   }
 }
 
+template <int W> struct Words;
+template <> struct Words<1> { using T = unsigned int; };
+template <> struct Words<4> { using T = uint4; };
+
+template <int W>
+__device__ void cmp_fold(const unsigned int* __restrict__ src, unsigned int* __restrict__ dst,
+                         int words, int S, int H, int Hs, int h0, int Hkv, int cl, int cd,
+                         int m, long long rows) {
+  using V = typename Words<W>::T;
+  const int G = H / Hkv, per_row = words / W;
+  const long long n = rows * per_row, step = (long long)gridDim.x * blockDim.x;
+  for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += step) {
+    const long long row = e / per_row;
+    const int c = (int)(e - row * per_row);
+    long long rest = row;
+    const int j = (int)(rest % m);
+    rest /= m;
+    const int h = (int)(rest % G);
+    rest /= G;
+    const int r = (int)(rest % cd);
+    rest /= cd;
+    const int g = (int)(rest % Hkv);
+    const long long b = rest / Hkv;
+    const long long t = cl - 1 + (long long)j * cd + r;
+    V v;
+    if (t < S) {
+      v = reinterpret_cast<const V*>(src + ((b * S + t) * Hs + h0 + g * G + h) * words)[c];
+    } else {
+      v = V{};
+    }
+    reinterpret_cast<V*>(dst + row * words)[c] = v;
+  }
+}
+
+template <int W>
+__device__ void cmp_unfold(const unsigned int* __restrict__ src, long long sb, long long sh,
+                           long long sm, unsigned int* __restrict__ dst, int words, int S,
+                           int H, int Hs, int h0, int Hkv, int cl, int cd, unsigned int fill,
+                           long long rows) {
+  using V = typename Words<W>::T;
+  const int G = H / Hkv, per_row = words / W;
+  const long long n = rows * per_row, step = (long long)gridDim.x * blockDim.x;
+  for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += step) {
+    const long long row = e / per_row;
+    const int c = (int)(e - row * per_row);
+    const int hh = (int)(row % H);
+    const long long bt = row / H;
+    const int t = (int)(bt % S);
+    const long long b = bt / S;
+    V v;
+    if (t < cl - 1) {
+      unsigned int* f = reinterpret_cast<unsigned int*>(&v);
+#pragma unroll
+      for (int i = 0; i < W; ++i) f[i] = fill;
+    } else {
+      const int j = (t - (cl - 1)) / cd, r = (t - (cl - 1)) % cd;
+      const int head = ((hh / G) * cd + r) * G + hh % G;
+      v = reinterpret_cast<const V*>(src + b * sb + head * sh + j * sm)[c];
+    }
+    reinterpret_cast<V*>(dst + (bt * Hs + h0 + hh) * words)[c] = v;
+  }
+}
+
 }  // namespace nsa
+
+#define NSA_CMP_FOLD(W)                                                                        \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS)                                    \
+      nsa_cmp_fold_w##W(const unsigned int* src, unsigned int* dst, int words, int S, int H,   \
+                        int Hs, int h0, int Hkv, int cl, int cd, int m, long long rows) {      \
+    nsa::cmp_fold<W>(src, dst, words, S, H, Hs, h0, Hkv, cl, cd, m, rows);                    \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS) nsa_cmp_unfold_w##W(              \
+      const unsigned int* src, long long sb, long long sh, long long sm, unsigned int* dst,   \
+      int words, int S, int H, int Hs, int h0, int Hkv, int cl, int cd, unsigned int fill,    \
+      long long rows) {                                                                        \
+    nsa::cmp_unfold<W>(src, sb, sh, sm, dst, words, S, H, Hs, h0, Hkv, cl, cd, fill, rows);   \
+  }
+NSA_CMP_FOLD(1)
+NSA_CMP_FOLD(4)
 
 #define NSA_CMP_MMA(DK, DV)                                                                    \
   extern "C" __global__ void __launch_bounds__(NSA_THREADS) nsa_cmp_fwd_mma_dk##DK##_dv##DV(  \

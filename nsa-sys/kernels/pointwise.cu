@@ -18,8 +18,11 @@
 //
 // nsa_gate_mix_{bf16, f32} and nsa_gate_mix_bwd_{bf16, f32}: the gated sum of the three
 //   branches (Eq. 5), o[r, :] = g[r, 0] * oc[r, :] + g[r, 1] * os[r, :] + g[r, 2] * ow[r, :]
-//   for rows r = (b, s, h) of oc, os, ow, o [R, dv] and gates g [R, 3] (cmp, slc, win), all
-//   contiguous, one type T. Forward: one thread per element, fp32 arithmetic in that order.
+//   for rows r = (b, s, h) of oc, os, ow, o [R, dv] and gates g [R, 3] (cmp, slc, win), one
+//   type T. o and g are contiguous; row r of oc, os, ow starts at r * rc, r * rs, r * rw
+//   (row strides >= dv: the window branch's output arrives as a narrowed view of a wider one,
+//   read in place rather than copied). Forward: one thread per element, fp32 arithmetic in
+//   that order.
 //   Backward for dout [R, dv]: doc = g0 * dout, dos = g1 * dout, dow = g2 * dout (T), and
 //   dg [R, 3] (T) = the row sums over dv of oc * dout, os * dout, ow * dout in fp32, one warp
 //   per row, lanes striding over dv and a fixed butterfly: deterministic.
@@ -56,12 +59,14 @@ __device__ __forceinline__ void rope(const In* __restrict__ x, long long xb, lon
 template <typename T>
 __device__ __forceinline__ void gate_mix(const T* __restrict__ oc, const T* __restrict__ os,
                                          const T* __restrict__ ow, const T* __restrict__ g,
-                                         T* __restrict__ o, int dv, long long n) {
+                                         T* __restrict__ o, int dv, long long n,
+                                         long long rc, long long rs, long long rw) {
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
-    const long long r = e / dv;
-    const float v = to_f(g[3 * r]) * to_f(oc[e]) + to_f(g[3 * r + 1]) * to_f(os[e]) +
-                    to_f(g[3 * r + 2]) * to_f(ow[e]);
+    const long long r = e / dv, d = e - r * dv;
+    const float v = to_f(g[3 * r]) * to_f(oc[r * rc + d]) +
+                    to_f(g[3 * r + 1]) * to_f(os[r * rs + d]) +
+                    to_f(g[3 * r + 2]) * to_f(ow[r * rw + d]);
     o[e] = from_f<T>(v);
   }
 }
@@ -71,7 +76,8 @@ __device__ __forceinline__ void gate_mix_bwd(const T* __restrict__ oc, const T* 
                                              const T* __restrict__ ow, const T* __restrict__ g,
                                              const T* __restrict__ dout, T* __restrict__ doc,
                                              T* __restrict__ dos, T* __restrict__ dow,
-                                             T* __restrict__ dg, int dv, long long rows) {
+                                             T* __restrict__ dg, int dv, long long rows,
+                                             long long rc, long long rs, long long rw) {
   const int lane = threadIdx.x & 31;
   const long long warps = (long long)gridDim.x * (blockDim.x / 32);
   for (long long r = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows;
@@ -81,9 +87,9 @@ __device__ __forceinline__ void gate_mix_bwd(const T* __restrict__ oc, const T* 
     for (int d = lane; d < dv; d += 32) {
       const long long e = r * dv + d;
       const float go = to_f(dout[e]);
-      sc += to_f(oc[e]) * go;
-      ss += to_f(os[e]) * go;
-      sw += to_f(ow[e]) * go;
+      sc += to_f(oc[r * rc + d]) * go;
+      ss += to_f(os[r * rs + d]) * go;
+      sw += to_f(ow[r * rw + d]) * go;
       doc[e] = from_f<T>(g0 * go);
       dos[e] = from_f<T>(g1 * go);
       dow[e] = from_f<T>(g2 * go);
@@ -114,14 +120,15 @@ NSA_ROPE(nsa_rope_bf16_f32, __nv_bfloat16, float)
 
 #define NSA_GATE_MIX(SUFFIX, T)                                                                 \
   extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS) nsa_gate_mix_##SUFFIX(   \
-      const T* oc, const T* os, const T* ow, const T* g, T* o, int dv, long long n) {           \
-    nsa::gate_mix<T>(oc, os, ow, g, o, dv, n);                                                  \
+      const T* oc, const T* os, const T* ow, const T* g, T* o, int dv, long long n,             \
+      long long rc, long long rs, long long rw) {                                               \
+    nsa::gate_mix<T>(oc, os, ow, g, o, dv, n, rc, rs, rw);                                      \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS)                           \
       nsa_gate_mix_bwd_##SUFFIX(const T* oc, const T* os, const T* ow, const T* g,              \
                                 const T* dout, T* doc, T* dos, T* dow, T* dg, int dv,           \
-                                long long rows) {                                               \
-    nsa::gate_mix_bwd<T>(oc, os, ow, g, dout, doc, dos, dow, dg, dv, rows);                     \
+                                long long rows, long long rc, long long rs, long long rw) {     \
+    nsa::gate_mix_bwd<T>(oc, os, ow, g, dout, doc, dos, dow, dg, dv, rows, rc, rs, rw);         \
   }
 NSA_GATE_MIX(bf16, __nv_bfloat16)
 NSA_GATE_MIX(f32, float)

@@ -38,6 +38,11 @@
 // nsa_slc_dkdv_reduce_{f32,bf16}: one CTA per split segment (red_seg), summing its red_count
 //   partials from slot red_slot0 in order into dK/dV of the block's keys.
 // Both are plain fp32 SIMT kernels for either input type.
+// nsa_row_dot_{f32,bf16}: D[r] = sum_i a[r, i] * b[r, i] in fp32 for rows r of a, b [R, dv]
+//   (contiguous, one type): the D above and the compressed branch's, read from do and o as
+//   they are instead of from fp32 copies of both and of their product (three [R, dv] fp32
+//   temporaries, 6.4 GB at the paper shape and 64k). One warp per row, lanes striding over dv,
+//   a fixed butterfly: deterministic.
 #include "attend.cuh"
 
 #define NSA_KC 16
@@ -241,9 +246,33 @@ __device__ void slc_dkdv_reduce(const float* __restrict__ scratch,
   }
 }
 
+template <typename T>
+__device__ void row_dot(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ out,
+                        int dv, long long rows) {
+  const int lane = threadIdx.x & 31;
+  const long long warps = (long long)gridDim.x * (NSA_THREADS / 32);
+  for (long long r = (long long)blockIdx.x * (NSA_THREADS / 32) + threadIdx.x / 32; r < rows;
+       r += warps) {
+    const T* ar = a + r * dv;
+    const T* br = b + r * dv;
+    float s = 0.f;
+    for (int d = lane; d < dv; d += 32) s += to_f(ar[d]) * to_f(br[d]);
+    s = warp_sum(s);
+    if (lane == 0) out[r] = s;
+  }
+}
+
 // ---- tensor-core backward (bf16) -----------------------------------------------------------
 
 }  // namespace nsa
+
+#define NSA_ROW_DOT(NAME, T)                                                                   \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS)                                    \
+      NAME(const T* a, const T* b, float* out, int dv, long long rows) {                      \
+    nsa::row_dot<T>(a, b, out, dv, rows);                                                      \
+  }
+NSA_ROW_DOT(nsa_row_dot_f32, float)
+NSA_ROW_DOT(nsa_row_dot_bf16, __nv_bfloat16)
 
 #define NSA_DQ(NAME, T)                                                                        \
   extern "C" __global__ void __launch_bounds__(NSA_THREADS)                                    \

@@ -32,6 +32,7 @@ use crate::SysError;
 mod compressed;
 mod decode;
 mod pointwise;
+mod window;
 pub use compressed::{
     compressed_attention, compressed_forward, select_blocks, CompressedBackend, SelectParams,
 };
@@ -40,6 +41,7 @@ pub use decode::{
     DECODE_MAX_DV, DECODE_MAX_GROUP, DECODE_MAX_TOP_N,
 };
 pub use pointwise::{gate_mix, pointwise_kernels, rope, PointwiseKernels};
+pub use window::{set_head_chunk_bytes, window_attention};
 
 /// Options of the fused kernels' compilation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,6 +89,9 @@ struct SlcTable {
     cmp_select: [CuFunction; 6],
     fwd_kv: [CuFunction; 9],
     fwd_combine: CuFunction,
+    row_dot: [CuFunction; 2],
+    cmp_fold: [CuFunction; 2],
+    cmp_unfold: [CuFunction; 2],
     max_smem: i32,
 }
 
@@ -320,6 +325,18 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
         ],
         fwd_kv: mma_family(fwd_mod, "nsa_slc_fwd_kv")?,
         fwd_combine: func(fwd_mod, "nsa_slc_fwd_combine")?,
+        row_dot: [
+            func(bwd_mod, "nsa_row_dot_f32")?,
+            func(bwd_mod, "nsa_row_dot_bf16")?,
+        ],
+        cmp_fold: [
+            func(cmp_mod, "nsa_cmp_fold_w1")?,
+            func(cmp_mod, "nsa_cmp_fold_w4")?,
+        ],
+        cmp_unfold: [
+            func(cmp_mod, "nsa_cmp_unfold_w1")?,
+            func(cmp_mod, "nsa_cmp_unfold_w4")?,
+        ],
         max_smem,
     };
     Ok(SelectedKernels {
@@ -362,15 +379,6 @@ extern "C" {
         scale: f64,
         strategy: i64,
         table: *const SlcTable,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> *mut C_tensor;
-    fn nsa_fused_window(
-        q: *const C_tensor,
-        k: *const C_tensor,
-        v: *const C_tensor,
-        window: i64,
-        scale: f64,
         err: *mut c_char,
         err_len: usize,
     ) -> *mut C_tensor;
@@ -743,48 +751,6 @@ pub fn selected_attention_with(
         )
     };
     finish("nsa_fused_selected", ptr, &err)
-}
-
-/// Sliding-window attention through libtorch's flash-attention kernel: query `t` reads keys
-/// `t − window + 1 ..= t`. Computed in bf16 only ([`compute_kind`] must be bf16), `dk == dv` (≤ 256, a multiple of 8), CUDA; other inputs
-/// get [`FusedError::Input`] (callers fall back to the lean path). Differentiable in `q`, `k`, `v`.
-pub fn window_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    window: i64,
-    scale: f64,
-) -> Result<Tensor, FusedError> {
-    let (_, [_, _, _, _, dk, dv]) = check_qkv(q, k, v, &[Kind::BFloat16, Kind::Float])?;
-    if compute_kind(q, k, v) != Some(Kind::BFloat16) {
-        return Err(input(
-            "q, k, v",
-            "the flash window kernel computes in bf16 only (bf16 inputs or bf16 autocast)",
-        ));
-    }
-    if dk != dv || dk > 256 || dk % 8 != 0 {
-        return Err(input(
-            "q, v",
-            format!("flash attention needs dk == dv ≤ 256, a multiple of 8; got dk {dk}, dv {dv}"),
-        ));
-    }
-    if window < 1 {
-        return Err(input("window", format!("must be positive, got {window}")));
-    }
-    let mut err = vec![0u8; ERR_LEN];
-    // SAFETY: as in `selected_attention`.
-    let ptr = unsafe {
-        nsa_fused_window(
-            q.as_ptr(),
-            k.as_ptr(),
-            v.as_ptr(),
-            window,
-            scale,
-            err.as_mut_ptr().cast(),
-            ERR_LEN,
-        )
-    };
-    finish("nsa_fused_window", ptr, &err)
 }
 
 #[cfg(test)]

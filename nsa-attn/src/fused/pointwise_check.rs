@@ -39,10 +39,14 @@ pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
                     .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
             );
         }
-        for (b, s, h, dv) in [(2, 33, 6, 64), (1, 70, 4, 128)] {
-            let name = format!("gate mix {} B={b} S={s} H={h} dv={dv}", kind_name(kind));
+        for (b, s, h, dv, strided) in [(2, 33, 6, 64, false), (1, 70, 4, 128, true)] {
+            let name = format!(
+                "gate mix {} B={b} S={s} H={h} dv={dv} {}",
+                kind_name(kind),
+                if strided { "strided" } else { "contiguous" }
+            );
             rows.push(
-                mix_case([b, s, h, dv], kind, device)
+                mix_case([b, s, h, dv], strided, kind, device)
                     .map(|(e, det)| row(name.clone(), kind, e, det))
                     .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
             );
@@ -133,23 +137,41 @@ fn rope_case(c: RopeCase, kind: Kind, device: Device) -> Result<((f64, String), 
     judge(&got, &again, &want, &["out", "dx"])
 }
 
+/// The gated sum on contiguous branch outputs, or (`strided`) on the layouts the layer hands
+/// it: the window output a narrowed view of a wider one (read in place at its row stride) and
+/// the compressed output transposed in its last two axes (no even row stride: copied first).
 fn mix_case(
     [b, s, h, dv]: [i64; 4],
+    strided: bool,
     kind: Kind,
     device: Device,
 ) -> Result<((f64, String), bool), AttnError> {
     let randn = |shape: [i64; 4]| -> Result<Tensor, AttnError> {
         Ok(Tensor::f_randn(shape, (Kind::Float, device))?.f_to_kind(kind)?)
     };
+    let pad = if strided { 24 } else { 0 };
     let inputs = [
+        randn(if strided {
+            [b, s, dv, h]
+        } else {
+            [b, s, h, dv]
+        })?,
         randn([b, s, h, dv])?,
-        randn([b, s, h, dv])?,
-        randn([b, s, h, dv])?,
+        randn([b, s, h, dv + pad])?,
         Tensor::f_rand([b, s, h, 3], (Kind::Float, device))?.f_to_kind(kind)?,
     ];
     let dout = Tensor::f_randn([b, s, h, dv], (Kind::Float, device))?;
+    let branches = |t: &[Tensor]| -> Result<[Tensor; 3], AttnError> {
+        let oc = if strided {
+            t[0].f_transpose(2, 3)?
+        } else {
+            t[0].shallow_clone()
+        };
+        Ok([oc, t[1].shallow_clone(), t[2].f_narrow(3, 0, dv)?])
+    };
     let fused = |t: &[Tensor]| -> Result<Tensor, AttnError> {
-        Ok(sys::gate_mix(&t[0], &t[1], &t[2], &t[3])?)
+        let [oc, os, ow] = branches(t)?;
+        Ok(sys::gate_mix(&oc, &os, &ow, &t[3])?)
     };
     let got = run(&inputs, &dout, fused)?;
     let again = run(&inputs, &dout, fused)?;
@@ -158,7 +180,8 @@ fn mix_case(
         .map(|t| t.f_to_kind(Kind::Double))
         .collect::<Result<Vec<_>, _>>()?;
     let want = run(&doubles, &dout, |t| {
-        crate::gates::mix(&t[3], &t[0], &t[1], &t[2])
+        let [oc, os, ow] = branches(t)?;
+        crate::gates::mix(&t[3], &oc, &os, &ow)
     })?;
     judge(
         &got,

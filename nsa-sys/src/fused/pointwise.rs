@@ -168,8 +168,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, FusedError
 
 /// The gated sum `o = g_cmp · oc + g_slc · os + g_win · ow` (Eq. 5) of the branch outputs
 /// `oc`, `os`, `ow` `[B, S, H, dv]` with gates `g` `[B, S, H, 3]` (cmp, slc, win): one dtype
-/// (bf16 or fp32), on one CUDA device, contiguous. fp32 arithmetic, one rounding per output
-/// element. Differentiable in all four; the backward's gate gradients are row sums over `dv`
+/// (bf16 or fp32), on one CUDA device, the gates contiguous. A branch output whose rows are
+/// evenly spaced with the last axis contiguous (a contiguous tensor, or a narrowed view of a
+/// wider one) is read in place and saved as it is for backward; any other is copied first.
+/// fp32 arithmetic, one rounding per output element. Differentiable in all four; the backward's gate gradients are row sums over `dv`
 /// in a fixed order (deterministic).
 pub fn gate_mix(oc: &Tensor, os: &Tensor, ow: &Tensor, g: &Tensor) -> Result<Tensor, FusedError> {
     let kind = oc.kind();
@@ -187,11 +189,13 @@ pub fn gate_mix(oc: &Tensor, os: &Tensor, ow: &Tensor, g: &Tensor) -> Result<Ten
         ("ow", ow, size.as_slice()),
         ("g", g, gate_size.as_slice()),
     ] {
-        if t.device() != oc.device() || t.kind() != kind || !t.is_contiguous() || t.size() != want {
+        let layout_ok = what != "g" || t.is_contiguous();
+        if t.device() != oc.device() || t.kind() != kind || !layout_ok || t.size() != want {
+            let layout = if what == "g" { "contiguous " } else { "" };
             return Err(input(
                 what,
                 format!(
-                    "contiguous {kind:?} {want:?} on {:?}, got {:?} {:?} on {:?}",
+                    "{layout}{kind:?} {want:?} on {:?}, got {:?} {:?} on {:?}",
                     oc.device(),
                     t.kind(),
                     t.size(),
@@ -263,14 +267,21 @@ mod tests {
         let o = Tensor::zeros([1, 8, 2, 4], f);
         let g = Tensor::zeros([1, 8, 2, 3], f);
         let cases = [
-            (gate_mix(&o, &o, &o.narrow(3, 0, 2), &g), "ow: contiguous"),
+            (
+                gate_mix(&o, &o, &o.narrow(3, 0, 2), &g),
+                "ow: Float [1, 8, 2, 4] on Cpu, got Float [1, 8, 2, 2]",
+            ),
             (
                 gate_mix(&o, &o, &o, &Tensor::zeros([1, 8, 2, 2], f)),
                 "g: contiguous Float [1, 8, 2, 3]",
             ),
             (
+                gate_mix(&o, &o, &o, &Tensor::zeros([1, 8, 3, 2], f).transpose(2, 3)),
+                "g: contiguous Float [1, 8, 2, 3]",
+            ),
+            (
                 gate_mix(&o, &o.to_kind(Kind::BFloat16), &o, &g),
-                "os: contiguous Float",
+                "os: Float [1, 8, 2, 4]",
             ),
             (
                 gate_mix(&o.to_kind(Kind::Int), &o, &o, &g),

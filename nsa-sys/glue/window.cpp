@@ -1,0 +1,122 @@
+// The sliding-window branch on libtorch's own flash-attention kernel with its sliding-window
+// parameters (window_size_left = w - 1, right = 0, causal), bf16, dk == dv (nsa-attn zero-pads
+// to one head size): WindowFlash, an autograd Function whose backward is split by groups of KV
+// heads when one call's temporaries would pass the bound (attention.h, kv_head_chunks, also used
+// by fused.cpp's compressed branch on cuDNN).
+//
+// Layouts: q [B, S, H, d], k, v [B, S, Hkv, d], out [B, S, H, d]; flash's lse [B, H, S].
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "attention.h"
+#include "launch.h"
+
+namespace nsa_glue {
+
+namespace {
+std::atomic<int64_t> g_chunk_bytes{int64_t(1) << 30};
+}  // namespace
+
+int64_t kv_head_chunks(int64_t bytes, int64_t Hkv) {
+  const int64_t bound = g_chunk_bytes.load();
+  for (int64_t c = 1; c < Hkv; ++c) {
+    if (Hkv % c == 0 && bytes / c <= bound) return c;
+  }
+  return std::max<int64_t>(Hkv, 1);
+}
+
+}  // namespace nsa_glue
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct WindowFlash : public torch::autograd::Function<WindowFlash> {
+  static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, int64_t window,
+                        double scale) {
+    q = q.contiguous();
+    k = k.contiguous();
+    v = v.contiguous();
+    int64_t S = q.size(1), Sk = k.size(1);
+    auto res = at::_flash_attention_forward(q, k, v, std::nullopt, std::nullopt, S, Sk, 0.0,
+                                            /*is_causal=*/true, /*return_debug_mask=*/false,
+                                            scale, window - 1, 0);
+    auto out = std::get<0>(res);
+    ctx->save_for_backward({q, k, v, out, std::get<1>(res), std::get<2>(res), std::get<3>(res)});
+    ctx->saved_data["window"] = window;
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    int64_t window = ctx->saved_data["window"].toInt();
+    double scale = ctx->saved_data["scale"].toDouble();
+    auto dout = grads[0].to(s[3].scalar_type()).contiguous();
+    const auto &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
+    int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
+    // fp32 dQ accumulator, plus bf16 dK and dV per query head when H > Hkv.
+    int64_t temps = B * S * H * D * (4 + (H > Hkv ? 4 : 0));
+    int64_t chunks = nsa_glue::kv_head_chunks(temps, Hkv);
+    auto call = [&](const Tensor& dout_c, const Tensor& q_c, const Tensor& k_c,
+                    const Tensor& v_c, const Tensor& out_c, const Tensor& lse_c) {
+      return at::_flash_attention_backward(dout_c, q_c, k_c, v_c, out_c, lse_c, Tensor(),
+                                           Tensor(), S, k.size(1), 0.0, /*is_causal=*/true,
+                                           s[5], s[6], scale, window - 1, 0);
+    };
+    if (chunks == 1) {
+      auto res = call(dout, q, k, v, out, lse);
+      return {std::get<0>(res), std::get<1>(res), std::get<2>(res), Tensor(), Tensor()};
+    }
+    // Groups of whole KV heads: head-sliced views (flash takes any row and head strides),
+    // the lse slice [B, hq, S] made contiguous; each group's gradients copied into place.
+    auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+    int64_t hk = Hkv / chunks, hq = H / chunks;
+    for (int64_t i = 0; i < chunks; ++i) {
+      auto heads = [&](const Tensor& t) { return t.narrow(2, i * hq, hq); };
+      auto kv_heads = [&](const Tensor& t) { return t.narrow(2, i * hk, hk); };
+      auto res = call(heads(dout), heads(q), kv_heads(k), kv_heads(v), heads(out),
+                      lse.narrow(1, i * hq, hq).contiguous());
+      heads(dq).copy_(std::get<0>(res));
+      kv_heads(dk).copy_(std::get<1>(res));
+      kv_heads(dv).copy_(std::get<2>(res));
+    }
+    return {dq, dk, dv, Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                             int64_t window, double scale, char* err, size_t err_len) {
+  try {
+    TORCH_CHECK(window > 0, "fused window attention: window must be positive");
+    TORCH_CHECK(q->is_cuda(), "fused window attention: CUDA tensors only");
+    auto dt = nsa_glue::common_type(*q, *k, *v);
+    TORCH_CHECK(dt == at::kBFloat16, "fused window attention: bf16 only, got ", dt);
+    auto qc = q->to(dt), kc = k->to(dt), vc = v->to(dt);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto out = WindowFlash::apply(qc, kc, vc, window, scale);
+    return new at::Tensor(std::move(out));
+  } catch (const std::exception& e) {
+    nsa_glue::write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+// Sets the bound on one GQA backward call's temporaries (kv_head_chunks); returns the old one.
+int64_t nsa_fused_set_head_chunk_bytes(int64_t bytes) {
+  return nsa_glue::g_chunk_bytes.exchange(std::max<int64_t>(bytes, 1));
+}
+
+}  // extern "C"
