@@ -619,6 +619,51 @@ fn run_window_case(
     )
 }
 
+/// The selected kernels' id cleaning on the device (`nsa_clean_ids`) against libtorch's
+/// operators (the CPU path of the same function) on random ids with duplicates, negative ids,
+/// ids past the token's block and huge ones; int64 and int32; keys covering all tokens, fewer
+/// of them, and none. The row passes when every result is equal.
+fn clean_ids_row(device: Device) -> CheckRow {
+    let (b, s, g, n, l) = (2, 300, 3, 16, 16);
+    let name = format!("clean block ids B={b} S={s} Hkv={g} n={n} l'={l}, int64 and int32");
+    let run = || -> Result<(usize, usize), AttnError> {
+        let opts = (Kind::Int64, device);
+        // Random ids (past the token's block for most rows), one huge id and a duplicate of
+        // the first in every row.
+        let base = Tensor::f_randint_low(-3, s / l + 4, [b, s, g, n - 2], opts)?;
+        let huge = Tensor::f_full([b, s, g, 1], 1i64 << 40, opts)?;
+        let ids = Tensor::f_cat(&[&base, &huge, &base.f_narrow(3, 0, 1)?], 3)?;
+        let (mut cases, mut differ) = (0, 0);
+        for kind in [Kind::Int64, Kind::Int] {
+            let ids = if kind == Kind::Int {
+                ids.f_clamp_max(i64::from(i32::MAX))?.f_to_kind(kind)?
+            } else {
+                ids.shallow_clone()
+            };
+            for num_keys in [s, s - 37, 0] {
+                let got = sys::clean_block_ids(&ids, l, num_keys).map_err(fused_err)?;
+                let want = sys::clean_block_ids(&ids.f_to(Device::Cpu)?, l, num_keys)
+                    .map_err(fused_err)?;
+                cases += 1;
+                if !got.f_to(Device::Cpu)?.equal(&want) {
+                    differ += 1;
+                }
+            }
+        }
+        Ok((cases, differ))
+    };
+    match run() {
+        Ok((cases, differ)) => CheckRow {
+            name,
+            max_rel_err: differ as f64,
+            tolerance: 0.0,
+            passed: differ == 0,
+            detail: format!("{differ} of {cases} cases differ from libtorch's operators"),
+        },
+        Err(e) => CheckRow::failed(name, 0.0, e),
+    }
+}
+
 /// Runs the fused functions against the reference path on CUDA device 0 with fresh random
 /// inputs (ids include duplicates and out-of-range values) and returns one row per case:
 /// the selected branch in fp32 (tolerance 1e-4) and bf16 (1e-2) for 1, 2, 3, 4, 8 and 16 heads
@@ -690,6 +735,7 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
         });
         rows.push(row);
     }
+    rows.push(clean_ids_row(device));
     rows.extend(compressed::check_rows(device));
     rows.extend(pointwise_check::check_rows(device));
     rows.extend(sync_check::check_rows(device));

@@ -69,6 +69,7 @@ struct NsaSlcTable {
   void* row_dot[2];
   void* cmp_fold[2];    // one word, four words per thread
   void* cmp_unfold[2];  // one word, four words per thread
+  void* clean_ids[2];   // int32, int64 block ids
   int32_t max_smem;
 };
 
@@ -154,6 +155,35 @@ Tensor aligned(const Tensor& x) {
 }
 
 int type_index(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? 1 : 0; }
+
+constexpr int64_t kCleanMax = 32;  // NSA_CLEAN_MAX
+
+// blocks.h's clean_block_ids on the device in one kernel (nsa_clean_ids): int32 [B, S, G, n]
+// contiguous. CUDA int32 / int64 ids with n <= kCleanMax and a table; anything else takes
+// blocks.h's path.
+Tensor clean_ids(const NsaSlcTable* tab, const Tensor& blocks, int64_t block_len,
+                 int64_t num_keys) {
+  const bool fits = tab != nullptr && blocks.is_cuda() && blocks.dim() == 4 &&
+                    blocks.size(3) <= kCleanMax &&
+                    (blocks.scalar_type() == at::kInt || blocks.scalar_type() == at::kLong);
+  if (!fits) {
+    return nsa_glue::clean_block_ids(blocks, block_len, num_keys).to(at::kInt).contiguous();
+  }
+  TORCH_CHECK(block_len > 0, "block length must be positive");
+  auto in = blocks.contiguous();
+  auto out = at::empty(in.sizes(), in.options().dtype(at::kInt));
+  long long rows = in.numel() / std::max<int64_t>(in.size(3), 1);
+  if (rows == 0 || in.size(3) == 0) return out;
+  int S = int(in.size(1)), G = int(in.size(2)), n = int(in.size(3)), L = int(block_len);
+  int last = num_keys <= 0 ? -1 : int((num_keys - 1) / block_len);
+  const void* ip = in.data_ptr();
+  void* op = out.data_ptr();
+  void* args[] = {&ip, &op, &rows, &S, &G, &n, &L, &last};
+  int64_t grid = std::min<int64_t>((rows + kThreads - 1) / kThreads, int64_t(1) << 20);
+  launch(tab, tab->clean_ids[blocks.scalar_type() == at::kLong ? 1 : 0], "nsa_clean_ids", grid,
+         1, 1, 0, current_stream(in.device()), args);
+  return out;
+}
 
 // D = the row sums of dout * out over the last axis, fp32 [B, S, H], for the backward kernels
 // (nsa_row_dot in selected_bwd.cu): no fp32 copies of either.
@@ -545,6 +575,19 @@ int nsa_fused_inverse_index(const at::Tensor* blocks, int64_t block_len, at::Ten
   }
 }
 
+// The cleaned block ids the selected kernels read (clean_ids: the kernel on CUDA when `table`
+// is given, else blocks.h's operators), for tests; a new tensor, or nullptr with err.
+at::Tensor* nsa_fused_clean_ids(const at::Tensor* blocks, int64_t block_len, int64_t num_keys,
+                                const NsaSlcTable* table, char* err, size_t err_len) {
+  try {
+    c10::DeviceGuard guard(blocks->device());
+    return new at::Tensor(clean_ids(table, *blocks, block_len, num_keys));
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
 // The dK/dV work plan (blocks.h) for segment starts `starts` (int64 [nseg + 1]), pieces of at
 // most `piece` tokens and at most `max_entries` entries in all, for tests: out[0..7] = seg, a,
 // b, slot, red_seg, red_slot0, red_count (new tensors, ownership to the caller), *slots =
@@ -587,9 +630,8 @@ at::Tensor* nsa_fused_selected(const at::Tensor* q, const at::Tensor* k, const a
     auto dt = nsa_glue::common_type(*q, *k, *v);
     TORCH_CHECK(dt == at::kBFloat16 || dt == at::kFloat,
                 "fused selected attention: bf16 or fp32 inputs, got ", dt);
-    auto ids = nsa_glue::clean_block_ids(blocks->to(q->device()), block_len, k->size(1))
-                   .to(at::kInt)
-                   .contiguous();
+    c10::DeviceGuard guard(q->device());
+    auto ids = clean_ids(table, blocks->to(q->device()), block_len, k->size(1));
     auto qc = q->to(dt), kc = k->to(dt), vc = v->to(dt);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto out = SelectedFused::apply(qc, kc, vc, ids, block_len, scale,
@@ -685,7 +727,7 @@ at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
     for (int64_t i = 0; i < tap_count; ++i) sa.taps.w[i] = int(tap_w[i]);
     int64_t qs = bf ? dk + 8 : dk + 1, esz = bf ? 2 : 4;
     auto smem = [&](int64_t bq) {
-      int64_t pt = bf && hpg == 16 ? 0 : kM * 65;  // compressed.cu's p tile
+      int64_t pt = bf && hpg == 16 ? 0 : kM * 72;  // compressed.cu's p tile, NSA_PT
       // 2 K tiles (bf16 stages Q in the second), fp32 a Q tile too; lse2, p, ps, scores, nvis
       return (bf ? 2 : 3) * kM * qs * esz + 4 * (kM + pt + bq * 64 + bq * Nb + bq);
     };

@@ -29,7 +29,8 @@
 //   16 rows' A fragments of Q (all of DK) in registers, so Q passes once through the second K
 //   buffer and the tile loop loads only K fragments; with G = 16 a warp's rows are one
 //   token's heads and Eq. 10 is summed in registers (head_sum16). Shared: K [2][64][DK + pad]
-//   (fp32: then Q [64][DK + 1]), lse2 [64], p [64][65] (not for bf16 with G = 16),
+//   (fp32: then Q [64][DK + 1]), lse2 [64], p [64][72] (not for bf16 with G = 16; 72 = 8 mod
+//   32 makes a warp's float2 fragment stores conflict-free),
 //   ps [BQ][64], scores [BQ][Nb], nvis [BQ]. Two barriers per tile (three with the p tile).
 // nsa_cmp_fold_w{1,4}, nsa_cmp_unfold_w{1,4}: the row copies of the cuDNN form of this branch
 //   (glue/cmp_cudnn.h), over rows of `words` 32-bit words, W words per thread (W = 4: 16-byte
@@ -99,6 +100,8 @@ __device__ __forceinline__ unsigned prefix_word(int cnt, int half) {
   return c <= 0 ? 0u : c >= 32 ? 0xffffffffu : (1u << c) - 1u;
 }
 
+#define NSA_PT 72  // row stride of cmp_select's p tile (floats)
+
 template <typename T, int DK>
 __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
                            const float* __restrict__ lse, long long* __restrict__ out_ids,
@@ -114,8 +117,8 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
   float* lse2s = reinterpret_cast<float*>(Ks + (MMA ? 2 : 3) * NSA_BK * QS);  // [64]
   // bf16 at G = 16: a warp's rows are one token's heads, summed in registers (head_sum16).
   const bool head_sum_in_regs = MMA && hpg == 16;
-  float* pt = lse2s + NSA_M;  // [64][65], absent with head_sum_in_regs
-  float* ps = pt + (head_sum_in_regs ? 0 : NSA_M * 65);  // [BQ][64]
+  float* pt = lse2s + NSA_M;  // [64][NSA_PT], absent with head_sum_in_regs
+  float* ps = pt + (head_sum_in_regs ? 0 : NSA_M * NSA_PT);  // [BQ][64]
   const int BQ = sa.bq;
   float* scores = ps + BQ * 64;                                // [BQ][Nb]
   int* nvis = reinterpret_cast<int*>(scores + BQ * sa.Nb);  // [BQ]
@@ -236,10 +239,9 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
       } else {
 #pragma unroll
         for (int nt = 0; nt < NSA_BK / 8; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            pt[(e < 2 ? r0 : r1) * 65 + nt * 8 + tig * 2 + (e & 1)] = sacc[nt][e];
-          }
+          const int c = nt * 8 + tig * 2;
+          *reinterpret_cast<float2*>(pt + r0 * NSA_PT + c) = make_float2(sacc[nt][0], sacc[nt][1]);
+          *reinterpret_cast<float2*>(pt + r1 * NSA_PT + c) = make_float2(sacc[nt][2], sacc[nt][3]);
         }
       }
     } else {
@@ -251,7 +253,7 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
           for (int d = 0; d < DK; ++d) s = fmaf(to_f(Qs[r * QS + d]), to_f(Kt[c * QS + d]), s);
           p = exp2f(s * sl2 - lse2s[r]);
         }
-        pt[r * 65 + c] = p;
+        pt[r * NSA_PT + c] = p;
       }
     }
     __syncthreads();
@@ -260,7 +262,7 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
       for (int e = tid; e < BQ * NSA_BK; e += NSA_THREADS) {
         const int i = e / NSA_BK, c = e % NSA_BK;
         float acc = 0.f;
-        for (int h = 0; h < hpg; ++h) acc += pt[(i * hpg + h) * 65 + c];
+        for (int h = 0; h < hpg; ++h) acc += pt[(i * hpg + h) * NSA_PT + c];
         ps[e] = acc;
       }
       __syncthreads();

@@ -33,11 +33,43 @@
 //   for all hpg heads; plain fp32 FMAs. The exact fp32 path (and the bf16 fallback for head
 //   sizes without an mma instantiation). Shared memory: q, o [hpg][dk | dv], K/V chunk
 //   [KC][dk | dv], p [hpg][KC], running max / sum / rescale [hpg], ids [n] (floats, ints).
+//
+// nsa_clean_ids_{i32,i64} cleans the ids for both: blocks [R = B * S * G, n] (int32 or int64,
+// contiguous) -> int32 [R, n], each row's distinct ids j with 0 <= j <= min(t / L, last)
+// (t = (r / G) mod S, last = the last key block, -1 for no keys) in descending order, then -1:
+// the rule of glue/blocks.h's clean_block_ids (the CPU and lean paths' version, which the GPU
+// check compares it with), in one pass of one thread per row (n <= NSA_CLEAN_MAX) instead of
+// two segmented sorts and a dozen elementwise kernels.
 #include "attend.cuh"
 
 #define NSA_KC 16
+#define NSA_CLEAN_MAX 32
 
 namespace nsa {
+
+template <typename I>
+__device__ void clean_ids(const I* __restrict__ in, int* __restrict__ out, long long rows, int S,
+                          int G, int n, int L, int last) {
+  const long long step = (long long)gridDim.x * blockDim.x;
+  for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += step) {
+    const int t = (int)((r / G) % S);
+    const long long hi = min(t / L, last);
+    int kept[NSA_CLEAN_MAX];
+    int m = 0;
+    for (int i = 0; i < n; ++i) {
+      const long long j = (long long)in[r * n + i];
+      if (j < 0 || j > hi) continue;
+      // Insert into kept[0 .. m), descending, unless present.
+      int p = 0;
+      while (p < m && kept[p] > j) ++p;
+      if (p < m && kept[p] == j) continue;
+      for (int q = m; q > p; --q) kept[q] = kept[q - 1];
+      kept[p] = (int)j;
+      ++m;
+    }
+    for (int i = 0; i < n; ++i) out[r * n + i] = i < m ? kept[i] : -1;
+  }
+}
 
 template <typename T>
 __device__ void slc_fwd_simt(const T* __restrict__ q, const T* __restrict__ k,
@@ -381,3 +413,11 @@ extern "C" __global__ void __launch_bounds__(NSA_THREADS)
                         float* lse, long long rows, int Hkv, int hpg, int P, int dv) {
   nsa::slc_fwd_combine(part_o, part_lse, out, lse, rows, Hkv, hpg, P, dv);
 }
+
+#define NSA_CLEAN_IDS(NAME, I)                                                                 \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS)                                    \
+      NAME(const I* in, int* out, long long rows, int S, int G, int n, int L, int last) {      \
+    nsa::clean_ids<I>(in, out, rows, S, G, n, L, last);                                        \
+  }
+NSA_CLEAN_IDS(nsa_clean_ids_i32, int)
+NSA_CLEAN_IDS(nsa_clean_ids_i64, long long)

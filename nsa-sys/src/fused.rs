@@ -29,10 +29,12 @@ use crate::driver::{self, check, CuContext, CuFunction, CuModule};
 use crate::nvrtc::{Nvrtc, NvrtcError, COMPRESSED, SELECTED_BWD, SELECTED_FWD};
 use crate::SysError;
 
+mod block_ids;
 mod compressed;
 mod decode;
 mod pointwise;
 mod window;
+pub use block_ids::{clean_block_ids, inverse_index};
 pub use compressed::{
     compressed_attention, compressed_forward, select_blocks, CompressedBackend, SelectParams,
 };
@@ -92,6 +94,7 @@ struct SlcTable {
     row_dot: [CuFunction; 2],
     cmp_fold: [CuFunction; 2],
     cmp_unfold: [CuFunction; 2],
+    clean_ids: [CuFunction; 2],
     max_smem: i32,
 }
 
@@ -337,6 +340,10 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
             func(cmp_mod, "nsa_cmp_unfold_w1")?,
             func(cmp_mod, "nsa_cmp_unfold_w4")?,
         ],
+        clean_ids: [
+            func(fwd_mod, "nsa_clean_ids_i32")?,
+            func(fwd_mod, "nsa_clean_ids_i64")?,
+        ],
         max_smem,
     };
     Ok(SelectedKernels {
@@ -354,14 +361,6 @@ extern "C" {
         max_entries: i64,
         out: *mut *mut C_tensor,
         slots: *mut i64,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> std::os::raw::c_int;
-    fn nsa_fused_inverse_index(
-        blocks: *const C_tensor,
-        block_len: i64,
-        tokens: *mut *mut C_tensor,
-        starts: *mut *mut C_tensor,
         err: *mut c_char,
         err_len: usize,
     ) -> std::os::raw::c_int;
@@ -470,54 +469,6 @@ fn glue_err(call: &'static str, err: &[u8]) -> FusedError {
 
 fn finish(call: &'static str, ptr: *mut C_tensor, err: &[u8]) -> Result<Tensor, FusedError> {
     Ok(autograd::finish(call, ptr, err)?)
-}
-
-/// The inverse index the selected branch's backward builds from `blocks` (int `[B, S, Hkv, n]`,
-/// any device, block length `block_len`), exposed for tests and inspection: after cleaning the
-/// ids (duplicates once, ids outside `[0, ⌊t/l'⌋]` dropped), `tokens` (int32 `[B·S·Hkv·n]`,
-/// of which the first `E = starts[B·Hkv·NB]` entries are the index and the rest padding)
-/// lists for every segment `(b, g, j)`, in that order, the tokens that selected block `j`,
-/// ascending; segment `(b, g, j)` is `tokens[starts[i] .. starts[i + 1]]` with
-/// `i = (b·Hkv + g)·NB + j` (`starts` int64 `[B·Hkv·NB + 1]`, `NB = ⌈S/l'⌉`). Its sizes follow
-/// from the shapes, so building it never waits for the device.
-pub fn inverse_index(blocks: &Tensor, block_len: i64) -> Result<(Tensor, Tensor), FusedError> {
-    let size = blocks.size();
-    if size.len() != 4 || !matches!(blocks.kind(), Kind::Int64 | Kind::Int) {
-        return Err(input(
-            "blocks",
-            format!(
-                "int64 or int32 [B, S, Hkv, n], got {:?} {size:?}",
-                blocks.kind()
-            ),
-        ));
-    }
-    if block_len < 1 {
-        return Err(input(
-            "block_len",
-            format!("must be positive, got {block_len}"),
-        ));
-    }
-    let mut err = vec![0u8; ERR_LEN];
-    let (mut tokens, mut starts) = (std::ptr::null_mut(), std::ptr::null_mut());
-    // SAFETY: `blocks` is a live tensor borrowed for the call; on success the glue stores two
-    // heap-allocated tensors whose ownership passes to us; it catches every exception.
-    let rc = unsafe {
-        nsa_fused_inverse_index(
-            blocks.as_ptr(),
-            block_len,
-            &mut tokens,
-            &mut starts,
-            err.as_mut_ptr().cast(),
-            ERR_LEN,
-        )
-    };
-    if rc != 0 {
-        return Err(glue_err("nsa_fused_inverse_index", &err));
-    }
-    Ok((
-        finish("nsa_fused_inverse_index", tokens, &err)?,
-        finish("nsa_fused_inverse_index", starts, &err)?,
-    ))
 }
 
 /// How the dK/dV kernel splits the inverse index's segments into pieces of at most `piece`

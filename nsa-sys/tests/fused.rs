@@ -91,6 +91,44 @@ fn host_i64(t: &Tensor) -> Vec<i64> {
     v
 }
 
+/// The ids the selected kernels read (CPU: libtorch's operators; `check --gpu` compares the
+/// CUDA kernel with them): distinct ids inside the token's blocks and the keys, descending,
+/// then -1, whatever the input order, duplicates or range.
+#[test]
+fn clean_block_ids_keep_distinct_valid_ids_descending() {
+    backend();
+    // [B 1, S 6, G 1, n 3], l' = 4: tokens 0..3 see block 0, tokens 4, 5 blocks 0 and 1.
+    let rows: [[i64; 3]; 6] = [
+        [1, 1, 0],
+        [0, 0, 0],
+        [-1, 7, 0],
+        [0, 1, 2],
+        [1, 1, 0],
+        [0, 1, 1 << 40],
+    ];
+    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+    let blocks = Tensor::from_slice(&flat).reshape([1, 6, 1, 3]);
+    let want: Vec<i64> = vec![
+        0, -1, -1, 0, -1, -1, 0, -1, -1, 0, -1, -1, 1, 0, -1, 1, 0, -1,
+    ];
+    for kind in [Kind::Int64, Kind::Int] {
+        let got =
+            fused::clean_block_ids(&blocks.clamp_max(i64::from(i32::MAX)).to_kind(kind), 4, 6)
+                .unwrap();
+        assert_eq!(got.kind(), Kind::Int);
+        assert_eq!(host_i64(&got), want);
+    }
+    // Fewer keys than tokens: only block 0 exists; no keys: nothing is valid.
+    let got = host_i64(&fused::clean_block_ids(&blocks, 4, 3).unwrap());
+    assert_eq!(got, [0, -1, -1].repeat(6));
+    let got = host_i64(&fused::clean_block_ids(&blocks, 4, 0).unwrap());
+    assert_eq!(got, vec![-1; 18]);
+    assert!(matches!(
+        fused::clean_block_ids(&blocks, 0, 6),
+        Err(FusedError::Input { .. })
+    ));
+}
+
 /// The backward's inverse index (CPU; the same ATen code runs on the GPU): every segment
 /// (b, g, j) lists exactly the tokens whose cleaned ids contain j, ascending, for random ids
 /// with duplicates and out-of-range values.
