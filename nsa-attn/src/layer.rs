@@ -430,9 +430,11 @@ impl NsaAttention {
     ///
     /// The fused path runs the window branch before the other two. Autograd runs the branches'
     /// backward nodes latest-created first, so the window's runs last, when the other branches'
-    /// output gradients and saved outputs are already freed: flash attention's backward holds
-    /// the largest temporaries (fp32 dQ accumulator, per-query-head dK/dV before the group sum;
-    /// 6.4 GB at the paper shape and 64k), and this order keeps them off the layer's peak.
+    /// output gradients and saved outputs are already freed. Its flash backward has the largest
+    /// temporaries (fp32 dQ accumulator, per-query-head dK/dV before the group sum: 6.4 GB at
+    /// the paper shape and 64k), split by KV heads in nsa-sys's glue. The order and the split
+    /// were measured together (BENCHMARKS.md, round 7: 19.3 → 14.4 GB); the order alone moved
+    /// the peak to the compressed branch's cuDNN backward and raised it.
     pub(crate) fn finish(
         &self,
         x: &Tensor,
