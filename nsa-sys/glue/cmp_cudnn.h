@@ -46,10 +46,8 @@ inline void launch_copy(const RowCopies& k, void* fn, const char* what, long lon
   TORCH_CHECK(fn != nullptr, what, ": kernel not loaded");
   if (work == 0) return;
   long long grid = std::min<long long>((work + kCopyThreads - 1) / kCopyThreads, 1LL << 20);
-  int rc = reinterpret_cast<nsa_glue::LaunchFn>(k.launch)(
-      fn, unsigned(grid), 1, 1, kCopyThreads, 1, 1, 0, nsa_glue::current_stream(device), args,
-      nullptr);
-  TORCH_CHECK(rc == 0, "cuLaunchKernel(", what, ") failed with CUDA driver error ", rc);
+  nsa_glue::launch_kernel(k.launch, fn, what, grid, 1, 1, kCopyThreads, 0,
+                          nsa_glue::current_stream(device), args);
 }
 
 // Rows of D elements of x as 32-bit words (bf16 rows of even length, fp32 rows).

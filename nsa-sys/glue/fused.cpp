@@ -91,7 +91,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using nsa_glue::current_stream;
-using nsa_glue::LaunchFn;
 using nsa_glue::write_error;
 
 constexpr int kThreads = 128;  // NSA_THREADS in the kernels
@@ -101,16 +100,10 @@ constexpr int64_t kBk = 64;    // NSA_BK, keys per tile of the tensor-core forwa
 
 void launch(const NsaSlcTable* tab, void* fn, const char* what, int64_t gx, int64_t gy,
             int64_t gz, int64_t smem, void* stream, void** args) {
-  TORCH_CHECK(fn != nullptr, what, ": kernel not loaded");
   TORCH_CHECK(smem <= tab->max_smem, what, ": needs ", smem,
               " bytes of shared memory per block, the device allows ", tab->max_smem,
               " (head sizes or n too large for this kernel)");
-  TORCH_CHECK(gx > 0 && gx < (int64_t(1) << 31) && gy > 0 && gy < 65536 && gz > 0 && gz < 65536,
-              what, ": grid (", gx, ", ", gy, ", ", gz, ") out of range");
-  int rc = reinterpret_cast<LaunchFn>(tab->launch)(fn, unsigned(gx), unsigned(gy), unsigned(gz),
-                                                    kThreads, 1, 1, unsigned(smem), stream, args,
-                                                    nullptr);
-  TORCH_CHECK(rc == 0, "cuLaunchKernel(", what, ") failed with CUDA driver error ", rc);
+  nsa_glue::launch_kernel(tab->launch, fn, what, gx, gy, gz, kThreads, smem, stream, args);
 }
 
 int dim_index(int64_t d) { return d == 64 ? 0 : d == 128 ? 1 : d == 192 ? 2 : -1; }

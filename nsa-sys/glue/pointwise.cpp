@@ -36,7 +36,6 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using nsa_glue::LaunchFn;
 using nsa_glue::write_error;
 
 constexpr int64_t kThreads = 256;  // NSA_POINTWISE_THREADS
@@ -54,10 +53,8 @@ void launch(const NsaPointwiseTable* tab, void* fn, const char* what, int64_t wo
   int64_t grid = std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(tab->sm_count) * 16);
   // The kernel handles belong to the device's primary context: make it current.
   c10::DeviceGuard guard(device);
-  void* stream = nsa_glue::current_stream(device);
-  int rc = reinterpret_cast<LaunchFn>(tab->launch)(fn, unsigned(grid), 1, 1, unsigned(kThreads), 1,
-                                                    1, 0, stream, args, nullptr);
-  TORCH_CHECK(rc == 0, "cuLaunchKernel(", what, ") failed with CUDA driver error ", rc);
+  nsa_glue::launch_kernel(tab->launch, fn, what, grid, 1, 1, kThreads, 0,
+                          nsa_glue::current_stream(device), args);
 }
 
 int fp32(const Tensor& t) { return t.scalar_type() == at::kFloat ? 1 : 0; }
