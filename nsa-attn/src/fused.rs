@@ -539,10 +539,10 @@ fn run_selected_case(
     let name = format!(
         "selected {}{} B={} S={} H={h} Hkv={} dk={} dv={} l'={} n={}",
         kind_name(c.kind),
-        if forward == sys::SelectedForward::KeyOuter {
-            " key-outer"
-        } else {
-            ""
+        match forward {
+            sys::SelectedForward::KeyOuter => " key-outer",
+            sys::SelectedForward::TokenWarps => " token-warps",
+            sys::SelectedForward::UnionTiles | sys::SelectedForward::Auto => "",
         },
         c.b,
         c.s,
@@ -690,17 +690,16 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
     let failed = |name: String, e: AttnError| CheckRow::failed(name, 0.0, e);
     let mut rows = Vec::new();
     for c in cases() {
-        // bf16 at tensor-core head sizes has two forwards (union tiles and key-outer).
-        let key_outer = c.kind == Kind::BFloat16 && sys::tensor_core_shape(c.dk, c.dv, c.hpg);
-        let forwards: &[sys::SelectedForward] = if key_outer {
-            &[
-                sys::SelectedForward::UnionTiles,
-                sys::SelectedForward::KeyOuter,
-            ]
-        } else {
-            &[sys::SelectedForward::UnionTiles]
-        };
-        for &forward in forwards {
+        // bf16 at tensor-core head sizes has two more forwards: key-outer, and one warp per
+        // token for groups of at most 16 heads and n ≤ 32.
+        let mut forwards = vec![sys::SelectedForward::UnionTiles];
+        if c.kind == Kind::BFloat16 && sys::tensor_core_shape(c.dk, c.dv, c.hpg) {
+            forwards.push(sys::SelectedForward::KeyOuter);
+            if c.hpg <= 16 && c.n <= 32 {
+                forwards.push(sys::SelectedForward::TokenWarps);
+            }
+        }
+        for forward in forwards {
             let row = run_selected_case(&c, forward, device).unwrap_or_else(|e| {
                 failed(
                     format!(

@@ -1,7 +1,8 @@
 //! `bench branches`: the selected, sliding-window and compressed branches alone, fused kernels
 //! against the lean path, forward and forward + backward, with achieved TFLOP/s and GB/s. The
 //! selected branch is timed with the forward the library picks (`SelectedForward::Auto`) and with
-//! each tensor-core forward forced (union tiles, key-outer; the backward is the same), the
+//! each tensor-core forward forced (union tiles, key-outer, token warps; the backward is the
+//! same), the
 //! compressed branch on both backends (cuDNN over
 //! folded queries, the default, and the NVRTC kernels).
 //!
@@ -204,7 +205,7 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                     )
                 })
             };
-            let rows: [(&str, &str, f64, Branch<'_>); 9] = [
+            let rows: [(&str, &str, f64, Branch<'_>); 10] = [
                 (
                     "selected",
                     "fused (auto fwd)",
@@ -222,6 +223,12 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                     "fused, key-outer fwd",
                     slc_pairs,
                     selected_with(nsa_sys::fused::SelectedForward::KeyOuter),
+                ),
+                (
+                    "selected",
+                    "fused, token-warp fwd",
+                    slc_pairs,
+                    selected_with(nsa_sys::fused::SelectedForward::TokenWarps),
                 ),
                 (
                     "selected",

@@ -16,7 +16,7 @@
 //             selects) is finished by the reduce kernel, which adds the pieces' fp32 partials in
 //             piece order: deterministic, no float atomics. The forward is the union-tile
 //             kernel, or (strategy 1) the key-outer kernel over the same inverse index plus a
-//             merge of per-block partials.
+//             merge of per-block partials, or (strategy 2) the token-per-warp kernel.
 // Compressed branch (CompressedFused): forward kernel (out, lse); backward dq kernel and dk / dv
 //   over tiles of 64 compressed tokens with a host-built plan (no device sync), split tiles
 //   summed by the same reduce kernel. Backend 1 (unless deterministic algorithms are on):
@@ -70,6 +70,8 @@ struct NsaSlcTable {
   void* cmp_fold[2];    // one word, four words per thread
   void* cmp_unfold[2];  // one word, four words per thread
   void* clean_ids[2];   // int32, int64 block ids
+  void* fwd_warp[9];
+  void* dq_warp[9];
   int32_t max_smem;
 };
 
@@ -97,13 +99,15 @@ constexpr int kThreads = 128;  // NSA_THREADS in the kernels
 constexpr int64_t kKc = 16;    // NSA_KC
 constexpr int64_t kM = 64;     // NSA_M, rows per CTA of the tensor-core forward
 constexpr int64_t kBk = 64;    // NSA_BK, keys per tile of the tensor-core forward
+constexpr int64_t kFwdWarpStages = 4;  // NSA_FWD_WARP_STAGES
+constexpr int64_t kDqWarpStages = 3;   // NSA_DQ_WARP_STAGES
 
 void launch(const NsaSlcTable* tab, void* fn, const char* what, int64_t gx, int64_t gy,
-            int64_t gz, int64_t smem, void* stream, void** args) {
+            int64_t gz, int64_t smem, void* stream, void** args, int64_t threads = kThreads) {
   TORCH_CHECK(smem <= tab->max_smem, what, ": needs ", smem,
               " bytes of shared memory per block, the device allows ", tab->max_smem,
               " (head sizes or n too large for this kernel)");
-  nsa_glue::launch_kernel(tab->launch, fn, what, gx, gy, gz, kThreads, smem, stream, args);
+  nsa_glue::launch_kernel(tab->launch, fn, what, gx, gy, gz, threads, smem, stream, args);
 }
 
 int dim_index(int64_t d) { return d == 64 ? 0 : d == 128 ? 1 : d == 192 ? 2 : -1; }
@@ -123,6 +127,12 @@ int64_t union_ints(int64_t bq, int64_t n, int64_t P) {
 // keys of width dk or dv, each row padded by 8 elements.
 int64_t tile_bytes(int64_t width) { return kM * (width + 8) * 2; }
 // The forward double-buffers K and V (two tiles each) so the next tile loads during this one.
+// The token-per-warp kernels (token_warp.cuh): stages of K [16][dk + 8] and V [16][dv + 8]
+// bf16, plus dO [16][dv + 8] for dq.
+int64_t warp_smem(int64_t dk, int64_t dv, bool dq) {
+  int64_t stages = dq ? kDqWarpStages : kFwdWarpStages;
+  return 2 * 16 * (stages * (dk + 8 + dv + 8) + (dq ? dv + 8 : 0));
+}
 int64_t fwd_mma_smem(int64_t dk, int64_t dv, int64_t hpg, int64_t n, int64_t P) {
   return 3 * tile_bytes(dk) + 2 * tile_bytes(dv) + 4 * union_ints(kM / hpg, n, P);
 }
@@ -213,7 +223,8 @@ int64_t dkdv_piece(int64_t entries) {
 struct SelectedFused : public torch::autograd::Function<SelectedFused> {
   // strategy: 0 = query-outer over union tiles (tensor cores for bf16 at instantiated head
   // sizes, SIMT otherwise), 1 = key-outer where it applies (bf16, instantiated head sizes),
-  // else as 0.
+  // 2 = one warp per token where it applies (as 1, and at most 16 heads per group and 32 ids
+  // per token), else as 0.
   static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, Tensor ids,
                         int64_t block_len, double scale, int64_t table, int64_t strategy) {
     const auto* tab = reinterpret_cast<const NsaSlcTable*>(table);
@@ -239,7 +250,14 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     int64_t kv_smem = 2 * tile_bytes(dk) + tile_bytes(dv) + 4 * 2 * kM;
     bool key_outer = strategy == 1 && mi >= 0 && tab->fwd_kv[mi] != nullptr &&
                      tab->fwd_combine != nullptr && kv_smem <= tab->max_smem;
-    if (key_outer) {
+    bool token_warps = strategy == 2 && mi >= 0 && hpg <= 16 && n <= 32 &&
+                       tab->fwd_warp[mi] != nullptr && tab->dq_warp[mi] != nullptr &&
+                       warp_smem(dk, dv, true) <= tab->max_smem;
+    if (token_warps) {
+      void* args[] = {&qp, &kp, &vp, &ip, &op, &lp, &iS, &iHkv, &ihpg, &in_, &iL, &fscale};
+      launch(tab, tab->fwd_warp[mi], "nsa_slc_fwd_warp", S, Hkv, B, warp_smem(dk, dv, false),
+             stream, args, 32);
+    } else if (key_outer) {
       int64_t NB = (S + block_len - 1) / block_len;
       auto [inv_tok, inv_slot, seg] = nsa_glue::inverse_index_with_slots(ids, NB);
       int64_t entries = nsa_glue::max_index_entries(B, S, Hkv, n, block_len);
@@ -275,6 +293,7 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     ctx->saved_data["block_len"] = block_len;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["table"] = table;
+    ctx->saved_data["token_warps"] = token_warps;
     return out;
   }
 
@@ -307,7 +326,12 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
                     dkdv_mma_smem(dk, dv) <= tab->max_smem;
     auto dq = at::empty_like(q);
     void* dqp = dq.data_ptr();
-    if (dq_mma) {
+    if (ctx->saved_data["token_warps"].toBool()) {  // the forward checked that it applies
+      void* args[] = {&qp, &kp, &vp, &ip, &dop, &lp, &Dp, &dqp, &iS, &iHkv, &ihpg, &in_, &iL,
+                      &fscale};
+      launch(tab, tab->dq_warp[mi], "nsa_slc_dq_warp", S, Hkv, B, warp_smem(dk, dv, true),
+             stream, args, 32);
+    } else if (dq_mma) {
       int iP = int(P);
       void* args[] = {&qp, &kp, &vp, &ip, &dop, &lp, &Dp, &dqp, &iS, &iHkv, &ihpg, &in_, &iL,
                       &fscale, &iP};
@@ -612,7 +636,7 @@ int nsa_fused_compute_dtype(const at::Tensor* q, const at::Tensor* k, const at::
 }
 
 // Returns a new at::Tensor* (ownership passes to the caller) or nullptr with a message in err.
-// strategy: see SelectedFused::forward (0 = query-outer, 1 = key-outer where it applies).
+// strategy: see SelectedFused::forward (0 = union tiles, 1 = key-outer, 2 = token warps).
 at::Tensor* nsa_fused_selected(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
                                const at::Tensor* blocks, int64_t block_len, double scale,
                                int64_t strategy, const NsaSlcTable* table, char* err,

@@ -38,12 +38,16 @@
 // nsa_slc_dkdv_reduce_{f32,bf16}: one CTA per split segment (red_seg), summing its red_count
 //   partials from slot red_slot0 in order into dK/dV of the block's keys.
 // Both are plain fp32 SIMT kernels for either input type.
+// nsa_slc_dq_warp_dk{DK}_dv{DV} (bf16, groups of at most 16 heads, n <= 32): dq with one warp
+//   per (token, group, batch) over that token's keys only, the dq of the token-per-warp
+//   forward (slc_dq_warp below).
 // nsa_row_dot_{f32,bf16}: D[r] = sum_i a[r, i] * b[r, i] in fp32 for rows r of a, b [R, dv]
 //   (contiguous, one type): the D above and the compressed branch's, read from do and o as
 //   they are instead of from fp32 copies of both and of their product (three [R, dv] fp32
 //   temporaries, 6.4 GB at the paper shape and 64k). One warp per row, lanes striding over dv,
 //   a fixed butterfly: deterministic.
 #include "attend.cuh"
+#include "token_warp.cuh"
 
 #define NSA_KC 16
 
@@ -246,6 +250,100 @@ __device__ void slc_dkdv_reduce(const float* __restrict__ scratch,
   }
 }
 
+// dQ with one warp per (token t, group g, batch b), over the forward's key stream
+// (token_warp.cuh): per sub-tile S = Q K^T and dP = dO V^T on tensor cores,
+// p = exp2(S scale log2 e - lse2), ds = p (dP - D) scale, dq += ds K (ds re-used from registers
+// as the A operand, K's fragments by ldmatrix .trans). Q's A fragments and dq stay in
+// registers; dO's rows sit in shared memory ahead of the stages. Rows >= hpg: lse2 = +inf, so
+// p = 0; never written. Shared: dO [16][DV + 8], then the stages (Q passes through stage 0).
+template <int DK, int DV>
+__device__ void slc_dq_warp(const __nv_bfloat16* __restrict__ q,
+                            const __nv_bfloat16* __restrict__ k,
+                            const __nv_bfloat16* __restrict__ v, const int* __restrict__ ids,
+                            const __nv_bfloat16* __restrict__ dout,
+                            const float* __restrict__ lse, const float* __restrict__ D,
+                            __nv_bfloat16* __restrict__ dq, int S, int Hkv, int hpg, int n,
+                            int L, float scale) {
+  constexpr int VS = DV + 8, PV = DV / 8;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __nv_bfloat16* dos = reinterpret_cast<__nv_bfloat16*>(smraw);
+  __nv_bfloat16* stages = dos + 16 * VS;
+  const int lane = threadIdx.x, gq = lane / 4, tig = lane % 4;
+  const int t = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+  const long long row0 = ((long long)b * S + t) * (Hkv * hpg) + (long long)g * hpg;
+  for (int e = lane; e < 16 * PV; e += 32) {
+    const int r = e / PV, ch = e % PV;
+    __nv_bfloat16* dst = dos + r * VS + ch * 8;
+    if (r < hpg) {
+      cp_async16(dst, dout + (row0 + r) * DV + ch * 8);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  unsigned qf[DK / 16][4];
+  warp_rows_to_a<DK>(qf, stages, q + row0 * DK, hpg, lane);  // completes dO's copies too
+  const float lr0 = gq < hpg ? lse[row0 + gq] * 1.4426950408889634f : INFINITY;
+  const float lr1 = gq + 8 < hpg ? lse[row0 + gq + 8] * 1.4426950408889634f : INFINITY;
+  const float d0 = gq < hpg ? D[row0 + gq] : 0.f, d1 = gq + 8 < hpg ? D[row0 + gq + 8] : 0.f;
+  const TokenWarpKeys<DK, DV, NSA_DQ_WARP_STAGES> keys(k, v, stages, ids, S, Hkv, n, L, t, g, b,
+                                                       lane);
+  keys.prologue();
+  const float sl2 = scale * 1.4426950408889634f;
+  float acc[DK / 8][4];
+#pragma unroll
+  for (int j = 0; j < DK / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int y = 0; y < keys.tiles; ++y) {
+    keys.advance(y);
+    long long first;
+    const int nk = keys.span(y, first);
+    if (nk > 0) {
+      const __nv_bfloat16* ks = keys.stage(y);
+      const __nv_bfloat16* vs = ks + 16 * (DK + 8);
+      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int kt = 0; kt < DK / 16; ++kt) {
+        unsigned bb[4];
+        load_b_x2(bb, ks, DK + 8, 0, kt * 16, lane);
+        mma_bf16(sc[0], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], bb[0], bb[1]);
+        mma_bf16(sc[1], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], bb[2], bb[3]);
+      }
+#pragma unroll
+      for (int kt = 0; kt < DV / 16; ++kt) {
+        unsigned a[4], bb[4];
+        load_a_x4(a, dos, VS, 0, kt * 16, lane);
+        load_b_x2(bb, vs, VS, 0, kt * 16, lane);
+        mma_bf16(dp[0], a[0], a[1], a[2], a[3], bb[0], bb[1]);
+        mma_bf16(dp[1], a[0], a[1], a[2], a[3], bb[2], bb[3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int u = nt * 8 + tig * 2 + (e & 1);
+          const float p = u < nk ? fast_exp2(sc[nt][e] * sl2 - (e < 2 ? lr0 : lr1)) : 0.f;
+          sc[nt][e] = p * (dp[nt][e] - (e < 2 ? d0 : d1)) * scale;  // ds
+        }
+      }
+      const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
+      const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
+      mma_a_rows<DK>(acc, a0, a1, a2, a3, ks, DK + 8, 0, lane);  // dQ += dS K
+    }
+    __syncwarp();  // this stage is free for the copy (stages - 1) sub-tiles on
+  }
+  cp_async_wait<0>();  // the trailing groups are empty; none may outlive the CTA
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int r = gq + rh * 8;
+    if (r >= hpg) continue;
+#pragma unroll
+    for (int j = 0; j < DK / 8; ++j) {
+      *reinterpret_cast<__nv_bfloat162*>(dq + (row0 + r) * DK + j * 8 + tig * 2) =
+          __floats2bfloat162_rn(acc[j][2 * rh], acc[j][2 * rh + 1]);
+    }
+  }
+}
+
 template <typename T>
 __device__ void row_dot(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ out,
                         int dv, long long rows) {
@@ -335,3 +433,20 @@ NSA_MMA_BWD(128, 192)
 NSA_MMA_BWD(192, 64)
 NSA_MMA_BWD(192, 128)
 NSA_MMA_BWD(192, 192)
+
+#define NSA_WARP_DQ(DK, DV)                                                                    \
+  extern "C" __global__ void __launch_bounds__(32) nsa_slc_dq_warp_dk##DK##_dv##DV(            \
+      const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const int* ids, \
+      const __nv_bfloat16* dout, const float* lse, const float* D, __nv_bfloat16* dq, int S,   \
+      int Hkv, int hpg, int n, int L, float scale) {                                           \
+    nsa::slc_dq_warp<DK, DV>(q, k, v, ids, dout, lse, D, dq, S, Hkv, hpg, n, L, scale);        \
+  }
+NSA_WARP_DQ(64, 64)
+NSA_WARP_DQ(64, 128)
+NSA_WARP_DQ(64, 192)
+NSA_WARP_DQ(128, 64)
+NSA_WARP_DQ(128, 128)
+NSA_WARP_DQ(128, 192)
+NSA_WARP_DQ(192, 64)
+NSA_WARP_DQ(192, 128)
+NSA_WARP_DQ(192, 192)

@@ -13,7 +13,7 @@
 // out [B, S, H, dv] in the input type, lse fp32 [B, S, H]. H = Hkv * hpg; query head h reads
 // key head h / hpg.
 //
-// Two kernels:
+// Three forwards (plus the key-outer one, documented at slc_fwd_kv):
 //
 // nsa_slc_fwd_mma_dk{DK}_dv{DV} (bf16 only, tensor cores through mma.sync m16n8k16):
 //   one CTA of 4 warps per (tile of BQ = 64 / hpg consecutive tokens, group g, batch b); its
@@ -28,6 +28,10 @@
 //   ldmatrix .trans). Shared memory (dynamic): Q [64][DK+8], K [64][DK+8], V [64][DV+8] (bf16,
 //   rows padded by 16 bytes against bank conflicts), then the union tile of mma.cuh.
 //
+// nsa_slc_fwd_warp_dk{DK}_dv{DV} (bf16, groups of at most 16 heads, n <= 32): one warp per
+//   (token, group, batch), the group's heads as its 16 MMA rows, streaming only that token's
+//   keys through private cp.async stages (slc_fwd_warp below).
+//
 // nsa_slc_fwd_simt_{f32,bf16} (any dk, dv): one CTA of 128 threads per (token, group, batch)
 //   (the paper's kernel shape), keys of each selected block in chunks of KC = 16 loaded once
 //   for all hpg heads; plain fp32 FMAs. The exact fp32 path (and the bf16 fallback for head
@@ -41,6 +45,7 @@
 // check compares it with), in one pass of one thread per row (n <= NSA_CLEAN_MAX) instead of
 // two segmented sorts and a dozen elementwise kernels.
 #include "attend.cuh"
+#include "token_warp.cuh"
 
 #define NSA_KC 16
 #define NSA_CLEAN_MAX 32
@@ -293,6 +298,127 @@ __device__ void slc_fwd_kv(const __nv_bfloat16* __restrict__ q,
   }
 }
 
+// ---- token-per-warp tensor-core forward (bf16) -----------------------------------------------
+//
+// The paper's kernel shape on tensor cores: one warp (a CTA of 32 threads) per (token t, group
+// g, batch b), whose 16 MMA rows are the group's heads (rows >= hpg are zeros, never written),
+// streaming only its own token's keys, 16 at a time, through private stages (token_warp.cuh).
+// Q's A fragments stay in registers for the whole stream; m, l and O are fwd_mma's (the score
+// accumulators become P V's A operand). Compared with the union tiles: a token's blocks are not
+// shared with its neighbours (at G = 16 a union-tile warp computes only its own token's blocks
+// anyway, but the CTA streams the union, waits at two barriers per tile and keeps one tile in
+// flight). Shared: the stages; Q passes through stage 0 first.
+template <int DK, int DV>
+__device__ void slc_fwd_warp(const __nv_bfloat16* __restrict__ q,
+                             const __nv_bfloat16* __restrict__ k,
+                             const __nv_bfloat16* __restrict__ v, const int* __restrict__ ids,
+                             __nv_bfloat16* __restrict__ out, float* __restrict__ lse, int S,
+                             int Hkv, int hpg, int n, int L, float scale) {
+  extern __shared__ __align__(16) unsigned char smraw[];
+  __nv_bfloat16* stages = reinterpret_cast<__nv_bfloat16*>(smraw);
+  const int lane = threadIdx.x, gq = lane / 4, tig = lane % 4;
+  const int t = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+  const long long row0 = ((long long)b * S + t) * (Hkv * hpg) + (long long)g * hpg;
+  unsigned qf[DK / 16][4];
+  warp_rows_to_a<DK>(qf, stages, q + row0 * DK, hpg, lane);
+  const TokenWarpKeys<DK, DV, NSA_FWD_WARP_STAGES> keys(k, v, stages, ids, S, Hkv, n, L, t, g, b,
+                                                        lane);
+  keys.prologue();
+  const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  float oacc[DV / 8][4];
+#pragma unroll
+  for (int j = 0; j < DV / 8; ++j) oacc[j][0] = oacc[j][1] = oacc[j][2] = oacc[j][3] = 0.f;
+  for (int y = 0; y < keys.tiles; ++y) {
+    keys.advance(y);
+    long long first;
+    const int nk = keys.span(y, first);
+    if (nk > 0) {
+      const __nv_bfloat16* ks = keys.stage(y);
+      const __nv_bfloat16* vs = ks + 16 * (DK + 8);
+      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int kt = 0; kt < DK / 16; ++kt) {
+        unsigned bb[4];
+        load_b_x2(bb, ks, DK + 8, 0, kt * 16, lane);
+        mma_bf16(sc[0], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], bb[0], bb[1]);
+        mma_bf16(sc[1], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], bb[2], bb[3]);
+      }
+      float mx0 = m0, mx1 = m1;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int u = nt * 8 + tig * 2 + (e & 1);
+          const float s = u < nk ? sc[nt][e] * sl2 : -INFINITY;
+          sc[nt][e] = s;
+          if (e < 2) {
+            mx0 = fmaxf(mx0, s);
+          } else {
+            mx1 = fmaxf(mx1, s);
+          }
+        }
+      }
+#pragma unroll
+      for (int off = 1; off < 4; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+      }
+      // mx0, mx1 are finite (the sub-tile has keys); exp2(-inf - mx) = 0 on the first one.
+      const float al0 = fast_exp2(m0 - mx0), al1 = fast_exp2(m1 - mx1);
+      m0 = mx0;
+      m1 = mx1;
+      float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float p = fast_exp2(sc[nt][e] - (e < 2 ? mx0 : mx1));
+          sc[nt][e] = p;
+          if (e < 2) {
+            ps0 += p;
+          } else {
+            ps1 += p;
+          }
+        }
+      }
+      l0 = l0 * al0 + ps0;  // this thread's columns; summed over the quad at the end
+      l1 = l1 * al1 + ps1;
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j) {
+        oacc[j][0] *= al0;
+        oacc[j][1] *= al0;
+        oacc[j][2] *= al1;
+        oacc[j][3] *= al1;
+      }
+      const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
+      const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
+      mma_a_rows<DV>(oacc, a0, a1, a2, a3, vs, DV + 8, 0, lane);  // O += P V
+    }
+    __syncwarp();  // this stage is free for the copy (stages - 1) sub-tiles on
+  }
+  cp_async_wait<0>();  // the trailing groups are empty; none may outlive the CTA
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+  }
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int r = gq + rh * 8;
+    if (r >= hpg) continue;
+    const float l = rh == 0 ? l0 : l1, m = rh == 0 ? m0 : m1;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const long long orow = row0 + r;
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) {
+      *reinterpret_cast<__nv_bfloat162*>(out + orow * DV + j * 8 + tig * 2) =
+          __floats2bfloat162_rn(oacc[j][2 * rh] * inv, oacc[j][2 * rh + 1] * inv);
+    }
+    if (tig == 0) lse[orow] = l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : INFINITY;
+  }
+}
+
 // Merges the key-outer partials of each row (b, t, head): one warp per row. lse = log sum_i
 // exp(lse_i), out = sum_i exp(lse_i - lse) o_i over the partials with lse_i > -inf (the others
 // were never written); a row without partials (never, for cleaned ids) gets out 0, lse +inf.
@@ -407,6 +533,22 @@ NSA_KV_FWD(128, 192)
 NSA_KV_FWD(192, 64)
 NSA_KV_FWD(192, 128)
 NSA_KV_FWD(192, 192)
+
+#define NSA_WARP_FWD(DK, DV)                                                                   \
+  extern "C" __global__ void __launch_bounds__(32) nsa_slc_fwd_warp_dk##DK##_dv##DV(           \
+      const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const int* ids, \
+      __nv_bfloat16* out, float* lse, int S, int Hkv, int hpg, int n, int L, float scale) {    \
+    nsa::slc_fwd_warp<DK, DV>(q, k, v, ids, out, lse, S, Hkv, hpg, n, L, scale);               \
+  }
+NSA_WARP_FWD(64, 64)
+NSA_WARP_FWD(64, 128)
+NSA_WARP_FWD(64, 192)
+NSA_WARP_FWD(128, 64)
+NSA_WARP_FWD(128, 128)
+NSA_WARP_FWD(128, 192)
+NSA_WARP_FWD(192, 64)
+NSA_WARP_FWD(192, 128)
+NSA_WARP_FWD(192, 192)
 
 extern "C" __global__ void __launch_bounds__(NSA_THREADS)
     nsa_slc_fwd_combine(const __nv_bfloat16* part_o, const float* part_lse, __nv_bfloat16* out,

@@ -95,6 +95,8 @@ struct SlcTable {
     cmp_fold: [CuFunction; 2],
     cmp_unfold: [CuFunction; 2],
     clean_ids: [CuFunction; 2],
+    fwd_warp: [CuFunction; 9],
+    dq_warp: [CuFunction; 9],
     max_smem: i32,
 }
 
@@ -344,6 +346,8 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
             func(fwd_mod, "nsa_clean_ids_i32")?,
             func(fwd_mod, "nsa_clean_ids_i64")?,
         ],
+        fwd_warp: mma_family(fwd_mod, "nsa_slc_fwd_warp")?,
+        dq_warp: mma_family(bwd_mod, "nsa_slc_dq_warp")?,
         max_smem,
     };
     Ok(SelectedKernels {
@@ -557,10 +561,11 @@ pub fn compute_kind(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Kind> {
 /// How the selected branch's tensor-core forward walks the selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SelectedForward {
-    /// Chosen from the shapes ([`SelectedForward::resolve`]): key-outer for small groups
+    /// Chosen from the shapes ([`SelectedForward::resolve`]): token warps for groups of
+    /// [`TOKEN_WARP_MIN_GROUP`] to 16 heads; key-outer for small groups
     /// (G ≤ [`KEY_OUTER_MAX_GROUP`]) on long sequences (at least [`KEY_OUTER_MIN_BLOCKS`]
     /// selection blocks) while its partial outputs take at most
-    /// [`KEY_OUTER_MAX_PARTIAL_BYTES`], union tiles otherwise.
+    /// [`KEY_OUTER_MAX_PARTIAL_BYTES`]; union tiles otherwise.
     #[default]
     Auto,
     /// Query-outer: a CTA serves 64 / G consecutive tokens and streams the union of their
@@ -572,6 +577,11 @@ pub enum SelectedForward {
     /// Memory: `B·S·H·n·⌈l'/64⌉·(2·dv + 4)` bytes of partials. bf16 at tensor-core head sizes
     /// only; elsewhere the same as [`SelectedForward::UnionTiles`].
     KeyOuter,
+    /// Query-outer, one warp per (token, group): the group's heads are the warp's 16 tensor-core
+    /// rows and it streams only its own token's selected keys through private copy stages, with
+    /// no barrier across tokens; dQ in the backward the same way. bf16 at tensor-core head sizes
+    /// with G ≤ 16 and n ≤ 32 only; elsewhere the same as [`SelectedForward::UnionTiles`].
+    TokenWarps,
 }
 
 /// Largest group (query heads per KV head) that [`SelectedForward::Auto`] runs key-outer: a
@@ -584,6 +594,11 @@ pub const KEY_OUTER_MAX_GROUP: i64 = 8;
 /// pass beats key-outer's index, partials and merge (measured in BENCHMARKS.md, "Fused kernels,
 /// round 4": at the `125m` shape union tiles win at 8k, key-outer from 16k).
 pub const KEY_OUTER_MIN_BLOCKS: i64 = 256;
+
+/// Smallest group [`SelectedForward::Auto`] runs as token warps: a warp's 16 tensor-core rows
+/// are one token's heads, so smaller groups leave rows empty. Measured at G = 16, where token
+/// warps beat union tiles from 8k to 64k tokens (BENCHMARKS.md, round 8).
+pub const TOKEN_WARP_MIN_GROUP: i64 = 16;
 
 /// Bound on the key-outer forward's partial outputs for [`SelectedForward::Auto`]
 /// (`B·S·H·n·⌈l'/64⌉·(2·dv + 4)` bytes, freed when the forward returns): 2 GiB.
@@ -609,8 +624,10 @@ impl SelectedForward {
                 } else {
                     0
                 };
-                if hkv > 0
-                    && h / hkv <= KEY_OUTER_MAX_GROUP
+                let group = if hkv > 0 { h / hkv } else { 0 };
+                if (TOKEN_WARP_MIN_GROUP..=16).contains(&group) {
+                    SelectedForward::TokenWarps
+                } else if (1..=KEY_OUTER_MAX_GROUP).contains(&group)
                     && blocks >= KEY_OUTER_MIN_BLOCKS
                     && partial <= KEY_OUTER_MAX_PARTIAL_BYTES
                 {
@@ -649,7 +666,8 @@ pub fn selected_attention(
 }
 
 /// [`selected_attention`] with the forward's loop order chosen ([`SelectedForward`]); the
-/// backward is the same for both.
+/// backward's dK/dV is the same for all, its dQ one warp per token after a
+/// [`SelectedForward::TokenWarps`] forward and over union tiles otherwise.
 pub fn selected_attention_with(
     q: &Tensor,
     k: &Tensor,
@@ -694,6 +712,7 @@ pub fn selected_attention_with(
             scale,
             match forward.resolve([b, s, h, dk], hkv, dv, bs[3], block_len) {
                 SelectedForward::KeyOuter => 1,
+                SelectedForward::TokenWarps => 2,
                 SelectedForward::UnionTiles | SelectedForward::Auto => 0,
             },
             &kernels.table,

@@ -29,7 +29,7 @@ pub struct KernelSource {
 }
 
 /// Headers every kernel may include by name.
-pub const HEADERS: [(&str, &str); 5] = [
+pub const HEADERS: [(&str, &str); 6] = [
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("mma.cuh", include_str!("../kernels/mma.cuh")),
     ("attend.cuh", include_str!("../kernels/attend.cuh")),
@@ -38,6 +38,7 @@ pub const HEADERS: [(&str, &str); 5] = [
         "decode_tiles.cuh",
         include_str!("../kernels/decode_tiles.cuh"),
     ),
+    ("token_warp.cuh", include_str!("../kernels/token_warp.cuh")),
 ];
 
 /// Selected-branch forward (tensor-core bf16 kernel and SIMT kernels).

@@ -2,9 +2,10 @@
 
 use super::SelectedForward;
 
-/// `Auto` by shape: the `125m` preset's group of 3 runs key-outer from 256 selection blocks
-/// while the partials stay under the bound; short sequences, the paper's group of 16 and
-/// oversized partials run union tiles; an explicit choice is kept.
+/// `Auto` by shape: the paper's group of 16 runs token warps; from 256 selection blocks on, the
+/// `125m` preset's group of 3 runs key-outer while the partials stay under the bound; short
+/// sequences of small groups, groups between 9 and 15 or above 16 and oversized partials run
+/// union tiles; an explicit choice is kept.
 #[test]
 fn auto_forward_follows_group_and_partial_size() {
     let auto = SelectedForward::Auto;
@@ -16,22 +17,37 @@ fn auto_forward_follows_group_and_partial_size() {
     assert_eq!(m125(1, 65536), SelectedForward::KeyOuter);
     assert_eq!(m125(2, 65536), SelectedForward::UnionTiles);
     // The paper's shape: G = 16.
-    let paper = auto.resolve([1, 32768, 64, 192], 4, 128, 16, 64);
-    assert_eq!(paper, SelectedForward::UnionTiles);
-    // G = 8 is the largest group run key-outer; l' = 128 doubles the partials.
+    let paper = |s| auto.resolve([1, s, 64, 192], 4, 128, 16, 64);
+    assert_eq!(paper(100), SelectedForward::TokenWarps);
+    assert_eq!(paper(8192), SelectedForward::TokenWarps);
+    assert_eq!(paper(131072), SelectedForward::TokenWarps);
+    assert_eq!(
+        auto.resolve([1, 65536, 48, 192], 4, 128, 16, 64),
+        SelectedForward::UnionTiles
+    );
+    assert_eq!(
+        auto.resolve([1, 65536, 128, 192], 4, 128, 16, 64),
+        SelectedForward::UnionTiles
+    );
+    // G = 8 is the largest group run key-outer (G = 16 runs token warps); l' = 128 doubles the
+    // partials.
     assert_eq!(
         auto.resolve([1, 16384, 32, 64], 4, 64, 16, 64),
         SelectedForward::KeyOuter
     );
     assert_eq!(
         auto.resolve([1, 16384, 64, 64], 4, 64, 16, 64),
-        SelectedForward::UnionTiles
+        SelectedForward::TokenWarps
     );
     assert_eq!(
         auto.resolve([1, 65536, 12, 64], 4, 64, 16, 128),
         SelectedForward::UnionTiles
     );
-    for explicit in [SelectedForward::UnionTiles, SelectedForward::KeyOuter] {
+    for explicit in [
+        SelectedForward::UnionTiles,
+        SelectedForward::KeyOuter,
+        SelectedForward::TokenWarps,
+    ] {
         assert_eq!(explicit.resolve([1, 8192, 12, 64], 4, 64, 16, 64), explicit);
     }
 }
