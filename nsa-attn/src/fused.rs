@@ -17,6 +17,7 @@ use crate::{lean, reference};
 use nsa_sys::fused as sys;
 
 mod compressed;
+mod layer_check;
 mod pointwise_check;
 mod sync_check;
 pub use compressed::{
@@ -671,7 +672,9 @@ fn clean_ids_row(device: Device) -> CheckRow {
 /// batch 2, including that dK/dV are bitwise equal over two runs; and the flash window in
 /// bf16 with `S` not a multiple of `w`; the compressed branch and selection; the pointwise
 /// kernels (RoPE on a strided slice and on a contiguous tensor, the gated sum; outputs and
-/// gradients, fp32 and bf16, bitwise equal over two runs); and a whole fused
+/// gradients, fp32 and bf16, bitwise equal over two runs); the whole fused layer against the
+/// reference layer given its selection (output and the gradients of the input and every
+/// parameter, G = 3 and G = 16, fp32 and bf16); and a whole fused
 /// layer's forward and backward under libtorch's sync debug mode set to error (no host
 /// synchronisation). A case that errors is a failed row naming the error.
 /// Without a CUDA device: [`AttnError::Option`] (`gpu_check`).
@@ -737,6 +740,7 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
     rows.push(clean_ids_row(device));
     rows.extend(compressed::check_rows(device));
     rows.extend(pointwise_check::check_rows(device));
+    rows.extend(layer_check::check_rows(device));
     rows.extend(sync_check::check_rows(device));
     Ok(rows)
 }
