@@ -16,10 +16,12 @@ use crate::config::{AttnError, NsaConfig};
 use crate::{lean, reference};
 use nsa_sys::fused as sys;
 
+mod check;
 mod compressed;
 mod layer_check;
 mod pointwise_check;
 mod sync_check;
+pub use check::{gpu_check, gpu_check_parts, CheckPart};
 pub use compressed::{
     compressed, compressed_and_select, compressed_supported, select_blocks, select_params,
 };
@@ -618,129 +620,4 @@ fn run_window_case(
         &reference,
         false,
     )
-}
-
-/// The selected kernels' id cleaning on the device (`nsa_clean_ids`) against libtorch's
-/// operators (the CPU path of the same function) on random ids with duplicates, negative ids,
-/// ids past the token's block and huge ones; int64 and int32; keys covering all tokens, fewer
-/// of them, and none. The row passes when every result is equal.
-fn clean_ids_row(device: Device) -> CheckRow {
-    let (b, s, g, n, l) = (2, 300, 3, 16, 16);
-    let name = format!("clean block ids B={b} S={s} Hkv={g} n={n} l'={l}, int64 and int32");
-    let run = || -> Result<(usize, usize), AttnError> {
-        let opts = (Kind::Int64, device);
-        // Random ids (past the token's block for most rows), one huge id and a duplicate of
-        // the first in every row.
-        let base = Tensor::f_randint_low(-3, s / l + 4, [b, s, g, n - 2], opts)?;
-        let huge = Tensor::f_full([b, s, g, 1], 1i64 << 40, opts)?;
-        let ids = Tensor::f_cat(&[&base, &huge, &base.f_narrow(3, 0, 1)?], 3)?;
-        let (mut cases, mut differ) = (0, 0);
-        for kind in [Kind::Int64, Kind::Int] {
-            let ids = if kind == Kind::Int {
-                ids.f_clamp_max(i64::from(i32::MAX))?.f_to_kind(kind)?
-            } else {
-                ids.shallow_clone()
-            };
-            for num_keys in [s, s - 37, 0] {
-                let got = sys::clean_block_ids(&ids, l, num_keys).map_err(fused_err)?;
-                let want = sys::clean_block_ids(&ids.f_to(Device::Cpu)?, l, num_keys)
-                    .map_err(fused_err)?;
-                cases += 1;
-                if !got.f_to(Device::Cpu)?.equal(&want) {
-                    differ += 1;
-                }
-            }
-        }
-        Ok((cases, differ))
-    };
-    match run() {
-        Ok((cases, differ)) => CheckRow {
-            name,
-            max_rel_err: differ as f64,
-            tolerance: 0.0,
-            passed: differ == 0,
-            detail: format!("{differ} of {cases} cases differ from libtorch's operators"),
-        },
-        Err(e) => CheckRow::failed(name, 0.0, e),
-    }
-}
-
-/// Runs the fused functions against the reference path on CUDA device 0 with fresh random
-/// inputs (ids include duplicates and out-of-range values) and returns one row per case:
-/// the selected branch in fp32 (tolerance 1e-4) and bf16 (1e-2) for 1, 2, 3, 4, 8 and 16 heads
-/// per group, head sizes 64 / 128 / 192 with `dk ≠ dv`, `S` not a multiple of `l'`, `S < l'`,
-/// batch 2, including that dK/dV are bitwise equal over two runs; and the flash window in
-/// bf16 with `S` not a multiple of `w`; the compressed branch and selection; the pointwise
-/// kernels (RoPE on a strided slice and on a contiguous tensor, the gated sum; outputs and
-/// gradients, fp32 and bf16, bitwise equal over two runs); the whole fused layer against the
-/// reference layer given its selection (output and the gradients of the input and every
-/// parameter, G = 3 and G = 16, fp32 and bf16); and a whole fused
-/// layer's forward and backward under libtorch's sync debug mode set to error (no host
-/// synchronisation). A case that errors is a failed row naming the error.
-/// Without a CUDA device: [`AttnError::Option`] (`gpu_check`).
-pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
-    let backend = nsa_sys::cuda::load_backend().map_err(|e| AttnError::Option {
-        option: "gpu_check",
-        reason: e.to_string(),
-    })?;
-    if !backend.has_gpu() {
-        return Err(AttnError::Option {
-            option: "gpu_check",
-            reason: format!("needs a CUDA device: {backend}"),
-        });
-    }
-    let device = Device::Cuda(0);
-    let failed = |name: String, e: AttnError| CheckRow::failed(name, 0.0, e);
-    let mut rows = Vec::new();
-    for c in cases() {
-        // bf16 at tensor-core head sizes has two more forwards: key-outer, and one warp per
-        // token for groups of at most 16 heads and n ≤ 32.
-        let mut forwards = vec![sys::SelectedForward::UnionTiles];
-        if c.kind == Kind::BFloat16 && sys::tensor_core_shape(c.dk, c.dv, c.hpg) {
-            forwards.push(sys::SelectedForward::KeyOuter);
-            if c.hpg <= 16 && c.n <= 32 {
-                forwards.push(sys::SelectedForward::TokenWarps);
-            }
-        }
-        for forward in forwards {
-            let row = run_selected_case(&c, forward, device).unwrap_or_else(|e| {
-                failed(
-                    format!(
-                        "selected {} {forward:?} hpg={} dk={} dv={}",
-                        kind_name(c.kind),
-                        c.hpg,
-                        c.dk,
-                        c.dv
-                    ),
-                    e,
-                )
-            });
-            rows.push(row);
-        }
-    }
-    // Equal head sizes, and dk ≠ dv (zero-padded to one head size for flash); two of them
-    // again with the backward split into one call per KV head.
-    for (shape, split) in [
-        ((64, 64, 32, 101), false),
-        ((128, 128, 48, 77), false),
-        ((192, 128, 40, 90), false),
-        ((64, 128, 32, 70), false),
-        ((64, 64, 32, 101), true),
-        ((192, 128, 40, 90), true),
-    ] {
-        let (dk, dv, w, s) = shape;
-        let row = run_window_case(shape, split, device).unwrap_or_else(|e| {
-            failed(
-                format!("window dk={dk} dv={dv} w={w} S={s} split={split}"),
-                e,
-            )
-        });
-        rows.push(row);
-    }
-    rows.push(clean_ids_row(device));
-    rows.extend(compressed::check_rows(device));
-    rows.extend(pointwise_check::check_rows(device));
-    rows.extend(layer_check::check_rows(device));
-    rows.extend(sync_check::check_rows(device));
-    Ok(rows)
 }

@@ -190,11 +190,15 @@ enum Command {
         /// Also write the `--gpu` rows as JSON to this file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
-        /// With `--gpu`, only one part: `kernels` (the fused training kernels and the
-        /// host-synchronisation rows) or `decode` (prefill + decode and the decode kernels).
-        /// Default: every row.
-        #[arg(long, requires = "gpu", value_parser = ["kernels", "decode"])]
-        part: Option<String>,
+        /// With `--gpu`, only these parts (comma-separated): `kernels` (the fused training
+        /// kernels, the whole-layer and the host-synchronisation rows) or one family of them
+        /// (`selected`, `window`, `compressed` (with the selection kernel), `pointwise`,
+        /// `layer`, `sync`), and `decode` (prefill + decode and the decode kernels). A family
+        /// alone suits compute-sanitizer, which slows every launch. Default: every row.
+        #[arg(long, requires = "gpu", value_delimiter = ',', value_parser = [
+            "kernels", "decode", "selected", "window", "compressed", "pointwise", "layer", "sync",
+        ])]
+        part: Vec<String>,
         /// Run the reproducibility check (trains small runs in child processes).
         #[arg(long)]
         determinism: bool,
@@ -371,7 +375,7 @@ fn main() -> anyhow::Result<()> {
             det,
         } => {
             if gpu {
-                gpu_check(json.as_deref(), part.as_deref())?;
+                gpu_check(json.as_deref(), &part)?;
             }
             if determinism {
                 determinism::run(&det)?;
@@ -392,14 +396,21 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// `nsa-train check --gpu`: the fused kernels' parity table (every part, or `part`: `kernels`
-/// or `decode`); fails when any row failed.
-fn gpu_check(json: Option<&std::path::Path>, part: Option<&str>) -> anyhow::Result<()> {
+/// `nsa-train check --gpu`: the fused kernels' parity table (every part, or the `parts` named:
+/// `kernels`, `decode` or a family of the kernel rows); fails when any row failed.
+fn gpu_check(json: Option<&std::path::Path>, parts: &[String]) -> anyhow::Result<()> {
+    use nsa_attn::fused::CheckPart;
+    let every = parts.is_empty();
+    let named = |name: &str| parts.iter().any(|p| p == name);
+    let kernel_parts: Vec<CheckPart> = CheckPart::ALL
+        .into_iter()
+        .filter(|p| every || named("kernels") || named(p.name()))
+        .collect();
     let mut rows = Vec::new();
-    if part != Some("decode") {
-        rows.extend(nsa_attn::fused::gpu_check()?);
+    if !kernel_parts.is_empty() {
+        rows.extend(nsa_attn::fused::gpu_check_parts(&kernel_parts)?);
     }
-    if part != Some("kernels") {
+    if every || named("decode") {
         rows.extend(nsa_attn::decode::decode_check()?);
     }
     println!("| check | max rel err | tolerance | result |\n| --- | ---: | ---: | --- |");

@@ -704,14 +704,25 @@ fn determinism_check_compares_runs_and_a_resume() {
         "{}",
         common::text(&none)
     );
-    // `--part` names one part of `--gpu` (kernels or decode), and only with it.
+    // `--part` names parts of `--gpu` (kernels, decode or a family of the kernel rows), and
+    // only with it.
     for bad in [
         strs(&["check", "--gpu", "--part", "attention"]),
+        strs(&["check", "--gpu", "--part", "selected,attention"]),
         strs(&["check", "--determinism", "--part", "decode"]),
     ] {
         let out = run(&bad);
         assert_eq!(out.status.code(), Some(2), "{}", common::text(&out));
     }
+    // A family is accepted; without a GPU the check then stops with the reason, not a usage
+    // error.
+    let cpu = run(&strs(&["check", "--gpu", "--part", "selected,layer"]));
+    assert_eq!(cpu.status.code(), Some(1), "{}", common::text(&cpu));
+    assert!(
+        common::text(&cpu).contains("CUDA"),
+        "{}",
+        common::text(&cpu)
+    );
 }
 
 #[test]

@@ -1,0 +1,216 @@
+//! `nsa-train check --gpu`'s kernel table: [`gpu_check`] runs every family of rows
+//! ([`CheckPart`]), [`gpu_check_parts`] some of them. The cases and comparisons live beside the
+//! functions they check (`super`, `compressed`, `pointwise_check`, `layer_check`,
+//! `sync_check`); this file only puts the table together.
+use tch::{Device, Kind, Tensor};
+
+use super::{
+    cases, compressed, fused_err, kind_name, layer_check, pointwise_check, run_selected_case,
+    run_window_case, sync_check, CheckRow,
+};
+use crate::config::AttnError;
+use nsa_sys::fused as sys;
+
+/// The selected kernels' id cleaning on the device (`nsa_clean_ids`) against libtorch's
+/// operators (the CPU path of the same function) on random ids with duplicates, negative ids,
+/// ids past the token's block and huge ones; int64 and int32; keys covering all tokens, fewer
+/// of them, and none. The row passes when every result is equal.
+fn clean_ids_row(device: Device) -> CheckRow {
+    let (b, s, g, n, l) = (2, 300, 3, 16, 16);
+    let name = format!("clean block ids B={b} S={s} Hkv={g} n={n} l'={l}, int64 and int32");
+    let run = || -> Result<(usize, usize), AttnError> {
+        let opts = (Kind::Int64, device);
+        // Random ids (past the token's block for most rows), one huge id and a duplicate of
+        // the first in every row.
+        let base = Tensor::f_randint_low(-3, s / l + 4, [b, s, g, n - 2], opts)?;
+        let huge = Tensor::f_full([b, s, g, 1], 1i64 << 40, opts)?;
+        let ids = Tensor::f_cat(&[&base, &huge, &base.f_narrow(3, 0, 1)?], 3)?;
+        let (mut cases, mut differ) = (0, 0);
+        for kind in [Kind::Int64, Kind::Int] {
+            let ids = if kind == Kind::Int {
+                ids.f_clamp_max(i64::from(i32::MAX))?.f_to_kind(kind)?
+            } else {
+                ids.shallow_clone()
+            };
+            for num_keys in [s, s - 37, 0] {
+                let got = sys::clean_block_ids(&ids, l, num_keys).map_err(fused_err)?;
+                let want = sys::clean_block_ids(&ids.f_to(Device::Cpu)?, l, num_keys)
+                    .map_err(fused_err)?;
+                cases += 1;
+                if !got.f_to(Device::Cpu)?.equal(&want) {
+                    differ += 1;
+                }
+            }
+        }
+        Ok((cases, differ))
+    };
+    match run() {
+        Ok((cases, differ)) => CheckRow {
+            name,
+            max_rel_err: differ as f64,
+            tolerance: 0.0,
+            passed: differ == 0,
+            detail: format!("{differ} of {cases} cases differ from libtorch's operators"),
+        },
+        Err(e) => CheckRow::failed(name, 0.0, e),
+    }
+}
+
+/// Runs the fused functions against the reference path on CUDA device 0 with fresh random
+/// inputs (ids include duplicates and out-of-range values) and returns one row per case:
+/// the selected branch in fp32 (tolerance 1e-4) and bf16 (1e-2) for 1, 2, 3, 4, 8 and 16 heads
+/// per group, head sizes 64 / 128 / 192 with `dk ≠ dv`, `S` not a multiple of `l'`, `S < l'`,
+/// batch 2, including that dK/dV are bitwise equal over two runs; and the flash window in
+/// bf16 with `S` not a multiple of `w`; the compressed branch and selection; the pointwise
+/// kernels (RoPE on a strided slice and on a contiguous tensor, the gated sum; outputs and
+/// gradients, fp32 and bf16, bitwise equal over two runs); the whole fused layer against the
+/// reference layer given its selection (output and the gradients of the input and every
+/// parameter, G = 3 and G = 16, fp32 and bf16); and a whole fused
+/// layer's forward and backward under libtorch's sync debug mode set to error (no host
+/// synchronisation). A case that errors is a failed row naming the error.
+/// Without a CUDA device: [`AttnError::Option`] (`gpu_check`).
+pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
+    gpu_check_parts(&CheckPart::ALL)
+}
+
+/// A family of [`gpu_check`]'s rows, to run alone (`nsa-train check --gpu --part NAME`), e.g.
+/// under compute-sanitizer, whose tools slow every launch down too much for the whole table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckPart {
+    /// The selected branch on every forward, fp32 and bf16, and the block-id cleaning kernel.
+    Selected,
+    /// The sliding window on libtorch's flash kernel, whole and split by KV heads.
+    Window,
+    /// The compressed branch on both backends and the selection kernel.
+    Compressed,
+    /// RoPE and the gated sum.
+    Pointwise,
+    /// The whole fused layer against the reference layer.
+    Layer,
+    /// A fused layer's forward and backward without host synchronisation.
+    Sync,
+}
+
+impl CheckPart {
+    /// Every part, in the table's order.
+    pub const ALL: [CheckPart; 6] = [
+        CheckPart::Selected,
+        CheckPart::Window,
+        CheckPart::Compressed,
+        CheckPart::Pointwise,
+        CheckPart::Layer,
+        CheckPart::Sync,
+    ];
+
+    /// The part's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckPart::Selected => "selected",
+            CheckPart::Window => "window",
+            CheckPart::Compressed => "compressed",
+            CheckPart::Pointwise => "pointwise",
+            CheckPart::Layer => "layer",
+            CheckPart::Sync => "sync",
+        }
+    }
+
+    /// The part named `name` ([`CheckPart::name`]), if any.
+    pub fn from_name(name: &str) -> Option<CheckPart> {
+        CheckPart::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// The rows of [`gpu_check`] that belong to `parts`, in the table's order.
+pub fn gpu_check_parts(parts: &[CheckPart]) -> Result<Vec<CheckRow>, AttnError> {
+    let backend = nsa_sys::cuda::load_backend().map_err(|e| AttnError::Option {
+        option: "gpu_check",
+        reason: e.to_string(),
+    })?;
+    if !backend.has_gpu() {
+        return Err(AttnError::Option {
+            option: "gpu_check",
+            reason: format!("needs a CUDA device: {backend}"),
+        });
+    }
+    let device = Device::Cuda(0);
+    let mut rows = Vec::new();
+    if parts.contains(&CheckPart::Selected) {
+        rows.extend(selected_rows(device));
+    }
+    if parts.contains(&CheckPart::Window) {
+        rows.extend(window_rows(device));
+    }
+    if parts.contains(&CheckPart::Compressed) {
+        rows.extend(compressed::check_rows(device));
+    }
+    if parts.contains(&CheckPart::Pointwise) {
+        rows.extend(pointwise_check::check_rows(device));
+    }
+    if parts.contains(&CheckPart::Layer) {
+        rows.extend(layer_check::check_rows(device));
+    }
+    if parts.contains(&CheckPart::Sync) {
+        rows.extend(sync_check::check_rows(device));
+    }
+    Ok(rows)
+}
+
+/// [`CheckPart::Selected`]: every case on each forward that applies, then the id cleaning.
+fn selected_rows(device: Device) -> Vec<CheckRow> {
+    let failed = |name: String, e: AttnError| CheckRow::failed(name, 0.0, e);
+    let mut rows = Vec::new();
+    for c in cases() {
+        // bf16 at tensor-core head sizes has two more forwards: key-outer, and one warp per
+        // token for groups of at most 16 heads and n ≤ 32.
+        let mut forwards = vec![sys::SelectedForward::UnionTiles];
+        if c.kind == Kind::BFloat16 && sys::tensor_core_shape(c.dk, c.dv, c.hpg) {
+            forwards.push(sys::SelectedForward::KeyOuter);
+            if c.hpg <= 16 && c.n <= 32 {
+                forwards.push(sys::SelectedForward::TokenWarps);
+            }
+        }
+        for forward in forwards {
+            let row = run_selected_case(&c, forward, device).unwrap_or_else(|e| {
+                failed(
+                    format!(
+                        "selected {} {forward:?} hpg={} dk={} dv={}",
+                        kind_name(c.kind),
+                        c.hpg,
+                        c.dk,
+                        c.dv
+                    ),
+                    e,
+                )
+            });
+            rows.push(row);
+        }
+    }
+    rows.push(clean_ids_row(device));
+    rows
+}
+
+/// [`CheckPart::Window`].
+fn window_rows(device: Device) -> Vec<CheckRow> {
+    let failed = |name: String, e: AttnError| CheckRow::failed(name, 0.0, e);
+    let mut rows = Vec::new();
+    // Equal head sizes, and dk ≠ dv (zero-padded to one head size for flash); two of them
+    // again with the backward split into one call per KV head.
+    for (shape, split) in [
+        ((64, 64, 32, 101), false),
+        ((128, 128, 48, 77), false),
+        ((192, 128, 40, 90), false),
+        ((64, 128, 32, 70), false),
+        ((64, 64, 32, 101), true),
+        ((192, 128, 40, 90), true),
+    ] {
+        let (dk, dv, w, s) = shape;
+        let row = run_window_case(shape, split, device).unwrap_or_else(|e| {
+            failed(
+                format!("window dk={dk} dv={dv} w={w} S={s} split={split}"),
+                e,
+            )
+        });
+        rows.push(row);
+    }
+    rows
+}
