@@ -149,6 +149,19 @@ pub fn tensor_core_shape(dk: i64, dv: i64, group: i64) -> bool {
         && (1..=MMA_MAX_GROUP).contains(&group)
 }
 
+/// Most query heads per K/V head the token-warp kernels take: a warp's 16 tensor-core rows hold
+/// one token's heads (the glue's `token_warps` rule).
+pub const TOKEN_WARP_MAX_GROUP: i64 = 16;
+
+/// Most block ids per token the token-warp kernels take: lane i of the warp holds id i.
+pub const TOKEN_WARP_MAX_IDS: i64 = 32;
+
+/// Whether [`SelectedForward::TokenWarps`] runs as asked at head sizes `dk`, `dv`, `group`
+/// query heads per K/V head and `n` ids per token (bf16 compute); elsewhere it runs union tiles.
+pub fn token_warp_shape(dk: i64, dv: i64, group: i64, n: i64) -> bool {
+    tensor_core_shape(dk, dv, group) && group <= TOKEN_WARP_MAX_GROUP && n <= TOKEN_WARP_MAX_IDS
+}
+
 static OPTIONS: Mutex<Option<FusedOptions>> = Mutex::new(None);
 static LOADED: Mutex<Option<HashMap<usize, &'static SelectedKernels>>> = Mutex::new(None);
 static NVRTC: Mutex<Option<&'static Nvrtc>> = Mutex::new(None);
@@ -562,7 +575,7 @@ pub fn compute_kind(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Kind> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SelectedForward {
     /// Chosen from the shapes ([`SelectedForward::resolve`]): token warps for groups of
-    /// [`TOKEN_WARP_MIN_GROUP`] to 16 heads; key-outer for small groups
+    /// [`TOKEN_WARP_MIN_GROUP`] to [`TOKEN_WARP_MAX_GROUP`] heads; key-outer for small groups
     /// (G ≤ [`KEY_OUTER_MAX_GROUP`]) on long sequences (at least [`KEY_OUTER_MIN_BLOCKS`]
     /// selection blocks) while its partial outputs take at most
     /// [`KEY_OUTER_MAX_PARTIAL_BYTES`]; union tiles otherwise.
@@ -579,8 +592,8 @@ pub enum SelectedForward {
     KeyOuter,
     /// Query-outer, one warp per (token, group): the group's heads are the warp's 16 tensor-core
     /// rows and it streams only its own token's selected keys through private copy stages, with
-    /// no barrier across tokens; dQ in the backward the same way. bf16 at tensor-core head sizes
-    /// with G ≤ 16 and n ≤ 32 only; elsewhere the same as [`SelectedForward::UnionTiles`].
+    /// no barrier across tokens; dQ in the backward the same way. bf16 where [`token_warp_shape`]
+    /// holds; elsewhere the same as [`SelectedForward::UnionTiles`].
     TokenWarps,
 }
 
@@ -625,7 +638,7 @@ impl SelectedForward {
                     0
                 };
                 let group = if hkv > 0 { h / hkv } else { 0 };
-                if (TOKEN_WARP_MIN_GROUP..=16).contains(&group) {
+                if (TOKEN_WARP_MIN_GROUP..=TOKEN_WARP_MAX_GROUP).contains(&group) {
                     SelectedForward::TokenWarps
                 } else if (1..=KEY_OUTER_MAX_GROUP).contains(&group)
                     && blocks >= KEY_OUTER_MIN_BLOCKS

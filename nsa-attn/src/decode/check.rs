@@ -225,18 +225,9 @@ fn check_config(
 /// decode's blocks (tolerance 1e-5 and 2e-2, relative to the largest output), float64 against
 /// the forward's own selection (1e-10, and every block equal).
 pub fn decode_check() -> Result<Vec<CheckRow>, AttnError> {
-    let backend = nsa_sys::cuda::load_backend().map_err(|e| AttnError::Option {
-        option: "decode_check",
-        reason: e.to_string(),
-    })?;
-    if !backend.has_gpu() {
-        return Err(AttnError::Option {
-            option: "decode_check",
-            reason: format!("needs a CUDA device: {backend}"),
-        });
-    }
-    let mut rows = rows_on(Device::Cuda(0));
-    rows.extend(decode_kernel_rows(Device::Cuda(0)));
+    let device = crate::fused::check_device("decode_check")?;
+    let mut rows = rows_on(device);
+    rows.extend(decode_kernel_rows(device));
     Ok(rows)
 }
 

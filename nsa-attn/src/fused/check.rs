@@ -113,26 +113,11 @@ impl CheckPart {
             CheckPart::Sync => "sync",
         }
     }
-
-    /// The part named `name` ([`CheckPart::name`]), if any.
-    pub fn from_name(name: &str) -> Option<CheckPart> {
-        CheckPart::ALL.into_iter().find(|p| p.name() == name)
-    }
 }
 
 /// The rows of [`gpu_check`] that belong to `parts`, in the table's order.
 pub fn gpu_check_parts(parts: &[CheckPart]) -> Result<Vec<CheckRow>, AttnError> {
-    let backend = nsa_sys::cuda::load_backend().map_err(|e| AttnError::Option {
-        option: "gpu_check",
-        reason: e.to_string(),
-    })?;
-    if !backend.has_gpu() {
-        return Err(AttnError::Option {
-            option: "gpu_check",
-            reason: format!("needs a CUDA device: {backend}"),
-        });
-    }
-    let device = Device::Cuda(0);
+    let device = check_device("gpu_check")?;
     let mut rows = Vec::new();
     if parts.contains(&CheckPart::Selected) {
         rows.extend(selected_rows(device));
@@ -155,17 +140,33 @@ pub fn gpu_check_parts(parts: &[CheckPart]) -> Result<Vec<CheckRow>, AttnError> 
     Ok(rows)
 }
 
+/// The device the GPU checks run on (CUDA device 0), after loading libtorch's CUDA backend;
+/// without one, [`AttnError::Option`] named `option` with the reason.
+pub(crate) fn check_device(option: &'static str) -> Result<Device, AttnError> {
+    let backend = nsa_sys::cuda::load_backend().map_err(|e| AttnError::Option {
+        option,
+        reason: e.to_string(),
+    })?;
+    if !backend.has_gpu() {
+        return Err(AttnError::Option {
+            option,
+            reason: format!("needs a CUDA device: {backend}"),
+        });
+    }
+    Ok(Device::Cuda(0))
+}
+
 /// [`CheckPart::Selected`]: every case on each forward that applies, then the id cleaning.
 fn selected_rows(device: Device) -> Vec<CheckRow> {
     let failed = |name: String, e: AttnError| CheckRow::failed(name, 0.0, e);
     let mut rows = Vec::new();
     for c in cases() {
         // bf16 at tensor-core head sizes has two more forwards: key-outer, and one warp per
-        // token for groups of at most 16 heads and n ≤ 32.
+        // token where its shape rule holds.
         let mut forwards = vec![sys::SelectedForward::UnionTiles];
         if c.kind == Kind::BFloat16 && sys::tensor_core_shape(c.dk, c.dv, c.hpg) {
             forwards.push(sys::SelectedForward::KeyOuter);
-            if c.hpg <= 16 && c.n <= 32 {
+            if sys::token_warp_shape(c.dk, c.dv, c.hpg, c.n) {
                 forwards.push(sys::SelectedForward::TokenWarps);
             }
         }
