@@ -297,17 +297,11 @@ __device__ void slc_dq_warp(const __nv_bfloat16* __restrict__ q,
     long long first;
     const int nk = keys.span(y, first);
     if (nk > 0) {
-      const __nv_bfloat16* ks = keys.stage(y);
-      const __nv_bfloat16* vs = ks + 16 * (DK + 8);
-      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      const __nv_bfloat16* ks = keys.key_rows(y);
+      const __nv_bfloat16* vs = keys.value_rows(y);
+      float sc[2][4];
+      warp_scores<DK>(sc, qf, ks, lane);
       float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-      for (int kt = 0; kt < DK / 16; ++kt) {
-        unsigned bb[4];
-        load_b_x2(bb, ks, DK + 8, 0, kt * 16, lane);
-        mma_bf16(sc[0], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], bb[0], bb[1]);
-        mma_bf16(sc[1], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], bb[2], bb[3]);
-      }
 #pragma unroll
       for (int kt = 0; kt < DV / 16; ++kt) {
         unsigned a[4], bb[4];

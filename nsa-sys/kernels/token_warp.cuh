@@ -46,8 +46,12 @@ struct TokenWarpKeys {
     return (int)max(0LL, min(16LL, end - first));
   }
 
-  __device__ __forceinline__ const __nv_bfloat16* stage(int y) const {
+  // Sub-tile y's keys [16][DK + 8] and values [16][DV + 8] in its stage.
+  __device__ __forceinline__ __nv_bfloat16* key_rows(int y) const {
     return stages + (y % ST) * STAGE;
+  }
+  __device__ __forceinline__ __nv_bfloat16* value_rows(int y) const {
+    return key_rows(y) + 16 * QS;
   }
 
   // Starts sub-tile y's copies into its stage (not committed).
@@ -55,8 +59,8 @@ struct TokenWarpKeys {
     long long first;
     const int keys = span(y, first);
     if (keys <= 0) return;
-    __nv_bfloat16* kd = stages + (y % ST) * STAGE;
-    __nv_bfloat16* vd = kd + 16 * QS;
+    __nv_bfloat16* kd = key_rows(y);
+    __nv_bfloat16* vd = value_rows(y);
     const __nv_bfloat16* kb = k + (base + first * Hkv) * DK;
     const __nv_bfloat16* vb = v + (base + first * Hkv) * DV;
     rows16<DK>(kd, QS, kb, (long long)Hkv * DK, keys);
@@ -98,6 +102,22 @@ struct TokenWarpKeys {
     }
   }
 };
+
+// S = Q K^T of the warp's 16 rows (Q's A fragments qf) against a stage's 16 key rows ks
+// (stride DK + 8), unscaled: sc[nt] holds key columns nt * 8 .. nt * 8 + 7 (m16n8 layout).
+template <int DK>
+__device__ __forceinline__ void warp_scores(float (&sc)[2][4], const unsigned (&qf)[DK / 16][4],
+                                            const __nv_bfloat16* ks, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+  for (int kt = 0; kt < DK / 16; ++kt) {
+    unsigned bb[4];
+    load_b_x2(bb, ks, DK + 8, 0, kt * 16, lane);
+    mma_bf16(sc[0], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], bb[0], bb[1]);
+    mma_bf16(sc[1], qf[kt][0], qf[kt][1], qf[kt][2], qf[kt][3], bb[2], bb[3]);
+  }
+}
 
 // The A fragments of 16 rows of W bf16 (row r < rows from src + r * W, zeros after), staged
 // through `tile` (16 rows of stride W + 8; free again when this returns).
