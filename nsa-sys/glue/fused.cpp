@@ -63,7 +63,7 @@ struct NsaSlcTable {
   void* cmp_fwd_mma[9];
   void* cmp_dq_mma[9];
   void* cmp_dkdv_mma[9];
-  void* cmp_select[6];  // bf16 dk 64, 128, 192, then fp32 dk 64, 128, 192
+  void* cmp_select[9];  // bf16 dk 64, 128, 192, fp32 dk 64, 128, 192, bf16 8 warps dk 64, 128, 192
   void* fwd_kv[9];
   void* fwd_combine;
   void* row_dot[2];
@@ -705,11 +705,12 @@ int nsa_fused_compressed(const at::Tensor* q, const at::Tensor* ck, const at::Te
 // Block selection from the compressed branch's lse (compressed.cu, nsa_cmp_select_*): ids int64
 // [B, S, Hkv, n] (ascending, -1 padded) as a new tensor. q and ck bf16 or fp32 (one type),
 // dk in {64, 128, 192}; lse fp32 [B, S, H]; taps: Eq. 9's overlap (first, step, count weights).
+// warps: a CTA's warps, 4 or 8 (bf16 only), or 0: the size at which an SM holds more rows.
 at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
                              const at::Tensor* lse_in, int64_t cl, int64_t cd, int64_t L,
                              int64_t n, int64_t n_local, int64_t tap_first, int64_t tap_step,
                              const int64_t* tap_w, int64_t tap_count, double scale,
-                             const NsaSlcTable* tab, char* err, size_t err_len) {
+                             int64_t warps, const NsaSlcTable* tab, char* err, size_t err_len) {
   try {
     TORCH_CHECK(tab != nullptr, "fused selection: no kernel table");
     TORCH_CHECK(q_in->is_cuda(), "fused selection: CUDA tensors only");
@@ -730,8 +731,8 @@ at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
     bool bf = q.scalar_type() == at::kBFloat16;
     TORCH_CHECK(di >= 0 && hpg <= kM, "fused selection: dk in {64, 128, 192} and at most 64 "
                 "heads per group only");
-    void* fn = tab->cmp_select[(bf ? 0 : 3) + di];
-    TORCH_CHECK(fn != nullptr, "fused selection: kernel not loaded");
+    TORCH_CHECK(warps == 0 || warps == 4 || (warps == 8 && bf),
+                "fused selection: CTAs of 4 or 8 warps (8 for bf16 only), got ", warps);
     int64_t Nb = (S + L - 1) / L;
     NsaSelectArgs sa{};
     sa.L = int(L);
@@ -743,15 +744,32 @@ at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
     sa.taps.count = int(tap_count);
     for (int64_t i = 0; i < tap_count; ++i) sa.taps.w[i] = int(tap_w[i]);
     int64_t qs = bf ? dk + 8 : dk + 1, esz = bf ? 2 : 4;
-    auto smem = [&](int64_t bq) {
-      int64_t pt = bf && hpg == 16 ? 0 : kM * 72;  // compressed.cu's p tile, NSA_PT
-      // 2 K tiles (bf16 stages Q in the second), fp32 a Q tile too; lse2, p, ps, scores, nvis
-      return (bf ? 2 : 3) * kM * qs * esz + 4 * (kM + pt + bq * 64 + bq * Nb + bq);
+    auto smem = [&](int64_t w, int64_t bq) {
+      int64_t m = 16 * w, pt = bf && hpg == 16 ? 0 : m * 72;  // compressed.cu's p tile, NSA_PT
+      // 2 K tiles (bf16 stages Q in them), fp32 a Q tile too; lse2, p, ps, scores, nvis
+      return (bf ? 2 : 3) * kM * qs * esz + 4 * (m + pt + bq * 64 + bq * Nb + bq);
     };
-    int64_t bq = kM / hpg;
-    while (bq > 1 && smem(bq) > tab->max_smem) --bq;
-    TORCH_CHECK(smem(bq) <= tab->max_smem, "fused selection: ", Nb,
+    // Per CTA size: the most tokens whose scores fit, and the rows (token, head) an SM then
+    // holds: its shared memory (max_smem plus the 1 KB it reserves per CTA) and the CTAs the
+    // kernels' launch bounds promise (3 of 4 warps, 2 of 8) limit the CTAs.
+    struct Fit { int64_t w, bq, rows_per_sm; };
+    auto fit = [&](int64_t w) {
+      int64_t bq = 16 * w / hpg;
+      while (bq > 1 && smem(w, bq) > tab->max_smem) --bq;
+      if (smem(w, bq) > tab->max_smem) return Fit{w, 0, 0};
+      int64_t ctas = std::min<int64_t>((tab->max_smem + 1024) / (smem(w, bq) + 1024), w == 8 ? 2 : 3);
+      return Fit{w, bq, ctas * bq * hpg};
+    };
+    Fit f = fit(warps == 8 ? 8 : 4);
+    if (warps == 0 && bf) {
+      Fit f8 = fit(8);
+      if (f8.rows_per_sm > f.rows_per_sm) f = f8;
+    }
+    TORCH_CHECK(f.bq > 0, "fused selection: ", Nb,
                 " selection blocks do not fit in shared memory (sequence too long)");
+    void* fn = tab->cmp_select[(bf ? (f.w == 8 ? 6 : 0) : 3) + di];
+    TORCH_CHECK(fn != nullptr, "fused selection: kernel not loaded");
+    int64_t bq = f.bq;
     sa.bq = int(bq);
     auto ids = at::empty({B, S, Hkv, n}, q.options().dtype(at::kLong));
     if (S > 0 && B > 0) {
@@ -761,7 +779,8 @@ at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
           icd = int(cd);
       float fscale = float(scale);
       void* args[] = {&qp, &kp, &lp, &ip, &iS, &iNc, &iHkv, &ihpg, &icl, &icd, &fscale, &sa};
-      launch(tab, fn, "nsa_cmp_select", (S + bq - 1) / bq, Hkv, B, smem(bq), stream, args);
+      launch(tab, fn, "nsa_cmp_select", (S + bq - 1) / bq, Hkv, B, smem(f.w, bq), stream, args,
+             int(32 * f.w));
     }
     return new at::Tensor(std::move(ids));
   } catch (const std::exception& e) {

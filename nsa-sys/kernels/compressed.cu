@@ -12,9 +12,11 @@
 // nsa_cmp_dkdv_mma_dk{DK}_dv{DV}: attend.cuh's dkdv_mma over tiles of 64 compressed tokens,
 //   each tile's readers (tokens from tile * 64 * d + l - 1 on) split into pieces by the host
 //   plan; split tiles are summed by selected_bwd.cu's reduce kernel (deterministic).
-// nsa_cmp_select_{bf16_dk64, bf16_dk128, bf16_dk192, f32}: one CTA of 4 warps per (tile of BQ
-//   tokens, group g, batch b), BQ * hpg <= 64 rows (token, head), BQ chosen by the host so the
-//   block scores fit in shared memory. Per tile of 64 compressed tokens: scores q . k (tensor
+// nsa_cmp_select_{bf16, f32}_dk{64, 128, 192}[_w8]: one CTA of 4 warps (8 with _w8, bf16 only)
+//   per (tile of BQ tokens, group g, batch b), BQ * hpg <= M = 16 * warps rows (token, head),
+//   BQ chosen by the host so the block scores fit in shared memory, and the CTA size so that an
+//   SM holds the most rows (eight warps share each K tile among twice the rows; the scores
+//   [BQ][Nb] then take twice the memory). Per tile of 64 compressed tokens: scores q . k (tensor
 //   cores for bf16, fp32 FMAs for fp32), p = exp(scale q . k - lse) (Eq. 8, recomputed from
 //   the forward's lse), summed over the group's heads (Eq. 10) into ps [BQ][64], then folded
 //   into the selection-block scores [BQ][Nb] with Eq. 9's overlap taps (block j receives
@@ -24,12 +26,13 @@
 //   ending at the current one floor(t / l') first (ascending), then the other candidates
 //   (blocks <= the current one) by score, ties to the lower index; padding -1; written
 //   ascending. A token's visible compressed tokens are a prefix of the stream (Eq. 7), so
-//   its mask words per tile come from one count (nvis) without a column table. The next
+//   a tile's visible columns follow from one count (nvis) without a column table or mask. The next
 //   tile's keys are copied while this one is scored (two K buffers). bf16: a warp keeps its
-//   16 rows' A fragments of Q (all of DK) in registers, so Q passes once through the second K
-//   buffer and the tile loop loads only K fragments; with G = 16 a warp's rows are one
-//   token's heads and Eq. 10 is summed in registers (head_sum16). Shared: K [2][64][DK + pad]
-//   (fp32: then Q [64][DK + 1]), lse2 [64], p [64][72] (not for bf16 with G = 16; 72 = 8 mod
+//   16 rows' A fragments of Q (all of DK) in registers, so Q passes once through the last M
+//   rows of the K buffers and the tile loop loads only K fragments; with G = 16 a warp's rows
+//   are one token's heads and Eq. 10 is summed in registers (head_sum16). Shared: K
+//   [2][64][DK + pad] (fp32: then Q [64][DK + 1]), lse2 [M], p [M][72] (not for bf16 with
+//   G = 16; 72 = 8 mod
 //   32 makes a warp's float2 fragment stores conflict-free),
 //   ps [BQ][64], scores [BQ][Nb], nvis [BQ]. Two barriers per tile (three with the p tile).
 // nsa_cmp_fold_w{1,4}, nsa_cmp_unfold_w{1,4}: the row copies of the cuDNN form of this branch
@@ -93,32 +96,28 @@ __device__ __forceinline__ float2 head_sum16(const float (&p)[NSA_BK / 8][4], in
   return make_float2(y[0], y[1]);
 }
 
-// Mask word `half` (columns half * 32 .. + 31) of a row that reads the first `cnt` columns of
-// the tile (0 <= cnt <= 64): compressed tokens are visible as a prefix (Eq. 7).
-__device__ __forceinline__ unsigned prefix_word(int cnt, int half) {
-  const int c = cnt - half * 32;
-  return c <= 0 ? 0u : c >= 32 ? 0xffffffffu : (1u << c) - 1u;
-}
-
 #define NSA_PT 72  // row stride of cmp_select's p tile (floats)
 
-template <typename T, int DK>
+template <typename T, int DK, int WARPS>
 __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
                            const float* __restrict__ lse, long long* __restrict__ out_ids,
                            int S, int Nc, int Hkv, int hpg, int cl, int cd, float scale,
                            const SelectArgs sa) {
   constexpr bool MMA = sizeof(T) == 2;
+  constexpr int M = 16 * WARPS, THREADS = 32 * WARPS;  // rows (token, head), threads
   constexpr int QS = MMA ? DK + 8 : DK + 1;  // fp32: odd stride, conflict-free column reads
-  static_assert(NSA_M == NSA_BK, "Q is staged in a K tile buffer");
+  static_assert(MMA ? (M == NSA_BK || M == 2 * NSA_BK) : M == NSA_BK,
+                "bf16: Q is staged in the last M rows of the two K tiles; fp32: 4 warps");
   extern __shared__ __align__(16) unsigned char smraw[];
   T* Ks = reinterpret_cast<T*>(smraw);  // two tiles
-  // bf16: Q passes through K buffer 1 into the warps' registers before the stream starts.
-  T* Qs = Ks + (MMA ? 1 : 2) * NSA_BK * QS;
-  float* lse2s = reinterpret_cast<float*>(Ks + (MMA ? 2 : 3) * NSA_BK * QS);  // [64]
+  // bf16: Q passes through the K buffers' last M rows (buffer 1 for 4 warps, both for 8) into
+  // the warps' registers before the stream starts.
+  T* Qs = Ks + (MMA ? 2 * NSA_BK - M : 2 * NSA_BK) * QS;
+  float* lse2s = reinterpret_cast<float*>(Ks + (MMA ? 2 : 3) * NSA_BK * QS);  // [M]
   // bf16 at G = 16: a warp's rows are one token's heads, summed in registers (head_sum16).
   const bool head_sum_in_regs = MMA && hpg == 16;
-  float* pt = lse2s + NSA_M;  // [64][NSA_PT], absent with head_sum_in_regs
-  float* ps = pt + (head_sum_in_regs ? 0 : NSA_M * NSA_PT);  // [BQ][64]
+  float* pt = lse2s + M;  // [M][NSA_PT], absent with head_sum_in_regs
+  float* ps = pt + (head_sum_in_regs ? 0 : M * NSA_PT);  // [BQ][64]
   const int BQ = sa.bq;
   float* scores = ps + BQ * 64;                                // [BQ][Nb]
   int* nvis = reinterpret_cast<int*>(scores + BQ * sa.Nb);  // [BQ]
@@ -132,27 +131,27 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
     return ((long long)b * S + t) * H + g * hpg + r % hpg;
   };
   if constexpr (MMA) {
-    copy_rows<DK>(reinterpret_cast<__nv_bfloat16*>(Qs), QS, NSA_M, [&](int r) {
+    copy_rows<DK>(reinterpret_cast<__nv_bfloat16*>(Qs), QS, M, [&](int r) {
       const long long row = row_of(r);
       return row < 0 ? nullptr : reinterpret_cast<const __nv_bfloat16*>(q) + row * DK;
-    }, tid, NSA_THREADS);
+    }, tid, THREADS);
     cp_async_wait_all();
   } else {
-    for (int e = tid; e < NSA_M * DK; e += NSA_THREADS) {
+    for (int e = tid; e < M * DK; e += THREADS) {
       const int r = e / DK, d = e % DK;
       const long long row = row_of(r);
       Qs[r * QS + d] = row < 0 ? from_f<T>(0.f) : q[row * DK + d];
     }
   }
-  for (int r = tid; r < NSA_M; r += NSA_THREADS) {
+  for (int r = tid; r < M; r += THREADS) {
     const long long row = row_of(r);
     lse2s[r] = row < 0 ? INFINITY : lse[row] * 1.4426950408889634f;
   }
-  for (int e = tid; e < BQ * sa.Nb; e += NSA_THREADS) scores[e] = 0.f;
+  for (int e = tid; e < BQ * sa.Nb; e += THREADS) scores[e] = 0.f;
   // Token t0 + i reads compressed tokens 0 .. nvis[i] - 1 (Eq. 7): a prefix of the stream of
-  // F columns, F = the last token's count, so a tile's mask words follow from nvis alone.
+  // F columns, F = the last token's count, so a tile's visible columns follow from nvis alone.
   const KeySpec ks = compressed_keys(Nc, cl, cd);
-  for (int i = tid; i < BQ; i += NSA_THREADS) {
+  for (int i = tid; i < BQ; i += THREADS) {
     nvis[i] = t0 + i < S ? num_visible_compressed(ks, t0 + i) : 0;
   }
   const int F = num_visible_compressed(ks, min(t0 + BQ, S) - 1);
@@ -181,17 +180,20 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
     if constexpr (MMA) {
       const long long rs = (long long)Hkv * DK;  // compressed token p of (b, g) at ckg + p * rs
       const __nv_bfloat16* ckg = reinterpret_cast<const __nv_bfloat16*>(ck) + ((long long)b * Nc * Hkv + g) * DK;
-      copy_rows_strided<DK, NSA_BK, NSA_THREADS>(reinterpret_cast<__nv_bfloat16*>(Kt), QS,
-                                                 ckg + f * rs, rs, F - f, tid);
+      copy_rows_strided<DK, NSA_BK, THREADS>(reinterpret_cast<__nv_bfloat16*>(Kt), QS,
+                                             ckg + f * rs, rs, F - f, tid);
       cp_async_commit();
     } else {
-      for (int e = tid; e < NSA_BK * DK; e += NSA_THREADS) {
+      for (int e = tid; e < NSA_BK * DK; e += THREADS) {
         const int c = e / DK, d = e % DK, p = f + c;
         Kt[c * QS + d] = p < F ? ck[(((long long)b * Nc + p) * Hkv + g) * DK + d] : from_f<T>(0.f);
       }
     }
   };
-  if (F > 0) issue(0, 0);  // into buffer 0: Q sits in buffer 1 until the first barrier below
+  // Four warps: Q sits in buffer 1 until the first barrier below, so tile 0 goes into buffer 0
+  // at once; eight warps' Q fills both buffers and must be in registers first.
+  if constexpr (M > NSA_BK) __syncthreads();
+  if (F > 0) issue(0, 0);
   int bi = 0;
   for (int f0 = 0; f0 < F; f0 += NSA_BK, bi ^= 1) {
     if constexpr (MMA) cp_async_wait<0>();
@@ -203,8 +205,6 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
     if constexpr (MMA) {
       const __nv_bfloat16* Kb = reinterpret_cast<const __nv_bfloat16*>(Kt);
       const int n0 = min(max(nv0 - f0, 0), NSA_BK), n1 = min(max(nv1 - f0, 0), NSA_BK);
-      const unsigned mk0[2] = {prefix_word(n0, 0), prefix_word(n0, 1)};
-      const unsigned mk1[2] = {prefix_word(n1, 0), prefix_word(n1, 1)};
       float sacc[NSA_BK / 8][4];
 #pragma unroll
       for (int nt = 0; nt < NSA_BK / 8; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
@@ -221,11 +221,13 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
           }
         }
       }
+      // Element (nt, e) is column nt * 8 + 2 tig + (e & 1), visible while below its row's count.
+      const int lim[2] = {n0 - 2 * tig, n1 - 2 * tig};
 #pragma unroll
       for (int nt = 0; nt < NSA_BK / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const bool vis = frag_visible(e < 2 ? mk0 : mk1, nt, tig, e & 1);
+          const bool vis = nt * 8 + (e & 1) < lim[e / 2];
           sacc[nt][e] = vis ? fast_exp2(sacc[nt][e] * sl2 - lr[e / 2]) : 0.f;
         }
       }
@@ -245,7 +247,7 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
         }
       }
     } else {
-      for (int e = tid; e < NSA_M * NSA_BK; e += NSA_THREADS) {
+      for (int e = tid; e < M * NSA_BK; e += THREADS) {
         const int r = e / NSA_BK, c = e % NSA_BK;
         float p = 0.f;
         if (r < nrows && f0 + c < nvis[r / hpg]) {
@@ -259,7 +261,7 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
     __syncthreads();
     if (!head_sum_in_regs) {
       // Eq. 10: the group's heads, in head order.
-      for (int e = tid; e < BQ * NSA_BK; e += NSA_THREADS) {
+      for (int e = tid; e < BQ * NSA_BK; e += THREADS) {
         const int i = e / NSA_BK, c = e % NSA_BK;
         float acc = 0.f;
         for (int h = 0; h < hpg; ++h) acc += pt[(i * hpg + h) * NSA_PT + c];
@@ -273,7 +275,7 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
     int jlo = f0 - tp.first - (tp.count - 1);
     jlo = jlo <= 0 ? 0 : (jlo + tp.step - 1) / tp.step;
     const int jhi = min(sa.Nb - 1, (f0 + NSA_BK - 1 - tp.first) / tp.step);
-    for (int i = warp; i < BQ; i += NSA_THREADS / 32) {
+    for (int i = warp; i < BQ; i += WARPS) {
       for (int j = jlo + lane; j <= jhi; j += 32) {
         float acc = 0.f;
         for (int kk = 0; kk < tp.count; ++kk) {
@@ -287,7 +289,7 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
   __syncthreads();  // every tile's Eq. 9 sums are in scores
 
   // Eq. 11, one warp per token.
-  for (int i = warp; i < BQ; i += NSA_THREADS / 32) {
+  for (int i = warp; i < BQ; i += WARPS) {
     const int t = t0 + i;
     if (t >= S) break;
     select_top_n_warp(scores + i * sa.Nb, t, sa.L, sa.n, sa.n_local, sa.Nb,
@@ -410,15 +412,19 @@ NSA_CMP_MMA(192, 64)
 NSA_CMP_MMA(192, 128)
 NSA_CMP_MMA(192, 192)
 
-#define NSA_CMP_SELECT(NAME, T, DK)                                                            \
-  extern "C" __global__ void __launch_bounds__(NSA_THREADS)                                    \
+// Registers for 3 CTAs of 4 warps or 2 of 8 an SM: glue/fused.cpp's choice of CTA size counts on it.
+#define NSA_CMP_SELECT(NAME, T, DK, WARPS)                                                     \
+  extern "C" __global__ void __launch_bounds__(32 * WARPS, WARPS == 8 ? 2 : 3)                 \
       NAME(const T* q, const T* ck, const float* lse, long long* ids, int S, int Nc, int Hkv,  \
            int hpg, int cl, int cd, float scale, nsa::SelectArgs sa) {                         \
-    nsa::cmp_select<T, DK>(q, ck, lse, ids, S, Nc, Hkv, hpg, cl, cd, scale, sa);              \
+    nsa::cmp_select<T, DK, WARPS>(q, ck, lse, ids, S, Nc, Hkv, hpg, cl, cd, scale, sa);       \
   }
-NSA_CMP_SELECT(nsa_cmp_select_bf16_dk64, __nv_bfloat16, 64)
-NSA_CMP_SELECT(nsa_cmp_select_bf16_dk128, __nv_bfloat16, 128)
-NSA_CMP_SELECT(nsa_cmp_select_bf16_dk192, __nv_bfloat16, 192)
-NSA_CMP_SELECT(nsa_cmp_select_f32_dk64, float, 64)
-NSA_CMP_SELECT(nsa_cmp_select_f32_dk128, float, 128)
-NSA_CMP_SELECT(nsa_cmp_select_f32_dk192, float, 192)
+NSA_CMP_SELECT(nsa_cmp_select_bf16_dk64, __nv_bfloat16, 64, 4)
+NSA_CMP_SELECT(nsa_cmp_select_bf16_dk128, __nv_bfloat16, 128, 4)
+NSA_CMP_SELECT(nsa_cmp_select_bf16_dk192, __nv_bfloat16, 192, 4)
+NSA_CMP_SELECT(nsa_cmp_select_f32_dk64, float, 64, 4)
+NSA_CMP_SELECT(nsa_cmp_select_f32_dk128, float, 128, 4)
+NSA_CMP_SELECT(nsa_cmp_select_f32_dk192, float, 192, 4)
+NSA_CMP_SELECT(nsa_cmp_select_bf16_dk64_w8, __nv_bfloat16, 64, 8)
+NSA_CMP_SELECT(nsa_cmp_select_bf16_dk128_w8, __nv_bfloat16, 128, 8)
+NSA_CMP_SELECT(nsa_cmp_select_bf16_dk192_w8, __nv_bfloat16, 192, 8)

@@ -36,7 +36,8 @@ mod pointwise;
 mod window;
 pub use block_ids::{clean_block_ids, inverse_index};
 pub use compressed::{
-    compressed_attention, compressed_forward, select_blocks, CompressedBackend, SelectParams,
+    compressed_attention, compressed_forward, select_blocks, select_blocks_with, CompressedBackend,
+    SelectCta, SelectParams,
 };
 pub use decode::{
     decode_kernels, DecodeGraph, DecodeInputs, DecodeKernels, DecodeParams, DecodeStep,
@@ -88,7 +89,7 @@ struct SlcTable {
     cmp_fwd_mma: [CuFunction; 9],
     cmp_dq_mma: [CuFunction; 9],
     cmp_dkdv_mma: [CuFunction; 9],
-    cmp_select: [CuFunction; 6],
+    cmp_select: [CuFunction; 9],
     fwd_kv: [CuFunction; 9],
     fwd_combine: CuFunction,
     row_dot: [CuFunction; 2],
@@ -340,6 +341,9 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
             func(cmp_mod, "nsa_cmp_select_f32_dk64")?,
             func(cmp_mod, "nsa_cmp_select_f32_dk128")?,
             func(cmp_mod, "nsa_cmp_select_f32_dk192")?,
+            func(cmp_mod, "nsa_cmp_select_bf16_dk64_w8")?,
+            func(cmp_mod, "nsa_cmp_select_bf16_dk128_w8")?,
+            func(cmp_mod, "nsa_cmp_select_bf16_dk192_w8")?,
         ],
         fwd_kv: mma_family(fwd_mod, "nsa_slc_fwd_kv")?,
         fwd_combine: func(fwd_mod, "nsa_slc_fwd_combine")?,

@@ -410,6 +410,25 @@ fn check_case(
             "{differ} of {n_rows} rows differ from nsa-select on fp32 (bf16 probabilities reorder near-equal block scores)"
         ),
     });
+
+    // Selection, bf16, each CTA size forced: the same ids bit for bit, poisoned first.
+    let (_, lse_b) = attention_and_lse(&qb, &kb, &vb, cfg)?;
+    let mut by_cta = Vec::new();
+    for cta in [sys::SelectCta::Warps4, sys::SelectCta::Warps8] {
+        super::poison(device);
+        by_cta.push(
+            sys::select_blocks_with(&qb, &kb, &lse_b, &params, scale(&q), cta)
+                .map_err(fused_err)?,
+        );
+    }
+    let (n_rows, differ) = differing_rows(&by_cta[1], &by_cta[0])?;
+    rows.push(CheckRow {
+        name: format!("select bf16 8-warp vs 4-warp CTAs {shape}"),
+        max_rel_err: differ as f64 / n_rows as f64,
+        tolerance: 0.0,
+        passed: differ == 0,
+        detail: format!("{differ} of {n_rows} rows differ"),
+    });
     Ok(rows)
 }
 

@@ -36,6 +36,32 @@ pub struct SelectParams {
     pub tap_weights: Vec<i64>,
 }
 
+/// How many warps a CTA of the selection kernel (`kernels/compressed.cu`, `nsa_cmp_select_*`)
+/// has. Every size gives the same ids: a row's products, head sum and overlap sums do not
+/// depend on which CTA computes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SelectCta {
+    /// The size at which an SM holds more rows (token, head) at once, given how many tokens'
+    /// block scores fit in shared memory; four warps on a tie and for fp32.
+    #[default]
+    Auto,
+    /// Four warps, 64 rows.
+    Warps4,
+    /// Eight warps, 128 rows, bf16 only: each tile of compressed keys serves twice the rows,
+    /// and the block scores of twice the tokens take shared memory.
+    Warps8,
+}
+
+impl SelectCta {
+    fn warps(self) -> i64 {
+        match self {
+            SelectCta::Auto => 0,
+            SelectCta::Warps4 => 4,
+            SelectCta::Warps8 => 8,
+        }
+    }
+}
+
 /// Where the compressed branch's attention runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CompressedBackend {
@@ -89,6 +115,7 @@ extern "C" {
         tap_w: *const i64,
         tap_count: i64,
         scale: f64,
+        warps: i64,
         table: *const SlcTable,
         err: *mut c_char,
         err_len: usize,
@@ -227,13 +254,26 @@ fn compressed_call(
 /// Block selection (Eqs. 8–11) inside one kernel from the compressed branch's `lse`
 /// ([`compressed_forward`]): int64 `[B, S, Hkv, n]`, ascending, `−1` padded, as nsa-select's
 /// `select_blocks` returns. `q`, `ck` both bf16 (scores on tensor cores) or both fp32, dk in
-/// [`super::MMA_HEAD_DIMS`], at most 64 query heads per group; `lse` fp32 `[B, S, H]`.
+/// [`super::MMA_HEAD_DIMS`], at most 64 query heads per group; `lse` fp32 `[B, S, H]`. The
+/// kernel's CTA size is chosen as [`SelectCta::Auto`] says.
 pub fn select_blocks(
     q: &Tensor,
     ck: &Tensor,
     lse: &Tensor,
     params: &SelectParams,
     scale: f64,
+) -> Result<Tensor, FusedError> {
+    select_blocks_with(q, ck, lse, params, scale, SelectCta::Auto)
+}
+
+/// [`select_blocks`] with CTAs of the given size ([`SelectCta::Warps8`] needs bf16 inputs).
+pub fn select_blocks_with(
+    q: &Tensor,
+    ck: &Tensor,
+    lse: &Tensor,
+    params: &SelectParams,
+    scale: f64,
+    cta: SelectCta,
 ) -> Result<Tensor, FusedError> {
     let (ordinal, [b, s, h, _, _, _]) = check_q_ck(q, ck, &[Kind::BFloat16, Kind::Float])?;
     if lse.device() != q.device() || lse.kind() != Kind::Float || lse.size() != [b, s, h] {
@@ -265,6 +305,12 @@ pub fn select_blocks(
     if !scale.is_finite() {
         return Err(input("scale", format!("must be finite, got {scale}")));
     }
+    if cta == SelectCta::Warps8 && q.kind() != Kind::BFloat16 {
+        return Err(input(
+            "cta",
+            format!("CTAs of 8 warps need bf16 inputs, got {:?}", q.kind()),
+        ));
+    }
     let kernels = kernels(ordinal)?;
     let mut err = vec![0u8; ERR_LEN];
     // SAFETY: as in `compressed_forward`; `tap_weights` outlives the call and holds `taps`
@@ -284,6 +330,7 @@ pub fn select_blocks(
             p.tap_weights.as_ptr(),
             taps,
             scale,
+            cta.warps(),
             &kernels.table,
             err.as_mut_ptr().cast(),
             ERR_LEN,
