@@ -287,45 +287,35 @@ __device__ void slc_dq_warp(const __nv_bfloat16* __restrict__ q,
   const float d0 = gq < hpg ? D[row0 + gq] : 0.f, d1 = gq + 8 < hpg ? D[row0 + gq + 8] : 0.f;
   const TokenWarpKeys<DK, DV, NSA_DQ_WARP_STAGES> keys(k, v, stages, ids, S, Hkv, n, L, t, g, b,
                                                        lane);
-  keys.prologue();
   const float sl2 = scale * 1.4426950408889634f;
   float acc[DK / 8][4];
 #pragma unroll
   for (int j = 0; j < DK / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  for (int y = 0; y < keys.tiles; ++y) {
-    keys.advance(y);
-    long long first;
-    const int nk = keys.span(y, first);
-    if (nk > 0) {
-      const __nv_bfloat16* ks = keys.key_rows(y);
-      const __nv_bfloat16* vs = keys.value_rows(y);
-      float sc[2][4];
-      warp_scores<DK>(sc, qf, ks, lane);
-      float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  keys.stream([&](const __nv_bfloat16* ks, const __nv_bfloat16* vs, int nk) {
+    float sc[2][4];
+    warp_scores<DK>(sc, qf, ks, lane);
+    float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-      for (int kt = 0; kt < DV / 16; ++kt) {
-        unsigned a[4], bb[4];
-        load_a_x4(a, dos, VS, 0, kt * 16, lane);
-        load_b_x2(bb, vs, VS, 0, kt * 16, lane);
-        mma_bf16(dp[0], a[0], a[1], a[2], a[3], bb[0], bb[1]);
-        mma_bf16(dp[1], a[0], a[1], a[2], a[3], bb[2], bb[3]);
-      }
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int u = nt * 8 + tig * 2 + (e & 1);
-          const float p = u < nk ? fast_exp2(sc[nt][e] * sl2 - (e < 2 ? lr0 : lr1)) : 0.f;
-          sc[nt][e] = p * (dp[nt][e] - (e < 2 ? d0 : d1)) * scale;  // ds
-        }
-      }
-      const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
-      const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
-      mma_a_rows<DK>(acc, a0, a1, a2, a3, ks, DK + 8, 0, lane);  // dQ += dS K
+    for (int kt = 0; kt < DV / 16; ++kt) {
+      unsigned a[4], bb[4];
+      load_a_x4(a, dos, VS, 0, kt * 16, lane);
+      load_b_x2(bb, vs, VS, 0, kt * 16, lane);
+      mma_bf16(dp[0], a[0], a[1], a[2], a[3], bb[0], bb[1]);
+      mma_bf16(dp[1], a[0], a[1], a[2], a[3], bb[2], bb[3]);
     }
-    __syncwarp();  // this stage is free for the copy (stages - 1) sub-tiles on
-  }
-  cp_async_wait<0>();  // the trailing groups are empty; none may outlive the CTA
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int u = nt * 8 + tig * 2 + (e & 1);
+        const float p = u < nk ? fast_exp2(sc[nt][e] * sl2 - (e < 2 ? lr0 : lr1)) : 0.f;
+        sc[nt][e] = p * (dp[nt][e] - (e < 2 ? d0 : d1)) * scale;  // ds
+      }
+    }
+    const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
+    const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
+    mma_a_rows<DK>(acc, a0, a1, a2, a3, ks, DK + 8, 0, lane);  // dQ += dS K
+  });
 #pragma unroll
   for (int rh = 0; rh < 2; ++rh) {
     const int r = gq + rh * 8;

@@ -323,75 +323,65 @@ __device__ void slc_fwd_warp(const __nv_bfloat16* __restrict__ q,
   warp_rows_to_a<DK>(qf, stages, q + row0 * DK, hpg, lane);
   const TokenWarpKeys<DK, DV, NSA_FWD_WARP_STAGES> keys(k, v, stages, ids, S, Hkv, n, L, t, g, b,
                                                         lane);
-  keys.prologue();
   const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
   float oacc[DV / 8][4];
 #pragma unroll
   for (int j = 0; j < DV / 8; ++j) oacc[j][0] = oacc[j][1] = oacc[j][2] = oacc[j][3] = 0.f;
-  for (int y = 0; y < keys.tiles; ++y) {
-    keys.advance(y);
-    long long first;
-    const int nk = keys.span(y, first);
-    if (nk > 0) {
-      const __nv_bfloat16* ks = keys.key_rows(y);
-      const __nv_bfloat16* vs = keys.value_rows(y);
-      float sc[2][4];
-      warp_scores<DK>(sc, qf, ks, lane);
-      float mx0 = m0, mx1 = m1;
+  keys.stream([&](const __nv_bfloat16* ks, const __nv_bfloat16* vs, int nk) {
+    float sc[2][4];
+    warp_scores<DK>(sc, qf, ks, lane);
+    float mx0 = m0, mx1 = m1;
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int u = nt * 8 + tig * 2 + (e & 1);
-          const float s = u < nk ? sc[nt][e] * sl2 : -INFINITY;
-          sc[nt][e] = s;
-          if (e < 2) {
-            mx0 = fmaxf(mx0, s);
-          } else {
-            mx1 = fmaxf(mx1, s);
-          }
+      for (int e = 0; e < 4; ++e) {
+        const int u = nt * 8 + tig * 2 + (e & 1);
+        const float s = u < nk ? sc[nt][e] * sl2 : -INFINITY;
+        sc[nt][e] = s;
+        if (e < 2) {
+          mx0 = fmaxf(mx0, s);
+        } else {
+          mx1 = fmaxf(mx1, s);
         }
       }
-#pragma unroll
-      for (int off = 1; off < 4; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-      }
-      // mx0, mx1 are finite (the sub-tile has keys); exp2(-inf - mx) = 0 on the first one.
-      const float al0 = fast_exp2(m0 - mx0), al1 = fast_exp2(m1 - mx1);
-      m0 = mx0;
-      m1 = mx1;
-      float ps0 = 0.f, ps1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float p = fast_exp2(sc[nt][e] - (e < 2 ? mx0 : mx1));
-          sc[nt][e] = p;
-          if (e < 2) {
-            ps0 += p;
-          } else {
-            ps1 += p;
-          }
-        }
-      }
-      l0 = l0 * al0 + ps0;  // this thread's columns; summed over the quad at the end
-      l1 = l1 * al1 + ps1;
-#pragma unroll
-      for (int j = 0; j < DV / 8; ++j) {
-        oacc[j][0] *= al0;
-        oacc[j][1] *= al0;
-        oacc[j][2] *= al1;
-        oacc[j][3] *= al1;
-      }
-      const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
-      const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
-      mma_a_rows<DV>(oacc, a0, a1, a2, a3, vs, DV + 8, 0, lane);  // O += P V
     }
-    __syncwarp();  // this stage is free for the copy (stages - 1) sub-tiles on
-  }
-  cp_async_wait<0>();  // the trailing groups are empty; none may outlive the CTA
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    // mx0, mx1 are finite (the sub-tile has keys); exp2(-inf - mx) = 0 on the first one.
+    const float al0 = fast_exp2(m0 - mx0), al1 = fast_exp2(m1 - mx1);
+    m0 = mx0;
+    m1 = mx1;
+    float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = fast_exp2(sc[nt][e] - (e < 2 ? mx0 : mx1));
+        sc[nt][e] = p;
+        if (e < 2) {
+          ps0 += p;
+        } else {
+          ps1 += p;
+        }
+      }
+    }
+    l0 = l0 * al0 + ps0;  // this thread's columns; summed over the quad at the end
+    l1 = l1 * al1 + ps1;
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) {
+      oacc[j][0] *= al0;
+      oacc[j][1] *= al0;
+      oacc[j][2] *= al1;
+      oacc[j][3] *= al1;
+    }
+    const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
+    const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
+    mma_a_rows<DV>(oacc, a0, a1, a2, a3, vs, DV + 8, 0, lane);  // O += P V
+  });
 #pragma unroll
   for (int off = 1; off < 4; off <<= 1) {
     l0 += __shfl_xor_sync(0xffffffffu, l0, off);

@@ -8,7 +8,8 @@
 // K [16][DK + 8] and V [16][DV + 8] bf16 in the warp's shared memory, filled by cp.async: ST - 1
 // copies in flight while one is computed, every copy group committed (empty ones too) so that
 // cp_async_wait<ST - 1> means "sub-tile y has landed"; the warp synchronises with nothing but
-// itself. Rows past a sub-tile's keys are zeros. ST: NSA_FWD_WARP_STAGES for the forward,
+// itself. Rows past a sub-tile's keys are zeros. `stream` runs that protocol around a kernel's
+// per-sub-tile body. ST: NSA_FWD_WARP_STAGES for the forward,
 // NSA_DQ_WARP_STAGES for dQ (fewer: its 255 registers and dO rows leave room for fewer warps).
 #pragma once
 #include "mma.cuh"
@@ -67,6 +68,23 @@ struct TokenWarpKeys {
     rows16<DV>(vd, VS, vb, (long long)Hkv * DV, keys);
   }
 
+  // The whole stream: body(keys, values, count) for every sub-tile with keys, in order, with
+  // the copies ahead of it in flight; each step ends with the __syncwarp that frees its stage,
+  // and no copy outlives the stream.
+  template <typename Body>
+  __device__ __forceinline__ void stream(Body body) const {
+    prologue();
+    for (int y = 0; y < tiles; ++y) {
+      advance(y);
+      long long first;
+      const int nk = span(y, first);
+      if (nk > 0) body(key_rows(y), value_rows(y), nk);
+      __syncwarp();  // this stage is free for the copy (stages - 1) sub-tiles on
+    }
+    cp_async_wait<0>();  // the trailing groups are empty; none may outlive the CTA
+  }
+
+ private:
   // Issues sub-tiles 0 .. ST - 2, one commit each.
   __device__ __forceinline__ void prologue() const {
 #pragma unroll
@@ -85,7 +103,6 @@ struct TokenWarpKeys {
     __syncwarp();                          // ... and every lane's
   }
 
- private:
   template <int W>
   __device__ __forceinline__ void rows16(__nv_bfloat16* dst, int stride,
                                          const __nv_bfloat16* src, long long src_stride,
