@@ -1,10 +1,9 @@
 //! `bench branches`: the selected, sliding-window and compressed branches alone, fused kernels
 //! against the lean path, forward and forward + backward, with achieved TFLOP/s and GB/s. The
-//! selected branch is timed with the forward the library picks (`SelectedForward::Auto`) and with
-//! each tensor-core forward forced (union tiles, key-outer, token warps; the backward is the
-//! same), the
-//! compressed branch on both backends (cuDNN over
-//! folded queries, the default, and the NVRTC kernels).
+//! selected branch is timed with the forward and dQ the library picks (`SelectedForward::Auto`,
+//! `SelectedDq::Auto`), with each tensor-core forward forced (union tiles, key-outer, token
+//! warps; dQ as picked for it) and with the query-outer dQ forced; the compressed branch on
+//! both backends (cuDNN over folded queries, the default, and the NVRTC kernels).
 //!
 //! Shapes: the paper's attention (H = 64, Hkv = 4, G = 16, dk = 192, dv = 128, l' = 64, n = 16,
 //! w = 512) and the `125m` preset's (G = 3). Inputs: q, k, v random in bf16; the block ids are
@@ -197,15 +196,16 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
             let l_sel = cfg.nsa.select.select_len;
             type Branch<'a> = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a>;
             let blocks = &blocks;
-            let selected_with = |fwd: nsa_sys::fused::SelectedForward| -> Branch<'_> {
+            use nsa_sys::fused::{SelectedDq, SelectedForward};
+            let selected_with = |fwd: SelectedForward, dq: SelectedDq| -> Branch<'_> {
                 Box::new(move |q, k, v| {
-                    Ok(
-                        nsa_sys::fused::selected_attention_with(q, k, v, blocks, l_sel, scale, fwd)
-                            .map_err(nsa_attn::AttnError::Fused)?,
+                    Ok(nsa_sys::fused::selected_attention_with(
+                        q, k, v, blocks, l_sel, scale, fwd, dq,
                     )
+                    .map_err(nsa_attn::AttnError::Fused)?)
                 })
             };
-            let rows: [(&str, &str, f64, Branch<'_>); 10] = [
+            let rows: [(&str, &str, f64, Branch<'_>); 11] = [
                 (
                     "selected",
                     "fused (auto fwd)",
@@ -216,19 +216,25 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                     "selected",
                     "fused, union-tile fwd",
                     slc_pairs,
-                    selected_with(nsa_sys::fused::SelectedForward::UnionTiles),
+                    selected_with(SelectedForward::UnionTiles, SelectedDq::Auto),
                 ),
                 (
                     "selected",
                     "fused, key-outer fwd",
                     slc_pairs,
-                    selected_with(nsa_sys::fused::SelectedForward::KeyOuter),
+                    selected_with(SelectedForward::KeyOuter, SelectedDq::Auto),
                 ),
                 (
                     "selected",
                     "fused, token-warp fwd",
                     slc_pairs,
-                    selected_with(nsa_sys::fused::SelectedForward::TokenWarps),
+                    selected_with(SelectedForward::TokenWarps, SelectedDq::Auto),
+                ),
+                (
+                    "selected",
+                    "fused, query-outer dQ",
+                    slc_pairs,
+                    selected_with(SelectedForward::Auto, SelectedDq::QueryOuter),
                 ),
                 (
                     "selected",

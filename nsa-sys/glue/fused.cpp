@@ -16,7 +16,9 @@
 //             selects) is finished by the reduce kernel, which adds the pieces' fp32 partials in
 //             piece order: deterministic, no float atomics. The forward is the union-tile
 //             kernel, or (strategy 1) the key-outer kernel over the same inverse index plus a
-//             merge of per-block partials, or (strategy 2) the token-per-warp kernel.
+//             merge of per-block partials, or (strategy 2) the token-per-warp kernel. With
+//             strategy bit 4 (and l' <= 64, no token warps) dq comes from the dK/dV kernel
+//             itself as per-(token, slot) partials, summed in slot order by nsa_slc_dq_reduce.
 // Compressed branch (CompressedFused): forward kernel (out, lse); backward dq kernel and dk / dv
 //   over tiles of 64 compressed tokens with a host-built plan (no device sync), split tiles
 //   summed by the same reduce kernel. Backend 1 (unless deterministic algorithms are on):
@@ -46,45 +48,8 @@
 #include "cmp_cudnn.h"
 #include "attention.h"
 #include "launch.h"
+#include "slc_table.h"
 
-// Mirror of nsa_sys::fused::SlcTable (#[repr(C)]): the driver's cuLaunchKernel and the
-// CUfunction handles of one device. Index of the nine-entry tensor-core families (fwd_mma,
-// dq_mma, dkdv_mma, cmp_*_mma, fwd_kv): 3 * dk_index + dv_index over {64, 128, 192}; of
-// fwd_simt, dq, dkdv, dkdv_reduce: 0 = fp32, 1 = bf16; of cmp_select: as commented.
-struct NsaSlcTable {
-  void* launch;
-  void* fwd_mma[9];
-  void* fwd_simt[2];
-  void* dq[2];
-  void* dkdv[2];
-  void* dkdv_reduce[2];
-  void* dq_mma[9];
-  void* dkdv_mma[9];
-  void* cmp_fwd_mma[9];
-  void* cmp_dq_mma[9];
-  void* cmp_dkdv_mma[9];
-  void* cmp_select[9];  // bf16 dk 64, 128, 192, fp32 dk 64, 128, 192, bf16 8 warps dk 64, 128, 192
-  void* fwd_kv[9];
-  void* fwd_combine;
-  void* row_dot[2];
-  void* cmp_fold[2];    // one word, four words per thread
-  void* cmp_unfold[2];  // one word, four words per thread
-  void* clean_ids[2];   // int32, int64 block ids
-  void* fwd_warp[9];
-  void* dq_warp[9];
-  int32_t max_smem;
-};
-
-// Mirrors of compressed.cu's kernel parameter structs.
-constexpr int kMaxTaps = 32;  // NSA_MAX_TAPS
-struct NsaTaps {
-  int32_t first, step, count;
-  int32_t w[kMaxTaps];
-};
-struct NsaSelectArgs {
-  int32_t L, n, n_local, Nb, bq;
-  NsaTaps taps;
-};
 
 namespace {
 
@@ -95,69 +60,8 @@ using torch::autograd::variable_list;
 using nsa_glue::current_stream;
 using nsa_glue::write_error;
 
-constexpr int kThreads = 128;  // NSA_THREADS in the kernels
-constexpr int64_t kKc = 16;    // NSA_KC
-constexpr int64_t kM = 64;     // NSA_M, rows per CTA of the tensor-core forward
-constexpr int64_t kBk = 64;    // NSA_BK, keys per tile of the tensor-core forward
-constexpr int64_t kFwdWarpStages = 4;  // NSA_FWD_WARP_STAGES
-constexpr int64_t kDqWarpStages = 3;   // NSA_DQ_WARP_STAGES
+using namespace nsa_slc;
 
-void launch(const NsaSlcTable* tab, void* fn, const char* what, int64_t gx, int64_t gy,
-            int64_t gz, int64_t smem, void* stream, void** args, int64_t threads = kThreads) {
-  TORCH_CHECK(smem <= tab->max_smem, what, ": needs ", smem,
-              " bytes of shared memory per block, the device allows ", tab->max_smem,
-              " (head sizes or n too large for this kernel)");
-  nsa_glue::launch_kernel(tab->launch, fn, what, gx, gy, gz, threads, smem, stream, args);
-}
-
-int dim_index(int64_t d) { return d == 64 ? 0 : d == 128 ? 1 : d == 192 ? 2 : -1; }
-
-int64_t next_pow2(int64_t x) {
-  int64_t p = 1;
-  while (p < x) p <<= 1;
-  return p;
-}
-
-// Ints of the union tile (mma.cuh, union_ints) for bq tokens of n ids, candidate list of P.
-int64_t union_ints(int64_t bq, int64_t n, int64_t P) {
-  return bq * n + 2 * P + bq * (P / 32) + 2 * (bq * 2 + kBk + kBk) + 1;
-}
-
-// Shared memory of the tensor-core kernels (must match their carve-ups): tiles of 64 rows or
-// keys of width dk or dv, each row padded by 8 elements.
-int64_t tile_bytes(int64_t width) { return kM * (width + 8) * 2; }
-// The forward double-buffers K and V (two tiles each) so the next tile loads during this one.
-// The token-per-warp kernels (token_warp.cuh): stages of K [16][dk + 8] and V [16][dv + 8]
-// bf16, plus dO [16][dv + 8] for dq.
-int64_t warp_smem(int64_t dk, int64_t dv, bool dq) {
-  int64_t stages = dq ? kDqWarpStages : kFwdWarpStages;
-  return 2 * 16 * (stages * (dk + 8 + dv + 8) + (dq ? dv + 8 : 0));
-}
-int64_t fwd_mma_smem(int64_t dk, int64_t dv, int64_t hpg, int64_t n, int64_t P) {
-  return 3 * tile_bytes(dk) + 2 * tile_bytes(dv) + 4 * union_ints(kM / hpg, n, P);
-}
-int64_t dq_mma_smem(int64_t dk, int64_t dv, int64_t hpg, int64_t n, int64_t P) {
-  return 2 * tile_bytes(dk) + 2 * tile_bytes(dv) + 4 * 2 * kM + 4 * union_ints(kM / hpg, n, P);
-}
-int64_t dkdv_mma_smem(int64_t dk, int64_t dv) {
-  return 2 * tile_bytes(dk) + 2 * tile_bytes(dv) + 4 * 3 * kM;
-}
-
-// Index of the tensor-core instantiation for (dk, dv), or -1 (no instantiation, or the group
-// does not fit the 64-row tiles).
-int mma_index(const Tensor& q, int64_t dk, int64_t dv, int64_t hpg) {
-  int di = dim_index(dk), vi = dim_index(dv);
-  if (q.scalar_type() != at::kBFloat16 || di < 0 || vi < 0 || hpg > kM) return -1;
-  return 3 * di + vi;
-}
-
-Tensor aligned(const Tensor& x) {
-  auto c = x.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
-}
-
-int type_index(const Tensor& x) { return x.scalar_type() == at::kBFloat16 ? 1 : 0; }
 
 constexpr int64_t kCleanMax = 32;  // NSA_CLEAN_MAX
 
@@ -224,7 +128,8 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
   // strategy: 0 = query-outer over union tiles (tensor cores for bf16 at instantiated head
   // sizes, SIMT otherwise), 1 = key-outer where it applies (bf16, instantiated head sizes),
   // 2 = one warp per token where it applies (as 1, and at most 16 heads per group and 32 ids
-  // per token), else as 0.
+  // per token), else as 0; plus 4: the backward's dq key-outer, inside the dK/dV kernel, where
+  // that applies (tensor-core dK/dV, l' <= 64, no token warps).
   static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, Tensor ids,
                         int64_t block_len, double scale, int64_t table, int64_t strategy) {
     const auto* tab = reinterpret_cast<const NsaSlcTable*>(table);
@@ -248,9 +153,10 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     if (mi >= 0 && (tab->fwd_mma[mi] == nullptr || fwd_mma_smem(dk, dv, hpg, n, P) > tab->max_smem))
       mi = -1;
     int64_t kv_smem = 2 * tile_bytes(dk) + tile_bytes(dv) + 4 * 2 * kM;
-    bool key_outer = strategy == 1 && mi >= 0 && tab->fwd_kv[mi] != nullptr &&
+    const int64_t walk = strategy & 3;
+    bool key_outer = walk == 1 && mi >= 0 && tab->fwd_kv[mi] != nullptr &&
                      tab->fwd_combine != nullptr && kv_smem <= tab->max_smem;
-    bool token_warps = strategy == 2 && mi >= 0 && hpg <= 16 && n <= 32 &&
+    bool token_warps = walk == 2 && mi >= 0 && hpg <= 16 && n <= 32 &&
                        tab->fwd_warp[mi] != nullptr && tab->dq_warp[mi] != nullptr &&
                        warp_smem(dk, dv, true) <= tab->max_smem;
     if (token_warps) {
@@ -294,6 +200,7 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["table"] = table;
     ctx->saved_data["token_warps"] = token_warps;
+    ctx->saved_data["dq_key_outer"] = (strategy & 4) != 0;
     return out;
   }
 
@@ -324,9 +231,17 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
                   dq_mma_smem(dk, dv, hpg, n, P) <= tab->max_smem;
     bool dkdv_mma = mi >= 0 && tab->dkdv_mma[mi] != nullptr &&
                     dkdv_mma_smem(dk, dv) <= tab->max_smem;
+    const bool token_warps = ctx->saved_data["token_warps"].toBool();
+    // dQ key-outer: inside the dK/dV kernel (one key chunk per block), partials reduced after.
+    const bool dq_key_outer = ctx->saved_data["dq_key_outer"].toBool() && !token_warps &&
+                              dkdv_mma && block_len <= kBk && tab->dkdv_dq_mma[mi] != nullptr &&
+                              tab->dq_reduce != nullptr &&
+                              dkdv_dq_mma_smem(dk, dv) <= tab->max_smem;
     auto dq = at::empty_like(q);
     void* dqp = dq.data_ptr();
-    if (ctx->saved_data["token_warps"].toBool()) {  // the forward checked that it applies
+    if (dq_key_outer) {
+      // below, with dK / dV
+    } else if (token_warps) {  // the forward checked that it applies  // the forward checked that it applies
       void* args[] = {&qp, &kp, &vp, &ip, &dop, &lp, &Dp, &dqp, &iS, &iHkv, &ihpg, &in_, &iL,
                       &fscale};
       launch(tab, tab->dq_warp[mi], "nsa_slc_dq_warp", S, Hkv, B, warp_smem(dk, dv, true),
@@ -345,7 +260,7 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     }
 
     // Inverse index block -> tokens (blocks.h), deterministic, no host synchronisation.
-    auto [inv_tok, seg] = nsa_glue::inverse_index(ids, NB);
+    auto [inv_tok, inv_slot, seg] = nsa_glue::inverse_index_with_slots(ids, NB);
 
     // Pieces of at most `piece` tokens per work item: small problems split early (so the split
     // path is exercised by small checks), large ones cap the scratch at about
@@ -358,12 +273,24 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     auto dk_t = at::empty_like(k);
     auto dv_t = at::empty_like(v);
     void *dkp = dk_t.data_ptr(), *dvp = dv_t.data_ptr(), *scp = scratch.data_ptr();
+    // dQ's per-(token, slot) partials (B·S·H·n·dk floats); only the valid slots are written
+    // and read.
+    auto dq_part = dq_key_outer ? at::empty({B, S, Hkv, n, hpg, dk}, q.options().dtype(at::kFloat))
+                                : at::empty({0}, q.options().dtype(at::kFloat));
     {
       void *tp = inv_tok.data_ptr(), *wsp = plan.seg.data_ptr(), *wap = plan.a.data_ptr();
       void *wbp = plan.b.data_ptr(), *wlp = plan.slot.data_ptr();
       void* args[] = {&qp,  &kp,  &vp,  &dop, &lp,  &Dp,   &tp,   &wsp, &wap,  &wbp,   &wlp,
                       &scp, &dkp, &dvp, &iS,  &iHkv, &ihpg, &idk, &idv, &iL, &iNB, &fscale};
-      if (dkdv_mma) {
+      if (dq_key_outer) {
+        // The tensor-core kernel's arguments, then the slots, the partials and n.
+        void *slp = inv_slot.data_ptr(), *pp = dq_part.data_ptr();
+        void* margs[] = {&qp,  &kp,  &vp,  &dop, &lp,  &Dp,  &tp,   &wsp,  &wap, &wbp,   &wlp,
+                         &scp, &dkp, &dvp, &iS,  &iHkv, &ihpg, &iL, &iNB, &fscale, &slp, &pp,
+                         &in_};
+        launch(tab, tab->dkdv_dq_mma[mi], "nsa_slc_dkdv_dq_mma", plan.seg.numel(), 1, 1,
+               dkdv_dq_mma_smem(dk, dv), stream, margs);
+      } else if (dkdv_mma) {
         // The same arguments less dk, dv (compile-time in the tensor-core kernel).
         void* margs[] = {&qp,  &kp,  &vp,  &dop,  &lp,   &Dp, &tp,  &wsp,   &wap, &wbp,
                          &wlp, &scp, &dkp, &dvp,  &iS,   &iHkv, &ihpg, &iL, &iNB, &fscale};
@@ -384,6 +311,15 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
       void* args[] = {&scp, &rsp, &r0p, &rcp, &dkp, &dvp, &iS, &iHkv, &idk, &idv, &iL, &iNB};
       launch(tab, tab->dkdv_reduce[type_index(q)], "nsa_slc_dkdv_reduce", plan.red_seg.numel(), 1,
              1, 0, stream, args);
+    }
+    if (dq_key_outer) {
+      void *pp = dq_part.data_ptr(), *idp = ids.data_ptr();
+      long long rows = B * S * Hkv;
+      void* args[] = {&pp, &idp, &dqp, &rows, &ihpg, &idk, &in_, &iNB};
+      int64_t threads = rows * hpg * (dk / 4);
+      launch(tab, tab->dq_reduce, "nsa_slc_dq_reduce",
+             std::max<int64_t>(1, std::min<int64_t>((threads + kThreads - 1) / kThreads, 1 << 16)),
+             1, 1, 0, stream, args);
     }
     return {dq, dk_t, dv_t, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -636,7 +572,8 @@ int nsa_fused_compute_dtype(const at::Tensor* q, const at::Tensor* k, const at::
 }
 
 // Returns a new at::Tensor* (ownership passes to the caller) or nullptr with a message in err.
-// strategy: see SelectedFused::forward (0 = union tiles, 1 = key-outer, 2 = token warps).
+// strategy: see SelectedFused::forward (0 = union tiles, 1 = key-outer, 2 = token warps; plus 4
+// for dq key-outer).
 at::Tensor* nsa_fused_selected(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
                                const at::Tensor* blocks, int64_t block_len, double scale,
                                int64_t strategy, const NsaSlcTable* table, char* err,

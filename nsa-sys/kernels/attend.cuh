@@ -446,6 +446,14 @@ __device__ void dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16*
 // dV += p^T dO and dK += ds^T Q (p^T, ds^T re-used from registers, dO and Q fragments by
 // ldmatrix .trans). Fixed order, no atomics: deterministic. Shared: K [64][DK+8], V [64][DV+8],
 // Q [64][DK+8], dO [64][DV+8] (bf16), lse2, D [64] (fp32), token [64] (int).
+// DQ (selected branch, one chunk per block: l' <= 64): the same pass also yields dQ's share of
+// this block. Each warp stores its ds^T (bf16, as the dK product rounds it) into dS [64][72]
+// (row = (token, head), column = key); after the slice's barrier warp w computes rows
+// 16w .. 16w + 15 of dS K (64 columns of dk at a time, to bound registers) and writes them as
+// an fp32 partial at part[(b, t, g, slot)][head][DK], slot = the block's position in the token's
+// id row (inv_slot, from the same sort as inv_tok). Every valid (token, slot) is written by
+// exactly one CTA; nsa_slc_dq_reduce sums a token's slots in slot order (deterministic).
+// Shared, after the above: slot [64] (int), dS [64][72] (bf16).
 struct DkdvKeys {
   int mode;            // KEYS_SELECTED or KEYS_COMPRESSED
   int kv_len;          // K / V rows per batch (S or Nc)
@@ -455,7 +463,14 @@ struct DkdvKeys {
   const int* inv_tok;  // selected: token lists
 };
 
-template <int DK, int DV>
+// Extra arguments of dkdv_mma<DK, DV, true> (DQ above); n = ids per (token, group).
+struct DkdvDq {
+  const int* inv_slot;  // [E], beside inv_tok
+  float* part;          // [B, S, Hkv, n, hpg, DK]
+  int n;
+};
+
+template <int DK, int DV, bool DQ = false>
 __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
                              const __nv_bfloat16* __restrict__ k,
                              const __nv_bfloat16* __restrict__ v,
@@ -467,7 +482,7 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
                              const long long* __restrict__ work_b,
                              const int* __restrict__ work_slot, float* __restrict__ scratch,
                              __nv_bfloat16* __restrict__ dk_out, __nv_bfloat16* __restrict__ dv_out,
-                             int S, int Hkv, int hpg, float scale) {
+                             int S, int Hkv, int hpg, float scale, const DkdvDq dqa = {}) {
   const int L = dk_keys.L, NB = dk_keys.NB, KV = dk_keys.kv_len;
   const bool sel = dk_keys.mode == KEYS_SELECTED;
   constexpr int QS = DK + 8, VS = DV + 8;
@@ -490,6 +505,9 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
   float* lse2s = reinterpret_cast<float*>(dOs + NSA_M * VS);
   float* Dsm = lse2s + NSA_M;
   int* toks = reinterpret_cast<int*>(Dsm + NSA_M);
+  int* slots = toks + NSA_M;                                       // DQ: [64]
+  __nv_bfloat16* dSs = reinterpret_cast<__nv_bfloat16*>(slots + NSA_M);  // DQ: [64][72]
+  constexpr int SS = NSA_BK + 8;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gq = lane / 4, tig = lane % 4;
@@ -535,6 +553,7 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
       lse2s[r] = row < 0 ? INFINITY : lse[row] * 1.4426950408889634f;
       Dsm[r] = row < 0 ? 0.f : D[row];
       toks[r] = row < 0 ? -1 : (int)(sel ? dk_keys.inv_tok[ei + r / hpg] : ei + r / hpg);
+      if constexpr (DQ) slots[r] = row < 0 ? -1 : dqa.inv_slot[ei + r / hpg];
     }
     cp_async_wait_all();
     __syncthreads();
@@ -576,6 +595,54 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
       const unsigned sa2 = pack_bf16(dpt[1][0], dpt[1][1]), sa3 = pack_bf16(dpt[1][2], dpt[1][3]);
       mma_a_rows<DV>(dva, pa0, pa1, pa2, pa3, dOs, VS, rc * 16, lane);
       mma_a_rows<DK>(dka, sa0, sa1, sa2, sa3, Qs, QS, rc * 16, lane);
+      if constexpr (DQ) {
+        // ds^T element (key kr0 or kr1, row rc * 16 + nt * 8 + 2 tig + (e & 1)) into dS[row][key].
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = rc * 16 + nt * 8 + tig * 2 + (e & 1);
+            dSs[r * SS + (e < 2 ? kr0 : kr1)] = __float2bfloat16_rn(dpt[nt][e]);
+          }
+        }
+      }
+    }
+    if constexpr (DQ) {
+      __syncthreads();  // every warp's keys of dS are stored
+      if (warp * 16 < nrows) {
+        unsigned da[NSA_BK / 16][4];  // A fragments of the warp's 16 rows of dS, all 64 keys
+#pragma unroll
+        for (int kk = 0; kk < NSA_BK / 16; ++kk) load_a_x4(da[kk], dSs, SS, warp * 16, kk * 16, lane);
+        const int rr[2] = {warp * 16 + gq, warp * 16 + gq + 8};
+        float* prow[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int t = toks[rr[i]];
+          prow[i] = t < 0 ? nullptr
+                          : dqa.part + ((((long long)b * S + t) * Hkv + g) * dqa.n + slots[rr[i]]) *
+                                               hpg * DK + (long long)(rr[i] % hpg) * DK;
+        }
+#pragma unroll
+        for (int c0q = 0; c0q < DK; c0q += 64) {
+          float acc[8][4];
+#pragma unroll
+          for (int nd = 0; nd < 8; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.f;
+#pragma unroll
+          for (int kk = 0; kk < NSA_BK / 16; ++kk) {
+            mma_a_rows<64>(acc, da[kk][0], da[kk][1], da[kk][2], da[kk][3], Ks + c0q, QS, kk * 16,
+                           lane);
+          }
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            if (prow[i] == nullptr) continue;
+#pragma unroll
+            for (int nd = 0; nd < 8; ++nd) {
+              *reinterpret_cast<float2*>(prow[i] + c0q + nd * 8 + tig * 2) =
+                  make_float2(acc[nd][2 * i], acc[nd][2 * i + 1]);
+            }
+          }
+        }
+      }
     }
   }
   const int slot = work_slot[w];

@@ -35,6 +35,15 @@
 //   key of the sequence is written exactly once (zeros for keys nobody read). Shared: K/V chunk
 //   and dK/dV accumulators [KC][dk | dv], q [hpg][dk], do [hpg][dv], p and ds [hpg][KC], lse,
 //   D [hpg].
+// nsa_slc_dkdv_dq_mma_dk{DK}_dv{DV} (bf16, l' <= 64): nsa_slc_dkdv_mma plus dQ, key-outer
+//   (attend.cuh, dkdv_mma's DQ): for each (token, block) of the inverse index, the block's share
+//   of the token's dq as an fp32 partial at part[b, t, g, slot] [hpg][dk]. With small groups
+//   this replaces the query-outer dq kernel, whose union tiles compute every block any of
+//   64 / G tokens selected (at G = 3 and 32k, about 250 blocks per row of 16 selected).
+// nsa_slc_dq_reduce: dq [B, S, H, dk] (bf16) from those partials: row (b, t, g, head) is the
+//   sum of part[b, t, g, s][head] over the slots s whose id is a block of the index
+//   (0 <= id < NB, the inverse index's rule), in slot order, rounded once. One thread per 4
+//   columns of a row, grid-stride; float4 loads.
 // nsa_slc_dkdv_reduce_{f32,bf16}: one CTA per split segment (red_seg), summing its red_count
 //   partials from slot red_slot0 in order into dK/dV of the block's keys.
 // Both are plain fp32 SIMT kernels for either input type.
@@ -408,6 +417,58 @@ NSA_DKDV_REDUCE(nsa_slc_dkdv_reduce_bf16, __nv_bfloat16)
     nsa::dkdv_mma<DK, DV>(q, k, v, dout, lse, D, keys, work_seg, work_a, work_b, work_slot,   \
                           scratch, dk_out, dv_out, S, Hkv, hpg, scale);                       \
   }
+#define NSA_MMA_DKDV_DQ(DK, DV)                                                                \
+  extern "C" __global__ void __launch_bounds__(NSA_THREADS) nsa_slc_dkdv_dq_mma_dk##DK##_dv##DV( \
+      const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,                 \
+      const __nv_bfloat16* dout, const float* lse, const float* D, const int* inv_tok,         \
+      const long long* work_seg, const long long* work_a, const long long* work_b,             \
+      const int* work_slot, float* scratch, __nv_bfloat16* dk_out, __nv_bfloat16* dv_out,      \
+      int S, int Hkv, int hpg, int L, int NB, float scale, const int* inv_slot, float* dq_part, \
+      int n) {                                                                                 \
+    const nsa::DkdvKeys keys = {KEYS_SELECTED, S, L, NB, 1, 1, inv_tok};                       \
+    nsa::dkdv_mma<DK, DV, true>(q, k, v, dout, lse, D, keys, work_seg, work_a, work_b,        \
+                                work_slot, scratch, dk_out, dv_out, S, Hkv, hpg, scale,       \
+                                nsa::DkdvDq{inv_slot, dq_part, n});                           \
+  }
+NSA_MMA_DKDV_DQ(64, 64)
+NSA_MMA_DKDV_DQ(64, 128)
+NSA_MMA_DKDV_DQ(64, 192)
+NSA_MMA_DKDV_DQ(128, 64)
+NSA_MMA_DKDV_DQ(128, 128)
+NSA_MMA_DKDV_DQ(128, 192)
+NSA_MMA_DKDV_DQ(192, 64)
+NSA_MMA_DKDV_DQ(192, 128)
+NSA_MMA_DKDV_DQ(192, 192)
+
+extern "C" __global__ void __launch_bounds__(NSA_THREADS)
+    nsa_slc_dq_reduce(const float* __restrict__ part, const int* __restrict__ ids,
+                      __nv_bfloat16* __restrict__ dq, long long rows, int hpg, int dk, int n,
+                      int NB) {
+  const int c4 = dk / 4;
+  const long long total = rows * hpg * c4;  // rows = B * S * Hkv
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int c = (int)(i % c4) * 4;
+    const long long rh = i / c4;  // ((b, t, g), head): also dq's row
+    const long long bsg = rh / hpg;
+    const int h = (int)(rh % hpg);
+    const int* id = ids + bsg * n;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = 0; s < n; ++s) {
+      const int j = id[s];
+      if (j < 0 || j >= NB) continue;
+      const float4 p = *reinterpret_cast<const float4*>(part + ((bsg * n + s) * hpg + h) * dk + c);
+      acc.x += p.x;
+      acc.y += p.y;
+      acc.z += p.z;
+      acc.w += p.w;
+    }
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(dq + rh * dk + c);
+    o[0] = __floats2bfloat162_rn(acc.x, acc.y);
+    o[1] = __floats2bfloat162_rn(acc.z, acc.w);
+  }
+}
+
 NSA_MMA_BWD(64, 64)
 NSA_MMA_BWD(64, 128)
 NSA_MMA_BWD(64, 192)

@@ -33,6 +33,7 @@ mod block_ids;
 mod compressed;
 mod decode;
 mod pointwise;
+mod selected_order;
 mod window;
 pub use block_ids::{clean_block_ids, inverse_index};
 pub use compressed::{
@@ -44,6 +45,10 @@ pub use decode::{
     DECODE_MAX_DV, DECODE_MAX_GROUP, DECODE_MAX_TOP_N,
 };
 pub use pointwise::{gate_mix, pointwise_kernels, rope, PointwiseKernels};
+pub use selected_order::{
+    SelectedDq, SelectedForward, DQ_KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MAX_GROUP,
+    KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MIN_BLOCKS, TOKEN_WARP_MIN_GROUP,
+};
 pub use window::{set_head_chunk_bytes, window_attention};
 
 /// Options of the fused kernels' compilation.
@@ -98,6 +103,8 @@ struct SlcTable {
     clean_ids: [CuFunction; 2],
     fwd_warp: [CuFunction; 9],
     dq_warp: [CuFunction; 9],
+    dkdv_dq_mma: [CuFunction; 9],
+    dq_reduce: CuFunction,
     max_smem: i32,
 }
 
@@ -365,6 +372,8 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
         ],
         fwd_warp: mma_family(fwd_mod, "nsa_slc_fwd_warp")?,
         dq_warp: mma_family(bwd_mod, "nsa_slc_dq_warp")?,
+        dkdv_dq_mma: mma_family(bwd_mod, "nsa_slc_dkdv_dq_mma")?,
+        dq_reduce: func(bwd_mod, "nsa_slc_dq_reduce")?,
         max_smem,
     };
     Ok(SelectedKernels {
@@ -575,89 +584,6 @@ pub fn compute_kind(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Kind> {
     }
 }
 
-/// How the selected branch's tensor-core forward walks the selection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SelectedForward {
-    /// Chosen from the shapes ([`SelectedForward::resolve`]): token warps for groups of
-    /// [`TOKEN_WARP_MIN_GROUP`] to [`TOKEN_WARP_MAX_GROUP`] heads; key-outer for small groups
-    /// (G ≤ [`KEY_OUTER_MAX_GROUP`]) on long sequences (at least [`KEY_OUTER_MIN_BLOCKS`]
-    /// selection blocks) while its partial outputs take at most
-    /// [`KEY_OUTER_MAX_PARTIAL_BYTES`]; union tiles otherwise.
-    #[default]
-    Auto,
-    /// Query-outer: a CTA serves 64 / G consecutive tokens and streams the union of their
-    /// selected blocks; a warp skips the tiles none of its rows selected, so at G = 16 (a warp
-    /// = one token) it computes only its own blocks, while at G = 3 a warp spans six tokens.
-    UnionTiles,
-    /// Key-outer (Flash Sparse Attention's order): a CTA serves one selected block and the
-    /// (token, head) rows that chose it; per-block partial outputs are merged afterwards.
-    /// Memory: `B·S·H·n·⌈l'/64⌉·(2·dv + 4)` bytes of partials. bf16 at tensor-core head sizes
-    /// only; elsewhere the same as [`SelectedForward::UnionTiles`].
-    KeyOuter,
-    /// Query-outer, one warp per (token, group): the group's heads are the warp's 16 tensor-core
-    /// rows and it streams only its own token's selected keys through private copy stages, with
-    /// no barrier across tokens; dQ in the backward the same way. bf16 where [`token_warp_shape`]
-    /// holds; elsewhere the same as [`SelectedForward::UnionTiles`].
-    TokenWarps,
-}
-
-/// Largest group (query heads per KV head) that [`SelectedForward::Auto`] runs key-outer: a
-/// union tile holds 64 / G tokens, and with small groups a warp's rows span several tokens
-/// whose blocks differ, so the union's padding is computed; key-outer reads each block once.
-pub const KEY_OUTER_MAX_GROUP: i64 = 8;
-
-/// Fewest selection blocks (`⌈S / l'⌉`) at which [`SelectedForward::Auto`] runs key-outer:
-/// with few blocks the tokens of a union tile pick mostly the same ones, and the union's single
-/// pass beats key-outer's index, partials and merge (measured in BENCHMARKS.md, "Fused kernels,
-/// round 4": at the `125m` shape union tiles win at 8k, key-outer from 16k).
-pub const KEY_OUTER_MIN_BLOCKS: i64 = 256;
-
-/// Smallest group [`SelectedForward::Auto`] runs as token warps: a warp's 16 tensor-core rows
-/// are one token's heads, so smaller groups leave rows empty. Measured at G = 16, where token
-/// warps beat union tiles from 8k to 64k tokens (BENCHMARKS.md, round 8).
-pub const TOKEN_WARP_MIN_GROUP: i64 = 16;
-
-/// Bound on the key-outer forward's partial outputs for [`SelectedForward::Auto`]
-/// (`B·S·H·n·⌈l'/64⌉·(2·dv + 4)` bytes, freed when the forward returns): 2 GiB.
-pub const KEY_OUTER_MAX_PARTIAL_BYTES: i64 = 2 << 30;
-
-impl SelectedForward {
-    /// The loop order a call with these shapes runs: `Auto` resolved, the others as given.
-    /// `q_shape` is `[B, S, H, dk]`; `hkv` key heads, `dv` value width, `n` blocks per token,
-    /// `block_len` = l'.
-    pub fn resolve(self, q_shape: [i64; 4], hkv: i64, dv: i64, n: i64, block_len: i64) -> Self {
-        match self {
-            SelectedForward::Auto => {
-                let [b, s, h, _] = q_shape;
-                let chunks = (block_len + 63) / 64;
-                let partial = b
-                    .saturating_mul(s)
-                    .saturating_mul(h)
-                    .saturating_mul(n)
-                    .saturating_mul(chunks)
-                    .saturating_mul(2 * dv + 4);
-                let blocks = if block_len > 0 {
-                    (s + block_len - 1) / block_len
-                } else {
-                    0
-                };
-                let group = if hkv > 0 { h / hkv } else { 0 };
-                if (TOKEN_WARP_MIN_GROUP..=TOKEN_WARP_MAX_GROUP).contains(&group) {
-                    SelectedForward::TokenWarps
-                } else if (1..=KEY_OUTER_MAX_GROUP).contains(&group)
-                    && blocks >= KEY_OUTER_MIN_BLOCKS
-                    && partial <= KEY_OUTER_MAX_PARTIAL_BYTES
-                {
-                    SelectedForward::KeyOuter
-                } else {
-                    SelectedForward::UnionTiles
-                }
-            }
-            other => other,
-        }
-    }
-}
-
 /// Selected-branch attention (forward and backward fused kernels; see the module doc for the
 /// semantics and layouts). `q`, `k`, `v`: bf16 or fp32, contiguous, on one CUDA device (mixed
 /// bf16 / fp32 are computed in the common type, or autocast's when it is on); `blocks`: int64
@@ -679,12 +605,13 @@ pub fn selected_attention(
         block_len,
         scale,
         SelectedForward::default(),
+        SelectedDq::default(),
     )
 }
 
-/// [`selected_attention`] with the forward's loop order chosen ([`SelectedForward`]); the
-/// backward's dK/dV is the same for all, its dQ one warp per token after a
-/// [`SelectedForward::TokenWarps`] forward and over union tiles otherwise.
+/// [`selected_attention`] with the forward's loop order ([`SelectedForward`]) and the
+/// backward's dQ ([`SelectedDq`]) chosen; the backward's dK/dV is the same for all.
+#[allow(clippy::too_many_arguments)]
 pub fn selected_attention_with(
     q: &Tensor,
     k: &Tensor,
@@ -693,6 +620,7 @@ pub fn selected_attention_with(
     block_len: i64,
     scale: f64,
     forward: SelectedForward,
+    dq: SelectedDq,
 ) -> Result<Tensor, FusedError> {
     let (device, [b, s, h, hkv, dk, dv]) = check_qkv(q, k, v, &[Kind::BFloat16, Kind::Float])?;
     let bs = check_tensor("blocks", blocks, device, &[Kind::Int64, Kind::Int])?;
@@ -715,6 +643,15 @@ pub fn selected_attention_with(
         return Err(input("q", "CUDA tensors only"));
     };
     let kernels = kernels(ordinal)?;
+    let forward = forward.resolve([b, s, h, dk], hkv, dv, bs[3], block_len);
+    let strategy = match forward {
+        SelectedForward::KeyOuter => 1,
+        SelectedForward::TokenWarps => 2,
+        SelectedForward::UnionTiles | SelectedForward::Auto => 0,
+    } + match dq.resolve(forward, [b, s, h, dk], hkv, bs[3], block_len) {
+        SelectedDq::KeyOuter => 4,
+        SelectedDq::QueryOuter | SelectedDq::Auto => 0,
+    };
     let mut err = vec![0u8; ERR_LEN];
     // SAFETY: tensor pointers come from live tch tensors borrowed for the call; `table` points
     // to a leaked (process-lifetime) table; the glue catches every exception and writes at most
@@ -727,11 +664,7 @@ pub fn selected_attention_with(
             blocks.as_ptr(),
             block_len,
             scale,
-            match forward.resolve([b, s, h, dk], hkv, dv, bs[3], block_len) {
-                SelectedForward::KeyOuter => 1,
-                SelectedForward::TokenWarps => 2,
-                SelectedForward::UnionTiles | SelectedForward::Auto => 0,
-            },
+            strategy,
             &kernels.table,
             err.as_mut_ptr().cast(),
             ERR_LEN,

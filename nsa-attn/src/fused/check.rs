@@ -162,19 +162,23 @@ fn selected_rows(device: Device) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     for c in cases() {
         // bf16 at tensor-core head sizes has two more forwards: key-outer, and one warp per
-        // token where its shape rule holds.
-        let mut forwards = vec![sys::SelectedForward::UnionTiles];
+        // token where its shape rule holds; and dQ inside the dK/dV kernel where l' <= 64.
+        use sys::{SelectedDq as Dq, SelectedForward as Fwd};
+        let mut ways = vec![(Fwd::UnionTiles, Dq::QueryOuter)];
         if c.kind == Kind::BFloat16 && sys::tensor_core_shape(c.dk, c.dv, c.hpg) {
-            forwards.push(sys::SelectedForward::KeyOuter);
+            ways.push((Fwd::KeyOuter, Dq::QueryOuter));
             if sys::token_warp_shape(c.dk, c.dv, c.hpg, c.n) {
-                forwards.push(sys::SelectedForward::TokenWarps);
+                ways.push((Fwd::TokenWarps, Dq::QueryOuter));
+            }
+            if c.block_len <= 64 {
+                ways.push((Fwd::UnionTiles, Dq::KeyOuter));
             }
         }
-        for forward in forwards {
-            let row = run_selected_case(&c, forward, device).unwrap_or_else(|e| {
+        for way in ways {
+            let row = run_selected_case(&c, way, device).unwrap_or_else(|e| {
                 failed(
                     format!(
-                        "selected {} {forward:?} hpg={} dk={} dv={}",
+                        "selected {} {way:?} hpg={} dk={} dv={}",
                         kind_name(c.kind),
                         c.hpg,
                         c.dk,

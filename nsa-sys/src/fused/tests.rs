@@ -1,6 +1,6 @@
 //! Unit tests of the fused module's host-side rules.
 
-use super::SelectedForward;
+use super::{SelectedDq, SelectedForward};
 
 /// `Auto` by shape: the paper's group of 16 runs token warps; from 256 selection blocks on, the
 /// `125m` preset's group of 3 runs key-outer while the partials stay under the bound; short
@@ -49,5 +49,40 @@ fn auto_forward_follows_group_and_partial_size() {
         SelectedForward::TokenWarps,
     ] {
         assert_eq!(explicit.resolve([1, 8192, 12, 64], 4, 64, 16, 64), explicit);
+    }
+}
+
+/// dQ `Auto`: key-outer for small groups with l' <= 64 while the partials (B·S·H·n·dk·4 bytes)
+/// fit the bound, whatever the forward other than token warps; query-outer after token warps,
+/// for groups above 8, for l' = 128 and past the bound; an explicit choice is kept.
+#[test]
+fn auto_dq_follows_forward_group_and_partial_size() {
+    let auto = SelectedDq::Auto;
+    let union = SelectedForward::UnionTiles;
+    // 125m: H 12, Hkv 4, dk 64, l' 64, n 16. Partials at B·S = 32k: 1.61 GB.
+    let m125 = |fwd, b, s| auto.resolve(fwd, [b, s, 12, 64], 4, 16, 64);
+    assert_eq!(m125(union, 4, 8192), SelectedDq::KeyOuter);
+    assert_eq!(
+        m125(SelectedForward::KeyOuter, 1, 32768),
+        SelectedDq::KeyOuter
+    );
+    assert_eq!(m125(union, 1, 65536), SelectedDq::QueryOuter);
+    assert_eq!(
+        m125(SelectedForward::TokenWarps, 1, 8192),
+        SelectedDq::QueryOuter
+    );
+    assert_eq!(
+        auto.resolve(union, [1, 8192, 12, 64], 4, 16, 128),
+        SelectedDq::QueryOuter
+    );
+    assert_eq!(
+        auto.resolve(union, [1, 8192, 64, 64], 4, 16, 64),
+        SelectedDq::QueryOuter
+    );
+    for explicit in [SelectedDq::QueryOuter, SelectedDq::KeyOuter] {
+        assert_eq!(
+            explicit.resolve(SelectedForward::TokenWarps, [1, 8192, 12, 64], 4, 16, 64),
+            explicit
+        );
     }
 }
