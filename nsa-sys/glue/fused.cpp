@@ -658,6 +658,7 @@ at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
                 " overlap taps, got ", tap_count);
     TORCH_CHECK(cl > 0 && cd > 0 && L > 0 && n > 0 && n_local >= 0 && tap_step > 0,
                 "fused selection: bad selection parameters");
+    TORCH_CHECK(n <= 32, "fused selection: at most 32 blocks per token (a warp's lanes), got ", n);
     c10::DeviceGuard guard(q_in->device());
     auto q = aligned(*q_in), ck = aligned(*ck_in);
     auto lse = lse_in->to(at::kFloat).contiguous();
@@ -680,21 +681,26 @@ at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
     sa.taps.step = int(tap_step);
     sa.taps.count = int(tap_count);
     for (int64_t i = 0; i < tap_count; ++i) sa.taps.w[i] = int(tap_w[i]);
+    // The block-score ring per token (compressed.cu, cmp_select): R * step >= 63 + count.
+    sa.ring = int(next_pow2((63 + tap_count + tap_step - 1) / tap_step));
     int64_t qs = bf ? dk + 8 : dk + 1, esz = bf ? 2 : 4;
     auto smem = [&](int64_t w, int64_t bq) {
       int64_t m = 16 * w, pt = bf && hpg == 16 ? 0 : m * 72;  // compressed.cu's p tile, NSA_PT
-      // 2 K tiles (bf16 stages Q in them), fp32 a Q tile too; lse2, p, ps, scores, nvis
-      return (bf ? 2 : 3) * kM * qs * esz + 4 * (m + pt + bq * 64 + bq * Nb + bq);
+      // 2 K tiles (bf16 stages Q in them), fp32 a Q tile too; lse2, p, ps, the score ring, the
+      // top lists (scores, blocks, lengths), nvis, current blocks
+      return (bf ? 2 : 3) * kM * qs * esz + 4 * (m + pt + bq * 64 + bq * sa.ring + bq * 64 + 3 * bq);
     };
-    // Per CTA size: the most tokens whose scores fit, and the rows (token, head) an SM then
-    // holds: its shared memory (max_smem plus the 1 KB it reserves per CTA) and the CTAs the
-    // kernels' launch bounds promise (3 of 4 warps, 2 of 8) limit the CTAs.
+    // Per CTA size: its tokens (16 w / G), and the rows (token, head) an SM then holds: its
+    // shared memory (max_smem plus the 1 KB it reserves per CTA) and the CTAs the kernels'
+    // launch bounds promise (NSA_SELECT_MIN_CTAS: 4 of 4 warps at dk 64, else 3; 2 of 8) limit
+    // the CTAs.
     struct Fit { int64_t w, bq, rows_per_sm; };
     auto fit = [&](int64_t w) {
       int64_t bq = 16 * w / hpg;
       while (bq > 1 && smem(w, bq) > tab->max_smem) --bq;
       if (smem(w, bq) > tab->max_smem) return Fit{w, 0, 0};
-      int64_t ctas = std::min<int64_t>((tab->max_smem + 1024) / (smem(w, bq) + 1024), w == 8 ? 2 : 3);
+      int64_t bound = w == 8 ? 2 : dk == 64 ? 4 : 3;
+      int64_t ctas = std::min<int64_t>((tab->max_smem + 1024) / (smem(w, bq) + 1024), bound);
       return Fit{w, bq, ctas * bq * hpg};
     };
     Fit f = fit(warps == 8 ? 8 : 4);
@@ -702,8 +708,7 @@ at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
       Fit f8 = fit(8);
       if (f8.rows_per_sm > f.rows_per_sm) f = f8;
     }
-    TORCH_CHECK(f.bq > 0, "fused selection: ", Nb,
-                " selection blocks do not fit in shared memory (sequence too long)");
+    TORCH_CHECK(f.bq > 0, "fused selection: the kernel's tiles do not fit in shared memory");
     void* fn = tab->cmp_select[(bf ? (f.w == 8 ? 6 : 0) : 3) + di];
     TORCH_CHECK(fn != nullptr, "fused selection: kernel not loaded");
     int64_t bq = f.bq;

@@ -46,7 +46,7 @@ struct NsaTaps {
   int32_t w[kMaxTaps];
 };
 struct NsaSelectArgs {
-  int32_t L, n, n_local, Nb, bq;
+  int32_t L, n, n_local, Nb, bq, ring;
   NsaTaps taps;
 };
 

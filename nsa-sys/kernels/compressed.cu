@@ -13,28 +13,32 @@
 //   each tile's readers (tokens from tile * 64 * d + l - 1 on) split into pieces by the host
 //   plan; split tiles are summed by selected_bwd.cu's reduce kernel (deterministic).
 // nsa_cmp_select_{bf16, f32}_dk{64, 128, 192}[_w8]: one CTA of 4 warps (8 with _w8, bf16 only)
-//   per (tile of BQ tokens, group g, batch b), BQ * hpg <= M = 16 * warps rows (token, head),
-//   BQ chosen by the host so the block scores fit in shared memory, and the CTA size so that an
-//   SM holds the most rows (eight warps share each K tile among twice the rows; the scores
-//   [BQ][Nb] then take twice the memory). Per tile of 64 compressed tokens: scores q . k (tensor
-//   cores for bf16, fp32 FMAs for fp32), p = exp(scale q . k - lse) (Eq. 8, recomputed from
-//   the forward's lse), summed over the group's heads (Eq. 10) into ps [BQ][64], then folded
-//   into the selection-block scores [BQ][Nb] with Eq. 9's overlap taps (block j receives
-//   compressed token j * step + first + k with integer weight w[k]); each (token, block) score
-//   is updated by one thread per tile, in tile order, so the sums are deterministic. Then one
-//   warp per token takes the top n (Eq. 11) as nsa-select does: block 0 and the n_local blocks
-//   ending at the current one floor(t / l') first (ascending), then the other candidates
-//   (blocks <= the current one) by score, ties to the lower index; padding -1; written
-//   ascending. A token's visible compressed tokens are a prefix of the stream (Eq. 7), so
-//   a tile's visible columns follow from one count (nvis) without a column table or mask. The next
-//   tile's keys are copied while this one is scored (two K buffers). bf16: a warp keeps its
-//   16 rows' A fragments of Q (all of DK) in registers, so Q passes once through the last M
-//   rows of the K buffers and the tile loop loads only K fragments; with G = 16 a warp's rows
-//   are one token's heads and Eq. 10 is summed in registers (head_sum16). Shared: K
-//   [2][64][DK + pad] (fp32: then Q [64][DK + 1]), lse2 [M], p [M][72] (not for bf16 with
-//   G = 16; 72 = 8 mod
-//   32 makes a warp's float2 fragment stores conflict-free),
-//   ps [BQ][64], scores [BQ][Nb], nvis [BQ]. Two barriers per tile (three with the p tile).
+//   per (tile of BQ = M / hpg tokens, group g, batch b), M = 16 * warps rows (token, head), the
+//   CTA size chosen by the host so that an SM holds the most rows (eight warps share each K
+//   tile among twice the rows). Per tile of 64 compressed tokens: scores q . k (tensor cores
+//   for bf16, fp32 FMAs for fp32), p = exp(scale q . k - lse) (Eq. 8, recomputed from the
+//   forward's lse), summed over the group's heads (Eq. 10) into ps [BQ][64], then folded into
+//   the selection-block scores with Eq. 9's overlap taps (block j receives compressed token
+//   j * step + first + k with integer weight w[k]), only for blocks up to the token's current
+//   one; each (token, block) score is updated by one thread per tile, in tile order, so the
+//   sums are deterministic. A block's score is final after the tile of its last tap, so the
+//   scores live in a small ring per token (R = sa.ring slots, R * step >= 63 + count) and each
+//   final block goes straight into the token's top list (select.cuh, TopListWarp: the best
+//   candidates so far, sorted, in shared memory between tiles), by the warp that folds that
+//   token. After the stream the warp writes Eq. 11's picks as nsa-select makes them: block 0
+//   and the n_local blocks ending at the current one floor(t / l') first (ForcedBlocks), then
+//   the other candidates (blocks <= the current one) by score, ties to the lower index; n <= 32;
+//   padding -1; written ascending. No [Nb] array: shared memory does not grow with S. A token's
+//   visible compressed tokens are a prefix of the stream (Eq. 7), so a tile's visible columns
+//   follow from one count (nvis) without a column table or mask. The next tile's keys are
+//   copied while this one is scored (two K buffers). bf16: a warp keeps its 16 rows' A
+//   fragments of Q (all of DK) in registers, so Q passes once through the last M rows of the K
+//   buffers and the tile loop loads only K fragments; with G = 16 a warp's rows are one token's
+//   heads and Eq. 10 is summed in registers (head_sum16). Shared: K [2][64][DK + pad] (fp32:
+//   then Q [64][DK + 1]), lse2 [M], p [M][72] (not for bf16 with G = 16; 72 = 8 mod 32 makes a
+//   warp's float2 fragment stores conflict-free), ps [BQ][64], ring [BQ][R], top lists
+//   [BQ][32] scores and blocks, [BQ] lengths, nvis and current blocks [BQ]. Two barriers per
+//   tile (three with the p tile).
 // nsa_cmp_fold_w{1,4}, nsa_cmp_unfold_w{1,4}: the row copies of the cuDNN form of this branch
 //   (glue/cmp_cudnn.h), over rows of `words` 32-bit words, W words per thread (W = 4: 16-byte
 //   accesses, for rows and strides that are multiples of 4 words on 16-byte aligned memory).
@@ -57,6 +61,7 @@ struct SelectArgs {
   int n_local;  // local blocks forced (ending at the current block)
   int Nb;       // selection blocks of the sequence
   int bq;       // tokens per CTA
+  int ring;     // block scores kept per token: a power of 2 >= (63 + taps.count) / taps.step
   Taps taps;
 };
 
@@ -98,6 +103,9 @@ __device__ __forceinline__ float2 head_sum16(const float (&p)[NSA_BK / 8][4], in
 
 #define NSA_PT 72  // row stride of cmp_select's p tile (floats)
 
+// floor(a / b) for b > 0.
+__device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
 template <typename T, int DK, int WARPS>
 __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
                            const float* __restrict__ lse, long long* __restrict__ out_ids,
@@ -119,8 +127,17 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
   float* pt = lse2s + M;  // [M][NSA_PT], absent with head_sum_in_regs
   float* ps = pt + (head_sum_in_regs ? 0 : M * NSA_PT);  // [BQ][64]
   const int BQ = sa.bq;
-  float* scores = ps + BQ * 64;                                // [BQ][Nb]
-  int* nvis = reinterpret_cast<int*>(scores + BQ * sa.Nb);  // [BQ]
+  // Block scores in a ring of R per token, block j at j % R: block j is folded from the tile of
+  // its first tap to that of its last, where it is final (or before the first tile if all its
+  // taps precede column 0), and block j + R's first tap lies R * step - count + 1 >= 64 columns
+  // after j's last, so in a later tile: the two never share a slot.
+  const int R = sa.ring;
+  float* ring = ps + BQ * 64;                                 // [BQ][R]
+  float* list_s = ring + BQ * R;                              // [BQ][32]: TopListWarp per token
+  int* list_j = reinterpret_cast<int*>(list_s + BQ * 32);     // [BQ][32]
+  int* list_len = list_j + BQ * 32;                           // [BQ]
+  int* nvis = list_len + BQ;                                  // [BQ]
+  int* curs = nvis + BQ;                                      // [BQ]: current block t / l'
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int t0 = blockIdx.x * BQ, g = blockIdx.y, b = blockIdx.z;
@@ -147,15 +164,17 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
     const long long row = row_of(r);
     lse2s[r] = row < 0 ? INFINITY : lse[row] * 1.4426950408889634f;
   }
-  for (int e = tid; e < BQ * sa.Nb; e += THREADS) scores[e] = 0.f;
+  for (int e = tid; e < BQ * R; e += THREADS) ring[e] = 0.f;
+  for (int i = tid; i < BQ; i += THREADS) list_len[i] = 0;
   // Token t0 + i reads compressed tokens 0 .. nvis[i] - 1 (Eq. 7): a prefix of the stream of
   // F columns, F = the last token's count, so a tile's visible columns follow from nvis alone.
   const KeySpec ks = compressed_keys(Nc, cl, cd);
   for (int i = tid; i < BQ; i += THREADS) {
     nvis[i] = t0 + i < S ? num_visible_compressed(ks, t0 + i) : 0;
+    curs[i] = (t0 + i) / sa.L;
   }
   const int F = num_visible_compressed(ks, min(t0 + BQ, S) - 1);
-  __syncthreads();  // Q, lse2s, nvis and the zeroed scores are visible
+  __syncthreads();  // Q, lse2s, nvis, curs, the zeroed ring and list lengths are visible
   const float sl2 = scale * 1.4426950408889634f;
 
   // The warp's rows r0 = warp * 16 + gq (C-fragment elements 0, 1) and r1 = r0 + 8 (2, 3):
@@ -190,6 +209,48 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
       }
     }
   };
+  // Eq. 11 for token i over the final blocks lo .. hi (ascending, each once): its candidates
+  // are offered to its top list (TopListWarp, kept in shared memory between tiles), the ring
+  // slots of lo .. min(hi, cur) cleared, and the list returned. By the warp that folds token i.
+  int fin_next = 0;  // the first block not yet final (uniform)
+  const auto finalize = [&](int i, const ForcedBlocks& fb, int lo, int hi) {
+    __syncwarp();  // the warp's own earlier writes of the ring and the list are visible
+    TopListWarp top{list_s[i * 32 + lane], list_j[i * 32 + lane], list_len[i], fb.rem};
+    hi = min(hi, fb.cur);
+    if (lo > hi) return top;
+    bool changed = false;
+    for (int j0 = lo; j0 <= hi; j0 += 32) {
+      const int j = j0 + lane;
+      float v = -1.f;
+      if (j <= hi) {
+        float* slot = ring + i * R + (j & (R - 1));
+        v = fb.candidate(j) ? *slot : -1.f;
+        *slot = 0.f;
+      }
+      changed |= top.offer(v, j0, lane);
+    }
+    if (changed) {  // uniform
+      list_s[i * 32 + lane] = top.s;
+      list_j[i * 32 + lane] = top.j;
+      __syncwarp();  // every lane has read list_len
+      if (lane == 0) list_len[i] = top.len;
+    }
+    return top;
+  };
+  // (Scalars, not sa: a lambda that reads the parameter struct by reference copies it to local
+  // memory.)
+  const int n_local = sa.n_local, kmax = min(sa.n, sa.Nb);
+  const auto forced = [&](int i) { return ForcedBlocks(curs[i], n_local, kmax); };
+  // Blocks whose taps all lie before column 0 are final before any tile: finalised first, so
+  // that the tile loop only ever finalises blocks whose last tap is in the tile it folded (the
+  // ring's reuse rule above).
+  const int jpre = min(sa.Nb - 1, floor_div(-sa.taps.first - sa.taps.count, sa.taps.step));
+  if (jpre >= 0) {
+    for (int i = warp; i < BQ && t0 + i < S; i += WARPS) {
+      finalize(i, forced(i), 0, jpre);
+    }
+    fin_next = jpre + 1;
+  }
   // Four warps: Q sits in buffer 1 until the first barrier below, so tile 0 goes into buffer 0
   // at once; eight warps' Q fills both buffers and must be in registers first.
   if constexpr (M > NSA_BK) __syncthreads();
@@ -269,31 +330,38 @@ __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
       }
       __syncthreads();
     }
-    // Eq. 9: blocks whose taps reach into columns f0 .. f0 + 63; one thread per (token, block)
-    // adds the tile's taps in tap order.
+    // Eq. 9: blocks whose taps reach into columns f0 .. f0 + 63, up to the token's current
+    // block; one thread per (token, block) adds the tile's taps in tap order. Then the blocks
+    // whose last tap is in this tile or before are final: their scores go to the token's top
+    // list (Eq. 11) and their ring slots are cleared.
     const Taps& tp = sa.taps;
     int jlo = f0 - tp.first - (tp.count - 1);
     jlo = jlo <= 0 ? 0 : (jlo + tp.step - 1) / tp.step;
     const int jhi = min(sa.Nb - 1, (f0 + NSA_BK - 1 - tp.first) / tp.step);
-    for (int i = warp; i < BQ; i += WARPS) {
-      for (int j = jlo + lane; j <= jhi; j += 32) {
+    const int jfin = min(sa.Nb - 1, floor_div(f0 + NSA_BK - tp.first - tp.count, tp.step));
+    for (int i = warp; i < BQ && t0 + i < S; i += WARPS) {
+      const ForcedBlocks fb = forced(i);
+      for (int j = jlo + lane; j <= min(jhi, fb.cur); j += 32) {
         float acc = 0.f;
         for (int kk = 0; kk < tp.count; ++kk) {
           const int ci = j * tp.step + tp.first + kk - f0;
           if (ci >= 0 && ci < NSA_BK) acc += (float)tp.w[kk] * ps[i * NSA_BK + ci];
         }
-        scores[i * sa.Nb + j] += acc;
+        ring[i * R + (j & (R - 1))] += acc;
       }
+      __syncwarp();  // the token's ring is folded
+      finalize(i, fb, fin_next, jfin);
     }
+    fin_next = max(fin_next, jfin + 1);
   }
-  __syncthreads();  // every tile's Eq. 9 sums are in scores
 
-  // Eq. 11, one warp per token.
-  for (int i = warp; i < BQ; i += WARPS) {
+  // The blocks still open (every block if no tile was streamed), then the picks, one warp per
+  // token (the warp that folded it: its ring and list need no barrier).
+  for (int i = warp; i < BQ && t0 + i < S; i += WARPS) {
     const int t = t0 + i;
-    if (t >= S) break;
-    select_top_n_warp(scores + i * sa.Nb, t, sa.L, sa.n, sa.n_local, sa.Nb,
-                      out_ids + (((long long)b * S + t) * Hkv + g) * sa.n, lane);
+    const ForcedBlocks fb = forced(i);
+    const TopListWarp top = finalize(i, fb, fin_next, sa.Nb - 1);
+    top.write(fb, sa.n, out_ids + (((long long)b * S + t) * Hkv + g) * sa.n, lane);
   }
 }
 
@@ -412,9 +480,12 @@ NSA_CMP_MMA(192, 64)
 NSA_CMP_MMA(192, 128)
 NSA_CMP_MMA(192, 192)
 
-// Registers for 3 CTAs of 4 warps or 2 of 8 an SM: glue/fused.cpp's choice of CTA size counts on it.
+// CTAs per SM the selection kernels' registers allow (the host's CTA-size rule reads the same):
+// four of 4 warps at dk 64 (the `125m` shape's shared memory fits four), three at dk 128 / 192,
+// two of 8 warps.
+#define NSA_SELECT_MIN_CTAS(DK, WARPS) ((WARPS) == 8 ? 2 : (DK) == 64 ? 4 : 3)
 #define NSA_CMP_SELECT(NAME, T, DK, WARPS)                                                     \
-  extern "C" __global__ void __launch_bounds__(32 * WARPS, WARPS == 8 ? 2 : 3)                 \
+  extern "C" __global__ void __launch_bounds__(32 * WARPS, NSA_SELECT_MIN_CTAS(DK, WARPS))     \
       NAME(const T* q, const T* ck, const float* lse, long long* ids, int S, int Nc, int Hkv,  \
            int hpg, int cl, int cd, float scale, nsa::SelectArgs sa) {                         \
     nsa::cmp_select<T, DK, WARPS>(q, ck, lse, ids, S, Nc, Hkv, hpg, cl, cd, scale, sa);       \

@@ -14,40 +14,6 @@ struct Taps {
   int w[NSA_MAX_TAPS];
 };
 
-// Eq. 11's forced blocks for a token whose current block is cur: block 0, then the local band
-// max(1, cur - n_local + 1) .. cur, ascending, at most kmax of them. Lane s < count gets pick s
-// in `mine`; lane 0 marks the picks taken in `sc` (score -1). Returns the count.
-__device__ __forceinline__ int select_forced(float* sc, int cur, int n_local, int kmax,
-                                             long long& mine, int lane) {
-  int count = 0;
-  const int band0 = max(1, cur - n_local + 1);
-  for (int j = -1; j <= cur - band0 && count < kmax; ++j) {
-    const int blk = j < 0 ? 0 : band0 + j;
-    if (lane == count) mine = blk;
-    if (lane == 0) sc[blk] = -1.f;
-    ++count;
-  }
-  return count;
-}
-
-// The better of two (score, block) candidates: higher score, ties to the lower block.
-__device__ __forceinline__ bool select_better(float v, int j, float best, int bj) {
-  return v > best || (v == best && j < bj);
-}
-
-// The warp's best (score, block) over its lanes' candidates.
-__device__ __forceinline__ void select_warp_best(float& best, int& bj) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-    const int oj = __shfl_xor_sync(0xffffffffu, bj, o);
-    if (select_better(ov, oj, best, bj)) {
-      best = ov;
-      bj = oj;
-    }
-  }
-}
-
 // Writes the warp's `count` picks (lane s holds pick s in `mine`) to dst[0 .. n) ascending, then
 // -1 padding.
 __device__ __forceinline__ void select_write(long long mine, int count, int n, long long* dst,
@@ -62,38 +28,71 @@ __device__ __forceinline__ void select_write(long long mine, int count, int n, l
   for (int s = count + lane; s < n; s += 32) dst[s] = -1;
 }
 
-// Eq. 11 for one token at position t, by one warp, as nsa-select does: the forced blocks first
-// (select_forced), then the other candidates (blocks 1 .. cur = t / L) by score, highest first,
-// ties to the lower index; at most min(n, nb) picks (n <= 32). `sc` holds the scores of blocks
-// 0 .. cur (>= 0; consumed: picked entries are overwritten). Writes dst[0 .. n): the picks
-// ascending, then -1.
-__device__ __forceinline__ void select_top_n_warp(float* sc, long long t, int L, int n,
-                                                  int n_local, int nb, long long* dst,
-                                                  int lane) {
-  const int cur = (int)(t / L);
-  const int kmax = min(n, nb);
-  long long mine = -1;
-  int count = select_forced(sc, cur, n_local, kmax, mine, lane);
-  __syncwarp();
-  while (count < kmax) {
-    float best = -1.f;
-    int bj = 0x7fffffff;
-    for (int j = 1 + lane; j <= cur; j += 32) {
-      const float v = sc[j];
-      if (select_better(v, j, best, bj)) {
-        best = v;
-        bj = j;
-      }
-    }
-    select_warp_best(best, bj);
-    if (best < 0.f) break;  // no candidate left
-    if (lane == count) mine = bj;
-    if (lane == 0) sc[bj] = -1.f;
-    __syncwarp();
-    ++count;
+// Eq. 11 as nsa-select takes it, for one token whose current block is cur and kmax picks at
+// most: the forced blocks first, block 0 and then the local band max(1, cur - n_local + 1) ..
+// cur ascending, as many as fit (band0 .. band0 + nband - 1); then the rem = kmax - 1 - nband
+// best of the other blocks 1 .. cur (the candidates) by score, ties to the lower index, a
+// candidate needing a score >= 0 (NaN never is one).
+struct ForcedBlocks {
+  int cur, band0, nband, rem;
+  __device__ __forceinline__ ForcedBlocks(int cur_, int n_local, int kmax) : cur(cur_) {
+    band0 = max(1, cur - n_local + 1);
+    nband = max(0, min(cur - band0 + 1, kmax - 1));
+    rem = kmax - 1 - nband;
   }
-  select_write(mine, count, n, dst, lane);
-}
+  // A candidate block: 1 .. cur and not forced.
+  __device__ __forceinline__ bool candidate(int j) const {
+    return j >= 1 && j <= cur && !(j >= band0 && j < band0 + nband);
+  }
+};
+
+// Eq. 11's top rem by a warp while the scores arrive in ascending block order (the training
+// kernel finalises block scores tile by tile, so no [Nb] array is kept): lanes 0 .. len - 1
+// hold the best candidates so far, sorted by score descending, ties by block ascending
+// (s, j). `offer` takes one batch of candidates, lane l offering (v, block j0 + l) where
+// v >= 0 (anything else, NaN included, is no candidate): a candidate enters while the list is
+// short, else only if it beats the last entry strictly (every block in the list has a lower
+// index, so it wins a tie). The list ends as the top rem by (score desc, block asc).
+struct TopListWarp {
+  float s;   // this lane's entry: score
+  int j;     // and block
+  int len;   // entries held (uniform)
+  int rem;   // capacity, <= 31 (uniform)
+  // Returns whether the list changed (uniform).
+  __device__ __forceinline__ bool offer(float v, int j0, int lane) {
+    if (rem <= 0) return false;
+    const float last0 = __shfl_sync(0xffffffffu, s, max(rem - 1, 0));
+    unsigned m = __ballot_sync(0xffffffffu, v >= 0.f && (len < rem || v > last0));
+    const bool changed = m != 0u;
+    while (m != 0u) {
+      const int src = __ffs(m) - 1;
+      m &= m - 1;
+      const float vs = __shfl_sync(0xffffffffu, v, src);
+      if (len == rem && !(vs > __shfl_sync(0xffffffffu, s, rem - 1))) continue;
+      const int pos = __popc(__ballot_sync(0xffffffffu, lane < len && s >= vs));
+      const float us = __shfl_up_sync(0xffffffffu, s, 1);
+      const int uj = __shfl_up_sync(0xffffffffu, j, 1);
+      if (lane > pos) {
+        s = us;
+        j = uj;
+      }
+      if (lane == pos) {
+        s = vs;
+        j = j0 + src;
+      }
+      len = min(len + 1, rem);
+    }
+    return changed;
+  }
+  // Writes the forced blocks and the list to dst[0 .. n) ascending, then -1 (select_write).
+  __device__ __forceinline__ void write(const ForcedBlocks& fb, int n, long long* dst,
+                                        int lane) const {
+    const int fc = 1 + fb.nband;
+    const int from = __shfl_sync(0xffffffffu, j, max(0, min(lane - fc, 31)));
+    const long long mine = lane == 0 ? 0 : lane < fc ? fb.band0 + lane - 1 : from;
+    select_write(mine, fc + len, n, dst, lane);
+  }
+};
 
 // Exclusive prefix sum of v over the CTA's threads in thread order, and the total. Shared:
 // sums [32]. Every thread calls it; it synchronises.
@@ -123,9 +122,7 @@ __device__ __forceinline__ int cta_exclusive_scan(int v, int* sums, int& total) 
 #define NSA_SELECT_WORK (256 + 32 + 4)
 
 // Eq. 11 for one token whose current block is cur, by a whole CTA (every thread calls it; it
-// synchronises), with the picks of select_top_n_warp: the forced blocks (select_forced: block
-// 0, then the local band ascending, at most kmax = min(n, cur + 1) of them), then the best of
-// the other blocks 1 .. cur by score, ties to the lower index, kmax picks at most. `sc` holds
+// synchronises): ForcedBlocks' rule with kmax = min(n, cur + 1). `sc` holds
 // the scores of blocks 0 .. cur (>= 0; read only). The rem-th best candidate is found by a
 // radix select on the scores' bits (4 passes of 8 bits: a histogram, then one warp finds the
 // bin), so the cost is a few passes over the blocks instead of a pass per pick; the picks are
@@ -137,13 +134,12 @@ __device__ __forceinline__ void select_top_n_radix(const float* sc, int cur, int
   int* hist = work;
   int* sums = work + 256;
   int* bc = work + 288;
-  const int nb = cur + 1, kmax = min(n, nb);
-  const int band0 = max(1, cur - n_local + 1);
-  const int band = max(0, min(cur - band0 + 1, kmax - 1));  // forced band blocks
-  const int rem = kmax - 1 - band;
-  const auto forced = [&](int j) { return j == 0 || (j >= band0 && j < band0 + band); };
-  // A candidate: not forced, block >= 1 with a score (NaN never is, as in select_better).
-  const auto cand = [&](int j) { return j >= 1 && !forced(j) && sc[j] >= 0.f; };
+  const int nb = cur + 1;
+  const ForcedBlocks fb(cur, n_local, min(n, nb));
+  const int rem = fb.rem;
+  // Blocks 0 .. cur: forced unless a candidate; a candidate with a score (never NaN).
+  const auto forced = [&](int j) { return !fb.candidate(j); };
+  const auto cand = [&](int j) { return fb.candidate(j) && sc[j] >= 0.f; };
   const auto key = [&](int j) { const float v = sc[j]; return v > 0.f ? __float_as_uint(v) : 0u; };
   // Contiguous shares, so that the scans below run in block order.
   const int per = (nb + threads - 1) / threads;

@@ -38,7 +38,7 @@ mod window;
 pub use block_ids::{clean_block_ids, inverse_index};
 pub use compressed::{
     compressed_attention, compressed_forward, select_blocks, select_blocks_with, CompressedBackend,
-    SelectCta, SelectParams,
+    SelectCta, SelectParams, SELECT_MAX_TOP_N,
 };
 pub use decode::{
     decode_kernels, DecodeGraph, DecodeInputs, DecodeKernels, DecodeParams, DecodeStep,

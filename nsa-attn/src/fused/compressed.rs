@@ -26,6 +26,12 @@ pub fn compressed_supported(q: &Tensor, cmp_k: &Tensor, cmp_v: &Tensor) -> bool 
         && sys::tensor_core_shape(q.size()[3], cmp_v.size()[3], group)
 }
 
+/// Whether the selection kernel serves `cfg` on these tensors: the compressed kernels' shapes
+/// ([`compressed_supported`]) and at most [`sys::SELECT_MAX_TOP_N`] blocks per token.
+fn select_supported(q: &Tensor, cmp_k: &Tensor, cmp_v: &Tensor, cfg: &NsaConfig) -> bool {
+    compressed_supported(q, cmp_k, cmp_v) && cfg.nsa.select.top_n <= sys::SELECT_MAX_TOP_N
+}
+
 /// The selection parameters of `cfg` for the kernels (Eq. 9's taps from nsa-select).
 pub fn select_params(cfg: &NsaConfig) -> sys::SelectParams {
     let sel = cfg.select_config();
@@ -83,14 +89,15 @@ fn attention_and_lse(
 
 /// The compressed branch's output (differentiable, as [`compressed`]) and the selected blocks
 /// computed from that same forward's log-sum-exp (as [`select_blocks`]), so one pass over the
-/// compressed tokens serves both; `None` where [`compressed_supported`] is false.
+/// compressed tokens serves both; `None` where [`compressed_supported`] is false or `cfg` asks
+/// for more than [`sys::SELECT_MAX_TOP_N`] blocks per token.
 pub fn compressed_and_select(
     q: &Tensor,
     cmp_k: &Tensor,
     cmp_v: &Tensor,
     cfg: &NsaConfig,
 ) -> Result<Option<(Tensor, Tensor)>, AttnError> {
-    if !compressed_supported(q, cmp_k, cmp_v) {
+    if !select_supported(q, cmp_k, cmp_v, cfg) {
         return Ok(None);
     }
     let (out, lse) = attention_and_lse(q, cmp_k, cmp_v, cfg)?;
@@ -109,7 +116,7 @@ pub fn compressed_and_select(
 /// Selected blocks `[B, S, Hkv, n]` (ascending, `−1` padded) for the whole sequence: the
 /// compressed kernel's log-sum-exp, then the selection kernel. Falls back to
 /// [`selection::blocks_chunked`] (with `chunk` and `imp`) where [`compressed_supported`] is
-/// false.
+/// false or `cfg` asks for more than [`sys::SELECT_MAX_TOP_N`] blocks per token.
 pub fn select_blocks(
     q: &Tensor,
     cmp_k: &Tensor,
@@ -118,7 +125,7 @@ pub fn select_blocks(
     chunk: i64,
     imp: SelectImpl,
 ) -> Result<Tensor, AttnError> {
-    if !compressed_supported(q, cmp_k, cmp_v) {
+    if !select_supported(q, cmp_k, cmp_v, cfg) {
         return selection::blocks_chunked(q, cmp_k, cfg, chunk, imp);
     }
     let _g = tch::no_grad_guard();
@@ -232,8 +239,7 @@ pub fn check_rows(device: Device) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     // (B, S, Hkv, hpg, dk, dv, l, d, l', n, n_local)
     // The last two stream several tiles of 64 compressed tokens (161 and 4,999); the last one
-    // has more selection blocks (2,500) than 21 tokens' scores fit in shared memory, so the
-    // selection kernel takes fewer tokens per CTA.
+    // has 2,500 selection blocks (l' = 16, a tap step of 2: 64 blocks final per tile).
     let cases: [[i64; 11]; 6] = [
         [2, 333, 2, 16, 192, 128, 32, 16, 64, 6, 2],
         [1, 517, 2, 3, 64, 64, 16, 8, 32, 5, 1],
@@ -255,7 +261,45 @@ pub fn check_rows(device: Device) -> Vec<CheckRow> {
             Err(e) => rows.push(CheckRow::failed(name, 0.0, e)),
         }
     }
+    let name = "select n = 40 > 32: kernel refuses, layer path falls back".to_string();
+    rows.push(too_many_blocks_row(device).unwrap_or_else(|e| CheckRow::failed(name, 0.0, e)));
     rows
+}
+
+/// More blocks per token than the selection kernel takes ([`sys::SELECT_MAX_TOP_N`]): the
+/// kernel returns a typed input error, and [`select_blocks`] (the layer's path) gives
+/// nsa-select's chunked ids instead.
+fn too_many_blocks_row(device: Device) -> Result<CheckRow, AttnError> {
+    let cfg = super::check_layer_config(64, (6, 2), (64, 64), (16, 8, 16, 40));
+    let (b, s) = (1, 900);
+    let nc = cfg.select_config().num_compressed(s);
+    let _g = tch::no_grad_guard();
+    let bf = (Kind::BFloat16, device);
+    let q = Tensor::f_randn([b, s, 6, 64], bf)?;
+    let ck = Tensor::f_randn([b, nc, 2, 64], bf)?;
+    let cv = Tensor::f_randn([b, nc, 2, 64], bf)?;
+    let (_, lse) = attention_and_lse(&q, &ck, &cv, &cfg)?;
+    let refused = matches!(
+        sys::select_blocks(&q, &ck, &lse, &select_params(&cfg), scale(&q)),
+        Err(sys::FusedError::Input { what: "params", .. })
+    );
+    let ids = select_blocks(&q, &ck, &cv, &cfg, 97, SelectImpl::Vectorized)?;
+    let want = selection::blocks_chunked(&q, &ck, &cfg, 97, SelectImpl::Vectorized)?;
+    let (n_rows, differ) = differing_rows(&ids, &want)?;
+    Ok(CheckRow {
+        name: format!("select n = 40 > 32: kernel refuses, layer path falls back (S={s})"),
+        max_rel_err: differ as f64 / n_rows as f64,
+        tolerance: 0.0,
+        passed: refused && differ == 0,
+        detail: format!(
+            "kernel {}; {differ} of {n_rows} rows differ from nsa-select",
+            if refused {
+                "refused with an input error"
+            } else {
+                "did not refuse"
+            }
+        ),
+    })
 }
 
 fn check_case(

@@ -24,7 +24,7 @@ pub struct SelectParams {
     pub stride: i64,
     /// l': tokens per selection block.
     pub select_len: i64,
-    /// n: blocks per (token, group).
+    /// n: blocks per (token, group), at most [`SELECT_MAX_TOP_N`].
     pub top_n: i64,
     /// Forced local blocks (the current one and the `n_local − 1` before it), plus block 0.
     pub n_local: i64,
@@ -36,19 +36,22 @@ pub struct SelectParams {
     pub tap_weights: Vec<i64>,
 }
 
+/// Most blocks per token the selection kernel picks: a warp's lanes hold a token's picks.
+pub const SELECT_MAX_TOP_N: i64 = 32;
+
 /// How many warps a CTA of the selection kernel (`kernels/compressed.cu`, `nsa_cmp_select_*`)
 /// has. Every size gives the same ids: a row's products, head sum and overlap sums do not
 /// depend on which CTA computes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SelectCta {
-    /// The size at which an SM holds more rows (token, head) at once, given how many tokens'
-    /// block scores fit in shared memory; four warps on a tie and for fp32.
+    /// The size at which an SM holds more rows (token, head) at once, given its shared memory
+    /// and the registers the kernels' launch bounds allow; four warps on a tie and for fp32.
     #[default]
     Auto,
     /// Four warps, 64 rows.
     Warps4,
     /// Eight warps, 128 rows, bf16 only: each tile of compressed keys serves twice the rows,
-    /// and the block scores of twice the tokens take shared memory.
+    /// and the per-token state (score ring, top list) of twice the tokens takes shared memory.
     Warps8,
 }
 
@@ -254,8 +257,10 @@ fn compressed_call(
 /// Block selection (Eqs. 8–11) inside one kernel from the compressed branch's `lse`
 /// ([`compressed_forward`]): int64 `[B, S, Hkv, n]`, ascending, `−1` padded, as nsa-select's
 /// `select_blocks` returns. `q`, `ck` both bf16 (scores on tensor cores) or both fp32, dk in
-/// [`super::MMA_HEAD_DIMS`], at most 64 query heads per group; `lse` fp32 `[B, S, H]`. The
-/// kernel's CTA size is chosen as [`SelectCta::Auto`] says.
+/// [`super::MMA_HEAD_DIMS`], at most 64 query heads per group, at most [`SELECT_MAX_TOP_N`]
+/// blocks per token; `lse` fp32 `[B, S, H]`. The kernel's CTA size is chosen as
+/// [`SelectCta::Auto`] says. Shared memory does not grow with the sequence: each block's score
+/// is final a tile after its first, and it goes straight into the token's top list.
 pub fn select_blocks(
     q: &Tensor,
     ck: &Tensor,
@@ -292,7 +297,7 @@ pub fn select_blocks_with(
     check_lengths(p.block_len, p.stride)?;
     let taps = p.tap_weights.len() as i64;
     if p.select_len < 1
-        || p.top_n < 1
+        || !(1..=SELECT_MAX_TOP_N).contains(&p.top_n)
         || p.n_local < 0
         || p.tap_step < 1
         || !(1..=32).contains(&taps)
