@@ -50,7 +50,6 @@
 #include "launch.h"
 #include "slc_table.h"
 
-
 namespace {
 
 using at::Tensor;
@@ -61,7 +60,6 @@ using nsa_glue::current_stream;
 using nsa_glue::write_error;
 
 using namespace nsa_slc;
-
 
 constexpr int64_t kCleanMax = 32;  // NSA_CLEAN_MAX
 
@@ -241,7 +239,7 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     void* dqp = dq.data_ptr();
     if (dq_key_outer) {
       // below, with dK / dV
-    } else if (token_warps) {  // the forward checked that it applies  // the forward checked that it applies
+    } else if (token_warps) {  // the forward checked that it applies
       void* args[] = {&qp, &kp, &vp, &ip, &dop, &lp, &Dp, &dqp, &iS, &iHkv, &ihpg, &in_, &iL,
                       &fscale};
       launch(tab, tab->dq_warp[mi], "nsa_slc_dq_warp", S, Hkv, B, warp_smem(dk, dv, true),
@@ -688,7 +686,8 @@ at::Tensor* nsa_fused_select(const at::Tensor* q_in, const at::Tensor* ck_in,
       int64_t m = 16 * w, pt = bf && hpg == 16 ? 0 : m * 72;  // compressed.cu's p tile, NSA_PT
       // 2 K tiles (bf16 stages Q in them), fp32 a Q tile too; lse2, p, ps, the score ring, the
       // top lists (scores, blocks, lengths), nvis, current blocks
-      return (bf ? 2 : 3) * kM * qs * esz + 4 * (m + pt + bq * 64 + bq * sa.ring + bq * 64 + 3 * bq);
+      return (bf ? 2 : 3) * kM * qs * esz +
+             4 * (m + pt + bq * 64 + bq * sa.ring + bq * 64 + 3 * bq);
     };
     // Per CTA size: its tokens (16 w / G), and the rows (token, head) an SM then holds: its
     // shared memory (max_smem plus the 1 KB it reserves per CTA) and the CTAs the kernels'

@@ -11,8 +11,9 @@
 
 // Mirror of nsa_sys::fused::SlcTable (#[repr(C)]): the driver's cuLaunchKernel and the
 // CUfunction handles of one device. Index of the nine-entry tensor-core families (fwd_mma,
-// dq_mma, dkdv_mma, dkdv_dq_mma, cmp_*_mma, fwd_kv, fwd_warp, dq_warp): 3 * dk_index + dv_index over {64, 128, 192}; of
-// fwd_simt, dq, dkdv, dkdv_reduce: 0 = fp32, 1 = bf16; of cmp_select: as commented.
+// dq_mma, dkdv_mma, dkdv_dq_mma, cmp_*_mma, fwd_kv, fwd_warp, dq_warp): 3 * dk_index +
+// dv_index over {64, 128, 192}; of fwd_simt, dq, dkdv, dkdv_reduce: 0 = fp32, 1 = bf16; of
+// cmp_select: as commented.
 struct NsaSlcTable {
   void* launch;
   void* fwd_mma[9];

@@ -612,7 +612,9 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
       if (warp * 16 < nrows) {
         unsigned da[NSA_BK / 16][4];  // A fragments of the warp's 16 rows of dS, all 64 keys
 #pragma unroll
-        for (int kk = 0; kk < NSA_BK / 16; ++kk) load_a_x4(da[kk], dSs, SS, warp * 16, kk * 16, lane);
+        for (int kk = 0; kk < NSA_BK / 16; ++kk) {
+          load_a_x4(da[kk], dSs, SS, warp * 16, kk * 16, lane);
+        }
         const int rr[2] = {warp * 16 + gq, warp * 16 + gq + 8};
         float* prow[2];
 #pragma unroll

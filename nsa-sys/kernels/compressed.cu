@@ -104,7 +104,9 @@ __device__ __forceinline__ float2 head_sum16(const float (&p)[NSA_BK / 8][4], in
 #define NSA_PT 72  // row stride of cmp_select's p tile (floats)
 
 // floor(a / b) for b > 0.
-__device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+__device__ __forceinline__ int floor_div(int a, int b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
 
 template <typename T, int DK, int WARPS>
 __device__ void cmp_select(const T* __restrict__ q, const T* __restrict__ ck,
