@@ -416,33 +416,9 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
       const float al1 = m1 == -INFINITY ? 0.f : exp2f(m1 - n1);
       m0 = n0;
       m1 = n1;
-      float ps0 = 0.f, ps1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float p = exp2f(sc[nt][e] - (e < 2 ? n0 : n1));  // 0 for masked keys
-          sc[nt][e] = p;
-          if (e < 2) {
-            ps0 += p;
-          } else {
-            ps1 += p;
-          }
-        }
-      }
-      l0 = l0 * al0 + ps0;  // this thread's columns; summed over the quad at the end
-      l1 = l1 * al1 + ps1;
-#pragma unroll
-      for (int j = 0; j < DV / 8; ++j) {
-        oacc[j][0] *= al0;
-        oacc[j][1] *= al0;
-        oacc[j][2] *= al1;
-        oacc[j][3] *= al1;
-      }
-      // P (rounded to bf16, as the flash kernels do) as the A operand of P V.
-      const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
-      const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
-      mma_a_rows<DV>(oacc, a0, a1, a2, a3, vs, VS, 0, lane);
+      // P rounded to bf16, as the flash kernels do, for P V.
+      softmax_pv16<DV>(sc, n0, n1, al0, al1, l0, l1, oacc, vs, VS, lane,
+                       [](float x) { return exp2f(x); });
     }
     __syncwarp();  // this stage is free for the copy two tiles on
   }

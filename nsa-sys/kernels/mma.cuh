@@ -121,6 +121,47 @@ __device__ __forceinline__ void mma_a_rows(float (&acc)[W / 8][4], unsigned a0, 
   }
 }
 
+// FlashAttention-2's online-softmax step for a warp's 16 x 16 score sub-tile sc (C layout:
+// elements e < 2 of row gq, the others of row gq + 8; log2 units, masked keys at -inf), given
+// the rows' new maxima n0, n1 and the old state's rescale factors al0, al1: sc becomes
+// p = exp2(s - n) (`exp2_`: the exp2 the caller's precision wants), l = l * al + this thread's
+// row sums (summed over the quad by the caller at the end), O *= al, then O += P V with P
+// rounded to bf16 as the A operand and V = rows 0 .. 15 of `vs` (row stride `stride`). The
+// token-warp forward and the decode tiles run the same step.
+template <int DV, typename Exp2>
+__device__ __forceinline__ void softmax_pv16(float (&sc)[2][4], float n0, float n1, float al0,
+                                             float al1, float& l0, float& l1,
+                                             float (&oacc)[DV / 8][4],
+                                             const __nv_bfloat16* vs, int stride, int lane,
+                                             Exp2 exp2_) {
+  float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p = exp2_(sc[nt][e] - (e < 2 ? n0 : n1));  // 0 for masked keys
+      sc[nt][e] = p;
+      if (e < 2) {
+        ps0 += p;
+      } else {
+        ps1 += p;
+      }
+    }
+  }
+  l0 = l0 * al0 + ps0;
+  l1 = l1 * al1 + ps1;
+#pragma unroll
+  for (int j = 0; j < DV / 8; ++j) {
+    oacc[j][0] *= al0;
+    oacc[j][1] *= al0;
+    oacc[j][2] *= al1;
+    oacc[j][3] *= al1;
+  }
+  const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
+  const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
+  mma_a_rows<DV>(oacc, a0, a1, a2, a3, vs, stride, 0, lane);
+}
+
 // acc += C · T for a warp's 16 x 64 C-fragment tile c (scores or dS, mma.cuh's C layout)
 // rounded to bf16 and fed straight back as the A operand (FlashAttention-2's register reuse),
 // and T = tile rows 0 .. 63, columns 0 .. W - 1 (stride `stride`), loaded by ldmatrix .trans:

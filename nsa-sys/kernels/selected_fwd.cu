@@ -355,32 +355,8 @@ __device__ void slc_fwd_warp(const __nv_bfloat16* __restrict__ q,
     const float al0 = fast_exp2(m0 - mx0), al1 = fast_exp2(m1 - mx1);
     m0 = mx0;
     m1 = mx1;
-    float ps0 = 0.f, ps1 = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = fast_exp2(sc[nt][e] - (e < 2 ? mx0 : mx1));
-        sc[nt][e] = p;
-        if (e < 2) {
-          ps0 += p;
-        } else {
-          ps1 += p;
-        }
-      }
-    }
-    l0 = l0 * al0 + ps0;  // this thread's columns; summed over the quad at the end
-    l1 = l1 * al1 + ps1;
-#pragma unroll
-    for (int j = 0; j < DV / 8; ++j) {
-      oacc[j][0] *= al0;
-      oacc[j][1] *= al0;
-      oacc[j][2] *= al1;
-      oacc[j][3] *= al1;
-    }
-    const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
-    const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
-    mma_a_rows<DV>(oacc, a0, a1, a2, a3, vs, DV + 8, 0, lane);  // O += P V
+    softmax_pv16<DV>(sc, mx0, mx1, al0, al1, l0, l1, oacc, vs, DV + 8, lane,
+                     [](float x) { return fast_exp2(x); });  // O += P V
   });
 #pragma unroll
   for (int off = 1; off < 4; off <<= 1) {
