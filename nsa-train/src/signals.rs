@@ -1,9 +1,13 @@
 //! Stop requests: SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session) ask a run to stop
 //! at the next micro-step or evaluation batch, write a checkpoint and exit with 128 + the signal
 //! number (130, 143, 129), so a launcher can tell an interrupted run from a finished one (exit
-//! 0). The same signal a second time (an impatient Ctrl-C) exits at once.
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+//! 0). A stop signal again, [`REPEAT_GRACE`] or more after the first (an impatient Ctrl-C),
+//! exits at once; sooner, it is the same request delivered twice: `timeout` and many job
+//! schedulers signal the process and then its process group, and a run that took the second
+//! delivery for "exit now" lost everything since its last checkpoint.
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -14,12 +18,16 @@ pub const STOP_SIGNALS: [i32; 3] = [
     signal_hook::consts::SIGHUP,
 ];
 
+/// A stop signal this soon after the first one is a duplicate delivery, not a second request.
+pub const REPEAT_GRACE: Duration = Duration::from_secs(1);
+
 #[derive(Debug)]
 struct Flags {
-    /// The signal number of the first stop request (0: none).
+    /// The signal number of the stop request (0: none), set in the signal handler.
     signal: Arc<AtomicUsize>,
-    /// Set together with `signal`; a stop signal that finds it set exits the process at once.
-    any: Arc<AtomicBool>,
+    /// When the watcher thread saw the first stop signal: milliseconds since `epoch`, plus 1
+    /// (0: none yet).
+    first_seen_ms: Arc<AtomicU64>,
 }
 
 static FLAGS: OnceLock<Flags> = OnceLock::new();
@@ -38,26 +46,41 @@ impl StopRequest {
             None => {
                 let f = Flags {
                     signal: Arc::new(AtomicUsize::new(0)),
-                    any: Arc::new(AtomicBool::new(false)),
+                    first_seen_ms: Arc::new(AtomicU64::new(0)),
                 };
                 for sig in STOP_SIGNALS {
-                    // Registered first, so it sees the flag as the previous signal left it.
-                    signal_hook::flag::register_conditional_shutdown(
-                        sig,
-                        128 + sig,
-                        Arc::clone(&f.any),
-                    )
-                    .context("installing signal handlers")?;
                     signal_hook::flag::register_usize(sig, Arc::clone(&f.signal), sig as usize)
                         .context("installing signal handlers")?;
-                    signal_hook::flag::register(sig, Arc::clone(&f.any))
-                        .context("installing signal handlers")?;
                 }
+                // The exit-at-once rule needs a clock, so it runs on a thread that reads the
+                // signals from signal-hook's self-pipe rather than in the handler.
+                let mut signals = signal_hook::iterator::Signals::new(STOP_SIGNALS)
+                    .context("installing signal handlers")?;
+                let first_seen = Arc::clone(&f.first_seen_ms);
+                let epoch = Instant::now();
+                std::thread::Builder::new()
+                    .name("stop-signals".into())
+                    .spawn(move || {
+                        for sig in signals.forever() {
+                            let now = epoch.elapsed().as_millis() as u64 + 1;
+                            if let Err(first) = first_seen.compare_exchange(
+                                0,
+                                now,
+                                Ordering::SeqCst,
+                                Ordering::SeqCst,
+                            ) {
+                                if now - first >= REPEAT_GRACE.as_millis() as u64 {
+                                    signal_hook::low_level::exit(exit_code(sig));
+                                }
+                            }
+                        }
+                    })
+                    .context("starting the signal watcher thread")?;
                 FLAGS.get_or_init(|| f)
             }
         };
         flags.signal.store(0, Ordering::SeqCst);
-        flags.any.store(false, Ordering::SeqCst);
+        flags.first_seen_ms.store(0, Ordering::SeqCst);
         Ok(StopRequest {
             signal: Arc::clone(&flags.signal),
         })

@@ -1,11 +1,10 @@
-//! End-to-end tests of the `nsa-train` binary on the CPU: training, bit-exact resume, signals,
-//! and the errors a user sees for bad input.
+//! End-to-end tests of the `nsa-train` binary on the CPU: training, bit-exact resume and the
+//! errors a user sees for bad input (signals are in safety.rs).
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{bin, err, ok, run, scratch, strs, tiny};
+use common::{err, ok, run, scratch, strs, tiny};
 
 fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
     // (step, loss bits): bit-exact comparison.
@@ -107,51 +106,6 @@ fn resume_continues_bit_exactly() {
     ] {
         assert!(dir.join(f).is_file(), "run folder lacks {f}");
     }
-}
-
-#[test]
-fn sigterm_saves_a_checkpoint_before_exit() {
-    let tmp = tempfile::Builder::new()
-        .prefix("nsa-train-cli-signal-")
-        .tempdir()
-        .unwrap();
-    let out = tmp.path().to_path_buf();
-    let mut a = vec!["train".to_string()];
-    a.extend(tiny(&out, "sig", 100_000));
-    let mut child = bin()
-        .args(&a)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let metrics = out.join("sig/metrics.jsonl");
-    let start = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(start.elapsed().as_secs() < 120, "training never started");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(
-        status.code(),
-        Some(143),
-        "exit status after SIGTERM: {status}"
-    );
-    let ckpts: Vec<_> = std::fs::read_dir(out.join("sig/checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(!ckpts.is_empty(), "no checkpoint written on SIGTERM");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("sig/summary.json")).unwrap())
-            .unwrap();
-    assert_eq!(summary["interrupted"], true);
 }
 
 #[test]

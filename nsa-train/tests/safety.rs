@@ -353,6 +353,56 @@ fn signals_stop_within_a_micro_step_and_exit_with_their_status() {
 }
 
 #[test]
+fn sigterm_saves_a_checkpoint_before_exit() {
+    let tmp = tempfile::Builder::new()
+        .prefix("nsa-train-cli-signal-")
+        .tempdir()
+        .unwrap();
+    let out = tmp.path().to_path_buf();
+    let mut a = vec!["train".to_string()];
+    a.extend(tiny(&out, "sig", 100_000));
+    let mut child = bin()
+        .args(&a)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("sig/metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(start.elapsed().as_secs() < 120, "training never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Twice, 20 ms apart, as `timeout` does (the process, then its process group): one
+    // request delivered twice, not "exit at once" (which lost the checkpoint).
+    for _ in 0..2 {
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "exit status after SIGTERM: {status}"
+    );
+    let ckpts: Vec<_> = std::fs::read_dir(out.join("sig/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(!ckpts.is_empty(), "no checkpoint written on SIGTERM");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sig/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["interrupted"], true);
+}
+
+#[test]
 fn impossible_sizes_and_small_lies_are_errors() {
     let root = tempfile::tempdir().unwrap();
     let out: PathBuf = root.path().into();
