@@ -2,8 +2,10 @@
 # Issue 15's GPU experiments, end to end, with only the nsa-train binary, a prepared shard folder
 # and its tokenizer.json (no cargo):
 #   1. real text: `small` at S = 2048 and 8192, NSA and dense (configs/text-small-s*.toml);
-#   2. retrieval: recall at a distance, S = 4096 and 16384, NSA and dense
-#      (configs/recall-small-s*.toml), each evaluated by generation at 1x, 2x and 4x its length;
+#   2. retrieval, NSA and dense side by side in two stages: the key-value binding at S = 128
+#      (configs/recall-small-short.toml, once per OUT), then each model continued at a distance
+#      at S = 4096 or 16384 (configs/recall-small-s*.toml), each evaluated by generation at 1x,
+#      2x and 4x its length (1x and 2x from 16384);
 #   3. `nsa-train compare` for each: PNGs and Markdown tables under OUT/text, OUT/recall-s4096
 #      and OUT/recall-s16384.
 #
@@ -15,6 +17,7 @@
 #   TRAIN_ARGS passed to every `nsa-train train` (e.g. --set run.steps=300)
 # NSA_TRAIN names the binary (default: target/release/nsa-train if built, else nsa-train on PATH).
 # Every run is one process; a failed one stops the script (set -e) with its log in OUT/logs/.
+# The recall parts need no SHARDS or TOKENIZER (pass anything, e.g. `none none`).
 # Parts can run in separate calls with the same OUT (each part takes a few minutes on one H200);
 # the text comparison then covers every finished text run in OUT. Checkpoints stay under
 # OUT/runs/*/checkpoints (large); everything else in OUT is small.
@@ -92,22 +95,40 @@ if [[ -n $text_seqs ]]; then
 fi
 
 if [[ -n $recall_seqs ]]; then
+    # Both attentions train side by side (two processes on one GPU: the recall runs' tokens/s
+    # are not a speed measurement; the text runs' are).
+    pair() { # STAGE-NAME-PATTERN (with @ for the attention) CONFIG [--set ...]
+        local pattern=$1 config=$2 pids=() att
+        shift 2
+        for att in nsa dense; do
+            train "${pattern//@/$att}" "$config" --set "model.attention=\"$att\"" "${@//@/$att}" &
+            pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
+    }
+    # Stage 1, once per OUT: the key–value binding at S = 128 (configs/recall-small-short.toml).
+    if [[ ! -f "$RUNS/recall-nsa-short/summary.json" || ! -f "$RUNS/recall-dense-short/summary.json" ]]; then
+        pair "recall-@-short" "$CONFIGS/recall-small-short.toml"
+    fi
     for s in $recall_seqs; do
         recall_runs=()
         evals=()
-        # About 1000 scored answers per evaluation (64 per sequence at 4096, 128 at 16384):
-        # NSA's decode step is ~12 ms for `small`, so more sequences cost minutes.
-        samples=$((s == 4096 ? 16 : 8))
+        # Stage 2: each attention continues its own stage-1 model at length s.
+        pair "recall-@-s$s" "$CONFIGS/recall-small-s$s.toml" --set "run.init_from=\"$RUNS/recall-@-short\""
         for att in nsa dense; do
             name="recall-$att-s$s"
-            train "$name" "$CONFIGS/recall-small-s$s.toml" --set "model.attention=\"$att\""
             recall_runs+=("$RUNS/$name")
             # The length the run trained at (TRAIN_ARGS may have changed it).
             trained=$(sed -n 's/^seq_len = //p' "$RUNS/$name/config.toml")
-            for x in 1 2 4; do
+            # 1x, 2x and 4x the trained length; from 16384 up 1x and 2x (4x is 65536 tokens
+            # of prefill per sequence: minutes of device time for 64 sequences).
+            mults="1 2 4"
+            ((trained >= 16384)) && mults="1 2"
+            for x in $mults; do
                 len=$((trained * x))
                 echo "== eval $name at $len"
-                "$BIN" eval "$RUNS/$name" --task recall --len "$len" --samples "$samples" --buckets 8 \
+                # 64 sequences of 8 answers each.
+                "$BIN" eval "$RUNS/$name" --task recall --len "$len" --samples 64 --buckets 8 \
                     --json "$OUT/evals/$name-len$len.json" >"$OUT/logs/eval-$name-len$len.log" 2>&1 \
                     || { tail -20 "$OUT/logs/eval-$name-len$len.log"; exit 1; }
                 grep -E "accuracy [0-9.]+ over" "$OUT/logs/eval-$name-len$len.log" | sed 's/^.*: step/  step/'

@@ -479,6 +479,17 @@ fn eval_scores_retrieval_by_generation() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["by_distance"].as_array().unwrap().len(), 4);
     assert_eq!(report["answers"], 16);
+    // The NSA run's two layers report whether they selected each answer's value block; a
+    // value under 16 tokens back lies in one of the two local blocks (l' = 16), which every
+    // selection holds.
+    assert!(text.contains("value's block selected"), "{text}");
+    let near = &report["by_distance"][0];
+    let answers = near["answers"].as_i64().unwrap();
+    assert!(answers > 0, "{report}");
+    assert_eq!(
+        near["value_block_selected"],
+        serde_json::json!([answers, answers])
+    );
     let e = err(&run(&strs(&[
         "eval", &dir, "--task", "needle", "--len", "5",
     ])));

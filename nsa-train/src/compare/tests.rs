@@ -52,6 +52,7 @@ fn report(run: &str, attention: &str, len: usize, accs: &[f64]) -> RetrievalRepo
             to: (i + 1) * w,
             answers: 100,
             correct: (a * 100.0).round() as i64,
+            value_block_selected: Vec::new(),
         })
         .collect();
     let correct = by_distance.iter().map(|b| b.correct).sum::<i64>();

@@ -49,12 +49,19 @@ pub fn recall_elimination_baseline(pairs: usize) -> f64 {
 }
 
 /// Answers whose distance falls in `[from, to)`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DistanceBucket {
     pub from: usize,
     pub to: usize,
     pub answers: i64,
     pub correct: i64,
+    /// NSA models, one count per NSA layer: the answers whose value token (the one after the
+    /// key's earlier occurrence, what the query retrieves) lay in a block that at least one
+    /// K/V group of that layer selected for the query. Says whether a miss beyond the window
+    /// is the selection's (the block was not chosen) or the attention's (it was, and the
+    /// answer is still wrong). Empty for dense models.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub value_block_selected: Vec<i64>,
 }
 
 impl DistanceBucket {
@@ -80,18 +87,29 @@ impl Retrieval {
         self.correct as f64 / self.answers.max(1) as f64
     }
 
-    /// Counts one answer at `distance` tokens from its key.
-    fn record(&mut self, distance: usize, correct: bool) {
+    /// Counts one answer.
+    fn record(&mut self, a: &Answer) {
         self.answers += 1;
-        self.correct += i64::from(correct);
+        self.correct += i64::from(a.correct);
         let b = self
             .by_distance
             .iter_mut()
             .rev()
-            .find(|b| b.from <= distance)
+            .find(|b| b.from <= a.distance)
             .expect("the first bucket starts at 0");
         b.answers += 1;
-        b.correct += i64::from(correct);
+        b.correct += i64::from(a.correct);
+        if b.value_block_selected.len() < a.value_block_selected.len() {
+            b.value_block_selected
+                .resize(a.value_block_selected.len(), 0);
+        }
+        for (n, &hit) in b
+            .value_block_selected
+            .iter_mut()
+            .zip(&a.value_block_selected)
+        {
+            *n += i64::from(hit);
+        }
     }
 }
 
@@ -140,20 +158,43 @@ impl RetrievalReport {
         }
     }
 
-    /// Accuracy by distance as a Markdown table.
+    /// Accuracy by distance as a Markdown table; for NSA models with a column of the
+    /// fraction of answers whose value's block was selected, per layer.
     pub fn table(&self) -> String {
-        let mut t = String::from(
-            "| distance (tokens) | answers | correct | accuracy |\n| --- | ---: | ---: | ---: |\n",
-        );
+        let layers = self
+            .by_distance
+            .iter()
+            .map(|b| b.value_block_selected.len())
+            .max()
+            .unwrap_or(0);
+        let mut t = String::from("| distance (tokens) | answers | correct | accuracy |");
+        if layers > 0 {
+            t.push_str(" value's block selected, layers 1… |");
+        }
+        t.push_str("\n| --- | ---: | ---: | ---: |");
+        if layers > 0 {
+            t.push_str(" --- |");
+        }
+        t.push('\n');
         for b in &self.by_distance {
             t.push_str(&format!(
-                "| {}–{} | {} | {} | {} |\n",
+                "| {}–{} | {} | {} | {} |",
                 b.from,
                 b.to,
                 b.answers,
                 b.correct,
                 b.accuracy().map_or("–".to_string(), |a| format!("{a:.3}"))
             ));
+            if layers > 0 {
+                let fractions: Vec<String> = (0..layers)
+                    .map(|l| match (b.value_block_selected.get(l), b.answers) {
+                        (Some(&n), a) if a > 0 => format!("{:.2}", n as f64 / a as f64),
+                        _ => "–".to_string(),
+                    })
+                    .collect();
+                t.push_str(&format!(" {} |", fractions.join(" ")));
+            }
+            t.push('\n');
         }
         t
     }
@@ -169,6 +210,7 @@ pub fn distance_buckets(len: usize, buckets: usize) -> Vec<DistanceBucket> {
             to: ((i + 1) * width).min(len),
             answers: 0,
             correct: 0,
+            value_block_selected: Vec::new(),
         })
         .filter(|b| b.from < b.to)
         .collect()
@@ -233,10 +275,8 @@ pub fn evaluate(
             break;
         }
         let batch = src.batch(batch_index, u64::MAX - 1, rows, len)?;
-        for (distance, correct) in
-            score_batch(run, &batch.input, &batch.target, &mut greedy, &opts)?
-        {
-            found.record(distance, correct);
+        for answer in score_batch(run, &batch.input, &batch.target, &mut greedy, &opts)? {
+            found.record(&answer);
         }
         found.sequences += rows;
         bar.set_position(found.sequences as u64);
@@ -246,15 +286,25 @@ pub fn evaluate(
     Ok(found)
 }
 
-/// (distance, correct) of every answer of one batch, `input` and `target` int64 `[B, L]` on
-/// the CPU.
+/// One scored answer.
+#[derive(Debug, Clone, PartialEq)]
+struct Answer {
+    /// Tokens from the key's earlier occurrence to the query (0: not found).
+    distance: usize,
+    correct: bool,
+    /// NSA models, per NSA layer: whether some K/V group selected the block of the value
+    /// token (the key's position + 1) for the query.
+    value_block_selected: Vec<bool>,
+}
+
+/// Every answer of one batch, `input` and `target` int64 `[B, L]` on the CPU.
 fn score_batch(
     run: &LoadedRun,
     input: &Tensor,
     target: &Tensor,
     greedy: &mut Sampler,
     opts: &nsa_attn::ForwardOpts,
-) -> Result<Vec<(usize, bool)>> {
+) -> Result<Vec<Answer>> {
     let (b, len) = (input.size()[0] as usize, input.size()[1] as usize);
     let tokens = Vec::<i64>::try_from(input.f_flatten(0, -1)?)?;
     let targets = Vec::<i64>::try_from(target.f_flatten(0, -1)?)?;
@@ -270,14 +320,26 @@ fn score_batch(
     let pre = run.model.prefill(&prompt, &lengths, len as i64, opts)?;
     let mut cache = pre.cache;
     let mut logits = pre.logits.f_select(1, first as i64)?;
+    // Each NSA layer's selected blocks for the token at t, int64 [B, Hkv, n] (−1 padded).
+    let mut blocks = pre
+        .blocks
+        .iter()
+        .map(|b| b.f_select(1, first as i64))
+        .collect::<Result<Vec<_>, _>>()?;
+    let block_len = run.model_cfg.nsa.select.select_len.max(1) as usize;
     let mut scored_answers = Vec::new();
     let vocab = run.model_cfg.vocab_size as usize;
     for t in first..len {
-        // One device→host copy of the batch's logits where any row answers.
-        let host = if (0..b).any(|row| scored(row, t)) {
-            host_row(&logits)?
+        // One device→host copy of the batch's logits (and selections) where any row answers.
+        let answering = (0..b).any(|row| scored(row, t));
+        let (host, host_blocks) = if answering {
+            let sel = blocks
+                .iter()
+                .map(|x| Ok(Vec::<i64>::try_from(x.f_flatten(0, -1)?)?))
+                .collect::<Result<Vec<_>>>()?;
+            (host_row(&logits)?, sel)
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         let next: Vec<i64> = (0..b)
             .map(|row| -> Result<i64> {
@@ -285,8 +347,21 @@ fn score_batch(
                     let guess = greedy.pick(&host[row * vocab..(row + 1) * vocab])?;
                     let answer = targets[row * len + t];
                     let row_tokens = &tokens[row * len..(row + 1) * len];
-                    let distance = key_position(row_tokens, t, answer).map_or(0, |p| t - p);
-                    scored_answers.push((distance, guess == answer));
+                    let key = key_position(row_tokens, t, answer);
+                    let value_block = key.map(|p| ((p + 1) / block_len) as i64);
+                    let value_block_selected = host_blocks
+                        .iter()
+                        .map(|sel| {
+                            let per_row = sel.len() / b;
+                            let row_ids = &sel[row * per_row..(row + 1) * per_row];
+                            value_block.is_some_and(|v| row_ids.contains(&v))
+                        })
+                        .collect();
+                    scored_answers.push(Answer {
+                        distance: key.map_or(0, |p| t - p),
+                        correct: guess == answer,
+                        value_block_selected,
+                    });
                     Ok(guess)
                 } else if t + 1 < len {
                     Ok(tokens[row * len + t + 1])
@@ -296,7 +371,9 @@ fn score_batch(
             })
             .collect::<Result<_>>()?;
         if t + 1 < len {
-            logits = run.model.decode_step(&mut cache, &next, opts)?.logits;
+            let step = run.model.decode_step(&mut cache, &next, opts)?;
+            logits = step.logits;
+            blocks = step.reads.into_iter().map(|r| r.blocks).collect();
         }
     }
     Ok(scored_answers)
@@ -319,23 +396,70 @@ mod tests {
             correct: 0,
             by_distance: b,
         };
-        for (d, ok) in [
-            (0, true),
-            (249, false),
-            (250, true),
-            (999, true),
-            (5000, false),
+        // Two NSA layers: whether each selected the value's block.
+        for (distance, correct, sel) in [
+            (0, true, [true, true]),
+            (249, false, [true, false]),
+            (250, true, [false, true]),
+            (999, true, [true, true]),
+            (5000, false, [false, false]),
         ] {
-            r.record(d, ok);
+            r.record(&Answer {
+                distance,
+                correct,
+                value_block_selected: sel.to_vec(),
+            });
         }
-        let counts: Vec<(i64, i64)> = r
+        let counts: Vec<(i64, i64, Vec<i64>)> = r
             .by_distance
             .iter()
-            .map(|b| (b.answers, b.correct))
+            .map(|b| (b.answers, b.correct, b.value_block_selected.clone()))
             .collect();
-        assert_eq!(counts, [(2, 1), (1, 1), (0, 0), (2, 1)]);
+        assert_eq!(
+            counts,
+            [
+                (2, 1, vec![2, 1]),
+                (1, 1, vec![0, 1]),
+                (0, 0, vec![]),
+                (2, 1, vec![1, 1])
+            ]
+        );
         assert_eq!((r.answers, r.correct), (5, 3));
         assert_eq!(r.by_distance[2].accuracy(), None);
+        let report = RetrievalReport {
+            run: "r".into(),
+            attention: "nsa".into(),
+            task: "recall".into(),
+            checkpoint_step: 1,
+            len: 1000,
+            trained_len: 1000,
+            sequences: 1,
+            answers: r.answers,
+            correct: r.correct,
+            accuracy: r.accuracy(),
+            by_distance: r.by_distance.clone(),
+        };
+        insta::assert_snapshot!(report.table());
+        // A dense model's answers carry no selection: no column, and none in the JSON.
+        let mut dense = Retrieval {
+            sequences: 1,
+            answers: 0,
+            correct: 0,
+            by_distance: distance_buckets(10, 1),
+        };
+        dense.record(&Answer {
+            distance: 3,
+            correct: true,
+            value_block_selected: Vec::new(),
+        });
+        let json = serde_json::to_string(&dense.by_distance[0]).unwrap();
+        assert!(!json.contains("value_block_selected"), "{json}");
+        assert!(!RetrievalReport {
+            by_distance: dense.by_distance,
+            ..report
+        }
+        .table()
+        .contains("selected"));
     }
 
     #[test]
