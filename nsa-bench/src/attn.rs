@@ -4,8 +4,8 @@
 //! Shape: the paper's attention (H = 64, Hkv = 4, dk = 192, dv = 128, l = 32, d = 16, l' = 64,
 //! n = 16, w = 512, MLP φ) with model width `--dim`, batch `--batch`, for each `--seq` length.
 //!
-//! Cases per sequence length (median of `--repeats` timed runs, after one warm-up run on CUDA,
-//! where the device is synchronised before each clock read):
+//! Cases per sequence length (median, min and max of `--repeats` timed runs, after one warm-up
+//! run on CUDA, where the device is synchronised before each clock read):
 //! - `nsa fwd`: the whole layer (projections, compression, selection, three branches, gates,
 //!   output projection) on the chosen path, without autograd;
 //! - `nsa fwd+bwd`: the same with autograd, then backward of `Σ out·g` (g fixed random) to the
@@ -44,7 +44,7 @@ pub struct AttnBenchArgs {
     /// Sequence lengths, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [8192, 16384, 32768, 65536])]
     seq: Vec<i64>,
-    /// Timed runs per case; the table shows the median [default: 5 after one warm-up run on
+    /// Timed runs per case; the table shows median (min–max) [default: 5 after one warm-up run on
     /// CUDA; 1 without warm-up on CPU, where the table is a smoke check].
     #[arg(long)]
     repeats: Option<usize>,
@@ -155,6 +155,9 @@ impl Case {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct CaseResult {
     median_ms: f64,
+    /// The fastest and slowest of the timed runs.
+    min_ms: f64,
+    max_ms: f64,
     /// Kernels / SDPA backend and variant that ran.
     kernel: String,
     /// Peak of libtorch's CUDA allocator during the case minus before it, GB (CUDA only).
@@ -320,12 +323,34 @@ fn repeats(args: &AttnBenchArgs, device: Device) -> usize {
     args.repeats.unwrap_or(if device.is_cuda() { 5 } else { 1 })
 }
 
-/// Median wall time in ms of the case's runs, after one warm-up run on CUDA (kernel loading,
+/// Wall times in ms of the case's runs, after one warm-up run on CUDA (kernel loading,
 /// allocator growth); CPU runs are not warmed up.
-fn time_median(device: Device, repeats: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
-    Ok(crate::time_runs(device, repeats, device.is_cuda(), f)?
-        .0
-        .median)
+fn time_case(
+    device: Device,
+    repeats: usize,
+    f: impl FnMut() -> Result<()>,
+) -> Result<crate::Timing> {
+    Ok(crate::time_runs(device, repeats, device.is_cuda(), f)?.0)
+}
+
+impl CaseResult {
+    fn new(t: crate::Timing, kernel: String) -> Self {
+        CaseResult {
+            median_ms: t.median,
+            min_ms: t.min,
+            max_ms: t.max,
+            kernel,
+            peak_gb: None,
+        }
+    }
+
+    fn timing(&self) -> crate::Timing {
+        crate::Timing {
+            median: self.median_ms,
+            min: self.min_ms,
+            max: self.max_ms,
+        }
+    }
 }
 
 /// The benchmarked layer: the paper's shape with the MLP φ 256 wide, the width BENCHMARKS.md's
@@ -359,15 +384,15 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
             };
             let kernel = attn.audit(path, device, kind)?.to_string();
             let x = Tensor::f_randn([args.batch, seq, args.dim], (kind, device))?;
-            let median_ms = match case {
-                Case::NsaFwd => time_median(device, repeats(args, device), || {
+            let timing = match case {
+                Case::NsaFwd => time_case(device, repeats(args, device), || {
                     let _out = tch::no_grad(|| attn.forward(&x, &opts))?;
                     Ok(())
                 })?,
                 Case::NsaFwdBwd => {
                     let x = x.f_set_requires_grad(true)?;
                     let g = Tensor::f_randn([args.batch, seq, args.dim], (kind, device))?;
-                    time_median(device, repeats(args, device), || {
+                    time_case(device, repeats(args, device), || {
                         let out = attn.forward(&x, &opts)?;
                         out.f_mul(&g)?.f_sum(Kind::Float)?.f_backward()?;
                         Ok(())
@@ -375,17 +400,13 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
                 }
                 _ => {
                     let p = tch::no_grad(|| attn.project(&x))?;
-                    time_median(device, repeats(args, device), || {
+                    time_case(device, repeats(args, device), || {
                         let _blocks = attn.select(&p, path, nsa_select::SelectImpl::Vectorized)?;
                         Ok(())
                     })?
                 }
             };
-            Ok(CaseResult {
-                median_ms,
-                kernel,
-                peak_gb: None,
-            })
+            Ok(CaseResult::new(timing, kernel))
         }
         Case::DenseFwd | Case::DenseFwdBwd => {
             let (b, h, g) = (args.batch, cfg.heads, cfg.kv_heads);
@@ -400,7 +421,7 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
             let dense = DenseVariant::choose(&q, &k, &v)?;
             let kernel = format!("SDPA {} ({})", dense.backend, dense.description);
             let grad = Tensor::f_randn([b, h, seq, dv], (kind, device))?;
-            let median_ms = time_median(device, repeats(args, device), || {
+            let timing = time_case(device, repeats(args, device), || {
                 if backward {
                     let out = dense.run(&q, &k, &v)?;
                     out.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
@@ -409,11 +430,7 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
                 }
                 Ok(())
             })?;
-            Ok(CaseResult {
-                median_ms,
-                kernel,
-                peak_gb: None,
-            })
+            Ok(CaseResult::new(timing, kernel))
         }
     }
 }
@@ -510,7 +527,8 @@ fn render(rows: &[Row], device: Device, args: &AttnBenchArgs) -> String {
          Command: `nsa-train bench attn --path {} --device {} --seq {} --repeats {} --dtype {} \
          --dim {} --batch {} --chunk {}`  \n\
          Device: {}; dtype {}; B = {}, dim = {}, H = {}, Hkv = {}, dk = {}, dv = {}, l = {}, \
-         d = {}, l' = {}, n = {}, w = {}, φ = MLP; median of {} runs{}.  \n\
+         d = {}, l' = {}, n = {}, w = {}, φ = MLP; ms: median (min–max) of {} runs{}; the \
+         ratio to dense from the medians.  \n\
          NSA rows time the whole layer (projections, compression, selection, branches, gates, \
          W_o); dense rows time SDPA alone. Peak memory: libtorch's CUDA allocator peak during \
          the case minus before it (own process per case; the CUDA context is not included).\n\n",
@@ -546,9 +564,7 @@ fn render(rows: &[Row], device: Device, args: &AttnBenchArgs) -> String {
             ", no warm-up"
         },
     ));
-    s.push_str(
-        "| S | case | median ms | dense ms / this | peak GPU mem GB | kernels / SDPA backend |\n",
-    );
+    s.push_str("| S | case | ms | dense ms / this | peak GPU mem GB | kernels / SDPA backend |\n");
     s.push_str("| ---: | --- | ---: | ---: | ---: | --- |\n");
     for row in rows {
         let dense_of = |case: Case| {
@@ -567,7 +583,7 @@ fn render(rows: &[Row], device: Device, args: &AttnBenchArgs) -> String {
                 let ratio = baseline
                     .map(|d| format!("{:.2}", d / r.median_ms))
                     .unwrap_or_else(|| "".into());
-                (format!("{:.2}", r.median_ms), ratio, r.kernel.clone())
+                (r.timing().cell(), ratio, r.kernel.clone())
             }
             Err(e) => ("failed".into(), String::new(), e.clone()),
         };

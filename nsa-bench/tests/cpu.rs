@@ -60,7 +60,16 @@ fn select_bench_runs_and_vectorized_agrees_with_reference() {
 
 #[test]
 fn attn_bench_runs_every_case() {
-    let flags = ["--seq", "96", "--dim", "64", "--dtype", "f32"];
+    let flags = [
+        "--seq",
+        "96",
+        "--dim",
+        "64",
+        "--dtype",
+        "f32",
+        "--repeats",
+        "3",
+    ];
     let table = table_of(attn::run, &flags);
     for case in [
         "nsa fwd",
@@ -69,9 +78,21 @@ fn attn_bench_runs_every_case() {
         "dense fwd",
         "dense fwd+bwd",
     ] {
+        let prefix = format!("| 96 | {case} | ");
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("{case}: {table}"));
+        // "median (min–max)" of the 3 runs.
+        let cell = row[prefix.len()..].split(" |").next().unwrap();
+        let ms: Vec<f64> = cell
+            .split([' ', '(', '–', ')'])
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().unwrap_or_else(|_| panic!("{cell}: {table}")))
+            .collect();
         assert!(
-            table.contains(&format!("| 96 | {case} | ")),
-            "{case}: {table}"
+            ms.len() == 3 && ms[1] <= ms[0] && ms[0] <= ms[2],
+            "{case}: {cell}"
         );
     }
     assert!(!table.contains("failed"), "{table}");
