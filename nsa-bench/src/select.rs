@@ -7,8 +7,8 @@
 //! - `long`: B = 1, S = 8k / 32k / 64k, the paper's l = 32, d = 16, l' = 64, n = 16, G = 4 and
 //!   H = 64 (h = 16), processed in query chunks.
 //!
-//! Measurements (median of `--repeats` timed runs after one warm-up; CUDA is synchronised
-//! before the clock is read):
+//! Measurements (median, min and max of `--repeats` timed runs after one warm-up; CUDA is
+//! synchronised before the clock is read):
 //! - `select+ranges`: `select_blocks` then `ranges_from_blocks`, from block scores;
 //! - `pipeline H=64`: `block_scores` (group sum over 16 heads, overlap mapping) → select →
 //!   ranges from all-head `p_cmp`, through `select_chunked`;
@@ -80,7 +80,8 @@ enum Shapes {
 struct Row {
     shape: String,
     imp: &'static str,
-    median_ms: Option<f64>,
+    /// Wall times, ms (`None`: not run).
+    ms: Option<crate::Timing>,
     speedup: String,
     notes: String,
     /// Whether the vectorized outputs equal the reference's (vectorized rows that were compared).
@@ -401,12 +402,12 @@ fn gb(bytes: i64) -> f64 {
 /// A timing and the outputs of the last timed run.
 #[derive(Debug)]
 struct Timed {
-    median_ms: f64,
+    ms: crate::Timing,
     outputs: Outputs,
 }
 
-/// Median wall time in ms of `repeats` runs of `f` (after one untimed warm-up if `warm_up`),
-/// and the outputs of the last run.
+/// Wall times in ms of `repeats` runs of `f` (after one untimed warm-up if `warm_up`), and the
+/// outputs of the last run.
 fn time_median(
     device: Device,
     repeats: usize,
@@ -415,7 +416,7 @@ fn time_median(
 ) -> Result<Timed> {
     let (timing, outputs) = crate::time_runs(device, repeats, warm_up, f)?;
     Ok(Timed {
-        median_ms: timing.median,
+        ms: timing,
         outputs,
     })
 }
@@ -460,17 +461,17 @@ fn time_pair(
         Row {
             shape: shape.clone(),
             imp: "reference",
-            median_ms: Some(reference.median_ms),
+            ms: Some(reference.ms),
             speedup: "1×".into(),
-            notes: format!("median of {repeats}"),
+            notes: format!("{repeats} runs"),
             agrees: None,
         },
         Row {
             shape,
             imp: "vectorized",
-            median_ms: Some(vectorized.median_ms),
-            speedup: format!("{:.1}×", reference.median_ms / vectorized.median_ms),
-            notes: format!("median of {repeats}{note}"),
+            ms: Some(vectorized.ms),
+            speedup: format!("{:.1}×", reference.ms.median / vectorized.ms.median),
+            notes: format!("{repeats} runs{note}"),
             agrees,
         },
     ])
@@ -487,12 +488,12 @@ fn long_pair(
         Some(reference) => agreement_note(reference, &vectorized)?,
         None => (None, ""),
     };
-    let reference_ms = reference.as_ref().map(|r| r.median_ms);
+    let reference_ms = reference.as_ref().map(|r| r.ms);
     Ok(vec![
         Row {
             shape: shape.clone(),
             imp: "reference",
-            median_ms: reference_ms,
+            ms: reference_ms,
             speedup: if reference_ms.is_some() {
                 "1×".into()
             } else {
@@ -508,11 +509,11 @@ fn long_pair(
         Row {
             shape,
             imp: "vectorized",
-            median_ms: Some(vectorized.median_ms),
+            ms: Some(vectorized.ms),
             speedup: reference_ms.map_or("—".into(), |r| {
-                format!("{:.1}×", r / vectorized.median_ms)
+                format!("{:.1}×", r.median / vectorized.ms.median)
             }),
-            notes: format!("median of {}{note}", args.repeats),
+            notes: format!("{} runs{note}", args.repeats),
             agrees,
         },
     ])
@@ -530,12 +531,12 @@ fn render(
         "\n### nsa-select: reference loops vs vectorized ({device})\n\n"
     ));
     text.push_str(&format!("Command: `{}`\n\n", host.command_line));
-    text.push_str("| shape | device | impl | median ms | speedup | notes |\n");
+    text.push_str("| shape | device | impl | ms, median (min–max) | speedup (medians) | notes |\n");
     text.push_str("| --- | --- | --- | ---: | ---: | --- |\n");
     for row in rows {
-        let ms = row
-            .median_ms
-            .map_or("skipped".into(), |ms| format!("{ms:.3}"));
+        let ms = row.ms.map_or("skipped".into(), |t| {
+            format!("{:.3} ({:.3}–{:.3})", t.median, t.min, t.max)
+        });
         text.push_str(&format!(
             "| {} | {device} | {} | {ms} | {} | {} |\n",
             row.shape, row.imp, row.speedup, row.notes

@@ -42,7 +42,25 @@ fn table_of<A: clap::Args>(
 
 #[test]
 fn select_bench_runs_and_vectorized_agrees_with_reference() {
-    let table = table_of(select::run, &["--shapes", "small", "--repeats", "1"]);
+    let table = table_of(select::run, &["--shapes", "small", "--repeats", "2"]);
+    // Every timed cell is "median (min–max)" with min ≤ median ≤ max.
+    let cells: Vec<Vec<f64>> = table
+        .lines()
+        .filter(|l| l.contains(" | reference | ") || l.contains(" | vectorized | "))
+        .map(|l| {
+            l.split(" | ")
+                .nth(3)
+                .unwrap()
+                .split([' ', '(', '–', ')'])
+                .filter(|x| !x.is_empty())
+                .map(|x| x.parse().unwrap_or_else(|_| panic!("{l}")))
+                .collect()
+        })
+        .collect();
+    assert!(cells.len() >= 2, "{table}");
+    for ms in &cells {
+        assert!(ms.len() == 3 && ms[1] <= ms[0] && ms[0] <= ms[2], "{table}");
+    }
     assert!(
         table.contains("### nsa-select: reference loops vs vectorized (cpu"),
         "{table}"

@@ -78,13 +78,20 @@ fn one(
     )
 }
 
-fn median_tokens_per_s(s: &Summary) -> Result<f64> {
-    let lines = crate::metrics::read(&s.run_dir.join("metrics.jsonl"))?;
-    let mut v: Vec<f64> = lines.iter().skip(3).map(|l| l.tokens_per_s).collect();
-    if v.is_empty() {
-        v = lines.iter().map(|l| l.tokens_per_s).collect();
+/// Tokens/s of the timed steps (the metrics lines after the 3 warm-up steps; all of them when
+/// there are no more): median, min and max.
+fn tokens_per_s(lines: &[crate::metrics::MetricLine]) -> Option<nsa_bench::Timing> {
+    let timed: Vec<f64> = lines.iter().skip(3).map(|l| l.tokens_per_s).collect();
+    if timed.is_empty() {
+        nsa_bench::Timing::of(lines.iter().map(|l| l.tokens_per_s).collect())
+    } else {
+        nsa_bench::Timing::of(timed)
     }
-    Ok(nsa_bench::median(v).unwrap_or(0.0))
+}
+
+/// `median (min–max)` of tokens/s, whole tokens.
+fn tokens_per_s_cell(t: &nsa_bench::Timing) -> String {
+    format!("{:.0} ({:.0}–{:.0})", t.median, t.min, t.max)
 }
 
 pub fn run(a: TrainBenchArgs) -> Result<()> {
@@ -101,7 +108,7 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
     // Every row is printed; the command still fails when any configuration did.
     let mut failures = 0usize;
     let mut table = String::from(
-        "| preset | S | batch | attention | tokens/s (median) | peak memory (MB) | NSA / dense |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "| preset | S | batch | attention | tokens/s, median (min–max) of the timed steps | peak memory (MB) | NSA / dense (medians) |\n| --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let seqs: &[usize] = if a.steps == 0 { &[] } else { &a.seq };
     for &seq in seqs {
@@ -110,7 +117,13 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
         for attention in ["dense", "nsa"] {
             let cell = match one(&a, attention, seq, batch, a.steps + 3, "needle", &[]) {
                 Ok(s) => {
-                    let tps = median_tokens_per_s(&s)?;
+                    let lines = crate::metrics::read(&s.run_dir.join("metrics.jsonl"))?;
+                    let timing = tokens_per_s(&lines).unwrap_or(nsa_bench::Timing {
+                        median: 0.0,
+                        min: 0.0,
+                        max: 0.0,
+                    });
+                    let tps = timing.median;
                     let ratio = match (attention, dense_tps) {
                         ("nsa", Some(d)) if d > 0.0 => format!("{:.2}×", tps / d),
                         _ => String::new(),
@@ -118,7 +131,11 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                     if attention == "dense" {
                         dense_tps = Some(tps);
                     }
-                    format!("{tps:.0} | {:.0} | {ratio}", s.peak_mem_mb)
+                    format!(
+                        "{} | {:.0} | {ratio}",
+                        tokens_per_s_cell(&timing),
+                        s.peak_mem_mb
+                    )
                 }
                 Err(e) => {
                     failures += 1;
@@ -178,4 +195,42 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
         "{failures} benchmark configuration(s) failed (see the table)"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::MetricLine;
+
+    fn line(step: u64, tokens_per_s: f64) -> MetricLine {
+        MetricLine {
+            step,
+            tokens: None,
+            loss: 1.0,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens_per_s,
+            step_ms: 1.0,
+            peak_mem_mb: 0.0,
+            skipped_steps: 0,
+            eval_loss: None,
+            eval_accuracy: None,
+            sync_ms: None,
+            mfu: None,
+        }
+    }
+
+    #[test]
+    fn throughput_skips_the_warm_up_steps_and_shows_the_spread() {
+        // Warm-up steps (slow first, compiling) are left out of the timed steps.
+        let speeds = [10.0, 20.0, 30.0, 1004.0, 998.0, 1001.0, 1010.0, 990.0];
+        let lines: Vec<MetricLine> = (1..).zip(speeds).map(|(s, t)| line(s, t)).collect();
+        let t = tokens_per_s(&lines).unwrap();
+        assert_eq!((t.median, t.min, t.max), (1001.0, 990.0, 1010.0));
+        assert_eq!(tokens_per_s_cell(&t), "1001 (990–1010)");
+        // A run of warm-up steps alone still reports them.
+        let t = tokens_per_s(&lines[..2]).unwrap();
+        assert_eq!((t.median, t.min, t.max), (20.0, 10.0, 20.0));
+        assert!(tokens_per_s(&[]).is_none());
+    }
 }
