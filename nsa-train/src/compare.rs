@@ -283,29 +283,42 @@ pub fn plot_series(
             .margin(MARGIN)
             .x_label_area_size(44)
             .y_label_area_size(64);
+        // Where each value sits on the drawn y axis, 0 (bottom) to 1 (top), for the legend.
+        let linear = |a: f64, b: f64| move |v: f64| (v - a) / (b - a);
         match y_fixed {
-            Some((a, b)) => draw(&mut builder, max_x, a..b, false, axes, series, true)?,
-            None if lo > hi => draw(&mut builder, max_x, 0.0..1.0, false, axes, series, false)?,
-            None if spans_decades(lo, hi) => draw(
+            Some((a, b)) => {
+                let corner = legend_corner(series, max_x, linear(a, b));
+                draw(&mut builder, max_x, a..b, false, axes, series, corner)?
+            }
+            None if lo > hi => draw(
                 &mut builder,
                 max_x,
-                (lo * 0.9..hi * 1.1).log_scale(),
-                true,
+                0.0..1.0,
+                false,
                 axes,
                 series,
-                false,
+                SeriesLabelPosition::UpperRight,
             )?,
-            None => {
-                let pad = ((hi - lo) * 0.05).max(1e-3);
+            None if spans_decades(lo, hi) => {
+                let (a, b) = (lo * 0.9, hi * 1.1);
+                let corner = legend_corner(series, max_x, |v: f64| {
+                    (v.ln() - a.ln()) / (b.ln() - a.ln())
+                });
                 draw(
                     &mut builder,
                     max_x,
-                    lo - pad..hi + pad,
-                    false,
+                    (a..b).log_scale(),
+                    true,
                     axes,
                     series,
-                    false,
+                    corner,
                 )?
+            }
+            None => {
+                let pad = ((hi - lo) * 0.05).max(1e-3);
+                let (a, b) = (lo - pad, hi + pad);
+                let corner = legend_corner(series, max_x, linear(a, b));
+                draw(&mut builder, max_x, a..b, false, axes, series, corner)?
             }
         }
         root.present().map_err(|e| anyhow!("{e}"))?;
@@ -321,7 +334,7 @@ fn draw<Y>(
     log: bool,
     (x_desc, y_desc): (&str, &str),
     series: &[Series],
-    bounded: bool,
+    legend: SeriesLabelPosition,
 ) -> Result<()>
 where
     Y: AsRangedCoord<Value = f64>,
@@ -364,13 +377,7 @@ where
     }
     chart
         .configure_series_labels()
-        // Losses fall to the lower right and accuracies sit high: the legend goes where the
-        // lines are not.
-        .position(if bounded {
-            SeriesLabelPosition::LowerLeft
-        } else {
-            SeriesLabelPosition::UpperRight
-        })
+        .position(legend)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
@@ -380,3 +387,53 @@ where
 
 #[cfg(test)]
 mod tests;
+
+/// The corner for the legend: the one whose legend-sized box (about 40 % of the plot's width,
+/// a line of height per entry) covers the fewest points of the lines, each segment sampled
+/// along its length; ties go to the earlier of upper right, upper left, lower right, lower
+/// left. `y_unit` maps a value to its height on the drawn axis, 0 to 1.
+pub(crate) fn legend_corner(
+    series: &[Series],
+    max_x: u64,
+    y_unit: impl Fn(f64) -> f64,
+) -> SeriesLabelPosition {
+    const SAMPLES: usize = 16;
+    let (w, h) = (0.42, (0.05 + 0.045 * series.len() as f64).min(0.9));
+    let mut points = Vec::new();
+    for s in series {
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .filter(|p| p.1.is_finite())
+            .map(|&(x, y)| (x as f64 / max_x.max(1) as f64, y_unit(y)))
+            .collect();
+        points.extend(pts.first().copied());
+        for pair in pts.windows(2) {
+            let ((x0, y0), (x1, y1)) = (pair[0], pair[1]);
+            points.extend((1..=SAMPLES).map(|k| {
+                let f = k as f64 / SAMPLES as f64;
+                (x0 + f * (x1 - x0), y0 + f * (y1 - y0))
+            }));
+        }
+    }
+    let corners = [
+        (SeriesLabelPosition::UpperRight, true, true),
+        (SeriesLabelPosition::UpperLeft, true, false),
+        (SeriesLabelPosition::LowerRight, false, true),
+        (SeriesLabelPosition::LowerLeft, false, false),
+    ];
+    let covered = |&(_, upper, right): &(SeriesLabelPosition, bool, bool)| {
+        points
+            .iter()
+            .filter(|&&(x, y)| {
+                let in_x = if right { x >= 1.0 - w } else { x <= w };
+                let in_y = if upper { y >= 1.0 - h } else { y <= h };
+                in_x && in_y
+            })
+            .count()
+    };
+    corners
+        .iter()
+        .min_by_key(|c| covered(c))
+        .map_or(SeriesLabelPosition::UpperRight, |c| c.0.clone())
+}

@@ -182,3 +182,32 @@ fn axis_choice_follows_the_values() {
     }];
     plot_series(&empty, "empty", ("a", "b"), None, &dir.path().join("e.png")).unwrap();
 }
+
+/// The legend goes to the corner the lines leave free.
+#[test]
+fn the_legend_avoids_the_lines() {
+    let line = |label: &str, points: &[(u64, f64)]| Series {
+        label: label.into(),
+        points: points.to_vec(),
+    };
+    let unit = |v: f64| v;
+    let corner = |series: &[Series]| legend_corner(series, 1000, unit);
+    // Losses falling from the upper left to the lower right: the upper right is free.
+    let falling = [line("a", &[(0, 0.95), (500, 0.3), (1000, 0.05)])];
+    assert!(matches!(corner(&falling), SeriesLabelPosition::UpperRight));
+    // Accuracies high everywhere: a lower corner.
+    let high = [
+        line("a", &[(0, 0.97), (1000, 0.99)]),
+        line("b", &[(0, 0.9), (1000, 0.95)]),
+    ];
+    assert!(matches!(corner(&high), SeriesLabelPosition::LowerRight));
+    // This session's recall plot: dense high to the middle then low, NSA high at the start then
+    // low everywhere. The lower left (where the legend used to go for accuracies) hides NSA.
+    let mixed = [
+        line("dense", &[(0, 1.0), (500, 1.0), (600, 0.2), (1000, 0.15)]),
+        line("nsa", &[(0, 0.8), (100, 0.15), (1000, 0.2)]),
+        line("nsa-4x", &[(0, 0.2), (200, 0.05), (1000, 0.03)]),
+    ];
+    let c = corner(&mixed);
+    assert!(matches!(c, SeriesLabelPosition::UpperRight), "{c:?}");
+}
