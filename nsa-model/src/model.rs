@@ -199,6 +199,18 @@ impl Model {
     /// reads only whether the path is fused (then RoPE runs on its CUDA kernel). Position `t`'s
     /// logits depend on tokens `0..=t` only.
     pub fn forward(&self, tokens: &Tensor, opts: &ForwardOpts) -> Result<Tensor, ModelError> {
+        Ok(self
+            .forward_hidden(tokens, opts)?
+            .f_matmul(&self.embed.f_tr()?)?)
+    }
+
+    /// [`Model::forward`] up to the head: the final norm's output `[B, S, D]`, which a loss
+    /// that applies the head itself (`nsa_sys::loss`) takes with [`Model::head_weight`].
+    pub fn forward_hidden(
+        &self,
+        tokens: &Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<Tensor, ModelError> {
         let s = self.check_tokens(tokens)?;
         let mut h = Tensor::f_embedding(&self.embed, tokens, -1, false, false)?;
         let rope = match self.cfg.attention {
@@ -218,7 +230,12 @@ impl Model {
         for block in &self.blocks {
             h = block.forward(&h, opts, rope.as_ref())?;
         }
-        self.head(&h)
+        self.final_norm.forward(&h)
+    }
+
+    /// The tied output head's weight, `[V, D]` (the embedding): `logits = forward_hidden · Wᵀ`.
+    pub fn head_weight(&self) -> &Tensor {
+        &self.embed
     }
 
     /// Final norm and the tied head: hidden states `[B, S, D]` → logits `[B, S, V]`.

@@ -17,6 +17,8 @@
 //!   data-parallel rendezvous (torchrun's agent hosts one for its workers).
 //! - [`optim`]: libtorch's multi-tensor optimizer kernels (fused AdamW, gradient norm, zeroing).
 //! - [`train`]: NVTX ranges, bf16 autocast, the Kineto profiler, CUDA allocator statistics.
+//! - [`loss`]: the output head and its cross-entropy in one autograd function, chunked over the
+//!   rows (no `[N, V]` logits).
 //! - C++ glue in `glue/*.cpp`, compiled by `build.rs` against the same libtorch headers.
 //!
 //! Tensor layouts: functions that take tensors say so in their doc comment.
@@ -27,6 +29,7 @@ pub mod driver;
 pub mod facts;
 pub mod fused;
 mod glue;
+pub mod loss;
 pub mod mmap;
 pub mod nccl;
 pub mod nvrtc;

@@ -127,6 +127,11 @@ pub struct FastPaths {
     /// DDP timeout in seconds: rendezvous, and any collective (a dead or hung rank makes the
     /// others fail with an error after this long instead of hanging).
     pub ddp_timeout_s: f64,
+    /// The training loss applies the output head itself, over chunks of rows
+    /// (`nsa_sys::loss`): no `[B·S, V]` logits in float32 (6.6 GB each for the logits, their
+    /// log-softmax and gradients at 32,768 tokens of `125m`). Off: logits, then libtorch's
+    /// cross-entropy. Evaluation always takes the logits (it scores answers from them).
+    pub fused_loss: bool,
 }
 
 impl Default for FastPaths {
@@ -140,6 +145,7 @@ impl Default for FastPaths {
             ddp_bucket_mb: 25.0,
             ddp_overlap: true,
             ddp_timeout_s: 600.0,
+            fused_loss: false,
         }
     }
 }

@@ -21,6 +21,27 @@ fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// `fast.fused_loss` (the head and its loss chunked, no logits) trains as the plain path does:
+/// the same losses to float32 rounding over the first steps (the plain path reduces the
+/// logits in one pass, the fused one in chunks).
+#[test]
+fn the_fused_loss_trains_like_the_plain_path() {
+    let tmp = scratch("nsa-train-cli-fused-loss-");
+    let out = tmp.path();
+    let mut plain = strs(&["train"]);
+    plain.extend(tiny(out, "plain", 4));
+    ok(&run(&plain));
+    let mut fused = strs(&["train", "--set", "fast.fused_loss=true"]);
+    fused.extend(tiny(out, "fused", 4));
+    ok(&run(&fused));
+    let (a, b) = (losses(&out.join("plain")), losses(&out.join("fused")));
+    assert_eq!(a.len(), 4);
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        let (x, y) = (f64::from_bits(*x), f64::from_bits(*y));
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "step {step}: {x} vs {y}");
+    }
+}
+
 #[test]
 fn resume_continues_bit_exactly() {
     let tmp = tempfile::Builder::new()

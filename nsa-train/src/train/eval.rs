@@ -28,6 +28,15 @@ pub(super) struct Forward {
     pub(super) device: Device,
     pub(super) bf16: bool,
     pub(super) nvtx: bool,
+    /// `fast.fused_loss`: the training loss applies the head itself, chunked
+    /// ([`Forward::loss`]).
+    pub(super) fused_loss: bool,
+}
+
+/// Rows per chunk of the fused head + loss: about 2^27 logits (512 MB in float32) at a time,
+/// 2,668 rows over the 50,304-token vocabulary.
+fn fused_loss_chunk(vocab: i64) -> i64 {
+    ((1i64 << 27) / vocab.max(1)).max(64)
 }
 
 impl Forward {
@@ -40,6 +49,34 @@ impl Forward {
             run()
         };
         Ok(out?)
+    }
+
+    /// The training loss of a batch: the mean cross-entropy over its scored positions, in
+    /// float32. With `fast.fused_loss` the head and the loss run as one function over chunks
+    /// of rows (`nsa_sys::loss`: no `[B·S, V]` logits); otherwise logits, then [`loss_of`].
+    pub(super) fn loss(&self, model: &Model, input: &Tensor, target: &Tensor) -> Result<Tensor> {
+        if !self.fused_loss {
+            return Ok(loss_of(&self.logits(model, input)?, target));
+        }
+        let hidden = {
+            let _r = NvtxRange::new(self.nvtx, "forward");
+            let run = || model.forward_hidden(input, &self.opts);
+            if self.bf16 {
+                nsa_sys::train::with_bf16_autocast(run)
+            } else {
+                run()
+            }?
+        };
+        let w = model.head_weight();
+        let d = hidden.size().last().copied().unwrap_or(1);
+        Ok(nsa_sys::loss::linear_cross_entropy(
+            &hidden.f_reshape([-1, d])?,
+            w,
+            &target.f_reshape([-1])?,
+            IGNORE,
+            fused_loss_chunk(w.size()[0]),
+            self.bf16,
+        )?)
     }
 
     /// Mean loss and answer accuracy over `n` held-out batches; `None` when a stop request
@@ -99,6 +136,7 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
         device: run.device,
         bf16,
         nvtx: false,
+        fused_loss: false,
     };
     let (loss, acc) = fwd
         .evaluate(&run.model, eval_src.as_ref(), cfg, batches, None)?

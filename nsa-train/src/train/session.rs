@@ -224,6 +224,7 @@ impl<'a> Session<'a> {
                 device,
                 bf16,
                 nvtx: cfg.fast.nvtx,
+                fused_loss: cfg.fast.fused_loss,
             },
             sdpa_audit,
             flops: per_token,

@@ -10,7 +10,6 @@ use nsa_sys::train::NvtxRange;
 
 use super::device_index;
 use super::dist::agreed_stop;
-use super::eval::loss_of;
 use super::session::Session;
 use crate::data::Batch;
 use crate::metrics::{MetricLine, MetricsWriter};
@@ -200,8 +199,7 @@ impl Session<'_> {
                     cfg.data.seq_len,
                 )?
                 .to(self.device);
-            let logits = self.fwd.logits(&self.model, &input)?;
-            let loss = loss_of(&logits, &target) / cfg.optim.grad_accum as f64;
+            let loss = self.fwd.loss(&self.model, &input, &target)? / cfg.optim.grad_accum as f64;
             if micro + 1 == cfg.optim.grad_accum {
                 if let Some(d) = self.dist.as_mut() {
                     // This backward's gradients are final: buckets may be reduced as they fill.

@@ -1,0 +1,109 @@
+// Linear + cross-entropy in one autograd function, chunk by chunk over the rows: the language
+// model's output head and its loss without the [N, V] logits.
+//
+// Computes mean over the scored rows (target != ignore) of
+//   logsumexp(h_i · W^T) − (h_i · W^T)[target_i]
+// for h [N, D] and W [V, D]. The plain path (logits = h · W^T, then cross-entropy in float32)
+// holds the float32 logits [N, V], their log-softmax for backward and the gradient of each:
+// 6.6 GB apiece for 32,768 tokens over a 50,304-token vocabulary. Here each chunk of rows makes
+// its logits, log-sum-exp, loss and the gradient of its logits, and multiplies that gradient
+// into dh (its rows) and dW (summed over chunks in float32) at once. Since the loss ends the
+// graph, its gradient with respect to h and W is known in forward; backward scales the saved
+// dh and dW by the incoming gradient of the loss. Peak extra memory: one chunk's logits in
+// float32 and in the matmul dtype, plus dh and a float32 dW.
+//
+// Arithmetic: matmuls in `compute` (bfloat16 under the trainer's bf16 autocast, else float32),
+// logits, log-sum-exp and the logits' gradient in float32, the gradient cast to `compute` for
+// its two matmuls, dW accumulated in float32. The count of scored rows stays on the device (no
+// host synchronisation); no scored row gives NaN, as libtorch's cross-entropy does.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "launch.h"
+
+#include <algorithm>
+
+namespace {
+
+using at::Tensor;
+using nsa_glue::write_error;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> {
+  static Tensor forward(AutogradContext* ctx, Tensor h, Tensor w, Tensor target, int64_t ignore,
+                        int64_t chunk, bool bf16) {
+    const auto compute = bf16 ? at::kBFloat16 : at::kFloat;
+    const auto hc = h.to(compute);
+    const auto wc = w.to(compute);
+    const int64_t n = h.size(0);
+    const auto scored = target.ne(ignore);
+    // 1 / (number of scored rows): inf when there is none, so the loss is NaN (0 · inf).
+    const auto inv = scored.sum().to(at::kFloat).reciprocal();
+    auto dh = at::empty(h.sizes(), h.options().dtype(compute));
+    auto dw = at::zeros(w.sizes(), w.options().dtype(at::kFloat));
+    auto loss = at::zeros({}, h.options().dtype(at::kFloat));
+    for (int64_t start = 0; start < n; start += chunk) {
+      const int64_t rows = std::min(chunk, n - start);
+      const auto hs = hc.narrow(0, start, rows);
+      const auto ts = target.narrow(0, start, rows);
+      const auto keep = scored.narrow(0, start, rows);
+      // Ignored rows point at class 0; their loss and gradient are multiplied by 0.
+      const auto index = ts.masked_fill(keep.logical_not(), 0).unsqueeze(1);
+      auto logits = at::matmul(hs, wc.t()).to(at::kFloat);  // [rows, V]
+      const auto lse = logits.logsumexp(1, /*keepdim=*/true);
+      const auto picked = logits.gather(1, index);
+      const auto weight = keep.to(at::kFloat).unsqueeze(1);
+      loss.add_(((lse - picked) * weight).sum());
+      // d loss / d logits = (softmax − one-hot) · weight / count, in the logits' buffer.
+      logits.sub_(lse).exp_();
+      logits.scatter_add_(1, index, at::full_like(picked, -1.0));
+      logits.mul_(weight * inv);
+      const auto g = logits.to(compute);
+      dh.narrow(0, start, rows).copy_(at::matmul(g, wc));
+      dw.add_(at::matmul(g.t(), hs).to(at::kFloat));
+    }
+    loss.mul_(inv);
+    ctx->save_for_backward({dh, dw});
+    ctx->saved_data["h_type"] = static_cast<int64_t>(h.scalar_type());
+    ctx->saved_data["w_type"] = static_cast<int64_t>(w.scalar_type());
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto g = grads[0].to(at::kFloat);
+    const auto h_type = static_cast<at::ScalarType>(ctx->saved_data["h_type"].toInt());
+    const auto w_type = static_cast<at::ScalarType>(ctx->saved_data["w_type"].toInt());
+    auto dh = (saved[0].to(at::kFloat) * g).to(h_type);
+    auto dw = (saved[1] * g).to(w_type);
+    return {dh, dw, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// The mean cross-entropy of h · W^T against target over the rows whose target is not `ignore`
+// (shapes and dtypes checked by the Rust caller, repeated here): a new at::Tensor* (a float32
+// scalar; ownership to the caller), or nullptr with a message in err.
+at::Tensor* nsa_linear_cross_entropy(const at::Tensor* h, const at::Tensor* w,
+                                     const at::Tensor* target, int64_t ignore, int64_t chunk,
+                                     int bf16, char* err, size_t err_len) {
+  try {
+    TORCH_CHECK(chunk > 0, "linear cross-entropy: chunk must be positive");
+    TORCH_CHECK(h->dim() == 2 && w->dim() == 2 && h->size(1) == w->size(1),
+                "linear cross-entropy: h [N, D] and w [V, D] expected");
+    TORCH_CHECK(target->dim() == 1 && target->size(0) == h->size(0) &&
+                    target->scalar_type() == at::kLong,
+                "linear cross-entropy: target must be int64 [N]");
+    auto loss = LinearCrossEntropy::apply(*h, *w, *target, ignore, chunk, bf16 != 0);
+    return new at::Tensor(std::move(loss));
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+}  // extern "C"
