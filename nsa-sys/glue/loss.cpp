@@ -55,9 +55,12 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
       const auto picked = logits.gather(1, index);
       const auto weight = keep.to(at::kFloat).unsqueeze(1);
       loss.add_(((lse - picked) * weight).sum());
-      // d loss / d logits = (softmax − one-hot) · weight / count, in the logits' buffer.
+      // d loss / d logits = (softmax − one-hot) · weight / count, in the logits' buffer. The
+      // one-hot goes in by index_put_ (one element per row), which libtorch's deterministic
+      // mode accepts; scatter_add_ on a 2-D CUDA tensor it refuses.
       logits.sub_(lse).exp_();
-      logits.scatter_add_(1, index, at::full_like(picked, -1.0));
+      const auto at_target = logits.gather(1, index).squeeze(1);
+      logits.index_put_({at::arange(rows, index.options()), index.squeeze(1)}, at_target - 1.0);
       logits.mul_(weight * inv);
       const auto g = logits.to(compute);
       dh.narrow(0, start, rows).copy_(at::matmul(g, wc));
