@@ -25,8 +25,8 @@ pub const REPEAT_GRACE: Duration = Duration::from_secs(1);
 struct Flags {
     /// The signal number of the stop request (0: none), set in the signal handler.
     signal: Arc<AtomicUsize>,
-    /// When the watcher thread saw the first stop signal: milliseconds since `epoch`, plus 1
-    /// (0: none yet).
+    /// When the watcher thread saw the first stop signal: milliseconds since the thread
+    /// started, plus 1 (0: none yet).
     first_seen_ms: Arc<AtomicU64>,
 }
 
