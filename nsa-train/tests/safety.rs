@@ -251,9 +251,14 @@ fn corrupt_checkpoints_are_caught_and_resume_falls_back() {
 }
 
 /// Starts a run, waits until it has written `marker` and a little longer (it is then inside
-/// `what` the test set up), sends `signal`, and returns (exit status, seconds from signal to
-/// exit).
-fn interrupt(args: &[String], marker: &Path, signal: &str) -> (Option<i32>, f64) {
+/// `what` the test set up), sends `signal` `deliveries` times 20 ms apart, and returns (exit
+/// status, seconds from the first signal to exit).
+fn interrupt(
+    args: &[String],
+    marker: &Path,
+    signal: &str,
+    deliveries: usize,
+) -> (Option<i32>, f64) {
     let mut child = bin()
         .args(args)
         .stdout(std::process::Stdio::null())
@@ -270,10 +275,15 @@ fn interrupt(args: &[String], marker: &Path, signal: &str) -> (Option<i32>, f64)
     }
     std::thread::sleep(Duration::from_millis(1500));
     let sent = Instant::now();
-    Command::new("kill")
-        .args([&format!("-{signal}"), &child.id().to_string()])
-        .status()
-        .unwrap();
+    for k in 0..deliveries {
+        if k > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+    }
     let status = child.wait().unwrap();
     (status.code(), sent.elapsed().as_secs_f64())
 }
@@ -296,7 +306,7 @@ fn signals_stop_within_a_micro_step_and_exit_with_their_status() {
             "run.eval_batches=1",
         ],
     );
-    let (code, secs) = interrupt(&a, &out.join("int/config.toml"), "INT");
+    let (code, secs) = interrupt(&a, &out.join("int/config.toml"), "INT", 1);
     assert_eq!(code, Some(130), "SIGINT");
     assert!(
         secs < 20.0,
@@ -319,7 +329,7 @@ fn signals_stop_within_a_micro_step_and_exit_with_their_status() {
             "run.eval_batches=1",
         ],
     );
-    let (code, secs) = interrupt(&l, &out.join("launched/config.toml"), "INT");
+    let (code, secs) = interrupt(&l, &out.join("launched/config.toml"), "INT", 1);
     assert_eq!(code, Some(130), "SIGINT to the launcher");
     assert!(secs < 20.0, "the launcher took {secs:.1} s");
     assert_eq!(checkpoints(&out.join("launched")), vec!["step-00000000"]);
@@ -329,7 +339,7 @@ fn signals_stop_within_a_micro_step_and_exit_with_their_status() {
         1000,
         &["--name", "hup", "--set", "run.eval_batches=100000"],
     );
-    let (code, secs) = interrupt(&b, &out.join("hup/config.toml"), "HUP");
+    let (code, secs) = interrupt(&b, &out.join("hup/config.toml"), "HUP", 1);
     assert_eq!(code, Some(129), "SIGHUP");
     assert!(
         secs < 20.0,
@@ -354,48 +364,18 @@ fn signals_stop_within_a_micro_step_and_exit_with_their_status() {
 
 #[test]
 fn sigterm_saves_a_checkpoint_before_exit() {
-    let tmp = tempfile::Builder::new()
-        .prefix("nsa-train-cli-signal-")
-        .tempdir()
-        .unwrap();
-    let out = tmp.path().to_path_buf();
+    let tmp = common::scratch("nsa-train-cli-signal-");
+    let out = tmp.path();
     let mut a = vec!["train".to_string()];
-    a.extend(tiny(&out, "sig", 100_000));
-    let mut child = bin()
-        .args(&a)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let metrics = out.join("sig/metrics.jsonl");
-    let start = Instant::now();
-    while std::fs::read_to_string(&metrics)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(start.elapsed().as_secs() < 120, "training never started");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    a.extend(tiny(out, "sig", 100_000));
     // Twice, 20 ms apart, as `timeout` does (the process, then its process group): one
     // request delivered twice, not "exit at once" (which lost the checkpoint).
-    for _ in 0..2 {
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = child.wait().unwrap();
-    assert_eq!(
-        status.code(),
-        Some(143),
-        "exit status after SIGTERM: {status}"
+    let (code, _) = interrupt(&a, &out.join("sig/metrics.jsonl"), "TERM", 2);
+    assert_eq!(code, Some(143), "exit status after SIGTERM");
+    assert!(
+        !checkpoints(&out.join("sig")).is_empty(),
+        "no checkpoint written on SIGTERM"
     );
-    let ckpts: Vec<_> = std::fs::read_dir(out.join("sig/checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(!ckpts.is_empty(), "no checkpoint written on SIGTERM");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("sig/summary.json")).unwrap())
             .unwrap();
