@@ -40,15 +40,23 @@ fn fused_loss_chunk(vocab: i64) -> i64 {
 }
 
 impl Forward {
-    pub(super) fn logits(&self, model: &Model, input: &Tensor) -> Result<Tensor> {
+    /// `run` (a model forward) in the run's precision (bf16 autocast or not), inside the
+    /// "forward" NVTX range.
+    fn in_precision(
+        &self,
+        run: impl FnOnce() -> Result<Tensor, nsa_model::ModelError>,
+    ) -> Result<Tensor> {
         let _r = NvtxRange::new(self.nvtx, "forward");
-        let run = || model.forward(input, &self.opts);
         let out = if self.bf16 {
             nsa_sys::train::with_bf16_autocast(run)
         } else {
             run()
         };
         Ok(out?)
+    }
+
+    pub(super) fn logits(&self, model: &Model, input: &Tensor) -> Result<Tensor> {
+        self.in_precision(|| model.forward(input, &self.opts))
     }
 
     /// The training loss of a batch: the mean cross-entropy over its scored positions, in
@@ -58,15 +66,7 @@ impl Forward {
         if !self.fused_loss {
             return Ok(loss_of(&self.logits(model, input)?, target));
         }
-        let hidden = {
-            let _r = NvtxRange::new(self.nvtx, "forward");
-            let run = || model.forward_hidden(input, &self.opts);
-            if self.bf16 {
-                nsa_sys::train::with_bf16_autocast(run)
-            } else {
-                run()
-            }?
-        };
+        let hidden = self.in_precision(|| model.forward_hidden(input, &self.opts))?;
         let w = model.head_weight();
         let d = hidden.size().last().copied().unwrap_or(1);
         Ok(nsa_sys::loss::linear_cross_entropy(
