@@ -154,10 +154,8 @@ impl Case {
 /// What one case reports (the child prints it as one JSON line).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct CaseResult {
-    median_ms: f64,
-    /// The fastest and slowest of the timed runs.
-    min_ms: f64,
-    max_ms: f64,
+    /// Wall times of the timed runs, ms.
+    ms: crate::Timing,
     /// Kernels / SDPA backend and variant that ran.
     kernel: String,
     /// Peak of libtorch's CUDA allocator during the case minus before it, GB (CUDA only).
@@ -223,7 +221,7 @@ pub fn run(args: AttnBenchArgs, host: &Invocation) -> Result<()> {
                 "S={seq} {}: {}",
                 case.label(),
                 match &row.result {
-                    Ok(r) => format!("{:.2} ms", r.median_ms),
+                    Ok(r) => format!("{:.2} ms", r.ms.median),
                     Err(e) => format!("failed: {e}"),
                 }
             );
@@ -334,21 +332,11 @@ fn time_case(
 }
 
 impl CaseResult {
-    fn new(t: crate::Timing, kernel: String) -> Self {
+    fn new(ms: crate::Timing, kernel: String) -> Self {
         CaseResult {
-            median_ms: t.median,
-            min_ms: t.min,
-            max_ms: t.max,
+            ms,
             kernel,
             peak_gb: None,
-        }
-    }
-
-    fn timing(&self) -> crate::Timing {
-        crate::Timing {
-            median: self.median_ms,
-            min: self.min_ms,
-            max: self.max_ms,
         }
     }
 }
@@ -571,7 +559,7 @@ fn render(rows: &[Row], device: Device, args: &AttnBenchArgs) -> String {
             rows.iter()
                 .find(|r| r.seq == row.seq && r.case == case)
                 .and_then(|r| r.result.as_ref().ok())
-                .map(|r| r.median_ms)
+                .map(|r| r.ms.median)
         };
         let (ms, ratio, kernel) = match &row.result {
             Ok(r) => {
@@ -581,9 +569,9 @@ fn render(rows: &[Row], device: Device, args: &AttnBenchArgs) -> String {
                     _ => None,
                 };
                 let ratio = baseline
-                    .map(|d| format!("{:.2}", d / r.median_ms))
+                    .map(|d| format!("{:.2}", d / r.ms.median))
                     .unwrap_or_else(|| "".into());
-                (r.timing().cell(), ratio, r.kernel.clone())
+                (r.ms.cell(), ratio, r.kernel.clone())
             }
             Err(e) => ("failed".into(), String::new(), e.clone()),
         };

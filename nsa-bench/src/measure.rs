@@ -5,7 +5,7 @@ use tch::Device;
 use crate::BenchError;
 
 /// Wall times of repeated runs, ms.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Timing {
     pub median: f64,
     pub min: f64,
