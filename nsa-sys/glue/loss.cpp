@@ -59,7 +59,7 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
       // one-hot goes in by index_put_ (one element per row), which libtorch's deterministic
       // mode accepts; scatter_add_ on a 2-D CUDA tensor it refuses.
       logits.sub_(lse).exp_();
-      const auto at_target = logits.gather(1, index).squeeze(1);
+      const auto at_target = (picked - lse).exp_().squeeze(1);  // the softmax at the target
       logits.index_put_({at::arange(rows, index.options()), index.squeeze(1)}, at_target - 1.0);
       logits.mul_(weight * inv);
       const auto g = logits.to(compute);
