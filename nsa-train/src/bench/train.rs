@@ -81,12 +81,8 @@ fn one(
 /// Tokens/s of the timed steps (the metrics lines after the 3 warm-up steps; all of them when
 /// there are no more): median, min and max.
 fn tokens_per_s(lines: &[crate::metrics::MetricLine]) -> Option<nsa_bench::Timing> {
-    let timed: Vec<f64> = lines.iter().skip(3).map(|l| l.tokens_per_s).collect();
-    if timed.is_empty() {
-        nsa_bench::Timing::of(lines.iter().map(|l| l.tokens_per_s).collect())
-    } else {
-        nsa_bench::Timing::of(timed)
-    }
+    let warm_up = if lines.len() > 3 { 3 } else { 0 };
+    nsa_bench::Timing::of(lines.iter().skip(warm_up).map(|l| l.tokens_per_s).collect())
 }
 
 /// `median (min–max)` of tokens/s, whole tokens.
