@@ -41,6 +41,9 @@ pub struct BranchBenchArgs {
     /// Branches: `selected`, `window` and/or `compressed`, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = ["selected".to_string(), "window".to_string(), "compressed".to_string()])]
     branch: Vec<String>,
+    /// Sequences per call (the training shapes: `125m` at 8k trains 4 a step).
+    #[arg(long, default_value_t = 1)]
+    batch: i64,
     /// Timed runs per cell after one warm-up run.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
@@ -99,12 +102,12 @@ struct Inputs {
     grad: Tensor,
 }
 
-fn inputs(cfg: &NsaConfig, s: i64, dev: Device) -> Result<Inputs> {
+fn inputs(cfg: &NsaConfig, b: i64, s: i64, dev: Device) -> Result<Inputs> {
     let opt = (Kind::BFloat16, dev);
-    let q = Tensor::f_randn([1, s, cfg.heads, cfg.head_dim_k], opt)?;
-    let k = Tensor::f_randn([1, s, cfg.kv_heads, cfg.head_dim_k], opt)?;
-    let v = Tensor::f_randn([1, s, cfg.kv_heads, cfg.head_dim_v], opt)?;
-    let grad = Tensor::f_randn([1, s, cfg.heads, cfg.head_dim_v], opt)?;
+    let q = Tensor::f_randn([b, s, cfg.heads, cfg.head_dim_k], opt)?;
+    let k = Tensor::f_randn([b, s, cfg.kv_heads, cfg.head_dim_k], opt)?;
+    let v = Tensor::f_randn([b, s, cfg.kv_heads, cfg.head_dim_v], opt)?;
+    let grad = Tensor::f_randn([b, s, cfg.heads, cfg.head_dim_v], opt)?;
     Ok(Inputs { q, k, v, grad })
 }
 
@@ -133,16 +136,13 @@ fn fwd_and_bwd(
 }
 
 /// Runs the benchmark on `cuda:0` and prints its table (appended to `--out` when given); an
-/// error without a GPU.
+/// error without a GPU (after the flags are checked, so a bad flag is named on any machine).
 pub fn run(a: BranchBenchArgs) -> Result<()> {
-    let backend = nsa_sys::cuda::load_backend()?;
-    if !backend.has_gpu() {
-        return Err(BenchError::Unavailable(
-            "bench branches times the fused CUDA kernels: it needs a GPU".into(),
-        ));
-    }
     if !a.seq.iter().all(|&s| s >= 2) {
         return Err(BenchError::Flag("--seq: lengths must be at least 2".into()));
+    }
+    if a.batch < 1 {
+        return Err(BenchError::Flag("--batch must be at least 1".into()));
     }
     if let Some(b) = a
         .branch
@@ -153,10 +153,21 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
             "--branch must be selected, window or compressed (got {b:?})"
         )));
     }
+    for shape in &a.shape {
+        shape_config(shape)?;
+    }
+    let backend = nsa_sys::cuda::load_backend()?;
+    if !backend.has_gpu() {
+        return Err(BenchError::Unavailable(
+            "bench branches times the fused CUDA kernels: it needs a GPU".into(),
+        ));
+    }
+    let b = a.batch;
     let dev = Device::Cuda(0);
     let mut table = format!(
-        "Device: {}. Cells: ms, median (min–max) of {} runs. TFLOP/s and GB/s from the median.\n\n| shape | S | branch | path | fwd ms | fwd+bwd ms | fwd TFLOP/s | bwd TFLOP/s | fwd GB/s |\n| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        "Device: {}. Batch {}. Cells: ms, median (min–max) of {} runs. TFLOP/s and GB/s from the median.\n\n| shape | S | branch | path | fwd ms | fwd+bwd ms | fwd TFLOP/s | bwd TFLOP/s | fwd GB/s |\n| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
         crate::device_description(dev),
+        b,
         a.repeats
     );
     for shape in &a.shape {
@@ -170,19 +181,19 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                 let _g = tch::no_grad_guard();
                 let vs = nn::VarStore::new(dev);
                 let layer = NsaAttention::new(&(vs.root() / "attn"), cfg)?;
-                let x = Tensor::f_randn([1, s, cfg.dim], (Kind::Float, dev))?;
+                let x = Tensor::f_randn([b, s, cfg.dim], (Kind::Float, dev))?;
                 let opts = ForwardOpts {
                     path: AttnPath::Lean(LeanOpts::default()),
                     ..Default::default()
                 };
                 layer.forward_branches(&x, &opts)?.blocks
             };
-            let x = inputs(&cfg, s, dev)?;
+            let x = inputs(&cfg, b, s, dev)?;
             let slc_pairs = selected_pairs(&blocks, cfg.nsa.select.select_len)? * h;
             let win_pairs: f64 = (0..s)
                 .map(|t| (t + 1).min(cfg.nsa.window) as f64)
                 .sum::<f64>()
-                * cfg.heads as f64;
+                * (b * cfg.heads) as f64;
             let chunk = LeanOpts::default().query_chunk;
             let wchunk = LeanOpts::default().window_chunk;
             // The compressed branch reads the first Nc rows of k and v as its compressed keys.
@@ -191,7 +202,7 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
             let cmp_pairs: f64 = (0..s)
                 .map(|t| sel.num_visible_compressed(t) as f64)
                 .sum::<f64>()
-                * cfg.heads as f64;
+                * (b * cfg.heads) as f64;
             let scale = 1.0 / (cfg.head_dim_k as f64).sqrt();
             let l_sel = cfg.nsa.select.select_len;
             type Branch<'a> = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a>;
@@ -311,7 +322,8 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                 };
                 let bwd_ms = (both.median - fwd.median).max(1e-9);
                 // K/V rows read once per (token, group), q read and the output written once.
-                let bytes = 2.0 * (pairs / h * (dk + dv) + s as f64 * cfg.heads as f64 * (dk + dv));
+                let bytes =
+                    2.0 * (pairs / h * (dk + dv) + (b * s) as f64 * cfg.heads as f64 * (dk + dv));
                 table.push_str(&format!(
                     "| {shape} | {s} | {branch} | {path} | {} | {} | {:.1} | {:.1} | {:.0} |\n",
                     fwd.cell(),

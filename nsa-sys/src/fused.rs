@@ -47,7 +47,8 @@ pub use decode::{
 pub use pointwise::{gate_mix, pointwise_kernels, rope, PointwiseKernels};
 pub use selected_order::{
     SelectedDq, SelectedForward, DQ_KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MAX_GROUP,
-    KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MIN_BLOCKS, TOKEN_WARP_MIN_GROUP,
+    KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MIN_BATCHED_BLOCKS, KEY_OUTER_MIN_BATCH_BLOCKS,
+    KEY_OUTER_MIN_BLOCKS, TOKEN_WARP_MIN_GROUP,
 };
 pub use window::{set_head_chunk_bytes, window_attention};
 

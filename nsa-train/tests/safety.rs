@@ -422,6 +422,15 @@ fn impossible_sizes_and_small_lies_are_errors() {
         "bench", "train", "--seq", "0", "--device", "cpu",
     ])));
     assert!(e.contains("--seq"), "{e}");
+    for flag in [
+        ["--batch", "0"],
+        ["--seq", "1"],
+        ["--branch", "nope"],
+        ["--shape", "huge"],
+    ] {
+        let e = err(&run(&strs(&["bench", "branches", flag[0], flag[1]])));
+        assert!(e.contains(flag[0]), "{flag:?}: {e}");
+    }
     let bench_out = out.join("bench").display().to_string();
     let e = err(&run(&strs(&[
         "bench",

@@ -10,7 +10,8 @@ pub enum SelectedForward {
     /// Chosen from the shapes ([`SelectedForward::resolve`]): token warps for groups of
     /// [`TOKEN_WARP_MIN_GROUP`] to [`TOKEN_WARP_MAX_GROUP`] heads; key-outer for small groups
     /// (G ≤ [`KEY_OUTER_MAX_GROUP`]) on long sequences (at least [`KEY_OUTER_MIN_BLOCKS`]
-    /// selection blocks) while its partial outputs take at most
+    /// selection blocks, or [`KEY_OUTER_MIN_BATCHED_BLOCKS`] in a batch holding
+    /// [`KEY_OUTER_MIN_BATCH_BLOCKS`] over its sequences) while its partial outputs take at most
     /// [`KEY_OUTER_MAX_PARTIAL_BYTES`]; union tiles otherwise.
     #[default]
     Auto,
@@ -102,6 +103,18 @@ pub const KEY_OUTER_MAX_GROUP: i64 = 8;
 /// round 4": at the `125m` shape union tiles win at 8k, key-outer from 16k).
 pub const KEY_OUTER_MIN_BLOCKS: i64 = 256;
 
+/// Fewest selection blocks per sequence at which [`SelectedForward::Auto`] runs key-outer when
+/// the batch holds at least [`KEY_OUTER_MIN_BATCH_BLOCKS`] blocks over its sequences: key-outer
+/// serves one block per CTA, so a short batch leaves the device half empty, while a union
+/// tile's cost per token does not fall with the batch. Measured at the `125m` shape (BENCHMARKS.md,
+/// round 11): fwd+bwd at 8k, union tiles / key-outer 2.47 / 3.35 ms at batch 1, 3.66 / 3.67 at
+/// batch 2, 6.37 / 5.76 at batch 4 (the training shape); at 4k union tiles win up to batch 8.
+pub const KEY_OUTER_MIN_BATCHED_BLOCKS: i64 = 128;
+
+/// Fewest selection blocks over the batch (`B·⌈S / l'⌉`) at which sequences of
+/// [`KEY_OUTER_MIN_BATCHED_BLOCKS`] blocks run key-outer.
+pub const KEY_OUTER_MIN_BATCH_BLOCKS: i64 = 512;
+
 /// Smallest group [`SelectedForward::Auto`] runs as token warps: a warp's 16 tensor-core rows
 /// are one token's heads, so smaller groups leave rows empty. Measured at G = 16, where token
 /// warps beat union tiles from 8k to 64k tokens (BENCHMARKS.md, round 8).
@@ -135,7 +148,9 @@ impl SelectedForward {
                 if (TOKEN_WARP_MIN_GROUP..=TOKEN_WARP_MAX_GROUP).contains(&group) {
                     SelectedForward::TokenWarps
                 } else if (1..=KEY_OUTER_MAX_GROUP).contains(&group)
-                    && blocks >= KEY_OUTER_MIN_BLOCKS
+                    && (blocks >= KEY_OUTER_MIN_BLOCKS
+                        || (blocks >= KEY_OUTER_MIN_BATCHED_BLOCKS
+                            && b.saturating_mul(blocks) >= KEY_OUTER_MIN_BATCH_BLOCKS))
                     && partial <= KEY_OUTER_MAX_PARTIAL_BYTES
                 {
                     SelectedForward::KeyOuter

@@ -2,8 +2,9 @@
 
 use super::{SelectedDq, SelectedForward};
 
-/// `Auto` by shape: the paper's group of 16 runs token warps; from 256 selection blocks on, the
-/// `125m` preset's group of 3 runs key-outer while the partials stay under the bound; short
+/// `Auto` by shape: the paper's group of 16 runs token warps; from 256 selection blocks on (128
+/// in a batch of 512 or more), the `125m` preset's group of 3 runs key-outer while the partials
+/// stay under the bound; short
 /// sequences of small groups, groups between 9 and 15 or above 16 and oversized partials run
 /// union tiles; an explicit choice is kept.
 #[test]
@@ -16,6 +17,13 @@ fn auto_forward_follows_group_and_partial_size() {
     assert_eq!(m125(1, 16384), SelectedForward::KeyOuter);
     assert_eq!(m125(1, 65536), SelectedForward::KeyOuter);
     assert_eq!(m125(2, 65536), SelectedForward::UnionTiles);
+    // Batched: 128 blocks a sequence and 512 over the batch (the 8k training shape).
+    assert_eq!(m125(2, 8192), SelectedForward::UnionTiles);
+    assert_eq!(m125(3, 8192), SelectedForward::UnionTiles);
+    assert_eq!(m125(4, 8192), SelectedForward::KeyOuter);
+    assert_eq!(m125(4, 8128), SelectedForward::UnionTiles);
+    assert_eq!(m125(8, 4096), SelectedForward::UnionTiles);
+    assert_eq!(m125(16, 2048), SelectedForward::UnionTiles);
     // The paper's shape: G = 16.
     let paper = |s| auto.resolve([1, s, 64, 192], 4, 128, 16, 64);
     assert_eq!(paper(100), SelectedForward::TokenWarps);
