@@ -15,20 +15,12 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "launch.h"
+#include "pointwise_table.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
-// Mirror of nsa_sys::fused::pointwise::PointwiseTable (#[repr(C)]). rope: index
-// 2 * (input is fp32) + (output is fp32) over {bf16, fp32}; mix, mix_bwd: 0 = bf16, 1 = fp32.
-struct NsaPointwiseTable {
-  void* launch;
-  void* rope[4];
-  void* mix[2];
-  void* mix_bwd[2];
-  int32_t sm_count;
-};
 
 namespace {
 

@@ -26,6 +26,23 @@
 //   Backward for dout [R, dv]: doc = g0 * dout, dos = g1 * dout, dow = g2 * dout (T), and
 //   dg [R, 3] (T) = the row sums over dv of oc * dout, os * dout, ow * dout in fp32, one warp
 //   per row, lanes striding over dv and a fixed butterfly: deterministic.
+//
+// nsa_ce_rows_{bf16, f32}: the cross-entropy of each row of the logits z [R, V] (contiguous,
+//   type T) against target[r] (int64; a row whose target equals `ignore` is not scored), and
+//   the gradient of the mean loss written over the logits (glue/loss.cpp, one chunk of rows of
+//   the output head at a time):
+//     lse_r = log sum_j exp(z[r, j]),   loss[r] = keep_r ? lse_r - z[r, target_r] : 0 (fp32)
+//     z[r, j] <- keep_r * inv_count * (exp(z[r, j] - lse_r) - [j == target_r])   (rounded to T)
+//   inv_count (1 / the scored rows of the whole batch) is read on the device, so no host
+//   synchronisation. A scored target outside 0..V gives a NaN loss and no one-hot term.
+//   One CTA of NSA_POINTWISE_THREADS per row, two passes over it: the first keeps a running
+//   maximum and sum of exponentials per thread (online softmax) merged by a butterfly in each
+//   warp and then across warps in warp order by one thread (deterministic); the second writes
+//   the gradient. 16-byte loads and stores when the row is 16-byte aligned and V a multiple
+//   of the vector (8 bf16, 4 fp32), element loads otherwise. A row of the `125m` head (50,304
+//   bf16 logits) is 98 KB, so the second pass mostly hits L2: DRAM sees about one read and one
+//   write of the logits, against libtorch's chain (cast to fp32, logsumexp, exp, one-hot,
+//   scale, cast back), which writes and reads the fp32 logits five times over.
 #include "common.cuh"
 
 #define NSA_POINTWISE_THREADS 256
@@ -105,7 +122,101 @@ __device__ __forceinline__ void gate_mix_bwd(const T* __restrict__ oc, const T* 
   }
 }
 
+// Adds x to a running (maximum m, sum s of exp(. - m)); -inf adds nothing.
+__device__ __forceinline__ void max_sum_add(float& m, float& s, float x) {
+  if (x > m) {
+    s = s * expf(m - x) + 1.f;
+    m = x;
+  } else if (x != -INFINITY) {
+    s += expf(x - m);
+  }
+}
+
+// Merges (m2, s2) into (m, s).
+__device__ __forceinline__ void max_sum_merge(float& m, float& s, float m2, float s2) {
+  const float mm = fmaxf(m, m2);
+  if (mm == -INFINITY) return;
+  s = s * expf(m - mm) + s2 * expf(m2 - mm);
+  m = mm;
+}
+
+template <typename T>
+__device__ __forceinline__ void ce_rows(T* __restrict__ z, const long long* __restrict__ target,
+                                        long long ignore, const float* __restrict__ inv_count,
+                                        float* __restrict__ loss, int V) {
+  constexpr int W = 16 / sizeof(T);
+  __shared__ float warp_m[32], warp_s[32], row_lse;
+  T* row = z + (long long)blockIdx.x * V;
+  const bool vec = V % W == 0 && reinterpret_cast<unsigned long long>(row) % 16 == 0;
+  float m = -INFINITY, s = 0.f;
+  if (vec) {
+    const uint4* rv = reinterpret_cast<const uint4*>(row);
+    for (int i = threadIdx.x; i < V / W; i += blockDim.x) {
+      const uint4 pack = rv[i];
+      const T* e = reinterpret_cast<const T*>(&pack);
+#pragma unroll
+      for (int k = 0; k < W; ++k) max_sum_add(m, s, to_f(e[k]));
+    }
+  } else {
+    for (int j = threadIdx.x; j < V; j += blockDim.x) max_sum_add(m, s, to_f(row[j]));
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    max_sum_merge(m, s, m2, s2);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    warp_m[warp] = m;
+    warp_s[warp] = s;
+  }
+  __syncthreads();
+  const long long t = target[blockIdx.x];
+  const bool keep = t != ignore;
+  const bool in_range = t >= 0 && t < V;
+  if (threadIdx.x == 0) {
+    float mm = warp_m[0], ss = warp_s[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); ++w) max_sum_merge(mm, ss, warp_m[w], warp_s[w]);
+    const float lse = mm + logf(ss);
+    row_lse = lse;
+    // The target's logit is read before the second pass overwrites it.
+    loss[blockIdx.x] = !keep ? 0.f : in_range ? lse - to_f(row[t]) : __int_as_float(0x7fc00000);
+  }
+  __syncthreads();
+  const float lse = row_lse;
+  const float scale = keep ? *inv_count : 0.f;
+  const int hot = keep && in_range ? (int)t : -1;
+  if (vec) {
+    uint4* rv = reinterpret_cast<uint4*>(row);
+    for (int i = threadIdx.x; i < V / W; i += blockDim.x) {
+      uint4 pack = rv[i];
+      T* e = reinterpret_cast<T*>(&pack);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const float p = expf(to_f(e[k]) - lse);
+        e[k] = from_f<T>(scale * (i * W + k == hot ? p - 1.f : p));
+      }
+      rv[i] = pack;
+    }
+  } else {
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+      const float p = expf(to_f(row[j]) - lse);
+      row[j] = from_f<T>(scale * (j == hot ? p - 1.f : p));
+    }
+  }
+}
+
 }  // namespace nsa
+
+#define NSA_CE_ROWS(SUFFIX, T)                                                                 \
+  extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS) nsa_ce_rows_##SUFFIX(   \
+      T* z, const long long* target, long long ignore, const float* inv_count, float* loss,    \
+      int V) {                                                                                 \
+    nsa::ce_rows<T>(z, target, ignore, inv_count, loss, V);                                    \
+  }
+NSA_CE_ROWS(bf16, __nv_bfloat16)
+NSA_CE_ROWS(f32, float)
 
 #define NSA_ROPE(NAME, IN, OUT)                                                                \
   extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS)                          \

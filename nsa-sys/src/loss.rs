@@ -2,8 +2,9 @@
 //! cross-entropy of `h · Wᵀ` against the targets, chunk by chunk over the rows, so the
 //! `[N, V]` logits (6.6 GB in float32 for 32,768 tokens over 50,304 ids, and as much again for
 //! their log-softmax and each gradient) never exist. Its gradients with respect to `h` and `W`
-//! are computed in forward (the loss ends the graph) and scaled in backward. Runs on any device
-//! (libtorch operators only).
+//! are computed in forward (the loss ends the graph) and scaled in backward. On CUDA each chunk's
+//! loss and logit gradient are one kernel (`nsa_ce_rows`, `kernels/pointwise.cu`); elsewhere
+//! libtorch's operators do the same arithmetic.
 use std::os::raw::c_char;
 
 use tch::{Kind, Tensor};
@@ -19,6 +20,7 @@ extern "C" {
         ignore: i64,
         chunk: i64,
         bf16: i32,
+        table: *const std::ffi::c_void,
         err: *mut c_char,
         err_len: usize,
     ) -> *mut C_tensor;
@@ -33,6 +35,9 @@ pub enum LossError {
     /// libtorch raised inside the glue (out of memory, a target out of range, …).
     #[error(transparent)]
     Glue(#[from] GlueError),
+    /// The CUDA kernel could not be compiled or loaded.
+    #[error(transparent)]
+    Kernels(#[from] crate::fused::FusedError),
 }
 
 /// The mean over the rows with `target[i] != ignore` of `logsumexp(h[i] · Wᵀ) − (h[i] · Wᵀ)[target[i]]`:
@@ -41,8 +46,8 @@ pub enum LossError {
 ///
 /// `h`: `[N, D]`, float32 or bfloat16; `w`: `[V, D]`, float32 or bfloat16, on `h`'s device;
 /// `target`: int64 `[N]` on the same device, each scored target in `0..V` (not checked on the
-/// host: that would synchronise; an id out of range is libtorch's error, on CUDA a device
-/// assert). `chunk`: rows per chunk (its float32 logits, `chunk · V · 4` bytes, are the largest
+/// host: that would synchronise; an id out of range is libtorch's error on the CPU and makes
+/// the loss NaN on CUDA). `chunk`: rows per chunk (its float32 logits, `chunk · V · 4` bytes, are the largest
 /// temporary). `bf16`: run the matmuls in bfloat16 (the trainer's bf16 autocast), else float32.
 pub fn linear_cross_entropy(
     h: &Tensor,
@@ -84,9 +89,14 @@ pub fn linear_cross_entropy(
     if chunk <= 0 {
         return bad(format!("chunk must be positive, got {chunk}"));
     }
+    let table = match h.device() {
+        tch::Device::Cuda(ordinal) => crate::fused::pointwise_kernels(ordinal)?.table_ptr(),
+        _ => std::ptr::null(),
+    };
     let mut err = vec![0u8; ERR_LEN];
-    // SAFETY: all tensor pointers come from live tch tensors borrowed for the call; the glue
-    // writes at most ERR_LEN bytes (NUL-terminated) into `err` and catches every exception.
+    // SAFETY: all tensor pointers come from live tch tensors borrowed for the call; the table
+    // (or null) lives as long as the process; the glue writes at most ERR_LEN bytes
+    // (NUL-terminated) into `err` and catches every exception.
     let ptr = unsafe {
         nsa_linear_cross_entropy(
             h.as_ptr(),
@@ -95,6 +105,7 @@ pub fn linear_cross_entropy(
             ignore,
             chunk,
             i32::from(bf16),
+            table,
             err.as_mut_ptr().cast(),
             ERR_LEN,
         )

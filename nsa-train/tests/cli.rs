@@ -21,17 +21,17 @@ fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// `fast.fused_loss` (the head and its loss chunked, no logits) trains as the plain path does:
-/// the same losses to float32 rounding over the first steps (the plain path reduces the
-/// logits in one pass, the fused one in chunks).
+/// `fast.fused_loss` (the default: the head and its loss chunked, no logits) trains as the
+/// plain path does: the same losses to float32 rounding over the first steps (the plain path
+/// reduces the logits in one pass, the fused one in chunks).
 #[test]
 fn the_fused_loss_trains_like_the_plain_path() {
     let tmp = scratch("nsa-train-cli-fused-loss-");
     let out = tmp.path();
-    let mut plain = strs(&["train"]);
+    let mut plain = strs(&["train", "--set", "fast.fused_loss=false"]);
     plain.extend(tiny(out, "plain", 4));
     ok(&run(&plain));
-    let mut fused = strs(&["train", "--set", "fast.fused_loss=true"]);
+    let mut fused = strs(&["train"]);
     fused.extend(tiny(out, "fused", 4));
     ok(&run(&fused));
     let (a, b) = (losses(&out.join("plain")), losses(&out.join("fused")));

@@ -1,7 +1,8 @@
-//! GPU check rows of the pointwise kernels (`nsa_sys::fused::{rope, gate_mix}`), on the
-//! tables of [`Rope::with_kernel`], against libtorch's operators in
-//! float64, output and every gradient, on fresh random inputs, memory NaN-poisoned before each
-//! launch, run twice (the second must equal the first bit for bit).
+//! GPU check rows of the pointwise kernels (`nsa_sys::fused::{rope, gate_mix}`, on the tables
+//! of [`Rope::with_kernel`], and the output head's loss `nsa_sys::loss::linear_cross_entropy`,
+//! whose chunks run `nsa_ce_rows` on CUDA) against libtorch's operators in float64, output and
+//! every gradient, on fresh random inputs, memory NaN-poisoned before each launch, run twice
+//! (the second must equal the first bit for bit).
 use tch::{Device, Kind, Tensor};
 
 use super::{kind_name, outputs_and_grads as run, worst_error, CheckRow};
@@ -10,7 +11,8 @@ use crate::rope::Rope;
 use nsa_sys::fused as sys;
 
 /// The rows: RoPE on slices of a stacked projection (strided rows) and on a contiguous tensor,
-/// and the gated sum, each in fp32 and bf16.
+/// the gated sum, and the linear cross-entropy (vector and element loads, several chunks,
+/// ignored rows), each in fp32 and bf16.
 pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     for kind in [Kind::Float, Kind::BFloat16] {
@@ -51,8 +53,58 @@ pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
                     .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
             );
         }
+        // (rows N, width D, vocabulary V, rows per chunk): V a multiple of the kernel's vector
+        // (16-byte loads) or not (element loads); the 125m head's V.
+        for (n, d, v, chunk) in [
+            (300, 64, 1000, 128),
+            (97, 32, 1003, 40),
+            (512, 128, 50304, 200),
+        ] {
+            let name = format!(
+                "linear cross-entropy {} N={n} D={d} V={v} chunk={chunk}",
+                kind_name(kind)
+            );
+            rows.push(
+                loss_case([n, d, v, chunk], kind, device)
+                    .map(|(e, det)| row(name.clone(), kind, e, det))
+                    .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
+            );
+        }
     }
     rows
+}
+
+/// The loss of `h · Wᵀ` against random targets, one in five ignored (-100), in `kind` (bf16:
+/// the matmuls in bf16, as under the trainer's autocast, from fp32 `h` and `W` as the trainer
+/// hands them), against libtorch's cross-entropy on float64 logits; outputs: the loss, dh, dW.
+fn loss_case(
+    [n, d, v, chunk]: [i64; 4],
+    kind: Kind,
+    device: Device,
+) -> Result<((f64, String), bool), AttnError> {
+    const IGNORE: i64 = -100;
+    let h = Tensor::f_randn([n, d], (Kind::Float, device))?;
+    // Logits of about unit size, as a trained head gives (bf16 rounds each to 2^-9 of itself).
+    let w = Tensor::f_randn([v, d], (Kind::Float, device))?.f_div_scalar((d as f64).sqrt())?;
+    let target = Tensor::f_randint(v, [n], (Kind::Int64, device))?;
+    let ignored = Tensor::f_rand([n], (Kind::Float, device))?.f_lt(0.2)?;
+    let target = target.f_masked_fill(&ignored, IGNORE)?;
+    let dout = Tensor::f_randn([], (Kind::Float, device))?;
+    let bf16 = kind == Kind::BFloat16;
+    let fused = |t: &[Tensor]| -> Result<Tensor, AttnError> {
+        nsa_sys::loss::linear_cross_entropy(&t[0], &t[1], &target, IGNORE, chunk, bf16).map_err(
+            |e| AttnError::Option {
+                option: "gpu_check",
+                reason: e.to_string(),
+            },
+        )
+    };
+    let reference = |t: &[Tensor]| -> Result<Tensor, AttnError> {
+        Ok(t[0]
+            .f_matmul(&t[1].f_tr()?)?
+            .f_cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, IGNORE, 0.0)?)
+    };
+    twice_against_f64(&[h, w], &dout, fused, reference, &["loss", "dh", "dW"])
 }
 
 fn tolerance(kind: Kind) -> f64 {
@@ -102,6 +154,25 @@ fn judge(
         .zip(again)
         .all(|(a, b)| a.size() == b.size() && a.kind() == b.kind() && a.equal(b));
     Ok(((err, name.to_string()), same))
+}
+
+/// `f` on `inputs` twice and `reference` once on their float64 copies, each with its
+/// gradients for `dout`, judged as [`judge`] does.
+fn twice_against_f64(
+    inputs: &[Tensor],
+    dout: &Tensor,
+    f: impl Fn(&[Tensor]) -> Result<Tensor, AttnError>,
+    reference: impl Fn(&[Tensor]) -> Result<Tensor, AttnError>,
+    names: &[&'static str],
+) -> Result<((f64, String), bool), AttnError> {
+    let got = run(inputs, dout, &f)?;
+    let again = run(inputs, dout, &f)?;
+    let doubles = inputs
+        .iter()
+        .map(|t| t.f_to_kind(Kind::Double))
+        .collect::<Result<Vec<_>, _>>()?;
+    let want = run(&doubles, dout, reference)?;
+    judge(&got, &again, &want, names)
 }
 
 fn rope_case(c: RopeCase, kind: Kind, device: Device) -> Result<((f64, String), bool), AttnError> {
@@ -173,20 +244,15 @@ fn mix_case(
         let [oc, os, ow] = branches(t)?;
         Ok(sys::gate_mix(&oc, &os, &ow, &t[3])?)
     };
-    let got = run(&inputs, &dout, fused)?;
-    let again = run(&inputs, &dout, fused)?;
-    let doubles = inputs
-        .iter()
-        .map(|t| t.f_to_kind(Kind::Double))
-        .collect::<Result<Vec<_>, _>>()?;
-    let want = run(&doubles, &dout, |t| {
+    let reference = |t: &[Tensor]| -> Result<Tensor, AttnError> {
         let [oc, os, ow] = branches(t)?;
         crate::gates::mix(&t[3], &oc, &os, &ow)
-    })?;
-    judge(
-        &got,
-        &again,
-        &want,
+    };
+    twice_against_f64(
+        &inputs,
+        &dout,
+        fused,
+        reference,
         &["out", "d o_cmp", "d o_slc", "d o_win", "d gates"],
     )
 }

@@ -32,6 +32,8 @@ struct PointwiseTable {
     mix: [CuFunction; 2],
     /// bf16, fp32.
     mix_bwd: [CuFunction; 2],
+    /// bf16, fp32 (the loss's rows: `crate::loss`).
+    ce_rows: [CuFunction; 2],
     sm_count: i32,
 }
 
@@ -39,6 +41,14 @@ struct PointwiseTable {
 #[derive(Debug)]
 pub struct PointwiseKernels {
     table: PointwiseTable,
+}
+
+impl PointwiseKernels {
+    /// The table the glue reads (`NsaPointwiseTable`), for glue outside this module
+    /// (`crate::loss`); it lives as long as the process.
+    pub(crate) fn table_ptr(&self) -> *const c_void {
+        std::ptr::from_ref(&self.table).cast()
+    }
 }
 
 // SAFETY: driver function handles of a module never unloaded, valid in the device's primary
@@ -75,6 +85,7 @@ fn load(device: usize, opts: &FusedOptions) -> Result<PointwiseKernels, FusedErr
                 func("nsa_gate_mix_bwd_bf16")?,
                 func("nsa_gate_mix_bwd_f32")?,
             ],
+            ce_rows: [func("nsa_ce_rows_bf16")?, func("nsa_ce_rows_f32")?],
             sm_count: setup.sm_count,
         },
     })
