@@ -511,6 +511,9 @@ fn eval_scores_retrieval_by_generation() {
         near["value_block_selected"],
         serde_json::json!([answers, answers])
     );
+    // ... and a selection blind to content would hold them too (forced blocks).
+    assert!(text.contains("blind choice"), "{text}");
+    assert_eq!(near["blind_selection_sum"].as_f64(), Some(answers as f64));
     let e = err(&run(&strs(&[
         "eval", &dir, "--task", "needle", "--len", "5",
     ])));

@@ -53,6 +53,7 @@ fn report(run: &str, attention: &str, len: usize, accs: &[f64]) -> RetrievalRepo
             answers: 100,
             correct: (a * 100.0).round() as i64,
             value_block_selected: Vec::new(),
+            blind_selection_sum: None,
         })
         .collect();
     let correct = by_distance.iter().map(|b| b.correct).sum::<i64>();

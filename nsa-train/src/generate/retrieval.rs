@@ -62,6 +62,12 @@ pub struct DistanceBucket {
     /// answer is still wrong). Empty for dense models.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub value_block_selected: Vec<i64>,
+    /// NSA models: the sum over the bucket's answers of [`blind_selection_chance`], what
+    /// `value_block_selected` would count on average (per layer) if the selection ignored
+    /// content; divided by `answers` it is the table's "blind choice" column. `None` for
+    /// dense models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blind_selection_sum: Option<f64>,
 }
 
 impl DistanceBucket {
@@ -110,7 +116,40 @@ impl Retrieval {
         {
             *n += i64::from(hit);
         }
+        if let Some(p) = a.blind_selection_chance {
+            *b.blind_selection_sum.get_or_insert(0.0) += p;
+        }
     }
+}
+
+/// The probability that a selection blind to content holds block `value` for the query at
+/// position `t`: each of `groups` K/V groups keeps its forced blocks (block 0 and the `n_local`
+/// local ones, Eq. 11's rule) and picks its other `n − forced` blocks uniformly among the other
+/// visible blocks `0..=⌊t/l'⌋`, independently of the other groups, so the union holds a free
+/// block with probability `1 − (1 − free / candidates)^groups`. 1 when `value` is forced or
+/// every visible block fits; 0 for a block after the query's.
+pub fn blind_selection_chance(
+    t: usize,
+    value: usize,
+    sel: &nsa_select::SelectConfig,
+    groups: i64,
+) -> f64 {
+    let current = t / sel.select_len.max(1) as usize;
+    if value > current {
+        return 0.0;
+    }
+    let local_from = (current + 1).saturating_sub(sel.n_local.max(1) as usize);
+    if value == 0 || value >= local_from {
+        return 1.0;
+    }
+    // Block 0 and the local blocks, counted once when they meet.
+    let forced = current + 1 - local_from + usize::from(local_from > 0);
+    let candidates = current + 1 - forced;
+    let free = (sel.top_n.max(0) as usize).saturating_sub(forced);
+    if free >= candidates {
+        return 1.0;
+    }
+    1.0 - (1.0 - free as f64 / candidates as f64).powi(groups.clamp(1, 1 << 16) as i32)
 }
 
 /// What `nsa-train eval --task … --json FILE` writes (and `nsa-train compare` reads).
@@ -169,11 +208,11 @@ impl RetrievalReport {
             .unwrap_or(0);
         let mut t = String::from("| distance (tokens) | answers | correct | accuracy |");
         if layers > 0 {
-            t.push_str(" value's block selected, layers 1… |");
+            t.push_str(" value's block selected, layers 1… | blind choice |");
         }
         t.push_str("\n| --- | ---: | ---: | ---: |");
         if layers > 0 {
-            t.push_str(" --- |");
+            t.push_str(" --- | ---: |");
         }
         t.push('\n');
         for b in &self.by_distance {
@@ -192,7 +231,11 @@ impl RetrievalReport {
                         _ => "–".to_string(),
                     })
                     .collect();
-                t.push_str(&format!(" {} |", fractions.join(" ")));
+                let blind = match (b.blind_selection_sum, b.answers) {
+                    (Some(p), a) if a > 0 => format!("{:.2}", p / a as f64),
+                    _ => "–".to_string(),
+                };
+                t.push_str(&format!(" {} | {blind} |", fractions.join(" ")));
             }
             t.push('\n');
         }
@@ -211,6 +254,7 @@ pub fn distance_buckets(len: usize, buckets: usize) -> Vec<DistanceBucket> {
             answers: 0,
             correct: 0,
             value_block_selected: Vec::new(),
+            blind_selection_sum: None,
         })
         .filter(|b| b.from < b.to)
         .collect()
@@ -295,6 +339,9 @@ struct Answer {
     /// NSA models, per NSA layer: whether some K/V group selected the block of the value
     /// token (the key's position + 1) for the query.
     value_block_selected: Vec<bool>,
+    /// NSA models: [`blind_selection_chance`] of the value's block (0 when the key was not
+    /// found); `None` for dense models.
+    blind_selection_chance: Option<f64>,
 }
 
 /// Every answer of one batch, `input` and `target` int64 `[B, L]` on the CPU.
@@ -326,7 +373,9 @@ fn score_batch(
         .iter()
         .map(|b| b.f_select(1, first as i64))
         .collect::<Result<Vec<_>, _>>()?;
-    let block_len = run.model_cfg.nsa.select.select_len.max(1) as usize;
+    let select = &run.model_cfg.nsa.select;
+    let block_len = select.select_len.max(1) as usize;
+    let nsa = !blocks.is_empty();
     let mut scored_answers = Vec::new();
     let vocab = run.model_cfg.vocab_size as usize;
     for t in first..len {
@@ -357,10 +406,17 @@ fn score_batch(
                             value_block.is_some_and(|v| row_ids.contains(&v))
                         })
                         .collect();
+                    let blind_selection_chance = nsa.then(|| {
+                        value_block.map_or(0.0, |v| {
+                            let groups = run.model_cfg.n_kv_heads;
+                            blind_selection_chance(t, v as usize, select, groups)
+                        })
+                    });
                     scored_answers.push(Answer {
                         distance: key.map_or(0, |p| t - p),
                         correct: guess == answer,
                         value_block_selected,
+                        blind_selection_chance,
                     });
                     Ok(guess)
                 } else if t + 1 < len {
@@ -397,17 +453,18 @@ mod tests {
             by_distance: b,
         };
         // Two NSA layers: whether each selected the value's block.
-        for (distance, correct, sel) in [
-            (0, true, [true, true]),
-            (249, false, [true, false]),
-            (250, true, [false, true]),
-            (999, true, [true, true]),
-            (5000, false, [false, false]),
+        for (distance, correct, sel, blind) in [
+            (0, true, [true, true], 1.0),
+            (249, false, [true, false], 0.5),
+            (250, true, [false, true], 0.25),
+            (999, true, [true, true], 1.0),
+            (5000, false, [false, false], 0.75),
         ] {
             r.record(&Answer {
                 distance,
                 correct,
                 value_block_selected: sel.to_vec(),
+                blind_selection_chance: Some(blind),
             });
         }
         let counts: Vec<(i64, i64, Vec<i64>)> = r
@@ -451,15 +508,63 @@ mod tests {
             distance: 3,
             correct: true,
             value_block_selected: Vec::new(),
+            blind_selection_chance: None,
         });
         let json = serde_json::to_string(&dense.by_distance[0]).unwrap();
         assert!(!json.contains("value_block_selected"), "{json}");
+        assert!(!json.contains("blind_selection_sum"), "{json}");
         assert!(!RetrievalReport {
             by_distance: dense.by_distance,
             ..report
         }
         .table()
         .contains("selected"));
+    }
+
+    /// Against a count by hand, and against a simulation of the blind choice itself.
+    #[test]
+    fn blind_selection_chance_counts_forced_and_free_blocks() {
+        // l' 64, n 16, 2 local blocks. Query at t = 4000: current block 62, forced 0, 61, 62;
+        // 13 free slots among the other 60 blocks.
+        let sel = nsa_select::SelectConfig::new(32, 16, 64, 16, 2).unwrap();
+        let f = 13.0 / 60.0;
+        assert!((blind_selection_chance(4000, 30, &sel, 1) - f).abs() < 1e-12);
+        let two = 1.0 - (1.0 - f) * (1.0 - f);
+        assert!((blind_selection_chance(4000, 30, &sel, 2) - two).abs() < 1e-12);
+        for forced in [0, 61, 62] {
+            assert_eq!(blind_selection_chance(4000, forced, &sel, 2), 1.0);
+        }
+        // Everything visible fits (16 blocks or fewer), and a block after the query's.
+        assert_eq!(blind_selection_chance(1000, 5, &sel, 1), 1.0);
+        assert_eq!(blind_selection_chance(1000, 20, &sel, 1), 0.0);
+        // One local block: block 0 and the current one are forced; t in block 1 forces both.
+        let one = nsa_select::SelectConfig::new(32, 16, 64, 3, 1).unwrap();
+        assert_eq!(blind_selection_chance(100, 1, &one, 1), 1.0);
+        assert!((blind_selection_chance(64 * 9, 4, &one, 1) - 1.0 / 8.0).abs() < 1e-12);
+        // A simulation of two groups choosing uniformly, with a fixed generator.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |m: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % m as u64) as usize
+        };
+        let (trials, mut hits) = (20_000, 0);
+        for _ in 0..trials {
+            let mut held = false;
+            for _group in 0..2 {
+                // 13 distinct picks from the 60 free blocks 1..=60; block 30 is one of them.
+                let mut pool: Vec<usize> = (1..=60).collect();
+                for k in 0..13 {
+                    let j = k + next(60 - k);
+                    pool.swap(k, j);
+                }
+                held |= pool[..13].contains(&30);
+            }
+            hits += usize::from(held);
+        }
+        let simulated = hits as f64 / trials as f64;
+        assert!((simulated - two).abs() < 0.015, "{simulated} vs {two}");
     }
 
     #[test]
