@@ -9,8 +9,8 @@
 // its logits, log-sum-exp, loss and the gradient of its logits, and multiplies that gradient
 // into dh (its rows) and dW (summed over chunks in float32) at once. Since the loss ends the
 // graph, its gradient with respect to h and W is known in forward; backward scales the saved
-// dh and dW by the incoming gradient of the loss. Peak extra memory: one chunk's logits in
-// float32 and in the matmul dtype, plus dh and a float32 dW.
+// dh and dW by the incoming gradient of the loss. Peak extra memory: one chunk's logits in the
+// matmul dtype (and, on the CPU path, in float32), plus dh and a float32 dW.
 //
 // Arithmetic: matmuls in `compute` (bfloat16 under the trainer's bf16 autocast, else float32),
 // logits, log-sum-exp and the logits' gradient in float32, the gradient rounded to `compute`

@@ -192,8 +192,8 @@ enum Command {
         json: Option<std::path::PathBuf>,
         /// With `--gpu`, only these parts (comma-separated): `kernels` (the fused training
         /// kernels, the whole-layer and the host-synchronisation rows) or one family of them
-        /// (`selected`, `window`, `compressed` (with the selection kernel), `pointwise`,
-        /// `layer`, `sync`), and `decode` (prefill + decode and the decode kernels). A family
+        /// (`selected`, `window`, `compressed` (with the selection kernel), `pointwise` (with the
+        /// output head's loss), `layer`, `sync`), and `decode` (prefill + decode and the decode kernels). A family
         /// alone suits compute-sanitizer, which slows every launch. Default: every row.
         #[arg(long, requires = "gpu", value_delimiter = ',', value_parser = [
             "kernels", "decode", "selected", "window", "compressed", "pointwise", "layer", "sync",
