@@ -3,26 +3,51 @@
 // failure through their return value (exceptions must not cross into Rust).
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/csrc/profiler/stubs/base.h>
 
 #include <memory>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "launch.h"
 
 namespace {
 // The Kineto result between disableProfiler() and save(); one profile at a time.
 std::unique_ptr<torch::autograd::profiler::ProfilerResult> g_profile;
+
+// An open range as the profiler sees it: a user-scope RecordFunction (what Python's
+// record_function makes: a "user_annotation" in the Chrome trace) and the name it points at,
+// owned here until the range closes.
+struct OpenRange {
+  std::string name;
+  std::unique_ptr<at::RecordFunction> record;
+};
+// Each thread's open ranges, innermost last (ranges open and close on one thread).
+thread_local std::vector<std::unique_ptr<OpenRange>> t_ranges;
 }  // namespace
 
 extern "C" {
 
-// NVTX through libtorch's CUDA profiler stubs (nvtx3 inside libtorch_cuda); no-ops without CUDA.
+// A named range: NVTX through libtorch's CUDA profiler stubs (nvtx3 inside libtorch_cuda; a
+// no-op without CUDA) for Nsight, and a user-scope RecordFunction for libtorch's own profiler
+// (`--profile`), so the trace shows which range launched each kernel.
 void nsa_nvtx_push(const char* name) {
   try {
     torch::profiler::impl::cudaStubs()->rangePush(name);
+  } catch (...) {
+  }
+  try {
+    auto range = std::make_unique<OpenRange>();
+    range->name = name;
+    range->record = std::make_unique<at::RecordFunction>(at::RecordScope::USER_SCOPE);
+    if (range->record->isActive()) {
+      range->record->before(std::string_view(range->name));
+    }
+    t_ranges.push_back(std::move(range));
   } catch (...) {
   }
 }
@@ -30,6 +55,13 @@ void nsa_nvtx_push(const char* name) {
 void nsa_nvtx_pop() {
   try {
     torch::profiler::impl::cudaStubs()->rangePop();
+  } catch (...) {
+  }
+  try {
+    if (!t_ranges.empty()) {
+      t_ranges.back()->record->end();
+      t_ranges.pop_back();
+    }
   } catch (...) {
   }
 }

@@ -113,7 +113,8 @@ pub struct FastPaths {
     /// `fused` (on CUDA: the compressed branch on cuDNN, the selection and the selected branch
     /// on NVRTC kernels, the window on flash; the lean path on the CPU) | `lean` | `reference`.
     pub attn_path: AttnPathChoice,
-    /// NVTX ranges around forward, branches, backward, sync and optimizer (env `NSA_NVTX`).
+    /// NVTX ranges around forward, branches, backward, sync and optimizer (env `NSA_NVTX`), for
+    /// Nsight; the same ranges are user annotations in `--profile`'s trace.
     pub nvtx: bool,
     /// Record which SDPA backend each attention branch uses (env `NSA_SDPA_AUDIT`).
     pub sdpa_audit: bool,

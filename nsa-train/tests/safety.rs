@@ -459,11 +459,23 @@ fn profile_through_the_last_step_writes_its_trace_and_exits_cleanly() {
     // left the profiler running and crashed the process at exit.
     let mut a = vec!["train".to_string()];
     a.extend(tiny(tmp.path(), "prof", 3));
-    a.extend(strs(&["--profile", "2..3"]));
+    a.extend(strs(&["--profile", "2..3", "--nvtx"]));
     ok(&run(&a));
     let dir = tmp.path().join("prof");
     let trace = std::fs::read_to_string(dir.join("trace-steps-2-3.json")).unwrap();
-    assert!(trace.contains("traceEvents"), "not a Chrome trace");
+    let events: serde_json::Value = serde_json::from_str(&trace).expect("a Chrome trace");
+    // With --nvtx the ranges are in the trace too (user annotations), with the layer's
+    // branches inside the forward: what scripts/trace_summary.py --kernel attributes kernels to.
+    let ranges: Vec<&str> = events["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["cat"] == "user_annotation")
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for name in ["forward", "backward", "optimizer", "nsa.win", "nsa.slc"] {
+        assert!(ranges.contains(&name), "{name} not among {ranges:?}");
+    }
     // A range past the run's steps is a configuration error, before anything is written.
     let mut a = vec!["train".to_string()];
     a.extend(tiny(tmp.path(), "prof-bad", 3));
