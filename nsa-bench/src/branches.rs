@@ -153,9 +153,11 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
             "--branch must be selected, window or compressed (got {b:?})"
         )));
     }
-    for shape in &a.shape {
-        shape_config(shape)?;
-    }
+    let shapes = a
+        .shape
+        .iter()
+        .map(|name| Ok((name, shape_config(name)?)))
+        .collect::<Result<Vec<_>>>()?;
     let backend = nsa_sys::cuda::load_backend()?;
     if !backend.has_gpu() {
         return Err(BenchError::Unavailable(
@@ -170,8 +172,7 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
         b,
         a.repeats
     );
-    for shape in &a.shape {
-        let cfg = shape_config(shape)?;
+    for (shape, cfg) in shapes {
         let (dk, dv) = (cfg.head_dim_k as f64, cfg.head_dim_v as f64);
         let h = (cfg.heads / cfg.kv_heads) as f64;
         for &s in &a.seq {

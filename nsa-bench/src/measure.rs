@@ -4,7 +4,8 @@ use tch::Device;
 
 use crate::BenchError;
 
-/// Wall times of repeated runs, ms.
+/// Median, min and max of repeated measurements: wall times in ms unless a caller says
+/// otherwise (`bench train` keeps tokens/s in one).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Timing {
     pub median: f64,
@@ -23,9 +24,15 @@ impl Timing {
         })
     }
 
-    /// `median (min–max)`.
+    /// `median (min–max)` with two decimals.
     pub fn cell(&self) -> String {
-        format!("{:.2} ({:.2}–{:.2})", self.median, self.min, self.max)
+        self.cell_to(2)
+    }
+
+    /// `median (min–max)` with `decimals` decimals.
+    pub fn cell_to(&self, decimals: usize) -> String {
+        let d = decimals;
+        format!("{:.d$} ({:.d$}–{:.d$})", self.median, self.min, self.max)
     }
 }
 

@@ -39,7 +39,8 @@ pub struct SelectBenchArgs {
     /// visible].
     #[arg(long)]
     device: Option<String>,
-    /// Timed runs per measurement, after one warm-up run; the table shows the median.
+    /// Timed runs per measurement, after one warm-up run; the table shows their median, min and
+    /// max.
     #[arg(long, default_value_t = 10)]
     repeats: usize,
     /// Which shapes to run.
@@ -408,7 +409,7 @@ struct Timed {
 
 /// Wall times in ms of `repeats` runs of `f` (after one untimed warm-up if `warm_up`), and the
 /// outputs of the last run.
-fn time_median(
+fn timed(
     device: Device,
     repeats: usize,
     warm_up: bool,
@@ -429,9 +430,9 @@ fn time_long(
     run_reference: bool,
     f: impl Fn(SelectImpl) -> Result<Outputs>,
 ) -> Result<(Option<Timed>, Timed)> {
-    let vectorized = time_median(device, repeats, true, || f(SelectImpl::Vectorized))?;
+    let vectorized = timed(device, repeats, true, || f(SelectImpl::Vectorized))?;
     let reference = if run_reference {
-        Some(time_median(device, 1, false, || f(SelectImpl::Reference))?)
+        Some(timed(device, 1, false, || f(SelectImpl::Reference))?)
     } else {
         None
     };
@@ -454,8 +455,8 @@ fn time_pair(
     repeats: usize,
     f: impl Fn(SelectImpl) -> Result<Outputs>,
 ) -> Result<Vec<Row>> {
-    let reference = time_median(device, repeats, true, || f(SelectImpl::Reference))?;
-    let vectorized = time_median(device, repeats, true, || f(SelectImpl::Vectorized))?;
+    let reference = timed(device, repeats, true, || f(SelectImpl::Reference))?;
+    let vectorized = timed(device, repeats, true, || f(SelectImpl::Vectorized))?;
     let (agrees, note) = agreement_note(&reference, &vectorized)?;
     Ok(vec![
         Row {
@@ -534,9 +535,7 @@ fn render(
     text.push_str("| shape | device | impl | ms, median (min–max) | speedup (medians) | notes |\n");
     text.push_str("| --- | --- | --- | ---: | ---: | --- |\n");
     for row in rows {
-        let ms = row.ms.map_or("skipped".into(), |t| {
-            format!("{:.3} ({:.3}–{:.3})", t.median, t.min, t.max)
-        });
+        let ms = row.ms.map_or("skipped".into(), |t| t.cell_to(3));
         text.push_str(&format!(
             "| {} | {device} | {} | {ms} | {} | {} |\n",
             row.shape, row.imp, row.speedup, row.notes

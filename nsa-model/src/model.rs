@@ -199,9 +199,7 @@ impl Model {
     /// reads only whether the path is fused (then RoPE runs on its CUDA kernel). Position `t`'s
     /// logits depend on tokens `0..=t` only.
     pub fn forward(&self, tokens: &Tensor, opts: &ForwardOpts) -> Result<Tensor, ModelError> {
-        Ok(self
-            .forward_hidden(tokens, opts)?
-            .f_matmul(&self.embed.f_tr()?)?)
+        self.tied_head(&self.forward_hidden(tokens, opts)?)
     }
 
     /// [`Model::forward`] up to the head: the final norm's output `[B, S, D]`, which a loss
@@ -240,8 +238,12 @@ impl Model {
 
     /// Final norm and the tied head: hidden states `[B, S, D]` → logits `[B, S, V]`.
     fn head(&self, h: &Tensor) -> Result<Tensor, ModelError> {
-        let h = self.final_norm.forward(h)?;
-        Ok(h.f_matmul(&self.embed.f_tr()?)?)
+        self.tied_head(&self.final_norm.forward(h)?)
+    }
+
+    /// The tied head alone: normed hidden states → logits, `h · embedᵀ`.
+    fn tied_head(&self, normed: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(normed.f_matmul(&self.embed.f_tr()?)?)
     }
 
     /// The configuration the model was built from.

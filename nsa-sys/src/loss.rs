@@ -47,8 +47,9 @@ pub enum LossError {
 /// `h`: `[N, D]`, float32 or bfloat16; `w`: `[V, D]`, float32 or bfloat16, on `h`'s device;
 /// `target`: int64 `[N]` on the same device, each scored target in `0..V` (not checked on the
 /// host: that would synchronise; an id out of range is libtorch's error on the CPU and makes
-/// the loss NaN on CUDA). `chunk`: rows per chunk (its float32 logits, `chunk · V · 4` bytes, are the largest
-/// temporary). `bf16`: run the matmuls in bfloat16 (the trainer's bf16 autocast), else float32.
+/// the loss NaN on CUDA). `chunk`: rows per chunk (its logits, `chunk · V` in the matmul dtype
+/// plus a float32 copy on the CPU, are the largest temporary). `bf16`: run the matmuls in
+/// bfloat16 (the trainer's bf16 autocast), else float32.
 pub fn linear_cross_entropy(
     h: &Tensor,
     w: &Tensor,

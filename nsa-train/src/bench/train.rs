@@ -85,11 +85,6 @@ fn tokens_per_s(lines: &[crate::metrics::MetricLine]) -> Option<nsa_bench::Timin
     nsa_bench::Timing::of(lines.iter().skip(warm_up).map(|l| l.tokens_per_s).collect())
 }
 
-/// `median (min–max)` of tokens/s, whole tokens.
-fn tokens_per_s_cell(t: &nsa_bench::Timing) -> String {
-    format!("{:.0} ({:.0}–{:.0})", t.median, t.min, t.max)
-}
-
 pub fn run(a: TrainBenchArgs) -> Result<()> {
     anyhow::ensure!(
         a.seq.iter().all(|&s| s >= 2),
@@ -127,11 +122,7 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                     if attention == "dense" {
                         dense_tps = Some(tps);
                     }
-                    format!(
-                        "{} | {:.0} | {ratio}",
-                        tokens_per_s_cell(&timing),
-                        s.peak_mem_mb
-                    )
+                    format!("{} | {:.0} | {ratio}", timing.cell_to(0), s.peak_mem_mb)
                 }
                 Err(e) => {
                     failures += 1;
@@ -223,7 +214,7 @@ mod tests {
         let lines: Vec<MetricLine> = (1..).zip(speeds).map(|(s, t)| line(s, t)).collect();
         let t = tokens_per_s(&lines).unwrap();
         assert_eq!((t.median, t.min, t.max), (1001.0, 990.0, 1010.0));
-        assert_eq!(tokens_per_s_cell(&t), "1001 (990–1010)");
+        assert_eq!(t.cell_to(0), "1001 (990–1010)");
         // A run of warm-up steps alone still reports them.
         let t = tokens_per_s(&lines[..2]).unwrap();
         assert_eq!((t.median, t.min, t.max), (20.0, 10.0, 20.0));
