@@ -341,6 +341,9 @@ pub enum ModelError {
     /// The NSA layer failed.
     #[error("nsa attention: {0}")]
     Attn(#[from] AttnError),
+    /// A fused CUDA kernel of the model (the norm's) refused an input or failed.
+    #[error("fused kernel: {0}")]
+    Fused(#[from] nsa_sys::fused::FusedError),
     /// libtorch refused an operation.
     #[error("libtorch: {0}")]
     Torch(#[from] TchError),

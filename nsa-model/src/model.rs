@@ -10,7 +10,10 @@ mod decode;
 pub use decode::{DecodeStep, DenseCache, KvCache, Prefilled};
 
 /// RMSNorm: `y = x / sqrt(mean(x²) + ε) · weight`, statistics in float32, result in `x`'s kind.
-/// One variable, `weight` `[D]`, initialised to 1.
+/// One variable, `weight` `[D]`, initialised to 1. With `kernel` (see [`use_kernels`]) one CUDA
+/// kernel each way (`nsa_sys::fused::rms_norm`), whose result is already in autocast's dtype
+/// where libtorch's chain of a dozen elementwise operators gives float32 for the next matmul to
+/// cast.
 #[derive(Debug)]
 struct RmsNorm {
     weight: Tensor,
@@ -25,7 +28,10 @@ impl RmsNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+    fn forward(&self, x: &Tensor, kernel: bool) -> Result<Tensor, ModelError> {
+        if kernel {
+            return Ok(nsa_sys::fused::rms_norm(x, &self.weight, self.eps)?);
+        }
         let xf = x.f_to_kind(Kind::Float)?;
         let ms = xf.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
         let normed = xf
@@ -33,6 +39,18 @@ impl RmsNorm {
             .f_to_kind(x.kind())?;
         Ok(normed.f_mul(&self.weight)?)
     }
+}
+
+/// Whether a forward with `opts` over activations like `x` runs the blocks' norms and MLP
+/// activations on their CUDA kernels: on the fused path, on CUDA, for the float kinds and
+/// widths the kernels take (as RoPE's kernel is chosen).
+pub(crate) fn use_kernels(opts: &ForwardOpts, x: &Tensor) -> bool {
+    matches!(opts.path, AttnPath::Fused(_))
+        && x.device().is_cuda()
+        && matches!(x.kind(), Kind::Float | Kind::BFloat16)
+        && x.size()
+            .last()
+            .is_some_and(|&d| d <= nsa_sys::fused::RMS_NORM_MAX_DIM)
 }
 
 /// SwiGLU MLP: `w_down(SiLU(w_gate x) ⊙ w_up x)`, no biases.
@@ -58,11 +76,19 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
-        let gated = linear(&self.w_gate, x)?
-            .f_silu()?
-            .f_mul(&linear(&self.w_up, x)?)?;
-        linear(&self.w_down, &gated)
+    /// `kernel` (see [`use_kernels`]): the gate and up projections as one matmul over their
+    /// stacked weights (one backward matmul for the input's gradient instead of two and an
+    /// add) and the SwiGLU on its CUDA kernel (`nsa_sys::fused::swiglu`).
+    fn forward(&self, x: &Tensor, kernel: bool) -> Result<Tensor, ModelError> {
+        let gated = if kernel {
+            let stacked = Tensor::f_cat(&[&self.w_gate.ws, &self.w_up.ws], 0)?;
+            nsa_sys::fused::swiglu(&x.f_linear::<Tensor>(&stacked, None)?)?
+        } else {
+            linear(&self.w_gate, x)?
+                .f_silu()?
+                .f_mul(&linear(&self.w_up, x)?)?
+        };
+        Ok(linear(&self.w_down, &gated)?)
     }
 }
 
@@ -110,7 +136,8 @@ impl Block {
         opts: &ForwardOpts,
         rope: Option<&Rope>,
     ) -> Result<Tensor, ModelError> {
-        let x = self.attn_norm.forward(h)?;
+        let kernel = use_kernels(opts, h);
+        let x = self.attn_norm.forward(h, kernel)?;
         let a = match (&self.attn, rope) {
             (Attention::Nsa(attn), _) => attn.forward(&x, opts)?,
             (Attention::Dense(attn), Some(rope)) => attn.forward(&x, rope)?,
@@ -120,13 +147,15 @@ impl Block {
                 ))
             }
         };
-        self.finish(h, &a)
+        self.finish(h, &a, kernel)
     }
 
-    /// The block after its attention: `h + a`, then the MLP's residual.
-    fn finish(&self, h: &Tensor, a: &Tensor) -> Result<Tensor, ModelError> {
+    /// The block after its attention: `h + a`, then the MLP's residual (`kernel`: the norm's).
+    fn finish(&self, h: &Tensor, a: &Tensor, kernel: bool) -> Result<Tensor, ModelError> {
         let h = h.f_add(a)?;
-        let m = self.mlp.forward(&self.mlp_norm.forward(&h)?)?;
+        let m = self
+            .mlp
+            .forward(&self.mlp_norm.forward(&h, kernel)?, kernel)?;
         Ok(h.f_add(&m)?)
     }
 }
@@ -228,7 +257,7 @@ impl Model {
         for block in &self.blocks {
             h = block.forward(&h, opts, rope.as_ref())?;
         }
-        self.final_norm.forward(&h)
+        self.final_norm.forward(&h, use_kernels(opts, &h))
     }
 
     /// The tied output head's weight, `[V, D]` (the embedding): `logits = forward_hidden · Wᵀ`.
@@ -236,9 +265,10 @@ impl Model {
         &self.embed
     }
 
-    /// Final norm and the tied head: hidden states `[B, S, D]` → logits `[B, S, V]`.
-    fn head(&self, h: &Tensor) -> Result<Tensor, ModelError> {
-        self.tied_head(&self.final_norm.forward(h)?)
+    /// Final norm (`kernel`: on its CUDA kernel) and the tied head: hidden states `[B, S, D]` →
+    /// logits `[B, S, V]`.
+    fn head(&self, h: &Tensor, kernel: bool) -> Result<Tensor, ModelError> {
+        self.tied_head(&self.final_norm.forward(h, kernel)?)
     }
 
     /// The tied head alone: normed hidden states → logits, `h · embedᵀ`.
@@ -384,14 +414,14 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let norm = RmsNorm::new(&vs.root(), 8, 1e-6).unwrap();
         let x = Tensor::randn([3, 5, 8], (Kind::Float, Device::Cpu)) * 7.0;
-        let y = norm.forward(&x).unwrap();
+        let y = norm.forward(&x, false).unwrap();
         let rms = y.square().mean_dim(-1, false, Kind::Float).sqrt();
         let err = (rms - 1.0).abs().max().double_value(&[]);
         assert!(err < 1e-4, "{err}");
         let mut vs = nn::VarStore::new(Device::Cpu);
         let norm = RmsNorm::new(&vs.root(), 8, 1e-6).unwrap();
         vs.bfloat16();
-        let yb = norm.forward(&x.to_kind(Kind::BFloat16)).unwrap();
+        let yb = norm.forward(&x.to_kind(Kind::BFloat16), false).unwrap();
         assert_eq!(yb.kind(), Kind::BFloat16);
         let err = (yb.to_kind(Kind::Float) - y).abs().max().double_value(&[]);
         assert!(err < 0.05, "{err}");

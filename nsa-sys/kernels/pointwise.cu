@@ -43,6 +43,33 @@
 //   bf16 logits) is 98 KB, so the second pass mostly hits L2: DRAM sees about one read and one
 //   write of the logits, against libtorch's chain (cast to fp32, logsumexp, exp, one-hot,
 //   scale, cast back), which writes and reads the fp32 logits five times over.
+//
+// nsa_rms_norm_{IN}_{OUT} and nsa_rms_norm_bwd_{IN}_{OUT} (IN, OUT in bf16, f32): RMSNorm of
+//   the rows of x [R, D] (IN, contiguous) with a weight w [D] (fp32):
+//     rstd[r] = 1 / sqrt(mean_j x[r, j]^2 + eps),   y[r, j] = (x[r, j] * rstd[r]) * w[j]
+//   in fp32 in that order (nsa-model's operator path), y rounded once to OUT, rstd kept (fp32)
+//   for the backward. Backward for dy [R, D] (OUT): with xh = x * rstd and gw = dy * w,
+//     dx[r, j] = rstd[r] * (gw[r, j] - xh[r, j] * mean_k gw[r, k] * xh[r, k])   (IN)
+//     dw_part[c, j] = sum over the rows of CTA c of dy[r, j] * xh[r, j]           (fp32)
+//   and the host sums dw_part over c (the partials of a fixed grid: deterministic). One warp
+//   per row (rows strided over the grid's warps in a fixed order), lanes striding over D, so
+//   loads and stores are coalesced; the row sums are warp butterflies. Each warp accumulates
+//   its rows' dw in its own slice of shared memory ([warps][D] fp32, only its lanes touch it),
+//   summed over the warps in warp order at the end. Both kernels read each row twice (the
+//   second time from L1/L2): DRAM sees one read of x (and dy) and one write of y (dx).
+//
+// nsa_swiglu_{bf16, f32} and nsa_swiglu_bwd_{bf16, f32}: the SwiGLU of the MLP on the output
+//   of its stacked gate and up projections, ab [R, 2H] (type T, contiguous): with a = ab[r, j]
+//   and b = ab[r, H + j],
+//     o[r, j] = silu(a) * b = a * sigmoid(a) * b                                  (T, [R, H])
+//   Backward for dout [R, H] (T), into dab [R, 2H] (T):
+//     dab[r, j] = dout * b * sigmoid(a) * (1 + a * (1 - sigmoid(a))),   dab[r, H + j] = dout * silu(a)
+//   fp32 arithmetic, one rounding per stored element. Each thread takes 16 bytes of a row
+//   (8 bf16 or 4 fp32 elements, grid-stride) when H is a multiple of that and the rows are
+//   16-byte aligned (vec = 1), one element otherwise. libtorch runs this as silu, mul (two
+//   kernels, an intermediate written) forward and three backward (two muls and
+//   silu_backward), plus the add of the two projections' input gradients that the stacked
+//   projection's single matmul makes unnecessary.
 #include "common.cuh"
 
 #define NSA_POINTWISE_THREADS 256
@@ -207,7 +234,168 @@ __device__ __forceinline__ void ce_rows(T* __restrict__ z, const long long* __re
   }
 }
 
+template <typename In, typename Out>
+__device__ __forceinline__ void rms_norm(const In* __restrict__ x, const float* __restrict__ w,
+                                         float eps, Out* __restrict__ y,
+                                         float* __restrict__ rstd, int D, long long rows) {
+  const int lane = threadIdx.x & 31;
+  const long long warps = (long long)gridDim.x * (blockDim.x / 32);
+  for (long long r = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows;
+       r += warps) {
+    const In* xr = x + r * D;
+    float ss = 0.f;
+#pragma unroll 4
+    for (int j = lane; j < D; j += 32) {
+      const float v = to_f(xr[j]);
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    const float rs = rsqrtf(ss / (float)D + eps);
+    Out* yr = y + r * D;
+#pragma unroll 4
+    for (int j = lane; j < D; j += 32) yr[j] = from_f<Out>((to_f(xr[j]) * rs) * w[j]);
+    if (lane == 0) rstd[r] = rs;
+  }
+}
+
+template <typename In, typename Out>
+__device__ __forceinline__ void rms_norm_bwd(const In* __restrict__ x,
+                                             const float* __restrict__ w,
+                                             const float* __restrict__ rstd,
+                                             const Out* __restrict__ dy, In* __restrict__ dx,
+                                             float* __restrict__ dw_part, int D,
+                                             long long rows) {
+  extern __shared__ float dw_warp[];  // [warps][D]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  float* acc = dw_warp + (long long)warp * D;
+  for (int j = lane; j < D; j += 32) acc[j] = 0.f;
+  const long long warps = (long long)gridDim.x * nwarps;
+  for (long long r = (long long)blockIdx.x * nwarps + warp; r < rows; r += warps) {
+    const In* xr = x + r * D;
+    const Out* gr = dy + r * D;
+    const float rs = rstd[r];
+    float dot = 0.f;
+#pragma unroll 4
+    for (int j = lane; j < D; j += 32) dot += (to_f(gr[j]) * w[j]) * (to_f(xr[j]) * rs);
+    const float c = warp_sum(dot) / (float)D;
+    In* dr = dx + r * D;
+#pragma unroll 4
+    for (int j = lane; j < D; j += 32) {
+      const float g = to_f(gr[j]), xh = to_f(xr[j]) * rs;
+      dr[j] = from_f<In>(rs * (g * w[j] - xh * c));
+      acc[j] += g * xh;
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < D; j += blockDim.x) {
+    float s = 0.f;
+    for (int k = 0; k < nwarps; ++k) s += dw_warp[(long long)k * D + j];
+    dw_part[(long long)blockIdx.x * D + j] = s;
+  }
+}
+
+__device__ __forceinline__ float sigmoid_f(float a) { return 1.f / (1.f + expf(-a)); }
+
+// Calls f(r, j) for each thread's pieces of rows x H: 16 bytes of type T (j a multiple of
+// 16 / sizeof(T)) when vec, one element otherwise; grid-stride.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_piece(int H, long long rows, int vec, F f) {
+  const int per = vec ? 16 / (int)sizeof(T) : 1;
+  const long long chunks = rows * (H / per);
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += stride) {
+    const long long r = c / (H / per);
+    f(r, (int)(c - r * (H / per)) * per);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void swiglu(const T* __restrict__ ab, T* __restrict__ o, int H,
+                                       long long rows, int vec) {
+  constexpr int W = 16 / sizeof(T);
+  for_each_piece<T>(H, rows, vec, [&](long long r, int j) {
+    const T* ar = ab + r * 2 * H + j;
+    T* orow = o + r * H + j;
+    if (vec) {
+      uint4 pa = *reinterpret_cast<const uint4*>(ar);
+      const uint4 pb = *reinterpret_cast<const uint4*>(ar + H);
+      T* ea = reinterpret_cast<T*>(&pa);
+      const T* eb = reinterpret_cast<const T*>(&pb);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const float a = to_f(ea[k]);
+        ea[k] = from_f<T>(a * sigmoid_f(a) * to_f(eb[k]));
+      }
+      *reinterpret_cast<uint4*>(orow) = pa;
+    } else {
+      const float a = to_f(ar[0]);
+      orow[0] = from_f<T>(a * sigmoid_f(a) * to_f(ar[H]));
+    }
+  });
+}
+
+template <typename T>
+__device__ __forceinline__ void swiglu_bwd(const T* __restrict__ ab, const T* __restrict__ dout,
+                                           T* __restrict__ dab, int H, long long rows,
+                                           int vec) {
+  constexpr int W = 16 / sizeof(T);
+  for_each_piece<T>(H, rows, vec, [&](long long r, int j) {
+    const T* ar = ab + r * 2 * H + j;
+    const T* gr = dout + r * H + j;
+    T* dr = dab + r * 2 * H + j;
+    if (vec) {
+      uint4 pa = *reinterpret_cast<const uint4*>(ar);
+      uint4 pb = *reinterpret_cast<const uint4*>(ar + H);
+      const uint4 pg = *reinterpret_cast<const uint4*>(gr);
+      T* ea = reinterpret_cast<T*>(&pa);
+      T* eb = reinterpret_cast<T*>(&pb);
+      const T* eg = reinterpret_cast<const T*>(&pg);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const float a = to_f(ea[k]), b = to_f(eb[k]), g = to_f(eg[k]);
+        const float sg = sigmoid_f(a);
+        ea[k] = from_f<T>(g * b * sg * (1.f + a * (1.f - sg)));
+        eb[k] = from_f<T>(g * a * sg);
+      }
+      *reinterpret_cast<uint4*>(dr) = pa;
+      *reinterpret_cast<uint4*>(dr + H) = pb;
+    } else {
+      const float a = to_f(ar[0]), b = to_f(ar[H]), g = to_f(gr[0]);
+      const float sg = sigmoid_f(a);
+      dr[0] = from_f<T>(g * b * sg * (1.f + a * (1.f - sg)));
+      dr[H] = from_f<T>(g * a * sg);
+    }
+  });
+}
+
 }  // namespace nsa
+
+#define NSA_SWIGLU(SUFFIX, T)                                                                  \
+  extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS) nsa_swiglu_##SUFFIX(    \
+      const T* ab, T* o, int H, long long rows, int vec) {                                     \
+    nsa::swiglu<T>(ab, o, H, rows, vec);                                                       \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS) nsa_swiglu_bwd_##SUFFIX( \
+      const T* ab, const T* dout, T* dab, int H, long long rows, int vec) {                    \
+    nsa::swiglu_bwd<T>(ab, dout, dab, H, rows, vec);                                           \
+  }
+NSA_SWIGLU(bf16, __nv_bfloat16)
+NSA_SWIGLU(f32, float)
+
+#define NSA_RMS_NORM(SUFFIX, IN, OUT)                                                          \
+  extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS) nsa_rms_norm_##SUFFIX(  \
+      const IN* x, const float* w, float eps, OUT* y, float* rstd, int D, long long rows) {    \
+    nsa::rms_norm<IN, OUT>(x, w, eps, y, rstd, D, rows);                                       \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS)                          \
+      nsa_rms_norm_bwd_##SUFFIX(const IN* x, const float* w, const float* rstd, const OUT* dy, \
+                                IN* dx, float* dw_part, int D, long long rows) {               \
+    nsa::rms_norm_bwd<IN, OUT>(x, w, rstd, dy, dx, dw_part, D, rows);                          \
+  }
+NSA_RMS_NORM(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+NSA_RMS_NORM(bf16_f32, __nv_bfloat16, float)
+NSA_RMS_NORM(f32_bf16, float, __nv_bfloat16)
+NSA_RMS_NORM(f32_f32, float, float)
 
 #define NSA_CE_ROWS(SUFFIX, T)                                                                 \
   extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS) nsa_ce_rows_##SUFFIX(   \

@@ -44,7 +44,9 @@ pub use decode::{
     decode_kernels, DecodeGraph, DecodeInputs, DecodeKernels, DecodeParams, DecodeStep,
     DECODE_MAX_DV, DECODE_MAX_GROUP, DECODE_MAX_TOP_N,
 };
-pub use pointwise::{gate_mix, pointwise_kernels, rope, PointwiseKernels};
+pub use pointwise::{
+    gate_mix, pointwise_kernels, rms_norm, rope, swiglu, PointwiseKernels, RMS_NORM_MAX_DIM,
+};
 pub use selected_order::{
     SelectedDq, SelectedForward, DQ_KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MAX_GROUP,
     KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MIN_BATCHED_BLOCKS, KEY_OUTER_MIN_BATCH_BLOCKS,

@@ -111,7 +111,9 @@ pub struct FastPaths {
     /// `vectorized` | `reference` (env `NSA_SEL_RANGES_V2=1|0`).
     pub select: SelectImpl,
     /// `fused` (on CUDA: the compressed branch on cuDNN, the selection and the selected branch
-    /// on NVRTC kernels, the window on flash; the lean path on the CPU) | `lean` | `reference`.
+    /// on NVRTC kernels, the window on flash, and for NSA and dense models alike RoPE, the
+    /// norms and the MLP's SwiGLU on NVRTC kernels; the lean path on the CPU) | `lean` |
+    /// `reference`.
     pub attn_path: AttnPathChoice,
     /// NVTX ranges around forward, branches, backward, sync and optimizer (env `NSA_NVTX`), for
     /// Nsight; the same ranges are user annotations in `--profile`'s trace.

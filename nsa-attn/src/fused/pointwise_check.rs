@@ -1,6 +1,7 @@
-//! GPU check rows of the pointwise kernels (`nsa_sys::fused::{rope, gate_mix}`, on the tables
-//! of [`Rope::with_kernel`], and the output head's loss `nsa_sys::loss::linear_cross_entropy`,
-//! whose chunks run `nsa_ce_rows` on CUDA) against libtorch's operators in float64, output and
+//! GPU check rows of the pointwise kernels (`nsa_sys::fused::{rope, gate_mix, rms_norm,
+//! swiglu}`, RoPE
+//! on the tables of [`Rope::with_kernel`], and the output head's loss
+//! `nsa_sys::loss::linear_cross_entropy`, whose chunks run `nsa_ce_rows` on CUDA) against libtorch's operators in float64, output and
 //! every gradient, on fresh random inputs, memory NaN-poisoned before each launch, run twice
 //! (the second must equal the first bit for bit).
 use tch::{Device, Kind, Tensor};
@@ -11,8 +12,10 @@ use crate::rope::Rope;
 use nsa_sys::fused as sys;
 
 /// The rows: RoPE on slices of a stacked projection (strided rows) and on a contiguous tensor,
-/// the gated sum, and the linear cross-entropy (vector and element loads, several chunks,
-/// ignored rows), each in fp32 and bf16.
+/// the gated sum, the linear cross-entropy (vector and element loads, several chunks, ignored
+/// rows), RMSNorm (row lengths below, off and at the warp multiple, and the largest) and SwiGLU
+/// (16-byte and element access), each in fp32 and bf16, RMSNorm also from fp32 under bf16
+/// autocast (the trainer's case).
 pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     for kind in [Kind::Float, Kind::BFloat16] {
@@ -71,7 +74,101 @@ pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
             );
         }
     }
+    for kind in [Kind::Float, Kind::BFloat16] {
+        for shape in [&[2, 37, 4096][..], &[130, 2002], &[3, 16]] {
+            let name = format!("swiglu {} {shape:?}", kind_name(kind));
+            rows.push(
+                swiglu_case(shape, kind, device)
+                    .map(|(e, det)| row(name.clone(), kind, e, det))
+                    .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
+            );
+        }
+    }
+    for (kind, autocast) in [
+        (Kind::Float, false),
+        (Kind::BFloat16, false),
+        (Kind::Float, true),
+    ] {
+        for shape in [&[2, 37, 768][..], &[130, 1000], &[3, 64], &[5, 12288]] {
+            let name = format!(
+                "rms norm {}{} {shape:?}",
+                kind_name(kind),
+                if autocast { " under bf16 autocast" } else { "" }
+            );
+            let judged = if autocast { Kind::BFloat16 } else { kind };
+            rows.push(
+                norm_case(shape, kind, autocast, device)
+                    .map(|(e, det)| row(name.clone(), judged, e, det))
+                    .unwrap_or_else(|e| CheckRow::failed(name, tolerance(judged), e)),
+            );
+        }
+    }
     rows
+}
+
+/// RMSNorm of `x` (`shape`, in `kind`) by a weight near 1 (in `kind`), against the operators in
+/// float64; outputs: y, dx, dw. Under `autocast` (fp32 inputs, the trainer's bf16 autocast) the
+/// result must come back in bf16.
+fn norm_case(
+    shape: &[i64],
+    kind: Kind,
+    autocast: bool,
+    device: Device,
+) -> Result<((f64, String), bool), AttnError> {
+    const EPS: f64 = 1e-6;
+    let d = shape[shape.len() - 1];
+    let x = Tensor::f_randn(shape, (Kind::Float, device))?
+        .f_mul_scalar(3.0)?
+        .f_to_kind(kind)?;
+    let w =
+        (Tensor::f_randn([d], (Kind::Float, device))?.f_mul_scalar(0.1)? + 1.0).f_to_kind(kind)?;
+    let dout = Tensor::f_randn(shape, (Kind::Float, device))?;
+    let want_kind = if autocast { Kind::BFloat16 } else { kind };
+    let fused = |t: &[Tensor]| -> Result<Tensor, AttnError> {
+        let y = if autocast {
+            nsa_sys::train::with_bf16_autocast(|| sys::rms_norm(&t[0], &t[1], EPS))?
+        } else {
+            sys::rms_norm(&t[0], &t[1], EPS)?
+        };
+        if y.kind() != want_kind {
+            return Err(AttnError::Option {
+                option: "gpu_check",
+                reason: format!("rms_norm returned {:?}, want {want_kind:?}", y.kind()),
+            });
+        }
+        Ok(y)
+    };
+    let reference = |t: &[Tensor]| -> Result<Tensor, AttnError> {
+        let ms = t[0]
+            .f_square()?
+            .f_mean_dim(-1, true, Kind::Double)?
+            .f_add_scalar(EPS)?;
+        Ok(t[0].f_mul(&ms.f_rsqrt()?)?.f_mul(&t[1])?)
+    };
+    twice_against_f64(&[x, w], &dout, fused, reference, &["y", "dx", "dw"])
+}
+
+/// SwiGLU of a stacked projection `ab` (`shape`, last axis 2H, in `kind`) against the
+/// operators in float64; outputs: o, dab.
+fn swiglu_case(
+    shape: &[i64],
+    kind: Kind,
+    device: Device,
+) -> Result<((f64, String), bool), AttnError> {
+    let ab = Tensor::f_randn(shape, (Kind::Float, device))?
+        .f_mul_scalar(2.0)?
+        .f_to_kind(kind)?;
+    let mut out_shape = shape.to_vec();
+    let h = shape[shape.len() - 1] / 2;
+    *out_shape.last_mut().unwrap_or(&mut 0) = h;
+    let dout = Tensor::f_randn(out_shape.as_slice(), (Kind::Float, device))?;
+    let fused = |t: &[Tensor]| -> Result<Tensor, AttnError> { Ok(sys::swiglu(&t[0])?) };
+    let reference = |t: &[Tensor]| -> Result<Tensor, AttnError> {
+        let a = t[0].f_narrow(-1, 0, h)?;
+        let b = t[0].f_narrow(-1, h, h)?;
+        Ok(a.f_silu()?.f_mul(&b)?)
+    };
+    twice_against_f64(&[ab], &dout, fused, reference, &["o", "dab"])
 }
 
 /// The loss of `h · Wᵀ` against random targets, one in five ignored (-100), in `kind` (bf16:

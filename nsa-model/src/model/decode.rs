@@ -10,7 +10,7 @@
 use nsa_attn::{DecodePlan, ForwardOpts, NsaCache, StepReads};
 use tch::{Kind, Tensor};
 
-use super::{Attention, Model};
+use super::{use_kernels, Attention, Model};
 use crate::config::{AttentionKind, ModelError};
 use crate::dense::{decode_attention, Rope};
 
@@ -149,8 +149,9 @@ impl Model {
         let capacity = capacity.max(s);
         let (mut h, rope) = self.embed_with_rope(tokens, s)?;
         let (mut layers, mut blocks) = (Vec::new(), Vec::new());
+        let kernel = use_kernels(opts, &h);
         for block in &self.blocks {
-            let x = block.attn_norm.forward(&h)?;
+            let x = block.attn_norm.forward(&h, kernel)?;
             let a = match &block.attn {
                 Attention::Nsa(attn) => {
                     let (out, cache) = attn.prefill(&x, lengths, capacity, opts)?;
@@ -169,10 +170,10 @@ impl Model {
                     attn.output(&o)?
                 }
             };
-            h = block.finish(&h, &a)?;
+            h = block.finish(&h, &a, kernel)?;
         }
         Ok(Prefilled {
-            logits: self.head(&h)?,
+            logits: self.head(&h, kernel)?,
             cache: KvCache {
                 layers,
                 lengths: lengths.to_vec(),
@@ -253,8 +254,9 @@ impl Model {
             .ok_or_else(|| ModelError::Tokens("the plan carries no token ids".into()))?;
         let mut h = Tensor::f_embedding(&self.embed, &tokens.f_view([b, 1])?, -1, false, false)?;
         let mut reads = Vec::new();
+        let kernel = use_kernels(opts, &h);
         for (block, layer) in self.blocks.iter().zip(&mut cache.layers) {
-            let x = block.attn_norm.forward(&h)?;
+            let x = block.attn_norm.forward(&h, kernel)?;
             let a = match (&block.attn, layer) {
                 (Attention::Nsa(attn), LayerCache::Nsa(c)) => {
                     let step = attn.decode_step_planned(&x, c, plan, opts)?;
@@ -268,10 +270,10 @@ impl Model {
                     ))
                 }
             };
-            h = block.finish(&h, &a)?;
+            h = block.finish(&h, &a, kernel)?;
         }
         Ok(DecodeStep {
-            logits: self.head(&h)?.f_select(1, 0)?,
+            logits: self.head(&h, kernel)?.f_select(1, 0)?,
             reads,
         })
     }
@@ -299,8 +301,9 @@ impl Model {
         }
         let (mut h, rope) = self.embed_with_rope(tokens, s)?;
         let mut given = blocks.iter();
+        let kernel = use_kernels(opts, &h);
         for block in &self.blocks {
-            let x = block.attn_norm.forward(&h)?;
+            let x = block.attn_norm.forward(&h, kernel)?;
             let a = match (&block.attn, given.next()) {
                 (Attention::Nsa(attn), Some(sel)) => {
                     attn.forward_branches_with_blocks(&x, sel, opts)?.output
@@ -310,9 +313,9 @@ impl Model {
                     return Err(ModelError::Shape("missing a selection".into()))
                 }
             };
-            h = block.finish(&h, &a)?;
+            h = block.finish(&h, &a, kernel)?;
         }
-        self.head(&h)
+        self.head(&h, kernel)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Pointwise work around the attention kernels, one kernel pass each forward and backward:
-//! rotary position embedding ([`rope`]) and the gated sum of the three branches
-//! ([`gate_mix`]). The kernels are `nsa-sys/kernels/pointwise.cu`; the autograd functions are in
-//! `glue/pointwise.cpp`; they run on libtorch's current CUDA stream.
+//! rotary position embedding ([`rope`]), the gated sum of the three branches ([`gate_mix`]),
+//! and the model's RMSNorm ([`rms_norm`]) and SwiGLU ([`swiglu`]). The kernels are `nsa-sys/kernels/pointwise.cu`; the
+//! autograd functions are in `glue/pointwise.cpp` and `glue/model_ops.cpp`; they run on libtorch's
+//! current CUDA stream.
 //!
 //! libtorch runs the same arithmetic as a chain of elementwise operators (RoPE: four
 //! multiplications, a subtraction, an addition and a concatenation, each writing a full
@@ -34,6 +35,14 @@ struct PointwiseTable {
     mix_bwd: [CuFunction; 2],
     /// bf16, fp32 (the loss's rows: `crate::loss`).
     ce_rows: [CuFunction; 2],
+    /// Index `2 · (input fp32) + (output fp32)` (RMSNorm: `crate::norm`).
+    norm: [CuFunction; 4],
+    /// As `norm`.
+    norm_bwd: [CuFunction; 4],
+    /// bf16, fp32 (the MLP's SwiGLU: [`swiglu`]).
+    swiglu: [CuFunction; 2],
+    /// bf16, fp32.
+    swiglu_bwd: [CuFunction; 2],
     sm_count: i32,
 }
 
@@ -71,6 +80,10 @@ fn load(device: usize, opts: &FusedOptions) -> Result<PointwiseKernels, FusedErr
     let image = nvrtc()?.compile_cached(&POINTWISE, setup.arch, opts.cache_dir.as_deref())?;
     let module = load_module(&image.cubin)?;
     let func = |name: &str| module_function(module, name, 0);
+    // The RMSNorm backward's [warps][D] fp32 slices of dw: up to 48 KB, the most a launch may
+    // ask for without opting in beyond the default (its attribute still has to allow it).
+    let norm_smem = i32::try_from(RMS_NORM_MAX_DIM * 4).unwrap_or(i32::MAX);
+    let func_smem = |name: &str| module_function(module, name, norm_smem);
     Ok(PointwiseKernels {
         table: PointwiseTable {
             launch: drv.launch_kernel as *const c_void,
@@ -86,6 +99,20 @@ fn load(device: usize, opts: &FusedOptions) -> Result<PointwiseKernels, FusedErr
                 func("nsa_gate_mix_bwd_f32")?,
             ],
             ce_rows: [func("nsa_ce_rows_bf16")?, func("nsa_ce_rows_f32")?],
+            norm: [
+                func("nsa_rms_norm_bf16_bf16")?,
+                func("nsa_rms_norm_bf16_f32")?,
+                func("nsa_rms_norm_f32_bf16")?,
+                func("nsa_rms_norm_f32_f32")?,
+            ],
+            norm_bwd: [
+                func_smem("nsa_rms_norm_bwd_bf16_bf16")?,
+                func_smem("nsa_rms_norm_bwd_bf16_f32")?,
+                func_smem("nsa_rms_norm_bwd_f32_bf16")?,
+                func_smem("nsa_rms_norm_bwd_f32_f32")?,
+            ],
+            swiglu: [func("nsa_swiglu_bf16")?, func("nsa_swiglu_f32")?],
+            swiglu_bwd: [func("nsa_swiglu_bwd_bf16")?, func("nsa_swiglu_bwd_f32")?],
             sm_count: setup.sm_count,
         },
     })
@@ -96,6 +123,20 @@ extern "C" {
         x: *const C_tensor,
         cos: *const C_tensor,
         sin: *const C_tensor,
+        table: *const PointwiseTable,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn nsa_fused_rms_norm(
+        x: *const C_tensor,
+        w: *const C_tensor,
+        eps: f64,
+        table: *const PointwiseTable,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn nsa_fused_swiglu(
+        ab: *const C_tensor,
         table: *const PointwiseTable,
         err: *mut c_char,
         err_len: usize,
@@ -233,6 +274,92 @@ pub fn gate_mix(oc: &Tensor, os: &Tensor, ow: &Tensor, g: &Tensor) -> Result<Ten
     finish("nsa_fused_gate_mix", ptr, &err)
 }
 
+/// The largest row length [`rms_norm`] takes (its backward keeps a `[warps][D]` fp32 slice of
+/// `dw` per CTA in 48 KB of shared memory).
+pub const RMS_NORM_MAX_DIM: i64 = 12288;
+
+/// RMSNorm of the rows of `x` `[…, D]` by `w` `[D]`: `y = x / sqrt(mean(x²) + eps) · w`, the
+/// statistics and products in fp32 (`(x · rstd) · w`, as nsa-model's operator path orders
+/// them), one kernel forward and one backward (CUDA only; bf16 or fp32; `D ≤`
+/// [`RMS_NORM_MAX_DIM`]). The result is contiguous and in the dtype the next operator computes
+/// in: CUDA autocast's (bf16 in the trainer) when autocast is on and `x` is fp32, else `x`'s.
+/// The operator path returns fp32 there and autocast casts it at the next matmul; here that
+/// cast is the kernel's store. Differentiable in `x` (gradient in its dtype) and `w` (in its
+/// dtype, the sum of a fixed grid's fp32 partials: deterministic on a given device).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor, FusedError> {
+    let size = x.size();
+    let Some(&d) = size.last() else {
+        return Err(input("x", "must be [..., D], got a scalar".to_string()));
+    };
+    for (what, t) in [("x", x), ("w", w)] {
+        if !matches!(t.kind(), Kind::BFloat16 | Kind::Float) {
+            return Err(input(what, format!("bf16 or fp32, got {:?}", t.kind())));
+        }
+    }
+    if !(1..=RMS_NORM_MAX_DIM).contains(&d) {
+        return Err(input(
+            "x",
+            format!("D must lie in 1..={RMS_NORM_MAX_DIM}, got {size:?}"),
+        ));
+    }
+    if w.size() != [d] || w.device() != x.device() {
+        return Err(input(
+            "w",
+            format!(
+                "[{d}] on {:?}, got {:?} on {:?}",
+                x.device(),
+                w.size(),
+                w.device()
+            ),
+        ));
+    }
+    if !eps.is_finite() || eps < 0.0 {
+        return Err(input("eps", format!("a finite value >= 0, got {eps}")));
+    }
+    let ordinal = cuda_ordinal("x", x)?;
+    let tab = &pointwise_kernels(ordinal)?.table;
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: as in `rope`.
+    let ptr = unsafe {
+        nsa_fused_rms_norm(
+            x.as_ptr(),
+            w.as_ptr(),
+            eps,
+            tab,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    finish("nsa_fused_rms_norm", ptr, &err)
+}
+
+/// The MLP's SwiGLU on its stacked gate and up projections: `ab` `[…, 2H]` (the gate's `H`
+/// columns first; bf16 or fp32, on CUDA) → `silu(ab[…, ..H]) · ab[…, H..]` `[…, H]`, contiguous,
+/// in `ab`'s dtype; fp32 arithmetic, one rounding per element. One kernel forward and one
+/// backward (the gradient `[…, 2H]` in `ab`'s dtype), where libtorch's operators take two and
+/// three and write the SiLU in between.
+pub fn swiglu(ab: &Tensor) -> Result<Tensor, FusedError> {
+    let size = ab.size();
+    if !matches!(ab.kind(), Kind::BFloat16 | Kind::Float) {
+        return Err(input("ab", format!("bf16 or fp32, got {:?}", ab.kind())));
+    }
+    match size.last() {
+        Some(&w) if w > 0 && w % 2 == 0 && i32::try_from(w / 2).is_ok() => {}
+        _ => {
+            return Err(input(
+                "ab",
+                format!("must be [..., 2H] with H >= 1, got {size:?}"),
+            ))
+        }
+    }
+    let ordinal = cuda_ordinal("ab", ab)?;
+    let tab = &pointwise_kernels(ordinal)?.table;
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: as in `rope`.
+    let ptr = unsafe { nsa_fused_swiglu(ab.as_ptr(), tab, err.as_mut_ptr().cast(), ERR_LEN) };
+    finish("nsa_fused_swiglu", ptr, &err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +426,47 @@ mod tests {
                 "oc: bf16 or fp32",
             ),
             (gate_mix(&o, &o, &o, &g), "oc: on Cpu: CUDA tensors only"),
+        ];
+        for (got, want) in cases {
+            let msg = reason(got.expect_err(want));
+            assert!(msg.contains(want), "{msg:?} lacks {want:?}");
+        }
+        let x = Tensor::zeros([2, 3, 8], f);
+        let w = Tensor::ones([8], f);
+        let cases = [
+            (
+                rms_norm(&Tensor::from(1.0f32), &w, 1e-6),
+                "x: must be [..., D]",
+            ),
+            (
+                rms_norm(&x.to_kind(Kind::Half), &w, 1e-6),
+                "x: bf16 or fp32",
+            ),
+            (rms_norm(&x, &w.to_kind(Kind::Int), 1e-6), "w: bf16 or fp32"),
+            (
+                rms_norm(&Tensor::zeros([2, 0], f), &Tensor::ones([0], f), 1e-6),
+                "D must lie in 1..=12288",
+            ),
+            (
+                rms_norm(
+                    &Tensor::zeros([1, 12289], f),
+                    &Tensor::ones([12289], f),
+                    1e-6,
+                ),
+                "D must lie in 1..=12288",
+            ),
+            (
+                rms_norm(&x, &Tensor::ones([7], f), 1e-6),
+                "w: [8] on Cpu, got [7]",
+            ),
+            (rms_norm(&x, &w, -1.0), "eps: a finite value >= 0"),
+            (rms_norm(&x, &w, f64::NAN), "eps: a finite value >= 0"),
+            (rms_norm(&x, &w, 1e-6), "x: on Cpu: CUDA tensors only"),
+            (swiglu(&Tensor::zeros([4, 7], f)), "ab: must be [..., 2H]"),
+            (swiglu(&Tensor::zeros([4, 0], f)), "ab: must be [..., 2H]"),
+            (swiglu(&Tensor::from(1.0f32)), "ab: must be [..., 2H]"),
+            (swiglu(&x.to_kind(Kind::Int64)), "ab: bf16 or fp32"),
+            (swiglu(&x), "ab: on Cpu: CUDA tensors only"),
         ];
         for (got, want) in cases {
             let msg = reason(got.expect_err(want));

@@ -208,9 +208,10 @@ impl Session<'_> {
             }
             {
                 let _r = NvtxRange::new(cfg.fast.nvtx, "backward");
-                loss.backward();
+                loss.f_backward()
+                    .with_context(|| format!("step {step}: backward failed"))?;
             }
-            loss_sum += loss.double_value(&[]);
+            loss_sum += loss.f_double_value(&[])?;
         }
         // Gradients are synced once per optimizer step, never on accumulation micro-steps.
         let mut sync_ms = None;
