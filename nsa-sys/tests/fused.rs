@@ -131,7 +131,8 @@ fn clean_block_ids_keep_distinct_valid_ids_descending() {
 
 /// The backward's inverse index (CPU; the same ATen code runs on the GPU): every segment
 /// (b, g, j) lists exactly the tokens whose cleaned ids contain j, ascending, for random ids
-/// with duplicates and out-of-range values.
+/// with duplicates and out-of-range values; segments counted in int16 keys (all but the last
+/// case) and in int32 keys (33,000 segments).
 #[test]
 fn inverse_index_lists_each_blocks_tokens_in_order() {
     backend();
@@ -140,6 +141,7 @@ fn inverse_index_lists_each_blocks_tokens_in_order() {
         (2, 37, 3, 4, 5),
         (1, 64, 2, 6, 16),
         (2, 9, 1, 3, 16),
+        (1, 33_000, 1, 2, 1),
     ]
     .into_iter()
     .enumerate()
@@ -154,21 +156,25 @@ fn inverse_index_lists_each_blocks_tokens_in_order() {
         // Sized by the shapes (no host synchronisation): the index, then padding.
         assert_eq!(tokens.len() as i64, b * s * g * n);
         assert!(*starts.last().unwrap() as usize <= tokens.len());
+        // Each segment's tokens, from one pass over the rows (t ascending within a segment).
+        let mut want = vec![Vec::new(); (b * g * nb) as usize];
         for bi in 0..b {
-            for gi in 0..g {
-                for j in 0..nb {
-                    let want: Vec<i64> = (0..s)
-                        .filter(|&t| {
-                            j <= t / l
-                                && (0..n)
-                                    .any(|k| ids[(((bi * s + t) * g + gi) * n + k) as usize] == j)
-                        })
-                        .collect();
-                    let i = ((bi * g + gi) * nb + j) as usize;
-                    let got = &tokens[starts[i] as usize..starts[i + 1] as usize];
-                    assert_eq!(got, want.as_slice(), "b {bi} g {gi} block {j}");
+            for t in 0..s {
+                for gi in 0..g {
+                    let row = (((bi * s + t) * g + gi) * n) as usize;
+                    let mut seen = Vec::new();
+                    for &j in &ids[row..row + n as usize] {
+                        if (0..=t / l).contains(&j) && j < nb && !seen.contains(&j) {
+                            seen.push(j);
+                            want[((bi * g + gi) * nb + j) as usize].push(t);
+                        }
+                    }
                 }
             }
+        }
+        for (i, want) in want.iter().enumerate() {
+            let got = &tokens[starts[i] as usize..starts[i + 1] as usize];
+            assert_eq!(got, want.as_slice(), "segment {i}");
         }
     }
     assert!(matches!(
