@@ -39,6 +39,26 @@ impl RmsNorm {
             .f_to_kind(x.kind())?;
         Ok(normed.f_mul(&self.weight)?)
     }
+
+    /// The residual stream `h` plus `delta` (when given), and this norm of it: `(sum, y)`. With
+    /// `kernel` one kernel each way for both (`nsa_sys::fused::add_rms_norm`; the same sum,
+    /// rounded once in `h`'s kind, as `h + delta`).
+    fn forward_add(
+        &self,
+        h: &Tensor,
+        delta: Option<&Tensor>,
+        kernel: bool,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        match delta {
+            Some(d) if kernel => Ok(nsa_sys::fused::add_rms_norm(h, d, &self.weight, self.eps)?),
+            Some(d) => {
+                let sum = h.f_add(d)?;
+                let y = self.forward(&sum, kernel)?;
+                Ok((sum, y))
+            }
+            None => Ok((h.shallow_clone(), self.forward(h, kernel)?)),
+        }
+    }
 }
 
 /// Whether a forward with `opts` over activations like `x` runs the blocks' norms and MLP
@@ -130,14 +150,18 @@ struct Block {
 }
 
 impl Block {
+    /// The block on the residual stream `h` plus `pending` (the previous block's MLP output,
+    /// not yet added: each residual add runs inside the norm after it): returns the stream
+    /// after the attention's residual and this block's MLP output, for the next norm to add.
     fn forward(
         &self,
         h: &Tensor,
+        pending: Option<&Tensor>,
         opts: &ForwardOpts,
         rope: Option<&Rope>,
-    ) -> Result<Tensor, ModelError> {
+    ) -> Result<(Tensor, Tensor), ModelError> {
         let kernel = use_kernels(opts, h);
-        let x = self.attn_norm.forward(h, kernel)?;
+        let (h, x) = self.attn_norm.forward_add(h, pending, kernel)?;
         let a = match (&self.attn, rope) {
             (Attention::Nsa(attn), _) => attn.forward(&x, opts)?,
             (Attention::Dense(attn), Some(rope)) => attn.forward(&x, rope)?,
@@ -147,10 +171,13 @@ impl Block {
                 ))
             }
         };
-        self.finish(h, &a, kernel)
+        let (h, x) = self.mlp_norm.forward_add(&h, Some(&a), kernel)?;
+        Ok((h, self.mlp.forward(&x, kernel)?))
     }
 
     /// The block after its attention: `h + a`, then the MLP's residual (`kernel`: the norm's).
+    /// The decode paths use it; training and prefill's forward add each residual inside the
+    /// norm after it (`forward`).
     fn finish(&self, h: &Tensor, a: &Tensor, kernel: bool) -> Result<Tensor, ModelError> {
         let h = h.f_add(a)?;
         let m = self
@@ -254,10 +281,14 @@ impl Model {
             ),
             AttentionKind::Nsa => None,
         };
+        let mut pending = None;
         for block in &self.blocks {
-            h = block.forward(&h, opts, rope.as_ref())?;
+            let (after_attn, mlp_out) = block.forward(&h, pending.as_ref(), opts, rope.as_ref())?;
+            h = after_attn;
+            pending = Some(mlp_out);
         }
-        self.final_norm.forward(&h, use_kernels(opts, &h))
+        let kernel = use_kernels(opts, &h);
+        Ok(self.final_norm.forward_add(&h, pending.as_ref(), kernel)?.1)
     }
 
     /// The tied output head's weight, `[V, D]` (the embedding): `logits = forward_hidden · Wᵀ`.

@@ -509,6 +509,10 @@ struct CompressedFused : public torch::autograd::Function<CompressedFused> {
 
 extern "C" {
 
+// sizeof(NsaSlcTable), which nsa_sys::fused compares with its mirror's before filling one: a
+// field added on one side only would make every launch read the wrong function.
+size_t nsa_slc_table_size() { return sizeof(NsaSlcTable); }
+
 // The backward's inverse index of `blocks` (cleaned first) as new tensors, for tests; returns 0
 // or -1 with a message in err.
 int nsa_fused_inverse_index(const at::Tensor* blocks, int64_t block_len, at::Tensor** tokens,

@@ -1,9 +1,11 @@
 // The decoder block's pointwise work outside attention, one kernel each way, over
 // kernels/pointwise.cu and launched with the pointwise kernel table (NsaPointwiseTable) on
-// libtorch's current CUDA stream: RMSNorm (RmsNormFused, nsa_rms_norm{,_bwd}_{IN}_{OUT}) and
+// libtorch's current CUDA stream: RMSNorm (RmsNormFused, nsa_rms_norm{,_bwd}_{IN}_{A}_{OUT}) and
 // the MLP's SwiGLU (SwiGluFused, nsa_swiglu{,_bwd}_{T}).
 //
-// RmsNormFused:
+// RmsNormFused (and AddRmsNormFused: the residual sum h + a, h's dtype, rounded once as
+// libtorch's add, then its norm; returns both, and its backward adds the sum's own gradient
+// to the norm's before writing dh and da):
 //   x [..., D] (bf16 or fp32), w [D] (bf16 or fp32), eps -> y [..., D], contiguous, in the
 //   dtype the next operator would compute in: CUDA autocast's (bf16 under the trainer) when
 //   autocast is on and x is fp32, else x's. nsa-model's operator path computes the norm in fp32
@@ -25,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <tuple>
 
 namespace {
 
@@ -40,77 +43,148 @@ const NsaPointwiseTable* table_of(int64_t ptr) {
   return reinterpret_cast<const NsaPointwiseTable*>(ptr);
 }
 
-int kernel_index(at::ScalarType in, at::ScalarType out) {
-  return 2 * (in == at::kFloat ? 1 : 0) + (out == at::kFloat ? 1 : 0);
+int is32(at::ScalarType t) { return t == at::kFloat ? 1 : 0; }
+
+// The table index of nsa_rms_norm{,_bwd}_{IN}_{A}_{OUT}.
+int kernel_index(at::ScalarType in, at::ScalarType a, at::ScalarType out) {
+  return 4 * is32(in) + 2 * is32(a) + is32(out);
+}
+
+// The forward kernel over x2 [rows, D] (plus a2 into sum2 when a2 is defined): returns
+// (y [rows, D] in `out`, rstd [rows]).
+std::tuple<Tensor, Tensor> norm_forward(const NsaPointwiseTable* tab, const Tensor& x2,
+                                        const Tensor& a2, const Tensor& sum2, const Tensor& w32,
+                                        double eps, at::ScalarType out) {
+  const int64_t rows = x2.size(0), D = x2.size(1);
+  auto y = at::empty(x2.sizes(), x2.options().dtype(out));
+  auto rstd = at::empty({rows}, x2.options().dtype(at::kFloat));
+  if (rows > 0) {
+    const void* xp = x2.data_ptr();
+    const void* ap = a2.defined() ? a2.data_ptr() : nullptr;
+    void* sp = a2.defined() ? sum2.data_ptr() : nullptr;
+    const void* wp = w32.data_ptr();
+    float e = float(eps);
+    void* yp = y.data_ptr();
+    void* rp = rstd.data_ptr();
+    int d32 = int(D);
+    long long n = rows;
+    void* args[] = {&xp, &ap, &sp, &wp, &e, &yp, &rp, &d32, &n};
+    const int64_t warps = kThreads / 32;
+    const int64_t grid =
+        std::min<int64_t>((rows + warps - 1) / warps, int64_t(tab->sm_count) * 16);
+    const auto a_t = a2.defined() ? a2.scalar_type() : x2.scalar_type();
+    c10::DeviceGuard guard(x2.device());
+    nsa_glue::launch_kernel(tab->launch, tab->norm[kernel_index(x2.scalar_type(), a_t, out)],
+                            "nsa_rms_norm", grid, 1, 1, kThreads, 0,
+                            nsa_glue::current_stream(x2.device()), args);
+  }
+  return {y, rstd};
+}
+
+// The backward kernel: (dx [rows, D] in x2's dtype, plus dres when defined; da in `a_type`
+// when `with_a`, else undefined; dw in `w_type`).
+std::tuple<Tensor, Tensor, Tensor> norm_backward(const NsaPointwiseTable* tab, const Tensor& x2,
+                                                 const Tensor& w32, const Tensor& rstd,
+                                                 const Tensor& grad_y, const Tensor& grad_sum,
+                                                 at::ScalarType out, bool with_a,
+                                                 at::ScalarType a_type, at::ScalarType w_type) {
+  const int64_t D = x2.size(1), rows = x2.size(0);
+  const auto dy = grad_y.defined() ? grad_y.to(out).contiguous().view({-1, D})
+                                   : at::zeros(x2.sizes(), x2.options().dtype(out));
+  const auto dres = grad_sum.defined() ? grad_sum.to(x2.scalar_type()).contiguous().view({-1, D})
+                                       : Tensor();
+  auto dx = at::empty(x2.sizes(), x2.options());
+  auto da = with_a ? at::empty(x2.sizes(), x2.options().dtype(a_type)) : Tensor();
+  const int64_t warps = std::min<int64_t>(kThreads / 32, kSharedFloats / D);
+  // A grid fixed by (rows, D, the device's SM count), so dw's partials sum in a fixed order.
+  const int64_t grid = std::max<int64_t>(
+      1, std::min<int64_t>((rows + warps - 1) / warps, int64_t(tab->sm_count) * 8));
+  auto dw_part = at::empty({grid, D}, x2.options().dtype(at::kFloat));
+  const void* xp = x2.data_ptr();
+  const void* wp = w32.data_ptr();
+  const void* rp = rstd.data_ptr();
+  const void* gp = dy.data_ptr();
+  const void* resp = dres.defined() ? dres.data_ptr() : nullptr;
+  void* dxp = dx.data_ptr();
+  void* dap = with_a ? da.data_ptr() : nullptr;
+  void* pp = dw_part.data_ptr();
+  int d32 = int(D);
+  long long n = rows;
+  void* args[] = {&xp, &wp, &rp, &gp, &resp, &dxp, &dap, &pp, &d32, &n};
+  const auto a_t = with_a ? a_type : x2.scalar_type();
+  c10::DeviceGuard guard(x2.device());
+  nsa_glue::launch_kernel(tab->launch, tab->norm_bwd[kernel_index(x2.scalar_type(), a_t, out)],
+                          "nsa_rms_norm_bwd", grid, 1, 1, warps * 32, warps * D * 4,
+                          nsa_glue::current_stream(x2.device()), args);
+  return {dx, da, dw_part.sum(0).to(w_type)};
 }
 
 struct RmsNormFused : public torch::autograd::Function<RmsNormFused> {
   static Tensor forward(AutogradContext* ctx, Tensor x, Tensor w, double eps, int64_t out_type,
                         int64_t table) {
-    const auto* tab = table_of(table);
     const int64_t D = x.size(-1);
     const auto x2 = x.contiguous().view({-1, D});
     const auto w32 = w.to(at::kFloat).contiguous();
-    const int64_t rows = x2.size(0);
     const auto out = static_cast<at::ScalarType>(out_type);
-    auto y = at::empty(x.sizes(), x.options().dtype(out));
-    auto rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-    if (rows > 0) {
-      const void* xp = x2.data_ptr();
-      const void* wp = w32.data_ptr();
-      float e = float(eps);
-      void* yp = y.data_ptr();
-      void* rp = rstd.data_ptr();
-      int d32 = int(D);
-      long long n = rows;
-      void* args[] = {&xp, &wp, &e, &yp, &rp, &d32, &n};
-      const int64_t warps = kThreads / 32;
-      const int64_t grid = std::min<int64_t>((rows + warps - 1) / warps, int64_t(tab->sm_count) * 16);
-      c10::DeviceGuard guard(x.device());
-      nsa_glue::launch_kernel(tab->launch, tab->norm[kernel_index(x.scalar_type(), out)],
-                              "nsa_rms_norm", grid, 1, 1, kThreads, 0,
-                              nsa_glue::current_stream(x.device()), args);
-    }
+    auto [y, rstd] = norm_forward(table_of(table), x2, Tensor(), Tensor(), w32, eps, out);
     ctx->save_for_backward({x2, w32, rstd});
     ctx->saved_data["table"] = table;
     ctx->saved_data["out"] = out_type;
     ctx->saved_data["w_type"] = static_cast<int64_t>(w.scalar_type());
-    return y;
+    return y.view(x.sizes());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const auto& x2 = s[0];
-    const auto& w32 = s[1];
-    const auto& rstd = s[2];
-    const auto* tab = table_of(ctx->saved_data["table"].toInt());
     const auto out = static_cast<at::ScalarType>(ctx->saved_data["out"].toInt());
     const auto w_type = static_cast<at::ScalarType>(ctx->saved_data["w_type"].toInt());
-    const int64_t D = x2.size(1), rows = x2.size(0);
-    const auto dy = grads[0].to(out).contiguous();
-    auto dx = at::empty(x2.sizes(), x2.options());
-    const int64_t warps = std::min<int64_t>(kThreads / 32, kSharedFloats / D);
-    // A grid fixed by (rows, D, the device's SM count), so dw's partials sum in a fixed order.
-    const int64_t grid =
-        std::max<int64_t>(1, std::min<int64_t>((rows + warps - 1) / warps, int64_t(tab->sm_count) * 8));
-    auto dw_part = at::empty({grid, D}, x2.options().dtype(at::kFloat));
-    const void* xp = x2.data_ptr();
-    const void* wp = w32.data_ptr();
-    const void* rp = rstd.data_ptr();
-    const void* gp = dy.data_ptr();
-    void* dxp = dx.data_ptr();
-    void* pp = dw_part.data_ptr();
-    int d32 = int(D);
-    long long n = rows;
-    void* args[] = {&xp, &wp, &rp, &gp, &dxp, &pp, &d32, &n};
-    c10::DeviceGuard guard(x2.device());
-    nsa_glue::launch_kernel(tab->launch, tab->norm_bwd[kernel_index(x2.scalar_type(), out)],
-                            "nsa_rms_norm_bwd", grid, 1, 1, warps * 32, warps * D * 4,
-                            nsa_glue::current_stream(x2.device()), args);
-    auto dw = dw_part.sum(0).to(w_type);
+    auto [dx, da, dw] = norm_backward(table_of(ctx->saved_data["table"].toInt()), s[0], s[1],
+                                      s[2], grads[0], Tensor(), out, false, out, w_type);
     return {dx.view(grads[0].sizes()), dw, Tensor(), Tensor(), Tensor()};
   }
 };
+
+// The residual sum h + a and its RMSNorm in one pass: {sum (h's dtype), y}.
+struct AddRmsNormFused : public torch::autograd::Function<AddRmsNormFused> {
+  static variable_list forward(AutogradContext* ctx, Tensor h, Tensor a, Tensor w, double eps,
+                               int64_t out_type, int64_t table) {
+    const int64_t D = h.size(-1);
+    const auto h2 = h.contiguous().view({-1, D});
+    const auto a2 = a.contiguous().view({-1, D});
+    const auto w32 = w.to(at::kFloat).contiguous();
+    const auto out = static_cast<at::ScalarType>(out_type);
+    auto sum2 = at::empty(h2.sizes(), h2.options());
+    auto [y, rstd] = norm_forward(table_of(table), h2, a2, sum2, w32, eps, out);
+    ctx->save_for_backward({sum2, w32, rstd});
+    ctx->saved_data["table"] = table;
+    ctx->saved_data["out"] = out_type;
+    ctx->saved_data["w_type"] = static_cast<int64_t>(w.scalar_type());
+    ctx->saved_data["a_type"] = static_cast<int64_t>(a.scalar_type());
+    return {sum2.view(h.sizes()), y.view(h.sizes())};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto out = static_cast<at::ScalarType>(ctx->saved_data["out"].toInt());
+    const auto w_type = static_cast<at::ScalarType>(ctx->saved_data["w_type"].toInt());
+    const auto a_type = static_cast<at::ScalarType>(ctx->saved_data["a_type"].toInt());
+    auto [dh, da, dw] = norm_backward(table_of(ctx->saved_data["table"].toInt()), s[0], s[1],
+                                      s[2], grads[1], grads[0], out, true, a_type, w_type);
+    const auto sizes = grads[0].defined() ? grads[0].sizes() : grads[1].sizes();
+    return {dh.view(sizes), da.view(sizes), dw, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// The dtype of a norm's result: autocast's when CUDA autocast is on and x is fp32, else x's.
+at::ScalarType norm_out_type(at::ScalarType xt) {
+  auto out = xt;
+  if (xt == at::kFloat && at::autocast::is_autocast_enabled(at::kCUDA)) {
+    out = at::autocast::get_autocast_dtype(at::kCUDA);
+  }
+  TORCH_CHECK(out == at::kFloat || out == at::kBFloat16,
+              "fused rms norm: autocast's dtype must be bf16 (got ", out, ")");
+  return out;
+}
 
 int fp32(const Tensor& t) { return t.scalar_type() == at::kFloat ? 1 : 0; }
 
@@ -191,8 +265,10 @@ extern "C" {
 
 // RMSNorm of x's rows by w (checked by the Rust caller, repeated here): a new at::Tensor*
 // (ownership to the caller), or nullptr with a message in err.
-at::Tensor* nsa_fused_rms_norm(const at::Tensor* x, const at::Tensor* w, double eps,
-                               const NsaPointwiseTable* table, char* err, size_t err_len) {
+// With a (not null): the residual sum x + a (into *sum_out, x's dtype) and its norm.
+at::Tensor* nsa_fused_rms_norm(const at::Tensor* x, const at::Tensor* a, const at::Tensor* w,
+                               double eps, at::Tensor** sum_out, const NsaPointwiseTable* table,
+                               char* err, size_t err_len) {
   try {
     TORCH_CHECK(table != nullptr, "fused rms norm: no kernel table");
     const auto xt = x->scalar_type(), wt = w->scalar_type();
@@ -203,15 +279,19 @@ at::Tensor* nsa_fused_rms_norm(const at::Tensor* x, const at::Tensor* w, double 
                 "fused rms norm: x [..., D] and w [D] on one CUDA device");
     TORCH_CHECK(x->size(-1) > 0 && x->size(-1) <= kSharedFloats,
                 "fused rms norm: D must lie in 1..=", kSharedFloats);
-    auto out = xt;
-    if (xt == at::kFloat && at::autocast::is_autocast_enabled(at::kCUDA)) {
-      out = at::autocast::get_autocast_dtype(at::kCUDA);
+    if (a == nullptr) {
+      auto y = RmsNormFused::apply(*x, *w, eps, static_cast<int64_t>(norm_out_type(xt)),
+                                   reinterpret_cast<int64_t>(table));
+      return new at::Tensor(std::move(y));
     }
-    TORCH_CHECK(out == at::kFloat || out == at::kBFloat16,
-                "fused rms norm: autocast's dtype must be bf16 (got ", out, ")");
-    auto y = RmsNormFused::apply(*x, *w, eps, static_cast<int64_t>(out),
-                                 reinterpret_cast<int64_t>(table));
-    return new at::Tensor(std::move(y));
+    const auto a_t = a->scalar_type();
+    TORCH_CHECK(a_t == at::kFloat || a_t == at::kBFloat16, "fused rms norm: a must be bf16 or fp32");
+    TORCH_CHECK(a->device() == x->device() && a->sizes() == x->sizes(),
+                "fused rms norm: a must have x's shape and device");
+    auto outs = AddRmsNormFused::apply(*x, *a, *w, eps, static_cast<int64_t>(norm_out_type(xt)),
+                                       reinterpret_cast<int64_t>(table));
+    *sum_out = new at::Tensor(std::move(outs[0]));
+    return new at::Tensor(std::move(outs[1]));
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);
     return nullptr;

@@ -156,6 +156,10 @@ struct GateMixFused : public torch::autograd::Function<GateMixFused> {
 
 extern "C" {
 
+// sizeof(NsaPointwiseTable), which nsa_sys::fused::pointwise compares with its mirror's before
+// filling one: a field added on one side only would make every launch read the wrong function.
+size_t nsa_pointwise_table_size() { return sizeof(NsaPointwiseTable); }
+
 // Rotary embedding of x by the tables (shapes and dtypes checked by the Rust caller, repeated
 // here): a new at::Tensor* (ownership to the caller), or nullptr with a message in err.
 at::Tensor* nsa_fused_rope(const at::Tensor* x, const at::Tensor* cos_t, const at::Tensor* sin_t,

@@ -44,14 +44,18 @@
 //   write of the logits, against libtorch's chain (cast to fp32, logsumexp, exp, one-hot,
 //   scale, cast back), which writes and reads the fp32 logits five times over.
 //
-// nsa_rms_norm_{IN}_{OUT} and nsa_rms_norm_bwd_{IN}_{OUT} (IN, OUT in bf16, f32): RMSNorm of
-//   the rows of x [R, D] (IN, contiguous) with a weight w [D] (fp32):
+// nsa_rms_norm_{IN}_{A}_{OUT} and nsa_rms_norm_bwd_{IN}_{A}_{OUT} (each in bf16, f32): RMSNorm
+//   of the rows of x [R, D] (IN, contiguous), or, with a [R, D] (A) given, of the residual sum
+//   x + a, stored to sum (IN, rounded once, as libtorch's add) and normed as stored; weight w
+//   [D] (fp32):
 //     rstd[r] = 1 / sqrt(mean_j x[r, j]^2 + eps),   y[r, j] = (x[r, j] * rstd[r]) * w[j]
 //   in fp32 in that order (nsa-model's operator path), y rounded once to OUT, rstd kept (fp32)
 //   for the backward. Backward for dy [R, D] (OUT): with xh = x * rstd and gw = dy * w,
 //     dx[r, j] = rstd[r] * (gw[r, j] - xh[r, j] * mean_k gw[r, k] * xh[r, k])   (IN)
 //     dw_part[c, j] = sum over the rows of CTA c of dy[r, j] * xh[r, j]           (fp32)
-//   and the host sums dw_part over c (the partials of a fixed grid: deterministic). One warp
+//   and the host sums dw_part over c (the partials of a fixed grid: deterministic). With the
+//   residual sum, dx also adds dres (IN, the sum's gradient from its other use) and is written
+//   again to da in A: the gradients of x and a. One warp
 //   per row (rows strided over the grid's warps in a fixed order), lanes striding over D, so
 //   loads and stores are coalesced; the row sums are warp butterflies. Each warp accumulates
 //   its rows' dw in its own slice of shared memory ([warps][D] fp32, only its lanes touch it),
@@ -234,8 +238,9 @@ __device__ __forceinline__ void ce_rows(T* __restrict__ z, const long long* __re
   }
 }
 
-template <typename In, typename Out>
-__device__ __forceinline__ void rms_norm(const In* __restrict__ x, const float* __restrict__ w,
+template <typename In, typename A, typename Out>
+__device__ __forceinline__ void rms_norm(const In* __restrict__ x, const A* __restrict__ a,
+                                         In* __restrict__ sum, const float* __restrict__ w,
                                          float eps, Out* __restrict__ y,
                                          float* __restrict__ rstd, int D, long long rows) {
   const int lane = threadIdx.x & 31;
@@ -244,10 +249,22 @@ __device__ __forceinline__ void rms_norm(const In* __restrict__ x, const float* 
        r += warps) {
     const In* xr = x + r * D;
     float ss = 0.f;
+    if (a != nullptr) {
+      const A* ar = a + r * D;
+      In* sr = sum + r * D;
 #pragma unroll 4
-    for (int j = lane; j < D; j += 32) {
-      const float v = to_f(xr[j]);
-      ss += v * v;
+      for (int j = lane; j < D; j += 32) {
+        const In s = from_f<In>(to_f(xr[j]) + to_f(ar[j]));
+        sr[j] = s;
+        ss += to_f(s) * to_f(s);
+      }
+      xr = sr;  // the norm reads the sum as stored (read back by the same lane)
+    } else {
+#pragma unroll 4
+      for (int j = lane; j < D; j += 32) {
+        const float v = to_f(xr[j]);
+        ss += v * v;
+      }
     }
     ss = warp_sum(ss);
     const float rs = rsqrtf(ss / (float)D + eps);
@@ -258,13 +275,14 @@ __device__ __forceinline__ void rms_norm(const In* __restrict__ x, const float* 
   }
 }
 
-template <typename In, typename Out>
+template <typename In, typename A, typename Out>
 __device__ __forceinline__ void rms_norm_bwd(const In* __restrict__ x,
                                              const float* __restrict__ w,
                                              const float* __restrict__ rstd,
-                                             const Out* __restrict__ dy, In* __restrict__ dx,
-                                             float* __restrict__ dw_part, int D,
-                                             long long rows) {
+                                             const Out* __restrict__ dy,
+                                             const In* __restrict__ dres, In* __restrict__ dx,
+                                             A* __restrict__ da, float* __restrict__ dw_part,
+                                             int D, long long rows) {
   extern __shared__ float dw_warp[];  // [warps][D]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   float* acc = dw_warp + (long long)warp * D;
@@ -279,10 +297,15 @@ __device__ __forceinline__ void rms_norm_bwd(const In* __restrict__ x,
     for (int j = lane; j < D; j += 32) dot += (to_f(gr[j]) * w[j]) * (to_f(xr[j]) * rs);
     const float c = warp_sum(dot) / (float)D;
     In* dr = dx + r * D;
+    const In* rr = dres == nullptr ? nullptr : dres + r * D;
+    A* ad = da == nullptr ? nullptr : da + r * D;
 #pragma unroll 4
     for (int j = lane; j < D; j += 32) {
       const float g = to_f(gr[j]), xh = to_f(xr[j]) * rs;
-      dr[j] = from_f<In>(rs * (g * w[j] - xh * c));
+      float d = rs * (g * w[j] - xh * c);
+      if (rr != nullptr) d += to_f(rr[j]);
+      dr[j] = from_f<In>(d);
+      if (ad != nullptr) ad[j] = from_f<A>(d);
       acc[j] += g * xh;
     }
   }
@@ -382,20 +405,27 @@ __device__ __forceinline__ void swiglu_bwd(const T* __restrict__ ab, const T* __
 NSA_SWIGLU(bf16, __nv_bfloat16)
 NSA_SWIGLU(f32, float)
 
-#define NSA_RMS_NORM(SUFFIX, IN, OUT)                                                          \
+#define NSA_RMS_NORM(SUFFIX, IN, A, OUT)                                                       \
   extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS) nsa_rms_norm_##SUFFIX(  \
-      const IN* x, const float* w, float eps, OUT* y, float* rstd, int D, long long rows) {    \
-    nsa::rms_norm<IN, OUT>(x, w, eps, y, rstd, D, rows);                                       \
+      const IN* x, const A* a, IN* sum, const float* w, float eps, OUT* y, float* rstd, int D,  \
+      long long rows) {                                                                        \
+    nsa::rms_norm<IN, A, OUT>(x, a, sum, w, eps, y, rstd, D, rows);                            \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS)                          \
       nsa_rms_norm_bwd_##SUFFIX(const IN* x, const float* w, const float* rstd, const OUT* dy, \
-                                IN* dx, float* dw_part, int D, long long rows) {               \
-    nsa::rms_norm_bwd<IN, OUT>(x, w, rstd, dy, dx, dw_part, D, rows);                          \
+                                const IN* dres, IN* dx, A* da, float* dw_part, int D,          \
+                                long long rows) {                                              \
+    nsa::rms_norm_bwd<IN, A, OUT>(x, w, rstd, dy, dres, dx, da, dw_part, D, rows);             \
   }
-NSA_RMS_NORM(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
-NSA_RMS_NORM(bf16_f32, __nv_bfloat16, float)
-NSA_RMS_NORM(f32_bf16, float, __nv_bfloat16)
-NSA_RMS_NORM(f32_f32, float, float)
+// Suffix: x (and the sum), the added a, y.
+NSA_RMS_NORM(bf16_bf16_bf16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
+NSA_RMS_NORM(bf16_bf16_f32, __nv_bfloat16, __nv_bfloat16, float)
+NSA_RMS_NORM(bf16_f32_bf16, __nv_bfloat16, float, __nv_bfloat16)
+NSA_RMS_NORM(bf16_f32_f32, __nv_bfloat16, float, float)
+NSA_RMS_NORM(f32_bf16_bf16, float, __nv_bfloat16, __nv_bfloat16)
+NSA_RMS_NORM(f32_bf16_f32, float, __nv_bfloat16, float)
+NSA_RMS_NORM(f32_f32_bf16, float, float, __nv_bfloat16)
+NSA_RMS_NORM(f32_f32_f32, float, float, float)
 
 #define NSA_CE_ROWS(SUFFIX, T)                                                                 \
   extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS) nsa_ce_rows_##SUFFIX(   \

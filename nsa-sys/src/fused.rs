@@ -45,7 +45,8 @@ pub use decode::{
     DECODE_MAX_DV, DECODE_MAX_GROUP, DECODE_MAX_TOP_N,
 };
 pub use pointwise::{
-    gate_mix, pointwise_kernels, rms_norm, rope, swiglu, PointwiseKernels, RMS_NORM_MAX_DIM,
+    add_rms_norm, gate_mix, pointwise_kernels, rms_norm, rope, swiglu, PointwiseKernels,
+    RMS_NORM_MAX_DIM,
 };
 pub use selected_order::{
     SelectedDq, SelectedForward, DQ_KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MAX_GROUP,
@@ -82,7 +83,7 @@ pub enum FusedError {
     Tch(#[from] tch::TchError),
 }
 
-/// Mirror of `NsaSlcTable` in `glue/fused.cpp`.
+/// Mirror of `NsaSlcTable` in `glue/slc_table.h` (sizes compared at each load).
 #[repr(C)]
 #[derive(Debug)]
 struct SlcTable {
@@ -300,6 +301,9 @@ fn module_function(m: CuModule, name: &str, max_smem: i32) -> Result<CuFunction,
 }
 
 fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedError> {
+    // SAFETY: a pure function of the C++ struct's layout.
+    let glue = unsafe { nsa_slc_table_size() };
+    same_layout("NsaSlcTable", glue, std::mem::size_of::<SlcTable>())?;
     let drv = driver::shared()?;
     let DeviceSetup { arch, max_smem, .. } = device_setup(device)?;
     let nv = nvrtc()?;
@@ -387,7 +391,23 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
     })
 }
 
+/// A kernel table the glue reads and Rust fills has one layout on both sides (their sizes
+/// agree), or an error that names it; checked before a table is filled.
+fn same_layout(table: &'static str, glue: usize, rust: usize) -> Result<(), FusedError> {
+    if glue == rust {
+        return Ok(());
+    }
+    Err(FusedError::Glue(GlueError {
+        call: "kernel table layout",
+        message: format!(
+            "{table} is {glue} bytes in the glue and {rust} in Rust: rebuild nsa-sys from one \
+             source tree"
+        ),
+    }))
+}
+
 extern "C" {
+    fn nsa_slc_table_size() -> usize;
     fn nsa_fused_dkdv_plan(
         starts: *const C_tensor,
         piece: i64,

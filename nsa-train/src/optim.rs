@@ -209,22 +209,20 @@ impl AdamW {
             }
             return Ok(nsa_sys::optim::grad_norm(&params)?.f_double_value(&[])?);
         }
-        let norms: Vec<Tensor> = self
-            .slots
-            .iter()
-            .filter_map(|s| {
-                let g = s.param.grad();
-                g.defined()
-                    .then(|| g.to_kind(Kind::Float).square().sum(Kind::Float))
-            })
-            .collect();
+        let mut norms = Vec::new();
+        for s in &self.slots {
+            let g = s.param.grad();
+            if g.defined() {
+                norms.push(g.f_to_kind(Kind::Float)?.f_square()?.f_sum(Kind::Float)?);
+            }
+        }
         if norms.is_empty() {
             return Ok(0.0);
         }
-        Ok(Tensor::stack(&norms, 0)
-            .sum(Kind::Float)
-            .sqrt()
-            .double_value(&[]))
+        Ok(Tensor::f_stack(&norms, 0)?
+            .f_sum(Kind::Float)?
+            .f_sqrt()?
+            .f_double_value(&[])?)
     }
 
     /// Clips to `grad_clip` given the norm, then takes one AdamW step at learning rate `lr`.

@@ -15,7 +15,7 @@ use nsa_sys::fused as sys;
 /// the gated sum, the linear cross-entropy (vector and element loads, several chunks, ignored
 /// rows), RMSNorm (row lengths below, off and at the warp multiple, and the largest) and SwiGLU
 /// (16-byte and element access), each in fp32 and bf16, RMSNorm also from fp32 under bf16
-/// autocast (the trainer's case).
+/// autocast (the trainer's case), and the residual sum with its norm in one kernel.
 pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     for kind in [Kind::Float, Kind::BFloat16] {
@@ -103,7 +103,91 @@ pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
             );
         }
     }
+    // The residual sum and its norm: fp32 stream plus a bf16 branch output under bf16
+    // autocast (the trainer's case), all fp32, all bf16.
+    for (kind, a_kind, autocast) in [
+        (Kind::Float, Kind::BFloat16, true),
+        (Kind::Float, Kind::Float, false),
+        (Kind::BFloat16, Kind::BFloat16, false),
+    ] {
+        for shape in [&[2, 37, 768][..], &[130, 1000]] {
+            let name = format!(
+                "residual + rms norm {} + {}{} {shape:?}",
+                kind_name(kind),
+                kind_name(a_kind),
+                if autocast { " under bf16 autocast" } else { "" }
+            );
+            let judged = if autocast || a_kind == Kind::BFloat16 {
+                Kind::BFloat16
+            } else {
+                kind
+            };
+            rows.push(
+                add_norm_case(shape, [kind, a_kind], autocast, device)
+                    .map(|(e, det)| row(name.clone(), judged, e, det))
+                    .unwrap_or_else(|e| CheckRow::failed(name, tolerance(judged), e)),
+            );
+        }
+    }
     rows
+}
+
+/// `add_rms_norm(h, a)` (`h` in `kinds[0]`, `a` in `kinds[1]`, the weight in `kinds[0]`)
+/// against `h + a` and its norm by operators in float64; both outputs (the sum and y, side by
+/// side) carry a gradient, so the backward's residual term is checked too. Outputs: sum | y,
+/// dh, da, dw.
+fn add_norm_case(
+    shape: &[i64],
+    [kind, a_kind]: [Kind; 2],
+    autocast: bool,
+    device: Device,
+) -> Result<((f64, String), bool), AttnError> {
+    const EPS: f64 = 1e-6;
+    let d = shape[shape.len() - 1];
+    let randn = |k: Kind| -> Result<Tensor, AttnError> {
+        Ok(Tensor::f_randn(shape, (Kind::Float, device))?
+            .f_mul_scalar(2.0)?
+            .f_to_kind(k)?)
+    };
+    let (h, a) = (randn(kind)?, randn(a_kind)?);
+    let w =
+        (Tensor::f_randn([d], (Kind::Float, device))?.f_mul_scalar(0.1)? + 1.0).f_to_kind(kind)?;
+    let mut both = shape.to_vec();
+    *both.last_mut().unwrap_or(&mut 0) = 2 * d;
+    let dout = Tensor::f_randn(both.as_slice(), (Kind::Float, device))?;
+    let fused = |t: &[Tensor]| -> Result<Tensor, AttnError> {
+        let (sum, y) = if autocast {
+            nsa_sys::train::with_bf16_autocast(|| sys::add_rms_norm(&t[0], &t[1], &t[2], EPS))?
+        } else {
+            sys::add_rms_norm(&t[0], &t[1], &t[2], EPS)?
+        };
+        if sum.kind() != kind {
+            return Err(AttnError::Option {
+                option: "gpu_check",
+                reason: format!("the sum came back {:?}, want {kind:?}", sum.kind()),
+            });
+        }
+        Ok(Tensor::f_cat(
+            &[sum.f_to_kind(Kind::Float)?, y.f_to_kind(Kind::Float)?],
+            -1,
+        )?)
+    };
+    let reference = |t: &[Tensor]| -> Result<Tensor, AttnError> {
+        let sum = t[0].f_add(&t[1])?;
+        let ms = sum
+            .f_square()?
+            .f_mean_dim(-1, true, Kind::Double)?
+            .f_add_scalar(EPS)?;
+        let y = sum.f_mul(&ms.f_rsqrt()?)?.f_mul(&t[2])?;
+        Ok(Tensor::f_cat(&[sum, y], -1)?)
+    };
+    twice_against_f64(
+        &[h, a, w],
+        &dout,
+        fused,
+        reference,
+        &["sum | y", "dh", "da", "dw"],
+    )
 }
 
 /// RMSNorm of `x` (`shape`, in `kind`) by a weight near 1 (in `kind`), against the operators in

@@ -16,13 +16,14 @@ use torch_sys::C_tensor;
 
 use super::{
     cuda_ordinal, device_setup, finish, input, load_module, loaded_once, module_function, nvrtc,
+    same_layout,
 };
 use super::{FusedError, FusedOptions};
 use crate::autograd::ERR_LEN;
 use crate::driver::{self, CuFunction};
 use crate::nvrtc::POINTWISE;
 
-/// Mirror of `NsaPointwiseTable` in `glue/pointwise.cpp`.
+/// Mirror of `NsaPointwiseTable` in `glue/pointwise_table.h` (sizes compared at each load).
 #[repr(C)]
 #[derive(Debug)]
 struct PointwiseTable {
@@ -35,10 +36,10 @@ struct PointwiseTable {
     mix_bwd: [CuFunction; 2],
     /// bf16, fp32 (the loss's rows: `crate::loss`).
     ce_rows: [CuFunction; 2],
-    /// Index `2 · (input fp32) + (output fp32)` (RMSNorm: `crate::norm`).
-    norm: [CuFunction; 4],
+    /// Index `4 · (x fp32) + 2 · (added a fp32) + (output fp32)` (RMSNorm, [`rms_norm`]).
+    norm: [CuFunction; 8],
     /// As `norm`.
-    norm_bwd: [CuFunction; 4],
+    norm_bwd: [CuFunction; 8],
     /// bf16, fp32 (the MLP's SwiGLU: [`swiglu`]).
     swiglu: [CuFunction; 2],
     /// bf16, fp32.
@@ -75,6 +76,13 @@ pub fn pointwise_kernels(device: usize) -> Result<&'static PointwiseKernels, Fus
 }
 
 fn load(device: usize, opts: &FusedOptions) -> Result<PointwiseKernels, FusedError> {
+    // SAFETY: a pure function of the C++ struct's layout.
+    let glue = unsafe { nsa_pointwise_table_size() };
+    same_layout(
+        "NsaPointwiseTable",
+        glue,
+        std::mem::size_of::<PointwiseTable>(),
+    )?;
     let drv = driver::shared()?;
     let setup = device_setup(device)?;
     let image = nvrtc()?.compile_cached(&POINTWISE, setup.arch, opts.cache_dir.as_deref())?;
@@ -100,16 +108,24 @@ fn load(device: usize, opts: &FusedOptions) -> Result<PointwiseKernels, FusedErr
             ],
             ce_rows: [func("nsa_ce_rows_bf16")?, func("nsa_ce_rows_f32")?],
             norm: [
-                func("nsa_rms_norm_bf16_bf16")?,
-                func("nsa_rms_norm_bf16_f32")?,
-                func("nsa_rms_norm_f32_bf16")?,
-                func("nsa_rms_norm_f32_f32")?,
+                func("nsa_rms_norm_bf16_bf16_bf16")?,
+                func("nsa_rms_norm_bf16_bf16_f32")?,
+                func("nsa_rms_norm_bf16_f32_bf16")?,
+                func("nsa_rms_norm_bf16_f32_f32")?,
+                func("nsa_rms_norm_f32_bf16_bf16")?,
+                func("nsa_rms_norm_f32_bf16_f32")?,
+                func("nsa_rms_norm_f32_f32_bf16")?,
+                func("nsa_rms_norm_f32_f32_f32")?,
             ],
             norm_bwd: [
-                func_smem("nsa_rms_norm_bwd_bf16_bf16")?,
-                func_smem("nsa_rms_norm_bwd_bf16_f32")?,
-                func_smem("nsa_rms_norm_bwd_f32_bf16")?,
-                func_smem("nsa_rms_norm_bwd_f32_f32")?,
+                func_smem("nsa_rms_norm_bwd_bf16_bf16_bf16")?,
+                func_smem("nsa_rms_norm_bwd_bf16_bf16_f32")?,
+                func_smem("nsa_rms_norm_bwd_bf16_f32_bf16")?,
+                func_smem("nsa_rms_norm_bwd_bf16_f32_f32")?,
+                func_smem("nsa_rms_norm_bwd_f32_bf16_bf16")?,
+                func_smem("nsa_rms_norm_bwd_f32_bf16_f32")?,
+                func_smem("nsa_rms_norm_bwd_f32_f32_bf16")?,
+                func_smem("nsa_rms_norm_bwd_f32_f32_f32")?,
             ],
             swiglu: [func("nsa_swiglu_bf16")?, func("nsa_swiglu_f32")?],
             swiglu_bwd: [func("nsa_swiglu_bwd_bf16")?, func("nsa_swiglu_bwd_f32")?],
@@ -119,6 +135,7 @@ fn load(device: usize, opts: &FusedOptions) -> Result<PointwiseKernels, FusedErr
 }
 
 extern "C" {
+    fn nsa_pointwise_table_size() -> usize;
     fn nsa_fused_rope(
         x: *const C_tensor,
         cos: *const C_tensor,
@@ -129,8 +146,10 @@ extern "C" {
     ) -> *mut C_tensor;
     fn nsa_fused_rms_norm(
         x: *const C_tensor,
+        a: *const C_tensor,
         w: *const C_tensor,
         eps: f64,
+        sum_out: *mut *mut C_tensor,
         table: *const PointwiseTable,
         err: *mut c_char,
         err_len: usize,
@@ -287,13 +306,42 @@ pub const RMS_NORM_MAX_DIM: i64 = 12288;
 /// cast is the kernel's store. Differentiable in `x` (gradient in its dtype) and `w` (in its
 /// dtype, the sum of a fixed grid's fp32 partials: deterministic on a given device).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor, FusedError> {
+    Ok(norm_call(x, None, w, eps)?.1)
+}
+
+/// The residual sum `h + a` and its [`rms_norm`] in one kernel each way: `(sum, y)`. `sum` is
+/// in `h`'s dtype, rounded once as libtorch's `h + a` is, and `y` normalises it as stored;
+/// `a` (bf16 or fp32) has `h`'s shape. Differentiable in `h`, `a` and `w`; the backward adds
+/// the gradient `sum` receives from its other uses (the residual stream) to the norm's, and
+/// writes `h`'s and `a`'s gradients (each in its own dtype) in the same pass. Same dtypes,
+/// limits and determinism as [`rms_norm`].
+pub fn add_rms_norm(
+    h: &Tensor,
+    a: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor), FusedError> {
+    let (sum, y) = norm_call(h, Some(a), w, eps)?;
+    let sum = sum.ok_or_else(|| input("a", "the glue returned no sum".to_string()))?;
+    Ok((sum, y))
+}
+
+/// [`rms_norm`] (`a` = `None`) or [`add_rms_norm`]: checks, then one glue call.
+fn norm_call(
+    x: &Tensor,
+    a: Option<&Tensor>,
+    w: &Tensor,
+    eps: f64,
+) -> Result<(Option<Tensor>, Tensor), FusedError> {
     let size = x.size();
     let Some(&d) = size.last() else {
         return Err(input("x", "must be [..., D], got a scalar".to_string()));
     };
-    for (what, t) in [("x", x), ("w", w)] {
-        if !matches!(t.kind(), Kind::BFloat16 | Kind::Float) {
-            return Err(input(what, format!("bf16 or fp32, got {:?}", t.kind())));
+    for (what, t) in [("x", Some(x)), ("a", a), ("w", Some(w))] {
+        if let Some(t) = t {
+            if !matches!(t.kind(), Kind::BFloat16 | Kind::Float) {
+                return Err(input(what, format!("bf16 or fp32, got {:?}", t.kind())));
+            }
         }
     }
     if !(1..=RMS_NORM_MAX_DIM).contains(&d) {
@@ -301,6 +349,19 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor, FusedError> 
             "x",
             format!("D must lie in 1..={RMS_NORM_MAX_DIM}, got {size:?}"),
         ));
+    }
+    if let Some(a) = a {
+        if a.size() != size || a.device() != x.device() {
+            return Err(input(
+                "a",
+                format!(
+                    "{size:?} on {:?}, got {:?} on {:?}",
+                    x.device(),
+                    a.size(),
+                    a.device()
+                ),
+            ));
+        }
     }
     if w.size() != [d] || w.device() != x.device() {
         return Err(input(
@@ -319,18 +380,24 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor, FusedError> 
     let ordinal = cuda_ordinal("x", x)?;
     let tab = &pointwise_kernels(ordinal)?.table;
     let mut err = vec![0u8; ERR_LEN];
-    // SAFETY: as in `rope`.
+    let mut sum: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: as in `rope`; `sum` is a valid out-pointer the glue sets only on success.
     let ptr = unsafe {
         nsa_fused_rms_norm(
             x.as_ptr(),
+            a.map_or(std::ptr::null(), |a| a.as_ptr()),
             w.as_ptr(),
             eps,
+            &mut sum,
             tab,
             err.as_mut_ptr().cast(),
             ERR_LEN,
         )
     };
-    finish("nsa_fused_rms_norm", ptr, &err)
+    let y = finish("nsa_fused_rms_norm", ptr, &err)?;
+    // SAFETY: a non-null `sum` is a fresh at::Tensor* the glue handed over (ownership to us).
+    let sum = (!sum.is_null()).then(|| unsafe { Tensor::from_ptr(sum) });
+    Ok((sum, y))
 }
 
 /// The MLP's SwiGLU on its stacked gate and up projections: `ab` `[…, 2H]` (the gate's `H`
@@ -370,6 +437,18 @@ mod tests {
             FusedError::Input { what, reason } => format!("{what}: {reason}"),
             other => panic!("expected an input error, got {other}"),
         }
+    }
+
+    #[test]
+    fn the_glue_reads_the_table_rust_fills() {
+        // SAFETY: a pure function of the C++ struct's layout.
+        let glue = unsafe { nsa_pointwise_table_size() };
+        assert_eq!(glue, std::mem::size_of::<PointwiseTable>());
+        let err = same_layout("T", 8, 16).unwrap_err().to_string();
+        assert!(
+            err.contains("T is 8 bytes in the glue and 16 in Rust"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -462,6 +541,18 @@ mod tests {
             (rms_norm(&x, &w, -1.0), "eps: a finite value >= 0"),
             (rms_norm(&x, &w, f64::NAN), "eps: a finite value >= 0"),
             (rms_norm(&x, &w, 1e-6), "x: on Cpu: CUDA tensors only"),
+            (
+                add_rms_norm(&x, &x.narrow(2, 0, 4), &w, 1e-6).map(|r| r.1),
+                "a: [2, 3, 8] on Cpu, got [2, 3, 4]",
+            ),
+            (
+                add_rms_norm(&x, &x.to_kind(Kind::Half), &w, 1e-6).map(|r| r.1),
+                "a: bf16 or fp32",
+            ),
+            (
+                add_rms_norm(&x, &x, &w, 1e-6).map(|r| r.1),
+                "x: on Cpu: CUDA tensors only",
+            ),
             (swiglu(&Tensor::zeros([4, 7], f)), "ab: must be [..., 2H]"),
             (swiglu(&Tensor::zeros([4, 0], f)), "ab: must be [..., 2H]"),
             (swiglu(&Tensor::from(1.0f32)), "ab: must be [..., 2H]"),

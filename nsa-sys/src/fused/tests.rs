@@ -94,3 +94,11 @@ fn auto_dq_follows_forward_group_and_partial_size() {
         );
     }
 }
+
+/// The selected / compressed kernel table has one layout in the glue and in Rust.
+#[test]
+fn the_glue_reads_the_selected_table_rust_fills() {
+    // SAFETY: a pure function of the C++ struct's layout.
+    let glue = unsafe { super::nsa_slc_table_size() };
+    assert_eq!(glue, std::mem::size_of::<super::SlcTable>());
+}
