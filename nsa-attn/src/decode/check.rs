@@ -309,7 +309,8 @@ fn check_case(
 
 /// The decode kernels' rows of `nsa-train check --gpu` (the step on
 /// `nsa_sys::fused::DecodeStep`, taken on the fused path): prefill + decode against the
-/// full-sequence forward given the decoded blocks (float32 1e-4, bf16 2e-2), and, in float32,
+/// full-sequence forward given the decoded blocks (float32: within 1e-4; bf16: both against
+/// the float64 forward, [`Bf16Errors::row`]'s rule), and, in float32,
 /// the kernels' selection against nsa-select's (the libtorch step's) on every decoded row.
 /// Sequences long enough for several compressed and selection-score tiles (S = 1200), a short
 /// one with shared K/V (the window read from the raw buffer, prompts shorter than l), a
@@ -358,26 +359,27 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
     ];
     let mut rows = Vec::new();
     for (what, cfg, seq, prompts) in &cases {
-        for (kind, tolerance) in [(Kind::Float, 1e-4), (Kind::BFloat16, 2e-2)] {
-            let name = format!("decode kernels {kind:?} {what} B=3 S={seq} prompts {prompts:?}");
-            let row = check_case(
-                cfg,
-                kind,
-                fused,
-                ParitySelection::Decoded,
-                *seq,
-                prompts,
-                device,
-            )
-            .map(|p| CheckRow {
-                name: name.clone(),
-                max_rel_err: p.rel_err(),
-                tolerance,
-                passed: p.rel_err() <= tolerance,
-                detail: "output vs the forward given the decoded blocks".into(),
-            });
-            rows.push(row.unwrap_or_else(|e| CheckRow::failed(name, tolerance, e)));
-        }
+        let name = format!("decode kernels Float {what} B=3 S={seq} prompts {prompts:?}");
+        let row = check_case(
+            cfg,
+            Kind::Float,
+            fused,
+            ParitySelection::Decoded,
+            *seq,
+            prompts,
+            device,
+        )
+        .map(|p| CheckRow {
+            name: name.clone(),
+            max_rel_err: p.rel_err(),
+            tolerance: 1e-4,
+            passed: p.rel_err() <= 1e-4,
+            detail: "output vs the forward given the decoded blocks".into(),
+        });
+        rows.push(row.unwrap_or_else(|e| CheckRow::failed(name, 1e-4, e)));
+        let name = format!("decode kernels BFloat16 {what} B=3 S={seq} prompts {prompts:?}");
+        let row = bf16_against_f64(cfg, *seq, prompts, fused, device).map(|e| e.row(&name));
+        rows.push(row.unwrap_or_else(|e| CheckRow::failed(name, BF16_FLOOR, e)));
         let name = format!("decode kernels selection Float {what} B=3 S={seq} prompts {prompts:?}");
         let mut row = selection_case(cfg, *seq, prompts, device)
             .unwrap_or_else(|e| CheckRow::failed(String::new(), 1e-4, e));
@@ -395,6 +397,77 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
         }
     }
     rows
+}
+
+/// The bound on a bf16 decode's error against float64 that holds whatever the bf16 forward's
+/// own error (see [`Bf16Errors`]).
+const BF16_FLOOR: f64 = 2e-2;
+
+/// A bf16 decode and the bf16 full-sequence forward given the same blocks, each against the
+/// float64 forward (relative to its largest output).
+#[derive(Debug, Clone, Copy)]
+struct Bf16Errors {
+    decode: f64,
+    forward: f64,
+}
+
+impl Bf16Errors {
+    /// Passes when the decode is within `max(2e-2, 2 × the forward's error)` of float64: as
+    /// exact as the whole layer in bf16 can be on this draw. Comparing the two bf16 results with
+    /// each other (as earlier rounds did) adds both errors, and a layer in bf16 (projections,
+    /// φ, three softmaxes over logits rounded to bf16, gates) is ill-conditioned on some random
+    /// draws: the same row measured 1.0e-2 to 3.2e-2 that way.
+    fn row(self, name: &str) -> CheckRow {
+        let tolerance = BF16_FLOOR.max(2.0 * self.forward);
+        CheckRow {
+            name: format!("{name} vs float64 (the bf16 forward: {:.2e})", self.forward),
+            max_rel_err: self.decode,
+            tolerance,
+            passed: self.decode <= tolerance,
+            detail: format!(
+                "decoded output vs the float64 forward given the decoded blocks (the bf16 \
+                 forward's error: {:.2e})",
+                self.forward
+            ),
+        }
+    }
+}
+
+/// Prefill + decode of a random bf16 layer of `cfg` on `path`, and its full-sequence forward
+/// given the decoded blocks on the same path, each against the float64 forward on the
+/// reference path given those blocks, with the same (bf16-valued) weights and input widened.
+fn bf16_against_f64(
+    cfg: &NsaConfig,
+    seq: i64,
+    prompts: &[i64],
+    path: AttnPath,
+    device: Device,
+) -> Result<Bf16Errors, AttnError> {
+    let (vs, layer, x) = random_layer(cfg, Kind::BFloat16, prompts.len() as i64, seq, device)?;
+    let opts = ForwardOpts {
+        path,
+        ..Default::default()
+    };
+    let decoded = decode_sequence(&layer, &x, prompts, &opts)?;
+    let _no_grad = tch::no_grad_guard();
+    let forward = layer.forward_branches_with_blocks(&x, &decoded.blocks, &opts)?;
+    let mut vs64 = nn::VarStore::new(device);
+    let layer64 = NsaAttention::new(&(vs64.root() / "attn"), *cfg)?;
+    vs64.set_kind(Kind::Double);
+    vs64.copy(&vs)?;
+    let reference = ForwardOpts {
+        path: AttnPath::Reference,
+        ..Default::default()
+    };
+    let truth = layer64.forward_branches_with_blocks(
+        &x.f_to_kind(Kind::Double)?,
+        &decoded.blocks,
+        &reference,
+    )?;
+    Ok(Bf16Errors {
+        decode: compare_outputs(&decoded.output, &truth.output, true)?.rel_err(),
+        forward: compare_outputs(&forward.output, &truth.output, true)?.rel_err(),
+    })
 }
 
 const TILING_WHAT: &str = "paper-like G=16 lengths 10000/6100/700";
@@ -500,5 +573,30 @@ mod tests {
         for r in &rows {
             assert!(r.passed, "{r:?}");
         }
+    }
+
+    /// The bf16 rows' yardstick on the CPU: both bf16 results near float64, the float64 copy
+    /// of the layer really the bf16 layer widened (a layer with other weights would be O(1)
+    /// away), and the pass rule.
+    #[test]
+    fn bf16_decode_is_judged_against_float64() {
+        tch::manual_seed(2);
+        let cfg = check_config(false, Phi::Mlp, (8, 4, 16, 4, 24));
+        let lean = AttnPath::Lean(LeanOpts::default());
+        let e = bf16_against_f64(&cfg, 150, &[1, 7, 90], lean, Device::Cpu).unwrap();
+        assert!(e.decode > 0.0 && e.decode < 2e-2, "{e:?}");
+        assert!(e.forward > 0.0 && e.forward < 2e-2, "{e:?}");
+        assert!(e.row("x").passed);
+        let worse = Bf16Errors {
+            decode: 0.05,
+            forward: 0.02,
+        };
+        assert!(!worse.row("x").passed);
+        let ill = Bf16Errors {
+            decode: 0.03,
+            forward: 0.02,
+        };
+        assert!(ill.row("x").passed);
+        assert_eq!(ill.row("x").tolerance, 0.04);
     }
 }
