@@ -115,7 +115,7 @@ pub fn runs_table(rows: &[RunRow]) -> String {
     );
     for r in rows {
         let (loss, ppl) = match r.val_loss {
-            Some(l) => (format!("{l:.4}"), format!("{:.2}", l.exp())),
+            Some(l) => (format!("{l:.4}"), format!("{:.2}", f64::exp(l))),
             None => ("–".into(), "–".into()),
         };
         t.push_str(&format!(

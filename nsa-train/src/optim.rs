@@ -145,27 +145,34 @@ impl AdamW {
         cfg: OptimConfig,
         decay: Vec<(String, Tensor)>,
         no_decay: Vec<(String, Tensor)>,
-    ) -> Self {
-        let slot = |(name, param): (String, Tensor), decay: bool| Slot {
-            m: param.zeros_like().to_kind(Kind::Float),
-            v: param.zeros_like().to_kind(Kind::Float),
-            name,
-            param,
-            decay,
+    ) -> Result<Self> {
+        let slot = |(name, param): (String, Tensor), decay: bool| -> Result<Slot> {
+            Ok(Slot {
+                m: param.f_zeros_like()?.f_to_kind(Kind::Float)?,
+                v: param.f_zeros_like()?.f_to_kind(Kind::Float)?,
+                name,
+                param,
+                decay,
+            })
         };
-        let mut slots: Vec<Slot> = decay.into_iter().map(|p| slot(p, true)).collect();
-        slots.extend(no_decay.into_iter().map(|p| slot(p, false)));
+        let mut slots = Vec::with_capacity(decay.len() + no_decay.len());
+        for p in decay {
+            slots.push(slot(p, true)?);
+        }
+        for p in no_decay {
+            slots.push(slot(p, false)?);
+        }
         slots.sort_by(|a, b| a.name.cmp(&b.name));
         let multi_tensor = !slots.is_empty()
             && slots
                 .iter()
                 .all(|s| matches!(s.param.device(), tch::Device::Cuda(_)));
-        AdamW {
+        Ok(AdamW {
             cfg,
             slots,
             multi_tensor,
             steps: 0,
-        }
+        })
     }
 
     /// Runs the step, norm and zeroing on libtorch's multi-tensor kernels (`on`) or as
@@ -271,17 +278,19 @@ impl AdamW {
             if !g.defined() {
                 continue;
             }
-            let g = g.to_kind(Kind::Float) * clip;
-            let _ = s.m.g_mul_scalar_(c.beta1).g_add_(&(&g * (1.0 - c.beta1)));
+            let g = g.f_to_kind(Kind::Float)?.f_mul_scalar(clip)?;
             let _ =
-                s.v.g_mul_scalar_(c.beta2)
-                    .g_add_(&(g.square() * (1.0 - c.beta2)));
+                s.m.f_mul_scalar_(c.beta1)?
+                    .f_add_(&g.f_mul_scalar(1.0 - c.beta1)?)?;
+            let _ =
+                s.v.f_mul_scalar_(c.beta2)?
+                    .f_add_(&g.f_square()?.f_mul_scalar(1.0 - c.beta2)?)?;
             if s.decay && c.weight_decay > 0.0 {
-                let _ = s.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
+                let _ = s.param.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
             }
-            let denom = (&s.v / bc2).sqrt() + c.eps;
-            let update = (&s.m / bc1) / denom * lr;
-            let _ = s.param.g_sub_(&update.to_kind(s.param.kind()));
+            let denom = s.v.f_div_scalar(bc2)?.f_sqrt()?.f_add_scalar(c.eps)?;
+            let update = s.m.f_div_scalar(bc1)?.f_div(&denom)?.f_mul_scalar(lr)?;
+            let _ = s.param.f_sub_(&update.f_to_kind(s.param.kind())?)?;
         }
         Ok(())
     }
@@ -304,8 +313,8 @@ impl AdamW {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut named: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.slots.len());
         for s in &self.slots {
-            named.push((format!("m.{}", s.name), s.m.to_device(tch::Device::Cpu)));
-            named.push((format!("v.{}", s.name), s.v.to_device(tch::Device::Cpu)));
+            named.push((format!("m.{}", s.name), s.m.f_to_device(tch::Device::Cpu)?));
+            named.push((format!("v.{}", s.name), s.v.f_to_device(tch::Device::Cpu)?));
         }
         Tensor::write_safetensors(&named, path)
             .with_context(|| format!("writing {}", path.display()))
@@ -335,7 +344,7 @@ impl AdamW {
                     );
                 }
                 let _g = tch::no_grad_guard();
-                dst.copy_(&src);
+                dst.f_copy_(&src)?;
             }
         }
         if let Some(extra) = map.keys().next() {
@@ -386,7 +395,8 @@ mod tests {
             cfg.clone(),
             vec![("w".into(), w.shallow_clone())],
             vec![("b".into(), b.shallow_clone())],
-        );
+        )
+        .unwrap();
         let norm = opt.grad_norm().unwrap();
         assert!((norm - (9.0f64 + 16.0 + 4.0).sqrt()).abs() < 1e-5);
         opt.step(0.1, norm).unwrap();
@@ -423,6 +433,7 @@ mod tests {
                     ("unused".into(), unused.shallow_clone()),
                 ],
             )
+            .unwrap()
             .with_multi_tensor(multi);
             for step in 0..3 {
                 opt.zero_grad().unwrap();
@@ -461,7 +472,7 @@ mod tests {
         };
         let w = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
         (&w * 100.0).sum(Kind::Float).backward();
-        let mut opt = AdamW::new(cfg, vec![], vec![("w".into(), w.shallow_clone())]);
+        let mut opt = AdamW::new(cfg, vec![], vec![("w".into(), w.shallow_clone())]).unwrap();
         let n = opt.grad_norm().unwrap();
         opt.step(0.1, n).unwrap();
         // m = 0.1 · g · clip = 0.1 · 100 · 0.01; Adam's step size is still lr (ratio m̂/√v̂ = 1).
@@ -480,13 +491,14 @@ mod tests {
             OptimConfig::default(),
             vec![("w".into(), w.shallow_clone())],
             vec![],
-        );
+        )
+        .unwrap();
         let n = a.grad_norm().unwrap();
         a.step(0.01, n).unwrap();
         let path = dir.join("optim.safetensors");
         a.save(&path).unwrap();
         let w2 = Tensor::from_slice(&[1.0f32, 2.0]);
-        let mut b = AdamW::new(OptimConfig::default(), vec![("w".into(), w2)], vec![]);
+        let mut b = AdamW::new(OptimConfig::default(), vec![("w".into(), w2)], vec![]).unwrap();
         b.load(&path, a.steps).unwrap();
         assert_eq!(
             Vec::<f32>::try_from(&b.slots[0].v).unwrap(),
@@ -499,7 +511,8 @@ mod tests {
                 Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)),
             )],
             vec![],
-        );
+        )
+        .unwrap();
         assert!(c
             .load(&path, 1)
             .unwrap_err()
@@ -512,7 +525,8 @@ mod tests {
                 Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)),
             )],
             vec![],
-        );
+        )
+        .unwrap();
         assert!(d.load(&path, 1).unwrap_err().to_string().contains("shape"));
         std::fs::remove_dir_all(dir).unwrap();
     }

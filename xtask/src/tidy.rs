@@ -239,7 +239,7 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         v.extend(check_panicking_tch(p, t));
     }
     report(
-        "library src/ calls tch's fallible f_ methods (no panicking forms outside #[cfg(test)])",
+        "library and nsa-train src/ call tch's fallible f_ methods (no panicking forms outside #[cfg(test)])",
         v,
     );
 
@@ -473,11 +473,14 @@ pub(crate) fn check_env(path: &str, src: &str) -> Vec<Violation> {
 }
 
 /// Rule 3: tch's panicking methods ([`PANICKING_TCH`]) and layer constructors
-/// ([`PANICKING_TCH_LAYERS`]) in a library's `src/`, outside `#[cfg(test)]`, comments and
-/// strings. `.name(` and `Tensor::name(` are flagged, and `nn::name(` or a `use` of `nn::name`.
+/// ([`PANICKING_TCH_LAYERS`]) in a library's or the trainer's `src/` (where a libtorch
+/// failure should end a run with an error and its context, not a panic), outside
+/// `#[cfg(test)]`, comments and strings. `.name(` and `Tensor::name(` are flagged, and
+/// `nn::name(` or a `use` of `nn::name`.
 pub(crate) fn check_panicking_tch(path: &str, src: &str) -> Vec<Violation> {
     if !LIBRARY_CRATES
         .iter()
+        .chain(["nsa-train"].iter())
         .any(|c| path.starts_with(&format!("{c}/src/")))
     {
         return Vec::new();

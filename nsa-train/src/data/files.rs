@@ -172,8 +172,8 @@ impl TokenStore {
         }
         let shape = [batch as i64, s as i64];
         Ok(Batch {
-            input: Tensor::from_slice(&input).view(shape),
-            target: Tensor::from_slice(&target).view(shape),
+            input: Tensor::f_from_slice(&input)?.f_view(shape)?,
+            target: Tensor::f_from_slice(&target)?.f_view(shape)?,
         })
     }
 }

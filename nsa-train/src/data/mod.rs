@@ -36,11 +36,11 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn to(&self, device: Device) -> Batch {
-        Batch {
-            input: self.input.to(device),
-            target: self.target.to(device),
-        }
+    pub fn to(&self, device: Device) -> Result<Batch> {
+        Ok(Batch {
+            input: self.input.f_to_device(device)?,
+            target: self.target.f_to_device(device)?,
+        })
     }
 }
 
@@ -246,15 +246,15 @@ impl Rng {
 }
 
 /// Accuracy of argmax predictions on scored positions: (correct, scored).
-pub fn answer_accuracy(logits: &Tensor, target: &Tensor) -> (i64, i64) {
-    let mask = target.ne(IGNORE);
-    let pred = logits.argmax(-1, false);
+pub fn answer_accuracy(logits: &Tensor, target: &Tensor) -> Result<(i64, i64)> {
+    let mask = target.f_ne(IGNORE)?;
+    let pred = logits.f_argmax(-1, false)?;
     let correct = pred
-        .eq_tensor(target)
-        .logical_and(&mask)
-        .sum(Kind::Int64)
-        .int64_value(&[]);
-    (correct, mask.sum(Kind::Int64).int64_value(&[]))
+        .f_eq_tensor(target)?
+        .f_logical_and(&mask)?
+        .f_sum(Kind::Int64)?
+        .f_int64_value(&[])?;
+    Ok((correct, mask.f_sum(Kind::Int64)?.f_int64_value(&[])?))
 }
 
 #[cfg(test)]

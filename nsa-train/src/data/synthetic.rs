@@ -176,8 +176,8 @@ impl TokenSource for Synthetic {
         }
         let shape = [batch as i64, s as i64];
         Ok(Batch {
-            input: Tensor::from_slice(&tokens).view(shape),
-            target: Tensor::from_slice(&target).view(shape),
+            input: Tensor::f_from_slice(&tokens)?.f_view(shape)?,
+            target: Tensor::f_from_slice(&target)?.f_view(shape)?,
         })
     }
     fn vocab_needed(&self) -> i64 {

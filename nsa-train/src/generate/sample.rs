@@ -87,7 +87,7 @@ impl Sampler {
         let top = f64::from(logits[order[0]]);
         let mut weights: Vec<f64> = order
             .iter()
-            .map(|&i| ((f64::from(logits[i]) - top) / self.how.temperature).exp())
+            .map(|&i| f64::exp((f64::from(logits[i]) - top) / self.how.temperature))
             .collect();
         let total: f64 = weights.iter().sum();
         if let Some(p) = self.how.top_p {

@@ -55,13 +55,13 @@ impl Dist {
     }
 
     /// Sums `values` over ranks (one small all-reduce on `device`).
-    pub(super) fn sum(&mut self, values: &[f64], device: Device) -> Result<Vec<f64>> {
-        let mut t = Tensor::from_slice(values).to_device(device);
+    pub(super) fn sum_over_ranks(&mut self, values: &[f64], device: Device) -> Result<Vec<f64>> {
+        let mut t = Tensor::f_from_slice(values)?.f_to_device(device)?;
         self.dp.with_comm(|c| -> Result<(), nsa_ddp::DdpError> {
             c.all_reduce_sum(&mut t)?;
             c.synchronize()
         })??;
-        Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu))?)
+        Ok(Vec::<f64>::try_from(t.f_to_device(Device::Cpu)?)?)
     }
 }
 
@@ -77,7 +77,7 @@ pub(super) fn agreed_stop(
     let Some(d) = dist else {
         return Ok(local);
     };
-    let any = d.sum(&[f64::from(u8::from(local.is_some()))], device)?[0] > 0.0;
+    let any = d.sum_over_ranks(&[f64::from(u8::from(local.is_some()))], device)?[0] > 0.0;
     if !any {
         return Ok(None);
     }

@@ -14,12 +14,18 @@ use crate::data::{self, TokenSource, IGNORE};
 use crate::signals::StopRequest;
 
 /// Cross-entropy over the scored positions (`target != IGNORE`), in fp32.
-pub(super) fn loss_of(logits: &Tensor, target: &Tensor) -> Tensor {
+pub(super) fn loss_of(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let v = logits.size().last().copied().unwrap_or(1);
-    logits
-        .to_kind(Kind::Float)
-        .view([-1, v])
-        .cross_entropy_loss::<Tensor>(&target.view([-1]), None, tch::Reduction::Mean, IGNORE, 0.0)
+    Ok(logits
+        .f_to_kind(Kind::Float)?
+        .f_view([-1, v])?
+        .f_cross_entropy_loss::<Tensor>(
+            &target.f_view([-1])?,
+            None,
+            tch::Reduction::Mean,
+            IGNORE,
+            0.0,
+        )?)
 }
 
 /// How a run computes logits: path options, device and precision.
@@ -64,7 +70,7 @@ impl Forward {
     /// of rows (`nsa_sys::loss`: no `[B·S, V]` logits); otherwise logits, then [`loss_of`].
     pub(super) fn loss(&self, model: &Model, input: &Tensor, target: &Tensor) -> Result<Tensor> {
         if !self.fused_loss {
-            return Ok(loss_of(&self.logits(model, input)?, target));
+            return loss_of(&self.logits(model, input)?, target);
         }
         let hidden = self.in_precision(|| model.forward_hidden(input, &self.opts))?;
         let w = model.head_weight();
@@ -98,10 +104,10 @@ impl Forward {
             // Held-out: a rank no training process uses.
             let b = src
                 .batch(i, u64::MAX - 1, cfg.data.batch_size, cfg.data.seq_len)?
-                .to(self.device);
+                .to(self.device)?;
             let logits = self.logits(model, &b.input)?;
-            loss += loss_of(&logits, &b.target).double_value(&[]);
-            let (c, s) = data::answer_accuracy(&logits, &b.target);
+            loss += loss_of(&logits, &b.target)?.f_double_value(&[])?;
+            let (c, s) = data::answer_accuracy(&logits, &b.target)?;
             correct += c;
             scored += s;
         }
@@ -151,18 +157,18 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
 
 /// The attention-backend audit: which SDPA kernel the dense attention of this model's shape
 /// would use on this device (NSA's lean path computes its branches with its own chunked ops).
-pub(super) fn audit(m: &ModelConfig, device: Device, bf16: bool) -> Vec<String> {
+pub(super) fn audit(m: &ModelConfig, device: Device, bf16: bool) -> Result<Vec<String>> {
     let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
     let _g = tch::no_grad_guard();
     let (h, hk) = (m.n_heads, m.n_kv_heads);
-    let q = Tensor::randn([1, h, 128, m.head_dim_k], (kind, device));
-    let k = Tensor::randn([1, hk, 128, m.head_dim_k], (kind, device));
-    let v = Tensor::randn([1, hk, 128, m.head_dim_v], (kind, device));
-    vec![format!(
+    let q = Tensor::f_randn([1, h, 128, m.head_dim_k], (kind, device))?;
+    let k = Tensor::f_randn([1, hk, 128, m.head_dim_k], (kind, device))?;
+    let v = Tensor::f_randn([1, hk, 128, m.head_dim_v], (kind, device))?;
+    Ok(vec![format!(
         "{} attention; dense causal SDPA for H={h} Hkv={hk} dk={} dv={} {kind:?} picks {}",
         m.attention,
         m.head_dim_k,
         m.head_dim_v,
         nsa_sys::SdpaBackend::choice(&q, &k, &v, true)
-    )]
+    )])
 }

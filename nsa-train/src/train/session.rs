@@ -116,7 +116,7 @@ impl<'a> Session<'a> {
             .collect();
         // The same order on every rank.
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut opt = AdamW::new(cfg.optim.clone(), decay, no_decay);
+        let mut opt = AdamW::new(cfg.optim.clone(), decay, no_decay)?;
         let model_json = serde_json::to_value(model_cfg)?;
         let mut state = TrainState {
             step: 0,
@@ -195,7 +195,7 @@ impl<'a> Session<'a> {
             )?;
         }
         let sdpa_audit = if cfg.fast.sdpa_audit {
-            audit(&model_cfg, device, bf16)
+            audit(&model_cfg, device, bf16)?
         } else {
             Vec::new()
         };

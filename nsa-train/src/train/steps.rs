@@ -198,7 +198,7 @@ impl Session<'_> {
                     cfg.data.batch_size,
                     cfg.data.seq_len,
                 )?
-                .to(self.device);
+                .to(self.device)?;
             let loss = self.fwd.loss(&self.model, &input, &target)? / cfg.optim.grad_accum as f64;
             if micro + 1 == cfg.optim.grad_accum {
                 if let Some(d) = self.dist.as_mut() {
@@ -223,7 +223,7 @@ impl Session<'_> {
             })?;
             sync_ms = Some(took.as_secs_f64() * 1e3);
             // The logged loss is the mean over ranks (and every rank skips a non-finite step).
-            loss_sum = d.sum(&[loss_sum], self.device)?[0] / d.world as f64;
+            loss_sum = d.sum_over_ranks(&[loss_sum], self.device)?[0] / d.world as f64;
         }
         let grad_norm = self.opt.grad_norm()?;
         let lr = cfg.optim.lr_at(step, cfg.run.steps);
