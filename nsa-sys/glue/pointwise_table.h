@@ -1,11 +1,10 @@
 // The pointwise kernels' table, shared by the glue files that launch them (pointwise.cpp: RoPE
 // and the gated sum; loss.cpp: the cross-entropy rows). Mirror of
 // nsa_sys::fused::pointwise::PointwiseTable (#[repr(C)]), filled by Rust; its size is compared
-// with the Rust struct's before each load (nsa_pointwise_table_size). rope: index 2 * (input is fp32) +
-// (output is fp32); norm, norm_bwd: 4 * (x is fp32) + 2 * (added a is fp32) + (output is
-// fp32), over {bf16, fp32}; mix, mix_bwd,
-// ce_rows, swiglu, swiglu_bwd: 0 = bf16, 1 = fp32. model_ops.cpp launches the RMSNorm pair and
-// the SwiGLU pair.
+// with the Rust struct's before each load (nsa_pointwise_table_size). Indices over {bf16, fp32}:
+// rope: 2 * (input is fp32) + (output is fp32); norm, norm_bwd: 4 * (x is fp32) + 2 * (added a
+// is fp32) + (output is fp32); mix, mix_bwd, ce_rows, swiglu, swiglu_bwd: 0 = bf16, 1 = fp32.
+// model_ops.cpp launches the RMSNorm pair and the SwiGLU pair.
 #pragma once
 #include <cstdint>
 
