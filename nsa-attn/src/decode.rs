@@ -162,7 +162,8 @@ impl NsaAttention {
         let c = self.config();
         let rope = Rope::new(c.rope_base, c.head_dim_k, s, x.kind(), x.device())?;
         let raw = self.project_raw(x, &rope)?;
-        let p = self.compress_projections(&raw)?;
+        // libtorch's operators for RoPE and φ's blocks, as the decode steps compress.
+        let p = self.compress_projections(&raw, false)?;
         let blocks = self.select(&p, opts.path, opts.select)?;
         let out = self.finish(x, &p, blocks, opts, None, None)?;
         let cache = NsaCache::from_prefill(
@@ -293,7 +294,7 @@ impl NsaAttention {
         if let Some(em) = &dev.emission {
             let source = cache.pending.as_ref().unwrap_or(&cache.raw);
             let (bk, bv) = source.read_rows(&em.rows, &em.sources)?;
-            let (ck, cv) = self.compression().apply(&bk, &bv)?;
+            let (ck, cv) = self.compression().apply(&bk, &bv, false)?;
             cache.compressed.put(
                 &em.rows,
                 &dev.kv_heads,

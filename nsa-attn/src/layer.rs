@@ -242,7 +242,7 @@ impl NsaAttention {
         let rope = Rope::new(c.rope_base, c.head_dim_k, s, x.kind(), x.device())?
             .with_kernel(matches!(path, AttnPath::Fused(_)))?;
         let raw = self.project_raw(x, &rope)?;
-        self.compress_projections(&raw)
+        self.compress_projections(&raw, matches!(path, AttnPath::Fused(_)))
     }
 
     /// Queries `[B, S, H, dk]` and the raw keys `[B, S, Hkv, dk]` / values `[B, S, Hkv, dv]` of
@@ -277,14 +277,16 @@ impl NsaAttention {
         Ok(RawProjections { q, kv })
     }
 
-    /// [`Projections`] from raw ones: φ over the compressed branch's keys and values.
+    /// [`Projections`] from raw ones: φ over the compressed branch's keys and values (its
+    /// input blocks from the fused kernel on CUDA with `kernel`, as [`AttnPath::Fused`] runs).
     pub(crate) fn compress_projections(
         &self,
         raw: &RawProjections,
+        kernel: bool,
     ) -> Result<Projections, AttnError> {
         let branch = |br: Branch| &raw.kv[self.kv_index(br)];
         let (raw_cmp_k, raw_cmp_v) = branch(Branch::Compressed);
-        let (cmp_k, cmp_v) = self.cmp.apply(raw_cmp_k, raw_cmp_v)?;
+        let (cmp_k, cmp_v) = self.cmp.apply(raw_cmp_k, raw_cmp_v, kernel)?;
         let (slc_k, slc_v) = branch(Branch::Selected);
         let (win_k, win_v) = branch(Branch::Window);
         Ok(Projections {

@@ -11,7 +11,7 @@
 //! `[B, Nc, Hkv, l·d]` (position-major). Variables, under the layer's `cmp` path: `pos_v`,
 //! `pos_k` (MLP φ only), and φ's weights `phi_k.*`, `phi_v.*` (linear and MLP only).
 use tch::nn;
-use tch::{TchError, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 use crate::config::{AttnError, NsaConfig, NsaParams, Phi};
 use crate::layer::linear;
@@ -65,9 +65,24 @@ impl PhiMap {
         };
         match self {
             PhiMap::Mean => blocks.f_mean_dim(2, false, None),
-            PhiMap::Linear(w) => linear(w, &flat()?),
-            PhiMap::Mlp(w1, w2) => linear(w2, &linear(w1, &flat()?)?.f_gelu("none")?),
+            PhiMap::Linear(_) | PhiMap::Mlp(..) => self.apply_flat(&flat()?),
         }
+    }
+
+    /// The linear or MLP φ on blocks already flattened per head, `[B, Nc, G, l·d]`.
+    fn apply_flat(&self, flat: &Tensor) -> Result<Tensor, TchError> {
+        match self {
+            PhiMap::Mean => Err(TchError::Kind(
+                "the mean φ reads [B, Nc, l, G, d] blocks, not flattened ones".into(),
+            )),
+            PhiMap::Linear(w) => linear(w, flat),
+            PhiMap::Mlp(w1, w2) => linear(w2, &linear(w1, flat)?.f_gelu("none")?),
+        }
+    }
+
+    /// Whether φ reads the blocks flattened per head (linear and MLP).
+    fn reads_flat(&self) -> bool {
+        !matches!(self, PhiMap::Mean)
     }
 }
 
@@ -110,10 +125,18 @@ impl Compression {
     }
 
     /// Compressed keys `[B, Nc, Hkv, dk]` and values `[B, Nc, Hkv, dv]` from the raw (keys
-    /// already RoPE'd) `k` `[B, S, Hkv, dk]` and `v` `[B, S, Hkv, dv]`.
-    pub(crate) fn apply(&self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor), AttnError> {
-        let cmp_k = self.compress(k, self.pos_k.as_ref(), &self.phi_k)?;
-        let cmp_v = self.compress(v, Some(&self.pos_v), &self.phi_v)?;
+    /// already RoPE'd) `k` `[B, S, Hkv, dk]` and `v` `[B, S, Hkv, dv]`. With `kernel`, CUDA
+    /// tensors in bf16 or fp32 and a linear or MLP φ, φ's input blocks come from one kernel
+    /// each way (`nsa_sys::fused::cmp_blocks`) instead of unfold, add and copy; the values are
+    /// the same (each element one rounded sum either way).
+    pub(crate) fn apply(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        kernel: bool,
+    ) -> Result<(Tensor, Tensor), AttnError> {
+        let cmp_k = self.compress(k, self.pos_k.as_ref(), &self.phi_k, kernel)?;
+        let cmp_v = self.compress(v, Some(&self.pos_v), &self.phi_v, kernel)?;
         Ok((cmp_k, cmp_v))
     }
 
@@ -123,10 +146,21 @@ impl Compression {
         raw: &Tensor,
         pos: Option<&Tensor>,
         phi: &PhiMap,
+        kernel: bool,
     ) -> Result<Tensor, AttnError> {
         let sz = raw.size();
         let (b, s, g, d) = (sz[0], sz[1], sz[2], sz[3]);
         let (l, stride) = (self.block_len, self.stride);
+        if kernel
+            && phi.reads_flat()
+            && s >= l
+            && raw.device().is_cuda()
+            && matches!(raw.kind(), Kind::BFloat16 | Kind::Float)
+        {
+            let pos = pos.map(|p| p.f_to_kind(raw.kind())).transpose()?;
+            let flat = nsa_sys::fused::cmp_blocks(raw, pos.as_ref(), l, stride)?;
+            return Ok(phi.apply_flat(&flat)?);
+        }
         let blocks = if s < l {
             // No complete block yet: an empty [B, 0, l, G, d] that still flows through φ, so
             // every parameter gets a (zero) gradient rather than none.

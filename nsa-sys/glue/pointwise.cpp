@@ -1,5 +1,6 @@
 // Custom autograd functions over the pointwise kernels of nsa-sys/kernels/pointwise.cu:
-// rotary position embedding (RopeFused) and the gated sum of the three branches (GateMixFused).
+// rotary position embedding (RopeFused), the gated sum of the three branches (GateMixFused) and
+// the blocks φ compresses (CmpBlocksFused).
 // Launched with the cuLaunchKernel pointer and CUfunction handles Rust loaded
 // (NsaPointwiseTable), on libtorch's current CUDA stream of the tensors' device.
 //
@@ -11,6 +12,13 @@
 //                 branch outputs are read in place when their rows are evenly spaced with the
 //                 last axis contiguous (row_stride), as a narrowed wider output is; others are
 //                 copied first.
+//   CmpBlocksFused: raw keys or values x [B, S, G, D] (bf16 or fp32, last axis contiguous,
+//                 other strides free) and the position embedding pos [L, G, D] (x's dtype, or
+//                 undefined for none) -> blocks [B, Nc, G, L * D] contiguous, Nc = (S - L) /
+//                 stride + 1 >= 1: block i of head g is x[i * stride .. i * stride + L, g, :]
+//                 plus pos[:, g, :], flattened position-major. Backward: dx (a gather over the
+//                 blocks covering each token, deterministic) and dpos (libtorch's sum over
+//                 batch and blocks).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -18,6 +26,7 @@
 #include "pointwise_table.h"
 
 #include <algorithm>
+#include <initializer_list>
 #include <cstdint>
 #include <cstring>
 
@@ -51,6 +60,8 @@ void launch(const NsaPointwiseTable* tab, void* fn, const char* what, int64_t wo
 
 int fp32(const Tensor& t) { return t.scalar_type() == at::kFloat ? 1 : 0; }
 
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
 // y = rotate(x, sign) into a new contiguous tensor of dtype `out_type`.
 Tensor rotate(const NsaPointwiseTable* tab, const Tensor& x, const Tensor& cos_t,
               const Tensor& sin_t, float sign, at::ScalarType out_type) {
@@ -63,9 +74,14 @@ Tensor rotate(const NsaPointwiseTable* tab, const Tensor& x, const Tensor& cos_t
   const void* sp = sin_t.data_ptr();
   void* yp = y.data_ptr();
   int s32 = int(S), x32 = int(X), h32 = int(half);
-  void* args[] = {&xp, &xb, &xs, &xh, &cp, &sp, &sign, &yp, &s32, &x32, &h32, &n};
-  launch(tab, tab->rope[2 * fp32(x) + (out_type == at::kFloat ? 1 : 0)], "nsa_rope", pairs,
-         x.device(), args);
+  // Eight pairs a thread where every access can be 16 bytes wide (the kernel's vec).
+  int vec = half % 8 == 0 && xb % 8 == 0 && xs % 8 == 0 && xh % 8 == 0 && aligned16(xp) &&
+                    aligned16(cp) && aligned16(sp) && aligned16(yp)
+                ? 1
+                : 0;
+  void* args[] = {&xp, &xb, &xs, &xh, &cp, &sp, &sign, &yp, &s32, &x32, &h32, &n, &vec};
+  launch(tab, tab->rope[2 * fp32(x) + (out_type == at::kFloat ? 1 : 0)], "nsa_rope",
+         vec ? pairs / 8 : pairs, x.device(), args);
   return y;
 }
 
@@ -111,6 +127,18 @@ int64_t row_stride(const Tensor& x) {
   return rs >= x.size(3) ? rs : -1;
 }
 
+// 1 when rows of dv elements at the given row strides can be read 16 bytes (per elements) at
+// a time from every pointer: the gate-mix kernels' vec.
+int vector_rows(int per, int64_t dv, std::initializer_list<long long> strides,
+                std::initializer_list<const void*> ptrs) {
+  if (dv % per != 0) return 0;
+  for (long long st : strides)
+    if (st % per != 0) return 0;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return 0;
+  return 1;
+}
+
 // x itself when row_stride(x) applies, else a contiguous copy.
 Tensor rows_readable(const Tensor& x) { return row_stride(x) >= 0 ? x : x.contiguous(); }
 
@@ -121,13 +149,16 @@ struct GateMixFused : public torch::autograd::Function<GateMixFused> {
     ctx->saved_data["table"] = table;
     const auto* tab = table_of(table);
     auto o = at::empty(oc.sizes(), oc.options());
-    long long n = oc.numel();
     int dv = int(oc.size(3));
+    long long rows = dv == 0 ? 0 : oc.numel() / dv;
     long long rc = row_stride(oc), rs = row_stride(os), rw = row_stride(ow);
     const void *pc = oc.data_ptr(), *ps = os.data_ptr(), *pw = ow.data_ptr(), *pg = g.data_ptr();
     void* po = o.data_ptr();
-    void* args[] = {&pc, &ps, &pw, &pg, &po, &dv, &n, &rc, &rs, &rw};
-    launch(tab, tab->mix[fp32(oc)], "nsa_gate_mix", n, oc.device(), args);
+    const int per = 16 / int(oc.element_size());
+    int vec = vector_rows(per, dv, {rc, rs, rw}, {pc, ps, pw, po});
+    void* args[] = {&pc, &ps, &pw, &pg, &po, &dv, &rows, &rc, &rs, &rw, &vec};
+    launch(tab, tab->mix[fp32(oc)], "nsa_gate_mix", rows * (vec ? dv / per : dv), oc.device(),
+           args);
     return o;
   }
 
@@ -145,10 +176,74 @@ struct GateMixFused : public torch::autograd::Function<GateMixFused> {
     const void *pc = s[0].data_ptr(), *ps = s[1].data_ptr(), *pw = s[2].data_ptr(),
                *pg = s[3].data_ptr(), *pd = dout.data_ptr();
     void *qc = doc.data_ptr(), *qs = dos.data_ptr(), *qw = dow.data_ptr(), *qg = dg.data_ptr();
-    void* args[] = {&pc, &ps, &pw, &pg, &pd, &qc, &qs, &qw, &qg, &dv, &rows, &rc, &rs, &rw};
-    // One warp per row.
-    launch(tab, tab->mix_bwd[fp32(s[0])], "nsa_gate_mix_bwd", rows * 32, s[0].device(), args);
+    const int per = 16 / int(s[0].element_size());
+    int vec = vector_rows(per, dv, {rc, rs, rw}, {pc, ps, pw, pd, qc, qs, qw});
+    void* args[] = {&pc, &ps, &pw, &pg, &pd, &qc, &qs, &qw, &qg, &dv, &rows, &rc, &rs, &rw, &vec};
+    // Eight lanes per row with vec, else one warp per row.
+    launch(tab, tab->mix_bwd[fp32(s[0])], "nsa_gate_mix_bwd", rows * (vec ? 8 : 32),
+           s[0].device(), args);
     return {doc, dos, dow, dg, Tensor()};
+  }
+};
+
+// Launches the blocks kernel (forward) into a new [B, Nc, G, L * D] tensor.
+Tensor cmp_blocks(const NsaPointwiseTable* tab, const Tensor& x, const Tensor& pos, int64_t L,
+                  int64_t stride) {
+  const int64_t B = x.size(0), S = x.size(1), G = x.size(2), D = x.size(3);
+  const int64_t Nc = (S - L) / stride + 1;
+  auto out = at::empty({B, Nc, G, L * D}, x.options());
+  const int per = 16 / int(x.element_size());
+  const void* xp = x.data_ptr();
+  const void* pp = pos.defined() ? pos.data_ptr() : nullptr;
+  void* op = out.data_ptr();
+  long long xb = x.stride(0), xs = x.stride(1), xg = x.stride(2);
+  long long rows = B * Nc * G * L;
+  int vec = D % per == 0 && xb % per == 0 && xs % per == 0 && xg % per == 0 && aligned16(xp) &&
+                    (pp == nullptr || aligned16(pp)) && aligned16(op)
+                ? 1
+                : 0;
+  int nc = int(Nc), g = int(G), l = int(L), d = int(D), st = int(stride);
+  void* args[] = {&xp, &xb, &xs, &xg, &pp, &op, &nc, &g, &l, &d, &st, &rows, &vec};
+  launch(tab, tab->blocks[fp32(x)], "nsa_cmp_blocks", vec ? rows * (D / per) : rows * D,
+         x.device(), args);
+  return out;
+}
+
+struct CmpBlocksFused : public torch::autograd::Function<CmpBlocksFused> {
+  // has_pos = 0: pos is an empty placeholder (autograd's inputs must be defined tensors).
+  static Tensor forward(AutogradContext* ctx, Tensor x, Tensor pos, int64_t has_pos, int64_t L,
+                        int64_t stride, int64_t table) {
+    ctx->saved_data["table"] = table;
+    ctx->saved_data["L"] = L;
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["S"] = x.size(1);
+    ctx->saved_data["has_pos"] = has_pos;
+    return cmp_blocks(table_of(table), x, has_pos != 0 ? pos : Tensor(), L, stride);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto* tab = table_of(ctx->saved_data["table"].toInt());
+    const int64_t L = ctx->saved_data["L"].toInt(), stride = ctx->saved_data["stride"].toInt();
+    const int64_t S = ctx->saved_data["S"].toInt();
+    auto dout = grads[0];
+    const int64_t B = dout.size(0), Nc = dout.size(1), G = dout.size(2), D = dout.size(3) / L;
+    auto blocks = dout.contiguous().view({B, Nc, G, L, D});
+    auto dx = at::empty({B, S, G, D}, blocks.options());
+    const int per = 16 / int(blocks.element_size());
+    const void* dp = blocks.data_ptr();
+    void* xp = dx.data_ptr();
+    long long rows = B * S * G;
+    int vec = D % per == 0 && aligned16(dp) && aligned16(xp) ? 1 : 0;
+    int s = int(S), nc = int(Nc), g = int(G), l = int(L), d = int(D), st = int(stride);
+    void* args[] = {&dp, &xp, &s, &nc, &g, &l, &d, &st, &rows, &vec};
+    launch(tab, tab->blocks_bwd[fp32(blocks)], "nsa_cmp_blocks_bwd",
+           vec ? rows * (D / per) : rows * D, blocks.device(), args);
+    Tensor dpos;
+    // [G, L, D] summed over batch and blocks, laid out as pos [L, G, D].
+    if (ctx->saved_data["has_pos"].toInt() != 0) {
+      dpos = blocks.sum(at::IntArrayRef{0, 1}).permute({1, 0, 2});
+    }
+    return {dx, dpos, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -207,6 +302,38 @@ at::Tensor* nsa_fused_gate_mix(const at::Tensor* oc, const at::Tensor* os, const
                 "fused gate mix: dv out of range");
     auto out = GateMixFused::apply(rows_readable(*oc), rows_readable(*os), rows_readable(*ow),
                                    *g, reinterpret_cast<int64_t>(table));
+    return new at::Tensor(std::move(out));
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+// The blocks φ compresses (see CmpBlocksFused; shapes and dtypes checked by the Rust caller,
+// repeated here): a new at::Tensor* (ownership to the caller), or nullptr with a message in err.
+// pos may be null (no position embedding).
+at::Tensor* nsa_fused_cmp_blocks(const at::Tensor* x, const at::Tensor* pos, int64_t L,
+                                 int64_t stride, const NsaPointwiseTable* table, char* err,
+                                 size_t err_len) {
+  try {
+    TORCH_CHECK(table != nullptr, "fused cmp blocks: no kernel table");
+    TORCH_CHECK(x->is_cuda() && x->dim() == 4 && x->stride(3) == 1,
+                "fused cmp blocks: x must be a CUDA [B, S, G, D] tensor, last axis contiguous");
+    auto dt = x->scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "fused cmp blocks: bf16 or fp32 only");
+    TORCH_CHECK(L >= 1 && stride >= 1 && x->size(1) >= L,
+                "fused cmp blocks: need 1 <= L <= S and stride >= 1");
+    Tensor p = at::empty({0}, x->options());
+    if (pos != nullptr) {
+      TORCH_CHECK(pos->scalar_type() == dt && pos->device() == x->device() &&
+                      pos->dim() == 3 && pos->size(0) == L && pos->size(1) == x->size(2) &&
+                      pos->size(2) == x->size(3),
+                  "fused cmp blocks: pos must be [L, G, D] in x's dtype on x's device");
+      p = pos->contiguous();
+    }
+    int64_t has_pos = pos != nullptr ? 1 : 0;
+    auto out =
+        CmpBlocksFused::apply(*x, p, has_pos, L, stride, reinterpret_cast<int64_t>(table));
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);

@@ -11,21 +11,47 @@
 //   same angle, which is the transpose of the rotation, so the backward is the same kernel on
 //   the output gradient. x may be a strided view (strides xb, xs, xh in elements; the last axis
 //   contiguous): a slice of a stacked projection is read in place. y is contiguous
-//   [B, S, X, dk]; cos and sin are fp32 [S, dk/2]. One thread per (row, pair): a warp reads 32
-//   consecutive pairs' two halves, so every load and store is coalesced. No shared memory;
-//   the kernel is bound by DRAM bandwidth (2 reads + 2 writes of the element size per pair,
-//   plus the tables, which stay in L2).
+//   [B, S, X, dk]; cos and sin are fp32 [S, dk/2]. With vec (dk/2 a multiple of 8, x's strides
+//   multiples of 8 elements, every pointer 16-byte aligned: the host checks) a thread takes 8
+//   consecutive pairs of a row: one 16-byte load per half for bf16 (two for fp32), two
+//   16-byte loads of each table, one index computation for the 8; otherwise one pair per
+//   thread, where the 64-bit index arithmetic costs more than the memory traffic (round 12
+//   measured the one-pair kernel at about a third of DRAM bandwidth). A warp covers
+//   consecutive pieces of a row, so loads and stores are coalesced either way. No shared
+//   memory; bound by DRAM bandwidth (2 reads + 2 writes of the element size per pair, plus
+//   the tables, which stay in L2).
+//
+// nsa_cmp_blocks_{bf16, f32} and nsa_cmp_blocks_bwd_{bf16, f32}: the input of the compressed
+//   branch's φ (nsa-attn's phi.rs, Eq. 7): the overlapping blocks of raw keys or values
+//   x [B, S, G, D] (type T, strides xb, xs, xg in elements, the last axis contiguous: a
+//   slice of the stacked projection is read in place) plus the intra-block position
+//   embedding pos [L, G, D] (T, contiguous; or none), laid out per head as φ's linear maps
+//   read them:
+//     out[b, i, g, p, :] = x[b, i * stride + p, g, :] + pos[p, g, :]   (out [B, Nc, G, L, D])
+//   for i < Nc, p < L, the sum in fp32 rounded once (libtorch's add of the two T tensors).
+//   libtorch runs this as unfold (a view), an add that writes [B, Nc, L, G, D] and a copy
+//   into φ's [B, Nc, G, L·D] layout.
+//   Backward for dout [B, Nc, G, L, D] (T, contiguous): each token gathers what the blocks
+//   covering it received, dx[b, s, g, :] = sum over i with i * stride <= s < i * stride + L
+//   (ascending i) of dout[b, i, g, s - i * stride, :], in fp32, rounded once; tokens no
+//   block covers get 0. A gather, not a scatter: no atomics, deterministic (libtorch's
+//   unfold_backward writes the same sums through a zero-filled tensor). pos's gradient is a
+//   libtorch sum over (b, i) in the glue.
+//   Both: 16 bytes of D a thread (8 bf16, 4 fp32) with vec (D and every stride a multiple of
+//   the vector, pointers 16-byte aligned: the host checks), one element otherwise.
 //
 // nsa_gate_mix_{bf16, f32} and nsa_gate_mix_bwd_{bf16, f32}: the gated sum of the three
 //   branches (Eq. 5), o[r, :] = g[r, 0] * oc[r, :] + g[r, 1] * os[r, :] + g[r, 2] * ow[r, :]
 //   for rows r = (b, s, h) of oc, os, ow, o [R, dv] and gates g [R, 3] (cmp, slc, win), one
 //   type T. o and g are contiguous; row r of oc, os, ow starts at r * rc, r * rs, r * rw
 //   (row strides >= dv: the window branch's output arrives as a narrowed view of a wider one,
-//   read in place rather than copied). Forward: one thread per element, fp32 arithmetic in
-//   that order.
+//   read in place rather than copied). Forward: fp32 arithmetic in that order, each thread 16
+//   bytes of a row (8 bf16, 4 fp32) with vec (dv and the row strides multiples of the vector,
+//   pointers 16-byte aligned: the host checks), one element otherwise.
 //   Backward for dout [R, dv]: doc = g0 * dout, dos = g1 * dout, dow = g2 * dout (T), and
-//   dg [R, 3] (T) = the row sums over dv of oc * dout, os * dout, ow * dout in fp32, one warp
-//   per row, lanes striding over dv and a fixed butterfly: deterministic.
+//   dg [R, 3] (T) = the row sums over dv of oc * dout, os * dout, ow * dout in fp32, a fixed
+//   butterfly over the row's lanes: deterministic. With vec, 8 lanes per row (a warp takes 4
+//   rows) and 16 bytes a lane; otherwise one warp per row, lanes striding over dv.
 //
 // nsa_ce_rows_{bf16, f32}: the cross-entropy of each row of the logits z [R, V] (contiguous,
 //   type T) against target[r] (int64; a row whose target equals `ignore` is not scored), and
@@ -80,42 +106,276 @@
 
 namespace nsa {
 
+// 8 consecutive elements of type T from (16-byte aligned) p, as floats.
+__device__ __forceinline__ void load8(const __nv_bfloat16* __restrict__ p, float* f) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&u);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) f[k] = __bfloat162float(e[k]);
+}
+__device__ __forceinline__ void load8(const float* __restrict__ p, float* f) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *reinterpret_cast<const float4*>(p + 4);
+  f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+// 8 floats rounded to T, stored at (16-byte aligned) p.
+__device__ __forceinline__ void store8(__nv_bfloat16* __restrict__ p, const float* f) {
+  uint4 u;
+  __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&u);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) e[k] = __float2bfloat16(f[k]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+__device__ __forceinline__ void store8(float* __restrict__ p, const float* f) {
+  *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
+  *reinterpret_cast<float4*>(p + 4) = make_float4(f[4], f[5], f[6], f[7]);
+}
+
 template <typename In, typename Out>
 __device__ __forceinline__ void rope(const In* __restrict__ x, long long xb, long long xs,
                                      long long xh, const float* __restrict__ cos_t,
                                      const float* __restrict__ sin_t, float sign,
                                      Out* __restrict__ y, int S, int X, int half,
-                                     long long pairs) {
+                                     long long pairs, int vec) {
+  const int per = vec ? 8 : 1;  // pairs a thread takes at once
+  const int pieces_per_row = half / per;
+  const long long pieces = pairs / per;
   const long long stride = (long long)gridDim.x * blockDim.x;
-  for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += stride) {
-    const int i = (int)(p % half);
-    const long long row = p / half;
+  for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < pieces; p += stride) {
+    const long long row = p / pieces_per_row;
+    const int i = (int)(p - row * pieces_per_row) * per;
     const int h = (int)(row % X);
     const long long bs = row / X;
     const int s = (int)(bs % S);
     const long long b = bs / S;
     const In* xr = x + b * xb + (long long)s * xs + (long long)h * xh;
-    const float x1 = to_f(xr[i]), x2 = to_f(xr[i + half]);
-    const float c = cos_t[(long long)s * half + i];
-    const float sn = sign * sin_t[(long long)s * half + i];
+    const float* cr = cos_t + (long long)s * half + i;
+    const float* sr = sin_t + (long long)s * half + i;
     Out* yr = y + row * 2 * half;
-    yr[i] = from_f<Out>(x1 * c - x2 * sn);
-    yr[i + half] = from_f<Out>(x2 * c + x1 * sn);
+    if (vec) {
+      float x1[8], x2[8], c[8], sn[8], y1[8], y2[8];
+      load8(xr + i, x1);
+      load8(xr + i + half, x2);
+      load8(cr, c);
+      load8(sr, sn);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float sk = sign * sn[k];
+        y1[k] = x1[k] * c[k] - x2[k] * sk;
+        y2[k] = x2[k] * c[k] + x1[k] * sk;
+      }
+      store8(yr + i, y1);
+      store8(yr + i + half, y2);
+    } else {
+      const float x1 = to_f(xr[i]), x2 = to_f(xr[i + half]);
+      const float c = cr[0];
+      const float sn = sign * sr[0];
+      yr[i] = from_f<Out>(x1 * c - x2 * sn);
+      yr[i + half] = from_f<Out>(x2 * c + x1 * sn);
+    }
   }
+}
+
+// Calls f(r, j) for each thread's pieces of rows x H: 16 bytes of type T (j a multiple of
+// 16 / sizeof(T)) when vec, one element otherwise; grid-stride.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_piece(int H, long long rows, int vec, F f) {
+  const int per = vec ? 16 / (int)sizeof(T) : 1;
+  const long long chunks = rows * (H / per);
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += stride) {
+    const long long r = c / (H / per);
+    f(r, (int)(c - r * (H / per)) * per);
+  }
+}
+
+// Adds W floats from T's at p (vectorised when W > 1: 16 bytes) into acc.
+template <int W, typename T>
+__device__ __forceinline__ void add_piece(const T* __restrict__ p, float* acc) {
+  if (W == 1) {
+    acc[0] += to_f(p[0]);
+  } else {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc[k] += to_f(e[k]);
+  }
+}
+
+// Stores W floats rounded to T at p (16 bytes when W > 1).
+template <int W, typename T>
+__device__ __forceinline__ void store_piece(T* __restrict__ p, const float* acc) {
+  if (W == 1) {
+    p[0] = from_f<T>(acc[0]);
+  } else {
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int k = 0; k < W; ++k) e[k] = from_f<T>(acc[k]);
+    *reinterpret_cast<uint4*>(p) = u;
+  }
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void cmp_blocks_body(const T* __restrict__ x, long long xb,
+                                                long long xs, long long xg,
+                                                const T* __restrict__ pos, T* __restrict__ out,
+                                                int Nc, int G, int L, int D, int stride,
+                                                long long rows) {
+  for_each_piece<T>(D, rows, W > 1, [&](long long r, int j) {
+    // r = ((b * Nc + i) * G + g) * L + p
+    const int p = (int)(r % L);
+    const long long big = r / L;
+    const int g = (int)(big % G);
+    const long long bi = big / G;
+    const int i = (int)(bi % Nc);
+    const long long b = bi / Nc;
+    float acc[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc[k] = 0.f;
+    add_piece<W>(x + b * xb + ((long long)i * stride + p) * xs + (long long)g * xg + j, acc);
+    if (pos != nullptr) add_piece<W>(pos + ((long long)p * G + g) * D + j, acc);
+    store_piece<W>(out + r * D + j, acc);
+  });
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void cmp_blocks_bwd_body(const T* __restrict__ dout,
+                                                    T* __restrict__ dx, int S, int Nc, int G,
+                                                    int L, int D, int stride, long long rows) {
+  for_each_piece<T>(D, rows, W > 1, [&](long long r, int j) {
+    // r = (b * S + s) * G + g
+    const int g = (int)(r % G);
+    const long long bs = r / G;
+    const int s = (int)(bs % S);
+    const long long b = bs / S;
+    // Blocks i with i * stride <= s < i * stride + L, i < Nc.
+    const int lo = s < L ? 0 : (s - L) / stride + 1;
+    const int hi = min(Nc - 1, s / stride);
+    float acc[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc[k] = 0.f;
+    for (int i = lo; i <= hi; ++i) {
+      const int p = s - i * stride;
+      add_piece<W>(dout + ((((b * Nc + i) * G + g) * L + p) * (long long)D) + j, acc);
+    }
+    store_piece<W>(dx + r * D + j, acc);
+  });
+}
+
+template <typename T>
+__device__ __forceinline__ void cmp_blocks(const T* __restrict__ x, long long xb, long long xs,
+                                           long long xg, const T* __restrict__ pos,
+                                           T* __restrict__ out, int Nc, int G, int L, int D,
+                                           int stride, long long rows, int vec) {
+  constexpr int W = 16 / sizeof(T);
+  if (vec) {
+    cmp_blocks_body<W, T>(x, xb, xs, xg, pos, out, Nc, G, L, D, stride, rows);
+  } else {
+    cmp_blocks_body<1, T>(x, xb, xs, xg, pos, out, Nc, G, L, D, stride, rows);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void cmp_blocks_bwd(const T* __restrict__ dout, T* __restrict__ dx,
+                                               int S, int Nc, int G, int L, int D, int stride,
+                                               long long rows, int vec) {
+  constexpr int W = 16 / sizeof(T);
+  if (vec) {
+    cmp_blocks_bwd_body<W, T>(dout, dx, S, Nc, G, L, D, stride, rows);
+  } else {
+    cmp_blocks_bwd_body<1, T>(dout, dx, S, Nc, G, L, D, stride, rows);
+  }
+}
+
+// W elements of type T at p as floats (16 bytes when W > 1).
+template <int W, typename T>
+__device__ __forceinline__ void load_piece(const T* __restrict__ p, float* f) {
+#pragma unroll
+  for (int k = 0; k < W; ++k) f[k] = 0.f;
+  add_piece<W>(p, f);
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void gate_mix_body(const T* __restrict__ oc, const T* __restrict__ os,
+                                              const T* __restrict__ ow, const T* __restrict__ g,
+                                              T* __restrict__ o, int dv, long long rows,
+                                              long long rc, long long rs, long long rw) {
+  for_each_piece<T>(dv, rows, W > 1, [&](long long r, int d) {
+    const float g0 = to_f(g[3 * r]), g1 = to_f(g[3 * r + 1]), g2 = to_f(g[3 * r + 2]);
+    float c[W], sl[W], w[W];
+    load_piece<W>(oc + r * rc + d, c);
+    load_piece<W>(os + r * rs + d, sl);
+    load_piece<W>(ow + r * rw + d, w);
+#pragma unroll
+    for (int k = 0; k < W; ++k) c[k] = g0 * c[k] + g1 * sl[k] + g2 * w[k];
+    store_piece<W>(o + r * dv + d, c);
+  });
 }
 
 template <typename T>
 __device__ __forceinline__ void gate_mix(const T* __restrict__ oc, const T* __restrict__ os,
                                          const T* __restrict__ ow, const T* __restrict__ g,
-                                         T* __restrict__ o, int dv, long long n,
-                                         long long rc, long long rs, long long rw) {
-  const long long stride = (long long)gridDim.x * blockDim.x;
-  for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
-    const long long r = e / dv, d = e - r * dv;
-    const float v = to_f(g[3 * r]) * to_f(oc[r * rc + d]) +
-                    to_f(g[3 * r + 1]) * to_f(os[r * rs + d]) +
-                    to_f(g[3 * r + 2]) * to_f(ow[r * rw + d]);
-    o[e] = from_f<T>(v);
+                                         T* __restrict__ o, int dv, long long rows,
+                                         long long rc, long long rs, long long rw, int vec) {
+  if (vec) {
+    gate_mix_body<16 / sizeof(T), T>(oc, os, ow, g, o, dv, rows, rc, rs, rw);
+  } else {
+    gate_mix_body<1, T>(oc, os, ow, g, o, dv, rows, rc, rs, rw);
+  }
+}
+
+// The backward with LANES lanes per row (a warp takes 32 / LANES rows at once), each lane W
+// consecutive elements at a time, the row sums a butterfly over the row's lanes.
+template <int W, int LANES, typename T>
+__device__ __forceinline__ void gate_mix_bwd_body(
+    const T* __restrict__ oc, const T* __restrict__ os, const T* __restrict__ ow,
+    const T* __restrict__ g, const T* __restrict__ dout, T* __restrict__ doc,
+    T* __restrict__ dos, T* __restrict__ dow, T* __restrict__ dg, int dv, long long rows,
+    long long rc, long long rs, long long rw) {
+  constexpr int ROWS = 32 / LANES;
+  const int lane = threadIdx.x & 31, sub = lane % LANES;
+  const long long warps = (long long)gridDim.x * (blockDim.x / 32);
+  // The loop bound is the same for the whole warp, so every lane reaches the shuffles.
+  for (long long r0 = ((long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * ROWS;
+       r0 < rows; r0 += warps * ROWS) {
+    const long long r = r0 + lane / LANES;
+    const bool live = r < rows;
+    float sc = 0.f, ss = 0.f, sw = 0.f;
+    if (live) {
+      const float g0 = to_f(g[3 * r]), g1 = to_f(g[3 * r + 1]), g2 = to_f(g[3 * r + 2]);
+      for (int d = sub * W; d < dv; d += LANES * W) {
+        const long long e = r * dv + d;
+        float go[W], c[W], sl[W], w[W];
+        load_piece<W>(dout + e, go);
+        load_piece<W>(oc + r * rc + d, c);
+        load_piece<W>(os + r * rs + d, sl);
+        load_piece<W>(ow + r * rw + d, w);
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          sc += c[k] * go[k];
+          ss += sl[k] * go[k];
+          sw += w[k] * go[k];
+          c[k] = g0 * go[k];
+          sl[k] = g1 * go[k];
+          w[k] = g2 * go[k];
+        }
+        store_piece<W>(doc + e, c);
+        store_piece<W>(dos + e, sl);
+        store_piece<W>(dow + e, w);
+      }
+    }
+#pragma unroll
+    for (int off = LANES / 2; off > 0; off >>= 1) {
+      sc += __shfl_xor_sync(0xffffffffu, sc, off);
+      ss += __shfl_xor_sync(0xffffffffu, ss, off);
+      sw += __shfl_xor_sync(0xffffffffu, sw, off);
+    }
+    if (live && sub == 0) {
+      dg[3 * r] = from_f<T>(sc);
+      dg[3 * r + 1] = from_f<T>(ss);
+      dg[3 * r + 2] = from_f<T>(sw);
+    }
   }
 }
 
@@ -125,31 +385,12 @@ __device__ __forceinline__ void gate_mix_bwd(const T* __restrict__ oc, const T* 
                                              const T* __restrict__ dout, T* __restrict__ doc,
                                              T* __restrict__ dos, T* __restrict__ dow,
                                              T* __restrict__ dg, int dv, long long rows,
-                                             long long rc, long long rs, long long rw) {
-  const int lane = threadIdx.x & 31;
-  const long long warps = (long long)gridDim.x * (blockDim.x / 32);
-  for (long long r = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows;
-       r += warps) {
-    const float g0 = to_f(g[3 * r]), g1 = to_f(g[3 * r + 1]), g2 = to_f(g[3 * r + 2]);
-    float sc = 0.f, ss = 0.f, sw = 0.f;
-    for (int d = lane; d < dv; d += 32) {
-      const long long e = r * dv + d;
-      const float go = to_f(dout[e]);
-      sc += to_f(oc[r * rc + d]) * go;
-      ss += to_f(os[r * rs + d]) * go;
-      sw += to_f(ow[r * rw + d]) * go;
-      doc[e] = from_f<T>(g0 * go);
-      dos[e] = from_f<T>(g1 * go);
-      dow[e] = from_f<T>(g2 * go);
-    }
-    sc = warp_sum(sc);
-    ss = warp_sum(ss);
-    sw = warp_sum(sw);
-    if (lane == 0) {
-      dg[3 * r] = from_f<T>(sc);
-      dg[3 * r + 1] = from_f<T>(ss);
-      dg[3 * r + 2] = from_f<T>(sw);
-    }
+                                             long long rc, long long rs, long long rw, int vec) {
+  if (vec) {
+    gate_mix_bwd_body<16 / sizeof(T), 8, T>(oc, os, ow, g, dout, doc, dos, dow, dg, dv, rows, rc,
+                                            rs, rw);
+  } else {
+    gate_mix_bwd_body<1, 32, T>(oc, os, ow, g, dout, doc, dos, dow, dg, dv, rows, rc, rs, rw);
   }
 }
 
@@ -319,18 +560,6 @@ __device__ __forceinline__ void rms_norm_bwd(const In* __restrict__ x,
 
 __device__ __forceinline__ float sigmoid_f(float a) { return 1.f / (1.f + expf(-a)); }
 
-// Calls f(r, j) for each thread's pieces of rows x H: 16 bytes of type T (j a multiple of
-// 16 / sizeof(T)) when vec, one element otherwise; grid-stride.
-template <typename T, typename F>
-__device__ __forceinline__ void for_each_piece(int H, long long rows, int vec, F f) {
-  const int per = vec ? 16 / (int)sizeof(T) : 1;
-  const long long chunks = rows * (H / per);
-  const long long stride = (long long)gridDim.x * blockDim.x;
-  for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += stride) {
-    const long long r = c / (H / per);
-    f(r, (int)(c - r * (H / per)) * per);
-  }
-}
 
 template <typename T>
 __device__ __forceinline__ void swiglu(const T* __restrict__ ab, T* __restrict__ o, int H,
@@ -439,8 +668,9 @@ NSA_CE_ROWS(f32, float)
 #define NSA_ROPE(NAME, IN, OUT)                                                                \
   extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS)                          \
       NAME(const IN* x, long long xb, long long xs, long long xh, const float* cos_t,          \
-           const float* sin_t, float sign, OUT* y, int S, int X, int half, long long pairs) {  \
-    nsa::rope<IN, OUT>(x, xb, xs, xh, cos_t, sin_t, sign, y, S, X, half, pairs);             \
+           const float* sin_t, float sign, OUT* y, int S, int X, int half, long long pairs,     \
+           int vec) {                                                                          \
+    nsa::rope<IN, OUT>(x, xb, xs, xh, cos_t, sin_t, sign, y, S, X, half, pairs, vec);        \
   }
 NSA_ROPE(nsa_rope_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 NSA_ROPE(nsa_rope_f32_f32, float, float)
@@ -449,15 +679,30 @@ NSA_ROPE(nsa_rope_bf16_f32, __nv_bfloat16, float)
 
 #define NSA_GATE_MIX(SUFFIX, T)                                                                 \
   extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS) nsa_gate_mix_##SUFFIX(   \
-      const T* oc, const T* os, const T* ow, const T* g, T* o, int dv, long long n,             \
-      long long rc, long long rs, long long rw) {                                               \
-    nsa::gate_mix<T>(oc, os, ow, g, o, dv, n, rc, rs, rw);                                      \
+      const T* oc, const T* os, const T* ow, const T* g, T* o, int dv, long long rows,          \
+      long long rc, long long rs, long long rw, int vec) {                                      \
+    nsa::gate_mix<T>(oc, os, ow, g, o, dv, rows, rc, rs, rw, vec);                              \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS)                           \
       nsa_gate_mix_bwd_##SUFFIX(const T* oc, const T* os, const T* ow, const T* g,              \
                                 const T* dout, T* doc, T* dos, T* dow, T* dg, int dv,           \
-                                long long rows, long long rc, long long rs, long long rw) {     \
-    nsa::gate_mix_bwd<T>(oc, os, ow, g, dout, doc, dos, dow, dg, dv, rows, rc, rs, rw);         \
+                                long long rows, long long rc, long long rs, long long rw,       \
+                                int vec) {                                                      \
+    nsa::gate_mix_bwd<T>(oc, os, ow, g, dout, doc, dos, dow, dg, dv, rows, rc, rs, rw, vec);    \
   }
 NSA_GATE_MIX(bf16, __nv_bfloat16)
 NSA_GATE_MIX(f32, float)
+
+#define NSA_CMP_BLOCKS(SUFFIX, T)                                                              \
+  extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS) nsa_cmp_blocks_##SUFFIX( \
+      const T* x, long long xb, long long xs, long long xg, const T* pos, T* out, int Nc,      \
+      int G, int L, int D, int stride, long long rows, int vec) {                              \
+    nsa::cmp_blocks<T>(x, xb, xs, xg, pos, out, Nc, G, L, D, stride, rows, vec);               \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(NSA_POINTWISE_THREADS)                          \
+      nsa_cmp_blocks_bwd_##SUFFIX(const T* dout, T* dx, int S, int Nc, int G, int L, int D,    \
+                                  int stride, long long rows, int vec) {                       \
+    nsa::cmp_blocks_bwd<T>(dout, dx, S, Nc, G, L, D, stride, rows, vec);                       \
+  }
+NSA_CMP_BLOCKS(bf16, __nv_bfloat16)
+NSA_CMP_BLOCKS(f32, float)

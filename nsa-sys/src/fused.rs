@@ -45,8 +45,8 @@ pub use decode::{
     DECODE_MAX_DV, DECODE_MAX_GROUP, DECODE_MAX_TOP_N,
 };
 pub use pointwise::{
-    add_rms_norm, gate_mix, pointwise_kernels, rms_norm, rope, swiglu, PointwiseKernels,
-    RMS_NORM_MAX_DIM,
+    add_rms_norm, cmp_blocks, gate_mix, pointwise_kernels, rms_norm, rope, swiglu,
+    PointwiseKernels, RMS_NORM_MAX_DIM,
 };
 pub use selected_order::{
     SelectedDq, SelectedForward, DQ_KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MAX_GROUP,

@@ -1,5 +1,5 @@
-//! GPU check rows of the pointwise kernels (`nsa_sys::fused::{rope, gate_mix, rms_norm,
-//! swiglu}`, RoPE
+//! GPU check rows of the pointwise kernels (`nsa_sys::fused::{rope, gate_mix, cmp_blocks,
+//! rms_norm, swiglu}`, RoPE
 //! on the tables of [`Rope::with_kernel`], and the output head's loss
 //! `nsa_sys::loss::linear_cross_entropy`, whose chunks run `nsa_ce_rows` on CUDA) against libtorch's operators in float64, output and
 //! every gradient, on fresh random inputs, memory NaN-poisoned before each launch, run twice
@@ -12,7 +12,8 @@ use crate::rope::Rope;
 use nsa_sys::fused as sys;
 
 /// The rows: RoPE on slices of a stacked projection (strided rows) and on a contiguous tensor,
-/// the gated sum, the linear cross-entropy (vector and element loads, several chunks, ignored
+/// the gated sum, φ's input blocks (16-byte and element access, with and without the position
+/// embedding, tokens no block covers, a stride that does not divide the block), the linear cross-entropy (vector and element loads, several chunks, ignored
 /// rows), RMSNorm (row lengths below, off and at the warp multiple, and the largest) and SwiGLU
 /// (16-byte and element access), each in fp32 and bf16, RMSNorm also from fp32 under bf16
 /// autocast (the trainer's case), and the residual sum with its norm in one kernel.
@@ -52,6 +53,25 @@ pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
             );
             rows.push(
                 mix_case([b, s, h, dv], strided, kind, device)
+                    .map(|(e, det)| row(name.clone(), kind, e, det))
+                    .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
+            );
+        }
+        for c in BLOCK_CASES {
+            let name = format!(
+                "cmp blocks {} B={} S={} G={} D={} L={} stride={}{}{}",
+                kind_name(kind),
+                c.b,
+                c.s,
+                c.g,
+                c.d,
+                c.l,
+                c.stride,
+                if c.pos { " pos" } else { "" },
+                if c.before > 0 { " strided" } else { "" },
+            );
+            rows.push(
+                blocks_case(c, kind, device)
                     .map(|(e, det)| row(name.clone(), kind, e, det))
                     .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
             );
@@ -387,6 +407,120 @@ fn rope_case(c: RopeCase, kind: Kind, device: Device) -> Result<((f64, String), 
         reference_rope.apply(&slice(&t[0])?)
     })?;
     judge(&got, &again, &want, &["out", "dx"])
+}
+
+/// One case of φ's input blocks: raw `[b, s, g, d]` read as a slice of `[b, s, before + g·d]`
+/// (the stacked projection) when `before > 0`, blocks of `l` tokens every `stride`.
+#[derive(Debug, Clone, Copy)]
+struct BlocksCase {
+    b: i64,
+    s: i64,
+    g: i64,
+    d: i64,
+    l: i64,
+    stride: i64,
+    pos: bool,
+    before: i64,
+}
+
+/// The `125m` shape's blocks (l = 32, d = 16) on a slice of the projection, its last 4 tokens
+/// in no block (S = 100); D = 12 (element access in bf16, 16-byte in fp32) without a position
+/// embedding; a stride that does not divide L; a stride longer than L (tokens between
+/// blocks); the paper's dk = 192 at S = L.
+const BLOCK_CASES: [BlocksCase; 5] = [
+    BlocksCase {
+        b: 2,
+        s: 100,
+        g: 4,
+        d: 64,
+        l: 32,
+        stride: 16,
+        pos: true,
+        before: 96,
+    },
+    BlocksCase {
+        b: 1,
+        s: 45,
+        g: 2,
+        d: 12,
+        l: 8,
+        stride: 4,
+        pos: false,
+        before: 0,
+    },
+    BlocksCase {
+        b: 2,
+        s: 37,
+        g: 3,
+        d: 16,
+        l: 5,
+        stride: 3,
+        pos: true,
+        before: 8,
+    },
+    BlocksCase {
+        b: 1,
+        s: 50,
+        g: 1,
+        d: 8,
+        l: 4,
+        stride: 6,
+        pos: true,
+        before: 0,
+    },
+    BlocksCase {
+        b: 1,
+        s: 32,
+        g: 4,
+        d: 192,
+        l: 32,
+        stride: 16,
+        pos: true,
+        before: 0,
+    },
+];
+
+/// `cmp_blocks` against unfold, add and reshape (phi.rs's operator path) in float64; outputs:
+/// the blocks, dx, and dpos when there is a position embedding.
+fn blocks_case(
+    c: BlocksCase,
+    kind: Kind,
+    device: Device,
+) -> Result<((f64, String), bool), AttnError> {
+    let width = c.g * c.d;
+    let stacked =
+        Tensor::f_randn([c.b, c.s, c.before + width], (Kind::Float, device))?.f_to_kind(kind)?;
+    let mut inputs = vec![stacked];
+    if c.pos {
+        inputs.push(Tensor::f_randn([c.l, c.g, c.d], (Kind::Float, device))?.f_to_kind(kind)?);
+    }
+    let nc = (c.s - c.l) / c.stride + 1;
+    let dout = Tensor::f_randn([c.b, nc, c.g, c.l * c.d], (Kind::Float, device))?;
+    let raw = |t: &Tensor| -> Result<Tensor, AttnError> {
+        Ok(t.f_narrow(2, c.before, width)?
+            .f_view([c.b, c.s, c.g, c.d])?)
+    };
+    let fused = |t: &[Tensor]| -> Result<Tensor, AttnError> {
+        Ok(sys::cmp_blocks(&raw(&t[0])?, t.get(1), c.l, c.stride)?)
+    };
+    let reference = |t: &[Tensor]| -> Result<Tensor, AttnError> {
+        let blocks = raw(&t[0])?
+            .f_unfold(1, c.l, c.stride)?
+            .f_permute([0, 1, 4, 2, 3])?;
+        let blocks = match t.get(1) {
+            Some(pos) => blocks.f_add(pos)?,
+            None => blocks,
+        };
+        Ok(blocks
+            .f_permute([0, 1, 3, 2, 4])?
+            .f_reshape([c.b, nc, c.g, c.l * c.d])?)
+    };
+    let names: &[&'static str] = if c.pos {
+        &["blocks", "dx", "dpos"]
+    } else {
+        &["blocks", "dx"]
+    };
+    twice_against_f64(&inputs, &dout, fused, reference, names)
 }
 
 /// The gated sum on contiguous branch outputs, or (`strided`) on the layouts the layer hands

@@ -1,8 +1,9 @@
 //! Pointwise work around the attention kernels, one kernel pass each forward and backward:
 //! rotary position embedding ([`rope`]), the gated sum of the three branches ([`gate_mix`]),
-//! and the model's RMSNorm ([`rms_norm`]) and SwiGLU ([`swiglu`]). The kernels are `nsa-sys/kernels/pointwise.cu`; the
-//! autograd functions are in `glue/pointwise.cpp` and `glue/model_ops.cpp`; they run on libtorch's
-//! current CUDA stream.
+//! the blocks the compressed branch's φ reads ([`cmp_blocks`]), and the model's RMSNorm
+//! ([`rms_norm`]) and SwiGLU ([`swiglu`]). The kernels are `nsa-sys/kernels/pointwise.cu`; the
+//! autograd functions are in `glue/pointwise.cpp` and `glue/model_ops.cpp`; they run on
+//! libtorch's current CUDA stream.
 //!
 //! libtorch runs the same arithmetic as a chain of elementwise operators (RoPE: four
 //! multiplications, a subtraction, an addition and a concatenation, each writing a full
@@ -44,6 +45,10 @@ struct PointwiseTable {
     swiglu: [CuFunction; 2],
     /// bf16, fp32.
     swiglu_bwd: [CuFunction; 2],
+    /// bf16, fp32 (φ's input blocks: [`cmp_blocks`]).
+    blocks: [CuFunction; 2],
+    /// bf16, fp32.
+    blocks_bwd: [CuFunction; 2],
     sm_count: i32,
 }
 
@@ -129,6 +134,11 @@ fn load(device: usize, opts: &FusedOptions) -> Result<PointwiseKernels, FusedErr
             ],
             swiglu: [func("nsa_swiglu_bf16")?, func("nsa_swiglu_f32")?],
             swiglu_bwd: [func("nsa_swiglu_bwd_bf16")?, func("nsa_swiglu_bwd_f32")?],
+            blocks: [func("nsa_cmp_blocks_bf16")?, func("nsa_cmp_blocks_f32")?],
+            blocks_bwd: [
+                func("nsa_cmp_blocks_bwd_bf16")?,
+                func("nsa_cmp_blocks_bwd_f32")?,
+            ],
             sm_count: setup.sm_count,
         },
     })
@@ -156,6 +166,15 @@ extern "C" {
     ) -> *mut C_tensor;
     fn nsa_fused_swiglu(
         ab: *const C_tensor,
+        table: *const PointwiseTable,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn nsa_fused_cmp_blocks(
+        x: *const C_tensor,
+        pos: *const C_tensor,
+        block_len: i64,
+        stride: i64,
         table: *const PointwiseTable,
         err: *mut c_char,
         err_len: usize,
@@ -291,6 +310,85 @@ pub fn gate_mix(oc: &Tensor, os: &Tensor, ow: &Tensor, g: &Tensor) -> Result<Ten
         )
     };
     finish("nsa_fused_gate_mix", ptr, &err)
+}
+
+/// The overlapping blocks the compressed branch's φ reads (Eq. 7), in φ's layout: for raw keys
+/// or values `x` `[B, S, G, D]` (bf16 or fp32, on CUDA; any strides with the last axis
+/// contiguous, so a slice of the stacked projection is read in place) and the position
+/// embedding `pos` `[L, G, D]` (x's dtype; `None` for none), block `i` of head `g` is
+/// `x[b, i·stride + p, g, :] + pos[p, g, :]` for `p < L`, returned contiguous as
+/// `[B, Nc, G, L·D]` (position-major), `Nc = (S − L)/stride + 1`; each sum in fp32, rounded
+/// once. One kernel forward; one backward for `x`'s gradient (each token sums what the blocks
+/// covering it received, in ascending block order: deterministic, no atomics) and libtorch's
+/// sum over batch and blocks for `pos`'s. Needs `1 ≤ L ≤ S` and `stride ≥ 1`. libtorch's
+/// operators take an unfold view, an add and a copy forward, and unfold's backward through
+/// a zero-filled tensor.
+pub fn cmp_blocks(
+    x: &Tensor,
+    pos: Option<&Tensor>,
+    block_len: i64,
+    stride: i64,
+) -> Result<Tensor, FusedError> {
+    let size = x.size();
+    let &[_, s, g, d] = size.as_slice() else {
+        return Err(input("x", format!("must be [B, S, G, D], got {size:?}")));
+    };
+    if !matches!(x.kind(), Kind::BFloat16 | Kind::Float) {
+        return Err(input("x", format!("bf16 or fp32, got {:?}", x.kind())));
+    }
+    if x.stride()[3] != 1 {
+        return Err(input(
+            "x",
+            format!("the last axis must be contiguous, strides {:?}", x.stride()),
+        ));
+    }
+    if block_len < 1 || stride < 1 || block_len > s {
+        return Err(input(
+            "block_len",
+            format!(
+                "need 1 <= L <= S = {s} and stride >= 1, got L = {block_len}, stride = {stride}"
+            ),
+        ));
+    }
+    let nc = (s - block_len) / stride + 1;
+    let fits = |v: i64| i32::try_from(v).is_ok();
+    if !(fits(s) && fits(g) && fits(d) && fits(nc) && fits(block_len) && fits(stride)) {
+        return Err(input(
+            "x",
+            format!("S, G, D and L must fit i32, got {size:?}"),
+        ));
+    }
+    if let Some(pos) = pos {
+        if pos.size() != [block_len, g, d] || pos.kind() != x.kind() || pos.device() != x.device() {
+            return Err(input(
+                "pos",
+                format!(
+                    "{:?} [{block_len}, {g}, {d}] on {:?}, got {:?} {:?} on {:?}",
+                    x.kind(),
+                    x.device(),
+                    pos.kind(),
+                    pos.size(),
+                    pos.device()
+                ),
+            ));
+        }
+    }
+    let ordinal = cuda_ordinal("x", x)?;
+    let tab = &pointwise_kernels(ordinal)?.table;
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: as in `rope`; a null `pos` means none, which the glue checks for.
+    let ptr = unsafe {
+        nsa_fused_cmp_blocks(
+            x.as_ptr(),
+            pos.map_or(std::ptr::null(), |p| p.as_ptr()),
+            block_len,
+            stride,
+            tab,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    finish("nsa_fused_cmp_blocks", ptr, &err)
 }
 
 /// The largest row length [`rms_norm`] takes (its backward keeps a `[warps][D]` fp32 slice of
@@ -558,6 +656,44 @@ mod tests {
             (swiglu(&Tensor::from(1.0f32)), "ab: must be [..., 2H]"),
             (swiglu(&x.to_kind(Kind::Int64)), "ab: bf16 or fp32"),
             (swiglu(&x), "ab: on Cpu: CUDA tensors only"),
+        ];
+        for (got, want) in cases {
+            let msg = reason(got.expect_err(want));
+            assert!(msg.contains(want), "{msg:?} lacks {want:?}");
+        }
+        let raw = Tensor::zeros([2, 40, 3, 8], f);
+        let pos = Tensor::zeros([32, 3, 8], f);
+        let cases = [
+            (
+                cmp_blocks(&raw.view([80, 3, 8]), Some(&pos), 32, 16),
+                "x: must be [B, S, G, D]",
+            ),
+            (
+                cmp_blocks(&raw.to_kind(Kind::Half), None, 32, 16),
+                "x: bf16 or fp32",
+            ),
+            (
+                cmp_blocks(&raw.transpose(2, 3), None, 32, 16),
+                "the last axis must be contiguous",
+            ),
+            (
+                cmp_blocks(&raw, None, 41, 16),
+                "need 1 <= L <= S = 40 and stride >= 1, got L = 41",
+            ),
+            (cmp_blocks(&raw, None, 32, 0), "stride >= 1"),
+            (cmp_blocks(&raw, None, 0, 16), "need 1 <= L"),
+            (
+                cmp_blocks(&raw, Some(&pos.narrow(0, 0, 16)), 32, 16),
+                "pos: Float [32, 3, 8] on Cpu, got Float [16, 3, 8]",
+            ),
+            (
+                cmp_blocks(&raw, Some(&pos.to_kind(Kind::BFloat16)), 32, 16),
+                "pos: Float [32, 3, 8] on Cpu, got BFloat16",
+            ),
+            (
+                cmp_blocks(&raw, Some(&pos), 32, 16),
+                "x: on Cpu: CUDA tensors only",
+            ),
         ];
         for (got, want) in cases {
             let msg = reason(got.expect_err(want));
