@@ -385,8 +385,9 @@ __device__ void slc_fwd_warp(const __nv_bfloat16* __restrict__ q,
 // A lane reads 8 consecutive values of a partial (one 16-byte load): dv / 8 lanes cover one
 // partial, so a warp reads 32 / (dv / 8) partials at once (dv 64: 4, 128: 2, 192: 1, lanes
 // 24..31 idle), lane group j taking partials j, j + groups, ...; the groups' sums are then
-// added by a fixed butterfly. The order depends on dv only: deterministic. Needs dv % 8 == 0
-// and dv <= 256 (the tensor-core head sizes the key-outer forward runs at).
+// added by a fixed butterfly. The maximum and the sum of the weights are butterflies over
+// lanes holding one partial's lse each. The order depends on dv and P only: deterministic.
+// Needs dv % 8 == 0 and dv <= 256 (the tensor-core head sizes the key-outer forward runs at).
 __device__ void slc_fwd_combine(const __nv_bfloat16* __restrict__ part_o,
                                 const float* __restrict__ part_lse,
                                 __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
@@ -397,8 +398,14 @@ __device__ void slc_fwd_combine(const __nv_bfloat16* __restrict__ part_o,
   const int H = Hkv * hpg, h = (int)(row % H);
   const long long bt = row / H;
   const long long base = ((bt * Hkv + h / hpg) * P) * hpg + h % hpg;  // partial i: base + i hpg
-  float m = -INFINITY;
-  for (int i = 0; i < P; ++i) m = fmaxf(m, part_lse[base + (long long)i * hpg]);
+  // Lane i holds partial i's lse (and, below, its weight) for the first 32 partials; more
+  // (P > 32: n * chunks of a long l') are read in a loop. One load per partial, issued by all
+  // lanes at once, instead of every lane walking all P serially.
+  const float own = lane < P ? part_lse[base + (long long)lane * hpg] : -INFINITY;
+  float m = own;
+  for (int i = 32 + lane; i < P; i += 32) m = fmaxf(m, part_lse[base + (long long)i * hpg]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
   const int per_part = dv / 8, groups = 32 / per_part;
   const int group = lane / per_part, col = (lane % per_part) * 8;
   const bool active = group < groups;
@@ -407,28 +414,41 @@ __device__ void slc_fwd_combine(const __nv_bfloat16* __restrict__ part_o,
     if (lane == 0) lse[row] = INFINITY;
     return;
   }
-  float sum = 0.f;
-  for (int i = 0; i < P; ++i) {
+  const float own_w = own == -INFINITY ? 0.f : __expf(own - m);
+  float sum = own_w;
+  for (int i = 32 + lane; i < P; i += 32) {
     const float li = part_lse[base + (long long)i * hpg];
     if (li != -INFINITY) sum += __expf(li - m);
   }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   float acc[8];
 #pragma unroll
   for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-  if (active) {
-    for (int i = group; i < P; i += groups) {
-      const float li = part_lse[base + (long long)i * hpg];
-      if (li == -INFINITY) continue;
-      const float w = __expf(li - m);
-      const uint4 raw =
-          *reinterpret_cast<const uint4*>(part_o + (base + (long long)i * hpg) * dv + col);
-      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  // acc += w * this lane's 8 values of partial i.
+  auto add_partial = [&](int i, float w) {
+    const uint4 raw =
+        *reinterpret_cast<const uint4*>(part_o + (base + (long long)i * hpg) * dv + col);
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 f = __bfloat1622float2(pairs[e]);
-        acc[2 * e] += w * f.x;
-        acc[2 * e + 1] += w * f.y;
-      }
+    for (int e = 0; e < 4; ++e) {
+      const float2 f = __bfloat1622float2(pairs[e]);
+      acc[2 * e] += w * f.x;
+      acc[2 * e + 1] += w * f.y;
+    }
+  };
+  // The weights of the first 32 partials come from their lanes (every lane takes part in each
+  // shuffle, so the loop runs to the same bound on all of them).
+  const int rounds = (min(P, 32) + groups - 1) / groups;
+  for (int r = 0; r < rounds; ++r) {
+    const int i = r * groups + group;
+    const float w = __shfl_sync(0xffffffffu, own_w, i < 32 ? i : 0);
+    if (active && i < min(P, 32) && w != 0.f) add_partial(i, w);
+  }
+  if (active) {
+    for (int i = 32 + group; i < P; i += groups) {
+      const float li = part_lse[base + (long long)i * hpg];
+      if (li != -INFINITY) add_partial(i, __expf(li - m));
     }
   }
   // Lane group j + 2^k adds into group j: groups is 4, 2 or 1, per_part lanes apart.
