@@ -122,6 +122,12 @@ int64_t dkdv_piece(int64_t entries) {
   return std::min<int64_t>(1024, std::max<int64_t>(64, entries / 4096));
 }
 
+// Grid y of nsa_slc_dkdv_reduce: slices of a segment's L * (dk + dv) sums, about one per
+// thread of a CTA each, at most 64 (a split segment then occupies up to 64 SMs).
+int64_t dkdv_reduce_slices(int64_t L, int64_t dk, int64_t dv) {
+  return std::max<int64_t>(1, std::min<int64_t>(64, L * (dk + dv) / kThreads));
+}
+
 struct SelectedFused : public torch::autograd::Function<SelectedFused> {
   // strategy: 0 = query-outer over union tiles (tensor cores for bf16 at instantiated head
   // sizes, SIMT otherwise), 1 = key-outer where it applies (bf16, instantiated head sizes),
@@ -307,8 +313,8 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
       void *rsp = plan.red_seg.data_ptr(), *r0p = plan.red_slot0.data_ptr();
       void* rcp = plan.red_count.data_ptr();
       void* args[] = {&scp, &rsp, &r0p, &rcp, &dkp, &dvp, &iS, &iHkv, &idk, &idv, &iL, &iNB};
-      launch(tab, tab->dkdv_reduce[type_index(q)], "nsa_slc_dkdv_reduce", plan.red_seg.numel(), 1,
-             1, 0, stream, args);
+      launch(tab, tab->dkdv_reduce[type_index(q)], "nsa_slc_dkdv_reduce", plan.red_seg.numel(),
+             dkdv_reduce_slices(block_len, dk, dv), 1, 0, stream, args);
     }
     if (dq_key_outer) {
       void *pp = dq_part.data_ptr(), *idp = ids.data_ptr();
@@ -499,7 +505,7 @@ struct CompressedFused : public torch::autograd::Function<CompressedFused> {
       int idk = int(dk), idv = int(dv), iL = int(kBk);
       void* args[] = {&scp, &rsp, &r0p, &rcp, &dkp, &dvp, &iNc, &iHkv, &idk, &idv, &iL, &iNT};
       launch(tab, tab->dkdv_reduce[1], "nsa_slc_dkdv_reduce (compressed)", int64_t(red_seg.size()),
-             1, 1, 0, stream, args);
+             dkdv_reduce_slices(kBk, dk, dv), 1, 0, stream, args);
     }
     return {dq, dk_t, dv_t, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }

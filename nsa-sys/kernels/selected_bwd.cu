@@ -44,8 +44,12 @@
 //   sum of part[b, t, g, s][head] over the slots s whose id is a block of the index
 //   (0 <= id < NB, the inverse index's rule), in slot order, rounded once. One thread per 4
 //   columns of a row, grid-stride; float4 loads.
-// nsa_slc_dkdv_reduce_{f32,bf16}: one CTA per split segment (red_seg), summing its red_count
-//   partials from slot red_slot0 in order into dK/dV of the block's keys.
+// nsa_slc_dkdv_reduce_{f32,bf16}: grid (split segment (red_seg), slice): CTA (r, y) sums, for
+//   slice y of the segment's L x (dk + dv) values, its red_count partials from slot red_slot0
+//   in order into dK/dV of the block's keys. The slices (grid y, sized by the host) spread a
+//   long segment over many SMs: block 0, which every token selects, has 512 partials per
+//   group at 32k, and one CTA summing them all was the tail of the backward. Each value's
+//   sum keeps the piece order whatever the slicing: the same bits.
 // Both are plain fp32 SIMT kernels for either input type.
 // nsa_slc_dq_warp_dk{DK}_dv{DV} (bf16, groups of at most 16 heads, n <= 32): dq with one warp
 //   per (token, group, batch) over that token's keys only, the dq of the token-per-warp
@@ -246,9 +250,14 @@ __device__ void slc_dkdv_reduce(const float* __restrict__ scratch,
   const int width = dk + dv;
   const long long c0 = (long long)j * L;
   const int nk = (int)min((long long)L, S - c0);
-  for (int e = threadIdx.x; e < nk * width; e += NSA_THREADS) {
+  // This CTA's slice of the segment's L * width sums (a multiple of the CTA's threads).
+  const int span = ((L * width + (int)gridDim.y - 1) / (int)gridDim.y + NSA_THREADS - 1) /
+                   NSA_THREADS * NSA_THREADS;
+  const int e_end = min(nk * width, ((int)blockIdx.y + 1) * span);
+  for (int e = (int)blockIdx.y * span + threadIdx.x; e < e_end; e += NSA_THREADS) {
     const int kk = e / width, d = e % width;
     float acc = 0.f;
+#pragma unroll 8
     for (int pc = 0; pc < count; ++pc) acc += scratch[((long long)(slot0 + pc) * L + kk) * width + d];
     const long long key = ((long long)b * S + c0 + kk) * Hkv + g;
     if (d < dk) {
