@@ -21,7 +21,12 @@ pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     for kind in [Kind::Float, Kind::BFloat16] {
         // (B, S, heads X, dk, columns before the slice, columns after it)
-        for (b, s, x, dk, before, after) in [(2, 37, 5, 64, 96, 64), (1, 130, 3, 192, 0, 0)] {
+        // dk / 2 = 10: the kernel's one-pair-a-thread path (the others take 8 pairs).
+        for (b, s, x, dk, before, after) in [
+            (2, 37, 5, 64, 96, 64),
+            (1, 130, 3, 192, 0, 0),
+            (2, 9, 3, 20, 4, 0),
+        ] {
             let name = format!(
                 "rope {} B={b} S={s} X={x} dk={dk} {}",
                 kind_name(kind),
@@ -45,7 +50,12 @@ pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
                     .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
             );
         }
-        for (b, s, h, dv, strided) in [(2, 33, 6, 64, false), (1, 70, 4, 128, true)] {
+        // dv = 6: the element kernels (the others read 16 bytes a thread).
+        for (b, s, h, dv, strided) in [
+            (2, 33, 6, 64, false),
+            (1, 70, 4, 128, true),
+            (2, 11, 3, 6, false),
+        ] {
             let name = format!(
                 "gate mix {} B={b} S={s} H={h} dv={dv} {}",
                 kind_name(kind),
