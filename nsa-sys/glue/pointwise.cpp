@@ -13,12 +13,12 @@
 //                 last axis contiguous (row_stride), as a narrowed wider output is; others are
 //                 copied first.
 //   CmpBlocksFused: raw keys or values x [B, S, G, D] (bf16 or fp32, last axis contiguous,
-//                 other strides free) and the position embedding pos [L, G, D] (x's dtype, or
-//                 undefined for none) -> blocks [B, Nc, G, L * D] contiguous, Nc = (S - L) /
-//                 stride + 1 >= 1: block i of head g is x[i * stride .. i * stride + L, g, :]
-//                 plus pos[:, g, :], flattened position-major. Backward: dx (a gather over the
-//                 blocks covering each token, deterministic) and dpos (libtorch's sum over
-//                 batch and blocks).
+//                 other strides free) and the position embedding pos [L, G, D] (x's dtype; an
+//                 empty placeholder with has_pos = 0 for none) -> blocks [B, Nc, G, L * D]
+//                 contiguous, Nc = (S - L) / stride + 1 >= 1: block i of head g is
+//                 x[i * stride .. i * stride + L, g, :] plus pos[:, g, :], flattened
+//                 position-major. Backward: dx (a gather over the blocks covering each token,
+//                 deterministic) and dpos (libtorch's sum over batch and blocks).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
