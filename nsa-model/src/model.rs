@@ -175,15 +175,12 @@ impl Block {
         Ok((h, self.mlp.forward(&x, kernel)?))
     }
 
-    /// The block after its attention: `h + a`, then the MLP's residual (`kernel`: the norm's).
-    /// The decode paths use it; training and prefill's forward add each residual inside the
-    /// norm after it (`forward`).
+    /// The block after its attention: `h + a` (inside the MLP's norm, as `forward` adds it),
+    /// then the MLP's residual. The decode paths use it; training and prefill's `forward`
+    /// hands the MLP output to the next block's norm instead of adding it here.
     fn finish(&self, h: &Tensor, a: &Tensor, kernel: bool) -> Result<Tensor, ModelError> {
-        let h = h.f_add(a)?;
-        let m = self
-            .mlp
-            .forward(&self.mlp_norm.forward(&h, kernel)?, kernel)?;
-        Ok(h.f_add(&m)?)
+        let (h, x) = self.mlp_norm.forward_add(h, Some(a), kernel)?;
+        Ok(h.f_add(&self.mlp.forward(&x, kernel)?)?)
     }
 }
 

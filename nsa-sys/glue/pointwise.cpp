@@ -62,6 +62,19 @@ int fp32(const Tensor& t) { return t.scalar_type() == at::kFloat ? 1 : 0; }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
+// A kernel's vec: 1 when rows of `width` elements at the given strides (in elements) can be
+// read and written `per` elements (16 bytes) at a time from every pointer (null counts as
+// aligned: an absent operand), else 0.
+int vector_rows(int per, int64_t width, std::initializer_list<long long> strides,
+                std::initializer_list<const void*> ptrs) {
+  if (width % per != 0) return 0;
+  for (long long st : strides)
+    if (st % per != 0) return 0;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return 0;
+  return 1;
+}
+
 // y = rotate(x, sign) into a new contiguous tensor of dtype `out_type`.
 Tensor rotate(const NsaPointwiseTable* tab, const Tensor& x, const Tensor& cos_t,
               const Tensor& sin_t, float sign, at::ScalarType out_type) {
@@ -74,11 +87,8 @@ Tensor rotate(const NsaPointwiseTable* tab, const Tensor& x, const Tensor& cos_t
   const void* sp = sin_t.data_ptr();
   void* yp = y.data_ptr();
   int s32 = int(S), x32 = int(X), h32 = int(half);
-  // Eight pairs a thread where every access can be 16 bytes wide (the kernel's vec).
-  int vec = half % 8 == 0 && xb % 8 == 0 && xs % 8 == 0 && xh % 8 == 0 && aligned16(xp) &&
-                    aligned16(cp) && aligned16(sp) && aligned16(yp)
-                ? 1
-                : 0;
+  // Eight pairs a thread where every access can be 16 bytes wide.
+  int vec = vector_rows(8, half, {xb, xs, xh}, {xp, cp, sp, yp});
   void* args[] = {&xp, &xb, &xs, &xh, &cp, &sp, &sign, &yp, &s32, &x32, &h32, &n, &vec};
   launch(tab, tab->rope[2 * fp32(x) + (out_type == at::kFloat ? 1 : 0)], "nsa_rope",
          vec ? pairs / 8 : pairs, x.device(), args);
@@ -125,18 +135,6 @@ int64_t row_stride(const Tensor& x) {
   }
   if (rs < 0) rs = x.size(3);  // a single row
   return rs >= x.size(3) ? rs : -1;
-}
-
-// 1 when rows of dv elements at the given row strides can be read 16 bytes (per elements) at
-// a time from every pointer: the gate-mix kernels' vec.
-int vector_rows(int per, int64_t dv, std::initializer_list<long long> strides,
-                std::initializer_list<const void*> ptrs) {
-  if (dv % per != 0) return 0;
-  for (long long st : strides)
-    if (st % per != 0) return 0;
-  for (const void* p : ptrs)
-    if (!aligned16(p)) return 0;
-  return 1;
 }
 
 // x itself when row_stride(x) applies, else a contiguous copy.
@@ -198,10 +196,7 @@ Tensor cmp_blocks(const NsaPointwiseTable* tab, const Tensor& x, const Tensor& p
   void* op = out.data_ptr();
   long long xb = x.stride(0), xs = x.stride(1), xg = x.stride(2);
   long long rows = B * Nc * G * L;
-  int vec = D % per == 0 && xb % per == 0 && xs % per == 0 && xg % per == 0 && aligned16(xp) &&
-                    (pp == nullptr || aligned16(pp)) && aligned16(op)
-                ? 1
-                : 0;
+  int vec = vector_rows(per, D, {xb, xs, xg}, {xp, pp, op});
   int nc = int(Nc), g = int(G), l = int(L), d = int(D), st = int(stride);
   void* args[] = {&xp, &xb, &xs, &xg, &pp, &op, &nc, &g, &l, &d, &st, &rows, &vec};
   launch(tab, tab->blocks[fp32(x)], "nsa_cmp_blocks", vec ? rows * (D / per) : rows * D,
@@ -233,7 +228,7 @@ struct CmpBlocksFused : public torch::autograd::Function<CmpBlocksFused> {
     const void* dp = blocks.data_ptr();
     void* xp = dx.data_ptr();
     long long rows = B * S * G;
-    int vec = D % per == 0 && aligned16(dp) && aligned16(xp) ? 1 : 0;
+    int vec = vector_rows(per, D, {}, {dp, xp});
     int s = int(S), nc = int(Nc), g = int(G), l = int(L), d = int(D), st = int(stride);
     void* args[] = {&dp, &xp, &s, &nc, &g, &l, &d, &st, &rows, &vec};
     launch(tab, tab->blocks_bwd[fp32(blocks)], "nsa_cmp_blocks_bwd",
