@@ -134,8 +134,11 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
   // 2 = one warp per token where it applies (as 1, and at most 16 heads per group and 32 ids
   // per token), else as 0; plus 4: the backward's dq key-outer, inside the dK/dV kernel, where
   // that applies (tensor-core dK/dV, l' <= 64, no token warps).
+  // fwd_chunk, dq_chunk: sequences per launch of the key-outer forward and of the key-outer
+  // dQ (with dK/dV), so that each launch's partials stay within the host's bound.
   static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, Tensor ids,
-                        int64_t block_len, double scale, int64_t table, int64_t strategy) {
+                        int64_t block_len, double scale, int64_t table, int64_t strategy,
+                        int64_t fwd_chunk, int64_t dq_chunk) {
     const auto* tab = reinterpret_cast<const NsaSlcTable*>(table);
     c10::DeviceGuard guard(q.device());
     q = aligned(q);
@@ -168,25 +171,36 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
       launch(tab, tab->fwd_warp[mi], "nsa_slc_fwd_warp", S, Hkv, B, warp_smem(dk, dv, false),
              stream, args, 32);
     } else if (key_outer) {
+      // Sequences are independent: each chunk of them is one index, one set of partials and
+      // one merge, written into its slice of out and lse.
       int64_t NB = (S + block_len - 1) / block_len;
-      auto [inv_tok, inv_slot, seg] = nsa_glue::inverse_index_with_slots(ids, NB);
-      int64_t entries = nsa_glue::max_index_entries(B, S, Hkv, n, block_len);
-      auto plan = nsa_glue::plan_dkdv(seg, dkdv_piece(entries), entries);
       int64_t chunks = (block_len + kBk - 1) / kBk, parts = n * chunks;
-      auto part_o = at::empty({B, S, Hkv, parts, hpg, dv}, v.options());
-      auto part_lse = at::full({B, S, Hkv, parts, hpg}, -INFINITY, q.options().dtype(at::kFloat));
-      void *tp = inv_tok.data_ptr(), *sp = inv_slot.data_ptr(), *wsp = plan.seg.data_ptr();
-      void *wap = plan.a.data_ptr(), *wbp = plan.b.data_ptr();
-      void *pop = part_o.data_ptr(), *plp = part_lse.data_ptr();
-      int iNB = int(NB), iparts = int(parts);
-      void* args[] = {&qp, &kp, &vp, &tp, &sp, &wsp, &wap, &wbp, &pop, &plp,
-                      &iS, &iHkv, &ihpg, &in_, &iL, &iNB, &fscale};
-      launch(tab, tab->fwd_kv[mi], "nsa_slc_fwd_kv", plan.seg.numel() * chunks, 1, 1, kv_smem,
-             stream, args);
-      long long rows = B * S * H;
-      void* cargs[] = {&pop, &plp, &op, &lp, &rows, &iHkv, &ihpg, &iparts, &idv};
-      launch(tab, tab->fwd_combine, "nsa_slc_fwd_combine", (rows + 3) / 4, 1, 1, 0, stream,
-             cargs);
+      const int64_t per = std::max<int64_t>(1, std::min<int64_t>(fwd_chunk, B));
+      for (int64_t b0 = 0; b0 < B; b0 += per) {
+        const int64_t Bc = std::min(per, B - b0);
+        auto ids_c = ids.narrow(0, b0, Bc);
+        auto [inv_tok, inv_slot, seg] = nsa_glue::inverse_index_with_slots(ids_c, NB);
+        int64_t entries = nsa_glue::max_index_entries(Bc, S, Hkv, n, block_len);
+        auto plan = nsa_glue::plan_dkdv(seg, dkdv_piece(entries), entries);
+        auto part_o = at::empty({Bc, S, Hkv, parts, hpg, dv}, v.options());
+        auto part_lse =
+            at::full({Bc, S, Hkv, parts, hpg}, -INFINITY, q.options().dtype(at::kFloat));
+        void *qcp = q.narrow(0, b0, Bc).data_ptr(), *kcp = k.narrow(0, b0, Bc).data_ptr();
+        void *vcp = v.narrow(0, b0, Bc).data_ptr();
+        void *ocp = out.narrow(0, b0, Bc).data_ptr(), *lcp = lse.narrow(0, b0, Bc).data_ptr();
+        void *tp = inv_tok.data_ptr(), *sp = inv_slot.data_ptr(), *wsp = plan.seg.data_ptr();
+        void *wap = plan.a.data_ptr(), *wbp = plan.b.data_ptr();
+        void *pop = part_o.data_ptr(), *plp = part_lse.data_ptr();
+        int iNB = int(NB), iparts = int(parts);
+        void* args[] = {&qcp, &kcp, &vcp, &tp, &sp, &wsp, &wap, &wbp, &pop, &plp,
+                        &iS,  &iHkv, &ihpg, &in_, &iL, &iNB, &fscale};
+        launch(tab, tab->fwd_kv[mi], "nsa_slc_fwd_kv", plan.seg.numel() * chunks, 1, 1, kv_smem,
+               stream, args);
+        long long rows = Bc * S * H;
+        void* cargs[] = {&pop, &plp, &ocp, &lcp, &rows, &iHkv, &ihpg, &iparts, &idv};
+        launch(tab, tab->fwd_combine, "nsa_slc_fwd_combine", (rows + 3) / 4, 1, 1, 0, stream,
+               cargs);
+      }
     } else if (mi >= 0) {
       int iP = int(P);
       void* args[] = {&qp, &kp, &vp, &ip, &op, &lp, &iS, &iHkv, &ihpg, &in_, &iL, &fscale, &iP};
@@ -205,6 +219,7 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
     ctx->saved_data["table"] = table;
     ctx->saved_data["token_warps"] = token_warps;
     ctx->saved_data["dq_key_outer"] = (strategy & 4) != 0;
+    ctx->saved_data["dq_chunk"] = dq_chunk;
     return out;
   }
 
@@ -263,69 +278,89 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
       launch(tab, tab->dq[type_index(q)], "nsa_slc_dq", S, Hkv, B, smem, stream, args);
     }
 
-    // Inverse index block -> tokens (blocks.h), deterministic, no host synchronisation.
-    auto [inv_tok, inv_slot, seg] = nsa_glue::inverse_index_with_slots(ids, NB);
-
-    // Pieces of at most `piece` tokens per work item: small problems split early (so the split
-    // path is exercised by small checks), large ones cap the scratch at about
-    // 2 E / 1024 * L * (dk + dv) floats. The plan's sizes are bounds from the shapes (E at
-    // most `entries`, reached by the layer's own selection), its real items read on the device.
-    int64_t entries = nsa_glue::max_index_entries(B, S, Hkv, n, block_len);
-    auto plan = nsa_glue::plan_dkdv(seg, dkdv_piece(entries), entries);
-    auto scratch = at::empty({std::max<int64_t>(plan.slots, 1), block_len, dk + dv},
-                             q.options().dtype(at::kFloat));
     auto dk_t = at::empty_like(k);
     auto dv_t = at::empty_like(v);
-    void *dkp = dk_t.data_ptr(), *dvp = dv_t.data_ptr(), *scp = scratch.data_ptr();
-    // dQ's per-(token, slot) partials (B·S·H·n·dk floats); only the valid slots are written
-    // and read.
-    auto dq_part = dq_key_outer ? at::empty({B, S, Hkv, n, hpg, dk}, q.options().dtype(at::kFloat))
-                                : at::empty({0}, q.options().dtype(at::kFloat));
-    {
-      void *tp = inv_tok.data_ptr(), *wsp = plan.seg.data_ptr(), *wap = plan.a.data_ptr();
-      void *wbp = plan.b.data_ptr(), *wlp = plan.slot.data_ptr();
-      void* args[] = {&qp,  &kp,  &vp,  &dop, &lp,  &Dp,   &tp,   &wsp, &wap,  &wbp,   &wlp,
-                      &scp, &dkp, &dvp, &iS,  &iHkv, &ihpg, &idk, &idv, &iL, &iNB, &fscale};
+    // dK/dV (and the key-outer dQ) over chunks of sequences: each chunk one inverse index, one
+    // plan and one set of partials (dQ's grow with B·S, so the host bounds them per launch).
+    // The sequences are independent, so only the number of launches changes.
+    const int64_t per =
+        dq_key_outer
+            ? std::max<int64_t>(1, std::min<int64_t>(ctx->saved_data["dq_chunk"].toInt(), B))
+            : B;
+    for (int64_t b0 = 0; b0 < B; b0 += per) {
+      const int64_t Bc = std::min(per, B - b0);
+      auto ids_c = ids.narrow(0, b0, Bc);
+      // This chunk's slices, under the names the launches below take.
+      void *qp = q.narrow(0, b0, Bc).data_ptr(), *kp = k.narrow(0, b0, Bc).data_ptr();
+      void *vp = v.narrow(0, b0, Bc).data_ptr(), *dop = dout.narrow(0, b0, Bc).data_ptr();
+      void *lp = lse.narrow(0, b0, Bc).data_ptr(), *Dp = D.narrow(0, b0, Bc).data_ptr();
+      void* dqp = dq.narrow(0, b0, Bc).data_ptr();
+      // Inverse index block -> tokens (blocks.h), deterministic, no host synchronisation.
+      auto [inv_tok, inv_slot, seg] = nsa_glue::inverse_index_with_slots(ids_c, NB);
+
+      // Pieces of at most `piece` tokens per work item: small problems split early (so the split
+      // path is exercised by small checks), large ones cap the scratch at about
+      // 2 E / 1024 * L * (dk + dv) floats. The plan's sizes are bounds from the shapes (E at
+      // most `entries`, reached by the layer's own selection), its real items read on the device.
+      int64_t entries = nsa_glue::max_index_entries(Bc, S, Hkv, n, block_len);
+      auto plan = nsa_glue::plan_dkdv(seg, dkdv_piece(entries), entries);
+      auto scratch = at::empty({std::max<int64_t>(plan.slots, 1), block_len, dk + dv},
+                               q.options().dtype(at::kFloat));
+      void *dkp = dk_t.narrow(0, b0, Bc).data_ptr(), *dvp = dv_t.narrow(0, b0, Bc).data_ptr();
+      void* scp = scratch.data_ptr();
+      // dQ's per-(token, slot) partials (Bc·S·H·n·dk floats); only the valid slots are written
+      // and read.
+      auto dq_part = dq_key_outer
+                         ? at::empty({Bc, S, Hkv, n, hpg, dk}, q.options().dtype(at::kFloat))
+                         : at::empty({0}, q.options().dtype(at::kFloat));
+      {
+        void *tp = inv_tok.data_ptr(), *wsp = plan.seg.data_ptr(), *wap = plan.a.data_ptr();
+        void *wbp = plan.b.data_ptr(), *wlp = plan.slot.data_ptr();
+        void* args[] = {&qp,  &kp,  &vp,  &dop, &lp,  &Dp,   &tp,   &wsp, &wap,  &wbp,   &wlp,
+                        &scp, &dkp, &dvp, &iS,  &iHkv, &ihpg, &idk, &idv, &iL, &iNB, &fscale};
+        if (dq_key_outer) {
+          // The tensor-core kernel's arguments, then the slots, the partials and n.
+          void *slp = inv_slot.data_ptr(), *pp = dq_part.data_ptr();
+          void* margs[] = {&qp,  &kp,  &vp,  &dop, &lp,  &Dp,  &tp,   &wsp,  &wap, &wbp,   &wlp,
+                           &scp, &dkp, &dvp, &iS,  &iHkv, &ihpg, &iL, &iNB, &fscale, &slp, &pp,
+                           &in_};
+          launch(tab, tab->dkdv_dq_mma[mi], "nsa_slc_dkdv_dq_mma", plan.seg.numel(), 1, 1,
+                 dkdv_dq_mma_smem(dk, dv), stream, margs);
+        } else if (dkdv_mma) {
+          // The same arguments less dk, dv (compile-time in the tensor-core kernel).
+          void* margs[] = {&qp,  &kp,  &vp,  &dop,  &lp,   &Dp, &tp,  &wsp,   &wap, &wbp,
+                           &wlp, &scp, &dkp, &dvp,  &iS,   &iHkv, &ihpg, &iL, &iNB, &fscale};
+          int64_t chunks = (block_len + kBk - 1) / kBk;
+          launch(tab, tab->dkdv_mma[mi], "nsa_slc_dkdv_mma", plan.seg.numel() * chunks, 1, 1,
+                 dkdv_mma_smem(dk, dv), stream, margs);
+        } else {
+          int64_t smem =
+              4 * (2 * kKc * dk + 2 * kKc * dv + hpg * dk + hpg * dv + 2 * hpg * kKc + 2 * hpg);
+          int64_t chunks = (block_len + kKc - 1) / kKc;
+          launch(tab, tab->dkdv[type_index(q)], "nsa_slc_dkdv", plan.seg.numel() * chunks, 1, 1,
+                 smem, stream, args);
+        }
+      }
+      if (plan.red_seg.numel() > 0) {
+        void *rsp = plan.red_seg.data_ptr(), *r0p = plan.red_slot0.data_ptr();
+        void* rcp = plan.red_count.data_ptr();
+        void* args[] = {&scp, &rsp, &r0p, &rcp, &dkp, &dvp, &iS, &iHkv, &idk, &idv, &iL, &iNB};
+        launch(tab, tab->dkdv_reduce[type_index(q)], "nsa_slc_dkdv_reduce", plan.red_seg.numel(),
+               dkdv_reduce_slices(block_len, dk, dv), 1, 0, stream, args);
+      }
       if (dq_key_outer) {
-        // The tensor-core kernel's arguments, then the slots, the partials and n.
-        void *slp = inv_slot.data_ptr(), *pp = dq_part.data_ptr();
-        void* margs[] = {&qp,  &kp,  &vp,  &dop, &lp,  &Dp,  &tp,   &wsp,  &wap, &wbp,   &wlp,
-                         &scp, &dkp, &dvp, &iS,  &iHkv, &ihpg, &iL, &iNB, &fscale, &slp, &pp,
-                         &in_};
-        launch(tab, tab->dkdv_dq_mma[mi], "nsa_slc_dkdv_dq_mma", plan.seg.numel(), 1, 1,
-               dkdv_dq_mma_smem(dk, dv), stream, margs);
-      } else if (dkdv_mma) {
-        // The same arguments less dk, dv (compile-time in the tensor-core kernel).
-        void* margs[] = {&qp,  &kp,  &vp,  &dop,  &lp,   &Dp, &tp,  &wsp,   &wap, &wbp,
-                         &wlp, &scp, &dkp, &dvp,  &iS,   &iHkv, &ihpg, &iL, &iNB, &fscale};
-        int64_t chunks = (block_len + kBk - 1) / kBk;
-        launch(tab, tab->dkdv_mma[mi], "nsa_slc_dkdv_mma", plan.seg.numel() * chunks, 1, 1,
-               dkdv_mma_smem(dk, dv), stream, margs);
-      } else {
-        int64_t smem =
-            4 * (2 * kKc * dk + 2 * kKc * dv + hpg * dk + hpg * dv + 2 * hpg * kKc + 2 * hpg);
-        int64_t chunks = (block_len + kKc - 1) / kKc;
-        launch(tab, tab->dkdv[type_index(q)], "nsa_slc_dkdv", plan.seg.numel() * chunks, 1, 1,
-               smem, stream, args);
+        void *pp = dq_part.data_ptr(), *idp = ids_c.data_ptr();
+        long long rows = Bc * S * Hkv;
+        void* args[] = {&pp, &idp, &dqp, &rows, &ihpg, &idk, &in_, &iNB};
+        int64_t threads = rows * hpg * (dk / 4);
+        launch(tab, tab->dq_reduce, "nsa_slc_dq_reduce",
+               std::max<int64_t>(1, std::min<int64_t>((threads + kThreads - 1) / kThreads, 1 << 16)),
+               1, 1, 0, stream, args);
       }
     }
-    if (plan.red_seg.numel() > 0) {
-      void *rsp = plan.red_seg.data_ptr(), *r0p = plan.red_slot0.data_ptr();
-      void* rcp = plan.red_count.data_ptr();
-      void* args[] = {&scp, &rsp, &r0p, &rcp, &dkp, &dvp, &iS, &iHkv, &idk, &idv, &iL, &iNB};
-      launch(tab, tab->dkdv_reduce[type_index(q)], "nsa_slc_dkdv_reduce", plan.red_seg.numel(),
-             dkdv_reduce_slices(block_len, dk, dv), 1, 0, stream, args);
-    }
-    if (dq_key_outer) {
-      void *pp = dq_part.data_ptr(), *idp = ids.data_ptr();
-      long long rows = B * S * Hkv;
-      void* args[] = {&pp, &idp, &dqp, &rows, &ihpg, &idk, &in_, &iNB};
-      int64_t threads = rows * hpg * (dk / 4);
-      launch(tab, tab->dq_reduce, "nsa_slc_dq_reduce",
-             std::max<int64_t>(1, std::min<int64_t>((threads + kThreads - 1) / kThreads, 1 << 16)),
-             1, 1, 0, stream, args);
-    }
-    return {dq, dk_t, dv_t, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    // q, k, v; then ids, block_len, scale, table, strategy, fwd_chunk, dq_chunk get none.
+    return {dq,       dk_t,     dv_t,     Tensor(), Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -581,11 +616,11 @@ int nsa_fused_compute_dtype(const at::Tensor* q, const at::Tensor* k, const at::
 
 // Returns a new at::Tensor* (ownership passes to the caller) or nullptr with a message in err.
 // strategy: see SelectedFused::forward (0 = union tiles, 1 = key-outer, 2 = token warps; plus 4
-// for dq key-outer).
+// for dq key-outer); fwd_chunk, dq_chunk: sequences per key-outer launch (forward, dQ).
 at::Tensor* nsa_fused_selected(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
                                const at::Tensor* blocks, int64_t block_len, double scale,
-                               int64_t strategy, const NsaSlcTable* table, char* err,
-                               size_t err_len) {
+                               int64_t strategy, int64_t fwd_chunk, int64_t dq_chunk,
+                               const NsaSlcTable* table, char* err, size_t err_len) {
   try {
     TORCH_CHECK(table != nullptr, "fused selected attention: no kernel table");
     TORCH_CHECK(q->is_cuda(), "fused selected attention: CUDA tensors only");
@@ -597,7 +632,8 @@ at::Tensor* nsa_fused_selected(const at::Tensor* q, const at::Tensor* k, const a
     auto qc = q->to(dt), kc = k->to(dt), vc = v->to(dt);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto out = SelectedFused::apply(qc, kc, vc, ids, block_len, scale,
-                                    reinterpret_cast<int64_t>(table), strategy);
+                                    reinterpret_cast<int64_t>(table), strategy, fwd_chunk,
+                                    dq_chunk);
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);

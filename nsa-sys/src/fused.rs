@@ -48,10 +48,11 @@ pub use pointwise::{
     add_rms_norm, cmp_blocks, gate_mix, pointwise_kernels, rms_norm, rope, swiglu,
     PointwiseKernels, RMS_NORM_MAX_DIM,
 };
+use selected_order::{dq_partial_bytes, forward_partial_bytes, key_outer_batch_chunk};
 pub use selected_order::{
-    SelectedDq, SelectedForward, DQ_KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MAX_GROUP,
-    KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MIN_BATCHED_BLOCKS, KEY_OUTER_MIN_BATCH_BLOCKS,
-    KEY_OUTER_MIN_BLOCKS, TOKEN_WARP_MIN_GROUP,
+    set_key_outer_chunk_bytes, SelectedDq, SelectedForward, DQ_KEY_OUTER_MAX_PARTIAL_BYTES,
+    KEY_OUTER_MAX_GROUP, KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MIN_BATCHED_BLOCKS,
+    KEY_OUTER_MIN_BATCH_BLOCKS, KEY_OUTER_MIN_BLOCKS, TOKEN_WARP_MIN_GROUP,
 };
 pub use window::{set_head_chunk_bytes, window_attention};
 
@@ -430,6 +431,8 @@ extern "C" {
         block_len: i64,
         scale: f64,
         strategy: i64,
+        fwd_chunk: i64,
+        dq_chunk: i64,
         table: *const SlcTable,
         err: *mut c_char,
         err_len: usize,
@@ -666,15 +669,18 @@ pub fn selected_attention_with(
         return Err(input("q", "CUDA tensors only"));
     };
     let kernels = kernels(ordinal)?;
-    let forward = forward.resolve([b, s, h, dk], hkv, dv, bs[3], block_len);
+    let n = bs[3];
+    let forward = forward.resolve([b, s, h, dk], hkv, dv, n, block_len);
     let strategy = match forward {
         SelectedForward::KeyOuter => 1,
         SelectedForward::TokenWarps => 2,
         SelectedForward::UnionTiles | SelectedForward::Auto => 0,
-    } + match dq.resolve(forward, [b, s, h, dk], hkv, bs[3], block_len) {
+    } + match dq.resolve(forward, [b, s, h, dk], hkv, n, block_len) {
         SelectedDq::KeyOuter => 4,
         SelectedDq::QueryOuter | SelectedDq::Auto => 0,
     };
+    let fwd_chunk = key_outer_batch_chunk(b, forward_partial_bytes(s, h, dv, n, block_len));
+    let dq_chunk = key_outer_batch_chunk(b, dq_partial_bytes(s, h, dk, n));
     let mut err = vec![0u8; ERR_LEN];
     // SAFETY: tensor pointers come from live tch tensors borrowed for the call; `table` points
     // to a leaked (process-lifetime) table; the glue catches every exception and writes at most
@@ -688,6 +694,8 @@ pub fn selected_attention_with(
             block_len,
             scale,
             strategy,
+            fwd_chunk,
+            dq_chunk,
             &kernels.table,
             err.as_mut_ptr().cast(),
             ERR_LEN,

@@ -156,7 +156,8 @@ pub(crate) fn check_device(option: &'static str) -> Result<Device, AttnError> {
     Ok(Device::Cuda(0))
 }
 
-/// [`CheckPart::Selected`]: every case on each forward that applies, then the id cleaning.
+/// [`CheckPart::Selected`]: every case on each forward that applies (batches also key-outer in
+/// chunks of one sequence), then the id cleaning.
 fn selected_rows(device: Device) -> Vec<CheckRow> {
     let failed = |name: String, e: AttnError| CheckRow::failed(name, 0.0, e);
     let mut rows = Vec::new();
@@ -187,6 +188,26 @@ fn selected_rows(device: Device) -> Vec<CheckRow> {
                     e,
                 )
             });
+            rows.push(row);
+        }
+        // Batches: key-outer forward and dQ with one sequence per launch (the chunks a batch
+        // whose partials exceed the bound runs in), against the same reference.
+        if c.b > 1
+            && c.kind == Kind::BFloat16
+            && sys::tensor_core_shape(c.dk, c.dv, c.hpg)
+            && c.block_len <= 64
+        {
+            let way = (Fwd::KeyOuter, Dq::KeyOuter);
+            let before = sys::set_key_outer_chunk_bytes(1);
+            let row = run_selected_case(&c, way, device);
+            sys::set_key_outer_chunk_bytes(before);
+            let mut row = row.unwrap_or_else(|e| {
+                failed(
+                    format!("selected {way:?} hpg={} dk={} dv={}", c.hpg, c.dk, c.dv),
+                    e,
+                )
+            });
+            row.name.push_str(", one sequence per key-outer launch");
             rows.push(row);
         }
     }

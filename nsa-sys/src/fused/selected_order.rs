@@ -2,6 +2,8 @@
 //! where the backward computes dQ ([`SelectedDq`]), each with the `Auto` rule that picks it from
 //! the shapes.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use super::TOKEN_WARP_MAX_GROUP;
 
 /// How the selected branch's tensor-core forward walks the selection.
@@ -11,8 +13,9 @@ pub enum SelectedForward {
     /// [`TOKEN_WARP_MIN_GROUP`] to [`TOKEN_WARP_MAX_GROUP`] heads; key-outer for small groups
     /// (G ≤ [`KEY_OUTER_MAX_GROUP`]) on long sequences (at least [`KEY_OUTER_MIN_BLOCKS`]
     /// selection blocks, or [`KEY_OUTER_MIN_BATCHED_BLOCKS`] in a batch holding
-    /// [`KEY_OUTER_MIN_BATCH_BLOCKS`] over its sequences) while its partial outputs take at most
-    /// [`KEY_OUTER_MAX_PARTIAL_BYTES`]; union tiles otherwise.
+    /// [`KEY_OUTER_MIN_BATCH_BLOCKS`] over its sequences) while one sequence's partial outputs
+    /// take at most [`KEY_OUTER_MAX_PARTIAL_BYTES`] (a batch whose partials would exceed it runs
+    /// in chunks of sequences: [`set_key_outer_chunk_bytes`]); union tiles otherwise.
     #[default]
     Auto,
     /// Query-outer: a CTA serves 64 / G consecutive tokens and streams the union of their
@@ -35,8 +38,9 @@ pub enum SelectedForward {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SelectedDq {
     /// Chosen from the shapes ([`SelectedDq::resolve`]): key-outer for groups of at most
-    /// [`KEY_OUTER_MAX_GROUP`] heads with `l' ≤ 64` while its partials take at most
-    /// [`DQ_KEY_OUTER_MAX_PARTIAL_BYTES`]; query-outer otherwise (and always after a
+    /// [`KEY_OUTER_MAX_GROUP`] heads with `l' ≤ 64` while one sequence's partials take at most
+    /// [`DQ_KEY_OUTER_MAX_PARTIAL_BYTES`] (a larger batch runs in chunks of sequences, as the
+    /// forward does); query-outer otherwise (and always after a
     /// [`SelectedForward::TokenWarps`] forward).
     #[default]
     Auto,
@@ -52,8 +56,50 @@ pub enum SelectedDq {
     KeyOuter,
 }
 
-/// Bound on the key-outer dQ's partials for [`SelectedDq::Auto`] (`B·S·H·n·dk·4` bytes): 2 GiB.
+/// Bound on one sequence's key-outer dQ partials for [`SelectedDq::Auto`] (`S·H·n·dk·4`
+/// bytes): 2 GiB.
 pub const DQ_KEY_OUTER_MAX_PARTIAL_BYTES: i64 = 2 << 30;
+
+/// One sequence's key-outer forward partials: `S·H·n·⌈l'/64⌉·(2·dv + 4)` bytes (a bf16 output
+/// and an fp32 log-sum-exp per (token, head, block chunk)).
+pub(crate) fn forward_partial_bytes(s: i64, h: i64, dv: i64, n: i64, block_len: i64) -> i64 {
+    s.saturating_mul(h)
+        .saturating_mul(n)
+        .saturating_mul((block_len + 63) / 64)
+        .saturating_mul(2 * dv + 4)
+}
+
+/// One sequence's key-outer dQ partials: `S·H·n·dk·4` bytes (fp32 per (token, head, slot)).
+pub(crate) fn dq_partial_bytes(s: i64, h: i64, dk: i64, n: i64) -> i64 {
+    s.saturating_mul(h)
+        .saturating_mul(n)
+        .saturating_mul(dk)
+        .saturating_mul(4)
+}
+
+/// Bound on one key-outer launch's partials (forward or dQ); see [`set_key_outer_chunk_bytes`].
+static KEY_OUTER_CHUNK_BYTES: AtomicI64 = AtomicI64::new(KEY_OUTER_MAX_PARTIAL_BYTES);
+
+/// Sets the bound, in bytes, on the partials of one launch of the key-outer forward and of the
+/// key-outer dQ ([`KEY_OUTER_MAX_PARTIAL_BYTES`] unless set) and returns the previous one.
+///
+/// Both hold partials that grow with `B·S` (0.83 GB and 1.61 GB for the `125m` shape at
+/// `B·S = 32k`). Where a batch's would exceed the bound, the glue runs the key-outer kernels
+/// over chunks of sequences (the most that fit, at least one), each with its own inverse index
+/// and partials; the sequences are independent, so the results are those of one launch up to
+/// the dK/dV work split, which depends on the chunk's shape (deterministic either way). Values
+/// below 1 count as 1 (one sequence per launch): the GPU check uses that to run the chunked
+/// path on small shapes.
+pub fn set_key_outer_chunk_bytes(bytes: i64) -> i64 {
+    KEY_OUTER_CHUNK_BYTES.swap(bytes.max(1), Ordering::Relaxed)
+}
+
+/// Sequences per key-outer launch in a batch of `b` whose partials take `per_sequence` bytes a
+/// sequence: the most that fit the bound of [`set_key_outer_chunk_bytes`], at least 1.
+pub(crate) fn key_outer_batch_chunk(b: i64, per_sequence: i64) -> i64 {
+    let bound = KEY_OUTER_CHUNK_BYTES.load(Ordering::Relaxed);
+    (bound / per_sequence.max(1)).clamp(1, b.max(1))
+}
 
 impl SelectedDq {
     /// The dQ a call with these shapes runs: `Auto` resolved, the others as given. `forward` is
@@ -69,13 +115,8 @@ impl SelectedDq {
     ) -> Self {
         match self {
             SelectedDq::Auto => {
-                let [b, s, h, dk] = q_shape;
-                let partial = b
-                    .saturating_mul(s)
-                    .saturating_mul(h)
-                    .saturating_mul(n)
-                    .saturating_mul(dk)
-                    .saturating_mul(4);
+                let [_, s, h, dk] = q_shape;
+                let partial = dq_partial_bytes(s, h, dk, n);
                 let group = if hkv > 0 { h / hkv } else { 0 };
                 if forward != SelectedForward::TokenWarps
                     && (1..=KEY_OUTER_MAX_GROUP).contains(&group)
@@ -120,8 +161,8 @@ pub const KEY_OUTER_MIN_BATCH_BLOCKS: i64 = 512;
 /// warps beat union tiles from 8k to 64k tokens (BENCHMARKS.md, round 8).
 pub const TOKEN_WARP_MIN_GROUP: i64 = 16;
 
-/// Bound on the key-outer forward's partial outputs for [`SelectedForward::Auto`]
-/// (`B·S·H·n·⌈l'/64⌉·(2·dv + 4)` bytes, freed when the forward returns): 2 GiB.
+/// Bound on one sequence's key-outer forward partials for [`SelectedForward::Auto`]
+/// (`S·H·n·⌈l'/64⌉·(2·dv + 4)` bytes, freed when the forward returns): 2 GiB.
 pub const KEY_OUTER_MAX_PARTIAL_BYTES: i64 = 2 << 30;
 
 impl SelectedForward {
@@ -132,13 +173,7 @@ impl SelectedForward {
         match self {
             SelectedForward::Auto => {
                 let [b, s, h, _] = q_shape;
-                let chunks = (block_len + 63) / 64;
-                let partial = b
-                    .saturating_mul(s)
-                    .saturating_mul(h)
-                    .saturating_mul(n)
-                    .saturating_mul(chunks)
-                    .saturating_mul(2 * dv + 4);
+                let partial = forward_partial_bytes(s, h, dv, n, block_len);
                 let blocks = if block_len > 0 {
                     (s + block_len - 1) / block_len
                 } else {

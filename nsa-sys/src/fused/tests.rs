@@ -3,20 +3,22 @@
 use super::{SelectedDq, SelectedForward};
 
 /// `Auto` by shape: the paper's group of 16 runs token warps; from 256 selection blocks on (128
-/// in a batch of 512 or more), the `125m` preset's group of 3 runs key-outer while the partials
-/// stay under the bound; short
+/// in a batch of 512 or more), the `125m` preset's group of 3 runs key-outer while one
+/// sequence's partials stay under the bound (larger batches run in chunks); short
 /// sequences of small groups, groups between 9 and 15 or above 16 and oversized partials run
 /// union tiles; an explicit choice is kept.
 #[test]
 fn auto_forward_follows_group_and_partial_size() {
     let auto = SelectedForward::Auto;
-    // 125m: H 12, Hkv 4, dk = dv = 64, l' 64, n 16. Partials at 64k: 1.66 GB.
+    // 125m: H 12, Hkv 4, dk = dv = 64, l' 64, n 16. Partials at 64k: 1.66 GB a sequence.
     let m125 = |b, s| auto.resolve([b, s, 12, 64], 4, 64, 16, 64);
     assert_eq!(m125(1, 8192), SelectedForward::UnionTiles);
     assert_eq!(m125(1, 16320), SelectedForward::UnionTiles);
     assert_eq!(m125(1, 16384), SelectedForward::KeyOuter);
     assert_eq!(m125(1, 65536), SelectedForward::KeyOuter);
-    assert_eq!(m125(2, 65536), SelectedForward::UnionTiles);
+    assert_eq!(m125(2, 65536), SelectedForward::KeyOuter);
+    assert_eq!(m125(4, 32768), SelectedForward::KeyOuter);
+    assert_eq!(m125(1, 131072), SelectedForward::UnionTiles);
     // Batched: 128 blocks a sequence and 512 over the batch (the 8k training shape).
     assert_eq!(m125(2, 8192), SelectedForward::UnionTiles);
     assert_eq!(m125(3, 8192), SelectedForward::UnionTiles);
@@ -75,6 +77,8 @@ fn auto_dq_follows_forward_group_and_partial_size() {
         SelectedDq::KeyOuter
     );
     assert_eq!(m125(union, 1, 65536), SelectedDq::QueryOuter);
+    assert_eq!(m125(union, 4, 32768), SelectedDq::KeyOuter);
+    assert_eq!(m125(union, 16, 8192), SelectedDq::KeyOuter);
     assert_eq!(
         m125(SelectedForward::TokenWarps, 1, 8192),
         SelectedDq::QueryOuter
@@ -93,6 +97,27 @@ fn auto_dq_follows_forward_group_and_partial_size() {
             explicit
         );
     }
+}
+
+/// Sequences per key-outer launch under the default 2 GiB bound: all of a batch whose partials
+/// fit, else the most that do, at least one (a sequence over the bound alone runs alone).
+#[test]
+fn key_outer_batches_split_into_chunks_that_fit_the_bound() {
+    use super::selected_order::{dq_partial_bytes, forward_partial_bytes, key_outer_batch_chunk};
+    // 125m at 8k: forward 208 MB, dQ 403 MB a sequence.
+    let fwd = forward_partial_bytes(8192, 12, 64, 16, 64);
+    let dq = dq_partial_bytes(8192, 12, 64, 16);
+    assert_eq!(fwd, 8192 * 12 * 16 * 132);
+    assert_eq!(dq, 8192 * 12 * 16 * 64 * 4);
+    assert_eq!(key_outer_batch_chunk(4, fwd), 4);
+    assert_eq!(key_outer_batch_chunk(16, fwd), 10);
+    assert_eq!(key_outer_batch_chunk(16, dq), 5);
+    // 32k, batch 4: 830 MB a sequence, two per launch; l' = 128 doubles the forward's.
+    let fwd32 = forward_partial_bytes(32768, 12, 64, 16, 64);
+    assert_eq!(key_outer_batch_chunk(4, fwd32), 2);
+    assert_eq!(forward_partial_bytes(32768, 12, 64, 16, 128), 2 * fwd32);
+    assert_eq!(key_outer_batch_chunk(3, 5 << 30), 1);
+    assert_eq!(key_outer_batch_chunk(0, 1), 1);
 }
 
 /// The selected / compressed kernel table has one layout in the glue and in Rust.
