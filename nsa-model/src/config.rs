@@ -65,7 +65,7 @@ pub struct ModelConfig {
 }
 
 /// The preset names [`ModelConfig::preset`] accepts.
-pub const PRESETS: [&str; 3] = ["tiny", "small", "125m"];
+pub const PRESETS: [&str; 4] = ["tiny", "small", "125m", "125m-g16"];
 
 impl ModelConfig {
     /// A named preset with NSA attention (set `attention` to [`AttentionKind::Dense`] for the
@@ -78,6 +78,8 @@ impl ModelConfig {
     ///   vocab 50304, paper NSA lengths.
     /// - `"125m"`: D = 768, 12 layers, 12 heads / 4 KV heads, dk = dv = 64, F = 2048,
     ///   vocab 50304, paper NSA lengths.
+    /// - `"125m-g16"`: `125m` with the paper's group size: 16 heads / 1 KV head (G = 16, as
+    ///   the paper's 64 / 4), dk = dv = 64, so attention is 1024 wide.
     ///
     /// Exact parameter counts are in the crate docs. An unknown name is an error that lists
     /// the valid ones.
@@ -117,6 +119,7 @@ impl ModelConfig {
             }),
             "small" => Ok(base(50_304, 384, 6, 6, 2, 64, 1024)),
             "125m" => Ok(base(50_304, 768, 12, 12, 4, 64, 2048)),
+            "125m-g16" => Ok(base(50_304, 768, 12, 16, 1, 64, 2048)),
             other => Err(ModelError::UnknownPreset {
                 name: other.to_string(),
                 valid: PRESETS.join(", "),
@@ -474,6 +477,7 @@ mod tests {
             ("tiny", 147_352, 108_864),
             ("small", 31_765_740, 28_758_912),
             ("125m", 127_648_944, 114_150_144),
+            ("125m-g16", 121_612_608, 115_329_792),
         ];
         for (name, nsa, dense) in want {
             let cfg = ModelConfig::preset(name).unwrap();

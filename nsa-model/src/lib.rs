@@ -85,9 +85,12 @@
 //! | `tiny` | 64 | 2 | 4 / 2 | 16 | 176 | 256 | 8, 4, 16, 4, 2, 32 | MLP (32), 16 | 147,352 | 108,864 |
 //! | `small` | 384 | 6 | 6 / 2 | 64 | 1024 | 50304 | 32, 16, 64, 16, 2, 512 | MLP (64), 64 | 31,765,740 | 28,758,912 |
 //! | `125m` | 768 | 12 | 12 / 4 | 64 | 2048 | 50304 | 32, 16, 64, 16, 2, 512 | MLP (64), 64 | 127,648,944 | 114,150,144 |
+//! | `125m-g16` | 768 | 12 | 16 / 1 | 64 | 2048 | 50304 | 32, 16, 64, 16, 2, 512 | MLP (64), 64 | 121,612,608 | 115,329,792 |
 //!
 //! Of these, the embedding holds 16,384 (`tiny`), 19,316,736 (`small`) and 38,633,472
-//! (`125m`). `tiny`'s NSA lengths are scaled down so that at S ≥ 96 every branch is active and
+//! (`125m` and `125m-g16`). `125m-g16` has the paper's group of 16 query heads per KV head
+//! (its H = 64 / Hkv = 4), where the selected branch's kernels share each key load among 16
+//! heads. `tiny`'s NSA lengths are scaled down so that at S ≥ 96 every branch is active and
 //! top-n really chooses (6 selection blocks for n = 4); it trains on 2 CPU cores. NSA's
 //! extra parameters over dense are the two additional K/V pairs, φ, the position embeddings
 //! and the gate MLP. [`ModelConfig::num_params`] gives these counts in closed form; a test
