@@ -273,27 +273,10 @@ pub fn gate_mix(oc: &Tensor, os: &Tensor, ow: &Tensor, g: &Tensor) -> Result<Ten
         return Err(input("oc", format!("must be [B, S, H, dv], got {size:?}")));
     }
     let gate_size = [size[0], size[1], size[2], 3];
-    for (what, t, want) in [
-        ("oc", oc, size.as_slice()),
-        ("os", os, size.as_slice()),
-        ("ow", ow, size.as_slice()),
-        ("g", g, gate_size.as_slice()),
-    ] {
-        let layout_ok = what != "g" || t.is_contiguous();
-        if t.device() != oc.device() || t.kind() != kind || !layout_ok || t.size() != want {
-            let layout = if what == "g" { "contiguous " } else { "" };
-            return Err(input(
-                what,
-                format!(
-                    "{layout}{kind:?} {want:?} on {:?}, got {:?} {:?} on {:?}",
-                    oc.device(),
-                    t.kind(),
-                    t.size(),
-                    t.device()
-                ),
-            ));
-        }
+    for (what, t) in [("oc", oc), ("os", os), ("ow", ow)] {
+        expect_tensor(what, t, kind, &size, oc.device(), false)?;
     }
+    expect_tensor("g", g, kind, &gate_size, oc.device(), true)?;
     let ordinal = cuda_ordinal("oc", oc)?;
     let tab = &pointwise_kernels(ordinal)?.table;
     let mut err = vec![0u8; ERR_LEN];
@@ -310,6 +293,35 @@ pub fn gate_mix(oc: &Tensor, os: &Tensor, ow: &Tensor, g: &Tensor) -> Result<Ten
         )
     };
     finish("nsa_fused_gate_mix", ptr, &err)
+}
+
+/// Checks that `t` (argument `what`) has dtype `kind`, shape `want` and `device`, and is
+/// contiguous where `contiguous` asks; the error names what was wanted and what came.
+fn expect_tensor(
+    what: &'static str,
+    t: &Tensor,
+    kind: Kind,
+    want: &[i64],
+    device: tch::Device,
+    contiguous: bool,
+) -> Result<(), FusedError> {
+    if t.kind() == kind
+        && t.size() == want
+        && t.device() == device
+        && (!contiguous || t.is_contiguous())
+    {
+        return Ok(());
+    }
+    let layout = if contiguous { "contiguous " } else { "" };
+    Err(input(
+        what,
+        format!(
+            "{layout}{kind:?} {want:?} on {device:?}, got {:?} {:?} on {:?}",
+            t.kind(),
+            t.size(),
+            t.device()
+        ),
+    ))
 }
 
 /// The overlapping blocks the compressed branch's φ reads (Eq. 7), in φ's layout: for raw keys
@@ -359,19 +371,7 @@ pub fn cmp_blocks(
         ));
     }
     if let Some(pos) = pos {
-        if pos.size() != [block_len, g, d] || pos.kind() != x.kind() || pos.device() != x.device() {
-            return Err(input(
-                "pos",
-                format!(
-                    "{:?} [{block_len}, {g}, {d}] on {:?}, got {:?} {:?} on {:?}",
-                    x.kind(),
-                    x.device(),
-                    pos.kind(),
-                    pos.size(),
-                    pos.device()
-                ),
-            ));
-        }
+        expect_tensor("pos", pos, x.kind(), &[block_len, g, d], x.device(), false)?;
     }
     let ordinal = cuda_ordinal("x", x)?;
     let tab = &pointwise_kernels(ordinal)?.table;
