@@ -4,18 +4,22 @@
 #   1. real text: `small` at S = 2048 and 8192, NSA and dense (configs/text-small-s*.toml);
 #   2. retrieval, NSA and dense side by side in two stages: the key-value binding at S = 128
 #      (configs/recall-small-short.toml, once per OUT), then each model continued at a distance
-#      at S = 4096 or 16384 (configs/recall-small-s*.toml), each evaluated by generation at 1x,
-#      2x and 4x its length (1x and 2x from 16384);
-#   3. `nsa-train compare` for each: PNGs and Markdown tables under OUT/text, OUT/recall-s4096
-#      and OUT/recall-s16384.
+#      at S = 1024, 4096 or 16384 (configs/recall-small-s*.toml), each evaluated by generation
+#      at 1x, 2x and 4x its length (1x and 2x from 16384); or in three stages, S = 4096
+#      continued from the S = 1024 stage instead of stage 1 (recall-4096-from-1024);
+#   3. `nsa-train compare` for each: PNGs and Markdown tables under OUT/text and OUT/recall-s*
+#      (OUT/recall-s4096-from-s1024 for the three stages).
 #
 # Usage: scripts/issue15.sh SHARDS TOKENIZER OUT [WHAT [TRAIN_ARGS...]]
 #   SHARDS     folder with train/ and val/ llm.c shards (nsa-train prepare's output)
 #   TOKENIZER  the tokenizer.json the shards were made with
-#   OUT        results folder (runs/, logs/, evals/, text/, recall-s4096/, recall-s16384/)
-#   WHAT       all (default) | text | recall | text-2048 | text-8192 | recall-4096 | recall-16384
+#   OUT        results folder (runs/, logs/, evals/, text/, recall-s*/)
+#   WHAT       all (default) | text | recall | text-2048 | text-8192 | recall-1024 | recall-4096
+#              | recall-16384 | recall-4096-from-1024 (needs recall-1024's runs in OUT)
 #   TRAIN_ARGS passed to every `nsa-train train` (e.g. --set run.steps=300)
-# NSA_TRAIN names the binary (default: target/release/nsa-train if built, else nsa-train on PATH).
+# NSA_TRAIN names the binary (default: target/release/nsa-train if built, else nsa-train on PATH);
+# ATTENTIONS the recall parts' attentions (default "nsa dense"; e.g. "nsa" to spend a short
+# device call on NSA alone).
 # Every run is one process; a failed one stops the script (set -e) with its log in OUT/logs/.
 # The recall parts need no SHARDS or TOKENIZER (pass anything, e.g. `none none`).
 # Parts can run in separate calls with the same OUT (each part takes a few minutes on one H200);
@@ -24,7 +28,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-    sed -n '2,17p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
 fi
 SHARDS=$1
@@ -42,14 +46,28 @@ elif [[ -x "$HERE/target/release/nsa-train" ]]; then
 else
     BIN=nsa-train
 fi
+recall_atts=${ATTENTIONS:-nsa dense}
+for att in $recall_atts; do
+    [[ $att == nsa || $att == dense ]] || { echo "ATTENTIONS holds nsa and/or dense, not $att" >&2; exit 2; }
+done
+# recall_from: the stage the recall runs continue (short = stage 1; s1024 = the S = 1024 stage).
+recall_from=short
 case $WHAT in
     all) text_seqs="2048 8192" recall_seqs="4096 16384" ;;
     text) text_seqs="2048 8192" recall_seqs="" ;;
     recall) text_seqs="" recall_seqs="4096 16384" ;;
     text-2048 | text-8192) text_seqs=${WHAT#text-} recall_seqs="" ;;
-    recall-4096 | recall-16384) text_seqs="" recall_seqs=${WHAT#recall-} ;;
-    *) echo "WHAT must be all, text, recall, text-2048, text-8192, recall-4096 or recall-16384" >&2; exit 2 ;;
+    recall-1024 | recall-4096 | recall-16384) text_seqs="" recall_seqs=${WHAT#recall-} ;;
+    recall-4096-from-1024) text_seqs="" recall_seqs=4096 recall_from=s1024 ;;
+    *) echo "WHAT must be all, text, recall, text-2048, text-8192, recall-1024, recall-4096," \
+        "recall-16384 or recall-4096-from-1024" >&2; exit 2 ;;
 esac
+if [[ $recall_from != short ]]; then
+    for att in $recall_atts; do
+        [[ -f "$OUT/runs/recall-$att-$recall_from/summary.json" ]] \
+            || { echo "no $OUT/runs/recall-$att-$recall_from: run recall-1024 first" >&2; exit 2; }
+    done
+fi
 if [[ -n $text_seqs ]]; then
     [[ -d "$SHARDS/train" && -d "$SHARDS/val" ]] || { echo "$SHARDS has no train/ and val/" >&2; exit 2; }
     [[ -f "$TOKENIZER" ]] || { echo "no tokenizer at $TOKENIZER" >&2; exit 2; }
@@ -95,28 +113,33 @@ if [[ -n $text_seqs ]]; then
 fi
 
 if [[ -n $recall_seqs ]]; then
-    # Both attentions train side by side (two processes on one GPU: the recall runs' tokens/s
+    # The attentions train side by side (two processes on one GPU: the recall runs' tokens/s
     # are not a speed measurement; the text runs' are).
     pair() { # STAGE-NAME-PATTERN (with @ for the attention) CONFIG [--set ...]
         local pattern=$1 config=$2 pids=() att
         shift 2
-        for att in nsa dense; do
+        for att in $recall_atts; do
             train "${pattern//@/$att}" "$config" --set "model.attention=\"$att\"" "${@//@/$att}" &
             pids+=($!)
         done
         for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
     }
     # Stage 1, once per OUT: the key–value binding at S = 128 (configs/recall-small-short.toml).
-    if [[ ! -f "$RUNS/recall-nsa-short/summary.json" || ! -f "$RUNS/recall-dense-short/summary.json" ]]; then
+    missing=0
+    for att in $recall_atts; do [[ -f "$RUNS/recall-$att-short/summary.json" ]] || missing=1; done
+    if ((missing)); then
         pair "recall-@-short" "$CONFIGS/recall-small-short.toml"
     fi
     for s in $recall_seqs; do
         recall_runs=()
         evals=()
-        # Stage 2: each attention continues its own stage-1 model at length s.
-        pair "recall-@-s$s" "$CONFIGS/recall-small-s$s.toml" --set "run.init_from=\"$RUNS/recall-@-short\""
-        for att in nsa dense; do
-            name="recall-$att-s$s"
+        # Stage 2 (or 3): each attention continues its own earlier model at length s.
+        suffix=s$s
+        [[ $recall_from != short ]] && suffix=s$s-from-$recall_from
+        pair "recall-@-$suffix" "$CONFIGS/recall-small-s$s.toml" \
+            --set "run.init_from=\"$RUNS/recall-@-$recall_from\""
+        for att in $recall_atts; do
+            name="recall-$att-$suffix"
             recall_runs+=("$RUNS/$name")
             # The length the run trained at (TRAIN_ARGS may have changed it).
             trained=$(sed -n 's/^seq_len = //p' "$RUNS/$name/config.toml")
@@ -135,8 +158,8 @@ if [[ -n $recall_seqs ]]; then
                 evals+=(--eval "$OUT/evals/$name-len$len.json")
             done
         done
-        "$BIN" compare "${recall_runs[@]}" "${evals[@]}" --out "$OUT/recall-s$s" \
+        "$BIN" compare "${recall_runs[@]}" "${evals[@]}" --out "$OUT/recall-$suffix" \
             --title "recall at a distance, trained at S = $s: NSA vs dense"
     done
 fi
-echo "results: $OUT/text/compare.md $OUT/recall-s4096/compare.md $OUT/recall-s16384/compare.md"
+echo "results: $OUT/text/compare.md and $OUT/recall-*/compare.md"
