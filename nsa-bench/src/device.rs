@@ -87,6 +87,9 @@ pub fn bench_device(arg: Option<&str>) -> Result<Device, BenchError> {
                 "--device cuda:{i}: no such CUDA device is visible to libtorch"
             )));
         }
+        // Every kernel family compiles in the background (or comes from the disk cache) while
+        // the benchmark sets up; a failure shows where a family is first used.
+        let _ = nsa_sys::fused::prebuild(i);
     }
     Ok(device)
 }

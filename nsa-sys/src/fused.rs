@@ -9,7 +9,8 @@
 //! Kernels are compiled per device architecture on first use (NVRTC, [`crate::nvrtc`]),
 //! loaded into the device's primary context (the one libtorch uses) and kept for the life of
 //! the process. [`configure`] sets the compile options (the CUBIN cache folder) for devices
-//! loaded afterwards.
+//! loaded afterwards; [`prebuild`] starts every family's compilation at once in the background,
+//! so that a first start waits for the slowest family instead of the sum of all.
 //!
 //! Layouts: `q` `[B, S, H, dk]`, `k` `[B, S, Hkv, dk]`, `v` `[B, S, Hkv, dv]`, output
 //! `[B, S, H, dv]`; query head `j` reads key head `j / (H / Hkv)`; block ids int64 or int32
@@ -19,14 +20,16 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CString};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
 use crate::autograd::{self, GlueError, ERR_LEN};
 use crate::driver::{self, check, CuContext, CuFunction, CuModule};
-use crate::nvrtc::{Nvrtc, NvrtcError, COMPRESSED, SELECTED_BWD, SELECTED_FWD};
+use crate::nvrtc::{
+    KernelSource, Nvrtc, NvrtcError, ALL_SOURCES, COMPRESSED, SELECTED_BWD, SELECTED_FWD,
+};
 use crate::SysError;
 
 mod block_ids;
@@ -137,7 +140,8 @@ impl SelectedKernels {
     pub fn arch(&self) -> (i32, i32) {
         self.arch
     }
-    /// Whether both CUBIN images came from the disk cache.
+    /// Whether the three CUBIN images (selected forward, backward, compressed) came from the disk
+    /// cache.
     pub fn from_cache(&self) -> bool {
         self.from_cache
     }
@@ -194,6 +198,87 @@ fn nvrtc() -> Result<&'static Nvrtc, NvrtcError> {
     Ok(n)
 }
 
+/// A kernel family's CUBIN for one architecture, built at most once per process and shared by
+/// the loaders and [`prebuild`]: a loader that needs a family still being built waits for that
+/// build instead of starting its own.
+type CubinSlot = Arc<Mutex<Option<Arc<Image>>>>;
+
+/// A built kernel family: its CUBIN, and whether it came from the disk cache.
+#[derive(Debug)]
+struct Image {
+    cubin: Vec<u8>,
+    cached: bool,
+}
+
+/// A family (its file name) for a compute capability.
+type CubinKey = (&'static str, (i32, i32));
+
+static CUBINS: Mutex<Option<HashMap<CubinKey, CubinSlot>>> = Mutex::new(None);
+
+/// The CUBIN of `src` for compute capability `arch`, through the disk cache of `opts`: from this
+/// process's earlier build, or built now (other families build in parallel meanwhile). A failed
+/// build is not remembered: the next caller tries again and gets the error itself.
+fn cubin(
+    src: &KernelSource,
+    arch: (i32, i32),
+    opts: &FusedOptions,
+) -> Result<Arc<Image>, FusedError> {
+    let slot = {
+        let mut map = CUBINS.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            map.get_or_insert_with(HashMap::new)
+                .entry((src.name, arch))
+                .or_default(),
+        )
+    };
+    let mut built = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(image) = built.as_ref() {
+        return Ok(Arc::clone(image));
+    }
+    let built_now = nvrtc()?.compile_cached(src, arch, opts.cache_dir.as_deref())?;
+    let image = Arc::new(Image {
+        cubin: built_now.cubin,
+        cached: built_now.cached,
+    });
+    *built = Some(Arc::clone(&image));
+    Ok(image)
+}
+
+/// Starts building every kernel family for CUDA device `device`'s architecture in the
+/// background (one thread per family, [`configure`]'s options) and returns at once. Later loads
+/// take the builds (or wait for the ones still running), so a first start costs the slowest
+/// family's compile rather than all of them in turn; with a warm disk cache it reads files.
+/// Build errors surface where a loader needs that family.
+pub fn prebuild(device: usize) -> Result<(), FusedError> {
+    let arch = (
+        device_attribute(device, driver::ATTR_CC_MAJOR)?,
+        device_attribute(device, driver::ATTR_CC_MINOR)?,
+    );
+    let opts = current_options();
+    for src in ALL_SOURCES {
+        let opts = opts.clone();
+        std::thread::Builder::new()
+            .name(format!("nvrtc {}", src.name))
+            .spawn(move || {
+                let _ = cubin(&src, arch, &opts);
+            })
+            .map_err(|e| SysError::Load {
+                name: format!("a build thread for {}", src.name),
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+/// [`configure`]'s options (the defaults until it is called).
+fn current_options() -> FusedOptions {
+    OPTIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default()
+}
+
 /// The selected-branch kernels of CUDA device `device`, compiled and loaded on first use
 /// (with the options of [`configure`]), then shared.
 pub fn kernels(device: usize) -> Result<&'static SelectedKernels, FusedError> {
@@ -212,11 +297,7 @@ fn loaded_once<T>(
     if let Some(k) = map.get(&device) {
         return Ok(k);
     }
-    let opts = OPTIONS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or_default();
+    let opts = current_options();
     let k: &'static T = Box::leak(Box::new(load(device, &opts)?));
     map.insert(device, k);
     Ok(k)
@@ -247,14 +328,7 @@ fn device_setup(device: usize) -> Result<DeviceSetup, FusedError> {
         )?;
         check("cuCtxSetCurrent", (drv.ctx_set_current)(ctx))?;
     }
-    let attribute = |attr| -> Result<i32, FusedError> {
-        let mut value = 0;
-        // SAFETY: a valid out-pointer; an invalid ordinal or attribute returns an error code.
-        check("cuDeviceGetAttribute", unsafe {
-            (drv.device_get_attribute)(&mut value, attr, dev)
-        })?;
-        Ok(value)
-    };
+    let attribute = |attr| device_attribute(device, attr);
     Ok(DeviceSetup {
         arch: (
             attribute(driver::ATTR_CC_MAJOR)?,
@@ -264,6 +338,17 @@ fn device_setup(device: usize) -> Result<DeviceSetup, FusedError> {
         sm_count: attribute(driver::ATTR_MULTIPROCESSOR_COUNT)?,
         smem_per_sm: attribute(driver::ATTR_MAX_SHARED_PER_SM)?,
     })
+}
+
+/// A CUDA device attribute (`CU_DEVICE_ATTRIBUTE_*`) of device `device`; no context needed.
+fn device_attribute(device: usize, attr: i32) -> Result<i32, FusedError> {
+    let drv = driver::shared()?;
+    let mut value = 0;
+    // SAFETY: a valid out-pointer; an invalid ordinal or attribute returns an error code.
+    check("cuDeviceGetAttribute", unsafe {
+        (drv.device_get_attribute)(&mut value, attr, device as i32)
+    })?;
+    Ok(value)
 }
 
 /// Loads a CUBIN into the current context; the module is never unloaded.
@@ -307,10 +392,11 @@ fn load(device: usize, opts: &FusedOptions) -> Result<SelectedKernels, FusedErro
     same_layout("NsaSlcTable", glue, std::mem::size_of::<SlcTable>())?;
     let drv = driver::shared()?;
     let DeviceSetup { arch, max_smem, .. } = device_setup(device)?;
-    let nv = nvrtc()?;
-    let fwd = nv.compile_cached(&SELECTED_FWD, arch, opts.cache_dir.as_deref())?;
-    let bwd = nv.compile_cached(&SELECTED_BWD, arch, opts.cache_dir.as_deref())?;
-    let cmp = nv.compile_cached(&COMPRESSED, arch, opts.cache_dir.as_deref())?;
+    let (fwd, bwd, cmp) = (
+        cubin(&SELECTED_FWD, arch, opts)?,
+        cubin(&SELECTED_BWD, arch, opts)?,
+        cubin(&COMPRESSED, arch, opts)?,
+    );
     let fwd_mod = load_module(&fwd.cubin)?;
     let bwd_mod = load_module(&bwd.cubin)?;
     let cmp_mod = load_module(&cmp.cubin)?;

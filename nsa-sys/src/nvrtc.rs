@@ -9,9 +9,12 @@
 //! Compilation: `--gpu-architecture=sm_XY -std=c++17 -lineinfo -I<cu13/include>`, the kernel
 //! family's source plus the shared headers ([`HEADERS`]), output CUBIN for exactly that
 //! architecture. The cache file is `<dir>/<family>-sm_XY-<sha256>.cubin`, the hash taken over
-//! (source, headers, options, architecture, NVRTC version), written under a temporary name and
-//! renamed, so concurrent processes never read a half-written file and a second start
-//! compiles nothing.
+//! (source, headers, options, architecture, NVRTC version; the options without the include
+//! folder's path, which says where this install keeps the headers of that NVRTC version, not what
+//! they hold, so a cache built on one machine serves another with the same torch wheel), written
+//! under a temporary name and renamed, so concurrent processes never read a half-written file
+//! and a second start compiles nothing. [`Nvrtc::build_all`] compiles several families and
+//! architectures at once: NVRTC compiles different programs concurrently.
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 
@@ -129,6 +132,17 @@ pub struct Nvrtc {
     get_cubin_size: unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult,
     get_cubin: unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult,
     get_error_string: unsafe extern "C" fn(NvrtcResult) -> *const c_char,
+}
+
+/// One kernel family built for one architecture by [`Nvrtc::build_all`].
+#[derive(Debug)]
+pub struct Build {
+    pub source: KernelSource,
+    /// Compute capability (major, minor).
+    pub arch: (i32, i32),
+    pub result: Result<Compiled, NvrtcError>,
+    /// Wall time of this build (compile or cache read).
+    pub seconds: f64,
 }
 
 /// A compiled kernel family.
@@ -342,8 +356,23 @@ impl Nvrtc {
         })
     }
 
-    /// The cache key of `src` for `arch`: SHA-256 over source, headers, options, architecture
-    /// and NVRTC version, in hex.
+    /// The options as the cache key sees them: the include folder by what it is (the headers of
+    /// this NVRTC version), not by where this install keeps it.
+    fn key_options(&self, arch: (i32, i32)) -> Vec<String> {
+        self.options(arch)
+            .into_iter()
+            .map(|o| {
+                if o.starts_with("-I") {
+                    "-I<the CUDA headers of this NVRTC>".to_string()
+                } else {
+                    o
+                }
+            })
+            .collect()
+    }
+
+    /// The cache key of `src` for `arch`: SHA-256 over source, headers, options (the include
+    /// folder unnamed), architecture and NVRTC version, in hex.
     pub fn cache_key(&self, src: &KernelSource, arch: (i32, i32)) -> String {
         let mut h = Sha256::new();
         let mut field = |bytes: &[u8]| {
@@ -356,7 +385,7 @@ impl Nvrtc {
             field(n.as_bytes());
             field(t.as_bytes());
         }
-        for o in self.options(arch) {
+        for o in self.key_options(arch) {
             field(o.as_bytes());
         }
         field(
@@ -415,7 +444,89 @@ impl Nvrtc {
         std::io::Write::write_all(&mut tmp, &compiled.cubin)
             .map_err(|e| cache_err(tmp.path(), e))?;
         tmp.persist(&path).map_err(|e| cache_err(&path, e.error))?;
+        remove_stale_temporaries(dir, stem);
         Ok(compiled)
+    }
+
+    /// Builds every family of `sources` for every architecture of `archs` through the cache in
+    /// `cache_dir` ([`Nvrtc::compile_cached`]), as many at once as this machine has cores (NVRTC
+    /// compiles different programs concurrently; one family takes tens of seconds), and returns
+    /// the builds in the order asked, sources outer. A failure is that build's `result`; the
+    /// others go on.
+    pub fn build_all(
+        &self,
+        sources: &[KernelSource],
+        archs: &[(i32, i32)],
+        cache_dir: Option<&Path>,
+    ) -> Vec<Build> {
+        let pairs: Vec<(KernelSource, (i32, i32))> = sources
+            .iter()
+            .flat_map(|&s| archs.iter().map(move |&a| (s, a)))
+            .collect();
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(pairs.len())
+            .max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut done: Vec<(usize, Build)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&(source, arch)) = pairs.get(i) else {
+                                return mine;
+                            };
+                            let start = std::time::Instant::now();
+                            let result = self.compile_cached(&source, arch, cache_dir);
+                            mine.push((
+                                i,
+                                Build {
+                                    source,
+                                    arch,
+                                    result,
+                                    seconds: start.elapsed().as_secs_f64(),
+                                },
+                            ));
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        done.sort_by_key(|(i, _)| *i);
+        done.into_iter().map(|(_, b)| b).collect()
+    }
+}
+
+/// Temporary files of `stem`'s cache entries older than an hour: left by a process that ended
+/// while it wrote one (a background build cut short by the process's exit). They are never
+/// read; removing them keeps the cache folder to its entries. A writer's own temporary file is
+/// seconds old. Best effort: what cannot be read or removed stays.
+fn remove_stale_temporaries(dir: &Path, stem: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{stem}.");
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !(name.starts_with(&prefix) && name.ends_with(".tmp")) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+        if old {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

@@ -13,22 +13,29 @@ fn nvrtc() -> Nvrtc {
 fn every_kernel_compiles_cleanly_for_sm80_and_sm90() {
     let nv = nvrtc();
     assert!(nv.version().0 >= 12, "NVRTC {:?}", nv.version());
-    for src in ALL_SOURCES {
-        for arch in [(8, 0), (9, 0)] {
-            let out = nv
-                .compile(&src, arch)
-                .unwrap_or_else(|e| panic!("{} for sm_{}{}: {e}", src.name, arch.0, arch.1));
-            assert!(
-                out.log.is_empty(),
-                "{} for sm_{}{} compiled with messages:\n{}",
-                src.name,
-                arch.0,
-                arch.1,
-                out.log
-            );
-            // An ELF image (CUBIN), not PTX text.
-            assert_eq!(&out.cubin[..4], b"\x7fELF", "{}", src.name);
-        }
+    let archs = [(8, 0), (9, 0)];
+    // No cache: every build compiles (in parallel).
+    let builds = nv.build_all(&ALL_SOURCES, &archs, None);
+    assert_eq!(builds.len(), ALL_SOURCES.len() * archs.len());
+    for (i, b) in builds.iter().enumerate() {
+        // In the order asked: sources outer, architectures inner.
+        assert_eq!(b.source, ALL_SOURCES[i / archs.len()]);
+        assert_eq!(b.arch, archs[i % archs.len()]);
+        let (name, arch) = (b.source.name, b.arch);
+        let out = b
+            .result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{name} for sm_{}{}: {e}", arch.0, arch.1));
+        assert!(!out.cached);
+        assert!(
+            out.log.is_empty(),
+            "{name} for sm_{}{} compiled with messages:\n{}",
+            arch.0,
+            arch.1,
+            out.log
+        );
+        // An ELF image (CUBIN), not PTX text.
+        assert_eq!(&out.cubin[..4], b"\x7fELF", "{name}");
     }
 }
 
@@ -75,10 +82,72 @@ fn the_cubin_cache_serves_the_second_compile() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(files.len(), 1, "one file, no temporaries left: {files:?}");
+    // A temporary file an interrupted writer left an hour ago goes with the next write of that
+    // family; a fresh one (a writer at work) stays.
+    let stale = dir.join(".tiny.abc123.tmp");
+    let fresh = dir.join(".tiny.def456.tmp");
+    std::fs::write(&stale, b"half").unwrap();
+    std::fs::write(&fresh, b"half").unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
     assert!(files[0].starts_with("tiny-sm_80-") && files[0].ends_with(".cubin"));
     // Another architecture is another key.
     assert_ne!(nv.cache_key(&src, (8, 0)), nv.cache_key(&src, (9, 0)));
     let third = nv.compile_cached(&src, (9, 0), Some(&dir)).unwrap();
     assert!(!third.cached);
+    assert!(!stale.exists(), "a stale temporary file stays in the cache");
+    assert!(fresh.exists(), "a fresh temporary file was removed");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A cache built by one install serves another with the same NVRTC: the key names the include
+/// folder by what it holds, not by its path (here the same libraries and headers reached
+/// through links in another folder). Sources and architectures still separate keys, and a
+/// second `build_all` over one cache reads every family from it.
+#[test]
+fn the_cache_key_does_not_depend_on_where_the_headers_live() {
+    let nv = nvrtc();
+    let lib_dir = nv.library().parent().unwrap().to_path_buf();
+    let include_dir = lib_dir.parent().unwrap().join("include");
+    let scratch = tempfile::tempdir().unwrap();
+    let other = scratch.path().join("elsewhere");
+    std::fs::create_dir(&other).unwrap();
+    std::os::unix::fs::symlink(&lib_dir, other.join("lib")).unwrap();
+    std::os::unix::fs::symlink(&include_dir, other.join("include")).unwrap();
+    let moved = Nvrtc::open_in(&other.join("lib")).unwrap();
+    assert_ne!(
+        nv.options((9, 0)),
+        moved.options((9, 0)),
+        "the include paths differ"
+    );
+    let tiny = KernelSource {
+        name: "tiny.cu",
+        source: "extern \"C\" __global__ void tiny(float* x) { x[threadIdx.x] *= 2.f; }\n",
+    };
+    let twice = KernelSource {
+        name: "twice.cu",
+        source: "extern \"C\" __global__ void twice(float* x) { x[threadIdx.x] *= 3.f; }\n",
+    };
+    assert_eq!(nv.cache_key(&tiny, (9, 0)), moved.cache_key(&tiny, (9, 0)));
+    assert_ne!(nv.cache_key(&tiny, (9, 0)), nv.cache_key(&twice, (9, 0)));
+    assert_ne!(nv.cache_key(&tiny, (9, 0)), nv.cache_key(&tiny, (8, 0)));
+    let dir = scratch.path().join("cache");
+    let first = nv.build_all(&[tiny, twice], &[(8, 0), (9, 0)], Some(&dir));
+    assert!(first
+        .iter()
+        .all(|b| matches!(&b.result, Ok(c) if !c.cached)));
+    let second = moved.build_all(&[tiny, twice], &[(8, 0), (9, 0)], Some(&dir));
+    for (a, b) in first.iter().zip(&second) {
+        let (a, b) = (a.result.as_ref().unwrap(), b.result.as_ref().unwrap());
+        assert!(
+            b.cached,
+            "the other install must read the first one's cache"
+        );
+        assert_eq!(a.cubin, b.cubin);
+    }
 }

@@ -23,6 +23,7 @@ mod flops;
 #[cfg(test)]
 mod fuzz_tests;
 mod generate;
+mod kernels;
 mod launch;
 mod metrics;
 mod optim;
@@ -171,6 +172,9 @@ enum Command {
     /// sequence length, steps, tokens, final validation loss, perplexity, tokens/s), and the
     /// accuracy by distance of `eval --task … --json` files.
     Compare(compare::CompareArgs),
+    /// Build every fused kernel with NVRTC into the kernel cache (no GPU needed with --arch),
+    /// so that a first start compiles nothing; prints what was built or found.
+    Kernels(kernels::KernelsArgs),
     /// Benchmarks; each prints a Markdown table and can append it to a file.
     Bench {
         #[command(subcommand)]
@@ -259,7 +263,7 @@ fn main() -> anyhow::Result<()> {
     let Some(command) = command else {
         print!("{}", snapshot::EnvSnapshot::collect().report());
         println!(
-            "\ncommands: train, eval, generate, smoke, check, env, bench, tokenizer, prepare, compare (see `nsa-train --help`)"
+            "\ncommands: train, eval, generate, smoke, check, env, bench, kernels, tokenizer, prepare, compare (see `nsa-train --help`)"
         );
         return Ok(());
     };
@@ -383,6 +387,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { what } => bench::run(what),
+        Command::Kernels(a) => kernels::run(&a),
         Command::Rendezvous {
             launch,
             timeout_s,

@@ -153,6 +153,8 @@ pub(crate) fn check_device(option: &'static str) -> Result<Device, AttnError> {
             reason: format!("needs a CUDA device: {backend}"),
         });
     }
+    // Every kernel family compiles in the background while the first rows set up.
+    let _ = nsa_sys::fused::prebuild(0);
     Ok(Device::Cuda(0))
 }
 

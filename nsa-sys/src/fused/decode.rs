@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use tch::{Kind, Tensor};
 
 use super::{
-    cuda_ordinal, device_setup, input, load_module, loaded_once, module_function, nvrtc,
+    cubin, cuda_ordinal, device_setup, input, load_module, loaded_once, module_function,
     FusedError, FusedOptions, SelectParams, MMA_HEAD_DIMS,
 };
 use crate::autograd::{glue_error, ERR_LEN};
@@ -83,8 +83,7 @@ pub fn decode_kernels(device: usize) -> Result<&'static DecodeKernels, FusedErro
 
 fn load(device: usize, opts: &FusedOptions) -> Result<DecodeKernels, FusedError> {
     let setup = device_setup(device)?;
-    let image = nvrtc()?.compile_cached(&DECODE, setup.arch, opts.cache_dir.as_deref())?;
-    let module = load_module(&image.cubin)?;
+    let module = load_module(&cubin(&DECODE, setup.arch, opts)?.cubin)?;
     let func = |name: &str| module_function(module, name, setup.max_smem);
     let family = |prefix: &str| -> Result<[CuFunction; 4], FusedError> {
         Ok([

@@ -16,7 +16,7 @@ use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
 
 use super::{
-    cuda_ordinal, device_setup, finish, input, load_module, loaded_once, module_function, nvrtc,
+    cubin, cuda_ordinal, device_setup, finish, input, load_module, loaded_once, module_function,
     same_layout,
 };
 use super::{FusedError, FusedOptions};
@@ -90,8 +90,7 @@ fn load(device: usize, opts: &FusedOptions) -> Result<PointwiseKernels, FusedErr
     )?;
     let drv = driver::shared()?;
     let setup = device_setup(device)?;
-    let image = nvrtc()?.compile_cached(&POINTWISE, setup.arch, opts.cache_dir.as_deref())?;
-    let module = load_module(&image.cubin)?;
+    let module = load_module(&cubin(&POINTWISE, setup.arch, opts)?.cubin)?;
     let func = |name: &str| module_function(module, name, 0);
     // The RMSNorm backward's [warps][D] fp32 slices of dw: up to 48 KB, the most a launch may
     // ask for without opting in beyond the default (its attribute still has to allow it).

@@ -1,6 +1,8 @@
 //! Unit tests of the fused module's host-side rules.
 
-use super::{SelectedDq, SelectedForward};
+use std::sync::Arc;
+
+use super::{cubin, FusedOptions, SelectedDq, SelectedForward};
 
 /// `Auto` by shape: the paper's group of 16 runs token warps; from 256 selection blocks on (128
 /// in a batch of 512 or more), the `125m` preset's group of 3 runs key-outer while one
@@ -126,4 +128,32 @@ fn the_glue_reads_the_selected_table_rust_fills() {
     // SAFETY: a pure function of the C++ struct's layout.
     let glue = unsafe { super::nsa_slc_table_size() };
     assert_eq!(glue, std::mem::size_of::<super::SlcTable>());
+}
+
+/// A family built by one thread is the image every other caller gets: two threads asking for
+/// the same family at once share one build (one file in the cache, one image in memory), and a
+/// later call is served from memory.
+#[test]
+fn concurrent_callers_share_one_build() {
+    crate::cuda::load_backend().expect("libtorch backend query");
+    let scratch = tempfile::tempdir().unwrap();
+    let opts = FusedOptions {
+        cache_dir: Some(scratch.path().join("cache")),
+    };
+    // An architecture no other test builds in this process, so the slot starts empty.
+    let arch = (8, 6);
+    let images: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| cubin(&crate::nvrtc::POINTWISE, arch, &opts).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(Arc::ptr_eq(&images[0], &images[1]));
+    assert!(!images[0].cached, "the first build compiles");
+    let files = std::fs::read_dir(scratch.path().join("cache"))
+        .unwrap()
+        .count();
+    assert_eq!(files, 1);
+    let again = cubin(&crate::nvrtc::POINTWISE, arch, &opts).unwrap();
+    assert!(Arc::ptr_eq(&again, &images[0]));
 }

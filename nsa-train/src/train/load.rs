@@ -46,6 +46,11 @@ pub fn load_run(
     let cfg = crate::config::resolve(Some(&cfg_path), &[], std::iter::empty())?;
     let model_cfg = model_config(&cfg)?;
     let device = device.unwrap_or(cfg.run.device).resolve(has_gpu)?;
+    if let Device::Cuda(i) = device {
+        // The kernels compile in the background (or come from the disk cache) while the
+        // checkpoint loads.
+        let _ = nsa_sys::fused::prebuild(i);
+    }
     let mut vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &model_cfg)?;
     let model_json = serde_json::to_value(model_cfg)?;

@@ -56,6 +56,11 @@ impl<'a> Session<'a> {
             (Some(d), Device::Cuda(_)) => Device::Cuda(d.local_rank),
             (_, dev) => dev,
         };
+        if let Device::Cuda(i) = device {
+            // Every kernel family compiles in the background while the model and data are set
+            // up (or comes from the disk cache); a failure shows where a family is first used.
+            let _ = nsa_sys::fused::prebuild(i);
+        }
         let rank = launch.dist.as_ref().map_or(0, |d| d.rank);
         let world = launch.dist.as_ref().map_or(1, |d| d.world);
         let writer = rank == 0;
