@@ -601,6 +601,11 @@ pub fn first_host(list: &str) -> Option<String> {
     (!out.is_empty()).then_some(out)
 }
 
+/// [`kernel_cache_dir`] of this process's environment.
+pub fn process_kernel_cache_dir() -> Option<std::path::PathBuf> {
+    kernel_cache_dir(std::env::vars())
+}
+
 /// Where compiled CUDA kernels are cached between runs: `$XDG_CACHE_HOME/nsa/kernels`, else
 /// `$HOME/.cache/nsa/kernels` (`None` without either: kernels compile in memory at each start).
 pub fn kernel_cache_dir(

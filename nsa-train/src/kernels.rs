@@ -72,7 +72,7 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
     let archs = archs(args)?;
     let dir = match &args.cache_dir {
         Some(d) => d.clone(),
-        None => crate::config::kernel_cache_dir(std::env::vars()).context(
+        None => crate::config::process_kernel_cache_dir().context(
             "neither XDG_CACHE_HOME nor HOME is set: give the cache folder with --cache-dir",
         )?,
     };

@@ -258,7 +258,7 @@ fn main() -> anyhow::Result<()> {
     let backend = nsa_sys::cuda::load_backend().context("loading libtorch's CUDA backend")?;
     // Compiled kernels are kept on disk, so a second start compiles nothing.
     nsa_sys::fused::configure(nsa_sys::fused::FusedOptions {
-        cache_dir: config::kernel_cache_dir(std::env::vars()),
+        cache_dir: config::process_kernel_cache_dir(),
     });
     let Some(command) = command else {
         print!("{}", snapshot::EnvSnapshot::collect().report());

@@ -70,6 +70,8 @@ fn readme(name: &str) -> String {
          1. LIBTORCH=/path/to/libtorch (a folder with include/ and lib/),\n\
          2. the torch package of `python3` (or $NSA_PYTHON) if it is version 2.11.0.\n\n\
          Run:  bin/nsa-train env      # device, CUDA/cuDNN/NCCL versions, SDPA backend\n\
+         \x20     bin/nsa-train kernels  # build the GPU kernels into the cache ahead of the first run\n\
+         \x20     bin/nsa-train check --gpu\n\
          \x20     bin/nsa-train --help\n"
     )
 }
