@@ -173,7 +173,10 @@ impl DenseAttention {
 }
 
 /// Attention of one new query per sequence over its cached keys, through SDPA (not causal: the
-/// cache holds only the past and the token itself). `q` `[B, H, 1, dk]`, `k` `[B, Hkv, L, dk]`,
+/// cache holds only the past and the token itself) without its cuDNN backend
+/// (`nsa_sys::fused::sdpa_without_cudnn`): cuDNN builds a graph for every new shape, and a
+/// decoder's cache has a new length at every step, so libtorch's default pick there (cuDNN on
+/// Hopper) pays a graph build per step and layer. `q` `[B, H, 1, dk]`, `k` `[B, Hkv, L, dk]`,
 /// `v` `[B, Hkv, L, dv]`; `visible` bool `[B, 1, 1, L]` when the sequences hold different
 /// numbers of keys (true = read), `None` when all `L` are valid. Returns `[B, H, 1, dv]`.
 /// GQA as [`causal_attention`] (grouped call, expanded heads if a backend refuses it). The
@@ -185,9 +188,7 @@ pub fn decode_attention(
     visible: Option<&Tensor>,
 ) -> Result<Tensor, ModelError> {
     let sdpa = |k: &Tensor, v: &Tensor, gqa: bool| -> Result<Tensor, ModelError> {
-        Ok(Tensor::f_scaled_dot_product_attention(
-            q, k, v, visible, 0.0, false, None, gqa,
-        )?)
+        Ok(nsa_sys::fused::sdpa_without_cudnn(q, k, v, visible, gqa)?)
     };
     let gqa = q.size()[1] != k.size()[1];
     match sdpa(k, v, gqa) {

@@ -5,6 +5,8 @@
 // by fused.cpp's compressed branch on cuDNN).
 //
 // Layouts: q [B, S, H, d], k, v [B, S, Hkv, d], out [B, S, H, d]; flash's lse [B, H, S].
+// Also libtorch's SDPA with its cuDNN backend off for one call (nsa_sdpa_without_cudnn), for the
+// dense decoder's growing cache.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -113,6 +115,36 @@ at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at:
     return nullptr;
   }
 }
+
+// libtorch's SDPA with its cuDNN backend switched off for the call (its choice among flash,
+// memory-efficient and math; the flag is restored on every exit). cuDNN's SDPA builds a graph
+// per shape, so a decoder whose cache grows by a key each step would build one every step.
+// `mask` may be null. Not thread-safe: the flag is process-wide, and another thread's SDPA
+// during the call would skip cuDNN too.
+at::Tensor* nsa_sdpa_without_cudnn(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                                   const at::Tensor* mask, bool enable_gqa, char* err,
+                                   size_t err_len) {
+  try {
+    auto& ctx = at::globalContext();
+    struct Restore {
+      at::Context& ctx;
+      bool enabled;
+      ~Restore() { ctx.setSDPUseCuDNN(enabled); }
+    } restore{ctx, ctx.userEnabledCuDNNSDP()};
+    ctx.setSDPUseCuDNN(false);
+    std::optional<at::Tensor> m;
+    if (mask != nullptr) m = *mask;
+    auto out = at::scaled_dot_product_attention(*q, *k, *v, m, 0.0, false, std::nullopt,
+                                                enable_gqa);
+    return new at::Tensor(std::move(out));
+  } catch (const std::exception& e) {
+    nsa_glue::write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+// Whether libtorch's SDPA may pick its cuDNN backend (the process-wide switch).
+bool nsa_sdpa_cudnn_enabled() { return at::globalContext().userEnabledCuDNNSDP(); }
 
 // Sets the bound on one GQA backward call's temporaries (kv_head_chunks); returns the old one.
 int64_t nsa_fused_set_head_chunk_bytes(int64_t bytes) {

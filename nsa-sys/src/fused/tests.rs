@@ -157,3 +157,31 @@ fn concurrent_callers_share_one_build() {
     let again = cubin(&crate::nvrtc::POINTWISE, arch, &opts).unwrap();
     assert!(Arc::ptr_eq(&again, &images[0]));
 }
+
+/// SDPA without cuDNN is libtorch's SDPA (on the CPU, where cuDNN plays no part, the same
+/// bits), with GQA and with a mask; libtorch's errors come back typed; and libtorch's cuDNN
+/// switch is on again after every call, a failed one included.
+#[test]
+fn sdpa_without_cudnn_is_sdpa_and_restores_the_switch() {
+    use tch::{Device, Kind, Tensor};
+    let o = (Kind::Float, Device::Cpu);
+    let q = Tensor::randn([2, 6, 1, 16], o);
+    let k = Tensor::randn([2, 2, 37, 16], o);
+    let v = Tensor::randn([2, 2, 37, 8], o);
+    let mask = Tensor::rand([2, 1, 1, 37], o).ge(0.3);
+    assert!(super::sdpa_cudnn_enabled());
+    for m in [None, Some(&mask)] {
+        let want = Tensor::scaled_dot_product_attention(&q, &k, &v, m, 0.0, false, None, true);
+        let got = super::sdpa_without_cudnn(&q, &k, &v, m, true).unwrap();
+        assert!(got.equal(&want));
+        assert!(super::sdpa_cudnn_enabled());
+    }
+    // 6 query heads over 4 key heads: no grouping fits.
+    let bad_k = Tensor::randn([2, 4, 37, 16], o);
+    let bad_v = Tensor::randn([2, 4, 37, 8], o);
+    assert!(matches!(
+        super::sdpa_without_cudnn(&q, &bad_k, &bad_v, None, true),
+        Err(super::FusedError::Glue(_))
+    ));
+    assert!(super::sdpa_cudnn_enabled());
+}

@@ -21,6 +21,54 @@ extern "C" {
         err_len: usize,
     ) -> *mut C_tensor;
     fn nsa_fused_set_head_chunk_bytes(bytes: i64) -> i64;
+    fn nsa_sdpa_without_cudnn(
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        mask: *const C_tensor,
+        enable_gqa: bool,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn nsa_sdpa_cudnn_enabled() -> bool;
+}
+
+/// Whether libtorch's SDPA may pick its cuDNN backend: libtorch's process-wide switch, on unless
+/// turned off (and on again after [`sdpa_without_cudnn`]).
+pub fn sdpa_cudnn_enabled() -> bool {
+    // SAFETY: reads a flag of libtorch's global context.
+    unsafe { nsa_sdpa_cudnn_enabled() }
+}
+
+/// libtorch's `scaled_dot_product_attention(q, k, v, mask, enable_gqa)` (no dropout, not
+/// causal, default scale) with its cuDNN backend off for the call: libtorch picks among flash,
+/// memory-efficient and math. For decoding over a cache that grows by one key per step: cuDNN's
+/// SDPA builds a graph for every new shape, which costs milliseconds at each step, while flash
+/// takes any length. libtorch's errors (shapes, a mask no backend takes) come back as
+/// [`FusedError::Glue`]. The switch is process-wide for the duration of the call: another
+/// thread's SDPA at that moment would skip cuDNN too.
+pub fn sdpa_without_cudnn(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    enable_gqa: bool,
+) -> Result<Tensor, FusedError> {
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: live tensors (and the mask or null) borrowed for the call; the glue catches every
+    // exception and writes at most ERR_LEN bytes into `err`.
+    let ptr = unsafe {
+        nsa_sdpa_without_cudnn(
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            mask.map_or(std::ptr::null(), |m| m.as_ptr()),
+            enable_gqa,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    finish("nsa_sdpa_without_cudnn", ptr, &err)
 }
 
 /// Sets the bound, in bytes, on the temporaries of one GQA backward call (1 GiB unless set)
