@@ -175,8 +175,8 @@ impl DenseAttention {
 /// Attention of one new query per sequence over its cached keys, through SDPA (not causal: the
 /// cache holds only the past and the token itself) without its cuDNN backend
 /// (`nsa_sys::fused::sdpa_without_cudnn`): cuDNN builds a graph for every new shape, and a
-/// decoder's cache has a new length at every step, so libtorch's default pick there (cuDNN on
-/// Hopper) pays a graph build per step and layer. `q` `[B, H, 1, dk]`, `k` `[B, Hkv, L, dk]`,
+/// decoder's cache has a new length at every step, so where libtorch picks cuDNN (as it does
+/// for our training shapes on the H200) each step and layer would pay a graph build. `q` `[B, H, 1, dk]`, `k` `[B, Hkv, L, dk]`,
 /// `v` `[B, Hkv, L, dv]`; `visible` bool `[B, 1, 1, L]` when the sequences hold different
 /// numbers of keys (true = read), `None` when all `L` are valid. Returns `[B, H, 1, dv]`.
 /// GQA as [`causal_attention`] (grouped call, expanded heads if a backend refuses it). The

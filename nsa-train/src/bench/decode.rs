@@ -5,9 +5,9 @@
 //! against dense attention over the same cache: libtorch's `scaled_dot_product_attention` with
 //! one query per sequence over the NSA cache's raw keys and values, GQA through `enable_gqa`,
 //! twice: as a decoder runs it (`nsa_model::dense::decode_attention`: cuDNN off, since cuDNN
-//! builds a graph for every new cache length) and with libtorch's own pick (cuDNN on Hopper,
-//! its graph built once here because the timed steps repeat one length: the kernel's speed
-//! without the build a real decoder pays); `dense / NSA` takes the faster. The NSA step is the
+//! builds a graph for every new cache length) and with libtorch's own pick (cuDNN where it
+//! picks cuDNN, its graph built once here because the timed steps repeat one length: the
+//! kernel's speed without the build a real decoder pays); `dense / NSA` takes the faster. The NSA step is the
 //! whole layer (projections, compression of a completed block, selection, three branches,
 //! gates, output projection, cache writes); the dense cell is the attention alone, so the
 //! ratio understates NSA's advantage. For each `--seq` (cached tokens per sequence) and
@@ -124,7 +124,7 @@ pub fn run(a: DecodeBenchArgs) -> Result<()> {
 /// The layer table: NSA decode step vs dense SDPA over the same cache.
 fn layer_table(p: &Plan) -> Result<String> {
     let mut table = format!(
-        "Decode step, {}, {:?}. Cells: ms, median (min–max) of {} runs. Layer step: the whole NSA layer (projections, cache writes, compression, attention, gates, output projection), synchronised after each step (latency). Attention: NSA's decode kernels (three branches, selection, gated mix; CUDA only) and dense SDPA of one query over the same cached keys, each given its queries, per step over {STEPS_PER_RUN} steps issued back to back (eager: launched from the host each step; graph: the four kernels replayed as one CUDA graph). Dense SDPA as a decoder runs it (cuDNN off: cuDNN builds a graph for every new cache length) and with libtorch's pick (cuDNN on Hopper, its graph reused here because every timed step has the same length). dense / NSA: the faster dense over the NSA graph. Keys read per K/V group and step.\n\n| shape | cached tokens | batch | NSA layer step ms | NSA attention eager ms | NSA attention graph ms | dense SDPA ms | dense SDPA, libtorch's pick ms | dense / NSA | keys read NSA | keys read dense | cache GB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "Decode step, {}, {:?}. Cells: ms, median (min–max) of {} runs. Layer step: the whole NSA layer (projections, cache writes, compression, attention, gates, output projection), synchronised after each step (latency). Attention: NSA's decode kernels (three branches, selection, gated mix; CUDA only) and dense SDPA of one query over the same cached keys, each given its queries, per step over {STEPS_PER_RUN} steps issued back to back (eager: launched from the host each step; graph: the four kernels replayed as one CUDA graph). Dense SDPA as a decoder runs it (cuDNN off: cuDNN builds a graph for every new cache length) and with libtorch's pick (if cuDNN, its graph reused here because every timed step has the same length). dense / NSA: the faster dense over the NSA graph. Keys read per K/V group and step.\n\n| shape | cached tokens | batch | NSA layer step ms | NSA attention eager ms | NSA attention graph ms | dense SDPA ms | dense SDPA, libtorch's pick ms | dense / NSA | keys read NSA | keys read dense | cache GB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         nsa_bench::device_description(p.device),
         p.kind,
         p.repeats
