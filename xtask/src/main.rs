@@ -155,7 +155,7 @@ fn test(sh: &Shell, root: &Path, quick: bool) -> Result<()> {
         step("cargo doc (library crates, warnings denied)");
         cmd!(
             sh,
-            "cargo doc --no-deps --locked -p nsa-select -p nsa-attn -p nsa-model -p nsa-ddp -p nsa-bench"
+            "cargo doc --no-deps --locked -p nsa-select -p nsa-attn -p nsa-model -p nsa-ddp -p nsa-bench -p nsa-sys"
         )
         .env("RUSTDOCFLAGS", "-D warnings")
         .run()?;

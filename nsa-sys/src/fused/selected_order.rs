@@ -29,7 +29,7 @@ pub enum SelectedForward {
     KeyOuter,
     /// Query-outer, one warp per (token, group): the group's heads are the warp's 16 tensor-core
     /// rows and it streams only its own token's selected keys through private copy stages, with
-    /// no barrier across tokens; dQ in the backward the same way. bf16 where [`token_warp_shape`]
+    /// no barrier across tokens; dQ in the backward the same way. bf16 where [`token_warp_shape`](super::token_warp_shape)
     /// holds; elsewhere the same as [`SelectedForward::UnionTiles`].
     TokenWarps,
 }

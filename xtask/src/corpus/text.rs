@@ -90,7 +90,7 @@ fn is_table_rule(line: &str) -> bool {
         && t.chars().all(|c| "+-=| ".contains(c))
 }
 
-/// Inline markup → its text: `:role:`text <target>`` → `text`, ``` ``literal`` ``` → `literal`,
+/// Inline markup → its text: ``` :role:`text <target>` ``` → `text`, ``` ``literal`` ``` → `literal`,
 /// `` `link <url>`_ `` → `link`, `**strong**`/`*emphasis*` → the words.
 pub(crate) fn strip_inline(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
