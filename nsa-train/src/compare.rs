@@ -22,7 +22,7 @@ const MARGIN: u32 = 12;
 
 #[derive(Debug, clap::Args)]
 pub struct CompareArgs {
-    /// Run folders (runs/<name>), in the order of the table and the legend.
+    /// Run folders (runs/NAME), in the order of the table and the legend.
     #[arg(required = true)]
     runs: Vec<PathBuf>,
     /// Output folder (created if missing): val_loss.png, compare.md, accuracy_by_distance.png.

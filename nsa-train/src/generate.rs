@@ -20,7 +20,7 @@ pub use sample::{Sampler, Sampling};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// The run folder (runs/<name>).
+    /// The run folder (runs/NAME).
     run: PathBuf,
     /// Checkpoint to load: a step number or a checkpoint folder (default: the newest one that
     /// verifies).

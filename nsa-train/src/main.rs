@@ -131,7 +131,7 @@ enum Command {
     /// Evaluate the latest checkpoint of a run folder on held-out data: loss and answer
     /// accuracy, or with --task the retrieval accuracy of answers the model generates.
     Eval {
-        /// The run folder (runs/<name>).
+        /// The run folder (runs/NAME).
         run: std::path::PathBuf,
         /// Held-out batches to average over (without --task).
         #[arg(long, default_value_t = 16)]

@@ -1,6 +1,6 @@
 //! Token data from files, memory-mapped (memory use does not grow with the corpus): raw text as
 //! byte tokens, and pre-tokenized shards in llm.c's format (a 256 × int32 header: magic 20240520
-//! with version 1 → uint16 tokens, or magic 20240801 with version 7 → uint32 tokens; header[2]
+//! with version 1 → uint16 tokens, or magic 20240801 with version 7 → uint32 tokens; header\[2\]
 //! is the token count) or nanoGPT's headerless uint16 files (`format = "raw-u16"`).
 use std::path::{Path, PathBuf};
 
