@@ -347,6 +347,10 @@ pub enum ModelError {
     /// A fused CUDA kernel of the model (the norm's) refused an input or failed.
     #[error("fused kernel: {0}")]
     Fused(#[from] nsa_sys::fused::FusedError),
+    /// A call into nsa-sys's C++ glue failed (the backward of recomputed activations, a CUDA
+    /// graph of a decode step).
+    #[error("{0}")]
+    Glue(#[from] nsa_sys::autograd::GlueError),
     /// libtorch refused an operation.
     #[error("libtorch: {0}")]
     Torch(#[from] TchError),

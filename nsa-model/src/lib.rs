@@ -168,5 +168,7 @@ pub mod dense;
 mod model;
 
 pub use config::{AttentionKind, FieldError, ModelConfig, ModelError, PRESETS};
-pub use model::{decay_groups, DecodeStep, DenseCache, KvCache, Model, NamedVars, Prefilled};
+pub use model::{
+    decay_groups, DecodeStep, DenseCache, KvCache, Model, NamedVars, Prefilled, Recompute,
+};
 pub use nsa_attn::{NsaParams, Phi};

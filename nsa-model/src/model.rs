@@ -7,7 +7,9 @@ use crate::config::{AttentionKind, ModelConfig, ModelError};
 use crate::dense::{DenseAttention, Rope};
 
 mod decode;
+mod recompute;
 pub use decode::{DecodeStep, DenseCache, KvCache, Prefilled};
+pub use recompute::Recompute;
 
 /// RMSNorm: `y = x / sqrt(mean(x²) + ε) · weight`, statistics in float32, result in `x`'s kind.
 /// One variable, `weight` `[D]`, initialised to 1. With `kernel` (see [`use_kernels`]) one CUDA
@@ -262,10 +264,27 @@ impl Model {
         tokens: &Tensor,
         opts: &ForwardOpts,
     ) -> Result<Tensor, ModelError> {
+        let (mut h, rope) = self.embed_and_rope(tokens, opts)?;
+        let mut pending = None;
+        for block in &self.blocks {
+            let (after_attn, mlp_out) = block.forward(&h, pending.as_ref(), opts, rope.as_ref())?;
+            h = after_attn;
+            pending = Some(mlp_out);
+        }
+        let kernel = use_kernels(opts, &h);
+        Ok(self.final_norm.forward_add(&h, pending.as_ref(), kernel)?.1)
+    }
+
+    /// The embedded `tokens` `[B, S, D]` and, for dense attention, the RoPE tables of their
+    /// positions (on the fused path with the RoPE kernel, as the NSA layer rotates on it).
+    pub(crate) fn embed_and_rope(
+        &self,
+        tokens: &Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<(Tensor, Option<Rope>), ModelError> {
         let s = self.check_tokens(tokens)?;
-        let mut h = Tensor::f_embedding(&self.embed, tokens, -1, false, false)?;
+        let h = Tensor::f_embedding(&self.embed, tokens, -1, false, false)?;
         let rope = match self.cfg.attention {
-            // The fused path rotates with the RoPE kernel, as the NSA layer does on it.
             AttentionKind::Dense => Some(
                 Rope::new(
                     self.cfg.rope_base,
@@ -278,14 +297,7 @@ impl Model {
             ),
             AttentionKind::Nsa => None,
         };
-        let mut pending = None;
-        for block in &self.blocks {
-            let (after_attn, mlp_out) = block.forward(&h, pending.as_ref(), opts, rope.as_ref())?;
-            h = after_attn;
-            pending = Some(mlp_out);
-        }
-        let kernel = use_kernels(opts, &h);
-        Ok(self.final_norm.forward_add(&h, pending.as_ref(), kernel)?.1)
+        Ok((h, rope))
     }
 
     /// The tied output head's weight, `[V, D]` (the embedding): `logits = forward_hidden · Wᵀ`.
@@ -300,6 +312,12 @@ impl Model {
     }
 
     /// The tied head alone: normed hidden states → logits, `h · embedᵀ`.
+    /// The tied head on hidden states `[B, S, D]` from [`Model::forward_hidden`] (or its
+    /// recomputing twin): logits `[B, S, V]`.
+    pub fn head_logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        self.tied_head(hidden)
+    }
+
     fn tied_head(&self, normed: &Tensor) -> Result<Tensor, ModelError> {
         Ok(normed.f_matmul(&self.embed.f_tr()?)?)
     }

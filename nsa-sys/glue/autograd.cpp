@@ -24,6 +24,7 @@
 // matmuls in the input dtype.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
@@ -420,5 +421,26 @@ NsaGradHooks* nsa_grad_hooks_new(const at::Tensor* const* params, size_t n, nsa_
 }
 
 void nsa_grad_hooks_free(NsaGradHooks* owner) { delete owner; }
+
+// Backward from several outputs at once, each with its gradient (torch::autograd::backward):
+// one pass over their common graph, the gradients accumulating into the leaves' .grad as
+// Tensor.backward does. 0, or 1 with a message in err.
+int nsa_backward(const at::Tensor* const* outputs, const at::Tensor* const* grads, size_t n,
+                 char* err, size_t err_len) {
+  try {
+    std::vector<at::Tensor> outs, gs;
+    outs.reserve(n);
+    gs.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      outs.push_back(*outputs[i]);
+      gs.push_back(*grads[i]);
+    }
+    torch::autograd::backward(outs, gs);
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return 1;
+  }
+}
 
 }  // extern "C"

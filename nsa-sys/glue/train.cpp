@@ -81,6 +81,18 @@ int nsa_autocast_cuda_bf16(int enabled) {
   }
 }
 
+// Whether CUDA autocast to bf16 is on for this thread: 1, 0, or -1 on an exception.
+int nsa_autocast_cuda_bf16_enabled() {
+  try {
+    return at::autocast::is_autocast_enabled(at::kCUDA) &&
+                   at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16
+               ? 1
+               : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 // Starts the Kineto profiler (CPU, plus CUDA when `cuda`); 0 on success.
 int nsa_profiler_start(int cuda, char* err, size_t err_len) {
   try {

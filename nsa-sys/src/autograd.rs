@@ -14,7 +14,7 @@
 //!
 //! Also here: [`GradReadyHooks`], a callback when a parameter's gradient is final during
 //! backward (what data parallelism needs to start reducing a bucket before backward ends).
-use std::os::raw::{c_char, c_void};
+use std::os::raw::{c_char, c_int, c_void};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -51,6 +51,44 @@ extern "C" {
         err_len: usize,
     ) -> *mut c_void;
     fn nsa_grad_hooks_free(owner: *mut c_void);
+    fn nsa_backward(
+        outputs: *const *const C_tensor,
+        grads: *const *const C_tensor,
+        n: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// Backward from several outputs at once, `grads[i]` the gradient of `outputs[i]` (PyTorch's
+/// `torch.autograd.backward(outputs, grads)`): one pass over their common graph, gradients
+/// accumulating into the leaves' `.grad`. tch's `backward` takes one scalar output; activation
+/// recomputation hands a block's two outputs their gradients this way.
+pub fn backward(outputs: &[&Tensor], grads: &[&Tensor]) -> Result<(), GlueError> {
+    if outputs.len() != grads.len() {
+        return Err(GlueError {
+            call: "nsa_backward",
+            message: format!("{} outputs and {} gradients", outputs.len(), grads.len()),
+        });
+    }
+    let outs: Vec<*const C_tensor> = outputs.iter().map(|t| t.as_ptr()).collect();
+    let gs: Vec<*const C_tensor> = grads.iter().map(|t| t.as_ptr()).collect();
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: the pointers come from live tch tensors borrowed for the call; the glue writes at
+    // most ERR_LEN bytes (NUL-terminated) into `err` and catches every exception.
+    let rc = unsafe {
+        nsa_backward(
+            outs.as_ptr(),
+            gs.as_ptr(),
+            outs.len(),
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    if rc != 0 {
+        return Err(glue_error("nsa_backward", &err));
+    }
+    Ok(())
 }
 
 /// An exception thrown by libtorch inside the glue (bad shapes, out of memory, …).

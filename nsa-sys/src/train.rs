@@ -9,6 +9,7 @@ use crate::SysError;
 extern "C" {
     fn nsa_nvtx_push(name: *const c_char);
     fn nsa_nvtx_pop();
+    fn nsa_autocast_cuda_bf16_enabled() -> c_int;
     fn nsa_autocast_cuda_bf16(enabled: c_int) -> c_int;
     fn nsa_profiler_start(cuda: c_int, err: *mut c_char, len: usize) -> c_int;
     fn nsa_profiler_stop(path: *const c_char, err: *mut c_char, len: usize) -> c_int;
@@ -59,6 +60,13 @@ pub fn with_bf16_autocast<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: as above.
     unsafe { nsa_autocast_cuda_bf16(if before == 1 { 1 } else { 0 }) };
     out
+}
+
+/// Whether CUDA autocast to bf16 is on for this thread (as [`with_bf16_autocast`] sets it):
+/// code that replays a forward later (activation recomputation) runs it the same way.
+pub fn bf16_autocast_enabled() -> bool {
+    // SAFETY: reads a thread-local libtorch flag; the C++ side catches exceptions.
+    unsafe { nsa_autocast_cuda_bf16_enabled() == 1 }
 }
 
 fn err_buf() -> Vec<c_char> {

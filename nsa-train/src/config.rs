@@ -137,6 +137,13 @@ pub struct FastPaths {
     /// faster on an H200, BENCHMARKS.md round 11). Off: logits, then libtorch's cross-entropy.
     /// Evaluation always takes the logits (it scores answers from them).
     pub fused_loss: bool,
+    /// Activation recomputation (gradient checkpointing per block, `nsa_model::Recompute`):
+    /// the forward keeps only each block's input, and the backward runs each block's forward
+    /// again right before its backward. Less memory (what the blocks save for their backward
+    /// lives for one block at a time) for about one more forward of compute; the same
+    /// gradients. With data parallelism the gradient buckets are reduced after the backward
+    /// rather than during it.
+    pub recompute: bool,
 }
 
 impl Default for FastPaths {
@@ -151,6 +158,7 @@ impl Default for FastPaths {
             ddp_overlap: true,
             ddp_timeout_s: 600.0,
             fused_loss: true,
+            recompute: false,
         }
     }
 }

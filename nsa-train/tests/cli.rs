@@ -4,43 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{err, ok, run, scratch, strs, tiny};
-
-fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
-    // (step, loss bits): bit-exact comparison.
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (
-                v["step"].as_u64().unwrap(),
-                v["loss"].as_f64().unwrap().to_bits(),
-            )
-        })
-        .collect()
-}
-
-/// `fast.fused_loss` (the default: the head and its loss chunked, no logits) trains as the
-/// plain path does: the same losses to float32 rounding over the first steps (the plain path
-/// reduces the logits in one pass, the fused one in chunks).
-#[test]
-fn the_fused_loss_trains_like_the_plain_path() {
-    let tmp = scratch("nsa-train-cli-fused-loss-");
-    let out = tmp.path();
-    let mut plain = strs(&["train", "--set", "fast.fused_loss=false"]);
-    plain.extend(tiny(out, "plain", 4));
-    ok(&run(&plain));
-    let mut fused = strs(&["train"]);
-    fused.extend(tiny(out, "fused", 4));
-    ok(&run(&fused));
-    let (a, b) = (losses(&out.join("plain")), losses(&out.join("fused")));
-    assert_eq!(a.len(), 4);
-    for ((step, x), (_, y)) in a.iter().zip(&b) {
-        let (x, y) = (f64::from_bits(*x), f64::from_bits(*y));
-        assert!((x - y).abs() <= 1e-5 * x.abs(), "step {step}: {x} vs {y}");
-    }
-}
+use common::{err, losses, ok, run, scratch, strs, tiny};
 
 #[test]
 fn resume_continues_bit_exactly() {

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use nsa_attn::ForwardOpts;
-use nsa_model::{Model, ModelConfig};
+use nsa_model::{Model, ModelConfig, Recompute};
 use nsa_sys::train::NvtxRange;
 use tch::{Device, Kind, Tensor};
 
@@ -37,6 +37,9 @@ pub(super) struct Forward {
     /// `fast.fused_loss`: the training loss applies the head itself, chunked
     /// ([`Forward::loss`]).
     pub(super) fused_loss: bool,
+    /// `fast.recompute`: the training loss's forward keeps only the blocks' inputs, and the
+    /// backward recomputes each block ([`nsa_model::Recompute`]).
+    pub(super) recompute: bool,
 }
 
 /// Rows per chunk of the fused head + loss: about 2^27 logits at a time (256 MB in bf16),
@@ -68,21 +71,60 @@ impl Forward {
     /// The training loss of a batch: the mean cross-entropy over its scored positions, in
     /// float32. With `fast.fused_loss` the head and the loss run as one function over chunks
     /// of rows (`nsa_sys::loss`: no `[B·S, V]` logits); otherwise logits, then [`loss_of`].
-    pub(super) fn loss(&self, model: &Model, input: &Tensor, target: &Tensor) -> Result<Tensor> {
-        if !self.fused_loss {
-            return loss_of(&self.logits(model, input)?, target);
-        }
-        let hidden = self.in_precision(|| model.forward_hidden(input, &self.opts))?;
+    /// With `fast.recompute` also what the backward needs after the loss's own:
+    /// [`Forward::backpropagate`] runs both.
+    pub(super) fn loss(
+        &self,
+        model: &Model,
+        input: &Tensor,
+        target: &Tensor,
+    ) -> Result<(Tensor, Option<Recompute>)> {
+        let (hidden, recompute) = if self.recompute {
+            let mut rc = None;
+            let hidden = self.in_precision(|| {
+                let (hidden, r) = model.forward_hidden_recompute(input, &self.opts)?;
+                rc = Some(r);
+                Ok(hidden)
+            })?;
+            (hidden, rc)
+        } else if self.fused_loss {
+            (
+                self.in_precision(|| model.forward_hidden(input, &self.opts))?,
+                None,
+            )
+        } else {
+            return Ok((loss_of(&self.logits(model, input)?, target)?, None));
+        };
         let w = model.head_weight();
+        if !self.fused_loss {
+            let logits = self.in_precision(|| model.head_logits(&hidden))?;
+            return Ok((loss_of(&logits, target)?, recompute));
+        }
         let d = hidden.size().last().copied().unwrap_or(1);
-        Ok(nsa_sys::loss::linear_cross_entropy(
+        let loss = nsa_sys::loss::linear_cross_entropy(
             &hidden.f_reshape([-1, d])?,
             w,
             &target.f_reshape([-1])?,
             IGNORE,
             fused_loss_chunk(w.size()[0]),
             self.bf16,
-        )?)
+        )?;
+        Ok((loss, recompute))
+    }
+
+    /// Backward of `loss` from [`Forward::loss`] (scaled as the caller likes), then, with
+    /// activation recomputation, the blocks' and the embedding's.
+    pub(super) fn backpropagate(
+        &self,
+        model: &Model,
+        loss: &Tensor,
+        recompute: Option<Recompute>,
+    ) -> Result<()> {
+        loss.f_backward()?;
+        if let Some(rc) = recompute {
+            rc.backpropagate(model)?;
+        }
+        Ok(())
     }
 
     /// Mean loss and answer accuracy over `n` held-out batches; `None` when a stop request
@@ -143,6 +185,7 @@ pub fn eval_run(run_dir: &Path, batches: u64, has_gpu: bool) -> Result<(f64, f64
         bf16,
         nvtx: false,
         fused_loss: false,
+        recompute: false,
     };
     let (loss, acc) = fwd
         .evaluate(&run.model, eval_src.as_ref(), cfg, batches, None)?

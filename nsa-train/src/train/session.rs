@@ -230,6 +230,7 @@ impl<'a> Session<'a> {
                 bf16,
                 nvtx: cfg.fast.nvtx,
                 fused_loss: cfg.fast.fused_loss,
+                recompute: cfg.fast.recompute,
             },
             sdpa_audit,
             flops: per_token,

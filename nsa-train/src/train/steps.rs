@@ -199,8 +199,11 @@ impl Session<'_> {
                     cfg.data.seq_len,
                 )?
                 .to(self.device)?;
-            let loss = self.fwd.loss(&self.model, &input, &target)? / cfg.optim.grad_accum as f64;
-            if micro + 1 == cfg.optim.grad_accum {
+            let (loss, recompute) = self.fwd.loss(&self.model, &input, &target)?;
+            let loss = loss / cfg.optim.grad_accum as f64;
+            // With activation recomputation the backward is several passes, and the tied
+            // embedding gets its gradient in two of them: buckets are reduced after it instead.
+            if micro + 1 == cfg.optim.grad_accum && recompute.is_none() {
                 if let Some(d) = self.dist.as_mut() {
                     // This backward's gradients are final: buckets may be reduced as they fill.
                     d.dp.prepare_backward()?;
@@ -208,7 +211,8 @@ impl Session<'_> {
             }
             {
                 let _r = NvtxRange::new(cfg.fast.nvtx, "backward");
-                loss.f_backward()
+                self.fwd
+                    .backpropagate(&self.model, &loss, recompute)
                     .with_context(|| format!("step {step}: backward failed"))?;
             }
             loss_sum += loss.f_double_value(&[])?;

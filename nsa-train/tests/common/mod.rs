@@ -72,3 +72,18 @@ pub fn tiny(out: &Path, name: &str, steps: u64) -> Vec<String> {
 pub fn scratch(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
 }
+
+/// A run's `(step, loss bits)` from its `metrics.jsonl`: for bit-exact comparisons.
+pub fn losses(run_dir: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap().to_bits(),
+            )
+        })
+        .collect()
+}
