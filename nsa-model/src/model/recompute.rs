@@ -109,13 +109,19 @@ impl Recompute {
             .as_ref()
             .map(|p| grad_of(p, "the last block's MLP output"))
             .transpose()?;
-        for (block, (h_in, pending_in)) in model.blocks.iter().zip(&self.inputs).rev() {
+        // Each block's input is dropped once its backward is done.
+        let mut inputs = self.inputs;
+        for block in model.blocks.iter().rev() {
+            let (h_in, pending_in) = inputs.pop().ok_or_else(|| {
+                ModelError::Shape("activation recomputation: a block input is missing".into())
+            })?;
             let h = h_in.f_detach()?.f_requires_grad_(true)?;
             let pending = pending_in
                 .as_ref()
                 .map(|p| p.f_detach()?.f_requires_grad_(true))
                 .transpose()?;
-            let run = || block.forward(&h, pending.as_ref(), &self.opts, self.rope.as_ref());
+            let opts = &self.opts;
+            let run = || block.forward(&h, pending.as_ref(), opts, self.rope.as_ref());
             let (out_h, out_pending) = if self.autocast {
                 nsa_sys::train::with_bf16_autocast(run)?
             } else {
@@ -131,12 +137,8 @@ impl Recompute {
                 .map(|p| grad_of(p, "a block's MLP input"))
                 .transpose()?;
         }
-        let run = || model.embed_and_rope(&self.tokens, &self.opts);
-        let (h0, _) = if self.autocast {
-            nsa_sys::train::with_bf16_autocast(run)?
-        } else {
-            run()?
-        };
+        // The embedding (not an autocast operator): its gradient into the tied weight.
+        let h0 = Tensor::f_embedding(&model.embed, &self.tokens, -1, false, false)?;
         nsa_sys::autograd::backward(&[&h0], &[&g_h])?;
         Ok(())
     }
