@@ -5,6 +5,8 @@
 //! - a resumed run: the first run's checkpoint at `--resume-at` kept (later ones and their
 //!   metrics removed), then `--resume`, whose losses after the checkpoint must equal the
 //!   uninterrupted run's bit for bit;
+//! - a run with activation recomputation (`fast.recompute`) and the flag on, whose losses
+//!   must equal the first run's bit for bit (the same gradients), for its tokens/s too;
 //! - one run with the flag off, for tokens/s (and to show whether it differs).
 //!
 //! It prints a Markdown table and fails when a comparison does.
@@ -222,18 +224,22 @@ pub fn run(args: &DeterminismArgs) -> Result<()> {
     let mut speed = Vec::new();
     for preset in &args.presets {
         eprintln!("determinism: {preset}: two runs with run.deterministic = true …");
-        let (a, b, off) = (
+        let (a, b, off, rc) = (
             format!("{preset}-a"),
             format!("{preset}-b"),
             format!("{preset}-off"),
+            format!("{preset}-recompute"),
         );
         runner.train(preset, &a, true, &[])?;
         runner.train(preset, &b, true, &[])?;
+        eprintln!("determinism: {preset}: one run with activation recomputation …");
+        runner.train(preset, &rc, true, &["--set", "fast.recompute=true"])?;
         eprintln!("determinism: {preset}: one run with the flag off …");
         runner.train(preset, &off, false, &[])?;
-        let (la, lb, loff) = (
+        let (la, lb, lrc, loff) = (
             losses(&out.join(&a))?,
             losses(&out.join(&b))?,
+            losses(&out.join(&rc))?,
             losses(&out.join(&off))?,
         );
         eprintln!(
@@ -263,6 +269,11 @@ pub fn run(args: &DeterminismArgs) -> Result<()> {
             must_match: true,
         });
         rows.push(Row {
+            what: format!("{preset}: activation recomputation vs plain, deterministic"),
+            comparison: compare(&lrc, &lb)?,
+            must_match: true,
+        });
+        rows.push(Row {
             what: format!("{preset}: flag off vs on (different kernels: need not match)"),
             comparison: compare(&loff, &lb)?,
             must_match: false,
@@ -271,6 +282,7 @@ pub fn run(args: &DeterminismArgs) -> Result<()> {
             preset.clone(),
             tokens_per_s(&out.join(&b))?,
             tokens_per_s(&out.join(&off))?,
+            tokens_per_s(&out.join(&rc))?,
         ));
     }
     println!(
@@ -298,12 +310,13 @@ pub fn run(args: &DeterminismArgs) -> Result<()> {
         );
     }
     println!(
-        "\n| preset | tokens/s deterministic | tokens/s default | cost |\n| --- | ---: | ---: | ---: |"
+        "\n| preset | tokens/s deterministic | tokens/s default | cost | tokens/s deterministic with recomputation | its cost |\n| --- | ---: | ---: | ---: | ---: | ---: |"
     );
-    for (preset, on, off) in &speed {
+    for (preset, on, off, recompute) in &speed {
         println!(
-            "| {preset} | {on:.0} | {off:.0} | {:+.1} % |",
-            (on / off - 1.0) * 100.0
+            "| {preset} | {on:.0} | {off:.0} | {:+.1} % | {recompute:.0} | {:+.1} % |",
+            (on / off - 1.0) * 100.0,
+            (recompute / on - 1.0) * 100.0
         );
     }
     println!(

@@ -640,6 +640,7 @@ fn determinism_check_compares_runs_and_a_resume() {
     for want in [
         "| tiny: two runs, deterministic | 4 | yes |",
         "| tiny: resumed at step 2 vs uninterrupted, deterministic | 2 | yes |",
+        "| tiny: activation recomputation vs plain, deterministic | 4 | yes |",
         "| tiny | ",
         "determinism: passed",
     ] {
