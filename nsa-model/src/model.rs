@@ -311,13 +311,13 @@ impl Model {
         self.tied_head(&self.final_norm.forward(h, kernel)?)
     }
 
-    /// The tied head alone: normed hidden states → logits, `h · embedᵀ`.
     /// The tied head on hidden states `[B, S, D]` from [`Model::forward_hidden`] (or its
     /// recomputing twin): logits `[B, S, V]`.
     pub fn head_logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
         self.tied_head(hidden)
     }
 
+    /// The tied head alone: normed hidden states → logits, `h · embedᵀ`.
     fn tied_head(&self, normed: &Tensor) -> Result<Tensor, ModelError> {
         Ok(normed.f_matmul(&self.embed.f_tr()?)?)
     }
