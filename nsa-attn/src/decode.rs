@@ -219,6 +219,42 @@ impl NsaAttention {
         }
     }
 
+    /// [`NsaAttention::decode_step_planned`] without its host-side effects, for a step that is
+    /// captured as a CUDA graph ([`nsa_sys::cuda::CudaGraph`]) and replayed later with the plan
+    /// refilled ([`DecodePlan::refill`]): the cache is not grown (its capacity must hold the
+    /// plan's position bound) and its lengths are not advanced ([`NsaCache::advance`] does
+    /// that after each run of the enqueued work). A failure does not mark the cache unusable
+    /// (a capture runs nothing): run eager steps with [`NsaAttention::decode_step_planned`].
+    pub fn enqueue_step(
+        &self,
+        x: &Tensor,
+        cache: &mut NsaCache,
+        plan: &DecodePlan,
+        opts: &ForwardOpts,
+    ) -> Result<LayerStep, AttnError> {
+        self.check_step(x, cache, plan)?;
+        if plan.position_bound >= cache.capacity() {
+            return Err(AttnError::Option {
+                option: "cache",
+                reason: format!(
+                    "holds {} positions; the plan reaches position {}",
+                    cache.capacity(),
+                    plan.position_bound
+                ),
+            });
+        }
+        let _no_grad = tch::no_grad_guard();
+        self.step(x, cache, plan, opts)
+    }
+
+    /// Whether a decode step of this layer with `opts` on activations of `kind` on `device`
+    /// runs on the decode kernels (and so can be captured as a CUDA graph with a fixed-layout
+    /// plan): the fused path on CUDA, bf16 (with tensor-core head dims) or float32, and the
+    /// kernels' limits on the group size, n and dv.
+    pub fn decode_on_kernels(&self, opts: &ForwardOpts, kind: Kind, device: tch::Device) -> bool {
+        fused::supported(self.config(), opts, kind, device)
+    }
+
     fn check_step(&self, x: &Tensor, cache: &NsaCache, plan: &DecodePlan) -> Result<(), AttnError> {
         let c = self.config();
         let unusable = |reason: String| {
@@ -291,17 +327,30 @@ impl NsaAttention {
         }
 
         // 2. Compressed tokens of the blocks this token completes: φ over the pending block.
-        if let Some(em) = &dev.emission {
+        // A fixed-layout plan lists every sequence; without compressed slots (a capacity
+        // below l) none can complete a block.
+        let emission = dev
+            .emission
+            .as_ref()
+            .filter(|em| em.emit.is_none() || cache.compressed.slots() > 0);
+        if let Some(em) = emission {
             let source = cache.pending.as_ref().unwrap_or(&cache.raw);
             let (bk, bv) = source.read_rows(&em.rows, &em.sources)?;
             let (ck, cv) = self.compression().apply(&bk, &bv, false)?;
-            cache.compressed.put(
-                &em.rows,
-                &dev.kv_heads,
-                &em.index,
-                &ck.f_select(1, 0)?,
-                &cv.f_select(1, 0)?,
-            )?;
+            let (mut ck, mut cv) = (ck.f_select(1, 0)?, cv.f_select(1, 0)?);
+            if let Some(emit) = &em.emit {
+                // Sequences that complete no block write back what their slot holds.
+                let (held_k, held_v) =
+                    cache
+                        .compressed
+                        .read_at(&em.rows, &dev.kv_heads, &em.index)?;
+                let keep = emit.f_eq(0)?.f_view([-1, 1, 1])?;
+                ck = held_k.f_where_self(&keep, &ck)?;
+                cv = held_v.f_where_self(&keep, &cv)?;
+            }
+            cache
+                .compressed
+                .put(&em.rows, &dev.kv_heads, &em.index, &ck, &cv)?;
         }
 
         let q = raw.q.f_view([b, g, h, c.head_dim_k])?;

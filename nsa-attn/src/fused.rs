@@ -21,8 +21,7 @@ mod compressed;
 mod layer_check;
 mod pointwise_check;
 mod sync_check;
-pub(crate) use check::check_device;
-pub use check::{gpu_check, gpu_check_parts, CheckPart};
+pub use check::{check_device, gpu_check, gpu_check_parts, CheckPart};
 pub use compressed::{
     compressed, compressed_and_select, compressed_supported, select_blocks, select_params,
 };

@@ -62,6 +62,14 @@ impl Rope {
         Self::from_angles(&angles, kind)
     }
 
+    /// Overwrites these tables with `other`'s in place (same shapes): a fixed-layout decode
+    /// plan's tables keep their addresses from step to step.
+    pub(crate) fn copy_from(&mut self, other: &Rope) -> Result<(), TchError> {
+        self.cos.f_copy_(&other.cos)?;
+        self.sin.f_copy_(&other.sin)?;
+        Ok(())
+    }
+
     fn from_angles(angles: &Tensor, kind: Kind) -> Result<Self, TchError> {
         Ok(Self {
             cos: angles.f_cos()?.f_to_kind(kind)?,

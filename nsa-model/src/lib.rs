@@ -169,6 +169,7 @@ mod model;
 
 pub use config::{AttentionKind, FieldError, ModelConfig, ModelError, PRESETS};
 pub use model::{
-    decay_groups, DecodeStep, DenseCache, KvCache, Model, NamedVars, Prefilled, Recompute,
+    decay_groups, decode_graph_check, DecodeStep, DenseCache, KvCache, Model, NamedVars, Prefilled,
+    Recompute,
 };
 pub use nsa_attn::{NsaParams, Phi};

@@ -8,7 +8,7 @@ use crate::dense::{DenseAttention, Rope};
 
 mod decode;
 mod recompute;
-pub use decode::{DecodeStep, DenseCache, KvCache, Prefilled};
+pub use decode::{decode_graph_check, DecodeStep, DenseCache, KvCache, Prefilled};
 pub use recompute::Recompute;
 
 /// RMSNorm: `y = x / sqrt(mean(x²) + ε) · weight`, statistics in float32, result in `x`'s kind.

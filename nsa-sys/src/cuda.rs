@@ -1,12 +1,15 @@
-//! Loading libtorch's CUDA backend.
+//! Loading libtorch's CUDA backend, its sync debug mode, and CUDA graphs of libtorch work
+//! ([`CudaGraph`]).
 //!
 //! `libtorch_cuda.so` registers the CUDA hooks from its static initialisers; it must be opened
 //! with `RTLD_GLOBAL` so that the kernels it registers resolve against the already-loaded
 //! `libtorch_cpu.so`. We open it from the folder that holds the `libtorch_cpu.so` this process
 //! already mapped, so the CUDA backend always matches the CPU library (no search path surprises).
+use std::ffi::{c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::autograd::{glue_error, GlueError, ERR_LEN};
 use crate::SysError;
 
 /// What [`load_backend`] found.
@@ -227,5 +230,96 @@ impl Drop for SyncDebugGuard {
     fn drop(&mut self) {
         // SAFETY: as in `new`.
         unsafe { std::ptr::write_volatile(self.state, self.before) };
+    }
+}
+
+extern "C" {
+    fn nsa_cuda_graph_new(
+        device: c_int,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn nsa_cuda_graph_begin(graph: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn nsa_cuda_graph_end(graph: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn nsa_cuda_graph_replay(graph: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn nsa_cuda_graph_free(graph: *mut c_void);
+}
+
+/// Calls a glue function of the graph family with an error buffer.
+fn graph_call(
+    call: &'static str,
+    f: impl FnOnce(*mut c_char, usize) -> c_int,
+) -> Result<(), GlueError> {
+    let mut err = vec![0u8; ERR_LEN];
+    if f(err.as_mut_ptr().cast(), err.len()) != 0 {
+        return Err(glue_error(call, &err));
+    }
+    Ok(())
+}
+
+/// The libtorch work (kernels, copies, allocations) of one region of code, captured once as a
+/// CUDA graph and replayed on libtorch's current stream: libtorch's `at::cuda::CUDAGraph`
+/// (PyTorch's `torch.cuda.CUDAGraph`). Tensors the region allocates come from the graph's
+/// private memory pool and are rewritten by every replay, so a replay's results are read from
+/// the tensors the capture returned; inputs are tensors the region read, overwritten in place
+/// before a replay. Drop those tensors before the graph (the pool goes with it).
+///
+/// The region must not synchronise with the host, read device values on the host, allocate
+/// pinned memory or load modules (run it once without capture first, which also builds what
+/// runs lazily). Capturing needs libtorch's CUDA backend ([`load_backend`]).
+#[derive(Debug)]
+pub struct CudaGraph {
+    raw: *mut c_void,
+}
+
+impl CudaGraph {
+    /// Captures what `body` enqueues on CUDA device `device` (nothing runs during the capture)
+    /// and returns the graph with `body`'s result. When `body` fails, the capture is ended and
+    /// its error returned.
+    pub fn capture<T, E: From<GlueError>>(
+        device: usize,
+        body: impl FnOnce() -> Result<T, E>,
+    ) -> Result<(Self, T), E> {
+        let mut raw = std::ptr::null_mut();
+        let device = c_int::try_from(device).map_err(|_| GlueError {
+            call: "nsa_cuda_graph_new",
+            message: format!("device {device} out of range"),
+        })?;
+        // SAFETY: the glue writes a heap-allocated graph through `out` on success and an error
+        // message of at most `err_len` bytes on failure.
+        graph_call("nsa_cuda_graph_new", |err, len| unsafe {
+            nsa_cuda_graph_new(device, &mut raw, err, len)
+        })?;
+        let graph = Self { raw };
+        // SAFETY: `graph.raw` is the live graph made above; the glue restores the current stream
+        // on its own failure.
+        graph_call("nsa_cuda_graph_begin", |err, len| unsafe {
+            nsa_cuda_graph_begin(graph.raw, err, len)
+        })?;
+        let result = body();
+        // SAFETY: as above; the capture began, so it is ended whatever `body` returned (which
+        // also switches the current stream back).
+        let ended = graph_call("nsa_cuda_graph_end", |err, len| unsafe {
+            nsa_cuda_graph_end(graph.raw, err, len)
+        });
+        let value = result?;
+        ended?;
+        Ok((graph, value))
+    }
+
+    /// Runs the captured work once more, on libtorch's current stream of the device.
+    pub fn replay(&self) -> Result<(), GlueError> {
+        // SAFETY: `self.raw` is a graph whose capture ended successfully.
+        graph_call("nsa_cuda_graph_replay", |err, len| unsafe {
+            nsa_cuda_graph_replay(self.raw, err, len)
+        })
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from `nsa_cuda_graph_new` and is freed exactly once.
+        unsafe { nsa_cuda_graph_free(self.raw) };
     }
 }

@@ -56,6 +56,10 @@ pub struct GenerateArgs {
     /// Device: auto, cpu, cuda or cuda:N (default: the run's run.device).
     #[arg(long)]
     device: Option<String>,
+    /// Run every decode step eagerly (libtorch's operators launched one by one) instead of
+    /// replaying a CUDA graph of the step (the default on CUDA; see README, Generation).
+    #[arg(long)]
+    no_graphs: bool,
     /// Longest sequence, prompt plus generated tokens (default: the run's data.seq_len, the
     /// longest it was trained on; positions past it were never trained).
     #[arg(long)]
@@ -63,23 +67,46 @@ pub struct GenerateArgs {
 }
 
 /// Timings of one generation.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GenerationStats {
     pub prompt_tokens: usize,
     pub new_tokens: usize,
     pub prefill: Duration,
     /// From the first generated token to the last.
     pub decode: Duration,
+    /// Decode steps that replayed a CUDA graph.
+    pub graph_replays: u64,
+    /// Why the steps ran eagerly although graphs were asked for.
+    pub graphs_unavailable: Option<String>,
+}
+
+impl GenerationStats {
+    /// How the decode steps ran, for the summary line.
+    pub fn steps_description(&self) -> String {
+        let steps = self.new_tokens.saturating_sub(1);
+        match &self.graphs_unavailable {
+            Some(why) => format!("eager decode steps ({why})"),
+            None if self.graph_replays > 0 => {
+                format!(
+                    "{} of {steps} decode steps replayed a CUDA graph",
+                    self.graph_replays
+                )
+            }
+            None => "eager decode steps".into(),
+        }
+    }
 }
 
 /// Continues `prompt` by up to `budget` tokens chosen by `sampler`, calling `on_token` with each
-/// as soon as it is chosen: prefill of the prompt, then one decode step per token.
+/// as soon as it is chosen: prefill of the prompt, then one decode step per token (replayed
+/// from a CUDA graph with `graphs` where the model and device allow it).
 pub fn generate(
     model: &Model,
     prompt: &[i64],
     budget: usize,
     sampler: &mut Sampler,
     opts: &ForwardOpts,
+    graphs: bool,
     mut on_token: impl FnMut(i64) -> Result<()>,
 ) -> Result<GenerationStats> {
     ensure!(
@@ -94,6 +121,7 @@ pub fn generate(
     let pre = model.prefill(&tokens, &[len], len + budget as i64, opts)?;
     let mut logits = host_row(&pre.logits.f_select(1, len - 1)?)?;
     let mut cache = pre.cache;
+    cache.use_graphs(graphs);
     let prefill = start.elapsed();
     let start = Instant::now();
     for i in 0..budget {
@@ -108,6 +136,8 @@ pub fn generate(
         new_tokens: budget,
         prefill,
         decode: start.elapsed(),
+        graph_replays: cache.graph_replays(),
+        graphs_unavailable: cache.graph_unavailable().map(str::to_string),
     })
 }
 
@@ -196,6 +226,7 @@ pub fn run(a: GenerateArgs, has_gpu: bool) -> Result<()> {
         budget,
         &mut sampler,
         &forward_opts(&run.cfg),
+        !a.no_graphs,
         |id| {
             write!(out, "{}", decoder.push(id))?;
             Ok(out.flush()?)
@@ -204,13 +235,14 @@ pub fn run(a: GenerateArgs, has_gpu: bool) -> Result<()> {
     writeln!(out, "{}", decoder.finish())?;
     let per_s = |n: usize, d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
     eprintln!(
-        "generated {} tokens in {:.2} s: {:.1} tokens/s (prompt of {} tokens prefilled in {:.0} ms, {:.0} tokens/s){}",
+        "generated {} tokens in {:.2} s: {:.1} tokens/s (prompt of {} tokens prefilled in {:.0} ms, {:.0} tokens/s; {}){}",
         stats.new_tokens,
         stats.decode.as_secs_f64(),
         per_s(stats.new_tokens, stats.decode),
         stats.prompt_tokens,
         stats.prefill.as_secs_f64() * 1e3,
         per_s(stats.prompt_tokens, stats.prefill),
+        stats.steps_description(),
         if budget < a.max_new_tokens {
             format!("; stopped at the context limit of {context} tokens (--max-context)")
         } else {
@@ -250,7 +282,7 @@ mod tests {
             let opts = ForwardOpts::default();
             let mut got = Vec::new();
             let mut sampler = Sampler::new(Sampling::GREEDY, 0).unwrap();
-            let stats = generate(&model, &prompt, 40, &mut sampler, &opts, |id| {
+            let stats = generate(&model, &prompt, 40, &mut sampler, &opts, true, |id| {
                 got.push(id);
                 Ok(())
             })

@@ -417,6 +417,7 @@ fn gpu_check(json: Option<&std::path::Path>, parts: &[String]) -> anyhow::Result
     }
     if every || named("decode") {
         rows.extend(nsa_attn::decode::decode_check()?);
+        rows.extend(nsa_model::decode_graph_check()?);
     }
     println!("| check | max rel err | tolerance | result |\n| --- | ---: | ---: | --- |");
     for r in &rows {

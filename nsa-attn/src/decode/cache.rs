@@ -5,6 +5,8 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{AttnError, NsaConfig};
 use crate::layer::RawProjections;
 
+use super::plan::DecodePlan;
+
 /// A tensor constructor: shape and options to a tensor (`Tensor::f_zeros`, `Tensor::f_randn`).
 type MakeTensor = fn(&[i64], (Kind, Device)) -> Result<Tensor, tch::TchError>;
 
@@ -31,7 +33,7 @@ impl KvBuf {
         })
     }
 
-    fn slots(&self) -> i64 {
+    pub(crate) fn slots(&self) -> i64 {
         self.k.size()[2]
     }
 
@@ -55,6 +57,23 @@ impl KvBuf {
         let _ = self.k.f_index_put_(&index, k, false)?;
         let _ = self.v.f_index_put_(&index, v, false)?;
         Ok(())
+    }
+
+    /// What [`KvBuf::put`] with the same indices would overwrite: `[E, Hkv, dk]`, `[E, Hkv, dv]`.
+    pub(crate) fn read_at(
+        &self,
+        rows: &Tensor,
+        kv_heads: &Tensor,
+        slots: &Tensor,
+    ) -> Result<(Tensor, Tensor), AttnError> {
+        let e = rows.size()[0];
+        let g = kv_heads.size()[0];
+        let index = [
+            Some(rows.f_view([e, 1])?),
+            Some(kv_heads.f_view([1, g])?),
+            Some(slots.f_view([e, 1])?),
+        ];
+        Ok((self.k.f_index(&index)?, self.v.f_index(&index)?))
     }
 
     /// Keys and values at `slots` `[B, Hkv, K]` (per sequence and group): `[B, Hkv, K, d]`.
@@ -286,6 +305,31 @@ impl NsaCache {
     /// The configuration the cache was built for.
     pub fn config(&self) -> &NsaConfig {
         &self.cfg
+    }
+
+    /// Records that the work of a step enqueued with `plan` ([`crate::NsaAttention::enqueue_step`],
+    /// e.g. a replay of its CUDA graph) ran: the lengths advance by one token each. The plan
+    /// must be for the cache's current lengths.
+    pub fn advance(&mut self, plan: &DecodePlan) -> Result<(), AttnError> {
+        if self.poisoned || plan.positions != self.lengths {
+            return Err(AttnError::Option {
+                option: "cache",
+                reason: format!(
+                    "cannot advance: {} (the plan is for positions {:?}, the cache holds {:?})",
+                    if self.poisoned {
+                        "a step failed part-way"
+                    } else {
+                        "another step's plan"
+                    },
+                    plan.positions,
+                    self.lengths
+                ),
+            });
+        }
+        for len in &mut self.lengths {
+            *len += 1;
+        }
+        Ok(())
     }
 
     /// Makes room for `tokens` tokens per sequence (at least doubling), keeping the contents.

@@ -77,8 +77,14 @@ pub(crate) fn attend(
         .f_reshape([b, cfg.heads, 3])?
         .f_to_kind(q.kind())?
         .f_contiguous()?;
-    let max_position = plan.positions.iter().copied().max().unwrap_or(0);
-    let step = kernel_step(cache, &q, &plan.dev.positions, max_position, &gates, None)?;
+    let step = kernel_step(
+        cache,
+        &q,
+        &plan.dev.positions,
+        plan.position_bound,
+        &gates,
+        None,
+    )?;
     step.launch()?;
     Ok((
         step.output().f_view([b, 1, cfg.heads, cfg.head_dim_v])?,

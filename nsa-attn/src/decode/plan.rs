@@ -13,6 +13,13 @@ use crate::rope::Rope;
 /// in **one** host→device transfer (pinned and asynchronous on CUDA), so that a step issues no
 /// host↔device synchronisation of its own. The RoPE tables of the new tokens' positions are
 /// computed on the device from that transfer.
+///
+/// A **fixed-layout** plan ([`DecodePlan::fixed`]) keeps its device tensors at the same
+/// addresses and shapes for every step ([`DecodePlan::refill`] overwrites them in place), so a
+/// step enqueued with it can be captured once as a CUDA graph and replayed: every sequence
+/// takes part in the emission of compressed tokens (those that complete no block write back
+/// what their slot held), and the decode kernels are sized for positions up to a bound fixed
+/// when the plan is made.
 #[derive(Debug)]
 pub struct DecodePlan {
     pub(crate) cfg: NsaConfig,
@@ -32,6 +39,12 @@ pub struct DecodePlan {
     pub(crate) position_groups: Vec<(i64, Option<Tensor>)>,
     pub(crate) rope: Rope,
     pub(crate) dev: PlanTensors,
+    /// The largest position the plan describes during its life: the maximum of `positions`, or
+    /// a fixed-layout plan's bound (what the decode kernels are sized for).
+    pub(crate) position_bound: i64,
+    /// A fixed-layout plan: the one transfer's device buffer, which [`DecodePlan::refill`]
+    /// overwrites.
+    fixed: Option<Tensor>,
 }
 
 /// The plan's device tensors (int64, views of one transfer).
@@ -73,6 +86,10 @@ pub(crate) struct Emission {
     pub(crate) sources: Tensor,
     /// `[E]`: the new compressed token's index `i`.
     pub(crate) index: Tensor,
+    /// Fixed-layout plans: `[B]`, 1 where sequence `b` completes a block (`E = B`: the others
+    /// take part with slot 0 as their source and index 0 as their target, and write back what
+    /// index 0 holds); `None`: every listed sequence emits.
+    pub(crate) emit: Option<Tensor>,
 }
 
 /// Host integers gathered for one transfer: each `push` returns the segment's (offset, len).
@@ -87,6 +104,160 @@ impl Pack {
     }
 }
 
+/// The host side of a plan: its integers in transfer order and where each segment lies.
+struct Packed {
+    pack: Pack,
+    rows: (i64, i64),
+    kv_heads: (i64, i64),
+    positions: (i64, i64),
+    visible: (i64, i64),
+    window_count: (i64, i64),
+    window_start: (i64, i64),
+    window_slot: (i64, i64),
+    pending_slot: (i64, i64),
+    select_offsets: (i64, i64),
+    window_offsets: (i64, i64),
+    emission: Option<EmissionSegments>,
+    /// Distinct positions with their rows: a segment of the transfer (ordinary plans) or
+    /// host rows for a transfer of their own (fixed-layout plans).
+    groups: Vec<(i64, Option<GroupRows>)>,
+    tokens: Option<(i64, i64)>,
+}
+
+/// A segment of the transfer: (offset, length).
+type Segment = (i64, i64);
+
+/// The emission's segments: rows, sources, index and (fixed-layout plans) the flags.
+type EmissionSegments = (Segment, Segment, Segment, Option<Segment>);
+
+/// Where the batch rows of one position group are.
+enum GroupRows {
+    Segment((i64, i64)),
+    Host(Vec<i64>),
+}
+
+/// Checks the lengths and tokens of a plan for `cfg`.
+fn check_inputs(cfg: &NsaConfig, lengths: &[i64], tokens: Option<&[i64]>) -> Result<(), AttnError> {
+    cfg.validate()?;
+    if lengths.is_empty() || lengths.iter().any(|&t| t < 0) {
+        return Err(AttnError::Option {
+            option: "lengths",
+            reason: format!("need one non-negative length per sequence, got {lengths:?}"),
+        });
+    }
+    if let Some(ids) = tokens.filter(|ids| ids.len() != lengths.len()) {
+        return Err(AttnError::Option {
+            option: "tokens",
+            reason: format!("{} ids for {} sequences", ids.len(), lengths.len()),
+        });
+    }
+    Ok(())
+}
+
+/// The plan's integers for sequences at `positions`; `fixed`: every sequence in the emission
+/// (with its flag) and the position groups kept out of the transfer, so the layout depends
+/// only on the batch size, the configuration and whether `tokens` are given.
+fn pack(cfg: &NsaConfig, positions: &[i64], tokens: Option<&[i64]>, fixed: bool) -> Packed {
+    let sel = cfg.select_config();
+    let (l, d, w) = (sel.block_len, sel.stride, cfg.nsa.window);
+    let batch = positions.len() as i64;
+    let emits = |t: i64| t + 1 >= l && (t + 1 - l) % d == 0;
+    let window_count: Vec<i64> = positions.iter().map(|&t| w.min(t + 1)).collect();
+    let mut pack = Pack::default();
+    let rows = pack.push(0..batch);
+    let kv_heads = pack.push(0..cfg.kv_heads);
+    let pos = pack.push(positions.iter().copied());
+    let visible = pack.push(positions.iter().map(|&t| sel.num_visible_compressed(t)));
+    let win_count = pack.push(window_count.iter().copied());
+    let window_start = pack.push(positions.iter().zip(&window_count).map(|(t, c)| t + 1 - c));
+    let window_slot = pack.push(positions.iter().map(|t| t % w));
+    let pending_slot = pack.push(positions.iter().map(|t| t % l));
+    let select_offsets = pack.push(0..sel.select_len);
+    let window_offsets = pack.push(0..w);
+    let shared = cfg.nsa.shared_kv;
+    // The raw tokens t − l + 1 ..= t of a block ending at t: ring slots, or raw positions.
+    let sources = move |t: i64| (t + 1 - l..=t).map(move |p| if shared { p } else { p % l });
+    let emission = if fixed {
+        Some((
+            rows,
+            pack.push(positions.iter().flat_map(|&t| {
+                let ok = emits(t);
+                sources(t).map(move |p| if ok { p } else { 0 })
+            })),
+            pack.push(
+                positions
+                    .iter()
+                    .map(|&t| if emits(t) { (t + 1 - l) / d } else { 0 }),
+            ),
+            Some(pack.push(positions.iter().map(|&t| i64::from(emits(t))))),
+        ))
+    } else {
+        let emitting: Vec<(i64, i64)> = (0..batch)
+            .zip(positions)
+            .filter(|&(_, &t)| emits(t))
+            .map(|(b, &t)| (b, t))
+            .collect();
+        (!emitting.is_empty()).then(|| {
+            (
+                pack.push(emitting.iter().map(|&(b, _)| b)),
+                pack.push(emitting.iter().flat_map(|&(_, t)| sources(t))),
+                pack.push(emitting.iter().map(|&(_, t)| (t + 1 - l) / d)),
+                None,
+            )
+        })
+    };
+    let mut distinct: Vec<i64> = positions.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let groups = if distinct.len() == 1 {
+        vec![(distinct[0], None)]
+    } else {
+        distinct
+            .iter()
+            .map(|&t| {
+                let members = (0..batch).filter(|&b| positions[b as usize] == t);
+                let rows = if fixed {
+                    GroupRows::Host(members.collect())
+                } else {
+                    GroupRows::Segment(pack.push(members))
+                };
+                (t, Some(rows))
+            })
+            .collect()
+    };
+    let tokens = tokens.map(|ids| pack.push(ids.iter().copied()));
+    Packed {
+        pack,
+        rows,
+        kv_heads,
+        positions: pos,
+        visible,
+        window_count: win_count,
+        window_start,
+        window_slot,
+        pending_slot,
+        select_offsets,
+        window_offsets,
+        emission,
+        groups,
+        tokens,
+    }
+}
+
+/// `values` as int64 on `device`: pinned host memory and a non-blocking copy on CUDA (the step
+/// does not wait for the GPU; libtorch's caching host allocator keeps the buffer until the
+/// copy is done). `_pin_memory` with the device, not `pin_memory`, which warns on every call
+/// that its device argument is deprecated.
+fn to_device(values: &[i64], device: Device) -> Result<Tensor, AttnError> {
+    let host = Tensor::f_from_slice(values)?;
+    Ok(if device.is_cuda() {
+        host.f_internal_pin_memory(device)?
+            .f_to_device_(device, Kind::Int64, true, false)?
+    } else {
+        host.f_to_device(device)?
+    })
+}
+
 impl DecodePlan {
     /// The plan for one step of sequences holding `lengths` tokens each (the new token of
     /// sequence `b` sits at position `lengths[b]`), for layers of configuration `cfg` whose
@@ -99,105 +270,156 @@ impl DecodePlan {
         device: Device,
         tokens: Option<&[i64]>,
     ) -> Result<Self, AttnError> {
-        cfg.validate()?;
-        let batch = lengths.len() as i64;
-        if batch == 0 || lengths.iter().any(|&t| t < 0) {
+        check_inputs(cfg, lengths, tokens)?;
+        let packed = pack(cfg, lengths, tokens, false);
+        let all = to_device(&packed.pack.0, device)?;
+        let bound = lengths.iter().copied().max().unwrap_or(0);
+        Self::materialise(cfg, lengths, kind, device, packed, all, bound, false)
+    }
+
+    /// A fixed-layout plan (see the type's docs) for sequences holding `lengths` tokens, whose
+    /// positions will stay `≤ position_bound` for as long as it serves (at least the largest
+    /// of `lengths`). Its position groups (the non-kernel step's per-position selection) are
+    /// separate transfers: a step on libtorch's operators runs with it too, but only the
+    /// decode kernels' step is fit for a graph.
+    pub fn fixed(
+        cfg: &NsaConfig,
+        lengths: &[i64],
+        kind: Kind,
+        device: Device,
+        tokens: Option<&[i64]>,
+        position_bound: i64,
+    ) -> Result<Self, AttnError> {
+        check_inputs(cfg, lengths, tokens)?;
+        let last = lengths.iter().copied().max().unwrap_or(0);
+        if position_bound < last {
             return Err(AttnError::Option {
-                option: "lengths",
-                reason: format!("need one non-negative length per sequence, got {lengths:?}"),
+                option: "position_bound",
+                reason: format!("{position_bound} is below the largest position {last}"),
             });
         }
-        if let Some(ids) = tokens.filter(|ids| ids.len() != lengths.len()) {
+        let packed = pack(cfg, lengths, tokens, true);
+        let all = to_device(&packed.pack.0, device)?;
+        Self::materialise(
+            cfg,
+            lengths,
+            kind,
+            device,
+            packed,
+            all,
+            position_bound,
+            true,
+        )
+    }
+
+    /// Overwrites a fixed-layout plan in place for the next step: sequences holding `lengths`
+    /// tokens (each position `≤` the plan's bound), new token ids `tokens` (given exactly when
+    /// the plan was made with them). One transfer and the RoPE tables' few operators, on the
+    /// current stream, before the step that reads them.
+    pub fn refill(&mut self, lengths: &[i64], tokens: Option<&[i64]>) -> Result<(), AttnError> {
+        let Some(all) = &self.fixed else {
             return Err(AttnError::Option {
-                option: "tokens",
-                reason: format!("{} ids for {} sequences", ids.len(), lengths.len()),
+                option: "plan",
+                reason: "only a fixed-layout plan (DecodePlan::fixed) can be refilled".into(),
+            });
+        };
+        check_inputs(&self.cfg, lengths, tokens)?;
+        if lengths.len() != self.positions.len() || tokens.is_some() != self.dev.tokens.is_some() {
+            return Err(AttnError::Option {
+                option: "plan",
+                reason: format!(
+                    "made for {} sequences {} token ids; refilled with {} {}",
+                    self.positions.len(),
+                    if self.dev.tokens.is_some() {
+                        "with"
+                    } else {
+                        "without"
+                    },
+                    lengths.len(),
+                    if tokens.is_some() { "with" } else { "without" },
+                ),
             });
         }
+        if let Some(&t) = lengths.iter().find(|&&t| t > self.position_bound) {
+            return Err(AttnError::Option {
+                option: "plan",
+                reason: format!(
+                    "position {t} is past the plan's bound {}",
+                    self.position_bound
+                ),
+            });
+        }
+        let packed = pack(&self.cfg, lengths, tokens, true);
+        let fresh = to_device(&packed.pack.0, self.device)?;
+        all.shallow_clone().f_copy_(&fresh)?;
+        let next = Self::materialise(
+            &self.cfg,
+            lengths,
+            self.kind,
+            self.device,
+            packed,
+            all.shallow_clone(),
+            self.position_bound,
+            true,
+        )?;
+        self.rope.copy_from(&next.rope)?;
+        self.positions = next.positions;
+        self.visible = next.visible;
+        self.window_count = next.window_count;
+        self.max_visible = next.max_visible;
+        self.num_blocks = next.num_blocks;
+        self.position_groups = next.position_groups;
+        Ok(())
+    }
+
+    /// Whether the plan has a fixed layout ([`DecodePlan::fixed`]).
+    pub fn is_fixed(&self) -> bool {
+        self.fixed.is_some()
+    }
+
+    /// The largest position the plan describes during its life.
+    pub fn position_bound(&self) -> i64 {
+        self.position_bound
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn materialise(
+        cfg: &NsaConfig,
+        lengths: &[i64],
+        kind: Kind,
+        device: Device,
+        packed: Packed,
+        all: Tensor,
+        position_bound: i64,
+        fixed: bool,
+    ) -> Result<Self, AttnError> {
         let sel = cfg.select_config();
-        let (l, d, w) = (sel.block_len, sel.stride, cfg.nsa.window);
-        let positions = lengths.to_vec();
-        let visible: Vec<i64> = positions
-            .iter()
-            .map(|&t| sel.num_visible_compressed(t))
-            .collect();
-        let window_count: Vec<i64> = positions.iter().map(|&t| w.min(t + 1)).collect();
-        let last = positions.iter().copied().max().unwrap_or(0);
-        let emitting: Vec<(i64, i64)> = (0..batch)
-            .zip(&positions)
-            .filter(|&(_, &t)| t + 1 >= l && (t + 1 - l) % d == 0)
-            .map(|(b, &t)| (b, t))
-            .collect();
-
-        let mut pack = Pack::default();
-        let rows = pack.push(0..batch);
-        let kv_heads = pack.push(0..cfg.kv_heads);
-        let pos = pack.push(positions.iter().copied());
-        let vis = pack.push(visible.iter().copied());
-        let win_count = pack.push(window_count.iter().copied());
-        let win_start = pack.push(positions.iter().zip(&window_count).map(|(t, c)| t + 1 - c));
-        let win_slot = pack.push(positions.iter().map(|t| t % w));
-        let pend_slot = pack.push(positions.iter().map(|t| t % l));
-        let select_offsets = pack.push(0..sel.select_len);
-        let window_offsets = pack.push(0..w);
-        let emission = (!emitting.is_empty()).then(|| {
-            let shared = cfg.nsa.shared_kv;
-            (
-                pack.push(emitting.iter().map(|&(b, _)| b)),
-                pack.push(emitting.iter().flat_map(|&(_, t)| {
-                    (t + 1 - l..=t).map(move |p| if shared { p } else { p % l })
-                })),
-                pack.push(emitting.iter().map(|&(_, t)| (t + 1 - l) / d)),
-            )
-        });
-        let mut distinct: Vec<i64> = positions.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let groups: Vec<(i64, Option<(i64, i64)>)> = if distinct.len() == 1 {
-            vec![(distinct[0], None)]
-        } else {
-            distinct
-                .iter()
-                .map(|&t| {
-                    let members = (0..batch).filter(|&b| positions[b as usize] == t);
-                    (t, Some(pack.push(members)))
-                })
-                .collect()
-        };
-        let ids = tokens.map(|ids| pack.push(ids.iter().copied()));
-
-        let host = Tensor::f_from_slice(&pack.0)?;
-        let all = if device.is_cuda() {
-            // Pinned host memory and a non-blocking copy: the step does not wait for the GPU
-            // (libtorch's caching host allocator keeps the buffer until the copy is done).
-            // `_pin_memory` with the device, not `pin_memory`, which warns on every call that
-            // its device argument is deprecated.
-            host.f_internal_pin_memory(device)?
-                .f_to_device_(device, Kind::Int64, true, false)?
-        } else {
-            host.f_to_device(device)?
-        };
+        let (l, w) = (sel.block_len, cfg.nsa.window);
+        let batch = lengths.len() as i64;
         let seg = |(start, len): (i64, i64)| all.f_narrow(0, start, len);
         let dev = PlanTensors {
-            rows: seg(rows)?,
-            kv_heads: seg(kv_heads)?,
-            positions: seg(pos)?,
-            visible: seg(vis)?,
-            window_count: seg(win_count)?,
-            window_start: seg(win_start)?,
-            window_slot: seg(win_slot)?,
-            pending_slot: seg(pend_slot)?,
-            select_offsets: seg(select_offsets)?,
-            window_offsets: seg(window_offsets)?,
-            emission: emission
-                .map(|(r, s, i)| -> Result<Emission, AttnError> {
+            rows: seg(packed.rows)?,
+            kv_heads: seg(packed.kv_heads)?,
+            positions: seg(packed.positions)?,
+            visible: seg(packed.visible)?,
+            window_count: seg(packed.window_count)?,
+            window_start: seg(packed.window_start)?,
+            window_slot: seg(packed.window_slot)?,
+            pending_slot: seg(packed.pending_slot)?,
+            select_offsets: seg(packed.select_offsets)?,
+            window_offsets: seg(packed.window_offsets)?,
+            emission: packed
+                .emission
+                .map(|(r, s, i, e)| -> Result<Emission, AttnError> {
                     Ok(Emission {
                         rows: seg(r)?,
                         sources: seg(s)?.f_view([r.1, l])?,
                         index: seg(i)?,
+                        emit: e.map(seg).transpose()?,
                     })
                 })
                 .transpose()?,
-            tokens: ids.map(seg).transpose()?,
+            tokens: packed.tokens.map(seg).transpose()?,
         };
         let rope = Rope::at_positions(
             cfg.rope_base,
@@ -205,10 +427,25 @@ impl DecodePlan {
             &dev.positions.f_view([batch, 1])?,
             kind,
         )?;
-        let position_groups = groups
+        let position_groups = packed
+            .groups
             .into_iter()
-            .map(|(t, members)| Ok((t, members.map(seg).transpose()?)))
+            .map(|(t, members)| -> Result<(i64, Option<Tensor>), AttnError> {
+                let rows = match members {
+                    None => None,
+                    Some(GroupRows::Segment(s)) => Some(seg(s)?),
+                    Some(GroupRows::Host(rows)) => Some(to_device(&rows, device)?),
+                };
+                Ok((t, rows))
+            })
             .collect::<Result<Vec<_>, AttnError>>()?;
+        let positions = lengths.to_vec();
+        let visible: Vec<i64> = positions
+            .iter()
+            .map(|&t| sel.num_visible_compressed(t))
+            .collect();
+        let window_count: Vec<i64> = positions.iter().map(|&t| w.min(t + 1)).collect();
+        let last = positions.iter().copied().max().unwrap_or(0);
         Ok(Self {
             cfg: *cfg,
             kind,
@@ -221,6 +458,8 @@ impl DecodePlan {
             position_groups,
             rope,
             dev,
+            position_bound,
+            fixed: fixed.then_some(all),
         })
     }
 

@@ -142,7 +142,7 @@ pub fn gpu_check_parts(parts: &[CheckPart]) -> Result<Vec<CheckRow>, AttnError> 
 
 /// The device the GPU checks run on (CUDA device 0), after loading libtorch's CUDA backend;
 /// without one, [`AttnError::Option`] named `option` with the reason.
-pub(crate) fn check_device(option: &'static str) -> Result<Device, AttnError> {
+pub fn check_device(option: &'static str) -> Result<Device, AttnError> {
     let backend = nsa_sys::cuda::load_backend().map_err(|e| AttnError::Option {
         option,
         reason: e.to_string(),

@@ -8,14 +8,18 @@
 //! positions and everything derived from them, in one host→device copy that also carries the
 //! token ids) serves all blocks.
 use nsa_attn::{DecodePlan, ForwardOpts, NsaCache, StepReads};
-use tch::{Kind, Tensor};
+use nsa_sys::cuda::CudaGraph;
+use tch::{Device, Kind, Tensor};
 
 use super::{use_kernels, Attention, Model};
 use crate::config::{AttentionKind, ModelError};
 use crate::dense::{decode_attention, Rope};
 
+mod graph_check;
 #[cfg(test)]
 mod tests;
+
+pub use graph_check::decode_graph_check;
 
 /// One dense block's cache: keys `[B, Hkv, capacity, dk]` (with RoPE) and values
 /// `[B, Hkv, capacity, dv]`; sequence `b`'s positions `0 .. len_b` are valid.
@@ -64,9 +68,39 @@ enum LayerCache {
     Dense(DenseCache),
 }
 
+/// Positions a captured step covers past the one it was captured at: the decode kernels are
+/// sized for them, and a step past them captures anew (a few milliseconds).
+const GRAPH_SLACK: i64 = 256;
+
+/// One decode step of the whole model captured as a CUDA graph: the fixed-layout plan it reads
+/// (refilled before each replay) and the outputs it writes. Field order is drop order: the
+/// outputs live in the graph's memory pool and go before it.
+#[derive(Debug)]
+struct StepGraph {
+    logits: Tensor,
+    reads: Vec<StepReads>,
+    plan: DecodePlan,
+    graph: CudaGraph,
+}
+
+/// Whether [`Model::decode_step`] captures its steps as CUDA graphs.
+#[derive(Debug)]
+enum GraphState {
+    /// Eager steps (the default).
+    Off,
+    /// Capture and replay where the model and device allow it.
+    On(Option<Box<StepGraph>>),
+    /// Asked for, and not possible: why.
+    Unavailable(String),
+}
+
 /// The decode state of a whole model for a batch of sequences.
 #[derive(Debug)]
 pub struct KvCache {
+    /// Declared first: a captured step writes into the layers' buffers.
+    graph: GraphState,
+    /// Steps that replayed a graph.
+    replays: u64,
     layers: Vec<LayerCache>,
     lengths: Vec<i64>,
     /// A step failed part-way: some blocks hold the token, others do not.
@@ -93,6 +127,40 @@ impl KvCache {
                 LayerCache::Dense(c) => c.bytes(),
             })
             .sum()
+    }
+
+    /// With `on`, [`Model::decode_step`] runs its steps as CUDA graphs where it can: the first
+    /// step (and the first after every 256 positions or a growth of the buffers) runs eagerly
+    /// with a fixed-layout plan and captures the next one; the others replay it, so a step
+    /// costs one transfer, one graph launch and a copy of the logits instead of hundreds of
+    /// operator launches. Needs a CUDA device and, for NSA blocks, the decode kernels
+    /// ([`nsa_attn::NsaAttention::decode_on_kernels`]); otherwise, or when a capture fails,
+    /// steps stay eager and [`KvCache::graph_unavailable`] says why. The logits are those of
+    /// eager steps with the same plan, bit for bit (`nsa-train check --gpu` compares them).
+    pub fn use_graphs(&mut self, on: bool) {
+        self.graph = if on {
+            GraphState::On(None)
+        } else {
+            GraphState::Off
+        };
+    }
+
+    /// Why steps run eagerly although [`KvCache::use_graphs`] asked for graphs.
+    pub fn graph_unavailable(&self) -> Option<&str> {
+        match &self.graph {
+            GraphState::Unavailable(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// Whether the next step can replay a captured graph.
+    pub fn has_graph(&self) -> bool {
+        matches!(&self.graph, GraphState::On(Some(_)))
+    }
+
+    /// Steps so far that replayed a captured graph.
+    pub fn graph_replays(&self) -> u64 {
+        self.replays
     }
 
     /// The NSA blocks' caches, in block order (none for a dense model).
@@ -175,6 +243,8 @@ impl Model {
         Ok(Prefilled {
             logits: self.head(&h, kernel)?,
             cache: KvCache {
+                graph: GraphState::Off,
+                replays: 0,
                 layers,
                 lengths: lengths.to_vec(),
                 poisoned: false,
@@ -219,6 +289,13 @@ impl Model {
             )));
         }
         let _no_grad = tch::no_grad_guard();
+        if matches!(cache.graph, GraphState::On(_)) {
+            if let Some(why) = self.graph_blocker(opts) {
+                cache.graph = GraphState::Unavailable(why);
+            } else {
+                return self.graph_step(cache, next, opts);
+            }
+        }
         let kind = self.embed.kind();
         let plan = DecodePlan::new(
             &self.cfg.nsa_config(),
@@ -227,8 +304,17 @@ impl Model {
             self.device(),
             Some(next),
         )?;
-        let result = self.step(cache, &plan, opts);
-        match result {
+        self.eager_step(cache, &plan, opts)
+    }
+
+    /// A step run now with `plan`: advances the cache, or marks it unusable on failure.
+    fn eager_step(
+        &self,
+        cache: &mut KvCache,
+        plan: &DecodePlan,
+        opts: &ForwardOpts,
+    ) -> Result<DecodeStep, ModelError> {
+        match self.step(cache, plan, opts, Run::Now) {
             Ok(step) => {
                 for len in &mut cache.lengths {
                     *len += 1;
@@ -242,11 +328,135 @@ impl Model {
         }
     }
 
+    /// Why this model's steps cannot be CUDA graphs with `opts`, if they cannot.
+    fn graph_blocker(&self, opts: &ForwardOpts) -> Option<String> {
+        let (kind, device) = (self.embed.kind(), self.device());
+        if !device.is_cuda() {
+            return Some(format!(
+                "CUDA graphs need a CUDA device, the model is on {device:?}"
+            ));
+        }
+        self.blocks.iter().find_map(|block| match &block.attn {
+            Attention::Nsa(attn) if !attn.decode_on_kernels(opts, kind, device) => Some(format!(
+                "the NSA decode step runs on libtorch's operators here (the decode kernels \
+                 take the fused path, bf16 or float32, and their head and group limits; \
+                 this is {kind:?}, path {:?})",
+                opts.path
+            )),
+            _ => None,
+        })
+    }
+
+    /// A step through the cache's graph: replayed when one covers the batch's positions;
+    /// otherwise run eagerly with a fixed-layout plan, after which the next step is captured.
+    fn graph_step(
+        &self,
+        cache: &mut KvCache,
+        next: &[i64],
+        opts: &ForwardOpts,
+    ) -> Result<DecodeStep, ModelError> {
+        let last = cache.lengths.iter().copied().max().unwrap_or(0);
+        if let GraphState::On(Some(g)) = &mut cache.graph {
+            if last <= g.plan.position_bound() {
+                g.plan.refill(&cache.lengths, Some(next))?;
+                let replayed = g.graph.replay();
+                let advanced = replayed.map_err(ModelError::from).and_then(|()| {
+                    for layer in &mut cache.layers {
+                        if let LayerCache::Nsa(c) = layer {
+                            c.advance(&g.plan)?;
+                        }
+                    }
+                    Ok(())
+                });
+                if let Err(e) = advanced {
+                    cache.poisoned = true;
+                    return Err(e);
+                }
+                for len in &mut cache.lengths {
+                    *len += 1;
+                }
+                cache.replays += 1;
+                let reads = g
+                    .reads
+                    .iter()
+                    .map(|r| -> Result<StepReads, ModelError> {
+                        Ok(StepReads {
+                            compressed: g.plan_visible(),
+                            selected: r.selected.f_detach_copy()?,
+                            window: g.plan_window(),
+                            blocks: r.blocks.f_detach_copy()?,
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                return Ok(DecodeStep {
+                    logits: g.logits.f_detach_copy()?,
+                    reads,
+                });
+            }
+        }
+        // Drop the old graph (and its pool) before the buffers grow.
+        cache.graph = GraphState::On(None);
+        let Device::Cuda(ordinal) = self.device() else {
+            return Err(ModelError::Shape("CUDA graphs need a CUDA device".into()));
+        };
+        let mut plan = self.fixed_plan(cache, next)?;
+        let bound = plan.position_bound();
+        let step = self.eager_step(cache, &plan, opts)?;
+        if cache.lengths.iter().all(|&t| t <= bound) {
+            // The capture runs nothing: the token ids and the cache's contents do not matter.
+            plan.refill(&cache.lengths, Some(&vec![0; next.len()]))?;
+            let captured =
+                CudaGraph::capture(ordinal, || self.step(cache, &plan, opts, Run::Enqueue));
+            cache.graph = match captured {
+                Ok((graph, out)) => GraphState::On(Some(Box::new(StepGraph {
+                    logits: out.logits,
+                    reads: out.reads,
+                    plan,
+                    graph,
+                }))),
+                Err(e) => GraphState::Unavailable(format!("capturing a decode step failed: {e}")),
+            };
+        }
+        Ok(step)
+    }
+
+    /// A fixed-layout plan for the cache's next step (token ids `next`), bounded at the
+    /// largest position plus [`GRAPH_SLACK`] or the buffers' capacity, whichever is smaller;
+    /// the buffers first grow to hold the next token, as an eager step's would.
+    fn fixed_plan(&self, cache: &mut KvCache, next: &[i64]) -> Result<DecodePlan, ModelError> {
+        let last = cache.lengths.iter().copied().max().unwrap_or(0);
+        for layer in &mut cache.layers {
+            match layer {
+                LayerCache::Nsa(c) => c.reserve(last + 1)?,
+                LayerCache::Dense(c) => c.reserve(last + 1)?,
+            }
+        }
+        let capacity = cache
+            .layers
+            .iter()
+            .map(|l| match l {
+                LayerCache::Nsa(c) => c.capacity(),
+                LayerCache::Dense(c) => c.capacity(),
+            })
+            .min()
+            .unwrap_or(last + 1);
+        let bound = (last + GRAPH_SLACK).min(capacity - 1).max(last);
+        Ok(DecodePlan::fixed(
+            &self.cfg.nsa_config(),
+            &cache.lengths,
+            self.embed.kind(),
+            self.device(),
+            Some(next),
+            bound,
+        )?)
+    }
+
     fn step(
         &self,
         cache: &mut KvCache,
         plan: &DecodePlan,
         opts: &ForwardOpts,
+        run: Run,
     ) -> Result<DecodeStep, ModelError> {
         let b = cache.batch();
         let tokens = plan
@@ -259,7 +469,10 @@ impl Model {
             let x = block.attn_norm.forward(&h, kernel)?;
             let a = match (&block.attn, layer) {
                 (Attention::Nsa(attn), LayerCache::Nsa(c)) => {
-                    let step = attn.decode_step_planned(&x, c, plan, opts)?;
+                    let step = match run {
+                        Run::Now => attn.decode_step_planned(&x, c, plan, opts)?,
+                        Run::Enqueue => attn.enqueue_step(&x, c, plan, opts)?,
+                    };
                     reads.push(step.reads);
                     step.output
                 }
@@ -329,8 +542,41 @@ impl Model {
     }
 }
 
+/// How [`Model::step`] treats the NSA caches' lengths.
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    /// An eager step: the layers' caches grow as needed and advance.
+    Now,
+    /// A step being captured: nothing grows or advances (a replay advances them).
+    Enqueue,
+}
+
+impl StepGraph {
+    /// Compressed tokens visible to each sequence at the plan's positions (host integers).
+    fn plan_visible(&self) -> Vec<i64> {
+        let sel = self.plan.config().select_config();
+        self.plan
+            .positions()
+            .iter()
+            .map(|&t| sel.num_visible_compressed(t))
+            .collect()
+    }
+
+    /// `min(w, t + 1)` at the plan's positions.
+    fn plan_window(&self) -> Vec<i64> {
+        let w = self.plan.config().nsa.window;
+        self.plan
+            .positions()
+            .iter()
+            .map(|&t| w.min(t + 1))
+            .collect()
+    }
+}
+
 /// A dense block's step: the new keys and values into the cache, then SDPA of the new query
 /// over each sequence's `t_b + 1` keys (without a mask when all sequences are at one position).
+/// With a fixed-layout plan, over the `bound + 1` slots the plan may reach, masked, so that
+/// every step of a graph has the same shapes.
 fn dense_step(
     attn: &crate::dense::DenseAttention,
     x: &Tensor,
@@ -339,7 +585,7 @@ fn dense_step(
 ) -> Result<Tensor, ModelError> {
     let positions = plan.positions();
     let last = positions.iter().copied().max().unwrap_or(0);
-    cache.reserve(last + 1)?;
+    cache.reserve(plan.position_bound() + 1)?;
     let (q, k, v) = attn.project(x, plan.rope())?;
     let b = positions.len() as i64;
     let g = cache.k.size()[1];
@@ -351,8 +597,13 @@ fn dense_step(
     };
     let _ = cache.k.f_scatter_(2, &at(k.size()[3])?, &k)?;
     let _ = cache.v.f_scatter_(2, &at(v.size()[3])?, &v)?;
-    let keys = last + 1;
-    let visible = if positions.iter().all(|&t| t == last) {
+    let fixed = plan.is_fixed();
+    let keys = if fixed {
+        plan.position_bound() + 1
+    } else {
+        last + 1
+    };
+    let visible = if !fixed && positions.iter().all(|&t| t == last) {
         None
     } else {
         Some(

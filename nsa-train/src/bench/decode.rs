@@ -249,7 +249,7 @@ fn generation_table(p: &Plan) -> Result<String> {
         return Ok(String::new());
     }
     let mut table = format!(
-        "Generation, {}, {:?}, batch 1, random weights, greedy: prefill of the prompt, then {} decode steps.\n\n| model | attention | prompt | prefill ms | decode ms/token | decode tokens/s |\n| --- | --- | ---: | ---: | ---: | ---: |\n",
+        "Generation, {}, {:?}, batch 1, random weights, greedy: prefill of the prompt, then {} decode steps, eager (libtorch's operators launched one by one) and replayed from CUDA graphs (`KvCache::use_graphs`; the first step after the prefill captures).\n\n| model | attention | prompt | prefill ms | eager ms/token | eager tokens/s | graph ms/token | graph tokens/s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         nsa_bench::device_description(p.device),
         p.kind,
         p.new_tokens
@@ -259,7 +259,7 @@ fn generation_table(p: &Plan) -> Result<String> {
             let line = match generation_row(p, &cfg.with_attention(attention)) {
                 Ok(cells) => format!("| {name} | {attention} | {} | {cells} |\n", p.prompt),
                 Err(e) => format!(
-                    "| {name} | {attention} | {} | failed: {} | | |\n",
+                    "| {name} | {attention} | {} | failed: {} | | | | |\n",
                     p.prompt,
                     format!("{e:#}").lines().next().unwrap_or("")
                 ),
@@ -284,27 +284,50 @@ fn generation_row(p: &Plan, cfg: &ModelConfig) -> Result<String> {
         },
         ..Default::default()
     };
+    let tokens = Tensor::f_randint(cfg.vocab_size, [1, p.prompt], (Kind::Int64, p.device))?;
+    let (prefill_ms, eager, _) = generation_run(p, &model, &tokens, &opts, false)?;
+    let (_, graph, unavailable) = generation_run(p, &model, &tokens, &opts, true)?;
+    let graph_cells = match unavailable {
+        Some(_) => "– | –".to_string(),
+        None => format!("{graph:.2} | {:.1}", 1e3 / graph),
+    };
+    Ok(format!(
+        "{prefill_ms:.0} | {eager:.2} | {:.1} | {graph_cells}",
+        1e3 / eager
+    ))
+}
+
+/// Prefill then greedy decode steps (one untimed, then `p.new_tokens` timed): the prefill's
+/// ms, the steps' ms per token, and why graphs were not used when they were asked for.
+fn generation_run(
+    p: &Plan,
+    model: &Model,
+    tokens: &Tensor,
+    opts: &ForwardOpts,
+    graphs: bool,
+) -> Result<(f64, f64, Option<String>)> {
     let sync = || {
         if let Device::Cuda(i) = p.device {
             tch::Cuda::synchronize(i as i64);
         }
     };
-    let tokens = Tensor::f_randint(cfg.vocab_size, [1, p.prompt], (Kind::Int64, p.device))?;
     sync();
     let start = Instant::now();
     let pre = model.prefill(
-        &tokens,
+        tokens,
         &[p.prompt],
         p.prompt + p.new_tokens as i64 + 1,
-        &opts,
+        opts,
     )?;
     let mut greedy = Sampler::new(Sampling::GREEDY, 0)?;
     let mut next = greedy.pick(&host_row(&pre.logits.f_select(1, p.prompt - 1)?)?)?;
     let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
     let mut cache = pre.cache;
-    // One untimed step (first-call costs), then the timed ones.
+    cache.use_graphs(graphs);
+    // One untimed step (first-call costs; with graphs, the step that captures), then the timed
+    // ones.
     let mut step = |id: i64| -> Result<i64> {
-        let logits = model.decode_step(&mut cache, &[id], &opts)?.logits;
+        let logits = model.decode_step(&mut cache, &[id], opts)?.logits;
         greedy.pick(&host_row(&logits)?)
     };
     next = step(next)?;
@@ -314,9 +337,10 @@ fn generation_row(p: &Plan, cfg: &ModelConfig) -> Result<String> {
     }
     sync();
     let per_token = start.elapsed().as_secs_f64() * 1e3 / p.new_tokens.max(1) as f64;
-    Ok(format!(
-        "{prefill_ms:.0} | {per_token:.2} | {:.1}",
-        1e3 / per_token
+    Ok((
+        prefill_ms,
+        per_token,
+        cache.graph_unavailable().map(str::to_string),
     ))
 }
 

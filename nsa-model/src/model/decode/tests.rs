@@ -234,6 +234,100 @@ proptest! {
     }
 }
 
+/// Eager steps with fixed-layout plans (every sequence in the emission, the dense keys masked
+/// up to the plan's bound, one plan refilled from step to step as a graph's is) against
+/// ordinary plans: what a captured step computes, checked without a GPU.
+fn fixed_plans_match_ordinary(c: &Case, steps: i64) -> Result<(), TestCaseError> {
+    use super::graph_check::{decode_logits, rel_err, Stepping};
+    tch::manual_seed(c.seed);
+    let cfg = c.config();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Model::new(&vs.root(), &cfg).unwrap();
+    let longest = *c.prompts.iter().max().unwrap();
+    let tokens = Tensor::randint(
+        cfg.vocab_size,
+        [c.prompts.len() as i64, longest + steps],
+        (Kind::Int64, Device::Cpu),
+    );
+    let opts = c.opts();
+    let run = |s| decode_logits(&model, &tokens, &c.prompts, steps, &opts, s).unwrap();
+    let (ordinary, fixed) = (run(Stepping::Ordinary), run(Stepping::Fixed));
+    let err = rel_err(&fixed.logits, &ordinary.logits).unwrap();
+    prop_assert!(err < 1e-5, "{:?}: {err}", cfg.attention);
+    // Graphs asked for on the CPU: eager steps, the reason said, the ordinary logits.
+    let graph = run(Stepping::Graph);
+    prop_assert!(graph
+        .unavailable
+        .as_deref()
+        .is_some_and(|w| w.contains("CUDA device")));
+    prop_assert_eq!(graph.replays, 0);
+    prop_assert!(graph.logits.equal(&ordinary.logits));
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 16,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/decode-fixed.txt",
+        ))),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn fixed_layout_plans_decode_as_ordinary_plans(c in case(), steps in 1i64..=24) {
+        fixed_plans_match_ordinary(&c, steps)?;
+    }
+}
+
+#[test]
+fn refilling_a_plan_checks_what_it_is_given() {
+    let cfg = Case {
+        lengths: (4, 2, 8),
+        top_n: 3,
+        window: 5,
+        heads: (4, 2),
+        phi: Phi::Mlp,
+        shared_kv: false,
+        attention: AttentionKind::Nsa,
+        seq_len: 10,
+        prompts: vec![3],
+        lean: false,
+        seed: 1,
+    }
+    .config()
+    .nsa_config();
+    let (kind, cpu) = (Kind::Float, Device::Cpu);
+    let fixed =
+        |lengths: &[i64], bound| DecodePlan::fixed(&cfg, lengths, kind, cpu, Some(&[1, 2]), bound);
+    let err = fixed(&[3, 9], 8).unwrap_err().to_string();
+    assert!(err.contains("below the largest position 9"), "{err}");
+    let mut plan = fixed(&[3, 9], 12).unwrap();
+    assert!(plan.is_fixed());
+    plan.refill(&[4, 10], Some(&[5, 6])).unwrap();
+    assert_eq!(plan.positions(), &[4, 10]);
+    for (lengths, tokens, want) in [
+        (vec![4, 13], Some(vec![1, 2]), "past the plan's bound 12"),
+        (
+            vec![4],
+            Some(vec![1]),
+            "made for 2 sequences with token ids",
+        ),
+        (vec![4, 5], None, "refilled with 2 without"),
+        (vec![4, -1], Some(vec![1, 2]), "non-negative length"),
+    ] {
+        let err = plan
+            .refill(&lengths, tokens.as_deref())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{lengths:?}: {err}");
+    }
+    let mut ordinary = DecodePlan::new(&cfg, &[3, 9], kind, cpu, None).unwrap();
+    assert!(!ordinary.is_fixed());
+    let err = ordinary.refill(&[4, 10], None).unwrap_err().to_string();
+    assert!(err.contains("only a fixed-layout plan"), "{err}");
+}
+
 #[test]
 fn both_attention_kinds_at_the_boundaries() {
     let base = Case {
