@@ -10,7 +10,10 @@
 //! kernel's speed without the build a real decoder pays); `dense / NSA` takes the faster. The NSA step is the
 //! whole layer (projections, compression of a completed block, selection, three branches,
 //! gates, output projection, cache writes); the dense cell is the attention alone, so the
-//! ratio understates NSA's advantage. For each `--seq` (cached tokens per sequence) and
+//! ratio understates NSA's advantage. On CUDA the layer step is also timed as one CUDA graph
+//! (`NsaAttention::enqueue_step` with a fixed-layout plan, captured by
+//! `nsa_sys::cuda::CudaGraph`): the layer's GPU time without the host's launches, what a
+//! decoder replaying graphs pays. For each `--seq` (cached tokens per sequence) and
 //! `--batch`: median (min–max) of `--repeats` steps after one warm-up, the device synchronised
 //! around each; the keys one step reads per K/V group (`StepReads`: visible compressed tokens,
 //! selected keys and window together) against dense's `S`; the cache's size. The cache holds
@@ -20,7 +23,7 @@
 //! weights), NSA and dense: prefill of a `--prompt`-token prompt (batch 1; the fused path on
 //! CUDA, lean on the CPU), then `--new-tokens` decode steps, each with the host's greedy pick
 //! (one device→host copy of the logits per token, as `nsa-train generate` does): prefill time
-//! and decode tokens/s.
+//! and decode tokens/s, eager and replayed from CUDA graphs (`KvCache::use_graphs`).
 //!
 //! bf16 on CUDA, float32 on the CPU.
 use std::path::PathBuf;
