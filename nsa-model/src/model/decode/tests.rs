@@ -444,3 +444,15 @@ fn prefill_and_decode_equal_the_full_forward_on_cuda() {
         assert!(bool::try_from(logits.isfinite().all()).unwrap(), "{c:?}");
     }
 }
+
+/// The GPU check's graph rows (`cargo test -p nsa-model -- --ignored` on a GPU machine):
+/// replayed steps equal eager ones for NSA and dense models, bf16 and float32.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn graph_decoding_equals_eager_decoding_on_cuda() {
+    let rows = super::decode_graph_check().expect("a CUDA device");
+    for row in &rows {
+        assert!(row.passed, "{}: {} ({})", row.name, row.max_rel_err, row.detail);
+    }
+    assert_eq!(rows.len(), 6);
+}
