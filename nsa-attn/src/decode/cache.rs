@@ -37,6 +37,21 @@ impl KvBuf {
         self.k.size()[2]
     }
 
+    /// The advanced index of `(rows[e], :, slots[e])`: `[E, 1]`, `[1, G]`, `[E, 1]`, broadcast
+    /// to the `[E, G]` positions of a value's first axes.
+    fn index(
+        rows: &Tensor,
+        kv_heads: &Tensor,
+        slots: &Tensor,
+    ) -> Result<[Option<Tensor>; 3], AttnError> {
+        let (e, g) = (rows.size()[0], kv_heads.size()[0]);
+        Ok([
+            Some(rows.f_view([e, 1])?),
+            Some(kv_heads.f_view([1, g])?),
+            Some(slots.f_view([e, 1])?),
+        ])
+    }
+
     /// Writes `k` `[E, Hkv, dk]`, `v` `[E, Hkv, dv]` at `(rows[e], :, slots[e])`.
     pub(crate) fn put(
         &mut self,
@@ -46,14 +61,7 @@ impl KvBuf {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(), AttnError> {
-        let e = rows.size()[0];
-        let g = kv_heads.size()[0];
-        // [E, 1], [1, G], [E, 1] broadcast to the [E, G] positions of the values' first axes.
-        let index = [
-            Some(rows.f_view([e, 1])?),
-            Some(kv_heads.f_view([1, g])?),
-            Some(slots.f_view([e, 1])?),
-        ];
+        let index = Self::index(rows, kv_heads, slots)?;
         let _ = self.k.f_index_put_(&index, k, false)?;
         let _ = self.v.f_index_put_(&index, v, false)?;
         Ok(())
@@ -66,13 +74,7 @@ impl KvBuf {
         kv_heads: &Tensor,
         slots: &Tensor,
     ) -> Result<(Tensor, Tensor), AttnError> {
-        let e = rows.size()[0];
-        let g = kv_heads.size()[0];
-        let index = [
-            Some(rows.f_view([e, 1])?),
-            Some(kv_heads.f_view([1, g])?),
-            Some(slots.f_view([e, 1])?),
-        ];
+        let index = Self::index(rows, kv_heads, slots)?;
         Ok((self.k.f_index(&index)?, self.v.f_index(&index)?))
     }
 
