@@ -452,7 +452,11 @@ fn prefill_and_decode_equal_the_full_forward_on_cuda() {
 fn graph_decoding_equals_eager_decoding_on_cuda() {
     let rows = super::decode_graph_check().expect("a CUDA device");
     for row in &rows {
-        assert!(row.passed, "{}: {} ({})", row.name, row.max_rel_err, row.detail);
+        assert!(
+            row.passed,
+            "{}: {} ({})",
+            row.name, row.max_rel_err, row.detail
+        );
     }
     assert_eq!(rows.len(), 6);
 }
