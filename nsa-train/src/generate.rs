@@ -57,7 +57,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     device: Option<String>,
     /// Run every decode step eagerly (libtorch's operators launched one by one) instead of
-    /// replaying a CUDA graph of the step (the default on CUDA; see README, Generation).
+    /// replaying a CUDA graph of the step (the default on CUDA for NSA models; dense models
+    /// decode eagerly, which is faster for them; see README, Generation).
     #[arg(long)]
     no_graphs: bool,
     /// Longest sequence, prompt plus generated tokens (default: the run's data.seq_len, the
@@ -99,7 +100,8 @@ impl GenerationStats {
 
 /// Continues `prompt` by up to `budget` tokens chosen by `sampler`, calling `on_token` with each
 /// as soon as it is chosen: prefill of the prompt, then one decode step per token (replayed
-/// from a CUDA graph with `graphs` where the model and device allow it).
+/// from a CUDA graph with `graphs` where the model and device allow it and the model gains
+/// from it: [`Model::decodes_faster_from_graphs`]).
 pub fn generate(
     model: &Model,
     prompt: &[i64],
@@ -121,7 +123,8 @@ pub fn generate(
     let pre = model.prefill(&tokens, &[len], len + budget as i64, opts)?;
     let mut logits = host_row(&pre.logits.f_select(1, len - 1)?)?;
     let mut cache = pre.cache;
-    cache.use_graphs(graphs);
+    let dense_eager = graphs && !model.decodes_faster_from_graphs();
+    cache.use_graphs(graphs && !dense_eager);
     let prefill = start.elapsed();
     let start = Instant::now();
     for i in 0..budget {
@@ -137,7 +140,11 @@ pub fn generate(
         prefill,
         decode: start.elapsed(),
         graph_replays: cache.graph_replays(),
-        graphs_unavailable: cache.graph_unavailable().map(str::to_string),
+        graphs_unavailable: match cache.graph_unavailable() {
+            Some(why) => Some(why.to_string()),
+            None if dense_eager => Some("dense models decode faster eagerly".into()),
+            None => None,
+        },
     })
 }
 

@@ -194,6 +194,19 @@ pub struct DecodeStep {
 }
 
 impl Model {
+    /// Whether a decoder should ask for [`KvCache::use_graphs`] by default: for models with
+    /// NSA blocks, not for dense ones. A graph replays a step with a fixed-layout plan; for a
+    /// dense model that means attention over every key up to the plan's bound (the positions
+    /// of the next 256 steps), masked, where an eager step's SDPA reads only the keys that
+    /// exist, and a dense step has few launches to save: on the H200, `125m` after a 32k
+    /// prompt generated 136.4 tokens/s eagerly and 128.4 from graphs, NSA 73.8 and 160.8
+    /// (BENCHMARKS.md, generation). Graphs still work for dense models when asked for.
+    pub fn decodes_faster_from_graphs(&self) -> bool {
+        self.blocks
+            .iter()
+            .any(|block| matches!(block.attn, Attention::Nsa(_)))
+    }
+
     /// Runs the model on prompts `tokens` int64 `[B, S]`, right-padded (sequence `b`'s tokens
     /// are `0 .. lengths[b]`, `1 ≤ lengths[b] ≤ S`; padding ids must be valid ids too), and
     /// returns the logits with a cache of the prompts that has room for `capacity` tokens per

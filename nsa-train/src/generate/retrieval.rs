@@ -366,8 +366,9 @@ fn score_batch(
     let lengths = vec![first as i64 + 1; b];
     let pre = run.model.prefill(&prompt, &lengths, len as i64, opts)?;
     let mut cache = pre.cache;
-    // Steps replay a CUDA graph where they can (nsa_model::KvCache::use_graphs).
-    cache.use_graphs(true);
+    // Steps replay a CUDA graph where they can and gain from it (nsa_model::KvCache::use_graphs,
+    // Model::decodes_faster_from_graphs).
+    cache.use_graphs(run.model.decodes_faster_from_graphs());
     let mut logits = pre.logits.f_select(1, first as i64)?;
     // Each NSA layer's selected blocks for the token at t, int64 [B, Hkv, n] (−1 padded).
     let mut blocks = pre

@@ -391,6 +391,10 @@ fn bad_tokens_are_named_and_leave_the_cache_usable() {
         assert_eq!(cache.lengths(), [6, 3]);
         assert!(cache.bytes() > 0);
         assert_eq!(
+            model.decodes_faster_from_graphs(),
+            attention == AttentionKind::Nsa
+        );
+        assert_eq!(
             cache.nsa_layers().count(),
             if attention == AttentionKind::Nsa {
                 2
