@@ -137,6 +137,15 @@ pub struct FastPaths {
     /// faster on an H200, BENCHMARKS.md round 11). Off: logits, then libtorch's cross-entropy.
     /// Evaluation always takes the logits (it scores answers from them).
     pub fused_loss: bool,
+    /// Bound, in MiB, on the partial results of one launch of the selected branch's key-outer
+    /// kernels (its forward and its dQ, used for small groups on long sequences): a batch whose
+    /// partials would exceed it runs in chunks of sequences, each with its own partials
+    /// (`nsa_sys::fused::set_key_outer_chunk_bytes`; the same results up to the dK/dV work
+    /// split, deterministic either way). The partials grow with batch × sequence (1.6 GB of
+    /// dQ partials for `125m` at 32,768 tokens a step) and sit on top of every saved
+    /// activation during the last layer's backward: a lower bound lowers the peak memory at a
+    /// few more launches.
+    pub key_outer_chunk_mib: f64,
     /// Activation recomputation (gradient checkpointing per block, `nsa_model::Recompute`):
     /// the forward keeps only each block's input, and the backward runs each block's forward
     /// again right before its backward. Less memory (what the blocks save for their backward
@@ -158,6 +167,7 @@ impl Default for FastPaths {
             ddp_overlap: true,
             ddp_timeout_s: 600.0,
             fused_loss: true,
+            key_outer_chunk_mib: (nsa_sys::fused::KEY_OUTER_MAX_PARTIAL_BYTES >> 20) as f64,
             recompute: false,
         }
     }
@@ -783,6 +793,10 @@ impl TrainConfig {
                 "fast.ddp_bucket_mb must be > 0 (got {})",
                 self.fast.ddp_bucket_mb
             );
+        }
+        let chunk = self.fast.key_outer_chunk_mib;
+        if !(chunk.is_finite() && chunk >= 1.0) {
+            bail!("fast.key_outer_chunk_mib must be a number of MiB ≥ 1 (got {chunk})");
         }
         if self.fast.ddp_timeout_s.is_nan() || self.fast.ddp_timeout_s <= 0.0 {
             bail!(

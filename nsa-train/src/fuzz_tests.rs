@@ -37,7 +37,7 @@ const VALUES: [&str; 25] = [
     "\"cuda:9\"",
 ];
 
-const KEYS: [&str; 27] = [
+const KEYS: [&str; 28] = [
     "run.name",
     "run.steps",
     "run.seed",
@@ -64,6 +64,7 @@ const KEYS: [&str; 27] = [
     "optim.eps",
     "optim.grad_accum",
     "fast.ddp_bucket_mb",
+    "fast.key_outer_chunk_mib",
     "fast.attn_path",
 ];
 

@@ -104,6 +104,9 @@ impl<'a> Session<'a> {
         // Deterministic algorithms (or not) before anything runs on the device.
         nsa_sys::train::set_deterministic(cfg.run.deterministic)
             .context("switching libtorch's deterministic algorithms")?;
+        nsa_sys::fused::set_key_outer_chunk_bytes(
+            (cfg.fast.key_outer_chunk_mib * 1048576.0) as i64,
+        );
         // Model and optimizer (fp32 master weights; bf16 only inside autocast).
         tch::manual_seed(cfg.run.seed as i64);
         let mut vs = nn::VarStore::new(device);
