@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+mod usage;
+pub use usage::{parse_ptxas_verbose, KernelUsage};
+
 use crate::SysError;
 
 /// One kernel family: a `.cu` file of `nsa-sys/kernels/`.
@@ -286,6 +289,16 @@ impl Nvrtc {
     /// Compiles `src` for compute capability `arch` (no cache). A failed compile is
     /// [`NvrtcError::Compile`] naming the family and carrying the log.
     pub fn compile(&self, src: &KernelSource, arch: (i32, i32)) -> Result<Compiled, NvrtcError> {
+        self.compile_with(src, arch, &self.options(arch))
+    }
+
+    /// [`Nvrtc::compile`] with the given options (which name `arch` themselves).
+    fn compile_with(
+        &self,
+        src: &KernelSource,
+        arch: (i32, i32),
+        options: &[String],
+    ) -> Result<Compiled, NvrtcError> {
         let cstr = |s: &str| {
             CString::new(s).map_err(|_| NvrtcError::Call {
                 call: "nvrtcCreateProgram",
@@ -305,8 +318,7 @@ impl Nvrtc {
             .collect::<Result<Vec<_>, _>>()?;
         let hp: Vec<*const c_char> = header_text.iter().map(|c| c.as_ptr()).collect();
         let hn: Vec<*const c_char> = header_names.iter().map(|c| c.as_ptr()).collect();
-        let opts = self
-            .options(arch)
+        let opts = options
             .iter()
             .map(|o| cstr(o))
             .collect::<Result<Vec<_>, _>>()?;

@@ -1,6 +1,7 @@
 //! NVRTC on the CPU (no GPU needed): every kernel family compiles for sm_80 and sm_90 with an
 //! empty log (no error, no warning), compile errors name the kernel and carry the log, and the
-//! CUBIN cache serves a second compile from disk.
+//! CUBIN cache serves a second compile from disk; every kernel's registers, stack frame and
+//! spills for sm_90 are a snapshot.
 use nsa_sys::nvrtc::{KernelSource, Nvrtc, NvrtcError, ALL_SOURCES};
 
 fn nvrtc() -> Nvrtc {
@@ -37,6 +38,53 @@ fn every_kernel_compiles_cleanly_for_sm80_and_sm90() {
         // An ELF image (CUBIN), not PTX text.
         assert_eq!(&out.cubin[..4], b"\x7fELF", "{name}");
     }
+}
+
+/// Registers, stack frame and spills of every kernel for sm_90, as ptxas reports them, kept as
+/// a snapshot (`snapshots/nvrtc__kernel_resources_sm90.snap`): a change in any kernel's
+/// resources fails here until the new table is accepted, so a stack frame or spills that an
+/// edit adds to a hot kernel are seen in review, not in a benchmark a session later.
+#[test]
+fn kernel_resources_sm90() {
+    let nv = nvrtc();
+    let tables: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ALL_SOURCES
+            .iter()
+            .map(|src| {
+                let nv = &nv;
+                scope.spawn(move || {
+                    let usage = nv
+                        .resource_usage(src, (9, 0))
+                        .unwrap_or_else(|e| panic!("{}: {e}", src.name));
+                    assert!(
+                        !usage.is_empty(),
+                        "{}: no kernels in ptxas's report",
+                        src.name
+                    );
+                    let mut table = String::new();
+                    for u in usage {
+                        table += &format!(
+                            "{} | {} | {} | {} | {} | {}\n",
+                            src.name,
+                            u.kernel,
+                            u.registers,
+                            u.stack_bytes,
+                            u.spill_store_bytes,
+                            u.spill_load_bytes
+                        );
+                    }
+                    table
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a compile thread"))
+            .collect()
+    });
+    let header =
+        "family | kernel | registers | stack bytes | spill store bytes | spill load bytes\n";
+    insta::assert_snapshot!(header.to_string() + &tables.concat());
 }
 
 #[test]
