@@ -689,8 +689,11 @@ fn lean_path_matches_reference_on_random_configs() {
             ("window", &lean_out.window, &refr.window),
             ("output", &lean_out.output, &refr.output),
         ] {
-            let err = max_abs_diff(a, b);
-            assert!(err < 1e-5, "{what}: {name} differs by {err}");
+            // Relative to the branch's largest value (at least 1): float32 sums in other
+            // orders differ by a few ulps of the values, which can exceed 1 (seed 103771832
+            // case 6: 1.3e-5 absolute).
+            let err = scaled_diff(a, b);
+            assert!(err < 1e-5, "{what}: {name} differs by {err} (scaled)");
         }
         let g_ref = Tensor::run_backward(
             &[(&refr.output * &r).sum(Kind::Float)],
