@@ -406,7 +406,9 @@ fn compare_rows(
     })
 }
 
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64, AttnError> {
+/// `max |a − b| / max |b|` in float64 (infinite where the difference is not finite): the
+/// GPU check rows' error measure.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64, AttnError> {
     let a = a.f_to_kind(Kind::Double)?;
     let denom = b.f_abs()?.f_max()?.f_double_value(&[])?.max(1e-30);
     let d = a.f_sub(b)?.f_abs()?.f_max()?.f_double_value(&[])?;

@@ -2,7 +2,7 @@
 //! logits over hundreds of steps, replayed from captured graphs, against eager steps with the
 //! same fixed-layout plans and against eager steps with ordinary plans; and the comparison's
 //! core ([`decode_logits`]), which the CPU tests run for the plans alone.
-use nsa_attn::fused::CheckRow;
+use nsa_attn::fused::{rel_err, CheckRow};
 use nsa_attn::{AttnError, AttnPath, ForwardOpts, SelectConfig};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -86,13 +86,6 @@ pub(crate) fn decode_logits(
         replays: cache.graph_replays(),
         unavailable: cache.graph_unavailable().map(str::to_string),
     })
-}
-
-/// `max |a − b| / max |b|`.
-pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64, ModelError> {
-    let diff = f64::try_from(a.f_sub(b)?.f_abs()?.f_max()?)?;
-    let scale = f64::try_from(b.f_abs()?.f_max()?)?.max(f64::MIN_POSITIVE);
-    Ok(diff / scale)
 }
 
 /// The check's model: two blocks, 4 query heads over 2 K/V heads, dk = dv = 64 (the decode

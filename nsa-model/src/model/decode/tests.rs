@@ -238,7 +238,8 @@ proptest! {
 /// up to the plan's bound, one plan refilled from step to step as a graph's is) against
 /// ordinary plans: what a captured step computes, checked without a GPU.
 fn fixed_plans_match_ordinary(c: &Case, steps: i64) -> Result<(), TestCaseError> {
-    use super::graph_check::{decode_logits, rel_err, Stepping};
+    use super::graph_check::{decode_logits, Stepping};
+    use nsa_attn::fused::rel_err;
     tch::manual_seed(c.seed);
     let cfg = c.config();
     let vs = nn::VarStore::new(Device::Cpu);
