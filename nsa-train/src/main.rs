@@ -280,11 +280,13 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Train(args) => {
             let cfg = args.resolve()?;
+            // A model config that cannot be built (unknown preset, lengths that break a rule)
+            // fails here, before the config dump that would push its message off the screen.
+            let model = train::model_config(&cfg)?;
             println!("# resolved config\n{}", cfg.to_toml());
             if args.dry_run {
-                // Everything that can be checked without data or a device: the model config
-                // and that it fits this machine.
-                let model = train::model_config(&cfg)?;
+                // Everything else that can be checked without data or a device: that the model
+                // fits this machine.
                 let device = train::parse_device(cfg.run.device, backend.has_gpu())?;
                 sizes::check(&cfg, &model, sizes::device_memory(device))?;
                 println!("# model: {model}");

@@ -110,14 +110,18 @@ fn bad_input_is_named() {
         "1",
     ])));
     assert!(e.contains("dimm"), "{e}");
-    let e = err(&run(&strs(&[
+    let huge = run(&strs(&[
         "train",
         "--set",
         "model.preset=\"huge\"",
         "--steps",
         "1",
-    ])));
+    ]));
+    let e = err(&huge);
     assert!(e.contains("huge") && e.contains("tiny"), "{e}");
+    // A model config that cannot be built fails before the config dump, not after it.
+    let stdout = String::from_utf8_lossy(&huge.stdout);
+    assert!(!stdout.contains("resolved config"), "{stdout}");
     let cfg = out.join("bad.toml");
     std::fs::write(
         &cfg,
