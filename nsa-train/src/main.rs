@@ -381,6 +381,10 @@ fn main() -> anyhow::Result<()> {
             det,
         } => {
             if gpu {
+                anyhow::ensure!(
+                    backend.has_gpu(),
+                    "check --gpu compares the fused kernels on a CUDA device: {backend}"
+                );
                 gpu_check(json.as_deref(), &part)?;
             }
             if determinism {
