@@ -122,6 +122,11 @@ fn bad_input_is_named() {
     // A model config that cannot be built fails before the config dump, not after it.
     let stdout = String::from_utf8_lossy(&huge.stdout);
     assert!(!stdout.contains("resolved config"), "{stdout}");
+    // A benchmark on a device this machine lacks stops once, before any configuration runs.
+    let e = err(&run(&strs(&[
+        "bench", "train", "--device", "cuda", "--steps", "1",
+    ])));
+    assert!(e.contains("--device cuda needs a GPU"), "{e}");
     let cfg = out.join("bad.toml");
     std::fs::write(
         &cfg,

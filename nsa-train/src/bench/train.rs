@@ -96,6 +96,15 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
         "--tokens-per-step must be at least 1"
     );
     anyhow::ensure!(a.needle_seq >= 2, "--needle-seq must be at least 2");
+    if a.device.starts_with("cuda") {
+        // Once, rather than as a failed row for every configuration.
+        let backend = nsa_sys::cuda::load_backend()?;
+        anyhow::ensure!(
+            backend.has_gpu(),
+            "--device {} needs a GPU: {backend}",
+            a.device
+        );
+    }
     // Every row is printed; the command still fails when any configuration did.
     let mut failures = 0usize;
     let mut table = String::from(
