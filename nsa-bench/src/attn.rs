@@ -186,6 +186,13 @@ pub fn run(args: AttnBenchArgs, host: &Invocation) -> Result<()> {
     if args.chunk <= 0 || args.dim <= 0 || args.batch <= 0 {
         return flag("--chunk, --dim and --batch must be positive".into());
     }
+    if args.path == BenchPath::Fused && !matches!(device, Device::Cuda(_)) {
+        // The layer would take its lean path there, and the table would say "fused".
+        return flag(format!(
+            "--path fused times the CUDA kernels; on {device:?} the layer runs the lean path \
+             (--path lean)"
+        ));
+    }
     if let Some(case) = args.case {
         // Child mode: one case, one JSON line on stdout.
         let &[seq] = args.seq.as_slice() else {

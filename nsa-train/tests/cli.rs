@@ -127,6 +127,10 @@ fn bad_input_is_named() {
         "bench", "train", "--device", "cuda", "--steps", "1",
     ])));
     assert!(e.contains("--device cuda needs a GPU"), "{e}");
+    let e = err(&run(&strs(&[
+        "bench", "attn", "--path", "fused", "--seq", "64",
+    ])));
+    assert!(e.contains("--path fused times the CUDA kernels"), "{e}");
     let cfg = out.join("bad.toml");
     std::fs::write(
         &cfg,
