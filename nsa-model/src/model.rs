@@ -142,6 +142,17 @@ enum Attention {
     Dense(DenseAttention),
 }
 
+/// What a block's NSA attention does with its block selection (dense attention has none).
+pub(crate) enum Selection<'a> {
+    /// Select from the compressed scores, as every forward does.
+    Select,
+    /// Select, and put the block ids (int32 `[B, S, Hkv, n]`) into the slot: activation
+    /// recomputation's first forward, whose selection its second one reuses.
+    Keep(&'a mut Option<Tensor>),
+    /// Take these block ids instead of selecting (the same ids give the same forward).
+    Reuse(&'a Tensor),
+}
+
 /// `h + attn(attn_norm(h))`, then `h + mlp(mlp_norm(h))`.
 #[derive(Debug)]
 struct Block {
@@ -162,10 +173,30 @@ impl Block {
         opts: &ForwardOpts,
         rope: Option<&Rope>,
     ) -> Result<(Tensor, Tensor), ModelError> {
+        self.forward_selecting(h, pending, opts, rope, Selection::Select)
+    }
+
+    /// [`Block::forward`] with the NSA attention's selection kept or given ([`Selection`]).
+    fn forward_selecting(
+        &self,
+        h: &Tensor,
+        pending: Option<&Tensor>,
+        opts: &ForwardOpts,
+        rope: Option<&Rope>,
+        selection: Selection<'_>,
+    ) -> Result<(Tensor, Tensor), ModelError> {
         let kernel = use_kernels(opts, h);
         let (h, x) = self.attn_norm.forward_add(h, pending, kernel)?;
         let a = match (&self.attn, rope) {
-            (Attention::Nsa(attn), _) => attn.forward(&x, opts)?,
+            (Attention::Nsa(attn), _) => match selection {
+                Selection::Select => attn.forward(&x, opts)?,
+                Selection::Keep(slot) => {
+                    let out = attn.forward_branches(&x, opts)?;
+                    *slot = Some(out.blocks.f_to_kind(Kind::Int)?);
+                    out.output
+                }
+                Selection::Reuse(ids) => attn.forward_branches_with_blocks(&x, ids, opts)?.output,
+            },
             (Attention::Dense(attn), Some(rope)) => attn.forward(&x, rope)?,
             (Attention::Dense(_), None) => {
                 return Err(ModelError::Shape(

@@ -147,8 +147,9 @@ pub struct FastPaths {
     /// few more launches.
     pub key_outer_chunk_mib: f64,
     /// Activation recomputation (gradient checkpointing per block, `nsa_model::Recompute`):
-    /// the forward keeps only each block's input, and the backward runs each block's forward
-    /// again right before its backward. Less memory (what the blocks save for their backward
+    /// the forward keeps only each block's input (and an NSA block's selected block ids, which
+    /// the second forward reuses instead of selecting again), and the backward runs each
+    /// block's forward again right before its backward. Less memory (what the blocks save for their backward
     /// lives for one block at a time) for about one more forward of compute; the same
     /// gradients. With data parallelism the gradient buckets are reduced after the backward
     /// rather than during it.

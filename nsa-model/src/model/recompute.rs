@@ -6,6 +6,11 @@
 //! backward is the blocks' inputs (the residual stream and the previous block's MLP output,
 //! per block), one forward more of compute.
 //!
+//! An NSA block's block selection is not recomputed: the first forward keeps its block ids
+//! (int32, `[B, S, Hkv, n]` per block: 8 MB a block for `125m` at 8k × 4) and the second takes
+//! them, which skips the selection kernel (or the lean path's chunked selection) and the
+//! scores it recomputes; the selection has no gradient, and the same ids give the same forward.
+//!
 //! The gradients are those of the plain backward, bit for bit where the kernels are
 //! deterministic: each block's forward is recomputed from the same inputs with the same
 //! operators, its backward receives the gradient the plain backward would hand it, and a
@@ -13,7 +18,7 @@
 use nsa_attn::ForwardOpts;
 use tch::Tensor;
 
-use super::{use_kernels, Model};
+use super::{use_kernels, Model, Selection};
 use crate::config::ModelError;
 use crate::dense::Rope;
 
@@ -25,6 +30,8 @@ pub struct Recompute {
     /// Block `i`'s input: the residual stream and the previous block's MLP output (none for
     /// the first block), without autograd history.
     inputs: Vec<(Tensor, Option<Tensor>)>,
+    /// Block `i`'s selection (NSA blocks), which the recomputed forward reuses.
+    selections: Vec<Option<Tensor>>,
     /// The final norm's inputs (the last block's outputs) as leaves that require grad.
     last: (Tensor, Option<Tensor>),
     rope: Option<Rope>,
@@ -49,13 +56,21 @@ impl Model {
             self.embed_and_rope(tokens, opts)?
         };
         let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut selections = Vec::with_capacity(self.blocks.len());
         let (mut h, mut pending) = (h0, None);
         {
             let _no_grad = tch::no_grad_guard();
             for block in &self.blocks {
-                let (after_attn, mlp_out) =
-                    block.forward(&h, pending.as_ref(), opts, rope.as_ref())?;
+                let mut kept = None;
+                let (after_attn, mlp_out) = block.forward_selecting(
+                    &h,
+                    pending.as_ref(),
+                    opts,
+                    rope.as_ref(),
+                    Selection::Keep(&mut kept),
+                )?;
                 inputs.push((h, pending));
+                selections.push(kept);
                 h = after_attn;
                 pending = Some(mlp_out);
             }
@@ -71,6 +86,7 @@ impl Model {
             Recompute {
                 tokens: tokens.shallow_clone(),
                 inputs,
+                selections,
                 last: (h, pending),
                 rope,
                 opts: *opts,
@@ -96,7 +112,7 @@ impl Recompute {
     /// forward's precision), then the embedding's; call it after the backward of a loss of
     /// [`Model::forward_hidden_recompute`]'s hidden states, with the model that made them.
     pub fn backpropagate(self, model: &Model) -> Result<(), ModelError> {
-        if self.inputs.len() != model.blocks.len() {
+        if self.inputs.len() != model.blocks.len() || self.selections.len() != model.blocks.len() {
             return Err(ModelError::Shape(format!(
                 "activation recomputation: {} block inputs for a model of {} blocks",
                 self.inputs.len(),
@@ -111,17 +127,25 @@ impl Recompute {
             .transpose()?;
         // Each block's input is dropped once its backward is done.
         let mut inputs = self.inputs;
+        let mut selections = self.selections;
         for block in model.blocks.iter().rev() {
-            let (h_in, pending_in) = inputs.pop().ok_or_else(|| {
-                ModelError::Shape("activation recomputation: a block input is missing".into())
-            })?;
+            let missing =
+                || ModelError::Shape("activation recomputation: a block input is missing".into());
+            let (h_in, pending_in) = inputs.pop().ok_or_else(missing)?;
+            let kept = selections.pop().ok_or_else(missing)?;
             let h = h_in.f_detach()?.f_requires_grad_(true)?;
             let pending = pending_in
                 .as_ref()
                 .map(|p| p.f_detach()?.f_requires_grad_(true))
                 .transpose()?;
             let opts = &self.opts;
-            let run = || block.forward(&h, pending.as_ref(), opts, self.rope.as_ref());
+            let run = || {
+                let selection = match &kept {
+                    Some(ids) => Selection::Reuse(ids),
+                    None => Selection::Select,
+                };
+                block.forward_selecting(&h, pending.as_ref(), opts, self.rope.as_ref(), selection)
+            };
             let (out_h, out_pending) = if self.autocast {
                 nsa_sys::train::with_bf16_autocast(run)?
             } else {
@@ -150,6 +174,23 @@ mod tests {
     use crate::config::{AttentionKind, ModelConfig};
     use nsa_attn::{AttnPath, LeanOpts};
     use tch::{nn, Device, Kind};
+
+    /// The `tiny` preset with `layers` blocks of `attention`, random tokens `[2, 37]` and
+    /// weights for `sum(hidden · weights)`.
+    fn tiny(
+        attention: AttentionKind,
+        layers: i64,
+    ) -> (ModelConfig, nn::VarStore, Model, Tensor, Tensor) {
+        let mut cfg = ModelConfig::preset("tiny")
+            .unwrap()
+            .with_attention(attention);
+        cfg.n_layers = layers;
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Model::new(&vs.root(), &cfg).unwrap();
+        let tokens = Tensor::randint(cfg.vocab_size, [2, 37], (Kind::Int64, Device::Cpu));
+        let weights = Tensor::randn([2, 37, cfg.dim], (Kind::Float, Device::Cpu));
+        (cfg, vs, model, tokens, weights)
+    }
 
     /// Every parameter's gradient of `sum(hidden · weights)`, by name, plain or recomputed,
     /// the gradients zeroed first.
@@ -203,14 +244,7 @@ mod tests {
             (AttentionKind::Nsa, lean),
             (AttentionKind::Dense, reference),
         ] {
-            let mut cfg = ModelConfig::preset("tiny")
-                .unwrap()
-                .with_attention(attention);
-            cfg.n_layers = 3;
-            let vs = nn::VarStore::new(Device::Cpu);
-            let model = Model::new(&vs.root(), &cfg).unwrap();
-            let tokens = Tensor::randint(cfg.vocab_size, [2, 37], (Kind::Int64, Device::Cpu));
-            let weights = Tensor::randn([2, 37, cfg.dim], (Kind::Float, Device::Cpu));
+            let (_, vs, model, tokens, weights) = tiny(attention, 3);
             let plain = gradients(&vs, &model, &tokens, &weights, &opts, false);
             let recomputed = gradients(&vs, &model, &tokens, &weights, &opts, true);
             assert_eq!(plain.len(), recomputed.len());
@@ -224,6 +258,47 @@ mod tests {
                     "{attention:?} {opts:?} {name}: gradients differ"
                 );
             }
+        }
+    }
+
+    /// The recomputation keeps each NSA block's selection (int32 `[B, S, Hkv, n]`) and its
+    /// second forward takes it: a kept selection changed by hand (every token to block 0 alone)
+    /// changes the gradients, so the second forward does not select again. Dense blocks keep
+    /// none.
+    #[test]
+    fn the_second_forward_reuses_the_kept_selection() {
+        for attention in [AttentionKind::Nsa, AttentionKind::Dense] {
+            let (cfg, vs, model, tokens, weights) = tiny(attention, 2);
+            let opts = ForwardOpts::default();
+            let plain = gradients(&vs, &model, &tokens, &weights, &opts, false);
+            for mut t in vs.trainable_variables() {
+                t.zero_grad();
+            }
+            let (hidden, mut rc) = model.forward_hidden_recompute(&tokens, &opts).unwrap();
+            if attention == AttentionKind::Dense {
+                assert!(rc.selections.iter().all(Option::is_none));
+                continue;
+            }
+            let n = cfg.nsa.select.top_n;
+            for kept in &mut rc.selections {
+                let ids = kept.as_ref().expect("an NSA block keeps its selection");
+                assert_eq!(ids.size(), [2, 37, cfg.n_kv_heads, n]);
+                assert_eq!(ids.kind(), Kind::Int);
+                let only_first = ids.full_like(-1);
+                let _ = only_first.narrow(3, 0, 1).fill_(0);
+                *kept = Some(only_first);
+            }
+            hidden.f_mul(&weights).unwrap().sum(Kind::Float).backward();
+            rc.backpropagate(&model).unwrap();
+            let changed = vs
+                .variables()
+                .into_iter()
+                .filter(|(name, t)| {
+                    let a = &plain.iter().find(|(n, _)| n == name).unwrap().1;
+                    !a.equal(&t.grad())
+                })
+                .count();
+            assert!(changed > 0, "the hand-made selection was not used");
         }
     }
 
