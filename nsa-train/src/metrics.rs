@@ -38,6 +38,12 @@ pub struct MetricLine {
     /// the CPU, a GPU not in `flops::peak`'s table without `run.peak_tflops`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub mfu: Option<f64>,
+    /// CUDA memory the logged step's forward left allocated for its backward (allocated after
+    /// the loss minus before the forward, the largest micro-step), MB: the activations the
+    /// model saves, which peak memory adds to weights, optimizer state and the backward's own
+    /// buffers. Absent on the CPU and in older runs' lines.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub activation_mb: Option<f64>,
 }
 
 /// `null` (how serde_json writes NaN and infinities) → NaN.
@@ -108,6 +114,7 @@ pub(crate) fn test_line(step: u64, loss: f64, eval_loss: Option<f64>) -> MetricL
         eval_accuracy: None,
         sync_ms: None,
         mfu: None,
+        activation_mb: None,
     }
 }
 

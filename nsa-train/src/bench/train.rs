@@ -108,7 +108,7 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
     // Every row is printed; the command still fails when any configuration did.
     let mut failures = 0usize;
     let mut table = String::from(
-        "| preset | S | batch | attention | tokens/s, median (min–max) of the timed steps | peak memory (MB) | NSA / dense (medians) |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "| preset | S | batch | attention | tokens/s, median (min–max) of the timed steps | peak memory (MB) | held for backward (MB) | NSA / dense (medians) |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let seqs: &[usize] = if a.steps == 0 { &[] } else { &a.seq };
     for &seq in seqs {
@@ -131,12 +131,22 @@ pub fn run(a: TrainBenchArgs) -> Result<()> {
                     if attention == "dense" {
                         dense_tps = Some(tps);
                     }
-                    format!("{} | {:.0} | {ratio}", timing.cell_to(0), s.peak_mem_mb)
+                    // What the forward left for the backward (the activations), largest step.
+                    let held = lines
+                        .iter()
+                        .filter_map(|l| l.activation_mb)
+                        .reduce(f64::max)
+                        .map_or(String::new(), |m| format!("{m:.0}"));
+                    format!(
+                        "{} | {:.0} | {held} | {ratio}",
+                        timing.cell_to(0),
+                        s.peak_mem_mb
+                    )
                 }
                 Err(e) => {
                     failures += 1;
                     format!(
-                        "failed: {} | | ",
+                        "failed: {} | | | ",
                         format!("{e:#}")
                             .lines()
                             .next()
@@ -213,6 +223,7 @@ mod tests {
             eval_accuracy: None,
             sync_ms: None,
             mfu: None,
+            activation_mb: None,
         }
     }
 

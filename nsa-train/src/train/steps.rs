@@ -30,6 +30,8 @@ struct StepDone {
     lr: f64,
     sync_ms: Option<f64>,
     step_ms: f64,
+    /// [`MetricLine::activation_mb`] of this step (CUDA only).
+    activation_mb: Option<f64>,
 }
 
 /// The metrics window between two log lines.
@@ -186,6 +188,14 @@ impl Session<'_> {
         let t0 = Instant::now();
         self.opt.zero_grad()?;
         let mut loss_sum = 0.0;
+        let mut activation_mb: Option<f64> = None;
+        let allocated = |device: tch::Device| -> Option<f64> {
+            device
+                .is_cuda()
+                .then(|| nsa_sys::train::cuda_memory(device_index(device)))
+                .flatten()
+                .map(|m| m.allocated as f64 / 1e6)
+        };
         for micro in 0..cfg.optim.grad_accum {
             if micro > 0 && agreed_stop(stop, self.dist.as_mut(), self.device)?.is_some() {
                 return Ok(None);
@@ -199,7 +209,11 @@ impl Session<'_> {
                     cfg.data.seq_len,
                 )?
                 .to(self.device)?;
+            let before = allocated(self.device);
             let (loss, recompute) = self.fwd.loss(&self.model, &input, &target)?;
+            if let (Some(a), Some(b)) = (allocated(self.device), before) {
+                activation_mb = Some(activation_mb.map_or(a - b, |m| m.max(a - b)));
+            }
             let loss = loss / cfg.optim.grad_accum as f64;
             // With activation recomputation the backward is several passes, and the tied
             // embedding gets its gradient in two of them: buckets are reduced after it instead.
@@ -261,6 +275,7 @@ impl Session<'_> {
             lr,
             sync_ms,
             step_ms: t0.elapsed().as_secs_f64() * 1e3,
+            activation_mb,
         }))
     }
 
@@ -291,6 +306,7 @@ impl Session<'_> {
             eval_loss: eval.map(|e| e.0),
             eval_accuracy: eval.map(|e| e.1),
             sync_ms: done.sync_ms,
+            activation_mb: done.activation_mb,
             mfu: self
                 .peak
                 .as_ref()
