@@ -166,18 +166,8 @@ impl Block {
     /// The block on the residual stream `h` plus `pending` (the previous block's MLP output,
     /// not yet added: each residual add runs inside the norm after it): returns the stream
     /// after the attention's residual and this block's MLP output, for the next norm to add.
+    /// The NSA attention selects, keeps or reuses its block selection as `selection` says.
     fn forward(
-        &self,
-        h: &Tensor,
-        pending: Option<&Tensor>,
-        opts: &ForwardOpts,
-        rope: Option<&Rope>,
-    ) -> Result<(Tensor, Tensor), ModelError> {
-        self.forward_selecting(h, pending, opts, rope, Selection::Select)
-    }
-
-    /// [`Block::forward`] with the NSA attention's selection kept or given ([`Selection`]).
-    fn forward_selecting(
         &self,
         h: &Tensor,
         pending: Option<&Tensor>,
@@ -298,7 +288,8 @@ impl Model {
         let (mut h, rope) = self.embed_and_rope(tokens, opts)?;
         let mut pending = None;
         for block in &self.blocks {
-            let (after_attn, mlp_out) = block.forward(&h, pending.as_ref(), opts, rope.as_ref())?;
+            let (after_attn, mlp_out) =
+                block.forward(&h, pending.as_ref(), opts, rope.as_ref(), Selection::Select)?;
             h = after_attn;
             pending = Some(mlp_out);
         }

@@ -149,9 +149,9 @@ pub struct FastPaths {
     /// Activation recomputation (gradient checkpointing per block, `nsa_model::Recompute`):
     /// the forward keeps only each block's input (and an NSA block's selected block ids, which
     /// the second forward reuses instead of selecting again), and the backward runs each
-    /// block's forward again right before its backward. Less memory (what the blocks save for their backward
-    /// lives for one block at a time) for about one more forward of compute; the same
-    /// gradients. With data parallelism the gradient buckets are reduced after the backward
+    /// block's forward again right before its backward. Less memory (what the blocks save for
+    /// their backward lives for one block at a time) for about one more forward of compute;
+    /// the same gradients. With data parallelism the gradient buckets are reduced after the backward
     /// rather than during it.
     pub recompute: bool,
 }

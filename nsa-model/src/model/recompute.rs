@@ -62,7 +62,7 @@ impl Model {
             let _no_grad = tch::no_grad_guard();
             for block in &self.blocks {
                 let mut kept = None;
-                let (after_attn, mlp_out) = block.forward_selecting(
+                let (after_attn, mlp_out) = block.forward(
                     &h,
                     pending.as_ref(),
                     opts,
@@ -144,7 +144,7 @@ impl Recompute {
                     Some(ids) => Selection::Reuse(ids),
                     None => Selection::Select,
                 };
-                block.forward_selecting(&h, pending.as_ref(), opts, self.rope.as_ref(), selection)
+                block.forward(&h, pending.as_ref(), opts, self.rope.as_ref(), selection)
             };
             let (out_h, out_pending) = if self.autocast {
                 nsa_sys::train::with_bf16_autocast(run)?

@@ -210,20 +210,8 @@ mod tests {
 
     fn line(step: u64, tokens_per_s: f64) -> MetricLine {
         MetricLine {
-            step,
-            tokens: None,
-            loss: 1.0,
-            lr: 1e-3,
-            grad_norm: 1.0,
             tokens_per_s,
-            step_ms: 1.0,
-            peak_mem_mb: 0.0,
-            skipped_steps: 0,
-            eval_loss: None,
-            eval_accuracy: None,
-            sync_ms: None,
-            mfu: None,
-            activation_mb: None,
+            ..crate::metrics::test_line(step, 1.0, None)
         }
     }
 

@@ -189,7 +189,8 @@ impl Session<'_> {
         self.opt.zero_grad()?;
         let mut loss_sum = 0.0;
         let mut activation_mb: Option<f64> = None;
-        let allocated = |device: tch::Device| -> Option<f64> {
+        let device = self.device;
+        let allocated = || -> Option<f64> {
             device
                 .is_cuda()
                 .then(|| nsa_sys::train::cuda_memory(device_index(device)))
@@ -209,9 +210,9 @@ impl Session<'_> {
                     cfg.data.seq_len,
                 )?
                 .to(self.device)?;
-            let before = allocated(self.device);
+            let before = allocated();
             let (loss, recompute) = self.fwd.loss(&self.model, &input, &target)?;
-            if let (Some(a), Some(b)) = (allocated(self.device), before) {
+            if let (Some(a), Some(b)) = (allocated(), before) {
                 activation_mb = Some(activation_mb.map_or(a - b, |m| m.max(a - b)));
             }
             let loss = loss / cfg.optim.grad_accum as f64;
