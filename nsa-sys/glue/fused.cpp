@@ -308,11 +308,11 @@ struct SelectedFused : public torch::autograd::Function<SelectedFused> {
                                q.options().dtype(at::kFloat));
       void *dkp = dk_t.narrow(0, b0, Bc).data_ptr(), *dvp = dv_t.narrow(0, b0, Bc).data_ptr();
       void* scp = scratch.data_ptr();
-      // dQ's per-(token, slot) partials (Bc·S·H·n·dk floats); only the valid slots are written
-      // and read.
+      // dQ's per-(token, slot) partials (Bc·S·H·n·dk bf16, each one block's fp32 sum rounded
+      // once); only the valid slots are written and read.
       auto dq_part = dq_key_outer
-                         ? at::empty({Bc, S, Hkv, n, hpg, dk}, q.options().dtype(at::kFloat))
-                         : at::empty({0}, q.options().dtype(at::kFloat));
+                         ? at::empty({Bc, S, Hkv, n, hpg, dk}, q.options().dtype(at::kBFloat16))
+                         : at::empty({0}, q.options().dtype(at::kBFloat16));
       {
         void *tp = inv_tok.data_ptr(), *wsp = plan.seg.data_ptr(), *wap = plan.a.data_ptr();
         void *wbp = plan.b.data_ptr(), *wlp = plan.slot.data_ptr();

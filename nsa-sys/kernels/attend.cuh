@@ -450,7 +450,8 @@ __device__ void dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16*
 // this block. Each warp stores its ds^T (bf16, as the dK product rounds it) into dS [64][72]
 // (row = (token, head), column = key); after the slice's barrier warp w computes rows
 // 16w .. 16w + 15 of dS K (64 columns of dk at a time, to bound registers) and writes them as
-// an fp32 partial at part[(b, t, g, slot)][head][DK], slot = the block's position in the token's
+// a bf16 partial at part[(b, t, g, slot)][head][DK] (its fp32 sum over the block's keys, rounded
+// once: half the bytes of an fp32 partial, the largest buffer of the backward), slot = the block's position in the token's
 // id row (inv_slot, from the same sort as inv_tok). Every valid (token, slot) is written by
 // exactly one CTA; nsa_slc_dq_reduce sums a token's slots in slot order (deterministic).
 // Shared, after the above: slot [64] (int), dS [64][72] (bf16).
@@ -466,7 +467,7 @@ struct DkdvKeys {
 // Extra arguments of dkdv_mma<DK, DV, true> (DQ above); n = ids per (token, group).
 struct DkdvDq {
   const int* inv_slot;  // [E], beside inv_tok
-  float* part;          // [B, S, Hkv, n, hpg, DK]
+  __nv_bfloat16* part;  // [B, S, Hkv, n, hpg, DK]
   int n;
 };
 
@@ -616,7 +617,7 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
           load_a_x4(da[kk], dSs, SS, warp * 16, kk * 16, lane);
         }
         const int rr[2] = {warp * 16 + gq, warp * 16 + gq + 8};
-        float* prow[2];
+        __nv_bfloat16* prow[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int t = toks[rr[i]];
@@ -639,8 +640,8 @@ __device__ void dkdv_mma(const __nv_bfloat16* __restrict__ q,
             if (prow[i] == nullptr) continue;
 #pragma unroll
             for (int nd = 0; nd < 8; ++nd) {
-              *reinterpret_cast<float2*>(prow[i] + c0q + nd * 8 + tig * 2) =
-                  make_float2(acc[nd][2 * i], acc[nd][2 * i + 1]);
+              *reinterpret_cast<__nv_bfloat162*>(prow[i] + c0q + nd * 8 + tig * 2) =
+                  __floats2bfloat162_rn(acc[nd][2 * i], acc[nd][2 * i + 1]);
             }
           }
         }

@@ -37,13 +37,14 @@
 //   D [hpg].
 // nsa_slc_dkdv_dq_mma_dk{DK}_dv{DV} (bf16, l' <= 64): nsa_slc_dkdv_mma plus dQ, key-outer
 //   (attend.cuh, dkdv_mma's DQ): for each (token, block) of the inverse index, the block's share
-//   of the token's dq as an fp32 partial at part[b, t, g, slot] [hpg][dk]. With small groups
+//   of the token's dq as a bf16 partial (its fp32 sum, rounded once) at part[b, t, g, slot]
+//   [hpg][dk]. With small groups
 //   this replaces the query-outer dq kernel, whose union tiles compute every block any of
 //   64 / G tokens selected (at G = 3 and 32k, about 250 blocks per row of 16 selected).
 // nsa_slc_dq_reduce: dq [B, S, H, dk] (bf16) from those partials: row (b, t, g, head) is the
 //   sum of part[b, t, g, s][head] over the slots s whose id is a block of the index
-//   (0 <= id < NB, the inverse index's rule), in slot order, rounded once. One thread per 4
-//   columns of a row, grid-stride; float4 loads.
+//   (0 <= id < NB, the inverse index's rule), in slot order in fp32, rounded once. One thread per
+//   4 columns of a row, grid-stride; 8-byte loads of 4 bf16.
 // nsa_slc_dkdv_reduce_{f32,bf16}: grid (split segment (red_seg), slice): CTA (r, y) sums, for
 //   slice y of the segment's L x (dk + dv) values, its red_count partials from slot red_slot0
 //   in order into dK/dV of the block's keys. The slices (grid y, sized by the host) spread a
@@ -432,7 +433,8 @@ NSA_DKDV_REDUCE(nsa_slc_dkdv_reduce_bf16, __nv_bfloat16)
       const __nv_bfloat16* dout, const float* lse, const float* D, const int* inv_tok,         \
       const long long* work_seg, const long long* work_a, const long long* work_b,             \
       const int* work_slot, float* scratch, __nv_bfloat16* dk_out, __nv_bfloat16* dv_out,      \
-      int S, int Hkv, int hpg, int L, int NB, float scale, const int* inv_slot, float* dq_part, \
+      int S, int Hkv, int hpg, int L, int NB, float scale, const int* inv_slot,                \
+      __nv_bfloat16* dq_part,                                                                  \
       int n) {                                                                                 \
     const nsa::DkdvKeys keys = {KEYS_SELECTED, S, L, NB, 1, 1, inv_tok};                       \
     nsa::dkdv_mma<DK, DV, true>(q, k, v, dout, lse, D, keys, work_seg, work_a, work_b,        \
@@ -450,7 +452,7 @@ NSA_MMA_DKDV_DQ(192, 128)
 NSA_MMA_DKDV_DQ(192, 192)
 
 extern "C" __global__ void __launch_bounds__(NSA_THREADS)
-    nsa_slc_dq_reduce(const float* __restrict__ part, const int* __restrict__ ids,
+    nsa_slc_dq_reduce(const __nv_bfloat16* __restrict__ part, const int* __restrict__ ids,
                       __nv_bfloat16* __restrict__ dq, long long rows, int hpg, int dk, int n,
                       int NB) {
   const int c4 = dk / 4;
@@ -466,11 +468,13 @@ extern "C" __global__ void __launch_bounds__(NSA_THREADS)
     for (int s = 0; s < n; ++s) {
       const int j = id[s];
       if (j < 0 || j >= NB) continue;
-      const float4 p = *reinterpret_cast<const float4*>(part + ((bsg * n + s) * hpg + h) * dk + c);
-      acc.x += p.x;
-      acc.y += p.y;
-      acc.z += p.z;
-      acc.w += p.w;
+      const uint2 raw = *reinterpret_cast<const uint2*>(part + ((bsg * n + s) * hpg + h) * dk + c);
+      const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+      const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+      acc.x += lo.x;
+      acc.y += lo.y;
+      acc.z += hi.x;
+      acc.w += hi.y;
     }
     __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(dq + rh * dk + c);
     o[0] = __floats2bfloat162_rn(acc.x, acc.y);

@@ -49,14 +49,14 @@ pub enum SelectedDq {
     /// selected).
     QueryOuter,
     /// Inside the dK/dV kernel, which already has every (token, block) pair's `dS`: each block's
-    /// share of a token's dQ is written as an fp32 partial (`B·S·H·n·dk·4` bytes, freed when
-    /// the backward returns) and a second kernel sums a token's partials in slot order
-    /// (deterministic). bf16 at tensor-core head sizes with `l' ≤ 64` and a forward other than
+    /// share of a token's dQ is written as a bf16 partial (its fp32 sum rounded once;
+    /// `B·S·H·n·dk·2` bytes, freed when the backward returns) and a second kernel sums a
+    /// token's partials in slot order in fp32 (deterministic). bf16 at tensor-core head sizes with `l' ≤ 64` and a forward other than
     /// token warps; elsewhere the same as [`SelectedDq::QueryOuter`].
     KeyOuter,
 }
 
-/// Bound on one sequence's key-outer dQ partials for [`SelectedDq::Auto`] (`S·H·n·dk·4`
+/// Bound on one sequence's key-outer dQ partials for [`SelectedDq::Auto`] (`S·H·n·dk·2`
 /// bytes): 2 GiB.
 pub const DQ_KEY_OUTER_MAX_PARTIAL_BYTES: i64 = 2 << 30;
 
@@ -69,12 +69,12 @@ pub(crate) fn forward_partial_bytes(s: i64, h: i64, dv: i64, n: i64, block_len: 
         .saturating_mul(2 * dv + 4)
 }
 
-/// One sequence's key-outer dQ partials: `S·H·n·dk·4` bytes (fp32 per (token, head, slot)).
+/// One sequence's key-outer dQ partials: `S·H·n·dk·2` bytes (bf16 per (token, head, slot)).
 pub(crate) fn dq_partial_bytes(s: i64, h: i64, dk: i64, n: i64) -> i64 {
     s.saturating_mul(h)
         .saturating_mul(n)
         .saturating_mul(dk)
-        .saturating_mul(4)
+        .saturating_mul(2)
 }
 
 /// Bound on one key-outer launch's partials (forward or dQ); see [`set_key_outer_chunk_bytes`].
@@ -83,7 +83,7 @@ static KEY_OUTER_CHUNK_BYTES: AtomicI64 = AtomicI64::new(KEY_OUTER_MAX_PARTIAL_B
 /// Sets the bound, in bytes, on the partials of one launch of the key-outer forward and of the
 /// key-outer dQ ([`KEY_OUTER_MAX_PARTIAL_BYTES`] unless set) and returns the previous one.
 ///
-/// Both hold partials that grow with `B·S` (0.83 GB and 1.61 GB for the `125m` shape at
+/// Both hold partials that grow with `B·S` (0.83 GB and 0.81 GB for the `125m` shape at
 /// `B·S = 32k`). Where a batch's would exceed the bound, the glue runs the key-outer kernels
 /// over chunks of sequences (the most that fit, at least one), each with its own inverse index
 /// and partials; the sequences are independent, so the results are those of one launch up to

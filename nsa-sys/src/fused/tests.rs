@@ -64,21 +64,23 @@ fn auto_forward_follows_group_and_partial_size() {
     }
 }
 
-/// dQ `Auto`: key-outer for small groups with l' <= 64 while the partials (B·S·H·n·dk·4 bytes)
+/// dQ `Auto`: key-outer for small groups with l' <= 64 while the partials (B·S·H·n·dk·2 bytes)
 /// fit the bound, whatever the forward other than token warps; query-outer after token warps,
 /// for groups above 8, for l' = 128 and past the bound; an explicit choice is kept.
 #[test]
 fn auto_dq_follows_forward_group_and_partial_size() {
     let auto = SelectedDq::Auto;
     let union = SelectedForward::UnionTiles;
-    // 125m: H 12, Hkv 4, dk 64, l' 64, n 16. Partials at B·S = 32k: 1.61 GB.
+    // 125m: H 12, Hkv 4, dk 64, l' 64, n 16. Partials at B·S = 32k: 0.81 GB; one sequence of
+    // 64k (1.61 GB) fits the 2 GiB bound, one of 128k does not.
     let m125 = |fwd, b, s| auto.resolve(fwd, [b, s, 12, 64], 4, 16, 64);
     assert_eq!(m125(union, 4, 8192), SelectedDq::KeyOuter);
     assert_eq!(
         m125(SelectedForward::KeyOuter, 1, 32768),
         SelectedDq::KeyOuter
     );
-    assert_eq!(m125(union, 1, 65536), SelectedDq::QueryOuter);
+    assert_eq!(m125(union, 1, 65536), SelectedDq::KeyOuter);
+    assert_eq!(m125(union, 1, 131072), SelectedDq::QueryOuter);
     assert_eq!(m125(union, 4, 32768), SelectedDq::KeyOuter);
     assert_eq!(m125(union, 16, 8192), SelectedDq::KeyOuter);
     assert_eq!(
@@ -106,14 +108,14 @@ fn auto_dq_follows_forward_group_and_partial_size() {
 #[test]
 fn key_outer_batches_split_into_chunks_that_fit_the_bound() {
     use super::selected_order::{dq_partial_bytes, forward_partial_bytes, key_outer_batch_chunk};
-    // 125m at 8k: forward 208 MB, dQ 403 MB a sequence.
+    // 125m at 8k: forward 208 MB, dQ 201 MB a sequence.
     let fwd = forward_partial_bytes(8192, 12, 64, 16, 64);
     let dq = dq_partial_bytes(8192, 12, 64, 16);
     assert_eq!(fwd, 8192 * 12 * 16 * 132);
-    assert_eq!(dq, 8192 * 12 * 16 * 64 * 4);
+    assert_eq!(dq, 8192 * 12 * 16 * 64 * 2);
     assert_eq!(key_outer_batch_chunk(4, fwd), 4);
     assert_eq!(key_outer_batch_chunk(16, fwd), 10);
-    assert_eq!(key_outer_batch_chunk(16, dq), 5);
+    assert_eq!(key_outer_batch_chunk(16, dq), 10);
     // 32k, batch 4: 830 MB a sequence, two per launch; l' = 128 doubles the forward's.
     let fwd32 = forward_partial_bytes(32768, 12, 64, 16, 64);
     assert_eq!(key_outer_batch_chunk(4, fwd32), 2);
