@@ -141,10 +141,10 @@ pub struct FastPaths {
     /// kernels (its forward and its dQ, used for small groups on long sequences): a batch whose
     /// partials would exceed it runs in chunks of sequences, each with its own partials
     /// (`nsa_sys::fused::set_key_outer_chunk_bytes`; the same results up to the dK/dV work
-    /// split, deterministic either way). The partials grow with batch × sequence (1.6 GB of
-    /// dQ partials for `125m` at 32,768 tokens a step) and sit on top of every saved
-    /// activation during the last layer's backward: a lower bound lowers the peak memory at a
-    /// few more launches.
+    /// split, deterministic either way). The partials grow with batch × sequence (0.8 GB of
+    /// dQ partials for `125m` at 32,768 tokens a step, as much in the forward) and sit on top
+    /// of every saved activation during the last layer's backward: a lower bound lowers the
+    /// peak memory at a few more launches.
     pub key_outer_chunk_mib: f64,
     /// Activation recomputation (gradient checkpointing per block, `nsa_model::Recompute`):
     /// the forward keeps only each block's input (and an NSA block's selected block ids, which
