@@ -450,10 +450,11 @@ __device__ void dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16*
 // this block. Each warp stores its ds^T (bf16, as the dK product rounds it) into dS [64][72]
 // (row = (token, head), column = key); after the slice's barrier warp w computes rows
 // 16w .. 16w + 15 of dS K (64 columns of dk at a time, to bound registers) and writes them as
-// a bf16 partial at part[(b, t, g, slot)][head][DK] (its fp32 sum over the block's keys, rounded
-// once: half the bytes of an fp32 partial, the largest buffer of the backward), slot = the block's position in the token's
-// id row (inv_slot, from the same sort as inv_tok). Every valid (token, slot) is written by
-// exactly one CTA; nsa_slc_dq_reduce sums a token's slots in slot order (deterministic).
+// a bf16 partial at part[(b, t, g, slot)][head][DK] (its fp32 sum over the block's keys,
+// rounded once: half the bytes of an fp32 partial, the backward's largest buffer), slot = the
+// block's position in the token's id row (inv_slot, from the same sort as inv_tok). Every
+// valid (token, slot) is written by exactly one CTA; nsa_slc_dq_reduce sums a token's slots in
+// slot order (deterministic).
 // Shared, after the above: slot [64] (int), dS [64][72] (bf16).
 struct DkdvKeys {
   int mode;            // KEYS_SELECTED or KEYS_COMPRESSED

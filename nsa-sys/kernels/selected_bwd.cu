@@ -38,9 +38,9 @@
 // nsa_slc_dkdv_dq_mma_dk{DK}_dv{DV} (bf16, l' <= 64): nsa_slc_dkdv_mma plus dQ, key-outer
 //   (attend.cuh, dkdv_mma's DQ): for each (token, block) of the inverse index, the block's share
 //   of the token's dq as a bf16 partial (its fp32 sum, rounded once) at part[b, t, g, slot]
-//   [hpg][dk]. With small groups
-//   this replaces the query-outer dq kernel, whose union tiles compute every block any of
-//   64 / G tokens selected (at G = 3 and 32k, about 250 blocks per row of 16 selected).
+//   [hpg][dk]. With small groups this replaces the query-outer dq kernel, whose union tiles
+//   compute every block any of 64 / G tokens selected (at G = 3 and 32k, about 250 blocks per
+//   row of 16 selected).
 // nsa_slc_dq_reduce: dq [B, S, H, dk] (bf16) from those partials: row (b, t, g, head) is the
 //   sum of part[b, t, g, s][head] over the slots s whose id is a block of the index
 //   (0 <= id < NB, the inverse index's rule), in slot order in fp32, rounded once. One thread per

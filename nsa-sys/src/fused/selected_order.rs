@@ -51,8 +51,9 @@ pub enum SelectedDq {
     /// Inside the dK/dV kernel, which already has every (token, block) pair's `dS`: each block's
     /// share of a token's dQ is written as a bf16 partial (its fp32 sum rounded once;
     /// `B·S·H·n·dk·2` bytes, freed when the backward returns) and a second kernel sums a
-    /// token's partials in slot order in fp32 (deterministic). bf16 at tensor-core head sizes with `l' ≤ 64` and a forward other than
-    /// token warps; elsewhere the same as [`SelectedDq::QueryOuter`].
+    /// token's partials in slot order in fp32 (deterministic). bf16 at tensor-core head sizes
+    /// with `l' ≤ 64` and a forward other than token warps; elsewhere the same as
+    /// [`SelectedDq::QueryOuter`].
     KeyOuter,
 }
 
