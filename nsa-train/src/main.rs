@@ -59,7 +59,8 @@ struct TrainArgs {
     /// Override any key, e.g. `--set optim.lr=1e-3 --set model.attention=dense`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
-    /// Continue from the latest checkpoint in the run folder.
+    /// Continue from the latest checkpoint in the run folder. Without --config, the run
+    /// folder's own config.toml is the base (this command's --set and shorthands on top).
     #[arg(long)]
     resume: bool,
     /// Replace an existing run folder of the same name.
@@ -113,7 +114,20 @@ impl TrainArgs {
         if let Some(p) = self.peak_tflops {
             sets.push(format!("run.peak_tflops={p:?}"));
         }
-        config::resolve(self.config.as_deref(), &sets, std::env::vars())
+        let cfg = config::resolve(self.config.as_deref(), &sets, std::env::vars())?;
+        // `--resume` without `--config` continues the run as its folder records it: the
+        // run's own config.toml, with this command's overrides on top (e.g. more --steps).
+        if let (true, None, Some(name)) = (self.resume, &self.config, &cfg.run.name) {
+            let saved = cfg.run.out_dir.join(name).join("config.toml");
+            if saved.is_file() {
+                println!(
+                    "note:    resuming with {} (and this command's overrides)",
+                    saved.display()
+                );
+                return config::resolve(Some(&saved), &sets, std::env::vars());
+            }
+        }
+        Ok(cfg)
     }
 }
 

@@ -91,6 +91,24 @@ fn resume_continues_bit_exactly() {
     ] {
         assert!(dir.join(f).is_file(), "run folder lacks {f}");
     }
+
+    // Interrupted again at step 3, then resumed with the run's name and nothing else: the run
+    // folder's config.toml supplies the rest (the default config would be another model).
+    std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+    std::fs::write(dir.join("metrics.jsonl"), kept.join("\n") + "\n").unwrap();
+    let text = ok(&run(&strs(&[
+        "train",
+        "--set",
+        &format!("run.out_dir={:?}", out.display().to_string()),
+        "--name",
+        "resumed",
+        "--resume",
+    ])));
+    assert!(
+        text.contains("resuming with") && text.contains("config.toml"),
+        "{text}"
+    );
+    assert_eq!(losses(&dir), straight, "resume from the folder's config");
 }
 
 #[test]
