@@ -93,7 +93,8 @@ fn resume_continues_bit_exactly() {
     }
 
     // Interrupted again at step 3, then resumed with the run's name and nothing else: the run
-    // folder's config.toml supplies the rest (the default config would be another model).
+    // folder's config.toml supplies the rest (from the default config it would train on other
+    // data, with another schedule).
     std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
     std::fs::write(dir.join("metrics.jsonl"), kept.join("\n") + "\n").unwrap();
     let text = ok(&run(&strs(&[
