@@ -38,13 +38,43 @@ impl fmt::Display for Phi {
     }
 }
 
+/// Where the compressed branch's keys get their rotary position embedding (RoPE). Written in a
+/// config file as `"raw"` or `"compressed"`.
+///
+/// The paper does not say. With `Raw` φ mixes keys that are already rotated, each at its own
+/// position, so a compressed key depends on where its block sits, not only on what it holds:
+/// `q_t · k̃_i` is a function of both positions (a mean φ keeps it one of their distance only:
+/// the mean of rotated keys is a sum of rotations). With `Compressed` φ reads the keys
+/// unrotated and compressed key `i` is rotated as one key at position `i·d + l − 1`, the last
+/// token of its block (the first position that sees it), so `q_t · k̃_i` depends on
+/// `t − (i·d + l − 1)` and on the block's content only, as in dense attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CmpRope {
+    /// RoPE on the raw keys before φ (each token at its own position).
+    #[default]
+    Raw,
+    /// φ on the unrotated raw keys, then RoPE on compressed key `i` at position `i·d + l − 1`.
+    Compressed,
+}
+
+impl fmt::Display for CmpRope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CmpRope::Raw => "raw",
+            CmpRope::Compressed => "compressed",
+        })
+    }
+}
+
 /// NSA's own hyperparameters: the selection lengths (nsa-select's [`SelectConfig`], nested),
 /// the window, φ and the gate. The one NSA configuration of the workspace: `nsa-model` keeps it
 /// as `ModelConfig::nsa`, the trainer reads it from the `[model.nsa]` table of its config file.
 ///
 /// Serialises with serde as one flat table (`block_len`, `stride`, `select_len`, `top_n`,
-/// `n_local`, `window`, `phi`, `phi_hidden`, `shared_kv`, `gate_hidden`); unknown keys are
-/// rejected with their name. Rules are checked by [`NsaParams::problems`] (through
+/// `n_local`, `window`, `phi`, `phi_hidden`, `cmp_rope`, `shared_kv`, `gate_hidden`); unknown
+/// keys are rejected with their name, and a table without `cmp_rope` (run folders written
+/// before it existed) reads as `"raw"`. Rules are checked by [`NsaParams::problems`] (through
 /// [`NsaConfig::validate`] for a layer).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +88,10 @@ pub struct NsaParams {
     pub phi: Phi,
     /// Hidden width of the MLP φ (read only when `phi` is [`Phi::Mlp`]).
     pub phi_hidden: i64,
+    /// Where the compressed keys get RoPE: before φ on the raw keys, or after φ on each
+    /// compressed key ([`CmpRope`]).
+    #[serde(default)]
+    pub cmp_rope: CmpRope,
     /// One K/V projection pair for all three branches (`kv.wk`, `kv.wv`) instead of one pair
     /// per branch (`cmp.*`, `slc.*`, `win.*`, the paper's default).
     pub shared_kv: bool,
@@ -67,7 +101,7 @@ pub struct NsaParams {
 
 impl NsaParams {
     /// The paper's lengths (l = 32, d = 16, l' = 64, n = 16, 2 local blocks, w = 512) with the
-    /// MLP φ of 64 hidden units, separate K/V per branch and a gate MLP of 64 hidden units: what
+    /// MLP φ of 64 hidden units over rotated keys ([`CmpRope::Raw`]), separate K/V per branch and a gate MLP of 64 hidden units: what
     /// the `small` and `125m` model presets and a config file without an `nsa` section use.
     pub fn paper() -> Self {
         Self {
@@ -75,6 +109,7 @@ impl NsaParams {
             window: 512,
             phi: Phi::Mlp,
             phi_hidden: 64,
+            cmp_rope: CmpRope::Raw,
             shared_kv: false,
             gate_hidden: 64,
         }
@@ -301,14 +336,31 @@ mod tests {
             "window",
             "phi",
             "phi_hidden",
+            "cmp_rope",
             "shared_kv",
             "gate_hidden",
         ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }
-        assert_eq!(keys.len(), 10, "{keys:?}");
+        assert_eq!(keys.len(), 11, "{keys:?}");
+        assert_eq!(json["cmp_rope"], "raw");
         let back: NsaParams = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(back, NsaParams::paper());
+        // A table written before cmp_rope existed reads as "raw"; a misspelt value is an error.
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("cmp_rope");
+        assert_eq!(
+            serde_json::from_value::<NsaParams>(old).unwrap(),
+            NsaParams::paper()
+        );
+        let mut after = json.clone();
+        after["cmp_rope"] = serde_json::json!("compressed");
+        let after: NsaParams = serde_json::from_value(after).unwrap();
+        assert_eq!(after.cmp_rope, CmpRope::Compressed);
+        let mut bad = json.clone();
+        bad["cmp_rope"] = serde_json::json!("after");
+        let e = serde_json::from_value::<NsaParams>(bad).unwrap_err();
+        assert!(e.to_string().contains("compressed"), "{e}");
         let mut extra = json;
         extra["strid"] = serde_json::json!(3);
         let e = serde_json::from_value::<NsaParams>(extra).unwrap_err();

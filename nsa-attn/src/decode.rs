@@ -25,10 +25,13 @@
 //! - **window ring** (independent K/V only): the window branch's keys and values, slot `p mod w`
 //!   holding the newest position `p < len_b` of that residue, i.e. the last `min(w, len_b)`
 //!   tokens.
-//! - **pending ring** (independent K/V only): the compressed branch's raw keys and values of the
-//!   last `min(l, len_b)` tokens, slot `p mod l`: the pending block φ needs (for the MLP and
-//!   linear φ the whole block, in order, with its intra-block position embeddings added by φ).
-//! - **compressed**: the emitted compressed tokens, `num_compressed(len_b) = ⌊(len_b − l)/d⌋ + 1`
+//! - **pending ring** (independent K/V, or `shared_kv` with `cmp_rope = "compressed"`): the raw
+//!   keys and values φ reads — the compressed branch's, unrotated with `cmp_rope =
+//!   "compressed"` — of the last `min(l, len_b)` tokens, slot `p mod l`: the pending block φ
+//!   needs (for the MLP and linear φ the whole block, in order, with its intra-block position
+//!   embeddings added by φ). Without it φ reads the raw buffer.
+//! - **compressed**: the emitted compressed tokens (keys rotated at `i·d + l − 1` with
+//!   `cmp_rope = "compressed"`), `num_compressed(len_b) = ⌊(len_b − l)/d⌋ + 1`
 //!   of them (0 while `len_b < l`). Token `i` is written by the step that adds position
 //!   `i·d + l − 1` — the step at which it becomes visible (Eq. 7) — from the pending block, so a
 //!   new compressed token is emitted every `d` steps once `l` tokens exist. Slots past the
@@ -75,7 +78,7 @@ pub use check::{
 pub use fused::kernel_step;
 pub use plan::DecodePlan;
 
-use crate::config::{AttnError, NsaConfig};
+use crate::config::{AttnError, CmpRope, NsaConfig};
 use crate::gates;
 use crate::layer::{BranchOutputs, ForwardOpts, NsaAttention};
 use crate::rope::Rope;
@@ -170,6 +173,7 @@ impl NsaAttention {
             c,
             &raw,
             |br| self.kv_index(br),
+            self.phi_input(&raw),
             (&p.cmp_k, &p.cmp_v),
             lengths,
             capacity,
@@ -322,7 +326,8 @@ impl NsaAttention {
             ring.put(&dev.rows, &dev.kv_heads, &dev.window_slot, &k, &v)?;
         }
         if let Some(ring) = &mut cache.pending {
-            let (k, v) = new(Branch::Compressed)?;
+            let (k, v) = self.phi_input(&raw);
+            let (k, v) = (k.f_select(1, 0)?, v.f_select(1, 0)?);
             ring.put(&dev.rows, &dev.kv_heads, &dev.pending_slot, &k, &v)?;
         }
 
@@ -337,6 +342,7 @@ impl NsaAttention {
             let source = cache.pending.as_ref().unwrap_or(&cache.raw);
             let (bk, bv) = source.read_rows(&em.rows, &em.sources)?;
             let (ck, cv) = self.compression().apply(&bk, &bv, false)?;
+            let ck = self.rotate_emitted(ck, &em.index)?;
             let (mut ck, mut cv) = (ck.f_select(1, 0)?, cv.f_select(1, 0)?);
             if let Some(emit) = &em.emit {
                 // Sequences that complete no block write back what their slot holds.
@@ -413,6 +419,24 @@ impl NsaAttention {
         let heads = |o: &Tensor| o.f_reshape([b, 1, c.heads, c.head_dim_v]);
         let mixed = gates::mix(&gates, &heads(&o_cmp)?, &heads(&o_slc)?, &heads(&o_win)?)?;
         self.finish_step(&mixed, blocks, &valid, plan)
+    }
+
+    /// With `cmp_rope = "compressed"`, the emitted compressed keys `ck` `[E, 1, Hkv, dk]` of
+    /// tokens `index` `[E]` rotated at their positions `i·d + l − 1`, with the bits of the
+    /// full-sequence forward's rotation ([`Rope::at_positions`] equals [`Rope::strided`]);
+    /// otherwise `ck`.
+    fn rotate_emitted(&self, ck: Tensor, index: &Tensor) -> Result<Tensor, AttnError> {
+        let c = self.config();
+        if c.nsa.cmp_rope == CmpRope::Raw {
+            return Ok(ck);
+        }
+        let sel = c.select_config();
+        let positions = index
+            .f_mul_scalar(sel.stride)?
+            .f_add_scalar(sel.block_len - 1)?
+            .f_view([-1, 1])?;
+        let rope = Rope::at_positions(c.rope_base, c.head_dim_k, &positions, ck.kind())?;
+        rope.apply(&ck)
     }
 
     /// The output projection of the mixed branch outputs `[B, 1, H, dv]` and the step's read

@@ -6,7 +6,7 @@ use nsa_sys::train::NvtxRange;
 use tch::nn;
 use tch::{Kind, TchError, Tensor};
 
-use crate::config::{AttnError, NsaConfig};
+use crate::config::{AttnError, CmpRope, NsaConfig};
 use crate::gates::{self, GateOverride, Gates};
 use crate::linear::f_linear;
 use crate::phi::Compression;
@@ -116,7 +116,8 @@ pub struct BranchOutputs {
 pub struct Projections {
     /// Queries with RoPE, `[B, S, H, dk]`.
     pub q: Tensor,
-    /// Compressed keys `[B, Nc, Hkv, dk]` (φ of RoPE'd raw keys), `Nc = (S − l)/d + 1` or 0.
+    /// Compressed keys `[B, Nc, Hkv, dk]`, `Nc = (S − l)/d + 1` or 0: φ of the rotated raw keys,
+    /// or with [`CmpRope::Compressed`] φ of the unrotated ones rotated at `i·d + l − 1`.
     pub cmp_k: Tensor,
     /// Compressed values `[B, Nc, Hkv, dv]`.
     pub cmp_v: Tensor,
@@ -135,8 +136,13 @@ pub struct Projections {
 pub(crate) struct RawProjections {
     /// `[B, S, H, dk]`, with RoPE.
     pub(crate) q: Tensor,
-    /// `(keys [B, S, Hkv, dk] with RoPE, values [B, S, Hkv, dv])` per K/V projection pair.
+    /// `(keys [B, S, Hkv, dk] with RoPE, values [B, S, Hkv, dv])` per K/V projection pair; with
+    /// [`CmpRope::Compressed`] and separate pairs, the compressed pair's keys are unrotated
+    /// (φ is all that reads them).
     pub(crate) kv: Vec<(Tensor, Tensor)>,
+    /// With [`CmpRope::Compressed`] and `shared_kv`: the shared keys unrotated, for φ (the
+    /// other branches read `kv[0]`'s rotated keys).
+    pub(crate) phi_keys: Option<Tensor>,
 }
 
 /// `l.forward(x)` through tch's fallible `f_linear`, so a libtorch error is returned, not a
@@ -268,13 +274,57 @@ impl NsaAttention {
         let stacked = x.f_linear::<&Tensor>(&Tensor::f_cat(&weights, 0)?, None)?;
         let parts = stacked.f_split_with_sizes(&widths, -1)?;
         let q = rope.apply(&parts[0].f_view([b, s, h, dk])?)?;
+        let after_phi = c.nsa.cmp_rope == CmpRope::Compressed;
+        let cmp_pair = self.kv_index(Branch::Compressed);
         let kv = (0..pairs)
             .map(|i| -> Result<(Tensor, Tensor), AttnError> {
-                let k = rope.apply(&parts[1 + i].f_view([b, s, g, dk])?)?;
+                let plain = parts[1 + i].f_view([b, s, g, dk])?;
+                let only_phi_reads = after_phi && i == cmp_pair && !c.nsa.shared_kv;
+                let k = if only_phi_reads {
+                    plain
+                } else {
+                    rope.apply(&plain)?
+                };
                 Ok((k, parts[1 + pairs + i].f_view([b, s, g, dv])?))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(RawProjections { q, kv })
+        let phi_keys = match after_phi && c.nsa.shared_kv {
+            true => Some(parts[1].f_view([b, s, g, dk])?),
+            false => None,
+        };
+        Ok(RawProjections { q, kv, phi_keys })
+    }
+
+    /// The keys and values φ compresses: the compressed branch's raw projections, rotated
+    /// ([`CmpRope::Raw`]) or not ([`CmpRope::Compressed`]).
+    pub(crate) fn phi_input<'a>(&self, raw: &'a RawProjections) -> (&'a Tensor, &'a Tensor) {
+        let (k, v) = &raw.kv[self.kv_index(Branch::Compressed)];
+        (raw.phi_keys.as_ref().unwrap_or(k), v)
+    }
+
+    /// With [`CmpRope::Compressed`], compressed keys `[B, Nc, Hkv, dk]` (token `i` at index `i`)
+    /// rotated at their positions `i·d + l − 1` (with the fused kernel on CUDA with `kernel`);
+    /// with [`CmpRope::Raw`] `cmp_k` as it is.
+    pub(crate) fn rotate_compressed(
+        &self,
+        cmp_k: Tensor,
+        kernel: bool,
+    ) -> Result<Tensor, AttnError> {
+        let c = &self.cfg;
+        let nc = cmp_k.size()[1];
+        if c.nsa.cmp_rope == CmpRope::Raw || nc == 0 {
+            return Ok(cmp_k);
+        }
+        let sel = c.select_config();
+        let rope = Rope::strided(
+            c.rope_base,
+            c.head_dim_k,
+            (sel.block_len - 1, sel.stride, nc),
+            cmp_k.kind(),
+            cmp_k.device(),
+        )?
+        .with_kernel(kernel)?;
+        rope.apply(&cmp_k)
     }
 
     /// [`Projections`] from raw ones: φ over the compressed branch's keys and values (its
@@ -285,8 +335,9 @@ impl NsaAttention {
         kernel: bool,
     ) -> Result<Projections, AttnError> {
         let branch = |br: Branch| &raw.kv[self.kv_index(br)];
-        let (raw_cmp_k, raw_cmp_v) = branch(Branch::Compressed);
+        let (raw_cmp_k, raw_cmp_v) = self.phi_input(raw);
         let (cmp_k, cmp_v) = self.cmp.apply(raw_cmp_k, raw_cmp_v, kernel)?;
+        let cmp_k = self.rotate_compressed(cmp_k, kernel)?;
         let (slc_k, slc_v) = branch(Branch::Selected);
         let (win_k, win_v) = branch(Branch::Window);
         Ok(Projections {

@@ -175,7 +175,7 @@ mod rope;
 pub mod selection;
 
 pub use audit::{AttnAudit, BranchKernel};
-pub use config::{AttnError, ConfigProblem, NsaConfig, NsaParams, Phi};
+pub use config::{AttnError, CmpRope, ConfigProblem, NsaConfig, NsaParams, Phi};
 pub use decode::{DecodePlan, LayerStep, NsaCache, StepReads};
 pub use gates::GateOverride;
 pub use layer::{

@@ -2,8 +2,10 @@
 //!
 //! Compressed token `i` summarises the tokens `[i·d, i·d + l)` (block length `l`, stride `d`):
 //! `k̃_i = φ(k_{i·d} + p_0, …, k_{i·d+l−1} + p_{l−1})`, with a learned intra-block position
-//! embedding `p` and φ ∈ {mean, linear, MLP} ([`Phi`]). Keys are compressed after RoPE
-//! ([`crate::rope`]), so a compressed key mixes the rotations of the tokens it covers.
+//! embedding `p` and φ ∈ {mean, linear, MLP} ([`Phi`]). By default keys are compressed after
+//! RoPE ([`crate::rope`]), so a compressed key mixes the rotations of the tokens it covers; with
+//! `cmp_rope = "compressed"` ([`crate::CmpRope`]) φ reads them unrotated and the layer rotates
+//! the compressed key ([`crate::NsaAttention`]'s projections).
 //!
 //! Layouts: raw keys / values `[B, S, Hkv, dk]` / `[B, S, Hkv, dv]` → blocks `[B, Nc, l, Hkv, d]`
 //! (plus the position embedding `[l, Hkv, d]`) → compressed `[B, Nc, Hkv, d]`, with

@@ -3,8 +3,10 @@
 //! [`Rope`] holds cos/sin tables `[S, 1, dk/2]` for positions `0..S` and rotates a tensor
 //! `[B, S, heads, dk]` (queries `[B, S, H, dk]` or keys `[B, S, Hkv, dk]`) to the same shape:
 //! pair `(i, i + dk/2)` of a head at position `s` turns by the angle `s · base^(−2i/dk)`. Values
-//! get no RoPE. Compressed keys get none of their own either: φ ([`crate::phi`]) mixes the
-//! already rotated keys of the tokens a block covers.
+//! get no RoPE. Compressed keys get none of their own by default: φ ([`crate::phi`]) mixes the
+//! already rotated keys of the tokens a block covers; with `cmp_rope = "compressed"`
+//! ([`crate::CmpRope`]) φ reads unrotated keys and compressed key `i` is rotated at position
+//! `i·d + l − 1` ([`Rope::strided`]).
 //!
 //! [`Rope::with_kernel`] rotates CUDA tensors with one fused kernel each way
 //! (`nsa_sys::fused::rope`) instead of libtorch's chain of elementwise operators; the fused
@@ -37,6 +39,26 @@ impl Rope {
         device: tch::Device,
     ) -> Result<Self, TchError> {
         let angles = Tensor::f_arange(s, (Kind::Double, device))?
+            .f_outer(&inverse_frequencies(base, dk, device)?)?
+            .f_unsqueeze(1)?;
+        Self::from_angles(&angles, kind)
+    }
+
+    /// Tables for the `count` positions `start, start + step, …` (`[count, 1, dk/2]`, so
+    /// [`Rope::apply`] rotates `[B, count, heads, dk]` and [`Rope::with_kernel`] applies): the
+    /// positions of compressed keys, `i·d + l − 1`. Position `p` gets the same bits as in
+    /// [`Rope::new`] and [`Rope::at_positions`].
+    pub fn strided(
+        base: f64,
+        dk: i64,
+        (start, step, count): (i64, i64, i64),
+        kind: Kind,
+        device: tch::Device,
+    ) -> Result<Self, TchError> {
+        let angles = Tensor::f_arange(count, (Kind::Int64, device))?
+            .f_mul_scalar(step)?
+            .f_add_scalar(start)?
+            .f_to_kind(Kind::Double)?
             .f_outer(&inverse_frequencies(base, dk, device)?)?
             .f_unsqueeze(1)?;
         Self::from_angles(&angles, kind)
@@ -202,5 +224,31 @@ mod tests {
         let tokens = Tensor::cat(&[x.narrow(1, 17, 1), x.narrow(1, 39, 1)], 0);
         let want = Tensor::cat(&[rotated.narrow(1, 17, 1), rotated.narrow(1, 39, 1)], 0);
         assert!(at.apply(&tokens).unwrap().equal(&want));
+    }
+
+    #[test]
+    fn strided_tables_equal_the_sequence_tables_at_their_positions() {
+        let (dk, s) = (8, 64);
+        let whole = Rope::new(10_000.0, dk, s, Kind::Float, Device::Cpu).unwrap();
+        let x = Tensor::randn([2, 4, 3, dk], (Kind::Float, Device::Cpu));
+        // Positions 31, 47, 63 (l = 32, d = 16) and one more past the sequence's.
+        let strided = Rope::strided(10_000.0, dk, (31, 16, 4), Kind::Float, Device::Cpu).unwrap();
+        let got = strided.apply(&x).unwrap();
+        for (i, p) in [31i64, 47, 63].into_iter().enumerate() {
+            let one = Tensor::zeros([2, s, 3, dk], (Kind::Float, Device::Cpu));
+            one.narrow(1, p, 1).copy_(&x.narrow(1, i as i64, 1));
+            let want = whole.apply(&one).unwrap().narrow(1, p, 1);
+            assert!(got.narrow(1, i as i64, 1).equal(&want), "position {p}");
+        }
+        let at = Rope::at_positions(
+            10_000.0,
+            dk,
+            &Tensor::from_slice(&[79i64, 79]).view([2, 1]),
+            Kind::Float,
+        )
+        .unwrap();
+        assert!(got
+            .narrow(1, 3, 1)
+            .equal(&at.apply(&x.narrow(1, 3, 1)).unwrap()));
     }
 }

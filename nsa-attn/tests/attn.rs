@@ -5,8 +5,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nsa_attn::{
-    reference, AttnPath, Branch, BranchOutputs, ForwardOpts, GateOverride, LeanOpts, NsaAttention,
-    NsaConfig, NsaParams, Phi,
+    reference, AttnPath, Branch, BranchOutputs, CmpRope, ForwardOpts, GateOverride, LeanOpts,
+    NsaAttention, NsaConfig, NsaParams, Phi,
 };
 use nsa_select::{SelectConfig, SelectImpl};
 use tch::{nn, Device, Kind, Tensor};
@@ -76,6 +76,7 @@ fn config(
             window,
             phi,
             phi_hidden: PHI_HIDDEN,
+            cmp_rope: CmpRope::Raw,
             shared_kv: false,
             gate_hidden: 5,
         },
@@ -426,14 +427,93 @@ fn mean_compression_averages_rope_keys_and_embedded_values() {
     }
 }
 
+/// `cmp_rope = "compressed"`: φ (mean here) reads the unrotated keys and compressed key i is
+/// rotated at position i·d + l − 1; the values are as with `"raw"`.
+#[test]
+fn compressed_keys_rotate_after_phi_at_their_blocks_last_token() {
+    let s0 = seed();
+    let mut cfg = config(2, 1, 4, 2, (4, 2, 4), 3, 4, Phi::Mean);
+    cfg.nsa.cmp_rope = CmpRope::Compressed;
+    tch::manual_seed(s0);
+    let (vs, attn) = layer(cfg, Kind::Double);
+    let x = Tensor::randn([1, 11, cfg.dim], (Kind::Double, Device::Cpu));
+    let p = attn.project(&x).unwrap();
+    let vars = vs.variables();
+    let k = x
+        .matmul(&vars["attn.cmp.wk.weight"].tr())
+        .view([1, 11, 1, 4]);
+    assert_eq!(p.cmp_k.size(), [1, 4, 1, 4], "Nc = (11 − 4)/2 + 1 = 4");
+    for i in 0..4 {
+        let mean = k.narrow(1, i * 2, 4).mean_dim(1, true, None);
+        // RoPE at position i·d + l − 1 = 2i + 3: pairs (j, j + 2) by (2i + 3) · 10^(−2j).
+        let (x1, x2) = (mean.narrow(3, 0, 2), mean.narrow(3, 2, 2));
+        let ang = Tensor::from_slice(&[1.0f64, 1.0 / 100.0]) * (2 * i + 3) as f64;
+        let (c, sn) = (ang.cos(), ang.sin());
+        let want = Tensor::cat(&[&x1 * &c - &x2 * &sn, &x2 * &c + &x1 * &sn], 3);
+        let err = max_abs_diff(&p.cmp_k.narrow(1, i, 1), &want);
+        assert!(err < 1e-12, "seed {s0}: compressed key {i}: {err}");
+    }
+    // The same weights with "raw": the selected and window keys and the compressed values are
+    // the same, the compressed keys are not.
+    cfg.nsa.cmp_rope = CmpRope::Raw;
+    tch::manual_seed(s0);
+    let (_vs_raw, attn_raw) = layer(cfg, Kind::Double);
+    let q = attn_raw.project(&x).unwrap();
+    assert!(max_abs_diff(&p.slc_k, &q.slc_k) == 0.0 && max_abs_diff(&p.win_k, &q.win_k) == 0.0);
+    assert!(max_abs_diff(&p.cmp_v, &q.cmp_v) == 0.0);
+    assert!(
+        max_abs_diff(&p.cmp_k, &q.cmp_k) > 1e-6,
+        "the rotation moved"
+    );
+}
+
+/// With `cmp_rope = "compressed"` the compressed branch's logits q_t · k̃_i depend on the block's
+/// content and on t − i·d only: the same tokens later in a sequence (by a multiple of d, so the
+/// blocks align) give the same logits. With the MLP φ over rotated keys (`"raw"`) they do not.
+#[test]
+fn compressed_logits_see_distance_only_when_rotated_after_phi() {
+    let s0 = seed();
+    let (l, d, shift) = (4, 2, 6);
+    for (cmp_rope, invariant) in [(CmpRope::Compressed, true), (CmpRope::Raw, false)] {
+        let mut cfg = config(2, 1, 8, 2, (l, d, 4), 3, 4, Phi::Mlp);
+        cfg.nsa.cmp_rope = cmp_rope;
+        let (_vs, attn) = layer(cfg, Kind::Double);
+        let x = Tensor::randn([1, 14, cfg.dim], (Kind::Double, Device::Cpu));
+        let prefix = Tensor::randn([1, shift, cfg.dim], (Kind::Double, Device::Cpu));
+        let later = Tensor::cat(&[&prefix, &x], 1);
+        let logits = |x: &Tensor| {
+            let p = attn.project(x).unwrap();
+            // [B, S, H, dk] · [B, Nc, Hkv = 1, dk] → [S, H, Nc]
+            p.q.squeeze_dim(0)
+                .matmul(&p.cmp_k.squeeze_dim(0).squeeze_dim(1).tr())
+        };
+        let a = logits(&x);
+        let b = logits(&later)
+            .narrow(0, shift, 14)
+            .narrow(2, shift / d, a.size()[2]);
+        let err = max_abs_diff(&a, &b);
+        match invariant {
+            true => assert!(err < 1e-10, "seed {s0}: {cmp_rope}: {err}"),
+            false => assert!(err > 1e-4, "seed {s0}: {cmp_rope}: {err}"),
+        }
+    }
+}
+
 /// Every parameter group and the input get float64 finite-difference checks on tiny shapes.
 #[test]
 fn gradients_match_finite_differences_in_float64() {
     let s0 = seed();
-    for (phi, shared) in [(Phi::Linear, false), (Phi::Mlp, true), (Phi::Mean, false)] {
+    for (phi, shared, cmp_rope) in [
+        (Phi::Linear, false, CmpRope::Raw),
+        (Phi::Mlp, true, CmpRope::Raw),
+        (Phi::Mean, false, CmpRope::Raw),
+        (Phi::Mlp, false, CmpRope::Compressed),
+        (Phi::Mlp, true, CmpRope::Compressed),
+    ] {
         let mut cfg = config(2, 1, 4, 2, (4, 2, 4), 3, 3, phi);
         cfg.dim = 6;
         cfg.nsa.shared_kv = shared;
+        cfg.nsa.cmp_rope = cmp_rope;
         let (vs, attn) = layer(cfg, Kind::Double);
         let x = Tensor::randn([1, 13, 6], (Kind::Double, Device::Cpu)).set_requires_grad(true);
         let r = Tensor::randn([1, 13, 6], (Kind::Double, Device::Cpu));
@@ -841,6 +921,7 @@ fn lean_matches_reference_on_cuda() {
             window: 256,
             phi: Phi::Mlp,
             phi_hidden: 64,
+            cmp_rope: CmpRope::Raw,
             shared_kv: false,
             gate_hidden: 32,
         },

@@ -2,8 +2,8 @@
 //! checks of the fused kernels (ignored without a GPU: `cargo test -p nsa-attn --test fused --
 //! --ignored`).
 use nsa_attn::{
-    fused, lean, AttnPath, ForwardOpts, GateOverride, LeanOpts, NsaAttention, NsaConfig, NsaParams,
-    Phi,
+    fused, lean, AttnPath, CmpRope, ForwardOpts, GateOverride, LeanOpts, NsaAttention, NsaConfig,
+    NsaParams, Phi,
 };
 use nsa_select::SelectConfig;
 use proptest::prelude::*;
@@ -33,6 +33,7 @@ fn cfg_with(select_len: i64) -> NsaConfig {
             window: 4,
             phi: Phi::Mean,
             phi_hidden: 0,
+            cmp_rope: CmpRope::Raw,
             shared_kv: false,
             gate_hidden: 5,
         },

@@ -2,7 +2,7 @@
 use std::fmt;
 
 use nsa_attn::SelectConfig;
-use nsa_attn::{AttnError, ConfigProblem, NsaConfig, NsaParams, Phi};
+use nsa_attn::{AttnError, CmpRope, ConfigProblem, NsaConfig, NsaParams, Phi};
 use serde::{Deserialize, Serialize};
 use tch::TchError;
 
@@ -112,6 +112,7 @@ impl ModelConfig {
                     window: 32,
                     phi: Phi::Mlp,
                     phi_hidden: 32,
+                    cmp_rope: CmpRope::Raw,
                     shared_kv: false,
                     gate_hidden: 16,
                 },
@@ -303,6 +304,9 @@ impl fmt::Display for ModelConfig {
             )?;
             if n.phi == Phi::Mlp {
                 write!(f, " {}", n.phi_hidden)?;
+            }
+            if n.cmp_rope == CmpRope::Compressed {
+                f.write_str(", RoPE after phi")?;
             }
             if n.shared_kv {
                 f.write_str(", shared kv")?;

@@ -172,4 +172,4 @@ pub use model::{
     decay_groups, decode_graph_check, DecodeStep, DenseCache, KvCache, Model, NamedVars, Prefilled,
     Recompute,
 };
-pub use nsa_attn::{NsaParams, Phi};
+pub use nsa_attn::{CmpRope, NsaParams, Phi};

@@ -2,7 +2,7 @@
 //! decode step does on them.
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{AttnError, NsaConfig};
+use crate::config::{AttnError, CmpRope, NsaConfig};
 use crate::layer::RawProjections;
 
 use super::plan::DecodePlan;
@@ -145,8 +145,10 @@ pub struct NsaCache {
     /// Ring of the last `w` window keys / values, `[B, Hkv, w, d]`, slot `p mod w`
     /// (`None` with `shared_kv`: the window reads `raw`).
     pub(crate) window: Option<KvBuf>,
-    /// Ring of the last `l` raw compressed-branch keys / values, `[B, Hkv, l, d]`, slot
-    /// `p mod l`: the pending block φ compresses when it completes (`None` with `shared_kv`).
+    /// Ring of the last `l` raw keys / values φ compresses (the compressed branch's; with
+    /// `cmp_rope = "compressed"` unrotated), `[B, Hkv, l, d]`, slot `p mod l`: the pending block
+    /// φ compresses when it completes (`None` where `raw` holds what φ reads:
+    /// [`has_pending_ring`]).
     pub(crate) pending: Option<KvBuf>,
     /// Emitted compressed keys / values, `[B, Hkv, num_compressed(capacity), d]`, tokens
     /// `0 .. num_compressed(len_b)` valid.
@@ -157,11 +159,13 @@ pub struct NsaCache {
 
 impl NsaCache {
     /// The cache after prefilling `lengths[b]` tokens of each sequence from the prefill's raw
-    /// projections (`[B, S, Hkv, d]`, positions `0 .. S`) and compressed tokens.
+    /// projections (`[B, S, Hkv, d]`, positions `0 .. S`), the raw keys and values φ reads
+    /// (`phi_input`) and compressed tokens.
     pub(crate) fn from_prefill(
         cfg: &NsaConfig,
         raw: &RawProjections,
         kv_index: impl Fn(crate::Branch) -> usize,
+        phi_input: (&Tensor, &Tensor),
         compressed: (&Tensor, &Tensor),
         lengths: &[i64],
         capacity: i64,
@@ -191,8 +195,7 @@ impl NsaCache {
             .v
             .f_narrow(2, 0, nc)?
             .f_copy_(&heads_major(compressed.1)?)?;
-        let ring = |branch: Branch, size: i64| -> Result<KvBuf, AttnError> {
-            let (k, v) = &raw.kv[kv_index(branch)];
+        let ring = |(k, v): (&Tensor, &Tensor), size: i64| -> Result<KvBuf, AttnError> {
             let full = KvBuf {
                 k: heads_major(k)?,
                 v: heads_major(v)?,
@@ -212,13 +215,16 @@ impl NsaCache {
             let (k, v) = full.read_slots(&slots)?;
             Ok(KvBuf { k, v })
         };
-        let (window, pending) = if cfg.nsa.shared_kv {
-            (None, None)
-        } else {
-            (
-                Some(ring(Branch::Window, cfg.nsa.window)?),
-                Some(ring(Branch::Compressed, sel.block_len)?),
-            )
+        let window = match cfg.nsa.shared_kv {
+            true => None,
+            false => {
+                let (k, v) = &raw.kv[kv_index(Branch::Window)];
+                Some(ring((k, v), cfg.nsa.window)?)
+            }
+        };
+        let pending = match has_pending_ring(cfg) {
+            true => Some(ring(phi_input, sel.block_len)?),
+            false => None,
         };
         Ok(Self {
             cfg: *cfg,
@@ -252,10 +258,13 @@ impl NsaCache {
                 Tensor::f_randn(s, o)
             })
         };
-        let (window, pending) = if cfg.nsa.shared_kv {
-            (None, None)
-        } else {
-            (Some(ring(cfg.nsa.window)?), Some(ring(sel.block_len)?))
+        let window = match cfg.nsa.shared_kv {
+            true => None,
+            false => Some(ring(cfg.nsa.window)?),
+        };
+        let pending = match has_pending_ring(cfg) {
+            true => Some(ring(sel.block_len)?),
+            false => None,
         };
         Ok(Self {
             cfg: *cfg,
@@ -349,6 +358,13 @@ impl NsaCache {
         self.compressed = compressed;
         Ok(())
     }
+}
+
+/// Whether a cache keeps a ring of the raw keys and values φ reads: with separate K/V pairs
+/// (the compressed branch's own), and with `shared_kv` under `cmp_rope = "compressed"` (φ reads
+/// the shared keys unrotated; the raw buffer holds them rotated). Otherwise φ reads `raw`.
+pub(crate) fn has_pending_ring(cfg: &NsaConfig) -> bool {
+    !cfg.nsa.shared_kv || cfg.nsa.cmp_rope == CmpRope::Compressed
 }
 
 /// At least one sequence, each with at least one token.

@@ -4,7 +4,7 @@
 use tch::{nn, Device, Kind, Tensor};
 
 use super::StepReads;
-use crate::config::{AttnError, NsaConfig, NsaParams, Phi};
+use crate::config::{AttnError, CmpRope, NsaConfig, NsaParams, Phi};
 use crate::fused::CheckRow;
 use crate::layer::{AttnPath, ForwardOpts, LeanOpts, NsaAttention};
 use nsa_select::SelectConfig;
@@ -190,8 +190,7 @@ fn random_layer(
 
 /// One layer configuration of the checks.
 fn check_config(
-    shared_kv: bool,
-    phi: Phi,
+    (shared_kv, phi, cmp_rope): (bool, Phi, CmpRope),
     (l, d, l_sel, n, w): (i64, i64, i64, i64, i64),
 ) -> NsaConfig {
     NsaConfig {
@@ -212,6 +211,7 @@ fn check_config(
             window: w,
             phi,
             phi_hidden: 16,
+            cmp_rope,
             shared_kv,
             gate_hidden: 16,
         },
@@ -220,7 +220,7 @@ fn check_config(
 
 /// The decode rows of `nsa-train check --gpu`: prefill + decode on CUDA against the
 /// full-sequence forward, on fresh random inputs, for independent and shared K/V with the MLP
-/// and the linear φ, a batch of three sequences with different prompt lengths (1, one shorter
+/// and the linear φ, each also with the compressed keys rotated after φ, a batch of three sequences with different prompt lengths (1, one shorter
 /// than l, one crossing several blocks): float32 and bf16 against the forward given the
 /// decode's blocks (tolerance 1e-5 and 2e-2, relative to the largest output), float64 against
 /// the forward's own selection (1e-10, and every block equal).
@@ -235,20 +235,26 @@ pub fn decode_check() -> Result<Vec<CheckRow>, AttnError> {
 fn rows_on(device: Device) -> Vec<CheckRow> {
     let lengths = [(8, 4, 16, 4, 24), (16, 8, 32, 3, 40)];
     let mut rows = Vec::new();
-    for (shared_kv, phi, lens) in [
-        (false, Phi::Mlp, lengths[0]),
-        (true, Phi::Linear, lengths[1]),
+    for (shared_kv, phi, cmp_rope, lens) in [
+        (false, Phi::Mlp, CmpRope::Raw, lengths[0]),
+        (true, Phi::Linear, CmpRope::Raw, lengths[1]),
+        (false, Phi::Mlp, CmpRope::Compressed, lengths[1]),
+        (true, Phi::Mlp, CmpRope::Compressed, lengths[0]),
     ] {
         for (kind, selection, tolerance) in [
             (Kind::Float, ParitySelection::Decoded, 1e-5),
             (Kind::BFloat16, ParitySelection::Decoded, 2e-2),
             (Kind::Double, ParitySelection::Own, 1e-10),
         ] {
-            let cfg = check_config(shared_kv, phi, lens);
+            let cfg = check_config((shared_kv, phi, cmp_rope), lens);
             let name =
                 format!(
-                "decode {kind:?} {} phi={phi} l={} d={} l'={} n={} w={} B=3 S=150 prompts 1/{}/90",
+                "decode {kind:?} {} phi={phi}{} l={} d={} l'={} n={} w={} B=3 S=150 prompts 1/{}/90",
                 if shared_kv { "shared_kv" } else { "per-branch K/V" },
+                match cmp_rope {
+                    CmpRope::Raw => "",
+                    CmpRope::Compressed => " cmp_rope=compressed",
+                },
                 lens.0,
                 lens.1,
                 lens.2,
@@ -325,18 +331,24 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
         kv_heads: 2,
         head_dim_k: 192,
         head_dim_v: 128,
-        ..check_config(false, Phi::Mlp, (32, 16, 64, 16, 512))
+        ..check_config((false, Phi::Mlp, CmpRope::Raw), (32, 16, 64, 16, 512))
     };
     let cases = [
         (
             "per-branch K/V l=8 d=4 l'=16 n=4 w=24",
-            check_config(false, Phi::Mlp, (8, 4, 16, 4, 24)),
+            check_config((false, Phi::Mlp, CmpRope::Raw), (8, 4, 16, 4, 24)),
             1200,
             vec![1000, 1100, 1150],
         ),
         (
             "shared_kv l=16 d=8 l'=32 n=3 w=40",
-            check_config(true, Phi::Linear, (16, 8, 32, 3, 40)),
+            check_config((true, Phi::Linear, CmpRope::Raw), (16, 8, 32, 3, 40)),
+            150,
+            vec![1, 15, 90],
+        ),
+        (
+            "shared_kv cmp_rope=compressed l=16 d=8 l'=32 n=3 w=40",
+            check_config((true, Phi::Mlp, CmpRope::Compressed), (16, 8, 32, 3, 40)),
             150,
             vec![1, 15, 90],
         ),
@@ -351,7 +363,7 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
             NsaConfig {
                 heads: 6,
                 head_dim_v: 64,
-                ..check_config(false, Phi::Mlp, (16, 8, 32, 3, 40))
+                ..check_config((false, Phi::Mlp, CmpRope::Raw), (16, 8, 32, 3, 40))
             },
             700,
             vec![300, 450, 690],
@@ -569,7 +581,7 @@ mod tests {
     fn the_check_rows_pass_on_the_cpu() {
         tch::manual_seed(1);
         let rows = rows_on(Device::Cpu);
-        assert_eq!(rows.len(), 6);
+        assert_eq!(rows.len(), 12);
         for r in &rows {
             assert!(r.passed, "{r:?}");
         }
@@ -581,7 +593,7 @@ mod tests {
     #[test]
     fn bf16_decode_is_judged_against_float64() {
         tch::manual_seed(2);
-        let cfg = check_config(false, Phi::Mlp, (8, 4, 16, 4, 24));
+        let cfg = check_config((false, Phi::Mlp, CmpRope::Raw), (8, 4, 16, 4, 24));
         let lean = AttnPath::Lean(LeanOpts::default());
         let e = bf16_against_f64(&cfg, 150, &[1, 7, 90], lean, Device::Cpu).unwrap();
         assert!(e.decode > 0.0 && e.decode < 2e-2, "{e:?}");

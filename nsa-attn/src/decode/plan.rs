@@ -82,7 +82,8 @@ pub(crate) struct Emission {
     /// `[E]`: their batch rows.
     pub(crate) rows: Tensor,
     /// `[E, l]`: where the block's raw tokens `t_b − l + 1 ..= t_b` sit, in order: ring slots
-    /// of the pending block, or positions in the raw buffer with `shared_kv`.
+    /// of the pending block, or positions in the raw buffer where the cache has no pending
+    /// ring (`shared_kv` with `cmp_rope = "raw"`).
     pub(crate) sources: Tensor,
     /// `[E]`: the new compressed token's index `i`.
     pub(crate) index: Tensor,
@@ -174,9 +175,9 @@ fn pack(cfg: &NsaConfig, positions: &[i64], tokens: Option<&[i64]>, fixed: bool)
     let pending_slot = pack.push(positions.iter().map(|t| t % l));
     let select_offsets = pack.push(0..sel.select_len);
     let window_offsets = pack.push(0..w);
-    let shared = cfg.nsa.shared_kv;
+    let ring = super::cache::has_pending_ring(cfg);
     // The raw tokens t − l + 1 ..= t of a block ending at t: ring slots, or raw positions.
-    let sources = move |t: i64| (t + 1 - l..=t).map(move |p| if shared { p } else { p % l });
+    let sources = move |t: i64| (t + 1 - l..=t).map(move |p| if ring { p % l } else { p });
     let emission = if fixed {
         Some((
             rows,

@@ -1,12 +1,13 @@
 //! Prefill + decode against the full-sequence forward on random configurations (proptest over
-//! the lengths, the window, groups, φ, `shared_kv`, prompt lengths and batch mixes), the
+//! the lengths, the window, groups, φ, where the compressed keys get RoPE, `shared_kv`, prompt
+//! lengths and batch mixes), the
 //! per-step read counter against its formula, cache growth and bad input.
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::*;
-use crate::config::{NsaParams, Phi};
+use crate::config::{CmpRope, NsaParams, Phi};
 use crate::layer::{AttnPath, LeanOpts};
 use nsa_select::SelectConfig;
 
@@ -21,6 +22,7 @@ struct Case {
     kv_heads: i64,
     heads_per_group: i64,
     phi: Phi,
+    cmp_rope: CmpRope,
     shared_kv: bool,
     seq_len: i64,
     prompts: Vec<i64>,
@@ -39,6 +41,7 @@ impl Case {
             kv_heads: 1,
             heads_per_group: 2,
             phi: Phi::Mean,
+            cmp_rope: CmpRope::Raw,
             shared_kv: false,
             seq_len: 9,
             prompts: vec![2],
@@ -67,6 +70,7 @@ impl Case {
                 window: self.window,
                 phi: self.phi,
                 phi_hidden: 5,
+                cmp_rope: self.cmp_rope,
                 shared_kv: self.shared_kv,
                 gate_hidden: 5,
             },
@@ -105,7 +109,10 @@ fn case() -> impl Strategy<Value = Case> {
         (3i64..=5, 1i64..=2),
         prop::sample::select(vec![1i64, 3, 8, 20]),
         (1i64..=2, 1i64..=3),
-        prop::sample::select(vec![Phi::Mean, Phi::Linear, Phi::Mlp]),
+        (
+            prop::sample::select(vec![Phi::Mean, Phi::Linear, Phi::Mlp]),
+            prop::sample::select(vec![CmpRope::Raw, CmpRope::Compressed]),
+        ),
         any::<bool>(),
         1i64..=40,
         prop::collection::vec(0.0f64..1.0, 1..=3),
@@ -118,7 +125,7 @@ fn case() -> impl Strategy<Value = Case> {
                 (top_n, n_local),
                 window,
                 (kv_heads, hpg),
-                phi,
+                (phi, cmp_rope),
                 shared_kv,
                 s,
                 fr,
@@ -138,6 +145,7 @@ fn case() -> impl Strategy<Value = Case> {
                     kv_heads,
                     heads_per_group: hpg,
                     phi,
+                    cmp_rope,
                     shared_kv,
                     seq_len: s,
                     prompts,
@@ -248,6 +256,7 @@ fn named_boundary_cases() {
         kv_heads: 2,
         heads_per_group: 2,
         phi: Phi::Mlp,
+        cmp_rope: CmpRope::Raw,
         shared_kv: false,
         seq_len: 53,
         prompts: vec![1],
@@ -277,6 +286,19 @@ fn named_boundary_cases() {
         Case {
             prompts: vec![2, 30],
             lean: true,
+            ..base.clone()
+        },
+        // Compressed keys rotated after φ: per-branch K/V, and shared K/V (the pending ring
+        // holds the unrotated keys), across several emissions.
+        Case {
+            prompts: vec![1, 9, 20],
+            cmp_rope: CmpRope::Compressed,
+            ..base.clone()
+        },
+        Case {
+            prompts: vec![3, 12],
+            cmp_rope: CmpRope::Compressed,
+            shared_kv: true,
             ..base
         },
     ];

@@ -8,7 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::{KvCache, Model};
 use crate::config::{AttentionKind, ModelConfig, ModelError};
-use crate::{NsaParams, Phi};
+use crate::{CmpRope, NsaParams, Phi};
 
 /// How [`decode_logits`] runs its steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +113,7 @@ fn check_config(attention: AttentionKind, shared_kv: bool) -> Result<ModelConfig
             window: 24,
             phi: Phi::Mlp,
             phi_hidden: 16,
+            cmp_rope: CmpRope::Raw,
             shared_kv,
             gate_hidden: 8,
         },

@@ -6,7 +6,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::*;
 use crate::config::ModelConfig;
-use crate::{NsaParams, Phi};
+use crate::{CmpRope, NsaParams, Phi};
 use nsa_attn::{AttnPath, LeanOpts, SelectConfig};
 
 /// A small model: `(l, d, l')`, n, w, (H, Hkv), φ, `shared_kv`, attention kind.
@@ -49,6 +49,7 @@ impl Case {
                 window: self.window,
                 phi: self.phi,
                 phi_hidden: 7,
+                cmp_rope: CmpRope::Raw,
                 shared_kv: self.shared_kv,
                 gate_hidden: 6,
             },
