@@ -91,7 +91,10 @@ pub(crate) fn decode_logits(
 /// The check's model: two blocks, 4 query heads over 2 K/V heads, dk = dv = 64 (the decode
 /// kernels' tensor-core head dim), l = 8, d = 4, l' = 16, n = 3, w = 24, so that a few hundred
 /// steps cross many block, stride and window boundaries.
-fn check_config(attention: AttentionKind, shared_kv: bool) -> Result<ModelConfig, ModelError> {
+fn check_config(
+    attention: AttentionKind,
+    (shared_kv, cmp_rope): (bool, CmpRope),
+) -> Result<ModelConfig, ModelError> {
     Ok(ModelConfig {
         vocab_size: 97,
         dim: 64,
@@ -113,7 +116,7 @@ fn check_config(attention: AttentionKind, shared_kv: bool) -> Result<ModelConfig
             window: 24,
             phi: Phi::Mlp,
             phi_hidden: 16,
-            cmp_rope: CmpRope::Raw,
+            cmp_rope,
             shared_kv,
             gate_hidden: 8,
         },
@@ -122,8 +125,8 @@ fn check_config(attention: AttentionKind, shared_kv: bool) -> Result<ModelConfig
     })
 }
 
-/// Rows of `nsa-train check --gpu --part decode` for graph decoding: NSA (per-branch K/V and
-/// `shared_kv`) and dense models in bf16 and float32, 3 sequences from prompts of 5, 17 and 40
+/// Rows of `nsa-train check --gpu --part decode` for graph decoding: NSA (per-branch K/V,
+/// `shared_kv`, and `shared_kv` with `cmp_rope = "compressed"`) and dense models in bf16 and float32, 3 sequences from prompts of 5, 17 and 40
 /// tokens, 300 steps (two captures: the first step's and one after 256 positions). Each row
 /// compares the replayed logits with eager steps under the same fixed-layout plans (the same
 /// kernels, so bit-identical is expected and the detail says whether they were) and with
@@ -132,29 +135,32 @@ fn check_config(attention: AttentionKind, shared_kv: bool) -> Result<ModelConfig
 pub fn decode_graph_check() -> Result<Vec<CheckRow>, ModelError> {
     let device = nsa_attn::fused::check_device("decode_graph_check")?;
     let mut rows = Vec::new();
-    for (attention, shared_kv) in [
-        (AttentionKind::Nsa, false),
-        (AttentionKind::Nsa, true),
-        (AttentionKind::Dense, false),
+    for (attention, kv) in [
+        (AttentionKind::Nsa, (false, CmpRope::Raw)),
+        (AttentionKind::Nsa, (true, CmpRope::Raw)),
+        (AttentionKind::Nsa, (true, CmpRope::Compressed)),
+        (AttentionKind::Dense, (false, CmpRope::Raw)),
     ] {
         for (kind, tolerance) in [(Kind::BFloat16, 2e-2), (Kind::Float, 1e-5)] {
             let name = format!(
                 "decode graph {} {kind:?}: 300 steps of B=3 from prompts 5/17/40, replays vs eager",
-                match (attention, shared_kv) {
+                match (attention, kv) {
                     (AttentionKind::Dense, _) => "dense",
-                    (_, true) => "NSA shared_kv",
+                    (_, (true, CmpRope::Compressed)) => "NSA shared_kv cmp_rope=compressed",
+                    (_, (true, _)) => "NSA shared_kv",
                     _ => "NSA per-branch K/V",
                 }
             );
-            let row = graph_row(attention, shared_kv, kind, tolerance, device).map(
-                |(err, detail, passed)| CheckRow {
-                    name: name.clone(),
-                    max_rel_err: err,
-                    tolerance,
-                    passed,
-                    detail,
-                },
-            );
+            let row =
+                graph_row(attention, kv, kind, tolerance, device).map(|(err, detail, passed)| {
+                    CheckRow {
+                        name: name.clone(),
+                        max_rel_err: err,
+                        tolerance,
+                        passed,
+                        detail,
+                    }
+                });
             rows.push(row.unwrap_or_else(|e| {
                 CheckRow::failed(
                     name,
@@ -173,13 +179,13 @@ pub fn decode_graph_check() -> Result<Vec<CheckRow>, ModelError> {
 /// One row: (largest error against either eager decode, detail, passed).
 fn graph_row(
     attention: AttentionKind,
-    shared_kv: bool,
+    kv: (bool, CmpRope),
     kind: Kind,
     tolerance: f64,
     device: Device,
 ) -> Result<(f64, String, bool), ModelError> {
     let (steps, prompts) = (300, [5i64, 17, 40]);
-    let cfg = check_config(attention, shared_kv)?;
+    let cfg = check_config(attention, kv)?;
     let mut vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &cfg)?;
     if kind == Kind::BFloat16 {
