@@ -4,8 +4,9 @@
 //! (CPU tensors, dtypes other than bf16/fp32, and for the window fp32 or `dk ≠ dv`). The
 //! compressed branch and block selection run on the kernels of [`compressed`]'s module
 //! (selection always, the branch's output at inference; in training it is the lean path's).
-//! The gated sum of the branches runs on nsa-sys's pointwise kernel (`gate_mix`), as RoPE
-//! does through `crate::rope::Rope::with_kernel`.
+//! The gated sum of the branches runs on nsa-sys's pointwise kernel, in one autograd function
+//! with the output projection (`gate_mix_project`), as RoPE does through
+//! `crate::rope::Rope::with_kernel`.
 //!
 //! [`gpu_check`] runs the parity checks of the fused functions against the reference path on
 //! fresh random inputs and returns one [`CheckRow`] per case (for `nsa-train check --gpu`).
@@ -147,14 +148,18 @@ pub fn window(
     })
 }
 
-/// The gated sum of the branch outputs (Eq. 5), as [`crate::gates`]' `mix`: on the fused
-/// pointwise kernel (`nsa_sys::fused::gate_mix`, one pass each way) when all four are bf16 or
-/// all fp32 on one CUDA device, else with libtorch's operators.
-pub(crate) fn gate_mix(
+/// The gated sum of the branch outputs (Eq. 5) and the output projection `W_o` (no bias):
+/// on CUDA, when all four are bf16 or all fp32 on one device, nsa-sys's pointwise kernel
+/// (one pass each way) and a matmul in one autograd function
+/// (`nsa_sys::fused::gate_mix_project`) that does not keep the sum for backward; else
+/// [`crate::gates`]' `mix` and `linear`. `W_o` is cast to the branch outputs' dtype first, as
+/// autocast's `linear` casts it.
+pub(crate) fn gate_mix_project(
     gates: &Tensor,
     compressed: &Tensor,
     selected: &Tensor,
     window: &Tensor,
+    wo: &Tensor,
 ) -> Result<Tensor, AttnError> {
     let kind = compressed.kind();
     let fits = matches!(compressed.device(), Device::Cuda(_))
@@ -163,11 +168,16 @@ pub(crate) fn gate_mix(
             .iter()
             .all(|t| t.kind() == kind && t.device() == compressed.device());
     if !fits {
-        return crate::gates::mix(gates, compressed, selected, window);
+        let mixed = crate::gates::mix(gates, compressed, selected, window)?;
+        let size = mixed.size();
+        let flat = mixed.f_reshape([size[0], size[1], size[2] * size[3]])?;
+        return Ok(flat.f_linear::<&Tensor>(wo, None)?);
     }
     // The branch outputs go as they are: the kernel reads rows at a stride (the window
     // branch's output is a narrowed view of a wider one at dk != dv) and copies any other layout.
-    sys::gate_mix(compressed, selected, window, &gates.f_contiguous()?).map_err(fused_err)
+    let w = wo.f_to_kind(kind)?.f_contiguous()?;
+    sys::gate_mix_project(compressed, selected, window, &gates.f_contiguous()?, &w)
+        .map_err(fused_err)
 }
 
 /// The selected branch's visibility from block ids, for the reference path: bool

@@ -553,11 +553,12 @@ impl NsaAttention {
         };
         let _r = range("nsa.gate");
         let gates = self.gates(x, opts.gates)?;
-        let mixed = match opts.path {
-            AttnPath::Fused(_) => fused::gate_mix(&gates, &compressed, &selected, &window)?,
-            _ => gates::mix(&gates, &compressed, &selected, &window)?,
+        let output = match opts.path {
+            AttnPath::Fused(_) => {
+                fused::gate_mix_project(&gates, &compressed, &selected, &window, &self.wo.ws)?
+            }
+            _ => self.output_projection(&gates::mix(&gates, &compressed, &selected, &window)?)?,
         };
-        let output = self.output_projection(&mixed)?;
         Ok(BranchOutputs {
             compressed,
             selected,

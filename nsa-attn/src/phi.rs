@@ -86,6 +86,37 @@ impl PhiMap {
     fn reads_flat(&self) -> bool {
         !matches!(self, PhiMap::Mean)
     }
+
+    /// The linear or MLP φ of the blocks `[i·stride, i·stride + l)` of `raw` `[B, S, G, d]`
+    /// (plus `pos`, in raw's dtype) on nsa-sys's kernels: the blocks and the first linear map
+    /// in one autograd function (`nsa_sys::fused::cmp_blocks_linear`), which keeps `raw`
+    /// rather than the blocks (twice its size) for backward. The weights are cast to raw's
+    /// dtype first, as autocast's `linear` casts them.
+    fn apply_kernel(
+        &self,
+        raw: &Tensor,
+        pos: Option<&Tensor>,
+        l: i64,
+        stride: i64,
+    ) -> Result<Tensor, AttnError> {
+        let (first, second) = match self {
+            PhiMap::Mean => {
+                return Err(AttnError::Torch(TchError::Kind(
+                    "the mean φ has no linear map for the blocks kernel".into(),
+                )))
+            }
+            PhiMap::Linear(w) => (w, None),
+            PhiMap::Mlp(w1, w2) => (w1, Some(w2)),
+        };
+        let kind = raw.kind();
+        let w = first.ws.f_to_kind(kind)?.f_contiguous()?;
+        let b = first.bs.as_ref().map(|b| b.f_to_kind(kind)).transpose()?;
+        let y = nsa_sys::fused::cmp_blocks_linear(raw, pos, l, stride, &w, b.as_ref())?;
+        Ok(match second {
+            Some(w2) => linear(w2, &y.f_gelu("none")?)?,
+            None => y,
+        })
+    }
 }
 
 /// The compressed branch's position embeddings and φ for keys and values.
@@ -129,8 +160,9 @@ impl Compression {
     /// Compressed keys `[B, Nc, Hkv, dk]` and values `[B, Nc, Hkv, dv]` from the raw (keys
     /// already RoPE'd) `k` `[B, S, Hkv, dk]` and `v` `[B, S, Hkv, dv]`. With `kernel`, CUDA
     /// tensors in bf16 or fp32 and a linear or MLP φ, φ's input blocks come from one kernel
-    /// each way (`nsa_sys::fused::cmp_blocks`) instead of unfold, add and copy; the values are
-    /// the same (each element one rounded sum either way).
+    /// each way instead of unfold, add and copy, in one autograd function with φ's first
+    /// linear map (`nsa_sys::fused::cmp_blocks_linear`) that does not keep the blocks; the
+    /// values are the same (each element one rounded sum either way).
     pub(crate) fn apply(
         &self,
         k: &Tensor,
@@ -160,8 +192,7 @@ impl Compression {
             && matches!(raw.kind(), Kind::BFloat16 | Kind::Float)
         {
             let pos = pos.map(|p| p.f_to_kind(raw.kind())).transpose()?;
-            let flat = nsa_sys::fused::cmp_blocks(raw, pos.as_ref(), l, stride)?;
-            return Ok(phi.apply_flat(&flat)?);
+            return phi.apply_kernel(raw, pos.as_ref(), l, stride);
         }
         let blocks = if s < l {
             // No complete block yet: an empty [B, 0, l, G, d] that still flows through φ, so

@@ -1,6 +1,7 @@
 // Custom autograd functions over the pointwise kernels of nsa-sys/kernels/pointwise.cu:
-// rotary position embedding (RopeFused), the gated sum of the three branches (GateMixFused) and
-// the blocks φ compresses (CmpBlocksFused).
+// rotary position embedding (RopeFused), the gated sum of the three branches (GateMixFused, and
+// GateMixProjFused with the output projection after it) and the blocks φ compresses
+// (CmpBlocksFused, and CmpBlocksLinearFused with φ's first linear map after them).
 // Launched with the cuLaunchKernel pointer and CUfunction handles Rust loaded
 // (NsaPointwiseTable), on libtorch's current CUDA stream of the tensors' device.
 //
@@ -12,6 +13,10 @@
 //                 branch outputs are read in place when their rows are evenly spaced with the
 //                 last axis contiguous (row_stride), as a narrowed wider output is; others are
 //                 copied first.
+//   GateMixProjFused: the same operands and w [dim, H * dv] -> y = mix · wᵀ [B, S, dim];
+//                 backward sums the branches again instead of keeping the sum.
+//   CmpBlocksLinearFused: the blocks below and φ's first linear map after them,
+//                 [B, Nc, G, L * D] · w1ᵀ (+ b1); backward gathers the blocks again from x.
 //   CmpBlocksFused: raw keys or values x [B, S, G, D] (bf16 or fp32, last axis contiguous,
 //                 other strides free) and the position embedding pos [L, G, D] (x's dtype; an
 //                 empty placeholder with has_pos = 0 for none) -> blocks [B, Nc, G, L * D]
@@ -140,49 +145,111 @@ int64_t row_stride(const Tensor& x) {
 // x itself when row_stride(x) applies, else a contiguous copy.
 Tensor rows_readable(const Tensor& x) { return row_stride(x) >= 0 ? x : x.contiguous(); }
 
+// The gated sum of branch outputs whose rows row_stride can read (see GateMixFused).
+Tensor mix_rows(const NsaPointwiseTable* tab, const Tensor& oc, const Tensor& os,
+                const Tensor& ow, const Tensor& g) {
+  auto o = at::empty(oc.sizes(), oc.options());
+  int dv = int(oc.size(3));
+  long long rows = dv == 0 ? 0 : oc.numel() / dv;
+  long long rc = row_stride(oc), rs = row_stride(os), rw = row_stride(ow);
+  const void *pc = oc.data_ptr(), *ps = os.data_ptr(), *pw = ow.data_ptr(), *pg = g.data_ptr();
+  void* po = o.data_ptr();
+  const int per = 16 / int(oc.element_size());
+  int vec = vector_rows(per, dv, {rc, rs, rw}, {pc, ps, pw, po});
+  void* args[] = {&pc, &ps, &pw, &pg, &po, &dv, &rows, &rc, &rs, &rw, &vec};
+  launch(tab, tab->mix[fp32(oc)], "nsa_gate_mix", rows * (vec ? dv / per : dv), oc.device(),
+         args);
+  return o;
+}
+
+// The gated sum's backward: {doc, dos, dow, dg} from the saved operands and dout (any float
+// dtype and layout; cast and made contiguous here).
+variable_list mix_rows_backward(const NsaPointwiseTable* tab, const Tensor& oc, const Tensor& os,
+                                const Tensor& ow, const Tensor& g, const Tensor& grad) {
+  auto dout = grad.to(oc.scalar_type()).contiguous();
+  auto opts = oc.options();
+  auto doc = at::empty(oc.sizes(), opts), dos = at::empty(oc.sizes(), opts),
+       dow = at::empty(oc.sizes(), opts);
+  auto dg = at::empty_like(g);
+  int dv = int(oc.size(3));
+  long long rows = oc.numel() / dv;
+  long long rc = row_stride(oc), rs = row_stride(os), rw = row_stride(ow);
+  const void *pc = oc.data_ptr(), *ps = os.data_ptr(), *pw = ow.data_ptr(), *pg = g.data_ptr(),
+             *pd = dout.data_ptr();
+  void *qc = doc.data_ptr(), *qs = dos.data_ptr(), *qw = dow.data_ptr(), *qg = dg.data_ptr();
+  const int per = 16 / int(oc.element_size());
+  int vec = vector_rows(per, dv, {rc, rs, rw}, {pc, ps, pw, pd, qc, qs, qw});
+  void* args[] = {&pc, &ps, &pw, &pg, &pd, &qc, &qs, &qw, &qg, &dv, &rows, &rc, &rs, &rw, &vec};
+  // Eight lanes per row with vec, else one warp per row.
+  launch(tab, tab->mix_bwd[fp32(oc)], "nsa_gate_mix_bwd", rows * (vec ? 8 : 32), oc.device(),
+         args);
+  return {doc, dos, dow, dg};
+}
+
 struct GateMixFused : public torch::autograd::Function<GateMixFused> {
   static Tensor forward(AutogradContext* ctx, Tensor oc, Tensor os, Tensor ow, Tensor g,
                         int64_t table) {
     ctx->save_for_backward({oc, os, ow, g});
     ctx->saved_data["table"] = table;
-    const auto* tab = table_of(table);
-    auto o = at::empty(oc.sizes(), oc.options());
-    int dv = int(oc.size(3));
-    long long rows = dv == 0 ? 0 : oc.numel() / dv;
-    long long rc = row_stride(oc), rs = row_stride(os), rw = row_stride(ow);
-    const void *pc = oc.data_ptr(), *ps = os.data_ptr(), *pw = ow.data_ptr(), *pg = g.data_ptr();
-    void* po = o.data_ptr();
-    const int per = 16 / int(oc.element_size());
-    int vec = vector_rows(per, dv, {rc, rs, rw}, {pc, ps, pw, po});
-    void* args[] = {&pc, &ps, &pw, &pg, &po, &dv, &rows, &rc, &rs, &rw, &vec};
-    launch(tab, tab->mix[fp32(oc)], "nsa_gate_mix", rows * (vec ? dv / per : dv), oc.device(),
-           args);
-    return o;
+    return mix_rows(table_of(table), oc, os, ow, g);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto d = mix_rows_backward(table_of(ctx->saved_data["table"].toInt()), s[0], s[1], s[2], s[3],
+                               grads[0]);
+    return {d[0], d[1], d[2], d[3], Tensor()};
+  }
+};
+
+// The gated sum followed by the output projection, y = mix · wᵀ with w [dim, H * dv] in the
+// branch outputs' dtype: the same arithmetic as GateMixFused and a matmul, but the sum (the
+// matmul's input, [B, S, H, dv]) is not kept for backward. The backward sums again from the
+// branch outputs and gates it saves anyway (one pass over four [B, S, H, dv] tensors) for w's
+// gradient, so a layer holds one fewer activation of that size.
+struct GateMixProjFused : public torch::autograd::Function<GateMixProjFused> {
+  static Tensor forward(AutogradContext* ctx, Tensor oc, Tensor os, Tensor ow, Tensor g, Tensor w,
+                        int64_t table) {
+    ctx->save_for_backward({oc, os, ow, g, w});
+    ctx->saved_data["table"] = table;
+    auto o = mix_rows(table_of(table), oc, os, ow, g);
+    const int64_t B = oc.size(0), S = oc.size(1);
+    return at::mm(o.view({B * S, w.size(1)}), w.t()).view({B, S, w.size(0)});
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
     const auto* tab = table_of(ctx->saved_data["table"].toInt());
-    auto dout = grads[0].to(s[0].scalar_type()).contiguous();
-    auto opts = s[0].options();
-    auto doc = at::empty(s[0].sizes(), opts), dos = at::empty(s[0].sizes(), opts),
-         dow = at::empty(s[0].sizes(), opts);
-    auto dg = at::empty_like(s[3]);
-    int dv = int(s[0].size(3));
-    long long rows = s[0].numel() / dv;
-    long long rc = row_stride(s[0]), rs = row_stride(s[1]), rw = row_stride(s[2]);
-    const void *pc = s[0].data_ptr(), *ps = s[1].data_ptr(), *pw = s[2].data_ptr(),
-               *pg = s[3].data_ptr(), *pd = dout.data_ptr();
-    void *qc = doc.data_ptr(), *qs = dos.data_ptr(), *qw = dow.data_ptr(), *qg = dg.data_ptr();
-    const int per = 16 / int(s[0].element_size());
-    int vec = vector_rows(per, dv, {rc, rs, rw}, {pc, ps, pw, pd, qc, qs, qw});
-    void* args[] = {&pc, &ps, &pw, &pg, &pd, &qc, &qs, &qw, &qg, &dv, &rows, &rc, &rs, &rw, &vec};
-    // Eight lanes per row with vec, else one warp per row.
-    launch(tab, tab->mix_bwd[fp32(s[0])], "nsa_gate_mix_bwd", rows * (vec ? 8 : 32),
-           s[0].device(), args);
-    return {doc, dos, dow, dg, Tensor()};
+    const Tensor &oc = s[0], &w = s[4];
+    const int64_t B = oc.size(0), S = oc.size(1), H = oc.size(2), dv = oc.size(3);
+    auto dy = grads[0].to(oc.scalar_type()).reshape({B * S, w.size(0)});
+    auto o = mix_rows(tab, oc, s[1], s[2], s[3]);
+    auto dw = at::mm(dy.t(), o.view({B * S, H * dv}));
+    auto dmix = at::mm(dy, w).view({B, S, H, dv});
+    auto d = mix_rows_backward(tab, oc, s[1], s[2], s[3], dmix);
+    return {d[0], d[1], d[2], d[3], dw, Tensor()};
   }
 };
+
+// The operands of the gated sum, as both entry points take them (the Rust callers check the
+// same and say more).
+void check_mix_operands(const at::Tensor* oc, const at::Tensor* os, const at::Tensor* ow,
+                        const at::Tensor* g, const NsaPointwiseTable* table) {
+  TORCH_CHECK(table != nullptr, "fused gate mix: no kernel table");
+  auto dt = oc->scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "fused gate mix: bf16 or fp32 only");
+  for (const at::Tensor* t : {oc, os, ow, g}) {
+    TORCH_CHECK(t->is_cuda() && t->device() == oc->device() && t->scalar_type() == dt &&
+                    t->dim() == 4,
+                "fused gate mix: 4-d CUDA tensors of one dtype on one device");
+  }
+  TORCH_CHECK(g->is_contiguous(), "fused gate mix: the gates must be contiguous");
+  TORCH_CHECK(os->sizes() == oc->sizes() && ow->sizes() == oc->sizes() &&
+                  g->sizes().slice(0, 3) == oc->sizes().slice(0, 3) && g->size(3) == 3,
+              "fused gate mix: branch outputs [B, S, H, dv] and gates [B, S, H, 3]");
+  TORCH_CHECK(oc->size(3) > 0 && oc->size(3) < (int64_t(1) << 31),
+              "fused gate mix: dv out of range");
+}
 
 // Launches the blocks kernel (forward) into a new [B, Nc, G, L * D] tensor.
 Tensor cmp_blocks(const NsaPointwiseTable* tab, const Tensor& x, const Tensor& pos, int64_t L,
@@ -204,6 +271,29 @@ Tensor cmp_blocks(const NsaPointwiseTable* tab, const Tensor& x, const Tensor& p
   return out;
 }
 
+// The blocks' backward: {dx [B, S, G, D] (each token gathers what the blocks covering it
+// received, in ascending block order), dpos [L, G, D] (undefined without has_pos)} from dblocks
+// [B, Nc, G, L * D] (any float dtype and layout).
+variable_list cmp_blocks_backward(const NsaPointwiseTable* tab, const Tensor& dout, int64_t S,
+                                  int64_t L, int64_t stride, bool has_pos) {
+  const int64_t B = dout.size(0), Nc = dout.size(1), G = dout.size(2), D = dout.size(3) / L;
+  auto blocks = dout.contiguous().view({B, Nc, G, L, D});
+  auto dx = at::empty({B, S, G, D}, blocks.options());
+  const int per = 16 / int(blocks.element_size());
+  const void* dp = blocks.data_ptr();
+  void* xp = dx.data_ptr();
+  long long rows = B * S * G;
+  int vec = vector_rows(per, D, {}, {dp, xp});
+  int s = int(S), nc = int(Nc), g = int(G), l = int(L), d = int(D), st = int(stride);
+  void* args[] = {&dp, &xp, &s, &nc, &g, &l, &d, &st, &rows, &vec};
+  launch(tab, tab->blocks_bwd[fp32(blocks)], "nsa_cmp_blocks_bwd",
+         vec ? rows * (D / per) : rows * D, blocks.device(), args);
+  Tensor dpos;
+  // [G, L, D] summed over batch and blocks, laid out as pos [L, G, D].
+  if (has_pos) dpos = blocks.sum(at::IntArrayRef{0, 1}).permute({1, 0, 2});
+  return {dx, dpos};
+}
+
 struct CmpBlocksFused : public torch::autograd::Function<CmpBlocksFused> {
   // has_pos = 0: pos is an empty placeholder (autograd's inputs must be defined tensors).
   static Tensor forward(AutogradContext* ctx, Tensor x, Tensor pos, int64_t has_pos, int64_t L,
@@ -217,30 +307,73 @@ struct CmpBlocksFused : public torch::autograd::Function<CmpBlocksFused> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto* tab = table_of(ctx->saved_data["table"].toInt());
-    const int64_t L = ctx->saved_data["L"].toInt(), stride = ctx->saved_data["stride"].toInt();
-    const int64_t S = ctx->saved_data["S"].toInt();
-    auto dout = grads[0];
-    const int64_t B = dout.size(0), Nc = dout.size(1), G = dout.size(2), D = dout.size(3) / L;
-    auto blocks = dout.contiguous().view({B, Nc, G, L, D});
-    auto dx = at::empty({B, S, G, D}, blocks.options());
-    const int per = 16 / int(blocks.element_size());
-    const void* dp = blocks.data_ptr();
-    void* xp = dx.data_ptr();
-    long long rows = B * S * G;
-    int vec = vector_rows(per, D, {}, {dp, xp});
-    int s = int(S), nc = int(Nc), g = int(G), l = int(L), d = int(D), st = int(stride);
-    void* args[] = {&dp, &xp, &s, &nc, &g, &l, &d, &st, &rows, &vec};
-    launch(tab, tab->blocks_bwd[fp32(blocks)], "nsa_cmp_blocks_bwd",
-           vec ? rows * (D / per) : rows * D, blocks.device(), args);
-    Tensor dpos;
-    // [G, L, D] summed over batch and blocks, laid out as pos [L, G, D].
-    if (ctx->saved_data["has_pos"].toInt() != 0) {
-      dpos = blocks.sum(at::IntArrayRef{0, 1}).permute({1, 0, 2});
-    }
-    return {dx, dpos, Tensor(), Tensor(), Tensor(), Tensor()};
+    auto d = cmp_blocks_backward(table_of(ctx->saved_data["table"].toInt()), grads[0],
+                                 ctx->saved_data["S"].toInt(), ctx->saved_data["L"].toInt(),
+                                 ctx->saved_data["stride"].toInt(),
+                                 ctx->saved_data["has_pos"].toInt() != 0);
+    return {d[0], d[1], Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
+
+// The blocks φ compresses and φ's first linear map in one: y = blocks · w1ᵀ (+ b1)
+// [B, Nc, G, F] for w1 [F, L * D] (x's dtype, contiguous). The blocks (twice the raw keys or
+// values at L = 2 · stride) are not kept for backward: it saves x (copied if it is a strided
+// view, which would keep its whole parent alive) and gathers the blocks again for w1's
+// gradient.
+struct CmpBlocksLinearFused : public torch::autograd::Function<CmpBlocksLinearFused> {
+  // has_pos = 0 / has_bias = 0: pos / b1 are empty placeholders.
+  static Tensor forward(AutogradContext* ctx, Tensor x, Tensor pos, Tensor w1, Tensor b1,
+                        int64_t has_pos, int64_t has_bias, int64_t L, int64_t stride,
+                        int64_t table) {
+    auto xs = x.is_contiguous() ? x : x.contiguous();
+    ctx->save_for_backward({xs, pos, w1});
+    ctx->saved_data["table"] = table;
+    ctx->saved_data["L"] = L;
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["has_pos"] = has_pos;
+    ctx->saved_data["has_bias"] = has_bias;
+    auto blocks = cmp_blocks(table_of(table), xs, has_pos != 0 ? pos : Tensor(), L, stride);
+    const int64_t B = blocks.size(0), Nc = blocks.size(1), G = blocks.size(2);
+    auto flat = blocks.view({B * Nc * G, blocks.size(3)});
+    auto y = has_bias != 0 ? at::addmm(b1, flat, w1.t()) : at::mm(flat, w1.t());
+    return y.view({B, Nc, G, w1.size(0)});
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const auto* tab = table_of(ctx->saved_data["table"].toInt());
+    const Tensor &x = s[0], &pos = s[1], &w1 = s[2];
+    const int64_t L = ctx->saved_data["L"].toInt(), stride = ctx->saved_data["stride"].toInt();
+    const bool has_pos = ctx->saved_data["has_pos"].toInt() != 0;
+    auto blocks = cmp_blocks(tab, x, has_pos ? pos : Tensor(), L, stride);
+    const int64_t B = blocks.size(0), Nc = blocks.size(1), G = blocks.size(2);
+    auto dy = grads[0].to(x.scalar_type()).reshape({B * Nc * G, w1.size(0)});
+    auto dw1 = at::mm(dy.t(), blocks.view({B * Nc * G, blocks.size(3)}));
+    Tensor db1;
+    if (ctx->saved_data["has_bias"].toInt() != 0) db1 = dy.sum(0);
+    auto dblocks = at::mm(dy, w1).view({B, Nc, G, blocks.size(3)});
+    auto d = cmp_blocks_backward(tab, dblocks, x.size(1), L, stride, has_pos);
+    return {d[0], d[1], dw1, db1, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// The checks both blocks entry points repeat from their Rust callers; pos (null for none) as
+// the autograd functions take it: contiguous, or an empty placeholder.
+Tensor checked_blocks_pos(const at::Tensor* x, const at::Tensor* pos, int64_t L, int64_t stride,
+                          const NsaPointwiseTable* table) {
+  TORCH_CHECK(table != nullptr, "fused cmp blocks: no kernel table");
+  TORCH_CHECK(x->is_cuda() && x->dim() == 4 && x->stride(3) == 1,
+              "fused cmp blocks: x must be a CUDA [B, S, G, D] tensor, last axis contiguous");
+  auto dt = x->scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "fused cmp blocks: bf16 or fp32 only");
+  TORCH_CHECK(L >= 1 && stride >= 1 && x->size(1) >= L,
+              "fused cmp blocks: need 1 <= L <= S and stride >= 1");
+  if (pos == nullptr) return at::empty({0}, x->options());
+  TORCH_CHECK(pos->scalar_type() == dt && pos->device() == x->device() && pos->dim() == 3 &&
+                  pos->size(0) == L && pos->size(1) == x->size(2) && pos->size(2) == x->size(3),
+              "fused cmp blocks: pos must be [L, G, D] in x's dtype on x's device");
+  return pos->contiguous();
+}
 
 }  // namespace
 
@@ -281,22 +414,33 @@ at::Tensor* nsa_fused_gate_mix(const at::Tensor* oc, const at::Tensor* os, const
                                const at::Tensor* g, const NsaPointwiseTable* table, char* err,
                                size_t err_len) {
   try {
-    TORCH_CHECK(table != nullptr, "fused gate mix: no kernel table");
-    auto dt = oc->scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "fused gate mix: bf16 or fp32 only");
-    for (const at::Tensor* t : {oc, os, ow, g}) {
-      TORCH_CHECK(t->is_cuda() && t->device() == oc->device() && t->scalar_type() == dt &&
-                      t->dim() == 4,
-                  "fused gate mix: 4-d CUDA tensors of one dtype on one device");
-    }
-    TORCH_CHECK(g->is_contiguous(), "fused gate mix: the gates must be contiguous");
-    TORCH_CHECK(os->sizes() == oc->sizes() && ow->sizes() == oc->sizes() &&
-                    g->sizes().slice(0, 3) == oc->sizes().slice(0, 3) && g->size(3) == 3,
-                "fused gate mix: branch outputs [B, S, H, dv] and gates [B, S, H, 3]");
-    TORCH_CHECK(oc->size(3) > 0 && oc->size(3) < (int64_t(1) << 31),
-                "fused gate mix: dv out of range");
+    check_mix_operands(oc, os, ow, g, table);
     auto out = GateMixFused::apply(rows_readable(*oc), rows_readable(*os), rows_readable(*ow),
                                    *g, reinterpret_cast<int64_t>(table));
+    return new at::Tensor(std::move(out));
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+// The gated sum and W_o in one (see GateMixProjFused): branch outputs and gates as
+// nsa_fused_gate_mix takes them, w [dim, H * dv] contiguous in their dtype: a new
+// at::Tensor* [B, S, dim] (ownership to the caller), or nullptr with a message in err.
+at::Tensor* nsa_fused_gate_mix_project(const at::Tensor* oc, const at::Tensor* os,
+                                       const at::Tensor* ow, const at::Tensor* g,
+                                       const at::Tensor* w, const NsaPointwiseTable* table,
+                                       char* err, size_t err_len) {
+  try {
+    check_mix_operands(oc, os, ow, g, table);
+    TORCH_CHECK(w->is_cuda() && w->device() == oc->device() &&
+                    w->scalar_type() == oc->scalar_type() && w->dim() == 2 &&
+                    w->is_contiguous() && w->size(1) == oc->size(2) * oc->size(3),
+                "fused gate mix + projection: w must be a contiguous [dim, H * dv] CUDA tensor "
+                "in the branch outputs' dtype");
+    auto out = GateMixProjFused::apply(rows_readable(*oc), rows_readable(*os),
+                                       rows_readable(*ow), *g, *w,
+                                       reinterpret_cast<int64_t>(table));
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);
@@ -311,24 +455,40 @@ at::Tensor* nsa_fused_cmp_blocks(const at::Tensor* x, const at::Tensor* pos, int
                                  int64_t stride, const NsaPointwiseTable* table, char* err,
                                  size_t err_len) {
   try {
-    TORCH_CHECK(table != nullptr, "fused cmp blocks: no kernel table");
-    TORCH_CHECK(x->is_cuda() && x->dim() == 4 && x->stride(3) == 1,
-                "fused cmp blocks: x must be a CUDA [B, S, G, D] tensor, last axis contiguous");
-    auto dt = x->scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "fused cmp blocks: bf16 or fp32 only");
-    TORCH_CHECK(L >= 1 && stride >= 1 && x->size(1) >= L,
-                "fused cmp blocks: need 1 <= L <= S and stride >= 1");
-    Tensor p = at::empty({0}, x->options());
-    if (pos != nullptr) {
-      TORCH_CHECK(pos->scalar_type() == dt && pos->device() == x->device() &&
-                      pos->dim() == 3 && pos->size(0) == L && pos->size(1) == x->size(2) &&
-                      pos->size(2) == x->size(3),
-                  "fused cmp blocks: pos must be [L, G, D] in x's dtype on x's device");
-      p = pos->contiguous();
-    }
+    Tensor p = checked_blocks_pos(x, pos, L, stride, table);
     int64_t has_pos = pos != nullptr ? 1 : 0;
     auto out =
         CmpBlocksFused::apply(*x, p, has_pos, L, stride, reinterpret_cast<int64_t>(table));
+    return new at::Tensor(std::move(out));
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return nullptr;
+  }
+}
+
+// The blocks and φ's first linear map (see CmpBlocksLinearFused): as nsa_fused_cmp_blocks, with
+// w1 [F, L * D] contiguous in x's dtype and b1 [F] (null for none): a new at::Tensor*
+// [B, Nc, G, F], or nullptr with a message in err.
+at::Tensor* nsa_fused_cmp_blocks_linear(const at::Tensor* x, const at::Tensor* pos,
+                                        const at::Tensor* w1, const at::Tensor* b1, int64_t L,
+                                        int64_t stride, const NsaPointwiseTable* table,
+                                        char* err, size_t err_len) {
+  try {
+    Tensor p = checked_blocks_pos(x, pos, L, stride, table);
+    TORCH_CHECK(w1->scalar_type() == x->scalar_type() && w1->device() == x->device() &&
+                    w1->dim() == 2 && w1->is_contiguous() && w1->size(1) == L * x->size(3),
+                "fused cmp blocks + linear: w1 must be a contiguous [F, L * D] tensor in x's "
+                "dtype on x's device");
+    Tensor b = at::empty({0}, x->options());
+    if (b1 != nullptr) {
+      TORCH_CHECK(b1->scalar_type() == x->scalar_type() && b1->device() == x->device() &&
+                      b1->dim() == 1 && b1->size(0) == w1->size(0),
+                  "fused cmp blocks + linear: b1 must be [F] in x's dtype on x's device");
+      b = *b1;
+    }
+    auto out = CmpBlocksLinearFused::apply(*x, p, *w1, b, pos != nullptr ? 1 : 0,
+                                           b1 != nullptr ? 1 : 0, L, stride,
+                                           reinterpret_cast<int64_t>(table));
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);

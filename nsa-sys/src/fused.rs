@@ -48,8 +48,8 @@ pub use decode::{
     DECODE_MAX_DV, DECODE_MAX_GROUP, DECODE_MAX_TOP_N,
 };
 pub use pointwise::{
-    add_rms_norm, cmp_blocks, gate_mix, pointwise_kernels, rms_norm, rope, swiglu,
-    PointwiseKernels, RMS_NORM_MAX_DIM,
+    add_rms_norm, cmp_blocks, cmp_blocks_linear, gate_mix, gate_mix_project, pointwise_kernels,
+    rms_norm, rope, swiglu, PointwiseKernels, RMS_NORM_MAX_DIM,
 };
 use selected_order::{dq_partial_bytes, forward_partial_bytes, key_outer_batch_chunk};
 pub use selected_order::{

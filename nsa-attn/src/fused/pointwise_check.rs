@@ -1,5 +1,5 @@
-//! GPU check rows of the pointwise kernels (`nsa_sys::fused::{rope, gate_mix, cmp_blocks,
-//! rms_norm, swiglu}`, RoPE
+//! GPU check rows of the pointwise kernels (`nsa_sys::fused::{rope, gate_mix,
+//! gate_mix_project, cmp_blocks, cmp_blocks_linear, rms_norm, swiglu}`, RoPE
 //! on the tables of [`Rope::with_kernel`], and the output head's loss
 //! `nsa_sys::loss::linear_cross_entropy`, whose chunks run `nsa_ce_rows` on CUDA) against libtorch's operators in float64, output and
 //! every gradient, on fresh random inputs, memory NaN-poisoned before each launch, run twice
@@ -12,7 +12,8 @@ use crate::rope::Rope;
 use nsa_sys::fused as sys;
 
 /// The rows: RoPE on slices of a stacked projection (strided rows) and on a contiguous tensor,
-/// the gated sum, φ's input blocks (16-byte and element access, with and without the position
+/// the gated sum (alone and with W_o after it), φ's input blocks (alone and with φ's first
+/// linear map after them; 16-byte and element access, with and without the position
 /// embedding, tokens no block covers, a stride that does not divide the block), the linear cross-entropy (vector and element loads, several chunks, ignored
 /// rows), RMSNorm (row lengths below, off and at the warp multiple, and the largest) and SwiGLU
 /// (16-byte and element access), each in fp32 and bf16, RMSNorm also from fp32 under bf16
@@ -62,26 +63,42 @@ pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
                 if strided { "strided" } else { "contiguous" }
             );
             rows.push(
-                mix_case([b, s, h, dv], strided, kind, device)
+                mix_case([b, s, h, dv], strided, kind, device, None)
+                    .map(|(e, det)| row(name.clone(), kind, e, det))
+                    .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
+            );
+        }
+        // The gated sum with W_o after it, as the layer runs it (W_o fp32, cast inside).
+        for (b, s, h, dv, strided, dim) in [(2, 33, 6, 64, false, 40), (1, 70, 4, 128, true, 96)] {
+            let name = format!(
+                "gate mix + W_o {} B={b} S={s} H={h} dv={dv} dim={dim} {}",
+                kind_name(kind),
+                if strided { "strided" } else { "contiguous" }
+            );
+            rows.push(
+                mix_case([b, s, h, dv], strided, kind, device, Some(dim))
                     .map(|(e, det)| row(name.clone(), kind, e, det))
                     .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
             );
         }
         for c in BLOCK_CASES {
-            let name = format!(
-                "cmp blocks {} B={} S={} G={} D={} L={} stride={}{}{}",
-                kind_name(kind),
-                c.b,
-                c.s,
-                c.g,
-                c.d,
-                c.l,
-                c.stride,
-                if c.pos { " pos" } else { "" },
-                if c.before > 0 { " strided" } else { "" },
-            );
+            let name = blocks_name("cmp blocks", c, kind, "");
             rows.push(
-                blocks_case(c, kind, device)
+                blocks_case(c, kind, device, None)
+                    .map(|(e, det)| row(name.clone(), kind, e, det))
+                    .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
+            );
+        }
+        // The blocks and φ's first linear map in one function (with and without a position
+        // embedding, a strided view, a stride that does not divide L).
+        for (c, features) in [
+            (BLOCK_CASES[0], 64),
+            (BLOCK_CASES[1], 24),
+            (BLOCK_CASES[2], 8),
+        ] {
+            let name = blocks_name("cmp blocks + W1", c, kind, &format!(" F={features}"));
+            rows.push(
+                blocks_case(c, kind, device, Some(features))
                     .map(|(e, det)| row(name.clone(), kind, e, det))
                     .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
             );
@@ -490,63 +507,117 @@ const BLOCK_CASES: [BlocksCase; 5] = [
     },
 ];
 
+/// A blocks row's name: `what`, the dtype and the case's sizes, `extra`, its options.
+fn blocks_name(what: &str, c: BlocksCase, kind: Kind, extra: &str) -> String {
+    format!(
+        "{what} {} B={} S={} G={} D={} L={} stride={}{extra}{}{}",
+        kind_name(kind),
+        c.b,
+        c.s,
+        c.g,
+        c.d,
+        c.l,
+        c.stride,
+        if c.pos { " pos" } else { "" },
+        if c.before > 0 { " strided" } else { "" },
+    )
+}
+
 /// `cmp_blocks` against unfold, add and reshape (phi.rs's operator path) in float64; outputs:
-/// the blocks, dx, and dpos when there is a position embedding.
+/// the blocks, dx, and dpos when there is a position embedding. With `linear = Some(F)`,
+/// `cmp_blocks_linear` with a `[F, L·D]` weight and a bias against the same blocks and
+/// `linear`, with the weight's and the bias's gradients.
 fn blocks_case(
     c: BlocksCase,
     kind: Kind,
     device: Device,
+    linear: Option<i64>,
 ) -> Result<((f64, String), bool), AttnError> {
     let width = c.g * c.d;
-    let stacked =
-        Tensor::f_randn([c.b, c.s, c.before + width], (Kind::Float, device))?.f_to_kind(kind)?;
-    let mut inputs = vec![stacked];
+    let randn = |shape: &[i64], scale: f64| -> Result<Tensor, AttnError> {
+        Ok(Tensor::f_randn(shape, (Kind::Float, device))?
+            .f_mul_scalar(scale)?
+            .f_to_kind(kind)?)
+    };
+    let mut inputs = vec![randn(&[c.b, c.s, c.before + width], 1.0)?];
     if c.pos {
-        inputs.push(Tensor::f_randn([c.l, c.g, c.d], (Kind::Float, device))?.f_to_kind(kind)?);
+        inputs.push(randn(&[c.l, c.g, c.d], 1.0)?);
+    }
+    // Index of the weight, then the bias, in `inputs`.
+    let wi = inputs.len();
+    if let Some(f) = linear {
+        inputs.push(randn(&[f, c.l * c.d], 1.0 / ((c.l * c.d) as f64).sqrt())?);
+        inputs.push(randn(&[f], 1.0)?);
     }
     let nc = (c.s - c.l) / c.stride + 1;
-    let dout = Tensor::f_randn([c.b, nc, c.g, c.l * c.d], (Kind::Float, device))?;
+    let dout = Tensor::f_randn(
+        [c.b, nc, c.g, linear.unwrap_or(c.l * c.d)],
+        (Kind::Float, device),
+    )?;
     let raw = |t: &Tensor| -> Result<Tensor, AttnError> {
         Ok(t.f_narrow(2, c.before, width)?
             .f_view([c.b, c.s, c.g, c.d])?)
     };
+    let pos = |t: &[Tensor]| {
+        if c.pos {
+            Some(t[1].shallow_clone())
+        } else {
+            None
+        }
+    };
     let fused = |t: &[Tensor]| -> Result<Tensor, AttnError> {
-        Ok(sys::cmp_blocks(&raw(&t[0])?, t.get(1), c.l, c.stride)?)
+        let (x, p) = (raw(&t[0])?, pos(t));
+        Ok(match linear {
+            Some(_) => {
+                sys::cmp_blocks_linear(&x, p.as_ref(), c.l, c.stride, &t[wi], Some(&t[wi + 1]))?
+            }
+            None => sys::cmp_blocks(&x, p.as_ref(), c.l, c.stride)?,
+        })
     };
     let reference = |t: &[Tensor]| -> Result<Tensor, AttnError> {
         let blocks = raw(&t[0])?
             .f_unfold(1, c.l, c.stride)?
             .f_permute([0, 1, 4, 2, 3])?;
-        let blocks = match t.get(1) {
-            Some(pos) => blocks.f_add(pos)?,
+        let blocks = match pos(t) {
+            Some(p) => blocks.f_add(&p)?,
             None => blocks,
         };
-        Ok(blocks
+        let flat = blocks
             .f_permute([0, 1, 3, 2, 4])?
-            .f_reshape([c.b, nc, c.g, c.l * c.d])?)
+            .f_reshape([c.b, nc, c.g, c.l * c.d])?;
+        Ok(match linear {
+            Some(_) => flat.f_linear(&t[wi], Some(&t[wi + 1]))?,
+            None => flat,
+        })
     };
-    let names: &[&'static str] = if c.pos {
-        &["blocks", "dx", "dpos"]
-    } else {
-        &["blocks", "dx"]
-    };
-    twice_against_f64(&inputs, &dout, fused, reference, names)
+    let mut names = vec![if linear.is_some() { "y" } else { "blocks" }, "dx"];
+    if c.pos {
+        names.push("dpos");
+    }
+    if linear.is_some() {
+        names.extend(["dw1", "db1"]);
+    }
+    twice_against_f64(&inputs, &dout, fused, reference, &names)
 }
 
 /// The gated sum on contiguous branch outputs, or (`strided`) on the layouts the layer hands
 /// it: the window output a narrowed view of a wider one (read in place at its row stride) and
 /// the compressed output transposed in its last two axes (no even row stride: copied first).
+/// With `project = Some(dim)`, the sum and an fp32 `W_o` `[dim, H · dv]` after it, through the
+/// layer's `gate_mix_project` (the kernel and a matmul in one autograd function), against the
+/// operators' sum and `linear`.
 fn mix_case(
     [b, s, h, dv]: [i64; 4],
     strided: bool,
     kind: Kind,
     device: Device,
+    project: Option<i64>,
 ) -> Result<((f64, String), bool), AttnError> {
     let randn = |shape: [i64; 4]| -> Result<Tensor, AttnError> {
         Ok(Tensor::f_randn(shape, (Kind::Float, device))?.f_to_kind(kind)?)
     };
     let pad = if strided { 24 } else { 0 };
-    let inputs = [
+    let mut inputs = vec![
         randn(if strided {
             [b, s, dv, h]
         } else {
@@ -556,7 +627,14 @@ fn mix_case(
         randn([b, s, h, dv + pad])?,
         Tensor::f_rand([b, s, h, 3], (Kind::Float, device))?.f_to_kind(kind)?,
     ];
-    let dout = Tensor::f_randn([b, s, h, dv], (Kind::Float, device))?;
+    if let Some(dim) = project {
+        let scale = 1.0 / ((h * dv) as f64).sqrt();
+        inputs.push(Tensor::f_randn([dim, h * dv], (Kind::Float, device))?.f_mul_scalar(scale)?);
+    }
+    let dout = match project {
+        Some(dim) => Tensor::f_randn([b, s, dim], (Kind::Float, device))?,
+        None => Tensor::f_randn([b, s, h, dv], (Kind::Float, device))?,
+    };
     let branches = |t: &[Tensor]| -> Result<[Tensor; 3], AttnError> {
         let oc = if strided {
             t[0].f_transpose(2, 3)?
@@ -567,17 +645,25 @@ fn mix_case(
     };
     let fused = |t: &[Tensor]| -> Result<Tensor, AttnError> {
         let [oc, os, ow] = branches(t)?;
-        Ok(sys::gate_mix(&oc, &os, &ow, &t[3])?)
+        match t.get(4) {
+            Some(w) => super::gate_mix_project(&t[3], &oc, &os, &ow, w),
+            None => Ok(sys::gate_mix(&oc, &os, &ow, &t[3])?),
+        }
     };
     let reference = |t: &[Tensor]| -> Result<Tensor, AttnError> {
         let [oc, os, ow] = branches(t)?;
-        crate::gates::mix(&t[3], &oc, &os, &ow)
+        let mixed = crate::gates::mix(&t[3], &oc, &os, &ow)?;
+        match t.get(4) {
+            Some(w) => Ok(mixed
+                .f_reshape([b, s, h * dv])?
+                .f_linear::<&Tensor>(w, None)?),
+            None => Ok(mixed),
+        }
     };
-    twice_against_f64(
-        &inputs,
-        &dout,
-        fused,
-        reference,
-        &["out", "d o_cmp", "d o_slc", "d o_win", "d gates"],
-    )
+    let names: &[&'static str] = if project.is_some() {
+        &["out", "d o_cmp", "d o_slc", "d o_win", "d gates", "d W_o"]
+    } else {
+        &["out", "d o_cmp", "d o_slc", "d o_win", "d gates"]
+    };
+    twice_against_f64(&inputs, &dout, fused, reference, names)
 }

@@ -1,6 +1,6 @@
 //! Pointwise work around the attention kernels, one kernel pass each forward and backward:
 //! rotary position embedding ([`rope`]), the gated sum of the three branches ([`gate_mix`]),
-//! the blocks the compressed branch's φ reads ([`cmp_blocks`]), and the model's RMSNorm
+//! the blocks the compressed branch's φ reads ([`cmp_blocks`], [`cmp_blocks_linear`]), and the model's RMSNorm
 //! ([`rms_norm`]) and SwiGLU ([`swiglu`]). The kernels are `nsa-sys/kernels/pointwise.cu`; the
 //! autograd functions are in `glue/pointwise.cpp` and `glue/model_ops.cpp`; they run on
 //! libtorch's current CUDA stream.
@@ -178,11 +178,32 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> *mut C_tensor;
+    fn nsa_fused_cmp_blocks_linear(
+        x: *const C_tensor,
+        pos: *const C_tensor,
+        w1: *const C_tensor,
+        b1: *const C_tensor,
+        block_len: i64,
+        stride: i64,
+        table: *const PointwiseTable,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
     fn nsa_fused_gate_mix(
         oc: *const C_tensor,
         os: *const C_tensor,
         ow: *const C_tensor,
         g: *const C_tensor,
+        table: *const PointwiseTable,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn nsa_fused_gate_mix_project(
+        oc: *const C_tensor,
+        os: *const C_tensor,
+        ow: *const C_tensor,
+        g: *const C_tensor,
+        w: *const C_tensor,
         table: *const PointwiseTable,
         err: *mut c_char,
         err_len: usize,
@@ -263,21 +284,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, FusedError
 /// fp32 arithmetic, one rounding per output element. Differentiable in all four; the backward's gate gradients are row sums over `dv`
 /// in a fixed order (deterministic).
 pub fn gate_mix(oc: &Tensor, os: &Tensor, ow: &Tensor, g: &Tensor) -> Result<Tensor, FusedError> {
-    let kind = oc.kind();
-    if !matches!(kind, Kind::BFloat16 | Kind::Float) {
-        return Err(input("oc", format!("bf16 or fp32, got {kind:?}")));
-    }
-    let size = oc.size();
-    if size.len() != 4 {
-        return Err(input("oc", format!("must be [B, S, H, dv], got {size:?}")));
-    }
-    let gate_size = [size[0], size[1], size[2], 3];
-    for (what, t) in [("oc", oc), ("os", os), ("ow", ow)] {
-        expect_tensor(what, t, kind, &size, oc.device(), false)?;
-    }
-    expect_tensor("g", g, kind, &gate_size, oc.device(), true)?;
-    let ordinal = cuda_ordinal("oc", oc)?;
-    let tab = &pointwise_kernels(ordinal)?.table;
+    check_mix_operands(oc, os, ow, g)?;
+    let tab = &pointwise_kernels(cuda_ordinal("oc", oc)?)?.table;
     let mut err = vec![0u8; ERR_LEN];
     // SAFETY: as in `rope`.
     let ptr = unsafe {
@@ -292,6 +300,67 @@ pub fn gate_mix(oc: &Tensor, os: &Tensor, ow: &Tensor, g: &Tensor) -> Result<Ten
         )
     };
     finish("nsa_fused_gate_mix", ptr, &err)
+}
+
+/// [`gate_mix`] followed by the output projection: `y = o · wᵀ` `[B, S, dim]` for `w`
+/// `[dim, H · dv]` (contiguous, the branch outputs' dtype and device), with the gated sum `o`
+/// computed as [`gate_mix`] computes it and the product by libtorch's matmul. The same values
+/// as the two calls in sequence, but `o` is not kept for backward: the backward sums the
+/// branches again from the operands [`gate_mix`] saves anyway, for `w`'s gradient, so the layer
+/// holds one `[B, S, H, dv]` activation less. Differentiable in all five.
+pub fn gate_mix_project(
+    oc: &Tensor,
+    os: &Tensor,
+    ow: &Tensor,
+    g: &Tensor,
+    w: &Tensor,
+) -> Result<Tensor, FusedError> {
+    check_mix_operands(oc, os, ow, g)?;
+    let size = oc.size();
+    let ws = w.size();
+    if ws.len() != 2 || ws[1] != size[2] * size[3] {
+        return Err(input(
+            "w",
+            format!(
+                "must be [dim, H · dv] = [dim, {}], got {ws:?}",
+                size[2] * size[3]
+            ),
+        ));
+    }
+    expect_tensor("w", w, oc.kind(), &ws, oc.device(), true)?;
+    let tab = &pointwise_kernels(cuda_ordinal("oc", oc)?)?.table;
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: as in `rope`.
+    let ptr = unsafe {
+        nsa_fused_gate_mix_project(
+            oc.as_ptr(),
+            os.as_ptr(),
+            ow.as_ptr(),
+            g.as_ptr(),
+            w.as_ptr(),
+            tab,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    finish("nsa_fused_gate_mix_project", ptr, &err)
+}
+
+/// [`gate_mix`]'s dtype and shape rules (the device comes after, with the kernel table).
+fn check_mix_operands(oc: &Tensor, os: &Tensor, ow: &Tensor, g: &Tensor) -> Result<(), FusedError> {
+    let kind = oc.kind();
+    if !matches!(kind, Kind::BFloat16 | Kind::Float) {
+        return Err(input("oc", format!("bf16 or fp32, got {kind:?}")));
+    }
+    let size = oc.size();
+    if size.len() != 4 {
+        return Err(input("oc", format!("must be [B, S, H, dv], got {size:?}")));
+    }
+    let gate_size = [size[0], size[1], size[2], 3];
+    for (what, t) in [("oc", oc), ("os", os), ("ow", ow)] {
+        expect_tensor(what, t, kind, &size, oc.device(), false)?;
+    }
+    expect_tensor("g", g, kind, &gate_size, oc.device(), true)
 }
 
 /// Checks that `t` (argument `what`) has dtype `kind`, shape `want` and `device`, and is
@@ -340,6 +409,73 @@ pub fn cmp_blocks(
     block_len: i64,
     stride: i64,
 ) -> Result<Tensor, FusedError> {
+    check_blocks(x, pos, block_len, stride)?;
+    let ordinal = cuda_ordinal("x", x)?;
+    let tab = &pointwise_kernels(ordinal)?.table;
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: as in `rope`; a null `pos` means none, which the glue checks for.
+    let ptr = unsafe {
+        nsa_fused_cmp_blocks(
+            x.as_ptr(),
+            pos.map_or(std::ptr::null(), |p| p.as_ptr()),
+            block_len,
+            stride,
+            tab,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    finish("nsa_fused_cmp_blocks", ptr, &err)
+}
+
+/// [`cmp_blocks`] followed by φ's first linear map: `blocks · w1ᵀ (+ b1)` `[B, Nc, G, F]` for
+/// `w1` `[F, L·D]` (contiguous) and `b1` `[F]`, both in x's dtype and on its device, the
+/// blocks as [`cmp_blocks`] writes them and the product by libtorch's matmul. The same values
+/// as the two in sequence, but the blocks (twice the raw tensor at `L = 2·stride`) are not
+/// kept for backward: it keeps `x` (a contiguous copy if `x` is a strided view, which would
+/// otherwise keep its whole parent alive) and gathers the blocks again for `w1`'s gradient.
+/// Differentiable in `x`, `pos`, `w1` and `b1`.
+pub fn cmp_blocks_linear(
+    x: &Tensor,
+    pos: Option<&Tensor>,
+    block_len: i64,
+    stride: i64,
+    w1: &Tensor,
+    b1: Option<&Tensor>,
+) -> Result<Tensor, FusedError> {
+    check_blocks(x, pos, block_len, stride)?;
+    let width = block_len * x.size()[3];
+    let features = w1.size().first().copied().unwrap_or(0);
+    expect_tensor("w1", w1, x.kind(), &[features, width], x.device(), true)?;
+    if let Some(b1) = b1 {
+        expect_tensor("b1", b1, x.kind(), &[features], x.device(), false)?;
+    }
+    let tab = &pointwise_kernels(cuda_ordinal("x", x)?)?.table;
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: as in `rope`; a null `pos` or `b1` means none, which the glue checks for.
+    let ptr = unsafe {
+        nsa_fused_cmp_blocks_linear(
+            x.as_ptr(),
+            pos.map_or(std::ptr::null(), |p| p.as_ptr()),
+            w1.as_ptr(),
+            b1.map_or(std::ptr::null(), |b| b.as_ptr()),
+            block_len,
+            stride,
+            tab,
+            err.as_mut_ptr().cast(),
+            ERR_LEN,
+        )
+    };
+    finish("nsa_fused_cmp_blocks_linear", ptr, &err)
+}
+
+/// [`cmp_blocks`]' rules for its operands (the device comes after, with the kernel table).
+fn check_blocks(
+    x: &Tensor,
+    pos: Option<&Tensor>,
+    block_len: i64,
+    stride: i64,
+) -> Result<(), FusedError> {
     let size = x.size();
     let &[_, s, g, d] = size.as_slice() else {
         return Err(input("x", format!("must be [B, S, G, D], got {size:?}")));
@@ -369,25 +505,10 @@ pub fn cmp_blocks(
             format!("S, G, D and L must fit i32, got {size:?}"),
         ));
     }
-    if let Some(pos) = pos {
-        expect_tensor("pos", pos, x.kind(), &[block_len, g, d], x.device(), false)?;
+    match pos {
+        Some(pos) => expect_tensor("pos", pos, x.kind(), &[block_len, g, d], x.device(), false),
+        None => Ok(()),
     }
-    let ordinal = cuda_ordinal("x", x)?;
-    let tab = &pointwise_kernels(ordinal)?.table;
-    let mut err = vec![0u8; ERR_LEN];
-    // SAFETY: as in `rope`; a null `pos` means none, which the glue checks for.
-    let ptr = unsafe {
-        nsa_fused_cmp_blocks(
-            x.as_ptr(),
-            pos.map_or(std::ptr::null(), |p| p.as_ptr()),
-            block_len,
-            stride,
-            tab,
-            err.as_mut_ptr().cast(),
-            ERR_LEN,
-        )
-    };
-    finish("nsa_fused_cmp_blocks", ptr, &err)
 }
 
 /// The largest row length [`rms_norm`] takes (its backward keeps a `[warps][D]` fp32 slice of
@@ -525,178 +646,4 @@ pub fn swiglu(ab: &Tensor) -> Result<Tensor, FusedError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tch::Device;
-
-    fn reason(e: FusedError) -> String {
-        match e {
-            FusedError::Input { what, reason } => format!("{what}: {reason}"),
-            other => panic!("expected an input error, got {other}"),
-        }
-    }
-
-    #[test]
-    fn the_glue_reads_the_table_rust_fills() {
-        // SAFETY: a pure function of the C++ struct's layout.
-        let glue = unsafe { nsa_pointwise_table_size() };
-        assert_eq!(glue, std::mem::size_of::<PointwiseTable>());
-        let err = same_layout("T", 8, 16).unwrap_err().to_string();
-        assert!(
-            err.contains("T is 8 bytes in the glue and 16 in Rust"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn bad_inputs_are_typed_errors_before_any_device_work() {
-        let f = (Kind::Float, Device::Cpu);
-        let (cos, sin) = (Tensor::zeros([8, 4], f), Tensor::zeros([8, 4], f));
-        let x = Tensor::zeros([1, 8, 2, 8], f);
-        let cases = [
-            (
-                rope(&Tensor::zeros([8, 2, 8], f), &cos, &sin),
-                "x: must be [B, S, X, dk]",
-            ),
-            (
-                rope(&Tensor::zeros([1, 8, 2, 7], f), &cos, &sin),
-                "dk must be even",
-            ),
-            (rope(&x.transpose(2, 3), &cos, &sin), "last axis contiguous"),
-            (rope(&x.to_kind(Kind::Half), &cos, &sin), "bf16 or fp32"),
-            (
-                rope(&x, &Tensor::zeros([7, 4], f), &sin),
-                "cos: contiguous fp32 [≥ 8, 4]",
-            ),
-            (
-                rope(&x, &cos, &sin.to_kind(Kind::Double)),
-                "sin: contiguous fp32",
-            ),
-            (rope(&x, &cos, &sin), "x: on Cpu: CUDA tensors only"),
-        ];
-        for (got, want) in cases {
-            let msg = reason(got.expect_err(want));
-            assert!(msg.contains(want), "{msg:?} lacks {want:?}");
-        }
-        let o = Tensor::zeros([1, 8, 2, 4], f);
-        let g = Tensor::zeros([1, 8, 2, 3], f);
-        let cases = [
-            (
-                gate_mix(&o, &o, &o.narrow(3, 0, 2), &g),
-                "ow: Float [1, 8, 2, 4] on Cpu, got Float [1, 8, 2, 2]",
-            ),
-            (
-                gate_mix(&o, &o, &o, &Tensor::zeros([1, 8, 2, 2], f)),
-                "g: contiguous Float [1, 8, 2, 3]",
-            ),
-            (
-                gate_mix(&o, &o, &o, &Tensor::zeros([1, 8, 3, 2], f).transpose(2, 3)),
-                "g: contiguous Float [1, 8, 2, 3]",
-            ),
-            (
-                gate_mix(&o, &o.to_kind(Kind::BFloat16), &o, &g),
-                "os: Float [1, 8, 2, 4]",
-            ),
-            (
-                gate_mix(&o.to_kind(Kind::Int), &o, &o, &g),
-                "oc: bf16 or fp32",
-            ),
-            (gate_mix(&o, &o, &o, &g), "oc: on Cpu: CUDA tensors only"),
-        ];
-        for (got, want) in cases {
-            let msg = reason(got.expect_err(want));
-            assert!(msg.contains(want), "{msg:?} lacks {want:?}");
-        }
-        let x = Tensor::zeros([2, 3, 8], f);
-        let w = Tensor::ones([8], f);
-        let cases = [
-            (
-                rms_norm(&Tensor::from(1.0f32), &w, 1e-6),
-                "x: must be [..., D]",
-            ),
-            (
-                rms_norm(&x.to_kind(Kind::Half), &w, 1e-6),
-                "x: bf16 or fp32",
-            ),
-            (rms_norm(&x, &w.to_kind(Kind::Int), 1e-6), "w: bf16 or fp32"),
-            (
-                rms_norm(&Tensor::zeros([2, 0], f), &Tensor::ones([0], f), 1e-6),
-                "D must lie in 1..=12288",
-            ),
-            (
-                rms_norm(
-                    &Tensor::zeros([1, 12289], f),
-                    &Tensor::ones([12289], f),
-                    1e-6,
-                ),
-                "D must lie in 1..=12288",
-            ),
-            (
-                rms_norm(&x, &Tensor::ones([7], f), 1e-6),
-                "w: [8] on Cpu, got [7]",
-            ),
-            (rms_norm(&x, &w, -1.0), "eps: a finite value >= 0"),
-            (rms_norm(&x, &w, f64::NAN), "eps: a finite value >= 0"),
-            (rms_norm(&x, &w, 1e-6), "x: on Cpu: CUDA tensors only"),
-            (
-                add_rms_norm(&x, &x.narrow(2, 0, 4), &w, 1e-6).map(|r| r.1),
-                "a: [2, 3, 8] on Cpu, got [2, 3, 4]",
-            ),
-            (
-                add_rms_norm(&x, &x.to_kind(Kind::Half), &w, 1e-6).map(|r| r.1),
-                "a: bf16 or fp32",
-            ),
-            (
-                add_rms_norm(&x, &x, &w, 1e-6).map(|r| r.1),
-                "x: on Cpu: CUDA tensors only",
-            ),
-            (swiglu(&Tensor::zeros([4, 7], f)), "ab: must be [..., 2H]"),
-            (swiglu(&Tensor::zeros([4, 0], f)), "ab: must be [..., 2H]"),
-            (swiglu(&Tensor::from(1.0f32)), "ab: must be [..., 2H]"),
-            (swiglu(&x.to_kind(Kind::Int64)), "ab: bf16 or fp32"),
-            (swiglu(&x), "ab: on Cpu: CUDA tensors only"),
-        ];
-        for (got, want) in cases {
-            let msg = reason(got.expect_err(want));
-            assert!(msg.contains(want), "{msg:?} lacks {want:?}");
-        }
-        let raw = Tensor::zeros([2, 40, 3, 8], f);
-        let pos = Tensor::zeros([32, 3, 8], f);
-        let cases = [
-            (
-                cmp_blocks(&raw.view([80, 3, 8]), Some(&pos), 32, 16),
-                "x: must be [B, S, G, D]",
-            ),
-            (
-                cmp_blocks(&raw.to_kind(Kind::Half), None, 32, 16),
-                "x: bf16 or fp32",
-            ),
-            (
-                cmp_blocks(&raw.transpose(2, 3), None, 32, 16),
-                "the last axis must be contiguous",
-            ),
-            (
-                cmp_blocks(&raw, None, 41, 16),
-                "need 1 <= L <= S = 40 and stride >= 1, got L = 41",
-            ),
-            (cmp_blocks(&raw, None, 32, 0), "stride >= 1"),
-            (cmp_blocks(&raw, None, 0, 16), "need 1 <= L"),
-            (
-                cmp_blocks(&raw, Some(&pos.narrow(0, 0, 16)), 32, 16),
-                "pos: Float [32, 3, 8] on Cpu, got Float [16, 3, 8]",
-            ),
-            (
-                cmp_blocks(&raw, Some(&pos.to_kind(Kind::BFloat16)), 32, 16),
-                "pos: Float [32, 3, 8] on Cpu, got BFloat16",
-            ),
-            (
-                cmp_blocks(&raw, Some(&pos), 32, 16),
-                "x: on Cpu: CUDA tensors only",
-            ),
-        ];
-        for (got, want) in cases {
-            let msg = reason(got.expect_err(want));
-            assert!(msg.contains(want), "{msg:?} lacks {want:?}");
-        }
-    }
-}
+mod tests;
