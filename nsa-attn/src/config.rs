@@ -101,8 +101,9 @@ pub struct NsaParams {
 
 impl NsaParams {
     /// The paper's lengths (l = 32, d = 16, l' = 64, n = 16, 2 local blocks, w = 512) with the
-    /// MLP φ of 64 hidden units over rotated keys ([`CmpRope::Raw`]), separate K/V per branch and a gate MLP of 64 hidden units: what
-    /// the `small` and `125m` model presets and a config file without an `nsa` section use.
+    /// MLP φ of 64 hidden units over rotated keys ([`CmpRope::Raw`]), separate K/V per branch
+    /// and a gate MLP of 64 hidden units: what the `small` and `125m` model presets and a
+    /// config file without an `nsa` section use.
     pub fn paper() -> Self {
         Self {
             select: SelectConfig::paper(),

@@ -157,8 +157,9 @@ impl Compression {
         })
     }
 
-    /// Compressed keys `[B, Nc, Hkv, dk]` and values `[B, Nc, Hkv, dv]` from the raw (keys
-    /// already RoPE'd) `k` `[B, S, Hkv, dk]` and `v` `[B, S, Hkv, dv]`. With `kernel`, CUDA
+    /// Compressed keys `[B, Nc, Hkv, dk]` and values `[B, Nc, Hkv, dv]` from the raw `k`
+    /// `[B, S, Hkv, dk]` (rotated or not, as `cmp_rope` says: the layer decides) and `v`
+    /// `[B, S, Hkv, dv]`. With `kernel`, CUDA
     /// tensors in bf16 or fp32 and a linear or MLP φ, φ's input blocks come from one kernel
     /// each way instead of unfold, add and copy, in one autograd function with φ's first
     /// linear map (`nsa_sys::fused::cmp_blocks_linear`) that does not keep the blocks; the

@@ -30,7 +30,7 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Tables for `s` positions.
+    /// Tables for `s` positions `0 .. s`.
     pub fn new(
         base: f64,
         dk: i64,
@@ -38,16 +38,13 @@ impl Rope {
         kind: Kind,
         device: tch::Device,
     ) -> Result<Self, TchError> {
-        let angles = Tensor::f_arange(s, (Kind::Double, device))?
-            .f_outer(&inverse_frequencies(base, dk, device)?)?
-            .f_unsqueeze(1)?;
-        Self::from_angles(&angles, kind)
+        Self::strided(base, dk, (0, 1, s), kind, device)
     }
 
     /// Tables for the `count` positions `start, start + step, …` (`[count, 1, dk/2]`, so
     /// [`Rope::apply`] rotates `[B, count, heads, dk]` and [`Rope::with_kernel`] applies): the
-    /// positions of compressed keys, `i·d + l − 1`. Position `p` gets the same bits as in
-    /// [`Rope::new`] and [`Rope::at_positions`].
+    /// positions of compressed keys, `i·d + l − 1` ([`Rope::new`] is `(0, 1, s)`). Position `p`
+    /// gets the same bits as in [`Rope::at_positions`].
     pub fn strided(
         base: f64,
         dk: i64,
