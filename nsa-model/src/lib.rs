@@ -169,7 +169,7 @@ mod model;
 
 pub use config::{AttentionKind, FieldError, ModelConfig, ModelError, PRESETS};
 pub use model::{
-    decay_groups, decode_graph_check, DecodeStep, DenseCache, KvCache, Model, NamedVars, Prefilled,
-    Recompute,
+    decay_groups, decode_graph_check, DecodeStep, DenseCache, KvCache, LayerInspection, Model,
+    NamedVars, Prefilled, Recompute,
 };
 pub use nsa_attn::{CmpRope, NsaParams, Phi};

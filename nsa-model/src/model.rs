@@ -7,8 +7,10 @@ use crate::config::{AttentionKind, ModelConfig, ModelError};
 use crate::dense::{DenseAttention, Rope};
 
 mod decode;
+mod inspect;
 mod recompute;
 pub use decode::{decode_graph_check, DecodeStep, DenseCache, KvCache, Prefilled};
+pub use inspect::LayerInspection;
 pub use recompute::Recompute;
 
 /// RMSNorm: `y = x / sqrt(mean(x²) + ε) · weight`, statistics in float32, result in `x`'s kind.

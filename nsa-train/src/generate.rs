@@ -1,6 +1,8 @@
 //! `nsa-train generate RUN_DIR`: continue a prompt with a trained run's model, token by token
 //! through the decode caches (`nsa_model::Model::prefill` then `decode_step`), streaming the
-//! text as it comes; and the generation side of `nsa-train eval --task` ([`retrieval`]).
+//! text as it comes; and the generation side of `nsa-train eval --task` ([`retrieval`], with
+//! [`inspect`] for `--inspect`).
+pub mod inspect;
 pub mod retrieval;
 mod sample;
 pub mod text;

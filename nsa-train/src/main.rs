@@ -169,6 +169,11 @@ enum Command {
         /// that verifies).
         #[arg(long)]
         checkpoint: Option<String>,
+        /// With --task recall, NSA runs: also run the same sequences teacher forced and print,
+        /// per layer, for answers within and beyond the window, the gates, each branch's
+        /// contribution, and how strongly the compressed scores point at the value's block.
+        #[arg(long, requires = "task")]
+        inspect: bool,
     },
     /// Continue a prompt with a run's model: streams tokens as they come, tokens/s at the end.
     Generate(generate::GenerateArgs),
@@ -331,9 +336,17 @@ fn main() -> anyhow::Result<()> {
             buckets,
             json,
             checkpoint,
+            inspect,
         } => {
             let len = len.context("--task needs --len")?;
+            anyhow::ensure!(
+                !inspect || task == generate::retrieval::RetrievalTask::Recall,
+                "--inspect goes with --task recall"
+            );
             let mut loaded = train::load_run(&run, None, checkpoint.as_deref(), backend.has_gpu())?;
+            if inspect {
+                generate::inspect::check_run(&loaded)?;
+            }
             let precision = generate::inference_precision(&mut loaded);
             let progress = std::io::IsTerminal::is_terminal(&std::io::stdout());
             let found =
@@ -361,9 +374,14 @@ fn main() -> anyhow::Result<()> {
                     generate::retrieval::recall_elimination_baseline(pairs)
                 );
             }
-            let report =
+            let mut report =
                 generate::retrieval::RetrievalReport::new(&run, &loaded, task, len, &found);
             print!("{}", report.table());
+            if inspect {
+                let seen = generate::inspect::inspect_recall(&loaded, len, samples)?;
+                print!("\n{}", seen.table());
+                report.inspection = Some(seen);
+            }
             if let Some(path) = json {
                 write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
                 println!("wrote {}", path.display());

@@ -69,6 +69,7 @@ fn report(run: &str, attention: &str, len: usize, accs: &[f64]) -> RetrievalRepo
         correct,
         accuracy: correct as f64 / (100 * accs.len()) as f64,
         by_distance,
+        inspection: None,
     }
 }
 

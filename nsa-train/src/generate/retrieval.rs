@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::{host_row, Sampler, Sampling};
-use crate::data::{self, DataConfig, DataSource, Split, IGNORE};
+use crate::data::{self, DataConfig, DataSource, Split, TokenSource, IGNORE};
 use crate::train::{forward_opts, LoadedRun};
 
 /// The synthetic retrieval tasks.
@@ -168,6 +168,9 @@ pub struct RetrievalReport {
     pub correct: i64,
     pub accuracy: f64,
     pub by_distance: Vec<DistanceBucket>,
+    /// `--inspect`: the NSA layers' gates, contributions and value-block scores by answer class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inspection: Option<super::inspect::RecallInspection>,
 }
 
 impl RetrievalReport {
@@ -194,6 +197,7 @@ impl RetrievalReport {
             correct: found.correct,
             accuracy: found.accuracy(),
             by_distance: found.by_distance.clone(),
+            inspection: None,
         }
     }
 
@@ -262,11 +266,38 @@ pub fn distance_buckets(len: usize, buckets: usize) -> Vec<DistanceBucket> {
 
 /// Where the key an answer at `t` asks for occurred: the latest `p < t - 1` with
 /// `tokens[p] == tokens[t]` (the key, fed at `t`) and `tokens[p + 1] == answer`.
-fn key_position(tokens: &[i64], t: usize, answer: i64) -> Option<usize> {
+pub(crate) fn key_position(tokens: &[i64], t: usize, answer: i64) -> Option<usize> {
     let key = tokens[t];
     (0..t.saturating_sub(1))
         .rev()
         .find(|&p| tokens[p] == key && tokens[p + 1] == answer)
+}
+
+/// The held-out sequences of `task` at length `len` for `run`, in batches of `batch_size`:
+/// the run's data config with the task's source, gaps over the whole `len` for a run trained
+/// with a distance, and the run's evaluation seed. Batch `i` is the same for every caller.
+pub(crate) fn held_out(
+    run: &LoadedRun,
+    task: RetrievalTask,
+    len: usize,
+    batch_size: usize,
+) -> Result<(DataConfig, Box<dyn TokenSource>)> {
+    let cfg = &run.cfg;
+    let data_cfg = DataConfig {
+        source: task.source(),
+        seq_len: len,
+        batch_size,
+        // Gaps over the whole evaluated length (a run trained with a distance).
+        recall_distance: if cfg.data.recall_distance > 0 { len } else { 0 },
+        ..cfg.data.clone()
+    };
+    let src = data::open(
+        &data_cfg,
+        run.model_cfg.vocab_size,
+        cfg.run.seed.wrapping_add(cfg.data.eval_seed_offset),
+        Split::Val,
+    )?;
+    Ok((data_cfg, src))
 }
 
 /// Scores `samples` held-out sequences of `len` tokens of `task` by greedy generation, in
@@ -281,22 +312,8 @@ pub fn evaluate(
 ) -> Result<Retrieval> {
     ensure!(samples >= 1, "--samples must be at least 1");
     ensure!(buckets >= 1, "--buckets must be at least 1");
-    let cfg = &run.cfg;
-    let data_cfg = DataConfig {
-        source: task.source(),
-        seq_len: len,
-        batch_size: cfg.data.batch_size.min(samples),
-        // Gaps over the whole evaluated length (a run trained with a distance).
-        recall_distance: if cfg.data.recall_distance > 0 { len } else { 0 },
-        ..cfg.data.clone()
-    };
-    let src = data::open(
-        &data_cfg,
-        run.model_cfg.vocab_size,
-        cfg.run.seed.wrapping_add(cfg.data.eval_seed_offset),
-        Split::Val,
-    )?;
-    let opts = forward_opts(cfg);
+    let (data_cfg, src) = held_out(run, task, len, run.cfg.data.batch_size.min(samples))?;
+    let opts = forward_opts(&run.cfg);
     let bar = if progress {
         ProgressBar::new(samples as u64)
     } else {
@@ -498,6 +515,7 @@ mod tests {
             correct: r.correct,
             accuracy: r.accuracy(),
             by_distance: r.by_distance.clone(),
+            inspection: None,
         };
         insta::assert_snapshot!(report.table());
         // A dense model's answers carry no selection: no column, and none in the JSON.
