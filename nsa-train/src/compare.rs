@@ -22,8 +22,9 @@ const MARGIN: u32 = 12;
 
 #[derive(Debug, clap::Args)]
 pub struct CompareArgs {
-    /// Run folders (runs/NAME), in the order of the table and the legend.
-    #[arg(required = true)]
+    /// Run folders (runs/NAME), in the order of the table and the legend (none: only the
+    /// `--eval` files' accuracy by distance).
+    #[arg(required_unless_present = "evals")]
     runs: Vec<PathBuf>,
     /// Output folder (created if missing): val_loss.png, compare.md, accuracy_by_distance.png.
     #[arg(long)]
@@ -186,9 +187,16 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    let mut names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    if names.is_empty() {
+        names = evals.iter().map(|e| e.run.as_str()).collect();
+        names.dedup();
+    }
     let title = a.title.clone().unwrap_or_else(|| names.join(" vs "));
-    let mut md = format!("# {title}\n\n{}", runs_table(&rows));
+    let mut md = format!("# {title}\n");
+    if !rows.is_empty() {
+        md.push_str(&format!("\n{}", runs_table(&rows)));
+    }
     let loss_series: Vec<Series> = rows
         .iter()
         .filter(|r| !r.curve.is_empty())
@@ -198,7 +206,9 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         })
         .collect();
     let mut wrote = vec![a.out.join("compare.md")];
-    if loss_series.is_empty() {
+    if rows.is_empty() {
+        // Only evaluations were given: nothing to say about validation losses.
+    } else if loss_series.is_empty() {
         println!("compare: no run logged a validation loss (run.eval_every = 0 and unfinished?): no val_loss.png");
     } else {
         let png = a.out.join("val_loss.png");

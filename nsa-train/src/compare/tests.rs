@@ -166,6 +166,42 @@ fn compare_writes_both_plots_and_the_table() {
     assert!(format!("{e:#}").contains("not a run folder"), "{e:#}");
 }
 
+/// Evaluations alone (their runs' folders gone, say on another machine): the accuracy plot and
+/// table, no loss plot, and a title from the evaluated runs' names.
+#[test]
+fn compare_plots_evaluations_without_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let evals: Vec<PathBuf> = [("a-nsa", 4096), ("a-nsa", 8192), ("b-dense", 4096)]
+        .iter()
+        .map(|(name, len)| {
+            let f = dir.path().join(format!("{name}-{len}.json"));
+            let r = report(name, "nsa", *len, &[1.0, 0.5]);
+            std::fs::write(&f, serde_json::to_string(&r).unwrap()).unwrap();
+            f
+        })
+        .collect();
+    let out = dir.path().join("cmp");
+    run(&CompareArgs {
+        runs: vec![],
+        out: out.clone(),
+        evals,
+        title: None,
+    })
+    .unwrap();
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert!(md.starts_with("# a-nsa vs b-dense\n"), "{md}");
+    assert!(
+        !md.contains("final val loss") && !md.contains("val_loss.png"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| a-nsa | nsa | recall | 4096 | 8192 |"),
+        "{md}"
+    );
+    assert!(out.join("accuracy_by_distance.png").is_file());
+    assert!(!out.join("val_loss.png").exists());
+}
+
 /// Values spanning decades get a log axis; accuracies keep their fixed 0..1.
 #[test]
 fn axis_choice_follows_the_values() {
