@@ -22,6 +22,9 @@
 # device call on NSA alone).
 # Every run is one process; a failed one stops the script (set -e) with its log in OUT/logs/.
 # The recall parts need no SHARDS or TOKENIZER (pass anything, e.g. `none none`).
+# What learns recall beyond NSA's window at S = 4096 (RESULTS.md, 2026-12-06): recall-1024, then
+# recall-4096-from-1024, both with TRAIN_ARGS --set 'model.nsa.phi="mean"'; with the default MLP
+# phi, or straight from stage 1, NSA stays near the no-binding level beyond its window.
 # Parts can run in separate calls with the same OUT (each part takes a few minutes on one H200);
 # the text comparison then covers every finished text run in OUT. Checkpoints stay under
 # OUT/runs/*/checkpoints (large); everything else in OUT is small.
