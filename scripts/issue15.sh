@@ -6,7 +6,8 @@
 #      (configs/recall-small-short.toml, once per OUT), then each model continued at a distance
 #      at S = 1024, 4096 or 16384 (configs/recall-small-s*.toml), each evaluated by generation
 #      at 1x, 2x and 4x its length (1x and 2x from 16384); or in three stages, S = 4096
-#      continued from the S = 1024 stage instead of stage 1 (recall-4096-from-1024);
+#      continued from the S = 1024 stage instead of stage 1 (recall-4096-from-1024), and a
+#      fourth, S = 16384 continued from that S = 4096 model (recall-16384-from-4096);
 #   3. `nsa-train compare` for each: PNGs and Markdown tables under OUT/text and OUT/recall-s*
 #      (OUT/recall-s4096-from-s1024 for the three stages).
 #
@@ -16,6 +17,7 @@
 #   OUT        results folder (runs/, logs/, evals/, text/, recall-s*/)
 #   WHAT       all (default) | text | recall | text-2048 | text-8192 | recall-1024 | recall-4096
 #              | recall-16384 | recall-4096-from-1024 (needs recall-1024's runs in OUT)
+#              | recall-16384-from-4096 (needs recall-4096-from-1024's runs in OUT)
 #   TRAIN_ARGS passed to every `nsa-train train` (e.g. --set run.steps=300)
 # NSA_TRAIN names the binary (default: target/release/nsa-train if built, else nsa-train on PATH);
 # ATTENTIONS the recall parts' attentions (default "nsa dense"; e.g. "nsa" to spend a short
@@ -31,7 +33,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-    sed -n '2,19p' "$0"
+    sed -n '2,29p' "$0"
     exit 2
 fi
 SHARDS=$1
@@ -53,7 +55,8 @@ recall_atts=${ATTENTIONS:-nsa dense}
 for att in $recall_atts; do
     [[ $att == nsa || $att == dense ]] || { echo "ATTENTIONS holds nsa and/or dense, not $att" >&2; exit 2; }
 done
-# recall_from: the stage the recall runs continue (short = stage 1; s1024 = the S = 1024 stage).
+# recall_from: the stage the recall runs continue (short = stage 1; s1024 = the S = 1024 stage;
+# s4096-from-s1024 = the S = 4096 stage that continued it).
 recall_from=short
 case $WHAT in
     all) text_seqs="2048 8192" recall_seqs="4096 16384" ;;
@@ -62,13 +65,14 @@ case $WHAT in
     text-2048 | text-8192) text_seqs=${WHAT#text-} recall_seqs="" ;;
     recall-1024 | recall-4096 | recall-16384) text_seqs="" recall_seqs=${WHAT#recall-} ;;
     recall-4096-from-1024) text_seqs="" recall_seqs=4096 recall_from=s1024 ;;
+    recall-16384-from-4096) text_seqs="" recall_seqs=16384 recall_from=s4096-from-s1024 ;;
     *) echo "WHAT must be all, text, recall, text-2048, text-8192, recall-1024, recall-4096," \
-        "recall-16384 or recall-4096-from-1024" >&2; exit 2 ;;
+        "recall-16384, recall-4096-from-1024 or recall-16384-from-4096" >&2; exit 2 ;;
 esac
 if [[ $recall_from != short ]]; then
     for att in $recall_atts; do
         [[ -f "$OUT/runs/recall-$att-$recall_from/summary.json" ]] \
-            || { echo "no $OUT/runs/recall-$att-$recall_from: run recall-1024 first" >&2; exit 2; }
+            || { echo "no $OUT/runs/recall-$att-$recall_from: run the stage before first" >&2; exit 2; }
     done
 fi
 if [[ -n $text_seqs ]]; then

@@ -3,8 +3,9 @@
 //!
 //! The same held-out sequences as the evaluation by generation (same batches), run once
 //! through [`nsa_model::Model::inspect`] with the true tokens (teacher forced). For every
-//! answer whose key is found in its context, split by whether the key–value pair lies within
-//! the sliding window (distance < w) or beyond it, and for every NSA layer:
+//! answer whose key is found in its context, split by whether the value lies within the
+//! sliding window (the key at most w tokens back: the value, one after it, is among the last w)
+//! or beyond it, and for every NSA layer:
 //! - the **gates** `g_cmp, g_slc, g_win` (mean over heads): does the layer listen to a branch?
 //! - the **contributions** `‖g_c · o_c‖` (L2 over the head's values, mean over heads): how
 //!   much each branch adds to the mixed output;
@@ -56,7 +57,7 @@ pub struct LayerSums {
 /// What `--inspect` found (the `inspection` field of `eval --json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecallInspection {
-    /// The window w: answers at a distance below it are "within".
+    /// The window w: answers whose key is at most w tokens back are "within".
     pub window: usize,
     pub sequences: usize,
     /// Teacher-forced answers within / beyond the window, and how many the argmax got right.
@@ -158,6 +159,12 @@ pub fn inspect_recall(run: &LoadedRun, len: usize, samples: usize) -> Result<Rec
     Ok(found)
 }
 
+/// Whether the value of the key at `key` (at `key + 1`) lies outside the window of `window`
+/// keys ending at the query `t`: `t − (key + 1) ≥ w`.
+fn beyond_window(t: usize, key: usize, window: usize) -> bool {
+    t - key > window
+}
+
 /// Adds one batch (`input`, `target` int64 `[B, L]` on the CPU) to `found`.
 fn inspect_batch(
     run: &LoadedRun,
@@ -187,7 +194,7 @@ fn inspect_batch(
     };
     let (logits, layers) = run.model.inspect(&input.f_to_device(run.device)?, opts)?;
     let guesses = Vec::<i64>::try_from(logits.f_argmax(-1, false)?.f_flatten(0, -1)?)?;
-    let class = |s: &Site| usize::from(s.t - s.key >= found.window);
+    let class = |s: &Site| usize::from(beyond_window(s.t, s.key, found.window));
     for s in &sites {
         found.answers[class(s)] += 1;
         found.correct[class(s)] +=
@@ -285,6 +292,14 @@ fn inspect_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_window_holds_the_last_w_positions() {
+        // w = 4, query at 10: the window holds 7..=10, so a value at 7 (key 6) is within it.
+        assert!(!beyond_window(10, 6, 4));
+        assert!(beyond_window(10, 5, 4));
+        assert!(!beyond_window(10, 9, 4));
+    }
 
     #[test]
     fn the_table_shows_means_per_class_and_skips_empty_classes() {
