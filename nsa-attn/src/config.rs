@@ -8,13 +8,13 @@ use tch::TchError;
 
 /// The compression function φ that maps a block of `l` keys (or values), each plus a learned
 /// intra-block position embedding, to one compressed key (value) (Eq. 7). Written in a config
-/// file as `"mean"`, `"linear"` or `"mlp"`; the MLP's hidden width is
+/// file as `"mean"`, `"linear"`, `"mlp"` or `"mean_mlp"`; the MLP's hidden width is
 /// [`NsaParams::phi_hidden`].
 ///
-/// Only the MLP variant lets a key-side position embedding change anything: mean and linear φ
+/// Only the MLP variants let a key-side position embedding change anything: mean and linear φ
 /// would turn it into the same shift of every compressed key, which cancels in the softmax.
-/// So `cmp.pos_k` exists with the MLP φ only; `cmp.pos_v` always (with mean or linear φ it acts
-/// as a bias of the compressed values).
+/// So `cmp.pos_k` exists with the MLP variants only ([`Phi::has_mlp`]); `cmp.pos_v` always
+/// (with mean or linear φ it acts as a bias of the compressed values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phi {
@@ -26,6 +26,18 @@ pub enum Phi {
     /// Two linear maps with a GELU between them: `[l · d] → [phi_hidden] → [d]` (the paper's
     /// choice).
     Mlp,
+    /// The mean plus the MLP: `mean(block) + MLP(block)`. nsa-model initialises the MLP's
+    /// second map to zero, so φ starts as the mean (which learned long-range recall where the
+    /// MLP alone did not: RESULTS.md) and learns a correction.
+    #[serde(rename = "mean_mlp")]
+    MeanMlp,
+}
+
+impl Phi {
+    /// Whether φ has the MLP (`mlp`, `mean_mlp`): its weights, `phi_hidden` and `cmp.pos_k`.
+    pub fn has_mlp(self) -> bool {
+        matches!(self, Phi::Mlp | Phi::MeanMlp)
+    }
 }
 
 impl fmt::Display for Phi {
@@ -34,6 +46,7 @@ impl fmt::Display for Phi {
             Phi::Mean => "mean",
             Phi::Linear => "linear",
             Phi::Mlp => "mlp",
+            Phi::MeanMlp => "mean_mlp",
         })
     }
 }
@@ -86,7 +99,7 @@ pub struct NsaParams {
     pub window: i64,
     /// φ, the compression function.
     pub phi: Phi,
-    /// Hidden width of the MLP φ (read only when `phi` is [`Phi::Mlp`]).
+    /// Hidden width of the MLP φ (read only when `phi` has one: [`Phi::has_mlp`]).
     pub phi_hidden: i64,
     /// Where the compressed keys get RoPE: before φ on the raw keys, or after φ on each
     /// compressed key ([`CmpRope`]).
@@ -139,8 +152,12 @@ impl NsaParams {
         };
         positive("window", self.window, "");
         positive("gate_hidden", self.gate_hidden, "");
-        if self.phi == Phi::Mlp {
-            positive("phi_hidden", self.phi_hidden, " with phi = \"mlp\"");
+        if self.phi.has_mlp() {
+            positive(
+                "phi_hidden",
+                self.phi_hidden,
+                &format!(" with phi = \"{}\"", self.phi),
+            );
         }
         found
     }
@@ -397,13 +414,42 @@ mod tests {
                 other => panic!("{cfg:?}: expected an error on {field}, got {other:?}"),
             }
         }
-        // phi_hidden is read only by the MLP φ.
+        // phi_hidden is read only by the MLP variants.
         let mean = NsaParams {
             phi: Phi::Mean,
             phi_hidden: 0,
             ..NsaParams::paper()
         };
         assert_eq!(mean.problems(), []);
+        let mean_mlp = NsaParams {
+            phi: Phi::MeanMlp,
+            ..mean
+        };
+        let problems = mean_mlp.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "nsa.phi_hidden");
+        assert!(
+            problems[0].reason.contains("with phi = \"mean_mlp\""),
+            "{}",
+            problems[0].reason
+        );
+    }
+
+    /// φ's names in a config file, and in `Display`, are the same words.
+    #[test]
+    fn phi_reads_and_prints_its_config_names() {
+        for (phi, name) in [
+            (Phi::Mean, "mean"),
+            (Phi::Linear, "linear"),
+            (Phi::Mlp, "mlp"),
+            (Phi::MeanMlp, "mean_mlp"),
+        ] {
+            assert_eq!(phi.to_string(), name);
+            assert_eq!(serde_json::to_value(phi).unwrap(), name);
+            let back: Phi = serde_json::from_value(serde_json::json!(name)).unwrap();
+            assert_eq!(back, phi);
+            assert_eq!(phi.has_mlp(), name.contains("mlp"));
+        }
     }
 
     #[test]

@@ -11,8 +11,8 @@
 //!    `j / (H / Hkv)` (group-major, as SDPA's `enable_gqa`).
 //! 2. **Compressed branch** (Eq. 7). Compressed token `i` summarises tokens `[i·d, i·d + l)`:
 //!    `k̃_i = φ(k_{i·d} + p_0, …, k_{i·d+l−1} + p_{l−1})` with a learned intra-block position
-//!    embedding `p` (`cmp.pos_v`; `cmp.pos_k` with the MLP φ only, see [`Phi`]) and
-//!    φ ∈ {mean, linear, MLP}.
+//!    embedding `p` (`cmp.pos_v`; `cmp.pos_k` with the MLP variants only, see [`Phi`]) and
+//!    φ ∈ {mean, linear, MLP, mean + MLP}.
 //!    *RoPE choice:* φ is applied to keys that already carry RoPE at their own token positions,
 //!    so a compressed key mixes the rotations of the tokens it covers; no separate position is
 //!    assigned to compressed tokens. Both paths share this code, so they agree by construction.

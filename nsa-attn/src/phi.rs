@@ -2,7 +2,7 @@
 //!
 //! Compressed token `i` summarises the tokens `[i·d, i·d + l)` (block length `l`, stride `d`):
 //! `k̃_i = φ(k_{i·d} + p_0, …, k_{i·d+l−1} + p_{l−1})`, with a learned intra-block position
-//! embedding `p` and φ ∈ {mean, linear, MLP} ([`Phi`]). By default keys are compressed after
+//! embedding `p` and φ ∈ {mean, linear, MLP, mean + MLP} ([`Phi`]). By default keys are compressed after
 //! RoPE ([`crate::rope`]), so a compressed key mixes the rotations of the tokens it covers; with
 //! `cmp_rope = "compressed"` ([`crate::CmpRope`]) φ reads them unrotated and the layer rotates
 //! the compressed key ([`crate::NsaAttention`]'s projections).
@@ -11,7 +11,7 @@
 //! (plus the position embedding `[l, Hkv, d]`) → compressed `[B, Nc, Hkv, d]`, with
 //! `Nc = (S − l)/d + 1`, or 0 if `S < l`. The linear and MLP φ see a block flattened per head,
 //! `[B, Nc, Hkv, l·d]` (position-major). Variables, under the layer's `cmp` path: `pos_v`,
-//! `pos_k` (MLP φ only), and φ's weights `phi_k.*`, `phi_v.*` (linear and MLP only).
+//! `pos_k` (the MLP variants only), and φ's weights `phi_k.*`, `phi_v.*` (all but the mean).
 use tch::nn;
 use tch::{Kind, TchError, Tensor};
 
@@ -25,6 +25,8 @@ enum PhiMap {
     Mean,
     Linear(nn::Linear),
     Mlp(nn::Linear, nn::Linear),
+    /// The mean plus the MLP of the same two maps.
+    MeanMlp(nn::Linear, nn::Linear),
 }
 
 impl PhiMap {
@@ -42,10 +44,8 @@ impl PhiMap {
             bias: output_bias,
             ..Default::default()
         };
-        Ok(match nsa.phi {
-            Phi::Mean => PhiMap::Mean,
-            Phi::Linear => PhiMap::Linear(f_linear(vs, block_len * width, width, last)?),
-            Phi::Mlp => PhiMap::Mlp(
+        let mlp = || -> Result<_, TchError> {
+            Ok((
                 f_linear(
                     vs / "w1",
                     block_len * width,
@@ -53,7 +53,19 @@ impl PhiMap {
                     Default::default(),
                 )?,
                 f_linear(vs / "w2", nsa.phi_hidden, width, last)?,
-            ),
+            ))
+        };
+        Ok(match nsa.phi {
+            Phi::Mean => PhiMap::Mean,
+            Phi::Linear => PhiMap::Linear(f_linear(vs, block_len * width, width, last)?),
+            Phi::Mlp => {
+                let (w1, w2) = mlp()?;
+                PhiMap::Mlp(w1, w2)
+            }
+            Phi::MeanMlp => {
+                let (w1, w2) = mlp()?;
+                PhiMap::MeanMlp(w1, w2)
+            }
         })
     }
 
@@ -65,24 +77,29 @@ impl PhiMap {
                 .f_permute([0, 1, 3, 2, 4])?
                 .f_reshape([s[0], s[1], s[3], s[2] * s[4]])
         };
+        let mean = || blocks.f_mean_dim(2, false, None);
         match self {
-            PhiMap::Mean => blocks.f_mean_dim(2, false, None),
+            PhiMap::Mean => mean(),
             PhiMap::Linear(_) | PhiMap::Mlp(..) => self.apply_flat(&flat()?),
+            PhiMap::MeanMlp(..) => mean()?.f_add(&self.apply_flat(&flat()?)?),
         }
     }
 
-    /// The linear or MLP φ on blocks already flattened per head, `[B, Nc, G, l·d]`.
+    /// The linear map, or the MLP (of the MLP variants), on blocks already flattened per head,
+    /// `[B, Nc, G, l·d]`.
     fn apply_flat(&self, flat: &Tensor) -> Result<Tensor, TchError> {
         match self {
             PhiMap::Mean => Err(TchError::Kind(
                 "the mean φ reads [B, Nc, l, G, d] blocks, not flattened ones".into(),
             )),
             PhiMap::Linear(w) => linear(w, flat),
-            PhiMap::Mlp(w1, w2) => linear(w2, &linear(w1, flat)?.f_gelu("none")?),
+            PhiMap::Mlp(w1, w2) | PhiMap::MeanMlp(w1, w2) => {
+                linear(w2, &linear(w1, flat)?.f_gelu("none")?)
+            }
         }
     }
 
-    /// Whether φ reads the blocks flattened per head (linear and MLP).
+    /// Whether φ reads the blocks flattened per head (all but the mean).
     fn reads_flat(&self) -> bool {
         !matches!(self, PhiMap::Mean)
     }
@@ -106,16 +123,26 @@ impl PhiMap {
                 )))
             }
             PhiMap::Linear(w) => (w, None),
-            PhiMap::Mlp(w1, w2) => (w1, Some(w2)),
+            PhiMap::Mlp(w1, w2) | PhiMap::MeanMlp(w1, w2) => (w1, Some(w2)),
         };
         let kind = raw.kind();
         let w = first.ws.f_to_kind(kind)?.f_contiguous()?;
         let b = first.bs.as_ref().map(|b| b.f_to_kind(kind)).transpose()?;
         let y = nsa_sys::fused::cmp_blocks_linear(raw, pos, l, stride, &w, b.as_ref())?;
-        Ok(match second {
+        let y = match second {
             Some(w2) => linear(w2, &y.f_gelu("none")?)?,
             None => y,
-        })
+        };
+        if !matches!(self, PhiMap::MeanMlp(..)) {
+            return Ok(y);
+        }
+        // The mean of the blocks `[i·stride, i·stride + l)` of `raw + pos`: the mean of raw's
+        // blocks (a strided view, reduced) plus the mean of the position embedding.
+        let mut mean = raw.f_unfold(1, l, stride)?.f_mean_dim(-1, false, None)?;
+        if let Some(pos) = pos {
+            mean = mean.f_add(&pos.f_mean_dim(0, false, None)?)?;
+        }
+        Ok(mean.f_add(&y)?)
     }
 }
 
@@ -145,8 +172,11 @@ impl Compression {
         let (l, g) = (cfg.nsa.select.block_len, cfg.kv_heads);
         Ok(Self {
             // With mean or linear φ a key-side embedding would only shift all compressed keys
-            // alike, which cancels in the softmax: it is created for the MLP φ only.
-            pos_k: (cfg.nsa.phi == Phi::Mlp)
+            // alike, which cancels in the softmax: it is created for the MLP variants only.
+            pos_k: cfg
+                .nsa
+                .phi
+                .has_mlp()
                 .then(|| cmp.f_var("pos_k", &[l, g, cfg.head_dim_k], pos_init))
                 .transpose()?,
             pos_v: cmp.f_var("pos_v", &[l, g, cfg.head_dim_v], pos_init)?,

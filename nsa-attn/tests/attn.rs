@@ -508,6 +508,7 @@ fn gradients_match_finite_differences_in_float64() {
         (Phi::Mean, false, CmpRope::Raw),
         (Phi::Mlp, false, CmpRope::Compressed),
         (Phi::Mlp, true, CmpRope::Compressed),
+        (Phi::MeanMlp, false, CmpRope::Raw),
     ] {
         let mut cfg = config(2, 1, 4, 2, (4, 2, 4), 3, 3, phi);
         cfg.dim = 6;
@@ -722,7 +723,7 @@ fn lean_path_matches_reference_on_random_configs() {
         let n_local = pick.of(&[1, 2]);
         let top_n = n_local + 1 + pick.of(&[0, 1, 3]) as i64;
         let w = pick.of(&[1, 3, 9]);
-        let phi = pick.of(&[Phi::Mean, Phi::Linear, Phi::Mlp]);
+        let phi = pick.of(&[Phi::Mean, Phi::Linear, Phi::Mlp, Phi::MeanMlp]);
         let mut cfg = config(h as i64, g as i64, dk, dv, (l, d, l_sel), top_n, w, phi);
         cfg.nsa.select.n_local = n_local;
         cfg.nsa.shared_kv = pick.next(2) == 0;

@@ -238,7 +238,7 @@ impl ModelConfig {
                 let (pos, phi) = match n.phi {
                     Phi::Mean => (l * g * dv, 0.0),
                     Phi::Linear => (l * g * dv, l * dk * dk + l * dv * dv + dv),
-                    Phi::Mlp => {
+                    Phi::Mlp | Phi::MeanMlp => {
                         let m = n.phi_hidden as f64;
                         (
                             l * g * (dk + dv),
@@ -302,7 +302,7 @@ impl fmt::Display for ModelConfig {
                 ", nsa(l {}, d {}, l' {}, n {}, local {}, w {}, phi {}",
                 sel.block_len, sel.stride, sel.select_len, sel.top_n, sel.n_local, n.window, n.phi
             )?;
-            if n.phi == Phi::Mlp {
+            if n.phi.has_mlp() {
                 write!(f, " {}", n.phi_hidden)?;
             }
             if n.cmp_rope == CmpRope::Compressed {

@@ -58,8 +58,8 @@
 //! | `blocks.{i}.attn.wo.weight` | `[D, H·dv]` | normal(0, σ/√(2L)) |
 //! | dense: `blocks.{i}.attn.wk.weight`, `….wv.weight` | `[Hkv·dk, D]`, `[Hkv·dv, D]` | normal(0, σ) |
 //! | NSA: `blocks.{i}.attn.{cmp,slc,win}.{wk,wv}.weight` (or `kv.*` with `shared_kv`) | as dense | normal(0, σ) |
-//! | NSA: `blocks.{i}.attn.cmp.phi_{k,v}.*`, `….gate.w{1,2}.*` | φ and gate MLPs | matrices normal(0, σ), biases 0 |
-//! | NSA: `blocks.{i}.attn.cmp.pos_v`, `….cmp.pos_k` (MLP φ) | `[l, Hkv, d]` | nsa-attn's: normal(0, 0.02) |
+//! | NSA: `blocks.{i}.attn.cmp.phi_{k,v}.*`, `….gate.w{1,2}.*` | φ and gate MLPs | matrices normal(0, σ), biases 0 (φ = `mean_mlp`: `phi_{k,v}.w2.weight` 0, so φ starts as the mean) |
+//! | NSA: `blocks.{i}.attn.cmp.pos_v`, `….cmp.pos_k` (MLP φ variants) | `[l, Hkv, d]` | nsa-attn's: normal(0, 0.02) |
 //! | `blocks.{i}.mlp.w_gate.weight`, `….w_up.weight` | `[F, D]` | normal(0, σ) |
 //! | `blocks.{i}.mlp.w_down.weight` | `[D, F]` | normal(0, σ/√(2L)) |
 //! | `final_norm.weight` | `[D]` | 1 |
@@ -128,7 +128,7 @@
 //! # Config files
 //!
 //! [`ModelConfig`] is serde (`Serialize` + `Deserialize`) with unknown keys rejected by name;
-//! enums are lower case (`attention = "nsa" | "dense"`, `nsa.phi = "mean" | "linear" | "mlp"`).
+//! enums are lower case (`attention = "nsa" | "dense"`, `nsa.phi = "mean" | "linear" | "mlp" | "mean_mlp"`).
 //! [`ModelConfig::validate`] reports every invalid field at once, e.g.
 //! `invalid model config: n_kv_heads: must divide n_heads = 4, got 3; nsa.top_n: …`.
 //! `Display` prints a one-line summary with the parameter count.

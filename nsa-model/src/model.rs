@@ -1,5 +1,5 @@
 //! [`Model`]: embedding, decoder blocks, final norm, tied head; parameter init; [`decay_groups`].
-use nsa_attn::{f_linear, AttnPath, ForwardOpts, NsaAttention};
+use nsa_attn::{f_linear, AttnPath, ForwardOpts, NsaAttention, Phi};
 use tch::nn;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -248,7 +248,7 @@ impl Model {
                 AttentionKind::Nsa => {
                     let path = &b / "attn";
                     let attn = NsaAttention::new(&path, cfg.nsa_config())?;
-                    init_nsa(&path, &nsa_vars, std, out_std)?;
+                    init_nsa(&path, &nsa_vars, cfg.nsa.phi, std, out_std)?;
                     Attention::Nsa(Box::new(attn))
                 }
                 AttentionKind::Dense => {
@@ -417,12 +417,17 @@ fn nsa_variable_names(cfg: &ModelConfig) -> Result<Vec<(String, usize)>, ModelEr
 /// nsa-attn's output projection, relative to the layer path.
 const NSA_OUTPUT: &str = "wo.weight";
 
+/// With φ = `mean_mlp`, the MLP's second maps, relative to the layer path: zero at init.
+const PHI_CORRECTION: [&str; 2] = ["cmp.phi_k.w2.weight", "cmp.phi_v.w2.weight"];
+
 /// Re-initialises one NSA layer's variables the model's way: 2-D `*.weight` matrices
-/// `normal(0, std)` (`wo.weight`: `out_std`), biases 0, other variables (the intra-block
-/// position embeddings) as nsa-attn made them.
+/// `normal(0, std)` (`wo.weight`: `out_std`; with φ = `mean_mlp` its MLP's second maps 0, so
+/// that φ starts as the mean), biases 0, other variables (the intra-block position
+/// embeddings) as nsa-attn made them.
 fn init_nsa(
     path: &nn::Path<'_>,
     names: &[(String, usize)],
+    phi: Phi,
     std: f64,
     out_std: f64,
 ) -> Result<(), ModelError> {
@@ -438,6 +443,8 @@ fn init_nsa(
             .ok_or_else(|| ModelError::MissingVar(parent.path(leaf)))?;
         if name == NSA_OUTPUT {
             let _ = var.f_normal_(0.0, out_std)?;
+        } else if phi == Phi::MeanMlp && PHI_CORRECTION.contains(&name.as_str()) {
+            let _ = var.f_zero_()?;
         } else if *rank == 2 && name.ends_with(".weight") {
             let _ = var.f_normal_(0.0, std)?;
         } else if name.ends_with(".bias") {
@@ -536,6 +543,37 @@ mod tests {
             }
             assert!(vars.contains_key("blocks.1.attn.wo.weight"));
         }
+    }
+
+    /// φ = mean + MLP starts as the mean: its correction maps are zero, and with the other
+    /// weights copied over, a mean-φ model gives the same logits.
+    #[test]
+    fn mean_mlp_starts_as_the_mean() {
+        let cfg = |phi| {
+            let mut c = ModelConfig::preset("tiny").unwrap();
+            c.nsa.phi = phi;
+            c
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mean_mlp = Model::new(&vs.root(), &cfg(Phi::MeanMlp)).unwrap();
+        let vars = vs.variables();
+        for i in 0..2 {
+            for w in PHI_CORRECTION {
+                let t = &vars[&format!("blocks.{i}.attn.{w}")];
+                assert_eq!(t.abs().max().double_value(&[]), 0.0, "{w}");
+            }
+            let w1 = &vars[&format!("blocks.{i}.attn.cmp.phi_k.w1.weight")];
+            assert!(w1.abs().max().double_value(&[]) > 0.0);
+        }
+        let mut vs_mean = nn::VarStore::new(Device::Cpu);
+        let mean = Model::new(&vs_mean.root(), &cfg(Phi::Mean)).unwrap();
+        vs_mean.copy(&vs).unwrap();
+        let tokens = Tensor::randint(256, [2, 70], (Kind::Int64, Device::Cpu));
+        let opts = ForwardOpts::default();
+        let a = mean_mlp.forward(&tokens, &opts).unwrap();
+        let b = mean.forward(&tokens, &opts).unwrap();
+        let err = (a - b).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "{err}");
     }
 
     #[test]

@@ -52,7 +52,7 @@ fn num_params_matches_the_built_model_for_every_preset() {
 #[test]
 fn num_params_matches_for_every_nsa_variant() {
     use nsa_model::Phi;
-    for phi in [Phi::Mean, Phi::Linear, Phi::Mlp] {
+    for phi in [Phi::Mean, Phi::Linear, Phi::Mlp, Phi::MeanMlp] {
         for shared_kv in [false, true] {
             let mut cfg = tiny(AttentionKind::Nsa);
             cfg.nsa.phi = phi;

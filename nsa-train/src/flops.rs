@@ -92,7 +92,8 @@ pub fn compression_macs_per_sequence(m: &ModelConfig, seq_len: i64) -> i64 {
     let per_token = match m.nsa.phi {
         Phi::Mean => 0,
         Phi::Linear => l * dk * dk + l * dv * dv,
-        Phi::Mlp => (l * dk + dk) * hidden + (l * dv + dv) * hidden,
+        // The mean's additions are not multiply-accumulates.
+        Phi::Mlp | Phi::MeanMlp => (l * dk + dk) * hidden + (l * dv + dv) * hidden,
     };
     tokens * m.n_kv_heads * per_token
 }

@@ -240,6 +240,7 @@ fn rows_on(device: Device) -> Vec<CheckRow> {
         (true, Phi::Linear, CmpRope::Raw, lengths[1]),
         (false, Phi::Mlp, CmpRope::Compressed, lengths[1]),
         (true, Phi::Mlp, CmpRope::Compressed, lengths[0]),
+        (false, Phi::MeanMlp, CmpRope::Raw, lengths[1]),
     ] {
         for (kind, selection, tolerance) in [
             (Kind::Float, ParitySelection::Decoded, 1e-5),
@@ -581,7 +582,7 @@ mod tests {
     fn the_check_rows_pass_on_the_cpu() {
         tch::manual_seed(1);
         let rows = rows_on(Device::Cpu);
-        assert_eq!(rows.len(), 12);
+        assert_eq!(rows.len(), 15);
         for r in &rows {
             assert!(r.passed, "{r:?}");
         }

@@ -110,7 +110,7 @@ fn case() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![1i64, 3, 8, 20]),
         (1i64..=2, 1i64..=3),
         (
-            prop::sample::select(vec![Phi::Mean, Phi::Linear, Phi::Mlp]),
+            prop::sample::select(vec![Phi::Mean, Phi::Linear, Phi::Mlp, Phi::MeanMlp]),
             prop::sample::select(vec![CmpRope::Raw, CmpRope::Compressed]),
         ),
         any::<bool>(),

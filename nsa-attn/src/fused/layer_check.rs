@@ -11,7 +11,7 @@
 use tch::{nn, Device, Kind, Tensor};
 
 use super::{kind_name, rel_err, CheckRow};
-use crate::config::{AttnError, CmpRope, NsaConfig};
+use crate::config::{AttnError, CmpRope, NsaConfig, Phi};
 use crate::gates::GateOverride;
 use crate::layer::{AttnPath, ForwardOpts, LeanOpts, NsaAttention};
 use crate::BranchKernel;
@@ -35,7 +35,8 @@ const SHAPES: [[i64; 12]; 2] = [
 /// A wrong gradient is off by far more. fp32 rows hold 1e-4.
 const BF16_LAYER_TOLERANCE: f64 = 5e-2;
 
-/// Rows: each shape, and the first with `cmp_rope = "compressed"`, in fp32 (tolerance 1e-4) and
+/// Rows: each shape, and the first with `cmp_rope = "compressed"` and with `phi = "mean_mlp"`,
+/// in fp32 (tolerance 1e-4) and
 /// bf16 ([`BF16_LAYER_TOLERANCE`]), relative to
 /// the largest element of each compared tensor. On CUDA in bf16 a row also fails unless every
 /// branch ran on its fused kernel. `device` may be the CPU (where the fused path is the lean
@@ -44,16 +45,19 @@ pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     // The first shape again with the compressed keys rotated after φ (the fused RoPE kernel
     // on the compressed keys, and its gradient into φ).
+    // And with φ the mean plus the MLP (the mean of the blocks beside the blocks kernel).
     let cases = [
-        (SHAPES[0], CmpRope::Raw),
-        (SHAPES[1], CmpRope::Raw),
-        (SHAPES[0], CmpRope::Compressed),
+        (SHAPES[0], CmpRope::Raw, Phi::Mlp),
+        (SHAPES[1], CmpRope::Raw, Phi::Mlp),
+        (SHAPES[0], CmpRope::Compressed, Phi::Mlp),
+        (SHAPES[0], CmpRope::Raw, Phi::MeanMlp),
     ];
-    for (shape, cmp_rope) in cases {
+    for (shape, cmp_rope, phi) in cases {
         let [b, s, dim, h, hkv, dk, dv, l, d, lp, n, w] = shape;
         let mut cfg = super::check_layer_config(dim, (h, hkv), (dk, dv), (l, d, lp, n));
         cfg.nsa.window = w;
         cfg.nsa.cmp_rope = cmp_rope;
+        cfg.nsa.phi = phi;
         for kind in [Kind::Float, Kind::BFloat16] {
             let tolerance = if kind == Kind::BFloat16 {
                 BF16_LAYER_TOLERANCE
@@ -63,9 +67,10 @@ pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
             let name = format!(
                 "layer fused vs reference {} B={b} S={s} H={h} Hkv={hkv} dk={dk} dv={dv} l={l} d={d} l'={lp} n={n} w={w}{}",
                 kind_name(kind),
-                match cmp_rope {
-                    CmpRope::Raw => "",
-                    CmpRope::Compressed => " cmp_rope=compressed",
+                match (cmp_rope, phi) {
+                    (CmpRope::Compressed, _) => " cmp_rope=compressed".to_string(),
+                    (CmpRope::Raw, Phi::Mlp) => String::new(),
+                    (CmpRope::Raw, phi) => format!(" phi={phi}"),
                 }
             );
             rows.push(match layer_case(&cfg, b, s, kind, device) {
@@ -194,7 +199,7 @@ mod tests {
     #[test]
     fn layer_rows_pass_on_cpu() {
         let rows = check_rows(Device::Cpu);
-        assert_eq!(rows.len(), 6);
+        assert_eq!(rows.len(), 8);
         for r in &rows {
             eprintln!("{} {:.2e} {}", r.name, r.max_rel_err, r.detail);
         }

@@ -82,6 +82,12 @@ fn phi_variants_and_shared_kv() {
         0,
         "no block has ended"
     );
+    // The mean's additions are not MACs: mean + MLP counts as the MLP.
+    m.nsa.phi = Phi::Mlp;
+    let mlp = compression_macs_per_sequence(&m, 128);
+    m.nsa.phi = Phi::MeanMlp;
+    assert_eq!(compression_macs_per_sequence(&m, 128), mlp);
+    m.nsa.phi = Phi::Linear;
     m.nsa.shared_kv = true;
     assert_eq!(matrix_weights(&m), 127_360 - 2 * 2 * 4096);
 }

@@ -80,7 +80,7 @@ fn case() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![(4i64, 2i64, 4i64), (4, 2, 8), (8, 4, 8), (2, 2, 4)]),
         (3i64..=4, prop::sample::select(vec![2i64, 5, 16])),
         prop::sample::select(vec![(2i64, 1i64), (4, 2), (2, 2), (6, 2)]),
-        prop::sample::select(vec![Phi::Mean, Phi::Linear, Phi::Mlp]),
+        prop::sample::select(vec![Phi::Mean, Phi::Linear, Phi::Mlp, Phi::MeanMlp]),
         any::<bool>(),
         prop::sample::select(vec![
             AttentionKind::Nsa,
