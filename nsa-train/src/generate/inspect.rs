@@ -165,6 +165,25 @@ fn beyond_window(t: usize, key: usize, window: usize) -> bool {
     t - key > window
 }
 
+/// Where the scores of (`row`, query `t_rel` of the rows scored, group `g`) start in the
+/// flattened `[B, T, G, Nb]` scores, `(T, G, Nb)` = `dims`.
+fn score_row_start(row: usize, t_rel: usize, g: usize, dims: (usize, usize, usize)) -> usize {
+    let (rows, groups, blocks) = dims;
+    ((row * rows + t_rel) * groups + g) * blocks
+}
+
+/// The score of block `value` over the mean score of the blocks a query sees (`visible`, its
+/// group's scores of blocks `0 ..= ⌊t / l'⌋`); 0 when they are all 0 (no compressed token
+/// visible yet).
+fn score_lift(visible: &[f32], value: usize) -> f64 {
+    let mean = visible.iter().map(|&x| f64::from(x)).sum::<f64>() / visible.len() as f64;
+    if mean > 0.0 {
+        f64::from(visible[value]) / mean
+    } else {
+        0.0
+    }
+}
+
 /// Adds one batch (`input`, `target` int64 `[B, L]` on the CPU) to `found`.
 fn inspect_batch(
     run: &LoadedRun,
@@ -274,15 +293,12 @@ fn inspect_batch(
             let ids = &blocks[at * per_token..(at + 1) * per_token];
             sums.value_selected += usize::from(ids.contains(&(value_block as i64)));
             let visible = s.t / block_len + 1;
-            let mut lift = 0.0;
-            for g in 0..groups {
-                let base = ((s.row * rows_t + (s.t - t0)) * groups + g) * num_blocks;
-                let row = &scores[base..base + visible];
-                let mean = row.iter().map(|&x| f64::from(x)).sum::<f64>() / visible as f64;
-                if mean > 0.0 {
-                    lift += f64::from(row[value_block]) / mean;
-                }
-            }
+            let lift: f64 = (0..groups)
+                .map(|g| {
+                    let start = score_row_start(s.row, s.t - t0, g, (rows_t, groups, num_blocks));
+                    score_lift(&scores[start..start + visible], value_block)
+                })
+                .sum();
             sums.value_lift_sum += lift / groups as f64;
         }
     }
@@ -292,6 +308,33 @@ fn inspect_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lift_is_the_blocks_score_over_the_mean_it_competes_with() {
+        // Mean 2: the third block holds twice it, the first half.
+        assert_eq!(score_lift(&[1.0, 1.0, 4.0, 2.0], 2), 2.0);
+        assert_eq!(score_lift(&[1.0, 1.0, 4.0, 2.0], 0), 0.5);
+        assert_eq!(score_lift(&[0.0, 0.0], 1), 0.0);
+    }
+
+    /// The flat index names the element libtorch holds at [row, t, g, 0].
+    #[test]
+    fn score_rows_are_found_in_the_flattened_scores() {
+        let dims = [2i64, 3, 2, 5];
+        let scores = Tensor::arange(
+            dims.iter().product::<i64>(),
+            (Kind::Float, tch::Device::Cpu),
+        )
+        .reshape(dims);
+        let flat = Vec::<f32>::try_from(scores.flatten(0, -1)).unwrap();
+        for (row, t, g) in [(0, 0, 0), (1, 2, 1), (0, 1, 1), (1, 0, 0)] {
+            let start = score_row_start(row, t, g, (3, 2, 5));
+            for j in 0..5 {
+                let want = scores.double_value(&[row as i64, t as i64, g as i64, j]);
+                assert_eq!(f64::from(flat[start + j as usize]), want);
+            }
+        }
+    }
 
     #[test]
     fn the_window_holds_the_last_w_positions() {
