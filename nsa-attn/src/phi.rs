@@ -104,11 +104,11 @@ impl PhiMap {
         !matches!(self, PhiMap::Mean)
     }
 
-    /// The linear or MLP φ of the blocks `[i·stride, i·stride + l)` of `raw` `[B, S, G, d]`
-    /// (plus `pos`, in raw's dtype) on nsa-sys's kernels: the blocks and the first linear map
-    /// in one autograd function (`nsa_sys::fused::cmp_blocks_linear`), which keeps `raw`
-    /// rather than the blocks (twice its size) for backward. The weights are cast to raw's
-    /// dtype first, as autocast's `linear` casts them.
+    /// The linear, MLP or mean + MLP φ of the blocks `[i·stride, i·stride + l)` of `raw`
+    /// `[B, S, G, d]` (plus `pos`, in raw's dtype) on nsa-sys's kernels: the blocks and the
+    /// first linear map in one autograd function (`nsa_sys::fused::cmp_blocks_linear`), which
+    /// keeps `raw` rather than the blocks (twice its size) for backward. The weights are cast
+    /// to raw's dtype first, as autocast's `linear` casts them.
     fn apply_kernel(
         &self,
         raw: &Tensor,
@@ -190,7 +190,7 @@ impl Compression {
     /// Compressed keys `[B, Nc, Hkv, dk]` and values `[B, Nc, Hkv, dv]` from the raw `k`
     /// `[B, S, Hkv, dk]` (rotated or not, as `cmp_rope` says: the layer decides) and `v`
     /// `[B, S, Hkv, dv]`. With `kernel`, CUDA
-    /// tensors in bf16 or fp32 and a linear or MLP φ, φ's input blocks come from one kernel
+    /// tensors in bf16 or fp32 and any φ but the mean, φ's input blocks come from one kernel
     /// each way instead of unfold, add and copy, in one autograd function with φ's first
     /// linear map (`nsa_sys::fused::cmp_blocks_linear`) that does not keep the blocks; the
     /// values are the same (each element one rounded sum either way).
