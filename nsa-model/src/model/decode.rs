@@ -7,7 +7,7 @@
 //! on it with its cache, and returns the logits of the next token; one [`DecodePlan`] (the
 //! positions and everything derived from them, in one host→device copy that also carries the
 //! token ids) serves all blocks.
-use nsa_attn::{DecodePlan, ForwardOpts, NsaCache, StepReads};
+use nsa_attn::{DecodePlan, ForwardOpts, NsaAttention, NsaCache, StepReads};
 use nsa_sys::cuda::CudaGraph;
 use tch::{Device, Kind, Tensor};
 
@@ -525,18 +525,38 @@ impl Model {
                 blocks.len()
             )));
         }
-        let (mut h, rope) = self.embed_with_rope(tokens, s)?;
+        let (h, rope) = self.embed_with_rope(tokens, s)?;
         let mut given = blocks.iter();
+        self.forward_in_decode_order(h, Some(&rope), opts, |_, attn, x| {
+            let sel = given
+                .next()
+                .ok_or_else(|| ModelError::Shape("missing a selection".into()))?;
+            Ok(attn.forward_branches_with_blocks(x, sel, opts)?.output)
+        })
+    }
+
+    /// The stack on the embedded tokens `h` `[B, S, D]` with the residual adds where decoding
+    /// makes them (`Block::finish`), each NSA block's attention output from
+    /// `nsa(index, attention, x)` for its normed input `x` and each dense block's with `rope`;
+    /// returns the logits. [`Model::forward_with_blocks`] and [`Model::inspect`] are this with
+    /// their own NSA step.
+    pub(super) fn forward_in_decode_order(
+        &self,
+        mut h: Tensor,
+        rope: Option<&Rope>,
+        opts: &ForwardOpts,
+        mut nsa: impl FnMut(usize, &NsaAttention, &Tensor) -> Result<Tensor, ModelError>,
+    ) -> Result<Tensor, ModelError> {
         let kernel = use_kernels(opts, &h);
-        for block in &self.blocks {
+        for (index, block) in self.blocks.iter().enumerate() {
             let x = block.attn_norm.forward(&h, kernel)?;
-            let a = match (&block.attn, given.next()) {
-                (Attention::Nsa(attn), Some(sel)) => {
-                    attn.forward_branches_with_blocks(&x, sel, opts)?.output
-                }
-                (Attention::Dense(attn), _) => attn.forward(&x, &rope)?,
-                (Attention::Nsa(_), None) => {
-                    return Err(ModelError::Shape("missing a selection".into()))
+            let a = match (&block.attn, rope) {
+                (Attention::Nsa(attn), _) => nsa(index, attn, &x)?,
+                (Attention::Dense(attn), Some(rope)) => attn.forward(&x, rope)?,
+                (Attention::Dense(_), None) => {
+                    return Err(ModelError::Shape(
+                        "dense attention needs the RoPE tables Model::forward builds".into(),
+                    ))
                 }
             };
             h = block.finish(&h, &a, kernel)?;

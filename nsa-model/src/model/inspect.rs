@@ -5,7 +5,7 @@
 use nsa_attn::{BranchOutputs, ForwardOpts, Projections};
 use tch::Tensor;
 
-use super::{use_kernels, Attention, Model};
+use super::Model;
 use crate::config::ModelError;
 
 /// What one NSA block's attention computed in [`Model::inspect`].
@@ -31,33 +31,20 @@ impl Model {
         tokens: &Tensor,
         opts: &ForwardOpts,
     ) -> Result<(Tensor, Vec<LayerInspection>), ModelError> {
-        let (mut h, rope) = self.embed_and_rope(tokens, opts)?;
-        let kernel = use_kernels(opts, &h);
+        let (h, rope) = self.embed_and_rope(tokens, opts)?;
         let mut layers = Vec::new();
-        for (index, block) in self.blocks.iter().enumerate() {
-            let x = block.attn_norm.forward(&h, kernel)?;
-            let a = match (&block.attn, rope.as_ref()) {
-                (Attention::Nsa(attn), _) => {
-                    let projections = attn.project(&x)?;
-                    let branches = attn.forward_branches(&x, opts)?;
-                    let output = branches.output.shallow_clone();
-                    layers.push(LayerInspection {
-                        block: index,
-                        projections,
-                        branches,
-                    });
-                    output
-                }
-                (Attention::Dense(attn), Some(rope)) => attn.forward(&x, rope)?,
-                (Attention::Dense(_), None) => {
-                    return Err(ModelError::Shape(
-                        "dense attention needs the RoPE tables Model::forward builds".into(),
-                    ))
-                }
-            };
-            h = block.finish(&h, &a, kernel)?;
-        }
-        Ok((self.head(&h, kernel)?, layers))
+        let logits = self.forward_in_decode_order(h, rope.as_ref(), opts, |block, attn, x| {
+            let projections = attn.project(x)?;
+            let branches = attn.forward_branches(x, opts)?;
+            let output = branches.output.shallow_clone();
+            layers.push(LayerInspection {
+                block,
+                projections,
+                branches,
+            });
+            Ok(output)
+        })?;
+        Ok((logits, layers))
     }
 }
 
