@@ -167,9 +167,11 @@ fn fetch(sh: &Shell, p: &Package, dir: &Path) -> Result<PathBuf> {
     let _d = sh.push_dir(dir);
     if let Err(e) = cmd!(sh, "apt-get download {spec}").run() {
         bail!(
-            "apt-get download {spec} failed ({e}). If apt says the version is not found, Debian has \
-             replaced it: run `apt-get update`, `apt-cache policy {}` for the current version, and \
-             update the pin (version and the .deb's sha256) in xtask/src/corpus.rs",
+            "apt-get download {spec} failed ({e}). If apt says the version is not found, this \
+             machine's package lists may be older than the pin (a fresh machine's usually are): \
+             run `apt-get update` and try again. If it is still not found, Debian has dropped \
+             it: `apt-cache policy {}` shows the current version; update the pin (version and \
+             the .deb's sha256) in xtask/src/corpus.rs",
             p.name
         );
     }
