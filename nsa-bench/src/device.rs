@@ -89,7 +89,7 @@ pub fn bench_device(arg: Option<&str>) -> Result<Device, BenchError> {
         }
         // Every kernel family compiles in the background (or comes from the disk cache) while
         // the benchmark sets up; a failure shows where a family is first used.
-        let _ = nsa_sys::fused::prebuild(i);
+        let _ = nsa_sys::fused::prebuild(i, &nsa_sys::nvrtc::ALL_SOURCES);
     }
     Ok(device)
 }

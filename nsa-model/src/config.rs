@@ -134,6 +134,16 @@ impl ModelConfig {
         self
     }
 
+    /// The CUDA kernel families a model of this config runs (what `nsa_sys::fused::prebuild`
+    /// should build): every family for NSA; for dense attention only the pointwise kernels
+    /// (norms, SwiGLU, the fused loss), its attention being libtorch's.
+    pub fn kernel_sources(&self) -> &'static [nsa_sys::nvrtc::KernelSource] {
+        match self.attention {
+            AttentionKind::Nsa => &nsa_sys::nvrtc::ALL_SOURCES,
+            AttentionKind::Dense => std::slice::from_ref(&nsa_sys::nvrtc::POINTWISE),
+        }
+    }
+
     /// The configuration of one NSA attention layer of this model.
     pub fn nsa_config(&self) -> NsaConfig {
         NsaConfig {
@@ -376,6 +386,22 @@ mod tests {
         for name in PRESETS {
             assert!(err.contains(name), "{err}");
         }
+    }
+
+    /// A dense model builds the pointwise kernels alone (its short runs then have no NSA
+    /// family still compiling at exit); an NSA model every family.
+    #[test]
+    fn kernel_sources_follow_the_attention() {
+        let nsa = ModelConfig::preset("tiny").unwrap();
+        let names = |c: &ModelConfig| {
+            c.kernel_sources()
+                .iter()
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&nsa).len(), nsa_sys::nvrtc::ALL_SOURCES.len());
+        let dense = nsa.with_attention(AttentionKind::Dense);
+        assert_eq!(names(&dense), ["pointwise.cu"]);
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! Kernels are compiled per device architecture on first use (NVRTC, [`crate::nvrtc`]),
 //! loaded into the device's primary context (the one libtorch uses) and kept for the life of
 //! the process. [`configure`] sets the compile options (the CUBIN cache folder) for devices
-//! loaded afterwards; [`prebuild`] starts every family's compilation at once in the background,
-//! so that a first start waits for the slowest family instead of the sum of all.
+//! loaded afterwards; [`prebuild`] starts the families' compilations at once in the background,
+//! so that a first start waits for the slowest family instead of the sum of all, and
+//! [`finish_prebuilds`] waits for them before the process exits.
 //!
 //! Layouts: `q` `[B, S, H, dk]`, `k` `[B, S, Hkv, dk]`, `v` `[B, S, Hkv, dv]`, output
 //! `[B, S, H, dv]`; query head `j` reads key head `j / (H / Hkv)`; block ids int64 or int32
@@ -27,15 +28,14 @@ use torch_sys::C_tensor;
 
 use crate::autograd::{self, GlueError, ERR_LEN};
 use crate::driver::{self, check, CuContext, CuFunction, CuModule};
-use crate::nvrtc::{
-    KernelSource, Nvrtc, NvrtcError, ALL_SOURCES, COMPRESSED, SELECTED_BWD, SELECTED_FWD,
-};
+use crate::nvrtc::{KernelSource, Nvrtc, NvrtcError, COMPRESSED, SELECTED_BWD, SELECTED_FWD};
 use crate::SysError;
 
 mod block_ids;
 mod compressed;
 mod decode;
 mod pointwise;
+mod prebuild;
 mod selected_order;
 mod window;
 pub use block_ids::{clean_block_ids, inverse_index};
@@ -51,6 +51,7 @@ pub use pointwise::{
     add_rms_norm, cmp_blocks, cmp_blocks_linear, gate_mix, gate_mix_project, pointwise_kernels,
     rms_norm, rope, swiglu, PointwiseKernels, RMS_NORM_MAX_DIM,
 };
+pub use prebuild::{finish_prebuilds, prebuild};
 use selected_order::{dq_partial_bytes, forward_partial_bytes, key_outer_batch_chunk};
 pub use selected_order::{
     set_key_outer_chunk_bytes, SelectedDq, SelectedForward, DQ_KEY_OUTER_MAX_PARTIAL_BYTES,
@@ -242,32 +243,6 @@ fn cubin(
     });
     *built = Some(Arc::clone(&image));
     Ok(image)
-}
-
-/// Starts building every kernel family for CUDA device `device`'s architecture in the
-/// background (one thread per family, [`configure`]'s options) and returns at once. Later loads
-/// take the builds (or wait for the ones still running), so a first start costs the slowest
-/// family's compile rather than all of them in turn; with a warm disk cache it reads files.
-/// Build errors surface where a loader needs that family.
-pub fn prebuild(device: usize) -> Result<(), FusedError> {
-    let arch = (
-        device_attribute(device, driver::ATTR_CC_MAJOR)?,
-        device_attribute(device, driver::ATTR_CC_MINOR)?,
-    );
-    let opts = current_options();
-    for src in ALL_SOURCES {
-        let opts = opts.clone();
-        std::thread::Builder::new()
-            .name(format!("nvrtc {}", src.name))
-            .spawn(move || {
-                let _ = cubin(&src, arch, &opts);
-            })
-            .map_err(|e| SysError::Load {
-                name: format!("a build thread for {}", src.name),
-                reason: e.to_string(),
-            })?;
-    }
-    Ok(())
 }
 
 /// [`configure`]'s options (the defaults until it is called).

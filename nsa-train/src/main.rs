@@ -286,6 +286,15 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     };
+    let result = run_command(command, &backend);
+    // Kernel builds may still run in the background (a short run that did not need every
+    // family): exit would tear NVRTC down under them and crash the finished process.
+    nsa_sys::fused::finish_prebuilds();
+    result
+}
+
+/// A command that needs libtorch's CUDA backend (loaded: `backend`).
+fn run_command(command: Command, backend: &nsa_sys::cuda::CudaBackend) -> anyhow::Result<()> {
     match command {
         Command::Env { json } => {
             let facts = snapshot::EnvSnapshot::collect();
@@ -404,7 +413,7 @@ fn main() -> anyhow::Result<()> {
             train::eval_run(&run, batches, backend.has_gpu()).map(|_| ())
         }
         Command::Generate(args) => generate::run(args, backend.has_gpu()),
-        Command::Smoke(args) => smoke::run(args, &backend),
+        Command::Smoke(args) => smoke::run(args, backend),
         Command::Check {
             gpu,
             json,
@@ -489,6 +498,8 @@ pub(crate) fn exit_if_stopped(summary: &train::Summary) -> anyhow::Result<()> {
             signals::name(sig),
             summary.steps
         );
+        // process::exit skips main's wait for background kernel builds: wait here.
+        nsa_sys::fused::finish_prebuilds();
         std::process::exit(signals::exit_code(sig));
     }
     Ok(())

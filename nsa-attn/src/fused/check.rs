@@ -154,7 +154,7 @@ pub fn check_device(option: &'static str) -> Result<Device, AttnError> {
         });
     }
     // Every kernel family compiles in the background while the first rows set up.
-    let _ = nsa_sys::fused::prebuild(0);
+    let _ = nsa_sys::fused::prebuild(0, &nsa_sys::nvrtc::ALL_SOURCES);
     Ok(Device::Cuda(0))
 }
 

@@ -160,6 +160,38 @@ fn concurrent_callers_share_one_build() {
     assert!(Arc::ptr_eq(&again, &images[0]));
 }
 
+/// `finish_prebuilds` returns only once every background build is done: the family's file is in
+/// the cache when it returns (a compile takes seconds, so a return that did not wait finds no
+/// file), no build thread is left to join, and the image is served from memory afterwards.
+#[test]
+fn finish_prebuilds_waits_for_the_background_builds() {
+    crate::cuda::load_backend().expect("libtorch backend query");
+    let scratch = tempfile::tempdir().unwrap();
+    let cache = scratch.path().join("cache");
+    let opts = FusedOptions {
+        cache_dir: Some(cache.clone()),
+    };
+    // An architecture no other test builds in this process, so the build really compiles.
+    let arch = (8, 9);
+    super::prebuild::spawn_builds(arch, &[crate::nvrtc::POINTWISE], &opts).unwrap();
+    super::finish_prebuilds();
+    let files: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].starts_with("pointwise-sm_89-") && files[0].ends_with(".cubin"));
+    // Nothing left to wait for.
+    let start = std::time::Instant::now();
+    super::finish_prebuilds();
+    assert!(start.elapsed() < std::time::Duration::from_secs(1));
+    let image = cubin(&crate::nvrtc::POINTWISE, arch, &opts).unwrap();
+    assert!(
+        !image.cached,
+        "built by the background thread, kept in memory"
+    );
+}
+
 /// SDPA without cuDNN is libtorch's SDPA (on the CPU, where cuDNN plays no part, the same
 /// bits), with GQA and with a mask; libtorch's errors come back typed; and libtorch's cuDNN
 /// switch is on again after every call, a failed one included.

@@ -47,9 +47,9 @@ pub fn load_run(
     let model_cfg = model_config(&cfg)?;
     let device = device.unwrap_or(cfg.run.device).resolve(has_gpu)?;
     if let Device::Cuda(i) = device {
-        // The kernels compile in the background (or come from the disk cache) while the
-        // checkpoint loads.
-        let _ = nsa_sys::fused::prebuild(i);
+        // The model's kernels compile in the background (or come from the disk cache) while
+        // the checkpoint loads; main waits for them before the process exits.
+        let _ = nsa_sys::fused::prebuild(i, model_cfg.kernel_sources());
     }
     let mut vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &model_cfg)?;

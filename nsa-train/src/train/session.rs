@@ -57,9 +57,10 @@ impl<'a> Session<'a> {
             (_, dev) => dev,
         };
         if let Device::Cuda(i) = device {
-            // Every kernel family compiles in the background while the model and data are set
-            // up (or comes from the disk cache); a failure shows where a family is first used.
-            let _ = nsa_sys::fused::prebuild(i);
+            // The model's kernel families compile in the background while the model and data
+            // are set up (or come from the disk cache); a failure shows where a family is first
+            // used. main waits for them before the process exits.
+            let _ = nsa_sys::fused::prebuild(i, model_cfg.kernel_sources());
         }
         let rank = launch.dist.as_ref().map_or(0, |d| d.rank);
         let world = launch.dist.as_ref().map_or(1, |d| d.world);
