@@ -6,10 +6,12 @@
 #      (configs/recall-small-short.toml, once per OUT), then each model continued at a distance
 #      at S = 1024, 4096 or 16384 (configs/recall-small-s*.toml), each evaluated by generation
 #      at 1x, 2x and 4x its length (1x and 2x from 16384); or in three stages, S = 4096
-#      continued from the S = 1024 stage instead of stage 1 (recall-4096-from-1024), and a
-#      fourth, S = 16384 continued from that S = 4096 model (recall-16384-from-4096);
+#      continued from the S = 1024 stage instead of stage 1 (recall-4096-from-1024), then
+#      S = 8192 from that model (recall-8192-from-4096, runs *-s8192-chain) and S = 16384 from
+#      the S = 8192 model (recall-16384-from-8192, runs *-s16384-chain);
 #   3. `nsa-train compare` for each: PNGs and Markdown tables under OUT/text and OUT/recall-s*
-#      (OUT/recall-s4096-from-s1024 for the three stages).
+#      (OUT/recall-s4096-from-s1024, OUT/recall-s8192-chain, OUT/recall-s16384-chain for the
+#      chained stages).
 #
 # Usage: scripts/issue15.sh SHARDS TOKENIZER OUT [WHAT [TRAIN_ARGS...]]
 #   SHARDS     folder with train/ and val/ llm.c shards (nsa-train prepare's output)
@@ -17,7 +19,8 @@
 #   OUT        results folder (runs/, logs/, evals/, text/, recall-s*/)
 #   WHAT       all (default) | text | recall | text-2048 | text-8192 | recall-1024 | recall-4096
 #              | recall-16384 | recall-4096-from-1024 (needs recall-1024's runs in OUT)
-#              | recall-16384-from-4096 (needs recall-4096-from-1024's runs in OUT)
+#              | recall-8192-from-4096 (needs recall-4096-from-1024's runs in OUT)
+#              | recall-16384-from-8192 (needs recall-8192-from-4096's runs in OUT)
 #   TRAIN_ARGS passed to every `nsa-train train` (e.g. --set run.steps=300)
 # NSA_TRAIN names the binary (default: target/release/nsa-train if built, else nsa-train on PATH);
 # ATTENTIONS the recall parts' attentions (default "nsa dense"; e.g. "nsa" to spend a short
@@ -26,14 +29,15 @@
 # The recall parts need no SHARDS or TOKENIZER (pass anything, e.g. `none none`).
 # What learns recall beyond NSA's window at S = 4096 (RESULTS.md, 2026-12-06): recall-1024, then
 # recall-4096-from-1024, both with TRAIN_ARGS --set 'model.nsa.phi="mean"'; with the default MLP
-# phi, or straight from stage 1, NSA stays near the no-binding level beyond its window.
+# phi, or straight from stage 1, NSA stays near the no-binding level beyond its window. At
+# S = 16384: recall-8192-from-4096, then recall-16384-from-8192 (same TRAIN_ARGS).
 # Parts can run in separate calls with the same OUT (each part takes a few minutes on one H200);
 # the text comparison then covers every finished text run in OUT. Checkpoints stay under
 # OUT/runs/*/checkpoints (large); everything else in OUT is small.
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-    sed -n '2,29p' "$0"
+    sed -n '2,36p' "$0"
     exit 2
 fi
 SHARDS=$1
@@ -56,8 +60,11 @@ for att in $recall_atts; do
     [[ $att == nsa || $att == dense ]] || { echo "ATTENTIONS holds nsa and/or dense, not $att" >&2; exit 2; }
 done
 # recall_from: the stage the recall runs continue (short = stage 1; s1024 = the S = 1024 stage;
-# s4096-from-s1024 = the S = 4096 stage that continued it).
+# s4096-from-s1024 = the S = 4096 stage that continued it; s8192-chain = the S = 8192 stage
+# that continued that one). stage_suffix: the new runs' names (recall-ATT-SUFFIX; default sS,
+# or sS-from-RECALL_FROM).
 recall_from=short
+stage_suffix=
 case $WHAT in
     all) text_seqs="2048 8192" recall_seqs="4096 16384" ;;
     text) text_seqs="2048 8192" recall_seqs="" ;;
@@ -65,9 +72,11 @@ case $WHAT in
     text-2048 | text-8192) text_seqs=${WHAT#text-} recall_seqs="" ;;
     recall-1024 | recall-4096 | recall-16384) text_seqs="" recall_seqs=${WHAT#recall-} ;;
     recall-4096-from-1024) text_seqs="" recall_seqs=4096 recall_from=s1024 ;;
-    recall-16384-from-4096) text_seqs="" recall_seqs=16384 recall_from=s4096-from-s1024 ;;
+    recall-8192-from-4096) text_seqs="" recall_seqs=8192 recall_from=s4096-from-s1024 stage_suffix=s8192-chain ;;
+    recall-16384-from-8192) text_seqs="" recall_seqs=16384 recall_from=s8192-chain stage_suffix=s16384-chain ;;
     *) echo "WHAT must be all, text, recall, text-2048, text-8192, recall-1024, recall-4096," \
-        "recall-16384, recall-4096-from-1024 or recall-16384-from-4096" >&2; exit 2 ;;
+        "recall-16384, recall-4096-from-1024, recall-8192-from-4096 or recall-16384-from-8192" >&2
+        exit 2 ;;
 esac
 if [[ $recall_from != short ]]; then
     for att in $recall_atts; do
@@ -143,6 +152,7 @@ if [[ -n $recall_seqs ]]; then
         # Stage 2 (or 3): each attention continues its own earlier model at length s.
         suffix=s$s
         [[ $recall_from != short ]] && suffix=s$s-from-$recall_from
+        [[ -n $stage_suffix ]] && suffix=$stage_suffix
         pair "recall-@-$suffix" "$CONFIGS/recall-small-s$s.toml" \
             --set "run.init_from=\"$RUNS/recall-@-$recall_from\""
         for att in $recall_atts; do
