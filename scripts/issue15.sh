@@ -21,6 +21,8 @@
 #              | recall-16384 | recall-4096-from-1024 (needs recall-1024's runs in OUT)
 #              | recall-8192-from-4096 (needs recall-4096-from-1024's runs in OUT)
 #              | recall-16384-from-8192 (needs recall-8192-from-4096's runs in OUT)
+#              or several of these, comma-separated, run in that order (e.g. the whole chain
+#              recall-1024,recall-4096-from-1024,recall-8192-from-4096,recall-16384-from-8192)
 #   TRAIN_ARGS passed to every `nsa-train train` (e.g. --set run.steps=300)
 # NSA_TRAIN names the binary (default: target/release/nsa-train if built, else nsa-train on PATH);
 # ATTENTIONS the recall parts' attentions (default "nsa dense"; e.g. "nsa" to spend a short
@@ -37,7 +39,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-    sed -n '2,36p' "$0"
+    sed -n '2,38p' "$0"
     exit 2
 fi
 SHARDS=$1
@@ -46,6 +48,12 @@ OUT=$3
 WHAT=${4:-all}
 shift $(($# < 4 ? $# : 4))
 EXTRA=("$@")
+if [[ $WHAT == *,* ]]; then
+    for part in ${WHAT//,/ }; do
+        "$0" "$SHARDS" "$TOKENIZER" "$OUT" "$part" ${EXTRA[@]+"${EXTRA[@]}"} || exit
+    done
+    exit 0
+fi
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 CONFIGS=$HERE/configs
 if [[ -n "${NSA_TRAIN:-}" ]]; then
