@@ -228,6 +228,7 @@ pub fn decode_check() -> Result<Vec<CheckRow>, AttnError> {
     let device = crate::fused::check_device("decode_check")?;
     let mut rows = rows_on(device);
     rows.extend(decode_kernel_rows(device));
+    nsa_sys::fused::finish_prebuilds();
     Ok(rows)
 }
 

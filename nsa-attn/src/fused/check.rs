@@ -137,6 +137,8 @@ pub fn gpu_check_parts(parts: &[CheckPart]) -> Result<Vec<CheckRow>, AttnError> 
     if parts.contains(&CheckPart::Sync) {
         rows.extend(sync_check::check_rows(device));
     }
+    // The families these parts did not load may still be compiling (check_device started them).
+    nsa_sys::fused::finish_prebuilds();
     Ok(rows)
 }
 
@@ -153,7 +155,9 @@ pub fn check_device(option: &'static str) -> Result<Device, AttnError> {
             reason: format!("needs a CUDA device: {backend}"),
         });
     }
-    // Every kernel family compiles in the background while the first rows set up.
+    // Every kernel family compiles in the background while the first rows set up; each check
+    // joins the builds before it returns (nsa_sys::fused::finish_prebuilds), so a test binary
+    // that ends after one check never exits under a running compile.
     let _ = nsa_sys::fused::prebuild(0, &nsa_sys::nvrtc::ALL_SOURCES);
     Ok(Device::Cuda(0))
 }

@@ -173,6 +173,7 @@ pub fn decode_graph_check() -> Result<Vec<CheckRow>, ModelError> {
             }));
         }
     }
+    nsa_sys::fused::finish_prebuilds();
     Ok(rows)
 }
 
