@@ -247,18 +247,19 @@ fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) ->
         )?;
         Ok(())
     })?;
-    let cell = |t: &Option<Timing>| t.as_ref().map_or("–".to_string(), Timing::cell);
+    // The attention columns to the microsecond: a step takes tens of them.
+    let cell = |t: &Option<Timing>| t.as_ref().map_or("–".to_string(), |t| t.cell_to(3));
     let ratio = graph.as_ref().map_or("–".to_string(), |g| {
         format!("{:.1}", dense.median.min(dense_pick.median) / g.median)
     });
     Ok(format!(
         "{} | {} | {} | {} | {} | {} | {ratio} | {keys_read:.0} | {s} | {:.2}",
         nsa.cell(),
-        cell(&layer_graph),
+        layer_graph.as_ref().map_or("–".to_string(), Timing::cell),
         cell(&kernels),
         cell(&graph),
-        dense.cell(),
-        dense_pick.cell(),
+        dense.cell_to(3),
+        dense_pick.cell_to(3),
         cache.bytes() as f64 / 1e9
     ))
 }
