@@ -361,6 +361,13 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
             vec![700, 1100, 1150],
         ),
         (
+            // 326 selection blocks at l' = 8 (an eighth of a tile) and 16 picks.
+            "per-branch K/V l=8 d=4 l'=8 n=16 w=24",
+            check_config((false, Phi::Mlp, CmpRope::Raw), (8, 4, 8, 16, 24)),
+            2600,
+            vec![2200, 2400, 2550],
+        ),
+        (
             "G=3 dk=dv=64 l=16 d=8 l'=32 n=3 w=40",
             NsaConfig {
                 heads: 6,
