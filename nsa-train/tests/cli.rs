@@ -9,10 +9,7 @@ use common::{err, losses, ok, run, scratch, strs, tiny};
 
 #[test]
 fn resume_continues_bit_exactly() {
-    let tmp = tempfile::Builder::new()
-        .prefix("nsa-train-cli-resume-")
-        .tempdir()
-        .unwrap();
+    let tmp = scratch("nsa-train-cli-resume-");
     let out = tmp.path().to_path_buf();
     let mut a = vec!["train".to_string()];
     a.extend(tiny(&out, "straight", 6));
@@ -115,10 +112,7 @@ fn resume_continues_bit_exactly() {
 
 #[test]
 fn bad_input_is_named() {
-    let tmp = tempfile::Builder::new()
-        .prefix("nsa-train-cli-bad-")
-        .tempdir()
-        .unwrap();
+    let tmp = scratch("nsa-train-cli-bad-");
     let out = tmp.path().to_path_buf();
     let e = err(&run(&strs(&["train", "--set", "optim.lrr=1", "--dry-run"])));
     assert!(e.contains("lrr"), "{e}");
@@ -192,10 +186,7 @@ fn bad_input_is_named() {
 
 #[test]
 fn data_parallel_world_size_one_matches_a_plain_run() {
-    let tmp = tempfile::Builder::new()
-        .prefix("nsa-train-cli-ddp1-")
-        .tempdir()
-        .unwrap();
+    let tmp = scratch("nsa-train-cli-ddp1-");
     let out = tmp.path().to_path_buf();
     let mut plain = vec!["train".to_string()];
     plain.extend(tiny(&out, "plain", 4));

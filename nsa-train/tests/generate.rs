@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{err, ok, run, strs, tiny};
+use common::{err, ok, run, scratch, sets, strs, tiny};
 
 /// A `tiny` run of 3 steps named `name` under `out`, with `extra` arguments.
 fn trained(out: &Path, name: &str, extra: &[String]) -> std::path::PathBuf {
@@ -16,20 +16,9 @@ fn trained(out: &Path, name: &str, extra: &[String]) -> std::path::PathBuf {
     out.join(name)
 }
 
-/// `--set` before each of `pairs`.
-fn sets(pairs: &[String]) -> Vec<String> {
-    pairs
-        .iter()
-        .flat_map(|s| ["--set".to_string(), s.clone()])
-        .collect()
-}
-
 #[test]
 fn generate_streams_text_from_nsa_and_dense_byte_runs() {
-    let tmp = tempfile::Builder::new()
-        .prefix("nsa-train-cli-generate-")
-        .tempdir()
-        .unwrap();
+    let tmp = scratch("nsa-train-cli-generate-");
     let out = tmp.path().to_path_buf();
     let corpus = out.join("corpus.txt");
     std::fs::write(
@@ -109,10 +98,7 @@ fn generate_streams_text_from_nsa_and_dense_byte_runs() {
 
 #[test]
 fn generate_names_bad_input() {
-    let tmp = tempfile::Builder::new()
-        .prefix("nsa-train-cli-generate-bad-")
-        .tempdir()
-        .unwrap();
+    let tmp = scratch("nsa-train-cli-generate-bad-");
     let out = tmp.path().to_path_buf();
     let dir = trained(&out, "recall", &[]).display().to_string();
     let generate = |extra: &[&str]| {
@@ -191,10 +177,7 @@ fn generate_names_bad_input() {
 
 #[test]
 fn eval_scores_retrieval_by_generation() {
-    let tmp = tempfile::Builder::new()
-        .prefix("nsa-train-cli-eval-task-")
-        .tempdir()
-        .unwrap();
+    let tmp = scratch("nsa-train-cli-eval-task-");
     let out = tmp.path().to_path_buf();
     let dir = trained(&out, "recall", &[]).display().to_string();
     let text = ok(&run(&strs(&[

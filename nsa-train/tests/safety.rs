@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{bin, err, ok, run, strs, tiny};
+use common::{bin, err, ok, run, scratch, strs, tiny};
 
 fn train(out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
     let mut a = vec!["train".to_string()];
@@ -451,10 +451,7 @@ fn impossible_sizes_and_small_lies_are_errors() {
 
 #[test]
 fn profile_through_the_last_step_writes_its_trace_and_exits_cleanly() {
-    let tmp = tempfile::Builder::new()
-        .prefix("nsa-train-cli-profile-")
-        .tempdir()
-        .unwrap();
+    let tmp = scratch("nsa-train-cli-profile-");
     // Steps are numbered as logged (1 .. 3): the range ends on the run's last step, which once
     // left the profiler running and crashed the process at exit.
     let mut a = vec!["train".to_string()];

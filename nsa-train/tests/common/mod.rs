@@ -50,7 +50,7 @@ pub fn err(out: &Output) -> String {
 /// `--set` flags of a tiny, fast CPU training run: every NSA branch runs (S = 64 > w = 32 >
 /// l' = 16).
 pub fn tiny(out: &Path, name: &str, steps: u64) -> Vec<String> {
-    [
+    sets(&[
         format!("run.out_dir={:?}", out.display().to_string()),
         format!("run.name={name:?}"),
         format!("run.steps={steps}"),
@@ -62,10 +62,15 @@ pub fn tiny(out: &Path, name: &str, steps: u64) -> Vec<String> {
         "data.recall_pairs=4".into(),
         "data.seq_len=64".into(),
         "data.batch_size=4".into(),
-    ]
-    .into_iter()
-    .flat_map(|s| ["--set".to_string(), s])
-    .collect()
+    ])
+}
+
+/// `--set` before each of `pairs`.
+pub fn sets(pairs: &[String]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|s| ["--set".to_string(), s.clone()])
+        .collect()
 }
 
 /// A scratch folder for one test, named with `prefix` (removed when dropped).
