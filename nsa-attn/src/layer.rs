@@ -109,6 +109,8 @@ pub struct BranchOutputs {
     pub blocks: Tensor,
     /// The layer output `W_o(Σ_c g_c · o_c)`, `[B, S, dim]`.
     pub output: Tensor,
+    /// The queries, keys and values the branches attended, as the path projected them.
+    pub projections: Projections,
 }
 
 /// The queries, keys and values of every branch for one input (after RoPE and compression).
@@ -129,6 +131,21 @@ pub struct Projections {
     pub win_k: Tensor,
     /// Window values `[B, S, Hkv, dv]`.
     pub win_v: Tensor,
+}
+
+impl Projections {
+    /// The same tensors, shared (no copy).
+    fn shallow_clone(&self) -> Projections {
+        Projections {
+            q: self.q.shallow_clone(),
+            cmp_k: self.cmp_k.shallow_clone(),
+            cmp_v: self.cmp_v.shallow_clone(),
+            slc_k: self.slc_k.shallow_clone(),
+            slc_v: self.slc_v.shallow_clone(),
+            win_k: self.win_k.shallow_clone(),
+            win_v: self.win_v.shallow_clone(),
+        }
+    }
 }
 
 /// Queries and raw per-projection keys/values (see [`NsaAttention::project_raw`]).
@@ -386,7 +403,8 @@ impl NsaAttention {
         Ok(self.forward_branches(x, opts)?.output)
     }
 
-    /// The layer output together with every branch's output, the gates and the selection.
+    /// The layer output together with every branch's output, the gates, the selection and the
+    /// projections.
     pub fn forward_branches(
         &self,
         x: &Tensor,
@@ -566,6 +584,7 @@ impl NsaAttention {
             gates,
             blocks,
             output,
+            projections: p.shallow_clone(),
         })
     }
 }

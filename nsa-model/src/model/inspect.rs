@@ -2,7 +2,7 @@
 //! queries and compressed keys, each branch's output, the gates and the selection — for
 //! diagnostics such as `nsa-train eval --inspect` (where the branches look, and how much each
 //! one contributes), not for training.
-use nsa_attn::{BranchOutputs, ForwardOpts, Projections};
+use nsa_attn::{BranchOutputs, ForwardOpts};
 use tch::Tensor;
 
 use super::Model;
@@ -13,9 +13,8 @@ use crate::config::ModelError;
 pub struct LayerInspection {
     /// The block's index in the stack (0-based).
     pub block: usize,
-    /// The queries and every branch's keys and values (after RoPE and compression).
-    pub projections: Projections,
-    /// The branch outputs before gating, the gates, the selected blocks and the output.
+    /// The branch outputs before gating, the gates, the selected blocks, the output, and the
+    /// queries and every branch's keys and values they attended (after RoPE and compression).
     pub branches: BranchOutputs,
 }
 
@@ -34,14 +33,9 @@ impl Model {
         let (h, rope) = self.embed_and_rope(tokens, opts)?;
         let mut layers = Vec::new();
         let logits = self.forward_in_decode_order(h, rope.as_ref(), opts, |block, attn, x| {
-            let projections = attn.project(x)?;
             let branches = attn.forward_branches(x, opts)?;
             let output = branches.output.shallow_clone();
-            layers.push(LayerInspection {
-                block,
-                projections,
-                branches,
-            });
+            layers.push(LayerInspection { block, branches });
             Ok(output)
         })?;
         Ok((logits, layers))
@@ -81,7 +75,10 @@ mod tests {
             let h = cfg.n_heads;
             for (i, layer) in layers.iter().enumerate() {
                 assert_eq!(layer.block, i);
-                assert_eq!(layer.projections.q.size(), [b, s, h, cfg.head_dim_k]);
+                assert_eq!(
+                    layer.branches.projections.q.size(),
+                    [b, s, h, cfg.head_dim_k]
+                );
                 let g = &layer.branches.gates;
                 assert_eq!(g.size(), [b, s, h, 3]);
                 let (lo, hi) = (g.min().double_value(&[]), g.max().double_value(&[]));

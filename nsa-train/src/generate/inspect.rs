@@ -268,11 +268,8 @@ fn inspect_batch(
         let blocks = Vec::<i64>::try_from(br.blocks.f_flatten(0, -1)?)?;
         let per_token = blocks.len() / (b * len);
         // Selection scores of the rows t0.. only: [B, T, Hkv, Nb].
-        let q = layer
-            .projections
-            .q
-            .f_narrow(1, t0 as i64, (len - t0) as i64)?;
-        let p = nsa_select::compressed_probs(&q, &layer.projections.cmp_k, t0 as i64, sel)
+        let q = br.projections.q.f_narrow(1, t0 as i64, (len - t0) as i64)?;
+        let p = nsa_select::compressed_probs(&q, &br.projections.cmp_k, t0 as i64, sel)
             .context("the compressed probabilities of the answers")?;
         let scores = nsa_select::block_scores(&p, (heads / groups) as i64, num_blocks as i64, sel)
             .context("the selection scores of the answers")?;
