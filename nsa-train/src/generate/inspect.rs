@@ -21,7 +21,7 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::retrieval::{held_out, key_position, RetrievalTask};
+use super::retrieval::{held_out, key_position, value_block, RetrievalTask};
 use crate::data::IGNORE;
 use crate::train::{forward_opts, LoadedRun};
 
@@ -286,7 +286,7 @@ fn inspect_batch(
                 sums.gate_sum[c] += f64::from(gates[at * 3 + c]);
                 sums.contribution_sum[c] += f64::from(contributions[at * 3 + c]);
             }
-            let value_block = (s.key + 1) / block_len;
+            let value_block = value_block(s.key, block_len);
             let ids = &blocks[at * per_token..(at + 1) * per_token];
             sums.value_selected += usize::from(ids.contains(&(value_block as i64)));
             let visible = s.t / block_len + 1;

@@ -264,6 +264,12 @@ pub fn distance_buckets(len: usize, buckets: usize) -> Vec<DistanceBucket> {
         .collect()
 }
 
+/// The selection block (of `l'` = `block_len` tokens) that holds the value of the key at
+/// `key`: the value is the token after its key.
+pub(crate) fn value_block(key: usize, block_len: usize) -> usize {
+    (key + 1) / block_len
+}
+
 /// Where the key an answer at `t` asks for occurred: the latest `p < t - 1` with
 /// `tokens[p] == tokens[t]` (the key, fed at `t`) and `tokens[p + 1] == answer`.
 pub(crate) fn key_position(tokens: &[i64], t: usize, answer: i64) -> Option<usize> {
@@ -417,7 +423,7 @@ fn score_batch(
                     let answer = targets[row * len + t];
                     let row_tokens = &tokens[row * len..(row + 1) * len];
                     let key = key_position(row_tokens, t, answer);
-                    let value_block = key.map(|p| ((p + 1) / block_len) as i64);
+                    let value_block = key.map(|p| value_block(p, block_len) as i64);
                     let value_block_selected = host_blocks
                         .iter()
                         .map(|sel| {
