@@ -16,9 +16,10 @@
 //   the partials' (m, l) into each head's log2-sum-exp lse2.
 // nsa_dec_scores: grid (1, Hkv, B), 1024 threads. Eq. 8 (p = exp2(s - lse2)), Eq. 10 (sum over
 //   the group's heads, in head order) and Eq. 9 (the overlap taps) for every selection block
-//   into shared memory, then Eq. 11's top n with the forced blocks (select.cuh's radix select:
-//   the rule the training kernel uses, in a few CTA-wide passes); writes the ids [B, Hkv, n]
-//   ascending, -1 padded.
+//   into shared memory, then Eq. 11's top n with the forced blocks (select.cuh's
+//   select_top_n_warps: the training kernel's rule (ForcedBlocks), each warp's best 32 kept by
+//   bitonic steps and the warps' lists merged pairwise); writes the ids [B, Hkv, n] ascending,
+//   -1 padded.
 // nsa_dec_attend_{bf16_dk64, ..., f32} (and _warp_dk{dk}_dv{dv}): grid (parts_slc + parts_win,
 //   Hkv, B). The same partial over selected tiles (tile y: block ids[y / tpb], keys id * l' + (y % tpb) * 64 + u <= t of
 //   the raw buffer) or window tiles (tile y: positions t + 1 - min(w, t + 1) + y * 64 + u <= t,
@@ -137,15 +138,16 @@ __device__ void dec_cmp(const T* __restrict__ q, const T* __restrict__ ck,
 // per (b, g): no hand-off between CTAs (no fence, no ticket), and the top-n's passes run with a
 // block or two per thread. Blocks 0 .. cur in chunks of NSA_DEC_SCORE_THREADS: the chunk's
 // compressed tokens' p summed over the group's heads in head order (Eq. 10) into pc, then each
-// thread folds its block's taps (Eq. 9) into sc. Shared: lse2 [64], the top-n's work
-// [NSA_SELECT_WORK] ints, pc [NSA_DEC_SCORE_THREADS * step + count], sc [nb] floats.
+// thread folds its block's taps (Eq. 9) into sc. Shared: lse2 [64] floats, the top-n's work
+// [NSA_SELECT_WORK] unsigned long longs, pc [NSA_DEC_SCORE_THREADS * step + count] and sc [nb]
+// floats.
 __device__ void dec_scores(const long long* __restrict__ positions,
                            const float* __restrict__ scores, const float* __restrict__ lse2,
                            long long* __restrict__ ids, const DecodeArgs a) {
   extern __shared__ __align__(16) unsigned char smraw[];
   constexpr int CH = NSA_DEC_SCORE_THREADS;
   float* lse2s = reinterpret_cast<float*>(smraw);
-  int* work = reinterpret_cast<int*>(lse2s + DECODE_MAX_HPG);
+  auto* work = reinterpret_cast<unsigned long long*>(lse2s + DECODE_MAX_HPG);
   float* pc = reinterpret_cast<float*>(work + NSA_SELECT_WORK);
   const Taps& tp = a.taps;
   float* sc = pc + CH * tp.step + tp.count;
@@ -178,7 +180,7 @@ __device__ void dec_scores(const long long* __restrict__ positions,
     }
   }
   __syncthreads();
-  select_top_n_radix(sc, cur, a.n, a.n_local, ids + bg * a.n, work);
+  select_top_n_warps(sc, cur, a.n, a.n_local, ids + bg * a.n, work);
 }
 
 template <typename T, int DK, int DV>

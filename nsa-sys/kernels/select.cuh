@@ -94,141 +94,90 @@ struct TopListWarp {
   }
 };
 
-// Exclusive prefix sum of v over the CTA's threads in thread order, and the total. Shared:
-// sums [32]. Every thread calls it; it synchronises.
-__device__ __forceinline__ int cta_exclusive_scan(int v, int* sums, int& total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  int inc = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += y;
-  }
-  if (lane == 31) sums[warp] = inc;
-  __syncthreads();
-  int before = 0;
-  total = 0;
-  for (int w = 0; w < warps; ++w) {
-    const int x = sums[w];
-    before += w < warp ? x : 0;
-    total += x;
-  }
-  __syncthreads();  // sums free for the next scan
-  return before + inc - v;
+// Bitonic steps over one u64 key per lane, the largest first. warp_sort_desc sorts the warp's
+// 32 keys; warp_merge_desc returns the 32 largest of two such sorted lists (the first held, the
+// second read lane for lane): the elementwise max of one list and the other reversed is a
+// bitonic sequence holding the union's 32 largest, which five steps sort.
+__device__ __forceinline__ unsigned long long warp_bitonic_step(unsigned long long k, int stride,
+                                                                bool keep_max) {
+  const unsigned long long o = __shfl_xor_sync(0xffffffffu, k, stride);
+  return keep_max == (o > k) ? o : k;
 }
 
-// Ints of shared work select_top_n_radix needs: a 256-bin histogram, the scan's 32 sums, and 4
-// broadcast slots.
-#define NSA_SELECT_WORK (256 + 32 + 4)
+__device__ __forceinline__ unsigned long long warp_sort_desc(unsigned long long k, int lane) {
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      // Runs of `size` alternate direction (descending where lane & size is 0, so the last,
+      // of 32, descends); the lower lane of a pair keeps the larger key in a descending run.
+      k = warp_bitonic_step(k, stride, ((lane & stride) == 0) == ((lane & size) == 0));
+    }
+  }
+  return k;
+}
+
+__device__ __forceinline__ unsigned long long warp_merge_desc(unsigned long long a,
+                                                              unsigned long long b, int lane) {
+  const unsigned long long rb = __shfl_sync(0xffffffffu, b, 31 - lane);
+  unsigned long long k = a > rb ? a : rb;
+#pragma unroll
+  for (int stride = 16; stride > 0; stride >>= 1) k = warp_bitonic_step(k, stride, (lane & stride) == 0);
+  return k;
+}
+
+// Unsigned long longs of shared work select_top_n_warps needs: a list of 32 keys per warp.
+#define NSA_SELECT_WORK (32 * 32)
 
 // Eq. 11 for one token whose current block is cur, by a whole CTA (every thread calls it; it
-// synchronises): ForcedBlocks' rule with kmax = min(n, cur + 1). `sc` holds
-// the scores of blocks 0 .. cur (>= 0; read only). The rem-th best candidate is found by a
-// radix select on the scores' bits (4 passes of 8 bits: a histogram, then one warp finds the
-// bin), so the cost is a few passes over the blocks instead of a pass per pick; the picks are
-// written ascending by a CTA-wide scan. dst[0 .. n): the picks ascending, then -1. Shared:
-// work [NSA_SELECT_WORK] ints.
-__device__ __forceinline__ void select_top_n_radix(const float* sc, int cur, int n, int n_local,
-                                                   long long* dst, int* work) {
-  const int tid = threadIdx.x, threads = blockDim.x, lane = tid % 32, warp = tid / 32;
-  int* hist = work;
-  int* sums = work + 256;
-  int* bc = work + 288;
+// synchronises): ForcedBlocks' rule with kmax = min(n, cur + 1), n <= 32. `sc` holds the scores
+// of blocks 0 .. cur (read only). Each candidate becomes one u64 key, its score's bits (a
+// score >= 0 compares as its bits; +0 and -0 both as 0) above its block's complement, so that
+// the larger key is the better pick with ties to the lower block, and every key is distinct;
+// anything else (forced blocks, NaN, negative scores, lanes past cur) is key 0, below every
+// candidate. Each warp sorts chunks of 32 blocks by bitonic steps and keeps the 32 best keys it
+// has seen; the warps' lists are merged pairwise in shared memory, and warp 0 takes the first
+// rem of the last list that are candidates. A few dozen shuffles per warp and log2(warps)
+// barriers, however many blocks. dst[0 .. n): the picks ascending, then -1. Shared: work
+// [NSA_SELECT_WORK] unsigned long longs.
+__device__ __forceinline__ void select_top_n_warps(const float* sc, int cur, int n, int n_local,
+                                                   long long* dst, unsigned long long* work) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int nb = cur + 1;
   const ForcedBlocks fb(cur, n_local, min(n, nb));
-  const int rem = fb.rem;
-  // Blocks 0 .. cur: forced unless a candidate; a candidate with a score (never NaN).
-  const auto forced = [&](int j) { return !fb.candidate(j); };
-  const auto cand = [&](int j) { return fb.candidate(j) && sc[j] >= 0.f; };
-  const auto key = [&](int j) { const float v = sc[j]; return v > 0.f ? __float_as_uint(v) : 0u; };
-  // Contiguous shares, so that the scans below run in block order.
-  const int per = (nb + threads - 1) / threads;
-  const int lo = min(nb, tid * per), hi = min(nb, lo + per);
-
-  int total = 0;
-  int mine = 0;
-  for (int j = lo; j < hi; ++j) mine += cand(j);
-  cta_exclusive_scan(mine, sums, total);
-  const bool take_all = rem > 0 && total <= rem;
-  unsigned thr = 0u;  // the rem-th best candidate's key
-  int k_eq = 0;       // candidates with key == thr to take (the lowest blocks)
-  if (rem > 0 && !take_all) {
-    unsigned prefix = 0u;
-    int k = rem;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int i = tid; i < 256; i += threads) hist[i] = 0;
-      __syncthreads();
-      const unsigned hmask = shift == 24 ? 0u : 0xffffffffu << (shift + 8);
-      // Lanes with the same bin add once (scores share their high bits: one address would
-      // otherwise take every lane's atomic in turn); every lane runs `per` rounds.
-      for (int i = 0; i < per; ++i) {
-        const int j = lo + i;
-        bool in = j < hi && cand(j);
-        unsigned bin = 256u;
-        if (in) {
-          const unsigned kj = key(j);
-          in = (kj & hmask) == prefix;
-          bin = in ? (kj >> shift) & 255u : 256u;
-        }
-        const unsigned same = __match_any_sync(0xffffffffu, bin);
-        if (in && lane == __ffs(same) - 1) atomicAdd(hist + bin, __popc(same));
-      }
-      __syncthreads();
-      if (warp == 0) {
-        // Lane s holds bins 255 - 8s .. 248 - 8s, highest first; an inclusive scan from the top.
-        int cnt[8], local = 0;
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-          cnt[r] = hist[255 - 8 * lane - r];
-          local += cnt[r];
-        }
-        int inc = local;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const int y = __shfl_up_sync(0xffffffffu, inc, o);
-          if (lane >= o) inc += y;
-        }
-        int run = inc - local;
-        if (run < k && k <= inc) {
-#pragma unroll
-          for (int r = 0; r < 8; ++r) {
-            if (run < k && k <= run + cnt[r]) {
-              bc[0] = (int)(prefix | ((unsigned)(255 - 8 * lane - r) << shift));
-              bc[1] = k - run;
-            }
-            run += cnt[r];
-          }
+  unsigned long long list = 0ull;
+  if (fb.rem > 0) {  // uniform: every barrier below is reached by all threads or none
+    for (int c = warp; c * 32 < nb; c += warps) {
+      const int j = c * 32 + lane;
+      unsigned long long k = 0ull;
+      if (j < nb && fb.candidate(j)) {
+        const float v = sc[j];
+        if (v >= 0.f) {
+          const unsigned bits = v > 0.f ? __float_as_uint(v) : 0u;
+          k = (unsigned long long)bits << 32 | (unsigned long long)(~(unsigned)j);
         }
       }
-      __syncthreads();
-      prefix = (unsigned)bc[0];
-      k = bc[1];
+      k = warp_sort_desc(k, lane);
+      list = c == warp ? k : warp_merge_desc(list, k, lane);
     }
-    thr = prefix;
-    k_eq = k;
+    work[warp * 32 + lane] = list;
+    for (int span = 1; span < warps; span <<= 1) {
+      __syncthreads();
+      if (warp % (2 * span) == 0 && warp + span < warps) {
+        list = warp_merge_desc(list, work[(warp + span) * 32 + lane], lane);
+        work[warp * 32 + lane] = list;
+      }
+    }
   }
-  // Ties at the threshold go to the lowest blocks: rank them in block order.
-  int eq = 0;
-  if (rem > 0 && !take_all) {
-    for (int j = lo; j < hi; ++j) eq += cand(j) && key(j) == thr;
-  }
-  int eq_rank = cta_exclusive_scan(eq, sums, total);
-  const auto picked = [&](int j, int& rank) {
-    if (forced(j)) return true;
-    if (rem <= 0 || !cand(j)) return false;
-    if (take_all) return true;
-    const unsigned kj = key(j);
-    if (kj > thr) return true;
-    return kj == thr && rank++ < k_eq;
-  };
-  int count = 0, r0 = eq_rank;
-  for (int j = lo; j < hi; ++j) count += picked(j, r0);
-  int pos = cta_exclusive_scan(count, sums, total);
-  r0 = eq_rank;
-  for (int j = lo; j < hi; ++j) {
-    if (picked(j, r0)) dst[pos++] = j;
-  }
-  for (int s = total + tid; s < n; s += threads) dst[s] = -1;
+  if (warp != 0) return;
+  const bool pick = lane < fb.rem && list != 0ull;
+  const int count = __popc(__ballot_sync(0xffffffffu, pick));
+  // Lanes 0 .. fc - 1 the forced blocks (block 0, then the band), then the picks in list order.
+  const int fc = 1 + fb.nband;
+  const unsigned long long from = __shfl_sync(0xffffffffu, list, max(0, min(lane - fc, 31)));
+  const long long picked = (long long)(~(unsigned)(from & 0xffffffffull));
+  const long long mine = lane == 0 ? 0 : lane < fc ? fb.band0 + lane - 1 : picked;
+  select_write(mine, fc + count, n, dst, lane);
 }
 
 }  // namespace nsa

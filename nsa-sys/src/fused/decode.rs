@@ -36,14 +36,15 @@ const SCORE_THREADS: u32 = 1024;
 const THREADS: u32 = 128;
 /// Most query heads per K/V head (four warps of 16 rows).
 pub const DECODE_MAX_GROUP: i64 = 64;
-/// Most blocks per token (`select_top_n_warp`: one lane per pick).
+/// Most blocks per token (`select_top_n_warps`: one lane per pick).
 pub const DECODE_MAX_TOP_N: i64 = 32;
 /// Most overlap taps (`NSA_MAX_TAPS`).
 const MAX_TAPS: usize = 32;
 /// Largest value head size (the combine kernel's thread per four columns).
 pub const DECODE_MAX_DV: i64 = 4 * THREADS as i64;
-/// Shared ints of the top-n (`NSA_SELECT_WORK`, select.cuh).
-const SELECT_WORK: i64 = 256 + 32 + 4;
+/// Shared bytes of the top-n (`NSA_SELECT_WORK` unsigned long longs, select.cuh: one list of
+/// 32 keys per warp).
+const SELECT_WORK_BYTES: i64 = 8 * 32 * 32;
 /// The decode kernels of one device: `cmp` and `attend` indexed bf16 dk 64, 128, 192, then
 /// fp32 (any dk); their warp-level forms (bf16, groups up to 16 heads) indexed
 /// `3 · dk index + dv index` over [`MMA_HEAD_DIMS`]; `combine` bf16, fp32.
@@ -450,8 +451,8 @@ impl DecodeStep {
         let parts_win = (chunks_win + tpc_att - 1) / tpc_att;
         let parts = parts_cmp + parts_slc + parts_win;
         let span = i64::from(SCORE_THREADS) * sel.tap_step + sel.tap_weights.len() as i64;
-        // lse2 [64], the top-n's work (NSA_SELECT_WORK ints), the p sums, the block scores.
-        let score_smem = 4 * (DECODE_MAX_GROUP + SELECT_WORK + span + nb);
+        // lse2 [64], the top-n's work, the p sums, the block scores.
+        let score_smem = 4 * (DECODE_MAX_GROUP + span + nb) + SELECT_WORK_BYTES;
         // Partial weights [P], then the partial sums [parts][dv].
         let sums = (i64::from(THREADS) / (dv / 4)).max(1);
         let combine_smem = 4 * ((parts + 3) / 4 * 4 + sums * dv);
