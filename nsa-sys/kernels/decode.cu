@@ -14,12 +14,13 @@
 //   (max m, sum l of exp2(s - m), o = sum exp2(s - m) v). The last CTA of each (b, g) to finish
 //   (a ticket counter, reset by that CTA, so the kernel can be replayed in a CUDA graph) merges
 //   the partials' (m, l) into each head's log2-sum-exp lse2.
-// nsa_dec_scores: grid (1, Hkv, B), 1024 threads. Eq. 8 (p = exp2(s - lse2)), Eq. 10 (sum over
-//   the group's heads, in head order) and Eq. 9 (the overlap taps) for every selection block
-//   into shared memory, then Eq. 11's top n with the forced blocks (select.cuh's
-//   select_top_n_warps: the training kernel's rule (ForcedBlocks), each warp's best 32 kept by
-//   bitonic steps and the warps' lists merged pairwise); writes the ids [B, Hkv, n] ascending,
-//   -1 padded.
+// nsa_dec_scores: grid (sel_slices, Hkv, B), NSA_DEC_SCORE_THREADS threads. Eq. 8 (p = exp2(s -
+//   lse2)), Eq. 10 (sum over the group's heads, in head order) and Eq. 9 (the overlap taps) for
+//   a slice of the selection blocks into shared memory, then the slice's best candidates
+//   (select.cuh's cta_top_keys: each warp's best 32 kept by bitonic steps, the warps' lists
+//   merged pairwise); the last slice to finish merges the slices' lists and writes Eq. 11's top
+//   n with the forced blocks (ForcedBlocks, the training kernel's rule): ids [B, Hkv, n]
+//   ascending, -1 padded.
 // nsa_dec_attend_{bf16_dk64, ..., f32} (and _warp_dk{dk}_dv{dv}): grid (parts_slc + parts_win,
 //   Hkv, B). The same partial over selected tiles (tile y: block ids[y / tpb], keys id * l' + (y % tpb) * 64 + u <= t of
 //   the raw buffer) or window tiles (tile y: positions t + 1 - min(w, t + 1) + y * 64 + u <= t,
@@ -34,7 +35,8 @@
 // [B, Hkv * hpg, 3] (cmp, slc, win); out [B, Hkv * hpg, dv]; partials: ml fp32 [B, Hkv, P, hpg, 2]
 // and o fp32 [B, Hkv, P, hpg, dv] with P = parts_cmp + parts_slc + parts_win (that order);
 // scores fp32 [B, Hkv, hpg, nc]; lse2 fp32 [B, Hkv, hpg]; tickets int32 [B, Hkv] (zero between
-// launches); ids int64 [B, Hkv, n].
+// launches; the compressed and the selection kernels count on them in turn); lists u64 [B, Hkv,
+// sel_slices, 32]; ids int64 [B, Hkv, n].
 //
 // Shared memory of the CTA-wide tile kernels (bytes, the host's tile_smem; the warp-level ones:
 // decode_tiles.cuh and warp_tile_smem): Q [HR][QS], K [nbuf][64][QS] (bf16 QS = dk + 8, fp32 dk + 1), V [nbuf][64][VS] (bf16 dv + 8, fp32 dv + 1),
@@ -134,32 +136,38 @@ __device__ void dec_cmp(const T* __restrict__ q, const T* __restrict__ ck,
   if (h < a.hpg && sub == 0) lse2[bg * a.hpg + h] = m > -INFINITY ? m + __log2f(l) : -INFINITY;
 }
 
-// Eqs. 8-11 from the scores and lse2 of dec_cmp, by one CTA of NSA_DEC_SCORE_THREADS threads
-// per (b, g): no hand-off between CTAs (no fence, no ticket), and the top-n's passes run with a
-// block or two per thread. Blocks 0 .. cur in chunks of NSA_DEC_SCORE_THREADS: the chunk's
-// compressed tokens' p summed over the group's heads in head order (Eq. 10) into pc, then each
-// thread folds its block's taps (Eq. 9) into sc. Shared: lse2 [64] floats, the top-n's work
-// [NSA_SELECT_WORK] unsigned long longs, pc [NSA_DEC_SCORE_THREADS * step + count] and sc [nb]
-// floats.
+// Eqs. 8-11 from the scores and lse2 of dec_cmp, by `sel_slices` CTAs of NSA_DEC_SCORE_THREADS
+// threads per (b, g), CTA x taking selection blocks x * slice_blocks .. (the host sizes the
+// slices so that the grid fills the device once). The slice's blocks in chunks of
+// NSA_DEC_SCORE_THREADS: the chunk's compressed tokens' p summed over the group's heads in head
+// order (Eq. 10) into pc, then each thread folds its block's taps (Eq. 9) into sc. The slice's
+// 32 best keys (cta_top_keys) go to `lists` [B, Hkv, sel_slices, 32]; the last CTA of the (b, g)
+// to finish (the cmp kernel's ticket, which it left at zero) merges them and writes the picks.
+// One slice skips the hand-off. Shared: lse2 [64] floats, the top-n's work
+// [NSA_SELECT_WORK(warps)] unsigned long longs, pc [NSA_DEC_SCORE_THREADS * step + count] and sc
+// [slice_blocks] floats.
 __device__ void dec_scores(const long long* __restrict__ positions,
                            const float* __restrict__ scores, const float* __restrict__ lse2,
+                           unsigned long long* __restrict__ lists, int* __restrict__ tickets,
                            long long* __restrict__ ids, const DecodeArgs a) {
   extern __shared__ __align__(16) unsigned char smraw[];
   constexpr int CH = NSA_DEC_SCORE_THREADS;
   float* lse2s = reinterpret_cast<float*>(smraw);
   auto* work = reinterpret_cast<unsigned long long*>(lse2s + DECODE_MAX_HPG);
-  float* pc = reinterpret_cast<float*>(work + NSA_SELECT_WORK);
+  float* pc = reinterpret_cast<float*>(work + NSA_SELECT_WORK(CH / 32));
   const Taps& tp = a.taps;
   float* sc = pc + CH * tp.step + tp.count;
-  const int tid = threadIdx.x, g = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, x = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const long long bg = (long long)b * a.Hkv + g;
   const long long t = positions[b];
   const int nvis = num_visible_compressed(compressed_keys(a.nc, a.cl, a.cd), t);
   const int cur = min((int)(t / a.L), a.nb - 1);
+  const ForcedBlocks fb(cur, a.n_local, min(a.n, cur + 1));
+  const int lo = x * a.slice_blocks, hi = min(lo + a.slice_blocks, cur + 1);
   for (int h = tid; h < a.hpg; h += CH) lse2s[h] = lse2[bg * a.hpg + h];
   const float* s = scores + bg * a.hpg * a.nc;
   const int span = CH * tp.step + tp.count;
-  for (int j0 = 0; j0 <= cur; j0 += CH) {
+  for (int j0 = lo; fb.rem > 0 && j0 < hi; j0 += CH) {
     __syncthreads();  // lse2s written; the last chunk's pc read
     const long long base = (long long)j0 * tp.step + tp.first;
     for (int e = tid; e < span; e += CH) {
@@ -173,14 +181,28 @@ __device__ void dec_scores(const long long* __restrict__ positions,
     }
     __syncthreads();
     const int j = j0 + tid;
-    if (j <= cur) {
+    if (j < hi) {
       float acc = 0.f;
       for (int k = 0; k < tp.count; ++k) acc += (float)tp.w[k] * pc[tid * tp.step + k];
-      sc[j] = acc;
+      sc[j - lo] = acc;
     }
   }
   __syncthreads();
-  select_top_n_warps(sc, cur, a.n, a.n_local, ids + bg * a.n, work);
+  unsigned long long list = cta_top_keys(sc, lo, hi, fb, work);
+  const int lane = tid % 32, warp = tid / 32;
+  if (a.sel_slices > 1) {
+    unsigned long long* mine = lists + bg * a.sel_slices * 32;
+    if (warp == 0) mine[x * 32 + lane] = list;
+    if (!last_to_finish(tickets + bg, a.sel_slices)) return;
+    // Warp w merges the lists of slices w, w + warps, ...; then across the warps.
+    list = 0ull;
+    for (int y = warp; y < a.sel_slices; y += CH / 32) {
+      const unsigned long long k = __ldcg(mine + y * 32 + lane);
+      list = y == warp ? k : warp_merge_desc(list, k, lane);
+    }
+    list = cta_merge_lists(list, work);
+  }
+  if (warp == 0) write_top_picks(list, fb, a.n, ids + bg * a.n, lane);
 }
 
 template <typename T, int DK, int DV>
@@ -309,8 +331,8 @@ NSA_DEC_WARP(192, 192)
 
 extern "C" __global__ void __launch_bounds__(NSA_DEC_SCORE_THREADS)
     nsa_dec_scores(const long long* positions, const float* scores, const float* lse2,
-                   long long* ids, nsa::DecodeArgs a) {
-  nsa::dec_scores(positions, scores, lse2, ids, a);
+                   unsigned long long* lists, int* tickets, long long* ids, nsa::DecodeArgs a) {
+  nsa::dec_scores(positions, scores, lse2, lists, tickets, ids, a);
 }
 
 #define NSA_DEC_COMBINE(SUFFIX, T)                                                              \

@@ -7,7 +7,7 @@
 #include "select.cuh"
 
 #define NSA_DEC_KEYS 64
-#define NSA_DEC_SCORE_THREADS 1024  // threads of nsa_dec_scores' one CTA per (b, g)
+#define NSA_DEC_SCORE_THREADS 256  // threads of an nsa_dec_scores CTA
 #define DECODE_MAX_HPG 64
 
 namespace nsa {
@@ -19,6 +19,7 @@ struct DecodeArgs {
   int chunks_cmp, tpb, chunks_win, nb, nc;  // tiles (see above), block-score and score widths
   int tpc_cmp, tpc_att;                     // tiles per CTA of the two tile launches
   int parts_cmp, parts_slc, parts_win;      // partial states per (b, g) of each branch
+  int sel_slices, slice_blocks;             // selection CTAs per (b, g) and blocks each takes
   long long cap_raw, cap_cmp, cap_win;      // slots per (b, g) of each buffer; cap_win 0: no ring
   float scale_log2;                         // softmax scale * log2(e)
   Taps taps;

@@ -126,53 +126,63 @@ __device__ __forceinline__ unsigned long long warp_merge_desc(unsigned long long
   return k;
 }
 
-// Unsigned long longs of shared work select_top_n_warps needs: a list of 32 keys per warp.
-#define NSA_SELECT_WORK (32 * 32)
+// Eq. 11's order as one u64 key per block: a candidate's score bits (a score >= 0 compares as
+// its bits; +0 and -0 both as 0) above its block's complement, so that the larger key is the
+// better pick with ties to the lower block and every key is distinct; anything else (a forced
+// block, NaN, a negative score, no block) is key 0, below every candidate.
+__device__ __forceinline__ unsigned long long top_key(float v, int j, bool candidate) {
+  if (!candidate || !(v >= 0.f)) return 0ull;
+  const unsigned bits = v > 0.f ? __float_as_uint(v) : 0u;
+  return (unsigned long long)bits << 32 | (unsigned long long)(~(unsigned)j);
+}
 
-// Eq. 11 for one token whose current block is cur, by a whole CTA (every thread calls it; it
-// synchronises): ForcedBlocks' rule with kmax = min(n, cur + 1), n <= 32. `sc` holds the scores
-// of blocks 0 .. cur (read only). Each candidate becomes one u64 key, its score's bits (a
-// score >= 0 compares as its bits; +0 and -0 both as 0) above its block's complement, so that
-// the larger key is the better pick with ties to the lower block, and every key is distinct;
-// anything else (forced blocks, NaN, negative scores, lanes past cur) is key 0, below every
-// candidate. Each warp sorts chunks of 32 blocks by bitonic steps and keeps the 32 best keys it
-// has seen; the warps' lists are merged pairwise in shared memory, and warp 0 takes the first
-// rem of the last list that are candidates. A few dozen shuffles per warp and log2(warps)
-// barriers, however many blocks. dst[0 .. n): the picks ascending, then -1. Shared: work
-// [NSA_SELECT_WORK] unsigned long longs.
-__device__ __forceinline__ void select_top_n_warps(const float* sc, int cur, int n, int n_local,
-                                                   long long* dst, unsigned long long* work) {
+// Unsigned long longs of shared work cta_merge_lists needs: a list of 32 keys per warp.
+#define NSA_SELECT_WORK(warps) (32 * (warps))
+
+// Merges the CTA's per-warp lists (each the warp's 32 largest keys, sorted descending) pairwise
+// through `work` [warps][32]: warp 0 returns the CTA's 32 largest. Every thread calls it; it
+// synchronises (log2(warps) barriers, then once more so that work may be reused).
+__device__ __forceinline__ unsigned long long cta_merge_lists(unsigned long long list,
+                                                              unsigned long long* work) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  const int nb = cur + 1;
-  const ForcedBlocks fb(cur, n_local, min(n, nb));
-  unsigned long long list = 0ull;
-  if (fb.rem > 0) {  // uniform: every barrier below is reached by all threads or none
-    for (int c = warp; c * 32 < nb; c += warps) {
-      const int j = c * 32 + lane;
-      unsigned long long k = 0ull;
-      if (j < nb && fb.candidate(j)) {
-        const float v = sc[j];
-        if (v >= 0.f) {
-          const unsigned bits = v > 0.f ? __float_as_uint(v) : 0u;
-          k = (unsigned long long)bits << 32 | (unsigned long long)(~(unsigned)j);
-        }
-      }
-      k = warp_sort_desc(k, lane);
-      list = c == warp ? k : warp_merge_desc(list, k, lane);
-    }
-    work[warp * 32 + lane] = list;
-    for (int span = 1; span < warps; span <<= 1) {
-      __syncthreads();
-      if (warp % (2 * span) == 0 && warp + span < warps) {
-        list = warp_merge_desc(list, work[(warp + span) * 32 + lane], lane);
-        work[warp * 32 + lane] = list;
-      }
+  work[warp * 32 + lane] = list;
+  for (int span = 1; span < warps; span <<= 1) {
+    __syncthreads();
+    if (warp % (2 * span) == 0 && warp + span < warps) {
+      list = warp_merge_desc(list, work[(warp + span) * 32 + lane], lane);
+      work[warp * 32 + lane] = list;
     }
   }
-  if (warp != 0) return;
+  __syncthreads();
+  return list;
+}
+
+// The 32 largest keys of blocks lo .. hi - 1 (their scores at sc[j - lo]) for the token of `fb`:
+// each warp sorts chunks of 32 blocks by bitonic steps and keeps the 32 best keys it has seen,
+// then cta_merge_lists; warp 0 returns the CTA's list. Every thread calls it; it synchronises.
+__device__ __forceinline__ unsigned long long cta_top_keys(const float* sc, int lo, int hi,
+                                                           const ForcedBlocks& fb,
+                                                           unsigned long long* work) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  unsigned long long list = 0ull;
+  if (fb.rem > 0) {
+    for (int c0 = lo + warp * 32; c0 < hi; c0 += warps * 32) {
+      const int j = c0 + lane;
+      const unsigned long long k =
+          warp_sort_desc(j < hi ? top_key(sc[j - lo], j, fb.candidate(j)) : 0ull, lane);
+      list = c0 == lo + warp * 32 ? k : warp_merge_desc(list, k, lane);
+    }
+  }
+  return cta_merge_lists(list, work);
+}
+
+// Eq. 11's picks by one warp from the token's list (its 32 largest keys): the forced blocks
+// (block 0, then the band), then the first rem keys that are candidates; written to dst[0 .. n)
+// ascending, then -1 (select_write). n <= 32.
+__device__ __forceinline__ void write_top_picks(unsigned long long list, const ForcedBlocks& fb,
+                                                int n, long long* dst, int lane) {
   const bool pick = lane < fb.rem && list != 0ull;
   const int count = __popc(__ballot_sync(0xffffffffu, pick));
-  // Lanes 0 .. fc - 1 the forced blocks (block 0, then the band), then the picks in list order.
   const int fc = 1 + fb.nband;
   const unsigned long long from = __shfl_sync(0xffffffffu, list, max(0, min(lane - fc, 31)));
   const long long picked = (long long)(~(unsigned)(from & 0xffffffffull));

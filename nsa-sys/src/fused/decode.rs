@@ -30,8 +30,8 @@ use crate::nvrtc::DECODE;
 
 /// Keys per tile of the decode kernels (`NSA_DEC_KEYS`).
 const TILE: i64 = 64;
-/// Threads of the scores kernel's one CTA per (b, g) (`NSA_DEC_SCORE_THREADS`).
-const SCORE_THREADS: u32 = 1024;
+/// Threads of a selection CTA (`NSA_DEC_SCORE_THREADS`).
+const SCORE_THREADS: u32 = 256;
 /// Threads per CTA (`NSA_THREADS`).
 const THREADS: u32 = 128;
 /// Most query heads per K/V head (four warps of 16 rows).
@@ -42,9 +42,9 @@ pub const DECODE_MAX_TOP_N: i64 = 32;
 const MAX_TAPS: usize = 32;
 /// Largest value head size (the combine kernel's thread per four columns).
 pub const DECODE_MAX_DV: i64 = 4 * THREADS as i64;
-/// Shared bytes of the top-n (`NSA_SELECT_WORK` unsigned long longs, select.cuh: one list of
-/// 32 keys per warp).
-const SELECT_WORK_BYTES: i64 = 8 * 32 * 32;
+/// Shared bytes of the top-n (`NSA_SELECT_WORK(warps)` unsigned long longs, select.cuh: one
+/// list of 32 keys per warp).
+const SELECT_WORK_BYTES: i64 = 8 * 32 * (SCORE_THREADS as i64 / 32);
 /// The decode kernels of one device: `cmp` and `attend` indexed bf16 dk 64, 128, 192, then
 /// fp32 (any dk); their warp-level forms (bf16, groups up to 16 heads) indexed
 /// `3 · dk index + dv index` over [`MMA_HEAD_DIMS`]; `combine` bf16, fp32.
@@ -152,6 +152,8 @@ struct DecodeArgs {
     parts_cmp: i32,
     parts_slc: i32,
     parts_win: i32,
+    sel_slices: i32,
+    slice_blocks: i32,
     cap_raw: i64,
     cap_cmp: i64,
     cap_win: i64,
@@ -216,6 +218,7 @@ pub struct DecodeStep {
     score_buf: Tensor,
     lse2: Tensor,
     tickets: Tensor,
+    lists: Tensor,
     ids: Tensor,
     out: Tensor,
 }
@@ -450,9 +453,11 @@ impl DecodeStep {
         let parts_slc = (n * tpb + tpc_att - 1) / tpc_att;
         let parts_win = (chunks_win + tpc_att - 1) / tpc_att;
         let parts = parts_cmp + parts_slc + parts_win;
+        let (sel_slices, slice_blocks) =
+            select_slices(nb, b * hkv, i64::from(kernels.table.sm_count));
         let span = i64::from(SCORE_THREADS) * sel.tap_step + sel.tap_weights.len() as i64;
-        // lse2 [64], the top-n's work, the p sums, the block scores.
-        let score_smem = 4 * (DECODE_MAX_GROUP + span + nb) + SELECT_WORK_BYTES;
+        // lse2 [64], the top-n's work, the p sums, the slice's block scores.
+        let score_smem = 4 * (DECODE_MAX_GROUP + span + slice_blocks) + SELECT_WORK_BYTES;
         // Partial weights [P], then the partial sums [parts][dv].
         let sums = (i64::from(THREADS) / (dv / 4)).max(1);
         let combine_smem = 4 * ((parts + 3) / 4 * 4 + sums * dv);
@@ -494,6 +499,8 @@ impl DecodeStep {
             parts_cmp: i32_of("partials", parts_cmp)?,
             parts_slc: i32_of("partials", parts_slc)?,
             parts_win: i32_of("partials", parts_win)?,
+            sel_slices: sel_slices as i32,
+            slice_blocks: i32_of("selection blocks", slice_blocks)?,
             cap_raw,
             cap_cmp,
             cap_win,
@@ -525,7 +532,7 @@ impl DecodeStep {
             grid_yz: (hkv as u32, b as u32),
             cmp: grid("compressed tiles", parts_cmp, tile_smem(tpc_cmp > 1))?,
             scores: Launch {
-                grid_x: 1,
+                grid_x: sel_slices as u32,
                 threads: SCORE_THREADS,
                 smem: score_smem as u32,
             },
@@ -553,6 +560,7 @@ impl DecodeStep {
             score_buf: f32z(&[b, hkv, hpg, chunks_cmp * TILE])?,
             lse2: f32z(&[b, hkv, hpg])?,
             tickets: Tensor::f_zeros([b, hkv], (Kind::Int, dev))?,
+            lists: Tensor::f_zeros([b, hkv, sel_slices, 32], (Kind::Int64, dev))?,
             ids: Tensor::f_full([b, hkv, n], -1, (Kind::Int64, dev))?,
             out: Tensor::f_zeros([b, hkv * hpg, dv], (kind, dev))?,
         };
@@ -589,6 +597,7 @@ impl DecodeStep {
             ptr(&self.out),
         );
         let tickets = ptr(&self.tickets);
+        let lists = ptr(&self.lists);
         let mut args = self.args;
         let arg = |x: &u64| x as *const u64 as *mut c_void;
         let args_ptr = &mut args as *mut DecodeArgs as *mut c_void;
@@ -640,7 +649,15 @@ impl DecodeStep {
             t.scores,
             self.scores,
             gy,
-            &mut [arg(&pos), arg(&sc), arg(&lse), arg(&ids), args_ptr],
+            &mut [
+                arg(&pos),
+                arg(&sc),
+                arg(&lse),
+                arg(&lists),
+                arg(&tickets),
+                arg(&ids),
+                args_ptr,
+            ],
         )?;
         run(
             attend,
@@ -770,7 +787,7 @@ fn current_stream(device: usize) -> Result<CuStream, FusedError> {
 }
 
 mod grid;
-use grid::{resident_ctas, tiles_per_cta, warp_tile_smem, WARP_MAX_GROUP};
+use grid::{resident_ctas, select_slices, tiles_per_cta, warp_tile_smem, WARP_MAX_GROUP};
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,5 @@
-//! How the decode step's tile launches fill the device: shared memory of the warp-level tile
-//! kernels, CTAs resident at once, and tiles per CTA.
+//! How the decode step's launches fill the device: shared memory of the warp-level tile
+//! kernels, CTAs resident at once, tiles per CTA, and the selection kernel's slices.
 
 /// Most heads per group of the warp-level tile kernels (one 16-row tensor-core block).
 pub(super) const WARP_MAX_GROUP: i64 = 16;
@@ -33,4 +33,18 @@ pub(super) fn tiles_per_cta(tiles: i64, groups: i64, resident: i64) -> i64 {
     }
     let total = tiles * groups;
     ((total + resident - 1) / resident).clamp(1, tiles)
+}
+
+/// Most selection CTAs per (b, g): the last one merges every slice's list, a warp taking
+/// several in turn.
+pub(super) const MAX_SELECT_SLICES: i64 = 64;
+
+/// The selection kernel's slices of the `nb` blocks for `groups` (b, g) pairs on `sms` SMs:
+/// (CTAs per pair, blocks per CTA), enough CTAs to fill the device once, each taking a multiple
+/// of 32 blocks (a warp's chunk) and at most [`MAX_SELECT_SLICES`] per pair.
+pub(super) fn select_slices(nb: i64, groups: i64, sms: i64) -> (i64, i64) {
+    let want = ((sms + groups - 1) / groups).clamp(1, MAX_SELECT_SLICES);
+    let chunks = (nb + 31) / 32;
+    let per = (chunks + want - 1) / want * 32;
+    ((nb + per - 1) / per, per)
 }
