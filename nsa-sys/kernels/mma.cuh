@@ -127,8 +127,8 @@ __device__ __forceinline__ void mma_a_rows(float (&acc)[W / 8][4], unsigned a0, 
 // p = exp2(s - n) (`exp2_`: the exp2 the caller's precision wants), l = l * al + this thread's
 // row sums (summed over the quad by the caller at the end), O *= al, then O += P V with P
 // rounded to bf16 as the A operand and V = rows 0 .. 15 of `vs` (row stride `stride`). The
-// token-warp forward and the decode tiles run the same step.
-template <int DV, typename Exp2>
+// token-warp forward and the decode tiles run the same step; every lane of the warp calls it.
+template <int DV, bool SKIP_ONES = false, typename Exp2>
 __device__ __forceinline__ void softmax_pv16(float (&sc)[2][4], float n0, float n1, float al0,
                                              float al1, float& l0, float& l1,
                                              float (&oacc)[DV / 8][4],
@@ -150,12 +150,17 @@ __device__ __forceinline__ void softmax_pv16(float (&sc)[2][4], float n0, float 
   }
   l0 = l0 * al0 + ps0;
   l1 = l1 * al1 + ps1;
+  // Most steps leave every row's max where it was (al = 1): with SKIP_ONES, the warp skips the
+  // DV / 2 multiplies by one, which would change nothing (the decode tiles; in the token-warp
+  // forward the branch costs registers, spills at dk = dv = 192).
+  if (!SKIP_ONES || __any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
 #pragma unroll
-  for (int j = 0; j < DV / 8; ++j) {
-    oacc[j][0] *= al0;
-    oacc[j][1] *= al0;
-    oacc[j][2] *= al1;
-    oacc[j][3] *= al1;
+    for (int j = 0; j < DV / 8; ++j) {
+      oacc[j][0] *= al0;
+      oacc[j][1] *= al0;
+      oacc[j][2] *= al1;
+      oacc[j][3] *= al1;
+    }
   }
   const unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
   const unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
