@@ -448,7 +448,7 @@ impl DecodeStep {
             _ => device_ctas,
         };
         let tpc_cmp = tiles_per_cta(chunks_cmp, b * hkv, resident);
-        let tpc_att = tiles_per_cta(n * tpb + chunks_win, b * hkv, resident);
+        let tpc_att = branch_tiles_per_cta(n * tpb, chunks_win, b * hkv, resident);
         let parts_cmp = (chunks_cmp + tpc_cmp - 1) / tpc_cmp;
         let parts_slc = (n * tpb + tpc_att - 1) / tpc_att;
         let parts_win = (chunks_win + tpc_att - 1) / tpc_att;
@@ -787,7 +787,10 @@ fn current_stream(device: usize) -> Result<CuStream, FusedError> {
 }
 
 mod grid;
-use grid::{resident_ctas, select_slices, tiles_per_cta, warp_tile_smem, WARP_MAX_GROUP};
+use grid::{
+    branch_tiles_per_cta, resident_ctas, select_slices, tiles_per_cta, warp_tile_smem,
+    WARP_MAX_GROUP,
+};
 
 #[cfg(test)]
 mod tests;

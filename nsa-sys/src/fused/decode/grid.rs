@@ -35,6 +35,19 @@ pub(super) fn tiles_per_cta(tiles: i64, groups: i64, resident: i64) -> i64 {
     ((total + resident - 1) / resident).clamp(1, tiles)
 }
 
+/// Tiles per CTA of the selected and window launch, whose CTAs each take tiles of one branch:
+/// `slc` selected and `win` window tiles per (b, g). [`tiles_per_cta`]'s count over both,
+/// raised while the two branches' partials, each rounded up, overfill the resident CTAs (the
+/// few CTAs of a second wave would cost a whole CTA's time).
+pub(super) fn branch_tiles_per_cta(slc: i64, win: i64, groups: i64, resident: i64) -> i64 {
+    let mut tpc = tiles_per_cta(slc + win, groups, resident);
+    let parts = |t: i64| (slc + t - 1) / t + (win + t - 1) / t;
+    while resident > 0 && tpc < slc.max(win) && parts(tpc) * groups > resident {
+        tpc += 1;
+    }
+    tpc
+}
+
 /// Most selection CTAs per (b, g): the last one merges every slice's list, a warp taking
 /// several in turn.
 pub(super) const MAX_SELECT_SLICES: i64 = 64;

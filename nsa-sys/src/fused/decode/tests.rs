@@ -192,6 +192,13 @@ fn tiles_per_cta_fill_the_device_once() {
     // A double-buffered CTA that does not fit: one tile per CTA.
     assert_eq!(resident_ctas(300_000, 232_448, 132, 233_472), 0);
     assert_eq!(tiles_per_cta(64, 32, 0), 1);
+    // The selected and window tiles (16 and 8 per (b, g)) in CTAs of one branch: 3 tiles each
+    // would take 6 + 3 CTAs per pair, 288 > 264; 4 take 4 + 2, 192.
+    assert_eq!(branch_tiles_per_cta(16, 8, 32, resident), 4);
+    assert_eq!(branch_tiles_per_cta(16, 8, 4, resident), 1); // batch 1: 96 CTAs
+    assert_eq!(branch_tiles_per_cta(16, 8, 32, 0), 1);
+    // Many pairs: one CTA per branch.
+    assert_eq!(branch_tiles_per_cta(16, 8, 10_000, resident), 24);
     // More CTAs fit than the registers allow: capped.
     assert_eq!(
         resident_ctas(10_000, 232_448, 132, 233_472),
