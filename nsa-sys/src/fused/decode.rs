@@ -36,7 +36,7 @@ const SCORE_THREADS: u32 = 256;
 const THREADS: u32 = 128;
 /// Most query heads per K/V head (four warps of 16 rows).
 pub const DECODE_MAX_GROUP: i64 = 64;
-/// Most blocks per token (`select_top_n_warps`: one lane per pick).
+/// Most blocks per token (`write_top_picks`: one lane per pick).
 pub const DECODE_MAX_TOP_N: i64 = 32;
 /// Most overlap taps (`NSA_MAX_TAPS`).
 const MAX_TAPS: usize = 32;
