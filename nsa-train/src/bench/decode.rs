@@ -23,7 +23,8 @@
 //! weights), NSA and dense: prefill of a `--prompt`-token prompt (batch 1; the fused path on
 //! CUDA, lean on the CPU), then `--new-tokens` decode steps, each with the host's greedy pick
 //! (one device→host copy of the logits per token, as `nsa-train generate` does): prefill time
-//! and decode tokens/s, eager and replayed from CUDA graphs (`KvCache::use_graphs`).
+//! and decode tokens/s, eager and replayed from CUDA graphs (`KvCache::use_graphs`), as the
+//! median (min–max) of `--generation-runs` generations (eager and graph runs alternating).
 //!
 //! bf16 on CUDA, float32 on the CPU.
 use std::path::PathBuf;
@@ -63,6 +64,10 @@ pub struct DecodeBenchArgs {
     /// Tokens generated (timed) per model in the generation table.
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
+    /// Generations per model and mode in the generation table, each a prefill and
+    /// `--new-tokens` timed steps: the table gives the median (min–max) of their ms per token.
+    #[arg(long, default_value_t = 3)]
+    generation_runs: usize,
     /// Append the Markdown tables to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -79,6 +84,7 @@ struct Plan {
     models: Vec<(String, ModelConfig)>,
     prompt: i64,
     new_tokens: usize,
+    generation_runs: usize,
 }
 
 pub fn run(a: DecodeBenchArgs) -> Result<()> {
@@ -90,6 +96,10 @@ pub fn run(a: DecodeBenchArgs) -> Result<()> {
     );
     ensure!(a.repeats >= 1, "--repeats must be at least 1");
     ensure!(a.prompt >= 1, "--prompt must be at least 1");
+    ensure!(
+        a.generation_runs >= 1,
+        "--generation-runs must be at least 1"
+    );
     let shapes = a
         .shape
         .iter()
@@ -115,6 +125,7 @@ pub fn run(a: DecodeBenchArgs) -> Result<()> {
         models,
         prompt: a.prompt,
         new_tokens: a.new_tokens,
+        generation_runs: a.generation_runs,
     };
     let tables = format!("{}\n{}", layer_table(&plan)?, generation_table(&plan)?);
     println!("\n{tables}");
@@ -270,10 +281,11 @@ fn generation_table(p: &Plan) -> Result<String> {
         return Ok(String::new());
     }
     let mut table = format!(
-        "Generation, {}, {:?}, batch 1, random weights, greedy: prefill of the prompt, then {} decode steps, eager (libtorch's operators launched one by one) and replayed from CUDA graphs (`KvCache::use_graphs`; the first step after the prefill captures).\n\n| model | attention | prompt | prefill ms | eager ms/token | eager tokens/s | graph ms/token | graph tokens/s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "Generation, {}, {:?}, batch 1, random weights, greedy: prefill of the prompt, then {} decode steps, eager (libtorch's operators launched one by one) and replayed from CUDA graphs (`KvCache::use_graphs`; the first step after the prefill captures); median (min–max) of {} generations each, tokens/s of the median.\n\n| model | attention | prompt | prefill ms | eager ms/token | eager tokens/s | graph ms/token | graph tokens/s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         nsa_bench::device_description(p.device),
         p.kind,
-        p.new_tokens
+        p.new_tokens,
+        p.generation_runs
     );
     for (name, cfg) in &p.models {
         for attention in [AttentionKind::Nsa, AttentionKind::Dense] {
@@ -306,15 +318,29 @@ fn generation_row(p: &Plan, cfg: &ModelConfig) -> Result<String> {
         ..Default::default()
     };
     let tokens = Tensor::f_randint(cfg.vocab_size, [1, p.prompt], (Kind::Int64, p.device))?;
-    let (prefill_ms, eager, _) = generation_run(p, &model, &tokens, &opts, false)?;
-    let (_, graph, unavailable) = generation_run(p, &model, &tokens, &opts, true)?;
+    // Eager and graph generations alternate, so that a drift of the device's clocks during the
+    // runs reaches both columns alike.
+    let (mut prefill, mut eager, mut graph) = (Vec::new(), Vec::new(), Vec::new());
+    let mut unavailable = None;
+    for _ in 0..p.generation_runs {
+        let (prefill_ms, per_token, _) = generation_run(p, &model, &tokens, &opts, false)?;
+        prefill.push(prefill_ms);
+        eager.push(per_token);
+        let (_, per_token, why) = generation_run(p, &model, &tokens, &opts, true)?;
+        graph.push(per_token);
+        unavailable = why;
+    }
+    let timing = |v: Vec<f64>| Timing::of(v).context("no generation ran");
+    let (prefill, eager, graph) = (timing(prefill)?, timing(eager)?, timing(graph)?);
     let graph_cells = match unavailable {
         Some(_) => "– | –".to_string(),
-        None => format!("{graph:.2} | {:.1}", 1e3 / graph),
+        None => format!("{} | {:.1}", graph.cell(), 1e3 / graph.median),
     };
     Ok(format!(
-        "{prefill_ms:.0} | {eager:.2} | {:.1} | {graph_cells}",
-        1e3 / eager
+        "{:.0} | {} | {:.1} | {graph_cells}",
+        prefill.median,
+        eager.cell(),
+        1e3 / eager.median
     ))
 }
 
@@ -385,6 +411,7 @@ mod tests {
             models: vec![("tiny".into(), tiny)],
             prompt: 40,
             new_tokens: 2,
+            generation_runs: 2,
         };
         let layers = layer_table(&plan).unwrap();
         let rows: Vec<&str> = layers.lines().filter(|l| l.starts_with("| tiny")).collect();
@@ -408,5 +435,13 @@ mod tests {
         assert_eq!(rows.len(), 2, "{generation}");
         assert!(rows.iter().all(|r| !r.contains("failed")), "{generation}");
         assert!(rows[0].contains("| nsa |") && rows[1].contains("| dense |"));
+        // The eager column is the median (min–max) of the generations.
+        for row in &rows {
+            let eager = row.split('|').map(str::trim).nth(5).unwrap();
+            let (median, range) = eager.split_once(" (").unwrap();
+            let (min, max) = range.trim_end_matches(')').split_once('–').unwrap();
+            let [median, min, max] = [median, min, max].map(|x| x.parse::<f64>().unwrap());
+            assert!(min <= median && median <= max && min > 0.0, "{row}");
+        }
     }
 }
