@@ -227,3 +227,42 @@ fn selection_slices_fill_the_device_once() {
         }
     }
 }
+
+proptest::proptest! {
+    /// Every selection block in exactly one slice, slices of whole warp chunks, and no more
+    /// CTAs per (b, g) than filling the device once asks for (nor than MAX_SELECT_SLICES).
+    #[test]
+    fn selection_slices_cover_every_block_once(
+        nb in 1i64..200_000,
+        groups in 1i64..2_000,
+        sms in 1i64..300,
+    ) {
+        let (slices, per) = select_slices(nb, groups, sms);
+        let want = ((sms + groups - 1) / groups).clamp(1, MAX_SELECT_SLICES);
+        proptest::prop_assert!(per >= 32 && per % 32 == 0);
+        proptest::prop_assert!(slices >= 1 && slices <= want);
+        proptest::prop_assert!((slices - 1) * per < nb && nb <= slices * per);
+    }
+
+    /// The selected/window launch's tiles per CTA: never fewer than tiles_per_cta's count over
+    /// both branches, raised only while the two branches' partials overfill the resident CTAs,
+    /// and then until they fit or a CTA takes a whole branch.
+    #[test]
+    fn branch_tiles_fit_the_resident_ctas(
+        slc in 1i64..64,
+        win in 1i64..64,
+        groups in 1i64..1_000,
+        resident in 0i64..1_000,
+    ) {
+        let tpc = branch_tiles_per_cta(slc, win, groups, resident);
+        let base = tiles_per_cta(slc + win, groups, resident);
+        let parts = |t: i64| (slc + t - 1) / t + (win + t - 1) / t;
+        proptest::prop_assert!(tpc >= base);
+        if tpc > base {
+            proptest::prop_assert!(parts(tpc - 1) * groups > resident && tpc <= slc.max(win));
+        }
+        if resident > 0 {
+            proptest::prop_assert!(parts(tpc) * groups <= resident || tpc >= slc.max(win));
+        }
+    }
+}
