@@ -317,9 +317,9 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
   }
   cp_async_commit();
   // This warp's 16 rows of tile y into stage st: lane l (and l + 16) finds row l's address
-  // once, the copy loop takes it by a shuffle. (Consecutive lanes copy consecutive 16-byte
-  // pieces, 512 contiguous bytes an instruction: lane pairs per row, 32 bytes of each of 16
-  // rows an instruction, measured 20 % slower.)
+  // once, the copy loop takes it by a shuffle. Consecutive lanes copy consecutive 16-byte
+  // pieces, 512 contiguous bytes an instruction (copies by lane pairs per row, 32 bytes of each
+  // of 16 rows an instruction, measured 20 % slower: BENCHMARKS round 22).
   const auto load = [&](int y, int st) {
     const DecTile<bf> tl = tile_of(y);
     if (tl.keys <= warp * 16) return;
