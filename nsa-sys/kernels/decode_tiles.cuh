@@ -41,12 +41,17 @@ struct DecTile {
   int keys;
 };
 
+// The buffer slot of the tile's key u (the ring's slot when the tile wraps).
+template <typename T>
+__device__ __forceinline__ long long tile_slot(const DecTile<T>& tl, int u) {
+  const long long r = tl.first + u;
+  return tl.wrap > 0 ? r % tl.wrap : r;
+}
+
 template <typename T>
 __device__ __forceinline__ const T* tile_row(const DecTile<T>& tl, const T* base, int u,
                                              int width) {
-  if (u >= tl.keys) return nullptr;
-  const long long r = tl.first + u;
-  return base + (tl.wrap > 0 ? r % tl.wrap : r) * width;
+  return u < tl.keys ? base + tile_slot(tl, u) * width : nullptr;
 }
 
 // Copies `rows` rows of `width` elements (row r from src(r), nullptr: zeros) into a shared tile
@@ -324,7 +329,7 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
     const DecTile<bf> tl = tile_of(y);
     if (tl.keys <= warp * 16) return;
     const int u = warp * 16 + (lane & 15);
-    const long long slot = tl.wrap > 0 ? (tl.first + u) % tl.wrap : tl.first + u;
+    const long long slot = tile_slot(tl, u);  // one for K and V
     const bool has = u < tl.keys;
     const unsigned long long kr = has ? reinterpret_cast<unsigned long long>(tl.k + slot * DK) : 0ull;
     const unsigned long long vr = has ? reinterpret_cast<unsigned long long>(tl.v + slot * DV) : 0ull;
