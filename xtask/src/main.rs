@@ -49,7 +49,7 @@ enum Command {
     },
     /// Run a benchmark in release mode and append its table to a file (default: print only).
     Bench {
-        /// Which benchmark: select | attn | branches | train | sweep-buckets.
+        /// Which benchmark: select | attn | branches | decode | decode-launch | train | sweep-buckets.
         what: String,
         /// Extra arguments for `nsa-train bench <what>`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -408,11 +408,16 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
         rows.push(row);
     }
     for kind in [Kind::Float, Kind::BFloat16] {
-        for ctas in [1, 20] {
+        for (ctas, slices) in [(1, 1), (20, 3)] {
             let tolerance = if kind == Kind::Float { 1e-5 } else { 2e-2 };
-            let name =
-                format!("decode kernels {kind:?} {TILING_WHAT}, {ctas} CTAs vs one tile per CTA");
-            let row = tiling_case(&paper, kind, ctas, device)
+            let name = format!(
+                "decode kernels {kind:?} {TILING_WHAT}, {ctas} tile CTAs and {slices} selection CTAs per group vs the device's pick"
+            );
+            let launch = nsa_sys::fused::DecodeLaunch {
+                tile_ctas: Some(ctas),
+                select_slices: Some(slices),
+            };
+            let row = tiling_case(&paper, kind, launch, device)
                 .unwrap_or_else(|e| CheckRow::failed(String::new(), tolerance, e));
             rows.push(CheckRow { name, ..row });
         }
@@ -493,16 +498,17 @@ fn bf16_against_f64(
 
 const TILING_WHAT: &str = "paper-like G=16 lengths 10000/6100/700";
 
-/// The decode kernels with several tiles per CTA (double-buffered loads, each head's softmax
-/// state kept across tiles, fewer partials) against one tile per CTA, on one random cache of
-/// `cfg` (TILING_WHAT: 157 compressed tiles' worth of sequences) and fresh queries and gates:
-/// outputs within the kind's tolerance of the larger one, and the same blocks. A budget of
-/// `ctas` CTAs per launch: 1 gives each CTA all of a (b, g)'s tiles of a branch, 20 uneven
-/// splits.
+/// The decode kernels at `launch`'s shapes against the device's pick (here one tile per CTA and
+/// five selection CTAs per (b, g)), on one random cache of `cfg` (TILING_WHAT: 157 selection
+/// blocks in the longest sequence) and fresh queries and gates: outputs within the kind's
+/// tolerance of the larger one, and the same blocks. A budget of 1 tile CTA per launch gives
+/// each CTA all of a (b, g)'s tiles of a branch (double-buffered loads, each head's softmax
+/// state kept across tiles, the fewest partials), 20 uneven splits; 1 selection CTA ranks all
+/// 157 blocks alone, 3 take 64, 64 and 29.
 fn tiling_case(
     cfg: &NsaConfig,
     kind: Kind,
-    ctas: i64,
+    launch: nsa_sys::fused::DecodeLaunch,
     device: Device,
 ) -> Result<CheckRow, AttnError> {
     let _no_grad = tch::no_grad_guard();
@@ -514,13 +520,13 @@ fn tiling_case(
     let gates = Tensor::f_rand([b, cfg.heads, 3], (kind, device))?;
     let last: Vec<i64> = lengths.iter().map(|l| l - 1).collect();
     let positions = Tensor::f_from_slice(&last)?.f_to_device(device)?;
-    let run = |ctas| -> Result<(Tensor, Tensor), AttnError> {
-        let step = super::fused::kernel_step(&cache, &q, &positions, last[0], &gates, ctas)?;
+    let run = |launch| -> Result<(Tensor, Tensor), AttnError> {
+        let step = super::fused::kernel_step(&cache, &q, &positions, last[0], &gates, launch)?;
         step.launch()?;
         Ok((step.output().shallow_clone(), step.blocks().shallow_clone()))
     };
-    let (one, one_ids) = run(None)?;
-    let (many, many_ids) = run(Some(ctas))?;
+    let (one, one_ids) = run(nsa_sys::fused::DecodeLaunch::default())?;
+    let (many, many_ids) = run(launch)?;
     let same = one_ids.f_equal(&many_ids)?;
     let rel = compare_outputs(&many, &one, same)?.rel_err();
     let tolerance = if kind == Kind::Float { 1e-5 } else { 2e-2 };
@@ -530,7 +536,7 @@ fn tiling_case(
         tolerance,
         passed: same && rel <= tolerance,
         detail: format!(
-            "output and blocks vs one tile per CTA ({})",
+            "output and blocks vs the device's pick ({})",
             if same { "same blocks" } else { "blocks differ" }
         ),
     })

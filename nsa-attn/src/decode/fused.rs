@@ -27,15 +27,15 @@ pub(crate) fn supported(cfg: &NsaConfig, opts: &ForwardOpts, kind: Kind, device:
 /// A [`sys::DecodeStep`] over `cache`'s buffers for queries `q` `[B, Hkv, h, dk]` at
 /// `positions` (int64 `[B]` on the cache's device, each `≤ max_position`) with `gates`
 /// `[B, H, 3]` (`q`'s kind): launch it, or capture it as a CUDA graph and replay it after
-/// overwriting `q`, `positions` and `gates` in place. `ctas`: the CTAs each tile launch aims
-/// for (`None`: what the device runs at once; see [`sys::DecodeParams`]).
+/// overwriting `q`, `positions` and `gates` in place. `launch`: the launches' shapes (the
+/// default: the device's own pick; see [`sys::DecodeLaunch`]).
 pub fn kernel_step(
     cache: &NsaCache,
     q: &Tensor,
     positions: &Tensor,
     max_position: i64,
     gates: &Tensor,
-    ctas: Option<i64>,
+    launch: sys::DecodeLaunch,
 ) -> Result<sys::DecodeStep, AttnError> {
     let cfg = &cache.cfg;
     let select = select_params(cfg);
@@ -56,7 +56,7 @@ pub fn kernel_step(
             window: cfg.nsa.window,
             scale: 1.0 / (cfg.head_dim_k as f64).sqrt(),
             max_position,
-            ctas,
+            launch,
         },
     )?)
 }
@@ -83,7 +83,7 @@ pub(crate) fn attend(
         &plan.dev.positions,
         plan.position_bound,
         &gates,
-        None,
+        sys::DecodeLaunch::default(),
     )?;
     step.launch()?;
     Ok((

@@ -25,7 +25,7 @@ use super::{
     FusedError, FusedOptions, SelectParams, MMA_HEAD_DIMS,
 };
 use crate::autograd::{glue_error, ERR_LEN};
-use crate::driver::{self, check, CuFunction, CuGraph, CuGraphExec, CuStream};
+use crate::driver::{self, check, CuFunction, CuStream};
 use crate::nvrtc::DECODE;
 
 /// Keys per tile of the decode kernels (`NSA_DEC_KEYS`).
@@ -185,10 +185,8 @@ pub struct DecodeParams<'a> {
     pub window: i64,
     pub scale: f64,
     pub max_position: i64,
-    /// CTAs each tile launch aims for; `None`: as many as the device runs at once. Fewer CTAs
-    /// take more tiles each (double-buffered, their softmax state kept across tiles) and leave
-    /// fewer partials to merge; the checks use it to cover both layouts.
-    pub ctas: Option<i64>,
+    /// The launches' shapes; the default is the device's own pick.
+    pub launch: DecodeLaunch,
 }
 
 /// One launch of the decode kernels: grid x, threads per CTA, shared memory.
@@ -389,10 +387,23 @@ impl DecodeStep {
                 format!("1 to {MAX_TAPS} overlap taps with step ≥ 1, got {sel:?}"),
             ));
         }
-        if params.ctas.is_some_and(|c| c < 1) {
+        let launch = params.launch;
+        if launch.tile_ctas.is_some_and(|c| c < 1) {
             return Err(input(
-                "ctas",
-                format!("need at least 1 CTA, got {:?}", params.ctas),
+                "tile_ctas",
+                format!("need at least 1 CTA, got {:?}", launch.tile_ctas),
+            ));
+        }
+        if launch
+            .select_slices
+            .is_some_and(|c| !(1..=MAX_SELECT_SLICES).contains(&c))
+        {
+            return Err(input(
+                "select_slices",
+                format!(
+                    "need 1 to {MAX_SELECT_SLICES} selection CTAs per group, got {:?}",
+                    launch.select_slices
+                ),
             ));
         }
         let t_max = params.max_position;
@@ -443,7 +454,7 @@ impl DecodeStep {
             i64::from(kernels.table.smem_per_sm),
         );
         // A double-buffered CTA that does not fit the device takes one tile, whatever the ask.
-        let resident = match params.ctas {
+        let resident = match launch.tile_ctas {
             Some(c) if device_ctas > 0 => c,
             _ => device_ctas,
         };
@@ -453,8 +464,10 @@ impl DecodeStep {
         let parts_slc = (n * tpb + tpc_att - 1) / tpc_att;
         let parts_win = (chunks_win + tpc_att - 1) / tpc_att;
         let parts = parts_cmp + parts_slc + parts_win;
-        let (sel_slices, slice_blocks) =
-            select_slices(nb, b * hkv, i64::from(kernels.table.sm_count));
+        let (sel_slices, slice_blocks) = match launch.select_slices {
+            Some(want) => slices_of(nb, want),
+            None => select_slices(nb, b * hkv, i64::from(kernels.table.sm_count)),
+        };
         let span = i64::from(SCORE_THREADS) * sel.tap_step + sel.tap_weights.len() as i64;
         // lse2 [64], the top-n's work, the p sums, the slice's block scores.
         let score_smem = 4 * (DECODE_MAX_GROUP + span + slice_blocks) + SELECT_WORK_BYTES;
@@ -577,6 +590,11 @@ impl DecodeStep {
         &self.ids
     }
 
+    /// The launches' shapes (tiles per CTA, CTAs, selection slices).
+    pub fn shape(&self) -> DecodeShape {
+        DecodeShape::of(&self.args)
+    }
+
     /// Launches the four kernels on libtorch's current stream of the inputs' device.
     pub fn launch(&self) -> Result<(), FusedError> {
         let stream = current_stream(self.kernels.device)?;
@@ -684,83 +702,6 @@ impl DecodeStep {
         )?;
         Ok(())
     }
-
-    /// Captures the four launches as a CUDA graph (on a stream of its own: libtorch's legacy
-    /// default stream cannot capture). Replays read the step's inputs as they are then
-    /// (overwrite them in place to decode the next token).
-    pub fn capture(&self) -> Result<DecodeGraph, FusedError> {
-        let drv = driver::shared()?;
-        let mut stream: CuStream = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; the stream is destroyed below.
-        check("cuStreamCreate", unsafe {
-            (drv.stream_create)(&mut stream, driver::STREAM_NON_BLOCKING)
-        })?;
-        let captured = (|| -> Result<CuGraphExec, FusedError> {
-            // SAFETY: `stream` is a live stream of this context.
-            check("cuStreamBeginCapture", unsafe {
-                (drv.stream_begin_capture)(stream, driver::CAPTURE_MODE_THREAD_LOCAL)
-            })?;
-            let launched = self.launch_on(stream);
-            let mut graph: CuGraph = std::ptr::null_mut();
-            // SAFETY: ends the capture begun above (also after a failed launch).
-            let ended = check("cuStreamEndCapture", unsafe {
-                (drv.stream_end_capture)(stream, &mut graph)
-            });
-            launched?;
-            ended?;
-            let mut exec: CuGraphExec = std::ptr::null_mut();
-            // SAFETY: `graph` is the captured graph, destroyed right after instantiation (the
-            // executable does not need it).
-            let inst = check("cuGraphInstantiate", unsafe {
-                (drv.graph_instantiate)(&mut exec, graph, 0)
-            });
-            // SAFETY: as above.
-            unsafe {
-                (drv.graph_destroy)(graph);
-            }
-            inst?;
-            Ok(exec)
-        })();
-        // SAFETY: nothing was launched on the capturing stream outside the capture.
-        unsafe {
-            (drv.stream_destroy)(stream);
-        }
-        Ok(DecodeGraph {
-            exec: captured?,
-            device: self.kernels.device,
-        })
-    }
-}
-
-/// A captured [`DecodeStep`]: its four kernels in one launch.
-#[derive(Debug)]
-pub struct DecodeGraph {
-    exec: CuGraphExec,
-    device: usize,
-}
-
-impl DecodeGraph {
-    /// Replays the graph on libtorch's current stream (ordered after the work queued there).
-    pub fn replay(&self) -> Result<(), FusedError> {
-        let drv = driver::shared()?;
-        let torch = current_stream(self.device)?;
-        // SAFETY: a live executable of this device's context, launched on its stream.
-        check("cuGraphLaunch", unsafe {
-            (drv.graph_launch)(self.exec, torch)
-        })?;
-        Ok(())
-    }
-}
-
-impl Drop for DecodeGraph {
-    fn drop(&mut self) {
-        let Ok(drv) = driver::shared() else { return };
-        // SAFETY: the executable made in `capture`, destroyed once; the driver defers the
-        // destruction until replays already queued have finished.
-        unsafe {
-            (drv.graph_exec_destroy)(self.exec);
-        }
-    }
 }
 
 extern "C" {
@@ -786,11 +727,14 @@ fn current_stream(device: usize) -> Result<CuStream, FusedError> {
     Ok(stream)
 }
 
+mod graph;
 mod grid;
+pub use graph::DecodeGraph;
 use grid::{
-    branch_tiles_per_cta, resident_ctas, select_slices, tiles_per_cta, warp_tile_smem,
-    WARP_MAX_GROUP,
+    branch_tiles_per_cta, resident_ctas, select_slices, slices_of, tiles_per_cta, warp_tile_smem,
+    MAX_SELECT_SLICES, WARP_MAX_GROUP,
 };
+pub use grid::{DecodeLaunch, DecodeShape, MAX_SELECT_SLICES as DECODE_MAX_SELECT_SLICES};
 
 #[cfg(test)]
 mod tests;

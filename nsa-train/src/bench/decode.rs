@@ -167,11 +167,16 @@ fn layer_table(p: &Plan) -> Result<String> {
 }
 
 /// Steps issued back to back per timed run of the attention columns.
-const STEPS_PER_RUN: usize = 20;
+pub(super) const STEPS_PER_RUN: usize = 20;
 
-/// Per-step time of `f` run [`STEPS_PER_RUN`] times back to back, synchronised around each run.
-fn per_step(p: &Plan, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
-    let (t, _) = time_runs(p.device, p.repeats, true, || {
+/// Per-step time of `f` run [`STEPS_PER_RUN`] times back to back, synchronised around each run,
+/// over `repeats` runs after a warm-up one.
+pub(super) fn per_step(
+    device: Device,
+    repeats: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Timing> {
+    let (t, _) = time_runs(device, repeats, true, || {
         for _ in 0..STEPS_PER_RUN {
             f().map_err(|e| nsa_bench::BenchError::Flag(format!("{e:#}")))?;
         }
@@ -220,7 +225,7 @@ fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) ->
             let (graph, _out) = nsa_sys::cuda::CudaGraph::capture(ordinal, || {
                 layer.enqueue_step(&x, &mut cache, &plan, &opts)
             })?;
-            Some(per_step(p, || Ok(graph.replay()?))?)
+            Some(per_step(p.device, p.repeats, || Ok(graph.replay()?))?)
         }
         _ => None,
     };
@@ -229,10 +234,17 @@ fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) ->
         let q = Tensor::f_randn([b, cfg.kv_heads, h, cfg.head_dim_k], (p.kind, p.device))?;
         let gates = Tensor::f_rand([b, cfg.heads, 3], (p.kind, p.device))?;
         let positions = Tensor::f_full([b], position, (Kind::Int64, p.device))?;
-        let step = nsa_attn::decode::kernel_step(&cache, &q, &positions, position, &gates, None)?;
-        let eager = per_step(p, || Ok(step.launch()?))?;
+        let step = nsa_attn::decode::kernel_step(
+            &cache,
+            &q,
+            &positions,
+            position,
+            &gates,
+            nsa_sys::fused::DecodeLaunch::default(),
+        )?;
+        let eager = per_step(p.device, p.repeats, || Ok(step.launch()?))?;
         let captured = step.capture()?;
-        let graph = per_step(p, || Ok(captured.replay()?))?;
+        let graph = per_step(p.device, p.repeats, || Ok(captured.replay()?))?;
         (Some(eager), Some(graph))
     } else {
         (None, None)
@@ -240,12 +252,12 @@ fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) ->
     let q = Tensor::f_randn([b, cfg.heads, 1, cfg.head_dim_k], (p.kind, p.device))?;
     let (k, v) = cache.selected_kv();
     let (k, v) = (k.f_narrow(2, 0, s)?, v.f_narrow(2, 0, s)?);
-    let dense = per_step(p, || {
+    let dense = per_step(p.device, p.repeats, || {
         let _out = nsa_model::dense::decode_attention(&q, &k, &v, None)?;
         Ok(())
     })?;
     let gqa = cfg.heads != cfg.kv_heads;
-    let dense_pick = per_step(p, || {
+    let dense_pick = per_step(p.device, p.repeats, || {
         let _out = Tensor::f_scaled_dot_product_attention(
             &q,
             &k,

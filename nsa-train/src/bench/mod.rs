@@ -7,6 +7,7 @@ use clap::Subcommand;
 use nsa_bench::{attn, branches, select, Invocation};
 
 mod decode;
+mod decode_launch;
 mod sweep;
 mod train;
 
@@ -21,6 +22,9 @@ pub enum BenchCommand {
     /// Decode: one NSA layer step vs dense SDPA over the same cache (8k-128k cached tokens),
     /// and whole-model generation tokens/s, NSA vs dense.
     Decode(decode::DecodeBenchArgs),
+    /// The decode kernels' launch shapes (tile CTAs, selection CTAs) swept in one run: time
+    /// and exactness against the device's pick (CUDA only).
+    DecodeLaunch(decode_launch::DecodeLaunchArgs),
     /// Whole-model training: tokens/s and peak memory, NSA vs dense; needle accuracy.
     Train(train::TrainBenchArgs),
     /// DDP gradient buckets × compression at world size 1: tokens/s, sync time, CSV and PNG.
@@ -33,6 +37,7 @@ pub fn run(what: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Attn(args) => Ok(attn::run(args, &invocation()?)?),
         BenchCommand::Branches(args) => Ok(branches::run(args)?),
         BenchCommand::Decode(args) => decode::run(args),
+        BenchCommand::DecodeLaunch(args) => decode_launch::run(args),
         BenchCommand::Train(args) => train::run(args),
         BenchCommand::SweepBuckets(args) => sweep::run(args),
     }

@@ -50,14 +50,59 @@ pub(super) fn branch_tiles_per_cta(slc: i64, win: i64, groups: i64, resident: i6
 
 /// Most selection CTAs per (b, g): the last one merges every slice's list, a warp taking
 /// several in turn.
-pub(super) const MAX_SELECT_SLICES: i64 = 64;
+pub const MAX_SELECT_SLICES: i64 = 64;
 
 /// The selection kernel's slices of the `nb` blocks for `groups` (b, g) pairs on `sms` SMs:
-/// (CTAs per pair, blocks per CTA), enough CTAs to fill the device once, each taking a multiple
-/// of 32 blocks (a warp's chunk) and at most [`MAX_SELECT_SLICES`] per pair.
+/// (CTAs per pair, blocks per CTA), enough CTAs to fill the device once (see [`slices_of`]).
 pub(super) fn select_slices(nb: i64, groups: i64, sms: i64) -> (i64, i64) {
-    let want = ((sms + groups - 1) / groups).clamp(1, MAX_SELECT_SLICES);
+    slices_of(nb, (sms + groups - 1) / groups)
+}
+
+/// The `nb` blocks cut into at most `want` slices (clamped to 1 ..= [`MAX_SELECT_SLICES`]), each
+/// a multiple of 32 blocks (a warp's chunk): (slices, blocks per slice). Fewer slices than
+/// `want` when the blocks run out.
+pub(super) fn slices_of(nb: i64, want: i64) -> (i64, i64) {
+    let want = want.clamp(1, MAX_SELECT_SLICES);
     let chunks = (nb + 31) / 32;
     let per = (chunks + want - 1) / want * 32;
     ((nb + per - 1) / per, per)
+}
+
+/// How a decode step's launches are shaped where the device's own pick is not wanted: the
+/// checks cover both tile layouts with it and `nsa-train bench decode-launch` sweeps it.
+/// Decoding uses the default (`None` everywhere: the device's pick).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecodeLaunch {
+    /// CTAs each tile launch aims for; `None`: as many as the device runs at once. Fewer CTAs
+    /// take more tiles each (double-buffered, their softmax state kept across tiles) and leave
+    /// fewer partials to merge.
+    pub tile_ctas: Option<i64>,
+    /// Selection CTAs per (b, g), 1 to [`MAX_SELECT_SLICES`] (fewer when the blocks run out);
+    /// `None`: enough to fill the device once.
+    pub select_slices: Option<i64>,
+}
+
+/// The launch shapes a [`super::DecodeStep`] took: tiles per CTA and CTAs per (b, g) of the
+/// compressed launch, of the selected and window launch, and the selection's slices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeShape {
+    pub cmp_tiles_per_cta: i64,
+    pub cmp_ctas: i64,
+    pub attend_tiles_per_cta: i64,
+    pub attend_ctas: i64,
+    pub select_slices: i64,
+    pub blocks_per_slice: i64,
+}
+
+impl DecodeShape {
+    pub(super) fn of(a: &super::DecodeArgs) -> Self {
+        DecodeShape {
+            cmp_tiles_per_cta: i64::from(a.tpc_cmp),
+            cmp_ctas: i64::from(a.parts_cmp),
+            attend_tiles_per_cta: i64::from(a.tpc_att),
+            attend_ctas: i64::from(a.parts_slc + a.parts_win),
+            select_slices: i64::from(a.sel_slices),
+            blocks_per_slice: i64::from(a.slice_blocks),
+        }
+    }
 }

@@ -19,7 +19,7 @@ struct Case {
     select: SelectParams,
     window: i64,
     max_position: i64,
-    ctas: Option<i64>,
+    launch: DecodeLaunch,
 }
 
 impl Case {
@@ -47,7 +47,7 @@ impl Case {
             },
             window: 8,
             max_position: 31,
-            ctas: None,
+            launch: DecodeLaunch::default(),
         }
     }
 
@@ -68,7 +68,7 @@ impl Case {
                 window: self.window,
                 scale: 0.125,
                 max_position: self.max_position,
-                ctas: self.ctas,
+                launch: self.launch,
             },
         )
     }
@@ -155,7 +155,21 @@ fn bad_inputs_get_typed_errors() {
             "does not fit",
             Box::new(|c| c.max_position = 40),
         ),
-        ("ctas", "at least 1", Box::new(|c| c.ctas = Some(0))),
+        (
+            "tile_ctas",
+            "at least 1",
+            Box::new(|c| c.launch.tile_ctas = Some(0)),
+        ),
+        (
+            "select_slices",
+            "1 to 64",
+            Box::new(|c| c.launch.select_slices = Some(0)),
+        ),
+        (
+            "select_slices",
+            "1 to 64",
+            Box::new(|c| c.launch.select_slices = Some(MAX_SELECT_SLICES + 1)),
+        ),
         (
             "max_position",
             "does not fit",
@@ -221,19 +235,31 @@ fn selection_slices_fill_the_device_once() {
 }
 
 proptest::proptest! {
-    /// Every selection block in exactly one slice, slices of whole warp chunks, and no more
-    /// CTAs per (b, g) than filling the device once asks for (nor than MAX_SELECT_SLICES).
+    /// Every selection block in exactly one slice, slices of whole warp chunks, no more CTAs
+    /// per (b, g) than asked for (clamped to 1 ..= MAX_SELECT_SLICES), and as many as asked
+    /// while the blocks have a warp chunk for each.
     #[test]
-    fn selection_slices_cover_every_block_once(
+    fn selection_slices_cover_every_block_once(nb in 1i64..200_000, ask in -4i64..100) {
+        let (slices, per) = slices_of(nb, ask);
+        let want = ask.clamp(1, MAX_SELECT_SLICES);
+        proptest::prop_assert!(per >= 32 && per % 32 == 0);
+        proptest::prop_assert!(slices >= 1 && slices <= want);
+        proptest::prop_assert!((slices - 1) * per < nb && nb <= slices * per);
+        if (nb + 31) / 32 >= want * want {
+            // Enough chunks that rounding each slice up to whole chunks cannot drop one.
+            proptest::prop_assert_eq!(slices, want);
+        }
+    }
+
+    /// The device's pick: the slices that fill `sms` SMs once with `groups` (b, g) pairs.
+    #[test]
+    fn selection_slices_fill_the_device(
         nb in 1i64..200_000,
         groups in 1i64..2_000,
         sms in 1i64..300,
     ) {
-        let (slices, per) = select_slices(nb, groups, sms);
-        let want = ((sms + groups - 1) / groups).clamp(1, MAX_SELECT_SLICES);
-        proptest::prop_assert!(per >= 32 && per % 32 == 0);
-        proptest::prop_assert!(slices >= 1 && slices <= want);
-        proptest::prop_assert!((slices - 1) * per < nb && nb <= slices * per);
+        let want = (sms + groups - 1) / groups;
+        proptest::prop_assert_eq!(select_slices(nb, groups, sms), slices_of(nb, want));
     }
 
     /// The selected/window launch's tiles per CTA: never fewer than tiles_per_cta's count over
