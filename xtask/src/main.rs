@@ -14,6 +14,7 @@ mod corpus;
 mod dist;
 mod libtorch;
 mod tidy;
+mod variants;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "nsa project automation")]
@@ -69,6 +70,20 @@ enum Command {
         #[arg(long, default_value = "dist")]
         out: PathBuf,
     },
+    /// Release binaries of several git revisions in one git-ignored folder, with their kernels
+    /// compiled into one cache: an A/B run on a GPU host without cargo.
+    Variants {
+        /// Output folder inside the repository, ignored by git (e.g. listed in
+        /// .git/info/exclude).
+        #[arg(long)]
+        out: PathBuf,
+        /// GPU architecture the kernel cache is compiled for (`nsa-train kernels --arch`).
+        #[arg(long, default_value = "90")]
+        arch: String,
+        /// NAME=REV pairs: the binary `nsa-NAME` built at git revision REV.
+        #[arg(required = true, value_parser = variants::parse_variant)]
+        variants: Vec<variants::Variant>,
+    },
     /// Fetch a real English corpus (pinned Debian documentation packages, checked by SHA-256),
     /// strip the markup and split it into `<out>/train/*.txt` and `<out>/val/*.txt`.
     Corpus {
@@ -122,6 +137,14 @@ fn main() -> Result<()> {
         Command::Dist { out } => {
             libtorch::ensure(&sh, &root)?;
             dist::build(&sh, &root, &out)
+        }
+        Command::Variants {
+            out,
+            arch,
+            variants,
+        } => {
+            libtorch::ensure(&sh, &root)?;
+            variants::build(&sh, &root, &out, &arch, &variants)
         }
         Command::Corpus { out, val_permille } => corpus::run(&sh, &root, &out, val_permille),
         Command::Env { out } => {
