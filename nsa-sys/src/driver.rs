@@ -33,6 +33,9 @@ pub(crate) struct Driver {
     pub(crate) event_create: unsafe extern "C" fn(*mut CuEvent, c_uint) -> CuResult,
     pub(crate) event_destroy: unsafe extern "C" fn(CuEvent) -> CuResult,
     pub(crate) event_record: unsafe extern "C" fn(CuEvent, CuStream) -> CuResult,
+    // Timing of the decode kernels (`crate::fused::DecodeStep::launch_timed`).
+    pub(crate) event_synchronize: unsafe extern "C" fn(CuEvent) -> CuResult,
+    pub(crate) event_elapsed_time: unsafe extern "C" fn(*mut f32, CuEvent, CuEvent) -> CuResult,
     pub(crate) module_load_data: unsafe extern "C" fn(*mut CuModule, *const c_void) -> CuResult,
     pub(crate) module_get_function:
         unsafe extern "C" fn(*mut CuFunction, CuModule, *const c_char) -> CuResult,
@@ -157,6 +160,10 @@ impl Driver {
             event_create: sym!("cuEventCreate"),
             event_destroy: sym!("cuEventDestroy_v2"),
             event_record: sym!("cuEventRecord"),
+            event_synchronize: sym!("cuEventSynchronize"),
+            // The original entry point (CUDA 13's header maps the name to `_v2`, added in 12.8):
+            // every driver exports it, so older drivers load this table too.
+            event_elapsed_time: sym!("cuEventElapsedTime"),
             module_load_data: sym!("cuModuleLoadData"),
             module_get_function: sym!("cuModuleGetFunction"),
             func_set_attribute: sym!("cuFuncSetAttribute"),

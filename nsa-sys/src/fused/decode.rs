@@ -598,10 +598,16 @@ impl DecodeStep {
     /// Launches the four kernels on libtorch's current stream of the inputs' device.
     pub fn launch(&self) -> Result<(), FusedError> {
         let stream = current_stream(self.kernels.device)?;
-        self.launch_on(stream)
+        self.launch_on(stream, &mut |_| Ok(()))
     }
 
-    fn launch_on(&self, stream: CuStream) -> Result<(), FusedError> {
+    /// The four launches on `stream`, `mark(i)` called before launch `i` (0 compressed tiles,
+    /// 1 selection, 2 selected and window tiles, 3 combine) and `mark(4)` after the last.
+    fn launch_on(
+        &self,
+        stream: CuStream,
+        mark: &mut dyn FnMut(usize) -> Result<(), FusedError>,
+    ) -> Result<(), FusedError> {
         let drv = driver::shared()?;
         let t = &self.kernels.table;
         let ptr = |x: &Tensor| x.data_ptr() as u64;
@@ -646,6 +652,7 @@ impl DecodeStep {
             Some(i) => (t.cmp_warp[i], t.attend_warp[i]),
             None => (t.cmp[self.family], t.attend[self.family]),
         };
+        mark(0)?;
         run(
             cmp,
             self.cmp,
@@ -663,6 +670,7 @@ impl DecodeStep {
                 args_ptr,
             ],
         )?;
+        mark(1)?;
         run(
             t.scores,
             self.scores,
@@ -677,6 +685,7 @@ impl DecodeStep {
                 args_ptr,
             ],
         )?;
+        mark(2)?;
         run(
             attend,
             self.attend,
@@ -694,13 +703,14 @@ impl DecodeStep {
                 args_ptr,
             ],
         )?;
+        mark(3)?;
         run(
             t.combine[combine],
             self.combine,
             gy,
             &mut [arg(&ml), arg(&po), arg(&gates), arg(&out), args_ptr],
         )?;
-        Ok(())
+        mark(4)
     }
 }
 
@@ -729,12 +739,14 @@ fn current_stream(device: usize) -> Result<CuStream, FusedError> {
 
 mod graph;
 mod grid;
+mod timing;
 pub use graph::DecodeGraph;
 use grid::{
     branch_tiles_per_cta, resident_ctas, select_slices, slices_of, tiles_per_cta, warp_tile_smem,
     MAX_SELECT_SLICES, WARP_MAX_GROUP,
 };
 pub use grid::{DecodeLaunch, DecodeShape, MAX_SELECT_SLICES as DECODE_MAX_SELECT_SLICES};
+pub use timing::DecodeKernelTimes;
 
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,9 @@
 //! `--select-slices` (selection CTAs per (b, g)) with the tiles at the device's pick; the
 //! device's pick again last, so that a drift of the clocks during the sweep shows. Each row
 //! gives the shapes the step took, its time (median (min–max) of `--repeats` runs) and its
-//! ratio to the first pick's, and checks itself against the pick on the same cache, queries
+//! ratio to the first pick's, each kernel's time in an eager launch (CUDA events between the
+//! four launches, `DecodeStep::launch_timed`; median of `--repeats` launches: where the time
+//! goes without a profiler), and checks itself against the pick on the same cache, queries
 //! and gates: the same blocks, and the output's largest difference relative to the pick's
 //! largest magnitude (the partials merge in another order, so bf16 rounding differs). One
 //! binary answers what one rule or another would give, without a build per candidate.
@@ -114,7 +116,7 @@ pub fn run(a: DecodeLaunchArgs) -> Result<()> {
     );
     let sweep = launches(&a.tile_ctas, &a.select_slices);
     let mut table = format!(
-        "Decode kernels' launch shapes, {}, bf16. The four decode kernels replayed as one CUDA graph, ms per step over {STEPS_PER_RUN} replays back to back, median (min–max) of {} runs; one shape changed at a time from the device's pick. CTAs are per (b, g) pair; blocks: selection blocks per selection CTA. Same blocks and max Δ out: against the device's pick on the same inputs (Δ relative to the pick's largest output magnitude).\n\n| shape | cached tokens | batch | launch | compressed tiles per CTA × CTAs | selected/window tiles per CTA × CTAs | selection CTAs × blocks | NSA attention graph ms | / pick | same blocks | max Δ out |\n| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n",
+        "Decode kernels' launch shapes, {}, bf16. The four decode kernels replayed as one CUDA graph, ms per step over {STEPS_PER_RUN} replays back to back, median (min–max) of {} runs; one shape changed at a time from the device's pick. CTAs are per (b, g) pair; blocks: selection blocks per selection CTA. Kernels µs: compressed tiles / selection / selected and window tiles / combine, each from CUDA events between the four launches of an eager step (median of the runs' launches). Same blocks and max Δ out: against the device's pick on the same inputs (Δ relative to the pick's largest output magnitude).\n\n| shape | cached tokens | batch | launch | compressed tiles per CTA × CTAs | selected/window tiles per CTA × CTAs | selection CTAs × blocks | NSA attention graph ms | / pick | kernels µs | same blocks | max Δ out |\n| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n",
         nsa_bench::device_description(device),
         a.repeats
     );
@@ -188,7 +190,7 @@ impl Cell<'_> {
                     let diff = (&m.out - &*out).f_abs()?.f_max()?.f_double_value(&[])? / scale;
                     let shape = m.shape;
                     format!(
-                        "| {name} | {s} | {b} | {label} | {} × {} | {} × {} | {} × {} | {} | {:.2} | {} | {diff:.1e} |\n",
+                        "| {name} | {s} | {b} | {label} | {} × {} | {} × {} | {} × {} | {} | {:.2} | {} | {} | {diff:.1e} |\n",
                         shape.cmp_tiles_per_cta,
                         shape.cmp_ctas,
                         shape.attend_tiles_per_cta,
@@ -197,11 +199,12 @@ impl Cell<'_> {
                         shape.blocks_per_slice,
                         m.time.cell_to(4),
                         m.time.median / *median,
+                        m.kernels,
                         if same { "yes" } else { "**no**" },
                     )
                 }
                 Err(e) => format!(
-                    "| {name} | {s} | {b} | {label} | failed: {} | | | | | | |\n",
+                    "| {name} | {s} | {b} | {label} | failed: {} | | | | | | | |\n",
                     format!("{e:#}").lines().next().unwrap_or("")
                 ),
             };
@@ -210,17 +213,32 @@ impl Cell<'_> {
         Ok(rows)
     }
 
-    /// One launch (its output and blocks), then the step captured and timed as a graph.
+    /// One launch (its output and blocks), each kernel's time over `repeats` timed launches,
+    /// then the step captured and timed as a graph.
     fn measure(&self, step: &DecodeStep) -> Result<Measured> {
         step.launch()?;
         let out = step.output().f_to_kind(Kind::Float)?;
         let ids = step.blocks().f_detach_copy()?;
+        let mut each: [Vec<f64>; 4] = Default::default();
+        for _ in 0..self.repeats {
+            let t = step.launch_timed()?;
+            for (v, ms) in each
+                .iter_mut()
+                .zip([t.compressed, t.selection, t.attend, t.combine])
+            {
+                v.push(ms * 1e3);
+            }
+        }
+        let kernels = each
+            .map(|v| Timing::of(v).map_or("–".to_string(), |t| format!("{:.1}", t.median)))
+            .join(" / ");
         let graph = step.capture()?;
         let time = per_step(self.device, self.repeats, || Ok(graph.replay()?))?;
         Ok(Measured {
             out,
             ids,
             time,
+            kernels,
             shape: step.shape(),
         })
     }
@@ -230,6 +248,8 @@ struct Measured {
     out: Tensor,
     ids: Tensor,
     time: Timing,
+    /// Each kernel's median µs, "compressed / selection / attend / combine".
+    kernels: String,
     shape: nsa_sys::fused::DecodeShape,
 }
 

@@ -18,7 +18,7 @@ impl DecodeStep {
             check("cuStreamBeginCapture", unsafe {
                 (drv.stream_begin_capture)(stream, driver::CAPTURE_MODE_THREAD_LOCAL)
             })?;
-            let launched = self.launch_on(stream);
+            let launched = self.launch_on(stream, &mut |_| Ok(()));
             let mut graph: CuGraph = std::ptr::null_mut();
             // SAFETY: ends the capture begun above (also after a failed launch).
             let ended = check("cuStreamEndCapture", unsafe {
