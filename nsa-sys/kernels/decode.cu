@@ -100,8 +100,13 @@ __device__ void dec_cmp(const T* __restrict__ q, const T* __restrict__ ck,
         const int i0 = (y0 + y) * NSA_DEC_KEYS;
         return DecTile<T>{kb, vb, i0, 0, max(0, min(NSA_DEC_KEYS, nvis - i0))};
       },
-      [&](int y, int h, int u, float s) {
-        srow[(long long)h * a.nc + (y0 + y) * NSA_DEC_KEYS + u] = s;
+      [&](int y, int h, int u, float s0, float s1, int n) {
+        float* at = srow + (long long)h * a.nc + (y0 + y) * NSA_DEC_KEYS + u;
+        if (n == 2) {
+          *reinterpret_cast<float2*>(at) = make_float2(s0, s1);  // u even, nc a multiple of 64
+        } else {
+          *at = s0;
+        }
       },
       part_ml + (bg * P + x) * a.hpg * 2, part_o + (bg * P + x) * a.hpg * a.dv);
 
@@ -241,7 +246,7 @@ __device__ void dec_attend(const T* __restrict__ q, const T* __restrict__ raw_k,
         }
         return DecTile<T>{kb, vb, first, ring ? (long long)a.w : 0LL, keys};
       },
-      [](int, int, int, float) {},
+      [](int, int, int, float, float, int) {},
       part_ml + (bg * P + a.parts_cmp + x) * a.hpg * 2,
       part_o + (bg * P + a.parts_cmp + x) * a.hpg * a.dv);
 }

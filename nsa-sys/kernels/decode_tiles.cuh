@@ -85,7 +85,8 @@ __device__ __forceinline__ void dec_copy(T* tile, int stride, int rows, int widt
 // (tile_of(y) describes tile y; ntiles > 1 needs multi, the running state in shared memory):
 // loads Q (rows of `qg`, the group's [hpg][dk] block) once and the tiles' K and V (the next
 // tile's copy in flight while this one is computed), computes each tile's scores (log2 units),
-// calls on_score(y, h, u, s) for every valid score, and writes per head m, l and o into ml / o
+// calls on_score(y, h, u, s0, s1, n) for every valid score (n = 1: s0 is key u's; n = 2: s0 and
+// s1 are keys u and u + 1's, u even: one 8-byte store), and writes per head m, l and o into ml / o
 // (this CTA's slices: ml [hpg][2], o [hpg][dv]). An empty tile (no keys) costs no loads.
 template <typename T, int DK, typename TileOf, typename OnScore>
 __device__ __forceinline__ void tiles_partial(const DecodeArgs& a, int ntiles, bool multi,
@@ -191,8 +192,8 @@ __device__ __forceinline__ void tiles_partial(const DecodeArgs& a, int ntiles, b
         }
         float s0 = srow[lane], s1 = srow[lane + 32];
         const bool v0 = lane < tl.keys, v1 = lane + 32 < tl.keys;
-        if (v0) on_score(y, h, lane, s0);
-        if (v1) on_score(y, h, lane + 32, s1);
+        if (v0) on_score(y, h, lane, s0, 0.f, 1);
+        if (v1) on_score(y, h, lane + 32, s1, 0.f, 1);
         s0 = v0 ? s0 : -INFINITY;
         s1 = v1 ? s1 : -INFINITY;
         float mt = fmaxf(s0, s1);
@@ -296,7 +297,7 @@ __device__ __forceinline__ void tiles_partial(const DecodeArgs& a, int ntiles, b
 // accumulators become P V's A operand without a trip through shared memory, as in
 // FlashAttention-2), and synchronises only with itself; the four warps' states are merged once
 // at the end. Shared: Q [16][DK + 8], then per warp `stages` stages of K [16][DK + 8] and V
-// [16][DV + 8] bf16, reused at the end for the warps' m, l [4][16] and o [4][16][DV] fp32
+// [16][DV + 8] bf16, reused at the end for the warps' m, l [4][16] and o [4][16][DV + 8] fp32
 // (decode_warp_smem on the host).
 template <int DK, int DV, typename TileOf, typename OnScore>
 __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntiles, int stages,
@@ -393,23 +394,26 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
         mma_bf16(sc[0], fa[0], fa[1], fa[2], fa[3], kb[0], kb[1]);
         mma_bf16(sc[1], fa[0], fa[1], fa[2], fa[3], kb[2], kb[3]);
       }
+      // Each lane's two neighbouring keys u, u + 1 of a row reported together (a sector of 8
+      // such pairs per row: whole 32-byte sectors, where two 4-byte stores filled 17.8 of 32
+      // bytes a sector, BENCHMARKS round 22).
       float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int u = nt * 8 + tig * 2 + (e & 1), h = gq + (e / 2) * 8;
-          float v = sc[nt][e] * a.scale_log2;
-          if (u < kw) {
-            if (h < a.hpg) on_score(y, h, warp * 16 + u, v);
+        for (int half = 0; half < 2; ++half) {
+          const int u = nt * 8 + tig * 2, h = gq + half * 8;
+          const bool ok0 = u < kw, ok1 = u + 1 < kw;
+          float v0 = sc[nt][half * 2] * a.scale_log2, v1 = sc[nt][half * 2 + 1] * a.scale_log2;
+          if (ok0 && h < a.hpg) on_score(y, h, warp * 16 + u, v0, v1, ok1 ? 2 : 1);
+          v0 = ok0 ? v0 : -INFINITY;
+          v1 = ok1 ? v1 : -INFINITY;
+          sc[nt][half * 2] = v0;
+          sc[nt][half * 2 + 1] = v1;
+          if (half == 0) {
+            mx0 = fmaxf(mx0, fmaxf(v0, v1));
           } else {
-            v = -INFINITY;
-          }
-          sc[nt][e] = v;
-          if (e < 2) {
-            mx0 = fmaxf(mx0, v);
-          } else {
-            mx1 = fmaxf(mx1, v);
+            mx1 = fmaxf(mx1, fmaxf(v0, v1));
           }
         }
       }
@@ -435,6 +439,10 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
     l1 += __shfl_xor_sync(0xffffffffu, l1, off);
   }
   __syncthreads();  // every warp is done with its stages: reuse them for the merge
+  // The warps' o rows DV + 8 floats apart: rows gq and gq + 1 start 8 banks apart, so a
+  // half-warp's 8-byte stores (four rows, four lanes each) meet no bank twice (DV apart, they
+  // conflicted 7.2-way, BENCHMARKS round 22).
+  constexpr int WS = DV + 8;
   float* wm = reinterpret_cast<float*>(qsm + 16 * QS);
   float* wl = wm + 64;
   float* wo = wl + 64;
@@ -447,8 +455,8 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
 #pragma unroll
   for (int j = 0; j < DV / 8; ++j) {
     const int col = j * 8 + tig * 2;
-    *reinterpret_cast<float2*>(wo + (warp * 16 + gq) * DV + col) = make_float2(oacc[j][0], oacc[j][1]);
-    *reinterpret_cast<float2*>(wo + (warp * 16 + gq + 8) * DV + col) = make_float2(oacc[j][2], oacc[j][3]);
+    *reinterpret_cast<float2*>(wo + (warp * 16 + gq) * WS + col) = make_float2(oacc[j][0], oacc[j][1]);
+    *reinterpret_cast<float2*>(wo + (warp * 16 + gq + 8) * WS + col) = make_float2(oacc[j][2], oacc[j][3]);
   }
   __syncthreads();
   for (int e = tid; e < a.hpg * DV; e += NSA_THREADS) {
@@ -461,7 +469,7 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         const float mw = wm[w * 16 + h];
-        if (mw > -INFINITY) acc = fmaf(wo[(w * 16 + h) * DV + c], exp2f(mw - mx), acc);
+        if (mw > -INFINITY) acc = fmaf(wo[(w * 16 + h) * WS + c], exp2f(mw - mx), acc);
       }
     }
     o[(long long)h * DV + c] = acc;

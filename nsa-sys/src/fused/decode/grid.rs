@@ -5,9 +5,10 @@
 pub(super) const WARP_MAX_GROUP: i64 = 16;
 
 /// Shared memory of the warp-level tile kernels (decode.cu's warp_tiles_partial): Q, then per
-/// warp `stages` K and V stages, reused by the final merge (m, l and o of the four warps).
+/// warp `stages` K and V stages, reused by the final merge (m, l and o of the four warps, o's
+/// rows `dv + 8` floats apart).
 pub(super) fn warp_tile_smem(dk: i64, dv: i64, stages: i64) -> i64 {
-    2 * 16 * (dk + 8) + (128 * stages * (dk + dv + 16)).max(512 + 256 * dv)
+    2 * 16 * (dk + 8) + (128 * stages * (dk + dv + 16)).max(512 + 256 * (dv + 8))
 }
 
 /// Most CTAs of a tile kernel an SM runs at once (its registers allow about this many).
