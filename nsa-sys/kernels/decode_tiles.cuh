@@ -446,41 +446,54 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
   float* wm = reinterpret_cast<float*>(qsm + 16 * QS);
   float* wl = wm + 64;
   float* wo = wl + 64;
+  // Each warp scales its rows to the CTA's max m of their head (exp2 once per row, in
+  // registers), so the merge below is a plain sum of four rows, 16 bytes a thread.
   if (tig == 0) {
     wm[warp * 16 + gq] = m0;
     wm[warp * 16 + gq + 8] = m1;
-    wl[warp * 16 + gq] = l0;
-    wl[warp * 16 + gq + 8] = l1;
+  }
+  __syncthreads();
+  float top0 = -INFINITY, top1 = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    top0 = fmaxf(top0, wm[w * 16 + gq]);
+    top1 = fmaxf(top1, wm[w * 16 + gq + 8]);
+  }
+  const float f0 = m0 > -INFINITY ? exp2f(m0 - top0) : 0.f;  // a warp without keys adds 0
+  const float f1 = m1 > -INFINITY ? exp2f(m1 - top1) : 0.f;
+  if (tig == 0) {
+    wl[warp * 16 + gq] = l0 * f0;
+    wl[warp * 16 + gq + 8] = l1 * f1;
   }
 #pragma unroll
   for (int j = 0; j < DV / 8; ++j) {
     const int col = j * 8 + tig * 2;
-    *reinterpret_cast<float2*>(wo + (warp * 16 + gq) * WS + col) = make_float2(oacc[j][0], oacc[j][1]);
-    *reinterpret_cast<float2*>(wo + (warp * 16 + gq + 8) * WS + col) = make_float2(oacc[j][2], oacc[j][3]);
+    *reinterpret_cast<float2*>(wo + (warp * 16 + gq) * WS + col) =
+        make_float2(oacc[j][0] * f0, oacc[j][1] * f0);
+    *reinterpret_cast<float2*>(wo + (warp * 16 + gq + 8) * WS + col) =
+        make_float2(oacc[j][2] * f1, oacc[j][3] * f1);
   }
   __syncthreads();
-  for (int e = tid; e < a.hpg * DV; e += NSA_THREADS) {
-    const int h = e / DV, c = e % DV;
-    float mx = -INFINITY;
+  constexpr int V4 = DV / 4;
+  for (int e = tid; e < a.hpg * V4; e += NSA_THREADS) {
+    const int h = e / V4, c = (e % V4) * 4;
+    float4 acc = *reinterpret_cast<const float4*>(wo + h * WS + c);
 #pragma unroll
-    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, wm[w * 16 + h]);
-    float acc = 0.f;
-    if (mx > -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const float mw = wm[w * 16 + h];
-        if (mw > -INFINITY) acc = fmaf(wo[(w * 16 + h) * WS + c], exp2f(mw - mx), acc);
-      }
+    for (int w = 1; w < 4; ++w) {
+      const float4 x = *reinterpret_cast<const float4*>(wo + (w * 16 + h) * WS + c);
+      acc.x += x.x;
+      acc.y += x.y;
+      acc.z += x.z;
+      acc.w += x.w;
     }
-    o[(long long)h * DV + c] = acc;
+    *reinterpret_cast<float4*>(o + (long long)h * DV + c) = acc;
   }
   for (int h = tid; h < a.hpg; h += NSA_THREADS) {
-    float mx = -INFINITY;
-    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, wm[w * 16 + h]);
-    float l = 0.f;
+    float mx = -INFINITY, l = 0.f;
+#pragma unroll
     for (int w = 0; w < 4; ++w) {
-      const float mw = wm[w * 16 + h];
-      if (mw > -INFINITY) l = fmaf(wl[w * 16 + h], exp2f(mw - mx), l);
+      mx = fmaxf(mx, wm[w * 16 + h]);
+      l += wl[w * 16 + h];
     }
     ml[h * 2] = mx;  // -inf when no warp had keys (then l = 0 and o = 0)
     ml[h * 2 + 1] = l;
