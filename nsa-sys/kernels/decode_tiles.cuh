@@ -9,6 +9,9 @@
 #define NSA_DEC_KEYS 64
 #define NSA_DEC_SCORE_THREADS 256  // threads of an nsa_dec_scores CTA
 #define DECODE_MAX_HPG 64
+// Shared bytes before a warp-level tile kernel's Q: each warp's two stage barriers (sm_90's
+// bulk copies; reserved on every architecture, so the host's sizes need no arch).
+#define NSA_DEC_BARRIER_BYTES 64
 
 namespace nsa {
 
@@ -292,13 +295,15 @@ __device__ __forceinline__ void tiles_partial(const DecodeArgs& a, int ntiles, b
 
 // The warp-level form of tiles_partial for bf16 with hpg <= 16 (one m16 row block) and
 // (dk, dv) = (DK, DV) in {64, 128, 192}^2, the shapes of the paper and the presets: warp w takes
-// keys 16w .. 16w + 15 of every tile into stages of its own shared memory (cp.async, the next
-// tile's copy in flight), keeps its rows' running max, sum and o in registers (the score
-// accumulators become P V's A operand without a trip through shared memory, as in
-// FlashAttention-2), and synchronises only with itself; the four warps' states are merged once
-// at the end. Shared: Q [16][DK + 8], then per warp `stages` stages of K [16][DK + 8] and V
-// [16][DV + 8] bf16, reused at the end for the warps' m, l [4][16] and o [4][16][DV + 8] fp32
-// (decode_warp_smem on the host).
+// keys 16w .. 16w + 15 of every tile into stages of its own shared memory (the next tile's copy
+// in flight: on sm_90 a bulk copy per row, lane l < 16 K's row l and lane 16 + l V's, reported
+// to the stage's mbarrier; on sm_80 cp.async, 16 bytes a lane), keeps its rows' running max,
+// sum and o in registers (the score accumulators become P V's A operand without a trip through
+// shared memory, as in FlashAttention-2), and synchronises only with itself; the four warps'
+// states are merged once at the end. Shared: the warps' stage barriers (NSA_DEC_BARRIER_BYTES),
+// Q [16][DK + 8], then per warp `stages` stages of K [16][DK + 8] and V [16][DV + 8] bf16,
+// reused at the end for the warps' m, l [4][16] and o [4][16][DV + 8] fp32 (warp_tile_smem on
+// the host).
 template <int DK, int DV, typename TileOf, typename OnScore>
 __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntiles, int stages,
                                                    const __nv_bfloat16* __restrict__ qg,
@@ -307,11 +312,20 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
                                                    float* __restrict__ o) {
   using bf = __nv_bfloat16;
   extern __shared__ __align__(16) unsigned char smraw[];
-  constexpr int QS = DK + 8, VS = DV + 8, PK = DK / 8, PV = DV / 8;
+  constexpr int QS = DK + 8, VS = DV + 8, PK = DK / 8;
   constexpr int STAGE = 16 * (QS + VS);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gq = lane / 4, tig = lane % 4;
-  bf* qsm = reinterpret_cast<bf*>(smraw);
+  bf* qsm = reinterpret_cast<bf*>(smraw + NSA_DEC_BARRIER_BYTES);
   bf* wbuf = qsm + 16 * QS + warp * stages * STAGE;
+#if __CUDA_ARCH__ >= 900
+  unsigned long long* bars = reinterpret_cast<unsigned long long*>(smraw) + warp * 2;
+  if (lane == 0) {
+    mbar_init(bars, 1);
+    mbar_init(bars + 1, 1);
+    mbar_init_fence();
+  }
+  __syncwarp();
+#endif
   for (int e = tid; e < 16 * PK; e += NSA_THREADS) {
     const int r = e / PK, ch = e % PK;
     bf* dst = qsm + r * QS + ch * 8;
@@ -322,12 +336,31 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
     }
   }
   cp_async_commit();
-  // This warp's 16 rows of tile y into stage st: lane l (and l + 16) finds row l's address
-  // once, the copy loop takes it by a shuffle. Consecutive lanes copy consecutive 16-byte
-  // pieces, 512 contiguous bytes an instruction (copies by lane pairs per row, 32 bytes of each
-  // of 16 rows an instruction, measured 20 % slower: BENCHMARKS round 22).
+  // This warp's 16 rows of tile y into stage st. On sm_80 lane l (and l + 16) finds row l's
+  // address once, the copy loop takes it by a shuffle; consecutive lanes copy consecutive
+  // 16-byte pieces, 512 contiguous bytes an instruction (copies by lane pairs per row, 32 bytes
+  // of each of 16 rows an instruction, measured 20 % slower: BENCHMARKS round 22).
   const auto load = [&](int y, int st) {
     const DecTile<bf> tl = tile_of(y);
+#if __CUDA_ARCH__ >= 900
+    // Every use of a stage arrives once (with no bytes when the warp has no keys), so the
+    // stage's phases stay in step with its uses.
+    const int rows = max(0, min(16, tl.keys - warp * 16));
+    if (lane == 0) mbar_arrive_expect(bars + st, rows * (DK + DV) * 2);
+    if (rows == 0) return;
+    const int r = lane & 15, u = warp * 16 + r;
+    const bool is_v = lane >= 16;
+    bf* row = wbuf + st * STAGE + (is_v ? 16 * QS + r * VS : r * QS);
+    const int bytes = is_v ? DV * 2 : DK * 2;
+    if (u < tl.keys) {
+      const long long slot = tile_slot(tl, u);
+      fence_proxy_async_shared();
+      bulk_copy_to_shared(row, is_v ? tl.v + slot * DV : tl.k + slot * DK, bytes, bars + st);
+    } else {  // past the tile's keys: zeros (P is 0 there, and 0 * V must stay 0)
+      for (int c = 0; c < bytes / 16; ++c) reinterpret_cast<uint4*>(row)[c] = make_uint4(0u, 0u, 0u, 0u);
+    }
+#else
+    constexpr int PV = DV / 8;
     if (tl.keys <= warp * 16) return;
     const int u = warp * 16 + (lane & 15);
     const long long slot = tile_slot(tl, u);  // one for K and V
@@ -358,6 +391,7 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
         *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
       }
     }
+#endif
   };
   // Rows gq (index 0) and gq + 8 (index 1) of this warp's state.
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
@@ -368,6 +402,15 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
   cp_async_commit();
   for (int y = 0; y < ntiles; ++y) {
     const int st = stages > 1 ? (y & 1) : 0;
+#if __CUDA_ARCH__ >= 900
+    if (y + 1 < ntiles) load(y + 1, (y + 1) & 1);
+    if (y == 0) {
+      cp_async_wait<0>();
+      __syncthreads();  // Q, copied by every thread
+    }
+    mbar_wait(bars + st, (y / stages) & 1);
+    __syncwarp();  // the zero rows other lanes wrote
+#else
     if (y + 1 < ntiles) {
       load(y + 1, (y + 1) & 1);
       cp_async_commit();
@@ -380,6 +423,7 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
     } else {
       __syncwarp();
     }
+#endif
     const DecTile<bf> tl = tile_of(y);
     const int kw = min(16, tl.keys - warp * 16);
     if (kw > 0) {

@@ -208,6 +208,60 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// sm_90's bulk copies (the TMA unit, no tensor map): one instruction copies `bytes` (a multiple
+// of 16, both addresses 16-byte aligned) from global to shared memory and reports them to an
+// mbarrier's transaction count, so a warp waits on one barrier instead of its lanes' cp.async
+// groups. A barrier's phase completes when its one arrival (with the expected bytes) and every
+// byte have come; waits name the phase's parity.
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ unsigned shared_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_addr(bar)), "r"(arrivals)
+               : "memory");
+}
+
+// Makes the barriers' initialisation visible to the async proxy (the bulk copies).
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect(unsigned long long* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+  unsigned done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(shared_addr(bar)), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+
+__device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, unsigned bytes,
+                                                    unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          shared_addr(dst)),
+      "l"(src), "r"(bytes), "r"(shared_addr(bar))
+      : "memory");
+}
+
+// Orders this thread's earlier generic-proxy accesses of shared memory (a zero-filled row, the
+// fragments read from a stage) before its later async-proxy writes (a bulk copy into the stage).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+#endif
+
 // Rows 0 .. rows - 1 of WIDTH bf16 from src_row(r) (nullptr: zeros) into tile (row stride
 // `stride`), in 16-byte cp.async chunks. CP threads share a row, thread sub taking chunks sub,
 // sub + CP, ...: src_row (a gather's index arithmetic) runs once per (thread, row) instead of

@@ -4,12 +4,18 @@
 /// Most heads per group of the warp-level tile kernels (one 16-row tensor-core block).
 pub(super) const WARP_MAX_GROUP: i64 = 16;
 
-/// Shared memory of the warp-level tile kernels (decode.cu's warp_tiles_partial): Q, then per
-/// warp `stages` K and V stages, reused by the final merge (m, l and o of the four warps, o's
-/// rows `dv + 8` floats apart).
+/// Shared memory of the warp-level tile kernels (decode.cu's warp_tiles_partial): the stage
+/// barriers, Q, then per warp `stages` K and V stages, reused by the final merge (m, l and o
+/// of the four warps, o's rows `dv + 8` floats apart).
 pub(super) fn warp_tile_smem(dk: i64, dv: i64, stages: i64) -> i64 {
-    2 * 16 * (dk + 8) + (128 * stages * (dk + dv + 16)).max(512 + 256 * (dv + 8))
+    WARP_TILE_BARRIER_BYTES
+        + 2 * 16 * (dk + 8)
+        + (128 * stages * (dk + dv + 16)).max(512 + 256 * (dv + 8))
 }
+
+/// Shared bytes before the warp-level tile kernels' Q: the warps' stage barriers
+/// (`NSA_DEC_BARRIER_BYTES`).
+const WARP_TILE_BARRIER_BYTES: i64 = 64;
 
 /// Most CTAs of a tile kernel an SM runs at once (its registers allow about this many).
 pub(super) const TILE_CTAS_PER_SM: i64 = 4;
