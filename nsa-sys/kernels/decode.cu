@@ -25,9 +25,11 @@
 //   Hkv, B). The same partial over selected tiles (tile y: block ids[y / tpb], keys id * l' + (y % tpb) * 64 + u <= t of
 //   the raw buffer) or window tiles (tile y: positions t + 1 - min(w, t + 1) + y * 64 + u <= t,
 //   ring slot p mod w, or the raw buffer), tpc_att tiles per CTA.
-// nsa_dec_combine_{bf16, f32}: grid (hpg, Hkv, B). Merges each branch's partials (scaled by
-//   exp2(m - max)), divides by the merged sum (a branch without keys gives 0, as the reference
-//   does), mixes the three with the gates (Eq. 5) and writes the output row.
+// nsa_dec_combine_{bf16, f32}: grid (hpg, Hkv, B), parts * dv / 4 threads (up to
+//   NSA_DEC_COMBINE_THREADS: enough part groups that each thread takes a few partials). Merges
+//   each branch's partials online (scaled by exp2(m - max)), divides by the merged sum (a branch
+//   without keys gives 0, as the reference does), mixes the three with the gates (Eq. 5) and
+//   writes the output row.
 //
 // Layouts (contiguous): q [B, Hkv, hpg, dk] (query head g * hpg + h); caches [B, Hkv, slots, d]
 // (raw: slot = position; compressed: slot = index; window ring: slot = position mod w);
@@ -47,21 +49,6 @@
 #include "decode_tiles.cuh"
 
 namespace nsa {
-
-// The merged state of `count` partials (m, l) at ml[x * stride] (log2 units), by one warp:
-// returns the max m (-inf if none has keys) and the sum of l * exp2(m - max).
-__device__ __forceinline__ float2 merge_ml(const float* ml, int count, long long stride,
-                                           int lane) {
-  float m = -INFINITY;
-  for (int x = lane; x < count; x += 32) m = fmaxf(m, __ldcg(ml + x * stride));
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  float l = 0.f;
-  if (m > -INFINITY) {
-    for (int x = lane; x < count; x += 32) l += __ldcg(ml + x * stride + 1) * exp2f(__ldcg(ml + x * stride) - m);
-  }
-  return make_float2(m, warp_sum(l));
-}
 
 // No static shared memory (the kernels opt into the device's whole dynamic maximum): the
 // verdict reaches every thread through __syncthreads_or.
@@ -253,6 +240,27 @@ __device__ void dec_attend(const T* __restrict__ q, const T* __restrict__ raw_k,
 
 // Shared: weights [P] (exp2(m_x - max) / sum of the partial's branch, times the branch's
 // gate), padded to a multiple of 4, then the partial sums [parts][dv].
+// Merges (m, l, o) of partial x (o: the thread's four columns) into a branch's running state
+// (m = -inf: empty; a partial without keys has m = -inf and is skipped).
+__device__ __forceinline__ void merge_partial(float& m, float& l, float4& acc, float mx, float lx,
+                                              const float4& o) {
+  if (!(mx > -INFINITY)) return;
+  const float nm = fmaxf(m, mx);
+  const float keep = exp2f(m - nm), add = exp2f(mx - nm);  // exp2(-inf) = 0 for an empty state
+  l = fmaf(l, keep, lx * add);
+  acc.x = fmaf(acc.x, keep, o.x * add);
+  acc.y = fmaf(acc.y, keep, o.y * add);
+  acc.z = fmaf(acc.z, keep, o.z * add);
+  acc.w = fmaf(acc.w, keep, o.w * add);
+  m = nm;
+}
+
+// Thread (part, column group cg of 4 columns) of a CTA of parts * dv / 4 threads (the host's
+// combine_threads): partials part, part + parts, ... of all three branches, every load issued
+// before any waits (no pass over the (m, l) first), each merged online into its branch's running
+// state in registers; then per branch the parts' states merged through shared memory (red
+// [parts][3][dv], the states' m and l [parts][3], the weights [parts][3]: gate / L * exp2(m - M),
+// 0 for a branch without keys), and each column the weighted sum over parts and branches.
 template <typename T>
 __device__ void dec_combine(const float* __restrict__ part_ml, const float* __restrict__ part_o,
                             const T* __restrict__ gates, T* __restrict__ out,
@@ -261,45 +269,69 @@ __device__ void dec_combine(const float* __restrict__ part_ml, const float* __re
   const int h = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const long long bg = (long long)b * a.Hkv + g;
-  const int C = dec_parts(a), dv = a.dv;
-  float* wts = reinterpret_cast<float*>(smraw);
-  float* red = wts + (C + 3) / 4 * 4;  // 16-byte aligned for the float4 stores
-  const long long row = (long long)b * a.Hkv * a.hpg + g * a.hpg + h;
-  const float* ml = part_ml + (bg * C * a.hpg + h) * 2;  // partial x at ml[x * 2 * hpg]
-  if (warp < 3) {
-    const int lo = warp == 0 ? 0 : warp == 1 ? a.parts_cmp : a.parts_cmp + a.parts_slc;
-    const int hi = warp == 0 ? a.parts_cmp : warp == 1 ? a.parts_cmp + a.parts_slc : C;
-    const float2 st = merge_ml(ml + lo * 2LL * a.hpg, hi - lo, 2LL * a.hpg, lane);
-    const float scale = st.y > 0.f ? to_f(gates[row * 3 + warp]) / st.y : 0.f;
-    for (int x = lo + lane; x < hi; x += 32) {
-      wts[x] = scale > 0.f || scale < 0.f ? scale * exp2f(__ldcg(ml + x * 2LL * a.hpg) - st.x) : 0.f;
-    }
-  }
-  __syncthreads();
-  // Thread (part, column group of 4): partials part, part + parts, ...; then the parts in order.
-  const int groups = dv / 4, parts = max(1, NSA_THREADS / groups);
+  const int C = dec_parts(a), dv = a.dv, groups = dv / 4, parts = blockDim.x / groups;
   const int cg = tid % groups, part = tid / groups;
-  if (part < parts && tid < parts * groups) {
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    // Every load issued (a partial without keys has weight 0 and finite o), several in flight.
-#pragma unroll 8
+  const int lo1 = a.parts_cmp, lo2 = a.parts_cmp + a.parts_slc;
+  float* red = reinterpret_cast<float*>(smraw);  // [parts][3][dv], 16-byte aligned rows
+  float* sm_m = red + parts * 3 * dv;            // [parts][3]
+  float* sm_l = sm_m + parts * 3;
+  float* wts = sm_l + parts * 3;
+  const long long row = (long long)b * a.Hkv * a.hpg + g * a.hpg + h;
+  const float* ml = part_ml + (bg * C * a.hpg + h) * 2;                  // x at ml[x * 2 * hpg]
+  const float* po = part_o + (bg * C * a.hpg + h) * (long long)dv + cg * 4;  // x at po[x * hpg * dv]
+  float m[3] = {-INFINITY, -INFINITY, -INFINITY}, l[3] = {0.f, 0.f, 0.f};
+  float4 acc[3];
+#pragma unroll
+  for (int k = 0; k < 3; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (part < parts) {
+#pragma unroll 4
     for (int x = part; x < C; x += parts) {
-      const float wx = wts[x];
-      const float4 o = __ldcg(reinterpret_cast<const float4*>(part_o + ((bg * C + x) * a.hpg + h) * dv) + cg);
-      acc.x = fmaf(wx, o.x, acc.x);
-      acc.y = fmaf(wx, o.y, acc.y);
-      acc.z = fmaf(wx, o.z, acc.z);
-      acc.w = fmaf(wx, o.w, acc.w);
+      const float2 st = __ldcg(reinterpret_cast<const float2*>(ml + x * 2LL * a.hpg));
+      const float4 o = __ldcg(reinterpret_cast<const float4*>(po + (long long)x * a.hpg * dv));
+      const int br = x < lo1 ? 0 : x < lo2 ? 1 : 2;
+#pragma unroll
+      for (int k = 0; k < 3; ++k) {
+        if (k == br) merge_partial(m[k], l[k], acc[k], st.x, st.y, o);
+      }
     }
-    *reinterpret_cast<float4*>(red + part * dv + cg * 4) = acc;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      *reinterpret_cast<float4*>(red + (part * 3 + k) * dv + cg * 4) = acc[k];
+      if (cg == 0) {
+        sm_m[part * 3 + k] = m[k];
+        sm_l[part * 3 + k] = l[k];
+      }
+    }
   }
   __syncthreads();
-  for (int col = tid; col < dv; col += NSA_THREADS) {
-    float acc = 0.f;
-    for (int p = 0; p < parts; ++p) acc += red[p * dv + col];
-    out[row * dv + col] = from_f<T>(acc);
+  if (warp < 3) {  // warp k: branch k's merged max and sum over the parts, then its weights
+    float mx = -INFINITY;
+    for (int p = lane; p < parts; p += 32) mx = fmaxf(mx, sm_m[p * 3 + warp]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float sum = 0.f;
+    if (mx > -INFINITY) {
+      for (int p = lane; p < parts; p += 32) {
+        const float mp = sm_m[p * 3 + warp];
+        if (mp > -INFINITY) sum = fmaf(sm_l[p * 3 + warp], exp2f(mp - mx), sum);
+      }
+    }
+    sum = warp_sum(sum);
+    const float scale = sum > 0.f ? to_f(gates[row * 3 + warp]) / sum : 0.f;
+    for (int p = lane; p < parts; p += 32) {
+      const float mp = sm_m[p * 3 + warp];
+      wts[p * 3 + warp] = (scale > 0.f || scale < 0.f) && mp > -INFINITY ? scale * exp2f(mp - mx) : 0.f;
+    }
   }
-  (void)lane;
+  __syncthreads();
+  for (int col = tid; col < dv; col += blockDim.x) {
+    float o = 0.f;
+    for (int p = 0; p < parts; ++p) {
+#pragma unroll
+      for (int k = 0; k < 3; ++k) o = fmaf(wts[p * 3 + k], red[(p * 3 + k) * dv + col], o);
+    }
+    out[row * dv + col] = from_f<T>(o);
+  }
 }
 
 }  // namespace nsa
@@ -341,7 +373,7 @@ extern "C" __global__ void __launch_bounds__(NSA_DEC_SCORE_THREADS)
 }
 
 #define NSA_DEC_COMBINE(SUFFIX, T)                                                              \
-  extern "C" __global__ void __launch_bounds__(NSA_THREADS) nsa_dec_combine_##SUFFIX(           \
+  extern "C" __global__ void __launch_bounds__(NSA_DEC_COMBINE_THREADS) nsa_dec_combine_##SUFFIX(\
       const float* part_ml, const float* part_o, const T* gates, T* out, nsa::DecodeArgs a) {   \
     nsa::dec_combine<T>(part_ml, part_o, gates, out, a);                                        \
   }

@@ -8,6 +8,7 @@
 
 #define NSA_DEC_KEYS 64
 #define NSA_DEC_SCORE_THREADS 256  // threads of an nsa_dec_scores CTA
+#define NSA_DEC_COMBINE_THREADS 1024  // most threads of an nsa_dec_combine CTA
 #define DECODE_MAX_HPG 64
 // Shared bytes before a warp-level tile kernel's Q: each warp's two stage barriers (sm_90's
 // bulk copies; reserved on every architecture, so the host's sizes need no arch).

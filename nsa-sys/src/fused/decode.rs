@@ -40,7 +40,8 @@ pub const DECODE_MAX_GROUP: i64 = 64;
 pub const DECODE_MAX_TOP_N: i64 = 32;
 /// Most overlap taps (`NSA_MAX_TAPS`).
 const MAX_TAPS: usize = 32;
-/// Largest value head size (the combine kernel's thread per four columns).
+/// Largest value head size (four columns per thread of a 128-thread CTA: the combine kernel's
+/// layout before it took up to 1,024 threads, kept as the contract).
 pub const DECODE_MAX_DV: i64 = 4 * THREADS as i64;
 /// Shared bytes of the top-n (`NSA_SELECT_WORK(warps)` unsigned long longs, select.cuh: one
 /// list of 32 keys per warp).
@@ -471,9 +472,9 @@ impl DecodeStep {
         let span = i64::from(SCORE_THREADS) * sel.tap_step + sel.tap_weights.len() as i64;
         // lse2 [64], the top-n's work, the p sums, the slice's block scores.
         let score_smem = 4 * (DECODE_MAX_GROUP + span + slice_blocks) + SELECT_WORK_BYTES;
-        // Partial weights [P], then the partial sums [parts][dv].
-        let sums = (i64::from(THREADS) / (dv / 4)).max(1);
-        let combine_smem = 4 * ((parts + 3) / 4 * 4 + sums * dv);
+        // Per part group and branch: the running sums [dv], then m, l and the weight.
+        let (combine_groups, combine_threads) = combine_parts(parts, dv);
+        let combine_smem = 4 * 3 * combine_groups * (dv + 3);
         for (what, bytes) in [
             ("tile kernels", tile_smem(false)),
             ("selection kernel", score_smem),
@@ -554,7 +555,11 @@ impl DecodeStep {
                 parts_slc + parts_win,
                 tile_smem(tpc_att > 1),
             )?,
-            combine: grid("heads", hpg, combine_smem)?,
+            combine: Launch {
+                grid_x: hpg as u32,
+                threads: combine_threads as u32,
+                smem: combine_smem as u32,
+            },
             inputs: [
                 q.shallow_clone(),
                 x.cmp_k.shallow_clone(),
@@ -742,8 +747,8 @@ mod grid;
 mod timing;
 pub use graph::DecodeGraph;
 use grid::{
-    branch_tiles_per_cta, resident_ctas, select_slices, slices_of, tiles_per_cta, warp_tile_smem,
-    MAX_SELECT_SLICES, WARP_MAX_GROUP,
+    branch_tiles_per_cta, combine_parts, resident_ctas, select_slices, slices_of, tiles_per_cta,
+    warp_tile_smem, MAX_SELECT_SLICES, WARP_MAX_GROUP,
 };
 pub use grid::{DecodeLaunch, DecodeShape, MAX_SELECT_SLICES as DECODE_MAX_SELECT_SLICES};
 pub use timing::DecodeKernelTimes;

@@ -55,6 +55,23 @@ pub(super) fn branch_tiles_per_cta(slc: i64, win: i64, groups: i64, resident: i6
     tpc
 }
 
+/// Most threads of a combine CTA (`NSA_DEC_COMBINE_THREADS`).
+pub(super) const COMBINE_MAX_THREADS: i64 = 1024;
+
+/// Fewest threads of a combine CTA: a warp per branch merges the parts' states.
+pub(super) const COMBINE_MIN_THREADS: i64 = 96;
+
+/// The combine kernel's part groups for `parts` partials per (b, g) and value head size `dv`:
+/// one per partial, up to [`COMBINE_MAX_THREADS`] threads of `dv / 4` column groups each, and
+/// at least [`COMBINE_MIN_THREADS`] threads (groups without partials add nothing). Returns
+/// (part groups, threads).
+pub(super) fn combine_parts(parts: i64, dv: i64) -> (i64, i64) {
+    let columns = (dv / 4).max(1);
+    let fewest = (COMBINE_MIN_THREADS + columns - 1) / columns;
+    let groups = parts.min(COMBINE_MAX_THREADS / columns).max(fewest);
+    (groups, groups * columns)
+}
+
 /// Most selection CTAs per (b, g): the last one merges every slice's list, a warp taking
 /// several in turn.
 pub const MAX_SELECT_SLICES: i64 = 64;

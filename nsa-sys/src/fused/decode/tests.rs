@@ -1,6 +1,6 @@
 //! Input checks of DecodeStep on the CPU (every refusal, before any launch) and the launch
 //! shapes of `grid.rs`.
-use super::grid::{MAX_SELECT_SLICES, TILE_CTAS_PER_SM};
+use super::grid::{COMBINE_MAX_THREADS, COMBINE_MIN_THREADS, MAX_SELECT_SLICES, TILE_CTAS_PER_SM};
 use super::*;
 use tch::Device;
 
@@ -234,7 +234,33 @@ fn selection_slices_fill_the_device_once() {
     assert_eq!(select_slices(4096, 1, 132), (MAX_SELECT_SLICES, 64));
 }
 
+#[test]
+fn combine_takes_a_part_group_per_partial() {
+    // The paper shape at 64k cached tokens: batch 1 has 64 + 16 + 8 partials per (b, g),
+    // batch 8 has 8 + 4 + 2.
+    assert_eq!(combine_parts(88, 128), (32, 1024));
+    assert_eq!(combine_parts(14, 128), (14, 448));
+    assert_eq!(combine_parts(1, 512), (1, 128));
+    assert_eq!(combine_parts(500, 64), (64, 1024));
+    // A warp per branch at least: three warps.
+    assert_eq!(combine_parts(3, 16), (24, 96));
+}
+
 proptest::proptest! {
+    /// The combine's CTA: dv / 4 threads per part group, COMBINE_MIN_THREADS to
+    /// COMBINE_MAX_THREADS threads, a group per partial while they fit.
+    #[test]
+    fn combine_parts_fit_a_cta(parts in 1i64..10_000, dv4 in 1i64..=128) {
+        let (groups, threads) = combine_parts(parts, 4 * dv4);
+        proptest::prop_assert_eq!(threads, groups * dv4);
+        proptest::prop_assert!((COMBINE_MIN_THREADS..=COMBINE_MAX_THREADS).contains(&threads));
+        proptest::prop_assert!(groups >= parts.min(COMBINE_MAX_THREADS / dv4));
+        if groups > parts {
+            // Raised only to reach three warps.
+            proptest::prop_assert!((groups - 1) * dv4 < COMBINE_MIN_THREADS);
+        }
+    }
+
     /// Every selection block in exactly one slice, slices of whole warp chunks, no more CTAs
     /// per (b, g) than asked for (clamped to 1 ..= MAX_SELECT_SLICES), and as many as asked
     /// while the blocks have a warp chunk for each.
