@@ -187,7 +187,7 @@ impl Cell<'_> {
                         .f_max()?
                         .f_double_value(&[])?
                         .max(f64::MIN_POSITIVE);
-                    let diff = (&m.out - &*out).f_abs()?.f_max()?.f_double_value(&[])? / scale;
+                    let diff = m.out.f_sub(out)?.f_abs()?.f_max()?.f_double_value(&[])? / scale;
                     let shape = m.shape;
                     format!(
                         "| {name} | {s} | {b} | {label} | {} × {} | {} × {} | {} × {} | {} | {:.2} | {} | {} | {diff:.1e} |\n",
