@@ -24,7 +24,7 @@ use nsa_attn::NsaCache;
 use nsa_sys::fused::{DecodeLaunch, DecodeStep, DECODE_MAX_SELECT_SLICES};
 use tch::{Device, Kind, Tensor};
 
-use super::decode::{per_step, STEPS_PER_RUN};
+use super::decode::{kernel_inputs, per_step, STEPS_PER_RUN};
 use nsa_bench::{bench_device, branches::shape_config, Timing};
 
 #[derive(Debug, clap::Args)]
@@ -162,31 +162,33 @@ impl Cell<'_> {
         let kind = Kind::BFloat16;
         let lengths = vec![s; b as usize];
         let cache = NsaCache::filled_random(cfg, &lengths, s + 1, kind, self.device)?;
-        let h = cfg.heads_per_group();
-        let q = Tensor::f_randn([b, cfg.kv_heads, h, cfg.head_dim_k], (kind, self.device))?;
-        let gates = Tensor::f_rand([b, cfg.heads, 3], (kind, self.device))?;
         let position = s - 1;
-        let positions = Tensor::f_full([b], position, (Kind::Int64, self.device))?;
+        let (q, gates, positions) = kernel_inputs(cfg, b, position, kind, self.device)?;
         let step = |launch| {
             nsa_attn::decode::kernel_step(&cache, &q, &positions, position, &gates, launch)
         };
         let mut rows = Vec::with_capacity(sweep.len());
-        let mut pick: Option<(Tensor, Tensor, f64)> = None;
+        // The reference: its output, blocks, graph ms and largest output magnitude.
+        let mut pick: Option<(Tensor, Tensor, f64, f64)> = None;
         for (label, launch) in sweep {
             let measured = step(*launch)
                 .map_err(anyhow::Error::from)
                 .and_then(|st| self.measure(&st));
             let line = match measured {
                 Ok(m) => {
-                    let (out, ids, median) = pick.get_or_insert_with(|| {
-                        (m.out.shallow_clone(), m.ids.shallow_clone(), m.time.median)
-                    });
+                    let (out, ids, median, scale) = match &mut pick {
+                        Some(reference) => &*reference,
+                        slot @ None => {
+                            let scale = m.out.f_abs()?.f_max()?.f_double_value(&[])?;
+                            &*slot.insert((
+                                m.out.shallow_clone(),
+                                m.ids.shallow_clone(),
+                                m.time.median,
+                                scale.max(f64::MIN_POSITIVE),
+                            ))
+                        }
+                    };
                     let same = ids.f_equal(&m.ids)?;
-                    let scale = out
-                        .f_abs()?
-                        .f_max()?
-                        .f_double_value(&[])?
-                        .max(f64::MIN_POSITIVE);
                     let diff = m.out.f_sub(out)?.f_abs()?.f_max()?.f_double_value(&[])? / scale;
                     let shape = m.shape;
                     format!(
