@@ -31,6 +31,16 @@
 //   without keys gives 0, as the reference does), mixes the three with the gates (Eq. 5) and
 //   writes the output row.
 //
+// Programmatic dependent launches (sm_90, host's DecodeLaunch::programmatic): the selection,
+// the selected/window and the combine kernels may start while the kernel before them ends. Each
+// CTA waits (griddepcontrol.wait: that kernel complete, its stores visible) before it reads
+// what that kernel wrote, then lets the next kernel launch (launch_dependents): the selection
+// after its wait (so the attend kernel's CTAs, once running, see a finished compressed
+// kernel), the compressed kernel at once. Window CTAs read only the caches: they work first and
+// wait at their end, so that the attend kernel's completion still implies the selection's and,
+// through it, the compressed kernel's, whose partials the combine reads. Without the launch
+// attribute (or below sm_90) both instructions are no-ops.
+//
 // Layouts (contiguous): q [B, Hkv, hpg, dk] (query head g * hpg + h); caches [B, Hkv, slots, d]
 // (raw: slot = position; compressed: slot = index; window ring: slot = position mod w);
 // positions int64 [B] (t_b, the new token's position, already written to every buffer); gates
@@ -49,6 +59,18 @@
 #include "decode_tiles.cuh"
 
 namespace nsa {
+
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 // No static shared memory (the kernels opt into the device's whole dynamic maximum): the
 // verdict reaches every thread through __syncthreads_or.
@@ -71,6 +93,7 @@ __device__ void dec_cmp(const T* __restrict__ q, const T* __restrict__ ck,
                         float* __restrict__ part_ml, float* __restrict__ part_o,
                         float* __restrict__ scores, float* __restrict__ lse2,
                         int* __restrict__ tickets, const DecodeArgs a) {
+  grid_launch_dependents();
   const int x = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const long long bg = (long long)b * a.Hkv + g;
   const long long t = positions[b];
@@ -156,6 +179,8 @@ __device__ void dec_scores(const long long* __restrict__ positions,
   const int cur = min((int)(t / a.L), a.nb - 1);
   const ForcedBlocks fb(cur, a.n_local, min(a.n, cur + 1));
   const int lo = x * a.slice_blocks, hi = min(lo + a.slice_blocks, cur + 1);
+  grid_dependency_wait();  // the compressed kernel's scores, lse2 and tickets
+  grid_launch_dependents();
   for (int h = tid; h < a.hpg; h += CH) lse2s[h] = lse2[bg * a.hpg + h];
   const float* s = scores + bg * a.hpg * a.nc;
   const int span = CH * tp.step + tp.count;
@@ -216,6 +241,8 @@ __device__ void dec_attend(const T* __restrict__ q, const T* __restrict__ raw_k,
   const T* kb = (ring ? win_k : raw_k) + bg * cap * dk;
   const T* vb = (ring ? win_v : raw_v) + bg * cap * a.dv;
   const long long* idrow = ids + bg * a.n;
+  if (slc) grid_dependency_wait();  // the selection's ids
+  grid_launch_dependents();
   dec_partial<T, DK, DV>(
       a, ny, a.tpc_att, q + bg * a.hpg * dk,
       [&](int y) {
@@ -236,6 +263,7 @@ __device__ void dec_attend(const T* __restrict__ q, const T* __restrict__ raw_k,
       [](int, int, int, float, float, int) {},
       part_ml + (bg * P + a.parts_cmp + x) * a.hpg * 2,
       part_o + (bg * P + a.parts_cmp + x) * a.hpg * a.dv);
+  if (!slc) grid_dependency_wait();  // this grid ends after the selection (see the top)
 }
 
 // Shared: weights [P] (exp2(m_x - max) / sum of the partial's branch, times the branch's
@@ -279,6 +307,7 @@ __device__ void dec_combine(const float* __restrict__ part_ml, const float* __re
   const long long row = (long long)b * a.Hkv * a.hpg + g * a.hpg + h;
   const float* ml = part_ml + (bg * C * a.hpg + h) * 2;                  // x at ml[x * 2 * hpg]
   const float* po = part_o + (bg * C * a.hpg + h) * (long long)dv + cg * 4;  // x at po[x * hpg * dv]
+  grid_dependency_wait();  // every partial
   float m[3] = {-INFINITY, -INFINITY, -INFINITY}, l[3] = {0.f, 0.f, 0.f};
   float4 acc[3];
 #pragma unroll

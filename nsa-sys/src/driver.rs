@@ -42,6 +42,14 @@ pub(crate) struct Driver {
     pub(crate) func_set_attribute: unsafe extern "C" fn(CuFunction, c_int, c_int) -> CuResult,
     /// `cuLaunchKernel`; handed to the C++ glue, which launches the fused kernels with it.
     pub(crate) launch_kernel: LaunchKernelFn,
+    /// `cuLaunchKernelEx`: launches with attributes (the decode kernels' programmatic
+    /// dependent launches).
+    pub(crate) launch_kernel_ex: unsafe extern "C" fn(
+        *const LaunchConfig,
+        CuFunction,
+        *mut *mut c_void,
+        *mut *mut c_void,
+    ) -> CuResult,
     // CUDA graphs of the decode kernels (`crate::fused::DecodeGraph`).
     pub(crate) stream_begin_capture: unsafe extern "C" fn(CuStream, c_int) -> CuResult,
     pub(crate) stream_end_capture: unsafe extern "C" fn(CuStream, *mut CuGraph) -> CuResult,
@@ -66,6 +74,46 @@ pub(crate) type LaunchKernelFn = unsafe extern "C" fn(
     *mut *mut c_void,
     *mut *mut c_void,
 ) -> CuResult;
+
+/// `CUlaunchConfig`: a launch's grid, block, shared memory, stream and attributes.
+#[repr(C)]
+pub(crate) struct LaunchConfig {
+    pub(crate) grid: [c_uint; 3],
+    pub(crate) block: [c_uint; 3],
+    pub(crate) shared_mem_bytes: c_uint,
+    pub(crate) stream: CuStream,
+    pub(crate) attrs: *mut LaunchAttribute,
+    pub(crate) num_attrs: c_uint,
+}
+
+/// `CUlaunchAttribute`: an attribute id, padded to 8 bytes, and its value (a 64-byte union
+/// whose first member, an int, is the value of every flag attribute).
+#[repr(C, align(8))]
+pub(crate) struct LaunchAttribute {
+    pub(crate) id: c_int,
+    pub(crate) pad: [u8; 4],
+    pub(crate) value: [u8; 64],
+}
+
+impl LaunchAttribute {
+    /// An attribute whose value is one int (`cooperative`,
+    /// `programmaticStreamSerializationAllowed`, ...).
+    pub(crate) fn flag(id: c_int, on: bool) -> Self {
+        let mut value = [0u8; 64];
+        value[..4].copy_from_slice(&c_int::from(on).to_ne_bytes());
+        LaunchAttribute {
+            id,
+            pad: [0; 4],
+            value,
+        }
+    }
+}
+
+/// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`: the launch may begin before the
+/// previous kernel in its stream ends, once every CTA of that kernel has run
+/// `griddepcontrol.launch_dependents` (or exited); the kernel's `griddepcontrol.wait` then
+/// waits for the previous kernel's completion and its memory. Compute capability 9.0 and up.
+pub(crate) const LAUNCH_ATTR_PROGRAMMATIC_SERIALIZATION: c_int = 6;
 
 /// `CUmodule` / `CUfunction`: opaque driver handles.
 pub(crate) type CuModule = *mut c_void;
@@ -168,6 +216,7 @@ impl Driver {
             module_get_function: sym!("cuModuleGetFunction"),
             func_set_attribute: sym!("cuFuncSetAttribute"),
             launch_kernel: sym!("cuLaunchKernel"),
+            launch_kernel_ex: sym!("cuLaunchKernelEx"),
             stream_begin_capture: sym!("cuStreamBeginCapture_v2"),
             stream_end_capture: sym!("cuStreamEndCapture"),
             graph_instantiate: sym!("cuGraphInstantiateWithFlags"),
@@ -252,4 +301,27 @@ pub(crate) fn shared() -> Result<&'static Driver, SysError> {
 /// Queries the CUDA driver. Errors when `libcuda.so.1` is absent (no NVIDIA driver).
 pub fn driver_info() -> Result<DriverInfo, SysError> {
     Driver::open()?.info()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The launch structs as `cuda.h` lays them out on 64-bit hosts: `cuLaunchKernelEx` reads
+    /// them by offset.
+    #[test]
+    fn launch_structs_match_the_driver_header() {
+        assert_eq!(std::mem::size_of::<LaunchAttribute>(), 72);
+        assert_eq!(std::mem::align_of::<LaunchAttribute>(), 8);
+        assert_eq!(std::mem::offset_of!(LaunchAttribute, value), 8);
+        assert_eq!(std::mem::size_of::<LaunchConfig>(), 56);
+        assert_eq!(std::mem::offset_of!(LaunchConfig, stream), 32);
+        assert_eq!(std::mem::offset_of!(LaunchConfig, attrs), 40);
+        assert_eq!(std::mem::offset_of!(LaunchConfig, num_attrs), 48);
+        let on = LaunchAttribute::flag(LAUNCH_ATTR_PROGRAMMATIC_SERIALIZATION, true);
+        assert_eq!(on.id, 6);
+        assert_eq!(c_int::from_ne_bytes(on.value[..4].try_into().unwrap()), 1);
+        let off = LaunchAttribute::flag(LAUNCH_ATTR_PROGRAMMATIC_SERIALIZATION, false);
+        assert!(off.value.iter().all(|&b| b == 0));
+    }
 }

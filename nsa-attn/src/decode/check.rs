@@ -407,16 +407,36 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
         row.name = name;
         rows.push(row);
     }
+    use nsa_sys::fused::DecodeLaunch;
+    let launches = [
+        (1, 1, None),
+        (20, 3, None),
+        // The same shapes as the pick, each kernel waiting for the one before it to end.
+        (0, 0, Some(false)),
+    ];
     for kind in [Kind::Float, Kind::BFloat16] {
-        for (ctas, slices) in [(1, 1), (20, 3)] {
+        for (ctas, slices, programmatic) in launches {
             let tolerance = if kind == Kind::Float { 1e-5 } else { 2e-2 };
-            let name = format!(
-                "decode kernels {kind:?} {TILING_WHAT}, {ctas} tile CTAs and {slices} selection CTAs per group vs the device's pick"
-            );
-            let launch = nsa_sys::fused::DecodeLaunch {
-                tile_ctas: Some(ctas),
-                select_slices: Some(slices),
+            let (what, launch) = if programmatic.is_some() {
+                let launch = DecodeLaunch {
+                    programmatic,
+                    ..DecodeLaunch::default()
+                };
+                (
+                    "serial launches (no programmatic dependents)".to_string(),
+                    launch,
+                )
+            } else {
+                let launch = DecodeLaunch {
+                    tile_ctas: Some(ctas),
+                    select_slices: Some(slices),
+                    programmatic: None,
+                };
+                let what = format!("{ctas} tile CTAs and {slices} selection CTAs per group");
+                (what, launch)
             };
+            let name =
+                format!("decode kernels {kind:?} {TILING_WHAT}, {what} vs the device's pick");
             let row = tiling_case(&paper, kind, launch, device)
                 .unwrap_or_else(|e| CheckRow::failed(String::new(), tolerance, e));
             rows.push(CheckRow { name, ..row });

@@ -25,7 +25,10 @@ use super::{
     FusedError, FusedOptions, SelectParams, MMA_HEAD_DIMS,
 };
 use crate::autograd::{glue_error, ERR_LEN};
-use crate::driver::{self, check, CuFunction, CuStream};
+use crate::driver::{
+    self, check, CuFunction, CuStream, LaunchAttribute, LaunchConfig,
+    LAUNCH_ATTR_PROGRAMMATIC_SERIALIZATION,
+};
 use crate::nvrtc::DECODE;
 
 /// Keys per tile of the decode kernels (`NSA_DEC_KEYS`).
@@ -60,6 +63,8 @@ struct DecodeTable {
     max_smem: i32,
     sm_count: i32,
     smem_per_sm: i32,
+    /// Whether the device runs programmatic dependent launches (compute capability 9.0+).
+    programmatic: bool,
 }
 
 /// The decode kernels loaded on one device.
@@ -114,6 +119,7 @@ fn load(device: usize, opts: &FusedOptions) -> Result<DecodeKernels, FusedError>
         max_smem: setup.max_smem,
         sm_count: setup.sm_count,
         smem_per_sm: setup.smem_per_sm,
+        programmatic: setup.arch.0 >= 9,
     };
     Ok(DecodeKernels { table, device })
 }
@@ -211,6 +217,8 @@ pub struct DecodeStep {
     scores: Launch,
     attend: Launch,
     combine: Launch,
+    /// The kernels after the first launch as programmatic dependents.
+    programmatic: bool,
     inputs: [Tensor; 9],
     part_ml: Tensor,
     part_o: Tensor,
@@ -419,6 +427,16 @@ impl DecodeStep {
         // Every shape and value is checked above, on any device (tests run them on the CPU).
         let device = cuda_ordinal("q", q)?;
         let kernels = decode_kernels(device)?;
+        let programmatic = match launch.programmatic {
+            Some(true) if !kernels.table.programmatic => {
+                return Err(input(
+                    "programmatic",
+                    "programmatic dependent launches need compute capability 9.0 or later",
+                ))
+            }
+            Some(on) => on,
+            None => kernels.table.programmatic,
+        };
         let chunks_cmp = ((visible(t_max, l, d) + TILE - 1) / TILE).max(1);
         let nb = t_max / lsel + 1;
         let tpb = (lsel + TILE - 1) / TILE;
@@ -560,6 +578,7 @@ impl DecodeStep {
                 threads: combine_threads as u32,
                 smem: combine_smem as u32,
             },
+            programmatic,
             inputs: [
                 q.shallow_clone(),
                 x.cmp_k.shallow_clone(),
@@ -597,7 +616,7 @@ impl DecodeStep {
 
     /// The launches' shapes (tiles per CTA, CTAs, selection slices).
     pub fn shape(&self) -> DecodeShape {
-        DecodeShape::of(&self.args)
+        DecodeShape::of(&self.args, self.programmatic)
     }
 
     /// Launches the four kernels on libtorch's current stream of the inputs' device.
@@ -631,25 +650,28 @@ impl DecodeStep {
         let arg = |x: &u64| x as *const u64 as *mut c_void;
         let args_ptr = &mut args as *mut DecodeArgs as *mut c_void;
         let (gy, gz) = self.grid_yz;
-        let run = |f: CuFunction, l: Launch, gy: u32, params: &mut [*mut c_void]| {
+        // The first kernel waits for the work before it in the stream, as any launch does;
+        // the others, launched as programmatic dependents, wait inside for the kernel before.
+        let run = |f: CuFunction, l: Launch, dependent: bool, params: &mut [*mut c_void]| {
+            let mut attr = LaunchAttribute::flag(
+                LAUNCH_ATTR_PROGRAMMATIC_SERIALIZATION,
+                dependent && self.programmatic,
+            );
+            let config = LaunchConfig {
+                grid: [l.grid_x, gy, gz],
+                block: [l.threads, 1, 1],
+                shared_mem_bytes: l.smem,
+                stream,
+                attrs: &mut attr,
+                num_attrs: 1,
+            };
             // SAFETY: `f` is a loaded kernel whose parameter list is exactly `params` (pointers
             // to device addresses of live tensors this step owns, and the args struct, all alive
-            // for the call; the driver copies them); the grid and shared memory were checked
-            // against the device limits in `new`.
-            check("cuLaunchKernel", unsafe {
-                (drv.launch_kernel)(
-                    f,
-                    l.grid_x,
-                    gy,
-                    gz,
-                    l.threads,
-                    1,
-                    1,
-                    l.smem,
-                    stream,
-                    params.as_mut_ptr(),
-                    std::ptr::null_mut(),
-                )
+            // for the call; the driver copies them); `config` and its one attribute live for
+            // the call; the grid and shared memory were checked against the device limits in
+            // `new`, and the attribute is set only where the device has it.
+            check("cuLaunchKernelEx", unsafe {
+                (drv.launch_kernel_ex)(&config, f, params.as_mut_ptr(), std::ptr::null_mut())
             })
         };
         let combine = if self.family < 3 { 0 } else { 1 };
@@ -661,7 +683,7 @@ impl DecodeStep {
         run(
             cmp,
             self.cmp,
-            gy,
+            false,
             &mut [
                 arg(&q),
                 arg(&ck),
@@ -679,7 +701,7 @@ impl DecodeStep {
         run(
             t.scores,
             self.scores,
-            gy,
+            true,
             &mut [
                 arg(&pos),
                 arg(&sc),
@@ -694,7 +716,7 @@ impl DecodeStep {
         run(
             attend,
             self.attend,
-            gy,
+            true,
             &mut [
                 arg(&q),
                 arg(&rk),
@@ -712,7 +734,7 @@ impl DecodeStep {
         run(
             t.combine[combine],
             self.combine,
-            gy,
+            true,
             &mut [arg(&ml), arg(&po), arg(&gates), arg(&out), args_ptr],
         )?;
         mark(4)

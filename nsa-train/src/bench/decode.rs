@@ -190,6 +190,22 @@ pub(super) fn per_step(
     })
 }
 
+/// Random inputs of the decode kernels' step for `b` sequences all at `position`: queries
+/// `[B, Hkv, h, dk]`, gates `[B, H, 3]` (`kind`) and the positions (int64 `[B]`).
+pub(super) fn kernel_inputs(
+    cfg: &NsaConfig,
+    b: i64,
+    position: i64,
+    kind: Kind,
+    device: Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let h = cfg.heads_per_group();
+    let q = Tensor::f_randn([b, cfg.kv_heads, h, cfg.head_dim_k], (kind, device))?;
+    let gates = Tensor::f_rand([b, cfg.heads, 3], (kind, device))?;
+    let positions = Tensor::f_full([b], position, (Kind::Int64, device))?;
+    Ok((q, gates, positions))
+}
+
 fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) -> Result<String> {
     let _no_grad = tch::no_grad_guard();
     let lengths = vec![s; b as usize];
@@ -230,10 +246,7 @@ fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) ->
         _ => None,
     };
     let (kernels, graph) = if p.device.is_cuda() {
-        let h = cfg.heads_per_group();
-        let q = Tensor::f_randn([b, cfg.kv_heads, h, cfg.head_dim_k], (p.kind, p.device))?;
-        let gates = Tensor::f_rand([b, cfg.heads, 3], (p.kind, p.device))?;
-        let positions = Tensor::f_full([b], position, (Kind::Int64, p.device))?;
+        let (q, gates, positions) = kernel_inputs(cfg, b, position, p.kind, p.device)?;
         let step = nsa_attn::decode::kernel_step(
             &cache,
             &q,

@@ -5,8 +5,9 @@
 //! device's own launch shapes, then with one choice changed at a time: each `--tile-ctas` (the
 //! CTAs the compressed and the selected/window tile launches aim for; `nsa_sys::fused::
 //! DecodeLaunch::tile_ctas`) with the selection at the device's pick, and each
-//! `--select-slices` (selection CTAs per (b, g)) with the tiles at the device's pick; the
-//! device's pick again last, so that a drift of the clocks during the sweep shows. Each row
+//! `--select-slices` (selection CTAs per (b, g)) with the tiles at the device's pick, and each
+//! `--programmatic` (`on`: the kernels after the first start as programmatic dependents of the
+//! one before; `off`: each waits for the one before to end); the device's pick again last, so that a drift of the clocks during the sweep shows. Each row
 //! gives the shapes the step took, its time (median (min–max) of `--repeats` runs) and its
 //! ratio to the first pick's, each kernel's time in an eager launch (CUDA events between the
 //! four launches, `DecodeStep::launch_timed`; median of `--repeats` launches: where the time
@@ -24,7 +25,7 @@ use nsa_attn::NsaCache;
 use nsa_sys::fused::{DecodeLaunch, DecodeStep, DECODE_MAX_SELECT_SLICES};
 use tch::{Device, Kind, Tensor};
 
-use super::decode::{per_step, STEPS_PER_RUN};
+use super::decode::{kernel_inputs, per_step, STEPS_PER_RUN};
 use nsa_bench::{bench_device, branches::shape_config, Timing};
 
 #[derive(Debug, clap::Args)]
@@ -52,13 +53,29 @@ pub struct DecodeLaunchArgs {
     /// device's pick.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16, 32])]
     select_slices: Vec<i64>,
+    /// Programmatic dependent launches `on` or `off`, comma-separated: a row each, the other
+    /// shapes at the device's pick (which is `on` from compute capability 9.0).
+    #[arg(long, value_delimiter = ',', value_parser = on_off, default_values = ["off"])]
+    programmatic: Vec<bool>,
     /// Append the Markdown table to this file.
     #[arg(long)]
     out: Option<PathBuf>,
 }
 
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("expected on or off, got {s:?}")),
+    }
+}
+
 /// The launches one cell sweeps: a label and the shapes asked for.
-fn launches(tile_ctas: &[i64], select_slices: &[i64]) -> Vec<(String, DecodeLaunch)> {
+fn launches(
+    tile_ctas: &[i64],
+    select_slices: &[i64],
+    programmatic: &[bool],
+) -> Vec<(String, DecodeLaunch)> {
     let pick = ("device's pick".to_string(), DecodeLaunch::default());
     let mut all = vec![pick.clone()];
     all.extend(tile_ctas.iter().map(|&c| {
@@ -74,6 +91,14 @@ fn launches(tile_ctas: &[i64], select_slices: &[i64]) -> Vec<(String, DecodeLaun
             ..DecodeLaunch::default()
         };
         (format!("selection CTAs {s}"), launch)
+    }));
+    all.extend(programmatic.iter().map(|&on| {
+        let launch = DecodeLaunch {
+            programmatic: Some(on),
+            ..DecodeLaunch::default()
+        };
+        let label = if on { "on" } else { "off" };
+        (format!("programmatic {label}"), launch)
     }));
     all.push((format!("{} again", pick.0), pick.1));
     all
@@ -114,9 +139,9 @@ pub fn run(a: DecodeLaunchArgs) -> Result<()> {
         device.is_cuda(),
         "bench decode-launch times the decode kernels, which run on CUDA only (got {device:?})"
     );
-    let sweep = launches(&a.tile_ctas, &a.select_slices);
+    let sweep = launches(&a.tile_ctas, &a.select_slices, &a.programmatic);
     let mut table = format!(
-        "Decode kernels' launch shapes, {}, bf16. The four decode kernels replayed as one CUDA graph, ms per step over {STEPS_PER_RUN} replays back to back, median (min–max) of {} runs; one shape changed at a time from the device's pick. CTAs are per (b, g) pair; blocks: selection blocks per selection CTA. Kernels µs: compressed tiles / selection / selected and window tiles / combine, each from CUDA events between the four launches of an eager step (median of the runs' launches). Same blocks and max Δ out: against the device's pick on the same inputs (Δ relative to the pick's largest output magnitude).\n\n| shape | cached tokens | batch | launch | compressed tiles per CTA × CTAs | selected/window tiles per CTA × CTAs | selection CTAs × blocks | NSA attention graph ms | / pick | kernels µs | same blocks | max Δ out |\n| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |\n",
+        "Decode kernels' launch shapes, {}, bf16. The four decode kernels replayed as one CUDA graph, ms per step over {STEPS_PER_RUN} replays back to back, median (min–max) of {} runs; one shape changed at a time from the device's pick. CTAs are per (b, g) pair; blocks: selection blocks per selection CTA. Kernels µs: compressed tiles / selection / selected and window tiles / combine, each from CUDA events between the four launches of an eager step (median of the runs' launches). Same blocks and max Δ out: against the device's pick on the same inputs (Δ relative to the pick's largest output magnitude).\n\n| shape | cached tokens | batch | launch | compressed tiles per CTA × CTAs | selected/window tiles per CTA × CTAs | selection CTAs × blocks | programmatic | NSA attention graph ms | / pick | kernels µs | same blocks | max Δ out |\n| --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: |\n",
         nsa_bench::device_description(device),
         a.repeats
     );
@@ -162,41 +187,44 @@ impl Cell<'_> {
         let kind = Kind::BFloat16;
         let lengths = vec![s; b as usize];
         let cache = NsaCache::filled_random(cfg, &lengths, s + 1, kind, self.device)?;
-        let h = cfg.heads_per_group();
-        let q = Tensor::f_randn([b, cfg.kv_heads, h, cfg.head_dim_k], (kind, self.device))?;
-        let gates = Tensor::f_rand([b, cfg.heads, 3], (kind, self.device))?;
         let position = s - 1;
-        let positions = Tensor::f_full([b], position, (Kind::Int64, self.device))?;
+        let (q, gates, positions) = kernel_inputs(cfg, b, position, kind, self.device)?;
         let step = |launch| {
             nsa_attn::decode::kernel_step(&cache, &q, &positions, position, &gates, launch)
         };
         let mut rows = Vec::with_capacity(sweep.len());
-        let mut pick: Option<(Tensor, Tensor, f64)> = None;
+        // The reference: its output, blocks, graph ms and largest output magnitude.
+        let mut pick: Option<(Tensor, Tensor, f64, f64)> = None;
         for (label, launch) in sweep {
             let measured = step(*launch)
                 .map_err(anyhow::Error::from)
                 .and_then(|st| self.measure(&st));
             let line = match measured {
                 Ok(m) => {
-                    let (out, ids, median) = pick.get_or_insert_with(|| {
-                        (m.out.shallow_clone(), m.ids.shallow_clone(), m.time.median)
-                    });
+                    let (out, ids, median, scale) = match &mut pick {
+                        Some(reference) => &*reference,
+                        slot @ None => {
+                            let scale = m.out.f_abs()?.f_max()?.f_double_value(&[])?;
+                            &*slot.insert((
+                                m.out.shallow_clone(),
+                                m.ids.shallow_clone(),
+                                m.time.median,
+                                scale.max(f64::MIN_POSITIVE),
+                            ))
+                        }
+                    };
                     let same = ids.f_equal(&m.ids)?;
-                    let scale = out
-                        .f_abs()?
-                        .f_max()?
-                        .f_double_value(&[])?
-                        .max(f64::MIN_POSITIVE);
-                    let diff = (&m.out - &*out).f_abs()?.f_max()?.f_double_value(&[])? / scale;
+                    let diff = m.out.f_sub(out)?.f_abs()?.f_max()?.f_double_value(&[])? / scale;
                     let shape = m.shape;
                     format!(
-                        "| {name} | {s} | {b} | {label} | {} × {} | {} × {} | {} × {} | {} | {:.2} | {} | {} | {diff:.1e} |\n",
+                        "| {name} | {s} | {b} | {label} | {} × {} | {} × {} | {} × {} | {} | {} | {:.2} | {} | {} | {diff:.1e} |\n",
                         shape.cmp_tiles_per_cta,
                         shape.cmp_ctas,
                         shape.attend_tiles_per_cta,
                         shape.attend_ctas,
                         shape.select_slices,
                         shape.blocks_per_slice,
+                        if shape.programmatic { "on" } else { "off" },
                         m.time.cell_to(4),
                         m.time.median / *median,
                         m.kernels,
@@ -204,7 +232,7 @@ impl Cell<'_> {
                     )
                 }
                 Err(e) => format!(
-                    "| {name} | {s} | {b} | {label} | failed: {} | | | | | | | |\n",
+                    "| {name} | {s} | {b} | {label} | failed: {} | | | | | | | | |\n",
                     format!("{e:#}").lines().next().unwrap_or("")
                 ),
             };
@@ -272,7 +300,7 @@ mod tests {
     /// The sweep: the pick first and last, one shape changed in each row between.
     #[test]
     fn the_sweep_changes_one_shape_at_a_time() {
-        let sweep = launches(&[132, 264], &[1, 4]);
+        let sweep = launches(&[132, 264], &[1, 4], &[false]);
         let labels: Vec<&str> = sweep.iter().map(|(l, _)| l.as_str()).collect();
         assert_eq!(
             labels,
@@ -282,11 +310,14 @@ mod tests {
                 "tile CTAs 264",
                 "selection CTAs 1",
                 "selection CTAs 4",
+                "programmatic off",
                 "device's pick again"
             ]
         );
         assert_eq!(sweep[0].1, DecodeLaunch::default());
-        assert_eq!(sweep[5].1, DecodeLaunch::default());
+        assert_eq!(sweep[6].1, DecodeLaunch::default());
+        assert_eq!(sweep[5].1.programmatic, Some(false));
+        assert_eq!(sweep[5].1.tile_ctas, None);
         assert_eq!(sweep[2].1.tile_ctas, Some(264));
         assert_eq!(sweep[2].1.select_slices, None);
         assert_eq!(sweep[4].1.select_slices, Some(4));
@@ -309,5 +340,7 @@ mod tests {
             let err = run(args(&flags)).unwrap_err();
             assert!(format!("{err:#}").contains(needle), "{flags:?}: {err:#}");
         }
+        let err = Cli::try_parse_from(["bench", "--programmatic", "yes"]).unwrap_err();
+        assert!(err.to_string().contains("on or off"), "{err}");
     }
 }

@@ -104,6 +104,11 @@ pub struct DecodeLaunch {
     /// Selection CTAs per (b, g), 1 to [`MAX_SELECT_SLICES`] (fewer when the blocks run out);
     /// `None`: enough to fill the device once.
     pub select_slices: Option<i64>,
+    /// Programmatic dependent launches: each kernel after the first may start while the one
+    /// before it ends, waiting inside (`griddepcontrol.wait`) only where it reads that
+    /// kernel's results; the window's tiles do not wait for the selection at all.
+    /// Compute capability 9.0 and up; `None`: on where the device has it.
+    pub programmatic: Option<bool>,
 }
 
 /// The launch shapes a [`super::DecodeStep`] took: tiles per CTA and CTAs per (b, g) of the
@@ -116,10 +121,12 @@ pub struct DecodeShape {
     pub attend_ctas: i64,
     pub select_slices: i64,
     pub blocks_per_slice: i64,
+    /// Whether the kernels after the first launch as programmatic dependents.
+    pub programmatic: bool,
 }
 
 impl DecodeShape {
-    pub(super) fn of(a: &super::DecodeArgs) -> Self {
+    pub(super) fn of(a: &super::DecodeArgs, programmatic: bool) -> Self {
         DecodeShape {
             cmp_tiles_per_cta: i64::from(a.tpc_cmp),
             cmp_ctas: i64::from(a.parts_cmp),
@@ -127,6 +134,7 @@ impl DecodeShape {
             attend_ctas: i64::from(a.parts_slc + a.parts_win),
             select_slices: i64::from(a.sel_slices),
             blocks_per_slice: i64::from(a.slice_blocks),
+            programmatic,
         }
     }
 }
