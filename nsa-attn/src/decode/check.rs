@@ -519,12 +519,13 @@ fn bf16_against_f64(
 const TILING_WHAT: &str = "paper-like G=16 lengths 10000/6100/700";
 
 /// The decode kernels at `launch`'s shapes against the device's pick (here one tile per CTA and
-/// five selection CTAs per (b, g)), on one random cache of `cfg` (TILING_WHAT: 157 selection
-/// blocks in the longest sequence) and fresh queries and gates: outputs within the kind's
-/// tolerance of the larger one, and the same blocks. A budget of 1 tile CTA per launch gives
-/// each CTA all of a (b, g)'s tiles of a branch (double-buffered loads, each head's softmax
-/// state kept across tiles, the fewest partials), 20 uneven splits; 1 selection CTA ranks all
-/// 157 blocks alone, 3 take 64, 64 and 29.
+/// one selection CTA per (b, g): the blocks fit one pass of its threads), on one random cache
+/// of `cfg` (TILING_WHAT: 157 selection blocks in the longest sequence) and fresh queries and
+/// gates: outputs within the kind's tolerance of the larger one, and the same blocks. A budget
+/// of 1 tile CTA per launch gives each CTA all of a (b, g)'s tiles of a branch
+/// (double-buffered loads, each head's softmax state kept across tiles, the fewest partials),
+/// 20 uneven splits; 3 selection CTAs take 64, 64 and 29 blocks and hand their lists to the
+/// last (the slices' hand-off, which the pick takes from 257 blocks on).
 fn tiling_case(
     cfg: &NsaConfig,
     kind: Kind,

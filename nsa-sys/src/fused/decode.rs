@@ -485,7 +485,12 @@ impl DecodeStep {
         let parts = parts_cmp + parts_slc + parts_win;
         let (sel_slices, slice_blocks) = match launch.select_slices {
             Some(want) => slices_of(nb, want),
-            None => select_slices(nb, b * hkv, i64::from(kernels.table.sm_count)),
+            None => select_slices(
+                nb,
+                b * hkv,
+                i64::from(kernels.table.sm_count),
+                i64::from(SCORE_THREADS),
+            ),
         };
         let span = i64::from(SCORE_THREADS) * sel.tap_step + sel.tap_weights.len() as i64;
         // lse2 [64], the top-n's work, the p sums, the slice's block scores.

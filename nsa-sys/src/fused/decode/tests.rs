@@ -225,13 +225,16 @@ fn tiles_per_cta_fill_the_device_once() {
 fn selection_slices_fill_the_device_once() {
     // The paper shape at 64k cached tokens (1,024 selection blocks) on 132 SMs. Batch 8: 160
     // CTAs; batch 1: 128 CTAs of a warp's chunk each.
-    assert_eq!(select_slices(1024, 32, 132), (5, 224));
-    assert_eq!(select_slices(1024, 4, 132), (32, 32));
+    assert_eq!(select_slices(1024, 32, 132, 256), (5, 224));
+    assert_eq!(select_slices(1024, 4, 132, 256), (32, 32));
     // Enough pairs to fill the device alone: one CTA each, every block.
-    assert_eq!(select_slices(1024, 256, 132), (1, 1024));
-    assert_eq!(select_slices(1, 4, 132), (1, 32));
+    assert_eq!(select_slices(1024, 256, 132, 256), (1, 1024));
+    // Blocks within one pass of a CTA's threads (16k cached tokens: 256 blocks): one CTA.
+    assert_eq!(select_slices(256, 4, 132, 256), (1, 256));
+    assert_eq!(select_slices(257, 4, 132, 256), (9, 32));
+    assert_eq!(select_slices(1, 4, 132, 256), (1, 32));
     // Never more than MAX_SELECT_SLICES per pair.
-    assert_eq!(select_slices(4096, 1, 132), (MAX_SELECT_SLICES, 64));
+    assert_eq!(select_slices(4096, 1, 132, 256), (MAX_SELECT_SLICES, 64));
 }
 
 #[test]
@@ -277,15 +280,19 @@ proptest::proptest! {
         }
     }
 
-    /// The device's pick: the slices that fill `sms` SMs once with `groups` (b, g) pairs.
+    /// The device's pick: one CTA per (b, g) while a pass of its `threads` covers the blocks,
+    /// else the slices that fill `sms` SMs once with `groups` (b, g) pairs.
     #[test]
     fn selection_slices_fill_the_device(
         nb in 1i64..200_000,
         groups in 1i64..2_000,
         sms in 1i64..300,
+        threads in proptest::sample::select(vec![32i64, 256, 1024]),
     ) {
-        let want = (sms + groups - 1) / groups;
-        proptest::prop_assert_eq!(select_slices(nb, groups, sms), slices_of(nb, want));
+        let want = if nb <= threads { 1 } else { (sms + groups - 1) / groups };
+        let picked = select_slices(nb, groups, sms, threads);
+        proptest::prop_assert_eq!(picked, slices_of(nb, want));
+        proptest::prop_assert!(nb > threads || picked.0 == 1);
     }
 
     /// The selected/window launch's tiles per CTA: never fewer than tiles_per_cta's count over
