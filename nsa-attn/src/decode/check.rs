@@ -408,36 +408,33 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
         rows.push(row);
     }
     use nsa_sys::fused::DecodeLaunch;
+    let tiled = |ctas: i64, slices: i64| {
+        let launch = DecodeLaunch {
+            tile_ctas: Some(ctas),
+            select_slices: Some(slices),
+            ..DecodeLaunch::default()
+        };
+        let what = format!("{ctas} tile CTAs and {slices} selection CTAs per group");
+        (what, launch)
+    };
     let launches = [
-        (1, 1, None),
-        (20, 3, None),
+        tiled(1, 1),
+        tiled(20, 3),
         // The same shapes as the pick, each kernel waiting for the one before it to end.
-        (0, 0, Some(false)),
+        (
+            "serial launches (no programmatic dependents)".to_string(),
+            DecodeLaunch {
+                programmatic: Some(false),
+                ..DecodeLaunch::default()
+            },
+        ),
     ];
     for kind in [Kind::Float, Kind::BFloat16] {
-        for (ctas, slices, programmatic) in launches {
+        for (what, launch) in &launches {
             let tolerance = if kind == Kind::Float { 1e-5 } else { 2e-2 };
-            let (what, launch) = if programmatic.is_some() {
-                let launch = DecodeLaunch {
-                    programmatic,
-                    ..DecodeLaunch::default()
-                };
-                (
-                    "serial launches (no programmatic dependents)".to_string(),
-                    launch,
-                )
-            } else {
-                let launch = DecodeLaunch {
-                    tile_ctas: Some(ctas),
-                    select_slices: Some(slices),
-                    programmatic: None,
-                };
-                let what = format!("{ctas} tile CTAs and {slices} selection CTAs per group");
-                (what, launch)
-            };
             let name =
                 format!("decode kernels {kind:?} {TILING_WHAT}, {what} vs the device's pick");
-            let row = tiling_case(&paper, kind, launch, device)
+            let row = tiling_case(&paper, kind, *launch, device)
                 .unwrap_or_else(|e| CheckRow::failed(String::new(), tolerance, e));
             rows.push(CheckRow { name, ..row });
         }
