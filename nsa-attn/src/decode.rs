@@ -59,7 +59,14 @@
 //! Host synchronisation: a step makes none of its own. Its bookkeeping (positions, ring slots,
 //! which sequences emit, the rows per distinct position) is computed on the host from the
 //! lengths and reaches the device in one pinned, asynchronous copy ([`DecodePlan`]); the
-//! selected-branch read counts stay on the device until read.
+//! selected-branch read counts are computed from the selected blocks only when asked
+//! ([`StepReads::selected`]).
+//!
+//! What a step launches besides attention, kept small because a decoding model pays it per
+//! layer and token: the projection is one matmul over stacked weights the cache keeps from
+//! its first eager step (`NsaCache`'s `projection`), the queries and keys are rotated by one
+//! RoPE launch on CUDA, and a captured step can leave out the emission of compressed tokens
+//! ([`DecodePlan::set_emission`]) for the positions where no sequence completes a block.
 mod attend;
 mod cache;
 mod check;
@@ -91,29 +98,67 @@ use cache::check_lengths;
 pub struct StepReads {
     /// Compressed tokens visible to each sequence's new token (Eq. 7), `[B]`.
     pub compressed: Vec<i64>,
-    /// Keys in the selected ranges (distinct positions `≤ t` of the selected blocks) per
-    /// sequence and K/V group, int64 `[B, Hkv]` on the device.
-    pub selected: Tensor,
     /// Window keys, `min(w, t + 1)` per sequence, `[B]`.
     pub window: Vec<i64>,
     /// The selected blocks, int64 `[B, Hkv, n]`, sorted, `−1` padded.
     pub blocks: Tensor,
+    /// The new tokens' positions `t_b`, `[B]`.
+    positions: Vec<i64>,
+    /// The selection block length `l'`.
+    select_len: i64,
 }
 
 impl StepReads {
+    /// The counts of a step with `plan` (its positions) that selected `blocks` (int64
+    /// `[B, Hkv, n]`, distinct ids per row, `−1` padded): how a model that replays captured
+    /// steps reports each replay's reads from a copy of the blocks it wrote.
+    pub fn for_plan(plan: &DecodePlan, blocks: Tensor) -> Self {
+        let (cfg, positions) = (plan.config(), plan.positions());
+        let sel = cfg.select_config();
+        Self {
+            compressed: positions
+                .iter()
+                .map(|&t| sel.num_visible_compressed(t))
+                .collect(),
+            window: positions
+                .iter()
+                .map(|&t| cfg.nsa.window.min(t + 1))
+                .collect(),
+            blocks,
+            positions: positions.to_vec(),
+            select_len: sel.select_len,
+        }
+    }
+
+    /// Keys in the selected ranges (distinct positions `≤ t` of the selected blocks) per
+    /// sequence and K/V group, int64 `[B, Hkv]` on the blocks' device: block `j` contributes
+    /// `clamp(t + 1 − j·l', 0, l')` keys. Computed when asked, so a step spends nothing on it.
+    pub fn selected(&self) -> Result<Tensor, AttnError> {
+        let b = self.positions.len() as i64;
+        let ends = Tensor::f_from_slice(&self.positions)?
+            .f_to_device(self.blocks.device())?
+            .f_add_scalar(1)?
+            .f_view([b, 1, 1])?;
+        let keys = ends
+            .f_sub(&self.blocks.f_mul_scalar(self.select_len)?)?
+            .f_clamp(0, self.select_len)?
+            .f_mul(&self.blocks.f_ge(0)?)?;
+        Ok(keys.f_sum_dim_intlist(-1, false, Kind::Int64)?)
+    }
+
     /// Keys read per sequence and group, `compressed + selected + window`: int64 `[B, Hkv]`.
     pub fn total(&self) -> Result<Tensor, AttnError> {
         let b = self.compressed.len() as i64;
-        let device = self.selected.device();
+        let selected = self.selected()?;
         let per_sequence: Vec<i64> = self
             .compressed
             .iter()
             .zip(&self.window)
             .map(|(c, w)| c + w)
             .collect();
-        Ok(self.selected.f_add(
+        Ok(selected.f_add(
             &Tensor::f_from_slice(&per_sequence)?
-                .f_to_device(device)?
+                .f_to_device(selected.device())?
                 .f_view([b, 1])?,
         )?)
     }
@@ -164,7 +209,7 @@ impl NsaAttention {
         let _no_grad = tch::no_grad_guard();
         let c = self.config();
         let rope = Rope::new(c.rope_base, c.head_dim_k, s, x.kind(), x.device())?;
-        let raw = self.project_raw(x, &rope)?;
+        let raw = self.project_raw(x, &rope, None)?;
         // libtorch's operators for RoPE and φ's blocks, as the decode steps compress.
         let p = self.compress_projections(&raw, false)?;
         let blocks = self.select(&p, opts.path, opts.select)?;
@@ -208,8 +253,16 @@ impl NsaAttention {
         self.check_step(x, cache, plan)?;
         let last = plan.positions.iter().copied().max().unwrap_or(0);
         cache.reserve(last + 1)?;
+        if plan.skip_emission && plan.emits() {
+            return Err(AttnError::Option {
+                option: "plan",
+                reason: "the plan leaves out the emission of compressed tokens, and a sequence \
+                         completes a block at this step"
+                    .into(),
+            });
+        }
         let _no_grad = tch::no_grad_guard();
-        match self.step(x, cache, plan, opts) {
+        match self.step(x, cache, plan, opts, Run::Now) {
             Ok(step) => {
                 for len in &mut cache.lengths {
                     *len += 1;
@@ -248,7 +301,7 @@ impl NsaAttention {
             });
         }
         let _no_grad = tch::no_grad_guard();
-        self.step(x, cache, plan, opts)
+        self.step(x, cache, plan, opts, Run::Enqueue)
     }
 
     /// Whether a decode step of this layer with `opts` on activations of `kind` on `device`
@@ -306,11 +359,25 @@ impl NsaAttention {
         cache: &mut NsaCache,
         plan: &DecodePlan,
         opts: &ForwardOpts,
+        run: Run,
     ) -> Result<LayerStep, AttnError> {
         let c = *self.config();
         let (b, g, h) = (cache.batch(), c.kv_heads, c.heads_per_group());
         let dev = &plan.dev;
-        let raw = self.project_raw(x, &plan.rope)?;
+        let key = self.stacked_weights_key();
+        let weights = match &cache.projection {
+            Some((kept, weights)) if *kept == key => weights.shallow_clone(),
+            _ => {
+                let weights = self.stacked_weights()?;
+                // Kept by eager steps only: a copy made during a capture would live in the
+                // graph's memory pool.
+                if matches!(run, Run::Now) {
+                    cache.projection = Some((key, weights.shallow_clone()));
+                }
+                weights
+            }
+        };
+        let raw = self.project_raw(x, &plan.rope, Some(&weights))?;
         let new = |br: Branch| -> Result<(Tensor, Tensor), AttnError> {
             let (k, v) = &raw.kv[self.kv_index(br)];
             Ok((k.f_select(1, 0)?, v.f_select(1, 0)?))
@@ -334,13 +401,15 @@ impl NsaAttention {
         // 2. Compressed tokens of the blocks this token completes: φ over the pending block.
         // A fixed-layout plan lists every sequence; without compressed slots (a capacity
         // below l) none can complete a block.
+        // A plan with the emission left out (`DecodePlan::set_emission`) skips it.
         let emission = dev
             .emission
             .as_ref()
+            .filter(|_| !plan.skip_emission)
             .filter(|em| em.emit.is_none() || cache.compressed.slots() > 0);
         if let Some(em) = emission {
             let source = cache.pending.as_ref().unwrap_or(&cache.raw);
-            let (bk, bv) = source.read_rows(&em.rows, &em.sources)?;
+            let (bk, bv) = source.read_rows(&em.rows, &dev.kv_heads, &em.sources)?;
             let (ck, cv) = self.compression().apply(&bk, &bv, false)?;
             let ck = self.rotate_emitted(ck, &em.index)?;
             let (mut ck, mut cv) = (ck.f_select(1, 0)?, cv.f_select(1, 0)?);
@@ -364,9 +433,7 @@ impl NsaAttention {
         if fused::supported(&c, opts, x.kind(), x.device()) {
             // 3–7 on the decode kernels.
             let (mixed, blocks) = fused::attend(&c, &q, cache, plan, &gates)?;
-            let select_len = c.nsa.select.select_len;
-            let (_, valid) = selected_slots(&blocks, dev, select_len, cache.capacity())?;
-            return self.finish_step(&mixed, blocks, &valid, plan);
+            return self.finish_step(&mixed, blocks, plan);
         }
 
         // 3. Compressed branch over the visible compressed tokens; its probabilities are p_cmp.
@@ -418,7 +485,7 @@ impl NsaAttention {
         // 7. Gates (Eq. 5) and the output projection.
         let heads = |o: &Tensor| o.f_reshape([b, 1, c.heads, c.head_dim_v]);
         let mixed = gates::mix(&gates, &heads(&o_cmp)?, &heads(&o_slc)?, &heads(&o_win)?)?;
-        self.finish_step(&mixed, blocks, &valid, plan)
+        self.finish_step(&mixed, blocks, plan)
     }
 
     /// With `cmp_rope = "compressed"`, the emitted compressed keys `ck` `[E, 1, Hkv, dk]` of
@@ -440,23 +507,16 @@ impl NsaAttention {
     }
 
     /// The output projection of the mixed branch outputs `[B, 1, H, dv]` and the step's read
-    /// counts: the `blocks` `[B, Hkv, n]` it selected and which of their keys it read (`valid`
-    /// `[B, Hkv, n·l']`, from `selected_slots`).
+    /// counts: the `blocks` `[B, Hkv, n]` it selected.
     fn finish_step(
         &self,
         mixed: &Tensor,
         blocks: Tensor,
-        valid: &Tensor,
         plan: &DecodePlan,
     ) -> Result<LayerStep, AttnError> {
         Ok(LayerStep {
             output: self.output_projection(mixed)?,
-            reads: StepReads {
-                compressed: plan.visible.clone(),
-                selected: valid.f_sum_dim_intlist(-1, false, Kind::Int64)?,
-                window: plan.window_count.clone(),
-                blocks,
-            },
+            reads: StepReads::for_plan(plan, blocks),
         })
     }
 
@@ -496,6 +556,13 @@ impl NsaAttention {
         };
         Ok(blocks.f_select(1, 0)?)
     }
+}
+
+/// Whether a step runs now or is enqueued for a capture (`NsaAttention::enqueue_step`).
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    Now,
+    Enqueue,
 }
 
 /// The read counts a step must report for a sequence at position `t` whose group selected

@@ -264,7 +264,7 @@ impl NsaAttention {
         let c = &self.cfg;
         let rope = Rope::new(c.rope_base, c.head_dim_k, s, x.kind(), x.device())?
             .with_kernel(matches!(path, AttnPath::Fused(_)))?;
-        let raw = self.project_raw(x, &rope)?;
+        let raw = self.project_raw(x, &rope, None)?;
         self.compress_projections(&raw, matches!(path, AttnPath::Fused(_)))
     }
 
@@ -277,30 +277,55 @@ impl NsaAttention {
     /// rotated heads are one contiguous column range), split into views: `x` is read once, cast once
     /// under autocast, and its gradient comes from one matmul instead of the sum of seven.
     /// The keys and values are strided views of the stacked output.
-    pub(crate) fn project_raw(&self, x: &Tensor, rope: &Rope) -> Result<RawProjections, AttnError> {
+    ///
+    /// `step`: a decode step's stacked weights ([`NsaAttention::stacked_weights`], kept by the
+    /// cache so that a step does not copy them). A step also rotates the queries and every
+    /// rotated key in one [`Rope::apply`] over their column range (one kernel launch on CUDA
+    /// instead of one per projection); its queries and keys are then strided views of that.
+    pub(crate) fn project_raw(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        step: Option<&Tensor>,
+    ) -> Result<RawProjections, AttnError> {
         let (b, s) = self.check_input(x)?;
         let c = &self.cfg;
         let (h, g, dk, dv) = (c.heads, c.kv_heads, c.head_dim_k, c.head_dim_v);
-        let mut weights = vec![&self.wq.ws];
-        weights.extend(self.kv.iter().map(|p| &p.wk.ws));
-        weights.extend(self.kv.iter().map(|p| &p.wv.ws));
         let pairs = self.kv.len();
         let mut widths = vec![h * dk];
         widths.extend(std::iter::repeat_n(g * dk, pairs));
         widths.extend(std::iter::repeat_n(g * dv, pairs));
-        let stacked = x.f_linear::<&Tensor>(&Tensor::f_cat(&weights, 0)?, None)?;
+        let stacked = match step {
+            Some(weights) => x.f_linear::<&Tensor>(weights, None)?,
+            None => x.f_linear::<&Tensor>(&self.stacked_weights()?, None)?,
+        };
         let parts = stacked.f_split_with_sizes(&widths, -1)?;
-        let q = rope.apply(&parts[0].f_view([b, s, h, dk])?)?;
         let after_phi = c.nsa.cmp_rope == CmpRope::Compressed;
         let cmp_pair = self.kv_index(Branch::Compressed);
+        let only_phi_reads = |i: usize| after_phi && i == cmp_pair && !c.nsa.shared_kv;
+        let heads = h + pairs as i64 * g;
+        // A step with every key rotated: queries and keys in one rotation, split by heads.
+        let together = match step.is_some() && !(0..pairs).any(only_phi_reads) {
+            true => Some(
+                rope.apply(
+                    &stacked
+                        .f_narrow(-1, 0, heads * dk)?
+                        .f_view([b, s, heads, dk])?,
+                )?,
+            ),
+            false => None,
+        };
+        let q = match &together {
+            Some(all) => all.f_narrow(2, 0, h)?,
+            None => rope.apply(&parts[0].f_view([b, s, h, dk])?)?,
+        };
         let kv = (0..pairs)
             .map(|i| -> Result<(Tensor, Tensor), AttnError> {
                 let plain = parts[1 + i].f_view([b, s, g, dk])?;
-                let only_phi_reads = after_phi && i == cmp_pair && !c.nsa.shared_kv;
-                let k = if only_phi_reads {
-                    plain
-                } else {
-                    rope.apply(&plain)?
+                let k = match &together {
+                    Some(all) => all.f_narrow(2, h + i as i64 * g, g)?,
+                    None if only_phi_reads(i) => plain,
+                    None => rope.apply(&plain)?,
                 };
                 Ok((k, parts[1 + pairs + i].f_view([b, s, g, dv])?))
             })
@@ -310,6 +335,26 @@ impl NsaAttention {
             false => None,
         };
         Ok(RawProjections { q, kv, phi_keys })
+    }
+
+    /// The projection weights stacked as [`NsaAttention::project_raw`] multiplies them,
+    /// `[W_q; W_k…; W_v…]` `[H·dk + pairs·Hkv·(dk + dv), dim]` (a copy).
+    pub(crate) fn stacked_weights(&self) -> Result<Tensor, AttnError> {
+        let mut weights = vec![&self.wq.ws];
+        weights.extend(self.kv.iter().map(|p| &p.wk.ws));
+        weights.extend(self.kv.iter().map(|p| &p.wv.ws));
+        Ok(Tensor::f_cat(&weights, 0)?)
+    }
+
+    /// The addresses of the weights [`NsaAttention::stacked_weights`] copies: a decode cache
+    /// keeps its copy while they are unchanged (a copy made for another layer, or before the
+    /// weights were replaced by new tensors, is made again).
+    pub(crate) fn stacked_weights_key(&self) -> Vec<usize> {
+        std::iter::once(&self.wq.ws)
+            .chain(self.kv.iter().map(|p| &p.wk.ws))
+            .chain(self.kv.iter().map(|p| &p.wv.ws))
+            .map(|t| t.data_ptr() as usize)
+            .collect()
     }
 
     /// The keys and values φ compresses: the compressed branch's raw projections, rotated

@@ -25,8 +25,14 @@ pub struct Rope {
     cos: Tensor,
     /// `[S, 1, dk/2]`
     sin: Tensor,
-    /// fp32 `[S, dk/2]` cos and sin for the fused kernel (CUDA tables of [`Rope::new`] only).
+    /// fp32 `[S, dk/2]` cos and sin for the fused kernel (CUDA tables of [`Rope::new`] and
+    /// [`Rope::strided`]), or fp32 `[B, dk/2]` for tables of [`Rope::at_positions`] with one
+    /// position per sequence (see `per_sequence`).
     kernel: Option<(Tensor, Tensor)>,
+    /// The kernel tables hold one row per sequence (`[B, dk/2]`, tables of
+    /// [`Rope::at_positions`] for `[B, 1]` positions): [`Rope::apply`] rotates `[B, 1, X, dk]`
+    /// by handing the kernel the sequences as its position axis.
+    per_sequence: bool,
 }
 
 impl Rope {
@@ -86,6 +92,10 @@ impl Rope {
     pub(crate) fn copy_from(&mut self, other: &Rope) -> Result<(), TchError> {
         self.cos.f_copy_(&other.cos)?;
         self.sin.f_copy_(&other.sin)?;
+        if let (Some((cos, sin)), Some((other_cos, other_sin))) = (&self.kernel, &other.kernel) {
+            cos.shallow_clone().f_copy_(other_cos)?;
+            sin.shallow_clone().f_copy_(other_sin)?;
+        }
         Ok(())
     }
 
@@ -94,32 +104,56 @@ impl Rope {
             cos: angles.f_cos()?.f_to_kind(kind)?,
             sin: angles.f_sin()?.f_to_kind(kind)?,
             kernel: None,
+            per_sequence: false,
         })
     }
 
     /// With `on`, [`Rope::apply`] rotates bf16 and fp32 tensors on CUDA with the fused kernel
     /// (`nsa_sys::fused::rope`: one pass forward, one backward, fp32 arithmetic, the result
-    /// in the input's dtype). Applies to the tables of [`Rope::new`] on a CUDA device; others
-    /// (CPU, [`Rope::at_positions`]) keep libtorch's operators.
+    /// in the input's dtype). Applies to CUDA tables of [`Rope::new`] and [`Rope::strided`],
+    /// and of [`Rope::at_positions`] with one position per sequence; others (CPU, several
+    /// positions per sequence) keep libtorch's operators.
     ///
     /// What differs from libtorch's operators: the fp32 products are rounded once per output
     /// element instead of once per operator, and a bf16 input stays bf16 (libtorch promotes it
     /// to the tables' fp32 when the activations are fp32 under autocast; the attention kernels
     /// then round it back to bf16).
+    ///
+    /// Tables of [`Rope::at_positions`] for one position per sequence (`[B, 1]`, a decode
+    /// step's) take the kernel too: it rotates `[B, 1, X, dk]` with the sequences as its
+    /// position axis, one launch for every head of the step's queries and keys.
     pub fn with_kernel(mut self, on: bool) -> Result<Self, TchError> {
         self.kernel = None;
-        if on && matches!(self.cos.device(), Device::Cuda(_)) && self.cos.dim() == 3 {
+        self.per_sequence = false;
+        let size = self.cos.size();
+        let one_per_sequence = size.len() == 4 && size[1] == 1 && size[2] == 1;
+        if on
+            && matches!(self.cos.device(), Device::Cuda(_))
+            && (size.len() == 3 || one_per_sequence)
+        {
             let table = |t: &Tensor| -> Result<Tensor, TchError> {
-                t.f_squeeze_dim(1)?.f_to_kind(Kind::Float)?.f_contiguous()
+                let rows = t.size()[0];
+                t.f_reshape([rows, -1])?
+                    .f_to_kind(Kind::Float)?
+                    .f_contiguous()
             };
             self.kernel = Some((table(&self.cos)?, table(&self.sin)?));
+            self.per_sequence = one_per_sequence;
         }
         Ok(self)
+    }
+
+    /// Whether [`Rope::apply`] hands tensors it applies to to the fused kernel.
+    pub(crate) fn uses_kernel(&self) -> bool {
+        self.kernel.is_some()
     }
 
     /// The fp32 `[S, dk/2]` cos and sin tables the fused kernel reads (`None` without
     /// [`Rope::with_kernel`], or where it does not apply).
     pub(crate) fn kernel_tables(&self) -> Option<(&Tensor, &Tensor)> {
+        if self.per_sequence {
+            return None;
+        }
         self.kernel.as_ref().map(|(c, s)| (c, s))
     }
 
@@ -131,7 +165,15 @@ impl Rope {
                 && matches!(x.kind(), Kind::BFloat16 | Kind::Float)
                 && last_contiguous
             {
-                return Ok(nsa_sys::fused::rope(x, cos, sin)?);
+                if !self.per_sequence {
+                    return Ok(nsa_sys::fused::rope(x, cos, sin)?);
+                }
+                let size = x.size();
+                if size[1] == 1 && size[0] == cos.size()[0] {
+                    // [B, 1, X, dk] as [1, B, X, dk]: sequence b is the kernel's position b.
+                    let rotated = nsa_sys::fused::rope(&x.f_permute([1, 0, 2, 3])?, cos, sin)?;
+                    return Ok(rotated.f_permute([1, 0, 2, 3])?);
+                }
             }
         }
         Ok(self.apply_operators(x)?)

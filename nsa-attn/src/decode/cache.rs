@@ -91,22 +91,26 @@ impl KvBuf {
         Ok((take(&self.k)?, take(&self.v)?))
     }
 
-    /// The same slots `[E, K]` for every group of rows `rows` `[E]`: `[E, K, Hkv, d]` (the raw
-    /// layout φ reads).
+    /// The same slots `[E, K]` for every group (`kv_heads`: `0 .. Hkv`) of rows `rows` `[E]`:
+    /// `[E, K, Hkv, d]` (the raw layout φ reads). One gather of the `E·Hkv·K` rows (not a copy
+    /// of the rows' whole buffers first: the raw buffer holds every cached position).
     pub(crate) fn read_rows(
         &self,
         rows: &Tensor,
+        kv_heads: &Tensor,
         slots: &Tensor,
     ) -> Result<(Tensor, Tensor), AttnError> {
-        let g = self.k.size()[1];
-        let sz = slots.size();
-        let per_group = slots.f_unsqueeze(1)?.f_expand([sz[0], g, sz[1]], false)?;
-        let picked = KvBuf {
-            k: self.k.f_index_select(0, rows)?,
-            v: self.v.f_index_select(0, rows)?,
+        let g = kv_heads.size()[0];
+        let (e, k) = (slots.size()[0], slots.size()[1]);
+        let index = [
+            Some(rows.f_view([e, 1, 1])?),
+            Some(kv_heads.f_view([1, g, 1])?),
+            Some(slots.f_view([e, 1, k])?),
+        ];
+        let take = |t: &Tensor| -> Result<Tensor, AttnError> {
+            Ok(t.f_index(&index)?.f_permute([0, 2, 1, 3])?)
         };
-        let (k, v) = picked.read_slots(&per_group)?;
-        Ok((k.f_permute([0, 2, 1, 3])?, v.f_permute([0, 2, 1, 3])?))
+        Ok((take(&self.k)?, take(&self.v)?))
     }
 
     /// The same buffer with `slots` slots (the first `min(old, slots)` kept).
@@ -155,6 +159,12 @@ pub struct NsaCache {
     pub(crate) compressed: KvBuf,
     /// A step failed after it had started writing: the cache no longer describes a prefix.
     pub(crate) poisoned: bool,
+    /// The layer's stacked projection weights, made by the first eager step and reused by the
+    /// later ones (a step would otherwise copy them: 33 MB at the paper shape), with the
+    /// weights' addresses they were copied from (`NsaAttention::stacked_weights_key`). A cache
+    /// decodes with the weights its first step saw: weights changed in place afterwards (an
+    /// optimizer step) need a new prefill.
+    pub(crate) projection: Option<(Vec<usize>, Tensor)>,
 }
 
 impl NsaCache {
@@ -234,6 +244,7 @@ impl NsaCache {
             pending,
             compressed: cmp_buf,
             poisoned: false,
+            projection: None,
         })
     }
 
@@ -274,6 +285,7 @@ impl NsaCache {
             pending,
             compressed: ring(sel.num_compressed(capacity))?,
             poisoned: false,
+            projection: None,
         })
     }
 

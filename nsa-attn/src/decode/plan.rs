@@ -45,6 +45,9 @@ pub struct DecodePlan {
     /// A fixed-layout plan: the one transfer's device buffer, which [`DecodePlan::refill`]
     /// overwrites.
     fixed: Option<Tensor>,
+    /// Steps with this plan leave out the emission of compressed tokens
+    /// ([`DecodePlan::set_emission`]).
+    pub(crate) skip_emission: bool,
 }
 
 /// The plan's device tensors (int64, views of one transfer).
@@ -162,7 +165,7 @@ fn pack(cfg: &NsaConfig, positions: &[i64], tokens: Option<&[i64]>, fixed: bool)
     let sel = cfg.select_config();
     let (l, d, w) = (sel.block_len, sel.stride, cfg.nsa.window);
     let batch = positions.len() as i64;
-    let emits = |t: i64| t + 1 >= l && (t + 1 - l) % d == 0;
+    let emits = |t: i64| completes_block(cfg, t);
     let window_count: Vec<i64> = positions.iter().map(|&t| w.min(t + 1)).collect();
     let mut pack = Pack::default();
     let rows = pack.push(0..batch);
@@ -243,6 +246,13 @@ fn pack(cfg: &NsaConfig, positions: &[i64], tokens: Option<&[i64]>, fixed: bool)
         groups,
         tokens,
     }
+}
+
+/// Whether the token at position `t` completes a compressed block (`t = i·d + l − 1`), so a
+/// step that adds it emits compressed token `i`.
+fn completes_block(cfg: &NsaConfig, t: i64) -> bool {
+    let sel = cfg.select_config();
+    t + 1 >= sel.block_len && (t + 1 - sel.block_len) % sel.stride == 0
 }
 
 /// `values` as int64 on `device`: pinned host memory and a non-blocking copy on CUDA (the step
@@ -378,6 +388,33 @@ impl DecodePlan {
         self.fixed.is_some()
     }
 
+    /// Whether a sequence's new token completes a compressed block at the plan's positions,
+    /// so that the step must emit a compressed token.
+    pub fn emits(&self) -> bool {
+        self.positions
+            .iter()
+            .any(|&t| completes_block(&self.cfg, t))
+    }
+
+    /// Switches the emission of compressed tokens off (`on = false`) or back on for the steps
+    /// enqueued with this fixed-layout plan: a model captures two graphs of its step, one
+    /// with the emission (φ over the pending block, for every sequence) and one without, and
+    /// replays the second at the `d − 1` of every `d` positions where no sequence completes a
+    /// block ([`DecodePlan::emits`]). An eager step refuses a plan without the emission at a
+    /// position that needs it; the caller that replays a graph captured without it must check
+    /// [`DecodePlan::emits`] itself (replayed there, the cache would miss a compressed token).
+    pub fn set_emission(&mut self, on: bool) -> Result<(), AttnError> {
+        if self.fixed.is_none() {
+            return Err(AttnError::Option {
+                option: "plan",
+                reason: "only a fixed-layout plan (DecodePlan::fixed) leaves out the emission"
+                    .into(),
+            });
+        }
+        self.skip_emission = !on;
+        Ok(())
+    }
+
     /// The largest position the plan describes during its life.
     pub fn position_bound(&self) -> i64 {
         self.position_bound
@@ -427,7 +464,9 @@ impl DecodePlan {
             cfg.head_dim_k,
             &dev.positions.f_view([batch, 1])?,
             kind,
-        )?;
+        )?
+        // One rotation kernel launch for all the step's heads on CUDA.
+        .with_kernel(true)?;
         let position_groups = packed
             .groups
             .into_iter()
@@ -461,6 +500,7 @@ impl DecodePlan {
             dev,
             position_bound,
             fixed: fixed.then_some(all),
+            skip_emission: false,
         })
     }
 

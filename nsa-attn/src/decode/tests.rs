@@ -204,7 +204,7 @@ fn reads_match_formula_on(c: &Case) -> Result<(), TestCaseError> {
     let (g, n) = (cfg.kv_heads as usize, cfg.nsa.select.top_n as usize);
     for (positions, reads) in &decoded.steps {
         let blocks = Vec::<i64>::try_from(reads.blocks.flatten(0, -1)).unwrap();
-        let selected = Vec::<i64>::try_from(reads.selected.flatten(0, -1)).unwrap();
+        let selected = Vec::<i64>::try_from(reads.selected().unwrap().flatten(0, -1)).unwrap();
         let total = Vec::<i64>::try_from(reads.total().unwrap().flatten(0, -1)).unwrap();
         for (b, &t) in positions.iter().enumerate() {
             for grp in 0..g {

@@ -12,6 +12,7 @@ use crate::rope::Rope;
 use nsa_sys::fused as sys;
 
 /// The rows: RoPE on slices of a stacked projection (strided rows) and on a contiguous tensor,
+/// and with one position per sequence as a decode step rotates,
 /// the gated sum (alone and with W_o after it), φ's input blocks (alone and with φ's first
 /// linear map after them; 16-byte and element access, with and without the position
 /// embedding, tokens no block covers, a stride that does not divide the block), the linear cross-entropy (vector and element loads, several chunks, ignored
@@ -47,6 +48,20 @@ pub(super) fn check_rows(device: Device) -> Vec<CheckRow> {
             };
             rows.push(
                 rope_case(shape, kind, device)
+                    .map(|(e, det)| row(name.clone(), kind, e, det))
+                    .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
+            );
+        }
+        // A decode step's rotation: one position per sequence (tables of `at_positions`),
+        // queries and keys of `125m` (12 + 3·4 heads) in one launch on a slice of the
+        // projection, and the paper's dk = 192.
+        for (b, x, dk, after) in [(3, 24, 64, 768), (2, 76, 192, 0)] {
+            let name = format!(
+                "rope one position per sequence {} B={b} X={x} dk={dk}",
+                kind_name(kind)
+            );
+            rows.push(
+                rope_per_sequence_case((b, x, dk, after), kind, device)
                     .map(|(e, det)| row(name.clone(), kind, e, det))
                     .unwrap_or_else(|e| CheckRow::failed(name, tolerance(kind), e)),
             );
@@ -430,6 +445,38 @@ fn rope_case(c: RopeCase, kind: Kind, device: Device) -> Result<((f64, String), 
     let got = run(std::slice::from_ref(&stacked), &dout, fused)?;
     let again = run(std::slice::from_ref(&stacked), &dout, fused)?;
     let reference_rope = Rope::new(10_000.0, c.dk, c.s, Kind::Double, device)?;
+    let want = run(&[stacked.f_to_kind(Kind::Double)?], &dout, |t| {
+        reference_rope.apply(&slice(&t[0])?)
+    })?;
+    judge(&got, &again, &want, &["out", "dx"])
+}
+
+/// RoPE of `[B, 1, X, dk]` (a slice of `[B, 1, X·dk + after]`) with sequence `b` at a random
+/// position of its own below 2^17, through [`Rope::apply`] on the tables of
+/// [`Rope::at_positions`] in `kind` (a decode plan's), against the same rotation in float64.
+fn rope_per_sequence_case(
+    (b, x, dk, after): (i64, i64, i64, i64),
+    kind: Kind,
+    device: Device,
+) -> Result<((f64, String), bool), AttnError> {
+    let stacked =
+        Tensor::f_randn([b, 1, x * dk + after], (Kind::Float, device))?.f_to_kind(kind)?;
+    let dout = Tensor::f_randn([b, 1, x, dk], (Kind::Float, device))?;
+    let positions = Tensor::f_randint(1 << 17, [b, 1], (Kind::Int64, device))?;
+    let slice = |t: &Tensor| -> Result<Tensor, AttnError> {
+        Ok(t.f_narrow(2, 0, x * dk)?.f_view([b, 1, x, dk])?)
+    };
+    let fused_rope = Rope::at_positions(10_000.0, dk, &positions, kind)?.with_kernel(true)?;
+    if !fused_rope.uses_kernel() {
+        return Err(AttnError::Option {
+            option: "gpu_check",
+            reason: "Rope::with_kernel(true) on CUDA built no kernel tables".into(),
+        });
+    }
+    let fused = |t: &[Tensor]| fused_rope.apply(&slice(&t[0])?);
+    let got = run(std::slice::from_ref(&stacked), &dout, fused)?;
+    let again = run(std::slice::from_ref(&stacked), &dout, fused)?;
+    let reference_rope = Rope::at_positions(10_000.0, dk, &positions, Kind::Double)?;
     let want = run(&[stacked.f_to_kind(Kind::Double)?], &dout, |t| {
         reference_rope.apply(&slice(&t[0])?)
     })?;

@@ -72,15 +72,26 @@ enum LayerCache {
 /// sized for them, and a step past them captures anew (a few milliseconds).
 const GRAPH_SLACK: i64 = 256;
 
-/// One decode step of the whole model captured as a CUDA graph: the fixed-layout plan it reads
-/// (refilled before each replay) and the outputs it writes. Field order is drop order: the
-/// outputs live in the graph's memory pool and go before it.
+/// One decode step of the whole model captured as a CUDA graph and the outputs it writes. Field
+/// order is drop order: the outputs live in the graph's memory pool and go before it.
+#[derive(Debug)]
+struct Captured {
+    logits: Tensor,
+    /// Every NSA block's selected blocks, stacked `[blocks, B, Hkv, n]` by the graph itself so
+    /// that a replay copies them out once (`None` for a dense model).
+    blocks: Option<Tensor>,
+    graph: CudaGraph,
+}
+
+/// A model's captured decode step: the fixed-layout plan it reads (refilled before each
+/// replay), captured with the emission of compressed tokens and, for NSA models, once more
+/// without it, which replays where no sequence completes a block (`d − 1` of every `d`
+/// positions).
 #[derive(Debug)]
 struct StepGraph {
-    logits: Tensor,
-    reads: Vec<StepReads>,
+    with_emission: Captured,
+    without_emission: Option<Captured>,
     plan: DecodePlan,
-    graph: CudaGraph,
 }
 
 /// Whether [`Model::decode_step`] captures its steps as CUDA graphs.
@@ -131,9 +142,11 @@ impl KvCache {
 
     /// With `on`, [`Model::decode_step`] runs its steps as CUDA graphs where it can: the first
     /// step (and the first after every 256 positions or a growth of the buffers) runs eagerly
-    /// with a fixed-layout plan and captures the next one; the others replay it, so a step
-    /// costs one transfer, one graph launch and a copy of the logits instead of hundreds of
-    /// operator launches. Needs a CUDA device and, for NSA blocks, the decode kernels
+    /// with a fixed-layout plan and captures the next one, twice for NSA models: with the
+    /// emission of compressed tokens and without it, replayed at the positions where no
+    /// sequence completes a block. The others replay a capture, so a step costs one transfer,
+    /// one graph launch and copies of the logits and of the selected blocks instead of
+    /// hundreds of operator launches. Needs a CUDA device and, for NSA blocks, the decode kernels
     /// ([`nsa_attn::NsaAttention::decode_on_kernels`]); otherwise, or when a capture fails,
     /// steps stay eager and [`KvCache::graph_unavailable`] says why. The logits are those of
     /// eager steps with the same plan, bit for bit (`nsa-train check --gpu` compares them).
@@ -372,7 +385,11 @@ impl Model {
         if let GraphState::On(Some(g)) = &mut cache.graph {
             if last <= g.plan.position_bound() {
                 g.plan.refill(&cache.lengths, Some(next))?;
-                let replayed = g.graph.replay();
+                let captured = match &g.without_emission {
+                    Some(lean) if !g.plan.emits() => lean,
+                    _ => &g.with_emission,
+                };
+                let replayed = captured.graph.replay();
                 let advanced = replayed.map_err(ModelError::from).and_then(|()| {
                     for layer in &mut cache.layers {
                         if let LayerCache::Nsa(c) = layer {
@@ -389,20 +406,17 @@ impl Model {
                     *len += 1;
                 }
                 cache.replays += 1;
-                let reads = g
-                    .reads
-                    .iter()
-                    .map(|r| -> Result<StepReads, ModelError> {
-                        Ok(StepReads {
-                            compressed: g.plan_visible(),
-                            selected: r.selected.f_detach_copy()?,
-                            window: g.plan_window(),
-                            blocks: r.blocks.f_detach_copy()?,
-                        })
-                    })
-                    .collect::<Result<_, _>>()?;
+                let reads = match &captured.blocks {
+                    Some(stacked) => {
+                        let all = stacked.f_detach_copy()?;
+                        (0..all.size()[0])
+                            .map(|i| Ok(StepReads::for_plan(&g.plan, all.f_select(0, i)?)))
+                            .collect::<Result<_, ModelError>>()?
+                    }
+                    None => Vec::new(),
+                };
                 return Ok(DecodeStep {
-                    logits: g.logits.f_detach_copy()?,
+                    logits: captured.logits.f_detach_copy()?,
                     reads,
                 });
             }
@@ -418,19 +432,56 @@ impl Model {
         if cache.lengths.iter().all(|&t| t <= bound) {
             // The capture runs nothing: the token ids and the cache's contents do not matter.
             plan.refill(&cache.lengths, Some(&vec![0; next.len()]))?;
+            let nsa = self.decodes_faster_from_graphs();
             let captured =
-                CudaGraph::capture(ordinal, || self.step(cache, &plan, opts, Run::Enqueue));
+                self.capture_step(ordinal, cache, &plan, opts)
+                    .and_then(|with_emission| {
+                        let without_emission = match nsa {
+                            true => {
+                                plan.set_emission(false)?;
+                                let lean = self.capture_step(ordinal, cache, &plan, opts);
+                                plan.set_emission(true)?;
+                                Some(lean?)
+                            }
+                            false => None,
+                        };
+                        Ok(StepGraph {
+                            with_emission,
+                            without_emission,
+                            plan,
+                        })
+                    });
             cache.graph = match captured {
-                Ok((graph, out)) => GraphState::On(Some(Box::new(StepGraph {
-                    logits: out.logits,
-                    reads: out.reads,
-                    plan,
-                    graph,
-                }))),
+                Ok(g) => GraphState::On(Some(Box::new(g))),
                 Err(e) => GraphState::Unavailable(format!("capturing a decode step failed: {e}")),
             };
         }
         Ok(step)
+    }
+
+    /// The step with `plan` captured as a CUDA graph on device `ordinal`, the NSA blocks'
+    /// selections stacked inside it.
+    fn capture_step(
+        &self,
+        ordinal: usize,
+        cache: &mut KvCache,
+        plan: &DecodePlan,
+        opts: &ForwardOpts,
+    ) -> Result<Captured, ModelError> {
+        let (graph, (logits, blocks)) = CudaGraph::capture(ordinal, || {
+            let out = self.step(cache, plan, opts, Run::Enqueue)?;
+            let blocks: Vec<&Tensor> = out.reads.iter().map(|r| &r.blocks).collect();
+            let stacked = match blocks.is_empty() {
+                true => None,
+                false => Some(Tensor::f_stack(&blocks, 0)?),
+            };
+            Ok::<_, ModelError>((out.logits, stacked))
+        })?;
+        Ok(Captured {
+            logits,
+            blocks,
+            graph,
+        })
     }
 
     /// A fixed-layout plan for the cache's next step (token ids `next`), bounded at the
@@ -582,28 +633,6 @@ enum Run {
     Now,
     /// A step being captured: nothing grows or advances (a replay advances them).
     Enqueue,
-}
-
-impl StepGraph {
-    /// Compressed tokens visible to each sequence at the plan's positions (host integers).
-    fn plan_visible(&self) -> Vec<i64> {
-        let sel = self.plan.config().select_config();
-        self.plan
-            .positions()
-            .iter()
-            .map(|&t| sel.num_visible_compressed(t))
-            .collect()
-    }
-
-    /// `min(w, t + 1)` at the plan's positions.
-    fn plan_window(&self) -> Vec<i64> {
-        let w = self.plan.config().nsa.window;
-        self.plan
-            .positions()
-            .iter()
-            .map(|&t| w.min(t + 1))
-            .collect()
-    }
 }
 
 /// A dense block's step: the new keys and values into the cache, then SDPA of the new query

@@ -220,14 +220,7 @@ pub struct DecodeStep {
     /// The kernels after the first launch as programmatic dependents.
     programmatic: bool,
     inputs: [Tensor; 9],
-    part_ml: Tensor,
-    part_o: Tensor,
-    score_buf: Tensor,
-    lse2: Tensor,
-    tickets: Tensor,
-    lists: Tensor,
-    ids: Tensor,
-    out: Tensor,
+    scratch: Scratch,
 }
 
 fn shape_err(what: &'static str, want: String, got: &Tensor) -> FusedError {
@@ -559,8 +552,20 @@ impl DecodeStep {
         if b >= 65_536 || hkv >= 65_536 {
             return Err(input("q", format!("B {b} and Hkv {hkv} must be < 65536")));
         }
-        let dev = q.device();
-        let f32z = |shape: &[i64]| Tensor::f_zeros(shape, (Kind::Float, dev));
+        let scratch = Scratch::new(
+            ScratchShape {
+                b,
+                hkv,
+                hpg,
+                parts,
+                score_width: chunks_cmp * TILE,
+                slices: sel_slices,
+                n,
+                dv,
+                kind,
+            },
+            q.device(),
+        )?;
         let step = DecodeStep {
             kernels,
             args,
@@ -597,26 +602,27 @@ impl DecodeStep {
                 pos.shallow_clone(),
                 x.gates.shallow_clone(),
             ],
-            part_ml: f32z(&[b, hkv, parts, hpg, 2])?,
-            part_o: f32z(&[b, hkv, parts, hpg, dv])?,
-            score_buf: f32z(&[b, hkv, hpg, chunks_cmp * TILE])?,
-            lse2: f32z(&[b, hkv, hpg])?,
-            tickets: Tensor::f_zeros([b, hkv], (Kind::Int, dev))?,
-            lists: Tensor::f_zeros([b, hkv, sel_slices, 32], (Kind::Int64, dev))?,
-            ids: Tensor::f_full([b, hkv, n], -1, (Kind::Int64, dev))?,
-            out: Tensor::f_zeros([b, hkv * hpg, dv], (kind, dev))?,
+            scratch,
         };
         Ok(step)
     }
 
     /// The mixed output of the last launch, `[B, H, dv]`.
     pub fn output(&self) -> &Tensor {
-        &self.out
+        &self.scratch.out
     }
 
     /// The blocks the last launch selected, int64 `[B, Hkv, n]`.
     pub fn blocks(&self) -> &Tensor {
-        &self.ids
+        &self.scratch.ids
+    }
+
+    /// Fills the step's own buffers (partial states, scores, the selection's lists and picks,
+    /// the output; not the ticket counters) with values no kernel writes, so that a launch
+    /// after it that reads an element it did not write first gives NaN or a wrong pick: the
+    /// GPU check's proof that the buffers need no initialisation.
+    pub fn poison_scratch(&self) -> Result<(), FusedError> {
+        self.scratch.poison()
     }
 
     /// The launches' shapes (tiles per CTA, CTAs, selection slices).
@@ -641,16 +647,17 @@ impl DecodeStep {
         let t = &self.kernels.table;
         let ptr = |x: &Tensor| x.data_ptr() as u64;
         let [q, ck, cv, rk, rv, wk, wv, pos, gates] = self.inputs.each_ref().map(ptr);
+        let b = &self.scratch;
         let (ml, po, sc, lse, ids, out) = (
-            ptr(&self.part_ml),
-            ptr(&self.part_o),
-            ptr(&self.score_buf),
-            ptr(&self.lse2),
-            ptr(&self.ids),
-            ptr(&self.out),
+            ptr(&b.part_ml),
+            ptr(&b.part_o),
+            ptr(&b.scores),
+            ptr(&b.lse2),
+            ptr(&b.ids),
+            ptr(&b.out),
         );
-        let tickets = ptr(&self.tickets);
-        let lists = ptr(&self.lists);
+        let tickets = ptr(&b.tickets);
+        let lists = ptr(&b.lists);
         let mut args = self.args;
         let arg = |x: &u64| x as *const u64 as *mut c_void;
         let args_ptr = &mut args as *mut DecodeArgs as *mut c_void;
@@ -771,6 +778,7 @@ fn current_stream(device: usize) -> Result<CuStream, FusedError> {
 
 mod graph;
 mod grid;
+mod scratch;
 mod timing;
 pub use graph::DecodeGraph;
 use grid::{
@@ -778,6 +786,7 @@ use grid::{
     warp_tile_smem, MAX_SELECT_SLICES, WARP_MAX_GROUP,
 };
 pub use grid::{DecodeLaunch, DecodeShape, MAX_SELECT_SLICES as DECODE_MAX_SELECT_SLICES};
+use scratch::{Scratch, ScratchShape};
 pub use timing::DecodeKernelTimes;
 
 #[cfg(test)]

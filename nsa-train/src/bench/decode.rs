@@ -138,7 +138,7 @@ pub fn run(a: DecodeBenchArgs) -> Result<()> {
 /// The layer table: NSA decode step vs dense SDPA over the same cache.
 fn layer_table(p: &Plan) -> Result<String> {
     let mut table = format!(
-        "Decode step, {}, {:?}. Cells: ms, median (min–max) of {} runs. Layer step: the whole NSA layer (projections, cache writes, compression, attention, gates, output projection), eager and synchronised after each step (latency), and as one CUDA graph per step over {STEPS_PER_RUN} replays back to back (CUDA only). Attention: NSA's decode kernels (three branches, selection, gated mix; CUDA only) and dense SDPA of one query over the same cached keys, each given its queries, per step over {STEPS_PER_RUN} steps issued back to back (eager: launched from the host each step; graph: the four kernels replayed as one CUDA graph). Dense SDPA as a decoder runs it (cuDNN off: cuDNN builds a graph for every new cache length) and with libtorch's pick (if cuDNN, its graph reused here because every timed step has the same length). dense / NSA: the faster dense over the NSA graph. Keys read per K/V group and step.\n\n| shape | cached tokens | batch | NSA layer step ms | NSA layer step graph ms | NSA attention eager ms | NSA attention graph ms | dense SDPA ms | dense SDPA, libtorch's pick ms | dense / NSA | keys read NSA | keys read dense | cache GB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "Decode step, {}, {:?}. Cells: ms, median (min–max) of {} runs. Layer step: the whole NSA layer (projections, cache writes, compression, attention, gates, output projection), eager and synchronised after each step (latency), and as one CUDA graph per step over {STEPS_PER_RUN} replays back to back (CUDA only), without the emission of a compressed token (what a decoder replays at d − 1 of every d positions) and with it. Attention: NSA's decode kernels (three branches, selection, gated mix; CUDA only) and dense SDPA of one query over the same cached keys, each given its queries, per step over {STEPS_PER_RUN} steps issued back to back (eager: launched from the host each step; graph: the four kernels replayed as one CUDA graph). Dense SDPA as a decoder runs it (cuDNN off: cuDNN builds a graph for every new cache length) and with libtorch's pick (if cuDNN, its graph reused here because every timed step has the same length). dense / NSA: the faster dense over the NSA graph. Keys read per K/V group and step.\n\n| shape | cached tokens | batch | NSA layer step ms | NSA layer step graph ms | with emission ms | NSA attention eager ms | NSA attention graph ms | dense SDPA ms | dense SDPA, libtorch's pick ms | dense / NSA | keys read NSA | keys read dense | cache GB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         nsa_bench::device_description(p.device),
         p.kind,
         p.repeats
@@ -154,7 +154,7 @@ fn layer_table(p: &Plan) -> Result<String> {
                 let line = match row {
                     Ok(cells) => format!("| {name} | {s} | {b} | {cells} |\n"),
                     Err(e) => format!(
-                        "| {name} | {s} | {b} | failed: {} | | | | | | | | | |\n",
+                        "| {name} | {s} | {b} | failed: {} | | | | | | | | | | |\n",
                         format!("{e:#}").lines().next().unwrap_or("")
                     ),
                 };
@@ -229,19 +229,25 @@ fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) ->
         .f_mean(Kind::Double)?
         .f_double_value(&[])?;
     let position = cache.lengths().iter().copied().max().unwrap_or(1) - 1;
-    // The whole layer step as one CUDA graph (what a decoder with `KvCache::use_graphs`
+    // The whole layer step as a CUDA graph (what a decoder with `KvCache::use_graphs`
     // replays): a fixed-layout plan at the cache's lengths, the step enqueued once eagerly,
-    // then captured and replayed; a replay rewrites the same token, so replays repeat.
-    let layer_graph = match p.device {
+    // then captured without and with the emission of compressed tokens and replayed; a
+    // replay rewrites the same token, so replays repeat.
+    let layer_graphs = match p.device {
         Device::Cuda(ordinal) => {
             let last = cache.lengths().iter().copied().max().unwrap_or(0);
-            let plan =
+            let mut plan =
                 nsa_attn::DecodePlan::fixed(cfg, cache.lengths(), p.kind, p.device, None, last)?;
             layer.enqueue_step(&x, &mut cache, &plan, &opts)?;
-            let (graph, _out) = nsa_sys::cuda::CudaGraph::capture(ordinal, || {
-                layer.enqueue_step(&x, &mut cache, &plan, &opts)
-            })?;
-            Some(per_step(p.device, p.repeats, || Ok(graph.replay()?))?)
+            let mut timed = Vec::new();
+            for emission in [false, true] {
+                plan.set_emission(emission)?;
+                let (graph, _out) = nsa_sys::cuda::CudaGraph::capture(ordinal, || {
+                    layer.enqueue_step(&x, &mut cache, &plan, &opts)
+                })?;
+                timed.push(per_step(p.device, p.repeats, || Ok(graph.replay()?))?);
+            }
+            Some(timed)
         }
         _ => None,
     };
@@ -288,10 +294,16 @@ fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) ->
     let ratio = graph.as_ref().map_or("–".to_string(), |g| {
         format!("{:.1}", dense.median.min(dense_pick.median) / g.median)
     });
+    let layer_graph = |i: usize| {
+        layer_graphs
+            .as_ref()
+            .map_or("–".to_string(), |t| t[i].cell_to(3))
+    };
     Ok(format!(
-        "{} | {} | {} | {} | {} | {} | {ratio} | {keys_read:.0} | {s} | {:.2}",
+        "{} | {} | {} | {} | {} | {} | {} | {ratio} | {keys_read:.0} | {s} | {:.2}",
         nsa.cell(),
-        layer_graph.as_ref().map_or("–".to_string(), Timing::cell),
+        layer_graph(0),
+        layer_graph(1),
         cell(&kernels),
         cell(&graph),
         dense.cell_to(3),
@@ -445,7 +457,7 @@ mod tests {
         for row in &rows {
             assert!(!row.contains("failed"), "{row}");
             let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-            let (s, read): (f64, f64) = (cells[2].parse().unwrap(), cells[11].parse().unwrap());
+            let (s, read): (f64, f64) = (cells[2].parse().unwrap(), cells[12].parse().unwrap());
             // The timed step (after the warm-up one) is at position S + 1.
             let t = s as i64 + 1;
             let bound =
