@@ -385,17 +385,15 @@ impl NsaAttention {
 
         // 1. The new token's keys and values into every buffer.
         let (k, v) = new(Branch::Selected)?;
-        cache
-            .raw
-            .put(&dev.rows, &dev.kv_heads, &dev.positions, &k, &v)?;
+        cache.raw.put(None, &dev.kv_heads, &dev.positions, &k, &v)?;
         if let Some(ring) = &mut cache.window {
             let (k, v) = new(Branch::Window)?;
-            ring.put(&dev.rows, &dev.kv_heads, &dev.window_slot, &k, &v)?;
+            ring.put(None, &dev.kv_heads, &dev.window_slot, &k, &v)?;
         }
         if let Some(ring) = &mut cache.pending {
             let (k, v) = self.phi_input(&raw);
             let (k, v) = (k.f_select(1, 0)?, v.f_select(1, 0)?);
-            ring.put(&dev.rows, &dev.kv_heads, &dev.pending_slot, &k, &v)?;
+            ring.put(None, &dev.kv_heads, &dev.pending_slot, &k, &v)?;
         }
 
         // 2. Compressed tokens of the blocks this token completes: φ over the pending block.
@@ -408,24 +406,23 @@ impl NsaAttention {
             .filter(|_| !plan.skip_emission)
             .filter(|em| em.emit.is_none() || cache.compressed.slots() > 0);
         if let Some(em) = emission {
+            // A fixed-layout plan's emission lists every sequence in order.
+            let rows = em.emit.is_none().then_some(&em.rows);
             let source = cache.pending.as_ref().unwrap_or(&cache.raw);
-            let (bk, bv) = source.read_rows(&em.rows, &dev.kv_heads, &em.sources)?;
+            let (bk, bv) = source.read_rows(rows, &dev.kv_heads, &em.sources)?;
             let (ck, cv) = self.compression().apply(&bk, &bv, false)?;
             let ck = self.rotate_emitted(ck, &em.index)?;
             let (mut ck, mut cv) = (ck.f_select(1, 0)?, cv.f_select(1, 0)?);
             if let Some(emit) = &em.emit {
                 // Sequences that complete no block write back what their slot holds.
-                let (held_k, held_v) =
-                    cache
-                        .compressed
-                        .read_at(&em.rows, &dev.kv_heads, &em.index)?;
+                let (held_k, held_v) = cache.compressed.read_at(rows, &dev.kv_heads, &em.index)?;
                 let keep = emit.f_eq(0)?.f_view([-1, 1, 1])?;
                 ck = held_k.f_where_self(&keep, &ck)?;
                 cv = held_v.f_where_self(&keep, &cv)?;
             }
             cache
                 .compressed
-                .put(&em.rows, &dev.kv_heads, &em.index, &ck, &cv)?;
+                .put(rows, &dev.kv_heads, &em.index, &ck, &cv)?;
         }
 
         let q = raw.q.f_view([b, g, h, c.head_dim_k])?;

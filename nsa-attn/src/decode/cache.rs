@@ -52,30 +52,65 @@ impl KvBuf {
         ])
     }
 
-    /// Writes `k` `[E, Hkv, dk]`, `v` `[E, Hkv, dv]` at `(rows[e], :, slots[e])`.
+    /// Writes `k` `[E, Hkv, dk]`, `v` `[E, Hkv, dv]` at `(rows[e], :, slots[e])`; `rows`
+    /// `None`: every sequence (`E = B`, row `e` is sequence `e`), one scatter per tensor (an
+    /// index write over broadcast row and group indices first copies them: three launches
+    /// where this takes one).
     pub(crate) fn put(
         &mut self,
-        rows: &Tensor,
+        rows: Option<&Tensor>,
         kv_heads: &Tensor,
         slots: &Tensor,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(), AttnError> {
-        let index = Self::index(rows, kv_heads, slots)?;
-        let _ = self.k.f_index_put_(&index, k, false)?;
-        let _ = self.v.f_index_put_(&index, v, false)?;
+        match rows {
+            Some(rows) => {
+                let index = Self::index(rows, kv_heads, slots)?;
+                let _ = self.k.f_index_put_(&index, k, false)?;
+                let _ = self.v.f_index_put_(&index, v, false)?;
+            }
+            None => {
+                let _ = self
+                    .k
+                    .f_scatter_(2, &Self::each(slots, &self.k)?, &k.f_unsqueeze(2)?)?;
+                let _ = self
+                    .v
+                    .f_scatter_(2, &Self::each(slots, &self.v)?, &v.f_unsqueeze(2)?)?;
+            }
+        }
         Ok(())
     }
 
     /// What [`KvBuf::put`] with the same indices would overwrite: `[E, Hkv, dk]`, `[E, Hkv, dv]`.
     pub(crate) fn read_at(
         &self,
-        rows: &Tensor,
+        rows: Option<&Tensor>,
         kv_heads: &Tensor,
         slots: &Tensor,
     ) -> Result<(Tensor, Tensor), AttnError> {
-        let index = Self::index(rows, kv_heads, slots)?;
-        Ok((self.k.f_index(&index)?, self.v.f_index(&index)?))
+        match rows {
+            Some(rows) => {
+                let index = Self::index(rows, kv_heads, slots)?;
+                Ok((self.k.f_index(&index)?, self.v.f_index(&index)?))
+            }
+            None => {
+                let take = |t: &Tensor| -> Result<Tensor, AttnError> {
+                    Ok(t.f_gather(2, &Self::each(slots, t)?, false)?
+                        .f_squeeze_dim(2)?)
+                };
+                Ok((take(&self.k)?, take(&self.v)?))
+            }
+        }
+    }
+
+    /// The scatter / gather index of slot `slots[b]` of every group of sequence `b` in `t`
+    /// `[B, Hkv, N, d]`: `[B, Hkv, 1, d]`, a broadcast view.
+    fn each(slots: &Tensor, t: &Tensor) -> Result<Tensor, AttnError> {
+        let sz = t.size();
+        Ok(slots
+            .f_view([sz[0], 1, 1, 1])?
+            .f_expand([sz[0], sz[1], 1, sz[3]], false)?)
     }
 
     /// Keys and values at `slots` `[B, Hkv, K]` (per sequence and group): `[B, Hkv, K, d]`.
@@ -91,26 +126,33 @@ impl KvBuf {
         Ok((take(&self.k)?, take(&self.v)?))
     }
 
-    /// The same slots `[E, K]` for every group (`kv_heads`: `0 .. Hkv`) of rows `rows` `[E]`:
-    /// `[E, K, Hkv, d]` (the raw layout φ reads). One gather of the `E·Hkv·K` rows (not a copy
-    /// of the rows' whole buffers first: the raw buffer holds every cached position).
+    /// The same slots `[E, K]` for every group (`kv_heads`: `0 .. Hkv`) of rows `rows` `[E]`
+    /// (`None`: every sequence, `E = B`): `[E, K, Hkv, d]` (the raw layout φ reads). One gather
+    /// of the `E·Hkv·K` rows (not a copy of the rows' whole buffers first: the raw buffer holds
+    /// every cached position).
     pub(crate) fn read_rows(
         &self,
-        rows: &Tensor,
+        rows: Option<&Tensor>,
         kv_heads: &Tensor,
         slots: &Tensor,
     ) -> Result<(Tensor, Tensor), AttnError> {
         let g = kv_heads.size()[0];
         let (e, k) = (slots.size()[0], slots.size()[1]);
-        let index = [
-            Some(rows.f_view([e, 1, 1])?),
-            Some(kv_heads.f_view([1, g, 1])?),
-            Some(slots.f_view([e, 1, k])?),
-        ];
-        let take = |t: &Tensor| -> Result<Tensor, AttnError> {
-            Ok(t.f_index(&index)?.f_permute([0, 2, 1, 3])?)
+        let gathered = match rows {
+            Some(rows) => {
+                let index = [
+                    Some(rows.f_view([e, 1, 1])?),
+                    Some(kv_heads.f_view([1, g, 1])?),
+                    Some(slots.f_view([e, 1, k])?),
+                ];
+                (self.k.f_index(&index)?, self.v.f_index(&index)?)
+            }
+            None => self.read_slots(&slots.f_view([e, 1, k])?.f_expand([e, g, k], false)?)?,
         };
-        Ok((take(&self.k)?, take(&self.v)?))
+        Ok((
+            gathered.0.f_permute([0, 2, 1, 3])?,
+            gathered.1.f_permute([0, 2, 1, 3])?,
+        ))
     }
 
     /// The same buffer with `slots` slots (the first `min(old, slots)` kept).
