@@ -71,18 +71,26 @@ impl Sampler {
     /// The next token for one sequence's `logits` `[V]`. Equal logits go to the lower id;
     /// NaN logits count as impossible.
     pub fn pick(&mut self, logits: &[f32]) -> Result<i64> {
-        // Ids by logit, highest first (ties: lower id first), NaN excluded.
+        // Ids by logit, highest first (ties: lower id first), NaN excluded: a total order, so
+        // its first k ids are the same however they are found.
+        let rank = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
         let mut order: Vec<usize> = (0..logits.len()).filter(|&i| !logits[i].is_nan()).collect();
         ensure!(
             !order.is_empty(),
             "every logit is NaN: the model's output is broken"
         );
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        // Greedy and top-k need only the first ids of the order: one pass, or a selection and a
+        // sort of k ids (sorting a 50,304-token vocabulary took about 2.5 ms a token).
         if self.how.temperature == 0.0 {
-            return Ok(order[0] as i64);
+            return Ok(order.into_iter().min_by(rank).unwrap_or(0) as i64);
         }
-        if let Some(k) = self.how.top_k {
-            order.truncate(k);
+        match self.how.top_k {
+            Some(k) if k < order.len() => {
+                order.select_nth_unstable_by(k.saturating_sub(1), rank);
+                order.truncate(k);
+                order.sort_by(rank);
+            }
+            _ => order.sort_by(rank),
         }
         let top = f64::from(logits[order[0]]);
         let mut weights: Vec<f64> = order
@@ -164,6 +172,69 @@ mod tests {
         // top-k 1 and a tiny top-p are greedy.
         assert_eq!(sampler(2.0, Some(1), None).pick(&logits).unwrap(), 1);
         assert_eq!(sampler(2.0, None, Some(1e-9)).pick(&logits).unwrap(), 1);
+    }
+
+    /// The sampler as it was before greedy and top-k stopped sorting the whole vocabulary.
+    fn pick_by_full_sort(how: Sampling, rng: &mut Rng, logits: &[f32]) -> Option<i64> {
+        let mut order: Vec<usize> = (0..logits.len()).filter(|&i| !logits[i].is_nan()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if how.temperature == 0.0 {
+            return order.first().map(|&i| i as i64);
+        }
+        if let Some(k) = how.top_k {
+            order.truncate(k);
+        }
+        let top = f64::from(logits[*order.first()?]);
+        let mut weights: Vec<f64> = order
+            .iter()
+            .map(|&i| f64::exp((f64::from(logits[i]) - top) / how.temperature))
+            .collect();
+        let total: f64 = weights.iter().sum();
+        if let Some(p) = how.top_p {
+            let mut mass = 0.0;
+            let keep = weights
+                .iter()
+                .position(|w| {
+                    mass += w / total;
+                    mass >= p
+                })
+                .map_or(weights.len(), |i| i + 1);
+            weights.truncate(keep);
+        }
+        let total: f64 = weights.iter().sum();
+        let mut u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * total;
+        for (&id, w) in order.iter().zip(&weights) {
+            if u < *w {
+                return Some(id as i64);
+            }
+            u -= w;
+        }
+        Some(order[weights.len() - 1] as i64)
+    }
+
+    proptest::proptest! {
+        /// Greedy and top-k picks equal a full sort's, draw for draw with the same seed, on
+        /// logits from a few values (ties) with NaNs among them.
+        #[test]
+        fn picks_equal_the_full_sort(
+            levels in proptest::collection::vec(0u8..6, 1..80),
+            temperature in proptest::sample::select(vec![0.0, 0.7, 1.0]),
+            top_k in proptest::option::of(1usize..10),
+            top_p in proptest::option::of(proptest::sample::select(vec![0.3, 0.9, 1.0])),
+            seed in 0u64..1000,
+        ) {
+            let logits: Vec<f32> = levels
+                .iter()
+                .map(|&l| if l == 5 { f32::NAN } else { f32::from(l) * 0.5 - 1.0 })
+                .collect();
+            let how = Sampling { temperature, top_k, top_p };
+            let mut fast = Sampler::new(how, seed).unwrap();
+            let mut rng = Rng::new(&[seed, 0x5a4d_504c]);
+            for _ in 0..5 {
+                let want = pick_by_full_sort(how, &mut rng, &logits);
+                proptest::prop_assert_eq!(fast.pick(&logits).ok(), want);
+            }
+        }
     }
 
     #[test]
