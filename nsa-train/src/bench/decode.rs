@@ -13,7 +13,10 @@
 //! ratio understates NSA's advantage. On CUDA the layer step is also timed as one CUDA graph
 //! (`NsaAttention::enqueue_step` with a fixed-layout plan, captured by
 //! `nsa_sys::cuda::CudaGraph`): the layer's GPU time without the host's launches, what a
-//! decoder replaying graphs pays. For each `--seq` (cached tokens per sequence) and
+//! decoder replaying graphs pays, captured without the emission of a compressed token (the
+//! `d − 1` of every `d` steps a decoder replays that way) and with it. The attention columns
+//! time the decode kernels for a new token at position `S − 1`, so that a row labelled `S`
+//! has `S` cached tokens (the layer's steps run after the cache's `S` tokens). For each `--seq` (cached tokens per sequence) and
 //! `--batch`: median (min–max) of `--repeats` steps after one warm-up, the device synchronised
 //! around each; the keys one step reads per K/V group (`StepReads`: visible compressed tokens,
 //! selected keys and window together) against dense's `S`; the cache's size. The cache holds
@@ -138,7 +141,7 @@ pub fn run(a: DecodeBenchArgs) -> Result<()> {
 /// The layer table: NSA decode step vs dense SDPA over the same cache.
 fn layer_table(p: &Plan) -> Result<String> {
     let mut table = format!(
-        "Decode step, {}, {:?}. Cells: ms, median (min–max) of {} runs. Layer step: the whole NSA layer (projections, cache writes, compression, attention, gates, output projection), eager and synchronised after each step (latency), and as one CUDA graph per step over {STEPS_PER_RUN} replays back to back (CUDA only), without the emission of a compressed token (what a decoder replays at d − 1 of every d positions) and with it. Attention: NSA's decode kernels (three branches, selection, gated mix; CUDA only) and dense SDPA of one query over the same cached keys, each given its queries, per step over {STEPS_PER_RUN} steps issued back to back (eager: launched from the host each step; graph: the four kernels replayed as one CUDA graph). Dense SDPA as a decoder runs it (cuDNN off: cuDNN builds a graph for every new cache length) and with libtorch's pick (if cuDNN, its graph reused here because every timed step has the same length). dense / NSA: the faster dense over the NSA graph. Keys read per K/V group and step.\n\n| shape | cached tokens | batch | NSA layer step ms | NSA layer step graph ms | with emission ms | NSA attention eager ms | NSA attention graph ms | dense SDPA ms | dense SDPA, libtorch's pick ms | dense / NSA | keys read NSA | keys read dense | cache GB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "Decode step, {}, {:?}. Cells: ms, median (min–max) of {} runs. Layer step: the whole NSA layer (projections, cache writes, compression, attention, gates, output projection), eager and synchronised after each step (latency), and as one CUDA graph per step over {STEPS_PER_RUN} replays back to back (CUDA only), without the emission of a compressed token (what a decoder replays at d − 1 of every d positions) and with it. Layer steps add the token after the cache's S (plus one per step timed before). Attention: NSA's decode kernels (three branches, selection, gated mix; CUDA only) for a new token at position S − 1 and dense SDPA of one query over the first S cached keys, each given its queries, per step over {STEPS_PER_RUN} steps issued back to back (eager: launched from the host each step; graph: the four kernels replayed as one CUDA graph). Dense SDPA as a decoder runs it (cuDNN off: cuDNN builds a graph for every new cache length) and with libtorch's pick (if cuDNN, its graph reused here because every timed step has the same length). dense / NSA: the faster dense over the NSA graph. Keys read per K/V group and step.\n\n| shape | cached tokens | batch | NSA layer step ms | NSA layer step graph ms | with emission ms | NSA attention eager ms | NSA attention graph ms | dense SDPA ms | dense SDPA, libtorch's pick ms | dense / NSA | keys read NSA | keys read dense | cache GB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         nsa_bench::device_description(p.device),
         p.kind,
         p.repeats
@@ -228,7 +231,10 @@ fn layer_row(p: &Plan, layer: &NsaAttention, cfg: &NsaConfig, s: i64, b: i64) ->
         .f_to_kind(Kind::Double)?
         .f_mean(Kind::Double)?
         .f_double_value(&[])?;
-    let position = cache.lengths().iter().copied().max().unwrap_or(1) - 1;
+    // The attention columns time the kernels for a new token at position S − 1 (the cache's
+    // first S tokens, as `bench decode-launch` does), so a row labelled S is S cached tokens
+    // even though the layer's timed steps above have appended a few more.
+    let position = s - 1;
     // The whole layer step as a CUDA graph (what a decoder with `KvCache::use_graphs`
     // replays): a fixed-layout plan at the cache's lengths, the step enqueued once eagerly,
     // then captured without and with the emission of compressed tokens and replayed; a
