@@ -207,6 +207,9 @@ pub struct NsaCache {
     /// decodes with the weights its first step saw: weights changed in place afterwards (an
     /// optimizer step) need a new prefill.
     pub(crate) projection: Option<(Vec<usize>, Tensor)>,
+    /// The decode kernels' ticket counters, int32 `[B, Hkv]`, zero between steps (the kernels
+    /// leave them so): kept here, a step allocates nothing that needs filling.
+    pub(crate) tickets: Tensor,
 }
 
 impl NsaCache {
@@ -287,6 +290,7 @@ impl NsaCache {
             compressed: cmp_buf,
             poisoned: false,
             projection: None,
+            tickets: Tensor::f_zeros([batch, cfg.kv_heads], (Kind::Int, device))?,
         })
     }
 
@@ -328,6 +332,7 @@ impl NsaCache {
             compressed: ring(sel.num_compressed(capacity))?,
             poisoned: false,
             projection: None,
+            tickets: Tensor::f_zeros([batch, cfg.kv_heads], (Kind::Int, device))?,
         })
     }
 

@@ -50,6 +50,7 @@ pub fn kernel_step(
             window,
             positions,
             gates,
+            tickets: Some(&cache.tickets),
         },
         sys::DecodeParams {
             select: &select,

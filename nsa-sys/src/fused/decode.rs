@@ -182,6 +182,9 @@ pub struct DecodeInputs<'a> {
     pub window: Option<(&'a Tensor, &'a Tensor)>,
     pub positions: &'a Tensor,
     pub gates: &'a Tensor,
+    /// Ticket counters int32 `[B, Hkv]` at zero, kept by the caller from step to step (the
+    /// kernels leave them at zero), or `None`: the step allocates its own (one fill launch).
+    pub tickets: Option<&'a Tensor>,
 }
 
 /// The step's lengths: selection's (`select`), the window `w`, the softmax scale and the
@@ -565,6 +568,7 @@ impl DecodeStep {
                 kind,
             },
             q.device(),
+            x.tickets,
         )?;
         let step = DecodeStep {
             kernels,

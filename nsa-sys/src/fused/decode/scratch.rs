@@ -2,12 +2,13 @@
 //! log-sum-exp, the selection's lists and picks, the ticket counters and the output.
 //!
 //! Every buffer but the tickets is allocated uninitialised: the kernels write each element
-//! before any kernel reads it (`poison` lets the GPU check prove that), so making a step —
-//! which a captured layer step does inside its CUDA graph — launches one fill (the tickets,
-//! which the kernels need at zero and leave at zero) instead of one per buffer.
+//! before any kernel reads it (`poison` lets the GPU check prove that). The tickets must start
+//! at zero, and the kernels leave them at zero: a caller that makes a step per decode step
+//! (a captured layer step does, inside its CUDA graph) hands in its own, so that making a step
+//! launches nothing.
 use tch::{Device, Kind, Tensor};
 
-use crate::fused::FusedError;
+use crate::fused::{input, FusedError};
 
 /// The buffers of one `DecodeStep` (layouts in decode.cu's header).
 #[derive(Debug)]
@@ -38,14 +39,43 @@ pub(super) struct ScratchShape {
 }
 
 impl Scratch {
-    pub(super) fn new(s: ScratchShape, dev: Device) -> Result<Self, FusedError> {
+    /// The buffers of a step on `dev`, with the caller's ticket counters (int32 `[B, Hkv]`
+    /// zeros, contiguous, on `dev`) or new ones.
+    pub(super) fn new(
+        s: ScratchShape,
+        dev: Device,
+        tickets: Option<&Tensor>,
+    ) -> Result<Self, FusedError> {
         let f32e = |shape: &[i64]| Tensor::f_empty(shape, (Kind::Float, dev));
+        let tickets = match tickets {
+            Some(t) => {
+                if t.kind() != Kind::Int
+                    || t.device() != dev
+                    || t.size() != [s.b, s.hkv]
+                    || !t.is_contiguous()
+                {
+                    return Err(input(
+                        "tickets",
+                        format!(
+                            "contiguous int32 [{}, {}] on {dev:?}, got {:?} {:?} on {:?}",
+                            s.b,
+                            s.hkv,
+                            t.kind(),
+                            t.size(),
+                            t.device()
+                        ),
+                    ));
+                }
+                t.shallow_clone()
+            }
+            None => Tensor::f_zeros([s.b, s.hkv], (Kind::Int, dev))?,
+        };
         Ok(Self {
             part_ml: f32e(&[s.b, s.hkv, s.parts, s.hpg, 2])?,
             part_o: f32e(&[s.b, s.hkv, s.parts, s.hpg, s.dv])?,
             scores: f32e(&[s.b, s.hkv, s.hpg, s.score_width])?,
             lse2: f32e(&[s.b, s.hkv, s.hpg])?,
-            tickets: Tensor::f_zeros([s.b, s.hkv], (Kind::Int, dev))?,
+            tickets,
             lists: Tensor::f_empty([s.b, s.hkv, s.slices, 32], (Kind::Int64, dev))?,
             ids: Tensor::f_empty([s.b, s.hkv, s.n], (Kind::Int64, dev))?,
             out: Tensor::f_empty([s.b, s.hkv * s.hpg, s.dv], (s.kind, dev))?,

@@ -62,6 +62,7 @@ impl Case {
                 window: Some((&self.win_k, &self.win_v)),
                 positions: &self.positions,
                 gates: &self.gates,
+                tickets: None,
             },
             DecodeParams {
                 select: &self.select,
