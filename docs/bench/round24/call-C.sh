@@ -1,17 +1,17 @@
-# Round 24, call C: the round's last build `sampler` (2939942) against `main` (a8fa71d): every
-# GPU check, bench decode alternated (8k, 64k, with generation), the launch sequence of one
+# Round 24, call C: the round's last build `sampler` (2939942) against `main` (a8fa71d): the
+# decode part of the GPU check (what changed after call A's checks of `new`), bench decode alternated (8k, 64k, with generation), the launch sequence of one
 # layer step (ncu), then the decode sweep over every cached length. Budget-guarded: a step
-# that would pass 560 s is skipped.
+# that would pass 330 s is skipped.
 set -u
 T=/opt/torch/.venv/lib/python3.12/site-packages/torch
 export LD_LIBRARY_PATH=$T/lib
 B=.gpu35
 S0=$(date +%s); say() { echo "$* t=$(( $(date +%s) - S0 ))" >> $OUT/C-summary.txt; }
-left() { echo $(( 560 - ($(date +%s) - S0) )); }
+left() { echo $(( 330 - ($(date +%s) - S0) )); }
 mkdir -p ~/.cache/nsa/kernels && tar xzf $B/kcache.tgz -C ~/.cache/nsa/kernels
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > $OUT/C-device.txt
 cat $B/variants.txt >> $OUT/C-device.txt
-timeout 200 $B/nsa-sampler check --gpu > $OUT/C-check.log 2>&1; say "check rc=$?"
+timeout 150 $B/nsa-sampler check --gpu --part decode > $OUT/C-check.log 2>&1; say "check rc=$?"
 grep "FAIL\|checks passed\|checks failed" $OUT/C-check.log >> $OUT/C-summary.txt
 bench() {  # variant, tag, seqs, preset
   [ $(left) -gt 60 ] || { say "skip $1 $2"; return; }
