@@ -143,7 +143,8 @@ impl Rope {
         Ok(self)
     }
 
-    /// Whether [`Rope::apply`] hands tensors it applies to to the fused kernel.
+    /// Whether [`Rope::apply`] rotates with the fused kernel (for tensors on its device in
+    /// bf16 or fp32).
     pub(crate) fn uses_kernel(&self) -> bool {
         self.kernel.is_some()
     }
