@@ -76,6 +76,7 @@ mod plan;
 mod tests;
 
 use nsa_select::SelectImpl;
+use nsa_sys::fused as sys;
 use tch::{Kind, Tensor};
 
 pub use cache::NsaCache;
@@ -86,12 +87,13 @@ pub use fused::kernel_step;
 pub use plan::DecodePlan;
 
 use crate::config::{AttnError, CmpRope, NsaConfig};
-use crate::gates;
-use crate::layer::{BranchOutputs, ForwardOpts, NsaAttention};
+use crate::gates::{self, GateOverride};
+use crate::layer::{BranchOutputs, ForwardOpts, NsaAttention, RawProjections};
 use crate::rope::Rope;
 use crate::Branch;
 use attend::{attend, selected_slots};
-use cache::check_lengths;
+use cache::{check_lengths, KvBuf};
+use plan::PlanTensors;
 
 /// What one decode step read, per sequence: the per-step read counter.
 #[derive(Debug)]
@@ -364,11 +366,18 @@ impl NsaAttention {
         let c = *self.config();
         let (b, g, h) = (cache.batch(), c.kv_heads, c.heads_per_group());
         let dev = &plan.dev;
-        let key = self.stacked_weights_key();
+        // On the decode kernels a step starts with one prologue kernel (`prologue`); W_1 of the
+        // learned gates then rides in the projection matmul.
+        let tables = plan
+            .rope
+            .sequence_tables()
+            .filter(|_| fused::supported(&c, opts, x.kind(), x.device()));
+        let gate_rows = tables.is_some() && opts.gates == GateOverride::Learned;
+        let key = self.stacked_weights_key(gate_rows);
         let weights = match &cache.projection {
             Some((kept, weights)) if *kept == key => weights.shallow_clone(),
             _ => {
-                let weights = self.stacked_weights()?;
+                let weights = self.stacked_weights(gate_rows)?;
                 // Kept by eager steps only: a copy made during a capture would live in the
                 // graph's memory pool.
                 if matches!(run, Run::Now) {
@@ -377,24 +386,19 @@ impl NsaAttention {
                 weights
             }
         };
-        let raw = self.project_raw(x, &plan.rope, Some(&weights))?;
-        let new = |br: Branch| -> Result<(Tensor, Tensor), AttnError> {
-            let (k, v) = &raw.kv[self.kv_index(br)];
-            Ok((k.f_select(1, 0)?, v.f_select(1, 0)?))
-        };
-
         // 1. The new token's keys and values into every buffer.
-        let (k, v) = new(Branch::Selected)?;
-        cache.raw.put(None, &dev.kv_heads, &dev.positions, &k, &v)?;
-        if let Some(ring) = &mut cache.window {
-            let (k, v) = new(Branch::Window)?;
-            ring.put(None, &dev.kv_heads, &dev.window_slot, &k, &v)?;
-        }
-        if let Some(ring) = &mut cache.pending {
-            let (k, v) = self.phi_input(&raw);
-            let (k, v) = (k.f_select(1, 0)?, v.f_select(1, 0)?);
-            ring.put(None, &dev.kv_heads, &dev.pending_slot, &k, &v)?;
-        }
+        let (q, kernel_gates) = match tables {
+            Some((cos, sin)) => {
+                let stacked = x.f_linear::<&Tensor>(&weights, None)?.f_view([b, -1])?;
+                let p = self.prologue(&stacked, (cos, sin), cache, dev, gate_rows)?;
+                (p.q.f_view([b, g, h, c.head_dim_k])?, p.gates)
+            }
+            None => {
+                let raw = self.project_raw(x, &plan.rope, Some(&weights))?;
+                self.append_with_operators(&raw, cache, dev)?;
+                (raw.q.f_view([b, g, h, c.head_dim_k])?, None)
+            }
+        };
 
         // 2. Compressed tokens of the blocks this token completes: φ over the pending block.
         // A fixed-layout plan lists every sequence; without compressed slots (a capacity
@@ -425,8 +429,10 @@ impl NsaAttention {
                 .put(rows, &dev.kv_heads, &em.index, &ck, &cv)?;
         }
 
-        let q = raw.q.f_view([b, g, h, c.head_dim_k])?;
-        let gates = self.gates(x, opts.gates)?;
+        let gates = match kernel_gates {
+            Some(gates) => gates,
+            None => self.gates(x, opts.gates)?,
+        };
         if fused::supported(&c, opts, x.kind(), x.device()) {
             // 3–7 on the decode kernels.
             let (mixed, blocks) = fused::attend(&c, &q, cache, plan, &gates)?;
@@ -483,6 +489,99 @@ impl NsaAttention {
         let heads = |o: &Tensor| o.f_reshape([b, 1, c.heads, c.head_dim_v]);
         let mixed = gates::mix(&gates, &heads(&o_cmp)?, &heads(&o_slc)?, &heads(&o_win)?)?;
         self.finish_step(&mixed, blocks, plan)
+    }
+
+    /// Step 1 with libtorch's operators: the raw projections' new keys and values into the
+    /// raw buffer, the window ring and the pending ring (one scatter per tensor).
+    fn append_with_operators(
+        &self,
+        raw: &RawProjections,
+        cache: &mut NsaCache,
+        dev: &PlanTensors,
+    ) -> Result<(), AttnError> {
+        let new = |br: Branch| -> Result<(Tensor, Tensor), AttnError> {
+            let (k, v) = &raw.kv[self.kv_index(br)];
+            Ok((k.f_select(1, 0)?, v.f_select(1, 0)?))
+        };
+        let (k, v) = new(Branch::Selected)?;
+        cache.raw.put(None, &dev.kv_heads, &dev.positions, &k, &v)?;
+        if let Some(ring) = &mut cache.window {
+            let (k, v) = new(Branch::Window)?;
+            ring.put(None, &dev.kv_heads, &dev.window_slot, &k, &v)?;
+        }
+        if let Some(ring) = &mut cache.pending {
+            let (k, v) = self.phi_input(raw);
+            let (k, v) = (k.f_select(1, 0)?, v.f_select(1, 0)?);
+            ring.put(None, &dev.kv_heads, &dev.pending_slot, &k, &v)?;
+        }
+        Ok(())
+    }
+
+    /// Step 1 on the prologue kernel (`nsa_sys::fused::decode_append`) from the stacked
+    /// projections `[B, W]` of the new tokens: the rotated queries, the same cache writes as
+    /// [`NsaAttention::append_with_operators`] (keys rotated where `project_raw` rotates them:
+    /// all but φ's with `cmp_rope = "compressed"`) and, with `gate_rows` (W_1's rows stacked
+    /// last), the learned gates.
+    fn prologue(
+        &self,
+        stacked: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        cache: &NsaCache,
+        dev: &PlanTensors,
+        gate_rows: bool,
+    ) -> Result<sys::StepPrologue, AttnError> {
+        let c = self.config();
+        let (h, g, dk, dv) = (c.heads, c.kv_heads, c.head_dim_k, c.head_dim_v);
+        let pairs = if c.nsa.shared_kv { 1 } else { 3 };
+        let cols = |br: Branch| {
+            let pair = self.kv_index(br) as i64;
+            (
+                h * dk + pair * g * dk,
+                h * dk + pairs * g * dk + pair * g * dv,
+            )
+        };
+        fn write<'a>(
+            buf: &'a KvBuf,
+            slots: &'a Tensor,
+            (key_col, value_col): (i64, i64),
+            rotate: bool,
+        ) -> [sys::AppendWrite<'a>; 2] {
+            [
+                sys::AppendWrite {
+                    dst: &buf.k,
+                    slots,
+                    col: key_col,
+                    rotate,
+                },
+                sys::AppendWrite {
+                    dst: &buf.v,
+                    slots,
+                    col: value_col,
+                    rotate: false,
+                },
+            ]
+        }
+        let mut writes = write(&cache.raw, &dev.positions, cols(Branch::Selected), true).to_vec();
+        if let Some(ring) = &cache.window {
+            writes.extend(write(ring, &dev.window_slot, cols(Branch::Window), true));
+        }
+        if let Some(ring) = &cache.pending {
+            let rotated = c.nsa.cmp_rope == CmpRope::Raw;
+            writes.extend(write(
+                ring,
+                &dev.pending_slot,
+                cols(Branch::Compressed),
+                rotated,
+            ));
+        }
+        let (_, w2) = self.gate_linears();
+        let gates = gate_rows.then(|| sys::AppendGates {
+            col: h * dk + pairs * g * (dk + dv),
+            b1: self.gate_linears().0.bs.as_ref(),
+            w2: &w2.ws,
+            b2: w2.bs.as_ref(),
+        });
+        Ok(sys::decode_append(stacked, h, cos, sin, &writes, gates)?)
     }
 
     /// With `cmp_rope = "compressed"`, the emitted compressed keys `ck` `[E, 1, Hkv, dk]` of

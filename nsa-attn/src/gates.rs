@@ -50,6 +50,12 @@ impl Gates {
         })
     }
 
+    /// `W_1` and `W_2` (a decode step stacks `W_1` under the projections and computes the
+    /// rest in its prologue kernel).
+    pub(crate) fn linears(&self) -> (&nn::Linear, &nn::Linear) {
+        (&self.w1, &self.w2)
+    }
+
     /// Gates `[B, S, h, 3]` for `x` `[B, S, dim]` (shape already checked by the caller).
     pub(crate) fn apply(
         &self,

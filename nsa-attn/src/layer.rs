@@ -297,7 +297,7 @@ impl NsaAttention {
         widths.extend(std::iter::repeat_n(g * dv, pairs));
         let stacked = match step {
             Some(weights) => x.f_linear::<&Tensor>(weights, None)?,
-            None => x.f_linear::<&Tensor>(&self.stacked_weights()?, None)?,
+            None => x.f_linear::<&Tensor>(&self.stacked_weights(false)?, None)?,
         };
         let parts = stacked.f_split_with_sizes(&widths, -1)?;
         let after_phi = c.nsa.cmp_rope == CmpRope::Compressed;
@@ -338,23 +338,35 @@ impl NsaAttention {
     }
 
     /// The projection weights stacked as [`NsaAttention::project_raw`] multiplies them,
-    /// `[W_q; W_k…; W_v…]` `[H·dk + pairs·Hkv·(dk + dv), dim]` (a copy).
-    pub(crate) fn stacked_weights(&self) -> Result<Tensor, AttnError> {
-        let mut weights = vec![&self.wq.ws];
-        weights.extend(self.kv.iter().map(|p| &p.wk.ws));
-        weights.extend(self.kv.iter().map(|p| &p.wv.ws));
-        Ok(Tensor::f_cat(&weights, 0)?)
+    /// `[W_q; W_k…; W_v…]` `[H·dk + pairs·Hkv·(dk + dv), dim]` (a copy); with `gate_rows`,
+    /// the gates' `W_1` `[gate_hidden, dim]` under them (a decode step's prologue kernel).
+    pub(crate) fn stacked_weights(&self, gate_rows: bool) -> Result<Tensor, AttnError> {
+        Ok(Tensor::f_cat(&self.stacked_parts(gate_rows), 0)?)
     }
 
     /// The addresses of the weights [`NsaAttention::stacked_weights`] copies: a decode cache
     /// keeps its copy while they are unchanged (a copy made for another layer, or before the
     /// weights were replaced by new tensors, is made again).
-    pub(crate) fn stacked_weights_key(&self) -> Vec<usize> {
-        std::iter::once(&self.wq.ws)
-            .chain(self.kv.iter().map(|p| &p.wk.ws))
-            .chain(self.kv.iter().map(|p| &p.wv.ws))
+    pub(crate) fn stacked_weights_key(&self, gate_rows: bool) -> Vec<usize> {
+        self.stacked_parts(gate_rows)
+            .iter()
             .map(|t| t.data_ptr() as usize)
             .collect()
+    }
+
+    fn stacked_parts(&self, gate_rows: bool) -> Vec<&Tensor> {
+        let mut weights = vec![&self.wq.ws];
+        weights.extend(self.kv.iter().map(|p| &p.wk.ws));
+        weights.extend(self.kv.iter().map(|p| &p.wv.ws));
+        if gate_rows {
+            weights.push(&self.gates.linears().0.ws);
+        }
+        weights
+    }
+
+    /// The gate MLP's `W_1` and `W_2`.
+    pub(crate) fn gate_linears(&self) -> (&nn::Linear, &nn::Linear) {
+        self.gates.linears()
     }
 
     /// The keys and values φ compresses: the compressed branch's raw projections, rotated

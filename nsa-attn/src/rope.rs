@@ -149,6 +149,16 @@ impl Rope {
         self.kernel.is_some()
     }
 
+    /// The fused kernel's tables of a table with one position per sequence
+    /// ([`Rope::at_positions`] for `[B, 1]` positions on CUDA, with the kernel): fp32
+    /// `[B, dk/2]` cos and sin, row `b` = sequence `b`'s position (a decode step's prologue).
+    pub(crate) fn sequence_tables(&self) -> Option<(&Tensor, &Tensor)> {
+        match self.per_sequence {
+            true => self.kernel.as_ref().map(|(c, s)| (c, s)),
+            false => None,
+        }
+    }
+
     /// The fp32 `[S, dk/2]` cos and sin tables the fused kernel reads (`None` without
     /// [`Rope::with_kernel`], or where it does not apply).
     pub(crate) fn kernel_tables(&self) -> Option<(&Tensor, &Tensor)> {

@@ -31,6 +31,19 @@
 //   without keys gives 0, as the reference does), mixes the three with the gates (Eq. 5) and
 //   writes the output row.
 //
+// nsa_dec_append_{bf16, f32}: the step's prologue, before the kernels above: grid (X, B), 256
+//   threads, one thread per unit of sequence b's work, grid-stride. From the row x[b] of the
+//   stacked projection output ([B, W]: queries, keys, values and, with gates, W_1's hidden
+//   pre-activations), it writes the rotated queries q [B, H, 2 half] (RoPE, rotate-half form,
+//   the fused RoPE kernel's arithmetic; tables cos, sin fp32 [B, half], row b = sequence b's
+//   position; a unit is one pair (i, i + half) of a head), up to NSA_APPEND_MAX_WRITES cache
+//   writes (AppendWrite: the Hkv rows of `width` columns from column `col` into slot slots[b]
+//   of dst [B, Hkv, cap, width], rotated as the queries when `rotate`, one unit per pair, or
+//   copied, one unit per element; a slot outside [0, cap) writes nothing) and, with hidden > 0,
+//   the gates [B, 3H] = sigmoid(W_2 silu(x[b, gate_col ..] + b_1) + b_2) (one unit per output,
+//   fp32 arithmetic, W_2 [3H, hidden] row-major, b_1 / b_2 optional). One launch where the
+//   libtorch step took a RoPE launch, one scatter per cache tensor and the gate MLP's six.
+//
 // Programmatic dependent launches (sm_90, host's DecodeLaunch::programmatic): the selection,
 // the selected/window and the combine kernels may start while the kernel before them ends. Each
 // CTA waits (griddepcontrol.wait: that kernel complete, its stores visible) before it reads
@@ -408,3 +421,96 @@ extern "C" __global__ void __launch_bounds__(NSA_DEC_SCORE_THREADS)
   }
 NSA_DEC_COMBINE(bf16, __nv_bfloat16)
 NSA_DEC_COMBINE(f32, float)
+
+#define NSA_APPEND_MAX_WRITES 6
+#define NSA_APPEND_THREADS 256
+
+namespace nsa {
+
+// One cache write of nsa_dec_append (decode.cu's header); dst and slots are device addresses.
+struct AppendWrite {
+  unsigned long long dst, slots;
+  long long cap;
+  int col, width, rotate, pad;
+};
+
+struct AppendArgs {
+  int B, W, H, Hkv, half, writes, hidden, gate_col;
+  unsigned long long b1, w2, b2;  // gate parameters (T); b1, b2 0: none
+  AppendWrite w[NSA_APPEND_MAX_WRITES];
+};
+
+// Units of one write: a pair per rotated column pair, an element per copied column.
+__device__ __forceinline__ long long append_units(const AppendArgs& a, int j) {
+  return (long long)a.Hkv * (a.w[j].rotate ? a.half : a.w[j].width);
+}
+
+// y = rotate(x) of the pair (i, i + half) of a row: the fused RoPE kernel's arithmetic.
+template <typename T>
+__device__ __forceinline__ void append_rotate(const T* __restrict__ src, T* __restrict__ dst,
+                                              float c, float sn, int i, int half) {
+  const float x1 = to_f(src[i]), x2 = to_f(src[i + half]);
+  dst[i] = from_f<T>(x1 * c - x2 * sn);
+  dst[i + half] = from_f<T>(x2 * c + x1 * sn);
+}
+
+template <typename T>
+__device__ void dec_append(const T* __restrict__ x, const float* __restrict__ cos_t,
+                           const float* __restrict__ sin_t, T* __restrict__ q,
+                           T* __restrict__ gates, const AppendArgs a) {
+  const int b = blockIdx.y;
+  const T* row = x + (long long)b * a.W;
+  const float* cr = cos_t + (long long)b * a.half;
+  const float* sr = sin_t + (long long)b * a.half;
+  const long long nq = (long long)a.H * a.half;
+  long long total = nq + (a.hidden > 0 ? 3LL * a.H : 0);
+  for (int j = 0; j < a.writes; ++j) total += append_units(a, j);
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x; u < total; u += stride) {
+    if (u < nq) {
+      const int r = (int)(u / a.half), i = (int)(u % a.half);
+      append_rotate(row + (long long)r * 2 * a.half, q + ((long long)b * a.H + r) * 2 * a.half,
+                    cr[i], sr[i], i, a.half);
+      continue;
+    }
+    long long e = u - nq;
+    int j = 0;
+    while (j < a.writes && e >= append_units(a, j)) e -= append_units(a, j++);
+    if (j < a.writes) {
+      const AppendWrite& w = a.w[j];
+      const long long slot = reinterpret_cast<const long long*>(w.slots)[b];
+      if (slot < 0 || slot >= w.cap) continue;
+      const int per = w.rotate ? a.half : w.width;
+      const int r = (int)(e / per), c = (int)(e % per);
+      const T* src = row + w.col + (long long)r * w.width;
+      T* dst = reinterpret_cast<T*>(w.dst) + (((long long)b * a.Hkv + r) * w.cap + slot) * w.width;
+      if (w.rotate) {
+        append_rotate(src, dst, cr[c], sr[c], c, a.half);
+      } else {
+        dst[c] = src[c];
+      }
+      continue;
+    }
+    // A gate: output o = 3 h + branch of W_2 silu(hidden + b_1) + b_2, then the sigmoid.
+    const int o = (int)e;
+    const T* w2 = reinterpret_cast<const T*>(a.w2) + (long long)o * a.hidden;
+    const T* b1 = reinterpret_cast<const T*>(a.b1);
+    const T* b2 = reinterpret_cast<const T*>(a.b2);
+    float acc = b2 != nullptr ? to_f(b2[o]) : 0.f;
+    for (int k = 0; k < a.hidden; ++k) {
+      const float h = to_f(row[a.gate_col + k]) + (b1 != nullptr ? to_f(b1[k]) : 0.f);
+      acc = fmaf(to_f(w2[k]), h / (1.f + expf(-h)), acc);
+    }
+    gates[(long long)b * 3 * a.H + o] = from_f<T>(1.f / (1.f + expf(-acc)));
+  }
+}
+
+}  // namespace nsa
+
+#define NSA_DEC_APPEND(SUFFIX, T)                                                               \
+  extern "C" __global__ void __launch_bounds__(NSA_APPEND_THREADS) nsa_dec_append_##SUFFIX(     \
+      const T* x, const float* cos_t, const float* sin_t, T* q, T* gates, nsa::AppendArgs a) {  \
+    nsa::dec_append<T>(x, cos_t, sin_t, q, gates, a);                                           \
+  }
+NSA_DEC_APPEND(bf16, __nv_bfloat16)
+NSA_DEC_APPEND(f32, float)

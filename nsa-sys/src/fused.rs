@@ -44,9 +44,9 @@ pub use compressed::{
     SelectCta, SelectParams, SELECT_MAX_TOP_N,
 };
 pub use decode::{
-    decode_kernels, DecodeGraph, DecodeInputs, DecodeKernelTimes, DecodeKernels, DecodeLaunch,
-    DecodeParams, DecodeShape, DecodeStep, DECODE_MAX_DV, DECODE_MAX_GROUP,
-    DECODE_MAX_SELECT_SLICES, DECODE_MAX_TOP_N,
+    decode_append, decode_kernels, AppendGates, AppendWrite, DecodeGraph, DecodeInputs,
+    DecodeKernelTimes, DecodeKernels, DecodeLaunch, DecodeParams, DecodeShape, DecodeStep,
+    StepPrologue, DECODE_MAX_DV, DECODE_MAX_GROUP, DECODE_MAX_SELECT_SLICES, DECODE_MAX_TOP_N,
 };
 pub use pointwise::{
     add_rms_norm, cmp_blocks, cmp_blocks_linear, gate_mix, gate_mix_project, pointwise_kernels,

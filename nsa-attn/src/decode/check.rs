@@ -320,8 +320,9 @@ fn check_case(
 /// full-sequence forward given the decoded blocks (float32: within 1e-4; bf16: both against
 /// the float64 forward, [`Bf16Errors::row`]'s rule), and, in float32,
 /// the kernels' selection against nsa-select's (the libtorch step's) on every decoded row.
-/// Sequences long enough for several compressed and selection-score tiles (S = 1200), a short
-/// one with shared K/V (the window read from the raw buffer, prompts shorter than l), a
+/// Sequences long enough for several compressed and selection-score tiles (S = 1200), short
+/// ones with shared K/V (the window read from the raw buffer, prompts shorter than l) and with
+/// `cmp_rope = "compressed"` (φ's keys unrotated in the pending ring or the raw buffer), a
 /// paper-like group (16 heads, dk 192, dv 128, l 32, d 16, l' 64, n 16, w 512) and a small one
 /// (3 heads, dk = dv = 64); the last two take the warp-level tile kernels in bf16. Then the
 /// tile kernels with several tiles per CTA against one tile per CTA.
@@ -345,6 +346,13 @@ pub fn decode_kernel_rows(device: Device) -> Vec<CheckRow> {
         (
             "shared_kv l=16 d=8 l'=32 n=3 w=40",
             check_config((true, Phi::Linear, CmpRope::Raw), (16, 8, 32, 3, 40)),
+            150,
+            vec![1, 15, 90],
+        ),
+        (
+            // The pending ring's keys unrotated beside rotated raw and window keys.
+            "per-branch K/V cmp_rope=compressed l=16 d=8 l'=32 n=3 w=40",
+            check_config((false, Phi::Mlp, CmpRope::Compressed), (16, 8, 32, 3, 40)),
             150,
             vec![1, 15, 90],
         ),

@@ -1,6 +1,7 @@
 //! One NSA decode step on CUDA: the kernels of `nsa-sys/kernels/decode.cu` (compressed
 //! branch, selection, selected and window branches, gated mix) launched from here on libtorch's
-//! current stream, or replayed as a CUDA graph ([`DecodeStep::capture`]).
+//! current stream, or replayed as a CUDA graph ([`DecodeStep::capture`]); and the step's
+//! prologue before them ([`decode_append`]: the rotated queries, the cache writes, the gates).
 //!
 //! A [`DecodeStep`] holds its inputs (shallow clones: the caller may overwrite them in place
 //! between launches, e.g. the next token's query), its workspace and its outputs, all allocated
@@ -41,8 +42,6 @@ const THREADS: u32 = 128;
 pub const DECODE_MAX_GROUP: i64 = 64;
 /// Most blocks per token (`write_top_picks`: one lane per pick).
 pub const DECODE_MAX_TOP_N: i64 = 32;
-/// Most overlap taps (`NSA_MAX_TAPS`).
-const MAX_TAPS: usize = 32;
 /// Largest value head size (four columns per thread of a 128-thread CTA: the combine kernel's
 /// layout before it took up to 1,024 threads, kept as the contract).
 pub const DECODE_MAX_DV: i64 = 4 * THREADS as i64;
@@ -60,6 +59,8 @@ struct DecodeTable {
     attend_warp: [CuFunction; 9],
     scores: CuFunction,
     combine: [CuFunction; 2],
+    /// `nsa_dec_append` bf16, fp32 (append.rs).
+    append: [CuFunction; 2],
     max_smem: i32,
     sm_count: i32,
     smem_per_sm: i32,
@@ -116,56 +117,13 @@ fn load(device: usize, opts: &FusedOptions) -> Result<DecodeKernels, FusedError>
         attend_warp: warp_family("nsa_dec_attend")?,
         scores: func("nsa_dec_scores")?,
         combine: [func("nsa_dec_combine_bf16")?, func("nsa_dec_combine_f32")?],
+        append: [func("nsa_dec_append_bf16")?, func("nsa_dec_append_f32")?],
         max_smem: setup.max_smem,
         sm_count: setup.sm_count,
         smem_per_sm: setup.smem_per_sm,
         programmatic: setup.arch.0 >= 9,
     };
     Ok(DecodeKernels { table, device })
-}
-
-/// Mirror of `nsa::Taps` (select.cuh).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct Taps {
-    first: i32,
-    step: i32,
-    count: i32,
-    w: [i32; MAX_TAPS],
-}
-
-/// Mirror of `nsa::DecodeArgs` (decode.cu).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct DecodeArgs {
-    b: i32,
-    hkv: i32,
-    hpg: i32,
-    dk: i32,
-    dv: i32,
-    cl: i32,
-    cd: i32,
-    select_len: i32,
-    n: i32,
-    n_local: i32,
-    w: i32,
-    chunks_cmp: i32,
-    tpb: i32,
-    chunks_win: i32,
-    nb: i32,
-    nc: i32,
-    tpc_cmp: i32,
-    tpc_att: i32,
-    parts_cmp: i32,
-    parts_slc: i32,
-    parts_win: i32,
-    sel_slices: i32,
-    slice_blocks: i32,
-    cap_raw: i64,
-    cap_cmp: i64,
-    cap_win: i64,
-    scale_log2: f32,
-    taps: Taps,
 }
 
 /// What one decode step attends: the new tokens' queries, the caches, positions and gates
@@ -230,6 +188,36 @@ fn shape_err(what: &'static str, want: String, got: &Tensor) -> FusedError {
     input(what, format!("expected {want}, got {:?}", got.size()))
 }
 
+/// `t` must be a contiguous `kind` tensor on `like`'s device (of shape `size`, when given).
+fn same_place(
+    what: &'static str,
+    t: &Tensor,
+    like: &Tensor,
+    kind: Kind,
+    size: Option<&[i64]>,
+) -> Result<(), FusedError> {
+    let shaped = size.is_none_or(|size| t.size() == size);
+    if t.device() != like.device() || t.kind() != kind || !t.is_contiguous() || !shaped {
+        return Err(input(
+            what,
+            format!(
+                "must be a contiguous {kind:?}{} tensor on {:?}, got {:?} {:?} on {:?}{}",
+                size.map_or(String::new(), |s| format!(" {s:?}")),
+                like.device(),
+                t.kind(),
+                t.size(),
+                t.device(),
+                if t.is_contiguous() {
+                    ""
+                } else {
+                    " (not contiguous)"
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn i32_of(what: &'static str, x: i64) -> Result<i32, FusedError> {
     i32::try_from(x).map_err(|_| input(what, format!("{x} exceeds i32")))
 }
@@ -277,22 +265,7 @@ impl DecodeStep {
             tensors.push(("window values", v));
         }
         for (what, t) in &tensors {
-            if t.device() != q.device() || t.kind() != kind || !t.is_contiguous() {
-                return Err(input(
-                    what,
-                    format!(
-                        "must be a contiguous {kind:?} tensor on {:?}, got {:?} on {:?}{}",
-                        q.device(),
-                        t.kind(),
-                        t.device(),
-                        if t.is_contiguous() {
-                            ""
-                        } else {
-                            " (not contiguous)"
-                        }
-                    ),
-                ));
-            }
+            same_place(what, t, q, kind, None)?;
         }
         let cache_shape = |what: &'static str, t: &Tensor, d: i64| -> Result<i64, FusedError> {
             match t.size()[..] {
@@ -780,10 +753,14 @@ fn current_stream(device: usize) -> Result<CuStream, FusedError> {
     Ok(stream)
 }
 
+mod append;
+mod args;
 mod graph;
 mod grid;
 mod scratch;
 mod timing;
+pub use append::{decode_append, AppendGates, AppendWrite, StepPrologue};
+use args::{DecodeArgs, Taps, MAX_TAPS};
 pub use graph::DecodeGraph;
 use grid::{
     branch_tiles_per_cta, combine_parts, resident_ctas, select_slices, slices_of, tiles_per_cta,
