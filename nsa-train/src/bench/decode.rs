@@ -324,7 +324,7 @@ fn generation_table(p: &Plan) -> Result<String> {
         return Ok(String::new());
     }
     let mut table = format!(
-        "Generation, {}, {:?}, batch 1, random weights, greedy: prefill of the prompt, then {} decode steps, eager (libtorch's operators launched one by one) and replayed from CUDA graphs (`KvCache::use_graphs`; the first step after the prefill captures); median (min–max) of {} generations each, tokens/s of the median.\n\n| model | attention | prompt | prefill ms | eager ms/token | eager tokens/s | graph ms/token | graph tokens/s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "Generation, {}, {:?}, batch 1, random weights, greedy: prefill of the prompt, then {} decode steps, eager (libtorch's operators launched one by one) and replayed from CUDA graphs (`KvCache::use_graphs`; the first step after the prefill captures); median (min–max) of {} generations each, tokens/s of the median. The last column splits a token from graphs (means over the runs): the host's work in `decode_step` until it returns (the plan's refill, the replay's launch, the cache's bookkeeping), the wait for the logits with their copy to the host, and the greedy pick.\n\n| model | attention | prompt | prefill ms | eager ms/token | eager tokens/s | graph ms/token | graph tokens/s | graph token: host ms / wait ms / pick ms |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         nsa_bench::device_description(p.device),
         p.kind,
         p.new_tokens,
@@ -335,7 +335,7 @@ fn generation_table(p: &Plan) -> Result<String> {
             let line = match generation_row(p, &cfg.with_attention(attention)) {
                 Ok(cells) => format!("| {name} | {attention} | {} | {cells} |\n", p.prompt),
                 Err(e) => format!(
-                    "| {name} | {attention} | {} | failed: {} | | | | |\n",
+                    "| {name} | {attention} | {} | failed: {} | | | | | |\n",
                     p.prompt,
                     format!("{e:#}").lines().next().unwrap_or("")
                 ),
@@ -365,19 +365,28 @@ fn generation_row(p: &Plan, cfg: &ModelConfig) -> Result<String> {
     // runs reaches both columns alike.
     let (mut prefill, mut eager, mut graph) = (Vec::new(), Vec::new(), Vec::new());
     let mut unavailable = None;
+    let mut parts = TokenParts::default();
     for _ in 0..p.generation_runs {
-        let (prefill_ms, per_token, _) = generation_run(p, &model, &tokens, &opts, false)?;
-        prefill.push(prefill_ms);
-        eager.push(per_token);
-        let (_, per_token, why) = generation_run(p, &model, &tokens, &opts, true)?;
-        graph.push(per_token);
-        unavailable = why;
+        let run = generation_run(p, &model, &tokens, &opts, false)?;
+        prefill.push(run.prefill_ms);
+        eager.push(run.per_token);
+        let run = generation_run(p, &model, &tokens, &opts, true)?;
+        graph.push(run.per_token);
+        parts.add(&run.parts, p.generation_runs);
+        unavailable = run.unavailable;
     }
     let timing = |v: Vec<f64>| Timing::of(v).context("no generation ran");
     let (prefill, eager, graph) = (timing(prefill)?, timing(eager)?, timing(graph)?);
     let graph_cells = match unavailable {
-        Some(_) => "– | –".to_string(),
-        None => format!("{} | {:.1}", graph.cell(), 1e3 / graph.median),
+        Some(_) => "– | – | –".to_string(),
+        None => format!(
+            "{} | {:.1} | {:.2} / {:.2} / {:.2}",
+            graph.cell(),
+            1e3 / graph.median,
+            parts.host_ms,
+            parts.wait_ms,
+            parts.pick_ms
+        ),
     };
     Ok(format!(
         "{:.0} | {} | {:.1} | {graph_cells}",
@@ -387,15 +396,43 @@ fn generation_row(p: &Plan, cfg: &ModelConfig) -> Result<String> {
     ))
 }
 
+/// Where a generated token's time goes, ms per token: the host's work in `decode_step`, the
+/// wait for the logits (and their copy to the host), the pick.
+#[derive(Debug, Default, Clone, Copy)]
+struct TokenParts {
+    host_ms: f64,
+    wait_ms: f64,
+    pick_ms: f64,
+}
+
+impl TokenParts {
+    /// Adds `other / runs` (a mean over `runs` generations).
+    fn add(&mut self, other: &TokenParts, runs: usize) {
+        let n = runs.max(1) as f64;
+        self.host_ms += other.host_ms / n;
+        self.wait_ms += other.wait_ms / n;
+        self.pick_ms += other.pick_ms / n;
+    }
+}
+
+/// One generation of [`generation_run`].
+struct GenerationRun {
+    prefill_ms: f64,
+    per_token: f64,
+    parts: TokenParts,
+    /// Why graphs were not used when they were asked for.
+    unavailable: Option<String>,
+}
+
 /// Prefill then greedy decode steps (one untimed, then `p.new_tokens` timed): the prefill's
-/// ms, the steps' ms per token, and why graphs were not used when they were asked for.
+/// ms, the steps' ms per token and its parts.
 fn generation_run(
     p: &Plan,
     model: &Model,
     tokens: &Tensor,
     opts: &ForwardOpts,
     graphs: bool,
-) -> Result<(f64, f64, Option<String>)> {
+) -> Result<GenerationRun> {
     let sync = || {
         if let Device::Cuda(i) = p.device {
             tch::Cuda::synchronize(i as i64);
@@ -416,22 +453,37 @@ fn generation_run(
     cache.use_graphs(graphs);
     // One untimed step (first-call costs; with graphs, the step that captures), then the timed
     // ones.
-    let mut step = |id: i64| -> Result<i64> {
+    let mut parts = TokenParts::default();
+    let mut step = |id: i64, parts: &mut TokenParts| -> Result<i64> {
+        let t0 = Instant::now();
         let logits = model.decode_step(&mut cache, &[id], opts)?.logits;
-        greedy.pick(&host_row(&logits)?)
+        let t1 = Instant::now();
+        let row = host_row(&logits)?;
+        let t2 = Instant::now();
+        let id = greedy.pick(&row)?;
+        parts.host_ms += (t1 - t0).as_secs_f64() * 1e3;
+        parts.wait_ms += (t2 - t1).as_secs_f64() * 1e3;
+        parts.pick_ms += t2.elapsed().as_secs_f64() * 1e3;
+        Ok(id)
     };
-    next = step(next)?;
+    next = step(next, &mut TokenParts::default())?;
     let start = Instant::now();
     for _ in 0..p.new_tokens {
-        next = step(next)?;
+        next = step(next, &mut parts)?;
     }
     sync();
-    let per_token = start.elapsed().as_secs_f64() * 1e3 / p.new_tokens.max(1) as f64;
-    Ok((
+    let n = p.new_tokens.max(1) as f64;
+    let per_token = start.elapsed().as_secs_f64() * 1e3 / n;
+    Ok(GenerationRun {
         prefill_ms,
         per_token,
-        cache.graph_unavailable().map(str::to_string),
-    ))
+        parts: TokenParts {
+            host_ms: parts.host_ms / n,
+            wait_ms: parts.wait_ms / n,
+            pick_ms: parts.pick_ms / n,
+        },
+        unavailable: cache.graph_unavailable().map(str::to_string),
+    })
 }
 
 #[cfg(test)]
