@@ -518,10 +518,9 @@ impl NsaAttention {
     }
 
     /// Step 1 on the prologue kernel (`nsa_sys::fused::decode_append`) from the stacked
-    /// projections `[B, W]` of the new tokens: the rotated queries, the same cache writes as
-    /// [`NsaAttention::append_with_operators`] (keys rotated where `project_raw` rotates them:
-    /// all but φ's with `cmp_rope = "compressed"`) and, with `gate_rows` (W_1's rows stacked
-    /// last), the learned gates.
+    /// projections `[B, W]` of the new tokens: the rotated queries, the writes of
+    /// [`NsaAttention::prologue_writes`] and, with `gate_rows` (W_1's rows stacked last), the
+    /// learned gates.
     fn prologue(
         &self,
         stacked: &Tensor,
@@ -530,9 +529,25 @@ impl NsaAttention {
         dev: &PlanTensors,
         gate_rows: bool,
     ) -> Result<sys::StepPrologue, AttnError> {
+        let writes = self.prologue_writes(cache, dev);
+        let gates = gate_rows.then(|| self.prologue_gates());
+        let heads = self.config().heads;
+        Ok(sys::decode_append(
+            stacked, heads, cos, sin, &writes, gates,
+        )?)
+    }
+
+    /// The prologue's cache writes: the same as [`NsaAttention::append_with_operators`], read
+    /// from the stacked row `[q | keys of each pair | values of each pair | W_1 x]`, keys
+    /// rotated where `project_raw` rotates them (all but φ's with `cmp_rope = "compressed"`).
+    fn prologue_writes<'a>(
+        &self,
+        cache: &'a NsaCache,
+        dev: &'a PlanTensors,
+    ) -> Vec<sys::AppendWrite<'a>> {
         let c = self.config();
         let (h, g, dk, dv) = (c.heads, c.kv_heads, c.head_dim_k, c.head_dim_v);
-        let pairs = if c.nsa.shared_kv { 1 } else { 3 };
+        let pairs = self.kv_pairs();
         let cols = |br: Branch| {
             let pair = self.kv_index(br) as i64;
             (
@@ -574,14 +589,20 @@ impl NsaAttention {
                 rotated,
             ));
         }
-        let (_, w2) = self.gate_linears();
-        let gates = gate_rows.then(|| sys::AppendGates {
-            col: h * dk + pairs * g * (dk + dv),
-            b1: self.gate_linears().0.bs.as_ref(),
+        writes
+    }
+
+    /// The prologue's gates: `W_1 x` in the stacked row's last `gate_hidden` columns.
+    fn prologue_gates(&self) -> sys::AppendGates<'_> {
+        let c = self.config();
+        let pairs = self.kv_pairs();
+        let (w1, w2) = self.gate_linears();
+        sys::AppendGates {
+            col: c.heads * c.head_dim_k + pairs * c.kv_heads * (c.head_dim_k + c.head_dim_v),
+            b1: w1.bs.as_ref(),
             w2: &w2.ws,
             b2: w2.bs.as_ref(),
-        });
-        Ok(sys::decode_append(stacked, h, cos, sin, &writes, gates)?)
+        }
     }
 
     /// With `cmp_rope = "compressed"`, the emitted compressed keys `ck` `[E, 1, Hkv, dk]` of

@@ -425,6 +425,11 @@ impl NsaAttention {
         })
     }
 
+    /// K/V projection pairs: 3 (`[cmp, slc, win]`), or 1 with `shared_kv`.
+    pub(crate) fn kv_pairs(&self) -> i64 {
+        self.kv.len() as i64
+    }
+
     /// Which entry of [`RawProjections::kv`] holds `branch`'s keys and values.
     pub(crate) fn kv_index(&self, branch: Branch) -> usize {
         if self.cfg.nsa.shared_kv {

@@ -149,6 +149,13 @@ impl Rope {
         self.kernel.is_some()
     }
 
+    /// The tables in the activations' kind, `[S or B, 1, (1,) dk/2]` (tests replaying a
+    /// kernel's rotation with libtorch's operators).
+    #[cfg(test)]
+    pub(crate) fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// The fused kernel's tables of a table with one position per sequence
     /// ([`Rope::at_positions`] for `[B, 1]` positions on CUDA, with the kernel): fp32
     /// `[B, dk/2]` cos and sin, row `b` = sequence `b`'s position (a decode step's prologue).

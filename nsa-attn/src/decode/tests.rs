@@ -1,7 +1,8 @@
 //! Prefill + decode against the full-sequence forward on random configurations (proptest over
 //! the lengths, the window, groups, φ, where the compressed keys get RoPE, `shared_kv`, prompt
 //! lengths and batch mixes), the
-//! per-step read counter against its formula, cache growth and bad input.
+//! per-step read counter against its formula, cache growth, bad input, and the prologue kernel's
+//! plan (which stacked columns go to which cache, rotated or not) against the operator step.
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use tch::{nn, Device, Kind, Tensor};
@@ -404,4 +405,131 @@ fn random_caches_have_the_requested_shape() {
         2 * 4 * (128 + 512 + 32 + 7) * (192 + 128) * 4
     );
     assert!(NsaCache::filled_random(&cfg, &[0], 8, Kind::Float, Device::Cpu).is_err());
+}
+
+/// Rotate-half RoPE of rows `[B, R, dk]` by one table row per sequence (`[B, dk/2]`).
+fn rotate_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[2] / 2;
+    let (x1, x2) = (x.narrow(2, 0, half), x.narrow(2, half, half));
+    let (c, s) = (cos.unsqueeze(1), sin.unsqueeze(1));
+    Tensor::cat(&[&x1 * &c - &x2 * &s, &x2 * &c + &x1 * &s], 2)
+}
+
+/// What the prologue kernel (`nsa_dec_append`, decode.cu) does with `writes` and `gates`,
+/// replayed with libtorch's operators: the rotated queries `[B, H, dk]` and the gates
+/// `[B, H, 3]`; the writes land in their caches.
+fn prologue_reference(
+    stacked: &Tensor,
+    (heads, dk): (i64, i64),
+    (cos, sin): (&Tensor, &Tensor),
+    writes: &[nsa_sys::fused::AppendWrite<'_>],
+    gates: &nsa_sys::fused::AppendGates<'_>,
+) -> (Tensor, Tensor) {
+    let b = stacked.size()[0];
+    let q = rotate_rows(
+        &stacked.narrow(1, 0, heads * dk).view([b, heads, dk]),
+        cos,
+        sin,
+    );
+    for w in writes {
+        let [_, g, _, d] = w.dst.size()[..] else {
+            unreachable!("caches are [B, Hkv, slots, d]")
+        };
+        let rows = stacked.narrow(1, w.col, g * d).view([b, g, d]);
+        let rows = if w.rotate {
+            rotate_rows(&rows, cos, sin)
+        } else {
+            rows
+        };
+        for i in 0..b {
+            let slot = w.slots.int64_value(&[i]);
+            w.dst.get(i).select(1, slot).copy_(&rows.get(i));
+        }
+    }
+    let hidden = gates.w2.size()[1];
+    let h = stacked.narrow(1, gates.col, hidden) + gates.b1.expect("the gates' W_1 has a bias");
+    let g = h
+        .silu()
+        .linear(gates.w2, gates.b2)
+        .sigmoid()
+        .view([b, heads, 3]);
+    (q, g)
+}
+
+/// The prologue kernel's plan (`NsaAttention::prologue_writes` and `prologue_gates`: which
+/// columns of the stacked row go where, rotated or not) replayed with libtorch's operators in
+/// float64 equals the operator step (`project_raw`, `append_with_operators`, the gate MLP):
+/// queries, every cache buffer and the gates, for per-branch and shared K/V with the compressed
+/// keys' RoPE at either place. The GPU check runs the kernel itself; this holds its plan in CI.
+#[test]
+fn the_prologue_plan_reads_and_writes_what_the_operator_step_does() {
+    // The cache tensors each layout has: raw, window ring and pending ring (per-branch K/V);
+    // raw, and the pending ring for φ's unrotated keys (shared K/V).
+    for (shared_kv, cmp_rope, tensors) in [
+        (false, CmpRope::Raw, 6),
+        (false, CmpRope::Compressed, 6),
+        (true, CmpRope::Raw, 2),
+        (true, CmpRope::Compressed, 4),
+    ] {
+        let c = Case {
+            kv_heads: 2,
+            phi: Phi::Mlp,
+            cmp_rope,
+            shared_kv,
+            prompts: vec![5, 9],
+            ..Case::small()
+        };
+        let cfg = c.config();
+        tch::manual_seed(11);
+        let (mut vs, layer) = new_layer(cfg);
+        vs.set_kind(Kind::Double);
+        let opts = (Kind::Double, Device::Cpu);
+        let x = Tensor::randn([2, c.seq_len, cfg.dim], opts);
+        let step_x = Tensor::randn([2, 1, cfg.dim], opts);
+        let prefill = || layer.prefill(&x, &c.prompts, 16, &c.opts()).unwrap().1;
+        let (mut by_ops, by_plan) = (prefill(), prefill());
+        let plan =
+            DecodePlan::new(&cfg, by_ops.lengths(), Kind::Double, Device::Cpu, None).unwrap();
+
+        let raw = layer.project_raw(&step_x, &plan.rope, None).unwrap();
+        layer
+            .append_with_operators(&raw, &mut by_ops, &plan.dev)
+            .unwrap();
+        let gates = layer.gates(&step_x, GateOverride::Learned).unwrap();
+
+        let stacked = step_x.linear::<&Tensor>(&layer.stacked_weights(true).unwrap(), None);
+        let (cos, sin) = plan.rope.tables();
+        let half = cfg.head_dim_k / 2;
+        let (q, g) = prologue_reference(
+            &stacked.view([2, -1]),
+            (cfg.heads, cfg.head_dim_k),
+            (&cos.reshape([2, half]), &sin.reshape([2, half])),
+            &layer.prologue_writes(&by_plan, &plan.dev),
+            &layer.prologue_gates(),
+        );
+
+        let what = format!("shared_kv {shared_kv}, cmp_rope {cmp_rope:?}");
+        let close = |a: &Tensor, b: &Tensor, name: &str| {
+            let err = (a - b).abs().max().double_value(&[]);
+            assert!(err < 1e-12, "{what}: {name} differs by {err}");
+        };
+        close(&q, &raw.q.view([2, cfg.heads, cfg.head_dim_k]), "q");
+        close(&g, &gates.view([2, cfg.heads, 3]), "gates");
+        let buffers = |cache: &NsaCache| -> Vec<Tensor> {
+            [
+                Some(&cache.raw),
+                cache.window.as_ref(),
+                cache.pending.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .flat_map(|buf| [buf.k.shallow_clone(), buf.v.shallow_clone()])
+            .collect()
+        };
+        let (want, got) = (buffers(&by_ops), buffers(&by_plan));
+        assert_eq!((want.len(), got.len()), (tensors, tensors), "{what}");
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            close(a, b, &format!("cache tensor {i}"));
+        }
+    }
 }
