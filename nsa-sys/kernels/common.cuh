@@ -1,7 +1,7 @@
 // Helpers shared by the NSA kernels (included by name through NVRTC's header list).
 //
 // Element access for the two input types (bf16 and fp32; every kernel accumulates in fp32),
-// the block-id rules every path agrees on, and small warp reductions.
+// RoPE's turn of a pair, the block-id rules every path agrees on, and small warp reductions.
 #pragma once
 #include <cuda_bf16.h>
 
@@ -16,6 +16,15 @@ template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// RoPE's rotate-half turn of the pair (x1, x2) = (x[i], x[i + dk/2]) of a head by the angle
+// whose cosine and sine are c and s (-s: the inverse turn): the arithmetic of nsa_rope and of
+// the decode step's prologue, so both give the same bits.
+__device__ __forceinline__ void rope_turn(float x1, float x2, float c, float s, float& y1,
+                                          float& y2) {
+  y1 = x1 * c - x2 * s;
+  y2 = x2 * c + x1 * s;
 }
 
 __device__ __forceinline__ float warp_sum(float x) {

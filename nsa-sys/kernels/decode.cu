@@ -445,13 +445,14 @@ __device__ __forceinline__ long long append_units(const AppendArgs& a, int j) {
   return (long long)a.Hkv * (a.w[j].rotate ? a.half : a.w[j].width);
 }
 
-// y = rotate(x) of the pair (i, i + half) of a row: the fused RoPE kernel's arithmetic.
+// The pair (i, i + half) of a row turned by RoPE (common.cuh's rope_turn, nsa_rope's bits).
 template <typename T>
 __device__ __forceinline__ void append_rotate(const T* __restrict__ src, T* __restrict__ dst,
                                               float c, float sn, int i, int half) {
-  const float x1 = to_f(src[i]), x2 = to_f(src[i + half]);
-  dst[i] = from_f<T>(x1 * c - x2 * sn);
-  dst[i + half] = from_f<T>(x2 * c + x1 * sn);
+  float y1, y2;
+  rope_turn(to_f(src[i]), to_f(src[i + half]), c, sn, y1, y2);
+  dst[i] = from_f<T>(y1);
+  dst[i + half] = from_f<T>(y2);
 }
 
 template <typename T>

@@ -159,19 +159,14 @@ __device__ __forceinline__ void rope(const In* __restrict__ x, long long xb, lon
       load8(cr, c);
       load8(sr, sn);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float sk = sign * sn[k];
-        y1[k] = x1[k] * c[k] - x2[k] * sk;
-        y2[k] = x2[k] * c[k] + x1[k] * sk;
-      }
+      for (int k = 0; k < 8; ++k) rope_turn(x1[k], x2[k], c[k], sign * sn[k], y1[k], y2[k]);
       store8(yr + i, y1);
       store8(yr + i + half, y2);
     } else {
-      const float x1 = to_f(xr[i]), x2 = to_f(xr[i + half]);
-      const float c = cr[0];
-      const float sn = sign * sr[0];
-      yr[i] = from_f<Out>(x1 * c - x2 * sn);
-      yr[i + half] = from_f<Out>(x2 * c + x1 * sn);
+      float y1, y2;
+      rope_turn(to_f(xr[i]), to_f(xr[i + half]), cr[0], sign * sr[0], y1, y2);
+      yr[i] = from_f<Out>(y1);
+      yr[i + half] = from_f<Out>(y2);
     }
   }
 }
