@@ -368,10 +368,8 @@ impl NsaAttention {
         let dev = &plan.dev;
         // On the decode kernels a step starts with one prologue kernel (`prologue`); W_1 of the
         // learned gates then rides in the projection matmul.
-        let tables = plan
-            .rope
-            .sequence_tables()
-            .filter(|_| fused::supported(&c, opts, x.kind(), x.device()));
+        let on_kernels = fused::supported(&c, opts, x.kind(), x.device());
+        let tables = plan.rope.sequence_tables().filter(|_| on_kernels);
         let gate_rows = tables.is_some() && opts.gates == GateOverride::Learned;
         let key = self.stacked_weights_key(gate_rows);
         let weights = match &cache.projection {
@@ -433,7 +431,7 @@ impl NsaAttention {
             Some(gates) => gates,
             None => self.gates(x, opts.gates)?,
         };
-        if fused::supported(&c, opts, x.kind(), x.device()) {
+        if on_kernels {
             // 3–7 on the decode kernels.
             let (mixed, blocks) = fused::attend(&c, &q, cache, plan, &gates)?;
             return self.finish_step(&mixed, blocks, plan);

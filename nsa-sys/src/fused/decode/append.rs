@@ -54,16 +54,6 @@ pub struct StepPrologue {
     pub gates: Option<Tensor>,
 }
 
-fn check_tensor(
-    what: &'static str,
-    t: &Tensor,
-    like: &Tensor,
-    kind: Kind,
-    size: &[i64],
-) -> Result<(), FusedError> {
-    same_place(what, t, like, kind, Some(size))
-}
-
 /// The prologue of a decode step on libtorch's current stream (module docs): `stacked`
 /// `[B, W]` (bf16 or fp32, contiguous, CUDA) holds each new token's `heads` query heads in
 /// columns `0 .. heads·dk`, which come back rotated by the tables `cos`, `sin` (fp32 `[B, dk/2]`,
@@ -99,8 +89,8 @@ pub fn decode_append(
             format!("must be [B, dk/2], got {:?}", cos.size()),
         ));
     }
-    check_tensor("cos", cos, stacked, Kind::Float, &[b, half])?;
-    check_tensor("sin", sin, stacked, Kind::Float, &[b, half])?;
+    same_place("cos", cos, stacked, Kind::Float, Some(&[b, half]))?;
+    same_place("sin", sin, stacked, Kind::Float, Some(&[b, half]))?;
     let dk = 2 * half;
     if heads < 1 || heads * dk > width {
         return Err(input(
@@ -123,6 +113,8 @@ pub fn decode_append(
         ..AppendArgs::default()
     };
     let mut hkv = None;
+    // The kernel's units (decode.cu): a pair per rotated column pair, an element per copied one.
+    let mut units = heads * half;
     for (slot, w) in args.write.iter_mut().zip(writes) {
         let &[db, dg, cap, d] = w.dst.size().as_slice() else {
             return Err(input(
@@ -139,8 +131,8 @@ pub fn decode_append(
                 ),
             ));
         }
-        check_tensor("dst", w.dst, stacked, kind, &[b, dg, cap, d])?;
-        check_tensor("slots", w.slots, stacked, Kind::Int64, &[b])?;
+        same_place("dst", w.dst, stacked, kind, Some(&[b, dg, cap, d]))?;
+        same_place("slots", w.slots, stacked, Kind::Int64, Some(&[b]))?;
         if w.col < 0 || w.col + dg * d > width || (w.rotate && d != dk) {
             return Err(input(
                 "writes",
@@ -156,6 +148,7 @@ pub fn decode_append(
                 ),
             ));
         }
+        units += dg * if w.rotate { half } else { d };
         *slot = AppendWriteArgs {
             dst: w.dst.data_ptr() as u64,
             slots: w.slots.data_ptr() as u64,
@@ -170,7 +163,7 @@ pub fn decode_append(
     let mut hidden = 0;
     if let Some(g) = gates {
         hidden = g.w2.size().get(1).copied().unwrap_or(0);
-        check_tensor("w2", g.w2, stacked, kind, &[3 * heads, hidden])?;
+        same_place("w2", g.w2, stacked, kind, Some(&[3 * heads, hidden]))?;
         if hidden < 1 || g.col < 0 || g.col + hidden > width {
             return Err(input(
                 "gates",
@@ -183,7 +176,7 @@ pub fn decode_append(
         let address = |what, t: Option<&Tensor>, n| -> Result<u64, FusedError> {
             match t {
                 Some(t) => {
-                    check_tensor(what, t, stacked, kind, &[n])?;
+                    same_place(what, t, stacked, kind, Some(&[n]))?;
                     Ok(t.data_ptr() as u64)
                 }
                 None => Ok(0),
@@ -194,20 +187,14 @@ pub fn decode_append(
         args.w2 = g.w2.data_ptr() as u64;
         args.hidden = i32_of("hidden", hidden)?;
         args.gate_col = i32_of("gate column", g.col)?;
+        units += 3 * heads;
     }
     // Checked last, so that every shape rule above is testable on CPU tensors.
     let ordinal = cuda_ordinal("stacked", stacked)?;
-    let gates_out = match hidden > 0 {
-        true => Some(Tensor::f_empty([b, heads, 3], (kind, stacked.device()))?),
-        false => None,
-    };
+    let gates_out = (hidden > 0)
+        .then(|| Tensor::f_empty([b, heads, 3], (kind, stacked.device())))
+        .transpose()?;
     let q = Tensor::f_empty([b, heads, dk], (kind, stacked.device()))?;
-    let units = heads * half
-        + writes
-            .iter()
-            .map(|w| w.dst.size()[1] * if w.rotate { half } else { w.dst.size()[3] })
-            .sum::<i64>()
-        + gates_out.as_ref().map_or(0, |_| 3 * heads);
     let grid_x = (units + THREADS as i64 - 1) / THREADS as i64;
     let grid_y = u32::try_from(b)
         .ok()
