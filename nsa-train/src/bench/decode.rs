@@ -324,7 +324,7 @@ fn generation_table(p: &Plan) -> Result<String> {
         return Ok(String::new());
     }
     let mut table = format!(
-        "Generation, {}, {:?}, batch 1, random weights, greedy: prefill of the prompt, then {} decode steps, eager (libtorch's operators launched one by one) and replayed from CUDA graphs (`KvCache::use_graphs`; the first step after the prefill captures); median (min–max) of {} generations each, tokens/s of the median. The last column splits a token from graphs (means over the runs): the host's work in `decode_step` until it returns (the plan's refill, the replay's launch, the cache's bookkeeping), the wait for the logits with their copy to the host, and the greedy pick.\n\n| model | attention | prompt | prefill ms | eager ms/token | eager tokens/s | graph ms/token | graph tokens/s | graph token: host ms / wait ms / pick ms |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "Generation, {}, {:?}, batch 1, random weights, greedy: prefill of the prompt, then {} decode steps, eager (libtorch's operators launched one by one) and replayed from CUDA graphs (`KvCache::use_graphs`; the first step after the prefill captures); median (min–max) of {} generations each, tokens/s of the median. The split columns divide a token (means over the runs): the host's work in `decode_step` until it returns (eager: the step's launches, on the CPU its whole computation; from graphs: the plan's refill, the replay's launch, the cache's bookkeeping), the wait for the logits with their copy to the host, and the greedy pick.\n\n| model | attention | prompt | prefill ms | eager ms/token | eager tokens/s | eager token: host ms / wait ms / pick ms | graph ms/token | graph tokens/s | graph token: host ms / wait ms / pick ms |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         nsa_bench::device_description(p.device),
         p.kind,
         p.new_tokens,
@@ -335,7 +335,7 @@ fn generation_table(p: &Plan) -> Result<String> {
             let line = match generation_row(p, &cfg.with_attention(attention)) {
                 Ok(cells) => format!("| {name} | {attention} | {} | {cells} |\n", p.prompt),
                 Err(e) => format!(
-                    "| {name} | {attention} | {} | failed: {} | | | | | |\n",
+                    "| {name} | {attention} | {} | failed: {} | | | | | | |\n",
                     p.prompt,
                     format!("{e:#}").lines().next().unwrap_or("")
                 ),
@@ -365,11 +365,12 @@ fn generation_row(p: &Plan, cfg: &ModelConfig) -> Result<String> {
     // runs reaches both columns alike.
     let (mut prefill, mut eager, mut graph) = (Vec::new(), Vec::new(), Vec::new());
     let mut unavailable = None;
-    let mut parts = TokenParts::default();
+    let (mut eager_parts, mut parts) = (TokenParts::default(), TokenParts::default());
     for _ in 0..p.generation_runs {
         let run = generation_run(p, &model, &tokens, &opts, false)?;
         prefill.push(run.prefill_ms);
         eager.push(run.per_token);
+        eager_parts.add(&run.parts, p.generation_runs);
         let run = generation_run(p, &model, &tokens, &opts, true)?;
         graph.push(run.per_token);
         parts.add(&run.parts, p.generation_runs);
@@ -380,19 +381,18 @@ fn generation_row(p: &Plan, cfg: &ModelConfig) -> Result<String> {
     let graph_cells = match unavailable {
         Some(_) => "– | – | –".to_string(),
         None => format!(
-            "{} | {:.1} | {:.2} / {:.2} / {:.2}",
+            "{} | {:.1} | {}",
             graph.cell(),
             1e3 / graph.median,
-            parts.host_ms,
-            parts.wait_ms,
-            parts.pick_ms
+            parts.cell()
         ),
     };
     Ok(format!(
-        "{:.0} | {} | {:.1} | {graph_cells}",
+        "{:.0} | {} | {:.1} | {} | {graph_cells}",
         prefill.median,
         eager.cell(),
-        1e3 / eager.median
+        1e3 / eager.median,
+        eager_parts.cell()
     ))
 }
 
@@ -412,6 +412,14 @@ impl TokenParts {
         self.host_ms += other.host_ms / n;
         self.wait_ms += other.wait_ms / n;
         self.pick_ms += other.pick_ms / n;
+    }
+
+    /// `host / wait / pick`, ms; the pick to the microsecond (it is that small).
+    fn cell(&self) -> String {
+        format!(
+            "{:.2} / {:.2} / {:.3}",
+            self.host_ms, self.wait_ms, self.pick_ms
+        )
     }
 }
 
@@ -530,8 +538,13 @@ mod tests {
         assert_eq!(rows.len(), 2, "{generation}");
         assert!(rows.iter().all(|r| !r.contains("failed")), "{generation}");
         assert!(rows[0].contains("| nsa |") && rows[1].contains("| dense |"));
-        // The eager column is the median (min–max) of the generations.
+        // The eager column is the median (min–max) of the generations; the eager split has
+        // three numbers, and on the CPU the graph columns are dashes.
         for row in &rows {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let split: Vec<f64> = cells[7].split(" / ").map(|x| x.parse().unwrap()).collect();
+            assert!(split.len() == 3 && split.iter().all(|&x| x >= 0.0), "{row}");
+            assert_eq!(&cells[8..11], ["–", "–", "–"], "{row}");
             let eager = row.split('|').map(str::trim).nth(5).unwrap();
             let (median, range) = eager.split_once(" (").unwrap();
             let (min, max) = range.trim_end_matches(')').split_once('–').unwrap();

@@ -1,6 +1,6 @@
 //! Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p,
 //! on the host with the data pipeline's seeded generator (the same tokens on every device).
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Result};
 
 use crate::data::Rng;
 
@@ -71,19 +71,27 @@ impl Sampler {
     /// The next token for one sequence's `logits` `[V]`. Equal logits go to the lower id;
     /// NaN logits count as impossible.
     pub fn pick(&mut self, logits: &[f32]) -> Result<i64> {
+        const ALL_NAN: &str = "every logit is NaN: the model's output is broken";
         // Ids by logit, highest first (ties: lower id first), NaN excluded: a total order, so
         // its first k ids are the same however they are found.
+        // Greedy needs only the first id: one pass over the logits, no list of ids (listing
+        // the 50,304 ids first took about 0.16 ms a token, a tenth of a token from graphs).
+        if self.how.temperature == 0.0 {
+            let mut best: Option<(usize, f32)> = None;
+            for (i, &x) in logits.iter().enumerate() {
+                // Strictly above: an equal logit later keeps the lower id.
+                let above = best.is_none_or(|(_, b)| x.total_cmp(&b).is_gt());
+                if !x.is_nan() && above {
+                    best = Some((i, x));
+                }
+            }
+            return best.map(|(i, _)| i as i64).ok_or_else(|| anyhow!(ALL_NAN));
+        }
         let rank = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
         let mut order: Vec<usize> = (0..logits.len()).filter(|&i| !logits[i].is_nan()).collect();
-        ensure!(
-            !order.is_empty(),
-            "every logit is NaN: the model's output is broken"
-        );
-        // Greedy and top-k need only the first ids of the order: one pass, or a selection and a
-        // sort of k ids (sorting a 50,304-token vocabulary took about 2 ms a token).
-        if self.how.temperature == 0.0 {
-            return Ok(order.into_iter().min_by(rank).unwrap_or(0) as i64);
-        }
+        ensure!(!order.is_empty(), ALL_NAN);
+        // Top-k needs only the first k ids of the order: a selection and a sort of k ids
+        // (sorting a 50,304-token vocabulary took about 2 ms a token).
         match self.how.top_k {
             Some(k) if k < order.len() => {
                 order.select_nth_unstable_by(k.saturating_sub(1), rank);
