@@ -32,7 +32,8 @@
 //   writes the output row.
 //
 // nsa_dec_append_{bf16, f32}: the step's prologue, before the kernels above: grid (X, B), 256
-//   threads, one thread per unit of sequence b's work, grid-stride. From the row x[b] of the
+//   threads; the gates one warp per output, then one thread per unit of sequence b's other
+//   work, each grid-stride. From the row x[b] of the
 //   stacked projection output ([B, W]: queries, keys, values and, with gates, W_1's hidden
 //   pre-activations), it writes the rotated queries q [B, H, 2 half] (RoPE, rotate-half form,
 //   the fused RoPE kernel's arithmetic; tables cos, sin fp32 [B, half], row b = sequence b's
@@ -40,8 +41,9 @@
 //   writes (AppendWrite: the Hkv rows of `width` columns from column `col` into slot slots[b]
 //   of dst [B, Hkv, cap, width], rotated as the queries when `rotate`, one unit per pair, or
 //   copied, one unit per element; a slot outside [0, cap) writes nothing) and, with hidden > 0,
-//   the gates [B, 3H] = sigmoid(W_2 silu(x[b, gate_col ..] + b_1) + b_2) (one unit per output,
-//   fp32 arithmetic, W_2 [3H, hidden] row-major, b_1 / b_2 optional). One launch where the
+//   the gates [B, 3H] = sigmoid(W_2 silu(x[b, gate_col ..] + b_1) + b_2) (a warp per output,
+//   its lanes over the hidden units, fp32 arithmetic, W_2 [3H, hidden] row-major, b_1 / b_2
+//   optional). One launch where the
 //   libtorch step took a RoPE launch, one scatter per cache tensor and the gate MLP's six.
 //
 // Programmatic dependent launches (sm_90, host's DecodeLaunch::programmatic): the selection,
@@ -463,8 +465,32 @@ __device__ void dec_append(const T* __restrict__ x, const float* __restrict__ co
   const T* row = x + (long long)b * a.W;
   const float* cr = cos_t + (long long)b * a.half;
   const float* sr = sin_t + (long long)b * a.half;
+  // The gates first: one warp per output, its lanes over the hidden units, their sums added
+  // by a fixed butterfly. (One thread per output walked all hidden units in turn, a chain of
+  // dependent loads that made this kernel 11 us at the paper shape on an H100.)
+  if (a.hidden > 0) {
+    const int lane = threadIdx.x % 32;
+    const T* b1 = reinterpret_cast<const T*>(a.b1);
+    const T* b2 = reinterpret_cast<const T*>(a.b2);
+    const int warps = gridDim.x * blockDim.x / 32;  // at most 64 CTAs of 256 threads
+    for (int o = (blockIdx.x * blockDim.x + threadIdx.x) / 32; o < 3 * a.H; o += warps) {
+      // warp-uniform: every lane takes part in the shuffles
+      const T* w2 = reinterpret_cast<const T*>(a.w2) + (long long)o * a.hidden;
+      float acc = 0.f;
+      for (int k = lane; k < a.hidden; k += 32) {
+        const float h = to_f(row[a.gate_col + k]) + (b1 != nullptr ? to_f(b1[k]) : 0.f);
+        acc = fmaf(to_f(w2[k]), h / (1.f + expf(-h)), acc);
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+      if (lane == 0) {
+        if (b2 != nullptr) acc += to_f(b2[o]);
+        gates[(long long)b * 3 * a.H + o] = from_f<T>(1.f / (1.f + expf(-acc)));
+      }
+    }
+  }
   const long long nq = (long long)a.H * a.half;
-  long long total = nq + (a.hidden > 0 ? 3LL * a.H : 0);
+  long long total = nq;
   for (int j = 0; j < a.writes; ++j) total += append_units(a, j);
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x; u < total; u += stride) {
@@ -476,8 +502,8 @@ __device__ void dec_append(const T* __restrict__ x, const float* __restrict__ co
     }
     long long e = u - nq;
     int j = 0;
-    while (j < a.writes && e >= append_units(a, j)) e -= append_units(a, j++);
-    if (j < a.writes) {
+    while (e >= append_units(a, j)) e -= append_units(a, j++);  // u < total: j < a.writes
+    {
       const AppendWrite& w = a.w[j];
       const long long slot = reinterpret_cast<const long long*>(w.slots)[b];
       if (slot < 0 || slot >= w.cap) continue;
@@ -490,19 +516,7 @@ __device__ void dec_append(const T* __restrict__ x, const float* __restrict__ co
       } else {
         dst[c] = src[c];
       }
-      continue;
     }
-    // A gate: output o = 3 h + branch of W_2 silu(hidden + b_1) + b_2, then the sigmoid.
-    const int o = (int)e;
-    const T* w2 = reinterpret_cast<const T*>(a.w2) + (long long)o * a.hidden;
-    const T* b1 = reinterpret_cast<const T*>(a.b1);
-    const T* b2 = reinterpret_cast<const T*>(a.b2);
-    float acc = b2 != nullptr ? to_f(b2[o]) : 0.f;
-    for (int k = 0; k < a.hidden; ++k) {
-      const float h = to_f(row[a.gate_col + k]) + (b1 != nullptr ? to_f(b1[k]) : 0.f);
-      acc = fmaf(to_f(w2[k]), h / (1.f + expf(-h)), acc);
-    }
-    gates[(long long)b * 3 * a.H + o] = from_f<T>(1.f / (1.f + expf(-acc)));
   }
 }
 

@@ -14,7 +14,8 @@ use crate::fused::{cuda_ordinal, input, FusedError};
 
 /// Threads per CTA (`NSA_APPEND_THREADS`).
 const THREADS: u32 = 256;
-/// Most CTAs per sequence: enough for the paper shape's 9k units in one pass.
+/// Most CTAs per sequence: enough for the paper shape's 15k units (a gate counts as a warp's
+/// 32) in one pass.
 const MAX_CTAS_PER_SEQUENCE: i64 = 64;
 
 /// One cache write: the `Hkv` rows of `width` columns of each sequence's stacked row from
@@ -113,7 +114,8 @@ pub fn decode_append(
         ..AppendArgs::default()
     };
     let mut hkv = None;
-    // The kernel's units (decode.cu): a pair per rotated column pair, an element per copied one.
+    // The kernel's units (decode.cu): a pair per rotated column pair, an element per copied
+    // one, a warp's 32 per gate.
     let mut units = heads * half;
     for (slot, w) in args.write.iter_mut().zip(writes) {
         let &[db, dg, cap, d] = w.dst.size().as_slice() else {
@@ -187,7 +189,7 @@ pub fn decode_append(
         args.w2 = g.w2.data_ptr() as u64;
         args.hidden = i32_of("hidden", hidden)?;
         args.gate_col = i32_of("gate column", g.col)?;
-        units += 3 * heads;
+        units += 32 * 3 * heads;
     }
     // Checked last, so that every shape rule above is testable on CPU tensors.
     let ordinal = cuda_ordinal("stacked", stacked)?;
