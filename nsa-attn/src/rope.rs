@@ -87,16 +87,33 @@ impl Rope {
         Self::from_angles(&angles, kind)
     }
 
-    /// Overwrites these tables with `other`'s in place (same shapes): a fixed-layout decode
-    /// plan's tables keep their addresses from step to step.
-    pub(crate) fn copy_from(&mut self, other: &Rope) -> Result<(), TchError> {
-        self.cos.f_copy_(&other.cos)?;
-        self.sin.f_copy_(&other.sin)?;
-        if let (Some((cos, sin)), Some((other_cos, other_sin))) = (&self.kernel, &other.kernel) {
-            cos.shallow_clone().f_copy_(other_cos)?;
-            sin.shallow_clone().f_copy_(other_sin)?;
+    /// Overwrites these tables of one position per sequence ([`Rope::at_positions`] for
+    /// `[B, 1]` positions) in place with rows `rows` (int64 `[B]`) of `table`'s
+    /// ([`Rope::strided`], same kind, device and kernel setting): a fixed-layout decode plan's
+    /// tables keep their addresses from step to step, and a gather per table costs the host
+    /// less than the angles' operators. Same bits as new tables at those positions, since
+    /// `strided` and `at_positions` compute a position alike.
+    pub(crate) fn gather_rows(&mut self, table: &Rope, rows: &Tensor) -> Result<(), TchError> {
+        let half = *self.cos.size().last().unwrap_or(&0);
+        let batch = rows.size().first().copied().unwrap_or(0);
+        let gather = |into: &Tensor, from: &Tensor| -> Result<(), TchError> {
+            let from = from.f_view([-1, half])?;
+            // The result is `into`'s view, written in place.
+            from.f_index_select_out(&into.f_view([batch, half])?, 0, rows)
+                .map(drop)
+        };
+        gather(&self.cos, &table.cos)?;
+        gather(&self.sin, &table.sin)?;
+        match (&self.kernel, &table.kernel) {
+            (Some((cos, sin)), Some((from_cos, from_sin))) => {
+                gather(cos, from_cos)?;
+                gather(sin, from_sin)
+            }
+            (None, None) => Ok(()),
+            _ => Err(TchError::Kind(
+                "RoPE rows gathered between tables with and without the kernel's".into(),
+            )),
         }
-        Ok(())
     }
 
     fn from_angles(angles: &Tensor, kind: Kind) -> Result<Self, TchError> {

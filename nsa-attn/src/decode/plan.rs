@@ -19,7 +19,9 @@ use crate::rope::Rope;
 /// step enqueued with it can be captured once as a CUDA graph and replayed: every sequence
 /// takes part in the emission of compressed tokens (those that complete no block write back
 /// what their slot held), and the decode kernels are sized for positions up to a bound fixed
-/// when the plan is made.
+/// when the plan is made. Its RoPE tables are rows of tables computed once for every position
+/// it can describe ([`DecodePlan::refill`] gathers them: four small copies instead of the
+/// angles' dozen operators), so a refill costs the host a handful of launches.
 #[derive(Debug)]
 pub struct DecodePlan {
     pub(crate) cfg: NsaConfig,
@@ -43,11 +45,25 @@ pub struct DecodePlan {
     /// a fixed-layout plan's bound (what the decode kernels are sized for).
     pub(crate) position_bound: i64,
     /// A fixed-layout plan: the one transfer's device buffer, which [`DecodePlan::refill`]
-    /// overwrites.
-    fixed: Option<Tensor>,
+    /// overwrites, and the RoPE tables it gathers from.
+    fixed: Option<Fixed>,
     /// Steps with this plan leave out the emission of compressed tokens
     /// ([`DecodePlan::set_emission`]).
     pub(crate) skip_emission: bool,
+}
+
+/// What a fixed-layout plan keeps for its refills.
+#[derive(Debug)]
+struct Fixed {
+    /// The one transfer's device buffer (every [`PlanTensors`] tensor is a view of it).
+    all: Tensor,
+    /// The first position of `tables`: the smallest position the plan was made for.
+    first: i64,
+    /// RoPE tables ([`Rope::strided`], with the kernel's where it applies) of the positions
+    /// `first ..= position_bound`, so position `p` has the bits [`Rope::at_positions`] gives it.
+    tables: Rope,
+    /// `[B]`: `t_b − first`, the rows of `tables` for the plan's positions (a view of `all`).
+    rows: Tensor,
 }
 
 /// The plan's device tensors (int64, views of one transfer).
@@ -126,6 +142,8 @@ struct Packed {
     /// host rows for a transfer of their own (fixed-layout plans).
     groups: Vec<(i64, Option<GroupRows>)>,
     tokens: Option<(i64, i64)>,
+    /// Fixed-layout plans: `t_b − first`, the rows of the plan's RoPE tables.
+    rope_rows: Option<Segment>,
 }
 
 /// A segment of the transfer: (offset, length).
@@ -158,10 +176,11 @@ fn check_inputs(cfg: &NsaConfig, lengths: &[i64], tokens: Option<&[i64]>) -> Res
     Ok(())
 }
 
-/// The plan's integers for sequences at `positions`; `fixed`: every sequence in the emission
-/// (with its flag) and the position groups kept out of the transfer, so the layout depends
-/// only on the batch size, the configuration and whether `tokens` are given.
-fn pack(cfg: &NsaConfig, positions: &[i64], tokens: Option<&[i64]>, fixed: bool) -> Packed {
+/// The plan's integers for sequences at `positions`. `fixed` (a fixed-layout plan, with the
+/// first position of its RoPE tables): every sequence in the emission (with its flag), the
+/// position groups kept out of the transfer and the rows of the RoPE tables added, so the
+/// layout depends only on the batch size, the configuration and whether `tokens` are given.
+fn pack(cfg: &NsaConfig, positions: &[i64], tokens: Option<&[i64]>, fixed: Option<i64>) -> Packed {
     let sel = cfg.select_config();
     let (l, d, w) = (sel.block_len, sel.stride, cfg.nsa.window);
     let batch = positions.len() as i64;
@@ -181,7 +200,7 @@ fn pack(cfg: &NsaConfig, positions: &[i64], tokens: Option<&[i64]>, fixed: bool)
     let ring = super::cache::has_pending_ring(cfg);
     // The raw tokens t − l + 1 ..= t of a block ending at t: ring slots, or raw positions.
     let sources = move |t: i64| (t + 1 - l..=t).map(move |p| if ring { p % l } else { p });
-    let emission = if fixed {
+    let emission = if fixed.is_some() {
         Some((
             rows,
             pack.push(positions.iter().flat_map(|&t| {
@@ -220,7 +239,7 @@ fn pack(cfg: &NsaConfig, positions: &[i64], tokens: Option<&[i64]>, fixed: bool)
             .iter()
             .map(|&t| {
                 let members = (0..batch).filter(|&b| positions[b as usize] == t);
-                let rows = if fixed {
+                let rows = if fixed.is_some() {
                     GroupRows::Host(members.collect())
                 } else {
                     GroupRows::Segment(pack.push(members))
@@ -230,6 +249,7 @@ fn pack(cfg: &NsaConfig, positions: &[i64], tokens: Option<&[i64]>, fixed: bool)
             .collect()
     };
     let tokens = tokens.map(|ids| pack.push(ids.iter().copied()));
+    let rope_rows = fixed.map(|first| pack.push(positions.iter().map(|t| t - first)));
     Packed {
         pack,
         rows,
@@ -245,7 +265,27 @@ fn pack(cfg: &NsaConfig, positions: &[i64], tokens: Option<&[i64]>, fixed: bool)
         emission,
         groups,
         tokens,
+        rope_rows,
     }
+}
+
+/// The position groups' batch rows on `device`: segments of `all` or transfers of their own.
+fn position_groups(
+    groups: Vec<(i64, Option<GroupRows>)>,
+    all: &Tensor,
+    device: Device,
+) -> Result<Vec<(i64, Option<Tensor>)>, AttnError> {
+    groups
+        .into_iter()
+        .map(|(t, members)| {
+            let rows = match members {
+                None => None,
+                Some(GroupRows::Segment((start, len))) => Some(all.f_narrow(0, start, len)?),
+                Some(GroupRows::Host(rows)) => Some(to_device(&rows, device)?),
+            };
+            Ok((t, rows))
+        })
+        .collect()
 }
 
 /// Whether the token at position `t` completes a compressed block (`t = i·d + l − 1`), so a
@@ -282,10 +322,10 @@ impl DecodePlan {
         tokens: Option<&[i64]>,
     ) -> Result<Self, AttnError> {
         check_inputs(cfg, lengths, tokens)?;
-        let packed = pack(cfg, lengths, tokens, false);
+        let packed = pack(cfg, lengths, tokens, None);
         let all = to_device(&packed.pack.0, device)?;
         let bound = lengths.iter().copied().max().unwrap_or(0);
-        Self::materialise(cfg, lengths, kind, device, packed, all, bound, false)
+        Self::materialise(cfg, lengths, kind, device, packed, all, bound)
     }
 
     /// A fixed-layout plan (see the type's docs) for sequences holding `lengths` tokens, whose
@@ -309,26 +349,19 @@ impl DecodePlan {
                 reason: format!("{position_bound} is below the largest position {last}"),
             });
         }
-        let packed = pack(cfg, lengths, tokens, true);
+        let first = lengths.iter().copied().min().unwrap_or(0);
+        let packed = pack(cfg, lengths, tokens, Some(first));
         let all = to_device(&packed.pack.0, device)?;
-        Self::materialise(
-            cfg,
-            lengths,
-            kind,
-            device,
-            packed,
-            all,
-            position_bound,
-            true,
-        )
+        Self::materialise(cfg, lengths, kind, device, packed, all, position_bound)
     }
 
     /// Overwrites a fixed-layout plan in place for the next step: sequences holding `lengths`
     /// tokens (each position `≤` the plan's bound), new token ids `tokens` (given exactly when
-    /// the plan was made with them). One transfer and the RoPE tables' few operators, on the
-    /// current stream, before the step that reads them.
+    /// the plan was made with them), no position below the smallest it was made for. One
+    /// transfer and four gathers of RoPE rows, on the current stream, before the step that
+    /// reads them.
     pub fn refill(&mut self, lengths: &[i64], tokens: Option<&[i64]>) -> Result<(), AttnError> {
-        let Some(all) = &self.fixed else {
+        let Some(fixed) = &self.fixed else {
             return Err(AttnError::Option {
                 option: "plan",
                 reason: "only a fixed-layout plan (DecodePlan::fixed) can be refilled".into(),
@@ -360,27 +393,40 @@ impl DecodePlan {
                 ),
             });
         }
-        let packed = pack(&self.cfg, lengths, tokens, true);
+        if let Some(&t) = lengths.iter().find(|&&t| t < fixed.first) {
+            return Err(AttnError::Option {
+                option: "plan",
+                reason: format!(
+                    "position {t} is before the plan's first position {} (its RoPE tables \
+                     start there)",
+                    fixed.first
+                ),
+            });
+        }
+        let packed = pack(&self.cfg, lengths, tokens, Some(fixed.first));
         let fresh = to_device(&packed.pack.0, self.device)?;
-        all.shallow_clone().f_copy_(&fresh)?;
-        let next = Self::materialise(
-            &self.cfg,
-            lengths,
-            self.kind,
-            self.device,
-            packed,
-            all.shallow_clone(),
-            self.position_bound,
-            true,
-        )?;
-        self.rope.copy_from(&next.rope)?;
-        self.positions = next.positions;
-        self.visible = next.visible;
-        self.window_count = next.window_count;
-        self.max_visible = next.max_visible;
-        self.num_blocks = next.num_blocks;
-        self.position_groups = next.position_groups;
+        fixed.all.shallow_clone().f_copy_(&fresh)?;
+        self.rope.gather_rows(&fixed.tables, &fixed.rows)?;
+        self.position_groups = position_groups(packed.groups, &fixed.all, self.device)?;
+        self.set_positions(lengths);
         Ok(())
+    }
+
+    /// The host's per-sequence counts for sequences at `positions`.
+    fn set_positions(&mut self, positions: &[i64]) {
+        let sel = self.cfg.select_config();
+        self.positions = positions.to_vec();
+        self.visible = positions
+            .iter()
+            .map(|&t| sel.num_visible_compressed(t))
+            .collect();
+        self.window_count = positions
+            .iter()
+            .map(|&t| self.cfg.nsa.window.min(t + 1))
+            .collect();
+        self.max_visible = self.visible.iter().copied().max().unwrap_or(0);
+        let last = positions.iter().copied().max().unwrap_or(0);
+        self.num_blocks = sel.num_select_blocks(last + 1);
     }
 
     /// Whether the plan has a fixed layout ([`DecodePlan::fixed`]).
@@ -420,7 +466,8 @@ impl DecodePlan {
         self.position_bound
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The plan over `all`, the device copy of `packed` (a fixed-layout plan's where `packed`
+    /// has RoPE rows).
     fn materialise(
         cfg: &NsaConfig,
         lengths: &[i64],
@@ -429,10 +476,8 @@ impl DecodePlan {
         packed: Packed,
         all: Tensor,
         position_bound: i64,
-        fixed: bool,
     ) -> Result<Self, AttnError> {
-        let sel = cfg.select_config();
-        let (l, w) = (sel.block_len, cfg.nsa.window);
+        let l = cfg.select_config().block_len;
         let batch = lengths.len() as i64;
         let seg = |(start, len): (i64, i64)| all.f_narrow(0, start, len);
         let dev = PlanTensors {
@@ -467,41 +512,40 @@ impl DecodePlan {
         )?
         // One rotation kernel launch for all the step's heads on CUDA.
         .with_kernel(true)?;
-        let position_groups = packed
-            .groups
-            .into_iter()
-            .map(|(t, members)| -> Result<(i64, Option<Tensor>), AttnError> {
-                let rows = match members {
-                    None => None,
-                    Some(GroupRows::Segment(s)) => Some(seg(s)?),
-                    Some(GroupRows::Host(rows)) => Some(to_device(&rows, device)?),
-                };
-                Ok((t, rows))
-            })
-            .collect::<Result<Vec<_>, AttnError>>()?;
-        let positions = lengths.to_vec();
-        let visible: Vec<i64> = positions
-            .iter()
-            .map(|&t| sel.num_visible_compressed(t))
-            .collect();
-        let window_count: Vec<i64> = positions.iter().map(|&t| w.min(t + 1)).collect();
-        let last = positions.iter().copied().max().unwrap_or(0);
-        Ok(Self {
+        let position_groups = position_groups(packed.groups, &all, device)?;
+        let fixed = match packed.rope_rows {
+            Some(rows) => {
+                let first = lengths.iter().copied().min().unwrap_or(0);
+                let span = (first, 1, position_bound - first + 1);
+                let tables = Rope::strided(cfg.rope_base, cfg.head_dim_k, span, kind, device)?
+                    .with_kernel(true)?;
+                Some(Fixed {
+                    rows: seg(rows)?,
+                    all,
+                    first,
+                    tables,
+                })
+            }
+            None => None,
+        };
+        let mut plan = Self {
             cfg: *cfg,
             kind,
             device,
-            max_visible: visible.iter().copied().max().unwrap_or(0),
-            num_blocks: sel.num_select_blocks(last + 1),
-            positions,
-            visible,
-            window_count,
+            positions: Vec::new(),
+            visible: Vec::new(),
+            window_count: Vec::new(),
+            max_visible: 0,
+            num_blocks: 0,
             position_groups,
             rope,
             dev,
             position_bound,
-            fixed: fixed.then_some(all),
+            fixed,
             skip_emission: false,
-        })
+        };
+        plan.set_positions(lengths);
+        Ok(plan)
     }
 
     /// The position of each sequence's new token (its cached length before the step).

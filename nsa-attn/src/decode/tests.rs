@@ -533,3 +533,63 @@ fn the_prologue_plan_reads_and_writes_what_the_operator_step_does() {
         }
     }
 }
+
+/// A refilled fixed-layout plan's RoPE tables, gathered from tables of every position it can
+/// describe, against a new plan's tables computed at the same positions: the same bits.
+fn refilled_tables_match_new_ones(
+    (first, later): (Vec<i64>, Vec<Vec<i64>>),
+    slack: i64,
+    (head_dim_k, rope_base): (i64, f64),
+    kind: Kind,
+) -> Result<(), TestCaseError> {
+    let cfg = NsaConfig {
+        head_dim_k,
+        rope_base,
+        ..Case::small().config()
+    };
+    let bound = first.iter().copied().max().unwrap_or(0) + slack;
+    let mut plan = DecodePlan::fixed(&cfg, &first, kind, Device::Cpu, None, bound).unwrap();
+    let low = first.iter().copied().min().unwrap_or(0);
+    for offsets in later {
+        // Each sequence moves to a position in low ..= bound.
+        let lengths: Vec<i64> = offsets
+            .iter()
+            .map(|o| low + o % (bound - low + 1))
+            .collect();
+        plan.refill(&lengths, None).unwrap();
+        let fresh = DecodePlan::new(&cfg, &lengths, kind, Device::Cpu, None).unwrap();
+        let ((cos, sin), (want_cos, want_sin)) = (plan.rope().tables(), fresh.rope().tables());
+        prop_assert_eq!(cos.size(), want_cos.size());
+        prop_assert!(cos.equal(want_cos) && sin.equal(want_sin), "{lengths:?}");
+    }
+    if low > 0 {
+        let below = vec![low - 1; first.len()];
+        let err = plan.refill(&below, None).unwrap_err().to_string();
+        prop_assert!(err.contains("before the plan's first position"), "{err}");
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/decode.txt",
+        ))),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn refilled_rope_tables_equal_new_ones(
+        steps in (1usize..=4).prop_flat_map(|b| (
+            proptest::collection::vec(0i64..5000, b),
+            proptest::collection::vec(proptest::collection::vec(0i64..10_000, b), 1..6),
+        )),
+        slack in 0i64..300,
+        rope in (prop_oneof![Just(4i64), Just(6), Just(64), Just(192)],
+                 prop_oneof![Just(10_000.0), Just(500_000.0)]),
+        kind in prop_oneof![Just(Kind::Float), Just(Kind::BFloat16), Just(Kind::Double)],
+    ) {
+        refilled_tables_match_new_ones(steps, slack, rope, kind)?;
+    }
+}
