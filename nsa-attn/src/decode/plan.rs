@@ -20,7 +20,7 @@ use crate::rope::Rope;
 /// takes part in the emission of compressed tokens (those that complete no block write back
 /// what their slot held), and the decode kernels are sized for positions up to a bound fixed
 /// when the plan is made. Its RoPE tables are rows of tables computed once for every position
-/// it can describe ([`DecodePlan::refill`] gathers them: four small copies instead of the
+/// it can describe ([`DecodePlan::refill`] gathers them: four index launches instead of the
 /// angles' dozen operators), so a refill costs the host a handful of launches.
 #[derive(Debug)]
 pub struct DecodePlan {
