@@ -142,8 +142,9 @@ struct Packed {
     /// host rows for a transfer of their own (fixed-layout plans).
     groups: Vec<(i64, Option<GroupRows>)>,
     tokens: Option<(i64, i64)>,
-    /// Fixed-layout plans: `t_b − first`, the rows of the plan's RoPE tables.
-    rope_rows: Option<Segment>,
+    /// Fixed-layout plans: the first position of the plan's RoPE tables and the segment of
+    /// `t_b − first`, their rows.
+    rope_rows: Option<(i64, Segment)>,
 }
 
 /// A segment of the transfer: (offset, length).
@@ -249,7 +250,7 @@ fn pack(cfg: &NsaConfig, positions: &[i64], tokens: Option<&[i64]>, fixed: Optio
             .collect()
     };
     let tokens = tokens.map(|ids| pack.push(ids.iter().copied()));
-    let rope_rows = fixed.map(|first| pack.push(positions.iter().map(|t| t - first)));
+    let rope_rows = fixed.map(|first| (first, pack.push(positions.iter().map(|t| t - first))));
     Packed {
         pack,
         rows,
@@ -514,8 +515,7 @@ impl DecodePlan {
         .with_kernel(true)?;
         let position_groups = position_groups(packed.groups, &all, device)?;
         let fixed = match packed.rope_rows {
-            Some(rows) => {
-                let first = lengths.iter().copied().min().unwrap_or(0);
+            Some((first, rows)) => {
                 let span = (first, 1, position_bound - first + 1);
                 let tables = Rope::strided(cfg.rope_base, cfg.head_dim_k, span, kind, device)?
                     .with_kernel(true)?;
