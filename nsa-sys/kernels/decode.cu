@@ -503,19 +503,17 @@ __device__ void dec_append(const T* __restrict__ x, const float* __restrict__ co
     long long e = u - nq;
     int j = 0;
     while (e >= append_units(a, j)) e -= append_units(a, j++);  // u < total: j < a.writes
-    {
-      const AppendWrite& w = a.w[j];
-      const long long slot = reinterpret_cast<const long long*>(w.slots)[b];
-      if (slot < 0 || slot >= w.cap) continue;
-      const int per = w.rotate ? a.half : w.width;
-      const int r = (int)(e / per), c = (int)(e % per);
-      const T* src = row + w.col + (long long)r * w.width;
-      T* dst = reinterpret_cast<T*>(w.dst) + (((long long)b * a.Hkv + r) * w.cap + slot) * w.width;
-      if (w.rotate) {
-        append_rotate(src, dst, cr[c], sr[c], c, a.half);
-      } else {
-        dst[c] = src[c];
-      }
+    const AppendWrite& w = a.w[j];
+    const long long slot = reinterpret_cast<const long long*>(w.slots)[b];
+    if (slot < 0 || slot >= w.cap) continue;
+    const int per = w.rotate ? a.half : w.width;
+    const int r = (int)(e / per), c = (int)(e % per);
+    const T* src = row + w.col + (long long)r * w.width;
+    T* dst = reinterpret_cast<T*>(w.dst) + (((long long)b * a.Hkv + r) * w.cap + slot) * w.width;
+    if (w.rotate) {
+      append_rotate(src, dst, cr[c], sr[c], c, a.half);
+    } else {
+      dst[c] = src[c];
     }
   }
 }
