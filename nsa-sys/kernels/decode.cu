@@ -17,10 +17,11 @@
 // nsa_dec_scores: grid (sel_slices, Hkv, B), NSA_DEC_SCORE_THREADS threads. Eq. 8 (p = exp2(s -
 //   lse2)), Eq. 10 (sum over the group's heads, in head order) and Eq. 9 (the overlap taps) for
 //   a slice of the selection blocks into shared memory, then the slice's best candidates
-//   (select.cuh's cta_top_keys: each warp's best 32 kept by bitonic steps, the warps' lists
-//   merged pairwise); the last slice to finish merges the slices' lists and writes Eq. 11's top
-//   n with the forced blocks (ForcedBlocks, the training kernel's rule): ids [B, Hkv, n]
-//   ascending, -1 padded.
+//   (select.cuh's cta_top_keys: each warp's best 32 kept by bitonic steps, the lists of the
+//   warps that had blocks merged pairwise); the last slice to finish loads the slices' lists
+//   (each warp all of its share at once), merges them and writes Eq. 11's top n with the
+//   forced blocks (ForcedBlocks, the training kernel's rule): ids [B, Hkv, n] ascending, -1
+//   padded.
 // nsa_dec_attend_{bf16_dk64, ..., f32} (and _warp_dk{dk}_dv{dv}): grid (parts_slc + parts_win,
 //   Hkv, B). The same partial over selected tiles (tile y: block ids[y / tpb], keys id * l' + (y % tpb) * 64 + u <= t of
 //   the raw buffer) or window tiles (tile y: positions t + 1 - min(w, t + 1) + y * 64 + u <= t,
@@ -198,11 +199,12 @@ __device__ void dec_scores(const long long* __restrict__ positions,
   grid_launch_dependents();
   for (int h = tid; h < a.hpg; h += CH) lse2s[h] = lse2[bg * a.hpg + h];
   const float* s = scores + bg * a.hpg * a.nc;
-  const int span = CH * tp.step + tp.count;
   for (int j0 = lo; fb.rem > 0 && j0 < hi; j0 += CH) {
     __syncthreads();  // lse2s written; the last chunk's pc read
     const long long base = (long long)j0 * tp.step + tp.first;
-    for (int e = tid; e < span; e += CH) {
+    // The elements the chunk's blocks read: all of pc but in a slice's last, short chunk.
+    const int need = (min(CH, hi - j0) - 1) * tp.step + tp.count;
+    for (int e = tid; e < need; e += CH) {
       const long long i = base + e;
       float acc = 0.f;
       if (i >= 0 && i < nvis) {
@@ -226,13 +228,21 @@ __device__ void dec_scores(const long long* __restrict__ positions,
     unsigned long long* mine = lists + bg * a.sel_slices * 32;
     if (warp == 0) mine[x * 32 + lane] = list;
     if (!last_to_finish(tickets + bg, a.sel_slices)) return;
-    // Warp w merges the lists of slices w, w + warps, ...; then across the warps.
-    list = 0ull;
-    for (int y = warp; y < a.sel_slices; y += CH / 32) {
-      const unsigned long long k = __ldcg(mine + y * 32 + lane);
-      list = y == warp ? k : warp_merge_desc(list, k, lane);
+    // Warp w merges the lists of slices w, w + warps, ... (all its loads issued before the
+    // first merge); then the warps that had one merge theirs.
+    constexpr int W = CH / 32, PER = (NSA_DEC_MAX_SELECT_SLICES + W - 1) / W;
+    unsigned long long got[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int y = warp + i * W;
+      got[i] = y < a.sel_slices ? __ldcg(mine + y * 32 + lane) : 0ull;
     }
-    list = cta_merge_lists(list, work);
+    list = got[0];
+#pragma unroll
+    for (int i = 1; i < PER; ++i) {
+      if (warp + i * W < a.sel_slices) list = warp_merge_desc(list, got[i], lane);
+    }
+    list = cta_merge_lists(list, work, min(W, a.sel_slices));
   }
   if (warp == 0) write_top_picks(list, fb, a.n, ids + bg * a.n, lane);
 }

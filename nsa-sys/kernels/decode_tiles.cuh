@@ -9,6 +9,7 @@
 #define NSA_DEC_KEYS 64
 #define NSA_DEC_SCORE_THREADS 256  // threads of an nsa_dec_scores CTA
 #define NSA_DEC_COMBINE_THREADS 1024  // most threads of an nsa_dec_combine CTA
+#define NSA_DEC_MAX_SELECT_SLICES 64  // most nsa_dec_scores CTAs per (b, g) (MAX_SELECT_SLICES)
 #define DECODE_MAX_HPG 64
 // Shared bytes before a warp-level tile kernel's Q: each warp's two stage barriers (sm_90's
 // bulk copies; reserved on every architecture, so the host's sizes need no arch).
@@ -297,8 +298,9 @@ __device__ __forceinline__ void tiles_partial(const DecodeArgs& a, int ntiles, b
 // The warp-level form of tiles_partial for bf16 with hpg <= 16 (one m16 row block) and
 // (dk, dv) = (DK, DV) in {64, 128, 192}^2, the shapes of the paper and the presets: warp w takes
 // keys 16w .. 16w + 15 of every tile into stages of its own shared memory (the next tile's copy
-// in flight: on sm_90 a bulk copy per row, lane l < 16 K's row l and lane 16 + l V's, reported
-// to the stage's mbarrier; on sm_80 cp.async, 16 bytes a lane), keeps its rows' running max,
+// in flight: on sm_90 K by a bulk copy per row, lane l < 16 K's row l, reported to the stage's
+// mbarrier, and V by cp.async, 16 bytes a lane, one commit group per stage, so that both copy
+// paths carry each stage; on sm_80 all by cp.async), keeps its rows' running max,
 // sum and o in registers (the score accumulators become P V's A operand without a trip through
 // shared memory, as in FlashAttention-2), and synchronises only with itself; the four warps'
 // states are merged once at the end. Shared: the warps' stage barriers (NSA_DEC_BARRIER_BYTES),
@@ -344,21 +346,37 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
   const auto load = [&](int y, int st) {
     const DecTile<bf> tl = tile_of(y);
 #if __CUDA_ARCH__ >= 900
-    // Every use of a stage arrives once (with no bytes when the warp has no keys), so the
-    // stage's phases stay in step with its uses.
+    // K by bulk copies (lane l < 16: row l), reported to the stage's mbarrier; V by cp.async
+    // 16 bytes a lane (the caller commits the group), so that both copy engines of the SM
+    // carry the stage. Every use of a stage arrives once (with no bytes when the warp has no
+    // keys), so the stage's phases stay in step with its uses.
+    constexpr int PV = DV / 8;
     const int rows = max(0, min(16, tl.keys - warp * 16));
-    if (lane == 0) mbar_arrive_expect(bars + st, rows * (DK + DV) * 2);
+    if (lane == 0) mbar_arrive_expect(bars + st, rows * DK * 2);
     if (rows == 0) return;
     const int r = lane & 15, u = warp * 16 + r;
-    const bool is_v = lane >= 16;
-    bf* row = wbuf + st * STAGE + (is_v ? 16 * QS + r * VS : r * QS);
-    const int bytes = is_v ? DV * 2 : DK * 2;
-    if (u < tl.keys) {
-      const long long slot = tile_slot(tl, u);
-      fence_proxy_async_shared();
-      bulk_copy_to_shared(row, is_v ? tl.v + slot * DV : tl.k + slot * DK, bytes, bars + st);
-    } else {  // past the tile's keys: zeros (P is 0 there, and 0 * V must stay 0)
-      for (int c = 0; c < bytes / 16; ++c) reinterpret_cast<uint4*>(row)[c] = make_uint4(0u, 0u, 0u, 0u);
+    const long long slot = tile_slot(tl, u);
+    bf* kd = wbuf + st * STAGE;
+    bf* vd = kd + 16 * QS;
+    if (lane < 16) {
+      if (u < tl.keys) {
+        fence_proxy_async_shared();
+        bulk_copy_to_shared(kd + r * QS, tl.k + slot * DK, DK * 2, bars + st);
+      } else {  // past the tile's keys: zeros (P is 0 there)
+        for (int c = 0; c < DK / 8; ++c) reinterpret_cast<uint4*>(kd + r * QS)[c] = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    const unsigned long long vr = u < tl.keys ? reinterpret_cast<unsigned long long>(tl.v + slot * DV) : 0ull;
+#pragma unroll
+    for (int i = 0; i < 16 * PV / 32; ++i) {
+      const int e = i * 32 + lane, rr = e / PV, ch = e % PV;
+      const bf* src = reinterpret_cast<const bf*>(__shfl_sync(0xffffffffu, vr, rr));
+      bf* dst = vd + rr * VS + ch * 8;
+      if (src != nullptr) {
+        cp_async16(dst, src + ch * 8);
+      } else {  // 0 * V must stay 0
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+      }
     }
 #else
     constexpr int PV = DV / 8;
@@ -404,13 +422,16 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
   for (int y = 0; y < ntiles; ++y) {
     const int st = stages > 1 ? (y & 1) : 0;
 #if __CUDA_ARCH__ >= 900
-    if (y + 1 < ntiles) load(y + 1, (y + 1) & 1);
-    if (y == 0) {
+    if (y + 1 < ntiles) {
+      load(y + 1, (y + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();  // Q and this tile's V
+    } else {
       cp_async_wait<0>();
-      __syncthreads();  // Q, copied by every thread
     }
+    if (y == 0) __syncthreads();  // Q, copied by every thread
     mbar_wait(bars + st, (y / stages) & 1);
-    __syncwarp();  // the zero rows other lanes wrote
+    __syncwarp();  // the V pieces and zero rows other lanes wrote
 #else
     if (y + 1 < ntiles) {
       load(y + 1, (y + 1) & 1);

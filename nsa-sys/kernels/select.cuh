@@ -139,16 +139,18 @@ __device__ __forceinline__ unsigned long long top_key(float v, int j, bool candi
 // Unsigned long longs of shared work cta_merge_lists needs: a list of 32 keys per warp.
 #define NSA_SELECT_WORK(warps) (32 * (warps))
 
-// Merges the CTA's per-warp lists (each the warp's 32 largest keys, sorted descending) pairwise
-// through `work` [warps][32]: warp 0 returns the CTA's 32 largest. Every thread calls it; it
-// synchronises (log2(warps) barriers, then once more so that work may be reused).
+// Merges the lists of the CTA's first `active` warps (each the warp's 32 largest keys, sorted
+// descending; the other warps' lists are ignored) pairwise through `work` [warps][32]: warp 0
+// returns their 32 largest. Every thread calls it with the same `active` (1 ..= warps); it
+// synchronises (ceil(log2(active)) barriers, then once more so that work may be reused).
 __device__ __forceinline__ unsigned long long cta_merge_lists(unsigned long long list,
-                                                              unsigned long long* work) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+                                                              unsigned long long* work,
+                                                              int active) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   work[warp * 32 + lane] = list;
-  for (int span = 1; span < warps; span <<= 1) {
+  for (int span = 1; span < active; span <<= 1) {
     __syncthreads();
-    if (warp % (2 * span) == 0 && warp + span < warps) {
+    if (warp % (2 * span) == 0 && warp + span < active) {
       list = warp_merge_desc(list, work[(warp + span) * 32 + lane], lane);
       work[warp * 32 + lane] = list;
     }
@@ -159,7 +161,8 @@ __device__ __forceinline__ unsigned long long cta_merge_lists(unsigned long long
 
 // The 32 largest keys of blocks lo .. hi - 1 (their scores at sc[j - lo]) for the token of `fb`:
 // each warp sorts chunks of 32 blocks by bitonic steps and keeps the 32 best keys it has seen,
-// then cta_merge_lists; warp 0 returns the CTA's list. Every thread calls it; it synchronises.
+// then cta_merge_lists over the warps that had a chunk (a slice of 32 blocks needs no merge);
+// warp 0 returns the CTA's list. Every thread calls it; it synchronises.
 __device__ __forceinline__ unsigned long long cta_top_keys(const float* sc, int lo, int hi,
                                                            const ForcedBlocks& fb,
                                                            unsigned long long* work) {
@@ -173,7 +176,7 @@ __device__ __forceinline__ unsigned long long cta_top_keys(const float* sc, int 
       list = c0 == lo + warp * 32 ? k : warp_merge_desc(list, k, lane);
     }
   }
-  return cta_merge_lists(list, work);
+  return cta_merge_lists(list, work, max(1, min(warps, (hi - lo + 31) / 32)));
 }
 
 // Eq. 11's picks by one warp from the token's list (its 32 largest keys): the forced blocks

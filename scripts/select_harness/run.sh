@@ -4,7 +4,9 @@
 # TOKEN_INTS: the per-token ints and floats of that version's shared-memory layout after its
 # ring and lists (3 before the marked-token kernel, 5 with it; glue/fused.cpp's formula).
 # Output: one line per (version, shape) with the median (min, max) of 10 launches, then
-# whether each version's ids equal the first's, shape by shape.
+# whether each version's ids equal the first's, shape by shape. COMPILE_ONLY=1 compiles and
+# stops (nvcc can run in the background while something else uses the GPU); a later run
+# reuses the binaries in /tmp/sel.
 set -u
 dir=$1; shift
 here=$(dirname "$0")
@@ -13,11 +15,13 @@ names=()
 for spec in "$@"; do
   name=${spec%%:*}; ints=${spec##*:}; names+=("$name")
   src=$(realpath "$dir/$name")/compressed.cu
+  [ -x "/tmp/sel/$name" ] && continue  # compiled by an earlier COMPILE_ONLY run
   nvcc -O3 -std=c++17 -arch=sm_90 -I "$dir/$name" -DSEL_SRC="\"$src\"" \
     -DSEL_NAME="\"$name\"" -DSEL_TOKEN_INTS="$ints" -o "/tmp/sel/$name" "$here/harness.cu" \
     > "/tmp/sel/$name.nvcc.log" 2>&1 &
 done
 wait
+[ -n "${COMPILE_ONLY:-}" ] && exit 0
 for name in "${names[@]}"; do
   grep -H "error" "/tmp/sel/$name.nvcc.log"
   cuobjdump --dump-resource-usage "/tmp/sel/$name" 2>&1 | grep -A1 cmp_select \

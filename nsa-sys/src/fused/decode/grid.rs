@@ -73,21 +73,32 @@ pub(super) fn combine_parts(parts: i64, dv: i64) -> (i64, i64) {
 }
 
 /// Most selection CTAs per (b, g): the last one merges every slice's list, a warp taking
-/// several in turn.
+/// several in turn (`NSA_DEC_MAX_SELECT_SLICES`, which sizes each warp's loads of them).
 pub const MAX_SELECT_SLICES: i64 = 64;
 
 /// The selection kernel's slices of the `nb` blocks for `groups` (b, g) pairs on `sms` SMs:
-/// (CTAs per pair, blocks per CTA), enough CTAs to fill the device once (see [`slices_of`]),
-/// except that blocks within one pass of a CTA's `threads` (a block a thread) stay in one CTA:
-/// there the hand-off between slices costs more than the sums it spreads (round 23: one CTA
-/// per group took 7 % less time per step at 16k cached tokens, batch 1, and 5 % at batch 8;
-/// at 64k the slices took 26–35 % less).
+/// (CTAs per pair, blocks per CTA), enough CTAs to fill the device once and slices of at most
+/// [`SELECT_SLICE_BLOCKS`] blocks (see [`slices_of`]), except that blocks within one pass of a
+/// CTA's `threads` (a block a thread) stay in one CTA: there the hand-off between slices costs
+/// more than the sums it spreads (round 23: one CTA per group took 7 % less time per step at
+/// 16k cached tokens, batch 1, and 5 % at batch 8; at 64k the slices took 26–35 % less).
 pub(super) fn select_slices(nb: i64, groups: i64, sms: i64, threads: i64) -> (i64, i64) {
     if nb <= threads {
         return slices_of(nb, 1);
     }
-    slices_of(nb, (sms + groups - 1) / groups)
+    let fill = (sms + groups - 1) / groups;
+    slices_of(
+        nb,
+        fill.max((nb + SELECT_SLICE_BLOCKS - 1) / SELECT_SLICE_BLOCKS),
+    )
 }
+
+/// Most blocks in one selection slice where the device is already full: a slice's sums and
+/// its list are a chain of dependent steps, and since the last CTA merges the slices' lists
+/// only among warps that had blocks (round 29), shorter slices cost less than the hand-off
+/// they add (64k cached tokens, batch 8, H100: 16 slices of 64 blocks 0.074 ms a step, the
+/// 5 of 224 that filling the device alone asks for 0.079).
+pub(super) const SELECT_SLICE_BLOCKS: i64 = 64;
 
 /// The `nb` blocks cut into at most `want` slices (clamped to 1 ..= [`MAX_SELECT_SLICES`]), each
 /// a multiple of 32 blocks (a warp's chunk): (slices, blocks per slice). Fewer slices than
@@ -109,7 +120,7 @@ pub struct DecodeLaunch {
     /// fewer partials to merge.
     pub tile_ctas: Option<i64>,
     /// Selection CTAs per (b, g), 1 to [`MAX_SELECT_SLICES`] (fewer when the blocks run out);
-    /// `None`: enough to fill the device once.
+    /// `None`: enough to fill the device once, in slices of at most 64 blocks.
     pub select_slices: Option<i64>,
     /// Programmatic dependent launches: each kernel after the first may start while the one
     /// before it ends, waiting inside (`griddepcontrol.wait`) only where it reads that

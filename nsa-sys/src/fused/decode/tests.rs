@@ -1,6 +1,9 @@
 //! Input checks of DecodeStep on the CPU (every refusal, before any launch) and the launch
 //! shapes of `grid.rs`.
-use super::grid::{COMBINE_MAX_THREADS, COMBINE_MIN_THREADS, MAX_SELECT_SLICES, TILE_CTAS_PER_SM};
+use super::grid::{
+    COMBINE_MAX_THREADS, COMBINE_MIN_THREADS, MAX_SELECT_SLICES, SELECT_SLICE_BLOCKS,
+    TILE_CTAS_PER_SM,
+};
 use super::*;
 use tch::Device;
 
@@ -225,11 +228,13 @@ fn tiles_per_cta_fill_the_device_once() {
 #[test]
 fn selection_slices_fill_the_device_once() {
     // The paper shape at 64k cached tokens (1,024 selection blocks) on 132 SMs. Batch 8: 160
-    // CTAs; batch 1: 128 CTAs of a warp's chunk each.
-    assert_eq!(select_slices(1024, 32, 132, 256), (5, 224));
+    // CTAs would fill the device, but slices hold at most SELECT_SLICE_BLOCKS: 16 of 64;
+    // batch 1: 128 CTAs of a warp's chunk each.
+    assert_eq!(select_slices(1024, 32, 132, 256), (16, SELECT_SLICE_BLOCKS));
     assert_eq!(select_slices(1024, 4, 132, 256), (32, 32));
-    // Enough pairs to fill the device alone: one CTA each, every block.
-    assert_eq!(select_slices(1024, 256, 132, 256), (1, 1024));
+    // Enough pairs to fill the device alone: still slices of at most SELECT_SLICE_BLOCKS.
+    assert_eq!(select_slices(1024, 256, 132, 256), (16, 64));
+    assert_eq!(select_slices(300, 256, 132, 256), (5, 64));
     // Blocks within one pass of a CTA's threads (16k cached tokens: 256 blocks): one CTA.
     assert_eq!(select_slices(256, 4, 132, 256), (1, 256));
     assert_eq!(select_slices(257, 4, 132, 256), (9, 32));
@@ -282,7 +287,8 @@ proptest::proptest! {
     }
 
     /// The device's pick: one CTA per (b, g) while a pass of its `threads` covers the blocks,
-    /// else the slices that fill `sms` SMs once with `groups` (b, g) pairs.
+    /// else the slices that fill `sms` SMs once with `groups` (b, g) pairs, more where that
+    /// leaves slices longer than SELECT_SLICE_BLOCKS.
     #[test]
     fn selection_slices_fill_the_device(
         nb in 1i64..200_000,
@@ -290,10 +296,22 @@ proptest::proptest! {
         sms in 1i64..300,
         threads in proptest::sample::select(vec![32i64, 256, 1024]),
     ) {
-        let want = if nb <= threads { 1 } else { (sms + groups - 1) / groups };
-        let picked = select_slices(nb, groups, sms, threads);
-        proptest::prop_assert_eq!(picked, slices_of(nb, want));
-        proptest::prop_assert!(nb > threads || picked.0 == 1);
+        let (slices, per) = select_slices(nb, groups, sms, threads);
+        if nb <= threads {
+            proptest::prop_assert_eq!((slices, per), slices_of(nb, 1));
+        } else {
+            let fill = (sms + groups - 1) / groups;
+            if fill <= MAX_SELECT_SLICES && (nb + 31) / 32 >= fill * fill {
+                // The device is filled once (where whole warp chunks allow it).
+                proptest::prop_assert!(slices * groups >= sms);
+            }
+            if (nb + SELECT_SLICE_BLOCKS - 1) / SELECT_SLICE_BLOCKS <= MAX_SELECT_SLICES {
+                proptest::prop_assert!(per <= SELECT_SLICE_BLOCKS);
+            } else {
+                proptest::prop_assert_eq!(slices, (nb + per - 1) / per);
+                proptest::prop_assert!(slices <= MAX_SELECT_SLICES);
+            }
+        }
     }
 
     /// The selected/window launch's tiles per CTA: never fewer than tiles_per_cta's count over
