@@ -86,6 +86,26 @@ __device__ __forceinline__ void dec_copy(T* tile, int stride, int rows, int widt
   }
 }
 
+// One warp's copy of 16 rows of P 16-byte pieces into a shared tile with row stride `stride`:
+// row r's source address is lane r's `addr` (0: zeros, for rows past a tile's keys, where P V
+// needs 0 * V = 0), taken by a shuffle; consecutive lanes copy consecutive pieces, 512
+// contiguous bytes an instruction, by cp.async (the caller commits the group).
+template <int P>
+__device__ __forceinline__ void warp_copy_rows16(__nv_bfloat16* tile, int stride,
+                                                 unsigned long long addr, int lane) {
+#pragma unroll
+  for (int i = 0; i < 16 * P / 32; ++i) {
+    const int e = i * 32 + lane, r = e / P, ch = e % P;
+    const __nv_bfloat16* src = reinterpret_cast<const __nv_bfloat16*>(__shfl_sync(0xffffffffu, addr, r));
+    __nv_bfloat16* dst = tile + r * stride + ch * 8;
+    if (src != nullptr) {
+      cp_async16(dst, src + ch * 8);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
 // The partial softmax state of the group's heads over `ntiles` tiles of up to 64 keys
 // (tile_of(y) describes tile y; ntiles > 1 needs multi, the running state in shared memory):
 // loads Q (rows of `qg`, the group's [hpg][dk] block) once and the tiles' K and V (the next
@@ -339,10 +359,9 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
     }
   }
   cp_async_commit();
-  // This warp's 16 rows of tile y into stage st. On sm_80 lane l (and l + 16) finds row l's
-  // address once, the copy loop takes it by a shuffle; consecutive lanes copy consecutive
-  // 16-byte pieces, 512 contiguous bytes an instruction (copies by lane pairs per row, 32 bytes
-  // of each of 16 rows an instruction, measured 20 % slower: BENCHMARKS round 22).
+  // This warp's 16 rows of tile y into stage st. The cp.async copies go by warp_copy_rows16
+  // (lane l, and l + 16, finds row l's address once; copies by lane pairs per row, 32 bytes of
+  // each of 16 rows an instruction, measured 20 % slower: BENCHMARKS round 22).
   const auto load = [&](int y, int st) {
     const DecTile<bf> tl = tile_of(y);
 #if __CUDA_ARCH__ >= 900
@@ -367,17 +386,7 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
       }
     }
     const unsigned long long vr = u < tl.keys ? reinterpret_cast<unsigned long long>(tl.v + slot * DV) : 0ull;
-#pragma unroll
-    for (int i = 0; i < 16 * PV / 32; ++i) {
-      const int e = i * 32 + lane, rr = e / PV, ch = e % PV;
-      const bf* src = reinterpret_cast<const bf*>(__shfl_sync(0xffffffffu, vr, rr));
-      bf* dst = vd + rr * VS + ch * 8;
-      if (src != nullptr) {
-        cp_async16(dst, src + ch * 8);
-      } else {  // 0 * V must stay 0
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
+    warp_copy_rows16<PV>(vd, VS, vr, lane);
 #else
     constexpr int PV = DV / 8;
     if (tl.keys <= warp * 16) return;
@@ -388,28 +397,8 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
     const unsigned long long vr = has ? reinterpret_cast<unsigned long long>(tl.v + slot * DV) : 0ull;
     bf* kd = wbuf + st * STAGE;
     bf* vd = kd + 16 * QS;
-#pragma unroll
-    for (int i = 0; i < 16 * PK / 32; ++i) {
-      const int e = i * 32 + lane, r = e / PK, ch = e % PK;
-      const bf* src = reinterpret_cast<const bf*>(__shfl_sync(0xffffffffu, kr, r));
-      bf* dst = kd + r * QS + ch * 8;
-      if (src != nullptr) {
-        cp_async16(dst, src + ch * 8);
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 16 * PV / 32; ++i) {
-      const int e = i * 32 + lane, r = e / PV, ch = e % PV;
-      const bf* src = reinterpret_cast<const bf*>(__shfl_sync(0xffffffffu, vr, r));
-      bf* dst = vd + r * VS + ch * 8;
-      if (src != nullptr) {
-        cp_async16(dst, src + ch * 8);
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
+    warp_copy_rows16<PK>(kd, QS, kr, lane);
+    warp_copy_rows16<PV>(vd, VS, vr, lane);
 #endif
   };
   // Rows gq (index 0) and gq + 8 (index 1) of this warp's state.
