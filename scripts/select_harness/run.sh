@@ -6,7 +6,7 @@
 # Output: one line per (version, shape) with the median (min, max) of 10 launches, then
 # whether each version's ids equal the first's, shape by shape. COMPILE_ONLY=1 compiles and
 # stops (nvcc can run in the background while something else uses the GPU); a later run
-# reuses the binaries in /tmp/sel.
+# reuses a binary in /tmp/sel that is newer than its staged compressed.cu.
 set -u
 dir=$1; shift
 here=$(dirname "$0")
@@ -15,7 +15,8 @@ names=()
 for spec in "$@"; do
   name=${spec%%:*}; ints=${spec##*:}; names+=("$name")
   src=$(realpath "$dir/$name")/compressed.cu
-  [ -x "/tmp/sel/$name" ] && continue  # compiled by an earlier COMPILE_ONLY run
+  # Compiled by an earlier run (COMPILE_ONLY) since prepare.py staged this version: reuse it.
+  [ -x "/tmp/sel/$name" ] && [ "/tmp/sel/$name" -nt "$src" ] && continue
   nvcc -O3 -std=c++17 -arch=sm_90 -I "$dir/$name" -DSEL_SRC="\"$src\"" \
     -DSEL_NAME="\"$name\"" -DSEL_TOKEN_INTS="$ints" -o "/tmp/sel/$name" "$here/harness.cu" \
     > "/tmp/sel/$name.nvcc.log" 2>&1 &
