@@ -364,42 +364,31 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
   // each of 16 rows an instruction, measured 20 % slower: BENCHMARKS round 22).
   const auto load = [&](int y, int st) {
     const DecTile<bf> tl = tile_of(y);
-#if __CUDA_ARCH__ >= 900
-    // K by bulk copies (lane l < 16: row l), reported to the stage's mbarrier; V by cp.async
-    // 16 bytes a lane (the caller commits the group), so that both copy engines of the SM
-    // carry the stage. Every use of a stage arrives once (with no bytes when the warp has no
-    // keys), so the stage's phases stay in step with its uses.
-    constexpr int PV = DV / 8;
     const int rows = max(0, min(16, tl.keys - warp * 16));
+#if __CUDA_ARCH__ >= 900
+    // On sm_90 K goes by bulk copies (lane l < 16: row l), reported to the stage's mbarrier, V
+    // by cp.async, so that both copy engines of the SM carry the stage. Every use of a stage
+    // arrives once (with no bytes when the warp has no keys), so the stage's phases stay in
+    // step with its uses.
     if (lane == 0) mbar_arrive_expect(bars + st, rows * DK * 2);
+#endif
     if (rows == 0) return;
     const int r = lane & 15, u = warp * 16 + r;
-    const long long slot = tile_slot(tl, u);
     bf* kd = wbuf + st * STAGE;
     bf* vd = kd + 16 * QS;
+#if __CUDA_ARCH__ >= 900
     if (lane < 16) {
       if (u < tl.keys) {
         fence_proxy_async_shared();
-        bulk_copy_to_shared(kd + r * QS, tl.k + slot * DK, DK * 2, bars + st);
+        bulk_copy_to_shared(kd + r * QS, tile_row(tl, tl.k, u, DK), DK * 2, bars + st);
       } else {  // past the tile's keys: zeros (P is 0 there)
         for (int c = 0; c < DK / 8; ++c) reinterpret_cast<uint4*>(kd + r * QS)[c] = make_uint4(0u, 0u, 0u, 0u);
       }
     }
-    const unsigned long long vr = u < tl.keys ? reinterpret_cast<unsigned long long>(tl.v + slot * DV) : 0ull;
-    warp_copy_rows16<PV>(vd, VS, vr, lane);
 #else
-    constexpr int PV = DV / 8;
-    if (tl.keys <= warp * 16) return;
-    const int u = warp * 16 + (lane & 15);
-    const long long slot = tile_slot(tl, u);  // one for K and V
-    const bool has = u < tl.keys;
-    const unsigned long long kr = has ? reinterpret_cast<unsigned long long>(tl.k + slot * DK) : 0ull;
-    const unsigned long long vr = has ? reinterpret_cast<unsigned long long>(tl.v + slot * DV) : 0ull;
-    bf* kd = wbuf + st * STAGE;
-    bf* vd = kd + 16 * QS;
-    warp_copy_rows16<PK>(kd, QS, kr, lane);
-    warp_copy_rows16<PV>(vd, VS, vr, lane);
+    warp_copy_rows16<PK>(kd, QS, reinterpret_cast<unsigned long long>(tile_row(tl, tl.k, u, DK)), lane);
 #endif
+    warp_copy_rows16<DV / 8>(vd, VS, reinterpret_cast<unsigned long long>(tile_row(tl, tl.v, u, DV)), lane);
   };
   // Rows gq (index 0) and gq + 8 (index 1) of this warp's state.
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
