@@ -359,9 +359,10 @@ __device__ __forceinline__ void warp_tiles_partial(const DecodeArgs& a, int ntil
     }
   }
   cp_async_commit();
-  // This warp's 16 rows of tile y into stage st. The cp.async copies go by warp_copy_rows16
-  // (lane l, and l + 16, finds row l's address once; copies by lane pairs per row, 32 bytes of
-  // each of 16 rows an instruction, measured 20 % slower: BENCHMARKS round 22).
+  // This warp's 16 rows of tile y into stage st. Lanes l and l + 16 find row l's address; the
+  // cp.async copies go by warp_copy_rows16, 512 contiguous bytes an instruction (copies by lane
+  // pairs per row, 32 bytes of each of 16 rows an instruction, measured 20 % slower: BENCHMARKS
+  // round 22).
   const auto load = [&](int y, int st) {
     const DecTile<bf> tl = tile_of(y);
     const int rows = max(0, min(16, tl.keys - warp * 16));
