@@ -139,6 +139,7 @@ pub fn window(
         &pad(v, dv)?,
         cfg.nsa.window,
         scale(q),
+        dv,
     )
     .map_err(fused_err)?;
     Ok(if dv == d {
@@ -626,11 +627,16 @@ fn run_window_case(
     } else {
         [run()?, run()?]
     };
+    let forward = sys::window_forward_kernel(device, window_head_dim(dk, dv), dv);
     compare(
         format!(
-            "window bf16 B={b} S={s} H={} Hkv={hkv} dk={dk} dv={dv} w={w}{}",
+            "window bf16 B={b} S={s} H={} Hkv={hkv} dk={dk} dv={dv} w={w}, {forward} forward{}",
             hkv * hpg,
-            if split { " split by KV head" } else { "" }
+            if split {
+                ", backward split by KV head"
+            } else {
+                ""
+            }
         ),
         1e-2,
         fused,

@@ -2,8 +2,10 @@
 //! against the lean path, forward and forward + backward, with achieved TFLOP/s and GB/s. The
 //! selected branch is timed with the forward and dQ the library picks (`SelectedForward::Auto`,
 //! `SelectedDq::Auto`), with each tensor-core forward forced (union tiles, key-outer, token
-//! warps; dQ as picked for it) and with the query-outer dQ forced; the compressed branch on
-//! both backends (cuDNN over folded queries, the default, and the NVRTC kernels).
+//! warps; dQ as picked for it) and with the query-outer dQ forced; the window with the forward
+//! the library picks (the wgmma kernel on Hopper) and with flash's forward forced
+//! (`set_window_wgmma_forward(false)`); the compressed branch on both backends (cuDNN over
+//! folded queries, the default, and the NVRTC kernels).
 //!
 //! Shapes: the paper's attention (H = 64, Hkv = 4, G = 16, dk = 192, dv = 128, l' = 64, n = 16,
 //! w = 512) and the `125m` preset's (G = 3). Inputs: q, k, v random in bf16; the block ids are
@@ -217,7 +219,7 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                     .map_err(nsa_attn::AttnError::Fused)?)
                 })
             };
-            let rows: [(&str, &str, f64, Branch<'_>); 11] = [
+            let rows: [(&str, &str, f64, Branch<'_>); 12] = [
                 (
                     "selected",
                     "fused (auto fwd)",
@@ -259,6 +261,17 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                     "fused",
                     win_pairs,
                     Box::new(|q, k, v| Ok(fused::window(q, k, v, &cfg, wchunk)?)),
+                ),
+                (
+                    "window",
+                    "fused, flash fwd",
+                    win_pairs,
+                    Box::new(|q, k, v| {
+                        let before = nsa_sys::fused::set_window_wgmma_forward(false);
+                        let out = fused::window(q, k, v, &cfg, wchunk);
+                        nsa_sys::fused::set_window_wgmma_forward(before);
+                        Ok(out?)
+                    }),
                 ),
                 (
                     "window",

@@ -1,8 +1,11 @@
-// The sliding-window branch on libtorch's own flash-attention kernel with its sliding-window
-// parameters (window_size_left = w - 1, right = 0, causal), bf16, dk == dv (nsa-attn zero-pads
-// to one head size): WindowFlash, an autograd Function whose backward is split by groups of KV
-// heads when one call's temporaries would pass the bound (attention.h, kv_head_chunks, also used
-// by fused.cpp's compressed branch on cuDNN).
+// The sliding-window branch, bf16, dk == dv (nsa-attn zero-pads to one head size):
+// WindowFlash, an autograd Function. Forward: this crate's wgmma kernel (kernels/window_fwd.cu,
+// Hopper only, from the kernel table Rust loaded; it computes only the real value columns and
+// writes the padded ones as zeros) or libtorch's own flash-attention kernel with its
+// sliding-window parameters (window_size_left = w - 1, right = 0, causal). Backward: flash's, on
+// either forward's output and lse (the same layouts), split by groups of KV heads when one
+// call's temporaries would pass the bound (attention.h, kv_head_chunks, also used by fused.cpp's
+// compressed branch on cuDNN).
 //
 // Layouts: q [B, S, H, d], k, v [B, S, Hkv, d], out [B, S, H, d]; flash's lse [B, H, S].
 // Also libtorch's SDPA with its cuDNN backend off for one call (nsa_sdpa_without_cudnn), for the
@@ -15,14 +18,84 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <tuple>
 
 #include "attention.h"
 #include "launch.h"
+
+// Mirror of nsa_sys::fused::window's WindowTable: cuLaunchKernel and the wgmma forwards of
+// WINDOW_WGMMA_SHAPES, in its order.
+struct NsaWindowTable {
+  void* launch;
+  void* fwd[6];
+  int32_t max_smem;
+};
+
+// Mirror of window_fwd.cu's WindowFwdArgs.
+struct NsaWindowFwdArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse;
+  long long q_batch, k_batch, v_batch, o_batch;
+  int32_t q_row, k_row, v_row, o_row;
+  int32_t q_head, k_head, v_head, o_head;
+  int32_t S, H, Hkv, window, pad;
+  float scale_log2;
+};
 
 namespace nsa_glue {
 
 namespace {
 std::atomic<int64_t> g_chunk_bytes{int64_t(1) << 30};
+
+// window_fwd.cu's instantiations (WINDOW_WGMMA_SHAPES' order): d, value_cols and the keys per
+// tile BN that its shared-memory carve-up depends on.
+constexpr int64_t kWgmmaShapes[6][3] = {{64, 64, 64},   {128, 64, 128}, {128, 128, 128},
+                                        {192, 64, 128}, {192, 128, 128}, {192, 192, 64}};
+
+// Index of (d, value_cols) in the table, or -1.
+int wgmma_index(int64_t d, int64_t value_cols) {
+  for (int i = 0; i < 6; ++i)
+    if (kWgmmaShapes[i][0] == d && kWgmmaShapes[i][1] == value_cols) return i;
+  return -1;
+}
+
+// The wgmma forward (window_fwd.cu): out [B, S, H, d] (columns value_cols.. zero) and lse
+// [B, H, S] fp32, flash's layouts. q, k, v contiguous bf16.
+std::tuple<at::Tensor, at::Tensor> wgmma_forward(const NsaWindowTable* tab, int idx,
+                                                 const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, int64_t window,
+                                                 double scale, int64_t value_cols) {
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
+  auto out = at::empty({B, S, H, D}, q.options());
+  auto lse = at::empty({B, H, S}, q.options().dtype(at::kFloat));
+  if (B == 0 || S == 0 || H == 0) return {out, lse};
+  // Strides in elements fit the kernel's 32-bit row and head strides (a row is H * D).
+  TORCH_CHECK(H * D < (int64_t(1) << 31) && Hkv * D < (int64_t(1) << 31) && S < (int64_t(1) << 31),
+              "window forward: a row of q, k or v is too long for the kernel");
+  NsaWindowFwdArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                     lse.data_ptr<float>(),
+                     q.stride(0), k.stride(0), v.stride(0), out.stride(0),
+                     int32_t(q.stride(1)), int32_t(k.stride(1)), int32_t(v.stride(1)),
+                     int32_t(out.stride(1)),
+                     int32_t(q.stride(2)), int32_t(k.stride(2)), int32_t(v.stride(2)),
+                     int32_t(out.stride(2)),
+                     int32_t(S), int32_t(H), int32_t(Hkv),
+                     int32_t(std::min<int64_t>(window, S + 1)), int32_t(D - value_cols),
+                     float(scale * 1.4426950408889634)};
+  // window_fwd.cu's carve-up: Q [128][D], K [2][BN][D], V [2][BN][value_cols] bf16, plus the
+  // 1024 bytes that align it.
+  const int64_t bn = kWgmmaShapes[idx][2];
+  const int64_t smem = 2 * (128 * D + 2 * bn * D + 2 * bn * value_cols) + 1024;
+  TORCH_CHECK(smem <= tab->max_smem, "window forward: needs ", smem,
+              " bytes of shared memory per block, the device allows ", tab->max_smem);
+  void* args[] = {&a};
+  launch_kernel(tab->launch, tab->fwd[idx], "nsa_window_fwd", (S + 127) / 128, H, B, 256, smem,
+                current_stream(q.device()), args);
+  return {out, lse};
+}
 }  // namespace
 
 int64_t kv_head_chunks(int64_t bytes, int64_t Hkv) {
@@ -42,17 +115,31 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 struct WindowFlash : public torch::autograd::Function<WindowFlash> {
+  // table: the NsaWindowTable's address, or 0 for flash's forward.
   static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, int64_t window,
-                        double scale) {
+                        double scale, int64_t value_cols, int64_t table) {
     q = q.contiguous();
     k = k.contiguous();
     v = v.contiguous();
     int64_t S = q.size(1), Sk = k.size(1);
-    auto res = at::_flash_attention_forward(q, k, v, std::nullopt, std::nullopt, S, Sk, 0.0,
-                                            /*is_causal=*/true, /*return_debug_mask=*/false,
-                                            scale, window - 1, 0);
-    auto out = std::get<0>(res);
-    ctx->save_for_backward({q, k, v, out, std::get<1>(res), std::get<2>(res), std::get<3>(res)});
+    const auto* tab = reinterpret_cast<const NsaWindowTable*>(table);
+    const int idx = tab != nullptr ? nsa_glue::wgmma_index(q.size(3), value_cols) : -1;
+    Tensor out, lse, seed, offset;
+    if (idx >= 0 && S == Sk) {
+      std::tie(out, lse) = nsa_glue::wgmma_forward(tab, idx, q, k, v, window, scale, value_cols);
+      // What flash's forward returns without dropout; its backward reads them only with dropout.
+      seed = at::empty({}, at::dtype(at::kLong));
+      offset = at::empty({}, at::dtype(at::kLong));
+    } else {
+      auto res = at::_flash_attention_forward(q, k, v, std::nullopt, std::nullopt, S, Sk, 0.0,
+                                              /*is_causal=*/true, /*return_debug_mask=*/false,
+                                              scale, window - 1, 0);
+      out = std::get<0>(res);
+      lse = std::get<1>(res);
+      seed = std::get<2>(res);
+      offset = std::get<3>(res);
+    }
+    ctx->save_for_backward({q, k, v, out, lse, seed, offset});
     ctx->saved_data["window"] = window;
     ctx->saved_data["scale"] = scale;
     return out;
@@ -76,7 +163,8 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
     };
     if (chunks == 1) {
       auto res = call(dout, q, k, v, out, lse);
-      return {std::get<0>(res), std::get<1>(res), std::get<2>(res), Tensor(), Tensor()};
+      return {std::get<0>(res), std::get<1>(res), std::get<2>(res), Tensor(), Tensor(), Tensor(),
+              Tensor()};
     }
     // Groups of whole KV heads: head-sliced views (flash takes any row and head strides),
     // the lse slice [B, hq, S] made contiguous; each group's gradients copied into place.
@@ -91,7 +179,7 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
       kv_heads(dk).copy_(std::get<1>(res));
       kv_heads(dv).copy_(std::get<2>(res));
     }
-    return {dq, dk, dv, Tensor(), Tensor()};
+    return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -99,8 +187,12 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
 
 extern "C" {
 
+size_t nsa_window_table_size() { return sizeof(NsaWindowTable); }
+
+// table: null (flash's forward) or the wgmma kernels Rust loaded for q's device.
 at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
-                             int64_t window, double scale, char* err, size_t err_len) {
+                             int64_t window, double scale, int64_t value_cols,
+                             const void* table, char* err, size_t err_len) {
   try {
     TORCH_CHECK(window > 0, "fused window attention: window must be positive");
     TORCH_CHECK(q->is_cuda(), "fused window attention: CUDA tensors only");
@@ -108,7 +200,10 @@ at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at:
     TORCH_CHECK(dt == at::kBFloat16, "fused window attention: bf16 only, got ", dt);
     auto qc = q->to(dt), kc = k->to(dt), vc = v->to(dt);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    auto out = WindowFlash::apply(qc, kc, vc, window, scale);
+    TORCH_CHECK(value_cols >= 1 && value_cols <= v->size(3),
+                "fused window attention: value_cols out of range");
+    auto out = WindowFlash::apply(qc, kc, vc, window, scale, value_cols,
+                                  reinterpret_cast<int64_t>(table));
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {
     nsa_glue::write_error(e.what(), err, err_len);

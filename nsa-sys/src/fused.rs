@@ -59,7 +59,10 @@ pub use selected_order::{
     KEY_OUTER_MAX_GROUP, KEY_OUTER_MAX_PARTIAL_BYTES, KEY_OUTER_MIN_BATCHED_BLOCKS,
     KEY_OUTER_MIN_BATCH_BLOCKS, KEY_OUTER_MIN_BLOCKS, TOKEN_WARP_MIN_GROUP,
 };
-pub use window::{sdpa_cudnn_enabled, sdpa_without_cudnn, set_head_chunk_bytes, window_attention};
+pub use window::{
+    sdpa_cudnn_enabled, sdpa_without_cudnn, set_head_chunk_bytes, set_window_wgmma_forward,
+    window_attention, window_forward_kernel, window_kernels, WindowKernels, WINDOW_WGMMA_SHAPES,
+};
 
 /// Options of the fused kernels' compilation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

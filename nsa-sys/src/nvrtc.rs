@@ -8,7 +8,9 @@
 //!
 //! Compilation: `--gpu-architecture=sm_XY -std=c++17 -lineinfo -I<cu13/include>`, the kernel
 //! family's source plus the shared headers ([`HEADERS`]), output CUBIN for exactly that
-//! architecture. The cache file is `<dir>/<family>-sm_XY-<sha256>.cubin`, the hash taken over
+//! architecture. A family that uses one architecture's own instructions (Hopper's wgmma:
+//! [`KernelSource::only_arch`]) is built for that compute capability alone, as `sm_90a`, and
+//! never for another. The cache file is `<dir>/<family>-sm_XY[a]-<sha256>.cubin`, the hash taken over
 //! (source, headers, options, architecture, NVRTC version; the options without the include
 //! folder's path, which says where this install keeps the headers of that NVRTC version, not what
 //! they hold, so a cache built on one machine serves another with the same torch wheel), written
@@ -32,10 +34,28 @@ pub struct KernelSource {
     pub name: &'static str,
     /// The CUDA C++ text.
     pub source: &'static str,
+    /// `Some(cc)`: the family uses instructions of compute capability `cc` alone (wgmma on
+    /// 9.0) and is built only for it, with its architecture-specific features (`sm_90a`, whose
+    /// code runs on no other architecture); `None`: built for any architecture asked.
+    pub only_arch: Option<(i32, i32)>,
+}
+
+impl KernelSource {
+    /// Whether this family is built for compute capability `arch`.
+    pub fn builds_for(&self, arch: (i32, i32)) -> bool {
+        self.only_arch.is_none_or(|only| only == arch)
+    }
+
+    /// The architecture NVRTC compiles this family for at compute capability `arch`: `sm_XY`,
+    /// or `sm_XYa` for a family of that architecture's own instructions.
+    pub fn target(&self, arch: (i32, i32)) -> String {
+        let suffix = if self.only_arch.is_some() { "a" } else { "" };
+        format!("sm_{}{}{suffix}", arch.0, arch.1)
+    }
 }
 
 /// Headers every kernel may include by name.
-pub const HEADERS: [(&str, &str); 6] = [
+pub const HEADERS: [(&str, &str); 7] = [
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("mma.cuh", include_str!("../kernels/mma.cuh")),
     ("attend.cuh", include_str!("../kernels/attend.cuh")),
@@ -45,41 +65,61 @@ pub const HEADERS: [(&str, &str); 6] = [
         include_str!("../kernels/decode_tiles.cuh"),
     ),
     ("token_warp.cuh", include_str!("../kernels/token_warp.cuh")),
+    ("wgmma.cuh", include_str!("../kernels/wgmma.cuh")),
 ];
 
 /// Selected-branch forward (tensor-core bf16 kernel and SIMT kernels).
 pub const SELECTED_FWD: KernelSource = KernelSource {
     name: "selected_fwd.cu",
     source: include_str!("../kernels/selected_fwd.cu"),
+    only_arch: None,
 };
 
 /// Selected-branch backward (dQ and the inverse-index dK/dV kernels).
 pub const SELECTED_BWD: KernelSource = KernelSource {
     name: "selected_bwd.cu",
     source: include_str!("../kernels/selected_bwd.cu"),
+    only_arch: None,
 };
 
 /// Compressed branch (forward, dQ) and block selection from its log-sum-exp.
 pub const COMPRESSED: KernelSource = KernelSource {
     name: "compressed.cu",
     source: include_str!("../kernels/compressed.cu"),
+    only_arch: None,
 };
 
 /// One decode step of the three branches, selection and the gated mix (split-K tiles).
 pub const DECODE: KernelSource = KernelSource {
     name: "decode.cu",
     source: include_str!("../kernels/decode.cu"),
+    only_arch: None,
 };
 
 /// Rotary position embedding and the gated sum of the branches (one pass each way).
 pub const POINTWISE: KernelSource = KernelSource {
     name: "pointwise.cu",
     source: include_str!("../kernels/pointwise.cu"),
+    only_arch: None,
 };
 
-/// Every kernel family in the repository (the CPU test compiles all of them).
-pub const ALL_SOURCES: [KernelSource; 5] =
-    [SELECTED_FWD, SELECTED_BWD, COMPRESSED, DECODE, POINTWISE];
+/// Sliding-window forward on Hopper's warpgroup MMA (sm_90a only).
+pub const WINDOW_FWD: KernelSource = KernelSource {
+    name: "window_fwd.cu",
+    source: include_str!("../kernels/window_fwd.cu"),
+    only_arch: Some((9, 0)),
+};
+
+/// Every kernel family in the repository (the CPU test compiles all of them, each for the
+/// architectures it [builds for](KernelSource::builds_for)).
+pub const ALL_SOURCES: [KernelSource; 6] = [
+    SELECTED_FWD,
+    SELECTED_BWD,
+    COMPRESSED,
+    DECODE,
+    POINTWISE,
+    WINDOW_FWD,
+];
 
 /// Errors of loading NVRTC, compiling, and the CUBIN cache.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +134,11 @@ pub enum NvrtcError {
         code: i32,
         message: String,
     },
+    /// The family is not built for this architecture ([`KernelSource::only_arch`]).
+    #[error(
+        "kernel {kernel} is not built for {arch}: it uses another architecture's own instructions"
+    )]
+    Arch { kernel: &'static str, arch: String },
     /// The kernel did not compile; `log` is NVRTC's full program log.
     #[error("kernel {kernel} did not compile for {arch}:\n{log}")]
     Compile {
@@ -276,10 +321,10 @@ impl Nvrtc {
         })
     }
 
-    /// The options a family is compiled with for compute capability `arch`.
-    pub fn options(&self, arch: (i32, i32)) -> Vec<String> {
+    /// The options `src` is compiled with for compute capability `arch`.
+    pub fn options(&self, src: &KernelSource, arch: (i32, i32)) -> Vec<String> {
         vec![
-            format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
+            format!("--gpu-architecture={}", src.target(arch)),
             "-std=c++17".into(),
             "-lineinfo".into(),
             format!("-I{}", self.include_dir.display()),
@@ -287,9 +332,10 @@ impl Nvrtc {
     }
 
     /// Compiles `src` for compute capability `arch` (no cache). A failed compile is
-    /// [`NvrtcError::Compile`] naming the family and carrying the log.
+    /// [`NvrtcError::Compile`] naming the family and carrying the log; a family that is not
+    /// built for `arch` ([`KernelSource::builds_for`]) is [`NvrtcError::Arch`].
     pub fn compile(&self, src: &KernelSource, arch: (i32, i32)) -> Result<Compiled, NvrtcError> {
-        self.compile_with(src, arch, &self.options(arch))
+        self.compile_with(src, arch, &self.options(src, arch))
     }
 
     /// [`Nvrtc::compile`] with the given options (which name `arch` themselves).
@@ -299,6 +345,12 @@ impl Nvrtc {
         arch: (i32, i32),
         options: &[String],
     ) -> Result<Compiled, NvrtcError> {
+        if !src.builds_for(arch) {
+            return Err(NvrtcError::Arch {
+                kernel: src.name,
+                arch: format!("sm_{}{}", arch.0, arch.1),
+            });
+        }
         let cstr = |s: &str| {
             CString::new(s).map_err(|_| NvrtcError::Call {
                 call: "nvrtcCreateProgram",
@@ -343,7 +395,7 @@ impl Nvrtc {
         if rc != 0 {
             return Err(NvrtcError::Compile {
                 kernel: src.name,
-                arch: format!("sm_{}{}", arch.0, arch.1),
+                arch: src.target(arch),
                 log: if log.is_empty() {
                     format!("(no log; nvrtcCompileProgram returned {rc})")
                 } else {
@@ -370,8 +422,8 @@ impl Nvrtc {
 
     /// The options as the cache key sees them: the include folder by what it is (the headers of
     /// this NVRTC version), not by where this install keeps it.
-    fn key_options(&self, arch: (i32, i32)) -> Vec<String> {
-        self.options(arch)
+    fn key_options(&self, src: &KernelSource, arch: (i32, i32)) -> Vec<String> {
+        self.options(src, arch)
             .into_iter()
             .map(|o| {
                 if o.starts_with("-I") {
@@ -397,7 +449,7 @@ impl Nvrtc {
             field(n.as_bytes());
             field(t.as_bytes());
         }
-        for o in self.key_options(arch) {
+        for o in self.key_options(src, arch) {
             field(o.as_bytes());
         }
         field(
@@ -423,9 +475,8 @@ impl Nvrtc {
         };
         let stem = src.name.trim_end_matches(".cu");
         let path = dir.join(format!(
-            "{stem}-sm_{}{}-{}.cubin",
-            arch.0,
-            arch.1,
+            "{stem}-{}-{}.cubin",
+            src.target(arch),
             self.cache_key(src, arch)
         ));
         let cache_err = |path: &Path, source| NvrtcError::Cache {
@@ -460,11 +511,12 @@ impl Nvrtc {
         Ok(compiled)
     }
 
-    /// Builds every family of `sources` for every architecture of `archs` through the cache in
-    /// `cache_dir` ([`Nvrtc::compile_cached`]), as many at once as this machine has cores (NVRTC
-    /// compiles different programs concurrently; one family takes tens of seconds), and returns
-    /// the builds in the order asked, sources outer. A failure is that build's `result`; the
-    /// others go on.
+    /// Builds every family of `sources` for every architecture of `archs` it
+    /// [builds for](KernelSource::builds_for) through the cache in `cache_dir`
+    /// ([`Nvrtc::compile_cached`]), as many at once as this machine has cores (NVRTC compiles
+    /// different programs concurrently; one family takes tens of seconds), and returns the
+    /// builds in the order asked, sources outer. A failure is that build's `result`; the others
+    /// go on.
     pub fn build_all(
         &self,
         sources: &[KernelSource],
@@ -474,6 +526,7 @@ impl Nvrtc {
         let pairs: Vec<(KernelSource, (i32, i32))> = sources
             .iter()
             .flat_map(|&s| archs.iter().map(move |&a| (s, a)))
+            .filter(|(s, a)| s.builds_for(*a))
             .collect();
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())

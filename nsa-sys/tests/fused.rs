@@ -36,7 +36,10 @@ fn bad_inputs_are_typed_errors() {
     if dev == Device::Cpu {
         // CPU tensors are refused by name.
         assert!(is_input(sel(&q, &k, &v, &ids, 4), "q"));
-        assert!(is_input(fused::window_attention(&q, &k, &k, 4, 0.125), "q"));
+        assert!(is_input(
+            fused::window_attention(&q, &k, &k, 4, 0.125, 64),
+            "q"
+        ));
         return;
     }
     assert!(is_input(sel(&q.to_kind(Kind::Half), &k, &v, &ids, 4), "q"));
@@ -56,12 +59,22 @@ fn bad_inputs_are_typed_errors() {
         "blocks"
     ));
     // fp32 window: not flash's dtype; dk != dv: not flash's shape.
-    assert!(is_input(fused::window_attention(&q, &k, &k, 4, 0.125), "q"));
-    let b = |t: &Tensor| t.to_kind(Kind::BFloat16);
     assert!(is_input(
-        fused::window_attention(&b(&q), &b(&k), &b(&v), 4, 0.125),
+        fused::window_attention(&q, &k, &k, 4, 0.125, 64),
         "q"
     ));
+    let b = |t: &Tensor| t.to_kind(Kind::BFloat16);
+    assert!(is_input(
+        fused::window_attention(&b(&q), &b(&k), &b(&v), 4, 0.125, 64),
+        "q"
+    ));
+    // Value columns beyond v's head size, or none.
+    for cols in [0, 65] {
+        assert!(is_input(
+            fused::window_attention(&b(&q), &b(&k), &b(&k), 4, 0.125, cols),
+            "value_cols"
+        ));
+    }
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! NVRTC on the CPU (no GPU needed): every kernel family compiles for sm_80 and sm_90 with an
-//! empty log (no error, no warning), compile errors name the kernel and carry the log, and the
+//! NVRTC on the CPU (no GPU needed): every kernel family compiles for sm_80 and sm_90 (a
+//! family of Hopper's own instructions for sm_90a alone) with an empty log (no error, no warning), compile errors name the kernel and carry the log, and the
 //! CUBIN cache serves a second compile from disk; every kernel's registers, stack frame and
 //! spills for sm_90 are a snapshot.
 use nsa_sys::nvrtc::{KernelSource, Nvrtc, NvrtcError, ALL_SOURCES};
@@ -17,11 +17,21 @@ fn every_kernel_compiles_cleanly_for_sm80_and_sm90() {
     let archs = [(8, 0), (9, 0)];
     // No cache: every build compiles (in parallel).
     let builds = nv.build_all(&ALL_SOURCES, &archs, None);
-    assert_eq!(builds.len(), ALL_SOURCES.len() * archs.len());
-    for (i, b) in builds.iter().enumerate() {
-        // In the order asked: sources outer, architectures inner.
-        assert_eq!(b.source, ALL_SOURCES[i / archs.len()]);
-        assert_eq!(b.arch, archs[i % archs.len()]);
+    // In the order asked, sources outer, architectures inner, each family for the
+    // architectures it builds for.
+    let asked: Vec<(&str, (i32, i32))> = ALL_SOURCES
+        .iter()
+        .flat_map(|s| archs.iter().map(move |&a| (s, a)))
+        .filter(|(s, a)| s.builds_for(*a))
+        .map(|(s, a)| (s.name, a))
+        .collect();
+    let built: Vec<(&str, (i32, i32))> = builds.iter().map(|b| (b.source.name, b.arch)).collect();
+    assert_eq!(built, asked);
+    assert!(
+        built.contains(&("window_fwd.cu", (9, 0))) && !built.contains(&("window_fwd.cu", (8, 0))),
+        "the wgmma family builds for sm_90 alone"
+    );
+    for b in &builds {
         let (name, arch) = (b.source.name, b.arch);
         let out = b
             .result
@@ -93,6 +103,7 @@ fn compile_errors_name_the_kernel_and_carry_the_log() {
     let bad = KernelSource {
         name: "broken.cu",
         source: "extern \"C\" __global__ void k(float* x) { x[0] = undeclared_thing; }\n",
+        only_arch: None,
     };
     match nv.compile(&bad, (8, 0)) {
         Err(NvrtcError::Compile { kernel, arch, log }) => {
@@ -102,10 +113,27 @@ fn compile_errors_name_the_kernel_and_carry_the_log() {
         }
         other => panic!("expected a compile error, got {other:?}"),
     }
+    // A family of one architecture's own instructions: `sm_90a` in its errors, and asked for
+    // another architecture, an error before NVRTC runs.
+    let hopper = KernelSource {
+        only_arch: Some((9, 0)),
+        ..bad
+    };
+    match nv.compile(&hopper, (9, 0)) {
+        Err(NvrtcError::Compile { arch, .. }) => assert_eq!(arch, "sm_90a"),
+        other => panic!("expected a compile error, got {other:?}"),
+    }
+    match nv.compile(&hopper, (8, 0)) {
+        Err(NvrtcError::Arch { kernel, arch }) => {
+            assert_eq!((kernel, arch.as_str()), ("broken.cu", "sm_80"));
+        }
+        other => panic!("expected an architecture error, got {other:?}"),
+    }
     // Warnings reach the log too (the clean-compile test relies on that).
     let warn = KernelSource {
         name: "warns.cu",
         source: "extern \"C\" __global__ void k(float* x) { int unused_var = 3; x[0] = 1.f; }\n",
+        only_arch: None,
     };
     let out = nv.compile(&warn, (8, 0)).expect("compiles with a warning");
     assert!(out.log.contains("unused_var"), "log: {}", out.log);
@@ -119,6 +147,7 @@ fn the_cubin_cache_serves_the_second_compile() {
     let src = KernelSource {
         name: "tiny.cu",
         source: "extern \"C\" __global__ void tiny(float* x) { x[threadIdx.x] *= 2.f; }\n",
+        only_arch: None,
     };
     let first = nv.compile_cached(&src, (8, 0), Some(&dir)).unwrap();
     assert!(!first.cached);
@@ -168,18 +197,20 @@ fn the_cache_key_does_not_depend_on_where_the_headers_live() {
     std::os::unix::fs::symlink(&lib_dir, other.join("lib")).unwrap();
     std::os::unix::fs::symlink(&include_dir, other.join("include")).unwrap();
     let moved = Nvrtc::open_in(&other.join("lib")).unwrap();
-    assert_ne!(
-        nv.options((9, 0)),
-        moved.options((9, 0)),
-        "the include paths differ"
-    );
     let tiny = KernelSource {
         name: "tiny.cu",
         source: "extern \"C\" __global__ void tiny(float* x) { x[threadIdx.x] *= 2.f; }\n",
+        only_arch: None,
     };
+    assert_ne!(
+        nv.options(&tiny, (9, 0)),
+        moved.options(&tiny, (9, 0)),
+        "the include paths differ"
+    );
     let twice = KernelSource {
         name: "twice.cu",
         source: "extern \"C\" __global__ void twice(float* x) { x[threadIdx.x] *= 3.f; }\n",
+        only_arch: None,
     };
     assert_eq!(nv.cache_key(&tiny, (9, 0)), moved.cache_key(&tiny, (9, 0)));
     assert_ne!(nv.cache_key(&tiny, (9, 0)), nv.cache_key(&twice, (9, 0)));

@@ -108,7 +108,7 @@ fn table(builds: &[Build]) -> String {
         "| kernel | arch | result | seconds | CUBIN bytes |\n| --- | --- | --- | ---: | ---: |\n",
     );
     for b in builds {
-        let arch = format!("sm_{}{}", b.arch.0, b.arch.1);
+        let arch = b.source.target(b.arch);
         let (result, bytes) = match &b.result {
             Ok(c) if c.cached => ("in the cache".to_string(), c.cubin.len().to_string()),
             Ok(c) if c.log.is_empty() => ("compiled".to_string(), c.cubin.len().to_string()),

@@ -226,23 +226,34 @@ fn window_rows(device: Device) -> Vec<CheckRow> {
     let failed = |name: String, e: AttnError| CheckRow::failed(name, 0.0, e);
     let mut rows = Vec::new();
     // Equal head sizes, and dk ≠ dv (zero-padded to one head size for flash); two of them
-    // again with the backward split into one call per KV head.
-    for (shape, split) in [
+    // again with the backward split into one call per KV head; sequences over several of the
+    // wgmma forward's 128-token blocks, a window of two keys and one longer than the sequence.
+    // Each with the wgmma forward (where the device has it) and again with flash's.
+    let cases = [
         ((64, 64, 32, 101), false),
         ((128, 128, 48, 77), false),
         ((192, 128, 40, 90), false),
         ((64, 128, 32, 70), false),
         ((64, 64, 32, 101), true),
         ((192, 128, 40, 90), true),
-    ] {
-        let (dk, dv, w, s) = shape;
-        let row = run_window_case(shape, split, device).unwrap_or_else(|e| {
-            failed(
-                format!("window dk={dk} dv={dv} w={w} S={s} split={split}"),
-                e,
-            )
-        });
-        rows.push(row);
+        ((192, 128, 512, 1000), false),
+        ((64, 64, 512, 2100), false),
+        ((128, 64, 2, 300), false),
+        ((64, 64, 600, 130), false),
+    ];
+    for wgmma in [true, false] {
+        let before = sys::set_window_wgmma_forward(wgmma);
+        for (shape, split) in cases {
+            let (dk, dv, w, s) = shape;
+            let row = run_window_case(shape, split, device).unwrap_or_else(|e| {
+                failed(
+                    format!("window dk={dk} dv={dv} w={w} S={s} split={split} wgmma={wgmma}"),
+                    e,
+                )
+            });
+            rows.push(row);
+        }
+        sys::set_window_wgmma_forward(before);
     }
     rows
 }

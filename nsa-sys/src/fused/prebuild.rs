@@ -12,7 +12,8 @@ static PREBUILDS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new(
 
 /// Starts building the kernel families `sources` (e.g. [`crate::nvrtc::ALL_SOURCES`]; a dense
 /// model needs only [`crate::nvrtc::POINTWISE`]) for CUDA device `device`'s architecture in the
-/// background (one thread per family, [`super::configure`]'s options) and returns at once.
+/// background (one thread per family it builds for, [`super::configure`]'s options) and
+/// returns at once.
 /// Later loads take the builds (or wait for the ones still running), so a first start costs the
 /// slowest family's compile rather than all of them in turn; with a warm disk cache it reads
 /// files. Build errors surface where a loader needs that family. The process calls
@@ -32,7 +33,7 @@ pub(super) fn spawn_builds(
     opts: &FusedOptions,
 ) -> Result<(), FusedError> {
     let mut threads = PREBUILDS.lock().unwrap_or_else(|e| e.into_inner());
-    for src in sources.iter().copied() {
+    for src in sources.iter().copied().filter(|s| s.builds_for(arch)) {
         let opts = opts.clone();
         let thread = std::thread::Builder::new()
             .name(format!("nvrtc {}", src.name))

@@ -1,14 +1,23 @@
-//! The sliding-window branch on libtorch's flash-attention kernel (`glue/fused.cpp`,
-//! `WindowFlash`), and the bound on the temporaries of the GQA backward calls that the glue
-//! splits by groups of KV heads (the window's flash backward, the compressed branch's cuDNN
-//! backward).
-use std::ffi::c_char;
+//! The sliding-window branch (`glue/window.cpp`, `WindowFlash`): the forward on Hopper's
+//! warpgroup MMA (`kernels/window_fwd.cu`, sm_90 only) or libtorch's flash-attention kernel,
+//! the backward on libtorch's flash kernel; and the bound on the temporaries of the GQA
+//! backward calls that the glue splits by groups of KV heads (the window's flash backward, the
+//! compressed branch's cuDNN backward).
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
-use super::{check_qkv, compute_kind, finish, input, FusedError};
+use super::{
+    check_qkv, compute_kind, cubin, device_setup, finish, input, load_module, loaded_once,
+    module_function, same_layout, FusedError, FusedOptions,
+};
 use crate::autograd::ERR_LEN;
+use crate::driver::{self, CuFunction};
+use crate::nvrtc::WINDOW_FWD;
 
 extern "C" {
     fn nsa_fused_window(
@@ -17,9 +26,12 @@ extern "C" {
         v: *const C_tensor,
         window: i64,
         scale: f64,
+        value_cols: i64,
+        table: *const c_void,
         err: *mut c_char,
         err_len: usize,
     ) -> *mut C_tensor;
+    fn nsa_window_table_size() -> usize;
     fn nsa_fused_set_head_chunk_bytes(bytes: i64) -> i64;
     fn nsa_sdpa_without_cudnn(
         q: *const C_tensor,
@@ -31,6 +43,100 @@ extern "C" {
         err_len: usize,
     ) -> *mut C_tensor;
     fn nsa_sdpa_cudnn_enabled() -> bool;
+}
+
+/// `(dk, dv)` of the wgmma window forward's instantiations, in the glue's table order: `dk` the
+/// one head size of q, k and v that flash's backward needs (v zero-padded to it), `dv` the
+/// value columns that are real.
+pub const WINDOW_WGMMA_SHAPES: [(i64, i64); 6] = [
+    (64, 64),
+    (128, 64),
+    (128, 128),
+    (192, 64),
+    (192, 128),
+    (192, 192),
+];
+
+/// Mirror of `NsaWindowTable` in `glue/window.cpp` (sizes compared at each load).
+#[repr(C)]
+#[derive(Debug)]
+struct WindowTable {
+    launch: *const c_void,
+    /// [`WINDOW_WGMMA_SHAPES`]' order.
+    fwd: [CuFunction; 6],
+    max_smem: i32,
+}
+
+/// The wgmma window-forward kernels loaded on one device (compute capability 9.0).
+#[derive(Debug)]
+pub struct WindowKernels {
+    table: WindowTable,
+}
+
+// SAFETY: driver function handles of a module never unloaded, valid in the device's primary
+// context from any thread, and the address of cuLaunchKernel; nothing is mutated after loading.
+unsafe impl Send for WindowKernels {}
+// SAFETY: as above.
+unsafe impl Sync for WindowKernels {}
+
+static LOADED: Mutex<Option<HashMap<usize, &'static Option<WindowKernels>>>> = Mutex::new(None);
+static WGMMA_FORWARD: AtomicBool = AtomicBool::new(true);
+
+/// The wgmma window-forward kernels of CUDA device `device`, compiled (or read from the CUBIN
+/// cache) and loaded on first use; `None` on devices other than compute capability 9.0 (the
+/// kernels use Hopper's own instructions).
+pub fn window_kernels(device: usize) -> Result<Option<&'static WindowKernels>, FusedError> {
+    Ok(loaded_once(&LOADED, device, load)?.as_ref())
+}
+
+fn load(device: usize, opts: &FusedOptions) -> Result<Option<WindowKernels>, FusedError> {
+    // SAFETY: a pure function of the C++ struct's layout.
+    let glue = unsafe { nsa_window_table_size() };
+    same_layout("NsaWindowTable", glue, std::mem::size_of::<WindowTable>())?;
+    let setup = device_setup(device)?;
+    if !WINDOW_FWD.builds_for(setup.arch) {
+        return Ok(None);
+    }
+    let drv = driver::shared()?;
+    let module = load_module(&cubin(&WINDOW_FWD, setup.arch, opts)?.cubin)?;
+    let mut fwd = [std::ptr::null_mut(); 6];
+    for (f, (dk, dv)) in fwd.iter_mut().zip(WINDOW_WGMMA_SHAPES) {
+        *f = module_function(
+            module,
+            &format!("nsa_window_fwd_dk{dk}_dv{dv}"),
+            setup.max_smem,
+        )?;
+    }
+    Ok(Some(WindowKernels {
+        table: WindowTable {
+            launch: drv.launch_kernel as *const c_void,
+            fwd,
+            max_smem: setup.max_smem,
+        },
+    }))
+}
+
+/// Whether [`window_attention`] runs its forward on the wgmma kernel where one exists (on by
+/// default); `false` sends every forward to libtorch's flash kernel, as on other GPUs. Returns
+/// the previous setting. Process-wide: the GPU check and benchmarks compare the two forwards.
+pub fn set_window_wgmma_forward(on: bool) -> bool {
+    WGMMA_FORWARD.swap(on, Ordering::Relaxed)
+}
+
+/// The forward [`window_attention`] runs for inputs of `device` with head size `d` (q, k and v
+/// alike) of which the first `value_cols` value columns are real: `"wgmma"` (this crate's
+/// Hopper kernel) or `"flash"` (libtorch's).
+pub fn window_forward_kernel(device: Device, d: i64, value_cols: i64) -> &'static str {
+    let Device::Cuda(i) = device else {
+        return "flash";
+    };
+    let shape = WINDOW_WGMMA_SHAPES.contains(&(d, value_cols));
+    let loaded = shape && WGMMA_FORWARD.load(Ordering::Relaxed);
+    if loaded && matches!(window_kernels(i), Ok(Some(_))) {
+        "wgmma"
+    } else {
+        "flash"
+    }
 }
 
 /// Whether libtorch's SDPA may pick its cuDNN backend: libtorch's process-wide switch, on unless
@@ -87,16 +193,23 @@ pub fn set_head_chunk_bytes(bytes: i64) -> i64 {
     unsafe { nsa_fused_set_head_chunk_bytes(bytes.max(1)) }
 }
 
-/// Sliding-window attention through libtorch's flash-attention kernel: query `t` reads keys
-/// `t − window + 1 ..= t`. Computed in bf16 only ([`compute_kind`] must be bf16), `dk == dv`
-/// (≤ 256, a multiple of 8), CUDA; other inputs get [`FusedError::Input`] (callers fall back to
-/// the lean path). Differentiable in `q`, `k`, `v`.
+/// Sliding-window attention: query `t` reads keys `t − window + 1 ..= t`. Computed in bf16 only
+/// ([`compute_kind`] must be bf16), `dk == dv` (≤ 256, a multiple of 8), CUDA; other inputs get
+/// [`FusedError::Input`] (callers fall back to the lean path). Differentiable in `q`, `k`, `v`.
+///
+/// `value_cols` (1 ..= dv) says how many leading columns of `v` are real: the caller has
+/// zero-padded the rest (flash needs one head size for q, k and v), so the output's columns
+/// from `value_cols` on are zero. The forward runs on this crate's wgmma kernel where
+/// [`window_forward_kernel`] says so (compute capability 9.0, `(dk, value_cols)` in
+/// [`WINDOW_WGMMA_SHAPES`]), which computes only the real columns and writes the zeros; else on
+/// libtorch's flash kernel. The backward is flash's on either forward's output and log-sum-exp.
 pub fn window_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     window: i64,
     scale: f64,
+    value_cols: i64,
 ) -> Result<Tensor, FusedError> {
     let (_, [_, _, _, _, dk, dv]) = check_qkv(q, k, v, &[Kind::BFloat16, Kind::Float])?;
     if compute_kind(q, k, v) != Some(Kind::BFloat16) {
@@ -114,9 +227,24 @@ pub fn window_attention(
     if window < 1 {
         return Err(input("window", format!("must be positive, got {window}")));
     }
+    if !(1..=dv).contains(&value_cols) {
+        return Err(input(
+            "value_cols",
+            format!("must be in 1 ..= dv = {dv}, got {value_cols}"),
+        ));
+    }
+    let wgmma =
+        WINDOW_WGMMA_SHAPES.contains(&(dk, value_cols)) && WGMMA_FORWARD.load(Ordering::Relaxed);
+    let table = match q.device() {
+        Device::Cuda(i) if wgmma => {
+            window_kernels(i)?.map_or(std::ptr::null(), |k| std::ptr::from_ref(&k.table).cast())
+        }
+        _ => std::ptr::null(),
+    };
     let mut err = vec![0u8; ERR_LEN];
-    // SAFETY: live tensors borrowed for the call; the glue catches every exception and writes
-    // at most ERR_LEN bytes into `err`.
+    // SAFETY: live tensors borrowed for the call; `table` is null or a loaded table that lives
+    // as long as the process; the glue catches every exception and writes at most ERR_LEN
+    // bytes into `err`.
     let ptr = unsafe {
         nsa_fused_window(
             q.as_ptr(),
@@ -124,6 +252,8 @@ pub fn window_attention(
             v.as_ptr(),
             window,
             scale,
+            value_cols,
+            table,
             err.as_mut_ptr().cast(),
             ERR_LEN,
         )

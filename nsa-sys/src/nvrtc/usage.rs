@@ -72,7 +72,7 @@ impl Nvrtc {
         src: &KernelSource,
         arch: (i32, i32),
     ) -> Result<Vec<KernelUsage>, NvrtcError> {
-        let mut options = self.options(arch);
+        let mut options = self.options(src, arch);
         options.push("--ptxas-options=-v".into());
         let compiled = self.compile_with(src, arch, &options)?;
         Ok(parse_ptxas_verbose(&compiled.log))

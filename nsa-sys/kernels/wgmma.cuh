@@ -1,0 +1,119 @@
+// Hopper (sm_90a) tensor-core building blocks: warpgroup MMA (wgmma) with operands in shared
+// memory described by matrix descriptors, the 128-byte swizzled shared layout those
+// descriptors read, and cp.async copies into it. Included only by families compiled for
+// sm_90a (wgmma does not exist on sm_80 nor in sm_90 code without the "a" features).
+//
+// Shared layout ("slabs"): a tile of R rows by C bf16 columns (C a multiple of 64) is stored
+// as C / 64 slabs of R rows x 128 bytes, slab s holding columns 64s .. 64s + 63; within a slab,
+// the 16-byte chunk c (columns 8c .. 8c + 7) of row r sits at r * 128 + ((c ^ (r % 8)) * 16),
+// so eight consecutive rows form one 1024-byte swizzle atom (slabs start 1024-byte aligned).
+// This is the canonical 128B-swizzle layout of the PTX ISA's matrix descriptors for both
+// operand majors: a K-major operand (the reduction index k along the 128-byte rows: Q and K
+// for S = Q K^T) and an MN-major one (k along the rows: V for O += P V, read transposed).
+//
+// Descriptor (64 bits): start address >> 4 (bits 0-13), leading byte offset >> 4 (16-29),
+// stride byte offset >> 4 (32-45), swizzle mode (62-63: 1 = 128B). K-major: one k16 step is
+// 32 bytes inside the 128-byte row, so the step's descriptor starts 32 bytes further; row
+// groups of 8 are 1024 bytes apart (stride offset); the leading offset is unused. MN-major with
+// N = 64 (one slab): k16 covers two 8-row groups 1024 bytes apart and one 64-column group, so
+// both offsets are set to 1024 and whichever the unit takes for the k groups is right.
+//
+// Register fragments (per warp w of the warpgroup, lane = 4 g + t): accumulator d of
+// m64nN: d[4j + e] = D[16w + g][8j + 2t + e], d[4j + 2 + e] = D[16w + g + 8][8j + 2t + e]
+// (e = 0, 1); an A operand from registers is the warp's 16 x 16 slice in mma.sync's A layout
+// (mma.cuh), so two neighbouring n8 accumulator chunks packed to bf16 are the A fragment of the
+// next product over those 16 columns, as with mma.sync.
+#pragma once
+#include "mma.cuh"
+
+namespace nsa {
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// Byte offset of chunk c (16 bytes) of row r in a slab tile of `rows` rows (see above).
+__device__ __forceinline__ unsigned slab_offset(int r, int c, int rows) {
+  return (unsigned)((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+// 16 bytes global -> shared address dst, asynchronously (mma.cuh's cp_async_commit / wait);
+// bytes = 0 writes zeros instead (rows outside the tensor).
+__device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(bytes));
+}
+
+// Makes this thread's completed shared-memory writes visible to the async proxy (wgmma's
+// operand reads); each writer calls it before the barrier that precedes the wgmma.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ unsigned long long wgmma_desc(unsigned addr, unsigned lead,
+                                                         unsigned stride) {
+  return (unsigned long long)((addr & 0x3FFFF) >> 4) |
+         ((unsigned long long)((lead >> 4) & 0x3FFF) << 16) |
+         ((unsigned long long)((stride >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+// A K-major operand whose k16 step starts at `addr` (slab base + 32 * (k16 index % 4)).
+__device__ __forceinline__ unsigned long long desc_k_major(unsigned addr) {
+  return wgmma_desc(addr, 16, 1024);
+}
+// An MN-major operand of N = 64 whose k16 step starts at `addr` (slab base + 2048 * k16 index).
+__device__ __forceinline__ unsigned long long desc_mn_major64(unsigned addr) {
+  return wgmma_desc(addr, 1024, 1024);
+}
+
+// Orders register accesses before the wgmmas that follow (accumulators or A fragments written
+// by ordinary instructions since the last wgmma).
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Accumulator registers are tied to the asm statements below; the compiler must not move
+// their reads or writes across the wait, so callers pass them through this after wgmma_wait.
+template <int N> __device__ __forceinline__ void fence_regs(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// The wrappers' operand lists are mechanical (one "+f" per accumulator register).
+// d (+)= A B for m64n64k16, A and B from shared memory by descriptor, both K-major.
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], unsigned long long desc_a,
+                                             unsigned long long desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// d (+)= A B for m64n128k16, A and B from shared memory by descriptor, both K-major.
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], unsigned long long desc_a,
+                                             unsigned long long desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// d += A B for m64n64k16, A from registers (a: the warp's 16 x 16 slice in mma.sync's A
+// layout), B from shared memory by descriptor, MN-major (transposed).
+__device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[32], const unsigned (&a)[4],
+                                                unsigned long long desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+
+}  // namespace nsa
