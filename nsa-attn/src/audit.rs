@@ -24,11 +24,21 @@ pub enum BranchKernel {
     FusedSelected,
     /// `nsa_sys::fused::window_attention`: libtorch's flash-attention kernel with its window.
     FlashWindow,
+    /// `nsa_sys::fused::window_attention` with its forward on nsa-sys's wgmma kernel (Hopper,
+    /// `kernels/window_fwd.cu`) and flash's backward.
+    WgmmaWindow,
     /// `nsa_sys::fused::compressed_attention`: cuDNN's fused attention over folded queries
     /// (the NVRTC compressed-branch kernels where cuDNN does not apply, and their
     /// deterministic backward under deterministic algorithms), whose log-sum-exp also feeds the
     /// selection kernel.
     FusedCompressed,
+}
+
+impl BranchKernel {
+    /// Whether this is one of the fused path's window kernels (either forward).
+    pub fn is_fused_window(self) -> bool {
+        matches!(self, BranchKernel::FlashWindow | BranchKernel::WgmmaWindow)
+    }
 }
 
 impl std::fmt::Display for BranchKernel {
@@ -41,6 +51,9 @@ impl std::fmt::Display for BranchKernel {
             }
             BranchKernel::FusedSelected => "fused selected-block kernels (NVRTC, nsa-sys)",
             BranchKernel::FlashWindow => "flash attention with a sliding window (libtorch)",
+            BranchKernel::WgmmaWindow => {
+                "sliding-window forward on wgmma (NVRTC, nsa-sys), flash backward (libtorch)"
+            }
             BranchKernel::FusedCompressed => {
                 "compressed branch on cuDNN over folded queries, selection kernel (NVRTC, nsa-sys)"
             }
@@ -139,8 +152,12 @@ impl NsaAttention {
                 };
                 let (dk, dv) = (c.head_dim_k, c.head_dim_v);
                 let bf16 = cuda && kind == Kind::BFloat16;
-                let window = if bf16 && crate::fused::window_head_dim(dk, dv) <= 256 {
-                    BranchKernel::FlashWindow
+                let d = crate::fused::window_head_dim(dk, dv);
+                let window = if bf16 && d <= 256 {
+                    match nsa_sys::fused::window_forward_kernel(device, d, dv) {
+                        "wgmma" => BranchKernel::WgmmaWindow,
+                        _ => BranchKernel::FlashWindow,
+                    }
                 } else {
                     BranchKernel::ChunkedSpan
                 };

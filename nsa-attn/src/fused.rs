@@ -1,7 +1,8 @@
 //! The fused path: the selected branch on the NVRTC kernels of `nsa-sys` and the sliding window
-//! on libtorch's flash-attention kernel (with its window parameters), on CUDA; the same
+//! with its forward on nsa-sys's wgmma kernel on Hopper (libtorch's flash kernel elsewhere) and
+//! flash's backward, on CUDA; the same
 //! signatures and semantics as [`crate::lean`], which they fall back to where they do not apply
-//! (CPU tensors, dtypes other than bf16/fp32, and for the window fp32 or `dk ≠ dv`). The
+//! (CPU tensors, dtypes other than bf16/fp32, and for the window fp32). The
 //! compressed branch and block selection run on the kernels of [`compressed`]'s module
 //! (selection always, the branch's output at inference; in training it is the lean path's).
 //! The gated sum of the branches runs on nsa-sys's pointwise kernel, in one autograd function
@@ -53,8 +54,9 @@ pub(crate) fn window_head_dim(dk: i64, dv: i64) -> i64 {
     (dk.max(dv) + 7) / 8 * 8
 }
 
-/// Whether [`window`] runs libtorch's flash kernel for these inputs (CUDA, computed in bf16,
-/// head sizes padded to at most 256) rather than the lean path.
+/// Whether [`window`] runs the fused window (the wgmma or flash forward, flash's backward) for
+/// these inputs (CUDA, computed in bf16, head sizes padded to at most 256) rather than the lean
+/// path.
 pub fn window_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let (dk, dv) = (q.size()[3], v.size()[3]);
     matches!(q.device(), Device::Cuda(_))

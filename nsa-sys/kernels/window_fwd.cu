@@ -21,15 +21,13 @@
 // and warpgroup: S = Q K^T by DK / 16 wgmma m64nBNk16 (Q and K from shared memory, K-major),
 // the mask on tiles that cross a window edge, the online softmax in registers, then O += P V by
 // m64n64k16 wgmmas with P from registers (the score accumulators packed to bf16) and V read
-// transposed from shared memory (MN-major), DV / 64 per 16 keys. Two loops:
-//   plain: tile j + 1 loads while tile j runs S, softmax and P V in turn; a warpgroup skips
-//     the tiles outside all of its tokens' windows;
-//   pipelined (FlashAttention-3's overlap inside a warpgroup): iteration j issues S_j and the
-//     P V of tile j - 1, then runs tile j's softmax while that P V is on the tensor cores; every
-//     warpgroup runs every tile (those outside its windows fully masked).
+// transposed from shared memory (MN-major), DV / 64 per 16 keys; tile j + 1 loads meanwhile. A
+// warpgroup skips the tiles outside all of its tokens' windows. (FlashAttention-3's overlap
+// inside a warpgroup, the softmax of tile j beside the P V of tile j - 1, measured slower here
+// at both the paper's and the 125m head sizes: BENCHMARKS.md, round 31.)
 // The output leaves through shared memory (the Q and K space) in 16-byte row chunks.
 // Shared memory (wgmma.cuh's swizzled slabs, 1024-byte aligned): Q [128][DK], K [2][BN][DK],
-// V [2][BN][DV]. The instantiations at the end pick BN and the loop per head sizes.
+// V [2][BN][DV]. The instantiations at the end pick BN per head sizes.
 #include "wgmma.cuh"
 
 namespace nsa {
@@ -133,8 +131,8 @@ struct RowState {
 // Tile c0's online-softmax step for rows row0 and row1: with MASK (the tile crosses a window
 // edge of this warpgroup's rows) keys outside a row's window count as -inf; updates the rows'
 // maxima and partial sums, writes P = exp2(s scale - max) as bf16 A fragments pa and returns
-// the rescale factors of O. s is only read (the pipelined loop has a P V in flight meanwhile,
-// and an ordinary write to a wgmma's accumulators inside its stage serialises it).
+// the rescale factors of O. s is only read: in a loop with a P V in flight meanwhile (round
+// 31's pipelined variant) an ordinary write to a wgmma's accumulators serialises the stage.
 template <int BN, bool MASK>
 __device__ __forceinline__ void softmax_tile(const float (&s)[BN / 2], unsigned (&pa)[BN / 16][4],
                                              RowState& st, float& al0, float& al1, int c0,
@@ -262,7 +260,7 @@ __device__ __forceinline__ void store_rows(const WindowFwdArgs& a, float (&o)[DV
   }
 }
 
-template <int DK, int DV, int BN, bool PIPE>
+template <int DK, int DV, int BN>
 __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
   static_assert(DK % 64 == 0 && DV % 64 == 0 && DV <= DK, "head sizes of whole slabs, DV <= DK");
   constexpr int BM = kWindowRows;
@@ -305,107 +303,33 @@ __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
   load_slab_tile<BN, DV>(sv, v, a.v_row, j0 * BN, S, tid);
   cp_async_commit();
 
-  if constexpr (!PIPE) {
-    for (int j = j0; j <= j1; ++j) {
-      const unsigned stg = (unsigned)(j - j0) & 1u;
-      if (j < j1) {
-        load_slab_tile<BN, DK>(sk + (stg ^ 1u) * K_BYTES, k, a.k_row, (j + 1) * BN, S, tid);
-        load_slab_tile<BN, DV>(sv + (stg ^ 1u) * V_BYTES, v, a.v_row, (j + 1) * BN, S, tid);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      fence_proxy_async();
-      __syncthreads();
-      if (active(j)) {
-        wgmma_fence();
-        issue_scores<DK, BN>(s, sq, sk + stg * K_BYTES, wg);
-        wgmma_wait<0>();
-        fence_regs(s);
-        softmax_step<BN>(s, pa, st, al0, al1, j * BN, row0, row1, r_lo, r_hi, w, a.scale_log2, t4);
-        rescale<DV>(o, al0, al1);
-#pragma unroll
-        for (int n = 0; n < DV / 64; ++n) fence_regs(o[n]);
-        wgmma_fence();
-        issue_pv<DV, BN>(o, pa, sv + stg * V_BYTES);
-        wgmma_wait<0>();
-        pv_done<DV, BN>(o, pa);
-      }
-      __syncthreads();
+  for (int j = j0; j <= j1; ++j) {
+    const unsigned stg = (unsigned)(j - j0) & 1u;
+    if (j < j1) {
+      load_slab_tile<BN, DK>(sk + (stg ^ 1u) * K_BYTES, k, a.k_row, (j + 1) * BN, S, tid);
+      load_slab_tile<BN, DV>(sv + (stg ^ 1u) * V_BYTES, v, a.v_row, (j + 1) * BN, S, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
-  } else {
-    // FlashAttention-3's overlap inside a warpgroup: iteration j issues S_j and the P V of
-    // tile j - 1, then runs tile j's softmax while that P V is on the tensor cores. Loads: K
-    // of tile j + 1 goes into K_{j-1}'s stage at the start of iteration j (barrier A: every
-    // S_{j-1} is done), V of tile j + 1 into V_{j-1}'s stage after barrier B (every P V of
-    // tile j - 1 is done); V_{j+1} is first read in iteration j + 2. cp.async groups in issue
-    // order: K_{j0}, V_{j0}, then K_{j+1}, V_{j+1} per iteration.
-    unsigned pp[BN / 16][4];  // the previous tile's P, read by the P V in flight
-    // Tile j0: its scores alone (the loop below always has a previous tile, so no wgmma sits
-    // under a branch and no accumulator passes through a join: either serialises the pipe).
-    cp_async_wait<1>();  // Q and K_{j0}
     fence_proxy_async();
     __syncthreads();
-    if (j0 < j1) load_slab_tile<BN, DK>(sk + K_BYTES, k, a.k_row, (j0 + 1) * BN, S, tid);
-    cp_async_commit();
-    wgmma_fence();
-    issue_scores<DK, BN>(s, sq, sk, wg);
-    wgmma_wait<0>();
-    fence_regs(s);
-    softmax_step<BN>(s, pp, st, al0, al1, j0 * BN, row0, row1, r_lo, r_hi, w, a.scale_log2, t4);
-    __syncthreads();
-    if (j0 < j1) load_slab_tile<BN, DV>(sv + V_BYTES, v, a.v_row, (j0 + 1) * BN, S, tid);
-    cp_async_commit();
-    // One pipelined tile: P V of tile j - 1 from pin, tile j's P into pout.
-    auto step = [&](int j, unsigned (&pin)[BN / 16][4], unsigned (&pout)[BN / 16][4]) {
-      const unsigned stg = (unsigned)(j - j0) & 1u;
-      cp_async_wait<1>();  // K_j (and everything before it: V_{j-1})
-      fence_proxy_async();
-      __syncthreads();  // A: every S_{j-1} is done, K_{j-1}'s stage is free
-      if (j < j1)
-        load_slab_tile<BN, DK>(sk + (stg ^ 1u) * K_BYTES, k, a.k_row, (j + 1) * BN, S, tid);
-      cp_async_commit();
-      // Every warpgroup issues every tile (tiles outside its windows come out fully masked,
-      // P = 0): a wgmma under a branch the compiler cannot prove warpgroup-uniform is
-      // serialised (ptxas C7518).
-#pragma unroll
-      for (int n = 0; n < DV / 64; ++n) fence_regs(o[n]);
+    if (active(j)) {
       wgmma_fence();
       issue_scores<DK, BN>(s, sq, sk + stg * K_BYTES, wg);
-      issue_pv<DV, BN>(o, pin, sv + (stg ^ 1u) * V_BYTES);
-      wgmma_wait<1>();
-      fence_regs(s);
-      softmax_step<BN>(s, pout, st, al0, al1, j * BN, row0, row1, r_lo, r_hi, w, a.scale_log2, t4);
       wgmma_wait<0>();
-      pv_done<DV, BN>(o, pin);
-      __syncthreads();  // B: every P V of tile j - 1 is done, V_{j-1}'s stage is free
-      if (j < j1)
-        load_slab_tile<BN, DV>(sv + (stg ^ 1u) * V_BYTES, v, a.v_row, (j + 1) * BN, S, tid);
-      cp_async_commit();
+      fence_regs(s);
+      softmax_step<BN>(s, pa, st, al0, al1, j * BN, row0, row1, r_lo, r_hi, w, a.scale_log2, t4);
       rescale<DV>(o, al0, al1);
-    };
-    auto last_pv = [&](unsigned (&pin)[BN / 16][4]) {
-      cp_async_wait<0>();
-      fence_proxy_async();
-      __syncthreads();
 #pragma unroll
       for (int n = 0; n < DV / 64; ++n) fence_regs(o[n]);
       wgmma_fence();
-      issue_pv<DV, BN>(o, pin, sv + ((unsigned)(j1 - j0) & 1u) * V_BYTES);
+      issue_pv<DV, BN>(o, pa, sv + stg * V_BYTES);
       wgmma_wait<0>();
-      pv_done<DV, BN>(o, pin);
-    };
-    // Two P buffers in turn: no copy between a softmax's output and the next P V's input
-    // (a copy into registers a wgmma reads inside its stage serialises it, ptxas C7513).
-    for (int j = j0 + 1; j <= j1; j += 2) {
-      step(j, pp, pa);
-      if (j + 1 <= j1) step(j + 1, pa, pp);
+      pv_done<DV, BN>(o, pa);
     }
-    if ((j1 - j0) & 1)
-      last_pv(pa);
-    else
-      last_pv(pp);
+    __syncthreads();
   }
   __nv_bfloat16* so = reinterpret_cast<__nv_bfloat16*>(smem_raw + (base - smem_u32(smem_raw)));
   store_rows<DV>(a, o, st, so, t0, h, b, row0, row1, lr0, t4, tid);
@@ -413,17 +337,18 @@ __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
 
 }  // namespace nsa
 
-// Per head sizes, measured on an H100 (BENCHMARKS.md, round 31): at dk = dv = 64 the pipelined
-// loop over 64-key tiles; otherwise the plain loop over 128-key tiles while the shared memory
-// allows (DK + DV <= 320), else 64.
-#define NSA_WINDOW_FWD(DK, DV, BN, PIPE)                                                     \
+// Keys per tile BN per head sizes, measured on an H100 (BENCHMARKS.md, round 31): 64 at
+// dk = dv = 64 (0.24 ms against 0.33 with 128 at the 125m shape, 8k x 4), else 128 while the
+// shared memory allows (DK + DV <= 320; 64 at the paper's sizes is 3 % slower), else 64. The
+// glue's kWgmmaShapes mirrors this list.
+#define NSA_WINDOW_FWD(DK, DV, BN)                                                           \
   extern "C" __global__ void __launch_bounds__(nsa::kWindowThreads, 1)                      \
       nsa_window_fwd_dk##DK##_dv##DV(nsa::WindowFwdArgs a) {                                \
-    nsa::window_fwd<DK, DV, BN, PIPE>(a);                                                    \
+    nsa::window_fwd<DK, DV, BN>(a);                                                          \
   }
-NSA_WINDOW_FWD(64, 64, 64, true)
-NSA_WINDOW_FWD(128, 64, 128, false)
-NSA_WINDOW_FWD(128, 128, 128, false)
-NSA_WINDOW_FWD(192, 64, 128, false)
-NSA_WINDOW_FWD(192, 128, 128, false)
-NSA_WINDOW_FWD(192, 192, 64, false)
+NSA_WINDOW_FWD(64, 64, 64)
+NSA_WINDOW_FWD(128, 64, 128)
+NSA_WINDOW_FWD(128, 128, 128)
+NSA_WINDOW_FWD(192, 64, 128)
+NSA_WINDOW_FWD(192, 128, 128)
+NSA_WINDOW_FWD(192, 192, 64)

@@ -60,8 +60,9 @@ fn clean_ids_row(device: Device) -> CheckRow {
 /// inputs (ids include duplicates and out-of-range values) and returns one row per case:
 /// the selected branch in fp32 (tolerance 1e-4) and bf16 (1e-2) for 1, 2, 3, 4, 8 and 16 heads
 /// per group, head sizes 64 / 128 / 192 with `dk ≠ dv`, `S` not a multiple of `l'`, `S < l'`,
-/// batch 2, including that dK/dV are bitwise equal over two runs; and the flash window in
-/// bf16 with `S` not a multiple of `w`; the compressed branch and selection; the pointwise
+/// batch 2, including that dK/dV are bitwise equal over two runs; the sliding window in bf16
+/// with `S` not a multiple of `w`, its forward on the wgmma kernel (where the device has it)
+/// and on flash's; the compressed branch and selection; the pointwise
 /// kernels (RoPE on a strided slice and on a contiguous tensor, the gated sum; outputs and
 /// gradients, fp32 and bf16, bitwise equal over two runs); the whole fused layer against the
 /// reference layer given its selection (output and the gradients of the input and every
@@ -79,7 +80,8 @@ pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
 pub enum CheckPart {
     /// The selected branch on every forward, fp32 and bf16, and the block-id cleaning kernel.
     Selected,
-    /// The sliding window on libtorch's flash kernel, whole and split by KV heads.
+    /// The sliding window with either forward (wgmma, flash), its backward whole and split by
+    /// KV heads.
     Window,
     /// The compressed branch on both backends and the selection kernel.
     Compressed,

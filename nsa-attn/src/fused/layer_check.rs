@@ -114,7 +114,7 @@ fn layer_case(
     );
     let all_fused = audit.compressed == BranchKernel::FusedCompressed
         && audit.selected == BranchKernel::FusedSelected
-        && audit.window == BranchKernel::FlashWindow;
+        && audit.window.is_fused_window();
     if device.is_cuda() && kind == Kind::BFloat16 && !all_fused {
         return Err(AttnError::Option {
             option: "gpu_check",
