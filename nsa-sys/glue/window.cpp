@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> wgmma_forward(const NsaWindowTable* tab, int 
                      int32_t(q.stride(2)), int32_t(k.stride(2)), int32_t(v.stride(2)),
                      int32_t(out.stride(2)),
                      int32_t(S), int32_t(H), int32_t(Hkv),
-                     int32_t(std::min<int64_t>(window, S + 1)), int32_t(D - value_cols),
+                     int32_t(std::min<int64_t>(window, S)), int32_t(D - value_cols),
                      float(scale * 1.4426950408889634)};
   // window_fwd.cu's carve-up: Q [128][D], K [2][BN][D], V [2][BN][value_cols] bf16, plus the
   // 1024 bytes that align it.
@@ -124,8 +124,13 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
     int64_t S = q.size(1), Sk = k.size(1);
     const auto* tab = reinterpret_cast<const NsaWindowTable*>(table);
     const int idx = tab != nullptr ? nsa_glue::wgmma_index(q.size(3), value_cols) : -1;
+    // The kernel copies 16-byte chunks: every row must start 16-byte aligned (the strides are
+    // whole rows of d elements; a view may still start at an odd element).
+    const auto aligned = [](const Tensor& t) {
+      return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    };
     Tensor out, lse, seed, offset;
-    if (idx >= 0 && S == Sk) {
+    if (idx >= 0 && S == Sk && aligned(q) && aligned(k) && aligned(v)) {
       std::tie(out, lse) = nsa_glue::wgmma_forward(tab, idx, q, k, v, window, scale, value_cols);
       // What flash's forward returns without dropout; its backward reads them only with dropout.
       seed = at::empty({}, at::dtype(at::kLong));

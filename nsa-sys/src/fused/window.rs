@@ -125,14 +125,15 @@ pub fn set_window_wgmma_forward(on: bool) -> bool {
 
 /// The forward [`window_attention`] runs for inputs of `device` with head size `d` (q, k and v
 /// alike) of which the first `value_cols` value columns are real: `"wgmma"` (this crate's
-/// Hopper kernel) or `"flash"` (libtorch's).
+/// Hopper kernel) or `"flash"` (libtorch's). Loads the kernels on first use; a device whose
+/// kernels fail to load counts as `"flash"` here (`window_attention` returns that error).
 pub fn window_forward_kernel(device: Device, d: i64, value_cols: i64) -> &'static str {
     let Device::Cuda(i) = device else {
         return "flash";
     };
-    let shape = WINDOW_WGMMA_SHAPES.contains(&(d, value_cols));
-    let loaded = shape && WGMMA_FORWARD.load(Ordering::Relaxed);
-    if loaded && matches!(window_kernels(i), Ok(Some(_))) {
+    let wanted =
+        WINDOW_WGMMA_SHAPES.contains(&(d, value_cols)) && WGMMA_FORWARD.load(Ordering::Relaxed);
+    if wanted && matches!(window_kernels(i), Ok(Some(_))) {
         "wgmma"
     } else {
         "flash"
@@ -201,8 +202,8 @@ pub fn set_head_chunk_bytes(bytes: i64) -> i64 {
 /// zero-padded the rest (flash needs one head size for q, k and v), so the output's columns
 /// from `value_cols` on are zero. The forward runs on this crate's wgmma kernel where
 /// [`window_forward_kernel`] says so (compute capability 9.0, `(dk, value_cols)` in
-/// [`WINDOW_WGMMA_SHAPES`]), which computes only the real columns and writes the zeros; else on
-/// libtorch's flash kernel. The backward is flash's on either forward's output and log-sum-exp.
+/// [`WINDOW_WGMMA_SHAPES`], inputs starting 16-byte aligned), which computes only the real
+/// columns and writes the zeros; else on libtorch's flash kernel. The backward is flash's on either forward's output and log-sum-exp.
 pub fn window_attention(
     q: &Tensor,
     k: &Tensor,
