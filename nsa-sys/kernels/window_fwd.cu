@@ -32,7 +32,7 @@
 
 namespace nsa {
 
-// Mirror: glue/window.cpp, WindowFwdArgs.
+// Mirror: glue/window.cpp, NsaWindowFwdArgs.
 struct WindowFwdArgs {
   const __nv_bfloat16* q;
   const __nv_bfloat16* k;
