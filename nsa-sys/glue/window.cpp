@@ -51,7 +51,8 @@ namespace {
 std::atomic<int64_t> g_chunk_bytes{int64_t(1) << 30};
 
 // window_fwd.cu's instantiations (WINDOW_WGMMA_SHAPES' order): d, value_cols and the keys per
-// tile BN that its shared-memory carve-up depends on.
+// tile BN that its shared-memory carve-up depends on (nsa-sys's window_instantiations_agree
+// compares the three lists).
 constexpr int64_t kWgmmaShapes[6][3] = {{64, 64, 64},   {128, 64, 128}, {128, 128, 128},
                                         {192, 64, 128}, {192, 128, 128}, {192, 192, 64}};
 
@@ -193,6 +194,13 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
 extern "C" {
 
 size_t nsa_window_table_size() { return sizeof(NsaWindowTable); }
+
+// Copies kWgmmaShapes (6 rows of d, value_cols, BN) into out[18], for Rust's test that the
+// kernel's instantiations, this table and WINDOW_WGMMA_SHAPES agree.
+void nsa_window_shapes(int64_t* out) {
+  for (int i = 0; i < 6; ++i)
+    for (int j = 0; j < 3; ++j) out[3 * i + j] = nsa_glue::kWgmmaShapes[i][j];
+}
 
 // table: null (flash's forward) or the wgmma kernels Rust loaded for q's device.
 at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,

@@ -32,6 +32,8 @@ extern "C" {
         err_len: usize,
     ) -> *mut C_tensor;
     fn nsa_window_table_size() -> usize;
+    #[cfg(test)]
+    fn nsa_window_shapes(out: *mut i64);
     fn nsa_fused_set_head_chunk_bytes(bytes: i64) -> i64;
     fn nsa_sdpa_without_cudnn(
         q: *const C_tensor,
@@ -260,4 +262,37 @@ pub fn window_attention(
         )
     };
     finish("nsa_fused_window", ptr, &err)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The three lists of the wgmma window forward's instantiations agree: the kernel's
+    /// `NSA_WINDOW_FWD(dk, dv, BN)` lines, the glue's table (with the BN its shared-memory
+    /// carve-up uses) and [`super::WINDOW_WGMMA_SHAPES`] (the Rust table's order).
+    #[test]
+    fn window_instantiations_agree() {
+        let kernel: Vec<[i64; 3]> = crate::nvrtc::WINDOW_FWD
+            .source
+            .lines()
+            .filter_map(|l| l.strip_prefix("NSA_WINDOW_FWD("))
+            .map(|rest| {
+                let args: Vec<i64> = rest
+                    .trim_end_matches(')')
+                    .split(',')
+                    .map(|a| a.trim().parse().expect("a number"))
+                    .collect();
+                [args[0], args[1], args[2]]
+            })
+            .collect();
+        let mut glue = [0i64; 18];
+        // SAFETY: writes exactly 18 integers into the buffer.
+        unsafe { super::nsa_window_shapes(glue.as_mut_ptr()) };
+        let glue: Vec<[i64; 3]> = glue.chunks(3).map(|c| [c[0], c[1], c[2]]).collect();
+        assert_eq!(
+            kernel, glue,
+            "window_fwd.cu's instantiations vs the glue's table"
+        );
+        let rust: Vec<(i64, i64)> = glue.iter().map(|r| (r[0], r[1])).collect();
+        assert_eq!(rust, super::WINDOW_WGMMA_SHAPES.to_vec());
+    }
 }
