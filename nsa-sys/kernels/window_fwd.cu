@@ -211,7 +211,7 @@ __device__ __forceinline__ void rescale(float (&o)[DV / 64][32], float al0, floa
 }
 
 // Normalises the rows, writes lse, and stores the CTA's 128 x DV output tile (through shared
-// memory at `smem`, row stride DV + 8 elements against bank conflicts) in 16-byte chunks, then
+// memory at `so`, row stride DV + 8 elements against bank conflicts) in 16-byte chunks, then
 // the pad columns' zeros. Starts with a CTA barrier (the tiles' space is reused).
 template <int DV>
 __device__ __forceinline__ void store_rows(const WindowFwdArgs& a, float (&o)[DV / 64][32],
