@@ -255,8 +255,9 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
       : "memory");
 }
 
-// Orders this thread's earlier generic-proxy accesses of shared memory (a zero-filled row, the
-// fragments read from a stage) before its later async-proxy writes (a bulk copy into the stage).
+// Orders this thread's earlier generic-proxy accesses of shared memory before its later
+// async-proxy ones: a zero-filled row or the fragments read from a stage before a bulk copy
+// into it; the cp.async writes of a tile (after their wait) before wgmma reads it.
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }

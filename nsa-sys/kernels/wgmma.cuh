@@ -28,10 +28,6 @@
 
 namespace nsa {
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return (unsigned)__cvta_generic_to_shared(p);
-}
-
 // Byte offset of chunk c (16 bytes) of row r in a slab tile of `rows` rows (see above).
 __device__ __forceinline__ unsigned slab_offset(int r, int c, int rows) {
   return (unsigned)((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
@@ -42,12 +38,6 @@ __device__ __forceinline__ unsigned slab_offset(int r, int c, int rows) {
 __device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(bytes));
-}
-
-// Makes this thread's completed shared-memory writes visible to the async proxy (wgmma's
-// operand reads); each writer calls it before the barrier that precedes the wgmma.
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 __device__ __forceinline__ unsigned long long wgmma_desc(unsigned addr, unsigned lead,

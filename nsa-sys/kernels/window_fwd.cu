@@ -267,7 +267,7 @@ __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
   constexpr unsigned Q_BYTES = BM * DK * 2, K_BYTES = BN * DK * 2, V_BYTES = BN * DV * 2;
   static_assert(BM * (DV + 8) * 2 <= (int)(Q_BYTES + K_BYTES), "the output tile must fit");
   extern __shared__ unsigned char smem_raw[];
-  const unsigned base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const unsigned base = (shared_addr(smem_raw) + 1023u) & ~1023u;
   const unsigned sq = base, sk = base + Q_BYTES, sv = sk + 2 * K_BYTES;
 
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
@@ -313,7 +313,7 @@ __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
     } else {
       cp_async_wait<0>();
     }
-    fence_proxy_async();
+    fence_proxy_async_shared();
     __syncthreads();
     if (active(j)) {
       wgmma_fence();
@@ -331,7 +331,7 @@ __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
     }
     __syncthreads();
   }
-  __nv_bfloat16* so = reinterpret_cast<__nv_bfloat16*>(smem_raw + (base - smem_u32(smem_raw)));
+  __nv_bfloat16* so = reinterpret_cast<__nv_bfloat16*>(smem_raw + (base - shared_addr(smem_raw)));
   store_rows<DV>(a, o, st, so, t0, h, b, row0, row1, lr0, t4, tid);
 }
 

@@ -130,15 +130,27 @@ pub fn set_window_wgmma_forward(on: bool) -> bool {
 /// Hopper kernel) or `"flash"` (libtorch's). Loads the kernels on first use; a device whose
 /// kernels fail to load counts as `"flash"` here (`window_attention` returns that error).
 pub fn window_forward_kernel(device: Device, d: i64, value_cols: i64) -> &'static str {
-    let Device::Cuda(i) = device else {
-        return "flash";
-    };
-    let wanted =
-        WINDOW_WGMMA_SHAPES.contains(&(d, value_cols)) && WGMMA_FORWARD.load(Ordering::Relaxed);
-    if wanted && matches!(window_kernels(i), Ok(Some(_))) {
-        "wgmma"
-    } else {
-        "flash"
+    match wgmma_kernels_for(device, d, value_cols) {
+        Ok(Some(_)) => "wgmma",
+        _ => "flash",
+    }
+}
+
+/// The wgmma kernels [`window_attention`]'s forward runs on for these inputs: `None` where the
+/// switch is off, the head sizes have no instantiation, or the device is not a Hopper GPU.
+fn wgmma_kernels_for(
+    device: Device,
+    d: i64,
+    value_cols: i64,
+) -> Result<Option<&'static WindowKernels>, FusedError> {
+    match device {
+        Device::Cuda(i)
+            if WINDOW_WGMMA_SHAPES.contains(&(d, value_cols))
+                && WGMMA_FORWARD.load(Ordering::Relaxed) =>
+        {
+            window_kernels(i)
+        }
+        _ => Ok(None),
     }
 }
 
@@ -236,14 +248,8 @@ pub fn window_attention(
             format!("must be in 1 ..= dv = {dv}, got {value_cols}"),
         ));
     }
-    let wgmma =
-        WINDOW_WGMMA_SHAPES.contains(&(dk, value_cols)) && WGMMA_FORWARD.load(Ordering::Relaxed);
-    let table = match q.device() {
-        Device::Cuda(i) if wgmma => {
-            window_kernels(i)?.map_or(std::ptr::null(), |k| std::ptr::from_ref(&k.table).cast())
-        }
-        _ => std::ptr::null(),
-    };
+    let table = wgmma_kernels_for(q.device(), dk, value_cols)?
+        .map_or(std::ptr::null(), |k| std::ptr::from_ref(&k.table).cast());
     let mut err = vec![0u8; ERR_LEN];
     // SAFETY: live tensors borrowed for the call; `table` is null or a loaded table that lives
     // as long as the process; the glue catches every exception and writes at most ERR_LEN
