@@ -40,6 +40,37 @@ __device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, 
                "r"(bytes));
 }
 
+// Rows first .. first + ROWS - 1 (zeros outside 0 .. S - 1) of a [S][row_stride] bf16 matrix,
+// columns 0 .. COLS - 1, into a slab tile at shared address dst; every one of the CTA's THREADS
+// threads calls, tid its index; committed by the caller (cp_async_commit).
+template <int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void load_slab_tile(unsigned dst, const __nv_bfloat16* src,
+                                               int row_stride, int first, int S, int tid) {
+  constexpr int CHUNKS = COLS / 8;
+  static_assert((ROWS * CHUNKS) % THREADS == 0, "tile not a whole number of passes");
+#pragma unroll
+  for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
+    const int e = tid + i * THREADS;
+    const int r = e / CHUNKS, c = e % CHUNKS;
+    const int row = first + r;
+    const bool ok = row >= 0 && row < S;
+    const __nv_bfloat16* p = src + (long long)(ok ? row : 0) * row_stride + c * 8;
+    cp_async16_zfill(dst + slab_offset(r, c, ROWS), p, ok ? 16 : 0);
+  }
+}
+
+// The top of a double-buffered loop's step: waits for this step's cp.async group (leaving the
+// next step's, committed just before, in flight when `next_in_flight`), then makes the copies
+// visible to wgmma (the async proxy) and to the whole CTA. Every thread calls.
+__device__ __forceinline__ void stage_ready(bool next_in_flight) {
+  if (next_in_flight)
+    cp_async_wait<1>();
+  else
+    cp_async_wait<0>();
+  fence_proxy_async_shared();
+  __syncthreads();
+}
+
 __device__ __forceinline__ unsigned long long wgmma_desc(unsigned addr, unsigned lead,
                                                          unsigned stride) {
   return (unsigned long long)((addr & 0x3FFFF) >> 4) |
@@ -104,6 +135,56 @@ __device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[32], const unsigned (
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+
+// Writes this thread's rows lr0 and lr0 + 8 of a warpgroup's 64 x N accumulator (N / 64
+// m64n64 fragments, the layout above), times s0 and s1 respectively, as bf16 into the staging
+// tile so (row stride OS elements; OS = N + 8 keeps the 4-byte stores free of bank conflicts).
+template <int N, int OS>
+__device__ __forceinline__ void stage_acc_rows(__nv_bfloat16* so, const float (&acc)[N / 64][32],
+                                               int lr0, float s0, float s1, int t4) {
+#pragma unroll
+  for (int n = 0; n < N / 64; ++n) {
+#pragma unroll
+    for (int j8 = 0; j8 < 8; ++j8) {
+      const int col = 64 * n + 8 * j8 + 2 * t4;
+      *reinterpret_cast<unsigned*>(so + lr0 * OS + col) =
+          pack_bf16(acc[n][4 * j8] * s0, acc[n][4 * j8 + 1] * s0);
+      *reinterpret_cast<unsigned*>(so + (lr0 + 8) * OS + col) =
+          pack_bf16(acc[n][4 * j8 + 2] * s1, acc[n][4 * j8 + 3] * s1);
+    }
+  }
+}
+
+// Copies rows 0 .. ROWS - 1, columns 0 .. N - 1 of the staging tile so (row stride OS) to rows
+// t0 .. t0 + ROWS - 1 of dst (row stride `row` elements) in 16-byte chunks, skipping rows at or
+// past S; every one of the CTA's THREADS threads calls, after a barrier that follows the
+// staging writes.
+template <int ROWS, int N, int OS, int THREADS>
+__device__ __forceinline__ void copy_staged_rows(__nv_bfloat16* dst, int row,
+                                                 const __nv_bfloat16* so, int t0, int S, int tid) {
+  constexpr int CH = N / 8;  // 16-byte chunks of a row
+  for (int e = tid; e < ROWS * CH; e += THREADS) {
+    const int r = e / CH, c = e % CH;
+    if (t0 + r < S)
+      *reinterpret_cast<uint4*>(dst + (long long)(t0 + r) * row + 8 * c) =
+          *reinterpret_cast<const uint4*>(so + r * OS + 8 * c);
+  }
+}
+
+// d (+)= A B for m64nNk16 with N = BN (64 or 128), both operands from shared memory, K-major.
+template <int BN>
+__device__ __forceinline__ void wgmma_ss(float (&d)[BN / 2], unsigned long long da,
+                                         unsigned long long db, int accumulate);
+template <>
+__device__ __forceinline__ void wgmma_ss<64>(float (&d)[32], unsigned long long da,
+                                             unsigned long long db, int accumulate) {
+  wgmma_ss_n64(d, da, db, accumulate);
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], unsigned long long da,
+                                              unsigned long long db, int accumulate) {
+  wgmma_ss_n128(d, da, db, accumulate);
 }
 
 }  // namespace nsa

@@ -49,38 +49,6 @@ struct WindowFwdArgs {
 constexpr int kWindowThreads = 256;
 constexpr int kWindowRows = 128;  // tokens per CTA
 
-// Rows first .. first + ROWS - 1 (zeros outside 0 .. S - 1) of a [S][row_stride] bf16 matrix,
-// columns 0 .. COLS - 1, into a slab tile at shared address dst; every thread of the CTA calls.
-template <int ROWS, int COLS>
-__device__ __forceinline__ void load_slab_tile(unsigned dst, const __nv_bfloat16* src,
-                                               int row_stride, int first, int S, int tid) {
-  constexpr int CHUNKS = COLS / 8;
-  static_assert((ROWS * CHUNKS) % kWindowThreads == 0, "tile not a whole number of passes");
-#pragma unroll
-  for (int i = 0; i < ROWS * CHUNKS / kWindowThreads; ++i) {
-    const int e = tid + i * kWindowThreads;
-    const int r = e / CHUNKS, c = e % CHUNKS;
-    const int row = first + r;
-    const bool ok = row >= 0 && row < S;
-    const __nv_bfloat16* p = src + (long long)(ok ? row : 0) * row_stride + c * 8;
-    cp_async16_zfill(dst + slab_offset(r, c, ROWS), p, ok ? 16 : 0);
-  }
-}
-
-template <int BN>
-__device__ __forceinline__ void wgmma_ss(float (&d)[BN / 2], unsigned long long da,
-                                         unsigned long long db, int accumulate);
-template <>
-__device__ __forceinline__ void wgmma_ss<64>(float (&d)[32], unsigned long long da,
-                                             unsigned long long db, int accumulate) {
-  wgmma_ss_n64(d, da, db, accumulate);
-}
-template <>
-__device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], unsigned long long da,
-                                              unsigned long long db, int accumulate) {
-  wgmma_ss_n128(d, da, db, accumulate);
-}
-
 // One key tile's scores for this warpgroup: s = Q K^T over DK / 16 wgmma steps (issued and
 // committed as one group, not waited for). sq: the Q tile, sk: this stage's K tile. The caller
 // runs wgmma_fence first (and fence_regs on every accumulator it changed since the last wait).
@@ -224,19 +192,9 @@ __device__ __forceinline__ void store_rows(const WindowFwdArgs& a, float (&o)[DV
   }
   const float inv0 = st.l0 > 0.f ? 1.f / st.l0 : 0.f, inv1 = st.l1 > 0.f ? 1.f / st.l1 : 0.f;
   constexpr int OS = DV + 8;
-  const int S = a.S, lr1 = lr0 + 8;
+  const int S = a.S;
   __syncthreads();
-#pragma unroll
-  for (int n = 0; n < DV / 64; ++n) {
-#pragma unroll
-    for (int j8 = 0; j8 < 8; ++j8) {
-      const int col = 64 * n + 8 * j8 + 2 * t4;
-      *reinterpret_cast<unsigned*>(so + lr0 * OS + col) =
-          pack_bf16(o[n][4 * j8] * inv0, o[n][4 * j8 + 1] * inv0);
-      *reinterpret_cast<unsigned*>(so + lr1 * OS + col) =
-          pack_bf16(o[n][4 * j8 + 2] * inv1, o[n][4 * j8 + 3] * inv1);
-    }
-  }
+  stage_acc_rows<DV, OS>(so, o, lr0, inv0, inv1, t4);
   if (t4 == 0) {
     float* lse = a.lse + ((long long)b * a.H + h) * S;
     // ln 2 * (max + log2 sum): the natural log-sum-exp of the scaled scores.
@@ -245,13 +203,7 @@ __device__ __forceinline__ void store_rows(const WindowFwdArgs& a, float (&o)[DV
   }
   __syncthreads();
   __nv_bfloat16* out = a.o + b * a.o_batch + (long long)h * a.o_head;
-  constexpr int OCH = DV / 8;  // 16-byte chunks of a row's values
-  for (int e = tid; e < kWindowRows * OCH; e += kWindowThreads) {
-    const int r = e / OCH, c = e % OCH;
-    if (t0 + r < S)
-      *reinterpret_cast<uint4*>(out + (long long)(t0 + r) * a.o_row + 8 * c) =
-          *reinterpret_cast<const uint4*>(so + r * OS + 8 * c);
-  }
+  copy_staged_rows<kWindowRows, DV, OS, kWindowThreads>(out, a.o_row, so, t0, S, tid);
   for (int e = tid; e < kWindowRows * (a.pad / 8); e += kWindowThreads) {
     const int r = e / (a.pad / 8), c = e % (a.pad / 8);
     if (t0 + r < S)
@@ -297,24 +249,20 @@ __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
   unsigned pa[BN / 16][4];
   float al0, al1;
 
-  load_slab_tile<BM, DK>(sq, q, a.q_row, t0, S, tid);
-  load_slab_tile<BN, DK>(sk, k, a.k_row, j0 * BN, S, tid);
+  load_slab_tile<BM, DK, kWindowThreads>(sq, q, a.q_row, t0, S, tid);
+  load_slab_tile<BN, DK, kWindowThreads>(sk, k, a.k_row, j0 * BN, S, tid);
   cp_async_commit();
-  load_slab_tile<BN, DV>(sv, v, a.v_row, j0 * BN, S, tid);
+  load_slab_tile<BN, DV, kWindowThreads>(sv, v, a.v_row, j0 * BN, S, tid);
   cp_async_commit();
 
   for (int j = j0; j <= j1; ++j) {
     const unsigned stg = (unsigned)(j - j0) & 1u;
     if (j < j1) {
-      load_slab_tile<BN, DK>(sk + (stg ^ 1u) * K_BYTES, k, a.k_row, (j + 1) * BN, S, tid);
-      load_slab_tile<BN, DV>(sv + (stg ^ 1u) * V_BYTES, v, a.v_row, (j + 1) * BN, S, tid);
+      load_slab_tile<BN, DK, kWindowThreads>(sk + (stg ^ 1u) * K_BYTES, k, a.k_row, (j + 1) * BN, S, tid);
+      load_slab_tile<BN, DV, kWindowThreads>(sv + (stg ^ 1u) * V_BYTES, v, a.v_row, (j + 1) * BN, S, tid);
       cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
     }
-    fence_proxy_async_shared();
-    __syncthreads();
+    stage_ready(j < j1);
     if (active(j)) {
       wgmma_fence();
       issue_scores<DK, BN>(s, sq, sk + stg * K_BYTES, wg);
