@@ -25,7 +25,9 @@ pub enum BranchKernel {
     /// `nsa_sys::fused::window_attention`: libtorch's flash-attention kernel with its window.
     FlashWindow,
     /// `nsa_sys::fused::window_attention` with its forward on nsa-sys's wgmma kernel (Hopper,
-    /// `kernels/window_fwd.cu`) and flash's backward.
+    /// `kernels/window_fwd.cu`) and its backward on nsa-sys's wgmma kernels
+    /// (`kernels/window_bwd.cu`) where they are instantiated (all but dk = dv = 192), else
+    /// flash's.
     WgmmaWindow,
     /// `nsa_sys::fused::compressed_attention`: cuDNN's fused attention over folded queries
     /// (the NVRTC compressed-branch kernels where cuDNN does not apply, and their
@@ -52,7 +54,7 @@ impl std::fmt::Display for BranchKernel {
             BranchKernel::FusedSelected => "fused selected-block kernels (NVRTC, nsa-sys)",
             BranchKernel::FlashWindow => "flash attention with a sliding window (libtorch)",
             BranchKernel::WgmmaWindow => {
-                "sliding-window forward on wgmma (NVRTC, nsa-sys), flash backward (libtorch)"
+                "sliding-window forward and backward on wgmma (NVRTC, nsa-sys)"
             }
             BranchKernel::FusedCompressed => {
                 "compressed branch on cuDNN over folded queries, selection kernel (NVRTC, nsa-sys)"

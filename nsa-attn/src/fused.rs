@@ -624,15 +624,22 @@ fn run_window_case(
         reference::window(q, k, v, w)
     })?;
     let run = || out_and_grads(&q, &k, &v, &dout, |q, k, v| window(q, k, v, &cfg, 8));
-    let fused = if split {
-        with_split_heads(|| -> Result<_, AttnError> { Ok([run()?, run()?]) })?
+    // The split is flash's backward's (the wgmma backward holds no per-head temporaries): a
+    // split case runs that backward after either forward.
+    let (fused, backward) = if split {
+        let before = sys::set_window_wgmma_backward(false);
+        let fused = with_split_heads(|| -> Result<_, AttnError> { Ok([run()?, run()?]) });
+        sys::set_window_wgmma_backward(before);
+        (fused?, "flash")
     } else {
-        [run()?, run()?]
+        let backward = sys::window_backward_kernel(device, window_head_dim(dk, dv), dv);
+        ([run()?, run()?], backward)
     };
     let forward = sys::window_forward_kernel(device, window_head_dim(dk, dv), dv);
     compare(
         format!(
-            "window bf16 B={b} S={s} H={} Hkv={hkv} dk={dk} dv={dv} w={w}, {forward} forward{}",
+            "window bf16 B={b} S={s} H={} Hkv={hkv} dk={dk} dv={dv} w={w}, {forward} forward, \
+             {backward} backward{}",
             hkv * hpg,
             if split {
                 ", backward split by KV head"

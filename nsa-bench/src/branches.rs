@@ -2,9 +2,9 @@
 //! against the lean path, forward and forward + backward, with achieved TFLOP/s and GB/s. The
 //! selected branch is timed with the forward and dQ the library picks (`SelectedForward::Auto`,
 //! `SelectedDq::Auto`), with each tensor-core forward forced (union tiles, key-outer, token
-//! warps; dQ as picked for it) and with the query-outer dQ forced; the window with the forward
-//! the library picks (the wgmma kernel on Hopper) and with flash's forward forced
-//! (`set_window_wgmma_forward(false)`); the compressed branch on both backends (cuDNN over
+//! warps; dQ as picked for it) and with the query-outer dQ forced; the window with the kernels
+//! the library picks (the wgmma forward and backward on Hopper), with flash's backward forced
+//! (`set_window_wgmma_backward(false)`) and with flash's both ways; the compressed branch on both backends (cuDNN over
 //! folded queries, the default, and the NVRTC kernels).
 //!
 //! Shapes: the paper's attention (H = 64, Hkv = 4, G = 16, dk = 192, dv = 128, l' = 64, n = 16,
@@ -219,7 +219,7 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                     .map_err(nsa_attn::AttnError::Fused)?)
                 })
             };
-            let rows: [(&str, &str, f64, Branch<'_>); 12] = [
+            let rows: [(&str, &str, f64, Branch<'_>); 13] = [
                 (
                     "selected",
                     "fused (auto fwd)",
@@ -264,12 +264,25 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                 ),
                 (
                     "window",
-                    "fused, flash fwd",
+                    "fused, flash bwd",
+                    win_pairs,
+                    Box::new(|q, k, v| {
+                        let before = nsa_sys::fused::set_window_wgmma_backward(false);
+                        let out = fused::window(q, k, v, &cfg, wchunk);
+                        nsa_sys::fused::set_window_wgmma_backward(before);
+                        Ok(out?)
+                    }),
+                ),
+                (
+                    "window",
+                    "fused, flash",
                     win_pairs,
                     Box::new(|q, k, v| {
                         let before = nsa_sys::fused::set_window_wgmma_forward(false);
+                        let before_bwd = nsa_sys::fused::set_window_wgmma_backward(false);
                         let out = fused::window(q, k, v, &cfg, wchunk);
                         nsa_sys::fused::set_window_wgmma_forward(before);
+                        nsa_sys::fused::set_window_wgmma_backward(before_bwd);
                         Ok(out?)
                     }),
                 ),

@@ -2,9 +2,11 @@
 // WindowFlash, an autograd Function. Forward: this crate's wgmma kernel (kernels/window_fwd.cu,
 // Hopper only, from the kernel table Rust loaded; it computes only the real value columns and
 // writes the padded ones as zeros) or libtorch's own flash-attention kernel with its
-// sliding-window parameters (window_size_left = w - 1, right = 0, causal). Backward: flash's, on
-// either forward's output and lse (the same layouts), split by groups of KV heads when one
-// call's temporaries would pass the bound (attention.h, kv_head_chunks, also used by fused.cpp's
+// sliding-window parameters (window_size_left = w - 1, right = 0, causal). Backward: this
+// crate's wgmma kernels (kernels/window_bwd.cu: dQ query-outer, then dK and dV key-outer over
+// the group's heads; deterministic) where Rust passed their table, else flash's, on either
+// forward's output and lse (the same layouts), split by groups of KV heads when one call's
+// temporaries would pass the bound (attention.h, kv_head_chunks, also used by fused.cpp's
 // compressed branch on cuDNN).
 //
 // Layouts: q [B, S, H, d], k, v [B, S, Hkv, d], out [B, S, H, d]; flash's lse [B, H, S].
@@ -23,11 +25,14 @@
 #include "attention.h"
 #include "launch.h"
 
-// Mirror of nsa_sys::fused::window's WindowTable: cuLaunchKernel and the wgmma forwards of
-// WINDOW_WGMMA_SHAPES, in its order.
+// Mirror of nsa_sys::fused::window's WindowTable: cuLaunchKernel, the wgmma forwards of
+// WINDOW_WGMMA_SHAPES and the backward pairs (dq, dkdv) of WINDOW_WGMMA_BWD_SHAPES, in their
+// orders.
 struct NsaWindowTable {
   void* launch;
   void* fwd[6];
+  void* bwd_dq[5];
+  void* bwd_dkdv[5];
   int32_t max_smem;
 };
 
@@ -45,6 +50,22 @@ struct NsaWindowFwdArgs {
   float scale_log2;
 };
 
+// Mirror of window_bwd.cu's WindowBwdArgs.
+struct NsaWindowBwdArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* o;
+  const void* dout;
+  const float* lse;
+  float* delta;
+  void* dq;
+  void* dk;
+  void* dv;
+  int32_t S, H, Hkv, window;
+  float scale, scale_log2;
+};
+
 namespace nsa_glue {
 
 namespace {
@@ -56,12 +77,27 @@ std::atomic<int64_t> g_chunk_bytes{int64_t(1) << 30};
 constexpr int64_t kWgmmaShapes[6][3] = {{64, 64, 64},   {128, 64, 128}, {128, 128, 128},
                                         {192, 64, 128}, {192, 128, 128}, {192, 192, 64}};
 
-// Index of (d, value_cols) in the table, or -1.
+// window_bwd.cu's instantiations (WINDOW_WGMMA_BWD_SHAPES' order): d, value_cols; 64 keys a
+// tile in its dq kernel, 64 queries a tile in its dkdv kernel.
+constexpr int64_t kWgmmaBwdShapes[5][2] = {{64, 64}, {128, 64}, {128, 128}, {192, 64}, {192, 128}};
+
+// Index of (d, value_cols) in the forward's table, or -1.
 int wgmma_index(int64_t d, int64_t value_cols) {
   for (int i = 0; i < 6; ++i)
     if (kWgmmaShapes[i][0] == d && kWgmmaShapes[i][1] == value_cols) return i;
   return -1;
 }
+
+// Index of (d, value_cols) in the backward's table, or -1.
+int wgmma_bwd_index(int64_t d, int64_t value_cols) {
+  for (int i = 0; i < 5; ++i)
+    if (kWgmmaBwdShapes[i][0] == d && kWgmmaBwdShapes[i][1] == value_cols) return i;
+  return -1;
+}
+
+// The kernels copy 16-byte chunks: every row must start 16-byte aligned (the strides are whole
+// rows of d elements; a view may still start at an odd element).
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // The wgmma forward (window_fwd.cu): out [B, S, H, d] (columns value_cols.. zero) and lse
 // [B, H, S] fp32, flash's layouts. q, k, v contiguous bf16.
@@ -97,6 +133,40 @@ std::tuple<at::Tensor, at::Tensor> wgmma_forward(const NsaWindowTable* tab, int 
                 current_stream(q.device()), args);
   return {out, lse};
 }
+
+// The wgmma backward (window_bwd.cu): dq [B, S, H, d], dk, dv [B, S, Hkv, d] (dv's columns
+// value_cols.. zero). Every input contiguous bf16 and 16-byte aligned, lse [B, H, S] fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> wgmma_backward(
+    const NsaWindowTable* tab, int idx, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
+    int64_t window, double scale, int64_t value_cols) {
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  if (B == 0 || S == 0 || H == 0) return {dq, dk, dv};
+  TORCH_CHECK(H * D < (int64_t(1) << 31) && S < (int64_t(1) << 31),
+              "window backward: a row of q is too long for the kernel");
+  // delta = rowsum(dout * out), written by the dq kernel for the dkdv kernel.
+  auto delta = at::empty({B, H, S}, q.options().dtype(at::kFloat));
+  NsaWindowBwdArgs a{q.data_ptr(),  k.data_ptr(),   v.data_ptr(),  out.data_ptr(),
+                     dout.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(),
+                     dq.data_ptr(), dk.data_ptr(),  dv.data_ptr(),
+                     int32_t(S), int32_t(H), int32_t(Hkv), int32_t(std::min<int64_t>(window, S)),
+                     float(scale), float(scale * 1.4426950408889634)};
+  // window_bwd.cu's carve-ups (both the same size at 64 keys, resp. queries, a tile): 128 rows
+  // of d and of value_cols, two stages of 64 rows of each, bf16; 1 KB of fp32 lse and delta
+  // (the dq kernel's 512 bytes of delta); the 1024 aligning bytes.
+  const int64_t smem =
+      2 * (128 * D + 128 * value_cols + 2 * 64 * D + 2 * 64 * value_cols) + 1024 + 1024;
+  TORCH_CHECK(smem <= tab->max_smem, "window backward: needs ", smem,
+              " bytes of shared memory per block, the device allows ", tab->max_smem);
+  void* args[] = {&a};
+  auto stream = current_stream(q.device());
+  launch_kernel(tab->launch, tab->bwd_dq[idx], "nsa_window_bwd_dq", (S + 127) / 128, H, B, 256,
+                smem, stream, args);
+  launch_kernel(tab->launch, tab->bwd_dkdv[idx], "nsa_window_bwd_dkdv", (S + 127) / 128, Hkv, B,
+                256, smem, stream, args);
+  return {dq, dk, dv};
+}
 }  // namespace
 
 int64_t kv_head_chunks(int64_t bytes, int64_t Hkv) {
@@ -116,22 +186,18 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 struct WindowFlash : public torch::autograd::Function<WindowFlash> {
-  // table: the NsaWindowTable's address, or 0 for flash's forward.
+  // table, bwd_table: the NsaWindowTable's address, or 0 for flash's forward, resp. backward.
   static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, int64_t window,
-                        double scale, int64_t value_cols, int64_t table) {
+                        double scale, int64_t value_cols, int64_t table, int64_t bwd_table) {
     q = q.contiguous();
     k = k.contiguous();
     v = v.contiguous();
     int64_t S = q.size(1), Sk = k.size(1);
     const auto* tab = reinterpret_cast<const NsaWindowTable*>(table);
     const int idx = tab != nullptr ? nsa_glue::wgmma_index(q.size(3), value_cols) : -1;
-    // The kernel copies 16-byte chunks: every row must start 16-byte aligned (the strides are
-    // whole rows of d elements; a view may still start at an odd element).
-    const auto aligned = [](const Tensor& t) {
-      return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-    };
+    using nsa_glue::aligned16;
     Tensor out, lse, seed, offset;
-    if (idx >= 0 && S == Sk && aligned(q) && aligned(k) && aligned(v)) {
+    if (idx >= 0 && S == Sk && aligned16(q) && aligned16(k) && aligned16(v)) {
       std::tie(out, lse) = nsa_glue::wgmma_forward(tab, idx, q, k, v, window, scale, value_cols);
       // What flash's forward returns without dropout; its backward reads them only with dropout.
       seed = at::empty({}, at::dtype(at::kLong));
@@ -148,6 +214,8 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
     ctx->save_for_backward({q, k, v, out, lse, seed, offset});
     ctx->saved_data["window"] = window;
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["value_cols"] = value_cols;
+    ctx->saved_data["bwd_table"] = bwd_table;
     return out;
   }
 
@@ -158,6 +226,18 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
     auto dout = grads[0].to(s[3].scalar_type()).contiguous();
     const auto &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
     int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
+    const int64_t value_cols = ctx->saved_data["value_cols"].toInt();
+    const auto* tab = reinterpret_cast<const NsaWindowTable*>(ctx->saved_data["bwd_table"].toInt());
+    const int idx = tab != nullptr ? nsa_glue::wgmma_bwd_index(D, value_cols) : -1;
+    if (idx >= 0 && k.size(1) == S && out.is_contiguous() && lse.is_contiguous() &&
+        lse.dim() == 3 && lse.size(2) == S && nsa_glue::aligned16(q) &&
+        nsa_glue::aligned16(k) && nsa_glue::aligned16(v) && nsa_glue::aligned16(out) &&
+        nsa_glue::aligned16(dout)) {
+      auto res = nsa_glue::wgmma_backward(tab, idx, q, k, v, out, lse, dout, window, scale,
+                                          value_cols);
+      return {std::get<0>(res), std::get<1>(res), std::get<2>(res), Tensor(), Tensor(), Tensor(),
+              Tensor(), Tensor()};
+    }
     // fp32 dQ accumulator, plus bf16 dK and dV per query head when H > Hkv.
     int64_t temps = B * S * H * D * (4 + (H > Hkv ? 4 : 0));
     int64_t chunks = nsa_glue::kv_head_chunks(temps, Hkv);
@@ -170,7 +250,7 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
     if (chunks == 1) {
       auto res = call(dout, q, k, v, out, lse);
       return {std::get<0>(res), std::get<1>(res), std::get<2>(res), Tensor(), Tensor(), Tensor(),
-              Tensor()};
+              Tensor(), Tensor()};
     }
     // Groups of whole KV heads: head-sliced views (flash takes any row and head strides),
     // the lse slice [B, hq, S] made contiguous; each group's gradients copied into place.
@@ -185,7 +265,7 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
       kv_heads(dk).copy_(std::get<1>(res));
       kv_heads(dv).copy_(std::get<2>(res));
     }
-    return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor()};
+    return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -195,17 +275,22 @@ extern "C" {
 
 size_t nsa_window_table_size() { return sizeof(NsaWindowTable); }
 
-// Copies kWgmmaShapes (6 rows of d, value_cols, BN) into out[18], for Rust's test that the
-// kernel's instantiations, this table and WINDOW_WGMMA_SHAPES agree.
-void nsa_window_shapes(int64_t* out) {
+// Copies kWgmmaShapes (6 rows of d, value_cols, BN) into out[18] and kWgmmaBwdShapes (5 rows
+// of d, value_cols) into bwd[10], for Rust's test that the kernels' instantiations, these tables
+// and WINDOW_WGMMA_SHAPES / WINDOW_WGMMA_BWD_SHAPES agree.
+void nsa_window_shapes(int64_t* out, int64_t* bwd) {
   for (int i = 0; i < 6; ++i)
     for (int j = 0; j < 3; ++j) out[3 * i + j] = nsa_glue::kWgmmaShapes[i][j];
+  for (int i = 0; i < 5; ++i)
+    for (int j = 0; j < 2; ++j) bwd[2 * i + j] = nsa_glue::kWgmmaBwdShapes[i][j];
 }
 
-// table: null (flash's forward) or the wgmma kernels Rust loaded for q's device.
+// table, bwd_table: null (flash's forward, resp. backward) or the wgmma kernels Rust loaded for
+// q's device.
 at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
                              int64_t window, double scale, int64_t value_cols,
-                             const void* table, char* err, size_t err_len) {
+                             const void* table, const void* bwd_table, char* err,
+                             size_t err_len) {
   try {
     TORCH_CHECK(window > 0, "fused window attention: window must be positive");
     TORCH_CHECK(q->is_cuda(), "fused window attention: CUDA tensors only");
@@ -216,7 +301,8 @@ at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at:
     TORCH_CHECK(value_cols >= 1 && value_cols <= v->size(3),
                 "fused window attention: value_cols out of range");
     auto out = WindowFlash::apply(qc, kc, vc, window, scale, value_cols,
-                                  reinterpret_cast<int64_t>(table));
+                                  reinterpret_cast<int64_t>(table),
+                                  reinterpret_cast<int64_t>(bwd_table));
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {
     nsa_glue::write_error(e.what(), err, err_len);

@@ -60,8 +60,9 @@ pub use selected_order::{
     KEY_OUTER_MIN_BATCH_BLOCKS, KEY_OUTER_MIN_BLOCKS, TOKEN_WARP_MIN_GROUP,
 };
 pub use window::{
-    sdpa_cudnn_enabled, sdpa_without_cudnn, set_head_chunk_bytes, set_window_wgmma_forward,
-    window_attention, window_forward_kernel, window_kernels, WindowKernels, WINDOW_WGMMA_SHAPES,
+    sdpa_cudnn_enabled, sdpa_without_cudnn, set_head_chunk_bytes, set_window_wgmma_backward,
+    set_window_wgmma_forward, window_attention, window_backward_kernel, window_forward_kernel,
+    window_kernels, WindowKernels, WINDOW_WGMMA_BWD_SHAPES, WINDOW_WGMMA_SHAPES,
 };
 
 /// Options of the fused kernels' compilation.

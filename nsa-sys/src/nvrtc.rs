@@ -110,15 +110,23 @@ pub const WINDOW_FWD: KernelSource = KernelSource {
     only_arch: Some((9, 0)),
 };
 
+/// Sliding-window backward on Hopper's warpgroup MMA (sm_90a only): dQ, then dK and dV.
+pub const WINDOW_BWD: KernelSource = KernelSource {
+    name: "window_bwd.cu",
+    source: include_str!("../kernels/window_bwd.cu"),
+    only_arch: Some((9, 0)),
+};
+
 /// Every kernel family in the repository (the CPU test compiles all of them, each for the
 /// architectures it [builds for](KernelSource::builds_for)).
-pub const ALL_SOURCES: [KernelSource; 6] = [
+pub const ALL_SOURCES: [KernelSource; 7] = [
     SELECTED_FWD,
     SELECTED_BWD,
     COMPRESSED,
     DECODE,
     POINTWISE,
     WINDOW_FWD,
+    WINDOW_BWD,
 ];
 
 /// Errors of loading NVRTC, compiling, and the CUBIN cache.

@@ -230,7 +230,8 @@ fn window_rows(device: Device) -> Vec<CheckRow> {
     // Equal head sizes, and dk ≠ dv (zero-padded to one head size for flash); two of them
     // again with the backward split into one call per KV head; sequences over several of the
     // wgmma forward's 128-token blocks, a window of two keys and one longer than the sequence.
-    // Each with the wgmma forward (where the device has it) and again with flash's.
+    // Each with the wgmma forward and backward (where the device has them) and again with
+    // flash's.
     let cases = [
         ((64, 64, 32, 101), false),
         ((128, 128, 48, 77), false),
@@ -245,6 +246,7 @@ fn window_rows(device: Device) -> Vec<CheckRow> {
     ];
     for wgmma in [true, false] {
         let before = sys::set_window_wgmma_forward(wgmma);
+        let before_bwd = sys::set_window_wgmma_backward(wgmma);
         for (shape, split) in cases {
             let (dk, dv, w, s) = shape;
             let row = run_window_case(shape, split, device).unwrap_or_else(|e| {
@@ -256,6 +258,7 @@ fn window_rows(device: Device) -> Vec<CheckRow> {
             rows.push(row);
         }
         sys::set_window_wgmma_forward(before);
+        sys::set_window_wgmma_backward(before_bwd);
     }
     rows
 }

@@ -1,6 +1,6 @@
-//! The sliding-window branch (`glue/window.cpp`, `WindowFlash`): the forward on Hopper's
-//! warpgroup MMA (`kernels/window_fwd.cu`, sm_90 only) or libtorch's flash-attention kernel,
-//! the backward on libtorch's flash kernel; and the bound on the temporaries of the GQA
+//! The sliding-window branch (`glue/window.cpp`, `WindowFlash`): the forward and the backward
+//! on Hopper's warpgroup MMA (`kernels/window_fwd.cu`, `kernels/window_bwd.cu`, sm_90 only) or
+//! on libtorch's flash-attention kernels; and the bound on the temporaries of the GQA
 //! backward calls that the glue splits by groups of KV heads (the window's flash backward, the
 //! compressed branch's cuDNN backward).
 use std::collections::HashMap;
@@ -17,7 +17,7 @@ use super::{
 };
 use crate::autograd::ERR_LEN;
 use crate::driver::{self, CuFunction};
-use crate::nvrtc::WINDOW_FWD;
+use crate::nvrtc::{WINDOW_BWD, WINDOW_FWD};
 
 extern "C" {
     fn nsa_fused_window(
@@ -28,12 +28,13 @@ extern "C" {
         scale: f64,
         value_cols: i64,
         table: *const c_void,
+        bwd_table: *const c_void,
         err: *mut c_char,
         err_len: usize,
     ) -> *mut C_tensor;
     fn nsa_window_table_size() -> usize;
     #[cfg(test)]
-    fn nsa_window_shapes(out: *mut i64);
+    fn nsa_window_shapes(out: *mut i64, bwd: *mut i64);
     fn nsa_fused_set_head_chunk_bytes(bytes: i64) -> i64;
     fn nsa_sdpa_without_cudnn(
         q: *const C_tensor,
@@ -59,6 +60,12 @@ pub const WINDOW_WGMMA_SHAPES: [(i64, i64); 6] = [
     (192, 192),
 ];
 
+/// `(dk, dv)` of the wgmma window backward's instantiations (dQ, then dK and dV), in the glue's
+/// table order: [`WINDOW_WGMMA_SHAPES`] less `(192, 192)`, whose key-outer kernel would hold
+/// 192 fp32 accumulators a thread for dK and dV alone (flash's backward runs there).
+pub const WINDOW_WGMMA_BWD_SHAPES: [(i64, i64); 5] =
+    [(64, 64), (128, 64), (128, 128), (192, 64), (192, 128)];
+
 /// Mirror of `NsaWindowTable` in `glue/window.cpp` (sizes compared at each load).
 #[repr(C)]
 #[derive(Debug)]
@@ -66,10 +73,13 @@ struct WindowTable {
     launch: *const c_void,
     /// [`WINDOW_WGMMA_SHAPES`]' order.
     fwd: [CuFunction; 6],
+    /// [`WINDOW_WGMMA_BWD_SHAPES`]' order: the dQ kernels, then the dK/dV kernels.
+    bwd_dq: [CuFunction; 5],
+    bwd_dkdv: [CuFunction; 5],
     max_smem: i32,
 }
 
-/// The wgmma window-forward kernels loaded on one device (compute capability 9.0).
+/// The wgmma window kernels loaded on one device (compute capability 9.0).
 #[derive(Debug)]
 pub struct WindowKernels {
     table: WindowTable,
@@ -83,8 +93,9 @@ unsafe impl Sync for WindowKernels {}
 
 static LOADED: Mutex<Option<HashMap<usize, &'static Option<WindowKernels>>>> = Mutex::new(None);
 static WGMMA_FORWARD: AtomicBool = AtomicBool::new(true);
+static WGMMA_BACKWARD: AtomicBool = AtomicBool::new(true);
 
-/// The wgmma window-forward kernels of CUDA device `device`, compiled (or read from the CUBIN
+/// The wgmma window kernels of CUDA device `device`, compiled (or read from the CUBIN
 /// cache) and loaded on first use; `None` on devices other than compute capability 9.0 (the
 /// kernels use Hopper's own instructions).
 pub fn window_kernels(device: usize) -> Result<Option<&'static WindowKernels>, FusedError> {
@@ -109,10 +120,24 @@ fn load(device: usize, opts: &FusedOptions) -> Result<Option<WindowKernels>, Fus
             setup.max_smem,
         )?;
     }
+    let module = load_module(&cubin(&WINDOW_BWD, setup.arch, opts)?.cubin)?;
+    let mut bwd_dq = [std::ptr::null_mut(); 5];
+    let mut bwd_dkdv = [std::ptr::null_mut(); 5];
+    for ((dq, dkdv), (dk, dv)) in bwd_dq
+        .iter_mut()
+        .zip(bwd_dkdv.iter_mut())
+        .zip(WINDOW_WGMMA_BWD_SHAPES)
+    {
+        let name = |part: &str| format!("nsa_window_bwd_{part}_dk{dk}_dv{dv}");
+        *dq = module_function(module, &name("dq"), setup.max_smem)?;
+        *dkdv = module_function(module, &name("dkdv"), setup.max_smem)?;
+    }
     Ok(Some(WindowKernels {
         table: WindowTable {
             launch: drv.launch_kernel as *const c_void,
             fwd,
+            bwd_dq,
+            bwd_dkdv,
             max_smem: setup.max_smem,
         },
     }))
@@ -125,31 +150,58 @@ pub fn set_window_wgmma_forward(on: bool) -> bool {
     WGMMA_FORWARD.swap(on, Ordering::Relaxed)
 }
 
+/// Whether [`window_attention`] runs its backward on the wgmma kernels where they exist (on by
+/// default); `false` sends every backward to libtorch's flash kernel. Returns the previous
+/// setting. Process-wide, read when the forward runs; as [`set_window_wgmma_forward`].
+pub fn set_window_wgmma_backward(on: bool) -> bool {
+    WGMMA_BACKWARD.swap(on, Ordering::Relaxed)
+}
+
 /// The forward [`window_attention`] runs for inputs of `device` with head size `d` (q, k and v
 /// alike) of which the first `value_cols` value columns are real: `"wgmma"` (this crate's
 /// Hopper kernel) or `"flash"` (libtorch's). Loads the kernels on first use; a device whose
 /// kernels fail to load counts as `"flash"` here (`window_attention` returns that error).
 pub fn window_forward_kernel(device: Device, d: i64, value_cols: i64) -> &'static str {
-    match wgmma_kernels_for(device, d, value_cols) {
+    match wgmma_kernels_for(Direction::Forward, device, d, value_cols) {
         Ok(Some(_)) => "wgmma",
         _ => "flash",
     }
 }
 
-/// The wgmma kernels [`window_attention`]'s forward runs on for these inputs: `None` where the
-/// switch is off, the head sizes have no instantiation, or the device is not a Hopper GPU.
+/// The backward [`window_attention`] runs for such inputs, as [`window_forward_kernel`].
+pub fn window_backward_kernel(device: Device, d: i64, value_cols: i64) -> &'static str {
+    match wgmma_kernels_for(Direction::Backward, device, d, value_cols) {
+        Ok(Some(_)) => "wgmma",
+        _ => "flash",
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Forward,
+    Backward,
+}
+
+/// The wgmma kernels [`window_attention`] runs on in `direction` for these inputs: `None` where
+/// that direction's switch is off, the head sizes have no instantiation for it, or the device
+/// is not a Hopper GPU.
 fn wgmma_kernels_for(
+    direction: Direction,
     device: Device,
     d: i64,
     value_cols: i64,
 ) -> Result<Option<&'static WindowKernels>, FusedError> {
-    match device {
-        Device::Cuda(i)
-            if WINDOW_WGMMA_SHAPES.contains(&(d, value_cols))
-                && WGMMA_FORWARD.load(Ordering::Relaxed) =>
-        {
-            window_kernels(i)
+    let on = match direction {
+        Direction::Forward => {
+            WINDOW_WGMMA_SHAPES.contains(&(d, value_cols)) && WGMMA_FORWARD.load(Ordering::Relaxed)
         }
+        Direction::Backward => {
+            WINDOW_WGMMA_BWD_SHAPES.contains(&(d, value_cols))
+                && WGMMA_BACKWARD.load(Ordering::Relaxed)
+        }
+    };
+    match device {
+        Device::Cuda(i) if on => window_kernels(i),
         _ => Ok(None),
     }
 }
@@ -217,7 +269,10 @@ pub fn set_head_chunk_bytes(bytes: i64) -> i64 {
 /// from `value_cols` on are zero. The forward runs on this crate's wgmma kernel where
 /// [`window_forward_kernel`] says so (compute capability 9.0, `(dk, value_cols)` in
 /// [`WINDOW_WGMMA_SHAPES`], inputs starting 16-byte aligned), which computes only the real
-/// columns and writes the zeros; else on libtorch's flash kernel. The backward is flash's on either forward's output and log-sum-exp.
+/// columns and writes the zeros; else on libtorch's flash kernel. The backward, on either
+/// forward's output and log-sum-exp, runs on this crate's deterministic wgmma kernels where
+/// [`window_backward_kernel`] says so (`(dk, value_cols)` in [`WINDOW_WGMMA_BWD_SHAPES`]), else
+/// on flash's.
 pub fn window_attention(
     q: &Tensor,
     k: &Tensor,
@@ -248,11 +303,17 @@ pub fn window_attention(
             format!("must be in 1 ..= dv = {dv}, got {value_cols}"),
         ));
     }
-    let table = wgmma_kernels_for(q.device(), dk, value_cols)?
-        .map_or(std::ptr::null(), |k| std::ptr::from_ref(&k.table).cast());
+    let table_of = |direction| -> Result<*const c_void, FusedError> {
+        Ok(wgmma_kernels_for(direction, q.device(), dk, value_cols)?
+            .map_or(std::ptr::null(), |k| std::ptr::from_ref(&k.table).cast()))
+    };
+    let (table, bwd_table) = (
+        table_of(Direction::Forward)?,
+        table_of(Direction::Backward)?,
+    );
     let mut err = vec![0u8; ERR_LEN];
-    // SAFETY: live tensors borrowed for the call; `table` is null or a loaded table that lives
-    // as long as the process; the glue catches every exception and writes at most ERR_LEN
+    // SAFETY: live tensors borrowed for the call; `table` and `bwd_table` are null or a loaded
+    // table that lives as long as the process; the glue catches every exception and writes at most ERR_LEN
     // bytes into `err`.
     let ptr = unsafe {
         nsa_fused_window(
@@ -263,6 +324,7 @@ pub fn window_attention(
             scale,
             value_cols,
             table,
+            bwd_table,
             err.as_mut_ptr().cast(),
             ERR_LEN,
         )
@@ -272,33 +334,45 @@ pub fn window_attention(
 
 #[cfg(test)]
 mod tests {
-    /// The three lists of the wgmma window forward's instantiations agree: the kernel's
-    /// `NSA_WINDOW_FWD(dk, dv, BN)` lines, the glue's table (with the BN its shared-memory
-    /// carve-up uses) and [`super::WINDOW_WGMMA_SHAPES`] (the Rust table's order).
-    #[test]
-    fn window_instantiations_agree() {
-        let kernel: Vec<[i64; 3]> = crate::nvrtc::WINDOW_FWD
-            .source
+    /// `MACRO(a, b, ...)` lines of a kernel source, as numbers.
+    fn instantiations(source: &str, prefix: &str) -> Vec<Vec<i64>> {
+        source
             .lines()
-            .filter_map(|l| l.strip_prefix("NSA_WINDOW_FWD("))
+            .filter_map(|l| l.strip_prefix(prefix))
             .map(|rest| {
-                let args: Vec<i64> = rest
-                    .trim_end_matches(')')
+                rest.trim_end_matches(')')
                     .split(',')
                     .map(|a| a.trim().parse().expect("a number"))
-                    .collect();
-                [args[0], args[1], args[2]]
+                    .collect()
             })
-            .collect();
-        let mut glue = [0i64; 18];
-        // SAFETY: writes exactly 18 integers into the buffer.
-        unsafe { super::nsa_window_shapes(glue.as_mut_ptr()) };
-        let glue: Vec<[i64; 3]> = glue.chunks(3).map(|c| [c[0], c[1], c[2]]).collect();
+            .collect()
+    }
+
+    /// The lists of the wgmma window kernels' instantiations agree: the kernels'
+    /// `NSA_WINDOW_FWD(dk, dv, BN)` and `NSA_WINDOW_BWD(dk, dv, BN)` lines, the glue's tables
+    /// (the forward's with the BN its shared-memory carve-up uses; the backward's carve-up
+    /// assumes 64) and [`super::WINDOW_WGMMA_SHAPES`] / [`super::WINDOW_WGMMA_BWD_SHAPES`] (the
+    /// Rust table's orders).
+    #[test]
+    fn window_instantiations_agree() {
+        let kernel = instantiations(crate::nvrtc::WINDOW_FWD.source, "NSA_WINDOW_FWD(");
+        let kernel_bwd = instantiations(crate::nvrtc::WINDOW_BWD.source, "NSA_WINDOW_BWD(");
+        let (mut glue, mut glue_bwd) = ([0i64; 18], [0i64; 10]);
+        // SAFETY: writes exactly 18 and 10 integers into the buffers.
+        unsafe { super::nsa_window_shapes(glue.as_mut_ptr(), glue_bwd.as_mut_ptr()) };
+        let glue: Vec<Vec<i64>> = glue.chunks(3).map(<[i64]>::to_vec).collect();
         assert_eq!(
             kernel, glue,
             "window_fwd.cu's instantiations vs the glue's table"
         );
         let rust: Vec<(i64, i64)> = glue.iter().map(|r| (r[0], r[1])).collect();
         assert_eq!(rust, super::WINDOW_WGMMA_SHAPES.to_vec());
+        let glue_bwd: Vec<Vec<i64>> = glue_bwd.chunks(2).map(|c| vec![c[0], c[1], 64]).collect();
+        assert_eq!(
+            kernel_bwd, glue_bwd,
+            "window_bwd.cu's instantiations vs the glue's table (64 keys a dq tile)"
+        );
+        let rust_bwd: Vec<(i64, i64)> = glue_bwd.iter().map(|r| (r[0], r[1])).collect();
+        assert_eq!(rust_bwd, super::WINDOW_WGMMA_BWD_SHAPES.to_vec());
     }
 }
