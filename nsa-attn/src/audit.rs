@@ -26,9 +26,13 @@ pub enum BranchKernel {
     FlashWindow,
     /// `nsa_sys::fused::window_attention` with its forward on nsa-sys's wgmma kernel (Hopper,
     /// `kernels/window_fwd.cu`) and its backward on nsa-sys's wgmma kernels
-    /// (`kernels/window_bwd.cu`) where they are instantiated (all but dk = dv = 192), else
-    /// flash's.
+    /// (`kernels/window_bwd.cu`).
     WgmmaWindow,
+    /// The same with flash's backward: head sizes without a wgmma backward (dk = dv = 192) or
+    /// the backward switched off (`nsa_sys::fused::set_window_wgmma_backward`).
+    WgmmaForwardWindow,
+    /// The same with flash's forward and the wgmma backward (the forward switched off).
+    WgmmaBackwardWindow,
     /// `nsa_sys::fused::compressed_attention`: cuDNN's fused attention over folded queries
     /// (the NVRTC compressed-branch kernels where cuDNN does not apply, and their
     /// deterministic backward under deterministic algorithms), whose log-sum-exp also feeds the
@@ -39,7 +43,13 @@ pub enum BranchKernel {
 impl BranchKernel {
     /// Whether this is one of the fused path's window kernels (either forward).
     pub fn is_fused_window(self) -> bool {
-        matches!(self, BranchKernel::FlashWindow | BranchKernel::WgmmaWindow)
+        matches!(
+            self,
+            BranchKernel::FlashWindow
+                | BranchKernel::WgmmaWindow
+                | BranchKernel::WgmmaForwardWindow
+                | BranchKernel::WgmmaBackwardWindow
+        )
     }
 }
 
@@ -55,6 +65,12 @@ impl std::fmt::Display for BranchKernel {
             BranchKernel::FlashWindow => "flash attention with a sliding window (libtorch)",
             BranchKernel::WgmmaWindow => {
                 "sliding-window forward and backward on wgmma (NVRTC, nsa-sys)"
+            }
+            BranchKernel::WgmmaForwardWindow => {
+                "sliding-window forward on wgmma (NVRTC, nsa-sys), flash backward (libtorch)"
+            }
+            BranchKernel::WgmmaBackwardWindow => {
+                "sliding-window flash forward (libtorch), backward on wgmma (NVRTC, nsa-sys)"
             }
             BranchKernel::FusedCompressed => {
                 "compressed branch on cuDNN over folded queries, selection kernel (NVRTC, nsa-sys)"
@@ -156,8 +172,11 @@ impl NsaAttention {
                 let bf16 = cuda && kind == Kind::BFloat16;
                 let d = crate::fused::window_head_dim(dk, dv);
                 let window = if bf16 && d <= 256 {
-                    match nsa_sys::fused::window_forward_kernel(device, d, dv) {
-                        "wgmma" => BranchKernel::WgmmaWindow,
+                    let fwd = nsa_sys::fused::window_forward_kernel(device, d, dv);
+                    match (fwd, nsa_sys::fused::window_backward_kernel(device, d, dv)) {
+                        ("wgmma", "wgmma") => BranchKernel::WgmmaWindow,
+                        ("wgmma", _) => BranchKernel::WgmmaForwardWindow,
+                        (_, "wgmma") => BranchKernel::WgmmaBackwardWindow,
                         _ => BranchKernel::FlashWindow,
                     }
                 } else {

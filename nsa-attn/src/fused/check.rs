@@ -229,7 +229,8 @@ fn window_rows(device: Device) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     // Equal head sizes, and dk ≠ dv (zero-padded to one head size for flash); two of them
     // again with the backward split into one call per KV head; sequences over several of the
-    // wgmma forward's 128-token blocks, a window of two keys and one longer than the sequence.
+    // wgmma forward's 128-token blocks, a window of two keys and one longer than the sequence,
+    // and dk = dv = 192 (the wgmma forward with flash's backward: no wgmma backward there).
     // Each with the wgmma forward and backward (where the device has them) and again with
     // flash's.
     let cases = [
@@ -243,6 +244,7 @@ fn window_rows(device: Device) -> Vec<CheckRow> {
         ((64, 64, 512, 2100), false),
         ((128, 64, 2, 300), false),
         ((64, 64, 600, 130), false),
+        ((192, 192, 40, 90), false),
     ];
     for wgmma in [true, false] {
         let before = sys::set_window_wgmma_forward(wgmma);
