@@ -64,8 +64,9 @@ template <int D, int BN>
 __device__ __forceinline__ void issue_product(float (&d)[BN / 2], unsigned sa, int rows_a, int wg,
                                               unsigned sb) {
   // No zeroing: the first step overwrites d (scale-d off); see window_fwd.cu's issue_scores.
-  // The base passes through an opaque move so the descriptors are rebuilt at each call (an add
-  // each) instead of hoisted out of the loop and held in up to 40 registers.
+  // The base passes through an opaque move so the descriptor arithmetic stays at each call
+  // instead of being hoisted out of the loop into registers (ptxas reports the same register
+  // counts without it; the kernels were measured with it: BENCHMARKS.md, round 32).
   asm volatile("mov.u32 %0, %0;" : "+r"(sa));
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
