@@ -81,17 +81,11 @@ constexpr int64_t kWgmmaShapes[6][3] = {{64, 64, 64},   {128, 64, 128}, {128, 12
 // tile in its dq kernel, 64 queries a tile in its dkdv kernel.
 constexpr int64_t kWgmmaBwdShapes[5][2] = {{64, 64}, {128, 64}, {128, 128}, {192, 64}, {192, 128}};
 
-// Index of (d, value_cols) in the forward's table, or -1.
-int wgmma_index(int64_t d, int64_t value_cols) {
-  for (int i = 0; i < 6; ++i)
-    if (kWgmmaShapes[i][0] == d && kWgmmaShapes[i][1] == value_cols) return i;
-  return -1;
-}
-
-// Index of (d, value_cols) in the backward's table, or -1.
-int wgmma_bwd_index(int64_t d, int64_t value_cols) {
-  for (int i = 0; i < 5; ++i)
-    if (kWgmmaBwdShapes[i][0] == d && kWgmmaBwdShapes[i][1] == value_cols) return i;
+// Index of the row (d, value_cols, ...) in a table of instantiations, or -1.
+template <size_t N, size_t C>
+int shape_index(const int64_t (&shapes)[N][C], int64_t d, int64_t value_cols) {
+  for (size_t i = 0; i < N; ++i)
+    if (shapes[i][0] == d && shapes[i][1] == value_cols) return int(i);
   return -1;
 }
 
@@ -194,7 +188,8 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
     v = v.contiguous();
     int64_t S = q.size(1), Sk = k.size(1);
     const auto* tab = reinterpret_cast<const NsaWindowTable*>(table);
-    const int idx = tab != nullptr ? nsa_glue::wgmma_index(q.size(3), value_cols) : -1;
+    const int idx =
+        tab != nullptr ? nsa_glue::shape_index(nsa_glue::kWgmmaShapes, q.size(3), value_cols) : -1;
     using nsa_glue::aligned16;
     Tensor out, lse, seed, offset;
     if (idx >= 0 && S == Sk && aligned16(q) && aligned16(k) && aligned16(v)) {
@@ -228,7 +223,8 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
     int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
     const int64_t value_cols = ctx->saved_data["value_cols"].toInt();
     const auto* tab = reinterpret_cast<const NsaWindowTable*>(ctx->saved_data["bwd_table"].toInt());
-    const int idx = tab != nullptr ? nsa_glue::wgmma_bwd_index(D, value_cols) : -1;
+    const int idx =
+        tab != nullptr ? nsa_glue::shape_index(nsa_glue::kWgmmaBwdShapes, D, value_cols) : -1;
     if (idx >= 0 && k.size(1) == S && out.is_contiguous() && lse.is_contiguous() &&
         lse.dim() == 3 && lse.size(2) == S && nsa_glue::aligned16(q) &&
         nsa_glue::aligned16(k) && nsa_glue::aligned16(v) && nsa_glue::aligned16(out) &&

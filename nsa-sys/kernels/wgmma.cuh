@@ -187,4 +187,49 @@ __device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], unsigned long long
   wgmma_ss_n128(d, da, db, accumulate);
 }
 
+// The 64 x BN product of rows 64 wg .. 64 wg + 63 of slab tile sa (rows_a rows) with the
+// BN-row slab tile sb over depth D, issued (not committed): d = A B^T, both K-major.
+// OPAQUE_BASE passes sa through an opaque move so the descriptor arithmetic stays at each call
+// instead of being hoisted out of the caller's loop (ptxas reports the same register counts
+// either way, the code differs): window_bwd.cu was measured with it, window_fwd.cu without
+// (BENCHMARKS.md, rounds 31 and 32).
+template <int D, int BN, bool OPAQUE_BASE>
+__device__ __forceinline__ void issue_product(float (&d)[BN / 2], unsigned sa, int rows_a, int wg,
+                                              unsigned sb) {
+  // No zeroing: the first step overwrites d (scale-d off), and an ordinary instruction that
+  // defines accumulator registers inside a wgmma pipeline stage serialises it (ptxas C7515).
+  if (OPAQUE_BASE) asm volatile("mov.u32 %0, %0;" : "+r"(sa));
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const unsigned pa = sa + (kk >> 2) * (rows_a * 128) + wg * (64 * 128) + (kk & 3) * 32;
+    const unsigned pb = sb + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
+    wgmma_ss<BN>(d, desc_k_major(pa), desc_k_major(pb), kk > 0);
+  }
+}
+
+// acc[n] += A T for the 64 x N result, A the warpgroup's bf16 fragments over R rows of the
+// slab tile st (R x N, read transposed: MN-major, 64 columns a slab), issued (not committed).
+template <int N, int R>
+__device__ __forceinline__ void issue_frag_product(float (&acc)[N / 64][32],
+                                                   const unsigned (&a)[R / 16][4], unsigned st) {
+#pragma unroll
+  for (int kk = 0; kk < R / 16; ++kk) {
+#pragma unroll
+    for (int n = 0; n < N / 64; ++n)
+      wgmma_rs_n64_tb(acc[n], a[kk], desc_mn_major64(st + n * (R * 128) + kk * 2048), 1);
+  }
+}
+
+template <int N> __device__ __forceinline__ void fence_acc(float (&acc)[N / 64][32]) {
+#pragma unroll
+  for (int n = 0; n < N / 64; ++n) fence_regs(acc[n]);
+}
+
+// Keeps A fragments allocated until the wait that completes the wgmmas reading them.
+template <int K16> __device__ __forceinline__ void keep_frags(const unsigned (&a)[K16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < K16; ++kk)
+    asm volatile("" ::"r"(a[kk][0]), "r"(a[kk][1]), "r"(a[kk][2]), "r"(a[kk][3]));
+}
+
 }  // namespace nsa

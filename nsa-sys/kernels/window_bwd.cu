@@ -58,49 +58,6 @@ struct WindowBwdArgs {
 constexpr int kWindowBwdThreads = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// The 64 x BN product of rows 64 wg .. 64 wg + 63 of slab tile sa (rows_a rows) with the
-// BN-row slab tile sb over depth D, issued (not committed): d = A B^T, both K-major.
-template <int D, int BN>
-__device__ __forceinline__ void issue_product(float (&d)[BN / 2], unsigned sa, int rows_a, int wg,
-                                              unsigned sb) {
-  // No zeroing: the first step overwrites d (scale-d off); see window_fwd.cu's issue_scores.
-  // The base passes through an opaque move so the descriptor arithmetic stays at each call
-  // instead of being hoisted out of the loop into registers (ptxas reports the same register
-  // counts without it; the kernels were measured with it: BENCHMARKS.md, round 32).
-  asm volatile("mov.u32 %0, %0;" : "+r"(sa));
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const unsigned pa = sa + (kk >> 2) * (rows_a * 128) + wg * (64 * 128) + (kk & 3) * 32;
-    const unsigned pb = sb + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
-    wgmma_ss<BN>(d, desc_k_major(pa), desc_k_major(pb), kk > 0);
-  }
-}
-
-// acc[n] += A T for the 64 x N result, A the warpgroup's bf16 fragments over R rows of the
-// slab tile st (R x N, read transposed: MN-major, 64 columns a slab), issued (not committed).
-template <int N, int R>
-__device__ __forceinline__ void issue_frag_product(float (&acc)[N / 64][32],
-                                                   const unsigned (&a)[R / 16][4], unsigned st) {
-#pragma unroll
-  for (int kk = 0; kk < R / 16; ++kk) {
-#pragma unroll
-    for (int n = 0; n < N / 64; ++n)
-      wgmma_rs_n64_tb(acc[n], a[kk], desc_mn_major64(st + n * (R * 128) + kk * 2048), 1);
-  }
-}
-
-template <int N> __device__ __forceinline__ void fence_acc(float (&acc)[N / 64][32]) {
-#pragma unroll
-  for (int n = 0; n < N / 64; ++n) fence_regs(acc[n]);
-}
-
-// Keeps A fragments allocated until the wait that completes the wgmmas reading them.
-template <int K16> __device__ __forceinline__ void keep_frags(const unsigned (&a)[K16][4]) {
-#pragma unroll
-  for (int kk = 0; kk < K16; ++kk)
-    asm volatile("" ::"r"(a[kk][0]), "r"(a[kk][1]), "r"(a[kk][2]), "r"(a[kk][3]));
-}
-
 __device__ __forceinline__ float bf16_lo(unsigned x) { return __uint_as_float(x << 16); }
 __device__ __forceinline__ float bf16_hi(unsigned x) { return __uint_as_float(x & 0xffff0000u); }
 
@@ -221,8 +178,8 @@ __device__ __forceinline__ void window_bwd_dq(const WindowBwdArgs& a) {
     }
     if (active(j)) {
       wgmma_fence();
-      issue_product<DK, BN>(s, sq, BM, wg, sk + stg * K_BYTES);
-      issue_product<DV, BN>(dp, sdo, BM, wg, sv + stg * V_BYTES);
+      issue_product<DK, BN, true>(s, sq, BM, wg, sk + stg * K_BYTES);
+      issue_product<DV, BN, true>(dp, sdo, BM, wg, sv + stg * V_BYTES);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(s);
@@ -311,8 +268,9 @@ __device__ __forceinline__ void dkdv_tile_ds(const float (&dpt)[32], const unsig
 // Writes rows key0, key0 + 8 of a 64 x N accumulator times sc as bf16 into dst (row stride
 // `row`), zeros in columns N .. N + pad - 1; rows at or past S are skipped.
 template <int N>
-__device__ __forceinline__ void store_acc_rows(__nv_bfloat16* dst, int row, const float (&acc)[N / 64][32],
-                                               float sc, int key0, int S, int pad, int t4) {
+__device__ __forceinline__ void store_acc_rows(__nv_bfloat16* dst, int row,
+                                               const float (&acc)[N / 64][32], float sc, int key0,
+                                               int S, int pad, int t4) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int key = key0 + 8 * half;
@@ -407,7 +365,7 @@ __device__ __forceinline__ void window_bwd_dkdv(const WindowBwdArgs& a) {
     if (active(m0)) {
       const unsigned sqs = sq + stg * Q_BYTES, sdos = sdo + stg * DO_BYTES;
       wgmma_fence();
-      issue_product<DK, 64>(st, sk, BK, wg, sqs);
+      issue_product<DK, 64, true>(st, sk, BK, wg, sqs);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(st);
@@ -419,7 +377,7 @@ __device__ __forceinline__ void window_bwd_dkdv(const WindowBwdArgs& a) {
       fence_acc<DV>(dv);
       wgmma_fence();
       issue_frag_product<DV, BQ>(dv, pt, sdos);
-      issue_product<DV, 64>(dpt, sv, BK, wg, sdos);
+      issue_product<DV, 64, true>(dpt, sv, BK, wg, sdos);
       wgmma_commit();
       wgmma_wait<0>();
       fence_acc<DV>(dv);

@@ -49,48 +49,6 @@ struct WindowFwdArgs {
 constexpr int kWindowThreads = 256;
 constexpr int kWindowRows = 128;  // tokens per CTA
 
-// One key tile's scores for this warpgroup: s = Q K^T over DK / 16 wgmma steps (issued and
-// committed as one group, not waited for). sq: the Q tile, sk: this stage's K tile. The caller
-// runs wgmma_fence first (and fence_regs on every accumulator it changed since the last wait).
-template <int DK, int BN>
-__device__ __forceinline__ void issue_scores(float (&s)[BN / 2], unsigned sq, unsigned sk, int wg) {
-  // No zeroing: the first step overwrites s (scale-d off), and an ordinary instruction that
-  // defines accumulator registers inside a wgmma pipeline stage serialises it (ptxas C7515).
-#pragma unroll
-  for (int kk = 0; kk < DK / 16; ++kk) {
-    const unsigned qa = sq + (kk >> 2) * (kWindowRows * 128) + wg * (64 * 128) + (kk & 3) * 32;
-    const unsigned kb = sk + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
-    wgmma_ss<BN>(s, desc_k_major(qa), desc_k_major(kb), kk > 0);
-  }
-  wgmma_commit();
-}
-
-// O += P V for one key tile (DV / 64 m64n64k16 per 16 keys; P from registers, V read
-// transposed from this stage's tile sv), issued and committed as one group; fences as
-// issue_scores.
-template <int DV, int BN>
-__device__ __forceinline__ void issue_pv(float (&o)[DV / 64][32], const unsigned (&pa)[BN / 16][4],
-                                         unsigned sv) {
-#pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-#pragma unroll
-    for (int n = 0; n < DV / 64; ++n)
-      wgmma_rs_n64_tb(o[n], pa[kk], desc_mn_major64(sv + n * (BN * 128) + kk * 2048), 1);
-  }
-  wgmma_commit();
-}
-
-// After the wait that completes issue_pv's group: ties O's registers after the wait, and keeps
-// the A fragments allocated until then (the wgmmas read them asynchronously).
-template <int DV, int BN>
-__device__ __forceinline__ void pv_done(float (&o)[DV / 64][32], const unsigned (&pa)[BN / 16][4]) {
-#pragma unroll
-  for (int n = 0; n < DV / 64; ++n) fence_regs(o[n]);
-#pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk)
-    asm volatile("" ::"r"(pa[kk][0]), "r"(pa[kk][1]), "r"(pa[kk][2]), "r"(pa[kk][3]));
-}
-
 // The running softmax state of this thread's two rows (log2 units).
 struct RowState {
   float m0, m1, l0, l1;
@@ -265,17 +223,19 @@ __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
     stage_ready(j < j1);
     if (active(j)) {
       wgmma_fence();
-      issue_scores<DK, BN>(s, sq, sk + stg * K_BYTES, wg);
+      issue_product<DK, BN, false>(s, sq, BM, wg, sk + stg * K_BYTES);  // S = Q K^T
+      wgmma_commit();
       wgmma_wait<0>();
       fence_regs(s);
       softmax_step<BN>(s, pa, st, al0, al1, j * BN, row0, row1, r_lo, r_hi, w, a.scale_log2, t4);
       rescale<DV>(o, al0, al1);
-#pragma unroll
-      for (int n = 0; n < DV / 64; ++n) fence_regs(o[n]);
+      fence_acc<DV>(o);
       wgmma_fence();
-      issue_pv<DV, BN>(o, pa, sv + stg * V_BYTES);
+      issue_frag_product<DV, BN>(o, pa, sv + stg * V_BYTES);  // O += P V
+      wgmma_commit();
       wgmma_wait<0>();
-      pv_done<DV, BN>(o, pa);
+      fence_acc<DV>(o);
+      keep_frags<BN / 16>(pa);
     }
     __syncthreads();
   }
