@@ -4,7 +4,8 @@
 # forward with the same window.
 #   python wf2_harness.py check|small|bench <new.cubin> <old.cubin> <x.cubin> [head]
 # With "head", the new cubin has round 32's tiling (the tile loader of round 33's second part):
-# it is launched with round 32's shared-memory sizes and the x variants are left out.
+# it is launched with round 32's shared-memory sizes, and the x cubin is x_window_fwd_wg3.cu's
+# (three warpgroups a CTA).
 import ctypes, sys, math, statistics, torch
 torch.manual_seed(int.from_bytes(open("/dev/urandom", "rb").read(4), "little"))
 dev = torch.device("cuda")
@@ -39,6 +40,8 @@ def smem(tag, dk, dv, bn, lead, name=None):
         bn = 64 if (dk, dv) == (64, 64) else 128 if dk + dv <= 320 else 64
         return 128 * dk * 2 + 2 * bn * dk * 2 + 2 * bn * dv * 2 + 1024
     ns = lead + 2
+    if name and name.startswith("x_wg3"):
+        return 2 * (192 * dk + 2 * bn * (dk + dv)) + 1024
     if name and name.startswith("x_persist"):
         return 2 * (2 * 128 * dk + ns * bn * (dk + dv)) + 16 * ns + 1024
     return 2 * (128 * dk + ns * bn * (dk + dv)) + 16 * ns + 1024
@@ -53,12 +56,14 @@ def ours(q, k, v, w, dv, scale, tag="new", name=None, bn=None, lead=None):
              q.stride(2), k.stride(2), v.stride(2), o.stride(2), S, H, Hkv, min(w, S), D - dv, scale * 1.4426950408889634)
     args = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(a), ctypes.c_void_p))
     stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-    grid = ((S + 127) // 128, H, B)
+    grid, threads = ((S + 127) // 128, H, B), 256
+    if name.startswith("x_wg3"):
+        grid, threads = ((S + 191) // 192, H, B), 384
     if name.startswith("x_persist"):
         global SMS
         if SMS is None: SMS = torch.cuda.get_device_properties(0).multi_processor_count
         grid = (min(max(1, SMS // B), (S + 127) // 128 * H), B, 1)
-    r = cu.cuLaunchKernel(func(tag, name), *grid, 256, 1, 1, smem(tag, D, dv, bn, lead, name), stream, args, None)
+    r = cu.cuLaunchKernel(func(tag, name), *grid, threads, 1, 1, smem(tag, D, dv, bn, lead, name), stream, args, None)
     assert r == 0, r
     return o, lse
 def reference(q, k, v, w, dv, scale):
@@ -92,8 +97,9 @@ def parity(cases, kernels):
             fails += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {tag} {name or 'main'} dk={dk} dv={dv} B={B} S={S} H={H} Hkv={Hkv} w={w}: out rel {err:.2e} lse abs {lerr:.2e} pad {padok}")
 MAIN = [("new", None, dk, dv, None, None) for (dk, dv) in NEW]
-XS = [] if HEAD else [("x", n, dk, dv, bn, lead) for (n, dk, dv, bn, lead) in X]
-if HEAD: X = []
+if HEAD:
+    X = [("x_wg3_dk192_dv128", 192, 128, 64, 0), ("x_wg3_dk64_dv64", 64, 64, 64, 0), ("x_wg3_dk128_dv128", 128, 128, 64, 0)]
+XS = [("x", n, dk, dv, bn, lead) for (n, dk, dv, bn, lead) in X]
 if mode == "small":
     parity([(2, 300, 6, 2, 64), (1, 777, 4, 1, 512)], MAIN + XS)
     print("FAILS", fails); sys.exit(0)
