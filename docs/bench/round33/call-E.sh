@@ -3,9 +3,10 @@
 # loader with one swizzle a thread (slab-loader.diff applied to 3d669e1: wgmma.cuh's
 # load_slab_tile). wf_fl / wb_fl: window_fwd.cu / window_bwd.cu with the diff, by NVRTC
 # (round 31's nvrtc_build.py, sm_90a); wf_old / wb_old: 3d669e1's; wf_wg3: x_window_fwd_wg3.cu
-# (three warpgroups a CTA) with the diff; nsa-main in bins.tgz: the release build with the diff. Harness parity and times (old against new), then the window,
+# (three warpgroups a CTA) with the diff; nsa-main in bins.tgz: the release build with the diff.
+# prepare-E.sh builds them all into a folder (B=that folder; pass it in carry). Harness parity and times (old against new), then the window,
 # layer and sync parts of the GPU check, bench branches (window), the layer at 64k, training.
-B=.gpu44; P=E; LIM=${LIM:-230}
+B=${B:-.gpu44}; P=E; LIM=${LIM:-230}
 source docs/bench/call-lib.sh
 PY=/opt/torch/.venv/bin/python
 H=docs/bench/round33/wf2_harness.py
