@@ -43,19 +43,27 @@ __device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, 
 // Rows first .. first + ROWS - 1 (zeros outside 0 .. S - 1) of a [S][row_stride] bf16 matrix,
 // columns 0 .. COLS - 1, into a slab tile at shared address dst; every one of the CTA's THREADS
 // threads calls, tid its index; committed by the caller (cp_async_commit).
+// Thread tid copies chunk tid % 8 of every slab in rows tid / 8 + k THREADS / 8: THREADS / 8 is
+// a multiple of 8, so all its rows share one swizzle and its shared addresses are one register
+// plus constants, and each row's validity and source address are computed once for all slabs
+// (the loop over (row, chunk) pairs spent about nine instructions a copy on that arithmetic).
 template <int ROWS, int COLS, int THREADS>
 __device__ __forceinline__ void load_slab_tile(unsigned dst, const __nv_bfloat16* src,
                                                int row_stride, int first, int S, int tid) {
-  constexpr int CHUNKS = COLS / 8;
-  static_assert((ROWS * CHUNKS) % THREADS == 0, "tile not a whole number of passes");
+  constexpr int RSTEP = THREADS / 8;
+  static_assert(COLS % 64 == 0 && RSTEP % 8 == 0 && ROWS % RSTEP == 0,
+                "whole slabs, and rows a whole number of passes of THREADS / 8");
+  const int c8 = tid & 7, r0 = tid >> 3;
+  const unsigned base = dst + (unsigned)(r0 * 128 + ((c8 ^ (r0 & 7)) << 4));
 #pragma unroll
-  for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
-    const int e = tid + i * THREADS;
-    const int r = e / CHUNKS, c = e % CHUNKS;
-    const int row = first + r;
+  for (int k = 0; k < ROWS / RSTEP; ++k) {
+    const int row = first + r0 + k * RSTEP;
     const bool ok = row >= 0 && row < S;
-    const __nv_bfloat16* p = src + (long long)(ok ? row : 0) * row_stride + c * 8;
-    cp_async16_zfill(dst + slab_offset(r, c, ROWS), p, ok ? 16 : 0);
+    const __nv_bfloat16* p = src + (long long)(ok ? row : 0) * row_stride + c8 * 8;
+#pragma unroll
+    for (int sl = 0; sl < COLS / 64; ++sl)
+      cp_async16_zfill(base + (unsigned)(sl * ROWS * 128 + k * RSTEP * 128), p + sl * 64,
+                       ok ? 16 : 0);
   }
 }
 
