@@ -4,6 +4,7 @@
 #
 #   B=.gpuNN; P=A; LIM=400            # binaries folder (carried), log prefix, seconds budget
 #   source docs/bench/call-lib.sh     # sets LD_LIBRARY_PATH, unpacks $B/kcache.tgz, $B/bins.tgz
+#   step check 40 $B/nsa-main check --gpu   # any command, its log $OUT/$P-check.log
 #   check_part head decode            # nsa-head check --gpu --part decode -> $OUT/$P-check-head.log
 #   bench_decode head 1               # the 64k decode bench (paper and 125m, batch 1 and 8)
 #   ncu_decode head 8                 # per-kernel durations of one decode step at 64k x 8
@@ -25,6 +26,13 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/$P
 cat "$OUT/$P-device.txt" >> "$OUT/$P-summary.txt"
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 
+step() {  # name, seconds, command...: skipped when fewer than its seconds are left; the log's
+  # FAIL and sanitizer summary lines go to the summary
+  local n=$1 t=$2; shift 2
+  [ "$(left)" -gt "$t" ] || { say "skip $n"; return; }
+  timeout "$t" "$@" > "$OUT/$P-$n.log" 2>&1; say "$n rc=$?"
+  grep -E "FAILS|FAIL |ERROR SUMMARY" "$OUT/$P-$n.log" | head -8 >> "$OUT/$P-summary.txt"
+}
 check_part() {  # variant, part
   [ "$(left)" -gt 60 ] || { say "skip check $1 $2"; return; }
   timeout 120 "$B/nsa-$1" check --gpu --part "$2" > "$OUT/$P-check-$1-$2.log" 2>&1

@@ -627,9 +627,9 @@ fn run_window_case(
     // The split is flash's backward's (the wgmma backward holds no per-head temporaries): a
     // split case runs that backward after either forward.
     let (fused, backward) = if split {
-        let before = sys::set_window_wgmma_backward(false);
-        let fused = with_split_heads(|| -> Result<_, AttnError> { Ok([run()?, run()?]) });
-        sys::set_window_wgmma_backward(before);
+        let fused = sys::with_window_kernels(None, Some(false), || {
+            with_split_heads(|| -> Result<_, AttnError> { Ok([run()?, run()?]) })
+        });
         (fused?, "flash")
     } else {
         let backward = sys::window_backward_kernel(device, window_head_dim(dk, dv), dv);

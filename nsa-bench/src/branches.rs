@@ -4,8 +4,8 @@
 //! `SelectedDq::Auto`), with each tensor-core forward forced (union tiles, key-outer, token
 //! warps; dQ as picked for it) and with the query-outer dQ forced; the window with the kernels
 //! the library picks (the wgmma forward and backward on Hopper), with flash's backward forced
-//! (`set_window_wgmma_backward(false)`) and with flash's both ways; the compressed branch on
-//! both backends (cuDNN over folded queries, the default, and the NVRTC kernels).
+//! (`with_window_kernels(None, Some(false), ..)`) and with flash's both ways; the compressed
+//! branch on both backends (cuDNN over folded queries, the default, and the NVRTC kernels).
 //!
 //! Shapes: the paper's attention (H = 64, Hkv = 4, G = 16, dk = 192, dv = 128, l' = 64, n = 16,
 //! w = 512) and the `125m` preset's (G = 3). Inputs: q, k, v random in bf16; the block ids are
@@ -267,10 +267,12 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                     "fused, flash bwd",
                     win_pairs,
                     Box::new(|q, k, v| {
-                        let before = nsa_sys::fused::set_window_wgmma_backward(false);
-                        let out = fused::window(q, k, v, &cfg, wchunk);
-                        nsa_sys::fused::set_window_wgmma_backward(before);
-                        Ok(out?)
+                        let window = || fused::window(q, k, v, &cfg, wchunk);
+                        Ok(nsa_sys::fused::with_window_kernels(
+                            None,
+                            Some(false),
+                            window,
+                        )?)
                     }),
                 ),
                 (
@@ -278,12 +280,12 @@ pub fn run(a: BranchBenchArgs) -> Result<()> {
                     "fused, flash",
                     win_pairs,
                     Box::new(|q, k, v| {
-                        let before = nsa_sys::fused::set_window_wgmma_forward(false);
-                        let before_bwd = nsa_sys::fused::set_window_wgmma_backward(false);
-                        let out = fused::window(q, k, v, &cfg, wchunk);
-                        nsa_sys::fused::set_window_wgmma_forward(before);
-                        nsa_sys::fused::set_window_wgmma_backward(before_bwd);
-                        Ok(out?)
+                        let window = || fused::window(q, k, v, &cfg, wchunk);
+                        Ok(nsa_sys::fused::with_window_kernels(
+                            Some(false),
+                            Some(false),
+                            window,
+                        )?)
                     }),
                 ),
                 (

@@ -71,11 +71,11 @@ namespace nsa_glue {
 namespace {
 std::atomic<int64_t> g_chunk_bytes{int64_t(1) << 30};
 
-// window_fwd.cu's instantiations (WINDOW_WGMMA_SHAPES' order): d, value_cols and the keys per
-// tile BN that its shared-memory carve-up depends on (nsa-sys's window_instantiations_agree
-// compares the three lists).
-constexpr int64_t kWgmmaShapes[6][3] = {{64, 64, 64},   {128, 64, 128}, {128, 128, 128},
-                                        {192, 64, 128}, {192, 128, 128}, {192, 192, 64}};
+// window_fwd.cu's instantiations (WINDOW_WGMMA_SHAPES' order): d, value_cols, the keys per
+// tile BN and the warpgroups a CTA WGS (64 WGS tokens, 128 WGS threads) that its grid and
+// shared-memory carve-up depend on (nsa-sys's window_instantiations_agree compares the lists).
+constexpr int64_t kWgmmaShapes[6][4] = {{64, 64, 64, 2},   {128, 64, 128, 2}, {128, 128, 64, 4},
+                                        {192, 64, 128, 2}, {192, 128, 64, 4}, {192, 192, 64, 2}};
 
 // window_bwd.cu's instantiations (WINDOW_WGMMA_BWD_SHAPES' order): d, value_cols; 64 keys a
 // tile in its dq kernel, 64 queries a tile in its dkdv kernel.
@@ -116,15 +116,15 @@ std::tuple<at::Tensor, at::Tensor> wgmma_forward(const NsaWindowTable* tab, int 
                      int32_t(S), int32_t(H), int32_t(Hkv),
                      int32_t(std::min<int64_t>(window, S)), int32_t(D - value_cols),
                      float(scale * 1.4426950408889634)};
-  // window_fwd.cu's carve-up: Q [128][D], K [2][BN][D], V [2][BN][value_cols] bf16, plus the
-  // 1024 bytes that align it.
-  const int64_t bn = kWgmmaShapes[idx][2];
-  const int64_t smem = 2 * (128 * D + 2 * bn * D + 2 * bn * value_cols) + 1024;
+  // window_fwd.cu's carve-up: Q [rows][D], K [2][BN][D], V [2][BN][value_cols] bf16, plus the
+  // 1024 bytes that align it; rows = 64 WGS tokens a CTA.
+  const int64_t bn = kWgmmaShapes[idx][2], rows = 64 * kWgmmaShapes[idx][3];
+  const int64_t smem = 2 * (rows * D + 2 * bn * D + 2 * bn * value_cols) + 1024;
   TORCH_CHECK(smem <= tab->max_smem, "window forward: needs ", smem,
               " bytes of shared memory per block, the device allows ", tab->max_smem);
   void* args[] = {&a};
-  launch_kernel(tab->launch, tab->fwd[idx], "nsa_window_fwd", (S + 127) / 128, H, B, 256, smem,
-                current_stream(q.device()), args);
+  launch_kernel(tab->launch, tab->fwd[idx], "nsa_window_fwd", (S + rows - 1) / rows, H, B,
+                2 * rows, smem, current_stream(q.device()), args);
   return {out, lse};
 }
 
@@ -271,12 +271,12 @@ extern "C" {
 
 size_t nsa_window_table_size() { return sizeof(NsaWindowTable); }
 
-// Copies kWgmmaShapes (6 rows of d, value_cols, BN) into out[18] and kWgmmaBwdShapes (5 rows
+// Copies kWgmmaShapes (6 rows of d, value_cols, BN, WGS) into out[24] and kWgmmaBwdShapes (5 rows
 // of d, value_cols) into bwd[10], for Rust's test that the kernels' instantiations, these tables
 // and WINDOW_WGMMA_SHAPES / WINDOW_WGMMA_BWD_SHAPES agree.
 void nsa_window_shapes(int64_t* out, int64_t* bwd) {
   for (int i = 0; i < 6; ++i)
-    for (int j = 0; j < 3; ++j) out[3 * i + j] = nsa_glue::kWgmmaShapes[i][j];
+    for (int j = 0; j < 4; ++j) out[4 * i + j] = nsa_glue::kWgmmaShapes[i][j];
   for (int i = 0; i < 5; ++i)
     for (int j = 0; j < 2; ++j) bwd[2 * i + j] = nsa_glue::kWgmmaBwdShapes[i][j];
 }

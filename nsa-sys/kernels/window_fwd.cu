@@ -14,20 +14,23 @@
 // q [B, S, H, DK], k [B, S, Hkv, DK], v [B, S, Hkv, >= DV], o [B, S, H, DV + pad]; lse fp32
 // [B, H, S] contiguous.
 //
-// Tiling: one CTA of two warpgroups (256 threads) per (128 consecutive tokens, head, batch);
-// warpgroup i owns tokens 64i .. 64i + 63 of the block (the wgmma M of 64). The CTA walks the
-// tiles of BN keys that meet its tokens' windows (from the tile of max(0, t0 - w + 1) to the
-// tile of its last token) with K and V double-buffered in shared memory by cp.async. Per tile
-// and warpgroup: S = Q K^T by DK / 16 wgmma m64nBNk16 (Q and K from shared memory, K-major),
-// the mask on tiles that cross a window edge, the online softmax in registers, then O += P V by
-// m64n64k16 wgmmas with P from registers (the score accumulators packed to bf16) and V read
-// transposed from shared memory (MN-major), DV / 64 per 16 keys; tile j + 1 loads meanwhile. A
-// warpgroup skips the tiles outside all of its tokens' windows. (FlashAttention-3's overlap
-// inside a warpgroup, the softmax of tile j beside the P V of tile j - 1, measured slower here
-// at both the paper's and the 125m head sizes: BENCHMARKS.md, round 31.)
-// The output leaves through shared memory (the Q and K space) in 16-byte row chunks.
-// Shared memory (wgmma.cuh's swizzled slabs, 1024-byte aligned): Q [128][DK], K [2][BN][DK],
-// V [2][BN][DV]. The instantiations at the end pick BN per head sizes.
+// Tiling: one CTA of WGS warpgroups (128 WGS threads) per (64 WGS consecutive tokens, head,
+// batch); warpgroup i owns tokens 64i .. 64i + 63 of the block (the wgmma M of 64). The CTA
+// walks the tiles of BN keys that meet its tokens' windows (from the tile of max(0, t0 - w + 1)
+// to the tile of its last token) with K and V double-buffered in shared memory by cp.async.
+// Per tile and warpgroup: S = Q K^T by DK / 16 wgmma m64nBNk16 (Q and K from shared memory,
+// K-major), the mask on tiles that cross a window edge, the online softmax in registers, then
+// O += P V by m64n64k16 wgmmas with P from registers (the score accumulators packed to bf16)
+// and V read transposed from shared memory (MN-major), DV / 64 per 16 keys; tile j + 1 loads
+// meanwhile. A warpgroup skips the tiles outside all of its tokens' windows. (FlashAttention-3's
+// overlap inside a warpgroup, the softmax of tile j beside the P V of tile j - 1, measured
+// slower here at both the paper's and the 125m head sizes: BENCHMARKS.md, round 31.)
+// The first 256 threads copy the tiles (wgmma.cuh's loader takes rows in passes of threads / 8;
+// three warpgroups' passes of 48 rows would not divide a tile of 64 keys, and with four the 64
+// rows of a pass would make each a single pass). The output leaves through shared memory (the
+// Q and K space) in 16-byte row chunks.
+// Shared memory (wgmma.cuh's swizzled slabs, 1024-byte aligned): Q [64 WGS][DK], K [2][BN][DK],
+// V [2][BN][DV]. The instantiations at the end pick BN and WGS per head sizes.
 #include "wgmma.cuh"
 
 namespace nsa {
@@ -46,8 +49,7 @@ struct WindowFwdArgs {
   float scale_log2;  // scale * log2(e)
 };
 
-constexpr int kWindowThreads = 256;
-constexpr int kWindowRows = 128;  // tokens per CTA
+constexpr int kWindowCopyThreads = 256;  // the threads that copy tiles into shared memory
 
 // The running softmax state of this thread's two rows (log2 units).
 struct RowState {
@@ -136,10 +138,10 @@ __device__ __forceinline__ void rescale(float (&o)[DV / 64][32], float al0, floa
   }
 }
 
-// Normalises the rows, writes lse, and stores the CTA's 128 x DV output tile (through shared
-// memory at `so`, row stride DV + 8 elements against bank conflicts) in 16-byte chunks, then
-// the pad columns' zeros. Starts with a CTA barrier (the tiles' space is reused).
-template <int DV>
+// Normalises the rows, writes lse, and stores the CTA's BM x DV output tile (through shared
+// memory at `so`, row stride DV + 8 elements against bank conflicts) in 16-byte chunks by its
+// T threads, then the pad columns' zeros. Starts with a CTA barrier (the tiles' space is reused).
+template <int DV, int BM, int T>
 __device__ __forceinline__ void store_rows(const WindowFwdArgs& a, float (&o)[DV / 64][32],
                                            RowState st, __nv_bfloat16* so, int t0, int h, int b,
                                            int row0, int row1, int lr0, int t4, int tid) {
@@ -161,8 +163,8 @@ __device__ __forceinline__ void store_rows(const WindowFwdArgs& a, float (&o)[DV
   }
   __syncthreads();
   __nv_bfloat16* out = a.o + b * a.o_batch + (long long)h * a.o_head;
-  copy_staged_rows<kWindowRows, DV, OS, kWindowThreads>(out, a.o_row, so, t0, S, tid);
-  for (int e = tid; e < kWindowRows * (a.pad / 8); e += kWindowThreads) {
+  copy_staged_rows<BM, DV, OS, T>(out, a.o_row, so, t0, S, tid);
+  for (int e = tid; e < BM * (a.pad / 8); e += T) {
     const int r = e / (a.pad / 8), c = e % (a.pad / 8);
     if (t0 + r < S)
       *reinterpret_cast<uint4*>(out + (long long)(t0 + r) * a.o_row + DV + 8 * c) =
@@ -170,10 +172,11 @@ __device__ __forceinline__ void store_rows(const WindowFwdArgs& a, float (&o)[DV
   }
 }
 
-template <int DK, int DV, int BN>
+template <int DK, int DV, int BN, int WGS>
 __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
   static_assert(DK % 64 == 0 && DV % 64 == 0 && DV <= DK, "head sizes of whole slabs, DV <= DK");
-  constexpr int BM = kWindowRows;
+  static_assert(WGS >= 2 && WGS <= 4, "two to four warpgroups");
+  constexpr int BM = 64 * WGS, T = 128 * WGS, LT = kWindowCopyThreads;
   constexpr unsigned Q_BYTES = BM * DK * 2, K_BYTES = BN * DK * 2, V_BYTES = BN * DV * 2;
   static_assert(BM * (DV + 8) * 2 <= (int)(Q_BYTES + K_BYTES), "the output tile must fit");
   extern __shared__ unsigned char smem_raw[];
@@ -188,6 +191,7 @@ __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
   const __nv_bfloat16* q = a.q + b * a.q_batch + (long long)h * a.q_head;
   const __nv_bfloat16* k = a.k + b * a.k_batch + (long long)kvh * a.k_head;
   const __nv_bfloat16* v = a.v + b * a.v_batch + (long long)kvh * a.v_head;
+  const bool copier = tid < LT;
 
   const int j0 = max(0, t0 - w + 1) / BN, j1 = min(S - 1, t0 + BM - 1) / BN;
   // This warpgroup's tokens r_lo .. r_hi (none when r_lo >= S) and this thread's two rows.
@@ -207,17 +211,21 @@ __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
   unsigned pa[BN / 16][4];
   float al0, al1;
 
-  load_slab_tile<BM, DK, kWindowThreads>(sq, q, a.q_row, t0, S, tid);
-  load_slab_tile<BN, DK, kWindowThreads>(sk, k, a.k_row, j0 * BN, S, tid);
+  if (copier) {
+    load_slab_tile<BM, DK, LT>(sq, q, a.q_row, t0, S, tid);
+    load_slab_tile<BN, DK, LT>(sk, k, a.k_row, j0 * BN, S, tid);
+  }
   cp_async_commit();
-  load_slab_tile<BN, DV, kWindowThreads>(sv, v, a.v_row, j0 * BN, S, tid);
+  if (copier) load_slab_tile<BN, DV, LT>(sv, v, a.v_row, j0 * BN, S, tid);
   cp_async_commit();
 
   for (int j = j0; j <= j1; ++j) {
     const unsigned stg = (unsigned)(j - j0) & 1u;
     if (j < j1) {
-      load_slab_tile<BN, DK, kWindowThreads>(sk + (stg ^ 1u) * K_BYTES, k, a.k_row, (j + 1) * BN, S, tid);
-      load_slab_tile<BN, DV, kWindowThreads>(sv + (stg ^ 1u) * V_BYTES, v, a.v_row, (j + 1) * BN, S, tid);
+      if (copier) {
+        load_slab_tile<BN, DK, LT>(sk + (stg ^ 1u) * K_BYTES, k, a.k_row, (j + 1) * BN, S, tid);
+        load_slab_tile<BN, DV, LT>(sv + (stg ^ 1u) * V_BYTES, v, a.v_row, (j + 1) * BN, S, tid);
+      }
       cp_async_commit();
     }
     stage_ready(j < j1);
@@ -240,23 +248,28 @@ __device__ __forceinline__ void window_fwd(const WindowFwdArgs& a) {
     __syncthreads();
   }
   __nv_bfloat16* so = reinterpret_cast<__nv_bfloat16*>(smem_raw + (base - shared_addr(smem_raw)));
-  store_rows<DV>(a, o, st, so, t0, h, b, row0, row1, lr0, t4, tid);
+  store_rows<DV, BM, T>(a, o, st, so, t0, h, b, row0, row1, lr0, t4, tid);
 }
 
 }  // namespace nsa
 
-// Keys per tile BN per head sizes, measured on an H100 (BENCHMARKS.md, round 31): 64 at
-// dk = dv = 64 (0.24 ms against 0.33 with 128 at the 125m shape, 8k x 4), else 128 while the
-// shared memory allows (DK + DV <= 320; 64 at the paper's sizes is 3 % slower), else 64. The
-// glue's kWgmmaShapes mirrors this list.
-#define NSA_WINDOW_FWD(DK, DV, BN)                                                           \
-  extern "C" __global__ void __launch_bounds__(nsa::kWindowThreads, 1)                      \
+// Keys per tile BN and warpgroups WGS per head sizes, measured on an H100 (BENCHMARKS.md,
+// rounds 31 and 34). Two warpgroups: 64 keys at dk = dv = 64 (0.24 ms against 0.33 with 128 at
+// the 125m shape, 8k x 4), else 128 while the shared memory allows (DK + DV <= 320; 64 at the
+// paper's sizes is 3 % slower), else 64. Four warpgroups (each scheduler interleaves four
+// warps instead of two; 123 registers a thread, under the 128 that 512 threads allow) at
+// dk = dv = 128 and at the paper's 192 / 128, with 64 keys (128 would overflow the shared
+// memory): the paper's forward at 64k 4.71 ms with two, 4.33 with three, 4.11 with four. Three
+// warpgroups were 20 % slower at dk = dv = 64; the other sizes were not measured with more
+// than two. The glue's kWgmmaShapes mirrors this list.
+#define NSA_WINDOW_FWD(DK, DV, BN, WGS)                                                      \
+  extern "C" __global__ void __launch_bounds__(128 * WGS, 1)                                \
       nsa_window_fwd_dk##DK##_dv##DV(nsa::WindowFwdArgs a) {                                \
-    nsa::window_fwd<DK, DV, BN>(a);                                                          \
+    nsa::window_fwd<DK, DV, BN, WGS>(a);                                                     \
   }
-NSA_WINDOW_FWD(64, 64, 64)
-NSA_WINDOW_FWD(128, 64, 128)
-NSA_WINDOW_FWD(128, 128, 128)
-NSA_WINDOW_FWD(192, 64, 128)
-NSA_WINDOW_FWD(192, 128, 128)
-NSA_WINDOW_FWD(192, 192, 64)
+NSA_WINDOW_FWD(64, 64, 64, 2)
+NSA_WINDOW_FWD(128, 64, 128, 2)
+NSA_WINDOW_FWD(128, 128, 64, 4)
+NSA_WINDOW_FWD(192, 64, 128, 2)
+NSA_WINDOW_FWD(192, 128, 64, 4)
+NSA_WINDOW_FWD(192, 192, 64, 2)

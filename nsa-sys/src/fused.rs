@@ -62,7 +62,8 @@ pub use selected_order::{
 pub use window::{
     sdpa_cudnn_enabled, sdpa_without_cudnn, set_head_chunk_bytes, set_window_wgmma_backward,
     set_window_wgmma_forward, window_attention, window_backward_kernel, window_forward_kernel,
-    window_kernels, WindowKernels, WINDOW_WGMMA_BWD_SHAPES, WINDOW_WGMMA_SHAPES,
+    window_kernels, with_window_kernels, WindowKernels, WINDOW_WGMMA_BWD_SHAPES,
+    WINDOW_WGMMA_SHAPES,
 };
 
 /// Options of the fused kernels' compilation.

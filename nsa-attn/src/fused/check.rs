@@ -229,10 +229,10 @@ fn window_rows(device: Device) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     // Equal head sizes, and dk ≠ dv (zero-padded to one head size for flash); two of them
     // again with the backward split into one call per KV head; sequences over several of the
-    // wgmma forward's 128-token blocks, a window of two keys and one longer than the sequence,
-    // and dk = dv = 192 (the wgmma forward with flash's backward: no wgmma backward there).
-    // Each with the wgmma forward and backward (where the device has them) and again with
-    // flash's.
+    // wgmma forward's blocks of 128 or 256 tokens (two or four warpgroups), a window of two
+    // keys and one longer than the sequence, and dk = dv = 192 (the wgmma forward with flash's
+    // backward: no wgmma backward there). Each with the wgmma forward and backward (where the
+    // device has them) and again with flash's.
     let cases = [
         ((64, 64, 32, 101), false),
         ((128, 128, 48, 77), false),
@@ -241,26 +241,25 @@ fn window_rows(device: Device) -> Vec<CheckRow> {
         ((64, 64, 32, 101), true),
         ((192, 128, 40, 90), true),
         ((192, 128, 512, 1000), false),
+        ((128, 128, 200, 700), false),
         ((64, 64, 512, 2100), false),
         ((128, 64, 2, 300), false),
         ((64, 64, 600, 130), false),
         ((192, 192, 40, 90), false),
     ];
     for wgmma in [true, false] {
-        let before = sys::set_window_wgmma_forward(wgmma);
-        let before_bwd = sys::set_window_wgmma_backward(wgmma);
-        for (shape, split) in cases {
-            let (dk, dv, w, s) = shape;
-            let row = run_window_case(shape, split, device).unwrap_or_else(|e| {
-                failed(
-                    format!("window dk={dk} dv={dv} w={w} S={s} split={split} wgmma={wgmma}"),
-                    e,
-                )
-            });
-            rows.push(row);
-        }
-        sys::set_window_wgmma_forward(before);
-        sys::set_window_wgmma_backward(before_bwd);
+        sys::with_window_kernels(Some(wgmma), Some(wgmma), || {
+            for (shape, split) in cases {
+                let (dk, dv, w, s) = shape;
+                let row = run_window_case(shape, split, device).unwrap_or_else(|e| {
+                    failed(
+                        format!("window dk={dk} dv={dv} w={w} S={s} split={split} wgmma={wgmma}"),
+                        e,
+                    )
+                });
+                rows.push(row);
+            }
+        });
     }
     rows
 }

@@ -157,6 +157,35 @@ pub fn set_window_wgmma_backward(on: bool) -> bool {
     WGMMA_BACKWARD.swap(on, Ordering::Relaxed)
 }
 
+/// Runs `f` with [`window_attention`]'s wgmma forward and backward switched as given (see
+/// [`set_window_wgmma_forward`] and [`set_window_wgmma_backward`]; `None` leaves a switch as
+/// it is), then puts both back as they were, also when `f` panics. The switches are
+/// process-wide: this is for the GPU check and the benchmarks, which compare the wgmma kernels
+/// with flash's.
+pub fn with_window_kernels<T>(
+    wgmma_forward: Option<bool>,
+    wgmma_backward: Option<bool>,
+    f: impl FnOnce() -> T,
+) -> T {
+    /// The switches' settings before the call, restored when dropped.
+    struct Restore(Option<bool>, Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(on) = self.0 {
+                set_window_wgmma_forward(on);
+            }
+            if let Some(on) = self.1 {
+                set_window_wgmma_backward(on);
+            }
+        }
+    }
+    let _restore = Restore(
+        wgmma_forward.map(set_window_wgmma_forward),
+        wgmma_backward.map(set_window_wgmma_backward),
+    );
+    f()
+}
+
 /// The forward [`window_attention`] runs for inputs of `device` with head size `d` (q, k and v
 /// alike) of which the first `value_cols` value columns are real: `"wgmma"` (this crate's
 /// Hopper kernel) or `"flash"` (libtorch's). Loads the kernels on first use; a device whose
@@ -349,18 +378,18 @@ mod tests {
     }
 
     /// The lists of the wgmma window kernels' instantiations agree: the kernels'
-    /// `NSA_WINDOW_FWD(dk, dv, BN)` and `NSA_WINDOW_BWD(dk, dv, BN)` lines, the glue's tables
-    /// (the forward's with the BN its shared-memory carve-up uses; the backward's carve-up
-    /// assumes 64) and [`super::WINDOW_WGMMA_SHAPES`] / [`super::WINDOW_WGMMA_BWD_SHAPES`] (the
-    /// Rust table's orders).
+    /// `NSA_WINDOW_FWD(dk, dv, BN, WGS)` and `NSA_WINDOW_BWD(dk, dv, BN)` lines, the glue's
+    /// tables (the forward's with the BN and warpgroups that its grid and shared-memory carve-up
+    /// use; the backward's carve-up assumes 64) and [`super::WINDOW_WGMMA_SHAPES`] /
+    /// [`super::WINDOW_WGMMA_BWD_SHAPES`] (the Rust table's orders).
     #[test]
     fn window_instantiations_agree() {
         let kernel = instantiations(crate::nvrtc::WINDOW_FWD.source, "NSA_WINDOW_FWD(");
         let kernel_bwd = instantiations(crate::nvrtc::WINDOW_BWD.source, "NSA_WINDOW_BWD(");
-        let (mut glue, mut glue_bwd) = ([0i64; 18], [0i64; 10]);
-        // SAFETY: writes exactly 18 and 10 integers into the buffers.
+        let (mut glue, mut glue_bwd) = ([0i64; 24], [0i64; 10]);
+        // SAFETY: writes exactly 24 and 10 integers into the buffers.
         unsafe { super::nsa_window_shapes(glue.as_mut_ptr(), glue_bwd.as_mut_ptr()) };
-        let glue: Vec<Vec<i64>> = glue.chunks(3).map(<[i64]>::to_vec).collect();
+        let glue: Vec<Vec<i64>> = glue.chunks(4).map(<[i64]>::to_vec).collect();
         assert_eq!(
             kernel, glue,
             "window_fwd.cu's instantiations vs the glue's table"

@@ -1,0 +1,31 @@
+#!/bin/bash
+# Session 45, call H (round 34): the committed form of call G's nsa-x4 (the window forward with
+# four warpgroups at dk = dv = 128 and dk = 192, dv = 128; machine code identical to x4's,
+# compared with cuobjdump): the window, layer and sync parts of the GPU check, racecheck over
+# the window part with only the wgmma forward instrumented, the window branch against nsa-old
+# (call F's build: the loader, two warpgroups), the layer and training. nsa-x64 (not committed):
+# this build with four warpgroups at dk = dv = 64 too (the 125m shape), its window check and
+# the 125m window branch beside nsa-main's.
+B=${B:-.gpu47}; P=H; LIM=${LIM:-260}
+source docs/bench/call-lib.sh
+step check 40 $B/nsa-main check --gpu --part window,layer,sync; tail -1 "$OUT/$P-check.log" >> "$OUT/$P-summary.txt"
+grep -iE "\| fail" "$OUT/$P-check.log" | cut -c1-200 | head -10 >> "$OUT/$P-summary.txt"
+for v in main old; do
+  step branches-paper-$v 20 $B/nsa-$v bench branches --branch window --shape paper --seq 16384,65536 --repeats 5
+  grep -hE "^\| paper" "$OUT/$P"-branches-paper-$v.log | grep "fused |" | sed "s/^/$v /" >> "$OUT/$P-summary.txt"
+done
+step check-x64 30 $B/nsa-x64 check --gpu --part window; tail -1 "$OUT/$P-check-x64.log" >> "$OUT/$P-summary.txt"
+for v in main x64; do
+  step branches-125m-$v 15 $B/nsa-$v bench branches --branch window --shape 125m --batch 4 --seq 8192 --repeats 5
+  grep -hE "^\| 125m" "$OUT/$P"-branches-125m-$v.log | grep "fused |" | sed "s/^/$v /" >> "$OUT/$P-summary.txt"
+done
+for v in main; do
+  step attn-$v 25 $B/nsa-$v bench attn --path fused --seq 65536 --repeats 3; grep -E "^\| 65536" "$OUT/$P-attn-$v.log" | cut -d"|" -f1-6 | sed "s/^/$v /" >> "$OUT/$P-summary.txt"
+done
+for v in main; do
+  step train-$v 40 $B/nsa-$v bench train --device cuda --preset 125m --seq 8192,32768 --steps 4; grep -E "^\|" "$OUT/$P-train-$v.log" | tail -4 | sed "s/^/$v /" >> "$OUT/$P-summary.txt"
+done
+CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+step racecheck 60 $CS --tool racecheck --kernel-name kns=nsa_window_fwd $B/nsa-main check --gpu --part window
+tail -4 "$OUT/$P-racecheck.log" >> "$OUT/$P-summary.txt"
+summarize
