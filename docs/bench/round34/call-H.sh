@@ -6,11 +6,19 @@
 # (call F's build: the loader, two warpgroups), the layer and training. nsa-x64 (not committed):
 # this build with four warpgroups at dk = dv = 64 too (the 125m shape), its window check and
 # the 125m window branch beside nsa-main's.
-B=${B:-.gpu47}; P=H; LIM=${LIM:-260}
+# Then (prepared after call G, not yet run) the dQ kernel with three warpgroups and 32 keys a
+# tile (x_window_bwd_dq.cu) against the landed one in wb3_harness.py. prepare-H.sh builds the
+# folder from a clean tree; nsa-old is optional (its steps are skipped without it).
+B=${B:-.gpu47}; P=H; LIM=${LIM:-330}
 source docs/bench/call-lib.sh
+PY=/opt/torch/.venv/bin/python
+X=docs/bench/round34/wb3_harness.py
+step dq-check 60 $PY $X $B/wb.cubin $B/xdq.cubin check; tail -1 "$OUT/$P-dq-check.log" >> "$OUT/$P-summary.txt"
+step dq-bench 60 $PY $X $B/wb.cubin $B/xdq.cubin bench; cat "$OUT/$P-dq-bench.log" >> "$OUT/$P-summary.txt"
 step check 40 $B/nsa-main check --gpu --part window,layer,sync; tail -1 "$OUT/$P-check.log" >> "$OUT/$P-summary.txt"
 grep -iE "\| fail" "$OUT/$P-check.log" | cut -c1-200 | head -10 >> "$OUT/$P-summary.txt"
 for v in main old; do
+  [ -x $B/nsa-$v ] || continue
   step branches-paper-$v 20 $B/nsa-$v bench branches --branch window --shape paper --seq 16384,65536 --repeats 5
   grep -hE "^\| paper" "$OUT/$P"-branches-paper-$v.log | grep "fused |" | sed "s/^/$v /" >> "$OUT/$P-summary.txt"
 done
