@@ -8,8 +8,10 @@
 # the 125m window branch beside nsa-main's.
 # Then (prepared after call G, not yet run) the dQ kernel with three warpgroups and 32 keys a
 # tile (x_window_bwd_dq.cu) against the landed one in wb3_harness.py. prepare-H.sh builds the
-# folder from a clean tree; nsa-old is optional (its steps are skipped without it).
-B=${B:-.gpu47}; P=H; LIM=${LIM:-330}
+# folder from a clean tree; nsa-old is optional (its steps are skipped without it). Last,
+# nsa-dq3 (dq-wgs.diff: that dQ kernel in the library at dv = 128): the window and layer
+# checks, the branch and training.
+B=${B:-.gpu47}; P=H; LIM=${LIM:-420}
 source docs/bench/call-lib.sh
 PY=/opt/torch/.venv/bin/python
 X=docs/bench/round34/wb3_harness.py
@@ -33,6 +35,11 @@ done
 for v in main; do
   step train-$v 40 $B/nsa-$v bench train --device cuda --preset 125m --seq 8192,32768 --steps 4; grep -E "^\|" "$OUT/$P-train-$v.log" | tail -4 | sed "s/^/$v /" >> "$OUT/$P-summary.txt"
 done
+step check-dq3 40 $B/nsa-dq3 check --gpu --part window,layer; tail -1 "$OUT/$P-check-dq3.log" >> "$OUT/$P-summary.txt"
+grep -iE "\| fail" "$OUT/$P-check-dq3.log" | cut -c1-200 | head -10 >> "$OUT/$P-summary.txt"
+step branches-paper-dq3 20 $B/nsa-dq3 bench branches --branch window --shape paper --seq 16384,65536 --repeats 5
+grep -hE "^\| paper" "$OUT/$P"-branches-paper-dq3.log | grep "fused |" | sed "s/^/dq3 /" >> "$OUT/$P-summary.txt"
+step train-dq3 40 $B/nsa-dq3 bench train --device cuda --preset 125m --seq 8192,32768 --steps 4; grep -E "^\|" "$OUT/$P-train-dq3.log" | tail -4 | sed "s/^/dq3 /" >> "$OUT/$P-summary.txt"
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 step racecheck 60 $CS --tool racecheck --kernel-name kns=nsa_window_fwd $B/nsa-main check --gpu --part window
 tail -4 "$OUT/$P-racecheck.log" >> "$OUT/$P-summary.txt"
