@@ -41,6 +41,9 @@ pub enum BenchError {
     /// Loading libtorch's CUDA backend or reading the driver failed.
     #[error("{0}")]
     Sys(#[from] nsa_sys::SysError),
+    /// A call through nsa-sys's C++ glue failed (e.g. autograd's backward).
+    #[error("{0}")]
+    Glue(#[from] nsa_sys::autograd::GlueError),
 }
 
 impl BenchError {

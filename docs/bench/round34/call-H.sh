@@ -10,7 +10,8 @@
 # tile (x_window_bwd_dq.cu) against the landed one in wb3_harness.py. prepare-H.sh builds the
 # folder from a clean tree; nsa-old is optional (its steps are skipped without it). Last,
 # nsa-dq3 (dq-wgs.diff: that dQ kernel in the library at dv = 128): the window and layer
-# checks, the branch and training.
+# checks, the branch and training. The builds time `bench branches`' fwd+bwd with the output's
+# gradient handed to autograd (no Σ out · grad loss): not comparable with calls F and G there.
 B=${B:-.gpu47}; P=H; LIM=${LIM:-420}
 source docs/bench/call-lib.sh
 PY=/opt/torch/.venv/bin/python
