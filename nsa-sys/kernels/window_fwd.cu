@@ -25,10 +25,10 @@
 // meanwhile. A warpgroup skips the tiles outside all of its tokens' windows. (FlashAttention-3's
 // overlap inside a warpgroup, the softmax of tile j beside the P V of tile j - 1, measured
 // slower here at both the paper's and the 125m head sizes: BENCHMARKS.md, round 31.)
-// The first 256 threads copy the tiles (wgmma.cuh's loader takes rows in passes of threads / 8;
-// three warpgroups' passes of 48 rows would not divide a tile of 64 keys, and with four the 64
-// rows of a pass would make each a single pass). The output leaves through shared memory (the
-// Q and K space) in 16-byte row chunks.
+// The first 256 threads copy the tiles (wgmma.cuh's loader takes rows in passes of threads / 8:
+// three warpgroups' passes of 48 rows would not divide a tile of 64 keys; four warpgroups' 64
+// would, but the kernel was measured with 256 copying threads at every size). The output
+// leaves through shared memory (the Q and K space) in 16-byte row chunks.
 // Shared memory (wgmma.cuh's swizzled slabs, 1024-byte aligned): Q [64 WGS][DK], K [2][BN][DK],
 // V [2][BN][DV]. The instantiations at the end pick BN and WGS per head sizes.
 #include "wgmma.cuh"
