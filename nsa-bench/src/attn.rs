@@ -8,8 +8,10 @@
 //! run on CUDA, where the device is synchronised before each clock read):
 //! - `nsa fwd`: the whole layer (projections, compression, selection, three branches, gates,
 //!   output projection) on the chosen path, without autograd;
-//! - `nsa fwd+bwd`: the same with autograd, then backward of `Σ out·g` (g fixed random) to the
-//!   input and every parameter;
+//! - `nsa fwd+bwd`: the same with autograd, then backward from a fixed random output gradient
+//!   to the input and every parameter (handed to autograd as the output's gradient since round
+//!   35; rounds up to 34 timed the backward of `Σ out·g`, whose product and sum added their own
+//!   passes over the output, on both sides);
 //! - `nsa select`: selection alone (chunked `p_cmp` → top-n blocks) from precomputed
 //!   projections, for the "selection ≤ 5 % of the forward" target;
 //! - `dense fwd`, `dense fwd+bwd`: `scaled_dot_product_attention(is_causal)` on q `[B, H, S, dk]`,
@@ -389,7 +391,7 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
                     let g = Tensor::f_randn([args.batch, seq, args.dim], (kind, device))?;
                     time_case(device, repeats(args, device), || {
                         let out = attn.forward(&x, &opts)?;
-                        out.f_mul(&g)?.f_sum(Kind::Float)?.f_backward()?;
+                        nsa_sys::autograd::backward(&[&out], &[&g])?;
                         Ok(())
                     })?
                 }
@@ -419,7 +421,7 @@ fn run_case(case: Case, seq: i64, device: Device, args: &AttnBenchArgs) -> Resul
             let timing = time_case(device, repeats(args, device), || {
                 if backward {
                     let out = dense.run(&q, &k, &v)?;
-                    out.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
+                    nsa_sys::autograd::backward(&[&out], &[&grad])?;
                 } else {
                     let _out = tch::no_grad(|| dense.run(&q, &k, &v))?;
                 }

@@ -229,7 +229,8 @@ fn window_rows(device: Device) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     // Equal head sizes, and dk ≠ dv (zero-padded to one head size for flash); two of them
     // again with the backward split into one call per KV head; sequences over several of the
-    // wgmma forward's blocks of 128 or 256 tokens (two or four warpgroups), a window of two
+    // wgmma forward's blocks of 128 or 256 tokens (two or four warpgroups; 18 blocks of four at
+    // the paper's head sizes and window over 4,500 tokens), a window of two
     // keys and one longer than the sequence, and dk = dv = 192 (the wgmma forward with flash's
     // backward: no wgmma backward there). Each with the wgmma forward and backward (where the
     // device has them) and again with flash's.
@@ -242,6 +243,7 @@ fn window_rows(device: Device) -> Vec<CheckRow> {
         ((192, 128, 40, 90), true),
         ((192, 128, 512, 1000), false),
         ((128, 128, 200, 700), false),
+        ((192, 128, 512, 4500), false),
         ((64, 64, 512, 2100), false),
         ((128, 64, 2, 300), false),
         ((64, 64, 600, 130), false),
