@@ -7,23 +7,10 @@
 # warpgroups and 32 keys a tile at dv = 128, in the library), then taken out again; wb.cubin and
 # xdq.cubin: window_bwd.cu and x_window_bwd_dq.cu by NVRTC; one kernel cache for the builds.
 # An nsa-old already in the folder's bins.tgz is kept.
-set -eu
-B=${1:?folder for the device files, listed in .git/info/exclude}
-grep -qx "$B/" .git/info/exclude || echo "$B/" >> .git/info/exclude
-mkdir -p "$B"
-PY=.tools/torch-venv/bin/python
-NV=docs/bench/round31/nvrtc_build.py
-T=${CARGO_TARGET_DIR:-/work/rel-target}
-W=$(mktemp -d)
-mkdir -p "$W/bins" "$W/kc"
+source docs/bench/prepare-lib.sh "${1:-}"
 [ -f "$B/bins.tgz" ] && tar xzf "$B/bins.tgz" -C "$W/bins" && find "$W/bins" -type f ! -name nsa-old -delete
-$PY $NV nsa-sys/kernels/window_bwd.cu sm_90a "$B/wb.cubin" > /dev/null
-$PY $NV docs/bench/round34/x_window_bwd_dq.cu sm_90a "$B/xdq.cubin" > /dev/null
-build() {  # name
-  LIBTORCH=$PWD/.libtorch CARGO_TARGET_DIR=$T cargo build -q --release -p nsa-train
-  cp "$T/release/nsa-train" "$W/bins/$1" && strip "$W/bins/$1"
-  LD_LIBRARY_PATH=$PWD/.libtorch/lib "$W/bins/$1" kernels --arch 90 --cache-dir "$W/kc" > /dev/null
-}
+nvrtc_cubin nsa-sys/kernels/window_bwd.cu "$B/wb.cubin"
+nvrtc_cubin docs/bench/round34/x_window_bwd_dq.cu "$B/xdq.cubin"
 build nsa-main
 trap 'git checkout -- nsa-sys/' EXIT
 sed -i 's/^NSA_WINDOW_FWD(64, 64, 64, 2)/NSA_WINDOW_FWD(64, 64, 64, 4)/' nsa-sys/kernels/window_fwd.cu
@@ -34,7 +21,4 @@ git apply docs/bench/round34/dq-wgs.diff
 build nsa-dq3
 git checkout -- nsa-sys/
 LIBTORCH=$PWD/.libtorch CARGO_TARGET_DIR=$T cargo build -q --release -p nsa-train
-(cd "$W/bins" && tar czf "$OLDPWD/$B/bins.tgz" nsa-*)
-(cd "$W/kc" && tar czf "$OLDPWD/$B/kcache.tgz" .)
-rm -rf "$W"
-ls -la "$B"
+pack

@@ -10,7 +10,7 @@
 # wb3_harness.py checks and times x_window_bwd_dq.cu against the landed dQ ($B/wb.cubin,
 # $B/xdq.cubin). The checks of unp and dq3 alone run only if ud's fails. Ordered for a short
 # call: the GPU checks, the window branch, the dQ harness, the layer; the rest if time is left.
-B=${B:-.gpu48}; P=I; LIM=${LIM:-480}
+B=${B:-.gpu49}; P=I; LIM=${LIM:-480}
 source docs/bench/call-lib.sh
 PY=/opt/torch/.venv/bin/python
 X=docs/bench/round34/wb3_harness.py

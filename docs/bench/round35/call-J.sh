@@ -3,7 +3,7 @@
 # cut to what fits a session's last device minutes:
 # nsa-ud's GPU check (window, layer, sync), then the window branch at the paper shape, 64k, for
 # main, ud, unp and dq3 (the builds of call-I.sh), then main's check if time is left.
-B=${B:-.gpu48}; P=J; LIM=${LIM:-140}
+B=${B:-.gpu49}; P=J; LIM=${LIM:-140}
 source docs/bench/call-lib.sh
 step check-ud 50 $B/nsa-ud check --gpu --part window,layer,sync
 tail -1 "$OUT/$P-check-ud.log" >> "$OUT/$P-summary.txt"
