@@ -1,7 +1,8 @@
 // What the glue files that launch kernels or report errors to Rust share: the
 // signature of the driver's cuLaunchKernel (whose address Rust loaded and hands over in a
 // kernel table) and one checked launch through it (launch_kernel), libtorch's current CUDA
-// stream of a device, and the error buffer protocol of
+// stream of a device with the device's context bound on the calling thread, and the error
+// buffer protocol of
 // the extern "C" functions (a NUL-terminated message of at most err_len bytes).
 #pragma once
 #include <c10/core/Device.h>
@@ -32,9 +33,20 @@ inline void launch_kernel(void* launch, void* fn, const char* what, int64_t gx, 
   TORCH_CHECK(rc == 0, "cuLaunchKernel(", what, ") failed with CUDA driver error ", rc);
 }
 
+// Makes `device`'s primary context current on the calling thread when no context is
+// (stream.cpp). The driver's cuLaunchKernel needs one, and libtorch does not always bind it:
+// c10's set_device skips cudaSetDevice when cudaGetDevice already answers the ordinal, which a
+// fresh thread's does for device 0 with no context bound, so a kernel launched first on such a
+// thread (autograd's device thread running one of our backward nodes first, a user's thread)
+// failed with CUDA_ERROR_INVALID_CONTEXT. A thread whose current context is another device's
+// is left as it is (the launch reports the mismatch).
+void bind_context(c10::DeviceIndex device);
+
 // libtorch's current CUDA stream of `device`, through c10's device-guard interface (libc10
-// only, no CUDA headers).
+// only, no CUDA headers), after bind_context: every launch, the glue's and the Rust decode
+// kernels', takes its stream from here.
 inline void* current_stream(const c10::Device& device) {
+  bind_context(device.index());
   const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
   return impl->getStream(device).native_handle();
 }

@@ -26,6 +26,7 @@ pub(crate) struct Driver {
     driver_get_version: unsafe extern "C" fn(*mut c_int) -> CuResult,
     pub(crate) primary_ctx_retain: unsafe extern "C" fn(*mut CuContext, c_int) -> CuResult,
     pub(crate) ctx_set_current: unsafe extern "C" fn(CuContext) -> CuResult,
+    ctx_get_current: unsafe extern "C" fn(*mut CuContext) -> CuResult,
     pub(crate) stream_query: unsafe extern "C" fn(CuStream) -> CuResult,
     pub(crate) stream_create: unsafe extern "C" fn(*mut CuStream, c_uint) -> CuResult,
     pub(crate) stream_destroy: unsafe extern "C" fn(CuStream) -> CuResult,
@@ -201,6 +202,7 @@ impl Driver {
             driver_get_version: sym!("cuDriverGetVersion"),
             primary_ctx_retain: sym!("cuDevicePrimaryCtxRetain"),
             ctx_set_current: sym!("cuCtxSetCurrent"),
+            ctx_get_current: sym!("cuCtxGetCurrent"),
             stream_query: sym!("cuStreamQuery"),
             stream_create: sym!("cuStreamCreate"),
             stream_destroy: sym!("cuStreamDestroy_v2"),
@@ -227,6 +229,17 @@ impl Driver {
         };
         // SAFETY: cuInit(0) is always valid to call, repeatedly too.
         check("cuInit", unsafe { init(0) })?;
+        // The glue binds a device's primary context on a thread that has none before it takes
+        // a stream to launch on (glue/stream.cpp, bind_context).
+        // SAFETY: the three pointers are the driver's own entry points with the signatures
+        // stream.cpp declares; the driver library is never unloaded.
+        unsafe {
+            crate::glue::nsa_glue_set_context_calls(
+                driver.ctx_get_current as *const c_void,
+                driver.primary_ctx_retain as *const c_void,
+                driver.ctx_set_current as *const c_void,
+            )
+        };
         Ok(driver)
     }
 

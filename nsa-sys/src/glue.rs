@@ -1,7 +1,14 @@
 //! Declarations of the C++ glue compiled from `glue/*.cpp`.
-use std::os::raw::{c_int, c_long};
+use std::os::raw::{c_int, c_long, c_void};
 
 extern "C" {
+    /// Hands the glue the driver's `cuCtxGetCurrent`, `cuDevicePrimaryCtxRetain` and
+    /// `cuCtxSetCurrent` (glue/stream.cpp); the first call wins.
+    pub(crate) fn nsa_glue_set_context_calls(
+        get_current: *const c_void,
+        primary_retain: *const c_void,
+        set_current: *const c_void,
+    );
     pub fn nsa_torch_version(major: *mut c_int, minor: *mut c_int, patch: *mut c_int);
     pub fn nsa_cuda_runtime_version() -> c_long;
     pub fn nsa_cudnn_version() -> c_long;

@@ -68,7 +68,8 @@ fn clean_ids_row(device: Device) -> CheckRow {
 /// reference layer given its selection (output and the gradients of the input and every
 /// parameter, G = 3 and G = 16, fp32 and bf16); and a whole fused
 /// layer's forward and backward under libtorch's sync debug mode set to error (no host
-/// synchronisation). A case that errors is a failed row naming the error.
+/// synchronisation); and the window branch run from a thread with no CUDA context bound,
+/// bitwise equal to this thread's. A case that errors is a failed row naming the error.
 /// Without a CUDA device: [`AttnError::Option`] (`gpu_check`).
 pub fn gpu_check() -> Result<Vec<CheckRow>, AttnError> {
     gpu_check_parts(&CheckPart::ALL)
@@ -89,7 +90,8 @@ pub enum CheckPart {
     Pointwise,
     /// The whole fused layer against the reference layer.
     Layer,
-    /// A fused layer's forward and backward without host synchronisation.
+    /// A fused layer's forward and backward without host synchronisation; the window branch
+    /// from a thread with no CUDA context.
     Sync,
 }
 

@@ -4,6 +4,9 @@
 //! (an `.item()`, a blocking copy, `nonzero`, `masked_select`, `bincount`, a stream
 //! synchronize) fails the row with libtorch's message and the stage (forward or backward) it
 //! happened in. A control row first checks that the mode does trip on a deliberate `.item()`.
+//! One more row runs the window branch's forward and backward from a thread on which no CUDA
+//! call ran before (no CUDA context bound), as autograd's device thread or a user's thread
+//! may: every launch must bind the device's context itself.
 use nsa_select::SelectImpl;
 use nsa_sys::cuda::{SyncDebugGuard, SyncDebugMode};
 use tch::{nn, Device, Kind, Tensor};
@@ -66,7 +69,64 @@ pub fn check_rows(device: Device) -> Vec<CheckRow> {
         cfg.nsa.window = w;
         rows.push(row(name, layer_without_sync(cfg, b, s, device)));
     }
+    rows.push(row(
+        "window fwd+bwd from a thread with no CUDA context, bitwise equal to the main thread's"
+            .into(),
+        window_on_fresh_thread(device),
+    ));
     rows
+}
+
+/// The fused window branch's output and input gradients (the output's gradient handed to
+/// autograd, so the window's own backward node runs first on autograd's device thread) at the
+/// paper's head sizes, computed on this thread and on a new one whose first CUDA work is the
+/// branch's kernels (its inputs were made here); the two must be bitwise equal (the kernels are
+/// deterministic). Before the glue bound the context itself, the new thread's first launch
+/// failed with CUDA_ERROR_INVALID_CONTEXT (201).
+fn window_on_fresh_thread(device: Device) -> Result<String, AttnError> {
+    let cfg = super::check_layer_config(1024, (16, 2), (192, 128), (32, 16, 64, 4));
+    let (b, s) = (1, 1500);
+    let opt = (Kind::BFloat16, device);
+    let q = Tensor::f_randn([b, s, 16, 192], opt)?;
+    let k = Tensor::f_randn([b, s, 2, 192], opt)?;
+    let v = Tensor::f_randn([b, s, 2, 128], opt)?;
+    let g = Tensor::f_randn([b, s, 16, 128], opt)?;
+    let run = move |q: Tensor, k: Tensor, v: Tensor, g: Tensor| -> Result<Vec<Tensor>, AttnError> {
+        let (q, k, v) = (
+            q.f_detach()?.f_set_requires_grad(true)?,
+            k.f_detach()?.f_set_requires_grad(true)?,
+            v.f_detach()?.f_set_requires_grad(true)?,
+        );
+        let out = crate::fused::window(&q, &k, &v, &cfg, LeanOpts::default().window_chunk)?;
+        nsa_sys::autograd::backward(&[&out], &[&g])?;
+        let mut all = vec![out.f_detach()?];
+        for t in [&q, &k, &v] {
+            all.push(t.f_grad()?);
+        }
+        Ok(all)
+    };
+    let (q2, k2, v2, g2) = (
+        q.shallow_clone(),
+        k.shallow_clone(),
+        v.shallow_clone(),
+        g.shallow_clone(),
+    );
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    let here = run(q, k, v, g)?;
+    let there = std::thread::spawn(move || run(q2, k2, v2, g2))
+        .join()
+        .map_err(|_| check_err("the new thread panicked"))??;
+    for (name, (a, b)) in ["output", "dQ", "dK", "dV"]
+        .iter()
+        .zip(here.iter().zip(&there))
+    {
+        if !a.f_equal(b)? {
+            return Err(check_err(format!("{name} differs between the two threads")));
+        }
+    }
+    Ok("output and dQ, dK, dV bitwise equal".into())
 }
 
 fn control(device: Device) -> Result<String, AttnError> {
