@@ -123,32 +123,21 @@ pub fn window(
     if !window_supported(q, k, v) {
         return lean::window(q, k, v, cfg, chunk);
     }
-    // Zero columns change no score (q·k) and no output column that is kept, so padding q/k and
-    // v to one head size and narrowing the output is exact; autograd carries the gradients
-    // back through the pads. The scale stays 1/√dk of the real dk.
+    // The kernels take dv ≤ dk, a multiple of 8: q and k get zero columns up to that (they
+    // change no score q·k; autograd carries the gradients back through the pads); the scale
+    // stays 1/√dk of the real dk. v keeps its dv columns: the glue pads it where flash runs.
     let (dk, dv) = (q.size()[3], v.size()[3]);
     let d = window_head_dim(dk, dv);
-    let pad = |t: &Tensor, from: i64| -> Result<Tensor, AttnError> {
-        Ok(if from == d {
+    // The kernels read contiguous rows; the layer's q, k and v are views of its projections.
+    let pad = |t: &Tensor| -> Result<Tensor, AttnError> {
+        Ok(if dk == d {
             t.f_contiguous()?
         } else {
-            t.f_constant_pad_nd([0, d - from])?.f_contiguous()?
+            t.f_constant_pad_nd([0, d - dk])?.f_contiguous()?
         })
     };
-    let out = sys::window_attention(
-        &pad(q, dk)?,
-        &pad(k, dk)?,
-        &pad(v, dv)?,
-        cfg.nsa.window,
-        scale(q),
-        dv,
-    )
-    .map_err(fused_err)?;
-    Ok(if dv == d {
-        out
-    } else {
-        out.f_narrow(3, 0, dv)?
-    })
+    let v = v.f_contiguous()?;
+    sys::window_attention(&pad(q)?, &pad(k)?, &v, cfg.nsa.window, scale(q)).map_err(fused_err)
 }
 
 /// The gated sum of the branch outputs (Eq. 5) and the output projection `W_o` (no bias):

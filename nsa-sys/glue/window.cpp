@@ -1,15 +1,19 @@
-// The sliding-window branch, bf16, dk == dv (nsa-attn zero-pads to one head size):
+// The sliding-window branch, bf16, dv <= dk (nsa-attn zero-pads q and k when dk < dv):
 // WindowFlash, an autograd Function. Forward: this crate's wgmma kernel (kernels/window_fwd.cu,
-// Hopper only, from the kernel table Rust loaded; it computes only the real value columns and
-// writes the padded ones as zeros) or libtorch's own flash-attention kernel with its
-// sliding-window parameters (window_size_left = w - 1, right = 0, causal). Backward: this
-// crate's wgmma kernels (kernels/window_bwd.cu: dQ query-outer, then dK and dV key-outer over
-// the group's heads; deterministic) where Rust passed their table, else flash's, on either
-// forward's output and lse (the same layouts), split by groups of KV heads when one call's
-// temporaries would pass the bound (attention.h, kv_head_chunks, also used by fused.cpp's
-// compressed branch on cuDNN).
+// Hopper only, from the kernel table Rust loaded) or libtorch's own flash-attention kernel with
+// its sliding-window parameters (window_size_left = w - 1, right = 0, causal) on v zero-padded
+// to dk (flash takes one head size). Backward: this crate's wgmma kernels
+// (kernels/window_bwd.cu: dQ query-outer, then dK and dV key-outer over the group's heads;
+// deterministic) where Rust passed their table, else flash's, on either forward's output and
+// lse (the same layouts), split by groups of KV heads when one call's temporaries would pass the
+// bound (attention.h, kv_head_chunks, also used by fused.cpp's compressed branch on cuDNN).
+// Flash's zero columns (v's, the output's, the output gradient's) exist only where a flash
+// kernel runs: with the wgmma kernels both ways nothing is padded, and the forward's output is
+// [B, S, H, dv] (round 35: the padded output's narrow cost a zero-filled [B, S, H, dk] gradient
+// and a copy in every backward).
 //
-// Layouts: q [B, S, H, d], k, v [B, S, Hkv, d], out [B, S, H, d]; flash's lse [B, H, S].
+// Layouts: q [B, S, H, d], k [B, S, Hkv, d], v [B, S, Hkv, dv]; the function's output
+// [B, S, H, dv] (a view of a [B, S, H, d] output where flash may read it); flash's lse [B, H, S].
 // Also libtorch's SDPA with its cuDNN backend off for one call (nsa_sdpa_without_cudnn), for the
 // dense decoder's growing cache.
 #include <ATen/ATen.h>
@@ -63,6 +67,7 @@ struct NsaWindowBwdArgs {
   void* dk;
   void* dv;
   int32_t S, H, Hkv, window;
+  int32_t o_cols;
   float scale, scale_log2;
 };
 
@@ -93,14 +98,21 @@ int shape_index(const int64_t (&shapes)[N][C], int64_t d, int64_t value_cols) {
 // rows of d elements; a view may still start at an odd element).
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-// The wgmma forward (window_fwd.cu): out [B, S, H, d] (columns value_cols.. zero) and lse
-// [B, H, S] fp32, flash's layouts. q, k, v contiguous bf16.
+// Zero columns up to d (flash's one head size), or t itself when it has d columns.
+at::Tensor pad_cols(const at::Tensor& t, int64_t d) {
+  return t.size(3) == d ? t : at::constant_pad_nd(t, {0, d - t.size(3)});
+}
+
+// The wgmma forward (window_fwd.cu): out [B, S, H, out_cols] (columns dv.. zero, where
+// out_cols > dv) and lse [B, H, S] fp32, flash's layouts. q, k, v contiguous bf16, v
+// [B, S, Hkv, dv].
 std::tuple<at::Tensor, at::Tensor> wgmma_forward(const NsaWindowTable* tab, int idx,
                                                  const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, int64_t window,
-                                                 double scale, int64_t value_cols) {
+                                                 double scale, int64_t out_cols) {
   const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
-  auto out = at::empty({B, S, H, D}, q.options());
+  const int64_t value_cols = v.size(3);
+  auto out = at::empty({B, S, H, out_cols}, q.options());
   auto lse = at::empty({B, H, S}, q.options().dtype(at::kFloat));
   if (B == 0 || S == 0 || H == 0) return {out, lse};
   // Strides in elements fit the kernel's 32-bit row and head strides (a row is H * D).
@@ -114,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> wgmma_forward(const NsaWindowTable* tab, int 
                      int32_t(q.stride(2)), int32_t(k.stride(2)), int32_t(v.stride(2)),
                      int32_t(out.stride(2)),
                      int32_t(S), int32_t(H), int32_t(Hkv),
-                     int32_t(std::min<int64_t>(window, S)), int32_t(D - value_cols),
+                     int32_t(std::min<int64_t>(window, S)), int32_t(out_cols - value_cols),
                      float(scale * 1.4426950408889634)};
   // window_fwd.cu's carve-up: Q [rows][D], K [2][BN][D], V [2][BN][value_cols] bf16, plus the
   // 1024 bytes that align it; rows = 64 WGS tokens a CTA.
@@ -128,13 +140,15 @@ std::tuple<at::Tensor, at::Tensor> wgmma_forward(const NsaWindowTable* tab, int 
   return {out, lse};
 }
 
-// The wgmma backward (window_bwd.cu): dq [B, S, H, d], dk, dv [B, S, Hkv, d] (dv's columns
-// value_cols.. zero). Every input contiguous bf16 and 16-byte aligned, lse [B, H, S] fp32.
+// The wgmma backward (window_bwd.cu): dq [B, S, H, d], dk [B, S, Hkv, d], dv [B, S, Hkv, dv].
+// v [B, S, Hkv, dv], dout [B, S, H, dv], out [B, S, H, dv or d] (the forward's); every input
+// contiguous bf16 and 16-byte aligned, lse [B, H, S] fp32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> wgmma_backward(
     const NsaWindowTable* tab, int idx, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
-    int64_t window, double scale, int64_t value_cols) {
+    int64_t window, double scale) {
   const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
+  const int64_t value_cols = v.size(3);
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (B == 0 || S == 0 || H == 0) return {dq, dk, dv};
   TORCH_CHECK(H * D < (int64_t(1) << 31) && S < (int64_t(1) << 31),
@@ -145,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wgmma_backward(
                      dout.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(),
                      dq.data_ptr(), dk.data_ptr(),  dv.data_ptr(),
                      int32_t(S), int32_t(H), int32_t(Hkv), int32_t(std::min<int64_t>(window, S)),
-                     float(scale), float(scale * 1.4426950408889634)};
+                     int32_t(out.size(3)), float(scale), float(scale * 1.4426950408889634)};
   // window_bwd.cu's carve-ups (both the same size at 64 keys, resp. queries, a tile): 128 rows
   // of d and of value_cols, two stages of 64 rows of each, bf16; 1 KB of fp32 lse and delta
   // (the dq kernel's 512 bytes of delta); the 1024 aligning bytes.
@@ -182,25 +196,28 @@ using torch::autograd::variable_list;
 struct WindowFlash : public torch::autograd::Function<WindowFlash> {
   // table, bwd_table: the NsaWindowTable's address, or 0 for flash's forward, resp. backward.
   static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, int64_t window,
-                        double scale, int64_t value_cols, int64_t table, int64_t bwd_table) {
+                        double scale, int64_t table, int64_t bwd_table) {
     q = q.contiguous();
     k = k.contiguous();
     v = v.contiguous();
-    int64_t S = q.size(1), Sk = k.size(1);
+    const int64_t S = q.size(1), Sk = k.size(1), D = q.size(3), DV = v.size(3);
     const auto* tab = reinterpret_cast<const NsaWindowTable*>(table);
-    const int idx =
-        tab != nullptr ? nsa_glue::shape_index(nsa_glue::kWgmmaShapes, q.size(3), value_cols) : -1;
+    const int idx = tab != nullptr ? nsa_glue::shape_index(nsa_glue::kWgmmaShapes, D, DV) : -1;
     using nsa_glue::aligned16;
     Tensor out, lse, seed, offset;
     if (idx >= 0 && S == Sk && aligned16(q) && aligned16(k) && aligned16(v)) {
-      std::tie(out, lse) = nsa_glue::wgmma_forward(tab, idx, q, k, v, window, scale, value_cols);
+      // Flash's zero columns only where flash's backward will read this output.
+      const bool wgmma_bwd =
+          bwd_table != 0 && nsa_glue::shape_index(nsa_glue::kWgmmaBwdShapes, D, DV) >= 0;
+      std::tie(out, lse) =
+          nsa_glue::wgmma_forward(tab, idx, q, k, v, window, scale, wgmma_bwd ? DV : D);
       // What flash's forward returns without dropout; its backward reads them only with dropout.
       seed = at::empty({}, at::dtype(at::kLong));
       offset = at::empty({}, at::dtype(at::kLong));
     } else {
-      auto res = at::_flash_attention_forward(q, k, v, std::nullopt, std::nullopt, S, Sk, 0.0,
-                                              /*is_causal=*/true, /*return_debug_mask=*/false,
-                                              scale, window - 1, 0);
+      auto res = at::_flash_attention_forward(q, k, nsa_glue::pad_cols(v, D), std::nullopt,
+                                              std::nullopt, S, Sk, 0.0, /*is_causal=*/true,
+                                              /*return_debug_mask=*/false, scale, window - 1, 0);
       out = std::get<0>(res);
       lse = std::get<1>(res);
       seed = std::get<2>(res);
@@ -209,31 +226,34 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
     ctx->save_for_backward({q, k, v, out, lse, seed, offset});
     ctx->saved_data["window"] = window;
     ctx->saved_data["scale"] = scale;
-    ctx->saved_data["value_cols"] = value_cols;
     ctx->saved_data["bwd_table"] = bwd_table;
-    return out;
+    return out.size(3) == DV ? out : out.narrow(3, 0, DV);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
     int64_t window = ctx->saved_data["window"].toInt();
     double scale = ctx->saved_data["scale"].toDouble();
-    auto dout = grads[0].to(s[3].scalar_type()).contiguous();
     const auto &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
     int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
-    const int64_t value_cols = ctx->saved_data["value_cols"].toInt();
+    const int64_t DV = v.size(3);
+    auto dout = grads[0].to(out.scalar_type()).contiguous();  // [B, S, H, DV]
     const auto* tab = reinterpret_cast<const NsaWindowTable*>(ctx->saved_data["bwd_table"].toInt());
-    const int idx =
-        tab != nullptr ? nsa_glue::shape_index(nsa_glue::kWgmmaBwdShapes, D, value_cols) : -1;
+    const int idx = tab != nullptr ? nsa_glue::shape_index(nsa_glue::kWgmmaBwdShapes, D, DV) : -1;
+    using nsa_glue::aligned16;
     if (idx >= 0 && k.size(1) == S && out.is_contiguous() && lse.is_contiguous() &&
-        lse.dim() == 3 && lse.size(2) == S && nsa_glue::aligned16(q) &&
-        nsa_glue::aligned16(k) && nsa_glue::aligned16(v) && nsa_glue::aligned16(out) &&
-        nsa_glue::aligned16(dout)) {
-      auto res = nsa_glue::wgmma_backward(tab, idx, q, k, v, out, lse, dout, window, scale,
-                                          value_cols);
+        lse.dim() == 3 && lse.size(2) == S && aligned16(q) && aligned16(k) && aligned16(v) &&
+        aligned16(out)) {
+      // A view's gradient may start off a 16-byte boundary; a copy starts on one.
+      if (!aligned16(dout)) dout = dout.clone();
+      auto res = nsa_glue::wgmma_backward(tab, idx, q, k, v, out, lse, dout, window, scale);
       return {std::get<0>(res), std::get<1>(res), std::get<2>(res), Tensor(), Tensor(), Tensor(),
-              Tensor(), Tensor()};
+              Tensor()};
     }
+    // Flash: one head size D for every operand; dv's zero columns dropped at the end.
+    const auto vp = nsa_glue::pad_cols(v, D), outp = nsa_glue::pad_cols(out, D),
+               doutp = nsa_glue::pad_cols(dout, D);
+    auto narrow_dv = [&](const Tensor& dv) { return DV == D ? dv : dv.narrow(3, 0, DV); };
     // fp32 dQ accumulator, plus bf16 dK and dV per query head when H > Hkv.
     int64_t temps = B * S * H * D * (4 + (H > Hkv ? 4 : 0));
     int64_t chunks = nsa_glue::kv_head_chunks(temps, Hkv);
@@ -244,24 +264,24 @@ struct WindowFlash : public torch::autograd::Function<WindowFlash> {
                                            s[5], s[6], scale, window - 1, 0);
     };
     if (chunks == 1) {
-      auto res = call(dout, q, k, v, out, lse);
-      return {std::get<0>(res), std::get<1>(res), std::get<2>(res), Tensor(), Tensor(), Tensor(),
-              Tensor(), Tensor()};
+      auto res = call(doutp, q, k, vp, outp, lse);
+      return {std::get<0>(res), std::get<1>(res), narrow_dv(std::get<2>(res)), Tensor(),
+              Tensor(), Tensor(), Tensor()};
     }
     // Groups of whole KV heads: head-sliced views (flash takes any row and head strides),
     // the lse slice [B, hq, S] made contiguous; each group's gradients copied into place.
-    auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+    auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(vp);
     int64_t hk = Hkv / chunks, hq = H / chunks;
     for (int64_t i = 0; i < chunks; ++i) {
       auto heads = [&](const Tensor& t) { return t.narrow(2, i * hq, hq); };
       auto kv_heads = [&](const Tensor& t) { return t.narrow(2, i * hk, hk); };
-      auto res = call(heads(dout), heads(q), kv_heads(k), kv_heads(v), heads(out),
+      auto res = call(heads(doutp), heads(q), kv_heads(k), kv_heads(vp), heads(outp),
                       lse.narrow(1, i * hq, hq).contiguous());
       heads(dq).copy_(std::get<0>(res));
       kv_heads(dk).copy_(std::get<1>(res));
       kv_heads(dv).copy_(std::get<2>(res));
     }
-    return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {dq, dk, narrow_dv(dv), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -284,9 +304,8 @@ void nsa_window_shapes(int64_t* out, int64_t* bwd) {
 // table, bwd_table: null (flash's forward, resp. backward) or the wgmma kernels Rust loaded for
 // q's device.
 at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
-                             int64_t window, double scale, int64_t value_cols,
-                             const void* table, const void* bwd_table, char* err,
-                             size_t err_len) {
+                             int64_t window, double scale, const void* table,
+                             const void* bwd_table, char* err, size_t err_len) {
   try {
     TORCH_CHECK(window > 0, "fused window attention: window must be positive");
     TORCH_CHECK(q->is_cuda(), "fused window attention: CUDA tensors only");
@@ -294,10 +313,9 @@ at::Tensor* nsa_fused_window(const at::Tensor* q, const at::Tensor* k, const at:
     TORCH_CHECK(dt == at::kBFloat16, "fused window attention: bf16 only, got ", dt);
     auto qc = q->to(dt), kc = k->to(dt), vc = v->to(dt);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    TORCH_CHECK(value_cols >= 1 && value_cols <= v->size(3),
-                "fused window attention: value_cols out of range");
-    auto out = WindowFlash::apply(qc, kc, vc, window, scale, value_cols,
-                                  reinterpret_cast<int64_t>(table),
+    TORCH_CHECK(v->size(3) >= 1 && v->size(3) <= q->size(3),
+                "fused window attention: v's head size must be in 1 ..= q's");
+    auto out = WindowFlash::apply(qc, kc, vc, window, scale, reinterpret_cast<int64_t>(table),
                                   reinterpret_cast<int64_t>(bwd_table));
     return new at::Tensor(std::move(out));
   } catch (const std::exception& e) {

@@ -4,12 +4,11 @@
 //
 // Equation. With the forward of window_fwd.cu (keys W(t) = { s : t - w < s <= t }, natural-log
 // lse[b, h, t], scale the softmax scale), P[t, s] = exp(scale q_t . k_s - lse_t) for s in W(t),
-// dP[t, s] = do_t . v_s, delta_t = do_t . o_t (the first DV columns) and
+// dP[t, s] = do_t . v_s, delta_t = do_t . o_t (o's first DV columns) and
 // dS[t, s] = P[t, s] (dP[t, s] - delta_t):
 //   dq[b, t, h]      = scale sum_{s in W(t)} dS[t, s] k[b, s, g],
 //   dk[b, s, g]      = scale sum_{h in group g} sum_{t : s in W(t)} dS[t, s] q[b, t, h],
-//   dv[b, s, g, :DV] = sum_{h in group g} sum_{t : s in W(t)} P[t, s] do[b, t, h, :DV],
-//   dv[b, s, g, DV:] = 0 (v's zero-padded columns).
+//   dv[b, s, g]      = sum_{h in group g} sum_{t : s in W(t)} P[t, s] do[b, t, h].
 // P and dS are rounded to bf16 for their products (as flash attention does); sums in fp32.
 //
 // Two kernels, launched in this order on one stream:
@@ -30,9 +29,10 @@
 // Recomputing S and dP in both kernels costs about 60 % more tensor work than one kernel with
 // dQ summed by atomics, and keeps the result deterministic.
 //
-// Layouts (bf16, contiguous): q, o, do, dq [B, S, H, DK]; k, v, dk, dv [B, S, Hkv, DK] (v's
-// columns DV .. DK - 1 zero, as the glue pads them; only the first DV are read); lse, delta fp32
-// [B, H, S]. Shared memory (wgmma.cuh's slabs, 1024-byte aligned): dq kernel Q [128][DK],
+// Layouts (bf16, contiguous): q, dq [B, S, H, DK]; do [B, S, H, DV]; o [B, S, H, o_cols] (the
+// forward's output: DV columns, or DK with zeros after the first DV when flash's backward might
+// have read it; only the first DV are read); k, dk [B, S, Hkv, DK]; v, dv [B, S, Hkv, DV]; lse,
+// delta fp32 [B, H, S]. Shared memory (wgmma.cuh's slabs, 1024-byte aligned): dq kernel Q [128][DK],
 // dO [128][DV], K [2][BN][DK], V [2][BN][DV], delta [128] fp32; dkdv kernel K [128][DK],
 // V [128][DV], Q [2][64][DK], dO [2][64][DV], lse [2][64] and delta [2][64] fp32.
 #include "wgmma.cuh"
@@ -52,6 +52,7 @@ struct WindowBwdArgs {
   __nv_bfloat16* dk;
   __nv_bfloat16* dv;
   int S, H, Hkv, window;
+  int o_cols;               // o's columns: DV, or DK (zero-padded)
   float scale, scale_log2;  // scale, scale * log2(e)
 };
 
@@ -109,12 +110,14 @@ __device__ __forceinline__ void window_bwd_dq(const WindowBwdArgs& a) {
   const int g = lane >> 2, t4 = lane & 3;
   const int t0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
   const int S = a.S, H = a.H, Hkv = a.Hkv, w = a.window, kvh = h / (H / Hkv);
-  const int q_row = H * DK, k_row = Hkv * DK;
+  const int q_row = H * DK, k_row = Hkv * DK, do_row = H * DV, v_row = Hkv * DV;
+  const int o_row = H * a.o_cols;
   const long long q_off = ((long long)b * S * H + h) * DK;
   const __nv_bfloat16* q = a.q + q_off;
-  const __nv_bfloat16* dout = a.dout + q_off;
+  const __nv_bfloat16* dout = a.dout + ((long long)b * S * H + h) * DV;
+  const __nv_bfloat16* o = a.o + ((long long)b * S * H + h) * a.o_cols;
   const __nv_bfloat16* k = a.k + ((long long)b * S * Hkv + kvh) * DK;
-  const __nv_bfloat16* v = a.v + ((long long)b * S * Hkv + kvh) * DK;
+  const __nv_bfloat16* v = a.v + ((long long)b * S * Hkv + kvh) * DV;
 
   const int j0 = max(0, t0 - w + 1) / BN, j1 = min(S - 1, t0 + BM - 1) / BN;
   const int r_lo = t0 + 64 * wg, r_hi = min(r_lo + 63, S - 1);
@@ -123,9 +126,9 @@ __device__ __forceinline__ void window_bwd_dq(const WindowBwdArgs& a) {
   auto active = [&](int j) { return r_lo < S && j * BN <= r_hi && j * BN + BN - 1 > r_lo - w; };
 
   load_slab_tile<BM, DK, T>(sq, q, q_row, t0, S, tid);
-  load_slab_tile<BM, DV, T>(sdo, dout, q_row, t0, S, tid);
+  load_slab_tile<BM, DV, T>(sdo, dout, do_row, t0, S, tid);
   load_slab_tile<BN, DK, T>(sk, k, k_row, j0 * BN, S, tid);
-  load_slab_tile<BN, DV, T>(sv, v, k_row, j0 * BN, S, tid);
+  load_slab_tile<BN, DV, T>(sv, v, v_row, j0 * BN, S, tid);
   cp_async_commit();
 
   // delta = do . o over the first DV columns: two threads a token, DV / 2 columns each.
@@ -133,8 +136,8 @@ __device__ __forceinline__ void window_bwd_dq(const WindowBwdArgs& a) {
     const int r = tid >> 1, half = tid & 1, t = t0 + r;
     float acc = 0.f;
     if (t < S) {
-      const __nv_bfloat16* orow = a.o + q_off + (long long)t * q_row + half * (DV / 2);
-      const __nv_bfloat16* drow = dout + (long long)t * q_row + half * (DV / 2);
+      const __nv_bfloat16* orow = o + (long long)t * o_row + half * (DV / 2);
+      const __nv_bfloat16* drow = dout + (long long)t * do_row + half * (DV / 2);
 #pragma unroll
       for (int c = 0; c < DV / 2; c += 8) {
         const uint4 x = *reinterpret_cast<const uint4*>(orow + c);
@@ -168,7 +171,7 @@ __device__ __forceinline__ void window_bwd_dq(const WindowBwdArgs& a) {
     const unsigned stg = (unsigned)(j - j0) & 1u;
     if (j < j1) {
       load_slab_tile<BN, DK, T>(sk + (stg ^ 1u) * K_BYTES, k, k_row, (j + 1) * BN, S, tid);
-      load_slab_tile<BN, DV, T>(sv + (stg ^ 1u) * V_BYTES, v, k_row, (j + 1) * BN, S, tid);
+      load_slab_tile<BN, DV, T>(sv + (stg ^ 1u) * V_BYTES, v, v_row, (j + 1) * BN, S, tid);
       cp_async_commit();
     }
     stage_ready(j < j1);
@@ -266,11 +269,11 @@ __device__ __forceinline__ void dkdv_tile_ds(const float (&dpt)[32], const unsig
 }
 
 // Writes rows key0, key0 + 8 of a 64 x N accumulator times sc as bf16 into dst (row stride
-// `row`), zeros in columns N .. N + pad - 1; rows at or past S are skipped.
+// `row`); rows at or past S are skipped.
 template <int N>
 __device__ __forceinline__ void store_acc_rows(__nv_bfloat16* dst, int row,
                                                const float (&acc)[N / 64][32], float sc, int key0,
-                                               int S, int pad, int t4) {
+                                               int S, int t4) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int key = key0 + 8 * half;
@@ -282,7 +285,6 @@ __device__ __forceinline__ void store_acc_rows(__nv_bfloat16* dst, int row,
       for (int j8 = 0; j8 < 8; ++j8)
         *reinterpret_cast<unsigned*>(p + 64 * n + 8 * j8 + 2 * t4) =
             pack_bf16(acc[n][4 * j8 + 2 * half] * sc, acc[n][4 * j8 + 2 * half + 1] * sc);
-    for (int c = 2 * t4; c < pad; c += 8) *reinterpret_cast<unsigned*>(p + N + c) = 0u;
   }
 }
 
@@ -304,9 +306,10 @@ __device__ __forceinline__ void window_bwd_dkdv(const WindowBwdArgs& a) {
   const int g = lane >> 2, t4 = lane & 3;
   const int k0 = blockIdx.x * BK, kvh = blockIdx.y, b = blockIdx.z;
   const int S = a.S, H = a.H, Hkv = a.Hkv, w = a.window, G = H / Hkv;
-  const int q_row = H * DK, k_row = Hkv * DK;
+  const int q_row = H * DK, k_row = Hkv * DK, do_row = H * DV, v_row = Hkv * DV;
   const long long k_off = ((long long)b * S * Hkv + kvh) * DK;
-  const long long q_base = (long long)b * S * H * DK;
+  const long long v_off = ((long long)b * S * Hkv + kvh) * DV;
+  const long long q_base = (long long)b * S * H * DK, do_base = (long long)b * S * H * DV;
 
   // This warpgroup's keys k_lo .. k_hi, this thread's two (key0, key0 + 8).
   const int k_lo = k0 + 64 * wg, k_hi = min(k_lo + 63, S - 1);
@@ -319,9 +322,10 @@ __device__ __forceinline__ void window_bwd_dkdv(const WindowBwdArgs& a) {
   // Step i's Q and dO tiles into stage st by cp.async (committed by the caller).
   auto load_step = [&](int i, unsigned st) {
     const int hq = kvh * G + i / NT, m0 = k0 + BQ * (i % NT);
-    const long long off = q_base + (long long)hq * DK;
-    load_slab_tile<BQ, DV, T>(sdo + st * DO_BYTES, a.dout + off, q_row, m0, S, tid);
-    load_slab_tile<BQ, DK, T>(sq + st * Q_BYTES, a.q + off, q_row, m0, S, tid);
+    load_slab_tile<BQ, DV, T>(sdo + st * DO_BYTES, a.dout + do_base + (long long)hq * DV, do_row,
+                              m0, S, tid);
+    load_slab_tile<BQ, DK, T>(sq + st * Q_BYTES, a.q + q_base + (long long)hq * DK, q_row, m0, S,
+                              tid);
   };
   // Step i's lse (threads 0 .. 63) or delta (64 .. 127) value for one token, 0 past S (Q and
   // dO are zero there, so the token's terms vanish); loaded a step ahead, stored after the
@@ -336,7 +340,7 @@ __device__ __forceinline__ void window_bwd_dkdv(const WindowBwdArgs& a) {
   };
 
   load_slab_tile<BK, DK, T>(sk, a.k + k_off, k_row, k0, S, tid);
-  load_slab_tile<BK, DV, T>(sv, a.v + k_off, k_row, k0, S, tid);
+  load_slab_tile<BK, DV, T>(sv, a.v + v_off, v_row, k0, S, tid);
   load_step(0, 0);
   cp_async_commit();
   if (tid < 2 * BQ) store_stat(fetch_stat(0), 0);
@@ -396,8 +400,8 @@ __device__ __forceinline__ void window_bwd_dkdv(const WindowBwdArgs& a) {
     __syncthreads();
   }
 
-  store_acc_rows<DK>(a.dk + k_off, k_row, dk, a.scale, key0, S, 0, t4);
-  store_acc_rows<DV>(a.dv + k_off, k_row, dv, 1.f, key0, S, DK - DV, t4);
+  store_acc_rows<DK>(a.dk + k_off, k_row, dk, a.scale, key0, S, t4);
+  store_acc_rows<DV>(a.dv + v_off, v_row, dv, 1.f, key0, S, t4);
 }
 
 }  // namespace nsa

@@ -36,10 +36,7 @@ fn bad_inputs_are_typed_errors() {
     if dev == Device::Cpu {
         // CPU tensors are refused by name.
         assert!(is_input(sel(&q, &k, &v, &ids, 4), "q"));
-        assert!(is_input(
-            fused::window_attention(&q, &k, &k, 4, 0.125, 64),
-            "q"
-        ));
+        assert!(is_input(fused::window_attention(&q, &k, &k, 4, 0.125), "q"));
         return;
     }
     assert!(is_input(sel(&q.to_kind(Kind::Half), &k, &v, &ids, 4), "q"));
@@ -58,23 +55,23 @@ fn bad_inputs_are_typed_errors() {
         sel(&q, &k, &v, &ids.to_device(Device::Cpu), 4),
         "blocks"
     ));
-    // fp32 window: not flash's dtype; dk != dv: not flash's shape.
-    assert!(is_input(
-        fused::window_attention(&q, &k, &k, 4, 0.125, 64),
-        "q"
-    ));
+    // fp32 window: not flash's dtype; dv > dk: not the kernels' shape; dk not a multiple of 8;
+    // a window of no keys.
+    assert!(is_input(fused::window_attention(&q, &k, &k, 4, 0.125), "q"));
     let b = |t: &Tensor| t.to_kind(Kind::BFloat16);
     assert!(is_input(
-        fused::window_attention(&b(&q), &b(&k), &b(&v), 4, 0.125, 64),
-        "q"
+        fused::window_attention(&b(&q), &b(&k), &b(&v), 4, 0.125),
+        "q, v"
     ));
-    // Value columns beyond v's head size, or none.
-    for cols in [0, 65] {
-        assert!(is_input(
-            fused::window_attention(&b(&q), &b(&k), &b(&k), 4, 0.125, cols),
-            "value_cols"
-        ));
-    }
+    let odd = |t: &Tensor| b(&t.narrow(3, 0, 60)).contiguous();
+    assert!(is_input(
+        fused::window_attention(&odd(&q), &odd(&k), &odd(&k), 4, 0.125),
+        "q, v"
+    ));
+    assert!(is_input(
+        fused::window_attention(&b(&q), &b(&k), &b(&k), 0, 0.125),
+        "window"
+    ));
 }
 
 #[test]

@@ -26,7 +26,6 @@ extern "C" {
         v: *const C_tensor,
         window: i64,
         scale: f64,
-        value_cols: i64,
         table: *const c_void,
         bwd_table: *const c_void,
         err: *mut c_char,
@@ -186,10 +185,10 @@ pub fn with_window_kernels<T>(
     f()
 }
 
-/// The forward [`window_attention`] runs for inputs of `device` with head size `d` (q, k and v
-/// alike) of which the first `value_cols` value columns are real: `"wgmma"` (this crate's
-/// Hopper kernel) or `"flash"` (libtorch's). Loads the kernels on first use; a device whose
-/// kernels fail to load counts as `"flash"` here (`window_attention` returns that error).
+/// The forward [`window_attention`] runs for inputs of `device` with head size `d` (q and k) and
+/// `value_cols` (v): `"wgmma"` (this crate's Hopper kernel) or `"flash"` (libtorch's). Loads the
+/// kernels on first use; a device whose kernels fail to load counts as `"flash"` here
+/// (`window_attention` returns that error).
 pub fn window_forward_kernel(device: Device, d: i64, value_cols: i64) -> &'static str {
     match wgmma_kernels_for(Direction::Forward, device, d, value_cols) {
         Ok(Some(_)) => "wgmma",
@@ -290,25 +289,24 @@ pub fn set_head_chunk_bytes(bytes: i64) -> i64 {
 }
 
 /// Sliding-window attention: query `t` reads keys `t − window + 1 ..= t`. Computed in bf16 only
-/// ([`compute_kind`] must be bf16), `dk == dv` (≤ 256, a multiple of 8), CUDA; other inputs get
-/// [`FusedError::Input`] (callers fall back to the lean path). Differentiable in `q`, `k`, `v`.
+/// ([`compute_kind`] must be bf16), CUDA, q and k of head size `dk` ≤ 256 (a multiple of 8), v
+/// of head size `dv` ≤ `dk`; other inputs get [`FusedError::Input`] (callers fall back to the
+/// lean path, or zero-pad q and k where dk < dv: zero columns change no score). Returns
+/// `[B, S, H, dv]`; differentiable in `q`, `k`, `v`.
 ///
-/// `value_cols` (1 ..= dv) says how many leading columns of `v` are real: the caller has
-/// zero-padded the rest (flash needs one head size for q, k and v), so the output's columns
-/// from `value_cols` on are zero. The forward runs on this crate's wgmma kernel where
-/// [`window_forward_kernel`] says so (compute capability 9.0, `(dk, value_cols)` in
-/// [`WINDOW_WGMMA_SHAPES`], inputs starting 16-byte aligned), which computes only the real
-/// columns and writes the zeros; else on libtorch's flash kernel. The backward, on either
-/// forward's output and log-sum-exp, runs on this crate's deterministic wgmma kernels where
-/// [`window_backward_kernel`] says so (`(dk, value_cols)` in [`WINDOW_WGMMA_BWD_SHAPES`]), else
-/// on flash's.
+/// The forward runs on this crate's wgmma kernel where [`window_forward_kernel`] says so
+/// (compute capability 9.0, `(dk, dv)` in [`WINDOW_WGMMA_SHAPES`], inputs starting 16-byte
+/// aligned), else on libtorch's flash kernel. The backward, on either forward's output and
+/// log-sum-exp, runs on this crate's deterministic wgmma kernels where
+/// [`window_backward_kernel`] says so (`(dk, dv)` in [`WINDOW_WGMMA_BWD_SHAPES`]), else on
+/// flash's. Flash takes one head size for q, k and v: the glue zero-pads v (and the output and
+/// its gradient) to dk where a flash kernel runs, and nowhere else.
 pub fn window_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     window: i64,
     scale: f64,
-    value_cols: i64,
 ) -> Result<Tensor, FusedError> {
     let (_, [_, _, _, _, dk, dv]) = check_qkv(q, k, v, &[Kind::BFloat16, Kind::Float])?;
     if compute_kind(q, k, v) != Some(Kind::BFloat16) {
@@ -317,23 +315,19 @@ pub fn window_attention(
             "the flash window kernel computes in bf16 only (bf16 inputs or bf16 autocast)",
         ));
     }
-    if dk != dv || dk > 256 || dk % 8 != 0 {
+    if dk > 256 || dk % 8 != 0 || dv > dk {
         return Err(input(
             "q, v",
-            format!("flash attention needs dk == dv ≤ 256, a multiple of 8; got dk {dk}, dv {dv}"),
+            format!(
+                "the window kernels need dv ≤ dk ≤ 256, dk a multiple of 8; got dk {dk}, dv {dv}"
+            ),
         ));
     }
     if window < 1 {
         return Err(input("window", format!("must be positive, got {window}")));
     }
-    if !(1..=dv).contains(&value_cols) {
-        return Err(input(
-            "value_cols",
-            format!("must be in 1 ..= dv = {dv}, got {value_cols}"),
-        ));
-    }
     let table_of = |direction| -> Result<*const c_void, FusedError> {
-        Ok(wgmma_kernels_for(direction, q.device(), dk, value_cols)?
+        Ok(wgmma_kernels_for(direction, q.device(), dk, dv)?
             .map_or(std::ptr::null(), |k| std::ptr::from_ref(&k.table).cast()))
     };
     let (table, bwd_table) = (
@@ -351,7 +345,6 @@ pub fn window_attention(
             v.as_ptr(),
             window,
             scale,
-            value_cols,
             table,
             bwd_table,
             err.as_mut_ptr().cast(),
