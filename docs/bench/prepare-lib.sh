@@ -6,6 +6,9 @@
 #   nvrtc_cubin FILE.cu OUT.cubin           # an sm_90a cubin by NVRTC, for a Python harness
 #   build nsa-main                          # the release nsa-train as $W/bins/nsa-main, its kernels
 #                                           # compiled into $W/kc
+#   window_fwd_x64                          # four warpgroups in the window forward at
+#                                           # dk = dv = 64 (round 35's x64; undo: git checkout)
+#   finish                                  # the release build back at the tree, then pack
 #   pack                                    # $B/bins.tgz and $B/kcache.tgz; removes $W
 set -eu
 B=${1:?folder for the device files, listed in .git/info/exclude}
@@ -27,4 +30,12 @@ pack() {
   (cd "$W/kc" && tar czf "$OLDPWD/$B/kcache.tgz" .)
   rm -rf "$W"
   ls -la "$B"
+}
+window_fwd_x64() {
+  sed -i 's/^NSA_WINDOW_FWD(64, 64, 64, 2)/NSA_WINDOW_FWD(64, 64, 64, 4)/' nsa-sys/kernels/window_fwd.cu
+  sed -i 's/{{64, 64, 64, 2}/{{64, 64, 64, 4}/' nsa-sys/glue/window.cpp
+}
+finish() {
+  LIBTORCH=$PWD/.libtorch CARGO_TARGET_DIR=$T cargo build -q --release -p nsa-train
+  pack
 }

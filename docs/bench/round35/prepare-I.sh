@@ -19,10 +19,7 @@ for v in unp:docs/bench/round35/unp.diff dq3:docs/bench/round34/dq-wgs.diff ud:d
   build "nsa-${v%%:*}"
   restore
 done
-sed -i 's/^NSA_WINDOW_FWD(64, 64, 64, 2)/NSA_WINDOW_FWD(64, 64, 64, 4)/' nsa-sys/kernels/window_fwd.cu
-sed -i 's/{{64, 64, 64, 2}/{{64, 64, 64, 4}/' nsa-sys/glue/window.cpp
+window_fwd_x64
 build nsa-x64
 restore
-# Leave the release build at the tree as it is.
-LIBTORCH=$PWD/.libtorch CARGO_TARGET_DIR=$T cargo build -q --release -p nsa-train
-pack
+finish
