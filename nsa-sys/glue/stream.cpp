@@ -20,21 +20,64 @@ struct ContextCalls {
   CtxSetCurrentFn set_current = nullptr;
 };
 
+// Each device's primary context, retained once (it lives as long as libtorch's runtime keeps
+// it, which is the process's life).
+typedef std::array<std::atomic<void*>, 64> PrimaryContexts;
+
 ContextCalls context_calls;
 std::atomic<bool> context_calls_set{false};
-// Each device's primary context, retained once for the process (it lives as long as libtorch's
-// runtime keeps it, which is the process's life).
-std::array<std::atomic<void*>, 64> primary_contexts{};
+PrimaryContexts primary_contexts{};
+
+ContextCalls calls_of(void* get_current, void* primary_retain, void* set_current) {
+  ContextCalls calls;
+  calls.get_current = reinterpret_cast<CtxGetCurrentFn>(get_current);
+  calls.primary_retain = reinterpret_cast<PrimaryCtxRetainFn>(primary_retain);
+  calls.set_current = reinterpret_cast<CtxSetCurrentFn>(set_current);
+  return calls;
+}
+
+// bind_context's rule over given driver calls and cache (launch.h says why).
+void bind_context_with(const ContextCalls& calls, PrimaryContexts& primary, int device) {
+  void* ctx = nullptr;
+  int rc = calls.get_current(&ctx);
+  TORCH_CHECK(rc == 0, "cuCtxGetCurrent failed with CUDA driver error ", rc);
+  if (ctx != nullptr) return;
+  TORCH_CHECK(device >= 0 && size_t(device) < primary.size(), "CUDA device ", device,
+              " out of range");
+  void* p = primary[device].load(std::memory_order_acquire);
+  if (p == nullptr) {
+    rc = calls.primary_retain(&p, device);
+    TORCH_CHECK(rc == 0, "cuDevicePrimaryCtxRetain(", device, ") failed with CUDA driver error ",
+                rc);
+    primary[device].store(p, std::memory_order_release);
+  }
+  rc = calls.set_current(p);
+  TORCH_CHECK(rc == 0, "cuCtxSetCurrent failed with CUDA driver error ", rc);
+}
 
 }  // namespace
 
 extern "C" void nsa_glue_set_context_calls(void* get_current, void* primary_retain,
                                            void* set_current) {
   if (context_calls_set.load(std::memory_order_acquire)) return;
-  context_calls.get_current = reinterpret_cast<CtxGetCurrentFn>(get_current);
-  context_calls.primary_retain = reinterpret_cast<PrimaryCtxRetainFn>(primary_retain);
-  context_calls.set_current = reinterpret_cast<CtxSetCurrentFn>(set_current);
+  context_calls = calls_of(get_current, primary_retain, set_current);
   context_calls_set.store(true, std::memory_order_release);
+}
+
+// bind_context's rule over stand-in driver calls and a fresh cache, `binds` times in a row
+// (nsa-sys's unit test of the rule; the process's own calls and cache are untouched).
+extern "C" int nsa_glue_bind_context_with(void* get_current, void* primary_retain,
+                                          void* set_current, int device, int binds, char* err,
+                                          size_t err_len) {
+  try {
+    const ContextCalls calls = calls_of(get_current, primary_retain, set_current);
+    PrimaryContexts cache{};
+    for (int i = 0; i < binds; ++i) bind_context_with(calls, cache, device);
+    return 0;
+  } catch (const std::exception& e) {
+    nsa_glue::write_error(e.what(), err, err_len);
+    return 1;
+  }
 }
 
 namespace nsa_glue {
@@ -42,21 +85,7 @@ namespace nsa_glue {
 void bind_context(c10::DeviceIndex device) {
   // Without the driver table no kernel was loaded either, so nothing launches.
   if (!context_calls_set.load(std::memory_order_acquire)) return;
-  void* ctx = nullptr;
-  int rc = context_calls.get_current(&ctx);
-  TORCH_CHECK(rc == 0, "cuCtxGetCurrent failed with CUDA driver error ", rc);
-  if (ctx != nullptr) return;
-  TORCH_CHECK(device >= 0 && size_t(device) < primary_contexts.size(), "CUDA device ", int(device),
-              " out of range");
-  void* primary = primary_contexts[device].load(std::memory_order_acquire);
-  if (primary == nullptr) {
-    rc = context_calls.primary_retain(&primary, device);
-    TORCH_CHECK(rc == 0, "cuDevicePrimaryCtxRetain(", int(device),
-                ") failed with CUDA driver error ", rc);
-    primary_contexts[device].store(primary, std::memory_order_release);
-  }
-  rc = context_calls.set_current(primary);
-  TORCH_CHECK(rc == 0, "cuCtxSetCurrent failed with CUDA driver error ", rc);
+  bind_context_with(context_calls, primary_contexts, device);
 }
 
 }  // namespace nsa_glue
