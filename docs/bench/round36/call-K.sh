@@ -1,5 +1,6 @@
 #!/bin/bash
-# Round 36, call K (prepared for the next session: no machine was lent after call I). In
+# Round 36, call K (prepared for the next session: no machine was lent after call I; .gpu51 was
+# made by prepare-K.sh at 15e8cbb). In
 # $B/bins.tgz (prepare-K.sh): nsa-main (c9d6080's context binding and d802e58's window without
 # zero-padded value columns, neither run on a GPU in its landed form), nsa-pad (main without
 # d802e58), nsa-x64 (main with four warpgroups in the window forward at dk = dv = 64).
